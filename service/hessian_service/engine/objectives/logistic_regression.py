@@ -1,0 +1,71 @@
+"""`logistic_regression`: mean(softplus(z) - y z) + 0.5 l2 ||w||^2 with z = X w + b."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import ValidationError
+from ..validation import option_bool, option_float, require_same_dtype, require_tensor
+from .base import Objective
+
+
+def _binary_labels(data: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor:
+    """data["y"] as 0/1 values in X's dtype; int64 or X's float dtype accepted."""
+    field = "data.y"
+    if "y" not in data:
+        raise ValidationError(field, "a tensor", "nothing")
+    y = data["y"]
+    if not isinstance(y, torch.Tensor):
+        raise ValidationError(field, "a torch.Tensor", type(y).__name__)
+    if y.dim() != 1:
+        raise ValidationError(field, "1 dimensions", f"shape {tuple(y.shape)}")
+    if y.shape[0] != x.shape[0]:
+        raise ValidationError(field, f"length {x.shape[0]} to match data.X", y.shape[0])
+    if y.dtype != torch.int64:
+        if not y.is_floating_point():
+            raise ValidationError(field, f"dtype int64 or {x.dtype} (labels in {{0, 1}})", y.dtype)
+        require_same_dtype(field, y, x.dtype)
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValidationError(field, "labels in {0, 1}", "other values")
+    return y.to(x.dtype)
+
+
+class LogisticRegression(Objective):
+    """Binary logistic regression on X (N, d), y (N,) in {0, 1}; params (d + fit_intercept,)."""
+
+    name = "logistic_regression"
+    data_fields = ("X", "y")
+    option_names = ("l2", "fit_intercept")
+    supports_ggn = True
+
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        x = require_tensor(data, "X", ndim=2)
+        y = _binary_labels(data, x)
+        l2 = option_float(options, "l2", 0.0, minimum=0.0)
+        fit_intercept = option_bool(options, "fit_intercept", True)
+        self.data = {"X": x, "y": y}
+        self.options = {"l2": l2, "fit_intercept": fit_intercept}
+        self.dtype = x.dtype
+        self._d = x.shape[1]
+        self.param_shape = (self._d + int(fit_intercept),)
+
+    def outputs(self, params: torch.Tensor) -> torch.Tensor:
+        z = self.data["X"] @ params[: self._d]
+        if self.options["fit_intercept"]:
+            z = z + params[self._d]
+        return z
+
+    def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
+        # softplus(z) = log(1 + e^z) exactly via logaddexp (F.softplus linearises above 20)
+        softplus = torch.logaddexp(outputs.new_zeros(()), outputs)
+        return torch.mean(softplus - self.data["y"] * outputs)
+
+    def regulariser(self, params: torch.Tensor) -> torch.Tensor:
+        w = params[: self._d]
+        return 0.5 * self.options["l2"] * torch.sum(w * w)
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        return self.output_loss(self.outputs(params)) + self.regulariser(params)

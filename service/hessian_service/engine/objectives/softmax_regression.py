@@ -1,0 +1,65 @@
+"""`softmax_regression`: multinomial cross-entropy of Z = [X, 1] W plus 0.5 l2 ||W[:d]||^2."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import ValidationError
+from ..validation import option_bool, option_float, option_int, require_tensor
+from .base import Objective
+
+
+class SoftmaxRegression(Objective):
+    """Softmax regression on X (N, d), labels (N,) int64 in [0, k); params (d + intercept, k).
+
+    The parameter matrix is row-major (flat index = feature_row * k + class) with the
+    intercept row last; the intercept row is not penalised.
+    """
+
+    name = "softmax_regression"
+    data_fields = ("X", "labels")
+    option_names = ("num_classes", "l2", "fit_intercept")
+    supports_ggn = True
+
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        x = require_tensor(data, "X", ndim=2)
+        labels = require_tensor(data, "labels", ndim=1, kind="int")
+        if labels.shape[0] != x.shape[0]:
+            raise ValidationError(
+                "data.labels", f"length {x.shape[0]} to match data.X", labels.shape[0]
+            )
+        k = option_int(options, "num_classes", None, minimum=2)
+        lo, hi = int(labels.min()), int(labels.max())
+        if k is None:
+            k = max(hi + 1, 2)
+        if lo < 0 or hi >= k:
+            raise ValidationError("data.labels", f"integers in [0, {k})", f"range [{lo}, {hi}]")
+        l2 = option_float(options, "l2", 0.0, minimum=0.0)
+        fit_intercept = option_bool(options, "fit_intercept", True)
+        self.data = {"X": x, "labels": labels}
+        self.options = {"num_classes": k, "l2": l2, "fit_intercept": fit_intercept}
+        self.dtype = x.dtype
+        self._d = x.shape[1]
+        self._k = k
+        self.param_shape = (self._d + int(fit_intercept), k)
+
+    def outputs(self, params: torch.Tensor) -> torch.Tensor:
+        w = params.reshape(self.param_shape)
+        z = self.data["X"] @ w[: self._d]
+        if self.options["fit_intercept"]:
+            z = z + w[self._d]
+        return z
+
+    def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
+        picked = outputs.gather(1, self.data["labels"].unsqueeze(1)).squeeze(1)
+        return torch.mean(torch.logsumexp(outputs, dim=1) - picked)
+
+    def regulariser(self, params: torch.Tensor) -> torch.Tensor:
+        w = params[: self._d * self._k]
+        return 0.5 * self.options["l2"] * torch.sum(w * w)
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        return self.output_loss(self.outputs(params)) + self.regulariser(params)
