@@ -1,0 +1,41 @@
+# The two commands a newcomer needs are `make run` and `make test` (see README.md).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test run seed lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements/torch.txt requirements/service.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -r requirements/torch.txt
+	$(PIP) install -q -r requirements/service.txt -r requirements/dev.txt
+	$(PIP) install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+run: install
+	$(PY) -m hessian_service.seed
+
+seed: install
+	$(PY) -m hessian_service.seed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) bench/run.py --output BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info service/*.egg-info

@@ -1,0 +1,35 @@
+"""The optimisation engine: objectives, curvature, methods and runs. Importable without grpc."""
+
+from .backends import native_status
+from .curvature import check_dense_budget, gauss_newton, hessian, hvp, loss_and_grad
+from .errors import EngineError, ResourceLimitError, UnavailableError, UnknownNameError, ValidationError
+from .objectives import OBJECTIVES, Objective, make_objective
+from .options import MethodOptions, StopCriteria
+from .records import Checkpoint, StepRecord, StepResult, StopReason
+from .run import CancelToken, Run, take_step
+
+__all__ = [
+    "OBJECTIVES",
+    "CancelToken",
+    "Checkpoint",
+    "EngineError",
+    "MethodOptions",
+    "Objective",
+    "ResourceLimitError",
+    "Run",
+    "StepRecord",
+    "StepResult",
+    "StopCriteria",
+    "StopReason",
+    "UnavailableError",
+    "UnknownNameError",
+    "ValidationError",
+    "check_dense_budget",
+    "gauss_newton",
+    "hessian",
+    "hvp",
+    "loss_and_grad",
+    "make_objective",
+    "native_status",
+    "take_step",
+]

@@ -1,0 +1,125 @@
+"""Curvature backends behind one interface, and the auto/native/autograd selection.
+
+`autograd` (pure Python, torch autograd) always works. `native` is the compiled extension
+`hessian_service._C`, loaded through `native_backend`; when it fails to import, the real
+exception is logged once and kept for `native_status()`. `auto` uses native where it
+supports the objective, dtype and device, and autograd elsewhere; the native solve serves
+objectives that have no native assembly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from . import curvature, linalg
+from .errors import UnavailableError
+from .objectives.base import Objective
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What a curvature backend offers the methods."""
+
+    name: str
+
+    def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
+        """Whether `newton_system` handles this objective, dtype, device and curvature kind."""
+
+    def supports_solve(self, h: torch.Tensor) -> bool:
+        """Whether the solves handle this matrix's dtype and device."""
+
+    def newton_system(
+        self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, gradient and dense curvature matrix (Hessian or Gauss-Newton)."""
+
+    def solve(self, h: torch.Tensor, g: torch.Tensor, damping: float) -> linalg.SolveResult:
+        """Damped Cholesky Newton direction."""
+
+    def saddle_free(self, h: torch.Tensor, g: torch.Tensor, floor: float) -> linalg.SolveResult:
+        """Saddle-free Newton direction with the negative-eigenvalue count."""
+
+
+class AutogradBackend:
+    """The pure-Python path: torch autograd assembly and ATen/LAPACK solves."""
+
+    name = "autograd"
+
+    def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
+        return kind == "hessian" or objective.supports_ggn
+
+    def supports_solve(self, h: torch.Tensor) -> bool:
+        return True
+
+    def newton_system(
+        self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if kind == "gauss_newton":
+            return curvature.gauss_newton(objective, params, budget_bytes=budget_bytes)
+        return curvature.newton_system(objective, params, budget_bytes=budget_bytes)
+
+    def solve(self, h: torch.Tensor, g: torch.Tensor, damping: float) -> linalg.SolveResult:
+        return linalg.damped_cholesky_solve(h, g, damping)
+
+    def saddle_free(self, h: torch.Tensor, g: torch.Tensor, floor: float) -> linalg.SolveResult:
+        return linalg.saddle_free_direction(h, g, floor)
+
+
+AUTOGRAD = AutogradBackend()
+
+
+@functools.cache
+def _load_native() -> tuple[Any | None, str]:
+    """Import the native backend once; on failure log the real exception once."""
+    try:
+        from .native_backend import NativeBackend
+    except Exception as exc:  # any import failure means: serve with autograd
+        reason = f"hessian_service._C did not load: {type(exc).__name__}: {exc}"
+        log.warning("native backend unavailable, using autograd: %s", reason)
+        return None, reason
+    return NativeBackend(), "hessian_service._C loaded"
+
+
+def native_status() -> tuple[bool, str]:
+    """(available, why): whether the extension loaded, and the real reason if not."""
+    backend, reason = _load_native()
+    return backend is not None, reason
+
+
+@dataclass(frozen=True)
+class ResolvedBackend:
+    """Who assembles the curvature and who solves; `label` goes into every step record."""
+
+    system: Backend
+    solver: Backend
+
+    @property
+    def label(self) -> str:
+        if self.system.name == self.solver.name:
+            return self.system.name
+        return f"{self.system.name}+{self.solver.name}-solve"
+
+
+def resolve(requested: str, objective: Objective, params: torch.Tensor, kind: str) -> ResolvedBackend:
+    """Pick the backends for one call: `requested` is auto, native or autograd."""
+    if requested == "autograd":
+        return ResolvedBackend(AUTOGRAD, AUTOGRAD)
+    native, reason = _load_native()
+    if native is None:
+        if requested == "native":
+            raise UnavailableError("backend", f"native was requested but {reason}")
+        return ResolvedBackend(AUTOGRAD, AUTOGRAD)
+    probe = params.new_empty((0, 0))
+    solver = native if native.supports_solve(probe) else AUTOGRAD
+    if requested == "native" and solver is AUTOGRAD:
+        raise UnavailableError(
+            "backend", f"native does not support {params.dtype} on {params.device.type}"
+        )
+    system = native if native.supports_system(objective, params, kind) else AUTOGRAD
+    return ResolvedBackend(system, solver)

@@ -1,0 +1,42 @@
+"""Engine exceptions: every one names the offending field so callers can report it."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ValidationError(EngineError, ValueError):
+    """Bad input: `field` names what was wrong, the message says what was expected."""
+
+    def __init__(self, field: str, expected: str, got: object | None = None) -> None:
+        self.field = field
+        self.expected = expected
+        message = f"{field}: expected {expected}"
+        if got is not None:
+            message += f", got {got}"
+        super().__init__(message)
+
+
+class UnknownNameError(ValidationError):
+    """A name (objective, method, step policy, backend) that is not in its catalogue."""
+
+    def __init__(self, field: str, name: str, known: list[str]) -> None:
+        super().__init__(field, f"one of {sorted(known)}", repr(name))
+
+
+class ResourceLimitError(EngineError):
+    """A request that would exceed a configured limit (memory budget, size); refused up front."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UnavailableError(EngineError):
+    """A capability the caller asked for by name is not available in this build or device."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")

@@ -1,0 +1,164 @@
+"""Step computation for each method and step policy, on top of a curvature backend.
+
+A `Stepper` evaluates points (loss, gradient and, for second-order methods, the curvature
+matrix) and turns a point into a step: gradient descent (d = -g), Newton (damped
+Cholesky), saddle-free Newton (|H|), each with a fixed step, Armijo backtracking, or for
+Newton the Levenberg-Marquardt damping update of Nielsen (1999).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import backends, curvature
+from .linalg import SolveResult
+from .objectives.base import Objective
+from .options import MethodOptions
+
+LM_INITIAL_TAU = 1e-3
+
+
+class LineSearchFailed(Exception):
+    """Armijo backtracking found no acceptable step."""
+
+
+@dataclass
+class Point:
+    """An evaluated iterate."""
+
+    x: torch.Tensor
+    loss: float
+    grad: torch.Tensor
+    curvature: torch.Tensor | None = None
+
+    def is_finite(self) -> bool:
+        finite = math.isfinite(self.loss) and bool(torch.isfinite(self.grad).all())
+        if finite and self.curvature is not None:
+            finite = bool(torch.isfinite(self.curvature).all())
+        return finite
+
+
+@dataclass
+class Step:
+    """A step proposed (and possibly accepted) from a point."""
+
+    x_new: torch.Tensor
+    step_norm: float
+    step_size: float
+    damping: float
+    gain_ratio: float
+    accepted: bool
+    negative_eigenvalues: int
+    solver_attempts: int
+    function_evaluations: int
+
+
+class Stepper:
+    """Evaluates points and computes steps for one objective and one set of method options.
+
+    Holds the adaptive state (the Levenberg-Marquardt lambda and its growth factor nu) in
+    `state`, a dict of floats, so a checkpoint can carry it.
+    """
+
+    def __init__(self, objective: Objective, options: MethodOptions, params: torch.Tensor) -> None:
+        self.objective = objective
+        self.options = options
+        self.second_order = options.method != "gradient_descent"
+        if self.second_order:
+            self.backend = backends.resolve(options.backend, objective, params, options.curvature)
+            self.backend_label = self.backend.label
+        else:
+            self.backend_label = "autograd"
+        self.state: dict[str, float] = {"damping": options.damping, "nu": 2.0}
+
+    def evaluate(self, x: torch.Tensor) -> Point:
+        """Loss, gradient and (second-order methods) the curvature matrix at x."""
+        if not self.second_order:
+            loss, grad = curvature.loss_and_grad(self.objective, x)
+            return Point(x, float(loss), grad)
+        loss, grad, h = self.backend.system.newton_system(
+            self.objective, x, self.options.curvature, self.options.dense_budget_bytes
+        )
+        return Point(x, float(loss), grad, h)
+
+    def loss_at(self, x: torch.Tensor) -> float:
+        """The loss alone (line-search and Levenberg-Marquardt trials)."""
+        return float(curvature.loss_value(self.objective, x))
+
+    def _direction(self, point: Point) -> SolveResult:
+        opts = self.options
+        if opts.method == "gradient_descent":
+            return SolveResult(-point.grad, 0.0, 0)
+        solver = self.backend.solver
+        if opts.method == "saddle_free":
+            return solver.saddle_free(point.curvature, point.grad, opts.eigenvalue_floor)
+        if opts.step_policy == "levenberg_marquardt":
+            if self.state["damping"] <= 0:
+                scale = float(point.curvature.diagonal().abs().max()) if point.grad.numel() else 1.0
+                self.state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
+            return solver.solve(point.curvature, point.grad, self.state["damping"])
+        return solver.solve(point.curvature, point.grad, opts.damping)
+
+    def step(self, point: Point) -> Step:
+        """The step from `point` under the configured policy (raises LineSearchFailed)."""
+        res = self._direction(point)
+        d = res.direction
+        policy = self.options.step_policy
+        if policy == "levenberg_marquardt":
+            return self._levenberg_marquardt(point, res)
+        alpha = self.options.learning_rate
+        evaluations = 0
+        if policy == "line_search":
+            slope = float(point.grad @ d)
+            c1, shrink = self.options.armijo, self.options.backtrack
+            for _ in range(self.options.max_backtracks):
+                trial = self.loss_at(point.x + alpha * d)
+                evaluations += 1
+                if math.isfinite(trial) and trial <= point.loss + c1 * alpha * slope:
+                    break
+                alpha *= shrink
+            else:
+                raise LineSearchFailed(
+                    f"no step satisfied the Armijo condition in {evaluations} backtracks"
+                )
+        return Step(
+            x_new=point.x + alpha * d,
+            step_norm=alpha * float(d.norm()),
+            step_size=alpha,
+            damping=res.damping,
+            gain_ratio=math.nan,
+            accepted=True,
+            negative_eigenvalues=res.negative_eigenvalues,
+            solver_attempts=res.attempts,
+            function_evaluations=evaluations,
+        )
+
+    def _levenberg_marquardt(self, point: Point, res: SolveResult) -> Step:
+        d, h, g = res.direction, point.curvature, point.grad
+        predicted = -float(g @ d + 0.5 * (d @ (h @ d)))
+        x_new = point.x + d
+        trial = self.loss_at(x_new)
+        actual = point.loss - trial
+        rho = actual / predicted if predicted > 0 else -math.inf
+        accepted = math.isfinite(trial) and rho > 0
+        lam = res.damping
+        if accepted:
+            self.state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            self.state["nu"] = 2.0
+        else:
+            self.state["damping"] = lam * self.state["nu"]
+            self.state["nu"] *= 2.0
+        return Step(
+            x_new=x_new,
+            step_norm=float(d.norm()),
+            step_size=1.0,
+            damping=lam,
+            gain_ratio=rho if math.isfinite(rho) else math.nan,
+            accepted=accepted,
+            negative_eigenvalues=res.negative_eigenvalues,
+            solver_attempts=res.attempts,
+            function_evaluations=1,
+        )

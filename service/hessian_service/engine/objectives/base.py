@@ -1,0 +1,113 @@
+"""The objective interface: a validated problem whose loss is a function of flat parameters.
+
+Parameters travel through the engine as one flat 1-D tensor of `num_params` values; an
+objective's `param_shape` says how it reads them (row-major), so the seed's 5x5 matrix is
+a 25-vector whose Hessian is 25x25, exactly as the seed's `view(-1)` has it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ValidationError
+from ..validation import FLOAT_DTYPES, require_no_extra
+
+
+class Objective(ABC):
+    """A catalogue objective bound to its validated data and options.
+
+    Subclasses set `name`, `data_fields` and `option_names`, validate in `_setup` and
+    define `loss`. Objectives with a model-output structure (loss = output_loss(outputs)
+    + regulariser) set `supports_ggn` and define `outputs`, `output_loss`, `regulariser`,
+    which the Gauss-Newton matrix is built from.
+    """
+
+    name: ClassVar[str]
+    data_fields: ClassVar[tuple[str, ...]] = ()
+    option_names: ClassVar[tuple[str, ...]] = ()
+    supports_ggn: ClassVar[bool] = False
+
+    def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        require_no_extra(data, set(self.data_fields), "data")
+        require_no_extra(options, set(self.option_names), "options")
+        self.data: dict[str, torch.Tensor] = {}
+        self.options: dict[str, Any] = {}
+        self.dtype: torch.dtype | None = None
+        self.param_shape: tuple[int, ...] = ()
+        self._setup(data, options)
+
+    @abstractmethod
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        """Validate data and options, set `self.data`, `self.options`, `dtype`, `param_shape`."""
+
+    @abstractmethod
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        """The scalar loss at flat `params` (differentiable, 0-dim tensor)."""
+
+    @property
+    def num_params(self) -> int:
+        """Length of the flat parameter vector."""
+        n = 1
+        for s in self.param_shape:
+            n *= s
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the objective's data (CPU for data-free objectives)."""
+        for t in self.data.values():
+            return t.device
+        return torch.device("cpu")
+
+    def check_params(self, params: Any, field: str = "params") -> torch.Tensor:
+        """Validate caller parameters and return them flat, in the compute dtype, detached."""
+        if not isinstance(params, torch.Tensor):
+            raise ValidationError(field, "a torch.Tensor", type(params).__name__)
+        if params.dtype not in FLOAT_DTYPES:
+            raise ValidationError(field, "dtype float32 or float64", str(params.dtype))
+        if params.numel() != self.num_params:
+            raise ValidationError(
+                field,
+                f"{self.num_params} values (shape {list(self.param_shape)}) for {self.name}",
+                f"{params.numel()} values (shape {list(params.shape)})",
+            )
+        if not bool(torch.isfinite(params).all()):
+            raise ValidationError(field, "finite values", "NaN or inf")
+        dtype = self.dtype or params.dtype
+        return params.detach().reshape(-1).to(dtype=dtype, device=self.device).clone()
+
+    def compute_dtype(self, params: torch.Tensor | None = None) -> torch.dtype:
+        """The dtype computations run in: the data's, or the parameters' for data-free objectives."""
+        if self.dtype is not None:
+            return self.dtype
+        return params.dtype if params is not None else torch.float64
+
+    def init_params(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A default starting point (zeros unless the objective knows better)."""
+        return torch.zeros(self.num_params, dtype=self.compute_dtype(), device=self.device)
+
+    def outputs(self, params: torch.Tensor) -> torch.Tensor:
+        """Model outputs at `params` (objectives with `supports_ggn`)."""
+        raise NotImplementedError(f"{self.name} has no output structure for Gauss-Newton")
+
+    def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The data term of the loss as a function of the model outputs (`supports_ggn`)."""
+        raise NotImplementedError(f"{self.name} has no output structure for Gauss-Newton")
+
+    def regulariser(self, params: torch.Tensor) -> torch.Tensor:
+        """The parameter-only term of the loss (zero unless overridden)."""
+        return params.new_zeros(())
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary (name, options, parameter shape, data shapes)."""
+        return {
+            "objective": self.name,
+            "options": dict(self.options),
+            "param_shape": list(self.param_shape),
+            "num_params": self.num_params,
+            "data": {k: list(v.shape) for k, v in self.data.items()},
+        }

@@ -1,0 +1,137 @@
+"""Method options and stopping criteria, validated once, with Ceres/SciPy-style defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .curvature import DEFAULT_DENSE_BUDGET_BYTES
+from .errors import UnknownNameError, ValidationError
+
+METHODS = ("gradient_descent", "newton", "saddle_free")
+STEP_POLICIES = ("fixed", "line_search", "levenberg_marquardt")
+CURVATURES = ("hessian", "gauss_newton")
+BACKENDS = ("auto", "native", "autograd")
+DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
+
+
+def _real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(name, "a real number", repr(value))
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValidationError(name, "a finite number", repr(value))
+    if positive and value <= 0:
+        raise ValidationError(name, "a number > 0", repr(value))
+    if nonnegative and value < 0:
+        raise ValidationError(name, "a number >= 0", repr(value))
+    return value
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """How each step is computed.
+
+    method: gradient_descent | newton | saddle_free.
+    step_policy: fixed (x <- x + lr d), line_search (Armijo backtracking from lr),
+    levenberg_marquardt (Newton only; adaptive damping, Nielsen's update).
+    learning_rate: the fixed step size or the line search's first trial (default 1, and
+    0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
+    levenberg_marquardt 0 means 1e-3 x max diag(H). curvature: hessian or gauss_newton.
+    backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto).
+    """
+
+    method: str = "newton"
+    step_policy: str = "fixed"
+    learning_rate: float | None = None
+    damping: float = 0.0
+    curvature: str = "hessian"
+    eigenvalue_floor: float = 1e-8
+    armijo: float = 1e-4
+    backtrack: float = 0.5
+    max_backtracks: int = 40
+    backend: str | None = None
+    dense_budget_bytes: int | None = DEFAULT_DENSE_BUDGET_BYTES
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> MethodOptions:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValidationError(f"{field_prefix}.{key}", f"one of {sorted(known)}", "unknown")
+        return cls(**values).validated(field_prefix)
+
+    def validated(self, field_prefix: str = "options") -> MethodOptions:
+        """Check every field; fill the learning-rate and backend defaults."""
+        p = field_prefix
+        if self.method not in METHODS:
+            raise UnknownNameError(f"{p}.method", self.method, list(METHODS))
+        if self.step_policy not in STEP_POLICIES:
+            raise UnknownNameError(f"{p}.step_policy", self.step_policy, list(STEP_POLICIES))
+        if self.step_policy == "levenberg_marquardt" and self.method != "newton":
+            raise ValidationError(
+                f"{p}.step_policy", "fixed or line_search for " + self.method, "levenberg_marquardt"
+            )
+        if self.curvature not in CURVATURES:
+            raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
+        backend = self.backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+        if backend not in BACKENDS:
+            raise UnknownNameError(f"{p}.backend", backend, list(BACKENDS))
+        lr = self.learning_rate
+        if lr is None:
+            lr = DEFAULT_LEARNING_RATE.get(self.method, 1.0)
+        lr = _real(f"{p}.learning_rate", lr, positive=True)
+        _real(f"{p}.damping", self.damping, nonnegative=True)
+        _real(f"{p}.eigenvalue_floor", self.eigenvalue_floor, positive=True)
+        if not 0 < _real(f"{p}.armijo", self.armijo) < 1:
+            raise ValidationError(f"{p}.armijo", "a number in (0, 1)", repr(self.armijo))
+        if not 0 < _real(f"{p}.backtrack", self.backtrack) < 1:
+            raise ValidationError(f"{p}.backtrack", "a number in (0, 1)", repr(self.backtrack))
+        if isinstance(self.max_backtracks, bool) or not isinstance(self.max_backtracks, int) or (
+            self.max_backtracks < 1
+        ):
+            raise ValidationError(f"{p}.max_backtracks", "an integer >= 1", repr(self.max_backtracks))
+        budget = self.dense_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValidationError(f"{p}.dense_budget_bytes", "a positive integer", repr(budget))
+        return replace(self, learning_rate=lr, backend=backend)
+
+
+@dataclass(frozen=True)
+class StopCriteria:
+    """When a run ends (Ceres' names and defaults; a tolerance of 0 disables that test).
+
+    gradient_tolerance: max-norm of the gradient. function_tolerance: |f_k - f_{k-1}| <=
+    tol * |f_{k-1}|. parameter_tolerance: ||x_k - x_{k-1}|| <= tol * (||x_{k-1}|| + tol).
+    max_iterations counts steps (a run yields max_iterations + 1 records at most).
+    """
+
+    max_iterations: int = 100
+    gradient_tolerance: float = 1e-10
+    function_tolerance: float = 1e-6
+    parameter_tolerance: float = 1e-8
+    time_limit_seconds: float | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], field_prefix: str = "stopping") -> StopCriteria:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValidationError(f"{field_prefix}.{key}", f"one of {sorted(known)}", "unknown")
+        return cls(**values).validated(field_prefix)
+
+    def validated(self, field_prefix: str = "stopping") -> StopCriteria:
+        """Check every field."""
+        p = field_prefix
+        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or (
+            self.max_iterations < 0
+        ):
+            raise ValidationError(f"{p}.max_iterations", "an integer >= 0", repr(self.max_iterations))
+        for name in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
+            _real(f"{p}.{name}", getattr(self, name), nonnegative=True)
+        if self.time_limit_seconds is not None:
+            _real(f"{p}.time_limit_seconds", self.time_limit_seconds, positive=True)
+        return self

@@ -1,0 +1,87 @@
+"""Step records and run outcomes, after Ceres Solver's IterationSummary and termination types."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+class StopReason(str, enum.Enum):
+    """Why a run ended; `converged` says whether that counts as success."""
+
+    GRADIENT_TOLERANCE = "gradient_tolerance"
+    FUNCTION_TOLERANCE = "function_tolerance"
+    PARAMETER_TOLERANCE = "parameter_tolerance"
+    MAX_ITERATIONS = "max_iterations"
+    TIME_LIMIT = "time_limit"
+    CANCELLED = "cancelled"
+    NON_FINITE = "non_finite"
+    LINE_SEARCH_FAILED = "line_search_failed"
+    SOLVER_FAILED = "solver_failed"
+
+    @property
+    def converged(self) -> bool:
+        """Tolerance stops are convergence; everything else is not."""
+        return self in (
+            StopReason.GRADIENT_TOLERANCE,
+            StopReason.FUNCTION_TOLERANCE,
+            StopReason.PARAMETER_TOLERANCE,
+        )
+
+
+@dataclass
+class StepRecord:
+    """One iteration: the iterate x_k and the step taken from it.
+
+    loss and gradient norms are at x_k; loss_change is f(x_{k-1}) - f(x_k) (0 for the
+    first record). The step fields describe the step from x_k (all zero on the final
+    record, where the run stopped instead of stepping). gain_ratio is the actual over the
+    predicted decrease (NaN when the method did not compute it). negative_eigenvalues is
+    -1 when unknown. A rejected Levenberg-Marquardt trial has step_accepted False and the
+    next record repeats x_k with larger damping.
+    """
+
+    iteration: int
+    loss: float
+    loss_change: float = 0.0
+    gradient_norm: float = 0.0
+    gradient_max_norm: float = 0.0
+    step_norm: float = 0.0
+    step_size: float = 0.0
+    damping: float = 0.0
+    gain_ratio: float = math.nan
+    step_accepted: bool = False
+    negative_eigenvalues: int = -1
+    solver_attempts: int = 0
+    function_evaluations: int = 0
+    cg_iterations: int = 0
+    cg_residual: float = math.nan
+    negative_curvature: bool = False
+    backend: str = ""
+    iteration_seconds: float = 0.0
+    cumulative_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-friendly apart from NaN)."""
+        return asdict(self)
+
+
+@dataclass
+class StepResult:
+    """A unary step: the new parameters and the record of the step from the input."""
+
+    params: torch.Tensor
+    record: StepRecord
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run deterministically from record `iteration`."""
+
+    iteration: int
+    params: torch.Tensor
+    state: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,235 @@
+"""Runs (a generator of step records with a cancel token) and unary steps.
+
+One iteration yields one record: the iterate x_k, then the step from it. Stopping tests
+run at the top of each iteration, on what the previous step did, so a cancel or a time
+limit takes effect between iterations and the final record is the point the run ended on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .errors import ValidationError
+from .methods import LineSearchFailed, Point, Step, Stepper
+from .objectives.base import Objective
+from .options import MethodOptions, StopCriteria
+from .records import Checkpoint, StepRecord, StepResult, StopReason
+
+
+class CancelToken:
+    """Set from any thread; the run checks it between iterations."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the run to stop before its next iteration."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+def _base_record(k: int, point: Point, previous_loss: float | None, backend: str) -> StepRecord:
+    g = point.grad
+    return StepRecord(
+        iteration=k,
+        loss=point.loss,
+        loss_change=0.0 if previous_loss is None else previous_loss - point.loss,
+        gradient_norm=float(g.norm()),
+        gradient_max_norm=float(g.abs().max()) if g.numel() else 0.0,
+        backend=backend,
+    )
+
+
+def _fill_step(record: StepRecord, step: Step) -> None:
+    record.step_norm = step.step_norm
+    record.step_size = step.step_size
+    record.damping = step.damping
+    record.gain_ratio = step.gain_ratio
+    record.step_accepted = step.accepted
+    record.negative_eigenvalues = step.negative_eigenvalues
+    record.solver_attempts = step.solver_attempts
+    record.function_evaluations = step.function_evaluations
+
+
+def take_step(
+    objective: Objective, params: torch.Tensor, options: MethodOptions | None = None
+) -> StepResult:
+    """One step from `params`: the new parameters and the record of x and the step from it.
+
+    A rejected Levenberg-Marquardt trial returns the input parameters unchanged (the
+    record says so and carries the increased damping to try next).
+    """
+    options = (options or MethodOptions()).validated()
+    x = objective.check_params(params)
+    stepper = Stepper(objective, options, x)
+    point = stepper.evaluate(x)
+    if not point.is_finite():
+        raise ValidationError("params", "a point where the loss and its derivatives are finite",
+                              "non-finite values")
+    record = _base_record(0, point, None, stepper.backend_label)
+    start = time.perf_counter()
+    try:
+        step = stepper.step(point)
+    except LineSearchFailed as exc:
+        raise ValidationError("options.step_policy", "a descent step from params", str(exc)) from exc
+    _fill_step(record, step)
+    if not step.accepted:
+        record.damping = stepper.state["damping"]
+    record.iteration_seconds = record.cumulative_seconds = time.perf_counter() - start
+    return StepResult(step.x_new if step.accepted else x, record)
+
+
+class Run:
+    """An optimisation run: iterate it for step records; `params` and `stop_reason` follow.
+
+    `params` is always the last accepted finite iterate. `checkpoint()` gives what
+    `Run(..., resume=...)` needs to continue deterministically; a resumed run yields the
+    checkpoint's record again (same values) and carries on from there.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        params: torch.Tensor,
+        options: MethodOptions | None = None,
+        stopping: StopCriteria | None = None,
+        cancel: CancelToken | None = None,
+        resume: Checkpoint | None = None,
+    ) -> None:
+        self.objective = objective
+        self.options = (options or MethodOptions()).validated()
+        self.stopping = (stopping or StopCriteria()).validated()
+        self.cancel_token = cancel or CancelToken()
+        self.params = objective.check_params(params)
+        self.start_iteration = 0
+        self._previous_loss: float | None = None
+        self.stepper = Stepper(objective, self.options, self.params)
+        if resume is not None:
+            self.params = objective.check_params(resume.params, "checkpoint.params")
+            self.start_iteration = resume.iteration
+            state = dict(resume.state)
+            previous = state.pop("previous_loss", math.nan)
+            self._previous_loss = None if math.isnan(previous) else previous
+            self.stepper.state.update(state)
+        self.stop_reason: StopReason | None = None
+        self.message = ""
+        self.last_record: StepRecord | None = None
+        self._checkpoint = Checkpoint(self.start_iteration, self.params.clone(),
+                                      self._state(self._previous_loss))
+        self._iterator = self._iterate()
+
+    @property
+    def backend(self) -> str:
+        """Which backend assembles and solves (as written in the records)."""
+        return self.stepper.backend_label
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        return self._iterator
+
+    def __next__(self) -> StepRecord:
+        return next(self._iterator)
+
+    def cancel(self) -> None:
+        """Stop before the next iteration."""
+        self.cancel_token.cancel()
+
+    def checkpoint(self) -> Checkpoint:
+        """The state at the latest record, before its step."""
+        return self._checkpoint
+
+    def run_to_end(self) -> list[StepRecord]:
+        """Iterate to the end and return every record."""
+        return list(self._iterator)
+
+    def _state(self, previous_loss: float | None) -> dict[str, float]:
+        state = dict(self.stepper.state)
+        state["previous_loss"] = math.nan if previous_loss is None else previous_loss
+        return state
+
+    def _finish(self, reason: StopReason, message: str) -> None:
+        self.stop_reason = reason
+        self.message = message
+
+    def _stop_test(
+        self, k: int, point: Point, previous: Point | None, elapsed: float
+    ) -> tuple[StopReason, str] | None:
+        s = self.stopping
+        if self.cancel_token.cancelled:
+            return StopReason.CANCELLED, f"cancelled before iteration {k}"
+        gmax = float(point.grad.abs().max()) if point.grad.numel() else 0.0
+        if gmax <= s.gradient_tolerance:
+            return StopReason.GRADIENT_TOLERANCE, (
+                f"gradient max-norm {gmax:.3g} <= gradient_tolerance {s.gradient_tolerance:g}")
+        if previous is not None:
+            change = abs(previous.loss - point.loss)
+            if change <= s.function_tolerance * abs(previous.loss):
+                return StopReason.FUNCTION_TOLERANCE, (
+                    f"|loss change| {change:.3g} <= function_tolerance x |loss|")
+            dx = float((point.x - previous.x).norm())
+            if dx <= s.parameter_tolerance * (float(previous.x.norm()) + s.parameter_tolerance):
+                return StopReason.PARAMETER_TOLERANCE, (
+                    f"step norm {dx:.3g} <= parameter_tolerance x (|x| + parameter_tolerance)")
+        if k >= s.max_iterations:
+            return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
+        if s.time_limit_seconds is not None and elapsed >= s.time_limit_seconds:
+            return StopReason.TIME_LIMIT, f"ran {elapsed:.3g} s >= time_limit_seconds"
+        return None
+
+    def _iterate(self) -> Iterator[StepRecord]:
+        started = time.perf_counter()
+        k = self.start_iteration
+        label = self.stepper.backend_label
+        point = self.stepper.evaluate(self.params)
+        if not point.is_finite():
+            self._finish(StopReason.NON_FINITE, "the loss or its derivatives are not finite at "
+                         "the initial parameters")
+            return
+        previous_loss = self._previous_loss
+        previous: Point | None = None
+        while True:
+            t0 = time.perf_counter()
+            record = _base_record(k, point, previous_loss, label)
+            self._checkpoint = Checkpoint(k, point.x, self._state(previous_loss))
+            stop = self._stop_test(k, point, previous, t0 - started)
+            step: Step | None = None
+            if stop is None:
+                try:
+                    step = self.stepper.step(point)
+                except LineSearchFailed as exc:
+                    stop = StopReason.LINE_SEARCH_FAILED, str(exc)
+                except FloatingPointError as exc:
+                    stop = StopReason.SOLVER_FAILED, str(exc)
+            new_point: Point | None = None
+            if step is not None:
+                _fill_step(record, step)
+                if step.accepted:
+                    new_point = self.stepper.evaluate(step.x_new)
+                    if not new_point.is_finite():
+                        stop = StopReason.NON_FINITE, (
+                            f"the step from iteration {k} reached a non-finite loss or "
+                            f"derivative; parameters of iteration {k} kept")
+                        new_point = None
+            now = time.perf_counter()
+            record.iteration_seconds = now - t0
+            record.cumulative_seconds = now - started
+            self.last_record = record
+            if stop is not None:
+                self._finish(*stop)
+                yield record
+                return
+            yield record
+            previous_loss = point.loss
+            if new_point is not None:
+                previous, point = point, new_point
+                self.params = point.x
+            else:
+                previous = None
+            k += 1
