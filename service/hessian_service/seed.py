@@ -26,7 +26,9 @@ LEARNING_RATE = 0.1
 PRINTED_ITERATION = 30
 
 
-def seed_problem(seed: int = SEED, shape: tuple[int, ...] = SHAPE) -> tuple[Objective, torch.Tensor]:
+def seed_problem(
+    seed: int = SEED, shape: tuple[int, ...] = SHAPE
+) -> tuple[Objective, torch.Tensor]:
     """The seed's objective and starting parameters, drawn exactly as the notebook draws them."""
     generator = torch.Generator().manual_seed(seed)
     params = torch.rand(shape, generator=generator)
@@ -34,11 +36,15 @@ def seed_problem(seed: int = SEED, shape: tuple[int, ...] = SHAPE) -> tuple[Obje
     return make_objective("mse", {"target": target}), params
 
 
-def seed_losses(seed: int = SEED, epochs: int = EPOCHS, backend: str | None = None) -> dict[str, list[float]]:
+def seed_losses(
+    seed: int = SEED, epochs: int = EPOCHS, backend: str | None = None
+) -> dict[str, list[float]]:
     """Per-iteration losses of gradient descent and fixed-step Newton (lr = 0.1), `epochs` each."""
     objective, params = seed_problem(seed)
     stopping = StopCriteria(
-        max_iterations=epochs - 1, gradient_tolerance=0.0, function_tolerance=0.0,
+        max_iterations=epochs - 1,
+        gradient_tolerance=0.0,
+        function_tolerance=0.0,
         parameter_tolerance=0.0,
     )
     losses = {}

@@ -2,7 +2,13 @@
 
 from .backends import native_status
 from .curvature import check_dense_budget, gauss_newton, hessian, hvp, loss_and_grad
-from .errors import EngineError, ResourceLimitError, UnavailableError, UnknownNameError, ValidationError
+from .errors import (
+    EngineError,
+    ResourceLimitError,
+    UnavailableError,
+    UnknownNameError,
+    ValidationError,
+)
 from .objectives import OBJECTIVES, Objective, make_objective
 from .options import MethodOptions, StopCriteria
 from .records import Checkpoint, StepRecord, StepResult, StopReason

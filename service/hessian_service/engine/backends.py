@@ -106,7 +106,9 @@ class ResolvedBackend:
         return f"{self.system.name}+{self.solver.name}-solve"
 
 
-def resolve(requested: str, objective: Objective, params: torch.Tensor, kind: str) -> ResolvedBackend:
+def resolve(
+    requested: str, objective: Objective, params: torch.Tensor, kind: str
+) -> ResolvedBackend:
     """Pick the backends for one call: `requested` is auto, native or autograd."""
     if requested == "autograd":
         return ResolvedBackend(AUTOGRAD, AUTOGRAD)

@@ -87,12 +87,17 @@ def newton_system(
         stop = min(n, start + chunk)
         last = stop == n
         if stop - start == 1:
-            (row,) = torch.autograd.grad(grad, x, eye[start], retain_graph=not last,
-                                         allow_unused=True)
+            (row,) = torch.autograd.grad(
+                grad, x, eye[start], retain_graph=not last, allow_unused=True
+            )
             hessian[start] = 0 if row is None else row
             continue
         (rows,) = torch.autograd.grad(
-            grad, x, eye[start:stop], retain_graph=not last, is_grads_batched=True,
+            grad,
+            x,
+            eye[start:stop],
+            retain_graph=not last,
+            is_grads_batched=True,
             allow_unused=True,
         )
         hessian[start:stop] = 0 if rows is None else rows

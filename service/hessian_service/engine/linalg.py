@@ -42,7 +42,7 @@ def damping_floor(h: torch.Tensor) -> float:
 def damped_cholesky_solve(
     h: torch.Tensor, g: torch.Tensor, damping: float = 0.0, max_attempts: int = MAX_DAMPING_ATTEMPTS
 ) -> SolveResult:
-    """Solve (H + lambda I) d = -g with the smallest lambda >= `damping` (x10 per try) that is PD."""
+    """Solve (H + lambda I) d = -g with the least lambda >= `damping` (x10 a try) that is PD."""
     hs = symmetrise(h)
     lam = float(damping)
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)

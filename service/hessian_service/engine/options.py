@@ -89,12 +89,18 @@ class MethodOptions:
             raise ValidationError(f"{p}.armijo", "a number in (0, 1)", repr(self.armijo))
         if not 0 < _real(f"{p}.backtrack", self.backtrack) < 1:
             raise ValidationError(f"{p}.backtrack", "a number in (0, 1)", repr(self.backtrack))
-        if isinstance(self.max_backtracks, bool) or not isinstance(self.max_backtracks, int) or (
-            self.max_backtracks < 1
+        if (
+            isinstance(self.max_backtracks, bool)
+            or not isinstance(self.max_backtracks, int)
+            or (self.max_backtracks < 1)
         ):
-            raise ValidationError(f"{p}.max_backtracks", "an integer >= 1", repr(self.max_backtracks))
+            raise ValidationError(
+                f"{p}.max_backtracks", "an integer >= 1", repr(self.max_backtracks)
+            )
         budget = self.dense_budget_bytes
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+        ):
             raise ValidationError(f"{p}.dense_budget_bytes", "a positive integer", repr(budget))
         return replace(self, learning_rate=lr, backend=backend)
 
@@ -126,10 +132,14 @@ class StopCriteria:
     def validated(self, field_prefix: str = "stopping") -> StopCriteria:
         """Check every field."""
         p = field_prefix
-        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or (
-            self.max_iterations < 0
+        if (
+            isinstance(self.max_iterations, bool)
+            or not isinstance(self.max_iterations, int)
+            or (self.max_iterations < 0)
         ):
-            raise ValidationError(f"{p}.max_iterations", "an integer >= 0", repr(self.max_iterations))
+            raise ValidationError(
+                f"{p}.max_iterations", "an integer >= 0", repr(self.max_iterations)
+            )
         for name in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
             _real(f"{p}.{name}", getattr(self, name), nonnegative=True)
         if self.time_limit_seconds is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 
-class StopReason(str, enum.Enum):
+class StopReason(enum.StrEnum):
     """Why a run ended; `converged` says whether that counts as success."""
 
     GRADIENT_TOLERANCE = "gradient_tolerance"

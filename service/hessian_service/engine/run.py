@@ -72,14 +72,17 @@ def take_step(
     stepper = Stepper(objective, options, x)
     point = stepper.evaluate(x)
     if not point.is_finite():
-        raise ValidationError("params", "a point where the loss and its derivatives are finite",
-                              "non-finite values")
+        raise ValidationError(
+            "params", "a point where the loss and its derivatives are finite", "non-finite values"
+        )
     record = _base_record(0, point, None, stepper.backend_label)
     start = time.perf_counter()
     try:
         step = stepper.step(point)
     except LineSearchFailed as exc:
-        raise ValidationError("options.step_policy", "a descent step from params", str(exc)) from exc
+        raise ValidationError(
+            "options.step_policy", "a descent step from params", str(exc)
+        ) from exc
     _fill_step(record, step)
     if not step.accepted:
         record.damping = stepper.state["damping"]
@@ -122,8 +125,9 @@ class Run:
         self.stop_reason: StopReason | None = None
         self.message = ""
         self.last_record: StepRecord | None = None
-        self._checkpoint = Checkpoint(self.start_iteration, self.params.clone(),
-                                      self._state(self._previous_loss))
+        self._checkpoint = Checkpoint(
+            self.start_iteration, self.params.clone(), self._state(self._previous_loss)
+        )
         self._iterator = self._iterate()
 
     @property
@@ -167,16 +171,19 @@ class Run:
         gmax = float(point.grad.abs().max()) if point.grad.numel() else 0.0
         if gmax <= s.gradient_tolerance:
             return StopReason.GRADIENT_TOLERANCE, (
-                f"gradient max-norm {gmax:.3g} <= gradient_tolerance {s.gradient_tolerance:g}")
+                f"gradient max-norm {gmax:.3g} <= gradient_tolerance {s.gradient_tolerance:g}"
+            )
         if previous is not None:
             change = abs(previous.loss - point.loss)
             if change <= s.function_tolerance * abs(previous.loss):
                 return StopReason.FUNCTION_TOLERANCE, (
-                    f"|loss change| {change:.3g} <= function_tolerance x |loss|")
+                    f"|loss change| {change:.3g} <= function_tolerance x |loss|"
+                )
             dx = float((point.x - previous.x).norm())
             if dx <= s.parameter_tolerance * (float(previous.x.norm()) + s.parameter_tolerance):
                 return StopReason.PARAMETER_TOLERANCE, (
-                    f"step norm {dx:.3g} <= parameter_tolerance x (|x| + parameter_tolerance)")
+                    f"step norm {dx:.3g} <= parameter_tolerance x (|x| + parameter_tolerance)"
+                )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
         if s.time_limit_seconds is not None and elapsed >= s.time_limit_seconds:
@@ -189,8 +196,10 @@ class Run:
         label = self.stepper.backend_label
         point = self.stepper.evaluate(self.params)
         if not point.is_finite():
-            self._finish(StopReason.NON_FINITE, "the loss or its derivatives are not finite at "
-                         "the initial parameters")
+            self._finish(
+                StopReason.NON_FINITE,
+                "the loss or its derivatives are not finite at the initial parameters",
+            )
             return
         previous_loss = self._previous_loss
         previous: Point | None = None
@@ -213,9 +222,13 @@ class Run:
                 if step.accepted:
                     new_point = self.stepper.evaluate(step.x_new)
                     if not new_point.is_finite():
-                        stop = StopReason.NON_FINITE, (
-                            f"the step from iteration {k} reached a non-finite loss or "
-                            f"derivative; parameters of iteration {k} kept")
+                        stop = (
+                            StopReason.NON_FINITE,
+                            (
+                                f"the step from iteration {k} reached a non-finite loss or "
+                                f"derivative; parameters of iteration {k} kept"
+                            ),
+                        )
                         new_point = None
             now = time.perf_counter()
             record.iteration_seconds = now - t0

@@ -53,7 +53,9 @@ def require_no_extra(data: Mapping[str, Any], allowed: set[str], field_prefix: s
     extra = sorted(set(data) - allowed)
     if extra:
         raise ValidationError(
-            f"{field_prefix}.{extra[0]}", f"only {sorted(allowed) or 'no fields'}", "an unknown field"
+            f"{field_prefix}.{extra[0]}",
+            f"only {sorted(allowed) or 'no fields'}",
+            "an unknown field",
         )
 
 

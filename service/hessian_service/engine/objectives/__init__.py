@@ -32,7 +32,9 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def make_objective(
-    name: str, data: Mapping[str, torch.Tensor] | None = None, options: Mapping[str, Any] | None = None
+    name: str,
+    data: Mapping[str, torch.Tensor] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Objective:
     """Build the catalogue objective `name` from its data and options (validated)."""
     cls = OBJECTIVES.get(name)

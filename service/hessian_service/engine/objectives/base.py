@@ -81,7 +81,7 @@ class Objective(ABC):
         return params.detach().reshape(-1).to(dtype=dtype, device=self.device).clone()
 
     def compute_dtype(self, params: torch.Tensor | None = None) -> torch.dtype:
-        """The dtype computations run in: the data's, or the parameters' for data-free objectives."""
+        """The compute dtype: the data's, or the parameters' for data-free objectives."""
         if self.dtype is not None:
             return self.dtype
         return params.dtype if params is not None else torch.float64
