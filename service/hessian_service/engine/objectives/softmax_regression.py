@@ -58,7 +58,7 @@ class SoftmaxRegression(Objective):
         return torch.mean(torch.logsumexp(outputs, dim=1) - picked)
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
-        w = params[: self._d * self._k]
+        w = params.reshape(-1)[: self._d * self._k]  # the penalised feature rows
         return 0.5 * self.options["l2"] * torch.sum(w * w)
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
