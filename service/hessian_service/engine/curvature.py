@@ -14,7 +14,7 @@ from .errors import ResourceLimitError
 from .objectives.base import Objective
 
 DEFAULT_DENSE_BUDGET_BYTES = 2 * 1024**3
-DEFAULT_BATCH_BUDGET_BYTES = 256 * 1024**2
+DEFAULT_BATCH_BUDGET_BYTES = 64 * 1024**2
 
 
 def dense_hessian_bytes(n: int, dtype: torch.dtype = torch.float64) -> int:
@@ -52,14 +52,15 @@ def loss_and_grad(objective: Objective, params: torch.Tensor) -> tuple[torch.Ten
     return loss.detach(), grad
 
 
-def rows_per_chunk(n: int, batch_budget_bytes: int, itemsize: int) -> int:
+def rows_per_chunk(n: int, batch_budget_bytes: int, graph_bytes: int, itemsize: int) -> int:
     """How many Hessian rows one batched double-backward may compute within the budget.
 
-    The batched backward holds roughly a few copies of the chunk's rows per graph node; we
-    budget 16 n-vectors per row, which kept the measured peak under the budget for the
-    catalogue (the 2,005-parameter MLP included).
+    Each batched row replays the backward graph, so its memory scales with the tensors
+    the graph saved (`graph_bytes`, measured while building it); measured on the mlp, a
+    row costs about half of that, so budgeting one full graph per row keeps the peak
+    under the budget with a 2x margin. Never less than 16 n-vectors per row.
     """
-    per_row = max(16 * n * itemsize, 1)
+    per_row = max(graph_bytes, 16 * n * itemsize, 1)
     return max(1, min(n, batch_budget_bytes // per_row))
 
 
@@ -74,13 +75,20 @@ def newton_system(
     n = params.numel()
     check_dense_budget(n, budget_bytes, params.dtype)
     x = params.detach().requires_grad_(True)
-    with torch.enable_grad():
+    graph_bytes = 0
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        nonlocal graph_bytes
+        graph_bytes += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
         loss = objective.loss(x)
         (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     if not grad.requires_grad:
         # The gradient does not depend on x (a linear objective): the Hessian is zero.
         return loss.detach(), grad.detach(), params.new_zeros((n, n))
-    chunk = rows_per_chunk(n, batch_budget_bytes, params.element_size())
+    chunk = rows_per_chunk(n, batch_budget_bytes, graph_bytes, params.element_size())
     eye = torch.eye(n, dtype=params.dtype, device=params.device)
     hessian = params.new_empty((n, n))
     for start in range(0, n, chunk):

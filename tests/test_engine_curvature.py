@@ -1,0 +1,108 @@
+"""The autograd curvature path against torch.func references in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hessian_service.engine import (
+    ResourceLimitError,
+    check_dense_budget,
+    curvature,
+    gauss_newton,
+    hessian,
+    hvp,
+    loss_and_grad,
+)
+from problems import CATALOGUE, random_params, random_problem
+
+REL = 1e-10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_hessian_matches_torch_func(name):
+    obj = random_problem(name)
+    x = random_params(obj)
+    expected = torch.func.hessian(obj.loss)(x)
+    loss, grad, h = curvature.newton_system(obj, x)
+    assert rel_err(h, expected) <= REL
+    assert rel_err(grad, torch.func.grad(obj.loss)(x)) <= REL
+    assert float(loss) == pytest.approx(float(obj.loss(x)), rel=1e-14)
+
+
+@pytest.mark.parametrize("budget", [1, 4096, 10**9])
+def test_chunked_hessian_equals_full(budget):
+    """One row at a time, a few rows, all rows: the same matrix."""
+    obj = random_problem("mlp")
+    x = random_params(obj)
+    expected = torch.func.hessian(obj.loss)(x)
+    assert rel_err(hessian(obj, x, batch_budget_bytes=budget), expected) <= REL
+
+
+def test_float32_hessian_close_to_float64_reference():
+    obj64 = random_problem("logistic_regression")
+    obj32 = type(obj64)({k: v.float() for k, v in obj64.data.items()}, obj64.options)
+    x = random_params(obj64)
+    expected = torch.func.hessian(obj64.loss)(x)
+    got = hessian(obj32, x.float())
+    assert got.dtype == torch.float32
+    assert rel_err(got.double(), expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "name", ["mse", "least_squares", "logistic_regression", "softmax_regression", "mlp"]
+)
+def test_gauss_newton_matches_jacobian_formula(name):
+    """GGN = J^T H_out J + H_reg, each factor from torch.func on its own."""
+    obj = random_problem(name)
+    x = random_params(obj)
+    out = obj.outputs(x)
+    jac = torch.func.jacrev(obj.outputs)(x).reshape(out.numel(), -1)
+    h_out = torch.func.hessian(lambda o: obj.output_loss(o.reshape(out.shape)))(out.reshape(-1))
+    expected = jac.T @ h_out @ jac + torch.func.hessian(obj.regulariser)(x)
+    _, _, ggn = gauss_newton(obj, x)
+    assert rel_err(ggn, expected) <= REL
+    assert bool((torch.linalg.eigvalsh(ggn) > -1e-10).all()), "GGN must be PSD here"
+
+
+def test_gauss_newton_equals_hessian_for_linear_least_squares():
+    obj = random_problem("least_squares")
+    x = random_params(obj)
+    assert rel_err(gauss_newton(obj, x)[2], torch.func.hessian(obj.loss)(x)) <= REL
+
+
+def test_gauss_newton_refuses_objectives_without_outputs():
+    obj = random_problem("rosenbrock")
+    with pytest.raises(NotImplementedError, match="rosenbrock"):
+        gauss_newton(obj, random_params(obj))
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_hvp_matches_dense_product(name):
+    obj = random_problem(name)
+    x = random_params(obj)
+    v = torch.randn_like(x)
+    expected = torch.func.hessian(obj.loss)(x) @ v
+    assert rel_err(hvp(obj, x, v), expected) <= REL
+
+
+def test_loss_and_grad_float64():
+    obj = random_problem("softmax_regression")
+    x = random_params(obj)
+    loss, grad = loss_and_grad(obj, x)
+    assert rel_err(grad, torch.func.grad(obj.loss)(x)) <= 1e-12
+    assert float(loss) == pytest.approx(float(obj.loss(x)), rel=1e-14)
+
+
+def test_dense_budget_refused_before_allocating():
+    with pytest.raises(ResourceLimitError) as info:
+        check_dense_budget(100_000, budget_bytes=2**30)
+    assert "80000000000" not in str(info.value)
+    assert "76293.9 MiB" in str(info.value) and "budget of 1024.0 MiB" in str(info.value)
+    obj = random_problem("quadratic", size=40)
+    with pytest.raises(ResourceLimitError, match="dense Hessian of 40 parameters"):
+        hessian(obj, random_params(obj), budget_bytes=40 * 40 * 8 - 1)
+    check_dense_budget(40, budget_bytes=40 * 40 * 8)

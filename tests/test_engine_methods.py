@@ -1,0 +1,201 @@
+"""Methods and step policies: Newton, Levenberg-Marquardt, line search, saddle-free, GD."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from hessian_service.engine import (
+    MethodOptions,
+    Objective,
+    Run,
+    StopCriteria,
+    make_objective,
+    take_step,
+)
+from hessian_service.engine.linalg import damped_cholesky_solve, saddle_free_direction
+from problems import random_params, random_problem
+from sklearn.datasets import load_breast_cancer
+
+F64 = torch.float64
+NO_TOL = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+
+
+class SaddleObjective(Objective):
+    """f(x, y) = x^2 - y^2 + y^4 / 4: a saddle at the origin, minima at (0, +-sqrt 2)."""
+
+    name = "saddle"
+
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        self.param_shape = (2,)
+        self.dtype = F64
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        x, y = params[0], params[1]
+        return x**2 - y**2 + y**4 / 4
+
+
+def test_newton_lr1_solves_quadratic_in_one_step():
+    obj = random_problem("quadratic", size=30)
+    a, b = obj.data["A"].double(), obj.data["b"].double()
+    result = take_step(obj, random_params(obj), MethodOptions(method="newton"))
+    expected = torch.linalg.solve(a, b)
+    assert float((result.params - expected).norm() / expected.norm()) <= 1e-10
+
+
+def test_newton_lr1_solves_least_squares_in_one_step():
+    obj = random_problem("least_squares", size=12)
+    x0 = random_params(obj)
+    result = take_step(obj, x0, MethodOptions(method="newton"))
+    grad = torch.func.grad(obj.loss)(result.params)
+    assert float(grad.abs().max()) <= 1e-12
+    assert result.record.loss == pytest.approx(float(obj.loss(x0)), rel=1e-14)
+    assert result.record.step_accepted and result.record.solver_attempts == 1
+
+
+def test_fixed_newton_step_is_minus_lr_hinv_g():
+    obj = random_problem("logistic_regression")
+    x = random_params(obj)
+    h = torch.func.hessian(obj.loss)(x)
+    g = torch.func.grad(obj.loss)(x)
+    result = take_step(obj, x, MethodOptions(method="newton", learning_rate=0.3))
+    expected = x - 0.3 * torch.linalg.solve(h, g)
+    assert float((result.params - expected).norm() / expected.norm()) <= 1e-12
+    assert result.record.step_size == 0.3
+
+
+def test_gradient_descent_step():
+    obj = random_problem("softmax_regression")
+    x = random_params(obj)
+    result = take_step(obj, x, MethodOptions(method="gradient_descent", learning_rate=0.05))
+    expected = x - 0.05 * torch.func.grad(obj.loss)(x)
+    assert float((result.params - expected).abs().max()) <= 1e-14
+    assert result.record.negative_eigenvalues == -1
+
+
+def breast_cancer_problem() -> Objective:
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=F64)
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.tensor(data.target, dtype=F64)
+    return make_objective("logistic_regression", {"X": x, "y": y}, {"l2": 1e-3})
+
+
+def test_levenberg_marquardt_logistic_breast_cancer():
+    obj = breast_cancer_problem()
+    options = MethodOptions(method="newton", step_policy="levenberg_marquardt")
+    stopping = StopCriteria(
+        max_iterations=15, gradient_tolerance=0.0, function_tolerance=0.0, parameter_tolerance=0.0
+    )
+    records = Run(obj, torch.zeros(obj.num_params, dtype=F64), options, stopping).run_to_end()
+    assert min(r.gradient_norm for r in records) <= 1e-8
+    losses = [r.loss for r in records]
+    assert all(b <= a + 1e-15 for a, b in zip(losses, losses[1:], strict=False))
+
+
+def test_levenberg_marquardt_rosenbrock():
+    obj = make_objective("rosenbrock", {}, {"dim": 2})
+    x0 = torch.tensor([-1.2, 1.0], dtype=F64)
+    run = Run(
+        obj,
+        x0,
+        MethodOptions(method="newton", step_policy="levenberg_marquardt"),
+        StopCriteria(max_iterations=100, **NO_TOL),
+    )
+    records = run.run_to_end()
+    assert min(r.loss for r in records) <= 1e-12
+    assert float((run.params - 1).abs().max()) <= 1e-5
+    assert any(not r.step_accepted for r in records[:-1]) or records[-1].iteration < 100
+
+
+def test_line_search_satisfies_armijo_and_descends():
+    obj = make_objective("rosenbrock", {}, {"dim": 4})
+    run = Run(
+        obj,
+        obj.init_params(),
+        MethodOptions(method="newton", step_policy="line_search"),
+        StopCriteria(max_iterations=100),
+    )
+    records = run.run_to_end()
+    assert run.stop_reason.converged
+    assert records[-1].loss <= 1e-16
+    for a, b in zip(records, records[1:], strict=False):
+        assert b.loss <= a.loss
+
+
+def test_saddle_free_escapes_where_newton_converges_to_saddle():
+    obj = SaddleObjective({}, {})
+    start = torch.tensor([0.3, 0.05], dtype=F64)
+    stopping = StopCriteria(max_iterations=50)
+    x = start.clone()
+    for _ in range(50):  # plain Newton, x <- x - H^-1 g, as the seed does it
+        x = x - torch.linalg.solve(torch.func.hessian(obj.loss)(x), torch.func.grad(obj.loss)(x))
+    assert float(x.norm()) <= 1e-12, "plain Newton is attracted to the saddle"
+    damped = Run(obj, start, MethodOptions(method="newton"), stopping)
+    first = next(iter(damped))
+    assert first.damping > 0 and first.solver_attempts > 1, "indefinite H is damped, not inverted"
+    sf = Run(
+        obj,
+        start,
+        MethodOptions(method="saddle_free", step_policy="line_search"),
+        StopCriteria(max_iterations=50, **{**NO_TOL, "gradient_tolerance": 1e-12}),
+    )
+    records = sf.run_to_end()
+    assert records[0].negative_eigenvalues == 1
+    assert float(sf.params[0].abs()) <= 1e-6
+    assert float(sf.params[1].abs()) == pytest.approx(math.sqrt(2), rel=1e-8)
+    assert records[-1].loss == pytest.approx(-1.0, rel=1e-12)
+    assert records[-2].negative_eigenvalues == 0, "near the minimum H is positive definite"
+
+
+def test_damped_cholesky_escalates_on_indefinite_and_singular():
+    torch.manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=F64))
+    for evals in (
+        torch.linspace(-3, 5, 20, dtype=F64),
+        torch.cat([torch.zeros(5), torch.ones(15)]).double(),
+    ):
+        h = q @ torch.diag(evals) @ q.T
+        g = torch.randn(20, dtype=F64)
+        res = damped_cholesky_solve(h, g)
+        assert res.attempts > 1 and res.damping > 0
+        assert bool(torch.isfinite(res.direction).all())
+        resid = (h + res.damping * torch.eye(20, dtype=F64)) @ res.direction + g
+        assert float(resid.norm() / g.norm()) <= 1e-8
+        assert float(g @ res.direction) < 0, "a damped PD solve gives a descent direction"
+
+
+def test_saddle_free_direction_matches_eigen_formula():
+    torch.manual_seed(3)
+    m = torch.randn(9, 9, dtype=F64)
+    h = (m + m.T) / 2
+    g = torch.randn(9, dtype=F64)
+    evals, evecs = torch.linalg.eigh(h)
+    expected = -evecs @ torch.diag(1 / evals.abs()) @ evecs.T @ g
+    res = saddle_free_direction(h, g, 1e-12)
+    assert float((res.direction - expected).norm() / expected.norm()) <= 1e-10
+    assert res.negative_eigenvalues == int((evals < 0).sum())
+
+
+def test_gauss_newton_curvature_option():
+    obj = random_problem("mlp")
+    x = random_params(obj)
+    result = take_step(
+        obj, x, MethodOptions(method="newton", curvature="gauss_newton", step_policy="line_search")
+    )
+    assert result.record.loss_change == 0.0
+    assert float(obj.loss(result.params)) < float(obj.loss(x))
+
+
+@pytest.mark.parametrize("name", ["mse", "least_squares", "quadratic"])
+def test_newton_fixed_records_describe_the_step(name):
+    obj = random_problem(name)
+    x = random_params(obj)
+    result = take_step(obj, x, MethodOptions(method="newton", learning_rate=0.5))
+    g = torch.func.grad(obj.loss)(x)
+    assert result.record.gradient_norm == pytest.approx(float(g.norm()), rel=1e-12)
+    assert result.record.gradient_max_norm == pytest.approx(float(g.abs().max()), rel=1e-12)
+    assert result.record.step_norm == pytest.approx(float((result.params - x).norm()), rel=1e-12)
