@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -93,7 +94,7 @@ def test_levenberg_marquardt_logistic_breast_cancer():
     records = Run(obj, torch.zeros(obj.num_params, dtype=F64), options, stopping).run_to_end()
     assert min(r.gradient_norm for r in records) <= 1e-8
     losses = [r.loss for r in records]
-    assert all(b <= a + 1e-15 for a, b in zip(losses, losses[1:], strict=False))
+    assert all(b <= a + 1e-15 for a, b in pairwise(losses))
 
 
 def test_levenberg_marquardt_rosenbrock():
@@ -122,7 +123,7 @@ def test_line_search_satisfies_armijo_and_descends():
     records = run.run_to_end()
     assert run.stop_reason.converged
     assert records[-1].loss <= 1e-16
-    for a, b in zip(records, records[1:], strict=False):
+    for a, b in pairwise(records):
         assert b.loss <= a.loss
 
 

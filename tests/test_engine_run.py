@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -51,7 +52,7 @@ def test_records_are_consecutive_and_max_iterations_counts_steps():
     assert [r.iteration for r in records] == list(range(8))
     assert run.stop_reason is StopReason.MAX_ITERATIONS and not run.stop_reason.converged
     assert records[-1].step_norm == 0.0 and all(r.step_norm > 0 for r in records[:-1])
-    for a, b in zip(records, records[1:], strict=False):
+    for a, b in pairwise(records):
         assert b.loss_change == pytest.approx(a.loss - b.loss, abs=1e-15)
         assert b.cumulative_seconds >= a.cumulative_seconds
     assert float(obj.loss(run.params)) == pytest.approx(records[-1].loss, rel=1e-14)
@@ -92,10 +93,7 @@ def test_function_tolerance():
     records = run.run_to_end()
     assert run.stop_reason is StopReason.FUNCTION_TOLERANCE
     assert abs(records[-1].loss_change) <= 1e-3 * abs(records[-2].loss)
-    assert all(
-        abs(r.loss_change) > 1e-3 * abs(p.loss)
-        for p, r in zip(records[:-2], records[1:-1], strict=True)
-    )
+    assert all(abs(r.loss_change) > 1e-3 * abs(p.loss) for p, r in pairwise(records[:-1]))
 
 
 def test_parameter_tolerance():
@@ -258,7 +256,7 @@ def test_unknown_objective_and_bad_params():
     obj = random_problem("mse")
     with pytest.raises(ValidationError, match=r"^params: expected 18 values"):
         take_step(obj, torch.zeros(5, dtype=F64))
-    with pytest.raises(ValidationError, match="^params: expected finite"):
+    with pytest.raises(ValidationError, match=r"^params: expected finite"):
         take_step(obj, torch.full((18,), math.nan, dtype=F64))
-    with pytest.raises(ValidationError, match="^params: expected dtype float32 or float64"):
+    with pytest.raises(ValidationError, match=r"^params: expected dtype float32 or float64"):
         take_step(obj, torch.zeros(18, dtype=torch.int64))
