@@ -7,6 +7,7 @@ a 25-vector whose Hessian is 25x25, exactly as the seed's `view(-1)` has it.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ class Objective(ABC):
     data_fields: ClassVar[tuple[str, ...]] = ()
     option_names: ClassVar[tuple[str, ...]] = ()
     supports_ggn: ClassVar[bool] = False
+    row_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         require_no_extra(data, set(self.data_fields), "data")
@@ -89,6 +91,26 @@ class Objective(ABC):
     def init_params(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A default starting point (zeros unless the objective knows better)."""
         return torch.zeros(self.num_params, dtype=self.compute_dtype(), device=self.device)
+
+    @property
+    def num_rows(self) -> int:
+        """Number of data rows (samples) the loss averages over; 0 for objectives without rows."""
+        return int(self.data[self.row_fields[0]].shape[0]) if self.row_fields else 0
+
+    def subsample(self, indices: torch.Tensor) -> Objective:
+        """The same objective on the data rows `indices` (mini-batch curvature products).
+
+        The loss is a mean over rows, so the sub-sample's loss estimates the full one; data
+        is indexed, options and parameter layout are shared.
+        """
+        if not self.row_fields:
+            raise ValidationError("objective", f"an objective with data rows, not {self.name}")
+        sub = copy.copy(self)
+        sub.data = {
+            k: (v.index_select(0, indices) if k in self.row_fields else v)
+            for k, v in self.data.items()
+        }
+        return sub
 
     def outputs(self, params: torch.Tensor) -> torch.Tensor:
         """Model outputs at `params` (objectives with `supports_ggn`)."""

@@ -19,6 +19,7 @@ class LeastSquares(Objective):
     data_fields = ("X", "y")
     option_names = ("l2", "fit_intercept")
     supports_ggn = True
+    row_fields = ("X", "y")
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)

@@ -56,6 +56,7 @@ class MLP(Objective):
     data_fields = ("X", "y")
     option_names = ("layer_sizes", "activation", "loss", "l2")
     supports_ggn = True
+    row_fields = ("X", "y")
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)

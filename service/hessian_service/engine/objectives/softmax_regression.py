@@ -23,6 +23,7 @@ class SoftmaxRegression(Objective):
     data_fields = ("X", "labels")
     option_names = ("num_classes", "l2", "fit_intercept")
     supports_ggn = True
+    row_fields = ("X", "labels")
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)

@@ -1,0 +1,335 @@
+"""Hessian-free Newton: truncated CG on curvature-vector products, never a dense n x n matrix.
+
+`newton_cg` solves (B + lambda I) d = -g with B the Hessian (forward-over-reverse
+Hessian-vector products, torch.func) and `gauss_newton_cg` with B the generalised
+Gauss-Newton matrix J^T H_out J + H_reg (products through a jvp of the outputs, an
+output-space Hessian product and a vjp). The inner solver is Steihaug-Toint CG: it stops at
+the trust-region boundary, on negative curvature (following that direction, a descent
+direction for the model), or when the residual meets the Eisenstat-Walker forcing term.
+The trust radius follows the gain ratio rho (Nocedal & Wright, Alg. 4.1) and lambda
+follows Martens' (2010) Levenberg-Marquardt rule. Curvature products may use a seeded
+random sub-sample of the data rows (`curvature_fraction`), as Martens' Hessian-free does.
+Memory is O(n) plus one forward/backward graph: a handful of n-vectors in CG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import ValidationError
+from .objectives.base import Objective
+from .options import MethodOptions
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+ETA_MAX = 0.5  # the largest forcing term (Eisenstat & Walker 1996, choice 2 safeguards)
+EW_GAMMA = 0.9
+EW_ALPHA = 2.0
+MAX_TRUST_RADIUS = 1e10
+ACCEPT_RATIO = 0.0  # accept a step when rho > this
+SHRINK_RATIO = 0.25  # rho below: shrink the radius, raise lambda
+GROW_RATIO = 0.75  # rho above: grow the radius (if the step hit it), lower lambda
+MARTENS_DECREASE = 2.0 / 3.0
+MARTENS_INCREASE = 1.5
+
+
+def hessian_product(objective: Objective, params: torch.Tensor) -> Product:
+    """v -> H(params) v by forward-over-reverse (jvp of the gradient), O(n) memory."""
+    x = params.detach()
+    grad_fn = torch.func.grad(objective.loss)
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(grad_fn, (x,), (v,))[1]
+
+    return product
+
+
+def ggn_product(objective: Objective, params: torch.Tensor) -> Product:
+    """v -> (J^T H_out J + H_reg) v for objectives with `supports_ggn`, no Jacobian formed."""
+    if not objective.supports_ggn:
+        raise ValidationError(
+            "options.curvature", f"hessian for {objective.name} (it has no Gauss-Newton structure)"
+        )
+    x = params.detach()
+    outputs, vjp_fn = torch.func.vjp(objective.outputs, x)
+    outputs = outputs.detach()
+    grad_out = torch.func.grad(objective.output_loss)
+    grad_reg = torch.func.grad(objective.regulariser)
+    has_reg = type(objective).regulariser is not Objective.regulariser
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        jv = torch.func.jvp(objective.outputs, (x,), (v,))[1]
+        h_jv = torch.func.jvp(grad_out, (outputs,), (jv,))[1]
+        (result,) = vjp_fn(h_jv)
+        if has_reg:
+            result = result + torch.func.jvp(grad_reg, (x,), (v,))[1]
+        return result
+
+    return product
+
+
+def curvature_objective(
+    objective: Objective, fraction: float, generator: torch.Generator | None
+) -> Objective:
+    """The objective the curvature products use: all rows, or a random `fraction` of them."""
+    if fraction >= 1.0:
+        return objective
+    if not objective.row_fields:
+        raise ValidationError(
+            "options.curvature_fraction",
+            f"1 for {objective.name}, which has no data rows to sub-sample",
+            fraction,
+        )
+    rows = objective.num_rows
+    keep = max(1, round(fraction * rows))
+    picked = torch.randperm(rows, generator=generator)[:keep].sort().values
+    return objective.subsample(picked.to(objective.device))
+
+
+def curvature_product(
+    objective: Objective,
+    params: torch.Tensor,
+    kind: str = "hessian",
+    fraction: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Product:
+    """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`."""
+    sub = curvature_objective(objective, fraction, generator)
+    if kind == "gauss_newton":
+        return ggn_product(sub, params)
+    return hessian_product(sub, params)
+
+
+@dataclass(frozen=True)
+class CGResult:
+    """A truncated-CG direction and how the inner solve ended.
+
+    residual is ||b - A d|| / ||g|| for A = B + lambda I (exact for the returned d, tracked
+    by the recurrence). predicted_decrease is -(g.d + d.B d / 2) under the undamped model.
+    """
+
+    direction: torch.Tensor
+    iterations: int
+    residual: float
+    negative_curvature: bool
+    on_boundary: bool
+    predicted_decrease: float
+
+
+def _to_boundary(d: torch.Tensor, p: torch.Tensor, radius: float) -> float:
+    """The tau >= 0 with ||d + tau p|| = radius (d inside the ball)."""
+    pp, dp, dd = float(p @ p), float(d @ p), float(d @ d)
+    disc = max(dp * dp + pp * (radius * radius - dd), 0.0)
+    return (-dp + math.sqrt(disc)) / pp
+
+
+def steihaug_cg(
+    product: Product,
+    grad: torch.Tensor,
+    *,
+    damping: float = 0.0,
+    radius: float = math.inf,
+    tolerance: float = 1e-6,
+    max_iterations: int = 100,
+) -> CGResult:
+    """Steihaug-Toint CG on (B + damping I) d = -grad inside ||d|| <= radius.
+
+    Stops when ||r|| <= tolerance ||grad||, at the boundary, after max_iterations, or on
+    direction p with p.A p <= 0: then it moves along p (a descent direction for the model,
+    since r.p > 0) to the boundary, or with no boundary by rr / |p.A p|.
+    """
+    d = torch.zeros_like(grad)
+    r = -grad
+    p = r.clone()
+    rr = float(r @ r)
+    gnorm = math.sqrt(rr)
+    negative = boundary = False
+    iterations = 0
+    if gnorm > 0.0:
+        target = tolerance * gnorm
+        for iterations in range(1, max_iterations + 1):
+            ap = product(p)
+            if damping:
+                ap = ap + damping * p
+            pap = float(p @ ap)
+            if not math.isfinite(pap):
+                raise FloatingPointError(
+                    f"a non-finite curvature product in CG iteration {iterations}"
+                )
+            if pap <= 0.0:
+                negative = True
+                if math.isfinite(radius):
+                    tau = _to_boundary(d, p, radius)
+                    boundary = True
+                else:
+                    tau = rr / max(-pap, 1e-300)
+                d = d + tau * p
+                r = r - tau * ap
+                break
+            alpha = rr / pap
+            d_next = d + alpha * p
+            if float(d_next.norm()) >= radius:
+                tau = _to_boundary(d, p, radius)
+                d = d + tau * p
+                r = r - tau * ap
+                boundary = True
+                break
+            d = d_next
+            r = r - alpha * ap
+            rr_next = float(r @ r)
+            if math.sqrt(rr_next) <= target:
+                break
+            p = r + (rr_next / rr) * p
+            rr = rr_next
+    gd, rd, dd = float(grad @ d), float(r @ d), float(d @ d)
+    # With A d = -g - r: g.d + d.A d / 2 = (g.d - r.d) / 2, and d.B d = d.A d - lambda d.d.
+    predicted = -0.5 * (gd - rd) + 0.5 * damping * dd
+    residual = float(r.norm()) / gnorm if gnorm > 0.0 else 0.0
+    return CGResult(d, iterations, residual, negative, boundary, predicted)
+
+
+def initial_state(options: MethodOptions) -> dict[str, float]:
+    """The adaptive state a Hessian-free run carries (floats, so checkpoints hold it)."""
+    return {
+        "damping": options.damping,
+        "trust_radius": options.trust_radius,
+        "forcing": math.nan,
+        "forcing_grad_norm": math.nan,
+        "curvature_draws": 0.0,
+    }
+
+
+def forcing_term(options: MethodOptions, state: dict[str, float], grad_norm: float) -> float:
+    """The inner CG tolerance eta_k (Eisenstat-Walker choice 2, or the fixed cg_tolerance).
+
+    eta_k = 0.9 (||g_k|| / ||g_{k-1}||)^2, safeguarded by 0.9 eta_{k-1}^2 when that exceeds
+    0.1, clipped to [cg_tolerance, 0.5]; a repeated point (rejected step) keeps eta.
+    """
+    if options.cg_forcing == "fixed":
+        return options.cg_tolerance
+    previous_norm, previous_eta = state["forcing_grad_norm"], state["forcing"]
+    if math.isnan(previous_eta):
+        eta = ETA_MAX
+    elif grad_norm == previous_norm:
+        eta = previous_eta
+    else:
+        eta = EW_GAMMA * (grad_norm / previous_norm) ** EW_ALPHA
+        safeguard = EW_GAMMA * previous_eta**EW_ALPHA
+        if safeguard > 0.1:
+            eta = max(eta, safeguard)
+    eta = min(max(eta, options.cg_tolerance), ETA_MAX)
+    state["forcing"], state["forcing_grad_norm"] = eta, grad_norm
+    return eta
+
+
+def _generator(options: MethodOptions, state: dict[str, float]) -> torch.Generator | None:
+    """A generator seeded by (seed, draw index), so runs and resumed runs draw alike."""
+    if options.curvature_fraction >= 1.0:
+        return None
+    draw = int(state["curvature_draws"])
+    state["curvature_draws"] = float(draw + 1)
+    return torch.Generator().manual_seed((options.seed * 1_000_003 + draw) % 2**63)
+
+
+def cg_direction(
+    objective: Objective,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    options: MethodOptions,
+    state: dict[str, float],
+    radius: float = math.inf,
+) -> CGResult:
+    """The truncated-CG direction at x under the options' curvature, damping and forcing."""
+    product = curvature_product(
+        objective, x, options.curvature, options.curvature_fraction, _generator(options, state)
+    )
+    return steihaug_cg(
+        product,
+        grad,
+        damping=state["damping"],
+        radius=radius,
+        tolerance=forcing_term(options, state, float(grad.norm())),
+        max_iterations=options.cg_max_iterations,
+    )
+
+
+@dataclass(frozen=True)
+class TrustRegionStep:
+    """One trust-region Newton-CG trial: the candidate, its gain ratio and acceptance."""
+
+    x_new: torch.Tensor
+    cg: CGResult
+    damping: float
+    trust_radius: float
+    gain_ratio: float
+    accepted: bool
+
+
+def newton_cg(
+    objective: Objective,
+    x: torch.Tensor,
+    loss: float,
+    grad: torch.Tensor,
+    options: MethodOptions,
+    state: dict[str, float],
+    loss_at: Callable[[torch.Tensor], float],
+) -> TrustRegionStep:
+    """One Steihaug-Toint trust-region step with Martens damping; updates `state` in place.
+
+    rho = (f(x) - f(x + d)) / (model decrease); the step is accepted when rho > 0. The
+    radius shrinks to ||d|| / 4 when rho < 1/4 and doubles when rho > 3/4 on the boundary;
+    lambda grows by 3/2 when rho < 1/4 and shrinks by 2/3 when rho > 3/4 (lambda = 0
+    switches the damping off and leaves the trust region alone to safeguard).
+    """
+    radius, lam = state["trust_radius"], state["damping"]
+    cg = cg_direction(objective, x, grad, options, state, radius)
+    x_new = x + cg.direction
+    trial = loss_at(x_new)
+    predicted = cg.predicted_decrease
+    rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
+    accepted = rho > ACCEPT_RATIO
+    step_norm = float(cg.direction.norm())
+    if rho < SHRINK_RATIO:
+        state["trust_radius"] = max(SHRINK_RATIO * min(step_norm, radius), 1e-300)
+        state["damping"] = lam * MARTENS_INCREASE
+    elif rho > GROW_RATIO:
+        if cg.on_boundary:
+            state["trust_radius"] = min(2.0 * radius, MAX_TRUST_RADIUS)
+        state["damping"] = lam * MARTENS_DECREASE
+    return TrustRegionStep(
+        x_new, cg, lam, radius, rho if math.isfinite(rho) else math.nan, accepted
+    )
+
+
+def gauss_newton_cg(
+    objective: Objective,
+    x: torch.Tensor,
+    loss: float,
+    grad: torch.Tensor,
+    options: MethodOptions,
+    state: dict[str, float],
+    loss_at: Callable[[torch.Tensor], float],
+) -> TrustRegionStep:
+    """`newton_cg` with Gauss-Newton-vector products (positive semi-definite curvature)."""
+    return newton_cg(
+        objective, x, loss, grad, replace(options, curvature="gauss_newton"), state, loss_at
+    )
+
+
+def check_supported(objective: Objective, options: MethodOptions) -> None:
+    """Refuse, naming the field, a Hessian-free configuration this objective cannot serve."""
+    if options.curvature == "gauss_newton" and not objective.supports_ggn:
+        field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
+        raise ValidationError(
+            field, f"a method/curvature {objective.name} supports (it has no Gauss-Newton form)"
+        )
+    if options.curvature_fraction < 1.0 and not objective.row_fields:
+        raise ValidationError(
+            "options.curvature_fraction",
+            f"1 for {objective.name}, which has no data rows to sub-sample",
+            options.curvature_fraction,
+        )
