@@ -6,11 +6,13 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .curvature import DEFAULT_DENSE_BUDGET_BYTES
+from .curvature import DEFAULT_DENSE_BUDGET_BYTES, dense_hessian_bytes
 from .errors import UnknownNameError, ValidationError
 
-METHODS = ("gradient_descent", "newton", "saddle_free")
-STEP_POLICIES = ("fixed", "line_search", "levenberg_marquardt")
+METHODS = ("gradient_descent", "newton", "saddle_free", "newton_cg", "gauss_newton_cg", "auto")
+HESSIAN_FREE_METHODS = ("newton_cg", "gauss_newton_cg")
+STEP_POLICIES = ("fixed", "line_search", "levenberg_marquardt", "trust_region")
+CG_FORCINGS = ("eisenstat_walker", "fixed")
 CURVATURES = ("hessian", "gauss_newton")
 BACKENDS = ("auto", "native", "autograd")
 DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
@@ -33,17 +35,24 @@ def _real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = 
 class MethodOptions:
     """How each step is computed.
 
-    method: gradient_descent | newton | saddle_free.
+    method: gradient_descent | newton | saddle_free | newton_cg | gauss_newton_cg (Hessian-free,
+    see hessian_free.py) | auto (newton when the dense Hessian fits dense_budget_bytes, else
+    newton_cg; `resolve_method` says which and why).
     step_policy: fixed (x <- x + lr d), line_search (Armijo backtracking from lr),
-    levenberg_marquardt (Newton only; adaptive damping, Nielsen's update).
+    levenberg_marquardt (Newton only; adaptive damping, Nielsen's update), trust_region
+    (Hessian-free only: Steihaug-Toint). None: trust_region for Hessian-free, else fixed.
     learning_rate: the fixed step size or the line search's first trial (default 1, and
     0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
     levenberg_marquardt 0 means 1e-3 x max diag(H). curvature: hessian or gauss_newton.
     backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto).
+    Hessian-free only: cg_max_iterations, cg_forcing (eisenstat_walker: adaptive inner
+    tolerance floored at cg_tolerance; fixed: cg_tolerance), trust_radius (initial),
+    curvature_fraction (share of data rows the curvature products use, drawn each step
+    from `seed`). gauss_newton_cg is newton_cg with curvature gauss_newton.
     """
 
     method: str = "newton"
-    step_policy: str = "fixed"
+    step_policy: str | None = None
     learning_rate: float | None = None
     damping: float = 0.0
     curvature: str = "hessian"
@@ -53,6 +62,12 @@ class MethodOptions:
     max_backtracks: int = 40
     backend: str | None = None
     dense_budget_bytes: int | None = DEFAULT_DENSE_BUDGET_BYTES
+    cg_max_iterations: int = 100
+    cg_tolerance: float = 1e-6
+    cg_forcing: str = "eisenstat_walker"
+    trust_radius: float = 1.0
+    curvature_fraction: float = 1.0
+    seed: int = 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> MethodOptions:
@@ -68,14 +83,23 @@ class MethodOptions:
         p = field_prefix
         if self.method not in METHODS:
             raise UnknownNameError(f"{p}.method", self.method, list(METHODS))
-        if self.step_policy not in STEP_POLICIES:
-            raise UnknownNameError(f"{p}.step_policy", self.step_policy, list(STEP_POLICIES))
-        if self.step_policy == "levenberg_marquardt" and self.method != "newton":
+        hessian_free = self.method in HESSIAN_FREE_METHODS
+        policy = self.step_policy
+        if policy is None and self.method != "auto":
+            policy = "trust_region" if hessian_free else "fixed"
+        if policy is not None and policy not in STEP_POLICIES:
+            raise UnknownNameError(f"{p}.step_policy", policy, list(STEP_POLICIES))
+        if policy == "levenberg_marquardt" and self.method != "newton":
             raise ValidationError(
                 f"{p}.step_policy", "fixed or line_search for " + self.method, "levenberg_marquardt"
             )
+        if policy == "trust_region" and not hessian_free:
+            raise ValidationError(
+                f"{p}.step_policy", "fixed or line_search for " + self.method, "trust_region"
+            )
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
+        curvature = "gauss_newton" if self.method == "gauss_newton_cg" else self.curvature
         backend = self.backend or os.environ.get("HESSIAN_BACKEND") or "auto"
         if backend not in BACKENDS:
             raise UnknownNameError(f"{p}.backend", backend, list(BACKENDS))
@@ -102,7 +126,56 @@ class MethodOptions:
             isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
         ):
             raise ValidationError(f"{p}.dense_budget_bytes", "a positive integer", repr(budget))
-        return replace(self, learning_rate=lr, backend=backend)
+        _integer(f"{p}.cg_max_iterations", self.cg_max_iterations, 1)
+        _integer(f"{p}.seed", self.seed, 0)
+        if not 0 < _real(f"{p}.cg_tolerance", self.cg_tolerance) < 1:
+            raise ValidationError(
+                f"{p}.cg_tolerance", "a number in (0, 1)", repr(self.cg_tolerance)
+            )
+        if self.cg_forcing not in CG_FORCINGS:
+            raise UnknownNameError(f"{p}.cg_forcing", self.cg_forcing, list(CG_FORCINGS))
+        _real(f"{p}.trust_radius", self.trust_radius, positive=True)
+        if not 0 < _real(f"{p}.curvature_fraction", self.curvature_fraction) <= 1:
+            raise ValidationError(
+                f"{p}.curvature_fraction", "a number in (0, 1]", repr(self.curvature_fraction)
+            )
+        return replace(
+            self, learning_rate=lr, backend=backend, step_policy=policy, curvature=curvature
+        )
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(name, f"an integer >= {minimum}", repr(value))
+    return value
+
+
+def resolve_method(
+    options: MethodOptions, num_params: int, dtype: Any = None
+) -> tuple[MethodOptions, str]:
+    """Resolve method auto by size: newton if the dense Hessian fits the budget, else newton_cg.
+
+    Returns the (validated) options with a concrete method and a message saying what was
+    chosen and why ("" when the method was not auto).
+    """
+    if options.method != "auto":
+        return options, ""
+    need = dense_hessian_bytes(num_params, dtype) if dtype is not None else 8 * num_params**2
+    budget = options.dense_budget_bytes
+    if budget is None or need <= budget:
+        method = "newton"
+        why = "fits" if budget is not None else "has no budget to exceed"
+    else:
+        method = "newton_cg"
+        why = "exceeds"
+    limit = "no" if budget is None else f"the {budget / 2**20:.3g} MiB"
+    message = (
+        f"method auto chose {method}: a dense Hessian of {num_params} parameters needs "
+        f"{need / 2**20:.3g} MiB, which {why} {limit} dense-Hessian budget"
+    )
+    if method == "newton_cg":
+        message += "; Newton-CG uses Hessian-vector products in O(n) memory"
+    return replace(options, method=method).validated(), message
 
 
 @dataclass(frozen=True)
