@@ -3,7 +3,9 @@
 A `Stepper` evaluates points (loss, gradient and, for second-order methods, the curvature
 matrix) and turns a point into a step: gradient descent (d = -g), Newton (damped
 Cholesky), saddle-free Newton (|H|), each with a fixed step, Armijo backtracking, or for
-Newton the Levenberg-Marquardt damping update of Nielsen (1999).
+Newton the Levenberg-Marquardt damping update of Nielsen (1999). The Hessian-free methods
+(newton_cg, gauss_newton_cg) take their direction from truncated CG in hessian_free.py and
+never form the curvature matrix.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, curvature
+from . import backends, curvature, hessian_free
 from .linalg import SolveResult
 from .objectives.base import Objective
-from .options import MethodOptions
+from .options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
 
 LM_INITIAL_TAU = 1e-3
 
@@ -54,28 +56,39 @@ class Step:
     negative_eigenvalues: int
     solver_attempts: int
     function_evaluations: int
+    cg_iterations: int = 0
+    cg_residual: float = math.nan
+    negative_curvature: bool = False
 
 
 class Stepper:
     """Evaluates points and computes steps for one objective and one set of method options.
 
     Holds the adaptive state (the Levenberg-Marquardt lambda and its growth factor nu) in
-    `state`, a dict of floats, so a checkpoint can carry it.
+    `state`, a dict of floats, so a checkpoint can carry it. Method auto is resolved here
+    (by parameter count); `method_note` says what it chose and why.
     """
 
     def __init__(self, objective: Objective, options: MethodOptions, params: torch.Tensor) -> None:
         self.objective = objective
+        options, self.method_note = resolve_method(options, params.numel(), params.dtype)
         self.options = options
-        self.second_order = options.method != "gradient_descent"
-        if self.second_order:
+        self.hessian_free = options.method in HESSIAN_FREE_METHODS
+        self.second_order = options.method != "gradient_descent" and not self.hessian_free
+        if self.hessian_free:
+            hessian_free.check_supported(objective, options)
+            self.backend_label = "autograd"
+        elif self.second_order:
             self.backend = backends.resolve(options.backend, objective, params, options.curvature)
             self.backend_label = self.backend.label
         else:
             self.backend_label = "autograd"
         self.state: dict[str, float] = {"damping": options.damping, "nu": 2.0}
+        if self.hessian_free:
+            self.state.update(hessian_free.initial_state(options))
 
     def evaluate(self, x: torch.Tensor) -> Point:
-        """Loss, gradient and (second-order methods) the curvature matrix at x."""
+        """Loss, gradient and (dense second-order methods) the curvature matrix at x."""
         if not self.second_order:
             loss, grad = curvature.loss_and_grad(self.objective, x)
             return Point(x, float(loss), grad)
@@ -104,11 +117,28 @@ class Stepper:
 
     def step(self, point: Point) -> Step:
         """The step from `point` under the configured policy (raises LineSearchFailed)."""
+        if self.hessian_free:
+            return self._hessian_free_step(point)
         res = self._direction(point)
         d = res.direction
-        policy = self.options.step_policy
-        if policy == "levenberg_marquardt":
+        if self.options.step_policy == "levenberg_marquardt":
             return self._levenberg_marquardt(point, res)
+        alpha, evaluations = self._step_length(point, d)
+        return Step(
+            x_new=point.x + alpha * d,
+            step_norm=alpha * float(d.norm()),
+            step_size=alpha,
+            damping=res.damping,
+            gain_ratio=math.nan,
+            accepted=True,
+            negative_eigenvalues=res.negative_eigenvalues,
+            solver_attempts=res.attempts,
+            function_evaluations=evaluations,
+        )
+
+    def _step_length(self, point: Point, d: torch.Tensor) -> tuple[float, int]:
+        """The fixed step size, or Armijo backtracking from it; and the loss evaluations used."""
+        policy = self.options.step_policy
         alpha = self.options.learning_rate
         evaluations = 0
         if policy == "line_search":
@@ -124,16 +154,35 @@ class Stepper:
                 raise LineSearchFailed(
                     f"no step satisfied the Armijo condition in {evaluations} backtracks"
                 )
+        return alpha, evaluations
+
+    def _hessian_free_step(self, point: Point) -> Step:
+        """A Newton-CG step: Steihaug trust region, or the CG direction with fixed/line search."""
+        opts, state = self.options, self.state
+        if opts.step_policy == "trust_region":
+            tr = hessian_free.newton_cg(
+                self.objective, point.x, point.loss, point.grad, opts, state, self.loss_at
+            )
+            cg, alpha, evaluations = tr.cg, 1.0, 1
+            x_new, damping, rho, accepted = tr.x_new, tr.damping, tr.gain_ratio, tr.accepted
+        else:
+            damping = state["damping"]
+            cg = hessian_free.cg_direction(self.objective, point.x, point.grad, opts, state)
+            alpha, evaluations = self._step_length(point, cg.direction)
+            x_new, rho, accepted = point.x + alpha * cg.direction, math.nan, True
         return Step(
-            x_new=point.x + alpha * d,
-            step_norm=alpha * float(d.norm()),
+            x_new=x_new,
+            step_norm=alpha * float(cg.direction.norm()),
             step_size=alpha,
-            damping=res.damping,
-            gain_ratio=math.nan,
-            accepted=True,
-            negative_eigenvalues=res.negative_eigenvalues,
-            solver_attempts=res.attempts,
+            damping=damping,
+            gain_ratio=rho,
+            accepted=accepted,
+            negative_eigenvalues=-1,
+            solver_attempts=1,
             function_evaluations=evaluations,
+            cg_iterations=cg.iterations,
+            cg_residual=cg.residual,
+            negative_curvature=cg.negative_curvature,
         )
 
     def _levenberg_marquardt(self, point: Point, res: SolveResult) -> Step:
