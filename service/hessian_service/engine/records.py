@@ -72,10 +72,15 @@ class StepRecord:
 
 @dataclass
 class StepResult:
-    """A unary step: the new parameters and the record of the step from the input."""
+    """A unary step: the new parameters and the record of the step from the input.
+
+    method is the method that ran (method auto resolved); method_note says why auto chose it.
+    """
 
     params: torch.Tensor
     record: StepRecord
+    method: str = ""
+    method_note: str = ""
 
 
 @dataclass
