@@ -57,6 +57,9 @@ def _fill_step(record: StepRecord, step: Step) -> None:
     record.negative_eigenvalues = step.negative_eigenvalues
     record.solver_attempts = step.solver_attempts
     record.function_evaluations = step.function_evaluations
+    record.cg_iterations = step.cg_iterations
+    record.cg_residual = step.cg_residual
+    record.negative_curvature = step.negative_curvature
 
 
 def take_step(
@@ -87,7 +90,9 @@ def take_step(
     if not step.accepted:
         record.damping = stepper.state["damping"]
     record.iteration_seconds = record.cumulative_seconds = time.perf_counter() - start
-    return StepResult(step.x_new if step.accepted else x, record)
+    return StepResult(
+        step.x_new if step.accepted else x, record, stepper.options.method, stepper.method_note
+    )
 
 
 class Run:
@@ -129,6 +134,16 @@ class Run:
             self.start_iteration, self.params.clone(), self._state(self._previous_loss)
         )
         self._iterator = self._iterate()
+
+    @property
+    def method(self) -> str:
+        """The method the steps use (method auto resolved by size)."""
+        return self.stepper.options.method
+
+    @property
+    def method_note(self) -> str:
+        """Why method auto chose `method` ("" when it was not auto)."""
+        return self.stepper.method_note
 
     @property
     def backend(self) -> str:
