@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs for hessian.v1 (`make proto`; never edit by hand)."""

@@ -1,0 +1,80 @@
+"""Dense curvature at a point and the facts of its spectrum (for ComputeHessian).
+
+One call: loss, gradient and the dense Hessian or Gauss-Newton matrix from the backend
+the options resolve to, then eigvalsh of the symmetrised matrix for the extreme
+eigenvalues, the negative count and the condition number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .backends import resolve
+from .curvature import check_dense_budget
+from .linalg import symmetrise
+from .objectives.base import Objective
+from .options import MethodOptions
+
+
+@dataclass(frozen=True)
+class SpectrumSummary:
+    """Extreme eigenvalues, how many are negative, |lambda|max / |lambda|min, trace."""
+
+    min_eigenvalue: float
+    max_eigenvalue: float
+    negative_eigenvalues: int
+    condition_number: float
+    positive_definite: bool
+    trace: float
+
+
+@dataclass(frozen=True)
+class DenseCurvature:
+    """The loss, gradient and dense curvature matrix at a point, and which backend built it."""
+
+    loss: float
+    gradient: torch.Tensor
+    matrix: torch.Tensor
+    summary: SpectrumSummary
+    backend: str
+
+
+def spectrum_summary(matrix: torch.Tensor) -> SpectrumSummary:
+    """Summarise the spectrum of a symmetric matrix (symmetrised first; eigvalsh in float64)."""
+    evals = torch.linalg.eigvalsh(symmetrise(matrix.to(torch.float64)))
+    if evals.numel() == 0:
+        return SpectrumSummary(0.0, 0.0, 0, math.nan, False, 0.0)
+    magnitudes = evals.abs()
+    smallest = float(magnitudes.min())
+    condition = math.inf if smallest == 0.0 else float(magnitudes.max()) / smallest
+    return SpectrumSummary(
+        min_eigenvalue=float(evals[0]),
+        max_eigenvalue=float(evals[-1]),
+        negative_eigenvalues=int((evals < 0).sum()),
+        condition_number=condition,
+        positive_definite=bool(evals[0] > 0),
+        trace=float(evals.sum()),
+    )
+
+
+def dense_curvature(
+    objective: Objective, params: torch.Tensor, options: MethodOptions
+) -> DenseCurvature:
+    """Dense curvature (options.curvature) at `params`, within options.dense_budget_bytes."""
+    options = options.validated()
+    x = objective.check_params(params)
+    check_dense_budget(x.numel(), options.dense_budget_bytes, x.dtype)
+    backend = resolve(options.backend, objective, x, options.curvature)
+    loss, grad, matrix = backend.system.newton_system(
+        objective, x, options.curvature, options.dense_budget_bytes
+    )
+    return DenseCurvature(
+        loss=float(loss),
+        gradient=grad,
+        matrix=matrix,
+        summary=spectrum_summary(matrix),
+        backend=backend.system.name,
+    )

@@ -1,0 +1,5 @@
+"""`python -m hessian_service.server` runs the server (same as `hessian-server`)."""
+
+from .app import main
+
+raise SystemExit(main())

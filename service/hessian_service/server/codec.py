@@ -1,0 +1,172 @@
+"""Wire <-> engine translation: tensors, enums, options, criteria and records. No maths.
+
+Every decoding failure raises the engine's ValidationError naming the proto field, so it
+reaches the caller as INVALID_ARGUMENT with that name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf.message import Message
+from hessian_client.proto import optimize_pb2, tensor_pb2
+
+from ..engine.errors import ValidationError
+from ..engine.records import StepRecord
+
+TORCH_DTYPES = {
+    tensor_pb2.DTYPE_FLOAT32: torch.float32,
+    tensor_pb2.DTYPE_FLOAT64: torch.float64,
+    tensor_pb2.DTYPE_INT64: torch.int64,
+}
+WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+NUMPY_DTYPES = {
+    tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
+}
+DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
+RECORD_FIELDS = [f.name for f in fields(StepRecord)]
+
+
+def decode_tensor(
+    tensor: tensor_pb2.Tensor, field: str, *, max_elements: int | None = None
+) -> torch.Tensor:
+    """A torch tensor from the wire, checking dtype, shape, byte length and finiteness."""
+    if tensor.dtype not in TORCH_DTYPES:
+        name = tensor_pb2.DType.Name(tensor.dtype) if tensor.dtype == 0 else str(tensor.dtype)
+        raise ValidationError(f"{field}.dtype", "FLOAT32, FLOAT64 or INT64", name)
+    shape = list(tensor.shape)
+    if any(s < 0 for s in shape):
+        raise ValidationError(f"{field}.shape", "non-negative sizes", shape)
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise ValidationError(f"{field}.shape", f"at most {max_elements} values", shape)
+    dt = NUMPY_DTYPES[tensor.dtype]
+    if len(tensor.data) != numel * dt.itemsize:
+        raise ValidationError(
+            f"{field}.data",
+            f"{numel * dt.itemsize} bytes ({numel} x {dt.itemsize} for shape {shape})",
+            f"{len(tensor.data)} bytes",
+        )
+    array = np.frombuffer(tensor.data, dtype=dt).astype(dt.newbyteorder("="))
+    out = torch.from_numpy(array).reshape(shape)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise ValidationError(field, "finite values", "NaN or inf")
+    return out
+
+
+def encode_tensor(t: torch.Tensor, shape: list[int] | tuple[int, ...] | None = None) -> Any:
+    """A wire Tensor from a torch tensor (reshaped to `shape` when given)."""
+    t = t.detach().cpu()
+    if t.dtype not in WIRE_DTYPES:
+        t = t.to(torch.float64)
+    array = np.ascontiguousarray(t.numpy(), dtype=NUMPY_DTYPES[WIRE_DTYPES[t.dtype]])
+    return tensor_pb2.Tensor(
+        dtype=WIRE_DTYPES[t.dtype],
+        shape=list(shape if shape is not None else t.shape),
+        data=array.tobytes(),
+    )
+
+
+def enum_name(enum_type: Any, value: int, field: str) -> str | None:
+    """The engine name of a wire enum value (prefix stripped, lower case); None if unset."""
+    if value == 0:
+        return None
+    try:
+        name = enum_type.Name(value)
+    except ValueError:
+        raise ValidationError(field, f"one of {list(enum_type.keys())[1:]}", value) from None
+    prefix = enum_type.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    return name.removeprefix(prefix).lower()
+
+
+def enum_value(enum_type: Any, name: str) -> int:
+    """The wire value of an engine name (0, UNSPECIFIED, when unknown or empty)."""
+    prefix = enum_type.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    try:
+        return enum_type.Value(prefix + name.upper()) if name else 0
+    except ValueError:
+        return 0
+
+
+OPTION_ENUMS = {
+    "method": optimize_pb2.Method,
+    "step_policy": optimize_pb2.StepPolicy,
+    "curvature": optimize_pb2.Curvature,
+    "backend": optimize_pb2.Backend,
+}
+OPTION_SCALARS = (
+    "learning_rate",
+    "eigenvalue_floor",
+    "armijo",
+    "backtrack",
+    "max_backtracks",
+    "dense_budget_bytes",
+)
+STOP_FIELDS = (
+    "max_iterations",
+    "gradient_tolerance",
+    "function_tolerance",
+    "parameter_tolerance",
+    "time_limit_seconds",
+)
+
+
+def options_to_dict(msg: optimize_pb2.MethodOptions, field: str = "options") -> dict[str, Any]:
+    """The engine's MethodOptions dict from the wire (unset fields omitted)."""
+    out: dict[str, Any] = {}
+    for name, enum_type in OPTION_ENUMS.items():
+        value = enum_name(enum_type, getattr(msg, name), f"{field}.{name}")
+        if value is not None:
+            out[name] = value
+    for name in OPTION_SCALARS:
+        if msg.HasField(name):
+            out[name] = getattr(msg, name)
+    if msg.damping:
+        out["damping"] = msg.damping
+    return out
+
+
+def options_to_wire(values: dict[str, Any]) -> optimize_pb2.MethodOptions:
+    """The wire MethodOptions for an engine options dict."""
+    msg = optimize_pb2.MethodOptions()
+    for name, enum_type in OPTION_ENUMS.items():
+        if values.get(name):
+            setattr(msg, name, enum_value(enum_type, values[name]))
+    for name in OPTION_SCALARS:
+        if values.get(name) is not None:
+            setattr(msg, name, values[name])
+    msg.damping = float(values.get("damping") or 0.0)
+    return msg
+
+
+def stopping_to_dict(msg: optimize_pb2.StopCriteria) -> dict[str, Any]:
+    """The engine's StopCriteria dict from the wire (unset fields omitted)."""
+    return {name: getattr(msg, name) for name in STOP_FIELDS if msg.HasField(name)}
+
+
+def stopping_to_wire(values: dict[str, Any]) -> optimize_pb2.StopCriteria:
+    """The wire StopCriteria for an engine criteria dict."""
+    msg = optimize_pb2.StopCriteria()
+    for name in STOP_FIELDS:
+        if values.get(name) is not None:
+            setattr(msg, name, values[name])
+    return msg
+
+
+def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:
+    """The wire StepRecord (fields mirror the engine's dataclass one for one)."""
+    msg = out if out is not None else optimize_pb2.StepRecord()
+    for name in RECORD_FIELDS:
+        setattr(msg, name, getattr(record, name))
+    return msg
+
+
+def stop_reason_value(reason: str) -> int:
+    """The wire StopReason for an engine stop reason name."""
+    return enum_value(optimize_pb2.StopReason, reason)

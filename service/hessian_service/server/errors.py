@@ -1,0 +1,86 @@
+"""Exceptions -> gRPC status codes. INTERNAL only ever means a bug in this project."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class NotFoundError(Exception):
+    """A named thing (problem id, run id) does not exist."""
+
+    def __init__(self, field: str, what: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: no {what}")
+
+
+class ConflictError(Exception):
+    """The request is valid but the resource is in the wrong state for it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class LimitError(Exception):
+    """A server limit (queue full, too many runs) refuses the request."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class DeadlineError(Exception):
+    """The call's deadline passed before the work began."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for an exception raised while serving a call."""
+    if isinstance(exc, ValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, (ResourceLimitError, LimitError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, (UnavailableError, ConflictError)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, DeadlineError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    log.exception("internal error (a bug) while serving a call", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (a bug): {type(exc).__name__}: {exc}"
+
+
+def unary(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a unary handler: known exceptions become their status codes."""
+
+    @functools.wraps(method)
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            code, message = status_for(exc)
+            context.abort(code, message)
+
+    return handler
+
+
+def streaming(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """Wrap a server-streaming handler the same way."""
+
+    @functools.wraps(method)
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            code, message = status_for(exc)
+            context.abort(code, message)
+
+    return handler

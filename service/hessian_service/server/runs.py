@@ -1,0 +1,262 @@
+"""Run execution: a bounded worker pool, live record buffers that watchers wait on, the store.
+
+A run's records go to its LiveRun (in memory, for watchers) and to the store (batched).
+When the run ends its final state is committed before watchers are woken, so a watcher
+that arrives after the LiveRun is gone reads everything from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
+from ..engine.errors import EngineError
+from ..engine.objectives.base import Objective
+from ..engine.records import StopReason
+from ..store import RunRow, RunStore, StoredCheckpoint
+from .errors import ConflictError, LimitError
+
+log = logging.getLogger(__name__)
+
+
+def to_stored(cp: Checkpoint) -> StoredCheckpoint:
+    """A checkpoint as bytes for the store."""
+    params = cp.params.detach().cpu().contiguous()
+    return StoredCheckpoint(
+        iteration=cp.iteration,
+        dtype=str(params.dtype).removeprefix("torch."),
+        shape=list(params.shape),
+        params=params.numpy().astype(params.numpy().dtype.newbyteorder("<")).tobytes(),
+        state={k: float(v) for k, v in cp.state.items()},
+    )
+
+
+def from_stored(cp: StoredCheckpoint) -> Checkpoint:
+    """An engine checkpoint from the store's bytes."""
+    dtype = np.dtype(cp.dtype).newbyteorder("<")
+    array = np.frombuffer(cp.params, dtype=dtype).astype(dtype.newbyteorder("="))
+    return Checkpoint(cp.iteration, torch.from_numpy(array).reshape(cp.shape), dict(cp.state))
+
+
+class LiveRun:
+    """An executing (or queued) run's in-memory records from `base` on, and its cancel token."""
+
+    def __init__(self, run_id: str, base: int) -> None:
+        self.run_id = run_id
+        self.base = base
+        self.cancel = CancelToken()
+        self.shutdown = False
+        self.records: list[StepRecord] = []
+        self.done = False
+        self.cond = threading.Condition()
+
+    def append(self, record: StepRecord) -> None:
+        """Publish one record to watchers."""
+        with self.cond:
+            self.records.append(record)
+            self.cond.notify_all()
+
+    def finish(self) -> None:
+        """Mark the run ended and wake every watcher."""
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake watchers (one of them went away)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_from(self, index: int, timeout: float) -> tuple[list[StepRecord], bool]:
+        """Records from list index `index` on (waiting up to `timeout` for one), and done."""
+        with self.cond:
+            if len(self.records) <= index and not self.done:
+                self.cond.wait(timeout)
+            return self.records[index:], self.done and len(self.records) <= index
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        with self.cond:
+            return self.records[-1] if self.records else None
+
+
+class RunManager:
+    """Starts, resumes, cancels and stops runs on a bounded worker pool."""
+
+    def __init__(
+        self, store: RunStore, *, workers: int, max_concurrent_runs: int, checkpoint_every: int
+    ) -> None:
+        self.store = store
+        self.max_concurrent_runs = max_concurrent_runs
+        self.checkpoint_every = checkpoint_every
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="hessian-run")
+        self._live: dict[str, LiveRun] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def live(self, run_id: str) -> LiveRun | None:
+        """The LiveRun of a queued or executing run, or None."""
+        with self._lock:
+            return self._live.get(run_id)
+
+    def active_count(self) -> int:
+        """Runs queued or executing."""
+        with self._lock:
+            return len(self._live)
+
+    def _admit(self, run_id: str, base: int) -> LiveRun:
+        with self._lock:
+            if self._stopping:
+                raise ConflictError("server", "shutting down; no new runs")
+            if run_id in self._live:
+                raise ConflictError("run_id", f"run {run_id} is already executing")
+            if len(self._live) >= self.max_concurrent_runs:
+                raise LimitError(
+                    "max_concurrent_runs",
+                    f"{len(self._live)} runs are queued or running, the server's limit; "
+                    "retry later",
+                )
+            live = LiveRun(run_id, base)
+            self._live[run_id] = live
+            return live
+
+    def _forget(self, run_id: str) -> None:
+        with self._lock:
+            self._live.pop(run_id, None)
+
+    def start(
+        self,
+        *,
+        problem_id: str,
+        objective: Objective,
+        params: torch.Tensor,
+        options: MethodOptions,
+        stopping: StopCriteria,
+        name: str = "",
+    ) -> RunRow:
+        """Record a new run (QUEUED, with its starting checkpoint) and queue it."""
+        run_id = "r-" + uuid.uuid4().hex
+        spec = {"options": asdict(options), "stopping": asdict(stopping)}
+        row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time())
+        live = self._admit(run_id, 0)
+        try:
+            self.store.create_run(row, to_stored(Checkpoint(0, params, {})))
+            self._executor.submit(self._execute, live, objective, params, options, stopping, None)
+        except BaseException:
+            self._forget(run_id)
+            raise
+        return row
+
+    def resume(self, row: RunRow, objective: Objective) -> RunRow:
+        """Continue an INTERRUPTED run from its latest checkpoint under the same id."""
+        if row.status != "INTERRUPTED":
+            raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
+        stored = self.store.latest_checkpoint(row.run_id)
+        if stored is None:
+            raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
+        checkpoint = from_stored(stored)
+        options = MethodOptions(**row.spec["options"])
+        stopping = StopCriteria(**row.spec["stopping"])
+        base = row.last_record.iteration + 1 if row.last_record is not None else 0
+        live = self._admit(row.run_id, base)
+        try:
+            self.store.update_run(row.run_id, status="QUEUED", stop_reason="", message="")
+            self._executor.submit(
+                self._execute, live, objective, checkpoint.params, options, stopping, checkpoint
+            )
+        except BaseException:
+            self._forget(row.run_id)
+            raise
+        row.status = "QUEUED"
+        return row
+
+    def cancel(self, run_id: str) -> bool:
+        """Ask a live run to stop before its next iteration; False if it is not live."""
+        live = self.live(run_id)
+        if live is None:
+            return False
+        live.cancel.cancel()
+        return True
+
+    def _execute(
+        self,
+        live: LiveRun,
+        objective: Objective,
+        params: torch.Tensor,
+        options: MethodOptions,
+        stopping: StopCriteria,
+        resume: Checkpoint | None,
+    ) -> None:
+        run_id = live.run_id
+        final: dict[str, Any] = {
+            "status": "FAILED",
+            "stop_reason": "error",
+            "converged": False,
+            "message": "",
+        }
+        run: Run | None = None
+        try:
+            if live.shutdown:
+                final.update(status="INTERRUPTED", stop_reason="shutdown")
+                final["message"] = "the server shut down before the run started"
+                return
+            self.store.update_run(run_id, status="RUNNING", started_at=time.time())
+            run = Run(objective, params, options, stopping, cancel=live.cancel, resume=resume)
+            self.store.update_run(run_id, backend=run.backend)
+            start = run.start_iteration
+            for record in run:
+                if record.iteration >= live.base:
+                    live.append(record)
+                    self.store.append_record(run_id, record)
+                if record.iteration > start and record.iteration % self.checkpoint_every == 0:
+                    self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+            reason = run.stop_reason
+            final.update(
+                status="FINISHED",
+                stop_reason=reason.value,
+                converged=reason.converged,
+                message=run.message,
+            )
+            if reason == StopReason.CANCELLED:
+                final["status"] = "CANCELLED"
+                if live.shutdown:
+                    final.update(status="INTERRUPTED", stop_reason="shutdown")
+                    final["message"] = "the server shut down; ResumeRun continues the run"
+        except EngineError as exc:
+            final["message"] = str(exc)
+        except Exception as exc:
+            log.exception("run %s failed with an internal error", run_id)
+            final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
+        finally:
+            try:
+                if run is not None and run.last_record is not None:
+                    self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+                self.store.update_run(run_id, finished_at=time.time(), **final)
+            except Exception:
+                log.exception("could not store the end of run %s", run_id)
+            live.finish()
+            self._forget(run_id)
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop accepting runs; stop live ones before their next iteration (records kept)."""
+        with self._lock:
+            self._stopping = True
+            lives = list(self._live.values())
+        for live in lives:
+            live.shutdown = True
+            live.cancel.cancel()
+        deadline = time.monotonic() + timeout
+        for live in lives:
+            with live.cond:
+                while not live.done and time.monotonic() < deadline:
+                    live.cond.wait(0.1)
+        self._executor.shutdown(wait=False, cancel_futures=False)

@@ -1,0 +1,346 @@
+"""The HessianService servicer: decode the request, make one engine call, encode the answer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from collections.abc import Iterator
+
+import grpc
+import torch
+from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+
+from .. import __version__
+from ..engine import MethodOptions, StopCriteria, native_status, take_step
+from ..engine.curvature_summary import dense_curvature
+from ..engine.errors import ResourceLimitError, ValidationError
+from ..engine.objectives import OBJECTIVES
+from ..engine.options import METHODS
+from ..engine.sampling import generator, initial_params, sample
+from ..store import RunRow, RunStore
+from . import codec
+from .config import ServerConfig
+from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unary
+from .problems import ProblemRegistry
+from .runs import RunManager, from_stored
+
+WATCH_PAGE = 1000
+WATCH_POLL_SECONDS = 0.5
+RUN_STATUS = service_pb2.RunStatus
+NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineError("deadline passed before the computation started")
+
+
+class HessianService(service_pb2_grpc.HessianServiceServicer):
+    """gRPC adapter over the engine, the problem registry, the run manager and the store."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: RunStore,
+        registry: ProblemRegistry,
+        runs: RunManager,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.runs = runs
+
+    # helpers
+    def _method_options(self, values: dict, field: str = "options") -> MethodOptions:
+        values = dict(values)
+        if "backend" not in values and self.config.default_backend:
+            values["backend"] = self.config.default_backend
+        budget = values.get("dense_budget_bytes")
+        if budget is not None and budget > 0:
+            values["dense_budget_bytes"] = min(budget, self.config.dense_budget_bytes)
+        else:
+            values["dense_budget_bytes"] = self.config.dense_budget_bytes
+        return MethodOptions.from_dict(values, field)
+
+    def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
+        return codec.decode_tensor(tensor, field, max_elements=self.config.max_params)
+
+    def _row(self, run_id: str) -> RunRow:
+        row = self.store.get_run(run_id) if run_id else None
+        if row is None:
+            raise NotFoundError("run_id", f"run with id {run_id!r}")
+        return row
+
+    def _info(self, row: RunRow, include_params: bool = False) -> service_pb2.RunInfo:
+        info = service_pb2.RunInfo(
+            run_id=row.run_id,
+            name=row.name,
+            status=RUN_STATUS.Value("RUN_STATUS_" + row.status),
+            stop_reason=codec.stop_reason_value(row.stop_reason),
+            converged=row.converged,
+            message=row.message,
+            problem_id=row.problem_id,
+            options=codec.options_to_wire(row.spec["options"]),
+            stopping=codec.stopping_to_wire(row.spec["stopping"]),
+            backend=row.backend,
+            num_records=row.num_records,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+        last = row.last_record
+        live = self.runs.live(row.run_id)
+        if live is not None and live.last_record is not None:
+            last = live.last_record
+            info.num_records = max(row.num_records, last.iteration + 1)
+        if last is not None:
+            codec.record_to_wire(last, info.last_record)
+        if include_params:
+            stored = self.store.latest_checkpoint(row.run_id)
+            if stored is not None:
+                info.final_params.CopyFrom(codec.encode_tensor(from_stored(stored).params))
+        return info
+
+    def _step(self, request: service_pb2.StepRequest, default: str, allowed: tuple[str, ...]):
+        _, objective = self.registry.resolve(request)
+        params = self._decode_params(request.params, "params")
+        values = codec.options_to_dict(request.options)
+        method = values.setdefault("method", default)
+        if method not in allowed:
+            raise ValidationError("options.method", f"one of {list(allowed)}", repr(method))
+        result = take_step(objective, params, self._method_options(values))
+        return service_pb2.StepResponse(
+            params=codec.encode_tensor(result.params, shape=list(request.params.shape)),
+            record=codec.record_to_wire(result.record),
+        )
+
+    # unary RPCs
+    @unary
+    def CreateProblem(self, request, context):
+        _check_deadline(context)
+        pid, objective = self.registry.create(request.problem)
+        dtype = codec.WIRE_DTYPES.get(objective.dtype, tensor_pb2.DTYPE_UNSPECIFIED)
+        return service_pb2.CreateProblemResponse(
+            problem_id=pid,
+            num_params=objective.num_params,
+            param_shape=list(objective.param_shape),
+            dtype=dtype,
+        )
+
+    @unary
+    def SampleTensors(self, request, context):
+        specs = []
+        for i, spec in enumerate(request.tensors):
+            dtype = codec.DTYPE_NAMES.get(spec.dtype)
+            if dtype is None:
+                raise ValidationError(f"tensors[{i}].dtype", "FLOAT32 or FLOAT64", spec.dtype)
+            dist = codec.enum_name(
+                optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
+            )
+            specs.append((list(spec.shape), dtype, dist or "uniform"))
+        tensors = sample(request.seed, specs, max_elements=self.config.max_message_bytes // 8)
+        return service_pb2.SampleTensorsResponse(tensors=[codec.encode_tensor(t) for t in tensors])
+
+    @unary
+    def GradientStep(self, request, context):
+        _check_deadline(context)
+        return self._step(request, "gradient_descent", ("gradient_descent",))
+
+    @unary
+    def NewtonStep(self, request, context):
+        _check_deadline(context)
+        return self._step(request, "newton", NEWTON_METHODS)
+
+    @unary
+    def ComputeHessian(self, request, context):
+        _check_deadline(context)
+        _, objective = self.registry.resolve(request)
+        params = self._decode_params(request.params, "params")
+        values: dict = {"method": "newton"}
+        for name, enum_type in (
+            ("curvature", optimize_pb2.Curvature),
+            ("backend", optimize_pb2.Backend),
+        ):
+            value = codec.enum_name(enum_type, getattr(request, name), name)
+            if value is not None:
+                values[name] = value
+        if request.HasField("dense_budget_bytes"):
+            values["dense_budget_bytes"] = request.dense_budget_bytes
+        options = self._method_options(values, "")
+        n = objective.num_params
+        matrix_bytes = n * n * 8 + 64
+        if not request.omit_matrix and matrix_bytes > self.config.max_message_bytes:
+            raise ResourceLimitError(
+                "omit_matrix",
+                f"a {n}x{n} matrix needs about {matrix_bytes} bytes, over the message limit of "
+                f"{self.config.max_message_bytes}; set omit_matrix for the summary alone",
+            )
+        result = dense_curvature(objective, params, options)
+        s = result.summary
+        response = service_pb2.ComputeHessianResponse(
+            summary=optimize_pb2.CurvatureSummary(
+                min_eigenvalue=s.min_eigenvalue,
+                max_eigenvalue=s.max_eigenvalue,
+                negative_eigenvalues=s.negative_eigenvalues,
+                condition_number=s.condition_number,
+                positive_definite=s.positive_definite,
+                trace=s.trace,
+            ),
+            loss=result.loss,
+            gradient=codec.encode_tensor(result.gradient),
+            backend=result.backend,
+        )
+        if not request.omit_matrix:
+            response.matrix.CopyFrom(codec.encode_tensor(result.matrix))
+        return response
+
+    @unary
+    def StartRun(self, request, context):
+        _check_deadline(context)
+        pid, objective = self.registry.resolve(request, persist=True)
+        values = codec.options_to_dict(request.options)
+        values.setdefault("method", "newton")
+        options = self._method_options(values)
+        stopping = StopCriteria.from_dict(codec.stopping_to_dict(request.stopping))
+        if stopping.max_iterations > self.config.max_iterations:
+            raise ResourceLimitError(
+                "stopping.max_iterations",
+                f"{stopping.max_iterations} is over the server limit of "
+                f"{self.config.max_iterations}",
+            )
+        if request.HasField("initial_params"):
+            params = self._decode_params(request.initial_params, "initial_params")
+        elif request.HasField("init"):
+            dist = codec.enum_name(
+                optimize_pb2.Distribution, request.init.distribution, "init.distribution"
+            )
+            params = initial_params(objective, request.init.seed, dist or "objective_default")
+        else:
+            params = objective.init_params(generator(0))
+        params = objective.check_params(params, "initial_params")
+        row = self.runs.start(
+            problem_id=pid,
+            objective=objective,
+            params=params,
+            options=options,
+            stopping=stopping,
+            name=request.name,
+        )
+        return self._info(row)
+
+    @unary
+    def GetRun(self, request, context):
+        return self._info(self._row(request.run_id), request.include_params)
+
+    @unary
+    def ListRuns(self, request, context):
+        size = request.page_size or 50
+        if not 1 <= size <= 1000:
+            raise ValidationError("page_size", "an integer in [1, 1000] (0: 50)", size)
+        after = None
+        if request.page_token:
+            try:
+                created, run_id = json.loads(base64.urlsafe_b64decode(request.page_token))
+                after = (float(created), str(run_id))
+            except (ValueError, TypeError, binascii.Error):
+                raise ValidationError(
+                    "page_token", "a token from a previous ListRuns", request.page_token
+                ) from None
+        statuses = []
+        for i, value in enumerate(request.status):
+            name = codec.enum_name(RUN_STATUS, value, f"status[{i}]")
+            if name is None:
+                raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
+            statuses.append(name.upper())
+        rows = self.store.list_runs(statuses, size + 1, after)
+        response = service_pb2.ListRunsResponse(runs=[self._info(r) for r in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            token = json.dumps([last.created_at, last.run_id]).encode()
+            response.next_page_token = base64.urlsafe_b64encode(token).decode()
+        return response
+
+    @unary
+    def CancelRun(self, request, context):
+        row = self._row(request.run_id)
+        self.runs.cancel(row.run_id)
+        return self._info(row)
+
+    @unary
+    def ResumeRun(self, request, context):
+        row = self._row(request.run_id)
+        objective = self.registry.by_id(row.problem_id, "run.problem_id")
+        return self._info(self.runs.resume(row, objective))
+
+    @unary
+    def DeleteRun(self, request, context):
+        row = self._row(request.run_id)
+        if self.runs.live(row.run_id) is not None:
+            raise ConflictError("run_id", f"run {row.run_id} is executing; cancel it first")
+        return service_pb2.DeleteRunResponse(deleted=self.store.delete_run(row.run_id))
+
+    @unary
+    def GetServerInfo(self, request, context):
+        available, reason = native_status()
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        c = self.config
+        return service_pb2.ServerInfo(
+            version=__version__,
+            default_backend=c.default_backend or "auto",
+            native_available=available,
+            native_reason=reason,
+            devices=devices,
+            limits=service_pb2.Limits(
+                max_message_bytes=c.max_message_bytes,
+                max_params=c.max_params,
+                dense_budget_bytes=c.dense_budget_bytes,
+                max_iterations=c.max_iterations,
+                max_concurrent_runs=c.max_concurrent_runs,
+                workers=c.workers,
+            ),
+            objectives=sorted(OBJECTIVES),
+            methods=list(METHODS),
+            torch_version=torch.__version__,
+        )
+
+    # streaming
+    @streaming
+    def WatchRun(self, request, context) -> Iterator[service_pb2.WatchRunEvent]:
+        if request.from_iteration < 0:
+            raise ValidationError("from_iteration", "an integer >= 0", request.from_iteration)
+        row = self._row(request.run_id)
+        live = self.runs.live(row.run_id)
+        nxt = request.from_iteration
+        if live is not None:
+            gone = threading.Event()
+            context.add_callback(lambda: (gone.set(), live.wake()))
+            # Records before the live buffer (a resumed run's history) come from the store.
+            while nxt < live.base:
+                page = self.store.records(row.run_id, nxt, min(WATCH_PAGE, live.base - nxt))
+                if not page:
+                    break
+                for record in page:
+                    yield service_pb2.WatchRunEvent(record=codec.record_to_wire(record))
+                nxt = page[-1].iteration + 1
+            nxt = max(nxt, live.base)
+            while not gone.is_set():
+                batch, finished = live.wait_from(nxt - live.base, WATCH_POLL_SECONDS)
+                for record in batch:
+                    yield service_pb2.WatchRunEvent(record=codec.record_to_wire(record))
+                nxt += len(batch)
+                if finished:
+                    break
+            if gone.is_set():
+                return
+        else:
+            while True:
+                page = self.store.records(row.run_id, nxt, WATCH_PAGE)
+                for record in page:
+                    yield service_pb2.WatchRunEvent(record=codec.record_to_wire(record))
+                if len(page) < WATCH_PAGE:
+                    break
+                nxt = page[-1].iteration + 1
+        yield service_pb2.WatchRunEvent(final=self._info(self._row(row.run_id)))

@@ -1,0 +1,303 @@
+"""SQLite run store (WAL mode) under the data directory: the embedded default.
+
+Records are queued in memory and committed in one transaction when `commit_every`
+records are waiting or `commit_interval_s` has passed since the oldest (a background
+thread enforces the interval), and always before a status change or a checkpoint. A
+crash can therefore lose at most the records of the last unfinished batch, never a
+record that a reader (`records`) has seen.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import Any
+
+from ..engine.records import StepRecord
+from .base import ACTIVE_STATUSES, RunRow, RunStore, StoredCheckpoint
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS problems (
+    problem_id TEXT PRIMARY KEY, blob BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, problem_id TEXT NOT NULL, spec TEXT NOT NULL, name TEXT,
+    status TEXT NOT NULL, stop_reason TEXT, converged INTEGER, message TEXT, backend TEXT,
+    created_at REAL, started_at REAL, finished_at REAL, num_records INTEGER NOT NULL,
+    last_record TEXT);
+CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_at DESC, run_id DESC);
+CREATE TABLE IF NOT EXISTS records (
+    run_id TEXT NOT NULL, iteration INTEGER NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (run_id, iteration)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT NOT NULL, iteration INTEGER NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    params BLOB NOT NULL, state TEXT NOT NULL, PRIMARY KEY (run_id, iteration));
+"""
+ROW_FIELDS = [f.name for f in fields(RunRow)]
+RECORD_FIELDS = {f.name for f in fields(StepRecord)}
+
+
+def _record_json(record: StepRecord) -> str:
+    return json.dumps(asdict(record))
+
+
+def _record_from_json(text: str | None) -> StepRecord | None:
+    if not text:
+        return None
+    values = json.loads(text)
+    return StepRecord(**{k: v for k, v in values.items() if k in RECORD_FIELDS})
+
+
+class SQLiteRunStore(RunStore):
+    """The RunStore in one SQLite file (`runs.sqlite3` under `data_dir`)."""
+
+    def __init__(
+        self,
+        data_dir: str | pathlib.Path,
+        *,
+        commit_every: int = 256,
+        commit_interval_s: float = 0.2,
+    ) -> None:
+        self.path = pathlib.Path(data_dir) / "runs.sqlite3"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.commit_every = commit_every
+        self.commit_interval_s = commit_interval_s
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._pending: list[tuple[str, StepRecord]] = []
+        self._oldest_pending = 0.0
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
+        self._flusher.start()
+
+    # problems
+    def put_problem(self, problem_id: str, blob: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO problems VALUES (?, ?, ?)", (problem_id, blob, time.time())
+            )
+
+    def get_problem(self, problem_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT blob FROM problems WHERE problem_id = ?", (problem_id,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # runs
+    def create_run(self, row: RunRow, checkpoint: StoredCheckpoint) -> None:
+        values = self._row_values(row)
+        with self._lock, self._transaction():
+            self._db.execute(
+                f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",
+                values,
+            )
+            self._write_checkpoint(row.run_id, checkpoint)
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        unknown = set(values) - set(ROW_FIELDS)
+        if unknown:
+            raise KeyError(f"unknown run fields {sorted(unknown)}")
+        encoded = self._encode_fields(values)
+        with self._lock, self._transaction():
+            self._flush_locked()
+            self._db.execute(
+                f"UPDATE runs SET {', '.join(f'{k} = ?' for k in encoded)} WHERE run_id = ?",
+                (*encoded.values(), run_id),
+            )
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        return None if row is None else self._decode_row(row)
+
+    def list_runs(
+        self, statuses: Sequence[str], limit: int, after: tuple[float, str] | None
+    ) -> list[RunRow]:
+        where, args = [], []
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += list(statuses)
+        if after is not None:
+            where.append("(created_at < ? OR (created_at = ? AND run_id < ?))")
+            args += [after[0], after[0], after[1]]
+        sql = f"SELECT {', '.join(ROW_FIELDS)} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [self._decode_row(r) for r in rows]
+
+    def delete_run(self, run_id: str) -> bool:
+        with self._lock, self._transaction():
+            self._flush_locked()
+            cur = self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            self._db.execute("DELETE FROM records WHERE run_id = ?", (run_id,))
+            self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+        return cur.rowcount > 0
+
+    def mark_interrupted(self, message: str) -> list[str]:
+        with self._lock, self._transaction():
+            marks = ", ".join("?" * len(ACTIVE_STATUSES))
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT run_id FROM runs WHERE status IN ({marks})", ACTIVE_STATUSES
+                )
+            ]
+            self._db.execute(
+                f"UPDATE runs SET status = 'INTERRUPTED', stop_reason = 'shutdown', "
+                f"message = ? WHERE status IN ({marks})",
+                (message, *ACTIVE_STATUSES),
+            )
+        return ids
+
+    # records
+    def append_record(self, run_id: str, record: StepRecord) -> None:
+        with self._lock:
+            if not self._pending:
+                self._oldest_pending = time.monotonic()
+            self._pending.append((run_id, record))
+            if len(self._pending) >= self.commit_every:
+                with self._transaction():
+                    self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock, self._transaction():
+            self._flush_locked()
+
+    def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record FROM records WHERE run_id = ? AND iteration >= ? "
+                "ORDER BY iteration LIMIT ?",
+                (run_id, from_iteration, limit),
+            ).fetchall()
+        return [_record_from_json(r[0]) for r in rows]
+
+    # checkpoints
+    def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
+        with self._lock, self._transaction():
+            self._flush_locked()
+            self._write_checkpoint(run_id, checkpoint)
+
+    def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT iteration, dtype, shape, params, state FROM checkpoints "
+                "WHERE run_id = ? ORDER BY iteration DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredCheckpoint(
+            row[0], row[1], json.loads(row[2]), bytes(row[3]), json.loads(row[4])
+        )
+
+    def close(self) -> None:
+        self._closed.set()
+        self._flusher.join(timeout=5)
+        with self._lock:
+            self.flush()
+            self._db.close()
+
+    # internals
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _write_checkpoint(self, run_id: str, cp: StoredCheckpoint) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, cp.iteration, cp.dtype, json.dumps(cp.shape), cp.params, json.dumps(cp.state)),
+        )
+        self._db.execute(
+            "DELETE FROM checkpoints WHERE run_id = ? AND iteration < ?", (run_id, cp.iteration)
+        )
+
+    def _flush_locked(self) -> None:
+        """Write queued records (caller holds the lock inside a transaction)."""
+        if not self._pending:
+            return
+        by_run: dict[str, list[StepRecord]] = {}
+        for run_id, record in self._pending:
+            by_run.setdefault(run_id, []).append(record)
+        self._pending = []
+        for run_id, records in by_run.items():
+            cur = self._db.executemany(
+                "INSERT OR IGNORE INTO records VALUES (?, ?, ?)",
+                [(run_id, r.iteration, _record_json(r)) for r in records],
+            )
+            self._db.execute(
+                "UPDATE runs SET num_records = num_records + ?, last_record = ? WHERE run_id = ?",
+                (max(cur.rowcount, 0), _record_json(records[-1]), run_id),
+            )
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(self.commit_interval_s / 2):
+            with self._lock:
+                due = self._pending and (
+                    time.monotonic() - self._oldest_pending >= self.commit_interval_s
+                )
+                if due:
+                    with self._transaction():
+                        self._flush_locked()
+
+    @staticmethod
+    def _encode_fields(values: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in values.items():
+            if key == "spec":
+                value = json.dumps(value)
+            elif key == "last_record":
+                value = None if value is None else _record_json(value)
+            elif key == "converged":
+                value = int(bool(value))
+            out[key] = value
+        return out
+
+    def _row_values(self, row: RunRow) -> list[Any]:
+        encoded = self._encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
+        return [encoded[k] for k in ROW_FIELDS]
+
+    @staticmethod
+    def _decode_row(values: Sequence[Any]) -> RunRow:
+        row = dict(zip(ROW_FIELDS, values, strict=True))
+        row["spec"] = json.loads(row["spec"])
+        row["last_record"] = _record_from_json(row["last_record"])
+        row["converged"] = bool(row["converged"])
+        for key in ("name", "stop_reason", "message", "backend"):
+            row[key] = row[key] or ""
+        return RunRow(**row)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); nested uses join the outer one."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.owner = False
+
+    def __enter__(self) -> _Transaction:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.owner = True
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if not self.owner:
+            return
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
