@@ -5,23 +5,24 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run seed lint format bench clean
+.PHONY: install test run seed lint format bench clean proto
 
 install: $(STAMP)
 
-$(STAMP): setup.py requirements/torch.txt requirements/service.txt requirements/dev.txt
+$(STAMP): setup.py client/pyproject.toml requirements/torch.txt requirements/service.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q -r requirements/torch.txt
 	$(PIP) install -q -r requirements/service.txt -r requirements/dev.txt
 	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e ./client
 	touch $(STAMP)
 
 test: install
 	$(PY) -m pytest -q
 
 run: install
-	$(PY) -m hessian_service.seed
+	$(PY) -m hessian_service.server --address 127.0.0.1:50051 --data-dir ./data
 
 seed: install
 	$(PY) -m hessian_service.seed
@@ -33,6 +34,9 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+proto: install
+	$(PY) protos/generate.py
 
 bench: install
 	$(PY) bench/run.py --output BENCHMARKS.md
