@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from hessian_client.proto import problem_pb2
@@ -45,7 +46,8 @@ def build_objective(problem: problem_pb2.Problem, max_params: int) -> Objective:
     spec = getattr(problem, which)
     options: dict[str, Any] = {}
     for fd, value in spec.ListFields():
-        options[fd.name] = list(value) if fd.label == fd.LABEL_REPEATED else value
+        repeated = isinstance(value, Iterable) and not isinstance(value, str)
+        options[fd.name] = list(value) if repeated else value
     data = {
         name: decode_tensor(problem.data[name], f"problem.data.{name}")
         for name in sorted(problem.data)

@@ -1,0 +1,108 @@
+"""A real hessian server on a free loopback port, shared by the service tests (no gRPC mocks)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hessian_client import Client
+from hessian_client.proto import service_pb2_grpc
+from hessian_service.server import ServerConfig, build_server
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp: pathlib.Path, **overrides):
+    """An in-process server on a free port with a fresh data directory."""
+    values = {
+        "address": "127.0.0.1:0",
+        "data_dir": str(tmp),
+        "workers": 2,
+        "max_params": 50_000,
+        "commit_interval_ms": 50,
+        "grace_seconds": 2.0,
+    }
+    values.update(overrides)
+    return build_server(ServerConfig(**values))
+
+
+def spawn_server(data_dir: pathlib.Path, port: int, *extra: str) -> subprocess.Popen:
+    """`python -m hessian_service.server` in a subprocess; returns once it is SERVING."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hessian_service.server",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    wait_serving(f"127.0.0.1:{port}", proc)
+    return proc
+
+
+def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Poll grpc.health.v1 until the server answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                raise RuntimeError(f"server exited with {proc.returncode}: {out}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"server at {address} not SERVING after {timeout} s")
+
+
+def health_status(address: str) -> int:
+    """The server's overall health status."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    handle = start_server(tmp_path_factory.mktemp("hessian-data"))
+    yield handle
+    handle.stop(grace=1.0)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with Client(server.address, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield service_pb2_grpc.HessianServiceStub(channel)

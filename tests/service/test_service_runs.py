@@ -1,0 +1,159 @@
+"""Runs through a real server: streaming, resuming after a dropped connection, cancel, listing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import start_server
+from hessian_client import Client, NotFound, ResourceExhausted, problems, status_name
+from hessian_client.proto import service_pb2
+from tcp_proxy import TcpProxy
+
+NO_TOLERANCES = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+
+
+def _gd_run(client: Client, iterations: int, name: str = ""):
+    return client.start_run(
+        problems.rosenbrock(dim=4),
+        np.zeros(4),
+        method="gradient_descent",
+        learning_rate=1e-4,
+        stopping={"max_iterations": iterations, **NO_TOLERANCES},
+        name=name,
+    )
+
+
+def _slow_newton_problem():
+    """An MLP whose Newton iterations take milliseconds, for cancel and shutdown tests."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 6))
+    y = np.tanh(x @ rng.standard_normal((6, 1)))
+    return problems.mlp(x, y, layer_sizes=[6, 16, 12, 1], l2=1e-3)
+
+
+def test_watch_from_k_after_a_cancelled_stream_yields_each_record_once(client, stub):
+    run = _gd_run(client, 400)
+    info = run.wait()
+    assert status_name(info) == "FINISHED" and info.num_records == 401
+    first = []
+    call = stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id, from_iteration=0))
+    for event in call:
+        first.append(event.record)
+        if len(first) == 150:
+            call.cancel()
+            break
+    k = first[-1].iteration + 1
+    rest = [
+        e.record
+        for e in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id, from_iteration=k))
+        if e.HasField("record")
+    ]
+    iterations = [r.iteration for r in first + rest]
+    assert iterations == list(range(401))
+
+
+def test_stream_dropped_mid_run_resumes_transparently(server):
+    proxy = TcpProxy(server.address)
+    try:
+        with Client(proxy.address, timeout=30) as via_proxy, Client(server.address) as direct:
+            run = _gd_run(via_proxy, 1500, name="dropped")
+            seen = []
+            for record in run.stream(reconnect_timeout=20):
+                seen.append(record)
+                if len(seen) in (200, 900):
+                    proxy.sever()
+            assert proxy.accepted >= 3, "the stream should have reconnected twice"
+            assert [r.iteration for r in seen] == list(range(1501))
+            reference = list(direct.run(run.id).stream())
+            assert [r.SerializeToString() for r in seen] == [
+                r.SerializeToString() for r in reference
+            ]
+            assert status_name(run.final) == "FINISHED"
+    finally:
+        proxy.close()
+
+
+def test_two_watchers_of_one_run_see_the_same_records(server):
+    with Client(server.address) as a, Client(server.address) as b:
+        run = _gd_run(a, 1500)
+        results: dict[str, list[bytes]] = {}
+
+        def watch(name: str, c: Client) -> None:
+            results[name] = [r.SerializeToString() for r in c.run(run.id).stream()]
+
+        threads = [threading.Thread(target=watch, args=(n, c)) for n, c in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results["a"]) == 1501
+        assert results["a"] == results["b"]
+
+
+def test_cancel_stops_a_long_run_within_one_iteration(client):
+    run = client.start_run(
+        _slow_newton_problem(),
+        seed=0,
+        method="newton",
+        damping=1e-3,
+        stopping={"max_iterations": 100_000, **NO_TOLERANCES},
+    )
+    stream = run.stream()
+    for record in stream:
+        if record.iteration >= 1:
+            break
+    started = time.monotonic()
+    info = run.cancel()
+    at_cancel = info.last_record.iteration
+    rest = list(stream)
+    elapsed = time.monotonic() - started
+    final = run.final
+    assert status_name(final) == "CANCELLED"
+    assert final.stop_reason == 6  # STOP_REASON_CANCELLED
+    last = rest[-1]
+    # At most the step in flight completes; the final record is the point it stopped at.
+    assert last.iteration <= at_cancel + 2
+    assert last.step_norm == 0.0
+    assert elapsed < 10.0
+
+
+def test_run_result_get_list_and_delete(client):
+    run = _gd_run(client, 50, name="listed")
+    result = run.result()
+    assert result.status == "FINISHED"
+    assert result.params.shape == (4,)
+    records = list(client.run(run.id).stream())
+    assert result.info.last_record.SerializeToString() == records[-1].SerializeToString()
+    finished = list(client.list_runs(status=["FINISHED"], page_size=2))
+    ids = [i.run_id for i in finished]
+    assert run.id in ids and len(ids) == len(set(ids))
+    assert all(status_name(i) == "FINISHED" for i in finished)
+    created = [i.created_at for i in finished]
+    assert created == sorted(created, reverse=True)
+    assert client.delete_run(run.id)
+    with pytest.raises(NotFound, match="run_id"):
+        client.get_run(run.id)
+
+
+def test_full_run_queue_is_resource_exhausted(tmp_path):
+    handle = start_server(tmp_path, workers=1, max_concurrent_runs=1)
+    try:
+        with Client(handle.address) as c:
+            first = _gd_run(c, 1_000_000)
+            with pytest.raises(ResourceExhausted, match="max_concurrent_runs"):
+                _gd_run(c, 10)
+            first.cancel()
+            assert status_name(first.wait()) == "CANCELLED"
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_watch_unknown_run_is_not_found(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.WatchRun(service_pb2.WatchRunRequest(run_id="r-nope")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "run_id" in err.value.details()
