@@ -1,0 +1,82 @@
+"""Container health probe: exit 0 only when the gRPC health service answers SERVING.
+
+    python -m hessian_service.healthprobe [--address HOST:PORT] [--service NAME] [--timeout S]
+
+The image's HEALTHCHECK and docker-compose.yml run this, so a container is healthy exactly
+when `grpc.health.v1.Health/Check` says SERVING (a draining server says NOT_SERVING).
+The address defaults to $HESSIAN_ADDRESS (the server's own setting) with a wildcard host
+(0.0.0.0, [::]) replaced by loopback, so the probe follows the server without a flag.
+Exit codes follow Docker's HEALTHCHECK: 0 healthy, 1 unhealthy (any other answer, no
+answer within the timeout, or a bad argument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
+
+
+def probe_address(address: str) -> str:
+    """The address to dial for a server bound to `address` (wildcard hosts -> loopback)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--address: expected HOST:PORT, got {address!r}")
+    return f"{WILDCARD_HOSTS.get(host, host)}:{port}"
+
+
+def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+    """Ask the health service once; (healthy, one-line reason)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            return False, f"{address}: {exc.code().name}: {exc.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {status}"
+
+
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Flags, with the address falling back to $HESSIAN_ADDRESS."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hessian_service.healthprobe",
+        description="Exit 0 when the hessian server's gRPC health service answers SERVING.",
+    )
+    parser.add_argument(
+        "--address",
+        default=environ.get("HESSIAN_ADDRESS", DEFAULT_ADDRESS),
+        help=f"server HOST:PORT (env HESSIAN_ADDRESS, default {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument("--service", default="", help="health service name ('' = the whole server)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Probe once and print the answer; 0 when SERVING, else 1."""
+    try:
+        args = parse_args(argv, os.environ)
+        address = probe_address(args.address)
+    except SystemExit as exc:  # argparse: Docker reserves exit code 2, so report unhealthy
+        return 0 if exc.code == 0 else 1
+    except ValueError as exc:
+        print(f"healthprobe: {exc}", file=sys.stderr)
+        return 1
+    healthy, reason = check(address, args.service, args.timeout)
+    print(f"healthprobe: {reason}", file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
