@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run seed lint format bench clean proto
+.PHONY: install test run seed lint format bench clean proto secrets
 
 install: $(STAMP)
 
@@ -40,6 +40,16 @@ proto: install
 
 bench: install
 	$(PY) bench/run.py --output BENCHMARKS.md
+
+# The compose secret (docker-compose.yml): a random bearer token, never committed. The file
+# is world-readable so the container's unprivileged user can read the bind mount; the
+# secrets/ folder is closed to other local users instead.
+secrets: secrets/auth_token
+
+secrets/auth_token:
+	mkdir -p secrets && chmod 700 secrets
+	python3 -c "import secrets; print(secrets.token_urlsafe(32))" > $@.tmp
+	chmod 644 $@.tmp && mv $@.tmp $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info service/*.egg-info
