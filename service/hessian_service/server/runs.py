@@ -214,6 +214,9 @@ class RunManager:
             self.store.update_run(run_id, backend=run.backend)
             start = run.start_iteration
             for record in run:
+                if live.shutdown and run.stop_reason == StopReason.CANCELLED:
+                    # The point a shutdown stopped at is not a record: ResumeRun steps from it.
+                    break
                 if record.iteration >= live.base:
                     live.append(record)
                     self.store.append_record(run_id, record)
