@@ -10,5 +10,5 @@ setup(
     package_dir={"": "service"},
     packages=find_packages("service"),
     install_requires=["torch>=2.3", "numpy>=1.26"],
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["hessian-server=hessian_service.server:main"]},
 )
