@@ -35,6 +35,7 @@ SHRINK_RATIO = 0.25  # rho below: shrink the radius, raise lambda
 GROW_RATIO = 0.75  # rho above: grow the radius (if the step hit it), lower lambda
 MARTENS_DECREASE = 2.0 / 3.0
 MARTENS_INCREASE = 1.5
+ROUNDING_ULPS = 16.0  # decreases within this many ulps of the loss count as rounding
 
 
 def hessian_product(objective: Objective, params: torch.Tensor) -> Product:
@@ -280,7 +281,8 @@ def newton_cg(
 ) -> TrustRegionStep:
     """One Steihaug-Toint trust-region step with Martens damping; updates `state` in place.
 
-    rho = (f(x) - f(x + d)) / (model decrease); the step is accepted when rho > 0. The
+    rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
+    f; the step is accepted when rho > 0. The
     radius shrinks to ||d|| / 4 when rho < 1/4 and doubles when rho > 3/4 on the boundary;
     lambda grows by 3/2 when rho < 1/4 and shrinks by 2/3 when rho > 3/4 (lambda = 0
     switches the damping off and leaves the trust region alone to safeguard).
@@ -291,6 +293,9 @@ def newton_cg(
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
     rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
+    noise = ROUNDING_ULPS * torch.finfo(x.dtype).eps * max(abs(loss), 1.0)
+    if 0 < predicted <= noise and abs(loss - trial) <= noise:
+        rho = 1.0  # both decreases are below the loss's rounding: rho is noise, trust the model
     accepted = rho > ACCEPT_RATIO
     step_norm = float(cg.direction.norm())
     if rho < SHRINK_RATIO:
