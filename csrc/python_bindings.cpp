@@ -1,0 +1,126 @@
+// Direct Python entry points for the fused steps: METH_FASTCALL functions that skip the
+// dispatcher's boxing and return the stats as Python floats, so the engine's seed-sized
+// Newton step costs one C call. The same kernels are also the torch.ops.hessian.* ops.
+#include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include "hessian.h"
+
+namespace hessian {
+namespace {
+
+const at::Tensor& tensor_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(THPVariable_Check(o), name, " must be a Tensor");
+  return THPVariable_Unpack(o);
+}
+
+double float_arg(PyObject* o, const char* name) {
+  const double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    TORCH_CHECK_TYPE(false, name, " must be a real number");
+  }
+  return v;
+}
+
+int64_t int_arg(PyObject* o, const char* name) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    TORCH_CHECK_TYPE(false, name, " must be an integer");
+  }
+  return v;
+}
+
+bool bool_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyBool_Check(o), name, " must be a bool");
+  return o == Py_True;
+}
+
+void check_nargs(Py_ssize_t got, Py_ssize_t want, const char* fn) {
+  TORCH_CHECK_TYPE(got == want, fn, " takes ", want, " arguments, got ", got);
+}
+
+// (x_new, (loss, grad_norm, grad_max, step_norm, damping, attempts, finite))
+PyObject* pack(FusedStep&& step) {
+  PyObject* stats = PyTuple_New(kFusedStats);
+  if (stats == nullptr) return nullptr;
+  for (int64_t i = 0; i < kFusedStats; ++i)
+    PyTuple_SET_ITEM(stats, i, PyFloat_FromDouble(step.stats[i]));
+  PyObject* x = THPVariable_Wrap(std::move(step.x_new));
+  if (x == nullptr) {
+    Py_DECREF(stats);
+    return nullptr;
+  }
+  PyObject* out = PyTuple_New(2);
+  PyTuple_SET_ITEM(out, 0, x);
+  PyTuple_SET_ITEM(out, 1, stats);
+  return out;
+}
+
+PyObject* py_mse(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_nargs(n, 5, "mse_newton_step");
+  return pack(mse_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "target"),
+                        float_arg(a[2], "lr"), float_arg(a[3], "damping"),
+                        int_arg(a[4], "max_attempts")));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_quadratic(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_nargs(n, 6, "quadratic_newton_step");
+  return pack(quadratic_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "A"),
+                              tensor_arg(a[2], "b"), float_arg(a[3], "lr"),
+                              float_arg(a[4], "damping"), int_arg(a[5], "max_attempts")));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_least_squares(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_nargs(n, 8, "least_squares_newton_step");
+  return pack(least_squares_fused(
+      tensor_arg(a[0], "x"), tensor_arg(a[1], "X"), tensor_arg(a[2], "y"),
+      float_arg(a[3], "l2"), bool_arg(a[4], "fit_intercept"), float_arg(a[5], "lr"),
+      float_arg(a[6], "damping"), int_arg(a[7], "max_attempts")));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_logistic(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_nargs(n, 8, "logistic_regression_newton_step");
+  return pack(logistic_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "X"),
+                             tensor_arg(a[2], "y"), float_arg(a[3], "l2"),
+                             bool_arg(a[4], "fit_intercept"), float_arg(a[5], "lr"),
+                             float_arg(a[6], "damping"), int_arg(a[7], "max_attempts")));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_softmax(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  check_nargs(n, 9, "softmax_regression_newton_step");
+  return pack(softmax_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "X"),
+                            tensor_arg(a[2], "labels"), int_arg(a[3], "num_classes"),
+                            float_arg(a[4], "l2"), bool_arg(a[5], "fit_intercept"),
+                            float_arg(a[6], "lr"), float_arg(a[7], "damping"),
+                            int_arg(a[8], "max_attempts")));
+  END_HANDLE_TH_ERRORS
+}
+
+#define FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)), METH_FASTCALL
+
+PyMethodDef methods[] = {
+    {"mse_newton_step", FASTCALL(py_mse), "Fused mse Newton step (x, target, lr, damping, "
+                                          "max_attempts) -> (x_new, stats)."},
+    {"quadratic_newton_step", FASTCALL(py_quadratic), "Fused quadratic Newton step."},
+    {"least_squares_newton_step", FASTCALL(py_least_squares), "Fused least-squares step."},
+    {"logistic_regression_newton_step", FASTCALL(py_logistic), "Fused logistic step."},
+    {"softmax_regression_newton_step", FASTCALL(py_softmax), "Fused softmax step."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PyMethodDef* python_methods() { return methods; }
+
+}  // namespace hessian
