@@ -318,16 +318,16 @@ class Run:
             request = service_pb2.WatchRunRequest(run_id=self.id, from_iteration=nxt)
             try:
                 for event in self.client.stub.WatchRun(request, metadata=self.client.metadata):
+                    for record in event.records:
+                        if record.iteration < nxt:
+                            continue
+                        nxt = record.iteration + 1
+                        last_progress = time.monotonic()
+                        delay = 0.05
+                        yield record
                     if event.HasField("final"):
                         self.final = event.final
                         return
-                    record = event.record
-                    if record.iteration < nxt:
-                        continue
-                    nxt = record.iteration + 1
-                    last_progress = time.monotonic()
-                    delay = 0.05
-                    yield record
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise from_rpc_error(exc) from None

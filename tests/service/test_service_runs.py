@@ -42,15 +42,16 @@ def test_watch_from_k_after_a_cancelled_stream_yields_each_record_once(client, s
     first = []
     call = stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id, from_iteration=0))
     for event in call:
-        first.append(event.record)
-        if len(first) == 150:
+        first.extend(event.records)
+        if len(first) >= 150:
             call.cancel()
             break
+    first = first[:150]
     k = first[-1].iteration + 1
     rest = [
-        e.record
+        record
         for e in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id, from_iteration=k))
-        if e.HasField("record")
+        for record in e.records
     ]
     iterations = [r.iteration for r in first + rest]
     assert iterations == list(range(401))

@@ -174,12 +174,12 @@ class WatchRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., from_iteration: _Optional[int] = ...) -> None: ...
 
 class WatchRunEvent(_message.Message):
-    __slots__ = ("record", "final")
-    RECORD_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("records", "final")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
-    record: _optimize_pb2.StepRecord
+    records: _containers.RepeatedCompositeFieldContainer[_optimize_pb2.StepRecord]
     final: RunInfo
-    def __init__(self, record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, records: _Optional[_Iterable[_Union[_optimize_pb2.StepRecord, _Mapping]]] = ..., final: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id", "include_params")

@@ -26,10 +26,18 @@ from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unar
 from .problems import ProblemRegistry
 from .runs import RunManager, from_stored
 
-WATCH_PAGE = 1000
+WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
 RUN_STATUS = service_pb2.RunStatus
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
+
+
+def _event(records: list) -> service_pb2.WatchRunEvent:
+    """One stream event carrying `records` (already in iteration order)."""
+    event = service_pb2.WatchRunEvent()
+    for record in records:
+        codec.record_to_wire(record, event.records.add())
+    return event
 
 
 def _check_deadline(context: grpc.ServicerContext) -> None:
@@ -322,14 +330,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 page = self.store.records(row.run_id, nxt, min(WATCH_PAGE, live.base - nxt))
                 if not page:
                     break
-                for record in page:
-                    yield service_pb2.WatchRunEvent(record=codec.record_to_wire(record))
+                yield _event(page)
                 nxt = page[-1].iteration + 1
             nxt = max(nxt, live.base)
             while not gone.is_set():
                 batch, finished = live.wait_from(nxt - live.base, WATCH_POLL_SECONDS)
-                for record in batch:
-                    yield service_pb2.WatchRunEvent(record=codec.record_to_wire(record))
+                for start in range(0, len(batch), WATCH_PAGE):
+                    yield _event(batch[start : start + WATCH_PAGE])
                 nxt += len(batch)
                 if finished:
                     break
@@ -338,8 +345,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         else:
             while True:
                 page = self.store.records(row.run_id, nxt, WATCH_PAGE)
-                for record in page:
-                    yield service_pb2.WatchRunEvent(record=codec.record_to_wire(record))
+                if page:
+                    yield _event(page)
                 if len(page) < WATCH_PAGE:
                     break
                 nxt = page[-1].iteration + 1

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 from ..engine.records import StepRecord
@@ -42,7 +42,7 @@ RECORD_FIELDS = {f.name for f in fields(StepRecord)}
 
 
 def _record_json(record: StepRecord) -> str:
-    return json.dumps(asdict(record))
+    return json.dumps(vars(record))
 
 
 def _record_from_json(text: str | None) -> StepRecord | None:
