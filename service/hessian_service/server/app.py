@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -123,7 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    handle = build_server(config)
+    try:
+        handle = build_server(config)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot open the run store under --data-dir %s: %s", config.data_dir, exc)
+        return 2
+    except RuntimeError as exc:
+        log.error("cannot serve on --address %s: %s", config.address, exc)
+        return 2
     available, reason = native_status()
     log.info(
         "hessian-server %s listening on %s (data %s, %d workers, native backend: %s)",

@@ -1,0 +1,117 @@
+"""Server configuration from flags and HESSIAN_* variables; interceptors plug in; a drain
+lets in-flight unary calls finish and stops runs as INTERRUPTED."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import start_server
+from hessian_client import Client, problems, status_name
+from hessian_service.server import ServerConfig, build_server
+
+
+def test_flags_override_environment_override_defaults():
+    env = {"HESSIAN_MAX_PARAMS": "123", "HESSIAN_WORKERS": "3", "HESSIAN_DATA_DIR": "/tmp/x"}
+    config = ServerConfig.from_args(["--workers", "5"], env)
+    assert config.max_params == 123
+    assert config.workers == 5
+    assert config.data_dir == "/tmp/x"
+    assert config.address == ServerConfig().address
+
+
+def test_bad_settings_name_the_flag():
+    with pytest.raises(ValueError, match="--max-concurrent-runs"):
+        ServerConfig.from_args(["--max-concurrent-runs", "0"], {})
+    with pytest.raises(ValueError, match="--default-backend"):
+        ServerConfig.from_args([], {"HESSIAN_DEFAULT_BACKEND": "gpu"})
+
+
+class CountingInterceptor(grpc.ServerInterceptor):
+    """Counts the calls it sees by method name."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def intercept_service(self, continuation, handler_call_details):
+        self.seen.append(handler_call_details.method)
+        return continuation(handler_call_details)
+
+
+def test_interceptors_see_every_call(tmp_path):
+    interceptor = CountingInterceptor()
+    handle = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path)), interceptors=[interceptor]
+    )
+    try:
+        with Client(handle.address) as c:
+            c.info()
+            c.newton_step(problems.mse(np.ones(2)), np.zeros(2))
+        assert interceptor.seen == [
+            "/hessian.v1.HessianService/GetServerInfo",
+            "/hessian.v1.HessianService/NewtonStep",
+        ]
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_drain_finishes_in_flight_unary_calls_and_interrupts_runs(tmp_path):
+    handle = start_server(tmp_path, grace_seconds=20.0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 20))
+    heavy = problems.mlp(x, np.tanh(x[:, :1]), layer_sizes=[20, 30, 1])
+    params = rng.standard_normal(20 * 30 + 30 + 30 + 1) * 0.1
+    outcome: dict[str, object] = {}
+    with Client(handle.address) as c:
+        run = c.start_run(
+            problems.rosenbrock(dim=4),
+            np.zeros(4),
+            method="gradient_descent",
+            learning_rate=1e-4,
+            stopping={"max_iterations": 1_000_000},
+        )
+        next(iter(run.stream()))
+
+        def step() -> None:
+            outcome["result"] = c.newton_step(heavy, params, timeout=60)
+
+        t = threading.Thread(target=step)
+        t.start()
+        time.sleep(0.2)  # the step (a 661-parameter dense Newton step) is now in flight
+        handle.stop()
+        t.join(60)
+    assert outcome["result"].record.loss > 0, "the in-flight NewtonStep completed"
+    reopened = start_server(tmp_path)
+    try:
+        with Client(reopened.address) as c:
+            info = c.get_run(run.id)
+            assert status_name(info) == "INTERRUPTED"
+            assert info.num_records >= 1
+    finally:
+        reopened.stop(grace=1.0)
+
+
+def test_unusable_data_dir_is_a_clear_start_up_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hessian_service.server",
+            "--address",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(not_a_dir / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "--data-dir" in out.stderr and str(not_a_dir) in out.stderr
