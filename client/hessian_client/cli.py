@@ -45,7 +45,10 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
     builder = getattr(problems, args.objective, None)
     if builder is None or args.objective.startswith("_"):
         raise SystemExit(f"run: unknown objective {args.objective!r}")
-    return builder(**data, **options)
+    try:
+        return builder(**data, **options)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"run: bad --data or --option for {args.objective}: {exc}") from None
 
 
 class ProgressBar:

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, problems, status_name
+from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_service.server import ServerConfig, build_server
 
 
@@ -115,3 +115,14 @@ def test_unusable_data_dir_is_a_clear_start_up_error(tmp_path):
     )
     assert out.returncode == 2
     assert "--data-dir" in out.stderr and str(not_a_dir) in out.stderr
+
+
+def test_message_size_limit_is_enforced_before_any_work(tmp_path):
+    handle = start_server(tmp_path, max_message_bytes=4096)
+    try:
+        with Client(handle.address) as c:
+            with pytest.raises(ResourceExhausted):
+                c.newton_step(problems.mse(np.ones(1000)), np.zeros(1000))
+            assert c.newton_step(problems.mse(np.ones(10)), np.zeros(10)).record.loss == 1.0
+    finally:
+        handle.stop(grace=1.0)

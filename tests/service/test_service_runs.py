@@ -8,9 +8,11 @@ import time
 import grpc
 import numpy as np
 import pytest
+import torch
 from conftest import start_server
 from hessian_client import Client, NotFound, ResourceExhausted, problems, status_name
 from hessian_client.proto import service_pb2
+from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
 from tcp_proxy import TcpProxy
 
 NO_TOLERANCES = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
@@ -126,7 +128,15 @@ def test_run_result_get_list_and_delete(client):
     run = _gd_run(client, 50, name="listed")
     result = run.result()
     assert result.status == "FINISHED"
-    assert result.params.shape == (4,)
+    objective = make_objective("rosenbrock", {}, {"dim": 4})
+    reference = Run(
+        objective,
+        torch.zeros(4, dtype=torch.float64),
+        MethodOptions(method="gradient_descent", learning_rate=1e-4),
+        StopCriteria(max_iterations=50, **NO_TOLERANCES),
+    )
+    reference.run_to_end()
+    np.testing.assert_array_equal(result.params, reference.params.numpy())
     records = list(client.run(run.id).stream())
     assert result.info.last_record.SerializeToString() == records[-1].SerializeToString()
     finished = list(client.list_runs(status=["FINISHED"], page_size=2))

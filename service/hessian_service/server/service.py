@@ -177,7 +177,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 values[name] = value
         if request.HasField("dense_budget_bytes"):
             values["dense_budget_bytes"] = request.dense_budget_bytes
-        options = self._method_options(values, "")
+        options = self._method_options(values, "request")
         n = objective.num_params
         matrix_bytes = n * n * 8 + 64
         if not request.omit_matrix and matrix_bytes > self.config.max_message_bytes:
