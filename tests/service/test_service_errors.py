@@ -189,6 +189,16 @@ CASES = {
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "budget",
     ),
+    "non-positive dense budget": (
+        "NewtonStep",
+        service_pb2.StepRequest(
+            problem=_mse(),
+            params=_params(),
+            options=optimize_pb2.MethodOptions(dense_budget_bytes=-5),
+        ),
+        INVALID,
+        "options.dense_budget_bytes",
+    ),
     "unknown problem id": (
         "NewtonStep",
         service_pb2.StepRequest(problem_id="p-unknown", params=_params()),

@@ -67,10 +67,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if "backend" not in values and self.config.default_backend:
             values["backend"] = self.config.default_backend
         budget = values.get("dense_budget_bytes")
-        if budget is not None and budget > 0:
-            values["dense_budget_bytes"] = min(budget, self.config.dense_budget_bytes)
-        else:
+        if budget is None:
             values["dense_budget_bytes"] = self.config.dense_budget_bytes
+        elif budget > 0:
+            values["dense_budget_bytes"] = min(budget, self.config.dense_budget_bytes)
         return MethodOptions.from_dict(values, field)
 
     def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
@@ -310,7 +310,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 workers=c.workers,
             ),
             objectives=sorted(OBJECTIVES),
-            methods=list(METHODS),
+            methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],
             torch_version=torch.__version__,
         )
 
