@@ -15,7 +15,7 @@ import torch
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, tensor_pb2
 
-from ..engine.errors import ValidationError
+from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord
 
 TORCH_DTYPES = {
@@ -30,7 +30,11 @@ NUMPY_DTYPES = {
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
 }
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
-RECORD_FIELDS = [f.name for f in fields(StepRecord)]
+RECORD_FIELDS = [
+    f.name
+    for f in fields(StepRecord)
+    if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name
+]
 
 
 def decode_tensor(
@@ -45,32 +49,42 @@ def decode_tensor(
         raise ValidationError(f"{field}.shape", "non-negative sizes", shape)
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
-        raise ValidationError(f"{field}.shape", f"at most {max_elements} values", shape)
+        raise ResourceLimitError(
+            f"{field}.shape", f"{numel} values, over the server limit of {max_elements}"
+        )
     dt = NUMPY_DTYPES[tensor.dtype]
-    if len(tensor.data) != numel * dt.itemsize:
+    raw = tensor.data
+    if len(raw) != numel * dt.itemsize:
         raise ValidationError(
             f"{field}.data",
             f"{numel * dt.itemsize} bytes ({numel} x {dt.itemsize} for shape {shape})",
-            f"{len(tensor.data)} bytes",
+            f"{len(raw)} bytes",
         )
-    array = np.frombuffer(tensor.data, dtype=dt).astype(dt.newbyteorder("="))
-    out = torch.from_numpy(array).reshape(shape)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    array = np.frombuffer(raw, dtype=dt)
+    if dt.kind == "f" and not np.isfinite(array).all():
         raise ValidationError(field, "finite values", "NaN or inf")
-    return out
+    return torch.from_numpy(array.astype(dt.newbyteorder("=")).reshape(shape))
 
 
-def encode_tensor(t: torch.Tensor, shape: list[int] | tuple[int, ...] | None = None) -> Any:
-    """A wire Tensor from a torch tensor (reshaped to `shape` when given)."""
-    t = t.detach().cpu()
+def encode_tensor(
+    t: torch.Tensor,
+    shape: list[int] | tuple[int, ...] | None = None,
+    out: tensor_pb2.Tensor | None = None,
+) -> tensor_pb2.Tensor:
+    """A wire Tensor from a torch tensor (reshaped to `shape` when given), filled into `out`."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
     if t.dtype not in WIRE_DTYPES:
         t = t.to(torch.float64)
-    array = np.ascontiguousarray(t.numpy(), dtype=NUMPY_DTYPES[WIRE_DTYPES[t.dtype]])
-    return tensor_pb2.Tensor(
-        dtype=WIRE_DTYPES[t.dtype],
-        shape=list(shape if shape is not None else t.shape),
-        data=array.tobytes(),
-    )
+    wire = WIRE_DTYPES[t.dtype]
+    array = np.ascontiguousarray(t.numpy(), dtype=NUMPY_DTYPES[wire])
+    msg = out if out is not None else tensor_pb2.Tensor()
+    msg.dtype = wire
+    msg.shape[:] = shape if shape is not None else t.shape
+    msg.data = array.tobytes()
+    return msg
 
 
 def enum_name(enum_type: Any, value: int, field: str) -> str | None:
@@ -160,11 +174,12 @@ def stopping_to_wire(values: dict[str, Any]) -> optimize_pb2.StopCriteria:
 
 
 def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:
-    """The wire StepRecord (fields mirror the engine's dataclass one for one)."""
-    msg = out if out is not None else optimize_pb2.StepRecord()
-    for name in RECORD_FIELDS:
-        setattr(msg, name, getattr(record, name))
-    return msg
+    """The wire StepRecord (the engine's dataclass fields that the wire has, one for one)."""
+    msg = optimize_pb2.StepRecord(**{name: getattr(record, name) for name in RECORD_FIELDS})
+    if out is None:
+        return msg
+    out.CopyFrom(msg)
+    return out
 
 
 def stop_reason_value(reason: str) -> int:

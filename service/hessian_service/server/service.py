@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -112,18 +113,26 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 info.final_params.CopyFrom(codec.encode_tensor(from_stored(stored).params))
         return info
 
-    def _step(self, request: service_pb2.StepRequest, default: str, allowed: tuple[str, ...]):
-        _, objective = self.registry.resolve(request)
-        params = self._decode_params(request.params, "params")
-        values = codec.options_to_dict(request.options)
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one servicer per server; bounded)
+    def _step_options(self, wire: bytes, default: str, allowed: tuple[str, ...]) -> MethodOptions:
+        """Validated options for a serialised MethodOptions (cached: clients repeat them)."""
+        values = codec.options_to_dict(optimize_pb2.MethodOptions.FromString(wire))
         method = values.setdefault("method", default)
         if method not in allowed:
             raise ValidationError("options.method", f"one of {list(allowed)}", repr(method))
-        result = take_step(objective, params, self._method_options(values))
-        return service_pb2.StepResponse(
-            params=codec.encode_tensor(result.params, shape=list(request.params.shape)),
-            record=codec.record_to_wire(result.record),
+        return self._method_options(values)
+
+    def _step(self, request: service_pb2.StepRequest, default: str, allowed: tuple[str, ...]):
+        _, objective = self.registry.resolve(request)
+        params = self._decode_params(request.params, "params")
+        options = self._step_options(
+            request.options.SerializeToString(deterministic=True), default, allowed
         )
+        result = take_step(objective, params, options)
+        response = service_pb2.StepResponse()
+        codec.encode_tensor(result.params, request.params.shape, response.params)
+        codec.record_to_wire(result.record, response.record)
+        return response
 
     # unary RPCs
     @unary
