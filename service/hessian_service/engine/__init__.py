@@ -10,19 +10,22 @@ from .errors import (
     ValidationError,
 )
 from .objectives import OBJECTIVES, Objective, make_objective
-from .options import MethodOptions, StopCriteria
+from .options import MethodOptions, StopCriteria, resolve_method
 from .records import Checkpoint, StepRecord, StepResult, StopReason
 from .run import CancelToken, Run, take_step
+from .spectrum import CurvatureReport, SpectrumOptions, analyze_curvature
 
 __all__ = [
     "OBJECTIVES",
     "CancelToken",
     "Checkpoint",
+    "CurvatureReport",
     "EngineError",
     "MethodOptions",
     "Objective",
     "ResourceLimitError",
     "Run",
+    "SpectrumOptions",
     "StepRecord",
     "StepResult",
     "StopCriteria",
@@ -30,6 +33,7 @@ __all__ = [
     "UnavailableError",
     "UnknownNameError",
     "ValidationError",
+    "analyze_curvature",
     "check_dense_budget",
     "gauss_newton",
     "hessian",
@@ -37,5 +41,6 @@ __all__ = [
     "loss_and_grad",
     "make_objective",
     "native_status",
+    "resolve_method",
     "take_step",
 ]
