@@ -258,6 +258,30 @@ def test_dockerfile_copies_what_it_installs_and_dockerignore_keeps_it() -> None:
         assert dockerignored(secret_or_state, patterns), secret_or_state
 
 
+def test_every_run_instruction_is_valid_shell() -> None:
+    for stage in DOCKERFILE.stages:
+        for script in stage.args("RUN"):
+            check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, timeout=30)
+            assert check.returncode == 0, (script, check.stderr)
+
+
+def test_build_time_native_check_runs_here() -> None:
+    """The builder's `python -c` extension check compiles and honours REQUIRE_NATIVE=0."""
+    snippets = [
+        words[words.index("-c") + 1]
+        for script in DOCKERFILE.stages[0].args("RUN")
+        for words in shell_commands(script)
+        if words[:2] == ["python", "-c"]
+    ]
+    assert len(snippets) == 1 and "native_status" in snippets[0], snippets
+    env = dict(os.environ, REQUIRE_NATIVE="0")
+    out = subprocess.run(
+        [sys.executable, "-c", snippets[0]], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("native backend:"), out.stdout
+
+
 def test_final_stage_is_slim_unprivileged_and_signal_safe() -> None:
     final = DOCKERFILE.final
     assert final.args("USER") and final.args("USER")[-1] not in ("root", "0")
