@@ -133,6 +133,7 @@ def run() -> str:
             problem_id=pid, params=encode(params), options={"learning_rate": 0.1}
         )
         response = client.stub.NewtonStep(inline_req)
+        info = client.info()
         echo_port = _free_port()
         echo_address = f"127.0.0.1:{echo_port}"
         echo = _spawn(
@@ -166,7 +167,7 @@ def run() -> str:
             "newton_id": newton_by_id,
             "sdk_id": sdk_by_id,
         }
-        t = _interleaved_medians(calls, rounds=15, min_time=0.15)
+        t = _interleaved_medians(calls, rounds=25, min_time=0.15)
         t["engine"] = _engine_step_seconds()
         # Streaming: a 10,000-iteration gradient-descent run on Rosenbrock (n = 25), which
         # (unlike the float32 seed problem, which GD reaches exactly) never stops early.
@@ -273,22 +274,33 @@ def run() -> str:
             ],
         ],
     )
+    overhead = t["newton_id"] - t["echo_id"] - t["engine"]
     best = min(ratio_inline, ratio_id)
-    verdict = (
-        f"Target <= {TARGET_RATIO}x the echo: **met** ({best:.2f}x by id)."
-        if best <= TARGET_RATIO
-        else (
-            f"Target <= {TARGET_RATIO}x the echo: **missed** ({best:.2f}x at best). The echo "
-            f"round trip is {format_seconds(t['echo_id'])}; the engine's Newton step alone "
-            f"costs {format_seconds(t['engine'])} here (autograd backend unless the native "
-            "one is built), which is most of the gap: the target needs the fused native step."
+    if best <= TARGET_RATIO:
+        verdict = f"Target <= {TARGET_RATIO}x the echo: **met** ({best:.2f}x at best)."
+    elif t["engine"] > (TARGET_RATIO - 1) * t["echo_id"]:
+        verdict = (
+            f"Target <= {TARGET_RATIO}x the echo: **missed** ({best:.2f}x at best): the "
+            f"engine's step alone ({format_seconds(t['engine'])}) exceeds the "
+            f"{TARGET_RATIO - 1:.0%} of the echo round trip the target leaves for work."
         )
+    else:
+        verdict = (
+            f"Target <= {TARGET_RATIO}x the echo: **missed** ({best:.2f}x at best): the "
+            f"engine's step is {format_seconds(t['engine'])}; the rest of the "
+            f"{format_seconds(overhead)} over the echo is the Python servicer (protobuf "
+            "objects, validation, tensor decode/encode) and run-to-run noise on this shared "
+            "2-core machine."
+        )
+    backend_note = (
+        f"The server's NewtonStep ran on backend `{response.record.backend}`; native: "
+        f"{info.native_reason}."
     )
     return (
         "Median round trip (loopback, one client, sequential calls) of NewtonStep for the "
         "seed problem against a bare gRPC echo server answering with the same byte counts, "
-        "both measured in this run, interleaved round by round (15 rounds).\n\n"
-        f"{table1}\n\n{verdict}\n\nStreaming throughput of WatchRun:\n\n{table2}\n\n"
+        "both measured in this run, interleaved round by round (25 rounds).\n\n"
+        f"{table1}\n\n{backend_note} {verdict}\n\nStreaming throughput of WatchRun:\n\n{table2}\n\n"
         "Live throughput is bounded by the run itself (each record is one engine iteration "
         "plus its store append); replay is the stream alone."
     )
