@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import json
+import os
 import threading
 from collections.abc import Iterator
 
@@ -306,7 +307,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         c = self.config
         return service_pb2.ServerInfo(
             version=__version__,
-            default_backend=c.default_backend or "auto",
+            default_backend=c.default_backend or os.environ.get("HESSIAN_BACKEND") or "auto",
             native_available=available,
             native_reason=reason,
             devices=devices,
