@@ -40,30 +40,50 @@ int64_t check_linear(const at::Tensor& x, const at::Tensor& X, bool fit_intercep
   return d;
 }
 
+// Copy the strict lower triangle of a square CPU view (unit column stride) onto the upper.
+template <typename scalar_t>
+void mirror_lower(scalar_t* a, int64_t n, int64_t ld) {
+  constexpr int64_t tile = 64;
+  const int64_t tiles = (n + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t i0 = ti * tile, i1 = std::min(n, i0 + tile);
+      for (int64_t tj = ti; tj < tiles; ++tj) {
+        const int64_t j0 = tj * tile, j1 = std::min(n, j0 + tile);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = std::max(j0, i + 1); j < j1; ++j) a[i * ld + j] = a[j * ld + i];
+      }
+    }
+  });
+}
+
+// out = scale A^T B, exactly symmetric: on the CPU only the lower blocks are multiplied
+// (one GEMM below kBlockedMin columns) and the lower triangle is mirrored.
 void symmetric_product_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
                             double scale) {
   const int64_t n = a.size(1);
-  if (!a.is_cpu() || n < kBlockedMin) {
+  if (!a.is_cpu()) {
     out.addmm_(a.t(), b, 0.0, scale);
+    out.copy_(out.tril() + out.tril(-1).t());
     return;
   }
-  const int64_t blocks = (n + kBlockWidth - 1) / kBlockWidth;
-  const int64_t width = (n + blocks - 1) / blocks;
-  for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int64_t i0 = bi * width, ni = std::min(n, i0 + width) - i0;
-    const at::Tensor ai = a.narrow(1, i0, ni).t();
-    for (int64_t bj = 0; bj <= bi; ++bj) {
-      const int64_t j0 = bj * width, nj = std::min(n, j0 + width) - j0;
-      out.narrow(0, i0, ni).narrow(1, j0, nj).addmm_(ai, b.narrow(1, j0, nj), 0.0, scale);
+  if (n < kBlockedMin) {
+    out.addmm_(a.t(), b, 0.0, scale);
+  } else {
+    const int64_t blocks = (n + kBlockWidth - 1) / kBlockWidth;
+    const int64_t width = (n + blocks - 1) / blocks;
+    for (int64_t bi = 0; bi < blocks; ++bi) {
+      const int64_t i0 = bi * width, ni = std::min(n, i0 + width) - i0;
+      const at::Tensor ai = a.narrow(1, i0, ni).t();
+      // the lower block row: columns 0 .. i0 + ni in one GEMM
+      out.narrow(0, i0, ni).narrow(1, 0, i0 + ni).addmm_(ai, b.narrow(1, 0, i0 + ni), 0.0,
+                                                          scale);
     }
   }
-  for (int64_t bi = 0; bi < blocks; ++bi) {
-    const int64_t i0 = bi * width, ni = std::min(n, i0 + width) - i0;
-    for (int64_t bj = 0; bj < bi; ++bj) {
-      const int64_t j0 = bj * width, nj = std::min(n, j0 + width) - j0;
-      out.narrow(0, j0, nj).narrow(1, i0, ni).copy_(out.narrow(0, i0, ni).narrow(1, j0, nj).t());
-    }
-  }
+  TORCH_CHECK(out.stride(1) == 1, "symmetric_product: output needs unit column stride");
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mirror_lower", [&] {
+    mirror_lower<scalar_t>(out.data_ptr<scalar_t>(), n, out.stride(0));
+  });
 }
 
 }  // namespace

@@ -47,7 +47,8 @@ FusedStep finish(const at::Tensor& x, const System& system, double lr, double da
   auto [loss, g, h] = system;
   const bool cpu = x.is_cpu();
   const double loss_v = loss.item<double>();
-  bool finite = std::isfinite(loss_v) &&
+  // a non-finite x is reported as such even where the loss happens to stay finite
+  bool finite = std::isfinite(loss_v) && x.isfinite().all().item<bool>() &&
                 (cpu ? true : static_cast<bool>(g.isfinite().all().item<bool>()));
   double gnorm = 0, gmax = 0;
   const at::Tensor gc = g.contiguous();
@@ -101,7 +102,7 @@ FusedStep mse_step_cpu(const at::Tensor& x, const at::Tensor& target, double lr,
 FusedStep mse_fused(const at::Tensor& x, const at::Tensor& target, double lr, double damping,
                      int64_t max_attempts) {
   check_step(lr, damping, max_attempts);
-  if (x.is_cpu() && x.is_contiguous() && target.is_contiguous() && x.dim() == 1 &&
+  if (x.is_cpu() && target.is_cpu() && x.is_contiguous() && target.is_contiguous() &&
       x.numel() == target.numel() && x.numel() > 0 && x.scalar_type() == target.scalar_type()) {
     FusedStep out;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mse_newton_step", [&] {

@@ -21,7 +21,7 @@ def _system_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _step_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape), torch.empty(7, dtype=torch.float64)
+    return x.new_empty((x.numel(),)), torch.empty(7, dtype=torch.float64)
 
 
 @torch.library.register_fake("hessian::damped_cholesky")
