@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import ValidationError
+from .fused import fused_newton_step, validated_options
 from .methods import LineSearchFailed, Point, Step, Stepper
 from .objectives.base import Objective
 from .options import MethodOptions, StopCriteria
@@ -70,7 +71,10 @@ def take_step(
     A rejected Levenberg-Marquardt trial returns the input parameters unchanged (the
     record says so and carries the increased damping to try next).
     """
-    options = (options or MethodOptions()).validated()
+    fused = fused_newton_step(objective, params, options)
+    if fused is not None:  # the native fused op did the whole fixed-step Newton step
+        return fused
+    options = validated_options(options)
     x = objective.check_params(params)
     stepper = Stepper(objective, options, x)
     point = stepper.evaluate(x)
