@@ -13,6 +13,7 @@ METHODS = ("gradient_descent", "newton", "saddle_free", "newton_cg", "gauss_newt
 HESSIAN_FREE_METHODS = ("newton_cg", "gauss_newton_cg")
 STEP_POLICIES = ("fixed", "line_search", "levenberg_marquardt", "trust_region")
 CG_FORCINGS = ("eisenstat_walker", "fixed")
+HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 CURVATURES = ("hessian", "gauss_newton")
 BACKENDS = ("auto", "native", "autograd")
 DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
@@ -48,7 +49,9 @@ class MethodOptions:
     Hessian-free only: cg_max_iterations, cg_forcing (eisenstat_walker: adaptive inner
     tolerance floored at cg_tolerance; fixed: cg_tolerance), trust_radius (initial),
     curvature_fraction (share of data rows the curvature products use, drawn each step
-    from `seed`). gauss_newton_cg is newton_cg with curvature gauss_newton.
+    from `seed`), hvp_mode (forward_over_reverse: torch.func jvp of grad, nothing kept between
+    products; reverse_over_reverse: one retained double-backward graph per step, cheaper per
+    product on small models). gauss_newton_cg is newton_cg with curvature gauss_newton.
     """
 
     method: str = "newton"
@@ -68,6 +71,7 @@ class MethodOptions:
     trust_radius: float = 1.0
     curvature_fraction: float = 1.0
     seed: int = 0
+    hvp_mode: str = "forward_over_reverse"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> MethodOptions:
@@ -135,6 +139,8 @@ class MethodOptions:
         if self.cg_forcing not in CG_FORCINGS:
             raise UnknownNameError(f"{p}.cg_forcing", self.cg_forcing, list(CG_FORCINGS))
         _real(f"{p}.trust_radius", self.trust_radius, positive=True)
+        if self.hvp_mode not in HVP_MODES:
+            raise UnknownNameError(f"{p}.hvp_mode", self.hvp_mode, list(HVP_MODES))
         if not 0 < _real(f"{p}.curvature_fraction", self.curvature_fraction) <= 1:
             raise ValidationError(
                 f"{p}.curvature_fraction", "a number in (0, 1]", repr(self.curvature_fraction)
