@@ -81,6 +81,9 @@ def test_curvature_products_match_dense_float64(name, opts):
     v = torch.randn(obj.num_params, dtype=F64)
     h = torch.func.hessian(obj.loss)(x).reshape(obj.num_params, -1)
     torch.testing.assert_close(hessian_product(obj, x)(v), h @ v, rtol=1e-10, atol=1e-12)
+    twice = hessian_product(obj, x, "reverse_over_reverse")
+    torch.testing.assert_close(twice(v), h @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(twice(2 * v), 2 * h @ v, rtol=1e-10, atol=1e-12)  # graph reused
     torch.testing.assert_close(
         ggn_product(obj, x)(v), _dense_ggn(obj, x) @ v, rtol=1e-10, atol=1e-12
     )
@@ -155,13 +158,19 @@ EXACT_CG = {"cg_forcing": "fixed", "cg_tolerance": 1e-12, "cg_max_iterations": 4
         ("logistic_regression", "newton_cg", "trust_region", 4),
         ("logistic_regression", "newton_cg", "fixed", 4),
         ("logistic_regression", "gauss_newton_cg", "trust_region", 4),
+        ("logistic_regression", "newton_cg", "reverse_over_reverse", 4),
     ],
 )
 def test_newton_cg_iterates_match_dense_newton(name, method, policy, steps):
     obj = _problem(name, rows=120, d=25, l2=1e-2)
     x_dense = x_cg = 0.1 * torch.randn(obj.num_params, dtype=F64)
     dense_opts = MethodOptions(method="newton", backend="autograd")
-    cg_opts = MethodOptions(method=method, step_policy=policy, trust_radius=1e6, **EXACT_CG)
+    mode = "forward_over_reverse"
+    if policy == "reverse_over_reverse":
+        policy, mode = "trust_region", policy
+    cg_opts = MethodOptions(
+        method=method, step_policy=policy, trust_radius=1e6, hvp_mode=mode, **EXACT_CG
+    )
     for k in range(steps):
         x_dense = take_step(obj, x_dense, dense_opts).params
         step = take_step(obj, x_cg, cg_opts)
@@ -277,6 +286,7 @@ def test_auto_resolves_by_dense_budget_and_says_why():
         ({"method": "newton_cg", "curvature_fraction": 0.0}, "options.curvature_fraction"),
         ({"method": "newton_cg", "curvature_fraction": 1.5}, "options.curvature_fraction"),
         ({"method": "newton_cg", "seed": -1}, "options.seed"),
+        ({"method": "newton_cg", "hvp_mode": "finite_difference"}, "options.hvp_mode"),
         ({"method": "newton", "step_policy": "trust_region"}, "options.step_policy"),
         ({"method": "newton_cg", "step_policy": "levenberg_marquardt"}, "options.step_policy"),
         ({"method": "auto", "step_policy": "trust_region"}, "options.step_policy"),

@@ -38,9 +38,29 @@ MARTENS_INCREASE = 1.5
 ROUNDING_ULPS = 16.0  # decreases within this many ulps of the loss count as rounding
 
 
-def hessian_product(objective: Objective, params: torch.Tensor) -> Product:
-    """v -> H(params) v by forward-over-reverse (jvp of the gradient), O(n) memory."""
+def hessian_product(
+    objective: Objective, params: torch.Tensor, mode: str = "forward_over_reverse"
+) -> Product:
+    """v -> H(params) v without forming H.
+
+    forward_over_reverse: torch.func jvp of the gradient, nothing kept between products
+    (vmap-able). reverse_over_reverse: the gradient's graph is built once (create_graph) and
+    each product is one more backward through it; per product it skips the forward pass and
+    torch.func's per-call overhead, at the cost of holding that graph (O(n + activations)).
+    """
     x = params.detach()
+    if mode == "reverse_over_reverse":
+        leaf = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(objective.loss(leaf), leaf, create_graph=True)
+        if not grad.requires_grad:  # a linear loss: H = 0
+            return torch.zeros_like
+
+        def backward_product(v: torch.Tensor) -> torch.Tensor:
+            (hv,) = torch.autograd.grad(grad, leaf, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if hv is None else hv
+
+        return backward_product
     grad_fn = torch.func.grad(objective.loss)
 
     def product(v: torch.Tensor) -> torch.Tensor:
@@ -97,12 +117,13 @@ def curvature_product(
     kind: str = "hessian",
     fraction: float = 1.0,
     generator: torch.Generator | None = None,
+    hvp_mode: str = "forward_over_reverse",
 ) -> Product:
     """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`."""
     sub = curvature_objective(objective, fraction, generator)
     if kind == "gauss_newton":
         return ggn_product(sub, params)
-    return hessian_product(sub, params)
+    return hessian_product(sub, params, hvp_mode)
 
 
 @dataclass(frozen=True)
@@ -246,7 +267,12 @@ def cg_direction(
 ) -> CGResult:
     """The truncated-CG direction at x under the options' curvature, damping and forcing."""
     product = curvature_product(
-        objective, x, options.curvature, options.curvature_fraction, _generator(options, state)
+        objective,
+        x,
+        options.curvature,
+        options.curvature_fraction,
+        _generator(options, state),
+        options.hvp_mode,
     )
     return steihaug_cg(
         product,
