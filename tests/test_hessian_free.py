@@ -351,3 +351,17 @@ def test_million_parameter_mlp_takes_newton_cg_steps_in_bounded_memory():
     assert growth < 8 * n * n / 10_000
     assert len(records) == 3 and all(r["cg_iterations"] > 0 for r in records[:2])
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_a_resumed_subsampled_trust_region_run_repeats_the_same_records():
+    obj = _problem("logistic_regression", rows=150, d=12, l2=1e-2)
+    x0 = torch.zeros(obj.num_params, dtype=F64)
+    opts = MethodOptions(method="newton_cg", curvature_fraction=0.5, trust_radius=0.2, seed=9)
+    full = Run(obj, x0, opts, STOP)
+    records = [next(full) for _ in range(3)]
+    checkpoint = full.checkpoint()
+    rest = [r.loss for r in full]
+    resumed = Run(obj, x0, opts, STOP, resume=checkpoint)
+    again = [r.loss for r in resumed]
+    assert again[0] == records[-1].loss and again[1:] == rest
+    assert checkpoint.state["curvature_draws"] == 2.0  # two sub-samples drawn before record 2

@@ -343,7 +343,7 @@ def _batched_lanczos(
         m = int(length[i])
         off = betas[: m - 1, i]
         t = torch.diag(alphas[:m, i]) + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, vecs = torch.linalg.eigh(t)
+        theta, vecs = torch.linalg.eigh(t.cpu())
         out.append((theta, vecs[0] ** 2))
     return out
 
