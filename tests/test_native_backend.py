@@ -138,8 +138,9 @@ def test_missing_extension_logs_real_error_once_and_falls_back(no_native, caplog
     obj = random_problem("least_squares")  # a fresh objective: no cached fused plan
     with caplog.at_level(logging.WARNING, logger="hessian_service.engine.backends"):
         available, reason = backends.native_status()
-        rec = take_step(obj, random_params(obj)).record
-        take_step(obj, random_params(obj))
+        auto = MethodOptions(backend="auto")  # explicit: HESSIAN_BACKEND may say native
+        rec = take_step(obj, random_params(obj), auto).record
+        take_step(obj, random_params(obj), auto)
     assert not available and "ModuleNotFoundError" in reason and "hessian_service._C" in reason
     assert rec.backend == "autograd"
     warnings = [r for r in caplog.records if "native backend unavailable" in r.getMessage()]
