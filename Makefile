@@ -39,6 +39,7 @@ proto: install
 	$(PY) protos/generate.py
 
 bench: install
+	$(PIP) install -q -r requirements/bench.txt
 	$(PY) bench/run.py --output BENCHMARKS.md
 
 # The compose secret (docker-compose.yml): a random bearer token, never committed. The file
