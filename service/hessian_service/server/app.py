@@ -10,8 +10,11 @@ runs stopped before their next iteration and marked INTERRUPTED, in-flight calls
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import signal
 import sqlite3
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -24,8 +27,10 @@ from hessian_client.proto import service_pb2, service_pb2_grpc
 
 from .. import __version__
 from ..engine import native_status
-from ..store import RunStore, SQLiteRunStore
+from ..store import RunStore, SQLiteRunStore, StoreError
+from .auth import AuthInterceptor, load_tokens
 from .config import ServerConfig
+from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
 from .runs import RunManager
 from .service import HessianService
@@ -44,6 +49,8 @@ class ServerHandle:
     store: RunStore
     runs: RunManager
     health: health.HealthServicer
+    metrics: Metrics | None = None
+    metrics_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -62,6 +69,8 @@ class ServerHandle:
             self.health.enter_graceful_shutdown()
             self.runs.shutdown(timeout=grace)
             self.server.stop(grace).wait()
+            if self.metrics is not None:
+                self.metrics.close()
             self.store.close()
             self._stopped.set()
 
@@ -76,27 +85,52 @@ def build_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     store: RunStore | None = None,
 ) -> ServerHandle:
-    """Create, bind and start the server described by `config`."""
+    """Create, bind and start the server described by `config`.
+
+    Interceptors run in this order: metrics/logging/request id, authentication (when
+    --auth-token-file is set), then `interceptors`.
+    """
     config = config.validated()
+    tokens = load_tokens(config.auth_token_file) if config.auth_token_file else []
+    credentials = _tls_credentials(config)
     store = store or SQLiteRunStore(
         config.data_dir,
         commit_every=config.commit_every_records,
         commit_interval_s=config.commit_interval_ms / 1000,
+        max_bytes=config.max_store_bytes,
+        synchronous=config.sqlite_synchronous,
     )
     interrupted = store.mark_interrupted("the server stopped while the run was executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
-    registry = ProblemRegistry(store, config.max_params, config.problem_cache_size)
+    if config.max_stored_runs:
+        store.enforce_retention(config.max_stored_runs)
+    metrics = Metrics() if config.metrics_port else None
+    registry = ProblemRegistry(
+        store, config.max_params, config.problem_cache_size, config.max_data_bytes
+    )
     runs = RunManager(
         store,
         workers=config.workers,
         max_concurrent_runs=config.max_concurrent_runs,
         checkpoint_every=config.checkpoint_every,
+        max_runs_per_owner=config.max_runs_per_token,
+        on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
     )
+    chain: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+    if tokens:
+        chain.append(AuthInterceptor(tokens))
+    else:
+        log.warning(
+            "UNAUTHENTICATED: no --auth-token-file, so anyone who can reach %s can use this "
+            "server%s",
+            config.address,
+            "" if config.allow_unauthenticated_remote else " (bound to loopback only)",
+        )
     size = config.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="hessian-rpc"),
-        interceptors=list(interceptors),
+        interceptors=[*chain, *interceptors],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -111,35 +145,81 @@ def build_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.address)
+    if credentials is not None:
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
+    metrics_port = 0
+    if metrics is not None:
+        metrics.watch_runs(runs.queue_depth, runs.active_count)
+        metrics.watch_store(store.count_runs_by_status)
+        available, _ = native_status()
+        default = config.default_backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+        metrics.backend.labels(default, str(available).lower()).set(1)
+        metrics_port = metrics.serve(config.host, config.metrics_port)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return ServerHandle(config, server, port, store, runs, health_servicer)
+    return ServerHandle(config, server, port, store, runs, health_servicer, metrics, metrics_port)
+
+
+def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """Server credentials from --tls-cert/--tls-key (PEM), or None for plaintext."""
+    if not config.tls_cert:
+        return None
+    pems = []
+    for flag, path in (("--tls-key", config.tls_key), ("--tls-cert", config.tls_cert)):
+        try:
+            pems.append(pathlib.Path(path).read_bytes())
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: cannot read it ({exc})") from None
+    return grpc.ssl_server_credentials([(pems[0], pems[1])])
+
+
+def configure_logging(config: ServerConfig) -> None:
+    """JSON lines (--log-format json) or plain text on stderr at --log-level."""
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`hessian-server`: serve until SIGTERM or SIGINT, then drain."""
-    config = ServerConfig.from_args(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        config = ServerConfig.from_args(argv)
+    except ValueError as exc:
+        print(f"hessian-server: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config)
     try:
         handle = build_server(config)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreError) as exc:
         log.error("cannot open the run store under --data-dir %s: %s", config.data_dir, exc)
+        return 2
+    except ValueError as exc:
+        log.error("%s", exc)
         return 2
     except RuntimeError as exc:
         log.error("cannot serve on --address %s: %s", config.address, exc)
         return 2
     available, reason = native_status()
     log.info(
-        "hessian-server %s listening on %s (data %s, %d workers, native backend: %s)",
+        "hessian-server %s listening on %s (%s, %s; data %s, %d workers, native backend: %s%s)",
         __version__,
         handle.address,
+        "TLS" if config.tls_cert else "plaintext",
+        "bearer tokens" if config.auth_token_file else "UNAUTHENTICATED",
         config.data_dir,
         config.workers,
         reason if available else f"unavailable ({reason})",
+        f"; metrics on http://{config.host}:{handle.metrics_port}/metrics"
+        if handle.metrics_port
+        else "",
     )
 
     def on_signal(signum: int, _frame: object) -> None:

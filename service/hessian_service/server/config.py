@@ -12,6 +12,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 MiB = 1024**2
+TRUE_WORDS = ("1", "true", "yes", "on")
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,17 @@ class ServerConfig:
     grace_seconds: float = 10.0
     default_backend: str = ""
     log_level: str = "INFO"
+    log_format: str = "json"
+    max_data_bytes: int = 256 * MiB
+    max_runs_per_token: int = 0
+    max_stored_runs: int = 0
+    max_store_bytes: int = 0
+    sqlite_synchronous: str = "NORMAL"
+    auth_token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    allow_unauthenticated_remote: bool = False
+    metrics_port: int = 0
 
     @property
     def problem_cache_size(self) -> int:
@@ -55,9 +73,33 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("max_runs_per_token", "max_stored_runs", "max_store_bytes", "metrics_port"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
         if self.default_backend not in ("", "auto", "native", "autograd"):
             raise ValueError("--default-backend must be auto, native or autograd")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("--log-format must be json or text")
+        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError("--sqlite-synchronous must be NORMAL or FULL")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if (
+            not self.auth_token_file
+            and not self.allow_unauthenticated_remote
+            and not is_loopback(self.host)
+        ):
+            raise ValueError(
+                f"--address {self.address} is not a loopback address and no --auth-token-file "
+                "is given: anyone who can reach it could use the server. Give "
+                "--auth-token-file, bind to 127.0.0.1, or pass --allow-unauthenticated-remote"
+            )
         return self
+
+    @property
+    def host(self) -> str:
+        """The host part of --address (brackets of an IPv6 literal removed)."""
+        return self.address.rsplit(":", 1)[0].strip("[]")
 
     @classmethod
     def from_args(
@@ -72,9 +114,12 @@ class ServerConfig:
             flag = "--" + f.name.replace("_", "-")
             var = "HESSIAN_" + f.name.upper()
             kind: Any = type(f.default)
+            help_text = f"(env {var}, default {f.default!r})"
+            if kind is bool:
+                default = env[var].lower() in TRUE_WORDS if var in env else f.default
+                parser.add_argument(flag, action="store_true", default=default, help=help_text)
+                continue
             default = kind(env[var]) if var in env else f.default
-            parser.add_argument(
-                flag, type=kind, default=default, help=f"(env {var}, default {f.default!r})"
-            )
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
         args = parser.parse_args(argv)
         return cls(**vars(args)).validated()

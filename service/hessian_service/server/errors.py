@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError
+from ..store import StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, DeadlineError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, StoreFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     log.exception("internal error (a bug) while serving a call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (a bug): {type(exc).__name__}: {exc}"
 

@@ -33,8 +33,23 @@ def _renamed(exc: ValidationError, field: str) -> ValidationError:
     return out
 
 
-def build_objective(problem: problem_pb2.Problem, max_params: int) -> Objective:
+def check_data_size(problem: problem_pb2.Problem, max_data_bytes: int) -> None:
+    """Refuse, before decoding anything, a problem whose data tensors exceed the limit."""
+    total = sum(len(t.data) for t in problem.data.values())
+    if total > max_data_bytes:
+        raise ResourceLimitError(
+            "problem.data",
+            f"{total} bytes of data tensors, over the server limit of {max_data_bytes} "
+            "(--max-data-bytes)",
+        )
+
+
+def build_objective(
+    problem: problem_pb2.Problem, max_params: int, max_data_bytes: int | None = None
+) -> Objective:
     """Decode the objective's options and data tensors and build the engine objective."""
+    if max_data_bytes is not None:
+        check_data_size(problem, max_data_bytes)
     which = problem.WhichOneof("objective")
     if which is None:
         raise ValidationError(
@@ -72,9 +87,16 @@ def build_objective(problem: problem_pb2.Problem, max_params: int) -> Objective:
 class ProblemRegistry:
     """Resolves a request's problem (inline or by id) to an objective; keeps recent ones built."""
 
-    def __init__(self, store: RunStore, max_params: int, cache_size: int = 64) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        max_params: int,
+        cache_size: int = 64,
+        max_data_bytes: int | None = None,
+    ) -> None:
         self.store = store
         self.max_params = max_params
+        self.max_data_bytes = max_data_bytes
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Objective] = OrderedDict()
         self._lock = threading.Lock()
@@ -97,7 +119,7 @@ class ProblemRegistry:
         pid = problem_id(problem)
         objective = self._cached(pid)
         if objective is None:
-            objective = build_objective(problem, self.max_params)
+            objective = build_objective(problem, self.max_params, self.max_data_bytes)
             self._remember(pid, objective)
         self.store.put_problem(pid, problem.SerializeToString(deterministic=True))
         return pid, objective
@@ -126,6 +148,6 @@ class ProblemRegistry:
         pid = problem_id(request.problem)
         objective = self._cached(pid)
         if objective is None:
-            objective = build_objective(request.problem, self.max_params)
+            objective = build_objective(request.problem, self.max_params, self.max_data_bytes)
             self._remember(pid, objective)
         return pid, objective

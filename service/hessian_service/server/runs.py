@@ -1,8 +1,10 @@
 """Run execution: a bounded worker pool, live record buffers that watchers wait on, the store.
 
-A run's records go to its LiveRun (in memory, for watchers) and to the store (batched).
-When the run ends its final state is committed before watchers are woken, so a watcher
-that arrives after the LiveRun is gone reads everything from the store.
+A run's records go to its LiveRun (in memory) and to the store (batched). Watchers are
+shown a record only once the store reports it committed (its commit listener), so every
+record a client has received survives a crash. When the run ends its final state is
+committed before watchers are woken, so a watcher that arrives after the LiveRun is gone
+reads everything from the store.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
@@ -22,7 +25,7 @@ from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, St
 from ..engine.errors import EngineError
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
-from ..store import RunRow, RunStore, StoredCheckpoint
+from ..store import RunRow, RunStore, StoredCheckpoint, StoreError
 from .errors import ConflictError, LimitError
 
 log = logging.getLogger(__name__)
@@ -50,14 +53,26 @@ def from_stored(cp: StoredCheckpoint) -> Checkpoint:
 class LiveRun:
     """An executing (or queued) run's in-memory records from `base` on, and its cancel token."""
 
-    def __init__(self, run_id: str, base: int) -> None:
+    def __init__(self, run_id: str, base: int, owner: str = "") -> None:
         self.run_id = run_id
         self.base = base
+        self.owner = owner
         self.cancel = CancelToken()
         self.shutdown = False
+        self.started = False
         self.records: list[StepRecord] = []
+        self.durable = 0
+        self.error: StoreError | None = None
         self.done = False
         self.cond = threading.Condition()
+
+    def acknowledge(self, iteration: int) -> None:
+        """The store committed every record up to `iteration`: watchers may see them."""
+        with self.cond:
+            durable = min(len(self.records), iteration - self.base + 1)
+            if durable > self.durable:
+                self.durable = durable
+                self.cond.notify_all()
 
     def append(self, record: StepRecord) -> None:
         """Publish one record to watchers."""
@@ -77,31 +92,53 @@ class LiveRun:
             self.cond.notify_all()
 
     def wait_from(self, index: int, timeout: float) -> tuple[list[StepRecord], bool]:
-        """Records from list index `index` on (waiting up to `timeout` for one), and done."""
+        """Committed records from list index `index` on (waiting up to `timeout`), and done."""
         with self.cond:
-            if len(self.records) <= index and not self.done:
+            if self.durable <= index and not self.done:
                 self.cond.wait(timeout)
-            return self.records[index:], self.done and len(self.records) <= index
+            return self.records[index : self.durable], self.done and self.durable <= index
 
     @property
     def last_record(self) -> StepRecord | None:
+        """The newest committed record."""
         with self.cond:
-            return self.records[-1] if self.records else None
+            return self.records[self.durable - 1] if self.durable else None
 
 
 class RunManager:
     """Starts, resumes, cancels and stops runs on a bounded worker pool."""
 
     def __init__(
-        self, store: RunStore, *, workers: int, max_concurrent_runs: int, checkpoint_every: int
+        self,
+        store: RunStore,
+        *,
+        workers: int,
+        max_concurrent_runs: int,
+        checkpoint_every: int,
+        max_runs_per_owner: int = 0,
+        on_record: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.max_concurrent_runs = max_concurrent_runs
+        self.max_runs_per_owner = max_runs_per_owner
         self.checkpoint_every = checkpoint_every
+        self.on_record = on_record
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="hessian-run")
         self._live: dict[str, LiveRun] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        store.add_commit_listener(self._on_commit)
+
+    def _on_commit(self, committed: dict[str, int]) -> None:
+        for run_id, iteration in committed.items():
+            live = self.live(run_id)
+            if live is not None:
+                live.acknowledge(iteration)
+
+    def queue_depth(self) -> int:
+        """Runs admitted but not yet executing (waiting for a worker)."""
+        with self._lock:
+            return sum(not live.started for live in self._live.values())
 
     def live(self, run_id: str) -> LiveRun | None:
         """The LiveRun of a queued or executing run, or None."""
@@ -113,7 +150,7 @@ class RunManager:
         with self._lock:
             return len(self._live)
 
-    def _admit(self, run_id: str, base: int) -> LiveRun:
+    def _admit(self, run_id: str, base: int, owner: str) -> LiveRun:
         with self._lock:
             if self._stopping:
                 raise ConflictError("server", "shutting down; no new runs")
@@ -125,7 +162,14 @@ class RunManager:
                     f"{len(self._live)} runs are queued or running, the server's limit; "
                     "retry later",
                 )
-            live = LiveRun(run_id, base)
+            mine = sum(live.owner == owner for live in self._live.values())
+            if self.max_runs_per_owner and mine >= self.max_runs_per_owner:
+                raise LimitError(
+                    "max_runs_per_token",
+                    f"this token already has {mine} runs queued or running, the server's "
+                    "per-token limit; wait for one to end or cancel one",
+                )
+            live = LiveRun(run_id, base, owner)
             self._live[run_id] = live
             return live
 
@@ -142,12 +186,13 @@ class RunManager:
         options: MethodOptions,
         stopping: StopCriteria,
         name: str = "",
+        owner: str = "",
     ) -> RunRow:
         """Record a new run (QUEUED, with its starting checkpoint) and queue it."""
         run_id = "r-" + uuid.uuid4().hex
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time())
-        live = self._admit(run_id, 0)
+        live = self._admit(run_id, 0, owner)
         try:
             self.store.create_run(row, to_stored(Checkpoint(0, params, {})))
             self._executor.submit(self._execute, live, objective, params, options, stopping, None)
@@ -156,7 +201,7 @@ class RunManager:
             raise
         return row
 
-    def resume(self, row: RunRow, objective: Objective) -> RunRow:
+    def resume(self, row: RunRow, objective: Objective, owner: str = "") -> RunRow:
         """Continue an INTERRUPTED run from its latest checkpoint under the same id."""
         if row.status != "INTERRUPTED":
             raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
@@ -167,7 +212,7 @@ class RunManager:
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
-        live = self._admit(row.run_id, base)
+        live = self._admit(row.run_id, base, owner)
         try:
             self.store.update_run(row.run_id, status="QUEUED", stop_reason="", message="")
             self._executor.submit(
@@ -204,6 +249,7 @@ class RunManager:
             "message": "",
         }
         run: Run | None = None
+        live.started = True
         try:
             if live.shutdown:
                 final.update(status="INTERRUPTED", stop_reason="shutdown")
@@ -220,6 +266,8 @@ class RunManager:
                 if record.iteration >= live.base:
                     live.append(record)
                     self.store.append_record(run_id, record)
+                    if self.on_record is not None:
+                        self.on_record(record.backend)
                 if record.iteration > start and record.iteration % self.checkpoint_every == 0:
                     self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
             reason = run.stop_reason
@@ -236,6 +284,10 @@ class RunManager:
                     final["message"] = "the server shut down; ResumeRun continues the run"
         except EngineError as exc:
             final["message"] = str(exc)
+        except StoreError as exc:
+            live.error = exc
+            final["message"] = f"stopped: {exc}"
+            log.error("run %s stopped: %s", run_id, exc)
         except Exception as exc:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
@@ -244,6 +296,9 @@ class RunManager:
                 if run is not None and run.last_record is not None:
                     self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
                 self.store.update_run(run_id, finished_at=time.time(), **final)
+            except StoreError as exc:
+                live.error = live.error or exc
+                log.error("could not store the end of run %s: %s", run_id, exc)
             except Exception:
                 log.exception("could not store the end of run %s", run_id)
             live.finish()

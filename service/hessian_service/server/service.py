@@ -15,7 +15,7 @@ import torch
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .. import __version__
-from ..engine import MethodOptions, StopCriteria, native_status, take_step
+from ..engine import MethodOptions, StopCriteria, check_dense_budget, native_status, take_step
 from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
@@ -23,6 +23,7 @@ from ..engine.options import METHODS
 from ..engine.sampling import generator, initial_params, sample
 from ..store import RunRow, RunStore
 from . import codec
+from .auth import caller
 from .config import ServerConfig
 from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unary
 from .problems import ProblemRegistry
@@ -32,6 +33,7 @@ WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
 RUN_STATUS = service_pb2.RunStatus
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
+DENSE_METHODS = ("newton", "saddle_free")
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -239,6 +241,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         else:
             params = objective.init_params(generator(0))
         params = objective.check_params(params, "initial_params")
+        if options.method in DENSE_METHODS:
+            check_dense_budget(
+                objective.num_params,
+                options.dense_budget_bytes,
+                params.dtype,
+                "options.dense_budget_bytes",
+            )
         row = self.runs.start(
             problem_id=pid,
             objective=objective,
@@ -246,7 +255,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             options=options,
             stopping=stopping,
             name=request.name,
+            owner=caller(context),
         )
+        if self.config.max_stored_runs:
+            self.store.enforce_retention(self.config.max_stored_runs)
         return self._info(row)
 
     @unary
@@ -291,7 +303,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def ResumeRun(self, request, context):
         row = self._row(request.run_id)
         objective = self.registry.by_id(row.problem_id, "run.problem_id")
-        return self._info(self.runs.resume(row, objective))
+        return self._info(self.runs.resume(row, objective, caller(context)))
 
     @unary
     def DeleteRun(self, request, context):
@@ -352,6 +364,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                     break
             if gone.is_set():
                 return
+            if live.error is not None:
+                raise live.error
         else:
             while True:
                 page = self.store.records(row.run_id, nxt, WATCH_PAGE)

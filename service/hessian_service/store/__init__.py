@@ -1,6 +1,21 @@
 """Run and problem persistence behind one interface; SQLite is the embedded default."""
 
-from .base import RunRow, RunStore, StoredCheckpoint
+from .base import (
+    FINAL_STATUSES,
+    RunRow,
+    RunStore,
+    StoredCheckpoint,
+    StoreError,
+    StoreFullError,
+)
 from .sqlite import SQLiteRunStore
 
-__all__ = ["RunRow", "RunStore", "SQLiteRunStore", "StoredCheckpoint"]
+__all__ = [
+    "FINAL_STATUSES",
+    "RunRow",
+    "RunStore",
+    "SQLiteRunStore",
+    "StoreError",
+    "StoreFullError",
+    "StoredCheckpoint",
+]

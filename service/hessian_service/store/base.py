@@ -1,20 +1,45 @@
 """The store interface the server uses: problems by content id, runs, records, checkpoints.
 
 Implementations must be safe to call from many threads. Records are appended with
-`append_record` and become durable in batches (`flush` forces it); `records` returns only
-durable records, so a reader never sees a record a crash could take back.
+`append_record` and become durable in batches (`flush` forces it). The contract every
+implementation keeps, and the server's acknowledgement rests on:
+
+- `records`, `get_run` and `list_runs` return only committed (durable) state, so a reader
+  never sees a record a crash of the process could take back;
+- after each commit the store calls its commit listeners with, per run, the highest
+  iteration now durable; the server shows a record to watchers only after that call, so
+  a client that has received record k of a run can rely on records 0..k being served
+  after a crash and restart;
+- a record is committed at most `commit_every` queued records or `commit_interval_s`
+  after it was appended (whichever comes first), and always before a status change,
+  a checkpoint, or `flush`;
+- a failed write raises StoreError (StoreFullError when out of space) and keeps the
+  queued records queued: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.records import StepRecord
 
 ACTIVE_STATUSES = ("QUEUED", "RUNNING")
+FINAL_STATUSES = ("FINISHED", "CANCELLED", "FAILED", "INTERRUPTED")
+CommitListener = Callable[[dict[str, int]], None]
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """The store could not write (the data directory is unwritable, or an I/O error)."""
+
+
+class StoreFullError(StoreError):
+    """The store is out of space (disk full, or the configured size cap reached)."""
 
 
 @dataclass
@@ -50,6 +75,24 @@ class StoredCheckpoint:
 
 class RunStore(ABC):
     """Persistence for problems, runs, step records and parameter checkpoints."""
+
+    _listeners: list[CommitListener]
+    _listeners_lock = threading.Lock()
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call `listener({run_id: highest durable iteration})` after every record commit."""
+        with self._listeners_lock:
+            self._listeners = [*getattr(self, "_listeners", []), listener]
+
+    def _notify_committed(self, committed: dict[str, int]) -> None:
+        """For implementations: report a commit to the listeners (never raises)."""
+        if not committed:
+            return
+        for listener in getattr(self, "_listeners", []):
+            try:
+                listener(committed)
+            except Exception:
+                log.exception("a commit listener failed")
 
     @abstractmethod
     def put_problem(self, problem_id: str, blob: bytes) -> None:
@@ -100,6 +143,17 @@ class RunStore(ABC):
     @abstractmethod
     def delete_run(self, run_id: str) -> bool:
         """Delete a run, its records and checkpoints; False if there was none."""
+
+    @abstractmethod
+    def enforce_retention(self, max_runs: int) -> list[str]:
+        """Delete the oldest runs in FINAL_STATUSES until at most `max_runs` remain.
+
+        Runs QUEUED or RUNNING are never deleted (they still count). Returns deleted ids.
+        """
+
+    @abstractmethod
+    def count_runs_by_status(self) -> dict[str, int]:
+        """How many stored runs have each status."""
 
     @abstractmethod
     def mark_interrupted(self, message: str) -> list[str]:

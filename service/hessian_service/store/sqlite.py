@@ -1,25 +1,45 @@
 """SQLite run store (WAL mode) under the data directory: the embedded default.
 
 Records are queued in memory and committed in one transaction when `commit_every`
-records are waiting or `commit_interval_s` has passed since the oldest (a background
-thread enforces the interval), and always before a status change or a checkpoint. A
-crash can therefore lose at most the records of the last unfinished batch, never a
-record that a reader (`records`) has seen.
+records (over all runs) are waiting or `commit_interval_s` has passed since the oldest
+(a background thread wakes exactly then), and always before a status change or a
+checkpoint. Only then are they acknowledged: commit listeners hear of them, readers
+(`records`, `get_run`) see them, and the server streams them to watchers.
+
+Durability, precisely: a record a client has received (record k of a run) is in the
+WAL before the client could see it. A crash of the process (SIGKILL, out of memory)
+loses nothing acknowledged; it loses at most the unacknowledged tail, the records of
+the open batch (fewer than `commit_every`, computed in the last `commit_interval_s`).
+With `synchronous=NORMAL` (the default) an operating-system crash or power loss may
+also roll back the last commits, acknowledged or not, but never corrupts the file;
+`synchronous=FULL` fsyncs every commit so acknowledged records survive that too.
+A write that fails (disk full, `max_bytes` reached, unwritable directory) raises
+StoreError / StoreFullError and keeps the queued records queued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
 from ..engine.records import StepRecord
-from .base import ACTIVE_STATUSES, RunRow, RunStore, StoredCheckpoint
+from .base import (
+    ACTIVE_STATUSES,
+    FINAL_STATUSES,
+    RunRow,
+    RunStore,
+    StoredCheckpoint,
+    StoreError,
+    StoreFullError,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS problems (
@@ -36,7 +56,10 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT NOT NULL, iteration INTEGER NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
     params BLOB NOT NULL, state TEXT NOT NULL, PRIMARY KEY (run_id, iteration));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+FULL_CODES = ("SQLITE_FULL",)
+log = logging.getLogger(__name__)
 ROW_FIELDS = [f.name for f in fields(RunRow)]
 RECORD_FIELDS = {f.name for f in fields(StepRecord)}
 
@@ -61,25 +84,42 @@ class SQLiteRunStore(RunStore):
         *,
         commit_every: int = 256,
         commit_interval_s: float = 0.2,
+        max_bytes: int = 0,
+        synchronous: str = "NORMAL",
     ) -> None:
+        """Open (creating) the store and prove it writable: raises OSError or StoreError."""
         self.path = pathlib.Path(data_dir) / "runs.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
+        self.max_bytes = max_bytes
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
         self._pending: list[tuple[str, StepRecord]] = []
+        self._taken: list[tuple[str, StepRecord]] = []
         self._oldest_pending = 0.0
+        self._failure: StoreError | None = None
+        self._wake = threading.Condition(self._lock)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.executescript(SCHEMA)
+            if max_bytes:
+                page = self._db.execute("PRAGMA page_size").fetchone()[0]
+                self._db.execute(f"PRAGMA max_page_count={max(max_bytes // page, 1)}")
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        with self._write():  # a real write now, so an unwritable store fails at start-up
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (str(time.time()),)
+            )
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
         self._flusher.start()
 
     # problems
     def put_problem(self, problem_id: str, blob: bytes) -> None:
-        with self._lock:
+        with self._write():
             self._db.execute(
                 "INSERT OR IGNORE INTO problems VALUES (?, ?, ?)", (problem_id, blob, time.time())
             )
@@ -94,7 +134,7 @@ class SQLiteRunStore(RunStore):
     # runs
     def create_run(self, row: RunRow, checkpoint: StoredCheckpoint) -> None:
         values = self._row_values(row)
-        with self._lock, self._transaction():
+        with self._write():
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",
@@ -107,7 +147,7 @@ class SQLiteRunStore(RunStore):
         if unknown:
             raise KeyError(f"unknown run fields {sorted(unknown)}")
         encoded = self._encode_fields(values)
-        with self._lock, self._transaction():
+        with self._write():
             self._flush_locked()
             self._db.execute(
                 f"UPDATE runs SET {', '.join(f'{k} = ?' for k in encoded)} WHERE run_id = ?",
@@ -140,15 +180,38 @@ class SQLiteRunStore(RunStore):
         return [self._decode_row(r) for r in rows]
 
     def delete_run(self, run_id: str) -> bool:
-        with self._lock, self._transaction():
+        with self._write():
             self._flush_locked()
             cur = self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM records WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
         return cur.rowcount > 0
 
+    def enforce_retention(self, max_runs: int) -> list[str]:
+        marks = ", ".join("?" * len(FINAL_STATUSES))
+        with self._write():
+            total = self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            if total <= max_runs:
+                return []
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT run_id FROM runs WHERE status IN ({marks}) "
+                    "ORDER BY created_at, run_id LIMIT ?",
+                    (*FINAL_STATUSES, total - max_runs),
+                )
+            ]
+            for run_id in ids:
+                self.delete_run(run_id)
+        return ids
+
+    def count_runs_by_status(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        return dict(rows)
+
     def mark_interrupted(self, message: str) -> list[str]:
-        with self._lock, self._transaction():
+        with self._write():
             marks = ", ".join("?" * len(ACTIVE_STATUSES))
             ids = [
                 r[0]
@@ -166,15 +229,18 @@ class SQLiteRunStore(RunStore):
     # records
     def append_record(self, run_id: str, record: StepRecord) -> None:
         with self._lock:
+            if self._failure is not None:
+                raise self._failure
             if not self._pending:
                 self._oldest_pending = time.monotonic()
+                self._wake.notify_all()
             self._pending.append((run_id, record))
             if len(self._pending) >= self.commit_every:
-                with self._transaction():
+                with self._write():
                     self._flush_locked()
 
     def flush(self) -> None:
-        with self._lock, self._transaction():
+        with self._write():
             self._flush_locked()
 
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
@@ -188,7 +254,7 @@ class SQLiteRunStore(RunStore):
 
     # checkpoints
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
-        with self._lock, self._transaction():
+        with self._write():
             self._flush_locked()
             self._write_checkpoint(run_id, checkpoint)
 
@@ -206,15 +272,61 @@ class SQLiteRunStore(RunStore):
         )
 
     def close(self) -> None:
-        self._closed.set()
+        with self._lock:
+            self._closed.set()
+            self._wake.notify_all()
         self._flusher.join(timeout=5)
         with self._lock:
-            self.flush()
-            self._db.close()
+            try:
+                self.flush()
+            finally:
+                self._db.close()
 
     # internals
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """A StoreError that says what failed, where, and what to do."""
+        name = getattr(exc, "sqlite_errorname", "")
+        if name in FULL_CODES or "full" in str(exc):
+            cap = f" (--max-store-bytes {self.max_bytes})" if self.max_bytes else ""
+            return StoreFullError(
+                f"the run store {self.path} is full{cap}: {exc}; free disk space, raise the "
+                "cap, or delete runs (DeleteRun, --max-stored-runs)"
+            )
+        return StoreError(f"the run store {self.path} cannot be written: {exc} ({name})")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction (joined when nested); sqlite errors become StoreError.
+
+        Records taken from the queue inside it go back to the queue if it fails, and
+        commit listeners hear of them once it has committed.
+        """
+        committed: dict[str, int] = {}
+        taken: list[tuple[str, StepRecord]] = []
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    self._pending[:0] = self._taken
+                    raise
+                finally:
+                    taken, self._taken = self._taken, []
+            except sqlite3.Error as exc:
+                self._failure = self._error(exc) if taken else self._failure
+                raise self._error(exc) from exc
+            if taken:
+                self._failure = None
+            for run_id, record in taken:
+                committed[run_id] = max(committed.get(run_id, -1), record.iteration)
+        self._notify_committed(committed)
 
     def _write_checkpoint(self, run_id: str, cp: StoredCheckpoint) -> None:
         self._db.execute(
@@ -232,6 +344,7 @@ class SQLiteRunStore(RunStore):
         by_run: dict[str, list[StepRecord]] = {}
         for run_id, record in self._pending:
             by_run.setdefault(run_id, []).append(record)
+        self._taken.extend(self._pending)
         self._pending = []
         for run_id, records in by_run.items():
             cur = self._db.executemany(
@@ -244,14 +357,22 @@ class SQLiteRunStore(RunStore):
             )
 
     def _flush_loop(self) -> None:
-        while not self._closed.wait(self.commit_interval_s / 2):
-            with self._lock:
-                due = self._pending and (
-                    time.monotonic() - self._oldest_pending >= self.commit_interval_s
-                )
-                if due:
-                    with self._transaction():
+        """Commit the queue when its oldest record is `commit_interval_s` old."""
+        with self._lock:
+            while not self._closed.is_set():
+                if not self._pending:
+                    self._wake.wait()
+                    continue
+                wait = self._oldest_pending + self.commit_interval_s - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                try:
+                    with self._write():
                         self._flush_locked()
+                except StoreError as exc:
+                    log.error("%s (records stay queued; retrying)", exc)
+                    self._oldest_pending = time.monotonic()
 
     @staticmethod
     def _encode_fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -279,25 +400,3 @@ class SQLiteRunStore(RunStore):
         for key in ("name", "stop_reason", "message", "backend"):
             row[key] = row[key] or ""
         return RunRow(**row)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); nested uses join the outer one."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.owner = False
-
-    def __enter__(self) -> _Transaction:
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.owner = True
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if not self.owner:
-            return
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")

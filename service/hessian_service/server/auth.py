@@ -1,0 +1,117 @@
+"""Bearer-token authentication: a server interceptor and the caller identity of a call.
+
+Every RPC except grpc.health.v1 needs `authorization: Bearer <token>` with a token from
+the --auth-token-file (one per line; blank lines and `#` comments ignored). Server
+reflection is protected too: it describes the API, which is for authenticated callers.
+Tokens are compared with hmac.compare_digest against every configured token (no early
+exit), so the time taken does not depend on how much of a guess was right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+ANONYMOUS = "anonymous"
+
+
+def load_tokens(path: str) -> list[bytes]:
+    """The tokens in `path`, one per line; ValueError naming the flag when there are none."""
+    try:
+        lines = pathlib.Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"--auth-token-file {path}: cannot read it ({exc})") from None
+    tokens = [ln.strip().encode() for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not tokens:
+        raise ValueError(f"--auth-token-file {path}: no tokens in it (one per line)")
+    return tokens
+
+
+def bearer_token(metadata: Any) -> bytes | None:
+    """The token of an `authorization: Bearer <token>` metadata entry, or None."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip().encode()
+    return None
+
+
+def caller(context: grpc.ServicerContext) -> str:
+    """A stable, non-secret identity of the call's token (for per-token limits and logs)."""
+    token = bearer_token(context.invocation_metadata())
+    if token is None:
+        return ANONYMOUS
+    return "token:" + hashlib.sha256(token).hexdigest()[:16]
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+
+    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    def deny_stream(request: Any, context: grpc.ServicerContext) -> Any:
+        deny(request, context)
+        yield  # pragma: no cover (abort raised)
+
+    kind: dict[str, Callable[..., Any]]
+    if handler.request_streaming and handler.response_streaming:
+        kind = {"stream_stream": lambda it, ctx: deny_stream(None, ctx)}
+    elif handler.request_streaming:
+        kind = {"stream_unary": lambda it, ctx: deny(None, ctx)}
+    elif handler.response_streaming:
+        kind = {"unary_stream": deny_stream}
+    else:
+        kind = {"unary_unary": deny}
+    base = {
+        "unary_unary": None,
+        "unary_stream": None,
+        "stream_unary": None,
+        "stream_stream": None,
+    }
+    return handler._replace(**{**base, **kind})
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, every call but health without a configured token."""
+
+    def __init__(self, tokens: list[bytes]) -> None:
+        if not tokens:
+            raise ValueError("AuthInterceptor needs at least one token")
+        self._tokens = list(tokens)
+
+    def allowed(self, token: bytes | None) -> bool:
+        """Constant-time membership of `token` in the configured tokens."""
+        if token is None:
+            return False
+        ok = False
+        for known in self._tokens:
+            ok |= hmac.compare_digest(token, known)
+        return ok
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if self.allowed(token):
+            return handler
+        why = "no bearer token" if token is None else "the bearer token is not valid"
+        return _refusal(
+            handler,
+            f"authorization: {why}; send metadata 'authorization: Bearer <token>' with a token "
+            "from the server's --auth-token-file",
+        )

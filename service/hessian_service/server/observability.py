@@ -1,0 +1,259 @@
+"""Prometheus metrics, one JSON access-log line per RPC, request ids, and safe decoding.
+
+`ObservabilityInterceptor` wraps every handler: it takes the request id from the
+`x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
+the call by method and final status code, observes its latency once (a server stream at
+its end, however it ends), and logs one line. It also turns a request that is not a
+valid protobuf of the method's type into INVALID_ARGUMENT (gRPC would say INTERNAL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from .auth import caller
+
+access_log = logging.getLogger("hessian_service.access")
+REQUEST_ID = "x-request-id"
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+
+
+class Metrics:
+    """The server's metrics in their own registry (several servers can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "hessian_rpcs", "RPCs by method and final status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "hessian_rpc_latency_seconds",
+            "RPC latency by method (server streams: until the stream ended)",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.records = Counter(
+            "hessian_records_appended",
+            "Step records appended to runs (rate() is iterations per second), by backend",
+            ["backend"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "hessian_run_queue_depth", "Runs admitted but waiting for a worker", registry=r
+        )
+        self.active_runs = Gauge("hessian_runs_active", "Runs queued or executing", registry=r)
+        self.backend = Gauge(
+            "hessian_backend_info",
+            "1 for the backend requests get by default and whether native is available",
+            ["default_backend", "native_available"],
+            registry=r,
+        )
+        self._http: Any = None
+
+    def watch_runs(self, queue_depth: Callable[[], int], active: Callable[[], int]) -> None:
+        """Read the queue depth and active runs at scrape time."""
+        self.queue_depth.set_function(queue_depth)
+        self.active_runs.set_function(active)
+
+    def watch_store(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Expose stored runs by status (hessian_runs{status}) read at scrape time."""
+        self.registry.register(_RunsByStatus(counts))
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP on host:port; returns the port bound."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_address[1]
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _RunsByStatus:
+    """A collector: stored runs per status, counted by the store when scraped."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("hessian_runs", "Stored runs by status", labels=["status"])
+        counts = self.counts()
+        for status in ("QUEUED", "RUNNING", "FINISHED", "CANCELLED", "FAILED", "INTERRUPTED"):
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `fields` extra."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID and value:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return text[:128]
+    return uuid.uuid4().hex
+
+
+def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
+    code = context.code()
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+class _BadRequest:
+    """Stands in for a request that did not decode; the handler refuses it."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"request: not a valid {type_name} message ({error})"
+
+
+def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Any:
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(type_name, "full_name", "request")
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return _BadRequest(name, exc)
+
+    return decode
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    """Metrics, access log and request id for every call (the outermost interceptor)."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+
+    def _finish(self, method: str, context: Any, started: float, rid: str, failed: bool) -> None:
+        seconds = time.perf_counter() - started
+        code = _code_name(context, failed)
+        short = method.rsplit("/", 1)[-1]
+        if self.metrics is not None:
+            self.metrics.rpcs.labels(short, code).inc()
+            self.metrics.latency.labels(short).observe(seconds)
+        access_log.info(
+            "%s %s %.1f ms",
+            method,
+            code,
+            seconds * 1e3,
+            extra={
+                "fields": {
+                    "event": "rpc",
+                    "method": method,
+                    "code": code,
+                    "duration_ms": round(seconds * 1e3, 3),
+                    "request_id": rid,
+                    "peer": context.peer(),
+                    "caller": caller(context),
+                }
+            },
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method
+        rid = _request_id(handler_call_details.invocation_metadata)
+        finish = self._finish
+
+        def begin(request: Any, context: grpc.ServicerContext) -> None:
+            context.set_trailing_metadata(((REQUEST_ID, rid),))
+            if isinstance(request, _BadRequest):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                started = time.perf_counter()
+                failed = True
+                try:
+                    begin(request, context)
+                    yield from inner_stream(request, context)
+                    failed = False
+                except GeneratorExit:
+                    failed = False
+                    if context.code() is None:
+                        context.set_code(grpc.StatusCode.CANCELLED)
+                    raise
+                finally:
+                    finish(method, context, started, rid, failed)
+
+            return handler._replace(
+                unary_stream=stream,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+            )
+
+        inner = handler.unary_unary
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            failed = True
+            try:
+                begin(request, context)
+                response = inner(request, context)
+                failed = False
+                return response
+            finally:
+                finish(method, context, started, rid, failed)
+
+        return handler._replace(
+            unary_unary=unary,
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+        )
