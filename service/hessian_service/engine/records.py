@@ -41,8 +41,11 @@ class StepRecord:
     first record). The step fields describe the step from x_k (all zero on the final
     record, where the run stopped instead of stepping). gain_ratio is the actual over the
     predicted decrease (NaN when the method did not compute it). negative_eigenvalues is
-    -1 when unknown. A rejected Levenberg-Marquardt trial has step_accepted False and the
-    next record repeats x_k with larger damping.
+    -1 when unknown. cg_iterations, cg_residual (||r|| / ||g||), negative_curvature and
+    trust_radius (the radius the step was computed in; NaN without a trust region) describe
+    the Hessian-free methods' inner solve. A rejected Levenberg-Marquardt or trust-region
+    trial has step_accepted False and the next record repeats x_k with larger damping (or a
+    smaller radius).
     """
 
     iteration: int
@@ -61,6 +64,7 @@ class StepRecord:
     cg_iterations: int = 0
     cg_residual: float = math.nan
     negative_curvature: bool = False
+    trust_radius: float = math.nan
     backend: str = ""
     iteration_seconds: float = 0.0
     cumulative_seconds: float = 0.0
