@@ -59,6 +59,7 @@ class Step:
     cg_iterations: int = 0
     cg_residual: float = math.nan
     negative_curvature: bool = False
+    trust_radius: float = math.nan
 
 
 class Stepper:
@@ -165,11 +166,13 @@ class Stepper:
             )
             cg, alpha, evaluations = tr.cg, 1.0, 1
             x_new, damping, rho, accepted = tr.x_new, tr.damping, tr.gain_ratio, tr.accepted
+            radius = tr.trust_radius
         else:
             damping = state["damping"]
             cg = hessian_free.cg_direction(self.objective, point.x, point.grad, opts, state)
             alpha, evaluations = self._step_length(point, cg.direction)
             x_new, rho, accepted = point.x + alpha * cg.direction, math.nan, True
+            radius = math.nan
         return Step(
             x_new=x_new,
             step_norm=alpha * float(cg.direction.norm()),
@@ -183,6 +186,7 @@ class Stepper:
             cg_iterations=cg.iterations,
             cg_residual=cg.residual,
             negative_curvature=cg.negative_curvature,
+            trust_radius=radius,
         )
 
     def _levenberg_marquardt(self, point: Point, res: SolveResult) -> Step:
