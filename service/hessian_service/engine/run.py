@@ -61,6 +61,7 @@ def _fill_step(record: StepRecord, step: Step) -> None:
     record.cg_iterations = step.cg_iterations
     record.cg_residual = step.cg_residual
     record.negative_curvature = step.negative_curvature
+    record.trust_radius = step.trust_radius
 
 
 def take_step(
