@@ -176,6 +176,7 @@ def test_newton_cg_iterates_match_dense_newton(name, method, policy, steps):
         step = take_step(obj, x_cg, cg_opts)
         assert step.record.step_accepted and step.record.cg_iterations > 0
         assert step.record.cg_residual <= 1e-12
+        assert (policy == "trust_region") == (step.record.trust_radius == 1e6)
         x_cg = step.params
         err = float((x_cg - x_dense).norm()) / float(x_dense.norm())
         assert err <= 1e-9, (k, err)
@@ -214,7 +215,7 @@ def test_trust_region_recovers_on_a_saddle_of_an_indefinite_quadratic():
     r = step.record
     assert r.negative_curvature and r.step_accepted
     assert obj.loss(step.params) < obj.loss(x)
-    assert math.isclose(r.step_norm, 0.5, rel_tol=1e-10)
+    assert math.isclose(r.step_norm, 0.5, rel_tol=1e-10) and r.trust_radius == 0.5
 
 
 def test_newton_cg_solves_rosenbrock_from_the_classic_start():
