@@ -308,10 +308,10 @@ def newton_cg(
     """One Steihaug-Toint trust-region step with Martens damping; updates `state` in place.
 
     rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
-    f; the step is accepted when rho > 0. The
-    radius shrinks to ||d|| / 4 when rho < 1/4 and doubles when rho > 3/4 on the boundary;
-    lambda grows by 3/2 when rho < 1/4 and shrinks by 2/3 when rho > 3/4 (lambda = 0
-    switches the damping off and leaves the trust region alone to safeguard).
+    f; the step is accepted when rho > 0. The radius shrinks to ||d|| / 4 when rho < 1/4 and
+    doubles when rho > 3/4 on the boundary; lambda grows by 3/2 when rho < 1/4 and shrinks by
+    2/3 when rho > 3/4 (lambda = 0 switches the damping off and leaves the trust region alone
+    to safeguard).
     """
     radius, lam = state["trust_radius"], state["damping"]
     cg = cg_direction(objective, x, grad, options, state, radius)
