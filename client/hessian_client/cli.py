@@ -236,7 +236,14 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("HESSIAN_ADDRESS", DEFAULT_ADDRESS),
         help="host:port of the server (env HESSIAN_ADDRESS)",
     )
-    p.add_argument("--token", default=os.environ.get("HESSIAN_TOKEN"), help="bearer token")
+    p.add_argument(
+        "--token", default=os.environ.get("HESSIAN_TOKEN"), help="bearer token (env HESSIAN_TOKEN)"
+    )
+    p.add_argument(
+        "--ca-file",
+        default=os.environ.get("HESSIAN_CA_FILE"),
+        help="PEM CA of the server's TLS certificate; turns TLS on (env HESSIAN_CA_FILE)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of unary calls, s")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="server version, backend, devices, limits")
@@ -295,7 +302,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     args = parser().parse_args(argv)
-    with Client(args.address, token=args.token, timeout=args.timeout) as client:
+    with Client(
+        args.address, token=args.token, timeout=args.timeout, ca_file=args.ca_file
+    ) as client:
         try:
             return COMMANDS[args.command](client, args)
         except HessianError as exc:

@@ -66,7 +66,12 @@ class RunResult:
 
 
 class Client:
-    """A connection to a hessian server. `timeout` is the default deadline of unary calls."""
+    """A connection to a hessian server. `timeout` is the default deadline of unary calls.
+
+    `token` is sent as `authorization: Bearer <token>` on every call. `ca_file` (a PEM file)
+    or `root_certificates` (PEM bytes) turn on TLS and name the CA that signed the server's
+    certificate.
+    """
 
     def __init__(
         self,
@@ -76,8 +81,12 @@ class Client:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         root_certificates: bytes | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address or os.environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS
+        if ca_file is not None:
+            with open(ca_file, "rb") as fh:
+                root_certificates = fh.read()
         self.timeout = timeout
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),

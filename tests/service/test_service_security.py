@@ -1,0 +1,194 @@
+"""Bearer-token auth on every RPC but health (methods read from the service descriptor, so a
+new RPC is covered without editing this file), TLS with a CA generated at test time, and the
+loopback-only rule for an unauthenticated server."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ROOT, start_server
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hessian_client import Client, Unauthenticated, Unavailable, problems
+from hessian_client.cli import main as cli_main
+from hessian_client.proto import service_pb2
+from hessian_service.server import ServerConfig
+
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
+TOKENS = ("s3cret-token-one", "another-token-2")
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+
+
+def _token_file(tmp: pathlib.Path) -> pathlib.Path:
+    path = tmp / "tokens"
+    path.write_text(f"# operators\n{TOKENS[0]}\n\n  {TOKENS[1]}  \n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("auth")
+    handle = start_server(tmp / "data", auth_token_file=str(_token_file(tmp)))
+    yield handle
+    handle.stop(grace=1.0)
+
+
+def _call(channel: grpc.Channel, method, metadata) -> grpc.StatusCode:
+    """Invoke `method` (a descriptor) with an empty request; the status code it ends with."""
+    request = message_factory.GetMessageClass(method.input_type)()
+    path = f"/{SERVICE.full_name}/{method.name}"
+    kwargs = {"request_serializer": type(request).SerializeToString}
+    try:
+        if method.server_streaming:
+            for _ in channel.unary_stream(path, **kwargs)(request, metadata=metadata, timeout=10):
+                pass
+        else:
+            channel.unary_unary(path, **kwargs)(request, metadata=metadata, timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", "Bearer wrong-token"),),
+        (("authorization", f"Bearer {TOKENS[0]}x"),),
+        (("authorization", TOKENS[0]),),  # no scheme
+        (("authorization", "Basic " + TOKENS[0]),),
+    ],
+    ids=["none", "wrong", "prefix-of-real", "no-scheme", "basic"],
+)
+def test_every_rpc_refuses_missing_or_wrong_tokens(secured, metadata):
+    assert len(SERVICE.methods) >= 13
+    with grpc.insecure_channel(secured.address) as channel:
+        codes = {m.name: _call(channel, m, metadata) for m in SERVICE.methods}
+    assert codes == {m.name: UNAUTH for m in SERVICE.methods}
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_every_configured_token_is_let_through_on_every_rpc(secured, token):
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(secured.address) as channel:
+        codes = {m.name: _call(channel, m, metadata) for m in SERVICE.methods}
+    assert UNAUTH not in codes.values(), codes
+    assert codes["GetServerInfo"] == grpc.StatusCode.OK
+    assert codes["WatchRun"] == grpc.StatusCode.NOT_FOUND  # streaming, reached the handler
+
+
+def test_health_is_open_and_reflection_is_protected(secured):
+    with grpc.insecure_channel(secured.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ServerReflectionInfo(iter([ask]), timeout=5))
+        assert err.value.code() == UNAUTH
+        answers = list(
+            stub.ServerReflectionInfo(
+                iter([ask]), timeout=5, metadata=(("authorization", f"Bearer {TOKENS[1]}"),)
+            )
+        )
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert SERVICE.full_name in names
+
+
+def test_sdk_errors_say_how_to_authenticate(secured):
+    with Client(secured.address, token="nope") as c, pytest.raises(Unauthenticated, match="Bearer"):
+        c.info()
+    with Client(secured.address, token=TOKENS[0]) as c:
+        run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 3})
+        assert [r.iteration for r in run.stream()] == [0, 1, 2]
+
+
+def _openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> pathlib.Path:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost signed by it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=hessian test CA", cwd=d)  # fmt: skip
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
+             cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext",
+             cwd=d)  # fmt: skip
+    _openssl("req", "-x509", *ec, "-keyout", "other.key", "-out", "other-ca.pem", "-days", "1",
+             "-subj", "/CN=some other CA", cwd=d)  # fmt: skip
+    return d
+
+
+def test_tls_with_a_ca_file_and_a_token(tmp_path, certs):
+    handle = start_server(
+        tmp_path / "data",
+        auth_token_file=str(_token_file(tmp_path)),
+        tls_cert=str(certs / "server.pem"),
+        tls_key=str(certs / "server.key"),
+    )
+    try:
+        with Client(handle.address, token=TOKENS[0], ca_file=certs / "ca.pem") as c:
+            step = c.newton_step(problems.mse(np.ones(3)), np.zeros(3))
+            np.testing.assert_allclose(step.params, np.ones(3))
+        refusals = [
+            ({"token": "wrong", "ca_file": certs / "ca.pem"}, Unauthenticated),
+            ({"token": TOKENS[0]}, Unavailable),  # plaintext to a TLS port
+            ({"token": TOKENS[0], "ca_file": certs / "other-ca.pem"}, Unavailable),  # untrusted
+        ]
+        for kwargs, error in refusals:
+            with Client(handle.address, timeout=5, **kwargs) as c, pytest.raises(error):
+                c.info()
+        out = io.StringIO()
+        args = ["--address", handle.address, "--ca-file", str(certs / "ca.pem")]
+        with redirect_stdout(out):
+            assert cli_main([*args, "--token", TOKENS[1], "info"]) == 0
+        assert "limits:" in out.getvalue()
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_unauthenticated_server_refuses_a_non_loopback_address(tmp_path):
+    with pytest.raises(ValueError, match="--allow-unauthenticated-remote"):
+        ServerConfig(address="0.0.0.0:50051", data_dir=str(tmp_path)).validated()
+    for address in ("127.0.0.1:1", "localhost:1", "[::1]:1"):
+        ServerConfig(address=address, data_dir=str(tmp_path)).validated()
+    ServerConfig(address="0.0.0.0:1", allow_unauthenticated_remote=True).validated()
+    ServerConfig(address="0.0.0.0:1", auth_token_file="/run/secrets/t").validated()
+    flags = ServerConfig.from_args(["--allow-unauthenticated-remote"], {})
+    assert flags.allow_unauthenticated_remote
+    from_env = {"HESSIAN_ALLOW_UNAUTHENTICATED_REMOTE": "true", "HESSIAN_ADDRESS": "0.0.0.0:1"}
+    assert ServerConfig.from_args([], from_env).allow_unauthenticated_remote
+    out = subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--address", "0.0.0.0:0",
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "not a loopback address" in out.stderr and "--auth-token-file" in out.stderr
+
+
+def test_a_missing_or_empty_token_file_is_a_start_up_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="no tokens"):
+        start_server(tmp_path / "d1", auth_token_file=str(empty))
+    with pytest.raises(ValueError, match="cannot read"):
+        start_server(tmp_path / "d2", auth_token_file=str(tmp_path / "absent"))
