@@ -174,10 +174,10 @@ def resolve_method(
     else:
         method = "newton_cg"
         why = "exceeds"
-    limit = "no" if budget is None else f"the {budget / 2**20:.3g} MiB"
+    limit = "no" if budget is None else f"the {budget:,}-byte"
     message = (
-        f"method auto chose {method}: a dense Hessian of {num_params} parameters needs "
-        f"{need / 2**20:.3g} MiB, which {why} {limit} dense-Hessian budget"
+        f"method auto chose {method}: a dense Hessian of {num_params:,} parameters needs "
+        f"{need:,} bytes, which {why} {limit} dense-Hessian budget (dense_budget_bytes)"
     )
     if method == "newton_cg":
         message += "; Newton-CG uses Hessian-vector products in O(n) memory"
