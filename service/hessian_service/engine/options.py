@@ -168,17 +168,16 @@ def resolve_method(
         return options, ""
     need = dense_hessian_bytes(num_params, dtype) if dtype is not None else 8 * num_params**2
     budget = options.dense_budget_bytes
-    if budget is None or need <= budget:
-        method = "newton"
-        why = "fits" if budget is not None else "has no budget to exceed"
-    else:
-        method = "newton_cg"
-        why = "exceeds"
-    limit = "no" if budget is None else f"the {budget:,}-byte"
+    method = "newton" if budget is None or need <= budget else "newton_cg"
     message = (
         f"method auto chose {method}: a dense Hessian of {num_params:,} parameters needs "
-        f"{need:,} bytes, which {why} {limit} dense-Hessian budget (dense_budget_bytes)"
+        f"{need:,} bytes"
     )
+    if budget is None:
+        message += ", and dense_budget_bytes is None (no limit)"
+    else:
+        why = "within" if method == "newton" else "over"
+        message += f", {why} the dense-Hessian budget of {budget:,} bytes (dense_budget_bytes)"
     if method == "newton_cg":
         message += "; Newton-CG uses Hessian-vector products in O(n) memory"
     return replace(options, method=method).validated(), message
