@@ -335,8 +335,9 @@ class Run:
                         delay = 0.05
                         yield record
                     if event.HasField("final"):
-                        self.final = event.final
-                        return
+                        self.final = event.final  # the last event: read on to the status
+                if self.final is not None:
+                    return
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise from_rpc_error(exc) from None

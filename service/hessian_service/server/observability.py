@@ -142,6 +142,8 @@ def _request_id(metadata: Any) -> str:
 
 def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
     code = context.code()
+    if code is None and not context.is_active():
+        code = grpc.StatusCode.CANCELLED  # the client went away (or its deadline passed)
     if code is None:
         code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
     return code.name if isinstance(code, grpc.StatusCode) else str(code)

@@ -1,0 +1,147 @@
+"""Prometheus metrics scraped over HTTP on loopback move by exactly what the calls did; every
+RPC gets one JSON access-log line with its request id, echoed in the trailing metadata."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from conftest import free_port, spawn_server, start_server
+from hessian_client import Client, NotFound, problems
+from hessian_client.proto import service_pb2, service_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+LONG = {"method": "gradient_descent", "learning_rate": 1e-4}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample on /metrics as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    handle = start_server(tmp_path_factory.mktemp("metrics"), metrics_port=free_port())
+    yield handle
+    handle.stop(grace=1.0)
+
+
+def test_rpc_counters_latency_records_and_run_gauges_move_by_what_was_done(observed):
+    port = observed.metrics_port
+    before = scrape(port)
+    with Client(observed.address) as c:
+        for _ in range(3):
+            c.info()
+        for _ in range(2):
+            with pytest.raises(NotFound):
+                c.get_run("r-nope")
+        run = c.start_run(
+            problems.rosenbrock(dim=3), np.zeros(3), stopping={"max_iterations": 40}, **LONG
+        )
+        first = list(run.stream())
+        second = list(c.run(run.id).stream())
+    after = scrape(port)
+    assert [r.iteration for r in first] == [r.iteration for r in second] == list(range(41))
+    assert delta(before, after, "hessian_rpcs_total", method="GetServerInfo", code="OK") == 3
+    assert delta(before, after, "hessian_rpcs_total", method="GetRun", code="NOT_FOUND") == 2
+    assert delta(before, after, "hessian_rpcs_total", method="StartRun", code="OK") == 1
+    assert delta(before, after, "hessian_rpcs_total", method="WatchRun", code="OK") == 2
+    assert delta(before, after, "hessian_rpc_latency_seconds_count", method="WatchRun") == 2
+    assert delta(before, after, "hessian_rpc_latency_seconds_count", method="GetServerInfo") == 3
+    backend = first[0].backend
+    assert delta(before, after, "hessian_records_appended_total", backend=backend) == 41
+    assert delta(before, after, "hessian_runs", status="FINISHED") == 1
+    assert after[("hessian_run_queue_depth", ())] == 0
+    assert after[("hessian_runs_active", ())] == 0
+    assert any(name == "hessian_backend_info" and v == 1 for (name, _), v in after.items())
+
+
+def test_a_stream_is_timed_to_its_end_and_counted_once_however_it_ends(observed):
+    port = observed.metrics_port
+    with Client(observed.address) as c:
+        run = c.start_run(
+            problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 10**6}, **LONG
+        )
+        before = scrape(port)
+        with grpc.insecure_channel(observed.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            call = stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id))
+            opened = time.monotonic()
+            next(call)
+            time.sleep(0.6)
+            call.cancel()
+            held = time.monotonic() - opened
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            after = scrape(port)
+            if delta(before, after, "hessian_rpc_latency_seconds_count", method="WatchRun"):
+                break
+            time.sleep(0.05)
+        c.cancel_run(run.id)
+        run.wait(30)
+    assert delta(before, after, "hessian_rpcs_total", method="WatchRun", code="CANCELLED") == 1
+    assert delta(before, after, "hessian_rpcs_total", method="WatchRun", code="OK") == 0
+    assert delta(before, after, "hessian_rpc_latency_seconds_count", method="WatchRun") == 1
+    timed = delta(before, after, "hessian_rpc_latency_seconds_sum", method="WatchRun")
+    assert 0.5 <= timed <= held + 1.0, (timed, held)
+
+
+def test_request_id_is_echoed_and_logged_once_per_rpc(observed, caplog):
+    caplog.set_level("INFO", logger="hessian_service.access")
+    with grpc.insecure_channel(observed.address) as channel:
+        stub = service_pb2_grpc.HessianServiceStub(channel)
+        _, call = stub.GetServerInfo.with_call(
+            service_pb2.GetServerInfoRequest(), metadata=(("x-request-id", "req-42"),)
+        )
+        assert ("x-request-id", "req-42") in call.trailing_metadata()
+        _, call = stub.GetServerInfo.with_call(service_pb2.GetServerInfoRequest())
+        generated = dict(call.trailing_metadata())["x-request-id"]
+        assert len(generated) == 32 and generated != "req-42"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetRun(service_pb2.GetRunRequest(run_id="r-x"), metadata=(("x-request-id", "q"),))
+        assert ("x-request-id", "q") in err.value.trailing_metadata()
+    deadline = time.monotonic() + 5
+    while len(caplog.records) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lines = [r.fields for r in caplog.records if r.name == "hessian_service.access"]
+    assert [(x["request_id"], x["code"]) for x in lines] == [
+        ("req-42", "OK"),
+        (generated, "OK"),
+        ("q", "NOT_FOUND"),
+    ]
+    assert lines[0]["method"] == "/hessian.v1.HessianService/GetServerInfo"
+    assert all(x["duration_ms"] >= 0 and x["caller"] == "anonymous" for x in lines)
+
+
+def test_the_process_logs_json_lines_and_warns_loudly_when_unauthenticated(tmp_path):
+    port = free_port()
+    proc = spawn_server(tmp_path, port)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.stub.GetServerInfo(
+                service_pb2.GetServerInfoRequest(), metadata=(("x-request-id", "from-test"),)
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    warnings = [x for x in lines if x["level"] == "WARNING" and "UNAUTHENTICATED" in x["msg"]]
+    assert warnings and "loopback" in warnings[0]["msg"]
+    access = [x for x in lines if x.get("event") == "rpc" and "HessianService" in x["method"]]
+    assert [(x["request_id"], x["code"]) for x in access] == [("from-test", "OK")]
