@@ -71,13 +71,16 @@ def test_extremes_match_eigvalsh_on_least_squares_n500():
     assert report.verdict == "minimum" and report.products == report.lanczos_iterations
 
 
-def test_extremes_match_eigvalsh_on_an_indefinite_mlp_n500():
+@pytest.mark.parametrize("hvp_mode", ["forward_over_reverse", "reverse_over_reverse"])
+def test_extremes_match_eigvalsh_on_an_indefinite_mlp_n500(hvp_mode):
     x = torch.randn(40, 5, dtype=F64)
     obj = make_objective(
         "mlp", {"X": x, "y": torch.randn(40, 3, dtype=F64)}, {"layer_sizes": [5, 30, 10, 3]}
     )
     params = 3 * obj.init_params(torch.Generator().manual_seed(0))
-    opts = SpectrumOptions(top_k=3, bottom_k=3, max_lanczos_iterations=523, **EIGEN_ONLY)
+    opts = SpectrumOptions(
+        top_k=3, bottom_k=3, max_lanczos_iterations=523, hvp_mode=hvp_mode, **EIGEN_ONLY
+    )
     report = analyze_curvature(obj, params, opts)
     assert obj.num_params == 523 and report.eigenvalues_converged
     h = torch.func.hessian(obj.loss)(params)
@@ -209,6 +212,7 @@ def test_reports_are_deterministic_per_seed_and_count_products():
         ({"batch_size": 0}, "options.batch_size"),
         ({"relative_tolerance": 2.0}, "options.relative_tolerance"),
         ({"seed": -3}, "options.seed"),
+        ({"hvp_mode": "symbolic"}, "options.hvp_mode"),
         ({"colour": "red"}, "options.colour"),
     ],
 )

@@ -27,6 +27,7 @@ from .curvature import loss_and_grad
 from .errors import UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
 from .objectives.base import Objective
+from .options import HVP_MODES
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
@@ -61,7 +62,9 @@ class SpectrumOptions:
     density), smoothed by a Gaussian of width density_sigma (None: 1% of the spectral
     range) on grid_points points. batch_size: probes per vmap'd product. verdict tolerances:
     an eigenvalue counts as zero when |lambda| <= max(absolute_tolerance, relative_tolerance
-    x max|lambda|); a point is stationary when max|g| <= gradient_tolerance.
+    x max|lambda|); a point is stationary when max|g| <= gradient_tolerance. hvp_mode: the
+    Hessian product for the one-at-a-time Lanczos vectors (reverse_over_reverse is cheaper per
+    product on small models); batched probes always use vmap'd forward-over-reverse products.
     """
 
     top_k: int = 1
@@ -80,6 +83,7 @@ class SpectrumOptions:
     absolute_tolerance: float = 1e-10
     gradient_tolerance: float = 1e-6
     seed: int = 0
+    hvp_mode: str = "forward_over_reverse"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> SpectrumOptions:
@@ -113,6 +117,8 @@ class SpectrumOptions:
         _real(f"{p}.absolute_tolerance", self.absolute_tolerance, 0.0, math.inf)
         _real(f"{p}.gradient_tolerance", self.gradient_tolerance, 0.0, math.inf)
         _integer(f"{p}.seed", self.seed, 0)
+        if self.hvp_mode not in HVP_MODES:
+            raise UnknownNameError(f"{p}.hvp_mode", self.hvp_mode, list(HVP_MODES))
         return self
 
 
@@ -176,10 +182,14 @@ class CurvatureReport:
 
 
 class _Counter:
-    """Wraps a product, counting vectors, with a vmap'd batched form."""
+    """Wraps a product, counting vectors, with a vmap'd batched form.
 
-    def __init__(self, product: Product, batch_size: int) -> None:
-        self.product = product
+    `single` (default: `product`) serves one vector at a time, as Lanczos needs; it may be a
+    cheaper non-vmap-able product (reverse over reverse) of the same matrix.
+    """
+
+    def __init__(self, product: Product, batch_size: int, single: Product | None = None) -> None:
+        self.product = single or product
         self.batched = torch.func.vmap(product)
         self.batch_size = batch_size
         self.count = 0
@@ -417,7 +427,10 @@ def analyze_curvature(
     n = x.numel()
     loss, grad = loss_and_grad(objective, x)
     gmax = float(grad.abs().max()) if n else 0.0
-    counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size)
+    single = None
+    if opts.hvp_mode != "forward_over_reverse" and opts.curvature == "hessian":
+        single = curvature_product(objective, x, hvp_mode=opts.hvp_mode)
+    counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, single)
     gen = torch.Generator().manual_seed(opts.seed)
     by_part: dict[str, int] = {}
 
