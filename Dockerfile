@@ -56,11 +56,14 @@ RUN if ! command -v python3 >/dev/null; then \
     && chown hessian:hessian /data
 COPY --from=builder /opt/venv /opt/venv
 # Every server flag is also HESSIAN_<FLAG> (e.g. HESSIAN_MAX_PARAMS); these are the image's.
+# The server listens beyond loopback only with bearer tokens: mount them (one per line) at
+# /run/secrets/auth_token, as the compose secret does.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HESSIAN_ADDRESS=0.0.0.0:50051 \
     HESSIAN_DATA_DIR=/data \
+    HESSIAN_AUTH_TOKEN_FILE=/run/secrets/auth_token \
     HESSIAN_BACKEND=auto \
     HESSIAN_METRICS_PORT=9464 \
     HESSIAN_LOG_LEVEL=INFO

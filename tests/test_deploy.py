@@ -16,12 +16,14 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent import futures
 
 import grpc
@@ -42,6 +44,7 @@ from deploy_files import (
     stage_env,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hessian_client import Client, Unauthenticated
 from hessian_service import healthprobe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,8 +55,6 @@ IMAGE_VENV_BIN = "/opt/venv/bin"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # HESSIAN_* variables read outside the server's flags: the engine's backend choice.
 ENGINE_ENV = {"HESSIAN_BACKEND"}
-# Flags issue 5 adds (auth, TLS, metrics); the image and compose set them ahead of time.
-PENDING_FLAGS = {"HESSIAN_METRICS_PORT", "HESSIAN_AUTH_TOKEN_FILE"}
 
 
 def free_port() -> int:
@@ -197,7 +198,7 @@ def test_every_hessian_variable_is_a_server_flag(server_env_vars: set[str]) -> N
     names = {k for k in image_env if k.startswith("HESSIAN_")}
     for service in ("hessian", "hessian-gpu"):
         names |= set(COMPOSE["services"][service]["environment"])
-    unknown = names - server_env_vars - ENGINE_ENV - PENDING_FLAGS
+    unknown = names - server_env_vars - ENGINE_ENV
     assert not unknown, f"not server flags (typo?): {sorted(unknown)}"
 
 
@@ -298,15 +299,24 @@ def test_final_stage_is_slim_unprivileged_and_signal_safe() -> None:
 
 
 def image_environment(tmp: pathlib.Path, port: int, metrics_port: int) -> dict[str, str]:
-    """The final stage's ENV with /opt/venv mapped to this venv and a loopback address."""
+    """The final stage's ENV, its paths mapped here, on a loopback address and free ports.
+
+    /opt/venv -> this venv, /run/secrets/auth_token -> a fresh token file, /data -> a temp
+    folder; everything else (backend, log settings, ...) is exactly the image's.
+    """
     local_bin = str(pathlib.Path(sys.executable).parent)
     env = stage_env(DOCKERFILE.final, {"PATH": os.environ["PATH"]})
     assert env["PATH"].startswith(IMAGE_VENV_BIN + ":"), env["PATH"]
     env["PATH"] = local_bin + env["PATH"][len(IMAGE_VENV_BIN) :]
     assert env["HESSIAN_ADDRESS"].startswith("0.0.0.0:")
+    assert env["HESSIAN_AUTH_TOKEN_FILE"] == "/run/secrets/auth_token", "the compose secret"
+    token_file = tmp / "secrets" / "auth_token"
+    token_file.parent.mkdir()
+    token_file.write_text(secrets.token_urlsafe(32) + "\n")  # as `make secrets` writes it
     env.update(
         HESSIAN_ADDRESS=f"127.0.0.1:{port}",
         HESSIAN_DATA_DIR=str(tmp / "data"),
+        HESSIAN_AUTH_TOKEN_FILE=str(token_file),
         HESSIAN_METRICS_PORT=str(metrics_port),
         HOME=str(tmp / "home"),
     )
@@ -319,6 +329,19 @@ def image_environment(tmp: pathlib.Path, port: int, metrics_port: int) -> dict[s
 def run_probe(command: list[str], env: dict[str, str], cwd: pathlib.Path) -> int:
     """Run the image's HEALTHCHECK command; its exit code."""
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, timeout=30).returncode
+
+
+def check_running_container(env: dict[str, str]) -> None:
+    """What a client and Prometheus see: auth on, the image's backend, metrics served."""
+    address, token = env["HESSIAN_ADDRESS"], pathlib.Path(env["HESSIAN_AUTH_TOKEN_FILE"])
+    with Client(address, timeout=10) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.info()
+    with Client(address, token=token.read_text().strip(), timeout=10) as client:
+        assert client.info().default_backend == env["HESSIAN_BACKEND"]
+    url = f"http://127.0.0.1:{env['HESSIAN_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        metrics = response.read().decode()
+    assert re.search(r'hessian_rpcs_total\{[^}]*code="UNAUTHENTICATED"[^}]*\} 1\.0', metrics)
 
 
 @pytest.mark.slow
@@ -348,6 +371,7 @@ def test_image_entry_point_serves_probes_healthy_and_stops_on_sigterm(
             assert time.monotonic() < deadline, "never became healthy"
             time.sleep(0.5)
         assert list((tmp_path / "data").iterdir()), "HESSIAN_DATA_DIR from ENV was not used"
+        check_running_container(env)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -411,3 +435,53 @@ def test_probe_address_follows_the_server_setting(monkeypatch, health_server) ->
             healthprobe.probe_address(bad)
         assert healthprobe.main(["--address", bad]) == 1
     assert healthprobe.main(["--timeout", "0"]) == 1
+
+
+def openssl(*args: str, cwd: pathlib.Path) -> None:
+    """Run openssl quietly, failing the test on error."""
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def tls_health_server(tmp_path: pathlib.Path):
+    """A TLS gRPC health server whose certificate names only `hessian.internal`."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=probe CA",
+            cwd=tmp_path)  # fmt: skip
+    openssl("req", *ec[:5], "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=hessian.internal", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:hessian.internal\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext",
+            cwd=tmp_path)  # fmt: skip
+    credentials = grpc.ssl_server_credentials(
+        [((tmp_path / "server.key").read_bytes(), (tmp_path / "server.pem").read_bytes())]
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    yield f"127.0.0.1:{port}", tmp_path / "ca.pem"
+    server.stop(None)
+
+
+def test_probe_verifies_a_tls_server_with_its_ca_and_name(
+    tls_health_server, monkeypatch, capsys
+) -> None:
+    address, ca = tls_health_server
+    base = ["--address", address, "--timeout", "2"]
+    assert healthprobe.main([*base, "--ca-file", str(ca), "--server-name", "hessian.internal"]) == 0
+    assert healthprobe.main([*base, "--ca-file", str(ca)]) == 1, "127.0.0.1 is not in the cert"
+    assert healthprobe.main(base) == 1, "plaintext against a TLS port"
+    assert healthprobe.main([*base, "--ca-file", str(ca.parent / "missing.pem")]) == 1
+    assert "--ca-file" in capsys.readouterr().err
+    monkeypatch.setenv("HESSIAN_TLS_CERT", "/run/secrets/server.pem")
+    assert healthprobe.main(base) == 1
+    assert "HESSIAN_CA_FILE" in capsys.readouterr().err
+    monkeypatch.setenv("HESSIAN_CA_FILE", str(ca))
+    monkeypatch.setenv("HESSIAN_PROBE_SERVER_NAME", "hessian.internal")
+    assert healthprobe.main(base) == 0, "the container's way: everything from the environment"

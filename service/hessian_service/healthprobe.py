@@ -1,11 +1,15 @@
 """Container health probe: exit 0 only when the gRPC health service answers SERVING.
 
     python -m hessian_service.healthprobe [--address HOST:PORT] [--service NAME] [--timeout S]
+                                          [--ca-file PEM] [--server-name NAME]
 
 The image's HEALTHCHECK and docker-compose.yml run this, so a container is healthy exactly
 when `grpc.health.v1.Health/Check` says SERVING (a draining server says NOT_SERVING).
 The address defaults to $HESSIAN_ADDRESS (the server's own setting) with a wildcard host
 (0.0.0.0, [::]) replaced by loopback, so the probe follows the server without a flag.
+Health needs no token. Against a TLS server (HESSIAN_TLS_CERT set) the probe needs the CA
+that signed the certificate ($HESSIAN_CA_FILE, as the client uses) and, since it dials
+loopback, a name the certificate holds ($HESSIAN_PROBE_SERVER_NAME).
 Exit codes follow Docker's HEALTHCHECK: 0 healthy, 1 unhealthy (any other answer, no
 answer within the timeout, or a bad argument).
 """
@@ -32,9 +36,29 @@ def probe_address(address: str) -> str:
     return f"{WILDCARD_HOSTS.get(host, host)}:{port}"
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+def open_channel(address: str, ca_file: str = "", server_name: str = "") -> grpc.Channel:
+    """Plaintext, or TLS verified against `ca_file` (checking `server_name` when given)."""
+    if not ca_file:
+        return grpc.insecure_channel(address)
+    try:
+        with open(ca_file, "rb") as f:
+            roots = f.read()
+    except OSError as exc:
+        raise ValueError(f"--ca-file {ca_file}: cannot read it ({exc})") from None
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+
+
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = 3.0,
+    *,
+    ca_file: str = "",
+    server_name: str = "",
+) -> tuple[bool, str]:
     """Ask the health service once; (healthy, one-line reason)."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, ca_file, server_name) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -57,9 +81,21 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
     )
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    parser.add_argument(
+        "--ca-file",
+        default=environ.get("HESSIAN_CA_FILE", ""),
+        help="PEM CA of the server's TLS certificate; turns TLS on (env HESSIAN_CA_FILE)",
+    )
+    parser.add_argument(
+        "--server-name",
+        default=environ.get("HESSIAN_PROBE_SERVER_NAME", ""),
+        help="name to verify the certificate against (env HESSIAN_PROBE_SERVER_NAME)",
+    )
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
+    if environ.get("HESSIAN_TLS_CERT") and not args.ca_file:
+        parser.error("the server serves TLS (HESSIAN_TLS_CERT): give --ca-file/HESSIAN_CA_FILE")
     return args
 
 
@@ -68,12 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv, os.environ)
         address = probe_address(args.address)
+        healthy, reason = check(
+            address,
+            args.service,
+            args.timeout,
+            ca_file=args.ca_file,
+            server_name=args.server_name,
+        )
     except SystemExit as exc:  # argparse: Docker reserves exit code 2, so report unhealthy
         return 0 if exc.code == 0 else 1
     except ValueError as exc:
         print(f"healthprobe: {exc}", file=sys.stderr)
         return 1
-    healthy, reason = check(address, args.service, args.timeout)
     print(f"healthprobe: {reason}", file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
 
