@@ -71,8 +71,12 @@ class ServerHandle:
             self.server.stop(grace).wait()
             if self.metrics is not None:
                 self.metrics.close()
-            self.store.close()
-            self._stopped.set()
+            try:
+                self.store.close()
+            except StoreError as exc:
+                log.error("records still queued at shutdown were not stored: %s", exc)
+            finally:
+                self._stopped.set()
 
     def wait(self) -> None:
         """Block until stop() has finished."""

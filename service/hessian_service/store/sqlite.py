@@ -135,6 +135,7 @@ class SQLiteRunStore(RunStore):
     def create_run(self, row: RunRow, checkpoint: StoredCheckpoint) -> None:
         values = self._row_values(row)
         with self._write():
+            self._flush_locked()  # a store that cannot commit what it has takes no new run
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",

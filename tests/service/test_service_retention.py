@@ -1,0 +1,188 @@
+"""Store retention (--max-stored-runs), acknowledgement only after commit, and a full or
+unwritable store: a clear error at start-up or on the affected RPC, never a silent loss."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from conftest import ROOT, start_server
+from hessian_client import Client, ResourceExhausted, problems, status_name
+from hessian_service.engine.records import StepRecord
+from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint, StoreFullError
+
+GD = {"method": "gradient_descent", "learning_rate": 1e-4}
+
+
+def _row(run_id: str, created: float, status: str) -> RunRow:
+    spec = {"options": {"method": "newton"}, "stopping": {"max_iterations": 5}}
+    return RunRow(run_id, "p-1", spec, status=status, created_at=created)
+
+
+def _cp() -> StoredCheckpoint:
+    return StoredCheckpoint(0, "float64", [2], bytes(16), {})
+
+
+def _committed(path, run_id: str) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+
+def test_retention_deletes_the_oldest_finished_runs_and_never_an_active_one(tmp_path):
+    store = SQLiteRunStore(tmp_path)
+    statuses = ["RUNNING", "FINISHED", "QUEUED", "CANCELLED", "FAILED", "INTERRUPTED", "FINISHED"]
+    for i, status in enumerate(statuses):
+        store.create_run(_row(f"r-{i}", float(i), status), _cp())
+        store.append_record(f"r-{i}", StepRecord(iteration=0, loss=1.0))
+    store.flush()
+    assert store.enforce_retention(4) == ["r-1", "r-3", "r-4"]
+    left = {r.run_id for r in store.list_runs([], 100, None)}
+    assert left == {"r-0", "r-2", "r-5", "r-6"}
+    assert store.records("r-1", 0, 10) == [] and store.latest_checkpoint("r-1") is None
+    assert store.enforce_retention(1) == ["r-5", "r-6"]  # the two active runs stay
+    assert store.count_runs_by_status() == {"RUNNING": 1, "QUEUED": 1}
+    assert store.enforce_retention(5) == []
+    store.close()
+
+
+def test_commit_listeners_hear_of_records_only_once_another_reader_can_see_them(tmp_path):
+    store = SQLiteRunStore(tmp_path, commit_every=3, commit_interval_s=3600)
+    store.create_run(_row("r-a", 1.0, "RUNNING"), _cp())
+    heard: list[tuple[dict, int]] = []
+    store.add_commit_listener(lambda c: heard.append((dict(c), _committed(store.path, "r-a"))))
+    for i in range(5):
+        store.append_record("r-a", StepRecord(iteration=i, loss=float(i)))
+    assert heard == [({"r-a": 2}, 3)]
+    store.flush()
+    assert heard[1] == ({"r-a": 4}, 5)
+    store.close()
+
+
+def test_a_full_store_raises_and_keeps_the_records_queued(tmp_path):
+    store = SQLiteRunStore(tmp_path, commit_every=10, commit_interval_s=3600, max_bytes=64 * 1024)
+    store.create_run(_row("r-a", 1.0, "RUNNING"), _cp())
+    appended = 0
+    with pytest.raises(StoreFullError, match=r"full \(--max-store-bytes 65536\)"):
+        for i in range(100_000):
+            appended += 1
+            store.append_record("r-a", StepRecord(iteration=i, loss=float(i), backend="x" * 200))
+    durable = _committed(store.path, "r-a")
+    assert 0 < durable < appended
+    assert len(store.records("r-a", 0, 10**6)) == durable
+    with pytest.raises(StoreFullError):  # the queued records are still there, not dropped
+        store.flush()
+    with pytest.raises(StoreFullError):
+        store.append_record("r-a", StepRecord(iteration=appended, loss=0.0))
+    with pytest.raises(StoreFullError):
+        store.close()
+
+
+def test_server_keeps_at_most_max_stored_runs_and_spares_a_running_one(tmp_path):
+    handle = start_server(tmp_path, max_stored_runs=2)
+    try:
+        with Client(handle.address) as c:
+            problem = problems.rosenbrock(dim=2)
+            long = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 10**6}, **GD)
+            next(iter(long.stream()))
+            short = []
+            for _ in range(3):
+                run = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
+                run.wait(30)
+                short.append(run.id)
+            kept = {r.run_id for r in c.list_runs()}
+            assert kept == {long.id, short[-1]}, "oldest finished first; the running one stays"
+            long.cancel()
+            assert status_name(long.wait(30)) == "CANCELLED"
+            c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD).wait(30)
+            assert long.id not in {r.run_id for r in c.list_runs()}
+            assert len(list(c.list_runs())) == 2
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_a_full_store_stops_the_run_with_a_clear_error_and_loses_nothing_acknowledged(tmp_path):
+    handle = start_server(tmp_path, max_store_bytes=96 * 1024, commit_every_records=16)
+    seen = []
+    try:
+        with Client(handle.address) as c:
+            run = c.start_run(
+                problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 10**6}, **GD
+            )
+            with pytest.raises(ResourceExhausted, match=r"run store .* is full"):
+                for record in run.stream():
+                    seen.append((record.iteration, record.loss))
+            with pytest.raises(ResourceExhausted, match="full"):
+                c.start_run(problems.rosenbrock(dim=2), np.zeros(2))
+    finally:
+        handle.stop(grace=1.0)
+    assert len(seen) > 16
+    reopened = start_server(tmp_path)  # the same data, no size cap
+    try:
+        with Client(reopened.address) as c:
+            info = c.get_run(run.id)
+            assert status_name(info) == "INTERRUPTED"
+            stored = [(r.iteration, r.loss) for r in c.run(run.id).stream()]
+            assert stored[: len(seen)] == seen, "every record a client saw survived"
+    finally:
+        reopened.stop(grace=1.0)
+
+
+def _serve(data_dir) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--address", "127.0.0.1:0",
+         "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_an_unwritable_store_is_a_clear_start_up_error(tmp_path):
+    (tmp_path / "runs.sqlite3").mkdir()  # the database path cannot be a file
+    out = _serve(tmp_path)
+    assert out.returncode == 2
+    assert "--data-dir" in out.stderr and "runs.sqlite3" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def test_a_read_only_data_dir_is_a_clear_start_up_error(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        out = _serve(tmp_path)
+    finally:
+        tmp_path.chmod(0o700)
+    assert out.returncode == 2 and "--data-dir" in out.stderr
+
+
+def test_concurrent_appends_from_many_runs_are_all_acknowledged_in_order(tmp_path):
+    store = SQLiteRunStore(tmp_path, commit_every=7, commit_interval_s=0.01)
+    heard: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    def listen(committed: dict[str, int]) -> None:
+        with lock:
+            for run_id, it in committed.items():
+                heard.setdefault(run_id, []).append(it)
+
+    store.add_commit_listener(listen)
+    ids = [f"r-{i}" for i in range(8)]
+    for i, run_id in enumerate(ids):
+        store.create_run(_row(run_id, float(i), "RUNNING"), _cp())
+
+    def work(run_id: str) -> None:
+        for it in range(200):
+            store.append_record(run_id, StepRecord(iteration=it, loss=float(it)))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.flush()
+    for run_id in ids:
+        assert heard[run_id] == sorted(heard[run_id]) and heard[run_id][-1] == 199
+        assert [r.iteration for r in store.records(run_id, 0, 1000)] == list(range(200))
+    store.close()
