@@ -72,12 +72,16 @@ class StepRequest(_message.Message):
     def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("params", "record")
+    __slots__ = ("params", "record", "method", "method_note")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
     params: _tensor_pb2.Tensor
     record: _optimize_pb2.StepRecord
-    def __init__(self, params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ...) -> None: ...
+    method: _optimize_pb2.Method
+    method_note: str
+    def __init__(self, params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
 
 class ComputeHessianRequest(_message.Message):
     __slots__ = ("problem", "problem_id", "params", "curvature", "backend", "omit_matrix", "dense_budget_bytes")
@@ -111,6 +115,65 @@ class ComputeHessianResponse(_message.Message):
     backend: str
     def __init__(self, matrix: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., summary: _Optional[_Union[_optimize_pb2.CurvatureSummary, _Mapping]] = ..., loss: _Optional[float] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
 
+class AnalyzeCurvatureRequest(_message.Message):
+    __slots__ = ("problem", "problem_id", "params", "options")
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    problem: _problem_pb2.Problem
+    problem_id: str
+    params: _tensor_pb2.Tensor
+    options: _optimize_pb2.SpectrumOptions
+    def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., options: _Optional[_Union[_optimize_pb2.SpectrumOptions, _Mapping]] = ...) -> None: ...
+
+class AnalyzeCurvatureResponse(_message.Message):
+    __slots__ = ("num_params", "curvature", "loss", "gradient_max_norm", "stationary", "top_eigenvalues", "bottom_eigenvalues", "eigen_residuals", "lanczos_iterations", "eigenvalues_converged", "trace_hutchinson", "trace_hutchpp", "density", "products", "products_by_part", "verdict", "verdict_reason", "seconds")
+    class ProductsByPartEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CURVATURE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    STATIONARY_FIELD_NUMBER: _ClassVar[int]
+    TOP_EIGENVALUES_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_EIGENVALUES_FIELD_NUMBER: _ClassVar[int]
+    EIGEN_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    LANCZOS_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    EIGENVALUES_CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    TRACE_HUTCHINSON_FIELD_NUMBER: _ClassVar[int]
+    TRACE_HUTCHPP_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_BY_PART_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_REASON_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    num_params: int
+    curvature: _optimize_pb2.Curvature
+    loss: float
+    gradient_max_norm: float
+    stationary: bool
+    top_eigenvalues: _containers.RepeatedScalarFieldContainer[float]
+    bottom_eigenvalues: _containers.RepeatedScalarFieldContainer[float]
+    eigen_residuals: _containers.RepeatedScalarFieldContainer[float]
+    lanczos_iterations: int
+    eigenvalues_converged: bool
+    trace_hutchinson: _optimize_pb2.TraceEstimate
+    trace_hutchpp: _optimize_pb2.TraceEstimate
+    density: _optimize_pb2.SpectralDensity
+    products: int
+    products_by_part: _containers.ScalarMap[str, int]
+    verdict: _optimize_pb2.Verdict
+    verdict_reason: str
+    seconds: float
+    def __init__(self, num_params: _Optional[int] = ..., curvature: _Optional[_Union[_optimize_pb2.Curvature, str]] = ..., loss: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., stationary: _Optional[bool] = ..., top_eigenvalues: _Optional[_Iterable[float]] = ..., bottom_eigenvalues: _Optional[_Iterable[float]] = ..., eigen_residuals: _Optional[_Iterable[float]] = ..., lanczos_iterations: _Optional[int] = ..., eigenvalues_converged: _Optional[bool] = ..., trace_hutchinson: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., trace_hutchpp: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., density: _Optional[_Union[_optimize_pb2.SpectralDensity, _Mapping]] = ..., products: _Optional[int] = ..., products_by_part: _Optional[_Mapping[str, int]] = ..., verdict: _Optional[_Union[_optimize_pb2.Verdict, str]] = ..., verdict_reason: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class StartRunRequest(_message.Message):
     __slots__ = ("problem", "problem_id", "options", "stopping", "initial_params", "init", "name")
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
@@ -130,7 +193,7 @@ class StartRunRequest(_message.Message):
     def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., initial_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init: _Optional[_Union[_optimize_pb2.Initializer, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at")
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +210,8 @@ class RunInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     status: RunStatus
@@ -163,7 +228,9 @@ class RunInfo(_message.Message):
     created_at: float
     started_at: float
     finished_at: float
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    method: _optimize_pb2.Method
+    method_note: str
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
 
 class WatchRunRequest(_message.Message):
     __slots__ = ("run_id", "from_iteration")

@@ -59,6 +59,11 @@ class HessianServiceStub:
                 request_serializer=hessian_dot_v1_dot_service__pb2.ComputeHessianRequest.SerializeToString,
                 response_deserializer=hessian_dot_v1_dot_service__pb2.ComputeHessianResponse.FromString,
                 _registered_method=True)
+        self.AnalyzeCurvature = channel.unary_unary(
+                '/hessian.v1.HessianService/AnalyzeCurvature',
+                request_serializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureResponse.FromString,
+                _registered_method=True)
         self.StartRun = channel.unary_unary(
                 '/hessian.v1.HessianService/StartRun',
                 request_serializer=hessian_dot_v1_dot_service__pb2.StartRunRequest.SerializeToString,
@@ -134,6 +139,13 @@ class HessianServiceServicer:
 
     def ComputeHessian(self, request, context):
         """Dense curvature matrix and its spectrum summary at given parameters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnalyzeCurvature(self, request, context):
+        """Matrix-free spectrum: extreme eigenvalues, trace, density, minimum/saddle/maximum/flat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +231,11 @@ def add_HessianServiceServicer_to_server(servicer, server):
                     servicer.ComputeHessian,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.ComputeHessianRequest.FromString,
                     response_serializer=hessian_dot_v1_dot_service__pb2.ComputeHessianResponse.SerializeToString,
+            ),
+            'AnalyzeCurvature': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnalyzeCurvature,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureResponse.SerializeToString,
             ),
             'StartRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRun,
@@ -396,6 +413,33 @@ class HessianService:
             '/hessian.v1.HessianService/ComputeHessian',
             hessian_dot_v1_dot_service__pb2.ComputeHessianRequest.SerializeToString,
             hessian_dot_v1_dot_service__pb2.ComputeHessianResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnalyzeCurvature(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hessian.v1.HessianService/AnalyzeCurvature',
+            hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureResponse.FromString,
             options,
             channel_credentials,
             insecure,
