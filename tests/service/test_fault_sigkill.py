@@ -1,0 +1,122 @@
+"""SIGKILL the server in the middle of 20 concurrent runs, restart it on the same data: every
+record a client received is served again, each run is INTERRUPTED or finished, and ResumeRun
+takes the interrupted ones to the same records and final loss as uninterrupted runs."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import free_port, spawn_server
+from hessian_client import Client, problems, status_name
+from hessian_client.proto import service_pb2, service_pb2_grpc
+
+RUNS = 20
+EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+SPECS = {
+    "newton": {"method": "newton", "damping": 1e-3, "learning_rate": 0.05,
+               "stopping": {"max_iterations": 150, **EXACT}},
+    "gd": {"method": "gradient_descent", "learning_rate": 0.05,
+           "stopping": {"max_iterations": 300, **EXACT}},
+}  # fmt: skip
+
+
+def _problem(seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 8))
+    y = (x[:, 0] + 0.5 * rng.standard_normal(200) > 0).astype(np.float64)
+    return problems.logistic_regression(x, y, l2=1e-3)
+
+
+def _kind(i: int) -> tuple[str, int]:
+    """Run i's spec name and problem seed: 2 methods x 2 data sets, 5 runs each."""
+    return ("newton", "gd")[i % 2], (i // 2) % 2
+
+
+class Watcher(threading.Thread):
+    """Collects (iteration, loss) of one run's WatchRun stream until it ends or breaks."""
+
+    def __init__(self, address: str, run_id: str) -> None:
+        super().__init__(daemon=True)
+        self.address, self.run_id = address, run_id
+        self.seen: list[tuple[int, float]] = []
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            try:
+                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=self.run_id)):
+                    self.seen.extend((r.iteration, r.loss) for r in event.records)
+            except grpc.RpcError:
+                pass
+
+
+def _served(c: Client, run_id: str) -> list[tuple[int, float]]:
+    return [(r.iteration, r.loss) for r in c.run(run_id).stream()]
+
+
+@pytest.mark.slow
+def test_sigkill_during_20_runs_loses_no_acknowledged_record_and_resume_matches(tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    flags = ("--workers", "4", "--checkpoint-every", "25", "--commit-interval-ms", "100")
+    proc = spawn_server(tmp_path, port, *flags)
+    try:
+        with Client(address) as c:
+            ids = []
+            for i in range(RUNS):
+                name, seed = _kind(i)
+                spec = SPECS[name]
+                ids.append(c.start_run(_problem(seed), seed=0, name=f"{name}-{seed}", **spec).id)
+        watchers = [Watcher(address, run_id) for run_id in ids]
+        for w in watchers:
+            w.start()
+        deadline = time.monotonic() + 60
+        while sum(len(w.seen) for w in watchers) < 1200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for w in watchers:
+        w.join(30)
+    seen = {w.run_id: w.seen for w in watchers}
+    assert sum(map(len, seen.values())) >= 1200
+
+    proc = spawn_server(tmp_path, port, *flags)
+    try:
+        with Client(address) as c:
+            statuses = {}
+            for run_id in ids:
+                info = c.get_run(run_id)
+                statuses[run_id] = status_name(info)
+                served = _served(c, run_id)
+                assert served[: len(seen[run_id])] == seen[run_id], run_id
+                assert [it for it, _ in served] == list(range(len(served)))
+                assert info.num_records == len(served)
+            assert set(statuses.values()) <= {"INTERRUPTED", "FINISHED"}
+            interrupted = [r for r, s in statuses.items() if s == "INTERRUPTED"]
+            assert len(interrupted) >= 4, statuses
+            resumed = [c.resume_run(run_id) for run_id in interrupted]
+            references = {}
+            for i in range(4):
+                name, seed = _kind(i)
+                run = c.start_run(_problem(seed), seed=0, **SPECS[name])
+                references[(name, seed)] = _served(c, run.id)
+            for run in resumed:
+                assert status_name(run.wait(120)) == "FINISHED"
+            for i, run_id in enumerate(ids):
+                name, seed = _kind(i)
+                info = c.get_run(run_id)
+                assert status_name(info) == "FINISHED"
+                reference = references[(name, seed)]
+                assert info.last_record.loss == reference[-1][1], (run_id, statuses[run_id])
+                assert _served(c, run_id) == reference
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
