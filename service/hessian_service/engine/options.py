@@ -49,9 +49,10 @@ class MethodOptions:
     Hessian-free only: cg_max_iterations, cg_forcing (eisenstat_walker: adaptive inner
     tolerance floored at cg_tolerance; fixed: cg_tolerance), trust_radius (initial),
     curvature_fraction (share of data rows the curvature products use, drawn each step
-    from `seed`), hvp_mode (forward_over_reverse: torch.func jvp of grad, nothing kept between
-    products; reverse_over_reverse: one retained double-backward graph per step, cheaper per
-    product on small models). gauss_newton_cg is newton_cg with curvature gauss_newton.
+    from `seed`), hvp_mode (reverse_over_reverse, the default: one retained double-backward
+    graph per step, 1.3-1.4x a gradient per product in BENCHMARKS.md; forward_over_reverse:
+    torch.func jvp of grad, nothing kept between products, 2.8-8x a gradient there).
+    gauss_newton_cg is newton_cg with curvature gauss_newton.
     """
 
     method: str = "newton"
@@ -71,7 +72,7 @@ class MethodOptions:
     trust_radius: float = 1.0
     curvature_fraction: float = 1.0
     seed: int = 0
-    hvp_mode: str = "forward_over_reverse"
+    hvp_mode: str = "reverse_over_reverse"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> MethodOptions:
