@@ -45,7 +45,7 @@ template <typename scalar_t>
 void mirror_lower(scalar_t* a, int64_t n, int64_t ld) {
   constexpr int64_t tile = 64;
   const int64_t tiles = (n + tile - 1) / tile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, n < 512 ? tiles : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t i0 = ti * tile, i1 = std::min(n, i0 + tile);
       for (int64_t tj = ti; tj < tiles; ++tj) {

@@ -15,9 +15,6 @@ struct SolveStatus {
   int64_t attempts;
 };
 
-// Largest n served by the hand-written loops; above it one LAPACK factorisation.
-constexpr int64_t kSmallN = 96;
-
 // Solve (sym(H) + lambda I) d = -g for the least lambda >= damping (x10 a try) that is PD.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
     const at::Tensor& h, const at::Tensor& g, double damping, int64_t max_attempts);

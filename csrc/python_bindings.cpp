@@ -38,6 +38,24 @@ bool bool_arg(PyObject* o, const char* name) {
   return o == Py_True;
 }
 
+// Releases the GIL for the kernel (other server threads run meanwhile); reacquired on any
+// exit, exceptions included, before the error is turned into a Python exception.
+class ReleaseGil {
+ public:
+  explicit ReleaseGil(bool release) : state_(release ? PyEval_SaveThread() : nullptr) {}
+  ~ReleaseGil() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+// Below this many parameters the mse step takes less time than releasing the GIL.
+constexpr int64_t kMseKeepGil = 4096;
+
 void check_nargs(Py_ssize_t got, Py_ssize_t want, const char* fn) {
   TORCH_CHECK_TYPE(got == want, fn, " takes ", want, " arguments, got ", got);
 }
@@ -62,49 +80,87 @@ PyObject* pack(FusedStep&& step) {
 PyObject* py_mse(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_nargs(n, 5, "mse_newton_step");
-  return pack(mse_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "target"),
-                        float_arg(a[2], "lr"), float_arg(a[3], "damping"),
-                        int_arg(a[4], "max_attempts")));
+  const at::Tensor& x = tensor_arg(a[0], "x");
+  const at::Tensor& target = tensor_arg(a[1], "target");
+  const double lr = float_arg(a[2], "lr"), damping = float_arg(a[3], "damping");
+  const int64_t attempts = int_arg(a[4], "max_attempts");
+  FusedStep step;
+  {
+    ReleaseGil nogil(x.numel() > kMseKeepGil);
+    step = mse_fused(x, target, lr, damping, attempts);
+  }
+  return pack(std::move(step));
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_quadratic(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_nargs(n, 6, "quadratic_newton_step");
-  return pack(quadratic_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "A"),
-                              tensor_arg(a[2], "b"), float_arg(a[3], "lr"),
-                              float_arg(a[4], "damping"), int_arg(a[5], "max_attempts")));
+  const at::Tensor &x = tensor_arg(a[0], "x"), &A = tensor_arg(a[1], "A");
+  const at::Tensor& b = tensor_arg(a[2], "b");
+  const double lr = float_arg(a[3], "lr"), damping = float_arg(a[4], "damping");
+  const int64_t attempts = int_arg(a[5], "max_attempts");
+  FusedStep step;
+  {
+    ReleaseGil nogil(true);
+    step = quadratic_fused(x, A, b, lr, damping, attempts);
+  }
+  return pack(std::move(step));
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_least_squares(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_nargs(n, 8, "least_squares_newton_step");
-  return pack(least_squares_fused(
-      tensor_arg(a[0], "x"), tensor_arg(a[1], "X"), tensor_arg(a[2], "y"),
-      float_arg(a[3], "l2"), bool_arg(a[4], "fit_intercept"), float_arg(a[5], "lr"),
-      float_arg(a[6], "damping"), int_arg(a[7], "max_attempts")));
+  const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
+  const at::Tensor& y = tensor_arg(a[2], "y");
+  const double l2 = float_arg(a[3], "l2");
+  const bool fit = bool_arg(a[4], "fit_intercept");
+  const double lr = float_arg(a[5], "lr"), damping = float_arg(a[6], "damping");
+  const int64_t attempts = int_arg(a[7], "max_attempts");
+  FusedStep step;
+  {
+    ReleaseGil nogil(true);
+    step = least_squares_fused(x, X, y, l2, fit, lr, damping, attempts);
+  }
+  return pack(std::move(step));
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_logistic(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_nargs(n, 8, "logistic_regression_newton_step");
-  return pack(logistic_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "X"),
-                             tensor_arg(a[2], "y"), float_arg(a[3], "l2"),
-                             bool_arg(a[4], "fit_intercept"), float_arg(a[5], "lr"),
-                             float_arg(a[6], "damping"), int_arg(a[7], "max_attempts")));
+  const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
+  const at::Tensor& y = tensor_arg(a[2], "y");
+  const double l2 = float_arg(a[3], "l2");
+  const bool fit = bool_arg(a[4], "fit_intercept");
+  const double lr = float_arg(a[5], "lr"), damping = float_arg(a[6], "damping");
+  const int64_t attempts = int_arg(a[7], "max_attempts");
+  FusedStep step;
+  {
+    ReleaseGil nogil(true);
+    step = logistic_fused(x, X, y, l2, fit, lr, damping, attempts);
+  }
+  return pack(std::move(step));
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_softmax(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_nargs(n, 9, "softmax_regression_newton_step");
-  return pack(softmax_fused(tensor_arg(a[0], "x"), tensor_arg(a[1], "X"),
-                            tensor_arg(a[2], "labels"), int_arg(a[3], "num_classes"),
-                            float_arg(a[4], "l2"), bool_arg(a[5], "fit_intercept"),
-                            float_arg(a[6], "lr"), float_arg(a[7], "damping"),
-                            int_arg(a[8], "max_attempts")));
+  const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
+  const at::Tensor& labels = tensor_arg(a[2], "labels");
+  const int64_t k = int_arg(a[3], "num_classes");
+  const double l2 = float_arg(a[4], "l2");
+  const bool fit = bool_arg(a[5], "fit_intercept");
+  const double lr = float_arg(a[6], "lr"), damping = float_arg(a[7], "damping");
+  const int64_t attempts = int_arg(a[8], "max_attempts");
+  FusedStep step;
+  {
+    ReleaseGil nogil(true);
+    step = softmax_fused(x, X, labels, k, l2, fit, lr, damping, attempts);
+  }
+  return pack(std::move(step));
   END_HANDLE_TH_ERRORS
 }
 

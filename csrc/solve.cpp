@@ -21,6 +21,11 @@ namespace hessian {
 namespace {
 
 constexpr int64_t kTile = 64;
+// Largest n served by the hand-written loops; above it one LAPACK factorisation (measured
+// crossover on the 2-core CI machine: the loops win up to about 64).
+constexpr int64_t kSmallN = 64;
+// Below this n the O(n^2) copies run on one thread (waking the pool costs more).
+constexpr int64_t kParallelN = 512;
 
 template <typename scalar_t>
 double sqrt_eps() {
@@ -113,7 +118,7 @@ SolveStatus small_solve(const scalar_t* h, int64_t n, const scalar_t* g, double 
 template <typename scalar_t>
 void restore_upper(scalar_t* a, int64_t n, const scalar_t* diag, scalar_t lam) {
   const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, n < kParallelN ? tiles : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
       for (int64_t tj = ti; tj < tiles; ++tj) {
@@ -157,7 +162,7 @@ SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const sca
 template <typename scalar_t>
 void symmetrise_lower(const scalar_t* h, int64_t n, scalar_t* out, scalar_t* diag) {
   const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, n < kParallelN ? tiles : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
       for (int64_t tj = 0; tj <= ti; ++tj) {
