@@ -2,6 +2,7 @@
 
 from . import problems
 from .client import Client, HessianResult, Run, RunResult, StepResult, status_name
+from .curvature import CurvatureResult, DensityResult, TraceResult
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -20,7 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Cancelled",
     "Client",
+    "CurvatureResult",
     "DeadlineExceeded",
+    "DensityResult",
     "FailedPrecondition",
     "HessianError",
     "HessianResult",
@@ -32,6 +35,7 @@ __all__ = [
     "Run",
     "RunResult",
     "StepResult",
+    "TraceResult",
     "Unauthenticated",
     "Unavailable",
     "problems",

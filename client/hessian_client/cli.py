@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -144,12 +145,60 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         step_policy=args.step_policy,
         curvature=args.curvature,
         backend=args.backend,
+        dense_budget_bytes=args.dense_budget_bytes,
+        cg_max_iterations=args.cg_max_iterations,
+        cg_tolerance=args.cg_tolerance,
+        trust_radius=args.trust_radius,
+        curvature_fraction=args.curvature_fraction,
+        hvp_mode=args.hvp_mode,
     )
     print(f"run {run.id}", file=sys.stderr)
+    note = run.info().method_note
+    if note:
+        print(note, file=sys.stderr)
     if args.detach:
         print(run.id)
         return 0
     return _follow(run, args.max_iterations, args.quiet)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
+    result = client.analyze_curvature(
+        build_problem(args),
+        np.load(args.params),
+        top_k=args.top_k,
+        bottom_k=args.bottom_k,
+        curvature=args.curvature,
+        trace_samples=args.trace_samples,
+        density_probes=args.density_probes,
+        seed=args.seed,
+    )
+    if args.json:
+        json.dump(dataclasses.asdict(result), sys.stdout, default=_json_default)
+        sys.stdout.write("\n")
+        return 0
+    print(f"verdict: {result.verdict} ({result.verdict_reason})")
+    print(f"top eigenvalues: {', '.join(f'{v:.9g}' for v in result.top_eigenvalues)}")
+    print(f"bottom eigenvalues: {', '.join(f'{v:.9g}' for v in result.bottom_eigenvalues)}")
+    for label, t in (("Hutchinson", result.trace_hutchinson), ("Hutch++", result.trace_hutchpp)):
+        if t is not None:
+            print(
+                f"trace ({label}): {t.estimate:.6g} +- {t.half_width:.3g} "
+                f"at {t.confidence:.0%} ({t.products} products)"
+            )
+    parts = ", ".join(f"{k} {v}" for k, v in result.products_by_part.items())
+    print(
+        f"{result.num_params} parameters, loss {result.loss:.9g}, max|g| "
+        f"{result.gradient_max_norm:.3g}; {result.products} Hessian-vector products ({parts}); "
+        f"{result.seconds:.3f} s"
+    )
+    return 0
 
 
 def cmd_watch(client: Client, args: argparse.Namespace) -> int:
@@ -260,6 +309,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--step-policy", default=None)
     r.add_argument("--curvature", default=None)
     r.add_argument("--backend", default=None)
+    r.add_argument("--dense-budget-bytes", type=int, default=None, help="for --method auto")
+    r.add_argument("--cg-max-iterations", type=int, default=None)
+    r.add_argument("--cg-tolerance", type=float, default=None)
+    r.add_argument("--trust-radius", type=float, default=None)
+    r.add_argument("--curvature-fraction", type=float, default=None)
+    r.add_argument("--hvp-mode", default=None)
     r.add_argument("--max-iterations", type=int, default=100)
     r.add_argument("--gradient-tolerance", type=float, default=None)
     r.add_argument("--function-tolerance", type=float, default=None)
@@ -267,6 +322,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default="")
     r.add_argument("--detach", action="store_true", help="print the run id and return")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    cv = sub.add_parser(
+        "curvature", help="eigenvalue extremes, trace and verdict (minimum/saddle/...) at a point"
+    )
+    cv.add_argument("--problem-id")
+    cv.add_argument("--objective", help="catalogue name (with --data FILE.npz, --option K=V)")
+    cv.add_argument("--data", help=".npz of the named data tensors")
+    cv.add_argument("--option", action="append", type=_parse_option, help="objective option")
+    cv.add_argument("--params", required=True, help=".npy of the parameters to analyse")
+    cv.add_argument("--top-k", type=int, default=None)
+    cv.add_argument("--bottom-k", type=int, default=None)
+    cv.add_argument("--curvature", default=None, help="hessian or gauss_newton")
+    cv.add_argument("--trace-samples", type=int, default=None, help="0: no trace")
+    cv.add_argument("--density-probes", type=int, default=None, help="0: no density")
+    cv.add_argument("--seed", type=int, default=None, help="the probes' seed")
+    cv.add_argument("--json", action="store_true", help="the whole answer as JSON")
     w = sub.add_parser("watch", help="print a run's records as they come")
     w.add_argument("run_id")
     w.add_argument("--from", dest="from_iteration", type=int, default=0)
@@ -290,6 +360,7 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "info": cmd_info,
     "run": cmd_run,
+    "curvature": cmd_curvature,
     "watch": cmd_watch,
     "runs": cmd_runs,
     "cancel": cmd_cancel,

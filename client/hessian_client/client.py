@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 
 from . import tensors
+from .curvature import CurvatureResult, from_wire, spectrum_options
 from .errors import HessianError, from_rpc_error
-from .options import method_options, stop_criteria
+from .options import enum_label, method_options, stop_criteria
 from .proto import optimize_pb2, problem_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -36,10 +37,15 @@ def status_name(info: service_pb2.RunInfo) -> str:
 
 @dataclass
 class StepResult:
-    """A unary step's new parameters (numpy, or torch when sent as torch) and its record."""
+    """A unary step's new parameters (numpy, or torch when sent as torch) and its record.
+
+    method is the method that ran (auto resolved); method_note says why auto chose it.
+    """
 
     params: Any
     record: optimize_pb2.StepRecord
+    method: str = ""
+    method_note: str = ""
 
 
 @dataclass
@@ -165,7 +171,10 @@ class Client:
         )
         response = self.call(rpc, request, timeout)
         return StepResult(
-            tensors.like_input(tensors.decode(response.params), params), response.record
+            tensors.like_input(tensors.decode(response.params), params),
+            response.record,
+            enum_label("method", response.method),
+            response.method_note,
         )
 
     def gradient_step(
@@ -196,7 +205,13 @@ class Client:
         timeout: Any = _DEFAULT,
         **options: Any,
     ) -> StepResult:
-        """One Newton (or saddle-free Newton) step from `params`."""
+        """One Newton step from `params`.
+
+        method: newton | saddle_free | newton_cg | gauss_newton_cg | auto (newton if the dense
+        Hessian fits dense_budget_bytes, else newton_cg). Further keywords are method options
+        (cg_max_iterations, cg_tolerance, cg_forcing, trust_radius, curvature_fraction, seed,
+        hvp_mode, dense_budget_bytes, ...).
+        """
         options.update(
             method=method,
             learning_rate=learning_rate,
@@ -230,6 +245,25 @@ class Client:
         matrix = tensors.decode(r.matrix) if r.HasField("matrix") else None
         return HessianResult(matrix, r.summary, r.loss, tensors.decode(r.gradient), r.backend)
 
+    def analyze_curvature(
+        self,
+        problem: problem_pb2.Problem | str,
+        params: Any,
+        *,
+        timeout: Any = _DEFAULT,
+        **options: Any,
+    ) -> CurvatureResult:
+        """Matrix-free curvature at `params`: extreme eigenvalues, trace, density, verdict.
+
+        Keywords are spectrum options (top_k, bottom_k, curvature, trace_samples, seed, ...).
+        """
+        request = service_pb2.AnalyzeCurvatureRequest(
+            params=tensors.encode(params),
+            options=spectrum_options(**options),
+            **self._source(problem),
+        )
+        return from_wire(self.call("AnalyzeCurvature", request, timeout))
+
     # runs
     def start_run(
         self,
@@ -240,11 +274,17 @@ class Client:
         init: str = "objective_default",
         name: str = "",
         stopping: dict[str, Any] | None = None,
+        curvature_seed: int | None = None,
         **options: Any,
     ) -> Run:
-        """Queue a run from `params` (or from a server-side draw with `seed`) -> Run."""
+        """Queue a run from `params` (or from a server-side draw with `seed`) -> Run.
+
+        Keywords are method options (method="auto" picks newton or newton_cg by size; the
+        returned run's `info().method_note` says which and why); curvature_seed is the
+        Hessian-free curvature sub-sample's seed (method option `seed`).
+        """
         request = service_pb2.StartRunRequest(
-            options=method_options(**options),
+            options=method_options(seed=curvature_seed, **options),
             stopping=stop_criteria(**(stopping or {})),
             name=name,
             **self._source(problem),

@@ -11,6 +11,8 @@ ENUMS = {
     "step_policy": ("STEP_POLICY_", optimize_pb2.StepPolicy),
     "curvature": ("CURVATURE_", optimize_pb2.Curvature),
     "backend": ("BACKEND_", optimize_pb2.Backend),
+    "cg_forcing": ("CG_FORCING_", optimize_pb2.CgForcing),
+    "hvp_mode": ("HVP_MODE_", optimize_pb2.HvpMode),
 }
 SCALARS = (
     "learning_rate",
@@ -20,6 +22,11 @@ SCALARS = (
     "backtrack",
     "max_backtracks",
     "dense_budget_bytes",
+    "cg_max_iterations",
+    "cg_tolerance",
+    "trust_radius",
+    "curvature_fraction",
+    "seed",
 )
 STOP_FIELDS = (
     "max_iterations",

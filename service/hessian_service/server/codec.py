@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from google.protobuf.message import Message
-from hessian_client.proto import optimize_pb2, tensor_pb2
+from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord
+from ..engine.spectrum import CurvatureReport, TraceEstimate
 
 TORCH_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,
@@ -113,6 +114,8 @@ OPTION_ENUMS = {
     "step_policy": optimize_pb2.StepPolicy,
     "curvature": optimize_pb2.Curvature,
     "backend": optimize_pb2.Backend,
+    "cg_forcing": optimize_pb2.CgForcing,
+    "hvp_mode": optimize_pb2.HvpMode,
 }
 OPTION_SCALARS = (
     "learning_rate",
@@ -121,6 +124,15 @@ OPTION_SCALARS = (
     "backtrack",
     "max_backtracks",
     "dense_budget_bytes",
+    "cg_max_iterations",
+    "cg_tolerance",
+    "trust_radius",
+    "curvature_fraction",
+    "seed",
+)
+SPECTRUM_ENUMS = {"curvature": optimize_pb2.Curvature, "hvp_mode": optimize_pb2.HvpMode}
+SPECTRUM_SCALARS = tuple(
+    f.name for f in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields if f.name not in SPECTRUM_ENUMS
 )
 STOP_FIELDS = (
     "max_iterations",
@@ -159,6 +171,19 @@ def options_to_wire(values: dict[str, Any]) -> optimize_pb2.MethodOptions:
     return msg
 
 
+def spectrum_to_dict(msg: optimize_pb2.SpectrumOptions, field: str = "options") -> dict[str, Any]:
+    """The engine's SpectrumOptions dict from the wire (unset fields omitted)."""
+    out: dict[str, Any] = {}
+    for name, enum_type in SPECTRUM_ENUMS.items():
+        value = enum_name(enum_type, getattr(msg, name), f"{field}.{name}")
+        if value is not None:
+            out[name] = value
+    for name in SPECTRUM_SCALARS:
+        if msg.HasField(name):
+            out[name] = getattr(msg, name)
+    return out
+
+
 def stopping_to_dict(msg: optimize_pb2.StopCriteria) -> dict[str, Any]:
     """The engine's StopCriteria dict from the wire (unset fields omitted)."""
     return {name: getattr(msg, name) for name in STOP_FIELDS if msg.HasField(name)}
@@ -185,3 +210,44 @@ def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_p
 def stop_reason_value(reason: str) -> int:
     """The wire StopReason for an engine stop reason name."""
     return enum_value(optimize_pb2.StopReason, reason)
+
+
+def _trace_to_wire(estimate: TraceEstimate, out: optimize_pb2.TraceEstimate) -> None:
+    out.estimate = estimate.estimate
+    out.half_width = estimate.half_width
+    out.confidence = estimate.confidence
+    out.products = estimate.products
+
+
+def report_to_wire(report: CurvatureReport) -> service_pb2.AnalyzeCurvatureResponse:
+    """The wire AnalyzeCurvatureResponse for an engine CurvatureReport (field for field)."""
+    msg = service_pb2.AnalyzeCurvatureResponse(
+        num_params=report.num_params,
+        curvature=enum_value(optimize_pb2.Curvature, report.curvature),
+        loss=report.loss,
+        gradient_max_norm=report.gradient_max_norm,
+        stationary=report.stationary,
+        top_eigenvalues=report.top_eigenvalues,
+        bottom_eigenvalues=report.bottom_eigenvalues,
+        eigen_residuals=report.eigen_residuals,
+        lanczos_iterations=report.lanczos_iterations,
+        eigenvalues_converged=report.eigenvalues_converged,
+        products=report.products,
+        products_by_part=report.products_by_part,
+        verdict=enum_value(optimize_pb2.Verdict, report.verdict),
+        verdict_reason=report.verdict_reason,
+        seconds=report.seconds,
+    )
+    if report.trace_hutchinson is not None:
+        _trace_to_wire(report.trace_hutchinson, msg.trace_hutchinson)
+    if report.trace_hutchpp is not None:
+        _trace_to_wire(report.trace_hutchpp, msg.trace_hutchpp)
+    density = report.density
+    if density is not None:
+        encode_tensor(density.grid, out=msg.density.grid)
+        encode_tensor(density.density, out=msg.density.density)
+        msg.density.sigma = density.sigma
+        msg.density.probes = density.probes
+        msg.density.steps = density.steps
+        msg.density.trace = density.trace
+    return msg

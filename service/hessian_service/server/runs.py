@@ -187,10 +187,16 @@ class RunManager:
         stopping: StopCriteria,
         name: str = "",
         owner: str = "",
+        method_note: str = "",
     ) -> RunRow:
-        """Record a new run (QUEUED, with its starting checkpoint) and queue it."""
+        """Record a new run (QUEUED, with its starting checkpoint) and queue it.
+
+        `method_note` (why method auto chose the options' method) is kept in the spec.
+        """
         run_id = "r-" + uuid.uuid4().hex
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
+        if method_note:
+            spec["method_note"] = method_note
         row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time())
         live = self._admit(run_id, 0, owner)
         try:

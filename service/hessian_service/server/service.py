@@ -15,12 +15,20 @@ import torch
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .. import __version__
-from ..engine import MethodOptions, StopCriteria, check_dense_budget, native_status, take_step
+from ..engine import (
+    MethodOptions,
+    StopCriteria,
+    check_dense_budget,
+    native_status,
+    resolve_method,
+    take_step,
+)
 from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
 from ..engine.options import METHODS
 from ..engine.sampling import generator, initial_params, sample
+from ..engine.spectrum import SpectrumOptions, analyze_curvature
 from ..store import RunRow, RunStore
 from . import codec
 from .auth import caller
@@ -96,6 +104,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             message=row.message,
             problem_id=row.problem_id,
             options=codec.options_to_wire(row.spec["options"]),
+            method=codec.enum_value(optimize_pb2.Method, row.spec["options"]["method"]),
+            method_note=row.spec.get("method_note", ""),
             stopping=codec.stopping_to_wire(row.spec["stopping"]),
             backend=row.backend,
             num_records=row.num_records,
@@ -135,7 +145,34 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         response = service_pb2.StepResponse()
         codec.encode_tensor(result.params, request.params.shape, response.params)
         codec.record_to_wire(result.record, response.record)
+        response.method = codec.enum_value(optimize_pb2.Method, result.method)
+        response.method_note = result.method_note
         return response
+
+    def _check_spectrum_memory(self, n: int, itemsize: int, options: SpectrumOptions) -> None:
+        """Refuse an analysis whose working n-vectors would exceed the dense-Hessian budget."""
+        o = options
+        density = o.batch_size * (o.density_steps + 1) if o.density_probes else 0
+        vectors = {
+            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n) + 1,
+            "options.trace_samples": o.trace_samples // 3 + 1,
+            "options.density_steps": density,
+        }
+        field, count = max(vectors.items(), key=lambda kv: kv[1])
+        need = count * n * itemsize
+        if need > self.config.dense_budget_bytes:
+            raise ResourceLimitError(
+                field,
+                f"{count} working vectors of {n} parameters need {need} bytes, over the "
+                f"server's memory budget of {self.config.dense_budget_bytes} "
+                "(dense_budget_bytes); ask for fewer",
+            )
+        if 16 * o.grid_points + 4096 > self.config.max_message_bytes:
+            raise ResourceLimitError(
+                "options.grid_points",
+                f"{o.grid_points} points do not fit the message limit of "
+                f"{self.config.max_message_bytes} bytes",
+            )
 
     # unary RPCs
     @unary
@@ -218,6 +255,16 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return response
 
     @unary
+    def AnalyzeCurvature(self, request, context):
+        _check_deadline(context)
+        _, objective = self.registry.resolve(request)
+        params = self._decode_params(request.params, "params")
+        options = SpectrumOptions.from_dict(codec.spectrum_to_dict(request.options))
+        itemsize = torch.empty((), dtype=params.dtype).element_size()
+        self._check_spectrum_memory(objective.num_params, itemsize, options)
+        return codec.report_to_wire(analyze_curvature(objective, params, options))
+
+    @unary
     def StartRun(self, request, context):
         _check_deadline(context)
         pid, objective = self.registry.resolve(request, persist=True)
@@ -241,6 +288,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         else:
             params = objective.init_params(generator(0))
         params = objective.check_params(params, "initial_params")
+        options, method_note = resolve_method(options, objective.num_params, params.dtype)
         if options.method in DENSE_METHODS:
             check_dense_budget(
                 objective.num_params,
@@ -256,6 +304,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             stopping=stopping,
             name=request.name,
             owner=caller(context),
+            method_note=method_note,
         )
         if self.config.max_stored_runs:
             self.store.enforce_retention(self.config.max_stored_runs)

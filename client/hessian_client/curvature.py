@@ -1,0 +1,117 @@
+"""AnalyzeCurvature in plain Python: SpectrumOptions from keywords, the answer as numpy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import tensors
+from .options import enum_label, enum_value
+from .proto import optimize_pb2, service_pb2
+
+SPECTRUM_ENUMS = ("curvature", "hvp_mode")
+SPECTRUM_SCALARS = tuple(
+    f.name for f in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields if f.name not in SPECTRUM_ENUMS
+)
+
+
+def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
+    """SpectrumOptions from keyword arguments; None leaves a field at the engine default."""
+    msg = optimize_pb2.SpectrumOptions()
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in SPECTRUM_ENUMS:
+            setattr(msg, key, enum_value(key, value))
+        elif key in SPECTRUM_SCALARS:
+            setattr(msg, key, value)
+        else:
+            known = [*SPECTRUM_ENUMS, *SPECTRUM_SCALARS]
+            raise TypeError(f"unknown spectrum option {key!r}; known: {known}")
+    return msg
+
+
+@dataclass
+class TraceResult:
+    """A stochastic trace estimate: estimate +- half_width at `confidence`."""
+
+    estimate: float
+    half_width: float
+    confidence: float
+    products: int
+
+
+@dataclass
+class DensityResult:
+    """The SLQ spectral density: `values` on `grid` (integrates to 1), and SLQ's trace."""
+
+    grid: np.ndarray
+    values: np.ndarray
+    sigma: float
+    probes: int
+    steps: int
+    trace: float
+
+
+@dataclass
+class CurvatureResult:
+    """AnalyzeCurvature's answer: extremes, traces, density and verdict as Python values."""
+
+    num_params: int
+    curvature: str
+    loss: float
+    gradient_max_norm: float
+    stationary: bool
+    top_eigenvalues: list[float]
+    bottom_eigenvalues: list[float]
+    eigen_residuals: list[float]
+    lanczos_iterations: int
+    eigenvalues_converged: bool
+    trace_hutchinson: TraceResult | None
+    trace_hutchpp: TraceResult | None
+    density: DensityResult | None
+    products: int
+    products_by_part: dict[str, int]
+    verdict: str
+    verdict_reason: str
+    seconds: float
+
+
+def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult | None:
+    if not msg.HasField(name):
+        return None
+    t = getattr(msg, name)
+    return TraceResult(t.estimate, t.half_width, t.confidence, int(t.products))
+
+
+def from_wire(msg: service_pb2.AnalyzeCurvatureResponse) -> CurvatureResult:
+    """The plain-Python CurvatureResult of a wire response."""
+    density = None
+    if msg.HasField("density"):
+        d = msg.density
+        density = DensityResult(
+            tensors.decode(d.grid), tensors.decode(d.density), d.sigma, d.probes, d.steps, d.trace
+        )
+    verdict = optimize_pb2.Verdict.Name(msg.verdict).removeprefix("VERDICT_").lower()
+    return CurvatureResult(
+        num_params=int(msg.num_params),
+        curvature=enum_label("curvature", msg.curvature),
+        loss=msg.loss,
+        gradient_max_norm=msg.gradient_max_norm,
+        stationary=msg.stationary,
+        top_eigenvalues=list(msg.top_eigenvalues),
+        bottom_eigenvalues=list(msg.bottom_eigenvalues),
+        eigen_residuals=list(msg.eigen_residuals),
+        lanczos_iterations=int(msg.lanczos_iterations),
+        eigenvalues_converged=msg.eigenvalues_converged,
+        trace_hutchinson=_trace(msg, "trace_hutchinson"),
+        trace_hutchpp=_trace(msg, "trace_hutchpp"),
+        density=density,
+        products=int(msg.products),
+        products_by_part=dict(msg.products_by_part),
+        verdict=verdict,
+        verdict_reason=msg.verdict_reason,
+        seconds=msg.seconds,
+    )
