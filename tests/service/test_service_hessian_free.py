@@ -23,6 +23,8 @@ from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_client.tensors import encode
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective, take_step
 from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 F64 = torch.float64
 EXACT_CG = {"cg_forcing": "fixed", "cg_tolerance": 1e-12, "cg_max_iterations": 400}
@@ -345,3 +347,61 @@ def test_a_quadratic_has_no_gauss_newton_form(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.AnalyzeCurvature(request, timeout=30)
     assert err.value.code() == INVALID and "options.curvature" in err.value.details()
+
+
+FORBIDDEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+wild_ints = st.one_of(
+    st.integers(-3, 40), st.sampled_from([-(2**63), -(2**31), 2**31, 2**40, 2**62, 2**63 - 1])
+)
+wild_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1e-300, 1e300, 1.0, 0.5, float("nan")]),
+)
+MLP_WIRE = problems.mlp(np.ones((6, 2)), np.zeros((6, 1)), layer_sizes=[2, 3, 1])
+
+
+@st.composite
+def cg_requests(draw) -> service_pb2.StepRequest:
+    """A NewtonStep with random Hessian-free options (any enum number, any scalar)."""
+    msg = optimize_pb2.MethodOptions(
+        method=draw(st.sampled_from([4, 5, 6, 99])),
+        step_policy=draw(st.integers(0, 6)),
+        cg_forcing=draw(st.integers(0, 4)),
+        hvp_mode=draw(st.integers(0, 4)),
+        damping=draw(wild_floats),
+    )
+    for name in ("cg_tolerance", "trust_radius", "curvature_fraction"):
+        if draw(st.booleans()):
+            setattr(msg, name, draw(wild_floats))
+    for name in ("cg_max_iterations", "seed", "dense_budget_bytes"):
+        if draw(st.booleans()):
+            setattr(msg, name, draw(wild_ints))
+    params = encode(np.full(13, 0.1))
+    return service_pb2.StepRequest(problem=MLP_WIRE, params=params, options=msg)
+
+
+@st.composite
+def spectrum_requests(draw) -> service_pb2.AnalyzeCurvatureRequest:
+    """An AnalyzeCurvature request with random spectrum options."""
+    msg = optimize_pb2.SpectrumOptions(
+        curvature=draw(st.integers(0, 4)), hvp_mode=draw(st.integers(0, 4))
+    )
+    for field in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields:
+        if field.name in ("curvature", "hvp_mode") or draw(st.integers(0, 4)):
+            continue  # each field set one time in five, so some requests are valid
+        is_int = field.type == field.TYPE_INT64
+        setattr(msg, field.name, draw(wild_ints if is_int else wild_floats))
+    params = encode(np.full(13, 0.1))
+    return service_pb2.AnalyzeCurvatureRequest(problem=MLP_WIRE, params=params, options=msg)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=st.one_of(cg_requests(), spectrum_requests()))
+def test_random_hessian_free_options_never_get_an_internal_error(server, stub, request):
+    method = "NewtonStep" if isinstance(request, service_pb2.StepRequest) else "AnalyzeCurvature"
+    try:
+        getattr(stub, method)(request, timeout=30)
+    except grpc.RpcError as exc:
+        assert exc.code() not in FORBIDDEN, (exc.code(), exc.details())
+        if exc.code() == INVALID:
+            assert "options." in exc.details(), exc.details()
