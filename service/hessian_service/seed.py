@@ -15,15 +15,10 @@ import json
 import sys
 
 import torch
+from hessian_client.seed import EPOCHS, LEARNING_RATE, SEED, SHAPE, format_table
 
 from .engine import MethodOptions, Run, StopCriteria, make_objective
 from .engine.objectives.base import Objective
-
-SEED = 0
-SHAPE = (5, 5)
-EPOCHS = 40
-LEARNING_RATE = 0.1
-PRINTED_ITERATION = 30
 
 
 def seed_problem(
@@ -52,38 +47,6 @@ def seed_losses(
         options = MethodOptions(method=method, learning_rate=LEARNING_RATE, backend=backend)
         losses[key] = [r.loss for r in Run(objective, params, options, stopping)]
     return losses
-
-
-def improvement(first: float, last: float) -> float:
-    """Relative improvement in percent, as the seed's table computes it."""
-    return 100.0 * (first - last) / first
-
-
-def format_table(losses: dict[str, list[float]]) -> str:
-    """The seed's table, then the true final values, with the column's meaning spelled out."""
-    names = {"gd": "1st order (gradient descent)", "newton": "2nd order (Newton, lr = 0.1)"}
-    last = len(losses["gd"]) - 1
-    lines = [
-        f"{'Method':<32} {'Initial (it 0)':>14} {'Seed final (it 30)':>19} {'Improvement':>12}",
-    ]
-    for key, name in names.items():
-        series = losses[key]
-        at = series[PRINTED_ITERATION]
-        lines.append(
-            f"{name:<32} {series[0]:>14.4f} {at:>19.4f} {improvement(series[0], at):>11.1f}%"
-        )
-    lines.append("")
-    lines.append(
-        f"The seed's 'Final Loss (Epoch 40)' column holds iteration {PRINTED_ITERATION}, the last "
-        f"one its loop printed (it printed every 10th). The true last iteration is {last}:"
-    )
-    for key, name in names.items():
-        series = losses[key]
-        lines.append(
-            f"{name:<32} {series[0]:>14.4f} {series[last]:>19.4g} "
-            f"{improvement(series[0], series[last]):>11.1f}%"
-        )
-    return "\n".join(lines)
 
 
 def plot(losses: dict[str, list[float]], path: str) -> None:
