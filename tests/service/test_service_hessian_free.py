@@ -268,6 +268,17 @@ def test_cli_curvature_reports_a_saddle(server, capsys, tmp_path):
     assert report["bottom_eigenvalues"][0] == pytest.approx(-1.0, rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_plain_newton_step_reports_its_method(client, dtype):
+    wire, obj = _least_squares(dtype)  # the native fused path serves this one when built
+    params = torch.randn(obj.num_params, dtype=dtype)
+    engine = take_step(obj, params, MethodOptions())
+    got = client.newton_step(wire, params.numpy())
+    assert got.method == engine.method == "newton" and got.method_note == ""
+    assert got.record.backend == engine.record.backend
+    assert np.array_equal(got.params, engine.params.numpy())
+
+
 def test_server_info_lists_the_hessian_free_methods(client):
     methods = list(client.info().methods)
     for name in ("newton", "newton_cg", "gauss_newton_cg", "auto"):
