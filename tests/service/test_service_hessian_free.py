@@ -330,6 +330,16 @@ CASES = {
         _analyze(batch_size=10**6, density_steps=10**4),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ),
+    "trace_samples 10**9": (
+        "AnalyzeCurvature",
+        _analyze(trace_samples=10**9, density_probes=0),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
+    "density_probes 10**9": (
+        "AnalyzeCurvature",
+        _analyze(density_probes=10**9),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
     "grid_points": (
         "AnalyzeCurvature",
         _analyze(grid_points=10**9),

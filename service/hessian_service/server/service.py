@@ -42,6 +42,7 @@ WATCH_POLL_SECONDS = 0.5
 RUN_STATUS = service_pb2.RunStatus
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
+MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -150,8 +151,20 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return response
 
     def _check_spectrum_memory(self, n: int, itemsize: int, options: SpectrumOptions) -> None:
-        """Refuse an analysis whose working n-vectors would exceed the dense-Hessian budget."""
+        """Refuse an analysis over the memory budget, the product cap or the message limit."""
         o = options
+        products = {
+            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n),
+            "options.trace_samples": 2 * o.trace_samples,
+            "options.density_probes": o.density_probes * o.density_steps,
+        }
+        if sum(products.values()) > MAX_SPECTRUM_PRODUCTS:
+            field = max(products.items(), key=lambda kv: kv[1])[0]
+            raise ResourceLimitError(
+                field,
+                f"about {sum(products.values())} curvature-vector products requested, over the "
+                f"server's cap of {MAX_SPECTRUM_PRODUCTS} per call",
+            )
         density = o.batch_size * (o.density_steps + 1) if o.density_probes else 0
         vectors = {
             "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n) + 1,
