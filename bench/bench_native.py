@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ PEERS = ("engine autograd", "torch.func.hessian", "seed row loop", "torch.compil
 def _time(fn: Callable[[], object], budget: float = 1.5) -> float:
     """Median time of fn after one warm-up call, repeats sized to about `budget` seconds.
 
-    Calls over a second (the slow peers) get 2 timed runs, so the section stays minutes.
+    Calls over a second (the slow peers) get 2 timed runs, over 5 s one, so the section
+    stays within minutes.
     """
     start = time.perf_counter()
     fn()
@@ -41,7 +43,7 @@ def _time(fn: Callable[[], object], budget: float = 1.5) -> float:
     if once < 1e-3:
         return median_seconds(fn, repeats=15, warmup=3, min_time=0.02)
     if once > 1.0:
-        return median_seconds(fn, repeats=2, warmup=0)
+        return median_seconds(fn, repeats=1 if once > 5.0 else 2, warmup=0)
     repeats = max(3, min(21, int(budget / once)))
     return median_seconds(fn, repeats=repeats, warmup=0)
 
@@ -266,6 +268,7 @@ def _step_table(notes: list[str], jax_missing: str | None) -> tuple[str, list[st
         cells["seed row loop"] = _time(lambda f=row_loop, x=x0: f(x), 3.0)
         cells["torch.compile"] = None
         if compile_spent < COMPILE_BUDGET_S:
+            torch._dynamo.reset()  # one code object per row: never hit the recompile limit
             compiled = torch.compile(func_step)
             start = time.perf_counter()
             try:
@@ -450,6 +453,7 @@ def run() -> str:
     if not available:
         return f"**Not run**: the native extension is unavailable ({reason})."
     notes: list[str] = []
+    load_before = os.getloadavg()[0]
     jax_missing = _jax_available()
     if jax_missing:
         notes.append(f"jax column skipped: jax is not importable ({jax_missing})")
@@ -493,6 +497,11 @@ def run() -> str:
         f"mlp step peak RSS growth (fresh process each): {'; '.join(memory)}.",
         "torch.compile warm-up: " + "; ".join(facts.get("compile", ["none"])) + ".",
     ]
+    notes.append(
+        f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+        "the end: on this shared 2-core machine other jobs preempt one of torch's 2 OpenMP "
+        "threads, which stalls every parallel region; rows can swing 10x between runs."
+    )
     if not torch.cuda.is_available():
         notes.append(
             "CUDA: not measured or tested here (CPU-only torch, no GPU lent to this task). "
