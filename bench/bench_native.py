@@ -447,6 +447,10 @@ def _fused_seed_times() -> tuple[float, float, float]:
 
 def run() -> str:
     torch.set_num_threads(THREADS)
+    import torch._inductor.config as inductor_config
+
+    # compile in-process: a pool of inductor worker processes would steal the 2 cores
+    inductor_config.compile_threads = 1
     from hessian_service.engine import native_status
 
     available, reason = native_status()
