@@ -7,6 +7,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -41,24 +42,30 @@ def start_server(tmp: pathlib.Path, **overrides):
 
 
 def spawn_server(data_dir: pathlib.Path, port: int, *extra: str) -> subprocess.Popen:
-    """`python -m hessian_service.server` in a subprocess; returns once it is SERVING."""
+    """`python -m hessian_service.server` in a subprocess; returns once it is SERVING.
+
+    Its output (a JSON log line per RPC) goes to the file `proc.log_path`, not a pipe: a pipe
+    nobody reads fills up and blocks the server.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hessian_service.server",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(data_dir),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
+    with tempfile.NamedTemporaryFile(prefix="hessian-server-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hessian_service.server",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(data_dir),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    proc.log_path = log.name  # type: ignore[attr-defined]
     wait_serving(f"127.0.0.1:{port}", proc)
     return proc
 
@@ -70,7 +77,7 @@ def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: fl
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
+                out = server_output(proc)
                 raise RuntimeError(f"server exited with {proc.returncode}: {out}")
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -80,6 +87,14 @@ def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: fl
                 pass
             time.sleep(0.1)
     raise TimeoutError(f"server at {address} not SERVING after {timeout} s")
+
+
+def server_output(proc: subprocess.Popen) -> str:
+    """What a spawned server has written so far (its log file, else its stdout pipe)."""
+    path = getattr(proc, "log_path", None)
+    if path is not None:
+        return pathlib.Path(path).read_text()
+    return proc.stdout.read().decode() if proc.stdout else ""
 
 
 def health_status(address: str) -> int:

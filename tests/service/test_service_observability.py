@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port, spawn_server, start_server
+from conftest import free_port, server_output, spawn_server, start_server
 from hessian_client import Client, NotFound, problems
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -139,8 +139,8 @@ def test_the_process_logs_json_lines_and_warns_loudly_when_unauthenticated(tmp_p
             )
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        proc.wait(60)
+    lines = [json.loads(line) for line in server_output(proc).splitlines() if line.strip()]
     warnings = [x for x in lines if x["level"] == "WARNING" and "UNAUTHENTICATED" in x["msg"]]
     assert warnings and "loopback" in warnings[0]["msg"]
     access = [x for x in lines if x.get("event") == "rpc" and "HessianService" in x["method"]]

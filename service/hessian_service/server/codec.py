@@ -30,6 +30,7 @@ NUMPY_DTYPES = {
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
 }
+MAX_SHAPE_ELEMENTS = 2**40
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
 RECORD_FIELDS = [
     f.name
@@ -48,6 +49,11 @@ def decode_tensor(
     shape = list(tensor.shape)
     if any(s < 0 for s in shape):
         raise ValidationError(f"{field}.shape", "non-negative sizes", shape)
+    if math.prod(s for s in shape if s) > MAX_SHAPE_ELEMENTS:
+        # Even with a zero size in it (0 elements) such a shape cannot be represented.
+        raise ValidationError(
+            f"{field}.shape", f"sizes whose nonzero product is at most {MAX_SHAPE_ELEMENTS}", shape
+        )
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise ResourceLimitError(
