@@ -8,6 +8,7 @@ from typing import Any
 
 from .curvature import DEFAULT_DENSE_BUDGET_BYTES, dense_hessian_bytes
 from .errors import UnknownNameError, ValidationError
+from .validation import require_int, require_no_extra
 
 METHODS = ("gradient_descent", "newton", "saddle_free", "newton_cg", "gauss_newton_cg", "auto")
 HESSIAN_FREE_METHODS = ("newton_cg", "gauss_newton_cg")
@@ -77,10 +78,7 @@ class MethodOptions:
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> MethodOptions:
         """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValidationError(f"{field_prefix}.{key}", f"one of {sorted(known)}", "unknown")
+        require_no_extra(values, {f.name for f in fields(cls)}, field_prefix)
         return cls(**values).validated(field_prefix)
 
     def validated(self, field_prefix: str = "options") -> MethodOptions:
@@ -118,21 +116,14 @@ class MethodOptions:
             raise ValidationError(f"{p}.armijo", "a number in (0, 1)", repr(self.armijo))
         if not 0 < _real(f"{p}.backtrack", self.backtrack) < 1:
             raise ValidationError(f"{p}.backtrack", "a number in (0, 1)", repr(self.backtrack))
-        if (
-            isinstance(self.max_backtracks, bool)
-            or not isinstance(self.max_backtracks, int)
-            or (self.max_backtracks < 1)
-        ):
-            raise ValidationError(
-                f"{p}.max_backtracks", "an integer >= 1", repr(self.max_backtracks)
-            )
+        require_int(f"{p}.max_backtracks", self.max_backtracks, 1)
         budget = self.dense_budget_bytes
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
         ):
             raise ValidationError(f"{p}.dense_budget_bytes", "a positive integer", repr(budget))
-        _integer(f"{p}.cg_max_iterations", self.cg_max_iterations, 1)
-        _integer(f"{p}.seed", self.seed, 0)
+        require_int(f"{p}.cg_max_iterations", self.cg_max_iterations, 1)
+        require_int(f"{p}.seed", self.seed, 0)
         if not 0 < _real(f"{p}.cg_tolerance", self.cg_tolerance) < 1:
             raise ValidationError(
                 f"{p}.cg_tolerance", "a number in (0, 1)", repr(self.cg_tolerance)
@@ -149,12 +140,6 @@ class MethodOptions:
         return replace(
             self, learning_rate=lr, backend=backend, step_policy=policy, curvature=curvature
         )
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValidationError(name, f"an integer >= {minimum}", repr(value))
-    return value
 
 
 def resolve_method(
@@ -202,23 +187,13 @@ class StopCriteria:
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "stopping") -> StopCriteria:
         """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValidationError(f"{field_prefix}.{key}", f"one of {sorted(known)}", "unknown")
+        require_no_extra(values, {f.name for f in fields(cls)}, field_prefix)
         return cls(**values).validated(field_prefix)
 
     def validated(self, field_prefix: str = "stopping") -> StopCriteria:
         """Check every field."""
         p = field_prefix
-        if (
-            isinstance(self.max_iterations, bool)
-            or not isinstance(self.max_iterations, int)
-            or (self.max_iterations < 0)
-        ):
-            raise ValidationError(
-                f"{p}.max_iterations", "an integer >= 0", repr(self.max_iterations)
-            )
+        require_int(f"{p}.max_iterations", self.max_iterations, 0)
         for name in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
             _real(f"{p}.{name}", getattr(self, name), nonnegative=True)
         if self.time_limit_seconds is not None:

@@ -28,17 +28,12 @@ from .errors import UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
 from .objectives.base import Objective
 from .options import HVP_MODES
+from .validation import require_int, require_no_extra
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
 CHECK_EVERY = 5  # Lanczos iterations between convergence checks, at least
 CHECK_FRACTION = 8  # and at most 1/8 of the iterations so far (a logarithmic number of checks)
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValidationError(name, f"an integer >= {minimum}", repr(value))
-    return value
 
 
 def _real(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
@@ -88,35 +83,32 @@ class SpectrumOptions:
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> SpectrumOptions:
         """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValidationError(f"{field_prefix}.{key}", f"one of {sorted(known)}", "unknown")
+        require_no_extra(values, {f.name for f in fields(cls)}, field_prefix)
         return cls(**values).validated(field_prefix)
 
     def validated(self, field_prefix: str = "options") -> SpectrumOptions:
         """Check every field, naming the one that is wrong."""
         p = field_prefix
-        _integer(f"{p}.top_k", self.top_k, 1)
-        _integer(f"{p}.bottom_k", self.bottom_k, 1)
+        require_int(f"{p}.top_k", self.top_k, 1)
+        require_int(f"{p}.bottom_k", self.bottom_k, 1)
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
-        _integer(f"{p}.max_lanczos_iterations", self.max_lanczos_iterations, 2)
+        require_int(f"{p}.max_lanczos_iterations", self.max_lanczos_iterations, 2)
         _real(f"{p}.eigen_tolerance", self.eigen_tolerance, 0.0, 1.0)
-        samples = _integer(f"{p}.trace_samples", self.trace_samples, 0)
+        samples = require_int(f"{p}.trace_samples", self.trace_samples, 0)
         if 0 < samples < 3:
             raise ValidationError(f"{p}.trace_samples", "0 or an integer >= 3", repr(samples))
         _real(f"{p}.confidence", self.confidence, 0.0, 1.0)
-        _integer(f"{p}.density_probes", self.density_probes, 0)
-        _integer(f"{p}.density_steps", self.density_steps, 2)
+        require_int(f"{p}.density_probes", self.density_probes, 0)
+        require_int(f"{p}.density_steps", self.density_steps, 2)
         if self.density_sigma is not None:
             _real(f"{p}.density_sigma", self.density_sigma, 0.0, math.inf)
-        _integer(f"{p}.grid_points", self.grid_points, 2)
-        _integer(f"{p}.batch_size", self.batch_size, 1)
+        require_int(f"{p}.grid_points", self.grid_points, 2)
+        require_int(f"{p}.batch_size", self.batch_size, 1)
         _real(f"{p}.relative_tolerance", self.relative_tolerance, 0.0, 1.0)
         _real(f"{p}.absolute_tolerance", self.absolute_tolerance, 0.0, math.inf)
         _real(f"{p}.gradient_tolerance", self.gradient_tolerance, 0.0, math.inf)
-        _integer(f"{p}.seed", self.seed, 0)
+        require_int(f"{p}.seed", self.seed, 0)
         if self.hvp_mode not in HVP_MODES:
             raise UnknownNameError(f"{p}.hvp_mode", self.hvp_mode, list(HVP_MODES))
         return self

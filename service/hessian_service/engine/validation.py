@@ -59,6 +59,13 @@ def require_no_extra(data: Mapping[str, Any], allowed: set[str], field_prefix: s
         )
 
 
+def require_int(field: str, value: Any, minimum: int) -> int:
+    """An integer (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(field, f"an integer >= {minimum}", repr(value))
+    return value
+
+
 def require_same_dtype(field: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     """All float data of one problem must share one dtype (it becomes the compute dtype)."""
     if t.dtype != dtype:
