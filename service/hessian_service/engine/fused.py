@@ -25,16 +25,6 @@ from .records import StepRecord, StepResult
 
 _MAX_CACHED = 256
 _ENV_KEY = "HESSIAN_BACKEND"
-# os.environ's own dict (bytes keys on POSIX), read directly: os.environ.get costs ~1 us
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-_ENV_BYTES = os.fsencode(_ENV_KEY)
-
-
-def _env_backend() -> object:
-    """The raw $HESSIAN_BACKEND value (only compared, never interpreted, here)."""
-    if isinstance(_ENV_DATA, dict):
-        return _ENV_DATA.get(_ENV_BYTES)
-    return os.environ.get(_ENV_KEY)
 
 
 # id(options) -> (options, env value, validated options, fusable)
@@ -44,7 +34,7 @@ _PLANS: dict[int, tuple[Objective, tuple[Any, ...] | None]] = {}
 
 
 def _options_entry(options: MethodOptions | None) -> tuple[MethodOptions, bool]:
-    env = _env_backend()
+    env = os.environ.get(_ENV_KEY)
     hit = _OPTIONS.get(id(options))
     if hit is not None and hit[0] is options and hit[1] == env:
         return hit[2], hit[3]
