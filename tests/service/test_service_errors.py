@@ -3,6 +3,7 @@ stays healthy. Requests are built as raw messages, the way a buggy or hostile ca
 
 from __future__ import annotations
 
+import base64
 import math
 import time
 
@@ -220,6 +221,14 @@ CASES = {
     "bad page token": (
         "ListRuns",
         service_pb2.ListRunsRequest(page_token="not-a-token"),
+        INVALID,
+        "page_token",
+    ),
+    "page token whose time overflows a float": (
+        "ListRuns",
+        service_pb2.ListRunsRequest(
+            page_token=base64.urlsafe_b64encode(b"[1" + b"0" * 400 + b', "x"]').decode()
+        ),
         INVALID,
         "page_token",
     ),

@@ -316,7 +316,8 @@ class RunManager:
             self._stopping = True
             lives = list(self._live.values())
         for live in lives:
-            live.shutdown = True
+            # a run the user already cancelled stays CANCELLED, not INTERRUPTED (resumable)
+            live.shutdown = not live.cancel.cancelled
             live.cancel.cancel()
         deadline = time.monotonic() + timeout
         for live in lives:

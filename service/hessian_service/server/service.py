@@ -337,7 +337,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             try:
                 created, run_id = json.loads(base64.urlsafe_b64decode(request.page_token))
                 after = (float(created), str(run_id))
-            except (ValueError, TypeError, binascii.Error):
+            except (ValueError, TypeError, OverflowError, binascii.Error):
                 raise ValidationError(
                     "page_token", "a token from a previous ListRuns", request.page_token
                 ) from None

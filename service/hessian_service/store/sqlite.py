@@ -374,6 +374,9 @@ class SQLiteRunStore(RunStore):
                 except StoreError as exc:
                     log.error("%s (records stay queued; retrying)", exc)
                     self._oldest_pending = time.monotonic()
+                except Exception:  # a bug must not end the thread that keeps the T ms promise
+                    log.exception("store flush failed (records stay queued; retrying)")
+                    self._oldest_pending = time.monotonic()
 
     @staticmethod
     def _encode_fields(values: dict[str, Any]) -> dict[str, Any]:
