@@ -109,9 +109,15 @@ PyObject* py_quadratic(PyObject*, PyObject* const* a, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* py_least_squares(PyObject*, PyObject* const* a, Py_ssize_t n) {
+using LinearFused = FusedStep (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                  bool, double, double, int64_t);
+
+// least_squares and logistic_regression take the same arguments: (x, X, y, l2, fit_intercept,
+// lr, damping, max_attempts).
+template <LinearFused fused>
+PyObject* py_linear_model(const char* name, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
-  check_nargs(n, 8, "least_squares_newton_step");
+  check_nargs(n, 8, name);
   const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
   const at::Tensor& y = tensor_arg(a[2], "y");
   const double l2 = float_arg(a[3], "l2");
@@ -121,28 +127,18 @@ PyObject* py_least_squares(PyObject*, PyObject* const* a, Py_ssize_t n) {
   FusedStep step;
   {
     ReleaseGil nogil(true);
-    step = least_squares_fused(x, X, y, l2, fit, lr, damping, attempts);
+    step = fused(x, X, y, l2, fit, lr, damping, attempts);
   }
   return pack(std::move(step));
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* py_least_squares(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  return py_linear_model<least_squares_fused>("least_squares_newton_step", a, n);
+}
+
 PyObject* py_logistic(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  check_nargs(n, 8, "logistic_regression_newton_step");
-  const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
-  const at::Tensor& y = tensor_arg(a[2], "y");
-  const double l2 = float_arg(a[3], "l2");
-  const bool fit = bool_arg(a[4], "fit_intercept");
-  const double lr = float_arg(a[5], "lr"), damping = float_arg(a[6], "damping");
-  const int64_t attempts = int_arg(a[7], "max_attempts");
-  FusedStep step;
-  {
-    ReleaseGil nogil(true);
-    step = logistic_fused(x, X, y, l2, fit, lr, damping, attempts);
-  }
-  return pack(std::move(step));
-  END_HANDLE_TH_ERRORS
+  return py_linear_model<logistic_fused>("logistic_regression_newton_step", a, n);
 }
 
 PyObject* py_softmax(PyObject*, PyObject* const* a, Py_ssize_t n) {
