@@ -107,6 +107,14 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
         f"{lim.dense_budget_bytes} B, iterations {lim.max_iterations}, concurrent runs "
         f"{lim.max_concurrent_runs}, workers {lim.workers}"
     )
+    print(
+        f"        data {lim.max_data_bytes} B per problem, runs per token "
+        f"{lim.max_runs_per_token or 'unlimited'}, stored runs "
+        f"{lim.max_stored_runs or 'unlimited'}, store "
+        f"{f'{lim.max_store_bytes} B' if lim.max_store_bytes else 'unlimited'}, curvature "
+        f"products {lim.max_spectrum_products} per call, ListRuns page "
+        f"{lim.max_list_page_size}, sampled values {lim.max_sample_elements} per call"
+    )
     return 0
 
 

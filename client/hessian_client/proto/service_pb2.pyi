@@ -291,20 +291,34 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_params", "dense_budget_bytes", "max_iterations", "max_concurrent_runs", "workers")
+    __slots__ = ("max_message_bytes", "max_params", "dense_budget_bytes", "max_iterations", "max_concurrent_runs", "workers", "max_data_bytes", "max_runs_per_token", "max_stored_runs", "max_store_bytes", "max_spectrum_products", "max_list_page_size", "max_sample_elements")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PARAMS_FIELD_NUMBER: _ClassVar[int]
     DENSE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_RUNS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPECTRUM_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIST_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLE_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_params: int
     dense_budget_bytes: int
     max_iterations: int
     max_concurrent_runs: int
     workers: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    max_data_bytes: int
+    max_runs_per_token: int
+    max_stored_runs: int
+    max_store_bytes: int
+    max_spectrum_products: int
+    max_list_page_size: int
+    max_sample_elements: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ..., max_data_bytes: _Optional[int] = ..., max_runs_per_token: _Optional[int] = ..., max_stored_runs: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_spectrum_products: _Optional[int] = ..., max_list_page_size: _Optional[int] = ..., max_sample_elements: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "default_backend", "native_available", "native_reason", "devices", "limits", "objectives", "methods", "torch_version")

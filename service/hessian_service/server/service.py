@@ -43,6 +43,7 @@ RUN_STATUS = service_pb2.RunStatus
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
+MAX_LIST_PAGE = 1000
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -85,6 +86,11 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         elif budget > 0:
             values["dense_budget_bytes"] = min(budget, self.config.dense_budget_bytes)
         return MethodOptions.from_dict(values, field)
+
+    @property
+    def _max_sample_elements(self) -> int:
+        """SampleTensors' cap on values per call: float64 values that fit one message."""
+        return self.config.max_message_bytes // 8
 
     def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         return codec.decode_tensor(tensor, field, max_elements=self.config.max_params)
@@ -211,7 +217,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
             )
             specs.append((list(spec.shape), dtype, dist or "uniform"))
-        tensors = sample(request.seed, specs, max_elements=self.config.max_message_bytes // 8)
+        tensors = sample(request.seed, specs, max_elements=self._max_sample_elements)
         return service_pb2.SampleTensorsResponse(tensors=[codec.encode_tensor(t) for t in tensors])
 
     @unary
@@ -330,8 +336,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def ListRuns(self, request, context):
         size = request.page_size or 50
-        if not 1 <= size <= 1000:
-            raise ValidationError("page_size", "an integer in [1, 1000] (0: 50)", size)
+        if not 1 <= size <= MAX_LIST_PAGE:
+            raise ValidationError("page_size", f"an integer in [1, {MAX_LIST_PAGE}] (0: 50)", size)
         after = None
         if request.page_token:
             try:
@@ -392,6 +398,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 max_iterations=c.max_iterations,
                 max_concurrent_runs=c.max_concurrent_runs,
                 workers=c.workers,
+                max_data_bytes=c.max_data_bytes,
+                max_runs_per_token=c.max_runs_per_token,
+                max_stored_runs=c.max_stored_runs,
+                max_store_bytes=c.max_store_bytes,
+                max_spectrum_products=MAX_SPECTRUM_PRODUCTS,
+                max_list_page_size=MAX_LIST_PAGE,
+                max_sample_elements=self._max_sample_elements,
             ),
             objectives=sorted(OBJECTIVES),
             methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],

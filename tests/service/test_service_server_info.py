@@ -1,0 +1,110 @@
+"""GetServerInfo reports every limit the server enforces, each equal to the configured value, and
+a request over each limit is refused with the limit's field named (the CLI shows them all)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import start_server
+from hessian_client import Client, InvalidArgument, ResourceExhausted, problems
+from hessian_client.cli import main
+
+MiB = 1024**2
+CONFIG = {
+    "max_message_bytes": 4 * MiB,
+    "max_params": 3000,
+    "dense_budget_bytes": MiB,
+    "max_iterations": 500,
+    "max_concurrent_runs": 3,
+    "workers": 1,
+    "max_data_bytes": 8000,
+    "max_runs_per_token": 2,
+    "max_stored_runs": 40,
+    "max_store_bytes": 64 * MiB,
+}
+LONG = {"method": "gradient_descent", "learning_rate": 1e-6, "stopping": {"max_iterations": 500}}
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("info")
+    (tmp / "tokens").write_text("alpha-token\nbeta-token\n")
+    handle = start_server(tmp / "data", auth_token_file=str(tmp / "tokens"), **CONFIG)
+    yield handle
+    handle.stop(grace=1.0)
+
+
+def _client(handle, token: str = "alpha-token") -> Client:
+    return Client(handle.address, token=token, timeout=30)
+
+
+def test_every_limit_is_reported_as_configured(limited):
+    with _client(limited) as c:
+        limits = c.info().limits
+    for name, value in CONFIG.items():
+        assert getattr(limits, name) == value, name
+    assert limits.max_spectrum_products == 100_000
+    assert limits.max_list_page_size == 1000
+    assert limits.max_sample_elements == CONFIG["max_message_bytes"] // 8
+
+
+def test_the_cli_shows_every_limit(limited, capsys):
+    code = main(["--address", limited.address, "--token", "alpha-token", "info"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in (
+        f"message {4 * MiB} B",
+        "params 3000",
+        f"dense Hessian {MiB} B",
+        "iterations 500",
+        "concurrent runs 3",
+        "workers 1",
+        "data 8000 B per problem",
+        "runs per token 2",
+        "stored runs 40",
+        f"store {64 * MiB} B",
+        "curvature products 100000 per call",
+        "ListRuns page 1000",
+        f"sampled values {4 * MiB // 8} per call",
+    ):
+        assert text in out, text
+
+
+def test_a_request_over_each_reported_limit_is_refused_naming_the_field(limited):
+    with _client(limited) as c:
+        limits = c.info().limits
+        n = limits.max_params
+        with pytest.raises(ResourceExhausted, match=rf"params\.shape.*{n}"):
+            c.newton_step(problems.mse(np.ones(3)), np.zeros(n + 1))
+        with pytest.raises(ResourceExhausted, match=rf"problem\.data.*{limits.max_data_bytes}"):
+            c.create_problem(problems.mse(np.ones(limits.max_data_bytes // 8 + 1)))
+        big = problems.rosenbrock(dim=400)  # a 400x400 float64 Hessian: 1.2 MiB > 1 MiB
+        with pytest.raises(ResourceExhausted, match=r"options\.dense_budget_bytes"):
+            c.start_run(big, np.zeros(400), method="newton")
+        side = 800  # an 800x800 float64 matrix: 4.9 MiB, over the 4 MiB message limit
+        with pytest.raises(ResourceExhausted, match=rf"omit_matrix.*{limits.max_message_bytes}"):
+            c.compute_hessian(problems.rosenbrock(dim=side), np.zeros(side))
+        over = limits.max_iterations + 1
+        with pytest.raises(ResourceExhausted, match=rf"stopping\.max_iterations: {over}"):
+            c.start_run(problems.rosenbrock(), np.zeros(2), stopping={"max_iterations": over})
+        samples = limits.max_spectrum_products // 2 + 1  # two estimators of that many each
+        with pytest.raises(ResourceExhausted, match=r"options\.trace_samples.*100000"):
+            c.analyze_curvature(problems.rosenbrock(), np.zeros(2), trace_samples=samples)
+        with pytest.raises(InvalidArgument, match=r"page_size.*1000"):
+            next(c.list_runs(page_size=limits.max_list_page_size + 1))
+        with pytest.raises(ResourceExhausted, match=r"tensors\[0\]\.shape"):
+            c.sample(0, [[limits.max_sample_elements + 1]])
+
+
+def test_runs_over_the_per_token_and_server_limits_are_refused(limited):
+    problem = problems.rosenbrock(dim=2)
+    with _client(limited) as a, _client(limited, "beta-token") as b:
+        runs = [a.start_run(problem, np.zeros(2), **LONG) for _ in range(2)]
+        with pytest.raises(ResourceExhausted, match="max_runs_per_token"):
+            a.start_run(problem, np.zeros(2), **LONG)
+        runs.append(b.start_run(problem, np.zeros(2), **LONG))  # 3 live: the server's limit
+        with pytest.raises(ResourceExhausted, match="max_concurrent_runs"):
+            b.start_run(problem, np.zeros(2), **LONG)
+        for run in runs:
+            run.cancel()
+            run.wait(30)
