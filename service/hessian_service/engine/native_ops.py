@@ -92,3 +92,36 @@ def _(x, X, y, l2, fit_intercept, lr, damping, max_attempts):
 @torch.library.register_fake("hessian::softmax_regression_newton_step")
 def _(x, X, labels, num_classes, l2, fit_intercept, lr, damping, max_attempts):
     return _step_fake(x)
+
+
+# ---------------------------------------------------------------- curvature block products
+
+
+@torch.library.register_fake("hessian::mse_block_product")
+def _(target, V):
+    return V.new_empty(V.shape)
+
+
+@torch.library.register_fake("hessian::quadratic_block_product")
+def _(a, V):
+    return V.new_empty(V.shape)
+
+
+@torch.library.register_fake("hessian::logistic_regression_weights")
+def _(x, X, fit_intercept):
+    return X.new_empty((X.shape[0],))
+
+
+@torch.library.register_fake("hessian::linear_block_product")
+def _(X, weights, V, l2, fit_intercept):
+    return V.new_empty(V.shape)
+
+
+@torch.library.register_fake("hessian::softmax_regression_probs")
+def _(x, X, num_classes, fit_intercept):
+    return X.new_empty((X.shape[0], num_classes))
+
+
+@torch.library.register_fake("hessian::softmax_block_product")
+def _(X, P, V, l2, fit_intercept):
+    return V.new_empty(V.shape)

@@ -1,0 +1,177 @@
+"""Which backend serves matrix-free curvature products, and the native block products.
+
+`curvature_block_product(objective, params, backend)` returns (V -> B V, label): B is the
+Hessian or Gauss-Newton matrix at `params`, V an (n, k) block (k = 1: one product), label
+"native" or "autograd". Native products (csrc/products.cpp) serve mse, quadratic,
+least_squares, logistic_regression and softmax_regression (whose Gauss-Newton matrix is
+their Hessian) in float32/float64 on the extension's devices: the per-point quantities
+(logistic weights p (1 - p), softmax probabilities) are computed once when the product is
+built, so each product is two matrix products with X. Everything else, and everything when
+`backend` is autograd, uses the torch.func/autograd products of hessian_free.py.
+
+Selection matches the dense path (backends.resolve): auto uses native where covered;
+native on an uncovered objective falls back to autograd and the label says so; native with
+the extension missing, or on a dtype/device it does not serve, raises UnavailableError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .backends import native_status
+from .errors import UnavailableError, UnknownNameError, ValidationError
+from .objectives.base import Objective
+from .options import BACKENDS
+
+BlockProduct = Callable[[torch.Tensor], torch.Tensor]
+Builder = Callable[[Objective, torch.Tensor, "torch.Tensor | None"], BlockProduct]
+
+_DTYPES = (torch.float32, torch.float64)
+_DEVICES = ("cpu", "cuda") if torch.version.cuda else ("cpu",)
+
+
+def _row_subset(objective: Objective, name: str, rows: torch.Tensor | None) -> torch.Tensor:
+    t = objective.data[name]
+    return t if rows is None else t.index_select(0, rows.to(t.device))
+
+
+def _mse(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
+    from .native_ops import ops
+
+    target = objective.data["target"]
+    return lambda v: ops.mse_block_product(target, v)
+
+
+def _quadratic(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
+    from .native_ops import ops
+
+    a = objective.data["A"]
+    return lambda v: ops.quadratic_block_product(a, v)
+
+
+def _least_squares(
+    objective: Objective, x: torch.Tensor, rows: torch.Tensor | None
+) -> BlockProduct:
+    from .native_ops import ops
+
+    X = _row_subset(objective, "X", rows)
+    l2, fit = objective.options["l2"], objective.options["fit_intercept"]
+    return lambda v: ops.linear_block_product(X, None, v, l2, fit)
+
+
+def _logistic(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
+    from .native_ops import ops
+
+    X = _row_subset(objective, "X", rows)
+    l2, fit = objective.options["l2"], objective.options["fit_intercept"]
+    weights = ops.logistic_regression_weights(x, X, fit)
+    return lambda v: ops.linear_block_product(X, weights, v, l2, fit)
+
+
+def _softmax(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
+    from .native_ops import ops
+
+    X = _row_subset(objective, "X", rows)
+    o = objective.options
+    probs = ops.softmax_regression_probs(x, X, o["num_classes"], o["fit_intercept"])
+    return lambda v: ops.softmax_block_product(X, probs, v, o["l2"], o["fit_intercept"])
+
+
+# objective name -> builder of its native block product (Hessian = Gauss-Newton for all)
+NATIVE_PRODUCTS: dict[str, Builder] = {
+    "mse": _mse,
+    "quadratic": _quadratic,
+    "least_squares": _least_squares,
+    "logistic_regression": _logistic,
+    "softmax_regression": _softmax,
+}
+
+
+def select_backend(
+    objective: Objective, params: torch.Tensor, backend: str, kind: str = "hessian"
+) -> str:
+    """'native' or 'autograd': who serves `kind` products here under the requested backend."""
+    if backend not in BACKENDS:
+        raise UnknownNameError("backend", backend, list(BACKENDS))
+    if backend == "autograd":
+        return "autograd"
+    available, reason = native_status()
+    if not available:
+        if backend == "native":
+            raise UnavailableError("backend", f"native was requested but {reason}")
+        return "autograd"
+    if params.dtype not in _DTYPES or params.device.type not in _DEVICES:
+        if backend == "native":
+            raise UnavailableError(
+                "backend", f"native does not support {params.dtype} on {params.device.type}"
+            )
+        return "autograd"
+    covered = objective.name in NATIVE_PRODUCTS and (kind == "hessian" or objective.supports_ggn)
+    return "native" if covered else "autograd"
+
+
+def native_block_product(
+    objective: Objective,
+    params: torch.Tensor,
+    backend: str,
+    kind: str = "hessian",
+    rows: torch.Tensor | None = None,
+) -> BlockProduct | None:
+    """The native V -> B V at `params` (on data rows `rows`), or None where autograd serves."""
+    if select_backend(objective, params, backend, kind) != "native":
+        return None
+    if rows is not None and not objective.row_fields:
+        raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
+    x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
+    return NATIVE_PRODUCTS[objective.name](objective, x, rows)
+
+
+def _autograd_block_product(
+    objective: Objective, params: torch.Tensor, kind: str, rows: torch.Tensor | None, mode: str
+) -> BlockProduct:
+    """V -> B V column by column from hessian_free's products (vmap'd where they allow it)."""
+    from . import hessian_free
+
+    sub = objective if rows is None else objective.subsample(rows.to(objective.device))
+    if kind == "gauss_newton":
+        vector = hessian_free.ggn_product(sub, params)
+    else:
+        vector = hessian_free.hessian_product(sub, params, mode)
+    vmappable = kind == "gauss_newton" or mode == "forward_over_reverse"
+    batched = torch.func.vmap(vector, in_dims=1, out_dims=1) if vmappable else None
+
+    def block(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[1] == 1:
+            return vector(v[:, 0]).unsqueeze(1)
+        if batched is not None:
+            return batched(v)
+        return torch.stack([vector(c) for c in v.unbind(1)], dim=1)
+
+    return block
+
+
+def curvature_block_product(
+    objective: Objective,
+    params: torch.Tensor,
+    backend: str = "auto",
+    rows: torch.Tensor | None = None,
+    *,
+    kind: str = "hessian",
+    hvp_mode: str = "forward_over_reverse",
+) -> tuple[BlockProduct, str]:
+    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows).
+
+    kind is hessian or gauss_newton; hvp_mode picks the autograd Hessian product (unused
+    by native products, which are exact closed forms).
+    """
+    native = native_block_product(objective, params, backend, kind, rows)
+    if native is not None:
+        return native, "native"
+    return _autograd_block_product(objective, params, kind, rows, hvp_mode), "autograd"
+
+
+def as_vector_product(block: BlockProduct) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v (n,) -> B v through a block product (k = 1)."""
+    return lambda v: block(v.unsqueeze(1)).squeeze(1)
