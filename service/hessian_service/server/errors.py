@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError
-from ..store import StoreError, StoreFullError
+from ..store import RunConflictError, RunNotFoundError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (ResourceLimitError, LimitError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, (UnavailableError, ConflictError)):
+    if isinstance(exc, (UnavailableError, ConflictError, RunConflictError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, NotFoundError):
+    if isinstance(exc, (NotFoundError, RunNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, DeadlineError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)

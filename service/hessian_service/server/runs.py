@@ -25,7 +25,7 @@ from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, St
 from ..engine.errors import EngineError
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
-from ..store import RunRow, RunStore, StoredCheckpoint, StoreError
+from ..store import RunNotFoundError, RunRow, RunStateError, RunStore, StoredCheckpoint, StoreError
 from .errors import ConflictError, LimitError
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,8 @@ class RunManager:
         if row.status != "INTERRUPTED":
             raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
         stored = self.store.latest_checkpoint(row.run_id)
+        if stored is None and self.store.get_run(row.run_id) is None:
+            raise RunNotFoundError(row.run_id)  # deleted since the caller read it
         if stored is None:
             raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
         checkpoint = from_stored(stored)
@@ -220,7 +222,14 @@ class RunManager:
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, owner)
         try:
-            self.store.update_run(row.run_id, status="QUEUED", stop_reason="", message="")
+            # conditional: DeleteRun or the retention cap may have removed the run meanwhile
+            self.store.update_run(
+                row.run_id,
+                expect_status=("INTERRUPTED",),
+                status="QUEUED",
+                stop_reason="",
+                message="",
+            )
             self._executor.submit(
                 self._execute, live, objective, checkpoint.params, options, stopping, checkpoint
             )
@@ -294,6 +303,9 @@ class RunManager:
             live.error = exc
             final["message"] = f"stopped: {exc}"
             log.error("run %s stopped: %s", run_id, exc)
+        except RunStateError as exc:
+            final["message"] = f"stopped: {exc}"
+            log.warning("run %s stopped: %s", run_id, exc)
         except Exception as exc:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
@@ -305,6 +317,8 @@ class RunManager:
             except StoreError as exc:
                 live.error = live.error or exc
                 log.error("could not store the end of run %s: %s", run_id, exc)
+            except RunStateError as exc:
+                log.warning("could not store the end of run %s: %s", run_id, exc)
             except Exception:
                 log.exception("could not store the end of run %s", run_id)
             live.finish()

@@ -29,7 +29,7 @@ from ..engine.objectives import OBJECTIVES
 from ..engine.options import METHODS
 from ..engine.sampling import generator, initial_params, sample
 from ..engine.spectrum import SpectrumOptions, analyze_curvature
-from ..store import RunRow, RunStore
+from ..store import FINAL_STATUSES, RunRow, RunStore
 from . import codec
 from .auth import caller
 from .config import ServerConfig
@@ -378,7 +378,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         row = self._row(request.run_id)
         if self.runs.live(row.run_id) is not None:
             raise ConflictError("run_id", f"run {row.run_id} is executing; cancel it first")
-        return service_pb2.DeleteRunResponse(deleted=self.store.delete_run(row.run_id))
+        # only a run in a final status: ResumeRun may have queued it since the check above
+        deleted = self.store.delete_run(row.run_id, statuses=FINAL_STATUSES)
+        return service_pb2.DeleteRunResponse(deleted=deleted)
 
     @unary
     def GetServerInfo(self, request, context):

@@ -2,7 +2,10 @@
 
 from .base import (
     FINAL_STATUSES,
+    RunConflictError,
+    RunNotFoundError,
     RunRow,
+    RunStateError,
     RunStore,
     StoredCheckpoint,
     StoreError,
@@ -12,7 +15,10 @@ from .sqlite import SQLiteRunStore
 
 __all__ = [
     "FINAL_STATUSES",
+    "RunConflictError",
+    "RunNotFoundError",
     "RunRow",
+    "RunStateError",
     "RunStore",
     "SQLiteRunStore",
     "StoreError",

@@ -42,6 +42,29 @@ class StoreFullError(StoreError):
     """The store is out of space (disk full, or the configured size cap reached)."""
 
 
+class RunStateError(Exception):
+    """A run update or delete matched no row: the run is gone or in another status."""
+
+    def __init__(self, run_id: str, message: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run_id: run {run_id} {message}")
+
+
+class RunNotFoundError(RunStateError):
+    """The run does not exist (never did, or was deleted meanwhile)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id, "does not exist (deleted?)")
+
+
+class RunConflictError(RunStateError):
+    """The run exists but its status is not one the update or delete was conditional on."""
+
+    def __init__(self, run_id: str, status: str, expected: Sequence[str]) -> None:
+        self.status = status
+        super().__init__(run_id, f"is {status}, not {' or '.join(expected)}")
+
+
 @dataclass
 class RunRow:
     """A run as stored: its spec (JSON-friendly dicts), status and outcome."""
@@ -107,8 +130,13 @@ class RunStore(ABC):
         """Insert a new run with its starting checkpoint (durable on return)."""
 
     @abstractmethod
-    def update_run(self, run_id: str, **fields: Any) -> None:
-        """Set RunRow fields (status, stop_reason, ...) and commit, after pending records."""
+    def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **fields: Any) -> None:
+        """Set RunRow fields (status, stop_reason, ...) and commit, after pending records.
+
+        With `expect_status` the update applies only while the run's status is one of them,
+        checked and written in one statement. Raises RunNotFoundError when there is no such
+        run and RunConflictError when its status is not expected (nothing is written then).
+        """
 
     @abstractmethod
     def get_run(self, run_id: str) -> RunRow | None:
@@ -141,8 +169,12 @@ class RunStore(ABC):
         """The newest checkpoint, or None."""
 
     @abstractmethod
-    def delete_run(self, run_id: str) -> bool:
-        """Delete a run, its records and checkpoints; False if there was none."""
+    def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
+        """Delete a run, its records and checkpoints; False if there was none.
+
+        With `statuses` only a run in one of them is deleted (checked in the same transaction);
+        a run in another status raises RunConflictError.
+        """
 
     @abstractmethod
     def enforce_retention(self, max_runs: int) -> list[str]:

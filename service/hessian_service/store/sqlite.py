@@ -34,6 +34,8 @@ from ..engine.records import StepRecord
 from .base import (
     ACTIVE_STATUSES,
     FINAL_STATUSES,
+    RunConflictError,
+    RunNotFoundError,
     RunRow,
     RunStore,
     StoredCheckpoint,
@@ -143,17 +145,24 @@ class SQLiteRunStore(RunStore):
             )
             self._write_checkpoint(row.run_id, checkpoint)
 
-    def update_run(self, run_id: str, **values: Any) -> None:
+    def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
         unknown = set(values) - set(ROW_FIELDS)
         if unknown:
             raise KeyError(f"unknown run fields {sorted(unknown)}")
         encoded = self._encode_fields(values)
+        where, args = "run_id = ?", [run_id]
+        if expect_status:
+            where += f" AND status IN ({', '.join('?' * len(expect_status))})"
+            args += list(expect_status)
         with self._write():
             self._flush_locked()
-            self._db.execute(
-                f"UPDATE runs SET {', '.join(f'{k} = ?' for k in encoded)} WHERE run_id = ?",
-                (*encoded.values(), run_id),
+            cur = self._db.execute(
+                f"UPDATE runs SET {', '.join(f'{k} = ?' for k in encoded)} WHERE {where}",
+                (*encoded.values(), *args),
             )
+            missed = self._status(run_id) if cur.rowcount == 0 else None
+        if cur.rowcount == 0:
+            self._refuse(run_id, missed, expect_status)
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._lock:
@@ -180,9 +189,12 @@ class SQLiteRunStore(RunStore):
             rows = self._db.execute(sql, (*args, limit)).fetchall()
         return [self._decode_row(r) for r in rows]
 
-    def delete_run(self, run_id: str) -> bool:
+    def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write():
             self._flush_locked()
+            status = self._status(run_id)
+            if statuses and status is not None and status not in statuses:
+                self._refuse(run_id, status, statuses)
             cur = self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM records WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
@@ -284,6 +296,18 @@ class SQLiteRunStore(RunStore):
                 self._db.close()
 
     # internals
+    def _status(self, run_id: str) -> str | None:
+        """The run's stored status, or None (inside the caller's transaction)."""
+        row = self._db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else row[0]
+
+    @staticmethod
+    def _refuse(run_id: str, status: str | None, expected: Sequence[str]) -> None:
+        """Raise why a conditional write matched no row."""
+        if status is None:
+            raise RunNotFoundError(run_id)
+        raise RunConflictError(run_id, status, expected)
+
     def _error(self, exc: sqlite3.Error) -> StoreError:
         """A StoreError that says what failed, where, and what to do."""
         name = getattr(exc, "sqlite_errorname", "")
