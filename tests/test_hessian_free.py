@@ -25,6 +25,7 @@ from hessian_service.engine import (
     make_objective,
     take_step,
 )
+from hessian_service.engine.backends import native_status
 from hessian_service.engine.hessian_free import (
     curvature_objective,
     ggn_product,
@@ -168,8 +169,13 @@ def test_newton_cg_iterates_match_dense_newton(name, method, policy, steps):
     mode = "forward_over_reverse"
     if policy == "reverse_over_reverse":
         policy, mode = "trust_region", policy
-    cg_opts = MethodOptions(
-        method=method, step_policy=policy, trust_radius=1e6, hvp_mode=mode, **EXACT_CG
+    cg_opts = MethodOptions(  # autograd products here; native ones: test_native_products.py
+        method=method,
+        step_policy=policy,
+        trust_radius=1e6,
+        hvp_mode=mode,
+        backend="autograd",
+        **EXACT_CG,
     )
     for k in range(steps):
         x_dense = take_step(obj, x_dense, dense_opts).params
@@ -190,7 +196,8 @@ def test_newton_cg_run_losses_match_dense_run():
     records = cg_run.run_to_end()
     for a, b in zip(dense[:4], records[:4], strict=True):
         assert math.isclose(a.loss, b.loss, rel_tol=1e-12)
-    assert cg_run.backend == "autograd" and cg_run.method == "newton_cg"
+    native = native_status()[0]  # auto: native products for logistic_regression when built
+    assert cg_run.backend == ("native" if native else "autograd") and cg_run.method == "newton_cg"
     assert all(r.cg_iterations > 0 for r in records[:-1])
 
 

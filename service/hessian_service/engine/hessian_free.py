@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import ValidationError
+from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
 from .options import MethodOptions
 
@@ -118,9 +119,17 @@ def curvature_product(
     fraction: float = 1.0,
     generator: torch.Generator | None = None,
     hvp_mode: str = "forward_over_reverse",
+    backend: str = "autograd",
 ) -> Product:
-    """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`."""
+    """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`.
+
+    backend auto/native: the closed-form native product where native_products covers the
+    objective (on the same sub-sampled rows), else the autograd product.
+    """
     sub = curvature_objective(objective, fraction, generator)
+    native = native_block_product(sub, params, backend, kind)
+    if native is not None:
+        return as_vector_product(native)
     if kind == "gauss_newton":
         return ggn_product(sub, params)
     return hessian_product(sub, params, hvp_mode)
@@ -273,6 +282,7 @@ def cg_direction(
         options.curvature_fraction,
         _generator(options, state),
         options.hvp_mode,
+        options.backend,
     )
     return steihaug_cg(
         product,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, curvature, hessian_free
+from . import backends, curvature, hessian_free, native_products
 from .linalg import SolveResult
 from .objectives.base import Objective
 from .options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
@@ -78,7 +78,9 @@ class Stepper:
         self.second_order = options.method != "gradient_descent" and not self.hessian_free
         if self.hessian_free:
             hessian_free.check_supported(objective, options)
-            self.backend_label = "autograd"
+            self.backend_label = native_products.select_backend(
+                objective, params, options.backend, options.curvature
+            )
         elif self.second_order:
             self.backend = backends.resolve(options.backend, objective, params, options.curvature)
             self.backend_label = self.backend.label
