@@ -25,10 +25,19 @@ from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, St
 from ..engine.errors import EngineError
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
-from ..store import RunNotFoundError, RunRow, RunStateError, RunStore, StoredCheckpoint, StoreError
+from ..store import (
+    ACTIVE_STATUSES,
+    RunNotFoundError,
+    RunRow,
+    RunStateError,
+    RunStore,
+    StoredCheckpoint,
+    StoreError,
+)
 from .errors import ConflictError, LimitError
 
 log = logging.getLogger(__name__)
+FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
 
 
 def to_stored(cp: Checkpoint) -> StoredCheckpoint:
@@ -125,6 +134,9 @@ class RunManager:
         self.on_record = on_record
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="hessian-run")
         self._live: dict[str, LiveRun] = {}
+        # runs that stopped but whose end the store refused: their rows still say QUEUED or
+        # RUNNING, so they are reported (and resumable) as INTERRUPTED with this message
+        self._orphans: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopping = False
         store.add_commit_listener(self._on_commit)
@@ -201,14 +213,17 @@ class RunManager:
         live = self._admit(run_id, 0, owner)
         try:
             self.store.create_run(row, to_stored(Checkpoint(0, params, {})))
-            self._executor.submit(self._execute, live, objective, params, options, stopping, None)
+            self._submit(live, objective, params, options, stopping, None)
         except BaseException:
             self._forget(run_id)
             raise
         return row
 
     def resume(self, row: RunRow, objective: Objective, owner: str = "") -> RunRow:
-        """Continue an INTERRUPTED run from its latest checkpoint under the same id."""
+        """Continue an INTERRUPTED run from its latest checkpoint under the same id.
+
+        `row` is as `settle` reports it: an orphan (its row still active) counts as INTERRUPTED.
+        """
         if row.status != "INTERRUPTED":
             raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
         stored = self.store.latest_checkpoint(row.run_id)
@@ -221,23 +236,82 @@ class RunManager:
         stopping = StopCriteria(**row.spec["stopping"])
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, owner)
+        with self._lock:
+            orphan = row.run_id in self._orphans
         try:
             # conditional: DeleteRun or the retention cap may have removed the run meanwhile
             self.store.update_run(
                 row.run_id,
-                expect_status=("INTERRUPTED",),
+                expect_status=("INTERRUPTED", *ACTIVE_STATUSES) if orphan else ("INTERRUPTED",),
                 status="QUEUED",
                 stop_reason="",
                 message="",
             )
-            self._executor.submit(
-                self._execute, live, objective, checkpoint.params, options, stopping, checkpoint
-            )
+            with self._lock:
+                self._orphans.pop(row.run_id, None)
+            self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
             self._forget(row.run_id)
             raise
-        row.status = "QUEUED"
+        row.status, row.stop_reason, row.message = "QUEUED", "", ""
         return row
+
+    def settle(self, row: RunRow) -> RunRow:
+        """`row` as it really is: an orphan (stopped, end not stored) is INTERRUPTED.
+
+        Writes that status now if the store takes it; otherwise reports it from memory.
+        """
+        with self._lock:
+            message = self._orphans.get(row.run_id)
+        if message is None or row.status not in ACTIVE_STATUSES:
+            return row
+        try:
+            self.store.update_run(
+                row.run_id,
+                expect_status=ACTIVE_STATUSES,
+                status="INTERRUPTED",
+                stop_reason="error",
+                message=message,
+            )
+            with self._lock:
+                self._orphans.pop(row.run_id, None)
+        except (StoreError, RunStateError) as exc:
+            log.warning("run %s: its INTERRUPTED status is not stored yet: %s", row.run_id, exc)
+        row.status, row.stop_reason, row.message = "INTERRUPTED", "error", message
+        return row
+
+    def _submit(self, live: LiveRun, *args: Any) -> None:
+        """Queue an admitted run on a worker; if shutdown closed the pool, store it INTERRUPTED."""
+        try:
+            self._executor.submit(self._execute, live, *args)
+        except RuntimeError:  # shutdown() ran after _admit let this run in
+            message = "the server shut down before the run started; ResumeRun continues it"
+            self._store_end(
+                live.run_id,
+                {"status": "INTERRUPTED", "stop_reason": "shutdown", "message": message},
+            )
+            raise ConflictError(
+                "server", f"shutting down; run {live.run_id} is stored INTERRUPTED ({message})"
+            ) from None
+
+    def _store_end(self, run_id: str, final: dict[str, Any]) -> StoreError | None:
+        """Write a run's end, retrying a failing store briefly; if it never takes it, the run
+        becomes an orphan (reported INTERRUPTED, resumable). Returns the last store error."""
+        error: StoreError | None = None
+        for delay in (*FINAL_WRITE_RETRY_DELAYS, None):
+            try:
+                self.store.update_run(run_id, finished_at=time.time(), **final)
+                return None
+            except StoreError as exc:
+                error = exc
+                if delay is not None:
+                    time.sleep(delay)
+        with self._lock:
+            self._orphans[run_id] = (
+                f"the run stopped but its end could not be stored ({error}); ResumeRun continues it"
+            )
+        log.error("could not store the end of run %s: %s", run_id, error)
+        return error
 
     def cancel(self, run_id: str) -> bool:
         """Ask a live run to stop before its next iteration; False if it is not live."""
@@ -313,10 +387,11 @@ class RunManager:
             try:
                 if run is not None and run.last_record is not None:
                     self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
-                self.store.update_run(run_id, finished_at=time.time(), **final)
-            except StoreError as exc:
-                live.error = live.error or exc
-                log.error("could not store the end of run %s: %s", run_id, exc)
+            except (StoreError, RunStateError) as exc:
+                log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
+            try:
+                error = self._store_end(run_id, final)
+                live.error = live.error or error
             except RunStateError as exc:
                 log.warning("could not store the end of run %s: %s", run_id, exc)
             except Exception:

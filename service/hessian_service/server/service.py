@@ -99,7 +99,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         row = self.store.get_run(run_id) if run_id else None
         if row is None:
             raise NotFoundError("run_id", f"run with id {run_id!r}")
-        return row
+        return self.runs.settle(row)
 
     def _info(self, row: RunRow, include_params: bool = False) -> service_pb2.RunInfo:
         info = service_pb2.RunInfo(
@@ -354,7 +354,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
             statuses.append(name.upper())
         rows = self.store.list_runs(statuses, size + 1, after)
-        response = service_pb2.ListRunsResponse(runs=[self._info(r) for r in rows[:size]])
+        response = service_pb2.ListRunsResponse(
+            runs=[self._info(self.runs.settle(r)) for r in rows[:size]]
+        )
         if len(rows) > size:
             last = rows[size - 1]
             token = json.dumps([last.created_at, last.run_id]).encode()

@@ -1,6 +1,7 @@
 """Run and problem persistence behind one interface; SQLite is the embedded default."""
 
 from .base import (
+    ACTIVE_STATUSES,
     FINAL_STATUSES,
     RunConflictError,
     RunNotFoundError,
@@ -14,6 +15,7 @@ from .base import (
 from .sqlite import SQLiteRunStore
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "RunConflictError",
     "RunNotFoundError",
