@@ -1,8 +1,9 @@
 """The native backend inside the engine: selection, fallback, the fused step, runs.
 
 The fused unary Newton step (run.take_step, fixed policy) must give the autograd engine's
-step and record; auto must pick native where it assembles, autograd assembly plus the
-native solve elsewhere, and a missing extension must log its real error and fall back.
+step and record; auto must pick native where it assembles, closed-form (mlp) or autograd
+assembly plus the native solve elsewhere, and a missing extension must log its real error
+and fall back.
 """
 
 from __future__ import annotations
@@ -70,26 +71,25 @@ def test_auto_picks_native_where_it_assembles(name, kind):
     assert resolved.label == expected
 
 
-@pytest.mark.parametrize("name", ["mlp", "rosenbrock"])
-def test_unassembled_objectives_get_autograd_assembly_and_native_solve(name):
+@pytest.mark.parametrize(("name", "system"), [("mlp", "closed_form"), ("rosenbrock", "autograd")])
+def test_objectives_without_native_assembly_still_get_the_native_solve(name, system):
     obj = random_problem(name)
-    resolved = backends.resolve("auto", obj, random_params(obj), "hessian")
-    assert resolved.label == "autograd+native-solve"
-    assert resolved.system.name == "autograd" and resolved.solver.name == "native"
-    assert backends.resolve("native", obj, random_params(obj), "hessian").label == (
-        "autograd+native-solve"
-    )
+    for kind in ("hessian", "gauss_newton") if obj.supports_ggn else ("hessian",):
+        for requested in ("auto", "native"):
+            resolved = backends.resolve(requested, obj, random_params(obj), kind)
+            assert resolved.label == f"{system}+native-solve"
+            assert resolved.system.name == system and resolved.solver.name == "native"
     assert backends.resolve("autograd", obj, random_params(obj), "hessian").label == "autograd"
 
 
-def test_mse_loss_mlp_gauss_newton_is_native_and_matches_autograd():
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+def test_mlp_closed_form_system_matches_autograd(kind):
     obj = random_problem("mlp")
     p = random_params(obj)
-    resolved = backends.resolve("auto", obj, p, "gauss_newton")
-    assert resolved.label == "native"
-    loss, g, ggn = resolved.system.newton_system(obj, p, "gauss_newton", None)
-    ref = backends.AUTOGRAD.newton_system(obj, p, "gauss_newton", None)
-    for got, want in zip((loss, g, ggn), ref, strict=True):
+    resolved = backends.resolve("auto", obj, p, kind)
+    loss, g, h = resolved.system.newton_system(obj, p, kind, None)
+    ref = backends.AUTOGRAD.newton_system(obj, p, kind, None)
+    for got, want in zip((loss, g, h), ref, strict=True):
         assert rel_err(got, want) <= 1e-12
 
 
@@ -145,6 +145,12 @@ def test_missing_extension_logs_real_error_once_and_falls_back(no_native, caplog
     assert rec.backend == "autograd"
     warnings = [r for r in caplog.records if "native backend unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "ModuleNotFoundError" in warnings[0].getMessage()
+
+
+def test_missing_extension_keeps_the_mlp_closed_form_assembly(no_native):
+    obj = random_problem("mlp")
+    rec = take_step(obj, random_params(obj), MethodOptions(backend="auto")).record
+    assert rec.backend == "closed_form+autograd-solve"
 
 
 def test_native_requested_but_unavailable_raises(no_native):
@@ -266,10 +272,10 @@ def _assert_runs_close(native, auto, label):
     assert compared >= 1  # quadratic models converge in one line-search step
 
 
-def test_mlp_newton_uses_native_solve_and_matches_autograd():
+def test_mlp_newton_uses_closed_form_assembly_native_solve_and_matches_autograd():
     obj = random_problem("mlp")
     p = random_params(obj)
     opts = {"method": "newton", "step_policy": "levenberg_marquardt"}
     native = Run(obj, p, MethodOptions(backend="native", **opts), NO_TOL).run_to_end()
     auto = Run(obj, p, MethodOptions(backend="autograd", **opts), NO_TOL).run_to_end()
-    _assert_runs_close(native, auto, "autograd+native-solve")
+    _assert_runs_close(native, auto, "closed_form+native-solve")

@@ -2,9 +2,11 @@
 
 `autograd` (pure Python, torch autograd) always works. `native` is the compiled extension
 `hessian_service._C`, loaded through `native_backend`; when it fails to import, the real
-exception is logged once and kept for `native_status()`. `auto` uses native where it
-supports the objective, dtype and device, and autograd elsewhere; the native solve serves
-objectives that have no native assembly.
+exception is logged once and kept for `native_status()`. `closed_form` assembles the mlp's
+Hessian and Gauss-Newton matrix from explicit formulas (`mlp_curvature`, torch ops, no
+autograd). `auto` and `native` use native where it supports the objective, dtype and
+device, else closed_form where it applies, else autograd; the native solve serves
+objectives that have no native assembly. `autograd` is the reference path throughout.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import curvature, linalg
+from . import curvature, linalg, mlp_curvature
 from .errors import UnavailableError
 from .objectives.base import Objective
 
@@ -74,6 +76,34 @@ class AutogradBackend:
 AUTOGRAD = AutogradBackend()
 
 
+class ClosedFormBackend(AutogradBackend):
+    """Closed-form mlp assembly (one forward/backward pass and GEMMs); ATen/LAPACK solves."""
+
+    name = "closed_form"
+
+    def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
+        return objective.name == "mlp" and params.dtype in (torch.float32, torch.float64)
+
+    def newton_system(
+        self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        curvature.check_dense_budget(params.numel(), budget_bytes, params.dtype)
+        return mlp_curvature.mlp_newton_system(objective, params, kind)
+
+
+CLOSED_FORM = ClosedFormBackend()
+
+
+def _assembler(
+    native: Backend | None, objective: Objective, params: torch.Tensor, kind: str
+) -> Backend:
+    """The first of native, closed_form, autograd that assembles this system."""
+    for backend in (native, CLOSED_FORM):
+        if backend is not None and backend.supports_system(objective, params, kind):
+            return backend
+    return AUTOGRAD
+
+
 @functools.cache
 def _load_native() -> tuple[Any | None, str]:
     """Import the native backend once; on failure log the real exception once."""
@@ -116,12 +146,11 @@ def resolve(
     if native is None:
         if requested == "native":
             raise UnavailableError("backend", f"native was requested but {reason}")
-        return ResolvedBackend(AUTOGRAD, AUTOGRAD)
+        return ResolvedBackend(_assembler(None, objective, params, kind), AUTOGRAD)
     probe = params.new_empty((0, 0))
     solver = native if native.supports_solve(probe) else AUTOGRAD
     if requested == "native" and solver is AUTOGRAD:
         raise UnavailableError(
             "backend", f"native does not support {params.dtype} on {params.device.type}"
         )
-    system = native if native.supports_system(objective, params, kind) else AUTOGRAD
-    return ResolvedBackend(system, solver)
+    return ResolvedBackend(_assembler(native, objective, params, kind), solver)

@@ -4,8 +4,8 @@ Importing this module imports the extension (through `native_ops`), so a missing
 build raises here and `backends._load_native` logs the real exception and falls back.
 Assembly is analytic for mse, quadratic, least_squares, logistic_regression and
 softmax_regression (their Gauss-Newton matrix is their Hessian: linear models with convex
-output losses), and J^T W J for the mse-loss mlp's Gauss-Newton; every other objective
-keeps the autograd assembly and still gets the native solves.
+output losses); the mlp has its closed-form assembly (`mlp_curvature`, selected in
+`backends`), every other objective the autograd one, and both still get the native solves.
 """
 
 from __future__ import annotations
@@ -66,19 +66,6 @@ def _placed(t: torch.Tensor) -> bool:
     return t.dtype in _DTYPES and t.device.type in _DEVICES
 
 
-def _mlp_gauss_newton(
-    objective: Objective, params: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The mse-loss mlp's GGN: (2 / (N out)) J^T J + l2 I, J the output Jacobian."""
-    loss, grad = curvature.loss_and_grad(objective, params)
-    jac = torch.func.jacrev(objective.outputs)(params.detach())
-    jac = jac.reshape(-1, params.numel())
-    weights = jac.new_full((jac.shape[0],), 2.0 / jac.shape[0])
-    ggn = ops.gauss_newton(jac, weights)
-    ggn.diagonal().add_(objective.options["l2"])
-    return loss, grad, ggn
-
-
 class NativeBackend:
     """Curvature and solves from the compiled extension (torch.ops.hessian)."""
 
@@ -94,11 +81,7 @@ class NativeBackend:
             return False
         if objective.name in _SYSTEMS:
             return kind == "hessian" or objective.supports_ggn
-        return (
-            kind == "gauss_newton"
-            and objective.name == "mlp"
-            and objective.options.get("loss") == "mse"
-        )
+        return False
 
     def supports_solve(self, h: torch.Tensor) -> bool:
         return _placed(h)
@@ -107,8 +90,6 @@ class NativeBackend:
         self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         curvature.check_dense_budget(params.numel(), budget_bytes, params.dtype)
-        if objective.name == "mlp":
-            return _mlp_gauss_newton(objective, params)
         op, _, args = _SYSTEMS[objective.name]
         return op(params, *args(objective))
 
