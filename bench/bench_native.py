@@ -253,8 +253,7 @@ def _step_table(notes: list[str], jax_missing: str | None) -> tuple[str, list[st
         x0 = x0.reshape(-1)
         cells: dict[str, float | None] = {}
         damping = _damping(objective)
-        native = "auto" if objective.name == "mlp" else "native"
-        opts = MethodOptions(backend=native, learning_rate=LR, damping=damping)
+        opts = MethodOptions(backend="native", learning_rate=LR, damping=damping)
         grad_opts = MethodOptions(backend="autograd", learning_rate=LR, damping=damping)
         res = take_step(objective, x0, opts)
         backend = res.record.backend
@@ -475,7 +474,7 @@ def run() -> str:
     softmax_ratio = softmax["native"] / floor
     lines = [
         "Native column: the engine's public `take_step` (fixed-step Newton, lr = 1) with",
-        "backend native; for the mlp, auto (autograd assembly + native solve). Peers use",
+        "backend native (for the mlp: closed-form assembly + native solve). Peers use",
         "Cholesky (LU for the indefinite mlp); softmax: every column adds "
         f"{SOFTMAX_DAMPING:g} I to its singular Hessian. Label in brackets: the backend that ran.",
         "",
