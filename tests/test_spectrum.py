@@ -68,7 +68,9 @@ def test_extremes_match_eigvalsh_on_least_squares_n500():
     report = analyze_curvature(obj, params, opts)
     assert obj.num_params == 500 and report.eigenvalues_converged
     _assert_extremes(report, torch.func.hessian(obj.loss)(params), 3, 1e-6)
-    assert report.verdict == "minimum" and report.products == report.lanczos_iterations
+    assert report.verdict == "minimum" and report.products == report.products_by_part["lanczos"]
+    # b = 4 products per block step, the last block cut to the Krylov dimension cap
+    assert 4 * (report.lanczos_iterations - 1) < report.products <= 4 * report.lanczos_iterations
 
 
 @pytest.mark.parametrize("hvp_mode", ["forward_over_reverse", "reverse_over_reverse"])
@@ -87,6 +89,62 @@ def test_extremes_match_eigvalsh_on_an_indefinite_mlp_n500(hvp_mode):
     _assert_extremes(report, h, 3, 1e-6)
     assert report.verdict == "saddle" and not report.stationary
     assert "not a stationary point" in report.verdict_reason
+
+
+def _designed(top, bulk, bottom):
+    """A quadratic whose spectrum is top + bulk + bottom (in a random orthonormal basis)."""
+    return _quadratic(list(top) + torch.linspace(*bulk).tolist() + list(bottom))
+
+
+@pytest.mark.parametrize(
+    "top,bulk,bottom",
+    [
+        ([5.0, 5.0, 5.0, 4.2], (1.0, 3.0, 52), [0.2, 0.2, 0.2, 0.5]),  # a minimum
+        ([7.0, 7.0, 6.0, 6.0], (-1.0, 2.0, 60), [-2.0, -2.0, -2.0, -1.5]),  # a saddle
+    ],
+)
+def test_block_lanczos_returns_repeated_eigenvalues_with_their_multiplicity(top, bulk, bottom):
+    obj = _designed(top, bulk, bottom)
+    n = obj.num_params
+    opts = SpectrumOptions(top_k=4, bottom_k=4, max_lanczos_iterations=n, **EIGEN_ONLY)
+    report = analyze_curvature(obj, torch.randn(n, dtype=F64), opts)
+    assert report.eigenvalues_converged
+    _assert_extremes(report, obj.data["A"], 4, 1e-6)
+    assert report.verdict == ("minimum" if bottom[0] > 0 else "saddle")
+
+
+def test_block_lanczos_deflates_an_invariant_krylov_space_and_counts_products():
+    # Two distinct eigenvalues: span(B^j Q_0) is invariant after two blocks (dimension 8),
+    # so the third block deflates to nothing and the Ritz values are exact.
+    obj = _quadratic([3.0] * 25 + [1.0] * 25)
+    opts = SpectrumOptions(top_k=4, bottom_k=4, **EIGEN_ONLY)
+    report = analyze_curvature(obj, torch.randn(50, dtype=F64), opts)
+    assert report.eigenvalues_converged and report.lanczos_iterations == 2
+    assert report.products == report.products_by_part["lanczos"] == 8
+    for got in report.top_eigenvalues:
+        assert math.isclose(got, 3.0, rel_tol=1e-12)
+    for got in report.bottom_eigenvalues:
+        assert math.isclose(got, 1.0, rel_tol=1e-12)
+    # A start block wider than the space (n = 3 < b = 4) is rank deficient: 3 products.
+    small = _quadratic([2.0, 2.0, -1.0])
+    tiny = analyze_curvature(small, torch.zeros(3, dtype=F64), SpectrumOptions(**EIGEN_ONLY))
+    assert tiny.products == 3 and tiny.lanczos_iterations == 1
+    assert tiny.top_eigenvalues == pytest.approx([2.0]) and tiny.verdict == "saddle"
+
+
+def test_block_lanczos_never_exceeds_the_krylov_dimension_cap():
+    obj = _quadratic(torch.linspace(-1, 3, 40).tolist())
+    opts = SpectrumOptions(
+        block_size=3, max_lanczos_iterations=10, eigen_tolerance=1e-14, **EIGEN_ONLY
+    )
+    report = analyze_curvature(obj, torch.randn(40, dtype=F64), opts)
+    assert report.products == 10 and report.lanczos_iterations == 4  # 3 + 3 + 3 + 1
+    assert not report.eigenvalues_converged and "did not converge" in report.verdict_reason
+    ev = torch.linalg.eigvalsh(obj.data["A"])
+    # Ritz values lie inside the spectrum (Cauchy interlacing)
+    assert (
+        float(ev[0]) <= report.bottom_eigenvalues[0] <= report.top_eigenvalues[0] <= float(ev[-1])
+    )
 
 
 def test_gauss_newton_spectrum_matches_the_dense_ggn():
@@ -201,6 +259,8 @@ def test_reports_are_deterministic_per_seed_and_count_products():
     [
         ({"top_k": 0}, "options.top_k"),
         ({"bottom_k": 1.5}, "options.bottom_k"),
+        ({"block_size": 0}, "options.block_size"),
+        ({"block_size": 2.0}, "options.block_size"),
         ({"curvature": "fisher"}, "options.curvature"),
         ({"max_lanczos_iterations": 1}, "options.max_lanczos_iterations"),
         ({"eigen_tolerance": 0.0}, "options.eigen_tolerance"),

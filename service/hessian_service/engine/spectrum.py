@@ -1,15 +1,16 @@
 """Matrix-free curvature analysis: extreme eigenvalues, trace, spectral density, a verdict.
 
 Everything runs on curvature-vector products (hessian_free.py), never a dense matrix:
-Lanczos with full reorthogonalisation for the top-k and bottom-k eigenvalues (stopping
-when the Ritz residual bounds |beta_m s_mi| meet the tolerance), Hutchinson's and
+block Lanczos with full reorthogonalisation and deflation for the top-k and bottom-k
+eigenvalues with their multiplicities (block_lanczos.py; stopping when the Ritz residual
+norms meet the tolerance), Hutchinson's and
 Hutch++'s trace estimators with a normal-approximation confidence interval, and stochastic
 Lanczos quadrature (Ubaru, Chen & Saad 2017) for the spectral density, as PyHessian does.
 Probes are Rademacher vectors from a seeded generator, so a report is reproducible;
 batches of probes go through one torch.func.vmap'd product. The verdict answers the
 seed's question: is this point a minimum, a saddle, a maximum, or flat?
 
-Memory: (Lanczos iterations + 1) n-vectors for the extremes, batch_size x (density_steps
+Memory: (Krylov dimension + 2 x block size) n-vectors for the extremes, batch_size x (density_steps
 + 1) n-vectors for the density, trace_samples / 3 n-vectors for Hutch++.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .block_lanczos import BlockProduct, block_lanczos_extremes, block_product
 from .curvature import loss_and_grad
 from .errors import UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
@@ -32,8 +34,6 @@ from .validation import require_int, require_no_extra
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
-CHECK_EVERY = 5  # Lanczos iterations between convergence checks, at least
-CHECK_FRACTION = 8  # and at most 1/8 of the iterations so far (a logarithmic number of checks)
 
 
 def _real(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
@@ -49,21 +49,26 @@ def _real(name: str, value: Any, low: float, high: float, *, open_high: bool = T
 class SpectrumOptions:
     """What `analyze_curvature` computes and how hard it tries.
 
-    top_k / bottom_k: how many of the largest / smallest eigenvalues to report (>= 1).
-    max_lanczos_iterations: the Krylov dimension cap for them; eigen_tolerance: the Ritz
-    residual bound, relative to the largest |eigenvalue|, at which they count as converged.
+    top_k / bottom_k: how many of the largest / smallest eigenvalues to report (>= 1), each
+    repeated as often as its multiplicity when that is at most block_size (the Lanczos block:
+    block_size vectors per step; 1 is plain Lanczos, which reports a repeated eigenvalue once).
+    max_lanczos_iterations: the Krylov dimension cap for them (= their curvature-vector
+    products); eigen_tolerance: the Ritz residual norm, relative to the largest |eigenvalue|,
+    at which they count as converged.
     trace_samples: the product budget of each trace estimator (0: no trace); confidence:
     the two-sided level of its interval. density_probes x density_steps: SLQ (0 probes: no
     density), smoothed by a Gaussian of width density_sigma (None: 1% of the spectral
     range) on grid_points points. batch_size: probes per vmap'd product. verdict tolerances:
     an eigenvalue counts as zero when |lambda| <= max(absolute_tolerance, relative_tolerance
     x max|lambda|); a point is stationary when max|g| <= gradient_tolerance. hvp_mode: the
-    Hessian product for the one-at-a-time Lanczos vectors (reverse_over_reverse is cheaper per
-    product on small models); batched probes always use vmap'd forward-over-reverse products.
+    Hessian product for the Lanczos blocks (reverse_over_reverse, cheaper per product on small
+    models, runs column by column; forward_over_reverse is vmap'd over the block); batched
+    probes always use vmap'd forward-over-reverse products.
     """
 
     top_k: int = 1
     bottom_k: int = 1
+    block_size: int = 4
     curvature: str = "hessian"
     max_lanczos_iterations: int = 100
     eigen_tolerance: float = 1e-10
@@ -91,6 +96,7 @@ class SpectrumOptions:
         p = field_prefix
         require_int(f"{p}.top_k", self.top_k, 1)
         require_int(f"{p}.bottom_k", self.bottom_k, 1)
+        require_int(f"{p}.block_size", self.block_size, 1)
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
         require_int(f"{p}.max_lanczos_iterations", self.max_lanczos_iterations, 2)
@@ -140,9 +146,10 @@ class SpectralDensity:
 class CurvatureReport:
     """The curvature at one point, from `products` curvature-vector products.
 
-    top_eigenvalues descend, bottom_eigenvalues ascend; eigen_residuals bound each one's
-    error (Ritz residuals, top then bottom). verdict is one of VERDICTS, verdict_reason
-    says why in words.
+    top_eigenvalues descend, bottom_eigenvalues ascend (a repeated eigenvalue appears once per
+    multiplicity, up to the block size); eigen_residuals bound each one's error (Ritz residual
+    norms, top then bottom); lanczos_iterations counts block steps. verdict is one of
+    VERDICTS, verdict_reason says why in words.
     """
 
     num_params: int
@@ -176,19 +183,22 @@ class CurvatureReport:
 class _Counter:
     """Wraps a product, counting vectors, with a vmap'd batched form.
 
-    `single` (default: `product`) serves one vector at a time, as Lanczos needs; it may be a
-    cheaper non-vmap-able product (reverse over reverse) of the same matrix.
+    `block_product` (default: the vmap'd `product` over columns) serves Lanczos blocks; it may
+    be a cheaper non-vmap-able product (reverse over reverse) of the same matrix.
     """
 
-    def __init__(self, product: Product, batch_size: int, single: Product | None = None) -> None:
-        self.product = single or product
+    def __init__(
+        self, product: Product, batch_size: int, block_product: BlockProduct | None = None
+    ) -> None:
         self.batched = torch.func.vmap(product)
+        self.block_product = block_product or torch.func.vmap(product, in_dims=1, out_dims=1)
         self.batch_size = batch_size
         self.count = 0
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        self.count += 1
-        return self.product(v)
+    def block(self, v: torch.Tensor) -> torch.Tensor:
+        """The product of each column of the (n, b) block `v`."""
+        self.count += v.shape[1]
+        return self.block_product(v)
 
     def many(self, vs: torch.Tensor) -> torch.Tensor:
         """Products of the rows of `vs`, `batch_size` rows per vmap'd call."""
@@ -200,69 +210,6 @@ class _Counter:
 def _rademacher(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     signs = torch.randint(0, 2, shape, generator=gen).to(dtype=like.dtype, device=like.device)
     return 2 * signs - 1
-
-
-def lanczos_extremes(
-    product: Product,
-    start: torch.Tensor,
-    top_k: int,
-    bottom_k: int,
-    max_iterations: int,
-    tolerance: float,
-) -> tuple[list[float], list[float], list[float], int, bool]:
-    """Top-k (descending) and bottom-k (ascending) Ritz values by Lanczos, full reorthogonalised.
-
-    Returns (top, bottom, residual bounds, iterations, converged). Iterates until every
-    wanted Ritz value's residual |beta_m s_mi| <= tolerance x max|theta|, the Krylov space
-    is invariant (beta ~ 0: the Ritz values are exact), or max_iterations (capped at n).
-    """
-    n = start.numel()
-    m_max = min(max_iterations, n)
-    q_all = start.new_zeros((m_max + 1, n))
-    q_all[0] = start / start.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    theta = torch.zeros(0, dtype=torch.float64)
-    residuals = torch.zeros(0, dtype=torch.float64)
-    converged = False
-    next_check = max(CHECK_EVERY, top_k + bottom_k)
-    for j in range(m_max):
-        w = product(q_all[j])
-        alpha = float(q_all[j] @ w)
-        w = w - alpha * q_all[j]
-        if j:
-            w = w - betas[-1] * q_all[j - 1]
-        basis = q_all[: j + 1]
-        for _ in range(2):  # "twice is enough" (Parlett): full reorthogonalisation
-            w = w - basis.T @ (basis @ w)
-        beta = float(w.norm())
-        alphas.append(alpha)
-        betas.append(beta)
-        size = j + 1
-        scale = max((abs(a) for a in alphas), default=0.0) + max(betas)
-        invariant = beta <= 1e-12 * max(scale, 1e-300) or size == n
-        if invariant or size == m_max or size >= next_check:
-            next_check = size + max(CHECK_EVERY, size // CHECK_FRACTION)
-            t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            off = torch.tensor(betas[:-1], dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
-            theta, vecs = torch.linalg.eigh(t)
-            residuals = (beta * vecs[-1]).abs() if not invariant else torch.zeros_like(theta)
-            top = min(top_k, size)
-            bottom = min(bottom_k, size)
-            wanted = torch.cat([residuals[-top:], residuals[:bottom]])
-            limit = tolerance * max(float(theta.abs().max()), 1e-300)
-            converged = invariant or bool((wanted <= limit).all())
-            if converged or size == m_max:
-                break
-        q_all[j + 1] = w / beta
-    size = theta.numel()
-    top = min(top_k, size)
-    bottom = min(bottom_k, size)
-    top_vals = theta[-top:].flip(0).tolist()
-    bottom_vals = theta[:bottom].tolist()
-    bounds = residuals[-top:].flip(0).tolist() + residuals[:bottom].tolist()
-    return top_vals, bottom_vals, bounds, len(alphas), converged
 
 
 def _z_value(confidence: float) -> float:
@@ -419,17 +366,15 @@ def analyze_curvature(
     n = x.numel()
     loss, grad = loss_and_grad(objective, x)
     gmax = float(grad.abs().max()) if n else 0.0
-    single = None
-    if opts.hvp_mode != "forward_over_reverse" and opts.curvature == "hessian":
-        single = curvature_product(objective, x, hvp_mode=opts.hvp_mode)
-    counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, single)
+    blocks = block_product(objective, x, opts.curvature, opts.hvp_mode)
+    counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, blocks)
     gen = torch.Generator().manual_seed(opts.seed)
     by_part: dict[str, int] = {}
 
-    start_vec = torch.randn(n, generator=gen, dtype=torch.float64).to(x)
-    top, bottom, bounds, iters, converged = lanczos_extremes(
-        counter,
-        start_vec,
+    start_block = torch.randn(n, opts.block_size, generator=gen, dtype=torch.float64).to(x)
+    top, bottom, bounds, iters, _, converged = block_lanczos_extremes(
+        counter.block,
+        start_block,
         opts.top_k,
         opts.bottom_k,
         opts.max_lanczos_iterations,
@@ -450,7 +395,8 @@ def analyze_curvature(
     stationary = gmax <= opts.gradient_tolerance
     if not converged:
         reason += (
-            f"; Lanczos did not converge in {iters} iterations (Ritz values lie inside the "
+            f"; block Lanczos did not converge in {iters} block steps ({by_part['lanczos']} "
+            "products; Ritz values lie inside the "
             "spectrum, so the true extremes may be further out)"
         )
     if not stationary:
