@@ -6,15 +6,24 @@ INTERNAL."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 
 import grpc
 import numpy as np
 import pytest
-from hessian_client import Client, problems, status_name
+from conftest import start_server
+from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
+from hessian_service.engine.records import StepRecord
 from hessian_service.server import ServerConfig, build_server
-from hessian_service.store import SQLiteRunStore, StoreError
+from hessian_service.store import (
+    RunRow,
+    SQLiteRunStore,
+    StoredCheckpoint,
+    StoreError,
+    StoreFullError,
+)
 
 GD = {"method": "gradient_descent", "learning_rate": 1e-3}
 ITERATIONS = 60
@@ -112,3 +121,69 @@ def test_a_run_admitted_as_the_server_shuts_down_is_stored_interrupted(flaky):
     row = store.get_run(run_id)
     assert (row.status, row.stop_reason) == ("INTERRUPTED", "shutdown")
     assert store.latest_checkpoint(run_id).iteration == 0, "ResumeRun can start it later"
+
+
+def test_a_run_the_full_store_stops_is_stored_interrupted_and_resumes_once_space_returns(
+    tmp_path,
+):
+    n = 800  # about 300 KB of records: far over the 96 KiB cap
+    stopping = {
+        "max_iterations": n,
+        "gradient_tolerance": 0.0,
+        "function_tolerance": 0.0,
+        "parameter_tolerance": 0.0,
+    }
+    handle = start_server(tmp_path, max_store_bytes=96 * 1024, commit_every_records=16)
+    seen = []
+    try:
+        with Client(handle.address) as c:
+            run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, **GD)
+            with pytest.raises(ResourceExhausted, match=r"run store .* is full"):
+                for record in run.stream():
+                    seen.append((record.iteration, record.loss))
+            info = c.get_run(run.id)
+            assert status_name(info) == "INTERRUPTED", info.message
+            assert info.stop_reason == optimize_pb2.STOP_REASON_ERROR
+            assert "is full" in info.message and "ResumeRun" in info.message
+            assert len(seen) <= info.num_records < n
+        with sqlite3.connect(tmp_path / "runs.sqlite3") as db:  # stored so, not only reported
+            row = db.execute("SELECT status, message FROM runs WHERE run_id = ?", (run.id,))
+            status, message = row.fetchone()
+        assert status == "INTERRUPTED" and "is full" in message
+    finally:
+        handle.stop(grace=1.0)
+    reopened = start_server(tmp_path)  # space returns: the same data without the cap
+    try:
+        with Client(reopened.address) as c:
+            info = c.get_run(run.id)
+            assert status_name(info) == "INTERRUPTED" and "is full" in info.message
+            final = c.resume_run(run.id).wait(60)
+            assert status_name(final) == "FINISHED", final.message
+            stored = [(r.iteration, r.loss) for r in c.run(run.id).stream()]
+            assert stored[: len(seen)] == seen, "every record a client saw survived"
+            reference = c.start_run(
+                problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, **GD
+            )
+            assert stored == [(r.iteration, r.loss) for r in reference.stream()]
+    finally:
+        reopened.stop(grace=1.0)
+
+
+def test_a_store_full_of_records_still_takes_the_status_write_that_ends_a_run(tmp_path):
+    store = SQLiteRunStore(tmp_path, commit_every=8, commit_interval_s=3600, max_bytes=128 * 1024)
+    spec = {"options": {"method": "newton"}, "stopping": {"max_iterations": 5}}
+    checkpoint = StoredCheckpoint(0, "float64", [2], bytes(16))
+    store.create_run(RunRow("r-a", "p-1", spec, status="RUNNING"), checkpoint)
+    with pytest.raises(StoreFullError):
+        for i in range(100_000):
+            store.append_record("r-a", StepRecord(iteration=i, loss=1.0, backend="x" * 200))
+    committed = store.get_run("r-a").num_records
+    assert store.discard_queued("r-a") > 0  # the uncommitted tail: never acknowledged
+    store.update_run("r-a", status="INTERRUPTED", stop_reason="error", message="m" * 6000)
+    row = store.get_run("r-a")
+    assert (row.status, row.num_records, len(row.message)) == ("INTERRUPTED", committed, 6000)
+    with pytest.raises(StoreFullError):  # no new work while it is full
+        store.create_run(RunRow("r-b", "p-1", spec), checkpoint)
+    assert store.delete_run("r-a", statuses=("INTERRUPTED",))
+    store.create_run(RunRow("r-b", "p-1", spec), checkpoint)  # the space is free again
+    store.close()

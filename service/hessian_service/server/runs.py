@@ -374,9 +374,17 @@ class RunManager:
         except EngineError as exc:
             final["message"] = str(exc)
         except StoreError as exc:
+            # Its records cannot be committed: stop, drop the uncommitted (never acknowledged)
+            # tail and keep the run resumable from its last checkpoint once space returns.
             live.error = exc
-            final["message"] = f"stopped: {exc}"
-            log.error("run %s stopped: %s", run_id, exc)
+            dropped = self.store.discard_queued(run_id)
+            final.update(status="INTERRUPTED")
+            final["message"] = (
+                f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
+            )
+            log.error(
+                "run %s INTERRUPTED (%d uncommitted records dropped): %s", run_id, dropped, exc
+            )
         except RunStateError as exc:
             final["message"] = f"stopped: {exc}"
             log.warning("run %s stopped: %s", run_id, exc)
@@ -385,7 +393,9 @@ class RunManager:
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
         finally:
             try:
-                if run is not None and run.last_record is not None:
+                # not after a store error: a checkpoint past the last stored record would
+                # leave a gap in the records when the run is resumed from it
+                if run is not None and run.last_record is not None and live.error is None:
                     self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
             except (StoreError, RunStateError) as exc:
                 log.error("could not store the last checkpoint of run %s: %s", run_id, exc)

@@ -14,7 +14,8 @@ implementation keeps, and the server's acknowledgement rests on:
   after it was appended (whichever comes first), and always before a status change,
   a checkpoint, or `flush`;
 - a failed write raises StoreError (StoreFullError when out of space) and keeps the
-  queued records queued: nothing is dropped silently.
+  queued records queued: nothing is dropped silently, only by `discard_queued` for a run
+  that stopped because they could not be committed (never acknowledged, so never seen).
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ class RunStore(ABC):
     @abstractmethod
     def flush(self) -> None:
         """Commit every queued record now."""
+
+    @abstractmethod
+    def discard_queued(self, run_id: str) -> int:
+        """Drop a stopped run's queued records, which the store could not commit; return how
+        many. They were never acknowledged; ResumeRun recomputes them from a checkpoint."""
 
     @abstractmethod
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:

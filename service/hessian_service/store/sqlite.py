@@ -14,7 +14,9 @@ With `synchronous=NORMAL` (the default) an operating-system crash or power loss 
 also roll back the last commits, acknowledged or not, but never corrupts the file;
 `synchronous=FULL` fsyncs every commit so acknowledged records survive that too.
 A write that fails (disk full, `max_bytes` reached, unwritable directory) raises
-StoreError / StoreFullError and keeps the queued records queued.
+StoreError / StoreFullError and keeps the queued records queued. Under `max_bytes` the
+last few pages (RESERVE_PAGES at most) are kept for run status changes and deletes, so a
+run that the full store stopped can still be marked INTERRUPTED.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 FULL_CODES = ("SQLITE_FULL",)
+RESERVE_PAGES = 16
 log = logging.getLogger(__name__)
 ROW_FIELDS = [f.name for f in fields(RunRow)]
 RECORD_FIELDS = {f.name for f in fields(StepRecord)}
@@ -100,15 +103,16 @@ class SQLiteRunStore(RunStore):
         self._taken: list[tuple[str, StepRecord]] = []
         self._oldest_pending = 0.0
         self._failure: StoreError | None = None
+        self._full: StoreFullError | None = None  # until records commit or a run is deleted
         self._wake = threading.Condition(self._lock)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.executescript(SCHEMA)
-            if max_bytes:
-                page = self._db.execute("PRAGMA page_size").fetchone()[0]
-                self._db.execute(f"PRAGMA max_page_count={max(max_bytes // page, 1)}")
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            self._pages = max(max_bytes // page, 1) if max_bytes else 0
+            self._reserve = min(RESERVE_PAGES, max(2, self._pages // 16), self._pages // 4)
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         with self._write():  # a real write now, so an unwritable store fails at start-up
@@ -138,6 +142,8 @@ class SQLiteRunStore(RunStore):
         values = self._row_values(row)
         with self._write():
             self._flush_locked()  # a store that cannot commit what it has takes no new run
+            if self._full is not None:
+                raise self._full
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",
@@ -156,6 +162,7 @@ class SQLiteRunStore(RunStore):
             args += list(expect_status)
         with self._write():
             self._flush_locked()
+            self._use_reserve()
             cur = self._db.execute(
                 f"UPDATE runs SET {', '.join(f'{k} = ?' for k in encoded)} WHERE {where}",
                 (*encoded.values(), *args),
@@ -195,9 +202,12 @@ class SQLiteRunStore(RunStore):
             status = self._status(run_id)
             if statuses and status is not None and status not in statuses:
                 self._refuse(run_id, status, statuses)
+            self._use_reserve()
             cur = self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM records WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+            if cur.rowcount:
+                self._full = None  # its pages are free for new records
         return cur.rowcount > 0
 
     def enforce_retention(self, max_runs: int) -> list[str]:
@@ -232,6 +242,7 @@ class SQLiteRunStore(RunStore):
                     f"SELECT run_id FROM runs WHERE status IN ({marks})", ACTIVE_STATUSES
                 )
             ]
+            self._use_reserve()
             self._db.execute(
                 f"UPDATE runs SET status = 'INTERRUPTED', stop_reason = 'shutdown', "
                 f"message = ? WHERE status IN ({marks})",
@@ -255,6 +266,15 @@ class SQLiteRunStore(RunStore):
     def flush(self) -> None:
         with self._write():
             self._flush_locked()
+
+    def discard_queued(self, run_id: str) -> int:
+        with self._lock:
+            kept = [(rid, record) for rid, record in self._pending if rid != run_id]
+            dropped = len(self._pending) - len(kept)
+            self._pending = kept
+            if not kept:
+                self._failure = None  # nothing is waiting that could not be committed
+        return dropped
 
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
         with self._lock:
@@ -296,6 +316,12 @@ class SQLiteRunStore(RunStore):
                 self._db.close()
 
     # internals
+    def _use_reserve(self, use: bool = True) -> None:
+        """Under max_bytes: let the rest of this transaction use the reserved pages, or not."""
+        if self._pages:
+            pages = self._pages if use else self._pages - self._reserve
+            self._db.execute(f"PRAGMA max_page_count={max(pages, 1)}")
+
     def _status(self, run_id: str) -> str | None:
         """The run's stored status, or None (inside the caller's transaction)."""
         row = self._db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -334,6 +360,7 @@ class SQLiteRunStore(RunStore):
                 return
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                self._use_reserve(False)
                 try:
                     yield
                     self._db.execute("COMMIT")
@@ -345,10 +372,13 @@ class SQLiteRunStore(RunStore):
                 finally:
                     taken, self._taken = self._taken, []
             except sqlite3.Error as exc:
-                self._failure = self._error(exc) if taken else self._failure
-                raise self._error(exc) from exc
+                error = self._error(exc)
+                self._failure = error if taken else self._failure
+                if isinstance(error, StoreFullError):
+                    self._full = error
+                raise error from exc
             if taken:
-                self._failure = None
+                self._failure = self._full = None
             for run_id, record in taken:
                 committed[run_id] = max(committed.get(run_id, -1), record.iteration)
         self._notify_committed(committed)
