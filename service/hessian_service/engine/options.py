@@ -52,7 +52,10 @@ class MethodOptions:
     curvature_fraction (share of data rows the curvature products use, drawn each step
     from `seed`), hvp_mode (reverse_over_reverse, the default: one retained double-backward
     graph per step, 1.3-1.4x a gradient per product in BENCHMARKS.md; forward_over_reverse:
-    torch.func jvp of grad, nothing kept between products, 2.8-8x a gradient there).
+    torch.func jvp of grad, nothing kept between products, 2.8-8x a gradient there),
+    gradient_fraction (share of data rows in the mini-batch whose gradient each step's CG
+    uses, drawn afresh each step from `seed`; the curvature rows then come from within it;
+    1: the full gradient).
     gauss_newton_cg is newton_cg with curvature gauss_newton.
     """
 
@@ -74,6 +77,7 @@ class MethodOptions:
     curvature_fraction: float = 1.0
     seed: int = 0
     hvp_mode: str = "reverse_over_reverse"
+    gradient_fraction: float = 1.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> MethodOptions:
@@ -136,6 +140,16 @@ class MethodOptions:
         if not 0 < _real(f"{p}.curvature_fraction", self.curvature_fraction) <= 1:
             raise ValidationError(
                 f"{p}.curvature_fraction", "a number in (0, 1]", repr(self.curvature_fraction)
+            )
+        if not 0 < _real(f"{p}.gradient_fraction", self.gradient_fraction) <= 1:
+            raise ValidationError(
+                f"{p}.gradient_fraction", "a number in (0, 1]", repr(self.gradient_fraction)
+            )
+        if self.gradient_fraction < 1 and not (hessian_free or self.method == "auto"):
+            raise ValidationError(
+                f"{p}.gradient_fraction",
+                f"1 for {self.method} (mini-batch gradients are for newton_cg/gauss_newton_cg)",
+                repr(self.gradient_fraction),
             )
         return replace(
             self, learning_rate=lr, backend=backend, step_policy=policy, curvature=curvature
