@@ -4,8 +4,8 @@
 // failed factorisation or a non-finite solution, lambda = max(10 lambda, sqrt(eps) *
 // max(1, max|diag H|)).
 //  * CPU, n <= kSmallN: plain loops in double on thread-local buffers, no ATen dispatch.
-//  * CPU, larger n: one working copy; LAPACK potrf in place (ATen's lapackCholesky), the
-//    symmetrised matrix kept in the untouched triangle so a retry restores it in place.
+//  * CPU, larger n: one working copy written by one symmetrising pass, LAPACK potrf in
+//    place (ATen's lapackCholesky); the untouched triangle keeps the matrix for retries.
 //  * other devices: the same policy with ATen calls (cuSOLVER on CUDA).
 #include <ATen/Parallel.h>
 #include <ATen/native/BatchLinearAlgebra.h>
@@ -133,16 +133,22 @@ void restore_upper(scalar_t* a, int64_t n, const scalar_t* diag, scalar_t lam) {
 
 // Damped Cholesky on a row-major buffer whose strict lower triangle and `diag` hold the
 // symmetric matrix; potrf('L') on the column-major view touches only the upper triangle.
+// `ready`: the upper triangle already holds the matrix too, so the first attempt only sets
+// the diagonal (later attempts restore the upper triangle that potrf overwrote).
 template <typename scalar_t>
 SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const scalar_t* g,
-                         double damping, int64_t max_attempts, scalar_t* d) {
+                         double damping, int64_t max_attempts, bool ready, scalar_t* d) {
   double scale = 1.0;
   for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(static_cast<double>(diag[i])));
   const double floor = sqrt_eps<scalar_t>() * scale;
   const int ni = static_cast<int>(n);
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
-    restore_upper(a, n, diag, static_cast<scalar_t>(lam));
+    if (attempt == 1 && ready) {
+      for (int64_t i = 0; i < n; ++i) a[i * n + i] = diag[i] + static_cast<scalar_t>(lam);
+    } else {
+      restore_upper(a, n, diag, static_cast<scalar_t>(lam));
+    }
     int info = 0;
     at::native::lapackCholesky<scalar_t>('L', ni, a, ni, &info);
     if (info == 0) {
@@ -158,9 +164,9 @@ SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const sca
   return {lam, 0};
 }
 
-// Strict lower triangle of `out` = (H + H^T) / 2, `diag` = diag(H).
+// Both triangles of `out` = (H + H^T) / 2 in one pass (each pair read once), `diag` = diag(H).
 template <typename scalar_t>
-void symmetrise_lower(const scalar_t* h, int64_t n, scalar_t* out, scalar_t* diag) {
+void symmetrise(const scalar_t* h, int64_t n, scalar_t* out, scalar_t* diag) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, n < kParallelN ? tiles : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
@@ -168,8 +174,11 @@ void symmetrise_lower(const scalar_t* h, int64_t n, scalar_t* out, scalar_t* dia
       for (int64_t tj = 0; tj <= ti; ++tj) {
         const int64_t j0 = tj * kTile, j1 = std::min(n, j0 + kTile);
         for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = j0; j < std::min(j1, i); ++j)
-            out[i * n + j] = (h[i * n + j] + h[j * n + i]) * scalar_t(0.5);
+          for (int64_t j = j0; j < std::min(j1, i); ++j) {
+            const scalar_t v = (h[i * n + j] + h[j * n + i]) * scalar_t(0.5);
+            out[i * n + j] = v;
+            out[j * n + i] = v;
+          }
       }
       for (int64_t i = i0; i < i1; ++i) diag[i] = h[i * n + i];
     }
@@ -235,7 +244,7 @@ SolveStatus solve_owned_symmetric(at::Tensor& h, const at::Tensor& g, double dam
       std::vector<scalar_t> diag(n);
       for (int64_t i = 0; i < n; ++i) diag[i] = a[i * n + i];
       status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
-                                      max_attempts, d.data_ptr<scalar_t>());
+                                      max_attempts, true, d.data_ptr<scalar_t>());
 #else
       status = generic_solve(h, gc, damping, max_attempts, d);
 #endif
@@ -266,10 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
 #if AT_BUILD_WITH_LAPACK()
       at::Tensor work = at::empty({n, n}, h.options());
       std::vector<scalar_t> diag(n);
-      symmetrise_lower<scalar_t>(hc.data_ptr<scalar_t>(), n, work.data_ptr<scalar_t>(),
-                                 diag.data());
+      symmetrise<scalar_t>(hc.data_ptr<scalar_t>(), n, work.data_ptr<scalar_t>(), diag.data());
       status = lapack_solve<scalar_t>(work.data_ptr<scalar_t>(), diag.data(), n,
-                                      gc.data_ptr<scalar_t>(), damping, max_attempts,
+                                      gc.data_ptr<scalar_t>(), damping, max_attempts, true,
                                       d.data_ptr<scalar_t>());
 #else
       status = generic_solve((hc + hc.t()) * 0.5, gc, damping, max_attempts, d);
