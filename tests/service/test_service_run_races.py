@@ -153,3 +153,17 @@ def test_a_conditional_update_or_delete_that_matches_no_row_says_why(tmp_path):
     store.update_run("r-a", expect_status=("RUNNING",), status="INTERRUPTED")
     assert store.delete_run("r-a", statuses=FINAL) and store.get_run("r-a") is None
     store.close()
+
+
+def test_a_watch_that_a_resume_overtakes_ends_with_the_resumed_runs_final_status(hooked):
+    handle, store, run_id = hooked
+    with Client(handle.address) as c:
+        kept = c.get_run(run_id).num_records
+        # ResumeRun lands after WatchRun found no live run and while it reads the stored records
+        store.hooks["records"] = lambda rid: c.resume_run(rid)
+        run = c.run(run_id)
+        iterations = [r.iteration for r in run.stream()]
+        assert status_name(run.final) == "FINISHED", status_name(run.final)
+        assert run.final.num_records == ITERATIONS + 1
+        assert 0 < kept < ITERATIONS
+        assert iterations == list(range(ITERATIONS + 1)), "every record exactly once"

@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import grpc
 import torch
@@ -29,13 +29,13 @@ from ..engine.objectives import OBJECTIVES
 from ..engine.options import METHODS
 from ..engine.sampling import generator, initial_params, sample
 from ..engine.spectrum import SpectrumOptions, analyze_curvature
-from ..store import FINAL_STATUSES, RunRow, RunStore
+from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStore
 from . import codec
 from .auth import caller
 from .config import ServerConfig
 from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unary
 from .problems import ProblemRegistry
-from .runs import RunManager, from_stored
+from .runs import LiveRun, RunManager, from_stored
 
 WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
@@ -173,7 +173,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             )
         density = o.batch_size * (o.density_steps + 1) if o.density_probes else 0
         vectors = {
-            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n) + 1,
+            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n) + 2 * o.block_size,
             "options.trace_samples": o.trace_samples // 3 + 1,
             "options.density_steps": density,
         }
@@ -420,37 +420,69 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def WatchRun(self, request, context) -> Iterator[service_pb2.WatchRunEvent]:
         if request.from_iteration < 0:
             raise ValidationError("from_iteration", "an integer >= 0", request.from_iteration)
-        row = self._row(request.run_id)
-        live = self.runs.live(row.run_id)
+        run_id = request.run_id
         nxt = request.from_iteration
-        if live is not None:
-            gone = threading.Event()
-            context.add_callback(lambda: (gone.set(), live.wake()))
-            # Records before the live buffer (a resumed run's history) come from the store.
-            while nxt < live.base:
-                page = self.store.records(row.run_id, nxt, min(WATCH_PAGE, live.base - nxt))
-                if not page:
-                    break
+        gone = threading.Event()
+        watched: list[LiveRun] = []
+        context.add_callback(lambda: (gone.set(), *(live.wake() for live in watched)))
+        # A run may be resumed at any moment, so this loops until the row read after the
+        # records is final and holds no record past them.
+        while not gone.is_set():
+            live, row = self._live_then_row(run_id)
+            if live is not None:
+                watched[:] = [live]
+                nxt = yield from self._watch_live(live, nxt, gone)
+                if gone.is_set():
+                    return
+                if live.error is not None:
+                    raise live.error
+            else:
+                nxt = yield from self._watch_stored(row.run_id, nxt)
+            row = self._row(run_id)
+            unseen = row.last_record is not None and row.last_record.iteration >= nxt
+            if row.status not in ACTIVE_STATUSES and not unseen:
+                yield service_pb2.WatchRunEvent(final=self._info(row))
+                return
+            if not unseen and self.runs.live(run_id) is None:
+                gone.wait(WATCH_POLL_SECONDS)  # active with no live run: settling; look again
+
+    def _live_then_row(self, run_id: str) -> tuple[LiveRun | None, RunRow]:
+        """The live run (first: one admitted later shows as active in the row) and the row."""
+        live = self.runs.live(run_id)
+        row = self._row(run_id)
+        if live is None and row.status in ACTIVE_STATUSES:
+            live = self.runs.live(run_id)  # admitted between the lookup and the read
+        return live, row
+
+    def _watch_live(
+        self, live: LiveRun, nxt: int, gone: threading.Event
+    ) -> Generator[service_pb2.WatchRunEvent, None, int]:
+        """Stream a live run's records from iteration `nxt` until it ends; the next iteration."""
+        # Records before the live buffer (a resumed run's history) come from the store.
+        while nxt < live.base:
+            page = self.store.records(live.run_id, nxt, min(WATCH_PAGE, live.base - nxt))
+            if not page:
+                break
+            yield _event(page)
+            nxt = page[-1].iteration + 1
+        nxt = max(nxt, live.base)
+        while not gone.is_set():
+            batch, finished = live.wait_from(nxt - live.base, WATCH_POLL_SECONDS)
+            for start in range(0, len(batch), WATCH_PAGE):
+                yield _event(batch[start : start + WATCH_PAGE])
+            nxt += len(batch)
+            if finished:
+                break
+        return nxt
+
+    def _watch_stored(
+        self, run_id: str, nxt: int
+    ) -> Generator[service_pb2.WatchRunEvent, None, int]:
+        """Stream a stored run's records from iteration `nxt`; the next iteration."""
+        while True:
+            page = self.store.records(run_id, nxt, WATCH_PAGE)
+            if page:
                 yield _event(page)
                 nxt = page[-1].iteration + 1
-            nxt = max(nxt, live.base)
-            while not gone.is_set():
-                batch, finished = live.wait_from(nxt - live.base, WATCH_POLL_SECONDS)
-                for start in range(0, len(batch), WATCH_PAGE):
-                    yield _event(batch[start : start + WATCH_PAGE])
-                nxt += len(batch)
-                if finished:
-                    break
-            if gone.is_set():
-                return
-            if live.error is not None:
-                raise live.error
-        else:
-            while True:
-                page = self.store.records(row.run_id, nxt, WATCH_PAGE)
-                if page:
-                    yield _event(page)
-                if len(page) < WATCH_PAGE:
-                    break
-                nxt = page[-1].iteration + 1
-        yield service_pb2.WatchRunEvent(final=self._info(self._row(row.run_id)))
+            if len(page) < WATCH_PAGE:
+                return nxt
