@@ -19,6 +19,7 @@ from hessian_service.engine import MethodOptions, make_objective, native_product
 from hessian_service.engine.errors import UnavailableError, UnknownNameError, ValidationError
 from hessian_service.engine.methods import Stepper
 from hessian_service.engine.native_products import curvature_block_product, select_backend
+from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
 from native_support import F32, F64, TOL, rel_err, require_native, spd, upcast
 
 require_native()
@@ -213,6 +214,44 @@ def test_newton_cg_native_on_an_mlp_runs_autograd_and_says_so():
     x = obj.init_params(torch.Generator().manual_seed(0))
     step = take_step(obj, x, MethodOptions(method="newton_cg", backend="native"))
     assert step.record.backend == "autograd" and step.record.cg_iterations > 0
+
+
+# ---------------------------------------------------------------- spectrum
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "softmax_regression"])
+def test_spectrum_with_native_products_matches_eigvalsh_and_autograd(name):
+    obj = _problem(name, rows=100, d=8, l2=0.05, fit_intercept=False)
+    x = 0.3 * torch.randn(obj.num_params, dtype=F64)
+    opts = {"top_k": 2, "bottom_k": 2, "trace_samples": 9, "density_probes": 2, "seed": 3}
+    native = analyze_curvature(obj, x, SpectrumOptions(backend="native", **opts))
+    auto = analyze_curvature(obj, x, SpectrumOptions(backend="autograd", **opts))
+    assert (native.backend, auto.backend) == ("native", "autograd")
+    exact = torch.linalg.eigvalsh(torch.func.hessian(obj.loss)(x))
+    scale = float(exact.abs().max())
+    for got in (native.top_eigenvalues, auto.top_eigenvalues):
+        assert torch.allclose(
+            torch.tensor(got, dtype=F64), exact[-2:].flip(0), rtol=0, atol=1e-8 * scale
+        )
+    assert torch.allclose(
+        torch.tensor(native.bottom_eigenvalues, dtype=F64), exact[:2], rtol=0, atol=1e-8 * scale
+    )
+    assert native.products == auto.products > 0  # same probes, same counts
+    assert math.isclose(
+        native.trace_hutchinson.estimate, auto.trace_hutchinson.estimate, rel_tol=1e-10
+    )
+    assert math.isclose(native.density.trace, auto.density.trace, rel_tol=1e-8)
+
+
+def test_spectrum_backend_native_on_an_mlp_says_autograd_and_bad_backend_names_the_field():
+    obj = _problem("mlp", rows=20, d=3)
+    x = obj.init_params(torch.Generator().manual_seed(0))
+    opts = {"trace_samples": 0, "density_probes": 0, "max_lanczos_iterations": 10}
+    report = analyze_curvature(obj, x, SpectrumOptions(backend="native", **opts))
+    assert report.backend == "autograd"
+    with pytest.raises(UnknownNameError) as err:
+        analyze_curvature(obj, x, SpectrumOptions(backend="gpu", **opts))
+    assert err.value.field == "options.backend"
 
 
 # ---------------------------------------------------------------- bad input and opcheck

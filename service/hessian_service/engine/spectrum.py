@@ -17,6 +17,7 @@ Memory: (Krylov dimension + 2 x block size) n-vectors for the extremes, batch_si
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
@@ -28,8 +29,9 @@ from .block_lanczos import BlockProduct, block_lanczos_extremes, block_product
 from .curvature import loss_and_grad
 from .errors import UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
+from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
-from .options import HVP_MODES
+from .options import BACKENDS, HVP_MODES
 from .validation import require_int, require_no_extra
 
 CURVATURES = ("hessian", "gauss_newton")
@@ -63,7 +65,9 @@ class SpectrumOptions:
     x max|lambda|); a point is stationary when max|g| <= gradient_tolerance. hvp_mode: the
     Hessian product for the Lanczos blocks (reverse_over_reverse, cheaper per product on small
     models, runs column by column; forward_over_reverse is vmap'd over the block); batched
-    probes always use vmap'd forward-over-reverse products.
+    probes always use vmap'd forward-over-reverse products. backend: auto | native |
+    autograd (None: $HESSIAN_BACKEND, else auto); auto and native use the closed-form native
+    block products where native_products.py covers the objective (hvp_mode is then unused).
     """
 
     top_k: int = 1
@@ -84,6 +88,7 @@ class SpectrumOptions:
     gradient_tolerance: float = 1e-6
     seed: int = 0
     hvp_mode: str = "forward_over_reverse"
+    backend: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], field_prefix: str = "options") -> SpectrumOptions:
@@ -117,6 +122,8 @@ class SpectrumOptions:
         require_int(f"{p}.seed", self.seed, 0)
         if self.hvp_mode not in HVP_MODES:
             raise UnknownNameError(f"{p}.hvp_mode", self.hvp_mode, list(HVP_MODES))
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise UnknownNameError(f"{p}.backend", self.backend, list(BACKENDS))
         return self
 
 
@@ -149,7 +156,8 @@ class CurvatureReport:
     top_eigenvalues descend, bottom_eigenvalues ascend (a repeated eigenvalue appears once per
     multiplicity, up to the block size); eigen_residuals bound each one's error (Ritz residual
     norms, top then bottom); lanczos_iterations counts block steps. verdict is one of
-    VERDICTS, verdict_reason says why in words.
+    VERDICTS, verdict_reason says why in words. backend: which products ran (native |
+    autograd).
     """
 
     num_params: int
@@ -170,6 +178,7 @@ class CurvatureReport:
     verdict: str
     verdict_reason: str
     seconds: float
+    backend: str = "autograd"
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (tensors become lists)."""
@@ -184,13 +193,18 @@ class _Counter:
     """Wraps a product, counting vectors, with a vmap'd batched form.
 
     `block_product` (default: the vmap'd `product` over columns) serves Lanczos blocks; it may
-    be a cheaper non-vmap-able product (reverse over reverse) of the same matrix.
+    be a cheaper non-vmap-able product (reverse over reverse) of the same matrix. `batched`
+    (default: the vmap'd `product`) maps a (b, n) batch of rows to their products.
     """
 
     def __init__(
-        self, product: Product, batch_size: int, block_product: BlockProduct | None = None
+        self,
+        product: Product,
+        batch_size: int,
+        block_product: BlockProduct | None = None,
+        batched: BlockProduct | None = None,
     ) -> None:
-        self.batched = torch.func.vmap(product)
+        self.batched = batched or torch.func.vmap(product)
         self.block_product = block_product or torch.func.vmap(product, in_dims=1, out_dims=1)
         self.batch_size = batch_size
         self.count = 0
@@ -366,8 +380,17 @@ def analyze_curvature(
     n = x.numel()
     loss, grad = loss_and_grad(objective, x)
     gmax = float(grad.abs().max()) if n else 0.0
-    blocks = block_product(objective, x, opts.curvature, opts.hvp_mode)
-    counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, blocks)
+    backend = opts.backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+    native = native_block_product(objective, x, backend, opts.curvature)
+    if native is not None:  # closed-form block products (native_products.py), never vmap'd
+
+        def rows(vs: torch.Tensor) -> torch.Tensor:
+            return native(vs.T).T
+
+        counter = _Counter(as_vector_product(native), opts.batch_size, native, rows)
+    else:
+        blocks = block_product(objective, x, opts.curvature, opts.hvp_mode)
+        counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, blocks)
     gen = torch.Generator().manual_seed(opts.seed)
     by_part: dict[str, int] = {}
 
@@ -423,6 +446,7 @@ def analyze_curvature(
         verdict=verdict,
         verdict_reason=reason,
         seconds=time.perf_counter() - started,
+        backend="native" if native is not None else "autograd",
     )
 
 
