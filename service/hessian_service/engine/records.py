@@ -43,9 +43,10 @@ class StepRecord:
     predicted decrease (NaN when the method did not compute it). negative_eigenvalues is
     -1 when unknown. cg_iterations, cg_residual (||r|| / ||g||), negative_curvature and
     trust_radius (the radius the step was computed in; NaN without a trust region) describe
-    the Hessian-free methods' inner solve. A rejected Levenberg-Marquardt or trust-region
-    trial has step_accepted False and the next record repeats x_k with larger damping (or a
-    smaller radius).
+    the Hessian-free methods' inner solve; gradient_batch_size is the rows of the mini-batch
+    whose gradient it used (gradient_fraction < 1; 0: the full gradient). A rejected
+    Levenberg-Marquardt or trust-region trial has step_accepted False and the next record
+    repeats x_k with larger damping (or a smaller radius).
     """
 
     iteration: int
@@ -65,6 +66,7 @@ class StepRecord:
     cg_residual: float = math.nan
     negative_curvature: bool = False
     trust_radius: float = math.nan
+    gradient_batch_size: int = 0
     backend: str = ""
     iteration_seconds: float = 0.0
     cumulative_seconds: float = 0.0
