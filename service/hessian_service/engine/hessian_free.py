@@ -8,7 +8,11 @@ the trust-region boundary, on negative curvature (following that direction, a de
 direction for the model), or when the residual meets the Eisenstat-Walker forcing term.
 The trust radius follows the gain ratio rho (Nocedal & Wright, Alg. 4.1) and lambda
 follows Martens' (2010) Levenberg-Marquardt rule. Curvature products may use a seeded
-random sub-sample of the data rows (`curvature_fraction`), as Martens' Hessian-free does.
+random sub-sample of the data rows (`curvature_fraction`), as Martens' Hessian-free does,
+and the gradient a mini-batch (`gradient_fraction`, drawn afresh each step; the curvature
+sample is then drawn from within that batch, as Martens does, so that CG minimises one
+mini-batch's model). The gain ratio always compares against the full-data loss, so an
+accepted step decreases the objective the run reports.
 Memory is O(n) plus one forward/backward graph: a handful of n-vectors in CG.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .curvature import loss_and_grad
 from .errors import ValidationError
 from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
@@ -141,6 +146,7 @@ class CGResult:
 
     residual is ||b - A d|| / ||g|| for A = B + lambda I (exact for the returned d, tracked
     by the recurrence). predicted_decrease is -(g.d + d.B d / 2) under the undamped model.
+    gradient_batch_size: the rows of the mini-batch g came from (0: g is the full gradient).
     """
 
     direction: torch.Tensor
@@ -149,6 +155,7 @@ class CGResult:
     negative_curvature: bool
     on_boundary: bool
     predicted_decrease: float
+    gradient_batch_size: int = 0
 
 
 def _to_boundary(d: torch.Tensor, p: torch.Tensor, radius: float) -> float:
@@ -231,6 +238,7 @@ def initial_state(options: MethodOptions) -> dict[str, float]:
         "forcing": math.nan,
         "forcing_grad_norm": math.nan,
         "curvature_draws": 0.0,
+        "gradient_draws": 0.0,
     }
 
 
@@ -266,6 +274,46 @@ def _generator(options: MethodOptions, state: dict[str, float]) -> torch.Generat
     return torch.Generator().manual_seed((options.seed * 1_000_003 + draw) % 2**63)
 
 
+@dataclass(frozen=True)
+class GradientSample:
+    """The gradient a step uses: of `rows` of the data (sorted indices), or all rows (None).
+
+    objective is the one the gradient is of (the mini-batch's); generator continues the
+    step's draw, for the curvature sample taken from within the batch.
+    """
+
+    grad: torch.Tensor
+    rows: torch.Tensor | None
+    objective: Objective
+    generator: torch.Generator | None
+
+
+def gradient_sample(
+    objective: Objective,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    options: MethodOptions,
+    state: dict[str, float],
+) -> GradientSample:
+    """The full gradient `grad`, or with gradient_fraction < 1 that of a fresh mini-batch.
+
+    The batch is round(gradient_fraction x rows) rows (at least 1) drawn without replacement
+    by a generator seeded by (seed, state's gradient_draws), which it advances: each step, a
+    rejected trust-region trial included, draws a new batch, and a resumed run draws alike.
+    """
+    fraction = options.gradient_fraction
+    if fraction >= 1.0:
+        return GradientSample(grad, None, objective, None)
+    draw = int(state["gradient_draws"])
+    state["gradient_draws"] = float(draw + 1)
+    gen = torch.Generator().manual_seed((options.seed * 1_000_003 + draw + 2**62) % 2**63)
+    total = objective.num_rows
+    keep = max(1, round(fraction * total))
+    rows = torch.randperm(total, generator=gen)[:keep].sort().values
+    batch = objective.subsample(rows.to(objective.device))
+    return GradientSample(loss_and_grad(batch, x)[1], rows, batch, gen)
+
+
 def cg_direction(
     objective: Objective,
     x: torch.Tensor,
@@ -274,24 +322,43 @@ def cg_direction(
     state: dict[str, float],
     radius: float = math.inf,
 ) -> CGResult:
-    """The truncated-CG direction at x under the options' curvature, damping and forcing."""
-    product = curvature_product(
-        objective,
-        x,
-        options.curvature,
-        options.curvature_fraction,
-        _generator(options, state),
-        options.hvp_mode,
-        options.backend,
-    )
-    return steihaug_cg(
+    """The truncated-CG direction at x under the options' curvature, damping and forcing.
+
+    With gradient_fraction < 1 the gradient is a mini-batch's and the curvature sample is
+    curvature_fraction / gradient_fraction of that batch (all of it when that is >= 1).
+    """
+    sample = gradient_sample(objective, x, grad, options, state)
+    if sample.rows is None:
+        product = curvature_product(
+            objective,
+            x,
+            options.curvature,
+            options.curvature_fraction,
+            _generator(options, state),
+            options.hvp_mode,
+            options.backend,
+        )
+    else:
+        product = curvature_product(
+            sample.objective,
+            x,
+            options.curvature,
+            min(1.0, options.curvature_fraction / options.gradient_fraction),
+            sample.generator,
+            options.hvp_mode,
+            options.backend,
+        )
+    cg = steihaug_cg(
         product,
-        grad,
+        sample.grad,
         damping=state["damping"],
         radius=radius,
-        tolerance=forcing_term(options, state, float(grad.norm())),
+        tolerance=forcing_term(options, state, float(sample.grad.norm())),
         max_iterations=options.cg_max_iterations,
     )
+    if sample.rows is None:
+        return cg
+    return replace(cg, gradient_batch_size=sample.rows.numel())
 
 
 @dataclass(frozen=True)
@@ -368,9 +435,10 @@ def check_supported(objective: Objective, options: MethodOptions) -> None:
         raise ValidationError(
             field, f"a method/curvature {objective.name} supports (it has no Gauss-Newton form)"
         )
-    if options.curvature_fraction < 1.0 and not objective.row_fields:
-        raise ValidationError(
-            "options.curvature_fraction",
-            f"1 for {objective.name}, which has no data rows to sub-sample",
-            options.curvature_fraction,
-        )
+    for name in ("curvature_fraction", "gradient_fraction"):
+        if getattr(options, name) < 1.0 and not objective.row_fields:
+            raise ValidationError(
+                f"options.{name}",
+                f"1 for {objective.name}, which has no data rows to sub-sample",
+                getattr(options, name),
+            )
