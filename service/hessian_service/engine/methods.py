@@ -60,6 +60,7 @@ class Step:
     cg_residual: float = math.nan
     negative_curvature: bool = False
     trust_radius: float = math.nan
+    gradient_batch_size: int = 0
 
 
 class Stepper:
@@ -189,6 +190,7 @@ class Stepper:
             cg_residual=cg.residual,
             negative_curvature=cg.negative_curvature,
             trust_radius=radius,
+            gradient_batch_size=cg.gradient_batch_size,
         )
 
     def _levenberg_marquardt(self, point: Point, res: SolveResult) -> Step:
