@@ -62,6 +62,7 @@ def _fill_step(record: StepRecord, step: Step) -> None:
     record.cg_residual = step.cg_residual
     record.negative_curvature = step.negative_curvature
     record.trust_radius = step.trust_radius
+    record.gradient_batch_size = step.gradient_batch_size
 
 
 def take_step(
