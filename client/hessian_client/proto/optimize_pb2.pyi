@@ -128,7 +128,7 @@ DISTRIBUTION_NORMAL: Distribution
 DISTRIBUTION_OBJECTIVE_DEFAULT: Distribution
 
 class MethodOptions(_message.Message):
-    __slots__ = ("method", "step_policy", "learning_rate", "damping", "curvature", "backend", "eigenvalue_floor", "armijo", "backtrack", "max_backtracks", "dense_budget_bytes", "cg_max_iterations", "cg_tolerance", "cg_forcing", "trust_radius", "curvature_fraction", "seed", "hvp_mode")
+    __slots__ = ("method", "step_policy", "learning_rate", "damping", "curvature", "backend", "eigenvalue_floor", "armijo", "backtrack", "max_backtracks", "dense_budget_bytes", "cg_max_iterations", "cg_tolerance", "cg_forcing", "trust_radius", "curvature_fraction", "seed", "hvp_mode", "gradient_fraction")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STEP_POLICY_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class MethodOptions(_message.Message):
     CURVATURE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HVP_MODE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     method: Method
     step_policy: StepPolicy
     learning_rate: float
@@ -165,7 +166,8 @@ class MethodOptions(_message.Message):
     curvature_fraction: float
     seed: int
     hvp_mode: HvpMode
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., step_policy: _Optional[_Union[StepPolicy, str]] = ..., learning_rate: _Optional[float] = ..., damping: _Optional[float] = ..., curvature: _Optional[_Union[Curvature, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., eigenvalue_floor: _Optional[float] = ..., armijo: _Optional[float] = ..., backtrack: _Optional[float] = ..., max_backtracks: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., cg_max_iterations: _Optional[int] = ..., cg_tolerance: _Optional[float] = ..., cg_forcing: _Optional[_Union[CgForcing, str]] = ..., trust_radius: _Optional[float] = ..., curvature_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., hvp_mode: _Optional[_Union[HvpMode, str]] = ...) -> None: ...
+    gradient_fraction: float
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., step_policy: _Optional[_Union[StepPolicy, str]] = ..., learning_rate: _Optional[float] = ..., damping: _Optional[float] = ..., curvature: _Optional[_Union[Curvature, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., eigenvalue_floor: _Optional[float] = ..., armijo: _Optional[float] = ..., backtrack: _Optional[float] = ..., max_backtracks: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., cg_max_iterations: _Optional[int] = ..., cg_tolerance: _Optional[float] = ..., cg_forcing: _Optional[_Union[CgForcing, str]] = ..., trust_radius: _Optional[float] = ..., curvature_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., hvp_mode: _Optional[_Union[HvpMode, str]] = ..., gradient_fraction: _Optional[float] = ...) -> None: ...
 
 class StopCriteria(_message.Message):
     __slots__ = ("max_iterations", "gradient_tolerance", "function_tolerance", "parameter_tolerance", "time_limit_seconds")
@@ -182,7 +184,7 @@ class StopCriteria(_message.Message):
     def __init__(self, max_iterations: _Optional[int] = ..., gradient_tolerance: _Optional[float] = ..., function_tolerance: _Optional[float] = ..., parameter_tolerance: _Optional[float] = ..., time_limit_seconds: _Optional[float] = ...) -> None: ...
 
 class StepRecord(_message.Message):
-    __slots__ = ("iteration", "loss", "loss_change", "gradient_norm", "gradient_max_norm", "step_norm", "step_size", "damping", "gain_ratio", "step_accepted", "negative_eigenvalues", "solver_attempts", "function_evaluations", "cg_iterations", "cg_residual", "negative_curvature", "backend", "iteration_seconds", "cumulative_seconds", "trust_radius")
+    __slots__ = ("iteration", "loss", "loss_change", "gradient_norm", "gradient_max_norm", "step_norm", "step_size", "damping", "gain_ratio", "step_accepted", "negative_eigenvalues", "solver_attempts", "function_evaluations", "cg_iterations", "cg_residual", "negative_curvature", "backend", "iteration_seconds", "cumulative_seconds", "trust_radius", "gradient_batch_size")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_CHANGE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +205,7 @@ class StepRecord(_message.Message):
     ITERATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRUST_RADIUS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     loss: float
     loss_change: float
@@ -223,7 +226,8 @@ class StepRecord(_message.Message):
     iteration_seconds: float
     cumulative_seconds: float
     trust_radius: float
-    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_change: _Optional[float] = ..., gradient_norm: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., step_norm: _Optional[float] = ..., step_size: _Optional[float] = ..., damping: _Optional[float] = ..., gain_ratio: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., negative_eigenvalues: _Optional[int] = ..., solver_attempts: _Optional[int] = ..., function_evaluations: _Optional[int] = ..., cg_iterations: _Optional[int] = ..., cg_residual: _Optional[float] = ..., negative_curvature: _Optional[bool] = ..., backend: _Optional[str] = ..., iteration_seconds: _Optional[float] = ..., cumulative_seconds: _Optional[float] = ..., trust_radius: _Optional[float] = ...) -> None: ...
+    gradient_batch_size: int
+    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_change: _Optional[float] = ..., gradient_norm: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., step_norm: _Optional[float] = ..., step_size: _Optional[float] = ..., damping: _Optional[float] = ..., gain_ratio: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., negative_eigenvalues: _Optional[int] = ..., solver_attempts: _Optional[int] = ..., function_evaluations: _Optional[int] = ..., cg_iterations: _Optional[int] = ..., cg_residual: _Optional[float] = ..., negative_curvature: _Optional[bool] = ..., backend: _Optional[str] = ..., iteration_seconds: _Optional[float] = ..., cumulative_seconds: _Optional[float] = ..., trust_radius: _Optional[float] = ..., gradient_batch_size: _Optional[int] = ...) -> None: ...
 
 class CurvatureSummary(_message.Message):
     __slots__ = ("min_eigenvalue", "max_eigenvalue", "negative_eigenvalues", "condition_number", "positive_definite", "trace")
@@ -242,7 +246,7 @@ class CurvatureSummary(_message.Message):
     def __init__(self, min_eigenvalue: _Optional[float] = ..., max_eigenvalue: _Optional[float] = ..., negative_eigenvalues: _Optional[int] = ..., condition_number: _Optional[float] = ..., positive_definite: _Optional[bool] = ..., trace: _Optional[float] = ...) -> None: ...
 
 class SpectrumOptions(_message.Message):
-    __slots__ = ("top_k", "bottom_k", "curvature", "max_lanczos_iterations", "eigen_tolerance", "trace_samples", "confidence", "density_probes", "density_steps", "density_sigma", "grid_points", "batch_size", "relative_tolerance", "absolute_tolerance", "gradient_tolerance", "seed", "hvp_mode")
+    __slots__ = ("top_k", "bottom_k", "curvature", "max_lanczos_iterations", "eigen_tolerance", "trace_samples", "confidence", "density_probes", "density_steps", "density_sigma", "grid_points", "batch_size", "relative_tolerance", "absolute_tolerance", "gradient_tolerance", "seed", "hvp_mode", "block_size")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     BOTTOM_K_FIELD_NUMBER: _ClassVar[int]
     CURVATURE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +264,7 @@ class SpectrumOptions(_message.Message):
     GRADIENT_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HVP_MODE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     bottom_k: int
     curvature: Curvature
@@ -277,7 +282,8 @@ class SpectrumOptions(_message.Message):
     gradient_tolerance: float
     seed: int
     hvp_mode: HvpMode
-    def __init__(self, top_k: _Optional[int] = ..., bottom_k: _Optional[int] = ..., curvature: _Optional[_Union[Curvature, str]] = ..., max_lanczos_iterations: _Optional[int] = ..., eigen_tolerance: _Optional[float] = ..., trace_samples: _Optional[int] = ..., confidence: _Optional[float] = ..., density_probes: _Optional[int] = ..., density_steps: _Optional[int] = ..., density_sigma: _Optional[float] = ..., grid_points: _Optional[int] = ..., batch_size: _Optional[int] = ..., relative_tolerance: _Optional[float] = ..., absolute_tolerance: _Optional[float] = ..., gradient_tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., hvp_mode: _Optional[_Union[HvpMode, str]] = ...) -> None: ...
+    block_size: int
+    def __init__(self, top_k: _Optional[int] = ..., bottom_k: _Optional[int] = ..., curvature: _Optional[_Union[Curvature, str]] = ..., max_lanczos_iterations: _Optional[int] = ..., eigen_tolerance: _Optional[float] = ..., trace_samples: _Optional[int] = ..., confidence: _Optional[float] = ..., density_probes: _Optional[int] = ..., density_steps: _Optional[int] = ..., density_sigma: _Optional[float] = ..., grid_points: _Optional[int] = ..., batch_size: _Optional[int] = ..., relative_tolerance: _Optional[float] = ..., absolute_tolerance: _Optional[float] = ..., gradient_tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., hvp_mode: _Optional[_Union[HvpMode, str]] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class TraceEstimate(_message.Message):
     __slots__ = ("estimate", "half_width", "confidence", "products")
