@@ -135,6 +135,7 @@ OPTION_SCALARS = (
     "trust_radius",
     "curvature_fraction",
     "seed",
+    "gradient_fraction",
 )
 SPECTRUM_ENUMS = {"curvature": optimize_pb2.Curvature, "hvp_mode": optimize_pb2.HvpMode}
 SPECTRUM_SCALARS = tuple(
