@@ -209,8 +209,8 @@ class Client:
 
         method: newton | saddle_free | newton_cg | gauss_newton_cg | auto (newton if the dense
         Hessian fits dense_budget_bytes, else newton_cg). Further keywords are method options
-        (cg_max_iterations, cg_tolerance, cg_forcing, trust_radius, curvature_fraction, seed,
-        hvp_mode, dense_budget_bytes, ...).
+        (cg_max_iterations, cg_tolerance, cg_forcing, trust_radius, curvature_fraction,
+        gradient_fraction, seed, hvp_mode, dense_budget_bytes, ...).
         """
         options.update(
             method=method,

@@ -27,6 +27,7 @@ SCALARS = (
     "trust_radius",
     "curvature_fraction",
     "seed",
+    "gradient_fraction",
 )
 STOP_FIELDS = (
     "max_iterations",
