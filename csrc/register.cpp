@@ -4,6 +4,9 @@
 #include <torch/library.h>
 
 #include "hessian.h"
+#ifdef WITH_CUDA
+#include "cuda/cuda_ops.h"
+#endif
 
 namespace hessian {
 PyMethodDef* python_methods();  // python_bindings.cpp
@@ -49,9 +52,9 @@ TORCH_LIBRARY(hessian, m) {
 }
 
 // The kernels are written with ATen calls (plus CPU-only loops behind is_cpu()), so the
-// same functions serve CPU and CUDA tensors.
-#define HESSIAN_IMPLS(m)                                                  \
-  m.impl("damped_cholesky", &damped_cholesky);                           \
+// same functions serve CPU and CUDA tensors; a CUDA build (WITH_CUDA) swaps in its own
+// kernels for the three ops below HESSIAN_ATEN_IMPLS, one implementation per dispatch key.
+#define HESSIAN_ATEN_IMPLS(m)                                             \
   m.impl("saddle_free", &saddle_free);                                   \
   m.impl("mse_system", &mse_system);                                     \
   m.impl("quadratic_system", &quadratic_system);                         \
@@ -59,14 +62,28 @@ TORCH_LIBRARY(hessian, m) {
   m.impl("logistic_regression_system", &logistic_system);                \
   m.impl("softmax_regression_system", &softmax_system);                  \
   m.impl("gauss_newton", &gauss_newton);                                 \
-  m.impl("mse_newton_step", &mse_newton_step);                           \
-  m.impl("quadratic_newton_step", &quadratic_newton_step);               \
   m.impl("least_squares_newton_step", &least_squares_newton_step);       \
   m.impl("logistic_regression_newton_step", &logistic_newton_step);      \
   m.impl("softmax_regression_newton_step", &softmax_newton_step);
 
+#define HESSIAN_IMPLS(m)                                                  \
+  HESSIAN_ATEN_IMPLS(m)                                                   \
+  m.impl("damped_cholesky", &damped_cholesky);                           \
+  m.impl("mse_newton_step", &mse_newton_step);                           \
+  m.impl("quadratic_newton_step", &quadratic_newton_step);
+
 TORCH_LIBRARY_IMPL(hessian, CPU, m) { HESSIAN_IMPLS(m) }
 
+#ifdef WITH_CUDA
+// csrc/cuda/: small systems on the GPU's own kernels, the rest handed to the ATen path.
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) {
+  HESSIAN_ATEN_IMPLS(m)
+  m.impl("damped_cholesky", &cuda::damped_cholesky);
+  m.impl("mse_newton_step", &cuda::mse_newton_step);
+  m.impl("quadratic_newton_step", &cuda::quadratic_newton_step);
+}
+#else
 TORCH_LIBRARY_IMPL(hessian, CUDA, m) { HESSIAN_IMPLS(m) }
+#endif
 
 }  // namespace hessian
