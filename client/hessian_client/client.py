@@ -281,7 +281,8 @@ class Client:
 
         Keywords are method options (method="auto" picks newton or newton_cg by size; the
         returned run's `info().method_note` says which and why); curvature_seed is the
-        Hessian-free curvature sub-sample's seed (method option `seed`).
+        Hessian-free sub-samples' seed (curvature rows and gradient mini-batches; method
+        option `seed`).
         """
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
