@@ -158,6 +158,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         cg_tolerance=args.cg_tolerance,
         trust_radius=args.trust_radius,
         curvature_fraction=args.curvature_fraction,
+        gradient_fraction=args.gradient_fraction,
         hvp_mode=args.hvp_mode,
     )
     print(f"run {run.id}", file=sys.stderr)
@@ -182,6 +183,7 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
         np.load(args.params),
         top_k=args.top_k,
         bottom_k=args.bottom_k,
+        block_size=args.block_size,
         curvature=args.curvature,
         trace_samples=args.trace_samples,
         density_probes=args.density_probes,
@@ -322,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--cg-tolerance", type=float, default=None)
     r.add_argument("--trust-radius", type=float, default=None)
     r.add_argument("--curvature-fraction", type=float, default=None)
+    r.add_argument(
+        "--gradient-fraction", type=float, default=None, help="Hessian-free mini-batch gradient"
+    )
     r.add_argument("--hvp-mode", default=None)
     r.add_argument("--max-iterations", type=int, default=100)
     r.add_argument("--gradient-tolerance", type=float, default=None)
@@ -340,6 +345,9 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--params", required=True, help=".npy of the parameters to analyse")
     cv.add_argument("--top-k", type=int, default=None)
     cv.add_argument("--bottom-k", type=int, default=None)
+    cv.add_argument(
+        "--block-size", type=int, default=None, help="Lanczos block: multiplicities up to it"
+    )
     cv.add_argument("--curvature", default=None, help="hessian or gauss_newton")
     cv.add_argument("--trace-samples", type=int, default=None, help="0: no trace")
     cv.add_argument("--density-probes", type=int, default=None, help="0: no density")
