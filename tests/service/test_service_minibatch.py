@@ -7,6 +7,8 @@ Lanczos multiplicities are also checked against eigvalsh of the dense float64 ma
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 from conftest import health_status
 from grpc_health.v1 import health_pb2
 from hessian_client import problems
+from hessian_client.cli import main
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_client.tensors import encode
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective, take_step
@@ -90,6 +93,30 @@ def test_analyze_curvature_returns_multiplicities_with_a_block_size(client):
     np.testing.assert_allclose(got.top_eigenvalues, [6.0] * 3, rtol=1e-6)
     np.testing.assert_allclose(got.bottom_eigenvalues, [-2.0] * 2, rtol=1e-6)
     assert got.verdict == "saddle"
+
+
+def test_cli_flags_carry_gradient_fraction_and_block_size(server, client, capsys, tmp_path):
+    _, obj = _least_squares(rows=40, d=3)
+    data = tmp_path / "ls.npz"
+    np.savez(data, X=obj.data["X"].numpy(), y=obj.data["y"].numpy())
+    args = ["--address", server.address, "run", "--objective", "least_squares"]
+    args += ["--data", str(data), "--option", "l2=0.05", "--option", "fit_intercept=true"]
+    args += ["--params", str(tmp_path / "x0.npy"), "--method", "newton_cg"]
+    np.save(tmp_path / "x0.npy", np.zeros(obj.num_params))
+    assert main([*args, "--gradient-fraction", "0.25", "--max-iterations", "3", "--detach"]) == 0
+    run_id = capsys.readouterr().out.strip()
+    records = list(client.run(run_id).stream())
+    assert [r.gradient_batch_size for r in records] == [10, 10, 10, 0]
+
+    a = torch.diag(torch.tensor([5.0, 5.0, 5.0, 3.0, 2.0, 1.0, 0.5], dtype=F64))
+    np.savez(tmp_path / "q.npz", A=a.numpy(), b=np.zeros(7))
+    np.save(tmp_path / "p.npy", np.zeros(7))
+    args = ["--address", server.address, "curvature", "--objective", "quadratic"]
+    args += ["--data", str(tmp_path / "q.npz"), "--params", str(tmp_path / "p.npy")]
+    args += ["--top-k", "3", "--block-size", "3", "--trace-samples", "0", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top_eigenvalues"] == pytest.approx([5.0, 5.0, 5.0], rel=1e-9)
 
 
 def _step(**options):
