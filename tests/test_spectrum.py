@@ -287,3 +287,22 @@ def test_gauss_newton_on_an_objective_without_it_names_the_field():
     with pytest.raises(ValidationError) as err:
         analyze_curvature(obj, torch.ones(2, dtype=F64), SpectrumOptions(curvature="gauss_newton"))
     assert err.value.field == "options.curvature"
+
+
+def test_block_lanczos_matches_eigvalsh_on_logistic_regression_of_breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=F64)
+    x = (x - x.mean(dim=0)) / x.std(dim=0)
+    obj = make_objective(
+        "logistic_regression",
+        {"X": x, "y": torch.tensor(data.target, dtype=F64)},
+        {"l2": 1e-3, "fit_intercept": True},
+    )
+    params = 0.1 * torch.randn(obj.num_params, dtype=F64)
+    opts = SpectrumOptions(top_k=3, bottom_k=3, max_lanczos_iterations=obj.num_params, **EIGEN_ONLY)
+    report = analyze_curvature(obj, params, opts)
+    assert obj.num_params == 31 and report.eigenvalues_converged
+    _assert_extremes(report, torch.func.hessian(obj.loss)(params), 3, 1e-6)
+    assert report.verdict == "minimum"  # logistic loss + l2 is strictly convex
