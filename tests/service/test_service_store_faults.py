@@ -20,6 +20,7 @@ from hessian_service.server import ServerConfig, build_server
 from hessian_service.store import (
     RunRow,
     SQLiteRunStore,
+    StoreClosedError,
     StoredCheckpoint,
     StoreError,
     StoreFullError,
@@ -187,3 +188,23 @@ def test_a_store_full_of_records_still_takes_the_status_write_that_ends_a_run(tm
     assert store.delete_run("r-a", statuses=("INTERRUPTED",))
     store.create_run(RunRow("r-b", "p-1", spec), checkpoint)  # the space is free again
     store.close()
+
+
+def test_a_closed_store_refuses_every_call_with_a_store_error(tmp_path):
+    store = SQLiteRunStore(tmp_path)
+    spec = {"options": {"method": "newton"}, "stopping": {"max_iterations": 5}}
+    checkpoint = StoredCheckpoint(0, "float64", [2], bytes(16))
+    store.create_run(RunRow("r-a", "p-1", spec, status="RUNNING"), checkpoint)
+    store.close()
+    store.close()  # twice is harmless (the server's stop may race a signal)
+    calls = [
+        lambda: store.update_run("r-a", status="FAILED"),
+        lambda: store.append_record("r-a", StepRecord(iteration=0, loss=1.0)),
+        lambda: store.put_checkpoint("r-a", checkpoint),
+        lambda: store.get_run("r-a"),
+        lambda: store.records("r-a", 0, 10),
+        lambda: store.list_runs([], 10, None),
+    ]
+    for call in calls:
+        with pytest.raises(StoreClosedError, match=r"runs\.sqlite3 is closed"):
+            call()

@@ -31,6 +31,7 @@ from ..store import (
     RunRow,
     RunStateError,
     RunStore,
+    StoreClosedError,
     StoredCheckpoint,
     StoreError,
 )
@@ -302,6 +303,11 @@ class RunManager:
             try:
                 self.store.update_run(run_id, finished_at=time.time(), **final)
                 return None
+            except StoreClosedError:
+                log.warning(
+                    "run %s ended after the store closed: it stays as shutdown stored it", run_id
+                )
+                return None
             except StoreError as exc:
                 error = exc
                 if delay is not None:
@@ -382,8 +388,13 @@ class RunManager:
             final["message"] = (
                 f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
             )
-            log.error(
-                "run %s INTERRUPTED (%d uncommitted records dropped): %s", run_id, dropped, exc
+            level = logging.WARNING if isinstance(exc, StoreClosedError) else logging.ERROR
+            log.log(
+                level,
+                "run %s INTERRUPTED (%d uncommitted records dropped): %s",
+                run_id,
+                dropped,
+                exc,
             )
         except RunStateError as exc:
             final["message"] = f"stopped: {exc}"
@@ -397,6 +408,8 @@ class RunManager:
                 # leave a gap in the records when the run is resumed from it
                 if run is not None and run.last_record is not None and live.error is None:
                     self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+            except StoreClosedError:
+                pass  # shutdown stored the run's status already; _store_end says so below
             except (StoreError, RunStateError) as exc:
                 log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
             try:
@@ -423,4 +436,23 @@ class RunManager:
             with live.cond:
                 while not live.done and time.monotonic() < deadline:
                     live.cond.wait(0.1)
+        for live in lives:
+            if not live.done:  # still inside an iteration: store now what its end will be
+                self._store_stop(live)
         self._executor.shutdown(wait=False, cancel_futures=False)
+
+    def _store_stop(self, live: LiveRun) -> None:
+        """Mark a run that outlasts shutdown's wait INTERRUPTED (CANCELLED if the user asked)
+        while the store is still open: its worker may only finish after the store closes."""
+        if live.shutdown:
+            final = {"status": "INTERRUPTED", "stop_reason": "shutdown"}
+            message = "the server shut down during an iteration; ResumeRun continues the run"
+        else:
+            final = {"status": "CANCELLED", "stop_reason": "cancelled"}
+            message = "cancelled; the server shut down before the iteration ended"
+        try:
+            self.store.update_run(
+                live.run_id, expect_status=ACTIVE_STATUSES, message=message, **final
+            )
+        except (StoreError, RunStateError) as exc:
+            log.warning("could not mark run %s stopped at shutdown: %s", live.run_id, exc)

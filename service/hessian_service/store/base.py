@@ -43,6 +43,10 @@ class StoreFullError(StoreError):
     """The store is out of space (disk full, or the configured size cap reached)."""
 
 
+class StoreClosedError(StoreError):
+    """The store was closed (the server is stopping): nothing more is read or written."""
+
+
 class RunStateError(Exception):
     """A run update or delete matched no row: the run is gone or in another status."""
 

@@ -40,6 +40,7 @@ from .base import (
     RunNotFoundError,
     RunRow,
     RunStore,
+    StoreClosedError,
     StoredCheckpoint,
     StoreError,
     StoreFullError,
@@ -103,6 +104,7 @@ class SQLiteRunStore(RunStore):
         self._taken: list[tuple[str, StepRecord]] = []
         self._oldest_pending = 0.0
         self._failure: StoreError | None = None
+        self._open = True
         self._full: StoreFullError | None = None  # until records commit or a run is deleted
         self._wake = threading.Condition(self._lock)
         try:
@@ -132,6 +134,7 @@ class SQLiteRunStore(RunStore):
 
     def get_problem(self, problem_id: str) -> bytes | None:
         with self._lock:
+            self._check_open()
             row = self._db.execute(
                 "SELECT blob FROM problems WHERE problem_id = ?", (problem_id,)
             ).fetchone()
@@ -173,6 +176,7 @@ class SQLiteRunStore(RunStore):
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._lock:
+            self._check_open()
             row = self._db.execute(
                 f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
@@ -193,6 +197,7 @@ class SQLiteRunStore(RunStore):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
         with self._lock:
+            self._check_open()
             rows = self._db.execute(sql, (*args, limit)).fetchall()
         return [self._decode_row(r) for r in rows]
 
@@ -230,6 +235,7 @@ class SQLiteRunStore(RunStore):
 
     def count_runs_by_status(self) -> dict[str, int]:
         with self._lock:
+            self._check_open()
             rows = self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
         return dict(rows)
 
@@ -253,6 +259,7 @@ class SQLiteRunStore(RunStore):
     # records
     def append_record(self, run_id: str, record: StepRecord) -> None:
         with self._lock:
+            self._check_open()
             if self._failure is not None:
                 raise self._failure
             if not self._pending:
@@ -278,6 +285,7 @@ class SQLiteRunStore(RunStore):
 
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
         with self._lock:
+            self._check_open()
             rows = self._db.execute(
                 "SELECT record FROM records WHERE run_id = ? AND iteration >= ? "
                 "ORDER BY iteration LIMIT ?",
@@ -293,6 +301,7 @@ class SQLiteRunStore(RunStore):
 
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         with self._lock:
+            self._check_open()
             row = self._db.execute(
                 "SELECT iteration, dtype, shape, params, state FROM checkpoints "
                 "WHERE run_id = ? ORDER BY iteration DESC LIMIT 1",
@@ -306,6 +315,8 @@ class SQLiteRunStore(RunStore):
 
     def close(self) -> None:
         with self._lock:
+            if self._closed.is_set():
+                return
             self._closed.set()
             self._wake.notify_all()
         self._flusher.join(timeout=5)
@@ -314,8 +325,14 @@ class SQLiteRunStore(RunStore):
                 self.flush()
             finally:
                 self._db.close()
+                self._open = False
 
     # internals
+    def _check_open(self) -> None:
+        """Raise StoreClosedError once close() has run (a late worker's write, a late read)."""
+        if not self._open:
+            raise StoreClosedError(f"the run store {self.path} is closed (the server stopped)")
+
     def _use_reserve(self, use: bool = True) -> None:
         """Under max_bytes: let the rest of this transaction use the reserved pages, or not."""
         if self._pages:
@@ -355,6 +372,7 @@ class SQLiteRunStore(RunStore):
         committed: dict[str, int] = {}
         taken: list[tuple[str, StepRecord]] = []
         with self._lock:
+            self._check_open()
             if self._db.in_transaction:
                 yield
                 return

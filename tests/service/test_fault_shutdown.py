@@ -1,0 +1,58 @@
+"""SIGTERM while a run is inside a long iteration (longer than the grace period): the server
+process closes its store while the worker still computes, yet exits 0 with no exception trace,
+and the stored run (read straight from the SQLite file, without a restart) is INTERRUPTED with
+every stored record counted."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+from conftest import free_port, server_output, spawn_server
+from hessian_client import Client, problems, status_name
+
+# one saddle-free iteration at n = 1000 (autograd Hessian + eigendecomposition) takes seconds
+N = 1000
+SPEC = {
+    "method": "saddle_free",
+    "backend": "autograd",
+    "stopping": {
+        "max_iterations": 3,
+        "gradient_tolerance": 0.0,
+        "function_tolerance": 0.0,
+        "parameter_tolerance": 0.0,
+    },
+}
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_long_iteration_leaves_the_run_interrupted_and_no_trace(tmp_path):
+    port = free_port()
+    proc = spawn_server(tmp_path, port, "--grace-seconds", "0.1", "--log-format", "text")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            run = c.start_run(problems.rosenbrock(dim=N), np.zeros(N), **SPEC)
+            deadline = time.monotonic() + 30
+            while status_name(c.get_run(run.id)) != "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert status_name(c.get_run(run.id)) == "RUNNING"
+            assert c.get_run(run.id).num_records == 0, "still inside its first iteration"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log = server_output(proc)
+    assert "Traceback" not in log and "internal error" not in log, log
+    assert f"run {run.id} ended after the store closed" in log, "the worker outlived the store"
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        status, reason, kept = db.execute(
+            "SELECT status, stop_reason, num_records FROM runs WHERE run_id = ?", (run.id,)
+        ).fetchone()
+        stored = db.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (run.id,)).fetchone()
+    assert (status, reason) == ("INTERRUPTED", "shutdown")
+    assert kept == stored[0] < SPEC["stopping"]["max_iterations"] + 1
