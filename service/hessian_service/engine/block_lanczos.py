@@ -14,37 +14,27 @@ products) never exceeds `max_dimension`; the last block is cut to fit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .hessian_free import Product, curvature_product
+from .native_products import BlockProduct, curvature_block_product
 from .objectives.base import Objective
 
-BlockProduct = Callable[[torch.Tensor], torch.Tensor]  # V (n, b) -> B V (n, b)
 DEFLATION = 1e-12  # relative singular value below which a block direction is dropped
 CHECK_EVERY = 5  # Krylov dimensions between convergence checks, at least
 CHECK_FRACTION = 8  # and at most 1/8 of the dimension so far (a logarithmic number of checks)
 
 
-def columnwise(product: Product, batched: bool) -> BlockProduct:
-    """V (n, b) -> B V from a one-vector product: vmap'd over columns, or column by column."""
-    if batched:
-        return torch.func.vmap(product, in_dims=1, out_dims=1)
-    return lambda v: torch.stack([product(col) for col in v.unbind(1)], dim=1)
-
-
 def block_product(
     objective: Objective, params: torch.Tensor, curvature: str, hvp_mode: str
 ) -> BlockProduct:
-    """The block curvature product at `params` (autograd; where a native block product plugs in).
+    """The autograd block curvature product at `params` (native_products.py builds it).
 
     forward_over_reverse and Gauss-Newton products are vmap'd over the block's columns;
     reverse_over_reverse products (a retained graph, not vmap-able) run column by column.
     """
-    product = curvature_product(objective, params, curvature, hvp_mode=hvp_mode)
-    batched = curvature == "gauss_newton" or hvp_mode == "forward_over_reverse"
-    return columnwise(product, batched)
+    return curvature_block_product(
+        objective, params, "autograd", kind=curvature, hvp_mode=hvp_mode
+    )[0]
 
 
 def _orthonormal_block(
@@ -114,7 +104,8 @@ def block_lanczos_extremes(
     q = _orthonormal_block(start, start.new_zeros((0, n)), DEFLATION * scale, m_max)
     if q.shape[1] == 0:
         raise ValueError("the start block of block Lanczos is zero")
-    blocks: list[torch.Tensor] = []  # Q_j as (b_j, n) rows
+    basis_rows = start.new_zeros((m_max, n))  # Q_0, Q_1, ... as rows, filled as they come
+    offsets = [0]  # block j is basis_rows[offsets[j] : offsets[j + 1]]
     diagonal: list[torch.Tensor] = []
     lower: list[torch.Tensor] = []
     theta = torch.zeros(0, dtype=torch.float64)
@@ -128,12 +119,14 @@ def block_lanczos_extremes(
         products += q.shape[1]
         a = q.T @ w
         a = (a + a.T) / 2
-        blocks.append(q.T.contiguous())
+        basis_rows[products - q.shape[1] : products] = q.T
+        offsets.append(products)
         diagonal.append(a.double().cpu())
-        basis = torch.cat(blocks)
+        basis = basis_rows[:products]
         w = w - q @ a
         if lower:
-            w = w - blocks[-2].T @ lower[-1].T.to(w)
+            previous = basis_rows[offsets[-3] : offsets[-2]]
+            w = w - previous.T @ lower[-1].T.to(w)
         for _ in range(2):  # full reorthogonalisation against every block
             w = w - basis.T @ (basis @ w)
         spectral = max(spectral, float(torch.linalg.matrix_norm(a, 2)), float(w.norm()))
@@ -161,4 +154,4 @@ def block_lanczos_extremes(
     top_vals = theta[theta.numel() - top :].flip(0).tolist()
     bottom_vals = theta[:bottom].tolist()
     bounds = residuals[theta.numel() - top :].flip(0).tolist() + residuals[:bottom].tolist()
-    return top_vals, bottom_vals, bounds, len(blocks), products, converged
+    return top_vals, bottom_vals, bounds, len(diagonal), products, converged
