@@ -11,7 +11,7 @@ from . import tensors
 from .options import enum_label, enum_value
 from .proto import optimize_pb2, service_pb2
 
-SPECTRUM_ENUMS = ("curvature", "hvp_mode")
+SPECTRUM_ENUMS = ("curvature", "hvp_mode", "backend")
 SPECTRUM_SCALARS = tuple(
     f.name for f in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields if f.name not in SPECTRUM_ENUMS
 )
@@ -77,6 +77,7 @@ class CurvatureResult:
     verdict: str
     verdict_reason: str
     seconds: float
+    backend: str = ""
 
 
 def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult | None:
@@ -114,4 +115,5 @@ def from_wire(msg: service_pb2.AnalyzeCurvatureResponse) -> CurvatureResult:
         verdict=verdict,
         verdict_reason=msg.verdict_reason,
         seconds=msg.seconds,
+        backend=msg.backend,
     )

@@ -404,11 +404,10 @@ def cg_requests(draw) -> service_pb2.StepRequest:
 @st.composite
 def spectrum_requests(draw) -> service_pb2.AnalyzeCurvatureRequest:
     """An AnalyzeCurvature request with random spectrum options."""
-    msg = optimize_pb2.SpectrumOptions(
-        curvature=draw(st.integers(0, 4)), hvp_mode=draw(st.integers(0, 4))
-    )
+    enums = ("curvature", "hvp_mode", "backend")
+    msg = optimize_pb2.SpectrumOptions(**{name: draw(st.integers(0, 4)) for name in enums})
     for field in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields:
-        if field.name in ("curvature", "hvp_mode") or draw(st.integers(0, 4)):
+        if field.name in enums or draw(st.integers(0, 4)):
             continue  # each field set one time in five, so some requests are valid
         is_int = field.type == field.TYPE_INT64
         setattr(msg, field.name, draw(wild_ints if is_int else wild_floats))

@@ -246,7 +246,7 @@ class CurvatureSummary(_message.Message):
     def __init__(self, min_eigenvalue: _Optional[float] = ..., max_eigenvalue: _Optional[float] = ..., negative_eigenvalues: _Optional[int] = ..., condition_number: _Optional[float] = ..., positive_definite: _Optional[bool] = ..., trace: _Optional[float] = ...) -> None: ...
 
 class SpectrumOptions(_message.Message):
-    __slots__ = ("top_k", "bottom_k", "curvature", "max_lanczos_iterations", "eigen_tolerance", "trace_samples", "confidence", "density_probes", "density_steps", "density_sigma", "grid_points", "batch_size", "relative_tolerance", "absolute_tolerance", "gradient_tolerance", "seed", "hvp_mode", "block_size")
+    __slots__ = ("top_k", "bottom_k", "curvature", "max_lanczos_iterations", "eigen_tolerance", "trace_samples", "confidence", "density_probes", "density_steps", "density_sigma", "grid_points", "batch_size", "relative_tolerance", "absolute_tolerance", "gradient_tolerance", "seed", "hvp_mode", "block_size", "backend")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     BOTTOM_K_FIELD_NUMBER: _ClassVar[int]
     CURVATURE_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class SpectrumOptions(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     HVP_MODE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     bottom_k: int
     curvature: Curvature
@@ -283,7 +284,8 @@ class SpectrumOptions(_message.Message):
     seed: int
     hvp_mode: HvpMode
     block_size: int
-    def __init__(self, top_k: _Optional[int] = ..., bottom_k: _Optional[int] = ..., curvature: _Optional[_Union[Curvature, str]] = ..., max_lanczos_iterations: _Optional[int] = ..., eigen_tolerance: _Optional[float] = ..., trace_samples: _Optional[int] = ..., confidence: _Optional[float] = ..., density_probes: _Optional[int] = ..., density_steps: _Optional[int] = ..., density_sigma: _Optional[float] = ..., grid_points: _Optional[int] = ..., batch_size: _Optional[int] = ..., relative_tolerance: _Optional[float] = ..., absolute_tolerance: _Optional[float] = ..., gradient_tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., hvp_mode: _Optional[_Union[HvpMode, str]] = ..., block_size: _Optional[int] = ...) -> None: ...
+    backend: Backend
+    def __init__(self, top_k: _Optional[int] = ..., bottom_k: _Optional[int] = ..., curvature: _Optional[_Union[Curvature, str]] = ..., max_lanczos_iterations: _Optional[int] = ..., eigen_tolerance: _Optional[float] = ..., trace_samples: _Optional[int] = ..., confidence: _Optional[float] = ..., density_probes: _Optional[int] = ..., density_steps: _Optional[int] = ..., density_sigma: _Optional[float] = ..., grid_points: _Optional[int] = ..., batch_size: _Optional[int] = ..., relative_tolerance: _Optional[float] = ..., absolute_tolerance: _Optional[float] = ..., gradient_tolerance: _Optional[float] = ..., seed: _Optional[int] = ..., hvp_mode: _Optional[_Union[HvpMode, str]] = ..., block_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ...) -> None: ...
 
 class TraceEstimate(_message.Message):
     __slots__ = ("estimate", "half_width", "confidence", "products")

@@ -128,7 +128,7 @@ class AnalyzeCurvatureRequest(_message.Message):
     def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., options: _Optional[_Union[_optimize_pb2.SpectrumOptions, _Mapping]] = ...) -> None: ...
 
 class AnalyzeCurvatureResponse(_message.Message):
-    __slots__ = ("num_params", "curvature", "loss", "gradient_max_norm", "stationary", "top_eigenvalues", "bottom_eigenvalues", "eigen_residuals", "lanczos_iterations", "eigenvalues_converged", "trace_hutchinson", "trace_hutchpp", "density", "products", "products_by_part", "verdict", "verdict_reason", "seconds")
+    __slots__ = ("num_params", "curvature", "loss", "gradient_max_norm", "stationary", "top_eigenvalues", "bottom_eigenvalues", "eigen_residuals", "lanczos_iterations", "eigenvalues_converged", "trace_hutchinson", "trace_hutchpp", "density", "products", "products_by_part", "verdict", "verdict_reason", "seconds", "backend")
     class ProductsByPartEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class AnalyzeCurvatureResponse(_message.Message):
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     VERDICT_REASON_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     num_params: int
     curvature: _optimize_pb2.Curvature
     loss: float
@@ -172,7 +173,8 @@ class AnalyzeCurvatureResponse(_message.Message):
     verdict: _optimize_pb2.Verdict
     verdict_reason: str
     seconds: float
-    def __init__(self, num_params: _Optional[int] = ..., curvature: _Optional[_Union[_optimize_pb2.Curvature, str]] = ..., loss: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., stationary: _Optional[bool] = ..., top_eigenvalues: _Optional[_Iterable[float]] = ..., bottom_eigenvalues: _Optional[_Iterable[float]] = ..., eigen_residuals: _Optional[_Iterable[float]] = ..., lanczos_iterations: _Optional[int] = ..., eigenvalues_converged: _Optional[bool] = ..., trace_hutchinson: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., trace_hutchpp: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., density: _Optional[_Union[_optimize_pb2.SpectralDensity, _Mapping]] = ..., products: _Optional[int] = ..., products_by_part: _Optional[_Mapping[str, int]] = ..., verdict: _Optional[_Union[_optimize_pb2.Verdict, str]] = ..., verdict_reason: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    backend: str
+    def __init__(self, num_params: _Optional[int] = ..., curvature: _Optional[_Union[_optimize_pb2.Curvature, str]] = ..., loss: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., stationary: _Optional[bool] = ..., top_eigenvalues: _Optional[_Iterable[float]] = ..., bottom_eigenvalues: _Optional[_Iterable[float]] = ..., eigen_residuals: _Optional[_Iterable[float]] = ..., lanczos_iterations: _Optional[int] = ..., eigenvalues_converged: _Optional[bool] = ..., trace_hutchinson: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., trace_hutchpp: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., density: _Optional[_Union[_optimize_pb2.SpectralDensity, _Mapping]] = ..., products: _Optional[int] = ..., products_by_part: _Optional[_Mapping[str, int]] = ..., verdict: _Optional[_Union[_optimize_pb2.Verdict, str]] = ..., verdict_reason: _Optional[str] = ..., seconds: _Optional[float] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
     __slots__ = ("problem", "problem_id", "options", "stopping", "initial_params", "init", "name")

@@ -137,7 +137,11 @@ OPTION_SCALARS = (
     "seed",
     "gradient_fraction",
 )
-SPECTRUM_ENUMS = {"curvature": optimize_pb2.Curvature, "hvp_mode": optimize_pb2.HvpMode}
+SPECTRUM_ENUMS = {
+    "curvature": optimize_pb2.Curvature,
+    "hvp_mode": optimize_pb2.HvpMode,
+    "backend": optimize_pb2.Backend,
+}
 SPECTRUM_SCALARS = tuple(
     f.name for f in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields if f.name not in SPECTRUM_ENUMS
 )
@@ -244,6 +248,7 @@ def report_to_wire(report: CurvatureReport) -> service_pb2.AnalyzeCurvatureRespo
         verdict=enum_value(optimize_pb2.Verdict, report.verdict),
         verdict_reason=report.verdict_reason,
         seconds=report.seconds,
+        backend=report.backend,
     )
     if report.trace_hutchinson is not None:
         _trace_to_wire(report.trace_hutchinson, msg.trace_hutchinson)

@@ -278,7 +278,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         _check_deadline(context)
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
-        options = SpectrumOptions.from_dict(codec.spectrum_to_dict(request.options))
+        values = codec.spectrum_to_dict(request.options)
+        if "backend" not in values and self.config.default_backend:
+            values["backend"] = self.config.default_backend
+        options = SpectrumOptions.from_dict(values)
         itemsize = torch.empty((), dtype=params.dtype).element_size()
         self._check_spectrum_memory(objective.num_params, itemsize, options)
         return codec.report_to_wire(analyze_curvature(objective, params, options))
