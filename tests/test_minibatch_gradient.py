@@ -183,3 +183,14 @@ def test_an_objective_without_rows_refuses_a_minibatch_gradient():
     with pytest.raises(ValidationError) as err:
         take_step(obj, obj.init_params(), MethodOptions(method="newton_cg", gradient_fraction=0.5))
     assert err.value.field == "options.gradient_fraction"
+
+
+def test_auto_takes_a_minibatch_gradient_only_when_it_chooses_newton_cg():
+    obj = _least_squares(60, 5)
+    x = torch.zeros(obj.num_params, dtype=F64)
+    over = MethodOptions(method="auto", gradient_fraction=0.5, dense_budget_bytes=8)
+    step = take_step(obj, x, over)
+    assert step.method == "newton_cg" and step.record.gradient_batch_size == 30
+    with pytest.raises(ValidationError) as err:
+        take_step(obj, x, MethodOptions(method="auto", gradient_fraction=0.5))
+    assert err.value.field == "options.gradient_fraction" and "newton" in str(err.value)
