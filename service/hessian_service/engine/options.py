@@ -46,7 +46,9 @@ class MethodOptions:
     learning_rate: the fixed step size or the line search's first trial (default 1, and
     0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
     levenberg_marquardt 0 means 1e-3 x max diag(H). curvature: hessian or gauss_newton.
-    backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto).
+    backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto). For the
+    Hessian-free methods, auto and native take the closed-form native curvature products
+    (native_products.py) where they cover the objective; hvp_mode is then unused.
     Hessian-free only: cg_max_iterations, cg_forcing (eisenstat_walker: adaptive inner
     tolerance floored at cg_tolerance; fixed: cg_tolerance), trust_radius (initial),
     curvature_fraction (share of data rows the curvature products use, drawn each step
