@@ -12,7 +12,9 @@ random sub-sample of the data rows (`curvature_fraction`), as Martens' Hessian-f
 and the gradient a mini-batch (`gradient_fraction`, drawn afresh each step; the curvature
 sample is then drawn from within that batch, as Martens does, so that CG minimises one
 mini-batch's model). The gain ratio always compares against the full-data loss, so an
-accepted step decreases the objective the run reports.
+accepted step decreases the objective the run reports. Under backend auto/native the
+objectives native_products.py covers take its closed-form native products instead (same
+rows, same matrix).
 Memory is O(n) plus one forward/backward graph: a handful of n-vectors in CG.
 """
 
