@@ -94,6 +94,8 @@ def test_a_request_over_each_reported_limit_is_refused_naming_the_field(limited)
             next(c.list_runs(page_size=limits.max_list_page_size + 1))
         with pytest.raises(ResourceExhausted, match=r"tensors\[0\]\.shape"):
             c.sample(0, [[limits.max_sample_elements + 1]])
+        with pytest.raises(InvalidArgument, match=r"tensors\[1\]\.shape: .*nonzero product"):
+            c.sample(0, [[2], [0, 2**31, 2**31]])  # no values, but sizes no array can describe
 
 
 def test_runs_over_the_per_token_and_server_limits_are_refused(limited):

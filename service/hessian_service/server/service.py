@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import json
+import math
 import os
 import threading
 from collections.abc import Generator, Iterator
@@ -216,7 +217,15 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             dist = codec.enum_name(
                 optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
             )
-            specs.append((list(spec.shape), dtype, dist or "uniform"))
+            shape = list(spec.shape)
+            if math.prod(s for s in shape if s) > codec.MAX_SHAPE_ELEMENTS:
+                # zero values, but sizes no array can describe (numpy refuses it on encoding)
+                raise ValidationError(
+                    f"tensors[{i}].shape",
+                    f"sizes whose nonzero product is at most {codec.MAX_SHAPE_ELEMENTS}",
+                    shape,
+                )
+            specs.append((shape, dtype, dist or "uniform"))
         tensors = sample(request.seed, specs, max_elements=self._max_sample_elements)
         return service_pb2.SampleTensorsResponse(tensors=[codec.encode_tensor(t) for t in tensors])
 
