@@ -264,6 +264,8 @@ class RunManager:
         """
         with self._lock:
             message = self._orphans.get(row.run_id)
+            if message is not None and row.status not in ACTIVE_STATUSES:
+                del self._orphans[row.run_id]  # its end got stored after all (or it was resumed)
         if message is None or row.status not in ACTIVE_STATUSES:
             return row
         try:
