@@ -178,22 +178,29 @@ def test_unknown_backend_and_rows_without_data_rows_name_the_field():
 
 
 @pytest.mark.parametrize(
-    "name,method,fraction",
+    "name,method,fraction,gradient_fraction",
     [
-        ("least_squares", "newton_cg", 1.0),
-        ("logistic_regression", "newton_cg", 1.0),
-        ("logistic_regression", "gauss_newton_cg", 1.0),
-        ("logistic_regression", "newton_cg", 0.3),
-        ("softmax_regression", "newton_cg", 1.0),
-        ("softmax_regression", "newton_cg", 0.5),
+        ("least_squares", "newton_cg", 1.0, 1.0),
+        ("logistic_regression", "newton_cg", 1.0, 1.0),
+        ("logistic_regression", "gauss_newton_cg", 1.0, 1.0),
+        ("logistic_regression", "newton_cg", 0.3, 1.0),
+        ("logistic_regression", "newton_cg", 0.3, 0.6),  # curvature rows within the batch
+        ("softmax_regression", "newton_cg", 1.0, 1.0),
+        ("softmax_regression", "newton_cg", 0.5, 1.0),
     ],
 )
-def test_newton_cg_native_iterates_match_autograd(name, method, fraction):
+def test_newton_cg_native_iterates_match_autograd(name, method, fraction, gradient_fraction):
     # softmax's unpenalised intercept row has a null direction (all classes alike): CG's
     # rounding there is noise, so its problem has no intercept (H positive definite)
     obj = _problem(name, rows=120, d=12, l2=1e-2, fit_intercept=name != "softmax_regression")
     x_native = x_auto = 0.1 * torch.randn(obj.num_params, dtype=F64)
-    common = {"method": method, "trust_radius": 1e6, "curvature_fraction": fraction, **EXACT_CG}
+    common = {
+        "method": method,
+        "trust_radius": 1e6,
+        "curvature_fraction": fraction,
+        "gradient_fraction": gradient_fraction,
+        **EXACT_CG,
+    }
     native = Stepper(obj, MethodOptions(backend="native", **common).validated(), x_native)
     auto = Stepper(obj, MethodOptions(backend="autograd", **common).validated(), x_auto)
     assert (native.backend_label, auto.backend_label) == ("native", "autograd")
@@ -206,7 +213,9 @@ def test_newton_cg_native_iterates_match_autograd(name, method, fraction):
         x_native, x_auto = sn.x_new, sa.x_new
         err = float((x_native - x_auto).norm()) / float(x_auto.norm())
         assert err <= 1e-9, (k, err)
-    assert native.state["curvature_draws"] == auto.state["curvature_draws"] == 4 * (fraction < 1)
+    draws = native.state["curvature_draws"]  # (a gradient mini-batch draws its own rows)
+    assert draws == auto.state["curvature_draws"]
+    assert (draws == 4) == (fraction < 1 and gradient_fraction == 1)
 
 
 def test_newton_cg_native_on_an_mlp_runs_autograd_and_says_so():
