@@ -105,7 +105,8 @@ class SQLiteRunStore(RunStore):
         self._oldest_pending = 0.0
         self._failure: StoreError | None = None
         self._open = True
-        self._full: StoreFullError | None = None  # until records commit or a run is deleted
+        # under max_bytes: full until records commit or a run is deleted; no new runs till then
+        self._full: StoreFullError | None = None
         self._wake = threading.Condition(self._lock)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -145,8 +146,8 @@ class SQLiteRunStore(RunStore):
         values = self._row_values(row)
         with self._write():
             self._flush_locked()  # a store that cannot commit what it has takes no new run
-            if self._full is not None:
-                raise self._full
+            if self._full is not None and self._pages:
+                raise self._full  # only a delete frees room under the cap (a disk may grow)
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",
@@ -377,8 +378,8 @@ class SQLiteRunStore(RunStore):
                 yield
                 return
             try:
-                self._db.execute("BEGIN IMMEDIATE")
                 self._use_reserve(False)
+                self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
                     self._db.execute("COMMIT")
