@@ -43,7 +43,8 @@ __global__ void mse_step_kernel(const scalar_t* __restrict__ x, const scalar_t* 
     // the CPU op's roundings: r, g and d in the storage type, sums in double
     const scalar_t r = x[i] - t[i];
     ss += static_cast<double>(r) * static_cast<double>(r);
-    const double gd = static_cast<double>(static_cast<scalar_t>(static_cast<double>(r) * two_over_n));
+    const double gd =
+        static_cast<double>(static_cast<scalar_t>(static_cast<double>(r) * two_over_n));
     bad += isfinite(gd) ? 0.0 : 1.0;
     gss += gd * gd;
     gmax = fmax(gmax, fabs(gd));
@@ -104,9 +105,9 @@ __global__ void quadratic_step_kernel(const scalar_t* __restrict__ x,
     }
   }
   for (int i = tid; i < n; i += threads) finite = finite && isfinite(static_cast<double>(x[i]));
-  const double loss =
-      static_cast<double>(static_cast<scalar_t>(0.5 * block_sum(xax, scratch) -
-                                                block_sum(bx, scratch)));  // barriers: g ready
+  const double half_xax = 0.5 * block_sum(xax, scratch);  // its barriers also publish g
+  const double loss = static_cast<double>(
+      static_cast<scalar_t>(half_xax - block_sum(bx, scratch)));
   double gss = 0, gmax = 0;
   for (int i = tid; i < n; i += threads) {
     finite = finite && isfinite(g[i]);
