@@ -78,7 +78,7 @@ def test_drain_finishes_in_flight_unary_calls_and_interrupts_runs(tmp_path):
         next(iter(run.stream()))
 
         def step() -> None:
-            outcome["result"] = c.newton_step(heavy, params, timeout=60)
+            outcome["result"] = c.newton_step(heavy, params, timeout=60, backend="autograd")
 
         t = threading.Thread(target=step)
         t.start()

@@ -15,6 +15,7 @@ from hessian_client import Client, problems, status_name
 SPEC = {
     "method": "newton",
     "damping": 1e-3,
+    "backend": "autograd",  # steps of milliseconds, so SIGTERM lands mid-run
     "stopping": {
         "max_iterations": 24,
         "gradient_tolerance": 0.0,
