@@ -47,8 +47,8 @@ def _capture(monkeypatch):
     real_cg = hessian_free.steihaug_cg
     real_curvature = hessian_free.curvature_objective
 
-    def sample(objective, x, grad, options, state):
-        samples.append((x.clone(), real_sample(objective, x, grad, options, state)))
+    def sample(objective, x, grad, options, state, drawn=None):
+        samples.append((x.clone(), real_sample(objective, x, grad, options, state, drawn)))
         return samples[-1][1]
 
     def cg(product, grad, **kwargs):

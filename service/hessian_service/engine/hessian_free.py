@@ -12,9 +12,10 @@ random sub-sample of the data rows (`curvature_fraction`), as Martens' Hessian-f
 and the gradient a mini-batch (`gradient_fraction`, drawn afresh each step; the curvature
 sample is then drawn from within that batch, as Martens does, so that CG minimises one
 mini-batch's model). The gain ratio always compares against the full-data loss, so an
-accepted step decreases the objective the run reports. Under backend auto/native the
-objectives native_products.py covers take its closed-form native products instead (same
-rows, same matrix).
+accepted step decreases the objective the run reports; that loss is a forward pass alone,
+so with a mini-batch no pass of a step runs backward through all rows. Under backend
+auto/native the objectives native_products.py covers take its closed-form native products
+instead (same rows, same matrix).
 Memory is O(n) plus one forward/backward graph: a handful of n-vectors in CG.
 """
 
@@ -281,13 +282,41 @@ class GradientSample:
     """The gradient a step uses: of `rows` of the data (sorted indices), or all rows (None).
 
     objective is the one the gradient is of (the mini-batch's); generator continues the
-    step's draw, for the curvature sample taken from within the batch.
+    step's draw, for the curvature sample taken from within the batch; draw is the batch's
+    index in the run's sequence of draws (-1 for the full gradient).
     """
 
     grad: torch.Tensor
     rows: torch.Tensor | None
     objective: Objective
     generator: torch.Generator | None
+    draw: int = -1
+
+
+def batch_gradient(
+    objective: Objective, x: torch.Tensor, options: MethodOptions, state: dict[str, float]
+) -> GradientSample:
+    """The gradient at x of the mini-batch the next step uses (state's gradient_draws).
+
+    The batch is round(gradient_fraction x rows) rows (at least 1) drawn without replacement
+    by a generator seeded by (seed, draw index). The index is not advanced here (the step
+    that uses the batch advances it), so evaluating a point, or resuming at it, draws the
+    same batch. Only the batch's rows go through the backward pass.
+    """
+    draw = int(state["gradient_draws"])
+    gen = torch.Generator().manual_seed((options.seed * 1_000_003 + draw + 2**62) % 2**63)
+    total = objective.num_rows
+    keep = max(1, round(options.gradient_fraction * total))
+    rows = torch.randperm(total, generator=gen)[:keep].sort().values
+    batch = objective.subsample(rows.to(objective.device))
+    return GradientSample(loss_and_grad(batch, x)[1], rows, batch, gen, draw)
+
+
+def _copy_generator(gen: torch.Generator) -> torch.Generator:
+    """An independent generator in `gen`'s state (a drawn sample stays reusable)."""
+    copy = torch.Generator()
+    copy.set_state(gen.get_state())
+    return copy
 
 
 def gradient_sample(
@@ -296,24 +325,22 @@ def gradient_sample(
     grad: torch.Tensor,
     options: MethodOptions,
     state: dict[str, float],
+    drawn: GradientSample | None = None,
 ) -> GradientSample:
-    """The full gradient `grad`, or with gradient_fraction < 1 that of a fresh mini-batch.
+    """The full gradient `grad`, or with gradient_fraction < 1 that of this step's mini-batch.
 
-    The batch is round(gradient_fraction x rows) rows (at least 1) drawn without replacement
-    by a generator seeded by (seed, state's gradient_draws), which it advances: each step, a
-    rejected trust-region trial included, draws a new batch, and a resumed run draws alike.
+    The step's batch is `drawn` (a `batch_gradient` at x, as Stepper.evaluate takes with the
+    point, so its gradient is not computed twice) when it is the batch of the current draw
+    index, else it is drawn here. Either way gradient_draws advances: each step, a rejected
+    trust-region trial included, uses a new batch, and a resumed run draws alike.
     """
-    fraction = options.gradient_fraction
-    if fraction >= 1.0:
+    if options.gradient_fraction >= 1.0:
         return GradientSample(grad, None, objective, None)
     draw = int(state["gradient_draws"])
+    if drawn is None or drawn.rows is None or drawn.draw != draw:
+        drawn = batch_gradient(objective, x, options, state)
     state["gradient_draws"] = float(draw + 1)
-    gen = torch.Generator().manual_seed((options.seed * 1_000_003 + draw + 2**62) % 2**63)
-    total = objective.num_rows
-    keep = max(1, round(fraction * total))
-    rows = torch.randperm(total, generator=gen)[:keep].sort().values
-    batch = objective.subsample(rows.to(objective.device))
-    return GradientSample(loss_and_grad(batch, x)[1], rows, batch, gen)
+    return replace(drawn, generator=_copy_generator(drawn.generator))
 
 
 def cg_direction(
@@ -323,13 +350,15 @@ def cg_direction(
     options: MethodOptions,
     state: dict[str, float],
     radius: float = math.inf,
+    drawn: GradientSample | None = None,
 ) -> CGResult:
     """The truncated-CG direction at x under the options' curvature, damping and forcing.
 
-    With gradient_fraction < 1 the gradient is a mini-batch's and the curvature sample is
-    curvature_fraction / gradient_fraction of that batch (all of it when that is >= 1).
+    With gradient_fraction < 1 the gradient is a mini-batch's (`drawn` when it is this
+    step's, see gradient_sample) and the curvature sample is curvature_fraction /
+    gradient_fraction of that batch (all of it when that is >= 1).
     """
-    sample = gradient_sample(objective, x, grad, options, state)
+    sample = gradient_sample(objective, x, grad, options, state, drawn)
     if sample.rows is None:
         product = curvature_product(
             objective,
@@ -383,8 +412,11 @@ def newton_cg(
     options: MethodOptions,
     state: dict[str, float],
     loss_at: Callable[[torch.Tensor], float],
+    drawn: GradientSample | None = None,
 ) -> TrustRegionStep:
     """One Steihaug-Toint trust-region step with Martens damping; updates `state` in place.
+
+    `drawn`: the point's mini-batch gradient when gradient_fraction < 1 (see gradient_sample).
 
     rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
     f; the step is accepted when rho > 0. The radius shrinks to ||d|| / 4 when rho < 1/4 and
@@ -393,7 +425,7 @@ def newton_cg(
     to safeguard).
     """
     radius, lam = state["trust_radius"], state["damping"]
-    cg = cg_direction(objective, x, grad, options, state, radius)
+    cg = cg_direction(objective, x, grad, options, state, radius, drawn)
     x_new = x + cg.direction
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
@@ -423,11 +455,11 @@ def gauss_newton_cg(
     options: MethodOptions,
     state: dict[str, float],
     loss_at: Callable[[torch.Tensor], float],
+    drawn: GradientSample | None = None,
 ) -> TrustRegionStep:
     """`newton_cg` with Gauss-Newton-vector products (positive semi-definite curvature)."""
-    return newton_cg(
-        objective, x, loss, grad, replace(options, curvature="gauss_newton"), state, loss_at
-    )
+    options = replace(options, curvature="gauss_newton")
+    return newton_cg(objective, x, loss, grad, options, state, loss_at, drawn)
 
 
 def check_supported(objective: Objective, options: MethodOptions) -> None:
