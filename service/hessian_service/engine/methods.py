@@ -29,12 +29,17 @@ class LineSearchFailed(Exception):
 
 @dataclass
 class Point:
-    """An evaluated iterate."""
+    """An evaluated iterate.
+
+    With a Hessian-free mini-batch gradient (gradient_fraction < 1) grad is that batch's
+    gradient (`sample`, which the step from this point uses) and loss the full-data loss.
+    """
 
     x: torch.Tensor
     loss: float
     grad: torch.Tensor
     curvature: torch.Tensor | None = None
+    sample: hessian_free.GradientSample | None = None
 
     def is_finite(self) -> bool:
         finite = math.isfinite(self.loss) and bool(torch.isfinite(self.grad).all())
@@ -77,6 +82,8 @@ class Stepper:
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
         self.second_order = options.method != "gradient_descent" and not self.hessian_free
+        self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
+        self._last_trial: tuple[torch.Tensor, float] | None = None
         if self.hessian_free:
             hessian_free.check_supported(objective, options)
             self.backend_label = native_products.select_backend(
@@ -92,7 +99,17 @@ class Stepper:
             self.state.update(hessian_free.initial_state(options))
 
     def evaluate(self, x: torch.Tensor) -> Point:
-        """Loss, gradient and (dense second-order methods) the curvature matrix at x."""
+        """Loss, gradient and (dense second-order methods) the curvature matrix at x.
+
+        With a mini-batch gradient: the full loss from a forward pass alone (reused when x
+        is the trial point loss_at just took) and the gradient of the batch the next step
+        uses, so no backward pass runs through all rows.
+        """
+        if self.minibatch:
+            trial = self._last_trial
+            loss = trial[1] if trial is not None and trial[0] is x else self.loss_at(x)
+            sample = hessian_free.batch_gradient(self.objective, x, self.options, self.state)
+            return Point(x, loss, sample.grad, sample=sample)
         if not self.second_order:
             loss, grad = curvature.loss_and_grad(self.objective, x)
             return Point(x, float(loss), grad)
@@ -103,7 +120,22 @@ class Stepper:
 
     def loss_at(self, x: torch.Tensor) -> float:
         """The loss alone (line-search and Levenberg-Marquardt trials)."""
-        return float(curvature.loss_value(self.objective, x))
+        loss = float(curvature.loss_value(self.objective, x))
+        if self.minibatch:
+            self._last_trial = (x, loss)
+        return loss
+
+    def revisit(self, point: Point) -> Point:
+        """`point` for the step after a rejected one from it.
+
+        With a mini-batch gradient that step draws a new batch: the point then carries that
+        batch's gradient (the loss is kept), so its record and the stopping test describe
+        the gradient the step uses. Otherwise the point itself.
+        """
+        if point.sample is None or point.sample.draw == int(self.state["gradient_draws"]):
+            return point
+        sample = hessian_free.batch_gradient(self.objective, point.x, self.options, self.state)
+        return Point(point.x, point.loss, sample.grad, sample=sample)
 
     def _direction(self, point: Point) -> SolveResult:
         opts = self.options
@@ -165,14 +197,23 @@ class Stepper:
         opts, state = self.options, self.state
         if opts.step_policy == "trust_region":
             tr = hessian_free.newton_cg(
-                self.objective, point.x, point.loss, point.grad, opts, state, self.loss_at
+                self.objective,
+                point.x,
+                point.loss,
+                point.grad,
+                opts,
+                state,
+                self.loss_at,
+                point.sample,
             )
             cg, alpha, evaluations = tr.cg, 1.0, 1
             x_new, damping, rho, accepted = tr.x_new, tr.damping, tr.gain_ratio, tr.accepted
             radius = tr.trust_radius
         else:
             damping = state["damping"]
-            cg = hessian_free.cg_direction(self.objective, point.x, point.grad, opts, state)
+            cg = hessian_free.cg_direction(
+                self.objective, point.x, point.grad, opts, state, drawn=point.sample
+            )
             alpha, evaluations = self._step_length(point, cg.direction)
             x_new, rho, accepted = point.x + alpha * cg.direction, math.nan, True
             radius = math.nan
