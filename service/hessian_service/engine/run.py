@@ -266,4 +266,5 @@ class Run:
                 self.params = point.x
             else:
                 previous = None
+                point = self.stepper.revisit(point)
             k += 1
