@@ -4,12 +4,18 @@ The gradient each step's CG used is captured and compared with the float64 gradi
 torch.func computes on a fresh objective built from exactly the sampled rows; the curvature
 rows must lie inside that batch; a mini-batch run must still drive the full least-squares
 loss towards its exact minimiser (a torch.func Hessian solve); with fraction 1 CG must get
-the full gradient itself and the run must equal the default run bit for bit.
+the full gradient itself and the run must equal the default run bit for bit. A mini-batch
+run must never build an autograd graph over all rows (model evaluations counted by rows),
+each record must report the exact gradient of the batch its step uses (one batch gradient
+per point), the gradient-tolerance stop must test that batch gradient, and a run resumed
+at or after a rejected trial must equal the uninterrupted run field for field.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import math
 
 import pytest
 import torch
@@ -17,6 +23,7 @@ from hessian_service.engine import (
     MethodOptions,
     Run,
     StopCriteria,
+    StopReason,
     ValidationError,
     hessian_free,
     make_objective,
@@ -194,3 +201,148 @@ def test_auto_takes_a_minibatch_gradient_only_when_it_chooses_newton_cg():
     with pytest.raises(ValidationError) as err:
         take_step(obj, x, MethodOptions(method="auto", gradient_fraction=0.5))
     assert err.value.field == "options.gradient_fraction" and "newton" in str(err.value)
+
+
+# ------------------------------------------------ the mini-batch gradient is the point's only one
+
+MLP_OPTS = {"layer_sizes": [4, 8, 1], "l2": 1e-3}
+NO_STOP = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+
+
+def _mlp(rows: int = 120):
+    """A small float64 mlp regression whose mini-batch trust-region runs reject some steps."""
+    x, y = torch.randn(rows, 4, dtype=F64), torch.randn(rows, 1, dtype=F64)
+    return make_objective("mlp", {"X": x, "y": y}, MLP_OPTS)
+
+
+def _fresh(obj, rows: torch.Tensor):
+    """A new objective built from exactly `rows` of obj's data (the independent reference)."""
+    data = {k: v[rows] if k in obj.row_fields else v for k, v in obj.data.items()}
+    return make_objective(obj.name, data, obj.options)
+
+
+def _count_outputs(monkeypatch, obj) -> collections.Counter:
+    """Count model evaluations by (data rows, whether autograd records a graph).
+
+    Every loss, gradient and curvature product of mlp / least_squares goes through outputs.
+    """
+    calls: collections.Counter = collections.Counter()
+    real = type(obj).outputs
+
+    def outputs(self, params):
+        calls[(self.data["X"].shape[0], torch.is_grad_enabled())] += 1
+        return real(self, params)
+
+    monkeypatch.setattr(type(obj), "outputs", outputs)
+    return calls
+
+
+def _capture_batches(monkeypatch) -> list:
+    """Record (x, GradientSample) for every mini-batch gradient computed."""
+    batches = []
+    real = hessian_free.batch_gradient
+
+    def batch_gradient(objective, x, options, state):
+        batches.append((x.clone(), real(objective, x, options, state)))
+        return batches[-1][1]
+
+    monkeypatch.setattr(hessian_free, "batch_gradient", batch_gradient)
+    return batches
+
+
+def _comparable(record) -> dict:
+    """A record's fields without timings, NaN as None (so == compares them)."""
+    out = record.to_dict()
+    out.pop("iteration_seconds"), out.pop("cumulative_seconds")
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_minibatch_run_never_runs_backward_through_all_rows(monkeypatch, method):
+    obj = _mlp()
+    calls = _count_outputs(monkeypatch, obj)
+    x0 = obj.init_params(torch.Generator().manual_seed(0))
+    stop = StopCriteria(max_iterations=8, **NO_STOP)
+    base = {"method": method, "seed": 7, "backend": "autograd"}
+    Run(obj, x0, MethodOptions(**base), stop).run_to_end()
+    # The counter sees full-data graphs when the gradient is the full one ...
+    assert calls[(120, True)] >= 9, calls
+    calls.clear()
+    options = MethodOptions(gradient_fraction=0.25, **base)
+    records = Run(obj, x0, options, stop).run_to_end()
+    assert len(records) == 9 and all(r.gradient_batch_size == 30 for r in records[:-1])
+    # ... and none with a mini-batch: graphs only ever cover the 30 batch rows (the
+    # batch gradients and the curvature products, curvature_fraction 1 = the whole batch).
+    assert {rows for rows, graph in calls if graph} == {30}, calls
+    # Full-data passes are forward only: the initial loss and one trial loss per step (an
+    # accepted trial's loss is the next point's, not computed again).
+    assert calls[(120, False)] == 1 + 8, calls
+
+
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_each_record_reports_the_exact_gradient_of_the_batch_its_step_uses(monkeypatch, method):
+    obj = _mlp()
+    batches = _capture_batches(monkeypatch)
+    samples, cg_grads, _ = _capture(monkeypatch)
+    x0 = obj.init_params(torch.Generator().manual_seed(0))
+    options = MethodOptions(method=method, gradient_fraction=0.25, seed=7)
+    records = Run(obj, x0, options, StopCriteria(max_iterations=8, **NO_STOP)).run_to_end()
+    rejected = [k for k, r in enumerate(records[:-1]) if not r.step_accepted]
+    assert rejected, "no rejected trial: the redraw at a repeated point went untested"
+    # One batch gradient per record (none computed twice for a point), draw k for record k.
+    assert len(batches) == len(records) == 9
+    assert [sample.draw for _, sample in batches] == list(range(9))
+    for k, (record, (x, sample)) in enumerate(zip(records, batches, strict=True)):
+        exact = torch.func.grad(_fresh(obj, sample.rows).loss)(x)
+        assert record.gradient_norm == pytest.approx(float(exact.norm()), rel=1e-12)
+        assert record.gradient_max_norm == pytest.approx(float(exact.abs().max()), rel=1e-12)
+        assert record.loss == pytest.approx(float(obj.loss(x)), rel=1e-13)  # the full loss
+        if k < 8:  # the step from record k runs CG on that very gradient
+            assert cg_grads[k] is sample.grad and torch.equal(samples[k][1].rows, sample.rows)
+    for k in rejected:  # the step after a rejection redraws at the same point
+        assert torch.equal(batches[k][0], batches[k + 1][0])
+        assert not torch.equal(batches[k][1].rows, batches[k + 1][1].rows)
+        assert records[k + 1].gradient_norm != records[k].gradient_norm
+
+
+def test_the_gradient_tolerance_stop_tests_the_batch_gradient():
+    obj = _least_squares(200, 6, noise=0.5)
+    x0 = torch.zeros(obj.num_params, dtype=F64)
+    options = MethodOptions(method="newton_cg", gradient_fraction=0.25, seed=9)
+    # The batch the first step uses, and the exact minimisers of its loss and the full loss
+    # (quadratics: one float64 Hessian solve each).
+    rows = hessian_free.batch_gradient(obj, x0, options, {"gradient_draws": 0.0}).rows
+    batch = _fresh(obj, rows)
+
+    def minimiser(f):
+        return x0 - torch.linalg.solve(torch.func.hessian(f)(x0), torch.func.grad(f)(x0))
+
+    x_batch, x_full = minimiser(batch.loss), minimiser(obj.loss)
+    stop = StopCriteria(max_iterations=3, gradient_tolerance=1e-9)
+    at_batch_min = Run(obj, x_batch, options, stop)
+    records = at_batch_min.run_to_end()
+    assert float(torch.func.grad(obj.loss)(x_batch).abs().max()) > 1e-2  # not stationary
+    assert at_batch_min.stop_reason == StopReason.GRADIENT_TOLERANCE and len(records) == 1
+    at_full_min = Run(obj, x_full, options, stop)
+    records = at_full_min.run_to_end()
+    assert float(torch.func.grad(obj.loss)(x_full).abs().max()) < 1e-12  # stationary
+    assert records[0].gradient_max_norm > 1e-2
+    assert at_full_min.stop_reason != StopReason.GRADIENT_TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_minibatch_run_resumed_at_or_after_a_rejection_equals_the_whole_run(method):
+    obj = _mlp()
+    x0 = obj.init_params(torch.Generator().manual_seed(0))
+    options = MethodOptions(method=method, gradient_fraction=0.25, seed=7)
+    stop = StopCriteria(max_iterations=8, **NO_STOP)
+    whole = Run(obj, x0, options, stop)
+    records, checkpoints = [], []
+    for record in whole:
+        records.append(_comparable(record))
+        checkpoints.append(whole.checkpoint())
+    first = next(k for k, r in enumerate(records[:-1]) if not r["step_accepted"])
+    for k in (first, first + 1):  # the rejected step itself, and the repeat of its point
+        resumed = Run(obj, x0, options, stop, resume=checkpoints[k])
+        assert [_comparable(r) for r in resumed] == records[k:], k
+        assert torch.equal(resumed.params, whole.params)
