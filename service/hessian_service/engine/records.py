@@ -38,15 +38,19 @@ class StepRecord:
     """One iteration: the iterate x_k and the step taken from it.
 
     loss and gradient norms are at x_k; loss_change is f(x_{k-1}) - f(x_k) (0 for the
-    first record). The step fields describe the step from x_k (all zero on the final
-    record, where the run stopped instead of stepping). gain_ratio is the actual over the
+    first record). loss is always the full-data loss; with a Hessian-free mini-batch
+    gradient (gradient_fraction < 1) gradient_norm and gradient_max_norm are of the
+    mini-batch gradient the step from x_k uses (no full gradient is computed). The step
+    fields describe the step from x_k (all zero on the final record, where the run
+    stopped instead of stepping). gain_ratio is the actual over the
     predicted decrease (NaN when the method did not compute it). negative_eigenvalues is
     -1 when unknown. cg_iterations, cg_residual (||r|| / ||g||), negative_curvature and
     trust_radius (the radius the step was computed in; NaN without a trust region) describe
     the Hessian-free methods' inner solve; gradient_batch_size is the rows of the mini-batch
     whose gradient it used (gradient_fraction < 1; 0: the full gradient). A rejected
     Levenberg-Marquardt or trust-region trial has step_accepted False and the next record
-    repeats x_k with larger damping (or a smaller radius).
+    repeats x_k with larger damping (or a smaller radius; with a mini-batch gradient, the
+    gradient of the new batch its step draws).
     """
 
     iteration: int
