@@ -57,7 +57,8 @@ class MethodOptions:
     torch.func jvp of grad, nothing kept between products, 2.8-8x a gradient there),
     gradient_fraction (share of data rows in the mini-batch whose gradient each step's CG
     uses, drawn afresh each step from `seed`; the curvature rows then come from within it;
-    1: the full gradient).
+    1: the full gradient; below 1 no full gradient is computed: the records' gradient norms
+    and the gradient_tolerance stop are the batch gradient's, the loss stays the full one).
     gauss_newton_cg is newton_cg with curvature gauss_newton.
     """
 
@@ -189,7 +190,8 @@ def resolve_method(
 class StopCriteria:
     """When a run ends (Ceres' names and defaults; a tolerance of 0 disables that test).
 
-    gradient_tolerance: max-norm of the gradient. function_tolerance: |f_k - f_{k-1}| <=
+    gradient_tolerance: max-norm of the gradient (of the step's mini-batch gradient under
+    gradient_fraction < 1). function_tolerance: |f_k - f_{k-1}| <=
     tol * |f_{k-1}|. parameter_tolerance: ||x_k - x_{k-1}|| <= tol * (||x_{k-1}|| + tol).
     max_iterations counts steps (a run yields max_iterations + 1 records at most).
     """
