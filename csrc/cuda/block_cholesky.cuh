@@ -1,9 +1,10 @@
 // One thread block solves one small damped system (sym(H) + lambda I) d = -g, n <= 64,
 // with the whole lambda escalation on the device: no host round trip per attempt.
 //
-// STATUS: compile-checked only (nvcc 13.0, sm_90, against torch's headers, on a machine with
-// no GPU). It has not run on a GPU until bench/gpu_check.sh has been run on one and
-// tests/test_cuda_kernels.py passed there; until then treat it as unverified.
+// STATUS: compile-checked only (nvcc 13.0, sm_80/sm_90, against torch's headers, on a
+// machine with no GPU) and run in the CPU emulation of tests/cuda_emulation/. It has not run
+// on a GPU until bench/gpu_check.sh has been run on one and tests/test_cuda_kernels.py
+// passed there; until then treat it as unverified on hardware.
 //
 // Policy (as csrc/solve.cpp): start at `damping`; on a non-positive or non-finite pivot, or a
 // non-finite solution, lambda = max(10 lambda, sqrt(eps) * max(1, max|diag H|)).
@@ -38,6 +39,14 @@ inline int warps_for(int64_t n) {
   const int64_t w = (n + 7) / 8;
   return static_cast<int>(w < 1 ? 1 : (w > kMaxWarps ? kMaxWarps : w));
 }
+
+#ifndef HESSIAN_CUDA_EMULATION  // tests/cuda_emulation/ supplies its own
+// The launch's dynamic shared memory, as doubles.
+__device__ inline double* dynamic_shared() {
+  extern __shared__ double dynamic_shared_pool[];
+  return dynamic_shared_pool;
+}
+#endif
 
 // sqrt(eps) of the storage type: the damping floor's factor (as the CPU policy).
 template <typename scalar_t>

@@ -3,7 +3,8 @@
 // Each serves small systems with its own kernel and hands everything else (large n, odd
 // inputs, invalid arguments, whose errors the ATen path raises) to the ATen implementation.
 //
-// STATUS: compile-checked only until bench/gpu_check.sh has run on a GPU (see its header).
+// STATUS: compile-checked only (plus the CPU emulation of tests/test_cuda_emulation.py)
+// until bench/gpu_check.sh has run on a GPU (see its header).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,11 +1,13 @@
-// hessian::damped_cholesky on CUDA tensors: for n <= 64 one thread block factors the
-// symmetrised matrix in shared memory and runs the whole lambda escalation on the device,
-// writing direction, damping and attempts to device tensors (no host synchronisation at all;
-// the ATen path costs a cuSOLVER call and three .item() syncs per attempt). Larger n, and
-// any input the kernel does not take, go to the ATen path in csrc/solve.cpp.
+// hessian::damped_cholesky on CUDA tensors (host side; the kernel is in step_kernels.cuh):
+// for n <= 64 one thread block factors the symmetrised matrix in shared memory and runs the
+// whole lambda escalation on the device, writing direction, damping and attempts to device
+// tensors (no host synchronisation at all; the ATen path costs a cuSOLVER call and three
+// .item() syncs per attempt). Larger n, and any input the kernel does not take, go to the
+// ATen path in csrc/solve.cpp.
 //
-// STATUS: compile-checked only (nvcc, no GPU on the machine it was written on). It has not
-// run on a GPU until bench/gpu_check.sh has run on one and tests/test_cuda_kernels.py passed.
+// STATUS: compile-checked only (nvcc 13.0, no GPU on the machine it was written on; the
+// kernels also run in the CPU emulation of tests/test_cuda_emulation.py). It has not run on
+// a GPU until bench/gpu_check.sh has run on one and tests/test_cuda_kernels.py passed.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,35 +19,11 @@
 #include "../hessian.h"
 #include "block_cholesky.cuh"
 #include "cuda_ops.h"
+#include "step_kernels.cuh"
 
 namespace hessian {
 namespace cuda {
 namespace {
-
-template <typename scalar_t>
-__global__ void damped_cholesky_kernel(const scalar_t* __restrict__ h,
-                                       const scalar_t* __restrict__ g, int n, double damping,
-                                       int64_t max_attempts, double sqrt_eps,
-                                       scalar_t* __restrict__ d, double* __restrict__ lam_out,
-                                       int64_t* __restrict__ attempts_out) {
-  extern __shared__ double shared[];
-  __shared__ double scratch[kMaxWarps];
-  double* a = shared;
-  double* rhs = a + n * tile_ld(n);
-  double* sol = rhs + n;
-  const auto minus_g = [g](int i) { return -static_cast<double>(g[i]); };
-  const BlockStatus status = block_damped_solve<true>(h, n, minus_g, damping, max_attempts,
-                                                      sqrt_eps, a, rhs, sol, scratch);
-  const int tid = threadIdx.y * kWarp + threadIdx.x;
-  const int threads = blockDim.y * kWarp;
-  // on failure the direction is zero (the CPU op leaves it unwritten): never NaN
-  for (int i = tid; i < n; i += threads)
-    d[i] = status.attempts > 0 ? static_cast<scalar_t>(sol[i]) : scalar_t(0);
-  if (tid == 0) {
-    *lam_out = status.damping;
-    *attempts_out = status.attempts;
-  }
-}
 
 // Inputs the kernel serves; everything else (including invalid arguments) takes the ATen
 // path, which raises the op's usual errors.
