@@ -50,7 +50,8 @@ def test_a_minibatch_newton_cg_step_equals_the_engine_step(client):
     assert got.record.step_norm == engine.record.step_norm
     full = client.newton_step(wire, params.numpy(), method="newton_cg", seed=3)
     assert full.record.gradient_batch_size == 0  # the default: the full gradient
-    assert full.record.step_norm != got.record.step_norm
+    # (not step_norm: both steps often end on the trust radius, so their norms are equal)
+    assert not np.array_equal(full.params, got.params)
 
 
 def test_a_minibatch_run_streams_its_batch_sizes_and_keeps_its_options(client):
