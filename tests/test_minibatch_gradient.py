@@ -250,6 +250,19 @@ def _capture_batches(monkeypatch) -> list:
     return batches
 
 
+def _rejecting_options(obj, x0, method: str, stop: StopCriteria) -> MethodOptions:
+    """Mini-batch options (the first of a few seeds) whose run rejects a trust-region trial.
+
+    Measured: a 12-step run of `_mlp` with gradient_fraction 0.25 rejected a trial for
+    every one of 100 data seeds and both methods; trying five seeds makes a miss negligible.
+    """
+    for seed in range(7, 12):
+        options = MethodOptions(method=method, gradient_fraction=0.25, seed=seed)
+        if not all(r.step_accepted for r in Run(obj, x0, options, stop).run_to_end()[:-1]):
+            return options
+    pytest.fail("no seed gave a rejected trial: the redraw at a repeated point went untested")
+
+
 def _comparable(record) -> dict:
     """A record's fields without timings, NaN as None (so == compares them)."""
     out = record.to_dict()
@@ -282,22 +295,23 @@ def test_a_minibatch_run_never_runs_backward_through_all_rows(monkeypatch, metho
 @pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
 def test_each_record_reports_the_exact_gradient_of_the_batch_its_step_uses(monkeypatch, method):
     obj = _mlp()
+    x0 = obj.init_params(torch.Generator().manual_seed(0))
+    stop = StopCriteria(max_iterations=12, **NO_STOP)
+    options = _rejecting_options(obj, x0, method, stop)
     batches = _capture_batches(monkeypatch)
     samples, cg_grads, _ = _capture(monkeypatch)
-    x0 = obj.init_params(torch.Generator().manual_seed(0))
-    options = MethodOptions(method=method, gradient_fraction=0.25, seed=7)
-    records = Run(obj, x0, options, StopCriteria(max_iterations=8, **NO_STOP)).run_to_end()
+    records = Run(obj, x0, options, stop).run_to_end()
     rejected = [k for k, r in enumerate(records[:-1]) if not r.step_accepted]
-    assert rejected, "no rejected trial: the redraw at a repeated point went untested"
+    assert rejected
     # One batch gradient per record (none computed twice for a point), draw k for record k.
-    assert len(batches) == len(records) == 9
-    assert [sample.draw for _, sample in batches] == list(range(9))
+    assert len(batches) == len(records) == 13
+    assert [sample.draw for _, sample in batches] == list(range(13))
     for k, (record, (x, sample)) in enumerate(zip(records, batches, strict=True)):
         exact = torch.func.grad(_fresh(obj, sample.rows).loss)(x)
         assert record.gradient_norm == pytest.approx(float(exact.norm()), rel=1e-12)
         assert record.gradient_max_norm == pytest.approx(float(exact.abs().max()), rel=1e-12)
         assert record.loss == pytest.approx(float(obj.loss(x)), rel=1e-13)  # the full loss
-        if k < 8:  # the step from record k runs CG on that very gradient
+        if k < 12:  # the step from record k runs CG on that very gradient
             assert cg_grads[k] is sample.grad and torch.equal(samples[k][1].rows, sample.rows)
     for k in rejected:  # the step after a rejection redraws at the same point
         assert torch.equal(batches[k][0], batches[k + 1][0])
@@ -321,12 +335,13 @@ def test_the_gradient_tolerance_stop_tests_the_batch_gradient():
     stop = StopCriteria(max_iterations=3, gradient_tolerance=1e-9)
     at_batch_min = Run(obj, x_batch, options, stop)
     records = at_batch_min.run_to_end()
-    assert float(torch.func.grad(obj.loss)(x_batch).abs().max()) > 1e-2  # not stationary
+    # Measured over 300 data seeds: both gradients below are >= 0.02 in max-norm.
+    assert float(torch.func.grad(obj.loss)(x_batch).abs().max()) > 1e-3  # not stationary
     assert at_batch_min.stop_reason == StopReason.GRADIENT_TOLERANCE and len(records) == 1
     at_full_min = Run(obj, x_full, options, stop)
     records = at_full_min.run_to_end()
     assert float(torch.func.grad(obj.loss)(x_full).abs().max()) < 1e-12  # stationary
-    assert records[0].gradient_max_norm > 1e-2
+    assert records[0].gradient_max_norm > 1e-3
     assert at_full_min.stop_reason != StopReason.GRADIENT_TOLERANCE
 
 
@@ -334,8 +349,8 @@ def test_the_gradient_tolerance_stop_tests_the_batch_gradient():
 def test_a_minibatch_run_resumed_at_or_after_a_rejection_equals_the_whole_run(method):
     obj = _mlp()
     x0 = obj.init_params(torch.Generator().manual_seed(0))
-    options = MethodOptions(method=method, gradient_fraction=0.25, seed=7)
-    stop = StopCriteria(max_iterations=8, **NO_STOP)
+    stop = StopCriteria(max_iterations=12, **NO_STOP)
+    options = _rejecting_options(obj, x0, method, stop)
     whole = Run(obj, x0, options, stop)
     records, checkpoints = [], []
     for record in whole:
