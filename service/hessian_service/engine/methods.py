@@ -193,7 +193,11 @@ class Stepper:
         return alpha, evaluations
 
     def _hessian_free_step(self, point: Point) -> Step:
-        """A Newton-CG step: Steihaug trust region, or the CG direction with fixed/line search."""
+        """A Newton-CG step: Steihaug trust region, or the CG direction with fixed/line search.
+
+        With a mini-batch gradient the line search's Armijo slope is g.d for the point's
+        batch gradient g (the one CG used); the losses it compares are the full ones.
+        """
         opts, state = self.options, self.state
         if opts.step_policy == "trust_region":
             tr = hessian_free.newton_cg(
