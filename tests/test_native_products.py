@@ -245,7 +245,9 @@ def test_spectrum_with_native_products_matches_eigvalsh_and_autograd(name):
     assert torch.allclose(
         torch.tensor(native.bottom_eigenvalues, dtype=F64), exact[:2], rtol=0, atol=1e-8 * scale
     )
-    assert native.products == auto.products > 0  # same probes, same counts
+    # Same probes; Lanczos' convergence test sees roundoff-level differences between the two
+    # product paths, so it may stop up to one block (default 4 products) apart.
+    assert native.products > 0 and abs(native.products - auto.products) <= 4
     assert math.isclose(
         native.trace_hutchinson.estimate, auto.trace_hutchinson.estimate, rel_tol=1e-10
     )
