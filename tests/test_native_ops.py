@@ -98,6 +98,31 @@ def _check_damped(h, g, dtype, d, lam, attempts):
     assert residual <= 50 * TOL[dtype] * scale, (residual, scale)
 
 
+# Large n (the parallel symmetrise / restore passes around LAPACK's potrf): an SPD matrix with
+# initial damping, an indefinite one whose retries restore the matrix from the triangle potrf
+# leaves alone, a singular one.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [512, 700])
+def test_large_damped_cholesky_matches_reference(n, dtype):
+    h64 = spd(n) + 1e-3 * torch.randn(n, n, dtype=F64)
+    g64 = torch.randn(n, dtype=F64)
+    sym = (h64 + h64.T) / 2 + 0.5 * torch.eye(n, dtype=F64)
+    d, lam, attempts = ops.damped_cholesky(h64.to(dtype), g64.to(dtype), 0.5, 60)
+    assert float(lam) == 0.5 and int(attempts) == 1
+    assert rel_err(d, -torch.linalg.solve(sym, g64)) <= TOL[dtype] * 10
+    evals = torch.empty(n, dtype=F64).uniform_(0.5, 5.0)
+    evals[torch.randperm(n)[: n // 5]] *= -1
+    h = symmetric_with(evals, dtype)
+    g = torch.randn(n, dtype=dtype)
+    d, lam, attempts = ops.damped_cholesky(h, g, 0.0, 60)
+    _check_damped(h, g, dtype, d, lam, attempts)
+    ref = linalg.damped_cholesky_solve(h, g, 0.0)
+    assert int(attempts) == ref.attempts and float(lam) == pytest.approx(ref.damping, rel=1e-12)
+    assert rel_err(d, ref.direction) <= TOL[dtype] * 100
+    singular = torch.diag(torch.rand(n, dtype=F64) * (torch.rand(n) < 0.5)).to(dtype)
+    _check_damped(singular, g, dtype, *ops.damped_cholesky(singular, g, 0.0, 60))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [s for s in SIZES if s > 1])
 def test_damped_cholesky_indefinite_escalates_like_reference(n, dtype):
