@@ -508,7 +508,10 @@ def run() -> str:
     if not torch.cuda.is_available():
         notes.append(
             "CUDA: not measured or tested here (CPU-only torch, no GPU lent to this task). "
-            "The ops register their ATen-based kernels for CUDA too; unverified on a GPU."
+            "On CUDA tensors the ops run csrc/cuda/ kernels (damped Cholesky for n <= 64, "
+            "fused mse/quadratic steps; nvcc-compiled and run in a CPU emulation by "
+            "tests/test_cuda_emulation.py) and ATen/cuSOLVER elsewhere, all unverified on a "
+            "GPU: `bash bench/gpu_check.sh` on a lent one builds, tests and times them."
         )
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
