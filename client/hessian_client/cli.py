@@ -185,6 +185,7 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
         bottom_k=args.bottom_k,
         block_size=args.block_size,
         curvature=args.curvature,
+        backend=args.backend,
         trace_samples=args.trace_samples,
         density_probes=args.density_probes,
         seed=args.seed,
@@ -206,7 +207,7 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
     print(
         f"{result.num_params} parameters, loss {result.loss:.9g}, max|g| "
         f"{result.gradient_max_norm:.3g}; {result.products} Hessian-vector products ({parts}); "
-        f"{result.seconds:.3f} s"
+        f"{result.seconds:.3f} s, backend {result.backend}"
     )
     return 0
 
@@ -349,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
         "--block-size", type=int, default=None, help="Lanczos block: multiplicities up to it"
     )
     cv.add_argument("--curvature", default=None, help="hessian or gauss_newton")
+    cv.add_argument("--backend", default=None, help="auto, native or autograd products")
     cv.add_argument("--trace-samples", type=int, default=None, help="0: no trace")
     cv.add_argument("--density-probes", type=int, default=None, help="0: no density")
     cv.add_argument("--seed", type=int, default=None, help="the probes' seed")

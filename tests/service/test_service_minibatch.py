@@ -114,10 +114,14 @@ def test_cli_flags_carry_gradient_fraction_and_block_size(server, client, capsys
     np.save(tmp_path / "p.npy", np.zeros(7))
     args = ["--address", server.address, "curvature", "--objective", "quadratic"]
     args += ["--data", str(tmp_path / "q.npz"), "--params", str(tmp_path / "p.npy")]
-    args += ["--top-k", "3", "--block-size", "3", "--trace-samples", "0", "--json"]
-    assert main(args) == 0
+    args += ["--top-k", "3", "--block-size", "3", "--trace-samples", "0"]
+    assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["top_eigenvalues"] == pytest.approx([5.0, 5.0, 5.0], rel=1e-9)
+    assert main([*args, "--json", "--backend", "autograd"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "autograd"
+    assert main([*args, "--backend", "autograd"]) == 0
+    assert "backend autograd" in capsys.readouterr().out
 
 
 def _step(**options):
