@@ -4,8 +4,8 @@
 // failed factorisation or a non-finite solution, lambda = max(10 lambda, sqrt(eps) *
 // max(1, max|diag H|)).
 //  * CPU, n <= kSmallN: plain loops in double on thread-local buffers, no ATen dispatch.
-//  * CPU, larger n: one working copy written by one symmetrising pass, LAPACK potrf in
-//    place (ATen's lapackCholesky); the untouched triangle keeps the matrix for retries.
+//  * CPU, larger n: LAPACK potrf (ATen's lapackCholesky) in place on one working triangle,
+//    written by a symmetrising pass before each attempt (a retry re-reads H).
 //  * other devices: the same policy with ATen calls (cuSOLVER on CUDA).
 #include <ATen/Parallel.h>
 #include <ATen/native/BatchLinearAlgebra.h>
@@ -131,24 +131,19 @@ void restore_upper(scalar_t* a, int64_t n, const scalar_t* diag, scalar_t lam) {
   });
 }
 
-// Damped Cholesky on a row-major buffer whose strict lower triangle and `diag` hold the
-// symmetric matrix; potrf('L') on the column-major view touches only the upper triangle.
-// `ready`: the upper triangle already holds the matrix too, so the first attempt only sets
-// the diagonal (later attempts restore the upper triangle that potrf overwrote).
-template <typename scalar_t>
+// Damped Cholesky on a row-major buffer; potrf('L') on the column-major view reads and
+// overwrites only the upper triangle, which `fill(attempt, lam)` writes before each attempt
+// (with lam on the diagonal). `diag` is diag(H), for the damping floor.
+template <typename scalar_t, typename Fill>
 SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const scalar_t* g,
-                         double damping, int64_t max_attempts, bool ready, scalar_t* d) {
+                         double damping, int64_t max_attempts, Fill fill, scalar_t* d) {
   double scale = 1.0;
   for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(static_cast<double>(diag[i])));
   const double floor = sqrt_eps<scalar_t>() * scale;
   const int ni = static_cast<int>(n);
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
-    if (attempt == 1 && ready) {
-      for (int64_t i = 0; i < n; ++i) a[i * n + i] = diag[i] + static_cast<scalar_t>(lam);
-    } else {
-      restore_upper(a, n, diag, static_cast<scalar_t>(lam));
-    }
+    fill(attempt, static_cast<scalar_t>(lam));
     int info = 0;
     at::native::lapackCholesky<scalar_t>('L', ni, a, ni, &info);
     if (info == 0) {
@@ -164,23 +159,21 @@ SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const sca
   return {lam, 0};
 }
 
-// Both triangles of `out` = (H + H^T) / 2 in one pass (each pair read once), `diag` = diag(H).
+// The upper triangle of `out` = (H + H^T) / 2 with lam added to the diagonal: stores run
+// along rows; only the loads from H's lower triangle are strided (within kTile tiles).
 template <typename scalar_t>
-void symmetrise(const scalar_t* h, int64_t n, scalar_t* out, scalar_t* diag) {
+void symmetrise_upper(const scalar_t* h, int64_t n, scalar_t* out, scalar_t lam) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, n < kParallelN ? tiles : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
-      for (int64_t tj = 0; tj <= ti; ++tj) {
+      for (int64_t tj = ti; tj < tiles; ++tj) {
         const int64_t j0 = tj * kTile, j1 = std::min(n, j0 + kTile);
         for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = j0; j < std::min(j1, i); ++j) {
-            const scalar_t v = (h[i * n + j] + h[j * n + i]) * scalar_t(0.5);
-            out[i * n + j] = v;
-            out[j * n + i] = v;
-          }
+          for (int64_t j = std::max(j0, i + 1); j < j1; ++j)
+            out[i * n + j] = (h[i * n + j] + h[j * n + i]) * scalar_t(0.5);
       }
-      for (int64_t i = i0; i < i1; ++i) diag[i] = h[i * n + i];
+      for (int64_t i = i0; i < i1; ++i) out[i * n + i] = h[i * n + i] + lam;
     }
   });
 }
@@ -243,8 +236,16 @@ SolveStatus solve_owned_symmetric(at::Tensor& h, const at::Tensor& g, double dam
 #if AT_BUILD_WITH_LAPACK()
       std::vector<scalar_t> diag(n);
       for (int64_t i = 0; i < n; ++i) diag[i] = a[i * n + i];
+      // h is symmetric: its lower triangle is the copy a retry restores the upper one from
+      auto fill = [&](int64_t attempt, scalar_t lam) {
+        if (attempt == 1) {
+          for (int64_t i = 0; i < n; ++i) a[i * n + i] = diag[i] + lam;
+        } else {
+          restore_upper(a, n, diag.data(), lam);
+        }
+      };
       status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
-                                      max_attempts, true, d.data_ptr<scalar_t>());
+                                      max_attempts, fill, d.data_ptr<scalar_t>());
 #else
       status = generic_solve(h, gc, damping, max_attempts, d);
 #endif
@@ -274,11 +275,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
       }
 #if AT_BUILD_WITH_LAPACK()
       at::Tensor work = at::empty({n, n}, h.options());
+      const scalar_t* src = hc.data_ptr<scalar_t>();
+      scalar_t* a = work.data_ptr<scalar_t>();
       std::vector<scalar_t> diag(n);
-      symmetrise<scalar_t>(hc.data_ptr<scalar_t>(), n, work.data_ptr<scalar_t>(), diag.data());
-      status = lapack_solve<scalar_t>(work.data_ptr<scalar_t>(), diag.data(), n,
-                                      gc.data_ptr<scalar_t>(), damping, max_attempts, true,
-                                      d.data_ptr<scalar_t>());
+      for (int64_t i = 0; i < n; ++i) diag[i] = src[i * n + i];
+      // every attempt symmetrises afresh from H, which potrf never touches
+      auto fill = [&](int64_t, scalar_t lam) { symmetrise_upper<scalar_t>(src, n, a, lam); };
+      status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
+                                      max_attempts, fill, d.data_ptr<scalar_t>());
 #else
       status = generic_solve((hc + hc.t()) * 0.5, gc, damping, max_attempts, d);
 #endif
