@@ -5,8 +5,12 @@ every stored record counted."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 import signal
 import sqlite3
+import sys
 import time
 
 import numpy as np
@@ -56,3 +60,30 @@ def test_sigterm_during_a_long_iteration_leaves_the_run_interrupted_and_no_trace
         stored = db.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (run.id,)).fetchone()
     assert (status, reason) == ("INTERRUPTED", "shutdown")
     assert kept == stored[0] < SPEC["stopping"]["max_iterations"] + 1
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send `signum` to one thread of another process (Linux tgkill)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, signum) != 0:  # 234: SYS_tgkill on x86_64
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64"), reason="tgkill number"
+)
+def test_sigterm_delivered_to_a_worker_thread_still_drains_and_exits(tmp_path):
+    # The kernel may hand a process-wide SIGTERM to any thread (gRPC's, OpenMP's); Python runs
+    # the handler only once the main thread wakes, so the main thread must not wait untimed.
+    port = free_port()
+    proc = spawn_server(tmp_path, port)
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+        workers = [t for t in tids if t != proc.pid]
+        assert workers, "the server runs more than its main thread"
+        _tgkill(proc.pid, workers[-1], signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "draining" in server_output(proc)

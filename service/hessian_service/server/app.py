@@ -79,8 +79,14 @@ class ServerHandle:
                 self._stopped.set()
 
     def wait(self) -> None:
-        """Block until stop() has finished."""
-        self._stopped.wait()
+        """Block until stop() has finished.
+
+        Waits in short slices: a SIGTERM the kernel hands to another thread (gRPC's, OpenMP's)
+        does not interrupt an untimed wait, and Python runs the handler only once the main
+        thread wakes.
+        """
+        while not self._stopped.wait(0.25):
+            pass
 
 
 def build_server(
