@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from hessian_service.engine import MethodOptions, make_objective, native_products, take_step
+from hessian_service.engine import MethodOptions, backends, make_objective, take_step
 from hessian_service.engine.errors import UnavailableError, UnknownNameError, ValidationError
 from hessian_service.engine.methods import Stepper
 from hessian_service.engine.native_products import curvature_block_product, select_backend
@@ -155,7 +155,7 @@ def test_uncovered_objectives_fall_back_to_autograd():
 def test_native_without_the_extension_is_unavailable_and_auto_falls_back(monkeypatch):
     obj = _problem("least_squares")
     x = torch.zeros(obj.num_params, dtype=F64)
-    monkeypatch.setattr(native_products, "native_status", lambda: (False, "no _C here"))
+    monkeypatch.setattr(backends, "_load_native", lambda: (None, "no _C here"))
     with pytest.raises(UnavailableError) as err:
         select_backend(obj, x, "native")
     assert err.value.field == "backend" and "no _C here" in str(err.value)

@@ -136,21 +136,30 @@ class ResolvedBackend:
         return f"{self.system.name}+{self.solver.name}-solve"
 
 
+def native_for(requested: str, params: torch.Tensor) -> Any | None:
+    """The native backend when `requested` (auto | native | autograd) should use it for
+    tensors like `params`, else None; native requested where it cannot serve raises."""
+    if requested == "autograd":
+        return None
+    native, reason = _load_native()
+    if native is None:
+        if requested == "native":
+            raise UnavailableError("backend", f"native was requested but {reason}")
+        return None
+    if not native.supports_solve(params.new_empty((0, 0))):
+        if requested == "native":
+            raise UnavailableError(
+                "backend", f"native does not support {params.dtype} on {params.device.type}"
+            )
+        return None
+    return native
+
+
 def resolve(
     requested: str, objective: Objective, params: torch.Tensor, kind: str
 ) -> ResolvedBackend:
     """Pick the backends for one call: `requested` is auto, native or autograd."""
     if requested == "autograd":
         return ResolvedBackend(AUTOGRAD, AUTOGRAD)
-    native, reason = _load_native()
-    if native is None:
-        if requested == "native":
-            raise UnavailableError("backend", f"native was requested but {reason}")
-        return ResolvedBackend(_assembler(None, objective, params, kind), AUTOGRAD)
-    probe = params.new_empty((0, 0))
-    solver = native if native.supports_solve(probe) else AUTOGRAD
-    if requested == "native" and solver is AUTOGRAD:
-        raise UnavailableError(
-            "backend", f"native does not support {params.dtype} on {params.device.type}"
-        )
-    return ResolvedBackend(_assembler(native, objective, params, kind), solver)
+    native = native_for(requested, params)
+    return ResolvedBackend(_assembler(native, objective, params, kind), native or AUTOGRAD)

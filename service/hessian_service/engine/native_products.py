@@ -20,16 +20,13 @@ from collections.abc import Callable
 
 import torch
 
-from .backends import native_status
-from .errors import UnavailableError, UnknownNameError, ValidationError
+from .backends import native_for
+from .errors import UnknownNameError, ValidationError
 from .objectives.base import Objective
 from .options import BACKENDS
 
 BlockProduct = Callable[[torch.Tensor], torch.Tensor]
 Builder = Callable[[Objective, torch.Tensor, "torch.Tensor | None"], BlockProduct]
-
-_DTYPES = (torch.float32, torch.float64)
-_DEVICES = ("cpu", "cuda") if torch.version.cuda else ("cpu",)
 
 
 def _row_subset(objective: Objective, name: str, rows: torch.Tensor | None) -> torch.Tensor:
@@ -95,18 +92,7 @@ def select_backend(
     """'native' or 'autograd': who serves `kind` products here under the requested backend."""
     if backend not in BACKENDS:
         raise UnknownNameError("backend", backend, list(BACKENDS))
-    if backend == "autograd":
-        return "autograd"
-    available, reason = native_status()
-    if not available:
-        if backend == "native":
-            raise UnavailableError("backend", f"native was requested but {reason}")
-        return "autograd"
-    if params.dtype not in _DTYPES or params.device.type not in _DEVICES:
-        if backend == "native":
-            raise UnavailableError(
-                "backend", f"native does not support {params.dtype} on {params.device.type}"
-            )
+    if native_for(backend, params) is None:
         return "autograd"
     covered = objective.name in NATIVE_PRODUCTS and (kind == "hessian" or objective.supports_ggn)
     return "native" if covered else "autograd"
