@@ -274,7 +274,13 @@ def _generator(options: MethodOptions, state: dict[str, float]) -> torch.Generat
         return None
     draw = int(state["curvature_draws"])
     state["curvature_draws"] = float(draw + 1)
-    return torch.Generator().manual_seed((options.seed * 1_000_003 + draw) % 2**63)
+    return _seeded(options, draw)
+
+
+def _seeded(options: MethodOptions, draw: int, stream: int = 0) -> torch.Generator:
+    """The generator of draw `draw` in the run's stream `stream` (0: curvature rows,
+    1: gradient mini-batches), a function of the seed alone."""
+    return torch.Generator().manual_seed((options.seed * 1_000_003 + draw + stream * 2**62) % 2**63)
 
 
 @dataclass(frozen=True)
@@ -304,7 +310,7 @@ def batch_gradient(
     same batch. Only the batch's rows go through the backward pass.
     """
     draw = int(state["gradient_draws"])
-    gen = torch.Generator().manual_seed((options.seed * 1_000_003 + draw + 2**62) % 2**63)
+    gen = _seeded(options, draw, stream=1)
     total = objective.num_rows
     keep = max(1, round(options.gradient_fraction * total))
     rows = torch.randperm(total, generator=gen)[:keep].sort().values
@@ -360,25 +366,19 @@ def cg_direction(
     """
     sample = gradient_sample(objective, x, grad, options, state, drawn)
     if sample.rows is None:
-        product = curvature_product(
-            objective,
-            x,
-            options.curvature,
-            options.curvature_fraction,
-            _generator(options, state),
-            options.hvp_mode,
-            options.backend,
-        )
+        fraction, generator = options.curvature_fraction, _generator(options, state)
     else:
-        product = curvature_product(
-            sample.objective,
-            x,
-            options.curvature,
-            min(1.0, options.curvature_fraction / options.gradient_fraction),
-            sample.generator,
-            options.hvp_mode,
-            options.backend,
-        )
+        fraction = min(1.0, options.curvature_fraction / options.gradient_fraction)
+        generator = sample.generator
+    product = curvature_product(
+        sample.objective,
+        x,
+        options.curvature,
+        fraction,
+        generator,
+        options.hvp_mode,
+        options.backend,
+    )
     cg = steihaug_cg(
         product,
         sample.grad,
