@@ -162,14 +162,19 @@ class _Layer(NamedTuple):
 
 
 def _add_block(hess: torch.Tensor, row: _Layer, col: _Layer, block: torch.Tensor) -> None:
-    """Add `block` [(p, q), (j, k)] over augmented [W | b] indices into the flat-layout H."""
+    """Add `block` [(p, q), (j, k)] over augmented [W | b] indices into the flat-layout H.
+
+    q runs over the row layer's weight columns and its bias, or over the weight columns only
+    (a block with fan_in entries on that axis leaves the bias rows alone).
+    """
     fr, fc = row.fan_in, col.fan_in
     rw, rb = slice(row.w0, row.b0), slice(row.b0, row.end)
     cw, cb = slice(col.w0, col.b0), slice(col.b0, col.end)
     hess[rw, cw].view(row.fan_out, fr, col.fan_out, fc).add_(block[:, :fr, :, :fc])
     hess[rw, cb].view(row.fan_out, fr, col.fan_out).add_(block[:, :fr, :, fc])
-    hess[rb, cw].view(row.fan_out, col.fan_out, fc).add_(block[:, fr, :, :fc])
-    hess[rb, cb].add_(block[:, fr, :, fc])
+    if block.shape[1] > fr:
+        hess[rb, cw].view(row.fan_out, col.fan_out, fc).add_(block[:, fr, :, :fc])
+        hess[rb, cb].add_(block[:, fr, :, fc])
 
 
 def _add_kron_term(
@@ -201,13 +206,7 @@ def _add_cross_term(
     outer = (delta_l.unsqueeze(2) * abar_m.unsqueeze(1)).reshape(c, -1)  # [(p, k)]
     prod = outer.T @ inner.reshape(c, -1)  # [(p, k), (q, j)]
     prod = prod.reshape(row.fan_out, col.fan_in + 1, row.fan_in, col.fan_out)
-    prod = prod.permute(0, 2, 3, 1)
-    hess[row.w0 : row.b0, col.w0 : col.b0].view(
-        row.fan_out, row.fan_in, col.fan_out, col.fan_in
-    ).add_(prod[..., : col.fan_in])
-    hess[row.w0 : row.b0, col.b0 : col.end].view(row.fan_out, row.fan_in, col.fan_out).add_(
-        prod[..., col.fan_in]
-    )
+    _add_block(hess, row, col, prod.permute(0, 2, 3, 1))
 
 
 def _mirror_lower_blocks(hess: torch.Tensor, layers: list[_Layer]) -> None:
