@@ -154,16 +154,24 @@ STOP_FIELDS = (
 )
 
 
-def options_to_dict(msg: optimize_pb2.MethodOptions, field: str = "options") -> dict[str, Any]:
-    """The engine's MethodOptions dict from the wire (unset fields omitted)."""
+def _set_fields(
+    msg: Any, enums: dict[str, Any], scalars: tuple[str, ...], field: str
+) -> dict[str, Any]:
+    """{name: value} of an options message's set enum and scalar fields (enums by name)."""
     out: dict[str, Any] = {}
-    for name, enum_type in OPTION_ENUMS.items():
+    for name, enum_type in enums.items():
         value = enum_name(enum_type, getattr(msg, name), f"{field}.{name}")
         if value is not None:
             out[name] = value
-    for name in OPTION_SCALARS:
+    for name in scalars:
         if msg.HasField(name):
             out[name] = getattr(msg, name)
+    return out
+
+
+def options_to_dict(msg: optimize_pb2.MethodOptions, field: str = "options") -> dict[str, Any]:
+    """The engine's MethodOptions dict from the wire (unset fields omitted)."""
+    out = _set_fields(msg, OPTION_ENUMS, OPTION_SCALARS, field)
     if msg.damping:
         out["damping"] = msg.damping
     return out
@@ -184,15 +192,7 @@ def options_to_wire(values: dict[str, Any]) -> optimize_pb2.MethodOptions:
 
 def spectrum_to_dict(msg: optimize_pb2.SpectrumOptions, field: str = "options") -> dict[str, Any]:
     """The engine's SpectrumOptions dict from the wire (unset fields omitted)."""
-    out: dict[str, Any] = {}
-    for name, enum_type in SPECTRUM_ENUMS.items():
-        value = enum_name(enum_type, getattr(msg, name), f"{field}.{name}")
-        if value is not None:
-            out[name] = value
-    for name in SPECTRUM_SCALARS:
-        if msg.HasField(name):
-            out[name] = getattr(msg, name)
-    return out
+    return _set_fields(msg, SPECTRUM_ENUMS, SPECTRUM_SCALARS, field)
 
 
 def stopping_to_dict(msg: optimize_pb2.StopCriteria) -> dict[str, Any]:
