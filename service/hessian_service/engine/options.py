@@ -33,6 +33,11 @@ def _real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = 
     return value
 
 
+def requested_backend(backend: str | None) -> str:
+    """The backend a call asks for: its own, else $HESSIAN_BACKEND, else auto."""
+    return backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """How each step is computed.
@@ -110,7 +115,7 @@ class MethodOptions:
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
         curvature = "gauss_newton" if self.method == "gauss_newton_cg" else self.curvature
-        backend = self.backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+        backend = requested_backend(self.backend)
         if backend not in BACKENDS:
             raise UnknownNameError(f"{p}.backend", backend, list(BACKENDS))
         lr = self.learning_rate

@@ -17,7 +17,6 @@ Memory: (Krylov dimension + 2 x block size) n-vectors for the extremes, batch_si
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +30,7 @@ from .errors import UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
 from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
-from .options import BACKENDS, HVP_MODES
+from .options import BACKENDS, HVP_MODES, requested_backend
 from .validation import require_int, require_no_extra
 
 CURVATURES = ("hessian", "gauss_newton")
@@ -380,7 +379,7 @@ def analyze_curvature(
     n = x.numel()
     loss, grad = loss_and_grad(objective, x)
     gmax = float(grad.abs().max()) if n else 0.0
-    backend = opts.backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+    backend = requested_backend(opts.backend)
     native = native_block_product(objective, x, backend, opts.curvature)
     if native is not None:  # closed-form block products (native_products.py), never vmap'd
 

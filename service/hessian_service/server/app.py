@@ -10,7 +10,6 @@ runs stopped before their next iteration and marked INTERRUPTED, in-flight calls
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import signal
 import sqlite3
@@ -27,6 +26,7 @@ from hessian_client.proto import service_pb2, service_pb2_grpc
 
 from .. import __version__
 from ..engine import native_status
+from ..engine.options import requested_backend
 from ..store import RunStore, SQLiteRunStore, StoreError
 from .auth import AuthInterceptor, load_tokens
 from .config import ServerConfig
@@ -164,7 +164,7 @@ def build_server(
         metrics.watch_runs(runs.queue_depth, runs.active_count)
         metrics.watch_store(store.count_runs_by_status)
         available, _ = native_status()
-        default = config.default_backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+        default = requested_backend(config.default_backend)
         metrics.backend.labels(default, str(available).lower()).set(1)
         metrics_port = metrics.serve(config.host, config.metrics_port)
     server.start()

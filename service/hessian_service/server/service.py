@@ -7,7 +7,6 @@ import binascii
 import functools
 import json
 import math
-import os
 import threading
 from collections.abc import Generator, Iterator
 
@@ -27,7 +26,7 @@ from ..engine import (
 from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
-from ..engine.options import METHODS
+from ..engine.options import METHODS, requested_backend
 from ..engine.sampling import generator, initial_params, sample
 from ..engine.spectrum import SpectrumOptions, analyze_curvature
 from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStore
@@ -403,7 +402,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         c = self.config
         return service_pb2.ServerInfo(
             version=__version__,
-            default_backend=c.default_backend or os.environ.get("HESSIAN_BACKEND") or "auto",
+            default_backend=requested_backend(c.default_backend),
             native_available=available,
             native_reason=reason,
             devices=devices,
