@@ -484,26 +484,25 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return live, row
 
     def _stored_page(self, run_id: str, nxt: int, last: int | None = None) -> list:
-        """Stored records from iteration `nxt` (up to `last`, at most WATCH_PAGE of them).
+        """Stored records from iteration `nxt` on without a gap (up to `last`, at most
+        WATCH_PAGE of them); empty when there are none to send.
 
         The row is read first: every record up to its last_record was committed before, so
-        one missing from the page was deleted behind the server's back: DataLossError, not
-        an endless re-read.
+        when iteration `nxt` is not there it was deleted behind the server's back: raise
+        DataLossError naming the missing range, rather than re-read forever.
         """
         row = self.store.get_run(run_id)
         stored = row.last_record.iteration if row is not None and row.last_record else -1
         last = stored if last is None else min(last, stored)
-        page = (
-            self.store.records(run_id, nxt, min(WATCH_PAGE, last - nxt + 1)) if last >= nxt else []
-        )
-        expect = nxt
-        for record in page:
-            if record.iteration != expect:
-                self._missing(run_id, expect, record.iteration - 1, stored)
-            expect += 1
-        if len(page) < WATCH_PAGE and expect <= last:
-            self._missing(run_id, expect, last, stored)
-        return page
+        if last < nxt:
+            return []
+        page = self.store.records(run_id, nxt, min(WATCH_PAGE, last - nxt + 1))
+        present = 0
+        while present < len(page) and page[present].iteration == nxt + present:
+            present += 1
+        if not present:
+            self._missing(run_id, nxt, page[0].iteration - 1 if page else last, stored)
+        return page[:present]
 
     def _missing(self, run_id: str, first: int, last: int, stored: int) -> None:
         """Raise DataLossError for records `first`..`last` (NotFound if the run was deleted)."""
