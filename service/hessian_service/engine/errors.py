@@ -25,10 +25,16 @@ class ValidationError(EngineError, ValueError):
     def __init__(self, field: str, expected: str, got: object | None = None) -> None:
         self.field = field
         self.expected = expected
-        message = f"{field}: expected {expected}"
+        message = f"{clip(field)}: expected {expected}"  # a field can hold a name sent to us
         if got is not None:
             message += f", got {clip(str(got))}"
         super().__init__(message)
+
+    def renamed(self, field: str) -> ValidationError:
+        """The same error reported under another field path (e.g. the wire's)."""
+        out = ValidationError(field, self.expected)
+        out.args = (clip(field) + str(self)[len(clip(self.field)) :],)
+        return out
 
 
 class UnknownNameError(ValidationError):
