@@ -147,3 +147,25 @@ def test_records_missing_behind_the_last_record_end_the_watch_with_data_loss(
             assert outcome["error"].code == grpc.StatusCode.DATA_LOSS
     finally:
         handle.stop(grace=1.0)
+
+
+def test_a_watcher_that_goes_away_is_removed_from_its_run(tmp_path):
+    handle = start_server(tmp_path, workers=1)
+    gate = threading.Event()
+    try:
+        handle.runs._executor.submit(gate.wait)  # keeps the watched run QUEUED
+        with Client(handle.address, timeout=30) as c:
+            run = c.start_run(problems.mse(np.ones(3)), np.zeros(3), stopping=STOPPING)
+            live = handle.runs.live(run.id)
+            with grpc.insecure_channel(handle.address) as channel:
+                stub = service_pb2_grpc.HessianServiceStub(channel)
+                request = service_pb2.WatchRunRequest(run_id=run.id)
+                calls = [stub.WatchRun(request, timeout=120) for _ in range(3)]
+                assert _until(lambda: live.watchers == 3)
+                calls[0].cancel()
+                assert _until(lambda: live.watchers == 2)
+            assert _until(lambda: live.watchers == 0), "closing the channel cancels the rest"
+            assert status_name(c.get_run(run.id)) == "QUEUED"
+    finally:
+        gate.set()
+        handle.stop(grace=1.0)
