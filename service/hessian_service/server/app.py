@@ -62,7 +62,9 @@ class EventLoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> None:
-        """Stop the loop, join its thread and close it (its executor is shut down, not waited)."""
+        """Finish its async generators, stop the loop, join its thread and close it (its
+        executor is shut down without waiting for handlers still running on it)."""
+        self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
