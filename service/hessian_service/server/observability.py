@@ -4,7 +4,7 @@
 `x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
 the call by method and final status code, observes its latency once (a server stream at
 its end, however it ends), and logs one line. It also turns a request that is not a
-valid protobuf of the method's type into INVALID_ARGUMENT (gRPC would say INTERNAL).
+valid protobuf of the method's type into INVALID_ARGUMENT (grpc.aio would say UNKNOWN).
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 yield
                 failed = False
-            except asyncio.CancelledError:
-                cancelled = True  # the client went away, or its deadline passed
+            except (asyncio.CancelledError, GeneratorExit):
+                cancelled = True  # the client went away, its deadline passed, or shutdown
                 raise
             except grpc.aio.AbortError:
                 failed = False  # context.code() holds the status it ended with
