@@ -4,7 +4,7 @@
 `x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
 the call by method and final status code, observes its latency once (a server stream at
 its end, however it ends), and logs one line. It also turns a request that is not a
-valid protobuf of the method's type into INVALID_ARGUMENT (grpc.aio would say UNKNOWN).
+valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself would not).
 """
 
 from __future__ import annotations
