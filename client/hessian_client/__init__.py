@@ -5,6 +5,7 @@ from .client import Client, HessianResult, Run, RunResult, StepResult, status_na
 from .curvature import CurvatureResult, DensityResult, TraceResult
 from .errors import (
     Cancelled,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     HessianError,
@@ -22,6 +23,7 @@ __all__ = [
     "Cancelled",
     "Client",
     "CurvatureResult",
+    "DataLoss",
     "DeadlineExceeded",
     "DensityResult",
     "FailedPrecondition",

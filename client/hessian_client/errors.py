@@ -71,6 +71,12 @@ class Cancelled(HessianError):
     code = grpc.StatusCode.CANCELLED
 
 
+class DataLoss(HessianError):
+    """Stored data the call needs is gone (e.g. records deleted from a damaged store)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class Internal(HessianError):
     """A bug on the server."""
 
@@ -89,6 +95,7 @@ _BY_CODE = {
         Unavailable,
         DeadlineExceeded,
         Cancelled,
+        DataLoss,
         Internal,
     )
 }

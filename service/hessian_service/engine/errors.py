@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+ECHO_LIMIT = 200  # characters of an echoed input value kept in an error message
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` (input echoed in a message) cut to `limit` characters, noting its full length.
+
+    An unbounded echo can push a status message past gRPC's metadata limit.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -13,10 +25,16 @@ class ValidationError(EngineError, ValueError):
     def __init__(self, field: str, expected: str, got: object | None = None) -> None:
         self.field = field
         self.expected = expected
-        message = f"{field}: expected {expected}"
+        message = f"{clip(field)}: expected {expected}"  # a field can hold a name sent to us
         if got is not None:
-            message += f", got {got}"
+            message += f", got {clip(str(got))}"
         super().__init__(message)
+
+    def renamed(self, field: str) -> ValidationError:
+        """The same error reported under another field path (e.g. the wire's)."""
+        out = ValidationError(field, self.expected)
+        out.args = (clip(field) + str(self)[len(clip(self.field)) :],)
+        return out
 
 
 class UnknownNameError(ValidationError):

@@ -1,7 +1,10 @@
 """Assemble and run the server: store, registry, run manager, servicer, health, reflection.
 
 `build_server(config, interceptors=[...])` returns a started `ServerHandle`; the
-interceptor list is where authentication, metrics and logging plug in. `main` is the
+interceptor list is where authentication, metrics and logging plug in. The server is
+grpc.aio, its event loop in a thread of its own behind the handle's synchronous API:
+WatchRun is async (a waiting watcher holds no thread), every other handler runs on the
+--rpc-threads pool (the loop's default executor) through sync_bridge. `main` is the
 `hessian-server` console script: SIGTERM/SIGINT drain gracefully (health NOT_SERVING,
 runs stopped before their next iteration and marked INTERRUPTED, in-flight calls given
 `grace_seconds`).
@@ -9,6 +12,7 @@ runs stopped before their next iteration and marked INTERRUPTED, in-flight calls
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
 import signal
@@ -18,9 +22,11 @@ import threading
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from hessian_client.proto import service_pb2, service_pb2_grpc
 
@@ -34,9 +40,45 @@ from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
 from .runs import RunManager
 from .service import HessianService
+from .sync_bridge import asyncify
 
 log = logging.getLogger("hessian_service.server")
-SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["HessianService"].full_name
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
+SERVICE_NAME = SERVICE.full_name
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread; `run` waits for a coroutine there."""
+
+    def __init__(self, executor: futures.ThreadPoolExecutor) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(executor)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="hessian-aio")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        """Run `coro` on the loop and return its result (or raise its exception)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        """Finish its async generators, stop the loop, join its thread and close it (its
+        executor is shut down without waiting for handlers still running on it)."""
+        self.run(self.loop.shutdown_asyncgens())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class _SyncInterceptor(grpc.aio.ServerInterceptor):
+    """A plain grpc.ServerInterceptor on the aio server: it sees the resolved handler."""
+
+    def __init__(self, inner: grpc.ServerInterceptor) -> None:
+        self.inner = inner
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        return self.inner.intercept_service(lambda _details: handler, details)
 
 
 @dataclass
@@ -44,11 +86,12 @@ class ServerHandle:
     """A started server and its parts; `stop()` drains it gracefully (idempotent)."""
 
     config: ServerConfig
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     store: RunStore
     runs: RunManager
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
+    events: EventLoopThread
     metrics: Metrics | None = None
     metrics_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -66,9 +109,10 @@ class ServerHandle:
             if self._stopped.is_set():
                 return
             grace = self.config.grace_seconds if grace is None else grace
-            self.health.enter_graceful_shutdown()
+            self.events.run(self.health.enter_graceful_shutdown())
             self.runs.shutdown(timeout=grace)
-            self.server.stop(grace).wait()
+            self.events.run(self.server.stop(grace))
+            self.events.close()
             if self.metrics is not None:
                 self.metrics.close()
             try:
@@ -92,13 +136,14 @@ class ServerHandle:
 def build_server(
     config: ServerConfig,
     *,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor | grpc.ServerInterceptor] = (),
     store: RunStore | None = None,
 ) -> ServerHandle:
     """Create, bind and start the server described by `config`.
 
     Interceptors run in this order: metrics/logging/request id, authentication (when
-    --auth-token-file is set), then `interceptors`.
+    --auth-token-file is set), then `interceptors` (grpc.aio ones; a plain
+    grpc.ServerInterceptor is given the already resolved handler).
     """
     config = config.validated()
     tokens = load_tokens(config.auth_token_file) if config.auth_token_file else []
@@ -127,7 +172,7 @@ def build_server(
         max_runs_per_owner=config.max_runs_per_token,
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
     )
-    chain: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+    chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if tokens:
         chain.append(AuthInterceptor(tokens))
     else:
@@ -137,28 +182,20 @@ def build_server(
             config.address,
             "" if config.allow_unauthenticated_remote else " (bound to loopback only)",
         )
-    size = config.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="hessian-rpc"),
-        interceptors=[*chain, *interceptors],
-        options=[
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    service_pb2_grpc.add_HessianServiceServicer_to_server(
-        HessianService(config, store, registry, runs), server
-    )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    if credentials is not None:
-        port = server.add_secure_port(config.address, credentials)
-    else:
-        port = server.add_insecure_port(config.address)
+    servicer = HessianService(config, store, registry, runs)
+    pool = futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="hessian-rpc")
+    events = EventLoopThread(pool)
+    chain += [
+        i if isinstance(i, grpc.aio.ServerInterceptor) else _SyncInterceptor(i)
+        for i in interceptors
+    ]
+    try:
+        server, port, health_servicer = events.run(
+            _serve(config, asyncify(servicer, SERVICE), pool, chain, credentials)
+        )
+    except BaseException:
+        events.close()
+        raise
     metrics_port = 0
     if metrics is not None:
         metrics.watch_runs(runs.queue_depth, runs.active_count)
@@ -167,10 +204,43 @@ def build_server(
         default = requested_backend(config.default_backend)
         metrics.backend.labels(default, str(available).lower()).set(1)
         metrics_port = metrics.serve(config.host, config.metrics_port)
-    server.start()
+    return ServerHandle(
+        config, server, port, store, runs, health_servicer, events, metrics, metrics_port
+    )
+
+
+async def _serve(
+    config: ServerConfig,
+    servicer: object,
+    pool: futures.ThreadPoolExecutor,
+    interceptors: list[grpc.aio.ServerInterceptor],
+    credentials: grpc.ServerCredentials | None,
+) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    """Create, bind and start the aio server on the running loop; health says SERVING."""
+    size = config.max_message_bytes
+    server = grpc.aio.server(
+        migration_thread_pool=pool,
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service_pb2_grpc.add_HessianServiceServicer_to_server(servicer, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if credentials is not None:
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
+    await server.start()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return ServerHandle(config, server, port, store, runs, health_servicer, metrics, metrics_port)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
 
 
 def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

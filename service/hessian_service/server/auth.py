@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pathlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -53,20 +53,24 @@ def caller(context: grpc.ServicerContext) -> str:
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED.
 
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    It has no request deserializer: the body of an unauthenticated call is never decoded,
+    so garbage gets UNAUTHENTICATED, not a description of our message types.
+    """
 
-    def deny_stream(request: Any, context: grpc.ServicerContext) -> Any:
-        deny(request, context)
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await deny(None, context)
         yield  # pragma: no cover (abort raised)
 
     kind: dict[str, Callable[..., Any]]
     if handler.request_streaming and handler.response_streaming:
-        kind = {"stream_stream": lambda it, ctx: deny_stream(None, ctx)}
+        kind = {"stream_stream": deny_stream}
     elif handler.request_streaming:
-        kind = {"stream_unary": lambda it, ctx: deny(None, ctx)}
+        kind = {"stream_unary": deny}
     elif handler.response_streaming:
         kind = {"unary_stream": deny_stream}
     else:
@@ -76,12 +80,16 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
         "unary_stream": None,
         "stream_unary": None,
         "stream_stream": None,
+        "request_deserializer": None,
     }
     return handler._replace(**{**base, **kind})
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Refuses, with UNAUTHENTICATED, every call but health without a configured token."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, every call but health without a configured token.
+
+    grpc.aio runs interceptors when the call arrives, before its body is read and decoded.
+    """
 
     def __init__(self, tokens: list[bytes]) -> None:
         if not tokens:
@@ -97,12 +105,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
             ok |= hmac.compare_digest(token, known)
         return ok
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError
+from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError, clip
 from ..store import RunConflictError, RunNotFoundError, StoreError, StoreFullError
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE = 1024  # characters of a status message: the rest of a long echo is cut
 
 
 class NotFoundError(Exception):
@@ -20,7 +21,7 @@ class NotFoundError(Exception):
 
     def __init__(self, field: str, what: str) -> None:
         self.field = field
-        super().__init__(f"{field}: no {what}")
+        super().__init__(f"{field}: no {clip(what)}")
 
 
 class ConflictError(Exception):
@@ -43,8 +44,21 @@ class DeadlineError(Exception):
     """The call's deadline passed before the work began."""
 
 
+class DataLossError(Exception):
+    """Stored data a request needs is gone (rows removed behind the server's back)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message for an exception raised while serving a call."""
+    """The status code and message (at most MAX_MESSAGE characters) for an exception."""
+    code, message = _status_for(exc)
+    return code, clip(message, MAX_MESSAGE)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (ResourceLimitError, LimitError)):
@@ -57,6 +71,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, StoreFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, DataLossError):
+        return grpc.StatusCode.DATA_LOSS, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     log.exception("internal error (a bug) while serving a call", exc_info=exc)
@@ -70,6 +86,8 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # the handler ended the call itself
         except Exception as exc:
             code, message = status_for(exc)
             context.abort(code, message)
@@ -77,15 +95,20 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     return handler
 
 
-def streaming(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-    """Wrap a server-streaming handler the same way."""
+def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """Wrap an async server-streaming handler (grpc.aio) the same way."""
 
     @functools.wraps(method)
-    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def handler(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         try:
-            yield from method(self, request, context)
+            async for item in method(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:
             code, message = status_for(exc)
-            context.abort(code, message)
+            await context.abort(code, message)
 
     return handler

@@ -4,16 +4,18 @@
 `x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
 the call by method and final status code, observes its latency once (a server stream at
 its end, however it ends), and logs one line. It also turns a request that is not a
-valid protobuf of the method's type into INVALID_ARGUMENT (gRPC would say INTERNAL).
+valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself would not).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -140,10 +142,11 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
+def _code_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool) -> str:
+    """The final status code of a call, by name, for the metrics and the access log."""
+    if cancelled:
+        return grpc.StatusCode.CANCELLED.name
     code = context.code()
-    if code is None and not context.is_active():
-        code = grpc.StatusCode.CANCELLED  # the client went away (or its deadline passed)
     if code is None:
         code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -171,15 +174,17 @@ def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Any:
     return decode
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):
-    """Metrics, access log and request id for every call (the outermost interceptor)."""
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Metrics, access log and request id for every call (the outermost interceptor).
+
+    Every handler under it is async (app.py serves sync ones through sync_bridge).
+    """
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
 
-    def _finish(self, method: str, context: Any, started: float, rid: str, failed: bool) -> None:
+    def _finish(self, method: str, context: Any, started: float, rid: str, code: str) -> None:
         seconds = time.perf_counter() - started
-        code = _code_name(context, failed)
         short = method.rsplit("/", 1)[-1]
         if self.metrics is not None:
             self.metrics.rpcs.labels(short, code).inc()
@@ -202,40 +207,44 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             },
         )
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method
         rid = _request_id(handler_call_details.invocation_metadata)
-        finish = self._finish
 
-        def begin(request: Any, context: grpc.ServicerContext) -> None:
-            context.set_trailing_metadata(((REQUEST_ID, rid),))
-            if isinstance(request, _BadRequest):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        @contextlib.asynccontextmanager
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            """Request id, refusal of an undecodable request, and one count/log at the end."""
+            started = time.perf_counter()
+            failed, cancelled = True, False
+            try:
+                context.set_trailing_metadata(((REQUEST_ID, rid),))
+                if isinstance(request, _BadRequest):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                yield
+                failed = False
+            except (asyncio.CancelledError, GeneratorExit):
+                cancelled = True  # the client went away, its deadline passed, or shutdown
+                raise
+            except grpc.aio.AbortError:
+                failed = False  # context.code() holds the status it ended with
+                raise
+            finally:
+                self._finish(method, context, started, rid, _code_name(context, failed, cancelled))
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream
 
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                started = time.perf_counter()
-                failed = True
-                try:
-                    begin(request, context)
-                    yield from inner_stream(request, context)
-                    failed = False
-                except GeneratorExit:
-                    failed = False
-                    if context.code() is None:
-                        context.set_code(grpc.StatusCode.CANCELLED)
-                    raise
-                finally:
-                    finish(method, context, started, rid, failed)
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with observed(request, context):
+                    async for item in inner_stream(request, context):
+                        yield item
 
             return handler._replace(
                 unary_stream=stream,
@@ -244,16 +253,9 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
         inner = handler.unary_unary
 
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            failed = True
-            try:
-                begin(request, context)
-                response = inner(request, context)
-                failed = False
-                return response
-            finally:
-                finish(method, context, started, rid, failed)
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with observed(request, context):
+                return await inner(request, context)
 
         return handler._replace(
             unary_unary=unary,

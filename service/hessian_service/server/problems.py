@@ -28,9 +28,7 @@ def problem_id(problem: problem_pb2.Problem) -> str:
 
 def _renamed(exc: ValidationError, field: str) -> ValidationError:
     """The same error reported under the wire's field path."""
-    out = ValidationError(field, exc.expected)
-    out.args = (field + str(exc)[len(exc.field) :],)
-    return out
+    return exc.renamed(field)
 
 
 def check_data_size(problem: problem_pb2.Problem, max_data_bytes: int) -> None:

@@ -61,7 +61,11 @@ def from_stored(cp: StoredCheckpoint) -> Checkpoint:
 
 
 class LiveRun:
-    """An executing (or queued) run's in-memory records from `base` on, and its cancel token."""
+    """An executing (or queued) run's in-memory records from `base` on, and its cancel token.
+
+    Watchers do not wait on a thread: they `listen` with a callback (called from the thread
+    that committed records or ended the run) and read `committed_from` when it fires.
+    """
 
     def __init__(self, run_id: str, base: int, owner: str = "") -> None:
         self.run_id = run_id
@@ -75,37 +79,55 @@ class LiveRun:
         self.error: StoreError | None = None
         self.done = False
         self.cond = threading.Condition()
+        self._listeners: set[Callable[[], None]] = set()
+
+    def _notify(self) -> None:
+        """Call every listener (outside the lock: a listener may be slow or re-enter)."""
+        with self.cond:
+            self.cond.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` whenever records are committed or the run ends; returns the undo."""
+        with self.cond:
+            self._listeners.add(listener)
+        return lambda: self._unlisten(listener)
+
+    def _unlisten(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            self._listeners.discard(listener)
+
+    @property
+    def watchers(self) -> int:
+        """How many listeners wait on this run now."""
+        with self.cond:
+            return len(self._listeners)
 
     def acknowledge(self, iteration: int) -> None:
         """The store committed every record up to `iteration`: watchers may see them."""
         with self.cond:
             durable = min(len(self.records), iteration - self.base + 1)
-            if durable > self.durable:
-                self.durable = durable
-                self.cond.notify_all()
+            if durable <= self.durable:
+                return
+            self.durable = durable
+        self._notify()
 
     def append(self, record: StepRecord) -> None:
-        """Publish one record to watchers."""
+        """Keep one record; watchers see it once the store acknowledges it."""
         with self.cond:
             self.records.append(record)
-            self.cond.notify_all()
 
     def finish(self) -> None:
         """Mark the run ended and wake every watcher."""
         with self.cond:
             self.done = True
-            self.cond.notify_all()
+        self._notify()
 
-    def wake(self) -> None:
-        """Wake watchers (one of them went away)."""
+    def committed_from(self, index: int) -> tuple[list[StepRecord], bool]:
+        """Committed records from list index `index` on (now, no wait), and whether that is all."""
         with self.cond:
-            self.cond.notify_all()
-
-    def wait_from(self, index: int, timeout: float) -> tuple[list[StepRecord], bool]:
-        """Committed records from list index `index` on (waiting up to `timeout`), and done."""
-        with self.cond:
-            if self.durable <= index and not self.done:
-                self.cond.wait(timeout)
             return self.records[index : self.durable], self.done and self.durable <= index
 
     @property

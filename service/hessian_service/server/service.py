@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import math
-import threading
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import torch
@@ -33,7 +34,14 @@ from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStore
 from . import codec
 from .auth import caller
 from .config import ServerConfig
-from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unary
+from .errors import (
+    ConflictError,
+    DataLossError,
+    DeadlineError,
+    NotFoundError,
+    streaming,
+    unary,
+)
 from .problems import ProblemRegistry
 from .runs import LiveRun, RunManager, from_stored
 
@@ -428,34 +436,44 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     # streaming
     @streaming
-    def WatchRun(self, request, context) -> Iterator[service_pb2.WatchRunEvent]:
+    async def WatchRun(self, request, context) -> AsyncIterator[service_pb2.WatchRunEvent]:
+        """Stream a run's records, then its final state. Async: a waiting watcher holds no
+        thread; store reads run on the default executor (the RPC pool)."""
         if request.from_iteration < 0:
             raise ValidationError("from_iteration", "an integer >= 0", request.from_iteration)
         run_id = request.run_id
         nxt = request.from_iteration
-        gone = threading.Event()
-        watched: list[LiveRun] = []
-        context.add_callback(lambda: (gone.set(), *(live.wake() for live in watched)))
         # A run may be resumed at any moment, so this loops until the row read after the
         # records is final and holds no record past them.
-        while not gone.is_set():
-            live, row = self._live_then_row(run_id)
+        while True:
+            live, row = await asyncio.to_thread(self._live_then_row, run_id)
             if live is not None:
-                watched[:] = [live]
-                nxt = yield from self._watch_live(live, nxt, gone)
-                if gone.is_set():
-                    return
+                # records before the live buffer (a resumed run's history) are in the store
+                while nxt < live.base:
+                    page = await asyncio.to_thread(
+                        self._stored_page, live.run_id, nxt, live.base - 1
+                    )
+                    if not page:
+                        break
+                    yield _event(page)
+                    nxt = page[-1].iteration + 1
+                nxt = max(nxt, live.base)
+                async for batch in _follow(live, nxt):
+                    yield _event(batch)
+                    nxt = batch[-1].iteration + 1
                 if live.error is not None:
                     raise live.error
             else:
-                nxt = yield from self._watch_stored(row.run_id, nxt)
-            row = self._row(run_id)
+                while page := await asyncio.to_thread(self._stored_page, row.run_id, nxt):
+                    yield _event(page)
+                    nxt = page[-1].iteration + 1
+            row = await asyncio.to_thread(self._row, run_id)
             unseen = row.last_record is not None and row.last_record.iteration >= nxt
             if row.status not in ACTIVE_STATUSES and not unseen:
                 yield service_pb2.WatchRunEvent(final=self._info(row))
                 return
             if not unseen and self.runs.live(run_id) is None:
-                gone.wait(WATCH_POLL_SECONDS)  # active with no live run: settling; look again
+                await asyncio.sleep(WATCH_POLL_SECONDS)  # active with no live run: settling
 
     def _live_then_row(self, run_id: str) -> tuple[LiveRun | None, RunRow]:
         """The live run (first: one admitted later shows as active in the row) and the row."""
@@ -465,35 +483,59 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             live = self.runs.live(run_id)  # admitted between the lookup and the read
         return live, row
 
-    def _watch_live(
-        self, live: LiveRun, nxt: int, gone: threading.Event
-    ) -> Generator[service_pb2.WatchRunEvent, None, int]:
-        """Stream a live run's records from iteration `nxt` until it ends; the next iteration."""
-        # Records before the live buffer (a resumed run's history) come from the store.
-        while nxt < live.base:
-            page = self.store.records(live.run_id, nxt, min(WATCH_PAGE, live.base - nxt))
-            if not page:
-                break
-            yield _event(page)
-            nxt = page[-1].iteration + 1
-        nxt = max(nxt, live.base)
-        while not gone.is_set():
-            batch, finished = live.wait_from(nxt - live.base, WATCH_POLL_SECONDS)
+    def _stored_page(self, run_id: str, nxt: int, last: int | None = None) -> list:
+        """Stored records from iteration `nxt` on without a gap (up to `last`, at most
+        WATCH_PAGE of them); empty when there are none to send.
+
+        The row is read first: every record up to its last_record was committed before, so
+        when iteration `nxt` is not there it was deleted behind the server's back: raise
+        DataLossError naming the missing range, rather than re-read forever.
+        """
+        row = self.store.get_run(run_id)
+        stored = row.last_record.iteration if row is not None and row.last_record else -1
+        last = stored if last is None else min(last, stored)
+        if last < nxt:
+            return []
+        page = self.store.records(run_id, nxt, min(WATCH_PAGE, last - nxt + 1))
+        present = 0
+        while present < len(page) and page[present].iteration == nxt + present:
+            present += 1
+        if not present:
+            self._missing(run_id, nxt, page[0].iteration - 1 if page else last, stored)
+        return page[:present]
+
+    def _missing(self, run_id: str, first: int, last: int, stored: int) -> None:
+        """Raise DataLossError for records `first`..`last` (NotFound if the run was deleted)."""
+        if self.store.get_run(run_id) is None:
+            raise NotFoundError("run_id", f"run with id {run_id!r}")  # deleted meanwhile
+        raise DataLossError(
+            "run_id",
+            f"run {run_id}: the records of iterations {first} to {last} are missing from the "
+            f"store, which says the run reached iteration {stored}; the store was damaged",
+        )
+
+
+async def _follow(live: LiveRun, nxt: int) -> AsyncIterator[list]:
+    """Batches (at most WATCH_PAGE) of a live run's committed records from iteration `nxt`
+    until it ends; waits on an asyncio.Event its committing thread sets, not on a thread."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def poke() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server has stopped
+            loop.call_soon_threadsafe(changed.set)
+
+    unlisten = live.listen(poke)
+    try:
+        while True:
+            changed.clear()
+            batch, finished = live.committed_from(nxt - live.base)
             for start in range(0, len(batch), WATCH_PAGE):
-                yield _event(batch[start : start + WATCH_PAGE])
+                yield batch[start : start + WATCH_PAGE]
             nxt += len(batch)
             if finished:
-                break
-        return nxt
-
-    def _watch_stored(
-        self, run_id: str, nxt: int
-    ) -> Generator[service_pb2.WatchRunEvent, None, int]:
-        """Stream a stored run's records from iteration `nxt`; the next iteration."""
-        while True:
-            page = self.store.records(run_id, nxt, WATCH_PAGE)
-            if page:
-                yield _event(page)
-                nxt = page[-1].iteration + 1
-            if len(page) < WATCH_PAGE:
-                return nxt
+                return
+            if not batch:
+                await changed.wait()
+    finally:
+        unlisten()

@@ -1,0 +1,113 @@
+"""Serve a servicer's synchronous handlers from grpc.aio: each call runs on a thread pool.
+
+grpc.aio's own fallback for sync handlers (`migration_thread_pool`) gives them a context
+without `is_active()` whose `add_callback` callbacks run only after a normal return (not when
+the client goes away or the deadline passes). `asyncify` wraps each sync unary method in a
+coroutine that runs it on the event loop's default executor with a `SyncContext`, which has
+the synchronous `grpc.ServicerContext` API with its usual meaning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+
+class SyncContext:
+    """The sync ServicerContext API over a grpc.aio context, for a handler on a pool thread.
+
+    `is_active()` turns False and `add_callback` callbacks run once the call has ended in
+    any way: answered, aborted, cancelled by the client, or past its deadline.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> None:
+        self._context = context
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._ended = False
+        context.add_done_callback(self._on_done)
+
+    def _on_done(self, _context: object) -> None:
+        with self._lock:
+            self._ended = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def is_active(self) -> bool:
+        """False once the call has ended (answered, aborted, cancelled or expired)."""
+        with self._lock:
+            return not self._ended
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` when the call ends; False (not registered) if it already has."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the call's deadline, or None without one."""
+        return self._context.time_remaining()
+
+    def cancel(self) -> None:
+        """Not supported on the server side of grpc.aio."""
+        raise NotImplementedError("a server handler cannot cancel its own call")
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        """End the call with `code` and `details`; raises, like the sync API."""
+        future = asyncio.run_coroutine_threadsafe(
+            self._context.abort(code, details, tuple(trailing_metadata)), self._loop
+        )
+        future.result()
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        """End the call with a grpc.Status; raises."""
+        self.abort(status.code, status.details, status.trailing_metadata)
+
+    def send_initial_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
+        """Send the initial metadata now."""
+        asyncio.run_coroutine_threadsafe(
+            self._context.send_initial_metadata(metadata), self._loop
+        ).result()
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (metadata, codes, peer, auth) reads or sets plain call state."""
+        return getattr(self._context, name)
+
+
+def _run_on_pool(method: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+    """A coroutine handler running the sync unary `method` on the loop's default executor."""
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, method, request, SyncContext(context, loop))
+
+    handler.__name__ = getattr(method, "__name__", "handler")
+    return handler
+
+
+def asyncify(servicer: object, service: Any) -> types.SimpleNamespace:
+    """`servicer` with each sync method of `service` (a ServiceDescriptor) made a coroutine.
+
+    Async methods (coroutines, async generators) are kept as they are; a sync streaming
+    method is refused, since it would hold a pool thread for the whole stream.
+    """
+    methods: dict[str, Any] = {}
+    for rpc in service.methods:
+        method = getattr(servicer, rpc.name)
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            methods[rpc.name] = method
+        elif rpc.server_streaming or rpc.client_streaming:
+            raise TypeError(f"{rpc.full_name}: a streaming handler must be async")
+        else:
+            methods[rpc.name] = _run_on_pool(method)
+    return types.SimpleNamespace(**methods)
