@@ -184,9 +184,8 @@ class SQLiteRunStore(RunStore):
     def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
         sql, args = "SELECT blob FROM problems WHERE problem_id = ?", [problem_id]
         if owner is not None:
-            sql += " AND EXISTS (SELECT 1 FROM problem_owners o WHERE o.problem_id = ? AND o.owner = ?)"
-            args.append(problem_id)
-            args.append(owner)
+            sql += " AND EXISTS (SELECT 1 FROM problem_owners WHERE problem_id = ? AND owner = ?)"
+            args += [problem_id, owner]
         with self._read():
             row = self._db.execute(sql, args).fetchone()
         return None if row is None else bytes(row[0])
