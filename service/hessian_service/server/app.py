@@ -28,7 +28,7 @@ from .. import __version__
 from ..engine import native_status
 from ..engine.options import requested_backend
 from ..store import RunStore, SQLiteRunStore, StoreError
-from .auth import AuthInterceptor, load_tokens
+from .auth import AuthInterceptor, Tenancy, load_tokens
 from .config import ServerConfig
 from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
@@ -102,6 +102,8 @@ def build_server(
     """
     config = config.validated()
     tokens = load_tokens(config.auth_token_file) if config.auth_token_file else []
+    admin_file = config.admin_token_file
+    admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
     credentials = _tls_credentials(config)
     store = store or SQLiteRunStore(
         config.data_dir,
@@ -109,15 +111,22 @@ def build_server(
         commit_interval_s=config.commit_interval_ms / 1000,
         max_bytes=config.max_store_bytes,
         synchronous=config.sqlite_synchronous,
+        check_integrity=not config.skip_store_check,
     )
     interrupted = store.mark_interrupted("the server stopped while the run was executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
     if config.max_stored_runs:
         store.enforce_retention(config.max_stored_runs)
+    if config.max_problem_bytes:
+        store.enforce_problem_retention(config.max_problem_bytes)
     metrics = Metrics() if config.metrics_port else None
     registry = ProblemRegistry(
-        store, config.max_params, config.problem_cache_size, config.max_data_bytes
+        store,
+        config.max_params,
+        config.problem_cache_bytes,
+        config.max_data_bytes,
+        config.max_problem_bytes,
     )
     runs = RunManager(
         store,
@@ -129,7 +138,7 @@ def build_server(
     )
     chain: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if tokens:
-        chain.append(AuthInterceptor(tokens))
+        chain.append(AuthInterceptor(tokens + admins))
     else:
         log.warning(
             "UNAUTHENTICATED: no --auth-token-file, so anyone who can reach %s can use this "
@@ -148,7 +157,7 @@ def build_server(
         ],
     )
     service_pb2_grpc.add_HessianServiceServicer_to_server(
-        HessianService(config, store, registry, runs), server
+        HessianService(config, store, registry, runs, Tenancy(bool(tokens), admins)), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

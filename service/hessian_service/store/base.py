@@ -163,6 +163,10 @@ class RunStore(ABC):
         """The serialised problem, or None; with `owner`, None unless that owner has it."""
 
     @abstractmethod
+    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        """Whether the problem is stored (with `owner`: whether that owner has it)."""
+
+    @abstractmethod
     def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
         """Remove `owner`'s hold on a problem (None: every owner's); the bytes go with the
         last owner. False if there was nothing to delete. Raises ProblemInUseError while a

@@ -182,13 +182,20 @@ class SQLiteRunStore(RunStore):
             )
 
     def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
-        sql, args = "SELECT blob FROM problems WHERE problem_id = ?", [problem_id]
+        row = self._problem_row("blob", problem_id, owner)
+        return None if row is None else bytes(row[0])
+
+    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        return self._problem_row("1", problem_id, owner) is not None
+
+    def _problem_row(self, columns: str, problem_id: str, owner: str | None) -> Any:
+        """`columns` of the problem, if stored (and held by `owner`, unless None)."""
+        sql, args = f"SELECT {columns} FROM problems WHERE problem_id = ?", [problem_id]
         if owner is not None:
             sql += " AND EXISTS (SELECT 1 FROM problem_owners WHERE problem_id = ? AND owner = ?)"
             args += [problem_id, owner]
         with self._read():
-            row = self._db.execute(sql, args).fetchone()
-        return None if row is None else bytes(row[0])
+            return self._db.execute(sql, args).fetchone()
 
     def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
         pins = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
