@@ -28,6 +28,7 @@ from .. import __version__
 from ..engine import native_status
 from ..engine.options import requested_backend
 from ..store import RunStore, SQLiteRunStore, StoreError
+from ..store.recovery import recover_store
 from .auth import AuthInterceptor, Tenancy, load_tokens
 from .config import ServerConfig
 from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
@@ -215,6 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hessian-server: {exc}", file=sys.stderr)
         return 2
     configure_logging(config)
+    if config.recover_store:
+        try:
+            print(recover_store(config.data_dir).summary())
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot recover the run store under --data-dir %s: %s", config.data_dir, exc)
+            return 2
+        return 0
     try:
         handle = build_server(config)
     except (OSError, sqlite3.Error, StoreError) as exc:

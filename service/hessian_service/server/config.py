@@ -47,6 +47,7 @@ class ServerConfig:
     max_store_bytes: int = 0
     sqlite_synchronous: str = "NORMAL"
     skip_store_check: bool = False
+    recover_store: bool = False
     max_problem_bytes: int = 0
     problem_cache_bytes: int = 256 * MiB
     auth_token_file: str = ""

@@ -483,9 +483,9 @@ class SQLiteRunStore(RunStore):
         p = self.path
         return (
             f"the run store {p} is damaged ({what}); the server will not use it. Stop the "
-            f"server, save what is readable with `sqlite3 {p} .recover | sqlite3 "
-            f"{p.with_name('recovered.sqlite3')}`, move {p.name} (and its -wal and -shm files) "
-            f"aside and rename recovered.sqlite3 to {p.name}; or start on an empty --data-dir"
+            f"server and run `hessian-server --recover-store --data-dir {p.parent}`: it copies "
+            f"every readable row into a new {p.name} and keeps the damaged file as "
+            f"{p.name}.damaged; or start on an empty --data-dir"
         )
 
     @contextlib.contextmanager
