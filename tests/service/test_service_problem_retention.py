@@ -15,6 +15,7 @@ from hessian_client import (
     problems,
     status_name,
 )
+from hessian_client.cli import main as cli_main
 from hessian_service.server.problems import (
     OBJECT_OVERHEAD_BYTES,
     ProblemRegistry,
@@ -130,3 +131,12 @@ def _objective_with(x: torch.Tensor):
 
     y = torch.zeros(x.shape[0], dtype=torch.float64)
     return make_objective("least_squares", {"X": x, "y": y}, {})
+
+
+def test_the_cli_deletes_a_problem_and_names_one_it_cannot_find(server, capsys):
+    with Client(server.address) as c:
+        pid = c.create_problem(problems.rosenbrock(dim=4))
+    assert cli_main(["--address", server.address, "delete-problem", pid]) == 0
+    assert f"deleted: {pid}" in capsys.readouterr().out
+    assert cli_main(["--address", server.address, "delete-problem", pid]) == 1
+    assert f"problem_id: no problem with id '{pid}'" in capsys.readouterr().err

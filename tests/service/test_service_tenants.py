@@ -198,3 +198,17 @@ def test_admin_tokens_need_auth_tokens(tmp_path):
     (tmp_path / "admins").write_text("root-token\n")
     with pytest.raises(ValueError, match="--admin-token-file needs --auth-token-file"):
         start_server(tmp_path, admin_token_file=str(tmp_path / "admins"))
+
+
+def test_an_admin_run_on_a_tenants_problem_keeps_it_when_the_tenant_deletes_it(tenants):
+    problem = problems.quadratic(np.diag([2.0, 8.0]), np.array([2.0, 4.0]))
+    with _client(tenants, "alpha-token") as a, _client(tenants, "root-token") as root:
+        pid = a.create_problem(problem)
+        run = root.start_run(pid, np.zeros(2), method="newton", stopping={"max_iterations": 3})
+        run.wait(60)
+        assert a.delete_problem(pid) is True  # alpha's hold goes; the admin's stays
+        with pytest.raises(NotFound):
+            a.newton_step(pid, np.zeros(2))
+        np.testing.assert_allclose(root.newton_step(pid, np.zeros(2)).params, [1.0, 0.5])
+        with pytest.raises(NotFound):
+            a.get_run(run.id)  # the admin's run is the admin's

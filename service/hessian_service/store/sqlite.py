@@ -482,7 +482,7 @@ class SQLiteRunStore(RunStore):
         """Why the store is refused and how to recover what it still holds."""
         p = self.path
         return (
-            f"the run store {p} is damaged ({what}); the server will not use it. Stop the "
+            f"the run store {p} is damaged ({what}). Stop the "
             f"server and run `hessian-server --recover-store --data-dir {p.parent}`: it copies "
             f"every readable row into a new {p.name} and keeps the damaged file as "
             f"{p.name}.damaged; or start on an empty --data-dir"
