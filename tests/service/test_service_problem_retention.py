@@ -74,7 +74,8 @@ def test_retention_by_bytes_deletes_the_least_recently_used_and_spares_a_running
             pinned = c.create_problem(pinned_problem)  # the oldest: first to go, but in use
             run = c.start_run(pinned, np.zeros(2), **long)
             ids = [c.create_problem(_big(seed)) for seed in range(12)]  # 3 MiB in all
-            assert c.info().limits.max_problem_bytes == cap
+            limits = c.info().limits
+            assert (limits.max_problem_bytes, limits.problem_cache_bytes) == (cap, 256 * 1024**2)
             room = cap - len(pinned_problem.SerializeToString(deterministic=True))
             kept = room // size
             assert 0 < kept < len(ids)

@@ -82,7 +82,7 @@ def recover_store(data_dir: str | pathlib.Path) -> RecoveryReport:
     for leftover in (fresh, *(fresh.with_name(fresh.name + s) for s in SIDE_FILES)):
         leftover.unlink(missing_ok=True)
     report = RecoveryReport(path, path.with_name(path.name + ".damaged"))
-    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    src = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     dest = sqlite3.connect(fresh, isolation_level=None)
     try:
         try:
