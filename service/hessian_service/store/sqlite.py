@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     params BLOB NOT NULL, state TEXT NOT NULL, PRIMARY KEY (run_id, iteration));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# MIGRATIONS[v] takes a store from version v - 1 to v (each runs in one transaction)
+# MIGRATIONS[v] takes a store from version v - 1 to v, in one transaction (no ';' in literals)
 MIGRATIONS = {
     # tenants: runs and problems belong to an owner; what existed before is the anonymous
     # tenant's. Problem bytes are kept for retention by size. (No new indexes: each costs
@@ -662,12 +662,17 @@ def _migrate(db: sqlite3.Connection, path: pathlib.Path) -> None:
         return
     db.executescript(SCHEMA)
     for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.executescript(
-                f"BEGIN IMMEDIATE;{MIGRATIONS[target]}PRAGMA user_version = {target}; COMMIT;"
-            )
+            # another process opening the same store may have migrated it meanwhile
+            if db.execute("PRAGMA user_version").fetchone()[0] < target:
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+                log.info("run store %s migrated to schema version %d", path, target)
+            db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        log.info("run store %s migrated to schema version %d", path, target)
