@@ -145,7 +145,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             raise ValidationError("options.method", f"one of {list(allowed)}", repr(method))
         return self._method_options(values)
 
-    def _step(self, request, context, default: str, allowed: tuple[str, ...]):
+    def _step(
+        self,
+        request: service_pb2.StepRequest,
+        context: grpc.ServicerContext,
+        default: str,
+        allowed: tuple[str, ...],
+    ):
         _, objective = self.registry.resolve(request, self.tenancy.of(context))
         params = self._decode_params(request.params, "params")
         options = self._step_options(
