@@ -80,16 +80,16 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # MIGRATIONS[v] takes a store from version v - 1 to v, in one transaction (no ';' in literals)
 MIGRATIONS = {
     # tenants: runs and problems belong to an owner; what existed before is the anonymous
-    # tenant's. Problem bytes are kept for retention by size. (No new indexes: each costs
-    # pages a store under --max-store-bytes would rather give to records.)
+    # tenant's. A problem's size is kept beside its holds, for retention by bytes without
+    # reading the blobs (a column after a blob is reached through its overflow pages). No
+    # new indexes: each costs pages a store under --max-store-bytes would give to records.
     1: f"""
 ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}';
-ALTER TABLE problems ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
-UPDATE problems SET bytes = length(blob);
 CREATE TABLE problem_owners (
-    problem_id TEXT NOT NULL, owner TEXT NOT NULL, used_at REAL NOT NULL,
+    problem_id TEXT NOT NULL, owner TEXT NOT NULL, used_at REAL NOT NULL, bytes INTEGER NOT NULL,
     PRIMARY KEY (problem_id, owner)) WITHOUT ROWID;
-INSERT INTO problem_owners SELECT problem_id, '{ANONYMOUS_OWNER}', created_at FROM problems;
+INSERT INTO problem_owners
+    SELECT problem_id, '{ANONYMOUS_OWNER}', created_at, length(blob) FROM problems;
 """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -173,12 +173,11 @@ class SQLiteRunStore(RunStore):
         now = time.time()
         with self._write():
             self._db.execute(
-                "INSERT OR IGNORE INTO problems (problem_id, blob, created_at, bytes) "
-                "VALUES (?, ?, ?, ?)",
-                (problem_id, blob, now, len(blob)),
+                "INSERT OR IGNORE INTO problems VALUES (?, ?, ?)", (problem_id, blob, now)
             )
             self._db.execute(
-                "INSERT OR REPLACE INTO problem_owners VALUES (?, ?, ?)", (problem_id, owner, now)
+                "INSERT OR REPLACE INTO problem_owners VALUES (?, ?, ?, ?)",
+                (problem_id, owner, now, len(blob)),
             )
 
     def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
@@ -235,22 +234,25 @@ class SQLiteRunStore(RunStore):
         pins = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
         deleted: list[str] = []
         with self._write():
-            total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM problems").fetchone()[0]
+            held = self._db.execute(
+                "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
+                "GROUP BY problem_id ORDER BY used, problem_id"
+            ).fetchall()
+            total = sum(size for _, size, _ in held)
             if total <= max_bytes:
                 return []
-            candidates = self._db.execute(
-                "SELECT p.problem_id, p.bytes FROM problems p LEFT JOIN "
-                "(SELECT problem_id, MAX(used_at) AS used FROM problem_owners GROUP BY problem_id)"
-                " o ON o.problem_id = p.problem_id "
-                "WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.problem_id = p.problem_id "
-                f"AND r.status IN ({pins})) ORDER BY COALESCE(o.used, p.created_at), p.problem_id",
-                PROBLEM_PINNING_STATUSES,
-            ).fetchall()
+            pinned = {
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT DISTINCT problem_id FROM runs WHERE status IN ({pins})",
+                    PROBLEM_PINNING_STATUSES,
+                )
+            }
             self._use_reserve()
-            for pid, size in candidates:
+            for pid, size, _ in held:  # least recently used first
                 if total <= max_bytes:
                     break
-                if pid in keep:
+                if pid in pinned or pid in keep:
                     continue
                 self._db.execute("DELETE FROM problem_owners WHERE problem_id = ?", (pid,))
                 self._db.execute("DELETE FROM problems WHERE problem_id = ?", (pid,))
