@@ -251,6 +251,12 @@ def cmd_resume(client: Client, args: argparse.Namespace) -> int:
     return _follow(run, run.info().stopping.max_iterations or 100, args.quiet)
 
 
+def cmd_delete_problem(client: Client, args: argparse.Namespace) -> int:
+    client.delete_problem(args.problem_id)
+    print(f"deleted: {args.problem_id}")
+    return 0
+
+
 def cmd_seed(client: Client, args: argparse.Namespace) -> int:
     losses = seed.seed_losses(client)
     if args.json:
@@ -367,6 +373,8 @@ def parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="continue an INTERRUPTED run")
     rs.add_argument("run_id")
     rs.add_argument("--quiet", action="store_true")
+    dp = sub.add_parser("delete-problem", help="delete a stored problem no live run uses")
+    dp.add_argument("problem_id")
     s = sub.add_parser("seed", help="the seed notebook's GD-vs-Newton table, on the server")
     s.add_argument("--json", action="store_true")
     pl = sub.add_parser("plot", help="loss curves of runs (needs matplotlib)")
@@ -383,6 +391,7 @@ COMMANDS = {
     "runs": cmd_runs,
     "cancel": cmd_cancel,
     "resume": cmd_resume,
+    "delete-problem": cmd_delete_problem,
     "seed": cmd_seed,
     "plot": cmd_plot,
 }

@@ -337,6 +337,12 @@ class Client:
         """Delete a run that is not executing."""
         return self.call("DeleteRun", service_pb2.RunRequest(run_id=run_id)).deleted
 
+    def delete_problem(self, problem_id: str) -> bool:
+        """Delete a stored problem (FailedPrecondition while a queued, running or interrupted
+        run of yours uses it; NotFound if you have no problem with this id)."""
+        request = service_pb2.DeleteProblemRequest(problem_id=problem_id)
+        return self.call("DeleteProblem", request).deleted
+
 
 class Run:
     """A server-side run: stream its records (resuming after drops), wait, cancel, result."""

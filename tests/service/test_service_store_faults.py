@@ -51,8 +51,8 @@ class FlakyStore(SQLiteRunStore):
             raise StoreError(f"the run store {self.path} cannot be written: injected I/O error")
         return super().update_run(run_id, **values)
 
-    def create_run(self, row, checkpoint):
-        super().create_run(row, checkpoint)
+    def create_run(self, row, checkpoint, **options):
+        super().create_run(row, checkpoint, **options)
         hook, self.on_create = self.on_create, None
         if hook is not None:
             hook(row.run_id)

@@ -288,12 +288,24 @@ class DeleteRunResponse(_message.Message):
     deleted: bool
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
+class DeleteProblemRequest(_message.Message):
+    __slots__ = ("problem_id",)
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    problem_id: str
+    def __init__(self, problem_id: _Optional[str] = ...) -> None: ...
+
+class DeleteProblemResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_params", "dense_budget_bytes", "max_iterations", "max_concurrent_runs", "workers", "max_data_bytes", "max_runs_per_token", "max_stored_runs", "max_store_bytes", "max_spectrum_products", "max_list_page_size", "max_sample_elements")
+    __slots__ = ("max_message_bytes", "max_params", "dense_budget_bytes", "max_iterations", "max_concurrent_runs", "workers", "max_data_bytes", "max_runs_per_token", "max_stored_runs", "max_store_bytes", "max_spectrum_products", "max_list_page_size", "max_sample_elements", "max_problem_bytes", "problem_cache_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PARAMS_FIELD_NUMBER: _ClassVar[int]
     DENSE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +319,8 @@ class Limits(_message.Message):
     MAX_SPECTRUM_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LIST_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLE_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROBLEM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_params: int
     dense_budget_bytes: int
@@ -320,7 +334,9 @@ class Limits(_message.Message):
     max_spectrum_products: int
     max_list_page_size: int
     max_sample_elements: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ..., max_data_bytes: _Optional[int] = ..., max_runs_per_token: _Optional[int] = ..., max_stored_runs: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_spectrum_products: _Optional[int] = ..., max_list_page_size: _Optional[int] = ..., max_sample_elements: _Optional[int] = ...) -> None: ...
+    max_problem_bytes: int
+    problem_cache_bytes: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ..., max_data_bytes: _Optional[int] = ..., max_runs_per_token: _Optional[int] = ..., max_stored_runs: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_spectrum_products: _Optional[int] = ..., max_list_page_size: _Optional[int] = ..., max_sample_elements: _Optional[int] = ..., max_problem_bytes: _Optional[int] = ..., problem_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "default_backend", "native_available", "native_reason", "devices", "limits", "objectives", "methods", "torch_version")

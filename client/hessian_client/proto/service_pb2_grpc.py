@@ -99,6 +99,11 @@ class HessianServiceStub:
                 request_serializer=hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
                 response_deserializer=hessian_dot_v1_dot_service__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
+        self.DeleteProblem = channel.unary_unary(
+                '/hessian.v1.HessianService/DeleteProblem',
+                request_serializer=hessian_dot_v1_dot_service__pb2.DeleteProblemRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.DeleteProblemResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/hessian.v1.HessianService/GetServerInfo',
                 request_serializer=hessian_dot_v1_dot_service__pb2.GetServerInfoRequest.SerializeToString,
@@ -198,6 +203,14 @@ class HessianServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteProblem(self, request, context):
+        """Delete a stored problem (the caller's hold on it; the bytes go with the last holder);
+        FAILED_PRECONDITION while a queued, running or interrupted run of the caller uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -271,6 +284,11 @@ def add_HessianServiceServicer_to_server(servicer, server):
                     servicer.DeleteRun,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.RunRequest.FromString,
                     response_serializer=hessian_dot_v1_dot_service__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'DeleteProblem': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProblem,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.DeleteProblemRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.DeleteProblemResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -629,6 +647,33 @@ class HessianService:
             '/hessian.v1.HessianService/DeleteRun',
             hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
             hessian_dot_v1_dot_service__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProblem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hessian.v1.HessianService/DeleteProblem',
+            hessian_dot_v1_dot_service__pb2.DeleteProblemRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.DeleteProblemResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,8 @@ from .. import __version__
 from ..engine import native_status
 from ..engine.options import requested_backend
 from ..store import RunStore, SQLiteRunStore, StoreError
-from .auth import AuthInterceptor, load_tokens
+from ..store.recovery import recover_store
+from .auth import AuthInterceptor, Tenancy, load_tokens
 from .config import ServerConfig
 from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
@@ -147,6 +148,8 @@ def build_server(
     """
     config = config.validated()
     tokens = load_tokens(config.auth_token_file) if config.auth_token_file else []
+    admin_file = config.admin_token_file
+    admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
     credentials = _tls_credentials(config)
     store = store or SQLiteRunStore(
         config.data_dir,
@@ -154,15 +157,22 @@ def build_server(
         commit_interval_s=config.commit_interval_ms / 1000,
         max_bytes=config.max_store_bytes,
         synchronous=config.sqlite_synchronous,
+        check_integrity=not config.skip_store_check,
     )
     interrupted = store.mark_interrupted("the server stopped while the run was executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
     if config.max_stored_runs:
         store.enforce_retention(config.max_stored_runs)
+    if config.max_problem_bytes:
+        store.enforce_problem_retention(config.max_problem_bytes)
     metrics = Metrics() if config.metrics_port else None
     registry = ProblemRegistry(
-        store, config.max_params, config.problem_cache_size, config.max_data_bytes
+        store,
+        config.max_params,
+        config.problem_cache_bytes,
+        config.max_data_bytes,
+        config.max_problem_bytes,
     )
     runs = RunManager(
         store,
@@ -174,7 +184,7 @@ def build_server(
     )
     chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if tokens:
-        chain.append(AuthInterceptor(tokens))
+        chain.append(AuthInterceptor(tokens + admins))
     else:
         log.warning(
             "UNAUTHENTICATED: no --auth-token-file, so anyone who can reach %s can use this "
@@ -182,7 +192,7 @@ def build_server(
             config.address,
             "" if config.allow_unauthenticated_remote else " (bound to loopback only)",
         )
-    servicer = HessianService(config, store, registry, runs)
+    servicer = HessianService(config, store, registry, runs, Tenancy(bool(tokens), admins))
     pool = futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="hessian-rpc")
     events = EventLoopThread(pool)
     chain += [
@@ -276,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hessian-server: {exc}", file=sys.stderr)
         return 2
     configure_logging(config)
+    if config.recover_store:
+        try:
+            print(recover_store(config.data_dir).summary())
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot recover the run store under --data-dir %s: %s", config.data_dir, exc)
+            return 2
+        return 0
     try:
         handle = build_server(config)
     except (OSError, sqlite3.Error, StoreError) as exc:

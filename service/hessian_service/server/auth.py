@@ -5,6 +5,10 @@ the --auth-token-file (one per line; blank lines and `#` comments ignored). Serv
 reflection is protected too: it describes the API, which is for authenticated callers.
 Tokens are compared with hmac.compare_digest against every configured token (no early
 exit), so the time taken does not depend on how much of a guess was right.
+
+Tenants: what a call creates (runs, problems) belongs to its tenant, the identity of its
+token; tokens from --admin-token-file are admins, who see every tenant's. A server without
+tokens has one tenant, the anonymous one, whatever token a call sends.
 """
 
 from __future__ import annotations
@@ -12,25 +16,38 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from ..store import ANONYMOUS_OWNER
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-ANONYMOUS = "anonymous"
+ANONYMOUS = ANONYMOUS_OWNER
 
 
-def load_tokens(path: str) -> list[bytes]:
+def load_tokens(path: str, flag: str = "--auth-token-file") -> list[bytes]:
     """The tokens in `path`, one per line; ValueError naming the flag when there are none."""
     try:
         lines = pathlib.Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ValueError(f"--auth-token-file {path}: cannot read it ({exc})") from None
+        raise ValueError(f"{flag} {path}: cannot read it ({exc})") from None
     tokens = [ln.strip().encode() for ln in lines if ln.strip() and not ln.startswith("#")]
     if not tokens:
-        raise ValueError(f"--auth-token-file {path}: no tokens in it (one per line)")
+        raise ValueError(f"{flag} {path}: no tokens in it (one per line)")
     return tokens
+
+
+def _member(token: bytes | None, known: Sequence[bytes]) -> bool:
+    """Constant-time membership of `token` in `known` (no early exit)."""
+    if token is None:
+        return False
+    ok = False
+    for candidate in known:
+        ok |= hmac.compare_digest(token, candidate)
+    return ok
 
 
 def bearer_token(metadata: Any) -> bytes | None:
@@ -45,11 +62,42 @@ def bearer_token(metadata: Any) -> bytes | None:
 
 
 def caller(context: grpc.ServicerContext) -> str:
-    """A stable, non-secret identity of the call's token (for per-token limits and logs)."""
+    """A stable, non-secret identity of the call's token (for logs; tenants: Tenancy)."""
     token = bearer_token(context.invocation_metadata())
     if token is None:
         return ANONYMOUS
     return "token:" + hashlib.sha256(token).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who a call acts for: `name` owns what the call creates; an admin sees every tenant's."""
+
+    name: str
+    admin: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        """The owner whose runs and problems the call may use (None: everyone's)."""
+        return None if self.admin else self.name
+
+
+class Tenancy:
+    """The tenant of a call: its token's identity on a server that checks tokens, else the
+    one anonymous tenant (on an open server a made-up token is no identity, nor a quota)."""
+
+    def __init__(self, authenticated: bool, admin_tokens: Sequence[bytes] = ()) -> None:
+        if admin_tokens and not authenticated:
+            raise ValueError("--admin-token-file needs --auth-token-file")
+        self.authenticated = authenticated
+        self._admin_tokens = list(admin_tokens)
+
+    def of(self, context: grpc.ServicerContext) -> Tenant:
+        """The calling tenant (the interceptor has already refused unknown tokens)."""
+        if not self.authenticated:
+            return Tenant(ANONYMOUS)
+        token = bearer_token(context.invocation_metadata())
+        return Tenant(caller(context), _member(token, self._admin_tokens))
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -98,12 +146,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def allowed(self, token: bytes | None) -> bool:
         """Constant-time membership of `token` in the configured tokens."""
-        if token is None:
-            return False
-        ok = False
-        for known in self._tokens:
-            ok |= hmac.compare_digest(token, known)
-        return ok
+        return _member(token, self._tokens)
 
     async def intercept_service(
         self,

@@ -46,16 +46,16 @@ class ServerConfig:
     max_stored_runs: int = 0
     max_store_bytes: int = 0
     sqlite_synchronous: str = "NORMAL"
+    skip_store_check: bool = False
+    recover_store: bool = False
+    max_problem_bytes: int = 0
+    problem_cache_bytes: int = 256 * MiB
     auth_token_file: str = ""
+    admin_token_file: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     allow_unauthenticated_remote: bool = False
     metrics_port: int = 0
-
-    @property
-    def problem_cache_size(self) -> int:
-        """How many built objectives stay in memory, keyed by problem id."""
-        return 64
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -73,7 +73,14 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("max_runs_per_token", "max_stored_runs", "max_store_bytes", "metrics_port"):
+        for name in (
+            "max_runs_per_token",
+            "max_stored_runs",
+            "max_store_bytes",
+            "max_problem_bytes",
+            "problem_cache_bytes",
+            "metrics_port",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
         if self.default_backend not in ("", "auto", "native", "autograd"):
@@ -82,6 +89,8 @@ class ServerConfig:
             raise ValueError("--log-format must be json or text")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("--sqlite-synchronous must be NORMAL or FULL")
+        if self.admin_token_file and not self.auth_token_file:
+            raise ValueError("--admin-token-file needs --auth-token-file (tenants need tokens)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key must be given together")
         if (

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError, clip
-from ..store import RunConflictError, RunNotFoundError, StoreError, StoreFullError
+from ..store import (
+    ProblemInUseError,
+    ProblemNotFoundError,
+    RunConflictError,
+    RunNotFoundError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+)
+from ..store.sqlite import CORRUPT_CODES
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 1024  # characters of a status message: the rest of a long echo is cut
@@ -63,9 +73,9 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, (ResourceLimitError, LimitError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, (UnavailableError, ConflictError, RunConflictError)):
+    if isinstance(exc, (UnavailableError, ConflictError, RunConflictError, ProblemInUseError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (NotFoundError, RunNotFoundError)):
+    if isinstance(exc, (NotFoundError, RunNotFoundError, ProblemNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, DeadlineError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
@@ -73,6 +83,13 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DataLossError):
         return grpc.StatusCode.DATA_LOSS, str(exc)
+    if isinstance(exc, StoreCorruptError):
+        return grpc.StatusCode.DATA_LOSS, str(exc)
+    if isinstance(exc, sqlite3.Error):  # a store read not wrapped in StoreError
+        damaged = getattr(exc, "sqlite_errorname", "").startswith(CORRUPT_CODES)
+        if damaged or "malformed" in str(exc):
+            return grpc.StatusCode.DATA_LOSS, f"the run store is damaged: {exc}"
+        return grpc.StatusCode.UNAVAILABLE, f"the run store failed: {exc}"
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     log.exception("internal error (a bug) while serving a call", exc_info=exc)

@@ -1,4 +1,10 @@
-"""Problems from the wire: content-addressed ids, objective construction, an LRU of built ones."""
+"""Problems from the wire: content-addressed ids, objective construction, an LRU of built ones.
+
+A stored problem belongs to the tenants that created it (the store keeps one copy of the
+bytes per content id); by id, a tenant reaches only its own (admins: any). Built objectives
+are cached by bytes of tensors they hold, shared by tenants (a cache hit still checks the
+caller's hold on the id).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,17 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from hessian_client.proto import problem_pb2
 
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES, Objective, make_objective
 from ..store import RunStore
+from .auth import Tenant
 from .codec import decode_tensor
 from .errors import NotFoundError
+
+OBJECT_OVERHEAD_BYTES = 4096  # an objective's Python objects, counted on top of its tensors
 
 OBJECTIVE_FIELDS = [
     f.name for f in problem_pb2.Problem.DESCRIPTOR.oneofs_by_name["objective"].fields
@@ -82,67 +92,139 @@ def build_objective(
     return objective
 
 
+def objective_bytes(objective: Objective) -> int:
+    """Memory an objective holds: its tensors' storages (each counted once) and an overhead."""
+    values = list(vars(objective).values())
+    values += list(getattr(objective, "data", {}).values())
+    storages = {}
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) + OBJECT_OVERHEAD_BYTES
+
+
 class ProblemRegistry:
-    """Resolves a request's problem (inline or by id) to an objective; keeps recent ones built."""
+    """Resolves a request's problem (inline or by id) to an objective; keeps recent ones built.
+
+    `cache_bytes` bounds the built objectives kept in memory (least recently used go first;
+    one larger than the whole cache is not kept). `max_stored_bytes` (0: off) bounds the
+    stored problems: past it the least recently used that no pinning run needs are deleted.
+    """
 
     def __init__(
         self,
         store: RunStore,
         max_params: int,
-        cache_size: int = 64,
+        cache_bytes: int = 256 * 1024**2,
         max_data_bytes: int | None = None,
+        max_stored_bytes: int = 0,
     ) -> None:
         self.store = store
         self.max_params = max_params
         self.max_data_bytes = max_data_bytes
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Objective] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self.max_stored_bytes = max_stored_bytes
+        self._cache: OrderedDict[str, tuple[Objective, int]] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cached objectives hold now (at most `cache_bytes`)."""
+        with self._lock:
+            return self._cached_bytes
 
     def _cached(self, pid: str) -> Objective | None:
         with self._lock:
-            objective = self._cache.get(pid)
-            if objective is not None:
-                self._cache.move_to_end(pid)
-            return objective
+            entry = self._cache.get(pid)
+            if entry is None:
+                return None
+            self._cache.move_to_end(pid)
+            return entry[0]
 
     def _remember(self, pid: str, objective: Objective) -> None:
+        size = objective_bytes(objective)
         with self._lock:
-            self._cache[pid] = objective
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            old = self._cache.pop(pid, None)
+            self._cached_bytes -= old[1] if old else 0
+            if size > self.cache_bytes:
+                return
+            self._cache[pid] = (objective, size)
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                _, (_, evicted) = self._cache.popitem(last=False)
+                self._cached_bytes -= evicted
 
-    def create(self, problem: problem_pb2.Problem) -> tuple[str, Objective]:
-        """Validate and store a problem; return its id and objective."""
+    def forget(self, pids: Iterable[str]) -> None:
+        """Drop deleted problems from the cache."""
+        with self._lock:
+            for pid in pids:
+                entry = self._cache.pop(pid, None)
+                self._cached_bytes -= entry[1] if entry else 0
+
+    def create(self, problem: problem_pb2.Problem, owner: str) -> tuple[str, Objective]:
+        """Validate and store a problem for `owner`; return its id and objective."""
         pid = problem_id(problem)
+        blob = problem.SerializeToString(deterministic=True)
+        if self.max_stored_bytes and len(blob) > self.max_stored_bytes:
+            raise ResourceLimitError(
+                "problem",
+                f"{len(blob)} bytes serialised, over the server's limit of "
+                f"{self.max_stored_bytes} for stored problems (--max-problem-bytes)",
+            )
         objective = self._cached(pid)
         if objective is None:
             objective = build_objective(problem, self.max_params, self.max_data_bytes)
             self._remember(pid, objective)
-        self.store.put_problem(pid, problem.SerializeToString(deterministic=True))
+        self.store.put_problem(pid, blob, owner)
+        if self.max_stored_bytes:
+            self.forget(self.store.enforce_problem_retention(self.max_stored_bytes, keep=[pid]))
         return pid, objective
 
-    def by_id(self, pid: str, field: str = "problem_id") -> Objective:
-        """The objective of a stored problem (NOT_FOUND when unknown)."""
+    def by_id(self, pid: str, scope: str | None, field: str = "problem_id") -> Objective:
+        """The objective of a problem stored by `scope` (None: anyone); NOT_FOUND otherwise,
+        also when another tenant has it (the message is the same)."""
+        missing = NotFoundError(field, f"problem with id {pid!r}")
+        if not pid:
+            raise missing
         objective = self._cached(pid)
-        if objective is not None:
+        if objective is not None and self.store.has_problem(pid, scope):
             return objective
-        blob = self.store.get_problem(pid) if pid else None
+        blob = self.store.get_problem(pid, scope)
         if blob is None:
-            raise NotFoundError(field, f"problem with id {pid!r}")
+            raise missing
         objective = build_objective(problem_pb2.Problem.FromString(blob), self.max_params)
         self._remember(pid, objective)
         return objective
 
-    def resolve(self, request: Any, *, persist: bool = False) -> tuple[str, Objective]:
-        """(id, objective) for a request with `oneof problem_source { problem; problem_id }`."""
+    def delete(self, pid: str, scope: str | None) -> None:
+        """Delete `scope`'s hold on a problem (None: everyone's); NOT_FOUND when it has none."""
+        if not pid or not self.store.delete_problem(pid, scope):
+            raise NotFoundError("problem_id", f"problem with id {pid!r}")
+        self.forget([pid])
+
+    def resolve(
+        self, request: Any, tenant: Tenant, *, persist: bool = False
+    ) -> tuple[str, Objective]:
+        """(id, objective) for a request with `oneof problem_source { problem; problem_id }`.
+
+        With `persist` (StartRun) the problem is stored for the tenant; an admin starting a
+        run on another tenant's problem id gets its own hold on it, so the run keeps it.
+        """
         source = request.WhichOneof("problem_source")
         if source == "problem_id":
-            return request.problem_id, self.by_id(request.problem_id)
+            pid = request.problem_id
+            objective = self.by_id(pid, tenant.scope)
+            if persist and tenant.admin:
+                blob = self.store.get_problem(pid)
+                if blob is not None:
+                    self.store.put_problem(pid, blob, tenant.name)
+            return pid, objective
         if source is None:
             raise ValidationError("problem", "a problem or a problem_id", "neither")
         if persist:
-            return self.create(request.problem)
+            return self.create(request.problem, tenant.name)
         pid = problem_id(request.problem)
         objective = self._cached(pid)
         if objective is None:

@@ -232,10 +232,10 @@ class RunManager:
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         if method_note:
             spec["method_note"] = method_note
-        row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time())
+        row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time(), owner=owner)
         live = self._admit(run_id, 0, owner)
         try:
-            self.store.create_run(row, to_stored(Checkpoint(0, params, {})))
+            self.store.create_run(row, to_stored(Checkpoint(0, params, {})), require_problem=True)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
             self._forget(run_id)

@@ -32,7 +32,7 @@ from ..engine.sampling import generator, initial_params, sample
 from ..engine.spectrum import SpectrumOptions, analyze_curvature
 from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStore
 from . import codec
-from .auth import caller
+from .auth import Tenancy, Tenant
 from .config import ServerConfig
 from .errors import (
     ConflictError,
@@ -77,11 +77,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         store: RunStore,
         registry: ProblemRegistry,
         runs: RunManager,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.registry = registry
         self.runs = runs
+        self.tenancy = tenancy or Tenancy(bool(config.auth_token_file))
 
     # helpers
     def _method_options(self, values: dict, field: str = "options") -> MethodOptions:
@@ -103,9 +105,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         return codec.decode_tensor(tensor, field, max_elements=self.config.max_params)
 
-    def _row(self, run_id: str) -> RunRow:
+    def _row(self, run_id: str, tenant: Tenant) -> RunRow:
+        """The run, if the tenant may see it (another tenant's is NOT_FOUND, like a missing one)."""
         row = self.store.get_run(run_id) if run_id else None
-        if row is None:
+        if row is None or tenant.scope not in (None, row.owner):
             raise NotFoundError("run_id", f"run with id {run_id!r}")
         return self.runs.settle(row)
 
@@ -150,8 +153,14 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             raise ValidationError("options.method", f"one of {list(allowed)}", repr(method))
         return self._method_options(values)
 
-    def _step(self, request: service_pb2.StepRequest, default: str, allowed: tuple[str, ...]):
-        _, objective = self.registry.resolve(request)
+    def _step(
+        self,
+        request: service_pb2.StepRequest,
+        context: grpc.ServicerContext,
+        default: str,
+        allowed: tuple[str, ...],
+    ):
+        _, objective = self.registry.resolve(request, self.tenancy.of(context))
         params = self._decode_params(request.params, "params")
         options = self._step_options(
             request.options.SerializeToString(deterministic=True), default, allowed
@@ -205,7 +214,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def CreateProblem(self, request, context):
         _check_deadline(context)
-        pid, objective = self.registry.create(request.problem)
+        pid, objective = self.registry.create(request.problem, self.tenancy.of(context).name)
         dtype = codec.WIRE_DTYPES.get(objective.dtype, tensor_pb2.DTYPE_UNSPECIFIED)
         return service_pb2.CreateProblemResponse(
             problem_id=pid,
@@ -239,17 +248,17 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def GradientStep(self, request, context):
         _check_deadline(context)
-        return self._step(request, "gradient_descent", ("gradient_descent",))
+        return self._step(request, context, "gradient_descent", ("gradient_descent",))
 
     @unary
     def NewtonStep(self, request, context):
         _check_deadline(context)
-        return self._step(request, "newton", NEWTON_METHODS)
+        return self._step(request, context, "newton", NEWTON_METHODS)
 
     @unary
     def ComputeHessian(self, request, context):
         _check_deadline(context)
-        _, objective = self.registry.resolve(request)
+        _, objective = self.registry.resolve(request, self.tenancy.of(context))
         params = self._decode_params(request.params, "params")
         values: dict = {"method": "newton"}
         for name, enum_type in (
@@ -292,7 +301,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def AnalyzeCurvature(self, request, context):
         _check_deadline(context)
-        _, objective = self.registry.resolve(request)
+        _, objective = self.registry.resolve(request, self.tenancy.of(context))
         params = self._decode_params(request.params, "params")
         values = codec.spectrum_to_dict(request.options)
         if "backend" not in values and self.config.default_backend:
@@ -305,7 +314,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def StartRun(self, request, context):
         _check_deadline(context)
-        pid, objective = self.registry.resolve(request, persist=True)
+        tenant = self.tenancy.of(context)
+        pid, objective = self.registry.resolve(request, tenant, persist=True)
         values = codec.options_to_dict(request.options)
         values.setdefault("method", "newton")
         options = self._method_options(values)
@@ -341,7 +351,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             options=options,
             stopping=stopping,
             name=request.name,
-            owner=caller(context),
+            owner=tenant.name,
             method_note=method_note,
         )
         if self.config.max_stored_runs:
@@ -350,7 +360,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def GetRun(self, request, context):
-        return self._info(self._row(request.run_id), request.include_params)
+        row = self._row(request.run_id, self.tenancy.of(context))
+        return self._info(row, request.include_params)
 
     @unary
     def ListRuns(self, request, context):
@@ -372,7 +383,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             if name is None:
                 raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
             statuses.append(name.upper())
-        rows = self.store.list_runs(statuses, size + 1, after)
+        rows = self.store.list_runs(statuses, size + 1, after, self.tenancy.of(context).scope)
         response = service_pb2.ListRunsResponse(
             runs=[self._info(self.runs.settle(r)) for r in rows[:size]]
         )
@@ -384,24 +395,30 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def CancelRun(self, request, context):
-        row = self._row(request.run_id)
+        row = self._row(request.run_id, self.tenancy.of(context))
         self.runs.cancel(row.run_id)
         return self._info(row)
 
     @unary
     def ResumeRun(self, request, context):
-        row = self._row(request.run_id)
-        objective = self.registry.by_id(row.problem_id, "run.problem_id")
-        return self._info(self.runs.resume(row, objective, caller(context)))
+        tenant = self.tenancy.of(context)
+        row = self._row(request.run_id, tenant)
+        objective = self.registry.by_id(row.problem_id, tenant.scope, "run.problem_id")
+        return self._info(self.runs.resume(row, objective, row.owner))
 
     @unary
     def DeleteRun(self, request, context):
-        row = self._row(request.run_id)
+        row = self._row(request.run_id, self.tenancy.of(context))
         if self.runs.live(row.run_id) is not None:
             raise ConflictError("run_id", f"run {row.run_id} is executing; cancel it first")
         # only a run in a final status: ResumeRun may have queued it since the check above
         deleted = self.store.delete_run(row.run_id, statuses=FINAL_STATUSES)
         return service_pb2.DeleteRunResponse(deleted=deleted)
+
+    @unary
+    def DeleteProblem(self, request, context):
+        self.registry.delete(request.problem_id, self.tenancy.of(context).scope)
+        return service_pb2.DeleteProblemResponse(deleted=True)
 
     @unary
     def GetServerInfo(self, request, context):
@@ -428,6 +445,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 max_spectrum_products=MAX_SPECTRUM_PRODUCTS,
                 max_list_page_size=MAX_LIST_PAGE,
                 max_sample_elements=self._max_sample_elements,
+                max_problem_bytes=c.max_problem_bytes,
+                problem_cache_bytes=c.problem_cache_bytes,
             ),
             objectives=sorted(OBJECTIVES),
             methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],
@@ -442,11 +461,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if request.from_iteration < 0:
             raise ValidationError("from_iteration", "an integer >= 0", request.from_iteration)
         run_id = request.run_id
+        tenant = self.tenancy.of(context)
         nxt = request.from_iteration
         # A run may be resumed at any moment, so this loops until the row read after the
         # records is final and holds no record past them.
         while True:
-            live, row = await asyncio.to_thread(self._live_then_row, run_id)
+            live, row = await asyncio.to_thread(self._live_then_row, run_id, tenant)
             if live is not None:
                 # records before the live buffer (a resumed run's history) are in the store
                 while nxt < live.base:
@@ -467,7 +487,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 while page := await asyncio.to_thread(self._stored_page, row.run_id, nxt):
                     yield _event(page)
                     nxt = page[-1].iteration + 1
-            row = await asyncio.to_thread(self._row, run_id)
+            row = await asyncio.to_thread(self._row, run_id, tenant)
             unseen = row.last_record is not None and row.last_record.iteration >= nxt
             if row.status not in ACTIVE_STATUSES and not unseen:
                 yield service_pb2.WatchRunEvent(final=self._info(row))
@@ -475,10 +495,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             if not unseen and self.runs.live(run_id) is None:
                 await asyncio.sleep(WATCH_POLL_SECONDS)  # active with no live run: settling
 
-    def _live_then_row(self, run_id: str) -> tuple[LiveRun | None, RunRow]:
+    def _live_then_row(self, run_id: str, tenant: Tenant) -> tuple[LiveRun | None, RunRow]:
         """The live run (first: one admitted later shows as active in the row) and the row."""
         live = self.runs.live(run_id)
-        row = self._row(run_id)
+        row = self._row(run_id, tenant)
         if live is None and row.status in ACTIVE_STATUSES:
             live = self.runs.live(run_id)  # admitted between the lookup and the read
         return live, row

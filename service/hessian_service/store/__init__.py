@@ -2,13 +2,18 @@
 
 from .base import (
     ACTIVE_STATUSES,
+    ANONYMOUS_OWNER,
     FINAL_STATUSES,
+    PROBLEM_PINNING_STATUSES,
+    ProblemInUseError,
+    ProblemNotFoundError,
     RunConflictError,
     RunNotFoundError,
     RunRow,
     RunStateError,
     RunStore,
     StoreClosedError,
+    StoreCorruptError,
     StoredCheckpoint,
     StoreError,
     StoreFullError,
@@ -17,7 +22,11 @@ from .sqlite import SQLiteRunStore
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "ANONYMOUS_OWNER",
     "FINAL_STATUSES",
+    "PROBLEM_PINNING_STATUSES",
+    "ProblemInUseError",
+    "ProblemNotFoundError",
     "RunConflictError",
     "RunNotFoundError",
     "RunRow",
@@ -25,6 +34,7 @@ __all__ = [
     "RunStore",
     "SQLiteRunStore",
     "StoreClosedError",
+    "StoreCorruptError",
     "StoreError",
     "StoreFullError",
     "StoredCheckpoint",

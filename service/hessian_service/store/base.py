@@ -31,6 +31,10 @@ from ..engine.records import StepRecord
 
 ACTIVE_STATUSES = ("QUEUED", "RUNNING")
 FINAL_STATUSES = ("FINISHED", "CANCELLED", "FAILED", "INTERRUPTED")
+# a problem a run in one of these may still need (to execute, or for ResumeRun) is kept
+PROBLEM_PINNING_STATUSES = (*ACTIVE_STATUSES, "INTERRUPTED")
+# the tenant of unauthenticated callers, and of runs and problems stored before tenants
+ANONYMOUS_OWNER = "anonymous"
 CommitListener = Callable[[dict[str, int]], None]
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,32 @@ class StoreFullError(StoreError):
 
 class StoreClosedError(StoreError):
     """The store was closed (the server is stopping): nothing more is read or written."""
+
+
+class StoreCorruptError(StoreError):
+    """The store's file is damaged (failed its integrity check, or a read hit a bad page)."""
+
+
+class ProblemNotFoundError(Exception):
+    """No stored problem with this id (for this owner): never created, or deleted."""
+
+    def __init__(self, problem_id: str, field: str = "problem_id") -> None:
+        self.problem_id = problem_id
+        self.field = field
+        super().__init__(f"{field}: no problem with id {problem_id!r}")
+
+
+class ProblemInUseError(Exception):
+    """The problem cannot be deleted: a queued, running or interrupted run still needs it."""
+
+    def __init__(self, problem_id: str, run_ids: Sequence[str]) -> None:
+        self.problem_id = problem_id
+        self.run_ids = list(run_ids)
+        shown = ", ".join(self.run_ids[:3]) + (", ..." if len(self.run_ids) > 3 else "")
+        super().__init__(
+            f"problem_id: problem {problem_id} is used by {len(self.run_ids)} queued, running "
+            f"or interrupted (resumable) run(s) ({shown}); cancel or delete them first"
+        )
 
 
 class RunStateError(Exception):
@@ -88,6 +118,7 @@ class RunRow:
     finished_at: float = 0.0
     num_records: int = 0
     last_record: StepRecord | None = None
+    owner: str = ANONYMOUS_OWNER
 
 
 @dataclass
@@ -123,16 +154,38 @@ class RunStore(ABC):
                 log.exception("a commit listener failed")
 
     @abstractmethod
-    def put_problem(self, problem_id: str, blob: bytes) -> None:
-        """Store a problem's serialised form once under its content id (idempotent)."""
+    def put_problem(self, problem_id: str, blob: bytes, owner: str = ANONYMOUS_OWNER) -> None:
+        """Store a problem's serialised form once under its content id and make `owner` one
+        of its owners (idempotent; refreshes the owner's last use)."""
 
     @abstractmethod
-    def get_problem(self, problem_id: str) -> bytes | None:
-        """The serialised problem, or None."""
+    def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
+        """The serialised problem, or None; with `owner`, None unless that owner has it."""
 
     @abstractmethod
-    def create_run(self, row: RunRow, checkpoint: StoredCheckpoint) -> None:
-        """Insert a new run with its starting checkpoint (durable on return)."""
+    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        """Whether the problem is stored (with `owner`: whether that owner has it)."""
+
+    @abstractmethod
+    def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        """Remove `owner`'s hold on a problem (None: every owner's); the bytes go with the
+        last owner. False if there was nothing to delete. Raises ProblemInUseError while a
+        run of that owner (None: of anyone) in PROBLEM_PINNING_STATUSES uses it."""
+
+    @abstractmethod
+    def enforce_problem_retention(self, max_bytes: int, keep: Sequence[str] = ()) -> list[str]:
+        """Delete the least recently used problems no run in PROBLEM_PINNING_STATUSES uses
+        (nor in `keep`) until the stored problems take at most `max_bytes`; return their ids."""
+
+    @abstractmethod
+    def create_run(
+        self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
+    ) -> None:
+        """Insert a new run with its starting checkpoint (durable on return).
+
+        With `require_problem` the run's owner must hold its problem, checked in the same
+        transaction (ProblemNotFoundError otherwise), and the problem counts as used now.
+        """
 
     @abstractmethod
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **fields: Any) -> None:
@@ -149,9 +202,14 @@ class RunStore(ABC):
 
     @abstractmethod
     def list_runs(
-        self, statuses: Sequence[str], limit: int, after: tuple[float, str] | None
+        self,
+        statuses: Sequence[str],
+        limit: int,
+        after: tuple[float, str] | None,
+        owner: str | None = None,
     ) -> list[RunRow]:
-        """Runs newest first, filtered by status (empty: all), after the key (created_at, id)."""
+        """Runs newest first, filtered by status (empty: all) and owner (None: all), after
+        the key (created_at, id)."""
 
     @abstractmethod
     def append_record(self, run_id: str, record: StepRecord) -> None:

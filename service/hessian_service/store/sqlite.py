@@ -17,6 +17,13 @@ A write that fails (disk full, `max_bytes` reached, unwritable directory) raises
 StoreError / StoreFullError and keeps the queued records queued. Under `max_bytes` the
 last few pages (RESERVE_PAGES at most) are kept for run status changes and deletes, so a
 run that the full store stopped can still be marked INTERRUPTED.
+
+Integrity: an existing file is checked with `PRAGMA quick_check` when opened (unless
+`check_integrity=False`) and refused, naming the file and the recovery command, when it is
+damaged or empty; a new store is built under a temporary name and renamed into place, so a
+zero-length `runs.sqlite3` is never one this store made. A read or write that meets a damaged
+page raises StoreCorruptError. The schema is versioned (`PRAGMA user_version`); an older file
+is migrated in place, in one transaction per version, when opened.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pathlib
 import sqlite3
 import threading
@@ -35,17 +43,23 @@ from typing import Any
 from ..engine.records import StepRecord
 from .base import (
     ACTIVE_STATUSES,
+    ANONYMOUS_OWNER,
     FINAL_STATUSES,
+    PROBLEM_PINNING_STATUSES,
+    ProblemInUseError,
+    ProblemNotFoundError,
     RunConflictError,
     RunNotFoundError,
     RunRow,
     RunStore,
     StoreClosedError,
+    StoreCorruptError,
     StoredCheckpoint,
     StoreError,
     StoreFullError,
 )
 
+# version 0: the tables as first released (a store without user_version has exactly these)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS problems (
     problem_id TEXT PRIMARY KEY, blob BLOB NOT NULL, created_at REAL NOT NULL);
@@ -63,7 +77,24 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     params BLOB NOT NULL, state TEXT NOT NULL, PRIMARY KEY (run_id, iteration));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# MIGRATIONS[v] takes a store from version v - 1 to v, in one transaction (no ';' in literals)
+MIGRATIONS = {
+    # tenants: runs and problems belong to an owner; what existed before is the anonymous
+    # tenant's. A problem's size is kept beside its holds, for retention by bytes without
+    # reading the blobs (a column after a blob is reached through its overflow pages). No
+    # new indexes: each costs pages a store under --max-store-bytes would give to records.
+    1: f"""
+ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}';
+CREATE TABLE problem_owners (
+    problem_id TEXT NOT NULL, owner TEXT NOT NULL, used_at REAL NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (problem_id, owner)) WITHOUT ROWID;
+INSERT INTO problem_owners
+    SELECT problem_id, '{ANONYMOUS_OWNER}', created_at, length(blob) FROM problems;
+""",
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 FULL_CODES = ("SQLITE_FULL",)
+CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 RESERVE_PAGES = 16
 log = logging.getLogger(__name__)
 ROW_FIELDS = [f.name for f in fields(RunRow)]
@@ -92,8 +123,12 @@ class SQLiteRunStore(RunStore):
         commit_interval_s: float = 0.2,
         max_bytes: int = 0,
         synchronous: str = "NORMAL",
+        check_integrity: bool = True,
     ) -> None:
-        """Open (creating) the store and prove it writable: raises OSError or StoreError."""
+        """Open (creating) the store, check and migrate it, and prove it writable.
+
+        Raises OSError, StoreError, or StoreCorruptError for a damaged or empty file.
+        """
         self.path = pathlib.Path(data_dir) / "runs.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.commit_every = commit_every
@@ -109,10 +144,17 @@ class SQLiteRunStore(RunStore):
         self._full: StoreFullError | None = None
         self._wake = threading.Condition(self._lock)
         try:
+            fresh = not self.path.exists()
+            if fresh:
+                self._create()
+            elif self.path.is_file() and self.path.stat().st_size == 0:
+                raise StoreCorruptError(self._damaged("the file is empty (0 bytes)"))
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.executescript(SCHEMA)
+            if check_integrity and not fresh:
+                self._check_integrity()
+            _migrate(self._db, self.path)
             page = self._db.execute("PRAGMA page_size").fetchone()[0]
             self._pages = max(max_bytes // page, 1) if max_bytes else 0
             self._reserve = min(RESERVE_PAGES, max(2, self._pages // 16), self._pages // 4)
@@ -127,27 +169,115 @@ class SQLiteRunStore(RunStore):
         self._flusher.start()
 
     # problems
-    def put_problem(self, problem_id: str, blob: bytes) -> None:
+    def put_problem(self, problem_id: str, blob: bytes, owner: str = ANONYMOUS_OWNER) -> None:
+        now = time.time()
         with self._write():
             self._db.execute(
-                "INSERT OR IGNORE INTO problems VALUES (?, ?, ?)", (problem_id, blob, time.time())
+                "INSERT OR IGNORE INTO problems VALUES (?, ?, ?)", (problem_id, blob, now)
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO problem_owners VALUES (?, ?, ?, ?)",
+                (problem_id, owner, now, len(blob)),
             )
 
-    def get_problem(self, problem_id: str) -> bytes | None:
-        with self._lock:
-            self._check_open()
-            row = self._db.execute(
-                "SELECT blob FROM problems WHERE problem_id = ?", (problem_id,)
-            ).fetchone()
+    def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
+        row = self._problem_row("blob", problem_id, owner)
         return None if row is None else bytes(row[0])
 
+    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        return self._problem_row("1", problem_id, owner) is not None
+
+    def _problem_row(self, columns: str, problem_id: str, owner: str | None) -> Any:
+        """`columns` of the problem, if stored (and held by `owner`, unless None)."""
+        sql, args = f"SELECT {columns} FROM problems WHERE problem_id = ?", [problem_id]
+        if owner is not None:
+            sql += " AND EXISTS (SELECT 1 FROM problem_owners WHERE problem_id = ? AND owner = ?)"
+            args += [problem_id, owner]
+        with self._read():
+            return self._db.execute(sql, args).fetchone()
+
+    def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        pins = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
+        users_sql = f"SELECT run_id FROM runs WHERE problem_id = ? AND status IN ({pins})"
+        users_args: list[Any] = [problem_id, *PROBLEM_PINNING_STATUSES]
+        held_sql = "SELECT COUNT(*) FROM problems WHERE problem_id = ?"
+        held_args: list[Any] = [problem_id]
+        if owner is not None:
+            users_sql += " AND owner = ?"
+            users_args.append(owner)
+            held_sql = "SELECT COUNT(*) FROM problem_owners WHERE problem_id = ? AND owner = ?"
+            held_args.append(owner)
+        with self._write():
+            if not self._db.execute(held_sql, held_args).fetchone()[0]:
+                return False  # checked first: nobody learns of runs on a problem not theirs
+            users = [r[0] for r in self._db.execute(users_sql + " ORDER BY run_id", users_args)]
+            if users:
+                raise ProblemInUseError(problem_id, users)
+            self._use_reserve()
+            if owner is None:
+                self._db.execute("DELETE FROM problem_owners WHERE problem_id = ?", (problem_id,))
+            else:
+                self._db.execute(
+                    "DELETE FROM problem_owners WHERE problem_id = ? AND owner = ?",
+                    (problem_id, owner),
+                )
+            cur = self._db.execute(
+                "DELETE FROM problems WHERE problem_id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM problem_owners WHERE problem_id = ?)",
+                (problem_id, problem_id),
+            )
+            if cur.rowcount:
+                self._full = None  # its pages are free again
+        return True
+
+    def enforce_problem_retention(self, max_bytes: int, keep: Sequence[str] = ()) -> list[str]:
+        pins = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
+        deleted: list[str] = []
+        with self._write():
+            held = self._db.execute(
+                "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
+                "GROUP BY problem_id ORDER BY used, problem_id"
+            ).fetchall()
+            total = sum(size for _, size, _ in held)
+            if total <= max_bytes:
+                return []
+            pinned = {
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT DISTINCT problem_id FROM runs WHERE status IN ({pins})",
+                    PROBLEM_PINNING_STATUSES,
+                )
+            }
+            self._use_reserve()
+            for pid, size, _ in held:  # least recently used first
+                if total <= max_bytes:
+                    break
+                if pid in pinned or pid in keep:
+                    continue
+                self._db.execute("DELETE FROM problem_owners WHERE problem_id = ?", (pid,))
+                self._db.execute("DELETE FROM problems WHERE problem_id = ?", (pid,))
+                deleted.append(pid)
+                total -= size
+            if deleted:
+                self._full = None
+        return deleted
+
     # runs
-    def create_run(self, row: RunRow, checkpoint: StoredCheckpoint) -> None:
+    def create_run(
+        self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
+    ) -> None:
         values = self._row_values(row)
         with self._write():
             self._flush_locked()  # a store that cannot commit what it has takes no new run
             if self._full is not None and self._pages:
                 raise self._full  # only a delete frees room under the cap (a disk may grow)
+            if require_problem:
+                cur = self._db.execute(
+                    "UPDATE problem_owners SET used_at = ? WHERE owner = ? AND problem_id = ?",
+                    (time.time(), row.owner, row.problem_id),
+                )
+                if cur.rowcount == 0:  # deleted (or evicted) since the request resolved it
+                    raise ProblemNotFoundError(row.problem_id)
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",
@@ -176,17 +306,23 @@ class SQLiteRunStore(RunStore):
             self._refuse(run_id, missed, expect_status)
 
     def get_run(self, run_id: str) -> RunRow | None:
-        with self._lock:
-            self._check_open()
+        with self._read():
             row = self._db.execute(
                 f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
         return None if row is None else self._decode_row(row)
 
     def list_runs(
-        self, statuses: Sequence[str], limit: int, after: tuple[float, str] | None
+        self,
+        statuses: Sequence[str],
+        limit: int,
+        after: tuple[float, str] | None,
+        owner: str | None = None,
     ) -> list[RunRow]:
         where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
             args += list(statuses)
@@ -197,8 +333,7 @@ class SQLiteRunStore(RunStore):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
-        with self._lock:
-            self._check_open()
+        with self._read():
             rows = self._db.execute(sql, (*args, limit)).fetchall()
         return [self._decode_row(r) for r in rows]
 
@@ -235,8 +370,7 @@ class SQLiteRunStore(RunStore):
         return ids
 
     def count_runs_by_status(self) -> dict[str, int]:
-        with self._lock:
-            self._check_open()
+        with self._read():
             rows = self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
         return dict(rows)
 
@@ -285,8 +419,7 @@ class SQLiteRunStore(RunStore):
         return dropped
 
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
-        with self._lock:
-            self._check_open()
+        with self._read():
             rows = self._db.execute(
                 "SELECT record FROM records WHERE run_id = ? AND iteration >= ? "
                 "ORDER BY iteration LIMIT ?",
@@ -301,8 +434,7 @@ class SQLiteRunStore(RunStore):
             self._write_checkpoint(run_id, checkpoint)
 
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
-        with self._lock:
-            self._check_open()
+        with self._read():
             row = self._db.execute(
                 "SELECT iteration, dtype, shape, params, state FROM checkpoints "
                 "WHERE run_id = ? ORDER BY iteration DESC LIMIT 1",
@@ -329,6 +461,45 @@ class SQLiteRunStore(RunStore):
                 self._open = False
 
     # internals
+    def _create(self) -> None:
+        """Build an empty store under a temporary name, then rename it into place."""
+        tmp = self.path.with_name(self.path.name + ".new")
+        for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)  # a creation a crash interrupted
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            _migrate(db, self.path)
+        finally:
+            db.close()
+        os.replace(tmp, self.path)
+
+    def _check_integrity(self) -> None:
+        """PRAGMA quick_check; StoreCorruptError naming the damage when it is not clean."""
+        found = [r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if found != ["ok"]:
+            raise StoreCorruptError(self._damaged("; ".join(found)))
+
+    def _damaged(self, what: object) -> str:
+        """Why the store is refused and how to recover what it still holds."""
+        p = self.path
+        return (
+            f"the run store {p} is damaged ({what}). Stop the "
+            f"server and run `hessian-server --recover-store --data-dir {p.parent}`: it copies "
+            f"every readable row into a new {p.name} and keeps the damaged file as "
+            f"{p.name}.damaged; or start on an empty --data-dir"
+        )
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[None]:
+        """A read under the lock; sqlite errors become StoreError (StoreCorruptError)."""
+        with self._lock:
+            self._check_open()
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise self._error(exc, "read") from exc
+
     def _check_open(self) -> None:
         """Raise StoreClosedError once close() has run (a late worker's write, a late read)."""
         if not self._open:
@@ -352,16 +523,18 @@ class SQLiteRunStore(RunStore):
             raise RunNotFoundError(run_id)
         raise RunConflictError(run_id, status, expected)
 
-    def _error(self, exc: sqlite3.Error) -> StoreError:
+    def _error(self, exc: sqlite3.Error, action: str = "written") -> StoreError:
         """A StoreError that says what failed, where, and what to do."""
         name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith(CORRUPT_CODES) or "malformed" in str(exc):
+            return StoreCorruptError(self._damaged(exc))
         if name in FULL_CODES or "full" in str(exc):
             cap = f" (--max-store-bytes {self.max_bytes})" if self.max_bytes else ""
             return StoreFullError(
                 f"the run store {self.path} is full{cap}: {exc}; free disk space, raise the "
                 "cap, or delete runs (DeleteRun, --max-stored-runs)"
             )
-        return StoreError(f"the run store {self.path} cannot be written: {exc} ({name})")
+        return StoreError(f"the run store {self.path} cannot be {action}: {exc} ({name})")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -477,3 +650,31 @@ class SQLiteRunStore(RunStore):
         for key in ("name", "stop_reason", "message", "backend"):
             row[key] = row[key] or ""
         return RunRow(**row)
+
+
+def _migrate(db: sqlite3.Connection, path: pathlib.Path) -> None:
+    """Bring the store to SCHEMA_VERSION, one transaction per version (nothing if current)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the run store {path} has schema version {version}, newer than this server's "
+            f"{SCHEMA_VERSION}: run a newer hessian-server on it"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    db.executescript(SCHEMA)
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # another process opening the same store may have migrated it meanwhile
+            if db.execute("PRAGMA user_version").fetchone()[0] < target:
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+                log.info("run store %s migrated to schema version %d", path, target)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise

@@ -1,0 +1,142 @@
+"""Salvage a damaged SQLite run store: copy every row still readable into a new store.
+
+`hessian-server --recover-store` runs `recover_store`. It reads the damaged file read-only,
+table by table in key order; where a damaged page stops a scan it seeks past it (ever larger
+jumps in the key), so the rows on intact pages are kept and only those on damaged pages are
+lost. The copy is built at the source's schema version, then migrated like any older store;
+`num_records` is recounted from the records recovered. The damaged file is kept beside the
+new one as `runs.sqlite3.damaged`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .sqlite import MIGRATIONS, SCHEMA, _migrate
+
+MAX_SKIP = 1 << 40
+SIDE_FILES = ("-wal", "-shm")
+
+
+@dataclass
+class RecoveryReport:
+    """What `recover_store` kept: rows per table, and the tables where some were lost."""
+
+    path: pathlib.Path
+    damaged_copy: pathlib.Path
+    rows: dict[str, int] = field(default_factory=dict)
+    damaged_tables: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the operator."""
+        counts = ", ".join(f"{n} {table}" for table, n in self.rows.items())
+        lost = ", ".join(self.damaged_tables) or "none"
+        return (
+            f"recovered {self.path} ({counts}); tables with unreadable pages: {lost}; "
+            f"the damaged file is kept as {self.damaged_copy}"
+        )
+
+
+def _scan(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[tuple]:
+    """Rows of `table` in key order, seeking past unreadable pages (never raises for damage).
+
+    A scan that fails resumes after the last key read at ever larger jumps in the key's last
+    column; for a two-column key (a run's records) past MAX_SKIP it goes on at the next run.
+    """
+    columns, order = ", ".join(key) + ", *", ", ".join(key)
+    last: tuple | None = (0,) if key == ("rowid",) else None
+    skip = 0
+    while True:
+        if last is None:
+            sql, args = f"SELECT {columns} FROM {table} ORDER BY {order}", ()
+        elif skip > MAX_SKIP:
+            if len(key) == 1:
+                return
+            sql = f"SELECT {columns} FROM {table} WHERE {key[0]} > ? ORDER BY {order}"
+            args = (last[0],)
+        else:
+            marks = ", ".join("?" * len(key))
+            sql = f"SELECT {columns} FROM {table} WHERE ({order}) > ({marks}) ORDER BY {order}"
+            args = (*last[:-1], last[-1] + skip)
+        try:
+            for row in db.execute(sql, args):
+                last, skip = tuple(row[: len(key)]), 0
+                yield tuple(row[len(key) :])
+            return
+        except sqlite3.DatabaseError:
+            if last is None or skip > MAX_SKIP:
+                return  # the first page, or the page after a whole damaged run, is unreadable
+            skip = skip * 2 if skip else 1
+
+
+def recover_store(data_dir: str | pathlib.Path) -> RecoveryReport:
+    """Replace `<data_dir>/runs.sqlite3` by a copy of its readable rows (see the module)."""
+    path = pathlib.Path(data_dir) / "runs.sqlite3"
+    if not path.is_file():
+        raise FileNotFoundError(f"no run store at {path}")
+    fresh = path.with_name(path.name + ".recovered")
+    for leftover in (fresh, *(fresh.with_name(fresh.name + s) for s in SIDE_FILES)):
+        leftover.unlink(missing_ok=True)
+    report = RecoveryReport(path, path.with_name(path.name + ".damaged"))
+    src = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    dest = sqlite3.connect(fresh, isolation_level=None)
+    try:
+        try:
+            version = src.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError:
+            version = 0
+        dest.executescript(SCHEMA)
+        for target in range(1, version + 1):
+            dest.executescript(MIGRATIONS[target])
+        dest.execute(f"PRAGMA user_version = {version}")
+        tables = [r[0] for r in dest.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        dest.execute("BEGIN")
+        for table in tables:
+            key = ("run_id", "iteration") if table == "records" else ("rowid",)
+            if table == "problem_owners":
+                key = ("problem_id", "owner")
+            width = len(dest.execute(f"SELECT * FROM {table} LIMIT 0").description)
+            marks = ", ".join("?" * width)
+            count = 0
+            try:
+                expected = src.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            except sqlite3.DatabaseError:
+                expected = -1
+            if key == ("problem_id", "owner"):
+                rows = _scan_text_keys(src, table, key)
+            else:
+                rows = _scan(src, table, key)
+            for row in rows:
+                dest.execute(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", row)
+                count += 1
+            report.rows[table] = count
+            if count != expected:
+                report.damaged_tables.append(table)
+        dest.execute(
+            "UPDATE runs SET num_records = "
+            "(SELECT COUNT(*) FROM records WHERE records.run_id = runs.run_id)"
+        )
+        dest.execute("COMMIT")
+        _migrate(dest, path)
+    finally:
+        src.close()
+        dest.close()
+    for suffix in ("", *SIDE_FILES):
+        damaged = path.with_name(path.name + suffix)
+        if damaged.exists():
+            os.replace(damaged, report.damaged_copy.with_name(report.damaged_copy.name + suffix))
+    os.replace(fresh, path)
+    return report
+
+
+def _scan_text_keys(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[tuple]:
+    """Rows of a small table keyed by text: one scan, kept up to the first unreadable page."""
+    try:
+        for row in db.execute(f"SELECT * FROM {table} ORDER BY {', '.join(key)}"):
+            yield tuple(row)
+    except sqlite3.DatabaseError:
+        return

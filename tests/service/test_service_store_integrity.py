@@ -1,0 +1,188 @@
+"""A damaged or empty store is refused at start-up (exit 2, the file and the recovery command
+named); with the check skipped, requests meeting a damaged page get DATA_LOSS, never
+INTERNAL; an older store (schema version 0) is migrated to tenants when opened."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+
+import grpc
+import pytest
+from conftest import ROOT, start_server
+from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_service.engine.records import StepRecord
+from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint, StoreError
+
+RECORDS = 3000
+
+
+def _filled_store(data_dir) -> str:
+    """A closed store with one finished run of RECORDS records; returns the run id."""
+    store = SQLiteRunStore(data_dir, commit_every=500)
+    spec = {"options": {"method": "gradient_descent"}, "stopping": {}}
+    store.create_run(
+        RunRow("r-a", "p-1", spec, status="RUNNING"), StoredCheckpoint(0, "float64", [1], b"\0" * 8)
+    )
+    for i in range(RECORDS):
+        store.append_record("r-a", StepRecord(iteration=i, loss=float(i), backend="autograd"))
+    store.update_run("r-a", status="FINISHED")
+    store.close()
+    return "r-a"
+
+
+def _damage_records(path) -> list[int]:
+    """Overwrite the middle pages of the records table with random bytes; their numbers."""
+    with sqlite3.connect(path) as db:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = [r[0] for r in db.execute("SELECT pageno FROM dbstat WHERE name = 'records'")]
+    db.close()
+    middle = sorted(pages)[len(pages) // 3 : len(pages) // 3 + 3]
+    noise = random.Random(0)
+    with open(path, "r+b") as fh:
+        for page in middle:
+            fh.seek((page - 1) * size)
+            fh.write(bytes(noise.randrange(256) for _ in range(size)))
+    return middle
+
+
+def _serve(data_dir, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--address", "127.0.0.1:0",
+         "--data-dir", str(data_dir), "--log-format", "text", *flags],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_a_store_with_damaged_middle_pages_is_refused_at_start_up(tmp_path):
+    _filled_store(tmp_path)
+    path = tmp_path / "runs.sqlite3"
+    assert _damage_records(path)
+    out = _serve(tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert f"the run store {path} is damaged" in out.stderr
+    assert f"hessian-server --recover-store --data-dir {tmp_path}" in out.stderr
+
+
+def test_recover_store_keeps_the_readable_rows_and_the_server_then_serves_them(tmp_path):
+    run_id = _filled_store(tmp_path)
+    damaged = _damage_records(tmp_path / "runs.sqlite3")
+    out = _serve(tmp_path, "--recover-store")
+    assert out.returncode == 0, out.stderr
+    assert "tables with unreadable pages: records" in out.stdout
+    assert (tmp_path / "runs.sqlite3.damaged").is_file()
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        stored = sorted(r[0] for r in db.execute("SELECT iteration FROM records"))
+    db.close()
+    # what the damaged pages held is lost (a page holds dozens of records), the rest is kept
+    assert RECORDS - 100 * len(damaged) < len(stored) < RECORDS
+    first_gap = next(i for i, it in enumerate(stored) if it != i)
+    handle = start_server(tmp_path)  # passes the integrity check now
+    try:
+        with grpc.insecure_channel(handle.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            info = stub.GetRun(service_pb2.GetRunRequest(run_id=run_id), timeout=30)
+            kept = []
+            with pytest.raises(grpc.RpcError) as lost:
+                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
+                    kept.extend(event.records)
+    finally:
+        handle.stop(grace=1.0)
+    assert info.status == service_pb2.RUN_STATUS_FINISHED
+    assert info.num_records == len(stored)
+    # a watcher gets the records before the first lost one, then DATA_LOSS naming the gap
+    assert [r.iteration for r in kept] == list(range(first_gap))
+    assert all(r.loss == float(r.iteration) for r in kept)
+    assert lost.value.code() == grpc.StatusCode.DATA_LOSS
+    assert f"iterations {first_gap} to {stored[first_gap] - 1} are missing" in lost.value.details()
+
+
+def test_a_zero_length_store_file_is_refused(tmp_path):
+    (tmp_path / "runs.sqlite3").touch()
+    out = _serve(tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "is damaged (the file is empty (0 bytes))" in out.stderr
+    assert str(tmp_path / "runs.sqlite3") in out.stderr
+
+
+def test_a_new_store_is_created_whole_and_a_leftover_half_made_one_is_ignored(tmp_path):
+    (tmp_path / "runs.sqlite3.new").write_bytes(b"")  # a creation a crash interrupted
+    store = SQLiteRunStore(tmp_path)
+    store.close()
+    assert not (tmp_path / "runs.sqlite3.new").exists()
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+
+
+def test_with_the_check_skipped_a_damaged_page_is_data_loss_not_internal(tmp_path):
+    run_id = _filled_store(tmp_path)
+    _damage_records(tmp_path / "runs.sqlite3")
+    handle = start_server(tmp_path, skip_store_check=True)
+    try:
+        with grpc.insecure_channel(handle.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            assert stub.GetRun(service_pb2.GetRunRequest(run_id=run_id), timeout=30).num_records
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
+                    pass
+            assert err.value.code() == grpc.StatusCode.DATA_LOSS
+            assert f"the run store {tmp_path / 'runs.sqlite3'} is damaged" in err.value.details()
+    finally:
+        handle.stop(grace=1.0)
+
+
+VERSION_0 = """
+CREATE TABLE problems (problem_id TEXT PRIMARY KEY, blob BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, problem_id TEXT NOT NULL, spec TEXT NOT NULL, name TEXT,
+    status TEXT NOT NULL, stop_reason TEXT, converged INTEGER, message TEXT, backend TEXT,
+    created_at REAL, started_at REAL, finished_at REAL, num_records INTEGER NOT NULL,
+    last_record TEXT);
+CREATE INDEX runs_by_time ON runs (created_at DESC, run_id DESC);
+CREATE TABLE records (
+    run_id TEXT NOT NULL, iteration INTEGER NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (run_id, iteration)) WITHOUT ROWID;
+CREATE TABLE checkpoints (
+    run_id TEXT NOT NULL, iteration INTEGER NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    params BLOB NOT NULL, state TEXT NOT NULL, PRIMARY KEY (run_id, iteration));
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO problems VALUES ('p-old', x'0102', 5.0);
+INSERT INTO runs VALUES ('r-old', 'p-old', '{"options": {}, "stopping": {}}', 'old', 'INTERRUPTED',
+    'shutdown', 0, '', 'autograd', 1.0, 2.0, 0.0, 0, NULL);
+"""
+
+
+def test_a_version_0_store_is_migrated_and_its_runs_and_problems_are_the_anonymous_tenants(
+    tmp_path,
+):
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        db.executescript(VERSION_0)
+    db.close()
+    store = SQLiteRunStore(tmp_path)
+    try:
+        assert store.get_run("r-old").owner == "anonymous"
+        assert [r.run_id for r in store.list_runs([], 10, None, "anonymous")] == ["r-old"]
+        assert store.list_runs([], 10, None, "token:someone") == []
+        assert store.get_problem("p-old", "anonymous") == b"\x01\x02"
+        assert store.get_problem("p-old", "token:someone") is None
+        assert store.enforce_problem_retention(0) == [], "an INTERRUPTED run still needs it"
+        store.update_run("r-old", status="FAILED")
+        assert store.enforce_problem_retention(0) == ["p-old"]
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+
+
+def test_a_store_from_a_newer_server_is_refused(tmp_path):
+    SQLiteRunStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than this server's 1"):
+        SQLiteRunStore(tmp_path)
