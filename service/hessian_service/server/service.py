@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import json
 import math
 import threading
 from collections.abc import Generator, Iterator
@@ -44,6 +41,11 @@ NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
 MAX_LIST_PAGE = 1000
+# Room a response needs beside its tensors and records (scalars, short strings, a summary).
+RESPONSE_SLACK = 1024
+# SampleTensors' advertised limit leaves this much of a message for the tensors' headers: any
+# request of at most max_sample_elements values in up to 16 tensors of any rank fits.
+SAMPLE_HEADER_BYTES = 4096
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -89,8 +91,25 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @property
     def _max_sample_elements(self) -> int:
-        """SampleTensors' cap on values per call: float64 values that fit one message."""
-        return self.config.max_message_bytes // 8
+        """SampleTensors' cap on values per call: float64 values that fit one message with
+        their tensors' headers (SAMPLE_HEADER_BYTES)."""
+        return max(0, self.config.max_message_bytes - SAMPLE_HEADER_BYTES) // 8
+
+    def _check_fits(self, field: str, nbytes: int, what: str) -> None:
+        """Refuse, before any work, a response of `nbytes` over the message limit."""
+        limit = self.config.max_message_bytes
+        if nbytes > limit:
+            raise ResourceLimitError(
+                field,
+                f"{what} needs {nbytes} bytes, over the message limit of {limit} "
+                "(--max-message-bytes)",
+            )
+
+    @property
+    def _watch_page(self) -> int:
+        """Records per WatchRun event: WATCH_PAGE, fewer when a message cannot hold them."""
+        room = self.config.max_message_bytes - RESPONSE_SLACK
+        return max(1, min(WATCH_PAGE, room // codec.MAX_RECORD_BYTES))
 
     def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         return codec.decode_tensor(tensor, field, max_elements=self.config.max_params)
@@ -130,7 +149,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
             if stored is not None:
-                info.final_params.CopyFrom(codec.encode_tensor(from_stored(stored).params))
+                params = from_stored(stored).params
+                size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
+                self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
+                info.final_params.CopyFrom(codec.encode_tensor(params))
         return info
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one servicer per server; bounded)
@@ -145,6 +167,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def _step(self, request: service_pb2.StepRequest, default: str, allowed: tuple[str, ...]):
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
+        response_bytes = codec.tensor_wire_bytes(params.shape, 8) + codec.MAX_RECORD_BYTES
+        self._check_fits("params", response_bytes + RESPONSE_SLACK, "the new parameters")
         options = self._step_options(
             request.options.SerializeToString(deterministic=True), default, allowed
         )
@@ -186,12 +210,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 f"server's memory budget of {self.config.dense_budget_bytes} "
                 "(dense_budget_bytes); ask for fewer",
             )
-        if 16 * o.grid_points + 4096 > self.config.max_message_bytes:
-            raise ResourceLimitError(
-                "options.grid_points",
-                f"{o.grid_points} points do not fit the message limit of "
-                f"{self.config.max_message_bytes} bytes",
-            )
+        sizes = {  # the response's parts that grow with the request (each value 8 bytes)
+            "options.grid_points": 2 * codec.tensor_wire_bytes([o.grid_points], 8),
+            "options.top_k": 16 * min(o.top_k, n) + 8,  # the eigenvalue and its bound
+            "options.bottom_k": 16 * min(o.bottom_k, n) + 8,
+        }
+        field = max(sizes.items(), key=lambda kv: kv[1])[0]
+        self._check_fits(field, sum(sizes.values()) + RESPONSE_SLACK, "the report")
 
     # unary RPCs
     @unary
@@ -209,6 +234,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def SampleTensors(self, request, context):
         specs = []
+        limit = self._max_sample_elements
+        values = response_bytes = 0
         for i, spec in enumerate(request.tensors):
             dtype = codec.DTYPE_NAMES.get(spec.dtype)
             if dtype is None:
@@ -216,16 +243,18 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             dist = codec.enum_name(
                 optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
             )
-            shape = list(spec.shape)
-            if math.prod(s for s in shape if s) > codec.MAX_SHAPE_ELEMENTS:
-                # zero values, but sizes no array can describe (numpy refuses it on encoding)
-                raise ValidationError(
-                    f"tensors[{i}].shape",
-                    f"sizes whose nonzero product is at most {codec.MAX_SHAPE_ELEMENTS}",
-                    shape,
+            shape = codec.check_shape(spec.shape, f"tensors[{i}].shape")
+            values += math.prod(shape)
+            if values > limit:
+                raise ResourceLimitError(
+                    f"tensors[{i}].shape", f"{values} values requested, over the limit of {limit}"
                 )
+            response_bytes += codec.tensor_wire_bytes(shape, 4 if dtype == "float32" else 8)
             specs.append((shape, dtype, dist or "uniform"))
-        tensors = sample(request.seed, specs, max_elements=self._max_sample_elements)
+        # Sized before anything is drawn: many small tensors' headers can outgrow a message.
+        what = f"{len(specs)} tensors of {values} values"
+        self._check_fits("tensors", response_bytes, what)
+        tensors = sample(request.seed, specs, max_elements=limit)
         return service_pb2.SampleTensorsResponse(tensors=[codec.encode_tensor(t) for t in tensors])
 
     @unary
@@ -255,12 +284,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             values["dense_budget_bytes"] = request.dense_budget_bytes
         options = self._method_options(values, "request")
         n = objective.num_params
-        matrix_bytes = n * n * 8 + 64
-        if not request.omit_matrix and matrix_bytes > self.config.max_message_bytes:
-            raise ResourceLimitError(
-                "omit_matrix",
-                f"a {n}x{n} matrix needs about {matrix_bytes} bytes, over the message limit of "
-                f"{self.config.max_message_bytes}; set omit_matrix for the summary alone",
+        summary_bytes = codec.tensor_wire_bytes([n], 8) + RESPONSE_SLACK  # with the gradient
+        self._check_fits("params", summary_bytes, f"the gradient of {n} parameters")
+        if not request.omit_matrix:
+            matrix_bytes = codec.tensor_wire_bytes([n, n], 8) + summary_bytes
+            self._check_fits(
+                "omit_matrix", matrix_bytes, f"a {n}x{n} matrix (set omit_matrix for the summary)"
             )
         result = dense_curvature(objective, params, options)
         s = result.summary
@@ -297,6 +326,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def StartRun(self, request, context):
         _check_deadline(context)
+        if len(request.name) > codec.MAX_NAME_CHARS:
+            raise ValidationError(
+                "name", f"at most {codec.MAX_NAME_CHARS} characters", len(request.name)
+            )
         pid, objective = self.registry.resolve(request, persist=True)
         values = codec.options_to_dict(request.options)
         values.setdefault("method", "newton")
@@ -349,15 +382,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         size = request.page_size or 50
         if not 1 <= size <= MAX_LIST_PAGE:
             raise ValidationError("page_size", f"an integer in [1, {MAX_LIST_PAGE}] (0: 50)", size)
-        after = None
-        if request.page_token:
-            try:
-                created, run_id = json.loads(base64.urlsafe_b64decode(request.page_token))
-                after = (float(created), str(run_id))
-            except (ValueError, TypeError, OverflowError, binascii.Error):
-                raise ValidationError(
-                    "page_token", "a token from a previous ListRuns", request.page_token
-                ) from None
+        after = codec.decode_page_token(request.page_token) if request.page_token else None
         statuses = []
         for i, value in enumerate(request.status):
             name = codec.enum_name(RUN_STATUS, value, f"status[{i}]")
@@ -365,13 +390,17 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
             statuses.append(name.upper())
         rows = self.store.list_runs(statuses, size + 1, after)
-        response = service_pb2.ListRunsResponse(
-            runs=[self._info(self.runs.settle(r)) for r in rows[:size]]
-        )
-        if len(rows) > size:
-            last = rows[size - 1]
-            token = json.dumps([last.created_at, last.run_id]).encode()
-            response.next_page_token = base64.urlsafe_b64encode(token).decode()
+        response = service_pb2.ListRunsResponse()
+        room = self.config.max_message_bytes - RESPONSE_SLACK  # the token's share
+        for row in rows[:size]:
+            info = self._info(self.runs.settle(row))
+            room -= codec.field_bytes(info.ByteSize())
+            if room < 0 and response.runs:
+                break  # a shorter page: the token continues after its last run
+            response.runs.append(info)
+        if len(rows) > len(response.runs):
+            last = rows[len(response.runs) - 1]
+            response.next_page_token = codec.encode_page_token(last.created_at, last.run_id)
         return response
 
     @unary
@@ -471,7 +500,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         """Stream a live run's records from iteration `nxt` until it ends; the next iteration."""
         # Records before the live buffer (a resumed run's history) come from the store.
         while nxt < live.base:
-            page = self.store.records(live.run_id, nxt, min(WATCH_PAGE, live.base - nxt))
+            page = self.store.records(live.run_id, nxt, min(self._watch_page, live.base - nxt))
             if not page:
                 break
             yield _event(page)
@@ -479,8 +508,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         nxt = max(nxt, live.base)
         while not gone.is_set():
             batch, finished = live.wait_from(nxt - live.base, WATCH_POLL_SECONDS)
-            for start in range(0, len(batch), WATCH_PAGE):
-                yield _event(batch[start : start + WATCH_PAGE])
+            for start in range(0, len(batch), self._watch_page):
+                yield _event(batch[start : start + self._watch_page])
             nxt += len(batch)
             if finished:
                 break
@@ -491,9 +520,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     ) -> Generator[service_pb2.WatchRunEvent, None, int]:
         """Stream a stored run's records from iteration `nxt`; the next iteration."""
         while True:
-            page = self.store.records(run_id, nxt, WATCH_PAGE)
+            page = self.store.records(run_id, nxt, self._watch_page)
             if page:
                 yield _event(page)
                 nxt = page[-1].iteration + 1
-            if len(page) < WATCH_PAGE:
+            if len(page) < self._watch_page:
                 return nxt
