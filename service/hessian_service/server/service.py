@@ -41,8 +41,9 @@ NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
 MAX_LIST_PAGE = 1000
-# Room a response needs beside its tensors and records (scalars, short strings, a summary).
-RESPONSE_SLACK = 1024
+# Room a response needs beside its tensors and records: scalars and strings the server
+# writes (a summary, a method note; an analysis' verdict reason takes two of these).
+RESPONSE_SLACK = 512
 # SampleTensors' advertised limit leaves this much of a message for the tensors' headers: any
 # request of at most max_sample_elements values in up to 16 tensors of any rank fits.
 SAMPLE_HEADER_BYTES = 4096
@@ -101,7 +102,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if nbytes > limit:
             raise ResourceLimitError(
                 field,
-                f"{what} needs {nbytes} bytes, over the message limit of {limit} "
+                f"{what} would take {nbytes} bytes, over the message limit of {limit} "
                 "(--max-message-bytes)",
             )
 
@@ -216,7 +217,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             "options.bottom_k": 16 * min(o.bottom_k, n) + 8,
         }
         field = max(sizes.items(), key=lambda kv: kv[1])[0]
-        self._check_fits(field, sum(sizes.values()) + RESPONSE_SLACK, "the report")
+        self._check_fits(field, sum(sizes.values()) + 2 * RESPONSE_SLACK, "the report")
 
     # unary RPCs
     @unary
