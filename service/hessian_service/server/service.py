@@ -282,6 +282,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             if value is not None:
                 values[name] = value
         if request.HasField("dense_budget_bytes"):
+            if request.dense_budget_bytes < 1:  # named here: the options' checks say "request."
+                raise ValidationError(
+                    "dense_budget_bytes", "a positive integer", request.dense_budget_bytes
+                )
             values["dense_budget_bytes"] = request.dense_budget_bytes
         options = self._method_options(values, "request")
         n = objective.num_params
