@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -427,6 +428,21 @@ def cases(run_id: str, page_token: str, max_message_bytes: int) -> Iterator[Case
             for what, token in _nested_tokens():
                 msg = service_pb2.ListRunsRequest(page_token=token)
                 yield "page_token", rpc, what, msg.SerializeToString()
+
+
+def call(channel: grpc.Channel, rpc: str, raw: bytes) -> tuple[grpc.StatusCode, str, bytes]:
+    """(code, details, last response bytes) of one call with an already serialized request."""
+    path = f"/{SERVICE.full_name}/{rpc}"
+    try:
+        if SERVICE.methods_by_name[rpc].server_streaming:
+            answer = b""
+            for event in channel.unary_stream(path)(raw, timeout=30):
+                answer = event
+        else:
+            answer = channel.unary_unary(path)(raw, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", b""
+    return grpc.StatusCode.OK, "", answer
 
 
 def _varint(value: int) -> bytes:

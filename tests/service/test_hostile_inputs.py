@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port, health_status, spawn_server
 from grpc_health.v1 import health_pb2
 from hessian_client.proto import service_pb2
+from hostile_cases import call
 
 MAX_MESSAGE = 1 << 20
 LIMITS = (
@@ -44,21 +45,6 @@ TENSOR_RPCS = {
 }
 RUN_ID_RPCS = {"WatchRun", "GetRun", "CancelRun", "ResumeRun", "DeleteRun"}
 ALL_RPCS = {m.name for m in hostile_cases.SERVICE.methods}
-
-
-def call(channel: grpc.Channel, rpc: str, raw: bytes) -> tuple[grpc.StatusCode, str, bytes]:
-    """(code, details, last response bytes) of one call with an already serialized request."""
-    path = f"/{hostile_cases.SERVICE.full_name}/{rpc}"
-    try:
-        if hostile_cases.SERVICE.methods_by_name[rpc].server_streaming:
-            answer = b""
-            for event in channel.unary_stream(path)(raw, timeout=30):
-                answer = event
-        else:
-            answer = channel.unary_unary(path)(raw, timeout=30)
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details() or "", b""
-    return grpc.StatusCode.OK, "", answer
 
 
 def _names_a_field(rpc: str, details: str) -> bool:
