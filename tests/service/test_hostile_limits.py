@@ -324,3 +324,26 @@ def test_a_run_name_is_bounded(mib_server):
         assert info.value.message.startswith(
             f"name: expected at most {codec.MAX_NAME_CHARS} characters"
         )
+
+
+def test_analyze_curvature_sizes_only_what_it_will_send(mib_server):
+    with Client(mib_server.address, timeout=60) as c:
+        # no density: the grid is not sent; Lanczos reports at most its Krylov space
+        report = c.analyze_curvature(
+            problems.rosenbrock(),
+            np.zeros(2),
+            density_probes=0,
+            grid_points=10**9,
+            top_k=10**9,
+            bottom_k=10**9,
+            trace_samples=0,
+        )
+        assert 1 <= len(report.top_eigenvalues) <= 2
+        with pytest.raises(ResourceExhausted) as info:
+            c.analyze_curvature(
+                problems.rosenbrock(), np.zeros(2), density_probes=1, grid_points=70_000
+            )
+        assert info.value.message.startswith("options.grid_points: the report would take")
+        assert info.value.message.endswith(
+            "over the message limit of 1048576 (--max-message-bytes)"
+        )

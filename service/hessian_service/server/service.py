@@ -211,10 +211,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 f"server's memory budget of {self.config.dense_budget_bytes} "
                 "(dense_budget_bytes); ask for fewer",
             )
+        ritz = min(n, o.max_lanczos_iterations * o.block_size)  # eigenvalues Lanczos can report
         sizes = {  # the response's parts that grow with the request (each value 8 bytes)
-            "options.grid_points": 2 * codec.tensor_wire_bytes([o.grid_points], 8),
-            "options.top_k": 16 * min(o.top_k, n) + 8,  # the eigenvalue and its bound
-            "options.bottom_k": 16 * min(o.bottom_k, n) + 8,
+            "options.grid_points": (
+                2 * codec.tensor_wire_bytes([o.grid_points], 8) if o.density_probes else 0
+            ),
+            "options.top_k": 16 * min(o.top_k, ritz) + 8,  # the eigenvalue and its bound
+            "options.bottom_k": 16 * min(o.bottom_k, ritz) + 8,
         }
         field = max(sizes.items(), key=lambda kv: kv[1])[0]
         self._check_fits(field, sum(sizes.values()) + 2 * RESPONSE_SLACK, "the report")
