@@ -8,6 +8,7 @@ import pytest
 from conftest import start_server
 from hessian_client import Client, InvalidArgument, ResourceExhausted, problems
 from hessian_client.cli import main
+from hessian_service.server.service import SAMPLE_HEADER_BYTES
 
 MiB = 1024**2
 CONFIG = {
@@ -22,6 +23,7 @@ CONFIG = {
     "max_stored_runs": 40,
     "max_store_bytes": 64 * MiB,
 }
+SAMPLE_ELEMENTS = (4 * MiB - SAMPLE_HEADER_BYTES) // 8  # float64 values, room for the headers
 LONG = {"method": "gradient_descent", "learning_rate": 1e-6, "stopping": {"max_iterations": 500}}
 
 
@@ -45,7 +47,7 @@ def test_every_limit_is_reported_as_configured(limited):
         assert getattr(limits, name) == value, name
     assert limits.max_spectrum_products == 100_000
     assert limits.max_list_page_size == 1000
-    assert limits.max_sample_elements == CONFIG["max_message_bytes"] // 8
+    assert limits.max_sample_elements == SAMPLE_ELEMENTS
 
 
 def test_the_cli_shows_every_limit(limited, capsys):
@@ -65,7 +67,7 @@ def test_the_cli_shows_every_limit(limited, capsys):
         f"store {64 * MiB} B",
         "curvature products 100000 per call",
         "ListRuns page 1000",
-        f"sampled values {4 * MiB // 8} per call",
+        f"sampled values {SAMPLE_ELEMENTS} per call",
     ):
         assert text in out, text
 

@@ -17,6 +17,7 @@ from .curvature import check_dense_budget
 from .linalg import symmetrise
 from .objectives.base import Objective
 from .options import MethodOptions
+from .validation import decomposable
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,12 @@ def dense_curvature(
     loss, grad, matrix = backend.system.newton_system(
         objective, x, options.curvature, options.dense_budget_bytes
     )
+    with decomposable("params"):
+        summary = spectrum_summary(matrix)
     return DenseCurvature(
         loss=float(loss),
         gradient=grad,
         matrix=matrix,
-        summary=spectrum_summary(matrix),
+        summary=summary,
         backend=backend.system.name,
     )

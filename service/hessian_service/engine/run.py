@@ -92,6 +92,8 @@ def take_step(
         raise ValidationError(
             "options.step_policy", "a descent step from params", str(exc)
         ) from exc
+    except (FloatingPointError, torch.linalg.LinAlgError) as exc:  # the curvature overflowed
+        raise ValidationError("params", "a point where the step's solve works", str(exc)) from exc
     _fill_step(record, step)
     if not step.accepted:
         record.damping = stepper.state["damping"]
@@ -235,7 +237,7 @@ class Run:
                     step = self.stepper.step(point)
                 except LineSearchFailed as exc:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
-                except FloatingPointError as exc:
+                except (FloatingPointError, torch.linalg.LinAlgError) as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
             new_point: Point | None = None
             if step is not None:

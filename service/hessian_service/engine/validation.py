@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -140,3 +141,16 @@ def option_choice(
     if value not in choices:
         raise ValidationError(f"{field_prefix}.{name}", f"one of {list(choices)}", repr(value))
     return value
+
+
+@contextmanager
+def decomposable(field: str) -> Iterator[None]:
+    """LAPACK refusing a matrix (entries near float64's range make eigh fail to converge)
+    becomes a ValidationError naming `field`, the input that produced the matrix."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as exc:
+        reason = str(exc).split(":", 1)[-1].split(".")[0].strip()
+        raise ValidationError(
+            field, "a point whose curvature matrix float64 can decompose", reason
+        ) from None

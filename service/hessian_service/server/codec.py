@@ -6,7 +6,10 @@ reaches the caller as INVALID_ARGUMENT with that name.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -31,6 +34,14 @@ NUMPY_DTYPES = {
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
 }
 MAX_SHAPE_ELEMENTS = 2**40
+# Most dimensions a tensor may have on the wire. torch and numpy stop at 64 (past it they raise
+# an untyped error); 32 leaves room for the engine's own reshapes and is far beyond any
+# objective's data (at most 2-d) or any sensible parameter shape.
+MAX_RANK = 32
+# Run names and page tokens are short by design; bounding them keeps every RunInfo small
+# enough that a full ListRuns page fits a message.
+MAX_NAME_CHARS = 256
+MAX_PAGE_TOKEN_CHARS = 512
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
 RECORD_FIELDS = [
     f.name
@@ -46,14 +57,7 @@ def decode_tensor(
     if tensor.dtype not in TORCH_DTYPES:
         name = tensor_pb2.DType.Name(tensor.dtype) if tensor.dtype == 0 else str(tensor.dtype)
         raise ValidationError(f"{field}.dtype", "FLOAT32, FLOAT64 or INT64", name)
-    shape = list(tensor.shape)
-    if any(s < 0 for s in shape):
-        raise ValidationError(f"{field}.shape", "non-negative sizes", shape)
-    if math.prod(s for s in shape if s) > MAX_SHAPE_ELEMENTS:
-        # Even with a zero size in it (0 elements) such a shape cannot be represented.
-        raise ValidationError(
-            f"{field}.shape", f"sizes whose nonzero product is at most {MAX_SHAPE_ELEMENTS}", shape
-        )
+    shape = check_shape(tensor.shape, f"{field}.shape")
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise ResourceLimitError(
@@ -71,6 +75,57 @@ def decode_tensor(
     if dt.kind == "f" and not np.isfinite(array).all():
         raise ValidationError(field, "finite values", "NaN or inf")
     return torch.from_numpy(array.astype(dt.newbyteorder("=")).reshape(shape))
+
+
+def field_bytes(payload: int) -> int:
+    """Wire size of one length-delimited field (field number below 16) of `payload` bytes."""
+    return 1 + (max(payload, 1).bit_length() + 6) // 7 + payload
+
+
+def _widest_record() -> int:
+    """An upper bound on one StepRecord's wire size inside its parent: every number at its
+    widest encoding, a 64-character backend name (the engine's are a few characters)."""
+    msg = optimize_pb2.StepRecord()
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.type == fd.TYPE_STRING:
+            setattr(msg, fd.name, "x" * 64)
+        elif fd.type == fd.TYPE_BOOL:
+            setattr(msg, fd.name, True)
+        elif fd.type in (fd.TYPE_DOUBLE, fd.TYPE_FLOAT):
+            setattr(msg, fd.name, math.pi)
+        else:
+            setattr(msg, fd.name, -1)  # a negative varint takes its full 10 bytes
+    return field_bytes(msg.ByteSize())
+
+
+def check_shape(shape: Sequence[int], field: str) -> list[int]:
+    """`shape` as a list after checking its rank and sizes (ValidationError naming `field`)."""
+    if len(shape) > MAX_RANK:
+        raise ValidationError(field, f"at most {MAX_RANK} dimensions", f"{len(shape)}")
+    shape = list(shape)
+    if any(s < 0 for s in shape):
+        raise ValidationError(field, "non-negative sizes", shape)
+    if math.prod(s for s in shape if s) > MAX_SHAPE_ELEMENTS:
+        # Even with a zero size in it (0 elements) such a shape cannot be represented.
+        raise ValidationError(
+            field, f"sizes whose nonzero product is at most {MAX_SHAPE_ELEMENTS}", shape
+        )
+    return shape
+
+
+def tensor_wire_bytes(shape: Sequence[int], itemsize: int) -> int:
+    """Exact wire size of a Tensor of `shape` (itemsize-byte values) inside its parent field.
+
+    Computed without the data, so a response can be sized before anything is generated.
+    """
+    body = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT64, shape=shape).ByteSize()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes:
+        body += field_bytes(nbytes)
+    return field_bytes(body)
+
+
+MAX_RECORD_BYTES = _widest_record()
 
 
 def encode_tensor(
@@ -207,6 +262,43 @@ def stopping_to_wire(values: dict[str, Any]) -> optimize_pb2.StopCriteria:
         if values.get(name) is not None:
             setattr(msg, name, values[name])
     return msg
+
+
+def encode_page_token(created_at: float, run_id: str) -> str:
+    """The ListRuns page token that continues after the run (created_at, run_id)."""
+    return base64.urlsafe_b64encode(json.dumps([created_at, run_id]).encode()).decode()
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a time")
+
+
+def decode_page_token(token: str, field: str = "page_token") -> tuple[float, str]:
+    """(created_at, run_id) of a token encode_page_token made; anything else is refused.
+
+    The length is bounded before decoding (no deep nesting, no large input reaches json) and
+    the decoded value must have exactly the issued shape; the token is never echoed back.
+    """
+    expected = "a next_page_token returned by ListRuns"
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise ValidationError(
+            field, f"{expected} (at most {MAX_PAGE_TOKEN_CHARS} characters)", f"{len(token)}"
+        )
+    try:
+        raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # binascii, Unicode and JSON errors are ValueErrors
+        value = None
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and type(value[0]) is float
+        and math.isfinite(value[0])
+        and type(value[1]) is str
+        and len(value[1]) <= MAX_NAME_CHARS
+    ):
+        raise ValidationError(field, expected, "a token this server did not issue")
+    return value[0], value[1]
 
 
 def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:

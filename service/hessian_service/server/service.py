@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
-import json
 import math
 from collections.abc import AsyncIterator
 
@@ -52,6 +49,12 @@ NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
 MAX_LIST_PAGE = 1000
+# Room a response needs beside its tensors and records: scalars and strings the server
+# writes (a summary, a method note; an analysis' verdict reason takes two of these).
+RESPONSE_SLACK = 512
+# SampleTensors' advertised limit leaves this much of a message for the tensors' headers: any
+# request of at most max_sample_elements values in up to 16 tensors of any rank fits.
+SAMPLE_HEADER_BYTES = 4096
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -99,8 +102,25 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @property
     def _max_sample_elements(self) -> int:
-        """SampleTensors' cap on values per call: float64 values that fit one message."""
-        return self.config.max_message_bytes // 8
+        """SampleTensors' cap on values per call: float64 values that fit one message with
+        their tensors' headers (SAMPLE_HEADER_BYTES)."""
+        return max(0, self.config.max_message_bytes - SAMPLE_HEADER_BYTES) // 8
+
+    def _check_fits(self, field: str, nbytes: int, what: str) -> None:
+        """Refuse, before any work, a response of `nbytes` over the message limit."""
+        limit = self.config.max_message_bytes
+        if nbytes > limit:
+            raise ResourceLimitError(
+                field,
+                f"{what} would take {nbytes} bytes, over the message limit of {limit} "
+                "(--max-message-bytes)",
+            )
+
+    @property
+    def _watch_page(self) -> int:
+        """Records per WatchRun event: WATCH_PAGE, fewer when a message cannot hold them."""
+        room = self.config.max_message_bytes - RESPONSE_SLACK
+        return max(1, min(WATCH_PAGE, room // codec.MAX_RECORD_BYTES))
 
     def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
         return codec.decode_tensor(tensor, field, max_elements=self.config.max_params)
@@ -141,7 +161,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
             if stored is not None:
-                info.final_params.CopyFrom(codec.encode_tensor(from_stored(stored).params))
+                params = from_stored(stored).params
+                size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
+                self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
+                info.final_params.CopyFrom(codec.encode_tensor(params))
         return info
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one servicer per server; bounded)
@@ -162,6 +185,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     ):
         _, objective = self.registry.resolve(request, self.tenancy.of(context))
         params = self._decode_params(request.params, "params")
+        response_bytes = codec.tensor_wire_bytes(params.shape, 8) + codec.MAX_RECORD_BYTES
+        self._check_fits("params", response_bytes + RESPONSE_SLACK, "the new parameters")
         options = self._step_options(
             request.options.SerializeToString(deterministic=True), default, allowed
         )
@@ -203,12 +228,16 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 f"server's memory budget of {self.config.dense_budget_bytes} "
                 "(dense_budget_bytes); ask for fewer",
             )
-        if 16 * o.grid_points + 4096 > self.config.max_message_bytes:
-            raise ResourceLimitError(
-                "options.grid_points",
-                f"{o.grid_points} points do not fit the message limit of "
-                f"{self.config.max_message_bytes} bytes",
-            )
+        ritz = min(n, o.max_lanczos_iterations * o.block_size)  # eigenvalues Lanczos can report
+        sizes = {  # the response's parts that grow with the request (each value 8 bytes)
+            "options.grid_points": (
+                2 * codec.tensor_wire_bytes([o.grid_points], 8) if o.density_probes else 0
+            ),
+            "options.top_k": 16 * min(o.top_k, ritz) + 8,  # the eigenvalue and its bound
+            "options.bottom_k": 16 * min(o.bottom_k, ritz) + 8,
+        }
+        field = max(sizes.items(), key=lambda kv: kv[1])[0]
+        self._check_fits(field, sum(sizes.values()) + 2 * RESPONSE_SLACK, "the report")
 
     # unary RPCs
     @unary
@@ -226,6 +255,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def SampleTensors(self, request, context):
         specs = []
+        limit = self._max_sample_elements
+        values = response_bytes = 0
         for i, spec in enumerate(request.tensors):
             dtype = codec.DTYPE_NAMES.get(spec.dtype)
             if dtype is None:
@@ -233,16 +264,18 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             dist = codec.enum_name(
                 optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
             )
-            shape = list(spec.shape)
-            if math.prod(s for s in shape if s) > codec.MAX_SHAPE_ELEMENTS:
-                # zero values, but sizes no array can describe (numpy refuses it on encoding)
-                raise ValidationError(
-                    f"tensors[{i}].shape",
-                    f"sizes whose nonzero product is at most {codec.MAX_SHAPE_ELEMENTS}",
-                    shape,
+            shape = codec.check_shape(spec.shape, f"tensors[{i}].shape")
+            values += math.prod(shape)
+            if values > limit:
+                raise ResourceLimitError(
+                    f"tensors[{i}].shape", f"{values} values requested, over the limit of {limit}"
                 )
+            response_bytes += codec.tensor_wire_bytes(shape, 4 if dtype == "float32" else 8)
             specs.append((shape, dtype, dist or "uniform"))
-        tensors = sample(request.seed, specs, max_elements=self._max_sample_elements)
+        # Sized before anything is drawn: many small tensors' headers can outgrow a message.
+        what = f"{len(specs)} tensors of {values} values"
+        self._check_fits("tensors", response_bytes, what)
+        tensors = sample(request.seed, specs, max_elements=limit)
         return service_pb2.SampleTensorsResponse(tensors=[codec.encode_tensor(t) for t in tensors])
 
     @unary
@@ -269,15 +302,19 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             if value is not None:
                 values[name] = value
         if request.HasField("dense_budget_bytes"):
+            if request.dense_budget_bytes < 1:  # named here: the options' checks say "request."
+                raise ValidationError(
+                    "dense_budget_bytes", "a positive integer", request.dense_budget_bytes
+                )
             values["dense_budget_bytes"] = request.dense_budget_bytes
         options = self._method_options(values, "request")
         n = objective.num_params
-        matrix_bytes = n * n * 8 + 64
-        if not request.omit_matrix and matrix_bytes > self.config.max_message_bytes:
-            raise ResourceLimitError(
-                "omit_matrix",
-                f"a {n}x{n} matrix needs about {matrix_bytes} bytes, over the message limit of "
-                f"{self.config.max_message_bytes}; set omit_matrix for the summary alone",
+        summary_bytes = codec.tensor_wire_bytes([n], 8) + RESPONSE_SLACK  # with the gradient
+        self._check_fits("params", summary_bytes, f"the gradient of {n} parameters")
+        if not request.omit_matrix:
+            matrix_bytes = codec.tensor_wire_bytes([n, n], 8) + summary_bytes
+            self._check_fits(
+                "omit_matrix", matrix_bytes, f"a {n}x{n} matrix (set omit_matrix for the summary)"
             )
         result = dense_curvature(objective, params, options)
         s = result.summary
@@ -314,6 +351,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def StartRun(self, request, context):
         _check_deadline(context)
+        if len(request.name) > codec.MAX_NAME_CHARS:
+            raise ValidationError(
+                "name", f"at most {codec.MAX_NAME_CHARS} characters", len(request.name)
+            )
         tenant = self.tenancy.of(context)
         pid, objective = self.registry.resolve(request, tenant, persist=True)
         values = codec.options_to_dict(request.options)
@@ -368,15 +409,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         size = request.page_size or 50
         if not 1 <= size <= MAX_LIST_PAGE:
             raise ValidationError("page_size", f"an integer in [1, {MAX_LIST_PAGE}] (0: 50)", size)
-        after = None
-        if request.page_token:
-            try:
-                created, run_id = json.loads(base64.urlsafe_b64decode(request.page_token))
-                after = (float(created), str(run_id))
-            except (ValueError, TypeError, OverflowError, binascii.Error):
-                raise ValidationError(
-                    "page_token", "a token from a previous ListRuns", request.page_token
-                ) from None
+        after = codec.decode_page_token(request.page_token) if request.page_token else None
         statuses = []
         for i, value in enumerate(request.status):
             name = codec.enum_name(RUN_STATUS, value, f"status[{i}]")
@@ -384,13 +417,17 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
             statuses.append(name.upper())
         rows = self.store.list_runs(statuses, size + 1, after, self.tenancy.of(context).scope)
-        response = service_pb2.ListRunsResponse(
-            runs=[self._info(self.runs.settle(r)) for r in rows[:size]]
-        )
-        if len(rows) > size:
-            last = rows[size - 1]
-            token = json.dumps([last.created_at, last.run_id]).encode()
-            response.next_page_token = base64.urlsafe_b64encode(token).decode()
+        response = service_pb2.ListRunsResponse()
+        room = self.config.max_message_bytes - RESPONSE_SLACK  # the token's share
+        for row in rows[:size]:
+            info = self._info(self.runs.settle(row))
+            room -= codec.field_bytes(info.ByteSize())
+            if room < 0 and response.runs:
+                break  # a shorter page: the token continues after its last run
+            response.runs.append(info)
+        if len(rows) > len(response.runs):
+            last = rows[len(response.runs) - 1]
+            response.next_page_token = codec.encode_page_token(last.created_at, last.run_id)
         return response
 
     @unary
@@ -478,7 +515,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                     yield _event(page)
                     nxt = page[-1].iteration + 1
                 nxt = max(nxt, live.base)
-                async for batch in _follow(live, nxt):
+                async for batch in _follow(live, nxt, self._watch_page):
                     yield _event(batch)
                     nxt = batch[-1].iteration + 1
                 if live.error is not None:
@@ -505,7 +542,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     def _stored_page(self, run_id: str, nxt: int, last: int | None = None) -> list:
         """Stored records from iteration `nxt` on without a gap (up to `last`, at most
-        WATCH_PAGE of them); empty when there are none to send.
+        self._watch_page of them); empty when there are none to send.
 
         The row is read first: every record up to its last_record was committed before, so
         when iteration `nxt` is not there it was deleted behind the server's back: raise
@@ -516,7 +553,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         last = stored if last is None else min(last, stored)
         if last < nxt:
             return []
-        page = self.store.records(run_id, nxt, min(WATCH_PAGE, last - nxt + 1))
+        page = self.store.records(run_id, nxt, min(self._watch_page, last - nxt + 1))
         present = 0
         while present < len(page) and page[present].iteration == nxt + present:
             present += 1
@@ -535,8 +572,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         )
 
 
-async def _follow(live: LiveRun, nxt: int) -> AsyncIterator[list]:
-    """Batches (at most WATCH_PAGE) of a live run's committed records from iteration `nxt`
+async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list]:
+    """Batches (at most `page` records) of a live run's committed records from iteration `nxt`
     until it ends; waits on an asyncio.Event its committing thread sets, not on a thread."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
@@ -550,8 +587,8 @@ async def _follow(live: LiveRun, nxt: int) -> AsyncIterator[list]:
         while True:
             changed.clear()
             batch, finished = live.committed_from(nxt - live.base)
-            for start in range(0, len(batch), WATCH_PAGE):
-                yield batch[start : start + WATCH_PAGE]
+            for start in range(0, len(batch), page):
+                yield batch[start : start + page]
             nxt += len(batch)
             if finished:
                 return

@@ -1,0 +1,55 @@
+"""Curvature that overflows float64 (an l2 of 1e200 or more) is the caller's input, not a bug:
+the unary calls refuse it as INVALID_ARGUMENT naming params, where LAPACK's refusal and the
+CG solver's non-finite product used to escape as INTERNAL (found by the hostile-input suite)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hessian_client import InvalidArgument, problems
+from hessian_client.proto import service_pb2
+from hessian_client.tensors import encode
+
+X = np.array([[0.1, -0.2], [0.3, 0.4], [-0.5, 0.6], [0.7, 0.8], [0.2, -0.9], [1.0, 0.1]])
+LABELS = np.array([0, 1, 2, 0, 1, 2])
+PARAMS = np.linspace(-0.1, 0.1, 9)
+
+
+def _softmax(l2: float):
+    return problems.softmax_regression(X, LABELS, num_classes=3, l2=l2)
+
+
+def test_compute_hessian_of_an_overflowing_curvature_names_params(client):
+    with pytest.raises(InvalidArgument) as info:
+        client.compute_hessian(_softmax(1e308), PARAMS, backend="autograd")
+    assert info.value.message.startswith(
+        "params: expected a point whose curvature matrix float64 can decompose"
+    )
+
+
+@pytest.mark.parametrize("l2", [1e200, 1e308])
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_step_whose_solve_overflows_names_params(client, method, l2):
+    with pytest.raises(InvalidArgument) as info:
+        client.newton_step(_softmax(l2), PARAMS, method=method, backend="autograd")
+    assert info.value.message.startswith("params: expected a point where the step's solve works")
+
+
+def test_the_same_calls_at_a_sane_scale_are_answered(client):
+    hessian = client.compute_hessian(_softmax(0.1), PARAMS, backend="autograd")
+    assert np.isfinite(hessian.summary.max_eigenvalue)
+    for method in ("newton_cg", "gauss_newton_cg"):
+        step = client.newton_step(_softmax(0.1), PARAMS, method=method, backend="autograd")
+        assert step.record.loss < 2.0
+
+
+@pytest.mark.parametrize("budget", [0, -1, -(2**63)])
+def test_compute_hessian_names_its_own_dense_budget_field(stub, budget):
+    request = service_pb2.ComputeHessianRequest(
+        problem=_softmax(0.1), params=encode(PARAMS), dense_budget_bytes=budget
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ComputeHessian(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"dense_budget_bytes: expected a positive integer, got {budget}"
