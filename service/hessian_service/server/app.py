@@ -148,7 +148,7 @@ def build_server(
         ],
     )
     service_pb2_grpc.add_HessianServiceServicer_to_server(
-        HessianService(config, store, registry, runs), server
+        HessianService(config, store, registry, runs, metrics), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

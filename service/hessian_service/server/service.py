@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from ..engine import (
     resolve_method,
     take_step,
 )
+from ..engine.cancel import CANCELLED, DEADLINE, Cancelled, CancelToken
 from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
@@ -34,6 +36,7 @@ from . import codec
 from .auth import caller
 from .config import ServerConfig
 from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unary
+from .observability import Metrics
 from .problems import ProblemRegistry
 from .runs import LiveRun, RunManager, from_stored
 
@@ -42,7 +45,7 @@ WATCH_POLL_SECONDS = 0.5
 RUN_STATUS = service_pb2.RunStatus
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
-MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
+MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call
 MAX_LIST_PAGE = 1000
 
 
@@ -60,6 +63,24 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
         raise DeadlineError("deadline passed before the computation started")
 
 
+def call_token(context: grpc.ServicerContext) -> CancelToken:
+    """A cancel token for this call: its deadline, and cancelled when the call ends early.
+
+    Uses only time_remaining and add_callback (also on grpc.aio's context for sync handlers).
+    The callback runs when the call terminates: past the deadline that is DEADLINE, else the
+    client went away (CANCELLED); after a normal answer nobody checks the token any more.
+    """
+    token = CancelToken.after(context.time_remaining())
+
+    def ended() -> None:
+        remaining = context.time_remaining()
+        token.cancel(DEADLINE if remaining is not None and remaining <= 0 else CANCELLED)
+
+    if context.add_callback(ended) is False:  # the call has already terminated
+        ended()
+    return token
+
+
 class HessianService(service_pb2_grpc.HessianServiceServicer):
     """gRPC adapter over the engine, the problem registry, the run manager and the store."""
 
@@ -69,11 +90,25 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         store: RunStore,
         registry: ProblemRegistry,
         runs: RunManager,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.registry = registry
         self.runs = runs
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def _cancellable(self, context: grpc.ServicerContext, method: str) -> Iterator[CancelToken]:
+        """The call's cancel token; engine work it stopped is counted by method and reason."""
+        token = call_token(context)
+        try:
+            token.check("before it started")
+            yield token
+        except Cancelled as exc:
+            if self.metrics is not None:
+                self.metrics.cancelled.labels(method, exc.reason).inc()
+            raise
 
     # helpers
     def _method_options(self, values: dict, field: str = "options") -> MethodOptions:
@@ -142,13 +177,19 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             raise ValidationError("options.method", f"one of {list(allowed)}", repr(method))
         return self._method_options(values)
 
-    def _step(self, request: service_pb2.StepRequest, default: str, allowed: tuple[str, ...]):
+    def _step(
+        self,
+        request: service_pb2.StepRequest,
+        default: str,
+        allowed: tuple[str, ...],
+        cancel: CancelToken,
+    ):
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
         options = self._step_options(
             request.options.SerializeToString(deterministic=True), default, allowed
         )
-        result = take_step(objective, params, options)
+        result = take_step(objective, params, options, cancel)
         response = service_pb2.StepResponse()
         codec.encode_tensor(result.params, request.params.shape, response.params)
         codec.record_to_wire(result.record, response.record)
@@ -230,17 +271,20 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def GradientStep(self, request, context):
-        _check_deadline(context)
-        return self._step(request, "gradient_descent", ("gradient_descent",))
+        with self._cancellable(context, "GradientStep") as cancel:
+            return self._step(request, "gradient_descent", ("gradient_descent",), cancel)
 
     @unary
     def NewtonStep(self, request, context):
-        _check_deadline(context)
-        return self._step(request, "newton", NEWTON_METHODS)
+        with self._cancellable(context, "NewtonStep") as cancel:
+            return self._step(request, "newton", NEWTON_METHODS, cancel)
 
     @unary
     def ComputeHessian(self, request, context):
-        _check_deadline(context)
+        with self._cancellable(context, "ComputeHessian") as cancel:
+            return self._compute_hessian(request, cancel)
+
+    def _compute_hessian(self, request, cancel: CancelToken):
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
         values: dict = {"method": "newton"}
@@ -262,7 +306,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 f"a {n}x{n} matrix needs about {matrix_bytes} bytes, over the message limit of "
                 f"{self.config.max_message_bytes}; set omit_matrix for the summary alone",
             )
-        result = dense_curvature(objective, params, options)
+        result = dense_curvature(objective, params, options, cancel)
         s = result.summary
         response = service_pb2.ComputeHessianResponse(
             summary=optimize_pb2.CurvatureSummary(
@@ -283,7 +327,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def AnalyzeCurvature(self, request, context):
-        _check_deadline(context)
+        with self._cancellable(context, "AnalyzeCurvature") as cancel:
+            return self._analyze_curvature(request, cancel)
+
+    def _analyze_curvature(self, request, cancel: CancelToken):
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
         values = codec.spectrum_to_dict(request.options)
@@ -292,7 +339,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         options = SpectrumOptions.from_dict(values)
         itemsize = torch.empty((), dtype=params.dtype).element_size()
         self._check_spectrum_memory(objective.num_params, itemsize, options)
-        return codec.report_to_wire(analyze_curvature(objective, params, options))
+        return codec.report_to_wire(analyze_curvature(objective, params, options, cancel))
 
     @unary
     def StartRun(self, request, context):
