@@ -124,3 +124,19 @@ def test_dense_curvature_concurrent_equals_solo(name, curvature, backend):
     params = random_params(objective)
     options = MethodOptions(curvature=curvature, backend=backend)
     assert_concurrent_equals_solo(lambda: bits(dense_curvature(objective, params, options)))
+
+
+def test_answers_do_not_depend_on_torch_global_generator():
+    """Every draw (probes, sub-samples, mini-batches) uses its own seeded generator, so
+    another request reseeding or drawing from torch's default generator changes nothing."""
+    objective = random_problem("mlp", size=8)
+    params = random_params(objective)
+    step_options = MethodOptions(**STEP_CASES["gauss_newton_cg-subsampled"][1])
+    spectrum_options = SpectrumOptions(**SPECTRUM_DEFAULTS)
+    answers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        step = take_step(objective, params, step_options)
+        report = analyze_curvature(objective, params, spectrum_options)
+        answers.append(bits((step.params, step.record, report)))
+    assert answers[0] == answers[1]
