@@ -11,9 +11,12 @@ that only guard against hangs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import queue
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -174,3 +177,71 @@ def test_compute_hessian_past_its_deadline_stops_between_row_chunks(handle, rpc,
     assert "Hessian rows" in str(ended)
     _wait_count(handle, "ComputeHessian", "deadline", before + 1)
     _answers_next_call(rpc)
+
+
+def _aio_outcome(kind: str, cancel_by: str) -> str | None:
+    """The reason a call_token built inside a grpc.aio handler reports once the call ends.
+
+    kind: an async handler (work in an executor), or a sync handler in aio's
+    migration_thread_pool. cancel_by: "deadline" (a 0.5 s client deadline) or "client" (the
+    client cancels once the work has started). The work waits for its token, bounded.
+    """
+    started, finished = threading.Event(), threading.Event()
+    reasons: list[str | None] = []
+
+    def work(token) -> None:
+        started.set()
+        stop = time.monotonic() + HANG_GUARD
+        while not token.cancelled and time.monotonic() < stop:
+            time.sleep(0.01)
+        reasons.append(token.reason)
+        finished.set()
+
+    def sync_handler(request, context):
+        work(service.call_token(context))
+        return b""
+
+    async def async_handler(request, context):
+        token = service.call_token(context)
+        await asyncio.get_running_loop().run_in_executor(None, work, token)
+        return b""
+
+    method = async_handler if kind == "async" else sync_handler
+    handlers = grpc.method_handlers_generic_handler(
+        "t.Cancel", {"Work": grpc.unary_unary_rpc_method_handler(method)}
+    )
+
+    async def scenario() -> None:
+        with futures.ThreadPoolExecutor(2) as pool:
+            server = grpc.aio.server(migration_thread_pool=pool)
+            server.add_generic_rpc_handlers((handlers,))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            loop = asyncio.get_running_loop()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary("/t.Cancel/Work")(
+                    b"", timeout=0.5 if cancel_by == "deadline" else None
+                )
+                if cancel_by == "client":
+                    assert await loop.run_in_executor(None, started.wait, HANG_GUARD)
+                    call.cancel()
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                    await call
+                assert await loop.run_in_executor(None, finished.wait, HANG_GUARD)
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    return reasons[0]
+
+
+@pytest.mark.parametrize(
+    "kind,cancel_by,reason",
+    [
+        ("async", "deadline", "deadline"),
+        ("async", "client", "cancelled"),
+        ("sync_in_migration_pool", "deadline", "deadline"),
+    ],
+)
+def test_call_token_on_grpc_aio(kind, cancel_by, reason):
+    """The glue works on grpc.aio too (a sync handler there learns of its deadline only)."""
+    assert _aio_outcome(kind, cancel_by) == reason

@@ -67,20 +67,26 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
 def call_token(context: grpc.ServicerContext) -> CancelToken:
     """A cancel token for this call: its deadline, and cancelled when the call ends early.
 
-    Uses only time_remaining and add_callback (also on grpc.aio's context for sync handlers).
-    The callback runs when the call terminates: within DEADLINE_SLACK_SECONDS of the deadline
-    that is DEADLINE (the client's deadline fires a few ms before the server's copy of it,
-    measured 8-18 ms on loopback), else the client went away (CANCELLED); after a normal
-    answer nobody checks the token any more.
+    Uses time_remaining and add_callback (the sync API, which grpc.aio's context for sync
+    handlers also offers; there the callback only runs once the handler has returned, so
+    only the deadline reaches the work) or, on grpc.aio's context of an async handler,
+    add_done_callback (which runs as soon as the client goes away). The callback runs when
+    the call terminates: within DEADLINE_SLACK_SECONDS of the deadline that is DEADLINE (the
+    client's deadline fires a few ms before the server's copy of it, measured 8-18 ms on
+    loopback), else the client went away (CANCELLED); after a normal answer nobody checks
+    the token any more.
     """
     token = CancelToken.after(context.time_remaining())
 
-    def ended() -> None:
+    def ended(*_: object) -> None:
         remaining = context.time_remaining()
         near = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
         token.cancel(DEADLINE if near else CANCELLED)
 
-    if context.add_callback(ended) is False:  # the call has already terminated
+    add_callback = getattr(context, "add_callback", None)
+    if add_callback is None:  # grpc.aio ServicerContext (an async handler)
+        context.add_done_callback(ended)
+    elif add_callback(ended) is False:  # the call has already terminated
         ended()
     return token
 
