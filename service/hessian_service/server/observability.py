@@ -69,7 +69,8 @@ class Metrics:
         )
         self.cancelled = Counter(
             "hessian_cancelled_work",
-            "Unary computations stopped part-way, by method and reason (deadline | cancelled)",
+            "Unary computations stopped by their call's deadline or cancellation (before or "
+            "part-way), by method and reason (deadline | cancelled)",
             ["method", "reason"],
             registry=r,
         )

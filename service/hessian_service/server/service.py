@@ -193,7 +193,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         default: str,
         allowed: tuple[str, ...],
         cancel: CancelToken,
-    ):
+    ) -> service_pb2.StepResponse:
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
         options = self._step_options(
@@ -294,7 +294,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         with self._cancellable(context, "ComputeHessian") as cancel:
             return self._compute_hessian(request, cancel)
 
-    def _compute_hessian(self, request, cancel: CancelToken):
+    def _compute_hessian(
+        self, request: service_pb2.ComputeHessianRequest, cancel: CancelToken
+    ) -> service_pb2.ComputeHessianResponse:
+        """ComputeHessian's work under the call's cancel token."""
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
         values: dict = {"method": "newton"}
@@ -340,7 +343,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         with self._cancellable(context, "AnalyzeCurvature") as cancel:
             return self._analyze_curvature(request, cancel)
 
-    def _analyze_curvature(self, request, cancel: CancelToken):
+    def _analyze_curvature(
+        self, request: service_pb2.AnalyzeCurvatureRequest, cancel: CancelToken
+    ) -> service_pb2.AnalyzeCurvatureResponse:
+        """AnalyzeCurvature's work under the call's cancel token."""
         _, objective = self.registry.resolve(request)
         params = self._decode_params(request.params, "params")
         values = codec.spectrum_to_dict(request.options)
