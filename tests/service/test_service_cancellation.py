@@ -111,9 +111,7 @@ def _answers_next_call(rpc) -> None:
         {"X": torch.from_numpy(x), "y": torch.from_numpy(y)},
         {"layer_sizes": [3, 4, 2], "activation": "tanh"},
     )
-    expected = analyze_curvature(
-        objective, torch.from_numpy(params), SpectrumOptions(**options, density_probes=4)
-    )
+    expected = analyze_curvature(objective, torch.from_numpy(params), SpectrumOptions(**options))
     assert list(response.top_eigenvalues) == expected.top_eigenvalues
     assert list(response.bottom_eigenvalues) == expected.bottom_eigenvalues
 
