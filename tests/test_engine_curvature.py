@@ -106,3 +106,26 @@ def test_dense_budget_refused_before_allocating():
     with pytest.raises(ResourceLimitError, match="dense Hessian of 40 parameters"):
         hessian(obj, random_params(obj), budget_bytes=40 * 40 * 8 - 1)
     check_dense_budget(40, budget_bytes=40 * 40 * 8)
+
+
+@pytest.mark.parametrize("name", ["mlp", "softmax_regression", "least_squares"])
+def test_jacobian_product_without_forward_ad_matches_the_dense_jacobian(name):
+    """J v by the double vjp and J^T u, single and vmap'd, against jacrev's dense J."""
+    obj = random_problem(name)
+    x = random_params(obj)
+    out, forward, transposed = curvature.jacobian_product(obj.outputs, x)
+    jac = torch.func.jacrev(obj.outputs)(x).reshape(out.numel(), -1)
+    v, u = torch.randn(x.numel(), 3, dtype=x.dtype), torch.randn(out.numel(), dtype=x.dtype)
+    assert rel_err(forward(v[:, 0]).reshape(-1), jac @ v[:, 0]) <= REL
+    batched = torch.func.vmap(forward, in_dims=1, out_dims=-1)(v)
+    assert rel_err(batched.reshape(out.numel(), 3), jac @ v) <= REL
+    assert rel_err(transposed(u.reshape(out.shape)), jac.T @ u) <= REL
+
+
+def test_gradient_product_vmapped_matches_the_dense_hessian():
+    obj = random_problem("mlp")
+    x = random_params(obj)
+    v = torch.randn(x.numel(), 4, dtype=x.dtype)
+    product = curvature.gradient_product(torch.func.grad(obj.loss), x)
+    got = torch.func.vmap(product, in_dims=1, out_dims=1)(v)
+    assert rel_err(got, torch.func.hessian(obj.loss)(x) @ v) <= REL

@@ -1,6 +1,7 @@
 """The optimisation engine: objectives, curvature, methods and runs. Importable without grpc."""
 
 from .backends import native_status
+from .cancel import Cancelled
 from .curvature import check_dense_budget, gauss_newton, hessian, hvp, loss_and_grad
 from .errors import (
     EngineError,
@@ -18,6 +19,7 @@ from .spectrum import CurvatureReport, SpectrumOptions, analyze_curvature
 __all__ = [
     "OBJECTIVES",
     "CancelToken",
+    "Cancelled",
     "Checkpoint",
     "CurvatureReport",
     "EngineError",

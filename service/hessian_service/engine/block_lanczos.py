@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cancel
 from .native_products import BlockProduct, curvature_block_product
 from .objectives.base import Objective
 
@@ -115,6 +116,7 @@ def block_lanczos_extremes(
     next_check = max(CHECK_EVERY, top_k + bottom_k)
     spectral = 0.0
     while True:
+        cancel.check(f"in block Lanczos after {products} products")
         w = product(q)
         products += q.shape[1]
         a = q.T @ w

@@ -4,17 +4,30 @@ This is the fallback for everything the native extension does not cover. The den
 recipe is chosen by size and memory: one batched double-backward (all n rows at once) for
 small n, chunks of rows for larger n so the batched graph never exceeds a memory budget,
 and never a recipe that costs more than the plain row loop.
+
+No product here uses forward-mode AD (torch.func.jvp, jacfwd, torch.func.hessian): torch
+keeps the forward-AD dual level in process-global state (torch.autograd.forward_ad's
+_current_level, functorch's JVP_NESTING and the C++ level registry), so two requests
+computing jvps at once corrupt each other's tangents or fail. Jacobian-vector products are
+reverse passes instead: H v is a vjp of the gradient (H is symmetric) and J v a vjp of the
+linear map u -> J^T u (`jacobian_product`); torch.func's grad/vjp/vmap keep their state
+per thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from . import cancel
 from .errors import ResourceLimitError
 from .objectives.base import Objective
 
 DEFAULT_DENSE_BUDGET_BYTES = 2 * 1024**3
 DEFAULT_BATCH_BUDGET_BYTES = 64 * 1024**2
+
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 def dense_hessian_bytes(n: int, dtype: torch.dtype = torch.float64) -> int:
@@ -92,6 +105,7 @@ def newton_system(
     eye = torch.eye(n, dtype=params.dtype, device=params.device)
     hessian = params.new_empty((n, n))
     for start in range(0, n, chunk):
+        cancel.check(f"after {start} of {n} Hessian rows")
         stop = min(n, start + chunk)
         last = stop == n
         if stop - start == 1:
@@ -125,10 +139,42 @@ def hessian(
     )[2]
 
 
+def gradient_product(grad_fn: Product, x: torch.Tensor) -> Product:
+    """v -> H v for grad_fn = torch.func.grad(f), H the (symmetric) Hessian of f at x.
+
+    A torch.func vjp of the gradient, recomputed per call: nothing is kept between products
+    and the product is vmap-able.
+    """
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.vjp(grad_fn, x)[1](v)[0]
+
+    return product
+
+
+def jacobian_product(fn: Product, x: torch.Tensor) -> tuple[torch.Tensor, Product, Product]:
+    """fn(x), v -> J v and u -> J^T u for J the Jacobian of fn at x, by reverse passes only.
+
+    J v is the vjp of the linear map u -> J^T u (at u = 0) with cotangent v: the
+    "double-vjp" trick, whose graphs are built once here; both products are vmap-able.
+    """
+    out, vjp_fn = torch.func.vjp(fn, x)
+
+    def transposed(u: torch.Tensor) -> torch.Tensor:
+        return vjp_fn(u)[0]
+
+    _, double_vjp = torch.func.vjp(transposed, torch.zeros_like(out))
+
+    def forward(v: torch.Tensor) -> torch.Tensor:
+        return double_vjp(v)[0]
+
+    return out, forward, transposed
+
+
 def hvp(objective: Objective, params: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """Hessian-vector product H(params) @ vector, forward-over-reverse (no dense Hessian)."""
+    """Hessian-vector product H(params) @ vector, reverse-over-reverse (no dense Hessian)."""
     grad_fn = torch.func.grad(objective.loss)
-    return torch.func.jvp(grad_fn, (params.detach(),), (vector.detach(),))[1]
+    return gradient_product(grad_fn, params.detach())(vector.detach())
 
 
 def gauss_newton(
@@ -153,12 +199,10 @@ def gauss_newton(
     m = out.numel()
     jac = torch.func.jacrev(objective.outputs)(x).reshape(m, n)
     grad_out = torch.func.grad(lambda o: objective.output_loss(o.reshape(out.shape)))
-
-    def out_hvp(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad_out, (out.reshape(-1),), (v,))[1]
-
-    h_out_jac = torch.func.vmap(out_hvp, in_dims=1, out_dims=1)(jac)
+    cancel.check("after the output Jacobian")
+    _, out_hvp = torch.func.vjp(grad_out, out.reshape(-1))
+    h_out_jac = torch.func.vmap(lambda v: out_hvp(v)[0], in_dims=1, out_dims=1)(jac)
     ggn = jac.T @ h_out_jac
     ggn = (ggn + ggn.T) / 2
-    h_reg = torch.func.hessian(objective.regulariser)(x)
+    h_reg = torch.func.jacrev(torch.func.grad(objective.regulariser))(x)
     return loss, grad, ggn + h_reg

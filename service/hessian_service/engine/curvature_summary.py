@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import resolve
+from .cancel import CancelToken, check, scope
 from .curvature import check_dense_budget
 from .linalg import symmetrise
 from .objectives.base import Objective
@@ -62,9 +63,23 @@ def spectrum_summary(matrix: torch.Tensor) -> SpectrumSummary:
 
 
 def dense_curvature(
+    objective: Objective,
+    params: torch.Tensor,
+    options: MethodOptions,
+    cancel: CancelToken | None = None,
+) -> DenseCurvature:
+    """Dense curvature (options.curvature) at `params`, within options.dense_budget_bytes.
+
+    `cancel`: checked between row chunks of the autograd assembly and before the
+    eigendecomposition (raises cancel.Cancelled).
+    """
+    with scope(cancel):
+        return _dense_curvature(objective, params, options)
+
+
+def _dense_curvature(
     objective: Objective, params: torch.Tensor, options: MethodOptions
 ) -> DenseCurvature:
-    """Dense curvature (options.curvature) at `params`, within options.dense_budget_bytes."""
     options = options.validated()
     x = objective.check_params(params)
     check_dense_budget(x.numel(), options.dense_budget_bytes, x.dtype)
@@ -72,6 +87,7 @@ def dense_curvature(
     loss, grad, matrix = backend.system.newton_system(
         objective, x, options.curvature, options.dense_budget_bytes
     )
+    check("before the eigendecomposition")
     with decomposable("params"):
         summary = spectrum_summary(matrix)
     return DenseCurvature(

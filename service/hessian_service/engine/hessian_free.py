@@ -1,21 +1,22 @@
 """Hessian-free Newton: truncated CG on curvature-vector products, never a dense n x n matrix.
 
-`newton_cg` solves (B + lambda I) d = -g with B the Hessian (forward-over-reverse
-Hessian-vector products, torch.func) and `gauss_newton_cg` with B the generalised
-Gauss-Newton matrix J^T H_out J + H_reg (products through a jvp of the outputs, an
-output-space Hessian product and a vjp). The inner solver is Steihaug-Toint CG: it stops at
-the trust-region boundary, on negative curvature (following that direction, a descent
-direction for the model), or when the residual meets the Eisenstat-Walker forcing term.
-The trust radius follows the gain ratio rho (Nocedal & Wright, Alg. 4.1) and lambda
-follows Martens' (2010) Levenberg-Marquardt rule. Curvature products may use a seeded
-random sub-sample of the data rows (`curvature_fraction`), as Martens' Hessian-free does,
-and the gradient a mini-batch (`gradient_fraction`, drawn afresh each step; the curvature
-sample is then drawn from within that batch, as Martens does, so that CG minimises one
-mini-batch's model). The gain ratio always compares against the full-data loss, so an
-accepted step decreases the objective the run reports; that loss is a forward pass alone,
-so with a mini-batch no pass of a step runs backward through all rows. Under backend
-auto/native the objectives native_products.py covers take its closed-form native products
-instead (same rows, same matrix).
+`newton_cg` solves (B + lambda I) d = -g with B the Hessian (Hessian-vector products,
+torch.func or a retained autograd graph) and `gauss_newton_cg` with B the generalised
+Gauss-Newton matrix J^T H_out J + H_reg (products through J v, an output-space Hessian
+product and a vjp). No product uses forward-mode AD, whose state torch keeps
+process-global (see curvature.py): J v is a double vjp. The inner solver is Steihaug-Toint
+CG: it stops at the trust-region boundary, on negative curvature (following that
+direction, a descent direction for the model), or when the residual meets the
+Eisenstat-Walker forcing term. The trust radius follows the gain ratio rho (Nocedal &
+Wright, Alg. 4.1) and lambda follows Martens' (2010) Levenberg-Marquardt rule. Curvature
+products may use a seeded random sub-sample of the data rows (`curvature_fraction`), as
+Martens' Hessian-free does, and the gradient a mini-batch (`gradient_fraction`, drawn
+afresh each step; the curvature sample is then drawn from within that batch, as Martens
+does, so that CG minimises one mini-batch's model). The gain ratio always compares against
+the full-data loss, so an accepted step decreases the objective the run reports; that loss
+is a forward pass alone, so with a mini-batch no pass of a step runs backward through all
+rows. Under backend auto/native the objectives native_products.py covers take its
+closed-form native products instead (same rows, same matrix).
 Memory is O(n) plus one forward/backward graph: a handful of n-vectors in CG.
 """
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .curvature import loss_and_grad
+from . import cancel
+from .curvature import gradient_product, jacobian_product, loss_and_grad
 from .errors import ValidationError
 from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
@@ -52,10 +54,13 @@ def hessian_product(
 ) -> Product:
     """v -> H(params) v without forming H.
 
-    forward_over_reverse: torch.func jvp of the gradient, nothing kept between products
-    (vmap-able). reverse_over_reverse: the gradient's graph is built once (create_graph) and
-    each product is one more backward through it; per product it skips the forward pass and
-    torch.func's per-call overhead, at the cost of holding that graph (O(n + activations)).
+    forward_over_reverse (the name kept on the wire): a torch.func vjp of the gradient
+    recomputed per product, nothing kept between products (vmap-able); it was a jvp of the
+    gradient, which forward-mode AD's process-global level made unsafe under concurrent
+    requests, and H v = H^T v makes the vjp the same product. reverse_over_reverse: the
+    gradient's graph is built once (create_graph) and each product is one more backward
+    through it; per product it skips the forward pass and torch.func's per-call overhead,
+    at the cost of holding that graph (O(n + activations)).
     """
     x = params.detach()
     if mode == "reverse_over_reverse":
@@ -70,33 +75,30 @@ def hessian_product(
             return torch.zeros_like(v) if hv is None else hv
 
         return backward_product
-    grad_fn = torch.func.grad(objective.loss)
-
-    def product(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad_fn, (x,), (v,))[1]
-
-    return product
+    return gradient_product(torch.func.grad(objective.loss), x)
 
 
 def ggn_product(objective: Objective, params: torch.Tensor) -> Product:
-    """v -> (J^T H_out J + H_reg) v for objectives with `supports_ggn`, no Jacobian formed."""
+    """v -> (J^T H_out J + H_reg) v for objectives with `supports_ggn`, no Jacobian formed.
+
+    J v is a double vjp and H_out, H_reg products are vjps of gradients (all graphs built
+    once per point, `jacobian_product`), so no forward-mode AD runs; vmap-able.
+    """
     if not objective.supports_ggn:
         raise ValidationError(
             "options.curvature", f"hessian for {objective.name} (it has no Gauss-Newton structure)"
         )
     x = params.detach()
-    outputs, vjp_fn = torch.func.vjp(objective.outputs, x)
-    outputs = outputs.detach()
-    grad_out = torch.func.grad(objective.output_loss)
-    grad_reg = torch.func.grad(objective.regulariser)
-    has_reg = type(objective).regulariser is not Objective.regulariser
+    outputs, jacobian, transposed = jacobian_product(objective.outputs, x)
+    _, out_hvp = torch.func.vjp(torch.func.grad(objective.output_loss), outputs.detach())
+    reg_hvp = None
+    if type(objective).regulariser is not Objective.regulariser:
+        _, reg_hvp = torch.func.vjp(torch.func.grad(objective.regulariser), x)
 
     def product(v: torch.Tensor) -> torch.Tensor:
-        jv = torch.func.jvp(objective.outputs, (x,), (v,))[1]
-        h_jv = torch.func.jvp(grad_out, (outputs,), (jv,))[1]
-        (result,) = vjp_fn(h_jv)
-        if has_reg:
-            result = result + torch.func.jvp(grad_reg, (x,), (v,))[1]
+        result = transposed(out_hvp(jacobian(v))[0])
+        if reg_hvp is not None:
+            result = result + reg_hvp(v)[0]
         return result
 
     return product
@@ -193,6 +195,7 @@ def steihaug_cg(
     if gnorm > 0.0:
         target = tolerance * gnorm
         for iterations in range(1, max_iterations + 1):
+            cancel.check(f"in CG iteration {iterations}")
             ap = product(p)
             if damping:
                 ap = ap + damping * p

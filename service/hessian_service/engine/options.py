@@ -59,7 +59,7 @@ class MethodOptions:
     curvature_fraction (share of data rows the curvature products use, drawn each step
     from `seed`), hvp_mode (reverse_over_reverse, the default: one retained double-backward
     graph per step, 1.3-1.4x a gradient per product in BENCHMARKS.md; forward_over_reverse:
-    torch.func jvp of grad, nothing kept between products, 2.8-8x a gradient there),
+    torch.func vjp of grad (no forward-mode AD), nothing kept between products),
     gradient_fraction (share of data rows in the mini-batch whose gradient each step's CG
     uses, drawn afresh each step from `seed`; the curvature rows then come from within it;
     1: the full gradient; below 1 no full gradient is computed: the records' gradient norms

@@ -8,33 +8,18 @@ limit takes effect between iterations and the final record is the point the run 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Iterator
 
 import torch
 
+from .cancel import CancelToken, scope
 from .errors import ValidationError
 from .fused import fused_newton_step, validated_options
 from .methods import LineSearchFailed, Point, Step, Stepper
 from .objectives.base import Objective
 from .options import MethodOptions, StopCriteria
 from .records import Checkpoint, StepRecord, StepResult, StopReason
-
-
-class CancelToken:
-    """Set from any thread; the run checks it between iterations."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the run to stop before its next iteration."""
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 def _base_record(k: int, point: Point, previous_loss: float | None, backend: str) -> StepRecord:
@@ -66,13 +51,24 @@ def _fill_step(record: StepRecord, step: Step) -> None:
 
 
 def take_step(
-    objective: Objective, params: torch.Tensor, options: MethodOptions | None = None
+    objective: Objective,
+    params: torch.Tensor,
+    options: MethodOptions | None = None,
+    cancel: CancelToken | None = None,
 ) -> StepResult:
     """One step from `params`: the new parameters and the record of x and the step from it.
 
     A rejected Levenberg-Marquardt trial returns the input parameters unchanged (the
-    record says so and carries the increased damping to try next).
+    record says so and carries the increased damping to try next). `cancel`: a token the
+    step's loops check (raising cancel.Cancelled once it is cancelled or past its deadline).
     """
+    with scope(cancel):
+        return _take_step(objective, params, options)
+
+
+def _take_step(
+    objective: Objective, params: torch.Tensor, options: MethodOptions | None
+) -> StepResult:
     fused = fused_newton_step(objective, params, options)
     if fused is not None:  # the native fused op did the whole fixed-step Newton step
         return fused

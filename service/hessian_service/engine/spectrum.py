@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from . import cancel
 from .block_lanczos import BlockProduct, block_lanczos_extremes, block_product
+from .cancel import CancelToken, scope
 from .curvature import loss_and_grad
 from .errors import UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
@@ -63,8 +65,9 @@ class SpectrumOptions:
     an eigenvalue counts as zero when |lambda| <= max(absolute_tolerance, relative_tolerance
     x max|lambda|); a point is stationary when max|g| <= gradient_tolerance. hvp_mode: the
     Hessian product for the Lanczos blocks (reverse_over_reverse, cheaper per product on small
-    models, runs column by column; forward_over_reverse is vmap'd over the block); batched
-    probes always use vmap'd forward-over-reverse products. backend: auto | native |
+    models, runs column by column; forward_over_reverse, a torch.func vjp of the gradient, is
+    vmap'd over the block); batched probes always use the vmap'd forward_over_reverse
+    product. backend: auto | native |
     autograd (None: $HESSIAN_BACKEND, else auto); auto and native use the closed-form native
     block products where native_products.py covers the objective (hvp_mode is then unused).
     """
@@ -210,13 +213,17 @@ class _Counter:
 
     def block(self, v: torch.Tensor) -> torch.Tensor:
         """The product of each column of the (n, b) block `v`."""
+        cancel.check(f"after {self.count} curvature-vector products")
         self.count += v.shape[1]
         return self.block_product(v)
 
     def many(self, vs: torch.Tensor) -> torch.Tensor:
         """Products of the rows of `vs`, `batch_size` rows per vmap'd call."""
-        self.count += vs.shape[0]
-        parts = [self.batched(chunk) for chunk in vs.split(self.batch_size)]
+        parts = []
+        for chunk in vs.split(self.batch_size):
+            cancel.check(f"after {self.count} curvature-vector products")
+            parts.append(self.batched(chunk))
+            self.count += chunk.shape[0]
         return torch.cat(parts) if parts else vs.clone()
 
 
@@ -366,9 +373,22 @@ def classify(
 
 
 def analyze_curvature(
-    objective: Objective, params: torch.Tensor, options: SpectrumOptions | None = None
+    objective: Objective,
+    params: torch.Tensor,
+    options: SpectrumOptions | None = None,
+    cancel: CancelToken | None = None,
 ) -> CurvatureReport:
-    """Eigenvalue extremes, trace, spectral density and a verdict at `params`, matrix-free."""
+    """Eigenvalue extremes, trace, spectral density and a verdict at `params`, matrix-free.
+
+    `cancel`: checked before every batch of curvature products (raises cancel.Cancelled).
+    """
+    with scope(cancel):
+        return _analyze(objective, params, options)
+
+
+def _analyze(
+    objective: Objective, params: torch.Tensor, options: SpectrumOptions | None
+) -> CurvatureReport:
     started = time.perf_counter()
     opts = (options or SpectrumOptions()).validated()
     if opts.curvature == "gauss_newton" and not objective.supports_ggn:

@@ -192,7 +192,7 @@ def build_server(
             config.address,
             "" if config.allow_unauthenticated_remote else " (bound to loopback only)",
         )
-    servicer = HessianService(config, store, registry, runs, Tenancy(bool(tokens), admins))
+    servicer = HessianService(config, store, registry, runs, Tenancy(bool(tokens), admins), metrics)
     pool = futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="hessian-rpc")
     events = EventLoopThread(pool)
     chain += [

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from ..engine.cancel import DEADLINE, Cancelled
 from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError, clip
 from ..store import (
     ProblemInUseError,
@@ -79,6 +80,10 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, DeadlineError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, Cancelled):  # the engine stopped work for an expired or abandoned call
+        if exc.reason == DEADLINE:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        return grpc.StatusCode.CANCELLED, str(exc)
     if isinstance(exc, StoreFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DataLossError):

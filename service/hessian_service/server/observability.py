@@ -69,6 +69,13 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.cancelled = Counter(
+            "hessian_cancelled_work",
+            "Unary computations stopped by their call's deadline or cancellation (before or "
+            "part-way), by method and reason (deadline | cancelled)",
+            ["method", "reason"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "hessian_run_queue_depth", "Runs admitted but waiting for a worker", registry=r
         )
