@@ -34,6 +34,7 @@ from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
 from .runs import RunManager
 from .service import HessianService
+from .threads import install_thread_policy
 
 log = logging.getLogger("hessian_service.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["HessianService"].full_name
@@ -126,6 +127,7 @@ def build_server(
         checkpoint_every=config.checkpoint_every,
         max_runs_per_owner=config.max_runs_per_token,
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
+        threads=install_thread_policy(config),
     )
     chain: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if tokens:

@@ -36,6 +36,7 @@ from ..store import (
     StoreError,
 )
 from .errors import ConflictError, LimitError
+from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
@@ -127,8 +128,10 @@ class RunManager:
         checkpoint_every: int,
         max_runs_per_owner: int = 0,
         on_record: Callable[[str], None] | None = None,
+        threads: ThreadPolicy | None = None,
     ) -> None:
         self.store = store
+        self.threads = threads
         self.max_concurrent_runs = max_concurrent_runs
         self.max_runs_per_owner = max_runs_per_owner
         self.checkpoint_every = checkpoint_every
@@ -286,7 +289,7 @@ class RunManager:
     def _submit(self, live: LiveRun, *args: Any) -> None:
         """Queue an admitted run on a worker; if shutdown closed the pool, store it INTERRUPTED."""
         try:
-            self._executor.submit(self._execute, live, *args)
+            self._executor.submit(self._execute_limited, live, *args)
         except RuntimeError:  # shutdown() ran after _admit let this run in
             message = "the server shut down before the run started; ResumeRun continues it"
             self._store_end(
@@ -328,6 +331,13 @@ class RunManager:
             return False
         live.cancel.cancel()
         return True
+
+    def _execute_limited(self, live: LiveRun, objective: Objective, *args: Any) -> None:
+        """`_execute` with this worker's torch threads set by the thread policy (if any)."""
+        if self.threads is None:
+            return self._execute(live, objective, *args)
+        with self.threads.limited(objective):
+            return self._execute(live, objective, *args)
 
     def _execute(
         self,

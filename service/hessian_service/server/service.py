@@ -36,6 +36,7 @@ from .config import ServerConfig
 from .errors import ConflictError, DeadlineError, NotFoundError, streaming, unary
 from .problems import ProblemRegistry
 from .runs import LiveRun, RunManager, from_stored
+from .threads import thread_policy
 
 WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
@@ -74,6 +75,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         self.store = store
         self.registry = registry
         self.runs = runs
+        self.threads = thread_policy(config)
 
     # helpers
     def _method_options(self, values: dict, field: str = "options") -> MethodOptions:
@@ -148,7 +150,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         options = self._step_options(
             request.options.SerializeToString(deterministic=True), default, allowed
         )
-        result = take_step(objective, params, options)
+        with self.threads.limited(objective):
+            result = take_step(objective, params, options)
         response = service_pb2.StepResponse()
         codec.encode_tensor(result.params, request.params.shape, response.params)
         codec.record_to_wire(result.record, response.record)
@@ -262,7 +265,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 f"a {n}x{n} matrix needs about {matrix_bytes} bytes, over the message limit of "
                 f"{self.config.max_message_bytes}; set omit_matrix for the summary alone",
             )
-        result = dense_curvature(objective, params, options)
+        with self.threads.limited(objective):
+            result = dense_curvature(objective, params, options)
         s = result.summary
         response = service_pb2.ComputeHessianResponse(
             summary=optimize_pb2.CurvatureSummary(
@@ -292,7 +296,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         options = SpectrumOptions.from_dict(values)
         itemsize = torch.empty((), dtype=params.dtype).element_size()
         self._check_spectrum_memory(objective.num_params, itemsize, options)
-        return codec.report_to_wire(analyze_curvature(objective, params, options))
+        with self.threads.limited(objective):
+            report = analyze_curvature(objective, params, options)
+        return codec.report_to_wire(report)
 
     @unary
     def StartRun(self, request, context):
@@ -420,6 +426,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 max_spectrum_products=MAX_SPECTRUM_PRODUCTS,
                 max_list_page_size=MAX_LIST_PAGE,
                 max_sample_elements=self._max_sample_elements,
+                usable_cpus=self.threads.cpus,
+                intra_op_threads=self.threads.threads,
+                single_thread_below=self.threads.single_thread_below,
             ),
             objectives=sorted(OBJECTIVES),
             methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],
