@@ -86,10 +86,10 @@ class LiveRun:
                 self.cond.notify_all()
 
     def append(self, record: StepRecord) -> None:
-        """Publish one record to watchers."""
+        """Buffer one record. Watchers see records once durable, so only `acknowledge` (and
+        `finish`) wake them: a wake-up per record costs the run a GIL hand-off per iteration."""
         with self.cond:
             self.records.append(record)
-            self.cond.notify_all()
 
     def finish(self) -> None:
         """Mark the run ended and wake every watcher."""
