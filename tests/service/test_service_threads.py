@@ -10,10 +10,13 @@ import torch
 from conftest import start_server
 from hessian_client import Client
 from hessian_client.cli import main
-from hessian_service.engine import make_objective
+from hessian_service.engine import MethodOptions, StopCriteria, make_objective
+from hessian_service.engine.objectives.rosenbrock import Rosenbrock
 from hessian_service.server import ServerConfig
 from hessian_service.server import threads as policy_module
+from hessian_service.server.runs import RunManager
 from hessian_service.server.threads import ThreadPolicy, cgroup_cpu_limit, usable_cpus
+from hessian_service.store import SQLiteRunStore
 
 EIGHT = set(range(8))
 
@@ -154,3 +157,45 @@ def test_the_server_reports_the_policy_it_applies(tmp_path, restore_torch_thread
         assert "one thread below size 4321" in out
     finally:
         handle.stop(grace=1.0)
+
+
+class CountingRosenbrock(Rosenbrock):
+    """Rosenbrock that notes the calling thread's torch thread count at every loss."""
+
+    def _setup(self, data, options) -> None:
+        super()._setup(data, options)
+        self.seen_threads: set[int] = set()
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        self.seen_threads.add(torch.get_num_threads())
+        return super().loss(params)
+
+
+def test_a_run_executes_with_the_thread_count_the_policy_gives_its_problem(tmp_path):
+    store = SQLiteRunStore(tmp_path, commit_interval_s=0.01)
+    policy = ThreadPolicy(cpus=4, threads=3, single_thread_below=100)
+    manager = RunManager(
+        store, workers=1, max_concurrent_runs=4, checkpoint_every=100, threads=policy
+    )
+    small = CountingRosenbrock({}, {"dim": 2})
+    large = CountingRosenbrock({}, {"dim": 10})
+    options = MethodOptions(method="gradient_descent", learning_rate=1e-4)
+    stopping = StopCriteria(max_iterations=5)
+    try:
+        for objective in (small, large):
+            row = manager.start(
+                problem_id="p",
+                objective=objective,
+                params=objective.init_params(),
+                options=options,
+                stopping=stopping,
+            )
+            live = manager.live(row.run_id)  # None: it has ended (and its end is stored)
+            if live is not None:
+                with live.cond:
+                    assert live.cond.wait_for(lambda live=live: live.done, timeout=60)
+            assert store.get_run(row.run_id).status == "FINISHED"
+        assert (small.seen_threads, large.seen_threads) == ({1}, {3})
+    finally:
+        manager.shutdown(timeout=5)
+        store.close()
