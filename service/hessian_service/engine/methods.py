@@ -170,9 +170,11 @@ class Stepper:
         if self.options.step_policy == "levenberg_marquardt":
             return self._levenberg_marquardt(point, res)
         alpha, evaluations = self._step_length(point, d)
+        gradient_descent = self.options.method == "gradient_descent"  # d = -g: |d| is known
+        d_norm = point.grad_norms[0] if gradient_descent else torch.linalg.vector_norm(d).item()
         return Step(
             x_new=point.x + alpha * d,
-            step_norm=alpha * torch.linalg.vector_norm(d).item(),
+            step_norm=alpha * d_norm,
             step_size=alpha,
             damping=res.damping,
             gain_ratio=math.nan,

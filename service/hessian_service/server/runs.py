@@ -362,9 +362,10 @@ class RunManager:
                 final.update(status="INTERRUPTED", stop_reason="shutdown")
                 final["message"] = "the server shut down before the run started"
                 return
-            self.store.update_run(run_id, status="RUNNING", started_at=time.time())
+            started = time.time()
             run = Run(objective, params, options, stopping, cancel=live.cancel, resume=resume)
-            self.store.update_run(run_id, backend=run.backend)
+            # one commit for both: a run's store writes are a good part of a short job's time
+            self.store.update_run(run_id, status="RUNNING", started_at=started, backend=run.backend)
             start = run.start_iteration
             for record in run:
                 if live.shutdown and run.stop_reason == StopReason.CANCELLED:
