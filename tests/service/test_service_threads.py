@@ -41,6 +41,12 @@ def test_no_quota_leaves_the_affinity_mask(tmp_path):
     assert usable_cpus({3, 5}, root, proc) == 2
 
 
+def test_unreadable_quota_text_counts_as_no_quota(tmp_path):
+    root, proc = _cgroup(tmp_path, "0::/", {"cpu.max": "garbage", "cpu/cpu.cfs_quota_us": ""})
+    assert cgroup_cpu_limit(root, proc) is None
+    assert usable_cpus({0, 1, 2}, root, proc) == 3
+
+
 def test_a_v2_quota_caps_the_affinity_rounded_up(tmp_path):
     root, proc = _cgroup(tmp_path, "0::/", {"cpu.max": "150000 100000"})
     assert cgroup_cpu_limit(root, proc) == pytest.approx(1.5)

@@ -62,21 +62,22 @@ def _ancestors(base: pathlib.Path, path: str | None) -> list[pathlib.Path]:
     return list(dict.fromkeys(out))
 
 
+def _ratio(quota: str | None, period: str | None) -> float | None:
+    """quota / period in CPUs; None for no limit ("max", -1) or text that is not a number."""
+    try:
+        q, p = int(quota or ""), int(period or "")
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
 def _v2_quota(folder: pathlib.Path) -> float | None:
-    text = _read(folder / "cpu.max")
-    if text is None:
-        return None
-    quota, _, period = text.partition(" ")
-    if quota == "max" or not period:
-        return None
-    return int(quota) / int(period)
+    quota, _, period = (_read(folder / "cpu.max") or "").partition(" ")
+    return _ratio(quota, period)
 
 
 def _v1_quota(folder: pathlib.Path) -> float | None:
-    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-    if quota is None or period is None or int(quota) <= 0 or int(period) <= 0:
-        return None
-    return int(quota) / int(period)
+    return _ratio(_read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us"))
 
 
 def cgroup_cpu_limit(
