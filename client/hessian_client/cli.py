@@ -115,6 +115,10 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
         f"products {lim.max_spectrum_products} per call, ListRuns page "
         f"{lim.max_list_page_size}, sampled values {lim.max_sample_elements} per call"
     )
+    print(
+        f"threads: {lim.usable_cpus} usable CPUs, {lim.intra_op_threads} torch threads per call, "
+        f"one thread below size {lim.single_thread_below} (max(rows, params) x params^2)"
+    )
     return 0
 
 

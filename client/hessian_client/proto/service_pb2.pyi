@@ -305,7 +305,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_params", "dense_budget_bytes", "max_iterations", "max_concurrent_runs", "workers", "max_data_bytes", "max_runs_per_token", "max_stored_runs", "max_store_bytes", "max_spectrum_products", "max_list_page_size", "max_sample_elements", "max_problem_bytes", "problem_cache_bytes")
+    __slots__ = ("max_message_bytes", "max_params", "dense_budget_bytes", "max_iterations", "max_concurrent_runs", "workers", "max_data_bytes", "max_runs_per_token", "max_stored_runs", "max_store_bytes", "max_spectrum_products", "max_list_page_size", "max_sample_elements", "max_problem_bytes", "problem_cache_bytes", "usable_cpus", "intra_op_threads", "single_thread_below")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PARAMS_FIELD_NUMBER: _ClassVar[int]
     DENSE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,9 @@ class Limits(_message.Message):
     MAX_SAMPLE_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROBLEM_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USABLE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_THREAD_BELOW_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_params: int
     dense_budget_bytes: int
@@ -336,7 +339,10 @@ class Limits(_message.Message):
     max_sample_elements: int
     max_problem_bytes: int
     problem_cache_bytes: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ..., max_data_bytes: _Optional[int] = ..., max_runs_per_token: _Optional[int] = ..., max_stored_runs: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_spectrum_products: _Optional[int] = ..., max_list_page_size: _Optional[int] = ..., max_sample_elements: _Optional[int] = ..., max_problem_bytes: _Optional[int] = ..., problem_cache_bytes: _Optional[int] = ...) -> None: ...
+    usable_cpus: int
+    intra_op_threads: int
+    single_thread_below: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ..., max_data_bytes: _Optional[int] = ..., max_runs_per_token: _Optional[int] = ..., max_stored_runs: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_spectrum_products: _Optional[int] = ..., max_list_page_size: _Optional[int] = ..., max_sample_elements: _Optional[int] = ..., max_problem_bytes: _Optional[int] = ..., problem_cache_bytes: _Optional[int] = ..., usable_cpus: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., single_thread_below: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "default_backend", "native_available", "native_reason", "devices", "limits", "objectives", "methods", "torch_version")

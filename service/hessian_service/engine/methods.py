@@ -10,6 +10,7 @@ never form the curvature matrix.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,8 +42,17 @@ class Point:
     curvature: torch.Tensor | None = None
     sample: hessian_free.GradientSample | None = None
 
+    @functools.cached_property
+    def grad_norms(self) -> tuple[float, float]:
+        """(2-norm, max-norm) of grad, computed once for the record, the stopping test and
+        is_finite (the max-norm is finite exactly when every entry is)."""
+        if not self.grad.numel():
+            return 0.0, 0.0
+        g = self.grad
+        return torch.linalg.vector_norm(g).item(), torch.linalg.vector_norm(g, math.inf).item()
+
     def is_finite(self) -> bool:
-        finite = math.isfinite(self.loss) and bool(torch.isfinite(self.grad).all())
+        finite = math.isfinite(self.loss) and math.isfinite(self.grad_norms[1])
         if finite and self.curvature is not None:
             finite = bool(torch.isfinite(self.curvature).all())
         return finite
@@ -160,9 +170,11 @@ class Stepper:
         if self.options.step_policy == "levenberg_marquardt":
             return self._levenberg_marquardt(point, res)
         alpha, evaluations = self._step_length(point, d)
+        gradient_descent = self.options.method == "gradient_descent"  # d = -g: |d| is known
+        d_norm = point.grad_norms[0] if gradient_descent else torch.linalg.vector_norm(d).item()
         return Step(
             x_new=point.x + alpha * d,
-            step_norm=alpha * float(d.norm()),
+            step_norm=alpha * d_norm,
             step_size=alpha,
             damping=res.damping,
             gain_ratio=math.nan,

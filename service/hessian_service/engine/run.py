@@ -23,13 +23,13 @@ from .records import Checkpoint, StepRecord, StepResult, StopReason
 
 
 def _base_record(k: int, point: Point, previous_loss: float | None, backend: str) -> StepRecord:
-    g = point.grad
+    gnorm, gmax = point.grad_norms
     return StepRecord(
         iteration=k,
         loss=point.loss,
         loss_change=0.0 if previous_loss is None else previous_loss - point.loss,
-        gradient_norm=float(g.norm()),
-        gradient_max_norm=float(g.abs().max()) if g.numel() else 0.0,
+        gradient_norm=gnorm,
+        gradient_max_norm=gmax,
         backend=backend,
     )
 
@@ -187,7 +187,7 @@ class Run:
         s = self.stopping
         if self.cancel_token.cancelled:
             return StopReason.CANCELLED, f"cancelled before iteration {k}"
-        gmax = float(point.grad.abs().max()) if point.grad.numel() else 0.0
+        gmax = point.grad_norms[1]
         if gmax <= s.gradient_tolerance:
             return StopReason.GRADIENT_TOLERANCE, (
                 f"gradient max-norm {gmax:.3g} <= gradient_tolerance {s.gradient_tolerance:g}"
@@ -198,8 +198,9 @@ class Run:
                 return StopReason.FUNCTION_TOLERANCE, (
                     f"|loss change| {change:.3g} <= function_tolerance x |loss|"
                 )
-            dx = float((point.x - previous.x).norm())
-            if dx <= s.parameter_tolerance * (float(previous.x.norm()) + s.parameter_tolerance):
+            dx = torch.linalg.vector_norm(point.x - previous.x).item()
+            x_norm = torch.linalg.vector_norm(previous.x).item()
+            if dx <= s.parameter_tolerance * (x_norm + s.parameter_tolerance):
                 return StopReason.PARAMETER_TOLERANCE, (
                     f"step norm {dx:.3g} <= parameter_tolerance x (|x| + parameter_tolerance)"
                 )

@@ -42,6 +42,7 @@ from .problems import ProblemRegistry
 from .runs import RunManager
 from .service import HessianService
 from .sync_bridge import asyncify
+from .threads import install_thread_policy
 
 log = logging.getLogger("hessian_service.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
@@ -181,6 +182,7 @@ def build_server(
         checkpoint_every=config.checkpoint_every,
         max_runs_per_owner=config.max_runs_per_token,
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
+        threads=install_thread_policy(config),
     )
     chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if tokens:

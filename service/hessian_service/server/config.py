@@ -56,6 +56,8 @@ class ServerConfig:
     tls_key: str = ""
     allow_unauthenticated_remote: bool = False
     metrics_port: int = 0
+    intra_op_threads: int = 0
+    single_thread_below: int = 1_000_000
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -80,9 +82,12 @@ class ServerConfig:
             "max_problem_bytes",
             "problem_cache_bytes",
             "metrics_port",
+            "single_thread_below",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
+        if self.intra_op_threads < 0:
+            raise ValueError("--intra-op-threads must be >= 0 (0: usable CPUs / --workers)")
         if self.default_backend not in ("", "auto", "native", "autograd"):
             raise ValueError("--default-backend must be auto, native or autograd")
         if self.log_format not in ("json", "text"):

@@ -27,6 +27,7 @@ from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
 from ..store import (
     ACTIVE_STATUSES,
+    ANONYMOUS_OWNER,
     RunNotFoundError,
     RunRow,
     RunStateError,
@@ -36,6 +37,7 @@ from ..store import (
     StoreError,
 )
 from .errors import ConflictError, LimitError
+from .threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
@@ -115,7 +117,8 @@ class LiveRun:
         self._notify()
 
     def append(self, record: StepRecord) -> None:
-        """Keep one record; watchers see it once the store acknowledges it."""
+        """Buffer one record. Watchers see records once durable, so only `acknowledge` (and
+        `finish`) wake them: a wake-up per record costs the run a GIL hand-off per iteration."""
         with self.cond:
             self.records.append(record)
 
@@ -149,8 +152,10 @@ class RunManager:
         checkpoint_every: int,
         max_runs_per_owner: int = 0,
         on_record: Callable[[str], None] | None = None,
+        threads: ThreadPolicy | None = None,
     ) -> None:
         self.store = store
+        self.threads = threads
         self.max_concurrent_runs = max_concurrent_runs
         self.max_runs_per_owner = max_runs_per_owner
         self.checkpoint_every = checkpoint_every
@@ -221,7 +226,7 @@ class RunManager:
         options: MethodOptions,
         stopping: StopCriteria,
         name: str = "",
-        owner: str = "",
+        owner: str = ANONYMOUS_OWNER,
         method_note: str = "",
     ) -> RunRow:
         """Record a new run (QUEUED, with its starting checkpoint) and queue it.
@@ -308,7 +313,7 @@ class RunManager:
     def _submit(self, live: LiveRun, *args: Any) -> None:
         """Queue an admitted run on a worker; if shutdown closed the pool, store it INTERRUPTED."""
         try:
-            self._executor.submit(self._execute, live, *args)
+            self._executor.submit(self._execute_limited, live, *args)
         except RuntimeError:  # shutdown() ran after _admit let this run in
             message = "the server shut down before the run started; ResumeRun continues it"
             self._store_end(
@@ -351,6 +356,13 @@ class RunManager:
         live.cancel.cancel()
         return True
 
+    def _execute_limited(self, live: LiveRun, objective: Objective, *args: Any) -> None:
+        """`_execute` with this worker's torch threads set by the thread policy (if any)."""
+        if self.threads is None:
+            return self._execute(live, objective, *args)
+        with self.threads.limited(objective):
+            return self._execute(live, objective, *args)
+
     def _execute(
         self,
         live: LiveRun,
@@ -374,9 +386,10 @@ class RunManager:
                 final.update(status="INTERRUPTED", stop_reason="shutdown")
                 final["message"] = "the server shut down before the run started"
                 return
-            self.store.update_run(run_id, status="RUNNING", started_at=time.time())
+            started = time.time()
             run = Run(objective, params, options, stopping, cancel=live.cancel, resume=resume)
-            self.store.update_run(run_id, backend=run.backend)
+            # one commit for both: a run's store writes are a good part of a short job's time
+            self.store.update_run(run_id, status="RUNNING", started_at=started, backend=run.backend)
             start = run.start_iteration
             for record in run:
                 if live.shutdown and run.stop_reason == StopReason.CANCELLED:

@@ -43,6 +43,7 @@ from .errors import (
 from .observability import Metrics
 from .problems import ProblemRegistry
 from .runs import LiveRun, RunManager, from_stored
+from .threads import thread_policy
 
 WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
@@ -118,6 +119,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         self.runs = runs
         self.tenancy = tenancy or Tenancy(bool(config.auth_token_file))
         self.metrics = metrics
+        self.threads = thread_policy(config)
 
     @contextlib.contextmanager
     def _cancellable(self, context: grpc.ServicerContext, method: str) -> Iterator[CancelToken]:
@@ -234,7 +236,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         options = self._step_options(
             request.options.SerializeToString(deterministic=True), default, allowed
         )
-        result = take_step(objective, params, options, cancel)
+        with self.threads.limited(objective):
+            result = take_step(objective, params, options, cancel)
         response = service_pb2.StepResponse()
         codec.encode_tensor(result.params, request.params.shape, response.params)
         codec.record_to_wire(result.record, response.record)
@@ -367,7 +370,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             self._check_fits(
                 "omit_matrix", matrix_bytes, f"a {n}x{n} matrix (set omit_matrix for the summary)"
             )
-        result = dense_curvature(objective, params, options, cancel)
+        with self.threads.limited(objective):
+            result = dense_curvature(objective, params, options, cancel)
         s = result.summary
         response = service_pb2.ComputeHessianResponse(
             summary=optimize_pb2.CurvatureSummary(
@@ -403,7 +407,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         options = SpectrumOptions.from_dict(values)
         itemsize = torch.empty((), dtype=params.dtype).element_size()
         self._check_spectrum_memory(objective.num_params, itemsize, options)
-        return codec.report_to_wire(analyze_curvature(objective, params, options, cancel))
+        with self.threads.limited(objective):
+            report = analyze_curvature(objective, params, options, cancel)
+        return codec.report_to_wire(report)
 
     @unary
     def StartRun(self, request, context):
@@ -541,6 +547,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 max_sample_elements=self._max_sample_elements,
                 max_problem_bytes=c.max_problem_bytes,
                 problem_cache_bytes=c.problem_cache_bytes,
+                usable_cpus=self.threads.cpus,
+                intra_op_threads=self.threads.threads,
+                single_thread_below=self.threads.single_thread_below,
             ),
             objectives=sorted(OBJECTIVES),
             methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],
