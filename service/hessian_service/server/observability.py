@@ -190,7 +190,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
 
-    def _finish(self, method: str, context: Any, started: float, rid: str, code: str) -> None:
+    def _finish(
+        self, method: str, who: tuple[str, str], started: float, rid: str, code: str
+    ) -> None:
+        """Count the call and write its access-log line; `who` is (peer, caller), read when
+        the call began: at shutdown grpc may free a cancelled call's core object before its
+        handler's cleanup runs, and context.peer() on it then crashes the process."""
         seconds = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         if self.metrics is not None:
@@ -208,8 +213,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     "code": code,
                     "duration_ms": round(seconds * 1e3, 3),
                     "request_id": rid,
-                    "peer": context.peer(),
-                    "caller": caller(context),
+                    "peer": who[0],
+                    "caller": who[1],
                 }
             },
         )
@@ -229,6 +234,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             """Request id, refusal of an undecodable request, and one count/log at the end."""
             started = time.perf_counter()
+            who = (context.peer(), caller(context))
             failed, cancelled = True, False
             try:
                 context.set_trailing_metadata(((REQUEST_ID, rid),))
@@ -243,7 +249,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 failed = False  # context.code() holds the status it ended with
                 raise
             finally:
-                self._finish(method, context, started, rid, _code_name(context, failed, cancelled))
+                self._finish(method, who, started, rid, _code_name(context, failed, cancelled))
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream
