@@ -8,6 +8,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError
 from ..store import RunConflictError, RunNotFoundError, StoreError, StoreFullError
@@ -63,6 +66,27 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (a bug): {type(exc).__name__}: {exc}"
 
 
+def rich_status(exc: BaseException) -> grpc.Status:
+    """The status for `exc` with, when it names a field, a google.rpc BadRequest field
+    violation (field, and what was expected) in its details, for clients to read typed."""
+    code, message = status_for(exc)
+    status = status_pb2.Status(code=code_pb2.Code.Value(code.name), message=message)
+    field = getattr(exc, "field", "")
+    if field:
+        prefix = f"{field}: "
+        expected = getattr(exc, "expected", None) or message.removeprefix(prefix)
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=expected)
+                ]
+            )
+        )
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary handler: known exceptions become their status codes."""
 
@@ -71,8 +95,7 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except Exception as exc:
-            code, message = status_for(exc)
-            context.abort(code, message)
+            context.abort_with_status(rich_status(exc))
 
     return handler
 
@@ -85,7 +108,6 @@ def streaming(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[An
         try:
             yield from method(self, request, context)
         except Exception as exc:
-            code, message = status_for(exc)
-            context.abort(code, message)
+            context.abort_with_status(rich_status(exc))
 
     return handler

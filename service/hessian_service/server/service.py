@@ -44,6 +44,8 @@ NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call: it cannot stop once started
 MAX_LIST_PAGE = 1000
+API_VERSION = "1.1"  # hessian.v1; minor 1: Predict, ServerInfo.api_version/client_version
+CLIENT_VERSION_KEY = "x-hessian-client-version"
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -295,6 +297,17 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return codec.report_to_wire(analyze_curvature(objective, params, options))
 
     @unary
+    def Predict(self, request, context):
+        _check_deadline(context)
+        _, objective = self.registry.resolve(request)
+        params = self._decode_params(request.params, "params")
+        inputs = None
+        if request.HasField("inputs"):
+            inputs = codec.decode_tensor(request.inputs, "inputs")
+        outputs = objective.predict(params, inputs)
+        return service_pb2.PredictResponse(outputs=codec.encode_tensor(outputs))
+
+    @unary
     def StartRun(self, request, context):
         _check_deadline(context)
         pid, objective = self.registry.resolve(request, persist=True)
@@ -424,6 +437,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             objectives=sorted(OBJECTIVES),
             methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],
             torch_version=torch.__version__,
+            api_version=API_VERSION,
+            client_version=dict(context.invocation_metadata()).get(CLIENT_VERSION_KEY, ""),
         )
 
     # streaming
