@@ -16,6 +16,7 @@ class HessianError(Exception):
     name the offending input when known ("" otherwise)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    from_server = False  # True: the server's status; False: the SDK's own check
 
     def __init__(
         self,
@@ -148,9 +149,12 @@ def _field_violation(error: grpc.RpcError) -> tuple[str, str]:
 def from_status(
     code: grpc.StatusCode, message: str, field: str = "", expected: str = ""
 ) -> HessianError:
-    """The typed exception for a status code (HessianError for codes without a class)."""
-    cls = _BY_CODE.get(code, HessianError)
-    return cls(message or code.name, code, field=field, expected=expected)
+    """The typed exception for a server's status (HessianError for codes without a class)."""
+    error = _BY_CODE.get(code, HessianError)(
+        message or code.name, code, field=field, expected=expected
+    )
+    error.from_server = True
+    return error
 
 
 def from_rpc_error(error: grpc.RpcError) -> HessianError:

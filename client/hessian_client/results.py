@@ -61,9 +61,32 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if dataclasses.is_dataclass(value):
         return value.to_dict()  # type: ignore[union-attr]
+    if hasattr(value, "DESCRIPTOR"):  # a protobuf message
+        return proto_dict(value)
     if hasattr(value, "numpy") and hasattr(value, "detach"):  # a torch tensor
         return value.detach().cpu().numpy().tolist()
     return value
+
+
+def proto_dict(msg: Any) -> dict[str, Any]:
+    """A message as plain values without MessageToDict's losses: every field present (0 and
+    "" included), int64 as int, enums by name, sub-messages and lists recursed."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            out[fd.name] = {
+                k: proto_dict(v) if hasattr(v, "DESCRIPTOR") else v for k, v in value.items()
+            }
+        elif fd.is_repeated:
+            out[fd.name] = [proto_dict(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
+        elif fd.message_type is not None:
+            out[fd.name] = proto_dict(value) if msg.HasField(fd.name) else None
+        elif fd.enum_type is not None:
+            out[fd.name] = fd.enum_type.values_by_number[value].name if value else None
+        else:
+            out[fd.name] = _jsonable(value)
+    return out
 
 
 class _Result:
@@ -129,6 +152,8 @@ class RunInfo(_Result):
     num_records: int
     last_record: StepRecord | None  # None until the first record exists
     max_iterations: int | None
+    options: optimize_pb2.MethodOptions  # as sent (unset fields: the server's defaults)
+    stopping: optimize_pb2.StopCriteria
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -165,6 +190,8 @@ class RunInfo(_Result):
             max_iterations=(
                 int(stopping.max_iterations) if stopping.HasField("max_iterations") else None
             ),
+            options=msg.options,
+            stopping=msg.stopping,
             created_at=_time(msg.created_at),
             started_at=_time(msg.started_at),
             finished_at=_time(msg.finished_at),
