@@ -38,11 +38,20 @@ class UsageError(Exception):
     """A mistake on the command line (exit 2)."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the uninformative None/False (server default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2) and defaults shown in every help text."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -540,6 +549,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="losses.png")
     comp = command("completion", "print the shell completion script (needs argcomplete)")
     comp.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish"))
+    for action in (a for sp in [p, *sub.choices.values()] for a in sp._actions):
+        if action.help is None:  # every option says what it is, its choices and default
+            action.help = action.dest.replace("_", " ")
     return p
 
 
