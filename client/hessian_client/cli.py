@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -105,12 +106,14 @@ class Progress:
     """A tqdm bar over a run's iterations (rate, ETA, loss and |g|); off when not a tty."""
 
     def __init__(self, total: int | None, enabled: bool = True) -> None:
+        size = shutil.get_terminal_size((100, 24))  # the fallback where a tty reports 0 x 0
         self.bar = tqdm(
             total=total,
             unit="it",
             file=sys.stderr,
             disable=not (enabled and sys.stderr.isatty()),
-            dynamic_ncols=True,
+            ncols=size.columns,
+            nrows=size.lines,
             mininterval=0.1,
         )
 
