@@ -7,8 +7,6 @@ Each error carries the gRPC status code, the server's message and, when the serv
 from __future__ import annotations
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 
 class HessianError(Exception):
@@ -133,6 +131,9 @@ def invalid(field: str, expected: str, got: object) -> InvalidArgument:
 
 def _field_violation(error: grpc.RpcError) -> tuple[str, str]:
     """(field, expected) from the status's first BadRequest field violation, else ("", "")."""
+    from google.rpc import error_details_pb2  # only when a call failed: keeps imports fast
+    from grpc_status import rpc_status
+
     try:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
     except (AttributeError, ValueError):
