@@ -87,6 +87,15 @@ def rich_status(exc: BaseException) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """End the call with `exc`'s rich status, keeping trailing metadata already set (the
+    x-request-id echo): abort_with_status alone would replace it."""
+    status = rich_status(exc)
+    kept = tuple(context.trailing_metadata() or ())
+    context.set_trailing_metadata(kept + tuple(status.trailing_metadata))
+    context.abort(status.code, status.details)
+
+
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary handler: known exceptions become their status codes."""
 
@@ -95,7 +104,7 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except Exception as exc:
-            context.abort_with_status(rich_status(exc))
+            abort(context, exc)
 
     return handler
 
@@ -108,6 +117,6 @@ def streaming(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[An
         try:
             yield from method(self, request, context)
         except Exception as exc:
-            context.abort_with_status(rich_status(exc))
+            abort(context, exc)
 
     return handler
