@@ -74,6 +74,11 @@ class VersionWarning(UserWarning):
     """Client and server speak different minor API versions (both are named)."""
 
 
+def _api_tuple(version: str) -> tuple[int, ...]:
+    """The API version as integers ("1.10" -> (1, 10)), so that 1.10 sorts after 1.9."""
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
 def check_versions(info: service_pb2.ServerInfo) -> None:
     """Warn when the server's API minor differs from this client's; raise when the major does."""
     server_api = info.api_version or "1.0"  # servers before the handshake spoke 1.0
@@ -81,9 +86,10 @@ def check_versions(info: service_pb2.ServerInfo) -> None:
         return
     who = f"hessian-client {__version__} speaks API {API_VERSION}"
     server = f"hessian-server {info.version} speaks API {server_api}"
-    if server_api.split(".")[0] != API_VERSION.split(".")[0]:
+    theirs, ours = _api_tuple(server_api), _api_tuple(API_VERSION)
+    if theirs[0] != ours[0]:
         raise IncompatibleServer(f"{who}, {server}: upgrade the older of the two")
-    if server_api < API_VERSION:
+    if theirs < ours:
         hint = "calls added since will fail UNIMPLEMENTED (e.g. Predict)"
     else:
         hint = "upgrade hessian-client for the calls added since"

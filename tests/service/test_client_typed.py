@@ -200,6 +200,8 @@ def test_handshake_names_both_versions(client):
     older = service_pb2.ServerInfo(version="0.1.0", api_version="")
     with pytest.warns(VersionWarning, match=rf"API {API_VERSION}.*0\.1\.0 speaks API 1\.0"):
         check_versions(older)
+    with pytest.warns(VersionWarning, match=r"speaks API 1\.10: upgrade hessian-client"):
+        check_versions(service_pb2.ServerInfo(version="0.9.0", api_version="1.10"))
     with pytest.raises(IncompatibleServer, match=rf"API {API_VERSION}.*speaks API 2\.0"):
         check_versions(service_pb2.ServerInfo(version="9.0.0", api_version="2.0"))
 
