@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -248,3 +249,10 @@ def test_loss_gap_shows_quadratic_convergence():
     np.testing.assert_allclose(gap[:5], [1.0, 0.5, 1e-2, 1e-4, 1e-8], rtol=1e-6)
     assert np.isnan(gap[5])  # the best point itself has no log-scale value
     assert np.isnan(plot_series(np.array([0.0, 1.0]), np.zeros(2), "loss")[0])
+
+
+def test_missing_matplotlib_names_an_installable_package(server, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = _cli(server, capsys, "plot", "r-any")
+    assert code == 2 and "pip install matplotlib" in err and "[plot]" not in err
+    assert len(err.splitlines()) == 1
