@@ -218,6 +218,12 @@ def test_predict_returns_the_models_outputs_on_new_rows(client):
     with pytest.raises(InvalidArgument) as err:
         client.predict(problem, w, rng.standard_normal((7, 2)))
     assert err.value.field == "inputs" and "(3,)" in err.value.expected
+    with pytest.raises(InvalidArgument) as err:  # no model outputs: a clear error, not INTERNAL
+        client.predict(problems.rosenbrock(), np.zeros(2))
+    assert err.value.field == "problem" and "model outputs" in err.value.expected
+    with pytest.raises(InvalidArgument) as err:
+        client.predict(problems.mse(np.ones(3)), np.zeros(3), np.ones((2, 3)))
+    assert err.value.field == "inputs"
 
 
 def test_predict_mlp_matches_the_documented_layout(client):
