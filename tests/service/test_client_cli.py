@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -256,3 +258,22 @@ def test_missing_matplotlib_names_an_installable_package(server, capsys, monkeyp
     code, _, err = _cli(server, capsys, "plot", "r-any")
     assert code == 2 and "pip install matplotlib" in err and "[plot]" not in err
     assert len(err.splitlines()) == 1
+
+
+def test_shell_completion_offers_the_choices(tmp_path):
+    pytest.importorskip("argcomplete")
+    out = tmp_path / "completions"
+    line = "hessian run --method new"
+    env = dict(
+        os.environ,
+        _ARGCOMPLETE="1",
+        _ARGCOMPLETE_IFS="\n",
+        COMP_LINE=line,
+        COMP_POINT=str(len(line)),
+        _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_client"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().split("\n") == ["newton", "newton_cg"]
