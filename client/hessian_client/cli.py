@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -573,6 +574,11 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Warnings (e.g. a client/server API version mismatch) as one line on stderr."""
+    print(f"hessian: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: one-line errors, exit 2 usage, 1 server, 130 interrupted."""
     p = parser()
@@ -582,9 +588,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         argcomplete.autocomplete(p)
     args = p.parse_args(argv)
     try:
-        with Client(
-            args.address, token=args.token, timeout=args.timeout, ca_file=args.ca_file
-        ) as client:
+        with (
+            warnings.catch_warnings(),
+            Client(
+                args.address, token=args.token, timeout=args.timeout, ca_file=args.ca_file
+            ) as client,
+        ):
+            warnings.showwarning = _one_line_warning
             return COMMANDS[args.command](client, args)
     except UsageError as exc:
         print(f"hessian {args.command}: error: {exc}", file=sys.stderr)

@@ -102,6 +102,7 @@ class IncompatibleServer(HessianError):
     """The server speaks an API major version this client does not (both are named)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    from_server = True  # the server's answer (its API version), not a mistake in the call
 
 
 _BY_CODE = {

@@ -181,6 +181,7 @@ def test_records_export_csv_and_jsonl_are_lossless(server, capsys, tmp_path):
             ["normal", "objective_default"],
         ),
         (("run", "--objective", "rosenbrock", "--option", "dim="), ["rosenbrock"]),
+        (("run", "--objective", "rosenbrock", "--option", "dim"), ["KEY=VALUE"]),
         (("nonsense",), ["invalid choice"]),
     ],
 )
@@ -277,3 +278,14 @@ def test_shell_completion_offers_the_choices(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert out.read_text().split("\n") == ["newton", "newton_cg"]
+
+
+def test_an_older_server_gets_a_one_line_warning_naming_both_versions(server, capsys, monkeypatch):
+    from hessian_client import client as sdk
+
+    monkeypatch.setattr(sdk, "API_VERSION", "1.99")  # as if this client were newer
+    code, out, err = _cli(server, capsys, "info")
+    assert code == 0 and "objectives:" in out
+    (line,) = err.splitlines()
+    assert line.startswith("hessian: warning: hessian-client") and "API 1.99" in line
+    assert "speaks API 1.1" in line
