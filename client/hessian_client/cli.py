@@ -12,10 +12,12 @@ import contextlib
 import csv
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,6 +143,28 @@ def _summary(info: RunInfo) -> str:
     )
 
 
+def records_in_background(run: Run, from_iteration: int = 0) -> Iterator[StepRecord]:
+    """The run's records, streamed by a daemon thread: Ctrl-C then interrupts only this
+    thread's wait on a queue, never gRPC's internals (a KeyboardInterrupt landing inside
+    them can leave a lock held and hang the exit). `run.final` is set when this ends."""
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
+
+    def pump() -> None:
+        try:
+            for record in run.stream(from_iteration):
+                items.put(record)
+            items.put(end)
+        except BaseException as exc:  # handed to the main thread, raised there
+            items.put(exc)
+
+    threading.Thread(target=pump, name=f"watch-{run.id}", daemon=True).start()
+    while (item := items.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _interrupted(client: Client, run_id: str, detach: bool) -> int:
     """Ctrl-C: cancel the run (or, detached, leave it running), say which, exit 130."""
     if detach:
@@ -161,7 +185,7 @@ def _follow(client: Client, run: Run, args: argparse.Namespace, from_iteration: 
     progress = Progress(total, enabled=not (args.quiet or args.json))
     finished = False
     try:
-        for record in run.stream(from_iteration):
+        for record in records_in_background(run, from_iteration):
             progress.update(record)
             if args.json:
                 emit(record)
@@ -295,7 +319,7 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
         args.quiet = args.json
         return _follow(client, run, args, args.from_iteration)
     try:
-        for r in run.stream(args.from_iteration):
+        for r in records_in_background(run, args.from_iteration):
             print(
                 f"{r.iteration:>7} loss {r.loss:.9e} |g| {r.gradient_norm:.3e} "
                 f"step {r.step_norm:.3e} {r.iteration_seconds * 1e3:.2f} ms",

@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import sys
 import termios
@@ -62,9 +63,15 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._read(0.2):
             pass
-        _, status = os.waitpid(self.pid, 0)
-        os.close(self.fd)
-        return os.waitstatus_to_exitcode(status)
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+        os.kill(self.pid, signal.SIGKILL)  # a hang guard: the command never exited
+        os.waitpid(self.pid, 0)
+        raise AssertionError(f"the command hung; its terminal showed {self.text!r}")
 
 
 def test_progress_bar_has_rate_eta_and_ends_at_the_last_iteration(server):
@@ -111,7 +118,7 @@ def test_ctrl_c_cancels_the_run_and_exits_130(server, client):
         "0",
     )
     run_id = term.read_until(r"run (r-[0-9a-f]+)")[1]
-    term.read_until(r"it/s")  # the bar is moving: the run is executing
+    term.read_until(r"[1-9]\d*/1000000")  # the bar has moved: the run is executing
     os.write(term.fd, b"\x03")
     assert term.finish() == 130, term.text
     assert "Traceback" not in term.text and "KeyboardInterrupt" not in term.text
