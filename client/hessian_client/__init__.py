@@ -1,7 +1,8 @@
-"""Thin client SDK for the hessian service: numpy in, numpy out; torch accepted, never needed."""
+"""Client SDK for the hessian service: numpy in, numpy out; torch accepted, never needed."""
 
 from . import problems
-from .client import Client, HessianResult, Run, RunResult, StepResult, status_name
+from ._version import API_VERSION, __version__
+from .client import Client, Run, VersionWarning, records_frame
 from .curvature import CurvatureResult, DensityResult, TraceResult
 from .errors import (
     Cancelled,
@@ -9,6 +10,7 @@ from .errors import (
     DeadlineExceeded,
     FailedPrecondition,
     HessianError,
+    IncompatibleServer,
     Internal,
     InvalidArgument,
     NotFound,
@@ -16,30 +18,56 @@ from .errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
+)
+from .results import (
+    CurvatureSummary,
+    HessianResult,
+    Method,
+    RunInfo,
+    RunResult,
+    RunStatus,
+    StepRecord,
+    StepResult,
+    StopReason,
+    Verdict,
+    status_name,
 )
 
-__version__ = "0.1.0"
 __all__ = [
+    "API_VERSION",
     "Cancelled",
     "Client",
     "CurvatureResult",
+    "CurvatureSummary",
     "DataLoss",
     "DeadlineExceeded",
     "DensityResult",
     "FailedPrecondition",
     "HessianError",
     "HessianResult",
+    "IncompatibleServer",
     "Internal",
     "InvalidArgument",
+    "Method",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
     "Run",
+    "RunInfo",
     "RunResult",
+    "RunStatus",
+    "StepRecord",
     "StepResult",
+    "StopReason",
     "TraceResult",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
+    "Verdict",
+    "VersionWarning",
+    "__version__",
     "problems",
+    "records_frame",
     "status_name",
 ]

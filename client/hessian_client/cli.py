@@ -1,30 +1,71 @@
-"""`hessian`: the command line over the client SDK (address from --address or HESSIAN_ADDRESS)."""
+"""`hessian`: the command line over the client SDK (address from --address or HESSIAN_ADDRESS).
+
+Errors are one line on stderr: exit 2 for usage mistakes (checked here or by the SDK before
+sending), 1 for the server's errors, 130 after Ctrl-C. `--json` on every subcommand prints
+one JSON object, or JSON lines for streams of records or runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import csv
 import json
 import os
+import queue
+import shutil
 import sys
-import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from . import problems, seed
-from .client import DEFAULT_ADDRESS, Client, Run, status_name
+from ._version import API_VERSION, __version__
+from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run
 from .errors import HessianError
-from .options import enum_label
-from .proto import optimize_pb2, problem_pb2
+from .options import choices
+from .proto import problem_pb2
+from .results import RunInfo, StepRecord, _jsonable, proto_dict
 
-BAR_WIDTH = 24
+OBJECTIVES = [f.name for f in problem_pb2.Problem.DESCRIPTOR.oneofs_by_name["objective"].fields]
+RECORD_FIELDS = [f for f in StepRecord.__dataclass_fields__ if f != "raw"]
+PLOT_Y = ("loss", "gradient_norm", "loss_gap")
+FORMATS = ("csv", "jsonl", "parquet")
+EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """A mistake on the command line (exit 2)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the uninformative None/False (server default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and defaults shown in every help text."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
-    if not sep:
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
@@ -32,71 +73,146 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _load(path: str, flag: str) -> Any:
+    """np.load of a file named on the command line; a usage error when it cannot be read."""
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise UsageError(f"{flag}: no such file {path!r}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{flag}: cannot read {path!r} as numpy data: {exc}") from None
+
+
 def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
-    """The problem a `run` names: an id, or an objective with an .npz of data and options."""
+    """The problem a command names: an id, or an objective with an .npz of data and options."""
     if args.problem_id:
         return args.problem_id
     if not args.objective:
-        raise SystemExit("run: give --problem-id or --objective")
+        raise UsageError("give --problem-id or --objective")
     data: dict[str, np.ndarray] = {}
     if args.data:
-        with np.load(args.data) as npz:
+        with _load(args.data, "--data") as npz:
             data = {k: npz[k] for k in npz.files}
     options = dict(args.option or [])
-    builder = getattr(problems, args.objective, None)
-    if builder is None or args.objective.startswith("_"):
-        raise SystemExit(f"run: unknown objective {args.objective!r}")
     try:
-        return builder(**data, **options)
+        return getattr(problems, args.objective)(**data, **options)
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"run: bad --data or --option for {args.objective}: {exc}") from None
+        raise UsageError(f"bad --data or --option for {args.objective}: {exc}") from None
 
 
-class ProgressBar:
-    """One self-overwriting line: iteration, a bar, loss and gradient norm (at most 10 Hz)."""
+def emit(value: Any) -> None:
+    """One JSON value on a line of stdout."""
+    sys.stdout.write(json.dumps(_jsonable(value), allow_nan=False) + "\n")
 
-    def __init__(self, total: int, out: TextIO) -> None:
-        self.total = max(total, 1)
-        self.out = out
-        self.last_draw = 0.0
 
-    def update(self, record: optimize_pb2.StepRecord, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        done = min(record.iteration / self.total, 1.0)
-        fill = int(done * BAR_WIDTH)
-        bar = "#" * fill + "." * (BAR_WIDTH - fill)
-        self.out.write(
-            f"\rit {record.iteration:>6}/{self.total} [{bar}] loss {record.loss:.6e} "
-            f"|g| {record.gradient_norm:.3e}"
+class Progress:
+    """A tqdm bar over a run's iterations (rate, ETA, loss and |g|); off when not a tty."""
+
+    def __init__(self, total: int | None, enabled: bool = True) -> None:
+        size = shutil.get_terminal_size((100, 24))  # the fallback where a tty reports 0 x 0
+        self.bar = tqdm(
+            total=total,
+            unit="it",
+            file=sys.stderr,
+            disable=not (enabled and sys.stderr.isatty()),
+            ncols=size.columns,
+            nrows=size.lines,
+            mininterval=0.1,
         )
-        self.out.flush()
 
-    def close(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
+    def update(self, record: StepRecord) -> None:
+        """Move to the record's iteration with its loss and gradient norm."""
+        self.bar.set_postfix_str(
+            f"loss {record.loss:.6e} |g| {record.gradient_norm:.3e}", refresh=False
+        )
+        self.bar.update(record.iteration - self.bar.n)
+
+    def close(self, finished: bool) -> None:
+        """An early finish shows n/n (the run stopped there), not n/max_iterations."""
+        if finished and self.bar.total is not None:
+            self.bar.total = self.bar.n
+            self.bar.refresh()
+        self.bar.close()
 
 
-def _summary(info: Any) -> str:
-    reason = enum_label_stop(info.stop_reason)
+def _summary(info: RunInfo) -> str:
+    last = f"{info.last_record.loss:.6e}" if info.last_record else "-"
     return (
-        f"{info.run_id} {status_name(info)} stop={reason or '-'} records={info.num_records} "
-        f"loss={info.last_record.loss:.6e} {info.message}"
+        f"{info.run_id} {info.status} stop={info.stop_reason or '-'} "
+        f"records={info.num_records} loss={last} {info.message}"
     )
 
 
-def enum_label_stop(value: int) -> str:
-    """Engine name of a StopReason value."""
-    name = optimize_pb2.StopReason.Name(value)
-    return "" if value == 0 else name.removeprefix("STOP_REASON_").lower()
+def records_in_background(run: Run, from_iteration: int = 0) -> Iterator[StepRecord]:
+    """The run's records, streamed by a daemon thread: Ctrl-C then interrupts only this
+    thread's wait on a queue, never gRPC's internals (a KeyboardInterrupt landing inside
+    them can leave a lock held and hang the exit). `run.final` is set when this ends."""
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
+
+    def pump() -> None:
+        try:
+            for record in run.stream(from_iteration):
+                items.put(record)
+            items.put(end)
+        except BaseException as exc:  # handed to the main thread, raised there
+            items.put(exc)
+
+    threading.Thread(target=pump, name=f"watch-{run.id}", daemon=True).start()
+    while (item := items.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _interrupted(client: Client, run_id: str, detach: bool) -> int:
+    """Ctrl-C: cancel the run (or, detached, leave it running), say which, exit 130."""
+    if detach:
+        print(
+            f"interrupted: run {run_id} keeps running on the server "
+            f"(hessian watch {run_id}; hessian cancel {run_id})",
+            file=sys.stderr,
+        )
+    else:
+        info = client.cancel_run(run_id)
+        print(f"interrupted: cancel requested for run {run_id} ({info.status})", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _follow(client: Client, run: Run, args: argparse.Namespace, from_iteration: int = 0) -> int:
+    """Stream a run with a progress bar (or JSON lines), then its final state."""
+    total = (run._info or run.info()).max_iterations or 100
+    progress = Progress(total, enabled=not (args.quiet or args.json))
+    finished = False
+    try:
+        for record in records_in_background(run, from_iteration):
+            progress.update(record)
+            if args.json:
+                emit(record)
+        finished = True
+    except KeyboardInterrupt:
+        progress.close(False)
+        return _interrupted(client, run.id, args.detach_on_interrupt)
+    progress.close(finished)
+    assert run.final is not None
+    if args.json:
+        emit(run.final)
+    else:
+        print(_summary(run.final))
+    return 0 if run.final.status == "FINISHED" else 1
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
     info = client.info()
+    if args.json:
+        emit(proto_dict(info))
+        return 0
     lim = info.limits
-    print(f"hessian-server {info.version} (torch {info.torch_version}) at {client.address}")
+    print(
+        f"hessian-server {info.version} (API {info.api_version or '1.0'}, torch "
+        f"{info.torch_version}) at {client.address}; hessian-client {__version__} (API "
+        f"{API_VERSION})"
+    )
     native = "available" if info.native_available else "unavailable"
     print(f"backend: {info.default_backend}; native {native}: {info.native_reason}")
     print(f"devices: {', '.join(info.devices)}")
@@ -122,33 +238,19 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(run: Run, total: int, quiet: bool) -> int:
-    bar = None if quiet else ProgressBar(total, sys.stderr)
-    last = None
-    for record in run.stream():
-        last = record
-        if bar:
-            bar.update(record)
-    if bar:
-        if last is not None:
-            bar.update(last, force=True)
-        bar.close()
-    assert run.final is not None
-    print(_summary(run.final))
-    return 0 if status_name(run.final) == "FINISHED" else 1
-
-
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    params = np.load(args.params) if args.params else None
+    params = _load(args.params, "--params") if args.params else None
+    problem = build_problem(args)
     stopping = {"max_iterations": args.max_iterations}
     for key in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
         value = getattr(args, key)
         if value is not None:
             stopping[key] = value
     run = client.start_run(
-        build_problem(args),
+        problem,
         params,
         seed=args.seed,
+        init=args.init,
         name=args.name,
         stopping=stopping,
         method=args.method,
@@ -165,26 +267,25 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         gradient_fraction=args.gradient_fraction,
         hvp_mode=args.hvp_mode,
     )
-    print(f"run {run.id}", file=sys.stderr)
-    note = run.info().method_note
-    if note:
-        print(note, file=sys.stderr)
+    if not args.json:
+        print(f"run {run.id}", file=sys.stderr)
+        if run._info is not None and run._info.method_note:
+            print(run._info.method_note, file=sys.stderr)
     if args.detach:
-        print(run.id)
+        if args.json:
+            emit(run._info)
+        else:
+            print(run.id)
         return 0
-    return _follow(run, args.max_iterations, args.quiet)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    args.detach_on_interrupt = False
+    return _follow(client, run, args)
 
 
 def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
+    problem = build_problem(args)
     result = client.analyze_curvature(
-        build_problem(args),
-        np.load(args.params),
+        problem,
+        _load(args.params, "--params"),
         top_k=args.top_k,
         bottom_k=args.bottom_k,
         block_size=args.block_size,
@@ -195,8 +296,7 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.json:
-        json.dump(dataclasses.asdict(result), sys.stdout, default=_json_default)
-        sys.stdout.write("\n")
+        emit(result.to_dict())
         return 0
     print(f"verdict: {result.verdict} ({result.verdict_reason})")
     print(f"top eigenvalues: {', '.join(f'{v:.9g}' for v in result.top_eigenvalues)}")
@@ -218,57 +318,115 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     run = client.run(args.run_id)
-    info = run.info()
-    if args.progress:
-        return _follow(run, info.stopping.max_iterations or 100, False)
-    for r in run.stream(args.from_iteration):
-        print(
-            f"{r.iteration:>7} loss {r.loss:.9e} |g| {r.gradient_norm:.3e} "
-            f"step {r.step_norm:.3e} {r.iteration_seconds * 1e3:.2f} ms"
-        )
+    args.detach_on_interrupt = args.detach
+    if args.progress or args.json:
+        args.quiet = args.json
+        return _follow(client, run, args, args.from_iteration)
+    try:
+        for r in records_in_background(run, args.from_iteration):
+            print(
+                f"{r.iteration:>7} loss {r.loss:.9e} |g| {r.gradient_norm:.3e} "
+                f"step {r.step_norm:.3e} {r.iteration_seconds * 1e3:.2f} ms",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        return _interrupted(client, run.id, args.detach)
     assert run.final is not None
     print(_summary(run.final))
     return 0
 
 
 def cmd_runs(client: Client, args: argparse.Namespace) -> int:
-    print(f"{'run_id':<34} {'status':<11} {'method':<16} {'records':>8} {'last loss':>13}  name")
+    if not args.json:
+        print(
+            f"{'run_id':<34} {'status':<11} {'method':<16} {'records':>8} {'last loss':>13}  name"
+        )
     for i, info in enumerate(client.list_runs(args.status or ())):
         if i >= args.limit:
             break
-        method = enum_label("method", info.options.method) or "-"
+        if args.json:
+            emit(info)
+            continue
+        last = f"{info.last_record.loss:>13.6e}" if info.last_record else f"{'-':>13}"
         print(
-            f"{info.run_id:<34} {status_name(info):<11} {method:<16} {info.num_records:>8} "
-            f"{info.last_record.loss:>13.6e}  {info.name}"
+            f"{info.run_id:<34} {info.status:<11} {info.method or '-':<16} "
+            f"{info.num_records:>8} {last}  {info.name}"
         )
     return 0
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     info = client.cancel_run(args.run_id)
-    print(f"cancel requested: {info.run_id} ({status_name(info)})")
+    if args.json:
+        emit(info)
+    else:
+        print(f"cancel requested: {info.run_id} ({info.status})")
     return 0
 
 
 def cmd_resume(client: Client, args: argparse.Namespace) -> int:
     run = client.resume_run(args.run_id)
-    return _follow(run, run.info().stopping.max_iterations or 100, args.quiet)
+    args.detach_on_interrupt = args.detach
+    return _follow(client, run, args)
 
 
 def cmd_delete_problem(client: Client, args: argparse.Namespace) -> int:
-    client.delete_problem(args.problem_id)
-    print(f"deleted: {args.problem_id}")
+    deleted = client.delete_problem(args.problem_id)
+    if args.json:
+        emit({"problem_id": args.problem_id, "deleted": deleted})
+    else:
+        print(f"deleted: {args.problem_id}")
     return 0
 
 
 def cmd_seed(client: Client, args: argparse.Namespace) -> int:
     losses = seed.seed_losses(client)
     if args.json:
-        json.dump(losses, sys.stdout)
-        sys.stdout.write("\n")
+        emit(losses)
     else:
         print(seed.format_table(losses))
     return 0
+
+
+def _write_records(records: Iterable[StepRecord], fmt: str, output: str | None) -> None:
+    rows = [r.to_dict() for r in records]
+    if fmt == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
+        if not output:
+            raise UsageError("--format parquet needs --output FILE")
+        pq.write_table(pa.Table.from_pylist(rows), output)
+        return
+    with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as fh:
+        if fmt == "csv":
+            writer = csv.DictWriter(fh, fieldnames=RECORD_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({k: ("nan" if v is None else v) for k, v in r.items()} for r in rows)
+        else:
+            for row in rows:
+                fh.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def cmd_records(client: Client, args: argparse.Namespace) -> int:
+    fmt = "jsonl" if args.json else args.format
+    _write_records(client.run(args.run_id).stream(args.from_iteration), fmt, args.output)
+    if args.output and not args.json:
+        print(f"records of {args.run_id} written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def plot_series(losses: np.ndarray, gradient_norms: np.ndarray, y: str) -> np.ndarray:
+    """The plotted values: the loss, the gradient norm, or loss - best loss (the gap that
+    shows Newton's quadratic convergence near a non-zero minimum); <= 0 becomes NaN."""
+    values = {"loss": losses, "gradient_norm": gradient_norms}.get(y)
+    if values is None:
+        values = losses - losses.min()
+    values = np.asarray(values, dtype=np.float64).copy()
+    values[values <= 0] = np.nan
+    return values
 
 
 def cmd_plot(client: Client, args: argparse.Namespace) -> int:
@@ -278,29 +436,63 @@ def cmd_plot(client: Client, args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plot needs matplotlib: pip install 'hessian-client[plot]'", file=sys.stderr)
-        return 2
+        raise UsageError("plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run_id in args.run_ids:
         run = client.run(run_id)
-        losses = [r.loss for r in run.stream()]
-        info = run.final
-        label = info.name or run_id if info is not None else run_id
-        ax.semilogy(losses, label=label)
+        records = list(run.stream())
+        losses = np.array([r.loss for r in records])
+        norms = np.array([r.gradient_norm for r in records])
+        label = (run.final.name if run.final is not None else "") or run_id
+        ax.semilogy(
+            [r.iteration for r in records],
+            plot_series(losses, norms, args.y),
+            "o-",
+            markersize=3,
+            label=label,
+        )
     ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
+    ax.set_ylabel({"loss_gap": "loss - best loss"}.get(args.y, args.y) + " (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     plt.close(fig)
-    print(f"plot written to {args.output}")
+    if args.json:
+        emit({"output": args.output, "y": args.y, "runs": list(args.run_ids)})
+    else:
+        print(f"plot written to {args.output}")
     return 0
+
+
+def cmd_completion(client: Client, args: argparse.Namespace) -> int:
+    try:
+        import argcomplete
+    except ImportError:
+        raise UsageError("completion needs argcomplete: pip install argcomplete") from None
+    script = argcomplete.shellcode(["hessian"], shell=args.shell)
+    if args.json:
+        emit({"shell": args.shell, "script": script})
+    else:
+        sys.stdout.write(script)
+    return 0
+
+
+def _problem_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--problem-id", help="a problem uploaded before (else --objective)")
+    p.add_argument("--objective", choices=OBJECTIVES, help="catalogue objective")
+    p.add_argument("--data", help=".npz of the objective's named data tensors (X, y, ...)")
+    p.add_argument(
+        "--option", action="append", type=_parse_option, help="objective option KEY=VALUE"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (one subcommand per verb)."""
-    p = argparse.ArgumentParser(prog="hessian", description=__doc__)
+    p = Parser(prog="hessian", description=__doc__)
+    p.add_argument(
+        "--version", action="version", version=f"hessian-client {__version__} (API {API_VERSION})"
+    )
     p.add_argument(
         "--address",
         default=os.environ.get("HESSIAN_ADDRESS", DEFAULT_ADDRESS),
@@ -315,21 +507,36 @@ def parser() -> argparse.ArgumentParser:
         help="PEM CA of the server's TLS certificate; turns TLS on (env HESSIAN_CA_FILE)",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of unary calls, s")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="server version, backend, devices, limits")
-    r = sub.add_parser("run", help="start a run and follow it with a progress bar")
-    r.add_argument("--problem-id")
-    r.add_argument("--objective", help="catalogue name (with --data FILE.npz, --option K=V)")
-    r.add_argument("--data", help=".npz of the named data tensors")
-    r.add_argument("--option", action="append", type=_parse_option, help="objective option")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="JSON output (objects or lines)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+
+    command("info", "server and API versions, backend, devices, limits")
+    r = command("run", "start a run and follow it (Ctrl-C cancels it)")
+    _problem_args(r)
     r.add_argument("--params", help=".npy of initial parameters (else --seed draws them)")
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--method", default="newton")
-    r.add_argument("--lr", type=float, default=None)
+    r.add_argument("--seed", type=int, default=None, help="server-side draw of the start")
+    r.add_argument(
+        "--init",
+        default="objective_default",
+        choices=DISTRIBUTIONS,
+        help="the --seed draw's distribution",
+    )
+    r.add_argument("--method", default="newton", choices=choices("method"))
+    r.add_argument("--lr", type=float, default=None, help="learning rate (server default)")
     r.add_argument("--damping", type=float, default=None)
-    r.add_argument("--step-policy", default=None)
-    r.add_argument("--curvature", default=None)
-    r.add_argument("--backend", default=None)
+    r.add_argument("--step-policy", default=None, choices=choices("step_policy"))
+    r.add_argument("--curvature", default=None, choices=choices("curvature"))
+    r.add_argument("--backend", default=None, choices=choices("backend"))
     r.add_argument("--dense-budget-bytes", type=int, default=None, help="for --method auto")
     r.add_argument("--cg-max-iterations", type=int, default=None)
     r.add_argument("--cg-tolerance", type=float, default=None)
@@ -338,52 +545,56 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--gradient-fraction", type=float, default=None, help="Hessian-free mini-batch gradient"
     )
-    r.add_argument("--hvp-mode", default=None)
+    r.add_argument("--hvp-mode", default=None, choices=choices("hvp_mode"))
     r.add_argument("--max-iterations", type=int, default=100)
     r.add_argument("--gradient-tolerance", type=float, default=None)
     r.add_argument("--function-tolerance", type=float, default=None)
     r.add_argument("--parameter-tolerance", type=float, default=None)
-    r.add_argument("--name", default="")
+    r.add_argument("--name", default="", help="a label shown by `hessian runs`")
     r.add_argument("--detach", action="store_true", help="print the run id and return")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    cv = sub.add_parser(
-        "curvature", help="eigenvalue extremes, trace and verdict (minimum/saddle/...) at a point"
-    )
-    cv.add_argument("--problem-id")
-    cv.add_argument("--objective", help="catalogue name (with --data FILE.npz, --option K=V)")
-    cv.add_argument("--data", help=".npz of the named data tensors")
-    cv.add_argument("--option", action="append", type=_parse_option, help="objective option")
+    cv = command("curvature", "eigenvalue extremes, trace and verdict (minimum/saddle/...)")
+    _problem_args(cv)
     cv.add_argument("--params", required=True, help=".npy of the parameters to analyse")
     cv.add_argument("--top-k", type=int, default=None)
     cv.add_argument("--bottom-k", type=int, default=None)
-    cv.add_argument(
-        "--block-size", type=int, default=None, help="Lanczos block: multiplicities up to it"
-    )
-    cv.add_argument("--curvature", default=None, help="hessian or gauss_newton")
-    cv.add_argument("--backend", default=None, help="auto, native or autograd products")
+    cv.add_argument("--block-size", type=int, default=None, help="Lanczos block size")
+    cv.add_argument("--curvature", default=None, choices=choices("curvature"))
+    cv.add_argument("--backend", default=None, choices=choices("backend"))
     cv.add_argument("--trace-samples", type=int, default=None, help="0: no trace")
     cv.add_argument("--density-probes", type=int, default=None, help="0: no density")
     cv.add_argument("--seed", type=int, default=None, help="the probes' seed")
-    cv.add_argument("--json", action="store_true", help="the whole answer as JSON")
-    w = sub.add_parser("watch", help="print a run's records as they come")
+    w = command("watch", "print a run's records as they come (Ctrl-C cancels the run)")
     w.add_argument("run_id")
     w.add_argument("--from", dest="from_iteration", type=int, default=0)
     w.add_argument("--progress", action="store_true", help="a progress bar instead of lines")
-    ls = sub.add_parser("runs", help="list runs, newest first")
-    ls.add_argument("--status", action="append", help="filter (repeatable): RUNNING, FINISHED...")
+    w.add_argument("--detach", action="store_true", help="Ctrl-C leaves the run running")
+    ls = command("runs", "list runs, newest first")
+    ls.add_argument("--status", action="append", choices=STATUSES, help="filter (repeatable)")
     ls.add_argument("--limit", type=int, default=50)
-    c = sub.add_parser("cancel", help="stop a run before its next iteration")
+    c = command("cancel", "stop a run before its next iteration")
     c.add_argument("run_id")
-    rs = sub.add_parser("resume", help="continue an INTERRUPTED run")
+    rs = command("resume", "continue an INTERRUPTED run (Ctrl-C cancels it)")
     rs.add_argument("run_id")
-    rs.add_argument("--quiet", action="store_true")
-    dp = sub.add_parser("delete-problem", help="delete a stored problem no live run uses")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    rs.add_argument("--detach", action="store_true", help="Ctrl-C leaves the run running")
+    dp = command("delete-problem", "delete a stored problem no live run of yours uses")
     dp.add_argument("problem_id")
-    s = sub.add_parser("seed", help="the seed notebook's GD-vs-Newton table, on the server")
-    s.add_argument("--json", action="store_true")
-    pl = sub.add_parser("plot", help="loss curves of runs (needs matplotlib)")
+    command("seed", "the seed notebook's GD-vs-Newton table, on the server")
+    rec = command("records", "export a run's records (waits for its end)")
+    rec.add_argument("run_id")
+    rec.add_argument("--format", default="csv", choices=FORMATS, help="parquet needs pyarrow")
+    rec.add_argument("-o", "--output", default=None, help="file (default: stdout)")
+    rec.add_argument("--from", dest="from_iteration", type=int, default=0)
+    pl = command("plot", "convergence curves of runs on a log scale (needs matplotlib)")
     pl.add_argument("run_ids", nargs="+")
+    pl.add_argument("--y", default="loss", choices=PLOT_Y, help="loss_gap: loss - best loss")
     pl.add_argument("-o", "--output", default="losses.png")
+    comp = command("completion", "print the shell completion script (needs argcomplete)")
+    comp.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish"))
+    for action in (a for sp in [p, *sub.choices.values()] for a in sp._actions):
+        if action.help is None:  # every option says what it is, its choices and default
+            action.help = action.dest.replace("_", " ")
     return p
 
 
@@ -397,21 +608,46 @@ COMMANDS = {
     "resume": cmd_resume,
     "delete-problem": cmd_delete_problem,
     "seed": cmd_seed,
+    "records": cmd_records,
     "plot": cmd_plot,
+    "completion": cmd_completion,
 }
 
 
+def _one_line_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Warnings (e.g. a client/server API version mismatch) as one line on stderr."""
+    print(f"hessian: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point."""
-    args = parser().parse_args(argv)
-    with Client(
-        args.address, token=args.token, timeout=args.timeout, ca_file=args.ca_file
-    ) as client:
-        try:
+    """Console entry point: one-line errors, exit 2 usage, 1 server, 130 interrupted."""
+    p = parser()
+    with contextlib.suppress(ImportError):
+        import argcomplete
+
+        argcomplete.autocomplete(p)
+    args = p.parse_args(argv)
+    try:
+        with (
+            warnings.catch_warnings(),
+            Client(
+                args.address, token=args.token, timeout=args.timeout, ca_file=args.ca_file
+            ) as client,
+        ):
+            warnings.showwarning = _one_line_warning
             return COMMANDS[args.command](client, args)
-        except HessianError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    except UsageError as exc:
+        print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HessianError as exc:
+        print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_SERVER if exc.from_server else EXIT_USAGE
+    except OSError as exc:
+        print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"hessian {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,147 +1,178 @@
-"""The scripting API: `Client` for unary calls and `Run` for streamed, resumable runs."""
+"""The scripting API: `Client` for unary calls and `Run` for streamed, resumable runs.
+
+Requests are built and answers decoded in `_Api`, shared with `hessian_client.aio.Client`;
+the two differ only in how a call is made. Retries of idempotent calls come from the
+channel's gRPC service config, not from loops here.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
 from . import tensors
-from .curvature import CurvatureResult, from_wire, spectrum_options
-from .errors import HessianError, from_rpc_error
-from .options import enum_label, method_options, stop_criteria
+from ._version import API_VERSION, __version__
+from .curvature import from_wire, spectrum_options
+from .errors import (
+    DeadlineExceeded,
+    HessianError,
+    IncompatibleServer,
+    InvalidArgument,
+    from_rpc_error,
+    invalid,
+)
+from .options import method_options, stop_criteria
 from .proto import optimize_pb2, problem_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from .results import (
+    HessianResult,
+    Method,
+    RunInfo,
+    RunResult,
+    RunStatus,
+    StepRecord,
+    StepResult,
+    _label,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-_DEFAULT = object()
-STATUS_NAMES = {
-    v: k.removeprefix("RUN_STATUS_") for k, v in service_pb2.RunStatus.items() if v != 0
-}
-FINAL_STATUSES = ("FINISHED", "CANCELLED", "FAILED", "INTERRUPTED")
-
-StepRecord = optimize_pb2.StepRecord
-RunInfo = service_pb2.RunInfo
-
-
-def status_name(info: service_pb2.RunInfo) -> str:
-    """The run's status as a plain name (QUEUED, RUNNING, FINISHED, ...)."""
-    return STATUS_NAMES.get(info.status, "UNSPECIFIED")
-
-
-@dataclass
-class StepResult:
-    """A unary step's new parameters (numpy, or torch when sent as torch) and its record.
-
-    method is the method that ran (auto resolved); method_note says why auto chose it.
-    """
-
-    params: Any
-    record: optimize_pb2.StepRecord
-    method: str = ""
-    method_note: str = ""
+CLIENT_VERSION_KEY = "x-hessian-client-version"
+SERVICE = "hessian.v1.HessianService"
+IDEMPOTENT = ("GetRun", "ListRuns", "GetServerInfo", "CreateProblem")
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+_DEFAULT: Any = object()
+_DTYPES = {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}
+DISTRIBUTIONS = [
+    k.removeprefix("DISTRIBUTION_").lower() for k in optimize_pb2.Distribution.keys()[1:]
+]
+STATUSES = [s.value for s in RunStatus]
 
 
-@dataclass
-class HessianResult:
-    """ComputeHessian's answer with the tensors decoded."""
-
-    matrix: np.ndarray | None
-    summary: optimize_pb2.CurvatureSummary
-    loss: float
-    gradient: np.ndarray
-    backend: str
+class VersionWarning(UserWarning):
+    """Client and server speak different minor API versions (both are named)."""
 
 
-@dataclass
-class RunResult:
-    """A finished run: its final info, the final parameters and every record's loss."""
-
-    info: service_pb2.RunInfo
-    params: np.ndarray | None
-
-    @property
-    def status(self) -> str:
-        return status_name(self.info)
+def _api_tuple(version: str) -> tuple[int, ...]:
+    """The API version as integers ("1.10" -> (1, 10)), so that 1.10 sorts after 1.9."""
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
-class Client:
-    """A connection to a hessian server. `timeout` is the default deadline of unary calls.
+def check_versions(info: service_pb2.ServerInfo) -> None:
+    """Warn when the server's API minor differs from this client's; raise when the major does."""
+    server_api = info.api_version or "1.0"  # servers before the handshake spoke 1.0
+    if server_api == API_VERSION:
+        return
+    who = f"hessian-client {__version__} speaks API {API_VERSION}"
+    server = f"hessian-server {info.version} speaks API {server_api}"
+    theirs, ours = _api_tuple(server_api), _api_tuple(API_VERSION)
+    if theirs[0] != ours[0]:
+        raise IncompatibleServer(f"{who}, {server}: upgrade the older of the two")
+    if theirs < ours:
+        hint = "calls added since will fail UNIMPLEMENTED (e.g. Predict)"
+    else:
+        hint = "upgrade hessian-client for the calls added since"
+    warnings.warn(f"{who}, {server}: {hint}", VersionWarning, stacklevel=3)
 
-    `token` is sent as `authorization: Bearer <token>` on every call. `ca_file` (a PEM file)
-    or `root_certificates` (PEM bytes) turn on TLS and name the CA that signed the server's
-    certificate.
-    """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        token: str | None = None,
-        timeout: float | None = 60.0,
-        *,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        root_certificates: bytes | None = None,
-        ca_file: str | os.PathLike[str] | None = None,
-    ) -> None:
+def _source(problem: Any) -> dict[str, Any]:
+    if isinstance(problem, str):
+        return {"problem_id": problem}
+    if isinstance(problem, problem_pb2.Problem):
+        return {"problem": problem}
+    raise invalid("problem", "a Problem message or a problem id string", type(problem).__name__)
+
+
+def _encode(value: Any, field: str) -> tensor_pb2.Tensor:
+    try:
+        return tensors.encode(value)
+    except InvalidArgument as exc:
+        raise invalid(field, exc.expected, exc.message.rpartition("got ")[2]) from None
+
+
+def _distribution(name: str, field: str) -> int:
+    if name.lower() not in DISTRIBUTIONS:
+        raise invalid(field, f"one of {DISTRIBUTIONS}", name)
+    return optimize_pb2.Distribution.Value("DISTRIBUTION_" + name.upper())
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Message limits and the retry policy of idempotent calls (gRPC service config)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", SERVICE_CONFIG),
+    ]
+
+
+class _Api:
+    """The calls' requests and answers, shared by the sync and asyncio clients."""
+
+    timeout: float | None
+    metadata: tuple[tuple[str, str], ...]
+
+    def _setup(self, address: str | None, token: str | None, timeout: float | None) -> None:
         self.address = address or os.environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS
+        self.timeout = timeout
+        auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = ((CLIENT_VERSION_KEY, __version__), *auth)
+
+    @staticmethod
+    def _credentials(root_certificates: bytes | None, ca_file: Any) -> Any:
         if ca_file is not None:
             with open(ca_file, "rb") as fh:
                 root_certificates = fh.read()
-        self.timeout = timeout
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(self.address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(self.address, options=options)
-        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if root_certificates is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
-    def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+    def _deadline(self, timeout: Any) -> float | None:
+        return self.timeout if timeout is _DEFAULT else timeout
 
-    def __enter__(self) -> Client:
-        return self
+    def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
 
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def call(self, method: str, request: Any, timeout: Any = _DEFAULT) -> Any:
-        """Invoke unary `method`, turning gRPC errors into typed HessianError subclasses."""
-        deadline = self.timeout if timeout is _DEFAULT else timeout
-        try:
-            return getattr(self.stub, method)(request, timeout=deadline, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    @staticmethod
-    def _source(problem: problem_pb2.Problem | str) -> dict[str, Any]:
-        if isinstance(problem, str):
-            return {"problem_id": problem}
-        if isinstance(problem, problem_pb2.Problem):
-            return {"problem": problem}
-        raise TypeError("problem must be a Problem message or a problem id string")
+    def _run(self, run_id: str, info: service_pb2.RunInfo | None, like: Any) -> Any:
+        raise NotImplementedError
 
     # unary calls
-    def info(self) -> service_pb2.ServerInfo:
-        """Version, backend and why, devices, limits."""
-        return self.call("GetServerInfo", service_pb2.GetServerInfoRequest())
+    def info(self) -> Any:
+        """Version, API version, backend and why, devices, limits (checks the API versions)."""
 
-    def create_problem(self, problem: problem_pb2.Problem) -> str:
+        def decode(info: service_pb2.ServerInfo) -> service_pb2.ServerInfo:
+            check_versions(info)
+            return info
+
+        return self._unary("GetServerInfo", service_pb2.GetServerInfoRequest(), _DEFAULT, decode)
+
+    def create_problem(self, problem: problem_pb2.Problem) -> Any:
         """Upload a problem once; returns its content-addressed id."""
-        return self.call(
-            "CreateProblem", service_pb2.CreateProblemRequest(problem=problem)
-        ).problem_id
+        if not isinstance(problem, problem_pb2.Problem):
+            raise invalid("problem", "a Problem message", type(problem).__name__)
+        request = service_pb2.CreateProblemRequest(problem=problem)
+        return self._unary("CreateProblem", request, _DEFAULT, lambda r: r.problem_id)
 
     def sample(
         self,
@@ -150,32 +181,35 @@ class Client:
         *,
         dtype: str = "float32",
         distribution: str = "uniform",
-    ) -> list[np.ndarray]:
+    ) -> Any:
         """Draw tensors in order from the server's torch.Generator seeded with `seed`."""
-        wire_dtype = {"float32": tensor_pb2.DTYPE_FLOAT32, "float64": tensor_pb2.DTYPE_FLOAT64}
-        dist = optimize_pb2.Distribution.Value("DISTRIBUTION_" + distribution.upper())
+        if dtype not in _DTYPES:
+            raise invalid("dtype", f"one of {list(_DTYPES)}", dtype)
+        dist = _distribution(distribution, "distribution")
         specs = [
-            optimize_pb2.TensorSpec(shape=list(s), dtype=wire_dtype[dtype], distribution=dist)
+            optimize_pb2.TensorSpec(shape=list(s), dtype=_DTYPES[dtype], distribution=dist)
             for s in shapes
         ]
-        response = self.call(
-            "SampleTensors", service_pb2.SampleTensorsRequest(seed=seed, tensors=specs)
+        request = service_pb2.SampleTensorsRequest(seed=seed, tensors=specs)
+        return self._unary(
+            "SampleTensors", request, _DEFAULT, lambda r: [tensors.decode(t) for t in r.tensors]
         )
-        return [tensors.decode(t) for t in response.tensors]
 
-    def _step(self, rpc: str, problem: Any, params: Any, timeout: Any, options: dict) -> StepResult:
+    def _step(self, rpc: str, problem: Any, params: Any, timeout: Any, options: dict) -> Any:
         request = service_pb2.StepRequest(
-            params=tensors.encode(params),
-            options=method_options(**options),
-            **self._source(problem),
+            params=_encode(params, "params"), options=method_options(**options), **_source(problem)
         )
-        response = self.call(rpc, request, timeout)
-        return StepResult(
-            tensors.like_input(tensors.decode(response.params), params),
-            response.record,
-            enum_label("method", response.method),
-            response.method_note,
-        )
+
+        def decode(r: service_pb2.StepResponse) -> StepResult:
+            return StepResult(
+                tensors.like_input(tensors.decode(r.params), params),
+                StepRecord.from_wire(r.record),
+                _label(Method, optimize_pb2.Method, "METHOD_", r.method),
+                r.method_note,
+                r,
+            )
+
+        return self._unary(rpc, request, timeout, decode)
 
     def gradient_step(
         self,
@@ -186,8 +220,8 @@ class Client:
         step_policy: str | None = None,
         timeout: Any = _DEFAULT,
         **options: Any,
-    ) -> StepResult:
-        """One gradient-descent step from `params` (numpy array or torch tensor)."""
+    ) -> Any:
+        """One gradient-descent step from `params` (numpy array or torch tensor) -> StepResult."""
         options.update(learning_rate=learning_rate, step_policy=step_policy)
         return self._step("GradientStep", problem, params, timeout, options)
 
@@ -204,8 +238,8 @@ class Client:
         backend: str | None = None,
         timeout: Any = _DEFAULT,
         **options: Any,
-    ) -> StepResult:
-        """One Newton step from `params`.
+    ) -> Any:
+        """One Newton step from `params` -> StepResult.
 
         method: newton | saddle_free | newton_cg | gauss_newton_cg | auto (newton if the dense
         Hessian fits dense_budget_bytes, else newton_cg). Further keywords are method options
@@ -231,19 +265,19 @@ class Client:
         backend: str | None = None,
         omit_matrix: bool = False,
         timeout: Any = _DEFAULT,
-    ) -> HessianResult:
-        """The dense curvature matrix at `params` and its spectrum summary."""
+    ) -> Any:
+        """The dense curvature matrix at `params` and its spectrum summary -> HessianResult."""
         opts = method_options(curvature=curvature, backend=backend)
         request = service_pb2.ComputeHessianRequest(
-            params=tensors.encode(params),
+            params=_encode(params, "params"),
             curvature=opts.curvature,
             backend=opts.backend,
             omit_matrix=omit_matrix,
-            **self._source(problem),
+            **_source(problem),
         )
-        r = self.call("ComputeHessian", request, timeout)
-        matrix = tensors.decode(r.matrix) if r.HasField("matrix") else None
-        return HessianResult(matrix, r.summary, r.loss, tensors.decode(r.gradient), r.backend)
+        return self._unary(
+            "ComputeHessian", request, timeout, lambda r: HessianResult.from_wire(r, params)
+        )
 
     def analyze_curvature(
         self,
@@ -252,17 +286,37 @@ class Client:
         *,
         timeout: Any = _DEFAULT,
         **options: Any,
-    ) -> CurvatureResult:
+    ) -> Any:
         """Matrix-free curvature at `params`: extreme eigenvalues, trace, density, verdict.
 
         Keywords are spectrum options (top_k, bottom_k, curvature, trace_samples, seed, ...).
         """
         request = service_pb2.AnalyzeCurvatureRequest(
-            params=tensors.encode(params),
+            params=_encode(params, "params"),
             options=spectrum_options(**options),
-            **self._source(problem),
+            **_source(problem),
         )
-        return from_wire(self.call("AnalyzeCurvature", request, timeout))
+        return self._unary("AnalyzeCurvature", request, timeout, from_wire)
+
+    def predict(
+        self,
+        problem: problem_pb2.Problem | str,
+        params: Any,
+        inputs: Any = None,
+        *,
+        timeout: Any = _DEFAULT,
+    ) -> Any:
+        """The catalogue model's outputs (linear outputs / logits) at `params`, on `inputs`
+        rows shaped like the problem's X (None: its own X); the type `params` was sent as."""
+        request = service_pb2.PredictRequest(params=_encode(params, "params"), **_source(problem))
+        if inputs is not None:
+            request.inputs.CopyFrom(_encode(inputs, "inputs"))
+        return self._unary(
+            "Predict",
+            request,
+            timeout,
+            lambda r: tensors.like_input(tensors.decode(r.outputs), params),
+        )
 
     # runs
     def start_run(
@@ -276,147 +330,270 @@ class Client:
         stopping: dict[str, Any] | None = None,
         curvature_seed: int | None = None,
         **options: Any,
-    ) -> Run:
+    ) -> Any:
         """Queue a run from `params` (or from a server-side draw with `seed`) -> Run.
 
         Keywords are method options (method="auto" picks newton or newton_cg by size; the
         returned run's `info().method_note` says which and why); curvature_seed is the
         Hessian-free sub-samples' seed (curvature rows and gradient mini-batches; method
-        option `seed`).
+        option `seed`). The run's final parameters come back as the type `params` was.
         """
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
             stopping=stop_criteria(**(stopping or {})),
             name=name,
-            **self._source(problem),
+            **_source(problem),
         )
         if params is not None:
-            request.initial_params.CopyFrom(tensors.encode(params))
+            request.initial_params.CopyFrom(_encode(params, "params"))
         elif seed is not None:
-            dist = optimize_pb2.Distribution.Value("DISTRIBUTION_" + init.upper())
+            dist = _distribution(init, "init")
             request.init.CopyFrom(optimize_pb2.Initializer(seed=seed, distribution=dist))
-        info = self.call("StartRun", request)
-        return Run(self, info.run_id, info)
-
-    def run(self, run_id: str) -> Run:
-        """A handle on an existing run."""
-        return Run(self, run_id)
-
-    def get_run(self, run_id: str, include_params: bool = False) -> service_pb2.RunInfo:
-        """A run's status, stop reason, summary and (optionally) final parameters."""
-        return self.call(
-            "GetRun", service_pb2.GetRunRequest(run_id=run_id, include_params=include_params)
+        return self._unary(
+            "StartRun", request, _DEFAULT, lambda info: self._run(info.run_id, info, params)
         )
 
-    def list_runs(
-        self, status: Sequence[str] = (), page_size: int = 50
-    ) -> Iterator[service_pb2.RunInfo]:
+    def run(self, run_id: str) -> Any:
+        """A handle on an existing run (final parameters as numpy)."""
+        return self._run(run_id, None, None)
+
+    def get_run(self, run_id: str, include_params: bool = False) -> Any:
+        """A run's status, stop reason, last record and (optionally) final parameters."""
+        request = service_pb2.GetRunRequest(run_id=run_id, include_params=include_params)
+        return self._unary("GetRun", request, _DEFAULT, RunInfo.from_wire)
+
+    @staticmethod
+    def _list_request(status: Sequence[str], page_size: int, token: str) -> Any:
+        values = []
+        for s in status:
+            if s.upper() not in STATUSES:
+                raise invalid("status", f"one of {STATUSES}", s)
+            values.append(service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()))
+        return service_pb2.ListRunsRequest(page_size=page_size, page_token=token, status=values)
+
+    def cancel_run(self, run_id: str) -> Any:
+        """Stop a run before its next iteration (its records are kept) -> RunInfo."""
+        request = service_pb2.RunRequest(run_id=run_id)
+        return self._unary("CancelRun", request, _DEFAULT, RunInfo.from_wire)
+
+    def resume_run(self, run_id: str) -> Any:
+        """Continue an INTERRUPTED run from its last checkpoint -> Run."""
+        request = service_pb2.RunRequest(run_id=run_id)
+        return self._unary(
+            "ResumeRun", request, _DEFAULT, lambda info: self._run(run_id, info, None)
+        )
+
+    def delete_run(self, run_id: str) -> Any:
+        """Delete a run that is not executing."""
+        request = service_pb2.RunRequest(run_id=run_id)
+        return self._unary("DeleteRun", request, _DEFAULT, lambda r: r.deleted)
+
+    def delete_problem(self, problem_id: str) -> Any:
+        """Delete a stored problem -> whether it was deleted (FailedPrecondition while a
+        queued, running or interrupted run of yours uses it; NotFound if you hold none)."""
+        request = service_pb2.DeleteProblemRequest(problem_id=problem_id)
+        return self._unary("DeleteProblem", request, _DEFAULT, lambda r: r.deleted)
+
+
+class Client(_Api):
+    """A connection to a hessian server. `timeout` is the default deadline of unary calls.
+
+    `token` is sent as `authorization: Bearer <token>` on every call. `ca_file` (a PEM file)
+    or `root_certificates` (PEM bytes) turn on TLS and name the CA that signed the server's
+    certificate. Idempotent calls (GetRun, ListRuns, GetServerInfo, CreateProblem) are
+    retried on UNAVAILABLE by gRPC's retry policy.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        root_certificates: bytes | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._setup(address, token, timeout)
+        creds = self._credentials(root_certificates, ca_file)
+        options = channel_options(max_message_bytes)
+        if creds is not None:
+            self._channel = grpc.secure_channel(self.address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def call(self, method: str, request: Any, timeout: Any = _DEFAULT) -> Any:
+        """Invoke unary `method`, turning gRPC errors into typed HessianError subclasses."""
+        try:
+            return getattr(self.stub, method)(
+                request, timeout=self._deadline(timeout), metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
+        return decode(self.call(method, request, timeout))
+
+    def _run(self, run_id: str, info: service_pb2.RunInfo | None, like: Any) -> Run:
+        return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
+
+    def list_runs(self, status: Sequence[str] = (), page_size: int = 50) -> Iterator[RunInfo]:
         """Every run, newest first, filtered by status names; pages are fetched as needed."""
-        values = [service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()) for s in status]
         token = ""
         while True:
-            request = service_pb2.ListRunsRequest(
-                page_size=page_size, page_token=token, status=values
-            )
-            response = self.call("ListRuns", request)
-            yield from response.runs
+            response = self.call("ListRuns", self._list_request(status, page_size, token))
+            yield from (RunInfo.from_wire(r) for r in response.runs)
             token = response.next_page_token
             if not token:
                 return
 
-    def cancel_run(self, run_id: str) -> service_pb2.RunInfo:
-        """Stop a run before its next iteration (its records are kept)."""
-        return self.call("CancelRun", service_pb2.RunRequest(run_id=run_id))
 
-    def resume_run(self, run_id: str) -> Run:
-        """Continue an INTERRUPTED run from its last checkpoint."""
-        info = self.call("ResumeRun", service_pb2.RunRequest(run_id=run_id))
-        return Run(self, run_id, info)
-
-    def delete_run(self, run_id: str) -> bool:
-        """Delete a run that is not executing."""
-        return self.call("DeleteRun", service_pb2.RunRequest(run_id=run_id)).deleted
-
-    def delete_problem(self, problem_id: str) -> bool:
-        """Delete a stored problem (FailedPrecondition while a queued, running or interrupted
-        run of yours uses it; NotFound if you have no problem with this id)."""
-        request = service_pb2.DeleteProblemRequest(problem_id=problem_id)
-        return self.call("DeleteProblem", request).deleted
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
 
 
-class Run:
-    """A server-side run: stream its records (resuming after drops), wait, cancel, result."""
+def timed_out(run_id: str, timeout: float | None, status: str) -> DeadlineExceeded:
+    """The error wait()/result() raise when their timeout passes (the run keeps going)."""
+    return DeadlineExceeded(f"run {run_id} still {status} after {timeout} s (it keeps going)")
 
-    def __init__(
-        self, client: Client, run_id: str, info: service_pb2.RunInfo | None = None
-    ) -> None:
+
+class _RunBase:
+    """What the sync and asyncio run handles share."""
+
+    def __init__(self, client: Any, run_id: str, info: RunInfo | None = None, like: Any = None):
         self.client = client
         self.id = run_id
-        self.final: service_pb2.RunInfo | None = None
+        self.final: RunInfo | None = None
         self._info = info
+        self._like = like
 
     def __repr__(self) -> str:
-        return f"Run({self.id!r})"
+        return f"{type(self).__name__}({self.id!r})"
+
+    def _event_records(self, event: Any, nxt: int) -> tuple[list[StepRecord], int]:
+        out = []
+        for record in event.records:
+            if record.iteration >= nxt:
+                nxt = record.iteration + 1
+                out.append(StepRecord.from_wire(record))
+        if event.HasField("final"):
+            self.final = RunInfo.from_wire(event.final)  # the last event
+        return out, nxt
+
+    @staticmethod
+    def _retry_stream(exc: grpc.RpcError, last_progress: float, reconnect_timeout: float) -> None:
+        """Raise unless `exc` is a dropped connection within the reconnect window."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise from_rpc_error(exc) from None
+        if time.monotonic() - last_progress > reconnect_timeout:
+            raise from_rpc_error(exc) from None
+
+
+def records_frame(records: Sequence[StepRecord]) -> Any:
+    """The records as a pandas DataFrame, one row per iteration (needs pandas)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise HessianError("records_frame needs pandas: pip install pandas") from None
+    columns = [f for f in StepRecord.__dataclass_fields__ if f != "raw"]
+    return pd.DataFrame([[getattr(r, c) for c in columns] for r in records], columns=columns)
+
+
+class Run(_RunBase):
+    """A server-side run: stream its records (resuming after drops), wait, cancel, result."""
+
+    client: Client
 
     def stream(
-        self, from_iteration: int = 0, *, reconnect_timeout: float = 30.0
-    ) -> Iterator[optimize_pb2.StepRecord]:
+        self,
+        from_iteration: int = 0,
+        *,
+        reconnect_timeout: float = 30.0,
+        timeout: float | None = None,
+    ) -> Iterator[StepRecord]:
         """Every record from `from_iteration` on, exactly once, until the run ends.
 
         A dropped connection (UNAVAILABLE) is retried with backoff from the last iteration
-        seen, for up to `reconnect_timeout` seconds without progress. `final` holds the
-        run's state afterwards.
+        seen, for up to `reconnect_timeout` seconds without progress. `timeout` bounds the
+        whole stream (DeadlineExceeded), queued or not. `final` holds the end state.
         """
         nxt = from_iteration
+        deadline = None if timeout is None else time.monotonic() + timeout
         last_progress = time.monotonic()
         delay = 0.05
         while True:
             request = service_pb2.WatchRunRequest(run_id=self.id, from_iteration=nxt)
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise timed_out(self.id, timeout, self._status())
             try:
-                for event in self.client.stub.WatchRun(request, metadata=self.client.metadata):
-                    for record in event.records:
-                        if record.iteration < nxt:
-                            continue
-                        nxt = record.iteration + 1
+                for event in self.client.stub.WatchRun(
+                    request, timeout=remaining, metadata=self.client.metadata
+                ):
+                    records, nxt = self._event_records(event, nxt)
+                    if records:
                         last_progress = time.monotonic()
                         delay = 0.05
-                        yield record
-                    if event.HasField("final"):
-                        self.final = event.final  # the last event: read on to the status
+                    yield from records
                 if self.final is not None:
                     return
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise from_rpc_error(exc) from None
-                if time.monotonic() - last_progress > reconnect_timeout:
-                    raise from_rpc_error(exc) from None
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                    raise timed_out(self.id, timeout, self._status()) from None
+                self._retry_stream(exc, last_progress, reconnect_timeout)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def wait(self, timeout: float | None = None) -> service_pb2.RunInfo:
-        """Block until the run ends; return its final info (records are not kept)."""
-        start = time.monotonic()
-        for _ in self.stream(self._next_unseen()):
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise HessianError(f"run {self.id} still running after {timeout} s")
+    def _status(self) -> str:
+        try:
+            return self.client.get_run(self.id).status
+        except HessianError:
+            return "running"
+
+    def wait(self, timeout: float | None = None) -> RunInfo:
+        """Block until the run ends and return its final info; DeadlineExceeded after
+        `timeout` seconds in any state (the run keeps going)."""
+        for _ in self.stream(self._next_unseen(), timeout=timeout):
+            pass
         assert self.final is not None
         return self.final
 
     def _next_unseen(self) -> int:
-        info = self.client.get_run(self.id)
-        return max(int(info.num_records) - 1, 0)
+        return max(self.client.get_run(self.id).num_records - 1, 0)
 
-    def cancel(self) -> service_pb2.RunInfo:
+    def cancel(self) -> RunInfo:
         """Ask the server to stop the run before its next iteration."""
         return self.client.cancel_run(self.id)
 
-    def info(self) -> service_pb2.RunInfo:
+    def info(self) -> RunInfo:
         """The run's current state."""
         return self.client.get_run(self.id)
 
     def result(self, timeout: float | None = None) -> RunResult:
-        """Wait for the end, then return the final info and final parameters."""
+        """Wait for the end (at most `timeout` s), then the final info and parameters."""
         self.wait(timeout)
         info = self.client.get_run(self.id, include_params=True)
-        params = tensors.decode(info.final_params) if info.HasField("final_params") else None
+        if info.final_params is not None:
+            params = tensors.like_input(np.asarray(info.final_params), self._like)
+        else:
+            params = None
         return RunResult(info, params)
+
+    def records(self, from_iteration: int = 0) -> list[StepRecord]:
+        """Every record from `from_iteration` on (waits for the run to end)."""
+        return list(self.stream(from_iteration))
+
+    def records_frame(self, from_iteration: int = 0) -> Any:
+        """The run's records as a pandas DataFrame (needs pandas; waits for the end)."""
+        return records_frame(self.records(from_iteration))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import tensors
+from .errors import invalid
 from .options import enum_label, enum_value
 from .proto import optimize_pb2, service_pb2
+from .results import Verdict, _jsonable, _label
 
 SPECTRUM_ENUMS = ("curvature", "hvp_mode", "backend")
 SPECTRUM_SCALARS = tuple(
@@ -29,11 +31,11 @@ def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
             setattr(msg, key, value)
         else:
             known = [*SPECTRUM_ENUMS, *SPECTRUM_SCALARS]
-            raise TypeError(f"unknown spectrum option {key!r}; known: {known}")
+            raise invalid("options", f"a spectrum option, one of {known}", key)
     return msg
 
 
-@dataclass
+@dataclass(frozen=True)
 class TraceResult:
     """A stochastic trace estimate: estimate +- half_width at `confidence`."""
 
@@ -43,7 +45,7 @@ class TraceResult:
     products: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class DensityResult:
     """The SLQ spectral density: `values` on `grid` (integrates to 1), and SLQ's trace."""
 
@@ -55,7 +57,7 @@ class DensityResult:
     trace: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurvatureResult:
     """AnalyzeCurvature's answer: extremes, traces, density and verdict as Python values."""
 
@@ -74,10 +76,17 @@ class CurvatureResult:
     density: DensityResult | None
     products: int
     products_by_part: dict[str, int]
-    verdict: str
+    verdict: Verdict | None  # type: ignore[valid-type]
     verdict_reason: str
     seconds: float
     backend: str = ""
+    raw: service_pb2.AnalyzeCurvatureResponse | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (arrays as lists, verdict by name), the raw protobuf left out."""
+        return {k: _jsonable(v) for k, v in asdict(self).items() if k != "raw"}
 
 
 def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult | None:
@@ -95,7 +104,7 @@ def from_wire(msg: service_pb2.AnalyzeCurvatureResponse) -> CurvatureResult:
         density = DensityResult(
             tensors.decode(d.grid), tensors.decode(d.density), d.sigma, d.probes, d.steps, d.trace
         )
-    verdict = optimize_pb2.Verdict.Name(msg.verdict).removeprefix("VERDICT_").lower()
+    verdict = _label(Verdict, optimize_pb2.Verdict, "VERDICT_", msg.verdict)
     return CurvatureResult(
         num_params=int(msg.num_params),
         curvature=enum_label("curvature", msg.curvature),
@@ -116,4 +125,5 @@ def from_wire(msg: service_pb2.AnalyzeCurvatureResponse) -> CurvatureResult:
         verdict_reason=msg.verdict_reason,
         seconds=msg.seconds,
         backend=msg.backend,
+        raw=msg,
     )

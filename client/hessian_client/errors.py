@@ -1,4 +1,8 @@
-"""Typed exceptions for gRPC failures: each carries the status code and the server's message."""
+"""One exception hierarchy for everything the SDK raises: server statuses and client-side checks.
+
+Each error carries the gRPC status code, the server's message and, when the server named them
+(google.rpc BadRequest field violations in the status details), `.field` and `.expected`.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,30 @@ import grpc
 
 
 class HessianError(Exception):
-    """A call failed: `code` is the grpc.StatusCode, `message` the server's text."""
+    """A call failed: `code` is the grpc.StatusCode, `message` the text, `field`/`expected`
+    name the offending input when known ("" otherwise)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    from_server = False  # True: the server's status; False: the SDK's own check
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        field: str = "",
+        expected: str = "",
+    ) -> None:
         if code is not None:
             self.code = code
         self.message = message
+        self.field = field
+        self.expected = expected
         super().__init__(f"{self.code.name}: {message}")
 
 
-class InvalidArgument(HessianError):
-    """Bad input; the message names the field."""
+class InvalidArgument(HessianError, ValueError):
+    """Bad input (the server's verdict, or the SDK's own check before sending)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -60,7 +75,7 @@ class Unavailable(HessianError):
 
 
 class DeadlineExceeded(HessianError):
-    """The call's deadline passed."""
+    """The call's deadline (or a wait()/result() timeout) passed."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -77,10 +92,23 @@ class DataLoss(HessianError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class Unimplemented(HessianError):
+    """The server does not offer this call (it speaks an older API than this client)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Internal(HessianError):
     """A bug on the server."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class IncompatibleServer(HessianError):
+    """The server speaks an API major version this client does not (both are named)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    from_server = True  # the server's answer (its API version), not a mistake in the call
 
 
 _BY_CODE = {
@@ -96,14 +124,51 @@ _BY_CODE = {
         DeadlineExceeded,
         Cancelled,
         DataLoss,
+        Unimplemented,
         Internal,
     )
 }
 
 
+def invalid(field: str, expected: str, got: object) -> InvalidArgument:
+    """A client-side InvalidArgument worded like the server's: `field: expected X, got Y`."""
+    return InvalidArgument(
+        f"{field}: expected {expected}, got {got!r}", field=field, expected=expected
+    )
+
+
+def _field_violation(error: grpc.RpcError) -> tuple[str, str]:
+    """(field, expected) from the status's first BadRequest field violation, else ("", "")."""
+    from google.rpc import error_details_pb2  # only when a call failed: keeps imports fast
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (AttributeError, ValueError):
+        return "", ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            for violation in bad.field_violations:
+                return violation.field, violation.description
+    return "", ""
+
+
+def from_status(
+    code: grpc.StatusCode, message: str, field: str = "", expected: str = ""
+) -> HessianError:
+    """The typed exception for a server's status (HessianError for codes without a class)."""
+    error = _BY_CODE.get(code, HessianError)(
+        message or code.name, code, field=field, expected=expected
+    )
+    error.from_server = True
+    return error
+
+
 def from_rpc_error(error: grpc.RpcError) -> HessianError:
-    """The typed exception for a grpc.RpcError (HessianError for codes without a class)."""
+    """The typed exception for a grpc.RpcError (sync or aio), with the field details."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    cls = _BY_CODE.get(code, HessianError)
-    return cls(details or code.name, code)
+    field, expected = _field_violation(error)
+    return from_status(code, details or "", field, expected)

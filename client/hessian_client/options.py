@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import invalid
 from .proto import optimize_pb2
 
 ENUMS = {
@@ -43,11 +44,16 @@ def enum_value(field: str, name: str | None) -> int:
     prefix, enum_type = ENUMS[field]
     if name is None:
         return 0
-    try:
-        return enum_type.Value(prefix + name.upper())
-    except ValueError:
-        known = [k.removeprefix(prefix).lower() for k in enum_type.keys()[1:]]
-        raise ValueError(f"{field}: expected one of {known}, got {name!r}") from None
+    known = choices(field)
+    if not isinstance(name, str) or name.lower() not in known:
+        raise invalid(field, f"one of {known}", name)
+    return enum_type.Value(prefix + name.upper())
+
+
+def choices(field: str) -> list[str]:
+    """The engine names an enum option accepts, from the proto descriptor."""
+    prefix, enum_type = ENUMS[field]
+    return [k.removeprefix(prefix).lower() for k in enum_type.keys()[1:]]
 
 
 def enum_label(field: str, value: int) -> str:
@@ -67,7 +73,7 @@ def method_options(**values: Any) -> optimize_pb2.MethodOptions:
         elif key in SCALARS:
             setattr(msg, key, value)
         else:
-            raise TypeError(f"unknown method option {key!r}; known: {[*ENUMS, *SCALARS]}")
+            raise invalid("options", f"a method option, one of {[*ENUMS, *SCALARS]}", key)
     return msg
 
 
@@ -78,6 +84,6 @@ def stop_criteria(**values: Any) -> optimize_pb2.StopCriteria:
         if value is None:
             continue
         if key not in STOP_FIELDS:
-            raise TypeError(f"unknown stopping criterion {key!r}; known: {list(STOP_FIELDS)}")
+            raise invalid("stopping", f"a criterion, one of {list(STOP_FIELDS)}", key)
         setattr(msg, key, value)
     return msg

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import invalid
 from .proto import tensor_pb2
 
 DTYPES: dict[int, np.dtype] = {
@@ -34,7 +35,7 @@ def encode(value: Any, *, dtype: np.dtype | str | None = None) -> tensor_pb2.Ten
         array = array.astype(np.int64)
     native = array.dtype.newbyteorder("=")
     if native not in WIRE_DTYPE:
-        raise TypeError(f"tensor dtype {array.dtype} is not float32, float64 or int64")
+        raise invalid("tensor", "dtype float32, float64 or int64", str(array.dtype))
     wire = WIRE_DTYPE[native]
     data = np.ascontiguousarray(array, dtype=DTYPES[wire]).tobytes()
     return tensor_pb2.Tensor(dtype=wire, shape=list(array.shape), data=data)

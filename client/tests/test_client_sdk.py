@@ -18,7 +18,15 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from hessian_client import Client, InvalidArgument, NotFound, problems, status_name
+from hessian_client import (
+    Client,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    aio,
+    problems,
+    status_name,
+)
 
 ADDRESS = os.environ.get("HESSIAN_TEST_ADDRESS", "")
 pytestmark = pytest.mark.skipif(not ADDRESS, reason="HESSIAN_TEST_ADDRESS is not set")
@@ -73,10 +81,13 @@ def test_typed_errors_carry_code_and_field(client):
     with pytest.raises(InvalidArgument) as err:
         client.newton_step(problems.mse(np.zeros(3)), np.zeros(3), learning_rate=-1.0)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "options.learning_rate" in err.value.message
+    assert err.value.field == "options.learning_rate" and err.value.expected == "a number > 0"
     with pytest.raises(NotFound) as err:
         client.get_run("r-does-not-exist")
-    assert "run_id" in err.value.message
+    assert err.value.field == "run_id"
+    with pytest.raises(InvalidArgument) as err:  # checked before sending
+        client.start_run(problems.rosenbrock(), seed=0, init="normal_random")
+    assert err.value.field == "init" and "objective_default" in err.value.expected
 
 
 def test_run_streams_every_record_and_returns_its_result(client):
@@ -92,6 +103,48 @@ def test_run_streams_every_record_and_returns_its_result(client):
     assert status_name(run.final) == "FINISHED" and run.final.converged
     result = run.result()
     np.testing.assert_allclose(result.params, np.ones(2), atol=1e-5)
+    assert result.info.stop_reason == "gradient_tolerance" and result.info.method == "newton"
+    assert result.info.finished_at >= result.info.started_at
+
+
+def test_wait_times_out_in_any_state(client):
+    run = client.start_run(
+        problems.rosenbrock(dim=2),
+        np.array([-1.2, 1.0]),
+        method="gradient_descent",
+        learning_rate=1e-6,
+        stopping={
+            "max_iterations": 10**6,
+            "gradient_tolerance": 0.0,
+            "function_tolerance": 0.0,
+            "parameter_tolerance": 0.0,
+        },
+    )
+    with pytest.raises(DeadlineExceeded, match=run.id):
+        run.wait(timeout=0.2)
+    assert run.cancel().run_id == run.id
+    assert run.wait(timeout=60).status == "CANCELLED"
+
+
+def test_async_client_matches_the_sync_client(client):
+    import asyncio
+
+    target = np.random.default_rng(13).standard_normal(6)
+    sync = client.newton_step(problems.mse(target), np.zeros(6), learning_rate=0.5)
+
+    async def go():
+        async with aio.Client(ADDRESS) as ac:
+            step = await ac.newton_step(problems.mse(target), np.zeros(6), learning_rate=0.5)
+            run = await ac.start_run(
+                problems.mse(target), np.zeros(6), stopping={"max_iterations": 3}
+            )
+            losses = [r.loss async for r in run.stream()]
+            return step, losses
+
+    step, losses = asyncio.run(go())
+    np.testing.assert_array_equal(step.params, sync.params)
+    # Newton with lr 1 on mse lands on the target: loss mean(t^2), then 0
+    assert losses[0] == pytest.approx(np.mean(target**2), rel=1e-12) and losses[1] <= 1e-28
 
 
 def test_cli_seed_prints_the_engines_table():

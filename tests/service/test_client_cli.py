@@ -1,12 +1,20 @@
-"""The `hessian` command line against a live server (main(), output captured)."""
+"""The `hessian` command line against a live server (main(), output captured): every
+subcommand with --json parsed, one-line errors with exit codes, exports and plots."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from hessian_client.cli import main
+from hessian_client import __version__
+from hessian_client.cli import main, plot_series
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
 
 
@@ -16,36 +24,45 @@ def _cli(server, capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_run_then_runs_watch_and_plot(server, capsys, tmp_path):
-    code, out, err = _cli(
-        server,
-        capsys,
-        "run",
-        "--objective",
-        "rosenbrock",
-        "--option",
-        "dim=3",
-        "--method",
-        "gradient_descent",
-        "--lr",
-        "0.001",
-        "--max-iterations",
-        "30",
-        "--name",
-        "cli-gd",
-    )
-    assert code == 0, err
-    run_id = re.search(r"(r-[0-9a-f]+) FINISHED", out).group(1)
-    assert "it     30/30" in err  # the progress bar's last state
+def _json_lines(out: str) -> list:
+    return [json.loads(line) for line in out.strip().splitlines()]
+
+
+def _reference(n: int = 30):
     objective = make_objective("rosenbrock", {}, {"dim": 3})
-    reference = list(
+    return list(
         Run(
             objective,
             objective.init_params(),
             MethodOptions(method="gradient_descent", learning_rate=0.001),
-            StopCriteria(max_iterations=30),
+            StopCriteria(max_iterations=n),
         )
     )
+
+
+GD_RUN = (
+    "run",
+    "--objective",
+    "rosenbrock",
+    "--option",
+    "dim=3",
+    "--method",
+    "gradient_descent",
+    "--lr",
+    "0.001",
+    "--max-iterations",
+    "30",
+    "--name",
+    "cli-gd",
+)
+
+
+def test_run_then_runs_watch_and_plot(server, capsys, tmp_path):
+    code, out, err = _cli(server, capsys, *GD_RUN)
+    assert code == 0, err
+    run_id = re.search(r"(r-[0-9a-f]+) FINISHED", out).group(1)
+    assert "\r" not in err and "it/s" not in err  # no progress bar when stderr is no tty
+    reference = _reference()
     assert f"loss={reference[-1].loss:.6e}" in out
 
     code, out, _ = _cli(server, capsys, "runs", "--status", "FINISHED")
@@ -62,16 +79,213 @@ def test_run_then_runs_watch_and_plot(server, capsys, tmp_path):
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_info_and_errors(server, capsys):
-    code, out, _ = _cli(server, capsys, "info")
-    assert code == 0 and "objectives:" in out and "limits:" in out
+def test_every_subcommand_speaks_json(server, capsys, tmp_path):
+    reference = _reference()
+    code, out, err = _cli(server, capsys, *GD_RUN, "--json")
+    assert code == 0, err
+    *records, final = _json_lines(out)
+    assert [r["iteration"] for r in records] == list(range(31))
+    assert [r["loss"] for r in records] == [r.loss for r in reference]
+    assert final["status"] == "FINISHED" and final["stop_reason"] == "max_iterations"
+    run_id = final["run_id"]
+
+    checks = {
+        ("info",): lambda v: v["api_version"] == "1.1" and v["limits"]["workers"] == 2,
+        ("runs", "--limit", "1"): lambda v: v["run_id"] == run_id,
+        ("watch", run_id, "--from", "29"): lambda v: v["iteration"] == 29,
+        ("cancel", run_id): lambda v: v["status"] == "FINISHED",
+        ("records", run_id): lambda v: v["iteration"] == 0 and isinstance(v["iteration"], int),
+        ("plot", run_id, "--y", "loss_gap", "-o", str(tmp_path / "g.png")): lambda v: (
+            v["y"] == "loss_gap"
+        ),
+        ("completion", "bash"): lambda v: "hessian" in v["script"],
+        ("seed",): lambda v: len(v["gd"]) == 40 and v["newton"][0] == v["gd"][0],
+    }
+    for args, check in checks.items():
+        code, out, err = _cli(server, capsys, *args, "--json")
+        assert code == 0, (args, err)
+        first = _json_lines(out)[0]
+        assert check(first), (args, first)
+
+    x0 = tmp_path / "x0.npy"
+    np.save(x0, np.array([-1.0, 1.0, 0.5]))
+    code, out, err = _cli(
+        server,
+        capsys,
+        "curvature",
+        "--objective",
+        "rosenbrock",
+        "--option",
+        "dim=3",
+        "--params",
+        str(x0),
+        "--json",
+        "--trace-samples",
+        "0",
+    )
+    assert code == 0, err
+    got = _json_lines(out)[0]
+    hessian = make_objective("rosenbrock", {}, {"dim": 3})
+    import torch
+
+    exact = torch.autograd.functional.hessian(
+        hessian.loss, torch.tensor([-1.0, 1.0, 0.5], dtype=torch.float64)
+    )
+    top = float(torch.linalg.eigvalsh(exact)[-1])
+    assert abs(got["top_eigenvalues"][0] - top) <= 1e-6 * top
+
+    run = _cli(server, capsys, *GD_RUN, "--detach", "--json")
+    assert run[0] == 0 and _json_lines(run[1])[0]["status"] in ("QUEUED", "RUNNING", "FINISHED")
+
+
+def test_records_export_csv_and_jsonl_are_lossless(server, capsys, tmp_path):
+    code, out, _ = _cli(server, capsys, *GD_RUN, "--json")
+    run_id = _json_lines(out)[-1]["run_id"]
+    reference = _reference()
+    code, out, _ = _cli(server, capsys, "records", run_id, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [int(r["iteration"]) for r in rows] == list(range(31))
+    assert [float(r["loss"]) for r in rows] == [r.loss for r in reference]
+    path = tmp_path / "r.jsonl"
+    code, _, _ = _cli(server, capsys, "records", run_id, "--format", "jsonl", "-o", str(path))
+    lines = _json_lines(path.read_text())
+    assert lines[0]["iteration"] == 0 and lines[5]["function_evaluations"] == 0
+    assert all(isinstance(line["negative_eigenvalues"], int) for line in lines)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        code, _, err = _cli(
+            server,
+            capsys,
+            "records",
+            run_id,
+            "--format",
+            "parquet",
+            "-o",
+            str(tmp_path / "r.parquet"),
+        )
+        assert code == 2 and "pip install pyarrow" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("run", "--objective", "rosenbrock", "--method", "lbfgs"), ["newton_cg", "'lbfgs'"]),
+        (
+            ("run", "--objective", "logistic_regression", "--data", "missing.npz"),
+            ["--data", "no such file", "missing.npz"],
+        ),
+        (("runs", "--status", "bogus"), ["FINISHED", "'bogus'"]),
+        (
+            ("run", "--objective", "rosenbrock", "--seed", "1", "--init", "normal_random"),
+            ["normal", "objective_default"],
+        ),
+        (("run", "--objective", "rosenbrock", "--option", "dim="), ["rosenbrock"]),
+        (("run", "--objective", "rosenbrock", "--option", "dim"), ["KEY=VALUE"]),
+        (("nonsense",), ["invalid choice"]),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_2(server, capsys, args, words):
+    try:
+        code = main(["--address", server.address, *args])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err
+
+
+def test_server_errors_are_one_line_and_exit_1(server, capsys):
     code, _, err = _cli(server, capsys, "cancel", "r-missing")
-    assert code == 1 and "NOT_FOUND" in err and "run_id" in err
+    assert code == 1 and "NOT_FOUND" in err and "run_id" in err and len(err.splitlines()) == 1
     code, _, err = _cli(server, capsys, "run", "--objective", "rosenbrock", "--lr", "-1")
-    assert code == 1 and "options.learning_rate" in err
+    assert code == 1 and "options.learning_rate" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("bad", ["dim", "dim="])
-def test_option_syntax(server, capsys, bad):
+def test_version_and_help_show_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["--address", server.address, "run", "--objective", "rosenbrock", "--option", bad])
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert "saddle_free" in text and "(default: newton)" in text and "--json" in text
+
+
+def test_a_queued_run_shows_no_last_loss(tmp_path, capsys):
+    from conftest import start_server
+    from hessian_client import Client, problems
+
+    server = start_server(tmp_path, workers=1)
+    try:
+        with Client(server.address) as c:
+            busy = c.start_run(
+                problems.rosenbrock(),
+                np.array([-1.2, 1.0]),
+                method="gradient_descent",
+                learning_rate=1e-6,
+                stopping={
+                    "max_iterations": 10**6,
+                    "gradient_tolerance": 0.0,
+                    "function_tolerance": 0.0,
+                    "parameter_tolerance": 0.0,
+                },
+            )
+            next(iter(busy.stream()))
+            queued = c.start_run(problems.rosenbrock(), seed=0, name="waiting")
+            code, out, _ = _cli(server, capsys, "runs", "--status", "QUEUED")
+            assert code == 0
+            (line,) = [line for line in out.splitlines() if queued.id in line]
+            assert line.split()[:5] == [queued.id, "QUEUED", "newton", "0", "-"]
+            assert "0.000000e+00" not in line
+            busy.cancel()
+            queued.cancel()
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_loss_gap_shows_quadratic_convergence():
+    losses = np.array([2.0, 1.5, 1.0 + 1e-2, 1.0 + 1e-4, 1.0 + 1e-8, 1.0])
+    gap = plot_series(losses, losses, "loss_gap")
+    np.testing.assert_allclose(gap[:5], [1.0, 0.5, 1e-2, 1e-4, 1e-8], rtol=1e-6)
+    assert np.isnan(gap[5])  # the best point itself has no log-scale value
+    assert np.isnan(plot_series(np.array([0.0, 1.0]), np.zeros(2), "loss")[0])
+
+
+def test_missing_matplotlib_names_an_installable_package(server, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = _cli(server, capsys, "plot", "r-any")
+    assert code == 2 and "pip install matplotlib" in err and "[plot]" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_shell_completion_offers_the_choices(tmp_path):
+    pytest.importorskip("argcomplete")
+    out = tmp_path / "completions"
+    line = "hessian run --method new"
+    env = dict(
+        os.environ,
+        _ARGCOMPLETE="1",
+        _ARGCOMPLETE_IFS="\n",
+        COMP_LINE=line,
+        COMP_POINT=str(len(line)),
+        _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_client"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().split("\n") == ["newton", "newton_cg"]
+
+
+def test_an_older_server_gets_a_one_line_warning_naming_both_versions(server, capsys, monkeypatch):
+    from hessian_client import client as sdk
+
+    monkeypatch.setattr(sdk, "API_VERSION", "1.99")  # as if this client were newer
+    code, out, err = _cli(server, capsys, "info")
+    assert code == 0 and "objectives:" in out
+    (line,) = err.splitlines()
+    assert line.startswith("hessian: warning: hessian-client") and "API 1.99" in line
+    assert "speaks API 1.1" in line

@@ -141,7 +141,7 @@ def test_auto_run_over_a_small_dense_budget_runs_newton_cg(client):
     started = run.info()
     records = list(run.stream())
     final = run.final
-    assert started.method == final.method == optimize_pb2.METHOD_NEWTON_CG
+    assert started.method == final.method == "newton_cg"
     assert final.options.method == optimize_pb2.METHOD_NEWTON_CG
     note = final.method_note
     assert "method auto chose newton_cg" in note and "dense_budget_bytes" in note

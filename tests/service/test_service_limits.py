@@ -74,7 +74,7 @@ def test_dense_hessian_memory_is_refused_at_start_not_at_the_first_iteration(lim
         run = c.start_run(
             big, np.zeros(400), method="gradient_descent", stopping={"max_iterations": 2}
         )
-        assert run.wait(30).status == service_pb2.RUN_STATUS_FINISHED
+        assert run.wait(30).status == "FINISHED"
 
 
 def test_iterations_over_the_limit_are_refused(limited):

@@ -144,7 +144,7 @@ def test_a_run_the_full_store_stops_is_stored_interrupted_and_resumes_once_space
                     seen.append((record.iteration, record.loss))
             info = c.get_run(run.id)
             assert status_name(info) == "INTERRUPTED", info.message
-            assert info.stop_reason == optimize_pb2.STOP_REASON_ERROR
+            assert info.stop_reason == "error"
             assert "is full" in info.message and "ResumeRun" in info.message
             assert len(seen) <= info.num_records < n
         with sqlite3.connect(tmp_path / "runs.sqlite3") as db:  # stored so, not only reported

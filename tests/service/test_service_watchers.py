@@ -76,7 +76,7 @@ def test_a_thousand_idle_watchers_hold_no_thread_and_all_get_every_record(tmp_pa
                     streams.append(
                         ([r.SerializeToString() for e in events for r in e.records], events[-1])
                     )
-            stored = [r.SerializeToString() for r in c.run(run.id).stream()]
+            stored = [r.raw.SerializeToString() for r in c.run(run.id).stream()]
         assert len(stored) == STOPPING["max_iterations"] + 1
         for records, last in streams:
             assert records == stored

@@ -176,6 +176,24 @@ class AnalyzeCurvatureResponse(_message.Message):
     backend: str
     def __init__(self, num_params: _Optional[int] = ..., curvature: _Optional[_Union[_optimize_pb2.Curvature, str]] = ..., loss: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., stationary: _Optional[bool] = ..., top_eigenvalues: _Optional[_Iterable[float]] = ..., bottom_eigenvalues: _Optional[_Iterable[float]] = ..., eigen_residuals: _Optional[_Iterable[float]] = ..., lanczos_iterations: _Optional[int] = ..., eigenvalues_converged: _Optional[bool] = ..., trace_hutchinson: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., trace_hutchpp: _Optional[_Union[_optimize_pb2.TraceEstimate, _Mapping]] = ..., density: _Optional[_Union[_optimize_pb2.SpectralDensity, _Mapping]] = ..., products: _Optional[int] = ..., products_by_part: _Optional[_Mapping[str, int]] = ..., verdict: _Optional[_Union[_optimize_pb2.Verdict, str]] = ..., verdict_reason: _Optional[str] = ..., seconds: _Optional[float] = ..., backend: _Optional[str] = ...) -> None: ...
 
+class PredictRequest(_message.Message):
+    __slots__ = ("problem", "problem_id", "params", "inputs")
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    problem: _problem_pb2.Problem
+    problem_id: str
+    params: _tensor_pb2.Tensor
+    inputs: _tensor_pb2.Tensor
+    def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _tensor_pb2.Tensor
+    def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
 class StartRunRequest(_message.Message):
     __slots__ = ("problem", "problem_id", "options", "stopping", "initial_params", "init", "name")
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
@@ -345,7 +363,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_params: _Optional[int] = ..., dense_budget_bytes: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., workers: _Optional[int] = ..., max_data_bytes: _Optional[int] = ..., max_runs_per_token: _Optional[int] = ..., max_stored_runs: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_spectrum_products: _Optional[int] = ..., max_list_page_size: _Optional[int] = ..., max_sample_elements: _Optional[int] = ..., max_problem_bytes: _Optional[int] = ..., problem_cache_bytes: _Optional[int] = ..., usable_cpus: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., single_thread_below: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "default_backend", "native_available", "native_reason", "devices", "limits", "objectives", "methods", "torch_version")
+    __slots__ = ("version", "default_backend", "native_available", "native_reason", "devices", "limits", "objectives", "methods", "torch_version", "api_version", "client_version")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_BACKEND_FIELD_NUMBER: _ClassVar[int]
     NATIVE_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +373,8 @@ class ServerInfo(_message.Message):
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: str
     default_backend: str
     native_available: bool
@@ -364,4 +384,6 @@ class ServerInfo(_message.Message):
     objectives: _containers.RepeatedScalarFieldContainer[str]
     methods: _containers.RepeatedScalarFieldContainer[str]
     torch_version: str
-    def __init__(self, version: _Optional[str] = ..., default_backend: _Optional[str] = ..., native_available: _Optional[bool] = ..., native_reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., objectives: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., torch_version: _Optional[str] = ...) -> None: ...
+    api_version: str
+    client_version: str
+    def __init__(self, version: _Optional[str] = ..., default_backend: _Optional[str] = ..., native_available: _Optional[bool] = ..., native_reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., objectives: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., torch_version: _Optional[str] = ..., api_version: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,11 @@ class HessianServiceStub:
                 request_serializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureRequest.SerializeToString,
                 response_deserializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureResponse.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/hessian.v1.HessianService/Predict',
+                request_serializer=hessian_dot_v1_dot_service__pb2.PredictRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.PredictResponse.FromString,
+                _registered_method=True)
         self.StartRun = channel.unary_unary(
                 '/hessian.v1.HessianService/StartRun',
                 request_serializer=hessian_dot_v1_dot_service__pb2.StartRunRequest.SerializeToString,
@@ -151,6 +156,13 @@ class HessianServiceServicer:
 
     def AnalyzeCurvature(self, request, context):
         """Matrix-free spectrum: extreme eigenvalues, trace, density, minimum/saddle/maximum/flat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Predict(self, request, context):
+        """A catalogue model's outputs at given parameters (on the problem's data or new inputs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -249,6 +261,11 @@ def add_HessianServiceServicer_to_server(servicer, server):
                     servicer.AnalyzeCurvature,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureRequest.FromString,
                     response_serializer=hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.PredictRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.PredictResponse.SerializeToString,
             ),
             'StartRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRun,
@@ -458,6 +475,33 @@ class HessianService:
             '/hessian.v1.HessianService/AnalyzeCurvature',
             hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureRequest.SerializeToString,
             hessian_dot_v1_dot_service__pb2.AnalyzeCurvatureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hessian.v1.HessianService/Predict',
+            hessian_dot_v1_dot_service__pb2.PredictRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from ..engine.cancel import DEADLINE, Cancelled
 from ..engine.errors import ResourceLimitError, UnavailableError, ValidationError, clip
@@ -101,6 +104,45 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (a bug): {type(exc).__name__}: {exc}"
 
 
+def rich_status(exc: BaseException) -> grpc.Status:
+    """The status for `exc` with, when it names a field, a google.rpc BadRequest field
+    violation (field, and what was expected) in its details, for clients to read typed."""
+    code, message = status_for(exc)
+    status = status_pb2.Status(code=code_pb2.Code.Value(code.name), message=message)
+    field = getattr(exc, "field", "")
+    if field:
+        prefix = f"{field}: "
+        expected = getattr(exc, "expected", None) or message.removeprefix(prefix)
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=expected)
+                ]
+            )
+        )
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+def _ending(context: Any, exc: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
+    """(code, details, trailing metadata) ending a call with `exc`'s rich status, keeping
+    trailing metadata already set (the x-request-id echo), which the status would replace."""
+    status = rich_status(exc)
+    kept = tuple(context.trailing_metadata() or ())
+    return status.code, status.details, kept + tuple(status.trailing_metadata)
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """End a sync handler's call with `exc`'s rich status (raises)."""
+    context.abort(*_ending(context, exc))
+
+
+async def abort_async(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End an async handler's call with `exc`'s rich status (raises)."""
+    await context.abort(*_ending(context, exc))
+
+
 def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary handler: known exceptions become their status codes."""
 
@@ -111,8 +153,7 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise  # the handler ended the call itself
         except Exception as exc:
-            code, message = status_for(exc)
-            context.abort(code, message)
+            abort(context, exc)
 
     return handler
 
@@ -130,7 +171,6 @@ def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncI
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+            await abort_async(context, exc)
 
     return handler

@@ -59,6 +59,8 @@ RESPONSE_SLACK = 512
 # request of at most max_sample_elements values in up to 16 tensors of any rank fits.
 SAMPLE_HEADER_BYTES = 4096
 DEADLINE_SLACK_SECONDS = 1.0  # a call ending this close to its deadline ended by the deadline
+API_VERSION = "1.1"  # hessian.v1; minor 1: Predict, ServerInfo.api_version/client_version
+CLIENT_VERSION_KEY = "x-hessian-client-version"
 
 
 def _event(records: list) -> service_pb2.WatchRunEvent:
@@ -412,6 +414,20 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return codec.report_to_wire(report)
 
     @unary
+    def Predict(self, request, context):
+        _check_deadline(context)
+        _, objective = self.registry.resolve(request, self.tenancy.of(context))
+        params = self._decode_params(request.params, "params")
+        inputs = None
+        if request.HasField("inputs"):
+            inputs = codec.decode_tensor(request.inputs, "inputs")
+        with self.threads.limited(objective):
+            outputs = objective.predict(params, inputs)
+        size = codec.tensor_wire_bytes(list(outputs.shape), 8) + RESPONSE_SLACK
+        self._check_fits("inputs", size, "the outputs")
+        return service_pb2.PredictResponse(outputs=codec.encode_tensor(outputs))
+
+    @unary
     def StartRun(self, request, context):
         _check_deadline(context)
         if len(request.name) > codec.MAX_NAME_CHARS:
@@ -554,6 +570,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             objectives=sorted(OBJECTIVES),
             methods=[m for m in METHODS if codec.enum_value(optimize_pb2.Method, m)],
             torch_version=torch.__version__,
+            api_version=API_VERSION,
+            client_version=dict(context.invocation_metadata()).get(CLIENT_VERSION_KEY, ""),
         )
 
     # streaming

@@ -116,6 +116,26 @@ class Objective(ABC):
         """Model outputs at `params` (objectives with `supports_ggn`)."""
         raise NotImplementedError(f"{self.name} has no output structure for Gauss-Newton")
 
+    def predict(self, params: Any, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """`outputs` at `params` on new input rows `inputs` (shaped like data X; None: the
+        problem's own X), so callers never re-implement the forward pass or the layout."""
+        x = self.check_params(params)
+        if not self.supports_ggn:
+            raise ValidationError("problem", f"an objective with model outputs, not {self.name}")
+        if inputs is None:
+            return self.outputs(x).detach()
+        if "X" not in self.data:
+            raise ValidationError("inputs", f"nothing: {self.name} takes no input rows", "a tensor")
+        own = self.data["X"]
+        if inputs.dim() != own.dim() or tuple(inputs.shape[1:]) != tuple(own.shape[1:]):
+            expected = f"rows of shape {tuple(own.shape[1:])} (like the problem's X)"
+            raise ValidationError("inputs", expected, f"shape {tuple(inputs.shape)}")
+        if inputs.dtype not in FLOAT_DTYPES:
+            raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
+        fresh = copy.copy(self)
+        fresh.data = {**self.data, "X": inputs.to(own.dtype)}
+        return fresh.outputs(x).detach()
+
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
         """The data term of the loss as a function of the model outputs (`supports_ggn`)."""
         raise NotImplementedError(f"{self.name} has no output structure for Gauss-Newton")

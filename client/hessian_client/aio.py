@@ -1,0 +1,181 @@
+"""`hessian_client.aio.Client`: the same API as `hessian_client.Client` on grpc.aio.
+
+Every call is awaited (`await client.newton_step(...)`); a run's records are an async
+iterator (`async for record in run.stream()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from . import tensors
+from .client import (
+    _DEFAULT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    _Api,
+    _remaining,
+    _RunBase,
+    channel_options,
+    records_frame,
+    timed_out,
+)
+from .errors import HessianError, from_rpc_error
+from .proto import service_pb2, service_pb2_grpc
+from .results import RunInfo, RunResult, StepRecord
+
+__all__ = ["Client", "Run"]
+
+
+class Client(_Api):
+    """An asyncio connection to a hessian server (create it inside a running event loop)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        root_certificates: bytes | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self._setup(address, token, timeout)
+        creds = self._credentials(root_certificates, ca_file)
+        options = channel_options(max_message_bytes)
+        if creds is not None:
+            self._channel = aio.secure_channel(self.address, creds, options=options)
+        else:
+            self._channel = aio.insecure_channel(self.address, options=options)
+        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def call(self, method: str, request: Any, timeout: Any = _DEFAULT) -> Any:
+        """Await unary `method`, turning gRPC errors into typed HessianError subclasses."""
+        try:
+            return await getattr(self.stub, method)(
+                request, timeout=self._deadline(timeout), metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
+        async def invoke() -> Any:
+            return decode(await self.call(method, request, timeout))
+
+        return invoke()
+
+    def _run(self, run_id: str, info: service_pb2.RunInfo | None, like: Any) -> Run:
+        return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
+
+    async def list_runs(
+        self, status: Sequence[str] = (), page_size: int = 50
+    ) -> AsyncIterator[RunInfo]:
+        """Every run, newest first, filtered by status names; pages are fetched as needed."""
+        token = ""
+        while True:
+            response = await self.call("ListRuns", self._list_request(status, page_size, token))
+            for r in response.runs:
+                yield RunInfo.from_wire(r)
+            token = response.next_page_token
+            if not token:
+                return
+
+
+class Run(_RunBase):
+    """An asyncio handle on a server-side run (the sync `Run`'s API, awaited)."""
+
+    client: Client
+
+    async def stream(
+        self,
+        from_iteration: int = 0,
+        *,
+        reconnect_timeout: float = 30.0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StepRecord]:
+        """Every record from `from_iteration` on, exactly once, until the run ends (see the
+        sync `Run.stream`: reconnects after drops, `timeout` bounds the whole stream)."""
+        nxt = from_iteration
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_progress = time.monotonic()
+        delay = 0.05
+        while True:
+            request = service_pb2.WatchRunRequest(run_id=self.id, from_iteration=nxt)
+            remaining = _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise timed_out(self.id, timeout, await self._status())
+            try:
+                call = self.client.stub.WatchRun(
+                    request, timeout=remaining, metadata=self.client.metadata
+                )
+                async for event in call:
+                    records, nxt = self._event_records(event, nxt)
+                    if records:
+                        last_progress = time.monotonic()
+                        delay = 0.05
+                    for record in records:
+                        yield record
+                if self.final is not None:
+                    return
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                    raise timed_out(self.id, timeout, await self._status()) from None
+                self._retry_stream(exc, last_progress, reconnect_timeout)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _status(self) -> str:
+        try:
+            return (await self.client.get_run(self.id)).status
+        except HessianError:
+            return "running"
+
+    async def wait(self, timeout: float | None = None) -> RunInfo:
+        """Until the run ends -> its final info; DeadlineExceeded after `timeout` s."""
+        start = max((await self.client.get_run(self.id)).num_records - 1, 0)
+        async for _ in self.stream(start, timeout=timeout):
+            pass
+        assert self.final is not None
+        return self.final
+
+    async def cancel(self) -> RunInfo:
+        """Ask the server to stop the run before its next iteration."""
+        return await self.client.cancel_run(self.id)
+
+    async def info(self) -> RunInfo:
+        """The run's current state."""
+        return await self.client.get_run(self.id)
+
+    async def result(self, timeout: float | None = None) -> RunResult:
+        """Wait for the end (at most `timeout` s), then the final info and parameters."""
+        await self.wait(timeout)
+        info = await self.client.get_run(self.id, include_params=True)
+        params = None
+        if info.final_params is not None:
+            params = tensors.like_input(np.asarray(info.final_params), self._like)
+        return RunResult(info, params)
+
+    async def records(self, from_iteration: int = 0) -> list[StepRecord]:
+        """Every record from `from_iteration` on (waits for the run to end)."""
+        return [r async for r in self.stream(from_iteration)]
+
+    async def records_frame(self, from_iteration: int = 0) -> Any:
+        """The run's records as a pandas DataFrame (needs pandas; waits for the end)."""
+        return records_frame(await self.records(from_iteration))

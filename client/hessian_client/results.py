@@ -1,0 +1,276 @@
+"""Typed results: frozen dataclasses with str enums derived from the proto descriptors.
+
+Every result keeps its protobuf message as `.raw`. `to_dict()` gives JSON-ready values
+(ints stay ints, iteration 0 stays, enums as their names, datetimes as ISO 8601).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from . import tensors
+from .proto import optimize_pb2, service_pb2
+
+
+def _str_enum(name: str, proto_enum: Any, prefix: str, *, lower: bool) -> type[enum.StrEnum]:
+    """A StrEnum of the proto enum's values (UNSPECIFIED left out), named without `prefix`."""
+    members = {}
+    for value in proto_enum.DESCRIPTOR.values:
+        label = value.name.removeprefix(prefix)
+        if label != "UNSPECIFIED":
+            members[label] = label.lower() if lower else label
+    return enum.StrEnum(name, members, module=__name__)  # type: ignore[return-value]
+
+
+RunStatus = _str_enum("RunStatus", service_pb2.RunStatus, "RUN_STATUS_", lower=False)
+StopReason = _str_enum("StopReason", optimize_pb2.StopReason, "STOP_REASON_", lower=True)
+Method = _str_enum("Method", optimize_pb2.Method, "METHOD_", lower=True)
+Verdict = _str_enum("Verdict", optimize_pb2.Verdict, "VERDICT_", lower=True)
+FINAL_STATUSES = frozenset({"FINISHED", "CANCELLED", "FAILED", "INTERRUPTED"})
+
+
+def _label(enum_cls: type[enum.StrEnum], proto_enum: Any, prefix: str, value: int) -> Any:
+    """The StrEnum member for a wire value, None for UNSPECIFIED (0)."""
+    if value == 0:
+        return None
+    return enum_cls[proto_enum.Name(value).removeprefix(prefix)]
+
+
+def _time(seconds: float) -> datetime | None:
+    return datetime.fromtimestamp(seconds, tz=UTC) if seconds else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return value.to_dict()  # type: ignore[union-attr]
+    if hasattr(value, "DESCRIPTOR"):  # a protobuf message
+        return proto_dict(value)
+    if hasattr(value, "numpy") and hasattr(value, "detach"):  # a torch tensor
+        return value.detach().cpu().numpy().tolist()
+    return value
+
+
+def proto_dict(msg: Any) -> dict[str, Any]:
+    """A message as plain values without MessageToDict's losses: every field present (0 and
+    "" included), int64 as int, enums by name, sub-messages and lists recursed."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            out[fd.name] = {
+                k: proto_dict(v) if hasattr(v, "DESCRIPTOR") else v for k, v in value.items()
+            }
+        elif fd.is_repeated:
+            out[fd.name] = [proto_dict(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
+        elif fd.message_type is not None:
+            out[fd.name] = proto_dict(value) if msg.HasField(fd.name) else None
+        elif fd.enum_type is not None:
+            out[fd.name] = fd.enum_type.values_by_number[value].name if value else None
+        else:
+            out[fd.name] = _jsonable(value)
+    return out
+
+
+class _Result:
+    """to_dict() for the dataclasses below (the raw protobuf left out)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values: enums by name, datetimes ISO 8601, arrays as lists, NaN as None."""
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name != "raw"
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord(_Result):
+    """One iteration's record (Ceres-style); NaN where a value was not computed."""
+
+    iteration: int
+    loss: float
+    loss_change: float
+    gradient_norm: float
+    gradient_max_norm: float
+    step_norm: float
+    step_size: float
+    damping: float
+    gain_ratio: float
+    step_accepted: bool
+    negative_eigenvalues: int
+    solver_attempts: int
+    function_evaluations: int
+    cg_iterations: int
+    cg_residual: float
+    negative_curvature: bool
+    backend: str
+    iteration_seconds: float
+    cumulative_seconds: float
+    trust_radius: float
+    gradient_batch_size: int
+    raw: optimize_pb2.StepRecord = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, msg: optimize_pb2.StepRecord) -> StepRecord:
+        """The typed record of a wire StepRecord (every field, iteration 0 included)."""
+        values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls) if f.name != "raw"}
+        return cls(**values, raw=msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo(_Result):
+    """A run's state: status, stop reason, method, counts, times and the last record."""
+
+    run_id: str
+    name: str
+    status: RunStatus  # type: ignore[valid-type]
+    stop_reason: StopReason | None  # type: ignore[valid-type]
+    converged: bool
+    message: str
+    problem_id: str
+    method: Method | None  # type: ignore[valid-type]
+    method_note: str
+    backend: str
+    num_records: int
+    last_record: StepRecord | None  # None until the first record exists
+    max_iterations: int | None
+    options: optimize_pb2.MethodOptions  # as sent (unset fields: the server's defaults)
+    stopping: optimize_pb2.StopCriteria
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    final_params: Any = None
+    raw: service_pb2.RunInfo = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has stopped (finished, cancelled, failed or interrupted)."""
+        return self.status in FINAL_STATUSES
+
+    @classmethod
+    def from_wire(cls, msg: service_pb2.RunInfo, like: Any = None) -> RunInfo:
+        """The typed info of a wire RunInfo; final parameters as the type of `like`."""
+        params = None
+        if msg.HasField("final_params"):
+            params = tensors.like_input(tensors.decode(msg.final_params), like)
+        stopping = msg.stopping
+        return cls(
+            run_id=msg.run_id,
+            name=msg.name,
+            status=RunStatus(service_pb2.RunStatus.Name(msg.status).removeprefix("RUN_STATUS_")),
+            stop_reason=_label(
+                StopReason, optimize_pb2.StopReason, "STOP_REASON_", msg.stop_reason
+            ),
+            converged=msg.converged,
+            message=msg.message,
+            problem_id=msg.problem_id,
+            method=_label(Method, optimize_pb2.Method, "METHOD_", msg.method or msg.options.method),
+            method_note=msg.method_note,
+            backend=msg.backend,
+            num_records=int(msg.num_records),
+            last_record=StepRecord.from_wire(msg.last_record) if msg.num_records else None,
+            max_iterations=(
+                int(stopping.max_iterations) if stopping.HasField("max_iterations") else None
+            ),
+            options=msg.options,
+            stopping=msg.stopping,
+            created_at=_time(msg.created_at),
+            started_at=_time(msg.started_at),
+            finished_at=_time(msg.finished_at),
+            final_params=params,
+            raw=msg,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult(_Result):
+    """A unary step's new parameters (the type sent: numpy or torch) and its record.
+
+    method is the method that ran (auto resolved); method_note says why auto chose it.
+    """
+
+    params: Any
+    record: StepRecord
+    method: Method | None  # type: ignore[valid-type]
+    method_note: str
+    raw: service_pb2.StepResponse = dataclasses.field(repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureSummary(_Result):
+    """The dense curvature matrix's spectrum in brief."""
+
+    min_eigenvalue: float
+    max_eigenvalue: float
+    negative_eigenvalues: int
+    condition_number: float
+    positive_definite: bool
+    trace: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianResult(_Result):
+    """ComputeHessian's answer; matrix and gradient as the type the parameters were sent as."""
+
+    matrix: Any
+    summary: CurvatureSummary
+    loss: float
+    gradient: Any
+    backend: str
+    raw: service_pb2.ComputeHessianResponse = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, msg: service_pb2.ComputeHessianResponse, like: Any) -> HessianResult:
+        """The typed answer; tensors converted like `like` (numpy or torch)."""
+        matrix = None
+        if msg.HasField("matrix"):
+            matrix = tensors.like_input(tensors.decode(msg.matrix), like)
+        s = msg.summary
+        summary = CurvatureSummary(
+            s.min_eigenvalue,
+            s.max_eigenvalue,
+            int(s.negative_eigenvalues),
+            s.condition_number,
+            s.positive_definite,
+            s.trace,
+        )
+        gradient = tensors.like_input(tensors.decode(msg.gradient), like)
+        return cls(matrix, summary, msg.loss, gradient, msg.backend, msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult(_Result):
+    """A finished run: its final info and final parameters (the type they were sent as)."""
+
+    info: RunInfo
+    params: Any
+
+    @property
+    def status(self) -> str:
+        """The run's status name (FINISHED, CANCELLED, ...)."""
+        return self.info.status
+
+
+def status_name(info: RunInfo | service_pb2.RunInfo) -> str:
+    """The run's status as a plain name (QUEUED, RUNNING, FINISHED, ...)."""
+    if isinstance(info, RunInfo):
+        return info.status
+    return service_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")

@@ -1,0 +1,299 @@
+"""The SDK's typed results, error hierarchy, retries, timeouts, handshake and Predict against a
+real server on loopback; references are numpy float64 closed forms or the engine itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import pathlib
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import start_server
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hessian_client import (
+    API_VERSION,
+    Client,
+    DeadlineExceeded,
+    HessianError,
+    IncompatibleServer,
+    InvalidArgument,
+    Method,
+    RunStatus,
+    StepRecord,
+    StopReason,
+    Unavailable,
+    VersionWarning,
+    __version__,
+    problems,
+)
+from hessian_client.client import check_versions
+from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
+
+
+def test_step_record_has_every_wire_field_with_its_type(client):
+    wire = {f.name for f in optimize_pb2.StepRecord.DESCRIPTOR.fields}
+    typed = {f.name for f in dataclasses.fields(StepRecord)} - {"raw"}
+    assert typed == wire
+    got = client.newton_step(problems.mse(np.ones(3)), np.zeros(3))
+    row = got.record.to_dict()
+    # MessageToDict drops iteration 0 and turns int64 into strings; to_dict keeps both
+    assert row["iteration"] == 0 and isinstance(row["iteration"], int)
+    assert isinstance(row["negative_eigenvalues"], int) and row["negative_eigenvalues"] == -1
+    assert row["gain_ratio"] is None  # NaN (not computed) is JSON null
+    assert got.method is Method.NEWTON and got.method == "newton"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.record.loss = 0.0  # type: ignore[misc]
+    assert got.record.raw.loss == got.record.loss
+
+
+def test_run_info_is_typed_with_str_enums_datetimes_and_raw(client):
+    run = client.start_run(
+        problems.rosenbrock(dim=2), seed=0, method="newton", stopping={"max_iterations": 3}
+    )
+    info = run.wait(timeout=60)
+    assert info.status is RunStatus.FINISHED and info.status == "FINISHED"
+    assert info.stop_reason is StopReason.MAX_ITERATIONS and info.stop_reason == "max_iterations"
+    assert info.method == "newton" and info.max_iterations == 3
+    assert info.created_at <= info.started_at <= info.finished_at
+    assert info.created_at.tzinfo is not None
+    assert info.last_record.iteration == 3 and info.raw.run_id == run.id
+    assert info.to_dict()["created_at"] == info.created_at.isoformat()
+
+
+def test_parameters_come_back_as_the_type_sent(client):
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((40, 3)), (rng.random(40) > 0.5).astype(np.float64)
+    problem = problems.logistic_regression(x, y, l2=0.1)
+    start = torch.zeros(4, dtype=torch.float64)
+    run = client.start_run(problem, start, stopping={"max_iterations": 5})
+    result = run.result(timeout=60)
+    assert isinstance(result.params, torch.Tensor) and result.params.dtype == torch.float64
+    hess = client.compute_hessian(problem, start)
+    assert isinstance(hess.matrix, torch.Tensor) and isinstance(hess.gradient, torch.Tensor)
+    # the logistic Hessian at w = 0: X1^T X1 / (4 n) + l2 on the weights
+    x1 = np.hstack([x, np.ones((40, 1))])
+    want = x1.T @ x1 / (4 * 40) + np.diag([0.1, 0.1, 0.1, 0.0])
+    np.testing.assert_allclose(hess.matrix.numpy(), want, rtol=1e-12, atol=1e-14)
+    numpy_run = client.start_run(problem, np.zeros(4), stopping={"max_iterations": 5})
+    assert isinstance(numpy_run.result(timeout=60).params, np.ndarray)
+    np.testing.assert_array_equal(numpy_run.result().params, result.params.numpy())
+
+
+def test_server_errors_carry_field_and_expected_as_status_details(client, stub):
+    with pytest.raises(InvalidArgument) as err:
+        client.newton_step(problems.mse(np.zeros(3)), np.zeros(3), learning_rate=-1.0)
+    assert err.value.field == "options.learning_rate" and err.value.expected == "a number > 0"
+    assert err.value.from_server and isinstance(err.value, HessianError)
+    # on the wire: a google.rpc BadRequest field violation, not only the message text
+    request = service_pb2.GetRunRequest(run_id="r-missing")
+    with pytest.raises(grpc.RpcError) as raw:
+        stub.GetRun(request)
+    status = rpc_status.from_call(raw.value)
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    assert bad.field_violations[0].field == "run_id"
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.start_run(problems.rosenbrock(), seed=1, init="normal_random"), "init"),
+        (lambda c: c.newton_step(problems.rosenbrock(), np.zeros(2), method="lbfgs"), "method"),
+        (lambda c: c.newton_step("p-x", np.zeros(2), bogus=1), "options"),
+        (lambda c: c.newton_step(42, np.zeros(2)), "problem"),
+        (lambda c: c.newton_step("p-x", np.array(["a", "b"])), "params"),
+        (lambda c: list(c.list_runs(["bogus"])), "status"),
+        (lambda c: c.sample(0, [(2,)], dtype="float16"), "dtype"),
+    ],
+)
+def test_client_side_mistakes_raise_invalid_argument_naming_the_field(client, call, field):
+    with pytest.raises(InvalidArgument) as err:
+        call(client)
+    assert err.value.field == field and not err.value.from_server
+    assert err.value.expected and "expected" in err.value.message
+
+
+def test_wait_and_result_honour_their_timeout_on_a_queued_run(tmp_path):
+    server = start_server(tmp_path, workers=1)
+    try:
+        with Client(server.address) as c:
+            busy = c.start_run(
+                problems.rosenbrock(dim=2),
+                np.array([-1.2, 1.0]),
+                method="gradient_descent",
+                learning_rate=1e-6,
+                stopping={
+                    "max_iterations": 10**6,
+                    "gradient_tolerance": 0.0,
+                    "function_tolerance": 0.0,
+                    "parameter_tolerance": 0.0,
+                },
+            )
+            next(iter(busy.stream()))  # the only worker is now busy with it
+            queued = c.start_run(problems.rosenbrock(dim=2), seed=0)
+            assert queued.info().status == "QUEUED"
+            outcome: dict = {}
+
+            def wait() -> None:
+                for name, fn in (("wait", queued.wait), ("result", queued.result)):
+                    try:
+                        fn(timeout=0.5)
+                    except DeadlineExceeded as exc:
+                        outcome[name] = exc
+
+            waiter = threading.Thread(target=wait, daemon=True)
+            waiter.start()
+            waiter.join(timeout=60)  # a hang guard only; the timeout is 0.5 s
+            assert not waiter.is_alive(), "wait(timeout=0.5) blocked on a QUEUED run"
+            assert set(outcome) == {"wait", "result"}
+            assert "QUEUED" in str(outcome["wait"]) and queued.id in str(outcome["wait"])
+            busy.cancel()
+            queued.cancel()
+    finally:
+        server.stop(grace=1.0)
+
+
+class FlakyService(service_pb2_grpc.HessianServiceServicer):
+    """Answers GetRun after two UNAVAILABLEs; StartRun is always UNAVAILABLE. Counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = {"GetRun": 0, "StartRun": 0}
+
+    def GetRun(self, request, context):
+        self.calls["GetRun"] += 1
+        if self.calls["GetRun"] <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return service_pb2.RunInfo(run_id=request.run_id, status=service_pb2.RUN_STATUS_QUEUED)
+
+    def StartRun(self, request, context):
+        self.calls["StartRun"] += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+
+
+def test_idempotent_calls_are_retried_by_the_service_config_and_others_are_not():
+    servicer = FlakyService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    service_pb2_grpc.add_HessianServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            info = c.get_run("r-1")
+            assert info.status == "QUEUED" and info.last_record is None
+            assert servicer.calls["GetRun"] == 3
+            with pytest.raises(Unavailable):
+                c.start_run("p-1", np.zeros(2))
+            assert servicer.calls["StartRun"] == 1  # not idempotent: never retried
+    finally:
+        server.stop(grace=None)
+
+
+def test_handshake_names_both_versions(client):
+    info = client.info()
+    assert info.api_version == API_VERSION and info.client_version == __version__
+    older = service_pb2.ServerInfo(version="0.1.0", api_version="")
+    with pytest.warns(VersionWarning, match=rf"API {API_VERSION}.*0\.1\.0 speaks API 1\.0"):
+        check_versions(older)
+    with pytest.warns(VersionWarning, match=r"speaks API 1\.10: upgrade hessian-client"):
+        check_versions(service_pb2.ServerInfo(version="0.9.0", api_version="1.10"))
+    with pytest.raises(IncompatibleServer, match=rf"API {API_VERSION}.*speaks API 2\.0"):
+        check_versions(service_pb2.ServerInfo(version="9.0.0", api_version="2.0"))
+
+
+def test_predict_returns_the_models_outputs_on_new_rows(client):
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((30, 3)), (rng.random(30) > 0.5).astype(np.float64)
+    w, x_new = rng.standard_normal(4), rng.standard_normal((7, 3))
+    problem = client.create_problem(problems.logistic_regression(x, y))
+    got = client.predict(problem, w, x_new)
+    np.testing.assert_allclose(got, x_new @ w[:3] + w[3], rtol=1e-12, atol=1e-12)
+    own = client.predict(problem, w)
+    np.testing.assert_allclose(own, x @ w[:3] + w[3], rtol=1e-12, atol=1e-12)
+    with pytest.raises(InvalidArgument) as err:
+        client.predict(problem, w, rng.standard_normal((7, 2)))
+    assert err.value.field == "inputs" and "(3,)" in err.value.expected
+    with pytest.raises(InvalidArgument) as err:  # no model outputs: a clear error, not INTERNAL
+        client.predict(problems.rosenbrock(), np.zeros(2))
+    assert err.value.field == "problem" and "model outputs" in err.value.expected
+    with pytest.raises(InvalidArgument) as err:
+        client.predict(problems.mse(np.ones(3)), np.zeros(3), np.ones((2, 3)))
+    assert err.value.field == "inputs"
+
+
+def test_predict_mlp_matches_the_documented_layout(client):
+    """Layer by layer W (out, in) row-major then b: a numpy forward pass must agree."""
+    rng = np.random.default_rng(6)
+    sizes = [4, 5, 3]
+    x, labels = rng.standard_normal((20, 4)), rng.integers(0, 3, 20)
+    n = sum(o * i + o for i, o in itertools.pairwise(sizes))
+    params, x_new = rng.standard_normal(n), rng.standard_normal((6, 4))
+    problem = problems.mlp(x, labels, layer_sizes=sizes, loss="cross_entropy")
+    h, at = x_new, 0
+    for k, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        w = params[at : at + fan_out * fan_in].reshape(fan_out, fan_in)
+        b = params[at + fan_out * fan_in : at + fan_out * fan_in + fan_out]
+        at += fan_out * fan_in + fan_out
+        h = h @ w.T + b
+        if k < len(sizes) - 2:
+            h = np.tanh(h)
+    np.testing.assert_allclose(client.predict(problem, params, x_new), h, rtol=1e-10, atol=1e-12)
+
+
+def test_records_frame_has_one_row_per_iteration(client):
+    pytest.importorskip("pandas")
+    run = client.start_run(problems.rosenbrock(dim=2), seed=0, stopping={"max_iterations": 4})
+    frame = run.records_frame()
+    assert list(frame["iteration"]) == [0, 1, 2, 3, 4]
+    assert frame["iteration"].dtype.kind == "i"
+    np.testing.assert_array_equal(frame["loss"], [r.loss for r in run.stream()])
+
+
+def test_sync_and_async_clients_agree_bit_for_bit(server, client):
+    import asyncio
+
+    from hessian_client import aio
+
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((50, 4)), rng.standard_normal(50)
+    problem = problems.least_squares(x, y, l2=0.01)
+    w = rng.standard_normal(4)
+    sync_step = client.newton_step(problem, w, method="newton_cg")
+    sync_run = client.start_run(problem, w, stopping={"max_iterations": 6})
+    sync_records = list(sync_run.stream())
+
+    async def both():
+        async with aio.Client(server.address) as ac:
+            step = await ac.newton_step(problem, w, method="newton_cg")
+            run = await ac.start_run(problem, w, stopping={"max_iterations": 6})
+            records = [r async for r in run.stream()]
+            result = await run.result(timeout=60)
+            listed = [i.run_id async for i in ac.list_runs(page_size=1)]
+            with pytest.raises(InvalidArgument) as err:
+                await ac.newton_step(problem, w, learning_rate=-1.0)
+            return step, records, result, listed, err.value
+
+    step, records, result, listed, err = asyncio.run(both())
+    np.testing.assert_array_equal(step.params, sync_step.params)
+    assert step.record.cg_iterations == sync_step.record.cg_iterations
+    assert [r.loss for r in records] == [r.loss for r in sync_records]
+    np.testing.assert_array_equal(result.params, sync_run.result().params)
+    assert result.info.status == "FINISHED" and result.info.run_id in listed[:2]
+    assert err.field == "options.learning_rate"
+
+
+def test_readme_example_error_is_the_engines_message():
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    from hessian_service.engine import make_objective
+
+    x = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError) as err:
+        make_objective(
+            "softmax_regression", {"X": x, "labels": torch.tensor([0, 1, 7])}, {"num_classes": 4}
+        )
+    assert f"`{err.value}`" in readme

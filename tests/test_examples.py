@@ -1,0 +1,110 @@
+"""Every script in examples/ runs as a user would run it (a subprocess, $HESSIAN_ADDRESS set)
+against a real server on loopback; what it prints is checked against independent float64
+references (scipy minimisers, closed forms) where there is one."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hessian_service.server import ServerConfig, build_server
+from scipy.optimize import minimize
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory):
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("ex")))
+    )
+    yield server.address
+    server.stop(grace=1.0)
+
+
+def run_example(name: str, address: str) -> str:
+    env = dict(os.environ, HESSIAN_ADDRESS=address)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def logistic_minimum(X: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """argmin mean(softplus(z) - y z) + 0.5 l2 ||w||^2, z = X w + b (scipy, float64)."""
+
+    def f(p):
+        z = X @ p[:-1] + p[-1]
+        r = 1.0 / (1.0 + np.exp(-z))
+        loss = np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * p[:-1] @ p[:-1]
+        g = np.append(X.T @ (r - y) / len(y) + l2 * p[:-1], np.mean(r - y))
+        return loss, g
+
+    return minimize(f, np.zeros(X.shape[1] + 1), jac=True, method="BFGS", tol=1e-12).x
+
+
+def numbers(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", text)]
+
+
+def test_tour(address):
+    out = run_example("tour.py", address)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 5))
+    y = (X @ [1.5, -2.0, 0.5, 0.0, 1.0] + 0.5 * rng.normal(size=500) > 0).astype(np.float64)
+    want = logistic_minimum(X, y, 1e-3)
+    final = re.search(r"FINISHED \w+ \[(.*)\]", out, re.S)
+    assert final, out
+    np.testing.assert_allclose(numbers(final[1]), want, atol=1.5e-3)
+
+
+def test_logistic_fit_predict(address):
+    out = run_example("logistic_fit_predict.py", address)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(600, 4))
+    y = (X @ [2.0, -1.0, 0.5, 0.0] + 0.3 + rng.normal(size=600) > 0).astype(int)
+    want = logistic_minimum(X[:400], y[:400].astype(np.float64), 1e-2)
+    coef = re.search(r"coef \[(.*)\] intercept (\S+)", out)
+    np.testing.assert_allclose([*numbers(coef[1]), float(coef[2])], want, atol=1e-4)
+    accuracy = np.mean(((X[400:] @ want[:-1] + want[-1]) > 0).astype(int) == y[400:])
+    assert f"test accuracy {accuracy:.3f}" in out
+
+
+def test_mlp_digits(address):
+    pytest.importorskip("sklearn")
+    out = run_example("mlp_digits.py", address)
+    accuracy = float(re.search(r"test accuracy (\S+)", out)[1])
+    assert accuracy >= 0.9, out
+    predicted = re.search(r"first predicted classes \[(.*)\]", out)[1].split(",")
+    assert len(predicted) == 10 and all(0 <= int(c) <= 9 for c in predicted)
+    assert "layer shapes [(32, 64), (10, 32)]" in out
+
+
+def test_watch_from_another_process(address):
+    out = run_example("watch_from_another_process.py", address)
+    assert "final status FINISHED" in out
+    assert "same records as this process: True" in out
+
+
+def test_async_usage(address):
+    out = run_example("async_usage.py", address)
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(200, 8)), rng.normal(size=200)
+    w = np.linalg.solve(X.T @ X / 200 + 0.1 * np.eye(8), X.T @ y / 200)
+    minimum = 0.5 * np.mean((X @ w - y) ** 2) + 0.05 * w @ w
+    for method in ("newton", "newton_cg"):
+        loss = float(re.search(rf"^{method}\s+final loss (\S+)", out, re.M)[1])
+        assert abs(loss - minimum) <= 1e-9, (method, loss, minimum)
+    assert re.search(r"^gradient_descent\s+final loss", out, re.M)
