@@ -359,7 +359,8 @@ class Run:
 
         A dropped connection (UNAVAILABLE) is retried with backoff from the last iteration
         seen, for up to `reconnect_timeout` seconds without progress. `final` holds the
-        run's state afterwards.
+        run's state afterwards. A run that FAILED before its first record raises
+        HessianError with the server's message (there is nothing to yield).
         """
         nxt = from_iteration
         last_progress = time.monotonic()
@@ -378,6 +379,11 @@ class Run:
                     if event.HasField("final"):
                         self.final = event.final  # the last event: read on to the status
                 if self.final is not None:
+                    failed = STATUS_NAMES.get(self.final.status) == "FAILED"
+                    if failed and self.final.num_records == 0:
+                        raise HessianError(
+                            f"run {self.id} failed before its first record: {self.final.message}"
+                        )
                     return
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:

@@ -80,10 +80,7 @@ def hessian_product(
 
 def ggn_product(objective: Objective, params: torch.Tensor) -> Product:
     """v -> (J^T H_out J + H_reg) v for objectives with `supports_ggn`, no Jacobian formed."""
-    if not objective.supports_ggn:
-        raise ValidationError(
-            "options.curvature", f"hessian for {objective.name} (it has no Gauss-Newton structure)"
-        )
+    objective.require_curvature("gauss_newton")
     x = params.detach()
     outputs, vjp_fn = torch.func.vjp(objective.outputs, x)
     outputs = outputs.detach()
@@ -464,11 +461,8 @@ def gauss_newton_cg(
 
 def check_supported(objective: Objective, options: MethodOptions) -> None:
     """Refuse, naming the field, a Hessian-free configuration this objective cannot serve."""
-    if options.curvature == "gauss_newton" and not objective.supports_ggn:
-        field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
-        raise ValidationError(
-            field, f"a method/curvature {objective.name} supports (it has no Gauss-Newton form)"
-        )
+    field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
+    objective.require_curvature(options.curvature, field)
     for name in ("curvature_fraction", "gradient_fraction"):
         if getattr(options, name) < 1.0 and not objective.row_fields:
             raise ValidationError(

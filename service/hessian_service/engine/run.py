@@ -16,7 +16,8 @@ import torch
 
 from .errors import ValidationError
 from .fused import fused_newton_step, validated_options
-from .methods import LineSearchFailed, Point, Step, Stepper
+from .linalg import count_negative, negative_tolerance, symmetrise
+from .methods import LineSearchFailed, NoProgress, Point, Step, Stepper
 from .objectives.base import Objective
 from .options import MethodOptions, StopCriteria
 from .records import Checkpoint, StepRecord, StepResult, StopReason
@@ -63,6 +64,29 @@ def _fill_step(record: StepRecord, step: Step) -> None:
     record.negative_curvature = step.negative_curvature
     record.trust_radius = step.trust_radius
     record.gradient_batch_size = step.gradient_batch_size
+    record.step_damped = step.step_damped
+
+
+def end_point(h: torch.Tensor) -> tuple[str, int]:
+    """The second-order test at a point from its dense Hessian, and its negative count.
+
+    minimum (every eigenvalue above n eps max|lambda|), maximum, saddle (both signs beyond
+    it) or flat (an eigenvalue within it of 0 and none beyond it below: inconclusive).
+    """
+    evals = torch.linalg.eigvalsh(symmetrise(h))
+    if evals.numel() == 0:
+        return "flat", 0
+    tol = negative_tolerance(evals, h.dtype)
+    lowest, highest = float(evals[0]), float(evals[-1])
+    if lowest > tol:
+        verdict = "minimum"
+    elif highest < -tol:
+        verdict = "maximum"
+    elif lowest < -tol and highest > tol:
+        verdict = "saddle"
+    else:
+        verdict = "flat"
+    return verdict, count_negative(evals, h.dtype)
 
 
 def take_step(
@@ -92,6 +116,8 @@ def take_step(
         raise ValidationError(
             "options.step_policy", "a descent step from params", str(exc)
         ) from exc
+    except NoProgress as exc:
+        raise ValidationError("options.damping", "a damping below the cap", str(exc)) from exc
     _fill_step(record, step)
     if not step.accepted:
         record.damping = stepper.state["damping"]
@@ -120,12 +146,12 @@ class Run:
     ) -> None:
         self.objective = objective
         self.options = (options or MethodOptions()).validated()
-        self.stopping = (stopping or StopCriteria()).validated()
         self.cancel_token = cancel or CancelToken()
         self.params = objective.check_params(params)
         self.start_iteration = 0
         self._previous_loss: float | None = None
         self.stepper = Stepper(objective, self.options, self.params)
+        self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
@@ -190,20 +216,24 @@ class Run:
         if self.cancel_token.cancelled:
             return StopReason.CANCELLED, f"cancelled before iteration {k}"
         gmax = float(point.grad.abs().max()) if point.grad.numel() else 0.0
-        if gmax <= s.gradient_tolerance:
+        if gmax <= s.gradient_tolerance and s.gradient_tolerance > 0:
             return StopReason.GRADIENT_TOLERANCE, (
-                f"gradient max-norm {gmax:.3g} <= gradient_tolerance {s.gradient_tolerance:g}"
+                f"converged: gradient max-norm {gmax:.3g} <= gradient_tolerance "
+                f"{s.gradient_tolerance:g}"
             )
         if previous is not None:
+            still = f"while the gradient max-norm {gmax:.3g} > gradient_tolerance"
             change = abs(previous.loss - point.loss)
-            if change <= s.function_tolerance * abs(previous.loss):
-                return StopReason.FUNCTION_TOLERANCE, (
-                    f"|loss change| {change:.3g} <= function_tolerance x |loss|"
+            ftol, xtol = s.function_tolerance, s.parameter_tolerance
+            if ftol > 0 and change <= ftol * abs(previous.loss):
+                return StopReason.FUNCTION_STALLED, (
+                    f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| {still}"
                 )
             dx = float((point.x - previous.x).norm())
-            if dx <= s.parameter_tolerance * (float(previous.x.norm()) + s.parameter_tolerance):
-                return StopReason.PARAMETER_TOLERANCE, (
-                    f"step norm {dx:.3g} <= parameter_tolerance x (|x| + parameter_tolerance)"
+            if xtol > 0 and dx <= xtol * (float(previous.x.norm()) + xtol):
+                return StopReason.PARAMETERS_STALLED, (
+                    f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
+                    f"parameter_tolerance) {still}"
                 )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
@@ -235,6 +265,8 @@ class Run:
                     step = self.stepper.step(point)
                 except LineSearchFailed as exc:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
+                except NoProgress as exc:
+                    stop = StopReason.NO_PROGRESS, str(exc)
                 except FloatingPointError as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
             new_point: Point | None = None
@@ -257,6 +289,8 @@ class Run:
             self.last_record = record
             if stop is not None:
                 self._finish(*stop)
+                if point.curvature is not None and self.stepper.options.curvature == "hessian":
+                    record.end_point, record.negative_eigenvalues = end_point(point.curvature)
                 yield record
                 return
             yield record

@@ -32,10 +32,12 @@ NUMPY_DTYPES = {
 }
 MAX_SHAPE_ELEMENTS = 2**40
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
+# StepRecord fields written by name as they are; the enum ones map engine names to values
+RECORD_ENUMS = {"end_point": optimize_pb2.Verdict}
 RECORD_FIELDS = [
     f.name
     for f in fields(StepRecord)
-    if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name
+    if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name and f.name not in RECORD_ENUMS
 ]
 
 
@@ -212,6 +214,8 @@ def stopping_to_wire(values: dict[str, Any]) -> optimize_pb2.StopCriteria:
 def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:
     """The wire StepRecord (the engine's dataclass fields that the wire has, one for one)."""
     msg = optimize_pb2.StepRecord(**{name: getattr(record, name) for name in RECORD_FIELDS})
+    for name, enum_type in RECORD_ENUMS.items():
+        setattr(msg, name, enum_value(enum_type, getattr(record, name)))
     if out is None:
         return msg
     out.CopyFrom(msg)
@@ -219,7 +223,8 @@ def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_p
 
 
 def stop_reason_value(reason: str) -> int:
-    """The wire StopReason for an engine stop reason name."""
+    """The wire StopReason for an engine stop reason name (engine StopReason, or the
+    store's "shutdown" / "error" and earlier servers' "function_tolerance" ...)."""
     return enum_value(optimize_pb2.StopReason, reason)
 
 

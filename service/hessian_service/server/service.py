@@ -262,7 +262,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 f"a {n}x{n} matrix needs about {matrix_bytes} bytes, over the message limit of "
                 f"{self.config.max_message_bytes}; set omit_matrix for the summary alone",
             )
-        result = dense_curvature(objective, params, options)
+        result = dense_curvature(objective, params, options, "curvature")
         s = result.summary
         response = service_pb2.ComputeHessianResponse(
             summary=optimize_pb2.CurvatureSummary(
@@ -272,6 +272,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 condition_number=s.condition_number,
                 positive_definite=s.positive_definite,
                 trace=s.trace,
+                negative_tolerance=s.negative_tolerance,
             ),
             loss=result.loss,
             gradient=codec.encode_tensor(result.gradient),
