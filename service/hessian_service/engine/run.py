@@ -267,6 +267,7 @@ class Run:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
                 except NoProgress as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
+                    record.damping = self.stepper.state["damping"]  # the one past the cap
                 except FloatingPointError as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
             new_point: Point | None = None
