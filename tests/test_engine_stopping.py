@@ -143,7 +143,7 @@ def test_default_criteria_do_not_stop_slow_gradient_descent():
     run = Run(
         obj,
         torch.zeros(31, dtype=F64),
-        MethodOptions(method="gradient_descent", learning_rate=1e-6),
+        MethodOptions(method="gradient_descent", learning_rate=1e-7),
         StopCriteria(max_iterations=20),
     )
     records = run.run_to_end()
@@ -160,7 +160,7 @@ def test_a_small_loss_change_is_a_stall_not_convergence():
     run = Run(
         obj,
         torch.zeros(31, dtype=F64),
-        MethodOptions(method="gradient_descent", learning_rate=1e-6),
+        MethodOptions(method="gradient_descent", learning_rate=1e-7),
         StopCriteria(max_iterations=20, function_tolerance=1e-5),
     )
     records = run.run_to_end()
