@@ -23,6 +23,12 @@ METHOD_STEP_POLICIES = {
     "gauss_newton_cg": ("trust_region", "line_search", "fixed"),
 }
 STEP_POLICIES = ("fixed", "line_search", "levenberg_marquardt", "trust_region")
+# method auto may resolve to newton or newton_cg: it takes the policies both take
+AUTO_STEP_POLICIES = tuple(
+    p
+    for p in STEP_POLICIES
+    if p in METHOD_STEP_POLICIES["newton"] and p in METHOD_STEP_POLICIES["newton_cg"]
+)
 CG_FORCINGS = ("eisenstat_walker", "fixed")
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 CURVATURES = ("hessian", "gauss_newton")
@@ -115,16 +121,13 @@ class MethodOptions:
         policy = self.step_policy
         if policy is not None and policy not in STEP_POLICIES:
             raise UnknownNameError(f"{p}.step_policy", policy, list(STEP_POLICIES))
-        allowed = METHOD_STEP_POLICIES.get(self.method)
-        if allowed is not None:  # method auto: checked once it is resolved
-            if policy is None:
-                policy = allowed[0]
-            elif policy not in allowed:
-                raise ValidationError(
-                    f"{p}.step_policy",
-                    f"one of {list(allowed)} for method {self.method}",
-                    repr(policy),
-                )
+        allowed = METHOD_STEP_POLICIES.get(self.method) or AUTO_STEP_POLICIES
+        if policy is None and self.method != "auto":  # auto's default: its resolved method's
+            policy = allowed[0]
+        if policy is not None and policy not in allowed:
+            raise ValidationError(
+                f"{p}.step_policy", f"one of {list(allowed)} for method {self.method}", repr(policy)
+            )
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
         curvature = "gauss_newton" if self.method == "gauss_newton_cg" else self.curvature
