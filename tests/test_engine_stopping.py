@@ -360,3 +360,19 @@ def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend
     ref.fit(x, labels)
     np.testing.assert_allclose(w[:d].T, ref.coef_, atol=1e-7)
     np.testing.assert_allclose(w[d], ref.intercept_ - ref.intercept_.mean(), atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend):
+    rng = np.random.default_rng()
+    b = rng.normal(size=(5, 30))
+    a = b.T @ b  # positive semi-definite, rank 5: 25 eigenvalues at rounding level
+    evals = np.linalg.eigvalsh(a)
+    assert (evals < 0).any(), "rounding puts some of the 25 zero eigenvalues below 0"
+    tol = 30 * np.finfo(np.float64).eps * np.abs(evals).max()
+    obj = make_objective(
+        "quadratic", {"A": torch.tensor(a), "b": torch.tensor(rng.normal(size=30))}
+    )
+    options = MethodOptions(method="saddle_free", step_policy="fixed", backend=backend)
+    record = take_step(obj, torch.tensor(rng.normal(size=30)), options).record
+    assert record.negative_eigenvalues == int((evals < -tol).sum()) == 0
