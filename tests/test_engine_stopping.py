@@ -376,3 +376,19 @@ def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend):
     options = MethodOptions(method="saddle_free", step_policy="fixed", backend=backend)
     record = take_step(obj, torch.tensor(rng.normal(size=30)), options).record
     assert record.negative_eigenvalues == int((evals < -tol).sum()) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_unary_softmax_newton_step_has_no_gauge_component(backend):
+    # the fixed-step NewtonStep (the fused native op under native) projects its step too
+    rng = np.random.default_rng()
+    n, d, k = 300, 8, 4
+    labels = np.arange(n) % k
+    data = {"X": torch.tensor(rng.normal(size=(n, d))), "labels": torch.tensor(labels)}
+    obj = make_objective("softmax_regression", data, {"l2": 1e-2})
+    x0 = torch.tensor(rng.normal(size=(d + 1) * k))
+    options = MethodOptions(method="newton", step_policy="fixed", backend=backend)
+    result = take_step(obj, x0, options)
+    step = (result.params - x0).reshape(d + 1, k).numpy()
+    assert abs(step[d].sum()) <= 1e-10
+    assert result.record.step_norm == pytest.approx(np.linalg.norm(step), rel=1e-12)
