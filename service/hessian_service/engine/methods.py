@@ -184,14 +184,15 @@ class Stepper:
                 if self.state["damping"] <= 0:
                     scale = float(h.diagonal().abs().max()) if point.grad.numel() else 1.0
                     self.state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
-                if self.state["damping"] > lm_damping_cap(h):
+                lam = self.state["damping"]
+                if not math.isfinite(lam) or lam > lm_damping_cap(h):
                     raise NoProgress(
                         "no further progress possible at machine precision: every "
                         "Levenberg-Marquardt trial was rejected until the damping "
-                        f"{self.state['damping']:.3g} passed max(max|diag H|, 1) / eps "
+                        f"{lam:.3g} passed max(max|diag H|, 1) / eps "
                         f"= {lm_damping_cap(h):.3g}"
                     )
-                requested = self.state["damping"]
+                requested = lam
             res = solver.solve(h, point.grad, requested)
             if res.damping > requested:
                 res = replace(res, negative_eigenvalues=negative_eigenvalues(h), damped=True)
@@ -200,7 +201,7 @@ class Stepper:
         return replace(res, direction=self.objective.project_step(res.direction))
 
     def step(self, point: Point) -> Step:
-        """The step from `point` under the configured policy (raises LineSearchFailed)."""
+        """The step from `point` under the configured policy (LineSearchFailed, NoProgress)."""
         if self.hessian_free:
             return self._hessian_free_step(point)
         res = self._direction(point)
