@@ -16,11 +16,12 @@ import torch
 
 from .errors import ValidationError
 from .fused import fused_newton_step, validated_options
-from .linalg import count_negative, negative_tolerance, symmetrise
+from .linalg import count_negative, symmetrise
 from .methods import LineSearchFailed, NoProgress, Point, Step, Stepper
 from .objectives.base import Objective
 from .options import MethodOptions, StopCriteria
 from .records import Checkpoint, StepRecord, StepResult, StopReason
+from .spectrum import classify
 
 
 class CancelToken:
@@ -70,22 +71,14 @@ def _fill_step(record: StepRecord, step: Step) -> None:
 def end_point(h: torch.Tensor) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
-    minimum (every eigenvalue above n eps max|lambda|), maximum, saddle (both signs beyond
-    it) or flat (an eigenvalue within it of 0 and none beyond it below: inconclusive).
+    spectrum.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
+    eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0.
     """
     evals = torch.linalg.eigvalsh(symmetrise(h))
     if evals.numel() == 0:
         return "flat", 0
-    tol = negative_tolerance(evals, h.dtype)
-    lowest, highest = float(evals[0]), float(evals[-1])
-    if lowest > tol:
-        verdict = "minimum"
-    elif highest < -tol:
-        verdict = "maximum"
-    elif lowest < -tol and highest > tol:
-        verdict = "saddle"
-    else:
-        verdict = "flat"
+    relative = evals.numel() * torch.finfo(h.dtype).eps
+    verdict, _ = classify(float(evals[0]), float(evals[-1]), relative, 0.0)
     return verdict, count_negative(evals, h.dtype)
 
 
