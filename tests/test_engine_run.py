@@ -91,7 +91,7 @@ def test_function_tolerance():
         ),
     )
     records = run.run_to_end()
-    assert run.stop_reason is StopReason.FUNCTION_TOLERANCE
+    assert run.stop_reason is StopReason.FUNCTION_STALLED and not run.stop_reason.converged
     assert abs(records[-1].loss_change) <= 1e-3 * abs(records[-2].loss)
     assert all(abs(r.loss_change) > 1e-3 * abs(p.loss) for p, r in pairwise(records[:-1]))
 
@@ -110,7 +110,7 @@ def test_parameter_tolerance():
         ),
     )
     run.run_to_end()
-    assert run.stop_reason is StopReason.PARAMETER_TOLERANCE
+    assert run.stop_reason is StopReason.PARAMETERS_STALLED and not run.stop_reason.converged
 
 
 def test_time_limit():

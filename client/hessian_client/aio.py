@@ -21,6 +21,7 @@ from .client import (
     _DEFAULT,
     DEFAULT_MAX_MESSAGE_BYTES,
     _Api,
+    _raise_if_failed_empty,
     _remaining,
     _RunBase,
     channel_options,
@@ -133,6 +134,7 @@ class Run(_RunBase):
                     for record in records:
                         yield record
                 if self.final is not None:
+                    _raise_if_failed_empty(self.id, self.final)
                     return
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:

@@ -463,6 +463,12 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+def _raise_if_failed_empty(run_id: str, final: RunInfo) -> None:
+    """A run that FAILED before its first record has nothing to stream: raise its message."""
+    if final.status == "FAILED" and final.num_records == 0:
+        raise HessianError(f"run {run_id} failed before its first record: {final.message}")
+
+
 def timed_out(run_id: str, timeout: float | None, status: str) -> DeadlineExceeded:
     """The error wait()/result() raise when their timeout passes (the run keeps going)."""
     return DeadlineExceeded(f"run {run_id} still {status} after {timeout} s (it keeps going)")
@@ -526,7 +532,9 @@ class Run(_RunBase):
 
         A dropped connection (UNAVAILABLE) is retried with backoff from the last iteration
         seen, for up to `reconnect_timeout` seconds without progress. `timeout` bounds the
-        whole stream (DeadlineExceeded), queued or not. `final` holds the end state.
+        whole stream (DeadlineExceeded), queued or not. `final` holds the run's state
+        afterwards. A run that FAILED before its first record raises HessianError with the
+        server's message (there is nothing to yield).
         """
         nxt = from_iteration
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -547,6 +555,7 @@ class Run(_RunBase):
                         delay = 0.05
                     yield from records
                 if self.final is not None:
+                    _raise_if_failed_empty(self.id, self.final)
                     return
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:

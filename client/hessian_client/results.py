@@ -126,12 +126,15 @@ class StepRecord(_Result):
     cumulative_seconds: float
     trust_radius: float
     gradient_batch_size: int
+    step_damped: bool  # the solve had to raise the damping (the curvature was not PD)
+    end_point: Verdict | None  # type: ignore[valid-type]  # final record of a dense run
     raw: optimize_pb2.StepRecord = dataclasses.field(repr=False, compare=False)
 
     @classmethod
     def from_wire(cls, msg: optimize_pb2.StepRecord) -> StepRecord:
         """The typed record of a wire StepRecord (every field, iteration 0 included)."""
         values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls) if f.name != "raw"}
+        values["end_point"] = _label(Verdict, optimize_pb2.Verdict, "VERDICT_", msg.end_point)
         return cls(**values, raw=msg)
 
 
@@ -224,6 +227,7 @@ class CurvatureSummary(_Result):
     condition_number: float
     positive_definite: bool
     trace: float
+    negative_tolerance: float  # eigenvalues above -this count as zero (rounding, not curvature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +255,7 @@ class HessianResult(_Result):
             s.condition_number,
             s.positive_definite,
             s.trace,
+            s.negative_tolerance,
         )
         gradient = tensors.like_input(tensors.decode(msg.gradient), like)
         return cls(matrix, summary, msg.loss, gradient, msg.backend, msg)

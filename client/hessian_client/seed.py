@@ -35,6 +35,7 @@ def seed_losses(client: Client, seed: int = SEED, epochs: int = EPOCHS) -> dict[
             problem_id,
             params,
             method=method,
+            step_policy="fixed",  # the notebook's x - lr H^-1 g, not the globalised default
             learning_rate=LEARNING_RATE,
             stopping=stopping,
             name=f"seed-{key}",

@@ -44,7 +44,9 @@ def seed_losses(
     )
     losses = {}
     for key, method in (("gd", "gradient_descent"), ("newton", "newton")):
-        options = MethodOptions(method=method, learning_rate=LEARNING_RATE, backend=backend)
+        options = MethodOptions(
+            method=method, step_policy="fixed", learning_rate=LEARNING_RATE, backend=backend
+        )
         losses[key] = [r.loss for r in Run(objective, params, options, stopping)]
     return losses
 

@@ -65,6 +65,9 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_SOLVER_FAILED: _ClassVar[StopReason]
     STOP_REASON_SHUTDOWN: _ClassVar[StopReason]
     STOP_REASON_ERROR: _ClassVar[StopReason]
+    STOP_REASON_FUNCTION_STALLED: _ClassVar[StopReason]
+    STOP_REASON_PARAMETERS_STALLED: _ClassVar[StopReason]
+    STOP_REASON_NO_PROGRESS: _ClassVar[StopReason]
 
 class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -117,6 +120,9 @@ STOP_REASON_LINE_SEARCH_FAILED: StopReason
 STOP_REASON_SOLVER_FAILED: StopReason
 STOP_REASON_SHUTDOWN: StopReason
 STOP_REASON_ERROR: StopReason
+STOP_REASON_FUNCTION_STALLED: StopReason
+STOP_REASON_PARAMETERS_STALLED: StopReason
+STOP_REASON_NO_PROGRESS: StopReason
 VERDICT_UNSPECIFIED: Verdict
 VERDICT_MINIMUM: Verdict
 VERDICT_SADDLE: Verdict
@@ -184,7 +190,7 @@ class StopCriteria(_message.Message):
     def __init__(self, max_iterations: _Optional[int] = ..., gradient_tolerance: _Optional[float] = ..., function_tolerance: _Optional[float] = ..., parameter_tolerance: _Optional[float] = ..., time_limit_seconds: _Optional[float] = ...) -> None: ...
 
 class StepRecord(_message.Message):
-    __slots__ = ("iteration", "loss", "loss_change", "gradient_norm", "gradient_max_norm", "step_norm", "step_size", "damping", "gain_ratio", "step_accepted", "negative_eigenvalues", "solver_attempts", "function_evaluations", "cg_iterations", "cg_residual", "negative_curvature", "backend", "iteration_seconds", "cumulative_seconds", "trust_radius", "gradient_batch_size")
+    __slots__ = ("iteration", "loss", "loss_change", "gradient_norm", "gradient_max_norm", "step_norm", "step_size", "damping", "gain_ratio", "step_accepted", "negative_eigenvalues", "solver_attempts", "function_evaluations", "cg_iterations", "cg_residual", "negative_curvature", "backend", "iteration_seconds", "cumulative_seconds", "trust_radius", "gradient_batch_size", "step_damped", "end_point")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_CHANGE_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +212,8 @@ class StepRecord(_message.Message):
     CUMULATIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRUST_RADIUS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_DAMPED_FIELD_NUMBER: _ClassVar[int]
+    END_POINT_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     loss: float
     loss_change: float
@@ -227,23 +235,27 @@ class StepRecord(_message.Message):
     cumulative_seconds: float
     trust_radius: float
     gradient_batch_size: int
-    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_change: _Optional[float] = ..., gradient_norm: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., step_norm: _Optional[float] = ..., step_size: _Optional[float] = ..., damping: _Optional[float] = ..., gain_ratio: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., negative_eigenvalues: _Optional[int] = ..., solver_attempts: _Optional[int] = ..., function_evaluations: _Optional[int] = ..., cg_iterations: _Optional[int] = ..., cg_residual: _Optional[float] = ..., negative_curvature: _Optional[bool] = ..., backend: _Optional[str] = ..., iteration_seconds: _Optional[float] = ..., cumulative_seconds: _Optional[float] = ..., trust_radius: _Optional[float] = ..., gradient_batch_size: _Optional[int] = ...) -> None: ...
+    step_damped: bool
+    end_point: Verdict
+    def __init__(self, iteration: _Optional[int] = ..., loss: _Optional[float] = ..., loss_change: _Optional[float] = ..., gradient_norm: _Optional[float] = ..., gradient_max_norm: _Optional[float] = ..., step_norm: _Optional[float] = ..., step_size: _Optional[float] = ..., damping: _Optional[float] = ..., gain_ratio: _Optional[float] = ..., step_accepted: _Optional[bool] = ..., negative_eigenvalues: _Optional[int] = ..., solver_attempts: _Optional[int] = ..., function_evaluations: _Optional[int] = ..., cg_iterations: _Optional[int] = ..., cg_residual: _Optional[float] = ..., negative_curvature: _Optional[bool] = ..., backend: _Optional[str] = ..., iteration_seconds: _Optional[float] = ..., cumulative_seconds: _Optional[float] = ..., trust_radius: _Optional[float] = ..., gradient_batch_size: _Optional[int] = ..., step_damped: _Optional[bool] = ..., end_point: _Optional[_Union[Verdict, str]] = ...) -> None: ...
 
 class CurvatureSummary(_message.Message):
-    __slots__ = ("min_eigenvalue", "max_eigenvalue", "negative_eigenvalues", "condition_number", "positive_definite", "trace")
+    __slots__ = ("min_eigenvalue", "max_eigenvalue", "negative_eigenvalues", "condition_number", "positive_definite", "trace", "negative_tolerance")
     MIN_EIGENVALUE_FIELD_NUMBER: _ClassVar[int]
     MAX_EIGENVALUE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_EIGENVALUES_FIELD_NUMBER: _ClassVar[int]
     CONDITION_NUMBER_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_DEFINITE_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     min_eigenvalue: float
     max_eigenvalue: float
     negative_eigenvalues: int
     condition_number: float
     positive_definite: bool
     trace: float
-    def __init__(self, min_eigenvalue: _Optional[float] = ..., max_eigenvalue: _Optional[float] = ..., negative_eigenvalues: _Optional[int] = ..., condition_number: _Optional[float] = ..., positive_definite: _Optional[bool] = ..., trace: _Optional[float] = ...) -> None: ...
+    negative_tolerance: float
+    def __init__(self, min_eigenvalue: _Optional[float] = ..., max_eigenvalue: _Optional[float] = ..., negative_eigenvalues: _Optional[int] = ..., condition_number: _Optional[float] = ..., positive_definite: _Optional[bool] = ..., trace: _Optional[float] = ..., negative_tolerance: _Optional[float] = ...) -> None: ...
 
 class SpectrumOptions(_message.Message):
     __slots__ = ("top_k", "bottom_k", "curvature", "max_lanczos_iterations", "eigen_tolerance", "trace_samples", "confidence", "density_probes", "density_steps", "density_sigma", "grid_points", "batch_size", "relative_tolerance", "absolute_tolerance", "gradient_tolerance", "seed", "hvp_mode", "block_size", "backend")

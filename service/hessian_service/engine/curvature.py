@@ -189,8 +189,7 @@ def gauss_newton(
     outputs (block-diagonal per sample), H_reg the regulariser's Hessian. The GGN is
     positive semi-definite for convex output losses, unlike the Hessian of a network.
     """
-    if not objective.supports_ggn:
-        raise NotImplementedError(f"{objective.name} has no Gauss-Newton structure")
+    objective.require_curvature("gauss_newton")
     n = params.numel()
     check_dense_budget(n, budget_bytes, params.dtype)
     x = params.detach()

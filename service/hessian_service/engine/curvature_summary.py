@@ -15,7 +15,7 @@ import torch
 from .backends import resolve
 from .cancel import CancelToken, check, scope
 from .curvature import check_dense_budget
-from .linalg import symmetrise
+from .linalg import count_negative, negative_tolerance, symmetrise
 from .objectives.base import Objective
 from .options import MethodOptions
 from .validation import decomposable
@@ -23,7 +23,12 @@ from .validation import decomposable
 
 @dataclass(frozen=True)
 class SpectrumSummary:
-    """Extreme eigenvalues, how many are negative, |lambda|max / |lambda|min, trace."""
+    """Extreme eigenvalues, how many are negative, |lambda|max / |lambda|min, trace.
+
+    negative_eigenvalues counts those below -negative_tolerance (n eps max|lambda|, eps of
+    the matrix's dtype: smaller magnitudes are rounding); positive_definite means the
+    smallest is above +negative_tolerance.
+    """
 
     min_eigenvalue: float
     max_eigenvalue: float
@@ -31,6 +36,7 @@ class SpectrumSummary:
     condition_number: float
     positive_definite: bool
     trace: float
+    negative_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -45,20 +51,25 @@ class DenseCurvature:
 
 
 def spectrum_summary(matrix: torch.Tensor) -> SpectrumSummary:
-    """Summarise the spectrum of a symmetric matrix (symmetrised first; eigvalsh in float64)."""
+    """Summarise the spectrum of a symmetric matrix (symmetrised first; eigvalsh in float64).
+
+    Signs are judged against the rounding of the matrix's own dtype (`negative_tolerance`).
+    """
     evals = torch.linalg.eigvalsh(symmetrise(matrix.to(torch.float64)))
     if evals.numel() == 0:
         return SpectrumSummary(0.0, 0.0, 0, math.nan, False, 0.0)
     magnitudes = evals.abs()
     smallest = float(magnitudes.min())
     condition = math.inf if smallest == 0.0 else float(magnitudes.max()) / smallest
+    tol = negative_tolerance(evals, matrix.dtype)
     return SpectrumSummary(
         min_eigenvalue=float(evals[0]),
         max_eigenvalue=float(evals[-1]),
-        negative_eigenvalues=int((evals < 0).sum()),
+        negative_eigenvalues=count_negative(evals, matrix.dtype),
         condition_number=condition,
-        positive_definite=bool(evals[0] > 0),
+        positive_definite=bool(evals[0] > tol),
         trace=float(evals.sum()),
+        negative_tolerance=tol,
     )
 
 
@@ -67,20 +78,23 @@ def dense_curvature(
     params: torch.Tensor,
     options: MethodOptions,
     cancel: CancelToken | None = None,
+    curvature_field: str = "options.curvature",
 ) -> DenseCurvature:
     """Dense curvature (options.curvature) at `params`, within options.dense_budget_bytes.
 
-    `cancel`: checked between row chunks of the autograd assembly and before the
-    eigendecomposition (raises cancel.Cancelled).
+    A curvature the objective cannot form is refused naming `curvature_field`. `cancel`:
+    checked between row chunks of the autograd assembly and before the eigendecomposition
+    (raises cancel.Cancelled).
     """
     with scope(cancel):
-        return _dense_curvature(objective, params, options)
+        return _dense_curvature(objective, params, options, curvature_field)
 
 
 def _dense_curvature(
-    objective: Objective, params: torch.Tensor, options: MethodOptions
+    objective: Objective, params: torch.Tensor, options: MethodOptions, curvature_field: str
 ) -> DenseCurvature:
     options = options.validated()
+    objective.require_curvature(options.curvature, curvature_field)
     x = objective.check_params(params)
     check_dense_budget(x.numel(), options.dense_budget_bytes, x.dtype)
     backend = resolve(options.backend, objective, x, options.curvature)

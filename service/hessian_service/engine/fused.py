@@ -3,7 +3,7 @@
 When the native backend serves the objective, loss, gradient, Hessian and the damped solve
 run in one fused C++ call and this module only checks the inputs and builds the record, so
 a seed-sized step costs microseconds. Anything unusual (a dtype or device to convert, a
-non-finite point, a failed solve, a dense budget exceeded) returns None and the general
+non-finite point, a failed or damped solve, a dense budget exceeded) returns None and the general
 path runs, which raises exactly what it always raised. Validated options and per-objective
 call plans are memoised by object identity (objectives and options are immutable).
 """
@@ -29,7 +29,8 @@ _ENV_KEY = "HESSIAN_BACKEND"
 
 # id(options) -> (options, env value, validated options, fusable)
 _OPTIONS: dict[int, tuple[MethodOptions | None, object, MethodOptions, bool]] = {}
-# id(objective) -> (objective, plan or None); plan = (fn, args, dtype, n, itemsize, flat)
+# id(objective) -> (objective, plan or None);
+# plan = (fn, args, dtype, n, itemsize, flat, gauge: the objective projects its steps)
 _PLANS: dict[int, tuple[Objective, tuple[Any, ...] | None]] = {}
 
 
@@ -66,7 +67,9 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
     if entry is not None and objective.device.type == "cpu":
         fn, args = entry
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
-        plan = (fn, args, objective.dtype, objective.num_params, itemsize, objective.name != "mse")
+        gauge = type(objective).project_step is not Objective.project_step
+        n, flat = objective.num_params, objective.name != "mse"
+        plan = (fn, args, objective.dtype, n, itemsize, flat, gauge)
     if len(_PLANS) >= _MAX_CACHED:
         _PLANS.clear()
     _PLANS[id(objective)] = (objective, plan)  # holds `objective`: ids stay unique
@@ -83,7 +86,7 @@ def fused_newton_step(
     plan = _plan(objective)
     if plan is None:
         return None
-    fn, args, dtype, n, itemsize, flat = plan
+    fn, args, dtype, n, itemsize, flat, gauge = plan
     budget = options.dense_budget_bytes
     if (
         params.dtype is not dtype
@@ -101,9 +104,13 @@ def fused_newton_step(
     x_new, (loss, gnorm, gmax, step_norm, damping, attempts, finite) = fn(
         params, *args, lr, options.damping, MAX_DAMPING_ATTEMPTS
     )
+    if not finite or attempts != 1:
+        return None  # a failed or damped solve: the general path says what it found
+    if gauge:
+        step = objective.project_step((x_new - params).reshape(-1))
+        x_new = (params.reshape(-1) + step).reshape(x_new.shape)
+        step_norm = float(step.norm())
     seconds = time.perf_counter() - start
-    if not finite or not attempts:
-        return None
     record = StepRecord(
         iteration=0,
         loss=loss,
@@ -114,6 +121,7 @@ def fused_newton_step(
         damping=damping,
         gain_ratio=math.nan,
         step_accepted=True,
+        negative_eigenvalues=0 if options.damping == 0 else -1,  # Cholesky of H proved PD
         solver_attempts=int(attempts),
         backend="native",
         iteration_seconds=seconds,

@@ -84,10 +84,7 @@ def ggn_product(objective: Objective, params: torch.Tensor) -> Product:
     J v is a double vjp and H_out, H_reg products are vjps of gradients (all graphs built
     once per point, `jacobian_product`), so no forward-mode AD runs; vmap-able.
     """
-    if not objective.supports_ggn:
-        raise ValidationError(
-            "options.curvature", f"hessian for {objective.name} (it has no Gauss-Newton structure)"
-        )
+    objective.require_curvature("gauss_newton")
     x = params.detach()
     outputs, jacobian, transposed = jacobian_product(objective.outputs, x)
     _, out_hvp = torch.func.vjp(torch.func.grad(objective.output_loss), outputs.detach())
@@ -467,11 +464,8 @@ def gauss_newton_cg(
 
 def check_supported(objective: Objective, options: MethodOptions) -> None:
     """Refuse, naming the field, a Hessian-free configuration this objective cannot serve."""
-    if options.curvature == "gauss_newton" and not objective.supports_ggn:
-        field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
-        raise ValidationError(
-            field, f"a method/curvature {objective.name} supports (it has no Gauss-Newton form)"
-        )
+    field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
+    objective.require_curvature(options.curvature, field)
     for name in ("curvature_fraction", "gradient_fraction"):
         if getattr(options, name) < 1.0 and not objective.row_fields:
             raise ValidationError(

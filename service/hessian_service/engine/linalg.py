@@ -16,17 +16,40 @@ MAX_DAMPING_ATTEMPTS = 60
 
 @dataclass(frozen=True)
 class SolveResult:
-    """A Newton direction and how it was found."""
+    """A Newton direction and how it was found (damped: lambda raised above the request)."""
 
     direction: torch.Tensor
     damping: float
     attempts: int
     negative_eigenvalues: int = -1
+    damped: bool = False
 
 
 def symmetrise(h: torch.Tensor) -> torch.Tensor:
     """(H + H^T) / 2: autograd Hessians are symmetric only to rounding."""
     return (h + h.transpose(-1, -2)) * 0.5
+
+
+def negative_tolerance(evals: torch.Tensor, dtype: torch.dtype) -> float:
+    """n * eps(dtype) * max|lambda|: eigenvalues below minus this count as negative.
+
+    A matrix assembled in `dtype` is known only to about eps * max|lambda| per entry, so
+    an eigenvalue smaller than this in magnitude is indistinguishable from 0 (a positive
+    semi-definite Gauss-Newton matrix has many at -1e-16 x its scale).
+    """
+    if evals.numel() == 0:
+        return 0.0
+    return evals.numel() * torch.finfo(dtype).eps * float(evals.abs().max())
+
+
+def count_negative(evals: torch.Tensor, dtype: torch.dtype) -> int:
+    """Eigenvalues below -negative_tolerance(evals, dtype)."""
+    return int((evals < -negative_tolerance(evals, dtype)).sum())
+
+
+def negative_eigenvalues(h: torch.Tensor) -> int:
+    """count_negative of the symmetrised matrix's eigenvalues (for records)."""
+    return count_negative(torch.linalg.eigvalsh(symmetrise(h)), h.dtype)
 
 
 def damping_floor(h: torch.Tensor) -> float:
@@ -64,11 +87,12 @@ def saddle_free_direction(
 ) -> SolveResult:
     """d = -|H|^-1 g with |H| = V max(|Lambda|, floor) V^T; counts H's negative eigenvalues.
 
-    Where plain Newton is attracted to a saddle (it follows negative curvature uphill),
-    the absolute-value Hessian turns those directions into descent directions.
+    The count is `count_negative`'s (relative to n eps max|lambda|). Where plain Newton
+    is attracted to a saddle (it follows negative curvature uphill), the absolute-value
+    Hessian turns those directions into descent directions.
     """
     evals, evecs = torch.linalg.eigh(symmetrise(h))
-    n_negative = int((evals < 0).sum())
+    n_negative = count_negative(evals, h.dtype)
     scale = evals.abs().clamp_min(eigenvalue_floor)
     d = -(evecs @ ((evecs.T @ g) / scale))
     return SolveResult(d, 0.0, 1, n_negative)

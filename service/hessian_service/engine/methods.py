@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import backends, curvature, hessian_free, native_products
-from .linalg import SolveResult
+from .linalg import SolveResult, negative_eigenvalues
 from .objectives.base import Objective
 from .options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
 
@@ -26,6 +26,32 @@ LM_INITIAL_TAU = 1e-3
 
 class LineSearchFailed(Exception):
     """Armijo backtracking found no acceptable step."""
+
+
+class NoProgress(Exception):
+    """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap)."""
+
+
+def lm_damping_cap(h: torch.Tensor) -> float:
+    """The largest Levenberg-Marquardt lambda: max(max|diag H|, 1) / eps(dtype).
+
+    Beyond it H + lambda I is lambda I in floating point and the step, g / lambda, is
+    below the rounding of x: more damping cannot produce a different trial.
+    """
+    scale = float(h.diagonal().abs().max()) if h.numel() else 1.0
+    return max(scale, 1.0) / torch.finfo(h.dtype).eps
+
+
+def check_supported(objective: Objective, options: MethodOptions) -> None:
+    """Refuse, naming the field, method options `objective` cannot serve.
+
+    The checks every entry runs before any work: NewtonStep (through Stepper), StartRun
+    and ResumeRun. `options` are validated, with method auto resolved.
+    """
+    field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
+    objective.require_curvature(options.curvature, field)
+    if options.method in HESSIAN_FREE_METHODS:
+        hessian_free.check_supported(objective, options)
 
 
 @dataclass
@@ -76,6 +102,7 @@ class Step:
     negative_curvature: bool = False
     trust_radius: float = math.nan
     gradient_batch_size: int = 0
+    step_damped: bool = False
 
 
 class Stepper:
@@ -94,8 +121,8 @@ class Stepper:
         self.second_order = options.method != "gradient_descent" and not self.hessian_free
         self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
         self._last_trial: tuple[torch.Tensor, float] | None = None
+        check_supported(objective, options)
         if self.hessian_free:
-            hessian_free.check_supported(objective, options)
             self.backend_label = native_products.select_backend(
                 objective, params, options.backend, options.curvature
             )
@@ -148,21 +175,43 @@ class Stepper:
         return Point(point.x, point.loss, sample.grad, sample=sample)
 
     def _direction(self, point: Point) -> SolveResult:
+        """The direction from `point`; a dense one without its gauge component.
+
+        A Newton solve that had to raise the damping to factorise counts the matrix's
+        negative eigenvalues (here, so every backend reports the same); an undamped one
+        proved there are none.
+        """
         opts = self.options
         if opts.method == "gradient_descent":
             return SolveResult(-point.grad, 0.0, 0)
         solver = self.backend.solver
+        h = point.curvature
         if opts.method == "saddle_free":
-            return solver.saddle_free(point.curvature, point.grad, opts.eigenvalue_floor)
-        if opts.step_policy == "levenberg_marquardt":
-            if self.state["damping"] <= 0:
-                scale = float(point.curvature.diagonal().abs().max()) if point.grad.numel() else 1.0
-                self.state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
-            return solver.solve(point.curvature, point.grad, self.state["damping"])
-        return solver.solve(point.curvature, point.grad, opts.damping)
+            res = solver.saddle_free(h, point.grad, opts.eigenvalue_floor)
+        else:
+            requested = opts.damping
+            if opts.step_policy == "levenberg_marquardt":
+                if self.state["damping"] <= 0:
+                    scale = float(h.diagonal().abs().max()) if point.grad.numel() else 1.0
+                    self.state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
+                lam = self.state["damping"]
+                if not math.isfinite(lam) or lam > lm_damping_cap(h):
+                    raise NoProgress(
+                        "no further progress possible at machine precision: every "
+                        "Levenberg-Marquardt trial was rejected until the damping "
+                        f"{lam:.3g} passed max(max|diag H|, 1) / eps "
+                        f"= {lm_damping_cap(h):.3g}"
+                    )
+                requested = lam
+            res = solver.solve(h, point.grad, requested)
+            if res.damping > requested:
+                res = replace(res, negative_eigenvalues=negative_eigenvalues(h), damped=True)
+            elif requested == 0:
+                res = replace(res, negative_eigenvalues=0)
+        return replace(res, direction=self.objective.project_step(res.direction))
 
     def step(self, point: Point) -> Step:
-        """The step from `point` under the configured policy (raises LineSearchFailed)."""
+        """The step from `point` under the configured policy (LineSearchFailed, NoProgress)."""
         if self.hessian_free:
             return self._hessian_free_step(point)
         res = self._direction(point)
@@ -182,6 +231,7 @@ class Stepper:
             negative_eigenvalues=res.negative_eigenvalues,
             solver_attempts=res.attempts,
             function_evaluations=evaluations,
+            step_damped=res.damped,
         )
 
     def _step_length(self, point: Point, d: torch.Tensor) -> tuple[float, int]:
@@ -275,4 +325,5 @@ class Stepper:
             negative_eigenvalues=res.negative_eigenvalues,
             solver_attempts=res.attempts,
             function_evaluations=1,
+            step_damped=res.damped,
         )

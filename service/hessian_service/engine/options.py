@@ -12,12 +12,29 @@ from .validation import require_int, require_no_extra
 
 METHODS = ("gradient_descent", "newton", "saddle_free", "newton_cg", "gauss_newton_cg", "auto")
 HESSIAN_FREE_METHODS = ("newton_cg", "gauss_newton_cg")
+# The step policies each method takes, its default first: globalised (Armijo line search,
+# a trust region) for every second-order method, as SciPy, Ceres and scikit-learn default;
+# fixed (x <- x + lr d) only when asked for (and for gradient descent, by learning rate).
+METHOD_STEP_POLICIES = {
+    "gradient_descent": ("fixed", "line_search"),
+    "newton": ("line_search", "fixed", "levenberg_marquardt"),
+    "saddle_free": ("line_search", "fixed"),
+    "newton_cg": ("trust_region", "line_search", "fixed"),
+    "gauss_newton_cg": ("trust_region", "line_search", "fixed"),
+}
 STEP_POLICIES = ("fixed", "line_search", "levenberg_marquardt", "trust_region")
+# method auto may resolve to newton or newton_cg: it takes the policies both take
+AUTO_STEP_POLICIES = tuple(
+    p
+    for p in STEP_POLICIES
+    if p in METHOD_STEP_POLICIES["newton"] and p in METHOD_STEP_POLICIES["newton_cg"]
+)
 CG_FORCINGS = ("eisenstat_walker", "fixed")
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 CURVATURES = ("hessian", "gauss_newton")
 BACKENDS = ("auto", "native", "autograd")
 DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
+DEFAULT_PARAMETER_TOLERANCE = 1e-8
 
 
 def _real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
@@ -47,7 +64,9 @@ class MethodOptions:
     newton_cg; `resolve_method` says which and why).
     step_policy: fixed (x <- x + lr d), line_search (Armijo backtracking from lr),
     levenberg_marquardt (Newton only; adaptive damping, Nielsen's update), trust_region
-    (Hessian-free only: Steihaug-Toint). None: trust_region for Hessian-free, else fixed.
+    (Hessian-free only: Steihaug-Toint); METHOD_STEP_POLICIES lists each method's. None:
+    the method's default, globalised for second-order methods (line_search for newton and
+    saddle_free, trust_region for Hessian-free), fixed for gradient descent.
     learning_rate: the fixed step size or the line search's first trial (default 1, and
     0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
     levenberg_marquardt 0 means 1e-3 x max diag(H). curvature: hessian or gauss_newton.
@@ -100,17 +119,14 @@ class MethodOptions:
             raise UnknownNameError(f"{p}.method", self.method, list(METHODS))
         hessian_free = self.method in HESSIAN_FREE_METHODS
         policy = self.step_policy
-        if policy is None and self.method != "auto":
-            policy = "trust_region" if hessian_free else "fixed"
         if policy is not None and policy not in STEP_POLICIES:
             raise UnknownNameError(f"{p}.step_policy", policy, list(STEP_POLICIES))
-        if policy == "levenberg_marquardt" and self.method != "newton":
+        allowed = METHOD_STEP_POLICIES.get(self.method) or AUTO_STEP_POLICIES
+        if policy is None and self.method != "auto":  # auto's default: its resolved method's
+            policy = allowed[0]
+        if policy is not None and policy not in allowed:
             raise ValidationError(
-                f"{p}.step_policy", "fixed or line_search for " + self.method, "levenberg_marquardt"
-            )
-        if policy == "trust_region" and not hessian_free:
-            raise ValidationError(
-                f"{p}.step_policy", "fixed or line_search for " + self.method, "trust_region"
+                f"{p}.step_policy", f"one of {list(allowed)} for method {self.method}", repr(policy)
             )
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
@@ -193,18 +209,23 @@ def resolve_method(
 
 @dataclass(frozen=True)
 class StopCriteria:
-    """When a run ends (Ceres' names and defaults; a tolerance of 0 disables that test).
+    """When a run ends (Ceres' names; a tolerance of 0 disables that test).
 
-    gradient_tolerance: max-norm of the gradient (of the step's mini-batch gradient under
-    gradient_fraction < 1). function_tolerance: |f_k - f_{k-1}| <=
-    tol * |f_{k-1}|. parameter_tolerance: ||x_k - x_{k-1}|| <= tol * (||x_{k-1}|| + tol).
+    gradient_tolerance: max|g| <= tol, the first-order condition: the one *converged* stop
+    (max|g| of the step's mini-batch gradient under gradient_fraction < 1). The other two
+    say the run *stalled* (progress too small while the gradient test is not met):
+    function_tolerance: |f_k - f_{k-1}| <= tol * |f_{k-1}|; parameter_tolerance:
+    ||x_k - x_{k-1}|| <= tol * (||x_{k-1}|| + tol). Defaults: gradient 1e-10; function 0
+    (off: a small loss change is what a small learning rate or a flat stretch gives, not a
+    stall); parameter None: 1e-8 (Ceres') for second-order methods, whose step minimises a
+    model, and 0 (off) for gradient descent, whose step is only lr x gradient.
     max_iterations counts steps (a run yields max_iterations + 1 records at most).
     """
 
     max_iterations: int = 100
     gradient_tolerance: float = 1e-10
-    function_tolerance: float = 1e-6
-    parameter_tolerance: float = 1e-8
+    function_tolerance: float = 0.0
+    parameter_tolerance: float | None = None
     time_limit_seconds: float | None = None
 
     @classmethod
@@ -218,7 +239,15 @@ class StopCriteria:
         p = field_prefix
         require_int(f"{p}.max_iterations", self.max_iterations, 0)
         for name in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
-            _real(f"{p}.{name}", getattr(self, name), nonnegative=True)
+            if getattr(self, name) is not None:
+                _real(f"{p}.{name}", getattr(self, name), nonnegative=True)
         if self.time_limit_seconds is not None:
             _real(f"{p}.time_limit_seconds", self.time_limit_seconds, positive=True)
         return self
+
+    def for_method(self, method: str) -> StopCriteria:
+        """These criteria with the method's defaults filled in (parameter_tolerance)."""
+        if self.parameter_tolerance is not None:
+            return self
+        tol = 0.0 if method == "gradient_descent" else DEFAULT_PARAMETER_TOLERANCE
+        return replace(self, parameter_tolerance=tol)

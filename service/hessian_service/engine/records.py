@@ -11,11 +11,19 @@ import torch
 
 
 class StopReason(enum.StrEnum):
-    """Why a run ended; `converged` says whether that counts as success."""
+    """Why a run ended (declared once: the wire enum is matched to these by name).
+
+    Only GRADIENT_TOLERANCE (the first-order condition max|g| <= tol) is convergence.
+    FUNCTION_STALLED / PARAMETERS_STALLED: the loss or parameter change fell below its
+    tolerance while the gradient test was not met. NO_PROGRESS: Levenberg-Marquardt's
+    damping reached its cap, every trial rejected: no step can lower the loss at this
+    precision.
+    """
 
     GRADIENT_TOLERANCE = "gradient_tolerance"
-    FUNCTION_TOLERANCE = "function_tolerance"
-    PARAMETER_TOLERANCE = "parameter_tolerance"
+    FUNCTION_STALLED = "function_stalled"
+    PARAMETERS_STALLED = "parameters_stalled"
+    NO_PROGRESS = "no_progress"
     MAX_ITERATIONS = "max_iterations"
     TIME_LIMIT = "time_limit"
     CANCELLED = "cancelled"
@@ -25,12 +33,8 @@ class StopReason(enum.StrEnum):
 
     @property
     def converged(self) -> bool:
-        """Tolerance stops are convergence; everything else is not."""
-        return self in (
-            StopReason.GRADIENT_TOLERANCE,
-            StopReason.FUNCTION_TOLERANCE,
-            StopReason.PARAMETER_TOLERANCE,
-        )
+        """The first-order condition was met; every other stop is not convergence."""
+        return self is StopReason.GRADIENT_TOLERANCE
 
 
 @dataclass
@@ -43,8 +47,14 @@ class StepRecord:
     mini-batch gradient the step from x_k uses (no full gradient is computed). The step
     fields describe the step from x_k (all zero on the final record, where the run
     stopped instead of stepping). gain_ratio is the actual over the
-    predicted decrease (NaN when the method did not compute it). negative_eigenvalues is
-    -1 when unknown. cg_iterations, cg_residual (||r|| / ||g||), negative_curvature and
+    predicted decrease (NaN when the method did not compute it). negative_eigenvalues
+    counts the curvature matrix's eigenvalues below -n eps max|lambda| at x_k: saddle-free
+    steps and damped Newton steps count them, an undamped Cholesky proves 0; -1 when
+    unknown. step_damped: the Newton solve had to raise the damping above the requested
+    one to factorise (the matrix was not positive definite). end_point, on the final
+    record of a dense-Hessian run (newton, saddle_free): minimum | saddle | maximum | flat,
+    the second-order test at the point the run ended on ("" elsewhere). cg_iterations,
+    cg_residual (||r|| / ||g||), negative_curvature and
     trust_radius (the radius the step was computed in; NaN without a trust region) describe
     the Hessian-free methods' inner solve; gradient_batch_size is the rows of the mini-batch
     whose gradient it used (gradient_fraction < 1; 0: the full gradient). A rejected
@@ -71,6 +81,8 @@ class StepRecord:
     negative_curvature: bool = False
     trust_radius: float = math.nan
     gradient_batch_size: int = 0
+    step_damped: bool = False
+    end_point: str = ""
     backend: str = ""
     iteration_seconds: float = 0.0
     cumulative_seconds: float = 0.0

@@ -16,10 +16,12 @@ import torch
 from .cancel import CancelToken, scope
 from .errors import ValidationError
 from .fused import fused_newton_step, validated_options
-from .methods import LineSearchFailed, Point, Step, Stepper
+from .linalg import count_negative, symmetrise
+from .methods import LineSearchFailed, NoProgress, Point, Step, Stepper
 from .objectives.base import Objective
 from .options import MethodOptions, StopCriteria
 from .records import Checkpoint, StepRecord, StepResult, StopReason
+from .spectrum import classify
 
 
 def _base_record(k: int, point: Point, previous_loss: float | None, backend: str) -> StepRecord:
@@ -48,6 +50,21 @@ def _fill_step(record: StepRecord, step: Step) -> None:
     record.negative_curvature = step.negative_curvature
     record.trust_radius = step.trust_radius
     record.gradient_batch_size = step.gradient_batch_size
+    record.step_damped = step.step_damped
+
+
+def end_point(h: torch.Tensor) -> tuple[str, int]:
+    """The second-order test at a point from its dense Hessian, and its negative count.
+
+    spectrum.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
+    eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0.
+    """
+    evals = torch.linalg.eigvalsh(symmetrise(h))
+    if evals.numel() == 0:
+        return "flat", 0
+    relative = evals.numel() * torch.finfo(h.dtype).eps
+    verdict, _ = classify(float(evals[0]), float(evals[-1]), relative, 0.0)
+    return verdict, count_negative(evals, h.dtype)
 
 
 def take_step(
@@ -88,6 +105,8 @@ def _take_step(
         raise ValidationError(
             "options.step_policy", "a descent step from params", str(exc)
         ) from exc
+    except NoProgress as exc:
+        raise ValidationError("options.damping", "a damping below the cap", str(exc)) from exc
     except (FloatingPointError, torch.linalg.LinAlgError) as exc:  # the curvature overflowed
         raise ValidationError("params", "a point where the step's solve works", str(exc)) from exc
     _fill_step(record, step)
@@ -118,12 +137,12 @@ class Run:
     ) -> None:
         self.objective = objective
         self.options = (options or MethodOptions()).validated()
-        self.stopping = (stopping or StopCriteria()).validated()
         self.cancel_token = cancel or CancelToken()
         self.params = objective.check_params(params)
         self.start_iteration = 0
         self._previous_loss: float | None = None
         self.stepper = Stepper(objective, self.options, self.params)
+        self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
@@ -188,21 +207,24 @@ class Run:
         if self.cancel_token.cancelled:
             return StopReason.CANCELLED, f"cancelled before iteration {k}"
         gmax = point.grad_norms[1]
-        if gmax <= s.gradient_tolerance:
+        if gmax <= s.gradient_tolerance and s.gradient_tolerance > 0:
             return StopReason.GRADIENT_TOLERANCE, (
-                f"gradient max-norm {gmax:.3g} <= gradient_tolerance {s.gradient_tolerance:g}"
+                f"converged: gradient max-norm {gmax:.3g} <= gradient_tolerance "
+                f"{s.gradient_tolerance:g}"
             )
         if previous is not None:
+            still = f"while the gradient max-norm {gmax:.3g} > gradient_tolerance"
             change = abs(previous.loss - point.loss)
-            if change <= s.function_tolerance * abs(previous.loss):
-                return StopReason.FUNCTION_TOLERANCE, (
-                    f"|loss change| {change:.3g} <= function_tolerance x |loss|"
+            ftol, xtol = s.function_tolerance, s.parameter_tolerance
+            if ftol > 0 and change <= ftol * abs(previous.loss):
+                return StopReason.FUNCTION_STALLED, (
+                    f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| {still}"
                 )
             dx = torch.linalg.vector_norm(point.x - previous.x).item()
-            x_norm = torch.linalg.vector_norm(previous.x).item()
-            if dx <= s.parameter_tolerance * (x_norm + s.parameter_tolerance):
-                return StopReason.PARAMETER_TOLERANCE, (
-                    f"step norm {dx:.3g} <= parameter_tolerance x (|x| + parameter_tolerance)"
+            if xtol > 0 and dx <= xtol * (torch.linalg.vector_norm(previous.x).item() + xtol):
+                return StopReason.PARAMETERS_STALLED, (
+                    f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
+                    f"parameter_tolerance) {still}"
                 )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
@@ -234,6 +256,9 @@ class Run:
                     step = self.stepper.step(point)
                 except LineSearchFailed as exc:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
+                except NoProgress as exc:
+                    stop = StopReason.NO_PROGRESS, str(exc)
+                    record.damping = self.stepper.state["damping"]  # the one past the cap
                 except (FloatingPointError, torch.linalg.LinAlgError) as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
             new_point: Point | None = None
@@ -256,6 +281,8 @@ class Run:
             self.last_record = record
             if stop is not None:
                 self._finish(*stop)
+                if point.curvature is not None and self.stepper.options.curvature == "hessian":
+                    record.end_point, record.negative_eigenvalues = end_point(point.curvature)
                 yield record
                 return
             yield record

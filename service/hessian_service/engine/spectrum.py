@@ -391,10 +391,7 @@ def _analyze(
 ) -> CurvatureReport:
     started = time.perf_counter()
     opts = (options or SpectrumOptions()).validated()
-    if opts.curvature == "gauss_newton" and not objective.supports_ggn:
-        raise ValidationError(
-            "options.curvature", f"hessian for {objective.name} (it has no Gauss-Newton form)"
-        )
+    objective.require_curvature(opts.curvature)
     x = objective.check_params(params)
     n = x.numel()
     loss, grad = loss_and_grad(objective, x)

@@ -43,10 +43,12 @@ MAX_RANK = 32
 MAX_NAME_CHARS = 256
 MAX_PAGE_TOKEN_CHARS = 512
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
+# StepRecord fields written by name as they are; the enum ones map engine names to values
+RECORD_ENUMS = {"end_point": optimize_pb2.Verdict}
 RECORD_FIELDS = [
     f.name
     for f in fields(StepRecord)
-    if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name
+    if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name and f.name not in RECORD_ENUMS
 ]
 
 
@@ -304,6 +306,8 @@ def decode_page_token(token: str, field: str = "page_token") -> tuple[float, str
 def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:
     """The wire StepRecord (the engine's dataclass fields that the wire has, one for one)."""
     msg = optimize_pb2.StepRecord(**{name: getattr(record, name) for name in RECORD_FIELDS})
+    for name, enum_type in RECORD_ENUMS.items():
+        setattr(msg, name, enum_value(enum_type, getattr(record, name)))
     if out is None:
         return msg
     out.CopyFrom(msg)
@@ -311,7 +315,8 @@ def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_p
 
 
 def stop_reason_value(reason: str) -> int:
-    """The wire StopReason for an engine stop reason name."""
+    """The wire StopReason for an engine stop reason name (engine StopReason, or the
+    store's "shutdown" / "error" and earlier servers' "function_tolerance" ...)."""
     return enum_value(optimize_pb2.StopReason, reason)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
 from ..engine.errors import EngineError
+from ..engine.methods import check_supported
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
 from ..store import (
@@ -232,7 +233,9 @@ class RunManager:
         """Record a new run (QUEUED, with its starting checkpoint) and queue it.
 
         `method_note` (why method auto chose the options' method) is kept in the spec.
+        Options the objective cannot serve are refused here, before anything is stored.
         """
+        check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         if method_note:
@@ -262,6 +265,7 @@ class RunManager:
         checkpoint = from_stored(stored)
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
+        check_supported(objective, options.validated())
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, owner)
         with self._lock:

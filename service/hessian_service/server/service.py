@@ -373,7 +373,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 "omit_matrix", matrix_bytes, f"a {n}x{n} matrix (set omit_matrix for the summary)"
             )
         with self.threads.limited(objective):
-            result = dense_curvature(objective, params, options, cancel)
+            result = dense_curvature(objective, params, options, cancel, "curvature")
         s = result.summary
         response = service_pb2.ComputeHessianResponse(
             summary=optimize_pb2.CurvatureSummary(
@@ -383,6 +383,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 condition_number=s.condition_number,
                 positive_definite=s.positive_definite,
                 trace=s.trace,
+                negative_tolerance=s.negative_tolerance,
             ),
             loss=result.loss,
             gradient=codec.encode_tensor(result.gradient),

@@ -24,7 +24,9 @@ class Objective(ABC):
     Subclasses set `name`, `data_fields` and `option_names`, validate in `_setup` and
     define `loss`. Objectives with a model-output structure (loss = output_loss(outputs)
     + regulariser) set `supports_ggn` and define `outputs`, `output_loss`, `regulariser`,
-    which the Gauss-Newton matrix is built from.
+    which the Gauss-Newton matrix is built from; `require_curvature` is the one check
+    every entry derives from that capability. Objectives whose loss is invariant along
+    fixed parameter directions (a gauge) override `project_step`.
     """
 
     name: ClassVar[str]
@@ -111,6 +113,28 @@ class Objective(ABC):
             for k, v in self.data.items()
         }
         return sub
+
+    def require_curvature(self, kind: str, field: str = "options.curvature") -> None:
+        """Refuse, naming `field`, a curvature kind this objective cannot form.
+
+        The one refusal of Gauss-Newton curvature without a Gauss-Newton form: NewtonStep,
+        ComputeHessian, AnalyzeCurvature, StartRun and ResumeRun all reach it.
+        """
+        if kind == "gauss_newton" and not self.supports_ggn:
+            raise ValidationError(
+                field,
+                f"a Hessian-based method/curvature for {self.name} (it has no Gauss-Newton "
+                "form: its loss is not a loss of model outputs)",
+                "gauss_newton curvature",
+            )
+
+    def project_step(self, step: torch.Tensor) -> torch.Tensor:
+        """`step` without its component along directions the loss is invariant to (none here).
+
+        A Newton solve of a singular Hessian can put rounding-sized pivots' noise along such
+        a gauge direction; projecting every dense step keeps the iterates from drifting.
+        """
+        return step
 
     def outputs(self, params: torch.Tensor) -> torch.Tensor:
         """Model outputs at `params` (objectives with `supports_ggn`)."""

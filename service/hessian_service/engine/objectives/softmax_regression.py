@@ -16,7 +16,11 @@ class SoftmaxRegression(Objective):
     """Softmax regression on X (N, d), labels (N,) int64 in [0, k); params (d + intercept, k).
 
     The parameter matrix is row-major (flat index = feature_row * k + class) with the
-    intercept row last; the intercept row is not penalised.
+    intercept row last; the intercept row is not penalised. The loss is unchanged by adding
+    one number to every class of an unpenalised row (the intercepts; every row when
+    l2 = 0): its Hessian is singular there, and `project_step` removes that gauge
+    component from every dense step, so the rows keep their starting class mean (zero
+    from the default start: centred, as scikit-learn centres its multinomial intercepts).
     """
 
     name = "softmax_regression"
@@ -46,6 +50,16 @@ class SoftmaxRegression(Objective):
         self._d = x.shape[1]
         self._k = k
         self.param_shape = (self._d + int(fit_intercept), k)
+
+    def project_step(self, step: torch.Tensor) -> torch.Tensor:
+        """The step with each unpenalised row's class mean removed (the gauge directions)."""
+        first = 0 if self.options["l2"] == 0 else self._d
+        if first >= self.param_shape[0]:
+            return step
+        rows = step.reshape(self.param_shape)[first:]
+        out = step.clone().reshape(self.param_shape)
+        out[first:] = rows - rows.mean(dim=1, keepdim=True)
+        return out.reshape(step.shape)
 
     def outputs(self, params: torch.Tensor) -> torch.Tensor:
         w = params.reshape(self.param_shape)

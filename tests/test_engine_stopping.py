@@ -1,0 +1,394 @@
+"""Honest stops and safe defaults (issue 13 items 1-9, issue 11 D3), against float64 references.
+
+Each test reproduces one reported defect: the reference is numpy/scipy/scikit-learn in
+float64 on fresh inputs, never the engine's own output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from hessian_service.engine import (
+    MethodOptions,
+    Objective,
+    Run,
+    StopCriteria,
+    make_objective,
+    take_step,
+)
+from hessian_service.engine.backends import native_status
+from hessian_service.engine.curvature_summary import dense_curvature, spectrum_summary
+from hessian_service.engine.errors import ValidationError
+from hessian_service.engine.options import METHODS, STEP_POLICIES
+from hessian_service.engine.records import StopReason
+from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+
+F64 = torch.float64
+OFF = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+BACKENDS = ["autograd"] + (["native"] if native_status()[0] else [])
+
+
+class Saddle(Objective):
+    """f(x, y) = x^2 - y^2 + y^4 / 4: a saddle at the origin, minima at (0, +-sqrt 2)."""
+
+    name = "saddle"
+
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        self.param_shape = (2,)
+        self.dtype = F64
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        x, y = params[0], params[1]
+        return x**2 - y**2 + y**4 / 4
+
+
+def saddle_hessian(x: float, y: float) -> np.ndarray:
+    """The analytic Hessian of `Saddle`."""
+    return np.diag([2.0, -2.0 + 3.0 * y * y])
+
+
+def breast_cancer(l2: float = 1e-3) -> tuple[Objective, np.ndarray, np.ndarray]:
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    data = {"X": torch.tensor(x), "y": torch.tensor(y, dtype=F64)}
+    return make_objective("logistic_regression", data, {"l2": l2}), x, y.astype(np.float64)
+
+
+def logistic_minimum(x: np.ndarray, y: np.ndarray, l2: float) -> float:
+    """The minimum of mean(softplus(z) - y z) + 0.5 l2 |w|^2 by SciPy's L-BFGS-B."""
+    design = np.hstack([x, np.ones((len(x), 1))])
+
+    def f(p: np.ndarray) -> tuple[float, np.ndarray]:
+        z = design @ p
+        w = p[:-1]
+        loss = np.mean(np.logaddexp(0, z) - y * z) + 0.5 * l2 * w @ w
+        grad = design.T @ (1 / (1 + np.exp(-z)) - y) / len(y)
+        grad[:-1] += l2 * w
+        return loss, grad
+
+    res = scipy.optimize.minimize(
+        f, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B",
+        options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 2000},
+    )  # fmt: skip
+    return float(res.fun)
+
+
+# 1. Levenberg-Marquardt damping is capped: a named stop, the same on every backend
+def test_levenberg_marquardt_below_rounding_stops_with_no_progress_on_every_backend():
+    obj, x, y = breast_cancer()
+    minimum = logistic_minimum(x, y, 1e-3)
+    outcomes = []
+    for backend in BACKENDS:
+        run = Run(
+            obj,
+            torch.zeros(31, dtype=F64),
+            MethodOptions(method="newton", step_policy="levenberg_marquardt", backend=backend),
+            StopCriteria(max_iterations=300, **{**OFF, "gradient_tolerance": 1e-30}),
+        )
+        records = run.run_to_end()
+        assert run.stop_reason is StopReason.NO_PROGRESS and not run.stop_reason.converged
+        assert "machine precision" in run.message
+        assert math.isfinite(records[-1].damping) and records[-1].damping > 1e15
+        assert records[-1].loss == pytest.approx(minimum, rel=1e-12)
+        outcomes.append((len(records), records[-1].loss))
+    assert len(set(outcomes)) == 1, outcomes
+
+
+# 2. a tolerance of 0 disables its test
+def identity_quadratic(n: int) -> Objective:
+    """0.5 |x|^2 (minimum at 0)."""
+    data = {"A": torch.eye(n, dtype=F64), "b": torch.zeros(n, dtype=F64)}
+    return make_objective("quadratic", data)
+
+
+def test_zero_tolerances_disable_their_tests_even_when_nothing_changes():
+    # x - 1e-20 x rounds to x: every step leaves x and the loss exactly unchanged
+    x0 = torch.full((4,), 1e3, dtype=F64)
+    assert np.array_equal(x0.numpy() - 1e-20 * x0.numpy(), x0.numpy())
+    run = Run(
+        identity_quadratic(4),
+        x0,
+        MethodOptions(method="gradient_descent", learning_rate=1e-20),
+        StopCriteria(max_iterations=5, **OFF),
+    )
+    records = run.run_to_end()
+    assert [r.loss_change for r in records] == [0.0] * 6
+    assert run.stop_reason is StopReason.MAX_ITERATIONS and len(records) == 6
+
+
+def test_zero_gradient_tolerance_does_not_stop_at_an_exact_zero_gradient():
+    run = Run(
+        identity_quadratic(3),
+        torch.zeros(3, dtype=F64),
+        MethodOptions(),
+        StopCriteria(max_iterations=3, **OFF),
+    )
+    records = run.run_to_end()
+    assert records[0].gradient_max_norm == 0.0
+    assert run.stop_reason is StopReason.MAX_ITERATIONS and len(records) == 4
+
+
+# 3. converged (first-order condition) vs stalled, defaults that let gradient descent run
+def test_default_criteria_do_not_stop_slow_gradient_descent():
+    obj, x, y = breast_cancer()
+    run = Run(
+        obj,
+        torch.zeros(31, dtype=F64),
+        MethodOptions(method="gradient_descent", learning_rate=1e-7),
+        StopCriteria(max_iterations=20),
+    )
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.MAX_ITERATIONS and len(records) == 21
+    # the reference gradient at the start, numpy float64: far from stationary
+    p = 1 / (1 + np.exp(-np.zeros(len(y))))
+    g = np.append(x.T @ (p - y), np.sum(p - y)) / len(y)
+    assert records[0].gradient_max_norm == pytest.approx(np.abs(g).max(), rel=1e-12)
+    assert np.abs(g).max() > 0.3
+
+
+def test_a_small_loss_change_is_a_stall_not_convergence():
+    obj, _, _ = breast_cancer()
+    run = Run(
+        obj,
+        torch.zeros(31, dtype=F64),
+        MethodOptions(method="gradient_descent", learning_rate=1e-7),
+        StopCriteria(max_iterations=20, function_tolerance=1e-5),
+    )
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.FUNCTION_STALLED and not run.stop_reason.converged
+    assert len(records) == 2 and records[-1].gradient_max_norm > 0.3
+    assert "stalled" in run.message
+
+
+def test_default_parameter_tolerance_depends_on_the_method():
+    gd = StopCriteria().for_method("gradient_descent")
+    newton = StopCriteria().for_method("newton")
+    assert (gd.function_tolerance, gd.parameter_tolerance) == (0.0, 0.0)
+    assert (newton.function_tolerance, newton.parameter_tolerance) == (0.0, 1e-8)
+    assert StopCriteria(parameter_tolerance=1e-3).for_method("gradient_descent") == StopCriteria(
+        parameter_tolerance=1e-3
+    )
+
+
+def _mlp_at_a_saddle() -> tuple[Objective, torch.Tensor]:
+    """A tanh mlp at zero weights with the output bias at mean(y): the gradient is exactly 0."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 4, generator=gen, dtype=F64)
+    y = torch.randn(30, 1, generator=gen, dtype=F64)
+    obj = make_objective("mlp", {"X": x, "y": y}, {"layer_sizes": [4, 6, 1]})
+    params = torch.zeros(obj.num_params, dtype=F64)
+    params[-1] = y.mean()
+    return obj, params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_that_ends_at_a_saddle_says_so(backend):
+    obj, params = _mlp_at_a_saddle()
+    run = Run(obj, params, MethodOptions(method="newton", backend=backend), StopCriteria())
+    (record,) = run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE
+    h = torch.func.hessian(obj.loss)(params).numpy()
+    evals = np.linalg.eigvalsh(h)
+    assert record.end_point == "saddle"
+    assert record.negative_eigenvalues == int((evals < -1e-8).sum()) > 0
+
+
+def test_a_newton_run_ending_at_the_minimum_says_minimum():
+    obj, x, y = breast_cancer()
+    run = Run(obj, torch.zeros(31, dtype=F64), MethodOptions(method="newton"), StopCriteria())
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.stop_reason.converged
+    assert records[-1].end_point == "minimum" and records[-1].negative_eigenvalues == 0
+    assert all(r.end_point == "" for r in records[:-1])
+    assert records[-1].loss == pytest.approx(logistic_minimum(x, y, 1e-3), rel=1e-12)
+
+
+# 4. globalised default step policies; fixed only on request
+def test_newton_defaults_to_a_line_search_and_rosenbrock_never_climbs():
+    obj = make_objective("rosenbrock", {}, {"dim": 2})
+    x0 = torch.tensor([-1.2, 1.0], dtype=F64)
+    run = Run(obj, x0, MethodOptions(method="newton"), StopCriteria(max_iterations=100))
+    records = run.run_to_end()
+    assert run.options.step_policy == "line_search"
+    assert all(b.loss <= a.loss for a, b in pairwise(records))
+    ref = scipy.optimize.minimize(
+        scipy.optimize.rosen, x0.numpy(), jac=scipy.optimize.rosen_der,
+        hess=scipy.optimize.rosen_hess, method="trust-exact", options={"gtol": 1e-12},
+    )  # fmt: skip
+    np.testing.assert_allclose(run.params.numpy(), ref.x, atol=1e-8)
+    fixed = Run(obj, x0, MethodOptions(method="newton", step_policy="fixed"), StopCriteria())
+    assert max(r.loss for r in fixed.run_to_end()) > 1000  # the full step, as asked
+
+
+@pytest.mark.parametrize("method", ["newton", "saddle_free", "newton_cg"])
+def test_second_order_defaults_are_globalised(method):
+    obj = make_objective("rosenbrock", {}, {"dim": 10})
+    x0 = torch.full((10,), -1.2, dtype=F64)
+    run = Run(obj, x0, MethodOptions(method=method), StopCriteria(max_iterations=300))
+    records = run.run_to_end()
+    assert run.options.step_policy in ("line_search", "trust_region")
+    assert max(r.loss for r in records) == records[0].loss
+    assert float(scipy.optimize.rosen(run.params.numpy())) <= records[0].loss
+
+
+# 5 / D3. Gauss-Newton curvature without a Gauss-Newton form: one refusal everywhere
+GN_REFUSAL = "it has no Gauss-Newton form"
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "quadratic"])
+def test_gauss_newton_without_a_gauss_newton_form_is_refused_at_every_entry(name):
+    if name == "rosenbrock":
+        obj = make_objective(name, {}, {"dim": 3})
+    else:
+        obj = make_objective(name, {"A": torch.eye(3, dtype=F64), "b": torch.ones(3, dtype=F64)})
+    x = torch.full((3,), 0.3, dtype=F64)
+    entries = {
+        "options.curvature": [
+            lambda: take_step(obj, x, MethodOptions(curvature="gauss_newton")),
+            lambda: take_step(
+                obj, x, MethodOptions(method="saddle_free", curvature="gauss_newton")
+            ),
+            lambda: Run(obj, x, MethodOptions(method="newton_cg", curvature="gauss_newton")),
+            lambda: dense_curvature(obj, x, MethodOptions(curvature="gauss_newton")),
+            lambda: analyze_curvature(obj, x, SpectrumOptions(curvature="gauss_newton")),
+        ],
+        "options.method": [
+            lambda: take_step(obj, x, MethodOptions(method="gauss_newton_cg")),
+            lambda: Run(obj, x, MethodOptions(method="gauss_newton_cg")),
+        ],
+    }
+    messages = set()
+    for field, calls in entries.items():
+        for call in calls:
+            with pytest.raises(ValidationError) as err:
+                call()
+            assert err.value.field == field and GN_REFUSAL in str(err.value)
+            messages.add(str(err.value).removeprefix(field))
+    assert len(messages) == 1, messages
+
+
+# 6. eigenvalue counts against a tolerance relative to max|lambda| and the dtype
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_gauss_newton_matrix_has_no_negative_eigenvalues(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, generator=gen, dtype=dtype)
+    y = torch.randn(5, 1, generator=gen, dtype=dtype)
+    obj = make_objective("mlp", {"X": x, "y": y}, {"layer_sizes": [4, 8, 8, 1]})
+    params = 0.5 * torch.randn(obj.num_params, generator=gen, dtype=dtype)
+    result = dense_curvature(obj, params, MethodOptions(curvature="gauss_newton"))
+    evals = np.linalg.eigvalsh(result.matrix.double().numpy())
+    tol = obj.num_params * np.finfo(np.dtype(str(dtype).removeprefix("torch."))).eps
+    tol *= np.abs(evals).max()
+    assert (evals < 0).any(), "rank <= 5 of 121: rounding puts eigenvalues below 0"
+    s = result.summary
+    assert s.negative_tolerance == pytest.approx(tol, rel=1e-6)
+    assert s.negative_eigenvalues == int((evals < -tol).sum()) == 0
+    assert not s.positive_definite
+
+
+def test_clearly_negative_eigenvalues_are_counted():
+    gen = np.random.default_rng(11)
+    q, _ = np.linalg.qr(gen.normal(size=(30, 30)))
+    evals = np.concatenate([-np.logspace(-3, 0, 4), np.zeros(6), np.logspace(-2, 2, 20)])
+    matrix = torch.tensor((q * evals) @ q.T)
+    s = spectrum_summary(matrix)
+    assert s.negative_eigenvalues == 4 and not s.positive_definite
+    assert s.min_eigenvalue == pytest.approx(-1.0, rel=1e-10)
+
+
+# 7. damped Newton on an indefinite Hessian reports what the factorisation learned
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damped_newton_reports_negative_eigenvalues_and_the_damping(backend):
+    obj = Saddle({}, {})
+    for point, negatives, damped in (((0.5, 0.5), 1, True), ((0.5, 2.0), 0, False)):
+        x = torch.tensor(point, dtype=F64)
+        options = MethodOptions(method="newton", step_policy="fixed", backend=backend)
+        record = take_step(obj, x, options).record
+        reference = int((np.linalg.eigvalsh(saddle_hessian(*point)) < 0).sum())
+        assert record.negative_eigenvalues == reference == negatives
+        assert record.step_damped is damped
+        assert (record.damping > 0) is damped
+
+
+# 8. a wrong step policy's error lists every valid one
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "auto"])
+def test_a_wrong_step_policy_names_every_valid_one(method):
+    valid = []
+    for policy in STEP_POLICIES:
+        try:
+            MethodOptions(method=method, step_policy=policy).validated()
+            valid.append(policy)
+        except ValidationError:
+            pass
+    assert valid and len(valid) < len(STEP_POLICIES)
+    for policy in set(STEP_POLICIES) - set(valid):
+        with pytest.raises(ValidationError) as err:
+            MethodOptions(method=method, step_policy=policy).validated()
+        assert err.value.field == "options.step_policy"
+        assert all(repr(v) in str(err.value) for v in valid), str(err.value)
+
+
+# 9. the softmax gauge: intercepts do not drift along the Hessian's null direction
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend):
+    rng = np.random.default_rng()
+    n, d, k, l2 = 300, 8, 4, 1e-2
+    x = rng.normal(size=(n, d))
+    labels = np.arange(n) % k  # every class present
+    rng.shuffle(labels)
+    data = {"X": torch.tensor(x), "labels": torch.tensor(labels)}
+    obj = make_objective("softmax_regression", data, {"l2": l2})
+    run = Run(
+        obj,
+        torch.zeros(obj.num_params, dtype=F64),
+        MethodOptions(method="newton", step_policy="fixed", backend=backend),
+        StopCriteria(max_iterations=10, **OFF),
+    )
+    run.run_to_end()
+    w = run.params.reshape(d + 1, k).numpy()
+    assert abs(w[d].sum()) <= 1e-10  # without the projection it drifts by O(1)
+    ref = LogisticRegression(C=1 / (l2 * n), tol=1e-12, max_iter=1000, solver="newton-cholesky")
+    ref.fit(x, labels)
+    np.testing.assert_allclose(w[:d].T, ref.coef_, atol=1e-7)
+    np.testing.assert_allclose(w[d], ref.intercept_ - ref.intercept_.mean(), atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend):
+    rng = np.random.default_rng()
+    b = rng.normal(size=(5, 30))
+    a = b.T @ b  # positive semi-definite, rank 5: 25 eigenvalues at rounding level
+    evals = np.linalg.eigvalsh(a)
+    assert (evals < 0).any(), "rounding puts some of the 25 zero eigenvalues below 0"
+    tol = 30 * np.finfo(np.float64).eps * np.abs(evals).max()
+    obj = make_objective(
+        "quadratic", {"A": torch.tensor(a), "b": torch.tensor(rng.normal(size=30))}
+    )
+    options = MethodOptions(method="saddle_free", step_policy="fixed", backend=backend)
+    record = take_step(obj, torch.tensor(rng.normal(size=30)), options).record
+    assert record.negative_eigenvalues == int((evals < -tol).sum()) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_unary_softmax_newton_step_has_no_gauge_component(backend):
+    # the fixed-step NewtonStep (the fused native op under native) projects its step too
+    rng = np.random.default_rng()
+    n, d, k = 300, 8, 4
+    labels = np.arange(n) % k
+    data = {"X": torch.tensor(rng.normal(size=(n, d))), "labels": torch.tensor(labels)}
+    obj = make_objective("softmax_regression", data, {"l2": 1e-2})
+    x0 = torch.tensor(rng.normal(size=(d + 1) * k))
+    options = MethodOptions(method="newton", step_policy="fixed", backend=backend)
+    result = take_step(obj, x0, options)
+    step = (result.params - x0).reshape(d + 1, k).numpy()
+    assert abs(step[d].sum()) <= 1e-10
+    assert result.record.step_norm == pytest.approx(np.linalg.norm(step), rel=1e-12)
