@@ -210,6 +210,7 @@ def base_requests(run_id: str, page_token: str) -> dict[str, list[Message]]:
         "DeleteRun": [service_pb2.RunRequest(run_id="r-" + "0" * 32)],
         "DeleteProblem": [service_pb2.DeleteProblemRequest(problem_id="p-" + "0" * 40)],
         "GetServerInfo": [service_pb2.GetServerInfoRequest()],
+        "Predict": [service_pb2.PredictRequest(problem=SOFTMAX, params=params)],
     }
 
 

@@ -38,6 +38,7 @@ TENSOR_RPCS = {
     "NewtonStep",
     "ComputeHessian",
     "AnalyzeCurvature",
+    "Predict",
     "StartRun",
 }
 # what the valid requests get: the run they name is FINISHED; DeleteRun's and

@@ -258,11 +258,11 @@ def test_get_run_with_parameters_over_the_message_limit_names_include_params(mib
             learning_rate=1e-6,
             stopping={"max_iterations": 1},
         )
-        assert run.wait(60).status == service_pb2.RUN_STATUS_FINISHED
+        assert run.wait(60).status == "FINISHED"
         with pytest.raises(ResourceExhausted) as info:
             c.get_run(run.id, include_params=True)
         assert info.value.message.startswith("include_params: the run's parameters would take")
-        assert not c.get_run(run.id).HasField("final_params")
+        assert c.get_run(run.id).final_params is None
 
 
 def test_watch_run_events_fit_a_small_message_limit(small_server):
@@ -275,7 +275,7 @@ def test_watch_run_events_fit_a_small_message_limit(small_server):
             learning_rate=1e-5,
             stopping={"max_iterations": iterations},
         )
-        assert run.wait(120).status == service_pb2.RUN_STATUS_FINISHED
+        assert run.wait(120).status == "FINISHED"
     channel, stub = _stub(small_server)
     with channel:
         events = list(stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id), timeout=60))

@@ -112,7 +112,8 @@ def rich_status(exc: BaseException) -> grpc.Status:
     field = getattr(exc, "field", "")
     if field:
         prefix = f"{field}: "
-        expected = getattr(exc, "expected", None) or message.removeprefix(prefix)
+        expected = clip(str(getattr(exc, "expected", None) or message.removeprefix(prefix)))
+        field = clip(field)
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
