@@ -53,3 +53,12 @@ def test_compute_hessian_names_its_own_dense_budget_field(stub, budget):
         stub.ComputeHessian(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == f"dense_budget_bytes: expected a positive integer, got {budget}"
+
+
+@pytest.mark.parametrize("backend", ["autograd", "native"])
+def test_analyze_curvature_of_an_overflowing_curvature_names_params(client, backend):
+    # found by the mutation fuzz: Lanczos' products overflow, and the SVD/eigh of the
+    # tridiagonal escaped as INTERNAL (LinAlgError on non-finite values)
+    with pytest.raises(InvalidArgument) as info:
+        client.analyze_curvature(_softmax(1e308), PARAMS, backend=backend, seed=0)
+    assert info.value.message.startswith("params: expected a point")

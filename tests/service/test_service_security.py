@@ -110,7 +110,7 @@ def test_sdk_errors_say_how_to_authenticate(secured):
         c.info()
     with Client(secured.address, token=TOKENS[0]) as c:
         run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 3})
-        assert [r.iteration for r in run.stream()] == [0, 1, 2]
+        assert [r.iteration for r in run.stream()] == [0, 1, 2, 3]  # 3 steps: x_0 .. x_3
 
 
 def _openssl(*args: str, cwd: pathlib.Path) -> None:

@@ -33,7 +33,7 @@ from .hessian_free import Product, curvature_product
 from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
 from .options import BACKENDS, HVP_MODES, requested_backend
-from .validation import require_int, require_no_extra
+from .validation import decomposable, require_int, require_no_extra
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
@@ -382,7 +382,7 @@ def analyze_curvature(
 
     `cancel`: checked before every batch of curvature products (raises cancel.Cancelled).
     """
-    with scope(cancel):
+    with scope(cancel), decomposable("params"):
         return _analyze(objective, params, options)
 
 
@@ -395,6 +395,10 @@ def _analyze(
     x = objective.check_params(params)
     n = x.numel()
     loss, grad = loss_and_grad(objective, x)
+    if not (math.isfinite(float(loss)) and bool(torch.isfinite(grad).all())):
+        raise ValidationError(
+            "params", "a point where the loss and its gradient are finite", "non-finite values"
+        )
     gmax = float(grad.abs().max()) if n else 0.0
     backend = requested_backend(opts.backend)
     native = native_block_product(objective, x, backend, opts.curvature)
