@@ -24,12 +24,11 @@ from .client import (
     _raise_if_failed_empty,
     _remaining,
     _RunBase,
-    channel_options,
     records_frame,
     timed_out,
 )
 from .errors import HessianError, from_rpc_error
-from .proto import service_pb2, service_pb2_grpc
+from .proto import service_pb2
 from .results import RunInfo, RunResult, StepRecord
 
 __all__ = ["Client", "Run"]
@@ -48,14 +47,7 @@ class Client(_Api):
         root_certificates: bytes | None = None,
         ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._setup(address, token, timeout)
-        creds = self._credentials(root_certificates, ca_file)
-        options = channel_options(max_message_bytes)
-        if creds is not None:
-            self._channel = aio.secure_channel(self.address, creds, options=options)
-        else:
-            self._channel = aio.insecure_channel(self.address, options=options)
-        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
+        self._connect(aio, address, token, timeout, max_message_bytes, root_certificates, ca_file)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -139,6 +139,26 @@ class _Api:
         auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.metadata = ((CLIENT_VERSION_KEY, __version__), *auth)
 
+    def _connect(
+        self,
+        channels: Any,
+        address: str | None,
+        token: str | None,
+        timeout: float | None,
+        max_message_bytes: int,
+        root_certificates: bytes | None,
+        ca_file: str | os.PathLike[str] | None,
+    ) -> None:
+        """Open the channel with `channels` (grpc, or grpc.aio): TLS when a CA is named."""
+        self._setup(address, token, timeout)
+        creds = self._credentials(root_certificates, ca_file)
+        options = channel_options(max_message_bytes)
+        if creds is not None:
+            self._channel = channels.secure_channel(self.address, creds, options=options)
+        else:
+            self._channel = channels.insecure_channel(self.address, options=options)
+        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
+
     @staticmethod
     def _credentials(root_certificates: bytes | None, ca_file: Any) -> Any:
         if ca_file is not None:
@@ -414,14 +434,7 @@ class Client(_Api):
         root_certificates: bytes | None = None,
         ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._setup(address, token, timeout)
-        creds = self._credentials(root_certificates, ca_file)
-        options = channel_options(max_message_bytes)
-        if creds is not None:
-            self._channel = grpc.secure_channel(self.address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(self.address, options=options)
-        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
+        self._connect(grpc, address, token, timeout, max_message_bytes, root_certificates, ca_file)
 
     def close(self) -> None:
         """Close the channel."""
