@@ -71,7 +71,20 @@ def test_info_and_errors(server, capsys):
     assert code == 1 and "options.learning_rate" in err
 
 
-@pytest.mark.parametrize("bad", ["dim", "dim="])
-def test_option_syntax(server, capsys, bad):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize(
+    ("bad", "status", "message"),
+    [
+        ("dim", 2, "argument --option: expected KEY=VALUE, got 'dim'"),  # argparse's usage error
+        ("dim=", 1, "run: bad --data or --option for rosenbrock"),  # parsed, but not an int
+    ],
+)
+def test_option_syntax(server, capsys, bad, status, message):
+    with pytest.raises(SystemExit) as exited:
         main(["--address", server.address, "run", "--objective", "rosenbrock", "--option", bad])
+    code = exited.value.code
+    if isinstance(code, str):  # SystemExit("text"): Python prints it and exits with status 1
+        assert message in code, code
+        code = 1
+    else:
+        assert message in capsys.readouterr().err
+    assert code == status
