@@ -624,12 +624,11 @@ def run() -> str:
         f"- solve within 1.1x of scipy at n >= 1000: {verdict(not solve_misses)}"
         + (f" (missed: {', '.join(solve_misses)})" if solve_misses else "")
         + ".",
-        "",
     ]
     if memory:
-        lines.append(f"mlp step peak RSS growth (fresh process each): {'; '.join(memory)}.")
+        lines += ["", f"mlp step peak RSS growth (fresh process each): {'; '.join(memory)}."]
     if "compile" in facts:
-        lines.append("torch.compile warm-up: " + "; ".join(facts["compile"]) + ".")
+        lines += ["", "torch.compile warm-up: " + "; ".join(facts["compile"]) + "."]
     if QUICK:
         notes.append("smoke run: no torch.compile column, no mlp row, no peak-memory line")
     if not torch.cuda.is_available():
