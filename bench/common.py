@@ -13,9 +13,11 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -183,8 +185,6 @@ class OthersLoad:
     PERIOD = 0.25
 
     def __init__(self) -> None:
-        import tempfile
-
         self.path = pathlib.Path(tempfile.mkdtemp(prefix="bench-load-")) / "others"
         self.path.write_text(f"{os.getloadavg()[0]}")
         self.proc = subprocess.Popen(
@@ -197,9 +197,10 @@ class OthersLoad:
         return float(self.path.read_text())
 
     def close(self) -> None:
-        """Stop sampling."""
+        """Stop sampling and remove the sampler's file."""
         self.proc.kill()
         self.proc.wait(30)
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def load_line(before: float, after: float, kernel: tuple[float, float]) -> str:
