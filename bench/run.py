@@ -67,7 +67,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     path = pathlib.Path(args.output)
-    text = path.read_text() if path.exists() else HEADER
+    text = path.read_text() if path.exists() else ""
+    first = text.find("<!-- section:")
+    text = HEADER + ("\n" + text[first:] if first >= 0 else "")  # the header is this file's
     burner = CpuBurner() if args.loaded else None
     common.VARIANT = "_loaded" if args.loaded else ""
     load = OthersLoad()
