@@ -62,14 +62,22 @@ def _served(c: Client, run_id: str) -> list[tuple[int, float]]:
     return [(r.iteration, r.loss) for r in c.run(run_id).stream()]
 
 
+def _running_threads(pid: int) -> int:
+    """Threads of process `pid` not yet stopped (one that exits meanwhile counts as stopped)."""
+    count = 0
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        count += state not in ("T", "t")
+    return count
+
+
 def _freeze(proc) -> None:
     """SIGSTOP the server and wait until every one of its threads is stopped."""
     proc.send_signal(signal.SIGSTOP)
-    tasks = pathlib.Path(f"/proc/{proc.pid}/task")
-    while any(
-        (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt"
-        for task in tasks.iterdir()
-    ):
+    while _running_threads(proc.pid):
         time.sleep(0.001)
 
 
