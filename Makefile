@@ -41,6 +41,7 @@ proto: install
 bench: install
 	$(PIP) install -q -r requirements/bench.txt
 	$(PY) bench/run.py --output BENCHMARKS.md
+	$(PY) bench/run.py --output BENCHMARKS.md --loaded
 
 # The compose secret (docker-compose.yml): a random bearer token, never committed. The file
 # is world-readable so the container's unprivileged user can read the bind mount; the

@@ -418,7 +418,7 @@ def test_probe_reports_unknown_services_and_dead_ports(health_server, capsys) ->
     assert "NOT_FOUND" in capsys.readouterr().err
     started = time.monotonic()
     assert healthprobe.main(["--address", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # a hang guard: the RPC deadline is 1 s
     assert re.search(r"UNAVAILABLE|DEADLINE_EXCEEDED", capsys.readouterr().err)
 
 

@@ -37,11 +37,6 @@ from hessian_service.engine.options import resolve_method
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _problem(name: str, rows: int = 40, d: int = 6, **opts):
     x = torch.randn(rows, d, dtype=F64)
     if name == "least_squares":

@@ -34,11 +34,6 @@ F64 = torch.float64
 LS_OPTS = {"l2": 0.01, "fit_intercept": True}
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _least_squares(rows: int, d: int, noise: float | None = None):
     """Random rows; y is noise alone, or a linear signal plus `noise` x N(0, 1)."""
     x, y = torch.randn(rows, d, dtype=F64), torch.randn(rows, dtype=F64)

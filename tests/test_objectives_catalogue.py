@@ -23,11 +23,6 @@ F64 = torch.float64
 NAMES = ("least_squares", "logistic_regression", "softmax_regression", "mlp")
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _rel_close(a, b, rel=1e-12):
     a, b = (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in (a, b))
     assert math.isclose(a, b, rel_tol=rel, abs_tol=rel), (a, b)

@@ -25,11 +25,6 @@ F64 = torch.float64
 EIGEN_ONLY = {"trace_samples": 0, "density_probes": 0}
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _quadratic(eigenvalues):
     n = len(eigenvalues)
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 from conftest import start_server
 from hessian_client import Client, ResourceExhausted, problems, status_name
+from hessian_client.proto import service_pb2
 from hessian_service.server import ServerConfig, build_server
 
 
@@ -43,6 +43,31 @@ class CountingInterceptor(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+class HoldingInterceptor(grpc.ServerInterceptor):
+    """Holds calls to `method` in the server: sets `entered` when one reaches its handler,
+    which then waits for `release` before doing its work."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.endswith(self.method):
+            return handler
+        inner = handler.unary_unary
+
+        def behaviour(request, context):
+            self.entered.set()
+            self.release.wait(60)
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour, handler.request_deserializer, handler.response_serializer
+        )
+
+
 def test_interceptors_see_every_call(tmp_path):
     interceptor = CountingInterceptor()
     handle = build_server(
@@ -61,11 +86,13 @@ def test_interceptors_see_every_call(tmp_path):
 
 
 def test_drain_finishes_in_flight_unary_calls_and_interrupts_runs(tmp_path):
-    handle = start_server(tmp_path, grace_seconds=20.0)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((256, 20))
-    heavy = problems.mlp(x, np.tanh(x[:, :1]), layer_sizes=[20, 30, 1])
-    params = rng.standard_normal(20 * 30 + 30 + 30 + 1) * 0.1
+    # The step is held in its handler until the drain has begun, so it is in flight by
+    # construction (no need for a slow step); the generous grace only guards a loaded machine.
+    in_flight = HoldingInterceptor("/NewtonStep")
+    handle = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path), grace_seconds=120.0),
+        interceptors=[in_flight],
+    )
     outcome: dict[str, object] = {}
     with Client(handle.address) as c:
         run = c.start_run(
@@ -78,14 +105,30 @@ def test_drain_finishes_in_flight_unary_calls_and_interrupts_runs(tmp_path):
         next(iter(run.stream()))
 
         def step() -> None:
-            outcome["result"] = c.newton_step(heavy, params, timeout=60, backend="autograd")
+            try:
+                outcome["result"] = c.newton_step(
+                    problems.mse(np.ones(3)), np.zeros(3), timeout=180
+                )
+            except Exception as exc:  # the client's typed errors; reported below
+                outcome["error"] = exc
 
         t = threading.Thread(target=step)
         t.start()
-        time.sleep(0.2)  # the step (a 661-parameter dense Newton step) is now in flight
-        handle.stop()
-        t.join(60)
-    assert outcome["result"].record.loss > 0, "the in-flight NewtonStep completed"
+        assert in_flight.entered.wait(60), "the NewtonStep never reached its handler"
+        stopper = threading.Thread(target=handle.stop)
+        stopper.start()
+        # Release the held step only once the server refuses new calls (it is draining), so
+        # the step is certainly in flight during the drain; the bounds guard hangs only.
+        with pytest.raises(grpc.RpcError) as refused:
+            for _ in range(6000):
+                c.stub.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=60)
+                stopper.join(0.01)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        in_flight.release.set()
+        t.join(180)
+        stopper.join(180)
+    assert "result" in outcome, f"the in-flight NewtonStep failed: {outcome.get('error')}"
+    assert outcome["result"].record.loss == 1.0, "the in-flight NewtonStep completed"
     reopened = start_server(tmp_path)
     try:
         with Client(reopened.address) as c:

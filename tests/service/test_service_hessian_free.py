@@ -41,11 +41,6 @@ RECORD_FIELDS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _least_squares(dtype=F64, rows=40, d=8):
     x, y = torch.randn(rows, d, dtype=dtype), torch.randn(rows, dtype=dtype)
     wire = problems.least_squares(x.numpy(), y.numpy(), l2=0.1, fit_intercept=True)

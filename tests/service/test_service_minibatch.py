@@ -26,11 +26,6 @@ F64 = torch.float64
 LS_OPTS = {"l2": 0.05, "fit_intercept": True}
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _least_squares(rows=80, d=6):
     x = torch.randn(rows, d, dtype=F64)
     y = x @ torch.randn(d, dtype=F64) + 0.3 * torch.randn(rows, dtype=F64)

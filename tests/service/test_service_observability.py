@@ -81,25 +81,28 @@ def test_a_stream_is_timed_to_its_end_and_counted_once_however_it_ends(observed)
         before = scrape(port)
         with grpc.insecure_channel(observed.address) as channel:
             stub = service_pb2_grpc.HessianServiceStub(channel)
+            opened = time.monotonic()  # before the server can start timing the call
             call = stub.WatchRun(service_pb2.WatchRunRequest(run_id=run.id))
-            opened = time.monotonic()
             next(call)
             time.sleep(0.6)
             call.cancel()
-            held = time.monotonic() - opened
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a hang guard
         while time.monotonic() < deadline:
             after = scrape(port)
             if delta(before, after, "hessian_rpc_latency_seconds_count", method="WatchRun"):
                 break
             time.sleep(0.05)
+        # the server observed the latency before this scrape showed it: an upper bound that
+        # holds however loaded the machine is
+        held = time.monotonic() - opened
         c.cancel_run(run.id)
         run.wait(30)
     assert delta(before, after, "hessian_rpcs_total", method="WatchRun", code="CANCELLED") == 1
     assert delta(before, after, "hessian_rpcs_total", method="WatchRun", code="OK") == 0
     assert delta(before, after, "hessian_rpc_latency_seconds_count", method="WatchRun") == 1
     timed = delta(before, after, "hessian_rpc_latency_seconds_sum", method="WatchRun")
-    assert 0.5 <= timed <= held + 1.0, (timed, held)
+    # at least the 0.6 s between the first message and the cancel (0.5: float slack)
+    assert 0.5 <= timed <= held, (timed, held)
 
 
 def test_request_id_is_echoed_and_logged_once_per_rpc(observed, caplog):
@@ -116,7 +119,7 @@ def test_request_id_is_echoed_and_logged_once_per_rpc(observed, caplog):
         with pytest.raises(grpc.RpcError) as err:
             stub.GetRun(service_pb2.GetRunRequest(run_id="r-x"), metadata=(("x-request-id", "q"),))
         assert ("x-request-id", "q") in err.value.trailing_metadata()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a hang guard
     while len(caplog.records) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     lines = [r.fields for r in caplog.records if r.name == "hessian_service.access"]

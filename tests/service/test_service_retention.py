@@ -4,9 +4,13 @@ unwritable store: a clear error at start-up or on the affected RPC, never a sile
 from __future__ import annotations
 
 import os
+import pathlib
+import pwd
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -132,10 +136,10 @@ def test_a_full_store_stops_the_run_with_a_clear_error_and_loses_nothing_acknowl
         reopened.stop(grace=1.0)
 
 
-def _serve(data_dir) -> subprocess.CompletedProcess:
+def _serve(data_dir, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hessian_service.server", "--address", "127.0.0.1:0",
-         "--data-dir", str(data_dir)],
+        [*(prefix or []), sys.executable, "-m", "hessian_service.server",
+         "--address", "127.0.0.1:0", "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
 
@@ -147,14 +151,29 @@ def test_an_unwritable_store_is_a_clear_start_up_error(tmp_path):
     assert "--data-dir" in out.stderr and "runs.sqlite3" in out.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_a_read_only_data_dir_is_a_clear_start_up_error(tmp_path):
-    tmp_path.chmod(0o500)
-    try:
-        out = _serve(tmp_path)
-    finally:
-        tmp_path.chmod(0o700)
-    assert out.returncode == 2 and "--data-dir" in out.stderr
+    if os.geteuid() != 0:
+        tmp_path.chmod(0o500)
+        try:
+            out = _serve(tmp_path)
+        finally:
+            tmp_path.chmod(0o700)
+    else:  # root writes through permissions (CI runs as root): serve as nobody instead
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing to drop privileges")
+        nobody = pwd.getpwnam("nobody")
+        # tmp_path's parents are closed to other users; a fresh folder under /tmp is not
+        data_dir = pathlib.Path(tempfile.mkdtemp(prefix="hessian-read-only-"))
+        try:
+            os.chown(data_dir, nobody.pw_uid, nobody.pw_gid)
+            data_dir.chmod(0o500)
+            drop = [f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+            out = _serve(data_dir, [setpriv, *drop])
+        finally:
+            shutil.rmtree(data_dir)
+    assert out.returncode == 2, out.stderr
+    assert "--data-dir" in out.stderr and "cannot be written" in out.stderr, out.stderr
 
 
 def test_concurrent_appends_from_many_runs_are_all_acknowledged_in_order(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -110,11 +109,9 @@ def test_cancel_stops_a_long_run_within_one_iteration(client):
     for record in stream:
         if record.iteration >= 1:
             break
-    started = time.monotonic()
     info = run.cancel()
     at_cancel = info.last_record.iteration
-    rest = list(stream)
-    elapsed = time.monotonic() - started
+    rest = list(stream)  # the client's 60 s call timeout guards against a hang
     final = run.final
     assert status_name(final) == "CANCELLED"
     assert final.stop_reason == "cancelled"
@@ -122,7 +119,6 @@ def test_cancel_stops_a_long_run_within_one_iteration(client):
     # At most the step in flight completes; the final record is the point it stopped at.
     assert last.iteration <= at_cancel + 2
     assert last.step_norm == 0.0
-    assert elapsed < 10.0
 
 
 def test_run_result_get_list_and_delete(client):

@@ -19,11 +19,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOL = {"float32": 2e-4, "float64": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _seed(request):
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
-
-
 def _problem(name: str, dtype: torch.dtype):
     """(wire problem, engine objective, initial params) on fresh random data."""
     n, d = 23, 4

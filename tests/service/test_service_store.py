@@ -41,7 +41,7 @@ def test_records_commit_within_the_interval(tmp_path):
     store = SQLiteRunStore(tmp_path, commit_every=1000, commit_interval_s=0.05)
     store.create_run(_row("r-a", 1.0), _cp(0))
     store.append_record("r-a", StepRecord(iteration=0, loss=2.0))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a hang guard: the interval is 50 ms
     while _committed(store.path, "r-a") == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _committed(store.path, "r-a") == 1

@@ -1,0 +1,52 @@
+"""Replayable randomness for every test: torch's global generator is seeded per test.
+
+The seed is the CRC32 of the test's node id (stable across processes, unlike `hash`, which
+Python salts per run), or `HESSIAN_TEST_SEED` when set, to replay a failure. A failing
+test's report carries a "seed" section naming the value and the command that replays it.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+SEED_VARIABLE = "HESSIAN_TEST_SEED"
+_SEED_KEY = pytest.StashKey[int]()
+
+
+def test_seed_for(nodeid: str) -> int:
+    """The seed a test draws from: $HESSIAN_TEST_SEED if set, else the CRC32 of its node id."""
+    override = os.environ.get(SEED_VARIABLE, "").strip()
+    if override:
+        try:
+            return int(override)
+        except ValueError:
+            message = f"{SEED_VARIABLE} must be an integer, got {override!r}"
+            raise pytest.UsageError(message) from None
+    return zlib.crc32(nodeid.encode())
+
+
+test_seed_for.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> int:
+    """Seed torch's global generator for this test and remember the seed for its report."""
+    seed = test_seed_for(request.node.nodeid)
+    request.node.stash[_SEED_KEY] = seed
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Add the seed to a failed test's report, so the failure can be replayed."""
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if report.failed and seed is not None:
+        replay = f"{SEED_VARIABLE}={seed} pytest '{item.nodeid}'"
+        report.sections.append(("seed", f"torch seeded with {seed}; replay: {replay}"))
+    return report
