@@ -1,10 +1,12 @@
-"""Builders for catalogue problems: each returns a `Problem` message ready to send."""
+"""Builders for problems (catalogue, or your own exported program): each returns a `Problem`."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import invalid
 from .proto import problem_pb2
 from .tensors import encode
 
@@ -71,3 +73,79 @@ def rosenbrock(dim: int = 2) -> Problem:
 def quadratic(A: Any, b: Any) -> Problem:
     """0.5 x^T A x - b^T x with A symmetric."""
     return Problem(quadratic=problem_pb2.QuadraticObjective(), data=_data(A=A, b=b))
+
+
+TORCH_EXTRA = "pip install 'hessian-client[torch]'"
+
+
+def exported(
+    fn_or_module: Any,
+    example_params: Any,
+    data: dict[str, Any],
+    *,
+    loss: str = "",
+    target: str = "y",
+) -> Problem:
+    """Your own objective, sent as a torch.export program (needs the `torch` extra).
+
+    `fn_or_module` is `fn(params, **inputs) -> loss` (scalar), or, with `loss` = mse /
+    cross_entropy, `fn(params, **inputs) -> outputs` compared with `data[target]` (a
+    Gauss-Newton form); an `nn.Module` is called as `module(**inputs)` with its parameters
+    taken from the flat `example_params` (`parameters_to_vector` order; None: its own).
+    `data` holds every tensor (inputs, and the target when `loss` is set).
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"problems.exported needs torch: {TORCH_EXTRA}") from None
+    if loss not in ("", "mse", "cross_entropy"):
+        raise invalid("loss", "'' (fn returns the loss), mse or cross_entropy", loss)
+    tensors = {k: torch.as_tensor(v) for k, v in data.items()}
+    if loss and target not in tensors:
+        raise invalid(f"data.{target}", f"the target of the {loss} loss", sorted(tensors))
+    inputs = {k: v for k, v in tensors.items() if not (loss and k == target)}
+    function = fn_or_module
+    if isinstance(fn_or_module, torch.nn.Module):
+        module = fn_or_module
+        if example_params is None:
+            example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
+        function = _functional(module)
+    params = torch.as_tensor(example_params)
+    program = torch.export.export(_as_module(function), (params,), inputs)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    spec = problem_pb2.ExportedObjective(
+        program=buffer.getvalue(),
+        param_shape=list(params.shape),
+        output_loss=loss,
+        target=target if loss else "",
+    )
+    return Problem(exported=spec, data=_data(**tensors))
+
+
+def _as_module(function: Any) -> Any:
+    """An nn.Module whose forward is `function(params, **data)` (what torch.export takes)."""
+    import torch
+
+    class Program(torch.nn.Module):
+        def forward(self, params: Any, **data: Any) -> Any:
+            return function(params, **data)
+
+    return Program()
+
+
+def _functional(module: Any) -> Any:
+    """`(flat params, **inputs) -> module(**inputs)` with the parameters taken from params."""
+    import torch
+
+    shapes = [(name, p.shape) for name, p in module.named_parameters()]
+
+    def call(params: Any, **inputs: Any) -> Any:
+        values, offset = {}, 0
+        for name, shape in shapes:
+            n = shape.numel()
+            values[name] = params[offset : offset + n].reshape(shape)
+            offset += n
+        return torch.func.functional_call(module, values, args=(), kwargs=inputs)
+
+    return call

@@ -30,6 +30,7 @@ MAX_PROGRAM_BYTES = 64 * 1024**2  # the archive as sent
 MAX_MEMBER_BYTES = 64 * 1024**2  # one member, uncompressed (a zip bomb stops here)
 MAX_NODES = 20_000
 MAX_CONSTANT_ELEMENTS = 1_000_000
+MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in float64)
 
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
 # inputs. No factories of caller-chosen size, no random, no I/O, no in-place, no custom ops,
@@ -37,8 +38,8 @@ MAX_CONSTANT_ELEMENTS = 1_000_000
 ALLOWED_OPS = frozenset(
     """
     add sub rsub mul div neg pow abs sqrt rsqrt square reciprocal exp exp2 log log2 log10
-    log1p expm1 tanh sigmoid relu softplus gelu silu elu leaky_relu hardtanh sin cos tan
-    atan asin acos sinh cosh erf sign floor ceil round
+    log1p expm1 logaddexp xlogy tanh sigmoid relu softplus gelu silu elu leaky_relu hardtanh
+    sin cos tan atan asin acos sinh cosh erf sign floor ceil round
     matmul mm bmm addmm linear t transpose permute view reshape expand expand_as squeeze
     unsqueeze flatten unflatten contiguous clone alias detach detach_ lift_fresh_copy
     sum mean amax amin max min logsumexp prod norm linalg_vector_norm var std dot
@@ -149,7 +150,8 @@ class Program:
                     f"a program that evaluates: node {node.name!r} ({node.target}) raised "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                 ) from None
-            _store(node, result, env)
+            for name in _store(node, result, env):
+                _check_shape(node, name, env[name], self.metas[name])
         out = env[self.output]
         if not isinstance(out, torch.Tensor):
             raise refuse("a tensor output", type(out).__name__, "problem.exported")
@@ -164,22 +166,34 @@ def _bind(value: Any, env: dict[str, Any]) -> Any:
     return value
 
 
-def _store(node: Node, result: Any, env: dict[str, Any]) -> None:
+def _store(node: Node, result: Any, env: dict[str, Any]) -> list[str]:
+    """Bind a node's results in `env`; return the names bound."""
     if node.outputs and node.outputs[0] == "*":
         names = node.outputs[1]
         if not isinstance(result, (list, tuple)) or len(result) != len(names):
             raise refuse(f"node {node.name!r} ({node.target}) to return {len(names)} tensors")
         env.update(zip(names, result, strict=True))
-        return
+        return list(names)
     if len(node.outputs) == 1:
-        if node.outputs[0] is not None:
-            env[node.outputs[0]] = result
-        return
-    if not isinstance(result, (list, tuple)) or len(result) != len(node.outputs):
+        pairs = [(node.outputs[0], result)]
+    elif not isinstance(result, (list, tuple)) or len(result) != len(node.outputs):
         raise refuse(f"node {node.name!r} ({node.target}) to return {len(node.outputs)} values")
-    for name, value in zip(node.outputs, result, strict=True):
-        if name is not None:
-            env[name] = value
+    else:
+        pairs = list(zip(node.outputs, result, strict=True))
+    bound = [(name, value) for name, value in pairs if name is not None]
+    env.update(bound)
+    return [name for name, _ in bound]
+
+
+def _check_shape(node: Node, name: str, value: Any, meta: TensorMeta) -> None:
+    """A result must be the tensor the graph declared: sizes are bounded before running."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != meta.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise refuse(
+            f"node {node.name!r} ({node.target}) to produce its declared shape {list(meta.shape)}",
+            got,
+            "problem.exported",
+        )
 
 
 def _get(obj: Any, *path: Any) -> Any:
@@ -230,8 +244,6 @@ def _meta(raw: Any, what: str) -> TensorMeta:
         if not isinstance(size, dict) or not isinstance(size.get("as_int"), int):
             raise refuse(f"static shapes (no symbolic sizes) for {what}", size)
         shape.append(size["as_int"])
-    if math.prod(shape) > MAX_MEMBER_BYTES:
-        raise ResourceLimitError(FIELD, f"{what} declares shape {shape}, over the size limit")
     device = raw.get("device", {}).get("type", "cpu")
     if device != "cpu":
         raise refuse(f"a cpu tensor for {what}", device)
@@ -413,9 +425,16 @@ def load_program(blob: bytes) -> tuple[Program, list[str]]:
     if output not in defined:
         raise refuse("an output computed by the graph", output)
     metas = {name: _meta(raw, f"value {name!r}") for name, raw in metas_raw.items()}
-    for name in [*user_inputs, output]:
+    for name in sorted(defined - set(constants)):
         if name not in metas:
-            raise refuse(f"a declared shape for {name!r}")
+            raise refuse(f"a declared shape for every value, also {name!r}")
+        numel = math.prod(metas[name].shape)
+        if numel > MAX_VALUE_ELEMENTS:
+            raise ResourceLimitError(
+                FIELD,
+                f"value {name!r} declares {numel} elements, over the limit of "
+                f"{MAX_VALUE_ELEMENTS} per tensor",
+            )
     program = Program(
         nodes,
         user_inputs[0],
