@@ -3,8 +3,10 @@
 `torch.export.load` is not used on caller bytes: it reads the archive's example inputs with
 `torch.load` (a pickle) and imports whatever the graph names. Instead the archive (a zip) is
 read here: only `models/model.json` (the serialised graph, plain JSON) and the raw bytes of
-lifted tensor constants (`use_pickle: false` only) are touched; every other member, the
-pickled sample inputs included, is never read. Each graph node must call an allowlisted ATen
+lifted tensor constants (`use_pickle: false` only) are used. The pickled sample inputs are
+never unpickled: their opcodes are scanned (pickletools, no execution) and an archive whose
+pickle names anything but torch's tensor-rebuild functions is refused, as is any member this
+reader does not know. Each graph node must call an allowlisted ATen
 operator (functional, deterministic, no I/O); `Program.run` then interprets exactly those
 nodes with ordinary torch ops, so autograd gives gradients and Hessian-vector products.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickletools
 import time
 import zipfile
 from collections.abc import Mapping
@@ -341,6 +344,12 @@ def _uses(value: Any) -> list[str]:
     return []
 
 
+def _constant_path(archive: zipfile.ZipFile, prefix: str, cname: str) -> str:
+    """The file name the constants config gives constant `cname`."""
+    config = _json(archive, f"{prefix}data/constants/model_constants_config.json")
+    return str(_get(config, "config", cname, "path_name"))
+
+
 def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) -> dict:
     """Lifted tensor constants from raw bytes; a pickled one is refused unread."""
     if not wanted:
@@ -368,6 +377,73 @@ def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) ->
         flat = torch.frombuffer(bytearray(raw), dtype=meta.dtype) if numel else torch.empty(0)
         out[placeholder] = flat.to(meta.dtype).reshape(meta.shape)
     return out
+
+
+# Members of a torch.export.save archive besides the constants' raw files (under its prefix).
+KNOWN_MEMBERS = frozenset(
+    {
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+    }
+)
+# The globals a torch.save of plain tensors names (what weights_only loading would allow).
+PICKLE_GLOBALS = frozenset(
+    {"torch._utils _rebuild_tensor_v2", "collections OrderedDict"}
+    | {f"torch {kind}Storage" for kind in ("Float", "Double", "Long", "Int", "Bool", "Half")}
+    | {"torch BFloat16Storage", "torch ByteStorage", "torch CharStorage", "torch ShortStorage"}
+)
+PICKLE_OPCODES_REFUSED = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
+
+
+def scan_pickle(raw: bytes, what: str) -> None:
+    """Refuse a pickle (or a torch.save zip of one) naming anything but tensor rebuilds.
+
+    Only reads opcodes (pickletools.genops): nothing is imported, called or constructed.
+    """
+    if raw[:4] == b"PK\x03\x04":
+        try:
+            inner = zipfile.ZipFile(io.BytesIO(raw))
+            for name in inner.namelist():
+                if name.endswith(".pkl"):
+                    scan_pickle(_member(inner, name), f"{what}/{name}")
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise refuse(f"a torch.save archive in {what}", str(exc)) from None
+        return
+    try:
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name in PICKLE_OPCODES_REFUSED or (
+                op.name == "GLOBAL" and str(arg) not in PICKLE_GLOBALS
+            ):
+                raise refuse(
+                    f"a pickle of plain tensors in {what} (it is never unpickled)",
+                    f"opcode {op.name} {arg if arg is not None else ''}".strip(),
+                )
+    except ValueError as exc:
+        raise refuse(f"a well-formed pickle in {what}", str(exc)) from None
+
+
+def _check_members(archive: zipfile.ZipFile, prefix: str, constant_files: set[str]) -> None:
+    """Refuse members this reader does not know; scan the sample inputs' pickle."""
+    for name in archive.namelist():
+        inner = name.removeprefix(prefix) if name.startswith(prefix) else None
+        if inner is None or (
+            inner not in KNOWN_MEMBERS
+            and inner.removeprefix("data/constants/") not in constant_files
+        ):
+            raise refuse("only the members torch.export.save writes", f"member {name!r}")
+    weights = f"{prefix}data/weights/model_weights_config.json"
+    if weights in archive.namelist() and _get(_json(archive, weights), "config"):
+        raise refuse("no weights (parameters travel in params)", "a weights config with entries")
+    sample = f"{prefix}data/sample_inputs/model.pt"
+    if sample in archive.namelist():
+        scan_pickle(_member(archive, sample), sample)
 
 
 def load_program(blob: bytes) -> tuple[Program, list[str]]:
@@ -435,6 +511,8 @@ def load_program(blob: bytes) -> tuple[Program, list[str]]:
                 f"value {name!r} declares {numel} elements, over the limit of "
                 f"{MAX_VALUE_ELEMENTS} per tensor",
             )
+    files = {_constant_path(archive, prefix, c) for c in constants.values()}
+    _check_members(archive, prefix, files)
     program = Program(
         nodes,
         user_inputs[0],
