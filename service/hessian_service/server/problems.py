@@ -75,7 +75,7 @@ def build_objective(
         )
     options: dict[str, Any] = {}
     for fd, value in spec.ListFields():
-        repeated = isinstance(value, Iterable) and not isinstance(value, str)
+        repeated = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
         options[fd.name] = list(value) if repeated else value
     data = {
         name: decode_tensor(problem.data[name], f"problem.data.{name}")

@@ -410,23 +410,22 @@ def scan_pickle(raw: bytes, what: str) -> None:
     if raw[:4] == b"PK\x03\x04":
         try:
             inner = zipfile.ZipFile(io.BytesIO(raw))
-            for name in inner.namelist():
-                if name.endswith(".pkl"):
-                    scan_pickle(_member(inner, name), f"{what}/{name}")
+            names = [n for n in inner.namelist() if n.endswith(".pkl")]
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
             raise refuse(f"a torch.save archive in {what}", str(exc)) from None
+        for name in names:
+            scan_pickle(_member(inner, name), f"{what}/{name}")
         return
     try:
-        for op, arg, _ in pickletools.genops(raw):
-            if op.name in PICKLE_OPCODES_REFUSED or (
-                op.name == "GLOBAL" and str(arg) not in PICKLE_GLOBALS
-            ):
-                raise refuse(
-                    f"a pickle of plain tensors in {what} (it is never unpickled)",
-                    f"opcode {op.name} {arg if arg is not None else ''}".strip(),
-                )
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
     except ValueError as exc:
         raise refuse(f"a well-formed pickle in {what}", str(exc)) from None
+    for name, arg in ops:
+        if name in PICKLE_OPCODES_REFUSED or (name == "GLOBAL" and str(arg) not in PICKLE_GLOBALS):
+            raise refuse(
+                f"a pickle of plain tensors in {what} (it is never unpickled)",
+                f"opcode {name} {arg if arg is not None else ''}".strip(),
+            )
 
 
 def _check_members(archive: zipfile.ZipFile, prefix: str, constant_files: set[str]) -> None:

@@ -1,0 +1,333 @@
+"""Exported programs through a live server: hostile and malformed archives are refused with
+the right code and a message naming what is wrong (pickle payloads never run), the server
+keeps serving, and a valid program steps and runs like its catalogue twin."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from hessian_client import problems
+from hessian_client.errors import HessianError
+from hessian_client.proto import problem_pb2
+
+F64 = torch.float64
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+N, D = 5, 3
+PREFIX = "archive/"
+
+
+class Payload:
+    """Unpickling this creates the file `path`: proof, if it exists, that a pickle ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def least_squares(params, X, y):
+    w = params.reshape(D, 1)
+    r = X @ w - y.reshape(-1, 1)
+    return 0.5 * torch.mean(r * r) + torch.tensor(0.05, dtype=F64) * torch.sum(params * params)
+
+
+def data() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(N, D, generator=gen, dtype=F64)
+    return {"X": x, "y": torch.randn(N, generator=gen, dtype=F64)}
+
+
+def valid(fn: Callable = least_squares, **kw) -> problem_pb2.Problem:
+    return problems.exported(fn, torch.zeros(D, dtype=F64), data(), **kw)
+
+
+def members(blob: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        return {name: z.read(name) for name in z.namelist()}
+
+
+def rezip(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, raw in files.items():
+            z.writestr(name, raw)
+    return out.getvalue()
+
+
+def with_program(problem: problem_pb2.Problem, blob: bytes) -> problem_pb2.Problem:
+    copy = problem_pb2.Problem()
+    copy.CopyFrom(problem)
+    copy.exported.program = blob
+    return copy
+
+
+def edit_members(changes: dict[str, bytes | None]) -> Callable:
+    """A case replacing (bytes), adding or deleting (None) archive members; '@' is the payload path."""  # noqa: E501
+
+    def make(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+        files = members(problem.exported.program)
+        for name, raw in changes.items():
+            if raw is None:
+                files.pop(PREFIX + name, None)
+            else:
+                files[PREFIX + name] = raw.replace(b"@", path.encode())
+        return with_program(problem, rezip(files))
+
+    return make
+
+
+def edit_graph(
+    fn: Callable[[dict], None],
+) -> Callable[[problem_pb2.Problem, str], problem_pb2.Problem]:
+    """A case editing the graph JSON (models/model.json) in place."""
+
+    def make(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+        files = members(problem.exported.program)
+        doc = json.loads(files[PREFIX + "models/model.json"])
+        fn(doc["graph_module"])
+        files[PREFIX + "models/model.json"] = json.dumps(doc).encode()
+        return with_program(problem, rezip(files))
+
+    return make
+
+
+def node(gm: dict, target: str) -> dict:
+    return next(n for n in gm["graph"]["nodes"] if n["target"] == target)
+
+
+def set_target(old: str, new: str) -> Callable[[dict], None]:
+    return lambda gm: node(gm, old).__setitem__("target", new)
+
+
+def payload_pickle(path: str, protocol: int = 2) -> bytes:
+    return pickle.dumps(Payload(path), protocol=protocol)
+
+
+def payload_torch_save(path: str) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"X": Payload(path)}, buf)
+    return buf.getvalue()
+
+
+def pickled_constant(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+    files = members(problem.exported.program)
+    key = PREFIX + "data/constants/model_constants_config.json"
+    config = json.loads(files[key])
+    (entry,) = config["config"].values()
+    entry["use_pickle"] = True
+    files[key] = json.dumps(config).encode()
+    files[PREFIX + "data/constants/" + entry["path_name"]] = payload_pickle(path)
+    return with_program(problem, rezip(files))
+
+
+def weights_payload(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+    files = members(problem.exported.program)
+    config = {"config": {"w": {"path_name": "weight_0", "is_param": True, "use_pickle": True}}}
+    files[PREFIX + "data/weights/model_weights_config.json"] = json.dumps(config).encode()
+    files[PREFIX + "data/weights/weight_0"] = payload_pickle(path)
+    return with_program(problem, rezip(files))
+
+
+def sample_inputs(make_payload: Callable[[str], bytes]) -> Callable:
+    def make(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+        files = members(problem.exported.program)
+        files[PREFIX + "data/sample_inputs/model.pt"] = make_payload(path)
+        return with_program(problem, rezip(files))
+
+    return make
+
+
+def field(name: str, value: object) -> Callable:
+    def make(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+        copy = problem_pb2.Problem()
+        copy.CopyFrom(problem)
+        if name == "param_shape":
+            del copy.exported.param_shape[:]
+            copy.exported.param_shape.extend(value)
+        else:
+            setattr(copy.exported, name, value)
+        return copy
+
+    return make
+
+
+def data_edit(**tensors: np.ndarray | None) -> Callable:
+    def make(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+        from hessian_client.tensors import encode
+
+        copy = problem_pb2.Problem()
+        copy.CopyFrom(problem)
+        for name, value in tensors.items():
+            if value is None:
+                del copy.data[name]
+            else:
+                copy.data[name].CopyFrom(encode(value))
+        return copy
+
+    return make
+
+
+def exported_fn(fn: Callable, **kw) -> Callable:
+    return lambda problem, path: valid(fn, **kw)
+
+
+def symbolic(gm: dict) -> None:
+    gm["graph"]["tensor_values"]["x"]["sizes"][0] = {"as_expr": {"expr_str": "s0"}}
+
+
+def huge_value(gm: dict) -> None:
+    gm["graph"]["tensor_values"]["matmul"]["sizes"] = [{"as_int": 10**6}, {"as_int": 10**6}]
+
+
+def lying_reshape(gm: dict) -> None:  # the graph computes (1, 3) but declared (3, 1)
+    node(gm, "torch.ops.aten.reshape.default")["inputs"][1]["arg"]["as_ints"] = [1, 3]
+
+
+def mismatched_matmul(gm: dict) -> None:  # consistently (1, 3): X (5, 3) @ (1, 3) raises
+    lying_reshape(gm)
+    gm["graph"]["tensor_values"]["reshape"]["sizes"] = [{"as_int": 1}, {"as_int": 3}]
+
+
+def undefined_input(gm: dict) -> None:
+    node(gm, "torch.ops.aten.matmul.default")["inputs"][0]["arg"]["as_tensor"]["name"] = "ghost"
+
+
+STOP = {"max_iterations": 3}
+MATMUL = "torch.ops.aten.matmul.default"
+# (case name, builder, expected code, words the message must contain)
+CASES = [
+    (
+        "pickle in sample inputs",
+        sample_inputs(payload_pickle),
+        INVALID,
+        ["sample_inputs", "GLOBAL"],
+    ),
+    ("pickle protocol 4", sample_inputs(lambda p: payload_pickle(p, 4)), INVALID, ["STACK_GLOBAL"]),
+    ("torch.save of a payload", sample_inputs(payload_torch_save), INVALID, ["data.pkl", "GLOBAL"]),
+    ("pickled constant", pickled_constant, INVALID, ["pickle"]),
+    ("pickled weights", weights_payload, INVALID, ["weight"]),
+    ("unknown member", edit_members({"evil.pkl": b"@"}), INVALID, ["member", "evil"]),
+    ("not a zip", lambda p, _: with_program(p, b"garbage" * 50), INVALID, ["zip"]),
+    ("truncated", lambda p, _: with_program(p, p.exported.program[:700]), INVALID, ["zip"]),
+    ("empty program", lambda p, _: with_program(p, b""), INVALID, ["program"]),
+    ("model.json not JSON", edit_members({"models/model.json": b"{nope"}), INVALID, ["JSON"]),
+    ("model.json missing", edit_members({"models/model.json": None}), INVALID, ["model.json"]),
+    (
+        "disallowed op",
+        exported_fn(lambda p, X, y: torch.cumsum(X @ p, 0).sum() + y.sum()),
+        INVALID,
+        ["cumsum", "not allowed"],
+    ),
+    (
+        "random op",
+        exported_fn(lambda p, X, y: (torch.rand_like(X) @ p).sum() + y.sum()),
+        INVALID,
+        ["rand_like"],
+    ),
+    (
+        "custom op",
+        edit_graph(set_target(MATMUL, "torch.ops.evil.run.default")),
+        INVALID,
+        ["evil.run", "matmul"],
+    ),
+    (
+        "higher-order op",
+        edit_graph(set_target(MATMUL, "torch.ops.higher_order.cond")),
+        INVALID,
+        ["higher_order.cond"],
+    ),
+    ("print", edit_graph(set_target(MATMUL, "builtins.print")), INVALID, ["builtins.print"]),
+    (
+        "in-place op",
+        edit_graph(set_target(MATMUL, "torch.ops.aten.add_.Tensor")),
+        INVALID,
+        ["add_"],
+    ),
+    (
+        "unknown overload",
+        edit_graph(set_target(MATMUL, "torch.ops.aten.mm.nope")),
+        INVALID,
+        ["mm.nope"],
+    ),
+    ("undefined value", edit_graph(undefined_input), INVALID, ["ghost"]),
+    ("symbolic shape", edit_graph(symbolic), INVALID, ["static shapes"]),
+    ("huge declared value", edit_graph(huge_value), EXHAUSTED, ["matmul", "elements"]),
+    ("huge param_shape", field("param_shape", [10**9]), EXHAUSTED, ["param_shape"]),
+    ("wrong param_shape", field("param_shape", [4]), INVALID, ["param_shape", "[3]"]),
+    ("unknown output_loss", field("output_loss", "hinge"), INVALID, ["output_loss"]),
+    ("wrong data shape", data_edit(X=np.zeros((N + 1, D))), INVALID, ["data.X", "[5, 3]"]),
+    ("wrong data dtype", data_edit(X=np.zeros((N, D), np.float32)), INVALID, ["data.X", "float64"]),
+    ("missing data", data_edit(y=None), INVALID, ["data.y"]),
+    ("extra data", data_edit(z=np.zeros(2)), INVALID, ["data.z"]),
+    ("non-scalar output", exported_fn(lambda p, X, y: X @ p - y), INVALID, ["scalar output"]),
+    ("lies about a shape", edit_graph(lying_reshape), INVALID, ["reshape", "declared shape"]),
+    ("raises when evaluated", edit_graph(mismatched_matmul), INVALID, ["raised", "matmul"]),
+    (
+        "cross_entropy on floats",
+        exported_fn(lambda p, X: X @ p, loss="cross_entropy"),
+        INVALID,
+        ["data.y", "int64"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "code", "words"), CASES, ids=[c[0] for c in CASES])
+def test_hostile_program_refused_and_payload_never_runs(client, tmp_path, name, make, code, words):
+    marker = tmp_path / "payload-ran"
+    problem = make(valid(), str(marker))
+    with pytest.raises(HessianError) as info:
+        client.create_problem(problem)
+    assert info.value.code == code, info.value.message
+    for word in words:
+        assert word in info.value.message, (word, info.value.message)
+    assert not marker.exists(), "the pickle payload ran"
+    # the server keeps serving: a valid exported program still steps
+    assert client.newton_step(valid(), np.zeros(D)).params.shape == (D,)
+
+
+def test_payloads_are_live(tmp_path):
+    """Control: the payloads of the cases above do run when unpickled, so not running is
+    the server's doing."""
+    for i, make in enumerate((payload_pickle, payload_torch_save)):
+        marker = tmp_path / f"ran-{i}"
+        raw = make(str(marker))
+        if raw[:2] == b"PK":
+            torch.load(io.BytesIO(raw), weights_only=False)
+        else:
+            pickle.loads(raw)
+        assert marker.exists()
+
+
+def test_case_count():
+    assert len(CASES) >= 20
+
+
+def test_exported_newton_step_and_run_match_catalogue(client):
+    """An exported least-squares twin: same Newton step and same run records as the catalogue
+    least_squares objective (l2 = 0.1 = 2 x 0.05, no intercept) on the same data."""
+    tensors = data()
+    twin = valid()
+    catalogue = problems.least_squares(tensors["X"], tensors["y"], l2=0.1)
+    x = np.random.default_rng(3).normal(size=D)
+    ours = client.newton_step(twin, x, backend="autograd")
+    ref = client.newton_step(catalogue, x, backend="autograd")
+    np.testing.assert_allclose(ours.params, ref.params, rtol=1e-12, atol=1e-14)
+    runs = [
+        client.start_run(p, x, method="newton_cg", backend="autograd", stopping=STOP)
+        for p in (twin, catalogue)
+    ]
+    assert all(run.result(timeout=60).status == "FINISHED" for run in runs)
+    a, b = (run.records() for run in runs)
+    assert len(a) == len(b) >= 2
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.loss == pytest.approx(rb.loss, rel=1e-10)
