@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from exported_programs import exported_twin, from_problem
 from hessian_client import problems
 from hessian_service.engine import MethodOptions, Run, StopCriteria
+from hessian_service.engine.cancel import Cancelled, CancelToken, scope
 from hessian_service.engine.curvature import gauss_newton, hessian, hvp, loss_and_grad
+from hessian_service.engine.errors import ResourceLimitError
+from hessian_service.engine.options import METHOD_STEP_POLICIES
 from problems import CATALOGUE, random_params, random_problem
 
 F64 = torch.float64
@@ -66,3 +71,82 @@ def test_gauss_newton_of_exported_outputs_matches_float64_reference() -> None:
     assert close(ggn, 2.0 / n * jac.T @ jac)
     r = curve(x, X) - y
     assert close(objective.loss(x), torch.mean(r * r))
+
+
+def _mlp_pair():
+    """Catalogue mlp (mse) and its exported twin in Gauss-Newton form (outputs + loss mse)."""
+    objective = random_problem("mlp", size=4)
+    sizes = objective.options["layer_sizes"]
+
+    def outputs(params, X):
+        h, offset = X, 0
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+            w = params[offset : offset + fan_in * fan_out].reshape(fan_out, fan_in)
+            b = params[offset + fan_in * fan_out : offset + fan_in * fan_out + fan_out]
+            offset += fan_in * fan_out + fan_out
+            h = torch.nn.functional.linear(h, w, b)
+            h = torch.tanh(h) if i < len(sizes) - 2 else h
+        return h
+
+    x = random_params(objective)
+    twin = from_problem(problems.exported(outputs, x, dict(objective.data), loss="mse"))
+    return objective, twin, x
+
+
+METHOD_POLICIES = [(m, p) for m, ps in METHOD_STEP_POLICIES.items() for p in ps]
+
+
+@pytest.mark.parametrize(("method", "policy"), METHOD_POLICIES)
+def test_every_method_and_step_policy_matches_catalogue_mlp(method: str, policy: str) -> None:
+    """Each method x step policy gives the catalogue's records on the exported twin."""
+    objective, twin, x = _mlp_pair()
+    options = MethodOptions(method=method, step_policy=policy, backend="autograd")
+    stop = StopCriteria(max_iterations=3)
+    ours = Run(twin, x, options, stop).run_to_end()
+    ref = Run(objective, x, options, stop).run_to_end()
+    assert [r.iteration for r in ours] == [r.iteration for r in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-9, abs=1e-14)
+
+
+def test_forward_over_reverse_hvp_mode_matches() -> None:
+    """torch.func's vjp-of-grad products (hvp_mode forward_over_reverse) run the interpreter."""
+    objective, twin, x = _mlp_pair()
+    options = MethodOptions(method="newton_cg", hvp_mode="forward_over_reverse", backend="autograd")
+    stop = StopCriteria(max_iterations=3)
+    ours = Run(twin, x, options, stop).run_to_end()
+    ref = Run(objective, x, options, stop).run_to_end()
+    for a, b in zip(ours, ref, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-9, abs=1e-14)
+
+
+def test_resume_from_checkpoint_continues_identically() -> None:
+    """A run of an exported program resumed from a checkpoint repeats the uninterrupted one."""
+    _, twin, x = _mlp_pair()
+    options = MethodOptions(method="newton", backend="autograd")
+    stop = StopCriteria(max_iterations=6)
+    full = Run(twin, x, options, stop).run_to_end()
+    first = Run(twin, x, options, stop)
+    for record in first:
+        if record.iteration == 2:
+            break
+    resumed = Run(twin, x, options, stop, resume=first.checkpoint()).run_to_end()
+    assert [(r.iteration, r.loss) for r in resumed] == [(r.iteration, r.loss) for r in full[2:]]
+
+
+def test_evaluation_past_its_time_limit_is_refused() -> None:
+    """An evaluation over the per-evaluation wall-clock limit stops with RESOURCE_EXHAUSTED's
+    error naming the limit (a limit in the past: no timing dependence)."""
+    _, twin, x = _mlp_pair()
+    twin.eval_seconds = -1.0
+    with pytest.raises(ResourceLimitError, match="limit of -1 s"):
+        twin.loss(x)
+
+
+def test_cancel_token_stops_an_evaluation() -> None:
+    """The request's cancel token is checked between nodes."""
+    _, twin, x = _mlp_pair()
+    token = CancelToken()
+    token.cancel()
+    with scope(token), pytest.raises(Cancelled):
+        twin.loss(x)
