@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,6 +123,44 @@ def exported(
         target=target if loss else "",
     )
     return Problem(exported=spec, data=_data(**tensors))
+
+
+def exported_archive(
+    program: bytes,
+    data: dict[str, Any],
+    *,
+    param_shape: Sequence[int] | None = None,
+    loss: str = "",
+    target: str = "y",
+) -> Problem:
+    """A problem from the bytes of a `torch.export.save` archive (no torch needed here).
+
+    `param_shape` defaults to the shape the archive declares for its first input (params).
+    """
+    if param_shape is None:
+        param_shape = _declared_params_shape(program)
+    spec = problem_pb2.ExportedObjective(
+        program=program,
+        param_shape=list(param_shape),
+        output_loss=loss,
+        target=target if loss else "",
+    )
+    return Problem(exported=spec, data=_data(**data))
+
+
+def _declared_params_shape(program: bytes) -> list[int]:
+    """The static shape the archive's graph declares for its first user input."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(program)) as archive:
+            (model,) = [n for n in archive.namelist() if n.endswith("models/model.json")]
+            graph = json.loads(archive.read(model))["graph_module"]
+        first = graph["signature"]["input_specs"]
+        name = next(s["user_input"]["arg"]["as_tensor"]["name"] for s in first if "user_input" in s)
+        return [int(d["as_int"]) for d in graph["graph"]["tensor_values"][name]["sizes"]]
+    except (zipfile.BadZipFile, ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise invalid(
+            "program", "a torch.export.save archive with a static params input", str(exc)
+        ) from None
 
 
 def _as_module(function: Any) -> Any:
