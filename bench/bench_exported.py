@@ -33,7 +33,7 @@ ROWS = 64 if QUICK else 256
 REPEATS = 3 if QUICK else 21
 
 
-def mlp_function(sizes: list[int]):  # noqa: ANN201
+def mlp_function(sizes: list[int]):
     """The catalogue mlp's loss (tanh hidden layers, mse) written in torch."""
 
     def loss(params: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
