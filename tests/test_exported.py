@@ -150,3 +150,53 @@ def test_cancel_token_stops_an_evaluation() -> None:
     token.cancel()
     with scope(token), pytest.raises(Cancelled):
         twin.loss(x)
+
+
+def test_module_with_output_loss_matches_catalogue_mlp() -> None:
+    """An nn.Sequential sent through problems.exported(module, ...) with loss='mse' is the
+    catalogue mlp (same parameter layout: parameters_to_vector order)."""
+    objective = random_problem("mlp", size=4)
+    sizes = objective.options["layer_sizes"]
+    module = torch.nn.Sequential(
+        torch.nn.Linear(sizes[0], sizes[1]), torch.nn.Tanh(), torch.nn.Linear(sizes[1], sizes[2])
+    ).double()
+    x = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
+    twin = from_problem(problems.exported(module, None, dict(objective.data), loss="mse"))
+    loss, grad = loss_and_grad(twin, x)
+    ref_loss, ref_grad = loss_and_grad(objective, x)
+    assert close(loss, ref_loss) and close(grad, ref_grad)
+
+
+def test_concurrent_evaluations_equal_solo_bit_for_bit() -> None:
+    """One exported objective shared by 8 threads: gradients and HVPs at different points
+    equal the same computations done alone, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, twin, x = _mlp_pair()
+    points = [(x + 0.1 * torch.randn_like(x), torch.randn_like(x)) for _ in range(16)]
+
+    def work(pv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_and_grad(twin, pv[0])[1], hvp(twin, pv[0], pv[1])
+
+    solo = [work(pv) for pv in points]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(work, points))
+    for (g1, h1), (g2, h2) in zip(solo, together, strict=True):
+        assert torch.equal(g1, g2) and torch.equal(h1, h2)
+
+
+def test_client_without_torch_imports_and_explains_the_extra() -> None:
+    """With torch unimportable the client package imports; problems.exported raises an
+    ImportError naming the extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from hessian_client import problems\n"
+        "try:\n    problems.exported(None, None, {})\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "hessian-client[torch]" in out.stdout

@@ -92,8 +92,9 @@ def exported(
 
     `fn_or_module` is `fn(params, **inputs) -> loss` (scalar), or, with `loss` = mse /
     cross_entropy, `fn(params, **inputs) -> outputs` compared with `data[target]` (a
-    Gauss-Newton form); an `nn.Module` is called as `module(**inputs)` with its parameters
-    taken from the flat `example_params` (`parameters_to_vector` order; None: its own).
+    Gauss-Newton form); an `nn.Module` is called as `module(*inputs)` (data order, target
+    left out) with its parameters taken from the flat params (`parameters_to_vector` order;
+    `example_params` None: its own values). Buffers are not supported (the server refuses).
     `data` holds every tensor (inputs, and the target when `loss` is set).
     """
     try:
@@ -106,14 +107,14 @@ def exported(
     if loss and target not in tensors:
         raise invalid(f"data.{target}", f"the target of the {loss} loss", sorted(tensors))
     inputs = {k: v for k, v in tensors.items() if not (loss and k == target)}
-    function = fn_or_module
+    function, inner = fn_or_module, None
     if isinstance(fn_or_module, torch.nn.Module):
         module = fn_or_module
         if example_params is None:
             example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
-        function = _functional(module)
+        function, inner = _functional(module)
     params = torch.as_tensor(example_params)
-    program = torch.export.export(_as_module(function), (params,), inputs)
+    program = torch.export.export(_as_module(function, inner), (params,), inputs)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     spec = problem_pb2.ExportedObjective(
@@ -163,22 +164,36 @@ def _declared_params_shape(program: bytes) -> list[int]:
         ) from None
 
 
-def _as_module(function: Any) -> Any:
-    """An nn.Module whose forward is `function(params, **data)` (what torch.export takes)."""
+def _as_module(function: Any, inner: Any = None) -> Any:
+    """An nn.Module whose forward is `function(params, **data)` (what torch.export takes);
+    `inner`, a module `function` calls, is registered so export can trace it."""
     import torch
 
     class Program(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
         def forward(self, params: Any, **data: Any) -> Any:
             return function(params, **data)
 
     return Program()
 
 
-def _functional(module: Any) -> Any:
-    """`(flat params, **inputs) -> module(**inputs)` with the parameters taken from params."""
+def _functional(module: Any) -> tuple[Any, Any]:
+    """(`(flat params, **inputs) -> module(*inputs)`, the module it calls): a copy of `module`
+    with its parameters removed, so the program takes them from params, never as weights."""
+    import copy
+
     import torch
 
     shapes = [(name, p.shape) for name, p in module.named_parameters()]
+    stripped = copy.deepcopy(module)
+    for name, _ in shapes:
+        owner, _, leaf = name.rpartition(".")
+        sub = stripped.get_submodule(owner)
+        del sub._parameters[leaf]
+        setattr(sub, leaf, None)
 
     def call(params: Any, **inputs: Any) -> Any:
         values, offset = {}, 0
@@ -186,6 +201,6 @@ def _functional(module: Any) -> Any:
             n = shape.numel()
             values[name] = params[offset : offset + n].reshape(shape)
             offset += n
-        return torch.func.functional_call(module, values, args=(), kwargs=inputs)
+        return torch.func.functional_call(stripped, values, args=tuple(inputs.values()))
 
-    return call
+    return call, stripped
