@@ -374,3 +374,53 @@ def test_readme_exported_block_runs(server):
     start_loss = float(scope["loss"](scope["start"], scope["X"], scope["y"]))
     assert scope["result"].info.last_record.loss < start_loss
     assert scope["step"].params.shape == (4,)
+
+
+def test_gauss_newton_needs_output_loss_and_curvature_analysis_runs(client):
+    """A plain-loss program has no Gauss-Newton form (INVALID_ARGUMENT naming the curvature
+    option); with loss='mse' Gauss-Newton and AnalyzeCurvature work on it."""
+    with pytest.raises(HessianError) as info:
+        client.newton_step(valid(), np.zeros(D), curvature="gauss_newton")
+    assert info.value.code == INVALID and "curvature" in info.value.message
+    tensors = data()
+    outputs = problems.exported(lambda p, X: X @ p, torch.zeros(D, dtype=F64), tensors, loss="mse")
+    x = np.random.default_rng(1).normal(size=D)
+    step = client.newton_step(outputs, x, curvature="gauss_newton", learning_rate=1.0)
+    X, y = tensors["X"].numpy(), tensors["y"].numpy()
+    np.testing.assert_allclose(step.params, np.linalg.lstsq(X, y, rcond=None)[0], rtol=1e-9)
+    curvature = client.analyze_curvature(outputs, x, top_k=1, curvature="gauss_newton")
+    top = np.linalg.eigvalsh(2.0 / N * X.T @ X)[-1]  # the GGN of mean squared residuals
+    assert curvature.top_eigenvalues[0] == pytest.approx(top, rel=1e-8)
+
+
+def test_exported_problem_and_run_survive_a_restart(tmp_path):
+    """Stored by content, the program outlives the process: after SIGKILL and a restart on
+    the same data directory the run's records are there and a step by problem id (rebuilt
+    from the stored bytes) equals the one before, bit for bit."""
+    import signal
+
+    from conftest import free_port, spawn_server
+    from hessian_client import Client
+
+    x = np.random.default_rng(2).normal(size=D)
+    port = free_port()
+    proc = spawn_server(tmp_path, port)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
+            pid = c.create_problem(valid())
+            before = c.newton_step(pid, x).params
+            run = c.start_run(pid, x, method="newton", stopping=STOP)
+            assert run.result(timeout=60).status == "FINISHED"
+            records = [(r.iteration, r.loss) for r in run.records()]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    proc = spawn_server(tmp_path, port)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
+            np.testing.assert_array_equal(c.newton_step(pid, x).params, before)
+            again = c.run(run.id)
+            assert [(r.iteration, r.loss) for r in again.records()] == records
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
