@@ -203,6 +203,27 @@ def undefined_input(gm: dict) -> None:
     node(gm, "torch.ops.aten.matmul.default")["inputs"][0]["arg"]["as_tensor"]["name"] = "ghost"
 
 
+def outer(params, X, y):
+    return (X.reshape(-1, 1) * y.reshape(1, -1)).sum() + params.sum()
+
+
+def small_outer(gm: dict) -> None:  # (15, 5) declared (1, 1): would allocate before a check
+    gm["graph"]["tensor_values"]["mul"]["sizes"] = [{"as_int": 1}, {"as_int": 1}]
+
+
+def out_of_range_rows(problem: problem_pb2.Problem, path: str) -> problem_pb2.Problem:
+    """Rows picked by int data: valid when exported, index 99 of 5 rows sent: raises."""
+    from hessian_client.tensors import encode
+
+    def rows(params, X, idx):
+        return (X.index_select(0, idx) @ params).sum()
+
+    tensors = {"X": data()["X"], "idx": torch.tensor([0, 2])}
+    made = problems.exported(rows, torch.zeros(D, dtype=F64), tensors)
+    made.data["idx"].CopyFrom(encode(np.array([0, 99])))
+    return made
+
+
 STOP = {"max_iterations": 3}
 MATMUL = "torch.ops.aten.matmul.default"
 # (case name, builder, expected code, words the message must contain)
@@ -272,7 +293,19 @@ CASES = [
     ("extra data", data_edit(z=np.zeros(2)), INVALID, ["data.z"]),
     ("non-scalar output", exported_fn(lambda p, X, y: X @ p - y), INVALID, ["scalar output"]),
     ("lies about a shape", edit_graph(lying_reshape), INVALID, ["reshape", "declared shape"]),
-    ("raises when evaluated", edit_graph(mismatched_matmul), INVALID, ["raised", "matmul"]),
+    (
+        "shapes that cannot meet",
+        edit_graph(mismatched_matmul),
+        INVALID,
+        ["matmul", "declared shapes"],
+    ),
+    (
+        "outer product declared small",
+        lambda p, path: edit_graph(small_outer)(valid(outer), path),
+        INVALID,
+        ["mul", "declared shape [1, 1]"],
+    ),
+    ("raises when evaluated", out_of_range_rows, INVALID, ["raised", "index_select"]),
     (
         "cross_entropy on floats",
         exported_fn(lambda p, X: X @ p, loss="cross_entropy"),

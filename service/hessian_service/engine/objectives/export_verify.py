@@ -126,6 +126,29 @@ class Program:
         self.output = output
         self.metas = metas
 
+    def check_shapes(self) -> None:
+        """Run every node on meta tensors (shapes only: no data, no allocation) and refuse a
+        result that differs from its declared shape, so evaluation never computes anything
+        larger than the graph declared (and bounded) before it ran."""
+        env: dict[str, Any] = {k: v.to("meta") for k, v in self.constants.items()}
+        for name in [self.params_name, *self.data_names]:
+            meta = self.metas[name]
+            env[name] = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+        for node in self.nodes:
+            args = [_bind(a, env) for a in node.args]
+            kwargs = {k: _bind(v, env) for k, v in node.kwargs.items()}
+            try:
+                result = node.op(*args, **kwargs)
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise refuse(
+                    f"node {node.name!r} ({node.target}) to accept its inputs' declared "
+                    "shapes and dtypes (static shapes, no data-dependent sizes)",
+                    first,
+                ) from None
+            for name in _store(node, result, env):
+                _check_shape(node, name, env[name], self.metas[name], FIELD)
+
     def run(
         self, params: torch.Tensor, data: Mapping[str, torch.Tensor], seconds: float
     ) -> torch.Tensor:
@@ -188,14 +211,16 @@ def _store(node: Node, result: Any, env: dict[str, Any]) -> list[str]:
     return [name for name, _ in bound]
 
 
-def _check_shape(node: Node, name: str, value: Any, meta: TensorMeta) -> None:
+def _check_shape(
+    node: Node, name: str, value: Any, meta: TensorMeta, field: str = "problem.exported"
+) -> None:
     """A result must be the tensor the graph declared: sizes are bounded before running."""
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != meta.shape:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise refuse(
             f"node {node.name!r} ({node.target}) to produce its declared shape {list(meta.shape)}",
             got,
-            "problem.exported",
+            field,
         )
 
 
@@ -520,4 +545,5 @@ def load_program(blob: bytes) -> tuple[Program, list[str]]:
         output,
         metas,
     )
+    program.check_shapes()
     return program, [str(a) for a in arg_names[1:]]
