@@ -457,3 +457,22 @@ def test_exported_problem_and_run_survive_a_restart(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_evaluation_that_raises_mid_run_fails_the_run_not_the_server(client):
+    """Rows indexed by params: fine at 0, out of range at the Newton point 10. The run ends
+    FAILED with a message naming the node; a step there is INVALID_ARGUMENT; the server
+    keeps serving."""
+
+    def indexed(params, X):
+        return ((params - 10.0) ** 2).sum() + X.index_select(0, params[:1].long()).sum()
+
+    problem = problems.exported(indexed, torch.zeros(D, dtype=F64), {"X": data()["X"]})
+    run = client.start_run(problem, np.zeros(D), method="newton", stopping=STOP)
+    with pytest.raises(HessianError, match="index_select"):
+        run.result(timeout=60)
+    assert client.get_run(run.id).status == "FAILED"
+    with pytest.raises(HessianError) as info:
+        client.newton_step(problem, np.full(D, 10.0))
+    assert info.value.code == INVALID and "raised IndexError" in info.value.message
+    assert client.newton_step(valid(), np.zeros(D)).params.shape == (D,)

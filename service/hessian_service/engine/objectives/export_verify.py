@@ -50,7 +50,7 @@ ALLOWED_OPS = frozenset(
     tril triu where clamp clamp_min clamp_max maximum minimum eq ne lt le gt ge
     log_softmax softmax _log_softmax _softmax conv1d conv2d convolution
     nll_loss nll_loss_forward cross_entropy_loss mse_loss einsum embedding one_hot
-    _to_copy to type_as zeros_like ones_like full_like scalar_tensor
+    _to_copy to type_as zeros_like ones_like full_like scalar_tensor _assert_tensor_metadata
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
 )
 # In-place forms that the exporter emits on fresh copies only: run as their functional form.
@@ -200,6 +200,8 @@ def _store(node: Node, result: Any, env: dict[str, Any]) -> list[str]:
             raise refuse(f"node {node.name!r} ({node.target}) to return {len(names)} tensors")
         env.update(zip(names, result, strict=True))
         return list(names)
+    if not node.outputs:  # a check such as _assert_tensor_metadata: nothing to bind
+        return []
     if len(node.outputs) == 1:
         pairs = [(node.outputs[0], result)]
     elif not isinstance(result, (list, tuple)) or len(result) != len(node.outputs):
