@@ -4,6 +4,7 @@ keeps serving, and a valid program steps and runs like its catalogue twin."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pathlib
@@ -476,3 +477,13 @@ def test_evaluation_that_raises_mid_run_fails_the_run_not_the_server(client):
         client.newton_step(problem, np.full(D, 10.0))
     assert info.value.code == INVALID and "raised IndexError" in info.value.message
     assert client.newton_step(valid(), np.zeros(D)).params.shape == (D,)
+
+
+def test_torch_export_load_would_run_the_pickled_constant(tmp_path):
+    """Why the server parses archives itself: torch.export.load of the pickled-constant case
+    runs its payload (torch 2.13 unpickles such constants with weights_only=False)."""
+    marker = tmp_path / "ran-in-torch-export-load"
+    blob = pickled_constant(valid(), str(marker)).exported.program
+    with contextlib.suppress(Exception):  # the payload is no tensor: loading fails after it
+        torch.export.load(io.BytesIO(blob))
+    assert marker.exists()
