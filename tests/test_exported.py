@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from exported_programs import exported_twin, from_problem
+from exported_programs import twin as exported_programs_twin
 from hessian_client import problems
 from hessian_service.engine import MethodOptions, Run, StopCriteria
 from hessian_service.engine.cancel import Cancelled, CancelToken, scope
@@ -200,3 +201,56 @@ def test_client_without_torch_imports_and_explains_the_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "hessian-client[torch]" in out.stdout
+
+
+def _paths(value: object) -> list[tuple]:
+    """Paths to every JSON value inside `value` (for the fuzz below)."""
+    out: list[tuple] = [()]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += [(k, *p) for p in _paths(v)]
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += [(i, *p) for p in _paths(v)]
+    return out
+
+
+def test_fuzzed_graph_json_is_refused_or_loaded_never_crashes() -> None:
+    """300 random single-value corruptions of models/model.json (a value replaced by another
+    JSON type): each archive loads or is refused with ValidationError/ResourceLimitError."""
+    import io as _io
+    import json
+    import random
+    import zipfile
+
+    from hessian_service.engine.errors import ValidationError
+    from hessian_service.engine.objectives.export_verify import load_program
+
+    objective = random_problem("least_squares")
+    x = random_params(objective)
+    problem = problems.exported(exported_programs_twin(objective), x, dict(objective.data))
+    with zipfile.ZipFile(_io.BytesIO(problem.exported.program)) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in files if n.endswith("models/model.json"))
+    doc = json.loads(files[name])
+    rng = random.Random(0)
+    paths = _paths(doc["graph_module"])[1:]
+    junk = [None, 0, -1, 10**12, 1.5, "x", "torch.ops.aten.add.Tensor", [], {}, [1, 2], {"a": 1}]
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(300):
+        mutated = json.loads(files[name])
+        path = rng.choice(paths)
+        target = mutated["graph_module"]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = rng.choice(junk)
+        out = _io.BytesIO()
+        with zipfile.ZipFile(out, "w") as z:
+            for n, raw in files.items():
+                z.writestr(n, json.dumps(mutated).encode() if n == name else raw)
+        try:
+            load_program(out.getvalue())
+            outcomes["loaded"] += 1
+        except (ValidationError, ResourceLimitError):
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0

@@ -473,7 +473,20 @@ def _check_members(archive: zipfile.ZipFile, prefix: str, constant_files: set[st
 
 
 def load_program(blob: bytes) -> tuple[Program, list[str]]:
-    """Parse and verify archive bytes: (the Program, the data keys it takes in order)."""
+    """Parse and verify archive bytes: (the Program, the data keys it takes in order).
+
+    Any malformation the checks below do not name (a JSON value of the wrong type deep in
+    the graph) is still a refusal, never an internal error.
+    """
+    try:
+        return _load_program(blob)
+    except (ValidationError, ResourceLimitError):
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError) as exc:
+        raise refuse("a well-formed torch.export graph", f"{type(exc).__name__}: {exc}") from None
+
+
+def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     if len(blob) > MAX_PROGRAM_BYTES:
         raise ResourceLimitError(FIELD, f"{len(blob)} bytes, over {MAX_PROGRAM_BYTES}")
     try:
