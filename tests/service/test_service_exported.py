@@ -395,6 +395,8 @@ def test_cli_runs_an_exported_file_like_the_catalogue(server, capsys, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-10)
     code, _, err = cli("--exported", str(tmp_path / "missing.pt2"), *common)
     assert code != 0 and "missing.pt2" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("--objective", "exported", *common)
+    assert code != 0 and "--exported FILE.pt2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_readme_exported_block_runs(server):
