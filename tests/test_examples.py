@@ -108,3 +108,34 @@ def test_async_usage(address):
         loss = float(re.search(rf"^{method}\s+final loss (\S+)", out, re.M)[1])
         assert abs(loss - minimum) <= 1e-9, (method, loss, minimum)
     assert re.search(r"^gradient_descent\s+final loss", out, re.M)
+
+
+def test_exported_curve_fit_matches_scipy_least_squares(address):
+    """The exported damped-oscillation fit (Gauss-Newton / LM on the server) reaches the
+    minimiser scipy.optimize.least_squares finds on the same samples (numpy model, float64)."""
+    from scipy.optimize import least_squares
+
+    out = run_example("exported_curve_fit.py", address)
+    rng = np.random.default_rng(0)
+    t = np.linspace(0.0, 10.0, 200)
+
+    def model(p):
+        return p[0] * np.exp(-p[1] * t) * np.cos(p[2] * t + p[3])
+
+    y = model((2.0, 0.3, 3.0, 0.5)) + 0.02 * rng.normal(size=t.size)
+    ref = least_squares(lambda p: model(p) - y, [1.5, 0.2, 2.9, 0.3], xtol=1e-15, ftol=1e-15)
+    fitted = np.array(numbers(out.split("fitted:")[1].splitlines()[0]))
+    np.testing.assert_allclose(fitted, ref.x, rtol=1e-6)
+    loss = numbers(out.split("loss:")[1])[0]
+    assert loss == pytest.approx(np.mean(ref.fun**2), rel=1e-8)
+
+
+def test_exported_conv1d_digits_learns_and_server_loss_is_the_eager_loss(address):
+    """The conv net trained by newton_cg on the server classifies held-out digits (>85%),
+    and the loss the server reports equals eager torch's cross-entropy at the final params."""
+    out = run_example("exported_conv1d_digits.py", address)
+    server = numbers(out.split("server loss:")[1])[0]
+    local = numbers(out.split("local loss:")[1])[0]
+    assert server == pytest.approx(local, rel=1e-9)
+    assert server < 0.5 * numbers(out.split("start loss:")[1])[0]
+    assert numbers(out.split("test accuracy:")[1])[0] > 0.85

@@ -84,16 +84,29 @@ def _load(path: str, flag: str) -> Any:
 
 
 def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
-    """The problem a command names: an id, or an objective with an .npz of data and options."""
+    """The problem a command names: an id, or a catalogue objective or an exported program
+    (--exported FILE.pt2) with an .npz of data and options."""
     if args.problem_id:
         return args.problem_id
-    if not args.objective:
-        raise UsageError("give --problem-id or --objective")
+    if args.objective == "exported" or (args.exported and args.objective):
+        raise UsageError("an exported program comes with --exported FILE.pt2, not --objective")
+    if not args.objective and not args.exported:
+        raise UsageError("give --problem-id, --objective or --exported")
     data: dict[str, np.ndarray] = {}
     if args.data:
         with _load(args.data, "--data") as npz:
             data = {k: npz[k] for k in npz.files}
     options = dict(args.option or [])
+    if args.exported:
+        try:
+            with open(args.exported, "rb") as f:
+                program = f.read()
+        except OSError as exc:
+            raise UsageError(f"--exported: cannot read {args.exported!r}: {exc.strerror}") from None
+        try:
+            return problems.exported_archive(program, data, **options)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"bad --exported, --data or --option: {exc}") from None
     try:
         return getattr(problems, args.objective)(**data, **options)
     except (TypeError, ValueError) as exc:
@@ -481,6 +494,12 @@ def cmd_completion(client: Client, args: argparse.Namespace) -> int:
 def _problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--problem-id", help="a problem uploaded before (else --objective)")
     p.add_argument("--objective", choices=OBJECTIVES, help="catalogue objective")
+    p.add_argument(
+        "--exported",
+        metavar="FILE.pt2",
+        help="your own objective: a torch.export.save archive of loss(params, **data) "
+        "(options: loss=mse|cross_entropy for outputs, target=NAME, param_shape=[...])",
+    )
     p.add_argument("--data", help=".npz of the objective's named data tensors (X, y, ...)")
     p.add_argument(
         "--option", action="append", type=_parse_option, help="objective option KEY=VALUE"

@@ -1,10 +1,14 @@
-"""Builders for catalogue problems: each returns a `Problem` message ready to send."""
+"""Builders for problems (catalogue, or your own exported program): each returns a `Problem`."""
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import invalid
 from .proto import problem_pb2
 from .tensors import encode
 
@@ -71,3 +75,132 @@ def rosenbrock(dim: int = 2) -> Problem:
 def quadratic(A: Any, b: Any) -> Problem:
     """0.5 x^T A x - b^T x with A symmetric."""
     return Problem(quadratic=problem_pb2.QuadraticObjective(), data=_data(A=A, b=b))
+
+
+TORCH_EXTRA = "pip install 'hessian-client[torch]'"
+
+
+def exported(
+    fn_or_module: Any,
+    example_params: Any,
+    data: dict[str, Any],
+    *,
+    loss: str = "",
+    target: str = "y",
+) -> Problem:
+    """Your own objective, sent as a torch.export program (needs the `torch` extra).
+
+    `fn_or_module` is `fn(params, **inputs) -> loss` (scalar), or, with `loss` = mse /
+    cross_entropy, `fn(params, **inputs) -> outputs` compared with `data[target]` (a
+    Gauss-Newton form); an `nn.Module` is called as `module(*inputs)` (data order, target
+    left out) with its parameters taken from the flat params (`parameters_to_vector` order;
+    `example_params` None: its own values). Buffers are not supported (the server refuses).
+    `data` holds every tensor (inputs, and the target when `loss` is set).
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"problems.exported needs torch: {TORCH_EXTRA}") from None
+    if loss not in ("", "mse", "cross_entropy"):
+        raise invalid("loss", "'' (fn returns the loss), mse or cross_entropy", loss)
+    tensors = {k: torch.as_tensor(v) for k, v in data.items()}
+    if loss and target not in tensors:
+        raise invalid(f"data.{target}", f"the target of the {loss} loss", sorted(tensors))
+    inputs = {k: v for k, v in tensors.items() if not (loss and k == target)}
+    function, inner = fn_or_module, None
+    if isinstance(fn_or_module, torch.nn.Module):
+        module = fn_or_module
+        if example_params is None:
+            example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
+        function, inner = _functional(module)
+    params = torch.as_tensor(example_params)
+    program = torch.export.export(_as_module(function, inner), (params,), inputs)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    spec = problem_pb2.ExportedObjective(
+        program=buffer.getvalue(),
+        param_shape=list(params.shape),
+        output_loss=loss,
+        target=target if loss else "",
+    )
+    return Problem(exported=spec, data=_data(**tensors))
+
+
+def exported_archive(
+    program: bytes,
+    data: dict[str, Any],
+    *,
+    param_shape: Sequence[int] | None = None,
+    loss: str = "",
+    target: str = "y",
+) -> Problem:
+    """A problem from the bytes of a `torch.export.save` archive (no torch needed here).
+
+    `param_shape` defaults to the shape the archive declares for its first input (params).
+    """
+    if param_shape is None:
+        param_shape = _declared_params_shape(program)
+    spec = problem_pb2.ExportedObjective(
+        program=program,
+        param_shape=list(param_shape),
+        output_loss=loss,
+        target=target if loss else "",
+    )
+    return Problem(exported=spec, data=_data(**data))
+
+
+def _declared_params_shape(program: bytes) -> list[int]:
+    """The static shape the archive's graph declares for its first user input."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(program)) as archive:
+            (model,) = [n for n in archive.namelist() if n.endswith("models/model.json")]
+            graph = json.loads(archive.read(model))["graph_module"]
+        first = graph["signature"]["input_specs"]
+        name = next(s["user_input"]["arg"]["as_tensor"]["name"] for s in first if "user_input" in s)
+        return [int(d["as_int"]) for d in graph["graph"]["tensor_values"][name]["sizes"]]
+    except (zipfile.BadZipFile, ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise invalid(
+            "program", "a torch.export.save archive with a static params input", str(exc)
+        ) from None
+
+
+def _as_module(function: Any, inner: Any = None) -> Any:
+    """An nn.Module whose forward is `function(params, **data)` (what torch.export takes);
+    `inner`, a module `function` calls, is registered so export can trace it."""
+    import torch
+
+    class Program(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, params: Any, **data: Any) -> Any:
+            return function(params, **data)
+
+    return Program()
+
+
+def _functional(module: Any) -> tuple[Any, Any]:
+    """(`(flat params, **inputs) -> module(*inputs)`, the module it calls): a copy of `module`
+    with its parameters removed, so the program takes them from params, never as weights."""
+    import copy
+
+    import torch
+
+    shapes = [(name, p.shape) for name, p in module.named_parameters()]
+    stripped = copy.deepcopy(module)
+    for name, _ in shapes:
+        owner, _, leaf = name.rpartition(".")
+        sub = stripped.get_submodule(owner)
+        del sub._parameters[leaf]
+        setattr(sub, leaf, None)
+
+    def call(params: Any, **inputs: Any) -> Any:
+        values, offset = {}, 0
+        for name, shape in shapes:
+            n = shape.numel()
+            values[name] = params[offset : offset + n].reshape(shape)
+            offset += n
+        return torch.func.functional_call(stripped, values, args=tuple(inputs.values()))
+
+    return call, stripped

@@ -59,8 +59,20 @@ class QuadraticObjective(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ExportedObjective(_message.Message):
+    __slots__ = ("program", "param_shape", "output_loss", "target")
+    PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    program: bytes
+    param_shape: _containers.RepeatedScalarFieldContainer[int]
+    output_loss: str
+    target: str
+    def __init__(self, program: _Optional[bytes] = ..., param_shape: _Optional[_Iterable[int]] = ..., output_loss: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
 class Problem(_message.Message):
-    __slots__ = ("mse", "least_squares", "logistic_regression", "softmax_regression", "mlp", "rosenbrock", "quadratic", "data")
+    __slots__ = ("mse", "least_squares", "logistic_regression", "softmax_regression", "mlp", "rosenbrock", "quadratic", "exported", "data")
     class DataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +87,7 @@ class Problem(_message.Message):
     MLP_FIELD_NUMBER: _ClassVar[int]
     ROSENBROCK_FIELD_NUMBER: _ClassVar[int]
     QUADRATIC_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     mse: MseObjective
     least_squares: LeastSquaresObjective
@@ -83,5 +96,6 @@ class Problem(_message.Message):
     mlp: MlpObjective
     rosenbrock: RosenbrockObjective
     quadratic: QuadraticObjective
+    exported: ExportedObjective
     data: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, mse: _Optional[_Union[MseObjective, _Mapping]] = ..., least_squares: _Optional[_Union[LeastSquaresObjective, _Mapping]] = ..., logistic_regression: _Optional[_Union[LogisticRegressionObjective, _Mapping]] = ..., softmax_regression: _Optional[_Union[SoftmaxRegressionObjective, _Mapping]] = ..., mlp: _Optional[_Union[MlpObjective, _Mapping]] = ..., rosenbrock: _Optional[_Union[RosenbrockObjective, _Mapping]] = ..., quadratic: _Optional[_Union[QuadraticObjective, _Mapping]] = ..., data: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    def __init__(self, mse: _Optional[_Union[MseObjective, _Mapping]] = ..., least_squares: _Optional[_Union[LeastSquaresObjective, _Mapping]] = ..., logistic_regression: _Optional[_Union[LogisticRegressionObjective, _Mapping]] = ..., softmax_regression: _Optional[_Union[SoftmaxRegressionObjective, _Mapping]] = ..., mlp: _Optional[_Union[MlpObjective, _Mapping]] = ..., rosenbrock: _Optional[_Union[RosenbrockObjective, _Mapping]] = ..., quadratic: _Optional[_Union[QuadraticObjective, _Mapping]] = ..., exported: _Optional[_Union[ExportedObjective, _Mapping]] = ..., data: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...

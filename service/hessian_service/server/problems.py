@@ -9,6 +9,7 @@ caller's hold on the id).
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -67,9 +68,14 @@ def build_objective(
         )
     assert which in OBJECTIVES, which
     spec = getattr(problem, which)
+    if which == "exported" and math.prod(spec.param_shape) > max_params:  # before loading it
+        raise ResourceLimitError(
+            "problem.exported.param_shape",
+            f"{math.prod(spec.param_shape)} parameters, over the server limit of {max_params}",
+        )
     options: dict[str, Any] = {}
     for fd, value in spec.ListFields():
-        repeated = isinstance(value, Iterable) and not isinstance(value, str)
+        repeated = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
         options[fd.name] = list(value) if repeated else value
     data = {
         name: decode_tensor(problem.data[name], f"problem.data.{name}")

@@ -1,4 +1,4 @@
-"""The objective catalogue: each objective one module, registered here by name."""
+"""The objectives: the catalogue (one module each) and exported programs, registered by name."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from ..errors import UnknownNameError
 from .base import Objective
+from .exported import Exported
 from .least_squares import LeastSquares
 from .logistic_regression import LogisticRegression
 from .mlp import MLP
@@ -27,6 +28,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
         MLP,
         Rosenbrock,
         Quadratic,
+        Exported,
     )
 }
 

@@ -1,0 +1,564 @@
+"""Read and verify a torch.export archive without running or unpickling anything it carries.
+
+`torch.export.load` is not used on caller bytes: it reads the archive's example inputs with
+`torch.load` (a pickle) and imports whatever the graph names. Instead the archive (a zip) is
+read here: only `models/model.json` (the serialised graph, plain JSON) and the raw bytes of
+lifted tensor constants (`use_pickle: false` only) are used. The pickled sample inputs are
+never unpickled: their opcodes are scanned (pickletools, no execution) and an archive whose
+pickle names anything but torch's tensor-rebuild functions is refused, as is any member this
+reader does not know. Each graph node must call an allowlisted ATen
+operator (functional, deterministic, no I/O); `Program.run` then interprets exactly those
+nodes with ordinary torch ops, so autograd gives gradients and Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickletools
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import cancel
+from ..errors import ResourceLimitError, ValidationError
+
+FIELD = "problem.exported.program"
+MAX_PROGRAM_BYTES = 64 * 1024**2  # the archive as sent
+MAX_MEMBER_BYTES = 64 * 1024**2  # one member, uncompressed (a zip bomb stops here)
+MAX_NODES = 20_000
+MAX_CONSTANT_ELEMENTS = 1_000_000
+MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in float64)
+
+# Core ATen operators a loss needs, by packet name (any overload): pure functions of their
+# inputs. No factories of caller-chosen size, no random, no I/O, no in-place, no custom ops,
+# no higher-order ops.
+ALLOWED_OPS = frozenset(
+    """
+    add sub rsub mul div neg pow abs sqrt rsqrt square reciprocal exp exp2 log log2 log10
+    log1p expm1 logaddexp xlogy tanh sigmoid relu softplus gelu silu elu leaky_relu hardtanh
+    sin cos tan atan asin acos sinh cosh erf sign floor ceil round
+    matmul mm bmm addmm linear t transpose permute view reshape expand expand_as squeeze
+    unsqueeze flatten unflatten contiguous clone alias detach detach_ lift_fresh_copy
+    sum mean amax amin max min logsumexp prod norm linalg_vector_norm var std dot
+    cat stack slice select index_select gather index narrow split chunk unbind diagonal
+    tril triu where clamp clamp_min clamp_max maximum minimum eq ne lt le gt ge
+    log_softmax softmax _log_softmax _softmax conv1d conv2d convolution
+    nll_loss nll_loss_forward cross_entropy_loss mse_loss einsum embedding one_hot
+    _to_copy to type_as zeros_like ones_like full_like scalar_tensor _assert_tensor_metadata
+    """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
+)
+# In-place forms that the exporter emits on fresh copies only: run as their functional form.
+FUNCTIONAL_FORM = {"detach_": "detach"}
+
+# The archive's ScalarType codes (torch/_export/serde/schema.py) of the dtypes accepted.
+DTYPES = {
+    1: torch.uint8,
+    2: torch.int8,
+    3: torch.int16,
+    4: torch.int32,
+    5: torch.int64,
+    6: torch.float16,
+    7: torch.float32,
+    8: torch.float64,
+    12: torch.bool,
+    13: torch.bfloat16,
+}
+
+
+def refuse(expected: str, got: object | None = None, field: str = FIELD) -> ValidationError:
+    """The one error of an unacceptable program: INVALID_ARGUMENT naming what is wrong."""
+    return ValidationError(field, expected, got)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a named value of the graph (an input or an earlier node's output)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Node:
+    """One verified call: `op(*args, **kwargs)`, its results bound to `outputs`."""
+
+    name: str
+    target: str
+    op: Any
+    args: tuple
+    kwargs: dict[str, Any]
+    outputs: tuple  # names (str) or None, or ("*", [names]) for a list result
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Declared dtype and static shape of a graph value."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class Program:
+    """A verified graph: `run(params, data)` returns its one tensor output.
+
+    Stateless after construction (nodes and constants are read-only), so concurrent calls
+    share a Program safely; each call keeps its values in a local environment.
+    """
+
+    def __init__(
+        self,
+        nodes: list[Node],
+        params_name: str,
+        data_names: dict[str, str],
+        constants: dict[str, torch.Tensor],
+        output: str,
+        metas: dict[str, TensorMeta],
+    ) -> None:
+        self.nodes = nodes
+        self.params_name = params_name
+        self.data_names = data_names  # placeholder -> caller's data key
+        self.constants = constants
+        self.output = output
+        self.metas = metas
+
+    def check_shapes(self) -> None:
+        """Run every node on meta tensors (shapes only: no data, no allocation) and refuse a
+        result that differs from its declared shape, so evaluation never computes anything
+        larger than the graph declared (and bounded) before it ran."""
+        env: dict[str, Any] = {k: v.to("meta") for k, v in self.constants.items()}
+        for name in [self.params_name, *self.data_names]:
+            meta = self.metas[name]
+            env[name] = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+        for node in self.nodes:
+            args = [_bind(a, env) for a in node.args]
+            kwargs = {k: _bind(v, env) for k, v in node.kwargs.items()}
+            try:
+                result = node.op(*args, **kwargs)
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise refuse(
+                    f"node {node.name!r} ({node.target}) to accept its inputs' declared "
+                    "shapes and dtypes (static shapes, no data-dependent sizes)",
+                    first,
+                ) from None
+            for name in _store(node, result, env):
+                _check_shape(node, name, env[name], self.metas[name], FIELD)
+
+    def run(
+        self, params: torch.Tensor, data: Mapping[str, torch.Tensor], seconds: float
+    ) -> torch.Tensor:
+        """Interpret the nodes on `params` and `data`; refuse past `seconds` of wall clock."""
+        env: dict[str, Any] = dict(self.constants)
+        env[self.params_name] = params
+        for placeholder, key in self.data_names.items():
+            env[placeholder] = data[key]
+        deadline = time.monotonic() + seconds
+        for node in self.nodes:
+            cancel.check("evaluating an exported program")
+            if time.monotonic() > deadline:
+                raise ResourceLimitError(
+                    "problem.exported",
+                    f"an evaluation took over the server's limit of {seconds:g} s "
+                    f"(stopped before node {node.name!r})",
+                )
+            args = [_bind(a, env) for a in node.args]
+            kwargs = {k: _bind(v, env) for k, v in node.kwargs.items()}
+            try:
+                result = node.op(*args, **kwargs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise ValidationError(
+                    "problem.exported",
+                    f"a program that evaluates: node {node.name!r} ({node.target}) raised "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                ) from None
+            for name in _store(node, result, env):
+                _check_shape(node, name, env[name], self.metas[name])
+        out = env[self.output]
+        if not isinstance(out, torch.Tensor):
+            raise refuse("a tensor output", type(out).__name__, "problem.exported")
+        return out
+
+
+def _bind(value: Any, env: dict[str, Any]) -> Any:
+    if isinstance(value, Ref):
+        return env[value.name]
+    if isinstance(value, list):
+        return [_bind(v, env) for v in value]
+    return value
+
+
+def _store(node: Node, result: Any, env: dict[str, Any]) -> list[str]:
+    """Bind a node's results in `env`; return the names bound."""
+    if node.outputs and node.outputs[0] == "*":
+        names = node.outputs[1]
+        if not isinstance(result, (list, tuple)) or len(result) != len(names):
+            raise refuse(f"node {node.name!r} ({node.target}) to return {len(names)} tensors")
+        env.update(zip(names, result, strict=True))
+        return list(names)
+    if not node.outputs:  # a check such as _assert_tensor_metadata: nothing to bind
+        return []
+    if len(node.outputs) == 1:
+        pairs = [(node.outputs[0], result)]
+    elif not isinstance(result, (list, tuple)) or len(result) != len(node.outputs):
+        raise refuse(f"node {node.name!r} ({node.target}) to return {len(node.outputs)} values")
+    else:
+        pairs = list(zip(node.outputs, result, strict=True))
+    bound = [(name, value) for name, value in pairs if name is not None]
+    env.update(bound)
+    return [name for name, _ in bound]
+
+
+def _check_shape(
+    node: Node, name: str, value: Any, meta: TensorMeta, field: str = "problem.exported"
+) -> None:
+    """A result must be the tensor the graph declared: sizes are bounded before running."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != meta.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise refuse(
+            f"node {node.name!r} ({node.target}) to produce its declared shape {list(meta.shape)}",
+            got,
+            field,
+        )
+
+
+def _get(obj: Any, *path: Any) -> Any:
+    """obj[path...] or a refusal naming the missing JSON key."""
+    for key in path:
+        try:
+            obj = obj[key]
+        except (KeyError, IndexError, TypeError):
+            raise refuse(
+                "a torch.export archive whose models/model.json has the 2.x schema",
+                f"no {'.'.join(map(str, path))}",
+            ) from None
+    return obj
+
+
+def _member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """One member's bytes, refusing a declared size over the limit before reading it."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise refuse("a torch.export.save archive", f"no member {name!r}") from None
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise ResourceLimitError(
+            FIELD, f"member {name!r} declares {info.file_size} bytes, over {MAX_MEMBER_BYTES}"
+        )
+    try:
+        raw = archive.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise refuse("a readable zip archive", f"{name!r}: {exc}") from None
+    if len(raw) > MAX_MEMBER_BYTES:
+        raise ResourceLimitError(FIELD, f"member {name!r} is over {MAX_MEMBER_BYTES} bytes")
+    return raw
+
+
+def _json(archive: zipfile.ZipFile, name: str) -> Any:
+    try:
+        return json.loads(_member(archive, name))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise refuse("JSON", f"{name!r}: {exc}") from None
+
+
+def _meta(raw: Any, what: str) -> TensorMeta:
+    dtype = DTYPES.get(_get(raw, "dtype"))
+    if dtype is None:
+        raise refuse(f"a known dtype for {what}", raw.get("dtype"))
+    shape = []
+    for size in _get(raw, "sizes"):
+        if not isinstance(size, dict) or not isinstance(size.get("as_int"), int):
+            raise refuse(f"static shapes (no symbolic sizes) for {what}", size)
+        shape.append(size["as_int"])
+    device = raw.get("device", {}).get("type", "cpu")
+    if device != "cpu":
+        raise refuse(f"a cpu tensor for {what}", device)
+    return TensorMeta(dtype, tuple(shape))
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, str) and value in ("Infinity", "-Infinity", "NaN"):
+        return float(value.lower().replace("infinity", "inf"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise refuse("a number", value)
+    return float(value)
+
+
+def _argument(arg: Any, where: str) -> Any:
+    """A serialised argument as a Python value (tensors as Refs); refuse other kinds."""
+    if not isinstance(arg, dict) or len(arg) != 1:
+        raise refuse(f"one argument kind in {where}", arg)
+    ((kind, value),) = arg.items()
+    if kind == "as_none":
+        return None
+    if kind == "as_tensor":
+        return Ref(_get(value, "name"))
+    if kind == "as_tensors":
+        return [Ref(_get(v, "name")) for v in value]
+    if kind == "as_optional_tensors":
+        return [_argument(v, where) for v in value]
+    if kind in ("as_int", "as_bool") and isinstance(value, (int, bool)):
+        return value
+    ints = isinstance(value, list) and all(isinstance(v, (int, bool)) for v in value)
+    if kind in ("as_ints", "as_bools") and ints:
+        return list(value)
+    if kind == "as_float":
+        return _float(value)
+    if kind == "as_floats" and isinstance(value, list):
+        return [_float(v) for v in value]
+    if kind == "as_string" and isinstance(value, str):
+        return value
+    if kind == "as_scalar_type":
+        dtype = DTYPES.get(value)
+        if dtype is None:
+            raise refuse(f"a known dtype in {where}", value)
+        return dtype
+    if kind == "as_layout" and value == 7:  # strided
+        return torch.strided
+    if kind == "as_device" and isinstance(value, dict) and value.get("type") == "cpu":
+        return torch.device("cpu")
+    if kind == "as_memory_format" and value == 1:  # contiguous_format
+        return torch.contiguous_format
+    raise refuse(f"static tensor/number arguments in {where}", kind)
+
+
+def _node(raw: Any, index: int) -> Node:
+    name = str(raw.get("name", f"#{index}")) if isinstance(raw, dict) else f"#{index}"
+    target = _get(raw, "target")
+    where = f"node {name!r} ({target})"
+    parts = target.split(".") if isinstance(target, str) else []
+    if len(parts) != 5 or parts[:3] != ["torch", "ops", "aten"]:
+        raise refuse(f"allowlisted ATen operators only: {where} is not an ATen operator")
+    packet = parts[3]
+    if packet not in ALLOWED_OPS:
+        raise refuse(f"allowlisted ATen operators only: {where} is not allowed")
+    try:
+        op = getattr(getattr(torch.ops.aten, FUNCTIONAL_FORM.get(packet, packet)), parts[4])
+    except (AttributeError, RuntimeError):
+        raise refuse(f"an existing operator overload: {where} is unknown to this torch") from None
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for item in _get(raw, "inputs"):
+        value = _argument(_get(item, "arg"), where)
+        if item.get("kind", 1) == 2:
+            kwargs[str(_get(item, "name"))] = value
+        else:
+            args.append(value)
+    outputs: list[Any] = []
+    raw_outputs = _get(raw, "outputs")
+    if len(raw_outputs) == 1 and "as_tensors" in raw_outputs[0]:
+        names = [_get(v, "name") for v in raw_outputs[0]["as_tensors"]]
+        return Node(name, target, op, tuple(args), kwargs, ("*", names))
+    for out in raw_outputs:
+        if "as_tensor" in out:
+            outputs.append(_get(out, "as_tensor", "name"))
+        elif "as_none" in out:
+            outputs.append(None)
+        else:
+            raise refuse(f"tensor results from {where}", list(out))
+    return Node(name, target, op, tuple(args), kwargs, tuple(outputs))
+
+
+def _uses(value: Any) -> list[str]:
+    if isinstance(value, Ref):
+        return [value.name]
+    if isinstance(value, list):
+        return [n for v in value for n in _uses(v)]
+    return []
+
+
+def _constant_path(archive: zipfile.ZipFile, prefix: str, cname: str) -> str:
+    """The file name the constants config gives constant `cname`."""
+    config = _json(archive, f"{prefix}data/constants/model_constants_config.json")
+    return str(_get(config, "config", cname, "path_name"))
+
+
+def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) -> dict:
+    """Lifted tensor constants from raw bytes; a pickled one is refused unread."""
+    if not wanted:
+        return {}
+    config = _get(_json(archive, f"{prefix}data/constants/model_constants_config.json"), "config")
+    out: dict[str, torch.Tensor] = {}
+    for placeholder, cname in wanted.items():
+        entry = _get(config, cname)
+        if entry.get("use_pickle", True) is not False:
+            raise refuse(
+                "tensor constants stored as raw bytes (no pickles)",
+                f"constant {cname!r} is pickled",
+            )
+        meta = _meta(_get(entry, "tensor_meta"), f"constant {cname!r}")
+        numel = math.prod(meta.shape)
+        if numel > MAX_CONSTANT_ELEMENTS:
+            raise ResourceLimitError(FIELD, f"constant {cname!r} has {numel} values, over limit")
+        path = _get(entry, "path_name")
+        if not isinstance(path, str) or "/" in path or path.startswith("."):
+            raise refuse("a plain constant file name", path)
+        raw = _member(archive, f"{prefix}data/constants/{path}")
+        itemsize = torch.empty((), dtype=meta.dtype).element_size()
+        if len(raw) != numel * itemsize:
+            raise refuse(f"{numel * itemsize} bytes for constant {cname!r}", f"{len(raw)} bytes")
+        flat = torch.frombuffer(bytearray(raw), dtype=meta.dtype) if numel else torch.empty(0)
+        out[placeholder] = flat.to(meta.dtype).reshape(meta.shape)
+    return out
+
+
+# Members of a torch.export.save archive besides the constants' raw files (under its prefix).
+KNOWN_MEMBERS = frozenset(
+    {
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+    }
+)
+# The globals a torch.save of plain tensors names (what weights_only loading would allow).
+PICKLE_GLOBALS = frozenset(
+    {"torch._utils _rebuild_tensor_v2", "collections OrderedDict"}
+    | {f"torch {kind}Storage" for kind in ("Float", "Double", "Long", "Int", "Bool", "Half")}
+    | {"torch BFloat16Storage", "torch ByteStorage", "torch CharStorage", "torch ShortStorage"}
+)
+PICKLE_OPCODES_REFUSED = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
+
+
+def scan_pickle(raw: bytes, what: str) -> None:
+    """Refuse a pickle (or a torch.save zip of one) naming anything but tensor rebuilds.
+
+    Only reads opcodes (pickletools.genops): nothing is imported, called or constructed.
+    """
+    if raw[:4] == b"PK\x03\x04":
+        try:
+            inner = zipfile.ZipFile(io.BytesIO(raw))
+            names = [n for n in inner.namelist() if n.endswith(".pkl")]
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise refuse(f"a torch.save archive in {what}", str(exc)) from None
+        for name in names:
+            scan_pickle(_member(inner, name), f"{what}/{name}")
+        return
+    try:
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    except ValueError as exc:
+        raise refuse(f"a well-formed pickle in {what}", str(exc)) from None
+    for name, arg in ops:
+        if name in PICKLE_OPCODES_REFUSED or (name == "GLOBAL" and str(arg) not in PICKLE_GLOBALS):
+            raise refuse(
+                f"a pickle of plain tensors in {what} (it is never unpickled)",
+                f"opcode {name} {arg if arg is not None else ''}".strip(),
+            )
+
+
+def _check_members(archive: zipfile.ZipFile, prefix: str, constant_files: set[str]) -> None:
+    """Refuse members this reader does not know; scan the sample inputs' pickle."""
+    for name in archive.namelist():
+        inner = name.removeprefix(prefix) if name.startswith(prefix) else None
+        if inner is None or (
+            inner not in KNOWN_MEMBERS
+            and inner.removeprefix("data/constants/") not in constant_files
+        ):
+            raise refuse("only the members torch.export.save writes", f"member {name!r}")
+    weights = f"{prefix}data/weights/model_weights_config.json"
+    if weights in archive.namelist() and _get(_json(archive, weights), "config"):
+        raise refuse("no weights (parameters travel in params)", "a weights config with entries")
+    sample = f"{prefix}data/sample_inputs/model.pt"
+    if sample in archive.namelist():
+        scan_pickle(_member(archive, sample), sample)
+
+
+def load_program(blob: bytes) -> tuple[Program, list[str]]:
+    """Parse and verify archive bytes: (the Program, the data keys it takes in order).
+
+    Any malformation the checks below do not name (a JSON value of the wrong type deep in
+    the graph) is still a refusal, never an internal error.
+    """
+    try:
+        return _load_program(blob)
+    except (ValidationError, ResourceLimitError):
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError) as exc:
+        raise refuse("a well-formed torch.export graph", f"{type(exc).__name__}: {exc}") from None
+
+
+def _load_program(blob: bytes) -> tuple[Program, list[str]]:
+    if len(blob) > MAX_PROGRAM_BYTES:
+        raise ResourceLimitError(FIELD, f"{len(blob)} bytes, over {MAX_PROGRAM_BYTES}")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(blob))
+        names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise refuse("the bytes of torch.export.save (a zip archive)", str(exc)) from None
+    models = [n for n in names if n.endswith("models/model.json")]
+    if len(models) != 1:
+        raise refuse("one models/model.json in the archive", f"{len(models)}")
+    prefix = models[0].removesuffix("models/model.json")
+    doc = _json(archive, models[0])
+    module = _get(doc, "graph_module")
+    graph = _get(module, "graph")
+    raw_nodes = _get(graph, "nodes")
+    if not isinstance(raw_nodes, list) or len(raw_nodes) > MAX_NODES:
+        raise ResourceLimitError(FIELD, f"a graph of at most {MAX_NODES} nodes")
+    metas_raw = _get(graph, "tensor_values")
+    signature = _get(module, "signature")
+    user_inputs: list[str] = []
+    constants: dict[str, str] = {}
+    for spec in _get(signature, "input_specs"):
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise refuse("input specs of one kind each", spec)
+        ((kind, body),) = spec.items()
+        if kind == "user_input":
+            user_inputs.append(_get(body, "arg", "as_tensor", "name"))
+        elif kind == "tensor_constant":
+            constants[_get(body, "arg", "name")] = _get(body, "tensor_constant_name")
+        else:
+            raise refuse(
+                "a functional program: tensor inputs (params, data) and tensor constants "
+                "only (no parameters/buffers: pass them in params)",
+                f"input of kind {kind}",
+            )
+    outputs = _get(signature, "output_specs")
+    if len(outputs) != 1 or "user_output" not in outputs[0]:
+        raise refuse("one user output (the loss or the model outputs) and no mutations", outputs)
+    output = _get(outputs[0], "user_output", "arg", "as_tensor", "name")
+    arg_names = _get(module, "module_call_graph", 0, "signature", "forward_arg_names")
+    if not user_inputs or len(arg_names) != len(user_inputs):
+        raise refuse("a program taking (params, **data) tensors", f"inputs {arg_names}")
+    nodes = [_node(raw, i) for i, raw in enumerate(raw_nodes)]
+    defined = set(user_inputs) | set(constants)
+    for node in nodes:
+        for used in _uses(list(node.args)) + _uses(list(node.kwargs.values())):
+            if used not in defined:
+                raise refuse(f"node {node.name!r} ({node.target}) to use defined values", used)
+        outs = node.outputs[1] if node.outputs and node.outputs[0] == "*" else node.outputs
+        defined.update(n for n in outs if n is not None)
+    if output not in defined:
+        raise refuse("an output computed by the graph", output)
+    metas = {name: _meta(raw, f"value {name!r}") for name, raw in metas_raw.items()}
+    for name in sorted(defined - set(constants)):
+        if name not in metas:
+            raise refuse(f"a declared shape for every value, also {name!r}")
+        numel = math.prod(metas[name].shape)
+        if numel > MAX_VALUE_ELEMENTS:
+            raise ResourceLimitError(
+                FIELD,
+                f"value {name!r} declares {numel} elements, over the limit of "
+                f"{MAX_VALUE_ELEMENTS} per tensor",
+            )
+    files = {_constant_path(archive, prefix, c) for c in constants.values()}
+    _check_members(archive, prefix, files)
+    program = Program(
+        nodes,
+        user_inputs[0],
+        dict(zip(user_inputs[1:], arg_names[1:], strict=True)),
+        _constants(archive, prefix, constants),
+        output,
+        metas,
+    )
+    program.check_shapes()
+    return program, [str(a) for a in arg_names[1:]]

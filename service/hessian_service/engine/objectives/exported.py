@@ -1,0 +1,152 @@
+"""`exported`: a caller's own loss, a torch.export program verified by `export_verify`.
+
+The program takes `(params, **data)` with params shaped `param_shape` and returns the scalar
+loss, or (with `output_loss` mse / cross_entropy) the model outputs that loss is applied to,
+which gives the objective a Gauss-Newton form. Curvature comes from autograd through the
+interpreted graph, exactly as for the catalogue's pure-torch objectives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import ValidationError
+from ..validation import FLOAT_DTYPES
+from .base import Objective
+from .export_verify import Program, load_program
+
+OUTPUT_LOSSES = ("", "mse", "cross_entropy")
+EVAL_SECONDS = 60.0  # wall-clock limit of one evaluation of the program
+
+
+class Exported(Objective):
+    """A verified exported program with its data tensors (see the module docstring)."""
+
+    name = "exported"
+    option_names = ("program", "param_shape", "output_loss", "target")
+    eval_seconds = EVAL_SECONDS
+
+    def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        self.data_fields = tuple(data)  # checked against the program's inputs in _setup
+        super().__init__(data, options)
+
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        blob = options.get("program", b"")
+        if not isinstance(blob, bytes) or not blob:
+            raise ValidationError("options.program", "the bytes of torch.export.save", "nothing")
+        shape = tuple(int(s) for s in options.get("param_shape", ()))
+        if not shape or any(s < 1 for s in shape):
+            raise ValidationError(
+                "options.param_shape", "the shape of params (sizes >= 1)", list(shape)
+            )
+        output_loss = str(options.get("output_loss", ""))
+        if output_loss not in OUTPUT_LOSSES:
+            raise ValidationError("options.output_loss", "'' | mse | cross_entropy", output_loss)
+        target = str(options.get("target", "")) or "y"
+        program, keys = load_program(blob)
+        self.program: Program = program
+        wanted = set(keys) | ({target} if output_loss else set())
+        for key in sorted(set(data) ^ wanted):
+            where = "the program's inputs" if key in data else "problem.data"
+            raise ValidationError(
+                f"data.{key}", f"data tensors exactly {sorted(wanted)}", f"{key!r} not in {where}"
+            )
+        params_meta = program.metas[program.params_name]
+        if params_meta.shape != shape or params_meta.dtype not in FLOAT_DTYPES:
+            raise ValidationError(
+                "options.param_shape",
+                f"the program's params input, float32/64 of shape {list(params_meta.shape)}",
+                f"{list(shape)} ({params_meta.dtype})",
+            )
+        for placeholder, key in program.data_names.items():
+            meta, tensor = program.metas[placeholder], data[key]
+            if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+                raise ValidationError(
+                    f"data.{key}",
+                    f"{meta.dtype} of shape {list(meta.shape)} (as exported)",
+                    f"{tensor.dtype} of shape {list(tensor.shape)}",
+                )
+        out = program.metas[program.output]
+        if not output_loss and out.shape != ():
+            raise ValidationError(
+                "problem.exported",
+                f"a scalar output (the loss), or output_loss set (node {program.output!r})",
+                f"shape {list(out.shape)}",
+            )
+        self.data = dict(data)
+        self.options = {"param_shape": list(shape), "output_loss": output_loss, "target": target}
+        self.dtype = params_meta.dtype
+        self.param_shape = shape
+        self.supports_ggn = bool(output_loss)
+        if output_loss:
+            self._check_target(out.shape, target, output_loss)
+        value = self._evaluate(torch.zeros(shape, dtype=self.dtype))  # refuse what fails now
+        if not value.dtype.is_floating_point:
+            raise ValidationError("problem.exported", "a floating-point output", value.dtype)
+
+    def _check_target(self, out_shape: tuple[int, ...], target: str, loss: str) -> None:
+        y = self.data[target]
+        if loss == "mse":
+            if tuple(y.shape) != out_shape or y.dtype != self.dtype:
+                raise ValidationError(
+                    f"data.{target}",
+                    f"{self.dtype} of the outputs' shape {list(out_shape)}",
+                    f"{y.dtype} {list(y.shape)}",
+                )
+            return
+        if len(out_shape) != 2 or y.dtype != torch.int64 or tuple(y.shape) != out_shape[:1]:
+            raise ValidationError(
+                f"data.{target}",
+                f"int64 labels of shape [{out_shape[0] if out_shape else '?'}] for outputs "
+                f"(N, classes); outputs are {list(out_shape)}",
+                f"{y.dtype} {list(y.shape)}",
+            )
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= out_shape[1]:
+            raise ValidationError(
+                f"data.{target}", f"labels in [0, {out_shape[1]})", f"range [{lo}, {hi}]"
+            )
+
+    def _evaluate(self, params: torch.Tensor) -> torch.Tensor:
+        value = self.program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
+        expected = self.program.metas[self.program.output].shape
+        if tuple(value.shape) != expected:
+            raise ValidationError(
+                "problem.exported",
+                f"an output of the declared shape {list(expected)}",
+                f"shape {list(value.shape)}",
+            )
+        return value
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        if self.supports_ggn:
+            return self.output_loss(self.outputs(params))
+        return self._evaluate(params)
+
+    def outputs(self, params: torch.Tensor) -> torch.Tensor:
+        if not self.supports_ggn:
+            raise NotImplementedError("exported program without output_loss has no outputs")
+        return self._evaluate(params)
+
+    def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
+        y = self.data[self.options["target"]]
+        if self.options["output_loss"] == "mse":
+            return torch.mean((outputs - y) ** 2)
+        picked = outputs.gather(1, y.unsqueeze(1)).squeeze(1)
+        return torch.mean(torch.logsumexp(outputs, dim=1) - picked)
+
+    def init_params(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Small U(-1/sqrt(n), 1/sqrt(n)) values: zeros would be a saddle of most networks."""
+        bound = 1.0 / math.sqrt(self.num_params)
+        u = torch.rand(self.num_params, generator=generator, dtype=self.dtype)
+        return u * (2 * bound) - bound
+
+    def describe(self) -> dict[str, Any]:
+        """The base summary plus the program's size in nodes."""
+        summary = super().describe()
+        summary["nodes"] = len(self.program.nodes)
+        return summary
