@@ -3,6 +3,7 @@
 from . import problems
 from ._version import API_VERSION, __version__
 from .client import Client, Run, VersionWarning, records_frame
+from .minimize import OptimizeResult, minimize, minimize_async
 from .curvature import CurvatureResult, DensityResult, TraceResult
 from .errors import (
     Cancelled,
@@ -35,6 +36,9 @@ from .results import (
 )
 
 __all__ = [
+    "OptimizeResult",
+    "minimize",
+    "minimize_async",
     "API_VERSION",
     "Cancelled",
     "Client",
