@@ -3,7 +3,6 @@
 from . import problems
 from ._version import API_VERSION, __version__
 from .client import Client, Run, VersionWarning, records_frame
-from .minimize import OptimizeResult, minimize, minimize_async
 from .curvature import CurvatureResult, DensityResult, TraceResult
 from .errors import (
     Cancelled,
@@ -21,6 +20,7 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .minimize import OptimizeResult, minimize, minimize_async
 from .results import (
     CurvatureSummary,
     HessianResult,
@@ -36,9 +36,6 @@ from .results import (
 )
 
 __all__ = [
-    "OptimizeResult",
-    "minimize",
-    "minimize_async",
     "API_VERSION",
     "Cancelled",
     "Client",
@@ -55,6 +52,7 @@ __all__ = [
     "InvalidArgument",
     "Method",
     "NotFound",
+    "OptimizeResult",
     "PermissionDenied",
     "ResourceExhausted",
     "Run",
@@ -71,6 +69,8 @@ __all__ = [
     "Verdict",
     "VersionWarning",
     "__version__",
+    "minimize",
+    "minimize_async",
     "problems",
     "records_frame",
     "status_name",
