@@ -28,6 +28,7 @@ METHODS: dict[str, dict[str, str]] = {
     "levenberg_marquardt": {"method": "newton", "step_policy": "levenberg_marquardt"},
     "saddle_free": {"method": "saddle_free"},
     "gradient_descent": {"method": "gradient_descent"},
+    "newton_cg": {"method": "newton_cg"},
 }
 # SciPy's option names -> the server's stopping criteria
 SCIPY_OPTIONS = {"maxiter": "max_iterations", "gtol": "gradient_tolerance"}
@@ -117,13 +118,16 @@ class _Session:
     def evaluate(self, ask: Any) -> service_pb2.OptimizeRequest:
         """The Evaluation answering `ask` (the caller's functions run here)."""
         x = decode(ask.point).astype(np.float64)
-        f, g = self._loss_and_grad(x, ask.gradient)
-        out = service_pb2.Evaluation(request_id=ask.request_id, loss=f)
-        values: dict[str, Any] = {"fun": f}
+        out = service_pb2.Evaluation(request_id=ask.request_id)
+        values: dict[str, Any] = {}
+        g = None
+        if ask.loss or ask.gradient:
+            f, g = self._loss_and_grad(x, ask.gradient)
+            out.loss = values["fun"] = f
         if g is not None:
             out.gradient.CopyFrom(encode(g))
             values["jac"] = g
-            self.by_loss[f] = x
+            self.by_loss[values["fun"]] = x
         if ask.hessian:
             self.counts["nhev"] += 1
             h = np.asarray(self.hess(x, *self.args), dtype=np.float64)

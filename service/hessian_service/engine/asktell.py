@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,6 +161,16 @@ class RemoteObjective(Objective):
         self.param_shape = (int(options["num_params"]),)
         self.dtype = options["dtype"]
 
+    def product_at(self, params: torch.Tensor, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> H v at `params`, one ask (one HVP) per product: CG's products are sequential."""
+        point = params.detach().clone()
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            ask = {"point": point, "loss": False, "hvp_vectors": v.reshape(1, -1)}
+            return self.exchange.ask(ask).hvps[0]
+
+        return product
+
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         """Not differentiable here: evaluate through RemoteStepper (one ask, loss only)."""
         return torch.tensor(self.exchange.ask({"point": params.detach().clone()}).loss)
@@ -180,7 +191,7 @@ def resolve_remote_method(
     """Pick method auto from what the caller offers and n; refuse what cannot be served.
 
     A dense method needs the Hessian, or HVPs with n <= HVP_DENSE_MAX; every method needs
-    the gradient; Hessian-free methods are not offered over the stream (not built yet).
+    the gradient; newton_cg needs HVPs (one ask per CG product); gauss_newton_cg is refused.
     """
     if not capabilities.gradient:
         raise ValidationError(
@@ -188,22 +199,27 @@ def resolve_remote_method(
         )
     source = dense_source(capabilities, n)
     if options.method == "auto":
-        method = "newton" if source else "gradient_descent"
+        method = "newton" if source else "newton_cg" if capabilities.hvp else "gradient_descent"
+        offers = {"hessian": "the Hessian", "hvp": f"HVPs and n = {n} <= {HVP_DENSE_MAX}"}
         why = (
-            f"the caller offers {'the Hessian' if source == 'hessian' else 'HVPs'} and n = {n}"
+            f"the caller offers {offers[source]}"
             if source
-            else f"the caller offers no Hessian (nor HVPs with n <= {HVP_DENSE_MAX})"
+            else f"the caller offers HVPs and n = {n} > {HVP_DENSE_MAX}"
+            if capabilities.hvp
+            else "the caller offers neither the Hessian nor HVPs"
         )
         chosen = replace(options, method=method).validated("start.options")
         return chosen, f"method auto chose {method}: {why}"
-    if options.method in ("newton_cg", "gauss_newton_cg"):
+    if options.method == "gauss_newton_cg":
         raise ValidationError(
             "start.options.method",
-            "gradient_descent, newton or saddle_free (Hessian-free methods are not served "
-            "over Optimize yet)",
+            "gradient_descent, newton, saddle_free or newton_cg (Gauss-Newton products are "
+            "not served over Optimize yet)",
             options.method,
         )
-    if options.method != "gradient_descent" and source is None:
+    if options.method == "newton_cg" and not capabilities.hvp:
+        raise ValidationError("start.capabilities.hvp", "true for method newton_cg", False)
+    if options.method in ("newton", "saddle_free") and source is None:
         raise ValidationError(
             "start.capabilities",
             f"hessian, or hvp with n <= {HVP_DENSE_MAX}, for method {options.method}",

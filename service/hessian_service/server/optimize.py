@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -108,7 +110,19 @@ class Optimizer:
         )
 
     def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
-        """Resume an INTERRUPTED Optimize run under this stream."""
+        """Resume an INTERRUPTED Optimize run under this stream.
+
+        A caller whose stream just broke may reconnect before the server has seen the
+        break: wait (up to the evaluation deadline) for that run's worker to stop.
+        """
+        self.service._row(run_id, tenant)  # NOT_FOUND before waiting on another's run
+        deadline = time.monotonic() + self.service.config.optimize_evaluation_seconds
+        while (live := self.service.runs.live(run_id)) is not None:
+            if time.monotonic() >= deadline:
+                break  # resume refuses it as still executing
+            with live.cond:
+                live.cond.wait_for(lambda: live.done, timeout=0.05)
+            time.sleep(0.001)  # done: the manager forgets it right after
         row = self.service._row(run_id, tenant)
         remote = row.spec.get("remote")
         if remote is None:
@@ -263,10 +277,10 @@ def _answer_from_wire(wire: Any, ask: Ask | None) -> Answer:
     """The Answer to `ask` from the caller's Evaluation; ValidationError naming the field."""
     if ask is None:
         raise ValidationError("evaluation.request_id", "a reply to a pending request", "none")
-    if not wire.HasField("loss"):
-        raise ValidationError("evaluation.loss", "the loss (it is always asked)", "none")
+    if ask.loss and not wire.HasField("loss"):
+        raise ValidationError("evaluation.loss", "the loss (it was asked)", "none")
     n, dtype = ask.point.numel(), ask.point.dtype
-    answer = Answer(wire.loss)
+    answer = Answer(wire.loss if ask.loss else math.nan)
     if ask.gradient:
         answer.gradient = _quantity(wire, "gradient", (n,), dtype)
     if ask.hessian:
