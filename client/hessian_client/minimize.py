@@ -175,7 +175,7 @@ class _Session:
         x = decode(info.final_params).astype(np.float64).reshape(-1)
         at_x = self.seen.get(x.tobytes(), {})
         status_name = service_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
-        if self.stop_asked:
+        if self.stop_asked and status_name == "CANCELLED":
             status, message = CALLBACK_STOP_STATUS, "`callback` raised `StopIteration`."
         elif info.converged:
             status, message = 0, info.message
@@ -198,6 +198,13 @@ class _Session:
         )
 
 
+def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:
+    """The typed error of a broken stream, carrying the run id to resume ("" if none)."""
+    error = from_rpc_error(exc)
+    error.run_id = session.run_id  # type: ignore[attr-defined]
+    return error
+
+
 def minimize(
     fun: Callable[..., Any],
     x0: Any,
@@ -218,7 +225,8 @@ def minimize(
     """Minimise `fun` from `x0` on the server, SciPy-style (jac=True: fun returns (f, g)).
 
     `options`: SciPy's maxiter / gtol, the server's stopping criteria and method options.
-    `resume`: the id of an INTERRUPTED Optimize run to continue (same functions).
+    `resume`: the id of an INTERRUPTED Optimize run to continue (same functions); a broken
+    stream raises a HessianError whose `run_id` names it.
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
     message) and run_id, run_status.
     """
@@ -239,7 +247,7 @@ def minimize(
                 if reply is not None:
                     outgoing.put(reply)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise _stream_error(exc, session) from None
         finally:
             outgoing.put(None)
     return session.result()
@@ -276,5 +284,5 @@ async def minimize_async(
                     await call.write(reply)
             await call.done_writing()
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise _stream_error(exc, session) from None
     return session.result()

@@ -212,7 +212,10 @@ class Optimizer:
 
     @staticmethod
     def _add_records(response: Any, live: Any, sent: int) -> int:
-        records, _ = live.committed_from(sent)
+        """The records since `sent`, durable or not yet: the caller driving the run sees
+        each step before its next evaluation (its callback may stop the run there)."""
+        with live.cond:
+            records = live.records[sent:]
         for record in records:
             codec.record_to_wire(record, response.records.add())
         return sent + len(records)
