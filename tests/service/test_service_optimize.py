@@ -144,7 +144,7 @@ def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
         (
             lambda e: e.hessian.CopyFrom(tensors.encode(np.full((6, 6), np.nan))),
             "evaluation.hessian",
-        ),  # fmt: skip
+        ),
         (lambda e: e.ClearField("loss"), "evaluation.loss"),
         (lambda e: setattr(e, "request_id", e.request_id + 7), "evaluation.request_id"),
     ],
