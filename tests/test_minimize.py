@@ -132,3 +132,40 @@ def test_minimize_imports_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
+
+
+def test_speculative_trials_halve_the_round_trips_with_the_same_records(address):
+    x0 = start(10)
+    runs = {}
+    for speculative in (False, True):
+        res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton",
+                       options={"speculative": speculative}, address=address)  # fmt: skip
+        with Client(address) as client:
+            records = client.run(res.run_id).records()
+        steps = sum(bool(r.step_accepted) for r in records)
+        fields = [(r.loss, r.gradient_norm, r.step_norm, r.step_size) for r in records]
+        runs[speculative] = (res, steps, fields)
+    (plain, steps, fields), (fast, fast_steps, fast_fields) = runs[False], runs[True]
+    assert fast_fields == fields and fast_steps == steps
+    np.testing.assert_array_equal(fast.x, plain.x)
+    assert plain.round_trips >= 2 * steps  # a new point, then a loss-only trial
+    backtracks = plain.round_trips - 1 - 2 * steps
+    # one ask per accepted step; a backtracking step pays its backtracks and a re-ask
+    assert fast.round_trips <= 1 + steps + 2 * backtracks < plain.round_trips
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_non_finite_loss_is_a_rejected_trial_not_a_bad_reply(address, speculative):
+    """Beyond |x| = 3 this function overflows: loss inf, gradient NaN. A trial there is
+    rejected (Armijo backtracks); it must not fail the run for its NaN gradient."""
+
+    def fun(x):
+        if np.linalg.norm(x) > 3:
+            return np.inf, np.full_like(x, np.nan)
+        return 0.5 * float(x @ x), x.copy()
+
+    res = minimize(fun, [1.0, 0.5], jac=True, method="gradient_descent", address=address,
+                   options={"step_policy": "line_search", "learning_rate": 10.0,
+                            "speculative": speculative})  # fmt: skip
+    assert res.run_status == "FINISHED" and res.success, res.message
+    np.testing.assert_allclose(res.x, 0.0, atol=1e-10)

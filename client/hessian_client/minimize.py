@@ -74,7 +74,7 @@ class _Session:
         self.method = method or "auto"
         self.callback = callback
         self.tol, self.options, self.name = tol, dict(options or {}), name
-        self.counts = {"nfev": 0, "njev": 0, "nhev": 0}
+        self.counts = {"nfev": 0, "njev": 0, "nhev": 0, "round_trips": 0}
         self.seen: dict[bytes, dict[str, Any]] = {}  # values at each point asked (by bytes)
         self.by_loss: dict[float, np.ndarray] = {}
         self.stop_asked = False
@@ -84,6 +84,7 @@ class _Session:
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
         opts.pop("disp", None)
+        speculative = bool(opts.pop("speculative", False))
         stopping = {SCIPY_OPTIONS.get(k, k): opts.pop(k) for k in list(opts)
                     if SCIPY_OPTIONS.get(k, k) in STOP_KEYS}  # fmt: skip
         stopping.setdefault("max_iterations", DEFAULT_MAXITER)
@@ -99,6 +100,7 @@ class _Session:
                 hvp=callable(self.hessp),
             ),
             name=self.name,
+            speculative=speculative,
         )
         return service_pb2.OptimizeRequest(start=start)
 
@@ -117,6 +119,7 @@ class _Session:
 
     def evaluate(self, ask: Any) -> service_pb2.OptimizeRequest:
         """The Evaluation answering `ask` (the caller's functions run here)."""
+        self.counts["round_trips"] += 1
         x = decode(ask.point).astype(np.float64)
         out = service_pb2.Evaluation(request_id=ask.request_id)
         values: dict[str, Any] = {}
@@ -224,11 +227,13 @@ def minimize(
 ) -> OptimizeResult:
     """Minimise `fun` from `x0` on the server, SciPy-style (jac=True: fun returns (f, g)).
 
-    `options`: SciPy's maxiter / gtol, the server's stopping criteria and method options.
+    `options`: SciPy's maxiter / gtol, the server's stopping criteria and method options,
+    and speculative (True: each step's first trial asks for everything a new point needs:
+    one round trip per accepted full step, a wasted gradient/Hessian per rejected trial).
     `resume`: the id of an INTERRUPTED Optimize run to continue (same functions); a broken
     stream raises a HessianError whose `run_id` names it.
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
-    message) and run_id, run_status.
+    message) and run_id, run_status, round_trips (evaluation requests answered).
     """
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
     first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()

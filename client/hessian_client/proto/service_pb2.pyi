@@ -399,18 +399,20 @@ class Capabilities(_message.Message):
     def __init__(self, gradient: _Optional[bool] = ..., hessian: _Optional[bool] = ..., hvp: _Optional[bool] = ...) -> None: ...
 
 class OptimizeStart(_message.Message):
-    __slots__ = ("initial_params", "options", "stopping", "capabilities", "name")
+    __slots__ = ("initial_params", "options", "stopping", "capabilities", "name", "speculative")
     INITIAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     initial_params: _tensor_pb2.Tensor
     options: _optimize_pb2.MethodOptions
     stopping: _optimize_pb2.StopCriteria
     capabilities: Capabilities
     name: str
-    def __init__(self, initial_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    speculative: bool
+    def __init__(self, initial_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., name: _Optional[str] = ..., speculative: _Optional[bool] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("request_id", "loss", "gradient", "hessian", "hvps")

@@ -143,14 +143,22 @@ class RemoteObjective(Objective):
     """An objective of `num_params` parameters that the caller evaluates through `exchange`.
 
     It has no torch loss: `RemoteStepper` asks the exchange instead of differentiating.
+    `speculative`: each step's first trial asks everything a new point needs (one round
+    trip per accepted full step; a rejected trial wastes a gradient and a Hessian).
     """
 
     name = "remote"
 
     def __init__(
-        self, num_params: int, dtype: torch.dtype, capabilities: Capabilities, exchange: Exchange
+        self,
+        num_params: int,
+        dtype: torch.dtype,
+        capabilities: Capabilities,
+        exchange: Exchange,
+        speculative: bool = False,
     ) -> None:
         self.capabilities = capabilities
+        self.speculative = speculative
         self.exchange = exchange
         super().__init__({}, {"num_params": num_params, "dtype": dtype})
 
@@ -234,12 +242,27 @@ class RemoteStepper(Stepper):
     """A Stepper whose points and trials are evaluated by the caller through the exchange.
 
     evaluate asks loss + gradient (+ the Hessian, or n HVPs of the identity in one message,
-    for dense methods); line-search and Levenberg-Marquardt trials ask the loss alone.
+    for dense methods); line-search, Levenberg-Marquardt and trust-region trials ask the
+    loss alone, except a speculative objective's first trial of each step, which asks what
+    evaluate would, so the accepted point needs no second round trip.
     """
 
     objective: RemoteObjective
 
+    _first_trial = False
+    _speculated: Point | None = None
+
+    def step(self, point: Point) -> Any:
+        self._first_trial, self._speculated = self.objective.speculative, None
+        return super().step(point)
+
     def evaluate(self, x: torch.Tensor) -> Point:
+        speculated, self._speculated = self._speculated, None
+        if speculated is not None and torch.equal(speculated.x, x):
+            return Point(x, speculated.loss, speculated.grad, speculated.curvature)
+        return self._ask_point(x)
+
+    def _ask_point(self, x: torch.Tensor) -> Point:
         n = x.numel()
         ask: dict[str, Any] = {"point": x.detach().clone(), "gradient": True}
         source = dense_source(self.objective.capabilities, n) if self.second_order else None
@@ -256,6 +279,10 @@ class RemoteStepper(Stepper):
         return Point(x, float(answer.loss), answer.gradient, h)
 
     def loss_at(self, x: torch.Tensor) -> float:
+        if self._first_trial:  # speculative: ask the trial for all a new point needs
+            self._first_trial = False
+            self._speculated = self._ask_point(x)
+            return self._speculated.loss
         return float(self.objective.exchange.ask({"point": x.detach().clone()}).loss)
 
 

@@ -95,8 +95,13 @@ class Optimizer:
                 f"{service.config.max_iterations}",
             )
         dtype = str(params.dtype).removeprefix("torch.")
-        remote = {"num_params": params.numel(), "dtype": dtype, "capabilities": vars(caps)}
-        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange)
+        remote = {
+            "num_params": params.numel(),
+            "dtype": dtype,
+            "capabilities": vars(caps),
+            "speculative": start.speculative,
+        }
+        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
         return service.runs.start(
             problem_id="",
             objective=objective,
@@ -130,7 +135,9 @@ class Optimizer:
                 "resume_run_id", "the id of an Optimize run (use ResumeRun for others)", run_id
             )
         caps = Capabilities(**remote["capabilities"])
-        objective = RemoteObjective(remote["num_params"], DTYPES[remote["dtype"]], caps, exchange)
+        objective = RemoteObjective(
+            remote["num_params"], DTYPES[remote["dtype"]], caps, exchange, remote["speculative"]
+        )
         return self.service.runs.resume(row, objective, row.owner)
 
     async def serve(
@@ -284,6 +291,15 @@ def _answer_from_wire(wire: Any, ask: Ask | None) -> Answer:
         raise ValidationError("evaluation.loss", "the loss (it was asked)", "none")
     n, dtype = ask.point.numel(), ask.point.dtype
     answer = Answer(wire.loss if ask.loss else math.nan)
+    if ask.loss and not math.isfinite(answer.loss):
+        # a diverged point: the engine rejects the trial or stops NON_FINITE; the other
+        # quantities there are not read (they may well be NaN too)
+        nan = torch.full((n,), math.nan, dtype=dtype)
+        answer.gradient = nan if ask.gradient else None
+        answer.hessian = torch.full((n, n), math.nan, dtype=dtype) if ask.hessian else None
+        if ask.hvp_vectors is not None:
+            answer.hvps = torch.full(tuple(ask.hvp_vectors.shape), math.nan, dtype=dtype)
+        return answer
     if ask.gradient:
         answer.gradient = _quantity(wire, "gradient", (n,), dtype)
     if ask.hessian:
