@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -169,3 +170,15 @@ def test_a_non_finite_loss_is_a_rejected_trial_not_a_bad_reply(address, speculat
                             "speculative": speculative})  # fmt: skip
     assert res.run_status == "FINISHED" and res.success, res.message
     np.testing.assert_allclose(res.x, 0.0, atol=1e-10)
+
+
+def test_concurrent_minimize_calls_answer_bit_for_bit_as_solo(address):
+    starts = [start(n) for n in (3, 7, 12, 20)]
+    solo = [minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address) for x0 in starts]
+    with ThreadPoolExecutor(len(starts)) as pool:
+        together = list(pool.map(
+            lambda x0: minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address),
+            starts))  # fmt: skip
+    for a, b in zip(solo, together, strict=True):
+        np.testing.assert_array_equal(a.x, b.x)
+        assert (a.fun, a.nit, a.nfev, a.round_trips) == (b.fun, b.nit, b.nfev, b.round_trips)

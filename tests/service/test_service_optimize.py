@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -242,3 +243,20 @@ def test_watchers_see_the_records_live(address):
     assert [r.loss for r in watched] == [r.loss for r in own]
     assert len(own) == response.finished.last_record.iteration + 1
     assert response.finished.status == service_pb2.RUN_STATUS_FINISHED
+
+
+def test_resume_run_refuses_an_optimize_run_naming_the_way(address):
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        stream.close()  # the caller goes away: INTERRUPTED
+    finally:
+        stream.close()
+    with Client(address) as client:
+        for _ in range(HANG_GUARD * 10):
+            if client.get_run(run_id).status == "INTERRUPTED":
+                break
+            time.sleep(0.1)
+        with pytest.raises(HessianError, match="resume_run_id") as err:
+            client.resume_run(run_id)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -522,6 +522,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def ResumeRun(self, request, context):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
+        if "remote" in row.spec:  # its objective lives in a caller's process
+            raise ConflictError(
+                "run_id",
+                f"run {row.run_id} is an Optimize run: resume it by opening Optimize with "
+                "resume_run_id (hessian_client.minimize(..., resume=run_id))",
+            )
         objective = self.registry.by_id(row.problem_id, tenant.scope, "run.problem_id")
         return self._info(self.runs.resume(row, objective, row.owner))
 
