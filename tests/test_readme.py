@@ -55,9 +55,7 @@ def test_quick_start_is_exactly_make_run_and_make_test() -> None:
 
 def test_rpc_table_names_every_rpc_of_the_proto() -> None:
     proto = (ROOT / "protos" / "hessian" / "v1" / "service.proto").read_text()
-    rpcs = re.findall(
-        r"^\s*rpc (\w+)\((stream )?(\w+)\) returns \((stream )?(\w+)\)", proto, re.M
-    )
+    rpcs = re.findall(r"^\s*rpc (\w+)\((stream )?(\w+)\) returns \((stream )?(\w+)\)", proto, re.M)
     rows = table_rows(section("API reference"))
     documented = {row[0].strip("`"): row[1] for row in rows}
     assert set(documented) == {name for name, *_ in rpcs}
