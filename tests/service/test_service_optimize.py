@@ -260,3 +260,20 @@ def test_resume_run_refuses_an_optimize_run_naming_the_way(address):
         with pytest.raises(HessianError, match="resume_run_id") as err:
             client.resume_run(run_id)
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_reply_to_nothing_pending_fails_the_run(address):
+    """The same evaluation twice: the second answers a request no longer pending (whether
+    or not the next one was asked yet), which fails the run naming evaluation.request_id."""
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        values = good_values(stream.read().evaluate)
+        stream.send(evaluation=values)
+        stream.send(evaluation=values)
+        info = stream.finish()
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
+    assert "evaluation.request_id" in info.message
+    assert final_info(address, run_id).status == "FAILED"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -68,24 +68,24 @@ class Exchange:
     """The one-ask-at-a-time hand-off between a run's worker thread and its caller's stream.
 
     `on_ask` (set by the stream while one is attached) is called from the worker with each
-    new Ask; `pending` is the unanswered Ask, re-sent when a new stream attaches.
+    new Ask; the stream answers it, or `fail`s the run with the error a bad reply made.
     """
 
     cancel: CancelToken
     deadline_seconds: float
-    on_ask: Any = None
+    on_ask: Callable[[Ask], None] | None = None
     pending: Ask | None = None
     _answer: Answer | BaseException | None = None
-    _ids: Any = field(default_factory=lambda: itertools.count(1))
+    _fault: EngineError | None = None
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def attach(self, on_ask: Any) -> Ask | None:
-        """A stream takes over: future asks go to `on_ask`; returns the pending Ask, if any."""
+    def attach(self, on_ask: Callable[[Ask], None]) -> None:
+        """A stream takes over: future asks go to `on_ask`."""
         with self._cond:
             self.on_ask = on_ask
-            return self.pending
 
-    def detach(self, on_ask: Any, reason: str) -> None:
+    def detach(self, on_ask: Callable[[Ask], None], reason: str) -> None:
         """The stream `on_ask` ended: the run waiting on it is interrupted with `reason`."""
         with self._cond:
             if self.on_ask is not on_ask:
@@ -94,23 +94,33 @@ class Exchange:
             self._answer = CallerLost(reason)
             self._cond.notify_all()
 
-    def answer(self, request_id: int, values: Answer | EngineError) -> None:
-        """Deliver the values (or the error that fails the run) for Ask `request_id`."""
+    def answer(self, request_id: int, decode: Callable[[Ask], Answer]) -> None:
+        """Answer Ask `request_id` with `decode(ask)`; ValidationError if it is not pending
+        (or `decode` finds the reply bad)."""
         with self._cond:
-            if self.pending is None or self.pending.request_id != request_id:
+            pending = self.pending
+            if pending is None or pending.request_id != request_id:
                 raise ValidationError(
                     "evaluation.request_id",
                     f"the id of the pending evaluation request "
-                    f"({self.pending.request_id if self.pending else 'none pending'})",
+                    f"({pending.request_id if pending else 'none is pending'})",
                     request_id,
                 )
-            self._answer = values
+            self._answer, self.pending = decode(pending), None  # a second reply is to nothing
+            self._cond.notify_all()
+
+    def fail(self, error: EngineError) -> None:
+        """A bad reply: the waiting ask (or, if none waits, the next one) raises `error`."""
+        with self._cond:
+            self._fault = self._answer = error
             self._cond.notify_all()
 
     def ask(self, ask_values: dict[str, Any]) -> Answer:
         """Post an Ask (worker thread) and wait for its Answer; raise CallerLost, Cancelled
         or the ValidationError a bad reply became."""
         with self._cond:
+            if self._fault is not None:
+                raise self._fault
             ask = Ask(next(self._ids), **ask_values)
             self.pending, self._answer = ask, None
             on_ask = self.on_ask
@@ -132,8 +142,6 @@ class Exchange:
                     )
                 self._cond.wait(min(left, WAIT_SLICE_SECONDS))
             answer, self._answer = self._answer, None
-            if not isinstance(answer, CallerLost):
-                self.pending = None
         if isinstance(answer, BaseException):
             raise answer
         return answer

@@ -31,7 +31,7 @@ from ..engine.asktell import (
     resolve_remote_method,
 )
 from ..engine.cancel import CancelToken
-from ..engine.errors import EngineError, ResourceLimitError, ValidationError
+from ..engine.errors import ResourceLimitError, ValidationError
 from ..store import RunRow
 from . import codec
 from .auth import Tenant
@@ -102,7 +102,7 @@ class Optimizer:
             "speculative": start.speculative,
         }
         objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
-        return service.runs.start(
+        row = service.runs.start(
             problem_id="",
             objective=objective,
             params=params,
@@ -113,6 +113,9 @@ class Optimizer:
             method_note=note,
             remote=remote,
         )
+        if service.config.max_stored_runs:
+            service.store.enforce_retention(service.config.max_stored_runs)
+        return row
 
     def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
         """Resume an INTERRUPTED Optimize run under this stream.
@@ -228,33 +231,19 @@ class Optimizer:
         return sent + len(records)
 
     def _on_request(self, request: Any, exchange: Exchange, run_id: str) -> None:
-        """A caller message mid-run: values for the pending ask, or stop."""
+        """A caller message mid-run: values for the pending ask, or stop. Any flaw fails the
+        run, its message naming the field."""
         kind = request.WhichOneof("kind")
         if kind == "stop":
             self.service.runs.cancel(run_id)
             return
-        pending = exchange.pending
-        if kind != "evaluation":
-            error: EngineError = ValidationError(
-                "kind", "evaluation or stop after the first request", kind
-            )
-        else:
-            try:
-                error = None
-                answer = _answer_from_wire(request.evaluation, pending)
-            except ValidationError as exc:
-                error = exc
-        request_id = request.evaluation.request_id if kind == "evaluation" else 0
-        if pending is None or request_id != pending.request_id:
-            error = error or ValidationError(
-                "evaluation.request_id",
-                f"the pending request's id ({pending.request_id if pending else 'none'})",
-                request_id,
-            )
-        if pending is None:
-            return  # nothing waits: the run is ending; its finish ends the stream
-        with contextlib.suppress(ValidationError):  # answered meanwhile by the deadline
-            exchange.answer(pending.request_id, error if error is not None else answer)
+        try:
+            if kind != "evaluation":
+                raise ValidationError("kind", "evaluation or stop after the first request", kind)
+            wire = request.evaluation
+            exchange.answer(wire.request_id, lambda ask: _answer_from_wire(wire, ask))
+        except ValidationError as exc:
+            exchange.fail(exc)
 
 
 def _ask_to_wire(ask: Ask, out: Any) -> None:
@@ -283,10 +272,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _answer_from_wire(wire: Any, ask: Ask | None) -> Answer:
+def _answer_from_wire(wire: Any, ask: Ask) -> Answer:
     """The Answer to `ask` from the caller's Evaluation; ValidationError naming the field."""
-    if ask is None:
-        raise ValidationError("evaluation.request_id", "a reply to a pending request", "none")
     if ask.loss and not wire.HasField("loss"):
         raise ValidationError("evaluation.loss", "the loss (it was asked)", "none")
     n, dtype = ask.point.numel(), ask.point.dtype
