@@ -277,3 +277,22 @@ def test_a_reply_to_nothing_pending_fails_the_run(address):
     assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
     assert "evaluation.request_id" in info.message
     assert final_info(address, run_id).status == "FAILED"
+
+
+def test_garbage_bytes_mid_run_fail_the_run_not_internal(address):
+    """Raw bytes (identity serializers): a valid start, then a truncated varint tag."""
+    outgoing: queue.Queue = queue.Queue()
+    outgoing.put(start_request().SerializeToString())
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream("/hessian.v1.HessianService/Optimize")(
+            iter(outgoing.get, None), timeout=HANG_GUARD
+        )
+        responses = (service_pb2.OptimizeResponse.FromString(raw) for raw in call)
+        run_id = next(responses).started.run_id
+        assert next(responses).WhichOneof("kind") == "evaluate"
+        outgoing.put(b"\xff\xff\xff\xff\x0f")
+        last = list(responses)[-1]
+        outgoing.put(None)
+    assert last.finished.status == service_pb2.RUN_STATUS_FAILED
+    assert last.finished.message.startswith("request: expected an OptimizeRequest message")
+    assert final_info(address, run_id).status == "FAILED"

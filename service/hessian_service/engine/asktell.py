@@ -91,7 +91,8 @@ class Exchange:
             if self.on_ask is not on_ask:
                 return
             self.on_ask = None
-            self._answer = CallerLost(reason)
+            if self._answer is None:  # a reply or a bad reply's error already delivered stays
+                self._answer = CallerLost(reason)
             self._cond.notify_all()
 
     def answer(self, request_id: int, decode: Callable[[Ask], Answer]) -> None:

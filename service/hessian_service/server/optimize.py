@@ -18,7 +18,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import grpc
 import torch
+from google.protobuf.message import DecodeError
 from hessian_client.proto import service_pb2
 
 from ..engine import StopCriteria
@@ -149,7 +151,10 @@ class Optimizer:
         """The handler: first request starts or resumes, then ask / reply until the run ends."""
         tenant = self.service.tenancy.of(context)
         incoming = requests.__aiter__()
-        first = await anext(incoming, None)
+        try:
+            first = await anext(incoming, None)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_a_request(exc))
         if first is None:
             return
         with self._slot(tenant):
@@ -190,6 +195,8 @@ class Optimizer:
             try:
                 async for request in incoming:
                     post("request", request)
+            except DecodeError as exc:  # garbage mid-run: a bad reply
+                post("garbage", ValidationError("request", "an OptimizeRequest message", exc))
             finally:
                 post("eof")
 
@@ -205,6 +212,8 @@ class Optimizer:
                     yield response
                 elif event == "request":
                     self._on_request(value, exchange, run_id)
+                elif event == "garbage":
+                    exchange.fail(value)
                 elif event == "eof":
                     exchange.detach(on_ask, "the caller closed its Optimize stream")
             row = await asyncio.to_thread(self.service._row, run_id, tenant)
@@ -244,6 +253,11 @@ class Optimizer:
             exchange.answer(wire.request_id, lambda ask: _answer_from_wire(wire, ask))
         except ValidationError as exc:
             exchange.fail(exc)
+
+
+def _not_a_request(error: Exception) -> str:
+    name = service_pb2.OptimizeRequest.DESCRIPTOR.full_name
+    return f"request: not a valid {name} message ({error})"
 
 
 def _ask_to_wire(ask: Ask, out: Any) -> None:
