@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from hessian_client import Client, InvalidArgument, minimize, minimize_async
+from hessian_client import Client, InvalidArgument, ResourceExhausted, minimize, minimize_async
 from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import minimize as scipy_minimize
 from scipy.optimize import rosen, rosen_der, rosen_hess, rosen_hess_prod
@@ -182,3 +182,19 @@ def test_concurrent_minimize_calls_answer_bit_for_bit_as_solo(address):
     for a, b in zip(solo, together, strict=True):
         np.testing.assert_array_equal(a.x, b.x)
         assert (a.fun, a.nit, a.nfev, a.round_trips) == (b.fun, b.nit, b.nfev, b.round_trips)
+
+
+def test_a_dense_hessian_over_the_message_limit_is_refused_up_front(tmp_path):
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path), max_message_bytes=4 << 20)
+    )
+    try:
+        n = 1000  # 8 MB of float64 Hessian: over a 4 MiB message
+        with pytest.raises(ResourceExhausted, match=r"start\.capabilities\.hessian"):
+            minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
+                     address=server.address)  # fmt: skip
+        with pytest.raises(ResourceExhausted, match=r"start\.options"):
+            minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
+                     options={"dense_budget_bytes": 1000}, address=server.address)  # fmt: skip
+    finally:
+        server.stop(grace=1.0)

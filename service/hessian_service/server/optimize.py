@@ -30,9 +30,11 @@ from ..engine.asktell import (
     Capabilities,
     Exchange,
     RemoteObjective,
+    dense_source,
     resolve_remote_method,
 )
 from ..engine.cancel import CancelToken
+from ..engine.curvature import check_dense_budget
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..store import RunRow
 from . import codec
@@ -88,7 +90,12 @@ class Optimizer:
         values = codec.options_to_dict(start.options, "start.options")
         values.setdefault("method", "auto")
         options = service._method_options(values, "start.options")
-        options, note = resolve_remote_method(options, caps, params.numel())
+        n = params.numel()
+        options, note = resolve_remote_method(options, caps, n)
+        if options.method in ("newton", "saddle_free"):
+            check_dense_budget(n, options.dense_budget_bytes, params.dtype, "start.options")
+            if dense_source(caps, n) == "hessian":  # the caller sends it: it must fit a message
+                service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")
         stopping = StopCriteria.from_dict(codec.stopping_to_dict(start.stopping), "start.stopping")
         if stopping.max_iterations > service.config.max_iterations:
             raise ResourceLimitError(
