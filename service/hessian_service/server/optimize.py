@@ -39,7 +39,7 @@ from ..engine.errors import ResourceLimitError, ValidationError
 from ..store import RunRow
 from . import codec
 from .auth import Tenant
-from .errors import LimitError
+from .errors import LimitError, NotFoundError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -132,7 +132,10 @@ class Optimizer:
         A caller whose stream just broke may reconnect before the server has seen the
         break: wait (up to the evaluation deadline) for that run's worker to stop.
         """
-        self.service._row(run_id, tenant)  # NOT_FOUND before waiting on another's run
+        try:  # NOT_FOUND before waiting on another's run
+            self.service._row(run_id, tenant)
+        except NotFoundError:
+            raise NotFoundError("resume_run_id", f"run with id {run_id!r}") from None
         deadline = time.monotonic() + self.service.config.optimize_evaluation_seconds
         while (live := self.service.runs.live(run_id)) is not None:
             if time.monotonic() >= deadline:
@@ -189,7 +192,7 @@ class Optimizer:
         elif kind == "resume_run_id":
             row = await asyncio.to_thread(self._resume, first.resume_run_id, tenant, exchange)
         else:
-            raise ValidationError("kind", "start or resume_run_id in the first request", kind)
+            raise ValidationError("start", "start or resume_run_id in the first request", kind)
         run_id = row.run_id
         live = self.service.runs.live(run_id)
         unlisten = None
@@ -255,7 +258,9 @@ class Optimizer:
             return
         try:
             if kind != "evaluation":
-                raise ValidationError("kind", "evaluation or stop after the first request", kind)
+                raise ValidationError(
+                    "evaluation", "evaluation or stop after the first request", kind
+                )
             wire = request.evaluation
             exchange.answer(wire.request_id, lambda ask: _answer_from_wire(wire, ask))
         except ValidationError as exc:
