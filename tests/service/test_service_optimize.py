@@ -296,3 +296,33 @@ def test_garbage_bytes_mid_run_fail_the_run_not_internal(address):
     assert last.finished.status == service_pb2.RUN_STATUS_FAILED
     assert last.finished.message.startswith("request: expected an OptimizeRequest message")
     assert final_info(address, run_id).status == "FAILED"
+
+
+def test_server_killed_mid_run_then_restarted_resumes_to_the_same_records(tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = spawn_server(tmp_path, port)
+    try:
+        plain = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address)
+        calls = {"n": 0}
+
+        def fun(x):
+            calls["n"] += 1
+            if calls["n"] == plain.nfev // 2:
+                proc.kill()  # SIGKILL: no shutdown, no final write
+                proc.wait(timeout=60)
+            return rosen(x)
+
+        with pytest.raises(HessianError) as err:
+            minimize(fun, X0, jac=rosen_der, hess=rosen_hess, address=address)
+        run_id = err.value.run_id
+        assert run_id
+        proc = spawn_server(tmp_path, port)
+        assert final_info(address, run_id).status == "INTERRUPTED"
+        res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, resume=run_id, address=address)
+        assert res.run_status == "FINISHED"
+        np.testing.assert_array_equal(res.x, plain.x)
+        assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
