@@ -199,7 +199,6 @@ class Optimizer:
         if live is not None:
             exchange.cancel = live.cancel
             unlisten = live.listen(lambda: post("poke"))
-        yield service_pb2.OptimizeResponse(started=self.service._info(row))
 
         async def read() -> None:
             try:
@@ -213,6 +212,7 @@ class Optimizer:
         reader = asyncio.ensure_future(read())
         sent = 0
         try:
+            yield service_pb2.OptimizeResponse(started=self.service._info(row))
             while live is not None and not live.done:
                 event, value = await events.get()
                 if event == "ask":
