@@ -20,7 +20,7 @@ import torch
 
 from .cancel import Cancelled, CancelToken
 from .errors import EngineError, ValidationError
-from .methods import Point, Stepper
+from .methods import Point, Step, Stepper
 from .objectives.base import Objective
 from .options import MethodOptions
 
@@ -261,7 +261,7 @@ class RemoteStepper(Stepper):
     _first_trial = False
     _speculated: Point | None = None
 
-    def step(self, point: Point) -> Any:
+    def step(self, point: Point) -> Step:
         self._first_trial, self._speculated = self.objective.speculative, None
         return super().step(point)
 
