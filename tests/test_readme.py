@@ -55,12 +55,12 @@ def test_quick_start_is_exactly_make_run_and_make_test() -> None:
 
 def test_rpc_table_names_every_rpc_of_the_proto() -> None:
     proto = (ROOT / "protos" / "hessian" / "v1" / "service.proto").read_text()
-    rpcs = re.findall(r"^\s*rpc (\w+)\((\w+)\) returns \((stream )?(\w+)\)", proto, re.M)
+    rpcs = re.findall(r"^\s*rpc (\w+)\((stream )?(\w+)\) returns \((stream )?(\w+)\)", proto, re.M)
     rows = table_rows(section("API reference"))
     documented = {row[0].strip("`"): row[1] for row in rows}
     assert set(documented) == {name for name, *_ in rpcs}
-    for name, request, stream, response in rpcs:
-        expected = f"`{request}` -> {stream or ''}`{response}`"
+    for name, in_stream, request, stream, response in rpcs:
+        expected = f"{in_stream}`{request}` -> {stream}`{response}`"
         assert documented[name] == expected, (name, documented[name], expected)
 
 

@@ -20,6 +20,7 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .minimize import OptimizeResult, minimize, minimize_async
 from .results import (
     CurvatureSummary,
     HessianResult,
@@ -51,6 +52,7 @@ __all__ = [
     "InvalidArgument",
     "Method",
     "NotFound",
+    "OptimizeResult",
     "PermissionDenied",
     "ResourceExhausted",
     "Run",
@@ -67,6 +69,8 @@ __all__ = [
     "Verdict",
     "VersionWarning",
     "__version__",
+    "minimize",
+    "minimize_async",
     "problems",
     "records_frame",
     "status_name",

@@ -211,6 +211,18 @@ def base_requests(run_id: str, page_token: str) -> dict[str, list[Message]]:
         "DeleteProblem": [service_pb2.DeleteProblemRequest(problem_id="p-" + "0" * 40)],
         "GetServerInfo": [service_pb2.GetServerInfoRequest()],
         "Predict": [service_pb2.PredictRequest(problem=SOFTMAX, params=params)],
+        # the first message of the stream (the caller half-closes after it: INTERRUPTED)
+        "Optimize": [
+            service_pb2.OptimizeRequest(
+                start=service_pb2.OptimizeStart(
+                    initial_params=params,
+                    options=gd,
+                    stopping=stopping,
+                    capabilities=service_pb2.Capabilities(gradient=True),
+                    name="hostile",
+                )
+            )
+        ],
     }
 
 
@@ -436,7 +448,11 @@ def call(channel: grpc.Channel, rpc: str, raw: bytes) -> tuple[grpc.StatusCode, 
     """(code, details, last response bytes) of one call with an already serialized request."""
     path = f"/{SERVICE.full_name}/{rpc}"
     try:
-        if SERVICE.methods_by_name[rpc].server_streaming:
+        if SERVICE.methods_by_name[rpc].client_streaming:
+            answer = b""
+            for event in channel.stream_stream(path)(iter([raw]), timeout=30):
+                answer = event
+        elif SERVICE.methods_by_name[rpc].server_streaming:
             answer = b""
             for event in channel.unary_stream(path)(raw, timeout=30):
                 answer = event

@@ -114,6 +114,11 @@ class HessianServiceStub:
                 request_serializer=hessian_dot_v1_dot_service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=hessian_dot_v1_dot_service__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Optimize = channel.stream_stream(
+                '/hessian.v1.HessianService/Optimize',
+                request_serializer=hessian_dot_v1_dot_service__pb2.OptimizeRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.OptimizeResponse.FromString,
+                _registered_method=True)
 
 
 class HessianServiceServicer:
@@ -229,6 +234,14 @@ class HessianServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Optimize(self, request_iterator, context):
+        """The caller evaluates, the server optimises: the first request starts (or resumes) a
+        run, the server answers with evaluation requests, the caller replies with the values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HessianServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +324,11 @@ def add_HessianServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=hessian_dot_v1_dot_service__pb2.ServerInfo.SerializeToString,
+            ),
+            'Optimize': grpc.stream_stream_rpc_method_handler(
+                    servicer.Optimize,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.OptimizeRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.OptimizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +763,33 @@ class HessianService:
             '/hessian.v1.HessianService/GetServerInfo',
             hessian_dot_v1_dot_service__pb2.GetServerInfoRequest.SerializeToString,
             hessian_dot_v1_dot_service__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Optimize(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hessian.v1.HessianService/Optimize',
+            hessian_dot_v1_dot_service__pb2.OptimizeRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.OptimizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

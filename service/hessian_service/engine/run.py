@@ -141,7 +141,9 @@ class Run:
         self.params = objective.check_params(params)
         self.start_iteration = 0
         self._previous_loss: float | None = None
-        self.stepper = Stepper(objective, self.options, self.params)
+        # an objective evaluated elsewhere (asktell.RemoteObjective) brings its own Stepper
+        stepper_class = getattr(objective, "stepper_class", Stepper)
+        self.stepper = stepper_class(objective, self.options, self.params)
         self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")

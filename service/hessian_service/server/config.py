@@ -58,6 +58,8 @@ class ServerConfig:
     metrics_port: int = 0
     intra_op_threads: int = 0
     single_thread_below: int = 1_000_000
+    max_optimize_streams_per_token: int = 0  # open Optimize streams per token (0: no limit)
+    optimize_evaluation_seconds: float = 60.0  # an Optimize caller's time per evaluation
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -83,9 +85,12 @@ class ServerConfig:
             "problem_cache_bytes",
             "metrics_port",
             "single_thread_below",
+            "max_optimize_streams_per_token",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
+        if not self.optimize_evaluation_seconds > 0:
+            raise ValueError("--optimize-evaluation-seconds must be > 0")
         if self.intra_op_threads < 0:
             raise ValueError("--intra-op-threads must be >= 0 (0: usable CPUs / --workers)")
         if self.default_backend not in ("", "auto", "native", "autograd"):

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
+from ..engine.asktell import CallerLost
+from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError
 from ..engine.methods import check_supported
 from ..engine.objectives.base import Objective
@@ -229,21 +231,27 @@ class RunManager:
         name: str = "",
         owner: str = ANONYMOUS_OWNER,
         method_note: str = "",
+        remote: dict[str, Any] | None = None,
     ) -> RunRow:
         """Record a new run (QUEUED, with its starting checkpoint) and queue it.
 
         `method_note` (why method auto chose the options' method) is kept in the spec.
         Options the objective cannot serve are refused here, before anything is stored.
+        `remote`: a caller-evaluated run's declaration (asktell), kept in the spec; such a
+        run has no stored problem.
         """
         check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         if method_note:
             spec["method_note"] = method_note
+        if remote is not None:
+            spec["remote"] = remote
         row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time(), owner=owner)
         live = self._admit(run_id, 0, owner)
         try:
-            self.store.create_run(row, to_stored(Checkpoint(0, params, {})), require_problem=True)
+            checkpoint = to_stored(Checkpoint(0, params, {}))
+            self.store.create_run(row, checkpoint, require_problem=remote is None)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
             self._forget(run_id)
@@ -418,6 +426,12 @@ class RunManager:
                 if live.shutdown:
                     final.update(status="INTERRUPTED", stop_reason="shutdown")
                     final["message"] = "the server shut down; ResumeRun continues the run"
+        except CallerLost as exc:  # an Optimize stream broke or missed its deadline
+            final.update(status="INTERRUPTED", stop_reason="error", message=str(exc))
+        except Cancelled as exc:  # cancelled while waiting for an Optimize caller
+            final.update(status="CANCELLED", stop_reason="cancelled", message=str(exc))
+            if live.shutdown:
+                final.update(status="INTERRUPTED", stop_reason="shutdown")
         except EngineError as exc:
             final["message"] = str(exc)
         except StoreError as exc:

@@ -41,6 +41,7 @@ from .errors import (
     unary,
 )
 from .observability import Metrics
+from .optimize import Optimizer
 from .problems import ProblemRegistry
 from .runs import LiveRun, RunManager, from_stored
 from .threads import thread_policy
@@ -122,6 +123,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         self.tenancy = tenancy or Tenancy(bool(config.auth_token_file))
         self.metrics = metrics
         self.threads = thread_policy(config)
+        self.optimizer = Optimizer(self)
 
     @contextlib.contextmanager
     def _cancellable(self, context: grpc.ServicerContext, method: str) -> Iterator[CancelToken]:
@@ -520,6 +522,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def ResumeRun(self, request, context):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
+        if "remote" in row.spec:  # its objective lives in a caller's process
+            raise ConflictError(
+                "run_id",
+                f"run {row.run_id} is an Optimize run: resume it by opening Optimize with "
+                "resume_run_id (hessian_client.minimize(..., resume=run_id))",
+            )
         objective = self.registry.by_id(row.problem_id, tenant.scope, "run.problem_id")
         return self._info(self.runs.resume(row, objective, row.owner))
 
@@ -616,6 +624,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 return
             if not unseen and self.runs.live(run_id) is None:
                 await asyncio.sleep(WATCH_POLL_SECONDS)  # active with no live run: settling
+
+    @streaming
+    async def Optimize(self, request_iterator, context) -> AsyncIterator:
+        """The caller evaluates, the server optimises (server/optimize.py)."""
+        async for response in self.optimizer.serve(request_iterator, context):
+            yield response
 
     def _live_then_row(self, run_id: str, tenant: Tenant) -> tuple[LiveRun | None, RunRow]:
         """The live run (first: one admitted later shows as active in the row) and the row."""

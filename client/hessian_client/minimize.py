@@ -1,0 +1,293 @@
+"""`minimize`: scipy.optimize.minimize's calling convention, the server as the optimiser.
+
+The caller's functions run here (numpy in, numpy out); the server runs the method over one
+Optimize stream, asking for values at the points it needs. Every accepted step is a
+record of a normal run that other clients can watch. No torch needed.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .aio import Client as AsyncClient
+from .client import Client
+from .errors import from_rpc_error, invalid
+from .options import method_options, stop_criteria
+from .proto import service_pb2
+from .tensors import decode, encode
+
+# minimize's method names -> the server's method options
+METHODS: dict[str, dict[str, str]] = {
+    "auto": {"method": "auto"},
+    "newton": {"method": "newton"},
+    "levenberg_marquardt": {"method": "newton", "step_policy": "levenberg_marquardt"},
+    "saddle_free": {"method": "saddle_free"},
+    "gradient_descent": {"method": "gradient_descent"},
+    "newton_cg": {"method": "newton_cg"},
+}
+# SciPy's option names -> the server's stopping criteria
+SCIPY_OPTIONS = {"maxiter": "max_iterations", "gtol": "gradient_tolerance"}
+STOP_KEYS = ("max_iterations", "gradient_tolerance", "function_tolerance",
+             "parameter_tolerance", "time_limit_seconds")  # fmt: skip
+DEFAULT_MAXITER = 1000
+CALLBACK_STOP_STATUS = 99  # SciPy's status when a callback raised StopIteration
+
+
+class OptimizeResult(dict):
+    """SciPy's OptimizeResult: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+    __setattr__ = dict.__setitem__  # type: ignore[assignment]
+
+
+class _Session:
+    """The caller's side of one Optimize stream: evaluate what is asked, build the result."""
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        x0: Any,
+        args: tuple,
+        jac: Any,
+        hess: Any,
+        hessp: Any,
+        method: str | None,
+        tol: float | None,
+        callback: Callable[[OptimizeResult], Any] | None,
+        options: dict[str, Any] | None,
+        name: str,
+    ) -> None:
+        self.fun, self.args, self.jac, self.hess, self.hessp = fun, args, jac, hess, hessp
+        self.x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
+        if (method or "auto") not in METHODS:
+            raise invalid("method", f"one of {list(METHODS)}", method)
+        self.method = method or "auto"
+        self.callback = callback
+        self.tol, self.options, self.name = tol, dict(options or {}), name
+        self.counts = {"nfev": 0, "njev": 0, "nhev": 0, "round_trips": 0}
+        self.seen: dict[bytes, dict[str, Any]] = {}  # values at each point asked (by bytes)
+        self.by_loss: dict[float, np.ndarray] = {}
+        self.stop_asked = False
+        self.run_id = ""
+        self.finished: Any = None
+
+    def start_request(self) -> service_pb2.OptimizeRequest:
+        opts = dict(self.options)
+        opts.pop("disp", None)
+        speculative = bool(opts.pop("speculative", False))
+        stopping = {SCIPY_OPTIONS.get(k, k): opts.pop(k) for k in list(opts)
+                    if SCIPY_OPTIONS.get(k, k) in STOP_KEYS}  # fmt: skip
+        stopping.setdefault("max_iterations", DEFAULT_MAXITER)
+        if self.tol is not None:
+            stopping.setdefault("gradient_tolerance", self.tol)
+        start = service_pb2.OptimizeStart(
+            initial_params=encode(self.x0),
+            options=method_options(**METHODS[self.method], **opts),
+            stopping=stop_criteria(**stopping),
+            capabilities=service_pb2.Capabilities(
+                gradient=self.jac is True or callable(self.jac),
+                hessian=callable(self.hess),
+                hvp=callable(self.hessp),
+            ),
+            name=self.name,
+            speculative=speculative,
+        )
+        return service_pb2.OptimizeRequest(start=start)
+
+    def _loss_and_grad(self, x: np.ndarray, need_grad: bool) -> tuple[float, np.ndarray | None]:
+        self.counts["nfev"] += 1
+        if self.jac is True:
+            f, g = self.fun(x, *self.args)
+            if need_grad:
+                self.counts["njev"] += 1
+            return float(f), np.asarray(g, dtype=np.float64) if need_grad else None
+        f = float(self.fun(x, *self.args))
+        if not need_grad:
+            return f, None
+        self.counts["njev"] += 1
+        return f, np.asarray(self.jac(x, *self.args), dtype=np.float64)
+
+    def evaluate(self, ask: Any) -> service_pb2.OptimizeRequest:
+        """The Evaluation answering `ask` (the caller's functions run here)."""
+        self.counts["round_trips"] += 1
+        x = decode(ask.point).astype(np.float64)
+        out = service_pb2.Evaluation(request_id=ask.request_id)
+        values: dict[str, Any] = {}
+        g = None
+        if ask.loss or ask.gradient:
+            f, g = self._loss_and_grad(x, ask.gradient)
+            out.loss = values["fun"] = f
+        if g is not None:
+            out.gradient.CopyFrom(encode(g))
+            values["jac"] = g
+            self.by_loss[values["fun"]] = x
+        if ask.hessian:
+            self.counts["nhev"] += 1
+            h = np.asarray(self.hess(x, *self.args), dtype=np.float64)
+            out.hessian.CopyFrom(encode(h))
+            values["hess"] = h
+        if ask.HasField("hvp_vectors"):
+            vectors = decode(ask.hvp_vectors)
+            self.counts["nhev"] += len(vectors)
+            hv = np.stack([np.asarray(self.hessp(x, v, *self.args)) for v in vectors])
+            out.hvps.CopyFrom(encode(hv.astype(np.float64)))
+            values["hess"] = 0.5 * (hv + hv.T) if len(vectors) == x.size else None
+        self.seen.setdefault(x.tobytes(), {}).update(values)
+        return service_pb2.OptimizeRequest(evaluation=out)
+
+    def on_response(self, response: Any) -> service_pb2.OptimizeRequest | None:
+        """The request answering `response`, if any (records go to the callback first)."""
+        kind = response.WhichOneof("kind")
+        if kind == "started":
+            self.run_id = response.started.run_id
+        stop = self._callbacks(response.records)
+        if kind == "finished":
+            self.finished = response.finished
+            return None
+        if stop:
+            return service_pb2.OptimizeRequest(stop=True)
+        if kind == "evaluate":
+            return self.evaluate(response.evaluate)
+        return None
+
+    def _callbacks(self, records: Any) -> bool:
+        if self.callback is None or self.stop_asked:
+            return False
+        for record in records:
+            x = self.by_loss.get(record.loss)
+            intermediate = OptimizeResult(x=x, fun=record.loss, nit=record.iteration)
+            try:
+                self.callback(intermediate)
+            except StopIteration:
+                self.stop_asked = True
+                return True
+        return False
+
+    def result(self) -> OptimizeResult:
+        info = self.finished
+        x = decode(info.final_params).astype(np.float64).reshape(-1)
+        at_x = self.seen.get(x.tobytes(), {})
+        status_name = service_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
+        if self.stop_asked and status_name == "CANCELLED":
+            status, message = CALLBACK_STOP_STATUS, "`callback` raised `StopIteration`."
+        elif info.converged:
+            status, message = 0, info.message
+        elif info.last_record.iteration and "max_iterations" in info.message:
+            status, message = 1, info.message
+        else:
+            status, message = 2, info.message or status_name
+        return OptimizeResult(
+            x=x,
+            fun=info.last_record.loss if info.HasField("last_record") else at_x.get("fun"),
+            jac=at_x.get("jac"),
+            hess=at_x.get("hess"),
+            nit=info.last_record.iteration,
+            status=status,
+            success=bool(info.converged),
+            message=message,
+            run_id=info.run_id,
+            run_status=status_name,
+            **self.counts,
+        )
+
+
+def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:
+    """The typed error of a broken stream, carrying the run id to resume ("" if none)."""
+    error = from_rpc_error(exc)
+    error.run_id = session.run_id  # type: ignore[attr-defined]
+    return error
+
+
+def minimize(
+    fun: Callable[..., Any],
+    x0: Any,
+    args: tuple = (),
+    *,
+    jac: Any = None,
+    hess: Callable[..., Any] | None = None,
+    hessp: Callable[..., Any] | None = None,
+    method: str | None = None,
+    tol: float | None = None,
+    callback: Callable[[OptimizeResult], Any] | None = None,
+    options: dict[str, Any] | None = None,
+    address: str | None = None,
+    token: str | None = None,
+    name: str = "",
+    resume: str | None = None,
+) -> OptimizeResult:
+    """Minimise `fun` from `x0` on the server, SciPy-style (jac=True: fun returns (f, g)).
+
+    `options`: SciPy's maxiter / gtol, the server's stopping criteria and method options,
+    and speculative (True: each step's first trial asks for everything a new point needs:
+    one round trip per accepted full step, a wasted gradient/Hessian per rejected trial).
+    `resume`: the id of an INTERRUPTED Optimize run to continue (same functions); a broken
+    stream raises a HessianError whose `run_id` names it.
+    Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
+    message) and run_id, run_status, round_trips (evaluation requests answered).
+    """
+    session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
+    first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()
+    outgoing: queue.Queue[service_pb2.OptimizeRequest | None] = queue.Queue()
+    outgoing.put(first)
+
+    def requests() -> Any:
+        while (request := outgoing.get()) is not None:
+            yield request
+
+    with Client(address, token, timeout=None) as client:
+        call = client.stub.Optimize(requests(), metadata=client.metadata)
+        try:
+            for response in call:
+                reply = session.on_response(response)
+                if reply is not None:
+                    outgoing.put(reply)
+        except grpc.RpcError as exc:
+            raise _stream_error(exc, session) from None
+        finally:
+            outgoing.put(None)
+    return session.result()
+
+
+async def minimize_async(
+    fun: Callable[..., Any],
+    x0: Any,
+    args: tuple = (),
+    *,
+    jac: Any = None,
+    hess: Callable[..., Any] | None = None,
+    hessp: Callable[..., Any] | None = None,
+    method: str | None = None,
+    tol: float | None = None,
+    callback: Callable[[OptimizeResult], Any] | None = None,
+    options: dict[str, Any] | None = None,
+    address: str | None = None,
+    token: str | None = None,
+    name: str = "",
+    resume: str | None = None,
+) -> OptimizeResult:
+    """`minimize` on grpc.aio: the stream waits without blocking the event loop (the
+    caller's functions still run on it)."""
+    session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
+    first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()
+    async with AsyncClient(address, token, timeout=None) as client:
+        call = client.stub.Optimize(metadata=client.metadata)
+        try:
+            await call.write(first)
+            async for response in call:
+                reply = session.on_response(response)
+                if reply is not None:
+                    await call.write(reply)
+            await call.done_writing()
+        except grpc.RpcError as exc:
+            raise _stream_error(exc, session) from None
+    return session.result()

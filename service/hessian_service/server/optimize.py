@@ -1,0 +1,322 @@
+"""The Optimize stream: the caller evaluates, a normal run (records, watchers, cancel) optimises.
+
+The run's worker thread blocks in an asktell.Exchange; this async handler forwards each
+ask to the caller and each reply back, holding no thread while it waits. Bad replies (a
+wrong request id, a missing quantity, a wrong shape, a non-finite gradient, Hessian or
+HVP) fail the run: FAILED, its message naming the field. A broken stream or a caller past
+the per-evaluation deadline leaves the run INTERRUPTED at its checkpoint; a new stream
+naming the run id resumes it (the evaluation is asked again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+from hessian_client.proto import service_pb2
+
+from ..engine import StopCriteria
+from ..engine.asktell import (
+    Answer,
+    Ask,
+    Capabilities,
+    Exchange,
+    RemoteObjective,
+    dense_source,
+    resolve_remote_method,
+)
+from ..engine.cancel import CancelToken
+from ..engine.curvature import check_dense_budget
+from ..engine.errors import ResourceLimitError, ValidationError
+from ..store import RunRow
+from . import codec
+from .auth import Tenant
+from .errors import LimitError, NotFoundError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Optimizer:
+    """Serves Optimize streams for one servicer (its config, store, runs and run info)."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self._streams: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _slot(self, tenant: Tenant) -> Iterator[None]:
+        """Count this stream against its token's limit (max_optimize_streams_per_token)."""
+        limit = self.service.config.max_optimize_streams_per_token
+        with self._lock:
+            open_now = self._streams.get(tenant.name, 0)
+            if limit and open_now >= limit:
+                raise LimitError(
+                    "max_optimize_streams_per_token",
+                    f"this token already has {open_now} Optimize streams open, the server's "
+                    "per-token limit; close one first",
+                )
+            self._streams[tenant.name] = open_now + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams[tenant.name] -= 1
+
+    def _exchange(self) -> Exchange:
+        return Exchange(CancelToken(), self.service.config.optimize_evaluation_seconds)
+
+    def _start(self, start: Any, tenant: Tenant, exchange: Exchange) -> RunRow:
+        """Validate the declaration and start the run (a pool thread: store writes)."""
+        service = self.service
+        if len(start.name) > codec.MAX_NAME_CHARS:
+            raise ValidationError(
+                "start.name", f"at most {codec.MAX_NAME_CHARS} characters", len(start.name)
+            )
+        if not start.HasField("initial_params"):
+            raise ValidationError("start.initial_params", "the starting point (n values)", "none")
+        params = service._decode_params(start.initial_params, "start.initial_params").reshape(-1)
+        caps = Capabilities(
+            start.capabilities.gradient, start.capabilities.hessian, start.capabilities.hvp
+        )
+        values = codec.options_to_dict(start.options, "start.options")
+        values.setdefault("method", "auto")
+        options = service._method_options(values, "start.options")
+        n = params.numel()
+        options, note = resolve_remote_method(options, caps, n)
+        if options.method in ("newton", "saddle_free"):
+            check_dense_budget(n, options.dense_budget_bytes, params.dtype, "start.options")
+            if dense_source(caps, n) == "hessian":  # the caller sends it: it must fit a message
+                service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")
+        stopping = StopCriteria.from_dict(codec.stopping_to_dict(start.stopping), "start.stopping")
+        if stopping.max_iterations > service.config.max_iterations:
+            raise ResourceLimitError(
+                "start.stopping.max_iterations",
+                f"{stopping.max_iterations} is over the server limit of "
+                f"{service.config.max_iterations}",
+            )
+        dtype = str(params.dtype).removeprefix("torch.")
+        remote = {
+            "num_params": params.numel(),
+            "dtype": dtype,
+            "capabilities": vars(caps),
+            "speculative": start.speculative,
+        }
+        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
+        row = service.runs.start(
+            problem_id="",
+            objective=objective,
+            params=params,
+            options=options,
+            stopping=stopping,
+            name=start.name,
+            owner=tenant.name,
+            method_note=note,
+            remote=remote,
+        )
+        if service.config.max_stored_runs:
+            service.store.enforce_retention(service.config.max_stored_runs)
+        return row
+
+    def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
+        """Resume an INTERRUPTED Optimize run under this stream.
+
+        A caller whose stream just broke may reconnect before the server has seen the
+        break: wait (up to the evaluation deadline) for that run's worker to stop.
+        """
+        try:  # NOT_FOUND before waiting on another's run
+            self.service._row(run_id, tenant)
+        except NotFoundError:
+            raise NotFoundError("resume_run_id", f"run with id {run_id!r}") from None
+        deadline = time.monotonic() + self.service.config.optimize_evaluation_seconds
+        while (live := self.service.runs.live(run_id)) is not None:
+            if time.monotonic() >= deadline:
+                break  # resume refuses it as still executing
+            with live.cond:
+                live.cond.wait_for(lambda: live.done, timeout=0.05)
+            time.sleep(0.001)  # done: the manager forgets it right after
+        row = self.service._row(run_id, tenant)
+        remote = row.spec.get("remote")
+        if remote is None:
+            raise ValidationError(
+                "resume_run_id", "the id of an Optimize run (use ResumeRun for others)", run_id
+            )
+        caps = Capabilities(**remote["capabilities"])
+        objective = RemoteObjective(
+            remote["num_params"], DTYPES[remote["dtype"]], caps, exchange, remote["speculative"]
+        )
+        return self.service.runs.resume(row, objective, row.owner)
+
+    async def serve(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[service_pb2.OptimizeResponse]:
+        """The handler: first request starts or resumes, then ask / reply until the run ends."""
+        tenant = self.service.tenancy.of(context)
+        incoming = requests.__aiter__()
+        try:
+            first = await anext(incoming, None)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_a_request(exc))
+        if first is None:
+            return
+        with self._slot(tenant):
+            async for response in self._drive(first, incoming, tenant):
+                yield response
+
+    async def _drive(
+        self, first: Any, incoming: AsyncIterator[Any], tenant: Tenant
+    ) -> AsyncIterator[service_pb2.OptimizeResponse]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def post(kind: str, value: Any = None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server stopped
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        def on_ask(ask: Ask) -> None:
+            post("ask", ask)
+
+        exchange = self._exchange()
+        exchange.attach(on_ask)
+        kind = first.WhichOneof("kind")
+        if kind == "start":
+            row = await asyncio.to_thread(self._start, first.start, tenant, exchange)
+        elif kind == "resume_run_id":
+            row = await asyncio.to_thread(self._resume, first.resume_run_id, tenant, exchange)
+        else:
+            raise ValidationError("start", "start or resume_run_id in the first request", kind)
+        run_id = row.run_id
+        live = self.service.runs.live(run_id)
+        unlisten = None
+        if live is not None:
+            exchange.cancel = live.cancel
+            unlisten = live.listen(lambda: post("poke"))
+
+        async def read() -> None:
+            try:
+                async for request in incoming:
+                    post("request", request)
+            except DecodeError as exc:  # garbage mid-run: a bad reply
+                post("garbage", ValidationError("request", "an OptimizeRequest message", exc))
+            finally:
+                post("eof")
+
+        reader = asyncio.ensure_future(read())
+        sent = 0
+        try:
+            yield service_pb2.OptimizeResponse(started=self.service._info(row))
+            while live is not None and not live.done:
+                event, value = await events.get()
+                if event == "ask":
+                    response = service_pb2.OptimizeResponse()
+                    sent = self._add_records(response, live, sent)
+                    _ask_to_wire(value, response.evaluate)
+                    yield response
+                elif event == "request":
+                    self._on_request(value, exchange, run_id)
+                elif event == "garbage":
+                    exchange.fail(value)
+                elif event == "eof":
+                    exchange.detach(on_ask, "the caller closed its Optimize stream")
+            row = await asyncio.to_thread(self.service._row, run_id, tenant)
+            response = service_pb2.OptimizeResponse()
+            if live is not None:
+                for record in live.records[sent:]:
+                    codec.record_to_wire(record, response.records.add())
+            response.finished.CopyFrom(await asyncio.to_thread(self.service._info, row, True))
+            yield response
+        finally:
+            exchange.detach(on_ask, "the caller's Optimize stream broke")
+            reader.cancel()
+            if unlisten is not None:
+                unlisten()
+
+    @staticmethod
+    def _add_records(response: Any, live: Any, sent: int) -> int:
+        """The records since `sent`, durable or not yet: the caller driving the run sees
+        each step before its next evaluation (its callback may stop the run there)."""
+        with live.cond:
+            records = live.records[sent:]
+        for record in records:
+            codec.record_to_wire(record, response.records.add())
+        return sent + len(records)
+
+    def _on_request(self, request: Any, exchange: Exchange, run_id: str) -> None:
+        """A caller message mid-run: values for the pending ask, or stop. Any flaw fails the
+        run, its message naming the field."""
+        kind = request.WhichOneof("kind")
+        if kind == "stop":
+            self.service.runs.cancel(run_id)
+            return
+        try:
+            if kind != "evaluation":
+                raise ValidationError(
+                    "evaluation", "evaluation or stop after the first request", kind
+                )
+            wire = request.evaluation
+            exchange.answer(wire.request_id, lambda ask: _answer_from_wire(wire, ask))
+        except ValidationError as exc:
+            exchange.fail(exc)
+
+
+def _not_a_request(error: Exception) -> str:
+    name = service_pb2.OptimizeRequest.DESCRIPTOR.full_name
+    return f"request: not a valid {name} message ({error})"
+
+
+def _ask_to_wire(ask: Ask, out: Any) -> None:
+    out.request_id = ask.request_id
+    out.point.CopyFrom(codec.encode_tensor(ask.point))
+    out.loss, out.gradient, out.hessian = ask.loss, ask.gradient, ask.hessian
+    if ask.hvp_vectors is not None:
+        out.hvp_vectors.CopyFrom(codec.encode_tensor(ask.hvp_vectors))
+
+
+def _quantity(wire: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A required tensor of the reply: present, finite, of `shape` (any float dtype)."""
+    field = f"evaluation.{name}"
+    if not wire.HasField(name):
+        raise ValidationError(field, f"a tensor of shape {list(shape)} (it was asked)", "none")
+    t = codec.decode_tensor(getattr(wire, name), field)
+    if t.numel() != _numel(shape):
+        raise ValidationError(field, f"shape {list(shape)}", f"shape {list(t.shape)}")
+    return t.reshape(shape).to(dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _answer_from_wire(wire: Any, ask: Ask) -> Answer:
+    """The Answer to `ask` from the caller's Evaluation; ValidationError naming the field."""
+    if ask.loss and not wire.HasField("loss"):
+        raise ValidationError("evaluation.loss", "the loss (it was asked)", "none")
+    n, dtype = ask.point.numel(), ask.point.dtype
+    answer = Answer(wire.loss if ask.loss else math.nan)
+    if ask.loss and not math.isfinite(answer.loss):
+        # a diverged point: the engine rejects the trial or stops NON_FINITE; the other
+        # quantities there are not read (they may well be NaN too)
+        nan = torch.full((n,), math.nan, dtype=dtype)
+        answer.gradient = nan if ask.gradient else None
+        answer.hessian = torch.full((n, n), math.nan, dtype=dtype) if ask.hessian else None
+        if ask.hvp_vectors is not None:
+            answer.hvps = torch.full(tuple(ask.hvp_vectors.shape), math.nan, dtype=dtype)
+        return answer
+    if ask.gradient:
+        answer.gradient = _quantity(wire, "gradient", (n,), dtype)
+    if ask.hessian:
+        answer.hessian = _quantity(wire, "hessian", (n, n), dtype)
+    if ask.hvp_vectors is not None:
+        answer.hvps = _quantity(wire, "hvps", tuple(ask.hvp_vectors.shape), dtype)
+    return answer

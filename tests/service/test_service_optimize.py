@@ -1,0 +1,328 @@
+"""Optimize against a real server process: a caller cut off through a TCP relay (twice)
+resumes to the records of an uninterrupted run; bad replies fail the run naming the field;
+a slow caller leaves it INTERRUPTED (resumable), not stuck; CancelRun from another client
+ends it; the per-token stream limit holds; WatchRun and GetRun see the run like any other."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import free_port, spawn_server
+from hessian_client import Client, HessianError, minimize, tensors
+from hessian_client.proto import service_pb2, service_pb2_grpc
+from scipy.optimize import rosen, rosen_der, rosen_hess
+from tcp_proxy import TcpProxy
+
+EVALUATION_SECONDS = 3  # the server's per-evaluation deadline (generous: a hang guard)
+HANG_GUARD = 120  # seconds any one stream may take here
+X0 = np.array([-1.2, 1.0, 0.8, 1.4, -0.5, 0.9])
+RECORD_FIELDS = ("iteration", "loss", "gradient_norm", "step_norm", "step_size", "damping")
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory):
+    port = free_port()
+    proc = spawn_server(
+        tmp_path_factory.mktemp("optimize"),
+        port,
+        "--optimize-evaluation-seconds",
+        str(EVALUATION_SECONDS),
+        "--max-optimize-streams-per-token",
+        "2",
+        "--commit-interval-ms",
+        "20",
+    )
+    yield f"127.0.0.1:{port}"
+    proc.kill()
+    proc.wait(timeout=60)
+
+
+class Stream:
+    """A raw Optimize stream: send requests, read responses (a test drives each message)."""
+
+    def __init__(self, address: str, first: service_pb2.OptimizeRequest) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.outgoing: queue.Queue = queue.Queue()
+        self.outgoing.put(first)
+        stub = service_pb2_grpc.HessianServiceStub(self.channel)
+        self.call = stub.Optimize(iter(self.outgoing.get, None), timeout=HANG_GUARD)
+
+    def read(self) -> service_pb2.OptimizeResponse:
+        return next(self.call)
+
+    def send(self, **kind) -> None:
+        self.outgoing.put(service_pb2.OptimizeRequest(**kind))
+
+    def finish(self) -> service_pb2.RunInfo:
+        """Read to the last response; the run's final state."""
+        for response in self.call:
+            if response.WhichOneof("kind") == "finished":
+                return response.finished
+        raise AssertionError("the stream ended without a finished response")
+
+    def close(self) -> None:
+        self.outgoing.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def start_request(**capabilities) -> service_pb2.OptimizeRequest:
+    caps = capabilities or {"gradient": True, "hessian": True}
+    return service_pb2.OptimizeRequest(
+        start=service_pb2.OptimizeStart(
+            initial_params=tensors.encode(X0), capabilities=service_pb2.Capabilities(**caps)
+        )
+    )
+
+
+def good_values(ask) -> service_pb2.Evaluation:
+    x = tensors.decode(ask.point)
+    return service_pb2.Evaluation(
+        request_id=ask.request_id,
+        loss=rosen(x),
+        gradient=tensors.encode(rosen_der(x)),
+        hessian=tensors.encode(rosen_hess(x)),
+    )
+
+
+def record_tuples(address: str, run_id: str) -> list[tuple]:
+    with Client(address) as client:
+        records = client.run(run_id).records()
+    return [tuple(getattr(r, f) for f in RECORD_FIELDS) for r in records]
+
+
+def final_info(address: str, run_id: str):
+    with Client(address) as client:
+        return client.get_run(run_id)
+
+
+def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
+    plain = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, method="newton", address=address)
+    proxy = TcpProxy(address)
+    calls = {"n": 0}
+    third = plain.nfev // 3
+    cut_at = {third, 2 * third}  # loss evaluations at which the relay drops every connection
+
+    def fun(x):
+        calls["n"] += 1
+        if calls["n"] in cut_at:
+            proxy.sever()
+        return rosen(x)
+
+    run_id, cuts = None, 0
+    try:
+        for _attempt in range(3):
+            try:
+                res = minimize(fun, X0, jac=rosen_der, hess=rosen_hess, method="newton",
+                               address=proxy.address, resume=run_id)  # fmt: skip
+                break
+            except HessianError as exc:
+                assert exc.run_id, "a broken stream names its run"
+                cuts += 1
+                run_id = exc.run_id
+                assert final_info(address, run_id).status == "INTERRUPTED"
+        else:
+            raise AssertionError("three streams did not finish the run")
+    finally:
+        proxy.close()
+    assert run_id is not None and res.run_id == run_id  # cut twice, the same run resumed
+    assert cuts == 2 and plain.nfev > 6
+    assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+    np.testing.assert_array_equal(res.x, plain.x)
+    assert res.run_status == "FINISHED" and res.success
+
+
+@pytest.mark.parametrize(
+    ("spoil", "field"),
+    [
+        (lambda e: e.ClearField("gradient"), "evaluation.gradient"),
+        (lambda e: e.gradient.CopyFrom(tensors.encode(np.zeros(3))), "evaluation.gradient"),
+        (
+            lambda e: e.hessian.CopyFrom(tensors.encode(np.full((6, 6), np.nan))),
+            "evaluation.hessian",
+        ),
+        (lambda e: e.ClearField("loss"), "evaluation.loss"),
+        (lambda e: setattr(e, "request_id", e.request_id + 7), "evaluation.request_id"),
+    ],
+)
+def test_a_bad_reply_fails_the_run_naming_the_field(address, spoil, field):
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        ask = stream.read().evaluate
+        stream.send(evaluation=good_values(ask))  # good answers up to the next point's ask
+        ask = stream.read().evaluate
+        while not ask.gradient:  # a line-search trial (loss only)
+            stream.send(evaluation=good_values(ask))
+            ask = stream.read().evaluate
+        values = good_values(ask)
+        spoil(values)
+        stream.send(evaluation=values)
+        info = stream.finish()
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
+    assert field in info.message and "internal" not in info.message.lower()
+    assert final_info(address, run_id).status == "FAILED"
+
+
+def test_a_slow_caller_leaves_the_run_interrupted_and_resumable(address):
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        stream.send(evaluation=good_values(stream.read().evaluate))
+        assert stream.read().WhichOneof("kind") == "evaluate"  # never answered
+        info = stream.finish()  # the server gives up after EVALUATION_SECONDS
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_INTERRUPTED
+    assert "deadline" in info.message
+    res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, resume=run_id, address=address)
+    plain = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address)
+    assert res.run_id == run_id and res.run_status == "FINISHED"
+    np.testing.assert_array_equal(res.x, plain.x)  # as if never interrupted
+    assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+
+
+def test_cancel_run_from_another_client_ends_a_waiting_stream(address):
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        assert stream.read().WhichOneof("kind") == "evaluate"
+        with Client(address) as other:
+            assert other.get_run(run_id).status == "RUNNING"
+            other.cancel_run(run_id)
+        info = stream.finish()
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_CANCELLED
+    assert final_info(address, run_id).status == "CANCELLED"
+
+
+def test_stream_count_per_token_is_limited(address):
+    first = Stream(address, start_request())
+    second = Stream(address, start_request())
+    try:
+        first.read(), second.read()  # both started (the limit is 2)
+        third = Stream(address, start_request())
+        with pytest.raises(grpc.RpcError) as err:
+            third.read()
+        third.close()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_optimize_streams_per_token" in err.value.details()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_watchers_see_the_records_live(address):
+    stream = Stream(address, start_request())
+    watched: list = []
+    try:
+        run_id = stream.read().started.run_id
+        with Client(address) as other:
+            watcher = threading.Thread(
+                target=lambda: watched.extend(other.run(run_id).stream()), daemon=True
+            )
+            watcher.start()
+            own = []
+            while True:
+                response = stream.read()
+                own.extend(response.records)
+                if response.WhichOneof("kind") == "finished":
+                    break
+                stream.send(evaluation=good_values(response.evaluate))
+            watcher.join(HANG_GUARD)
+    finally:
+        stream.close()
+    assert [r.loss for r in watched] == [r.loss for r in own]
+    assert len(own) == response.finished.last_record.iteration + 1
+    assert response.finished.status == service_pb2.RUN_STATUS_FINISHED
+
+
+def test_resume_run_refuses_an_optimize_run_naming_the_way(address):
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        stream.close()  # the caller goes away: INTERRUPTED
+    finally:
+        stream.close()
+    with Client(address) as client:
+        for _ in range(HANG_GUARD * 10):
+            if client.get_run(run_id).status == "INTERRUPTED":
+                break
+            time.sleep(0.1)
+        with pytest.raises(HessianError, match="resume_run_id") as err:
+            client.resume_run(run_id)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_reply_to_nothing_pending_fails_the_run(address):
+    """The same evaluation twice: the second answers a request no longer pending (whether
+    or not the next one was asked yet), which fails the run naming evaluation.request_id."""
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        values = good_values(stream.read().evaluate)
+        stream.send(evaluation=values)
+        stream.send(evaluation=values)
+        info = stream.finish()
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
+    assert "evaluation.request_id" in info.message
+    assert final_info(address, run_id).status == "FAILED"
+
+
+def test_garbage_bytes_mid_run_fail_the_run_not_internal(address):
+    """Raw bytes (identity serializers): a valid start, then a truncated varint tag."""
+    outgoing: queue.Queue = queue.Queue()
+    outgoing.put(start_request().SerializeToString())
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream("/hessian.v1.HessianService/Optimize")(
+            iter(outgoing.get, None), timeout=HANG_GUARD
+        )
+        responses = (service_pb2.OptimizeResponse.FromString(raw) for raw in call)
+        run_id = next(responses).started.run_id
+        assert next(responses).WhichOneof("kind") == "evaluate"
+        outgoing.put(b"\xff\xff\xff\xff\x0f")
+        last = list(responses)[-1]
+        outgoing.put(None)
+    assert last.finished.status == service_pb2.RUN_STATUS_FAILED
+    assert last.finished.message.startswith("request: expected an OptimizeRequest message")
+    assert final_info(address, run_id).status == "FAILED"
+
+
+def test_server_killed_mid_run_then_restarted_resumes_to_the_same_records(tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = spawn_server(tmp_path, port)
+    try:
+        plain = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address)
+        calls = {"n": 0}
+
+        def fun(x):
+            calls["n"] += 1
+            if calls["n"] == plain.nfev // 2:
+                proc.kill()  # SIGKILL: no shutdown, no final write
+                proc.wait(timeout=60)
+            return rosen(x)
+
+        with pytest.raises(HessianError) as err:
+            minimize(fun, X0, jac=rosen_der, hess=rosen_hess, address=address)
+        run_id = err.value.run_id
+        assert run_id
+        proc = spawn_server(tmp_path, port)
+        assert final_info(address, run_id).status == "INTERRUPTED"
+        res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, resume=run_id, address=address)
+        assert res.run_status == "FINISHED"
+        np.testing.assert_array_equal(res.x, plain.x)
+        assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)

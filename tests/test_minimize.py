@@ -1,0 +1,200 @@
+"""hessian_client.minimize against SciPy: Rosenbrock in 2, 10 and 100 dimensions reaches
+scipy.optimize.minimize's minimum (trust-exact, Newton-CG, trust-krylov; float64) within
+1e-10 with every method, the loss never rising; SciPy's result fields and callback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hessian_client import Client, InvalidArgument, ResourceExhausted, minimize, minimize_async
+from hessian_service.server import ServerConfig, build_server
+from scipy.optimize import minimize as scipy_minimize
+from scipy.optimize import rosen, rosen_der, rosen_hess, rosen_hess_prod
+
+CURVATURE = {
+    "newton": {"hess": rosen_hess},
+    "levenberg_marquardt": {"hess": rosen_hess},
+    "saddle_free": {"hess": rosen_hess},
+    "newton_cg": {"hessp": rosen_hess_prod},
+    "auto": {"hessp": rosen_hess_prod},  # dense from n HVPs up to n = 64, else newton_cg
+}
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory):
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("min")))
+    )
+    yield server.address
+    server.stop(grace=1.0)
+
+
+def start(n: int) -> np.ndarray:
+    """A fresh random start in the global minimum's basin (0 < x < 2)."""
+    return np.random.default_rng().uniform(0.2, 1.8, n)
+
+
+def scipy_minimum(x0: np.ndarray, method: str) -> float:
+    options = {"xtol": 1e-14} if method == "Newton-CG" else {"gtol": 1e-12}
+    res = scipy_minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method=method, options=options)
+    return float(res.fun)
+
+
+@pytest.mark.parametrize("n", [2, 10, 100])
+@pytest.mark.parametrize("method", list(CURVATURE))
+def test_rosenbrock_reaches_scipys_minimum_never_rising(address, n, method):
+    x0 = start(n)
+    res = minimize(rosen, x0, jac=rosen_der, method=method, address=address, **CURVATURE[method])
+    assert res.run_status == "FINISHED", res.message  # converged, or stalled at rounding
+    for reference in ("trust-exact", "Newton-CG", "trust-krylov"):
+        assert abs(res.fun - scipy_minimum(x0, reference)) <= 1e-10, (reference, res.fun)
+    assert abs(res.fun - rosen(res.x)) <= 1e-12  # the result is the point it reports
+    with Client(address) as client:
+        records = client.run(res.run_id).records()
+    losses = [r.loss for r in records]
+    assert losses[0] == pytest.approx(rosen(x0), rel=1e-15)
+    assert all(b <= a for a, b in itertools.pairwise(losses)), "the loss rose"
+    assert records[-1].iteration == res.nit
+    # one gradient per point: the start and the end of each accepted step
+    assert res.njev == 1 + sum(bool(r.step_accepted) for r in records)
+
+
+def test_result_fields_are_scipys(address):
+    x0 = start(5)
+    res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton", address=address)
+    ref = scipy_minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="trust-exact")
+    for key in ("x", "fun", "jac", "hess", "nit", "nfev", "njev", "nhev", "status", "success",
+                "message"):  # fmt: skip
+        assert key in ref or key == "hess", key
+        assert getattr(res, key) is res[key]
+    np.testing.assert_allclose(res.x, np.ones(5), atol=1e-8)
+    np.testing.assert_array_equal(res.jac, rosen_der(res.x))  # the caller's own values at x
+    np.testing.assert_array_equal(res.hess, rosen_hess(res.x))
+    assert res.status == 0 and res.nhev == res.njev
+
+
+def test_jac_true_means_fun_returns_value_and_gradient(address):
+    x0 = start(4)
+    both = minimize(lambda x: (rosen(x), rosen_der(x)), x0, jac=True, hess=rosen_hess,
+                    address=address)  # fmt: skip
+    apart = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address)
+    np.testing.assert_array_equal(both.x, apart.x)
+    assert both.nit == apart.nit
+
+
+def test_callback_sees_each_record_live_and_stopiteration_ends_the_run(address):
+    seen = []
+    with Client(address) as watcher:
+
+        def callback(intermediate):
+            seen.append((intermediate.nit, intermediate.fun, intermediate.x))
+            if len(seen) == 3:
+                raise StopIteration
+
+        res = minimize(rosen, start(6), jac=rosen_der, hess=rosen_hess, callback=callback,
+                       options={"gtol": 0.0}, address=address)  # fmt: skip
+        info = watcher.get_run(res.run_id)
+    assert res.status == 99 and not res.success
+    assert info.status == "CANCELLED"
+    assert [nit for nit, _, _ in seen] == [0, 1, 2]
+    for _, fun, x in seen:
+        assert fun == rosen(x)  # the point the record was taken at
+
+
+def test_asyncio_variant_matches_the_sync_one(address):
+    x0 = start(8)
+    sync = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address)
+    aio = asyncio.run(minimize_async(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address))
+    np.testing.assert_array_equal(sync.x, aio.x)
+    assert (sync.nit, sync.nfev, sync.fun) == (aio.nit, aio.nfev, aio.fun)
+
+
+def test_no_gradient_is_refused_naming_the_capability(address):
+    with pytest.raises(InvalidArgument, match=r"capabilities\.gradient"):
+        minimize(rosen, start(3), address=address)
+
+
+def test_unknown_method_is_refused_before_connecting():
+    with pytest.raises(InvalidArgument, match="method"):
+        minimize(rosen, [0.0, 0.0], jac=rosen_der, method="bfgs", address="127.0.0.1:1")
+
+
+def test_minimize_imports_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from hessian_client import minimize, OptimizeResult\n"
+        "print(OptimizeResult(x=1).x)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
+
+
+def test_speculative_trials_halve_the_round_trips_with_the_same_records(address):
+    x0 = start(10)
+    runs = {}
+    for speculative in (False, True):
+        res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton",
+                       options={"speculative": speculative}, address=address)  # fmt: skip
+        with Client(address) as client:
+            records = client.run(res.run_id).records()
+        steps = sum(bool(r.step_accepted) for r in records)
+        fields = [(r.loss, r.gradient_norm, r.step_norm, r.step_size) for r in records]
+        runs[speculative] = (res, steps, fields)
+    (plain, steps, fields), (fast, fast_steps, fast_fields) = runs[False], runs[True]
+    assert fast_fields == fields and fast_steps == steps
+    np.testing.assert_array_equal(fast.x, plain.x)
+    assert plain.round_trips >= 2 * steps  # a new point, then a loss-only trial
+    backtracks = plain.round_trips - 1 - 2 * steps
+    # one ask per accepted step; a backtracking step pays its backtracks and a re-ask
+    assert fast.round_trips <= 1 + steps + 2 * backtracks < plain.round_trips
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_non_finite_loss_is_a_rejected_trial_not_a_bad_reply(address, speculative):
+    """Beyond |x| = 3 this function overflows: loss inf, gradient NaN. A trial there is
+    rejected (Armijo backtracks); it must not fail the run for its NaN gradient."""
+
+    def fun(x):
+        if np.linalg.norm(x) > 3:
+            return np.inf, np.full_like(x, np.nan)
+        return 0.5 * float(x @ x), x.copy()
+
+    res = minimize(fun, [1.0, 0.5], jac=True, method="gradient_descent", address=address,
+                   options={"step_policy": "line_search", "learning_rate": 10.0,
+                            "speculative": speculative})  # fmt: skip
+    assert res.run_status == "FINISHED" and res.success, res.message
+    np.testing.assert_allclose(res.x, 0.0, atol=1e-10)
+
+
+def test_concurrent_minimize_calls_answer_bit_for_bit_as_solo(address):
+    starts = [start(n) for n in (3, 7, 12, 20)]
+    solo = [minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address) for x0 in starts]
+    with ThreadPoolExecutor(len(starts)) as pool:
+        together = list(pool.map(
+            lambda x0: minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address),
+            starts))  # fmt: skip
+    for a, b in zip(solo, together, strict=True):
+        np.testing.assert_array_equal(a.x, b.x)
+        assert (a.fun, a.nit, a.nfev, a.round_trips) == (b.fun, b.nit, b.nfev, b.round_trips)
+
+
+def test_a_dense_hessian_over_the_message_limit_is_refused_up_front(tmp_path):
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path), max_message_bytes=4 << 20)
+    )
+    try:
+        n = 1000  # 8 MB of float64 Hessian: over a 4 MiB message
+        with pytest.raises(ResourceExhausted, match=r"start\.capabilities\.hessian"):
+            minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
+                     address=server.address)  # fmt: skip
+        with pytest.raises(ResourceExhausted, match=r"start\.options"):
+            minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
+                     options={"dense_budget_bytes": 1000}, address=server.address)  # fmt: skip
+    finally:
+        server.stop(grace=1.0)
