@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from ..engine.records import StopReason
 from ..store import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
+    LeaseLostError,
     RunNotFoundError,
     RunRow,
     RunStateError,
@@ -39,6 +40,9 @@ from ..store import (
 )
 from .errors import ConflictError, LimitError
 from .threads import ThreadPolicy
+
+if TYPE_CHECKING:
+    from .failover import LeaseKeeper
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
@@ -76,6 +80,7 @@ class LiveRun:
         self.owner = owner
         self.cancel = CancelToken()
         self.shutdown = False
+        self.lost = False  # its lease is gone: another replica may execute it now
         self.started = False
         self.records: list[StepRecord] = []
         self.durable = 0
@@ -168,6 +173,7 @@ class RunManager:
         self._orphans: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self.leases: LeaseKeeper | None = None  # set for a store shared by replicas
         store.add_commit_listener(self._on_commit)
 
     def _on_commit(self, committed: dict[str, int]) -> None:
@@ -244,6 +250,8 @@ class RunManager:
         live = self._admit(run_id, 0, owner)
         try:
             self.store.create_run(row, to_stored(Checkpoint(0, params, {})), require_problem=True)
+            if self.leases is not None:
+                self.leases.hold(live)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
             self._forget(run_id)
@@ -281,12 +289,33 @@ class RunManager:
             )
             with self._lock:
                 self._orphans.pop(row.run_id, None)
+            if self.leases is not None:
+                self.leases.hold(live)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
             self._forget(row.run_id)
             raise
         row.status, row.stop_reason, row.message = "QUEUED", "", ""
         return row
+
+    def take_over(self, row: RunRow, objective: Objective) -> None:
+        """Continue a run whose replica died (this one now holds its lease) from its latest
+        checkpoint, under the same id; records it already has are not appended again."""
+        stored = self.store.latest_checkpoint(row.run_id)
+        if stored is None:
+            raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
+        checkpoint = from_stored(stored)
+        options = MethodOptions(**row.spec["options"])
+        stopping = StopCriteria(**row.spec["stopping"])
+        base = row.last_record.iteration + 1 if row.last_record is not None else 0
+        live = self._admit(row.run_id, base, row.owner)
+        try:
+            if self.leases is not None:
+                self.leases.hold(live, acquired=True)
+            self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
+        except BaseException:
+            self._forget(row.run_id)
+            raise
 
     def settle(self, row: RunRow) -> RunRow:
         """`row` as it really is: an orphan (stopped, end not stored) is INTERRUPTED.
@@ -420,6 +449,9 @@ class RunManager:
                     final["message"] = "the server shut down; ResumeRun continues the run"
         except EngineError as exc:
             final["message"] = str(exc)
+        except LeaseLostError as exc:
+            live.lost = True
+            log.warning("run %s stops here: %s", run_id, exc)
         except StoreError as exc:
             # Its records cannot be committed: stop, drop the uncommitted (never acknowledged)
             # tail and keep the run resumable from its last checkpoint once space returns.
@@ -444,24 +476,34 @@ class RunManager:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
         finally:
-            try:
-                # not after a store error: a checkpoint past the last stored record would
-                # leave a gap in the records when the run is resumed from it
-                if run is not None and run.last_record is not None and live.error is None:
-                    self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
-            except StoreClosedError:
-                pass  # shutdown stored the run's status already; _store_end says so below
-            except (StoreError, RunStateError) as exc:
-                log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
-            try:
-                error = self._store_end(run_id, final)
-                live.error = live.error or error
-            except RunStateError as exc:
-                log.warning("could not store the end of run %s: %s", run_id, exc)
-            except Exception:
-                log.exception("could not store the end of run %s", run_id)
+            if live.lost:  # another replica owns it now: write nothing more
+                self.store.discard_queued(run_id)
+            else:
+                self._store_final(live, run, final)
             live.finish()
             self._forget(run_id)
+
+    def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
+        """Store a run's last checkpoint and its end, then give its lease up."""
+        run_id = live.run_id
+        try:
+            # not after a store error: a checkpoint past the last stored record would
+            # leave a gap in the records when the run is resumed from it
+            if run is not None and run.last_record is not None and live.error is None:
+                self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+        except StoreClosedError:
+            pass  # shutdown stored the run's status already; _store_end says so below
+        except (StoreError, RunStateError) as exc:
+            log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
+        try:
+            error = self._store_end(run_id, final)
+            live.error = live.error or error
+        except RunStateError as exc:
+            log.warning("could not store the end of run %s: %s", run_id, exc)
+        except Exception:
+            log.exception("could not store the end of run %s", run_id)
+        if self.leases is not None:
+            self.leases.release(run_id)
 
     def shutdown(self, timeout: float) -> None:
         """Stop accepting runs; stop live ones before their next iteration (records kept)."""

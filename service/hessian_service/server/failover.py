@@ -1,0 +1,152 @@
+"""Run ownership across replicas: a lease per queued or executing run, renewed while it runs,
+and takeover of runs whose replica died (their lease expired) from their last checkpoint.
+
+Bounds, with T = --lease-seconds: a replica renews every T/4; if it has not renewed
+successfully within 0.75 T of its last renewal being sent, it cancels the run before the
+next iteration (its database lease may expire at T), so it stops before the lease can be
+taken; any write it still attempts is refused by the store's generation fence. Another
+replica scans for expired leases every T/4, so a dead replica's run is taken over within
+about 1.25 T of its last renewal (plus one scan query).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..store import PostgresRunStore, StoreError
+
+if TYPE_CHECKING:
+    from .runs import LiveRun, RunManager
+
+log = logging.getLogger(__name__)
+RENEW_FRACTION = 0.25
+SAFE_FRACTION = 0.75
+
+
+class LeaseKeeper:
+    """Holds this replica's run leases and takes over runs whose leases expired."""
+
+    def __init__(
+        self,
+        store: PostgresRunStore,
+        runs: RunManager,
+        resolve: Callable[[str], object],
+        ttl_s: float,
+    ) -> None:
+        """`resolve(problem_id)` builds a run's objective for a takeover."""
+        self.store = store
+        self.runs = runs
+        self.resolve = resolve
+        self.ttl_s = ttl_s
+        self._held: dict[str, tuple[LiveRun, float]] = {}  # run -> (live, renewal sent at)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.takeovers: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+
+    def start(self) -> None:
+        """Begin renewing and scanning."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop renewing (leases then expire, unless released) and scanning."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def hold(self, live: LiveRun, acquired: bool = False) -> None:
+        """Take the run's lease (unless `acquired` already) and keep it renewed.
+
+        Raises StoreError when another replica holds a live lease on it.
+        """
+        sent = time.monotonic()
+        if not acquired and self.store.acquire_lease(live.run_id, self.ttl_s) is None:
+            raise StoreError(f"run_id: run {live.run_id} is leased to another replica")
+        with self._lock:
+            self._held[live.run_id] = (live, sent)
+
+    def release(self, run_id: str) -> None:
+        """The run ended (its end is stored): give its lease up."""
+        with self._lock:
+            self._held.pop(run_id, None)
+        try:
+            self.store.release_lease(run_id)
+        except StoreError as exc:
+            log.warning("run %s: lease not released (it expires by itself): %s", run_id, exc)
+
+    def _loop(self) -> None:
+        period = self.ttl_s * RENEW_FRACTION
+        while not self._stop.wait(period):
+            self._renew()
+            self._stop_unsafe()
+            self._scan()
+
+    def _renew(self) -> None:
+        with self._lock:
+            held = list(self._held.items())
+        for run_id, (live, _) in held:
+            sent = time.monotonic()
+            try:
+                kept = self.store.renew_lease(run_id, self.ttl_s)
+            except StoreError as exc:
+                log.warning("run %s: lease not renewed: %s", run_id, exc)
+                continue
+            with self._lock:
+                if run_id in self._held:
+                    if kept:
+                        self._held[run_id] = (live, sent)
+                    else:
+                        self._held.pop(run_id)
+            if not kept:
+                self._lose(live, "its lease was taken by another replica")
+
+    def _stop_unsafe(self) -> None:
+        """Cancel runs whose lease may expire before the next renewal could succeed."""
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                live
+                for live, sent in self._held.values()
+                if now - sent > SAFE_FRACTION * self.ttl_s
+            ]
+            for live in late:
+                self._held.pop(live.run_id, None)
+        for live in late:
+            self._lose(live, "its lease could not be renewed in time")
+
+    @staticmethod
+    def _lose(live: LiveRun, why: str) -> None:
+        log.warning("run %s: stops executing here: %s", live.run_id, why)
+        live.lost = True
+        live.cancel.cancel()
+
+    def _scan(self) -> None:
+        try:
+            expired = self.store.expired_leases()
+        except StoreError as exc:
+            log.warning("lease scan failed: %s", exc)
+            return
+        for run_id in expired:
+            if self._stop.is_set():
+                return
+            try:
+                self._take_over(run_id)
+            except Exception:
+                log.exception("run %s: takeover failed (another replica may retry)", run_id)
+
+    def _take_over(self, run_id: str) -> None:
+        if self.runs.live(run_id) is not None:
+            return
+        if self.store.acquire_lease(run_id, self.ttl_s) is None:
+            return  # another replica won it
+        row = self.store.get_run(run_id)
+        if row is None:
+            self.store.release_lease(run_id)
+            return
+        objective = self.resolve(row.problem_id)
+        self.runs.take_over(row, objective)
+        self.takeovers.append(run_id)
+        log.info("run %s: taken over from an expired lease", run_id)
