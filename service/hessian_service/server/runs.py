@@ -9,6 +9,7 @@ reads everything from the store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def to_stored(cp: Checkpoint) -> StoredCheckpoint:
@@ -174,6 +180,7 @@ class RunManager:
         self._lock = threading.Lock()
         self._stopping = False
         self.leases: LeaseKeeper | None = None  # set for a store shared by replicas
+        self._commit_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, Any]]] = {}
         store.add_commit_listener(self._on_commit)
 
     def _on_commit(self, committed: dict[str, int]) -> None:
@@ -181,6 +188,29 @@ class RunManager:
             live = self.live(run_id)
             if live is not None:
                 live.acknowledge(iteration)
+        with self._lock:
+            woken = [w for run_id in committed for w in self._commit_waiters.pop(run_id, [])]
+        for loop, future in woken:
+            loop.call_soon_threadsafe(_resolve, future)
+
+    async def committed(self, run_id: str, timeout: float) -> None:
+        """Wait (holding no thread) until the store reports a record commit of `run_id`, by
+        this replica or, on a shared store, by another one; at most `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._commit_waiters.setdefault(run_id, []).append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                waiters = self._commit_waiters.get(run_id, [])
+                if (loop, future) in waiters:
+                    waiters.remove((loop, future))
+                if not waiters:
+                    self._commit_waiters.pop(run_id, None)
 
     def queue_depth(self) -> int:
         """Runs admitted but not yet executing (waiting for a worker)."""

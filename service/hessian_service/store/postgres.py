@@ -5,7 +5,8 @@ committed in one transaction every `commit_every` records or `commit_interval_s`
 always before a status change, a checkpoint or `flush`; only committed records are
 acknowledged to the commit listeners. Every record commit also sends
 `NOTIFY hessian_records` (run id and highest iteration), delivered only when the
-transaction commits, so another replica can push them to its watchers.
+transaction commits; each store LISTENs on its own connection and passes other stores'
+commits to its commit listeners too, so a replica pushes another's records to its watchers.
 
 Schema: versioned in `hessian_meta` ('schema_version'); a newer schema than this server
 knows is refused; older ones are migrated one transaction per version under an advisory
@@ -26,6 +27,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -125,6 +127,7 @@ class PostgresRunStore(RunStore):
         self._taken: list[tuple[str, StepRecord]] = []
         self._open = True
         self._closed = threading.Event()
+        self._token = uuid.uuid4().hex[:12]  # tells this store's NOTIFYs from other stores'
         try:
             self._pool = ConnectionPool(
                 dsn,
@@ -149,6 +152,10 @@ class PostgresRunStore(RunStore):
             raise
         self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
         self._flusher.start()
+        self._listener = threading.Thread(
+            target=self._listen_loop, name="store-listen", daemon=True
+        )
+        self._listener.start()
 
     # problems
     def put_problem(self, problem_id: str, blob: bytes, owner: str = ANONYMOUS_OWNER) -> None:
@@ -476,6 +483,7 @@ class PostgresRunStore(RunStore):
             self._closed.set()
             self._wake.notify_all()
         self._flusher.join(timeout=5)
+        self._listener.join(timeout=5)
         with self._lock:
             try:
                 self.flush()
@@ -608,7 +616,7 @@ class PostgresRunStore(RunStore):
             )
             cur.execute(
                 "SELECT pg_notify(%s, %s)",
-                (NOTIFY_CHANNEL, f"{records[-1].iteration} {run_id}"),
+                (NOTIFY_CHANNEL, f"{self._token} {records[-1].iteration} {run_id}"),
             )
 
     def _flush_loop(self) -> None:
@@ -631,6 +639,22 @@ class PostgresRunStore(RunStore):
                 except Exception:  # a bug must not end the thread that keeps the T ms promise
                     log.exception("store flush failed (records stay queued; retrying)")
                     self._oldest_pending = time.monotonic()
+
+    def _listen_loop(self) -> None:
+        """Pass other stores' record commits (NOTIFY) to the commit listeners; reconnect
+        after a lost connection (a commit missed meanwhile is found by the next read)."""
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self._closed.is_set():
+                        for note in conn.notifies(timeout=0.5):  # 0.5 s: to see close()
+                            token, iteration, run_id = note.payload.split(" ", 2)
+                            if token != self._token:
+                                self._notify_committed({run_id: int(iteration)})
+            except psycopg.Error as exc:
+                log.warning("run store %s: LISTEN lost (%s); retrying", self._where(), exc)
+                self._closed.wait(1.0)
 
     @staticmethod
     def _row_values(row: RunRow) -> list[Any]:
