@@ -50,7 +50,7 @@ class Client(_Api):
     ) -> None:
         self._setup(address, token, timeout)
         creds = self._credentials(root_certificates, ca_file)
-        options = channel_options(max_message_bytes)
+        options = channel_options(max_message_bytes, self._balanced)
         if creds is not None:
             self._channel = aio.secure_channel(self.address, creds, options=options)
         else:
