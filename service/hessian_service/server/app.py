@@ -144,8 +144,12 @@ class ServerHandle:
 def open_store(config: ServerConfig) -> RunStore:
     """The store --store names: PostgreSQL for a postgresql:// DSN, else SQLite (--data-dir)."""
     if config.store:
+        password = ""
+        if config.store_password_file:
+            password = pathlib.Path(config.store_password_file).read_text().strip()
         return PostgresRunStore(
             config.store,
+            password=password,
             commit_every=config.commit_every_records,
             commit_interval_s=config.commit_interval_ms / 1000,
             replica_id=config.replica_id or f"{socket.gethostname()}-{os.getpid()}",

@@ -28,6 +28,7 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"
     data_dir: str = "./data"
     store: str = ""
+    store_password_file: str = ""
     replica_id: str = ""
     lease_seconds: float = 10.0
     workers: int = 2

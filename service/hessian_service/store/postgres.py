@@ -108,12 +108,14 @@ class PostgresRunStore(RunStore):
         replica_id: str = "",
         pool_size: int = 8,
         connect_timeout_s: float = 10.0,
+        password: str = "",
     ) -> None:
         """Connect, migrate the schema (refusing a newer one) and start the flusher.
 
+        `password` (read from a secret file, say) is added to the DSN's connection options.
         Raises StoreError when the database cannot be reached or has a newer schema.
         """
-        self.dsn = dsn
+        self.dsn = psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.replica_id = replica_id
@@ -130,7 +132,7 @@ class PostgresRunStore(RunStore):
         self._token = uuid.uuid4().hex[:12]  # tells this store's NOTIFYs from other stores'
         try:
             self._pool = ConnectionPool(
-                dsn,
+                self.dsn,
                 min_size=1,
                 max_size=pool_size,
                 timeout=connect_timeout_s,
