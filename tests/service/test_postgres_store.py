@@ -241,19 +241,14 @@ def test_a_stale_lease_generation_cannot_write(postgres_dsn):
         old.create_run(_row("r-a", 1.0, "RUNNING"), _cp(0))
         assert old.acquire_lease("r-a", ttl_s=0.0) == 1
         assert new.acquire_lease("r-a", ttl_s=60) == 2  # old's lease expired: taken over
-        assert not old.renew_lease("r-a", ttl_s=60)
         assert old.acquire_lease("r-a", ttl_s=60) is None  # new's lease is live
-        # old lost its fence on renew; give it the stale generation back to model a replica
-        # that has not yet noticed (paused, partitioned) and still writes
-        old._fences["r-a"] = 1
+        # a replica that has not noticed yet (paused, partitioned) and still writes
         old.append_record("r-a", StepRecord(iteration=0, loss=1.0))
         with pytest.raises(LeaseLostError, match="generation 1"):
             old.flush()
         old.discard_queued("r-a")
-        old._fences["r-a"] = 1
         with pytest.raises(LeaseLostError):
             old.put_checkpoint("r-a", _cp(3, fill=9))
-        old._fences["r-a"] = 1
         with pytest.raises(LeaseLostError):
             old.update_run("r-a", status="FINISHED")
         assert new.records("r-a", 0, 10) == [] and new.latest_checkpoint("r-a").iteration == 0
@@ -261,7 +256,9 @@ def test_a_stale_lease_generation_cannot_write(postgres_dsn):
         new.append_record("r-a", StepRecord(iteration=0, loss=2.0))
         new.put_checkpoint("r-a", _cp(1))
         assert [r.loss for r in new.records("r-a", 0, 10)] == [2.0]
-        assert new.renew_lease("r-a", ttl_s=60)
+        assert new.renew_lease("r-a", ttl_s=60) and not old.renew_lease("r-a", ttl_s=60)
+        with pytest.raises(LeaseLostError):  # still refused after the failed renewal
+            old.put_checkpoint("r-a", _cp(3, fill=9))
     finally:
         old.close()
         new.close()

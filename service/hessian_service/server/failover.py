@@ -1,12 +1,13 @@
 """Run ownership across replicas: a lease per queued or executing run, renewed while it runs,
 and takeover of runs whose replica died (their lease expired) from their last checkpoint.
 
-Bounds, with T = --lease-seconds: a replica renews every T/4; if it has not renewed
-successfully within 0.75 T of its last renewal being sent, it cancels the run before the
-next iteration (its database lease may expire at T), so it stops before the lease can be
-taken; any write it still attempts is refused by the store's generation fence. Another
-replica scans for expired leases every T/4, so a dead replica's run is taken over within
-about 1.25 T of its last renewal (plus one scan query).
+Bounds, with T = --lease-seconds: a replica renews its leases (one statement) every T/8;
+once it has gone 0.5 T without a successful renewal (noticed within 0.625 T), it cancels
+the run before the next iteration and gives up storing its end (each store call waits at
+most T/8 for a connection), so it stops by about 0.75 T, before its lease, renewed last at
+most then, expires at T; a write it still attempts after that is refused by the store's
+generation fence. Another replica scans for expired leases every T/8, so a dead replica's
+run is taken over within about 1.125 T of its last renewal (plus the scan query).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
     from .runs import LiveRun, RunManager
 
 log = logging.getLogger(__name__)
-RENEW_FRACTION = 0.25
-SAFE_FRACTION = 0.75
+RENEW_FRACTION = 0.125
+SAFE_FRACTION = 0.5
 
 
 class LeaseKeeper:
@@ -77,6 +78,17 @@ class LeaseKeeper:
         except StoreError as exc:
             log.warning("run %s: lease not released (it expires by itself): %s", run_id, exc)
 
+    def holds(self, run_id: str) -> bool:
+        """Whether this replica still safely holds the run's lease."""
+        with self._lock:
+            return run_id in self._held
+
+    def abandon(self, run_id: str) -> None:
+        """Stop renewing a run whose end could not be stored: its lease expires and a replica
+        (maybe this one) takes it over from its last checkpoint and finishes it."""
+        with self._lock:
+            self._held.pop(run_id, None)
+
     def _loop(self) -> None:
         period = self.ttl_s * RENEW_FRACTION
         while not self._stop.wait(period):
@@ -86,22 +98,27 @@ class LeaseKeeper:
 
     def _renew(self) -> None:
         with self._lock:
-            held = list(self._held.items())
-        for run_id, (live, _) in held:
-            sent = time.monotonic()
-            try:
-                kept = self.store.renew_lease(run_id, self.ttl_s)
-            except StoreError as exc:
-                log.warning("run %s: lease not renewed: %s", run_id, exc)
-                continue
-            with self._lock:
-                if run_id in self._held:
-                    if kept:
-                        self._held[run_id] = (live, sent)
-                    else:
-                        self._held.pop(run_id)
-            if not kept:
-                self._lose(live, "its lease was taken by another replica")
+            held = dict(self._held)
+        if not held:
+            return
+        sent = time.monotonic()
+        try:
+            kept = self.store.renew_leases(list(held), self.ttl_s)
+        except StoreError as exc:
+            log.warning("%d run leases not renewed: %s", len(held), exc)
+            return
+        lost = []
+        with self._lock:
+            for run_id, (live, _) in held.items():
+                if run_id not in self._held:
+                    continue  # ended (or abandoned) meanwhile
+                if run_id in kept:
+                    self._held[run_id] = (live, sent)
+                else:
+                    self._held.pop(run_id)
+                    lost.append(live)
+        for live in lost:
+            self._lose(live, "its lease was taken by another replica")
 
     def _stop_unsafe(self) -> None:
         """Cancel runs whose lease may expire before the next renewal could succeed."""
@@ -147,6 +164,6 @@ class LeaseKeeper:
             self.store.release_lease(run_id)
             return
         objective = self.resolve(row.problem_id)
-        self.runs.take_over(row, objective)
         self.takeovers.append(run_id)
+        self.runs.take_over(row, objective)
         log.info("run %s: taken over from an expired lease", run_id)

@@ -403,13 +403,27 @@ class RunManager:
             except StoreError as exc:
                 error = exc
                 if delay is not None:
-                    time.sleep(delay)
+                    self._retry_pause(run_id, delay)
+                if self.leases is not None and not self.leases.holds(run_id):
+                    break  # the lease may lapse now: stop, another replica finishes the run
+        if self.leases is not None:  # not an orphan: another replica takes it over
+            self.leases.abandon(run_id)
+            log.error("could not store the end of run %s (its lease lapses): %s", run_id, error)
+            return error
         with self._lock:
             self._orphans[run_id] = (
                 f"the run stopped but its end could not be stored ({error}); ResumeRun continues it"
             )
         log.error("could not store the end of run %s: %s", run_id, error)
         return error
+
+    def _retry_pause(self, run_id: str, delay: float) -> None:
+        """Sleep `delay`, in short slices for a leased run: it ends once the lease is unsafe."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            if self.leases is not None and not self.leases.holds(run_id):
+                return
+            time.sleep(min(left, 0.05) if self.leases is not None else left)
 
     def cancel(self, run_id: str) -> bool:
         """Ask a live run to stop before its next iteration; False if it is not live."""
@@ -525,6 +539,7 @@ class RunManager:
             pass  # shutdown stored the run's status already; _store_end says so below
         except (StoreError, RunStateError) as exc:
             log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
+        error = None
         try:
             error = self._store_end(run_id, final)
             live.error = live.error or error
@@ -532,7 +547,7 @@ class RunManager:
             log.warning("could not store the end of run %s: %s", run_id, exc)
         except Exception:
             log.exception("could not store the end of run %s", run_id)
-        if self.leases is not None:
+        if self.leases is not None and error is None:  # else abandoned: the lease lapses
             self.leases.release(run_id)
 
     def shutdown(self, timeout: float) -> None:

@@ -108,11 +108,14 @@ class PostgresRunStore(RunStore):
         replica_id: str = "",
         pool_size: int = 8,
         connect_timeout_s: float = 10.0,
+        pool_timeout_s: float = 10.0,
         password: str = "",
     ) -> None:
         """Connect, migrate the schema (refusing a newer one) and start the flusher.
 
         `password` (read from a secret file, say) is added to the DSN's connection options.
+        `pool_timeout_s` bounds one call's wait for a connection (a lost database fails
+        fast: a replica must notice within its lease).
         Raises StoreError when the database cannot be reached or has a newer schema.
         """
         self.dsn = psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
@@ -135,12 +138,12 @@ class PostgresRunStore(RunStore):
                 self.dsn,
                 min_size=1,
                 max_size=pool_size,
-                timeout=connect_timeout_s,
+                timeout=pool_timeout_s,
                 check=ConnectionPool.check_connection,  # a restarted database: reconnect
                 kwargs={"connect_timeout": max(int(connect_timeout_s), 1)},
                 open=False,
             )
-            self._pool.open(wait=True, timeout=connect_timeout_s)
+            self._pool.open(wait=True, timeout=max(connect_timeout_s, pool_timeout_s))
         except Exception as exc:  # pool errors (PoolTimeout) and psycopg errors alike
             raise StoreError(f"cannot connect to the run store {self._where()}: {exc}") from exc
         try:
@@ -387,20 +390,24 @@ class PostgresRunStore(RunStore):
             return row[0]
 
     def renew_lease(self, run_id: str, ttl_s: float) -> bool:
-        """Extend this store's lease on the run; False (and unfenced) when it was lost."""
-        generation = self._fences.get(run_id)
-        if generation is None:
-            return False
+        """Extend this store's lease on the run; False when it was lost (taken or expired)."""
+        return run_id in self.renew_leases([run_id], ttl_s)
+
+    def renew_leases(self, run_ids: Sequence[str], ttl_s: float) -> set[str]:
+        """Extend this store's leases on the runs in one statement; the runs whose lease is
+        still this store's (a lost one's fence stays: every later write for it is refused)."""
+        held = [(r, self._fences[r]) for r in run_ids if r in self._fences]
+        if not held:
+            return set()
         with self._write() as cur:
-            cur.execute(
-                "UPDATE leases SET expires_at = now() + make_interval(secs => %s) "
-                "WHERE run_id = %s AND generation = %s AND expires_at > now()",
-                (ttl_s, run_id, generation),
-            )
-            if cur.rowcount == 0:
-                self._fences.pop(run_id, None)
-                return False
-        return True
+            rows = cur.execute(
+                "UPDATE leases l SET expires_at = now() + make_interval(secs => %s) "
+                "FROM unnest(%s::text[], %s::bigint[]) AS h(run_id, generation) "
+                "WHERE l.run_id = h.run_id AND l.generation = h.generation "
+                "AND l.expires_at > now() RETURNING l.run_id",
+                (ttl_s, [r for r, _ in held], [g for _, g in held]),
+            ).fetchall()
+        return {r[0] for r in rows}
 
     def release_lease(self, run_id: str) -> None:
         """Give the lease up (after the run's final status is stored)."""
@@ -568,7 +575,6 @@ class PostgresRunStore(RunStore):
             "SELECT generation FROM leases WHERE run_id = %s FOR SHARE", (run_id,)
         ).fetchone()
         if row is None or row[0] != generation:
-            self._fences.pop(run_id, None)
             raise LeaseLostError(run_id, generation)
 
     @staticmethod
