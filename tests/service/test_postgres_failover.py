@@ -93,7 +93,9 @@ def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
             ids.append(run_id)
             where[run_id] = i % 3
         watchers = [Watcher(addresses[where[r]], r) for r in ids]
-        for w in watchers:
+        # and one on each other replica: those on survivors must see every record once
+        others = [Watcher(addresses[(where[r] + k) % 3], r) for r in ids for k in (1, 2)]
+        for w in watchers + others:
             w.start()
         deadline = time.monotonic() + 60  # guards a hang only
         while sum(len(w.seen) for w in watchers) < 600 and time.monotonic() < deadline:
@@ -126,7 +128,7 @@ def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
         assert max(taken.values()) < 10 * LEASE_S, taken  # stated bound ~1.25 T; generous
         print(f"takeover after SIGKILL (s): max {max(taken.values()):.2f} of {len(taken)} runs")
 
-        for w in watchers:
+        for w in watchers + others:
             w.join(120)
         with Client(survivors[0]) as c:
             references = {}
@@ -143,6 +145,9 @@ def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
                 assert served[: len(seen)] == seen, run_id  # nothing acknowledged was lost
                 assert served == references[_kind(i)], run_id
                 assert info.num_records == len(served)
+                for w in others:
+                    if w.run_id == run_id and w.address in survivors:
+                        assert w.seen == served, (run_id, w.address)  # no gap, no duplicate
     finally:
         for name, proc in procs.items():
             if proc.poll() is None:
