@@ -158,3 +158,41 @@ def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
                     proc.kill()
             if name != "unused" and proc.returncode not in (0, -9, -15):
                 print(server_output(proc)[-3000:])
+
+
+@pytest.mark.slow
+def test_a_lone_replica_killed_and_restarted_continues_its_runs(tmp_path, postgres_dsn):
+    """With one replica, the restarted process takes its own dead runs over (their leases
+    expire) instead of leaving them INTERRUPTED: the records equal an uninterrupted run's."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    flags = ("--store", postgres_dsn, "--lease-seconds", str(LEASE_S), "--workers", "2",
+             "--checkpoint-every", "25", "--commit-interval-ms", "100")  # fmt: skip
+    proc = spawn_server(tmp_path, port, *flags)
+    try:
+        with Client(address) as c:
+            ids = [c.start_run(_problem(s), seed=0, **SPECS["gd"]).id for s in (0, 1)]
+            deadline = time.monotonic() + 60  # guards a hang only
+            while min(c.get_run(r).num_records for r in ids) < 50:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 60  # guards a hang only
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            live = "SELECT count(*) FROM leases WHERE expires_at > now()"
+            while conn.execute(live).fetchone()[0]:  # restart only once they have expired
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        proc = spawn_server(tmp_path, port, *flags)
+        with Client(address) as c:
+            for seed, run_id in zip((0, 1), ids, strict=True):
+                info = c.run(run_id).wait(120)
+                assert status_name(info) == "FINISHED", info
+                reference = c.start_run(_problem(seed), seed=0, **SPECS["gd"])
+                assert status_name(reference.wait(120)) == "FINISHED"
+                assert _served(c, run_id) == _served(c, reference.id)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)

@@ -264,15 +264,18 @@ def test_a_stale_lease_generation_cannot_write(postgres_dsn):
         new.close()
 
 
-def test_starting_a_replica_interrupts_only_runs_without_a_live_lease(postgres_dsn):
+def test_starting_a_replica_interrupts_only_runs_without_a_lease(postgres_dsn):
     a = PostgresRunStore(postgres_dsn, replica_id="a")
     try:
         a.create_run(_row("r-held", 1.0, "RUNNING"), _cp(0))
-        a.create_run(_row("r-orphan", 2.0, "RUNNING"), _cp(0))
+        a.create_run(_row("r-dead", 2.0, "RUNNING"), _cp(0))
+        a.create_run(_row("r-orphan", 3.0, "RUNNING"), _cp(0))
         assert a.acquire_lease("r-held", ttl_s=60) == 1
+        assert a.acquire_lease("r-dead", ttl_s=0.0) == 1  # its replica died: expired
         b = PostgresRunStore(postgres_dsn, replica_id="b")
         assert b.mark_interrupted("no replica holds it") == ["r-orphan"]
-        assert b.get_run("r-held").status == "RUNNING"
+        assert b.get_run("r-held").status == b.get_run("r-dead").status == "RUNNING"
+        assert b.expired_leases() == ["r-dead"]  # left for a takeover
         b.close()
     finally:
         a.close()

@@ -361,13 +361,14 @@ class PostgresRunStore(RunStore):
         return dict(rows)
 
     def mark_interrupted(self, message: str) -> list[str]:
-        """Active runs no live lease covers become INTERRUPTED (a replica that is executing
-        a run holds its lease, so starting one replica never interrupts another's runs)."""
+        """Active runs without a lease become INTERRUPTED. A leased run is left alone: its
+        replica is executing it, or died and a replica takes it over once the lease expires
+        (so starting a replica never interrupts another's runs, nor one that can fail over)."""
         with self._write() as cur:
             rows = cur.execute(
                 "UPDATE runs SET status = 'INTERRUPTED', stop_reason = 'shutdown', message = %s "
                 "WHERE status = ANY(%s) AND NOT EXISTS (SELECT 1 FROM leases l WHERE "
-                "l.run_id = runs.run_id AND l.expires_at > now()) RETURNING run_id",
+                "l.run_id = runs.run_id) RETURNING run_id",
                 (message, list(ACTIVE_STATUSES)),
             ).fetchall()
         return [r[0] for r in rows]
