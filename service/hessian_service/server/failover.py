@@ -78,6 +78,18 @@ class LeaseKeeper:
         except StoreError as exc:
             log.warning("run %s: lease not released (it expires by itself): %s", run_id, exc)
 
+    def hand_over(self, run_id: str) -> bool:
+        """At shutdown: stop renewing the run and let its lease expire now, so that another
+        replica continues it (or this one's successor, at its start). False if the store
+        would not take it (the run is then stored INTERRUPTED as usual)."""
+        with self._lock:
+            self._held.pop(run_id, None)
+        try:
+            return self.store.expire_lease(run_id)
+        except StoreError as exc:
+            log.warning("run %s: not handed over: %s", run_id, exc)
+            return False
+
     def holds(self, run_id: str) -> bool:
         """Whether this replica still safely holds the run's lease."""
         with self._lock:
@@ -147,7 +159,7 @@ class LeaseKeeper:
             log.warning("lease scan failed: %s", exc)
             return
         for run_id in expired:
-            if self._stop.is_set():
+            if self._stop.is_set() or self.runs.stopping:
                 return
             try:
                 self._take_over(run_id)
@@ -163,7 +175,11 @@ class LeaseKeeper:
         if row is None:
             self.store.release_lease(run_id)
             return
-        objective = self.resolve(row.problem_id)
-        self.takeovers.append(run_id)
-        self.runs.take_over(row, objective)
+        try:
+            objective = self.resolve(row.problem_id)
+            self.takeovers.append(run_id)
+            self.runs.take_over(row, objective)
+        except BaseException:
+            self.store.expire_lease(run_id)  # not taken (shutting down?): free it again
+            raise
         log.info("run %s: taken over from an expired lease", run_id)

@@ -212,6 +212,12 @@ class RunManager:
                 if not waiters:
                     self._commit_waiters.pop(run_id, None)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun (no new runs are admitted)."""
+        with self._lock:
+            return self._stopping
+
     def queue_depth(self) -> int:
         """Runs admitted but not yet executing (waiting for a worker)."""
         with self._lock:
@@ -539,6 +545,10 @@ class RunManager:
             pass  # shutdown stored the run's status already; _store_end says so below
         except (StoreError, RunStateError) as exc:
             log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
+        handing_over = final.get("stop_reason") == "shutdown" and live.error is None
+        if self.leases is not None and handing_over and self.leases.hand_over(run_id):
+            log.info("run %s handed over to another replica at shutdown", run_id)
+            return
         error = None
         try:
             error = self._store_end(run_id, final)

@@ -420,6 +420,19 @@ class PostgresRunStore(RunStore):
                     (run_id, generation),
                 )
 
+    def expire_lease(self, run_id: str) -> bool:
+        """Hand the run over: its lease expires now (this store stays fenced out of it), so
+        another replica's scan takes it over from its last checkpoint."""
+        generation = self._fences.get(run_id)
+        if generation is None:
+            return False
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE leases SET expires_at = now() WHERE run_id = %s AND generation = %s",
+                (run_id, generation),
+            )
+            return cur.rowcount > 0
+
     def expired_leases(self) -> list[str]:
         """Active runs whose lease has expired (their replica died or lost the database)."""
         with self._read() as cur:
