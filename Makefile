@@ -46,9 +46,9 @@ bench: install
 # The compose secret (docker-compose.yml): a random bearer token, never committed. The file
 # is world-readable so the container's unprivileged user can read the bind mount; the
 # secrets/ folder is closed to other local users instead.
-secrets: secrets/auth_token
+secrets: secrets/auth_token secrets/postgres_password
 
-secrets/auth_token:
+secrets/auth_token secrets/postgres_password:
 	mkdir -p secrets && chmod 700 secrets
 	python3 -c "import secrets; print(secrets.token_urlsafe(32))" > $@.tmp
 	chmod 644 $@.tmp && mv $@.tmp $@

@@ -117,13 +117,47 @@ def _distribution(name: str, field: str) -> int:
     return optimize_pb2.Distribution.Value("DISTRIBUTION_" + name.upper())
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Message limits and the retry policy of idempotent calls (gRPC service config)."""
+# several replicas: spread calls round robin over every address, and leave out the ones
+# whose grpc.health.v1 status is not SERVING (a draining replica)
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {
+        **json.loads(SERVICE_CONFIG),
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+    }
+)
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
+    """The gRPC target for `address` and whether it may name several replicas.
+
+    `address` is host:port, a resolver target such as dns:///name:port (every address the
+    name resolves to), or a list of IP:port (round robin over them).
+    """
+    if not isinstance(address, str):
+        entries = list(address)
+        if not entries:
+            raise invalid("address", "at least one IP:port", "an empty list")
+        if len(entries) == 1:
+            return entries[0], False
+        hosts = [e.rsplit(":", 1)[0] for e in entries]
+        if all(h.startswith("[") for h in hosts):
+            return "ipv6:" + ",".join(entries), True
+        if all(h.replace(".", "").isdigit() for h in hosts):
+            return "ipv4:" + ",".join(entries), True
+        shown = ", ".join(entries)
+        raise invalid("address", "IP:port entries (for a name: dns:///name:port)", shown)
+    return address, address.startswith("dns:") or address.startswith(("ipv4:", "ipv6:"))
+
+
+def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tuple[str, Any]]:
+    """Message limits, the retry policy of idempotent calls and, for several replicas,
+    round robin with health checking (gRPC service config)."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.service_config", BALANCED_SERVICE_CONFIG if balanced else SERVICE_CONFIG),
     ]
 
 
@@ -133,8 +167,11 @@ class _Api:
     timeout: float | None
     metadata: tuple[tuple[str, str], ...]
 
-    def _setup(self, address: str | None, token: str | None, timeout: float | None) -> None:
-        self.address = address or os.environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS
+    def _setup(
+        self, address: str | Sequence[str] | None, token: str | None, timeout: float | None
+    ) -> None:
+        address = address or os.environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS
+        self.address, self._balanced = channel_target(address)
         self.timeout = timeout
         auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.metadata = ((CLIENT_VERSION_KEY, __version__), *auth)
@@ -152,7 +189,7 @@ class _Api:
         """Open the channel with `channels` (grpc, or grpc.aio): TLS when a CA is named."""
         self._setup(address, token, timeout)
         creds = self._credentials(root_certificates, ca_file)
-        options = channel_options(max_message_bytes)
+        options = channel_options(max_message_bytes, self._balanced)
         if creds is not None:
             self._channel = channels.secure_channel(self.address, creds, options=options)
         else:
@@ -421,12 +458,13 @@ class Client(_Api):
     `token` is sent as `authorization: Bearer <token>` on every call. `ca_file` (a PEM file)
     or `root_certificates` (PEM bytes) turn on TLS and name the CA that signed the server's
     certificate. Idempotent calls (GetRun, ListRuns, GetServerInfo, CreateProblem) are
-    retried on UNAVAILABLE by gRPC's retry policy.
+    retried on UNAVAILABLE by gRPC's retry policy. `address` may name several replicas
+    (dns:///name:port, or a list of IP:port): calls then go round robin to the healthy ones.
     """
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         token: str | None = None,
         timeout: float | None = 60.0,
         *,

@@ -96,9 +96,14 @@ def record_tuples(address: str, run_id: str) -> list[tuple]:
     return [tuple(getattr(r, f) for f in RECORD_FIELDS) for r in records]
 
 
-def final_info(address: str, run_id: str):
+def settled_info(address: str, run_id: str, status: str):
+    """The run's info once the server has stored `status` (it sees a broken stream a moment
+    after the caller does); a 60 s guard against a hang."""
+    deadline = time.monotonic() + 60
     with Client(address) as client:
-        return client.get_run(run_id)
+        while (info := client.get_run(run_id)).status != status and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return info
 
 
 def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
@@ -125,7 +130,7 @@ def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
                 assert exc.run_id, "a broken stream names its run"
                 cuts += 1
                 run_id = exc.run_id
-                assert final_info(address, run_id).status == "INTERRUPTED"
+                assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
         else:
             raise AssertionError("three streams did not finish the run")
     finally:
@@ -168,7 +173,7 @@ def test_a_bad_reply_fails_the_run_naming_the_field(address, spoil, field):
         stream.close()
     assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
     assert field in info.message and "internal" not in info.message.lower()
-    assert final_info(address, run_id).status == "FAILED"
+    assert settled_info(address, run_id, "FAILED").status == "FAILED"
 
 
 def test_a_slow_caller_leaves_the_run_interrupted_and_resumable(address):
@@ -201,7 +206,7 @@ def test_cancel_run_from_another_client_ends_a_waiting_stream(address):
     finally:
         stream.close()
     assert info.status == service_pb2.RUN_STATUS_CANCELLED
-    assert final_info(address, run_id).status == "CANCELLED"
+    assert settled_info(address, run_id, "CANCELLED").status == "CANCELLED"
 
 
 def test_stream_count_per_token_is_limited(address):
@@ -276,7 +281,7 @@ def test_a_reply_to_nothing_pending_fails_the_run(address):
         stream.close()
     assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
     assert "evaluation.request_id" in info.message
-    assert final_info(address, run_id).status == "FAILED"
+    assert settled_info(address, run_id, "FAILED").status == "FAILED"
 
 
 def test_garbage_bytes_mid_run_fail_the_run_not_internal(address):
@@ -295,7 +300,7 @@ def test_garbage_bytes_mid_run_fail_the_run_not_internal(address):
         outgoing.put(None)
     assert last.finished.status == service_pb2.RUN_STATUS_FAILED
     assert last.finished.message.startswith("request: expected an OptimizeRequest message")
-    assert final_info(address, run_id).status == "FAILED"
+    assert settled_info(address, run_id, "FAILED").status == "FAILED"
 
 
 def test_server_killed_mid_run_then_restarted_resumes_to_the_same_records(tmp_path):
@@ -318,7 +323,7 @@ def test_server_killed_mid_run_then_restarted_resumes_to_the_same_records(tmp_pa
         run_id = err.value.run_id
         assert run_id
         proc = spawn_server(tmp_path, port)
-        assert final_info(address, run_id).status == "INTERRUPTED"
+        assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
         res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, resume=run_id, address=address)
         assert res.run_status == "FINISHED"
         np.testing.assert_array_equal(res.x, plain.x)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -33,10 +35,11 @@ from hessian_client.proto import service_pb2, service_pb2_grpc
 from .. import __version__
 from ..engine import native_status
 from ..engine.options import requested_backend
-from ..store import RunStore, SQLiteRunStore, StoreError
+from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
 from .auth import AuthInterceptor, Tenancy, load_tokens
 from .config import ServerConfig
+from .failover import LeaseKeeper
 from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
 from .runs import RunManager
@@ -96,6 +99,7 @@ class ServerHandle:
     events: EventLoopThread
     metrics: Metrics | None = None
     metrics_port: int = 0
+    leases: LeaseKeeper | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -113,6 +117,8 @@ class ServerHandle:
             grace = self.config.grace_seconds if grace is None else grace
             self.events.run(self.health.enter_graceful_shutdown())
             self.runs.shutdown(timeout=grace)
+            if self.leases is not None:
+                self.leases.close()
             self.events.run(self.server.stop(grace))
             self.events.close()
             if self.metrics is not None:
@@ -135,6 +141,31 @@ class ServerHandle:
             pass
 
 
+def open_store(config: ServerConfig) -> RunStore:
+    """The store --store names: PostgreSQL for a postgresql:// DSN, else SQLite (--data-dir)."""
+    if config.store:
+        password = ""
+        if config.store_password_file:
+            password = pathlib.Path(config.store_password_file).read_text().strip()
+        return PostgresRunStore(
+            config.store,
+            password=password,
+            pool_size=config.workers * 2 + 4,
+            pool_timeout_s=min(10.0, config.lease_seconds / 8),
+            commit_every=config.commit_every_records,
+            commit_interval_s=config.commit_interval_ms / 1000,
+            replica_id=config.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+        )
+    return SQLiteRunStore(
+        config.data_dir,
+        commit_every=config.commit_every_records,
+        commit_interval_s=config.commit_interval_ms / 1000,
+        max_bytes=config.max_store_bytes,
+        synchronous=config.sqlite_synchronous,
+        check_integrity=not config.skip_store_check,
+    )
+
+
 def build_server(
     config: ServerConfig,
     *,
@@ -152,14 +183,7 @@ def build_server(
     admin_file = config.admin_token_file
     admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
     credentials = _tls_credentials(config)
-    store = store or SQLiteRunStore(
-        config.data_dir,
-        commit_every=config.commit_every_records,
-        commit_interval_s=config.commit_interval_ms / 1000,
-        max_bytes=config.max_store_bytes,
-        synchronous=config.sqlite_synchronous,
-        check_integrity=not config.skip_store_check,
-    )
+    store = store or open_store(config)
     interrupted = store.mark_interrupted("the server stopped while the run was executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
@@ -184,6 +208,7 @@ def build_server(
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
         threads=install_thread_policy(config),
     )
+    leases = _keep_leases(config, store, runs, registry)
     chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if tokens:
         chain.append(AuthInterceptor(tokens + admins))
@@ -207,6 +232,8 @@ def build_server(
         )
     except BaseException:
         events.close()
+        if leases is not None:
+            leases.close()
         raise
     metrics_port = 0
     if metrics is not None:
@@ -217,8 +244,23 @@ def build_server(
         metrics.backend.labels(default, str(available).lower()).set(1)
         metrics_port = metrics.serve(config.host, config.metrics_port)
     return ServerHandle(
-        config, server, port, store, runs, health_servicer, events, metrics, metrics_port
+        config, server, port, store, runs, health_servicer, events, metrics, metrics_port, leases
     )
+
+
+def _keep_leases(
+    config: ServerConfig, store: RunStore, runs: RunManager, registry: ProblemRegistry
+) -> LeaseKeeper | None:
+    """For a store shared by replicas: lease every run this replica executes, take over
+    runs whose replica died. None for the embedded SQLite store."""
+    if not isinstance(store, PostgresRunStore):
+        return None
+    keeper = LeaseKeeper(
+        store, runs, lambda pid: registry.by_id(pid, None, "run.problem_id"), config.lease_seconds
+    )
+    runs.leases = keeper
+    keeper.start()
+    return keeper
 
 
 async def _serve(
@@ -298,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handle = build_server(config)
     except (OSError, sqlite3.Error, StoreError) as exc:
-        log.error("cannot open the run store under --data-dir %s: %s", config.data_dir, exc)
+        where = "--store" if config.store else f"under --data-dir {config.data_dir}"
+        log.error("cannot open the run store %s: %s", where, exc)
         return 2
     except ValueError as exc:
         log.error("%s", exc)

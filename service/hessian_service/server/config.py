@@ -27,6 +27,10 @@ class ServerConfig:
 
     address: str = "127.0.0.1:50051"
     data_dir: str = "./data"
+    store: str = ""
+    store_password_file: str = ""
+    replica_id: str = ""
+    lease_seconds: float = 10.0
     workers: int = 2
     rpc_threads: int = 64
     max_message_bytes: int = 64 * MiB
@@ -97,6 +101,12 @@ class ServerConfig:
             raise ValueError("--default-backend must be auto, native or autograd")
         if self.log_format not in ("json", "text"):
             raise ValueError("--log-format must be json or text")
+        if self.store and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "--store must be empty (SQLite under --data-dir) or a postgresql:// DSN"
+            )
+        if self.lease_seconds <= 0:
+            raise ValueError("--lease-seconds must be > 0")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("--sqlite-synchronous must be NORMAL or FULL")
         if self.admin_token_file and not self.auth_token_file:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -256,7 +257,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with observed(request, context):
-                    async for item in inner_stream(request, context):
+                    items = inner_stream(request, context)
+                    if inspect.isawaitable(items):  # it writes with context.write (health Watch)
+                        await items
+                        return
+                    async for item in items:
                         yield item
 
             return handler._replace(

@@ -9,6 +9,7 @@ reads everything from the store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from ..engine.records import StopReason
 from ..store import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
+    LeaseLostError,
     RunNotFoundError,
     RunRow,
     RunStateError,
@@ -42,8 +44,16 @@ from ..store import (
 from .errors import ConflictError, LimitError
 from .threads import ThreadPolicy
 
+if TYPE_CHECKING:
+    from .failover import LeaseKeeper
+
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def to_stored(cp: Checkpoint) -> StoredCheckpoint:
@@ -78,6 +88,7 @@ class LiveRun:
         self.owner = owner
         self.cancel = CancelToken()
         self.shutdown = False
+        self.lost = False  # its lease is gone: another replica may execute it now
         self.started = False
         self.records: list[StepRecord] = []
         self.durable = 0
@@ -170,6 +181,8 @@ class RunManager:
         self._orphans: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self.leases: LeaseKeeper | None = None  # set for a store shared by replicas
+        self._commit_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, Any]]] = {}
         store.add_commit_listener(self._on_commit)
 
     def _on_commit(self, committed: dict[str, int]) -> None:
@@ -177,6 +190,35 @@ class RunManager:
             live = self.live(run_id)
             if live is not None:
                 live.acknowledge(iteration)
+        with self._lock:
+            woken = [w for run_id in committed for w in self._commit_waiters.pop(run_id, [])]
+        for loop, future in woken:
+            loop.call_soon_threadsafe(_resolve, future)
+
+    async def committed(self, run_id: str, timeout: float) -> None:
+        """Wait (holding no thread) until the store reports a record commit of `run_id`, by
+        this replica or, on a shared store, by another one; at most `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._commit_waiters.setdefault(run_id, []).append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                waiters = self._commit_waiters.get(run_id, [])
+                if (loop, future) in waiters:
+                    waiters.remove((loop, future))
+                if not waiters:
+                    self._commit_waiters.pop(run_id, None)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun (no new runs are admitted)."""
+        with self._lock:
+            return self._stopping
 
     def queue_depth(self) -> int:
         """Runs admitted but not yet executing (waiting for a worker)."""
@@ -252,6 +294,8 @@ class RunManager:
         try:
             checkpoint = to_stored(Checkpoint(0, params, {}))
             self.store.create_run(row, checkpoint, require_problem=remote is None)
+            if self.leases is not None:
+                self.leases.hold(live)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
             self._forget(run_id)
@@ -289,12 +333,33 @@ class RunManager:
             )
             with self._lock:
                 self._orphans.pop(row.run_id, None)
+            if self.leases is not None:
+                self.leases.hold(live)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
             self._forget(row.run_id)
             raise
         row.status, row.stop_reason, row.message = "QUEUED", "", ""
         return row
+
+    def take_over(self, row: RunRow, objective: Objective) -> None:
+        """Continue a run whose replica died (this one now holds its lease) from its latest
+        checkpoint, under the same id; records it already has are not appended again."""
+        stored = self.store.latest_checkpoint(row.run_id)
+        if stored is None:
+            raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
+        checkpoint = from_stored(stored)
+        options = MethodOptions(**row.spec["options"])
+        stopping = StopCriteria(**row.spec["stopping"])
+        base = row.last_record.iteration + 1 if row.last_record is not None else 0
+        live = self._admit(row.run_id, base, row.owner)
+        try:
+            if self.leases is not None:
+                self.leases.hold(live, acquired=True)
+            self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
+        except BaseException:
+            self._forget(row.run_id)
+            raise
 
     def settle(self, row: RunRow) -> RunRow:
         """`row` as it really is: an orphan (stopped, end not stored) is INTERRUPTED.
@@ -352,13 +417,27 @@ class RunManager:
             except StoreError as exc:
                 error = exc
                 if delay is not None:
-                    time.sleep(delay)
+                    self._retry_pause(run_id, delay)
+                if self.leases is not None and not self.leases.holds(run_id):
+                    break  # the lease may lapse now: stop, another replica finishes the run
+        if self.leases is not None:  # not an orphan: another replica takes it over
+            self.leases.abandon(run_id)
+            log.error("could not store the end of run %s (its lease lapses): %s", run_id, error)
+            return error
         with self._lock:
             self._orphans[run_id] = (
                 f"the run stopped but its end could not be stored ({error}); ResumeRun continues it"
             )
         log.error("could not store the end of run %s: %s", run_id, error)
         return error
+
+    def _retry_pause(self, run_id: str, delay: float) -> None:
+        """Sleep `delay`, in short slices for a leased run: it ends once the lease is unsafe."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            if self.leases is not None and not self.leases.holds(run_id):
+                return
+            time.sleep(min(left, 0.05) if self.leases is not None else left)
 
     def cancel(self, run_id: str) -> bool:
         """Ask a live run to stop before its next iteration; False if it is not live."""
@@ -434,6 +513,9 @@ class RunManager:
                 final.update(status="INTERRUPTED", stop_reason="shutdown")
         except EngineError as exc:
             final["message"] = str(exc)
+        except LeaseLostError as exc:
+            live.lost = True
+            log.warning("run %s stops here: %s", run_id, exc)
         except StoreError as exc:
             # Its records cannot be committed: stop, drop the uncommitted (never acknowledged)
             # tail and keep the run resumable from its last checkpoint once space returns.
@@ -458,24 +540,39 @@ class RunManager:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
         finally:
-            try:
-                # not after a store error: a checkpoint past the last stored record would
-                # leave a gap in the records when the run is resumed from it
-                if run is not None and run.last_record is not None and live.error is None:
-                    self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
-            except StoreClosedError:
-                pass  # shutdown stored the run's status already; _store_end says so below
-            except (StoreError, RunStateError) as exc:
-                log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
-            try:
-                error = self._store_end(run_id, final)
-                live.error = live.error or error
-            except RunStateError as exc:
-                log.warning("could not store the end of run %s: %s", run_id, exc)
-            except Exception:
-                log.exception("could not store the end of run %s", run_id)
+            if live.lost:  # another replica owns it now: write nothing more
+                self.store.discard_queued(run_id)
+            else:
+                self._store_final(live, run, final)
             live.finish()
             self._forget(run_id)
+
+    def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
+        """Store a run's last checkpoint and its end, then give its lease up."""
+        run_id = live.run_id
+        try:
+            # not after a store error: a checkpoint past the last stored record would
+            # leave a gap in the records when the run is resumed from it
+            if run is not None and run.last_record is not None and live.error is None:
+                self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+        except StoreClosedError:
+            pass  # shutdown stored the run's status already; _store_end says so below
+        except (StoreError, RunStateError) as exc:
+            log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
+        handing_over = final.get("stop_reason") == "shutdown" and live.error is None
+        if self.leases is not None and handing_over and self.leases.hand_over(run_id):
+            log.info("run %s handed over to another replica at shutdown", run_id)
+            return
+        error = None
+        try:
+            error = self._store_end(run_id, final)
+            live.error = live.error or error
+        except RunStateError as exc:
+            log.warning("could not store the end of run %s: %s", run_id, exc)
+        except Exception:
+            log.exception("could not store the end of run %s", run_id)
+        if self.leases is not None and error is None:  # else abandoned: the lease lapses
+            self.leases.release(run_id)
 
     def shutdown(self, timeout: float) -> None:
         """Stop accepting runs; stop live ones before their next iteration (records kept)."""

@@ -623,7 +623,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 yield service_pb2.WatchRunEvent(final=self._info(row))
                 return
             if not unseen and self.runs.live(run_id) is None:
-                await asyncio.sleep(WATCH_POLL_SECONDS)  # active with no live run: settling
+                # active with no live run here: settling, or executing on another replica
+                # (woken by its commits through the shared store's push)
+                await self.runs.committed(run_id, WATCH_POLL_SECONDS)
 
     @streaming
     async def Optimize(self, request_iterator, context) -> AsyncIterator:

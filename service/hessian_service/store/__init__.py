@@ -1,4 +1,5 @@
-"""Run and problem persistence behind one interface; SQLite is the embedded default."""
+"""Run and problem persistence behind one interface; SQLite is the embedded default,
+PostgreSQL the store several replicas share."""
 
 from .base import (
     ACTIVE_STATUSES,
@@ -18,6 +19,7 @@ from .base import (
     StoreError,
     StoreFullError,
 )
+from .postgres import LeaseLostError, PostgresRunStore
 from .sqlite import SQLiteRunStore
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "ANONYMOUS_OWNER",
     "FINAL_STATUSES",
     "PROBLEM_PINNING_STATUSES",
+    "LeaseLostError",
+    "PostgresRunStore",
     "ProblemInUseError",
     "ProblemNotFoundError",
     "RunConflictError",

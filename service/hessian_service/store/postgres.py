@@ -1,0 +1,713 @@
+"""PostgreSQL run store (psycopg 3 + a connection pool): the store several replicas share.
+
+The same contract as the SQLite store (see base.py): records are queued in memory and
+committed in one transaction every `commit_every` records or `commit_interval_s`, and
+always before a status change, a checkpoint or `flush`; only committed records are
+acknowledged to the commit listeners. Every record commit also sends
+`NOTIFY hessian_records` (run id and highest iteration), delivered only when the
+transaction commits; each store LISTENs on its own connection and passes other stores'
+commits to its commit listeners too, so a replica pushes another's records to its watchers.
+
+Schema: versioned in `hessian_meta` ('schema_version'); a newer schema than this server
+knows is refused; older ones are migrated one transaction per version under an advisory
+lock, so replicas starting together migrate once.
+
+Leases (one row per executing run: owner replica, generation, expiry on the database's
+clock): `acquire_lease` takes a free or expired lease and bumps its generation in one
+conditional statement, so of two replicas racing for it exactly one wins. While this store
+holds a run's lease, every record, checkpoint and run update for that run is fenced: it is
+written only if the lease row still carries this store's generation (LeaseLostError
+otherwise, and nothing is written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from ..engine.records import StepRecord
+from .base import (
+    ACTIVE_STATUSES,
+    ANONYMOUS_OWNER,
+    FINAL_STATUSES,
+    PROBLEM_PINNING_STATUSES,
+    ProblemInUseError,
+    ProblemNotFoundError,
+    RunConflictError,
+    RunNotFoundError,
+    RunRow,
+    RunStore,
+    StoreClosedError,
+    StoredCheckpoint,
+    StoreError,
+    StoreFullError,
+)
+from .sqlite import ROW_FIELDS, SQLiteRunStore, _record_from_json, _record_json
+
+NOTIFY_CHANNEL = "hessian_records"
+MIGRATION_LOCK = 0x4E5353  # pg_advisory_xact_lock key: one replica migrates at a time
+# MIGRATIONS[v] takes a store from version v - 1 to v, in one transaction
+MIGRATIONS = {
+    1: f"""
+CREATE TABLE problems (
+    problem_id TEXT PRIMARY KEY, blob BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE problem_owners (
+    problem_id TEXT NOT NULL, owner TEXT NOT NULL, used_at DOUBLE PRECISION NOT NULL,
+    bytes BIGINT NOT NULL, PRIMARY KEY (problem_id, owner));
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, problem_id TEXT NOT NULL, spec TEXT NOT NULL, name TEXT,
+    status TEXT NOT NULL, stop_reason TEXT, converged INTEGER, message TEXT, backend TEXT,
+    created_at DOUBLE PRECISION, started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION,
+    num_records BIGINT NOT NULL, last_record TEXT,
+    owner TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}');
+CREATE INDEX runs_by_time ON runs (created_at DESC, run_id DESC);
+CREATE TABLE records (
+    run_id TEXT NOT NULL, iteration BIGINT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (run_id, iteration));
+CREATE TABLE checkpoints (
+    run_id TEXT NOT NULL, iteration BIGINT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    params BYTEA NOT NULL, state TEXT NOT NULL, PRIMARY KEY (run_id, iteration));
+CREATE TABLE leases (
+    run_id TEXT PRIMARY KEY, holder TEXT NOT NULL, generation BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL);
+""",
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+log = logging.getLogger(__name__)
+
+
+class LeaseLostError(StoreError):
+    """A fenced write for a run whose lease another replica has taken (or that expired)."""
+
+    def __init__(self, run_id: str, generation: int) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"run_id: run {run_id} is no longer leased to this replica (generation "
+            f"{generation}); another replica took it over, nothing was written"
+        )
+
+
+class PostgresRunStore(RunStore):
+    """The RunStore in a PostgreSQL database, shared by every replica given the same DSN."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        commit_every: int = 256,
+        commit_interval_s: float = 0.2,
+        replica_id: str = "",
+        pool_size: int = 8,
+        connect_timeout_s: float = 10.0,
+        pool_timeout_s: float = 10.0,
+        password: str = "",
+    ) -> None:
+        """Connect, migrate the schema (refusing a newer one) and start the flusher.
+
+        `password` (read from a secret file, say) is added to the DSN's connection options.
+        `pool_timeout_s` bounds one call's wait for a connection (a lost database fails
+        fast: a replica must notice within its lease).
+        Raises StoreError when the database cannot be reached or has a newer schema.
+        """
+        self.dsn = psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
+        self.commit_every = commit_every
+        self.commit_interval_s = commit_interval_s
+        self.replica_id = replica_id
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[str, StepRecord]] = []
+        self._oldest_pending = 0.0
+        self._failure: StoreError | None = None
+        self._fences: dict[str, int] = {}
+        self._cursor: psycopg.Cursor | None = None
+        self._taken: list[tuple[str, StepRecord]] = []
+        self._open = True
+        self._closed = threading.Event()
+        self._token = uuid.uuid4().hex[:12]  # tells this store's NOTIFYs from other stores'
+        try:
+            self._pool = ConnectionPool(
+                self.dsn,
+                min_size=1,
+                max_size=pool_size,
+                timeout=pool_timeout_s,
+                check=ConnectionPool.check_connection,  # a restarted database: reconnect
+                kwargs={"connect_timeout": max(int(connect_timeout_s), 1)},
+                open=False,
+            )
+            self._pool.open(wait=True, timeout=max(connect_timeout_s, pool_timeout_s))
+        except Exception as exc:  # pool errors (PoolTimeout) and psycopg errors alike
+            raise StoreError(f"cannot connect to the run store {self._where()}: {exc}") from exc
+        try:
+            with self._pool.connection() as conn:
+                _migrate(conn, self._where())
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise self._error(exc) from exc
+        except StoreError:
+            self._pool.close()
+            raise
+        self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
+        self._flusher.start()
+        self._listener = threading.Thread(
+            target=self._listen_loop, name="store-listen", daemon=True
+        )
+        self._listener.start()
+
+    # problems
+    def put_problem(self, problem_id: str, blob: bytes, owner: str = ANONYMOUS_OWNER) -> None:
+        now = time.time()
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO problems VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (problem_id, blob, now),
+            )
+            cur.execute(
+                "INSERT INTO problem_owners VALUES (%s, %s, %s, %s) ON CONFLICT (problem_id, "
+                "owner) DO UPDATE SET used_at = EXCLUDED.used_at, bytes = EXCLUDED.bytes",
+                (problem_id, owner, now, len(blob)),
+            )
+
+    def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
+        row = self._problem_row("blob", problem_id, owner)
+        return None if row is None else bytes(row[0])
+
+    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        return self._problem_row("1", problem_id, owner) is not None
+
+    def _problem_row(self, columns: str, problem_id: str, owner: str | None) -> Any:
+        """`columns` of the problem, if stored (and held by `owner`, unless None)."""
+        sql, args = f"SELECT {columns} FROM problems WHERE problem_id = %s", [problem_id]
+        if owner is not None:
+            sql += " AND EXISTS (SELECT 1 FROM problem_owners WHERE problem_id = %s AND owner = %s)"
+            args += [problem_id, owner]
+        with self._read() as cur:
+            return cur.execute(sql, args).fetchone()
+
+    def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
+        users_sql = "SELECT run_id FROM runs WHERE problem_id = %s AND status = ANY(%s)"
+        users_args: list[Any] = [problem_id, list(PROBLEM_PINNING_STATUSES)]
+        held_sql = "SELECT COUNT(*) FROM problems WHERE problem_id = %s"
+        held_args: list[Any] = [problem_id]
+        if owner is not None:
+            users_sql += " AND owner = %s"
+            users_args.append(owner)
+            held_sql = "SELECT COUNT(*) FROM problem_owners WHERE problem_id = %s AND owner = %s"
+            held_args.append(owner)
+        with self._write() as cur:
+            if not cur.execute(held_sql, held_args).fetchone()[0]:
+                return False  # checked first: nobody learns of runs on a problem not theirs
+            users = [r[0] for r in cur.execute(users_sql + " ORDER BY run_id", users_args)]
+            if users:
+                raise ProblemInUseError(problem_id, users)
+            if owner is None:
+                cur.execute("DELETE FROM problem_owners WHERE problem_id = %s", (problem_id,))
+            else:
+                cur.execute(
+                    "DELETE FROM problem_owners WHERE problem_id = %s AND owner = %s",
+                    (problem_id, owner),
+                )
+            cur.execute(
+                "DELETE FROM problems WHERE problem_id = %s AND NOT EXISTS "
+                "(SELECT 1 FROM problem_owners WHERE problem_id = %s)",
+                (problem_id, problem_id),
+            )
+        return True
+
+    def enforce_problem_retention(self, max_bytes: int, keep: Sequence[str] = ()) -> list[str]:
+        deleted: list[str] = []
+        with self._write() as cur:
+            held = cur.execute(
+                "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
+                "GROUP BY problem_id ORDER BY used, problem_id"
+            ).fetchall()
+            total = sum(size for _, size, _ in held)
+            if total <= max_bytes:
+                return []
+            pinned = {
+                r[0]
+                for r in cur.execute(
+                    "SELECT DISTINCT problem_id FROM runs WHERE status = ANY(%s)",
+                    (list(PROBLEM_PINNING_STATUSES),),
+                )
+            }
+            for pid, size, _ in held:  # least recently used first
+                if total <= max_bytes:
+                    break
+                if pid in pinned or pid in keep:
+                    continue
+                cur.execute("DELETE FROM problem_owners WHERE problem_id = %s", (pid,))
+                cur.execute("DELETE FROM problems WHERE problem_id = %s", (pid,))
+                deleted.append(pid)
+                total -= size
+        return deleted
+
+    # runs
+    def create_run(
+        self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
+    ) -> None:
+        values = self._row_values(row)
+        with self._write() as cur:
+            self._flush_locked(cur)  # a store that cannot commit what it has takes no new run
+            if require_problem:
+                cur.execute(
+                    "UPDATE problem_owners SET used_at = %s WHERE owner = %s AND problem_id = %s",
+                    (time.time(), row.owner, row.problem_id),
+                )
+                if cur.rowcount == 0:  # deleted (or evicted) since the request resolved it
+                    raise ProblemNotFoundError(row.problem_id)
+            cur.execute(
+                f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
+                f"VALUES ({', '.join(['%s'] * len(ROW_FIELDS))})",
+                values,
+            )
+            self._write_checkpoint(cur, row.run_id, checkpoint)
+
+    def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
+        unknown = set(values) - set(ROW_FIELDS)
+        if unknown:
+            raise KeyError(f"unknown run fields {sorted(unknown)}")
+        encoded = SQLiteRunStore._encode_fields(values)
+        where, args = "run_id = %s", [run_id]
+        if expect_status:
+            where += " AND status = ANY(%s)"
+            args.append(list(expect_status))
+        with self._write() as cur:
+            self._flush_locked(cur)
+            self._check_fence(cur, run_id)
+            cur.execute(
+                f"UPDATE runs SET {', '.join(f'{k} = %s' for k in encoded)} WHERE {where}",
+                (*encoded.values(), *args),
+            )
+            if cur.rowcount == 0:
+                self._refuse(run_id, self._status(cur, run_id), expect_status)
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        with self._read() as cur:
+            row = cur.execute(
+                f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = %s", (run_id,)
+            ).fetchone()
+        return None if row is None else SQLiteRunStore._decode_row(row)
+
+    def list_runs(
+        self,
+        statuses: Sequence[str],
+        limit: int,
+        after: tuple[float, str] | None,
+        owner: str | None = None,
+    ) -> list[RunRow]:
+        where: list[str] = []
+        args: list[Any] = []
+        if owner is not None:
+            where.append("owner = %s")
+            args.append(owner)
+        if statuses:
+            where.append("status = ANY(%s)")
+            args.append(list(statuses))
+        if after is not None:
+            where.append("(created_at < %s OR (created_at = %s AND run_id < %s))")
+            args += [after[0], after[0], after[1]]
+        sql = f"SELECT {', '.join(ROW_FIELDS)} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
+        with self._read() as cur:
+            rows = cur.execute(sql, (*args, limit)).fetchall()
+        return [SQLiteRunStore._decode_row(r) for r in rows]
+
+    def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
+        with self._write() as cur:
+            self._flush_locked(cur)
+            return self._delete_run(cur, run_id, statuses)
+
+    def _delete_run(self, cur: psycopg.Cursor, run_id: str, statuses: Sequence[str]) -> bool:
+        status = self._status(cur, run_id, lock=True)
+        if statuses and status is not None and status not in statuses:
+            self._refuse(run_id, status, statuses)
+        cur.execute("DELETE FROM runs WHERE run_id = %s", (run_id,))
+        deleted = cur.rowcount > 0
+        for table in ("records", "checkpoints", "leases"):
+            cur.execute(f"DELETE FROM {table} WHERE run_id = %s", (run_id,))
+        return deleted
+
+    def enforce_retention(self, max_runs: int) -> list[str]:
+        with self._write() as cur:
+            total = cur.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            if total <= max_runs:
+                return []
+            ids = [
+                r[0]
+                for r in cur.execute(
+                    "SELECT run_id FROM runs WHERE status = ANY(%s) "
+                    "ORDER BY created_at, run_id LIMIT %s",
+                    (list(FINAL_STATUSES), total - max_runs),
+                )
+            ]
+            for run_id in ids:
+                self._delete_run(cur, run_id, ())
+        return ids
+
+    def count_runs_by_status(self) -> dict[str, int]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        return dict(rows)
+
+    def mark_interrupted(self, message: str) -> list[str]:
+        """Active runs without a lease become INTERRUPTED. A leased run is left alone: its
+        replica is executing it, or died and a replica takes it over once the lease expires
+        (so starting a replica never interrupts another's runs, nor one that can fail over)."""
+        with self._write() as cur:
+            rows = cur.execute(
+                "UPDATE runs SET status = 'INTERRUPTED', stop_reason = 'shutdown', message = %s "
+                "WHERE status = ANY(%s) AND NOT EXISTS (SELECT 1 FROM leases l WHERE "
+                "l.run_id = runs.run_id) RETURNING run_id",
+                (message, list(ACTIVE_STATUSES)),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # leases
+    def acquire_lease(self, run_id: str, ttl_s: float) -> int | None:
+        """Take the run's lease for `ttl_s` if it is free or expired: the new generation, or
+        None when another holder's lease is still live. Fences this store's later writes."""
+        with self._write() as cur:
+            row = cur.execute(
+                "INSERT INTO leases AS l VALUES (%s, %s, 1, now() + make_interval(secs => %s)) "
+                "ON CONFLICT (run_id) DO UPDATE SET holder = EXCLUDED.holder, "
+                "generation = l.generation + 1, expires_at = EXCLUDED.expires_at "
+                "WHERE l.expires_at <= now() RETURNING generation",
+                (run_id, self.replica_id, ttl_s),
+            ).fetchone()
+            if row is None:
+                return None
+            self._fences[run_id] = row[0]
+            return row[0]
+
+    def renew_lease(self, run_id: str, ttl_s: float) -> bool:
+        """Extend this store's lease on the run; False when it was lost (taken or expired)."""
+        return run_id in self.renew_leases([run_id], ttl_s)
+
+    def renew_leases(self, run_ids: Sequence[str], ttl_s: float) -> set[str]:
+        """Extend this store's leases on the runs in one statement; the runs whose lease is
+        still this store's (a lost one's fence stays: every later write for it is refused)."""
+        held = [(r, self._fences[r]) for r in run_ids if r in self._fences]
+        if not held:
+            return set()
+        with self._write() as cur:
+            rows = cur.execute(
+                "UPDATE leases l SET expires_at = now() + make_interval(secs => %s) "
+                "FROM unnest(%s::text[], %s::bigint[]) AS h(run_id, generation) "
+                "WHERE l.run_id = h.run_id AND l.generation = h.generation "
+                "AND l.expires_at > now() RETURNING l.run_id",
+                (ttl_s, [r for r, _ in held], [g for _, g in held]),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def release_lease(self, run_id: str) -> None:
+        """Give the lease up (after the run's final status is stored)."""
+        generation = self._fences.pop(run_id, None)
+        if generation is not None:
+            with self._write() as cur:
+                cur.execute(
+                    "DELETE FROM leases WHERE run_id = %s AND generation = %s",
+                    (run_id, generation),
+                )
+
+    def expire_lease(self, run_id: str) -> bool:
+        """Hand the run over: its lease expires now (this store stays fenced out of it), so
+        another replica's scan takes it over from its last checkpoint."""
+        generation = self._fences.get(run_id)
+        if generation is None:
+            return False
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE leases SET expires_at = now() WHERE run_id = %s AND generation = %s",
+                (run_id, generation),
+            )
+            return cur.rowcount > 0
+
+    def expired_leases(self) -> list[str]:
+        """Active runs whose lease has expired (their replica died or lost the database)."""
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT l.run_id FROM leases l JOIN runs r USING (run_id) "
+                "WHERE l.expires_at <= now() AND r.status = ANY(%s) ORDER BY l.expires_at",
+                (list(ACTIVE_STATUSES),),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # records
+    def append_record(self, run_id: str, record: StepRecord) -> None:
+        with self._lock:
+            self._check_open()
+            if self._failure is not None:
+                raise self._failure
+            if not self._pending:
+                self._oldest_pending = time.monotonic()
+                self._wake.notify_all()
+            self._pending.append((run_id, record))
+            if len(self._pending) >= self.commit_every:
+                with self._write() as cur:
+                    self._flush_locked(cur)
+
+    def flush(self) -> None:
+        with self._write() as cur:
+            self._flush_locked(cur)
+
+    def discard_queued(self, run_id: str) -> int:
+        with self._lock:
+            kept = [(rid, record) for rid, record in self._pending if rid != run_id]
+            dropped = len(self._pending) - len(kept)
+            self._pending = kept
+            if not kept:
+                self._failure = None
+        return dropped
+
+    def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT record FROM records WHERE run_id = %s AND iteration >= %s "
+                "ORDER BY iteration LIMIT %s",
+                (run_id, from_iteration, limit),
+            ).fetchall()
+        return [_record_from_json(r[0]) for r in rows]
+
+    # checkpoints
+    def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
+        with self._write() as cur:
+            self._flush_locked(cur)
+            self._check_fence(cur, run_id)
+            self._write_checkpoint(cur, run_id, checkpoint)
+
+    def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
+        with self._read() as cur:
+            row = cur.execute(
+                "SELECT iteration, dtype, shape, params, state FROM checkpoints "
+                "WHERE run_id = %s ORDER BY iteration DESC LIMIT 1",
+                (run_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredCheckpoint(
+            row[0], row[1], json.loads(row[2]), bytes(row[3]), json.loads(row[4])
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._wake.notify_all()
+        self._flusher.join(timeout=5)
+        self._listener.join(timeout=5)
+        with self._lock:
+            try:
+                self.flush()
+            finally:
+                self._open = False
+                self._pool.close()
+
+    # internals
+    def _where(self) -> str:
+        """The database, for messages, without its password."""
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except psycopg.Error:
+            return "postgresql://?"
+        host = info.get("host", "")
+        return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StoreClosedError(f"the run store {self._where()} is closed (the server stopped)")
+
+    def _error(self, exc: psycopg.Error, action: str = "written") -> StoreError:
+        """A StoreError that says what failed and where."""
+        if isinstance(exc, psycopg.errors.DiskFull):
+            return StoreFullError(f"the run store {self._where()} is full: {exc}")
+        return StoreError(f"the run store {self._where()} cannot be {action}: {exc}")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[psycopg.Cursor]:
+        """A cursor on a pooled connection (its own transaction); errors become StoreError."""
+        self._check_open()
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as exc:
+            raise self._error(exc, "read") from exc
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[psycopg.Cursor]:
+        """One write transaction under the store's lock (joined when nested).
+
+        Records taken from the queue inside it go back to the queue if it fails; commit
+        listeners hear of them once it has committed.
+        """
+        with self._lock:
+            self._check_open()
+            if self._cursor is not None:
+                yield self._cursor
+                return
+            self._taken = []
+            try:
+                with self._pool.connection() as conn, conn.cursor() as cur:
+                    self._cursor = cur
+                    try:
+                        yield cur
+                    finally:
+                        self._cursor = None
+            except BaseException as exc:
+                self._pending[:0] = self._taken
+                taken, self._taken = self._taken, []
+                if isinstance(exc, psycopg.Error):
+                    error = self._error(exc)
+                    self._failure = error if taken else self._failure
+                    raise error from exc
+                raise
+            taken, self._taken = self._taken, []
+            if taken:
+                self._failure = None
+        committed: dict[str, int] = {}
+        for run_id, record in taken:
+            committed[run_id] = max(committed.get(run_id, -1), record.iteration)
+        self._notify_committed(committed)
+
+    def _check_fence(self, cur: psycopg.Cursor, run_id: str) -> None:
+        """Refuse a write for a run this store leased unless the lease is still its own."""
+        generation = self._fences.get(run_id)
+        if generation is None:
+            return
+        row = cur.execute(
+            "SELECT generation FROM leases WHERE run_id = %s FOR SHARE", (run_id,)
+        ).fetchone()
+        if row is None or row[0] != generation:
+            raise LeaseLostError(run_id, generation)
+
+    @staticmethod
+    def _status(cur: psycopg.Cursor, run_id: str, lock: bool = False) -> str | None:
+        sql = "SELECT status FROM runs WHERE run_id = %s" + (" FOR UPDATE" if lock else "")
+        row = cur.execute(sql, (run_id,)).fetchone()
+        return None if row is None else row[0]
+
+    @staticmethod
+    def _refuse(run_id: str, status: str | None, expected: Sequence[str]) -> None:
+        if status is None:
+            raise RunNotFoundError(run_id)
+        raise RunConflictError(run_id, status, expected)
+
+    @staticmethod
+    def _write_checkpoint(cur: psycopg.Cursor, run_id: str, cp: StoredCheckpoint) -> None:
+        cur.execute(
+            "INSERT INTO checkpoints VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (run_id, "
+            "iteration) DO UPDATE SET dtype = EXCLUDED.dtype, shape = EXCLUDED.shape, "
+            "params = EXCLUDED.params, state = EXCLUDED.state",
+            (run_id, cp.iteration, cp.dtype, json.dumps(cp.shape), cp.params, json.dumps(cp.state)),
+        )
+        cur.execute(
+            "DELETE FROM checkpoints WHERE run_id = %s AND iteration < %s", (run_id, cp.iteration)
+        )
+
+    def _flush_locked(self, cur: psycopg.Cursor) -> None:
+        """Write queued records in the caller's transaction (one statement per run)."""
+        if not self._pending:
+            return
+        by_run: dict[str, list[StepRecord]] = {}
+        for run_id, record in self._pending:
+            by_run.setdefault(run_id, []).append(record)
+        self._taken.extend(self._pending)
+        self._pending = []
+        for run_id, records in by_run.items():
+            self._check_fence(cur, run_id)
+            cur.execute(
+                "INSERT INTO records SELECT %s, i, r FROM unnest(%s::bigint[], %s::text[]) "
+                "AS t(i, r) ON CONFLICT DO NOTHING",
+                (run_id, [r.iteration for r in records], [_record_json(r) for r in records]),
+            )
+            cur.execute(
+                "UPDATE runs SET num_records = num_records + %s, last_record = %s "
+                "WHERE run_id = %s",
+                (max(cur.rowcount, 0), _record_json(records[-1]), run_id),
+            )
+            cur.execute(
+                "SELECT pg_notify(%s, %s)",
+                (NOTIFY_CHANNEL, f"{self._token} {records[-1].iteration} {run_id}"),
+            )
+
+    def _flush_loop(self) -> None:
+        """Commit the queue when its oldest record is `commit_interval_s` old."""
+        with self._lock:
+            while not self._closed.is_set():
+                if not self._pending:
+                    self._wake.wait()
+                    continue
+                wait = self._oldest_pending + self.commit_interval_s - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                try:
+                    with self._write() as cur:
+                        self._flush_locked(cur)
+                except StoreError as exc:
+                    log.error("%s (records stay queued; retrying)", exc)
+                    self._oldest_pending = time.monotonic()
+                except Exception:  # a bug must not end the thread that keeps the T ms promise
+                    log.exception("store flush failed (records stay queued; retrying)")
+                    self._oldest_pending = time.monotonic()
+
+    def _listen_loop(self) -> None:
+        """Pass other stores' record commits (NOTIFY) to the commit listeners; reconnect
+        after a lost connection (a commit missed meanwhile is found by the next read)."""
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self._closed.is_set():
+                        for note in conn.notifies(timeout=0.5):  # 0.5 s: to see close()
+                            token, iteration, run_id = note.payload.split(" ", 2)
+                            if token != self._token:
+                                self._notify_committed({run_id: int(iteration)})
+            except psycopg.Error as exc:
+                log.warning("run store %s: LISTEN lost (%s); retrying", self._where(), exc)
+                self._closed.wait(1.0)
+
+    @staticmethod
+    def _row_values(row: RunRow) -> list[Any]:
+        encoded = SQLiteRunStore._encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
+        return [encoded[k] for k in ROW_FIELDS]
+
+
+def _migrate(conn: psycopg.Connection, where: str) -> None:
+    """Bring the database to SCHEMA_VERSION, one transaction per version; refuse a newer one."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS hessian_meta (key TEXT PRIMARY KEY, value TEXT)")
+    while True:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            row = conn.execute(
+                "SELECT value FROM hessian_meta WHERE key = 'schema_version'"
+            ).fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the run store {where} has schema version {version}, newer than this "
+                    f"server's {SCHEMA_VERSION}: run a newer hessian-server on it"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            target = version + 1
+            conn.execute(MIGRATIONS[target])
+            conn.execute(
+                "INSERT INTO hessian_meta VALUES ('schema_version', %s) ON CONFLICT (key) "
+                "DO UPDATE SET value = EXCLUDED.value",
+                (str(target),),
+            )
+            log.info("run store %s migrated to schema version %d", where, target)

@@ -1,0 +1,198 @@
+"""Failover on a shared PostgreSQL store: 3 replica processes, 20 runs started across them,
+SIGKILL the replica holding the most run leases mid-flight. Every run finishes on the
+survivors under its own id, no record a client received is lost, and each run's records are
+equal to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import psycopg
+import pytest
+from conftest import free_port, server_output, spawn_server
+from hessian_client import Client, problems, status_name
+from hessian_client.proto import service_pb2, service_pb2_grpc
+from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
+
+RUNS = 20
+LEASE_S = 2.0
+EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+SPECS = {
+    "newton": {"method": "newton", "damping": 1e-3, "learning_rate": 0.05,
+               "stopping": {"max_iterations": 200, **EXACT}},
+    "gd": {"method": "gradient_descent", "learning_rate": 0.05,
+           "stopping": {"max_iterations": 400, **EXACT}},
+}  # fmt: skip
+
+
+def _problem(seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 8))
+    y = (x[:, 0] + 0.5 * rng.standard_normal(200) > 0).astype(np.float64)
+    return problems.logistic_regression(x, y, l2=1e-3)
+
+
+def _kind(i: int) -> tuple[str, int]:
+    return ("newton", "gd")[i % 2], (i // 2) % 2
+
+
+class Watcher(threading.Thread):
+    """Collects (iteration, loss) of one run's WatchRun stream until it ends or breaks."""
+
+    def __init__(self, address: str, run_id: str) -> None:
+        super().__init__(daemon=True)
+        self.address, self.run_id = address, run_id
+        self.seen: list[tuple[int, float]] = []
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            try:
+                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=self.run_id)):
+                    self.seen.extend((r.iteration, r.loss) for r in event.records)
+            except grpc.RpcError:
+                pass
+
+
+def _served(c: Client, run_id: str) -> list[tuple[int, float]]:
+    return [(r.iteration, r.loss) for r in c.run(run_id).stream()]
+
+
+def _leases_by_holder(dsn: str) -> dict[str, list[str]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT holder, run_id FROM leases").fetchall()
+    held = collections.defaultdict(list)
+    for holder, run_id in rows:
+        held[holder].append(run_id)
+    return held
+
+
+@pytest.mark.slow
+def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
+    tmp_path, postgres_dsn
+):
+    ports = [free_port() for _ in range(3)]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    procs = {}
+    try:
+        for i, port in enumerate(ports):
+            flags = ("--store", postgres_dsn, "--replica-id", f"replica-{i}",
+                     "--lease-seconds", str(LEASE_S), "--workers", "4",
+                     "--checkpoint-every", "25", "--commit-interval-ms", "100")  # fmt: skip
+            procs[f"replica-{i}"] = spawn_server(tmp_path / f"r{i}", port, *flags)
+        ids, where = [], {}
+        for i in range(RUNS):  # round robin over the replicas, one client each
+            name, seed = _kind(i)
+            with Client(addresses[i % 3]) as c:
+                run_id = c.start_run(_problem(seed), seed=0, **SPECS[name]).id
+            ids.append(run_id)
+            where[run_id] = i % 3
+        watchers = [Watcher(addresses[where[r]], r) for r in ids]
+        # and one on each other replica: those on survivors must see every record once
+        others = [Watcher(addresses[(where[r] + k) % 3], r) for r in ids for k in (1, 2)]
+        for w in watchers + others:
+            w.start()
+        deadline = time.monotonic() + 60  # guards a hang only
+        while sum(len(w.seen) for w in watchers) < 600 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held = _leases_by_holder(postgres_dsn)
+        victim = max(held, key=lambda h: len(held[h]))
+        victim_runs = set(held[victim])
+        assert victim_runs, held
+        killed_at = time.monotonic()
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait(30)
+        survivors = [a for i, a in enumerate(addresses) if f"replica-{i}" != victim]
+
+        taken: dict[str, float] = {}
+        deadline = time.monotonic() + 120  # guards a hang only
+        while len(taken) < len(victim_runs) and time.monotonic() < deadline:
+            now = _leases_by_holder(postgres_dsn)
+            with psycopg.connect(postgres_dsn) as conn:
+                finished = {
+                    r for (r,) in conn.execute("SELECT run_id FROM runs WHERE status = 'FINISHED'")
+                }
+            for holder, run_ids in now.items():
+                for r in run_ids:
+                    if r in victim_runs and holder != victim and r not in taken:
+                        taken[r] = time.monotonic() - killed_at
+            for r in victim_runs & finished:
+                taken.setdefault(r, time.monotonic() - killed_at)
+            time.sleep(0.05)
+        assert set(taken) == victim_runs, (taken, victim_runs)
+        assert max(taken.values()) < 10 * LEASE_S, taken  # stated bound ~1.25 T; generous
+        print(f"takeover after SIGKILL (s): max {max(taken.values()):.2f} of {len(taken)} runs")
+
+        for w in watchers + others:
+            w.join(120)
+        with Client(survivors[0]) as c:
+            references = {}
+            for i in range(4):
+                name, seed = _kind(i)
+                run = c.start_run(_problem(seed), seed=0, **SPECS[name])
+                assert status_name(run.wait(120)) == "FINISHED"
+                references[(name, seed)] = _served(c, run.id)
+            for i, run_id in enumerate(ids):
+                info = c.run(run_id).wait(180)
+                assert status_name(info) == "FINISHED", (run_id, info)
+                served = _served(c, run_id)
+                seen = watchers[i].seen
+                assert served[: len(seen)] == seen, run_id  # nothing acknowledged was lost
+                assert served == references[_kind(i)], run_id
+                assert info.num_records == len(served)
+                for w in others:
+                    if w.run_id == run_id and w.address in survivors:
+                        assert w.seen == served, (run_id, w.address)  # no gap, no duplicate
+    finally:
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except Exception:
+                    proc.kill()
+            if name != "unused" and proc.returncode not in (0, -9, -15):
+                print(server_output(proc)[-3000:])
+
+
+@pytest.mark.slow
+def test_a_lone_replica_killed_and_restarted_continues_its_runs(tmp_path, postgres_dsn):
+    """With one replica, the restarted process takes its own dead runs over (their leases
+    expire) instead of leaving them INTERRUPTED: the records equal an uninterrupted run's."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    flags = ("--store", postgres_dsn, "--lease-seconds", str(LEASE_S), "--workers", "2",
+             "--checkpoint-every", "25", "--commit-interval-ms", "100")  # fmt: skip
+    proc = spawn_server(tmp_path, port, *flags)
+    try:
+        with Client(address) as c:
+            ids = [c.start_run(_problem(s), seed=0, **SPECS["gd"]).id for s in (0, 1)]
+            deadline = time.monotonic() + 60  # guards a hang only
+            while min(c.get_run(r).num_records for r in ids) < 50:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 60  # guards a hang only
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            live = "SELECT count(*) FROM leases WHERE expires_at > now()"
+            while conn.execute(live).fetchone()[0]:  # restart only once they have expired
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        proc = spawn_server(tmp_path, port, *flags)
+        with Client(address) as c:
+            for seed, run_id in zip((0, 1), ids, strict=True):
+                info = c.run(run_id).wait(120)
+                assert status_name(info) == "FINISHED", info
+                reference = c.start_run(_problem(seed), seed=0, **SPECS["gd"])
+                assert status_name(reference.wait(120)) == "FINISHED"
+                assert _served(c, run_id) == _served(c, reference.id)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)

@@ -1,0 +1,74 @@
+"""Watch from anywhere: on one PostgreSQL store, WatchRun on replica B streams a run that
+replica A executes, live (pushed by NOTIFY: the fallback poll is set to a minute here), every
+record exactly once and in order, and from any iteration."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from conftest import start_server
+from hessian_client import Client, problems, status_name
+from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_service.server import service as service_module
+from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
+
+EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+
+
+def _problem():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 10))
+    y = (x[:, 0] + 0.5 * rng.standard_normal(300) > 0).astype(np.float64)
+    return problems.logistic_regression(x, y, l2=1e-3)
+
+
+def _watch(address: str, run_id: str, start: int, out: list, first: threading.Event) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.HessianServiceStub(channel)
+        request = service_pb2.WatchRunRequest(run_id=run_id, from_iteration=start)
+        for event in stub.WatchRun(request, timeout=120):
+            out.extend((r.iteration, r.loss) for r in event.records)
+            if event.records:
+                first.set()
+            if event.HasField("final"):
+                out.append(("final", status_name(event.final)))
+
+
+@pytest.mark.slow
+def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, monkeypatch):
+    monkeypatch.setattr(service_module, "WATCH_POLL_SECONDS", 60.0)  # only a push wakes it
+    a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", commit_interval_ms=20)
+    b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", commit_interval_ms=20)
+    try:
+        with Client(a.address) as ca:
+            run = ca.start_run(
+                _problem(),
+                method="gradient_descent",
+                learning_rate=0.05,
+                stopping={"max_iterations": 3000, **EXACT},
+            )
+            streams: dict[int, list] = {0: [], 40: []}
+            firsts = {k: threading.Event() for k in streams}
+            threads = [
+                threading.Thread(target=_watch, args=(b.address, run.id, k, streams[k], firsts[k]))
+                for k in streams
+            ]
+            for t in threads:
+                t.start()
+            assert firsts[0].wait(60)
+            # live: B's watcher got records while A was still executing the run
+            assert status_name(ca.get_run(run.id)) in ("QUEUED", "RUNNING")
+            info = run.wait(120)
+            for t in threads:
+                t.join(120)
+            assert status_name(info) == "FINISHED"
+            served = [(r.iteration, r.loss) for r in ca.run(run.id).stream()]
+        assert [it for it, _ in served] == list(range(3001))
+        assert streams[0] == [*served, ("final", "FINISHED")]
+        assert streams[40] == [*served[40:], ("final", "FINISHED")]
+    finally:
+        b.stop()
+        a.stop()
