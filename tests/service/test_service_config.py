@@ -119,11 +119,19 @@ def test_drain_finishes_in_flight_unary_calls_and_interrupts_runs(tmp_path):
         stopper.start()
         # Release the held step only once the server refuses new calls (it is draining), so
         # the step is certainly in flight during the drain; the bounds guard hangs only.
-        with pytest.raises(grpc.RpcError) as refused:
-            for _ in range(6000):
-                c.stub.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=60)
-                stopper.join(0.01)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        # A call that reaches grpc.aio just as it begins to drain can wait out its deadline
+        # instead of being refused (seen once in ~10 runs under load): short deadlines, and
+        # such a call is simply tried again.
+        refused = None
+        for _ in range(6000):
+            try:
+                c.stub.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=5)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    refused = exc
+                    break
+            stopper.join(0.01)
+        assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE, refused
         in_flight.release.set()
         t.join(180)
         stopper.join(180)
