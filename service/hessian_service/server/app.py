@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
 from .auth import AuthInterceptor, Tenancy, load_tokens
 from .config import ServerConfig
+from .drain import DrainInterceptor
 from .failover import LeaseKeeper
 from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
 from .problems import ProblemRegistry
@@ -100,6 +102,7 @@ class ServerHandle:
     metrics: Metrics | None = None
     metrics_port: int = 0
     leases: LeaseKeeper | None = None
+    drain: DrainInterceptor | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -115,11 +118,16 @@ class ServerHandle:
             if self._stopped.is_set():
                 return
             grace = self.config.grace_seconds if grace is None else grace
+            deadline = time.monotonic() + grace
+            if self.drain is not None:
+                self.drain.begin()  # new calls: UNAVAILABLE at once (health still answers)
             self.events.run(self.health.enter_graceful_shutdown())
             self.runs.shutdown(timeout=grace)
             if self.leases is not None:
                 self.leases.close()
-            self.events.run(self.server.stop(grace))
+            if self.drain is not None:
+                self.events.run(self.drain.wait_idle(deadline - time.monotonic()))
+            self.events.run(self.server.stop(max(deadline - time.monotonic(), 0.0)))
             self.events.close()
             if self.metrics is not None:
                 self.metrics.close()
@@ -209,7 +217,8 @@ def build_server(
         threads=install_thread_policy(config),
     )
     leases = _keep_leases(config, store, runs, registry)
-    chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+    drain = DrainInterceptor()
+    chain: list[grpc.aio.ServerInterceptor] = [drain, ObservabilityInterceptor(metrics)]
     if tokens:
         chain.append(AuthInterceptor(tokens + admins))
     else:
@@ -244,7 +253,17 @@ def build_server(
         metrics.backend.labels(default, str(available).lower()).set(1)
         metrics_port = metrics.serve(config.host, config.metrics_port)
     return ServerHandle(
-        config, server, port, store, runs, health_servicer, events, metrics, metrics_port, leases
+        config,
+        server,
+        port,
+        store,
+        runs,
+        health_servicer,
+        events,
+        metrics,
+        metrics_port,
+        leases,
+        drain,
     )
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from ..store import ANONYMOUS_OWNER
+from .errors import refusal
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 ANONYMOUS = ANONYMOUS_OWNER
@@ -100,39 +101,6 @@ class Tenancy:
         return Tenant(caller(context), _member(token, self._admin_tokens))
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED.
-
-    It has no request deserializer: the body of an unauthenticated call is never decoded,
-    so garbage gets UNAUTHENTICATED, not a description of our message types.
-    """
-
-    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def deny_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await deny(None, context)
-        yield  # pragma: no cover (abort raised)
-
-    kind: dict[str, Callable[..., Any]]
-    if handler.request_streaming and handler.response_streaming:
-        kind = {"stream_stream": deny_stream}
-    elif handler.request_streaming:
-        kind = {"stream_unary": deny}
-    elif handler.response_streaming:
-        kind = {"unary_stream": deny_stream}
-    else:
-        kind = {"unary_unary": deny}
-    base = {
-        "unary_unary": None,
-        "unary_stream": None,
-        "stream_unary": None,
-        "stream_stream": None,
-        "request_deserializer": None,
-    }
-    return handler._replace(**{**base, **kind})
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses, with UNAUTHENTICATED, every call but health without a configured token.
 
@@ -161,7 +129,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self.allowed(token):
             return handler
         why = "no bearer token" if token is None else "the bearer token is not valid"
-        return _refusal(
+        return refusal(
             handler,
             f"authorization: {why}; send metadata 'authorization: Bearer <token>' with a token "
             "from the server's --auth-token-file",

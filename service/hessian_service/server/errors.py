@@ -175,3 +175,40 @@ def streaming(method: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncI
             await abort_async(context, exc)
 
     return handler
+
+
+def refusal(
+    handler: grpc.RpcMethodHandler,
+    message: str,
+    code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers `code` with `message`.
+
+    It has no request deserializer: the body of a refused call is never decoded (so garbage
+    without a token gets UNAUTHENTICATED, not a description of our message types).
+    """
+
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def deny_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await deny(None, context)
+        yield  # pragma: no cover (abort raised)
+
+    kind: dict[str, Callable[..., Any]]
+    if handler.request_streaming and handler.response_streaming:
+        kind = {"stream_stream": deny_stream}
+    elif handler.request_streaming:
+        kind = {"stream_unary": deny}
+    elif handler.response_streaming:
+        kind = {"unary_stream": deny_stream}
+    else:
+        kind = {"unary_unary": deny}
+    base = {
+        "unary_unary": None,
+        "unary_stream": None,
+        "stream_unary": None,
+        "stream_stream": None,
+        "request_deserializer": None,
+    }
+    return handler._replace(**{**base, **kind})
