@@ -93,7 +93,7 @@ def noisy_neighbour() -> str:
     rows = _problems()
     if QUICK:
         rows = [r for r in rows if r[1].num_params <= 201 and "n=1600" not in r[0]][:5]
-    options = MethodOptions(method="newton", learning_rate=1.0)
+    options = MethodOptions(method="newton", learning_rate=1.0, step_policy="fixed")
     rounds = 1 if QUICK else 3
     min_time = 0.05 if QUICK else 0.3
     samples: dict[tuple[str, str, bool], list[float]] = {}
@@ -234,7 +234,7 @@ def concurrency() -> str:
         w0 = np.zeros(x.shape[1] + 1)
 
         def step() -> None:
-            client.newton_step(pid, w0, method="newton")
+            client.newton_step(pid, w0, method="newton", step_policy="fixed")
 
         def job() -> None:
             run = client.start_run(pid, w0, method="newton", stopping={"max_iterations": 10})

@@ -319,8 +319,12 @@ def _step_table(notes: list[str], jax_missing: str | None) -> tuple[str, dict]:
     for label, objective, x0 in _problems():
         x0 = x0.reshape(-1)
         damping = _damping(objective)
-        opts = MethodOptions(backend="native", learning_rate=LR, damping=damping)
-        grad_opts = MethodOptions(backend="autograd", learning_rate=LR, damping=damping)
+        opts = MethodOptions(
+            backend="native", learning_rate=LR, damping=damping, step_policy="fixed"
+        )
+        grad_opts = MethodOptions(
+            backend="autograd", learning_rate=LR, damping=damping, step_policy="fixed"
+        )
         backend = take_step(objective, x0, opts).record.backend
         calls: dict[str, Callable[[], object]] = {
             "native": lambda o=objective, x=x0, op=opts: take_step(o, x, op),
@@ -407,7 +411,9 @@ def _softmax_floor(objective, x0: torch.Tensor) -> dict[str, float]:
     p = torch.softmax(torch.randn(x.shape[0], 10, dtype=x.dtype), 1)
     m = (xa.unsqueeze(2) * p.unsqueeze(1)).reshape(x.shape[0], -1)
     mt = m.numpy().T  # (n, N), Fortran-contiguous: dsyrk forms mt mt^T = M^T M, no copy
-    opts = MethodOptions(backend="native", learning_rate=LR, damping=SOFTMAX_DAMPING)
+    opts = MethodOptions(
+        backend="native", learning_rate=LR, damping=SOFTMAX_DAMPING, step_policy="fixed"
+    )
     with threadpool_limits(THREADS):
         t = _interleaved(
             {
@@ -489,7 +495,9 @@ kind = {kind!r}
 if kind == "torch.func.hessian":
     run = lambda: _func_step(obj)(x)
 else:
-    opts = MethodOptions(backend="auto" if kind == "native" else "autograd", learning_rate=1.0)
+    opts = MethodOptions(
+        backend="auto" if kind == "native" else "autograd", learning_rate=1.0, step_policy="fixed"
+    )
     run = lambda: take_step(obj, x, opts)
 run()  # warm-up: lazy initialisation is not the step's memory
 def status(key):
@@ -529,7 +537,7 @@ def _fused_seed_times() -> tuple[float, float, float]:
     params = torch.rand(5, 5, generator=g, dtype=torch.float64)
     target = torch.rand(5, 5, generator=g, dtype=torch.float64)
     obj = make_objective("mse", {"target": target})
-    opts = MethodOptions(learning_rate=0.1, backend="native")
+    opts = MethodOptions(learning_rate=0.1, backend="native", step_policy="fixed")
     flat = params.reshape(-1)
     op = torch.ops.hessian.mse_newton_step.default
     direct = median_seconds(

@@ -82,7 +82,7 @@ from common import median_seconds
 from hessian_service.engine import MethodOptions, take_step
 from hessian_service.seed import seed_problem
 objective, params = seed_problem()
-options = MethodOptions(learning_rate=0.1)
+options = MethodOptions(learning_rate=0.1, step_policy="fixed")  # the seed's full step
 step = lambda: take_step(objective, params, options)
 print(median_seconds(step, repeats={repeats}, min_time=0.15))
 """
@@ -104,7 +104,7 @@ def run() -> str:
     """Measure and return the markdown section."""
     from common import format_seconds, interleaved_medians, markdown_table
     from hessian_client import Client, problems
-    from hessian_client.proto import service_pb2
+    from hessian_client.proto import optimize_pb2, service_pb2
     from hessian_client.tensors import encode
     from hessian_service.engine import MethodOptions, make_objective
 
@@ -120,10 +120,14 @@ def run() -> str:
         problem = problems.mse(target)
         pid = client.create_problem(problem)
         inline_req = service_pb2.StepRequest(
-            problem=problem, params=encode(params), options={"learning_rate": 0.1}
+            problem=problem,
+            params=encode(params),
+            options={"learning_rate": 0.1, "step_policy": optimize_pb2.STEP_POLICY_FIXED},
         )
         id_req = service_pb2.StepRequest(
-            problem_id=pid, params=encode(params), options={"learning_rate": 0.1}
+            problem_id=pid,
+            params=encode(params),
+            options={"learning_rate": 0.1, "step_policy": optimize_pb2.STEP_POLICY_FIXED},
         )
         response = client.stub.NewtonStep(inline_req)
         info = client.info()
@@ -151,7 +155,7 @@ def run() -> str:
             echo_call(id_bytes)
 
         def sdk_by_id() -> None:
-            client.newton_step(pid, params, learning_rate=0.1)
+            client.newton_step(pid, params, learning_rate=0.1, step_policy="fixed")
 
         calls = {
             "echo_inline": echo_inline,
