@@ -17,8 +17,9 @@ import pytest
 import torch
 from hessian_service.engine import MethodOptions, backends, make_objective, take_step
 from hessian_service.engine.errors import UnavailableError, UnknownNameError, ValidationError
+from hessian_service.engine.hessian_free import curvature_block_product
 from hessian_service.engine.methods import Stepper
-from hessian_service.engine.native_products import curvature_block_product, select_backend
+from hessian_service.engine.native_products import select_backend
 from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
 from native_support import F32, F64, TOL, rel_err, require_native, spd, upcast
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import cancel
-from .native_products import BlockProduct, curvature_block_product
+from .hessian_free import curvature_block_product
+from .native_products import BlockProduct
 from .objectives.base import Objective
 
 DEFLATION = 1e-12  # relative singular value below which a block direction is dropped

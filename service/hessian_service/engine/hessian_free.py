@@ -31,7 +31,7 @@ import torch
 from . import cancel
 from .curvature import gradient_product, jacobian_product, loss_and_grad
 from .errors import ValidationError
-from .native_products import as_vector_product, native_block_product
+from .native_products import BlockProduct, as_vector_product, native_block_product
 from .objectives.base import Objective
 from .options import MethodOptions
 
@@ -475,3 +475,45 @@ def check_supported(objective: Objective, options: MethodOptions) -> None:
                 f"1 for {objective.name}, which has no data rows to sub-sample",
                 getattr(options, name),
             )
+
+
+def _autograd_block_product(
+    objective: Objective, params: torch.Tensor, kind: str, rows: torch.Tensor | None, mode: str
+) -> BlockProduct:
+    """V -> B V column by column from the autograd products (vmap'd where they allow it)."""
+    sub = objective if rows is None else objective.subsample(rows.to(objective.device))
+    if kind == "gauss_newton":
+        vector = ggn_product(sub, params)
+    else:
+        vector = hessian_product(sub, params, mode)
+    vmappable = kind == "gauss_newton" or mode == "forward_over_reverse"
+    batched = torch.func.vmap(vector, in_dims=1, out_dims=1) if vmappable else None
+
+    def block(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[1] == 1:
+            return vector(v[:, 0]).unsqueeze(1)
+        if batched is not None:
+            return batched(v)
+        return torch.stack([vector(c) for c in v.unbind(1)], dim=1)
+
+    return block
+
+
+def curvature_block_product(
+    objective: Objective,
+    params: torch.Tensor,
+    backend: str = "auto",
+    rows: torch.Tensor | None = None,
+    *,
+    kind: str = "hessian",
+    hvp_mode: str = "forward_over_reverse",
+) -> tuple[BlockProduct, str]:
+    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows).
+
+    kind is hessian or gauss_newton; hvp_mode picks the autograd Hessian product (unused
+    by native products, which are exact closed forms).
+    """
+    native = native_block_product(objective, params, backend, kind, rows)
+    if native is not None:
+        return native, "native"
+    return _autograd_block_product(objective, params, kind, rows, hvp_mode), "autograd"

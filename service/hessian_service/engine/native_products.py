@@ -1,12 +1,13 @@
 """Which backend serves matrix-free curvature products, and the native block products.
 
-`curvature_block_product(objective, params, backend)` returns (V -> B V, label): B is the
-Hessian or Gauss-Newton matrix at `params`, V an (n, k) block (k = 1: one product), label
-"native" or "autograd". Native products (csrc/products.cpp) serve mse, quadratic,
-least_squares, logistic_regression and softmax_regression (whose Gauss-Newton matrix is
-their Hessian) in float32/float64 on the extension's devices: the per-point quantities
-(logistic weights p (1 - p), softmax probabilities) are computed once when the product is
-built, so each product is two matrix products with X. Everything else, and everything when
+`native_block_product(objective, params, backend, kind)` returns V -> B V, or None where
+autograd serves (hessian_free.curvature_block_product then builds it): B is the Hessian or
+Gauss-Newton matrix at `params`, V an (n, k) block (k = 1: one product). Native products
+(csrc/products.cpp) serve mse, quadratic, least_squares, logistic_regression and
+softmax_regression (whose Gauss-Newton matrix is their Hessian) in float32/float64 on the
+extension's devices: the per-point quantities (logistic weights p (1 - p), softmax
+probabilities) are computed once when the product is built, so each product is two matrix
+products with X. Everything else, and everything when
 `backend` is autograd, uses the torch.func/autograd products of hessian_free.py.
 
 Selection matches the dense path (backends.resolve): auto uses native where covered;
@@ -112,50 +113,6 @@ def native_block_product(
         raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
     x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
     return NATIVE_PRODUCTS[objective.name](objective, x, rows)
-
-
-def _autograd_block_product(
-    objective: Objective, params: torch.Tensor, kind: str, rows: torch.Tensor | None, mode: str
-) -> BlockProduct:
-    """V -> B V column by column from hessian_free's products (vmap'd where they allow it)."""
-    from . import hessian_free
-
-    sub = objective if rows is None else objective.subsample(rows.to(objective.device))
-    if kind == "gauss_newton":
-        vector = hessian_free.ggn_product(sub, params)
-    else:
-        vector = hessian_free.hessian_product(sub, params, mode)
-    vmappable = kind == "gauss_newton" or mode == "forward_over_reverse"
-    batched = torch.func.vmap(vector, in_dims=1, out_dims=1) if vmappable else None
-
-    def block(v: torch.Tensor) -> torch.Tensor:
-        if v.shape[1] == 1:
-            return vector(v[:, 0]).unsqueeze(1)
-        if batched is not None:
-            return batched(v)
-        return torch.stack([vector(c) for c in v.unbind(1)], dim=1)
-
-    return block
-
-
-def curvature_block_product(
-    objective: Objective,
-    params: torch.Tensor,
-    backend: str = "auto",
-    rows: torch.Tensor | None = None,
-    *,
-    kind: str = "hessian",
-    hvp_mode: str = "forward_over_reverse",
-) -> tuple[BlockProduct, str]:
-    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows).
-
-    kind is hessian or gauss_newton; hvp_mode picks the autograd Hessian product (unused
-    by native products, which are exact closed forms).
-    """
-    native = native_block_product(objective, params, backend, kind, rows)
-    if native is not None:
-        return native, "native"
-    return _autograd_block_product(objective, params, kind, rows, hvp_mode), "autograd"
 
 
 def as_vector_product(block: BlockProduct) -> Callable[[torch.Tensor], torch.Tensor]:

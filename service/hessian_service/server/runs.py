@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,8 +44,16 @@ from ..store import (
 from .errors import ConflictError, LimitError
 from .threads import ThreadPolicy
 
-if TYPE_CHECKING:
-    from .failover import LeaseKeeper
+
+class Leases(Protocol):
+    """What a run manager asks of the replica's lease keeper (server/failover.LeaseKeeper)."""
+
+    def hold(self, live: LiveRun, acquired: bool = False) -> None: ...
+    def release(self, run_id: str) -> None: ...
+    def hand_over(self, run_id: str) -> bool: ...
+    def holds(self, run_id: str) -> bool: ...
+    def abandon(self, run_id: str) -> None: ...
+
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
@@ -181,7 +189,7 @@ class RunManager:
         self._orphans: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        self.leases: LeaseKeeper | None = None  # set for a store shared by replicas
+        self.leases: Leases | None = None  # set for a store shared by replicas
         self._commit_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, Any]]] = {}
         store.add_commit_listener(self._on_commit)
 
