@@ -39,7 +39,7 @@ class Client(_Api):
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         token: str | None = None,
         timeout: float | None = 60.0,
         *,
