@@ -8,31 +8,14 @@ from typing import Any
 import numpy as np
 
 from . import tensors
-from .errors import invalid
-from .options import enum_label, enum_value
+from .options import build, enum_label
 from .proto import optimize_pb2, service_pb2
 from .results import Verdict, _jsonable, _label
-
-SPECTRUM_ENUMS = ("curvature", "hvp_mode", "backend")
-SPECTRUM_SCALARS = tuple(
-    f.name for f in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields if f.name not in SPECTRUM_ENUMS
-)
 
 
 def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
     """SpectrumOptions from keyword arguments; None leaves a field at the engine default."""
-    msg = optimize_pb2.SpectrumOptions()
-    for key, value in values.items():
-        if value is None:
-            continue
-        if key in SPECTRUM_ENUMS:
-            setattr(msg, key, enum_value(key, value))
-        elif key in SPECTRUM_SCALARS:
-            setattr(msg, key, value)
-        else:
-            known = [*SPECTRUM_ENUMS, *SPECTRUM_SCALARS]
-            raise invalid("options", f"a spectrum option, one of {known}", key)
-    return msg
+    return build(optimize_pb2.SpectrumOptions, "a spectrum option", "options", values)
 
 
 @dataclass(frozen=True)

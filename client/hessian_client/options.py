@@ -1,89 +1,84 @@
-"""Method options and stopping criteria from plain Python values (engine names as strings)."""
+"""Method options and stopping criteria from plain Python values (engine names as strings).
+
+The option names and the enum choices are read from the proto message descriptors, so a
+field added to optimize.proto is accepted here with no edit.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.message import Message
 
 from .errors import invalid
 from .proto import optimize_pb2
 
-ENUMS = {
-    "method": ("METHOD_", optimize_pb2.Method),
-    "step_policy": ("STEP_POLICY_", optimize_pb2.StepPolicy),
-    "curvature": ("CURVATURE_", optimize_pb2.Curvature),
-    "backend": ("BACKEND_", optimize_pb2.Backend),
-    "cg_forcing": ("CG_FORCING_", optimize_pb2.CgForcing),
-    "hvp_mode": ("HVP_MODE_", optimize_pb2.HvpMode),
-}
-SCALARS = (
-    "learning_rate",
-    "damping",
-    "eigenvalue_floor",
-    "armijo",
-    "backtrack",
-    "max_backtracks",
-    "dense_budget_bytes",
-    "cg_max_iterations",
-    "cg_tolerance",
-    "trust_radius",
-    "curvature_fraction",
-    "seed",
-    "gradient_fraction",
-)
-STOP_FIELDS = (
-    "max_iterations",
-    "gradient_tolerance",
-    "function_tolerance",
-    "parameter_tolerance",
-    "time_limit_seconds",
-)
+M = TypeVar("M", bound=Message)
 
 
-def enum_value(field: str, name: str | None) -> int:
+def _enum(field: str, message: type[Message]) -> EnumDescriptor:
+    """The enum type of `message`'s field `field`."""
+    enum_type = message.DESCRIPTOR.fields_by_name[field].enum_type
+    if enum_type is None:
+        raise KeyError(f"{message.DESCRIPTOR.name}.{field} is not an enum field")
+    return enum_type
+
+
+def _prefix(enum_type: EnumDescriptor) -> str:
+    """The prefix of the enum's value names ("METHOD_" for METHOD_UNSPECIFIED, ...)."""
+    return enum_type.values[0].name.removesuffix("UNSPECIFIED")
+
+
+def choices(field: str, message: type[Message] = optimize_pb2.MethodOptions) -> list[str]:
+    """The engine names an enum option accepts, from the proto descriptor."""
+    enum_type = _enum(field, message)
+    return [v.name.removeprefix(_prefix(enum_type)).lower() for v in enum_type.values[1:]]
+
+
+def enum_value(
+    field: str, name: str | None, message: type[Message] = optimize_pb2.MethodOptions
+) -> int:
     """The wire value for an engine name such as "newton" (None: unspecified)."""
-    prefix, enum_type = ENUMS[field]
     if name is None:
         return 0
-    known = choices(field)
+    known = choices(field, message)
     if not isinstance(name, str) or name.lower() not in known:
         raise invalid(field, f"one of {known}", name)
-    return enum_type.Value(prefix + name.upper())
+    enum_type = _enum(field, message)
+    return enum_type.values_by_name[_prefix(enum_type) + name.upper()].number
 
 
-def choices(field: str) -> list[str]:
-    """The engine names an enum option accepts, from the proto descriptor."""
-    prefix, enum_type = ENUMS[field]
-    return [k.removeprefix(prefix).lower() for k in enum_type.keys()[1:]]
-
-
-def enum_label(field: str, value: int) -> str:
+def enum_label(field: str, value: int, message: type[Message] = optimize_pb2.MethodOptions) -> str:
     """The engine name of a wire enum value ("" when unspecified)."""
-    prefix, enum_type = ENUMS[field]
-    return "" if value == 0 else enum_type.Name(value).removeprefix(prefix).lower()
+    if value == 0:
+        return ""
+    enum_type = _enum(field, message)
+    return enum_type.values_by_number[value].name.removeprefix(_prefix(enum_type)).lower()
+
+
+def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
+    """`message` from keyword values (enum fields by engine name); None leaves a field unset.
+
+    A key the message does not have is refused naming `field` and listing its fields.
+    """
+    msg = message()
+    known = message.DESCRIPTOR.fields_by_name
+    for key, value in values.items():
+        if value is None:
+            continue
+        fd = known.get(key)
+        if fd is None:
+            raise invalid(field, f"{what}, one of {list(known)}", key)
+        setattr(msg, key, enum_value(key, value, message) if fd.enum_type else value)
+    return msg
 
 
 def method_options(**values: Any) -> optimize_pb2.MethodOptions:
     """MethodOptions from keyword arguments; None leaves a field at the server's default."""
-    msg = optimize_pb2.MethodOptions()
-    for key, value in values.items():
-        if value is None:
-            continue
-        if key in ENUMS:
-            setattr(msg, key, enum_value(key, value))
-        elif key in SCALARS:
-            setattr(msg, key, value)
-        else:
-            raise invalid("options", f"a method option, one of {[*ENUMS, *SCALARS]}", key)
-    return msg
+    return build(optimize_pb2.MethodOptions, "a method option", "options", values)
 
 
 def stop_criteria(**values: Any) -> optimize_pb2.StopCriteria:
     """StopCriteria from keyword arguments; None leaves a criterion at the engine default."""
-    msg = optimize_pb2.StopCriteria()
-    for key, value in values.items():
-        if value is None:
-            continue
-        if key not in STOP_FIELDS:
-            raise invalid("stopping", f"a criterion, one of {list(STOP_FIELDS)}", key)
-        setattr(msg, key, value)
-    return msg
+    return build(optimize_pb2.StopCriteria, "a criterion", "stopping", values)

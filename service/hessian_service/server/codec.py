@@ -11,10 +11,11 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
@@ -50,6 +51,7 @@ RECORD_FIELDS = [
     for f in fields(StepRecord)
     if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name and f.name not in RECORD_ENUMS
 ]
+M = TypeVar("M", bound=Message)
 
 
 def decode_tensor(
@@ -151,119 +153,77 @@ def encode_tensor(
     return msg
 
 
+def _enum_descriptor(enum_type: Any) -> EnumDescriptor:
+    """The descriptor of a generated enum (its wrapper or the descriptor itself)."""
+    return getattr(enum_type, "DESCRIPTOR", enum_type)
+
+
 def enum_name(enum_type: Any, value: int, field: str) -> str | None:
     """The engine name of a wire enum value (prefix stripped, lower case); None if unset."""
     if value == 0:
         return None
-    try:
-        name = enum_type.Name(value)
-    except ValueError:
-        raise ValidationError(field, f"one of {list(enum_type.keys())[1:]}", value) from None
-    prefix = enum_type.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
-    return name.removeprefix(prefix).lower()
+    desc = _enum_descriptor(enum_type)
+    known = desc.values_by_number.get(value)
+    if known is None:
+        raise ValidationError(field, f"one of {[v.name for v in desc.values[1:]]}", value)
+    prefix = desc.values[0].name.removesuffix("UNSPECIFIED")
+    return known.name.removeprefix(prefix).lower()
 
 
 def enum_value(enum_type: Any, name: str) -> int:
     """The wire value of an engine name (0, UNSPECIFIED, when unknown or empty)."""
-    prefix = enum_type.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
-    try:
-        return enum_type.Value(prefix + name.upper()) if name else 0
-    except ValueError:
-        return 0
+    desc = _enum_descriptor(enum_type)
+    prefix = desc.values[0].name.removesuffix("UNSPECIFIED")
+    known = desc.values_by_name.get(prefix + name.upper()) if name else None
+    return known.number if known is not None else 0
 
 
-OPTION_ENUMS = {
-    "method": optimize_pb2.Method,
-    "step_policy": optimize_pb2.StepPolicy,
-    "curvature": optimize_pb2.Curvature,
-    "backend": optimize_pb2.Backend,
-    "cg_forcing": optimize_pb2.CgForcing,
-    "hvp_mode": optimize_pb2.HvpMode,
-}
-OPTION_SCALARS = (
-    "learning_rate",
-    "eigenvalue_floor",
-    "armijo",
-    "backtrack",
-    "max_backtracks",
-    "dense_budget_bytes",
-    "cg_max_iterations",
-    "cg_tolerance",
-    "trust_radius",
-    "curvature_fraction",
-    "seed",
-    "gradient_fraction",
-)
-SPECTRUM_ENUMS = {
-    "curvature": optimize_pb2.Curvature,
-    "hvp_mode": optimize_pb2.HvpMode,
-    "backend": optimize_pb2.Backend,
-}
-SPECTRUM_SCALARS = tuple(
-    f.name for f in optimize_pb2.SpectrumOptions.DESCRIPTOR.fields if f.name not in SPECTRUM_ENUMS
-)
-STOP_FIELDS = (
-    "max_iterations",
-    "gradient_tolerance",
-    "function_tolerance",
-    "parameter_tolerance",
-    "time_limit_seconds",
-)
+def message_to_dict(msg: Message, field: str) -> dict[str, Any]:
+    """{name: value} of an options message's set fields, enums by engine name.
+
+    The field list is the message descriptor's: an unset optional (or a 0 enum, UNSPECIFIED)
+    is left out, so the engine's default applies; an explicitly set optional is kept.
+    """
+    return {
+        fd.name: enum_name(fd.enum_type, value, f"{field}.{fd.name}") if fd.enum_type else value
+        for fd, value in msg.ListFields()
+    }
 
 
-def _set_fields(
-    msg: Any, enums: dict[str, Any], scalars: tuple[str, ...], field: str
-) -> dict[str, Any]:
-    """{name: value} of an options message's set enum and scalar fields (enums by name)."""
-    out: dict[str, Any] = {}
-    for name, enum_type in enums.items():
-        value = enum_name(enum_type, getattr(msg, name), f"{field}.{name}")
-        if value is not None:
-            out[name] = value
-    for name in scalars:
-        if msg.HasField(name):
-            out[name] = getattr(msg, name)
-    return out
+def dict_to_message(values: dict[str, Any], message: type[M]) -> M:
+    """The wire message for an engine dict: its keys the message has, None and "" left unset."""
+    msg = message()
+    for fd in msg.DESCRIPTOR.fields:
+        value = values.get(fd.name)
+        if value is None or value == "":
+            continue
+        setattr(msg, fd.name, enum_value(fd.enum_type, value) if fd.enum_type else value)
+    return msg
 
 
 def options_to_dict(msg: optimize_pb2.MethodOptions, field: str = "options") -> dict[str, Any]:
     """The engine's MethodOptions dict from the wire (unset fields omitted)."""
-    out = _set_fields(msg, OPTION_ENUMS, OPTION_SCALARS, field)
-    if msg.damping:
-        out["damping"] = msg.damping
-    return out
+    return message_to_dict(msg, field)
 
 
 def options_to_wire(values: dict[str, Any]) -> optimize_pb2.MethodOptions:
     """The wire MethodOptions for an engine options dict."""
-    msg = optimize_pb2.MethodOptions()
-    for name, enum_type in OPTION_ENUMS.items():
-        if values.get(name):
-            setattr(msg, name, enum_value(enum_type, values[name]))
-    for name in OPTION_SCALARS:
-        if values.get(name) is not None:
-            setattr(msg, name, values[name])
-    msg.damping = float(values.get("damping") or 0.0)
-    return msg
+    return dict_to_message(values, optimize_pb2.MethodOptions)
 
 
 def spectrum_to_dict(msg: optimize_pb2.SpectrumOptions, field: str = "options") -> dict[str, Any]:
     """The engine's SpectrumOptions dict from the wire (unset fields omitted)."""
-    return _set_fields(msg, SPECTRUM_ENUMS, SPECTRUM_SCALARS, field)
+    return message_to_dict(msg, field)
 
 
-def stopping_to_dict(msg: optimize_pb2.StopCriteria) -> dict[str, Any]:
+def stopping_to_dict(msg: optimize_pb2.StopCriteria, field: str = "stopping") -> dict[str, Any]:
     """The engine's StopCriteria dict from the wire (unset fields omitted)."""
-    return {name: getattr(msg, name) for name in STOP_FIELDS if msg.HasField(name)}
+    return message_to_dict(msg, field)
 
 
 def stopping_to_wire(values: dict[str, Any]) -> optimize_pb2.StopCriteria:
     """The wire StopCriteria for an engine criteria dict."""
-    msg = optimize_pb2.StopCriteria()
-    for name in STOP_FIELDS:
-        if values.get(name) is not None:
-            setattr(msg, name, values[name])
-    return msg
+    return dict_to_message(values, optimize_pb2.StopCriteria)
 
 
 def encode_page_token(created_at: float, run_id: str) -> str:
