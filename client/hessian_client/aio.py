@@ -29,7 +29,7 @@ from .client import (
 )
 from .errors import HessianError, from_rpc_error
 from .proto import service_pb2
-from .results import RunInfo, RunResult, StepRecord
+from .results import RunInfo, RunResult, StepRecord, WireRunInfo
 
 __all__ = ["Client", "Run"]
 
@@ -74,7 +74,7 @@ class Client(_Api):
 
         return invoke()
 
-    def _run(self, run_id: str, info: service_pb2.RunInfo | None, like: Any) -> Run:
+    def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Run:
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
     async def list_runs(

@@ -38,6 +38,7 @@ from .results import (
     RunStatus,
     StepRecord,
     StepResult,
+    WireRunInfo,
     _label,
 )
 
@@ -211,7 +212,7 @@ class _Api:
     def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
         raise NotImplementedError
 
-    def _run(self, run_id: str, info: service_pb2.RunInfo | None, like: Any) -> Any:
+    def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Any:
         raise NotImplementedError
 
     # unary calls
@@ -430,19 +431,19 @@ class _Api:
 
     def cancel_run(self, run_id: str) -> Any:
         """Stop a run before its next iteration (its records are kept) -> RunInfo."""
-        request = service_pb2.RunRequest(run_id=run_id)
+        request = service_pb2.CancelRunRequest(run_id=run_id)
         return self._unary("CancelRun", request, _DEFAULT, RunInfo.from_wire)
 
     def resume_run(self, run_id: str) -> Any:
         """Continue an INTERRUPTED run from its last checkpoint -> Run."""
-        request = service_pb2.RunRequest(run_id=run_id)
+        request = service_pb2.ResumeRunRequest(run_id=run_id)
         return self._unary(
             "ResumeRun", request, _DEFAULT, lambda info: self._run(run_id, info, None)
         )
 
     def delete_run(self, run_id: str) -> Any:
         """Delete a run that is not executing."""
-        request = service_pb2.RunRequest(run_id=run_id)
+        request = service_pb2.DeleteRunRequest(run_id=run_id)
         return self._unary("DeleteRun", request, _DEFAULT, lambda r: r.deleted)
 
     def delete_problem(self, problem_id: str) -> Any:
@@ -496,7 +497,7 @@ class Client(_Api):
     def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
         return decode(self.call(method, request, timeout))
 
-    def _run(self, run_id: str, info: service_pb2.RunInfo | None, like: Any) -> Run:
+    def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Run:
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
     def list_runs(self, status: Sequence[str] = (), page_size: int = 50) -> Iterator[RunInfo]:

@@ -33,6 +33,14 @@ StopReason = _str_enum("StopReason", optimize_pb2.StopReason, "STOP_REASON_", lo
 Method = _str_enum("Method", optimize_pb2.Method, "METHOD_", lower=True)
 Verdict = _str_enum("Verdict", optimize_pb2.Verdict, "VERDICT_", lower=True)
 FINAL_STATUSES = frozenset({"FINISHED", "CANCELLED", "FAILED", "INTERRUPTED"})
+# The wire messages holding a run's state: RunInfo and the RPC answers that copy its fields.
+WireRunInfo = (
+    service_pb2.RunInfo
+    | service_pb2.StartRunResponse
+    | service_pb2.GetRunResponse
+    | service_pb2.CancelRunResponse
+    | service_pb2.ResumeRunResponse
+)
 
 
 def _label(enum_cls: type[enum.StrEnum], proto_enum: Any, prefix: str, value: int) -> Any:
@@ -161,7 +169,7 @@ class RunInfo(_Result):
     started_at: datetime | None
     finished_at: datetime | None
     final_params: Any = None
-    raw: service_pb2.RunInfo = dataclasses.field(default=None, repr=False, compare=False)
+    raw: WireRunInfo = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -169,8 +177,9 @@ class RunInfo(_Result):
         return self.status in FINAL_STATUSES
 
     @classmethod
-    def from_wire(cls, msg: service_pb2.RunInfo, like: Any = None) -> RunInfo:
-        """The typed info of a wire RunInfo; final parameters as the type of `like`."""
+    def from_wire(cls, msg: WireRunInfo, like: Any = None) -> RunInfo:
+        """The typed info of a wire RunInfo (or a response copying it); final parameters as
+        the type of `like`."""
         params = None
         if msg.HasField("final_params"):
             params = tensors.like_input(tensors.decode(msg.final_params), like)
@@ -274,7 +283,7 @@ class RunResult(_Result):
         return self.info.status
 
 
-def status_name(info: RunInfo | service_pb2.RunInfo) -> str:
+def status_name(info: RunInfo | WireRunInfo) -> str:
     """The run's status as a plain name (QUEUED, RUNNING, FINISHED, ...)."""
     if isinstance(info, RunInfo):
         return info.status

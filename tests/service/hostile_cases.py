@@ -205,9 +205,9 @@ def base_requests(run_id: str, page_token: str) -> dict[str, list[Message]]:
                 page_size=5, page_token=page_token, status=[service_pb2.RUN_STATUS_FINISHED]
             )
         ],
-        "CancelRun": [service_pb2.RunRequest(run_id=run_id)],
-        "ResumeRun": [service_pb2.RunRequest(run_id=run_id)],
-        "DeleteRun": [service_pb2.RunRequest(run_id="r-" + "0" * 32)],
+        "CancelRun": [service_pb2.CancelRunRequest(run_id=run_id)],
+        "ResumeRun": [service_pb2.ResumeRunRequest(run_id=run_id)],
+        "DeleteRun": [service_pb2.DeleteRunRequest(run_id="r-" + "0" * 32)],
         "DeleteProblem": [service_pb2.DeleteProblemRequest(problem_id="p-" + "0" * 40)],
         "GetServerInfo": [service_pb2.GetServerInfoRequest()],
         "Predict": [service_pb2.PredictRequest(problem=SOFTMAX, params=params)],

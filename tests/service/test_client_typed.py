@@ -170,7 +170,9 @@ class FlakyService(service_pb2_grpc.HessianServiceServicer):
         self.calls["GetRun"] += 1
         if self.calls["GetRun"] <= 2:
             context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
-        return service_pb2.RunInfo(run_id=request.run_id, status=service_pb2.RUN_STATUS_QUEUED)
+        return service_pb2.GetRunResponse(
+            run_id=request.run_id, status=service_pb2.RUN_STATUS_QUEUED
+        )
 
     def StartRun(self, request, context):
         self.calls["StartRun"] += 1

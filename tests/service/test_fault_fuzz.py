@@ -350,8 +350,8 @@ def test_thousands_of_mutated_valid_requests_get_no_internal_error(fuzz_server):
     codes: collections.Counter = collections.Counter()
     with grpc.insecure_channel(address) as channel:
         start = hostile_cases.base_requests("", "")["StartRun"][0].SerializeToString()
-        run_ids = [service_pb2.RunInfo.FromString(call_raw(channel, "StartRun", start)[2]).run_id
-                   for _ in range(2)]  # fmt: skip
+        started = [call_raw(channel, "StartRun", start)[2] for _ in range(2)]
+        run_ids = [service_pb2.StartRunResponse.FromString(raw).run_id for raw in started]
         first = service_pb2.ListRunsRequest(page_size=1).SerializeToString()
         token = service_pb2.ListRunsResponse.FromString(call_raw(channel, "ListRuns", first)[2])
         bases = hostile_cases.base_requests(run_ids[0], token.next_page_token)

@@ -74,7 +74,7 @@ def _finished_run(channel: grpc.Channel) -> str:
     base = hostile_cases.base_requests("", "")["StartRun"][0]
     code, details, raw = call(channel, "StartRun", base.SerializeToString())
     assert code == grpc.StatusCode.OK, details
-    run_id = service_pb2.RunInfo.FromString(raw).run_id
+    run_id = service_pb2.StartRunResponse.FromString(raw).run_id
     request = service_pb2.WatchRunRequest(run_id=run_id).SerializeToString()
     code, details, raw = call(channel, "WatchRun", request)  # ends when the run does
     assert code == grpc.StatusCode.OK, details

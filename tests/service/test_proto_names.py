@@ -4,6 +4,8 @@ The engine keeps its own dataclasses (it imports no protos), so their field name
 names its enum options accept are compared here with the message descriptors: a field or a
 choice added on one side only fails this file. The codec and the client derive their field
 lists from the descriptors; a message with every field set round-trips through them.
+The run RPCs' own request and response messages copy the messages they replaced field for
+field, so the wire did not change (checked on the descriptors and on bytes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from google.protobuf.message import Message
 from hessian_client import InvalidArgument
 from hessian_client.curvature import spectrum_options
 from hessian_client.options import choices, method_options, stop_criteria
-from hessian_client.proto import optimize_pb2
+from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_service.engine import MethodOptions, SpectrumOptions, StopCriteria, ValidationError
 from hessian_service.engine.options import (
     BACKENDS,
@@ -103,3 +105,96 @@ def test_unknown_wire_enum_value_is_refused_naming_the_field():
         codec.spectrum_to_dict(msg)
     assert err.value.field == "options.hvp_mode"
     assert "HVP_MODE_FORWARD_OVER_REVERSE" in err.value.expected
+
+
+RUN_STATE_RESPONSES = [
+    service_pb2.StartRunResponse,
+    service_pb2.GetRunResponse,
+    service_pb2.CancelRunResponse,
+    service_pb2.ResumeRunResponse,
+]
+RUN_ID_REQUESTS = [
+    service_pb2.CancelRunRequest,
+    service_pb2.ResumeRunRequest,
+    service_pb2.DeleteRunRequest,
+]
+
+
+def test_every_run_rpc_has_its_own_request_and_response():
+    methods = service_pb2.DESCRIPTOR.services_by_name["HessianService"].methods_by_name
+    for rpc in ("StartRun", "GetRun", "CancelRun", "ResumeRun", "DeleteRun"):
+        method = methods[rpc]
+        assert (method.input_type.name, method.output_type.name) == (
+            f"{rpc}Request",
+            f"{rpc}Response",
+        )
+    assert "RunRequest" not in service_pb2.DESCRIPTOR.message_types_by_name
+
+
+def _layout(message: type[Message]) -> list[tuple]:
+    """What decides a message's wire and its Python API: each field's name, number, type,
+    cardinality, presence and the message or enum it holds."""
+    return [
+        (
+            fd.name,
+            fd.number,
+            fd.type,
+            fd.is_repeated,
+            fd.has_presence,
+            fd.message_type.full_name if fd.message_type else None,
+            fd.enum_type.full_name if fd.enum_type else None,
+        )
+        for fd in message.DESCRIPTOR.fields
+    ]
+
+
+@pytest.mark.parametrize("response", RUN_STATE_RESPONSES, ids=lambda c: c.DESCRIPTOR.name)
+def test_run_state_responses_copy_run_info_field_for_field(response):
+    assert _layout(response) == _layout(service_pb2.RunInfo)
+
+
+@pytest.mark.parametrize("request_type", RUN_ID_REQUESTS, ids=lambda c: c.DESCRIPTOR.name)
+def test_run_id_requests_keep_the_old_run_request_wire(request_type):
+    run_id = ("run_id", 1, FieldDescriptor.TYPE_STRING, False, False, None, None)
+    assert _layout(request_type) == [run_id]
+    old = b"\n\x05r-abc"  # RunRequest(run_id="r-abc") as clients before issue 12 sent it
+    assert request_type.FromString(old).run_id == "r-abc"
+    assert request_type(run_id="r-abc").SerializeToString() == old
+
+
+def _full_run_info(rng: random.Random) -> service_pb2.RunInfo:
+    """A RunInfo with every field set, nested options and record included."""
+    info = service_pb2.RunInfo(
+        run_id="r-1",
+        name="n",
+        status=service_pb2.RUN_STATUS_FINISHED,
+        stop_reason=optimize_pb2.STOP_REASON_GRADIENT_TOLERANCE,
+        converged=True,
+        message="m",
+        problem_id="p-1",
+        backend="native",
+        num_records=7,
+        created_at=1.5,
+        started_at=2.5,
+        finished_at=3.5,
+        method=optimize_pb2.METHOD_NEWTON,
+        method_note="why",
+    )
+    info.options.CopyFrom(_every_field_set(optimize_pb2.MethodOptions, rng))
+    info.stopping.CopyFrom(_every_field_set(optimize_pb2.StopCriteria, rng))
+    info.last_record.iteration = 6
+    info.last_record.loss = rng.random()
+    info.final_params.shape[:] = [2]
+    info.final_params.data = bytes(16)
+    assert {fd.name for fd, _ in info.ListFields()} == set(
+        service_pb2.RunInfo.DESCRIPTOR.fields_by_name
+    )
+    return info
+
+
+@pytest.mark.parametrize("response", RUN_STATE_RESPONSES, ids=lambda c: c.DESCRIPTOR.name)
+def test_run_state_responses_read_and_write_run_info_bytes(response):
+    wire = _full_run_info(random.Random(3)).SerializeToString()
+    decoded = response.FromString(wire)  # an old server's RunInfo, read by a new client
+    assert decoded.SerializeToString() == wire  # and a new server's answer, read by an old one
+    assert decoded.final_params.data == bytes(16) and decoded.options.HasField("damping")

@@ -213,7 +213,7 @@ CASES = {
     ),
     "cancel unknown run": (
         "CancelRun",
-        service_pb2.RunRequest(run_id="r-unknown"),
+        service_pb2.CancelRunRequest(run_id="r-unknown"),
         grpc.StatusCode.NOT_FOUND,
         "run_id",
     ),
@@ -256,7 +256,7 @@ def test_resume_of_a_finished_run_is_failed_precondition(client, stub):
     run = client.start_run(problems.rosenbrock(), stopping={"max_iterations": 3})
     run.wait()
     with pytest.raises(grpc.RpcError) as err:
-        stub.ResumeRun(service_pb2.RunRequest(run_id=run.id), timeout=10)
+        stub.ResumeRun(service_pb2.ResumeRunRequest(run_id=run.id), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "INTERRUPTED" in err.value.details()
 

@@ -25,15 +25,15 @@ def _named_data() -> service_pb2.CreateProblemRequest:
 CASES = {
     "GetRun": (lambda s: s.GetRun(service_pb2.GetRunRequest(run_id=LONG), timeout=10), NOT_FOUND),
     "CancelRun": (
-        lambda s: s.CancelRun(service_pb2.RunRequest(run_id=LONG), timeout=10),
+        lambda s: s.CancelRun(service_pb2.CancelRunRequest(run_id=LONG), timeout=10),
         NOT_FOUND,
     ),
     "DeleteRun": (
-        lambda s: s.DeleteRun(service_pb2.RunRequest(run_id=LONG), timeout=10),
+        lambda s: s.DeleteRun(service_pb2.DeleteRunRequest(run_id=LONG), timeout=10),
         NOT_FOUND,
     ),
     "ResumeRun": (
-        lambda s: s.ResumeRun(service_pb2.RunRequest(run_id=LONG), timeout=10),
+        lambda s: s.ResumeRun(service_pb2.ResumeRunRequest(run_id=LONG), timeout=10),
         NOT_FOUND,
     ),
     "WatchRun": (

@@ -109,7 +109,9 @@ def test_resume_of_a_run_deleted_meanwhile_is_not_found(hooked, remove):
     store.hooks["latest_checkpoint"] = lambda rid: remove(store, rid)
     with grpc.insecure_channel(handle.address) as channel:
         stub = service_pb2_grpc.HessianServiceStub(channel)
-        err = _rpc_error(lambda: stub.ResumeRun(service_pb2.RunRequest(run_id=run_id), timeout=30))
+        err = _rpc_error(
+            lambda: stub.ResumeRun(service_pb2.ResumeRunRequest(run_id=run_id), timeout=30)
+        )
         assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
         assert err.details().startswith("run_id:") and run_id in err.details()
         err = _rpc_error(lambda: stub.GetRun(service_pb2.GetRunRequest(run_id=run_id), timeout=30))
@@ -123,7 +125,7 @@ def test_delete_of_a_run_resumed_meanwhile_is_failed_precondition(hooked):
         store.hooks["delete_run"] = lambda rid: c.resume_run(rid)  # ResumeRun won the race
         with grpc.insecure_channel(handle.address) as channel:
             stub = service_pb2_grpc.HessianServiceStub(channel)
-            request = service_pb2.RunRequest(run_id=run_id)
+            request = service_pb2.DeleteRunRequest(run_id=run_id)
             err = _rpc_error(lambda: stub.DeleteRun(request, timeout=30))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
         assert err.details().startswith("run_id:") and run_id in err.details()

@@ -212,6 +212,46 @@ class StartRunRequest(_message.Message):
     name: str
     def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., initial_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init: _Optional[_Union[_optimize_pb2.Initializer, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
 
+class StartRunResponse(_message.Message):
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_FIELD_NUMBER: _ClassVar[int]
+    FINAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    name: str
+    status: RunStatus
+    stop_reason: _optimize_pb2.StopReason
+    converged: bool
+    message: str
+    problem_id: str
+    options: _optimize_pb2.MethodOptions
+    stopping: _optimize_pb2.StopCriteria
+    backend: str
+    num_records: int
+    last_record: _optimize_pb2.StepRecord
+    final_params: _tensor_pb2.Tensor
+    created_at: float
+    started_at: float
+    finished_at: float
+    method: _optimize_pb2.Method
+    method_note: str
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+
 class RunInfo(_message.Message):
     __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -276,7 +316,139 @@ class GetRunRequest(_message.Message):
     include_params: bool
     def __init__(self, run_id: _Optional[str] = ..., include_params: _Optional[bool] = ...) -> None: ...
 
-class RunRequest(_message.Message):
+class GetRunResponse(_message.Message):
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_FIELD_NUMBER: _ClassVar[int]
+    FINAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    name: str
+    status: RunStatus
+    stop_reason: _optimize_pb2.StopReason
+    converged: bool
+    message: str
+    problem_id: str
+    options: _optimize_pb2.MethodOptions
+    stopping: _optimize_pb2.StopCriteria
+    backend: str
+    num_records: int
+    last_record: _optimize_pb2.StepRecord
+    final_params: _tensor_pb2.Tensor
+    created_at: float
+    started_at: float
+    finished_at: float
+    method: _optimize_pb2.Method
+    method_note: str
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+
+class CancelRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class CancelRunResponse(_message.Message):
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_FIELD_NUMBER: _ClassVar[int]
+    FINAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    name: str
+    status: RunStatus
+    stop_reason: _optimize_pb2.StopReason
+    converged: bool
+    message: str
+    problem_id: str
+    options: _optimize_pb2.MethodOptions
+    stopping: _optimize_pb2.StopCriteria
+    backend: str
+    num_records: int
+    last_record: _optimize_pb2.StepRecord
+    final_params: _tensor_pb2.Tensor
+    created_at: float
+    started_at: float
+    finished_at: float
+    method: _optimize_pb2.Method
+    method_note: str
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+
+class ResumeRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ResumeRunResponse(_message.Message):
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_FIELD_NUMBER: _ClassVar[int]
+    FINAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    name: str
+    status: RunStatus
+    stop_reason: _optimize_pb2.StopReason
+    converged: bool
+    message: str
+    problem_id: str
+    options: _optimize_pb2.MethodOptions
+    stopping: _optimize_pb2.StopCriteria
+    backend: str
+    num_records: int
+    last_record: _optimize_pb2.StepRecord
+    final_params: _tensor_pb2.Tensor
+    created_at: float
+    started_at: float
+    finished_at: float
+    method: _optimize_pb2.Method
+    method_note: str
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+
+class DeleteRunRequest(_message.Message):
     __slots__ = ("run_id",)
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str

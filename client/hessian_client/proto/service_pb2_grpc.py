@@ -72,7 +72,7 @@ class HessianServiceStub:
         self.StartRun = channel.unary_unary(
                 '/hessian.v1.HessianService/StartRun',
                 request_serializer=hessian_dot_v1_dot_service__pb2.StartRunRequest.SerializeToString,
-                response_deserializer=hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.StartRunResponse.FromString,
                 _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/hessian.v1.HessianService/WatchRun',
@@ -82,7 +82,7 @@ class HessianServiceStub:
         self.GetRun = channel.unary_unary(
                 '/hessian.v1.HessianService/GetRun',
                 request_serializer=hessian_dot_v1_dot_service__pb2.GetRunRequest.SerializeToString,
-                response_deserializer=hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.GetRunResponse.FromString,
                 _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/hessian.v1.HessianService/ListRuns',
@@ -91,17 +91,17 @@ class HessianServiceStub:
                 _registered_method=True)
         self.CancelRun = channel.unary_unary(
                 '/hessian.v1.HessianService/CancelRun',
-                request_serializer=hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
-                response_deserializer=hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+                request_serializer=hessian_dot_v1_dot_service__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
         self.ResumeRun = channel.unary_unary(
                 '/hessian.v1.HessianService/ResumeRun',
-                request_serializer=hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
-                response_deserializer=hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+                request_serializer=hessian_dot_v1_dot_service__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.ResumeRunResponse.FromString,
                 _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/hessian.v1.HessianService/DeleteRun',
-                request_serializer=hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
+                request_serializer=hessian_dot_v1_dot_service__pb2.DeleteRunRequest.SerializeToString,
                 response_deserializer=hessian_dot_v1_dot_service__pb2.DeleteRunResponse.FromString,
                 _registered_method=True)
         self.DeleteProblem = channel.unary_unary(
@@ -283,7 +283,7 @@ def add_HessianServiceServicer_to_server(servicer, server):
             'StartRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRun,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.StartRunRequest.FromString,
-                    response_serializer=hessian_dot_v1_dot_service__pb2.RunInfo.SerializeToString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.StartRunResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -293,7 +293,7 @@ def add_HessianServiceServicer_to_server(servicer, server):
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.GetRunRequest.FromString,
-                    response_serializer=hessian_dot_v1_dot_service__pb2.RunInfo.SerializeToString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.GetRunResponse.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
@@ -302,17 +302,17 @@ def add_HessianServiceServicer_to_server(servicer, server):
             ),
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
-                    request_deserializer=hessian_dot_v1_dot_service__pb2.RunRequest.FromString,
-                    response_serializer=hessian_dot_v1_dot_service__pb2.RunInfo.SerializeToString,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.CancelRunRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.CancelRunResponse.SerializeToString,
             ),
             'ResumeRun': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeRun,
-                    request_deserializer=hessian_dot_v1_dot_service__pb2.RunRequest.FromString,
-                    response_serializer=hessian_dot_v1_dot_service__pb2.RunInfo.SerializeToString,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.ResumeRunRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.ResumeRunResponse.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
-                    request_deserializer=hessian_dot_v1_dot_service__pb2.RunRequest.FromString,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.DeleteRunRequest.FromString,
                     response_serializer=hessian_dot_v1_dot_service__pb2.DeleteRunResponse.SerializeToString,
             ),
             'DeleteProblem': grpc.unary_unary_rpc_method_handler(
@@ -546,7 +546,7 @@ class HessianService:
             target,
             '/hessian.v1.HessianService/StartRun',
             hessian_dot_v1_dot_service__pb2.StartRunRequest.SerializeToString,
-            hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+            hessian_dot_v1_dot_service__pb2.StartRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -600,7 +600,7 @@ class HessianService:
             target,
             '/hessian.v1.HessianService/GetRun',
             hessian_dot_v1_dot_service__pb2.GetRunRequest.SerializeToString,
-            hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+            hessian_dot_v1_dot_service__pb2.GetRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -653,8 +653,8 @@ class HessianService:
             request,
             target,
             '/hessian.v1.HessianService/CancelRun',
-            hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
-            hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+            hessian_dot_v1_dot_service__pb2.CancelRunRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.CancelRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -680,8 +680,8 @@ class HessianService:
             request,
             target,
             '/hessian.v1.HessianService/ResumeRun',
-            hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
-            hessian_dot_v1_dot_service__pb2.RunInfo.FromString,
+            hessian_dot_v1_dot_service__pb2.ResumeRunRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.ResumeRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -707,7 +707,7 @@ class HessianService:
             request,
             target,
             '/hessian.v1.HessianService/DeleteRun',
-            hessian_dot_v1_dot_service__pb2.RunRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.DeleteRunRequest.SerializeToString,
             hessian_dot_v1_dot_service__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,

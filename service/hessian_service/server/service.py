@@ -7,9 +7,11 @@ import contextlib
 import functools
 import math
 from collections.abc import AsyncIterator, Iterator
+from typing import TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .. import __version__
@@ -49,6 +51,8 @@ from .threads import thread_policy
 WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
 RUN_STATUS = service_pb2.RunStatus
+# A run's state: RunInfo or an RPC's response that copies its fields (StartRunResponse ...)
+RunState = TypeVar("RunState", bound=Message)
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call
@@ -181,8 +185,14 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             raise NotFoundError("run_id", f"run with id {run_id!r}")
         return self.runs.settle(row)
 
-    def _info(self, row: RunRow, include_params: bool = False) -> service_pb2.RunInfo:
-        info = service_pb2.RunInfo(
+    def _info(
+        self,
+        row: RunRow,
+        include_params: bool = False,
+        message: type[RunState] = service_pb2.RunInfo,
+    ) -> RunState:
+        """The run's state as `message`: RunInfo, or an RPC's response that copies its fields."""
+        info = message(
             run_id=row.run_id,
             name=row.name,
             status=RUN_STATUS.Value("RUN_STATUS_" + row.status),
@@ -479,12 +489,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         )
         if self.config.max_stored_runs:
             self.store.enforce_retention(self.config.max_stored_runs)
-        return self._info(row)
+        return self._info(row, message=service_pb2.StartRunResponse)
 
     @unary
     def GetRun(self, request, context):
         row = self._row(request.run_id, self.tenancy.of(context))
-        return self._info(row, request.include_params)
+        return self._info(row, request.include_params, service_pb2.GetRunResponse)
 
     @unary
     def ListRuns(self, request, context):
@@ -516,7 +526,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def CancelRun(self, request, context):
         row = self._row(request.run_id, self.tenancy.of(context))
         self.runs.cancel(row.run_id)
-        return self._info(row)
+        return self._info(row, message=service_pb2.CancelRunResponse)
 
     @unary
     def ResumeRun(self, request, context):
@@ -529,7 +539,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 "resume_run_id (hessian_client.minimize(..., resume=run_id))",
             )
         objective = self.registry.by_id(row.problem_id, tenant.scope, "run.problem_id")
-        return self._info(self.runs.resume(row, objective, row.owner))
+        resumed = self.runs.resume(row, objective, row.owner)
+        return self._info(resumed, message=service_pb2.ResumeRunResponse)
 
     @unary
     def DeleteRun(self, request, context):
