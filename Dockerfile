@@ -37,8 +37,8 @@ COPY setup.py pyproject.toml ./
 COPY csrc/ csrc/
 COPY service/ service/
 COPY client/ client/
-RUN python -m pip install --no-build-isolation . \
-    && python -m pip install --no-build-isolation ./client
+RUN python -m pip install --no-build-isolation ./client \
+    && python -m pip install --no-build-isolation .
 RUN python -c "import os; from hessian_service.engine import native_status; \
 ok, why = native_status(); print('native backend:', why); \
 raise SystemExit(0 if ok or os.environ['REQUIRE_NATIVE'] == '0' else 1)"

@@ -14,8 +14,8 @@ $(STAMP): setup.py client/pyproject.toml requirements/torch.txt requirements/ser
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q -r requirements/torch.txt
 	$(PIP) install -q -r requirements/service.txt -r requirements/dev.txt
-	$(PIP) install -q --no-build-isolation -e .
 	$(PIP) install -q --no-build-isolation -e ./client
+	$(PIP) install -q --no-build-isolation -e .
 	touch $(STAMP)
 
 test: install

@@ -65,7 +65,25 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "service"},
     packages=find_packages("service"),
-    install_requires=["torch>=2.3", "numpy>=1.26"],
+    # What hessian_service imports (tests/test_package_metadata.py checks it against the code).
+    # torch is pinned exactly as requirements/torch.txt, which installs it first (the CPU
+    # build): a range here would let pip pull a newer, CUDA, torch. hessian-client holds the
+    # generated wire stubs, so ./client is installed before this package.
+    install_requires=[
+        "torch==2.13.0",
+        "numpy>=1.26",
+        "grpcio>=1.85.1",
+        "grpcio-health-checking>=1.85.1",
+        "grpcio-reflection>=1.85.1",
+        "grpcio-status>=1.85.1",
+        "googleapis-common-protos>=1.70",
+        "protobuf>=6.31,<8",
+        "prometheus-client>=0.20",
+        "psycopg[binary]>=3.2",
+        "psycopg-pool>=3.2",
+        "hessian-client>=0.2.0",
+    ],
+    extras_require={"plot": ["matplotlib>=3.8"]},  # hessian_service.seed --plot
     entry_points={"console_scripts": ["hessian-server=hessian_service.server:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
