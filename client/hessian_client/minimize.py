@@ -17,7 +17,7 @@ import numpy as np
 from .aio import Client as AsyncClient
 from .client import Client
 from .errors import from_rpc_error, invalid
-from .options import method_options, stop_criteria
+from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import service_pb2
 from .tensors import decode, encode
 
@@ -32,8 +32,6 @@ METHODS: dict[str, dict[str, str]] = {
 }
 # SciPy's option names -> the server's stopping criteria
 SCIPY_OPTIONS = {"maxiter": "max_iterations", "gtol": "gradient_tolerance"}
-STOP_KEYS = ("max_iterations", "gradient_tolerance", "function_tolerance",
-             "parameter_tolerance", "time_limit_seconds")  # fmt: skip
 DEFAULT_MAXITER = 1000
 CALLBACK_STOP_STATUS = 99  # SciPy's status when a callback raised StopIteration
 
@@ -86,7 +84,7 @@ class _Session:
         opts.pop("disp", None)
         speculative = bool(opts.pop("speculative", False))
         stopping = {SCIPY_OPTIONS.get(k, k): opts.pop(k) for k in list(opts)
-                    if SCIPY_OPTIONS.get(k, k) in STOP_KEYS}  # fmt: skip
+                    if SCIPY_OPTIONS.get(k, k) in STOP_FIELDS}  # fmt: skip
         stopping.setdefault("max_iterations", DEFAULT_MAXITER)
         if self.tol is not None:
             stopping.setdefault("gradient_tolerance", self.tol)

@@ -15,6 +15,8 @@ from .errors import invalid
 from .proto import optimize_pb2
 
 M = TypeVar("M", bound=Message)
+# The stopping criteria's names (minimize() sorts its options by them), from the descriptor.
+STOP_FIELDS = tuple(optimize_pb2.StopCriteria.DESCRIPTOR.fields_by_name)
 
 
 def _enum(field: str, message: type[Message]) -> EnumDescriptor:

@@ -18,6 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from hessian_client import InvalidArgument
 from hessian_client.curvature import spectrum_options
+from hessian_client.minimize import _Session
 from hessian_client.options import choices, method_options, stop_criteria
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_service.engine import MethodOptions, SpectrumOptions, StopCriteria, ValidationError
@@ -198,3 +199,14 @@ def test_run_state_responses_read_and_write_run_info_bytes(response):
     decoded = response.FromString(wire)  # an old server's RunInfo, read by a new client
     assert decoded.SerializeToString() == wire  # and a new server's answer, read by an old one
     assert decoded.final_params.data == bytes(16) and decoded.options.HasField("damping")
+
+
+def test_minimize_sorts_every_stop_criterion_into_stopping():
+    rng = random.Random(5)
+    stopping = _every_field_set(optimize_pb2.StopCriteria, rng)
+    options = {fd.name: value for fd, value in stopping.ListFields()}
+    options["cg_tolerance"] = 0.25  # a method option stays one
+    session = _Session(sum, [0.0], (), True, None, None, "newton_cg", None, None, options, "names")
+    start = session.start_request().start
+    assert start.stopping == stopping
+    assert start.options.cg_tolerance == 0.25 and not start.options.HasField("learning_rate")
