@@ -22,14 +22,8 @@ from hessian_client.minimize import _Session
 from hessian_client.options import choices, method_options, stop_criteria
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_service.engine import MethodOptions, SpectrumOptions, StopCriteria, ValidationError
-from hessian_service.engine.options import (
-    BACKENDS,
-    CG_FORCINGS,
-    CURVATURES,
-    HVP_MODES,
-    METHODS,
-    STEP_POLICIES,
-)
+from hessian_service.engine import options as engine_options
+from hessian_service.engine import spectrum as engine_spectrum
 from hessian_service.server import codec
 
 PAIRS = [
@@ -37,13 +31,17 @@ PAIRS = [
     (StopCriteria, optimize_pb2.StopCriteria),
     (SpectrumOptions, optimize_pb2.SpectrumOptions),
 ]
+# The names each engine enum option accepts, by (message, field): the engine's own tuples.
 ENGINE_CHOICES = {
-    "method": METHODS,
-    "step_policy": STEP_POLICIES,
-    "curvature": CURVATURES,
-    "backend": BACKENDS,
-    "cg_forcing": CG_FORCINGS,
-    "hvp_mode": HVP_MODES,
+    ("MethodOptions", "method"): engine_options.METHODS,
+    ("MethodOptions", "step_policy"): engine_options.STEP_POLICIES,
+    ("MethodOptions", "curvature"): engine_options.CURVATURES,
+    ("MethodOptions", "backend"): engine_options.BACKENDS,
+    ("MethodOptions", "cg_forcing"): engine_options.CG_FORCINGS,
+    ("MethodOptions", "hvp_mode"): engine_options.HVP_MODES,
+    ("SpectrumOptions", "curvature"): engine_spectrum.CURVATURES,
+    ("SpectrumOptions", "backend"): engine_options.BACKENDS,
+    ("SpectrumOptions", "hvp_mode"): engine_options.HVP_MODES,
 }
 CLIENT_BUILDERS = {
     optimize_pb2.MethodOptions: method_options,
@@ -59,10 +57,16 @@ def test_engine_option_fields_are_the_proto_fields(engine, wire):
 
 @pytest.mark.parametrize("wire", [optimize_pb2.MethodOptions, optimize_pb2.SpectrumOptions])
 def test_engine_enum_choices_are_the_proto_enum_values(wire):
-    enum_fields = [fd for fd in wire.DESCRIPTOR.fields if fd.enum_type is not None]
-    assert enum_fields
-    for fd in enum_fields:
-        assert set(choices(fd.name, wire)) == set(ENGINE_CHOICES[fd.name]), fd.name
+    name = wire.DESCRIPTOR.name
+    enum_fields = {fd.name for fd in wire.DESCRIPTOR.fields if fd.enum_type is not None}
+    assert enum_fields == {field for message, field in ENGINE_CHOICES if message == name}
+    for field in enum_fields:
+        assert set(choices(field, wire)) == set(ENGINE_CHOICES[name, field]), field
+
+
+def test_engine_verdicts_are_the_proto_verdicts():
+    wire = {v.name.removeprefix("VERDICT_").lower() for v in optimize_pb2.Verdict.DESCRIPTOR.values}
+    assert set(engine_spectrum.VERDICTS) == wire - {"unspecified"}
 
 
 def _every_field_set(wire: type[Message], rng: random.Random) -> Message:
