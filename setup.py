@@ -68,7 +68,9 @@ setup(
     # What hessian_service imports (tests/test_package_metadata.py checks it against the code).
     # torch is pinned exactly as requirements/torch.txt, which installs it first (the CPU
     # build): a range here would let pip pull a newer, CUDA, torch. hessian-client holds the
-    # generated wire stubs, so ./client is installed before this package.
+    # generated wire stubs: ./client is installed before this package (make install, the
+    # Dockerfile), so pip finds it installed; no version floor, which a stale editable
+    # install would fail and send pip to the index for a package only this repository has.
     install_requires=[
         "torch==2.13.0",
         "numpy>=1.26",
@@ -81,7 +83,7 @@ setup(
         "prometheus-client>=0.20",
         "psycopg[binary]>=3.2",
         "psycopg-pool>=3.2",
-        "hessian-client>=0.2.0",
+        "hessian-client",
     ],
     extras_require={"plot": ["matplotlib>=3.8"]},  # hessian_service.seed --plot
     entry_points={"console_scripts": ["hessian-server=hessian_service.server:main"]},
