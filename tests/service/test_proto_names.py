@@ -20,10 +20,11 @@ from hessian_client import InvalidArgument
 from hessian_client.curvature import spectrum_options
 from hessian_client.minimize import _Session
 from hessian_client.options import choices, method_options, stop_criteria
-from hessian_client.proto import optimize_pb2, service_pb2
+from hessian_client.proto import optimize_pb2, problem_pb2, service_pb2
 from hessian_service.engine import MethodOptions, SpectrumOptions, StopCriteria, ValidationError
 from hessian_service.engine import options as engine_options
 from hessian_service.engine import spectrum as engine_spectrum
+from hessian_service.engine.objectives import OBJECTIVES
 from hessian_service.server import codec
 
 PAIRS = [
@@ -62,6 +63,16 @@ def test_engine_enum_choices_are_the_proto_enum_values(wire):
     assert enum_fields == {field for message, field in ENGINE_CHOICES if message == name}
     for field in enum_fields:
         assert set(choices(field, wire)) == set(ENGINE_CHOICES[name, field]), field
+
+
+@pytest.mark.parametrize(
+    "objective",
+    list(problem_pb2.Problem.DESCRIPTOR.oneofs_by_name["objective"].fields),
+    ids=lambda fd: fd.name,
+)
+def test_objective_option_names_are_the_proto_fields(objective):
+    names = OBJECTIVES[objective.name].option_names
+    assert set(names) == set(objective.message_type.fields_by_name)
 
 
 def test_engine_verdicts_are_the_proto_verdicts():
