@@ -7,6 +7,7 @@ reaches the caller as INVALID_ARGUMENT with that name.
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import math
 from collections.abc import Sequence
@@ -19,8 +20,9 @@ from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
 from ..engine.errors import ResourceLimitError, ValidationError
-from ..engine.records import StepRecord
+from ..engine.records import StepRecord, StopReason
 from ..engine.spectrum import CurvatureReport, TraceEstimate
+from ..store import RunStatus
 
 TORCH_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,
@@ -314,10 +316,41 @@ def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_p
     return out
 
 
-def stop_reason_value(reason: str) -> int:
-    """The wire StopReason for an engine stop reason name (engine StopReason, or the
-    store's "shutdown" / "error" and earlier servers' "function_tolerance" ...)."""
-    return enum_value(optimize_pb2.StopReason, reason)
+def _by_name(enum: type[enum.Enum], wire: Any, prefix: str) -> dict[Any, int]:
+    """{member: wire value} matched by name; every member and every wire value other than
+    UNSPECIFIED must have its counterpart (checked at import, so a new one on either side
+    fails the server's start, not a call)."""
+    table = {member: wire.Value(prefix + member.name) for member in enum}
+    unmatched = set(wire.values()) - {0, *table.values()}
+    if unmatched:
+        raise ImportError(f"{wire.DESCRIPTOR.name} values {sorted(unmatched)} have no {enum}")
+    return table
+
+
+# the one table each: the store's RunStatus and the engine's StopReason <-> the wire's enums
+RUN_STATUSES = _by_name(RunStatus, service_pb2.RunStatus, "RUN_STATUS_")
+WIRE_RUN_STATUSES = {value: status for status, value in RUN_STATUSES.items()}
+STOP_REASONS = _by_name(StopReason, optimize_pb2.StopReason, "STOP_REASON_")
+
+
+def status_value(status: RunStatus) -> int:
+    """The wire RunStatus of a run status."""
+    return RUN_STATUSES[status]
+
+
+def status_from_wire(value: int, field: str) -> RunStatus:
+    """The run status of a wire RunStatus (UNSPECIFIED and unknown values are refused)."""
+    if value == 0:
+        raise ValidationError(field, "a RunStatus other than UNSPECIFIED", 0)
+    status = WIRE_RUN_STATUSES.get(value)
+    if status is None:
+        raise ValidationError(field, f"one of {list(service_pb2.RunStatus.keys())[1:]}", value)
+    return status
+
+
+def stop_reason_value(reason: StopReason | str) -> int:
+    """The wire StopReason of a stored stop reason (0, UNSPECIFIED: none, or not one of ours)."""
+    return STOP_REASONS.get(reason, 0)
 
 
 def _trace_to_wire(estimate: TraceEstimate, out: optimize_pb2.TraceEstimate) -> None:

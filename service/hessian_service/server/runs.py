@@ -36,6 +36,7 @@ from ..store import (
     RunNotFoundError,
     RunRow,
     RunStateError,
+    RunStatus,
     RunStore,
     StoreClosedError,
     StoredCheckpoint,
@@ -315,7 +316,7 @@ class RunManager:
 
         `row` is as `settle` reports it: an orphan (its row still active) counts as INTERRUPTED.
         """
-        if row.status != "INTERRUPTED":
+        if row.status != RunStatus.INTERRUPTED:
             raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
         stored = self.store.latest_checkpoint(row.run_id)
         if stored is None and self.store.get_run(row.run_id) is None:
@@ -334,8 +335,10 @@ class RunManager:
             # conditional: DeleteRun or the retention cap may have removed the run meanwhile
             self.store.update_run(
                 row.run_id,
-                expect_status=("INTERRUPTED", *ACTIVE_STATUSES) if orphan else ("INTERRUPTED",),
-                status="QUEUED",
+                expect_status=(RunStatus.INTERRUPTED, *ACTIVE_STATUSES)
+                if orphan
+                else (RunStatus.INTERRUPTED,),
+                status=RunStatus.QUEUED,
                 stop_reason="",
                 message="",
             )
@@ -347,7 +350,7 @@ class RunManager:
         except BaseException:
             self._forget(row.run_id)
             raise
-        row.status, row.stop_reason, row.message = "QUEUED", "", ""
+        row.status, row.stop_reason, row.message = RunStatus.QUEUED, "", ""
         return row
 
     def take_over(self, row: RunRow, objective: Objective) -> None:
@@ -384,15 +387,15 @@ class RunManager:
             self.store.update_run(
                 row.run_id,
                 expect_status=ACTIVE_STATUSES,
-                status="INTERRUPTED",
-                stop_reason="error",
+                status=RunStatus.INTERRUPTED,
+                stop_reason=StopReason.ERROR,
                 message=message,
             )
             with self._lock:
                 self._orphans.pop(row.run_id, None)
         except (StoreError, RunStateError) as exc:
             log.warning("run %s: its INTERRUPTED status is not stored yet: %s", row.run_id, exc)
-        row.status, row.stop_reason, row.message = "INTERRUPTED", "error", message
+        row.status, row.stop_reason, row.message = RunStatus.INTERRUPTED, StopReason.ERROR, message
         return row
 
     def _submit(self, live: LiveRun, *args: Any) -> None:
@@ -403,7 +406,11 @@ class RunManager:
             message = "the server shut down before the run started; ResumeRun continues it"
             self._store_end(
                 live.run_id,
-                {"status": "INTERRUPTED", "stop_reason": "shutdown", "message": message},
+                {
+                    "status": RunStatus.INTERRUPTED,
+                    "stop_reason": StopReason.SHUTDOWN,
+                    "message": message,
+                },
             )
             raise ConflictError(
                 "server", f"shutting down; run {live.run_id} is stored INTERRUPTED ({message})"
@@ -473,8 +480,8 @@ class RunManager:
     ) -> None:
         run_id = live.run_id
         final: dict[str, Any] = {
-            "status": "FAILED",
-            "stop_reason": "error",
+            "status": RunStatus.FAILED,
+            "stop_reason": StopReason.ERROR,
             "converged": False,
             "message": "",
         }
@@ -482,13 +489,15 @@ class RunManager:
         live.started = True
         try:
             if live.shutdown:
-                final.update(status="INTERRUPTED", stop_reason="shutdown")
+                final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
                 final["message"] = "the server shut down before the run started"
                 return
             started = time.time()
             run = Run(objective, params, options, stopping, cancel=live.cancel, resume=resume)
             # one commit for both: a run's store writes are a good part of a short job's time
-            self.store.update_run(run_id, status="RUNNING", started_at=started, backend=run.backend)
+            self.store.update_run(
+                run_id, status=RunStatus.RUNNING, started_at=started, backend=run.backend
+            )
             start = run.start_iteration
             for record in run:
                 if live.shutdown and run.stop_reason == StopReason.CANCELLED:
@@ -503,22 +512,26 @@ class RunManager:
                     self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
             reason = run.stop_reason
             final.update(
-                status="FINISHED",
-                stop_reason=reason.value,
+                status=RunStatus.FINISHED,
+                stop_reason=reason,
                 converged=reason.converged,
                 message=run.message,
             )
             if reason == StopReason.CANCELLED:
-                final["status"] = "CANCELLED"
+                final["status"] = RunStatus.CANCELLED
                 if live.shutdown:
-                    final.update(status="INTERRUPTED", stop_reason="shutdown")
+                    final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
                     final["message"] = "the server shut down; ResumeRun continues the run"
         except CallerLost as exc:  # an Optimize stream broke or missed its deadline
-            final.update(status="INTERRUPTED", stop_reason="error", message=str(exc))
+            final.update(
+                status=RunStatus.INTERRUPTED, stop_reason=StopReason.ERROR, message=str(exc)
+            )
         except Cancelled as exc:  # cancelled while waiting for an Optimize caller
-            final.update(status="CANCELLED", stop_reason="cancelled", message=str(exc))
+            final.update(
+                status=RunStatus.CANCELLED, stop_reason=StopReason.CANCELLED, message=str(exc)
+            )
             if live.shutdown:
-                final.update(status="INTERRUPTED", stop_reason="shutdown")
+                final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
         except EngineError as exc:
             final["message"] = str(exc)
         except LeaseLostError as exc:
@@ -529,7 +542,7 @@ class RunManager:
             # tail and keep the run resumable from its last checkpoint once space returns.
             live.error = exc
             dropped = self.store.discard_queued(run_id)
-            final.update(status="INTERRUPTED")
+            final.update(status=RunStatus.INTERRUPTED)
             final["message"] = (
                 f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
             )
@@ -567,7 +580,7 @@ class RunManager:
             pass  # shutdown stored the run's status already; _store_end says so below
         except (StoreError, RunStateError) as exc:
             log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
-        handing_over = final.get("stop_reason") == "shutdown" and live.error is None
+        handing_over = final.get("stop_reason") == StopReason.SHUTDOWN and live.error is None
         if self.leases is not None and handing_over and self.leases.hand_over(run_id):
             log.info("run %s handed over to another replica at shutdown", run_id)
             return
@@ -605,10 +618,10 @@ class RunManager:
         """Mark a run that outlasts shutdown's wait INTERRUPTED (CANCELLED if the user asked)
         while the store is still open: its worker may only finish after the store closes."""
         if live.shutdown:
-            final = {"status": "INTERRUPTED", "stop_reason": "shutdown"}
+            final = {"status": RunStatus.INTERRUPTED, "stop_reason": StopReason.SHUTDOWN}
             message = "the server shut down during an iteration; ResumeRun continues the run"
         else:
-            final = {"status": "CANCELLED", "stop_reason": "cancelled"}
+            final = {"status": RunStatus.CANCELLED, "stop_reason": StopReason.CANCELLED}
             message = "cancelled; the server shut down before the iteration ended"
         try:
             self.store.update_run(

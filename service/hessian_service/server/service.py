@@ -48,7 +48,6 @@ from .threads import thread_policy
 
 WATCH_PAGE = 512
 WATCH_POLL_SECONDS = 0.5
-RUN_STATUS = service_pb2.RunStatus
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
 DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call
@@ -185,7 +184,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         info = service_pb2.RunInfo(
             run_id=row.run_id,
             name=row.name,
-            status=RUN_STATUS.Value("RUN_STATUS_" + row.status),
+            status=codec.status_value(row.status),
             stop_reason=codec.stop_reason_value(row.stop_reason),
             converged=row.converged,
             message=row.message,
@@ -492,12 +491,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if not 1 <= size <= MAX_LIST_PAGE:
             raise ValidationError("page_size", f"an integer in [1, {MAX_LIST_PAGE}] (0: 50)", size)
         after = codec.decode_page_token(request.page_token) if request.page_token else None
-        statuses = []
-        for i, value in enumerate(request.status):
-            name = codec.enum_name(RUN_STATUS, value, f"status[{i}]")
-            if name is None:
-                raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
-            statuses.append(name.upper())
+        statuses = [codec.status_from_wire(v, f"status[{i}]") for i, v in enumerate(request.status)]
         rows = self.store.list_runs(statuses, size + 1, after, self.tenancy.of(context).scope)
         response = service_pb2.ListRunsResponse()
         room = self.config.max_message_bytes - RESPONSE_SLACK  # the token's share
