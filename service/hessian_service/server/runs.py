@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
@@ -63,25 +62,6 @@ FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a r
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def to_stored(cp: Checkpoint) -> StoredCheckpoint:
-    """A checkpoint as bytes for the store."""
-    params = cp.params.detach().cpu().contiguous()
-    return StoredCheckpoint(
-        iteration=cp.iteration,
-        dtype=str(params.dtype).removeprefix("torch."),
-        shape=list(params.shape),
-        params=params.numpy().astype(params.numpy().dtype.newbyteorder("<")).tobytes(),
-        state={k: float(v) for k, v in cp.state.items()},
-    )
-
-
-def from_stored(cp: StoredCheckpoint) -> Checkpoint:
-    """An engine checkpoint from the store's bytes."""
-    dtype = np.dtype(cp.dtype).newbyteorder("<")
-    array = np.frombuffer(cp.params, dtype=dtype).astype(dtype.newbyteorder("="))
-    return Checkpoint(cp.iteration, torch.from_numpy(array).reshape(cp.shape), dict(cp.state))
 
 
 class LiveRun:
@@ -301,7 +281,7 @@ class RunManager:
         row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time(), owner=owner)
         live = self._admit(run_id, 0, owner)
         try:
-            checkpoint = to_stored(Checkpoint(0, params, {}))
+            checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
             self.store.create_run(row, checkpoint, require_problem=remote is None)
             if self.leases is not None:
                 self.leases.hold(live)
@@ -323,7 +303,7 @@ class RunManager:
             raise RunNotFoundError(row.run_id)  # deleted since the caller read it
         if stored is None:
             raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
-        checkpoint = from_stored(stored)
+        checkpoint = stored.checkpoint()
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         check_supported(objective, options.validated())
@@ -359,7 +339,7 @@ class RunManager:
         stored = self.store.latest_checkpoint(row.run_id)
         if stored is None:
             raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
-        checkpoint = from_stored(stored)
+        checkpoint = stored.checkpoint()
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
@@ -509,7 +489,7 @@ class RunManager:
                     if self.on_record is not None:
                         self.on_record(record.backend)
                 if record.iteration > start and record.iteration % self.checkpoint_every == 0:
-                    self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+                    self.store.put_checkpoint(run_id, StoredCheckpoint.of(run.checkpoint()))
             reason = run.stop_reason
             final.update(
                 status=RunStatus.FINISHED,
@@ -575,7 +555,7 @@ class RunManager:
             # not after a store error: a checkpoint past the last stored record would
             # leave a gap in the records when the run is resumed from it
             if run is not None and run.last_record is not None and live.error is None:
-                self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+                self.store.put_checkpoint(run_id, StoredCheckpoint.of(run.checkpoint()))
         except StoreClosedError:
             pass  # shutdown stored the run's status already; _store_end says so below
         except (StoreError, RunStateError) as exc:

@@ -43,7 +43,7 @@ from .errors import (
 from .observability import Metrics
 from .optimize import Optimizer
 from .problems import ProblemRegistry
-from .runs import LiveRun, RunManager, from_stored
+from .runs import LiveRun, RunManager
 from .threads import thread_policy
 
 WATCH_PAGE = 512
@@ -209,7 +209,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
             if stored is not None:
-                params = from_stored(stored).params
+                params = stored.checkpoint().params
                 size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
                 self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
                 info.final_params.CopyFrom(codec.encode_tensor(params))

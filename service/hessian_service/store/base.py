@@ -29,7 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.records import StepRecord, StopReason
+import numpy as np
+import torch
+
+from ..engine.records import Checkpoint, StepRecord, StopReason
 
 
 class RunStatus(enum.StrEnum):
@@ -154,6 +157,26 @@ class StoredCheckpoint:
     shape: list[int]
     params: bytes
     state: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cp: Checkpoint) -> StoredCheckpoint:
+        """An engine checkpoint as the store keeps it (little-endian bytes on any host)."""
+        params = cp.params.detach().cpu().contiguous()
+        return cls(
+            iteration=cp.iteration,
+            dtype=str(params.dtype).removeprefix("torch."),
+            shape=list(params.shape),
+            params=params.numpy().astype(params.numpy().dtype.newbyteorder("<")).tobytes(),
+            state={k: float(v) for k, v in cp.state.items()},
+        )
+
+    def checkpoint(self) -> Checkpoint:
+        """The engine checkpoint these bytes hold."""
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        array = np.frombuffer(self.params, dtype=dtype).astype(dtype.newbyteorder("="))
+        return Checkpoint(
+            self.iteration, torch.from_numpy(array).reshape(self.shape), dict(self.state)
+        )
 
 
 class RunStore(ABC):
