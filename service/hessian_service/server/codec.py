@@ -19,9 +19,10 @@ import torch
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
+from ..engine.curvature_summary import SpectrumSummary
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord, StopReason
-from ..engine.spectrum import CurvatureReport, TraceEstimate
+from ..engine.spectrum import CurvatureReport, SpectrumOptions, TraceEstimate
 from ..store import RunStatus
 
 TORCH_DTYPES = {
@@ -351,6 +352,33 @@ def status_from_wire(value: int, field: str) -> RunStatus:
 def stop_reason_value(reason: StopReason | str) -> int:
     """The wire StopReason of a stored stop reason (0, UNSPECIFIED: none, or not one of ours)."""
     return STOP_REASONS.get(reason, 0)
+
+
+def report_wire_bytes(options: SpectrumOptions, n: int) -> tuple[str, int]:
+    """An upper bound on the parts of an AnalyzeCurvatureResponse that grow with the request
+    (each value 8 bytes), and the option that grows it most (to name in a refusal)."""
+    ritz = min(n, options.max_lanczos_iterations * options.block_size)  # eigenvalues it reports
+    sizes = {
+        "options.grid_points": (
+            2 * tensor_wire_bytes([options.grid_points], 8) if options.density_probes else 0
+        ),
+        "options.top_k": 16 * min(options.top_k, ritz) + 8,  # the eigenvalue and its bound
+        "options.bottom_k": 16 * min(options.bottom_k, ritz) + 8,
+    }
+    return max(sizes.items(), key=lambda kv: kv[1])[0], sum(sizes.values())
+
+
+def summary_to_wire(summary: SpectrumSummary) -> optimize_pb2.CurvatureSummary:
+    """The wire CurvatureSummary of a dense matrix's summary (field for field)."""
+    return optimize_pb2.CurvatureSummary(
+        min_eigenvalue=summary.min_eigenvalue,
+        max_eigenvalue=summary.max_eigenvalue,
+        negative_eigenvalues=summary.negative_eigenvalues,
+        condition_number=summary.condition_number,
+        positive_definite=summary.positive_definite,
+        trace=summary.trace,
+        negative_tolerance=summary.negative_tolerance,
+    )
 
 
 def _trace_to_wire(estimate: TraceEstimate, out: optimize_pb2.TraceEstimate) -> None:

@@ -248,47 +248,6 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         response.method_note = result.method_note
         return response
 
-    def _check_spectrum_memory(self, n: int, itemsize: int, options: SpectrumOptions) -> None:
-        """Refuse an analysis over the memory budget, the product cap or the message limit."""
-        o = options
-        products = {
-            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n),
-            "options.trace_samples": 2 * o.trace_samples,
-            "options.density_probes": o.density_probes * o.density_steps,
-        }
-        if sum(products.values()) > MAX_SPECTRUM_PRODUCTS:
-            field = max(products.items(), key=lambda kv: kv[1])[0]
-            raise ResourceLimitError(
-                field,
-                f"about {sum(products.values())} curvature-vector products requested, over the "
-                f"server's cap of {MAX_SPECTRUM_PRODUCTS} per call",
-            )
-        density = o.batch_size * (o.density_steps + 1) if o.density_probes else 0
-        vectors = {
-            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n) + 2 * o.block_size,
-            "options.trace_samples": o.trace_samples // 3 + 1,
-            "options.density_steps": density,
-        }
-        field, count = max(vectors.items(), key=lambda kv: kv[1])
-        need = count * n * itemsize
-        if need > self.config.dense_budget_bytes:
-            raise ResourceLimitError(
-                field,
-                f"{count} working vectors of {n} parameters need {need} bytes, over the "
-                f"server's memory budget of {self.config.dense_budget_bytes} "
-                "(dense_budget_bytes); ask for fewer",
-            )
-        ritz = min(n, o.max_lanczos_iterations * o.block_size)  # eigenvalues Lanczos can report
-        sizes = {  # the response's parts that grow with the request (each value 8 bytes)
-            "options.grid_points": (
-                2 * codec.tensor_wire_bytes([o.grid_points], 8) if o.density_probes else 0
-            ),
-            "options.top_k": 16 * min(o.top_k, ritz) + 8,  # the eigenvalue and its bound
-            "options.bottom_k": 16 * min(o.bottom_k, ritz) + 8,
-        }
-        field = max(sizes.items(), key=lambda kv: kv[1])[0]
-        self._check_fits(field, sum(sizes.values()) + 2 * RESPONSE_SLACK, "the report")
-
     # unary RPCs
     @unary
     def CreateProblem(self, request, context):
@@ -375,17 +334,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             )
         with self.threads.limited(objective):
             result = dense_curvature(objective, params, options, cancel, "curvature")
-        s = result.summary
         response = service_pb2.ComputeHessianResponse(
-            summary=optimize_pb2.CurvatureSummary(
-                min_eigenvalue=s.min_eigenvalue,
-                max_eigenvalue=s.max_eigenvalue,
-                negative_eigenvalues=s.negative_eigenvalues,
-                condition_number=s.condition_number,
-                positive_definite=s.positive_definite,
-                trace=s.trace,
-                negative_tolerance=s.negative_tolerance,
-            ),
+            summary=codec.summary_to_wire(result.summary),
             loss=result.loss,
             gradient=codec.encode_tensor(result.gradient),
             backend=result.backend,
@@ -409,8 +359,11 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if "backend" not in values and self.config.default_backend:
             values["backend"] = self.config.default_backend
         options = SpectrumOptions.from_dict(values)
+        n = objective.num_params
         itemsize = torch.empty((), dtype=params.dtype).element_size()
-        self._check_spectrum_memory(objective.num_params, itemsize, options)
+        options.check_cost(n, itemsize, self.config.dense_budget_bytes, MAX_SPECTRUM_PRODUCTS)
+        field, size = codec.report_wire_bytes(options, n)
+        self._check_fits(field, size + 2 * RESPONSE_SLACK, "the report")
         with self.threads.limited(objective):
             report = analyze_curvature(objective, params, options, cancel)
         return codec.report_to_wire(report)
