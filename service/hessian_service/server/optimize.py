@@ -111,7 +111,7 @@ class Optimizer:
             "speculative": start.speculative,
         }
         objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
-        row = service.runs.start(
+        return service.runs.launch(
             problem_id="",
             objective=objective,
             params=params,
@@ -122,9 +122,6 @@ class Optimizer:
             method_note=note,
             remote=remote,
         )
-        if service.config.max_stored_runs:
-            service.store.enforce_retention(service.config.max_stored_runs)
-        return row
 
     def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
         """Resume an INTERRUPTED Optimize run under this stream.
