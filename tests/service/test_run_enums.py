@@ -7,7 +7,7 @@ import pytest
 import torch
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_service.engine.errors import ValidationError
-from hessian_service.engine.records import StopReason
+from hessian_service.engine.records import StepRecord, StopReason
 from hessian_service.server import codec
 from hessian_service.store import RunRow, RunStatus, SQLiteRunStore, StoredCheckpoint
 
@@ -49,3 +49,15 @@ def test_a_stored_row_comes_back_with_its_status_and_stop_reason_as_enums(tmp_pa
     assert one.status is RunStatus.FINISHED and one.stop_reason is StopReason.SHUTDOWN
     assert two.status is RunStatus.FAILED and two.stop_reason == "a damaged value"
     assert codec.stop_reason_value(two.stop_reason) == 0
+
+
+def test_a_run_info_shows_the_live_record_of_a_run_executing_here():
+    spec = {"options": {"method": "newton"}, "stopping": {"max_iterations": 9}}
+    row = RunRow("r-1", "p", spec, status="RUNNING", num_records=3)
+    row.last_record = StepRecord(iteration=2, loss=5.0)
+    stored = codec.run_to_wire(row)
+    assert (stored.num_records, stored.last_record.iteration, stored.last_record.loss) == (3, 2, 5)
+    live = codec.run_to_wire(row, StepRecord(iteration=6, loss=1.5))
+    assert (live.num_records, live.last_record.iteration, live.last_record.loss) == (7, 6, 1.5)
+    assert live.status == service_pb2.RUN_STATUS_RUNNING and live.stopping.max_iterations == 9
+    assert live.method == optimize_pb2.METHOD_NEWTON

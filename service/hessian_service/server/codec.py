@@ -23,7 +23,7 @@ from ..engine.curvature_summary import SpectrumSummary
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord, StopReason
 from ..engine.spectrum import CurvatureReport, SpectrumOptions, TraceEstimate
-from ..store import RunStatus
+from ..store import RunRow, RunStatus
 
 TORCH_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,
@@ -379,6 +379,37 @@ def summary_to_wire(summary: SpectrumSummary) -> optimize_pb2.CurvatureSummary:
         trace=summary.trace,
         negative_tolerance=summary.negative_tolerance,
     )
+
+
+def run_to_wire(row: RunRow, live_record: StepRecord | None = None) -> service_pb2.RunInfo:
+    """The wire RunInfo of a stored run; `live_record`, the newest committed record of a run
+    executing here, stands for the row's last record (its count follows it)."""
+    options = row.spec["options"]
+    info = service_pb2.RunInfo(
+        run_id=row.run_id,
+        name=row.name,
+        status=status_value(row.status),
+        stop_reason=stop_reason_value(row.stop_reason),
+        converged=row.converged,
+        message=row.message,
+        problem_id=row.problem_id,
+        options=options_to_wire(options),
+        method=enum_value(optimize_pb2.Method, options["method"]),
+        method_note=row.spec.get("method_note", ""),
+        stopping=stopping_to_wire(row.spec["stopping"]),
+        backend=row.backend,
+        num_records=row.num_records,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+    last = row.last_record
+    if live_record is not None:
+        last = live_record
+        info.num_records = max(row.num_records, last.iteration + 1)
+    if last is not None:
+        record_to_wire(last, info.last_record)
+    return info
 
 
 def _trace_to_wire(estimate: TraceEstimate, out: optimize_pb2.TraceEstimate) -> None:

@@ -171,31 +171,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return self.runs.get(run_id, tenant.scope)
 
     def _info(self, row: RunRow, include_params: bool = False) -> service_pb2.RunInfo:
-        info = service_pb2.RunInfo(
-            run_id=row.run_id,
-            name=row.name,
-            status=codec.status_value(row.status),
-            stop_reason=codec.stop_reason_value(row.stop_reason),
-            converged=row.converged,
-            message=row.message,
-            problem_id=row.problem_id,
-            options=codec.options_to_wire(row.spec["options"]),
-            method=codec.enum_value(optimize_pb2.Method, row.spec["options"]["method"]),
-            method_note=row.spec.get("method_note", ""),
-            stopping=codec.stopping_to_wire(row.spec["stopping"]),
-            backend=row.backend,
-            num_records=row.num_records,
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-        )
-        last = row.last_record
+        """The run's RunInfo, with its live record if it executes here (newer than the row's)
+        and, with `include_params`, its latest checkpoint's parameters if they fit a message."""
         live = self.runs.live(row.run_id)
-        if live is not None and live.last_record is not None:
-            last = live.last_record
-            info.num_records = max(row.num_records, last.iteration + 1)
-        if last is not None:
-            codec.record_to_wire(last, info.last_record)
+        info = codec.run_to_wire(row, live.last_record if live is not None else None)
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
             if stored is not None:
