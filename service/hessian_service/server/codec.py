@@ -19,7 +19,7 @@ import torch
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
-from ..engine.curvature_summary import SpectrumSummary
+from ..engine.curvature_summary import DenseCurvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord, StopReason
 from ..engine.spectrum import CurvatureReport, SpectrumOptions, TraceEstimate
@@ -368,17 +368,28 @@ def report_wire_bytes(options: SpectrumOptions, n: int) -> tuple[str, int]:
     return max(sizes.items(), key=lambda kv: kv[1])[0], sum(sizes.values())
 
 
-def summary_to_wire(summary: SpectrumSummary) -> optimize_pb2.CurvatureSummary:
-    """The wire CurvatureSummary of a dense matrix's summary (field for field)."""
-    return optimize_pb2.CurvatureSummary(
-        min_eigenvalue=summary.min_eigenvalue,
-        max_eigenvalue=summary.max_eigenvalue,
-        negative_eigenvalues=summary.negative_eigenvalues,
-        condition_number=summary.condition_number,
-        positive_definite=summary.positive_definite,
-        trace=summary.trace,
-        negative_tolerance=summary.negative_tolerance,
+def curvature_to_wire(
+    result: DenseCurvature, with_matrix: bool
+) -> service_pb2.ComputeHessianResponse:
+    """The wire ComputeHessianResponse of a dense curvature (the matrix only `with_matrix`)."""
+    s = result.summary
+    response = service_pb2.ComputeHessianResponse(
+        summary=optimize_pb2.CurvatureSummary(
+            min_eigenvalue=s.min_eigenvalue,
+            max_eigenvalue=s.max_eigenvalue,
+            negative_eigenvalues=s.negative_eigenvalues,
+            condition_number=s.condition_number,
+            positive_definite=s.positive_definite,
+            trace=s.trace,
+            negative_tolerance=s.negative_tolerance,
+        ),
+        loss=result.loss,
+        gradient=encode_tensor(result.gradient),
+        backend=result.backend,
     )
+    if with_matrix:
+        encode_tensor(result.matrix, out=response.matrix)
+    return response
 
 
 def run_to_wire(row: RunRow, live_record: StepRecord | None = None) -> service_pb2.RunInfo:

@@ -303,15 +303,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             )
         with self.threads.limited(objective):
             result = dense_curvature(objective, params, options, cancel, "curvature")
-        response = service_pb2.ComputeHessianResponse(
-            summary=codec.summary_to_wire(result.summary),
-            loss=result.loss,
-            gradient=codec.encode_tensor(result.gradient),
-            backend=result.backend,
-        )
-        if not request.omit_matrix:
-            response.matrix.CopyFrom(codec.encode_tensor(result.matrix))
-        return response
+        return codec.curvature_to_wire(result, with_matrix=not request.omit_matrix)
 
     @unary
     def AnalyzeCurvature(self, request, context):
