@@ -29,7 +29,7 @@ from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run
 from .errors import HessianError
 from .options import choices
 from .proto import problem_pb2
-from .results import RunInfo, StepRecord, _jsonable, proto_dict
+from .results import RunInfo, RunStatus, StepRecord, _jsonable, proto_dict
 
 OBJECTIVES = [f.name for f in problem_pb2.Problem.DESCRIPTOR.oneofs_by_name["objective"].fields]
 RECORD_FIELDS = [f for f in StepRecord.__dataclass_fields__ if f != "raw"]
@@ -212,7 +212,7 @@ def _follow(client: Client, run: Run, args: argparse.Namespace, from_iteration: 
         emit(run.final)
     else:
         print(_summary(run.final))
-    return 0 if run.final.status == "FINISHED" else 1
+    return 0 if run.final.status == RunStatus.FINISHED else 1
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:

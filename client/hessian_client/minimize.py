@@ -176,7 +176,7 @@ class _Session:
         x = decode(info.final_params).astype(np.float64).reshape(-1)
         at_x = self.seen.get(x.tobytes(), {})
         status_name = service_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
-        if self.stop_asked and status_name == "CANCELLED":
+        if self.stop_asked and info.status == service_pb2.RUN_STATUS_CANCELLED:
             status, message = CALLBACK_STOP_STATUS, "`callback` raised `StopIteration`."
         elif info.converged:
             status, message = 0, info.message

@@ -32,7 +32,7 @@ RunStatus = _str_enum("RunStatus", service_pb2.RunStatus, "RUN_STATUS_", lower=F
 StopReason = _str_enum("StopReason", optimize_pb2.StopReason, "STOP_REASON_", lower=True)
 Method = _str_enum("Method", optimize_pb2.Method, "METHOD_", lower=True)
 Verdict = _str_enum("Verdict", optimize_pb2.Verdict, "VERDICT_", lower=True)
-FINAL_STATUSES = frozenset({"FINISHED", "CANCELLED", "FAILED", "INTERRUPTED"})
+FINAL_STATUSES = frozenset(RunStatus) - {RunStatus.QUEUED, RunStatus.RUNNING}
 # The wire messages holding a run's state: RunInfo and the RPC answers that copy its fields.
 WireRunInfo = (
     service_pb2.RunInfo

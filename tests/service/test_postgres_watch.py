@@ -12,7 +12,7 @@ import pytest
 from conftest import start_server
 from hessian_client import Client, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
-from hessian_service.server import service as service_module
+from hessian_service.server import runs as runs_module
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
 
 EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
@@ -39,7 +39,7 @@ def _watch(address: str, run_id: str, start: int, out: list, first: threading.Ev
 
 @pytest.mark.slow
 def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, monkeypatch):
-    monkeypatch.setattr(service_module, "WATCH_POLL_SECONDS", 60.0)  # only a push wakes it
+    monkeypatch.setattr(runs_module, "WATCH_POLL_SECONDS", 60.0)  # only a push wakes it
     a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", commit_interval_ms=20)
     b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", commit_interval_ms=20)
     try:

@@ -190,7 +190,7 @@ def test_a_run_executes_with_the_thread_count_the_policy_gives_its_problem(tmp_p
     stopping = StopCriteria(max_iterations=5)
     try:
         for objective in (small, large):
-            row = manager.start(
+            row = manager.launch(
                 problem_id="p",
                 objective=objective,
                 params=objective.init_params(),

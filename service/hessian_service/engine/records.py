@@ -30,6 +30,12 @@ class StopReason(enum.StrEnum):
     NON_FINITE = "non_finite"
     LINE_SEARCH_FAILED = "line_search_failed"
     SOLVER_FAILED = "solver_failed"
+    # Never returned by the engine: the run manager's ends (the server stopped; an error
+    # the run did not survive), and what earlier servers stored for the stalled tests.
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+    FUNCTION_TOLERANCE = "function_tolerance"
+    PARAMETER_TOLERANCE = "parameter_tolerance"
 
     @property
     def converged(self) -> bool:

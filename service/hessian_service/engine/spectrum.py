@@ -28,7 +28,7 @@ from . import cancel
 from .block_lanczos import BlockProduct, block_lanczos_extremes, block_product
 from .cancel import CancelToken, scope
 from .curvature import loss_and_grad
-from .errors import UnknownNameError, ValidationError
+from .errors import ResourceLimitError, UnknownNameError, ValidationError
 from .hessian_free import Product, curvature_product
 from .native_products import as_vector_product, native_block_product
 from .objectives.base import Objective
@@ -127,6 +127,46 @@ class SpectrumOptions:
         if self.backend is not None and self.backend not in BACKENDS:
             raise UnknownNameError(f"{p}.backend", self.backend, list(BACKENDS))
         return self
+
+    def check_cost(
+        self,
+        n: int,
+        itemsize: int,
+        budget_bytes: int,
+        max_products: int,
+        field_prefix: str = "options",
+    ) -> None:
+        """Refuse, before any work, an analysis of `n` parameters that would take more than
+        `max_products` curvature-vector products or whose working vectors (`itemsize` bytes
+        a value) need more than `budget_bytes`; the error names the option to lower."""
+        p = field_prefix
+        products = {
+            f"{p}.max_lanczos_iterations": min(self.max_lanczos_iterations, n),
+            f"{p}.trace_samples": 2 * self.trace_samples,
+            f"{p}.density_probes": self.density_probes * self.density_steps,
+        }
+        if sum(products.values()) > max_products:
+            field = max(products.items(), key=lambda kv: kv[1])[0]
+            raise ResourceLimitError(
+                field,
+                f"about {sum(products.values())} curvature-vector products requested, over the "
+                f"server's cap of {max_products} per call",
+            )
+        density = self.batch_size * (self.density_steps + 1) if self.density_probes else 0
+        vectors = {
+            f"{p}.max_lanczos_iterations": min(self.max_lanczos_iterations, n)
+            + 2 * self.block_size,
+            f"{p}.trace_samples": self.trace_samples // 3 + 1,
+            f"{p}.density_steps": density,
+        }
+        field, count = max(vectors.items(), key=lambda kv: kv[1])
+        need = count * n * itemsize
+        if need > budget_bytes:
+            raise ResourceLimitError(
+                field,
+                f"{count} working vectors of {n} parameters need {need} bytes, over the "
+                f"server's memory budget of {budget_bytes} (dense_budget_bytes); ask for fewer",
+            )
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,8 @@ def build_server(
         max_runs_per_owner=config.max_runs_per_token,
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
         threads=install_thread_policy(config),
+        max_iterations=config.max_iterations,
+        max_stored_runs=config.max_stored_runs,
     )
     leases = _keep_leases(config, store, runs, registry)
     drain = DrainInterceptor()

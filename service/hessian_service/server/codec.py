@@ -7,6 +7,7 @@ reaches the caller as INVALID_ARGUMENT with that name.
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import math
 from collections.abc import Sequence
@@ -19,9 +20,14 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
+from ..engine.curvature_summary import DenseCurvature
 from ..engine.errors import ResourceLimitError, ValidationError
-from ..engine.records import StepRecord
-from ..engine.spectrum import CurvatureReport, TraceEstimate
+from ..engine.records import StepRecord, StopReason
+from ..engine.spectrum import CurvatureReport, SpectrumOptions, TraceEstimate
+from ..store import RunRow, RunStatus
+
+# A run's state: RunInfo or an RPC's response that copies its fields (StartRunResponse ...)
+RunState = TypeVar("RunState", bound=Message)
 
 TORCH_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,
@@ -274,10 +280,115 @@ def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_p
     return out
 
 
-def stop_reason_value(reason: str) -> int:
-    """The wire StopReason for an engine stop reason name (engine StopReason, or the
-    store's "shutdown" / "error" and earlier servers' "function_tolerance" ...)."""
-    return enum_value(optimize_pb2.StopReason, reason)
+def _by_name(enum: type[enum.Enum], wire: Any, prefix: str) -> dict[Any, int]:
+    """{member: wire value} matched by name; every member and every wire value other than
+    UNSPECIFIED must have its counterpart (checked at import, so a new one on either side
+    fails the server's start, not a call)."""
+    table = {member: wire.Value(prefix + member.name) for member in enum}
+    unmatched = set(wire.values()) - {0, *table.values()}
+    if unmatched:
+        raise ImportError(f"{wire.DESCRIPTOR.name} values {sorted(unmatched)} have no {enum}")
+    return table
+
+
+# the one table each: the store's RunStatus and the engine's StopReason <-> the wire's enums
+RUN_STATUSES = _by_name(RunStatus, service_pb2.RunStatus, "RUN_STATUS_")
+WIRE_RUN_STATUSES = {value: status for status, value in RUN_STATUSES.items()}
+STOP_REASONS = _by_name(StopReason, optimize_pb2.StopReason, "STOP_REASON_")
+
+
+def status_value(status: RunStatus) -> int:
+    """The wire RunStatus of a run status."""
+    return RUN_STATUSES[status]
+
+
+def status_from_wire(value: int, field: str) -> RunStatus:
+    """The run status of a wire RunStatus (UNSPECIFIED and unknown values are refused)."""
+    if value == 0:
+        raise ValidationError(field, "a RunStatus other than UNSPECIFIED", 0)
+    status = WIRE_RUN_STATUSES.get(value)
+    if status is None:
+        raise ValidationError(field, f"one of {list(service_pb2.RunStatus.keys())[1:]}", value)
+    return status
+
+
+def stop_reason_value(reason: StopReason | str) -> int:
+    """The wire StopReason of a stored stop reason (0, UNSPECIFIED: none, or not one of ours)."""
+    return STOP_REASONS.get(reason, 0)
+
+
+def report_wire_bytes(options: SpectrumOptions, n: int) -> tuple[str, int]:
+    """An upper bound on the parts of an AnalyzeCurvatureResponse that grow with the request
+    (each value 8 bytes), and the option that grows it most (to name in a refusal)."""
+    ritz = min(n, options.max_lanczos_iterations * options.block_size)  # eigenvalues it reports
+    sizes = {
+        "options.grid_points": (
+            2 * tensor_wire_bytes([options.grid_points], 8) if options.density_probes else 0
+        ),
+        "options.top_k": 16 * min(options.top_k, ritz) + 8,  # the eigenvalue and its bound
+        "options.bottom_k": 16 * min(options.bottom_k, ritz) + 8,
+    }
+    return max(sizes.items(), key=lambda kv: kv[1])[0], sum(sizes.values())
+
+
+def curvature_to_wire(
+    result: DenseCurvature, with_matrix: bool
+) -> service_pb2.ComputeHessianResponse:
+    """The wire ComputeHessianResponse of a dense curvature (the matrix only `with_matrix`)."""
+    s = result.summary
+    response = service_pb2.ComputeHessianResponse(
+        summary=optimize_pb2.CurvatureSummary(
+            min_eigenvalue=s.min_eigenvalue,
+            max_eigenvalue=s.max_eigenvalue,
+            negative_eigenvalues=s.negative_eigenvalues,
+            condition_number=s.condition_number,
+            positive_definite=s.positive_definite,
+            trace=s.trace,
+            negative_tolerance=s.negative_tolerance,
+        ),
+        loss=result.loss,
+        gradient=encode_tensor(result.gradient),
+        backend=result.backend,
+    )
+    if with_matrix:
+        encode_tensor(result.matrix, out=response.matrix)
+    return response
+
+
+def run_to_wire(
+    row: RunRow,
+    live_record: StepRecord | None = None,
+    message: type[RunState] = service_pb2.RunInfo,
+) -> RunState:
+    """A stored run as `message` (RunInfo, or an RPC's response that copies its fields);
+    `live_record`, the newest committed record of a run executing here, stands for the row's
+    last record (its count follows it)."""
+    options = row.spec["options"]
+    info = message(
+        run_id=row.run_id,
+        name=row.name,
+        status=status_value(row.status),
+        stop_reason=stop_reason_value(row.stop_reason),
+        converged=row.converged,
+        message=row.message,
+        problem_id=row.problem_id,
+        options=options_to_wire(options),
+        method=enum_value(optimize_pb2.Method, options["method"]),
+        method_note=row.spec.get("method_note", ""),
+        stopping=stopping_to_wire(row.spec["stopping"]),
+        backend=row.backend,
+        num_records=row.num_records,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+    last = row.last_record
+    if live_record is not None:
+        last = live_record
+        info.num_records = max(row.num_records, last.iteration + 1)
+    if last is not None:
+        record_to_wire(last, info.last_record)
+    return info
 
 
 def _trace_to_wire(estimate: TraceEstimate, out: optimize_pb2.TraceEstimate) -> None:

@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from ..store import RunStatus
 from .auth import caller
 
 access_log = logging.getLogger("hessian_service.access")
@@ -121,7 +122,7 @@ class _RunsByStatus:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("hessian_runs", "Stored runs by status", labels=["status"])
         counts = self.counts()
-        for status in ("QUEUED", "RUNNING", "FINISHED", "CANCELLED", "FAILED", "INTERRUPTED"):
+        for status in RunStatus:
             family.add_metric([status], counts.get(status, 0))
         yield family
 

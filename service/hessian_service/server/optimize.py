@@ -40,6 +40,7 @@ from ..store import RunRow
 from . import codec
 from .auth import Tenant
 from .errors import LimitError, NotFoundError
+from .runs import DENSE_METHODS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -92,7 +93,7 @@ class Optimizer:
         options = service._method_options(values, "start.options")
         n = params.numel()
         options, note = resolve_remote_method(options, caps, n)
-        if options.method in ("newton", "saddle_free"):
+        if options.method in DENSE_METHODS:
             check_dense_budget(n, options.dense_budget_bytes, params.dtype, "start.options")
             if dense_source(caps, n) == "hessian":  # the caller sends it: it must fit a message
                 service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")
@@ -111,7 +112,7 @@ class Optimizer:
             "speculative": start.speculative,
         }
         objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
-        row = service.runs.start(
+        return service.runs.launch(
             problem_id="",
             objective=objective,
             params=params,
@@ -122,9 +123,6 @@ class Optimizer:
             method_note=note,
             remote=remote,
         )
-        if service.config.max_stored_runs:
-            service.store.enforce_retention(service.config.max_stored_runs)
-        return row
 
     def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
         """Resume an INTERRUPTED Optimize run under this stream.

@@ -10,25 +10,35 @@ reads everything from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
+from ..engine import (
+    CancelToken,
+    Checkpoint,
+    MethodOptions,
+    Run,
+    StepRecord,
+    StopCriteria,
+    check_dense_budget,
+    resolve_method,
+)
 from ..engine.asktell import CallerLost
 from ..engine.cancel import Cancelled
-from ..engine.errors import EngineError
+from ..engine.errors import EngineError, ResourceLimitError
 from ..engine.methods import check_supported
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
+from ..engine.sampling import generator, initial_params
 from ..store import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
@@ -36,12 +46,13 @@ from ..store import (
     RunNotFoundError,
     RunRow,
     RunStateError,
+    RunStatus,
     RunStore,
     StoreClosedError,
     StoredCheckpoint,
     StoreError,
 )
-from .errors import ConflictError, LimitError
+from .errors import ConflictError, DataLossError, LimitError, NotFoundError
 from .threads import ThreadPolicy
 
 
@@ -57,30 +68,21 @@ class Leases(Protocol):
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
+DENSE_METHODS = ("newton", "saddle_free")  # the methods that hold an n x n matrix
+WATCH_POLL_SECONDS = 0.5  # a watcher of a run executing elsewhere re-reads the store this often
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """A starting point to draw: `distribution` (sampling.initial_params' names) from `seed`."""
+
+    seed: int
+    distribution: str = "objective_default"
 
 
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def to_stored(cp: Checkpoint) -> StoredCheckpoint:
-    """A checkpoint as bytes for the store."""
-    params = cp.params.detach().cpu().contiguous()
-    return StoredCheckpoint(
-        iteration=cp.iteration,
-        dtype=str(params.dtype).removeprefix("torch."),
-        shape=list(params.shape),
-        params=params.numpy().astype(params.numpy().dtype.newbyteorder("<")).tobytes(),
-        state={k: float(v) for k, v in cp.state.items()},
-    )
-
-
-def from_stored(cp: StoredCheckpoint) -> Checkpoint:
-    """An engine checkpoint from the store's bytes."""
-    dtype = np.dtype(cp.dtype).newbyteorder("<")
-    array = np.frombuffer(cp.params, dtype=dtype).astype(dtype.newbyteorder("="))
-    return Checkpoint(cp.iteration, torch.from_numpy(array).reshape(cp.shape), dict(cp.state))
 
 
 class LiveRun:
@@ -175,8 +177,15 @@ class RunManager:
         max_runs_per_owner: int = 0,
         on_record: Callable[[str], None] | None = None,
         threads: ThreadPolicy | None = None,
+        max_iterations: int = 0,
+        max_stored_runs: int = 0,
     ) -> None:
+        """`max_iterations`: the cap on a started run's stopping.max_iterations (0: none);
+        `max_stored_runs`: the oldest ended runs are deleted past it after each start (0: all
+        are kept)."""
         self.store = store
+        self.max_iterations = max_iterations
+        self.max_stored_runs = max_stored_runs
         self.threads = threads
         self.max_concurrent_runs = max_concurrent_runs
         self.max_runs_per_owner = max_runs_per_owner
@@ -275,6 +284,51 @@ class RunManager:
         *,
         problem_id: str,
         objective: Objective,
+        options: MethodOptions,
+        stopping: StopCriteria,
+        initial: torch.Tensor | InitSpec | None = None,
+        name: str = "",
+        owner: str = ANONYMOUS_OWNER,
+    ) -> RunRow:
+        """StartRun: refuse criteria over the iteration cap, choose the starting point (the
+        given tensor, one drawn by `initial`, else the objective's default from seed 0),
+        resolve method auto, refuse a dense method over its memory budget, then launch."""
+        if self.max_iterations and stopping.max_iterations > self.max_iterations:
+            raise ResourceLimitError(
+                "stopping.max_iterations",
+                f"{stopping.max_iterations} is over the server limit of {self.max_iterations}",
+            )
+        if isinstance(initial, InitSpec):
+            params = initial_params(objective, initial.seed, initial.distribution)
+        elif initial is None:
+            params = objective.init_params(generator(0))
+        else:
+            params = initial
+        params = objective.check_params(params, "initial_params")
+        options, method_note = resolve_method(options, objective.num_params, params.dtype)
+        if options.method in DENSE_METHODS:
+            check_dense_budget(
+                objective.num_params,
+                options.dense_budget_bytes,
+                params.dtype,
+                "options.dense_budget_bytes",
+            )
+        return self.launch(
+            problem_id=problem_id,
+            objective=objective,
+            params=params,
+            options=options,
+            stopping=stopping,
+            name=name,
+            owner=owner,
+            method_note=method_note,
+        )
+
+    def launch(
+        self,
+        *,
+        problem_id: str,
+        objective: Objective,
         params: torch.Tensor,
         options: MethodOptions,
         stopping: StopCriteria,
@@ -283,7 +337,8 @@ class RunManager:
         method_note: str = "",
         remote: dict[str, Any] | None = None,
     ) -> RunRow:
-        """Record a new run (QUEUED, with its starting checkpoint) and queue it.
+        """Record a new run (QUEUED, with its starting checkpoint), queue it, then apply the
+        stored-runs cap.
 
         `method_note` (why method auto chose the options' method) is kept in the spec.
         Options the objective cannot serve are refused here, before anything is stored.
@@ -300,7 +355,7 @@ class RunManager:
         row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time(), owner=owner)
         live = self._admit(run_id, 0, owner)
         try:
-            checkpoint = to_stored(Checkpoint(0, params, {}))
+            checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
             self.store.create_run(row, checkpoint, require_problem=remote is None)
             if self.leases is not None:
                 self.leases.hold(live)
@@ -308,6 +363,8 @@ class RunManager:
         except BaseException:
             self._forget(run_id)
             raise
+        if self.max_stored_runs:
+            self.store.enforce_retention(self.max_stored_runs)
         return row
 
     def resume(self, row: RunRow, objective: Objective, owner: str = "") -> RunRow:
@@ -315,14 +372,14 @@ class RunManager:
 
         `row` is as `settle` reports it: an orphan (its row still active) counts as INTERRUPTED.
         """
-        if row.status != "INTERRUPTED":
+        if row.status != RunStatus.INTERRUPTED:
             raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
         stored = self.store.latest_checkpoint(row.run_id)
         if stored is None and self.store.get_run(row.run_id) is None:
             raise RunNotFoundError(row.run_id)  # deleted since the caller read it
         if stored is None:
             raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
-        checkpoint = from_stored(stored)
+        checkpoint = stored.checkpoint()
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         check_supported(objective, options.validated())
@@ -334,8 +391,10 @@ class RunManager:
             # conditional: DeleteRun or the retention cap may have removed the run meanwhile
             self.store.update_run(
                 row.run_id,
-                expect_status=("INTERRUPTED", *ACTIVE_STATUSES) if orphan else ("INTERRUPTED",),
-                status="QUEUED",
+                expect_status=(RunStatus.INTERRUPTED, *ACTIVE_STATUSES)
+                if orphan
+                else (RunStatus.INTERRUPTED,),
+                status=RunStatus.QUEUED,
                 stop_reason="",
                 message="",
             )
@@ -347,7 +406,7 @@ class RunManager:
         except BaseException:
             self._forget(row.run_id)
             raise
-        row.status, row.stop_reason, row.message = "QUEUED", "", ""
+        row.status, row.stop_reason, row.message = RunStatus.QUEUED, "", ""
         return row
 
     def take_over(self, row: RunRow, objective: Objective) -> None:
@@ -356,7 +415,7 @@ class RunManager:
         stored = self.store.latest_checkpoint(row.run_id)
         if stored is None:
             raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
-        checkpoint = from_stored(stored)
+        checkpoint = stored.checkpoint()
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
@@ -384,16 +443,109 @@ class RunManager:
             self.store.update_run(
                 row.run_id,
                 expect_status=ACTIVE_STATUSES,
-                status="INTERRUPTED",
-                stop_reason="error",
+                status=RunStatus.INTERRUPTED,
+                stop_reason=StopReason.ERROR,
                 message=message,
             )
             with self._lock:
                 self._orphans.pop(row.run_id, None)
         except (StoreError, RunStateError) as exc:
             log.warning("run %s: its INTERRUPTED status is not stored yet: %s", row.run_id, exc)
-        row.status, row.stop_reason, row.message = "INTERRUPTED", "error", message
+        row.status, row.stop_reason, row.message = RunStatus.INTERRUPTED, StopReason.ERROR, message
         return row
+
+    def get(self, run_id: str, scope: str | None) -> RunRow:
+        """The run as `settle` reports it, if a caller of tenant `scope` may see it (None:
+        every run); another tenant's run is NOT_FOUND, like a missing one."""
+        row = self.store.get_run(run_id) if run_id else None
+        if row is None or scope not in (None, row.owner):
+            raise NotFoundError("run_id", f"run with id {run_id!r}")
+        return self.settle(row)
+
+    async def watch(
+        self, run_id: str, scope: str | None, from_iteration: int, page: int
+    ) -> AsyncIterator[list[StepRecord] | RunRow]:
+        """A run's records from `from_iteration` on, in batches of at most `page` without a
+        gap, then its final row. Live records come from its LiveRun as they are committed,
+        earlier ones (and those of a run executing elsewhere) from the store; waiting holds
+        no thread (store reads run on the default executor).
+
+        A run may be resumed at any moment, so this loops until the row read after the
+        records is final and holds no record past them.
+        """
+        nxt = from_iteration
+        while True:
+            live, row = await asyncio.to_thread(self._live_then_row, run_id, scope)
+            if live is not None:
+                # records before the live buffer (a resumed run's history) are in the store
+                while nxt < live.base:
+                    batch = await asyncio.to_thread(
+                        self._stored_page, live.run_id, nxt, page, live.base - 1
+                    )
+                    if not batch:
+                        break
+                    yield batch
+                    nxt = batch[-1].iteration + 1
+                nxt = max(nxt, live.base)
+                async for batch in _follow(live, nxt, page):
+                    yield batch
+                    nxt = batch[-1].iteration + 1
+                if live.error is not None:
+                    raise live.error
+            else:
+                while batch := await asyncio.to_thread(self._stored_page, row.run_id, nxt, page):
+                    yield batch
+                    nxt = batch[-1].iteration + 1
+            row = await asyncio.to_thread(self.get, run_id, scope)
+            unseen = row.last_record is not None and row.last_record.iteration >= nxt
+            if row.status not in ACTIVE_STATUSES and not unseen:
+                yield row
+                return
+            if not unseen and self.live(run_id) is None:
+                # active with no live run here: settling, or executing on another replica
+                # (woken by its commits through the shared store's push)
+                await self.committed(run_id, WATCH_POLL_SECONDS)
+
+    def _live_then_row(self, run_id: str, scope: str | None) -> tuple[LiveRun | None, RunRow]:
+        """The live run (first: one admitted later shows as active in the row) and the row."""
+        live = self.live(run_id)
+        row = self.get(run_id, scope)
+        if live is None and row.status in ACTIVE_STATUSES:
+            live = self.live(run_id)  # admitted between the lookup and the read
+        return live, row
+
+    def _stored_page(
+        self, run_id: str, nxt: int, page: int, last: int | None = None
+    ) -> list[StepRecord]:
+        """Stored records from iteration `nxt` on without a gap (up to `last`, at most `page`
+        of them); empty when there are none to send.
+
+        The row is read first: every record up to its last_record was committed before, so
+        when iteration `nxt` is not there it was deleted behind the server's back: raise
+        DataLossError naming the missing range, rather than re-read forever.
+        """
+        row = self.store.get_run(run_id)
+        stored = row.last_record.iteration if row is not None and row.last_record else -1
+        last = stored if last is None else min(last, stored)
+        if last < nxt:
+            return []
+        records = self.store.records(run_id, nxt, min(page, last - nxt + 1))
+        present = 0
+        while present < len(records) and records[present].iteration == nxt + present:
+            present += 1
+        if not present:
+            self._missing(run_id, nxt, records[0].iteration - 1 if records else last, stored)
+        return records[:present]
+
+    def _missing(self, run_id: str, first: int, last: int, stored: int) -> None:
+        """Raise DataLossError for records `first`..`last` (NotFound if the run was deleted)."""
+        if self.store.get_run(run_id) is None:
+            raise NotFoundError("run_id", f"run with id {run_id!r}")  # deleted meanwhile
+        raise DataLossError(
+            "run_id",
+            f"run {run_id}: the records of iterations {first} to {last} are missing from the "
+            f"store, which says the run reached iteration {stored}; the store was damaged",
+        )
 
     def _submit(self, live: LiveRun, *args: Any) -> None:
         """Queue an admitted run on a worker; if shutdown closed the pool, store it INTERRUPTED."""
@@ -403,7 +555,11 @@ class RunManager:
             message = "the server shut down before the run started; ResumeRun continues it"
             self._store_end(
                 live.run_id,
-                {"status": "INTERRUPTED", "stop_reason": "shutdown", "message": message},
+                {
+                    "status": RunStatus.INTERRUPTED,
+                    "stop_reason": StopReason.SHUTDOWN,
+                    "message": message,
+                },
             )
             raise ConflictError(
                 "server", f"shutting down; run {live.run_id} is stored INTERRUPTED ({message})"
@@ -473,8 +629,8 @@ class RunManager:
     ) -> None:
         run_id = live.run_id
         final: dict[str, Any] = {
-            "status": "FAILED",
-            "stop_reason": "error",
+            "status": RunStatus.FAILED,
+            "stop_reason": StopReason.ERROR,
             "converged": False,
             "message": "",
         }
@@ -482,13 +638,15 @@ class RunManager:
         live.started = True
         try:
             if live.shutdown:
-                final.update(status="INTERRUPTED", stop_reason="shutdown")
+                final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
                 final["message"] = "the server shut down before the run started"
                 return
             started = time.time()
             run = Run(objective, params, options, stopping, cancel=live.cancel, resume=resume)
             # one commit for both: a run's store writes are a good part of a short job's time
-            self.store.update_run(run_id, status="RUNNING", started_at=started, backend=run.backend)
+            self.store.update_run(
+                run_id, status=RunStatus.RUNNING, started_at=started, backend=run.backend
+            )
             start = run.start_iteration
             for record in run:
                 if live.shutdown and run.stop_reason == StopReason.CANCELLED:
@@ -500,25 +658,29 @@ class RunManager:
                     if self.on_record is not None:
                         self.on_record(record.backend)
                 if record.iteration > start and record.iteration % self.checkpoint_every == 0:
-                    self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+                    self.store.put_checkpoint(run_id, StoredCheckpoint.of(run.checkpoint()))
             reason = run.stop_reason
             final.update(
-                status="FINISHED",
-                stop_reason=reason.value,
+                status=RunStatus.FINISHED,
+                stop_reason=reason,
                 converged=reason.converged,
                 message=run.message,
             )
             if reason == StopReason.CANCELLED:
-                final["status"] = "CANCELLED"
+                final["status"] = RunStatus.CANCELLED
                 if live.shutdown:
-                    final.update(status="INTERRUPTED", stop_reason="shutdown")
+                    final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
                     final["message"] = "the server shut down; ResumeRun continues the run"
         except CallerLost as exc:  # an Optimize stream broke or missed its deadline
-            final.update(status="INTERRUPTED", stop_reason="error", message=str(exc))
+            final.update(
+                status=RunStatus.INTERRUPTED, stop_reason=StopReason.ERROR, message=str(exc)
+            )
         except Cancelled as exc:  # cancelled while waiting for an Optimize caller
-            final.update(status="CANCELLED", stop_reason="cancelled", message=str(exc))
+            final.update(
+                status=RunStatus.CANCELLED, stop_reason=StopReason.CANCELLED, message=str(exc)
+            )
             if live.shutdown:
-                final.update(status="INTERRUPTED", stop_reason="shutdown")
+                final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
         except EngineError as exc:
             final["message"] = str(exc)
         except LeaseLostError as exc:
@@ -529,7 +691,7 @@ class RunManager:
             # tail and keep the run resumable from its last checkpoint once space returns.
             live.error = exc
             dropped = self.store.discard_queued(run_id)
-            final.update(status="INTERRUPTED")
+            final.update(status=RunStatus.INTERRUPTED)
             final["message"] = (
                 f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
             )
@@ -562,12 +724,12 @@ class RunManager:
             # not after a store error: a checkpoint past the last stored record would
             # leave a gap in the records when the run is resumed from it
             if run is not None and run.last_record is not None and live.error is None:
-                self.store.put_checkpoint(run_id, to_stored(run.checkpoint()))
+                self.store.put_checkpoint(run_id, StoredCheckpoint.of(run.checkpoint()))
         except StoreClosedError:
             pass  # shutdown stored the run's status already; _store_end says so below
         except (StoreError, RunStateError) as exc:
             log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
-        handing_over = final.get("stop_reason") == "shutdown" and live.error is None
+        handing_over = final.get("stop_reason") == StopReason.SHUTDOWN and live.error is None
         if self.leases is not None and handing_over and self.leases.hand_over(run_id):
             log.info("run %s handed over to another replica at shutdown", run_id)
             return
@@ -605,10 +767,10 @@ class RunManager:
         """Mark a run that outlasts shutdown's wait INTERRUPTED (CANCELLED if the user asked)
         while the store is still open: its worker may only finish after the store closes."""
         if live.shutdown:
-            final = {"status": "INTERRUPTED", "stop_reason": "shutdown"}
+            final = {"status": RunStatus.INTERRUPTED, "stop_reason": StopReason.SHUTDOWN}
             message = "the server shut down during an iteration; ResumeRun continues the run"
         else:
-            final = {"status": "CANCELLED", "stop_reason": "cancelled"}
+            final = {"status": RunStatus.CANCELLED, "stop_reason": StopReason.CANCELLED}
             message = "cancelled; the server shut down before the iteration ended"
         try:
             self.store.update_run(
@@ -616,3 +778,29 @@ class RunManager:
             )
         except (StoreError, RunStateError) as exc:
             log.warning("could not mark run %s stopped at shutdown: %s", live.run_id, exc)
+
+
+async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list[StepRecord]]:
+    """Batches (at most `page` records) of a live run's committed records from iteration `nxt`
+    until it ends; waits on an asyncio.Event its committing thread sets, not on a thread."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def poke() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server has stopped
+            loop.call_soon_threadsafe(changed.set)
+
+    unlisten = live.listen(poke)
+    try:
+        while True:
+            changed.clear()
+            batch, finished = live.committed_from(nxt - live.base)
+            for start in range(0, len(batch), page):
+                yield batch[start : start + page]
+            nxt += len(batch)
+            if finished:
+                return
+            if not batch:
+                await changed.wait()
+    finally:
+        unlisten()

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import math
 from collections.abc import AsyncIterator, Iterator
-from typing import TypeVar
 
 import grpc
 import torch
-from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .. import __version__
 from ..engine import (
     MethodOptions,
     StopCriteria,
-    check_dense_budget,
     native_status,
-    resolve_method,
     take_step,
 )
 from ..engine.cancel import CANCELLED, DEADLINE, Cancelled, CancelToken
@@ -28,33 +23,26 @@ from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
 from ..engine.options import METHODS, requested_backend
-from ..engine.sampling import generator, initial_params, sample
+from ..engine.sampling import sample
 from ..engine.spectrum import SpectrumOptions, analyze_curvature
-from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStore
+from ..store import FINAL_STATUSES, RunRow, RunStore
 from . import codec
 from .auth import Tenancy, Tenant
 from .config import ServerConfig
 from .errors import (
     ConflictError,
-    DataLossError,
     DeadlineError,
-    NotFoundError,
     streaming,
     unary,
 )
 from .observability import Metrics
 from .optimize import Optimizer
 from .problems import ProblemRegistry
-from .runs import LiveRun, RunManager, from_stored
+from .runs import InitSpec, RunManager
 from .threads import thread_policy
 
 WATCH_PAGE = 512
-WATCH_POLL_SECONDS = 0.5
-RUN_STATUS = service_pb2.RunStatus
-# A run's state: RunInfo or an RPC's response that copies its fields (StartRunResponse ...)
-RunState = TypeVar("RunState", bound=Message)
 NEWTON_METHODS = tuple(m for m in METHODS if m != "gradient_descent")
-DENSE_METHODS = ("newton", "saddle_free")
 MAX_SPECTRUM_PRODUCTS = 100_000  # per AnalyzeCurvature call
 MAX_LIST_PAGE = 1000
 # Room a response needs beside its tensors and records: scalars and strings the server
@@ -180,47 +168,23 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     def _row(self, run_id: str, tenant: Tenant) -> RunRow:
         """The run, if the tenant may see it (another tenant's is NOT_FOUND, like a missing one)."""
-        row = self.store.get_run(run_id) if run_id else None
-        if row is None or tenant.scope not in (None, row.owner):
-            raise NotFoundError("run_id", f"run with id {run_id!r}")
-        return self.runs.settle(row)
+        return self.runs.get(run_id, tenant.scope)
 
     def _info(
         self,
         row: RunRow,
         include_params: bool = False,
-        message: type[RunState] = service_pb2.RunInfo,
-    ) -> RunState:
-        """The run's state as `message`: RunInfo, or an RPC's response that copies its fields."""
-        info = message(
-            run_id=row.run_id,
-            name=row.name,
-            status=RUN_STATUS.Value("RUN_STATUS_" + row.status),
-            stop_reason=codec.stop_reason_value(row.stop_reason),
-            converged=row.converged,
-            message=row.message,
-            problem_id=row.problem_id,
-            options=codec.options_to_wire(row.spec["options"]),
-            method=codec.enum_value(optimize_pb2.Method, row.spec["options"]["method"]),
-            method_note=row.spec.get("method_note", ""),
-            stopping=codec.stopping_to_wire(row.spec["stopping"]),
-            backend=row.backend,
-            num_records=row.num_records,
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-        )
-        last = row.last_record
+        message: type[codec.RunState] = service_pb2.RunInfo,
+    ) -> codec.RunState:
+        """The run as `message` (RunInfo or an RPC's copy of it), with its live record if it
+        executes here (newer than the row's) and, with `include_params`, its latest
+        checkpoint's parameters if they fit a message."""
         live = self.runs.live(row.run_id)
-        if live is not None and live.last_record is not None:
-            last = live.last_record
-            info.num_records = max(row.num_records, last.iteration + 1)
-        if last is not None:
-            codec.record_to_wire(last, info.last_record)
+        info = codec.run_to_wire(row, live.last_record if live is not None else None, message)
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
             if stored is not None:
-                params = from_stored(stored).params
+                params = stored.checkpoint().params
                 size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
                 self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
                 info.final_params.CopyFrom(codec.encode_tensor(params))
@@ -258,47 +222,6 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         response.method = codec.enum_value(optimize_pb2.Method, result.method)
         response.method_note = result.method_note
         return response
-
-    def _check_spectrum_memory(self, n: int, itemsize: int, options: SpectrumOptions) -> None:
-        """Refuse an analysis over the memory budget, the product cap or the message limit."""
-        o = options
-        products = {
-            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n),
-            "options.trace_samples": 2 * o.trace_samples,
-            "options.density_probes": o.density_probes * o.density_steps,
-        }
-        if sum(products.values()) > MAX_SPECTRUM_PRODUCTS:
-            field = max(products.items(), key=lambda kv: kv[1])[0]
-            raise ResourceLimitError(
-                field,
-                f"about {sum(products.values())} curvature-vector products requested, over the "
-                f"server's cap of {MAX_SPECTRUM_PRODUCTS} per call",
-            )
-        density = o.batch_size * (o.density_steps + 1) if o.density_probes else 0
-        vectors = {
-            "options.max_lanczos_iterations": min(o.max_lanczos_iterations, n) + 2 * o.block_size,
-            "options.trace_samples": o.trace_samples // 3 + 1,
-            "options.density_steps": density,
-        }
-        field, count = max(vectors.items(), key=lambda kv: kv[1])
-        need = count * n * itemsize
-        if need > self.config.dense_budget_bytes:
-            raise ResourceLimitError(
-                field,
-                f"{count} working vectors of {n} parameters need {need} bytes, over the "
-                f"server's memory budget of {self.config.dense_budget_bytes} "
-                "(dense_budget_bytes); ask for fewer",
-            )
-        ritz = min(n, o.max_lanczos_iterations * o.block_size)  # eigenvalues Lanczos can report
-        sizes = {  # the response's parts that grow with the request (each value 8 bytes)
-            "options.grid_points": (
-                2 * codec.tensor_wire_bytes([o.grid_points], 8) if o.density_probes else 0
-            ),
-            "options.top_k": 16 * min(o.top_k, ritz) + 8,  # the eigenvalue and its bound
-            "options.bottom_k": 16 * min(o.bottom_k, ritz) + 8,
-        }
-        field = max(sizes.items(), key=lambda kv: kv[1])[0]
-        self._check_fits(field, sum(sizes.values()) + 2 * RESPONSE_SLACK, "the report")
 
     # unary RPCs
     @unary
@@ -386,24 +309,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             )
         with self.threads.limited(objective):
             result = dense_curvature(objective, params, options, cancel, "curvature")
-        s = result.summary
-        response = service_pb2.ComputeHessianResponse(
-            summary=optimize_pb2.CurvatureSummary(
-                min_eigenvalue=s.min_eigenvalue,
-                max_eigenvalue=s.max_eigenvalue,
-                negative_eigenvalues=s.negative_eigenvalues,
-                condition_number=s.condition_number,
-                positive_definite=s.positive_definite,
-                trace=s.trace,
-                negative_tolerance=s.negative_tolerance,
-            ),
-            loss=result.loss,
-            gradient=codec.encode_tensor(result.gradient),
-            backend=result.backend,
-        )
-        if not request.omit_matrix:
-            response.matrix.CopyFrom(codec.encode_tensor(result.matrix))
-        return response
+        return codec.curvature_to_wire(result, with_matrix=not request.omit_matrix)
 
     @unary
     def AnalyzeCurvature(self, request, context):
@@ -420,8 +326,11 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if "backend" not in values and self.config.default_backend:
             values["backend"] = self.config.default_backend
         options = SpectrumOptions.from_dict(values)
+        n = objective.num_params
         itemsize = torch.empty((), dtype=params.dtype).element_size()
-        self._check_spectrum_memory(objective.num_params, itemsize, options)
+        options.check_cost(n, itemsize, self.config.dense_budget_bytes, MAX_SPECTRUM_PRODUCTS)
+        field, size = codec.report_wire_bytes(options, n)
+        self._check_fits(field, size + 2 * RESPONSE_SLACK, "the report")
         with self.threads.limited(objective):
             report = analyze_curvature(objective, params, options, cancel)
         return codec.report_to_wire(report)
@@ -451,45 +360,27 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         pid, objective = self.registry.resolve(request, tenant, persist=True)
         values = codec.options_to_dict(request.options)
         values.setdefault("method", "newton")
-        options = self._method_options(values)
-        stopping = StopCriteria.from_dict(codec.stopping_to_dict(request.stopping))
-        if stopping.max_iterations > self.config.max_iterations:
-            raise ResourceLimitError(
-                "stopping.max_iterations",
-                f"{stopping.max_iterations} is over the server limit of "
-                f"{self.config.max_iterations}",
-            )
-        if request.HasField("initial_params"):
-            params = self._decode_params(request.initial_params, "initial_params")
-        elif request.HasField("init"):
-            dist = codec.enum_name(
-                optimize_pb2.Distribution, request.init.distribution, "init.distribution"
-            )
-            params = initial_params(objective, request.init.seed, dist or "objective_default")
-        else:
-            params = objective.init_params(generator(0))
-        params = objective.check_params(params, "initial_params")
-        options, method_note = resolve_method(options, objective.num_params, params.dtype)
-        if options.method in DENSE_METHODS:
-            check_dense_budget(
-                objective.num_params,
-                options.dense_budget_bytes,
-                params.dtype,
-                "options.dense_budget_bytes",
-            )
         row = self.runs.start(
             problem_id=pid,
             objective=objective,
-            params=params,
-            options=options,
-            stopping=stopping,
+            options=self._method_options(values),
+            stopping=StopCriteria.from_dict(codec.stopping_to_dict(request.stopping)),
+            initial=self._initial(request),
             name=request.name,
             owner=tenant.name,
-            method_note=method_note,
         )
-        if self.config.max_stored_runs:
-            self.store.enforce_retention(self.config.max_stored_runs)
         return self._info(row, message=service_pb2.StartRunResponse)
+
+    def _initial(self, request: service_pb2.StartRunRequest) -> torch.Tensor | InitSpec | None:
+        """StartRun's starting point as sent: a tensor, a distribution to draw, or none."""
+        if request.HasField("initial_params"):
+            return self._decode_params(request.initial_params, "initial_params")
+        if request.HasField("init"):
+            dist = codec.enum_name(
+                optimize_pb2.Distribution, request.init.distribution, "init.distribution"
+            )
+            return InitSpec(request.init.seed, dist or "objective_default")
+        return None
 
     @unary
     def GetRun(self, request, context):
@@ -502,12 +393,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if not 1 <= size <= MAX_LIST_PAGE:
             raise ValidationError("page_size", f"an integer in [1, {MAX_LIST_PAGE}] (0: 50)", size)
         after = codec.decode_page_token(request.page_token) if request.page_token else None
-        statuses = []
-        for i, value in enumerate(request.status):
-            name = codec.enum_name(RUN_STATUS, value, f"status[{i}]")
-            if name is None:
-                raise ValidationError(f"status[{i}]", "a RunStatus other than UNSPECIFIED", 0)
-            statuses.append(name.upper())
+        statuses = [codec.status_from_wire(v, f"status[{i}]") for i, v in enumerate(request.status)]
         rows = self.store.list_runs(statuses, size + 1, after, self.tenancy.of(context).scope)
         response = service_pb2.ListRunsResponse()
         room = self.config.max_message_bytes - RESPONSE_SLACK  # the token's share
@@ -597,114 +483,20 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     # streaming
     @streaming
     async def WatchRun(self, request, context) -> AsyncIterator[service_pb2.WatchRunEvent]:
-        """Stream a run's records, then its final state. Async: a waiting watcher holds no
-        thread; store reads run on the default executor (the RPC pool)."""
+        """Stream a run's records, then its final state (RunManager.watch: a waiting watcher
+        holds no thread)."""
         if request.from_iteration < 0:
             raise ValidationError("from_iteration", "an integer >= 0", request.from_iteration)
-        run_id = request.run_id
-        tenant = self.tenancy.of(context)
-        nxt = request.from_iteration
-        # A run may be resumed at any moment, so this loops until the row read after the
-        # records is final and holds no record past them.
-        while True:
-            live, row = await asyncio.to_thread(self._live_then_row, run_id, tenant)
-            if live is not None:
-                # records before the live buffer (a resumed run's history) are in the store
-                while nxt < live.base:
-                    page = await asyncio.to_thread(
-                        self._stored_page, live.run_id, nxt, live.base - 1
-                    )
-                    if not page:
-                        break
-                    yield _event(page)
-                    nxt = page[-1].iteration + 1
-                nxt = max(nxt, live.base)
-                async for batch in _follow(live, nxt, self._watch_page):
-                    yield _event(batch)
-                    nxt = batch[-1].iteration + 1
-                if live.error is not None:
-                    raise live.error
+        scope = self.tenancy.of(context).scope
+        watch = self.runs.watch(request.run_id, scope, request.from_iteration, self._watch_page)
+        async for item in watch:
+            if isinstance(item, RunRow):
+                yield service_pb2.WatchRunEvent(final=self._info(item))
             else:
-                while page := await asyncio.to_thread(self._stored_page, row.run_id, nxt):
-                    yield _event(page)
-                    nxt = page[-1].iteration + 1
-            row = await asyncio.to_thread(self._row, run_id, tenant)
-            unseen = row.last_record is not None and row.last_record.iteration >= nxt
-            if row.status not in ACTIVE_STATUSES and not unseen:
-                yield service_pb2.WatchRunEvent(final=self._info(row))
-                return
-            if not unseen and self.runs.live(run_id) is None:
-                # active with no live run here: settling, or executing on another replica
-                # (woken by its commits through the shared store's push)
-                await self.runs.committed(run_id, WATCH_POLL_SECONDS)
+                yield _event(item)
 
     @streaming
     async def Optimize(self, request_iterator, context) -> AsyncIterator:
         """The caller evaluates, the server optimises (server/optimize.py)."""
         async for response in self.optimizer.serve(request_iterator, context):
             yield response
-
-    def _live_then_row(self, run_id: str, tenant: Tenant) -> tuple[LiveRun | None, RunRow]:
-        """The live run (first: one admitted later shows as active in the row) and the row."""
-        live = self.runs.live(run_id)
-        row = self._row(run_id, tenant)
-        if live is None and row.status in ACTIVE_STATUSES:
-            live = self.runs.live(run_id)  # admitted between the lookup and the read
-        return live, row
-
-    def _stored_page(self, run_id: str, nxt: int, last: int | None = None) -> list:
-        """Stored records from iteration `nxt` on without a gap (up to `last`, at most
-        self._watch_page of them); empty when there are none to send.
-
-        The row is read first: every record up to its last_record was committed before, so
-        when iteration `nxt` is not there it was deleted behind the server's back: raise
-        DataLossError naming the missing range, rather than re-read forever.
-        """
-        row = self.store.get_run(run_id)
-        stored = row.last_record.iteration if row is not None and row.last_record else -1
-        last = stored if last is None else min(last, stored)
-        if last < nxt:
-            return []
-        page = self.store.records(run_id, nxt, min(self._watch_page, last - nxt + 1))
-        present = 0
-        while present < len(page) and page[present].iteration == nxt + present:
-            present += 1
-        if not present:
-            self._missing(run_id, nxt, page[0].iteration - 1 if page else last, stored)
-        return page[:present]
-
-    def _missing(self, run_id: str, first: int, last: int, stored: int) -> None:
-        """Raise DataLossError for records `first`..`last` (NotFound if the run was deleted)."""
-        if self.store.get_run(run_id) is None:
-            raise NotFoundError("run_id", f"run with id {run_id!r}")  # deleted meanwhile
-        raise DataLossError(
-            "run_id",
-            f"run {run_id}: the records of iterations {first} to {last} are missing from the "
-            f"store, which says the run reached iteration {stored}; the store was damaged",
-        )
-
-
-async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list]:
-    """Batches (at most `page` records) of a live run's committed records from iteration `nxt`
-    until it ends; waits on an asyncio.Event its committing thread sets, not on a thread."""
-    loop = asyncio.get_running_loop()
-    changed = asyncio.Event()
-
-    def poke() -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed: the server has stopped
-            loop.call_soon_threadsafe(changed.set)
-
-    unlisten = live.listen(poke)
-    try:
-        while True:
-            changed.clear()
-            batch, finished = live.committed_from(nxt - live.base)
-            for start in range(0, len(batch), page):
-                yield batch[start : start + page]
-            nxt += len(batch)
-            if finished:
-                return
-            if not batch:
-                await changed.wait()
-    finally:
-        unlisten()

@@ -20,6 +20,8 @@ implementation keeps, and the server's acknowledgement rests on:
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -27,12 +29,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.records import StepRecord
+import numpy as np
+import torch
 
-ACTIVE_STATUSES = ("QUEUED", "RUNNING")
-FINAL_STATUSES = ("FINISHED", "CANCELLED", "FAILED", "INTERRUPTED")
+from ..engine.records import Checkpoint, StepRecord, StopReason
+
+
+class RunStatus(enum.StrEnum):
+    """A stored run's status, declared once (stored as its value; the codec maps it to the
+    wire's RunStatus by name). Here, not in the engine: only stored runs have a status."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"  # stopped by its criteria (see its stop reason)
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"  # stopped by the server, not by the run; ResumeRun continues it
+
+
+ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+FINAL_STATUSES = tuple(s for s in RunStatus if s not in ACTIVE_STATUSES)
 # a problem a run in one of these may still need (to execute, or for ResumeRun) is kept
-PROBLEM_PINNING_STATUSES = (*ACTIVE_STATUSES, "INTERRUPTED")
+PROBLEM_PINNING_STATUSES = (*ACTIVE_STATUSES, RunStatus.INTERRUPTED)
 # the tenant of unauthenticated callers, and of runs and problems stored before tenants
 ANONYMOUS_OWNER = "anonymous"
 CommitListener = Callable[[dict[str, int]], None]
@@ -102,14 +120,18 @@ class RunConflictError(RunStateError):
 
 @dataclass
 class RunRow:
-    """A run as stored: its spec (JSON-friendly dicts), status and outcome."""
+    """A run as stored: its spec (JSON-friendly dicts), status and outcome.
+
+    `stop_reason` is "" until the run ends; a value no StopReason has (a damaged row) is
+    kept as the string it is.
+    """
 
     run_id: str
     problem_id: str
     spec: dict[str, Any]
     name: str = ""
-    status: str = "QUEUED"
-    stop_reason: str = ""
+    status: RunStatus = RunStatus.QUEUED
+    stop_reason: StopReason | str = ""
     converged: bool = False
     message: str = ""
     backend: str = ""
@@ -119,6 +141,11 @@ class RunRow:
     num_records: int = 0
     last_record: StepRecord | None = None
     owner: str = ANONYMOUS_OWNER
+
+    def __post_init__(self) -> None:
+        self.status = RunStatus(self.status)
+        with contextlib.suppress(ValueError):
+            self.stop_reason = StopReason(self.stop_reason)
 
 
 @dataclass
@@ -130,6 +157,26 @@ class StoredCheckpoint:
     shape: list[int]
     params: bytes
     state: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cp: Checkpoint) -> StoredCheckpoint:
+        """An engine checkpoint as the store keeps it (little-endian bytes on any host)."""
+        params = cp.params.detach().cpu().contiguous()
+        return cls(
+            iteration=cp.iteration,
+            dtype=str(params.dtype).removeprefix("torch."),
+            shape=list(params.shape),
+            params=params.numpy().astype(params.numpy().dtype.newbyteorder("<")).tobytes(),
+            state={k: float(v) for k, v in cp.state.items()},
+        )
+
+    def checkpoint(self) -> Checkpoint:
+        """The engine checkpoint these bytes hold."""
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        array = np.frombuffer(self.params, dtype=dtype).astype(dtype.newbyteorder("="))
+        return Checkpoint(
+            self.iteration, torch.from_numpy(array).reshape(self.shape), dict(self.state)
+        )
 
 
 class RunStore(ABC):

@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..engine.records import StepRecord
+from ..engine.records import StepRecord, StopReason
 from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
@@ -51,6 +51,7 @@ from .base import (
     RunConflictError,
     RunNotFoundError,
     RunRow,
+    RunStatus,
     RunStore,
     StoreClosedError,
     StoreCorruptError,
@@ -385,9 +386,9 @@ class SQLiteRunStore(RunStore):
             ]
             self._use_reserve()
             self._db.execute(
-                f"UPDATE runs SET status = 'INTERRUPTED', stop_reason = 'shutdown', "
-                f"message = ? WHERE status IN ({marks})",
-                (message, *ACTIVE_STATUSES),
+                "UPDATE runs SET status = ?, stop_reason = ?, message = ? "
+                f"WHERE status IN ({marks})",
+                (RunStatus.INTERRUPTED, StopReason.SHUTDOWN, message, *ACTIVE_STATUSES),
             )
         return ids
 

@@ -1,0 +1,45 @@
+"""SpectrumOptions.check_cost: an analysis over the product cap or the memory budget is
+refused before any work, naming the option that costs the most."""
+
+from __future__ import annotations
+
+import pytest
+from hessian_service.engine.errors import ResourceLimitError
+from hessian_service.engine.spectrum import SpectrumOptions
+
+
+def test_the_product_cap_names_the_option_asking_for_most_products():
+    options = SpectrumOptions(max_lanczos_iterations=50, trace_samples=30, density_probes=10)
+    products = 50 + 2 * 30 + 10 * options.density_steps  # 50 + 60 + 300 = 410
+    options.check_cost(1000, 8, 2**40, products)  # exactly at the cap: allowed
+    with pytest.raises(ResourceLimitError) as info:
+        options.check_cost(1000, 8, 2**40, products - 1)
+    assert info.value.field == "options.density_probes" and f"about {products}" in str(info.value)
+
+
+def test_lanczos_products_count_at_most_one_per_parameter():
+    options = SpectrumOptions(max_lanczos_iterations=500, trace_samples=0, density_probes=0)
+    options.check_cost(20, 8, 2**40, 20)  # a 20-parameter problem: at most 20 products
+    with pytest.raises(ResourceLimitError) as info:
+        options.check_cost(20, 8, 2**40, 19)
+    assert info.value.field == "options.max_lanczos_iterations"
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_the_memory_budget_counts_the_largest_set_of_working_vectors(itemsize):
+    n = 10_000
+    options = SpectrumOptions(density_probes=2, density_steps=30, batch_size=16)
+    vectors = 16 * (30 + 1)  # SLQ: a batch of probes, each with its Lanczos basis
+    assert vectors > options.max_lanczos_iterations + 2 * options.block_size
+    need = vectors * n * itemsize
+    options.check_cost(n, itemsize, need, 10**9)
+    with pytest.raises(ResourceLimitError) as info:
+        options.check_cost(n, itemsize, need - 1, 10**9)
+    assert info.value.field == "options.density_steps" and f"need {need} bytes" in str(info.value)
+
+
+def test_a_prefix_names_the_field_where_the_options_came_from():
+    options = SpectrumOptions(max_lanczos_iterations=100, trace_samples=0, density_probes=0)
+    with pytest.raises(ResourceLimitError) as info:
+        options.check_cost(1000, 8, 2**40, 10, field_prefix="request.options")
+    assert info.value.field == "request.options.max_lanczos_iterations"
