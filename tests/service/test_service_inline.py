@@ -98,6 +98,12 @@ def test_a_small_step_runs_on_the_loop_and_equals_the_pooled_answer(servers, thr
         assert threads_seen[0] == "hessian-aio", (options, threads_seen)
         assert threads_seen[1].startswith("hessian-rpc"), (options, threads_seen)
         assert _exact(got) == _exact(want), options
+    request = _small_step([inline, pooled], rng, method="gradient_descent", learning_rate=0.1)
+    threads_seen.clear()
+    got = inline.GradientStep(request, timeout=HANG_GUARD)
+    want = pooled.GradientStep(request, timeout=HANG_GUARD)
+    assert threads_seen[0] == "hessian-aio" and threads_seen[1].startswith("hessian-rpc")
+    assert _exact(got) == _exact(want)
 
 
 def test_a_step_over_the_threshold_runs_on_the_pool(servers, threads_seen):
