@@ -4,7 +4,8 @@
 interceptor list is where authentication, metrics and logging plug in. The server is
 grpc.aio, its event loop in a thread of its own behind the handle's synchronous API:
 WatchRun is async (a waiting watcher holds no thread), every other handler runs on the
---rpc-threads pool (the loop's default executor) through sync_bridge. `main` is the
+--rpc-threads pool (the loop's default executor) through sync_bridge, but a step on a small
+built problem (--inline-step-below), which runs on the loop itself. `main` is the
 `hessian-server` console script: SIGTERM/SIGINT drain gracefully (health NOT_SERVING,
 runs stopped before their next iteration and marked INTERRUPTED, in-flight calls given
 `grace_seconds`).

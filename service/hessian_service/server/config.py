@@ -62,6 +62,7 @@ class ServerConfig:
     metrics_port: int = 0
     intra_op_threads: int = 0
     single_thread_below: int = 1_000_000
+    inline_step_below: int = 100_000
     max_optimize_streams_per_token: int = 0  # open Optimize streams per token (0: no limit)
     optimize_evaluation_seconds: float = 60.0  # an Optimize caller's time per evaluation
 
@@ -89,6 +90,7 @@ class ServerConfig:
             "problem_cache_bytes",
             "metrics_port",
             "single_thread_below",
+            "inline_step_below",
             "max_optimize_streams_per_token",
         ):
             if getattr(self, name) < 0:

@@ -162,6 +162,12 @@ class ProblemRegistry:
                 _, (_, evicted) = self._cache.popitem(last=False)
                 self._cached_bytes -= evicted
 
+    def peek(self, pid: str) -> Objective | None:
+        """The built objective of `pid` if it is cached (no store read, no access check)."""
+        with self._lock:
+            entry = self._cache.get(pid)
+        return None if entry is None else entry[0]
+
     def forget(self, pids: Iterable[str]) -> None:
         """Drop deleted problems from the cache."""
         with self._lock:

@@ -720,16 +720,28 @@ class RunManager:
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""
         run_id = live.run_id
+        # not after a store error: a checkpoint past the last stored record would
+        # leave a gap in the records when the run is resumed from it
+        last = run is not None and run.last_record is not None and live.error is None
+        handing_over = final.get("stop_reason") == StopReason.SHUTDOWN and live.error is None
+        if last and not (handing_over and self.leases is not None):
+            try:  # one commit for records, checkpoint and end; on failure, step by step below
+                self.store.finish_run(
+                    run_id, StoredCheckpoint.of(run.checkpoint()), finished_at=time.time(), **final
+                )
+            except (StoreError, RunStateError):
+                pass
+            else:
+                if self.leases is not None:
+                    self.leases.release(run_id)
+                return
         try:
-            # not after a store error: a checkpoint past the last stored record would
-            # leave a gap in the records when the run is resumed from it
-            if run is not None and run.last_record is not None and live.error is None:
+            if last:
                 self.store.put_checkpoint(run_id, StoredCheckpoint.of(run.checkpoint()))
         except StoreClosedError:
             pass  # shutdown stored the run's status already; _store_end says so below
         except (StoreError, RunStateError) as exc:
             log.error("could not store the last checkpoint of run %s: %s", run_id, exc)
-        handing_over = final.get("stop_reason") == StopReason.SHUTDOWN and live.error is None
         if self.leases is not None and handing_over and self.leases.hand_over(run_id):
             log.info("run %s handed over to another replica at shutdown", run_id)
             return

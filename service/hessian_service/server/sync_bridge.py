@@ -5,11 +5,17 @@ without `is_active()` whose `add_callback` callbacks run only after a normal ret
 the client goes away or the deadline passes). `asyncify` wraps each sync unary method in a
 coroutine that runs it on the event loop's default executor with a `SyncContext`, which has
 the synchronous `grpc.ServicerContext` API with its usual meaning.
+
+A method marked `inline_when(cheap)` runs on the event loop itself when `cheap(servicer,
+request)` says so: the two thread hand-offs (loop -> pool -> loop) cost more than a tiny
+step, and under load each waits for a core. Only work that is short and needs no waiting
+on anything but a local lock may be marked cheap; everything else keeps the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import threading
 import types
@@ -84,11 +90,53 @@ class SyncContext:
         return getattr(self._context, name)
 
 
-def _run_on_pool(method: Callable[[Any, Any], Any]) -> Callable[..., Any]:
-    """A coroutine handler running the sync unary `method` on the loop's default executor."""
+class _Aborted(grpc.aio.AbortError):
+    """An inline handler's abort, carried out of the handler to be awaited on the loop."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing_metadata = code, details, tuple(trailing_metadata)
+
+
+class InlineContext(SyncContext):
+    """SyncContext for a handler running on the event loop: it must not wait for the loop,
+    so `abort` raises the status for the coroutine around the handler to send."""
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        """End the call with `code` and `details` (sent once the handler has returned)."""
+        raise _Aborted(code, details, trailing_metadata)
+
+    def send_initial_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
+        """Not available to a handler run on the loop (it would wait for the loop)."""
+        raise NotImplementedError("send_initial_metadata: not available to an inline handler")
+
+
+def inline_when(
+    cheap: Callable[[Any, Any], bool],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a sync unary servicer method to run on the event loop when `cheap(servicer,
+    request)` is true (it runs on the loop too, so it must itself be quick and not block)."""
+
+    def mark(method: Callable[..., Any]) -> Callable[..., Any]:
+        method.inline_when = cheap  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+def _run_on_pool(
+    method: Callable[[Any, Any], Any], cheap: Callable[[Any], bool] | None = None
+) -> Callable[..., Any]:
+    """A coroutine handler running the sync unary `method` on the loop's default executor,
+    or on the loop itself for a request `cheap` accepts."""
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         loop = asyncio.get_running_loop()
+        if cheap is not None and cheap(request):
+            try:
+                return method(request, InlineContext(context, loop))
+            except _Aborted as stop:
+                await context.abort(stop.code, stop.details, stop.trailing_metadata)
         return await loop.run_in_executor(None, method, request, SyncContext(context, loop))
 
     handler.__name__ = getattr(method, "__name__", "handler")
@@ -109,5 +157,7 @@ def asyncify(servicer: object, service: Any) -> types.SimpleNamespace:
         elif rpc.server_streaming or rpc.client_streaming:
             raise TypeError(f"{rpc.full_name}: a streaming handler must be async")
         else:
-            methods[rpc.name] = _run_on_pool(method)
+            cheap = getattr(method, "inline_when", None)
+            cheap = functools.partial(cheap, servicer) if cheap is not None else None
+            methods[rpc.name] = _run_on_pool(method, cheap)
     return types.SimpleNamespace(**methods)

@@ -279,6 +279,14 @@ class RunStore(ABC):
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
         """Commit queued records, then this checkpoint (it replaces older ones)."""
 
+    def finish_run(self, run_id: str, checkpoint: StoredCheckpoint, **fields: Any) -> None:
+        """Commit queued records, the run's last checkpoint and its end fields (update_run's).
+
+        SQLite does it in one transaction (a short job's commits are much of its time); this
+        default commits the checkpoint, then the end, and may raise after the first commit."""
+        self.put_checkpoint(run_id, checkpoint)
+        self.update_run(run_id, **fields)
+
     @abstractmethod
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         """The newest checkpoint, or None."""

@@ -434,6 +434,12 @@ class SQLiteRunStore(RunStore):
             self._flush_locked()
             self._write_checkpoint(run_id, checkpoint)
 
+    def finish_run(self, run_id: str, checkpoint: StoredCheckpoint, **fields: Any) -> None:
+        with self._write():
+            self._flush_locked()
+            self._write_checkpoint(run_id, checkpoint)
+            self.update_run(run_id, **fields)  # joins this transaction
+
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         with self._read():
             row = self._db.execute(
