@@ -23,7 +23,6 @@ otherwise, and nothing is written).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..engine.records import StepRecord
+from . import layout
 from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
@@ -42,8 +42,6 @@ from .base import (
     PROBLEM_PINNING_STATUSES,
     ProblemInUseError,
     ProblemNotFoundError,
-    RunConflictError,
-    RunNotFoundError,
     RunRow,
     RunStore,
     StoreClosedError,
@@ -51,7 +49,7 @@ from .base import (
     StoreError,
     StoreFullError,
 )
-from .sqlite import ROW_FIELDS, SQLiteRunStore, _record_from_json, _record_json
+from .queue import RecordQueue
 
 NOTIFY_CHANNEL = "hessian_records"
 MIGRATION_LOCK = 0x4E5353  # pg_advisory_xact_lock key: one replica migrates at a time
@@ -96,7 +94,7 @@ class LeaseLostError(StoreError):
         )
 
 
-class PostgresRunStore(RunStore):
+class PostgresRunStore(RecordQueue, RunStore):
     """The RunStore in a PostgreSQL database, shared by every replica given the same DSN."""
 
     def __init__(
@@ -223,14 +221,9 @@ class PostgresRunStore(RunStore):
         return True
 
     def enforce_problem_retention(self, max_bytes: int, keep: Sequence[str] = ()) -> list[str]:
-        deleted: list[str] = []
         with self._write() as cur:
-            held = cur.execute(
-                "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
-                "GROUP BY problem_id ORDER BY used, problem_id"
-            ).fetchall()
-            total = sum(size for _, size, _ in held)
-            if total <= max_bytes:
+            held = cur.execute(layout.HELD_PROBLEMS).fetchall()
+            if sum(size for _, size, _ in held) <= max_bytes:
                 return []
             pinned = {
                 r[0]
@@ -239,22 +232,17 @@ class PostgresRunStore(RunStore):
                     (list(PROBLEM_PINNING_STATUSES),),
                 )
             }
-            for pid, size, _ in held:  # least recently used first
-                if total <= max_bytes:
-                    break
-                if pid in pinned or pid in keep:
-                    continue
+            deleted = layout.problems_to_evict(held, pinned | set(keep), max_bytes)
+            for pid in deleted:
                 cur.execute("DELETE FROM problem_owners WHERE problem_id = %s", (pid,))
                 cur.execute("DELETE FROM problems WHERE problem_id = %s", (pid,))
-                deleted.append(pid)
-                total -= size
         return deleted
 
     # runs
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
-        values = self._row_values(row)
+        values = layout.row_values(row)
         with self._write() as cur:
             self._flush_locked(cur)  # a store that cannot commit what it has takes no new run
             if require_problem:
@@ -265,17 +253,14 @@ class PostgresRunStore(RunStore):
                 if cur.rowcount == 0:  # deleted (or evicted) since the request resolved it
                     raise ProblemNotFoundError(row.problem_id)
             cur.execute(
-                f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
-                f"VALUES ({', '.join(['%s'] * len(ROW_FIELDS))})",
+                f"INSERT INTO runs ({', '.join(layout.ROW_FIELDS)}) "
+                f"VALUES ({', '.join(['%s'] * len(layout.ROW_FIELDS))})",
                 values,
             )
             self._write_checkpoint(cur, row.run_id, checkpoint)
 
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
-        unknown = set(values) - set(ROW_FIELDS)
-        if unknown:
-            raise KeyError(f"unknown run fields {sorted(unknown)}")
-        encoded = SQLiteRunStore._encode_fields(values)
+        encoded = layout.encode_fields(values)
         where, args = "run_id = %s", [run_id]
         if expect_status:
             where += " AND status = ANY(%s)"
@@ -288,14 +273,14 @@ class PostgresRunStore(RunStore):
                 (*encoded.values(), *args),
             )
             if cur.rowcount == 0:
-                self._refuse(run_id, self._status(cur, run_id), expect_status)
+                layout.refuse(run_id, self._status(cur, run_id), expect_status)
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._read() as cur:
             row = cur.execute(
-                f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = %s", (run_id,)
+                f"SELECT {', '.join(layout.ROW_FIELDS)} FROM runs WHERE run_id = %s", (run_id,)
             ).fetchone()
-        return None if row is None else SQLiteRunStore._decode_row(row)
+        return None if row is None else layout.decode_row(row)
 
     def list_runs(
         self,
@@ -304,24 +289,10 @@ class PostgresRunStore(RunStore):
         after: tuple[float, str] | None,
         owner: str | None = None,
     ) -> list[RunRow]:
-        where: list[str] = []
-        args: list[Any] = []
-        if owner is not None:
-            where.append("owner = %s")
-            args.append(owner)
-        if statuses:
-            where.append("status = ANY(%s)")
-            args.append(list(statuses))
-        if after is not None:
-            where.append("(created_at < %s OR (created_at = %s AND run_id < %s))")
-            args += [after[0], after[0], after[1]]
-        sql = f"SELECT {', '.join(ROW_FIELDS)} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
+        sql, args = layout.list_runs_query("%s", statuses, limit, after, owner)
         with self._read() as cur:
-            rows = cur.execute(sql, (*args, limit)).fetchall()
-        return [SQLiteRunStore._decode_row(r) for r in rows]
+            rows = cur.execute(sql, args).fetchall()
+        return [layout.decode_row(r) for r in rows]
 
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write() as cur:
@@ -331,7 +302,7 @@ class PostgresRunStore(RunStore):
     def _delete_run(self, cur: psycopg.Cursor, run_id: str, statuses: Sequence[str]) -> bool:
         status = self._status(cur, run_id, lock=True)
         if statuses and status is not None and status not in statuses:
-            self._refuse(run_id, status, statuses)
+            layout.refuse(run_id, status, statuses)
         cur.execute("DELETE FROM runs WHERE run_id = %s", (run_id,))
         deleted = cur.rowcount > 0
         for table in ("records", "checkpoints", "leases"):
@@ -444,32 +415,6 @@ class PostgresRunStore(RunStore):
         return [r[0] for r in rows]
 
     # records
-    def append_record(self, run_id: str, record: StepRecord) -> None:
-        with self._lock:
-            self._check_open()
-            if self._failure is not None:
-                raise self._failure
-            if not self._pending:
-                self._oldest_pending = time.monotonic()
-                self._wake.notify_all()
-            self._pending.append((run_id, record))
-            if len(self._pending) >= self.commit_every:
-                with self._write() as cur:
-                    self._flush_locked(cur)
-
-    def flush(self) -> None:
-        with self._write() as cur:
-            self._flush_locked(cur)
-
-    def discard_queued(self, run_id: str) -> int:
-        with self._lock:
-            kept = [(rid, record) for rid, record in self._pending if rid != run_id]
-            dropped = len(self._pending) - len(kept)
-            self._pending = kept
-            if not kept:
-                self._failure = None
-        return dropped
-
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
         with self._read() as cur:
             rows = cur.execute(
@@ -477,7 +422,7 @@ class PostgresRunStore(RunStore):
                 "ORDER BY iteration LIMIT %s",
                 (run_id, from_iteration, limit),
             ).fetchall()
-        return [_record_from_json(r[0]) for r in rows]
+        return [layout.record_from_json(r[0]) for r in rows]
 
     # checkpoints
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
@@ -489,23 +434,15 @@ class PostgresRunStore(RunStore):
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         with self._read() as cur:
             row = cur.execute(
-                "SELECT iteration, dtype, shape, params, state FROM checkpoints "
+                f"SELECT {layout.CHECKPOINT_COLUMNS} FROM checkpoints "
                 "WHERE run_id = %s ORDER BY iteration DESC LIMIT 1",
                 (run_id,),
             ).fetchone()
-        if row is None:
-            return None
-        return StoredCheckpoint(
-            row[0], row[1], json.loads(row[2]), bytes(row[3]), json.loads(row[4])
-        )
+        return layout.decode_checkpoint(row)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            self._wake.notify_all()
-        self._flusher.join(timeout=5)
+        if not self._stop_flusher():
+            return
         self._listener.join(timeout=5)
         with self._lock:
             try:
@@ -598,18 +535,12 @@ class PostgresRunStore(RunStore):
         return None if row is None else row[0]
 
     @staticmethod
-    def _refuse(run_id: str, status: str | None, expected: Sequence[str]) -> None:
-        if status is None:
-            raise RunNotFoundError(run_id)
-        raise RunConflictError(run_id, status, expected)
-
-    @staticmethod
     def _write_checkpoint(cur: psycopg.Cursor, run_id: str, cp: StoredCheckpoint) -> None:
         cur.execute(
             "INSERT INTO checkpoints VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (run_id, "
             "iteration) DO UPDATE SET dtype = EXCLUDED.dtype, shape = EXCLUDED.shape, "
             "params = EXCLUDED.params, state = EXCLUDED.state",
-            (run_id, cp.iteration, cp.dtype, json.dumps(cp.shape), cp.params, json.dumps(cp.state)),
+            layout.checkpoint_values(run_id, cp),
         )
         cur.execute(
             "DELETE FROM checkpoints WHERE run_id = %s AND iteration < %s", (run_id, cp.iteration)
@@ -619,48 +550,26 @@ class PostgresRunStore(RunStore):
         """Write queued records in the caller's transaction (one statement per run)."""
         if not self._pending:
             return
-        by_run: dict[str, list[StepRecord]] = {}
-        for run_id, record in self._pending:
-            by_run.setdefault(run_id, []).append(record)
-        self._taken.extend(self._pending)
-        self._pending = []
-        for run_id, records in by_run.items():
+        for run_id, records in self._take_pending().items():
             self._check_fence(cur, run_id)
             cur.execute(
                 "INSERT INTO records SELECT %s, i, r FROM unnest(%s::bigint[], %s::text[]) "
                 "AS t(i, r) ON CONFLICT DO NOTHING",
-                (run_id, [r.iteration for r in records], [_record_json(r) for r in records]),
+                (run_id, [r.iteration for r in records], [layout.record_json(r) for r in records]),
             )
             cur.execute(
                 "UPDATE runs SET num_records = num_records + %s, last_record = %s "
                 "WHERE run_id = %s",
-                (max(cur.rowcount, 0), _record_json(records[-1]), run_id),
+                (max(cur.rowcount, 0), layout.record_json(records[-1]), run_id),
             )
             cur.execute(
                 "SELECT pg_notify(%s, %s)",
                 (NOTIFY_CHANNEL, f"{self._token} {records[-1].iteration} {run_id}"),
             )
 
-    def _flush_loop(self) -> None:
-        """Commit the queue when its oldest record is `commit_interval_s` old."""
-        with self._lock:
-            while not self._closed.is_set():
-                if not self._pending:
-                    self._wake.wait()
-                    continue
-                wait = self._oldest_pending + self.commit_interval_s - time.monotonic()
-                if wait > 0:
-                    self._wake.wait(wait)
-                    continue
-                try:
-                    with self._write() as cur:
-                        self._flush_locked(cur)
-                except StoreError as exc:
-                    log.error("%s (records stay queued; retrying)", exc)
-                    self._oldest_pending = time.monotonic()
-                except Exception:  # a bug must not end the thread that keeps the T ms promise
-                    log.exception("store flush failed (records stay queued; retrying)")
-                    self._oldest_pending = time.monotonic()
+    def _commit_queue(self) -> None:
+        with self._write() as cur:
+            self._flush_locked(cur)
 
     def _listen_loop(self) -> None:
         """Pass other stores' record commits (NOTIFY) to the commit listeners; reconnect
@@ -677,11 +586,6 @@ class PostgresRunStore(RunStore):
             except psycopg.Error as exc:
                 log.warning("run store %s: LISTEN lost (%s); retrying", self._where(), exc)
                 self._closed.wait(1.0)
-
-    @staticmethod
-    def _row_values(row: RunRow) -> list[Any]:
-        encoded = SQLiteRunStore._encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
-        return [encoded[k] for k in ROW_FIELDS]
 
 
 def _migrate(conn: psycopg.Connection, where: str) -> None:
