@@ -10,7 +10,17 @@ commits to its commit listeners too, so a replica pushes another's records to it
 
 Schema: versioned in `hessian_meta` ('schema_version'); a newer schema than this server
 knows is refused; older ones are migrated one transaction per version under an advisory
-lock, so replicas starting together migrate once.
+lock, so replicas starting together migrate once. Opening also checks the data's
+consistency (postgres_check.py: statuses, contiguous records, no orphans) and refuses an
+inconsistent store, naming what is wrong and `hessian-server --recover-store --store DSN`.
+
+Size cap (`max_bytes`): the store counts the bytes it holds (records' JSON, checkpoints'
+parameters, problems' blobs; per run in `runs.stored_bytes`) and refuses, with
+StoreFullError, a write that would take the total past the cap (checked inside the writing
+transaction, so a refused write leaves nothing). Deletes free their bytes at once. It counts
+payload, not PostgreSQL's row overhead, indexes or dead tuples awaiting VACUUM; and
+replicas committing at the same moment may each pass a check the other's commit would fail,
+so the cap may be overshot by one batch per replica.
 
 Leases (one row per executing run: owner replica, generation, expiry on the database's
 clock): `acquire_lease` takes a free or expired lease and bumps its generation in one
@@ -34,7 +44,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..engine.records import StepRecord
-from . import layout
+from . import layout, postgres_check
 from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
@@ -45,6 +55,7 @@ from .base import (
     RunRow,
     RunStore,
     StoreClosedError,
+    StoreCorruptError,
     StoredCheckpoint,
     StoreError,
     StoreFullError,
@@ -78,7 +89,19 @@ CREATE TABLE leases (
     run_id TEXT PRIMARY KEY, holder TEXT NOT NULL, generation BIGINT NOT NULL,
     expires_at TIMESTAMPTZ NOT NULL);
 """,
+    # the size cap: each run's stored bytes (records' JSON, checkpoints' parameters)
+    2: """
+ALTER TABLE runs ADD COLUMN stored_bytes BIGINT NOT NULL DEFAULT 0;
+UPDATE runs SET stored_bytes =
+    COALESCE((SELECT SUM(octet_length(record)) FROM records r WHERE r.run_id = runs.run_id), 0)
+    + COALESCE((SELECT SUM(octet_length(params)) FROM checkpoints c
+                WHERE c.run_id = runs.run_id), 0);
+""",
 }
+USED_BYTES = (
+    "SELECT (SELECT COALESCE(SUM(stored_bytes), 0) FROM runs) + (SELECT COALESCE(SUM(b), 0) "
+    "FROM (SELECT MAX(bytes) AS b FROM problem_owners GROUP BY problem_id) AS p)"
+)
 SCHEMA_VERSION = max(MIGRATIONS)
 log = logging.getLogger(__name__)
 
@@ -108,18 +131,23 @@ class PostgresRunStore(RecordQueue, RunStore):
         connect_timeout_s: float = 10.0,
         pool_timeout_s: float = 10.0,
         password: str = "",
+        max_bytes: int = 0,
+        check_integrity: bool = True,
     ) -> None:
-        """Connect, migrate the schema (refusing a newer one) and start the flusher.
+        """Connect, migrate the schema (refusing a newer one), check the data's consistency
+        (unless `check_integrity` is False) and start the flusher.
 
         `password` (read from a secret file, say) is added to the DSN's connection options.
         `pool_timeout_s` bounds one call's wait for a connection (a lost database fails
-        fast: a replica must notice within its lease).
-        Raises StoreError when the database cannot be reached or has a newer schema.
+        fast: a replica must notice within its lease). `max_bytes` caps the counted bytes
+        (0: no cap). Raises StoreError when the database cannot be reached or has a newer
+        schema, StoreCorruptError when it is inconsistent.
         """
         self.dsn = psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.replica_id = replica_id
+        self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[str, StepRecord]] = []
@@ -147,6 +175,9 @@ class PostgresRunStore(RecordQueue, RunStore):
         try:
             with self._pool.connection() as conn:
                 _migrate(conn, self._where())
+                found = postgres_check.inconsistencies(conn) if check_integrity else []
+            if found:
+                raise StoreCorruptError(postgres_check.refusal(self._where(), found))
         except psycopg.Error as exc:
             self._pool.close()
             raise self._error(exc) from exc
@@ -173,6 +204,7 @@ class PostgresRunStore(RecordQueue, RunStore):
                 "owner) DO UPDATE SET used_at = EXCLUDED.used_at, bytes = EXCLUDED.bytes",
                 (problem_id, owner, now, len(blob)),
             )
+            self._check_cap(cur)
 
     def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
         row = self._problem_row("blob", problem_id, owner)
@@ -258,6 +290,7 @@ class PostgresRunStore(RecordQueue, RunStore):
                 values,
             )
             self._write_checkpoint(cur, row.run_id, checkpoint)
+            self._check_cap(cur)
 
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
         encoded = layout.encode_fields(values)
@@ -429,7 +462,8 @@ class PostgresRunStore(RecordQueue, RunStore):
         with self._write() as cur:
             self._flush_locked(cur)
             self._check_fence(cur, run_id)
-            self._write_checkpoint(cur, run_id, checkpoint)
+            if self._write_checkpoint(cur, run_id, checkpoint) > 0:
+                self._check_cap(cur)
 
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         with self._read() as cur:
@@ -451,15 +485,27 @@ class PostgresRunStore(RecordQueue, RunStore):
                 self._open = False
                 self._pool.close()
 
+    @staticmethod
+    def recover(dsn: str, password: str = "") -> postgres_check.RepairReport:
+        """`hessian-server --recover-store` on a PostgreSQL store: migrate it, then repair what
+        the open-time check finds (postgres_check.repair), in one transaction under the
+        migration lock. Meant for a stopped deployment: it stops the runs it cuts."""
+        if password:
+            dsn = psycopg.conninfo.make_conninfo(dsn, password=password)
+        where = _describe(dsn)
+        try:
+            with psycopg.connect(dsn, connect_timeout=10) as conn:
+                _migrate(conn, where)
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    return postgres_check.repair(conn, where)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot recover the run store {where}: {exc}") from exc
+
     # internals
     def _where(self) -> str:
         """The database, for messages, without its password."""
-        try:
-            info = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        except psycopg.Error:
-            return "postgresql://?"
-        host = info.get("host", "")
-        return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        return _describe(self.dsn)
 
     def _check_open(self) -> None:
         if not self._open:
@@ -508,6 +554,8 @@ class PostgresRunStore(RecordQueue, RunStore):
                     error = self._error(exc)
                     self._failure = error if taken else self._failure
                     raise error from exc
+                if isinstance(exc, StoreFullError):  # the size cap, as a full disk would be
+                    self._failure = exc if taken else self._failure
                 raise
             taken, self._taken = self._taken, []
             if taken:
@@ -535,16 +583,35 @@ class PostgresRunStore(RecordQueue, RunStore):
         return None if row is None else row[0]
 
     @staticmethod
-    def _write_checkpoint(cur: psycopg.Cursor, run_id: str, cp: StoredCheckpoint) -> None:
+    def _write_checkpoint(cur: psycopg.Cursor, run_id: str, cp: StoredCheckpoint) -> int:
+        """Store `cp` in place of the run's checkpoints up to its iteration; the bytes added."""
+        freed = cur.execute(
+            "DELETE FROM checkpoints WHERE run_id = %s AND iteration <= %s "
+            "RETURNING octet_length(params)",
+            (run_id, cp.iteration),
+        ).fetchall()
         cur.execute(
-            "INSERT INTO checkpoints VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (run_id, "
-            "iteration) DO UPDATE SET dtype = EXCLUDED.dtype, shape = EXCLUDED.shape, "
-            "params = EXCLUDED.params, state = EXCLUDED.state",
+            "INSERT INTO checkpoints VALUES (%s, %s, %s, %s, %s, %s)",
             layout.checkpoint_values(run_id, cp),
         )
+        added = len(cp.params) - sum(n for (n,) in freed)
         cur.execute(
-            "DELETE FROM checkpoints WHERE run_id = %s AND iteration < %s", (run_id, cp.iteration)
+            "UPDATE runs SET stored_bytes = stored_bytes + %s WHERE run_id = %s", (added, run_id)
         )
+        return added
+
+    def _check_cap(self, cur: psycopg.Cursor) -> None:
+        """Under `max_bytes`: StoreFullError (the transaction then rolls back) when what the
+        store holds, this transaction's writes included, is past the cap."""
+        if not self.max_bytes:
+            return
+        used = cur.execute(USED_BYTES).fetchone()[0]
+        if used > self.max_bytes:
+            raise StoreFullError(
+                f"the run store {self._where()} is full (--max-store-bytes {self.max_bytes}: "
+                f"this write would make it {used} bytes); delete runs (DeleteRun, "
+                "--max-stored-runs) or problems, or raise the cap"
+            )
 
     def _flush_locked(self, cur: psycopg.Cursor) -> None:
         """Write queued records in the caller's transaction (one statement per run)."""
@@ -553,19 +620,25 @@ class PostgresRunStore(RecordQueue, RunStore):
         for run_id, records in self._take_pending().items():
             self._check_fence(cur, run_id)
             cur.execute(
-                "INSERT INTO records SELECT %s, i, r FROM unnest(%s::bigint[], %s::text[]) "
-                "AS t(i, r) ON CONFLICT DO NOTHING",
-                (run_id, [r.iteration for r in records], [layout.record_json(r) for r in records]),
-            )
-            cur.execute(
-                "UPDATE runs SET num_records = num_records + %s, last_record = %s "
-                "WHERE run_id = %s",
-                (max(cur.rowcount, 0), layout.record_json(records[-1]), run_id),
+                "WITH added AS (INSERT INTO records SELECT %s, i, r FROM "
+                "unnest(%s::bigint[], %s::text[]) AS t(i, r) ON CONFLICT DO NOTHING "
+                "RETURNING octet_length(record) AS n) "
+                "UPDATE runs SET num_records = num_records + (SELECT COUNT(*) FROM added), "
+                "stored_bytes = stored_bytes + (SELECT COALESCE(SUM(n), 0) FROM added), "
+                "last_record = %s WHERE run_id = %s",
+                (
+                    run_id,
+                    [r.iteration for r in records],
+                    [layout.record_json(r) for r in records],
+                    layout.record_json(records[-1]),
+                    run_id,
+                ),
             )
             cur.execute(
                 "SELECT pg_notify(%s, %s)",
                 (NOTIFY_CHANNEL, f"{self._token} {records[-1].iteration} {run_id}"),
             )
+        self._check_cap(cur)
 
     def _commit_queue(self) -> None:
         with self._write() as cur:
@@ -586,6 +659,16 @@ class PostgresRunStore(RecordQueue, RunStore):
             except psycopg.Error as exc:
                 log.warning("run store %s: LISTEN lost (%s); retrying", self._where(), exc)
                 self._closed.wait(1.0)
+
+
+def _describe(dsn: str) -> str:
+    """The database a DSN names, for messages, without its password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "postgresql://?"
+    host = info.get("host", "")
+    return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
 def _migrate(conn: psycopg.Connection, where: str) -> None:
