@@ -63,6 +63,20 @@ def _payload(dsn: str) -> int:
     return _sql(dsn, PAYLOAD)[0][0]
 
 
+def _bytes_per_run(dsn: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Each run's bytes as the store counted them, and as PostgreSQL measures its rows."""
+    counted = dict(_sql(dsn, "SELECT run_id, stored_bytes FROM runs"))
+    measured = dict(
+        _sql(
+            dsn,
+            "SELECT r.run_id, (SELECT COALESCE(SUM(octet_length(record)), 0) FROM records x "
+            "WHERE x.run_id = r.run_id) + (SELECT SUM(octet_length(params)) FROM checkpoints c "
+            "WHERE c.run_id = r.run_id) FROM runs r",
+        )
+    )
+    return counted, measured
+
+
 def test_the_size_cap_refuses_the_write_that_would_pass_it_and_a_delete_frees_room(postgres_dsn):
     rng = np.random.default_rng(7)
     cap = 1000 + 16 + 20 * 60  # a problem, a run's checkpoint, then room for ~20 records
@@ -156,16 +170,8 @@ def test_migrating_to_the_counted_bytes_counts_what_was_stored_before(postgres_d
     _sql(postgres_dsn, "ALTER TABLE runs DROP COLUMN stored_bytes")
     _sql(postgres_dsn, "UPDATE hessian_meta SET value = '1' WHERE key = 'schema_version'")
     PostgresRunStore(postgres_dsn).close()
-    per_run = dict(_sql(postgres_dsn, "SELECT run_id, stored_bytes FROM runs"))
-    measured = dict(
-        _sql(
-            postgres_dsn,
-            "SELECT r.run_id, (SELECT COALESCE(SUM(octet_length(record)), 0) FROM records x "
-            "WHERE x.run_id = r.run_id) + (SELECT SUM(octet_length(params)) FROM checkpoints c "
-            "WHERE c.run_id = r.run_id) FROM runs r",
-        )
-    )
-    assert per_run == measured and len(per_run) == 2
+    counted, measured = _bytes_per_run(postgres_dsn)
+    assert counted == measured and len(counted) == 2
 
 
 def _filled(dsn: str) -> dict[str, list[StepRecord]]:
@@ -238,13 +244,5 @@ def test_recover_store_repairs_an_inconsistent_store_and_keeps_what_is_whole(pos
         assert store.records("ghost", 0, 100) == []
     finally:
         store.close()
-    stored = dict(_sql(postgres_dsn, "SELECT run_id, stored_bytes FROM runs"))
-    measured = dict(
-        _sql(
-            postgres_dsn,
-            "SELECT r.run_id, (SELECT COALESCE(SUM(octet_length(record)), 0) FROM records x "
-            "WHERE x.run_id = r.run_id) + (SELECT SUM(octet_length(params)) FROM checkpoints c "
-            "WHERE c.run_id = r.run_id) FROM runs r",
-        )
-    )
-    assert stored == measured
+    counted, measured = _bytes_per_run(postgres_dsn)
+    assert counted == measured
