@@ -1,7 +1,8 @@
 """The container deployment, checked without a Docker engine.
 
-- docker-compose.yml validates against the vendored Compose Specification schema, and its
-  cross-references hold (volumes, secrets, bind mounts, ports, Prometheus target, build args);
+- docker-compose.yml validates against the Compose Specification schema (the copy the pinned
+  `check-jsonschema` ships), and its cross-references hold (volumes, secrets, bind mounts,
+  ports, Prometheus target, build args);
 - the server starts exactly as the image's ENTRYPOINT/CMD with the image's ENV, the image's
   HEALTHCHECK command reports it healthy, and SIGTERM ends it cleanly (exit 0);
 - the Dockerfile installs from the same requirement files and local packages as
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 import os
 import pathlib
@@ -50,7 +52,11 @@ from hessian_service import healthprobe
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCKERFILE = parse_dockerfile((ROOT / "Dockerfile").read_text())
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-SCHEMA = json.loads((ROOT / "deploy" / "schema" / "compose-spec.json").read_text())
+SCHEMA = json.loads(
+    importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    .joinpath("compose-spec.json")
+    .read_text()
+)
 IMAGE_VENV_BIN = "/opt/venv/bin"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # HESSIAN_* variables read outside the server's flags: the engine's backend choice.

@@ -1,13 +1,18 @@
 """The scaled-out deployment, checked offline: the compose profile `scale` (PostgreSQL,
 3 replicas, Envoy) and its cross-references, Envoy's routing to the replicas with gRPC
 health checks, and the Kubernetes manifests' structure (selectors match, probes use gRPC
-health on the serving port, the DSN comes from a Secret, the Service is headless)."""
+health on the serving port, the DSN comes from a Secret, the Service is headless) and their
+validity against the real Kubernetes JSON schemas (strict: unknown fields are errors), which
+`kubernetes-validate` ships per Kubernetes version, so no network is needed."""
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import subprocess
 
+import kubernetes_validate
+import pytest
 import yaml
 from deploy_files import normalise_path
 
@@ -21,6 +26,10 @@ K8S = [
     if doc
 ]
 SECRET_EXAMPLE = yaml.safe_load((ROOT / "deploy/kubernetes/examples/secret.yaml").read_text())
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").rglob("*.yaml"))
+# The oldest Kubernetes the manifests support (gRPC probes are GA from 1.27) and the newest
+# whose schemas the pinned kubernetes-validate ships.
+K8S_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 SERVICES = COMPOSE["services"]
 
 
@@ -146,3 +155,83 @@ def test_kubernetes_service_is_headless_and_the_dsn_comes_from_a_secret():
     assert token.startswith(mount["mountPath"] + "/") and token.rsplit("/", 1)[1] in keys
     assert volume["secret"]["secretName"] == ref["name"]
     assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def k8s_schema_errors(doc: dict, version: str) -> list[str]:
+    """The strict Kubernetes `version` schema's verdict on `doc`, as 'path: message' lines.
+
+    An unknown kind or apiVersion raises SchemaNotFoundError: nothing passes unchecked.
+    """
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [".".join(map(str, e.absolute_path)) + ": " + e.message]
+    return []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_kubernetes_manifests_validate_against_the_kubernetes_schemas(path, version):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs, f"{path}: no objects"
+    for doc in docs:
+        assert k8s_schema_errors(doc, version) == [], (path.name, doc["kind"])
+
+
+def _container(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def _store_env(doc: dict) -> dict:
+    return next(e for e in _container(doc)["env"] if e["name"] == "HESSIAN_STORE")
+
+
+@pytest.mark.parametrize(
+    "kind, mutate, path, fragment",
+    [
+        (
+            "Deployment",
+            lambda d: _container(d)["readinessProbe"]["grpc"].update(prot=50051),
+            "spec.template.spec.containers.0.readinessProbe.grpc",
+            "'prot' was unexpected",
+        ),
+        (
+            "Deployment",
+            lambda d: d["spec"].update(replicas="3"),
+            "spec.replicas",
+            "is not of type 'integer'",
+        ),
+        (
+            "Deployment",
+            lambda d: _store_env(d)["valueFrom"]["secretKeyRef"].pop("key"),
+            "spec.template.spec.containers.0.env.",
+            "'key' is a required property",
+        ),
+        (
+            "Service",
+            lambda d: d["spec"]["ports"][0].update(port="50051"),
+            "spec.ports.0.port",
+            "is not of type 'integer'",
+        ),
+        (
+            "PodDisruptionBudget",
+            lambda d: d["spec"].update(minAvailabe=2),
+            "spec",
+            "'minAvailabe' was unexpected",
+        ),
+    ],
+)
+def test_kubernetes_schemas_reject_broken_manifests(kind, mutate, path, fragment):
+    broken = copy.deepcopy(_kind(kind))
+    mutate(broken)
+    for version in K8S_VERSIONS:
+        (error,) = k8s_schema_errors(broken, version)
+        where, _, message = error.partition(": ")
+        assert where.startswith(path) and fragment in message, (version, error)
+
+
+def test_kubernetes_schemas_refuse_an_api_the_version_removed():
+    """policy/v1beta1 PodDisruptionBudget was removed in 1.25: no schema, no silent pass."""
+    old = dict(_kind("PodDisruptionBudget"), apiVersion="policy/v1beta1")
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        k8s_schema_errors(old, K8S_VERSIONS[0])

@@ -8,58 +8,14 @@ import contextlib
 import pathlib
 import signal
 import sqlite3
-import threading
 import time
 
-import grpc
-import numpy as np
 import pytest
 from conftest import free_port, spawn_server
-from hessian_client import Client, problems, status_name
-from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_client import Client, status_name
+from sigkill_runs import RUNS, Watcher, kind, problem, served_records, specs
 
-RUNS = 20
-EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-SPECS = {
-    "newton": {"method": "newton", "damping": 1e-3, "learning_rate": 0.05,
-               "stopping": {"max_iterations": 150, **EXACT}},
-    "gd": {"method": "gradient_descent", "learning_rate": 0.05,
-           "stopping": {"max_iterations": 300, **EXACT}},
-}  # fmt: skip
-
-
-def _problem(seed: int):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((200, 8))
-    y = (x[:, 0] + 0.5 * rng.standard_normal(200) > 0).astype(np.float64)
-    return problems.logistic_regression(x, y, l2=1e-3)
-
-
-def _kind(i: int) -> tuple[str, int]:
-    """Run i's spec name and problem seed: 2 methods x 2 data sets, 5 runs each."""
-    return ("newton", "gd")[i % 2], (i // 2) % 2
-
-
-class Watcher(threading.Thread):
-    """Collects (iteration, loss) of one run's WatchRun stream until it ends or breaks."""
-
-    def __init__(self, address: str, run_id: str) -> None:
-        super().__init__(daemon=True)
-        self.address, self.run_id = address, run_id
-        self.seen: list[tuple[int, float]] = []
-
-    def run(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = service_pb2_grpc.HessianServiceStub(channel)
-            try:
-                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=self.run_id)):
-                    self.seen.extend((r.iteration, r.loss) for r in event.records)
-            except grpc.RpcError:
-                pass
-
-
-def _served(c: Client, run_id: str) -> list[tuple[int, float]]:
-    return [(r.iteration, r.loss) for r in c.run(run_id).stream()]
+SPECS = specs(150, 300)
 
 
 def _running_threads(pid: int) -> int:
@@ -99,9 +55,9 @@ def test_sigkill_during_20_runs_loses_no_acknowledged_record_and_resume_matches(
         with Client(address) as c:
             ids = []
             for i in range(RUNS):
-                name, seed = _kind(i)
+                name, seed = kind(i)
                 spec = SPECS[name]
-                ids.append(c.start_run(_problem(seed), seed=0, name=f"{name}-{seed}", **spec).id)
+                ids.append(c.start_run(problem(seed), seed=0, name=f"{name}-{seed}", **spec).id)
         watchers = [Watcher(address, run_id) for run_id in ids]
         for w in watchers:
             w.start()
@@ -134,7 +90,7 @@ def test_sigkill_during_20_runs_loses_no_acknowledged_record_and_resume_matches(
             for run_id in ids:
                 info = c.get_run(run_id)
                 statuses[run_id] = status_name(info)
-                served = _served(c, run_id)
+                served = served_records(c, run_id)
                 assert served[: len(seen[run_id])] == seen[run_id], run_id
                 assert [it for it, _ in served] == list(range(len(served)))
                 assert info.num_records == len(served)
@@ -148,18 +104,18 @@ def test_sigkill_during_20_runs_loses_no_acknowledged_record_and_resume_matches(
             resumed = [c.resume_run(run_id) for run_id in interrupted]
             references = {}
             for i in range(4):
-                name, seed = _kind(i)
-                run = c.start_run(_problem(seed), seed=0, **SPECS[name])
-                references[(name, seed)] = _served(c, run.id)
+                name, seed = kind(i)
+                run = c.start_run(problem(seed), seed=0, **SPECS[name])
+                references[(name, seed)] = served_records(c, run.id)
             for run in resumed:
                 assert status_name(run.wait(120)) == "FINISHED"
             for i, run_id in enumerate(ids):
-                name, seed = _kind(i)
+                name, seed = kind(i)
                 info = c.get_run(run_id)
                 assert status_name(info) == "FINISHED"
                 reference = references[(name, seed)]
                 assert info.last_record.loss == reference[-1][1], (run_id, statuses[run_id])
-                assert _served(c, run_id) == reference
+                assert served_records(c, run_id) == reference
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -7,60 +7,17 @@ from __future__ import annotations
 
 import collections
 import signal
-import threading
 import time
 
-import grpc
-import numpy as np
 import psycopg
 import pytest
 from conftest import free_port, server_output, spawn_server
-from hessian_client import Client, problems, status_name
-from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_client import Client, status_name
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
+from sigkill_runs import RUNS, Watcher, kind, problem, served_records, specs
 
-RUNS = 20
 LEASE_S = 2.0
-EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-SPECS = {
-    "newton": {"method": "newton", "damping": 1e-3, "learning_rate": 0.05,
-               "stopping": {"max_iterations": 200, **EXACT}},
-    "gd": {"method": "gradient_descent", "learning_rate": 0.05,
-           "stopping": {"max_iterations": 400, **EXACT}},
-}  # fmt: skip
-
-
-def _problem(seed: int):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((200, 8))
-    y = (x[:, 0] + 0.5 * rng.standard_normal(200) > 0).astype(np.float64)
-    return problems.logistic_regression(x, y, l2=1e-3)
-
-
-def _kind(i: int) -> tuple[str, int]:
-    return ("newton", "gd")[i % 2], (i // 2) % 2
-
-
-class Watcher(threading.Thread):
-    """Collects (iteration, loss) of one run's WatchRun stream until it ends or breaks."""
-
-    def __init__(self, address: str, run_id: str) -> None:
-        super().__init__(daemon=True)
-        self.address, self.run_id = address, run_id
-        self.seen: list[tuple[int, float]] = []
-
-    def run(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = service_pb2_grpc.HessianServiceStub(channel)
-            try:
-                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=self.run_id)):
-                    self.seen.extend((r.iteration, r.loss) for r in event.records)
-            except grpc.RpcError:
-                pass
-
-
-def _served(c: Client, run_id: str) -> list[tuple[int, float]]:
-    return [(r.iteration, r.loss) for r in c.run(run_id).stream()]
+SPECS = specs(200, 400)
 
 
 def _leases_by_holder(dsn: str) -> dict[str, list[str]]:
@@ -87,9 +44,9 @@ def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
             procs[f"replica-{i}"] = spawn_server(tmp_path / f"r{i}", port, *flags)
         ids, where = [], {}
         for i in range(RUNS):  # round robin over the replicas, one client each
-            name, seed = _kind(i)
+            name, seed = kind(i)
             with Client(addresses[i % 3]) as c:
-                run_id = c.start_run(_problem(seed), seed=0, **SPECS[name]).id
+                run_id = c.start_run(problem(seed), seed=0, **SPECS[name]).id
             ids.append(run_id)
             where[run_id] = i % 3
         watchers = [Watcher(addresses[where[r]], r) for r in ids]
@@ -133,17 +90,17 @@ def test_sigkill_the_busiest_of_3_replicas_every_run_finishes_on_the_survivors(
         with Client(survivors[0]) as c:
             references = {}
             for i in range(4):
-                name, seed = _kind(i)
-                run = c.start_run(_problem(seed), seed=0, **SPECS[name])
+                name, seed = kind(i)
+                run = c.start_run(problem(seed), seed=0, **SPECS[name])
                 assert status_name(run.wait(120)) == "FINISHED"
-                references[(name, seed)] = _served(c, run.id)
+                references[(name, seed)] = served_records(c, run.id)
             for i, run_id in enumerate(ids):
                 info = c.run(run_id).wait(180)
                 assert status_name(info) == "FINISHED", (run_id, info)
-                served = _served(c, run_id)
+                served = served_records(c, run_id)
                 seen = watchers[i].seen
                 assert served[: len(seen)] == seen, run_id  # nothing acknowledged was lost
-                assert served == references[_kind(i)], run_id
+                assert served == references[kind(i)], run_id
                 assert info.num_records == len(served)
                 for w in others:
                     if w.run_id == run_id and w.address in survivors:
@@ -171,7 +128,7 @@ def test_a_lone_replica_killed_and_restarted_continues_its_runs(tmp_path, postgr
     proc = spawn_server(tmp_path, port, *flags)
     try:
         with Client(address) as c:
-            ids = [c.start_run(_problem(s), seed=0, **SPECS["gd"]).id for s in (0, 1)]
+            ids = [c.start_run(problem(s), seed=0, **SPECS["gd"]).id for s in (0, 1)]
             deadline = time.monotonic() + 60  # guards a hang only
             while min(c.get_run(r).num_records for r in ids) < 50:
                 assert time.monotonic() < deadline
@@ -189,9 +146,9 @@ def test_a_lone_replica_killed_and_restarted_continues_its_runs(tmp_path, postgr
             for seed, run_id in zip((0, 1), ids, strict=True):
                 info = c.run(run_id).wait(120)
                 assert status_name(info) == "FINISHED", info
-                reference = c.start_run(_problem(seed), seed=0, **SPECS["gd"])
+                reference = c.start_run(problem(seed), seed=0, **SPECS["gd"])
                 assert status_name(reference.wait(120)) == "FINISHED"
-                assert _served(c, run_id) == _served(c, reference.id)
+                assert served_records(c, run_id) == served_records(c, reference.id)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

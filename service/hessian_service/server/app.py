@@ -153,12 +153,11 @@ class ServerHandle:
 def open_store(config: ServerConfig) -> RunStore:
     """The store --store names: PostgreSQL for a postgresql:// DSN, else SQLite (--data-dir)."""
     if config.store:
-        password = ""
-        if config.store_password_file:
-            password = pathlib.Path(config.store_password_file).read_text().strip()
         return PostgresRunStore(
             config.store,
-            password=password,
+            password=store_password(config),
+            max_bytes=config.max_store_bytes,
+            check_integrity=not config.skip_store_check,
             pool_size=config.workers * 2 + 4,
             pool_timeout_s=min(10.0, config.lease_seconds / 8),
             commit_every=config.commit_every_records,
@@ -173,6 +172,13 @@ def open_store(config: ServerConfig) -> RunStore:
         synchronous=config.sqlite_synchronous,
         check_integrity=not config.skip_store_check,
     )
+
+
+def store_password(config: ServerConfig) -> str:
+    """The PostgreSQL password from --store-password-file ('' without one)."""
+    if not config.store_password_file:
+        return ""
+    return pathlib.Path(config.store_password_file).read_text().strip()
 
 
 def build_server(
@@ -354,9 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config)
     if config.recover_store:
         try:
-            print(recover_store(config.data_dir).summary())
-        except (OSError, sqlite3.Error) as exc:
-            log.error("cannot recover the run store under --data-dir %s: %s", config.data_dir, exc)
+            if config.store:
+                print(PostgresRunStore.recover(config.store, store_password(config)).summary())
+            else:
+                print(recover_store(config.data_dir).summary())
+        except (OSError, sqlite3.Error, StoreError) as exc:
+            where = "--store" if config.store else f"under --data-dir {config.data_dir}"
+            log.error("cannot recover the run store %s: %s", where, exc)
             return 2
         return 0
     try:

@@ -10,7 +10,17 @@ commits to its commit listeners too, so a replica pushes another's records to it
 
 Schema: versioned in `hessian_meta` ('schema_version'); a newer schema than this server
 knows is refused; older ones are migrated one transaction per version under an advisory
-lock, so replicas starting together migrate once.
+lock, so replicas starting together migrate once. Opening also checks the data's
+consistency (postgres_check.py: statuses, contiguous records, no orphans) and refuses an
+inconsistent store, naming what is wrong and `hessian-server --recover-store --store DSN`.
+
+Size cap (`max_bytes`): the store counts the bytes it holds (records' JSON, checkpoints'
+parameters, problems' blobs; per run in `runs.stored_bytes`) and refuses, with
+StoreFullError, a write that would take the total past the cap (checked inside the writing
+transaction, so a refused write leaves nothing). Deletes free their bytes at once. It counts
+payload, not PostgreSQL's row overhead, indexes or dead tuples awaiting VACUUM; and
+replicas committing at the same moment may each pass a check the other's commit would fail,
+so the cap may be overshot by one batch per replica.
 
 Leases (one row per executing run: owner replica, generation, expiry on the database's
 clock): `acquire_lease` takes a free or expired lease and bumps its generation in one
@@ -23,7 +33,6 @@ otherwise, and nothing is written).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -34,7 +43,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from ..engine.records import StepRecord
+from ..engine.records import StepRecord, StopReason
+from . import layout, postgres_check
 from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
@@ -42,16 +52,16 @@ from .base import (
     PROBLEM_PINNING_STATUSES,
     ProblemInUseError,
     ProblemNotFoundError,
-    RunConflictError,
-    RunNotFoundError,
     RunRow,
+    RunStatus,
     RunStore,
     StoreClosedError,
+    StoreCorruptError,
     StoredCheckpoint,
     StoreError,
     StoreFullError,
 )
-from .sqlite import ROW_FIELDS, SQLiteRunStore, _record_from_json, _record_json
+from .queue import RecordQueue
 
 NOTIFY_CHANNEL = "hessian_records"
 MIGRATION_LOCK = 0x4E5353  # pg_advisory_xact_lock key: one replica migrates at a time
@@ -80,7 +90,19 @@ CREATE TABLE leases (
     run_id TEXT PRIMARY KEY, holder TEXT NOT NULL, generation BIGINT NOT NULL,
     expires_at TIMESTAMPTZ NOT NULL);
 """,
+    # the size cap: each run's stored bytes (records' JSON, checkpoints' parameters)
+    2: """
+ALTER TABLE runs ADD COLUMN stored_bytes BIGINT NOT NULL DEFAULT 0;
+UPDATE runs SET stored_bytes =
+    COALESCE((SELECT SUM(octet_length(record)) FROM records r WHERE r.run_id = runs.run_id), 0)
+    + COALESCE((SELECT SUM(octet_length(params)) FROM checkpoints c
+                WHERE c.run_id = runs.run_id), 0);
+""",
 }
+USED_BYTES = (
+    "SELECT (SELECT COALESCE(SUM(stored_bytes), 0) FROM runs) + (SELECT COALESCE(SUM(b), 0) "
+    "FROM (SELECT MAX(bytes) AS b FROM problem_owners GROUP BY problem_id) AS p)"
+)
 SCHEMA_VERSION = max(MIGRATIONS)
 log = logging.getLogger(__name__)
 
@@ -96,7 +118,7 @@ class LeaseLostError(StoreError):
         )
 
 
-class PostgresRunStore(RunStore):
+class PostgresRunStore(RecordQueue, RunStore):
     """The RunStore in a PostgreSQL database, shared by every replica given the same DSN."""
 
     def __init__(
@@ -110,18 +132,23 @@ class PostgresRunStore(RunStore):
         connect_timeout_s: float = 10.0,
         pool_timeout_s: float = 10.0,
         password: str = "",
+        max_bytes: int = 0,
+        check_integrity: bool = True,
     ) -> None:
-        """Connect, migrate the schema (refusing a newer one) and start the flusher.
+        """Connect, migrate the schema (refusing a newer one), check the data's consistency
+        (unless `check_integrity` is False) and start the flusher.
 
         `password` (read from a secret file, say) is added to the DSN's connection options.
         `pool_timeout_s` bounds one call's wait for a connection (a lost database fails
-        fast: a replica must notice within its lease).
-        Raises StoreError when the database cannot be reached or has a newer schema.
+        fast: a replica must notice within its lease). `max_bytes` caps the counted bytes
+        (0: no cap). Raises StoreError when the database cannot be reached or has a newer
+        schema, StoreCorruptError when it is inconsistent.
         """
         self.dsn = psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.replica_id = replica_id
+        self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[str, StepRecord]] = []
@@ -149,6 +176,9 @@ class PostgresRunStore(RunStore):
         try:
             with self._pool.connection() as conn:
                 _migrate(conn, self._where())
+                found = postgres_check.inconsistencies(conn) if check_integrity else []
+            if found:
+                raise StoreCorruptError(postgres_check.refusal(self._where(), found))
         except psycopg.Error as exc:
             self._pool.close()
             raise self._error(exc) from exc
@@ -175,6 +205,7 @@ class PostgresRunStore(RunStore):
                 "owner) DO UPDATE SET used_at = EXCLUDED.used_at, bytes = EXCLUDED.bytes",
                 (problem_id, owner, now, len(blob)),
             )
+            self._check_cap(cur)
 
     def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
         row = self._problem_row("blob", problem_id, owner)
@@ -223,14 +254,9 @@ class PostgresRunStore(RunStore):
         return True
 
     def enforce_problem_retention(self, max_bytes: int, keep: Sequence[str] = ()) -> list[str]:
-        deleted: list[str] = []
         with self._write() as cur:
-            held = cur.execute(
-                "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
-                "GROUP BY problem_id ORDER BY used, problem_id"
-            ).fetchall()
-            total = sum(size for _, size, _ in held)
-            if total <= max_bytes:
+            held = cur.execute(layout.HELD_PROBLEMS).fetchall()
+            if sum(size for _, size, _ in held) <= max_bytes:
                 return []
             pinned = {
                 r[0]
@@ -239,22 +265,17 @@ class PostgresRunStore(RunStore):
                     (list(PROBLEM_PINNING_STATUSES),),
                 )
             }
-            for pid, size, _ in held:  # least recently used first
-                if total <= max_bytes:
-                    break
-                if pid in pinned or pid in keep:
-                    continue
+            deleted = layout.problems_to_evict(held, pinned | set(keep), max_bytes)
+            for pid in deleted:
                 cur.execute("DELETE FROM problem_owners WHERE problem_id = %s", (pid,))
                 cur.execute("DELETE FROM problems WHERE problem_id = %s", (pid,))
-                deleted.append(pid)
-                total -= size
         return deleted
 
     # runs
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
-        values = self._row_values(row)
+        values = layout.row_values(row)
         with self._write() as cur:
             self._flush_locked(cur)  # a store that cannot commit what it has takes no new run
             if require_problem:
@@ -265,17 +286,15 @@ class PostgresRunStore(RunStore):
                 if cur.rowcount == 0:  # deleted (or evicted) since the request resolved it
                     raise ProblemNotFoundError(row.problem_id)
             cur.execute(
-                f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
-                f"VALUES ({', '.join(['%s'] * len(ROW_FIELDS))})",
+                f"INSERT INTO runs ({', '.join(layout.ROW_FIELDS)}) "
+                f"VALUES ({', '.join(['%s'] * len(layout.ROW_FIELDS))})",
                 values,
             )
             self._write_checkpoint(cur, row.run_id, checkpoint)
+            self._check_cap(cur)
 
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
-        unknown = set(values) - set(ROW_FIELDS)
-        if unknown:
-            raise KeyError(f"unknown run fields {sorted(unknown)}")
-        encoded = SQLiteRunStore._encode_fields(values)
+        encoded = layout.encode_fields(values)
         where, args = "run_id = %s", [run_id]
         if expect_status:
             where += " AND status = ANY(%s)"
@@ -288,14 +307,14 @@ class PostgresRunStore(RunStore):
                 (*encoded.values(), *args),
             )
             if cur.rowcount == 0:
-                self._refuse(run_id, self._status(cur, run_id), expect_status)
+                layout.refuse(run_id, self._status(cur, run_id), expect_status)
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._read() as cur:
             row = cur.execute(
-                f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = %s", (run_id,)
+                f"SELECT {', '.join(layout.ROW_FIELDS)} FROM runs WHERE run_id = %s", (run_id,)
             ).fetchone()
-        return None if row is None else SQLiteRunStore._decode_row(row)
+        return None if row is None else layout.decode_row(row)
 
     def list_runs(
         self,
@@ -304,24 +323,10 @@ class PostgresRunStore(RunStore):
         after: tuple[float, str] | None,
         owner: str | None = None,
     ) -> list[RunRow]:
-        where: list[str] = []
-        args: list[Any] = []
-        if owner is not None:
-            where.append("owner = %s")
-            args.append(owner)
-        if statuses:
-            where.append("status = ANY(%s)")
-            args.append(list(statuses))
-        if after is not None:
-            where.append("(created_at < %s OR (created_at = %s AND run_id < %s))")
-            args += [after[0], after[0], after[1]]
-        sql = f"SELECT {', '.join(ROW_FIELDS)} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
+        sql, args = layout.list_runs_query("%s", statuses, limit, after, owner)
         with self._read() as cur:
-            rows = cur.execute(sql, (*args, limit)).fetchall()
-        return [SQLiteRunStore._decode_row(r) for r in rows]
+            rows = cur.execute(sql, args).fetchall()
+        return [layout.decode_row(r) for r in rows]
 
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write() as cur:
@@ -331,7 +336,7 @@ class PostgresRunStore(RunStore):
     def _delete_run(self, cur: psycopg.Cursor, run_id: str, statuses: Sequence[str]) -> bool:
         status = self._status(cur, run_id, lock=True)
         if statuses and status is not None and status not in statuses:
-            self._refuse(run_id, status, statuses)
+            layout.refuse(run_id, status, statuses)
         cur.execute("DELETE FROM runs WHERE run_id = %s", (run_id,))
         deleted = cur.rowcount > 0
         for table in ("records", "checkpoints", "leases"):
@@ -366,10 +371,10 @@ class PostgresRunStore(RunStore):
         (so starting a replica never interrupts another's runs, nor one that can fail over)."""
         with self._write() as cur:
             rows = cur.execute(
-                "UPDATE runs SET status = 'INTERRUPTED', stop_reason = 'shutdown', message = %s "
+                "UPDATE runs SET status = %s, stop_reason = %s, message = %s "
                 "WHERE status = ANY(%s) AND NOT EXISTS (SELECT 1 FROM leases l WHERE "
                 "l.run_id = runs.run_id) RETURNING run_id",
-                (message, list(ACTIVE_STATUSES)),
+                (RunStatus.INTERRUPTED, StopReason.SHUTDOWN, message, list(ACTIVE_STATUSES)),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -444,32 +449,6 @@ class PostgresRunStore(RunStore):
         return [r[0] for r in rows]
 
     # records
-    def append_record(self, run_id: str, record: StepRecord) -> None:
-        with self._lock:
-            self._check_open()
-            if self._failure is not None:
-                raise self._failure
-            if not self._pending:
-                self._oldest_pending = time.monotonic()
-                self._wake.notify_all()
-            self._pending.append((run_id, record))
-            if len(self._pending) >= self.commit_every:
-                with self._write() as cur:
-                    self._flush_locked(cur)
-
-    def flush(self) -> None:
-        with self._write() as cur:
-            self._flush_locked(cur)
-
-    def discard_queued(self, run_id: str) -> int:
-        with self._lock:
-            kept = [(rid, record) for rid, record in self._pending if rid != run_id]
-            dropped = len(self._pending) - len(kept)
-            self._pending = kept
-            if not kept:
-                self._failure = None
-        return dropped
-
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
         with self._read() as cur:
             rows = cur.execute(
@@ -477,35 +456,28 @@ class PostgresRunStore(RunStore):
                 "ORDER BY iteration LIMIT %s",
                 (run_id, from_iteration, limit),
             ).fetchall()
-        return [_record_from_json(r[0]) for r in rows]
+        return [layout.record_from_json(r[0]) for r in rows]
 
     # checkpoints
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
         with self._write() as cur:
             self._flush_locked(cur)
             self._check_fence(cur, run_id)
-            self._write_checkpoint(cur, run_id, checkpoint)
+            if self._write_checkpoint(cur, run_id, checkpoint) > 0:
+                self._check_cap(cur)
 
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         with self._read() as cur:
             row = cur.execute(
-                "SELECT iteration, dtype, shape, params, state FROM checkpoints "
+                f"SELECT {layout.CHECKPOINT_COLUMNS} FROM checkpoints "
                 "WHERE run_id = %s ORDER BY iteration DESC LIMIT 1",
                 (run_id,),
             ).fetchone()
-        if row is None:
-            return None
-        return StoredCheckpoint(
-            row[0], row[1], json.loads(row[2]), bytes(row[3]), json.loads(row[4])
-        )
+        return layout.decode_checkpoint(row)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            self._wake.notify_all()
-        self._flusher.join(timeout=5)
+        if not self._stop_flusher():
+            return
         self._listener.join(timeout=5)
         with self._lock:
             try:
@@ -514,15 +486,27 @@ class PostgresRunStore(RunStore):
                 self._open = False
                 self._pool.close()
 
+    @staticmethod
+    def recover(dsn: str, password: str = "") -> postgres_check.RepairReport:
+        """`hessian-server --recover-store` on a PostgreSQL store: migrate it, then repair what
+        the open-time check finds (postgres_check.repair), in one transaction under the
+        migration lock. Meant for a stopped deployment: it stops the runs it cuts."""
+        if password:
+            dsn = psycopg.conninfo.make_conninfo(dsn, password=password)
+        where = _describe(dsn)
+        try:
+            with psycopg.connect(dsn, connect_timeout=10) as conn:
+                _migrate(conn, where)
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    return postgres_check.repair(conn, where)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot recover the run store {where}: {exc}") from exc
+
     # internals
     def _where(self) -> str:
         """The database, for messages, without its password."""
-        try:
-            info = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        except psycopg.Error:
-            return "postgresql://?"
-        host = info.get("host", "")
-        return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        return _describe(self.dsn)
 
     def _check_open(self) -> None:
         if not self._open:
@@ -571,6 +555,8 @@ class PostgresRunStore(RunStore):
                     error = self._error(exc)
                     self._failure = error if taken else self._failure
                     raise error from exc
+                if isinstance(exc, StoreFullError):  # the size cap, as a full disk would be
+                    self._failure = exc if taken else self._failure
                 raise
             taken, self._taken = self._taken, []
             if taken:
@@ -598,69 +584,66 @@ class PostgresRunStore(RunStore):
         return None if row is None else row[0]
 
     @staticmethod
-    def _refuse(run_id: str, status: str | None, expected: Sequence[str]) -> None:
-        if status is None:
-            raise RunNotFoundError(run_id)
-        raise RunConflictError(run_id, status, expected)
+    def _write_checkpoint(cur: psycopg.Cursor, run_id: str, cp: StoredCheckpoint) -> int:
+        """Store `cp` in place of the run's checkpoints up to its iteration; the bytes added."""
+        freed = cur.execute(
+            "DELETE FROM checkpoints WHERE run_id = %s AND iteration <= %s "
+            "RETURNING octet_length(params)",
+            (run_id, cp.iteration),
+        ).fetchall()
+        cur.execute(
+            "INSERT INTO checkpoints VALUES (%s, %s, %s, %s, %s, %s)",
+            layout.checkpoint_values(run_id, cp),
+        )
+        added = len(cp.params) - sum(n for (n,) in freed)
+        cur.execute(
+            "UPDATE runs SET stored_bytes = stored_bytes + %s WHERE run_id = %s", (added, run_id)
+        )
+        return added
 
-    @staticmethod
-    def _write_checkpoint(cur: psycopg.Cursor, run_id: str, cp: StoredCheckpoint) -> None:
-        cur.execute(
-            "INSERT INTO checkpoints VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (run_id, "
-            "iteration) DO UPDATE SET dtype = EXCLUDED.dtype, shape = EXCLUDED.shape, "
-            "params = EXCLUDED.params, state = EXCLUDED.state",
-            (run_id, cp.iteration, cp.dtype, json.dumps(cp.shape), cp.params, json.dumps(cp.state)),
-        )
-        cur.execute(
-            "DELETE FROM checkpoints WHERE run_id = %s AND iteration < %s", (run_id, cp.iteration)
-        )
+    def _check_cap(self, cur: psycopg.Cursor) -> None:
+        """Under `max_bytes`: StoreFullError (the transaction then rolls back) when what the
+        store holds, this transaction's writes included, is past the cap."""
+        if not self.max_bytes:
+            return
+        used = cur.execute(USED_BYTES).fetchone()[0]
+        if used > self.max_bytes:
+            raise StoreFullError(
+                f"the run store {self._where()} is full (--max-store-bytes {self.max_bytes}: "
+                f"this write would make it {used} bytes); delete runs (DeleteRun, "
+                "--max-stored-runs) or problems, or raise the cap"
+            )
 
     def _flush_locked(self, cur: psycopg.Cursor) -> None:
         """Write queued records in the caller's transaction (one statement per run)."""
         if not self._pending:
             return
-        by_run: dict[str, list[StepRecord]] = {}
-        for run_id, record in self._pending:
-            by_run.setdefault(run_id, []).append(record)
-        self._taken.extend(self._pending)
-        self._pending = []
-        for run_id, records in by_run.items():
+        for run_id, records in self._take_pending().items():
             self._check_fence(cur, run_id)
             cur.execute(
-                "INSERT INTO records SELECT %s, i, r FROM unnest(%s::bigint[], %s::text[]) "
-                "AS t(i, r) ON CONFLICT DO NOTHING",
-                (run_id, [r.iteration for r in records], [_record_json(r) for r in records]),
-            )
-            cur.execute(
-                "UPDATE runs SET num_records = num_records + %s, last_record = %s "
-                "WHERE run_id = %s",
-                (max(cur.rowcount, 0), _record_json(records[-1]), run_id),
+                "WITH added AS (INSERT INTO records SELECT %s, i, r FROM "
+                "unnest(%s::bigint[], %s::text[]) AS t(i, r) ON CONFLICT DO NOTHING "
+                "RETURNING octet_length(record) AS n) "
+                "UPDATE runs SET num_records = num_records + (SELECT COUNT(*) FROM added), "
+                "stored_bytes = stored_bytes + (SELECT COALESCE(SUM(n), 0) FROM added), "
+                "last_record = %s WHERE run_id = %s",
+                (
+                    run_id,
+                    [r.iteration for r in records],
+                    [layout.record_json(r) for r in records],
+                    layout.record_json(records[-1]),
+                    run_id,
+                ),
             )
             cur.execute(
                 "SELECT pg_notify(%s, %s)",
                 (NOTIFY_CHANNEL, f"{self._token} {records[-1].iteration} {run_id}"),
             )
+        self._check_cap(cur)
 
-    def _flush_loop(self) -> None:
-        """Commit the queue when its oldest record is `commit_interval_s` old."""
-        with self._lock:
-            while not self._closed.is_set():
-                if not self._pending:
-                    self._wake.wait()
-                    continue
-                wait = self._oldest_pending + self.commit_interval_s - time.monotonic()
-                if wait > 0:
-                    self._wake.wait(wait)
-                    continue
-                try:
-                    with self._write() as cur:
-                        self._flush_locked(cur)
-                except StoreError as exc:
-                    log.error("%s (records stay queued; retrying)", exc)
-                    self._oldest_pending = time.monotonic()
-                except Exception:  # a bug must not end the thread that keeps the T ms promise
-                    log.exception("store flush failed (records stay queued; retrying)")
-                    self._oldest_pending = time.monotonic()
+    def _commit_queue(self) -> None:
+        with self._write() as cur:
+            self._flush_locked(cur)
 
     def _listen_loop(self) -> None:
         """Pass other stores' record commits (NOTIFY) to the commit listeners; reconnect
@@ -678,10 +661,15 @@ class PostgresRunStore(RunStore):
                 log.warning("run store %s: LISTEN lost (%s); retrying", self._where(), exc)
                 self._closed.wait(1.0)
 
-    @staticmethod
-    def _row_values(row: RunRow) -> list[Any]:
-        encoded = SQLiteRunStore._encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
-        return [encoded[k] for k in ROW_FIELDS]
+
+def _describe(dsn: str) -> str:
+    """The database a DSN names, for messages, without its password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "postgresql://?"
+    host = info.get("host", "")
+    return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
 def _migrate(conn: psycopg.Connection, where: str) -> None:

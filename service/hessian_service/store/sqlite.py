@@ -29,7 +29,6 @@ is migrated in place, in one transaction per version, when opened.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pathlib
@@ -37,10 +36,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
 from typing import Any
 
 from ..engine.records import StepRecord, StopReason
+from . import layout
 from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
@@ -48,8 +47,6 @@ from .base import (
     PROBLEM_PINNING_STATUSES,
     ProblemInUseError,
     ProblemNotFoundError,
-    RunConflictError,
-    RunNotFoundError,
     RunRow,
     RunStatus,
     RunStore,
@@ -59,6 +56,7 @@ from .base import (
     StoreError,
     StoreFullError,
 )
+from .queue import RecordQueue
 
 # version 0: the tables as first released (a store without user_version has exactly these)
 SCHEMA = """
@@ -98,22 +96,9 @@ FULL_CODES = ("SQLITE_FULL",)
 CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 RESERVE_PAGES = 16
 log = logging.getLogger(__name__)
-ROW_FIELDS = [f.name for f in fields(RunRow)]
-RECORD_FIELDS = {f.name for f in fields(StepRecord)}
 
 
-def _record_json(record: StepRecord) -> str:
-    return json.dumps(vars(record))
-
-
-def _record_from_json(text: str | None) -> StepRecord | None:
-    if not text:
-        return None
-    values = json.loads(text)
-    return StepRecord(**{k: v for k, v in values.items() if k in RECORD_FIELDS})
-
-
-class SQLiteRunStore(RunStore):
+class SQLiteRunStore(RecordQueue, RunStore):
     """The RunStore in one SQLite file (`runs.sqlite3` under `data_dir`)."""
 
     def __init__(
@@ -233,14 +218,9 @@ class SQLiteRunStore(RunStore):
 
     def enforce_problem_retention(self, max_bytes: int, keep: Sequence[str] = ()) -> list[str]:
         pins = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
-        deleted: list[str] = []
         with self._write():
-            held = self._db.execute(
-                "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
-                "GROUP BY problem_id ORDER BY used, problem_id"
-            ).fetchall()
-            total = sum(size for _, size, _ in held)
-            if total <= max_bytes:
+            held = self._db.execute(layout.HELD_PROBLEMS).fetchall()
+            if sum(size for _, size, _ in held) <= max_bytes:
                 return []
             pinned = {
                 r[0]
@@ -250,15 +230,10 @@ class SQLiteRunStore(RunStore):
                 )
             }
             self._use_reserve()
-            for pid, size, _ in held:  # least recently used first
-                if total <= max_bytes:
-                    break
-                if pid in pinned or pid in keep:
-                    continue
+            deleted = layout.problems_to_evict(held, pinned | set(keep), max_bytes)
+            for pid in deleted:
                 self._db.execute("DELETE FROM problem_owners WHERE problem_id = ?", (pid,))
                 self._db.execute("DELETE FROM problems WHERE problem_id = ?", (pid,))
-                deleted.append(pid)
-                total -= size
             if deleted:
                 self._full = None
         return deleted
@@ -267,7 +242,7 @@ class SQLiteRunStore(RunStore):
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
-        values = self._row_values(row)
+        values = layout.row_values(row)
         with self._write():
             self._flush_locked()  # a store that cannot commit what it has takes no new run
             if self._full is not None and self._pages:
@@ -280,17 +255,14 @@ class SQLiteRunStore(RunStore):
                 if cur.rowcount == 0:  # deleted (or evicted) since the request resolved it
                     raise ProblemNotFoundError(row.problem_id)
             self._db.execute(
-                f"INSERT INTO runs ({', '.join(ROW_FIELDS)}) "
-                f"VALUES ({', '.join('?' * len(ROW_FIELDS))})",
+                f"INSERT INTO runs ({', '.join(layout.ROW_FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(layout.ROW_FIELDS))})",
                 values,
             )
             self._write_checkpoint(row.run_id, checkpoint)
 
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
-        unknown = set(values) - set(ROW_FIELDS)
-        if unknown:
-            raise KeyError(f"unknown run fields {sorted(unknown)}")
-        encoded = self._encode_fields(values)
+        encoded = layout.encode_fields(values)
         where, args = "run_id = ?", [run_id]
         if expect_status:
             where += f" AND status IN ({', '.join('?' * len(expect_status))})"
@@ -304,14 +276,14 @@ class SQLiteRunStore(RunStore):
             )
             missed = self._status(run_id) if cur.rowcount == 0 else None
         if cur.rowcount == 0:
-            self._refuse(run_id, missed, expect_status)
+            layout.refuse(run_id, missed, expect_status)
 
     def get_run(self, run_id: str) -> RunRow | None:
         with self._read():
             row = self._db.execute(
-                f"SELECT {', '.join(ROW_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
+                f"SELECT {', '.join(layout.ROW_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
-        return None if row is None else self._decode_row(row)
+        return None if row is None else layout.decode_row(row)
 
     def list_runs(
         self,
@@ -320,30 +292,17 @@ class SQLiteRunStore(RunStore):
         after: tuple[float, str] | None,
         owner: str | None = None,
     ) -> list[RunRow]:
-        where, args = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        if statuses:
-            where.append(f"status IN ({', '.join('?' * len(statuses))})")
-            args += list(statuses)
-        if after is not None:
-            where.append("(created_at < ? OR (created_at = ? AND run_id < ?))")
-            args += [after[0], after[0], after[1]]
-        sql = f"SELECT {', '.join(ROW_FIELDS)} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        sql, args = layout.list_runs_query("?", statuses, limit, after, owner)
         with self._read():
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
-        return [self._decode_row(r) for r in rows]
+            rows = self._db.execute(sql, args).fetchall()
+        return [layout.decode_row(r) for r in rows]
 
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write():
             self._flush_locked()
             status = self._status(run_id)
             if statuses and status is not None and status not in statuses:
-                self._refuse(run_id, status, statuses)
+                layout.refuse(run_id, status, statuses)
             self._use_reserve()
             cur = self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
             self._db.execute("DELETE FROM records WHERE run_id = ?", (run_id,))
@@ -393,32 +352,6 @@ class SQLiteRunStore(RunStore):
         return ids
 
     # records
-    def append_record(self, run_id: str, record: StepRecord) -> None:
-        with self._lock:
-            self._check_open()
-            if self._failure is not None:
-                raise self._failure
-            if not self._pending:
-                self._oldest_pending = time.monotonic()
-                self._wake.notify_all()
-            self._pending.append((run_id, record))
-            if len(self._pending) >= self.commit_every:
-                with self._write():
-                    self._flush_locked()
-
-    def flush(self) -> None:
-        with self._write():
-            self._flush_locked()
-
-    def discard_queued(self, run_id: str) -> int:
-        with self._lock:
-            kept = [(rid, record) for rid, record in self._pending if rid != run_id]
-            dropped = len(self._pending) - len(kept)
-            self._pending = kept
-            if not kept:
-                self._failure = None  # nothing is waiting that could not be committed
-        return dropped
-
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
         with self._read():
             rows = self._db.execute(
@@ -426,7 +359,7 @@ class SQLiteRunStore(RunStore):
                 "ORDER BY iteration LIMIT ?",
                 (run_id, from_iteration, limit),
             ).fetchall()
-        return [_record_from_json(r[0]) for r in rows]
+        return [layout.record_from_json(r[0]) for r in rows]
 
     # checkpoints
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
@@ -443,23 +376,15 @@ class SQLiteRunStore(RunStore):
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         with self._read():
             row = self._db.execute(
-                "SELECT iteration, dtype, shape, params, state FROM checkpoints "
+                f"SELECT {layout.CHECKPOINT_COLUMNS} FROM checkpoints "
                 "WHERE run_id = ? ORDER BY iteration DESC LIMIT 1",
                 (run_id,),
             ).fetchone()
-        if row is None:
-            return None
-        return StoredCheckpoint(
-            row[0], row[1], json.loads(row[2]), bytes(row[3]), json.loads(row[4])
-        )
+        return layout.decode_checkpoint(row)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            self._wake.notify_all()
-        self._flusher.join(timeout=5)
+        if not self._stop_flusher():
+            return
         with self._lock:
             try:
                 self.flush()
@@ -523,13 +448,6 @@ class SQLiteRunStore(RunStore):
         row = self._db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if row is None else row[0]
 
-    @staticmethod
-    def _refuse(run_id: str, status: str | None, expected: Sequence[str]) -> None:
-        """Raise why a conditional write matched no row."""
-        if status is None:
-            raise RunNotFoundError(run_id)
-        raise RunConflictError(run_id, status, expected)
-
     def _error(self, exc: sqlite3.Error, action: str = "written") -> StoreError:
         """A StoreError that says what failed, where, and what to do."""
         name = getattr(exc, "sqlite_errorname", "")
@@ -585,7 +503,7 @@ class SQLiteRunStore(RunStore):
     def _write_checkpoint(self, run_id: str, cp: StoredCheckpoint) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, cp.iteration, cp.dtype, json.dumps(cp.shape), cp.params, json.dumps(cp.state)),
+            layout.checkpoint_values(run_id, cp),
         )
         self._db.execute(
             "DELETE FROM checkpoints WHERE run_id = ? AND iteration < ?", (run_id, cp.iteration)
@@ -595,68 +513,19 @@ class SQLiteRunStore(RunStore):
         """Write queued records (caller holds the lock inside a transaction)."""
         if not self._pending:
             return
-        by_run: dict[str, list[StepRecord]] = {}
-        for run_id, record in self._pending:
-            by_run.setdefault(run_id, []).append(record)
-        self._taken.extend(self._pending)
-        self._pending = []
-        for run_id, records in by_run.items():
+        for run_id, records in self._take_pending().items():
             cur = self._db.executemany(
                 "INSERT OR IGNORE INTO records VALUES (?, ?, ?)",
-                [(run_id, r.iteration, _record_json(r)) for r in records],
+                [(run_id, r.iteration, layout.record_json(r)) for r in records],
             )
             self._db.execute(
                 "UPDATE runs SET num_records = num_records + ?, last_record = ? WHERE run_id = ?",
-                (max(cur.rowcount, 0), _record_json(records[-1]), run_id),
+                (max(cur.rowcount, 0), layout.record_json(records[-1]), run_id),
             )
 
-    def _flush_loop(self) -> None:
-        """Commit the queue when its oldest record is `commit_interval_s` old."""
-        with self._lock:
-            while not self._closed.is_set():
-                if not self._pending:
-                    self._wake.wait()
-                    continue
-                wait = self._oldest_pending + self.commit_interval_s - time.monotonic()
-                if wait > 0:
-                    self._wake.wait(wait)
-                    continue
-                try:
-                    with self._write():
-                        self._flush_locked()
-                except StoreError as exc:
-                    log.error("%s (records stay queued; retrying)", exc)
-                    self._oldest_pending = time.monotonic()
-                except Exception:  # a bug must not end the thread that keeps the T ms promise
-                    log.exception("store flush failed (records stay queued; retrying)")
-                    self._oldest_pending = time.monotonic()
-
-    @staticmethod
-    def _encode_fields(values: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key, value in values.items():
-            if key == "spec":
-                value = json.dumps(value)
-            elif key == "last_record":
-                value = None if value is None else _record_json(value)
-            elif key == "converged":
-                value = int(bool(value))
-            out[key] = value
-        return out
-
-    def _row_values(self, row: RunRow) -> list[Any]:
-        encoded = self._encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
-        return [encoded[k] for k in ROW_FIELDS]
-
-    @staticmethod
-    def _decode_row(values: Sequence[Any]) -> RunRow:
-        row = dict(zip(ROW_FIELDS, values, strict=True))
-        row["spec"] = json.loads(row["spec"])
-        row["last_record"] = _record_from_json(row["last_record"])
-        row["converged"] = bool(row["converged"])
-        for key in ("name", "stop_reason", "message", "backend"):
-            row[key] = row[key] or ""
-        return RunRow(**row)
+    def _commit_queue(self) -> None:
+        with self._write():
+            self._flush_locked()
 
 
 def _migrate(db: sqlite3.Connection, path: pathlib.Path) -> None:

@@ -1,0 +1,135 @@
+"""How runs, records and checkpoints are laid out as rows, shared by the SQLite and PostgreSQL
+stores: the run columns and their encodings (JSON text, 0/1), the checkpoint columns, the
+run-listing query (newest first, keyset paging) and the error a conditional write raises.
+
+Both stores write the same text, so a row means the same in either; the SQL uses `mark` for
+the driver's placeholder ('?' for sqlite3, '%s' for psycopg) and no dialect-only syntax.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any, NoReturn
+
+from ..engine.records import StepRecord
+from .base import RunConflictError, RunNotFoundError, RunRow, StoredCheckpoint
+
+ROW_FIELDS = [f.name for f in fields(RunRow)]
+RECORD_FIELDS = {f.name for f in fields(StepRecord)}
+CHECKPOINT_COLUMNS = "iteration, dtype, shape, params, state"
+# every stored problem once: (id, bytes, last use by any owner), least recently used first
+HELD_PROBLEMS = (
+    "SELECT problem_id, MAX(bytes), MAX(used_at) AS used FROM problem_owners "
+    "GROUP BY problem_id ORDER BY used, problem_id"
+)
+
+
+def record_json(record: StepRecord) -> str:
+    """A record as its stored JSON text."""
+    return json.dumps(vars(record))
+
+
+def record_from_json(text: str | None) -> StepRecord | None:
+    """The record stored as `text` (None for none); fields this version lacks are ignored."""
+    if not text:
+        return None
+    values = json.loads(text)
+    return StepRecord(**{k: v for k, v in values.items() if k in RECORD_FIELDS})
+
+
+def encode_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """RunRow field values as column values (spec and last_record as JSON, converged 0/1);
+    KeyError for a name that is no RunRow field."""
+    unknown = set(values) - set(ROW_FIELDS)
+    if unknown:
+        raise KeyError(f"unknown run fields {sorted(unknown)}")
+    out = {}
+    for key, value in values.items():
+        if key == "spec":
+            value = json.dumps(value)
+        elif key == "last_record":
+            value = None if value is None else record_json(value)
+        elif key == "converged":
+            value = int(bool(value))
+        out[key] = value
+    return out
+
+
+def row_values(row: RunRow) -> list[Any]:
+    """The column values of a whole run, in ROW_FIELDS order."""
+    encoded = encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
+    return [encoded[k] for k in ROW_FIELDS]
+
+
+def decode_row(values: Sequence[Any]) -> RunRow:
+    """The run whose ROW_FIELDS columns are `values`."""
+    row = dict(zip(ROW_FIELDS, values, strict=True))
+    row["spec"] = json.loads(row["spec"])
+    row["last_record"] = record_from_json(row["last_record"])
+    row["converged"] = bool(row["converged"])
+    for key in ("name", "stop_reason", "message", "backend"):
+        row[key] = row[key] or ""
+    return RunRow(**row)
+
+
+def checkpoint_values(run_id: str, cp: StoredCheckpoint) -> tuple[Any, ...]:
+    """The checkpoints-table columns of `cp`: run_id, then CHECKPOINT_COLUMNS."""
+    return (run_id, cp.iteration, cp.dtype, json.dumps(cp.shape), cp.params, json.dumps(cp.state))
+
+
+def decode_checkpoint(values: Sequence[Any] | None) -> StoredCheckpoint | None:
+    """The checkpoint whose CHECKPOINT_COLUMNS are `values` (None for none)."""
+    if values is None:
+        return None
+    iteration, dtype, shape, params, state = values
+    return StoredCheckpoint(iteration, dtype, json.loads(shape), bytes(params), json.loads(state))
+
+
+def list_runs_query(
+    mark: str,
+    statuses: Sequence[str],
+    limit: int,
+    after: tuple[float, str] | None,
+    owner: str | None,
+) -> tuple[str, list[Any]]:
+    """SQL and arguments for RunStore.list_runs: newest first, after the key (created_at, id)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if owner is not None:
+        where.append(f"owner = {mark}")
+        args.append(owner)
+    if statuses:
+        where.append(f"status IN ({', '.join([mark] * len(statuses))})")
+        args += list(statuses)
+    if after is not None:
+        where.append(f"(created_at < {mark} OR (created_at = {mark} AND run_id < {mark}))")
+        args += [after[0], after[0], after[1]]
+    sql = f"SELECT {', '.join(ROW_FIELDS)} FROM runs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return sql + f" ORDER BY created_at DESC, run_id DESC LIMIT {mark}", [*args, limit]
+
+
+def problems_to_evict(
+    held: Sequence[tuple[str, int, float]], pinned: set[str], max_bytes: int
+) -> list[str]:
+    """Problem retention: of (id, bytes, last use) rows, the least recently used to delete,
+    never a pinned one, until the rest take at most `max_bytes`."""
+    total = sum(size for _, size, _ in held)
+    evicted = []
+    for problem_id, size, _ in sorted(held, key=lambda h: (h[2], h[0])):
+        if total <= max_bytes:
+            break
+        if problem_id not in pinned:
+            evicted.append(problem_id)
+            total -= size
+    return evicted
+
+
+def refuse(run_id: str, status: str | None, expected: Sequence[str]) -> NoReturn:
+    """Raise why a conditional write matched no row: no such run, or another status."""
+    if status is None:
+        raise RunNotFoundError(run_id)
+    raise RunConflictError(run_id, status, expected)
