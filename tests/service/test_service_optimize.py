@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import free_port, spawn_server
 from hessian_client import Client, HessianError, minimize, tensors
-from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from tcp_proxy import TcpProxy
 
@@ -174,6 +174,79 @@ def test_a_bad_reply_fails_the_run_naming_the_field(address, spoil, field):
     assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
     assert field in info.message and "internal" not in info.message.lower()
     assert settled_info(address, run_id, "FAILED").status == "FAILED"
+
+
+def gauss_newton_values(ask) -> service_pb2.Evaluation:
+    """Rosenbrock as residuals r (0.5 ||r||^2 = rosen / 2): loss, J^T r and J^T J v."""
+    x = tensors.decode(ask.point)
+    r = np.concatenate([10.0 * (x[1:] - x[:-1] ** 2), 1.0 - x[:-1]])
+    n, i = x.size, np.arange(x.size - 1)
+    j = np.zeros((2 * (n - 1), n))
+    j[i, i], j[i, i + 1], j[n - 1 + i, i] = -20.0 * x[:-1], 10.0, -1.0
+    out = service_pb2.Evaluation(request_id=ask.request_id)
+    if ask.loss or ask.gradient:
+        out.loss = 0.5 * float(r @ r)
+    if ask.gradient:
+        out.gradient.CopyFrom(tensors.encode(j.T @ r))
+    if ask.HasField("gn_vectors"):
+        vectors = tensors.decode(ask.gn_vectors)
+        out.gn_products.CopyFrom(tensors.encode((j.T @ (j @ vectors.T)).T))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("spoil", "field"),
+    [
+        (lambda e: e.ClearField("gn_products"), "evaluation.gn_products"),
+        (lambda e: e.gn_products.CopyFrom(tensors.encode(np.zeros(5))), "evaluation.gn_products"),
+        (
+            lambda e: e.gn_products.CopyFrom(tensors.encode(np.full((1, 6), np.inf))),
+            "evaluation.gn_products",
+        ),
+    ],
+)
+def test_a_bad_gauss_newton_reply_fails_the_run_naming_the_field(address, spoil, field):
+    first = start_request(gradient=True, gauss_newton=True)
+    first.start.options.method = optimize_pb2.METHOD_GAUSS_NEWTON_CG
+    stream = Stream(address, first)
+    try:
+        run_id = stream.read().started.run_id
+        ask = stream.read().evaluate
+        while not ask.HasField("gn_vectors"):  # good answers up to the first CG product
+            stream.send(evaluation=gauss_newton_values(ask))
+            ask = stream.read().evaluate
+        values = gauss_newton_values(ask)
+        spoil(values)
+        stream.send(evaluation=values)
+        info = stream.finish()
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
+    assert field in info.message and "internal" not in info.message.lower()
+    assert settled_info(address, run_id, "FAILED").status == "FAILED"
+
+
+def test_gauss_newton_cg_over_the_stream_reaches_the_minimum(address):
+    """A raw caller answering J^T J v products drives gauss_newton_cg to Rosenbrock's
+    minimum (cost 0: the residuals vanish at x = 1), the run FINISHED and converged."""
+    first = start_request(gradient=True, gauss_newton=True)
+    first.start.options.method = optimize_pb2.METHOD_GAUSS_NEWTON_CG
+    x0 = np.random.default_rng().uniform(0.2, 1.8, 6)  # in the global minimum's basin
+    first.start.initial_params.CopyFrom(tensors.encode(x0))
+    first.start.stopping.max_iterations = 500
+    first.start.stopping.parameter_tolerance = 1e-15
+    first.start.stopping.gradient_tolerance = 1e-9
+    stream = Stream(address, first)
+    try:
+        stream.read()
+        while (response := stream.read()).WhichOneof("kind") == "evaluate":
+            stream.send(evaluation=gauss_newton_values(response.evaluate))
+        info = response.finished
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FINISHED and info.converged, info.message
+    np.testing.assert_allclose(tensors.decode(info.final_params), np.ones(6), atol=1e-8)
+    assert info.last_record.loss <= 1e-10
 
 
 def test_a_slow_caller_leaves_the_run_interrupted_and_resumable(address):
