@@ -86,7 +86,7 @@ class _Session:
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
         opts.pop("disp", None)
-        speculative = bool(opts.pop("speculative", False))
+        speculative = opts.pop("speculative", None)  # None: the server's default (True)
         stopping = {SCIPY_OPTIONS.get(k, k): opts.pop(k) for k in list(opts)
                     if SCIPY_OPTIONS.get(k, k) in STOP_KEYS}  # fmt: skip
         stopping.setdefault("max_iterations", DEFAULT_MAXITER)
@@ -234,8 +234,9 @@ def minimize(
     """Minimise `fun` from `x0` on the server, SciPy-style (jac=True: fun returns (f, g)).
 
     `options`: SciPy's maxiter / gtol, the server's stopping criteria and method options,
-    and speculative (True: each step's first trial asks for everything a new point needs:
-    one round trip per accepted full step, a wasted gradient/Hessian per rejected trial).
+    and speculative (default True: each step's first trial asks for everything a new point
+    needs: one round trip per accepted full step, a wasted gradient/Hessian per rejected
+    first trial; False: trials ask the loss alone, two round trips per accepted step).
     `resume`: the id of an INTERRUPTED Optimize run to continue (same functions); a broken
     stream raises a HessianError whose `run_id` names it.
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,

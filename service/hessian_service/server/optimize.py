@@ -103,13 +103,14 @@ class Optimizer:
                 f"{service.config.max_iterations}",
             )
         dtype = str(params.dtype).removeprefix("torch.")
+        speculative = start.speculative if start.HasField("speculative") else True
         remote = {
             "num_params": params.numel(),
             "dtype": dtype,
             "capabilities": vars(caps),
-            "speculative": start.speculative,
+            "speculative": speculative,
         }
-        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
+        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, speculative)
         row = service.runs.start(
             problem_id="",
             objective=objective,
