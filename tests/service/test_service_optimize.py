@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import free_port, spawn_server
-from hessian_client import Client, HessianError, minimize, tensors
+from hessian_client import Client, HessianError, minimize, problems, tensors
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from tcp_proxy import TcpProxy
@@ -402,5 +402,43 @@ def test_server_killed_mid_run_then_restarted_resumes_to_the_same_records(tmp_pa
         np.testing.assert_array_equal(res.x, plain.x)
         assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
     finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_a_waiting_optimize_run_holds_no_pool_worker_and_has_its_own_limit(tmp_path):
+    """--workers 1: while an Optimize run waits for its caller, a catalogue run still gets
+    the one pool worker and finishes (the Optimize run still RUNNING, not interrupted); a
+    second Optimize run is refused RESOURCE_EXHAUSTED naming --max-optimize-runs."""
+    port = free_port()
+    proc = spawn_server(
+        tmp_path, port, "--workers", "1", "--max-optimize-runs", "1",
+        "--optimize-evaluation-seconds", "120",
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        ask = stream.read().evaluate  # the run now waits for this caller
+        with Client(address) as client:
+            plain = client.start_run(
+                problems.rosenbrock(dim=3), np.zeros(3), stopping={"max_iterations": 20}
+            )
+            assert plain.wait(60).status == "FINISHED"
+            assert client.get_run(run_id).status == "RUNNING"
+        second = Stream(address, start_request())
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                second.read()
+        finally:
+            second.close()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_optimize_runs" in err.value.details()
+        stream.send(evaluation=good_values(ask))
+        while (response := stream.read()).WhichOneof("kind") == "evaluate":
+            stream.send(evaluation=good_values(response.evaluate))
+        assert response.finished.status == service_pb2.RUN_STATUS_FINISHED
+    finally:
+        stream.close()
         proc.kill()
         proc.wait(timeout=60)

@@ -64,6 +64,7 @@ class ServerConfig:
     single_thread_below: int = 1_000_000
     max_optimize_streams_per_token: int = 0  # open Optimize streams per token (0: no limit)
     optimize_evaluation_seconds: float = 60.0  # an Optimize caller's time per evaluation
+    max_optimize_runs: int = 32  # Optimize runs at once, on their own threads (not --workers)
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -78,6 +79,7 @@ class ServerConfig:
             "checkpoint_every",
             "commit_every_records",
             "commit_interval_ms",
+            "max_optimize_runs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
