@@ -19,14 +19,11 @@ from .minimize import OptimizeResult, _Session, drive, drive_async
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
 
+LM = {"method": "newton", "curvature": "gauss_newton", "step_policy": "levenberg_marquardt"}
 # least_squares' method names -> the server's method options (curvature gauss_newton)
 LSQ_METHODS: dict[str, dict[str, str]] = {
-    "levenberg_marquardt": {
-        "method": "newton",
-        "curvature": "gauss_newton",
-        "step_policy": "levenberg_marquardt",
-    },
-    "lm": {"method": "newton", "curvature": "gauss_newton", "step_policy": "levenberg_marquardt"},
+    "levenberg_marquardt": LM,
+    "lm": LM,
     "gauss_newton": {"method": "newton", "curvature": "gauss_newton"},
     "gauss_newton_cg": {"method": "gauss_newton_cg"},
     "auto": {"method": "auto", "curvature": "gauss_newton"},
@@ -136,20 +133,27 @@ def _rmatvec(jac: Any, u: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
-def _session(fun: Any, x0: Any, jac: Any, args: tuple, method: str | None, ftol: float | None,
-             xtol: float | None, gtol: float | None, loss: str, max_iterations: int | None,
-             options: dict[str, Any] | None, name: str) -> _LeastSquaresSession:  # fmt: skip
+def _session(
+    fun: Any, x0: Any, jac: Any, method: str | None, loss: str, stopping: dict[str, Any],
+    args: tuple, options: dict[str, Any] | None, name: str,
+) -> _LeastSquaresSession:  # fmt: skip
+    """The session of one least_squares call; bad arguments named before any call."""
     if not callable(jac):
         raise invalid("jac", "a callable returning the m x n Jacobian (or an operator)", jac)
     if loss != "linear":
         raise invalid("loss", "'linear' (robust losses are not served)", loss)
-    stopping = {"function_tolerance": ftol, "parameter_tolerance": xtol,
-                "gradient_tolerance": gtol, "max_iterations": max_iterations}  # fmt: skip
     opts = {**{k: v for k, v in stopping.items() if v is not None}, **(options or {})}
     return _LeastSquaresSession(
         fun, jac, x0=x0, args=args, method=method or "levenberg_marquardt", tol=None,
         options=opts, name=name,
     )  # fmt: skip
+
+
+def _stopping(ftol: float | None, xtol: float | None, gtol: float | None,
+              max_iterations: int | None) -> dict[str, Any]:  # fmt: skip
+    """SciPy's tolerance names -> the server's stopping criteria (None: its default)."""
+    return {"function_tolerance": ftol, "parameter_tolerance": xtol,
+            "gradient_tolerance": gtol, "max_iterations": max_iterations}  # fmt: skip
 
 
 def least_squares(
@@ -180,8 +184,8 @@ def least_squares(
     Returns SciPy's fields (x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
     status, message, success) and nit, run_id, run_status, round_trips.
     """
-    session = _session(fun, x0, jac, args, method, ftol, xtol, gtol, loss, max_iterations,
-                       options, name)  # fmt: skip
+    stopping = _stopping(ftol, xtol, gtol, max_iterations)
+    session = _session(fun, x0, jac, method, loss, stopping, args, options, name)
     return drive(session, resume, address, token)
 
 
@@ -204,6 +208,6 @@ async def least_squares_async(
     resume: str | None = None,
 ) -> OptimizeResult:
     """`least_squares` on grpc.aio (the caller's functions still run on the event loop)."""
-    session = _session(fun, x0, jac, args, method, ftol, xtol, gtol, loss, max_iterations,
-                       options, name)  # fmt: skip
+    stopping = _stopping(ftol, xtol, gtol, max_iterations)
+    session = _session(fun, x0, jac, method, loss, stopping, args, options, name)
     return await drive_async(session, resume, address, token)
