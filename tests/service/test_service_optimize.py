@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import free_port, spawn_server
-from hessian_client import Client, HessianError, minimize, problems, tensors
+from hessian_client import Client, HessianError, least_squares, minimize, problems, tensors
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from tcp_proxy import TcpProxy
@@ -90,6 +90,18 @@ def good_values(ask) -> service_pb2.Evaluation:
     )
 
 
+def rosen_residuals(x):
+    """Rosenbrock as residuals: 0.5 ||r||^2 = rosen(x) / 2."""
+    return np.concatenate([10.0 * (x[1:] - x[:-1] ** 2), 1.0 - x[:-1]])
+
+
+def rosen_jacobian(x):
+    n, i = x.size, np.arange(x.size - 1)
+    j = np.zeros((2 * (n - 1), n))
+    j[i, i], j[i, i + 1], j[n - 1 + i, i] = -20.0 * x[:-1], 10.0, -1.0
+    return j
+
+
 def record_tuples(address: str, run_id: str) -> list[tuple]:
     with Client(address) as client:
         records = client.run(run_id).records()
@@ -142,6 +154,36 @@ def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
     assert res.run_status == "FINISHED" and res.success
 
 
+def test_a_cut_least_squares_run_resumes_with_its_gauss_newton_products(address):
+    """A gauss_newton_cg run cut mid-run through the relay resumes under the same id (its
+    Gauss-Newton capability restored from the stored declaration) to the records of an
+    uninterrupted run."""
+    x0 = np.random.default_rng().uniform(0.2, 1.8, 6)
+    lsq = {"method": "gauss_newton_cg", "gtol": 1e-10, "xtol": 1e-15}
+    plain = least_squares(rosen_residuals, x0, rosen_jacobian, address=address, **lsq)
+    proxy = TcpProxy(address)
+    calls = {"n": 0}
+
+    def jac(x):
+        calls["n"] += 1
+        if calls["n"] == plain.njev // 2:
+            proxy.sever()
+        return rosen_jacobian(x)
+
+    run_id = None
+    try:
+        with pytest.raises(HessianError) as cut:
+            least_squares(rosen_residuals, x0, jac, address=proxy.address, **lsq)
+        run_id = cut.value.run_id
+        assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
+        res = least_squares(rosen_residuals, x0, jac, address=proxy.address, resume=run_id, **lsq)
+    finally:
+        proxy.close()
+    assert res.run_id == run_id and res.run_status == "FINISHED" and plain.njev > 4
+    assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+    np.testing.assert_array_equal(res.x, plain.x)
+
+
 @pytest.mark.parametrize(
     ("spoil", "field"),
     [
@@ -179,10 +221,7 @@ def test_a_bad_reply_fails_the_run_naming_the_field(address, spoil, field):
 def gauss_newton_values(ask) -> service_pb2.Evaluation:
     """Rosenbrock as residuals r (0.5 ||r||^2 = rosen / 2): loss, J^T r and J^T J v."""
     x = tensors.decode(ask.point)
-    r = np.concatenate([10.0 * (x[1:] - x[:-1] ** 2), 1.0 - x[:-1]])
-    n, i = x.size, np.arange(x.size - 1)
-    j = np.zeros((2 * (n - 1), n))
-    j[i, i], j[i, i + 1], j[n - 1 + i, i] = -20.0 * x[:-1], 10.0, -1.0
+    r, j = rosen_residuals(x), rosen_jacobian(x)
     out = service_pb2.Evaluation(request_id=ask.request_id)
     if ask.loss or ask.gradient:
         out.loss = 0.5 * float(r @ r)
