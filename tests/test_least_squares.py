@@ -9,7 +9,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from hessian_client import InvalidArgument, least_squares, least_squares_async, minimize
+from hessian_client import (
+    Client,
+    InvalidArgument,
+    least_squares,
+    least_squares_async,
+    minimize,
+)
 from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import least_squares as scipy_least_squares
 from scipy.optimize import rosen
@@ -83,6 +89,18 @@ def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method):
     assert abs(res.cost - ref.cost) <= 1e-10, (res.cost, ref.cost)
     assert abs(res.cost - 0.5 * rosen(res.x)) <= 1e-12  # the cost is the point it reports
     assert res.success, res.message
+
+
+@pytest.mark.parametrize(("n", "chosen"), [(5, "newton"), (80, "gauss_newton_cg")])
+def test_auto_picks_dense_gauss_newton_up_to_64_parameters_then_cg(address, n, chosen):
+    x0 = np.random.default_rng().uniform(0.2, 1.8, n)
+    ref = scipy_least_squares(rosen_residuals, x0, jac=rosen_jacobian, **TIGHT)
+    res = least_squares(rosen_residuals, x0, rosen_jacobian, method="auto", gtol=1e-10,
+                        xtol=1e-15, address=address)  # fmt: skip
+    assert abs(res.cost - ref.cost) <= 1e-10, (res.cost, ref.cost)
+    with Client(address) as client:
+        info = client.get_run(res.run_id)
+    assert info.method == chosen and "Gauss-Newton products" in info.method_note
 
 
 def test_result_fields_are_scipys_and_the_callers_values(address):
