@@ -18,7 +18,7 @@ from hessian_client import (
 )
 from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import least_squares as scipy_least_squares
-from scipy.optimize import rosen
+from scipy.optimize import rosen, rosen_der, rosen_hess
 from scipy.sparse.linalg import aslinearoperator
 
 METHODS = ("levenberg_marquardt", "gauss_newton", "gauss_newton_cg")
@@ -162,6 +162,18 @@ def test_async_variant_reaches_the_same_cost(address):
                 np.ones(3),
                 jac=True,
                 method="auto",
+                options={"curvature": "gauss_newton"},
+                address=a,
+            ),
+            "start.capabilities.gauss_newton",
+        ),
+        (
+            lambda a: minimize(
+                rosen,
+                np.ones(3),
+                jac=rosen_der,
+                hess=rosen_hess,
+                method="levenberg_marquardt",
                 options={"curvature": "gauss_newton"},
                 address=a,
             ),

@@ -238,12 +238,10 @@ def resolve_remote_method(
         return _auto(options, capabilities, n)
     gauss_newton = options.curvature == "gauss_newton"
     if gauss_newton and not capabilities.gauss_newton:
-        field = "method" if options.method == "gauss_newton_cg" else "curvature"
-        raise ValidationError(
-            "start.capabilities.gauss_newton",
-            f"true for {field} {options.method if field == 'method' else 'gauss_newton'}",
-            False,
+        what = (
+            "gauss_newton_cg" if options.method == "gauss_newton_cg" else "curvature gauss_newton"
         )
+        raise ValidationError("start.capabilities.gauss_newton", f"true for {what}", False)
     if options.method == "newton_cg" and not gauss_newton and not capabilities.hvp:
         raise ValidationError("start.capabilities.hvp", "true for method newton_cg", False)
     dense = options.method in ("newton", "saddle_free")
