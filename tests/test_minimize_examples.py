@@ -1,5 +1,6 @@
-"""examples/minimize_*.py and least_squares_curve_fit.py run as a user runs them (a subprocess, $HESSIAN_ADDRESS set); what
-they print is checked against scipy.optimize (float64) solving the same problem."""
+"""examples/minimize_*.py and least_squares_curve_fit.py run as a user runs them (a
+subprocess, $HESSIAN_ADDRESS set); what they print is checked against scipy.optimize
+(float64) solving the same problem."""
 
 from __future__ import annotations
 
