@@ -1,5 +1,6 @@
-"""examples/minimize_*.py run as a user runs them (a subprocess, $HESSIAN_ADDRESS set); what
-they print is checked against scipy.optimize (float64) solving the same problem."""
+"""examples/minimize_*.py and least_squares_curve_fit.py run as a user runs them (a
+subprocess, $HESSIAN_ADDRESS set); what they print is checked against scipy.optimize
+(float64) solving the same problem."""
 
 from __future__ import annotations
 
@@ -62,4 +63,19 @@ def test_curve_fit_example_matches_scipy_least_squares(address):
         r"a=(\S+) b=(\S+) c=(\S+) loss=(\S+)", out).groups())  # fmt: skip
     np.testing.assert_allclose([a, b, c], ref.x, atol=2e-6)  # printed to 6 decimals
     assert loss == pytest.approx(ref.cost, rel=1e-9)
+    assert "success=True" in out
+
+
+def test_least_squares_example_matches_scipy_least_squares(address):
+    rng = np.random.default_rng(0)  # the example's data, rebuilt independently
+    t = np.linspace(0.0, 4.0, 200)
+    y = 2.5 * np.exp(-1.3 * t) + 0.5 + 0.01 * rng.standard_normal(t.size)
+    ref = least_squares(
+        lambda p: p[0] * np.exp(-p[1] * t) + p[2] - y, [1.0, 1.0, 0.0], xtol=1e-15, ftol=1e-15
+    )
+    out = run_example("least_squares_curve_fit.py", address)
+    a, b, c, cost = (float(v) for v in re.search(
+        r"a=(\S+) b=(\S+) c=(\S+) cost=(\S+)", out).groups())  # fmt: skip
+    np.testing.assert_allclose([a, b, c], ref.x, atol=2e-6)  # printed to 6 decimals
+    assert abs(cost - ref.cost) <= 1e-10
     assert "success=True" in out

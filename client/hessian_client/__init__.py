@@ -20,6 +20,7 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
+from .least_squares import least_squares, least_squares_async
 from .minimize import OptimizeResult, minimize, minimize_async
 from .results import (
     CurvatureSummary,
@@ -69,6 +70,8 @@ __all__ = [
     "Verdict",
     "VersionWarning",
     "__version__",
+    "least_squares",
+    "least_squares_async",
     "minimize",
     "minimize_async",
     "problems",

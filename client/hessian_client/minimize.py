@@ -51,6 +51,8 @@ class OptimizeResult(dict):
 class _Session:
     """The caller's side of one Optimize stream: evaluate what is asked, build the result."""
 
+    methods = METHODS  # the method names this entry takes -> the server's method options
+
     def __init__(
         self,
         fun: Callable[..., Any],
@@ -67,8 +69,8 @@ class _Session:
     ) -> None:
         self.fun, self.args, self.jac, self.hess, self.hessp = fun, args, jac, hess, hessp
         self.x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
-        if (method or "auto") not in METHODS:
-            raise invalid("method", f"one of {list(METHODS)}", method)
+        if (method or "auto") not in self.methods:
+            raise invalid("method", f"one of {list(self.methods)}", method)
         self.method = method or "auto"
         self.callback = callback
         self.tol, self.options, self.name = tol, dict(options or {}), name
@@ -82,7 +84,7 @@ class _Session:
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
         opts.pop("disp", None)
-        speculative = bool(opts.pop("speculative", False))
+        speculative = opts.pop("speculative", None)  # None: the server's default (True)
         stopping = {SCIPY_OPTIONS.get(k, k): opts.pop(k) for k in list(opts)
                     if SCIPY_OPTIONS.get(k, k) in STOP_FIELDS}  # fmt: skip
         stopping.setdefault("max_iterations", DEFAULT_MAXITER)
@@ -90,17 +92,21 @@ class _Session:
             stopping.setdefault("gradient_tolerance", self.tol)
         start = service_pb2.OptimizeStart(
             initial_params=encode(self.x0),
-            options=method_options(**METHODS[self.method], **opts),
+            options=method_options(**self.methods[self.method], **opts),
             stopping=stop_criteria(**stopping),
-            capabilities=service_pb2.Capabilities(
-                gradient=self.jac is True or callable(self.jac),
-                hessian=callable(self.hess),
-                hvp=callable(self.hessp),
-            ),
+            capabilities=self.capabilities(),
             name=self.name,
             speculative=speculative,
         )
         return service_pb2.OptimizeRequest(start=start)
+
+    def capabilities(self) -> service_pb2.Capabilities:
+        """What this caller can evaluate besides the loss."""
+        return service_pb2.Capabilities(
+            gradient=self.jac is True or callable(self.jac),
+            hessian=callable(self.hess),
+            hvp=callable(self.hessp),
+        )
 
     def _loss_and_grad(self, x: np.ndarray, need_grad: bool) -> tuple[float, np.ndarray | None]:
         self.counts["nfev"] += 1
@@ -226,14 +232,20 @@ def minimize(
     """Minimise `fun` from `x0` on the server, SciPy-style (jac=True: fun returns (f, g)).
 
     `options`: SciPy's maxiter / gtol, the server's stopping criteria and method options,
-    and speculative (True: each step's first trial asks for everything a new point needs:
-    one round trip per accepted full step, a wasted gradient/Hessian per rejected trial).
+    and speculative (default True: each step's first trial asks for everything a new point
+    needs: one round trip per accepted full step, a wasted gradient/Hessian per rejected
+    first trial; False: trials ask the loss alone, two round trips per accepted step).
     `resume`: the id of an INTERRUPTED Optimize run to continue (same functions); a broken
     stream raises a HessianError whose `run_id` names it.
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
     message) and run_id, run_status, round_trips (evaluation requests answered).
     """
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
+    return drive(session, resume, address, token)
+
+
+def drive(session: _Session, resume: str | None, address: str | None, token: str | None) -> Any:
+    """Run `session` over one Optimize stream (or resume run `resume`); its result."""
     first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()
     outgoing: queue.Queue[service_pb2.OptimizeRequest | None] = queue.Queue()
     outgoing.put(first)
@@ -276,6 +288,13 @@ async def minimize_async(
     """`minimize` on grpc.aio: the stream waits without blocking the event loop (the
     caller's functions still run on it)."""
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
+    return await drive_async(session, resume, address, token)
+
+
+async def drive_async(
+    session: _Session, resume: str | None, address: str | None, token: str | None
+) -> Any:
+    """`drive` on grpc.aio."""
     first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()
     async with AsyncClient(address, token, timeout=None) as client:
         call = client.stub.Optimize(metadata=client.metadata)

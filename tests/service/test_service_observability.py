@@ -12,9 +12,10 @@ import grpc
 import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server, start_server
-from hessian_client import Client, NotFound, problems
+from hessian_client import Client, NotFound, minimize, problems
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from scipy.optimize import rosen, rosen_der, rosen_hess
 
 LONG = {"method": "gradient_descent", "learning_rate": 1e-4}
 
@@ -130,6 +131,40 @@ def test_request_id_is_echoed_and_logged_once_per_rpc(observed, caplog):
     ]
     assert lines[0]["method"] == "/hessian.v1.HessianService/GetServerInfo"
     assert all(x["duration_ms"] >= 0 and x["caller"] == "anonymous" for x in lines)
+
+
+def test_optimize_streams_are_counted_timed_and_logged_like_other_rpcs(observed, caplog):
+    """The bidi Optimize stream gets its access-log line (with the request id), its count
+    by final code and its latency, once per stream: one finished, one refused."""
+    caplog.set_level("INFO", logger="hessian_service.access")
+    port = observed.metrics_port
+    before = scrape(port)
+    res = minimize(rosen, np.full(3, 0.5), jac=rosen_der, hess=rosen_hess,
+                   address=observed.address)  # fmt: skip
+    assert res.run_status == "FINISHED"
+    refused = service_pb2.OptimizeRequest(start=service_pb2.OptimizeStart())  # no params
+    with grpc.insecure_channel(observed.address) as channel:
+        stub = service_pb2_grpc.HessianServiceStub(channel)
+        call = stub.Optimize(iter([refused]), metadata=(("x-request-id", "opt-7"),))
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-request-id", "opt-7") in err.value.trailing_metadata()
+    deadline = time.monotonic() + 60  # a hang guard: the server logs as the stream ends
+    while time.monotonic() < deadline:
+        after = scrape(port)
+        if delta(before, after, "hessian_rpc_latency_seconds_count", method="Optimize") >= 2:
+            break
+        time.sleep(0.05)
+    assert delta(before, after, "hessian_rpcs_total", method="Optimize", code="OK") == 1
+    assert (
+        delta(before, after, "hessian_rpcs_total", method="Optimize", code="INVALID_ARGUMENT") == 1
+    )
+    assert delta(before, after, "hessian_rpc_latency_seconds_count", method="Optimize") == 2
+    lines = [r.fields for r in caplog.records if r.name == "hessian_service.access"]
+    optimize = [x for x in lines if x["method"].endswith("/Optimize")]
+    assert [x["code"] for x in optimize] == ["OK", "INVALID_ARGUMENT"]
+    assert optimize[1]["request_id"] == "opt-7"
 
 
 def test_the_process_logs_json_lines_and_warns_loudly_when_unauthenticated(tmp_path):

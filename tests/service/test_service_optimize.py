@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 from conftest import free_port, spawn_server
-from hessian_client import Client, HessianError, minimize, tensors
-from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_client import Client, HessianError, least_squares, minimize, problems, tensors
+from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from tcp_proxy import TcpProxy
 
@@ -90,6 +90,18 @@ def good_values(ask) -> service_pb2.Evaluation:
     )
 
 
+def rosen_residuals(x):
+    """Rosenbrock as residuals: 0.5 ||r||^2 = rosen(x) / 2."""
+    return np.concatenate([10.0 * (x[1:] - x[:-1] ** 2), 1.0 - x[:-1]])
+
+
+def rosen_jacobian(x):
+    n, i = x.size, np.arange(x.size - 1)
+    j = np.zeros((2 * (n - 1), n))
+    j[i, i], j[i, i + 1], j[n - 1 + i, i] = -20.0 * x[:-1], 10.0, -1.0
+    return j
+
+
 def record_tuples(address: str, run_id: str) -> list[tuple]:
     with Client(address) as client:
         records = client.run(run_id).records()
@@ -142,6 +154,36 @@ def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
     assert res.run_status == "FINISHED" and res.success
 
 
+def test_a_cut_least_squares_run_resumes_with_its_gauss_newton_products(address):
+    """A gauss_newton_cg run cut mid-run through the relay resumes under the same id (its
+    Gauss-Newton capability restored from the stored declaration) to the records of an
+    uninterrupted run."""
+    x0 = np.random.default_rng().uniform(0.2, 1.8, 6)
+    lsq = {"method": "gauss_newton_cg", "gtol": 1e-10, "xtol": 1e-15}
+    plain = least_squares(rosen_residuals, x0, rosen_jacobian, address=address, **lsq)
+    proxy = TcpProxy(address)
+    calls = {"n": 0}
+
+    def jac(x):
+        calls["n"] += 1
+        if calls["n"] == plain.njev // 2:
+            proxy.sever()
+        return rosen_jacobian(x)
+
+    run_id = None
+    try:
+        with pytest.raises(HessianError) as cut:
+            least_squares(rosen_residuals, x0, jac, address=proxy.address, **lsq)
+        run_id = cut.value.run_id
+        assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
+        res = least_squares(rosen_residuals, x0, jac, address=proxy.address, resume=run_id, **lsq)
+    finally:
+        proxy.close()
+    assert res.run_id == run_id and res.run_status == "FINISHED" and plain.njev > 4
+    assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+    np.testing.assert_array_equal(res.x, plain.x)
+
+
 @pytest.mark.parametrize(
     ("spoil", "field"),
     [
@@ -174,6 +216,76 @@ def test_a_bad_reply_fails_the_run_naming_the_field(address, spoil, field):
     assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
     assert field in info.message and "internal" not in info.message.lower()
     assert settled_info(address, run_id, "FAILED").status == "FAILED"
+
+
+def gauss_newton_values(ask) -> service_pb2.Evaluation:
+    """Rosenbrock as residuals r (0.5 ||r||^2 = rosen / 2): loss, J^T r and J^T J v."""
+    x = tensors.decode(ask.point)
+    r, j = rosen_residuals(x), rosen_jacobian(x)
+    out = service_pb2.Evaluation(request_id=ask.request_id)
+    if ask.loss or ask.gradient:
+        out.loss = 0.5 * float(r @ r)
+    if ask.gradient:
+        out.gradient.CopyFrom(tensors.encode(j.T @ r))
+    if ask.HasField("gn_vectors"):
+        vectors = tensors.decode(ask.gn_vectors)
+        out.gn_products.CopyFrom(tensors.encode((j.T @ (j @ vectors.T)).T))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("spoil", "field"),
+    [
+        (lambda e: e.ClearField("gn_products"), "evaluation.gn_products"),
+        (lambda e: e.gn_products.CopyFrom(tensors.encode(np.zeros(5))), "evaluation.gn_products"),
+        (
+            lambda e: e.gn_products.CopyFrom(tensors.encode(np.full((1, 6), np.inf))),
+            "evaluation.gn_products",
+        ),
+    ],
+)
+def test_a_bad_gauss_newton_reply_fails_the_run_naming_the_field(address, spoil, field):
+    first = start_request(gradient=True, gauss_newton=True)
+    first.start.options.method = optimize_pb2.METHOD_GAUSS_NEWTON_CG
+    stream = Stream(address, first)
+    try:
+        run_id = stream.read().started.run_id
+        ask = stream.read().evaluate
+        while not ask.HasField("gn_vectors"):  # good answers up to the first CG product
+            stream.send(evaluation=gauss_newton_values(ask))
+            ask = stream.read().evaluate
+        values = gauss_newton_values(ask)
+        spoil(values)
+        stream.send(evaluation=values)
+        info = stream.finish()
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
+    assert field in info.message and "internal" not in info.message.lower()
+    assert settled_info(address, run_id, "FAILED").status == "FAILED"
+
+
+def test_gauss_newton_cg_over_the_stream_reaches_the_minimum(address):
+    """A raw caller answering J^T J v products drives gauss_newton_cg to Rosenbrock's
+    minimum (cost 0: the residuals vanish at x = 1), the run FINISHED and converged."""
+    first = start_request(gradient=True, gauss_newton=True)
+    first.start.options.method = optimize_pb2.METHOD_GAUSS_NEWTON_CG
+    x0 = np.random.default_rng().uniform(0.2, 1.8, 6)  # in the global minimum's basin
+    first.start.initial_params.CopyFrom(tensors.encode(x0))
+    first.start.stopping.max_iterations = 500
+    first.start.stopping.parameter_tolerance = 1e-15
+    first.start.stopping.gradient_tolerance = 1e-9
+    stream = Stream(address, first)
+    try:
+        stream.read()
+        while (response := stream.read()).WhichOneof("kind") == "evaluate":
+            stream.send(evaluation=gauss_newton_values(response.evaluate))
+        info = response.finished
+    finally:
+        stream.close()
+    assert info.status == service_pb2.RUN_STATUS_FINISHED and info.converged, info.message
+    np.testing.assert_allclose(tensors.decode(info.final_params), np.ones(6), atol=1e-8)
+    assert info.last_record.loss <= 1e-10
 
 
 def test_a_slow_caller_leaves_the_run_interrupted_and_resumable(address):
@@ -329,5 +441,43 @@ def test_server_killed_mid_run_then_restarted_resumes_to_the_same_records(tmp_pa
         np.testing.assert_array_equal(res.x, plain.x)
         assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
     finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_a_waiting_optimize_run_holds_no_pool_worker_and_has_its_own_limit(tmp_path):
+    """--workers 1: while an Optimize run waits for its caller, a catalogue run still gets
+    the one pool worker and finishes (the Optimize run still RUNNING, not interrupted); a
+    second Optimize run is refused RESOURCE_EXHAUSTED naming --max-optimize-runs."""
+    port = free_port()
+    proc = spawn_server(
+        tmp_path, port, "--workers", "1", "--max-optimize-runs", "1",
+        "--optimize-evaluation-seconds", "120",
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        ask = stream.read().evaluate  # the run now waits for this caller
+        with Client(address) as client:
+            plain = client.start_run(
+                problems.rosenbrock(dim=3), np.zeros(3), stopping={"max_iterations": 20}
+            )
+            assert plain.wait(60).status == "FINISHED"
+            assert client.get_run(run_id).status == "RUNNING"
+        second = Stream(address, start_request())
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                second.read()
+        finally:
+            second.close()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_optimize_runs" in err.value.details()
+        stream.send(evaluation=good_values(ask))
+        while (response := stream.read()).WhichOneof("kind") == "evaluate":
+            stream.send(evaluation=good_values(response.evaluate))
+        assert response.finished.status == service_pb2.RUN_STATUS_FINISHED
+    finally:
+        stream.close()
         proc.kill()
         proc.wait(timeout=60)

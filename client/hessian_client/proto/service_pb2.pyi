@@ -561,14 +561,16 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., default_backend: _Optional[str] = ..., native_available: _Optional[bool] = ..., native_reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., objectives: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., torch_version: _Optional[str] = ..., api_version: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("gradient", "hessian", "hvp")
+    __slots__ = ("gradient", "hessian", "hvp", "gauss_newton")
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     HVP_FIELD_NUMBER: _ClassVar[int]
+    GAUSS_NEWTON_FIELD_NUMBER: _ClassVar[int]
     gradient: bool
     hessian: bool
     hvp: bool
-    def __init__(self, gradient: _Optional[bool] = ..., hessian: _Optional[bool] = ..., hvp: _Optional[bool] = ...) -> None: ...
+    gauss_newton: bool
+    def __init__(self, gradient: _Optional[bool] = ..., hessian: _Optional[bool] = ..., hvp: _Optional[bool] = ..., gauss_newton: _Optional[bool] = ...) -> None: ...
 
 class OptimizeStart(_message.Message):
     __slots__ = ("initial_params", "options", "stopping", "capabilities", "name", "speculative")
@@ -587,18 +589,20 @@ class OptimizeStart(_message.Message):
     def __init__(self, initial_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., name: _Optional[str] = ..., speculative: _Optional[bool] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("request_id", "loss", "gradient", "hessian", "hvps")
+    __slots__ = ("request_id", "loss", "gradient", "hessian", "hvps", "gn_products")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     HVPS_FIELD_NUMBER: _ClassVar[int]
+    GN_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     loss: float
     gradient: _tensor_pb2.Tensor
     hessian: _tensor_pb2.Tensor
     hvps: _tensor_pb2.Tensor
-    def __init__(self, request_id: _Optional[int] = ..., loss: _Optional[float] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hessian: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hvps: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    gn_products: _tensor_pb2.Tensor
+    def __init__(self, request_id: _Optional[int] = ..., loss: _Optional[float] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hessian: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hvps: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gn_products: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
     __slots__ = ("start", "resume_run_id", "evaluation", "stop")
@@ -613,20 +617,22 @@ class OptimizeRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[OptimizeStart, _Mapping]] = ..., resume_run_id: _Optional[str] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., stop: _Optional[bool] = ...) -> None: ...
 
 class EvaluationRequest(_message.Message):
-    __slots__ = ("request_id", "point", "loss", "gradient", "hessian", "hvp_vectors")
+    __slots__ = ("request_id", "point", "loss", "gradient", "hessian", "hvp_vectors", "gn_vectors")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POINT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     HVP_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    GN_VECTORS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     point: _tensor_pb2.Tensor
     loss: bool
     gradient: bool
     hessian: bool
     hvp_vectors: _tensor_pb2.Tensor
-    def __init__(self, request_id: _Optional[int] = ..., point: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[bool] = ..., gradient: _Optional[bool] = ..., hessian: _Optional[bool] = ..., hvp_vectors: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    gn_vectors: _tensor_pb2.Tensor
+    def __init__(self, request_id: _Optional[int] = ..., point: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., loss: _Optional[bool] = ..., gradient: _Optional[bool] = ..., hessian: _Optional[bool] = ..., hvp_vectors: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gn_vectors: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class OptimizeResponse(_message.Message):
     __slots__ = ("started", "evaluate", "finished", "records")

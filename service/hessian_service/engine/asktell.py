@@ -35,11 +35,13 @@ class Capabilities:
     gradient: bool = False
     hessian: bool = False
     hvp: bool = False
+    gauss_newton: bool = False  # Gauss-Newton-vector products J^T J v (a least-squares loss)
 
 
 @dataclass
 class Ask:
-    """One evaluation request: the point, what is needed, and HVP vectors (k x n) if any."""
+    """One evaluation request: the point, what is needed, and the vectors (k x n) of the
+    Hessian-vector or Gauss-Newton-vector products asked, if any."""
 
     request_id: int
     point: torch.Tensor
@@ -47,6 +49,7 @@ class Ask:
     gradient: bool = False
     hessian: bool = False
     hvp_vectors: torch.Tensor | None = None
+    gn_vectors: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Answer:
     gradient: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     hvps: torch.Tensor | None = None
+    gn_products: torch.Tensor | None = None
 
 
 class CallerLost(EngineError):
@@ -152,6 +156,8 @@ class RemoteObjective(Objective):
     """An objective of `num_params` parameters that the caller evaluates through `exchange`.
 
     It has no torch loss: `RemoteStepper` asks the exchange instead of differentiating.
+    Its Gauss-Newton form is the caller's: with `capabilities.gauss_newton` the loss is
+    0.5 ||r(x)||^2 of the caller's residuals and curvature products ask for J^T J v.
     `speculative`: each step's first trial asks everything a new point needs (one round
     trip per accepted full step; a rejected trial wastes a gradient and a Hessian).
     """
@@ -178,13 +184,22 @@ class RemoteObjective(Objective):
         self.param_shape = (int(options["num_params"]),)
         self.dtype = options["dtype"]
 
+    def require_curvature(self, kind: str, field: str = "options.curvature") -> None:
+        """Gauss-Newton curvature needs the caller's Gauss-Newton-vector products."""
+        if kind == "gauss_newton" and not self.capabilities.gauss_newton:
+            raise ValidationError(
+                "start.capabilities.gauss_newton", f"true for {field} gauss_newton", False
+            )
+
     def product_at(self, params: torch.Tensor, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v -> H v at `params`, one ask (one HVP) per product: CG's products are sequential."""
+        """v -> B v at `params` (B = H, or J^T J for kind gauss_newton), one ask per product:
+        CG's products are sequential."""
         point = params.detach().clone()
+        vectors = "gn_vectors" if kind == "gauss_newton" else "hvp_vectors"
 
         def product(v: torch.Tensor) -> torch.Tensor:
-            ask = {"point": point, "loss": False, "hvp_vectors": v.reshape(1, -1)}
-            return self.exchange.ask(ask).hvps[0]
+            answer = self.exchange.ask({"point": point, "loss": False, vectors: v.reshape(1, -1)})
+            return (answer.gn_products if kind == "gauss_newton" else answer.hvps)[0]
 
         return product
 
@@ -193,8 +208,11 @@ class RemoteObjective(Objective):
         return torch.tensor(self.exchange.ask({"point": params.detach().clone()}).loss)
 
 
-def dense_source(capabilities: Capabilities, n: int) -> str | None:
-    """Where a dense Hessian comes from: the caller's "hessian", n batched "hvp"s, or None."""
+def dense_source(capabilities: Capabilities, n: int, curvature: str = "hessian") -> str | None:
+    """Where a dense curvature matrix comes from: the caller's "hessian", n batched "hvp"s,
+    n batched "gauss_newton" products (curvature gauss_newton), or None."""
+    if curvature == "gauss_newton":
+        return "gauss_newton" if capabilities.gauss_newton and n <= HVP_DENSE_MAX else None
     if capabilities.hessian:
         return "hessian"
     if capabilities.hvp and n <= HVP_DENSE_MAX:
@@ -207,53 +225,73 @@ def resolve_remote_method(
 ) -> tuple[MethodOptions, str]:
     """Pick method auto from what the caller offers and n; refuse what cannot be served.
 
-    A dense method needs the Hessian, or HVPs with n <= HVP_DENSE_MAX; every method needs
-    the gradient; newton_cg needs HVPs (one ask per CG product); gauss_newton_cg is refused.
+    A dense method needs its matrix: the Hessian, or n batched HVPs (or, for curvature
+    gauss_newton, Gauss-Newton products) with n <= HVP_DENSE_MAX; every method needs the
+    gradient; newton_cg needs HVPs, gauss_newton_cg Gauss-Newton products (one ask per CG
+    product). Auto prefers the Hessian, then HVPs, then Gauss-Newton products.
     """
     if not capabilities.gradient:
         raise ValidationError(
             "start.capabilities.gradient", "true: every method needs the gradient", False
         )
-    source = dense_source(capabilities, n)
     if options.method == "auto":
+        return _auto(options, capabilities, n)
+    gauss_newton = options.curvature == "gauss_newton"
+    if gauss_newton and not capabilities.gauss_newton:
+        what = (
+            "gauss_newton_cg" if options.method == "gauss_newton_cg" else "curvature gauss_newton"
+        )
+        raise ValidationError("start.capabilities.gauss_newton", f"true for {what}", False)
+    if options.method == "newton_cg" and not gauss_newton and not capabilities.hvp:
+        raise ValidationError("start.capabilities.hvp", "true for method newton_cg", False)
+    dense = options.method in ("newton", "saddle_free")
+    if dense and dense_source(capabilities, n, options.curvature) is None:
+        offers = (
+            f"gauss_newton with n <= {HVP_DENSE_MAX} (or method gauss_newton_cg)"
+            if gauss_newton
+            else f"hessian, or hvp with n <= {HVP_DENSE_MAX},"
+        )
+        raise ValidationError(
+            "start.capabilities", f"{offers} for method {options.method}", f"n = {n}"
+        )
+    return options, ""
+
+
+def _auto(options: MethodOptions, capabilities: Capabilities, n: int) -> tuple[MethodOptions, str]:
+    """Method auto's choice and the note saying why."""
+    small = f"n = {n} <= {HVP_DENSE_MAX}" if n <= HVP_DENSE_MAX else f"n = {n} > {HVP_DENSE_MAX}"
+    gn_only = not (capabilities.hessian or capabilities.hvp) and capabilities.gauss_newton
+    if options.curvature == "gauss_newton" or gn_only:
+        if not capabilities.gauss_newton:
+            raise ValidationError(
+                "start.capabilities.gauss_newton", "true for curvature gauss_newton", False
+            )
+        dense = dense_source(capabilities, n, "gauss_newton") is not None
+        method = "newton" if dense else "gauss_newton_cg"
+        why = f"the caller offers Gauss-Newton products and {small}"
+        chosen = replace(options, method=method, curvature="gauss_newton")
+    else:
+        source = dense_source(capabilities, n)
         method = "newton" if source else "newton_cg" if capabilities.hvp else "gradient_descent"
-        offers = {"hessian": "the Hessian", "hvp": f"HVPs and n = {n} <= {HVP_DENSE_MAX}"}
         why = (
-            f"the caller offers {offers[source]}"
-            if source
-            else f"the caller offers HVPs and n = {n} > {HVP_DENSE_MAX}"
+            "the caller offers the Hessian"
+            if source == "hessian"
+            else f"the caller offers HVPs and {small}"
             if capabilities.hvp
             else "the caller offers neither the Hessian nor HVPs"
         )
-        chosen = replace(options, method=method).validated("start.options")
-        return chosen, f"method auto chose {method}: {why}"
-    if options.method == "gauss_newton_cg":
-        raise ValidationError(
-            "start.options.method",
-            "gradient_descent, newton, saddle_free or newton_cg (Gauss-Newton products are "
-            "not served over Optimize yet)",
-            options.method,
-        )
-    if options.method == "newton_cg" and not capabilities.hvp:
-        raise ValidationError("start.capabilities.hvp", "true for method newton_cg", False)
-    if options.method in ("newton", "saddle_free") and source is None:
-        raise ValidationError(
-            "start.capabilities",
-            f"hessian, or hvp with n <= {HVP_DENSE_MAX}, for method {options.method}",
-            f"neither (n = {n})",
-        )
-    if options.curvature != "hessian":
-        raise ValidationError("start.options.curvature", "hessian", options.curvature)
-    return options, ""
+        chosen = replace(options, method=method)
+    return chosen.validated("start.options"), f"method auto chose {method}: {why}"
 
 
 class RemoteStepper(Stepper):
     """A Stepper whose points and trials are evaluated by the caller through the exchange.
 
-    evaluate asks loss + gradient (+ the Hessian, or n HVPs of the identity in one message,
-    for dense methods); line-search, Levenberg-Marquardt and trust-region trials ask the
-    loss alone, except a speculative objective's first trial of each step, which asks what
-    evaluate would, so the accepted point needs no second round trip.
+    evaluate asks loss + gradient (+ the Hessian, or n HVPs or Gauss-Newton products of the
+    identity in one message, for dense methods); line-search, Levenberg-Marquardt and
+    trust-region trials ask the loss alone, except a speculative objective's first trial of
+    each step, which asks what evaluate would, so the accepted point needs no second round
+    trip.
     """
 
     objective: RemoteObjective
@@ -274,17 +312,21 @@ class RemoteStepper(Stepper):
     def _ask_point(self, x: torch.Tensor) -> Point:
         n = x.numel()
         ask: dict[str, Any] = {"point": x.detach().clone(), "gradient": True}
-        source = dense_source(self.objective.capabilities, n) if self.second_order else None
+        capabilities, curvature = self.objective.capabilities, self.options.curvature
+        source = dense_source(capabilities, n, curvature) if self.second_order else None
         if source == "hessian":
             ask["hessian"] = True
-        elif source == "hvp":
-            ask["hvp_vectors"] = torch.eye(n, dtype=x.dtype)
+        elif source is not None:
+            ask["gn_vectors" if source == "gauss_newton" else "hvp_vectors"] = torch.eye(
+                n, dtype=x.dtype
+            )
         answer = self.objective.exchange.ask(ask)
         h = None
         if source == "hessian":
             h = answer.hessian
-        elif source == "hvp":
-            h = 0.5 * (answer.hvps + answer.hvps.T)  # rows H e_i; symmetrised like the engine
+        elif source is not None:  # rows B e_i; symmetrised like the engine
+            rows = answer.gn_products if source == "gauss_newton" else answer.hvps
+            h = 0.5 * (rows + rows.T)
         return Point(x, float(answer.loss), answer.gradient, h)
 
     def loss_at(self, x: torch.Tensor) -> float:

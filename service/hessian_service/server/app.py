@@ -218,6 +218,7 @@ def build_server(
         store,
         workers=config.workers,
         max_concurrent_runs=config.max_concurrent_runs,
+        max_optimize_runs=config.max_optimize_runs,
         checkpoint_every=config.checkpoint_every,
         max_runs_per_owner=config.max_runs_per_token,
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,

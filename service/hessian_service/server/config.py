@@ -65,6 +65,7 @@ class ServerConfig:
     inline_step_below: int = 100_000
     max_optimize_streams_per_token: int = 0  # open Optimize streams per token (0: no limit)
     optimize_evaluation_seconds: float = 60.0  # an Optimize caller's time per evaluation
+    max_optimize_runs: int = 32  # Optimize runs at once, on their own threads (not --workers)
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -79,6 +80,7 @@ class ServerConfig:
             "checkpoint_every",
             "commit_every_records",
             "commit_interval_ms",
+            "max_optimize_runs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

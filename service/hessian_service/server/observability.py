@@ -2,8 +2,8 @@
 
 `ObservabilityInterceptor` wraps every handler: it takes the request id from the
 `x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
-the call by method and final status code, observes its latency once (a server stream at
-its end, however it ends), and logs one line. It also turns a request that is not a
+the call by method and final status code, observes its latency once (a server or bidi
+stream at its end, however it ends), and logs one line. It also turns a request that is not a
 valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself would not).
 """
 
@@ -227,8 +227,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler
+        if handler is None or (handler.request_streaming and not handler.response_streaming):
+            return handler  # no client-streaming RPCs here
         method = handler_call_details.method
         rid = _request_id(handler_call_details.invocation_metadata)
 
@@ -252,6 +252,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._finish(method, who, started, rid, _code_name(context, failed, cancelled))
+
+        if handler.request_streaming:  # bidi (Optimize): its handler decodes its own requests
+            inner_bidi = handler.stream_stream
+
+            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with observed(None, context):
+                    async for item in inner_bidi(requests, context):
+                        yield item
+
+            return handler._replace(stream_stream=bidi)
 
         if handler.response_streaming:
             inner_stream = handler.unary_stream

@@ -85,9 +85,8 @@ class Optimizer:
         if not start.HasField("initial_params"):
             raise ValidationError("start.initial_params", "the starting point (n values)", "none")
         params = service._decode_params(start.initial_params, "start.initial_params").reshape(-1)
-        caps = Capabilities(
-            start.capabilities.gradient, start.capabilities.hessian, start.capabilities.hvp
-        )
+        wire = start.capabilities
+        caps = Capabilities(wire.gradient, wire.hessian, wire.hvp, wire.gauss_newton)
         values = codec.options_to_dict(start.options, "start.options")
         values.setdefault("method", "auto")
         options = service._method_options(values, "start.options")
@@ -105,13 +104,14 @@ class Optimizer:
                 f"{service.config.max_iterations}",
             )
         dtype = str(params.dtype).removeprefix("torch.")
+        speculative = start.speculative if start.HasField("speculative") else True
         remote = {
             "num_params": params.numel(),
             "dtype": dtype,
             "capabilities": vars(caps),
-            "speculative": start.speculative,
+            "speculative": speculative,
         }
-        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, start.speculative)
+        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, speculative)
         return service.runs.launch(
             problem_id="",
             objective=objective,
@@ -276,6 +276,8 @@ def _ask_to_wire(ask: Ask, out: Any) -> None:
     out.loss, out.gradient, out.hessian = ask.loss, ask.gradient, ask.hessian
     if ask.hvp_vectors is not None:
         out.hvp_vectors.CopyFrom(codec.encode_tensor(ask.hvp_vectors))
+    if ask.gn_vectors is not None:
+        out.gn_vectors.CopyFrom(codec.encode_tensor(ask.gn_vectors))
 
 
 def _quantity(wire: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -310,6 +312,8 @@ def _answer_from_wire(wire: Any, ask: Ask) -> Answer:
         answer.hessian = torch.full((n, n), math.nan, dtype=dtype) if ask.hessian else None
         if ask.hvp_vectors is not None:
             answer.hvps = torch.full(tuple(ask.hvp_vectors.shape), math.nan, dtype=dtype)
+        if ask.gn_vectors is not None:
+            answer.gn_products = torch.full(tuple(ask.gn_vectors.shape), math.nan, dtype=dtype)
         return answer
     if ask.gradient:
         answer.gradient = _quantity(wire, "gradient", (n,), dtype)
@@ -317,4 +321,6 @@ def _answer_from_wire(wire: Any, ask: Ask) -> Answer:
         answer.hessian = _quantity(wire, "hessian", (n, n), dtype)
     if ask.hvp_vectors is not None:
         answer.hvps = _quantity(wire, "hvps", tuple(ask.hvp_vectors.shape), dtype)
+    if ask.gn_vectors is not None:
+        answer.gn_products = _quantity(wire, "gn_products", tuple(ask.gn_vectors.shape), dtype)
     return answer

@@ -32,7 +32,7 @@ from ..engine import (
     check_dense_budget,
     resolve_method,
 )
-from ..engine.asktell import CallerLost
+from ..engine.asktell import CallerLost, RemoteObjective
 from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError, ResourceLimitError
 from ..engine.methods import check_supported
@@ -97,6 +97,7 @@ class LiveRun:
         self.base = base
         self.owner = owner
         self.cancel = CancelToken()
+        self.remote = False  # an Optimize run: executes on the optimize threads, not the pool
         self.shutdown = False
         self.lost = False  # its lease is gone: another replica may execute it now
         self.started = False
@@ -165,7 +166,12 @@ class LiveRun:
 
 
 class RunManager:
-    """Starts, resumes, cancels and stops runs on a bounded worker pool."""
+    """Starts, resumes, cancels and stops runs on a bounded worker pool.
+
+    Optimize runs (the caller evaluates: most of their time is spent waiting for it) run on
+    their own threads, at most `max_optimize_runs`, so a slow caller holds no pool worker;
+    they count against that limit instead of `max_concurrent_runs`.
+    """
 
     def __init__(
         self,
@@ -174,6 +180,7 @@ class RunManager:
         workers: int,
         max_concurrent_runs: int,
         checkpoint_every: int,
+        max_optimize_runs: int = 32,
         max_runs_per_owner: int = 0,
         on_record: Callable[[str], None] | None = None,
         threads: ThreadPolicy | None = None,
@@ -192,6 +199,10 @@ class RunManager:
         self.checkpoint_every = checkpoint_every
         self.on_record = on_record
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="hessian-run")
+        self.max_optimize_runs = max_optimize_runs
+        self._optimize_executor = ThreadPoolExecutor(
+            max_optimize_runs, thread_name_prefix="hessian-optimize"
+        )
         self._live: dict[str, LiveRun] = {}
         # runs that stopped but whose end the store refused: their rows still say QUEUED or
         # RUNNING, so they are reported (and resumable) as INTERRUPTED with this message
@@ -252,17 +263,24 @@ class RunManager:
         with self._lock:
             return len(self._live)
 
-    def _admit(self, run_id: str, base: int, owner: str) -> LiveRun:
+    def _admit(self, run_id: str, base: int, owner: str, objective: Objective) -> LiveRun:
+        remote = isinstance(objective, RemoteObjective)
         with self._lock:
             if self._stopping:
                 raise ConflictError("server", "shutting down; no new runs")
             if run_id in self._live:
                 raise ConflictError("run_id", f"run {run_id} is already executing")
-            if len(self._live) >= self.max_concurrent_runs:
+            same_kind = sum(live.remote == remote for live in self._live.values())
+            limit, flag = (
+                (self.max_optimize_runs, "max_optimize_runs")
+                if remote
+                else (self.max_concurrent_runs, "max_concurrent_runs")
+            )
+            if same_kind >= limit:
+                kind = "Optimize runs" if remote else "runs"
                 raise LimitError(
-                    "max_concurrent_runs",
-                    f"{len(self._live)} runs are queued or running, the server's limit; "
-                    "retry later",
+                    flag,
+                    f"{same_kind} {kind} are queued or running, the server's limit; retry later",
                 )
             mine = sum(live.owner == owner for live in self._live.values())
             if self.max_runs_per_owner and mine >= self.max_runs_per_owner:
@@ -272,6 +290,7 @@ class RunManager:
                     "per-token limit; wait for one to end or cancel one",
                 )
             live = LiveRun(run_id, base, owner)
+            live.remote = remote
             self._live[run_id] = live
             return live
 
@@ -353,7 +372,7 @@ class RunManager:
         if remote is not None:
             spec["remote"] = remote
         row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time(), owner=owner)
-        live = self._admit(run_id, 0, owner)
+        live = self._admit(run_id, 0, owner, objective)
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
             self.store.create_run(row, checkpoint, require_problem=remote is None)
@@ -384,7 +403,7 @@ class RunManager:
         stopping = StopCriteria(**row.spec["stopping"])
         check_supported(objective, options.validated())
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
-        live = self._admit(row.run_id, base, owner)
+        live = self._admit(row.run_id, base, owner, objective)
         with self._lock:
             orphan = row.run_id in self._orphans
         try:
@@ -419,7 +438,7 @@ class RunManager:
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
-        live = self._admit(row.run_id, base, row.owner)
+        live = self._admit(row.run_id, base, row.owner, objective)
         try:
             if self.leases is not None:
                 self.leases.hold(live, acquired=True)
@@ -550,7 +569,8 @@ class RunManager:
     def _submit(self, live: LiveRun, *args: Any) -> None:
         """Queue an admitted run on a worker; if shutdown closed the pool, store it INTERRUPTED."""
         try:
-            self._executor.submit(self._execute_limited, live, *args)
+            executor = self._optimize_executor if live.remote else self._executor
+            executor.submit(self._execute_limited, live, *args)
         except RuntimeError:  # shutdown() ran after _admit let this run in
             message = "the server shut down before the run started; ResumeRun continues it"
             self._store_end(
@@ -774,6 +794,7 @@ class RunManager:
             if not live.done:  # still inside an iteration: store now what its end will be
                 self._store_stop(live)
         self._executor.shutdown(wait=False, cancel_futures=False)
+        self._optimize_executor.shutdown(wait=False, cancel_futures=False)
 
     def _store_stop(self, live: LiveRun) -> None:
         """Mark a run that outlasts shutdown's wait INTERRUPTED (CANCELLED if the user asked)

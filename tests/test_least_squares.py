@@ -1,0 +1,187 @@
+"""hessian_client.least_squares against scipy.optimize.least_squares (float64, fresh random
+data each run): a curve fit and Rosenbrock written as residuals reach SciPy's final cost
+within 1e-10 with Levenberg-Marquardt, Gauss-Newton and Gauss-Newton-CG on the server,
+which sees only 0.5 ||r||^2, J^T r and J^T J v; SciPy's result fields; bad input named."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hessian_client import (
+    Client,
+    InvalidArgument,
+    least_squares,
+    least_squares_async,
+    minimize,
+)
+from hessian_service.server import ServerConfig, build_server
+from scipy.optimize import least_squares as scipy_least_squares
+from scipy.optimize import rosen, rosen_der, rosen_hess
+from scipy.sparse.linalg import aslinearoperator
+
+METHODS = ("levenberg_marquardt", "gauss_newton", "gauss_newton_cg")
+TIGHT = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15}
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory):
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("lsq")))
+    )
+    yield server.address
+    server.stop(grace=1.0)
+
+
+class CurveFit:
+    """y = a exp(-b t) + c + noise, with fresh parameters and noise."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng()
+        self.t = np.linspace(0.0, 4.0, 120)
+        a, b, c = rng.uniform(1.0, 3.0), rng.uniform(0.5, 2.0), rng.uniform(-1.0, 1.0)
+        self.y = a * np.exp(-b * self.t) + c + 0.05 * rng.standard_normal(self.t.size)
+        self.x0 = np.array([1.0, 1.0, 0.0])
+
+    def residuals(self, p: np.ndarray) -> np.ndarray:
+        return p[0] * np.exp(-p[1] * self.t) + p[2] - self.y
+
+    def jacobian(self, p: np.ndarray) -> np.ndarray:
+        e = np.exp(-p[1] * self.t)
+        return np.stack([e, -p[0] * self.t * e, np.ones_like(self.t)], axis=1)
+
+
+def rosen_residuals(x: np.ndarray) -> np.ndarray:
+    """Rosenbrock as residuals: 0.5 ||r||^2 = rosen(x) / 2 (SciPy's own tutorial form)."""
+    return np.concatenate([10.0 * (x[1:] - x[:-1] ** 2), 1.0 - x[:-1]])
+
+
+def rosen_jacobian(x: np.ndarray) -> np.ndarray:
+    n = x.size
+    j = np.zeros((2 * (n - 1), n))
+    i = np.arange(n - 1)
+    j[i, i], j[i, i + 1] = -20.0 * x[:-1], 10.0
+    j[n - 1 + i, i] = -1.0
+    return j
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_curve_fit_reaches_scipys_cost(address, method):
+    fit = CurveFit()
+    ref = scipy_least_squares(fit.residuals, fit.x0, jac=fit.jacobian, method="trf", **TIGHT)
+    res = least_squares(fit.residuals, fit.x0, fit.jacobian, method=method, gtol=1e-10,
+                        max_iterations=500, address=address)  # fmt: skip
+    assert res.run_status == "FINISHED", res.message
+    assert abs(res.cost - ref.cost) <= 1e-10, (res.cost, ref.cost)
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
+    assert res.cost == 0.5 * float(fit.residuals(res.x) @ fit.residuals(res.x))
+
+
+@pytest.mark.parametrize("n", [2, 10])
+@pytest.mark.parametrize("method", METHODS)
+def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method):
+    x0 = np.random.default_rng().uniform(0.2, 1.8, n)  # in the global minimum's basin
+    ref = scipy_least_squares(rosen_residuals, x0, jac=rosen_jacobian, **TIGHT)
+    res = least_squares(rosen_residuals, x0, rosen_jacobian, method=method, xtol=1e-15,
+                        gtol=1e-10, max_iterations=1000, address=address)  # fmt: skip
+    assert res.run_status == "FINISHED", res.message
+    assert abs(res.cost - ref.cost) <= 1e-10, (res.cost, ref.cost)
+    assert abs(res.cost - 0.5 * rosen(res.x)) <= 1e-12  # the cost is the point it reports
+    assert res.success, res.message
+
+
+@pytest.mark.parametrize(("n", "chosen"), [(5, "newton"), (80, "gauss_newton_cg")])
+def test_auto_picks_dense_gauss_newton_up_to_64_parameters_then_cg(address, n, chosen):
+    x0 = np.random.default_rng().uniform(0.2, 1.8, n)
+    ref = scipy_least_squares(rosen_residuals, x0, jac=rosen_jacobian, **TIGHT)
+    res = least_squares(rosen_residuals, x0, rosen_jacobian, method="auto", gtol=1e-10,
+                        xtol=1e-15, address=address)  # fmt: skip
+    assert abs(res.cost - ref.cost) <= 1e-10, (res.cost, ref.cost)
+    with Client(address) as client:
+        info = client.get_run(res.run_id)
+    assert info.method == chosen and "Gauss-Newton products" in info.method_note
+
+
+def test_result_fields_are_scipys_and_the_callers_values(address):
+    fit = CurveFit()
+    ref = scipy_least_squares(fit.residuals, fit.x0, jac=fit.jacobian)
+    res = least_squares(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10, address=address)
+    for key in ref:
+        assert key in res, key
+    np.testing.assert_array_equal(res.fun, fit.residuals(res.x))
+    np.testing.assert_array_equal(res.jac, fit.jacobian(res.x))
+    np.testing.assert_array_equal(res.grad, fit.jacobian(res.x).T @ fit.residuals(res.x))
+    assert res.optimality == np.max(np.abs(res.grad))
+    # r and J are computed once per point: the residuals at least once per ask of a new point
+    assert res.njev <= res.nfev <= res.round_trips
+
+
+def test_a_jacobian_operator_gives_the_dense_jacobians_run(address):
+    """jac may return an operator (matvec / rmatvec), e.g. SciPy's LinearOperator."""
+    fit = CurveFit()
+    dense = least_squares(fit.residuals, fit.x0, fit.jacobian, address=address)
+    operator = least_squares(
+        fit.residuals, fit.x0, lambda p: aslinearoperator(fit.jacobian(p)), address=address
+    )
+    assert abs(operator.cost - dense.cost) <= 1e-12
+    np.testing.assert_allclose(operator.x, dense.x, rtol=1e-9)
+
+
+def test_async_variant_reaches_the_same_cost(address):
+    fit = CurveFit()
+    ref = scipy_least_squares(fit.residuals, fit.x0, jac=fit.jacobian, **TIGHT)
+    res = asyncio.run(least_squares_async(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10,
+                                          address=address))  # fmt: skip
+    assert abs(res.cost - ref.cost) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda a: least_squares(rosen_residuals, np.ones(2), "2-point", address=a), "jac"),
+        (
+            lambda a: least_squares(
+                rosen_residuals, np.ones(2), rosen_jacobian, loss="huber", address=a
+            ),
+            "loss",
+        ),
+        (
+            lambda a: least_squares(
+                rosen_residuals, np.ones(2), rosen_jacobian, method="trf", address=a
+            ),
+            "method",
+        ),
+        (  # dense J^T J is assembled from n products only up to n = 64
+            lambda a: least_squares(rosen_residuals, np.ones(65), rosen_jacobian, address=a),
+            "start.capabilities",
+        ),
+        (  # minimize() offers no Gauss-Newton products
+            lambda a: minimize(
+                rosen,
+                np.ones(3),
+                jac=True,
+                method="auto",
+                options={"curvature": "gauss_newton"},
+                address=a,
+            ),
+            "start.capabilities.gauss_newton",
+        ),
+        (
+            lambda a: minimize(
+                rosen,
+                np.ones(3),
+                jac=rosen_der,
+                hess=rosen_hess,
+                method="levenberg_marquardt",
+                options={"curvature": "gauss_newton"},
+                address=a,
+            ),
+            "start.capabilities.gauss_newton",
+        ),
+    ],
+)
+def test_bad_input_is_named(address, call, field):
+    with pytest.raises(InvalidArgument) as info:
+        call(address)
+    assert field in str(info.value)
