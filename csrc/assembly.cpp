@@ -1,7 +1,9 @@
 // Analytic loss, gradient and Hessian of the catalogue objectives, with ATen calls only
 // (any device), the dense products through BLAS: X^T D X as a symmetric rank-k update,
-// the softmax Hessian from its Kronecker structure with two matrix products.
+// the softmax Hessian from its Kronecker structure with two matrix products. The ops
+// *_system and gauss_newton are registered here, for CPU and CUDA alike.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -235,5 +237,34 @@ at::Tensor gauss_newton(const at::Tensor& jac, const c10::optional<at::Tensor>& 
               " values (one per Jacobian row), got shape ", w.sizes());
   return symmetric_product(jac, jac * w.unsqueeze(1), 1.0);
 }
+
+TORCH_LIBRARY_FRAGMENT(hessian, m) {
+  m.def("mse_system(Tensor x, Tensor target) -> (Tensor, Tensor, Tensor)");
+  m.def("quadratic_system(Tensor x, Tensor A, Tensor b) -> (Tensor, Tensor, Tensor)");
+  m.def("least_squares_system(Tensor x, Tensor X, Tensor y, float l2, bool fit_intercept)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("logistic_regression_system(Tensor x, Tensor X, Tensor y, float l2,"
+        " bool fit_intercept) -> (Tensor, Tensor, Tensor)");
+  m.def("softmax_regression_system(Tensor x, Tensor X, Tensor labels, int num_classes,"
+        " float l2, bool fit_intercept) -> (Tensor, Tensor, Tensor)");
+  m.def("gauss_newton(Tensor J, Tensor? weights=None) -> Tensor");
+}
+
+namespace {
+
+void register_kernels(torch::Library& m) {
+  m.impl("mse_system", &mse_system);
+  m.impl("quadratic_system", &quadratic_system);
+  m.impl("least_squares_system", &least_squares_system);
+  m.impl("logistic_regression_system", &logistic_system);
+  m.impl("softmax_regression_system", &softmax_system);
+  m.impl("gauss_newton", &gauss_newton);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hessian, CPU, m) { register_kernels(m); }
+
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) { register_kernels(m); }
 
 }  // namespace hessian

@@ -1,10 +1,16 @@
 // Fused Newton steps: loss, gradient, Hessian and the damped solve in one call, so a small
 // step costs one dispatch instead of dozens. mse's Hessian is (2/n) I, solved in closed form.
+// The ops torch.ops.hessian.*_newton_step are registered here, built from kFusedSteps
+// (fused_steps.h) by one template.
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#include "hessian.h"
+#include "fused_steps.h"
 
 namespace hessian {
 namespace {
@@ -13,12 +19,6 @@ FusedStep::Stats make_stats(double loss, double gnorm, double gmax, double step_
                            SolveStatus status, bool finite) {
   return {loss, gnorm, gmax, step_norm, status.damping, static_cast<double>(status.attempts),
           finite ? 1.0 : 0.0};
-}
-
-Step to_op(FusedStep&& step) {
-  at::Tensor stats = at::empty({kFusedStats}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(step.stats.begin(), step.stats.end(), stats.data_ptr<double>());
-  return {std::move(step.x_new), stats};
 }
 
 void check_step(double lr, double damping, int64_t max_attempts) {
@@ -148,37 +148,44 @@ FusedStep softmax_fused(const at::Tensor& x, const at::Tensor& X, const at::Tens
                 max_attempts);
 }
 
-}  // namespace hessian
-
-namespace hessian {
-
-Step mse_newton_step(const at::Tensor& x, const at::Tensor& target, double lr, double damping,
-                     int64_t max_attempts) {
-  return to_op(mse_fused(x, target, lr, damping, max_attempts));
+Step to_op(FusedStep&& step) {
+  at::Tensor stats = at::empty({kFusedStats}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(step.stats.begin(), step.stats.end(), stats.data_ptr<double>());
+  return {std::move(step.x_new), stats};
 }
 
-Step quadratic_newton_step(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                           double lr, double damping, int64_t max_attempts) {
-  return to_op(quadratic_fused(x, a, b, lr, damping, max_attempts));
+namespace {
+
+// The op of a fused step: the kernel's own parameters, its result packed by to_op.
+template <auto Kernel>
+struct FusedOp;
+
+template <typename... Args, FusedStep (*Kernel)(Args...)>
+struct FusedOp<Kernel> {
+  static Step op(Args... args) { return to_op(Kernel(args...)); }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hessian, m) {
+  for_each_fused_step([&](const auto& def) {
+    m.def((std::string(def.name) + "(" + def.args + ") -> (Tensor, Tensor)").c_str());
+  });
 }
 
-Step least_squares_newton_step(const at::Tensor& x, const at::Tensor& X, const at::Tensor& y,
-                               double l2, bool fit_intercept, double lr, double damping,
-                               int64_t max_attempts) {
-  return to_op(least_squares_fused(x, X, y, l2, fit_intercept, lr, damping, max_attempts));
+TORCH_LIBRARY_IMPL(hessian, CPU, m) {
+  for_each_fused_step([&](const auto& def) {
+    m.impl(def.name, &FusedOp<std::remove_cvref_t<decltype(def)>::kernel>::op);
+  });
 }
 
-Step logistic_newton_step(const at::Tensor& x, const at::Tensor& X, const at::Tensor& y,
-                          double l2, bool fit_intercept, double lr, double damping,
-                          int64_t max_attempts) {
-  return to_op(logistic_fused(x, X, y, l2, fit_intercept, lr, damping, max_attempts));
-}
-
-Step softmax_newton_step(const at::Tensor& x, const at::Tensor& X, const at::Tensor& labels,
-                         int64_t num_classes, double l2, bool fit_intercept, double lr,
-                         double damping, int64_t max_attempts) {
-  return to_op(
-      softmax_fused(x, X, labels, num_classes, l2, fit_intercept, lr, damping, max_attempts));
+// The same kernels serve CUDA tensors with ATen calls, except where a CUDA build has its own
+// (csrc/cuda/fused_steps.cu registers those).
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) {
+  for_each_fused_step([&](const auto& def) {
+    if (!(kCudaBuild && def.own_cuda_kernel))
+      m.impl(def.name, &FusedOp<std::remove_cvref_t<decltype(def)>::kernel>::op);
+  });
 }
 
 }  // namespace hessian

@@ -1,4 +1,6 @@
-// Shared declarations of the hessian extension: solves, analytic assembly, fused steps.
+// Shared declarations of the hessian extension: solves and analytic assembly (the fused
+// steps are in fused_steps.h). Each .cpp/.cu registers its own ops next to its kernels (a
+// TORCH_LIBRARY_FRAGMENT of hessian for the schemas, TORCH_LIBRARY_IMPL per dispatch key).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,6 +9,15 @@
 #include <tuple>
 
 namespace hessian {
+
+// A CUDA build (WITH_CUDA) registers csrc/cuda/'s own CUDA kernels for damped_cholesky and the
+// mse and quadratic fused steps; the .cpp files register their ATen kernels (which serve CUDA
+// tensors too) for the CUDA key for every other op.
+#ifdef WITH_CUDA
+inline constexpr bool kCudaBuild = true;
+#else
+inline constexpr bool kCudaBuild = false;
+#endif
 
 // Outcome of a damped Cholesky solve: the lambda that worked and how many tries it took
 // (attempts == 0 means no lambda within max_attempts gave a finite solution).
@@ -44,45 +55,5 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
 
 // J^T diag(w) J (w optional) from an (m, n) Jacobian.
 at::Tensor gauss_newton(const at::Tensor& jac, const c10::optional<at::Tensor>& weights);
-
-// A fused step before it is packed for the op (or for the direct Python binding).
-constexpr int64_t kFusedStats = 7;
-struct FusedStep {
-  using Stats = std::array<double, kFusedStats>;
-  at::Tensor x_new;
-  Stats stats;
-};
-
-FusedStep mse_fused(const at::Tensor& x, const at::Tensor& target, double lr, double damping,
-                    int64_t max_attempts);
-FusedStep quadratic_fused(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                          double lr, double damping, int64_t max_attempts);
-FusedStep least_squares_fused(const at::Tensor& x, const at::Tensor& X, const at::Tensor& y,
-                              double l2, bool fit_intercept, double lr, double damping,
-                              int64_t max_attempts);
-FusedStep logistic_fused(const at::Tensor& x, const at::Tensor& X, const at::Tensor& y,
-                         double l2, bool fit_intercept, double lr, double damping,
-                         int64_t max_attempts);
-FusedStep softmax_fused(const at::Tensor& x, const at::Tensor& X, const at::Tensor& labels,
-                        int64_t num_classes, double l2, bool fit_intercept, double lr,
-                        double damping, int64_t max_attempts);
-
-// Fused Newton steps: x_new and stats = [loss, |g|, max|g|, step norm, damping, attempts,
-// finite] (float64); attempts == 0 means the damped solve failed, finite == 0 a non-finite
-// loss, gradient or Hessian (x_new is then meaningless).
-using Step = std::tuple<at::Tensor, at::Tensor>;
-Step mse_newton_step(const at::Tensor& x, const at::Tensor& target, double lr, double damping,
-                     int64_t max_attempts);
-Step quadratic_newton_step(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                           double lr, double damping, int64_t max_attempts);
-Step least_squares_newton_step(const at::Tensor& x, const at::Tensor& X, const at::Tensor& y,
-                               double l2, bool fit_intercept, double lr, double damping,
-                               int64_t max_attempts);
-Step logistic_newton_step(const at::Tensor& x, const at::Tensor& X, const at::Tensor& y,
-                          double l2, bool fit_intercept, double lr, double damping,
-                          int64_t max_attempts);
-Step softmax_newton_step(const at::Tensor& x, const at::Tensor& X, const at::Tensor& labels,
-                         int64_t num_classes, double l2, bool fit_intercept, double lr,
-                         double damping, int64_t max_attempts);
 
 }  // namespace hessian

@@ -170,16 +170,21 @@ TORCH_LIBRARY_FRAGMENT(hessian, m) {
         " -> Tensor");
 }
 
-#define HESSIAN_PRODUCT_IMPLS(m)                                        \
-  m.impl("mse_block_product", &mse_block_product);                     \
-  m.impl("quadratic_block_product", &quadratic_block_product);         \
-  m.impl("logistic_regression_weights", &logistic_regression_weights); \
-  m.impl("linear_block_product", &linear_block_product);               \
-  m.impl("softmax_regression_probs", &softmax_regression_probs);       \
+namespace {
+
+void register_kernels(torch::Library& m) {
+  m.impl("mse_block_product", &mse_block_product);
+  m.impl("quadratic_block_product", &quadratic_block_product);
+  m.impl("logistic_regression_weights", &logistic_regression_weights);
+  m.impl("linear_block_product", &linear_block_product);
+  m.impl("softmax_regression_probs", &softmax_regression_probs);
   m.impl("softmax_block_product", &softmax_block_product);
+}
 
-TORCH_LIBRARY_IMPL(hessian, CPU, m) { HESSIAN_PRODUCT_IMPLS(m) }
+}  // namespace
 
-TORCH_LIBRARY_IMPL(hessian, CUDA, m) { HESSIAN_PRODUCT_IMPLS(m) }
+TORCH_LIBRARY_IMPL(hessian, CPU, m) { register_kernels(m); }
+
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) { register_kernels(m); }
 
 }  // namespace hessian

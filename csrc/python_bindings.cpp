@@ -1,42 +1,76 @@
-// Direct Python entry points for the fused steps: METH_FASTCALL functions that skip the
-// dispatcher's boxing and return the stats as Python floats, so the engine's seed-sized
-// Newton step costs one C call. The same kernels are also the torch.ops.hessian.* ops.
+// The Python module hessian_service._C: its direct entry points for the fused steps, built
+// from kFusedSteps (fused_steps.h) by one template. They are METH_FASTCALL functions that skip
+// the dispatcher's boxing and return the stats as Python floats, so the engine's seed-sized
+// Newton step costs one C call (about a fifth of the op's time); the same kernels are also the
+// torch.ops.hessian.*_newton_step ops. Importing the module loads the library, and so runs
+// every TORCH_LIBRARY registration of csrc/.
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include "hessian.h"
+#include <array>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "fused_steps.h"
 
 namespace hessian {
 namespace {
 
-const at::Tensor& tensor_arg(PyObject* o, const char* name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(o), name, " must be a Tensor");
-  return THPVariable_Unpack(o);
+// The name of argument `index` in a schema's argument list ("Tensor x, float lr, ...").
+std::string arg_name(std::string_view args, size_t index) {
+  for (; index > 0; --index) args.remove_prefix(args.find(',') + 1);
+  args = args.substr(0, args.find(','));
+  return std::string(args.substr(args.rfind(' ') + 1));
 }
 
-double float_arg(PyObject* o, const char* name) {
-  const double v = PyFloat_AsDouble(o);
-  if (v == -1.0 && PyErr_Occurred()) {
-    PyErr_Clear();
-    TORCH_CHECK_TYPE(false, name, " must be a real number");
+// Converts a Python argument to the kernel's parameter type T; a wrong type raises TypeError
+// naming the argument (looked up only then).
+template <typename T>
+struct Arg;
+
+template <>
+struct Arg<at::Tensor> {
+  static const at::Tensor& get(PyObject* o, const char* args, size_t i) {
+    TORCH_CHECK_TYPE(THPVariable_Check(o), arg_name(args, i), " must be a Tensor");
+    return THPVariable_Unpack(o);
   }
-  return v;
-}
+};
 
-int64_t int_arg(PyObject* o, const char* name) {
-  const long long v = PyLong_AsLongLong(o);
-  if (v == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    TORCH_CHECK_TYPE(false, name, " must be an integer");
+template <>
+struct Arg<double> {
+  static double get(PyObject* o, const char* args, size_t i) {
+    const double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      TORCH_CHECK_TYPE(false, arg_name(args, i), " must be a real number");
+    }
+    return v;
   }
-  return v;
-}
+};
 
-bool bool_arg(PyObject* o, const char* name) {
-  TORCH_CHECK_TYPE(PyBool_Check(o), name, " must be a bool");
-  return o == Py_True;
-}
+template <>
+struct Arg<int64_t> {
+  static int64_t get(PyObject* o, const char* args, size_t i) {
+    const long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      TORCH_CHECK_TYPE(false, arg_name(args, i), " must be an integer");
+    }
+    return v;
+  }
+};
+
+template <>
+struct Arg<bool> {
+  static bool get(PyObject* o, const char* args, size_t i) {
+    TORCH_CHECK_TYPE(PyBool_Check(o), arg_name(args, i), " must be a bool");
+    return o == Py_True;
+  }
+};
 
 // Releases the GIL for the kernel (other server threads run meanwhile); reacquired on any
 // exit, exceptions included, before the error is turned into a Python exception.
@@ -52,9 +86,6 @@ class ReleaseGil {
  private:
   PyThreadState* state_;
 };
-
-// Below this many parameters the mse step takes less time than releasing the GIL.
-constexpr int64_t kMseKeepGil = 4096;
 
 void check_nargs(Py_ssize_t got, Py_ssize_t want, const char* fn) {
   TORCH_CHECK_TYPE(got == want, fn, " takes ", want, " arguments, got ", got);
@@ -77,102 +108,67 @@ PyObject* pack(FusedStep&& step) {
   return out;
 }
 
-PyObject* py_mse(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  check_nargs(n, 5, "mse_newton_step");
-  const at::Tensor& x = tensor_arg(a[0], "x");
-  const at::Tensor& target = tensor_arg(a[1], "target");
-  const double lr = float_arg(a[2], "lr"), damping = float_arg(a[3], "damping");
-  const int64_t attempts = int_arg(a[4], "max_attempts");
-  FusedStep step;
-  {
-    ReleaseGil nogil(x.numel() > kMseKeepGil);
-    step = mse_fused(x, target, lr, damping, attempts);
+// The direct entry of a fused step: its arguments converted in order to the kernel's
+// parameter types, the kernel run without the GIL (unless x is small), the result packed.
+template <typename Def, typename Kernel = decltype(Def::kernel)>
+struct Direct;
+
+template <typename Def, typename... Params>
+struct Direct<Def, FusedStep (*const)(Params...)> {
+  template <size_t... I>
+  static FusedStep run(const Def& def, PyObject* const* a, std::index_sequence<I...>) {
+    // braced initialisation converts the arguments left to right
+    const std::tuple<Params...> args{
+        Arg<std::remove_cvref_t<Params>>::get(a[I], def.args, I)...};
+    ReleaseGil nogil(std::get<0>(args).numel() > def.keep_gil_numel);
+    return std::apply(Def::kernel, args);
   }
-  return pack(std::move(step));
-  END_HANDLE_TH_ERRORS
-}
 
-PyObject* py_quadratic(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  check_nargs(n, 6, "quadratic_newton_step");
-  const at::Tensor &x = tensor_arg(a[0], "x"), &A = tensor_arg(a[1], "A");
-  const at::Tensor& b = tensor_arg(a[2], "b");
-  const double lr = float_arg(a[3], "lr"), damping = float_arg(a[4], "damping");
-  const int64_t attempts = int_arg(a[5], "max_attempts");
-  FusedStep step;
-  {
-    ReleaseGil nogil(true);
-    step = quadratic_fused(x, A, b, lr, damping, attempts);
+  template <size_t Index>
+  static PyObject* call(PyObject*, PyObject* const* a, Py_ssize_t n) {
+    HANDLE_TH_ERRORS
+    const Def& def = std::get<Index>(kFusedSteps);
+    check_nargs(n, sizeof...(Params), def.name);
+    return pack(run(def, a, std::index_sequence_for<Params...>{}));
+    END_HANDLE_TH_ERRORS
   }
-  return pack(std::move(step));
-  END_HANDLE_TH_ERRORS
+};
+
+template <size_t Index>
+PyObject* direct(PyObject* self, PyObject* const* a, Py_ssize_t n) {
+  using Def = std::remove_cvref_t<decltype(std::get<Index>(kFusedSteps))>;
+  return Direct<Def>::template call<Index>(self, a, n);
 }
 
-using LinearFused = FusedStep (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                  bool, double, double, int64_t);
-
-// least_squares and logistic_regression take the same arguments: (x, X, y, l2, fit_intercept,
-// lr, damping, max_attempts).
-template <LinearFused fused>
-PyObject* py_linear_model(const char* name, PyObject* const* a, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  check_nargs(n, 8, name);
-  const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
-  const at::Tensor& y = tensor_arg(a[2], "y");
-  const double l2 = float_arg(a[3], "l2");
-  const bool fit = bool_arg(a[4], "fit_intercept");
-  const double lr = float_arg(a[5], "lr"), damping = float_arg(a[6], "damping");
-  const int64_t attempts = int_arg(a[7], "max_attempts");
-  FusedStep step;
-  {
-    ReleaseGil nogil(true);
-    step = fused(x, X, y, l2, fit, lr, damping, attempts);
-  }
-  return pack(std::move(step));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* py_least_squares(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  return py_linear_model<least_squares_fused>("least_squares_newton_step", a, n);
-}
-
-PyObject* py_logistic(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  return py_linear_model<logistic_fused>("logistic_regression_newton_step", a, n);
-}
-
-PyObject* py_softmax(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  check_nargs(n, 9, "softmax_regression_newton_step");
-  const at::Tensor &x = tensor_arg(a[0], "x"), &X = tensor_arg(a[1], "X");
-  const at::Tensor& labels = tensor_arg(a[2], "labels");
-  const int64_t k = int_arg(a[3], "num_classes");
-  const double l2 = float_arg(a[4], "l2");
-  const bool fit = bool_arg(a[5], "fit_intercept");
-  const double lr = float_arg(a[6], "lr"), damping = float_arg(a[7], "damping");
-  const int64_t attempts = int_arg(a[8], "max_attempts");
-  FusedStep step;
-  {
-    ReleaseGil nogil(true);
-    step = softmax_fused(x, X, labels, k, l2, fit, lr, damping, attempts);
-  }
-  return pack(std::move(step));
-  END_HANDLE_TH_ERRORS
+// "name(args) -> (x_new, stats)", kept for the module's lifetime.
+template <size_t Index>
+const char* doc() {
+  const auto& def = std::get<Index>(kFusedSteps);
+  static const std::string text = std::string(def.name) + "(" + def.args +
+                                  ") -> (x_new, (loss, grad_norm, grad_max, step_norm, damping,"
+                                  " attempts, finite)): the fused Newton step, called directly.";
+  return text.c_str();
 }
 
 #define FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f)), METH_FASTCALL
 
-PyMethodDef methods[] = {
-    {"mse_newton_step", FASTCALL(py_mse), "Fused mse Newton step (x, target, lr, damping, "
-                                          "max_attempts) -> (x_new, stats)."},
-    {"quadratic_newton_step", FASTCALL(py_quadratic), "Fused quadratic Newton step."},
-    {"least_squares_newton_step", FASTCALL(py_least_squares), "Fused least-squares step."},
-    {"logistic_regression_newton_step", FASTCALL(py_logistic), "Fused logistic step."},
-    {"softmax_regression_newton_step", FASTCALL(py_softmax), "Fused softmax step."},
-    {nullptr, nullptr, 0, nullptr}};
+template <size_t... Index>
+std::array<PyMethodDef, sizeof...(Index) + 1> make_methods(std::index_sequence<Index...>) {
+  return {{{std::get<Index>(kFusedSteps).name, FASTCALL(&direct<Index>), doc<Index>()}...,
+           {nullptr, nullptr, 0, nullptr}}};
+}
 
 }  // namespace
-
-PyMethodDef* python_methods() { return methods; }
-
 }  // namespace hessian
+
+extern "C" {
+// `import hessian_service._C` loads this library (and so runs csrc/'s op registrations); the
+// module itself holds only the direct fused-step entries.
+PyMODINIT_FUNC PyInit__C(void) {
+  static auto methods = hessian::make_methods(
+      std::make_index_sequence<std::tuple_size_v<decltype(hessian::kFusedSteps)>>{});
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "hessian_service native kernels", -1, methods.data()};
+  return PyModule_Create(&module_def);
+}
+}

@@ -7,8 +7,10 @@
 //  * CPU, larger n: LAPACK potrf (ATen's lapackCholesky) in place on one working triangle,
 //    written by a symmetrising pass before each attempt (a retry re-reads H).
 //  * other devices: the same policy with ATen calls (cuSOLVER on CUDA).
+// The ops damped_cholesky and saddle_free are registered here.
 #include <ATen/Parallel.h>
 #include <ATen/native/BatchLinearAlgebra.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -304,6 +306,24 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Te
   at::Tensor coeff = at::mv(evecs.t(), g).div_(evals.abs().clamp_min_(eigenvalue_floor));
   at::Tensor d = at::mv(evecs, coeff).neg_();
   return {d, negative};
+}
+
+TORCH_LIBRARY_FRAGMENT(hessian, m) {
+  m.def("damped_cholesky(Tensor H, Tensor g, float damping, int max_attempts)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("saddle_free(Tensor H, Tensor g, float eigenvalue_floor) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hessian, CPU, m) {
+  m.impl("damped_cholesky", &damped_cholesky);
+  m.impl("saddle_free", &saddle_free);
+}
+
+// ATen calls serve CUDA tensors too; a CUDA build registers csrc/cuda/small_solve.cu's
+// damped_cholesky instead.
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) {
+  if (!kCudaBuild) m.impl("damped_cholesky", &damped_cholesky);
+  m.impl("saddle_free", &saddle_free);
 }
 
 }  // namespace hessian

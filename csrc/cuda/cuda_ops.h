@@ -1,5 +1,6 @@
 // CUDA implementations of torch.ops.hessian.* that beat the ATen path (csrc/cuda/*.cu):
-// registered for the CUDA dispatch key in register.cpp when the build defines WITH_CUDA.
+// each .cu registers its own for the CUDA dispatch key in a CUDA build (WITH_CUDA), where the
+// .cpp files leave those ops' CUDA key to them (kCudaBuild, csrc/hessian.h).
 // Each serves small systems with its own kernel and hands everything else (large n, odd
 // inputs, invalid arguments, whose errors the ATen path raises) to the ATen implementation.
 //

@@ -15,11 +15,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 
-#include "../hessian.h"
+#include "../fused_steps.h"
 #include "block_cholesky.cuh"
 #include "cuda_ops.h"
 #include "step_kernels.cuh"
@@ -49,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> mse_newton_step(const at::Tensor& x,
   if (!(kernels_enabled() && x.is_cuda() && float_type(x) && like(target, x) && x.dim() == 1 &&
         x.numel() > 0 && target.numel() == x.numel() &&
         step_args_ok(lr, damping, max_attempts)))
-    return hessian::mse_newton_step(x, target, lr, damping, max_attempts);
+    return to_op(mse_fused(x, target, lr, damping, max_attempts));
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor tc = target.contiguous();
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_newton_step(const at::Tensor& x,
   if (!(kernels_enabled() && x.is_cuda() && float_type(x) && like(a, x) && like(b, x) &&
         n >= 1 && n <= kMaxBlockN && a.dim() == 2 && a.size(0) == n && a.size(1) == n &&
         b.dim() == 1 && b.size(0) == n && step_args_ok(lr, damping, max_attempts)))
-    return hessian::quadratic_newton_step(x, a, b, lr, damping, max_attempts);
+    return to_op(quadratic_fused(x, a, b, lr, damping, max_attempts));
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor ac = a.contiguous();
@@ -116,6 +117,12 @@ std::tuple<at::Tensor, at::Tensor> quadratic_newton_step(const at::Tensor& x,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {x_new, stats.cpu()};
+}
+
+// The steps whose FusedStepDef says own_cuda_kernel (csrc/fused_steps.h).
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) {
+  m.impl("mse_newton_step", &mse_newton_step);
+  m.impl("quadratic_newton_step", &quadratic_newton_step);
 }
 
 }  // namespace cuda

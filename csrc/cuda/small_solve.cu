@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -67,6 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
   });
   return {d, lam, attempts};
 }
+
+TORCH_LIBRARY_IMPL(hessian, CUDA, m) { m.impl("damped_cholesky", &damped_cholesky); }
 
 }  // namespace cuda
 }  // namespace hessian
