@@ -32,11 +32,13 @@ from common import (  # noqa: E402
     quick,
 )
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective  # noqa: E402
-from hessian_service.engine.backends import native_status  # noqa: E402
-from hessian_service.engine.curvature import loss_and_grad  # noqa: E402
-from hessian_service.engine.hessian_free import ggn_product, hessian_product  # noqa: E402
-from hessian_service.engine.native_products import curvature_block_product  # noqa: E402
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature  # noqa: E402
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature  # noqa: E402
+from hessian_service.engine.backends.selector import (  # noqa: E402
+    curvature_block_product,
+    native_status,
+)
+from hessian_service.engine.curvature.autograd import loss_and_grad  # noqa: E402
+from hessian_service.engine.curvature.products import ggn_product, hessian_product  # noqa: E402
 
 TITLE = "Hessian-free Newton-CG and curvature products"
 DTYPE = torch.float32

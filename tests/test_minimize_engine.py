@@ -10,7 +10,11 @@ import math
 import pytest
 import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria
-from hessian_service.engine.asktell import (
+from hessian_service.engine.cancel import Cancelled, CancelToken
+from hessian_service.engine.curvature.autograd import loss_and_grad, newton_system
+from hessian_service.engine.curvature.products import hessian_product
+from hessian_service.engine.objectives import make_objective
+from hessian_service.engine.solvers.asktell import (
     Answer,
     Ask,
     CallerLost,
@@ -18,10 +22,6 @@ from hessian_service.engine.asktell import (
     Exchange,
     RemoteObjective,
 )
-from hessian_service.engine.cancel import Cancelled, CancelToken
-from hessian_service.engine.curvature import loss_and_grad, newton_system
-from hessian_service.engine.hessian_free import hessian_product
-from hessian_service.engine.objectives import make_objective
 
 FIELDS = ("iteration", "loss", "gradient_norm", "step_norm", "step_size", "damping",
           "gain_ratio", "cg_iterations", "step_accepted")  # fmt: skip

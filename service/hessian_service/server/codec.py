@@ -18,9 +18,9 @@ import torch
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
+from ..engine.analysis.spectrum import CurvatureReport, TraceEstimate
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord
-from ..engine.spectrum import CurvatureReport, TraceEstimate
 
 TORCH_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,

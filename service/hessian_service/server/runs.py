@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
-from ..engine.asktell import CallerLost
 from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError
-from ..engine.methods import check_supported
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
+from ..engine.solvers.asktell import CallerLost
+from ..engine.solvers.methods import check_supported
 from ..store import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,

@@ -21,13 +21,13 @@ from ..engine import (
     resolve_method,
     take_step,
 )
+from ..engine.analysis.curvature_summary import dense_curvature
+from ..engine.analysis.spectrum import SpectrumOptions, analyze_curvature
 from ..engine.cancel import CANCELLED, DEADLINE, Cancelled, CancelToken
-from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
 from ..engine.options import METHODS, requested_backend
-from ..engine.sampling import generator, initial_params, sample
-from ..engine.spectrum import SpectrumOptions, analyze_curvature
+from ..engine.solvers.sampling import generator, initial_params, sample
 from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStore
 from . import codec
 from .auth import Tenancy, Tenant

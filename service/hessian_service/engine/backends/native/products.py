@@ -21,12 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from .backends import native_for
-from .errors import UnknownNameError, ValidationError
-from .objectives.base import Objective
-from .options import BACKENDS
+from ...curvature.products import BlockProduct
+from ...objectives.base import Objective
 
-BlockProduct = Callable[[torch.Tensor], torch.Tensor]
 Builder = Callable[[Objective, torch.Tensor, "torch.Tensor | None"], BlockProduct]
 
 
@@ -36,14 +33,14 @@ def _row_subset(objective: Objective, name: str, rows: torch.Tensor | None) -> t
 
 
 def _mse(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
-    from .native_ops import ops
+    from .ops import ops
 
     target = objective.data["target"]
     return lambda v: ops.mse_block_product(target, v)
 
 
 def _quadratic(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
-    from .native_ops import ops
+    from .ops import ops
 
     a = objective.data["A"]
     return lambda v: ops.quadratic_block_product(a, v)
@@ -52,7 +49,7 @@ def _quadratic(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None)
 def _least_squares(
     objective: Objective, x: torch.Tensor, rows: torch.Tensor | None
 ) -> BlockProduct:
-    from .native_ops import ops
+    from .ops import ops
 
     X = _row_subset(objective, "X", rows)
     l2, fit = objective.options["l2"], objective.options["fit_intercept"]
@@ -60,7 +57,7 @@ def _least_squares(
 
 
 def _logistic(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
-    from .native_ops import ops
+    from .ops import ops
 
     X = _row_subset(objective, "X", rows)
     l2, fit = objective.options["l2"], objective.options["fit_intercept"]
@@ -69,7 +66,7 @@ def _logistic(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) 
 
 
 def _softmax(objective: Objective, x: torch.Tensor, rows: torch.Tensor | None) -> BlockProduct:
-    from .native_ops import ops
+    from .ops import ops
 
     X = _row_subset(objective, "X", rows)
     o = objective.options
@@ -85,36 +82,3 @@ NATIVE_PRODUCTS: dict[str, Builder] = {
     "logistic_regression": _logistic,
     "softmax_regression": _softmax,
 }
-
-
-def select_backend(
-    objective: Objective, params: torch.Tensor, backend: str, kind: str = "hessian"
-) -> str:
-    """'native' or 'autograd': who serves `kind` products here under the requested backend."""
-    if backend not in BACKENDS:
-        raise UnknownNameError("backend", backend, list(BACKENDS))
-    if native_for(backend, params) is None:
-        return "autograd"
-    covered = objective.name in NATIVE_PRODUCTS and (kind == "hessian" or objective.supports_ggn)
-    return "native" if covered else "autograd"
-
-
-def native_block_product(
-    objective: Objective,
-    params: torch.Tensor,
-    backend: str,
-    kind: str = "hessian",
-    rows: torch.Tensor | None = None,
-) -> BlockProduct | None:
-    """The native V -> B V at `params` (on data rows `rows`), or None where autograd serves."""
-    if select_backend(objective, params, backend, kind) != "native":
-        return None
-    if rows is not None and not objective.row_fields:
-        raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
-    x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
-    return NATIVE_PRODUCTS[objective.name](objective, x, rows)
-
-
-def as_vector_product(block: BlockProduct) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v (n,) -> B v through a block product (k = 1)."""
-    return lambda v: block(v.unsqueeze(1)).squeeze(1)

@@ -1,10 +1,10 @@
 """The native curvature backend: analytic assembly and solves from `hessian_service._C`.
 
-Importing this module imports the extension (through `native_ops`), so a missing or broken
-build raises here and `backends._load_native` logs the real exception and falls back.
+Importing this module imports the extension (through `native.ops`), so a missing or broken
+build raises here and `selector._load_native` logs the real exception and falls back.
 Assembly is analytic for mse, quadratic, least_squares, logistic_regression and
 softmax_regression (their Gauss-Newton matrix is their Hessian: linear models with convex
-output losses); the mlp has its closed-form assembly (`mlp_curvature`, selected in
+output losses); the mlp has its closed-form assembly (`curvature.mlp`, selected in
 `backends`), every other objective the autograd one, and both still get the native solves.
 """
 
@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from . import curvature, linalg
-from .native_ops import ops
-from .objectives.base import Objective
+from ... import linalg
+from ...budget import check_dense_budget
+from ...objectives.base import Objective
+from .ops import ops
 
 _DTYPES = (torch.float32, torch.float64)
 _DEVICES = ("cpu", "cuda") if torch.version.cuda else ("cpu",)
@@ -72,7 +73,7 @@ class NativeBackend:
     name = "native"
 
     def __init__(self) -> None:
-        from .. import _C
+        from .... import _C
 
         self._fused = {name: getattr(_C, entry[1]) for name, entry in _SYSTEMS.items()}
 
@@ -89,7 +90,7 @@ class NativeBackend:
     def newton_system(
         self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        curvature.check_dense_budget(params.numel(), budget_bytes, params.dtype)
+        check_dense_budget(params.numel(), budget_bytes, params.dtype)
         op, _, args = _SYSTEMS[objective.name]
         return op(params, *args(objective))
 

@@ -1,9 +1,9 @@
-"""Curvature backends behind one interface, and the auto/native/autograd selection.
+"""The one selector: which backend assembles, solves and multiplies by the curvature, per call.
 
 `autograd` (pure Python, torch autograd) always works. `native` is the compiled extension
-`hessian_service._C`, loaded through `native_backend`; when it fails to import, the real
+`hessian_service._C`, loaded through `native.dense`; when it fails to import, the real
 exception is logged once and kept for `native_status()`. `closed_form` assembles the mlp's
-Hessian and Gauss-Newton matrix from explicit formulas (`mlp_curvature`, torch ops, no
+Hessian and Gauss-Newton matrix from explicit formulas (`curvature.mlp`, torch ops, no
 autograd). `auto` and `native` use native where it supports the objective, dtype and
 device, else closed_form where it applies, else autograd; the native solve serves
 objectives that have no native assembly. `autograd` is the reference path throughout.
@@ -18,9 +18,22 @@ from typing import Any, Protocol
 
 import torch
 
-from . import curvature, linalg, mlp_curvature
-from .errors import UnavailableError
-from .objectives.base import Objective
+from .. import linalg
+from ..budget import check_dense_budget
+from ..curvature import autograd as curvature
+from ..curvature import mlp as mlp_curvature
+from ..curvature.products import (
+    BlockProduct,
+    Product,
+    as_vector_product,
+    autograd_block_product,
+    ggn_product,
+    hessian_product,
+)
+from ..errors import UnavailableError, UnknownNameError, ValidationError
+from ..objectives.base import Objective
+from ..options import BACKENDS
+from .native import products
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +100,7 @@ class ClosedFormBackend(AutogradBackend):
     def newton_system(
         self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        curvature.check_dense_budget(params.numel(), budget_bytes, params.dtype)
+        check_dense_budget(params.numel(), budget_bytes, params.dtype)
         return mlp_curvature.mlp_newton_system(objective, params, kind)
 
 
@@ -108,7 +121,7 @@ def _assembler(
 def _load_native() -> tuple[Any | None, str]:
     """Import the native backend once; on failure log the real exception once."""
     try:
-        from .native_backend import NativeBackend
+        from .native.dense import NativeBackend
     except Exception as exc:  # any import failure means: serve with autograd
         reason = f"hessian_service._C did not load: {type(exc).__name__}: {exc}"
         log.warning("native backend unavailable, using autograd: %s", reason)
@@ -163,3 +176,76 @@ def resolve(
         return ResolvedBackend(AUTOGRAD, AUTOGRAD)
     native = native_for(requested, params)
     return ResolvedBackend(_assembler(native, objective, params, kind), native or AUTOGRAD)
+
+
+def select_backend(
+    objective: Objective, params: torch.Tensor, backend: str, kind: str = "hessian"
+) -> str:
+    """'native' or 'autograd': who serves `kind` products here under the requested backend."""
+    if backend not in BACKENDS:
+        raise UnknownNameError("backend", backend, list(BACKENDS))
+    if native_for(backend, params) is None:
+        return "autograd"
+    covered = objective.name in products.NATIVE_PRODUCTS and (
+        kind == "hessian" or objective.supports_ggn
+    )
+    return "native" if covered else "autograd"
+
+
+def native_block_product(
+    objective: Objective,
+    params: torch.Tensor,
+    backend: str,
+    kind: str = "hessian",
+    rows: torch.Tensor | None = None,
+) -> BlockProduct | None:
+    """The native V -> B V at `params` (on data rows `rows`), or None where autograd serves."""
+    if select_backend(objective, params, backend, kind) != "native":
+        return None
+    if rows is not None and not objective.row_fields:
+        raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
+    x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
+    return products.NATIVE_PRODUCTS[objective.name](objective, x, rows)
+
+
+def curvature_product(
+    objective: Objective,
+    params: torch.Tensor,
+    kind: str = "hessian",
+    hvp_mode: str = "forward_over_reverse",
+    backend: str = "autograd",
+) -> Product:
+    """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`.
+
+    backend auto/native: the closed-form native product where native/products.py covers the
+    objective (on the same rows), else the autograd product.
+    """
+    sub = objective
+    if hasattr(sub, "product_at"):  # evaluated elsewhere (asktell.RemoteObjective asks)
+        return sub.product_at(params, kind)
+    native = native_block_product(sub, params, backend, kind)
+    if native is not None:
+        return as_vector_product(native)
+    if kind == "gauss_newton":
+        return ggn_product(sub, params)
+    return hessian_product(sub, params, hvp_mode)
+
+
+def curvature_block_product(
+    objective: Objective,
+    params: torch.Tensor,
+    backend: str = "auto",
+    rows: torch.Tensor | None = None,
+    *,
+    kind: str = "hessian",
+    hvp_mode: str = "forward_over_reverse",
+) -> tuple[BlockProduct, str]:
+    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows).
+
+    kind is hessian or gauss_newton; hvp_mode picks the autograd Hessian product (unused
+    by native products, which are exact closed forms).
+    """
+    native = native_block_product(objective, params, backend, kind, rows)
+    if native is not None:
+        return native, "native"
+    return autograd_block_product(objective, params, kind, rows, hvp_mode), "autograd"

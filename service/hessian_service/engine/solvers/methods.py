@@ -16,10 +16,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import backends, curvature, hessian_free, native_products
-from .linalg import SolveResult, negative_eigenvalues
-from .objectives.base import Objective
-from .options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
+from ..backends import selector as backends
+from ..curvature import autograd as curvature
+from ..linalg import SolveResult, negative_eigenvalues
+from ..objectives.base import Objective
+from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
+from . import hessian_free
 
 LM_INITIAL_TAU = 1e-3
 
@@ -123,7 +125,7 @@ class Stepper:
         self._last_trial: tuple[torch.Tensor, float] | None = None
         check_supported(objective, options)
         if self.hessian_free:
-            self.backend_label = native_products.select_backend(
+            self.backend_label = backends.select_backend(
                 objective, params, options.backend, options.curvature
             )
         elif self.second_order:
