@@ -1,18 +1,12 @@
-"""Which backend serves matrix-free curvature products, and the native block products.
+"""The native block products: V -> B V from csrc/products.cpp, one builder per objective.
 
-`native_block_product(objective, params, backend, kind)` returns V -> B V, or None where
-autograd serves (hessian_free.curvature_block_product then builds it): B is the Hessian or
-Gauss-Newton matrix at `params`, V an (n, k) block (k = 1: one product). Native products
-(csrc/products.cpp) serve mse, quadratic, least_squares, logistic_regression and
+B is the Hessian or Gauss-Newton matrix at `params`, V an (n, k) block (k = 1: one
+product). Native products serve mse, quadratic, least_squares, logistic_regression and
 softmax_regression (whose Gauss-Newton matrix is their Hessian) in float32/float64 on the
 extension's devices: the per-point quantities (logistic weights p (1 - p), softmax
 probabilities) are computed once when the product is built, so each product is two matrix
-products with X. Everything else, and everything when
-`backend` is autograd, uses the torch.func/autograd products of hessian_free.py.
-
-Selection matches the dense path (backends.resolve): auto uses native where covered;
-native on an uncovered objective falls back to autograd and the label says so; native with
-the extension missing, or on a dtype/device it does not serve, raises UnavailableError.
+products with X. Whether a builder here or an autograd product serves a call is chosen in
+`backends.selector` (`select_backend`), as the dense path is (`resolve`).
 """
 
 from __future__ import annotations
