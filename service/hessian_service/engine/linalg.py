@@ -1,8 +1,11 @@
-"""The Newton solve on the autograd path: damped Cholesky and the saddle-free direction.
+"""Dense linear algebra on a curvature matrix: damped Cholesky, saddle-free, eigenvalue tests.
 
-Both solve H d = -g for a direction d. The damped Cholesky factorises H + lambda I,
+Both solves solve H d = -g for a direction d. The damped Cholesky factorises H + lambda I,
 raising lambda geometrically until the factorisation succeeds (the matrix is positive
 definite), so an indefinite or singular H never yields NaN; never `torch.inverse`.
+It imports nothing of the engine, so it sits in the base layer: the autograd backend's
+`solve` is these functions, the native backend reports through `SolveResult`, and the
+solvers and the analysis share the eigenvalue counts and the second-order verdict.
 """
 
 from __future__ import annotations
