@@ -26,16 +26,16 @@ from typing import Any
 import torch
 
 from .. import cancel
-from ..backends.selector import curvature_product, native_block_product
+from ..backends.selector import curvature_products
 from ..cancel import CancelToken, scope
 from ..curvature.autograd import loss_and_grad
-from ..curvature.products import BlockProduct, Product, as_vector_product
+from ..curvature.products import BlockProduct, Product
 from ..errors import UnknownNameError, ValidationError
 from ..linalg import classify
 from ..objectives.base import Objective
 from ..options import BACKENDS, HVP_MODES, requested_backend
 from ..validation import decomposable, require_int, require_no_extra
-from .block_lanczos import block_lanczos_extremes, block_product
+from .block_lanczos import block_lanczos_extremes
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
@@ -379,16 +379,9 @@ def _analyze(
         )
     gmax = float(grad.abs().max()) if n else 0.0
     backend = requested_backend(opts.backend)
-    native = native_block_product(objective, x, backend, opts.curvature)
-    if native is not None:  # closed-form block products (backends/native/products.py), never vmap'd
-
-        def rows(vs: torch.Tensor) -> torch.Tensor:
-            return native(vs.T).T
-
-        counter = _Counter(as_vector_product(native), opts.batch_size, native, rows)
-    else:
-        blocks = block_product(objective, x, opts.curvature, opts.hvp_mode)
-        counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, blocks)
+    chosen = curvature_products(objective, x, backend, opts.curvature)
+    block = chosen.block(opts.hvp_mode)
+    counter = _Counter(chosen.vector(), opts.batch_size, block, chosen.batched())
     gen = torch.Generator().manual_seed(opts.seed)
     by_part: dict[str, int] = {}
 
@@ -444,7 +437,7 @@ def _analyze(
         verdict=verdict,
         verdict_reason=reason,
         seconds=time.perf_counter() - started,
-        backend="native" if native is not None else "autograd",
+        backend=chosen.label,
     )
 
 

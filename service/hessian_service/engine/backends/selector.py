@@ -67,7 +67,7 @@ class AutogradBackend:
     name = "autograd"
 
     def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
-        return kind == "hessian" or objective.supports_ggn
+        return objective.has_curvature(kind)
 
     def supports_solve(self, h: torch.Tensor) -> bool:
         return True
@@ -95,7 +95,7 @@ class ClosedFormBackend(AutogradBackend):
     name = "closed_form"
 
     def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
-        return objective.name == "mlp" and params.dtype in (torch.float32, torch.float64)
+        return objective.closed_form_system and params.dtype in (torch.float32, torch.float64)
 
     def newton_system(
         self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
@@ -137,10 +137,12 @@ def native_status() -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class ResolvedBackend:
-    """Who assembles the curvature and who solves; `label` goes into every step record."""
+    """Who serves one call: `system` assembles the dense curvature, `solver` solves with it,
+    `products` (native | autograd) multiplies by it; `label` goes into every step record."""
 
     system: Backend
     solver: Backend
+    products: str = "autograd"
 
     @property
     def label(self) -> str:
@@ -169,66 +171,91 @@ def native_for(requested: str, params: torch.Tensor) -> Any | None:
 
 
 def resolve(
-    requested: str, objective: Objective, params: torch.Tensor, kind: str
+    requested: str, objective: Objective, params: torch.Tensor, kind: str = "hessian"
 ) -> ResolvedBackend:
-    """Pick the backends for one call: `requested` is auto, native or autograd."""
+    """The one choice of backends for a call: `requested` is auto, native or autograd.
+
+    Native assembles and multiplies where the objective declares those kernels
+    (`native_kernels`) and forms `kind`, and solves on every dtype/device it serves; the
+    closed form assembles where the objective declares one; autograd serves the rest.
+    """
+    if requested not in BACKENDS:
+        raise UnknownNameError("backend", requested, list(BACKENDS))
     if requested == "autograd":
         return ResolvedBackend(AUTOGRAD, AUTOGRAD)
     native = native_for(requested, params)
-    return ResolvedBackend(_assembler(native, objective, params, kind), native or AUTOGRAD)
-
-
-def select_backend(
-    objective: Objective, params: torch.Tensor, backend: str, kind: str = "hessian"
-) -> str:
-    """'native' or 'autograd': who serves `kind` products here under the requested backend."""
-    if backend not in BACKENDS:
-        raise UnknownNameError("backend", backend, list(BACKENDS))
-    if native_for(backend, params) is None:
-        return "autograd"
-    covered = objective.name in products.NATIVE_PRODUCTS and (
-        kind == "hessian" or objective.supports_ggn
+    covered = "block_product" in objective.native_kernels and objective.has_curvature(kind)
+    multiplier = "native" if native is not None and covered else "autograd"
+    return ResolvedBackend(
+        _assembler(native, objective, params, kind), native or AUTOGRAD, multiplier
     )
-    return "native" if covered else "autograd"
 
 
-def native_block_product(
+class CurvatureProducts:
+    """The curvature products B v / B V at one point, from the backend `resolve` chose.
+
+    Built lazily: each form is made when asked for, so a caller pays only for the ones it
+    uses. `label` (native | autograd) names the backend for records and reports.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        params: torch.Tensor,
+        kind: str,
+        label: str,
+        rows: torch.Tensor | None,
+    ) -> None:
+        self.objective = objective
+        self.params = params
+        self.kind = kind
+        self.label = label
+        self.rows = rows
+        self._native: BlockProduct | None = None
+        if label == "native":
+            if rows is not None and not objective.row_fields:
+                raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
+            x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
+            self._native = products.NATIVE_PRODUCTS[objective.name](objective, x, rows)
+
+    def vector(self, hvp_mode: str = "forward_over_reverse") -> Product:
+        """v (n,) -> B v; hvp_mode picks the autograd Hessian product (native: exact)."""
+        if hasattr(self.objective, "product_at"):  # evaluated elsewhere (asktell asks)
+            return self.objective.product_at(self.params, self.kind)
+        if self._native is not None:
+            return as_vector_product(self._native)
+        sub = self.objective
+        if self.rows is not None:
+            sub = sub.subsample(self.rows.to(sub.device))
+        if self.kind == "gauss_newton":
+            return ggn_product(sub, self.params)
+        return hessian_product(sub, self.params, hvp_mode)
+
+    def block(self, hvp_mode: str = "forward_over_reverse") -> BlockProduct:
+        """V (n, k) -> B V (vmap'd over columns where the autograd product allows it)."""
+        if self._native is not None:
+            return self._native
+        return autograd_block_product(self.objective, self.params, self.kind, self.rows, hvp_mode)
+
+    def batched(self) -> BlockProduct:
+        """A (b, n) batch of rows -> the (b, n) rows of their products."""
+        native = self._native
+        if native is not None:
+            return lambda vs: native(vs.T).T
+        return torch.func.vmap(self.vector())
+
+
+def curvature_products(
     objective: Objective,
     params: torch.Tensor,
-    backend: str,
+    backend: str = "auto",
     kind: str = "hessian",
     rows: torch.Tensor | None = None,
-) -> BlockProduct | None:
-    """The native V -> B V at `params` (on data rows `rows`), or None where autograd serves."""
-    if select_backend(objective, params, backend, kind) != "native":
-        return None
-    if rows is not None and not objective.row_fields:
-        raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
-    x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
-    return products.NATIVE_PRODUCTS[objective.name](objective, x, rows)
-
-
-def curvature_product(
-    objective: Objective,
-    params: torch.Tensor,
-    kind: str = "hessian",
-    hvp_mode: str = "forward_over_reverse",
-    backend: str = "autograd",
-) -> Product:
-    """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`.
-
-    backend auto/native: the closed-form native product where native/products.py covers the
-    objective (on the same rows), else the autograd product.
-    """
-    sub = objective
-    if hasattr(sub, "product_at"):  # evaluated elsewhere (asktell.RemoteObjective asks)
-        return sub.product_at(params, kind)
-    native = native_block_product(sub, params, backend, kind)
-    if native is not None:
-        return as_vector_product(native)
-    if kind == "gauss_newton":
-        return ggn_product(sub, params)
-    return hessian_product(sub, params, hvp_mode)
+) -> CurvatureProducts:
+    """The curvature products of `kind` at `params` (on data rows `rows`, None: all) from
+    the backend `resolve` picks for them under the requested `backend`."""
+    label = resolve(backend, objective, params, kind).products
+    return CurvatureProducts(objective, params, kind, label, rows)
 
 
 def curvature_block_product(
@@ -240,12 +267,15 @@ def curvature_block_product(
     kind: str = "hessian",
     hvp_mode: str = "forward_over_reverse",
 ) -> tuple[BlockProduct, str]:
-    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows).
+    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows)."""
+    chosen = curvature_products(objective, params, backend, kind, rows)
+    return chosen.block(hvp_mode), chosen.label
 
-    kind is hessian or gauss_newton; hvp_mode picks the autograd Hessian product (unused
-    by native products, which are exact closed forms).
-    """
-    native = native_block_product(objective, params, backend, kind, rows)
-    if native is not None:
-        return native, "native"
-    return autograd_block_product(objective, params, kind, rows, hvp_mode), "autograd"
+
+def fused_entry(objective: Objective) -> tuple[Any, tuple[Any, ...]] | None:
+    """(the fused native Newton step, its arguments) where it serves `objective` on the CPU,
+    else None (the extension missing, or the objective declares no "newton_step" kernel)."""
+    native = _load_native()[0]
+    if native is None or objective.device.type != "cpu":
+        return None
+    return native.fused_entry(objective)

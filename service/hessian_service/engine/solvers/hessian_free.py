@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import cancel
-from ..backends.selector import curvature_product
+from ..backends.selector import curvature_products
 from ..curvature.autograd import Product, loss_and_grad
 from ..errors import ValidationError
 from ..objectives.base import Objective
@@ -293,12 +293,9 @@ def cg_direction(
     else:
         fraction = min(1.0, options.curvature_fraction / options.gradient_fraction)
         generator = sample.generator
-    product = curvature_product(
-        curvature_objective(sample.objective, fraction, generator),
-        x,
-        options.curvature,
-        options.hvp_mode,
-        options.backend,
+    sub = curvature_objective(sample.objective, fraction, generator)
+    product = curvature_products(sub, x, options.backend, options.curvature).vector(
+        options.hvp_mode
     )
     cg = steihaug_cg(
         product,

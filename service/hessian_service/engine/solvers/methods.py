@@ -125,9 +125,8 @@ class Stepper:
         self._last_trial: tuple[torch.Tensor, float] | None = None
         check_supported(objective, options)
         if self.hessian_free:
-            self.backend_label = backends.select_backend(
-                objective, params, options.backend, options.curvature
-            )
+            chosen = backends.resolve(options.backend, objective, params, options.curvature)
+            self.backend_label = chosen.products
         elif self.second_order:
             self.backend = backends.resolve(options.backend, objective, params, options.curvature)
             self.backend_label = self.backend.label

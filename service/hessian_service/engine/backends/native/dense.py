@@ -2,10 +2,12 @@
 
 Importing this module imports the extension (through `native.ops`), so a missing or broken
 build raises here and `selector._load_native` logs the real exception and falls back.
-Assembly is analytic for mse, quadratic, least_squares, logistic_regression and
-softmax_regression (their Gauss-Newton matrix is their Hessian: linear models with convex
-output losses); the mlp has its closed-form assembly (`curvature.mlp`, selected in
-`backends`), every other objective the autograd one, and both still get the native solves.
+Assembly is analytic for the objectives that declare the "system" kernel (`native_kernels`:
+today mse, quadratic, least_squares, logistic_regression and softmax_regression, whose
+Gauss-Newton matrix is their Hessian: linear models with convex output losses); each op is
+hessian::<name>_system called with the objective's `native_args()`. The mlp has its
+closed-form assembly (`curvature.mlp`, chosen in `selector`), every other objective the
+autograd one, and both still get the native solves.
 """
 
 from __future__ import annotations
@@ -24,45 +26,6 @@ _DTYPES = (torch.float32, torch.float64)
 _DEVICES = ("cpu", "cuda") if torch.version.cuda else ("cpu",)
 
 
-def _linear_args(objective: Objective) -> tuple[Any, ...]:
-    o = objective.options
-    return objective.data["X"], objective.data["y"], o["l2"], o["fit_intercept"]
-
-
-def _softmax_args(objective: Objective) -> tuple[Any, ...]:
-    o = objective.options
-    return (
-        objective.data["X"],
-        objective.data["labels"],
-        o["num_classes"],
-        o["l2"],
-        o["fit_intercept"],
-    )
-
-
-# objective name -> (system op, fused-step op (direct binding), data/option arguments)
-ArgsFn = Callable[[Objective], tuple[Any, ...]]
-_SYSTEMS: dict[str, tuple[Any, str, ArgsFn]] = {
-    "mse": (ops.mse_system, "mse_newton_step", lambda o: (o.data["target"],)),
-    "quadratic": (
-        ops.quadratic_system,
-        "quadratic_newton_step",
-        lambda o: (o.data["A"], o.data["b"]),
-    ),
-    "least_squares": (ops.least_squares_system, "least_squares_newton_step", _linear_args),
-    "logistic_regression": (
-        ops.logistic_regression_system,
-        "logistic_regression_newton_step",
-        _linear_args,
-    ),
-    "softmax_regression": (
-        ops.softmax_regression_system,
-        "softmax_regression_newton_step",
-        _softmax_args,
-    ),
-}
-
-
 def _placed(t: torch.Tensor) -> bool:
     return t.dtype in _DTYPES and t.device.type in _DEVICES
 
@@ -75,14 +38,11 @@ class NativeBackend:
     def __init__(self) -> None:
         from .... import _C
 
-        self._fused = {name: getattr(_C, entry[1]) for name, entry in _SYSTEMS.items()}
+        self._bindings = _C
 
     def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
-        if not _placed(params):
-            return False
-        if objective.name in _SYSTEMS:
-            return kind == "hessian" or objective.supports_ggn
-        return False
+        declared = "system" in objective.native_kernels
+        return declared and _placed(params) and objective.has_curvature(kind)
 
     def supports_solve(self, h: torch.Tensor) -> bool:
         return _placed(h)
@@ -91,8 +51,8 @@ class NativeBackend:
         self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_dense_budget(params.numel(), budget_bytes, params.dtype)
-        op, _, args = _SYSTEMS[objective.name]
-        return op(params, *args(objective))
+        op = getattr(ops, f"{objective.name}_system")
+        return op(params, *objective.native_args())
 
     def solve(self, h: torch.Tensor, g: torch.Tensor, damping: float) -> linalg.SolveResult:
         d, lam, attempts = ops.damped_cholesky(h, g, float(damping), linalg.MAX_DAMPING_ATTEMPTS)
@@ -117,7 +77,7 @@ class NativeBackend:
         fn(x, *args, lr, damping, max_attempts) -> (x_new, (loss, |g|, max|g|, step norm,
         damping, attempts, finite)); see csrc/fused.cpp.
         """
-        fn = self._fused.get(objective.name)
-        if fn is None or objective.dtype not in _DTYPES:
+        if "newton_step" not in objective.native_kernels or objective.dtype not in _DTYPES:
             return None
-        return fn, _SYSTEMS[objective.name][2](objective)
+        fn = getattr(self._bindings, f"{objective.name}_newton_step")
+        return fn, objective.native_args()

@@ -5,8 +5,9 @@ product). Native products serve mse, quadratic, least_squares, logistic_regressi
 softmax_regression (whose Gauss-Newton matrix is their Hessian) in float32/float64 on the
 extension's devices: the per-point quantities (logistic weights p (1 - p), softmax
 probabilities) are computed once when the product is built, so each product is two matrix
-products with X. Whether a builder here or an autograd product serves a call is chosen in
-`backends.selector` (`select_backend`), as the dense path is (`resolve`).
+products with X. The builders serve the objectives that declare the "block_product" kernel
+(`native_kernels`); whether one serves a call is chosen by `selector.resolve`, with the
+dense system and the solve.
 """
 
 from __future__ import annotations
