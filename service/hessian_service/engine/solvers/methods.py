@@ -1,17 +1,19 @@
 """Step computation for each method and step policy, on top of a curvature backend.
 
 A `Stepper` evaluates points (loss, gradient and, for second-order methods, the curvature
-matrix) and turns a point into a step: gradient descent (d = -g), Newton (damped
-Cholesky), saddle-free Newton (|H|), each with a fixed step, Armijo backtracking, or for
-Newton the Levenberg-Marquardt damping update of Nielsen (1999). The Hessian-free methods
-(newton_cg, gauss_newton_cg) take their direction from truncated CG in hessian_free.py and
-never form the curvature matrix.
+matrix) and turns a point into a step. As in optimistix, a method is a descent (how the
+direction is found: gradient d = -g, Newton by damped Cholesky, saddle-free Newton |H|,
+or truncated CG in hessian_free.py, which never forms the curvature matrix) run under a
+search (how far along it and whether to take it: a fixed step, Armijo backtracking,
+Nielsen's (1999) Levenberg-Marquardt damping update, or the Steihaug trust region). Each
+is one small function in DESCENTS or SEARCHES; options.py says which pairs a method takes.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -175,156 +177,208 @@ class Stepper:
         sample = hessian_free.batch_gradient(self.objective, point.x, self.options, self.state)
         return Point(point.x, point.loss, sample.grad, sample=sample)
 
-    def _direction(self, point: Point) -> SolveResult:
-        """The direction from `point`; a dense one without its gauge component.
-
-        A Newton solve that had to raise the damping to factorise counts the matrix's
-        negative eigenvalues (here, so every backend reports the same); an undamped one
-        proved there are none.
-        """
-        opts = self.options
-        if opts.method == "gradient_descent":
-            return SolveResult(-point.grad, 0.0, 0)
-        solver = self.backend.solver
-        h = point.curvature
-        if opts.method == "saddle_free":
-            res = solver.saddle_free(h, point.grad, opts.eigenvalue_floor)
-        else:
-            requested = opts.damping
-            if opts.step_policy == "levenberg_marquardt":
-                if self.state["damping"] <= 0:
-                    scale = float(h.diagonal().abs().max()) if point.grad.numel() else 1.0
-                    self.state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
-                lam = self.state["damping"]
-                if not math.isfinite(lam) or lam > lm_damping_cap(h):
-                    raise NoProgress(
-                        "no further progress possible at machine precision: every "
-                        "Levenberg-Marquardt trial was rejected until the damping "
-                        f"{lam:.3g} passed max(max|diag H|, 1) / eps "
-                        f"= {lm_damping_cap(h):.3g}"
-                    )
-                requested = lam
-            res = solver.solve(h, point.grad, requested)
-            if res.damping > requested:
-                res = replace(res, negative_eigenvalues=negative_eigenvalues(h), damped=True)
-            elif requested == 0:
-                res = replace(res, negative_eigenvalues=0)
-        return replace(res, direction=self.objective.project_step(res.direction))
-
     def step(self, point: Point) -> Step:
-        """The step from `point` under the configured policy (LineSearchFailed, NoProgress)."""
-        if self.hessian_free:
-            return self._hessian_free_step(point)
-        res = self._direction(point)
-        d = res.direction
-        if self.options.step_policy == "levenberg_marquardt":
-            return self._levenberg_marquardt(point, res)
-        alpha, evaluations = self._step_length(point, d)
-        gradient_descent = self.options.method == "gradient_descent"  # d = -g: |d| is known
-        d_norm = point.grad_norms[0] if gradient_descent else torch.linalg.vector_norm(d).item()
-        return Step(
-            x_new=point.x + alpha * d,
-            step_norm=alpha * d_norm,
-            step_size=alpha,
-            damping=res.damping,
-            gain_ratio=math.nan,
-            accepted=True,
-            negative_eigenvalues=res.negative_eigenvalues,
-            solver_attempts=res.attempts,
-            function_evaluations=evaluations,
-            step_damped=res.damped,
+        """The step from `point`: the method's descent under the step policy's search
+        (LineSearchFailed, NoProgress)."""
+        return SEARCHES[self.options.step_policy](self, point, DESCENTS[self.options.method])
+
+
+@dataclass(frozen=True)
+class Direction:
+    """What a descent found: the direction, its norm, and the solve facts a record carries."""
+
+    direction: torch.Tensor
+    norm: float
+    damping: float
+    negative_eigenvalues: int
+    solver_attempts: int
+    damped: bool = False
+    cg: hessian_free.CGResult | None = None
+
+
+# A descent: how the direction is found from a point (`damping`: the lambda the search asks
+# the dense Newton solve for). A search: how far along it, and whether the step is taken.
+Descent = Callable[[Stepper, Point, float], Direction]
+Search = Callable[[Stepper, Point, Descent], Step]
+
+
+def _gradient(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """d = -g (its norm is the gradient's, known; only dense solves are gauge-projected)."""
+    return Direction(-point.grad, point.grad_norms[0], 0.0, -1, 0)
+
+
+def _dense(stepper: Stepper, point: Point, res: SolveResult) -> Direction:
+    d = stepper.objective.project_step(res.direction)
+    norm = torch.linalg.vector_norm(d).item()
+    return Direction(d, norm, res.damping, res.negative_eigenvalues, res.attempts, res.damped)
+
+
+def _newton(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """The damped Cholesky solve of (H + lambda I) d = -g, lambda >= `damping`.
+
+    A solve that had to raise the damping to factorise counts the matrix's negative
+    eigenvalues (here, so every backend reports the same); an undamped one proved there
+    are none.
+    """
+    h = point.curvature
+    res = stepper.backend.solver.solve(h, point.grad, damping)
+    if res.damping > damping:
+        res = replace(res, negative_eigenvalues=negative_eigenvalues(h), damped=True)
+    elif damping == 0:
+        res = replace(res, negative_eigenvalues=0)
+    return _dense(stepper, point, res)
+
+
+def _saddle_free(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """d = -|H|^-1 g, counting H's negative eigenvalues."""
+    floor = stepper.options.eigenvalue_floor
+    return _dense(
+        stepper, point, stepper.backend.solver.saddle_free(point.curvature, point.grad, floor)
+    )
+
+
+def _conjugate_gradient(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """Truncated CG on curvature-vector products (the state's Martens lambda damps it)."""
+    lam = stepper.state["damping"]
+    cg = hessian_free.cg_direction(
+        stepper.objective, point.x, point.grad, stepper.options, stepper.state, drawn=point.sample
+    )
+    return Direction(cg.direction, float(cg.direction.norm()), lam, -1, 1, cg=cg)
+
+
+DESCENTS: dict[str, Descent] = {
+    "gradient_descent": _gradient,
+    "newton": _newton,
+    "saddle_free": _saddle_free,
+    "newton_cg": _conjugate_gradient,
+    "gauss_newton_cg": _conjugate_gradient,
+}
+
+
+def _taken(point: Point, found: Direction, alpha: float, evaluations: int) -> Step:
+    """The step x + alpha d, always accepted (fixed step or a satisfied line search)."""
+    cg = found.cg
+    return Step(
+        x_new=point.x + alpha * found.direction,
+        step_norm=alpha * found.norm,
+        step_size=alpha,
+        damping=found.damping,
+        gain_ratio=math.nan,
+        accepted=True,
+        negative_eigenvalues=found.negative_eigenvalues,
+        solver_attempts=found.solver_attempts,
+        function_evaluations=evaluations,
+        cg_iterations=cg.iterations if cg else 0,
+        cg_residual=cg.residual if cg else math.nan,
+        negative_curvature=cg.negative_curvature if cg else False,
+        gradient_batch_size=cg.gradient_batch_size if cg else 0,
+        step_damped=found.damped,
+    )
+
+
+def _fixed(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """x + lr d, whatever the loss does."""
+    found = descent(stepper, point, stepper.options.damping)
+    return _taken(point, found, stepper.options.learning_rate, 0)
+
+
+def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """Armijo backtracking from lr (with a mini-batch gradient the slope is g.d for the
+    point's batch gradient, the one CG used; the losses compared are the full ones)."""
+    opts = stepper.options
+    found = descent(stepper, point, opts.damping)
+    d = found.direction
+    alpha, evaluations = opts.learning_rate, 0
+    slope = float(point.grad @ d)
+    for _ in range(opts.max_backtracks):
+        trial = stepper.loss_at(point.x + alpha * d)
+        evaluations += 1
+        if math.isfinite(trial) and trial <= point.loss + opts.armijo * alpha * slope:
+            break
+        alpha *= opts.backtrack
+    else:
+        raise LineSearchFailed(
+            f"no step satisfied the Armijo condition in {evaluations} backtracks"
         )
+    return _taken(point, found, alpha, evaluations)
 
-    def _step_length(self, point: Point, d: torch.Tensor) -> tuple[float, int]:
-        """The fixed step size, or Armijo backtracking from it; and the loss evaluations used."""
-        policy = self.options.step_policy
-        alpha = self.options.learning_rate
-        evaluations = 0
-        if policy == "line_search":
-            slope = float(point.grad @ d)
-            c1, shrink = self.options.armijo, self.options.backtrack
-            for _ in range(self.options.max_backtracks):
-                trial = self.loss_at(point.x + alpha * d)
-                evaluations += 1
-                if math.isfinite(trial) and trial <= point.loss + c1 * alpha * slope:
-                    break
-                alpha *= shrink
-            else:
-                raise LineSearchFailed(
-                    f"no step satisfied the Armijo condition in {evaluations} backtracks"
-                )
-        return alpha, evaluations
 
-    def _hessian_free_step(self, point: Point) -> Step:
-        """A Newton-CG step: Steihaug trust region, or the CG direction with fixed/line search.
-
-        With a mini-batch gradient the line search's Armijo slope is g.d for the point's
-        batch gradient g (the one CG used); the losses it compares are the full ones.
-        """
-        opts, state = self.options, self.state
-        if opts.step_policy == "trust_region":
-            tr = hessian_free.newton_cg(
-                self.objective,
-                point.x,
-                point.loss,
-                point.grad,
-                opts,
-                state,
-                self.loss_at,
-                point.sample,
-            )
-            cg, alpha, evaluations = tr.cg, 1.0, 1
-            x_new, damping, rho, accepted = tr.x_new, tr.damping, tr.gain_ratio, tr.accepted
-            radius = tr.trust_radius
-        else:
-            damping = state["damping"]
-            cg = hessian_free.cg_direction(
-                self.objective, point.x, point.grad, opts, state, drawn=point.sample
-            )
-            alpha, evaluations = self._step_length(point, cg.direction)
-            x_new, rho, accepted = point.x + alpha * cg.direction, math.nan, True
-            radius = math.nan
-        return Step(
-            x_new=x_new,
-            step_norm=alpha * float(cg.direction.norm()),
-            step_size=alpha,
-            damping=damping,
-            gain_ratio=rho,
-            accepted=accepted,
-            negative_eigenvalues=-1,
-            solver_attempts=1,
-            function_evaluations=evaluations,
-            cg_iterations=cg.iterations,
-            cg_residual=cg.residual,
-            negative_curvature=cg.negative_curvature,
-            trust_radius=radius,
-            gradient_batch_size=cg.gradient_batch_size,
+def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """Nielsen's (1999) damping update: the full step of the damped solve, accepted when the
+    gain ratio is positive; lambda shrinks after a good step and grows (x nu) after a bad one."""
+    state, h, g = stepper.state, point.curvature, point.grad
+    if state["damping"] <= 0:
+        scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
+        state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
+    lam = state["damping"]
+    if not math.isfinite(lam) or lam > lm_damping_cap(h):
+        raise NoProgress(
+            "no further progress possible at machine precision: every "
+            "Levenberg-Marquardt trial was rejected until the damping "
+            f"{lam:.3g} passed max(max|diag H|, 1) / eps = {lm_damping_cap(h):.3g}"
         )
+    found = descent(stepper, point, lam)
+    d = found.direction
+    predicted = -float(g @ d + 0.5 * (d @ (h @ d)))
+    x_new = point.x + d
+    trial = stepper.loss_at(x_new)
+    rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
+    accepted = math.isfinite(trial) and rho > 0
+    lam = found.damping
+    if accepted:
+        state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        state["nu"] = 2.0
+    else:
+        state["damping"] = lam * state["nu"]
+        state["nu"] *= 2.0
+    return Step(
+        x_new=x_new,
+        step_norm=float(d.norm()),
+        step_size=1.0,
+        damping=lam,
+        gain_ratio=rho if math.isfinite(rho) else math.nan,
+        accepted=accepted,
+        negative_eigenvalues=found.negative_eigenvalues,
+        solver_attempts=found.solver_attempts,
+        function_evaluations=1,
+        step_damped=found.damped,
+    )
 
-    def _levenberg_marquardt(self, point: Point, res: SolveResult) -> Step:
-        d, h, g = res.direction, point.curvature, point.grad
-        predicted = -float(g @ d + 0.5 * (d @ (h @ d)))
-        x_new = point.x + d
-        trial = self.loss_at(x_new)
-        actual = point.loss - trial
-        rho = actual / predicted if predicted > 0 else -math.inf
-        accepted = math.isfinite(trial) and rho > 0
-        lam = res.damping
-        if accepted:
-            self.state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-            self.state["nu"] = 2.0
-        else:
-            self.state["damping"] = lam * self.state["nu"]
-            self.state["nu"] *= 2.0
-        return Step(
-            x_new=x_new,
-            step_norm=float(d.norm()),
-            step_size=1.0,
-            damping=lam,
-            gain_ratio=rho if math.isfinite(rho) else math.nan,
-            accepted=accepted,
-            negative_eigenvalues=res.negative_eigenvalues,
-            solver_attempts=res.attempts,
-            function_evaluations=1,
-            step_damped=res.damped,
-        )
+
+def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """Steihaug-Toint: CG stops at the radius; the gain ratio moves radius and lambda."""
+    tr = hessian_free.newton_cg(
+        stepper.objective,
+        point.x,
+        point.loss,
+        point.grad,
+        stepper.options,
+        stepper.state,
+        stepper.loss_at,
+        point.sample,
+    )
+    cg = tr.cg
+    return Step(
+        x_new=tr.x_new,
+        step_norm=float(cg.direction.norm()),
+        step_size=1.0,
+        damping=tr.damping,
+        gain_ratio=tr.gain_ratio,
+        accepted=tr.accepted,
+        negative_eigenvalues=-1,
+        solver_attempts=1,
+        function_evaluations=1,
+        cg_iterations=cg.iterations,
+        cg_residual=cg.residual,
+        negative_curvature=cg.negative_curvature,
+        trust_radius=tr.trust_radius,
+        gradient_batch_size=cg.gradient_batch_size,
+    )
+
+
+SEARCHES: dict[str, Search] = {
+    "fixed": _fixed,
+    "line_search": _line_search,
+    "levenberg_marquardt": _levenberg_marquardt,
+    "trust_region": _trust_region,
+}
