@@ -381,9 +381,8 @@ def gauss_newton_cg(
 
 
 def check_supported(objective: Objective, options: MethodOptions) -> None:
-    """Refuse, naming the field, a Hessian-free configuration this objective cannot serve."""
-    field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
-    objective.require_curvature(options.curvature, field)
+    """Refuse, naming the field, row sub-sampling on an objective without data rows (the
+    curvature kind is refused once, by methods.check_supported)."""
     for name in ("curvature_fraction", "gradient_fraction"):
         if getattr(options, name) < 1.0 and not objective.row_fields:
             raise ValidationError(
