@@ -6,9 +6,9 @@ about 1e4, 1e5 and 1e6 parameters. Part 2 races the engine's newton_cg and
 gauss_newton_cg runs against torch.optim.LBFGS (strong Wolfe) and Adam on one mlp
 regression (a student fitting a teacher network), recording loss against wall time and
 against evaluations, and saves the curves as bench/hessian_free_losses.png. The native
-part times the closed-form block products (native_products.py) against autograd HVPs and a
-gradient on logistic regression and softmax regression, end to end in AnalyzeCurvature and
-Newton-CG, and the Lanczos tridiagonal eigen-solve.
+part times the closed-form block products (backends/native/products.py) against autograd
+HVPs and a gradient on logistic regression and softmax regression, end to end in
+AnalyzeCurvature and Newton-CG, and the Lanczos tridiagonal eigen-solve.
 """
 
 from __future__ import annotations
