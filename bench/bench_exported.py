@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 from common import format_seconds, markdown_table, median_seconds  # noqa: E402
 from hessian_client import problems  # noqa: E402
 from hessian_service.engine import MethodOptions, make_objective, take_step  # noqa: E402
-from hessian_service.engine.curvature import hvp, loss_and_grad  # noqa: E402
+from hessian_service.engine.curvature.autograd import hvp, loss_and_grad  # noqa: E402
 from hessian_service.server.codec import decode_tensor  # noqa: E402
 
 TITLE = "Exported programs against the catalogue"

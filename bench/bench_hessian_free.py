@@ -6,9 +6,9 @@ about 1e4, 1e5 and 1e6 parameters. Part 2 races the engine's newton_cg and
 gauss_newton_cg runs against torch.optim.LBFGS (strong Wolfe) and Adam on one mlp
 regression (a student fitting a teacher network), recording loss against wall time and
 against evaluations, and saves the curves as bench/hessian_free_losses.png. The native
-part times the closed-form block products (native_products.py) against autograd HVPs and a
-gradient on logistic regression and softmax regression, end to end in AnalyzeCurvature and
-Newton-CG, and the Lanczos tridiagonal eigen-solve.
+part times the closed-form block products (backends/native/products.py) against autograd
+HVPs and a gradient on logistic regression and softmax regression, end to end in
+AnalyzeCurvature and Newton-CG, and the Lanczos tridiagonal eigen-solve.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from common import (  # noqa: E402
     quick,
 )
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective  # noqa: E402
-from hessian_service.engine.backends import native_status  # noqa: E402
-from hessian_service.engine.curvature import loss_and_grad  # noqa: E402
-from hessian_service.engine.hessian_free import ggn_product, hessian_product  # noqa: E402
-from hessian_service.engine.native_products import curvature_block_product  # noqa: E402
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature  # noqa: E402
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature  # noqa: E402
+from hessian_service.engine.backends.selector import (  # noqa: E402
+    curvature_block_product,
+    native_status,
+)
+from hessian_service.engine.curvature.autograd import loss_and_grad  # noqa: E402
+from hessian_service.engine.curvature.products import ggn_product, hessian_product  # noqa: E402
 
 TITLE = "Hessian-free Newton-CG and curvature products"
 DTYPE = torch.float32

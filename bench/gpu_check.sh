@@ -73,7 +73,7 @@ sanitize() {  # racecheck and memcheck over one call of each kernel (small, esca
   for tool in racecheck memcheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" - <<'EOF' || return $?
 import torch
-from hessian_service.engine.native_ops import ops
+from hessian_service.engine.backends.native.ops import ops
 for dtype in (torch.float64, torch.float32):
     for n in (1, 25, 64):
         h = torch.randn(n, n, dtype=dtype, device="cuda")

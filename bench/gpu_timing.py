@@ -63,7 +63,7 @@ def _spd(n: int, gen: torch.Generator) -> torch.Tensor:
 
 def _rows() -> list[tuple[str, dict[str, float | None]]]:
     from hessian_service.engine import linalg
-    from hessian_service.engine.native_ops import ops
+    from hessian_service.engine.backends.native.ops import ops
 
     gen = torch.Generator().manual_seed(0)
     rows = []

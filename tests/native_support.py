@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from hessian_service.engine import make_objective
-from hessian_service.engine.backends import native_status
+from hessian_service.engine.backends.selector import native_status
 
 F32, F64 = torch.float32, torch.float64
 SIZES = (1, 2, 25, 64, 65, 300)

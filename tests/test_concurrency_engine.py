@@ -32,7 +32,7 @@ from hessian_service.engine import (
     analyze_curvature,
     take_step,
 )
-from hessian_service.engine.curvature_summary import dense_curvature
+from hessian_service.engine.analysis.curvature_summary import dense_curvature
 from hessian_service.engine.options import HVP_MODES, METHODS, STEP_POLICIES
 from native_support import require_native
 from problems import random_params, random_problem

@@ -22,8 +22,8 @@ from hessian_service.engine import (
     take_step,
 )
 from hessian_service.engine import cancel as engine_cancel
-from hessian_service.engine.curvature import newton_system
-from hessian_service.engine.curvature_summary import dense_curvature
+from hessian_service.engine.analysis.curvature_summary import dense_curvature
+from hessian_service.engine.curvature.autograd import newton_system
 from problems import random_params, random_problem
 
 

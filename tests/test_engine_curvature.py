@@ -7,12 +7,12 @@ import torch
 from hessian_service.engine import (
     ResourceLimitError,
     check_dense_budget,
-    curvature,
     gauss_newton,
     hessian,
     hvp,
     loss_and_grad,
 )
+from hessian_service.engine.curvature import autograd as curvature
 from hessian_service.engine.errors import ValidationError
 from problems import CATALOGUE, random_params, random_problem
 

@@ -23,12 +23,12 @@ from hessian_service.engine import (
     make_objective,
     take_step,
 )
-from hessian_service.engine.backends import native_status
-from hessian_service.engine.curvature_summary import dense_curvature, spectrum_summary
+from hessian_service.engine.analysis.curvature_summary import dense_curvature, spectrum_summary
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.backends.selector import native_status
 from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.options import METHODS, STEP_POLICIES
 from hessian_service.engine.records import StopReason
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 

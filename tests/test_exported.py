@@ -11,7 +11,7 @@ from exported_programs import twin as exported_programs_twin
 from hessian_client import problems
 from hessian_service.engine import MethodOptions, Run, StopCriteria
 from hessian_service.engine.cancel import Cancelled, CancelToken, scope
-from hessian_service.engine.curvature import gauss_newton, hessian, hvp, loss_and_grad
+from hessian_service.engine.curvature.autograd import gauss_newton, hessian, hvp, loss_and_grad
 from hessian_service.engine.errors import ResourceLimitError
 from hessian_service.engine.options import METHOD_STEP_POLICIES
 from problems import CATALOGUE, random_params, random_problem

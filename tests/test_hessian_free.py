@@ -25,14 +25,10 @@ from hessian_service.engine import (
     make_objective,
     take_step,
 )
-from hessian_service.engine.backends import native_status
-from hessian_service.engine.hessian_free import (
-    curvature_objective,
-    ggn_product,
-    hessian_product,
-    steihaug_cg,
-)
+from hessian_service.engine.backends.selector import native_status
+from hessian_service.engine.curvature.products import ggn_product, hessian_product
 from hessian_service.engine.options import resolve_method
+from hessian_service.engine.solvers.hessian_free import curvature_objective, steihaug_cg
 
 F64 = torch.float64
 
@@ -321,7 +317,7 @@ MILLION_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
-    from hessian_service.engine.curvature import loss_and_grad
+    from hessian_service.engine.curvature.autograd import loss_and_grad
     torch.manual_seed(0)
     sizes = [100, 1000, 900, 1]
     X = torch.randn(32, 100, dtype=torch.float64)

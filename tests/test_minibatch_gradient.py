@@ -25,10 +25,10 @@ from hessian_service.engine import (
     StopCriteria,
     StopReason,
     ValidationError,
-    hessian_free,
     make_objective,
     take_step,
 )
+from hessian_service.engine.solvers import hessian_free
 
 F64 = torch.float64
 LS_OPTS = {"l2": 0.01, "fit_intercept": True}

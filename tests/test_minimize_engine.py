@@ -10,7 +10,12 @@ import math
 import pytest
 import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria
-from hessian_service.engine.asktell import (
+from hessian_service.engine.cancel import Cancelled, CancelToken
+from hessian_service.engine.curvature.autograd import loss_and_grad, newton_system
+from hessian_service.engine.curvature.products import ggn_product, hessian_product
+from hessian_service.engine.errors import ValidationError
+from hessian_service.engine.objectives import make_objective
+from hessian_service.engine.solvers.asktell import (
     Answer,
     Ask,
     CallerLost,
@@ -18,11 +23,6 @@ from hessian_service.engine.asktell import (
     Exchange,
     RemoteObjective,
 )
-from hessian_service.engine.cancel import Cancelled, CancelToken
-from hessian_service.engine.curvature import loss_and_grad, newton_system
-from hessian_service.engine.errors import ValidationError
-from hessian_service.engine.hessian_free import ggn_product, hessian_product
-from hessian_service.engine.objectives import make_objective
 from problems import random_params, random_problem
 
 FIELDS = ("iteration", "loss", "gradient_norm", "step_norm", "step_size", "damping",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hessian_service.engine import ResourceLimitError, backends, make_objective
-from hessian_service.engine.mlp_curvature import mlp_newton_system
+from hessian_service.engine import ResourceLimitError, make_objective
+from hessian_service.engine.backends import selector as backends
+from hessian_service.engine.curvature.mlp import mlp_newton_system
 
 F64_TOL = 1e-12
 F32_TOL = 1e-5

@@ -22,10 +22,10 @@ from hessian_service.engine import (
     StopCriteria,
     UnavailableError,
     ValidationError,
-    backends,
     make_objective,
     take_step,
 )
+from hessian_service.engine.backends import selector as backends
 from native_support import F32, F64, TOL, objective_of_size, rel_err, require_native
 from problems import random_params, random_problem
 
@@ -120,7 +120,10 @@ def _without_native(monkeypatch):
     """Make the extension's import fail as a broken build would, for this test only."""
     monkeypatch.setitem(sys.modules, "hessian_service._C", None)
     monkeypatch.delattr(hessian_service, "_C", raising=False)
-    for module in ("hessian_service.engine.native_backend", "hessian_service.engine.native_ops"):
+    for module in (
+        "hessian_service.engine.backends.native.dense",
+        "hessian_service.engine.backends.native.ops",
+    ):
         monkeypatch.delitem(sys.modules, module, raising=False)
     backends._load_native.cache_clear()
 
@@ -136,7 +139,7 @@ def no_native(monkeypatch):
 
 def test_missing_extension_logs_real_error_once_and_falls_back(no_native, caplog):
     obj = random_problem("least_squares")  # a fresh objective: no cached fused plan
-    with caplog.at_level(logging.WARNING, logger="hessian_service.engine.backends"):
+    with caplog.at_level(logging.WARNING, logger="hessian_service.engine.backends.selector"):
         available, reason = backends.native_status()
         auto = MethodOptions(backend="auto")  # explicit: HESSIAN_BACKEND may say native
         rec = take_step(obj, random_params(obj), auto).record

@@ -15,12 +15,12 @@ import math
 
 import pytest
 import torch
-from hessian_service.engine import MethodOptions, backends, make_objective, take_step
+from hessian_service.engine import MethodOptions, make_objective, take_step
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.backends import selector as backends
+from hessian_service.engine.backends.selector import curvature_block_product
 from hessian_service.engine.errors import UnavailableError, UnknownNameError, ValidationError
-from hessian_service.engine.hessian_free import curvature_block_product
-from hessian_service.engine.methods import Stepper
-from hessian_service.engine.native_products import select_backend
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.solvers.methods import Stepper
 from native_support import F32, F64, TOL, rel_err, require_native, spd, upcast
 
 require_native()
@@ -135,6 +135,11 @@ def test_weights_are_taken_at_the_build_point_not_at_call_time():
 
 
 # ---------------------------------------------------------------- selection
+
+
+def select_backend(obj, x, backend: str, kind: str = "hessian") -> str:
+    """Who serves the curvature products: the one selector's answer."""
+    return backends.resolve(backend, obj, x, kind).products
 
 
 @pytest.mark.parametrize("name", COVERED)

@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 from hessian_service.engine import ValidationError, make_objective
-from hessian_service.engine.hessian_free import hessian_product
-from hessian_service.engine.spectrum import (
+from hessian_service.engine.analysis.spectrum import (
     SpectrumOptions,
     _Counter,
     analyze_curvature,
     hutchinson_trace,
     hutchpp_trace,
 )
+from hessian_service.engine.curvature.products import hessian_product
 
 F64 = torch.float64
 EIGEN_ONLY = {"trace_samples": 0, "density_probes": 0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from hessian_service.engine.errors import ResourceLimitError
-from hessian_service.engine.spectrum import SpectrumOptions
+from hessian_service.engine.analysis.spectrum import SpectrumOptions
 
 
 def test_the_product_cap_names_the_option_asking_for_most_products():

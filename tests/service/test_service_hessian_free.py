@@ -22,7 +22,7 @@ from hessian_client.cli import main
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_client.tensors import encode
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective, take_step
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

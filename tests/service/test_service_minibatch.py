@@ -20,7 +20,7 @@ from hessian_client.cli import main
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_client.tensors import encode
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective, take_step
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
 
 F64 = torch.float64
 LS_OPTS = {"l2": 0.05, "fit_intercept": True}

@@ -15,8 +15,8 @@ from hessian_client import problems
 from hessian_client.proto import optimize_pb2, service_pb2
 from hessian_client.tensors import encode
 from hessian_service.engine import make_objective
-from hessian_service.engine.backends import native_status
-from hessian_service.engine.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.backends.selector import native_status
 
 F64 = torch.float64
 NATIVE = "native" if native_status()[0] else "autograd"  # what auto serves linear models with

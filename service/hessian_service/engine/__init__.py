@@ -1,8 +1,10 @@
 """The optimisation engine: objectives, curvature, methods and runs. Importable without grpc."""
 
-from .backends import native_status
+from .analysis.spectrum import CurvatureReport, SpectrumOptions, analyze_curvature
+from .backends.selector import native_status
+from .budget import check_dense_budget
 from .cancel import Cancelled
-from .curvature import check_dense_budget, gauss_newton, hessian, hvp, loss_and_grad
+from .curvature.autograd import gauss_newton, hessian, hvp, loss_and_grad
 from .errors import (
     EngineError,
     ResourceLimitError,
@@ -13,8 +15,7 @@ from .errors import (
 from .objectives import OBJECTIVES, Objective, make_objective
 from .options import MethodOptions, StopCriteria, resolve_method
 from .records import Checkpoint, StepRecord, StepResult, StopReason
-from .run import CancelToken, Run, take_step
-from .spectrum import CurvatureReport, SpectrumOptions, analyze_curvature
+from .solvers.run import CancelToken, Run, take_step
 
 __all__ = [
     "OBJECTIVES",

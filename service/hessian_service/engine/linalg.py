@@ -1,8 +1,11 @@
-"""The Newton solve on the autograd path: damped Cholesky and the saddle-free direction.
+"""Dense linear algebra on a curvature matrix: damped Cholesky, saddle-free, eigenvalue tests.
 
-Both solve H d = -g for a direction d. The damped Cholesky factorises H + lambda I,
+Both solves solve H d = -g for a direction d. The damped Cholesky factorises H + lambda I,
 raising lambda geometrically until the factorisation succeeds (the matrix is positive
 definite), so an indefinite or singular H never yields NaN; never `torch.inverse`.
+It imports nothing of the engine, so it sits in the base layer: the autograd backend's
+`solve` is these functions, the native backend reports through `SolveResult`, and the
+solvers and the analysis share the eigenvalue counts and the second-order verdict.
 """
 
 from __future__ import annotations
@@ -96,3 +99,27 @@ def saddle_free_direction(
     scale = evals.abs().clamp_min(eigenvalue_floor)
     d = -(evecs @ ((evecs.T @ g) / scale))
     return SolveResult(d, 0.0, 1, n_negative)
+
+
+def classify(
+    lowest: float,
+    highest: float,
+    relative_tolerance: float,
+    absolute_tolerance: float,
+) -> tuple[str, str]:
+    """minimum | saddle | maximum | flat from the extreme eigenvalues, with the reason."""
+    scale = max(abs(lowest), abs(highest))
+    eps = max(absolute_tolerance, relative_tolerance * scale)
+    span = f"lambda_min = {lowest:.6g}, lambda_max = {highest:.6g}"
+    if scale <= absolute_tolerance:
+        return "flat", f"every eigenvalue is within {absolute_tolerance:g} of 0 ({span})"
+    if lowest > eps:
+        return "minimum", f"positive definite: {span}, lambda_min > {eps:.3g}"
+    if highest < -eps:
+        return "maximum", f"negative definite: {span}, lambda_max < -{eps:.3g}"
+    if lowest < -eps and highest > eps:
+        return "saddle", f"indefinite: {span}, eigenvalues of both signs beyond {eps:.3g}"
+    return "flat", (
+        f"semi-definite with a zero eigenvalue ({span}, |lambda| <= {eps:.3g} counts as 0): "
+        "flat along some direction, the second-order test is inconclusive"
+    )

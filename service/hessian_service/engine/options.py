@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .curvature import DEFAULT_DENSE_BUDGET_BYTES, dense_hessian_bytes
+from .budget import DEFAULT_DENSE_BUDGET_BYTES, dense_hessian_bytes
 from .errors import UnknownNameError, ValidationError
 from .validation import require_int, require_no_extra
 
@@ -72,7 +72,7 @@ class MethodOptions:
     levenberg_marquardt 0 means 1e-3 x max diag(H). curvature: hessian or gauss_newton.
     backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto). For the
     Hessian-free methods, auto and native take the closed-form native curvature products
-    (native_products.py) where they cover the objective; hvp_mode is then unused.
+    (backends/native/products.py) where they cover the objective; hvp_mode is then unused.
     Hessian-free only: cg_max_iterations, cg_forcing (eisenstat_walker: adaptive inner
     tolerance floored at cg_tolerance; fixed: cg_tolerance), trust_radius (initial),
     curvature_fraction (share of data rows the curvature products use, drawn each step

@@ -20,10 +20,10 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from hessian_client.proto import optimize_pb2, service_pb2, tensor_pb2
 
-from ..engine.curvature_summary import DenseCurvature
+from ..engine.analysis.curvature_summary import DenseCurvature
+from ..engine.analysis.spectrum import CurvatureReport, SpectrumOptions, TraceEstimate
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.records import StepRecord, StopReason
-from ..engine.spectrum import CurvatureReport, SpectrumOptions, TraceEstimate
 from ..store import RunRow, RunStatus
 
 # A run's state: RunInfo or an RPC's response that copies its fields (StartRunResponse ...)

@@ -24,7 +24,10 @@ from google.protobuf.message import DecodeError
 from hessian_client.proto import service_pb2
 
 from ..engine import StopCriteria
-from ..engine.asktell import (
+from ..engine.budget import check_dense_budget
+from ..engine.cancel import CancelToken
+from ..engine.errors import ResourceLimitError, ValidationError
+from ..engine.solvers.asktell import (
     Answer,
     Ask,
     Capabilities,
@@ -33,9 +36,6 @@ from ..engine.asktell import (
     dense_source,
     resolve_remote_method,
 )
-from ..engine.cancel import CancelToken
-from ..engine.curvature import check_dense_budget
-from ..engine.errors import ResourceLimitError, ValidationError
 from ..store import RunRow
 from . import codec
 from .auth import Tenant

@@ -32,13 +32,13 @@ from ..engine import (
     check_dense_budget,
     resolve_method,
 )
-from ..engine.asktell import CallerLost, RemoteObjective
 from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError, ResourceLimitError
-from ..engine.methods import check_supported
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
-from ..engine.sampling import generator, initial_params
+from ..engine.solvers.asktell import CallerLost, RemoteObjective
+from ..engine.solvers.methods import check_supported
+from ..engine.solvers.sampling import generator, initial_params
 from ..store import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,

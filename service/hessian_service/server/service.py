@@ -18,13 +18,13 @@ from ..engine import (
     native_status,
     take_step,
 )
+from ..engine.analysis.curvature_summary import dense_curvature
+from ..engine.analysis.spectrum import SpectrumOptions, analyze_curvature
 from ..engine.cancel import CANCELLED, DEADLINE, Cancelled, CancelToken
-from ..engine.curvature_summary import dense_curvature
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
 from ..engine.options import METHODS, requested_backend
-from ..engine.sampling import sample
-from ..engine.spectrum import SpectrumOptions, analyze_curvature
+from ..engine.solvers.sampling import sample
 from ..store import FINAL_STATUSES, RunRow, RunStore, SQLiteRunStore
 from . import codec
 from .auth import Tenancy, Tenant

@@ -17,6 +17,11 @@ import torch
 from ..errors import ValidationError
 from ..validation import FLOAT_DTYPES, require_no_extra
 
+# The closed-form kernels an objective may have in hessian_service._C (csrc/): "system" (loss,
+# gradient and dense Hessian, op hessian::<name>_system), "newton_step" (the fused unary step,
+# _C.<name>_newton_step) and "block_product" (V -> B V, backends/native/products.py).
+NATIVE_KERNELS = frozenset({"system", "newton_step", "block_product"})
+
 
 class Objective(ABC):
     """A catalogue objective bound to its validated data and options.
@@ -24,9 +29,11 @@ class Objective(ABC):
     Subclasses set `name`, `data_fields` and `option_names`, validate in `_setup` and
     define `loss`. Objectives with a model-output structure (loss = output_loss(outputs)
     + regulariser) set `supports_ggn` and define `outputs`, `output_loss`, `regulariser`,
-    which the Gauss-Newton matrix is built from; `require_curvature` is the one check
-    every entry derives from that capability. Objectives whose loss is invariant along
-    fixed parameter directions (a gauge) override `project_step`.
+    which the Gauss-Newton matrix is built from; `has_curvature` / `require_curvature` are
+    the one check every entry derives from that capability. `native_kernels` (a subset of
+    NATIVE_KERNELS, called with `native_args()`) and `closed_form_system` declare the other
+    capabilities the backends read; no other module lists objectives by name. Objectives
+    whose loss is invariant along fixed parameter directions (a gauge) override `project_step`.
     """
 
     name: ClassVar[str]
@@ -34,6 +41,8 @@ class Objective(ABC):
     option_names: ClassVar[tuple[str, ...]] = ()
     supports_ggn: ClassVar[bool] = False
     row_fields: ClassVar[tuple[str, ...]] = ()
+    native_kernels: ClassVar[frozenset[str]] = frozenset()
+    closed_form_system: ClassVar[bool] = False  # torch closed-form dense system (curvature/mlp)
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         require_no_extra(data, set(self.data_fields), "data")
@@ -114,13 +123,22 @@ class Objective(ABC):
         }
         return sub
 
+    def native_args(self) -> tuple[Any, ...]:
+        """The data and options the native kernels take after the parameters, in order."""
+        raise NotImplementedError(f"{self.name} has no native kernels")
+
+    def has_curvature(self, kind: str) -> bool:
+        """Whether this objective forms curvature `kind` (hessian always; gauss_newton with
+        a Gauss-Newton form)."""
+        return kind != "gauss_newton" or self.supports_ggn
+
     def require_curvature(self, kind: str, field: str = "options.curvature") -> None:
         """Refuse, naming `field`, a curvature kind this objective cannot form.
 
         The one refusal of Gauss-Newton curvature without a Gauss-Newton form: NewtonStep,
         ComputeHessian, AnalyzeCurvature, StartRun and ResumeRun all reach it.
         """
-        if kind == "gauss_newton" and not self.supports_ggn:
+        if not self.has_curvature(kind):
             raise ValidationError(
                 field,
                 f"a Hessian-based method/curvature for {self.name} (it has no Gauss-Newton "

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, require_same_dtype, require_tensor
-from .base import Objective
+from .base import NATIVE_KERNELS, Objective
 
 
 def _binary_labels(data: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,7 @@ class LogisticRegression(Objective):
     option_names = ("l2", "fit_intercept")
     supports_ggn = True
     row_fields = ("X", "y")
+    native_kernels = NATIVE_KERNELS
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)
@@ -52,6 +53,10 @@ class LogisticRegression(Objective):
         self.dtype = x.dtype
         self._d = x.shape[1]
         self.param_shape = (self._d + int(fit_intercept),)
+
+    def native_args(self) -> tuple[Any, ...]:
+        o = self.options
+        return self.data["X"], self.data["y"], o["l2"], o["fit_intercept"]
 
     def outputs(self, params: torch.Tensor) -> torch.Tensor:
         z = self.data["X"] @ params[: self._d]

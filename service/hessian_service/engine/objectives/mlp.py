@@ -57,6 +57,7 @@ class MLP(Objective):
     option_names = ("layer_sizes", "activation", "loss", "l2")
     supports_ggn = True
     row_fields = ("X", "y")
+    closed_form_system = True
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)

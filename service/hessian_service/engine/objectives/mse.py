@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..validation import require_tensor
-from .base import Objective
+from .base import NATIVE_KERNELS, Objective
 
 
 class MSE(Objective):
@@ -17,12 +17,16 @@ class MSE(Objective):
     name = "mse"
     data_fields = ("target",)
     supports_ggn = True
+    native_kernels = NATIVE_KERNELS
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         target = require_tensor(data, "target")
         self.data = {"target": target}
         self.dtype = target.dtype
         self.param_shape = tuple(target.shape)
+
+    def native_args(self) -> tuple[Any, ...]:
+        return (self.data["target"],)
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         return self.output_loss(self.outputs(params))

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ValidationError
 from ..validation import require_same_dtype, require_tensor
-from .base import Objective
+from .base import NATIVE_KERNELS, Objective
 
 
 class Quadratic(Objective):
@@ -17,6 +17,7 @@ class Quadratic(Objective):
 
     name = "quadratic"
     data_fields = ("A", "b")
+    native_kernels = NATIVE_KERNELS
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         a = require_tensor(data, "A", ndim=2)
@@ -33,6 +34,9 @@ class Quadratic(Objective):
         self.data = {"A": (a + a.T) / 2, "b": b}
         self.dtype = a.dtype
         self.param_shape = (a.shape[0],)
+
+    def native_args(self) -> tuple[Any, ...]:
+        return self.data["A"], self.data["b"]
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         a, b = self.data["A"], self.data["b"]

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, option_int, require_tensor
-from .base import Objective
+from .base import NATIVE_KERNELS, Objective
 
 
 class SoftmaxRegression(Objective):
@@ -28,6 +28,7 @@ class SoftmaxRegression(Objective):
     option_names = ("num_classes", "l2", "fit_intercept")
     supports_ggn = True
     row_fields = ("X", "labels")
+    native_kernels = NATIVE_KERNELS
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)
@@ -50,6 +51,10 @@ class SoftmaxRegression(Objective):
         self._d = x.shape[1]
         self._k = k
         self.param_shape = (self._d + int(fit_intercept), k)
+
+    def native_args(self) -> tuple[Any, ...]:
+        o = self.options
+        return self.data["X"], self.data["labels"], o["num_classes"], o["l2"], o["fit_intercept"]
 
     def project_step(self, step: torch.Tensor) -> torch.Tensor:
         """The step with each unpenalised row's class mean removed (the gauge directions)."""

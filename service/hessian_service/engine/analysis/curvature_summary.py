@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import resolve
-from .cancel import CancelToken, check, scope
-from .curvature import check_dense_budget
-from .linalg import count_negative, negative_tolerance, symmetrise
-from .objectives.base import Objective
-from .options import MethodOptions
-from .validation import decomposable
+from ..backends.selector import resolve
+from ..budget import check_dense_budget
+from ..cancel import CancelToken, check, scope
+from ..linalg import count_negative, negative_tolerance, symmetrise
+from ..objectives.base import Objective
+from ..options import MethodOptions
+from ..validation import decomposable
 
 
 @dataclass(frozen=True)

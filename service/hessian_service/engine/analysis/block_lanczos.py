@@ -16,27 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from . import cancel
-from .hessian_free import curvature_block_product
-from .native_products import BlockProduct
-from .objectives.base import Objective
+from .. import cancel
+from ..curvature.products import BlockProduct
 
 DEFLATION = 1e-12  # relative singular value below which a block direction is dropped
 CHECK_EVERY = 5  # Krylov dimensions between convergence checks, at least
 CHECK_FRACTION = 8  # and at most 1/8 of the dimension so far (a logarithmic number of checks)
-
-
-def block_product(
-    objective: Objective, params: torch.Tensor, curvature: str, hvp_mode: str
-) -> BlockProduct:
-    """The autograd block curvature product at `params` (native_products.py builds it).
-
-    forward_over_reverse and Gauss-Newton products are vmap'd over the block's columns;
-    reverse_over_reverse products (a retained graph, not vmap-able) run column by column.
-    """
-    return curvature_block_product(
-        objective, params, "autograd", kind=curvature, hvp_mode=hvp_mode
-    )[0]
 
 
 def _orthonormal_block(

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from . import backends
-from .linalg import MAX_DAMPING_ATTEMPTS
-from .objectives.base import Objective
-from .options import MethodOptions
-from .records import StepRecord, StepResult
+from ...linalg import MAX_DAMPING_ATTEMPTS
+from ...objectives.base import Objective
+from ...options import MethodOptions
+from ...records import StepRecord, StepResult
+from .. import selector
 
 _MAX_CACHED = 256
 _ENV_KEY = "HESSIAN_BACKEND"
@@ -61,10 +61,9 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
     hit = _PLANS.get(id(objective))
     if hit is not None and hit[0] is objective:
         return hit[1]
-    native = backends._load_native()[0]
     plan = None
-    entry = native.fused_entry(objective) if native is not None else None
-    if entry is not None and objective.device.type == "cpu":
+    entry = selector.fused_entry(objective)
+    if entry is not None:
         fn, args = entry
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
         gauge = type(objective).project_step is not Objective.project_step

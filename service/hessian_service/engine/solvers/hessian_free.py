@@ -4,7 +4,7 @@
 torch.func or a retained autograd graph) and `gauss_newton_cg` with B the generalised
 Gauss-Newton matrix J^T H_out J + H_reg (products through J v, an output-space Hessian
 product and a vjp). No product uses forward-mode AD, whose state torch keeps
-process-global (see curvature.py): J v is a double vjp. The inner solver is Steihaug-Toint
+process-global (see curvature/autograd.py): J v is a double vjp. The inner solver is Steihaug-Toint
 CG: it stops at the trust-region boundary, on negative curvature (following that
 direction, a descent direction for the model), or when the residual meets the
 Eisenstat-Walker forcing term. The trust radius follows the gain ratio rho (Nocedal &
@@ -15,7 +15,7 @@ afresh each step; the curvature sample is then drawn from within that batch, as 
 does, so that CG minimises one mini-batch's model). The gain ratio always compares against
 the full-data loss, so an accepted step decreases the objective the run reports; that loss
 is a forward pass alone, so with a mini-batch no pass of a step runs backward through all
-rows. Under backend auto/native the objectives native_products.py covers take its
+rows. Under backend auto/native the objectives backends/native/products.py covers take its
 closed-form native products instead (same rows, same matrix).
 Memory is O(n) plus one forward/backward graph: a handful of n-vectors in CG.
 """
@@ -28,14 +28,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import cancel
-from .curvature import gradient_product, jacobian_product, loss_and_grad
-from .errors import ValidationError
-from .native_products import BlockProduct, as_vector_product, native_block_product
-from .objectives.base import Objective
-from .options import MethodOptions
-
-Product = Callable[[torch.Tensor], torch.Tensor]
+from .. import cancel
+from ..backends.selector import curvature_products
+from ..curvature.autograd import Product, loss_and_grad
+from ..errors import ValidationError
+from ..objectives.base import Objective
+from ..options import MethodOptions
 
 ETA_MAX = 0.5  # the largest forcing term (Eisenstat & Walker 1996, choice 2 safeguards)
 EW_GAMMA = 0.9
@@ -47,58 +45,6 @@ GROW_RATIO = 0.75  # rho above: grow the radius (if the step hit it), lower lamb
 MARTENS_DECREASE = 2.0 / 3.0
 MARTENS_INCREASE = 1.5
 ROUNDING_ULPS = 16.0  # decreases within this many ulps of the loss count as rounding
-
-
-def hessian_product(
-    objective: Objective, params: torch.Tensor, mode: str = "forward_over_reverse"
-) -> Product:
-    """v -> H(params) v without forming H.
-
-    forward_over_reverse (the name kept on the wire): a torch.func vjp of the gradient
-    recomputed per product, nothing kept between products (vmap-able); it was a jvp of the
-    gradient, which forward-mode AD's process-global level made unsafe under concurrent
-    requests, and H v = H^T v makes the vjp the same product. reverse_over_reverse: the
-    gradient's graph is built once (create_graph) and each product is one more backward
-    through it; per product it skips the forward pass and torch.func's per-call overhead,
-    at the cost of holding that graph (O(n + activations)).
-    """
-    x = params.detach()
-    if mode == "reverse_over_reverse":
-        leaf = x.clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(objective.loss(leaf), leaf, create_graph=True)
-        if not grad.requires_grad:  # a linear loss: H = 0
-            return torch.zeros_like
-
-        def backward_product(v: torch.Tensor) -> torch.Tensor:
-            (hv,) = torch.autograd.grad(grad, leaf, v, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(v) if hv is None else hv
-
-        return backward_product
-    return gradient_product(torch.func.grad(objective.loss), x)
-
-
-def ggn_product(objective: Objective, params: torch.Tensor) -> Product:
-    """v -> (J^T H_out J + H_reg) v for objectives with `supports_ggn`, no Jacobian formed.
-
-    J v is a double vjp and H_out, H_reg products are vjps of gradients (all graphs built
-    once per point, `jacobian_product`), so no forward-mode AD runs; vmap-able.
-    """
-    objective.require_curvature("gauss_newton")
-    x = params.detach()
-    outputs, jacobian, transposed = jacobian_product(objective.outputs, x)
-    _, out_hvp = torch.func.vjp(torch.func.grad(objective.output_loss), outputs.detach())
-    reg_hvp = None
-    if type(objective).regulariser is not Objective.regulariser:
-        _, reg_hvp = torch.func.vjp(torch.func.grad(objective.regulariser), x)
-
-    def product(v: torch.Tensor) -> torch.Tensor:
-        result = transposed(out_hvp(jacobian(v))[0])
-        if reg_hvp is not None:
-            result = result + reg_hvp(v)[0]
-        return result
-
-    return product
 
 
 def curvature_objective(
@@ -117,31 +63,6 @@ def curvature_objective(
     keep = max(1, round(fraction * rows))
     picked = torch.randperm(rows, generator=generator)[:keep].sort().values
     return objective.subsample(picked.to(objective.device))
-
-
-def curvature_product(
-    objective: Objective,
-    params: torch.Tensor,
-    kind: str = "hessian",
-    fraction: float = 1.0,
-    generator: torch.Generator | None = None,
-    hvp_mode: str = "forward_over_reverse",
-    backend: str = "autograd",
-) -> Product:
-    """The curvature-vector product of `kind` (hessian | gauss_newton) at `params`.
-
-    backend auto/native: the closed-form native product where native_products covers the
-    objective (on the same sub-sampled rows), else the autograd product.
-    """
-    sub = curvature_objective(objective, fraction, generator)
-    if hasattr(sub, "product_at"):  # evaluated elsewhere (asktell.RemoteObjective asks)
-        return sub.product_at(params, kind)
-    native = native_block_product(sub, params, backend, kind)
-    if native is not None:
-        return as_vector_product(native)
-    if kind == "gauss_newton":
-        return ggn_product(sub, params)
-    return hessian_product(sub, params, hvp_mode)
 
 
 @dataclass(frozen=True)
@@ -372,14 +293,9 @@ def cg_direction(
     else:
         fraction = min(1.0, options.curvature_fraction / options.gradient_fraction)
         generator = sample.generator
-    product = curvature_product(
-        sample.objective,
-        x,
-        options.curvature,
-        fraction,
-        generator,
-        options.hvp_mode,
-        options.backend,
+    sub = curvature_objective(sample.objective, fraction, generator)
+    product = curvature_products(sub, x, options.backend, options.curvature).vector(
+        options.hvp_mode
     )
     cg = steihaug_cg(
         product,
@@ -465,9 +381,8 @@ def gauss_newton_cg(
 
 
 def check_supported(objective: Objective, options: MethodOptions) -> None:
-    """Refuse, naming the field, a Hessian-free configuration this objective cannot serve."""
-    field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
-    objective.require_curvature(options.curvature, field)
+    """Refuse, naming the field, row sub-sampling on an objective without data rows (the
+    curvature kind is refused once, by methods.check_supported)."""
     for name in ("curvature_fraction", "gradient_fraction"):
         if getattr(options, name) < 1.0 and not objective.row_fields:
             raise ValidationError(
@@ -475,45 +390,3 @@ def check_supported(objective: Objective, options: MethodOptions) -> None:
                 f"1 for {objective.name}, which has no data rows to sub-sample",
                 getattr(options, name),
             )
-
-
-def _autograd_block_product(
-    objective: Objective, params: torch.Tensor, kind: str, rows: torch.Tensor | None, mode: str
-) -> BlockProduct:
-    """V -> B V column by column from the autograd products (vmap'd where they allow it)."""
-    sub = objective if rows is None else objective.subsample(rows.to(objective.device))
-    if kind == "gauss_newton":
-        vector = ggn_product(sub, params)
-    else:
-        vector = hessian_product(sub, params, mode)
-    vmappable = kind == "gauss_newton" or mode == "forward_over_reverse"
-    batched = torch.func.vmap(vector, in_dims=1, out_dims=1) if vmappable else None
-
-    def block(v: torch.Tensor) -> torch.Tensor:
-        if v.shape[1] == 1:
-            return vector(v[:, 0]).unsqueeze(1)
-        if batched is not None:
-            return batched(v)
-        return torch.stack([vector(c) for c in v.unbind(1)], dim=1)
-
-    return block
-
-
-def curvature_block_product(
-    objective: Objective,
-    params: torch.Tensor,
-    backend: str = "auto",
-    rows: torch.Tensor | None = None,
-    *,
-    kind: str = "hessian",
-    hvp_mode: str = "forward_over_reverse",
-) -> tuple[BlockProduct, str]:
-    """(V (n, k) -> B V, backend label) at `params`, on data rows `rows` (None: all rows).
-
-    kind is hessian or gauss_newton; hvp_mode picks the autograd Hessian product (unused
-    by native products, which are exact closed forms).
-    """
-    native = native_block_product(objective, params, backend, kind, rows)
-    if native is not None:
-        return native, "native"
-    return _autograd_block_product(objective, params, kind, rows, hvp_mode), "autograd"

@@ -20,34 +20,13 @@ from collections.abc import Callable
 
 import torch
 
-from . import cancel
-from .errors import ResourceLimitError
-from .objectives.base import Objective
+from .. import cancel
+from ..budget import DEFAULT_DENSE_BUDGET_BYTES, check_dense_budget
+from ..objectives.base import Objective
 
-DEFAULT_DENSE_BUDGET_BYTES = 2 * 1024**3
 DEFAULT_BATCH_BUDGET_BYTES = 64 * 1024**2
 
 Product = Callable[[torch.Tensor], torch.Tensor]
-
-
-def dense_hessian_bytes(n: int, dtype: torch.dtype = torch.float64) -> int:
-    """Bytes of one dense n x n matrix of `dtype`."""
-    return n * n * torch.empty((), dtype=dtype).element_size()
-
-
-def check_dense_budget(
-    n: int, budget_bytes: int | None, dtype: torch.dtype = torch.float64, field: str = "params"
-) -> None:
-    """Refuse, before allocating, a dense Hessian larger than `budget_bytes` (None: no limit)."""
-    need = dense_hessian_bytes(n, dtype)
-    if budget_bytes is not None and need > budget_bytes:
-        raise ResourceLimitError(
-            field,
-            f"a dense Hessian of {n} parameters needs {need / 2**20:.1f} MiB "
-            f"({n}x{n} {str(dtype).removeprefix('torch.')}), over the dense-Hessian memory "
-            f"budget of {budget_bytes / 2**20:.1f} MiB; use a Hessian-free method or raise the "
-            "budget",
-        )
 
 
 def loss_value(objective: Objective, params: torch.Tensor) -> torch.Tensor:

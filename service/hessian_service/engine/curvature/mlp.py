@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .objectives.base import Objective
+from ..objectives.base import Objective
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import ResourceLimitError, UnknownNameError, ValidationError
-from .objectives.base import Objective
+from ..errors import ResourceLimitError, UnknownNameError, ValidationError
+from ..objectives.base import Objective
 
 DISTRIBUTIONS = ("uniform", "normal")
 SAMPLE_DTYPES = {"float32": torch.float32, "float64": torch.float64}

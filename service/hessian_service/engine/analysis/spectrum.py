@@ -1,6 +1,7 @@
 """Matrix-free curvature analysis: extreme eigenvalues, trace, spectral density, a verdict.
 
-Everything runs on curvature-vector products (hessian_free.py), never a dense matrix:
+Everything runs on curvature-vector products (chosen by backends/selector.py), never a dense
+matrix:
 block Lanczos with full reorthogonalisation and deflation for the top-k and bottom-k
 eigenvalues with their multiplicities (block_lanczos.py; stopping when the Ritz residual
 norms meet the tolerance), Hutchinson's and
@@ -24,16 +25,17 @@ from typing import Any
 
 import torch
 
-from . import cancel
-from .block_lanczos import BlockProduct, block_lanczos_extremes, block_product
-from .cancel import CancelToken, scope
-from .curvature import loss_and_grad
-from .errors import ResourceLimitError, UnknownNameError, ValidationError
-from .hessian_free import Product, curvature_product
-from .native_products import as_vector_product, native_block_product
-from .objectives.base import Objective
-from .options import BACKENDS, HVP_MODES, requested_backend
-from .validation import decomposable, require_int, require_no_extra
+from .. import cancel
+from ..backends.selector import curvature_products
+from ..cancel import CancelToken, scope
+from ..curvature.autograd import loss_and_grad
+from ..curvature.products import BlockProduct, Product
+from ..errors import ResourceLimitError, UnknownNameError, ValidationError
+from ..linalg import classify
+from ..objectives.base import Objective
+from ..options import BACKENDS, HVP_MODES, requested_backend
+from ..validation import decomposable, require_int, require_no_extra
+from .block_lanczos import block_lanczos_extremes
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
@@ -69,7 +71,7 @@ class SpectrumOptions:
     vmap'd over the block); batched probes always use the vmap'd forward_over_reverse
     product. backend: auto | native |
     autograd (None: $HESSIAN_BACKEND, else auto); auto and native use the closed-form native
-    block products where native_products.py covers the objective (hvp_mode is then unused).
+    block products where backends/native/products.py covers the objective (hvp_mode is then unused).
     """
 
     top_k: int = 1
@@ -388,30 +390,6 @@ def spectral_density(
     return SpectralDensity(grid, density, sigma, len(nodes), opts.density_steps, trace)
 
 
-def classify(
-    lowest: float,
-    highest: float,
-    relative_tolerance: float,
-    absolute_tolerance: float,
-) -> tuple[str, str]:
-    """minimum | saddle | maximum | flat from the extreme eigenvalues, with the reason."""
-    scale = max(abs(lowest), abs(highest))
-    eps = max(absolute_tolerance, relative_tolerance * scale)
-    span = f"lambda_min = {lowest:.6g}, lambda_max = {highest:.6g}"
-    if scale <= absolute_tolerance:
-        return "flat", f"every eigenvalue is within {absolute_tolerance:g} of 0 ({span})"
-    if lowest > eps:
-        return "minimum", f"positive definite: {span}, lambda_min > {eps:.3g}"
-    if highest < -eps:
-        return "maximum", f"negative definite: {span}, lambda_max < -{eps:.3g}"
-    if lowest < -eps and highest > eps:
-        return "saddle", f"indefinite: {span}, eigenvalues of both signs beyond {eps:.3g}"
-    return "flat", (
-        f"semi-definite with a zero eigenvalue ({span}, |lambda| <= {eps:.3g} counts as 0): "
-        "flat along some direction, the second-order test is inconclusive"
-    )
-
-
 def analyze_curvature(
     objective: Objective,
     params: torch.Tensor,
@@ -441,16 +419,9 @@ def _analyze(
         )
     gmax = float(grad.abs().max()) if n else 0.0
     backend = requested_backend(opts.backend)
-    native = native_block_product(objective, x, backend, opts.curvature)
-    if native is not None:  # closed-form block products (native_products.py), never vmap'd
-
-        def rows(vs: torch.Tensor) -> torch.Tensor:
-            return native(vs.T).T
-
-        counter = _Counter(as_vector_product(native), opts.batch_size, native, rows)
-    else:
-        blocks = block_product(objective, x, opts.curvature, opts.hvp_mode)
-        counter = _Counter(curvature_product(objective, x, opts.curvature), opts.batch_size, blocks)
+    chosen = curvature_products(objective, x, backend, opts.curvature)
+    block = chosen.block(opts.hvp_mode)
+    counter = _Counter(chosen.vector(), opts.batch_size, block, chosen.batched())
     gen = torch.Generator().manual_seed(opts.seed)
     by_part: dict[str, int] = {}
 
@@ -506,7 +477,7 @@ def _analyze(
         verdict=verdict,
         verdict_reason=reason,
         seconds=time.perf_counter() - started,
-        backend="native" if native is not None else "autograd",
+        backend=chosen.label,
     )
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .cancel import Cancelled, CancelToken
-from .errors import EngineError, ValidationError
+from ..cancel import Cancelled, CancelToken
+from ..errors import EngineError, ValidationError
+from ..objectives.base import Objective
+from ..options import MethodOptions
 from .methods import Point, Step, Stepper
-from .objectives.base import Objective
-from .options import MethodOptions
 
 HVP_DENSE_MAX = 64  # largest n whose dense Hessian is assembled from n batched HVPs
 WAIT_SLICE_SECONDS = 0.05  # how often a waiting worker looks at its cancel token

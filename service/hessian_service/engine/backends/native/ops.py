@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C  # noqa: F401  (loading the library registers torch.ops.hessian.*)
+from .... import _C  # noqa: F401  (loading the library registers torch.ops.hessian.*)
 
 ops = torch.ops.hessian
 

@@ -13,15 +13,14 @@ from collections.abc import Iterator
 
 import torch
 
-from .cancel import CancelToken, scope
-from .errors import ValidationError
-from .fused import fused_newton_step, validated_options
-from .linalg import count_negative, symmetrise
+from ..backends.native.fused import fused_newton_step, validated_options
+from ..cancel import CancelToken, scope
+from ..errors import ValidationError
+from ..linalg import classify, count_negative, symmetrise
+from ..objectives.base import Objective
+from ..options import MethodOptions, StopCriteria
+from ..records import Checkpoint, StepRecord, StepResult, StopReason
 from .methods import LineSearchFailed, NoProgress, Point, Step, Stepper
-from .objectives.base import Objective
-from .options import MethodOptions, StopCriteria
-from .records import Checkpoint, StepRecord, StepResult, StopReason
-from .spectrum import classify
 
 
 def _base_record(k: int, point: Point, previous_loss: float | None, backend: str) -> StepRecord:
@@ -56,7 +55,7 @@ def _fill_step(record: StepRecord, step: Step) -> None:
 def end_point(h: torch.Tensor) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
-    spectrum.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
+    linalg.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
     eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0.
     """
     evals = torch.linalg.eigvalsh(symmetrise(h))

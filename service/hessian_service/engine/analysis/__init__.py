@@ -1,0 +1,1 @@
+"""Curvature analysis: Lanczos extremes, trace and spectral density estimates, the verdict."""

@@ -1,0 +1,1 @@
+"""Curvature backends: the one selector (native or autograd, per call) and the native extension."""

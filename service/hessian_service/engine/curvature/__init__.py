@@ -1,0 +1,1 @@
+"""Curvature by autograd: loss, gradient, dense Hessian/GGN, products, the mlp closed form."""

@@ -1,0 +1,384 @@
+"""Step computation for each method and step policy, on top of a curvature backend.
+
+A `Stepper` evaluates points (loss, gradient and, for second-order methods, the curvature
+matrix) and turns a point into a step. As in optimistix, a method is a descent (how the
+direction is found: gradient d = -g, Newton by damped Cholesky, saddle-free Newton |H|,
+or truncated CG in hessian_free.py, which never forms the curvature matrix) run under a
+search (how far along it and whether to take it: a fixed step, Armijo backtracking,
+Nielsen's (1999) Levenberg-Marquardt damping update, or the Steihaug trust region). Each
+is one small function in DESCENTS or SEARCHES; options.py says which pairs a method takes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..backends import selector as backends
+from ..curvature import autograd as curvature
+from ..linalg import SolveResult, negative_eigenvalues
+from ..objectives.base import Objective
+from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
+from . import hessian_free
+
+LM_INITIAL_TAU = 1e-3
+
+
+class LineSearchFailed(Exception):
+    """Armijo backtracking found no acceptable step."""
+
+
+class NoProgress(Exception):
+    """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap)."""
+
+
+def lm_damping_cap(h: torch.Tensor) -> float:
+    """The largest Levenberg-Marquardt lambda: max(max|diag H|, 1) / eps(dtype).
+
+    Beyond it H + lambda I is lambda I in floating point and the step, g / lambda, is
+    below the rounding of x: more damping cannot produce a different trial.
+    """
+    scale = float(h.diagonal().abs().max()) if h.numel() else 1.0
+    return max(scale, 1.0) / torch.finfo(h.dtype).eps
+
+
+def check_supported(objective: Objective, options: MethodOptions) -> None:
+    """Refuse, naming the field, method options `objective` cannot serve.
+
+    The checks every entry runs before any work: NewtonStep (through Stepper), StartRun
+    and ResumeRun. `options` are validated, with method auto resolved.
+    """
+    field = "options.method" if options.method == "gauss_newton_cg" else "options.curvature"
+    objective.require_curvature(options.curvature, field)
+    if options.method in HESSIAN_FREE_METHODS:
+        hessian_free.check_supported(objective, options)
+
+
+@dataclass
+class Point:
+    """An evaluated iterate.
+
+    With a Hessian-free mini-batch gradient (gradient_fraction < 1) grad is that batch's
+    gradient (`sample`, which the step from this point uses) and loss the full-data loss.
+    """
+
+    x: torch.Tensor
+    loss: float
+    grad: torch.Tensor
+    curvature: torch.Tensor | None = None
+    sample: hessian_free.GradientSample | None = None
+
+    @functools.cached_property
+    def grad_norms(self) -> tuple[float, float]:
+        """(2-norm, max-norm) of grad, computed once for the record, the stopping test and
+        is_finite (the max-norm is finite exactly when every entry is)."""
+        if not self.grad.numel():
+            return 0.0, 0.0
+        g = self.grad
+        return torch.linalg.vector_norm(g).item(), torch.linalg.vector_norm(g, math.inf).item()
+
+    def is_finite(self) -> bool:
+        finite = math.isfinite(self.loss) and math.isfinite(self.grad_norms[1])
+        if finite and self.curvature is not None:
+            finite = bool(torch.isfinite(self.curvature).all())
+        return finite
+
+
+@dataclass
+class Step:
+    """A step proposed (and possibly accepted) from a point."""
+
+    x_new: torch.Tensor
+    step_norm: float
+    step_size: float
+    damping: float
+    gain_ratio: float
+    accepted: bool
+    negative_eigenvalues: int
+    solver_attempts: int
+    function_evaluations: int
+    cg_iterations: int = 0
+    cg_residual: float = math.nan
+    negative_curvature: bool = False
+    trust_radius: float = math.nan
+    gradient_batch_size: int = 0
+    step_damped: bool = False
+
+
+class Stepper:
+    """Evaluates points and computes steps for one objective and one set of method options.
+
+    Holds the adaptive state (the Levenberg-Marquardt lambda and its growth factor nu) in
+    `state`, a dict of floats, so a checkpoint can carry it. Method auto is resolved here
+    (by parameter count); `method_note` says what it chose and why.
+    """
+
+    def __init__(self, objective: Objective, options: MethodOptions, params: torch.Tensor) -> None:
+        self.objective = objective
+        options, self.method_note = resolve_method(options, params.numel(), params.dtype)
+        self.options = options
+        self.hessian_free = options.method in HESSIAN_FREE_METHODS
+        self.second_order = options.method != "gradient_descent" and not self.hessian_free
+        self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
+        self._last_trial: tuple[torch.Tensor, float] | None = None
+        check_supported(objective, options)
+        if self.hessian_free:
+            chosen = backends.resolve(options.backend, objective, params, options.curvature)
+            self.backend_label = chosen.products
+        elif self.second_order:
+            self.backend = backends.resolve(options.backend, objective, params, options.curvature)
+            self.backend_label = self.backend.label
+        else:
+            self.backend_label = "autograd"
+        self.state: dict[str, float] = {"damping": options.damping, "nu": 2.0}
+        if self.hessian_free:
+            self.state.update(hessian_free.initial_state(options))
+
+    def evaluate(self, x: torch.Tensor) -> Point:
+        """Loss, gradient and (dense second-order methods) the curvature matrix at x.
+
+        With a mini-batch gradient: the full loss from a forward pass alone (reused when x
+        is the trial point loss_at just took) and the gradient of the batch the next step
+        uses, so no backward pass runs through all rows.
+        """
+        if self.minibatch:
+            trial = self._last_trial
+            loss = trial[1] if trial is not None and trial[0] is x else self.loss_at(x)
+            sample = hessian_free.batch_gradient(self.objective, x, self.options, self.state)
+            return Point(x, loss, sample.grad, sample=sample)
+        if not self.second_order:
+            loss, grad = curvature.loss_and_grad(self.objective, x)
+            return Point(x, float(loss), grad)
+        loss, grad, h = self.backend.system.newton_system(
+            self.objective, x, self.options.curvature, self.options.dense_budget_bytes
+        )
+        return Point(x, float(loss), grad, h)
+
+    def loss_at(self, x: torch.Tensor) -> float:
+        """The loss alone (line-search and Levenberg-Marquardt trials)."""
+        loss = float(curvature.loss_value(self.objective, x))
+        if self.minibatch:
+            self._last_trial = (x, loss)
+        return loss
+
+    def revisit(self, point: Point) -> Point:
+        """`point` for the step after a rejected one from it.
+
+        With a mini-batch gradient that step draws a new batch: the point then carries that
+        batch's gradient (the loss is kept), so its record and the stopping test describe
+        the gradient the step uses. Otherwise the point itself.
+        """
+        if point.sample is None or point.sample.draw == int(self.state["gradient_draws"]):
+            return point
+        sample = hessian_free.batch_gradient(self.objective, point.x, self.options, self.state)
+        return Point(point.x, point.loss, sample.grad, sample=sample)
+
+    def step(self, point: Point) -> Step:
+        """The step from `point`: the method's descent under the step policy's search
+        (LineSearchFailed, NoProgress)."""
+        return SEARCHES[self.options.step_policy](self, point, DESCENTS[self.options.method])
+
+
+@dataclass(frozen=True)
+class Direction:
+    """What a descent found: the direction, its norm, and the solve facts a record carries."""
+
+    direction: torch.Tensor
+    norm: float
+    damping: float
+    negative_eigenvalues: int
+    solver_attempts: int
+    damped: bool = False
+    cg: hessian_free.CGResult | None = None
+
+
+# A descent: how the direction is found from a point (`damping`: the lambda the search asks
+# the dense Newton solve for). A search: how far along it, and whether the step is taken.
+Descent = Callable[[Stepper, Point, float], Direction]
+Search = Callable[[Stepper, Point, Descent], Step]
+
+
+def _gradient(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """d = -g (its norm is the gradient's, known; only dense solves are gauge-projected)."""
+    return Direction(-point.grad, point.grad_norms[0], 0.0, -1, 0)
+
+
+def _dense(stepper: Stepper, point: Point, res: SolveResult) -> Direction:
+    d = stepper.objective.project_step(res.direction)
+    norm = torch.linalg.vector_norm(d).item()
+    return Direction(d, norm, res.damping, res.negative_eigenvalues, res.attempts, res.damped)
+
+
+def _newton(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """The damped Cholesky solve of (H + lambda I) d = -g, lambda >= `damping`.
+
+    A solve that had to raise the damping to factorise counts the matrix's negative
+    eigenvalues (here, so every backend reports the same); an undamped one proved there
+    are none.
+    """
+    h = point.curvature
+    res = stepper.backend.solver.solve(h, point.grad, damping)
+    if res.damping > damping:
+        res = replace(res, negative_eigenvalues=negative_eigenvalues(h), damped=True)
+    elif damping == 0:
+        res = replace(res, negative_eigenvalues=0)
+    return _dense(stepper, point, res)
+
+
+def _saddle_free(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """d = -|H|^-1 g, counting H's negative eigenvalues."""
+    floor = stepper.options.eigenvalue_floor
+    return _dense(
+        stepper, point, stepper.backend.solver.saddle_free(point.curvature, point.grad, floor)
+    )
+
+
+def _conjugate_gradient(stepper: Stepper, point: Point, damping: float) -> Direction:
+    """Truncated CG on curvature-vector products (the state's Martens lambda damps it)."""
+    lam = stepper.state["damping"]
+    cg = hessian_free.cg_direction(
+        stepper.objective, point.x, point.grad, stepper.options, stepper.state, drawn=point.sample
+    )
+    return Direction(cg.direction, float(cg.direction.norm()), lam, -1, 1, cg=cg)
+
+
+DESCENTS: dict[str, Descent] = {
+    "gradient_descent": _gradient,
+    "newton": _newton,
+    "saddle_free": _saddle_free,
+    "newton_cg": _conjugate_gradient,
+    "gauss_newton_cg": _conjugate_gradient,
+}
+
+
+def _taken(point: Point, found: Direction, alpha: float, evaluations: int) -> Step:
+    """The step x + alpha d, always accepted (fixed step or a satisfied line search)."""
+    cg = found.cg
+    return Step(
+        x_new=point.x + alpha * found.direction,
+        step_norm=alpha * found.norm,
+        step_size=alpha,
+        damping=found.damping,
+        gain_ratio=math.nan,
+        accepted=True,
+        negative_eigenvalues=found.negative_eigenvalues,
+        solver_attempts=found.solver_attempts,
+        function_evaluations=evaluations,
+        cg_iterations=cg.iterations if cg else 0,
+        cg_residual=cg.residual if cg else math.nan,
+        negative_curvature=cg.negative_curvature if cg else False,
+        gradient_batch_size=cg.gradient_batch_size if cg else 0,
+        step_damped=found.damped,
+    )
+
+
+def _fixed(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """x + lr d, whatever the loss does."""
+    found = descent(stepper, point, stepper.options.damping)
+    return _taken(point, found, stepper.options.learning_rate, 0)
+
+
+def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """Armijo backtracking from lr (with a mini-batch gradient the slope is g.d for the
+    point's batch gradient, the one CG used; the losses compared are the full ones)."""
+    opts = stepper.options
+    found = descent(stepper, point, opts.damping)
+    d = found.direction
+    alpha, evaluations = opts.learning_rate, 0
+    slope = float(point.grad @ d)
+    for _ in range(opts.max_backtracks):
+        trial = stepper.loss_at(point.x + alpha * d)
+        evaluations += 1
+        if math.isfinite(trial) and trial <= point.loss + opts.armijo * alpha * slope:
+            break
+        alpha *= opts.backtrack
+    else:
+        raise LineSearchFailed(
+            f"no step satisfied the Armijo condition in {evaluations} backtracks"
+        )
+    return _taken(point, found, alpha, evaluations)
+
+
+def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """Nielsen's (1999) damping update: the full step of the damped solve, accepted when the
+    gain ratio is positive; lambda shrinks after a good step and grows (x nu) after a bad one."""
+    state, h, g = stepper.state, point.curvature, point.grad
+    if state["damping"] <= 0:
+        scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
+        state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
+    lam = state["damping"]
+    if not math.isfinite(lam) or lam > lm_damping_cap(h):
+        raise NoProgress(
+            "no further progress possible at machine precision: every "
+            "Levenberg-Marquardt trial was rejected until the damping "
+            f"{lam:.3g} passed max(max|diag H|, 1) / eps = {lm_damping_cap(h):.3g}"
+        )
+    found = descent(stepper, point, lam)
+    d = found.direction
+    predicted = -float(g @ d + 0.5 * (d @ (h @ d)))
+    x_new = point.x + d
+    trial = stepper.loss_at(x_new)
+    rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
+    accepted = math.isfinite(trial) and rho > 0
+    lam = found.damping
+    if accepted:
+        state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        state["nu"] = 2.0
+    else:
+        state["damping"] = lam * state["nu"]
+        state["nu"] *= 2.0
+    return Step(
+        x_new=x_new,
+        step_norm=float(d.norm()),
+        step_size=1.0,
+        damping=lam,
+        gain_ratio=rho if math.isfinite(rho) else math.nan,
+        accepted=accepted,
+        negative_eigenvalues=found.negative_eigenvalues,
+        solver_attempts=found.solver_attempts,
+        function_evaluations=1,
+        step_damped=found.damped,
+    )
+
+
+def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
+    """Steihaug-Toint: CG stops at the radius; the gain ratio moves radius and lambda."""
+    tr = hessian_free.newton_cg(
+        stepper.objective,
+        point.x,
+        point.loss,
+        point.grad,
+        stepper.options,
+        stepper.state,
+        stepper.loss_at,
+        point.sample,
+    )
+    cg = tr.cg
+    return Step(
+        x_new=tr.x_new,
+        step_norm=float(cg.direction.norm()),
+        step_size=1.0,
+        damping=tr.damping,
+        gain_ratio=tr.gain_ratio,
+        accepted=tr.accepted,
+        negative_eigenvalues=-1,
+        solver_attempts=1,
+        function_evaluations=1,
+        cg_iterations=cg.iterations,
+        cg_residual=cg.residual,
+        negative_curvature=cg.negative_curvature,
+        trust_radius=tr.trust_radius,
+        gradient_batch_size=cg.gradient_batch_size,
+    )
+
+
+SEARCHES: dict[str, Search] = {
+    "fixed": _fixed,
+    "line_search": _line_search,
+    "levenberg_marquardt": _levenberg_marquardt,
+    "trust_region": _trust_region,
+}
