@@ -23,7 +23,7 @@ from hessian_client.options import choices, method_options, stop_criteria
 from hessian_client.proto import optimize_pb2, problem_pb2, service_pb2
 from hessian_service.engine import MethodOptions, SpectrumOptions, StopCriteria, ValidationError
 from hessian_service.engine import options as engine_options
-from hessian_service.engine import spectrum as engine_spectrum
+from hessian_service.engine.analysis import spectrum as engine_spectrum
 from hessian_service.engine.objectives import OBJECTIVES
 from hessian_service.server import codec
 
