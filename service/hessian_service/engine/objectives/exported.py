@@ -8,6 +8,7 @@ interpreted graph, exactly as for the catalogue's pure-torch objectives.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from ..errors import ValidationError
 from ..validation import FLOAT_DTYPES
 from .base import Objective
+from .export_compile import CompiledFailed, CompiledLoss, CompiledProgram, use_compiled
 from .export_verify import Program, load_program
 
 OUTPUT_LOSSES = ("", "mse", "cross_entropy")
@@ -27,8 +29,15 @@ class Exported(Objective):
     """A verified exported program with its data tensors (see the module docstring)."""
 
     name = "exported"
-    option_names = ("program", "param_shape", "output_loss", "target")
-    eval_seconds = EVAL_SECONDS
+    # compile and evaluation_seconds are the server's settings, not the problem's
+    option_names = (
+        "program",
+        "param_shape",
+        "output_loss",
+        "target",
+        "compile",
+        "evaluation_seconds",
+    )
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         self.data_fields = tuple(data)  # checked against the program's inputs in _setup
@@ -47,6 +56,8 @@ class Exported(Objective):
         if output_loss not in OUTPUT_LOSSES:
             raise ValidationError("options.output_loss", "'' | mse | cross_entropy", output_loss)
         target = str(options.get("target", "")) or "y"
+        self.eval_seconds = float(options.get("evaluation_seconds", EVAL_SECONDS))
+        self.compiled: CompiledProgram | None = None
         program, keys = load_program(blob)
         self.program: Program = program
         wanted = set(keys) | ({target} if output_loss else set())
@@ -87,6 +98,15 @@ class Exported(Objective):
         value = self._evaluate(torch.zeros(shape, dtype=self.dtype))  # refuse what fails now
         if not value.dtype.is_floating_point:
             raise ValidationError("problem.exported", "a floating-point output", value.dtype)
+        if options.get("compile", False):
+            inputs = [data[key] for key in program.data_names.values()]
+            scalar = self.output_loss if output_loss else torch.squeeze
+            self.compiled = CompiledProgram(
+                program,
+                [*inputs, *program.constants.values()],
+                torch.zeros(shape, dtype=self.dtype),
+                scalar,
+            )
 
     def _check_target(self, out_shape: tuple[int, ...], target: str, loss: str) -> None:
         y = self.data[target]
@@ -112,7 +132,13 @@ class Exported(Objective):
             )
 
     def _evaluate(self, params: torch.Tensor) -> torch.Tensor:
-        value = self.program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
+        """The program's output: compiled when on and no autograd graph is wanted."""
+        value = None
+        if self.compiled is not None and use_compiled(params) is False:
+            with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
+                value = self.compiled.forward(params, self.eval_seconds)
+        if value is None:
+            value = self.program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
         expected = self.program.metas[self.program.output].shape
         if tuple(value.shape) != expected:
             raise ValidationError(
@@ -123,6 +149,12 @@ class Exported(Objective):
         return value
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None and use_compiled(params):
+            with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
+                return CompiledLoss.apply(params, self.compiled, self._loss, self.eval_seconds)
+        return self._loss(params)
+
+    def _loss(self, params: torch.Tensor) -> torch.Tensor:
         if self.supports_ggn:
             return self.output_loss(self.outputs(params))
         return self._evaluate(params)
