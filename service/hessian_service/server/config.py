@@ -64,6 +64,8 @@ class ServerConfig:
     single_thread_below: int = 1_000_000
     max_optimize_streams_per_token: int = 0  # open Optimize streams per token (0: no limit)
     optimize_evaluation_seconds: float = 60.0  # an Optimize caller's time per evaluation
+    exported_evaluation_seconds: float = 60.0  # one evaluation of an exported program
+    exported_compile: bool = False  # torch.compile exported programs when they are built
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -95,6 +97,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
         if not self.optimize_evaluation_seconds > 0:
             raise ValueError("--optimize-evaluation-seconds must be > 0")
+        if not self.exported_evaluation_seconds > 0:
+            raise ValueError("--exported-evaluation-seconds must be > 0")
         if self.intra_op_threads < 0:
             raise ValueError("--intra-op-threads must be >= 0 (0: usable CPUs / --workers)")
         if self.default_backend not in ("", "auto", "native", "autograd"):
