@@ -94,7 +94,8 @@ def exported(
     cross_entropy, `fn(params, **inputs) -> outputs` compared with `data[target]` (a
     Gauss-Newton form); an `nn.Module` is called as `module(*inputs)` (data order, target
     left out) with its parameters taken from the flat params (`parameters_to_vector` order;
-    `example_params` None: its own values). Buffers are not supported (the server refuses).
+    `example_params` None: its own values). Buffers (BatchNorm running stats, eval mode)
+    travel as constants; a module that updates them (training mode) is refused.
     `data` holds every tensor (inputs, and the target when `loss` is set).
     """
     try:

@@ -49,6 +49,7 @@ ALLOWED_OPS = frozenset(
     cat stack slice select index_select gather index narrow split chunk unbind diagonal
     tril triu where clamp clamp_min clamp_max maximum minimum eq ne lt le gt ge
     log_softmax softmax _log_softmax _softmax conv1d conv2d convolution
+    batch_norm _native_batch_norm_legit_no_training
     nll_loss nll_loss_forward cross_entropy_loss mse_loss einsum embedding one_hot
     _to_copy to type_as zeros_like ones_like full_like scalar_tensor _assert_tensor_metadata
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
@@ -348,6 +349,12 @@ def _node(raw: Any, index: int) -> Node:
             kwargs[str(_get(item, "name"))] = value
         else:
             args.append(value)
+    if packet == "batch_norm" and (
+        len(args) < 6 or (args[5] is not False and args[3:5] != [None, None])
+    ):
+        raise refuse(
+            f"batch_norm in eval mode (training=False): {where} would update its running stats"
+        )
     outputs: list[Any] = []
     raw_outputs = _get(raw, "outputs")
     if len(raw_outputs) == 1 and "as_tensors" in raw_outputs[0]:
@@ -371,20 +378,27 @@ def _uses(value: Any) -> list[str]:
     return []
 
 
-def _constant_path(archive: zipfile.ZipFile, prefix: str, cname: str) -> str:
-    """The file name the constants config gives constant `cname`."""
-    config = _json(archive, f"{prefix}data/constants/model_constants_config.json")
+def _constant_path(
+    archive: zipfile.ZipFile, prefix: str, cname: str, folder: str = "constants"
+) -> str:
+    """The file name the constants (or weights) config gives constant `cname`."""
+    config = _json(archive, f"{prefix}data/{folder}/model_{folder}_config.json")
     return str(_get(config, "config", cname, "path_name"))
 
 
-def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) -> dict:
-    """Lifted tensor constants from raw bytes; a pickled one is refused unread."""
+def _constants(
+    archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str], folder: str = "constants"
+) -> dict:
+    """Lifted tensor constants (folder weights: module buffers) from raw bytes; a pickled
+    one, or a weight that is a parameter, is refused unread."""
     if not wanted:
         return {}
-    config = _get(_json(archive, f"{prefix}data/constants/model_constants_config.json"), "config")
+    config = _get(_json(archive, f"{prefix}data/{folder}/model_{folder}_config.json"), "config")
     out: dict[str, torch.Tensor] = {}
     for placeholder, cname in wanted.items():
         entry = _get(config, cname)
+        if entry.get("is_param", False) is not False:
+            raise refuse("no parameters among the weights (they travel in params)", cname)
         if entry.get("use_pickle", True) is not False:
             raise refuse(
                 "tensor constants stored as raw bytes (no pickles)",
@@ -397,7 +411,7 @@ def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) ->
         path = _get(entry, "path_name")
         if not isinstance(path, str) or "/" in path or path.startswith("."):
             raise refuse("a plain constant file name", path)
-        raw = _member(archive, f"{prefix}data/constants/{path}")
+        raw = _member(archive, f"{prefix}data/{folder}/{path}")
         itemsize = torch.empty((), dtype=meta.dtype).element_size()
         if len(raw) != numel * itemsize:
             raise refuse(f"{numel * itemsize} bytes for constant {cname!r}", f"{len(raw)} bytes")
@@ -455,18 +469,29 @@ def scan_pickle(raw: bytes, what: str) -> None:
             )
 
 
-def _check_members(archive: zipfile.ZipFile, prefix: str, constant_files: set[str]) -> None:
-    """Refuse members this reader does not know; scan the sample inputs' pickle."""
+def _check_members(
+    archive: zipfile.ZipFile, prefix: str, constant_files: set[str], buffer_files: set[str]
+) -> None:
+    """Refuse members this reader does not know, weights that are not the buffers the graph
+    takes; scan the sample inputs' pickle."""
     for name in archive.namelist():
         inner = name.removeprefix(prefix) if name.startswith(prefix) else None
         if inner is None or (
             inner not in KNOWN_MEMBERS
             and inner.removeprefix("data/constants/") not in constant_files
+            and inner.removeprefix("data/weights/") not in buffer_files
         ):
             raise refuse("only the members torch.export.save writes", f"member {name!r}")
     weights = f"{prefix}data/weights/model_weights_config.json"
-    if weights in archive.namelist() and _get(_json(archive, weights), "config"):
-        raise refuse("no weights (parameters travel in params)", "a weights config with entries")
+    if weights in archive.namelist():
+        entries = _get(_json(archive, weights), "config")
+        for name, entry in entries.items():
+            if not isinstance(entry, dict) or entry.get("path_name") not in buffer_files:
+                raise refuse(
+                    "no weights but the module buffers the graph takes (parameters travel in "
+                    "params)",
+                    f"weight {name!r}",
+                )
     sample = f"{prefix}data/sample_inputs/model.pt"
     if sample in archive.namelist():
         scan_pickle(_member(archive, sample), sample)
@@ -508,6 +533,7 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     signature = _get(module, "signature")
     user_inputs: list[str] = []
     constants: dict[str, str] = {}
+    buffers: dict[str, str] = {}  # module buffers (e.g. BatchNorm running stats): constants
     for spec in _get(signature, "input_specs"):
         if not isinstance(spec, dict) or len(spec) != 1:
             raise refuse("input specs of one kind each", spec)
@@ -516,10 +542,12 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
             user_inputs.append(_get(body, "arg", "as_tensor", "name"))
         elif kind == "tensor_constant":
             constants[_get(body, "arg", "name")] = _get(body, "tensor_constant_name")
+        elif kind == "buffer" and _get(body, "persistent") is True:
+            buffers[_get(body, "arg", "name")] = _get(body, "buffer_name")
         else:
             raise refuse(
-                "a functional program: tensor inputs (params, data) and tensor constants "
-                "only (no parameters/buffers: pass them in params)",
+                "a functional program: tensor inputs (params, data), tensor constants and "
+                "persistent buffers only (no parameters: pass them in params)",
                 f"input of kind {kind}",
             )
     outputs = _get(signature, "output_specs")
@@ -530,7 +558,7 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     if not user_inputs or len(arg_names) != len(user_inputs):
         raise refuse("a program taking (params, **data) tensors", f"inputs {arg_names}")
     nodes = [_node(raw, i) for i, raw in enumerate(raw_nodes)]
-    defined = set(user_inputs) | set(constants)
+    defined = set(user_inputs) | set(constants) | set(buffers)
     for node in nodes:
         for used in _uses(list(node.args)) + _uses(list(node.kwargs.values())):
             if used not in defined:
@@ -540,7 +568,7 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     if output not in defined:
         raise refuse("an output computed by the graph", output)
     metas = {name: _meta(raw, f"value {name!r}") for name, raw in metas_raw.items()}
-    for name in sorted(defined - set(constants)):
+    for name in sorted(defined - set(constants) - set(buffers)):
         if name not in metas:
             raise refuse(f"a declared shape for every value, also {name!r}")
         numel = math.prod(metas[name].shape)
@@ -551,12 +579,13 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
                 f"{MAX_VALUE_ELEMENTS} per tensor",
             )
     files = {_constant_path(archive, prefix, c) for c in constants.values()}
-    _check_members(archive, prefix, files)
+    buffer_files = {_constant_path(archive, prefix, b, "weights") for b in buffers.values()}
+    _check_members(archive, prefix, files, buffer_files)
     program = Program(
         nodes,
         user_inputs[0],
         dict(zip(user_inputs[1:], arg_names[1:], strict=True)),
-        _constants(archive, prefix, constants),
+        _constants(archive, prefix, constants) | _constants(archive, prefix, buffers, "weights"),
         output,
         metas,
     )
