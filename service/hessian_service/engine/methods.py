@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import backends, curvature, hessian_free, native_products
+from .errors import EvaluationError
 from .linalg import SolveResult, negative_eigenvalues
 from .objectives.base import Objective
 from .options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
@@ -156,8 +157,12 @@ class Stepper:
         return Point(x, float(loss), grad, h)
 
     def loss_at(self, x: torch.Tensor) -> float:
-        """The loss alone (line-search and Levenberg-Marquardt trials)."""
-        loss = float(curvature.loss_value(self.objective, x))
+        """The loss alone (line-search and Levenberg-Marquardt trials); NaN, a rejected trial,
+        where the objective raises (an exported program indexing out of range there)."""
+        try:
+            loss = float(curvature.loss_value(self.objective, x))
+        except EvaluationError:
+            loss = math.nan
         if self.minibatch:
             self._last_trial = (x, loss)
         return loss

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import cancel
-from ..errors import ResourceLimitError, ValidationError
+from ..errors import EvaluationError, ResourceLimitError, ValidationError
 
 FIELD = "problem.exported.program"
 MAX_PROGRAM_BYTES = 64 * 1024**2  # the archive as sent
@@ -172,7 +172,7 @@ class Program:
             try:
                 result = node.op(*args, **kwargs)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise ValidationError(
+                raise EvaluationError(
                     "problem.exported",
                     f"a program that evaluates: node {node.name!r} ({node.target}) raised "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
