@@ -199,3 +199,21 @@ def test_a_compiled_program_that_raises_names_its_node_and_keeps_working():
     x = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
     ref = ((x - 10.0) ** 2).sum() + X[1].sum()
     assert close(loss_value(objective, x), ref)
+
+
+def test_a_compiler_failure_falls_back_to_the_interpreter(monkeypatch, caplog):
+    """Where torch.compile fails (here: made to raise), the problem is still built, logged,
+    and evaluated by the interpreter: the server's flag never turns into a refusal."""
+    from hessian_service.engine.objectives import export_compile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(export_compile.torch, "compile", broken)
+    objective = build(mse, True)
+    assert objective.compiled is None
+    assert "not compiled" in caplog.text and "no C++ compiler" in caplog.text
+    x = fresh_point()
+    loss, grad = loss_and_grad(objective, x)
+    func_grad, func_loss = torch.func.grad_and_value(mse)(x, DATA["X"], DATA["y"])
+    assert close(loss, func_loss) and close(grad, func_grad)

@@ -16,6 +16,7 @@ Hessians, Hessian-vector products, Jacobians under torch.func) still run the int
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 import time
@@ -30,6 +31,7 @@ from .. import cancel
 from ..errors import ResourceLimitError
 from .export_verify import Program, Ref
 
+log = logging.getLogger(__name__)
 _COMPILE_LOCK = threading.Lock()  # dynamo/inductor compile state is process-global
 
 
@@ -158,6 +160,21 @@ class CompiledLoss(torch.autograd.Function):
             loss = ctx.interpreted(params)
             (grad,) = torch.autograd.grad(loss, params, create_graph=True)
         return upstream * grad, None, None, None
+
+
+def compile_or_none(
+    program: Program,
+    inputs: Sequence[torch.Tensor],
+    params_like: torch.Tensor,
+    scalar: Callable[[torch.Tensor], torch.Tensor],
+) -> CompiledProgram | None:
+    """The compiled program, or None (logged) where compiling fails (no C++ compiler, an op
+    Inductor cannot lower): the interpreter then serves the problem as without the flag."""
+    try:
+        return CompiledProgram(program, inputs, params_like, scalar)
+    except Exception as exc:  # the compiler's failure is not the caller's error
+        log.warning("exported program not compiled, interpreting it: %s", exc)
+        return None
 
 
 def use_compiled(params: torch.Tensor) -> bool | None:

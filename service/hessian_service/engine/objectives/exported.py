@@ -18,7 +18,13 @@ import torch
 from ..errors import ValidationError
 from ..validation import FLOAT_DTYPES
 from .base import Objective
-from .export_compile import CompiledFailed, CompiledLoss, CompiledProgram, use_compiled
+from .export_compile import (
+    CompiledFailed,
+    CompiledLoss,
+    CompiledProgram,
+    compile_or_none,
+    use_compiled,
+)
 from .export_verify import Program, load_program
 
 OUTPUT_LOSSES = ("", "mse", "cross_entropy")
@@ -99,13 +105,11 @@ class Exported(Objective):
         if not value.dtype.is_floating_point:
             raise ValidationError("problem.exported", "a floating-point output", value.dtype)
         if options.get("compile", False):
-            inputs = [data[key] for key in program.data_names.values()]
-            scalar = self.output_loss if output_loss else torch.squeeze
-            self.compiled = CompiledProgram(
+            self.compiled = compile_or_none(
                 program,
-                [*inputs, *program.constants.values()],
+                [*(data[key] for key in program.data_names.values()), *program.constants.values()],
                 torch.zeros(shape, dtype=self.dtype),
-                scalar,
+                self.output_loss if output_loss else torch.squeeze,
             )
 
     def _check_target(self, out_shape: tuple[int, ...], target: str, loss: str) -> None:
