@@ -145,19 +145,21 @@ def test_compiled_gauss_newton_form_matches_interpreted(ggn_pair, monkeypatch):
     assert close(compiled.predict(x), ref_out)
 
 
-def test_concurrent_compiled_evaluations_equal_solo_bit_for_bit(pair):
-    """8 threads share the compiled objective: losses and gradients at 16 points equal the
-    same calls made alone, bit for bit (the compiled graphs hold no per-call state)."""
-    compiled, _ = pair
-    points = [fresh_point() for _ in range(16)]
+def test_concurrent_compiled_evaluations_equal_solo_bit_for_bit(pair, ggn_pair):
+    """8 threads share two compiled objectives (two programs in the process-global compile
+    caches): losses and gradients at 16 points equal the same calls made alone, bit for bit
+    (the compiled graphs hold no per-call state)."""
+    objectives = [pair[0], ggn_pair[0]]
+    jobs = [(objectives[i % 2], fresh_point()) for i in range(16)]
 
-    def work(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def work(job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        compiled, x = job
         loss, grad = loss_and_grad(compiled, x)
         return loss, grad, loss_value(compiled, x)
 
-    solo = [work(x) for x in points]
+    solo = [work(job) for job in jobs]
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(work, points))
+        together = list(pool.map(work, jobs))
     for a, b in zip(solo, together, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
