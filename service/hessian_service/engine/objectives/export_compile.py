@@ -121,7 +121,7 @@ class CompiledProgram:
         start = time.monotonic()
         try:
             with torch.no_grad():
-                result = fn(params.detach().reshape(self.param_shape), *self.inputs)
+                result = fn(params.detach().reshape(self.param_shape).contiguous(), *self.inputs)
         except Exception as exc:  # the program's own error (the interpreter names its node)
             raise CompiledFailed(f"{type(exc).__name__}: {exc}") from exc
         if time.monotonic() - start > seconds:
