@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from hessian_client import problems
+from hessian_service.engine import MethodOptions, Run, StopCriteria
 from hessian_service.engine.cancel import Cancelled, CancelToken, scope
 from hessian_service.engine.curvature import (
     gauss_newton,
@@ -21,7 +22,7 @@ from hessian_service.engine.curvature import (
     loss_value,
 )
 from hessian_service.engine.errors import ResourceLimitError, ValidationError
-from hessian_service.engine.objectives import make_objective
+from hessian_service.engine.objectives import export_compile, make_objective
 from hessian_service.engine.objectives.export_verify import Program
 from hessian_service.server.codec import decode_tensor
 
@@ -206,7 +207,6 @@ def test_a_compiled_program_that_raises_names_its_node_and_keeps_working():
 def test_a_compiler_failure_falls_back_to_the_interpreter(monkeypatch, caplog):
     """Where torch.compile fails (here: made to raise), the problem is still built, logged,
     and evaluated by the interpreter: the server's flag never turns into a refusal."""
-    from hessian_service.engine.objectives import export_compile
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
@@ -219,3 +219,26 @@ def test_a_compiler_failure_falls_back_to_the_interpreter(monkeypatch, caplog):
     loss, grad = loss_and_grad(objective, x)
     func_grad, func_loss = torch.func.grad_and_value(mse)(x, DATA["X"], DATA["y"])
     assert close(loss, func_loss) and close(grad, func_grad)
+
+
+@pytest.mark.parametrize(
+    ("method", "policy", "which"),
+    [
+        ("newton", "line_search", "pair"),
+        ("newton_cg", "trust_region", "pair"),
+        ("gauss_newton_cg", "trust_region", "ggn_pair"),
+    ],
+)
+def test_runs_on_the_compiled_objective_repeat_the_interpreted_runs(method, policy, which, request):
+    """Dense Newton, Newton-CG and Gauss-Newton-CG runs (products through CompiledLoss and
+    the interpreter) give the interpreted objective's records."""
+    compiled, interpreted = request.getfixturevalue(which)
+    x = fresh_point()
+    options = MethodOptions(method=method, step_policy=policy, backend="autograd")
+    stop = StopCriteria(max_iterations=3)
+    ours = Run(compiled, x, options, stop).run_to_end()
+    ref = Run(interpreted, x, options, stop).run_to_end()
+    assert [r.iteration for r in ours] == [r.iteration for r in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-10, abs=1e-14)
+        assert a.gradient_max_norm == pytest.approx(b.gradient_max_norm, rel=1e-8, abs=1e-12)
