@@ -12,6 +12,8 @@ What changes against the interpreter: a compiled call cannot be stopped between 
 the cancel token and the wall-clock limit are checked before and after it (a call over the
 limit is refused once it returns). Autograd graphs that need second derivatives (dense
 Hessians, Hessian-vector products, Jacobians under torch.func) still run the interpreter.
+Inductor's own C++ loops keep the OpenMP thread count of the thread that compiled them (the
+ATen calls they make, such as matmul, use the calling thread's count).
 """
 
 from __future__ import annotations
@@ -96,7 +98,6 @@ class CompiledProgram:
             return scalar(module(params, *rest))
 
         example = (params_like, *self.inputs)
-        start = time.perf_counter()
         with _COMPILE_LOCK:
             forward = make_fx(module)(*example)
             both = make_fx(torch.func.grad_and_value(loss))(*example)
@@ -105,7 +106,6 @@ class CompiledProgram:
             with torch.no_grad():  # compile now, not on a request's first call
                 self._forward(*example)
                 self._both(*example)
-        self.compile_seconds = time.perf_counter() - start
 
     def forward(self, params: torch.Tensor, seconds: float) -> torch.Tensor:
         """The program's output at `params` (no autograd graph)."""
