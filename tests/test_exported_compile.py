@@ -146,6 +146,15 @@ def test_compiled_gauss_newton_form_matches_interpreted(ggn_pair, monkeypatch):
     assert close(compiled.predict(x), ref_out)
 
 
+def test_predict_on_new_inputs_of_a_compiled_objective_uses_the_new_inputs(ggn_pair):
+    """Predict on new rows (same shape as X) from a compiled objective: the outputs of the
+    new rows (float64 reference), not of the rows compiled in."""
+    compiled, _ = ggn_pair
+    x, new_X = fresh_point(), torch.randn(ROWS, SIZES[0], dtype=F64)
+    assert close(compiled.predict(x, new_X), outputs(x, new_X))
+    assert close(compiled.predict(x), outputs(x, DATA["X"]))
+
+
 def test_concurrent_compiled_evaluations_equal_solo_bit_for_bit(pair, ggn_pair):
     """8 threads share two compiled objectives (two programs in the process-global compile
     caches): losses and gradients at 16 points equal the same calls made alone, bit for bit

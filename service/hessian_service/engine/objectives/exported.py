@@ -64,6 +64,7 @@ class Exported(Objective):
         target = str(options.get("target", "")) or "y"
         self.eval_seconds = float(options.get("evaluation_seconds", EVAL_SECONDS))
         self.compiled: CompiledProgram | None = None
+        self._compiled_data: dict[str, torch.Tensor] | None = None  # the data compiled in
         program, keys = load_program(blob)
         self.program: Program = program
         wanted = set(keys) | ({target} if output_loss else set())
@@ -111,6 +112,12 @@ class Exported(Objective):
                 torch.zeros(shape, dtype=self.dtype),
                 self.output_loss if output_loss else torch.squeeze,
             )
+            self._compiled_data = self.data
+
+    def _compiled(self) -> CompiledProgram | None:
+        """The compiled program, if on and this objective still holds the data it was compiled
+        with (a copy for Predict on new inputs, or a mini-batch, holds other data)."""
+        return self.compiled if self._compiled_data is self.data else None
 
     def _check_target(self, out_shape: tuple[int, ...], target: str, loss: str) -> None:
         y = self.data[target]
@@ -138,9 +145,10 @@ class Exported(Objective):
     def _evaluate(self, params: torch.Tensor) -> torch.Tensor:
         """The program's output: compiled when on and no autograd graph is wanted."""
         value = None
-        if self.compiled is not None and use_compiled(params) is False:
+        compiled = self._compiled()
+        if compiled is not None and use_compiled(params) is False:
             with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
-                value = self.compiled.forward(params, self.eval_seconds)
+                value = compiled.forward(params, self.eval_seconds)
         if value is None:
             value = self.program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
         expected = self.program.metas[self.program.output].shape
@@ -153,9 +161,10 @@ class Exported(Objective):
         return value
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None and use_compiled(params):
+        compiled = self._compiled()
+        if compiled is not None and use_compiled(params):
             with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
-                return CompiledLoss.apply(params, self.compiled, self._loss, self.eval_seconds)
+                return CompiledLoss.apply(params, compiled, self._loss, self.eval_seconds)
         return self._loss(params)
 
     def _loss(self, params: torch.Tensor) -> torch.Tensor:
