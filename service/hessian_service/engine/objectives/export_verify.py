@@ -17,6 +17,7 @@ import io
 import json
 import math
 import pickletools
+import re
 import time
 import zipfile
 from collections.abc import Mapping
@@ -98,10 +99,23 @@ class Node:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Declared dtype and static shape of a graph value."""
+    """Declared dtype and shape of a graph value (static, or the row count's symbol)."""
 
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class RowCount:
+    """The one symbolic size a program may declare: the data's row count, in [low, high]."""
+
+    symbol: str
+    low: int
+    high: int
+
+
+# A bare positive integer symbol, as torch.export writes a Dim (nothing else is evaluated).
+ROW_SYMBOL = re.compile(r"Symbol\('([A-Za-z_]\w{0,31})', positive=True, integer=True\)")
 
 
 class Program:
@@ -119,6 +133,8 @@ class Program:
         constants: dict[str, torch.Tensor],
         output: str,
         metas: dict[str, TensorMeta],
+        row_count: RowCount | None = None,
+        rows: int | None = None,
     ) -> None:
         self.nodes = nodes
         self.params_name = params_name
@@ -126,6 +142,48 @@ class Program:
         self.constants = constants
         self.output = output
         self.metas = metas
+        self.row_count = row_count  # None: every shape static
+        self.rows = rows  # the row count the metas are bound to (None: unbound or static)
+
+    def row_inputs(self) -> list[str]:
+        """The data keys whose first dimension is the row count (none for static programs)."""
+        if self.row_count is None:
+            return []
+        symbol = self.row_count.symbol
+        return [k for p, k in self.data_names.items() if self.metas[p].shape[:1] == (symbol,)]
+
+    def for_rows(self, rows: int | None) -> Program:
+        """This program with its row count bound to `rows` (static programs: itself, checked):
+        every declared size bounded, then the shapes checked on meta tensors."""
+        metas = self.metas
+        if self.row_count is not None:
+            low, high, symbol = self.row_count.low, self.row_count.high, self.row_count.symbol
+            if rows is None or not low <= rows <= high:
+                raise refuse(f"a row count in [{low}, {high}] (as exported)", rows, "problem.data")
+            metas = {
+                name: TensorMeta(m.dtype, tuple(rows if s == symbol else s for s in m.shape))
+                for name, m in metas.items()
+            }
+        for name, meta in metas.items():
+            numel = math.prod(meta.shape)
+            if numel > MAX_VALUE_ELEMENTS:
+                raise ResourceLimitError(
+                    FIELD,
+                    f"value {name!r} declares {numel} elements, over the limit of "
+                    f"{MAX_VALUE_ELEMENTS} per tensor",
+                )
+        bound = Program(
+            self.nodes,
+            self.params_name,
+            self.data_names,
+            self.constants,
+            self.output,
+            metas,
+            self.row_count,
+            rows if self.row_count is not None else None,
+        )
+        bound.check_shapes()
+        return bound
 
     def check_shapes(self) -> None:
         """Run every node on meta tensors (shapes only: no data, no allocation) and refuse a
@@ -266,14 +324,20 @@ def _json(archive: zipfile.ZipFile, name: str) -> Any:
         raise refuse("JSON", f"{name!r}: {exc}") from None
 
 
-def _meta(raw: Any, what: str) -> TensorMeta:
+def _meta(raw: Any, what: str, symbolic: bool = False) -> TensorMeta:
+    """A declared tensor: sizes are ints, or (`symbolic`) a bare symbol, a row count."""
     dtype = DTYPES.get(_get(raw, "dtype"))
     if dtype is None:
         raise refuse(f"a known dtype for {what}", raw.get("dtype"))
-    shape = []
+    shape: list[int | str] = []
     for size in _get(raw, "sizes"):
+        expr = size.get("as_expr") if symbolic and isinstance(size, dict) else None
+        match = ROW_SYMBOL.fullmatch(str(expr.get("expr_str"))) if isinstance(expr, dict) else None
+        if match:
+            shape.append(match.group(1))
+            continue
         if not isinstance(size, dict) or not isinstance(size.get("as_int"), int):
-            raise refuse(f"static shapes (no symbolic sizes) for {what}", size)
+            raise refuse(f"static shapes (a row count at most) for {what}", size)
         shape.append(size["as_int"])
     device = raw.get("device", {}).get("type", "cpu")
     if device != "cpu":
@@ -567,17 +631,11 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
         defined.update(n for n in outs if n is not None)
     if output not in defined:
         raise refuse("an output computed by the graph", output)
-    metas = {name: _meta(raw, f"value {name!r}") for name, raw in metas_raw.items()}
+    metas = {name: _meta(raw, f"value {name!r}", True) for name, raw in metas_raw.items()}
     for name in sorted(defined - set(constants) - set(buffers)):
         if name not in metas:
             raise refuse(f"a declared shape for every value, also {name!r}")
-        numel = math.prod(metas[name].shape)
-        if numel > MAX_VALUE_ELEMENTS:
-            raise ResourceLimitError(
-                FIELD,
-                f"value {name!r} declares {numel} elements, over the limit of "
-                f"{MAX_VALUE_ELEMENTS} per tensor",
-            )
+    row_count = _row_count(doc, metas, user_inputs)
     files = {_constant_path(archive, prefix, c) for c in constants.values()}
     buffer_files = {_constant_path(archive, prefix, b, "weights") for b in buffers.values()}
     _check_members(archive, prefix, files, buffer_files)
@@ -588,6 +646,26 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
         _constants(archive, prefix, constants) | _constants(archive, prefix, buffers, "weights"),
         output,
         metas,
+        row_count,
     )
-    program.check_shapes()
-    return program, [str(a) for a in arg_names[1:]]
+    return (program if row_count else program.for_rows(None)), [str(a) for a in arg_names[1:]]
+
+
+def _row_count(doc: Any, metas: dict[str, TensorMeta], user_inputs: list[str]) -> RowCount | None:
+    """The program's one symbolic size, which must be the first dimension of a data input
+    (params static), with its exported range; None for a static program."""
+    symbols = sorted({s for m in metas.values() for s in m.shape if isinstance(s, str)})
+    if not symbols:
+        return None
+    if len(symbols) > 1:
+        raise refuse("at most one symbolic size (the data's row count)", symbols)
+    (symbol,) = symbols
+    if any(isinstance(s, str) for s in metas[user_inputs[0]].shape):
+        raise refuse("a params input of static shape", list(metas[user_inputs[0]].shape))
+    if not any(metas[name].shape[:1] == (symbol,) for name in user_inputs[1:]):
+        raise refuse(f"the symbolic size {symbol!r} as the first dimension of a data input")
+    bounds = doc.get("range_constraints", {}).get(symbol, {}) if isinstance(doc, dict) else {}
+    low, high = bounds.get("min_val"), bounds.get("max_val")
+    low = low if isinstance(low, int) and not isinstance(low, bool) and low > 0 else 1
+    high = high if isinstance(high, int) and not isinstance(high, bool) else MAX_VALUE_ELEMENTS
+    return RowCount(symbol, low, min(high, MAX_VALUE_ELEMENTS))

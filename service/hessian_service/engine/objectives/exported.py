@@ -66,13 +66,18 @@ class Exported(Objective):
         self.compiled: CompiledProgram | None = None
         self._compiled_data: dict[str, torch.Tensor] | None = None  # the data compiled in
         program, keys = load_program(blob)
-        self.program: Program = program
+        self._template = program  # unbound when the program declares a row count
         wanted = set(keys) | ({target} if output_loss else set())
         for key in sorted(set(data) ^ wanted):
             where = "the program's inputs" if key in data else "problem.data"
             raise ValidationError(
                 f"data.{key}", f"data tensors exactly {sorted(wanted)}", f"{key!r} not in {where}"
             )
+        rows = program.row_inputs()
+        if rows:  # mini-batches and Predict index these (and the target) by row
+            self.row_fields = (*rows, *([target] if output_loss else []))
+            program = program.for_rows(int(data[rows[0]].shape[0]) if data[rows[0]].dim() else 0)
+        self.program: Program = program
         params_meta = program.metas[program.params_name]
         if params_meta.shape != shape or params_meta.dtype not in FLOAT_DTYPES:
             raise ValidationError(
@@ -142,6 +147,14 @@ class Exported(Objective):
                 f"data.{target}", f"labels in [0, {out_shape[1]})", f"range [{lo}, {hi}]"
             )
 
+    def _bound(self) -> Program:
+        """The program bound to this objective's data rows (a mini-batch's or new inputs'
+        when they differ from the problem's)."""
+        if not self.row_fields:
+            return self.program
+        rows = int(self.data[self.row_fields[0]].shape[0])
+        return self.program if rows == self.program.rows else self._template.for_rows(rows)
+
     def _evaluate(self, params: torch.Tensor) -> torch.Tensor:
         """The program's output: compiled when on and no autograd graph is wanted."""
         value = None
@@ -149,9 +162,10 @@ class Exported(Objective):
         if compiled is not None and use_compiled(params) is False:
             with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
                 value = compiled.forward(params, self.eval_seconds)
+        program = self._bound()
         if value is None:
-            value = self.program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
-        expected = self.program.metas[self.program.output].shape
+            value = program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
+        expected = program.metas[program.output].shape
         if tuple(value.shape) != expected:
             raise ValidationError(
                 "problem.exported",
