@@ -18,8 +18,10 @@ import json
 import math
 import pickletools
 import re
+import threading
 import time
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,7 @@ MAX_MEMBER_BYTES = 64 * 1024**2  # one member, uncompressed (a zip bomb stops he
 MAX_NODES = 20_000
 MAX_CONSTANT_ELEMENTS = 1_000_000
 MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in float64)
+BINDINGS_KEPT = 4  # programs bound to recent row counts, kept per program
 
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
 # inputs. No factories of caller-chosen size, no random, no I/O, no in-place, no custom ops,
@@ -121,8 +124,9 @@ ROW_SYMBOL = re.compile(r"Symbol\('([A-Za-z_]\w{0,31})', positive=True, integer=
 class Program:
     """A verified graph: `run(params, data)` returns its one tensor output.
 
-    Stateless after construction (nodes and constants are read-only), so concurrent calls
-    share a Program safely; each call keeps its values in a local environment.
+    Stateless after construction (nodes and constants are read-only; the cache of bindings
+    to row counts is lock-guarded), so concurrent calls share a Program safely; each call
+    keeps its values in a local environment.
     """
 
     def __init__(
@@ -144,6 +148,8 @@ class Program:
         self.metas = metas
         self.row_count = row_count  # None: every shape static
         self.rows = rows  # the row count the metas are bound to (None: unbound or static)
+        self._bindings: OrderedDict[int | None, Program] = OrderedDict()
+        self._lock = threading.Lock()
 
     def row_inputs(self) -> list[str]:
         """The data keys whose first dimension is the row count (none for static programs)."""
@@ -154,7 +160,19 @@ class Program:
 
     def for_rows(self, rows: int | None) -> Program:
         """This program with its row count bound to `rows` (static programs: itself, checked):
-        every declared size bounded, then the shapes checked on meta tensors."""
+        every declared size bounded, then the shapes checked on meta tensors. The last few
+        bindings are kept (a mini-batch size recurs every step)."""
+        with self._lock:
+            bound = self._bindings.get(rows)
+        if bound is None:
+            bound = self._bind(rows)
+            with self._lock:
+                self._bindings[rows] = bound
+                while len(self._bindings) > BINDINGS_KEPT:
+                    self._bindings.popitem(last=False)
+        return bound
+
+    def _bind(self, rows: int | None) -> Program:
         metas = self.metas
         if self.row_count is not None:
             low, high, symbol = self.row_count.low, self.row_count.high, self.row_count.symbol
