@@ -86,8 +86,9 @@ def exported_twin(objective: Objective, params: torch.Tensor) -> Objective:
     return from_problem(problem)
 
 
-def from_problem(problem) -> Objective:
-    """Build the engine objective of an SDK `exported` problem without a server."""
+def from_problem(problem, compile: bool = False) -> Objective:
+    """Build the engine objective of an SDK `exported` problem without a server (`compile`:
+    the server's --exported-compile)."""
     from hessian_service.server.codec import decode_tensor
 
     spec = problem.exported
@@ -97,5 +98,6 @@ def from_problem(problem) -> Objective:
         "param_shape": list(spec.param_shape),
         "output_loss": spec.output_loss,
         "target": spec.target,
+        "compile": compile,
     }
     return make_objective("exported", data, options)

@@ -4,8 +4,8 @@ refused before any work, naming the option that costs the most."""
 from __future__ import annotations
 
 import pytest
-from hessian_service.engine.errors import ResourceLimitError
 from hessian_service.engine.analysis.spectrum import SpectrumOptions
+from hessian_service.engine.errors import ResourceLimitError
 
 
 def test_the_product_cap_names_the_option_asking_for_most_products():

@@ -87,6 +87,7 @@ def exported(
     *,
     loss: str = "",
     target: str = "y",
+    rows: Sequence[str] = (),
 ) -> Problem:
     """Your own objective, sent as a torch.export program (needs the `torch` extra).
 
@@ -94,8 +95,11 @@ def exported(
     cross_entropy, `fn(params, **inputs) -> outputs` compared with `data[target]` (a
     Gauss-Newton form); an `nn.Module` is called as `module(*inputs)` (data order, target
     left out) with its parameters taken from the flat params (`parameters_to_vector` order;
-    `example_params` None: its own values). Buffers are not supported (the server refuses).
-    `data` holds every tensor (inputs, and the target when `loss` is set).
+    `example_params` None: its own values). Buffers (BatchNorm running stats, eval mode)
+    travel as constants; a module that updates them (training mode) is refused.
+    `data` holds every tensor (inputs, and the target when `loss` is set). `rows` names the
+    inputs whose first dimension is the row count: exported with a symbolic row count, the
+    program then takes mini-batches (curvature/gradient fractions) and Predict on new rows.
     """
     try:
         import torch
@@ -114,7 +118,15 @@ def exported(
             example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
         function, inner = _functional(module)
     params = torch.as_tensor(example_params)
-    program = torch.export.export(_as_module(function, inner), (params,), inputs)
+    for name in rows:
+        if name not in inputs:
+            raise invalid("rows", f"names of program inputs {sorted(inputs)}", name)
+    dynamic = None
+    if rows:
+        count = torch.export.Dim("rows")
+        dynamic = {"params": None, **{k: ({0: count} if k in rows else None) for k in inputs}}
+    module = _as_module(function, inner, list(inputs) if rows else None)
+    program = torch.export.export(module, (params,), inputs, dynamic_shapes=dynamic)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     spec = problem_pb2.ExportedObjective(
@@ -164,9 +176,13 @@ def _declared_params_shape(program: bytes) -> list[int]:
         ) from None
 
 
-def _as_module(function: Any, inner: Any = None) -> Any:
+def _as_module(function: Any, inner: Any = None, names: list[str] | None = None) -> Any:
     """An nn.Module whose forward is `function(params, **data)` (what torch.export takes);
-    `inner`, a module `function` calls, is registered so export can trace it."""
+    `inner`, a module `function` calls, is registered so export can trace it. `names`: the
+    data names forward declares as arguments (torch.export's dynamic_shapes are keyed by
+    them; it does not accept them for **data)."""
+    import inspect
+
     import torch
 
     class Program(torch.nn.Module):
@@ -177,6 +193,11 @@ def _as_module(function: Any, inner: Any = None) -> Any:
         def forward(self, params: Any, **data: Any) -> Any:
             return function(params, **data)
 
+    if names is not None:
+        arg = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        Program.forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(n, arg) for n in ["self", "params", *names]]
+        )
     return Program()
 
 

@@ -463,15 +463,16 @@ def test_exported_problem_and_run_survive_a_restart(tmp_path):
 
 
 def test_evaluation_that_raises_mid_run_fails_the_run_not_the_server(client):
-    """Rows indexed by params: fine at 0, out of range at the Newton point 10. The run ends
-    FAILED with a message naming the node; a step there is INVALID_ARGUMENT; the server
-    keeps serving."""
+    """Rows indexed by params: fine at 0, out of range at 10. A run whose point is there
+    ends FAILED with a message naming the node (a line-search trial there is only rejected:
+    tests/test_exported_trials.py); a step there is INVALID_ARGUMENT; the server keeps
+    serving."""
 
     def indexed(params, X):
         return ((params - 10.0) ** 2).sum() + X.index_select(0, params[:1].long()).sum()
 
     problem = problems.exported(indexed, torch.zeros(D, dtype=F64), {"X": data()["X"]})
-    run = client.start_run(problem, np.zeros(D), method="newton", stopping=STOP)
+    run = client.start_run(problem, np.full(D, 10.0), method="newton", stopping=STOP)
     with pytest.raises(HessianError, match="index_select"):
         run.result(timeout=60)
     assert client.get_run(run.id).status == "FAILED"

@@ -37,6 +37,11 @@ class ValidationError(EngineError, ValueError):
         return out
 
 
+class EvaluationError(ValidationError):
+    """The objective raised while evaluating at given params (an exported program's node):
+    INVALID_ARGUMENT for a call, but a line-search or trust-region trial there is rejected."""
+
+
 class UnknownNameError(ValidationError):
     """A name (objective, method, step policy, backend) that is not in its catalogue."""
 

@@ -213,6 +213,10 @@ def build_server(
         config.problem_cache_bytes,
         config.max_data_bytes,
         config.max_problem_bytes,
+        {
+            "compile": config.exported_compile,
+            "evaluation_seconds": config.exported_evaluation_seconds,
+        },
     )
     runs = RunManager(
         store,

@@ -66,6 +66,8 @@ class ServerConfig:
     max_optimize_streams_per_token: int = 0  # open Optimize streams per token (0: no limit)
     optimize_evaluation_seconds: float = 60.0  # an Optimize caller's time per evaluation
     max_optimize_runs: int = 32  # Optimize runs at once, on their own threads (not --workers)
+    exported_evaluation_seconds: float = 60.0  # one evaluation of an exported program
+    exported_compile: bool = False  # torch.compile exported programs when they are built
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
@@ -99,6 +101,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
         if not self.optimize_evaluation_seconds > 0:
             raise ValueError("--optimize-evaluation-seconds must be > 0")
+        if not self.exported_evaluation_seconds > 0:
+            raise ValueError("--exported-evaluation-seconds must be > 0")
         if self.intra_op_threads < 0:
             raise ValueError("--intra-op-threads must be >= 0 (0: usable CPUs / --workers)")
         if self.default_backend not in ("", "auto", "native", "autograd"):

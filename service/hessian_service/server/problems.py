@@ -12,7 +12,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,9 +54,16 @@ def check_data_size(problem: problem_pb2.Problem, max_data_bytes: int) -> None:
 
 
 def build_objective(
-    problem: problem_pb2.Problem, max_params: int, max_data_bytes: int | None = None
+    problem: problem_pb2.Problem,
+    max_params: int,
+    max_data_bytes: int | None = None,
+    exported_settings: Mapping[str, Any] | None = None,
 ) -> Objective:
-    """Decode the objective's options and data tensors and build the engine objective."""
+    """Decode the objective's options and data tensors and build the engine objective.
+
+    `exported_settings` are the server's options for exported programs (compile,
+    evaluation_seconds), added to the problem's own.
+    """
     if max_data_bytes is not None:
         check_data_size(problem, max_data_bytes)
     which = problem.WhichOneof("objective")
@@ -77,6 +84,8 @@ def build_objective(
     for fd, value in spec.ListFields():
         repeated = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
         options[fd.name] = list(value) if repeated else value
+    if which == "exported":
+        options.update(exported_settings or {})
     data = {
         name: decode_tensor(problem.data[name], f"problem.data.{name}")
         for name in sorted(problem.data)
@@ -125,8 +134,10 @@ class ProblemRegistry:
         cache_bytes: int = 256 * 1024**2,
         max_data_bytes: int | None = None,
         max_stored_bytes: int = 0,
+        exported_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.exported_settings = dict(exported_settings or {})
         self.max_params = max_params
         self.max_data_bytes = max_data_bytes
         self.cache_bytes = cache_bytes
@@ -187,7 +198,9 @@ class ProblemRegistry:
             )
         objective = self._cached(pid)
         if objective is None:
-            objective = build_objective(problem, self.max_params, self.max_data_bytes)
+            objective = build_objective(
+                problem, self.max_params, self.max_data_bytes, self.exported_settings
+            )
             self._remember(pid, objective)
         self.store.put_problem(pid, blob, owner)
         if self.max_stored_bytes:
@@ -206,7 +219,9 @@ class ProblemRegistry:
         blob = self.store.get_problem(pid, scope)
         if blob is None:
             raise missing
-        objective = build_objective(problem_pb2.Problem.FromString(blob), self.max_params)
+        objective = build_objective(
+            problem_pb2.Problem.FromString(blob), self.max_params, None, self.exported_settings
+        )
         self._remember(pid, objective)
         return objective
 
@@ -240,6 +255,8 @@ class ProblemRegistry:
         pid = problem_id(request.problem)
         objective = self._cached(pid)
         if objective is None:
-            objective = build_objective(request.problem, self.max_params, self.max_data_bytes)
+            objective = build_objective(
+                request.problem, self.max_params, self.max_data_bytes, self.exported_settings
+            )
             self._remember(pid, objective)
         return pid, objective

@@ -17,8 +17,11 @@ import io
 import json
 import math
 import pickletools
+import re
+import threading
 import time
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from .. import cancel
-from ..errors import ResourceLimitError, ValidationError
+from ..errors import EvaluationError, ResourceLimitError, ValidationError
 
 FIELD = "problem.exported.program"
 MAX_PROGRAM_BYTES = 64 * 1024**2  # the archive as sent
@@ -34,6 +37,7 @@ MAX_MEMBER_BYTES = 64 * 1024**2  # one member, uncompressed (a zip bomb stops he
 MAX_NODES = 20_000
 MAX_CONSTANT_ELEMENTS = 1_000_000
 MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in float64)
+BINDINGS_KEPT = 4  # programs bound to recent row counts, kept per program
 
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
 # inputs. No factories of caller-chosen size, no random, no I/O, no in-place, no custom ops,
@@ -49,6 +53,7 @@ ALLOWED_OPS = frozenset(
     cat stack slice select index_select gather index narrow split chunk unbind diagonal
     tril triu where clamp clamp_min clamp_max maximum minimum eq ne lt le gt ge
     log_softmax softmax _log_softmax _softmax conv1d conv2d convolution
+    batch_norm _native_batch_norm_legit_no_training
     nll_loss nll_loss_forward cross_entropy_loss mse_loss einsum embedding one_hot
     _to_copy to type_as zeros_like ones_like full_like scalar_tensor _assert_tensor_metadata
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
@@ -97,17 +102,31 @@ class Node:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Declared dtype and static shape of a graph value."""
+    """Declared dtype and shape of a graph value (static, or the row count's symbol)."""
 
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class RowCount:
+    """The one symbolic size a program may declare: the data's row count, in [low, high]."""
+
+    symbol: str
+    low: int
+    high: int
+
+
+# A bare positive integer symbol, as torch.export writes a Dim (nothing else is evaluated).
+ROW_SYMBOL = re.compile(r"Symbol\('([A-Za-z_]\w{0,31})', positive=True, integer=True\)")
 
 
 class Program:
     """A verified graph: `run(params, data)` returns its one tensor output.
 
-    Stateless after construction (nodes and constants are read-only), so concurrent calls
-    share a Program safely; each call keeps its values in a local environment.
+    Stateless after construction (nodes and constants are read-only; the cache of bindings
+    to row counts is lock-guarded), so concurrent calls share a Program safely; each call
+    keeps its values in a local environment.
     """
 
     def __init__(
@@ -118,6 +137,8 @@ class Program:
         constants: dict[str, torch.Tensor],
         output: str,
         metas: dict[str, TensorMeta],
+        row_count: RowCount | None = None,
+        rows: int | None = None,
     ) -> None:
         self.nodes = nodes
         self.params_name = params_name
@@ -125,6 +146,62 @@ class Program:
         self.constants = constants
         self.output = output
         self.metas = metas
+        self.row_count = row_count  # None: every shape static
+        self.rows = rows  # the row count the metas are bound to (None: unbound or static)
+        self._bindings: OrderedDict[int | None, Program] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def row_inputs(self) -> list[str]:
+        """The data keys whose first dimension is the row count (none for static programs)."""
+        if self.row_count is None:
+            return []
+        symbol = self.row_count.symbol
+        return [k for p, k in self.data_names.items() if self.metas[p].shape[:1] == (symbol,)]
+
+    def for_rows(self, rows: int | None) -> Program:
+        """This program with its row count bound to `rows` (static programs: itself, checked):
+        every declared size bounded, then the shapes checked on meta tensors. The last few
+        bindings are kept (a mini-batch size recurs every step)."""
+        with self._lock:
+            bound = self._bindings.get(rows)
+        if bound is None:
+            bound = self._bind(rows)
+            with self._lock:
+                self._bindings[rows] = bound
+                while len(self._bindings) > BINDINGS_KEPT:
+                    self._bindings.popitem(last=False)
+        return bound
+
+    def _bind(self, rows: int | None) -> Program:
+        metas = self.metas
+        if self.row_count is not None:
+            low, high, symbol = self.row_count.low, self.row_count.high, self.row_count.symbol
+            if rows is None or not low <= rows <= high:
+                raise refuse(f"a row count in [{low}, {high}] (as exported)", rows, "problem.data")
+            metas = {
+                name: TensorMeta(m.dtype, tuple(rows if s == symbol else s for s in m.shape))
+                for name, m in metas.items()
+            }
+        for name, meta in metas.items():
+            numel = math.prod(meta.shape)
+            if numel > MAX_VALUE_ELEMENTS:
+                raise ResourceLimitError(
+                    FIELD,
+                    f"value {name!r} declares {numel} elements, over the limit of "
+                    f"{MAX_VALUE_ELEMENTS} per tensor",
+                )
+        bound = Program(
+            self.nodes,
+            self.params_name,
+            self.data_names,
+            self.constants,
+            self.output,
+            metas,
+            self.row_count,
+            rows if self.row_count is not None else None,
+        )
+        bound.check_shapes()
+        return bound
 
     def check_shapes(self) -> None:
         """Run every node on meta tensors (shapes only: no data, no allocation) and refuse a
@@ -171,7 +248,7 @@ class Program:
             try:
                 result = node.op(*args, **kwargs)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise ValidationError(
+                raise EvaluationError(
                     "problem.exported",
                     f"a program that evaluates: node {node.name!r} ({node.target}) raised "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
@@ -265,14 +342,20 @@ def _json(archive: zipfile.ZipFile, name: str) -> Any:
         raise refuse("JSON", f"{name!r}: {exc}") from None
 
 
-def _meta(raw: Any, what: str) -> TensorMeta:
+def _meta(raw: Any, what: str, symbolic: bool = False) -> TensorMeta:
+    """A declared tensor: sizes are ints, or (`symbolic`) a bare symbol, a row count."""
     dtype = DTYPES.get(_get(raw, "dtype"))
     if dtype is None:
         raise refuse(f"a known dtype for {what}", raw.get("dtype"))
-    shape = []
+    shape: list[int | str] = []
     for size in _get(raw, "sizes"):
+        expr = size.get("as_expr") if symbolic and isinstance(size, dict) else None
+        match = ROW_SYMBOL.fullmatch(str(expr.get("expr_str"))) if isinstance(expr, dict) else None
+        if match:
+            shape.append(match.group(1))
+            continue
         if not isinstance(size, dict) or not isinstance(size.get("as_int"), int):
-            raise refuse(f"static shapes (no symbolic sizes) for {what}", size)
+            raise refuse(f"static shapes (a row count at most) for {what}", size)
         shape.append(size["as_int"])
     device = raw.get("device", {}).get("type", "cpu")
     if device != "cpu":
@@ -348,6 +431,12 @@ def _node(raw: Any, index: int) -> Node:
             kwargs[str(_get(item, "name"))] = value
         else:
             args.append(value)
+    if packet == "batch_norm" and (
+        len(args) < 6 or (args[5] is not False and args[3:5] != [None, None])
+    ):
+        raise refuse(
+            f"batch_norm in eval mode (training=False): {where} would update its running stats"
+        )
     outputs: list[Any] = []
     raw_outputs = _get(raw, "outputs")
     if len(raw_outputs) == 1 and "as_tensors" in raw_outputs[0]:
@@ -371,20 +460,27 @@ def _uses(value: Any) -> list[str]:
     return []
 
 
-def _constant_path(archive: zipfile.ZipFile, prefix: str, cname: str) -> str:
-    """The file name the constants config gives constant `cname`."""
-    config = _json(archive, f"{prefix}data/constants/model_constants_config.json")
+def _constant_path(
+    archive: zipfile.ZipFile, prefix: str, cname: str, folder: str = "constants"
+) -> str:
+    """The file name the constants (or weights) config gives constant `cname`."""
+    config = _json(archive, f"{prefix}data/{folder}/model_{folder}_config.json")
     return str(_get(config, "config", cname, "path_name"))
 
 
-def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) -> dict:
-    """Lifted tensor constants from raw bytes; a pickled one is refused unread."""
+def _constants(
+    archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str], folder: str = "constants"
+) -> dict:
+    """Lifted tensor constants (folder weights: module buffers) from raw bytes; a pickled
+    one, or a weight that is a parameter, is refused unread."""
     if not wanted:
         return {}
-    config = _get(_json(archive, f"{prefix}data/constants/model_constants_config.json"), "config")
+    config = _get(_json(archive, f"{prefix}data/{folder}/model_{folder}_config.json"), "config")
     out: dict[str, torch.Tensor] = {}
     for placeholder, cname in wanted.items():
         entry = _get(config, cname)
+        if entry.get("is_param", False) is not False:
+            raise refuse("no parameters among the weights (they travel in params)", cname)
         if entry.get("use_pickle", True) is not False:
             raise refuse(
                 "tensor constants stored as raw bytes (no pickles)",
@@ -397,7 +493,7 @@ def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str]) ->
         path = _get(entry, "path_name")
         if not isinstance(path, str) or "/" in path or path.startswith("."):
             raise refuse("a plain constant file name", path)
-        raw = _member(archive, f"{prefix}data/constants/{path}")
+        raw = _member(archive, f"{prefix}data/{folder}/{path}")
         itemsize = torch.empty((), dtype=meta.dtype).element_size()
         if len(raw) != numel * itemsize:
             raise refuse(f"{numel * itemsize} bytes for constant {cname!r}", f"{len(raw)} bytes")
@@ -455,18 +551,29 @@ def scan_pickle(raw: bytes, what: str) -> None:
             )
 
 
-def _check_members(archive: zipfile.ZipFile, prefix: str, constant_files: set[str]) -> None:
-    """Refuse members this reader does not know; scan the sample inputs' pickle."""
+def _check_members(
+    archive: zipfile.ZipFile, prefix: str, constant_files: set[str], buffer_files: set[str]
+) -> None:
+    """Refuse members this reader does not know, weights that are not the buffers the graph
+    takes; scan the sample inputs' pickle."""
     for name in archive.namelist():
         inner = name.removeprefix(prefix) if name.startswith(prefix) else None
         if inner is None or (
             inner not in KNOWN_MEMBERS
             and inner.removeprefix("data/constants/") not in constant_files
+            and inner.removeprefix("data/weights/") not in buffer_files
         ):
             raise refuse("only the members torch.export.save writes", f"member {name!r}")
     weights = f"{prefix}data/weights/model_weights_config.json"
-    if weights in archive.namelist() and _get(_json(archive, weights), "config"):
-        raise refuse("no weights (parameters travel in params)", "a weights config with entries")
+    if weights in archive.namelist():
+        entries = _get(_json(archive, weights), "config")
+        for name, entry in entries.items():
+            if not isinstance(entry, dict) or entry.get("path_name") not in buffer_files:
+                raise refuse(
+                    "no weights but the module buffers the graph takes (parameters travel in "
+                    "params)",
+                    f"weight {name!r}",
+                )
     sample = f"{prefix}data/sample_inputs/model.pt"
     if sample in archive.namelist():
         scan_pickle(_member(archive, sample), sample)
@@ -508,6 +615,7 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     signature = _get(module, "signature")
     user_inputs: list[str] = []
     constants: dict[str, str] = {}
+    buffers: dict[str, str] = {}  # module buffers (e.g. BatchNorm running stats): constants
     for spec in _get(signature, "input_specs"):
         if not isinstance(spec, dict) or len(spec) != 1:
             raise refuse("input specs of one kind each", spec)
@@ -516,10 +624,12 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
             user_inputs.append(_get(body, "arg", "as_tensor", "name"))
         elif kind == "tensor_constant":
             constants[_get(body, "arg", "name")] = _get(body, "tensor_constant_name")
+        elif kind == "buffer" and _get(body, "persistent") is True:
+            buffers[_get(body, "arg", "name")] = _get(body, "buffer_name")
         else:
             raise refuse(
-                "a functional program: tensor inputs (params, data) and tensor constants "
-                "only (no parameters/buffers: pass them in params)",
+                "a functional program: tensor inputs (params, data), tensor constants and "
+                "persistent buffers only (no parameters: pass them in params)",
                 f"input of kind {kind}",
             )
     outputs = _get(signature, "output_specs")
@@ -530,7 +640,7 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     if not user_inputs or len(arg_names) != len(user_inputs):
         raise refuse("a program taking (params, **data) tensors", f"inputs {arg_names}")
     nodes = [_node(raw, i) for i, raw in enumerate(raw_nodes)]
-    defined = set(user_inputs) | set(constants)
+    defined = set(user_inputs) | set(constants) | set(buffers)
     for node in nodes:
         for used in _uses(list(node.args)) + _uses(list(node.kwargs.values())):
             if used not in defined:
@@ -539,26 +649,41 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
         defined.update(n for n in outs if n is not None)
     if output not in defined:
         raise refuse("an output computed by the graph", output)
-    metas = {name: _meta(raw, f"value {name!r}") for name, raw in metas_raw.items()}
-    for name in sorted(defined - set(constants)):
+    metas = {name: _meta(raw, f"value {name!r}", True) for name, raw in metas_raw.items()}
+    for name in sorted(defined - set(constants) - set(buffers)):
         if name not in metas:
             raise refuse(f"a declared shape for every value, also {name!r}")
-        numel = math.prod(metas[name].shape)
-        if numel > MAX_VALUE_ELEMENTS:
-            raise ResourceLimitError(
-                FIELD,
-                f"value {name!r} declares {numel} elements, over the limit of "
-                f"{MAX_VALUE_ELEMENTS} per tensor",
-            )
+    row_count = _row_count(doc, metas, user_inputs)
     files = {_constant_path(archive, prefix, c) for c in constants.values()}
-    _check_members(archive, prefix, files)
+    buffer_files = {_constant_path(archive, prefix, b, "weights") for b in buffers.values()}
+    _check_members(archive, prefix, files, buffer_files)
     program = Program(
         nodes,
         user_inputs[0],
         dict(zip(user_inputs[1:], arg_names[1:], strict=True)),
-        _constants(archive, prefix, constants),
+        _constants(archive, prefix, constants) | _constants(archive, prefix, buffers, "weights"),
         output,
         metas,
+        row_count,
     )
-    program.check_shapes()
-    return program, [str(a) for a in arg_names[1:]]
+    return (program if row_count else program.for_rows(None)), [str(a) for a in arg_names[1:]]
+
+
+def _row_count(doc: Any, metas: dict[str, TensorMeta], user_inputs: list[str]) -> RowCount | None:
+    """The program's one symbolic size, which must be the first dimension of a data input
+    (params static), with its exported range; None for a static program."""
+    symbols = sorted({s for m in metas.values() for s in m.shape if isinstance(s, str)})
+    if not symbols:
+        return None
+    if len(symbols) > 1:
+        raise refuse("at most one symbolic size (the data's row count)", symbols)
+    (symbol,) = symbols
+    if any(isinstance(s, str) for s in metas[user_inputs[0]].shape):
+        raise refuse("a params input of static shape", list(metas[user_inputs[0]].shape))
+    if not any(metas[name].shape[:1] == (symbol,) for name in user_inputs[1:]):
+        raise refuse(f"the symbolic size {symbol!r} as the first dimension of a data input")
+    bounds = doc.get("range_constraints", {}).get(symbol, {}) if isinstance(doc, dict) else {}
+    low, high = bounds.get("min_val"), bounds.get("max_val")
+    low = low if isinstance(low, int) and not isinstance(low, bool) and low > 0 else 1
+    high = high if isinstance(high, int) and not isinstance(high, bool) else MAX_VALUE_ELEMENTS
+    return RowCount(symbol, low, min(high, MAX_VALUE_ELEMENTS))

@@ -8,6 +8,7 @@ interpreted graph, exactly as for the catalogue's pure-torch objectives.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,13 @@ import torch
 from ..errors import ValidationError
 from ..validation import FLOAT_DTYPES
 from .base import Objective
+from .export_compile import (
+    CompiledFailed,
+    CompiledLoss,
+    CompiledProgram,
+    compile_or_none,
+    use_compiled,
+)
 from .export_verify import Program, load_program
 
 OUTPUT_LOSSES = ("", "mse", "cross_entropy")
@@ -27,8 +35,15 @@ class Exported(Objective):
     """A verified exported program with its data tensors (see the module docstring)."""
 
     name = "exported"
-    option_names = ("program", "param_shape", "output_loss", "target")
-    eval_seconds = EVAL_SECONDS
+    # compile and evaluation_seconds are the server's settings, not the problem's
+    option_names = (
+        "program",
+        "param_shape",
+        "output_loss",
+        "target",
+        "compile",
+        "evaluation_seconds",
+    )
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         self.data_fields = tuple(data)  # checked against the program's inputs in _setup
@@ -47,14 +62,22 @@ class Exported(Objective):
         if output_loss not in OUTPUT_LOSSES:
             raise ValidationError("options.output_loss", "'' | mse | cross_entropy", output_loss)
         target = str(options.get("target", "")) or "y"
+        self.eval_seconds = float(options.get("evaluation_seconds", EVAL_SECONDS))
+        self.compiled: CompiledProgram | None = None
+        self._compiled_data: dict[str, torch.Tensor] | None = None  # the data compiled in
         program, keys = load_program(blob)
-        self.program: Program = program
+        self._template = program  # unbound when the program declares a row count
         wanted = set(keys) | ({target} if output_loss else set())
         for key in sorted(set(data) ^ wanted):
             where = "the program's inputs" if key in data else "problem.data"
             raise ValidationError(
                 f"data.{key}", f"data tensors exactly {sorted(wanted)}", f"{key!r} not in {where}"
             )
+        rows = program.row_inputs()
+        if rows:  # mini-batches and Predict index these (and the target) by row
+            self.row_fields = (*rows, *([target] if output_loss else []))
+            program = program.for_rows(int(data[rows[0]].shape[0]) if data[rows[0]].dim() else 0)
+        self.program: Program = program
         params_meta = program.metas[program.params_name]
         if params_meta.shape != shape or params_meta.dtype not in FLOAT_DTYPES:
             raise ValidationError(
@@ -87,6 +110,19 @@ class Exported(Objective):
         value = self._evaluate(torch.zeros(shape, dtype=self.dtype))  # refuse what fails now
         if not value.dtype.is_floating_point:
             raise ValidationError("problem.exported", "a floating-point output", value.dtype)
+        if options.get("compile", False):
+            self.compiled = compile_or_none(
+                program,
+                [*(data[key] for key in program.data_names.values()), *program.constants.values()],
+                torch.zeros(shape, dtype=self.dtype),
+                self.output_loss if output_loss else torch.squeeze,
+            )
+            self._compiled_data = self.data
+
+    def _compiled(self) -> CompiledProgram | None:
+        """The compiled program, if on and this objective still holds the data it was compiled
+        with (a copy for Predict on new inputs, or a mini-batch, holds other data)."""
+        return self.compiled if self._compiled_data is self.data else None
 
     def _check_target(self, out_shape: tuple[int, ...], target: str, loss: str) -> None:
         y = self.data[target]
@@ -111,9 +147,25 @@ class Exported(Objective):
                 f"data.{target}", f"labels in [0, {out_shape[1]})", f"range [{lo}, {hi}]"
             )
 
+    def _bound(self) -> Program:
+        """The program bound to this objective's data rows (a mini-batch's or new inputs'
+        when they differ from the problem's)."""
+        if not self.row_fields:
+            return self.program
+        rows = int(self.data[self.row_fields[0]].shape[0])
+        return self.program if rows == self.program.rows else self._template.for_rows(rows)
+
     def _evaluate(self, params: torch.Tensor) -> torch.Tensor:
-        value = self.program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
-        expected = self.program.metas[self.program.output].shape
+        """The program's output: compiled when on and no autograd graph is wanted."""
+        value = None
+        compiled = self._compiled()
+        if compiled is not None and use_compiled(params) is False:
+            with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
+                value = compiled.forward(params, self.eval_seconds)
+        program = self._bound()
+        if value is None:
+            value = program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
+        expected = program.metas[program.output].shape
         if tuple(value.shape) != expected:
             raise ValidationError(
                 "problem.exported",
@@ -123,6 +175,13 @@ class Exported(Objective):
         return value
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
+        compiled = self._compiled()
+        if compiled is not None and use_compiled(params):
+            with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
+                return CompiledLoss.apply(params, compiled, self._loss, self.eval_seconds)
+        return self._loss(params)
+
+    def _loss(self, params: torch.Tensor) -> torch.Tensor:
         if self.supports_ggn:
             return self.output_loss(self.outputs(params))
         return self._evaluate(params)

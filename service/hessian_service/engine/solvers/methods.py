@@ -20,6 +20,7 @@ import torch
 
 from ..backends import selector as backends
 from ..curvature import autograd as curvature
+from ..errors import EvaluationError
 from ..linalg import SolveResult, negative_eigenvalues
 from ..objectives.base import Objective
 from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
@@ -159,8 +160,12 @@ class Stepper:
         return Point(x, float(loss), grad, h)
 
     def loss_at(self, x: torch.Tensor) -> float:
-        """The loss alone (line-search and Levenberg-Marquardt trials)."""
-        loss = float(curvature.loss_value(self.objective, x))
+        """The loss alone (line-search and Levenberg-Marquardt trials); NaN, a rejected trial,
+        where the objective raises (an exported program indexing out of range there)."""
+        try:
+            loss = float(curvature.loss_value(self.objective, x))
+        except EvaluationError:
+            loss = math.nan
         if self.minibatch:
             self._last_trial = (x, loss)
         return loss
