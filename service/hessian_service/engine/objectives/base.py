@@ -43,6 +43,9 @@ class Objective(ABC):
     row_fields: ClassVar[tuple[str, ...]] = ()
     native_kernels: ClassVar[frozenset[str]] = frozenset()
     closed_form_system: ClassVar[bool] = False  # torch closed-form dense system (curvature/mlp)
+    # the fused "newton_step" kernel reads contiguous parameters of any shape (mse's is
+    # elementwise), so the seed's 5x5 matrix is passed as it is instead of flattened first
+    native_step_any_shape: ClassVar[bool] = False
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         require_no_extra(data, set(self.data_fields), "data")
