@@ -216,7 +216,7 @@ class CurvatureProducts:
             if rows is not None and not objective.row_fields:
                 raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
             x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
-            self._native = products.NATIVE_PRODUCTS[objective.name](objective, x, rows)
+            self._native = products.native_block_product(objective, x, rows)
 
     def vector(self, hvp_mode: str = "forward_over_reverse") -> Product:
         """v (n,) -> B v; hvp_mode picks the autograd Hessian product (native: exact)."""

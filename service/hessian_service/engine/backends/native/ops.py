@@ -8,11 +8,27 @@ torch.compile, FakeTensor and `torch.library.opcheck`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .... import _C  # noqa: F401  (loading the library registers torch.ops.hessian.*)
+from .... import _C  # (loading the library registers torch.ops.hessian.*)
 
 ops = torch.ops.hessian
+
+
+def declared_op(cls: type, capability: str, name: str, direct: bool = False) -> Any:
+    """The op `name` (hessian::name, or with `direct` the direct entry _C.name) that class
+    `cls` declares through its native kernel `capability`; refused, naming both, where the
+    extension has no such op."""
+    found = getattr(_C, name, None) if direct else getattr(ops, name, None)
+    if found is None:
+        where = f"_C.{name}" if direct else f"hessian::{name}"
+        raise TypeError(
+            f"{cls.__name__} declares the native kernel {capability!r} but the extension has "
+            f"no {where}"
+        )
+    return found
 
 
 def _system_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
