@@ -41,7 +41,7 @@ def block_product_ops(cls: type[Objective]) -> tuple[str, ...]:
 def _plan(cls: type[Objective]) -> tuple[_Step, ...]:
     """The ops of `cls`'s declared block product with each argument's source; a declaration
     the extension cannot serve is refused here, naming the capability, op and argument."""
-    from .ops import declared_op
+    from .ops import declared_op  # here: loading ops loads _C, which the selector may lack
 
     known = {"x": "x"}
     known.update({name: "data" for name in cls.data_fields})
