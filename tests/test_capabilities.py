@@ -164,3 +164,17 @@ def test_a_declared_kernel_the_extension_lacks_is_refused_at_first_use(cls, kern
     expected = rf"^{cls.__name__} declares the native kernel '{kernel}' but {missing}"
     with pytest.raises(TypeError, match=expected):
         first_use[kernel]()
+
+
+def test_the_dense_assembler_is_chosen_only_when_the_system_is_read(monkeypatch):
+    calls = []
+    real = selector._assembler
+    monkeypatch.setattr(selector, "_assembler", lambda *a: calls.append(a) or real(*a))
+    obj = _least_squares(LeastSquares)
+    x = torch.randn(obj.num_params, dtype=F64)
+    result = take_step(obj, x, MethodOptions(method="newton_cg", backend="native"))
+    assert result.record.backend == "native" and calls == []  # Hessian-free: products only
+    chosen = selector.resolve("native", obj, x, "hessian")
+    assert chosen.products == "native" and calls == []
+    assert chosen.system.name == "native" and chosen.system is chosen.system
+    assert len(calls) == 1

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -137,12 +138,18 @@ def native_status() -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class ResolvedBackend:
-    """Who serves one call: `system` assembles the dense curvature, `solver` solves with it,
-    `products` (native | autograd) multiplies by it; `label` goes into every step record."""
+    """Who serves one call: `system` assembles the dense curvature (chosen when first read:
+    Hessian-free callers read only `products`), `solver` solves with it, `products` (native |
+    autograd) multiplies by it; `label` goes into every step record."""
 
-    system: Backend
     solver: Backend
-    products: str = "autograd"
+    products: str
+    assembler: Callable[[], Backend] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def system(self) -> Backend:
+        """The backend that assembles the dense system (chosen once, on first read)."""
+        return self.assembler()
 
     @property
     def label(self) -> str:
@@ -182,13 +189,12 @@ def resolve(
     if requested not in BACKENDS:
         raise UnknownNameError("backend", requested, list(BACKENDS))
     if requested == "autograd":
-        return ResolvedBackend(AUTOGRAD, AUTOGRAD)
+        return ResolvedBackend(AUTOGRAD, "autograd", lambda: AUTOGRAD)
     native = native_for(requested, params)
     covered = "block_product" in objective.native_kernels and objective.has_curvature(kind)
     multiplier = "native" if native is not None and covered else "autograd"
-    return ResolvedBackend(
-        _assembler(native, objective, params, kind), native or AUTOGRAD, multiplier
-    )
+    assembler = functools.partial(_assembler, native, objective, params, kind)
+    return ResolvedBackend(native or AUTOGRAD, multiplier, assembler)
 
 
 class CurvatureProducts:
