@@ -27,7 +27,7 @@ from ...objectives.base import Objective
 # An argument's source: ("x" | "V" | "data" | "option" | "input" | "none", name)
 _Source = tuple[str, str]
 # One op of a product: (output name or None for the product op, op, argument sources)
-_Step = tuple["str | None", Callable[..., Any], tuple[_Source, ...]]
+_Step = tuple[str | None, Callable[..., Any], tuple[_Source, ...]]
 
 
 def block_product_ops(cls: type[Objective]) -> tuple[str, ...]:
