@@ -131,3 +131,24 @@ def test_direct_entry_names_a_wrong_argument_from_the_schema(name):
         expected = f"^{argument.name} must be {EXPECTED[str(argument.type)]}$"
         with pytest.raises(TypeError, match=expected):
             entry(*bad)
+
+
+def test_fake_rules_serve_their_ops_by_schema_name_and_refuse_an_op_without_the_argument():
+    from hessian_service.engine.backends.native.ops import FAKE_RULES, fake_from_rule
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ruled = [n for n in SCHEMAS if any(n.endswith(suffix) for suffix in FAKE_RULES)]
+    assert len(ruled) == 14  # 5 systems, 5 fused steps, 4 block products
+    X, v = torch.randn(30, 5, dtype=F64), torch.randn(5, 3, dtype=F64)
+    kwargs = {"X": X, "weights": None, "V": v, "l2": 0.1, "fit_intercept": False}
+    real = ops.linear_block_product(**kwargs)
+    with FakeTensorMode() as mode:
+        fake = ops.linear_block_product(
+            **{
+                k: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                for k, t in kwargs.items()
+            }
+        )
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+    with pytest.raises(TypeError, match=r"^hessian::damped_cholesky takes no argument 'V'"):
+        fake_from_rule("damped_cholesky", "V", lambda t: t)

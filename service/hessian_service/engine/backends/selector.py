@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -137,12 +138,18 @@ def native_status() -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class ResolvedBackend:
-    """Who serves one call: `system` assembles the dense curvature, `solver` solves with it,
-    `products` (native | autograd) multiplies by it; `label` goes into every step record."""
+    """Who serves one call: `system` assembles the dense curvature (chosen when first read:
+    Hessian-free callers read only `products`), `solver` solves with it, `products` (native |
+    autograd) multiplies by it; `label` goes into every step record."""
 
-    system: Backend
     solver: Backend
-    products: str = "autograd"
+    products: str
+    assembler: Callable[[], Backend] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def system(self) -> Backend:
+        """The backend that assembles the dense system (chosen once, on first read)."""
+        return self.assembler()
 
     @property
     def label(self) -> str:
@@ -182,13 +189,12 @@ def resolve(
     if requested not in BACKENDS:
         raise UnknownNameError("backend", requested, list(BACKENDS))
     if requested == "autograd":
-        return ResolvedBackend(AUTOGRAD, AUTOGRAD)
+        return ResolvedBackend(AUTOGRAD, "autograd", lambda: AUTOGRAD)
     native = native_for(requested, params)
     covered = "block_product" in objective.native_kernels and objective.has_curvature(kind)
     multiplier = "native" if native is not None and covered else "autograd"
-    return ResolvedBackend(
-        _assembler(native, objective, params, kind), native or AUTOGRAD, multiplier
-    )
+    assembler = functools.partial(_assembler, native, objective, params, kind)
+    return ResolvedBackend(native or AUTOGRAD, multiplier, assembler)
 
 
 class CurvatureProducts:
@@ -216,7 +222,7 @@ class CurvatureProducts:
             if rows is not None and not objective.row_fields:
                 raise ValidationError("rows", f"None for {objective.name}, which has no data rows")
             x = params.detach().reshape(-1).to(dtype=objective.compute_dtype(params))
-            self._native = products.NATIVE_PRODUCTS[objective.name](objective, x, rows)
+            self._native = products.native_block_product(objective, x, rows)
 
     def vector(self, hvp_mode: str = "forward_over_reverse") -> Product:
         """v (n,) -> B v; hvp_mode picks the autograd Hessian product (native: exact)."""

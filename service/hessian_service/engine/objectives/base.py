@@ -19,7 +19,8 @@ from ..validation import FLOAT_DTYPES, require_no_extra
 
 # The closed-form kernels an objective may have in hessian_service._C (csrc/): "system" (loss,
 # gradient and dense Hessian, op hessian::<name>_system), "newton_step" (the fused unary step,
-# _C.<name>_newton_step) and "block_product" (V -> B V, backends/native/products.py).
+# _C.<name>_newton_step), both called with `native_args()`, and "block_product" (V -> B V,
+# `native_product_op` and `native_product_inputs`, bound in backends/native/products.py).
 NATIVE_KERNELS = frozenset({"system", "newton_step", "block_product"})
 
 
@@ -43,6 +44,29 @@ class Objective(ABC):
     row_fields: ClassVar[tuple[str, ...]] = ()
     native_kernels: ClassVar[frozenset[str]] = frozenset()
     closed_form_system: ClassVar[bool] = False  # torch closed-form dense system (curvature/mlp)
+    # the fused "newton_step" kernel reads contiguous parameters of any shape (mse's is
+    # elementwise), so the seed's 5x5 matrix is passed as it is instead of flattened first
+    native_step_any_shape: ClassVar[bool] = False
+    # the "block_product" kernel's op (None: hessian::<name>_block_product) and its per-point
+    # inputs, (argument name, the op computing it once per point) pairs (logistic weights)
+    native_product_op: ClassVar[str | None] = None
+    native_product_inputs: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, when the class is defined, native kernels it cannot declare."""
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.native_kernels) - NATIVE_KERNELS
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.native_kernels: expected a subset of {sorted(NATIVE_KERNELS)}, "
+                f"got unknown {sorted(unknown)}"
+            )
+        called = sorted(cls.native_kernels & {"system", "newton_step"})
+        if called and cls.native_args is Objective.native_args:
+            raise TypeError(
+                f"{cls.__name__}.native_kernels declares {called}, which are called with "
+                "native_args(), but the class does not define native_args()"
+            )
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         require_no_extra(data, set(self.data_fields), "data")

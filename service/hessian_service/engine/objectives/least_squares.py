@@ -21,6 +21,7 @@ class LeastSquares(Objective):
     supports_ggn = True
     row_fields = ("X", "y")
     native_kernels = NATIVE_KERNELS
+    native_product_op = "linear_block_product"
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)

@@ -18,6 +18,7 @@ class MSE(Objective):
     data_fields = ("target",)
     supports_ggn = True
     native_kernels = NATIVE_KERNELS
+    native_step_any_shape = True
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         target = require_tensor(data, "target")

@@ -29,6 +29,8 @@ class SoftmaxRegression(Objective):
     supports_ggn = True
     row_fields = ("X", "labels")
     native_kernels = NATIVE_KERNELS
+    native_product_op = "softmax_block_product"
+    native_product_inputs = (("P", "softmax_regression_probs"),)
 
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)

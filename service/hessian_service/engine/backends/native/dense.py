@@ -20,7 +20,7 @@ import torch
 from ... import linalg
 from ...budget import check_dense_budget
 from ...objectives.base import Objective
-from .ops import ops
+from .ops import declared_op, ops
 
 _DTYPES = (torch.float32, torch.float64)
 _DEVICES = ("cpu", "cuda") if torch.version.cuda else ("cpu",)
@@ -35,11 +35,6 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self) -> None:
-        from .... import _C
-
-        self._bindings = _C
-
     def supports_system(self, objective: Objective, params: torch.Tensor, kind: str) -> bool:
         declared = "system" in objective.native_kernels
         return declared and _placed(params) and objective.has_curvature(kind)
@@ -51,7 +46,7 @@ class NativeBackend:
         self, objective: Objective, params: torch.Tensor, kind: str, budget_bytes: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_dense_budget(params.numel(), budget_bytes, params.dtype)
-        op = getattr(ops, f"{objective.name}_system")
+        op = declared_op(type(objective), "system", f"{objective.name}_system")
         return op(params, *objective.native_args())
 
     def solve(self, h: torch.Tensor, g: torch.Tensor, damping: float) -> linalg.SolveResult:
@@ -79,5 +74,6 @@ class NativeBackend:
         """
         if "newton_step" not in objective.native_kernels or objective.dtype not in _DTYPES:
             return None
-        fn = getattr(self._bindings, f"{objective.name}_newton_step")
+        name = f"{objective.name}_newton_step"
+        fn = declared_op(type(objective), "newton_step", name, direct=True)
         return fn, objective.native_args()

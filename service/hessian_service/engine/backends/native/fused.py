@@ -67,7 +67,7 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
         fn, args = entry
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
         gauge = type(objective).project_step is not Objective.project_step
-        n, flat = objective.num_params, objective.name != "mse"
+        n, flat = objective.num_params, not objective.native_step_any_shape
         plan = (fn, args, objective.dtype, n, itemsize, flat, gauge)
     if len(_PLANS) >= _MAX_CACHED:
         _PLANS.clear()
