@@ -303,12 +303,14 @@ def test_fused_step_matches_reference_newton_step(name, n, dtype):
     tol = TOL[dtype]
     assert x_new.shape == (n,) and x_new.dtype == dtype
     assert rel_err(x_new - x, lr * ref_d) <= 10 * tol
-    loss, gnorm, gmax, step_norm, lam, attempts, finite = stats.tolist()
+    loss, gnorm, gmax, step_norm, lam, attempts, finite, slope = stats.tolist()
     assert (lam, attempts, finite) == (damping, 1.0, 1.0)
     assert loss == pytest.approx(float(ref_loss), rel=tol)
     assert gnorm == pytest.approx(float(ref_g.norm()), rel=tol)
     assert gmax == pytest.approx(float(ref_g.abs().max()), rel=tol)
     assert step_norm == pytest.approx(lr * float(ref_d.norm()), rel=10 * tol)
+    # the slope g.d of the unscaled direction (the line search's Armijo test), < 0 here
+    assert slope == pytest.approx(float(ref_g @ ref_d), rel=10 * tol) and slope < 0
 
 
 def test_fused_step_flags_non_finite_points():

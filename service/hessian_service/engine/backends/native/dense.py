@@ -75,7 +75,7 @@ class NativeBackend:
 
         The function is the direct binding of the hessian::*_newton_step op:
         fn(x, *args, lr, damping, max_attempts) -> (x_new, (loss, |g|, max|g|, step norm,
-        damping, attempts, finite)); see csrc/fused.cpp.
+        damping, attempts, finite, slope g.d)); see csrc/fused_steps.h.
         """
         if "newton_step" not in objective.native_kernels or objective.dtype not in _DTYPES:
             return None
