@@ -5,7 +5,7 @@
 //
 // Adding a step: declare its kernel below (FusedStep <kind>_fused(...)), define it in
 // fused.cpp, add one FusedStepDef to kFusedSteps, and register its fake kernel in
-// hessian_service.engine.native_ops.
+// engine/backends/native/ops.py (whose FUSED_STATS is kFusedStats).
 #pragma once
 
 #include <ATen/ATen.h>
