@@ -334,6 +334,17 @@ def test_a_rejected_first_trial_falls_back_to_the_general_search(monkeypatch, fu
     _assert_same_bits(got, want, RECORD_FIELDS)
 
 
+def test_a_first_trial_other_than_1_takes_the_general_search(monkeypatch, fused_calls):
+    """x + lr d is the op's fused add and x + alpha d the engine's two roundings: they agree
+    bit for bit only for lr = 1, so any other first trial is the general path's."""
+    obj = objective_of_size("least_squares", 12)
+    p = 0.3 * torch.randn(12, dtype=F64)
+    opts = MethodOptions(backend="native", learning_rate=0.7)
+    got = take_step(obj, p, opts)
+    assert fused_calls == [None] and got.record.step_size == 0.7
+    _assert_same_bits(got, _general_step(monkeypatch, obj, p, opts), RECORD_FIELDS)
+
+
 # ---------------------------------------------------------------- runs and other methods
 
 
