@@ -16,9 +16,9 @@ namespace hessian {
 namespace {
 
 FusedStep::Stats make_stats(double loss, double gnorm, double gmax, double step_norm,
-                           SolveStatus status, bool finite) {
-  return {loss, gnorm, gmax, step_norm, status.damping, static_cast<double>(status.attempts),
-          finite ? 1.0 : 0.0};
+                           SolveStatus status, bool finite, double slope) {
+  return {loss,          gnorm, gmax, step_norm, status.damping,
+          static_cast<double>(status.attempts), finite ? 1.0 : 0.0, slope};
 }
 
 void check_step(double lr, double damping, int64_t max_attempts) {
@@ -56,16 +56,21 @@ FusedStep finish(const at::Tensor& x, const System& system, double lr, double da
     AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "fused_norms", [&] {
       norms(gc.data_ptr<scalar_t>(), gc.numel(), gnorm, gmax, finite);
     });
+    // |g| by ATen's norm, as the engine's record computes it (bit for bit the same)
+    if (finite) gnorm = gc.norm().item<double>();
   } else {
     gnorm = gc.norm().item<double>();
     gmax = gc.numel() ? gc.abs().max().item<double>() : 0.0;
   }
   finite = finite && h.isfinite().all().item<bool>();
-  if (!finite) return {x.clone(), make_stats(loss_v, gnorm, gmax, 0.0, {damping, 0}, false)};
+  if (!finite)
+    return {x.clone(), make_stats(loss_v, gnorm, gmax, 0.0, {damping, 0}, false, 0.0)};
   at::Tensor d = at::empty_like(gc);
   const SolveStatus status = solve_owned_symmetric(h, gc, damping, max_attempts, d);
   const double dnorm = d.norm().item<double>();
-  return {x.add(d, lr), make_stats(loss_v, gnorm, gmax, lr * dnorm, status, true)};
+  // at::dot, as the engine's `grad @ d`: the Armijo test sees the same slope on both paths
+  const double slope = at::dot(gc, d).item<double>();
+  return {x.add(d, lr), make_stats(loss_v, gnorm, gmax, lr * dnorm, status, true, slope)};
 }
 
 template <typename scalar_t>
@@ -78,7 +83,7 @@ FusedStep mse_step_cpu(const at::Tensor& x, const at::Tensor& target, double lr,
   scalar_t* out = x_new.data_ptr<scalar_t>();
   const double two_over_n = 2.0 / static_cast<double>(n);
   const double inv_diag = 1.0 / (two_over_n + damping);
-  double ss = 0, gss = 0, gmax = 0, dss = 0;
+  double ss = 0, gss = 0, gmax = 0, dss = 0, gd_sum = 0;
   bool finite = true;
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t r = xp[i] - tp[i];
@@ -90,11 +95,13 @@ FusedStep mse_step_cpu(const at::Tensor& x, const at::Tensor& target, double lr,
     gmax = std::max(gmax, std::abs(gd));
     const scalar_t di = static_cast<scalar_t>(-gd * inv_diag);
     dss += static_cast<double>(di) * static_cast<double>(di);
+    gd_sum += gd * static_cast<double>(di);
     out[i] = xp[i] + static_cast<scalar_t>(lr) * di;
   }
   const double loss = static_cast<double>(static_cast<scalar_t>(ss / static_cast<double>(n)));
   finite = finite && std::isfinite(loss);
-  return {x_new, make_stats(loss, std::sqrt(gss), gmax, lr * std::sqrt(dss), {damping, 1}, finite)};
+  return {x_new, make_stats(loss, std::sqrt(gss), gmax, lr * std::sqrt(dss), {damping, 1}, finite,
+                            gd_sum)};
 }
 
 }  // namespace
@@ -117,7 +124,8 @@ FusedStep mse_fused(const at::Tensor& x, const at::Tensor& target, double lr, do
   const double loss_v = loss.item<double>();
   const bool finite = std::isfinite(loss_v) && g.isfinite().all().item<bool>();
   return {x.add(d, lr), make_stats(loss_v, g.norm().item<double>(), g.abs().max().item<double>(),
-                                   lr * d.norm().item<double>(), {damping, 1}, finite)};
+                                   lr * d.norm().item<double>(), {damping, 1}, finite,
+                                   at::dot(g.reshape(-1), d.reshape(-1)).item<double>())};
 }
 
 FusedStep quadratic_fused(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,

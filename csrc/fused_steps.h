@@ -5,7 +5,7 @@
 //
 // Adding a step: declare its kernel below (FusedStep <kind>_fused(...)), define it in
 // fused.cpp, add one FusedStepDef to kFusedSteps, and register its fake kernel in
-// hessian_service.engine.native_ops.
+// engine/backends/native/ops.py (whose FUSED_STATS is kFusedStats).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,10 +18,12 @@
 
 namespace hessian {
 
-// A fused step's result: x_new and stats = [loss, |g|, max|g|, step norm, damping, attempts,
-// finite]; attempts == 0 means the damped solve failed, finite == 0 a non-finite loss,
-// gradient or Hessian (x_new is then meaningless).
-constexpr int64_t kFusedStats = 7;
+// A fused step's result: x_new = x + lr d and stats = [loss, |g|, max|g|, step norm, damping,
+// attempts, finite, slope]; attempts == 0 means the damped solve failed, finite == 0 a
+// non-finite loss, gradient or Hessian (x_new is then meaningless); slope = g.d of the
+// unscaled direction (the Armijo test's, so a line search needs no second gradient; NaN
+// where a kernel does not compute it: csrc/cuda's own).
+constexpr int64_t kFusedStats = 8;
 struct FusedStep {
   using Stats = std::array<double, kFusedStats>;
   at::Tensor x_new;

@@ -91,7 +91,7 @@ void check_nargs(Py_ssize_t got, Py_ssize_t want, const char* fn) {
   TORCH_CHECK_TYPE(got == want, fn, " takes ", want, " arguments, got ", got);
 }
 
-// (x_new, (loss, grad_norm, grad_max, step_norm, damping, attempts, finite))
+// (x_new, (loss, grad_norm, grad_max, step_norm, damping, attempts, finite, slope))
 PyObject* pack(FusedStep&& step) {
   PyObject* stats = PyTuple_New(kFusedStats);
   if (stats == nullptr) return nullptr;
@@ -146,7 +146,8 @@ const char* doc() {
   const auto& def = std::get<Index>(kFusedSteps);
   static const std::string text = std::string(def.name) + "(" + def.args +
                                   ") -> (x_new, (loss, grad_norm, grad_max, step_norm, damping,"
-                                  " attempts, finite)): the fused Newton step, called directly.";
+                                  " attempts, finite, slope)): the fused Newton step, called"
+                                  " directly.";
   return text.c_str();
 }
 

@@ -302,7 +302,13 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Te
   check_system(h, g);
   TORCH_CHECK(eigenvalue_floor > 0, "eigenvalue_floor must be > 0, got ", eigenvalue_floor);
   auto [evals, evecs] = at::linalg_eigh((h + h.t()) * 0.5);
-  at::Tensor negative = evals.lt(0).sum();
+  // negative: below -n eps max|lambda| (linalg.negative_tolerance, same operations in the same
+  // order, so both count alike); smaller magnitudes are rounding noise of the matrix
+  const int64_t n = evals.numel();
+  const double eps = h.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
+                                                   : std::numeric_limits<double>::epsilon();
+  const double tol = n ? static_cast<double>(n) * eps * evals.abs().max().item<double>() : 0.0;
+  at::Tensor negative = evals.lt(-tol).sum();
   at::Tensor coeff = at::mv(evecs.t(), g).div_(evals.abs().clamp_min_(eigenvalue_floor));
   at::Tensor d = at::mv(evecs, coeff).neg_();
   return {d, negative};

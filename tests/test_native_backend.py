@@ -8,6 +8,7 @@ and fall back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -26,6 +27,9 @@ from hessian_service.engine import (
     take_step,
 )
 from hessian_service.engine.backends import selector as backends
+from hessian_service.engine.backends.native.fused import fused_newton_step
+from hessian_service.engine.records import StepRecord
+from hessian_service.engine.solvers import run as run_module
 from native_support import F32, F64, TOL, objective_of_size, rel_err, require_native
 from problems import random_params, random_problem
 
@@ -228,6 +232,117 @@ def test_fused_indefinite_quadratic_records_damping_like_autograd():
     auto = take_step(obj, p, MethodOptions(backend="autograd"))
     assert native.record.solver_attempts == auto.record.solver_attempts > 1
     _assert_records_close(native.record, auto.record, 1e-12)
+
+
+# ---------------------------------------------------------------- the fused line search
+
+# Every StepRecord field but the timings; these must be the same bits on both paths.
+RECORD_FIELDS = [f.name for f in dataclasses.fields(StepRecord) if not f.name.endswith("_seconds")]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Spy on run.take_step's fused path: what it returned, per call (None: general path)."""
+    calls = []
+
+    def spy(*args):
+        calls.append(fused_newton_step(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(run_module, "fused_newton_step", spy)
+    return calls
+
+
+def _general_step(monkeypatch, obj, p, opts):
+    """take_step with the fused path switched off: the general line-search path."""
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "fused_newton_step", lambda *args: None)
+        return take_step(obj, p, opts)
+
+
+def _assert_same_bits(got, want, fields):
+    for field in fields:
+        a, b = getattr(got.record, field), getattr(want.record, field)
+        assert a == b or (a != a and b != b), field  # NaN == NaN here (gain_ratio)
+    assert got.params.dtype == want.params.dtype and torch.equal(got.params, want.params)
+    assert got.method == want.method
+
+
+def _line_search_cases():
+    for name in ASSEMBLED:
+        for n in (2, 25, 65):
+            for dtype in (F64, F32):
+                yield pytest.param(name, n, dtype, id=f"{name}-{n}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize(("name", "n", "dtype"), list(_line_search_cases()))
+def test_fused_line_search_step_is_the_general_path_bit_for_bit(
+    monkeypatch, fused_calls, name, n, dtype
+):
+    """Default newton (line search, first trial 1): the fused op plus one loss at x + d gives
+    the record and parameters of the general native path, bit for bit, on fresh problems
+    (n = 65 takes the LAPACK solve). mse's direction is its closed form (2/n)^-1 g, not the
+    Cholesky solve, and its loss and gradient are one loop of its own, so those fields agree
+    to 8 eps instead; softmax
+    projects its step onto the gauge and so always takes the general path."""
+    obj = objective_of_size(name, n, dtype)
+    p = 0.3 * torch.randn(n, dtype=dtype)
+    damping = 0.0 if n == 2 else 0.1 * float(torch.rand(()))  # records 0 / -1 negatives
+    opts = MethodOptions(backend="native", damping=damping)
+    fused = take_step(obj, p, opts)
+    general = _general_step(monkeypatch, obj, p, opts)
+    assert general.record.step_size == 1.0 and general.record.function_evaluations == 1
+    if name == "softmax_regression":
+        assert fused_calls == [None]
+        _assert_same_bits(fused, general, RECORD_FIELDS)
+        return
+    assert fused_calls[0] is not None, "the fused op served the line search"
+    if name != "mse":
+        _assert_same_bits(fused, general, RECORD_FIELDS)
+        return
+    rounded = {"loss", "gradient_norm", "gradient_max_norm", "step_norm"}
+    exact = [f for f in RECORD_FIELDS if f not in rounded]
+    for field in exact:
+        a, b = getattr(fused.record, field), getattr(general.record, field)
+        assert a == b or (a != a and b != b), field
+    tol = 8 * torch.finfo(dtype).eps
+    for field in rounded:
+        assert getattr(fused.record, field) == pytest.approx(
+            getattr(general.record, field), rel=tol
+        )
+    assert rel_err(fused.params - p, general.params - p) <= tol
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_a_rejected_first_trial_falls_back_to_the_general_search(monkeypatch, fused_calls, dtype):
+    """Newton's full step overshoots on a logistic regression started far on the wrong side
+    (tiny curvature, l2 = 0.01): the fused path declines and the general path backtracks,
+    with the general path's record bit for bit."""
+    x = torch.rand(40, 2, dtype=dtype) + 0.5
+    obj = make_objective(
+        "logistic_regression",
+        {"X": x, "y": torch.ones(40, dtype=dtype)},
+        {"l2": 0.01, "fit_intercept": False},
+    )
+    p = torch.full((2,), -10.0, dtype=dtype)
+    opts = MethodOptions(backend="native")
+    got = take_step(obj, p, opts)
+    want = _general_step(monkeypatch, obj, p, opts)
+    assert fused_calls == [None]
+    assert want.record.step_size < 1.0 and want.record.function_evaluations > 1
+    assert got.record.loss > 0 and bool((got.params > p).all())
+    _assert_same_bits(got, want, RECORD_FIELDS)
+
+
+def test_a_first_trial_other_than_1_takes_the_general_search(monkeypatch, fused_calls):
+    """x + lr d is the op's fused add and x + alpha d the engine's two roundings: they agree
+    bit for bit only for lr = 1, so any other first trial is the general path's."""
+    obj = objective_of_size("least_squares", 12)
+    p = 0.3 * torch.randn(12, dtype=F64)
+    opts = MethodOptions(backend="native", learning_rate=0.7)
+    got = take_step(obj, p, opts)
+    assert fused_calls == [None] and got.record.step_size == 0.7
+    _assert_same_bits(got, _general_step(monkeypatch, obj, p, opts), RECORD_FIELDS)
 
 
 # ---------------------------------------------------------------- runs and other methods

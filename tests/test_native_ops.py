@@ -188,6 +188,24 @@ def test_saddle_free_matches_float64_reference(n, dtype):
     assert rel_err(d, ref.direction) <= TOL[dtype] * 10
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rotated", [False, True])
+def test_saddle_free_counts_against_the_rounding_tolerance_like_python(dtype, rotated):
+    """An eigenvalue of -1e-18 relative is below n eps max|lambda|: 0 negatives, natively
+    and in Python (the op once counted it as 1); one clearly negative counts 1 on both."""
+    n = 6
+    base = torch.empty(n, dtype=F64).uniform_(1.0, 10.0)
+    g = torch.randn(n, dtype=dtype)
+    for tiny, expected in ((-1e-18 * float(base.max()), 0), (-0.5, 1)):
+        evals = base.clone()
+        evals[int(torch.randint(0, n, ()))] = tiny
+        h = symmetric_with(evals, dtype) if rotated else torch.diag(evals).to(dtype)
+        _, count = ops.saddle_free(h, g, 1e-8)
+        assert int(count) == expected
+        assert linalg.negative_eigenvalues(h) == expected
+        assert linalg.saddle_free_direction(h, g, 1e-8).negative_eigenvalues == expected
+
+
 # ---------------------------------------------------------------- analytic assembly
 
 
@@ -285,12 +303,14 @@ def test_fused_step_matches_reference_newton_step(name, n, dtype):
     tol = TOL[dtype]
     assert x_new.shape == (n,) and x_new.dtype == dtype
     assert rel_err(x_new - x, lr * ref_d) <= 10 * tol
-    loss, gnorm, gmax, step_norm, lam, attempts, finite = stats.tolist()
+    loss, gnorm, gmax, step_norm, lam, attempts, finite, slope = stats.tolist()
     assert (lam, attempts, finite) == (damping, 1.0, 1.0)
     assert loss == pytest.approx(float(ref_loss), rel=tol)
     assert gnorm == pytest.approx(float(ref_g.norm()), rel=tol)
     assert gmax == pytest.approx(float(ref_g.abs().max()), rel=tol)
     assert step_norm == pytest.approx(lr * float(ref_d.norm()), rel=10 * tol)
+    # the slope g.d of the unscaled direction (the line search's Armijo test), < 0 here
+    assert slope == pytest.approx(float(ref_g @ ref_d), rel=10 * tol) and slope < 0
 
 
 def test_fused_step_flags_non_finite_points():

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../fused_steps.h"
 #include "block_cholesky.cuh"
@@ -87,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor> mse_newton_step(const at::Tensor& x,
   out[4] = damping;
   out[5] = 1.0;
   out[6] = s[4] == 0.0 && std::isfinite(loss) ? 1.0 : 0.0;
+  out[7] = std::numeric_limits<double>::quiet_NaN();  // slope: not computed here
   return {x_new, stats};
 }
 
@@ -116,7 +118,9 @@ std::tuple<at::Tensor, at::Tensor> quadratic_newton_step(const at::Tensor& x,
         x_new.data_ptr<scalar_t>(), stats.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {x_new, stats.cpu()};
+  at::Tensor host = stats.cpu();
+  host.data_ptr<double>()[7] = std::numeric_limits<double>::quiet_NaN();  // slope: not computed
+  return {x_new, host};
 }
 
 // The steps whose FusedStepDef says own_cuda_kernel (csrc/fused_steps.h).

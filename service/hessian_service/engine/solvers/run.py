@@ -86,7 +86,7 @@ def _take_step(
     objective: Objective, params: torch.Tensor, options: MethodOptions | None
 ) -> StepResult:
     fused = fused_newton_step(objective, params, options)
-    if fused is not None:  # the native fused op did the whole fixed-step Newton step
+    if fused is not None:  # the native fused op did the whole Newton step
         return fused
     options = validated_options(options)
     x = objective.check_params(params)

@@ -60,17 +60,17 @@ class NativeBackend:
         return linalg.SolveResult(d, float(lam), attempts)
 
     def saddle_free(self, h: torch.Tensor, g: torch.Tensor, floor: float) -> linalg.SolveResult:
-        """The native direction; the negative count is `linalg.negative_eigenvalues`' (the op
-        counts eigenvalues below 0 with no rounding tolerance), as the autograd path's."""
-        d, _ = ops.saddle_free(h, g, float(floor))
-        return linalg.SolveResult(d, 0.0, 1, linalg.negative_eigenvalues(h))
+        """The native direction and negative count (the op counts against
+        `linalg.negative_tolerance`, as the autograd path does)."""
+        d, negative = ops.saddle_free(h, g, float(floor))
+        return linalg.SolveResult(d, 0.0, 1, int(negative))
 
     def fused_entry(self, objective: Objective) -> tuple[Callable[..., Any], tuple] | None:
         """(fused-step function, data/option arguments) for a supported objective, else None.
 
         The function is the direct binding of the hessian::*_newton_step op:
         fn(x, *args, lr, damping, max_attempts) -> (x_new, (loss, |g|, max|g|, step norm,
-        damping, attempts, finite)); see csrc/fused.cpp.
+        damping, attempts, finite, slope g.d)); see csrc/fused_steps.h.
         """
         if "newton_step" not in objective.native_kernels or objective.dtype not in _DTYPES:
             return None

@@ -1,11 +1,14 @@
-"""The unary Newton step as one native call, for `run.take_step` with the fixed policy.
+"""The unary Newton step as one native call, for `run.take_step` (fixed or line search).
 
 When the native backend serves the objective, loss, gradient, Hessian and the damped solve
 run in one fused C++ call and this module only checks the inputs and builds the record, so
-a seed-sized step costs microseconds. Anything unusual (a dtype or device to convert, a
-non-finite point, a failed or damped solve, a dense budget exceeded) returns None and the general
-path runs, which raises exactly what it always raised. Validated options and per-objective
-call plans are memoised by object identity (objectives and options are immutable).
+a seed-sized step costs microseconds. Under the line search the op's slope g.d and one loss
+at x + d give the Armijo test of the first trial (alpha = 1); if it passes, the record is the
+general path's. Anything unusual (a dtype or device to convert, a non-finite point, a failed
+or damped solve, a dense budget exceeded, a rejected first trial, a gauge to project under
+the line search) returns None and the general path runs, which raises exactly what it
+always raised. Validated options and per-objective call plans are memoised by object
+identity (objectives and options are immutable).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ...curvature.autograd import loss_value
 from ...linalg import MAX_DAMPING_ATTEMPTS
 from ...objectives.base import Objective
 from ...options import MethodOptions
@@ -27,29 +31,43 @@ _MAX_CACHED = 256
 _ENV_KEY = "HESSIAN_BACKEND"
 
 
-# id(options) -> (options, env value, validated options, fusable)
-_OPTIONS: dict[int, tuple[MethodOptions | None, object, MethodOptions, bool]] = {}
+# id(options) -> (options, env value, validated options, fused policy or None)
+_OPTIONS: dict[int, tuple[MethodOptions | None, object, MethodOptions, str | None]] = {}
 # id(objective) -> (objective, plan or None);
 # plan = (fn, args, dtype, n, itemsize, flat, gauge: the objective projects its steps)
 _PLANS: dict[int, tuple[Objective, tuple[Any, ...] | None]] = {}
 
 
-def _options_entry(options: MethodOptions | None) -> tuple[MethodOptions, bool]:
+def _fused_policy(options: MethodOptions) -> str | None:
+    """The step policy the fused op serves for these options, or None.
+
+    The line search only from a first trial of 1: the op's x + lr d then equals the general
+    path's x + alpha d bit for bit (x.add(d, 1) rounds once, as x + d does).
+    """
+    if (
+        options.method != "newton"
+        or options.curvature != "hessian"
+        or options.backend == "autograd"
+    ):
+        return None
+    if options.step_policy == "fixed":
+        return "fixed"
+    if options.step_policy == "line_search" and options.learning_rate == 1.0:
+        return "line_search"
+    return None
+
+
+def _options_entry(options: MethodOptions | None) -> tuple[MethodOptions, str | None]:
     env = os.environ.get(_ENV_KEY)
     hit = _OPTIONS.get(id(options))
     if hit is not None and hit[0] is options and hit[1] == env:
         return hit[2], hit[3]
     result = (options or MethodOptions()).validated()
-    fusable = (
-        result.method == "newton"
-        and result.step_policy == "fixed"
-        and result.curvature == "hessian"
-        and result.backend != "autograd"
-    )
+    policy = _fused_policy(result)
     if len(_OPTIONS) >= _MAX_CACHED:
         _OPTIONS.clear()
-    _OPTIONS[id(options)] = (options, env, result, fusable)  # holds `options`: ids stay unique
-    return result, fusable
+    _OPTIONS[id(options)] = (options, env, result, policy)  # holds `options`: ids stay unique
+    return result, policy
 
 
 def validated_options(options: MethodOptions | None) -> MethodOptions:
@@ -78,14 +96,18 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
 def fused_newton_step(
     objective: Objective, params: torch.Tensor, options: MethodOptions | None
 ) -> StepResult | None:
-    """The fixed-step Newton step through the fused native op, or None where it does not apply."""
-    options, fusable = _options_entry(options)
-    if not fusable or type(params) is not torch.Tensor:
+    """The Newton step (fixed, or the line search's accepted first trial) through the fused
+    native op, or None where it does not apply."""
+    options, policy = _options_entry(options)
+    if policy is None or type(params) is not torch.Tensor:
         return None
     plan = _plan(objective)
     if plan is None:
         return None
     fn, args, dtype, n, itemsize, flat, gauge = plan
+    search = policy == "line_search"
+    if search and gauge:
+        return None  # the slope is of the projected direction: only the general path has it
     budget = options.dense_budget_bytes
     if (
         params.dtype is not dtype
@@ -100,11 +122,16 @@ def fused_newton_step(
         params = params.reshape(-1)
     lr = options.learning_rate
     start = time.perf_counter()
-    x_new, (loss, gnorm, gmax, step_norm, damping, attempts, finite) = fn(
+    x_new, (loss, gnorm, gmax, step_norm, damping, attempts, finite, slope) = fn(
         params, *args, lr, options.damping, MAX_DAMPING_ATTEMPTS
     )
     if not finite or attempts != 1:
         return None  # a failed or damped solve: the general path says what it found
+    if search:
+        # methods._line_search's first Armijo test, the same operations in the same order
+        trial = float(loss_value(objective, x_new))
+        if not (math.isfinite(trial) and trial <= loss + options.armijo * lr * slope):
+            return None  # a backtrack is needed: the general path recomputes and searches
     if gauge:
         step = objective.project_step((x_new - params).reshape(-1))
         x_new = (params.reshape(-1) + step).reshape(x_new.shape)
@@ -122,6 +149,7 @@ def fused_newton_step(
         step_accepted=True,
         negative_eigenvalues=0 if options.damping == 0 else -1,  # Cholesky of H proved PD
         solver_attempts=int(attempts),
+        function_evaluations=int(search),
         backend="native",
         iteration_seconds=seconds,
         cumulative_seconds=seconds,

@@ -39,8 +39,12 @@ def _system_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x.new_empty(()), x.new_empty((n,)), x.new_empty((n, n))
 
 
+# loss, |g|, max|g|, step norm, damping, attempts, finite, slope (csrc/fused_steps.h)
+FUSED_STATS = 8
+
+
 def _step_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty((x.numel(),)), torch.empty(7, dtype=torch.float64)
+    return x.new_empty((x.numel(),)), torch.empty(FUSED_STATS, dtype=torch.float64)
 
 
 def _block_product_fake(v: torch.Tensor) -> torch.Tensor:
