@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
 from . import tensors
 from .options import build, enum_label
 from .proto import optimize_pb2, service_pb2
-from .results import Verdict, _jsonable, _label
+from .results import Verdict, _label, _Result
 
 
 def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
@@ -19,7 +21,7 @@ def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(_Result):
     """A stochastic trace estimate: estimate +- half_width at `confidence`."""
 
     estimate: float
@@ -29,7 +31,7 @@ class TraceResult:
 
 
 @dataclass(frozen=True)
-class DensityResult:
+class DensityResult(_Result):
     """The SLQ spectral density: `values` on `grid` (integrates to 1), and SLQ's trace."""
 
     grid: np.ndarray
@@ -40,38 +42,6 @@ class DensityResult:
     trace: float
 
 
-@dataclass(frozen=True)
-class CurvatureResult:
-    """AnalyzeCurvature's answer: extremes, traces, density and verdict as Python values."""
-
-    num_params: int
-    curvature: str
-    loss: float
-    gradient_max_norm: float
-    stationary: bool
-    top_eigenvalues: list[float]
-    bottom_eigenvalues: list[float]
-    eigen_residuals: list[float]
-    lanczos_iterations: int
-    eigenvalues_converged: bool
-    trace_hutchinson: TraceResult | None
-    trace_hutchpp: TraceResult | None
-    density: DensityResult | None
-    products: int
-    products_by_part: dict[str, int]
-    verdict: Verdict | None  # type: ignore[valid-type]
-    verdict_reason: str
-    seconds: float
-    backend: str = ""
-    raw: service_pb2.AnalyzeCurvatureResponse | None = field(
-        default=None, repr=False, compare=False
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (arrays as lists, verdict by name), the raw protobuf left out."""
-        return {k: _jsonable(v) for k, v in asdict(self).items() if k != "raw"}
-
-
 def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult | None:
     if not msg.HasField(name):
         return None
@@ -79,34 +49,83 @@ def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult 
     return TraceResult(t.estimate, t.half_width, t.confidence, int(t.products))
 
 
+def _density(msg: service_pb2.AnalyzeCurvatureResponse) -> DensityResult | None:
+    if not msg.HasField("density"):
+        return None
+    d = msg.density
+    return DensityResult(
+        tensors.decode(d.grid), tensors.decode(d.density), d.sigma, d.probes, d.steps, d.trace
+    )
+
+
+# The fields the client converts (type, conversion); every other field of the response is
+# taken as it is on the wire (repeated as a list, map as a dict).
+_CONVERTED: dict[str, tuple[Any, Callable[[service_pb2.AnalyzeCurvatureResponse], Any]]] = {
+    "curvature": (str, lambda m: enum_label("curvature", m.curvature)),
+    "trace_hutchinson": (TraceResult | None, lambda m: _trace(m, "trace_hutchinson")),
+    "trace_hutchpp": (TraceResult | None, lambda m: _trace(m, "trace_hutchpp")),
+    "density": (DensityResult | None, _density),
+    "verdict": (
+        Verdict | None,
+        lambda m: _label(Verdict, optimize_pb2.Verdict, "VERDICT_", m.verdict),
+    ),
+}
+_SCALARS = {
+    FieldDescriptor.CPPTYPE_DOUBLE: float,
+    FieldDescriptor.CPPTYPE_INT64: int,
+    FieldDescriptor.CPPTYPE_BOOL: bool,
+    FieldDescriptor.CPPTYPE_STRING: str,
+}
+_RESPONSE = service_pb2.AnalyzeCurvatureResponse.DESCRIPTOR
+
+
+def _is_map(fd: FieldDescriptor) -> bool:
+    return fd.message_type is not None and fd.message_type.GetOptions().map_entry
+
+
+def _field_type(fd: FieldDescriptor) -> Any:
+    """The Python type of a response field as CurvatureResult holds it."""
+    if fd.name in _CONVERTED:
+        return _CONVERTED[fd.name][0]
+    if _is_map(fd):
+        key, value = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        return dict[_SCALARS[key.cpp_type], _SCALARS[value.cpp_type]]  # type: ignore[misc]
+    if fd.is_repeated:
+        return list[_SCALARS[fd.cpp_type]]  # type: ignore[misc]
+    return _SCALARS[fd.cpp_type]
+
+
+def _value(msg: service_pb2.AnalyzeCurvatureResponse, fd: FieldDescriptor) -> Any:
+    if fd.name in _CONVERTED:
+        return _CONVERTED[fd.name][1](msg)
+    value = getattr(msg, fd.name)
+    if _is_map(fd):
+        return dict(value)
+    return list(value) if fd.is_repeated else value
+
+
+# AnalyzeCurvature's answer as Python values: one field per AnalyzeCurvatureResponse field
+# (read from its descriptor, so a field added to the proto appears here with no edit), and
+# the protobuf itself as `raw`.
+CurvatureResult = make_dataclass(
+    "CurvatureResult",
+    [(fd.name, _field_type(fd)) for fd in _RESPONSE.fields]
+    + [
+        (
+            "raw",
+            service_pb2.AnalyzeCurvatureResponse | None,
+            field(default=None, repr=False, compare=False),
+        )
+    ],
+    bases=(_Result,),
+    frozen=True,
+)
+CurvatureResult.__module__ = __name__
+CurvatureResult.__doc__ = (
+    "AnalyzeCurvature's answer: extremes, traces, density and verdict as Python values."
+)
+
+
 def from_wire(msg: service_pb2.AnalyzeCurvatureResponse) -> CurvatureResult:
     """The plain-Python CurvatureResult of a wire response."""
-    density = None
-    if msg.HasField("density"):
-        d = msg.density
-        density = DensityResult(
-            tensors.decode(d.grid), tensors.decode(d.density), d.sigma, d.probes, d.steps, d.trace
-        )
-    verdict = _label(Verdict, optimize_pb2.Verdict, "VERDICT_", msg.verdict)
-    return CurvatureResult(
-        num_params=int(msg.num_params),
-        curvature=enum_label("curvature", msg.curvature),
-        loss=msg.loss,
-        gradient_max_norm=msg.gradient_max_norm,
-        stationary=msg.stationary,
-        top_eigenvalues=list(msg.top_eigenvalues),
-        bottom_eigenvalues=list(msg.bottom_eigenvalues),
-        eigen_residuals=list(msg.eigen_residuals),
-        lanczos_iterations=int(msg.lanczos_iterations),
-        eigenvalues_converged=msg.eigenvalues_converged,
-        trace_hutchinson=_trace(msg, "trace_hutchinson"),
-        trace_hutchpp=_trace(msg, "trace_hutchpp"),
-        density=density,
-        products=int(msg.products),
-        products_by_part=dict(msg.products_by_part),
-        verdict=verdict,
-        verdict_reason=msg.verdict_reason,
-        seconds=msg.seconds,
-        backend=msg.backend,
-        raw=msg,
-    )
+    return CurvatureResult(**{fd.name: _value(msg, fd) for fd in _RESPONSE.fields}, raw=msg)

@@ -53,6 +53,45 @@ def test_step_record_has_every_wire_field_with_its_type(client):
     assert got.record.raw.loss == got.record.loss
 
 
+def test_curvature_result_has_every_wire_field_converted():
+    from hessian_client import CurvatureResult, DensityResult, TraceResult, Verdict, tensors
+    from hessian_client.curvature import from_wire
+
+    wire = [f.name for f in service_pb2.AnalyzeCurvatureResponse.DESCRIPTOR.fields]
+    assert [f.name for f in dataclasses.fields(CurvatureResult)] == [*wire, "raw"]
+    rng = np.random.default_rng(17)
+    grid, dens = rng.standard_normal(5), rng.random(5)
+    msg = service_pb2.AnalyzeCurvatureResponse(
+        num_params=7, curvature=optimize_pb2.CURVATURE_GAUSS_NEWTON, loss=1.5,
+        gradient_max_norm=0.25, stationary=True, top_eigenvalues=[3.0, 2.0],
+        bottom_eigenvalues=[-1.0], eigen_residuals=[1e-9, 2e-9, 3e-9], lanczos_iterations=4,
+        eigenvalues_converged=True,
+        trace_hutchinson=optimize_pb2.TraceEstimate(estimate=4.0, half_width=0.5,
+                                                    confidence=0.95, products=12),
+        density=optimize_pb2.SpectralDensity(grid=tensors.encode(grid),
+                                             density=tensors.encode(dens), sigma=0.1,
+                                             probes=3, steps=8, trace=4.25),
+        products=30, products_by_part={"lanczos": 20, "trace": 10},
+        verdict=optimize_pb2.VERDICT_SADDLE, verdict_reason="why", seconds=0.5, backend="native",
+    )  # fmt: skip
+    got = from_wire(msg)
+    assert got.curvature == "gauss_newton" and got.verdict is Verdict.SADDLE
+    assert got.top_eigenvalues == [3.0, 2.0] and isinstance(got.top_eigenvalues, list)
+    assert got.products_by_part == {"lanczos": 20, "trace": 10}
+    assert got.trace_hutchinson == TraceResult(4.0, 0.5, 0.95, 12)
+    assert got.trace_hutchpp is None  # unset on the wire
+    assert isinstance(got.density, DensityResult) and got.density.trace == 4.25
+    np.testing.assert_array_equal(got.density.grid, grid)
+    np.testing.assert_array_equal(got.density.values, dens)
+    row = got.to_dict()
+    assert row["trace_hutchinson"] == {
+        "estimate": 4.0, "half_width": 0.5, "confidence": 0.95, "products": 12
+    }  # fmt: skip
+    assert row["density"]["values"] == dens.tolist() and row["verdict"] == "saddle"
+    assert "raw" not in row and got.raw is msg
+    assert (row["num_params"], row["backend"], row["seconds"]) == (7, "native", 0.5)
+
+
 def test_run_info_is_typed_with_str_enums_datetimes_and_raw(client):
     run = client.start_run(
         problems.rosenbrock(dim=2), seed=0, method="newton", stopping={"max_iterations": 3}
