@@ -14,20 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import OptimizeResult, least_squares, minimize, rosen, rosen_der, rosen_hess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture(scope="module")
-def address(tmp_path_factory):
-    server = build_server(
-        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("ex")))
-    )
-    yield server.address
-    server.stop(grace=1.0)
 
 
 def run_example(name: str, address: str) -> str:
