@@ -21,10 +21,9 @@ from hessian_service.engine import (
     make_objective,
     take_step,
 )
-from problems import random_params, random_problem
+from problems import NO_TOL, random_params, random_problem
 
 F64 = torch.float64
-NO_TOL = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
 
 
 class BlowUp(Objective):
