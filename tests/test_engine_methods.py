@@ -61,9 +61,7 @@ def test_gradient_descent_step():
 def test_levenberg_marquardt_logistic_breast_cancer():
     obj, _, _ = breast_cancer()
     options = MethodOptions(method="newton", step_policy="levenberg_marquardt")
-    stopping = StopCriteria(
-        max_iterations=15, gradient_tolerance=0.0, function_tolerance=0.0, parameter_tolerance=0.0
-    )
+    stopping = StopCriteria(max_iterations=15, **NO_TOL)
     records = Run(obj, torch.zeros(obj.num_params, dtype=F64), options, stopping).run_to_end()
     assert min(r.gradient_norm for r in records) <= 1e-8
     losses = [r.loss for r in records]
