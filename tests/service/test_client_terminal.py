@@ -16,13 +16,7 @@ import time
 
 import numpy as np
 from hessian_client import problems
-
-LONG = {
-    "max_iterations": 10**6,
-    "gradient_tolerance": 0.0,
-    "function_tolerance": 0.0,
-    "parameter_tolerance": 0.0,
-}
+from long_runs import ENDLESS
 
 
 class Terminal:
@@ -132,7 +126,7 @@ def test_ctrl_c_with_detach_leaves_the_run_running_and_says_so(server, client):
         np.array([-1.2, 1.0]),
         method="gradient_descent",
         learning_rate=1e-6,
-        stopping=LONG,
+        stopping=ENDLESS,
     )
     term = Terminal("--address", server.address, "watch", run.id, "--detach")
     term.read_until(r"\n\s+\d+ loss")

@@ -34,6 +34,7 @@ from hessian_client import (
 )
 from hessian_client.client import check_versions
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
+from long_runs import ENDLESS
 
 
 def test_step_record_has_every_wire_field_with_its_type(client):
@@ -168,12 +169,7 @@ def test_wait_and_result_honour_their_timeout_on_a_queued_run(tmp_path):
                 np.array([-1.2, 1.0]),
                 method="gradient_descent",
                 learning_rate=1e-6,
-                stopping={
-                    "max_iterations": 10**6,
-                    "gradient_tolerance": 0.0,
-                    "function_tolerance": 0.0,
-                    "parameter_tolerance": 0.0,
-                },
+                stopping=ENDLESS,
             )
             next(iter(busy.stream()))  # the only worker is now busy with it
             queued = c.start_run(problems.rosenbrock(dim=2), seed=0)
