@@ -29,3 +29,15 @@ def long_run_spec(max_iterations: int) -> dict[str, Any]:
     """start_run keywords: gradient descent at a fixed rate for exactly `max_iterations`."""
     return {"method": "gradient_descent", "learning_rate": 0.05,
             "stopping": {"max_iterations": max_iterations, **EXACT}}  # fmt: skip
+
+
+def start_endless_run(client: Any) -> Any:
+    """Start gradient descent on Rosenbrock at a step too small to converge, with ENDLESS
+    stopping: a run that holds a worker until it is cancelled."""
+    return client.start_run(
+        problems.rosenbrock(dim=2),
+        np.array([-1.2, 1.0]),
+        method="gradient_descent",
+        learning_rate=1e-6,
+        stopping=ENDLESS,
+    )

@@ -34,7 +34,7 @@ from hessian_client import (
 )
 from hessian_client.client import check_versions
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
-from long_runs import ENDLESS
+from long_runs import start_endless_run
 
 
 def test_step_record_has_every_wire_field_with_its_type(client):
@@ -164,13 +164,7 @@ def test_wait_and_result_honour_their_timeout_on_a_queued_run(tmp_path):
     server = start_server(tmp_path, workers=1)
     try:
         with Client(server.address) as c:
-            busy = c.start_run(
-                problems.rosenbrock(dim=2),
-                np.array([-1.2, 1.0]),
-                method="gradient_descent",
-                learning_rate=1e-6,
-                stopping=ENDLESS,
-            )
+            busy = start_endless_run(c)
             next(iter(busy.stream()))  # the only worker is now busy with it
             queued = c.start_run(problems.rosenbrock(dim=2), seed=0)
             assert queued.info().status == "QUEUED"
