@@ -93,6 +93,17 @@ def test_curvature_result_has_every_wire_field_converted():
     assert (row["num_params"], row["backend"], row["seconds"]) == (7, "native", 0.5)
 
 
+def test_curvature_summary_has_every_wire_field(client):
+    from hessian_client.results import CurvatureSummary
+
+    wire = [f.name for f in optimize_pb2.CurvatureSummary.DESCRIPTOR.fields]
+    assert [f.name for f in dataclasses.fields(CurvatureSummary)] == wire
+    problem = problems.quadratic(np.diag([2.0, -1.0]), np.zeros(2))  # Hessian diag(2, -1)
+    got = client.compute_hessian(problem, np.zeros(2), omit_matrix=True).summary
+    assert (got.min_eigenvalue, got.max_eigenvalue, got.negative_eigenvalues) == (-1.0, 2.0, 1)
+    assert got.to_dict()["trace"] == 1.0 and not got.positive_definite
+
+
 def test_run_info_is_typed_with_str_enums_datetimes_and_raw(client):
     run = client.start_run(
         problems.rosenbrock(dim=2), seed=0, method="newton", stopping={"max_iterations": 3}
