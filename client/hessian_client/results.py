@@ -173,41 +173,33 @@ def wire_values(msg: Any, converted: dict[str, Conversion] | None = None) -> dic
     return values
 
 
-@dataclasses.dataclass(frozen=True)
-class StepRecord(_Result):
-    """One iteration's record (Ceres-style); NaN where a value was not computed."""
+# StepRecord's conversions: the end-point verdict as a Verdict (None: not a dense run's end)
+_STEP_CONVERTED: dict[str, Conversion] = {
+    "end_point": (
+        Verdict | None,
+        lambda m: _label(Verdict, optimize_pb2.Verdict, "VERDICT_", m.end_point),
+    ),
+}
 
-    iteration: int
-    loss: float
-    loss_change: float
-    gradient_norm: float
-    gradient_max_norm: float
-    step_norm: float
-    step_size: float
-    damping: float
-    gain_ratio: float
-    step_accepted: bool
-    negative_eigenvalues: int
-    solver_attempts: int
-    function_evaluations: int
-    cg_iterations: int
-    cg_residual: float
-    negative_curvature: bool
-    backend: str
-    iteration_seconds: float
-    cumulative_seconds: float
-    trust_radius: float
-    gradient_batch_size: int
-    step_damped: bool  # the solve had to raise the damping (the curvature was not PD)
-    end_point: Verdict | None  # type: ignore[valid-type]  # final record of a dense run
-    raw: optimize_pb2.StepRecord = dataclasses.field(repr=False, compare=False)
+
+_StepRecordFields = wire_dataclass(
+    "_StepRecordFields",
+    optimize_pb2.StepRecord,
+    "The fields of a wire StepRecord, for StepRecord.",
+    _STEP_CONVERTED,
+    raw=True,
+)
+
+
+class StepRecord(_StepRecordFields):  # type: ignore[misc,valid-type]
+    """One iteration's record (Ceres-style); NaN where a value was not computed. One field per
+    field of optimize.proto's StepRecord (step_damped: the solve had to raise the damping;
+    end_point: the verdict on the final record of a dense run), and the message as `raw`."""
 
     @classmethod
     def from_wire(cls, msg: optimize_pb2.StepRecord) -> StepRecord:
         """The typed record of a wire StepRecord (every field, iteration 0 included)."""
-        values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls) if f.name != "raw"}
-        values["end_point"] = _label(Verdict, optimize_pb2.Verdict, "VERDICT_", msg.end_point)
-        return cls(**values, raw=msg)
+        return cls(**wire_values(msg, _STEP_CONVERTED), raw=msg)
 
 
 @dataclasses.dataclass(frozen=True)
