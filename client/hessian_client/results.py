@@ -111,12 +111,19 @@ class _Result:
         }
 
 
-# A wire scalar's Python type, by its descriptor's cpp_type.
-_SCALARS = {
+# A wire value's Python type, by its descriptor's cpp_type (an enum not converted stays its
+# number, a message not converted stays the protobuf message).
+_SCALARS: dict[int, Any] = {
     FieldDescriptor.CPPTYPE_DOUBLE: float,
+    FieldDescriptor.CPPTYPE_FLOAT: float,
+    FieldDescriptor.CPPTYPE_INT32: int,
     FieldDescriptor.CPPTYPE_INT64: int,
+    FieldDescriptor.CPPTYPE_UINT32: int,
+    FieldDescriptor.CPPTYPE_UINT64: int,
+    FieldDescriptor.CPPTYPE_ENUM: int,
     FieldDescriptor.CPPTYPE_BOOL: bool,
     FieldDescriptor.CPPTYPE_STRING: str,
+    FieldDescriptor.CPPTYPE_MESSAGE: Any,
 }
 # A conversion of one wire field: (the Python type it becomes, message -> value).
 Conversion = tuple[Any, Callable[[Any], Any]]

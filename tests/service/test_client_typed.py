@@ -104,6 +104,22 @@ def test_curvature_summary_has_every_wire_field(client):
     assert got.to_dict()["trace"] == 1.0 and not got.positive_definite
 
 
+def test_wire_dataclass_takes_every_kind_of_field():
+    """A typed result derived from a descriptor takes any field a proto adds: enums, nested
+    messages, repeated and map fields, not only the kinds today's results use."""
+    from hessian_client.results import wire_dataclass, wire_values
+
+    cls = wire_dataclass("Info", service_pb2.RunInfo, "doc")
+    assert [f.name for f in dataclasses.fields(cls)] == [
+        f.name for f in service_pb2.RunInfo.DESCRIPTOR.fields
+    ]
+    msg = service_pb2.RunInfo(run_id="r-1", status=service_pb2.RUN_STATUS_RUNNING)
+    msg.options.learning_rate = 0.5
+    got = cls(**wire_values(msg))
+    assert (got.run_id, got.status, got.options.learning_rate) == ("r-1", 2, 0.5)
+    assert got.to_dict()["options"]["learning_rate"] == 0.5
+
+
 def test_run_info_is_typed_with_str_enums_datetimes_and_raw(client):
     run = client.start_run(
         problems.rosenbrock(dim=2), seed=0, method="newton", stopping={"max_iterations": 3}
