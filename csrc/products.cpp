@@ -4,7 +4,7 @@
 // own ops, so a caller computes them once per point and every product inside CG or Lanczos
 // costs two matrix products with X. ATen calls only: the same kernels serve CPU and CUDA.
 // Schemas and kernels are registered here (a TORCH_LIBRARY_FRAGMENT of hessian); the fake
-// kernels live in hessian_service.engine.native_ops.
+// kernels live in hessian_service.engine.backends.native.ops.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>

@@ -1,27 +1,15 @@
 """A least-squares curve fit with a hand-written Jacobian, the server as the optimiser.
 
-Model y = a exp(-b t) + c. The caller writes the residuals r and their Jacobian J; the
-loss is |r|^2 / 2, its gradient J^T r, and `hessp` gives Gauss-Newton products
-J^T (J v), so Newton-CG on the server runs Gauss-Newton-CG without ever forming J^T J.
+Model y = a exp(-b t) + c. The caller writes the residuals r and their Jacobian J (in
+curve_fit_data.py, shared with least_squares_curve_fit.py); the loss is |r|^2 / 2, its
+gradient J^T r, and `hessp` gives Gauss-Newton products J^T (J v), so Newton-CG on the
+server runs Gauss-Newton-CG without ever forming J^T J.
 Prints the fitted (a, b, c) and the final loss.
 """
 
 import numpy as np
+from curve_fit_data import jacobian, residuals  # y = a exp(-b t) + c, 200 noisy points
 from hessian_client import minimize
-
-rng = np.random.default_rng(0)
-t = np.linspace(0.0, 4.0, 200)
-truth = np.array([2.5, 1.3, 0.5])
-y = truth[0] * np.exp(-truth[1] * t) + truth[2] + 0.01 * rng.standard_normal(t.size)
-
-
-def residuals(p: np.ndarray) -> np.ndarray:
-    return p[0] * np.exp(-p[1] * t) + p[2] - y
-
-
-def jacobian(p: np.ndarray) -> np.ndarray:
-    e = np.exp(-p[1] * t)
-    return np.stack([e, -p[0] * t * e, np.ones_like(t)], axis=1)
 
 
 def loss_and_grad(p: np.ndarray) -> tuple[float, np.ndarray]:

@@ -3,12 +3,15 @@
 The seed is the CRC32 of the test's node id (stable across processes, unlike `hash`, which
 Python salts per run), or `HESSIAN_TEST_SEED` when set, to replay a failure. A failing
 test's report carries a "seed" section naming the value and the command that replays it.
+`address` is the real loopback server the SDK-level tests (minimize, least_squares,
+examples) talk to, one per test module.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -50,3 +53,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         replay = f"{SEED_VARIABLE}={seed} pytest '{item.nodeid}'"
         report.sections.append(("seed", f"torch seeded with {seed}; replay: {replay}"))
     return report
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real server on loopback for this test module, with a fresh data directory."""
+    from hessian_service.server import ServerConfig, build_server  # grpc only where used
+
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("server")))
+    )
+    yield server.address
+    server.stop(grace=1.0)

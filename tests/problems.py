@@ -1,7 +1,13 @@
-"""Random catalogue problems for tests: fresh data on every call, float64 unless asked."""
+"""Problems for tests: random catalogue problems (fresh data on every call, float64 unless
+asked), the breast-cancer logistic regression, a hand-written saddle objective, and the
+stopping tolerances that let a run go to max_iterations."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import torch
 from hessian_service.engine import Objective, make_objective
 
@@ -15,6 +21,8 @@ CATALOGUE = (
     "rosenbrock",
     "quadratic",
 )
+# StopCriteria keywords that switch off every tolerance: a run stops at max_iterations only
+NO_TOL = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
 
 
 def random_problem(name: str, dtype: torch.dtype = F64, size: int = 6) -> Objective:
@@ -47,3 +55,28 @@ def random_problem(name: str, dtype: torch.dtype = F64, size: int = 6) -> Object
 def random_params(objective: Objective, dtype: torch.dtype = F64) -> torch.Tensor:
     """Random parameters of the right length (standard normal, scaled down)."""
     return 0.5 * torch.randn(objective.num_params, dtype=dtype)
+
+
+def breast_cancer(l2: float = 1e-3) -> tuple[Objective, np.ndarray, np.ndarray]:
+    """L2 logistic regression on scikit-learn's breast cancer data, features standardised;
+    also the standardised features and the labels as float64 numpy (for references)."""
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    data = {"X": torch.tensor(x), "y": torch.tensor(y, dtype=F64)}
+    return make_objective("logistic_regression", data, {"l2": l2}), x, y.astype(np.float64)
+
+
+class Saddle(Objective):
+    """f(x, y) = x^2 - y^2 + y^4 / 4: a saddle at the origin, minima at (0, +-sqrt 2)."""
+
+    name = "saddle"
+
+    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
+        self.param_shape = (2,)
+        self.dtype = F64
+
+    def loss(self, params: torch.Tensor) -> torch.Tensor:
+        x, y = params[0], params[1]
+        return x**2 - y**2 + y**4 / 4

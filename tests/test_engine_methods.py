@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from itertools import pairwise
-from typing import Any
 
 import pytest
 import torch
 from hessian_service.engine import (
     MethodOptions,
-    Objective,
     Run,
     StopCriteria,
     make_objective,
     take_step,
 )
 from hessian_service.engine.linalg import damped_cholesky_solve, saddle_free_direction
-from problems import random_params, random_problem
-from sklearn.datasets import load_breast_cancer
+from problems import NO_TOL, Saddle, breast_cancer, random_params, random_problem
 
 F64 = torch.float64
-NO_TOL = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-
-
-class SaddleObjective(Objective):
-    """f(x, y) = x^2 - y^2 + y^4 / 4: a saddle at the origin, minima at (0, +-sqrt 2)."""
-
-    name = "saddle"
-
-    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
-        self.param_shape = (2,)
-        self.dtype = F64
-
-    def loss(self, params: torch.Tensor) -> torch.Tensor:
-        x, y = params[0], params[1]
-        return x**2 - y**2 + y**4 / 4
 
 
 def test_newton_lr1_solves_quadratic_in_one_step():
@@ -77,20 +58,10 @@ def test_gradient_descent_step():
     assert result.record.negative_eigenvalues == -1
 
 
-def breast_cancer_problem() -> Objective:
-    data = load_breast_cancer()
-    x = torch.tensor(data.data, dtype=F64)
-    x = (x - x.mean(0)) / x.std(0)
-    y = torch.tensor(data.target, dtype=F64)
-    return make_objective("logistic_regression", {"X": x, "y": y}, {"l2": 1e-3})
-
-
 def test_levenberg_marquardt_logistic_breast_cancer():
-    obj = breast_cancer_problem()
+    obj, _, _ = breast_cancer()
     options = MethodOptions(method="newton", step_policy="levenberg_marquardt")
-    stopping = StopCriteria(
-        max_iterations=15, gradient_tolerance=0.0, function_tolerance=0.0, parameter_tolerance=0.0
-    )
+    stopping = StopCriteria(max_iterations=15, **NO_TOL)
     records = Run(obj, torch.zeros(obj.num_params, dtype=F64), options, stopping).run_to_end()
     assert min(r.gradient_norm for r in records) <= 1e-8
     losses = [r.loss for r in records]
@@ -128,7 +99,7 @@ def test_line_search_satisfies_armijo_and_descends():
 
 
 def test_saddle_free_escapes_where_newton_converges_to_saddle():
-    obj = SaddleObjective({}, {})
+    obj = Saddle({}, {})
     start = torch.tensor([0.3, 0.05], dtype=F64)
     stopping = StopCriteria(max_iterations=50)
     x = start.clone()

@@ -21,10 +21,9 @@ from hessian_service.engine import (
     make_objective,
     take_step,
 )
-from problems import random_params, random_problem
+from problems import NO_TOL, random_params, random_problem
 
 F64 = torch.float64
-NO_TOL = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
 
 
 class BlowUp(Objective):
@@ -64,12 +63,7 @@ def test_gradient_tolerance_stops_and_reports():
         obj,
         random_params(obj),
         MethodOptions(method="newton"),
-        StopCriteria(
-            max_iterations=10,
-            gradient_tolerance=1e-9,
-            function_tolerance=0.0,
-            parameter_tolerance=0.0,
-        ),
+        StopCriteria(max_iterations=10, **{**NO_TOL, "gradient_tolerance": 1e-9}),
     )
     records = run.run_to_end()
     assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.stop_reason.converged
@@ -83,12 +77,7 @@ def test_function_tolerance():
         obj,
         random_params(obj),
         MethodOptions(method="gradient_descent", learning_rate=1),
-        StopCriteria(
-            max_iterations=1000,
-            gradient_tolerance=0.0,
-            function_tolerance=1e-3,
-            parameter_tolerance=0.0,
-        ),
+        StopCriteria(max_iterations=1000, **{**NO_TOL, "function_tolerance": 1e-3}),
     )
     records = run.run_to_end()
     assert run.stop_reason is StopReason.FUNCTION_STALLED and not run.stop_reason.converged
@@ -102,12 +91,7 @@ def test_parameter_tolerance():
         obj,
         random_params(obj),
         MethodOptions(method="gradient_descent", learning_rate=1),
-        StopCriteria(
-            max_iterations=1000,
-            gradient_tolerance=0.0,
-            function_tolerance=0.0,
-            parameter_tolerance=1e-4,
-        ),
+        StopCriteria(max_iterations=1000, **{**NO_TOL, "parameter_tolerance": 1e-4}),
     )
     run.run_to_end()
     assert run.stop_reason is StopReason.PARAMETERS_STALLED and not run.stop_reason.converged

@@ -7,9 +7,7 @@ float64 on fresh inputs, never the engine's own output.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from itertools import pairwise
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,38 +27,16 @@ from hessian_service.engine.backends.selector import native_status
 from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.options import METHODS, STEP_POLICIES
 from hessian_service.engine.records import StopReason
-from sklearn.datasets import load_breast_cancer
+from problems import NO_TOL, Saddle, breast_cancer
 from sklearn.linear_model import LogisticRegression
 
 F64 = torch.float64
-OFF = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
 BACKENDS = ["autograd"] + (["native"] if native_status()[0] else [])
-
-
-class Saddle(Objective):
-    """f(x, y) = x^2 - y^2 + y^4 / 4: a saddle at the origin, minima at (0, +-sqrt 2)."""
-
-    name = "saddle"
-
-    def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
-        self.param_shape = (2,)
-        self.dtype = F64
-
-    def loss(self, params: torch.Tensor) -> torch.Tensor:
-        x, y = params[0], params[1]
-        return x**2 - y**2 + y**4 / 4
 
 
 def saddle_hessian(x: float, y: float) -> np.ndarray:
     """The analytic Hessian of `Saddle`."""
     return np.diag([2.0, -2.0 + 3.0 * y * y])
-
-
-def breast_cancer(l2: float = 1e-3) -> tuple[Objective, np.ndarray, np.ndarray]:
-    x, y = load_breast_cancer(return_X_y=True)
-    x = (x - x.mean(0)) / x.std(0)
-    data = {"X": torch.tensor(x), "y": torch.tensor(y, dtype=F64)}
-    return make_objective("logistic_regression", data, {"l2": l2}), x, y.astype(np.float64)
 
 
 def logistic_minimum(x: np.ndarray, y: np.ndarray, l2: float) -> float:
@@ -92,7 +68,7 @@ def test_levenberg_marquardt_below_rounding_stops_with_no_progress_on_every_back
             obj,
             torch.zeros(31, dtype=F64),
             MethodOptions(method="newton", step_policy="levenberg_marquardt", backend=backend),
-            StopCriteria(max_iterations=300, **{**OFF, "gradient_tolerance": 1e-30}),
+            StopCriteria(max_iterations=300, **{**NO_TOL, "gradient_tolerance": 1e-30}),
         )
         records = run.run_to_end()
         assert run.stop_reason is StopReason.NO_PROGRESS and not run.stop_reason.converged
@@ -118,7 +94,7 @@ def test_zero_tolerances_disable_their_tests_even_when_nothing_changes():
         identity_quadratic(4),
         x0,
         MethodOptions(method="gradient_descent", learning_rate=1e-20),
-        StopCriteria(max_iterations=5, **OFF),
+        StopCriteria(max_iterations=5, **NO_TOL),
     )
     records = run.run_to_end()
     assert [r.loss_change for r in records] == [0.0] * 6
@@ -130,7 +106,7 @@ def test_zero_gradient_tolerance_does_not_stop_at_an_exact_zero_gradient():
         identity_quadratic(3),
         torch.zeros(3, dtype=F64),
         MethodOptions(),
-        StopCriteria(max_iterations=3, **OFF),
+        StopCriteria(max_iterations=3, **NO_TOL),
     )
     records = run.run_to_end()
     assert records[0].gradient_max_norm == 0.0
@@ -351,7 +327,7 @@ def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend
         obj,
         torch.zeros(obj.num_params, dtype=F64),
         MethodOptions(method="newton", step_policy="fixed", backend=backend),
-        StopCriteria(max_iterations=10, **OFF),
+        StopCriteria(max_iterations=10, **NO_TOL),
     )
     run.run_to_end()
     w = run.params.reshape(d + 1, k).numpy()

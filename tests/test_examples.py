@@ -1,6 +1,8 @@
 """Every script in examples/ runs as a user would run it (a subprocess, $HESSIAN_ADDRESS set)
 against a real server on loopback; what it prints is checked against independent float64
-references (scipy minimisers, closed forms) where there is one."""
+references (scipy minimisers, closed forms) where there is one. The minimize_*.py and
+least_squares_curve_fit.py scripts are checked against scipy.optimize solving the same
+problem."""
 
 from __future__ import annotations
 
@@ -12,20 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-from hessian_service.server import ServerConfig, build_server
-from scipy.optimize import minimize
+from scipy.optimize import OptimizeResult, least_squares, minimize, rosen, rosen_der, rosen_hess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture(scope="module")
-def address(tmp_path_factory):
-    server = build_server(
-        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("ex")))
-    )
-    yield server.address
-    server.stop(grace=1.0)
 
 
 def run_example(name: str, address: str) -> str:
@@ -113,8 +105,6 @@ def test_async_usage(address):
 def test_exported_curve_fit_matches_scipy_least_squares(address):
     """The exported damped-oscillation fit (Gauss-Newton / LM on the server) reaches the
     minimiser scipy.optimize.least_squares finds on the same samples (numpy model, float64)."""
-    from scipy.optimize import least_squares
-
     out = run_example("exported_curve_fit.py", address)
     rng = np.random.default_rng(0)
     t = np.linspace(0.0, 10.0, 200)
@@ -139,3 +129,45 @@ def test_exported_conv1d_digits_learns_and_server_loss_is_the_eager_loss(address
     assert server == pytest.approx(local, rel=1e-9)
     assert server < 0.5 * numbers(out.split("start loss:")[1])[0]
     assert numbers(out.split("test accuracy:")[1])[0] > 0.85
+
+
+def test_rosenbrock_example_reaches_scipys_minimum(address):
+    x0 = np.array([1.3, 0.7, 0.8, 1.9, 1.2, 0.4, 1.6, 0.9, 1.1, 0.5])  # the example's
+    ref = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="trust-exact").fun
+    lines = run_example("minimize_rosenbrock.py", address).splitlines()
+    methods = [line.split(":")[0] for line in lines]
+    assert methods == ["newton", "levenberg_marquardt", "saddle_free", "newton_cg"]
+    for line in lines:
+        fun = float(re.search(r"fun=(\S+)", line).group(1))
+        assert abs(fun - ref) <= 1e-10, line
+        assert "success=True" in line
+
+
+def curve_fit_reference() -> OptimizeResult:
+    """scipy least_squares on the curve-fit examples' data, rebuilt independently."""
+    rng = np.random.default_rng(0)
+    t = np.linspace(0.0, 4.0, 200)
+    y = 2.5 * np.exp(-1.3 * t) + 0.5 + 0.01 * rng.standard_normal(t.size)
+    return least_squares(
+        lambda p: p[0] * np.exp(-p[1] * t) + p[2] - y, [1.0, 1.0, 0.0], xtol=1e-15, ftol=1e-15
+    )
+
+
+def test_curve_fit_example_matches_scipy_least_squares(address):
+    ref = curve_fit_reference()
+    out = run_example("minimize_curve_fit.py", address)
+    a, b, c, loss = (float(v) for v in re.search(
+        r"a=(\S+) b=(\S+) c=(\S+) loss=(\S+)", out).groups())  # fmt: skip
+    np.testing.assert_allclose([a, b, c], ref.x, atol=2e-6)  # printed to 6 decimals
+    assert loss == pytest.approx(ref.cost, rel=1e-9)
+    assert "success=True" in out
+
+
+def test_least_squares_example_matches_scipy_least_squares(address):
+    ref = curve_fit_reference()
+    out = run_example("least_squares_curve_fit.py", address)
+    a, b, c, cost = (float(v) for v in re.search(
+        r"a=(\S+) b=(\S+) c=(\S+) cost=(\S+)", out).groups())  # fmt: skip
+    np.testing.assert_allclose([a, b, c], ref.x, atol=2e-6)  # printed to 6 decimals
+    assert abs(cost - ref.cost) <= 1e-10
+    assert "success=True" in out

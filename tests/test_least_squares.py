@@ -16,22 +16,12 @@ from hessian_client import (
     least_squares_async,
     minimize,
 )
-from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import least_squares as scipy_least_squares
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from scipy.sparse.linalg import aslinearoperator
 
 METHODS = ("levenberg_marquardt", "gauss_newton", "gauss_newton_cg")
 TIGHT = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15}
-
-
-@pytest.fixture(scope="module")
-def address(tmp_path_factory):
-    server = build_server(
-        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("lsq")))
-    )
-    yield server.address
-    server.stop(grace=1.0)
 
 
 class CurveFit:

@@ -26,15 +26,6 @@ CURVATURE = {
 }
 
 
-@pytest.fixture(scope="module")
-def address(tmp_path_factory):
-    server = build_server(
-        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("min")))
-    )
-    yield server.address
-    server.stop(grace=1.0)
-
-
 def start(n: int) -> np.ndarray:
     """A fresh random start in the global minimum's basin (0 < x < 2)."""
     return np.random.default_rng().uniform(0.2, 1.8, n)

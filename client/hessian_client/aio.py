@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -21,14 +20,12 @@ from .client import (
     _DEFAULT,
     DEFAULT_MAX_MESSAGE_BYTES,
     _Api,
-    _raise_if_failed_empty,
-    _remaining,
     _RunBase,
+    _Watch,
     records_frame,
     timed_out,
 )
 from .errors import HessianError, from_rpc_error
-from .proto import service_pb2
 from .results import RunInfo, RunResult, StepRecord, WireRunInfo
 
 __all__ = ["Client", "Run"]
@@ -105,35 +102,24 @@ class Run(_RunBase):
     ) -> AsyncIterator[StepRecord]:
         """Every record from `from_iteration` on, exactly once, until the run ends (see the
         sync `Run.stream`: reconnects after drops, `timeout` bounds the whole stream)."""
-        nxt = from_iteration
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last_progress = time.monotonic()
-        delay = 0.05
+        watch = _Watch(self, from_iteration, reconnect_timeout, timeout)
         while True:
-            request = service_pb2.WatchRunRequest(run_id=self.id, from_iteration=nxt)
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
+            remaining = watch.remaining()
+            if watch.expired(remaining):
                 raise timed_out(self.id, timeout, await self._status())
             try:
                 call = self.client.stub.WatchRun(
-                    request, timeout=remaining, metadata=self.client.metadata
+                    watch.request(), timeout=remaining, metadata=self.client.metadata
                 )
                 async for event in call:
-                    records, nxt = self._event_records(event, nxt)
-                    if records:
-                        last_progress = time.monotonic()
-                        delay = 0.05
-                    for record in records:
+                    for record in watch.records(event):
                         yield record
-                if self.final is not None:
-                    _raise_if_failed_empty(self.id, self.final)
+                if watch.ended():
                     return
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                if watch.timed_out_by(exc):
                     raise timed_out(self.id, timeout, await self._status()) from None
-                self._retry_stream(exc, last_progress, reconnect_timeout)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(watch.backoff())
 
     async def _status(self) -> str:
         try:

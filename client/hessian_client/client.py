@@ -549,13 +549,63 @@ class _RunBase:
             self.final = RunInfo.from_wire(event.final)  # the last event
         return out, nxt
 
-    @staticmethod
-    def _retry_stream(exc: grpc.RpcError, last_progress: float, reconnect_timeout: float) -> None:
-        """Raise unless `exc` is a dropped connection within the reconnect window."""
+
+class _Watch:
+    """One `Run.stream`'s progress through WatchRun calls: the next iteration, the deadline,
+    the reconnect window and the backoff. The sync and asyncio loops share it and differ
+    only in how they call and wait."""
+
+    def __init__(
+        self, run: _RunBase, from_iteration: int, reconnect_timeout: float, timeout: float | None
+    ) -> None:
+        self.run, self.nxt, self.timeout = run, from_iteration, timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.last_progress = time.monotonic()
+        self.delay = 0.05
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next call (None: no deadline)."""
+        return _remaining(self.deadline)
+
+    def expired(self, remaining: float | None) -> bool:
+        """Whether the whole stream's `timeout` has passed."""
+        return remaining is not None and remaining <= 0
+
+    def request(self) -> service_pb2.WatchRunRequest:
+        """The WatchRun request resuming after the last record seen."""
+        return service_pb2.WatchRunRequest(run_id=self.run.id, from_iteration=self.nxt)
+
+    def records(self, event: Any) -> list[StepRecord]:
+        """The event's records not yet yielded (new records reset the backoff)."""
+        records, self.nxt = self.run._event_records(event, self.nxt)
+        if records:
+            self.last_progress = time.monotonic()
+            self.delay = 0.05
+        return records
+
+    def ended(self) -> bool:
+        """Whether the run's final state has arrived (a run that failed empty raises)."""
+        if self.run.final is None:
+            return False
+        _raise_if_failed_empty(self.run.id, self.run.final)
+        return True
+
+    def timed_out_by(self, exc: grpc.RpcError) -> bool:
+        """True if `exc` is the stream's own deadline; raise unless it is a dropped
+        connection within the reconnect window (then the caller retries)."""
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.deadline is not None:
+            return True
         if exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(exc) from None
-        if time.monotonic() - last_progress > reconnect_timeout:
+        if time.monotonic() - self.last_progress > self.reconnect_timeout:
             raise from_rpc_error(exc) from None
+        return False
+
+    def backoff(self) -> float:
+        """The wait before the next call (doubling up to 1 s)."""
+        delay, self.delay = self.delay, min(self.delay * 2, 1.0)
+        return delay
 
 
 def records_frame(records: Sequence[StepRecord]) -> Any:
@@ -588,33 +638,22 @@ class Run(_RunBase):
         afterwards. A run that FAILED before its first record raises HessianError with the
         server's message (there is nothing to yield).
         """
-        nxt = from_iteration
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last_progress = time.monotonic()
-        delay = 0.05
+        watch = _Watch(self, from_iteration, reconnect_timeout, timeout)
         while True:
-            request = service_pb2.WatchRunRequest(run_id=self.id, from_iteration=nxt)
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
+            remaining = watch.remaining()
+            if watch.expired(remaining):
                 raise timed_out(self.id, timeout, self._status())
             try:
                 for event in self.client.stub.WatchRun(
-                    request, timeout=remaining, metadata=self.client.metadata
+                    watch.request(), timeout=remaining, metadata=self.client.metadata
                 ):
-                    records, nxt = self._event_records(event, nxt)
-                    if records:
-                        last_progress = time.monotonic()
-                        delay = 0.05
-                    yield from records
-                if self.final is not None:
-                    _raise_if_failed_empty(self.id, self.final)
+                    yield from watch.records(event)
+                if watch.ended():
                     return
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                if watch.timed_out_by(exc):
                     raise timed_out(self.id, timeout, self._status()) from None
-                self._retry_stream(exc, last_progress, reconnect_timeout)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            time.sleep(watch.backoff())
 
     def _status(self) -> str:
         try:

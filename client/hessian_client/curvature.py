@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +10,7 @@ import numpy as np
 from . import tensors
 from .options import build, enum_label
 from .proto import optimize_pb2, service_pb2
-from .results import Verdict, _jsonable, _label
+from .results import Conversion, Verdict, _label, _Result, wire_dataclass, wire_values
 
 
 def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
@@ -19,7 +19,7 @@ def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(_Result):
     """A stochastic trace estimate: estimate +- half_width at `confidence`."""
 
     estimate: float
@@ -29,7 +29,7 @@ class TraceResult:
 
 
 @dataclass(frozen=True)
-class DensityResult:
+class DensityResult(_Result):
     """The SLQ spectral density: `values` on `grid` (integrates to 1), and SLQ's trace."""
 
     grid: np.ndarray
@@ -40,38 +40,6 @@ class DensityResult:
     trace: float
 
 
-@dataclass(frozen=True)
-class CurvatureResult:
-    """AnalyzeCurvature's answer: extremes, traces, density and verdict as Python values."""
-
-    num_params: int
-    curvature: str
-    loss: float
-    gradient_max_norm: float
-    stationary: bool
-    top_eigenvalues: list[float]
-    bottom_eigenvalues: list[float]
-    eigen_residuals: list[float]
-    lanczos_iterations: int
-    eigenvalues_converged: bool
-    trace_hutchinson: TraceResult | None
-    trace_hutchpp: TraceResult | None
-    density: DensityResult | None
-    products: int
-    products_by_part: dict[str, int]
-    verdict: Verdict | None  # type: ignore[valid-type]
-    verdict_reason: str
-    seconds: float
-    backend: str = ""
-    raw: service_pb2.AnalyzeCurvatureResponse | None = field(
-        default=None, repr=False, compare=False
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (arrays as lists, verdict by name), the raw protobuf left out."""
-        return {k: _jsonable(v) for k, v in asdict(self).items() if k != "raw"}
-
-
 def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult | None:
     if not msg.HasField(name):
         return None
@@ -79,34 +47,37 @@ def _trace(msg: service_pb2.AnalyzeCurvatureResponse, name: str) -> TraceResult 
     return TraceResult(t.estimate, t.half_width, t.confidence, int(t.products))
 
 
+def _density(msg: service_pb2.AnalyzeCurvatureResponse) -> DensityResult | None:
+    if not msg.HasField("density"):
+        return None
+    d = msg.density
+    return DensityResult(
+        tensors.decode(d.grid), tensors.decode(d.density), d.sigma, d.probes, d.steps, d.trace
+    )
+
+
+# The fields the client converts; every other field is taken as it is on the wire.
+_CONVERTED: dict[str, Conversion] = {
+    "curvature": (str, lambda m: enum_label("curvature", m.curvature)),
+    "trace_hutchinson": (TraceResult | None, lambda m: _trace(m, "trace_hutchinson")),
+    "trace_hutchpp": (TraceResult | None, lambda m: _trace(m, "trace_hutchpp")),
+    "density": (DensityResult | None, _density),
+    "verdict": (
+        Verdict | None,
+        lambda m: _label(Verdict, optimize_pb2.Verdict, "VERDICT_", m.verdict),
+    ),
+}
+CurvatureResult = wire_dataclass(
+    "CurvatureResult",
+    service_pb2.AnalyzeCurvatureResponse,
+    "AnalyzeCurvature's answer: extremes, traces, density and verdict as Python values (one "
+    "field per AnalyzeCurvatureResponse field, and the message as `raw`).",
+    _CONVERTED,
+    raw=True,
+    module=__name__,
+)
+
+
 def from_wire(msg: service_pb2.AnalyzeCurvatureResponse) -> CurvatureResult:
     """The plain-Python CurvatureResult of a wire response."""
-    density = None
-    if msg.HasField("density"):
-        d = msg.density
-        density = DensityResult(
-            tensors.decode(d.grid), tensors.decode(d.density), d.sigma, d.probes, d.steps, d.trace
-        )
-    verdict = _label(Verdict, optimize_pb2.Verdict, "VERDICT_", msg.verdict)
-    return CurvatureResult(
-        num_params=int(msg.num_params),
-        curvature=enum_label("curvature", msg.curvature),
-        loss=msg.loss,
-        gradient_max_norm=msg.gradient_max_norm,
-        stationary=msg.stationary,
-        top_eigenvalues=list(msg.top_eigenvalues),
-        bottom_eigenvalues=list(msg.bottom_eigenvalues),
-        eigen_residuals=list(msg.eigen_residuals),
-        lanczos_iterations=int(msg.lanczos_iterations),
-        eigenvalues_converged=msg.eigenvalues_converged,
-        trace_hutchinson=_trace(msg, "trace_hutchinson"),
-        trace_hutchpp=_trace(msg, "trace_hutchpp"),
-        density=density,
-        products=int(msg.products),
-        products_by_part=dict(msg.products_by_part),
-        verdict=verdict,
-        verdict_reason=msg.verdict_reason,
-        seconds=msg.seconds,
-        backend=msg.backend,
-        raw=msg,
-    )
+    return CurvatureResult(**wire_values(msg, _CONVERTED), raw=msg)

@@ -100,6 +100,12 @@ class _Session:
         )
         return service_pb2.OptimizeRequest(start=start)
 
+    def first_request(self, resume: str | None) -> service_pb2.OptimizeRequest:
+        """The stream's opening request: resume run `resume`, or start a new run."""
+        if resume:
+            return service_pb2.OptimizeRequest(resume_run_id=resume)
+        return self.start_request()
+
     def capabilities(self) -> service_pb2.Capabilities:
         """What this caller can evaluate besides the loss."""
         return service_pb2.Capabilities(
@@ -246,9 +252,8 @@ def minimize(
 
 def drive(session: _Session, resume: str | None, address: str | None, token: str | None) -> Any:
     """Run `session` over one Optimize stream (or resume run `resume`); its result."""
-    first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()
     outgoing: queue.Queue[service_pb2.OptimizeRequest | None] = queue.Queue()
-    outgoing.put(first)
+    outgoing.put(session.first_request(resume))
 
     def requests() -> Any:
         while (request := outgoing.get()) is not None:
@@ -295,11 +300,10 @@ async def drive_async(
     session: _Session, resume: str | None, address: str | None, token: str | None
 ) -> Any:
     """`drive` on grpc.aio."""
-    first = service_pb2.OptimizeRequest(resume_run_id=resume) if resume else session.start_request()
     async with AsyncClient(address, token, timeout=None) as client:
         call = client.stub.Optimize(metadata=client.metadata)
         try:
-            await call.write(first)
+            await call.write(session.first_request(resume))
             async for response in call:
                 reply = session.on_response(response)
                 if reply is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
 from . import tensors
 from .proto import optimize_pb2, service_pb2
@@ -109,41 +111,102 @@ class _Result:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class StepRecord(_Result):
-    """One iteration's record (Ceres-style); NaN where a value was not computed."""
+# A wire value's Python type, by its descriptor's cpp_type (an enum not converted stays its
+# number, a message not converted stays the protobuf message).
+_SCALARS: dict[int, Any] = {
+    FieldDescriptor.CPPTYPE_DOUBLE: float,
+    FieldDescriptor.CPPTYPE_FLOAT: float,
+    FieldDescriptor.CPPTYPE_INT32: int,
+    FieldDescriptor.CPPTYPE_INT64: int,
+    FieldDescriptor.CPPTYPE_UINT32: int,
+    FieldDescriptor.CPPTYPE_UINT64: int,
+    FieldDescriptor.CPPTYPE_ENUM: int,
+    FieldDescriptor.CPPTYPE_BOOL: bool,
+    FieldDescriptor.CPPTYPE_STRING: str,
+    FieldDescriptor.CPPTYPE_MESSAGE: Any,
+}
+# A conversion of one wire field: (the Python type it becomes, message -> value).
+Conversion = tuple[Any, Callable[[Any], Any]]
 
-    iteration: int
-    loss: float
-    loss_change: float
-    gradient_norm: float
-    gradient_max_norm: float
-    step_norm: float
-    step_size: float
-    damping: float
-    gain_ratio: float
-    step_accepted: bool
-    negative_eigenvalues: int
-    solver_attempts: int
-    function_evaluations: int
-    cg_iterations: int
-    cg_residual: float
-    negative_curvature: bool
-    backend: str
-    iteration_seconds: float
-    cumulative_seconds: float
-    trust_radius: float
-    gradient_batch_size: int
-    step_damped: bool  # the solve had to raise the damping (the curvature was not PD)
-    end_point: Verdict | None  # type: ignore[valid-type]  # final record of a dense run
-    raw: optimize_pb2.StepRecord = dataclasses.field(repr=False, compare=False)
+
+def _is_map(fd: FieldDescriptor) -> bool:
+    return fd.message_type is not None and fd.message_type.GetOptions().map_entry
+
+
+def _wire_type(fd: FieldDescriptor) -> Any:
+    """The Python type of a plain wire field (repeated: a list, map: a dict)."""
+    if _is_map(fd):
+        key, value = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        return dict[_SCALARS[key.cpp_type], _SCALARS[value.cpp_type]]  # type: ignore[misc]
+    if fd.is_repeated:
+        return list[_SCALARS[fd.cpp_type]]  # type: ignore[misc]
+    return _SCALARS[fd.cpp_type]
+
+
+def wire_dataclass(
+    name: str, message: Any, doc: str, converted: dict[str, Conversion] | None = None,
+    *, raw: bool = False, module: str = __name__,
+) -> Any:  # fmt: skip
+    """A frozen result dataclass with one field per field of proto `message`, in its order,
+    read from the descriptor (a field added to the proto appears with no edit here); the
+    `converted` fields hold their conversion's type; `raw` adds the message as `.raw`."""
+    converted = converted or {}
+    fields = [
+        (fd.name, converted[fd.name][0] if fd.name in converted else _wire_type(fd))
+        for fd in message.DESCRIPTOR.fields
+    ]
+    if raw:
+        fields.append(
+            ("raw", message | None, dataclasses.field(default=None, repr=False, compare=False))
+        )
+    cls = dataclasses.make_dataclass(name, fields, bases=(_Result,), frozen=True)
+    cls.__doc__, cls.__module__ = doc, module
+    return cls
+
+
+def wire_values(msg: Any, converted: dict[str, Conversion] | None = None) -> dict[str, Any]:
+    """The field values of `msg` for its wire_dataclass (converted ones by their conversion)."""
+    converted = converted or {}
+    values = {}
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.name in converted:
+            values[fd.name] = converted[fd.name][1](msg)
+        elif _is_map(fd):
+            values[fd.name] = dict(getattr(msg, fd.name))
+        elif fd.is_repeated:
+            values[fd.name] = list(getattr(msg, fd.name))
+        else:
+            values[fd.name] = getattr(msg, fd.name)
+    return values
+
+
+# StepRecord's conversions: the end-point verdict as a Verdict (None: not a dense run's end)
+_STEP_CONVERTED: dict[str, Conversion] = {
+    "end_point": (
+        Verdict | None,
+        lambda m: _label(Verdict, optimize_pb2.Verdict, "VERDICT_", m.end_point),
+    ),
+}
+
+
+_StepRecordFields = wire_dataclass(
+    "_StepRecordFields",
+    optimize_pb2.StepRecord,
+    "The fields of a wire StepRecord, for StepRecord.",
+    _STEP_CONVERTED,
+    raw=True,
+)
+
+
+class StepRecord(_StepRecordFields):  # type: ignore[misc,valid-type]
+    """One iteration's record (Ceres-style); NaN where a value was not computed. One field per
+    field of optimize.proto's StepRecord (step_damped: the solve had to raise the damping;
+    end_point: the verdict on the final record of a dense run), and the message as `raw`."""
 
     @classmethod
     def from_wire(cls, msg: optimize_pb2.StepRecord) -> StepRecord:
         """The typed record of a wire StepRecord (every field, iteration 0 included)."""
-        values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls) if f.name != "raw"}
-        values["end_point"] = _label(Verdict, optimize_pb2.Verdict, "VERDICT_", msg.end_point)
-        return cls(**values, raw=msg)
+        return cls(**wire_values(msg, _STEP_CONVERTED), raw=msg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,17 +289,11 @@ class StepResult(_Result):
     raw: service_pb2.StepResponse = dataclasses.field(repr=False, compare=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class CurvatureSummary(_Result):
-    """The dense curvature matrix's spectrum in brief."""
-
-    min_eigenvalue: float
-    max_eigenvalue: float
-    negative_eigenvalues: int
-    condition_number: float
-    positive_definite: bool
-    trace: float
-    negative_tolerance: float  # eigenvalues above -this count as zero (rounding, not curvature)
+# negative_tolerance: eigenvalues above -this count as zero (rounding, not curvature)
+CurvatureSummary = wire_dataclass(
+    "CurvatureSummary", optimize_pb2.CurvatureSummary,
+    "The dense curvature matrix's spectrum in brief (the fields of the proto's CurvatureSummary).",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,16 +313,7 @@ class HessianResult(_Result):
         matrix = None
         if msg.HasField("matrix"):
             matrix = tensors.like_input(tensors.decode(msg.matrix), like)
-        s = msg.summary
-        summary = CurvatureSummary(
-            s.min_eigenvalue,
-            s.max_eigenvalue,
-            int(s.negative_eigenvalues),
-            s.condition_number,
-            s.positive_definite,
-            s.trace,
-            s.negative_tolerance,
-        )
+        summary = CurvatureSummary(**wire_values(msg.summary))
         gradient = tensors.like_input(tensors.decode(msg.gradient), like)
         return cls(matrix, summary, msg.loss, gradient, msg.backend, msg)
 

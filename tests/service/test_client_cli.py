@@ -217,22 +217,12 @@ def test_version_and_help_show_choices_and_defaults(capsys):
 def test_a_queued_run_shows_no_last_loss(tmp_path, capsys):
     from conftest import start_server
     from hessian_client import Client, problems
+    from long_runs import start_endless_run
 
     server = start_server(tmp_path, workers=1)
     try:
         with Client(server.address) as c:
-            busy = c.start_run(
-                problems.rosenbrock(),
-                np.array([-1.2, 1.0]),
-                method="gradient_descent",
-                learning_rate=1e-6,
-                stopping={
-                    "max_iterations": 10**6,
-                    "gradient_tolerance": 0.0,
-                    "function_tolerance": 0.0,
-                    "parameter_tolerance": 0.0,
-                },
-            )
+            busy = start_endless_run(c)
             next(iter(busy.stream()))
             queued = c.start_run(problems.rosenbrock(), seed=0, name="waiting")
             code, out, _ = _cli(server, capsys, "runs", "--status", "QUEUED")

@@ -14,15 +14,7 @@ import sys
 import termios
 import time
 
-import numpy as np
-from hessian_client import problems
-
-LONG = {
-    "max_iterations": 10**6,
-    "gradient_tolerance": 0.0,
-    "function_tolerance": 0.0,
-    "parameter_tolerance": 0.0,
-}
+from long_runs import start_endless_run
 
 
 class Terminal:
@@ -127,13 +119,7 @@ def test_ctrl_c_cancels_the_run_and_exits_130(server, client):
 
 
 def test_ctrl_c_with_detach_leaves_the_run_running_and_says_so(server, client):
-    run = client.start_run(
-        problems.rosenbrock(),
-        np.array([-1.2, 1.0]),
-        method="gradient_descent",
-        learning_rate=1e-6,
-        stopping=LONG,
-    )
+    run = start_endless_run(client)
     term = Terminal("--address", server.address, "watch", run.id, "--detach")
     term.read_until(r"\n\s+\d+ loss")
     os.write(term.fd, b"\x03")

@@ -34,6 +34,7 @@ from hessian_client import (
 )
 from hessian_client.client import check_versions
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
+from long_runs import start_endless_run
 
 
 def test_step_record_has_every_wire_field_with_its_type(client):
@@ -51,6 +52,72 @@ def test_step_record_has_every_wire_field_with_its_type(client):
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.record.loss = 0.0  # type: ignore[misc]
     assert got.record.raw.loss == got.record.loss
+
+
+def test_curvature_result_has_every_wire_field_converted():
+    from hessian_client import CurvatureResult, DensityResult, TraceResult, Verdict, tensors
+    from hessian_client.curvature import from_wire
+
+    wire = [f.name for f in service_pb2.AnalyzeCurvatureResponse.DESCRIPTOR.fields]
+    assert [f.name for f in dataclasses.fields(CurvatureResult)] == [*wire, "raw"]
+    rng = np.random.default_rng(17)
+    grid, dens = rng.standard_normal(5), rng.random(5)
+    msg = service_pb2.AnalyzeCurvatureResponse(
+        num_params=7, curvature=optimize_pb2.CURVATURE_GAUSS_NEWTON, loss=1.5,
+        gradient_max_norm=0.25, stationary=True, top_eigenvalues=[3.0, 2.0],
+        bottom_eigenvalues=[-1.0], eigen_residuals=[1e-9, 2e-9, 3e-9], lanczos_iterations=4,
+        eigenvalues_converged=True,
+        trace_hutchinson=optimize_pb2.TraceEstimate(estimate=4.0, half_width=0.5,
+                                                    confidence=0.95, products=12),
+        density=optimize_pb2.SpectralDensity(grid=tensors.encode(grid),
+                                             density=tensors.encode(dens), sigma=0.1,
+                                             probes=3, steps=8, trace=4.25),
+        products=30, products_by_part={"lanczos": 20, "trace": 10},
+        verdict=optimize_pb2.VERDICT_SADDLE, verdict_reason="why", seconds=0.5, backend="native",
+    )  # fmt: skip
+    got = from_wire(msg)
+    assert got.curvature == "gauss_newton" and got.verdict is Verdict.SADDLE
+    assert got.top_eigenvalues == [3.0, 2.0] and isinstance(got.top_eigenvalues, list)
+    assert got.products_by_part == {"lanczos": 20, "trace": 10}
+    assert got.trace_hutchinson == TraceResult(4.0, 0.5, 0.95, 12)
+    assert got.trace_hutchpp is None  # unset on the wire
+    assert isinstance(got.density, DensityResult) and got.density.trace == 4.25
+    np.testing.assert_array_equal(got.density.grid, grid)
+    np.testing.assert_array_equal(got.density.values, dens)
+    row = got.to_dict()
+    assert row["trace_hutchinson"] == {
+        "estimate": 4.0, "half_width": 0.5, "confidence": 0.95, "products": 12
+    }  # fmt: skip
+    assert row["density"]["values"] == dens.tolist() and row["verdict"] == "saddle"
+    assert "raw" not in row and got.raw is msg
+    assert (row["num_params"], row["backend"], row["seconds"]) == (7, "native", 0.5)
+
+
+def test_curvature_summary_has_every_wire_field(client):
+    from hessian_client.results import CurvatureSummary
+
+    wire = [f.name for f in optimize_pb2.CurvatureSummary.DESCRIPTOR.fields]
+    assert [f.name for f in dataclasses.fields(CurvatureSummary)] == wire
+    problem = problems.quadratic(np.diag([2.0, -1.0]), np.zeros(2))  # Hessian diag(2, -1)
+    got = client.compute_hessian(problem, np.zeros(2), omit_matrix=True).summary
+    assert (got.min_eigenvalue, got.max_eigenvalue, got.negative_eigenvalues) == (-1.0, 2.0, 1)
+    assert got.to_dict()["trace"] == 1.0 and not got.positive_definite
+
+
+def test_wire_dataclass_takes_every_kind_of_field():
+    """A typed result derived from a descriptor takes any field a proto adds: enums, nested
+    messages, repeated and map fields, not only the kinds today's results use."""
+    from hessian_client.results import wire_dataclass, wire_values
+
+    cls = wire_dataclass("Info", service_pb2.RunInfo, "doc")
+    assert [f.name for f in dataclasses.fields(cls)] == [
+        f.name for f in service_pb2.RunInfo.DESCRIPTOR.fields
+    ]
+    msg = service_pb2.RunInfo(run_id="r-1", status=service_pb2.RUN_STATUS_RUNNING)
+    msg.options.learning_rate = 0.5
+    got = cls(**wire_values(msg))
+    assert (got.run_id, got.status, got.options.learning_rate) == ("r-1", 2, 0.5)
+    assert got.to_dict()["options"]["learning_rate"] == 0.5
 
 
 def test_run_info_is_typed_with_str_enums_datetimes_and_raw(client):
@@ -124,18 +191,7 @@ def test_wait_and_result_honour_their_timeout_on_a_queued_run(tmp_path):
     server = start_server(tmp_path, workers=1)
     try:
         with Client(server.address) as c:
-            busy = c.start_run(
-                problems.rosenbrock(dim=2),
-                np.array([-1.2, 1.0]),
-                method="gradient_descent",
-                learning_rate=1e-6,
-                stopping={
-                    "max_iterations": 10**6,
-                    "gradient_tolerance": 0.0,
-                    "function_tolerance": 0.0,
-                    "parameter_tolerance": 0.0,
-                },
-            )
+            busy = start_endless_run(c)
             next(iter(busy.stream()))  # the only worker is now busy with it
             queued = c.start_run(problems.rosenbrock(dim=2), seed=0)
             assert queued.info().status == "QUEUED"

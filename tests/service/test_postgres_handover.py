@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, problems, status_name
+from hessian_client import Client, status_name
+from long_runs import long_run_problem, long_run_spec
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
 
-EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-SPEC = {"method": "gradient_descent", "learning_rate": 0.05,
-        "stopping": {"max_iterations": 5000, **EXACT}}  # fmt: skip
-
-
-def _problem():
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((2000, 30))
-    y = (x[:, 0] + 0.5 * rng.standard_normal(2000) > 0).astype(np.float64)
-    return problems.logistic_regression(x, y, l2=1e-3)
+SPEC = long_run_spec(5000)
 
 
 @pytest.mark.slow
@@ -32,7 +23,7 @@ def test_a_draining_replica_hands_its_run_over(tmp_path, postgres_dsn):
     b = start_server(tmp_path / "b", replica_id="b", **common)
     try:
         with Client(a.address) as ca:
-            run_id = ca.start_run(_problem(), **SPEC).id
+            run_id = ca.start_run(long_run_problem(11), **SPEC).id
         deadline = time.monotonic() + 60  # guards a hang only
         while a.store.get_run(run_id).num_records < 100:
             assert time.monotonic() < deadline
@@ -43,7 +34,7 @@ def test_a_draining_replica_hands_its_run_over(tmp_path, postgres_dsn):
             assert status_name(info) == "FINISHED", info
             assert run_id in b.leases.takeovers
             served = [(r.iteration, r.loss) for r in cb.run(run_id).stream()]
-            reference = cb.start_run(_problem(), **SPEC)
+            reference = cb.start_run(long_run_problem(11), **SPEC)
             assert status_name(reference.wait(120)) == "FINISHED"
             assert served == [(r.iteration, r.loss) for r in cb.run(reference.id).stream()]
     finally:

@@ -8,23 +8,14 @@ import contextlib
 import socket
 import time
 
-import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, problems, status_name
+from hessian_client import Client, status_name
+from long_runs import long_run_problem, long_run_spec
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
 from tcp_proxy import TcpProxy
 
-EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-SPEC = {"method": "gradient_descent", "learning_rate": 0.05,
-        "stopping": {"max_iterations": 6000, **EXACT}}  # fmt: skip
-
-
-def _problem():
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2000, 30))
-    y = (x[:, 0] + 0.5 * rng.standard_normal(2000) > 0).astype(np.float64)
-    return problems.logistic_regression(x, y, l2=1e-3)
+SPEC = long_run_spec(6000)
 
 
 @pytest.mark.slow
@@ -37,7 +28,7 @@ def test_a_partitioned_replica_stops_before_its_run_is_taken_over(tmp_path, post
     b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", **common)
     try:
         with Client(a.address) as ca:
-            run_id = ca.start_run(_problem(), **SPEC).id
+            run_id = ca.start_run(long_run_problem(5), **SPEC).id
         deadline = time.monotonic() + 60  # guards a hang only
         while (a.store.get_run(run_id).num_records < 200) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -56,7 +47,7 @@ def test_a_partitioned_replica_stops_before_its_run_is_taken_over(tmp_path, post
             info = cb.run(run_id).wait(120)
             assert status_name(info) == "FINISHED"
             served = [(r.iteration, r.loss) for r in cb.run(run_id).stream()]
-            reference = cb.start_run(_problem(), **SPEC)
+            reference = cb.start_run(long_run_problem(5), **SPEC)
             assert status_name(reference.wait(120)) == "FINISHED"
             expected = [(r.iteration, r.loss) for r in cb.run(reference.id).stream()]
         assert served == expected and info.num_records == len(expected)

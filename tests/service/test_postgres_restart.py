@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, problems, status_name
+from hessian_client import Client, status_name
+from long_runs import long_run_problem, long_run_spec
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
 
-EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-SPEC = {"method": "gradient_descent", "learning_rate": 0.05,
-        "stopping": {"max_iterations": 3000, **EXACT}}  # fmt: skip
+SPEC = long_run_spec(3000)
 RUNS = 4
-
-
-def _problem():
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((2000, 30))
-    y = (x[:, 0] + 0.5 * rng.standard_normal(2000) > 0).astype(np.float64)
-    return problems.logistic_regression(x, y, l2=1e-3)
 
 
 @pytest.mark.slow
@@ -37,7 +28,7 @@ def test_postgres_restart_mid_run_loses_nothing_and_runs_twice_nothing(
         ids = []
         for i in range(RUNS):
             with Client(replicas[i % 2].address) as c:
-                ids.append(c.start_run(_problem(), **SPEC).id)
+                ids.append(c.start_run(long_run_problem(9), **SPEC).id)
         store = replicas[0].store
         deadline = time.monotonic() + 60  # guards a hang only
         while min(store.get_run(r).num_records for r in ids) < 100:
@@ -57,7 +48,7 @@ def test_postgres_restart_mid_run_loses_nothing_and_runs_twice_nothing(
             for run_id, status in statuses.items():
                 if status == "INTERRUPTED":
                     c.resume_run(run_id)
-            reference = c.start_run(_problem(), **SPEC)
+            reference = c.start_run(long_run_problem(9), **SPEC)
             assert status_name(reference.wait(120)) == "FINISHED"
             expected = [(r.iteration, r.loss) for r in c.run(reference.id).stream()]
             for run_id in ids:

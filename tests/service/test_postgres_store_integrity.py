@@ -17,7 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 from conftest import start_server
-from hessian_client import Client, ResourceExhausted, problems, status_name
+from hessian_client import Client, status_name
 from hessian_service.engine.records import StepRecord
 from hessian_service.store import (
     PostgresRunStore,
@@ -27,6 +27,12 @@ from hessian_service.store import (
     StoreFullError,
 )
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
+from store_full_runs import (
+    CAPPED_ITERATIONS,
+    assert_resumed_run_lost_nothing,
+    start_capped_run,
+    stream_until_full,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAYLOAD = """SELECT
@@ -123,37 +129,23 @@ def test_a_run_the_capped_store_stops_is_interrupted_and_resumes_once_the_cap_is
     tmp_path, postgres_dsn
 ):
     """Through a real server: the cap stops a run like a full disk, nothing it showed is lost."""
-    n = 800  # about 300 KB of records: far over the 64 KiB cap
-    stopping = {"max_iterations": n, "gradient_tolerance": 0.0, "function_tolerance": 0.0,
-                "parameter_tolerance": 0.0}  # fmt: skip
-    gd = {"method": "gradient_descent", "learning_rate": 1e-3}
     capped = {"store": postgres_dsn, "commit_every_records": 16}
     handle = start_server(tmp_path / "a", max_store_bytes=64 * 1024, **capped)
-    seen = []
     try:
         with Client(handle.address) as c:
-            run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, **gd)
-            with pytest.raises(ResourceExhausted, match=r"run store .* is full"):
-                for record in run.stream():
-                    seen.append((record.iteration, record.loss))
+            run = start_capped_run(c)  # about 300 KB of records: far over the 64 KiB cap
+            seen = stream_until_full(run)
             info = c.get_run(run.id)
             assert (status_name(info), info.stop_reason) == ("INTERRUPTED", "error"), info.message
             assert "--max-store-bytes 65536" in info.message
-            assert len(seen) <= info.num_records < n
+            assert len(seen) <= info.num_records < CAPPED_ITERATIONS
         assert _payload(postgres_dsn) <= 64 * 1024
     finally:
         handle.stop(grace=1.0)
     reopened = start_server(tmp_path / "b", **capped)  # no cap now
     try:
         with Client(reopened.address) as c:
-            final = c.resume_run(run.id).wait(120)
-            assert status_name(final) == "FINISHED", final.message
-            stored = [(r.iteration, r.loss) for r in c.run(run.id).stream()]
-            assert stored[: len(seen)] == seen, "every record a client saw survived"
-            reference = c.start_run(
-                problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, **gd
-            )
-            assert stored == [(r.iteration, r.loss) for r in reference.stream()]
+            assert_resumed_run_lost_nothing(c, run.id, seen, timeout=120)
     finally:
         reopened.stop(grace=1.0)
 

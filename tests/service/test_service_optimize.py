@@ -198,16 +198,26 @@ def test_a_cut_least_squares_run_resumes_with_its_gauss_newton_products(address)
     ],
 )
 def test_a_bad_reply_fails_the_run_naming_the_field(address, spoil, field):
-    stream = Stream(address, start_request())
+    # good answers up to the next point's ask (a line-search trial asks the loss only)
+    def next_points_ask(ask, n):
+        return n > 0 and ask.gradient
+
+    assert_spoiled_reply_fails_the_run(
+        address, start_request(), good_values, next_points_ask, spoil, field
+    )
+
+
+def assert_spoiled_reply_fails_the_run(address, first, answer, target, spoil, field) -> None:
+    """Answer each ask with `answer` up to the first that `target(ask, n)` picks (n: asks
+    answered so far), then send its answer spoiled: the run FAILS naming `field`."""
+    stream = Stream(address, first)
     try:
         run_id = stream.read().started.run_id
-        ask = stream.read().evaluate
-        stream.send(evaluation=good_values(ask))  # good answers up to the next point's ask
-        ask = stream.read().evaluate
-        while not ask.gradient:  # a line-search trial (loss only)
-            stream.send(evaluation=good_values(ask))
-            ask = stream.read().evaluate
-        values = good_values(ask)
+        ask, n = stream.read().evaluate, 0
+        while not target(ask, n):
+            stream.send(evaluation=answer(ask))
+            ask, n = stream.read().evaluate, n + 1
+        values = answer(ask)
         spoil(values)
         stream.send(evaluation=values)
         info = stream.finish()
@@ -247,22 +257,13 @@ def gauss_newton_values(ask) -> service_pb2.Evaluation:
 def test_a_bad_gauss_newton_reply_fails_the_run_naming_the_field(address, spoil, field):
     first = start_request(gradient=True, gauss_newton=True)
     first.start.options.method = optimize_pb2.METHOD_GAUSS_NEWTON_CG
-    stream = Stream(address, first)
-    try:
-        run_id = stream.read().started.run_id
-        ask = stream.read().evaluate
-        while not ask.HasField("gn_vectors"):  # good answers up to the first CG product
-            stream.send(evaluation=gauss_newton_values(ask))
-            ask = stream.read().evaluate
-        values = gauss_newton_values(ask)
-        spoil(values)
-        stream.send(evaluation=values)
-        info = stream.finish()
-    finally:
-        stream.close()
-    assert info.status == service_pb2.RUN_STATUS_FAILED, info.message
-    assert field in info.message and "internal" not in info.message.lower()
-    assert settled_info(address, run_id, "FAILED").status == "FAILED"
+
+    def first_cg_product(ask, n):  # good answers up to the first CG product
+        return ask.HasField("gn_vectors")
+
+    assert_spoiled_reply_fails_the_run(
+        address, first, gauss_newton_values, first_cg_product, spoil, field
+    )
 
 
 def test_gauss_newton_cg_over_the_stream_reaches_the_minimum(address):

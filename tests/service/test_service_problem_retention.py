@@ -22,6 +22,7 @@ from hessian_service.server.problems import (
     objective_bytes,
 )
 from hessian_service.store import SQLiteRunStore
+from long_runs import ENDLESS
 
 BIG = 32_768  # float64 values: a 256 KiB problem
 QUICK = {"method": "gradient_descent", "stopping": {"max_iterations": 3}}
@@ -60,12 +61,7 @@ def test_retention_by_bytes_deletes_the_least_recently_used_and_spares_a_running
     long = {
         "method": "gradient_descent",
         "learning_rate": 1e-12,
-        "stopping": {
-            "max_iterations": 10**6,
-            "gradient_tolerance": 0.0,
-            "function_tolerance": 0.0,
-            "parameter_tolerance": 0.0,
-        },
+        "stopping": ENDLESS,
     }
     size = len(_big(0).SerializeToString(deterministic=True))  # each big one: the same size
     try:

@@ -1,5 +1,6 @@
-"""The SQLite run store: batched commits, durability across reopen, interruption marking,
-paging, checkpoints and deletion (through the RunStore interface only)."""
+"""The SQLite run store: batched commits, paging, checkpoints and deletion (through the
+RunStore interface only). Durability across reopen and interruption marking are in
+test_postgres_store's contract tests, which run on SQLite as well as PostgreSQL."""
 
 from __future__ import annotations
 
@@ -45,40 +46,6 @@ def test_records_commit_within_the_interval(tmp_path):
     while _committed(store.path, "r-a") == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _committed(store.path, "r-a") == 1
-    store.close()
-
-
-def test_everything_survives_reopen_and_active_runs_become_interrupted(tmp_path):
-    store = SQLiteRunStore(tmp_path)
-    store.put_problem("p-1", b"problem-bytes")
-    store.create_run(_row("r-done", 1.0), _cp(0))
-    store.create_run(_row("r-live", 2.0), _cp(0))
-    store.update_run("r-live", status="RUNNING", backend="autograd")
-    records = [
-        StepRecord(iteration=i, loss=float(10 - i), gain_ratio=float("nan")) for i in range(7)
-    ]
-    for r in records:
-        store.append_record("r-live", r)
-    store.put_checkpoint("r-live", _cp(5))
-    store.update_run("r-done", status="FINISHED", stop_reason="max_iterations", converged=False)
-    store.close()
-
-    store = SQLiteRunStore(tmp_path)
-    assert store.mark_interrupted("process died") == ["r-live"]
-    live = store.get_run("r-live")
-    assert (live.status, live.stop_reason, live.message) == (
-        "INTERRUPTED",
-        "shutdown",
-        "process died",
-    )
-    assert live.num_records == 7 and live.last_record.loss == 4.0
-    got = store.records("r-live", 3, 100)
-    assert [r.iteration for r in got] == [3, 4, 5, 6]
-    assert got[0].loss == 7.0 and got[0].gain_ratio != got[0].gain_ratio  # NaN kept
-    cp = store.latest_checkpoint("r-live")
-    assert (cp.iteration, cp.shape, cp.state) == (5, [2], {"damping": 0.5})
-    assert store.get_problem("p-1") == b"problem-bytes"
-    assert store.get_run("r-done").status == "FINISHED"
     store.close()
 
 

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, ResourceExhausted, problems, status_name
+from hessian_client import Client, problems, status_name
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
 from hessian_service.engine.records import StepRecord
 from hessian_service.server import ServerConfig, build_server
@@ -25,8 +25,14 @@ from hessian_service.store import (
     StoreError,
     StoreFullError,
 )
+from store_full_runs import (
+    CAPPED_ITERATIONS,
+    GD,
+    assert_resumed_run_lost_nothing,
+    start_capped_run,
+    stream_until_full,
+)
 
-GD = {"method": "gradient_descent", "learning_rate": 1e-3}
 ITERATIONS = 60
 
 
@@ -127,26 +133,16 @@ def test_a_run_admitted_as_the_server_shuts_down_is_stored_interrupted(flaky):
 def test_a_run_the_full_store_stops_is_stored_interrupted_and_resumes_once_space_returns(
     tmp_path,
 ):
-    n = 800  # about 300 KB of records: far over the 96 KiB cap
-    stopping = {
-        "max_iterations": n,
-        "gradient_tolerance": 0.0,
-        "function_tolerance": 0.0,
-        "parameter_tolerance": 0.0,
-    }
     handle = start_server(tmp_path, max_store_bytes=96 * 1024, commit_every_records=16)
-    seen = []
     try:
         with Client(handle.address) as c:
-            run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, **GD)
-            with pytest.raises(ResourceExhausted, match=r"run store .* is full"):
-                for record in run.stream():
-                    seen.append((record.iteration, record.loss))
+            run = start_capped_run(c)  # about 300 KB of records: far over the 96 KiB cap
+            seen = stream_until_full(run)
             info = c.get_run(run.id)
             assert status_name(info) == "INTERRUPTED", info.message
             assert info.stop_reason == "error"
             assert "is full" in info.message and "ResumeRun" in info.message
-            assert len(seen) <= info.num_records < n
+            assert len(seen) <= info.num_records < CAPPED_ITERATIONS
         with sqlite3.connect(tmp_path / "runs.sqlite3") as db:  # stored so, not only reported
             row = db.execute("SELECT status, message FROM runs WHERE run_id = ?", (run.id,))
             status, message = row.fetchone()
@@ -158,14 +154,7 @@ def test_a_run_the_full_store_stops_is_stored_interrupted_and_resumes_once_space
         with Client(reopened.address) as c:
             info = c.get_run(run.id)
             assert status_name(info) == "INTERRUPTED" and "is full" in info.message
-            final = c.resume_run(run.id).wait(60)
-            assert status_name(final) == "FINISHED", final.message
-            stored = [(r.iteration, r.loss) for r in c.run(run.id).stream()]
-            assert stored[: len(seen)] == seen, "every record a client saw survived"
-            reference = c.start_run(
-                problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, **GD
-            )
-            assert stored == [(r.iteration, r.loss) for r in reference.stream()]
+            assert_resumed_run_lost_nothing(c, run.id, seen, timeout=60)
     finally:
         reopened.stop(grace=1.0)
 

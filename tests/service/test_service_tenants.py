@@ -17,16 +17,12 @@ from hessian_client import (
     status_name,
 )
 from hessian_client.proto import service_pb2, service_pb2_grpc
+from long_runs import ENDLESS
 
 LONG = {
     "method": "gradient_descent",
     "learning_rate": 1e-9,
-    "stopping": {
-        "max_iterations": 10**6,
-        "gradient_tolerance": 0.0,
-        "function_tolerance": 0.0,
-        "parameter_tolerance": 0.0,
-    },
+    "stopping": ENDLESS,
 }
 MISSING_RUN = "r-00000000000000000000000000000000"
 MISSING_PROBLEM = "p-0000000000000000000000000000000000000000"

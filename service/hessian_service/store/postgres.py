@@ -54,7 +54,6 @@ from .base import (
     ProblemNotFoundError,
     RunRow,
     RunStatus,
-    RunStore,
     StoreClosedError,
     StoreCorruptError,
     StoredCheckpoint,
@@ -62,6 +61,7 @@ from .base import (
     StoreFullError,
 )
 from .queue import RecordQueue
+from .sql_reads import SqlReads
 
 NOTIFY_CHANNEL = "hessian_records"
 MIGRATION_LOCK = 0x4E5353  # pg_advisory_xact_lock key: one replica migrates at a time
@@ -118,8 +118,10 @@ class LeaseLostError(StoreError):
         )
 
 
-class PostgresRunStore(RecordQueue, RunStore):
+class PostgresRunStore(RecordQueue, SqlReads):
     """The RunStore in a PostgreSQL database, shared by every replica given the same DSN."""
+
+    MARK = "%s"
 
     def __init__(
         self,
@@ -207,22 +209,6 @@ class PostgresRunStore(RecordQueue, RunStore):
             )
             self._check_cap(cur)
 
-    def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
-        row = self._problem_row("blob", problem_id, owner)
-        return None if row is None else bytes(row[0])
-
-    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
-        return self._problem_row("1", problem_id, owner) is not None
-
-    def _problem_row(self, columns: str, problem_id: str, owner: str | None) -> Any:
-        """`columns` of the problem, if stored (and held by `owner`, unless None)."""
-        sql, args = f"SELECT {columns} FROM problems WHERE problem_id = %s", [problem_id]
-        if owner is not None:
-            sql += " AND EXISTS (SELECT 1 FROM problem_owners WHERE problem_id = %s AND owner = %s)"
-            args += [problem_id, owner]
-        with self._read() as cur:
-            return cur.execute(sql, args).fetchone()
-
     def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
         users_sql = "SELECT run_id FROM runs WHERE problem_id = %s AND status = ANY(%s)"
         users_args: list[Any] = [problem_id, list(PROBLEM_PINNING_STATUSES)]
@@ -308,25 +294,6 @@ class PostgresRunStore(RecordQueue, RunStore):
             )
             if cur.rowcount == 0:
                 layout.refuse(run_id, self._status(cur, run_id), expect_status)
-
-    def get_run(self, run_id: str) -> RunRow | None:
-        with self._read() as cur:
-            row = cur.execute(
-                f"SELECT {', '.join(layout.ROW_FIELDS)} FROM runs WHERE run_id = %s", (run_id,)
-            ).fetchone()
-        return None if row is None else layout.decode_row(row)
-
-    def list_runs(
-        self,
-        statuses: Sequence[str],
-        limit: int,
-        after: tuple[float, str] | None,
-        owner: str | None = None,
-    ) -> list[RunRow]:
-        sql, args = layout.list_runs_query("%s", statuses, limit, after, owner)
-        with self._read() as cur:
-            rows = cur.execute(sql, args).fetchall()
-        return [layout.decode_row(r) for r in rows]
 
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write() as cur:
@@ -466,15 +433,6 @@ class PostgresRunStore(RecordQueue, RunStore):
             if self._write_checkpoint(cur, run_id, checkpoint) > 0:
                 self._check_cap(cur)
 
-    def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
-        with self._read() as cur:
-            row = cur.execute(
-                f"SELECT {layout.CHECKPOINT_COLUMNS} FROM checkpoints "
-                "WHERE run_id = %s ORDER BY iteration DESC LIMIT 1",
-                (run_id,),
-            ).fetchone()
-        return layout.decode_checkpoint(row)
-
     def close(self) -> None:
         if not self._stop_flusher():
             return
@@ -527,6 +485,10 @@ class PostgresRunStore(RecordQueue, RunStore):
                 yield cur
         except psycopg.Error as exc:
             raise self._error(exc, "read") from exc
+
+    def _fetch_all(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        with self._read() as cur:
+            return cur.execute(sql, args).fetchall()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[psycopg.Cursor]:

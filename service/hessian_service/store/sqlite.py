@@ -49,7 +49,6 @@ from .base import (
     ProblemNotFoundError,
     RunRow,
     RunStatus,
-    RunStore,
     StoreClosedError,
     StoreCorruptError,
     StoredCheckpoint,
@@ -57,6 +56,7 @@ from .base import (
     StoreFullError,
 )
 from .queue import RecordQueue
+from .sql_reads import SqlReads
 
 # version 0: the tables as first released (a store without user_version has exactly these)
 SCHEMA = """
@@ -98,8 +98,10 @@ RESERVE_PAGES = 16
 log = logging.getLogger(__name__)
 
 
-class SQLiteRunStore(RecordQueue, RunStore):
+class SQLiteRunStore(RecordQueue, SqlReads):
     """The RunStore in one SQLite file (`runs.sqlite3` under `data_dir`)."""
+
+    MARK = "?"
 
     def __init__(
         self,
@@ -165,22 +167,6 @@ class SQLiteRunStore(RecordQueue, RunStore):
                 "INSERT OR REPLACE INTO problem_owners VALUES (?, ?, ?, ?)",
                 (problem_id, owner, now, len(blob)),
             )
-
-    def get_problem(self, problem_id: str, owner: str | None = None) -> bytes | None:
-        row = self._problem_row("blob", problem_id, owner)
-        return None if row is None else bytes(row[0])
-
-    def has_problem(self, problem_id: str, owner: str | None = None) -> bool:
-        return self._problem_row("1", problem_id, owner) is not None
-
-    def _problem_row(self, columns: str, problem_id: str, owner: str | None) -> Any:
-        """`columns` of the problem, if stored (and held by `owner`, unless None)."""
-        sql, args = f"SELECT {columns} FROM problems WHERE problem_id = ?", [problem_id]
-        if owner is not None:
-            sql += " AND EXISTS (SELECT 1 FROM problem_owners WHERE problem_id = ? AND owner = ?)"
-            args += [problem_id, owner]
-        with self._read():
-            return self._db.execute(sql, args).fetchone()
 
     def delete_problem(self, problem_id: str, owner: str | None = None) -> bool:
         pins = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
@@ -278,25 +264,6 @@ class SQLiteRunStore(RecordQueue, RunStore):
         if cur.rowcount == 0:
             layout.refuse(run_id, missed, expect_status)
 
-    def get_run(self, run_id: str) -> RunRow | None:
-        with self._read():
-            row = self._db.execute(
-                f"SELECT {', '.join(layout.ROW_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-        return None if row is None else layout.decode_row(row)
-
-    def list_runs(
-        self,
-        statuses: Sequence[str],
-        limit: int,
-        after: tuple[float, str] | None,
-        owner: str | None = None,
-    ) -> list[RunRow]:
-        sql, args = layout.list_runs_query("?", statuses, limit, after, owner)
-        with self._read():
-            rows = self._db.execute(sql, args).fetchall()
-        return [layout.decode_row(r) for r in rows]
-
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write():
             self._flush_locked()
@@ -373,15 +340,6 @@ class SQLiteRunStore(RecordQueue, RunStore):
             self._write_checkpoint(run_id, checkpoint)
             self.update_run(run_id, **fields)  # joins this transaction
 
-    def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
-        with self._read():
-            row = self._db.execute(
-                f"SELECT {layout.CHECKPOINT_COLUMNS} FROM checkpoints "
-                "WHERE run_id = ? ORDER BY iteration DESC LIMIT 1",
-                (run_id,),
-            ).fetchone()
-        return layout.decode_checkpoint(row)
-
     def close(self) -> None:
         if not self._stop_flusher():
             return
@@ -431,6 +389,10 @@ class SQLiteRunStore(RecordQueue, RunStore):
                 yield
             except sqlite3.Error as exc:
                 raise self._error(exc, "read") from exc
+
+    def _fetch_all(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        with self._read():
+            return self._db.execute(sql, args).fetchall()
 
     def _check_open(self) -> None:
         """Raise StoreClosedError once close() has run (a late worker's write, a late read)."""
