@@ -36,6 +36,7 @@ from hessian_client.proto import service_pb2, service_pb2_grpc
 
 from .. import __version__
 from ..engine import native_status
+from ..engine.objectives.exported import Exported
 from ..engine.options import requested_backend
 from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
@@ -213,10 +214,8 @@ def build_server(
         config.problem_cache_bytes,
         config.max_data_bytes,
         config.max_problem_bytes,
-        {
-            "compile": config.exported_compile,
-            "evaluation_seconds": config.exported_evaluation_seconds,
-        },
+        # each of the exported objective's server options is the flag --exported-<name>
+        {name: getattr(config, f"exported_{name}") for name in Exported.server_option_names},
     )
     runs = RunManager(
         store,

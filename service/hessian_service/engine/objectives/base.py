@@ -40,6 +40,8 @@ class Objective(ABC):
     name: ClassVar[str]
     data_fields: ClassVar[tuple[str, ...]] = ()
     option_names: ClassVar[tuple[str, ...]] = ()
+    # the options the server fills from its own flags (not sent by a caller, not in the proto)
+    server_option_names: ClassVar[tuple[str, ...]] = ()
     supports_ggn: ClassVar[bool] = False
     row_fields: ClassVar[tuple[str, ...]] = ()
     native_kernels: ClassVar[frozenset[str]] = frozenset()

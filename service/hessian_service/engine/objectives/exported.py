@@ -35,15 +35,9 @@ class Exported(Objective):
     """A verified exported program with its data tensors (see the module docstring)."""
 
     name = "exported"
-    # compile and evaluation_seconds are the server's settings, not the problem's
-    option_names = (
-        "program",
-        "param_shape",
-        "output_loss",
-        "target",
-        "compile",
-        "evaluation_seconds",
-    )
+    # the server's settings for every exported program (flags), not the problem's own fields
+    server_option_names = ("compile", "evaluation_seconds")
+    option_names = ("program", "param_shape", "output_loss", "target", *server_option_names)
 
     def __init__(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         self.data_fields = tuple(data)  # checked against the program's inputs in _setup
