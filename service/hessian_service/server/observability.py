@@ -1,10 +1,13 @@
 """Prometheus metrics, one JSON access-log line per RPC, request ids, and safe decoding.
 
-`ObservabilityInterceptor` wraps every handler: it takes the request id from the
-`x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
-the call by method and final status code, observes its latency once (a server or bidi
-stream at its end, however it ends), and logs one line. It also turns a request that is not a
-valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself would not).
+`CallInterceptor` is the server's one interceptor (one coroutine and one wrapper per call,
+not one per concern): it refuses a call while draining (drain.py), then one without a valid
+token (auth.py), then wraps the handler: it takes the request id from the `x-request-id`
+metadata (or makes one) and echoes it in the trailing metadata, counts the call in flight
+for the drain, counts it by method and final status code, observes its latency once (a
+server or bidi stream at its end, however it ends), and logs one line. It also turns a
+request that is not a valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself
+would not).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 from ..store import RunStatus
-from .auth import caller
+from .auth import TokenCheck, caller
+from .drain import Drain
 
 access_log = logging.getLogger("hessian_service.access")
 REQUEST_ID = "x-request-id"
@@ -207,14 +211,18 @@ def _log_rpc(
     )
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Metrics, access log and request id for every call (the outermost interceptor).
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Drain, then authentication, then metrics, access log and request id for every call.
 
     Every handler under it is async (app.py serves sync ones through sync_bridge).
     """
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(
+        self, metrics: Metrics | None, drain: Drain | None = None, auth: TokenCheck | None = None
+    ) -> None:
         self.metrics = metrics
+        self.drain = drain
+        self.auth = auth
 
     def _finish(
         self,
@@ -245,9 +253,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or (handler.request_streaming and not handler.response_streaming):
-            return handler  # no client-streaming RPCs here
+        if handler is None:
+            return None
         method = handler_call_details.method
+        drain = self.drain
+        if drain is not None and drain.refuses(method):
+            return drain.refusal(handler)  # neither counted nor logged
+        if self.auth is not None:
+            handler = self.auth.admit(handler, handler_call_details)
+        if handler.request_streaming and not handler.response_streaming:
+            return handler  # no client-streaming RPCs here
+        counted = drain if drain is not None and drain.counts(method) else None
         rid = _request_id(handler_call_details.invocation_metadata)
 
         @contextlib.asynccontextmanager
@@ -256,6 +272,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             who = (context.peer(), caller(context))
             failed, cancelled = True, False
+            if counted is not None:
+                counted.enter()
             try:
                 context.set_trailing_metadata(((REQUEST_ID, rid),))
                 if isinstance(request, _BadRequest):
@@ -271,6 +289,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 code = _code_name(context, failed, cancelled)
                 self._finish(context, method, who, started, rid, code)
+                if counted is not None:
+                    counted.leave()
 
         if handler.request_streaming:  # bidi (Optimize): its handler decodes its own requests
             inner_bidi = handler.stream_stream
