@@ -4,7 +4,9 @@ RPC gets one JSON access-log line with its request id, echoed in the trailing me
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import threading
 import time
 import urllib.request
 
@@ -34,6 +36,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 def delta(before: dict, after: dict, name: str, **labels: str) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The access-log records captured so far (the server writes each after its answer)."""
+    return [r for r in caplog.records if r.name == "hessian_service.access"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +128,7 @@ def test_request_id_is_echoed_and_logged_once_per_rpc(observed, caplog):
             stub.GetRun(service_pb2.GetRunRequest(run_id="r-x"), metadata=(("x-request-id", "q"),))
         assert ("x-request-id", "q") in err.value.trailing_metadata()
     deadline = time.monotonic() + 60  # a hang guard
-    while len(caplog.records) < 3 and time.monotonic() < deadline:
+    while len(access_lines(caplog)) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     lines = [r.fields for r in caplog.records if r.name == "hessian_service.access"]
     assert [(x["request_id"], x["code"]) for x in lines] == [
@@ -151,9 +158,16 @@ def test_optimize_streams_are_counted_timed_and_logged_like_other_rpcs(observed,
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ("x-request-id", "opt-7") in err.value.trailing_metadata()
     deadline = time.monotonic() + 60  # a hang guard: the server logs as the stream ends
+
+    def logged() -> int:
+        return sum(r.fields["method"].endswith("/Optimize") for r in access_lines(caplog))
+
     while time.monotonic() < deadline:
         after = scrape(port)
-        if delta(before, after, "hessian_rpc_latency_seconds_count", method="Optimize") >= 2:
+        if (
+            delta(before, after, "hessian_rpc_latency_seconds_count", method="Optimize") >= 2
+            and logged() >= 2
+        ):
             break
         time.sleep(0.05)
     assert delta(before, after, "hessian_rpcs_total", method="Optimize", code="OK") == 1
@@ -161,7 +175,7 @@ def test_optimize_streams_are_counted_timed_and_logged_like_other_rpcs(observed,
         delta(before, after, "hessian_rpcs_total", method="Optimize", code="INVALID_ARGUMENT") == 1
     )
     assert delta(before, after, "hessian_rpc_latency_seconds_count", method="Optimize") == 2
-    lines = [r.fields for r in caplog.records if r.name == "hessian_service.access"]
+    lines = [r.fields for r in access_lines(caplog)]
     optimize = [x for x in lines if x["method"].endswith("/Optimize")]
     assert [x["code"] for x in optimize] == ["OK", "INVALID_ARGUMENT"]
     assert optimize[1]["request_id"] == "opt-7"
@@ -183,3 +197,36 @@ def test_the_process_logs_json_lines_and_warns_loudly_when_unauthenticated(tmp_p
     assert warnings and "loopback" in warnings[0]["msg"]
     access = [x for x in lines if x.get("event") == "rpc" and "HessianService" in x["method"]]
     assert [(x["request_id"], x["code"]) for x in access] == [("from-test", "OK")]
+
+
+class _HeldHandler(logging.Handler):
+    """A log handler that holds the thread writing a line until released (or 60 s pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.unblock = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entered.set()
+        self.unblock.wait(60)
+
+
+def test_the_access_log_line_is_written_after_the_answer_has_gone_out(observed):
+    """A slow log sink does not delay the answer: the line is written once the call is done
+    (before, the client waited for the line to be formatted and written)."""
+    held = _HeldHandler()
+    logger = logging.getLogger("hessian_service.access")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(held)
+    try:
+        with grpc.insecure_channel(observed.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            info = stub.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=20)
+            assert info.version  # answered while the line could not be written
+            assert held.entered.wait(60)  # and the line is written all the same
+    finally:
+        held.unblock.set()
+        logger.removeHandler(held)
+        logger.setLevel(level)

@@ -16,6 +16,7 @@ from hessian_client import (
     status_name,
 )
 from hessian_client.cli import main as cli_main
+from hessian_service.server.errors import NotFoundError
 from hessian_service.server.problems import (
     OBJECT_OVERHEAD_BYTES,
     ProblemRegistry,
@@ -137,3 +138,86 @@ def test_the_cli_deletes_a_problem_and_names_one_it_cannot_find(server, capsys):
     assert f"deleted: {pid}" in capsys.readouterr().out
     assert cli_main(["--address", server.address, "delete-problem", pid]) == 1
     assert f"problem_id: no problem with id '{pid}'" in capsys.readouterr().err
+
+
+class _Reads:
+    """Counts a store's has_problem reads; `then` runs after each (a concurrent delete)."""
+
+    def __init__(self, store, then=None) -> None:
+        self.count, self.then, self._read = 0, then, store.has_problem
+
+    def __call__(self, pid, owner=None):
+        self.count += 1
+        held = self._read(pid, owner)
+        if self.then is not None:
+            self.then(pid)
+        return held
+
+
+def test_a_remembered_hold_goes_with_a_deleted_or_evicted_problem(tmp_path):
+    """On the embedded store a tenant's hold is read once, then remembered with the cached
+    objective; DeleteProblem, retention and a delete racing the read all end it."""
+    store = SQLiteRunStore(tmp_path)
+    try:
+        one = len(_mse(1000, 0).SerializeToString(deterministic=True))
+        registry = ProblemRegistry(store, max_params=10**6, max_stored_bytes=2 * one + one // 2)
+        reads = store.has_problem = _Reads(store)
+        pid = registry.create(_mse(1000, 0), "alice")[0]
+        for _ in range(3):
+            registry.by_id(pid, "alice")
+        assert reads.count == 1  # read once, then remembered
+        with pytest.raises(NotFoundError):
+            registry.by_id(pid, "bob")  # another tenant's hold is not alice's
+        registry.delete(pid, "alice")
+        with pytest.raises(NotFoundError):
+            registry.by_id(pid, "alice")
+
+        first = registry.create(_mse(1000, 1), "alice")[0]
+        registry.by_id(first, "alice")
+        registry.by_id(first, "alice")
+        for seed in (2, 3):  # past the cap: the least recently used (first) is evicted
+            registry.create(_mse(1000, seed), "alice")
+        assert store.get_problem(first) is None
+        with pytest.raises(NotFoundError):
+            registry.by_id(first, "alice")
+
+        raced = registry.create(_mse(1000, 4), "alice")[0]
+
+        def delete_now(p):  # alice's hold was read, then deleted before it was remembered,
+            reads.then = None  # and bob's create of the same problem cached it again
+            registry.delete(p, "alice")
+            assert registry.create(_mse(1000, 4), "bob")[0] == p
+
+        reads.then = delete_now
+        registry.by_id(raced, "alice")  # overlapped the delete: either answer is fine
+        with pytest.raises(NotFoundError):
+            registry.by_id(raced, "alice")
+    finally:
+        store.close()
+
+
+class _SharedStore:
+    """The embedded store seen as a shared one (as PostgreSQL is): another process may
+    delete what is in it."""
+
+    def __init__(self, inner: SQLiteRunStore) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_shared_stores_holds_are_read_on_every_call(tmp_path):
+    inner = SQLiteRunStore(tmp_path)
+    try:
+        reads = inner.has_problem = _Reads(inner)
+        registry = ProblemRegistry(_SharedStore(inner), max_params=10**6)
+        pid = registry.create(_mse(100, 0), "alice")[0]
+        registry.by_id(pid, "alice")
+        registry.by_id(pid, "alice")
+        assert reads.count == 2
+        inner.delete_problem(pid, "alice")  # by another replica: this registry is not told
+        with pytest.raises(NotFoundError):
+            registry.by_id(pid, "alice")
+    finally:
+        inner.close()

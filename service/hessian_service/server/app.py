@@ -40,11 +40,11 @@ from ..engine.objectives.exported import Exported
 from ..engine.options import requested_backend
 from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
-from .auth import AuthInterceptor, Tenancy, load_tokens
+from .auth import Tenancy, TokenCheck, load_tokens
 from .config import ServerConfig
-from .drain import DrainInterceptor
+from .drain import Drain
 from .failover import LeaseKeeper
-from .observability import JsonFormatter, Metrics, ObservabilityInterceptor
+from .observability import CallInterceptor, JsonFormatter, Metrics
 from .problems import ProblemRegistry
 from .runs import RunManager
 from .service import HessianService
@@ -104,7 +104,7 @@ class ServerHandle:
     metrics: Metrics | None = None
     metrics_port: int = 0
     leases: LeaseKeeper | None = None
-    drain: DrainInterceptor | None = None
+    drain: Drain | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -190,9 +190,10 @@ def build_server(
 ) -> ServerHandle:
     """Create, bind and start the server described by `config`.
 
-    Interceptors run in this order: metrics/logging/request id, authentication (when
-    --auth-token-file is set), then `interceptors` (grpc.aio ones; a plain
-    grpc.ServerInterceptor is given the already resolved handler).
+    Interceptors run in this order: the server's own (observability.CallInterceptor: drain,
+    authentication when --auth-token-file is set, metrics/logging/request id), then
+    `interceptors` (grpc.aio ones; a plain grpc.ServerInterceptor is given the already
+    resolved handler).
     """
     config = config.validated()
     tokens = load_tokens(config.auth_token_file) if config.auth_token_file else []
@@ -230,11 +231,10 @@ def build_server(
         max_stored_runs=config.max_stored_runs,
     )
     leases = _keep_leases(config, store, runs, registry)
-    drain = DrainInterceptor()
-    chain: list[grpc.aio.ServerInterceptor] = [drain, ObservabilityInterceptor(metrics)]
-    if tokens:
-        chain.append(AuthInterceptor(tokens + admins))
-    else:
+    drain = Drain()
+    auth = TokenCheck(tokens + admins) if tokens else None
+    chain: list[grpc.aio.ServerInterceptor] = [CallInterceptor(metrics, drain, auth)]
+    if not tokens:
         log.warning(
             "UNAUTHENTICATED: no --auth-token-file, so anyone who can reach %s can use this "
             "server%s",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pathlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,31 +101,29 @@ class Tenancy:
         return Tenant(caller(context), _member(token, self._admin_tokens))
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenCheck:
     """Refuses, with UNAUTHENTICATED, every call but health without a configured token.
 
-    grpc.aio runs interceptors when the call arrives, before its body is read and decoded.
+    The server's one interceptor (observability.CallInterceptor) applies it when the call
+    arrives, before its body is read and decoded.
     """
 
     def __init__(self, tokens: list[bytes]) -> None:
         if not tokens:
-            raise ValueError("AuthInterceptor needs at least one token")
+            raise ValueError("TokenCheck needs at least one token")
         self._tokens = list(tokens)
 
     def allowed(self, token: bytes | None) -> bool:
         """Constant-time membership of `token` in the configured tokens."""
         return _member(token, self._tokens)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
+    def admit(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """`handler` itself for an allowed call (or health), else one that refuses it."""
+        if details.method.startswith(OPEN_PREFIXES):
             return handler
-        token = bearer_token(handler_call_details.invocation_metadata)
+        token = bearer_token(details.invocation_metadata)
         if self.allowed(token):
             return handler
         why = "no bearer token" if token is None else "the bearer token is not valid"

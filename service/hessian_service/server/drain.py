@@ -2,16 +2,15 @@
 
 grpc.aio's own `server.stop(grace)` stops dispatching new calls but leaves them waiting
 unanswered until the grace ends (measured: a GetServerInfo during a 120 s drain waited out
-its deadline). `DrainInterceptor` is the outermost interceptor: it counts the calls in its
-handlers and, once `begin()` is called, refuses every new call but the health check, so a
-client (or a load balancer) can retry elsewhere while the in-flight calls finish.
+its deadline). `Drain` counts the calls in flight and, once `begin()` is called, refuses
+every new call but the health check, so a client (or a load balancer) can retry elsewhere
+while the in-flight calls finish. The server's one interceptor
+(observability.CallInterceptor) applies it before anything else.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import grpc
 
@@ -21,7 +20,7 @@ OPEN_DURING_DRAIN = ("/grpc.health.v1.Health/",)
 DRAINING = "the server is draining (shutting down); retry on another replica"
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
+class Drain:
     """Counts in-flight calls; after `begin()` refuses new ones with UNAVAILABLE."""
 
     def __init__(self) -> None:
@@ -44,47 +43,24 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             return False
         return True
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
+        """A counted call began."""
         self.in_flight += 1
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
+        """A counted call ended (wakes `wait_idle` at zero)."""
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_DURING_DRAIN):
-            return handler
-        if self.draining:
-            return refusal(handler, DRAINING, grpc.StatusCode.UNAVAILABLE)
-        if handler.response_streaming:
-            name = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{name: self._counted_stream(getattr(handler, name))})
-        name = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{name: self._counted_call(getattr(handler, name))})
+    def refuses(self, method: str) -> bool:
+        """Whether a new call of `method` is refused now (health stays open)."""
+        return self.draining and not method.startswith(OPEN_DURING_DRAIN)
 
-    def _counted_call(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._enter()
-            try:
-                return await behavior(request, context)
-            finally:
-                self._leave()
+    def counts(self, method: str) -> bool:
+        """Whether a call of `method` is counted in flight (every one but health)."""
+        return not method.startswith(OPEN_DURING_DRAIN)
 
-        return call
-
-    def _counted_stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            self._enter()
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            finally:
-                self._leave()
-
-        return stream
+    def refusal(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` answering UNAVAILABLE: the server is draining."""
+        return refusal(handler, DRAINING, grpc.StatusCode.UNAVAILABLE)

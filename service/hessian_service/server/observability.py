@@ -1,16 +1,20 @@
 """Prometheus metrics, one JSON access-log line per RPC, request ids, and safe decoding.
 
-`ObservabilityInterceptor` wraps every handler: it takes the request id from the
-`x-request-id` metadata (or makes one) and echoes it in the trailing metadata, counts
-the call by method and final status code, observes its latency once (a server or bidi
-stream at its end, however it ends), and logs one line. It also turns a request that is not a
-valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself would not).
+`CallInterceptor` is the server's one interceptor (one coroutine and one wrapper per call,
+not one per concern): it refuses a call while draining (drain.py), then one without a valid
+token (auth.py), then wraps the handler: it takes the request id from the `x-request-id`
+metadata (or makes one) and echoes it in the trailing metadata, counts the call in flight
+for the drain, counts it by method and final status code, observes its latency once (a
+server or bidi stream at its end, however it ends), and logs one line. It also turns a
+request that is not a valid protobuf of the method's type into INVALID_ARGUMENT (gRPC itself
+would not).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -24,7 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 from ..store import RunStatus
-from .auth import caller
+from .auth import TokenCheck, caller
+from .drain import Drain
 
 access_log = logging.getLogger("hessian_service.access")
 REQUEST_ID = "x-request-id"
@@ -183,43 +188,64 @@ def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Any:
     return decode
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Metrics, access log and request id for every call (the outermost interceptor).
+def _log_rpc(
+    method: str, who: tuple[str, str], rid: str, code: str, seconds: float, _context: object
+) -> None:
+    """The call's one access-log line (a done callback: it runs after the call has ended)."""
+    access_log.info(
+        "%s %s %.1f ms",
+        method,
+        code,
+        seconds * 1e3,
+        extra={
+            "fields": {
+                "event": "rpc",
+                "method": method,
+                "code": code,
+                "duration_ms": round(seconds * 1e3, 3),
+                "request_id": rid,
+                "peer": who[0],
+                "caller": who[1],
+            }
+        },
+    )
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Drain, then authentication, then metrics, access log and request id for every call.
 
     Every handler under it is async (app.py serves sync ones through sync_bridge).
     """
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(
+        self, metrics: Metrics | None, drain: Drain | None = None, auth: TokenCheck | None = None
+    ) -> None:
         self.metrics = metrics
+        self.drain = drain
+        self.auth = auth
 
     def _finish(
-        self, method: str, who: tuple[str, str], started: float, rid: str, code: str
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        who: tuple[str, str],
+        started: float,
+        rid: str,
+        code: str,
     ) -> None:
-        """Count the call and write its access-log line; `who` is (peer, caller), read when
-        the call began: at shutdown grpc may free a cancelled call's core object before its
+        """Count the call now and write its access-log line once the answer has gone out:
+        formatting and writing the line is the costliest part of a small call's overhead,
+        and the client need not wait for it. `who` is (peer, caller), read when the call
+        began: at shutdown grpc may free a cancelled call's core object before its
         handler's cleanup runs, and context.peer() on it then crashes the process."""
         seconds = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         if self.metrics is not None:
             self.metrics.rpcs.labels(short, code).inc()
             self.metrics.latency.labels(short).observe(seconds)
-        access_log.info(
-            "%s %s %.1f ms",
-            method,
-            code,
-            seconds * 1e3,
-            extra={
-                "fields": {
-                    "event": "rpc",
-                    "method": method,
-                    "code": code,
-                    "duration_ms": round(seconds * 1e3, 3),
-                    "request_id": rid,
-                    "peer": who[0],
-                    "caller": who[1],
-                }
-            },
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            line = functools.partial(_log_rpc, method, who, rid, code, seconds)
+            context.add_done_callback(line)
 
     async def intercept_service(
         self,
@@ -227,9 +253,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or (handler.request_streaming and not handler.response_streaming):
-            return handler  # no client-streaming RPCs here
+        if handler is None:
+            return None
         method = handler_call_details.method
+        drain = self.drain
+        if drain is not None and drain.refuses(method):
+            return drain.refusal(handler)  # neither counted nor logged
+        if self.auth is not None:
+            handler = self.auth.admit(handler, handler_call_details)
+        if handler.request_streaming and not handler.response_streaming:
+            return handler  # no client-streaming RPCs here
+        counted = drain if drain is not None and drain.counts(method) else None
         rid = _request_id(handler_call_details.invocation_metadata)
 
         @contextlib.asynccontextmanager
@@ -238,6 +272,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             who = (context.peer(), caller(context))
             failed, cancelled = True, False
+            if counted is not None:
+                counted.enter()
             try:
                 context.set_trailing_metadata(((REQUEST_ID, rid),))
                 if isinstance(request, _BadRequest):
@@ -251,7 +287,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 failed = False  # context.code() holds the status it ended with
                 raise
             finally:
-                self._finish(method, who, started, rid, _code_name(context, failed, cancelled))
+                code = _code_name(context, failed, cancelled)
+                self._finish(context, method, who, started, rid, code)
+                if counted is not None:
+                    counted.leave()
 
         if handler.request_streaming:  # bidi (Optimize): its handler decodes its own requests
             inner_bidi = handler.stream_stream

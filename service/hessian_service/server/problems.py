@@ -3,7 +3,9 @@
 A stored problem belongs to the tenants that created it (the store keeps one copy of the
 bytes per content id); by id, a tenant reaches only its own (admins: any). Built objectives
 are cached by bytes of tensors they hold, shared by tenants (a cache hit still checks the
-caller's hold on the id).
+caller's hold on the id). On the embedded SQLite store, which only this process changes, a
+hold once read is remembered with the cached objective until the problem is deleted or
+evicted here; on a shared store another replica may delete it, so every call reads it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from hessian_client.proto import problem_pb2
 
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES, Objective, make_objective
-from ..store import RunStore
+from ..store import RunStore, SQLiteRunStore
 from .auth import Tenant
 from .codec import decode_tensor
 from .errors import NotFoundError
@@ -142,9 +144,12 @@ class ProblemRegistry:
         self.max_data_bytes = max_data_bytes
         self.cache_bytes = cache_bytes
         self.max_stored_bytes = max_stored_bytes
-        self._cache: OrderedDict[str, tuple[Objective, int]] = OrderedDict()
+        # pid -> (objective, bytes, the scopes whose hold on pid was read from the store)
+        self._cache: OrderedDict[str, tuple[Objective, int, set[str | None]]] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
+        self._remember_holds = isinstance(store, SQLiteRunStore)
+        self._forgotten = 0  # counts forget() calls: a hold read before one is not remembered
 
     @property
     def cached_bytes(self) -> int:
@@ -167,10 +172,10 @@ class ProblemRegistry:
             self._cached_bytes -= old[1] if old else 0
             if size > self.cache_bytes:
                 return
-            self._cache[pid] = (objective, size)
+            self._cache[pid] = (objective, size, set())
             self._cached_bytes += size
             while self._cached_bytes > self.cache_bytes:
-                _, (_, evicted) = self._cache.popitem(last=False)
+                _, (_, evicted, _) = self._cache.popitem(last=False)
                 self._cached_bytes -= evicted
 
     def peek(self, pid: str) -> Objective | None:
@@ -182,9 +187,24 @@ class ProblemRegistry:
     def forget(self, pids: Iterable[str]) -> None:
         """Drop deleted problems from the cache."""
         with self._lock:
+            self._forgotten += 1
             for pid in pids:
                 entry = self._cache.pop(pid, None)
                 self._cached_bytes -= entry[1] if entry else 0
+
+    def _holds(self, pid: str, scope: str | None) -> tuple[bool, int]:
+        """(whether `scope`'s hold on the cached `pid` is remembered, the forget count now)."""
+        with self._lock:
+            entry = self._cache.get(pid)
+            return entry is not None and scope in entry[2], self._forgotten
+
+    def _hold(self, pid: str, scope: str | None, forgotten: int) -> None:
+        """Remember `scope`'s hold, read from the store when the forget count was
+        `forgotten`: a problem deleted since may have been read before its deletion."""
+        with self._lock:
+            entry = self._cache.get(pid)
+            if entry is not None and self._forgotten == forgotten:
+                entry[2].add(scope)
 
     def create(self, problem: problem_pb2.Problem, owner: str) -> tuple[str, Objective]:
         """Validate and store a problem for `owner`; return its id and objective."""
@@ -214,8 +234,14 @@ class ProblemRegistry:
         if not pid:
             raise missing
         objective = self._cached(pid)
-        if objective is not None and self.store.has_problem(pid, scope):
-            return objective
+        if objective is not None:
+            known, forgotten = self._holds(pid, scope)
+            if known:
+                return objective
+            if self.store.has_problem(pid, scope):
+                if self._remember_holds:
+                    self._hold(pid, scope, forgotten)
+                return objective
         blob = self.store.get_problem(pid, scope)
         if blob is None:
             raise missing
