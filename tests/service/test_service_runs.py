@@ -12,6 +12,7 @@ from conftest import start_server
 from hessian_client import Client, NotFound, ResourceExhausted, problems, status_name
 from hessian_client.proto import service_pb2
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
+from hessian_service.engine.solvers.methods import Stepper
 from tcp_proxy import TcpProxy
 
 NO_TOLERANCES = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
@@ -96,29 +97,43 @@ def test_two_watchers_of_one_run_see_the_same_records(server):
         assert results["a"] == results["b"]
 
 
-def test_cancel_stops_a_long_run_within_one_iteration(client):
+def test_cancel_stops_a_long_run_within_one_iteration(client, monkeypatch):
+    # The run's worker is held inside its third step (an event, not a clock), the run is
+    # cancelled there, then released: no step may start after the cancel.
+    inside, release = threading.Event(), threading.Event()
+    steps = []
+    step = Stepper.step
+
+    def held_step(self, point):
+        if self.objective.name == "mlp":
+            steps.append(point)
+            if len(steps) == 3:
+                inside.set()
+                assert release.wait(60)
+        return step(self, point)
+
+    monkeypatch.setattr(Stepper, "step", held_step)
     run = client.start_run(
         _slow_newton_problem(),
         seed=0,
         method="newton",
         damping=1e-3,
-        backend="autograd",  # milliseconds per step: the closed-form mlp path takes ~0.2 ms
+        backend="autograd",
         stopping={"max_iterations": 100_000, **NO_TOLERANCES},
     )
-    stream = run.stream()
-    for record in stream:
-        if record.iteration >= 1:
-            break
-    info = run.cancel()
-    at_cancel = info.last_record.iteration
-    rest = list(stream)  # the client's 60 s call timeout guards against a hang
+    assert inside.wait(60)
+    run.cancel()
+    release.set()
+    records = list(run.stream())  # the client's 60 s call timeout guards against a hang
     final = run.final
     assert status_name(final) == "CANCELLED"
     assert final.stop_reason == "cancelled"
-    last = rest[-1]
-    # At most the step in flight completes; the final record is the point it stopped at.
-    assert last.iteration <= at_cancel + 2
+    assert len(steps) == 3  # the step in flight completed; none started after the cancel
+    last = records[-1]
+    # The final record is the point it stopped at: the one the third step reached.
+    assert last.iteration == 3
     assert last.step_norm == 0.0
+    assert [r.iteration for r in records] == list(range(4))
 
 
 def test_run_result_get_list_and_delete(client):
