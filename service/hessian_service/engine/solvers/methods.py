@@ -94,7 +94,11 @@ class Point:
     def is_finite(self) -> bool:
         finite = math.isfinite(self.loss) and math.isfinite(self.grad_norms[1])
         if finite and self.curvature is not None:
-            finite = bool(torch.isfinite(self.curvature).all())
+            # a finite sum proves every entry finite (inf and NaN never cancel back), in one
+            # reduction instead of isfinite's mask and all(); an overflowing sum of finite
+            # entries falls through to the exact test
+            h = self.curvature
+            finite = math.isfinite(float(h.sum())) or bool(torch.isfinite(h).all())
         return finite
 
 
