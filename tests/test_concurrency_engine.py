@@ -107,22 +107,6 @@ def test_run_concurrent_equals_solo(method):
     assert_concurrent_equals_solo(run)
 
 
-@pytest.mark.parametrize("policy", ["line_search", "fixed"])
-def test_fused_newton_run_concurrent_equals_solo(policy):
-    """Run's Newton iterations through the fused native op (logistic regression, native)."""
-    objective = random_problem("logistic_regression", size=12)
-    params = random_params(objective)
-    options = MethodOptions(method="newton", backend="native", step_policy=policy)
-    stopping = StopCriteria(max_iterations=6, gradient_tolerance=1e-12)
-
-    def run() -> Any:
-        r = Run(objective, params, options, stopping)
-        records = r.run_to_end()
-        return bits((r.params, records, r.stop_reason.value))
-
-    assert_concurrent_equals_solo(run)
-
-
 @pytest.mark.parametrize("case", sorted(SPECTRUM_CASES))
 def test_analyze_curvature_concurrent_equals_solo(case):
     name, values = SPECTRUM_CASES[case]
