@@ -27,9 +27,8 @@ from hessian_service.engine import (
     take_step,
 )
 from hessian_service.engine.backends import selector as backends
-from hessian_service.engine.backends.native.fused import fused_newton, fused_newton_step
+from hessian_service.engine.backends.native.fused import fused_newton_step
 from hessian_service.engine.records import StepRecord
-from hessian_service.engine.solvers import methods as methods_module
 from hessian_service.engine.solvers import run as run_module
 from native_support import F32, F64, TOL, objective_of_size, rel_err, require_native
 from problems import random_params, random_problem
@@ -398,100 +397,3 @@ def test_mlp_newton_uses_closed_form_assembly_native_solve_and_matches_autograd(
     native = Run(obj, p, MethodOptions(backend="native", **opts), NO_TOL).run_to_end()
     auto = Run(obj, p, MethodOptions(backend="autograd", **opts), NO_TOL).run_to_end()
     _assert_runs_close(native, auto, "closed_form+native-solve")
-
-
-# ---------------------------------------------------------------- the fused op inside Run
-
-
-@pytest.fixture
-def run_fused_calls(monkeypatch):
-    """Spy on the Stepper's fused evaluation inside Run: what each call returned."""
-    calls = []
-
-    def spy(*args):
-        calls.append(fused_newton(*args))
-        return calls[-1]
-
-    monkeypatch.setattr(methods_module, "fused_newton", spy)
-    return calls
-
-
-def _run_cases():
-    for name in ASSEMBLED:
-        for policy, lr in (("line_search", 1.0), ("fixed", 1.0), ("fixed", 0.7)):
-            for dtype in (F64, F32):
-                yield pytest.param(
-                    name, policy, lr, dtype, id=f"{name}-{policy}-{lr}-{str(dtype)[6:]}"
-                )
-
-
-@pytest.mark.parametrize(("name", "policy", "lr", "dtype"), list(_run_cases()))
-def test_run_with_the_fused_op_gives_the_general_runs_records_bit_for_bit(
-    monkeypatch, run_fused_calls, name, policy, lr, dtype
-):
-    """Run's Newton iterations through the fused native op (one call evaluates the point and
-    takes the step) yield the general native path's records, final record's end point and
-    parameters bit for bit on fresh problems and start points, damped or not. The op serves
-    a first trial of 1 only (its x + lr d rounds once) and no gauge-projected step (softmax).
-    mse's closed form agrees to 8 eps of the run's scale (the first record's values), as
-    take_step's does; after its one exact step the loss and gradient are rounding noise."""
-    n = 25
-    obj = objective_of_size(name, n, dtype)
-    p = 0.3 * torch.randn(n, dtype=dtype)
-    damping = 0.1 * float(torch.rand(())) if policy == "fixed" else 0.0
-    opts = MethodOptions(backend="native", step_policy=policy, learning_rate=lr, damping=damping)
-    stop = StopCriteria(max_iterations=12, gradient_tolerance=1e-6 if dtype == F64 else 1e-3)
-    fused_run = Run(obj, p, opts, stop)
-    fused = fused_run.run_to_end()
-    with monkeypatch.context() as m:
-        m.setattr(methods_module, "fused_newton", lambda *args: None)
-        general_run = Run(obj, p, opts, stop)
-        general = general_run.run_to_end()
-    served = [c is not None for c in run_fused_calls]
-    if name == "softmax_regression" or lr != 1.0:
-        assert not any(served)
-    else:
-        assert served[0] and len(fused) > 1, "the fused op served the run"
-    assert fused_run.stop_reason == general_run.stop_reason
-    assert len(fused) == len(general) and fused[-1].end_point == general[-1].end_point != ""
-    eps = torch.finfo(dtype).eps
-    rounded = {"loss", "loss_change", "gradient_norm", "gradient_max_norm", "step_norm"}
-    for a, b in zip(fused, general, strict=True):
-        for field in RECORD_FIELDS:
-            x, y = getattr(a, field), getattr(b, field)
-            if name == "mse" and field in rounded:
-                scale = abs(getattr(general[0], field)) + abs(general[0].loss)
-                assert abs(x - y) <= 8 * eps * scale, (a.iteration, field)
-            else:
-                assert x == y or (x != x and y != y), (a.iteration, field)
-    if name == "mse":
-        assert rel_err(fused_run.params, general_run.params) <= 8 * eps
-    else:
-        assert torch.equal(fused_run.params, general_run.params)
-
-
-def test_run_falls_back_per_iteration_where_the_fused_op_declines(monkeypatch, run_fused_calls):
-    """Started far on the wrong side, the first Newton steps need backtracking (the fused
-    path declines those iterations) and later ones take the full step (fused): the run's
-    records are the general run's bit for bit, whichever path each iteration took."""
-    x = torch.rand(40, 2, dtype=F64) + 0.5
-    obj = make_objective(
-        "logistic_regression",
-        {"X": x, "y": (torch.rand(40) < 0.8).to(F64)},
-        {"l2": 0.01, "fit_intercept": False},
-    )
-    p = torch.full((2,), -10.0, dtype=F64)
-    opts = MethodOptions(backend="native")
-    stop = StopCriteria(max_iterations=40, gradient_tolerance=1e-10)
-    got = Run(obj, p, opts, stop).run_to_end()
-    with monkeypatch.context() as m:
-        m.setattr(methods_module, "fused_newton", lambda *args: None)
-        want = Run(obj, p, opts, stop).run_to_end()
-    paths = [c is not None for c in run_fused_calls]
-    assert False in paths and True in paths, paths
-    assert any(r.function_evaluations > 1 for r in want)
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        for field in RECORD_FIELDS:
-            x, y = getattr(a, field), getattr(b, field)
-            assert x == y or (x != x and y != y), (a.iteration, field)

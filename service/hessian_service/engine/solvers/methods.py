@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..backends import selector as backends
-from ..backends.native.fused import FusedNewton, fused_newton
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError
 from ..linalg import SolveResult, negative_eigenvalues
@@ -65,16 +64,13 @@ class Point:
 
     With a Hessian-free mini-batch gradient (gradient_fraction < 1) grad is that batch's
     gradient (`sample`, which the step from this point uses) and loss the full-data loss.
-    A point the fused native op evaluated carries the Newton `step` it took from here and
-    its gradient norms instead of the gradient and the curvature (both None).
     """
 
     x: torch.Tensor
     loss: float
-    grad: torch.Tensor | None
+    grad: torch.Tensor
     curvature: torch.Tensor | None = None
     sample: hessian_free.GradientSample | None = None
-    step: Step | None = None
     _norms: tuple[float, float] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -105,24 +101,6 @@ class Point:
             finite = math.isfinite(float(h.sum())) or bool(torch.isfinite(h).all())
         return finite
 
-    @classmethod
-    def fused(cls, x: torch.Tensor, found: FusedNewton) -> Point:
-        """The point and step one fused native call found (its norms are the op's)."""
-        step = Step(
-            x_new=found.x_new.reshape(x.shape),
-            step_norm=found.step_norm,
-            step_size=found.step_size,
-            damping=found.damping,
-            gain_ratio=math.nan,
-            accepted=True,
-            negative_eigenvalues=found.negative_eigenvalues,
-            solver_attempts=1,
-            function_evaluations=int(found.line_search),
-        )
-        point = cls(x, found.loss, None, step=step)
-        point._norms = found.gradient_norm, found.gradient_max_norm
-        return point
-
 
 @dataclass
 class Step:
@@ -150,18 +128,10 @@ class Stepper:
 
     Holds the adaptive state (the Levenberg-Marquardt lambda and its growth factor nu) in
     `state`, a dict of floats, so a checkpoint can carry it. Method auto is resolved here
-    (by parameter count); `method_note` says what it chose and why. `fused`: evaluate
-    points through the fused native Newton op where it serves them (a Run's loop), each such
-    point carrying its step, so an iteration is one native call.
+    (by parameter count); `method_note` says what it chose and why.
     """
 
-    def __init__(
-        self,
-        objective: Objective,
-        options: MethodOptions,
-        params: torch.Tensor,
-        fused: bool = False,
-    ) -> None:
+    def __init__(self, objective: Objective, options: MethodOptions, params: torch.Tensor) -> None:
         self.objective = objective
         options, self.method_note = resolve_method(options, params.numel(), params.dtype)
         self.options = options
@@ -178,15 +148,6 @@ class Stepper:
             self.backend_label = self.backend.label
         else:
             self.backend_label = "autograd"
-        # the fused op's step is the general one bit for bit where no gauge projects it and
-        # the first trial is 1 (its x + lr d rounds once, the general x + alpha d twice)
-        self.fused = (
-            fused
-            and self.second_order
-            and self.backend_label == "native"
-            and options.learning_rate == 1.0
-            and type(objective).project_step is Objective.project_step
-        )
         self.state: dict[str, float] = {"damping": options.damping, "nu": 2.0}
         if self.hessian_free:
             self.state.update(hessian_free.initial_state(options))
@@ -206,10 +167,6 @@ class Stepper:
         if not self.second_order:
             loss, grad = curvature.loss_and_grad(self.objective, x)
             return Point(x, float(loss), grad)
-        if self.fused:
-            found = fused_newton(self.objective, x, self.options)
-            if found is not None:
-                return Point.fused(x, found)
         loss, grad, h = self.backend.system.newton_system(
             self.objective, x, self.options.curvature, self.options.dense_budget_bytes
         )
@@ -226,15 +183,6 @@ class Stepper:
             self._last_trial = (x, loss)
         return loss
 
-    def curvature_at(self, point: Point) -> torch.Tensor | None:
-        """The point's dense curvature matrix (None for methods without one); a fused point
-        carries none, so it is assembled here by the general path."""
-        if point.curvature is None and point.step is not None:
-            return self.backend.system.newton_system(
-                self.objective, point.x, self.options.curvature, self.options.dense_budget_bytes
-            )[2]
-        return point.curvature
-
     def revisit(self, point: Point) -> Point:
         """`point` for the step after a rejected one from it.
 
@@ -249,9 +197,7 @@ class Stepper:
 
     def step(self, point: Point) -> Step:
         """The step from `point`: the method's descent under the step policy's search
-        (LineSearchFailed, NoProgress); a fused point's step is the one it carries."""
-        if point.step is not None:
-            return point.step
+        (LineSearchFailed, NoProgress)."""
         return SEARCHES[self.options.step_policy](self, point, DESCENTS[self.options.method])
 
 

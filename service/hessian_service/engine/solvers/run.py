@@ -142,7 +142,7 @@ class Run:
         self._previous_loss: float | None = None
         # an objective evaluated elsewhere (asktell.RemoteObjective) brings its own Stepper
         stepper_class = getattr(objective, "stepper_class", Stepper)
-        self.stepper = stepper_class(objective, self.options, self.params, fused=True)
+        self.stepper = stepper_class(objective, self.options, self.params)
         self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
@@ -284,10 +284,8 @@ class Run:
             self.last_record = record
             if stop is not None:
                 self._finish(*stop)
-                if self.stepper.options.curvature == "hessian":
-                    h = self.stepper.curvature_at(point)
-                    if h is not None:
-                        record.end_point, record.negative_eigenvalues = end_point(h)
+                if point.curvature is not None and self.stepper.options.curvature == "hessian":
+                    record.end_point, record.negative_eigenvalues = end_point(point.curvature)
                 yield record
                 return
             yield record
