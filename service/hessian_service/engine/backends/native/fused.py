@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,28 +93,11 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
     return plan
 
 
-@dataclass(frozen=True)
-class FusedNewton:
-    """What one fused call found at `params`: the facts of the point (loss, gradient norms)
-    and of the Newton step from it (`x_new`, its norm, the damping, one Cholesky attempt).
-    `line_search`: the step is the line search's accepted first trial (one evaluation)."""
-
-    x_new: torch.Tensor
-    loss: float
-    gradient_norm: float
-    gradient_max_norm: float
-    step_norm: float
-    step_size: float
-    damping: float
-    negative_eigenvalues: int
-    line_search: bool
-
-
-def fused_newton(
+def fused_newton_step(
     objective: Objective, params: torch.Tensor, options: MethodOptions | None
-) -> FusedNewton | None:
+) -> StepResult | None:
     """The Newton step (fixed, or the line search's accepted first trial) through the fused
-    native op, or None where it does not apply (the general path then runs)."""
+    native op, or None where it does not apply."""
     options, policy = _options_entry(options)
     if policy is None or type(params) is not torch.Tensor:
         return None
@@ -139,6 +121,7 @@ def fused_newton(
     if params.dim() != 1 and (flat or not params.is_contiguous()):
         params = params.reshape(-1)
     lr = options.learning_rate
+    start = time.perf_counter()
     x_new, (loss, gnorm, gmax, step_norm, damping, attempts, finite, slope) = fn(
         params, *args, lr, options.damping, MAX_DAMPING_ATTEMPTS
     )
@@ -153,34 +136,22 @@ def fused_newton(
         step = objective.project_step((x_new - params).reshape(-1))
         x_new = (params.reshape(-1) + step).reshape(x_new.shape)
         step_norm = float(step.norm())
-    negatives = 0 if options.damping == 0 else -1  # the undamped Cholesky of H proved PD
-    return FusedNewton(x_new, loss, gnorm, gmax, step_norm, lr, damping, negatives, search)
-
-
-def fused_newton_step(
-    objective: Objective, params: torch.Tensor, options: MethodOptions | None
-) -> StepResult | None:
-    """`run.take_step`'s fused path: `fused_newton` and its record, or None."""
-    start = time.perf_counter()
-    found = fused_newton(objective, params, options)
-    if found is None:
-        return None
     seconds = time.perf_counter() - start
     record = StepRecord(
         iteration=0,
-        loss=found.loss,
-        gradient_norm=found.gradient_norm,
-        gradient_max_norm=found.gradient_max_norm,
-        step_norm=found.step_norm,
-        step_size=found.step_size,
-        damping=found.damping,
+        loss=loss,
+        gradient_norm=gnorm,
+        gradient_max_norm=gmax,
+        step_norm=step_norm,
+        step_size=lr,
+        damping=damping,
         gain_ratio=math.nan,
         step_accepted=True,
-        negative_eigenvalues=found.negative_eigenvalues,
-        solver_attempts=1,
-        function_evaluations=int(found.line_search),
+        negative_eigenvalues=0 if options.damping == 0 else -1,  # Cholesky of H proved PD
+        solver_attempts=int(attempts),
+        function_evaluations=int(search),
         backend="native",
         iteration_seconds=seconds,
         cumulative_seconds=seconds,
     )
-    return StepResult(found.x_new, record, "newton", "")
+    return StepResult(x_new, record, "newton", "")
