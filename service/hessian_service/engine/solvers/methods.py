@@ -71,7 +71,7 @@ class Point:
     grad: torch.Tensor
     curvature: torch.Tensor | None = None
     sample: hessian_free.GradientSample | None = None
-    _norms: tuple[float, float] | None = field(default=None, init=False, repr=False)
+    _norms: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def grad_norms(self) -> tuple[float, float]:
