@@ -171,3 +171,24 @@ def test_newton_fixed_records_describe_the_step(name):
     assert result.record.gradient_norm == pytest.approx(float(g.norm()), rel=1e-12)
     assert result.record.gradient_max_norm == pytest.approx(float(g.abs().max()), rel=1e-12)
     assert result.record.step_norm == pytest.approx(float((result.params - x).norm()), rel=1e-12)
+
+
+def test_point_is_finite_matches_the_entrywise_test_on_every_kind_of_entry():
+    """The curvature test by one sum agrees with isfinite on fresh random matrices with
+    inf, -inf, NaN (alone, together) and with finite entries whose sum overflows."""
+    from hessian_service.engine.solvers.methods import Point
+
+    gen = torch.Generator().manual_seed(1313)
+    for trial in range(200):
+        n = int(torch.randint(2, 40, (), generator=gen))
+        h = torch.randn(n, n, dtype=F64, generator=gen)
+        kind = trial % 5
+        if kind == 1:  # finite entries near the largest double: the sum overflows to inf
+            h = h.abs() * 1e-3 + torch.finfo(F64).max * 0.9
+            assert not math.isfinite(float(h.sum()))
+        bad = [math.inf, -math.inf, math.nan]
+        for value in bad if kind == 2 else [bad[kind - 2]] if kind > 2 else []:
+            i, j = (int(v) for v in torch.randint(0, n, (2,), generator=gen))
+            h[i, j] = value
+        point = Point(torch.zeros(n, dtype=F64), 1.0, torch.ones(n, dtype=F64), h)
+        assert point.is_finite() is bool(torch.isfinite(h).all()), (trial, kind)

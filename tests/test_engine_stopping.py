@@ -145,6 +145,31 @@ def test_a_small_loss_change_is_a_stall_not_convergence():
     assert "stalled" in run.message
 
 
+def test_stall_messages_name_the_change_and_the_gradient_still_above_tolerance():
+    """Each stalled stop says what fell below its tolerance and the gradient max-norm that
+    kept it from being convergence (the final record's, to 3 significant digits)."""
+    obj, _, _ = breast_cancer()
+    gd = MethodOptions(method="gradient_descent", learning_rate=1e-7)
+    for criteria, reason, head in (
+        (
+            StopCriteria(max_iterations=20, function_tolerance=1e-5, parameter_tolerance=0.0),
+            StopReason.FUNCTION_STALLED,
+            "stalled: |loss change| {change:.3g} <= function_tolerance x |loss| ",
+        ),
+        (
+            StopCriteria(max_iterations=20, function_tolerance=0.0, parameter_tolerance=1e-3),
+            StopReason.PARAMETERS_STALLED,
+            "stalled: step norm {step:.3g} <= parameter_tolerance x (|x| + parameter_tolerance) ",
+        ),
+    ):
+        run = Run(obj, torch.zeros(31, dtype=F64), gd, criteria)
+        first, last = run.run_to_end()
+        assert run.stop_reason is reason
+        clause = f"while the gradient max-norm {last.gradient_max_norm:.3g} > gradient_tolerance"
+        change = abs(first.loss - last.loss)
+        assert run.message == head.format(change=change, step=first.step_norm) + clause
+
+
 def test_default_parameter_tolerance_depends_on_the_method():
     gd = StopCriteria().for_method("gradient_descent")
     newton = StopCriteria().for_method("newton")

@@ -214,19 +214,21 @@ class Run:
                 f"{s.gradient_tolerance:g}"
             )
         if previous is not None:
-            still = f"while the gradient max-norm {gmax:.3g} > gradient_tolerance"
+            still = "while the gradient max-norm {:.3g} > gradient_tolerance"  # formatted on a stop
             change = abs(previous.loss - point.loss)
             ftol, xtol = s.function_tolerance, s.parameter_tolerance
             if ftol > 0 and change <= ftol * abs(previous.loss):
                 return StopReason.FUNCTION_STALLED, (
-                    f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| {still}"
+                    f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| "
+                    + still.format(gmax)
                 )
-            dx = torch.linalg.vector_norm(point.x - previous.x).item()
-            if xtol > 0 and dx <= xtol * (torch.linalg.vector_norm(previous.x).item() + xtol):
-                return StopReason.PARAMETERS_STALLED, (
-                    f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
-                    f"parameter_tolerance) {still}"
-                )
+            if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
+                dx = torch.linalg.vector_norm(point.x - previous.x).item()
+                if dx <= xtol * (torch.linalg.vector_norm(previous.x).item() + xtol):
+                    return StopReason.PARAMETERS_STALLED, (
+                        f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
+                        "parameter_tolerance) " + still.format(gmax)
+                    )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
         if s.time_limit_seconds is not None and elapsed >= s.time_limit_seconds:
