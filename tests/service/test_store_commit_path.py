@@ -77,26 +77,6 @@ def test_an_append_does_not_wait_for_a_commit_in_progress(tmp_path):
         store.close()
 
 
-def test_reads_do_not_wait_for_a_commit_in_progress(tmp_path):
-    """Reads use their own connection (WAL): they see what is committed, not what the
-    transaction in progress has written."""
-    store = SQLiteRunStore(tmp_path, commit_every=1000, commit_interval_s=3600)
-    try:
-        store.create_run(_row("r-a"), _cp())
-        record = StepRecord(iteration=0, loss=1.5)
-        store.append_record("r-a", record)
-        store.flush()
-        rows: list = []
-        assert _while_a_commit_holds_the_lock(store, lambda: rows.append(store.get_run("r-a")))
-        assert _while_a_commit_holds_the_lock(
-            store, lambda: rows.append(store.records("r-a", 0, 10))
-        )
-        assert rows[0].num_records == 1
-        assert _json(rows[1]) == _json([record])
-    finally:
-        store.close()
-
-
 def test_concurrent_appends_flushes_and_reads_store_every_record_in_order(tmp_path):
     """Eight writer threads (one run each) append fresh random records while the flusher and
     full batches commit and a reader polls; each commit listener call is checked against a

@@ -4,8 +4,7 @@ Records are queued in memory and committed in one transaction when `commit_every
 records (over all runs) are waiting or `commit_interval_s` has passed since the oldest
 (a background thread wakes exactly then), and always before a status change or a
 checkpoint. Only then are they acknowledged: commit listeners hear of them, readers
-(`records`, `get_run`) see them, and the server streams them to watchers. Reads have a
-connection of their own, so a read never waits for a commit in progress.
+(`records`, `get_run`) see them, and the server streams them to watchers.
 
 Durability, precisely: a record a client has received (record k of a run) is in the
 WAL before the client could see it. A crash of the process (SIGKILL, out of memory)
@@ -149,15 +148,6 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (str(time.time()),)
             )
-        # reads have their own connection and lock: under WAL they see every committed write
-        # without waiting for a commit in progress (which holds `_lock`)
-        self._read_lock = threading.Lock()
-        try:
-            self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._reader.execute("PRAGMA query_only=1")
-        except sqlite3.Error as exc:
-            self._db.close()
-            raise self._error(exc, "read") from exc
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
         self._flusher.start()
@@ -303,8 +293,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         return ids
 
     def count_runs_by_status(self) -> dict[str, int]:
-        with self._read() as db:
-            rows = db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        with self._read():
+            rows = self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
         return dict(rows)
 
     def mark_interrupted(self, message: str) -> list[str]:
@@ -326,8 +316,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
 
     # records
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
-        with self._read() as db:
-            rows = db.execute(
+        with self._read():
+            rows = self._db.execute(
                 "SELECT record FROM records WHERE run_id = ? AND iteration >= ? "
                 "ORDER BY iteration LIMIT ?",
                 (run_id, from_iteration, limit),
@@ -353,10 +343,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             try:
                 self.flush()
             finally:
-                with self._read_lock:
-                    self._db.close()
-                    self._reader.close()
-                    self._open = False
+                self._db.close()
+                self._open = False
 
     # internals
     def _create(self) -> None:
@@ -389,19 +377,18 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         )
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """The reader connection for one read: it sees every committed write and never waits
-        for a commit in progress; sqlite errors become StoreError (StoreCorruptError)."""
-        with self._read_lock:
+    def _read(self) -> Iterator[None]:
+        """A read under the lock; sqlite errors become StoreError (StoreCorruptError)."""
+        with self._lock:
             self._check_open()
             try:
-                yield self._reader
+                yield
             except sqlite3.Error as exc:
                 raise self._error(exc, "read") from exc
 
     def _fetch_all(self, sql: str, args: Sequence[Any]) -> list[Any]:
-        with self._read() as db:
-            return db.execute(sql, args).fetchall()
+        with self._read():
+            return self._db.execute(sql, args).fetchall()
 
     def _check_open(self) -> None:
         """Raise StoreClosedError once close() has run (a late worker's write, a late read)."""
