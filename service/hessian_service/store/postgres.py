@@ -152,9 +152,13 @@ class PostgresRunStore(RecordQueue, SqlReads):
         self.replica_id = replica_id
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
-        self._init_queue()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[str, StepRecord]] = []
+        self._oldest_pending = 0.0
+        self._failure: StoreError | None = None
         self._fences: dict[str, int] = {}
         self._cursor: psycopg.Cursor | None = None
+        self._taken: list[tuple[str, StepRecord]] = []
         self._open = True
         self._closed = threading.Event()
         self._token = uuid.uuid4().hex[:12]  # tells this store's NOTIFYs from other stores'
@@ -507,7 +511,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
                     finally:
                         self._cursor = None
             except BaseException as exc:
-                self._requeue_taken()
+                self._pending[:0] = self._taken
                 taken, self._taken = self._taken, []
                 if isinstance(exc, psycopg.Error):
                     error = self._error(exc)

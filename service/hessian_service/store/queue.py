@@ -1,21 +1,16 @@
 """The in-memory record queue both stores share: records wait here until a batch is full or
 its oldest record is `commit_interval_s` old (a background thread commits it then), so a
-store commits many records per transaction and only committed ones are acknowledged.
-
-The queue has its own small lock, taken after the store's lock and never before it: a run
-worker appending a record never waits for another run's commit (which holds the store's lock
-while SQLite, GIL released, writes), so concurrent runs are not serialised behind commits."""
+store commits many records per transaction and only committed ones are acknowledged."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from abc import abstractmethod
 
 from ..engine.records import StepRecord
-from .base import StoreClosedError, StoreError
+from .base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +18,13 @@ log = logging.getLogger(__name__)
 class RecordQueue:
     """Mixin for a RunStore: append_record, flush, discard_queued and the flusher thread.
 
-    The store calls `_init_queue` in its constructor, sets `commit_every`,
-    `commit_interval_s` and `_lock`, and implements `_commit_queue` and `_check_open`;
-    `_failure` is the error of the last failed commit of queued records. `_queue_lock` guards
-    `_pending` and `_oldest_pending` (and `_wake` waits on it).
+    The store sets the attributes below in its constructor and implements `_commit_queue`
+    and `_check_open`; `_failure` is the error of the last failed commit of queued records.
     """
 
     commit_every: int
     commit_interval_s: float
     _lock: threading.RLock
-    _queue_lock: threading.Lock
     _wake: threading.Condition
     _closed: threading.Event
     _pending: list[tuple[str, StepRecord]]
@@ -40,15 +32,6 @@ class RecordQueue:
     _failure: StoreError | None
     _taken: list[tuple[str, StepRecord]]
     _flusher: threading.Thread
-
-    def _init_queue(self) -> None:
-        """Set up an empty queue, its lock and the flusher's condition (not yet started)."""
-        self._queue_lock = threading.Lock()
-        self._wake = threading.Condition(self._queue_lock)
-        self._pending = []
-        self._taken = []
-        self._oldest_pending = 0.0
-        self._failure = None
 
     @abstractmethod
     def _commit_queue(self) -> None:
@@ -60,20 +43,16 @@ class RecordQueue:
 
     def append_record(self, run_id: str, record: StepRecord) -> None:
         """Queue a record; it is committed within `commit_every` records or the interval."""
-        with self._queue_lock:
+        with self._lock:
             self._check_open()
-            if self._closed.is_set():  # set under this lock before close's last flush
-                raise StoreClosedError("the run store is closing (the server stopped)")
             if self._failure is not None:
                 raise self._failure
             if not self._pending:
                 self._oldest_pending = time.monotonic()
                 self._wake.notify_all()
             self._pending.append((run_id, record))
-            full = len(self._pending) >= self.commit_every
-        if full:
-            with contextlib.suppress(StoreClosedError):  # close() has flushed the queue
-                self.flush()
+            if len(self._pending) >= self.commit_every:
+                self._commit_queue()
 
     def flush(self) -> None:
         """Commit every queued record now."""
@@ -82,7 +61,7 @@ class RecordQueue:
 
     def discard_queued(self, run_id: str) -> int:
         """Drop a stopped run's queued records (never acknowledged); return how many."""
-        with self._lock, self._queue_lock:  # the store's lock: no commit holds them taken
+        with self._lock:
             kept = [(rid, record) for rid, record in self._pending if rid != run_id]
             dropped = len(self._pending) - len(kept)
             self._pending = kept
@@ -93,59 +72,39 @@ class RecordQueue:
     def _take_pending(self) -> dict[str, list[StepRecord]]:
         """Empty the queue into `_taken` (the write transaction puts them back if it fails);
         the records grouped by run, in order."""
-        with self._queue_lock:
-            pending, self._pending = self._pending, []
         by_run: dict[str, list[StepRecord]] = {}
-        for run_id, record in pending:
+        for run_id, record in self._pending:
             by_run.setdefault(run_id, []).append(record)
-        self._taken.extend(pending)
+        self._taken.extend(self._pending)
+        self._pending = []
         return by_run
-
-    def _requeue_taken(self) -> None:
-        """Put the records a failed transaction took back at the queue's head, in order."""
-        with self._queue_lock:
-            self._pending[:0] = self._taken
 
     def _stop_flusher(self) -> bool:
         """Stop the flusher thread (first call: True; the store then flushes and closes)."""
         with self._lock:
             if self._closed.is_set():
                 return False
-            with self._queue_lock:
-                self._closed.set()
-                self._wake.notify_all()
+            self._closed.set()
+            self._wake.notify_all()
         self._flusher.join(timeout=5)
         return True
 
-    def _due(self) -> bool:
-        """Wait until the oldest queued record is `commit_interval_s` old (True) or the store
-        closes (False)."""
-        with self._queue_lock:
+    def _flush_loop(self) -> None:
+        """Commit the queue when its oldest record is `commit_interval_s` old."""
+        with self._lock:
             while not self._closed.is_set():
                 if not self._pending:
                     self._wake.wait()
                     continue
                 wait = self._oldest_pending + self.commit_interval_s - time.monotonic()
-                if wait <= 0:
-                    return True
-                self._wake.wait(wait)
-        return False
-
-    def _retry_later(self) -> None:
-        with self._queue_lock:
-            self._oldest_pending = time.monotonic()
-
-    def _flush_loop(self) -> None:
-        """Commit the queue when its oldest record is `commit_interval_s` old."""
-        while self._due():
-            try:
-                with self._lock:
-                    if self._closed.is_set():
-                        return  # close() commits what is left
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                try:
                     self._commit_queue()
-            except StoreError as exc:
-                log.error("%s (records stay queued; retrying)", exc)
-                self._retry_later()
-            except Exception:  # a bug must not end the thread that keeps the T ms promise
-                log.exception("store flush failed (records stay queued; retrying)")
-                self._retry_later()
+                except StoreError as exc:
+                    log.error("%s (records stay queued; retrying)", exc)
+                    self._oldest_pending = time.monotonic()
+                except Exception:  # a bug must not end the thread that keeps the T ms promise
+                    log.exception("store flush failed (records stay queued; retrying)")
+                    self._oldest_pending = time.monotonic()

@@ -123,10 +123,14 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         self.commit_interval_s = commit_interval_s
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
-        self._init_queue()
+        self._pending: list[tuple[str, StepRecord]] = []
+        self._taken: list[tuple[str, StepRecord]] = []
+        self._oldest_pending = 0.0
+        self._failure: StoreError | None = None
         self._open = True
         # under max_bytes: full until records commit or a run is deleted; no new runs till then
         self._full: StoreFullError | None = None
+        self._wake = threading.Condition(self._lock)
         try:
             fresh = not self.path.exists()
             if fresh:
@@ -442,7 +446,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 except BaseException:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
-                    self._requeue_taken()
+                    self._pending[:0] = self._taken
                     raise
                 finally:
                     taken, self._taken = self._taken, []
