@@ -66,10 +66,20 @@ def _small_step(
         created = stub.CreateProblem(
             service_pb2.CreateProblemRequest(problem=problem), timeout=HANG_GUARD
         )
+        _first_by_id(stub, created.problem_id, rng.standard_normal(24))
     return service_pb2.StepRequest(
         problem_id=created.problem_id,
         params=tensors.encode(rng.standard_normal((6, 4))),
         options=method_options(**options),
+    )
+
+
+def _first_by_id(stub, pid: str, params: np.ndarray) -> None:
+    """A caller's first step on a problem id: its hold is read from the store (on the pool)
+    and remembered, so its later small steps may run inline."""
+    stub.GradientStep(
+        service_pb2.StepRequest(problem_id=pid, params=tensors.encode(params)),
+        timeout=HANG_GUARD,
     )
 
 
@@ -155,6 +165,8 @@ def test_an_inline_refusal_keeps_its_code_field_and_request_id(servers, threads_
     pid = stub.CreateProblem(
         service_pb2.CreateProblemRequest(problem=problems.rosenbrock(dim=4))
     ).problem_id
+    _first_by_id(stub, pid, np.zeros(4))
+    threads_seen.clear()
     # Rosenbrock has no Gauss-Newton form: the engine refuses it inside take_step, on the loop
     request = service_pb2.StepRequest(
         problem_id=pid,
@@ -176,3 +188,35 @@ def test_an_inline_refusal_keeps_its_code_field_and_request_id(servers, threads_
 def test_a_negative_threshold_is_refused_naming_the_flag():
     with pytest.raises(ValueError, match="--inline-step-below must be >= 0"):
         ServerConfig(inline_step_below=-1).validated()
+
+
+def test_a_step_that_would_read_the_store_runs_on_the_pool(servers, threads_seen):
+    # The first by-id step of a caller reads its hold from the store, behind any commit in
+    # progress: never on the loop. Once the hold is remembered, the next one runs inline.
+    stub = _stub(servers[0])
+    params = np.random.default_rng().standard_normal((6, 4))
+    pid = stub.CreateProblem(
+        service_pb2.CreateProblemRequest(problem=problems.mse(params))
+    ).problem_id
+    request = service_pb2.StepRequest(problem_id=pid, params=tensors.encode(params))
+    threads_seen.clear()
+    stub.NewtonStep(request, timeout=HANG_GUARD)
+    stub.NewtonStep(request, timeout=HANG_GUARD)
+    assert threads_seen[0].startswith("hessian-rpc") and threads_seen[1] == "hessian-aio"
+
+
+def test_an_exported_program_never_runs_on_the_loop(servers, threads_seen):
+    # An exported program's evaluation may take up to --exported-evaluation-seconds however
+    # few its parameters: its steps always take the pool, even small and remembered.
+    torch = pytest.importorskip("torch")
+    stub = _stub(servers[0])
+    X = torch.randn(8, 3, dtype=torch.float64)
+    problem = problems.exported(
+        lambda p, X: ((X @ p) ** 2).mean(), torch.zeros(3, dtype=torch.float64), {"X": X}
+    )
+    pid = stub.CreateProblem(service_pb2.CreateProblemRequest(problem=problem)).problem_id
+    request = service_pb2.StepRequest(problem_id=pid, params=tensors.encode(np.ones(3)))
+    threads_seen.clear()
+    for _ in range(3):
+        stub.NewtonStep(request, timeout=HANG_GUARD)
+    assert len(threads_seen) == 3 and all(t.startswith("hessian-rpc") for t in threads_seen)

@@ -121,6 +121,9 @@ def objective_bytes(objective: Objective) -> int:
     return sum(storages.values()) + OBJECT_OVERHEAD_BYTES
 
 
+ANY_SCOPE = object()  # `peek` without an access check (an inline problem needs none)
+
+
 class ProblemRegistry:
     """Resolves a request's problem (inline or by id) to an objective; keeps recent ones built.
 
@@ -178,11 +181,14 @@ class ProblemRegistry:
                 _, (_, evicted, _) = self._cache.popitem(last=False)
                 self._cached_bytes -= evicted
 
-    def peek(self, pid: str) -> Objective | None:
-        """The built objective of `pid` if it is cached (no store read, no access check)."""
+    def peek(self, pid: str, scope: str | object | None = ANY_SCOPE) -> Objective | None:
+        """The built objective of `pid` if it is cached, without reading the store; given a
+        `scope`, only when that scope's hold on it is already remembered."""
         with self._lock:
             entry = self._cache.get(pid)
-        return None if entry is None else entry[0]
+            if entry is None or (scope is not ANY_SCOPE and scope not in entry[2]):
+                return None
+            return entry[0]
 
     def forget(self, pids: Iterable[str]) -> None:
         """Drop deleted problems from the cache."""

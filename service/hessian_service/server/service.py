@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from ..engine.analysis.spectrum import SpectrumOptions, analyze_curvature
 from ..engine.cancel import CANCELLED, DEADLINE, Cancelled, CancelToken
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.objectives import OBJECTIVES
+from ..engine.objectives.exported import Exported
 from ..engine.options import METHODS, requested_backend
 from ..engine.solvers.sampling import sample
 from ..store import FINAL_STATUSES, RunRow, RunStore, SQLiteRunStore
@@ -225,18 +227,27 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         response.method_note = result.method_note
         return response
 
-    def _inline_step(self, request: service_pb2.StepRequest) -> bool:
+    def _inline_step(self, request: service_pb2.StepRequest, context: Any) -> bool:
         """Whether a step may run on the event loop, saving the pool's two thread hand-offs:
-        a small request on a built problem below --inline-step-below whose access check is a
-        local SQLite read (not a PostgreSQL round trip)."""
+        a small request on a built catalogue problem below --inline-step-below whose access
+        check needs no store read (an inline problem, or a by-id hold already remembered; only
+        with the embedded SQLite store). Anything that may wait (a store read behind a commit,
+        an exported program's evaluation) keeps the pool so the loop stays free."""
         below = self.config.inline_step_below
         if not below or not isinstance(self.store, SQLiteRunStore):
             return False
         if request.ByteSize() > INLINE_MAX_REQUEST_BYTES:
             return False
-        by_id = request.WhichOneof("problem_source") == "problem_id"
-        objective = self.registry.peek(request.problem_id if by_id else problem_id(request.problem))
-        return objective is not None and problem_size(objective) < below
+        if request.WhichOneof("problem_source") == "problem_id":
+            scope = self.tenancy.of(context).scope
+            objective = self.registry.peek(request.problem_id, scope)
+        else:
+            objective = self.registry.peek(problem_id(request.problem))
+        return (
+            objective is not None
+            and objective.name != Exported.name
+            and problem_size(objective) < below
+        )
 
     # unary RPCs
     @unary

@@ -112,10 +112,11 @@ class InlineContext(SyncContext):
 
 
 def inline_when(
-    cheap: Callable[[Any, Any], bool],
+    cheap: Callable[[Any, Any, Any], bool],
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Mark a sync unary servicer method to run on the event loop when `cheap(servicer,
-    request)` is true (it runs on the loop too, so it must itself be quick and not block)."""
+    request, context)` is true (it runs on the loop too, so it must itself be quick and not
+    block: no store read, no lock a committing thread may hold)."""
 
     def mark(method: Callable[..., Any]) -> Callable[..., Any]:
         method.inline_when = cheap  # type: ignore[attr-defined]
@@ -125,14 +126,14 @@ def inline_when(
 
 
 def _run_on_pool(
-    method: Callable[[Any, Any], Any], cheap: Callable[[Any], bool] | None = None
+    method: Callable[[Any, Any], Any], cheap: Callable[[Any, Any], bool] | None = None
 ) -> Callable[..., Any]:
     """A coroutine handler running the sync unary `method` on the loop's default executor,
     or on the loop itself for a request `cheap` accepts."""
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         loop = asyncio.get_running_loop()
-        if cheap is not None and cheap(request):
+        if cheap is not None and cheap(request, context):
             try:
                 return method(request, InlineContext(context, loop))
             except _Aborted as stop:
