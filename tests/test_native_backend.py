@@ -397,3 +397,28 @@ def test_mlp_newton_uses_closed_form_assembly_native_solve_and_matches_autograd(
     native = Run(obj, p, MethodOptions(backend="native", **opts), NO_TOL).run_to_end()
     auto = Run(obj, p, MethodOptions(backend="autograd", **opts), NO_TOL).run_to_end()
     _assert_runs_close(native, auto, "closed_form+native-solve")
+
+
+def test_the_fused_plan_goes_with_its_objective_and_a_row_copy_makes_its_own():
+    # The plan lives on the objective (no global table keeping deleted problems alive), and a
+    # copy on other rows must not reuse the parent's data.
+    import gc
+    import weakref
+
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randn(40, dtype=torch.float64)
+    objective = make_objective("least_squares", {"X": X, "y": y}, {"l2": 0.1})
+    x = torch.randn(3, dtype=torch.float64)
+    options = MethodOptions(method="newton", step_policy="fixed", backend="native")
+    take_step(objective, x, options)
+    rows = objective.subsample(torch.arange(10))
+    got = take_step(rows, x, options).params
+    # float64 reference on the first 10 rows: 0.5 mean((X w - y)^2) + 0.05 ||w||^2
+    Xr, yr = X[:10], y[:10]
+    H = Xr.T @ Xr / 10 + 0.1 * torch.eye(3, dtype=torch.float64)
+    g = Xr.T @ (Xr @ x - yr) / 10 + 0.1 * x
+    torch.testing.assert_close(got, x - torch.linalg.solve(H, g), rtol=1e-10, atol=1e-12)
+    ref = weakref.ref(objective)
+    del objective, rows
+    gc.collect()
+    assert ref() is None

@@ -33,9 +33,12 @@ _ENV_KEY = "HESSIAN_BACKEND"
 
 # id(options) -> (options, env value, validated options, fused policy or None)
 _OPTIONS: dict[int, tuple[MethodOptions | None, object, MethodOptions, str | None]] = {}
-# id(objective) -> (objective, plan or None);
+# An objective's fused-step plan (or None: no fused step) is kept on the objective itself, so
+# it goes with the objective (a global table would keep deleted problems' tensors alive), with
+# the data dict it was made from: a copy on other rows (`rows`, Predict) has its own data dict
+# and makes its own plan.
 # plan = (fn, args, dtype, n, itemsize, flat, gauge: the objective projects its steps)
-_PLANS: dict[int, tuple[Objective, tuple[Any, ...] | None]] = {}
+_PLAN_ATTR = "_fused_step_plan"
 
 
 def _fused_policy(options: MethodOptions) -> str | None:
@@ -76,8 +79,8 @@ def validated_options(options: MethodOptions | None) -> MethodOptions:
 
 
 def _plan(objective: Objective) -> tuple[Any, ...] | None:
-    hit = _PLANS.get(id(objective))
-    if hit is not None and hit[0] is objective:
+    hit = objective.__dict__.get(_PLAN_ATTR)
+    if hit is not None and hit[0] is objective.data:
         return hit[1]
     plan = None
     entry = selector.fused_entry(objective)
@@ -87,9 +90,8 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
         gauge = type(objective).project_step is not Objective.project_step
         n, flat = objective.num_params, not objective.native_step_any_shape
         plan = (fn, args, objective.dtype, n, itemsize, flat, gauge)
-    if len(_PLANS) >= _MAX_CACHED:
-        _PLANS.clear()
-    _PLANS[id(objective)] = (objective, plan)  # holds `objective`: ids stay unique
+    # the same plan whichever thread computes it first
+    objective.__dict__[_PLAN_ATTR] = (objective.data, plan)
     return plan
 
 
