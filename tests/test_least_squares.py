@@ -126,6 +126,42 @@ def test_async_variant_reaches_the_same_cost(address):
     assert abs(res.cost - ref.cost) <= 1e-10
 
 
+def _growing_residuals():
+    """(fun, jac) whose residual count grows by one at each new point (scipy refuses it)."""
+    points: list[bytes] = []
+
+    def count(x: np.ndarray) -> int:
+        if x.tobytes() not in points:
+            points.append(x.tobytes())
+        return 1 + points.index(x.tobytes())
+
+    def fun(x: np.ndarray) -> np.ndarray:
+        return np.full(count(x), x.sum())
+
+    def jac(x: np.ndarray) -> np.ndarray:
+        return np.ones((count(x), x.size))
+
+    return fun, jac
+
+
+def _least_squares_growing(address: str) -> object:
+    fun, jac = _growing_residuals()
+    return least_squares(fun, np.ones(2), jac, address=address)
+
+
+class _Operator:
+    """A Jacobian given as an operator (matvec / rmatvec / shape), like scipy's."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.matrix, self.shape = matrix, matrix.shape
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        return self.matrix @ v
+
+    def rmatvec(self, u: np.ndarray) -> np.ndarray:
+        return self.matrix.T @ u
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [
@@ -141,6 +177,19 @@ def test_async_variant_reaches_the_same_cost(address):
                 rosen_residuals, np.ones(2), rosen_jacobian, method="trf", address=a
             ),
             "method",
+        ),
+        (  # a Jacobian operator of the wrong shape (scipy's LinearOperator would not say so)
+            lambda a: least_squares(
+                rosen_residuals,
+                np.ones(2),
+                lambda x: _Operator(np.ones((10, 3))),
+                address=a,
+            ),
+            "jac",
+        ),
+        (  # the residual count may not change from one point to the next
+            _least_squares_growing,
+            "fun",
         ),
         (  # dense J^T J is assembled from n products only up to n = 64
             lambda a: least_squares(rosen_residuals, np.ones(65), rosen_jacobian, address=a),

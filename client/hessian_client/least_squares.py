@@ -49,6 +49,7 @@ class _LeastSquaresSession(_Session):
         self.counts = {"nfev": 0, "njev": 0, "round_trips": 0}
         self.residuals: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.jacobians: OrderedDict[bytes, Any] = OrderedDict()
+        self.m: int | None = None  # the residual count, fixed by the first evaluation
 
     def capabilities(self) -> service_pb2.Capabilities:
         return service_pb2.Capabilities(gradient=True, gauss_newton=True)
@@ -60,6 +61,10 @@ class _LeastSquaresSession(_Session):
             r = np.atleast_1d(np.asarray(self.fun(x, *self.args), dtype=np.float64))
             if r.ndim != 1:
                 raise invalid("fun", "residuals of shape (m,)", f"shape {r.shape}")
+            if self.m is None:
+                self.m = r.size
+            elif r.size != self.m:  # as scipy: the residual count may not change
+                raise invalid("fun", f"residuals of shape ({self.m},) at every point", r.shape)
             self.residuals[key] = r
             _trim(self.residuals)
         return self.residuals[key]
@@ -69,11 +74,13 @@ class _LeastSquaresSession(_Session):
         if key not in self.jacobians:
             self.counts["njev"] += 1
             jac = self.jac(x, *self.args)
+            m = self._residuals(x).size
             if not hasattr(jac, "rmatvec"):
                 jac = np.atleast_2d(np.asarray(jac, dtype=np.float64))
-                m = self._residuals(x).size
                 if jac.shape != (m, x.size):
                     raise invalid("jac", f"an array of shape ({m}, {x.size})", jac.shape)
+            elif tuple(getattr(jac, "shape", (m, x.size))) != (m, x.size):
+                raise invalid("jac", f"an operator of shape ({m}, {x.size})", jac.shape)
             self.jacobians[key] = jac
             _trim(self.jacobians)
         return self.jacobians[key]
