@@ -198,11 +198,15 @@ class ProblemRegistry:
                 entry = self._cache.pop(pid, None)
                 self._cached_bytes -= entry[1] if entry else 0
 
-    def _holds(self, pid: str, scope: str | None) -> tuple[bool, int]:
-        """(whether `scope`'s hold on the cached `pid` is remembered, the forget count now)."""
+    def _cached_for(self, pid: str, scope: str | None) -> tuple[Objective | None, bool, int]:
+        """`_cached(pid)`, whether `scope`'s hold on it is remembered, and the forget count
+        now: one lookup under the lock."""
         with self._lock:
             entry = self._cache.get(pid)
-            return entry is not None and scope in entry[2], self._forgotten
+            if entry is None:
+                return None, False, self._forgotten
+            self._cache.move_to_end(pid)
+            return entry[0], scope in entry[2], self._forgotten
 
     def _hold(self, pid: str, scope: str | None, forgotten: int) -> None:
         """Remember `scope`'s hold, read from the store when the forget count was
@@ -239,9 +243,8 @@ class ProblemRegistry:
         missing = NotFoundError(field, f"problem with id {pid!r}")
         if not pid:
             raise missing
-        objective = self._cached(pid)
+        objective, known, forgotten = self._cached_for(pid, scope)
         if objective is not None:
-            known, forgotten = self._holds(pid, scope)
             if known:
                 return objective
             if self.store.has_problem(pid, scope):
