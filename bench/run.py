@@ -39,14 +39,13 @@ def sections() -> list[str]:
 
 
 def render(name: str, load: OthersLoad, burner: CpuBurner | None) -> tuple[str, str]:
-    """Run one section (under the burner when given); its marker name and its markdown,
-    wrapped in markers so it can be replaced alone later."""
+    """Run one section (the caller keeps the burner running when given); its marker name and
+    its markdown, wrapped in markers so it can be replaced alone later."""
     module = importlib.import_module(f"bench_{name}")
     title, marker = module.TITLE, name
-    with burner.running(load, settle_s=quick(150.0, 0.0)) if burner else contextlib.nullcontext():
-        before, kernel_before = load.value, os.getloadavg()[0]
-        body = module.run()
-        after, kernel_after = load.value, os.getloadavg()[0]
+    before, kernel_before = load.value, os.getloadavg()[0]
+    body = module.run()
+    after, kernel_after = load.value, os.getloadavg()[0]
     if burner:
         title += f" (loaded: {burner.processes} CPU burners)"
         marker += "_loaded"
@@ -73,19 +72,22 @@ def main() -> int:
     burner = CpuBurner() if args.loaded else None
     common.VARIANT = "_loaded" if args.loaded else ""
     load = OthersLoad()
+    # One burner across every section: the load average settles once, not once per section.
+    burning = burner.running(load, settle_s=quick(150.0, 0.0)) if burner else None
     try:
-        for name in args.only or sections():
-            print(f"== {name}", flush=True)
-            marker, block = render(name, load, burner)
-            print(block, flush=True)
-            pattern = re.compile(
-                rf"<!-- section:{marker} -->.*?<!-- /section:{marker} -->\n", re.DOTALL
-            )
-            if pattern.search(text):
-                text = pattern.sub(lambda _m, b=block: b, text)
-            else:
-                text = text.rstrip("\n") + "\n\n" + block
-            path.write_text(text)
+        with burning or contextlib.nullcontext():
+            for name in args.only or sections():
+                print(f"== {name}", flush=True)
+                marker, block = render(name, load, burner)
+                print(block, flush=True)
+                pattern = re.compile(
+                    rf"<!-- section:{marker} -->.*?<!-- /section:{marker} -->\n", re.DOTALL
+                )
+                if pattern.search(text):
+                    text = pattern.sub(lambda _m, b=block: b, text)
+                else:
+                    text = text.rstrip("\n") + "\n\n" + block
+                path.write_text(text)
     finally:
         load.close()
     return 0
