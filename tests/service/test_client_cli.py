@@ -208,8 +208,9 @@ def test_version_and_help_show_choices_and_defaults(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and __version__ in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])
+    assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "saddle_free" in text and "(default: newton)" in text and "--json" in text
 
