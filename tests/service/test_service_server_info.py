@@ -3,6 +3,8 @@ a request over each limit is refused with the limit's field named (the CLI shows
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import start_server
@@ -102,13 +104,23 @@ def test_a_request_over_each_reported_limit_is_refused_naming_the_field(limited)
 
 def test_runs_over_the_per_token_and_server_limits_are_refused(limited):
     problem = problems.rosenbrock(dim=2)
+    # The only run worker waits on `gate`, so every run started here stays QUEUED (live, and
+    # counted against both limits) until the refusals are checked: none can finish meanwhile
+    # and free its slot, however slowly the machine runs.
+    gate = threading.Event()
+    limited.runs._executor.submit(gate.wait)
+    runs = []
     with _client(limited) as a, _client(limited, "beta-token") as b:
-        runs = [a.start_run(problem, np.zeros(2), **LONG) for _ in range(2)]
-        with pytest.raises(ResourceExhausted, match="max_runs_per_token"):
-            a.start_run(problem, np.zeros(2), **LONG)
-        runs.append(b.start_run(problem, np.zeros(2), **LONG))  # 3 live: the server's limit
-        with pytest.raises(ResourceExhausted, match="max_concurrent_runs"):
-            b.start_run(problem, np.zeros(2), **LONG)
-        for run in runs:
-            run.cancel()
-            run.wait(30)
+        try:
+            runs += [a.start_run(problem, np.zeros(2), **LONG) for _ in range(2)]
+            with pytest.raises(ResourceExhausted, match="max_runs_per_token"):
+                a.start_run(problem, np.zeros(2), **LONG)
+            runs.append(b.start_run(problem, np.zeros(2), **LONG))  # 3 live: the server's limit
+            with pytest.raises(ResourceExhausted, match="max_concurrent_runs"):
+                b.start_run(problem, np.zeros(2), **LONG)
+            assert limited.runs.queue_depth() == 3, "the held runs are all still queued"
+        finally:
+            gate.set()
+            for run in runs:
+                run.cancel()
+                run.wait(30)
