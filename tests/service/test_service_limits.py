@@ -5,12 +5,14 @@ concurrent runs per token. Only catalogue objectives exist: nothing resembling c
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import grpc
 import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, InvalidArgument, ResourceExhausted, problems
+from hessian_client import Client, InvalidArgument, ResourceExhausted, problems, status_name
 from hessian_client.proto import problem_pb2, service_pb2, service_pb2_grpc
 from hessian_client.tensors import encode
 from hessian_service.engine.objectives import OBJECTIVES
@@ -83,20 +85,41 @@ def test_iterations_over_the_limit_are_refused(limited):
         c.start_run(problems.rosenbrock(), np.zeros(2), stopping={"max_iterations": 501})
 
 
+def _forgotten(handle, run_id: str, timeout: float = 60.0) -> bool:
+    """Wait until the server no longer counts `run_id` as live (its worker let it go after
+    storing its end); `timeout` only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while handle.runs.live(run_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return handle.runs.live(run_id) is None
+
+
 def test_concurrent_runs_are_limited_per_token(limited):
     problem = problems.rosenbrock(dim=2)
     long = dict(LONG, stopping={"max_iterations": 500})
+    # Both run workers wait on `gate` until the refusal is checked, so the two runs stay
+    # QUEUED (live, counted): neither can finish first and free a slot on a slow machine.
+    gate = threading.Event()
+    for _ in range(limited.config.workers):
+        limited.runs._executor.submit(gate.wait)
+    mine, others = [], []
     with _client(limited) as a, _client(limited, "beta-token") as b:
-        mine = [a.start_run(problem, np.zeros(2), **long) for _ in range(2)]
-        with pytest.raises(ResourceExhausted, match="max_runs_per_token"):
-            a.start_run(problem, np.zeros(2), **long)
-        other = b.start_run(problem, np.zeros(2), **long)  # another token is not affected
-        mine[0].cancel()
-        mine[0].wait(30)
-        mine.append(a.start_run(problem, np.zeros(2), **long))  # a slot came free
-        for run in [*mine, other]:
-            run.cancel()
-            run.wait(30)
+        try:
+            mine += [a.start_run(problem, np.zeros(2), **long) for _ in range(2)]
+            with pytest.raises(ResourceExhausted, match="max_runs_per_token"):
+                a.start_run(problem, np.zeros(2), **long)
+            others.append(b.start_run(problem, np.zeros(2), **long))  # another token: not affected
+            assert status_name(a.get_run(mine[0].id)) == "QUEUED"
+            mine[0].cancel()
+            gate.set()  # the cancelled run needs a worker to end
+            mine[0].wait(30)
+            assert _forgotten(limited, mine[0].id)
+            mine.append(a.start_run(problem, np.zeros(2), **long))  # a slot came free
+        finally:
+            gate.set()
+            for run in [*mine, *others]:
+                run.cancel()
+                run.wait(30)
 
 
 def test_only_catalogue_objectives_exist_and_code_is_never_run(limited, tmp_path):
