@@ -6,6 +6,7 @@ watcher's final event always carries a final status."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -57,10 +58,29 @@ class HookedStore(SQLiteRunStore):
         return page
 
 
+def hold_until_stopped(handle, iteration: int) -> None:
+    """Hold each run's worker before it stores record `iteration` until the server's shutdown
+    has told that run to stop, so a finite run is certainly still executing when stop() runs
+    (it cannot finish meanwhile, however slow the machine); 60 s only guards against a hang."""
+    store = handle.runs.store
+    append = store.append_record
+
+    def append_record(run_id, record):
+        if record.iteration == iteration:
+            live = handle.runs.live(run_id)
+            deadline = time.monotonic() + 60
+            while not live.cancel.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+        append(run_id, record)
+
+    store.append_record = append_record
+
+
 @pytest.fixture
 def interrupted(tmp_path):
     """A data directory holding one INTERRUPTED run (the server stopped while it ran)."""
     handle = start_server(tmp_path)
+    hold_until_stopped(handle, 1)  # record 0 is committed and seen; the run waits at 1
     try:
         with Client(handle.address) as c:
             run = c.start_run(
