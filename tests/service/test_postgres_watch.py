@@ -42,6 +42,17 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
     monkeypatch.setattr(runs_module, "WATCH_POLL_SECONDS", 60.0)  # only a push wakes it
     a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", commit_interval_ms=20)
     b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", commit_interval_ms=20)
+    # A's worker waits before storing record 100 until the test has seen the run live, so the
+    # 3000-iteration run cannot finish first on a slow machine (60 s: a hang guard only)
+    checked = threading.Event()
+    append = a.runs.store.append_record
+
+    def held_append(run_id, record):
+        if record.iteration == 100:
+            checked.wait(60)
+        append(run_id, record)
+
+    a.runs.store.append_record = held_append
     try:
         with Client(a.address) as ca:
             run = ca.start_run(
@@ -61,6 +72,7 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
             assert firsts[0].wait(60)
             # live: B's watcher got records while A was still executing the run
             assert status_name(ca.get_run(run.id)) in ("QUEUED", "RUNNING")
+            checked.set()
             info = run.wait(120)
             for t in threads:
                 t.join(120)
@@ -70,5 +82,6 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
         assert streams[0] == [*served, ("final", "FINISHED")]
         assert streams[40] == [*served[40:], ("final", "FINISHED")]
     finally:
+        checked.set()
         b.stop()
         a.stop()
