@@ -59,7 +59,21 @@ def test_watch_from_k_after_a_cancelled_stream_yields_each_record_once(client, s
     assert iterations == list(range(401))
 
 
-def test_stream_dropped_mid_run_resumes_transparently(server):
+def test_stream_dropped_mid_run_resumes_transparently(server, monkeypatch):
+    # The run's worker waits before storing record 200 (and 900) until the connection has been
+    # cut after record 199 (899): the client cannot have buffered past the cut, so only a
+    # reconnect brings the rest (60 s: a hang guard only).
+    severed = {200: threading.Event(), 900: threading.Event()}
+    held = []
+    store = server.runs.store
+    append = store.append_record
+
+    def held_append(run_id, record):
+        if record.iteration in severed and store.get_run(run_id).name == "dropped":
+            held.append(severed[record.iteration].wait(60))
+        append(run_id, record)
+
+    monkeypatch.setattr(store, "append_record", held_append)
     proxy = TcpProxy(server.address)
     try:
         with Client(proxy.address, timeout=30) as via_proxy, Client(server.address) as direct:
@@ -67,8 +81,10 @@ def test_stream_dropped_mid_run_resumes_transparently(server):
             seen = []
             for record in run.stream(reconnect_timeout=20):
                 seen.append(record)
-                if len(seen) in (200, 900):
+                if len(seen) in severed:
                     proxy.sever()
+                    severed[len(seen)].set()
+            assert held == [True, True], "the run waited at both cuts"
             assert proxy.accepted >= 3, "the stream should have reconnected twice"
             assert [r.iteration for r in seen] == list(range(1501))
             reference = list(direct.run(run.id).stream())
@@ -77,6 +93,8 @@ def test_stream_dropped_mid_run_resumes_transparently(server):
             ]
             assert status_name(run.final) == "FINISHED"
     finally:
+        for event in severed.values():
+            event.set()
         proxy.close()
 
 
