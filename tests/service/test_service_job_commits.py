@@ -22,8 +22,10 @@ TIMEOUT = 120  # generous: guards against a hang only
 
 @pytest.fixture
 def traced(tmp_path):
-    """A server and the SQL statements its store runs, in order."""
-    handle = start_server(tmp_path)
+    """A server and the SQL statements its store runs, in order. The background flusher never
+    commits here (an hour's interval, a batch no run fills), so only a run's end commits its
+    records: a slow machine cannot let the flusher take the last ones first."""
+    handle = start_server(tmp_path, commit_interval_ms=3_600_000, commit_every_records=10**6)
     statements: list[str] = []
     lock = threading.Lock()
 
