@@ -98,10 +98,11 @@ def server_output(proc: subprocess.Popen) -> str:
 
 
 def health_status(address: str) -> int:
-    """The server's overall health status."""
+    """The server's overall health status (a liveness check, not a speed one: a loaded server
+    has a minute to answer)."""
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=60).status
 
 
 @pytest.fixture(scope="session")

@@ -63,10 +63,11 @@ def test_a_thousand_idle_watchers_hold_no_thread_and_all_get_every_record(tmp_pa
                 waiting = threading.active_count()
                 # a watcher is a listener on the run, not a thread: at most the RPC pool grew
                 assert waiting - before <= RPC_THREADS + 2, (before, waiting)
+                # liveness, not speed: a loaded machine with 1000 open streams has a minute
                 health = health_pb2_grpc.HealthStub(channel)
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=60)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-                busy = c.newton_step(problem, x0, timeout=5)
+                busy = c.newton_step(problem, x0, timeout=60)
                 assert np.array_equal(busy.params, solo.params)
                 assert status_name(c.get_run(run.id)) == "QUEUED"
                 gate.set()
