@@ -66,12 +66,24 @@ def test_concurrent_appends_flushes_and_reads_store_every_record_in_order(tmp_pa
             for record in runs[run_id]:
                 store.append_record(run_id, record)
 
+        # An assert in the reader thread would only end that thread, not fail the test: it
+        # keeps what it saw wrong (or raised) and the main thread asserts on that.
+        misread: list[tuple[str, int]] = []
+        reader_errors: list[BaseException] = []
+
         def reader() -> None:
-            start.wait(HANG_GUARD)
-            while not stop_reading.is_set():
-                for run_id in runs:
-                    got = store.records(run_id, 0, 1000)
-                    assert _json(got) == _json(runs[run_id][: len(got)])
+            try:
+                start.wait(HANG_GUARD)
+                while True:  # at least one pass, even if the writers are already done
+                    done = stop_reading.is_set()
+                    for run_id in runs:
+                        got = store.records(run_id, 0, 1000)
+                        if _json(got) != _json(runs[run_id][: len(got)]):
+                            misread.append((run_id, len(got)))
+                    if done:
+                        return
+            except BaseException as exc:
+                reader_errors.append(exc)
 
         threads = [threading.Thread(target=writer, args=(r,)) for r in runs]
         reading = threading.Thread(target=reader)
@@ -83,6 +95,8 @@ def test_concurrent_appends_flushes_and_reads_store_every_record_in_order(tmp_pa
         stop_reading.set()
         reading.join(HANG_GUARD)
         assert not reading.is_alive()
+        assert reader_errors == []
+        assert misread == [], "a read saw records other than the first ones appended, in order"
         assert unreadable == []
         for run_id, appended in runs.items():
             stored = store.records(run_id, 0, 1000)
