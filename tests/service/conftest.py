@@ -41,19 +41,25 @@ def start_server(tmp: pathlib.Path, **overrides):
     return build_server(ServerConfig(**values))
 
 
-def spawn_server(data_dir: pathlib.Path, port: int, *extra: str) -> subprocess.Popen:
+def spawn_server(
+    data_dir: pathlib.Path, port: int, *extra: str, hold: str | None = None
+) -> subprocess.Popen:
     """`python -m hessian_service.server` in a subprocess; returns once it is SERVING.
 
     Its output (a JSON log line per RPC) goes to the file `proc.log_path`, not a pipe: a pipe
-    nobody reads fills up and blocks the server.
+    nobody reads fills up and blocks the server. `hold` ("WHEN:ITERATION"): the same server
+    run by held_server.py, whose runs hold at that iteration (see there).
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    entry = ["-m", "hessian_service.server"]
+    if hold is not None:
+        env["HESSIAN_TEST_HOLD"] = hold
+        entry = [str(pathlib.Path(__file__).with_name("held_server.py"))]
     with tempfile.NamedTemporaryFile(prefix="hessian-server-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "hessian_service.server",
+                *entry,
                 "--address",
                 f"127.0.0.1:{port}",
                 "--data-dir",

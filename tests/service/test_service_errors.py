@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import threading
 
 import grpc
 import numpy as np
@@ -14,8 +15,10 @@ from grpc_health.v1 import health_pb2
 from hessian_client import Client, DeadlineExceeded, InvalidArgument, problems
 from hessian_client.proto import optimize_pb2, problem_pb2, service_pb2, tensor_pb2
 from hessian_client.tensors import encode
+from hessian_service.server import service
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+HANG_GUARD = 120  # seconds; only guards a held step against a hang
 
 
 def _target():
@@ -268,16 +271,30 @@ def test_client_raises_typed_errors_with_code_and_message(client):
     assert "params" in err.value.message
 
 
-def test_unary_deadline_is_honoured(server):
+def test_unary_deadline_is_honoured(server, monkeypatch):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 20))
     heavy = problems.mlp(x, np.tanh(x[:, :1]), layer_sizes=[20, 40, 1])
     params = rng.standard_normal(20 * 40 + 40 + 40 + 1) * 0.1
+    # The heavy step is held in the in-process server until the client has its answer, so
+    # no machine is fast enough to answer within the deadline.
+    answered = threading.Event()
+    real_step = service.take_step
+
+    def held_step(objective, at, *args, **kwargs):
+        if at.numel() == params.size:
+            answered.wait(HANG_GUARD)
+        return real_step(objective, at, *args, **kwargs)
+
+    monkeypatch.setattr(service, "take_step", held_step)
     with Client(server.address) as c:
         # DEADLINE_EXCEEDED (not a late answer) is the proof; no wall-clock bound, since the
         # same process computes the step on a shared machine.
-        with pytest.raises(DeadlineExceeded):
-            c.newton_step(heavy, params, timeout=0.05, backend="autograd")
+        try:
+            with pytest.raises(DeadlineExceeded):
+                c.newton_step(heavy, params, timeout=0.05, backend="autograd")
+        finally:
+            answered.set()
         # The server still answers promptly afterwards.
         assert c.newton_step(problems.mse(np.ones(3)), np.zeros(3), timeout=30).record.loss == 1.0
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING

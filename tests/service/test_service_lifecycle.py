@@ -11,10 +11,11 @@ import pytest
 from conftest import free_port, spawn_server
 from hessian_client import Client, problems, status_name
 
+HELD_AT = 7  # the first server's run waits at iteration 7 until SIGTERM's drain cancels it
 SPEC = {
     "method": "newton",
     "damping": 1e-3,
-    "backend": "autograd",  # steps of milliseconds, so SIGTERM lands mid-run
+    "backend": "autograd",
     "stopping": {
         "max_iterations": 24,
         "gradient_tolerance": 0.0,
@@ -35,12 +36,15 @@ def _problem():
 def test_sigterm_then_restart_then_resume_matches_an_uninterrupted_run(tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
-    proc = spawn_server(tmp_path, port, "--checkpoint-every", "5", "--grace-seconds", "5")
+    # The run holds at iteration 7 until the drain cancels it (held_server.py), so SIGTERM
+    # lands mid-run however fast its millisecond steps are; its records are the same.
+    flags = ("--checkpoint-every", "5", "--grace-seconds", "5")
+    proc = spawn_server(tmp_path, port, *flags, hold=f"cancelled:{HELD_AT}")
     try:
         with Client(address) as c:
             run = c.start_run(_problem(), seed=0, **SPEC)
             for record in run.stream():
-                if record.iteration >= 6:
+                if record.iteration >= HELD_AT - 1:
                     break
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(120) == 0  # the bound only guards against a hang
@@ -53,7 +57,7 @@ def test_sigterm_then_restart_then_resume_matches_an_uninterrupted_run(tmp_path)
             info = c.get_run(run.id)
             assert status_name(info) == "INTERRUPTED"
             kept = list(c.run(run.id).stream())
-            assert len(kept) == info.num_records >= 7
+            assert len(kept) == info.num_records == HELD_AT
             assert [r.iteration for r in kept] == list(range(len(kept)))
             resumed = c.resume_run(run.id)
             after = list(resumed.stream(len(kept)))
