@@ -95,7 +95,7 @@ def _wait_count(handle, method: str, reason: str, at_least: float) -> float:
 
 def _answers_next_call(rpc) -> None:
     """A small AnalyzeCurvature right after: answered, and equal to the engine's own answer."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     x, y = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
     params = 0.5 * rng.standard_normal(3 * 4 + 4 + 4 * 2 + 2)
     problem = problems.mlp(x, y, layer_sizes=[3, 4, 2], activation="tanh")
@@ -117,7 +117,7 @@ def _answers_next_call(rpc) -> None:
 
 
 def _spectrum_request(rpc) -> service_pb2.AnalyzeCurvatureRequest:
-    problem, params = _big_mlp(np.random.default_rng())
+    problem, params = _big_mlp(np.random.default_rng(torch.initial_seed()))
     pid = rpc.CreateProblem(service_pb2.CreateProblemRequest(problem=problem), timeout=60)
     options = spectrum_options(
         backend="autograd", max_lanczos_iterations=300, trace_samples=300, density_probes=0
@@ -160,7 +160,7 @@ def test_analyze_curvature_the_client_cancels_stops(handle, rpc, monkeypatch):
 
 def test_compute_hessian_past_its_deadline_stops_between_row_chunks(handle, rpc, monkeypatch):
     work = Observed(monkeypatch, "dense_curvature")
-    problem, params = _big_mlp(np.random.default_rng())
+    problem, params = _big_mlp(np.random.default_rng(torch.initial_seed()))
     opts = method_options(backend="autograd")
     request = service_pb2.ComputeHessianRequest(
         problem=problem, params=tensors.encode(params), backend=opts.backend, omit_matrix=True
