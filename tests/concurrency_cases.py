@@ -2,7 +2,8 @@
 
 STEP_CASES covers every method, step policy, hvp mode, curvature kind and backend (native
 and autograd); SPECTRUM_CASES and DENSE_CASES the curvature analyses. `wire_problem` builds
-the same kinds of problem as tests/problems.py for the service, with fresh random data.
+the same kinds of problem as tests/problems.py for the service, with random data drawn from
+the caller's generator (the test's `rng` fixture: fresh per test id, replayable).
 """
 
 from __future__ import annotations
@@ -194,9 +195,9 @@ def assert_concurrent_equals_solo(call: Callable[[], Any]) -> None:
     assert differing == 0, f"{differing} of {len(answers)} concurrent answers differ from solo"
 
 
-def wire_problem(name: str, size: int = 8, seed: int | None = None) -> problem_pb2.Problem:
-    """A random problem of catalogue objective `name` as a wire message (float64 data)."""
-    rng = np.random.default_rng(seed)
+def wire_problem(name: str, size: int = 8, *, rng: np.random.Generator) -> problem_pb2.Problem:
+    """A random problem of catalogue objective `name` as a wire message (float64 data from
+    `rng`)."""
     rows = 4 * size
     x = rng.standard_normal((rows, size))
     if name == "mlp":

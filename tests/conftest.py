@@ -1,7 +1,11 @@
-"""Replayable randomness for every test: torch's global generator is seeded per test.
+"""Replayable randomness for every test: one seed per test drives all of its draws.
 
 The seed is the CRC32 of the test's node id (stable across processes, unlike `hash`, which
-Python salts per run), or `HESSIAN_TEST_SEED` when set, to replay a failure. A failing
+Python salts per run), or `HESSIAN_TEST_SEED` when set, to replay a failure. It seeds torch's
+global generator, the `rng` fixture (a NumPy Generator; helpers without fixtures take
+`np.random.default_rng(torch.initial_seed())`) and every Hypothesis test (`@given` at module
+level is seeded here; a `@given` defined inside a test takes `hypothesis.seed(replay_seed)`).
+Tests draw from nothing else: no unseeded `np.random.default_rng()`, no OS entropy. A failing
 test's report carries a "seed" section naming the value and the command that replays it.
 `address` is the real loopback server the SDK-level tests (minimize, least_squares,
 examples) talk to, one per test module.
@@ -13,6 +17,7 @@ import os
 import zlib
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,10 +30,14 @@ def test_seed_for(nodeid: str) -> int:
     override = os.environ.get(SEED_VARIABLE, "").strip()
     if override:
         try:
-            return int(override)
+            seed = int(override)
         except ValueError:
             message = f"{SEED_VARIABLE} must be an integer, got {override!r}"
             raise pytest.UsageError(message) from None
+        if not 0 <= seed < 2**64:  # what torch.manual_seed and NumPy both take
+            message = f"{SEED_VARIABLE} must be in [0, 2**64), got {seed}"
+            raise pytest.UsageError(message)
+        return seed
     return zlib.crc32(nodeid.encode())
 
 
@@ -36,12 +45,25 @@ test_seed_for.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(autouse=True)
-def _seed(request: pytest.FixtureRequest) -> int:
-    """Seed torch's global generator for this test and remember the seed for its report."""
+def replay_seed(request: pytest.FixtureRequest) -> int:
+    """This test's seed: seeds torch's global generator and, for a Hypothesis test, its draws
+    (hypothesis.seed, which also turns its example database off: the seed alone replays).
+    Remembered for the failure report."""
     seed = test_seed_for(request.node.nodeid)
     request.node.stash[_SEED_KEY] = seed
     torch.manual_seed(seed)
+    function = getattr(request.node, "function", None)
+    if getattr(function, "is_hypothesis_test", False):
+        import hypothesis  # only where a test uses it
+
+        hypothesis.seed(seed)(function)
     return seed
+
+
+@pytest.fixture
+def rng(replay_seed: int) -> np.random.Generator:
+    """A NumPy generator seeded with this test's seed: fresh data per test id, replayable."""
+    return np.random.default_rng(replay_seed)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -51,7 +73,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     seed = item.stash.get(_SEED_KEY, None)
     if report.failed and seed is not None:
         replay = f"{SEED_VARIABLE}={seed} pytest '{item.nodeid}'"
-        report.sections.append(("seed", f"torch seeded with {seed}; replay: {replay}"))
+        drawn = "torch, the rng fixture and Hypothesis seeded with"
+        report.sections.append(("seed", f"{drawn} {seed}; replay: {replay}"))
     return report
 
 

@@ -340,8 +340,7 @@ def test_a_wrong_step_policy_names_every_valid_one(method):
 
 # 9. the softmax gauge: intercepts do not drift along the Hessian's null direction
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend):
-    rng = np.random.default_rng()
+def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend, rng):
     n, d, k, l2 = 300, 8, 4, 1e-2
     x = rng.normal(size=(n, d))
     labels = np.arange(n) % k  # every class present
@@ -364,8 +363,7 @@ def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend):
-    rng = np.random.default_rng()
+def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend, rng):
     b = rng.normal(size=(5, 30))
     a = b.T @ b  # positive semi-definite, rank 5: 25 eigenvalues at rounding level
     evals = np.linalg.eigvalsh(a)
@@ -380,9 +378,8 @@ def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_unary_softmax_newton_step_has_no_gauge_component(backend):
+def test_a_unary_softmax_newton_step_has_no_gauge_component(backend, rng):
     # the fixed-step NewtonStep (the fused native op under native) projects its step too
-    rng = np.random.default_rng()
     n, d, k = 300, 8, 4
     labels = np.arange(n) % k
     data = {"X": torch.tensor(rng.normal(size=(n, d))), "labels": torch.tensor(labels)}

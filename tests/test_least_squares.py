@@ -25,10 +25,9 @@ TIGHT = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15}
 
 
 class CurveFit:
-    """y = a exp(-b t) + c + noise, with fresh parameters and noise."""
+    """y = a exp(-b t) + c + noise, with parameters and noise drawn from `rng`."""
 
-    def __init__(self) -> None:
-        rng = np.random.default_rng()
+    def __init__(self, rng: np.random.Generator) -> None:
         self.t = np.linspace(0.0, 4.0, 120)
         a, b, c = rng.uniform(1.0, 3.0), rng.uniform(0.5, 2.0), rng.uniform(-1.0, 1.0)
         self.y = a * np.exp(-b * self.t) + c + 0.05 * rng.standard_normal(self.t.size)
@@ -57,8 +56,8 @@ def rosen_jacobian(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_curve_fit_reaches_scipys_cost(address, method):
-    fit = CurveFit()
+def test_curve_fit_reaches_scipys_cost(address, method, rng):
+    fit = CurveFit(rng)
     ref = scipy_least_squares(fit.residuals, fit.x0, jac=fit.jacobian, method="trf", **TIGHT)
     res = least_squares(fit.residuals, fit.x0, fit.jacobian, method=method, gtol=1e-10,
                         max_iterations=500, address=address)  # fmt: skip
@@ -70,8 +69,8 @@ def test_curve_fit_reaches_scipys_cost(address, method):
 
 @pytest.mark.parametrize("n", [2, 10])
 @pytest.mark.parametrize("method", METHODS)
-def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method):
-    x0 = np.random.default_rng().uniform(0.2, 1.8, n)  # in the global minimum's basin
+def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method, rng):
+    x0 = rng.uniform(0.2, 1.8, n)  # in the global minimum's basin
     ref = scipy_least_squares(rosen_residuals, x0, jac=rosen_jacobian, **TIGHT)
     res = least_squares(rosen_residuals, x0, rosen_jacobian, method=method, xtol=1e-15,
                         gtol=1e-10, max_iterations=1000, address=address)  # fmt: skip
@@ -82,8 +81,8 @@ def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method):
 
 
 @pytest.mark.parametrize(("n", "chosen"), [(5, "newton"), (80, "gauss_newton_cg")])
-def test_auto_picks_dense_gauss_newton_up_to_64_parameters_then_cg(address, n, chosen):
-    x0 = np.random.default_rng().uniform(0.2, 1.8, n)
+def test_auto_picks_dense_gauss_newton_up_to_64_parameters_then_cg(address, n, chosen, rng):
+    x0 = rng.uniform(0.2, 1.8, n)
     ref = scipy_least_squares(rosen_residuals, x0, jac=rosen_jacobian, **TIGHT)
     res = least_squares(rosen_residuals, x0, rosen_jacobian, method="auto", gtol=1e-10,
                         xtol=1e-15, address=address)  # fmt: skip
@@ -93,8 +92,8 @@ def test_auto_picks_dense_gauss_newton_up_to_64_parameters_then_cg(address, n, c
     assert info.method == chosen and "Gauss-Newton products" in info.method_note
 
 
-def test_result_fields_are_scipys_and_the_callers_values(address):
-    fit = CurveFit()
+def test_result_fields_are_scipys_and_the_callers_values(address, rng):
+    fit = CurveFit(rng)
     ref = scipy_least_squares(fit.residuals, fit.x0, jac=fit.jacobian)
     res = least_squares(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10, address=address)
     for key in ref:
@@ -107,9 +106,9 @@ def test_result_fields_are_scipys_and_the_callers_values(address):
     assert res.njev <= res.nfev <= res.round_trips
 
 
-def test_a_jacobian_operator_gives_the_dense_jacobians_run(address):
+def test_a_jacobian_operator_gives_the_dense_jacobians_run(address, rng):
     """jac may return an operator (matvec / rmatvec), e.g. SciPy's LinearOperator."""
-    fit = CurveFit()
+    fit = CurveFit(rng)
     dense = least_squares(fit.residuals, fit.x0, fit.jacobian, address=address)
     operator = least_squares(
         fit.residuals, fit.x0, lambda p: aslinearoperator(fit.jacobian(p)), address=address
@@ -118,8 +117,8 @@ def test_a_jacobian_operator_gives_the_dense_jacobians_run(address):
     np.testing.assert_allclose(operator.x, dense.x, rtol=1e-9)
 
 
-def test_async_variant_reaches_the_same_cost(address):
-    fit = CurveFit()
+def test_async_variant_reaches_the_same_cost(address, rng):
+    fit = CurveFit(rng)
     ref = scipy_least_squares(fit.residuals, fit.x0, jac=fit.jacobian, **TIGHT)
     res = asyncio.run(least_squares_async(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10,
                                           address=address))  # fmt: skip

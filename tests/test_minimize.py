@@ -26,9 +26,9 @@ CURVATURE = {
 }
 
 
-def start(n: int) -> np.ndarray:
-    """A fresh random start in the global minimum's basin (0 < x < 2)."""
-    return np.random.default_rng().uniform(0.2, 1.8, n)
+def start(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random start in the global minimum's basin (0 < x < 2), drawn from the test's `rng`."""
+    return rng.uniform(0.2, 1.8, n)
 
 
 def scipy_minimum(x0: np.ndarray, method: str) -> float:
@@ -39,8 +39,8 @@ def scipy_minimum(x0: np.ndarray, method: str) -> float:
 
 @pytest.mark.parametrize("n", [2, 10, 100])
 @pytest.mark.parametrize("method", list(CURVATURE))
-def test_rosenbrock_reaches_scipys_minimum_never_rising(address, n, method):
-    x0 = start(n)
+def test_rosenbrock_reaches_scipys_minimum_never_rising(address, n, method, rng):
+    x0 = start(rng, n)
     res = minimize(rosen, x0, jac=rosen_der, method=method, address=address, **CURVATURE[method])
     assert res.run_status == "FINISHED", res.message  # converged, or stalled at rounding
     for reference in ("trust-exact", "Newton-CG", "trust-krylov"):
@@ -59,8 +59,8 @@ def test_rosenbrock_reaches_scipys_minimum_never_rising(address, n, method):
     assert res.njev == 1 + len(steps) + backtracked
 
 
-def test_result_fields_are_scipys(address):
-    x0 = start(5)
+def test_result_fields_are_scipys(address, rng):
+    x0 = start(rng, 5)
     res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton", address=address)
     ref = scipy_minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="trust-exact")
     for key in ("x", "fun", "jac", "hess", "nit", "nfev", "njev", "nhev", "status", "success",
@@ -73,8 +73,8 @@ def test_result_fields_are_scipys(address):
     assert res.status == 0 and res.nhev == res.njev
 
 
-def test_jac_true_means_fun_returns_value_and_gradient(address):
-    x0 = start(4)
+def test_jac_true_means_fun_returns_value_and_gradient(address, rng):
+    x0 = start(rng, 4)
     both = minimize(lambda x: (rosen(x), rosen_der(x)), x0, jac=True, hess=rosen_hess,
                     address=address)  # fmt: skip
     apart = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address)
@@ -82,7 +82,7 @@ def test_jac_true_means_fun_returns_value_and_gradient(address):
     assert both.nit == apart.nit
 
 
-def test_callback_sees_each_record_live_and_stopiteration_ends_the_run(address):
+def test_callback_sees_each_record_live_and_stopiteration_ends_the_run(address, rng):
     seen = []
     with Client(address) as watcher:
 
@@ -91,7 +91,7 @@ def test_callback_sees_each_record_live_and_stopiteration_ends_the_run(address):
             if len(seen) == 3:
                 raise StopIteration
 
-        res = minimize(rosen, start(6), jac=rosen_der, hess=rosen_hess, callback=callback,
+        res = minimize(rosen, start(rng, 6), jac=rosen_der, hess=rosen_hess, callback=callback,
                        options={"gtol": 0.0}, address=address)  # fmt: skip
         info = watcher.get_run(res.run_id)
     assert res.status == 99 and not res.success
@@ -101,17 +101,17 @@ def test_callback_sees_each_record_live_and_stopiteration_ends_the_run(address):
         assert fun == rosen(x)  # the point the record was taken at
 
 
-def test_asyncio_variant_matches_the_sync_one(address):
-    x0 = start(8)
+def test_asyncio_variant_matches_the_sync_one(address, rng):
+    x0 = start(rng, 8)
     sync = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address)
     aio = asyncio.run(minimize_async(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address))
     np.testing.assert_array_equal(sync.x, aio.x)
     assert (sync.nit, sync.nfev, sync.fun) == (aio.nit, aio.nfev, aio.fun)
 
 
-def test_no_gradient_is_refused_naming_the_capability(address):
+def test_no_gradient_is_refused_naming_the_capability(address, rng):
     with pytest.raises(InvalidArgument, match=r"capabilities\.gradient"):
-        minimize(rosen, start(3), address=address)
+        minimize(rosen, start(rng, 3), address=address)
 
 
 def test_unknown_method_is_refused_before_connecting():
@@ -129,8 +129,8 @@ def test_minimize_imports_without_torch():
     assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
 
 
-def test_speculative_trials_halve_the_round_trips_with_the_same_records(address):
-    x0 = start(10)
+def test_speculative_trials_halve_the_round_trips_with_the_same_records(address, rng):
+    x0 = start(rng, 10)
     runs = {}
     for speculative in (False, True):
         res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton",
@@ -177,8 +177,8 @@ def test_a_non_finite_loss_is_a_rejected_trial_not_a_bad_reply(address, speculat
     np.testing.assert_allclose(res.x, 0.0, atol=1e-10)
 
 
-def test_concurrent_minimize_calls_answer_bit_for_bit_as_solo(address):
-    starts = [start(n) for n in (3, 7, 12, 20)]
+def test_concurrent_minimize_calls_answer_bit_for_bit_as_solo(address, rng):
+    starts = [start(rng, n) for n in (3, 7, 12, 20)]
     solo = [minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address) for x0 in starts]
     with ThreadPoolExecutor(len(starts)) as pool:
         together = list(pool.map(

@@ -151,7 +151,7 @@ def _cut_by_a_deadline(held: HeldWork, call, request_for) -> Attempt:
     deadline passed while its work was held at its first product: the first try whose work
     had reached the hold when the client saw DEADLINE_EXCEEDED (a later try only if the
     server had not got there within the deadline). Returns that attempt, released."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     for timeout in DEADLINES:
         params = _big_params(rng)
         attempt = held.expect(params)
@@ -184,7 +184,7 @@ def _wait_count(handle, method: str, reason: str, at_least: float) -> float:
 
 def _answers_next_call(rpc) -> None:
     """A small AnalyzeCurvature right after: answered, and equal to the engine's own answer."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     x, y = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
     params = 0.5 * rng.standard_normal(3 * 4 + 4 + 4 * 2 + 2)
     problem = problems.mlp(x, y, layer_sizes=[3, 4, 2], activation="tanh")
@@ -207,7 +207,7 @@ def _answers_next_call(rpc) -> None:
 
 def _spectrum_requests(rpc):
     """A function of params -> an AnalyzeCurvatureRequest on one big stored problem."""
-    problem, _ = _big_mlp(np.random.default_rng())
+    problem, _ = _big_mlp(np.random.default_rng(torch.initial_seed()))
     pid = rpc.CreateProblem(service_pb2.CreateProblemRequest(problem=problem), timeout=60)
     options = spectrum_options(
         backend="autograd", max_lanczos_iterations=300, trace_samples=300, density_probes=0
@@ -222,7 +222,7 @@ def _spectrum_requests(rpc):
 
 
 def _spectrum_request(rpc) -> service_pb2.AnalyzeCurvatureRequest:
-    return _spectrum_requests(rpc)(_big_params(np.random.default_rng()))
+    return _spectrum_requests(rpc)(_big_params(np.random.default_rng(torch.initial_seed())))
 
 
 def test_analyze_curvature_past_its_deadline_stops_and_the_server_answers_next(
@@ -256,7 +256,7 @@ def test_analyze_curvature_the_client_cancels_stops(handle, rpc, monkeypatch):
 
 def test_compute_hessian_past_its_deadline_stops_between_row_chunks(handle, rpc, monkeypatch):
     held = HeldWork(monkeypatch, "dense_curvature", "Hessian rows")
-    problem, _ = _big_mlp(np.random.default_rng())
+    problem, _ = _big_mlp(np.random.default_rng(torch.initial_seed()))
     opts = method_options(backend="autograd")
 
     def request_for(params: np.ndarray) -> service_pb2.ComputeHessianRequest:

@@ -40,21 +40,22 @@ def exact(response: Message) -> bytes:
     return copy.SerializeToString(deterministic=True)
 
 
-def _problem(stub, name: str, size: int) -> tuple[str, np.ndarray]:
-    """A fresh random problem stored on the server, and random parameters for it."""
+def _problem(stub, name: str, size: int, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """A random problem stored on the server, and random parameters for it, drawn from `rng`."""
     created = stub.CreateProblem(
-        service_pb2.CreateProblemRequest(problem=wire_problem(name, size)), timeout=TIMEOUT
+        service_pb2.CreateProblemRequest(problem=wire_problem(name, size, rng=rng)),
+        timeout=TIMEOUT,
     )
-    params = 0.5 * np.random.default_rng().standard_normal(created.num_params)
+    params = 0.5 * rng.standard_normal(created.num_params)
     return created.problem_id, params
 
 
 @pytest.mark.parametrize("case", sorted(STEP_CASES))
-def test_step_rpcs_concurrent_equal_solo(stub, case):
+def test_step_rpcs_concurrent_equal_solo(stub, case, rng):
     name, values = STEP_CASES[case]
     if values.get("backend") == "native":
         require_native()
-    pid, params = _problem(stub, name, 8)
+    pid, params = _problem(stub, name, 8, rng)
     request = service_pb2.StepRequest(
         problem_id=pid, params=tensors.encode(params), options=method_options(**values)
     )
@@ -63,12 +64,12 @@ def test_step_rpcs_concurrent_equal_solo(stub, case):
 
 
 @pytest.mark.parametrize("case", sorted(SPECTRUM_CASES))
-def test_analyze_curvature_concurrent_equals_solo(stub, case):
+def test_analyze_curvature_concurrent_equals_solo(stub, case, rng):
     name, values = SPECTRUM_CASES[case]
     options = {**SPECTRUM_DEFAULTS, **values}
     if options["backend"] == "native":
         require_native()
-    pid, params = _problem(stub, name, 6)
+    pid, params = _problem(stub, name, 6, rng)
     request = service_pb2.AnalyzeCurvatureRequest(
         problem_id=pid, params=tensors.encode(params), options=spectrum_options(**options)
     )
@@ -76,10 +77,10 @@ def test_analyze_curvature_concurrent_equals_solo(stub, case):
 
 
 @pytest.mark.parametrize("name,curvature,backend", DENSE_CASES)
-def test_compute_hessian_concurrent_equals_solo(stub, name, curvature, backend):
+def test_compute_hessian_concurrent_equals_solo(stub, name, curvature, backend, rng):
     if backend == "native":
         require_native()
-    pid, params = _problem(stub, name, 6)
+    pid, params = _problem(stub, name, 6, rng)
     opts = method_options(curvature=curvature, backend=backend)
     request = service_pb2.ComputeHessianRequest(
         problem_id=pid,

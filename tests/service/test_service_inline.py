@@ -92,9 +92,8 @@ def _exact(response: service_pb2.StepResponse) -> bytes:
     return copy.SerializeToString(deterministic=True)
 
 
-def test_a_small_step_runs_on_the_loop_and_equals_the_pooled_answer(servers, threads_seen):
+def test_a_small_step_runs_on_the_loop_and_equals_the_pooled_answer(servers, threads_seen, rng):
     inline, pooled = (_stub(h) for h in servers)
-    rng = np.random.default_rng()
     for options in (
         {"method": "newton"},
         {"method": "newton", "step_policy": "fixed"},
@@ -116,18 +115,18 @@ def test_a_small_step_runs_on_the_loop_and_equals_the_pooled_answer(servers, thr
     assert _exact(got) == _exact(want)
 
 
-def test_a_step_over_the_threshold_runs_on_the_pool(servers, threads_seen):
+def test_a_step_over_the_threshold_runs_on_the_pool(servers, threads_seen, rng):
     inline = _stub(servers[0])
     big = problems.rosenbrock(dim=60)  # size 60^3 = 216,000 > the default 100,000
     pid = inline.CreateProblem(service_pb2.CreateProblemRequest(problem=big)).problem_id
-    params = np.random.default_rng().standard_normal(60)
+    params = rng.standard_normal(60)
     inline.NewtonStep(
         service_pb2.StepRequest(problem_id=pid, params=tensors.encode(params)), timeout=HANG_GUARD
     )
     assert threads_seen == [threads_seen[0]] and threads_seen[0].startswith("hessian-rpc")
 
 
-def test_a_long_pooled_step_leaves_the_loop_serving_small_steps(servers, monkeypatch):
+def test_a_long_pooled_step_leaves_the_loop_serving_small_steps(servers, monkeypatch, rng):
     handle = servers[0]
     stub = _stub(handle)
     started, release = threading.Event(), threading.Event()
@@ -144,9 +143,9 @@ def test_a_long_pooled_step_leaves_the_loop_serving_small_steps(servers, monkeyp
         service_pb2.CreateProblemRequest(problem=problems.rosenbrock(dim=60))
     ).problem_id
     long_request = service_pb2.StepRequest(
-        problem_id=pid, params=tensors.encode(np.random.default_rng().standard_normal(60))
+        problem_id=pid, params=tensors.encode(rng.standard_normal(60))
     )
-    small = _small_step([stub], np.random.default_rng())
+    small = _small_step([stub], rng)
     with futures.ThreadPoolExecutor(1) as pool:
         long_call = pool.submit(stub.NewtonStep, long_request, timeout=HANG_GUARD)
         try:
@@ -160,7 +159,7 @@ def test_a_long_pooled_step_leaves_the_loop_serving_small_steps(servers, monkeyp
         assert long_call.result(timeout=HANG_GUARD).record.iteration == 0
 
 
-def test_an_inline_refusal_keeps_its_code_field_and_request_id(servers, threads_seen):
+def test_an_inline_refusal_keeps_its_code_field_and_request_id(servers, threads_seen, rng):
     stub = _stub(servers[0])
     pid = stub.CreateProblem(
         service_pb2.CreateProblemRequest(problem=problems.rosenbrock(dim=4))
@@ -170,7 +169,7 @@ def test_an_inline_refusal_keeps_its_code_field_and_request_id(servers, threads_
     # Rosenbrock has no Gauss-Newton form: the engine refuses it inside take_step, on the loop
     request = service_pb2.StepRequest(
         problem_id=pid,
-        params=tensors.encode(np.random.default_rng().standard_normal(4)),
+        params=tensors.encode(rng.standard_normal(4)),
         options=method_options(method="gauss_newton_cg"),
     )
     with pytest.raises(grpc.RpcError) as info:
@@ -190,11 +189,11 @@ def test_a_negative_threshold_is_refused_naming_the_flag():
         ServerConfig(inline_step_below=-1).validated()
 
 
-def test_a_step_that_would_read_the_store_runs_on_the_pool(servers, threads_seen):
+def test_a_step_that_would_read_the_store_runs_on_the_pool(servers, threads_seen, rng):
     # The first by-id step of a caller reads its hold from the store, behind any commit in
     # progress: never on the loop. Once the hold is remembered, the next one runs inline.
     stub = _stub(servers[0])
-    params = np.random.default_rng().standard_normal((6, 4))
+    params = rng.standard_normal((6, 4))
     pid = stub.CreateProblem(
         service_pb2.CreateProblemRequest(problem=problems.mse(params))
     ).problem_id

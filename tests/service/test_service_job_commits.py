@@ -56,7 +56,7 @@ def _transactions(statements: list[str]) -> list[list[str]]:
 
 def test_the_last_checkpoint_records_and_end_commit_together(traced):
     handle, statements = traced
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     a = rng.standard_normal((40, 6))
     b = rng.integers(0, 2, 40).astype(np.float64)
     x0 = 0.1 * rng.standard_normal(7)

@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import torch
 from conftest import free_port, spawn_server
 from hessian_client import Client, HessianError, least_squares, minimize, problems, tensors
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
@@ -162,7 +163,7 @@ def test_a_cut_least_squares_run_resumes_with_its_gauss_newton_products(address)
     """A gauss_newton_cg run cut mid-run through the relay resumes under the same id (its
     Gauss-Newton capability restored from the stored declaration) to the records of an
     uninterrupted run."""
-    x0 = np.random.default_rng().uniform(0.2, 1.8, 6)
+    x0 = np.random.default_rng(torch.initial_seed()).uniform(0.2, 1.8, 6)
     lsq = {"method": "gauss_newton_cg", "gtol": 1e-10, "xtol": 1e-15}
     plain = least_squares(rosen_residuals, x0, rosen_jacobian, address=address, **lsq)
     proxy = TcpProxy(address)
@@ -275,7 +276,7 @@ def test_gauss_newton_cg_over_the_stream_reaches_the_minimum(address):
     minimum (cost 0: the residuals vanish at x = 1), the run FINISHED and converged."""
     first = start_request(gradient=True, gauss_newton=True)
     first.start.options.method = optimize_pb2.METHOD_GAUSS_NEWTON_CG
-    x0 = np.random.default_rng().uniform(0.2, 1.8, 6)  # in the global minimum's basin
+    x0 = np.random.default_rng(torch.initial_seed()).uniform(0.2, 1.8, 6)  # in the minimum's basin
     first.start.initial_params.CopyFrom(tensors.encode(x0))
     first.start.stopping.max_iterations = 500
     first.start.stopping.parameter_tolerance = 1e-15

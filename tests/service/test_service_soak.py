@@ -202,16 +202,17 @@ def _watch(stub, run_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_soak_concurrent_mixed_rpcs_equal_solo_answers(tmp_path):
+def test_soak_concurrent_mixed_rpcs_equal_solo_answers(tmp_path, rng):
     handle = start_server(tmp_path, workers=2, max_concurrent_runs=RUNS * 2)
     try:
-        _soak(handle.address)
+        _soak(handle.address, rng)
     finally:
         handle.stop(grace=1.0)
 
 
-def _soak(address: str) -> None:
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+def _soak(address: str, rng: np.random.Generator) -> None:
+    """The problems and requests are drawn from `rng` (the test's seed, named in a failure's
+    report); which thread makes which call when is the scheduler's, as a soak's should be."""
     channel = grpc.insecure_channel(address)
     stub = service_pb2_grpc.HessianServiceStub(channel)
     pids, sizes = {}, {}

@@ -111,12 +111,12 @@ def test_a_record_carries_its_end_point_and_damping_flag(verdict):
     assert optimize_pb2.Verdict.Name(wire.end_point) == expected and wire.step_damped
 
 
-def test_compute_hessian_counts_no_rounding_negatives_in_a_gauss_newton_matrix(client):
+def test_compute_hessian_counts_no_rounding_negatives_in_a_gauss_newton_matrix(client, rng):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(5, 4, generator=gen, dtype=torch.float64).numpy()
     y = torch.randn(5, 1, generator=gen, dtype=torch.float64).numpy()
     problem = problems.mlp(x, y, layer_sizes=[4, 8, 8, 1])
-    params = 0.5 * np.random.default_rng().normal(size=121)
+    params = 0.5 * rng.normal(size=121)
     result = client.compute_hessian(problem, params, curvature="gauss_newton")
     evals = np.linalg.eigvalsh(result.matrix)
     tol = 121 * np.finfo(np.float64).eps * np.abs(evals).max()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 from hessian_service.engine.records import StepRecord
 from hessian_service.store import RunRow, SQLiteRunStore, StoreClosedError, StoredCheckpoint, layout
 
@@ -44,7 +45,7 @@ def test_concurrent_appends_flushes_and_reads_store_every_record_in_order(tmp_pa
     """Eight writer threads (one run each) append fresh random records while the flusher and
     full batches commit and a reader polls; each commit listener call is checked against a
     read: an acknowledged record is readable. The file holds every record, bit for bit."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     runs = {f"r-{i}": [_record(rng, k) for k in range(120)] for i in range(8)}
     store = SQLiteRunStore(tmp_path, commit_every=7, commit_interval_s=0.001)
     unreadable: list[tuple[str, int]] = []
