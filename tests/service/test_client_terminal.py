@@ -23,6 +23,9 @@ class Terminal:
     def __init__(self, *args: str) -> None:
         pid, fd = pty.fork()
         if pid == 0:  # the child: the pty is its controlling terminal
+            # as at a user's prompt: a suite started in the background (`make test &` from a
+            # script) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, "-m", "hessian_client", *args])
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
         self.pid, self.fd, self.text = pid, fd, ""
@@ -110,22 +113,27 @@ def test_ctrl_c_cancels_the_run_and_exits_130(server, client):
         "0",
     )
     run_id = term.read_until(r"run (r-[0-9a-f]+)")[1]
-    term.read_until(r"[1-9]\d*/1000000")  # the bar has moved: the run is executing
-    os.write(term.fd, b"\x03")
-    assert term.finish() == 130, term.text
-    assert "Traceback" not in term.text and "KeyboardInterrupt" not in term.text
-    assert f"cancel requested for run {run_id}" in term.text
-    assert client.run(run_id).wait(timeout=60).status == "CANCELLED"
+    try:
+        term.read_until(r"[1-9]\d*/1000000")  # the bar has moved: the run is executing
+        os.write(term.fd, b"\x03")
+        assert term.finish() == 130, term.text
+        assert "Traceback" not in term.text and "KeyboardInterrupt" not in term.text
+        assert f"cancel requested for run {run_id}" in term.text
+        assert client.run(run_id).wait(timeout=60).status == "CANCELLED"
+    finally:  # a failure must not leave an endless run holding the shared server's workers
+        client.cancel_run(run_id)
 
 
 def test_ctrl_c_with_detach_leaves_the_run_running_and_says_so(server, client):
     run = start_endless_run(client)
-    term = Terminal("--address", server.address, "watch", run.id, "--detach")
-    term.read_until(r"\n\s+\d+ loss")
-    os.write(term.fd, b"\x03")
-    assert term.finish() == 130, term.text
-    assert "Traceback" not in term.text
-    assert f"run {run.id} keeps running" in term.text
-    assert client.get_run(run.id).status == "RUNNING"
-    run.cancel()
+    try:
+        term = Terminal("--address", server.address, "watch", run.id, "--detach")
+        term.read_until(r"\n\s+\d+ loss")
+        os.write(term.fd, b"\x03")
+        assert term.finish() == 130, term.text
+        assert "Traceback" not in term.text
+        assert f"run {run.id} keeps running" in term.text
+        assert client.get_run(run.id).status == "RUNNING"
+    finally:
+        run.cancel()
     assert run.wait(timeout=60).status == "CANCELLED"
