@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
@@ -101,6 +102,15 @@ def server_output(proc: subprocess.Popen) -> str:
     if path is not None:
         return pathlib.Path(path).read_text()
     return proc.stdout.read().decode() if proc.stdout else ""
+
+
+def occupy_workers(handle) -> threading.Event:
+    """Give every run worker of `handle` a wait on the returned event: runs started meanwhile
+    stay QUEUED (live, counted against the limits) until the caller sets it."""
+    gate = threading.Event()
+    for _ in range(handle.config.workers):
+        handle.runs._executor.submit(gate.wait)
+    return gate
 
 
 def health_status(address: str) -> int:

@@ -5,13 +5,12 @@ concurrent runs per token. Only catalogue objectives exist: nothing resembling c
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import occupy_workers, start_server
 from hessian_client import Client, InvalidArgument, ResourceExhausted, problems, status_name
 from hessian_client.proto import problem_pb2, service_pb2, service_pb2_grpc
 from hessian_client.tensors import encode
@@ -99,9 +98,7 @@ def test_concurrent_runs_are_limited_per_token(limited):
     long = dict(LONG, stopping={"max_iterations": 500})
     # Both run workers wait on `gate` until the refusal is checked, so the two runs stay
     # QUEUED (live, counted): neither can finish first and free a slot on a slow machine.
-    gate = threading.Event()
-    for _ in range(limited.config.workers):
-        limited.runs._executor.submit(gate.wait)
+    gate = occupy_workers(limited)
     mine, others = [], []
     with _client(limited) as a, _client(limited, "beta-token") as b:
         try:

@@ -3,11 +3,9 @@ a request over each limit is refused with the limit's field named (the CLI shows
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import occupy_workers, start_server
 from hessian_client import Client, InvalidArgument, ResourceExhausted, problems
 from hessian_client.cli import main
 from hessian_service.server.service import SAMPLE_HEADER_BYTES
@@ -107,8 +105,7 @@ def test_runs_over_the_per_token_and_server_limits_are_refused(limited):
     # The only run worker waits on `gate`, so every run started here stays QUEUED (live, and
     # counted against both limits) until the refusals are checked: none can finish meanwhile
     # and free its slot, however slowly the machine runs.
-    gate = threading.Event()
-    limited.runs._executor.submit(gate.wait)
+    gate = occupy_workers(limited)
     runs = []
     with _client(limited) as a, _client(limited, "beta-token") as b:
         try:

@@ -11,7 +11,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import occupy_workers, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hessian_client import Client, DataLoss, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
@@ -39,14 +39,13 @@ def _until(predicate, timeout: float = 60.0) -> bool:
 @pytest.mark.slow
 def test_a_thousand_idle_watchers_hold_no_thread_and_all_get_every_record(tmp_path):
     handle = start_server(tmp_path, workers=1, rpc_threads=RPC_THREADS)
-    gate = threading.Event()
     rng = np.random.default_rng(0)
     a = rng.standard_normal((6, 6))
     problem = problems.quadratic(a @ a.T + 6 * np.eye(6), rng.standard_normal(6))
     x0 = rng.standard_normal(6)
+    # the only run worker waits on `gate`, so the watched run stays QUEUED: an idle wait
+    gate = occupy_workers(handle)
     try:
-        # the only run worker waits on `gate`, so the watched run stays QUEUED: an idle wait
-        handle.runs._executor.submit(gate.wait)
         with Client(handle.address, timeout=60) as c:
             solo = c.newton_step(problem, x0, timeout=30)
             run = c.start_run(
@@ -152,9 +151,8 @@ def test_records_missing_behind_the_last_record_end_the_watch_with_data_loss(
 
 def test_a_watcher_that_goes_away_is_removed_from_its_run(tmp_path):
     handle = start_server(tmp_path, workers=1)
-    gate = threading.Event()
+    gate = occupy_workers(handle)  # keeps the watched run QUEUED
     try:
-        handle.runs._executor.submit(gate.wait)  # keeps the watched run QUEUED
         with Client(handle.address, timeout=30) as c:
             run = c.start_run(problems.mse(np.ones(3)), np.zeros(3), stopping=STOPPING)
             live = handle.runs.live(run.id)
