@@ -17,6 +17,7 @@ class TcpProxy:
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._refusing = False
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -28,6 +29,10 @@ class TcpProxy:
                 return
             upstream = socket.create_connection(self.target)
             with self._lock:
+                if self._refusing:  # accepted while close() ran: cut it, accept no more
+                    for s in (client, upstream):
+                        s.close()
+                    return
                 self._conns += [client, upstream]
                 self.accepted += 1
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
@@ -55,6 +60,18 @@ class TcpProxy:
             s.close()
 
     def close(self) -> None:
-        """Stop accepting and cut everything."""
+        """Refuse new connections and cut every open one, whatever the accept thread is doing.
+
+        Closing a listening socket does not wake a thread blocked in accept() on it, and a
+        connection it accepts meanwhile could be registered after a plain sever(): the flag,
+        set under the lock sever() takes, makes such a late connection cut on arrival, and
+        one connection of our own wakes the thread so that it sees the flag and stops.
+        """
+        with self._lock:
+            if self._refusing:
+                return
+            self._refusing = True
         self.listener.close()
+        with contextlib.suppress(OSError), socket.create_connection(self.address.split(":")):
+            pass
         self.sever()
