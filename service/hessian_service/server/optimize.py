@@ -227,7 +227,7 @@ class Optimizer:
             row = await asyncio.to_thread(self.service._row, run_id, tenant)
             response = service_pb2.OptimizeResponse()
             if live is not None:
-                for record in live.records[sent:]:
+                for record in live.records_since(sent):
                     codec.record_to_wire(record, response.records.add())
             response.finished.CopyFrom(await asyncio.to_thread(self.service._info, row, True))
             yield response
@@ -241,8 +241,7 @@ class Optimizer:
     def _add_records(response: Any, live: Any, sent: int) -> int:
         """The records since `sent`, durable or not yet: the caller driving the run sees
         each step before its next evaluation (its callback may stop the run there)."""
-        with live.cond:
-            records = live.records[sent:]
+        records = live.records_since(sent)
         for record in records:
             codec.record_to_wire(record, response.records.add())
         return sent + len(records)

@@ -86,11 +86,17 @@ def _resolve(future: asyncio.Future) -> None:
 
 
 class LiveRun:
-    """An executing (or queued) run's in-memory records from `base` on, and its cancel token.
+    """An executing (or queued) run's recent records from `base` on, and its cancel token.
 
     Watchers do not wait on a thread: they `listen` with a callback (called from the thread
     that committed records or ended the run) and read `committed_from` when it fires.
+    Memory stays bounded however long the run: committed records more than `KEEP` behind
+    the newest committed one are dropped (they are in the store), so a run of a million
+    iterations does not hold half a gigabyte of records; a watcher that far behind reads
+    them from the store.
     """
+
+    KEEP = 4096  # committed records held for watchers that follow closely (~2 MB)
 
     def __init__(self, run_id: str, base: int, owner: str = "") -> None:
         self.run_id = run_id
@@ -101,7 +107,8 @@ class LiveRun:
         self.shutdown = False
         self.lost = False  # its lease is gone: another replica may execute it now
         self.started = False
-        self.records: list[StepRecord] = []
+        self._records: list[StepRecord] = []  # records from list index `dropped` on
+        self.dropped = 0  # committed records let go from the front (all in the store)
         self.durable = 0
         self.error: StoreError | None = None
         self.done = False
@@ -135,17 +142,34 @@ class LiveRun:
     def acknowledge(self, iteration: int) -> None:
         """The store committed every record up to `iteration`: watchers may see them."""
         with self.cond:
-            durable = min(len(self.records), iteration - self.base + 1)
+            durable = min(self.dropped + len(self._records), iteration - self.base + 1)
             if durable <= self.durable:
                 return
             self.durable = durable
+            excess = durable - self.KEEP - self.dropped
+            if excess >= self.KEEP:  # let go in chunks: a list's front costs O(len) to cut
+                del self._records[:excess]
+                self.dropped += excess
         self._notify()
 
     def append(self, record: StepRecord) -> None:
         """Buffer one record. Watchers see records once durable, so only `acknowledge` (and
         `finish`) wake them: a wake-up per record costs the run a GIL hand-off per iteration."""
         with self.cond:
-            self.records.append(record)
+            self._records.append(record)
+
+    def first_held(self) -> int:
+        """The iteration of the oldest record still in memory (earlier ones are in the store)."""
+        with self.cond:
+            return self.base + self.dropped
+
+    def records_since(self, index: int) -> list[StepRecord]:
+        """Every record from list index `index` on, committed or not (an Optimize stream sends
+        each before the next evaluation, so it never falls `KEEP` committed records behind)."""
+        with self.cond:
+            if index < self.dropped:
+                raise RuntimeError(f"records from {index} on were let go ({self.dropped} were)")
+            return self._records[index - self.dropped :]
 
     def finish(self) -> None:
         """Mark the run ended and wake every watcher."""
@@ -153,16 +177,20 @@ class LiveRun:
             self.done = True
         self._notify()
 
-    def committed_from(self, index: int) -> tuple[list[StepRecord], bool]:
-        """Committed records from list index `index` on (now, no wait), and whether that is all."""
+    def committed_from(self, index: int) -> tuple[list[StepRecord] | None, bool]:
+        """Committed records from list index `index` on (now, no wait), and whether that is all;
+        None when the record at `index` was let go (read it from the store)."""
         with self.cond:
-            return self.records[index : self.durable], self.done and self.durable <= index
+            if index < self.dropped:
+                return None, False
+            held = self._records[index - self.dropped : self.durable - self.dropped]
+            return held, self.done and self.durable <= index
 
     @property
     def last_record(self) -> StepRecord | None:
         """The newest committed record."""
         with self.cond:
-            return self.records[self.durable - 1] if self.durable else None
+            return self._records[self.durable - self.dropped - 1] if self.durable else None
 
 
 class RunManager:
@@ -496,12 +524,15 @@ class RunManager:
         while True:
             live, row = await asyncio.to_thread(self._live_then_row, run_id, scope)
             if live is not None:
-                # records before the live buffer (a resumed run's history) are in the store
-                while nxt < live.base:
+                # records before the live buffer (a resumed run's history, and committed ones
+                # it let go) are in the store
+                while nxt < (held := live.first_held()):
                     batch = await asyncio.to_thread(
-                        self._stored_page, live.run_id, nxt, page, live.base - 1
+                        self._stored_page, live.run_id, nxt, page, held - 1
                     )
                     if not batch:
+                        if nxt >= live.base:  # let go as committed, yet not in the store
+                            await asyncio.to_thread(self._missing, live.run_id, nxt, held - 1)
                         break
                     yield batch
                     nxt = batch[-1].iteration + 1
@@ -556,10 +587,14 @@ class RunManager:
             self._missing(run_id, nxt, records[0].iteration - 1 if records else last, stored)
         return records[:present]
 
-    def _missing(self, run_id: str, first: int, last: int, stored: int) -> None:
-        """Raise DataLossError for records `first`..`last` (NotFound if the run was deleted)."""
-        if self.store.get_run(run_id) is None:
+    def _missing(self, run_id: str, first: int, last: int, stored: int | None = None) -> None:
+        """Raise DataLossError for records `first`..`last` (NotFound if the run was deleted);
+        `stored`: the last iteration the run's row names (read here when not given)."""
+        row = self.store.get_run(run_id)
+        if row is None:
             raise NotFoundError("run_id", f"run with id {run_id!r}")  # deleted meanwhile
+        if stored is None:
+            stored = row.last_record.iteration if row.last_record is not None else -1
         raise DataLossError(
             "run_id",
             f"run {run_id}: the records of iterations {first} to {last} are missing from the "
@@ -828,6 +863,8 @@ async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list[Step
         while True:
             changed.clear()
             batch, finished = live.committed_from(nxt - live.base)
+            if batch is None:  # fell behind what the buffer holds: the caller reads the store
+                return
             for start in range(0, len(batch), page):
                 yield batch[start : start + page]
             nxt += len(batch)
