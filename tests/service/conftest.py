@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -111,6 +112,49 @@ def occupy_workers(handle) -> threading.Event:
     for _ in range(handle.config.workers):
         handle.runs._executor.submit(gate.wait)
     return gate
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` passes (False): the timeout
+    guards against a hang, it is not a timing claim."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def hold_record(
+    monkeypatch: pytest.MonkeyPatch,
+    store,
+    iteration: int,
+    until: Callable[[str], bool],
+    *,
+    only: Callable[[str], bool] | None = None,
+    reached: threading.Event | None = None,
+    timeout: float = 60.0,
+) -> list[bool]:
+    """Make a run's worker wait before it stores record `iteration` until `until(run_id)`,
+    so the run is certainly still executing at that record however slow the machine.
+
+    `only(run_id)` picks the runs to hold (default all); `reached` is set when a worker
+    starts waiting; `monkeypatch` undoes the hold after the test. Returns a list that gets,
+    per hold, whether `until` came true within `timeout` (a hang guard): a test asserts
+    its holds really happened.
+    """
+    append = store.append_record
+    held: list[bool] = []
+
+    def held_append(run_id, record):
+        if record.iteration == iteration and (only is None or only(run_id)):
+            if reached is not None:
+                reached.set()
+            held.append(wait_until(lambda: until(run_id), timeout))
+        append(run_id, record)
+
+    monkeypatch.setattr(store, "append_record", held_append)
+    return held
 
 
 def health_status(address: str) -> int:

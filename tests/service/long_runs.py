@@ -1,7 +1,7 @@
 """Runs that take long on purpose: the gradient-descent run the PostgreSQL replica tests
 (handover, partition, restart) hand between servers, slow enough to be caught mid-run and
-exact enough to compare record by record with an uninterrupted reference run; and the
-stopping criteria of a run that only ends when cancelled."""
+exact enough to compare record by record with an uninterrupted reference run; a run of many
+fast iterations; and the stopping criteria of a run that only ends when cancelled."""
 
 from __future__ import annotations
 
@@ -29,6 +29,19 @@ def long_run_spec(max_iterations: int) -> dict[str, Any]:
     """start_run keywords: gradient descent at a fixed rate for exactly `max_iterations`."""
     return {"method": "gradient_descent", "learning_rate": 0.05,
             "stopping": {"max_iterations": max_iterations, **EXACT}}  # fmt: skip
+
+
+def gd_run(client: Any, iterations: int, name: str = "") -> Any:
+    """Start gradient descent on Rosenbrock n = 4 from zeros at rate 1e-4 for exactly
+    `iterations`: many fast iterations, each record reproducible bit for bit."""
+    return client.start_run(
+        problems.rosenbrock(dim=4),
+        np.zeros(4),
+        method="gradient_descent",
+        learning_rate=1e-4,
+        stopping={"max_iterations": iterations, **EXACT},
+        name=name,
+    )
 
 
 def start_endless_run(client: Any) -> Any:

@@ -9,7 +9,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import hold_record, start_server
 from hessian_client import Client, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_service.server import runs as runs_module
@@ -45,14 +45,7 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
     # A's worker waits before storing record 100 until the test has seen the run live, so the
     # 3000-iteration run cannot finish first on a slow machine (60 s: a hang guard only)
     checked = threading.Event()
-    append = a.runs.store.append_record
-
-    def held_append(run_id, record):
-        if record.iteration == 100:
-            checked.wait(60)
-        append(run_id, record)
-
-    a.runs.store.append_record = held_append
+    hold_record(monkeypatch, a.runs.store, 100, lambda _: checked.is_set())
     try:
         with Client(a.address) as ca:
             run = ca.start_run(

@@ -5,12 +5,11 @@ concurrent runs per token. Only catalogue objectives exist: nothing resembling c
 from __future__ import annotations
 
 import math
-import time
 
 import grpc
 import numpy as np
 import pytest
-from conftest import occupy_workers, start_server
+from conftest import occupy_workers, start_server, wait_until
 from hessian_client import Client, InvalidArgument, ResourceExhausted, problems, status_name
 from hessian_client.proto import problem_pb2, service_pb2, service_pb2_grpc
 from hessian_client.tensors import encode
@@ -84,15 +83,6 @@ def test_iterations_over_the_limit_are_refused(limited):
         c.start_run(problems.rosenbrock(), np.zeros(2), stopping={"max_iterations": 501})
 
 
-def _forgotten(handle, run_id: str, timeout: float = 60.0) -> bool:
-    """Wait until the server no longer counts `run_id` as live (its worker let it go after
-    storing its end); `timeout` only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while handle.runs.live(run_id) is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return handle.runs.live(run_id) is None
-
-
 def test_concurrent_runs_are_limited_per_token(limited):
     problem = problems.rosenbrock(dim=2)
     long = dict(LONG, stopping={"max_iterations": 500})
@@ -110,7 +100,7 @@ def test_concurrent_runs_are_limited_per_token(limited):
             mine[0].cancel()
             gate.set()  # the cancelled run needs a worker to end
             mine[0].wait(30)
-            assert _forgotten(limited, mine[0].id)
+            assert wait_until(lambda: limited.runs.live(mine[0].id) is None)  # its end stored
             mine.append(a.start_run(problem, np.zeros(2), **long))  # a slot came free
         finally:
             gate.set()

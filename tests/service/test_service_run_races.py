@@ -6,13 +6,12 @@ watcher's final event always carries a final status."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import hold_record, start_server
 from hessian_client import Client, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_service.server import ServerConfig, build_server
@@ -58,29 +57,18 @@ class HookedStore(SQLiteRunStore):
         return page
 
 
-def hold_until_stopped(handle, iteration: int) -> None:
-    """Hold each run's worker before it stores record `iteration` until the server's shutdown
-    has told that run to stop, so a finite run is certainly still executing when stop() runs
-    (it cannot finish meanwhile, however slow the machine); 60 s only guards against a hang."""
-    store = handle.runs.store
-    append = store.append_record
-
-    def append_record(run_id, record):
-        if record.iteration == iteration:
-            live = handle.runs.live(run_id)
-            deadline = time.monotonic() + 60
-            while not live.cancel.cancelled and time.monotonic() < deadline:
-                time.sleep(0.01)
-        append(run_id, record)
-
-    store.append_record = append_record
-
-
 @pytest.fixture
-def interrupted(tmp_path):
+def interrupted(tmp_path, monkeypatch):
     """A data directory holding one INTERRUPTED run (the server stopped while it ran)."""
     handle = start_server(tmp_path)
-    hold_until_stopped(handle, 1)  # record 0 is committed and seen; the run waits at 1
+    # record 0 is committed and seen; the run waits before storing record 1 until the
+    # shutdown told it to stop, so it cannot finish first however slow the machine
+
+    def stopped(run_id: str) -> bool:
+        live = handle.runs.live(run_id)
+        return live is None or live.cancel.cancelled
+
+    hold_record(monkeypatch, handle.runs.store, 1, stopped)
     try:
         with Client(handle.address) as c:
             run = c.start_run(

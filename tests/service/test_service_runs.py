@@ -8,25 +8,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
+from conftest import hold_record, start_server
 from hessian_client import Client, NotFound, ResourceExhausted, problems, status_name
 from hessian_client.proto import service_pb2
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
 from hessian_service.engine.solvers.methods import Stepper
+from long_runs import EXACT, gd_run
 from tcp_proxy import TcpProxy
-
-NO_TOLERANCES = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
-
-
-def _gd_run(client: Client, iterations: int, name: str = ""):
-    return client.start_run(
-        problems.rosenbrock(dim=4),
-        np.zeros(4),
-        method="gradient_descent",
-        learning_rate=1e-4,
-        stopping={"max_iterations": iterations, **NO_TOLERANCES},
-        name=name,
-    )
 
 
 def _slow_newton_problem():
@@ -38,7 +26,7 @@ def _slow_newton_problem():
 
 
 def test_watch_from_k_after_a_cancelled_stream_yields_each_record_once(client, stub):
-    run = _gd_run(client, 400)
+    run = gd_run(client, 400)
     info = run.wait()
     assert status_name(info) == "FINISHED" and info.num_records == 401
     first = []
@@ -64,27 +52,26 @@ def test_stream_dropped_mid_run_resumes_transparently(server, monkeypatch):
     # cut after record 199 (899): the client cannot have buffered past the cut, so only a
     # reconnect brings the rest (60 s: a hang guard only).
     severed = {200: threading.Event(), 900: threading.Event()}
-    held = []
     store = server.runs.store
-    append = store.append_record
 
-    def held_append(run_id, record):
-        if record.iteration in severed and store.get_run(run_id).name == "dropped":
-            held.append(severed[record.iteration].wait(60))
-        append(run_id, record)
+    def dropped(run_id: str) -> bool:
+        return store.get_run(run_id).name == "dropped"
 
-    monkeypatch.setattr(store, "append_record", held_append)
+    held = [
+        hold_record(monkeypatch, store, k, lambda _, cut=cut: cut.is_set(), only=dropped)
+        for k, cut in severed.items()
+    ]
     proxy = TcpProxy(server.address)
     try:
         with Client(proxy.address, timeout=30) as via_proxy, Client(server.address) as direct:
-            run = _gd_run(via_proxy, 1500, name="dropped")
+            run = gd_run(via_proxy, 1500, name="dropped")
             seen = []
             for record in run.stream(reconnect_timeout=20):
                 seen.append(record)
                 if len(seen) in severed:
                     proxy.sever()
                     severed[len(seen)].set()
-            assert held == [True, True], "the run waited at both cuts"
+            assert held == [[True], [True]], "the run waited at both cuts"
             assert proxy.accepted >= 3, "the stream should have reconnected twice"
             assert [r.iteration for r in seen] == list(range(1501))
             reference = list(direct.run(run.id).stream())
@@ -100,7 +87,7 @@ def test_stream_dropped_mid_run_resumes_transparently(server, monkeypatch):
 
 def test_two_watchers_of_one_run_see_the_same_records(server):
     with Client(server.address) as a, Client(server.address) as b:
-        run = _gd_run(a, 1500)
+        run = gd_run(a, 1500)
         results: dict[str, list[bytes]] = {}
 
         def watch(name: str, c: Client) -> None:
@@ -137,7 +124,7 @@ def test_cancel_stops_a_long_run_within_one_iteration(client, monkeypatch):
         method="newton",
         damping=1e-3,
         backend="autograd",
-        stopping={"max_iterations": 100_000, **NO_TOLERANCES},
+        stopping={"max_iterations": 100_000, **EXACT},
     )
     assert inside.wait(60)
     run.cancel()
@@ -155,7 +142,7 @@ def test_cancel_stops_a_long_run_within_one_iteration(client, monkeypatch):
 
 
 def test_run_result_get_list_and_delete(client):
-    run = _gd_run(client, 50, name="listed")
+    run = gd_run(client, 50, name="listed")
     result = run.result()
     assert result.status == "FINISHED"
     objective = make_objective("rosenbrock", {}, {"dim": 4})
@@ -163,7 +150,7 @@ def test_run_result_get_list_and_delete(client):
         objective,
         torch.zeros(4, dtype=torch.float64),
         MethodOptions(method="gradient_descent", learning_rate=1e-4),
-        StopCriteria(max_iterations=50, **NO_TOLERANCES),
+        StopCriteria(max_iterations=50, **EXACT),
     )
     reference.run_to_end()
     np.testing.assert_array_equal(result.params, reference.params.numpy())
@@ -184,9 +171,9 @@ def test_full_run_queue_is_resource_exhausted(tmp_path):
     handle = start_server(tmp_path, workers=1, max_concurrent_runs=1)
     try:
         with Client(handle.address) as c:
-            first = _gd_run(c, 1_000_000)
+            first = gd_run(c, 1_000_000)
             with pytest.raises(ResourceExhausted, match="max_concurrent_runs"):
-                _gd_run(c, 10)
+                gd_run(c, 10)
             first.cancel()
             assert status_name(first.wait()) == "CANCELLED"
     finally:

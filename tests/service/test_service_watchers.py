@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
-from conftest import occupy_workers, start_server
+from conftest import occupy_workers, start_server, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hessian_client import Client, DataLoss, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
@@ -24,16 +23,6 @@ STOPPING = {
     "function_tolerance": 0.0,
     "parameter_tolerance": 0.0,
 }
-
-
-def _until(predicate, timeout: float = 60.0) -> bool:
-    """Poll `predicate` until true or `timeout` (a bound against hangs, not a timing claim)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.mark.slow
@@ -58,7 +47,7 @@ def test_a_thousand_idle_watchers_hold_no_thread_and_all_get_every_record(tmp_pa
                 request = service_pb2.WatchRunRequest(run_id=run.id)
                 calls = [stub.WatchRun(request, timeout=300) for _ in range(WATCHERS)]
                 live = handle.runs.live(run.id)
-                assert _until(lambda: live.watchers == WATCHERS), live.watchers
+                assert wait_until(lambda: live.watchers == WATCHERS), live.watchers
                 waiting = threading.active_count()
                 # a watcher is a listener on the run, not a thread: at most the RPC pool grew
                 assert waiting - before <= RPC_THREADS + 2, (before, waiting)
@@ -81,7 +70,7 @@ def test_a_thousand_idle_watchers_hold_no_thread_and_all_get_every_record(tmp_pa
         for records, last in streams:
             assert records == stored
             assert last.HasField("final") and status_name(last.final) == "FINISHED"
-        assert _until(lambda: live.watchers == 0)
+        assert wait_until(lambda: live.watchers == 0)
     finally:
         gate.set()
         handle.stop(grace=1.0)
@@ -160,10 +149,10 @@ def test_a_watcher_that_goes_away_is_removed_from_its_run(tmp_path):
                 stub = service_pb2_grpc.HessianServiceStub(channel)
                 request = service_pb2.WatchRunRequest(run_id=run.id)
                 calls = [stub.WatchRun(request, timeout=120) for _ in range(3)]
-                assert _until(lambda: live.watchers == 3)
+                assert wait_until(lambda: live.watchers == 3)
                 calls[0].cancel()
-                assert _until(lambda: live.watchers == 2)
-            assert _until(lambda: live.watchers == 0), "closing the channel cancels the rest"
+                assert wait_until(lambda: live.watchers == 2)
+            assert wait_until(lambda: live.watchers == 0), "closing the channel cancels the rest"
             assert status_name(c.get_run(run.id)) == "QUEUED"
     finally:
         gate.set()
