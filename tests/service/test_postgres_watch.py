@@ -78,3 +78,57 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
         checked.set()
         b.stop()
         a.stop()
+
+
+@pytest.mark.slow
+def test_an_end_committed_after_the_last_record_reaches_another_replicas_watcher(
+    tmp_path, postgres_dsn, monkeypatch
+):
+    """A's end waits until every record is committed and B's watcher, having sent them all,
+    waits for a push; the end's commit then carries no record. B must still hear of it by
+    push (the fallback poll is an hour), not only when a record commits."""
+    monkeypatch.setattr(runs_module, "WATCH_POLL_SECONDS", 3600.0)
+    a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", commit_interval_ms=20)
+    b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", commit_interval_ms=20)
+    iterations = 50
+    idle = threading.Event()  # B's watcher waits for a push with every record sent
+    committed = b.runs.committed
+
+    async def watched_wait(run_id: str, timeout: float) -> None:
+        last = a.runs.store.get_run(run_id).last_record
+        if last is not None and last.iteration == iterations:
+            idle.set()
+        await committed(run_id, timeout)
+
+    monkeypatch.setattr(b.runs, "committed", watched_wait)
+    finish = a.runs.store.finish_run
+    held = []
+
+    def held_finish(run_id, checkpoint, **fields):
+        held.append(idle.wait(60))
+        finish(run_id, checkpoint, **fields)
+
+    monkeypatch.setattr(a.runs.store, "finish_run", held_finish)
+    try:
+        with Client(a.address) as ca:
+            run = ca.start_run(
+                _problem(),
+                method="gradient_descent",
+                learning_rate=0.05,
+                stopping={"max_iterations": iterations, **EXACT},
+            )
+            out: list = []
+            watcher = threading.Thread(
+                target=_watch, args=(b.address, run.id, 0, out, threading.Event())
+            )
+            watcher.start()
+            watcher.join(120)
+            assert not watcher.is_alive(), "B's watcher never heard of the run's end"
+            served = [(r.iteration, r.loss) for r in ca.run(run.id).stream()]
+    finally:
+        idle.set()
+        b.stop()
+        a.stop()
+    assert held == [True], "A's end waited for B's idle watcher"
+    assert out == [*served, ("final", "FINISHED")]
+    assert [it for it, _ in served] == list(range(iterations + 1))

@@ -186,7 +186,8 @@ class RunStore(ABC):
     _listeners_lock = threading.Lock()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
-        """Call `listener({run_id: highest durable iteration})` after every record commit."""
+        """Call `listener({run_id: highest durable iteration})` after every record commit
+        (from another replica's store also after a status change, with iteration -1)."""
         with self._listeners_lock:
             self._listeners = [*getattr(self, "_listeners", []), listener]
 

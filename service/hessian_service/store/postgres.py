@@ -5,8 +5,10 @@ committed in one transaction every `commit_every` records or `commit_interval_s`
 always before a status change, a checkpoint or `flush`; only committed records are
 acknowledged to the commit listeners. Every record commit also sends
 `NOTIFY hessian_records` (run id and highest iteration), delivered only when the
-transaction commits; each store LISTENs on its own connection and passes other stores'
-commits to its commit listeners too, so a replica pushes another's records to its watchers.
+transaction commits; so does every status change (iteration -1: no new record), since a
+run's end may commit after its last record; each store LISTENs on its own connection and
+passes other stores' commits to its commit listeners too, so a replica pushes another's
+records, and the end of its runs, to its watchers.
 
 Schema: versioned in `hessian_meta` ('schema_version'); a newer schema than this server
 knows is refused; older ones are migrated one transaction per version under an advisory
@@ -294,6 +296,8 @@ class PostgresRunStore(RecordQueue, SqlReads):
             )
             if cur.rowcount == 0:
                 layout.refuse(run_id, self._status(cur, run_id), expect_status)
+            if "status" in values:  # wakes other replicas' watchers at the end, record or not
+                self._notify(cur, run_id, -1)
 
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
         with self._write() as cur:
@@ -597,11 +601,15 @@ class PostgresRunStore(RecordQueue, SqlReads):
                     run_id,
                 ),
             )
-            cur.execute(
-                "SELECT pg_notify(%s, %s)",
-                (NOTIFY_CHANNEL, f"{self._token} {records[-1].iteration} {run_id}"),
-            )
+            self._notify(cur, run_id, records[-1].iteration)
         self._check_cap(cur)
+
+    def _notify(self, cur: psycopg.Cursor, run_id: str, iteration: int) -> None:
+        """NOTIFY other stores, at this transaction's commit, that the run changed: records up
+        to `iteration` committed, or (-1) its row alone."""
+        cur.execute(
+            "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self._token} {iteration} {run_id}")
+        )
 
     def _commit_queue(self) -> None:
         with self._write() as cur:
