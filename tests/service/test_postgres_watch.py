@@ -4,6 +4,7 @@ record exactly once and in order, and from any iteration."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import grpc
@@ -45,7 +46,7 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
     # A's worker waits before storing record 100 until the test has seen the run live, so the
     # 3000-iteration run cannot finish first on a slow machine (60 s: a hang guard only)
     checked = threading.Event()
-    hold_record(monkeypatch, a.runs.store, 100, lambda _: checked.is_set())
+    held = hold_record(monkeypatch, a.runs.store, 100, lambda _: checked.is_set())
     try:
         with Client(a.address) as ca:
             run = ca.start_run(
@@ -71,6 +72,7 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
                 t.join(120)
             assert status_name(info) == "FINISHED"
             served = [(r.iteration, r.loss) for r in ca.run(run.id).stream()]
+        assert held == [True], "the run waited until it was seen live"
         assert [it for it, _ in served] == list(range(3001))
         assert streams[0] == [*served, ("final", "FINISHED")]
         assert streams[40] == [*served[40:], ("final", "FINISHED")]
@@ -92,15 +94,21 @@ def test_an_end_committed_after_the_last_record_reaches_another_replicas_watcher
     b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", commit_interval_ms=20)
     iterations = 50
     idle = threading.Event()  # B's watcher waits for a push with every record sent
-    committed = b.runs.committed
+    commit_wake = b.runs.commit_wake
 
-    async def watched_wait(run_id: str, timeout: float) -> None:
-        last = a.runs.store.get_run(run_id).last_record
-        if last is not None and last.iteration == iterations:
-            idle.set()
-        await committed(run_id, timeout)
+    @contextlib.asynccontextmanager
+    async def watched_wake(run_id: str):
+        async with commit_wake(run_id) as woken:  # listening from here on
 
-    monkeypatch.setattr(b.runs, "committed", watched_wait)
+            async def wait(timeout: float) -> None:
+                last = a.runs.store.get_run(run_id).last_record
+                if last is not None and last.iteration == iterations:
+                    idle.set()
+                await woken(timeout)
+
+            yield wait
+
+    monkeypatch.setattr(b.runs, "commit_wake", watched_wake)
     finish = a.runs.store.finish_run
     held = []
 

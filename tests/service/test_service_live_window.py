@@ -1,7 +1,10 @@
 """A live run holds a bounded window of records in memory (a run of a million iterations
 would otherwise hold half a gigabyte until it ends); a watcher that starts behind the window,
 or falls behind it while following, gets the records it lacks from the store, without a gap
-and equal to what the engine computes in process."""
+and equal to what the engine computes in process.
+
+The fall-behind test stalls the server's event loop on purpose (it talks to the store
+directly meanwhile), so it uses its own server."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from conftest import hold_record, start_server, wait_until
 from hessian_client import Client, status_name
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
+from hessian_service.engine.records import StepRecord
 from hessian_service.server.runs import LiveRun
 from hessian_service.store.base import ACTIVE_STATUSES
 from long_runs import EXACT, gd_run
@@ -70,25 +74,28 @@ def test_a_long_run_holds_a_bounded_window_and_a_late_watcher_reads_the_rest(han
 def test_a_watcher_that_falls_behind_the_window_continues_from_the_store(handle, monkeypatch):
     iterations = 4000
     store = handle.runs.store
+    real = LiveRun.committed_from
+    calls: list[str] = []  # per read of the live buffer: "records", "none yet" or "let go"
+    lives: list[LiveRun] = []
+    delivered, ended = threading.Event(), threading.Event()
+
+    def stalled(live: LiveRun, index: int):
+        # the watcher's first read after it got records waits (on the server's event loop)
+        # until the run has ended, so the window has moved far past the index it asks for
+        if delivered.is_set() and not ended.is_set():
+            ended.wait(60)
+        batch, finished = real(live, index)
+        lives.append(live)
+        calls.append("let go" if batch is None else "records" if batch else "none yet")
+        if batch:
+            delivered.set()
+        return batch, finished
+
+    monkeypatch.setattr(LiveRun, "committed_from", stalled)
+    # the run waits before storing record 1 until the watcher follows it live
+    held = hold_record(monkeypatch, store, 1, lambda _: bool(calls))
     with Client(handle.address, timeout=60) as client:
         run = gd_run(client, iterations)
-        live = handle.runs.live(run.id)
-        real = live.committed_from
-        calls: list[bool] = []  # per call: whether the index was let go already
-        delivered, ended = threading.Event(), threading.Event()
-
-        def stalled(index):
-            # the watcher's first read after it got records waits (on the server's event
-            # loop) until the run has ended, so the window has moved far past its index
-            if delivered.is_set() and not ended.is_set():
-                ended.wait(60)
-            batch, finished = real(index)
-            calls.append(batch is None)
-            if batch:
-                delivered.set()
-            return batch, finished
-
-        monkeypatch.setattr(live, "committed_from", stalled)
         stream = run.stream()
         first = next(stream)
         # the event loop is held from here on: poll the store directly, not through gRPC
@@ -96,10 +103,39 @@ def test_a_watcher_that_falls_behind_the_window_continues_from_the_store(handle,
         ended.set()
         served = [first, *stream]
         stored = list(client.run(run.id).stream())
-    assert any(calls), f"the watcher never fell behind the window: {calls}"
-    assert live.dropped >= iterations - 2 * KEEP
+    assert held == [True], "the run waited for the watcher"
+    following = calls.index("records")
+    assert "let go" in calls[following + 1 :], f"it never fell behind while following: {calls}"
+    assert lives[-1].dropped >= iterations - 2 * KEEP
     assert [r.iteration for r in served] == list(range(iterations + 1))
     assert [r.raw.SerializeToString() for r in served] == [
         r.raw.SerializeToString() for r in stored
     ]
     assert [r.loss for r in served] == _engine_losses(iterations)
+
+
+def test_the_window_of_a_resumed_run_keeps_the_newest_committed_records():
+    live = LiveRun("r-window", base=100)  # a resumed run: its list index 0 is iteration 100
+    live.KEEP = 4
+    records = [StepRecord(iteration=100 + i, loss=float(i)) for i in range(20)]
+    for record in records[:13]:
+        live.append(record)
+    live.acknowledge(-1)  # another replica changed the run's row: nothing committed here
+    assert (live.durable, live.last_record, live.committed_from(0)) == (0, None, ([], False))
+    live.acknowledge(107)  # 8 committed, 2 KEEP: all but the newest 4 are let go
+    assert (live.first_held(), live.dropped, live.last_record) == (104, 4, records[7])
+    assert live.committed_from(3) == (None, False)  # let go: the watcher reads the store
+    assert live.committed_from(4) == (records[4:8], False)
+    assert live.records_since(4) == records[4:13]  # committed or not (the Optimize stream)
+    with pytest.raises(RuntimeError, match="let go"):
+        live.records_since(3)
+    live.acknowledge(112)
+    assert (live.first_held(), live.last_record) == (109, records[12])
+    for record in records[13:]:
+        live.append(record)
+    live.acknowledge(119)
+    live.finish()
+    assert live.first_held() == 116
+    assert live.committed_from(16) == (records[16:], False)
+    assert live.committed_from(20) == ([], True)
+    assert live.committed_from(15) == (None, False)

@@ -68,7 +68,7 @@ def interrupted(tmp_path, monkeypatch):
         live = handle.runs.live(run_id)
         return live is None or live.cancel.cancelled
 
-    hold_record(monkeypatch, handle.runs.store, 1, stopped)
+    held = hold_record(monkeypatch, handle.runs.store, 1, stopped)
     try:
         with Client(handle.address) as c:
             run = c.start_run(
@@ -80,6 +80,7 @@ def interrupted(tmp_path, monkeypatch):
             next(iter(run.stream()))
     finally:
         handle.stop(grace=1.0)
+    assert held == [True], "the run waited at record 1 until the shutdown stopped it"
     return tmp_path, run.id
 
 

@@ -40,7 +40,7 @@ from ..store import RunRow
 from . import codec
 from .auth import Tenant
 from .errors import LimitError, NotFoundError
-from .runs import DENSE_METHODS
+from .runs import DENSE_METHODS, LiveRun
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -238,7 +238,7 @@ class Optimizer:
                 unlisten()
 
     @staticmethod
-    def _add_records(response: Any, live: Any, sent: int) -> int:
+    def _add_records(response: Any, live: LiveRun, sent: int) -> int:
         """The records since `sent`, durable or not yet: the caller driving the run sees
         each step before its next evaluation (its callback may stop the run there)."""
         records = live.records_since(sent)

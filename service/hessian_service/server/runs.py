@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -90,13 +90,14 @@ class LiveRun:
 
     Watchers do not wait on a thread: they `listen` with a callback (called from the thread
     that committed records or ended the run) and read `committed_from` when it fires.
-    Memory stays bounded however long the run: committed records more than `KEEP` behind
-    the newest committed one are dropped (they are in the store), so a run of a million
-    iterations does not hold half a gigabyte of records; a watcher that far behind reads
-    them from the store.
+    Memory stays bounded however long the run: once 2 `KEEP` committed records are held, all
+    but the newest `KEEP` are let go (they are in the store), so at most 2 `KEEP` committed
+    records (~4 MB) plus the uncommitted ones (at most the store's batch) are held, where a
+    run of a million iterations held half a gigabyte; a watcher that far behind reads them
+    from the store.
     """
 
-    KEEP = 4096  # committed records held for watchers that follow closely (~2 MB)
+    KEEP = 4096  # committed records kept for watchers that follow closely
 
     def __init__(self, run_id: str, base: int, owner: str = "") -> None:
         self.run_id = run_id
@@ -251,17 +252,23 @@ class RunManager:
         for loop, future in woken:
             loop.call_soon_threadsafe(_resolve, future)
 
-    async def committed(self, run_id: str, timeout: float) -> None:
-        """Wait (holding no thread) until the store reports a record commit of `run_id`, by
-        this replica or, on a shared store, by another one; at most `timeout` seconds."""
+    @contextlib.asynccontextmanager
+    async def commit_wake(self, run_id: str) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+        """Listen for the store's next commit of `run_id` (records, or on a shared store another
+        replica's status change) from entry on; yields `wait(timeout)`, which returns once
+        one was reported since entry or after `timeout` seconds. Entering before reading the
+        store means a commit between that read and the wait still wakes it."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
             self._commit_waiters.setdefault(run_id, []).append((loop, future))
+
+        async def wait(timeout: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, timeout)
+
         try:
-            await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            pass
+            yield wait
         finally:
             with self._lock:
                 waiters = self._commit_waiters.get(run_id, [])
@@ -540,21 +547,22 @@ class RunManager:
                 async for batch in _follow(live, nxt, page):
                     yield batch
                     nxt = batch[-1].iteration + 1
-                if live.error is not None:
-                    raise live.error
+                if live.error is not None and nxt >= live.first_held():
+                    raise live.error  # every record it committed was sent (none let go unsent)
             else:
                 while batch := await asyncio.to_thread(self._stored_page, row.run_id, nxt, page):
                     yield batch
                     nxt = batch[-1].iteration + 1
-            row = await asyncio.to_thread(self.get, run_id, scope)
-            unseen = row.last_record is not None and row.last_record.iteration >= nxt
-            if row.status not in ACTIVE_STATUSES and not unseen:
-                yield row
-                return
-            if not unseen and self.live(run_id) is None:
-                # active with no live run here: settling, or executing on another replica
-                # (woken by its commits through the shared store's push)
-                await self.committed(run_id, WATCH_POLL_SECONDS)
+            async with self.commit_wake(run_id) as woken:
+                row = await asyncio.to_thread(self.get, run_id, scope)
+                unseen = row.last_record is not None and row.last_record.iteration >= nxt
+                if row.status not in ACTIVE_STATUSES and not unseen:
+                    yield row
+                    return
+                if not unseen and self.live(run_id) is None:
+                    # active with no live run here: settling, or executing on another replica
+                    # (woken by its commits through the shared store's push)
+                    await woken(WATCH_POLL_SECONDS)
 
     def _live_then_row(self, run_id: str, scope: str | None) -> tuple[LiveRun | None, RunRow]:
         """The live run (first: one admitted later shows as active in the row) and the row."""
@@ -850,7 +858,8 @@ class RunManager:
 
 async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list[StepRecord]]:
     """Batches (at most `page` records) of a live run's committed records from iteration `nxt`
-    until it ends; waits on an asyncio.Event its committing thread sets, not on a thread."""
+    until it ends, or until the run let go of the record at `nxt` (the caller then reads the
+    store); waits on an asyncio.Event its committing thread sets, not on a thread."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
 

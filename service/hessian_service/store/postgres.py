@@ -296,7 +296,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
             )
             if cur.rowcount == 0:
                 layout.refuse(run_id, self._status(cur, run_id), expect_status)
-            if "status" in values:  # wakes other replicas' watchers at the end, record or not
+            if "status" in values:  # any status change (RUNNING, the end, ...), record or not
                 self._notify(cur, run_id, -1)
 
     def delete_run(self, run_id: str, statuses: Sequence[str] = ()) -> bool:
@@ -347,6 +347,8 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 "l.run_id = runs.run_id) RETURNING run_id",
                 (RunStatus.INTERRUPTED, StopReason.SHUTDOWN, message, list(ACTIVE_STATUSES)),
             ).fetchall()
+            for (run_id,) in rows:
+                self._notify(cur, run_id, -1)
         return [r[0] for r in rows]
 
     # leases
