@@ -26,6 +26,16 @@ def _problem():
     return problems.logistic_regression(x, y, l2=1e-3)
 
 
+def _start(client: Client, iterations: int):
+    """Gradient descent on the logistic problem for exactly `iterations`."""
+    return client.start_run(
+        _problem(),
+        method="gradient_descent",
+        learning_rate=0.05,
+        stopping={"max_iterations": iterations, **EXACT},
+    )
+
+
 def _watch(address: str, run_id: str, start: int, out: list, first: threading.Event) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = service_pb2_grpc.HessianServiceStub(channel)
@@ -49,12 +59,7 @@ def test_watch_on_another_replica_is_live_and_complete(tmp_path, postgres_dsn, m
     held = hold_record(monkeypatch, a.runs.store, 100, lambda _: checked.is_set())
     try:
         with Client(a.address) as ca:
-            run = ca.start_run(
-                _problem(),
-                method="gradient_descent",
-                learning_rate=0.05,
-                stopping={"max_iterations": 3000, **EXACT},
-            )
+            run = _start(ca, 3000)
             streams: dict[int, list] = {0: [], 40: []}
             firsts = {k: threading.Event() for k in streams}
             threads = [
@@ -119,12 +124,7 @@ def test_an_end_committed_after_the_last_record_reaches_another_replicas_watcher
     monkeypatch.setattr(a.runs.store, "finish_run", held_finish)
     try:
         with Client(a.address) as ca:
-            run = ca.start_run(
-                _problem(),
-                method="gradient_descent",
-                learning_rate=0.05,
-                stopping={"max_iterations": iterations, **EXACT},
-            )
+            run = _start(ca, iterations)
             out: list = []
             watcher = threading.Thread(
                 target=_watch, args=(b.address, run.id, 0, out, threading.Event())
