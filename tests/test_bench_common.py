@@ -20,6 +20,10 @@ def _state(pid: int) -> str | None:
     return None if stat is None else stat[0]
 
 
+def _cmdline(pid: int) -> str:
+    return pathlib.Path(f"/proc/{pid}/cmdline").read_text()
+
+
 def test_interleaved_rounds_time_every_call_once_per_round_alternating_the_order():
     order: list[str] = []
     calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
@@ -72,15 +76,26 @@ def test_own_running_threads_count_children_but_not_burners():
     )
     parent = subprocess.Popen([sys.executable, "-c", spawn])
     try:
-        deadline = time.monotonic() + 60  # a hang guard
-        while time.monotonic() < deadline:
+        # A spinner can be caught off the CPU for an instant (D: a page fault), so a single
+        # count may read 0: sample until it reads 1, the unmarked spinner, and never more
+        # (the burner and the sleeping parent never count). 60 s only guards a hang.
+        deadline = time.monotonic() + 60
+        counts: list[int] = []  # taken once both children exist and the parent sleeps
+        while time.monotonic() < deadline and (not counts or counts[-1] != 1):
             kids = _children(parent.pid)
-            spinning = len(kids) == 2 and all(_state(k) == "R" for k in kids)
-            if spinning and _state(parent.pid) == "S":  # the parent is in its long sleep
-                break
+            if len(kids) == 2 and _state(parent.pid) == "S":
+                counts.append(common._own_running(parent.pid))
             time.sleep(0.01)
-        assert len(kids) == 2 and _state(parent.pid) == "S"
-        assert common._own_running(parent.pid) == 1  # the unmarked spinner only
+        assert counts and counts[-1] == 1 and max(counts) == 1, counts
+        # without the unmarked spinner only the burner spins: every count is 0 (a count
+        # that included the burner would read 1 here)
+        unmarked = [k for k in kids if common.BURNER_MARK not in _cmdline(k)]
+        assert len(kids) == 2 and len(unmarked) == 1
+        os.kill(unmarked[0], signal.SIGKILL)
+        while _state(unmarked[0]) not in (None, "Z") and time.monotonic() < deadline + 60:
+            time.sleep(0.01)
+        assert _state(unmarked[0]) in (None, "Z"), "the killed spinner is gone"
+        assert [common._own_running(parent.pid) for _ in range(20)] == [0] * 20
     finally:
         for pid in _children(parent.pid):
             os.kill(pid, signal.SIGKILL)

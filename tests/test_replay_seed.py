@@ -36,7 +36,7 @@ def test_numpy(rng):
     print("NUMPY", json.dumps(rng.standard_normal(4).tolist()))
 
 
-@settings(max_examples=6, phases=(Phase.generate,))
+@settings(max_examples=6, phases=(Phase.generate,), deadline=None)
 @given(st.binary(min_size=8, max_size=8))
 def test_hypothesis(data):
     print("HYPOTHESIS", data.hex())
@@ -88,7 +88,7 @@ def _expected_examples(seed: int) -> list[str]:
     seen: list[str] = []
 
     @hypothesis.seed(seed)
-    @settings(max_examples=6, phases=(Phase.generate,), database=None)
+    @settings(max_examples=6, phases=(Phase.generate,), database=None, deadline=None)
     @given(st.binary(min_size=8, max_size=8))
     def probe(data: bytes) -> None:
         seen.append(data.hex())

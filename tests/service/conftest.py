@@ -79,9 +79,15 @@ def spawn_server(
 
 
 def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
-    """Poll grpc.health.v1 until the server answers SERVING."""
+    """Poll grpc.health.v1 until the server answers SERVING (the channel retries a refused
+    connection within a second, not on gRPC's default backoff, which grows to minutes)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    fast_retry = [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    with grpc.insecure_channel(address, options=fast_retry) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

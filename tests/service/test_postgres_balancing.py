@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -56,13 +57,14 @@ def test_a_list_of_addresses_spreads_calls_and_skips_a_draining_replica(tmp_path
                 assert status_name(r.wait(60)) == "FINISHED"
             assert set(seen) == {"r0", "r1", "r2"} and min(seen.values()) >= 3, seen
             handles[0].events.run(handles[0].health.enter_graceful_shutdown())
-            deadline_calls = 0
-            while deadline_calls < 200:  # the health watch reaches the client: r0 drops out
+            # the health watch reaches the client and r0 drops out of the rotation: while it
+            # is in, any 3 calls in a row (round robin over 3) reach it once
+            misses, deadline = 0, time.monotonic() + 60  # a hang guard
+            while misses < 3 and time.monotonic() < deadline:
                 before = seen["r0"]
                 c.info()
-                deadline_calls += 1
-                if seen["r0"] == before and deadline_calls > 3:
-                    break
+                misses = misses + 1 if seen["r0"] == before else 0
+            assert misses == 3, "r0 kept getting calls after it began draining"
             seen.clear()
             for _ in range(12):
                 c.info()

@@ -373,6 +373,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot recover the run store %s: %s", where, exc)
             return 2
         return 0
+    # the handlers go in before the server reports SERVING: a SIGTERM right after readiness
+    # (an orchestrator's) drains instead of killing the process outright
+    built: list[ServerHandle] = []
+    signalled = threading.Event()
+
+    def drain() -> None:
+        if built:
+            threading.Thread(target=built[0].stop, name="drain", daemon=True).start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining (grace %.1f s)", signum, config.grace_seconds)
+        signalled.set()
+        drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         handle = build_server(config)
     except (OSError, sqlite3.Error, StoreError) as exc:
@@ -400,12 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else "",
     )
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: draining (grace %.1f s)", signum, config.grace_seconds)
-        threading.Thread(target=handle.stop, name="drain", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    built.append(handle)
+    if signalled.is_set():  # it came while the server was being built
+        drain()
     handle.wait()
     log.info("stopped")
     return 0

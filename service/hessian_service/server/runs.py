@@ -777,8 +777,10 @@ class RunManager:
                 self.store.discard_queued(run_id)
             else:
                 self._store_final(live, run, final)
-            live.finish()
+            # not live before its watchers learn the end: a client that saw the end then
+            # finds the run no longer counted (active runs, per-token limits)
             self._forget(run_id)
+            live.finish()
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""
