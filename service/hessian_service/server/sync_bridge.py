@@ -41,11 +41,20 @@ class SyncContext:
         context.add_done_callback(self._on_done)
 
     def _on_done(self, _context: object) -> None:
-        with self._lock:
-            self._ended = True
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
+        """Run the callbacks (and any they register), then turn is_active() False: a handler
+        that sees the call ended can rely on its callbacks having run."""
+        try:
+            while True:
+                with self._lock:
+                    callbacks, self._callbacks = self._callbacks, []
+                    if not callbacks:  # ended with none left: add_callback refuses from now
+                        self._ended = True
+                        return
+                for callback in callbacks:
+                    callback()
+        finally:  # also after a failing callback: the call has ended all the same
+            with self._lock:
+                self._ended = True
 
     def is_active(self) -> bool:
         """False once the call has ended (answered, aborted, cancelled or expired)."""
