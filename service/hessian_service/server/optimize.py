@@ -227,8 +227,7 @@ class Optimizer:
             row = await asyncio.to_thread(self.service._row, run_id, tenant)
             response = service_pb2.OptimizeResponse()
             if live is not None:
-                for record in live.records_since(sent):
-                    codec.record_to_wire(record, response.records.add())
+                self._add_records(response, live, sent)
             response.finished.CopyFrom(await asyncio.to_thread(self.service._info, row, True))
             yield response
         finally:
