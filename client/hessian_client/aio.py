@@ -22,6 +22,7 @@ from .client import (
     _Api,
     _RunBase,
     _Watch,
+    _watched,
     records_frame,
     timed_out,
 )
@@ -74,6 +75,14 @@ class Client(_Api):
     def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Run:
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
+    async def _start_watching(self, request: Any, like: Any) -> Run:
+        call = self.stub.StartAndWatchRun(request, metadata=self.metadata)
+        try:
+            first = await call.read()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return _watched(self._run, call, None if first is aio.EOF else first, like)
+
     async def list_runs(
         self, status: Sequence[str] = (), page_size: int = 50
     ) -> AsyncIterator[RunInfo]:
@@ -103,15 +112,19 @@ class Run(_RunBase):
         """Every record from `from_iteration` on, exactly once, until the run ends (see the
         sync `Run.stream`: reconnects after drops, `timeout` bounds the whole stream)."""
         watch = _Watch(self, from_iteration, reconnect_timeout, timeout)
+        opened = self._take_opened(timeout)
         while True:
             remaining = watch.remaining()
             if watch.expired(remaining):
                 raise timed_out(self.id, timeout, await self._status())
             try:
-                call = self.client.stub.WatchRun(
-                    watch.request(), timeout=remaining, metadata=self.client.metadata
-                )
-                async for event in call:
+                call, opened = opened, None
+                if call is None:
+                    call = self.client.stub.WatchRun(
+                        watch.request(), timeout=remaining, metadata=self.client.metadata
+                    )
+                # read(), not async for: StartAndWatchRun's call was read from once already
+                while (event := await call.read()) is not aio.EOF:
                     for record in watch.records(event):
                         yield record
                 if watch.ended():

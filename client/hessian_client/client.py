@@ -215,6 +215,9 @@ class _Api:
     def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Any:
         raise NotImplementedError
 
+    def _start_watching(self, request: service_pb2.StartRunRequest, like: Any) -> Any:
+        raise NotImplementedError
+
     # unary calls
     def info(self) -> Any:
         """Version, API version, backend and why, devices, limits (checks the API versions)."""
@@ -387,6 +390,7 @@ class _Api:
         name: str = "",
         stopping: dict[str, Any] | None = None,
         curvature_seed: int | None = None,
+        watch: bool = False,
         **options: Any,
     ) -> Any:
         """Queue a run from `params` (or from a server-side draw with `seed`) -> Run.
@@ -395,6 +399,10 @@ class _Api:
         returned run's `info().method_note` says which and why); curvature_seed is the
         Hessian-free sub-samples' seed (curvature rows and gradient mini-batches; method
         option `seed`). The run's final parameters come back as the type `params` was.
+        With `watch`, one StartAndWatchRun call starts the run and opens its stream: the
+        run's first `stream()` (or `wait`, `records`, `result`) reads that call, one round
+        trip fewer than StartRun then WatchRun; the open call has no deadline (a `stream`
+        given a `timeout` cancels it and uses WatchRun).
         """
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
@@ -407,6 +415,8 @@ class _Api:
         elif seed is not None:
             dist = _distribution(init, "init")
             request.init.CopyFrom(optimize_pb2.Initializer(seed=seed, distribution=dist))
+        if watch:
+            return self._start_watching(request, params)
         return self._unary(
             "StartRun", request, _DEFAULT, lambda info: self._run(info.run_id, info, params)
         )
@@ -500,6 +510,14 @@ class Client(_Api):
     def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Run:
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
+    def _start_watching(self, request: service_pb2.StartRunRequest, like: Any) -> Run:
+        call = self.stub.StartAndWatchRun(request, metadata=self.metadata)
+        try:
+            first = next(call, None)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return _watched(self._run, call, first, like)
+
     def list_runs(self, status: Sequence[str] = (), page_size: int = 50) -> Iterator[RunInfo]:
         """Every run, newest first, filtered by status names; pages are fetched as needed."""
         token = ""
@@ -509,6 +527,16 @@ class Client(_Api):
             token = response.next_page_token
             if not token:
                 return
+
+
+def _watched(make_run: Callable[..., Any], call: Any, first: Any, like: Any) -> Any:
+    """The run StartAndWatchRun's first event names, holding the open call for `stream`."""
+    if first is None or not first.HasField("started"):
+        call.cancel()
+        raise HessianError("StartAndWatchRun's first event did not name the run it started")
+    run = make_run(first.started.run_id, first.started, like)
+    run._opened = call
+    return run
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -535,6 +563,16 @@ class _RunBase:
         self.final: RunInfo | None = None
         self._info = info
         self._like = like
+        self._opened: Any = None  # StartAndWatchRun's call, until a stream() reads it
+
+    def _take_opened(self, timeout: float | None) -> Any:
+        """StartAndWatchRun's open call for this stream, once (None: call WatchRun); with a
+        `timeout` it is cancelled, since it has no deadline to bound the stream."""
+        opened, self._opened = self._opened, None
+        if opened is not None and timeout is not None:
+            opened.cancel()
+            return None
+        return opened
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"
@@ -639,14 +677,18 @@ class Run(_RunBase):
         server's message (there is nothing to yield).
         """
         watch = _Watch(self, from_iteration, reconnect_timeout, timeout)
+        opened = self._take_opened(timeout)
         while True:
             remaining = watch.remaining()
             if watch.expired(remaining):
                 raise timed_out(self.id, timeout, self._status())
             try:
-                for event in self.client.stub.WatchRun(
-                    watch.request(), timeout=remaining, metadata=self.client.metadata
-                ):
+                call, opened = opened, None
+                if call is None:
+                    call = self.client.stub.WatchRun(
+                        watch.request(), timeout=remaining, metadata=self.client.metadata
+                    )
+                for event in call:
                     yield from watch.records(event)
                 if watch.ended():
                     return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -164,20 +165,33 @@ def wire_dataclass(
     return cls
 
 
+def _reader(fd: FieldDescriptor, converted: dict[str, Conversion]) -> Callable[[Any], Any]:
+    """message -> the value of field `fd` for its wire_dataclass."""
+    if fd.name in converted:
+        return converted[fd.name][1]
+    get = operator.attrgetter(fd.name)
+    if _is_map(fd):
+        return lambda msg: dict(get(msg))
+    if fd.is_repeated:
+        return lambda msg: list(get(msg))
+    return get
+
+
+# (message descriptor, id of its conversions) -> (those conversions, the fields' readers):
+# read from the descriptor once, since a record stream decodes thousands of messages of one
+# type; the conversions are held, so their id names them while the entry lives
+_READERS: dict[tuple[Any, int], tuple[Any, tuple[tuple[str, Callable[[Any], Any]], ...]]] = {}
+
+
 def wire_values(msg: Any, converted: dict[str, Conversion] | None = None) -> dict[str, Any]:
     """The field values of `msg` for its wire_dataclass (converted ones by their conversion)."""
-    converted = converted or {}
-    values = {}
-    for fd in msg.DESCRIPTOR.fields:
-        if fd.name in converted:
-            values[fd.name] = converted[fd.name][1](msg)
-        elif _is_map(fd):
-            values[fd.name] = dict(getattr(msg, fd.name))
-        elif fd.is_repeated:
-            values[fd.name] = list(getattr(msg, fd.name))
-        else:
-            values[fd.name] = getattr(msg, fd.name)
-    return values
+    key = (msg.DESCRIPTOR, id(converted))
+    entry = _READERS.get(key)
+    if entry is None or entry[0] is not converted:
+        fields = msg.DESCRIPTOR.fields
+        entry = converted, tuple((fd.name, _reader(fd, converted or {})) for fd in fields)
+        _READERS[key] = entry
+    return {name: read(msg) for name, read in entry[1]}
 
 
 # StepRecord's conversions: the end-point verdict as a Verdict (None: not a dense run's end)

@@ -150,7 +150,7 @@ def base_requests(run_id: str, page_token: str) -> dict[str, list[Message]]:
         service_pb2.StepRequest(problem=SOFTMAX, params=params, options=method_options()),
         service_pb2.StepRequest(problem=MLP, params=mlp_params, options=method_options()),
     ]
-    return {
+    requests = {
         "CreateProblem": [
             service_pb2.CreateProblemRequest(problem=SOFTMAX),
             service_pb2.CreateProblemRequest(problem=MLP),
@@ -224,6 +224,8 @@ def base_requests(run_id: str, page_token: str) -> dict[str, list[Message]]:
             )
         ],
     }
+    requests["StartAndWatchRun"] = requests["StartRun"]  # the same request, one call
+    return requests
 
 
 def _at(root: Message, steps: list[Step]) -> Any:

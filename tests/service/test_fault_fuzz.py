@@ -138,16 +138,18 @@ def requests(draw) -> tuple[str, object]:
         return method, draw(st.binary(max_size=64))
     cls = message_factory.GetMessageClass(SERVICE.methods_by_name[method].input_type)
     msg = cls()
-    if method in ("GradientStep", "NewtonStep", "ComputeHessian", "StartRun"):
+    if method in ("GradientStep", "NewtonStep", "ComputeHessian", "StartRun", "StartAndWatchRun"):
         _source(draw, msg)
     if method in ("GradientStep", "NewtonStep", "ComputeHessian") and draw(st.booleans()):
         msg.params.CopyFrom(draw(tensors()))
-    if method in ("GradientStep", "NewtonStep", "StartRun") and draw(st.booleans()):
+    if method in ("GradientStep", "NewtonStep", "StartRun", "StartAndWatchRun") and draw(
+        st.booleans()
+    ):
         msg.options.CopyFrom(draw(options()))
     if method == "ComputeHessian":
         msg.curvature, msg.backend = draw(st.integers(-1, 5)) % 2**31, draw(st.integers(0, 6))
         msg.omit_matrix = draw(st.booleans())
-    elif method == "StartRun":
+    elif method in ("StartRun", "StartAndWatchRun"):
         msg.stopping.CopyFrom(draw(stopping()))
         if draw(st.booleans()):
             msg.initial_params.CopyFrom(draw(tensors()))

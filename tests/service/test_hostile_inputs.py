@@ -40,6 +40,7 @@ TENSOR_RPCS = {
     "AnalyzeCurvature",
     "Predict",
     "StartRun",
+    "StartAndWatchRun",
 }
 # what the valid requests get: the run they name is FINISHED; DeleteRun's and
 # DeleteProblem's name nothing stored
@@ -146,7 +147,7 @@ def test_every_kind_reaches_every_rpc_that_has_such_a_field(results):
     for kind in ("rank", "mismatch", "nonfinite", "dtype"):
         assert reached[kind] >= TENSOR_RPCS, kind
     assert "SampleTensors" in reached["rank"]
-    assert RUN_ID_RPCS | {"StartRun", "ListRuns"} <= reached["huge_string"]
+    assert RUN_ID_RPCS | {"StartRun", "StartAndWatchRun", "ListRuns"} <= reached["huge_string"]
     assert reached["page_token"] == {"ListRuns"}
     assert reached["unknown_fields"] == reached["oversized_message"] == ALL_RPCS
     refused = {rpc for kind, rpc, _, code, _ in out if kind == "oversized_message"

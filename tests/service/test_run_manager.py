@@ -148,9 +148,12 @@ def test_each_start_deletes_the_oldest_ended_runs_past_the_cap(store):
 
 async def _collect(manager: RunManager, run_id: str, start: int, page: int, scope=None):
     batches, final = [], []
-    async for item in manager.watch(run_id, scope, start, page):
+    async for records, row in manager.watch(run_id, scope, start, page):
         assert not final, "nothing follows the final row"
-        (final if isinstance(item, RunRow) else batches).append(item)
+        if records:
+            batches.append(records)
+        if row is not None:
+            final.append(row)
     return batches, final
 
 
@@ -200,8 +203,8 @@ def test_watch_reports_records_deleted_behind_its_back_as_data_loss(store, tmp_p
         seen = []
 
         async def watch() -> None:
-            async for item in manager.watch(row.run_id, None, 0, 100):
-                seen.extend(item)
+            async for records, _ in manager.watch(row.run_id, None, 0, 100):
+                seen.extend(records)
 
         with pytest.raises(DataLossError) as info:
             asyncio.run(watch())

@@ -136,6 +136,24 @@ def test_the_window_of_a_resumed_run_keeps_the_newest_committed_records():
     live.acknowledge(119)
     live.finish()
     assert live.first_held() == 116
-    assert live.committed_from(16) == (records[16:], False)
+    assert live.committed_from(16) == (records[16:], True)  # the last ones: the run ended
     assert live.committed_from(20) == ([], True)
     assert live.committed_from(15) == (None, False)
+
+
+def test_a_run_storing_its_end_wakes_its_watchers_once_with_the_last_records():
+    live = LiveRun("r-end", base=0)
+    records = [StepRecord(iteration=i, loss=float(i)) for i in range(6)]
+    wakes = []
+    live.listen(lambda: wakes.append(live.committed_from(0)))
+    for record in records[:3]:
+        live.append(record)
+    live.acknowledge(2)
+    assert wakes == [(records[:3], False)]  # while it runs, each commit wakes them
+    for record in records[3:]:
+        live.append(record)
+    live.ending = True
+    live.acknowledge(5)  # the commit that stores its end: no wake yet
+    assert len(wakes) == 1 and live.committed_from(3) == (records[3:], False)
+    live.finish()
+    assert wakes[1:] == [(records, True)]  # one wake: every record, and they are the last

@@ -301,12 +301,14 @@ class WatchRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., from_iteration: _Optional[int] = ...) -> None: ...
 
 class WatchRunEvent(_message.Message):
-    __slots__ = ("records", "final")
+    __slots__ = ("records", "final", "started")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[_optimize_pb2.StepRecord]
     final: RunInfo
-    def __init__(self, records: _Optional[_Iterable[_Union[_optimize_pb2.StepRecord, _Mapping]]] = ..., final: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
+    started: StartRunResponse
+    def __init__(self, records: _Optional[_Iterable[_Union[_optimize_pb2.StepRecord, _Mapping]]] = ..., final: _Optional[_Union[RunInfo, _Mapping]] = ..., started: _Optional[_Union[StartRunResponse, _Mapping]] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id", "include_params")

@@ -79,6 +79,11 @@ class HessianServiceStub:
                 request_serializer=hessian_dot_v1_dot_service__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=hessian_dot_v1_dot_service__pb2.WatchRunEvent.FromString,
                 _registered_method=True)
+        self.StartAndWatchRun = channel.unary_stream(
+                '/hessian.v1.HessianService/StartAndWatchRun',
+                request_serializer=hessian_dot_v1_dot_service__pb2.StartRunRequest.SerializeToString,
+                response_deserializer=hessian_dot_v1_dot_service__pb2.WatchRunEvent.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/hessian.v1.HessianService/GetRun',
                 request_serializer=hessian_dot_v1_dot_service__pb2.GetRunRequest.SerializeToString,
@@ -187,6 +192,14 @@ class HessianServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartAndWatchRun(self, request, context):
+        """StartRun and WatchRun of the new run from its first record, on one call (a whole job
+        in one round trip): the first event has `started`, the last `final`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetRun(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -288,6 +301,11 @@ def add_HessianServiceServicer_to_server(servicer, server):
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
                     request_deserializer=hessian_dot_v1_dot_service__pb2.WatchRunRequest.FromString,
+                    response_serializer=hessian_dot_v1_dot_service__pb2.WatchRunEvent.SerializeToString,
+            ),
+            'StartAndWatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartAndWatchRun,
+                    request_deserializer=hessian_dot_v1_dot_service__pb2.StartRunRequest.FromString,
                     response_serializer=hessian_dot_v1_dot_service__pb2.WatchRunEvent.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
@@ -573,6 +591,33 @@ class HessianService:
             target,
             '/hessian.v1.HessianService/WatchRun',
             hessian_dot_v1_dot_service__pb2.WatchRunRequest.SerializeToString,
+            hessian_dot_v1_dot_service__pb2.WatchRunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartAndWatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hessian.v1.HessianService/StartAndWatchRun',
+            hessian_dot_v1_dot_service__pb2.StartRunRequest.SerializeToString,
             hessian_dot_v1_dot_service__pb2.WatchRunEvent.FromString,
             options,
             channel_credentials,

@@ -113,6 +113,8 @@ class LiveRun:
         self.durable = 0
         self.error: StoreError | None = None
         self.done = False
+        self.final_row: RunRow | None = None  # the stored end, read back before `finish`
+        self.ending = False  # storing its end: commits wake no watcher, `finish` wakes them
         self.cond = threading.Condition()
         self._listeners: set[Callable[[], None]] = set()
 
@@ -151,6 +153,8 @@ class LiveRun:
             if excess >= self.KEEP:  # let go in chunks: a list's front costs O(len) to cut
                 del self._records[:excess]
                 self.dropped += excess
+            if self.ending:  # the last records go out with the end, in one event
+                return
         self._notify()
 
     def append(self, record: StepRecord) -> None:
@@ -179,13 +183,13 @@ class LiveRun:
         self._notify()
 
     def committed_from(self, index: int) -> tuple[list[StepRecord] | None, bool]:
-        """Committed records from list index `index` on (now, no wait), and whether that is all;
-        None when the record at `index` was let go (read it from the store)."""
+        """Committed records from list index `index` on (now, no wait), and whether they are
+        the last (the run ended: nothing more is committed); None when the record at `index`
+        was let go (read it from the store)."""
         with self.cond:
             if index < self.dropped:
                 return None, False
-            held = self._records[index - self.dropped : self.durable - self.dropped]
-            return held, self.done and self.durable <= index
+            return self._records[index - self.dropped : self.durable - self.dropped], self.done
 
     @property
     def last_record(self) -> StepRecord | None:
@@ -518,14 +522,16 @@ class RunManager:
 
     async def watch(
         self, run_id: str, scope: str | None, from_iteration: int, page: int
-    ) -> AsyncIterator[list[StepRecord] | RunRow]:
+    ) -> AsyncIterator[tuple[list[StepRecord], RunRow | None]]:
         """A run's records from `from_iteration` on, in batches of at most `page` without a
-        gap, then its final row. Live records come from its LiveRun as they are committed,
-        earlier ones (and those of a run executing elsewhere) from the store; waiting holds
-        no thread (store reads run on the default executor).
+        gap, each as (batch, None), then its final row: ([], row), or (last batch, row) when
+        a live run's end arrives with its last records. Live records come from its LiveRun as
+        they are committed, earlier ones (and those of a run executing elsewhere) from the
+        store; waiting holds no thread (store reads run on the default executor).
 
         A run may be resumed at any moment, so this loops until the row read after the
-        records is final and holds no record past them.
+        records is final and holds no record past them (for a live run that ended here, the
+        row its worker read back right after storing the end).
         """
         nxt = from_iteration
         while True:
@@ -541,24 +547,29 @@ class RunManager:
                         if nxt >= live.base:  # let go as committed, yet not in the store
                             await asyncio.to_thread(self._missing, live.run_id, nxt, held - 1)
                         break
-                    yield batch
+                    yield batch, None
                     nxt = batch[-1].iteration + 1
                 nxt = max(nxt, live.base)
-                async for batch in _follow(live, nxt, page):
-                    yield batch
-                    nxt = batch[-1].iteration + 1
+                async for batch, last in _follow(live, nxt, page):
+                    nxt = batch[-1].iteration + 1 if batch else nxt
+                    row = live.final_row if last and live.error is None else None
+                    if row is not None and _ended(row, nxt):
+                        yield batch, row
+                        return
+                    if batch:
+                        yield batch, None
                 if live.error is not None and nxt >= live.first_held():
                     raise live.error  # every record it committed was sent (none let go unsent)
             else:
                 while batch := await asyncio.to_thread(self._stored_page, row.run_id, nxt, page):
-                    yield batch
+                    yield batch, None
                     nxt = batch[-1].iteration + 1
             async with self.commit_wake(run_id) as woken:
                 row = await asyncio.to_thread(self.get, run_id, scope)
-                unseen = row.last_record is not None and row.last_record.iteration >= nxt
-                if row.status not in ACTIVE_STATUSES and not unseen:
-                    yield row
+                if _ended(row, nxt):
+                    yield [], row
                     return
+                unseen = row.last_record is not None and row.last_record.iteration >= nxt
                 if not unseen and self.live(run_id) is None:
                     # active with no live run here: settling, or executing on another replica
                     # (woken by its commits through the shared store's push)
@@ -789,6 +800,7 @@ class RunManager:
         # leave a gap in the records when the run is resumed from it
         last = run is not None and run.last_record is not None and live.error is None
         handing_over = final.get("stop_reason") == StopReason.SHUTDOWN and live.error is None
+        live.ending = True
         if last and not (handing_over and self.leases is not None):
             try:  # one commit for records, checkpoint and end; on failure, step by step below
                 self.store.finish_run(
@@ -797,6 +809,9 @@ class RunManager:
             except (StoreError, RunStateError):
                 pass
             else:
+                # read back here, so the run's watchers end without a store read of their own
+                with contextlib.suppress(StoreError):
+                    live.final_row = self.store.get_run(run_id)
                 if self.leases is not None:
                     self.leases.release(run_id)
                 return
@@ -858,10 +873,19 @@ class RunManager:
             log.warning("could not mark run %s stopped at shutdown: %s", live.run_id, exc)
 
 
-async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list[StepRecord]]:
-    """Batches (at most `page` records) of a live run's committed records from iteration `nxt`
-    until it ends, or until the run let go of the record at `nxt` (the caller then reads the
-    store); waits on an asyncio.Event its committing thread sets, not on a thread."""
+def _ended(row: RunRow, nxt: int) -> bool:
+    """Whether `row` is a run's end for a watcher that has every record before `nxt`."""
+    unseen = row.last_record is not None and row.last_record.iteration >= nxt
+    return row.status not in ACTIVE_STATUSES and not unseen
+
+
+async def _follow(
+    live: LiveRun, nxt: int, page: int
+) -> AsyncIterator[tuple[list[StepRecord], bool]]:
+    """(batch, last): batches (at most `page` records) of a live run's committed records from
+    iteration `nxt` until it ends (the last one, perhaps empty, says so), or until the run
+    let go of the record at `nxt` (the caller then reads the store); waits on an
+    asyncio.Event its committing thread sets, not on a thread."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
 
@@ -876,10 +900,13 @@ async def _follow(live: LiveRun, nxt: int, page: int) -> AsyncIterator[list[Step
             batch, finished = live.committed_from(nxt - live.base)
             if batch is None:  # fell behind what the buffer holds: the caller reads the store
                 return
-            for start in range(0, len(batch), page):
-                yield batch[start : start + page]
+            starts = range(0, len(batch), page)
+            for start in starts:
+                yield batch[start : start + page], finished and start == starts[-1]
             nxt += len(batch)
             if finished:
+                if not batch:
+                    yield [], True
                 return
             if not batch:
                 await changed.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import math
@@ -41,7 +42,7 @@ from .observability import Metrics
 from .optimize import Optimizer
 from .problems import ProblemRegistry, problem_id
 from .runs import InitSpec, RunManager
-from .sync_bridge import inline_when
+from .sync_bridge import SyncContext, inline_when
 from .threads import problem_size, thread_policy
 
 WATCH_PAGE = 512
@@ -379,6 +380,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def StartRun(self, request, context):
+        return self._start_run(request, context)
+
+    def _start_run(
+        self, request: service_pb2.StartRunRequest, context: grpc.ServicerContext
+    ) -> service_pb2.StartRunResponse:
+        """StartRun's work (StartAndWatchRun's first step too), on a pool thread."""
         _check_deadline(context)
         if len(request.name) > codec.MAX_NAME_CHARS:
             raise ValidationError(
@@ -515,13 +522,32 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         holds no thread)."""
         if request.from_iteration < 0:
             raise ValidationError("from_iteration", "an integer >= 0", request.from_iteration)
+        events = self._watch(request.run_id, context, request.from_iteration)
+        async for event in events:
+            yield event
+
+    @streaming
+    async def StartAndWatchRun(self, request, context) -> AsyncIterator[service_pb2.WatchRunEvent]:
+        """StartRun (on a pool thread, as the unary call), then the new run's events as
+        WatchRun streams them: a whole job on one call, one round trip fewer."""
+        loop = asyncio.get_running_loop()
+        started = await loop.run_in_executor(
+            None, self._start_run, request, SyncContext(context, loop)
+        )
+        yield service_pb2.WatchRunEvent(started=started)
+        async for event in self._watch(started.run_id, context, 0):
+            yield event
+
+    async def _watch(
+        self, run_id: str, context: grpc.aio.ServicerContext, from_iteration: int
+    ) -> AsyncIterator[service_pb2.WatchRunEvent]:
+        """A run's WatchRun events (RunManager.watch: a waiting watcher holds no thread)."""
         scope = self.tenancy.of(context).scope
-        watch = self.runs.watch(request.run_id, scope, request.from_iteration, self._watch_page)
-        async for item in watch:
-            if isinstance(item, RunRow):
-                yield service_pb2.WatchRunEvent(final=self._info(item))
-            else:
-                yield _event(item)
+        async for records, row in self.runs.watch(run_id, scope, from_iteration, self._watch_page):
+            event = _event(records)
+            if row is not None:
+                event.final.CopyFrom(self._info(row))
+            yield event
 
     @streaming
     async def Optimize(self, request_iterator, context) -> AsyncIterator:

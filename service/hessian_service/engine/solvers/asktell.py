@@ -329,6 +329,10 @@ class RemoteStepper(Stepper):
             h = 0.5 * (rows + rows.T)
         return Point(x, float(answer.loss), answer.gradient, h)
 
+    def first_trial(self, x: torch.Tensor) -> float:
+        """The caller is asked what `loss_at` asks (its own speculation, not the engine's)."""
+        return self.loss_at(x)
+
     def loss_at(self, x: torch.Tensor) -> float:
         if self._first_trial:  # speculative: ask the trial for all a new point needs
             self._first_trial = False

@@ -131,14 +131,22 @@ class Stepper:
     (by parameter count); `method_note` says what it chose and why.
     """
 
-    def __init__(self, objective: Objective, options: MethodOptions, params: torch.Tensor) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        options: MethodOptions,
+        params: torch.Tensor,
+        reuse_trials: bool = False,
+    ) -> None:
         self.objective = objective
+        self.reuse_trials = reuse_trials  # a run's next point may be its last trial
         options, self.method_note = resolve_method(options, params.numel(), params.dtype)
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
         self.second_order = options.method != "gradient_descent" and not self.hessian_free
         self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
         self._last_trial: tuple[torch.Tensor, float] | None = None
+        self._trial_point: Point | None = None
         check_supported(objective, options)
         if self.hessian_free:
             chosen = backends.resolve(options.backend, objective, params, options.curvature)
@@ -148,7 +156,9 @@ class Stepper:
             self.backend_label = self.backend.label
         else:
             self.backend_label = "autograd"
-        self.state: dict[str, float] = {"damping": options.damping, "nu": 2.0}
+        # "whole_trial": 1 while line searches take their first trial (then its whole
+        # evaluation is the next point's); in the state so a resumed run decides the same
+        self.state: dict[str, float] = {"damping": options.damping, "nu": 2.0, "whole_trial": 1.0}
         if self.hessian_free:
             self.state.update(hessian_free.initial_state(options))
 
@@ -159,6 +169,9 @@ class Stepper:
         is the trial point loss_at just took) and the gradient of the batch the next step
         uses, so no backward pass runs through all rows.
         """
+        trial_point, self._trial_point = self._trial_point, None
+        if trial_point is not None and trial_point.x is x:
+            return trial_point
         if self.minibatch:
             trial = self._last_trial
             loss = trial[1] if trial is not None and trial[0] is x else self.loss_at(x)
@@ -175,6 +188,7 @@ class Stepper:
     def loss_at(self, x: torch.Tensor) -> float:
         """The loss alone (line-search and Levenberg-Marquardt trials); NaN, a rejected trial,
         where the objective raises (an exported program indexing out of range there)."""
+        self._trial_point = None  # a later trial: the first one was rejected, let its matrix go
         try:
             loss = float(curvature.loss_value(self.objective, x))
         except EvaluationError:
@@ -182,6 +196,19 @@ class Stepper:
         if self.minibatch:
             self._last_trial = (x, loss)
         return loss
+
+    def first_trial(self, x: torch.Tensor) -> float:
+        """A line search's first trial: while first trials keep being taken, x is evaluated
+        whole (the loss from that evaluation) and kept as the next point, so a taken step
+        costs one evaluation, not a loss then an evaluation; otherwise the loss alone."""
+        if self.minibatch or not self.reuse_trials or not self.state.get("whole_trial", 1.0):
+            return self.loss_at(x)
+        try:
+            point = self.evaluate(x)
+        except EvaluationError:
+            return math.nan
+        self._trial_point = point
+        return point.loss
 
     def revisit(self, point: Point) -> Point:
         """`point` for the step after a rejected one from it.
@@ -273,11 +300,18 @@ DESCENTS: dict[str, Descent] = {
 }
 
 
-def _taken(point: Point, found: Direction, alpha: float, evaluations: int) -> Step:
-    """The step x + alpha d, always accepted (fixed step or a satisfied line search)."""
+def _taken(
+    point: Point,
+    found: Direction,
+    alpha: float,
+    evaluations: int,
+    x_new: torch.Tensor | None = None,
+) -> Step:
+    """The step x + alpha d (`x_new` when the search has it), always accepted (fixed step or
+    a satisfied line search)."""
     cg = found.cg
     return Step(
-        x_new=point.x + alpha * found.direction,
+        x_new=point.x + alpha * found.direction if x_new is None else x_new,
         step_norm=alpha * found.norm,
         step_size=alpha,
         damping=found.damping,
@@ -309,7 +343,8 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     alpha, evaluations = opts.learning_rate, 0
     slope = float(point.grad @ d)
     for _ in range(opts.max_backtracks):
-        trial = stepper.loss_at(point.x + alpha * d)
+        x = point.x + alpha * d
+        trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
         if math.isfinite(trial) and trial <= point.loss + opts.armijo * alpha * slope:
             break
@@ -318,7 +353,8 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         raise LineSearchFailed(
             f"no step satisfied the Armijo condition in {evaluations} backtracks"
         )
-    return _taken(point, found, alpha, evaluations)
+    stepper.state["whole_trial"] = float(evaluations == 1)
+    return _taken(point, found, alpha, evaluations, x)
 
 
 def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:

@@ -142,7 +142,7 @@ class Run:
         self._previous_loss: float | None = None
         # an objective evaluated elsewhere (asktell.RemoteObjective) brings its own Stepper
         stepper_class = getattr(objective, "stepper_class", Stepper)
-        self.stepper = stepper_class(objective, self.options, self.params)
+        self.stepper = stepper_class(objective, self.options, self.params, reuse_trials=True)
         self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
