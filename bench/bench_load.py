@@ -32,7 +32,6 @@ CONCURRENCY_TARGET = 1.2
 TAIL_TARGET = 3.0
 LOOP_TARGETS = {"in process": 1.1, "through the service": 1.3}
 JOB_TARGET = 1.5
-SETTLE_S = 0.05  # whole jobs: the pause before each timed call
 GD_ITERATIONS = 2_000
 GD_LR = 1e-4
 
@@ -454,11 +453,10 @@ def whole_jobs() -> str:
         ]
         for r in range(rounds):
             _progress(f"whole jobs round {r + 1}/{rounds}")
-            # each round starts one call later, so no peer always follows the same one; a
-            # pause before each lets the previous call's leftovers (a server's tail work, a
-            # BLAS pool going idle) settle, the same for every peer
+            # each round starts one call later: no peer always follows the same one (a call
+            # right after the digits fit shares the cores with BLAS threads winding down; a
+            # pause would time every call cold instead)
             for key, fn in calls[r % len(calls) :] + calls[: r % len(calls)]:
-                time.sleep(SETTLE_S)
                 start = time.perf_counter()
                 fn()
                 samples.setdefault(key, []).append(time.perf_counter() - start)
@@ -495,13 +493,12 @@ def whole_jobs() -> str:
         "final loss",
     ]
     return (
-        f"Medians of {rounds} interleaved rounds (each starting one call later; a "
-        f"{SETTLE_S * 1e3:.0f} ms pause before every call); standardised breast-cancer "
-        f"features, digits / 16; both stop at max |gradient| <= {tol:g} (the same "
-        f"objective: l2 = 1/(C N), C = 1). Newton from zeros, the server's default step "
-        f"policy. The issue's job is the three calls; StartAndWatchRun starts the run and "
-        f"streams it on one call (`start_run(..., watch=True)`), and a problem sent inline "
-        f"needs no CreateProblem."
+        f"Medians of {rounds} interleaved rounds (each starting one call later, so no call "
+        f"always follows the same one); standardised breast-cancer features, digits / 16; "
+        f"both stop at max |gradient| <= {tol:g} (the same objective: l2 = 1/(C N), C = 1). "
+        f"Newton from zeros, the server's default step policy. The issue's job is the three "
+        f"calls; StartAndWatchRun starts the run and streams it on one call "
+        f"(`start_run(..., watch=True)`), and a problem sent inline needs no CreateProblem."
         f"\n\n{markdown_table(header, table)}\n\n" + "\n".join(f"- {v}" for v in verdicts)
     )
 

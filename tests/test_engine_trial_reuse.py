@@ -16,7 +16,7 @@ import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective, take_step
 from hessian_service.engine.backends import selector
 from hessian_service.engine.solvers import methods
-from problems import NO_TOL, random_params, random_problem
+from problems import random_params, random_problem
 
 
 def _system_calls(monkeypatch: pytest.MonkeyPatch, run: Run) -> list[int]:
@@ -52,27 +52,63 @@ def _facts(records) -> list[tuple]:
 def _run(objective, x0, reuse: bool, monkeypatch, **options):
     stopping = StopCriteria(max_iterations=60, gradient_tolerance=1e-10)
     run = Run(objective, x0, MethodOptions(method="newton", **options), stopping)
-    run.stepper.reuse_trials = reuse
+    run.stepper.reuse_trials &= reuse  # off for the comparison; on as the run decided
     with monkeypatch.context() as patch:
         systems, losses = _system_calls(patch, run), _loss_calls(patch)
         records = run.run_to_end()
     return records, systems[0], losses[0], run.params
 
 
+def _expected(evaluations: list[int], whole_first: bool = True) -> tuple[int, int]:
+    """(assemblies beyond one per point, trial losses) the policy implies for steps with
+    these function evaluations: the first search (`whole_first`), and each after one whose
+    first trial was taken, tries whole; a whole trial rejected is an assembly wasted, one
+    taken saves a loss."""
+    whole = [evaluations[i - 1] == 1 if i else whole_first for i in range(len(evaluations))]
+    wasted = sum(w and e > 1 for w, e in zip(whole, evaluations, strict=True))
+    return wasted, sum(evaluations) - sum(whole)
+
+
 @pytest.mark.parametrize("name", ["logistic_regression", "softmax_regression", "least_squares"])
-def test_taken_first_trials_are_evaluated_once(name, monkeypatch):
+def test_whole_first_trials_follow_the_policy_and_change_no_step(name, monkeypatch):
     objective = random_problem(name)
     x0 = 0.1 * random_params(objective)
     records, systems, losses, x = _run(objective, x0, True, monkeypatch)
     plain, plain_systems, plain_losses, plain_x = _run(objective, x0, False, monkeypatch)
-    steps = len(records) - 1
-    assert steps >= 1 and all(r.function_evaluations == 1 for r in records[:-1])
-    # one assembly per point, no separate trial loss; the old way: a loss per step besides
-    assert (systems, losses) == (len(records), 0)
-    assert (plain_systems, plain_losses) == (len(plain), steps)
+    evaluations = [r.function_evaluations for r in records[:-1]]
+    assert evaluations and evaluations[0] >= 1
+    wasted, trial_losses = _expected(evaluations)
+    assert (systems, losses) == (len(records) + wasted, trial_losses)
+    assert (plain_systems, plain_losses) == (len(plain), sum(evaluations))
     assert _facts(records) == _facts(plain)
     np.testing.assert_allclose([r.loss for r in records], [r.loss for r in plain], rtol=1e-13)
     torch.testing.assert_close(x, plain_x, rtol=1e-12, atol=1e-12)
+
+
+def test_on_breast_cancer_every_step_is_one_assembly(monkeypatch):
+    """Newton from zeros on standardised breast-cancer data takes every first trial: each
+    point is assembled once and no loss is evaluated apart (it was a loss per step)."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    x = torch.tensor(data.data, dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.tensor(data.target, dtype=torch.float64)
+    objective = make_objective("logistic_regression", {"X": x, "y": y}, {"l2": 1.0 / len(y)})
+    x0 = torch.zeros(x.shape[1] + 1, dtype=torch.float64)
+    records, systems, losses, _ = _run(objective, x0, True, monkeypatch)
+    assert len(records) >= 5 and all(r.function_evaluations == 1 for r in records[:-1])
+    assert (systems, losses) == (len(records), 0)
+    assert records[-1].gradient_max_norm <= 1e-10
+
+
+def test_a_dense_problem_over_the_size_bound_never_assembles_at_a_trial(monkeypatch):
+    objective = random_problem("logistic_regression", size=methods.WHOLE_TRIAL_MAX_PARAMS)
+    x0 = 0.1 * random_params(objective)
+    assert x0.numel() > methods.WHOLE_TRIAL_MAX_PARAMS
+    records, systems, losses, _ = _run(objective, x0, True, monkeypatch)
+    evaluations = [r.function_evaluations for r in records[:-1]]
+    assert (systems, losses) == (len(records), sum(evaluations))
 
 
 def test_a_rejected_first_trial_sends_the_next_search_back_to_the_loss_alone(monkeypatch):
@@ -87,12 +123,8 @@ def test_a_rejected_first_trial_sends_the_next_search_back_to_the_loss_alone(mon
     torch.testing.assert_close(x, plain_x, rtol=1e-12, atol=1e-12)
     evaluations = [r.function_evaluations for r in records[:-1]]
     assert any(e > 1 for e in evaluations), evaluations
-    # the policy: the first search, and each after one whose first trial was taken, tries
-    # whole; a whole trial rejected is one assembly wasted, one taken saves a loss
-    whole = [i == 0 or evaluations[i - 1] == 1 for i in range(len(evaluations))]
-    wasted = sum(w and e > 1 for w, e in zip(whole, evaluations, strict=True))
-    assert systems == len(records) + wasted
-    assert losses == sum(evaluations) - sum(whole)
+    wasted, trial_losses = _expected(evaluations)
+    assert wasted >= 1 and (systems, losses) == (len(records) + wasted, trial_losses)
     assert (plain_systems, plain_losses) == (len(plain), sum(evaluations))
 
 
@@ -115,18 +147,28 @@ def test_a_single_step_never_assembles_at_its_trial(monkeypatch):
     assert calls[0] == 1 and losses[0] == result.record.function_evaluations
 
 
-def test_the_reuse_state_resumes_with_the_run():
-    objective = make_objective("rosenbrock", {}, {"dim": 4})
-    x0 = objective.init_params()
+def test_the_reuse_state_resumes_with_the_run(monkeypatch):
+    """A run resumed from a checkpoint decides whole trials as the uninterrupted run did,
+    also right after a rejected first trial (the choice travels in the checkpoint)."""
+    objective = make_objective("rosenbrock", {}, {"dim": 2})
+    x0 = torch.tensor([-1.2, 1.0], dtype=torch.float64)
     options = MethodOptions(method="newton")
-    stopping = StopCriteria(max_iterations=30, **NO_TOL)
+    stopping = StopCriteria(max_iterations=60, gradient_tolerance=1e-10)
     full = Run(objective, x0, options, stopping).run_to_end()
-    for k in range(1, 12):
+    evaluations = [r.function_evaluations for r in full[:-1]]
+    after_rejection = [k for k in range(1, len(evaluations)) if evaluations[k - 1] > 1]
+    assert after_rejection, evaluations
+    for k in [*after_rejection[:3], 1]:
         first = Run(objective, x0, options, stopping)
         for record in first:
             if record.iteration == k:
                 break
         checkpoint = first.checkpoint()
-        assert checkpoint.state["whole_trial"] in (0.0, 1.0)
-        resumed = Run(objective, x0, options, stopping, resume=checkpoint).run_to_end()
-        assert [(r.loss, r.step_size) for r in resumed] == [(r.loss, r.step_size) for r in full[k:]]
+        assert checkpoint.state["whole_trial"] == float(evaluations[k - 1] == 1)
+        resumed = Run(objective, x0, options, stopping, resume=checkpoint)
+        with monkeypatch.context() as patch:
+            systems, losses = _system_calls(patch, resumed), _loss_calls(patch)
+            tail = resumed.run_to_end()
+        assert [(r.loss, r.step_size) for r in tail] == [(r.loss, r.step_size) for r in full[k:]]
+        wasted, trial_losses = _expected(evaluations[k:], evaluations[k - 1] == 1)
+        assert (systems[0], losses[0]) == (len(tail) + wasted, trial_losses), k

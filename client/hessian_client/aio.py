@@ -76,10 +76,14 @@ class Client(_Api):
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
     async def _start_watching(self, request: Any, like: Any) -> Run:
-        call = self.stub.StartAndWatchRun(request, metadata=self.metadata)
+        call = self.stub.StartAndWatchRun(
+            request, timeout=self._deadline(_DEFAULT), metadata=self.metadata
+        )
         try:
             first = await call.read()
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before API 1.2
+                return await self._unary("StartRun", request, _DEFAULT, self._start_decoder(like))
             raise from_rpc_error(exc) from None
         return _watched(self._run, call, None if first is aio.EOF else first, like)
 
@@ -117,8 +121,9 @@ class Run(_RunBase):
             remaining = watch.remaining()
             if watch.expired(remaining):
                 raise timed_out(self.id, timeout, await self._status())
+            call, opened = opened, None
+            reading_opened = call is not None
             try:
-                call, opened = opened, None
                 if call is None:
                     call = self.client.stub.WatchRun(
                         watch.request(), timeout=remaining, metadata=self.client.metadata
@@ -130,7 +135,7 @@ class Run(_RunBase):
                 if watch.ended():
                     return
             except grpc.RpcError as exc:
-                if watch.timed_out_by(exc):
+                if watch.timed_out_by(exc, reading_opened):
                     raise timed_out(self.id, timeout, await self._status()) from None
             await asyncio.sleep(watch.backoff())
 
@@ -142,7 +147,9 @@ class Run(_RunBase):
 
     async def wait(self, timeout: float | None = None) -> RunInfo:
         """Until the run ends -> its final info; DeadlineExceeded after `timeout` s."""
-        start = max((await self.client.get_run(self.id)).num_records - 1, 0)
+        start = 0  # StartAndWatchRun's call streams from the first record
+        if self._opened is None:
+            start = max((await self.client.get_run(self.id)).num_records - 1, 0)
         async for _ in self.stream(start, timeout=timeout):
             pass
         assert self.final is not None

@@ -401,8 +401,11 @@ class _Api:
         option `seed`). The run's final parameters come back as the type `params` was.
         With `watch`, one StartAndWatchRun call starts the run and opens its stream: the
         run's first `stream()` (or `wait`, `records`, `result`) reads that call, one round
-        trip fewer than StartRun then WatchRun; the open call has no deadline (a `stream`
-        given a `timeout` cancels it and uses WatchRun).
+        trip fewer than StartRun then WatchRun. The call has the client's timeout as its
+        deadline (it bounds the start; a stream still going then continues on WatchRun); a
+        `stream` given its own `timeout` cancels it and uses WatchRun. A handle never
+        streamed holds its call until the run ends or the handle is dropped. A server
+        before API 1.2 (no StartAndWatchRun) gets StartRun, and the stream WatchRun.
         """
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
@@ -417,9 +420,11 @@ class _Api:
             request.init.CopyFrom(optimize_pb2.Initializer(seed=seed, distribution=dist))
         if watch:
             return self._start_watching(request, params)
-        return self._unary(
-            "StartRun", request, _DEFAULT, lambda info: self._run(info.run_id, info, params)
-        )
+        return self._unary("StartRun", request, _DEFAULT, self._start_decoder(params))
+
+    def _start_decoder(self, like: Any) -> Callable[[Any], Any]:
+        """StartRunResponse -> the Run handle (final parameters as the type of `like`)."""
+        return lambda info: self._run(info.run_id, info, like)
 
     def run(self, run_id: str) -> Any:
         """A handle on an existing run (final parameters as numpy)."""
@@ -511,10 +516,14 @@ class Client(_Api):
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
     def _start_watching(self, request: service_pb2.StartRunRequest, like: Any) -> Run:
-        call = self.stub.StartAndWatchRun(request, metadata=self.metadata)
+        call = self.stub.StartAndWatchRun(
+            request, timeout=self._deadline(_DEFAULT), metadata=self.metadata
+        )
         try:
             first = next(call, None)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before API 1.2
+                return self._unary("StartRun", request, _DEFAULT, self._start_decoder(like))
             raise from_rpc_error(exc) from None
         return _watched(self._run, call, first, like)
 
@@ -629,11 +638,15 @@ class _Watch:
         _raise_if_failed_empty(self.run.id, self.run.final)
         return True
 
-    def timed_out_by(self, exc: grpc.RpcError) -> bool:
+    def timed_out_by(self, exc: grpc.RpcError, opened: bool = False) -> bool:
         """True if `exc` is the stream's own deadline; raise unless it is a dropped
-        connection within the reconnect window (then the caller retries)."""
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.deadline is not None:
-            return True
+        connection within the reconnect window or the deadline of StartAndWatchRun's call
+        (`opened`: it bounds the start; then the caller goes on with WatchRun)."""
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if self.deadline is not None:
+                return True
+            if opened:
+                return False
         if exc.code() != grpc.StatusCode.UNAVAILABLE:
             raise from_rpc_error(exc) from None
         if time.monotonic() - self.last_progress > self.reconnect_timeout:
@@ -682,8 +695,9 @@ class Run(_RunBase):
             remaining = watch.remaining()
             if watch.expired(remaining):
                 raise timed_out(self.id, timeout, self._status())
+            call, opened = opened, None
+            reading_opened = call is not None
             try:
-                call, opened = opened, None
                 if call is None:
                     call = self.client.stub.WatchRun(
                         watch.request(), timeout=remaining, metadata=self.client.metadata
@@ -693,7 +707,7 @@ class Run(_RunBase):
                 if watch.ended():
                     return
             except grpc.RpcError as exc:
-                if watch.timed_out_by(exc):
+                if watch.timed_out_by(exc, reading_opened):
                     raise timed_out(self.id, timeout, self._status()) from None
             time.sleep(watch.backoff())
 
@@ -712,6 +726,8 @@ class Run(_RunBase):
         return self.final
 
     def _next_unseen(self) -> int:
+        if self._opened is not None:  # StartAndWatchRun's call streams from the first record
+            return 0
         return max(self.client.get_run(self.id).num_records - 1, 0)
 
     def cancel(self) -> RunInfo:

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from hessian_client import __version__
+from hessian_client import API_VERSION, __version__
 from hessian_client.cli import main, plot_series
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
 
@@ -90,7 +90,7 @@ def test_every_subcommand_speaks_json(server, capsys, tmp_path):
     run_id = final["run_id"]
 
     checks = {
-        ("info",): lambda v: v["api_version"] == "1.1" and v["limits"]["workers"] == 2,
+        ("info",): lambda v: v["api_version"] == API_VERSION and v["limits"]["workers"] == 2,
         ("runs", "--limit", "1"): lambda v: v["run_id"] == run_id,
         ("watch", run_id, "--from", "29"): lambda v: v["iteration"] == 29,
         ("cancel", run_id): lambda v: v["status"] == "FINISHED",
@@ -279,4 +279,4 @@ def test_an_older_server_gets_a_one_line_warning_naming_both_versions(server, ca
     assert code == 0 and "objectives:" in out
     (line,) = err.splitlines()
     assert line.startswith("hessian: warning: hessian-client") and "API 1.99" in line
-    assert "speaks API 1.1" in line
+    assert f"speaks API {API_VERSION}" in line

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -21,6 +22,10 @@ from hessian_client import Client, InvalidArgument, NotFound, aio, problems, sta
 from hessian_client.options import method_options, stop_criteria
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_client.tensors import encode
+from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
+from hessian_service.server import codec
+from hessian_service.server.service import RESPONSE_SLACK
+from long_runs import EXACT
 
 TIMEOUT = 120  # generous: guards against a hang only
 STOPPING = {
@@ -148,11 +153,11 @@ def test_sdk_watch_reads_the_open_call_not_watch_run(metered):
     problem = problems.logistic_regression(x, y, l2=L2)
     with Client(metered.address, timeout=TIMEOUT) as client:
         plain = client.start_run(problem, w0, method="newton", stopping=STOPPING).records()
-        watches = _calls(metered, "WatchRun")
+        watches, ones = _calls(metered, "WatchRun"), _calls(metered, "StartAndWatchRun")
         run = client.start_run(problem, w0, method="newton", stopping=STOPPING, watch=True)
         streamed = list(run.stream())
         assert _calls(metered, "WatchRun") == watches  # the records came on the open call
-        assert _calls(metered, "StartAndWatchRun") >= 1
+        assert _calls(metered, "StartAndWatchRun") == ones + 1
         assert [(r.iteration, r.loss, r.gradient_norm) for r in streamed] == [
             (r.iteration, r.loss, r.gradient_norm) for r in plain
         ]
@@ -162,9 +167,11 @@ def test_sdk_watch_reads_the_open_call_not_watch_run(metered):
         assert [r.loss for r in run.stream()] == [r.loss for r in streamed]
         bounded = client.start_run(problem, w0, method="newton", stopping=STOPPING, watch=True)
         assert [r.loss for r in bounded.stream(timeout=TIMEOUT)] == [r.loss for r in streamed]
+        gets = _calls(metered, "GetRun")
         result = client.start_run(
             problem, w0, method="newton", stopping=STOPPING, watch=True
         ).result()
+        assert _calls(metered, "GetRun") == gets + 1  # the parameters, nothing before
         assert result.info.status == "FINISHED" and isinstance(result.params, np.ndarray)
         assert np.max(np.abs(_logistic_gradient(x, y, result.params))) <= 1e-9
         with pytest.raises(InvalidArgument, match=r"stopping\.max_iterations"):
@@ -241,13 +248,108 @@ def test_concurrent_one_call_jobs_match_solo_ones_bit_for_bit(metered):
             return [_facts(r) for r in _records(events)]
 
         solo = [job(r) for r in requests]
-        together: list = [None] * len(requests)
-        threads = [
-            threading.Thread(target=lambda i=i: together.__setitem__(i, job(requests[i])))
-            for i in range(len(requests))
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(job, requests, timeout=TIMEOUT))
     assert together == solo
+
+
+class _Unimplemented(grpc.RpcError):
+    """What a server before API 1.2 answers StartAndWatchRun."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNIMPLEMENTED
+
+    def details(self) -> str:
+        return "Method not found!"
+
+
+def test_sdk_watch_falls_back_to_start_run_on_an_older_server(metered, monkeypatch):
+    rng = np.random.default_rng(torch.initial_seed())
+    x, y = _data(rng)
+    w0 = 0.1 * rng.standard_normal(6)
+    problem = problems.logistic_regression(x, y, l2=L2)
+    with Client(metered.address, timeout=TIMEOUT) as client:
+        plain = client.start_run(problem, w0, stopping=STOPPING).records()
+
+        def unimplemented(*_args, **_kwargs):
+            raise _Unimplemented()
+            yield  # pragma: no cover (a generator, like a streaming call)
+
+        monkeypatch.setattr(client.stub, "StartAndWatchRun", unimplemented)
+        starts, watches = _calls(metered, "StartRun"), _calls(metered, "WatchRun")
+        run = client.start_run(problem, w0, stopping=STOPPING, watch=True)
+        assert [r.loss for r in run.stream()] == [r.loss for r in plain]
+    assert _calls(metered, "StartRun") == starts + 1
+    assert _calls(metered, "WatchRun") == watches + 1
+
+
+def test_a_stream_outliving_the_client_timeout_goes_on_with_watch_run(tmp_path, monkeypatch):
+    """The one call's deadline is the client's timeout (it bounds the start); a run still
+    streaming then is followed on WatchRun from the next record, each record once."""
+    handle = start_server(tmp_path, metrics_port=free_port())
+    past = threading.Event()
+    try:
+        held = hold_record(monkeypatch, handle.store, 3, lambda _: past.is_set())
+        rng = np.random.default_rng(torch.initial_seed())
+        x, y = _data(rng)
+        problem = problems.logistic_regression(x, y, l2=L2)
+        gd = {"method": "gradient_descent", "learning_rate": 0.5}
+        stopping = {**STOPPING, "max_iterations": 12, "gradient_tolerance": 0.0}
+        with Client(handle.address, timeout=0.5) as client:
+            run = client.start_run(problem, np.zeros(6), stopping=stopping, watch=True, **gd)
+            stream = run.stream()
+            early = [next(stream) for _ in range(3)]  # 0..2, on the open call
+            threading.Timer(1.5, past.set).start()  # held past the call's deadline
+            records = early + list(stream)
+        assert held == [True]
+        assert [r.iteration for r in records] == list(range(13))
+        assert run.final is not None and run.final.status == "FINISHED"
+        # the one call ended at its deadline (not OK); one WatchRun brought the rest
+        assert (_calls(handle, "StartAndWatchRun"), _calls(handle, "WatchRun")) == (0, 1)
+    finally:
+        past.set()
+        handle.stop(grace=1.0)
+
+
+def test_a_last_page_and_a_long_run_info_too_big_for_one_message_come_in_two(tmp_path, monkeypatch):
+    """Pages fill a message but for a slack; a full last page and the final RunInfo (a
+    256-character name) do not fit one message, so they come as two. Pages are sized for the
+    widest record, so the width is set to these records' own to make the pages full."""
+    gd = {"method": "gradient_descent", "learning_rate": 1e-3}
+    page, iterations = 4, 7
+    engine_run = Run(
+        make_objective("rosenbrock", {}, {"dim": 2}),
+        torch.zeros(2, dtype=torch.float64),
+        MethodOptions(**gd),
+        StopCriteria(max_iterations=iterations, **EXACT),
+    )
+    width = max(codec.record_to_wire(r).ByteSize() for r in engine_run) + 4  # + its tag
+    monkeypatch.setattr(codec, "MAX_RECORD_BYTES", width)
+    limit = RESPONSE_SLACK + page * width
+    handle = start_server(
+        tmp_path,
+        max_message_bytes=limit,
+        commit_interval_ms=3_600_000,
+        commit_every_records=10**6,
+    )
+
+    def watched(run_id: str) -> bool:
+        live = handle.runs.live(run_id)
+        return live is not None and live.watchers > 0
+
+    try:
+        held = hold_record(monkeypatch, handle.store, 0, watched)
+        with Client(handle.address, timeout=TIMEOUT) as client:
+            stopping = {"max_iterations": iterations, **EXACT}
+            run = client.start_run(
+                problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping, name="n" * 256, **gd
+            )
+            request = service_pb2.WatchRunRequest(run_id=run.id)
+            events = list(client.stub.WatchRun(request, timeout=TIMEOUT))
+        assert held == [True]
+        assert all(e.ByteSize() <= limit for e in events)
+        assert [len(e.records) for e in events] == [page, page, 0]
+        assert [e.HasField("final") for e in events] == [False, False, True]
+        assert status_name(events[-1].final) == "FINISHED" and events[-1].final.name == "n" * 256
+    finally:
+        handle.stop(grace=1.0)

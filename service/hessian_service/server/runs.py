@@ -553,7 +553,8 @@ class RunManager:
                 async for batch, last in _follow(live, nxt, page):
                     nxt = batch[-1].iteration + 1 if batch else nxt
                     row = live.final_row if last and live.error is None else None
-                    if row is not None and _ended(row, nxt):
+                    # (not if the run was admitted again since: a resumed Optimize run)
+                    if row is not None and _ended(row, nxt) and self.live(run_id) in (None, live):
                         yield batch, row
                         return
                     if batch:
@@ -784,14 +785,16 @@ class RunManager:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
         finally:
-            if live.lost:  # another replica owns it now: write nothing more
-                self.store.discard_queued(run_id)
-            else:
-                self._store_final(live, run, final)
-            # not live before its watchers learn the end: a client that saw the end then
-            # finds the run no longer counted (active runs, per-token limits)
-            self._forget(run_id)
-            live.finish()
+            try:
+                if live.lost:  # another replica owns it now: write nothing more
+                    self.store.discard_queued(run_id)
+                else:
+                    self._store_final(live, run, final)
+            finally:  # whatever storing the end raised, its watchers must not wait forever
+                # not live before its watchers learn the end: a client that saw the end then
+                # finds the run no longer counted (active runs, per-token limits)
+                self._forget(run_id)
+                live.finish()
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import torch
+from hessian_client._version import API_VERSION  # the one declaration, client and server
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from .. import __version__
@@ -56,7 +57,6 @@ RESPONSE_SLACK = 512
 # request of at most max_sample_elements values in up to 16 tensors of any rank fits.
 SAMPLE_HEADER_BYTES = 4096
 DEADLINE_SLACK_SECONDS = 1.0  # a call ending this close to its deadline ended by the deadline
-API_VERSION = "1.1"  # hessian.v1; minor 1: Predict, ServerInfo.api_version/client_version
 CLIENT_VERSION_KEY = "x-hessian-client-version"
 INLINE_MAX_REQUEST_BYTES = 64 * 1024  # a step request decoded on the event loop is this small
 
@@ -547,6 +547,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             event = _event(records)
             if row is not None:
                 event.final.CopyFrom(self._info(row))
+                if records and event.ByteSize() > self.config.max_message_bytes:
+                    yield _event(records)  # a full page and a long RunInfo: two events
+                    event = service_pb2.WatchRunEvent(final=event.final)
             yield event
 
     @streaming

@@ -26,6 +26,10 @@ from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
 from . import hessian_free
 
 LM_INITIAL_TAU = 1e-3
+# A dense method's first line-search trial is evaluated whole only up to this many
+# parameters: there the curvature matrix costs about what the loss does, so a rejected
+# whole trial wastes little; past it the matrix costs ~n losses and the saving is ~1/n.
+WHOLE_TRIAL_MAX_PARAMS = 64
 
 
 class LineSearchFailed(Exception):
@@ -139,11 +143,14 @@ class Stepper:
         reuse_trials: bool = False,
     ) -> None:
         self.objective = objective
-        self.reuse_trials = reuse_trials  # a run's next point may be its last trial
         options, self.method_note = resolve_method(options, params.numel(), params.dtype)
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
         self.second_order = options.method != "gradient_descent" and not self.hessian_free
+        # a run's next point may be its last line-search trial (first-order evaluations,
+        # or dense ones small enough that a wasted matrix costs little)
+        small = params.numel() <= WHOLE_TRIAL_MAX_PARAMS
+        self.reuse_trials = reuse_trials and (not self.second_order or small)
         self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
         self._last_trial: tuple[torch.Tensor, float] | None = None
         self._trial_point: Point | None = None
@@ -188,7 +195,7 @@ class Stepper:
     def loss_at(self, x: torch.Tensor) -> float:
         """The loss alone (line-search and Levenberg-Marquardt trials); NaN, a rejected trial,
         where the objective raises (an exported program indexing out of range there)."""
-        self._trial_point = None  # a later trial: the first one was rejected, let its matrix go
+        self.drop_trial()  # a later trial: the first one was rejected
         try:
             loss = float(curvature.loss_value(self.objective, x))
         except EvaluationError:
@@ -209,6 +216,10 @@ class Stepper:
             return math.nan
         self._trial_point = point
         return point.loss
+
+    def drop_trial(self) -> None:
+        """Let a rejected whole trial (and its curvature matrix) go."""
+        self._trial_point = None
 
     def revisit(self, point: Point) -> Point:
         """`point` for the step after a rejected one from it.
@@ -350,6 +361,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
             break
         alpha *= opts.backtrack
     else:
+        stepper.drop_trial()
         raise LineSearchFailed(
             f"no step satisfied the Armijo condition in {evaluations} backtracks"
         )
