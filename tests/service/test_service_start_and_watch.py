@@ -295,11 +295,11 @@ def test_a_stream_outliving_the_client_timeout_goes_on_with_watch_run(tmp_path, 
         problem = problems.logistic_regression(x, y, l2=L2)
         gd = {"method": "gradient_descent", "learning_rate": 0.5}
         stopping = {**STOPPING, "max_iterations": 12, "gradient_tolerance": 0.0}
-        with Client(handle.address, timeout=0.5) as client:
+        with Client(handle.address, timeout=1.0) as client:
             run = client.start_run(problem, np.zeros(6), stopping=stopping, watch=True, **gd)
             stream = run.stream()
             early = [next(stream) for _ in range(3)]  # 0..2, on the open call
-            threading.Timer(1.5, past.set).start()  # held past the call's deadline
+            threading.Timer(2.5, past.set).start()  # held past the call's deadline
             records = early + list(stream)
         assert held == [True]
         assert [r.iteration for r in records] == list(range(13))
