@@ -570,8 +570,7 @@ class RunManager:
                 if _ended(row, nxt):
                     yield [], row
                     return
-                unseen = row.last_record is not None and row.last_record.iteration >= nxt
-                if not unseen and self.live(run_id) is None:
+                if not _unseen(row, nxt) and self.live(run_id) is None:
                     # active with no live run here: settling, or executing on another replica
                     # (woken by its commits through the shared store's push)
                     await woken(WATCH_POLL_SECONDS)
@@ -812,9 +811,11 @@ class RunManager:
             except (StoreError, RunStateError):
                 pass
             else:
-                # read back here, so the run's watchers end without a store read of their own
-                with contextlib.suppress(StoreError):
-                    live.final_row = self.store.get_run(run_id)
+                # read back here (when someone listens), so the run's watchers end without
+                # a store read of their own; a watcher arriving later reads the store
+                if live.watchers:
+                    with contextlib.suppress(StoreError):
+                        live.final_row = self.store.get_run(run_id)
                 if self.leases is not None:
                     self.leases.release(run_id)
                 return
@@ -876,10 +877,14 @@ class RunManager:
             log.warning("could not mark run %s stopped at shutdown: %s", live.run_id, exc)
 
 
+def _unseen(row: RunRow, nxt: int) -> bool:
+    """Whether `row` names a record at or past `nxt` (one the watcher has not seen)."""
+    return row.last_record is not None and row.last_record.iteration >= nxt
+
+
 def _ended(row: RunRow, nxt: int) -> bool:
     """Whether `row` is a run's end for a watcher that has every record before `nxt`."""
-    unseen = row.last_record is not None and row.last_record.iteration >= nxt
-    return row.status not in ACTIVE_STATUSES and not unseen
+    return row.status not in ACTIVE_STATUSES and not _unseen(row, nxt)
 
 
 async def _follow(

@@ -147,11 +147,12 @@ class Stepper:
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
         self.second_order = options.method != "gradient_descent" and not self.hessian_free
-        # a run's next point may be its last line-search trial (first-order evaluations,
-        # or dense ones small enough that a wasted matrix costs little)
-        small = params.numel() <= WHOLE_TRIAL_MAX_PARAMS
-        self.reuse_trials = reuse_trials and (not self.second_order or small)
         self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
+        # a run's next point may be its last line-search trial (first-order evaluations,
+        # or dense ones small enough that a wasted matrix costs little; a mini-batch run
+        # keeps its trial's loss its own way, _last_trial)
+        small = params.numel() <= WHOLE_TRIAL_MAX_PARAMS
+        self.reuse_trials = reuse_trials and not self.minibatch and (not self.second_order or small)
         self._last_trial: tuple[torch.Tensor, float] | None = None
         self._trial_point: Point | None = None
         check_supported(objective, options)
@@ -208,7 +209,7 @@ class Stepper:
         """A line search's first trial: while first trials keep being taken, x is evaluated
         whole (the loss from that evaluation) and kept as the next point, so a taken step
         costs one evaluation, not a loss then an evaluation; otherwise the loss alone."""
-        if self.minibatch or not self.reuse_trials or not self.state.get("whole_trial", 1.0):
+        if not (self.reuse_trials and self.state["whole_trial"]):
             return self.loss_at(x)
         try:
             point = self.evaluate(x)
