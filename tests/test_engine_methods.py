@@ -192,3 +192,63 @@ def test_point_is_finite_matches_the_entrywise_test_on_every_kind_of_entry():
             h[i, j] = value
         point = Point(torch.zeros(n, dtype=F64), 1.0, torch.ones(n, dtype=F64), h)
         assert point.is_finite() is bool(torch.isfinite(h).all()), (trial, kind)
+
+
+def _exact_sum(x: float, alpha: float, d: float) -> float:
+    """x + alpha d rounded once (exact rational arithmetic)."""
+    from fractions import Fraction
+
+    return float(Fraction(x) + Fraction(alpha) * Fraction(d))
+
+
+@pytest.mark.parametrize("policy", ["fixed", "line_search"])
+def test_gradient_descent_step_is_x_minus_lr_g_rounded_once(policy):
+    """The step x - lr g is one fused operation: every entry is the exactly rounded value
+    (two roundings, lr g then the sum, miss it for some entries when lr g is as large as x)."""
+    obj = random_problem("mse", size=1000)  # a convex quadratic, Hessian 2/n I in n = 3,000
+    x = random_params(obj)
+    lr = obj.num_params * (0.2 + 0.2 * float(torch.rand(())))  # 40-80% of the way to the minimum
+    result = take_step(
+        obj, x, MethodOptions(method="gradient_descent", learning_rate=lr, step_policy=policy)
+    )
+    assert result.record.step_size == lr  # the first trial taken
+    g = torch.func.grad(obj.loss)(x)
+    want = [_exact_sum(a, -lr, b) for a, b in zip(x.tolist(), g.tolist(), strict=True)]
+    assert result.params.tolist() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 25, 64, 65, 300])
+def test_first_order_gradient_norms_against_float64(dtype, n):
+    """GD records' norms (Python floats up to 64 entries, torch past it) against a float64
+    reference; a NaN or inf anywhere in the gradient gives a non-finite max-norm, so the
+    run stops NON_FINITE instead of reporting a finite gradient."""
+    from hessian_service.engine.solvers.methods import Point
+
+    g = torch.randn(n, dtype=dtype) * 10.0 ** float(torch.randint(-5, 5, ()))
+    ref = g.double()
+    two, inf = Point(torch.zeros(n, dtype=dtype), 0.0, g).grad_norms
+    tol = 4 * torch.finfo(dtype).eps
+    assert two == pytest.approx(float(ref.norm()), rel=tol)
+    assert inf == float(ref.abs().max())  # exact: the largest magnitude itself
+    for bad in (math.nan, math.inf, -math.inf):
+        h = g.clone()
+        h[int(torch.randint(0, n, ()))] = bad
+        two, inf = Point(torch.zeros(n, dtype=dtype), 0.0, h).grad_norms
+        assert not math.isfinite(inf) and not math.isfinite(two)
+        assert math.isnan(inf) == math.isnan(bad)
+
+
+def test_loss_and_grad_under_no_grad_gives_the_same_and_leaves_grad_mode_off():
+    from hessian_service.engine import loss_and_grad
+
+    obj = random_problem("logistic_regression")
+    x = random_params(obj)
+    loss, grad = loss_and_grad(obj, x)
+    with torch.no_grad():
+        loss2, grad2 = loss_and_grad(obj, x)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
+    assert not (x.requires_grad or grad.requires_grad or loss.requires_grad)
+    ref = torch.func.grad(obj.loss)(x.double())
+    assert float((grad2.double() - ref).abs().max()) <= 1e-12 * max(1.0, float(ref.abs().max()))

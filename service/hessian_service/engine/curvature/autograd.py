@@ -37,10 +37,12 @@ def loss_value(objective: Objective, params: torch.Tensor) -> torch.Tensor:
 
 def loss_and_grad(objective: Objective, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and gradient at `params` (both detached)."""
+    if not torch.is_grad_enabled():  # entering enable_grad costs a microsecond a call
+        with torch.enable_grad():
+            return loss_and_grad(objective, params)
     x = params.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = objective.loss(x)
-        (grad,) = torch.autograd.grad(loss, x)
+    loss = objective.loss(x)
+    (grad,) = torch.autograd.grad(loss, x)
     return loss.detach(), grad
 
 
