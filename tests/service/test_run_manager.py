@@ -226,3 +226,35 @@ def test_watch_of_another_tenants_run_is_not_found(store):
     finally:
         manager.shutdown(timeout=5)
     assert [r.iteration for b in batches for r in b] == [0] and final[0].owner == "alice"
+
+
+def test_watch_of_a_live_run_checks_its_tenant_without_reading_the_store(store, monkeypatch):
+    """A run live here is followed from memory: its owner's watch starts with no store read,
+    and another tenant's watch of it is still NOT_FOUND."""
+    store.put_problem("p", b"", owner="alice")
+    manager = _manager(store)
+    reads: list[str] = []
+
+    async def first_batch(scope: str) -> list:
+        watch = manager.watch(row.run_id, scope, 0, 10)
+        try:
+            records, _ = await watch.__anext__()
+        finally:
+            await watch.aclose()
+        return records
+
+    try:
+        row = _start(manager, GD, iterations=10_000_000, owner="alice")
+        assert manager.live(row.run_id) is not None
+        with pytest.raises(NotFoundError):
+            asyncio.run(first_batch("bob"))
+        real = store.get_run
+        monkeypatch.setattr(store, "get_run", lambda run_id: reads.append(run_id) or real(run_id))
+        records = asyncio.run(first_batch("alice"))
+        assert manager.live(row.run_id) is not None, "still running: followed live"
+    finally:
+        manager.shutdown(timeout=5)
+    assert reads == []
+    assert [r.iteration for r in records] == list(range(len(records))) and records
+    stored = store.records(row.run_id, 0, len(records))
+    assert _losses(records) == _losses(stored)

@@ -19,7 +19,7 @@ from conftest import ROOT, start_server
 from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_service.engine.records import StepRecord
 from hessian_service.engine.solvers.methods import Stepper
-from hessian_service.server.runs import RunManager
+from hessian_service.server.runs import LiveRun
 from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint, StoreFullError
 
 GD = {"method": "gradient_descent", "learning_rate": 1e-4}
@@ -117,20 +117,19 @@ def test_a_full_store_stops_the_run_with_a_clear_error_and_loses_nothing_acknowl
     # The run's first step waits until the watcher holds the live run, so the watcher is live
     # when the store fills (not a late one replaying a run that has already ended).
     watching = threading.Event()
-    step, live_then_row = Stepper.step, RunManager._live_then_row
+    step, listen = Stepper.step, LiveRun.listen
 
     def held_step(self, point):
         assert watching.wait(60)
         return step(self, point)
 
-    def watched(self, run_id, scope):
-        live, row = live_then_row(self, run_id, scope)
-        if live is not None:
-            watching.set()
-        return live, row
+    def watched(self, listener):
+        undo = listen(self, listener)
+        watching.set()  # a watcher follows the live run now
+        return undo
 
     monkeypatch.setattr(Stepper, "step", held_step)
-    monkeypatch.setattr(RunManager, "_live_then_row", watched)
+    monkeypatch.setattr(LiveRun, "listen", watched)
     handle = start_server(tmp_path, max_store_bytes=96 * 1024, commit_every_records=16)
     seen = []
     try:

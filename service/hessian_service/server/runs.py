@@ -527,7 +527,8 @@ class RunManager:
         gap, each as (batch, None), then its final row: ([], row), or (last batch, row) when
         a live run's end arrives with its last records. Live records come from its LiveRun as
         they are committed, earlier ones (and those of a run executing elsewhere) from the
-        store; waiting holds no thread (store reads run on the default executor).
+        store; waiting holds no thread (store reads run on the default executor), and a run
+        live here whose owner is the caller's starts with no store read at all.
 
         A run may be resumed at any moment, so this loops until the row read after the
         records is final and holds no record past them (for a live run that ended here, the
@@ -535,7 +536,9 @@ class RunManager:
         """
         nxt = from_iteration
         while True:
-            live, row = await asyncio.to_thread(self._live_then_row, run_id, scope)
+            live = self.live(run_id)  # live here and the caller's: no store read, no thread
+            if live is None or scope not in (None, live.owner):
+                live, row = await asyncio.to_thread(self._live_then_row, run_id, scope)
             if live is not None:
                 # records before the live buffer (a resumed run's history, and committed ones
                 # it let go) are in the store
