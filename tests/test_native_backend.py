@@ -335,8 +335,8 @@ def test_a_rejected_first_trial_falls_back_to_the_general_search(monkeypatch, fu
 
 
 def test_a_first_trial_other_than_1_takes_the_general_search(monkeypatch, fused_calls):
-    """x + lr d is the op's fused add and x + alpha d the engine's two roundings: they agree
-    bit for bit only for lr = 1, so any other first trial is the general path's."""
+    """The fused op serves the line search only from a first trial of 1: any other first
+    trial is the general path's."""
     obj = objective_of_size("least_squares", 12)
     p = 0.3 * torch.randn(12, dtype=F64)
     opts = MethodOptions(backend="native", learning_rate=0.7)

@@ -252,9 +252,34 @@ def test_watch_of_a_live_run_checks_its_tenant_without_reading_the_store(store, 
         monkeypatch.setattr(store, "get_run", lambda run_id: reads.append(run_id) or real(run_id))
         records = asyncio.run(first_batch("alice"))
         assert manager.live(row.run_id) is not None, "still running: followed live"
+        assert reads == []
     finally:
         manager.shutdown(timeout=5)
-    assert reads == []
     assert [r.iteration for r in records] == list(range(len(records))) and records
     stored = store.records(row.run_id, 0, len(records))
     assert _losses(records) == _losses(stored)
+
+
+def test_a_failed_admission_wakes_a_watcher_already_following_it(store):
+    """An admission undone (here: a resume whose run was deleted meanwhile) leaves no watcher
+    that found the run live waiting forever: it wakes, reads the store and gets NOT_FOUND."""
+    store.put_problem("p", b"", owner="alice")
+    manager = _manager(store)
+    try:
+        row = _start(manager, GD, iterations=3, owner="alice")
+        _wait(manager, row.run_id)
+        assert store.delete_run(row.run_id)
+        live = manager._admit(row.run_id, 0, "alice", _rosenbrock())
+
+        async def watch_then_abandon() -> None:
+            watch = asyncio.create_task(_collect(manager, row.run_id, 0, 10, scope="alice"))
+            await asyncio.sleep(0.2)
+            assert not watch.done(), "following the live run"
+            manager._abandon(live)
+            await asyncio.wait_for(watch, 10)
+
+        with pytest.raises(NotFoundError):
+            asyncio.run(watch_then_abandon())
+        assert manager.live(row.run_id) is None
+    finally:
+        manager.shutdown(timeout=5)

@@ -151,7 +151,7 @@ class Optimizer:
         objective = RemoteObjective(
             remote["num_params"], DTYPES[remote["dtype"]], caps, exchange, remote["speculative"]
         )
-        return self.service.runs.resume(row, objective, row.owner)
+        return self.service.runs.resume(row, objective)
 
     async def serve(
         self, requests: AsyncIterator[Any], context: Any

@@ -337,6 +337,12 @@ class RunManager:
         with self._lock:
             self._live.pop(run_id, None)
 
+    def _abandon(self, live: LiveRun) -> None:
+        """Undo an admission that failed: the run is no longer live here, and a watcher that
+        already follows it wakes and reads the store (NOT_FOUND, or the row as it stands)."""
+        self._forget(live.run_id)
+        live.finish()
+
     def start(
         self,
         *,
@@ -419,14 +425,15 @@ class RunManager:
                 self.leases.hold(live)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
-            self._forget(run_id)
+            self._abandon(live)
             raise
         if self.max_stored_runs:
             self.store.enforce_retention(self.max_stored_runs)
         return row
 
-    def resume(self, row: RunRow, objective: Objective, owner: str = "") -> RunRow:
-        """Continue an INTERRUPTED run from its latest checkpoint under the same id.
+    def resume(self, row: RunRow, objective: Objective) -> RunRow:
+        """Continue an INTERRUPTED run from its latest checkpoint under the same id (and
+        owner: watchers of a live run are checked against it).
 
         `row` is as `settle` reports it: an orphan (its row still active) counts as INTERRUPTED.
         """
@@ -442,7 +449,7 @@ class RunManager:
         stopping = StopCriteria(**row.spec["stopping"])
         check_supported(objective, options.validated())
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
-        live = self._admit(row.run_id, base, owner, objective)
+        live = self._admit(row.run_id, base, row.owner, objective)
         with self._lock:
             orphan = row.run_id in self._orphans
         try:
@@ -462,7 +469,7 @@ class RunManager:
                 self.leases.hold(live)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
-            self._forget(row.run_id)
+            self._abandon(live)
             raise
         row.status, row.stop_reason, row.message = RunStatus.QUEUED, "", ""
         return row
@@ -483,7 +490,7 @@ class RunManager:
                 self.leases.hold(live, acquired=True)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
-            self._forget(row.run_id)
+            self._abandon(live)
             raise
 
     def settle(self, row: RunRow) -> RunRow:

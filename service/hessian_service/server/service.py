@@ -460,7 +460,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 "resume_run_id (hessian_client.minimize(..., resume=run_id))",
             )
         objective = self.registry.by_id(row.problem_id, tenant.scope, "run.problem_id")
-        resumed = self.runs.resume(row, objective, row.owner)
+        resumed = self.runs.resume(row, objective)
         return self._info(resumed, message=service_pb2.ResumeRunResponse)
 
     @unary

@@ -116,10 +116,12 @@ def _torch_norms(g: torch.Tensor) -> tuple[float, float]:
 
 
 def _first_order_norms(g: torch.Tensor) -> tuple[float, float]:
-    """(2-norm, max-norm) of g, in Python for a small CPU tensor: hypot is finite exactly
-    when every entry is, and then the max over Python floats is exact; a NaN or inf entry
-    goes to torch, whose max-norm propagates it (a Python max may skip a NaN)."""
-    if g.numel() <= PYTHON_NORMS_MAX_PARAMS and g.is_cpu:
+    """(2-norm, max-norm) of g, in Python for a small flat CPU tensor: hypot is finite
+    exactly when every entry is, and then the max over Python floats is exact; a NaN or inf
+    entry goes to torch, whose max-norm propagates it (a Python max may skip a NaN). The
+    2-norm is computed in double without overflow (torch's float32 norm rounds to float32
+    and overflows to inf past its range); stopping tests use the max-norm, exact either way."""
+    if g.numel() <= PYTHON_NORMS_MAX_PARAMS and g.dim() == 1 and g.is_cpu:
         values = g.tolist()  # the engine's gradients are flat, like its parameters
         two = math.hypot(*values)
         if math.isfinite(two):
@@ -283,7 +285,8 @@ class Direction:
         return self.vector if self.scale == 1.0 else self.scale * self.vector
 
     def advance(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        """x + alpha d in one fused operation (one rounding per entry)."""
+        """x + alpha d in one torch.add (fused, one rounding per entry, where ATen's CPU
+        kernels have FMA; the same op as the native fused step's x.add(d, lr))."""
         return torch.add(x, self.vector, alpha=alpha * self.scale)
 
 
