@@ -5,13 +5,16 @@ a watch that yields every record once, in order and in pages, then the final row
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
 import torch
 from hessian_service.engine import MethodOptions, StopCriteria, make_objective
 from hessian_service.engine.errors import ResourceLimitError
+from hessian_service.engine.solvers.methods import Stepper
 from hessian_service.server.errors import DataLossError, NotFoundError
 from hessian_service.server.runs import InitSpec, RunManager
 from hessian_service.store import RunRow, RunStatus, SQLiteRunStore
@@ -230,10 +233,19 @@ def test_watch_of_another_tenants_run_is_not_found(store):
 
 def test_watch_of_a_live_run_checks_its_tenant_without_reading_the_store(store, monkeypatch):
     """A run live here is followed from memory: its owner's watch starts with no store read,
-    and another tenant's watch of it is still NOT_FOUND."""
+    and another tenant's watch of it is still NOT_FOUND. The run holds after 5 steps, so
+    it is live throughout and keeps every record in memory however slow the machine."""
     store.put_problem("p", b"", owner="alice")
     manager = _manager(store)
     reads: list[str] = []
+    release, steps, step = threading.Event(), itertools.count(), Stepper.step
+
+    def held_step(self, point):
+        if next(steps) >= 5:
+            assert release.wait(60)
+        return step(self, point)
+
+    monkeypatch.setattr(Stepper, "step", held_step)
 
     async def first_batch(scope: str) -> list:
         watch = manager.watch(row.run_id, scope, 0, 10)
@@ -254,8 +266,9 @@ def test_watch_of_a_live_run_checks_its_tenant_without_reading_the_store(store, 
         assert manager.live(row.run_id) is not None, "still running: followed live"
         assert reads == []
     finally:
+        release.set()
         manager.shutdown(timeout=5)
-    assert [r.iteration for r in records] == list(range(len(records))) and records
+    assert [r.iteration for r in records] == list(range(len(records))) and 1 <= len(records) <= 5
     stored = store.records(row.run_id, 0, len(records))
     assert _losses(records) == _losses(stored)
 
