@@ -288,7 +288,7 @@ def test_a_failed_admission_wakes_a_watcher_already_following_it(store):
             watch = asyncio.create_task(_collect(manager, row.run_id, 0, 10, scope="alice"))
             await asyncio.sleep(0.2)
             assert not watch.done(), "following the live run"
-            manager._abandon(live)
+            manager._release(live)
             await asyncio.wait_for(watch, 10)
 
         with pytest.raises(NotFoundError):

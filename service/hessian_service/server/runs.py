@@ -337,9 +337,11 @@ class RunManager:
         with self._lock:
             self._live.pop(run_id, None)
 
-    def _abandon(self, live: LiveRun) -> None:
-        """Undo an admission that failed: the run is no longer live here, and a watcher that
-        already follows it wakes and reads the store (NOT_FOUND, or the row as it stands)."""
+    def _release(self, live: LiveRun) -> None:
+        """The run is no longer live here (it ended, or its admission failed): forget it,
+        then wake its watchers, who end with its final row or read the store (NOT_FOUND, or
+        the row as it stands). In that order: a client that saw the end then finds the run
+        no longer counted (active runs, per-token limits)."""
         self._forget(live.run_id)
         live.finish()
 
@@ -425,7 +427,7 @@ class RunManager:
                 self.leases.hold(live)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
-            self._abandon(live)
+            self._release(live)
             raise
         if self.max_stored_runs:
             self.store.enforce_retention(self.max_stored_runs)
@@ -469,7 +471,7 @@ class RunManager:
                 self.leases.hold(live)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
-            self._abandon(live)
+            self._release(live)
             raise
         row.status, row.stop_reason, row.message = RunStatus.QUEUED, "", ""
         return row
@@ -490,7 +492,7 @@ class RunManager:
                 self.leases.hold(live, acquired=True)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
-            self._abandon(live)
+            self._release(live)
             raise
 
     def settle(self, row: RunRow) -> RunRow:
@@ -800,10 +802,7 @@ class RunManager:
                 else:
                     self._store_final(live, run, final)
             finally:  # whatever storing the end raised, its watchers must not wait forever
-                # not live before its watchers learn the end: a client that saw the end then
-                # finds the run no longer counted (active runs, per-token limits)
-                self._forget(run_id)
-                live.finish()
+                self._release(live)
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""

@@ -122,7 +122,7 @@ def _first_order_norms(g: torch.Tensor) -> tuple[float, float]:
     2-norm is computed in double without overflow (torch's float32 norm rounds to float32
     and overflows to inf past its range); stopping tests use the max-norm, exact either way."""
     if g.numel() <= PYTHON_NORMS_MAX_PARAMS and g.dim() == 1 and g.is_cpu:
-        values = g.tolist()  # the engine's gradients are flat, like its parameters
+        values = g.tolist()
         two = math.hypot(*values)
         if math.isfinite(two):
             return two, max(map(abs, values), default=0.0)
