@@ -23,33 +23,38 @@ from ..records import Checkpoint, StepRecord, StepResult, StopReason
 from .methods import LineSearchFailed, NoProgress, Point, Step, Stepper
 
 
-def _base_record(k: int, point: Point, previous_loss: float | None, backend: str) -> StepRecord:
+def _record(
+    k: int, point: Point, previous_loss: float | None, backend: str, step: Step | None
+) -> StepRecord:
+    """The record of x_k (`point`) and the step from it (None: the run stopped there), built
+    in one constructor call (positional, in StepRecord's field order) once the step is known."""
     gnorm, gmax = point.grad_norms
+    change = 0.0 if previous_loss is None else previous_loss - point.loss
+    if step is None:
+        return StepRecord(k, point.loss, change, gnorm, gmax, backend=backend)
     return StepRecord(
-        iteration=k,
-        loss=point.loss,
-        loss_change=0.0 if previous_loss is None else previous_loss - point.loss,
-        gradient_norm=gnorm,
-        gradient_max_norm=gmax,
-        backend=backend,
+        k,
+        point.loss,
+        change,
+        gnorm,
+        gmax,
+        step.step_norm,
+        step.step_size,
+        step.damping,
+        step.gain_ratio,
+        step.accepted,
+        step.negative_eigenvalues,
+        step.solver_attempts,
+        step.function_evaluations,
+        step.cg_iterations,
+        step.cg_residual,
+        step.negative_curvature,
+        step.trust_radius,
+        step.gradient_batch_size,
+        step.step_damped,
+        "",
+        backend,
     )
-
-
-def _fill_step(record: StepRecord, step: Step) -> None:
-    record.step_norm = step.step_norm
-    record.step_size = step.step_size
-    record.damping = step.damping
-    record.gain_ratio = step.gain_ratio
-    record.step_accepted = step.accepted
-    record.negative_eigenvalues = step.negative_eigenvalues
-    record.solver_attempts = step.solver_attempts
-    record.function_evaluations = step.function_evaluations
-    record.cg_iterations = step.cg_iterations
-    record.cg_residual = step.cg_residual
-    record.negative_curvature = step.negative_curvature
-    record.trust_radius = step.trust_radius
-    record.gradient_batch_size = step.gradient_batch_size
-    record.step_damped = step.step_damped
 
 
 def end_point(h: torch.Tensor) -> tuple[str, int]:
@@ -96,7 +101,6 @@ def _take_step(
         raise ValidationError(
             "params", "a point where the loss and its derivatives are finite", "non-finite values"
         )
-    record = _base_record(0, point, None, stepper.backend_label)
     start = time.perf_counter()
     try:
         step = stepper.step(point)
@@ -108,7 +112,7 @@ def _take_step(
         raise ValidationError("options.damping", "a damping below the cap", str(exc)) from exc
     except (FloatingPointError, torch.linalg.LinAlgError) as exc:  # the curvature overflowed
         raise ValidationError("params", "a point where the step's solve works", str(exc)) from exc
-    _fill_step(record, step)
+    record = _record(0, point, None, stepper.backend_label, step)
     if not step.accepted:
         record.damping = stepper.state["damping"]
     record.iteration_seconds = record.cumulative_seconds = time.perf_counter() - start
@@ -250,10 +254,10 @@ class Run:
         previous: Point | None = None
         while True:
             t0 = time.perf_counter()
-            record = _base_record(k, point, previous_loss, label)
             self._checkpoint = Checkpoint(k, point.x, self._state(previous_loss))
             stop = self._stop_test(k, point, previous, t0 - started)
             step: Step | None = None
+            damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
                 try:
                     step = self.stepper.step(point)
@@ -261,23 +265,24 @@ class Run:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
                 except NoProgress as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
-                    record.damping = self.stepper.state["damping"]  # the one past the cap
+                    damping = self.stepper.state["damping"]
                 except (FloatingPointError, torch.linalg.LinAlgError) as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
             new_point: Point | None = None
-            if step is not None:
-                _fill_step(record, step)
-                if step.accepted:
-                    new_point = self.stepper.evaluate(step.x_new)
-                    if not new_point.is_finite():
-                        stop = (
-                            StopReason.NON_FINITE,
-                            (
-                                f"the step from iteration {k} reached a non-finite loss or "
-                                f"derivative; parameters of iteration {k} kept"
-                            ),
-                        )
-                        new_point = None
+            if step is not None and step.accepted:
+                new_point = self.stepper.evaluate(step.x_new)
+                if not new_point.is_finite():
+                    stop = (
+                        StopReason.NON_FINITE,
+                        (
+                            f"the step from iteration {k} reached a non-finite loss or "
+                            f"derivative; parameters of iteration {k} kept"
+                        ),
+                    )
+                    new_point = None
+            record = _record(k, point, previous_loss, label, step)
+            if damping is not None:
+                record.damping = damping
             now = time.perf_counter()
             record.iteration_seconds = now - t0
             record.cumulative_seconds = now - started
