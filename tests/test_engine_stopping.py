@@ -75,8 +75,13 @@ def test_levenberg_marquardt_below_rounding_stops_with_no_progress_on_every_back
         assert "machine precision" in run.message
         assert math.isfinite(records[-1].damping) and records[-1].damping > 1e15
         assert records[-1].loss == pytest.approx(minimum, rel=1e-12)
-        outcomes.append((len(records), records[-1].loss))
-    assert len(set(outcomes)) == 1, outcomes
+        outcomes.append((run.stop_reason, records[-1].loss))
+    # the same stop; the losses agree to rounding, not bit for bit: the backends' gradients
+    # differ in their last bits from the first record on (a different summation order), so
+    # which last bit the final loss lands on depends on the path and torch's thread count
+    assert len({reason for reason, _ in outcomes}) == 1, outcomes
+    losses = [loss for _, loss in outcomes]
+    assert max(losses) - min(losses) <= 8 * np.finfo(np.float64).eps * min(losses), outcomes
 
 
 # 2. a tolerance of 0 disables its test
@@ -196,18 +201,25 @@ def test_a_run_that_ends_at_a_saddle_says_so(backend):
     obj, params = _mlp_at_a_saddle()
     run = Run(obj, params, MethodOptions(method="newton", backend=backend), StopCriteria())
     (record,) = run.run_to_end()
-    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE  # the first-order condition holds
     h = torch.func.hessian(obj.loss)(params).numpy()
     evals = np.linalg.eigvalsh(h)
     assert record.end_point == "saddle"
     assert record.negative_eigenvalues == int((evals < -1e-8).sum()) > 0
+    # ... but a saddle is not convergence, and the message says why
+    assert not run.converged
+    assert run.message.startswith("stationary point: gradient max-norm")
+    assert f"not a minimum: the Hessian there has {record.negative_eigenvalues} negative" in (
+        run.message
+    )
 
 
 def test_a_newton_run_ending_at_the_minimum_says_minimum():
     obj, x, y = breast_cancer()
     run = Run(obj, torch.zeros(31, dtype=F64), MethodOptions(method="newton"), StopCriteria())
     records = run.run_to_end()
-    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.stop_reason.converged
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged
+    assert run.message.startswith("converged: ") and "not a minimum" not in run.message
     assert records[-1].end_point == "minimum" and records[-1].negative_eigenvalues == 0
     assert all(r.end_point == "" for r in records[:-1])
     assert records[-1].loss == pytest.approx(logistic_minimum(x, y, 1e-3), rel=1e-12)

@@ -61,6 +61,48 @@ def test_a_run_failing_before_its_first_record_makes_stream_raise(client, monkey
     assert status_name(run.final) == "FAILED" and run.final.num_records == 0
 
 
+def test_a_run_not_finite_at_its_start_fails_and_stream_raises(client):
+    run = client.start_run(problems.rosenbrock(dim=2), np.full(2, 1e200), method="newton")
+    with pytest.raises(HessianError) as err:
+        list(run.stream())
+    assert "failed before its first record" in str(err.value)
+    assert "not finite at the initial parameters" in str(err.value)
+    info = client.get_run(run.id)
+    assert status_name(info) == "FAILED" and info.stop_reason == "non_finite"
+    assert info.num_records == 0 and not info.converged
+
+
+def _mlp_at_a_saddle(rng) -> tuple[object, np.ndarray]:
+    """A tanh mlp at zero weights, its output bias at mean(y): the gradient is exactly 0."""
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=(30, 1))
+    params = np.zeros(4 * 6 + 6 + 6 + 1)
+    params[-1] = y.mean()
+    return problems.mlp(x, y, layer_sizes=[4, 6, 1], activation="tanh"), params
+
+
+@pytest.mark.parametrize("method", ["newton", "saddle_free"])
+def test_a_stationary_saddle_is_not_reported_as_converged(client, rng, method):
+    problem, params = _mlp_at_a_saddle(rng)
+    run = client.start_run(problem, params, method=method)
+    (record,) = list(run.stream())
+    h = client.compute_hessian(problem, params).matrix
+    evals = np.linalg.eigvalsh(h)
+    negatives = int((evals < -len(evals) * np.finfo(np.float64).eps * np.abs(evals).max()).sum())
+    assert negatives > 0  # the fixture is a saddle, by a float64 eigendecomposition
+    assert run.final.stop_reason == "gradient_tolerance" and not run.final.converged
+    assert record.end_point == "saddle" and record.negative_eigenvalues == negatives
+    assert f"not a minimum: the Hessian there has {negatives} negative" in run.final.message
+    # the same problem from a generic start converges to a point the Hessian calls a minimum
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    done = client.start_run(
+        problems.logistic_regression(x, y * 1.0, l2=1e-3), np.zeros(31), method=method
+    )
+    last = list(done.stream())[-1]
+    assert done.final.stop_reason == "gradient_tolerance" and done.final.converged
+    assert last.end_point == "minimum" and "not a minimum" not in done.final.message
+
+
 def test_levenberg_marquardt_below_rounding_finishes_with_no_progress(client):
     x, y = load_breast_cancer(return_X_y=True)
     x = (x - x.mean(0)) / x.std(0)

@@ -749,9 +749,11 @@ class RunManager:
             final.update(
                 status=RunStatus.FINISHED,
                 stop_reason=reason,
-                converged=reason.converged,
+                converged=run.converged,
                 message=run.message,
             )
+            if reason == StopReason.NON_FINITE and run.last_record is None:
+                final["status"] = RunStatus.FAILED  # not finite at the start: nothing to report
             if reason == StopReason.CANCELLED:
                 final["status"] = RunStatus.CANCELLED
                 if live.shutdown:

@@ -57,6 +57,22 @@ def _record(
     )
 
 
+def _second_order_verdict(
+    stop: tuple[StopReason, str], record: StepRecord
+) -> tuple[StopReason, str]:
+    """`stop` with its message saying so when the first-order condition was met at a point
+    with negative curvature (Run.converged is then False)."""
+    reason, message = stop
+    count = record.negative_eigenvalues
+    if reason.converged and count > 0:
+        message = message.replace("converged: ", "stationary point: ", 1) + (
+            f"; not a minimum: the Hessian there has {count} negative eigenvalue"
+            f"{'s' if count > 1 else ''} (a {record.end_point} point), so the run has not "
+            "converged"
+        )
+    return reason, message
+
+
 def end_point(h: torch.Tensor) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
@@ -201,6 +217,18 @@ class Run:
         state["previous_loss"] = math.nan if previous_loss is None else previous_loss
         return state
 
+    @property
+    def converged(self) -> bool:
+        """The run ended on the first-order condition at a point not known to be other than a
+        minimum: a gradient-tolerance stop whose Hessian shows a direction of negative
+        curvature (a saddle or a maximum) is a stationary point, not convergence."""
+        reason, last = self.stop_reason, self.last_record
+        return (
+            reason is not None
+            and reason.converged
+            and not (last is not None and last.end_point and last.negative_eigenvalues > 0)
+        )
+
     def _finish(self, reason: StopReason, message: str) -> None:
         self.stop_reason = reason
         self.message = message
@@ -288,9 +316,10 @@ class Run:
             record.cumulative_seconds = now - started
             self.last_record = record
             if stop is not None:
-                self._finish(*stop)
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     record.end_point, record.negative_eigenvalues = end_point(point.curvature)
+                    stop = _second_order_verdict(stop, record)
+                self._finish(*stop)
                 yield record
                 return
             yield record
