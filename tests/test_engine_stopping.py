@@ -175,6 +175,45 @@ def test_stall_messages_name_the_change_and_the_gradient_still_above_tolerance()
         assert run.message == head.format(change=change, step=first.step_norm) + clause
 
 
+def test_a_stall_with_the_gradient_test_off_does_not_claim_the_gradient_is_above_it():
+    obj = make_objective("rosenbrock", {}, {"dim": 2})
+    run = Run(
+        obj,
+        torch.ones(2, dtype=F64),  # the minimum: g = 0, the Newton step is 0
+        MethodOptions(method="newton"),
+        StopCriteria(max_iterations=5, gradient_tolerance=0.0),
+    )
+    last = run.run_to_end()[-1]
+    assert run.stop_reason is StopReason.PARAMETERS_STALLED and last.gradient_max_norm == 0.0
+    assert "> gradient_tolerance" not in run.message
+    assert run.message.endswith(
+        "(gradient max-norm 0; the gradient test is off: gradient_tolerance 0)"
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_unary_lm_step_with_a_damping_past_the_cap_names_the_value_and_the_cap(backend):
+    obj = make_objective("rosenbrock", {}, {"dim": 2})
+    x = torch.tensor([-1.2, 1.0], dtype=F64)
+    h = torch.func.hessian(obj.loss)(x)
+    cap = max(float(h.diagonal().abs().max()), 1.0) / float(np.finfo(np.float64).eps)
+    options = MethodOptions(
+        method="newton", step_policy="levenberg_marquardt", damping=1e20, backend=backend
+    )
+    with pytest.raises(ValidationError) as err:
+        take_step(obj, x, options)
+    assert err.value.field == "options.damping"
+    assert f"<= max(max|diag H|, 1) / eps = {cap:.3g} at params" in str(err.value)
+    assert str(err.value).endswith(", got 1e+20")
+    # below the cap the same step is a trial, not an error: a step of about g / lambda
+    below = MethodOptions(
+        method="newton", step_policy="levenberg_marquardt", damping=cap / 2, backend=backend
+    )
+    result = take_step(obj, x, below)
+    g = torch.func.grad(obj.loss)(x)
+    assert float((result.params - x).abs().max()) <= 4 * float(g.abs().max()) / cap
+
+
 def test_default_parameter_tolerance_depends_on_the_method():
     gd = StopCriteria().for_method("gradient_descent")
     newton = StopCriteria().for_method("newton")
@@ -306,6 +345,18 @@ def test_a_gauss_newton_matrix_has_no_negative_eigenvalues(dtype):
     assert s.negative_tolerance == pytest.approx(tol, rel=1e-6)
     assert s.negative_eigenvalues == int((evals < -tol).sum()) == 0
     assert not s.positive_definite
+    assert s.condition_number == math.inf  # singular to rounding: rank <= 5
+
+
+def test_condition_number_of_a_regular_and_a_singular_matrix():
+    gen = np.random.default_rng(12)
+    q, _ = np.linalg.qr(gen.normal(size=(20, 20)))
+    evals = np.logspace(-6, 3, 20)
+    s = spectrum_summary(torch.tensor((q * evals) @ q.T))
+    assert s.condition_number == pytest.approx(1e9, rel=1e-6)
+    evals[0] = 1e-15  # below 20 eps x 1e3: zero to rounding
+    s = spectrum_summary(torch.tensor((q * evals) @ q.T))
+    assert s.condition_number == math.inf and not s.positive_definite
 
 
 def test_clearly_negative_eigenvalues_are_counted():

@@ -33,6 +33,27 @@ def test_bad_settings_name_the_flag():
         ServerConfig.from_args([], {"HESSIAN_DEFAULT_BACKEND": "gpu"})
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        ("HESSIAN_WORKERS", "two", "expected an integer"),
+        ("HESSIAN_INTRA_OP_THREADS", "1.5", "expected an integer"),
+        ("HESSIAN_LEASE_SECONDS", "ten", "expected a number"),
+        ("HESSIAN_SKIP_STORE_CHECK", "maybe", "expected one of 1, true, yes, on, 0, false"),
+    ],
+)
+def test_a_bad_environment_value_exits_naming_the_variable(capsys, var, value, expected):
+    with pytest.raises(SystemExit) as exit_:
+        ServerConfig.from_args([], {var: value})
+    assert exit_.value.code == 2  # as a bad flag exits
+    assert f"error: {var}={value!r}: {expected}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("Yes", True), ("off", False), ("", False)])
+def test_boolean_environment_words(value, on):
+    assert ServerConfig.from_args([], {"HESSIAN_SKIP_STORE_CHECK": value}).skip_store_check is on
+
+
 class CountingInterceptor(grpc.ServerInterceptor):
     """Counts the calls it sees by method name."""
 

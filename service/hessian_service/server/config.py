@@ -13,6 +13,8 @@ from typing import Any
 
 MiB = 1024**2
 TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+KIND_NAMES = {int: "an integer", float: "a number"}
 LOOPBACK_HOSTS = ("localhost", "::1")
 
 
@@ -152,11 +154,26 @@ class ServerConfig:
             var = "HESSIAN_" + f.name.upper()
             kind: Any = type(f.default)
             help_text = f"(env {var}, default {f.default!r})"
+            default = _from_env(parser, var, env[var], kind) if var in env else f.default
             if kind is bool:
-                default = env[var].lower() in TRUE_WORDS if var in env else f.default
                 parser.add_argument(flag, action="store_true", default=default, help=help_text)
-                continue
-            default = kind(env[var]) if var in env else f.default
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+            else:
+                parser.add_argument(flag, type=kind, default=default, help=help_text)
         args = parser.parse_args(argv)
         return cls(**vars(args)).validated()
+
+
+def _from_env(parser: argparse.ArgumentParser, var: str, text: str, kind: type) -> Any:
+    """An environment variable's value as the flag's type; a bad one exits as a bad flag
+    does (status 2), naming the variable and what it should hold."""
+    if kind is bool:
+        word = text.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            parser.error(
+                f"{var}={text!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS[:-1])}"
+            )
+        return word in TRUE_WORDS
+    try:
+        return kind(text)
+    except ValueError:
+        parser.error(f"{var}={text!r}: expected {KIND_NAMES.get(kind, kind.__name__)}")

@@ -27,7 +27,8 @@ class SpectrumSummary:
 
     negative_eigenvalues counts those below -negative_tolerance (n eps max|lambda|, eps of
     the matrix's dtype: smaller magnitudes are rounding); positive_definite means the
-    smallest is above +negative_tolerance.
+    smallest is above +negative_tolerance; condition_number is +inf when some |lambda| is
+    within negative_tolerance of 0 (singular to rounding).
     """
 
     min_eigenvalue: float
@@ -60,8 +61,9 @@ def spectrum_summary(matrix: torch.Tensor) -> SpectrumSummary:
         return SpectrumSummary(0.0, 0.0, 0, math.nan, False, 0.0)
     magnitudes = evals.abs()
     smallest = float(magnitudes.min())
-    condition = math.inf if smallest == 0.0 else float(magnitudes.max()) / smallest
     tol = negative_tolerance(evals, matrix.dtype)
+    # singular to rounding (an eigenvalue within tol of 0, numpy.linalg.matrix_rank's test)
+    condition = math.inf if smallest <= tol else float(magnitudes.max()) / smallest
     return SpectrumSummary(
         min_eigenvalue=float(evals[0]),
         max_eigenvalue=float(evals[-1]),

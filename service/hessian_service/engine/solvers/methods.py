@@ -40,7 +40,16 @@ class LineSearchFailed(Exception):
 
 
 class NoProgress(Exception):
-    """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap)."""
+    """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap):
+    `damping` is past `cap`."""
+
+    def __init__(self, damping: float, cap: float) -> None:
+        self.damping, self.cap = damping, cap
+        super().__init__(
+            "no further progress possible at machine precision: the Levenberg-Marquardt "
+            f"damping {damping:.3g} is past max(max|diag H|, 1) / eps = {cap:.3g}, where a "
+            "damped step is below the rounding of the parameters (every trial is rejected)"
+        )
 
 
 def lm_damping_cap(h: torch.Tensor) -> float:
@@ -413,13 +422,9 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     if state["damping"] <= 0:
         scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
         state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
-    lam = state["damping"]
-    if not math.isfinite(lam) or lam > lm_damping_cap(h):
-        raise NoProgress(
-            "no further progress possible at machine precision: every "
-            "Levenberg-Marquardt trial was rejected until the damping "
-            f"{lam:.3g} passed max(max|diag H|, 1) / eps = {lm_damping_cap(h):.3g}"
-        )
+    lam, cap = state["damping"], lm_damping_cap(h)
+    if not math.isfinite(lam) or lam > cap:
+        raise NoProgress(lam, cap)
     found = descent(stepper, point, lam)
     d = found.direction
     predicted = -float(g @ d + 0.5 * (d @ (h @ d)))

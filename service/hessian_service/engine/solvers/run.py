@@ -125,7 +125,12 @@ def _take_step(
             "options.step_policy", "a descent step from params", str(exc)
         ) from exc
     except NoProgress as exc:
-        raise ValidationError("options.damping", "a damping below the cap", str(exc)) from exc
+        raise ValidationError(
+            "options.damping",
+            f"a Levenberg-Marquardt damping <= max(max|diag H|, 1) / eps = {exc.cap:.3g} at "
+            "params (past it the damped step is below the rounding of params)",
+            f"{exc.damping:.3g}",
+        ) from exc
     except (FloatingPointError, torch.linalg.LinAlgError) as exc:  # the curvature overflowed
         raise ValidationError("params", "a point where the step's solve works", str(exc)) from exc
     record = _record(0, point, None, stepper.backend_label, step)
@@ -246,7 +251,11 @@ class Run:
                 f"{s.gradient_tolerance:g}"
             )
         if previous is not None:
-            still = "while the gradient max-norm {:.3g} > gradient_tolerance"  # formatted on a stop
+            still = (  # formatted on a stop
+                "while the gradient max-norm {:.3g} > gradient_tolerance"
+                if s.gradient_tolerance > 0
+                else "(gradient max-norm {:.3g}; the gradient test is off: gradient_tolerance 0)"
+            )
             change = abs(previous.loss - point.loss)
             ftol, xtol = s.function_tolerance, s.parameter_tolerance
             if ftol > 0 and change <= ftol * abs(previous.loss):
