@@ -264,6 +264,51 @@ def test_a_newton_run_ending_at_the_minimum_says_minimum():
     assert records[-1].loss == pytest.approx(logistic_minimum(x, y, 1e-3), rel=1e-12)
 
 
+# 3b. a line search at machine precision: a trial within rounding is no evidence against it
+def test_sufficient_decrease_allows_rounding_only_when_the_predicted_decrease_is_rounding():
+    from hessian_service.engine.linalg import ROUNDING_ULPS, sufficient_decrease
+
+    loss, eps = 1.3198822356050455, float(np.finfo(np.float64).eps)
+    noise = ROUNDING_ULPS * eps * loss
+    up = np.nextafter(loss, 2.0)  # one ulp above: rounding
+    tiny, big = -0.5 * noise, -1e-6  # slopes: a decrease below, and far above, rounding
+    assert sufficient_decrease(up, loss, 1.0, tiny, 1e-4, torch.float64)
+    assert sufficient_decrease(loss + 0.9 * noise, loss, 1.0, tiny, 1e-4, torch.float64)
+    assert not sufficient_decrease(loss + 2 * noise, loss, 1.0, tiny, 1e-4, torch.float64)
+    assert not sufficient_decrease(up, loss, 1.0, big, 1e-4, torch.float64)  # Armijo, strict
+    assert sufficient_decrease(loss + 1e-4 * big, loss, 1.0, big, 1e-4, torch.float64)
+    assert not sufficient_decrease(math.nan, loss, 1.0, tiny, 1e-4, torch.float64)
+    # float32: the same rule at float32's eps
+    assert sufficient_decrease(
+        float(np.nextafter(np.float32(loss), np.float32(2))), float(np.float32(loss)), 1.0,
+        -1e-7, 1e-4, torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_newton_line_search_converges_where_the_last_step_is_below_rounding(backend):
+    """Softmax without intercepts, l2 = 0: the last Newton step's predicted decrease (1e-17)
+    is below the loss's rounding, and its trial lands an ulp above; it is taken, not
+    backtracked into a parameters_stalled stop at |g| 1e-9."""
+    gen = np.random.default_rng(3)
+    x, labels = gen.normal(size=(120, 3)), gen.integers(0, 4, 120)
+    obj = make_objective(
+        "softmax_regression",
+        {"X": torch.tensor(x), "labels": torch.tensor(labels)},
+        {"num_classes": 4, "l2": 0.0, "fit_intercept": False},
+    )
+    x0 = torch.zeros(3, 4, dtype=F64)
+    x0[-1] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    run = Run(obj, x0.reshape(-1), MethodOptions(method="newton", backend=backend))
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
+    assert records[-2].step_size == 1.0 and records[-2].function_evaluations == 1  # taken
+    ref = LogisticRegression(C=np.inf, fit_intercept=False, tol=1e-12, max_iter=10_000)
+    ref.fit(x, labels)
+    want = -np.mean(ref.predict_log_proba(x)[np.arange(120), labels])
+    assert records[-1].loss == pytest.approx(want, rel=1e-12)
+
+
 # 4. globalised default step policies; fixed only on request
 def test_newton_defaults_to_a_line_search_and_rosenbrock_never_climbs():
     obj = make_objective("rosenbrock", {}, {"dim": 2})

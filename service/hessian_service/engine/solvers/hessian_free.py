@@ -32,6 +32,7 @@ from .. import cancel
 from ..backends.selector import curvature_products
 from ..curvature.autograd import Product, loss_and_grad
 from ..errors import ValidationError
+from ..linalg import ROUNDING_ULPS
 from ..objectives.base import Objective
 from ..options import MethodOptions
 
@@ -44,7 +45,6 @@ SHRINK_RATIO = 0.25  # rho below: shrink the radius, raise lambda
 GROW_RATIO = 0.75  # rho above: grow the radius (if the step hit it), lower lambda
 MARTENS_DECREASE = 2.0 / 3.0
 MARTENS_INCREASE = 1.5
-ROUNDING_ULPS = 16.0  # decreases within this many ulps of the loss count as rounding
 
 
 def curvature_objective(

@@ -20,7 +20,7 @@ import torch
 from ..backends import selector as backends
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError
-from ..linalg import SolveResult, negative_eigenvalues
+from ..linalg import SolveResult, negative_eigenvalues, sufficient_decrease
 from ..objectives.base import Objective
 from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
 from . import hessian_free
@@ -393,8 +393,10 @@ def _fixed(stepper: Stepper, point: Point, descent: Descent) -> Step:
 
 
 def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
-    """Armijo backtracking from lr (with a mini-batch gradient the slope is g.d for the
-    point's batch gradient, the one CG used; the losses compared are the full ones)."""
+    """Armijo backtracking from lr (linalg.sufficient_decrease: a trial within rounding of
+    the loss passes when the predicted decrease is below rounding too; with a mini-batch
+    gradient the slope is g.d for the point's batch gradient, the one CG used; the losses
+    compared are the full ones)."""
     opts = stepper.options
     found = descent(stepper, point, opts.damping)
     alpha, evaluations = opts.learning_rate, 0
@@ -403,7 +405,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
-        if math.isfinite(trial) and trial <= point.loss + opts.armijo * alpha * slope:
+        if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo, x.dtype):
             break
         alpha *= opts.backtrack
     else:

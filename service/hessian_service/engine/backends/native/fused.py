@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ...curvature.autograd import loss_value
-from ...linalg import MAX_DAMPING_ATTEMPTS
+from ...linalg import MAX_DAMPING_ATTEMPTS, sufficient_decrease
 from ...objectives.base import Objective
 from ...options import MethodOptions
 from ...records import StepRecord, StepResult
@@ -131,9 +131,9 @@ def fused_newton_step(
     if not finite or attempts != 1:
         return None  # a failed or damped solve: the general path says what it found
     if search:
-        # methods._line_search's first Armijo test, the same operations in the same order
+        # methods._line_search's first test, the same function on the same numbers
         trial = float(loss_value(objective, x_new))
-        if not (math.isfinite(trial) and trial <= loss + options.armijo * lr * slope):
+        if not sufficient_decrease(trial, loss, lr, slope, options.armijo, dtype):
             return None  # a backtrack is needed: the general path recomputes and searches
     if gauge:
         step = objective.project_step((x_new - params).reshape(-1))
