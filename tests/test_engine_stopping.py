@@ -471,6 +471,42 @@ def test_softmax_newton_keeps_the_intercepts_centred_and_matches_sklearn(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+@pytest.mark.parametrize("l2", [1e-3, 0.0])
+def test_hessian_free_softmax_stays_off_the_gauge_in_float32(backend, method, l2, rng):
+    """CG runs on the projected curvature: float32 rounding along the singular directions
+    (each unpenalised row's class mean) is no "negative curvature" to follow to the trust
+    boundary, so the rows keep their starting mean and the fit matches a float64 one."""
+    n, d, k = 120, 3, 4
+    x = rng.normal(size=(n, d))
+    labels = np.arange(n) % k
+    rng.shuffle(labels)
+    data32 = {"X": torch.tensor(x, dtype=torch.float32), "labels": torch.tensor(labels)}
+    obj = make_objective("softmax_regression", data32, {"num_classes": k, "l2": l2})
+    run = Run(
+        obj,
+        torch.zeros(obj.num_params),
+        MethodOptions(method=method, backend=backend),
+        StopCriteria(max_iterations=60),
+    )
+    records = run.run_to_end()
+    assert not any(r.negative_curvature for r in records)
+    w = run.params.reshape(d + 1, k).double().numpy()
+    gauge_rows = w if l2 == 0 else w[d:]
+    assert np.abs(gauge_rows.mean(axis=1)).max() <= 1e-5  # was 4 to 25 before the projection
+    # the float64 minimiser with the same gauge (every class mean of those rows 0)
+    data64 = {"X": torch.tensor(x), "labels": torch.tensor(labels)}
+    ref = Run(
+        make_objective("softmax_regression", data64, {"num_classes": k, "l2": l2}),
+        torch.zeros(obj.num_params, dtype=F64),
+        MethodOptions(method="newton"),
+    )
+    ref.run_to_end()
+    assert ref.converged
+    np.testing.assert_allclose(w, ref.params.reshape(d + 1, k).numpy(), atol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_saddle_free_counts_no_rounding_negatives_on_any_backend(backend, rng):
     b = rng.normal(size=(5, 30))
     a = b.T @ b  # positive semi-definite, rank 5: 25 eigenvalues at rounding level

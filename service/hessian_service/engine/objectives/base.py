@@ -172,6 +172,12 @@ class Objective(ABC):
                 "gauss_newton curvature",
             )
 
+    @property
+    def has_gauge(self) -> bool:
+        """Whether the loss is invariant along some parameter directions (`project_step` is
+        overridden): dense steps and CG iterates are then projected off them."""
+        return type(self).project_step is not Objective.project_step
+
     def project_step(self, step: torch.Tensor) -> torch.Tensor:
         """`step` without its component along directions the loss is invariant to (none here).
 

@@ -297,9 +297,14 @@ def cg_direction(
     product = curvature_products(sub, x, options.backend, options.curvature).vector(
         options.hvp_mode
     )
+    grad = sample.grad
+    if objective.has_gauge:
+        # CG on P B P with P g: every iterate stays off the gauge directions, along which
+        # B is singular and rounding alone would give a "negative curvature" (float32)
+        product, grad = _projected(product, objective.project_step), objective.project_step(grad)
     cg = steihaug_cg(
         product,
-        sample.grad,
+        grad,
         damping=state["damping"],
         radius=radius,
         tolerance=forcing_term(options, state, float(sample.grad.norm())),
@@ -308,6 +313,11 @@ def cg_direction(
     if sample.rows is None:
         return cg
     return replace(cg, gradient_batch_size=sample.rows.numel())
+
+
+def _projected(product: Product, project: Callable[[torch.Tensor], torch.Tensor]) -> Product:
+    """v -> P B P v for the orthogonal projector P off an objective's gauge directions."""
+    return lambda v: project(product(project(v)))
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
     if entry is not None:
         fn, args = entry
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
-        gauge = type(objective).project_step is not Objective.project_step
+        gauge = objective.has_gauge
         n, flat = objective.num_params, not objective.native_step_any_shape
         plan = (fn, args, objective.dtype, n, itemsize, flat, gauge)
     # the same plan whichever thread computes it first
