@@ -214,6 +214,44 @@ def test_a_unary_lm_step_with_a_damping_past_the_cap_names_the_value_and_the_cap
     assert float((result.params - x).abs().max()) <= 4 * float(g.abs().max()) / cap
 
 
+@pytest.mark.parametrize("method", ["newton", "newton_cg"])
+def test_float32_runs_stall_at_their_resolution_alike_on_every_backend(method):
+    """parameter_tolerance 1e-8 is below float32's eps: steps at the rounding of x never pass
+    it, so such runs took rounding-level steps to max_iterations on one backend and stopped
+    on an exact 0 step on another; the test is raised to eps and both stop, and say so."""
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(60, 4))
+    y = ((x @ [1.0, -2, 0.5, 0] + gen.normal(size=60)) > 0).astype(np.float64)
+    data = {"X": torch.tensor(x, dtype=torch.float32), "y": torch.tensor(y, dtype=torch.float32)}
+    obj = make_objective("logistic_regression", data, {"l2": 1e-3})
+    minimum = logistic_minimum(x, y, 1e-3)
+    stops = set()
+    for backend in BACKENDS:
+        run = Run(
+            obj,
+            torch.zeros(5),
+            MethodOptions(method=method, backend=backend),
+            StopCriteria(max_iterations=300, gradient_tolerance=0.0),
+        )
+        records = run.run_to_end()
+        assert run.stop_reason is StopReason.PARAMETERS_STALLED, run.message
+        assert len(records) <= 30
+        assert "(parameter_tolerance 1e-08 raised to the float32 eps 1.19e-07)" in run.message
+        assert records[-1].loss == pytest.approx(minimum, rel=1e-6)
+        stops.add(run.stop_reason)
+    assert len(stops) == 1
+    # float64: 1e-8 is far above eps, as given
+    data64 = {"X": torch.tensor(x), "y": torch.tensor(y)}
+    run = Run(
+        make_objective("logistic_regression", data64, {"l2": 1e-3}),
+        torch.zeros(5, dtype=F64),
+        MethodOptions(method=method),
+        StopCriteria(max_iterations=300, gradient_tolerance=0.0),
+    )
+    run.run_to_end()
+    assert "raised" not in run.message
+
+
 def test_default_parameter_tolerance_depends_on_the_method():
     gd = StopCriteria().for_method("gradient_descent")
     newton = StopCriteria().for_method("newton")

@@ -73,6 +73,15 @@ def _second_order_verdict(
     return reason, message
 
 
+def _resolved(tol: float, eps: float, dtype: torch.dtype) -> tuple[float, str]:
+    """A stall tolerance as tested: 0 (off) as is, one below `eps` raised to it; with the
+    note ("" or "({name} ... raised to ...) ", formatted with the name) its message adds."""
+    if 0 < tol < eps:
+        dtype_name = str(dtype).removeprefix("torch.")
+        return eps, f"({{}} {tol:g} raised to the {dtype_name} eps {eps:.3g}) "
+    return tol, ""
+
+
 def end_point(h: torch.Tensor) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
@@ -169,6 +178,11 @@ class Run:
         stepper_class = getattr(objective, "stepper_class", Stepper)
         self.stepper = stepper_class(objective, self.options, self.params, reuse_trials=True)
         self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
+        # a stall tolerance finer than the dtype's resolution could never fire on a change
+        # that is rounding: it is raised to eps (and the stop message says so)
+        eps = torch.finfo(self.params.dtype).eps if self.params.is_floating_point() else 0.0
+        self._ftol = _resolved(self.stopping.function_tolerance, eps, self.params.dtype)
+        self._xtol = _resolved(self.stopping.parameter_tolerance, eps, self.params.dtype)
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
@@ -257,10 +271,11 @@ class Run:
                 else "(gradient max-norm {:.3g}; the gradient test is off: gradient_tolerance 0)"
             )
             change = abs(previous.loss - point.loss)
-            ftol, xtol = s.function_tolerance, s.parameter_tolerance
+            (ftol, fnote), (xtol, xnote) = self._ftol, self._xtol
             if ftol > 0 and change <= ftol * abs(previous.loss):
                 return StopReason.FUNCTION_STALLED, (
                     f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| "
+                    + fnote.format("function_tolerance")
                     + still.format(gmax)
                 )
             if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
@@ -268,7 +283,9 @@ class Run:
                 if dx <= xtol * (torch.linalg.vector_norm(previous.x).item() + xtol):
                     return StopReason.PARAMETERS_STALLED, (
                         f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
-                        "parameter_tolerance) " + still.format(gmax)
+                        "parameter_tolerance) "
+                        + xnote.format("parameter_tolerance")
+                        + still.format(gmax)
                     )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
