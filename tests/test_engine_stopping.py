@@ -291,6 +291,21 @@ def test_a_run_that_ends_at_a_saddle_says_so(backend):
     )
 
 
+def test_a_stationary_point_with_negative_curvature_and_a_zero_eigenvalue_is_not_converged():
+    """diag(-1, 0) at 0: g = 0, the second-order test is inconclusive ("flat": a zero
+    eigenvalue), yet the negative eigenvalue alone rules a minimum out."""
+    a = torch.diag(torch.tensor([-1.0, 0.0], dtype=F64))
+    obj = make_objective("quadratic", {"A": a, "b": torch.zeros(2, dtype=F64)})
+    run = Run(obj, torch.zeros(2, dtype=F64), MethodOptions(method="newton"))
+    (record,) = run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and not run.converged
+    assert record.end_point == "flat" and record.negative_eigenvalues == 1
+    assert run.message.endswith(
+        "not a minimum: the Hessian there has 1 negative eigenvalue (semi-definite), so the "
+        "run has not converged"
+    )
+
+
 def test_a_newton_run_ending_at_the_minimum_says_minimum():
     obj, x, y = breast_cancer()
     run = Run(obj, torch.zeros(31, dtype=F64), MethodOptions(method="newton"), StopCriteria())
@@ -302,25 +317,54 @@ def test_a_newton_run_ending_at_the_minimum_says_minimum():
     assert records[-1].loss == pytest.approx(logistic_minimum(x, y, 1e-3), rel=1e-12)
 
 
-# 3b. a line search at machine precision: a trial within rounding is no evidence against it
-def test_sufficient_decrease_allows_rounding_only_when_the_predicted_decrease_is_rounding():
-    from hessian_service.engine.linalg import ROUNDING_ULPS, sufficient_decrease
+# 3b. a line search at machine precision: where the loss cannot judge, the gradient does
+def test_below_rounding_is_both_the_predicted_and_the_actual_change_within_rounding():
+    from hessian_service.engine.linalg import ROUNDING_ULPS, below_rounding, sufficient_decrease
 
     loss, eps = 1.3198822356050455, float(np.finfo(np.float64).eps)
     noise = ROUNDING_ULPS * eps * loss
-    up = np.nextafter(loss, 2.0)  # one ulp above: rounding
+    up = float(np.nextafter(loss, 2.0))  # one ulp above
     tiny, big = -0.5 * noise, -1e-6  # slopes: a decrease below, and far above, rounding
-    assert sufficient_decrease(up, loss, 1.0, tiny, 1e-4, torch.float64)
-    assert sufficient_decrease(loss + 0.9 * noise, loss, 1.0, tiny, 1e-4, torch.float64)
-    assert not sufficient_decrease(loss + 2 * noise, loss, 1.0, tiny, 1e-4, torch.float64)
-    assert not sufficient_decrease(up, loss, 1.0, big, 1e-4, torch.float64)  # Armijo, strict
-    assert sufficient_decrease(loss + 1e-4 * big, loss, 1.0, big, 1e-4, torch.float64)
-    assert not sufficient_decrease(math.nan, loss, 1.0, tiny, 1e-4, torch.float64)
+    assert below_rounding(up, loss, 1.0, tiny, torch.float64)
+    assert below_rounding(loss - 0.9 * noise, loss, 1.0, tiny, torch.float64)
+    assert not below_rounding(loss + 2 * noise, loss, 1.0, tiny, torch.float64)
+    assert not below_rounding(up, loss, 1.0, big, torch.float64)
+    assert not below_rounding(up, loss, 1.0, 4 * tiny, torch.float64)  # 2 x noise predicted
+    assert below_rounding(up, loss, 1e-3, 4 * tiny, torch.float64)  # ... but not at alpha 1e-3
     # float32: the same rule at float32's eps
-    assert sufficient_decrease(
-        float(np.nextafter(np.float32(loss), np.float32(2))), float(np.float32(loss)), 1.0,
-        -1e-7, 1e-4, torch.float32,
-    )  # fmt: skip
+    f32 = float(np.float32(loss))
+    assert below_rounding(float(np.nextafter(np.float32(loss), np.float32(2))), f32, 1.0,
+                          -1e-7, torch.float32)  # fmt: skip
+    # Armijo itself is strict: an ulp up never passes it, whatever the slope
+    assert not sufficient_decrease(up, loss, 1.0, tiny, 1e-4)
+    assert sufficient_decrease(loss + 1e-4 * big, loss, 1.0, big, 1e-4)
+    assert not sufficient_decrease(math.nan, loss, 1.0, tiny, 1e-4)
+
+
+def _float32_softmax(seed: int) -> Objective:
+    from scipy.special import logsumexp
+
+    gen = np.random.default_rng(seed)
+    x, w = gen.normal(size=(300, 4)), gen.normal(size=(4, 3))
+    labels = np.array([gen.choice(3, p=np.exp(z - logsumexp(z))) for z in x @ w])
+    data = {"X": torch.tensor(x, dtype=torch.float32), "labels": torch.tensor(labels)}
+    return make_objective("softmax_regression", data, {"num_classes": 3, "l2": 0.01})
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_newton_line_search_takes_no_rise_the_gradient_does_not_justify(seed, backend):
+    """At float32's resolution a first trial an ulp or so above the loss is taken only when
+    its gradient max-norm at most halves: no run climbs on rounding noise to max_iterations."""
+    obj = _float32_softmax(seed)
+    run = Run(obj, torch.zeros(15), MethodOptions(method="newton", backend=backend))
+    records = run.run_to_end()
+    assert run.stop_reason in (StopReason.PARAMETERS_STALLED, StopReason.GRADIENT_TOLERANCE)
+    for before, after in pairwise(records):
+        if after.loss > before.loss:
+            assert before.function_evaluations == 1  # a first trial, judged by its gradient
+            assert after.gradient_max_norm <= 0.5 * before.gradient_max_norm
+            assert after.loss - before.loss <= 16 * np.finfo(np.float32).eps * before.loss
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -49,6 +49,30 @@ def test_a_bad_environment_value_exits_naming_the_variable(capsys, var, value, e
     assert f"error: {var}={value!r}: {expected}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("HESSIAN_EXPORTED_EVALUATION_SECONDS", "-1", "--exported-evaluation-seconds (from "
+         "HESSIAN_EXPORTED_EVALUATION_SECONDS='-1') must be > 0"),
+        ("HESSIAN_LEASE_SECONDS", "nan", "--lease-seconds (from HESSIAN_LEASE_SECONDS='nan') "
+         "must be a finite number"),
+        ("HESSIAN_GRACE_SECONDS", "inf", "--grace-seconds (from HESSIAN_GRACE_SECONDS='inf') "
+         "must be a finite number"),
+        ("HESSIAN_GRACE_SECONDS", "-2", "--grace-seconds (from HESSIAN_GRACE_SECONDS='-2') "
+         "must be >= 0"),
+        ("HESSIAN_WORKERS", "0", "--workers (from HESSIAN_WORKERS='0') must be >= 1"),
+    ],
+)  # fmt: skip
+def test_an_out_of_range_environment_value_names_its_variable(var, value, message):
+    with pytest.raises(ValueError) as err:
+        ServerConfig.from_args([], {var: value})
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:  # the flag given: the flag alone is named
+        ServerConfig.from_args(["--" + var.removeprefix("HESSIAN_").lower().replace("_", "-"),
+                                value], {var: "1"})  # fmt: skip
+    assert "from HESSIAN_" not in str(err.value)
+
+
 @pytest.mark.parametrize(("value", "on"), [("1", True), ("Yes", True), ("off", False), ("", False)])
 def test_boolean_environment_words(value, on):
     assert ServerConfig.from_args([], {"HESSIAN_SKIP_STORE_CHECK": value}).skip_store_check is on

@@ -6,7 +6,7 @@ definite), so an indefinite or singular H never yields NaN; never `torch.inverse
 It imports nothing of the engine, so it sits in the base layer: the autograd backend's
 `solve` is these functions, the native backend reports through `SolveResult`, and the
 solvers and the analysis share the eigenvalue counts and the second-order verdict, and every
-line search (the general path's and the fused native step's) the same sufficient-decrease test.
+line search (the general path's and the fused native step's) the same Armijo test.
 """
 
 from __future__ import annotations
@@ -21,18 +21,21 @@ ROUNDING_ULPS = 16.0  # loss changes within this many ulps of the loss count as 
 
 
 def sufficient_decrease(
-    trial: float, loss: float, alpha: float, slope: float, armijo: float, dtype: torch.dtype
+    trial: float, loss: float, alpha: float, slope: float, armijo: float
 ) -> bool:
-    """A line search's test of a trial loss at step length alpha along a direction of slope
-    g.d: Armijo's trial <= loss + armijo alpha slope, or, when even the first-order decrease
-    alpha |slope| is below the loss's rounding (ROUNDING_ULPS eps |loss|), a trial within that
-    rounding of the loss (a change no float resolves is no evidence against the step)."""
-    if not math.isfinite(trial):
-        return False
-    if trial <= loss + armijo * alpha * slope:
-        return True
+    """Armijo's test of a trial loss at step length alpha along a direction of slope g.d:
+    trial <= loss + armijo alpha slope (finite)."""
+    return math.isfinite(trial) and trial <= loss + armijo * alpha * slope
+
+
+def below_rounding(
+    trial: float, loss: float, alpha: float, slope: float, dtype: torch.dtype
+) -> bool:
+    """Whether the loss cannot judge a trial: the first-order decrease alpha |slope| and the
+    change |trial - loss| are both within ROUNDING_ULPS eps |loss| (relative to the loss: a
+    sum near 0, such as a least-squares loss at its fit, is computed to its own precision)."""
     noise = ROUNDING_ULPS * torch.finfo(dtype).eps * abs(loss)
-    return -alpha * slope <= noise and trial - loss <= noise
+    return -alpha * slope <= noise and abs(trial - loss) <= noise
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ class StopReason(enum.StrEnum):
     """Why a run ended (declared once: the wire enum is matched to these by name).
 
     Only GRADIENT_TOLERANCE (the first-order condition max|g| <= tol) is convergence (and
-    not at a point its Hessian shows to be a saddle or a maximum: Run.converged).
+    not at a point whose Hessian has a negative eigenvalue: Run.converged).
     FUNCTION_STALLED / PARAMETERS_STALLED: the loss or parameter change fell below its
     tolerance while the gradient test was not met. NO_PROGRESS: Levenberg-Marquardt's
     damping reached its cap, every trial rejected: no step can lower the loss at this

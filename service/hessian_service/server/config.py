@@ -6,7 +6,9 @@ Precedence: flag, then HESSIAN_<NAME> (e.g. HESSIAN_MAX_PARAMS), then the defaul
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -101,6 +103,10 @@ class ServerConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off)")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number")
         if not self.optimize_evaluation_seconds > 0:
             raise ValueError("--optimize-evaluation-seconds must be > 0")
         if not self.exported_evaluation_seconds > 0:
@@ -115,6 +121,8 @@ class ServerConfig:
             raise ValueError(
                 "--store must be empty (SQLite under --data-dir) or a postgresql:// DSN"
             )
+        if self.grace_seconds < 0:
+            raise ValueError("--grace-seconds must be >= 0")
         if self.lease_seconds <= 0:
             raise ValueError("--lease-seconds must be > 0")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
@@ -160,7 +168,10 @@ class ServerConfig:
             else:
                 parser.add_argument(flag, type=kind, default=default, help=help_text)
         args = parser.parse_args(argv)
-        return cls(**vars(args)).validated()
+        try:
+            return cls(**vars(args)).validated()
+        except ValueError as exc:
+            raise ValueError(_with_source(str(exc), argv, env)) from None
 
 
 def _from_env(parser: argparse.ArgumentParser, var: str, text: str, kind: type) -> Any:
@@ -177,3 +188,15 @@ def _from_env(parser: argparse.ArgumentParser, var: str, text: str, kind: type) 
         return kind(text)
     except ValueError:
         parser.error(f"{var}={text!r}: expected {KIND_NAMES.get(kind, kind.__name__)}")
+
+
+def _with_source(message: str, argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
+    """A validation message naming a flag, with the environment variable that set it when
+    the flag itself was not given."""
+    given = sys.argv[1:] if argv is None else argv
+    for f in fields(ServerConfig):
+        flag, var = "--" + f.name.replace("_", "-"), "HESSIAN_" + f.name.upper()
+        named = message.startswith(flag + " ") or f" {flag} " in message
+        if named and var in env and not any(a == flag or a.startswith(flag + "=") for a in given):
+            message = message.replace(flag, f"{flag} (from {var}={env[var]!r})", 1)
+    return message

@@ -358,6 +358,8 @@ def newton_cg(
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
     rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
+    # (with an absolute floor of ROUNDING_ULPS eps, as this test has always had; the line
+    # search's test, linalg.below_rounding, is relative to |loss| alone)
     noise = ROUNDING_ULPS * torch.finfo(x.dtype).eps * max(abs(loss), 1.0)
     if 0 < predicted <= noise and abs(loss - trial) <= noise:
         rho = 1.0  # both decreases are below the loss's rounding: rho is noise, trust the model

@@ -20,7 +20,7 @@ import torch
 from ..backends import selector as backends
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError
-from ..linalg import SolveResult, negative_eigenvalues, sufficient_decrease
+from ..linalg import SolveResult, below_rounding, negative_eigenvalues, sufficient_decrease
 from ..objectives.base import Objective
 from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
 from . import hessian_free
@@ -48,7 +48,7 @@ class NoProgress(Exception):
         super().__init__(
             "no further progress possible at machine precision: the Levenberg-Marquardt "
             f"damping {damping:.3g} is past max(max|diag H|, 1) / eps = {cap:.3g}, where a "
-            "damped step is below the rounding of the parameters (every trial is rejected)"
+            "damped step is below the rounding of the parameters (any trial would be rejected)"
         )
 
 
@@ -251,6 +251,19 @@ class Stepper:
         self._trial_point = point
         return point.loss
 
+    def gradient_judges(self, point: Point, trial: float, alpha: float, slope: float) -> bool:
+        """Whether a first trial the Armijo test rejected is taken on its gradient's evidence:
+        when the loss cannot judge it (linalg.below_rounding) and it was evaluated whole,
+        it is taken if its gradient max-norm is at most half the point's (a Newton step's
+        last, quadratic progress, which the loss no longer shows; a step driven by rounding
+        noise in the gradient rarely halves it, so such steps cannot wander on)."""
+        taken = self._trial_point
+        return (
+            taken is not None
+            and below_rounding(trial, point.loss, alpha, slope, point.x.dtype)
+            and taken.grad_norms[1] <= 0.5 * point.grad_norms[1]
+        )
+
     def drop_trial(self) -> None:
         """Let a rejected whole trial (and its curvature matrix) go."""
         self._trial_point = None
@@ -393,10 +406,10 @@ def _fixed(stepper: Stepper, point: Point, descent: Descent) -> Step:
 
 
 def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
-    """Armijo backtracking from lr (linalg.sufficient_decrease: a trial within rounding of
-    the loss passes when the predicted decrease is below rounding too; with a mini-batch
-    gradient the slope is g.d for the point's batch gradient, the one CG used; the losses
-    compared are the full ones)."""
+    """Armijo backtracking from lr (with a mini-batch gradient the slope is g.d for the
+    point's batch gradient, the one CG used; the losses compared are the full ones). At
+    machine precision, where the loss cannot judge the first trial, its gradient does
+    (Stepper.gradient_judges)."""
     opts = stepper.options
     found = descent(stepper, point, opts.damping)
     alpha, evaluations = opts.learning_rate, 0
@@ -405,7 +418,9 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
-        if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo, x.dtype):
+        if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo):
+            break
+        if evaluations == 1 and stepper.gradient_judges(point, trial, alpha, slope):
             break
         alpha *= opts.backtrack
     else:

@@ -65,10 +65,10 @@ def _second_order_verdict(
     reason, message = stop
     count = record.negative_eigenvalues
     if reason.converged and count > 0:
+        kind = f"a {record.end_point} point" if record.end_point != "flat" else "semi-definite"
         message = message.replace("converged: ", "stationary point: ", 1) + (
             f"; not a minimum: the Hessian there has {count} negative eigenvalue"
-            f"{'s' if count > 1 else ''} (a {record.end_point} point), so the run has not "
-            "converged"
+            f"{'s' if count > 1 else ''} ({kind}), so the run has not converged"
         )
     return reason, message
 
@@ -240,7 +240,8 @@ class Run:
     def converged(self) -> bool:
         """The run ended on the first-order condition at a point not known to be other than a
         minimum: a gradient-tolerance stop whose Hessian shows a direction of negative
-        curvature (a saddle or a maximum) is a stationary point, not convergence."""
+        curvature (a saddle, a maximum, or a semi-definite "flat" verdict with a negative
+        eigenvalue) is a stationary point, not convergence."""
         reason, last = self.stop_reason, self.last_record
         return (
             reason is not None

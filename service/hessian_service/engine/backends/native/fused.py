@@ -131,9 +131,9 @@ def fused_newton_step(
     if not finite or attempts != 1:
         return None  # a failed or damped solve: the general path says what it found
     if search:
-        # methods._line_search's first test, the same function on the same numbers
+        # methods._line_search's first Armijo test, the same function on the same numbers
         trial = float(loss_value(objective, x_new))
-        if not sufficient_decrease(trial, loss, lr, slope, options.armijo, dtype):
+        if not sufficient_decrease(trial, loss, lr, slope, options.armijo):
             return None  # a backtrack is needed: the general path recomputes and searches
     if gauge:
         step = objective.project_step((x_new - params).reshape(-1))
