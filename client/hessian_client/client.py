@@ -25,6 +25,7 @@ from .errors import (
     HessianError,
     IncompatibleServer,
     InvalidArgument,
+    RunFailed,
     from_rpc_error,
     invalid,
 )
@@ -555,7 +556,7 @@ def _remaining(deadline: float | None) -> float | None:
 def _raise_if_failed_empty(run_id: str, final: RunInfo) -> None:
     """A run that FAILED before its first record has nothing to stream: raise its message."""
     if final.status == RunStatus.FAILED and final.num_records == 0:
-        raise HessianError(f"run {run_id} failed before its first record: {final.message}")
+        raise RunFailed(run_id, final)
 
 
 def timed_out(run_id: str, timeout: float | None, status: str) -> DeadlineExceeded:

@@ -6,6 +6,8 @@ Each error carries the gRPC status code, the server's message and, when the serv
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -102,6 +104,18 @@ class Internal(HessianError):
     """A bug on the server."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class RunFailed(HessianError):
+    """A run ended FAILED before its first record, so it has no records or parameters to
+    give: `run_id`, and `info`, its final RunInfo (stop_reason, message)."""
+
+    from_server = True  # the server's verdict on the run, not a mistake in this call
+
+    def __init__(self, run_id: str, info: Any) -> None:
+        super().__init__(f"run {run_id} failed before its first record: {info.message}")
+        self.run_id = run_id
+        self.info = info
 
 
 class IncompatibleServer(HessianError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hessian_client import HessianError, InvalidArgument, problems, status_name
+from hessian_client import HessianError, InvalidArgument, RunFailed, problems, status_name
 from hessian_client.proto import optimize_pb2
 from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.records import StepRecord, StopReason
@@ -63,10 +63,13 @@ def test_a_run_failing_before_its_first_record_makes_stream_raise(client, monkey
 
 def test_a_run_not_finite_at_its_start_fails_and_stream_raises(client):
     run = client.start_run(problems.rosenbrock(dim=2), np.full(2, 1e200), method="newton")
-    with pytest.raises(HessianError) as err:
+    with pytest.raises(RunFailed) as err:
         list(run.stream())
     assert "failed before its first record" in str(err.value)
     assert "not finite at the initial parameters" in str(err.value)
+    assert err.value.run_id == run.id and err.value.info.stop_reason == "non_finite"
+    with pytest.raises(RunFailed):
+        run.result(timeout=30)
     info = client.get_run(run.id)
     assert status_name(info) == "FAILED" and info.stop_reason == "non_finite"
     assert info.num_records == 0 and not info.converged
