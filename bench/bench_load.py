@@ -367,12 +367,12 @@ def run_loop() -> str:
         _verdict(
             med["engine Run"] / base <= LOOP_TARGETS["in process"],
             f"in process <= {LOOP_TARGETS['in process']}x",
-            f"{med['engine Run'] / base:.2f}x",
+            f"{med['engine Run'] / base:.3f}x",
         ),
         _verdict(
             med["StartRun + WatchRun"] / base <= LOOP_TARGETS["through the service"],
             f"through the service <= {LOOP_TARGETS['through the service']}x",
-            f"{med['StartRun + WatchRun'] / base:.2f}x",
+            f"{med['StartRun + WatchRun'] / base:.3f}x",
         ),
     ]
     header = [f"{iterations:,} GD iterations, Rosenbrock n = 25", "median", "iterations/s", "ratio"]
