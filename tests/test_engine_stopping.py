@@ -381,10 +381,19 @@ def test_newton_line_search_converges_where_the_last_step_is_below_rounding(back
     )
     x0 = torch.zeros(3, 4, dtype=F64)
     x0[-1] = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    run = Run(obj, x0.reshape(-1), MethodOptions(method="newton", backend=backend))
-    records = run.run_to_end()
+    options = MethodOptions(method="newton", backend=backend)
+    run = Run(obj, x0.reshape(-1), options)
+    records, points = [], []
+    for record in run:
+        records.append(record)
+        points.append(run.checkpoint().params.clone())  # x_k, before its step
     assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
     assert records[-2].step_size == 1.0 and records[-2].function_evaluations == 1  # taken
+    # a unary step from the same point, whose first trial is a loss alone (the rule then
+    # evaluates it whole), is taken the same way
+    result = take_step(obj, points[-2], options)
+    assert result.record.step_size == 1.0 and result.record.step_accepted
+    assert float(torch.func.grad(obj.loss)(result.params).abs().max()) <= 1e-10
     ref = LogisticRegression(C=np.inf, fit_intercept=False, tol=1e-12, max_iter=10_000)
     ref.fit(x, labels)
     want = -np.mean(ref.predict_log_proba(x)[np.arange(120), labels])

@@ -687,8 +687,8 @@ class Run(_RunBase):
         A dropped connection (UNAVAILABLE) is retried with backoff from the last iteration
         seen, for up to `reconnect_timeout` seconds without progress. `timeout` bounds the
         whole stream (DeadlineExceeded), queued or not. `final` holds the run's state
-        afterwards. A run that FAILED before its first record raises HessianError with the
-        server's message (there is nothing to yield).
+        afterwards. A run that FAILED before its first record raises RunFailed with the
+        server's message and the run's final info (there is nothing to yield).
         """
         watch = _Watch(self, from_iteration, reconnect_timeout, timeout)
         opened = self._take_opened(timeout)

@@ -6,9 +6,12 @@ Each error carries the gRPC status code, the server's message and, when the serv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from .results import RunInfo
 
 
 class HessianError(Exception):
@@ -112,10 +115,13 @@ class RunFailed(HessianError):
 
     from_server = True  # the server's verdict on the run, not a mistake in this call
 
-    def __init__(self, run_id: str, info: Any) -> None:
+    def __init__(self, run_id: str, info: RunInfo) -> None:
         super().__init__(f"run {run_id} failed before its first record: {info.message}")
         self.run_id = run_id
         self.info = info
+
+    def __reduce__(self) -> tuple[type[RunFailed], tuple[str, RunInfo]]:
+        return RunFailed, (self.run_id, self.info)  # copied by its own arguments, not `args`
 
 
 class IncompatibleServer(HessianError):

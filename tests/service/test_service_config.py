@@ -73,6 +73,13 @@ def test_an_out_of_range_environment_value_names_its_variable(var, value, messag
     assert "from HESSIAN_" not in str(err.value)
 
 
+def test_an_empty_number_variable_is_unset_and_flags_are_not_abbreviated(capsys):
+    assert ServerConfig.from_args([], {"HESSIAN_WORKERS": ""}).workers == ServerConfig().workers
+    with pytest.raises(SystemExit):
+        ServerConfig.from_args(["--grace", "5"], {})
+    assert "unrecognized arguments: --grace" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("value", "on"), [("1", True), ("Yes", True), ("off", False), ("", False)])
 def test_boolean_environment_words(value, on):
     assert ServerConfig.from_args([], {"HESSIAN_SKIP_STORE_CHECK": value}).skip_store_check is on

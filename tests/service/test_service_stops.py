@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,8 @@ def test_a_run_not_finite_at_its_start_fails_and_stream_raises(client):
     assert "failed before its first record" in str(err.value)
     assert "not finite at the initial parameters" in str(err.value)
     assert err.value.run_id == run.id and err.value.info.stop_reason == "non_finite"
+    again = copy.copy(err.value)  # rebuilt from its own arguments, not from args
+    assert (again.run_id, again.info, str(again)) == (run.id, err.value.info, str(err.value))
     with pytest.raises(RunFailed):
         run.result(timeout=30)
     info = client.get_run(run.id)

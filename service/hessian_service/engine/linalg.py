@@ -34,8 +34,14 @@ def below_rounding(
     """Whether the loss cannot judge a trial: the first-order decrease alpha |slope| and the
     change |trial - loss| are both within ROUNDING_ULPS eps |loss| (relative to the loss: a
     sum near 0, such as a least-squares loss at its fit, is computed to its own precision)."""
-    noise = ROUNDING_ULPS * torch.finfo(dtype).eps * abs(loss)
+    noise = loss_rounding(loss, dtype)
     return -alpha * slope <= noise and abs(trial - loss) <= noise
+
+
+def loss_rounding(loss: float, dtype: torch.dtype, floor: float = 0.0) -> float:
+    """ROUNDING_ULPS eps(dtype) max(|loss|, floor): changes of the loss below it are rounding
+    (`floor` 1 makes it absolute near 0, as the trust region's gain-ratio test takes it)."""
+    return ROUNDING_ULPS * torch.finfo(dtype).eps * max(abs(loss), floor)
 
 
 @dataclass(frozen=True)

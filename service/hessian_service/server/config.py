@@ -155,14 +155,17 @@ class ServerConfig:
         """Parse flags (falling back to HESSIAN_* environment variables, then defaults)."""
         env = os.environ if environ is None else environ
         parser = argparse.ArgumentParser(
-            prog="hessian-server", description="Second-order optimisation gRPC server"
+            prog="hessian-server",
+            description="Second-order optimisation gRPC server",
+            allow_abbrev=False,  # a flag is named in full (errors say where a value came from)
         )
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             var = "HESSIAN_" + f.name.upper()
             kind: Any = type(f.default)
             help_text = f"(env {var}, default {f.default!r})"
-            default = _from_env(parser, var, env[var], kind) if var in env else f.default
+            given = var in env and (kind is bool or env[var].strip() != "")  # "": unset
+            default = _from_env(parser, var, env[var], kind) if given else f.default
             if kind is bool:
                 parser.add_argument(flag, action="store_true", default=default, help=help_text)
             else:

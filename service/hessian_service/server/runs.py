@@ -753,7 +753,7 @@ class RunManager:
                 message=run.message,
             )
             if reason == StopReason.NON_FINITE and run.last_record is None:
-                final["status"] = RunStatus.FAILED  # not finite at the start: nothing to report
+                final["status"] = RunStatus.FAILED  # not finite where it started or resumed
             if reason == StopReason.CANCELLED:
                 final["status"] = RunStatus.CANCELLED
                 if live.shutdown:

@@ -174,8 +174,9 @@ class Objective(ABC):
 
     @property
     def has_gauge(self) -> bool:
-        """Whether the loss is invariant along some parameter directions (`project_step` is
-        overridden): dense steps and CG iterates are then projected off them."""
+        """Whether the loss may be invariant along some parameter directions (`project_step`
+        is overridden; it may still be the identity for some options): dense steps and CG
+        iterates are then projected off them."""
         return type(self).project_step is not Objective.project_step
 
     def project_step(self, step: torch.Tensor) -> torch.Tensor:

@@ -333,6 +333,14 @@ class RemoteStepper(Stepper):
         """The caller is asked what `loss_at` asks (its own speculation, not the engine's)."""
         return self.loss_at(x)
 
+    def whole_trial(self, x: torch.Tensor) -> Point | None:
+        """The speculated point when it is `x`; else the caller is asked for it (at machine
+        precision only), kept for `evaluate`."""
+        speculated = self._speculated
+        if speculated is None or not torch.equal(speculated.x, x):
+            speculated = self._speculated = self._ask_point(x)
+        return speculated
+
     def loss_at(self, x: torch.Tensor) -> float:
         if self._first_trial:  # speculative: ask the trial for all a new point needs
             self._first_trial = False

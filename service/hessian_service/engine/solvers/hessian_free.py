@@ -32,7 +32,7 @@ from .. import cancel
 from ..backends.selector import curvature_products
 from ..curvature.autograd import Product, loss_and_grad
 from ..errors import ValidationError
-from ..linalg import ROUNDING_ULPS
+from ..linalg import loss_rounding
 from ..objectives.base import Objective
 from ..options import MethodOptions
 
@@ -297,14 +297,14 @@ def cg_direction(
     product = curvature_products(sub, x, options.backend, options.curvature).vector(
         options.hvp_mode
     )
-    grad = sample.grad
+    rhs = sample.grad
     if objective.has_gauge:
         # CG on P B P with P g: every iterate stays off the gauge directions, along which
         # B is singular and rounding alone would give a "negative curvature" (float32)
-        product, grad = _projected(product, objective.project_step), objective.project_step(grad)
+        product, rhs = _projected(product, objective.project_step), objective.project_step(rhs)
     cg = steihaug_cg(
         product,
-        grad,
+        rhs,
         damping=state["damping"],
         radius=radius,
         tolerance=forcing_term(options, state, float(sample.grad.norm())),
@@ -358,9 +358,7 @@ def newton_cg(
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
     rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
-    # (with an absolute floor of ROUNDING_ULPS eps, as this test has always had; the line
-    # search's test, linalg.below_rounding, is relative to |loss| alone)
-    noise = ROUNDING_ULPS * torch.finfo(x.dtype).eps * max(abs(loss), 1.0)
+    noise = loss_rounding(loss, x.dtype, floor=1.0)  # a ratio of two rounding-level changes
     if 0 < predicted <= noise and abs(loss - trial) <= noise:
         rho = 1.0  # both decreases are below the loss's rounding: rho is noise, trust the model
     accepted = rho > ACCEPT_RATIO

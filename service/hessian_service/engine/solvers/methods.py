@@ -251,18 +251,32 @@ class Stepper:
         self._trial_point = point
         return point.loss
 
-    def gradient_judges(self, point: Point, trial: float, alpha: float, slope: float) -> bool:
-        """Whether a first trial the Armijo test rejected is taken on its gradient's evidence:
-        when the loss cannot judge it (linalg.below_rounding) and it was evaluated whole,
-        it is taken if its gradient max-norm is at most half the point's (a Newton step's
-        last, quadratic progress, which the loss no longer shows; a step driven by rounding
-        noise in the gradient rarely halves it, so such steps cannot wander on)."""
-        taken = self._trial_point
-        return (
-            taken is not None
-            and below_rounding(trial, point.loss, alpha, slope, point.x.dtype)
-            and taken.grad_norms[1] <= 0.5 * point.grad_norms[1]
-        )
+    def gradient_judges(
+        self, point: Point, x: torch.Tensor, trial: float, alpha: float, slope: float
+    ) -> bool:
+        """Whether the first trial `x`, which the Armijo test rejected, is taken on its
+        gradient's evidence: when the loss cannot judge it (linalg.below_rounding), it is
+        taken if its gradient max-norm at most halves the point's (a Newton step's last,
+        quadratic progress, which the loss no longer shows; a step driven by rounding noise
+        in the gradient rarely halves it, so such steps cannot wander on). Not with a
+        mini-batch gradient, whose norms are a batch's."""
+        if self.minibatch or not below_rounding(trial, point.loss, alpha, slope, point.x.dtype):
+            return False
+        taken = self.whole_trial(x)
+        return taken is not None and taken.grad_norms[1] <= 0.5 * point.grad_norms[1]
+
+    def whole_trial(self, x: torch.Tensor) -> Point | None:
+        """The trial `x` evaluated whole (its first evaluation when it was one, else now: at
+        machine precision only), kept as the step's next point; None where the objective
+        cannot evaluate it."""
+        kept = self._trial_point
+        if kept is None or kept.x is not x:
+            try:
+                kept = self.evaluate(x)
+            except EvaluationError:
+                return None
+            self._trial_point = kept
+        return kept
 
     def drop_trial(self) -> None:
         """Let a rejected whole trial (and its curvature matrix) go."""
@@ -420,7 +434,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         evaluations += 1
         if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo):
             break
-        if evaluations == 1 and stepper.gradient_judges(point, trial, alpha, slope):
+        if evaluations == 1 and stepper.gradient_judges(point, x, trial, alpha, slope):
             break
         alpha *= opts.backtrack
     else:

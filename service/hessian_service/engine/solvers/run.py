@@ -27,58 +27,66 @@ def _record(
     k: int, point: Point, previous_loss: float | None, backend: str, step: Step | None
 ) -> StepRecord:
     """The record of x_k (`point`) and the step from it (None: the run stopped there), built
-    in one constructor call (positional, in StepRecord's field order) once the step is known."""
+    in one constructor call once the step is known."""
     gnorm, gmax = point.grad_norms
     change = 0.0 if previous_loss is None else previous_loss - point.loss
     if step is None:
-        return StepRecord(k, point.loss, change, gnorm, gmax, backend=backend)
+        return StepRecord(
+            iteration=k,
+            loss=point.loss,
+            loss_change=change,
+            gradient_norm=gnorm,
+            gradient_max_norm=gmax,
+            backend=backend,
+        )
     return StepRecord(
-        k,
-        point.loss,
-        change,
-        gnorm,
-        gmax,
-        step.step_norm,
-        step.step_size,
-        step.damping,
-        step.gain_ratio,
-        step.accepted,
-        step.negative_eigenvalues,
-        step.solver_attempts,
-        step.function_evaluations,
-        step.cg_iterations,
-        step.cg_residual,
-        step.negative_curvature,
-        step.trust_radius,
-        step.gradient_batch_size,
-        step.step_damped,
-        "",
-        backend,
+        iteration=k,
+        loss=point.loss,
+        loss_change=change,
+        gradient_norm=gnorm,
+        gradient_max_norm=gmax,
+        step_norm=step.step_norm,
+        step_size=step.step_size,
+        damping=step.damping,
+        gain_ratio=step.gain_ratio,
+        step_accepted=step.accepted,
+        negative_eigenvalues=step.negative_eigenvalues,
+        solver_attempts=step.solver_attempts,
+        function_evaluations=step.function_evaluations,
+        cg_iterations=step.cg_iterations,
+        cg_residual=step.cg_residual,
+        negative_curvature=step.negative_curvature,
+        trust_radius=step.trust_radius,
+        gradient_batch_size=step.gradient_batch_size,
+        step_damped=step.step_damped,
+        backend=backend,
     )
 
 
 def _second_order_verdict(
     stop: tuple[StopReason, str], record: StepRecord
-) -> tuple[StopReason, str]:
-    """`stop` with its message saying so when the first-order condition was met at a point
-    with negative curvature (Run.converged is then False)."""
+) -> tuple[StopReason, str, bool]:
+    """`stop` and whether it is convergence, at a point whose dense Hessian `record` judged:
+    the first-order condition met where the Hessian has a negative eigenvalue is not, and
+    the message then says so."""
     reason, message = stop
     count = record.negative_eigenvalues
-    if reason.converged and count > 0:
-        kind = f"a {record.end_point} point" if record.end_point != "flat" else "semi-definite"
-        message = message.replace("converged: ", "stationary point: ", 1) + (
-            f"; not a minimum: the Hessian there has {count} negative eigenvalue"
-            f"{'s' if count > 1 else ''} ({kind}), so the run has not converged"
-        )
-    return reason, message
+    if not (reason.converged and count > 0):
+        return reason, message, reason.converged
+    kind = f"a {record.end_point} point" if record.end_point != "flat" else "semi-definite"
+    message = message.replace("converged: ", "stationary point: ", 1) + (
+        f"; not a minimum: the Hessian there has {count} negative eigenvalue"
+        f"{'s' if count > 1 else ''} ({kind}), so the run has not converged"
+    )
+    return reason, message, False
 
 
-def _resolved(tol: float, eps: float, dtype: torch.dtype) -> tuple[float, str]:
+def _resolved(tol: float, eps: float, dtype: torch.dtype, name: str) -> tuple[float, str]:
     """A stall tolerance as tested: 0 (off) as is, one below `eps` raised to it; with the
-    note ("" or "({name} ... raised to ...) ", formatted with the name) its message adds."""
+    note its stop message adds ("" when the tolerance is as given)."""
     if 0 < tol < eps:
         dtype_name = str(dtype).removeprefix("torch.")
-        return eps, f"({{}} {tol:g} raised to the {dtype_name} eps {eps:.3g}) "
+        return eps, f"({name} {tol:g} raised to the {dtype_name} eps {eps:.3g}) "
     return tol, ""
 
 
@@ -181,8 +189,9 @@ class Run:
         # a stall tolerance finer than the dtype's resolution could never fire on a change
         # that is rounding: it is raised to eps (and the stop message says so)
         eps = torch.finfo(self.params.dtype).eps if self.params.is_floating_point() else 0.0
-        self._ftol = _resolved(self.stopping.function_tolerance, eps, self.params.dtype)
-        self._xtol = _resolved(self.stopping.parameter_tolerance, eps, self.params.dtype)
+        dtype, stopping = self.params.dtype, self.stopping
+        self._ftol = _resolved(stopping.function_tolerance, eps, dtype, "function_tolerance")
+        self._xtol = _resolved(stopping.parameter_tolerance, eps, dtype, "parameter_tolerance")
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
@@ -192,6 +201,7 @@ class Run:
             self.stepper.state.update(state)
         self.stop_reason: StopReason | None = None
         self.message = ""
+        self._converged = False
         self.last_record: StepRecord | None = None
         self._checkpoint = Checkpoint(
             self.start_iteration, self.params.clone(), self._state(self._previous_loss)
@@ -239,19 +249,15 @@ class Run:
     @property
     def converged(self) -> bool:
         """The run ended on the first-order condition at a point not known to be other than a
-        minimum: a gradient-tolerance stop whose Hessian shows a direction of negative
-        curvature (a saddle, a maximum, or a semi-definite "flat" verdict with a negative
-        eigenvalue) is a stationary point, not convergence."""
-        reason, last = self.stop_reason, self.last_record
-        return (
-            reason is not None
-            and reason.converged
-            and not (last is not None and last.end_point and last.negative_eigenvalues > 0)
-        )
+        minimum: a gradient-tolerance stop whose dense Hessian has a negative eigenvalue (a
+        saddle, a maximum, or a semi-definite "flat" verdict with a negative direction) is a
+        stationary point, not convergence."""
+        return self._converged
 
-    def _finish(self, reason: StopReason, message: str) -> None:
+    def _finish(self, reason: StopReason, message: str, converged: bool | None = None) -> None:
         self.stop_reason = reason
         self.message = message
+        self._converged = reason.converged if converged is None else converged
 
     def _stop_test(
         self, k: int, point: Point, previous: Point | None, elapsed: float
@@ -276,7 +282,7 @@ class Run:
             if ftol > 0 and change <= ftol * abs(previous.loss):
                 return StopReason.FUNCTION_STALLED, (
                     f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| "
-                    + fnote.format("function_tolerance")
+                    + fnote
                     + still.format(gmax)
                 )
             if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
@@ -284,9 +290,7 @@ class Run:
                 if dx <= xtol * (torch.linalg.vector_norm(previous.x).item() + xtol):
                     return StopReason.PARAMETERS_STALLED, (
                         f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
-                        "parameter_tolerance) "
-                        + xnote.format("parameter_tolerance")
-                        + still.format(gmax)
+                        "parameter_tolerance) " + xnote + still.format(gmax)
                     )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
@@ -320,7 +324,7 @@ class Run:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
                 except NoProgress as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
-                    damping = self.stepper.state["damping"]
+                    damping = exc.damping
                 except (FloatingPointError, torch.linalg.LinAlgError) as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
             new_point: Point | None = None
@@ -345,8 +349,9 @@ class Run:
             if stop is not None:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     record.end_point, record.negative_eigenvalues = end_point(point.curvature)
-                    stop = _second_order_verdict(stop, record)
-                self._finish(*stop)
+                    self._finish(*_second_order_verdict(stop, record))
+                else:
+                    self._finish(*stop)
                 yield record
                 return
             yield record
