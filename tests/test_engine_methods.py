@@ -256,3 +256,39 @@ def test_loss_and_grad_under_no_grad_gives_the_same_and_leaves_grad_mode_off():
     assert not (x.requires_grad or grad.requires_grad or loss.requires_grad)
     ref = torch.func.grad(obj.loss)(x.double())
     assert float((grad2.double() - ref).abs().max()) <= 1e-12 * max(1.0, float(ref.abs().max()))
+
+
+def test_record_fields_land_in_their_own_fields():
+    """_record builds StepRecord positionally: every Step field, the point's values and the
+    backend land in the field of their own name (a field inserted into StepRecord would
+    shift them)."""
+    import dataclasses
+
+    from hessian_service.engine.records import StepRecord
+    from hessian_service.engine.solvers.methods import Point, Step
+    from hessian_service.engine.solvers.run import _record
+
+    values = iter(range(100, 200))
+    step_values = {}
+    for f in dataclasses.fields(Step):
+        if f.name == "x_new":
+            step_values[f.name] = torch.zeros(2)
+        elif f.type in ("bool", bool):
+            step_values[f.name] = True
+        else:
+            step_values[f.name] = float(next(values))
+    step = Step(**step_values)
+    point = Point(torch.zeros(2, dtype=torch.float64), 7.0, torch.tensor([3.0, -4.0]))
+    record = _record(5, point, 9.0, "native", step)
+    renamed = {"accepted": "step_accepted"}
+    want = {renamed.get(k, k): v for k, v in step_values.items() if k != "x_new"}
+    want.update(iteration=5, loss=7.0, loss_change=2.0, gradient_norm=5.0,
+                gradient_max_norm=4.0, backend="native")  # fmt: skip
+    got = dataclasses.asdict(record)
+    assert {k: got[k] for k in want} == want
+    untouched = {f.name for f in dataclasses.fields(StepRecord)} - set(want)
+    defaults = dataclasses.asdict(StepRecord(iteration=0, loss=0.0))
+    assert {k: got[k] for k in untouched} == {k: defaults[k] for k in untouched}
+    stopped = _record(5, point, None, "native", None)
+    assert dataclasses.asdict(stopped) == {**defaults, "iteration": 5, "loss": 7.0,
+        "gradient_norm": 5.0, "gradient_max_norm": 4.0, "backend": "native"}  # fmt: skip

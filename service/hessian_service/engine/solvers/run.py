@@ -27,39 +27,35 @@ def _record(
     k: int, point: Point, previous_loss: float | None, backend: str, step: Step | None
 ) -> StepRecord:
     """The record of x_k (`point`) and the step from it (None: the run stopped there), built
-    in one constructor call once the step is known."""
+    in one constructor call once the step is known: positional, in StepRecord's field order
+    (0.7 us a record less than keywords; test_record_fields_land_in_their_own_fields checks
+    the order)."""
     gnorm, gmax = point.grad_norms
     change = 0.0 if previous_loss is None else previous_loss - point.loss
     if step is None:
-        return StepRecord(
-            iteration=k,
-            loss=point.loss,
-            loss_change=change,
-            gradient_norm=gnorm,
-            gradient_max_norm=gmax,
-            backend=backend,
-        )
+        return StepRecord(k, point.loss, change, gnorm, gmax, backend=backend)
     return StepRecord(
-        iteration=k,
-        loss=point.loss,
-        loss_change=change,
-        gradient_norm=gnorm,
-        gradient_max_norm=gmax,
-        step_norm=step.step_norm,
-        step_size=step.step_size,
-        damping=step.damping,
-        gain_ratio=step.gain_ratio,
-        step_accepted=step.accepted,
-        negative_eigenvalues=step.negative_eigenvalues,
-        solver_attempts=step.solver_attempts,
-        function_evaluations=step.function_evaluations,
-        cg_iterations=step.cg_iterations,
-        cg_residual=step.cg_residual,
-        negative_curvature=step.negative_curvature,
-        trust_radius=step.trust_radius,
-        gradient_batch_size=step.gradient_batch_size,
-        step_damped=step.step_damped,
-        backend=backend,
+        k,
+        point.loss,
+        change,
+        gnorm,
+        gmax,
+        step.step_norm,
+        step.step_size,
+        step.damping,
+        step.gain_ratio,
+        step.accepted,
+        step.negative_eigenvalues,
+        step.solver_attempts,
+        step.function_evaluations,
+        step.cg_iterations,
+        step.cg_residual,
+        step.negative_curvature,
+        step.trust_radius,
+        step.gradient_batch_size,
+        step.step_damped,
+        "",
+        backend,
     )
 
 
