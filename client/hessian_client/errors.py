@@ -6,12 +6,9 @@ Each error carries the gRPC status code, the server's message and, when the serv
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import grpc
-
-if TYPE_CHECKING:
-    from .results import RunInfo
 
 
 class HessianError(Exception):
@@ -115,12 +112,12 @@ class RunFailed(HessianError):
 
     from_server = True  # the server's verdict on the run, not a mistake in this call
 
-    def __init__(self, run_id: str, info: RunInfo) -> None:
+    def __init__(self, run_id: str, info: Any) -> None:  # a results.RunInfo (errors is a leaf)
         super().__init__(f"run {run_id} failed before its first record: {info.message}")
         self.run_id = run_id
         self.info = info
 
-    def __reduce__(self) -> tuple[type[RunFailed], tuple[str, RunInfo]]:
+    def __reduce__(self) -> tuple[type[RunFailed], tuple[str, Any]]:
         return RunFailed, (self.run_id, self.info)  # copied by its own arguments, not `args`
 
 
