@@ -29,12 +29,18 @@ def sufficient_decrease(
 
 
 def below_rounding(
-    trial: float, loss: float, alpha: float, slope: float, dtype: torch.dtype
+    trial: float,
+    loss: float,
+    alpha: float,
+    slope: float,
+    dtype: torch.dtype,
+    floor: float = 0.0,
 ) -> bool:
-    """Whether the loss cannot judge a trial: the first-order decrease alpha |slope| and the
-    change |trial - loss| are both within ROUNDING_ULPS eps |loss| (relative to the loss: a
-    sum near 0, such as a least-squares loss at its fit, is computed to its own precision)."""
-    noise = loss_rounding(loss, dtype)
+    """Whether the loss cannot judge a trial: the predicted decrease -alpha slope and the
+    change |trial - loss| are both within loss_rounding(loss, dtype, floor) (by default
+    relative to the loss: a sum near 0, such as a least-squares loss at its fit, is computed
+    to its own precision)."""
+    noise = loss_rounding(loss, dtype, floor)
     return -alpha * slope <= noise and abs(trial - loss) <= noise
 
 

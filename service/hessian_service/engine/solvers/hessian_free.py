@@ -32,7 +32,7 @@ from .. import cancel
 from ..backends.selector import curvature_products
 from ..curvature.autograd import Product, loss_and_grad
 from ..errors import ValidationError
-from ..linalg import loss_rounding
+from ..linalg import below_rounding
 from ..objectives.base import Objective
 from ..options import MethodOptions
 
@@ -358,9 +358,9 @@ def newton_cg(
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
     rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
-    noise = loss_rounding(loss, x.dtype, floor=1.0)  # a ratio of two rounding-level changes
-    if 0 < predicted <= noise and abs(loss - trial) <= noise:
-        rho = 1.0  # both decreases are below the loss's rounding: rho is noise, trust the model
+    # both decreases below the loss's rounding (absolute near 0): rho is noise, trust the model
+    if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
+        rho = 1.0
     accepted = rho > ACCEPT_RATIO
     step_norm = float(cg.direction.norm())
     if rho < SHRINK_RATIO:

@@ -244,12 +244,8 @@ class Stepper:
         costs one evaluation, not a loss then an evaluation; otherwise the loss alone."""
         if not (self.reuse_trials and self.state["whole_trial"]):
             return self.loss_at(x)
-        try:
-            point = self.evaluate(x)
-        except EvaluationError:
-            return math.nan
-        self._trial_point = point
-        return point.loss
+        point = self.whole_trial(x)
+        return math.nan if point is None else point.loss
 
     def gradient_judges(
         self, point: Point, x: torch.Tensor, trial: float, alpha: float, slope: float
