@@ -12,10 +12,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc import aio
 
-from . import tensors
 from .client import (
     _DEFAULT,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -164,13 +162,10 @@ class Run(_RunBase):
         return await self.client.get_run(self.id)
 
     async def result(self, timeout: float | None = None) -> RunResult:
-        """Wait for the end (at most `timeout` s), then the final info and parameters."""
+        """Wait for the end (at most `timeout` s), then the final info and parameters (in
+        the shape and type they were sent as, when this handle started the run)."""
         await self.wait(timeout)
-        info = await self.client.get_run(self.id, include_params=True)
-        params = None
-        if info.final_params is not None:
-            params = tensors.like_input(np.asarray(info.final_params), self._like)
-        return RunResult(info, params)
+        return self._result(await self.client.get_run(self.id, include_params=True))
 
     async def records(self, from_iteration: int = 0) -> list[StepRecord]:
         """Every record from `from_iteration` on (waits for the run to end)."""

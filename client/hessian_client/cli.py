@@ -17,6 +17,8 @@ import shutil
 import sys
 import threading
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from . import problems, seed
 from ._version import API_VERSION, __version__
 from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run
-from .errors import HessianError
+from .errors import HessianError, InvalidArgument
 from .options import choices
 from .proto import problem_pb2
 from .results import RunInfo, RunStatus, StepRecord, _jsonable, proto_dict
@@ -73,14 +75,45 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _load(path: str, flag: str) -> Any:
-    """np.load of a file named on the command line; a usage error when it cannot be read."""
+# what np.load raises on a file that is not numpy data (a truncated or damaged archive,
+# a pickle, text, object arrays that would need allow_pickle)
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _load(path: str, flag: str, *, archive: bool) -> Any:
+    """The numpy data of a file named on the command line: an .npz's arrays by name
+    (`archive`) or an .npy's one array; a usage error naming `flag` otherwise."""
+    want = "an .npz of named arrays (np.savez)" if archive else "an .npy of one array (np.save)"
     try:
-        return np.load(path)
+        loaded = np.load(path)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if not archive:
+                    got = f"an .npz of the arrays {loaded.files}"
+                    raise UsageError(f"{flag}: expected {want}, got {got} in {path!r}")
+                return {k: loaded[k] for k in loaded.files}
     except FileNotFoundError:
         raise UsageError(f"{flag}: no such file {path!r}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{flag}: cannot read {path!r} as numpy data: {exc}") from None
+    except UNREADABLE as exc:
+        raise UsageError(f"{flag}: cannot read {path!r} as {want}: {exc}") from None
+    if archive:
+        got = f"an .npy of one array of shape {list(loaded.shape)}"
+        raise UsageError(f"{flag}: expected {want}, got {got} in {path!r}")
+    return loaded
+
+
+def _builder_error(exc: Exception, objective: str, options: dict[str, Any]) -> UsageError:
+    """A problem builder's refusal as a usage error naming the flag at fault: --option for
+    an option's key, --data for a data array (data.NAME), --exported for the program."""
+    if not isinstance(exc, InvalidArgument):  # e.g. a data array or option missing, unknown
+        return UsageError(f"bad --data or --option for {objective}: {exc}")
+    if exc.field in options:
+        flag = "--option"
+    elif exc.field.startswith("data."):
+        flag = "--data"
+    else:
+        flag = "--exported" if exc.field == "program" else "--data or --option"
+    return UsageError(f"bad {flag} for {objective}: {exc.message}")
 
 
 def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
@@ -92,10 +125,7 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
         raise UsageError("an exported program comes with --exported FILE.pt2, not --objective")
     if not args.objective and not args.exported:
         raise UsageError("give --problem-id, --objective or --exported")
-    data: dict[str, np.ndarray] = {}
-    if args.data:
-        with _load(args.data, "--data") as npz:
-            data = {k: npz[k] for k in npz.files}
+    data = _load(args.data, "--data", archive=True) if args.data else {}
     options = dict(args.option or [])
     if args.exported:
         try:
@@ -106,11 +136,11 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
         try:
             return problems.exported_archive(program, data, **options)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"bad --exported, --data or --option: {exc}") from None
+            raise _builder_error(exc, "the --exported program", options) from None
     try:
         return getattr(problems, args.objective)(**data, **options)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad --data or --option for {args.objective}: {exc}") from None
+        raise _builder_error(exc, args.objective, options) from None
 
 
 def emit(value: Any) -> None:
@@ -252,7 +282,7 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    params = _load(args.params, "--params") if args.params else None
+    params = _load(args.params, "--params", archive=False) if args.params else None
     problem = build_problem(args)
     stopping = {"max_iterations": args.max_iterations}
     for key in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
@@ -298,7 +328,7 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
     problem = build_problem(args)
     result = client.analyze_curvature(
         problem,
-        _load(args.params, "--params"),
+        _load(args.params, "--params", archive=False),
         top_k=args.top_k,
         bottom_k=args.bottom_k,
         block_size=args.block_size,

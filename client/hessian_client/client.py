@@ -7,7 +7,9 @@ channel's gRPC service config, not from loops here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -24,7 +26,6 @@ from .errors import (
     DeadlineExceeded,
     HessianError,
     IncompatibleServer,
-    InvalidArgument,
     RunFailed,
     from_rpc_error,
     invalid,
@@ -107,10 +108,7 @@ def _source(problem: Any) -> dict[str, Any]:
 
 
 def _encode(value: Any, field: str) -> tensor_pb2.Tensor:
-    try:
-        return tensors.encode(value)
-    except InvalidArgument as exc:
-        raise invalid(field, exc.expected, exc.message.rpartition("got ")[2]) from None
+    return tensors.encode(value, field=field)
 
 
 def _distribution(name: str, field: str) -> int:
@@ -399,7 +397,7 @@ class _Api:
         Keywords are method options (method="auto" picks newton or newton_cg by size; the
         returned run's `info().method_note` says which and why); curvature_seed is the
         Hessian-free sub-samples' seed (curvature rows and gradient mini-batches; method
-        option `seed`). The run's final parameters come back as the type `params` was.
+        option `seed`). The run's final parameters come back in the shape and type of `params`.
         With `watch`, one StartAndWatchRun call starts the run and opens its stream: the
         run's first `stream()` (or `wait`, `records`, `result`) reads that call, one round
         trip fewer than StartRun then WatchRun. The call has the client's timeout as its
@@ -573,6 +571,9 @@ class _RunBase:
         self.final: RunInfo | None = None
         self._info = info
         self._like = like
+        # the shape the parameters were sent in (None: not started here, or from a seed):
+        # the server keeps a run's parameters flat, results are given back in this shape
+        self._shape = None if like is None else tuple(np.shape(like))
         self._opened: Any = None  # StartAndWatchRun's call, until a stream() reads it
 
     def _take_opened(self, timeout: float | None) -> Any:
@@ -586,6 +587,17 @@ class _RunBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"
+
+    def _result(self, info: RunInfo) -> RunResult:
+        """The result of GetRun's final `info`: the final parameters (in `info` too) in the
+        shape and type the parameters were sent as, when this handle started the run."""
+        params = info.final_params
+        if params is None:
+            return RunResult(info, None)
+        if self._shape is not None and params.size == math.prod(self._shape):
+            params = params.reshape(self._shape)
+        params = tensors.like_input(params, self._like)
+        return RunResult(dataclasses.replace(info, final_params=params), params)
 
     def _event_records(self, event: Any, nxt: int) -> tuple[list[StepRecord], int]:
         out = []
@@ -740,14 +752,10 @@ class Run(_RunBase):
         return self.client.get_run(self.id)
 
     def result(self, timeout: float | None = None) -> RunResult:
-        """Wait for the end (at most `timeout` s), then the final info and parameters."""
+        """Wait for the end (at most `timeout` s), then the final info and parameters (in
+        the shape and type they were sent as, when this handle started the run)."""
         self.wait(timeout)
-        info = self.client.get_run(self.id, include_params=True)
-        if info.final_params is not None:
-            params = tensors.like_input(np.asarray(info.final_params), self._like)
-        else:
-            params = None
-        return RunResult(info, params)
+        return self._result(self.client.get_run(self.id, include_params=True))
 
     def records(self, from_iteration: int = 0) -> list[StepRecord]:
         """Every record from `from_iteration` on (waits for the run to end)."""

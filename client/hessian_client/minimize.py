@@ -18,7 +18,7 @@ from .aio import Client as AsyncClient
 from .client import Client
 from .errors import from_rpc_error, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
-from .proto import service_pb2
+from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
 
 # minimize's method names -> the server's method options
@@ -48,6 +48,17 @@ class OptimizeResult(dict):
     __setattr__ = dict.__setitem__  # type: ignore[assignment]
 
 
+def _shaped(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """`value` as float64 of `shape`, a scalar taken as one value (as SciPy takes a scalar
+    jac or hess of a one-parameter problem); any other shape is refused naming `name`."""
+    out = np.asarray(value, dtype=np.float64)
+    if out.ndim == 0 or (out.ndim == 1 and len(shape) == 2):
+        out = out.reshape((1,) * len(shape)) if out.size == 1 else out
+    if out.shape != shape:
+        raise invalid(name, f"an array of shape {shape}", out.shape)
+    return out
+
+
 class _Session:
     """The caller's side of one Optimize stream: evaluate what is asked, build the result."""
 
@@ -69,6 +80,8 @@ class _Session:
     ) -> None:
         self.fun, self.args, self.jac, self.hess, self.hessp = fun, args, jac, hess, hessp
         self.x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
+        if self.x0.size == 0:
+            raise invalid("x0", "an array of at least one parameter", np.shape(x0))
         if (method or "auto") not in self.methods:
             raise invalid("method", f"one of {list(self.methods)}", method)
         self.method = method or "auto"
@@ -76,7 +89,11 @@ class _Session:
         self.tol, self.options, self.name = tol, dict(options or {}), name
         self.counts = {"nfev": 0, "njev": 0, "nhev": 0, "round_trips": 0}
         self.seen: dict[bytes, dict[str, Any]] = {}  # values at each point asked (by bytes)
-        self.by_loss: dict[float, np.ndarray] = {}
+        # the iterate of the next record, and the latest point asked for its gradient: the
+        # server evaluates each new iterate in full (gradient included) just before the
+        # record of the step that reached it, so that point is the next iterate
+        self.iterate: np.ndarray | None = None
+        self.last_full: np.ndarray | None = None
         self.stop_asked = False
         self.run_id = ""
         self.finished: Any = None
@@ -120,12 +137,19 @@ class _Session:
             f, g = self.fun(x, *self.args)
             if need_grad:
                 self.counts["njev"] += 1
-            return float(f), np.asarray(g, dtype=np.float64) if need_grad else None
+            return float(f), _shaped(g, (x.size,), "jac") if need_grad else None
         f = float(self.fun(x, *self.args))
         if not need_grad:
             return f, None
         self.counts["njev"] += 1
-        return f, np.asarray(self.jac(x, *self.args), dtype=np.float64)
+        return f, _shaped(self.jac(x, *self.args), (x.size,), "jac")
+
+    def _hessp(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """hessp(x, v): H v, refused naming hessp unless it has x's shape (n,)."""
+        hv = np.asarray(self.hessp(x, v, *self.args), dtype=np.float64)
+        if hv.shape != x.shape:
+            raise invalid("hessp", f"H v of shape ({x.size},), like x", hv.shape)
+        return hv
 
     def evaluate(self, ask: Any) -> service_pb2.OptimizeRequest:
         """The Evaluation answering `ask` (the caller's functions run here)."""
@@ -140,17 +164,19 @@ class _Session:
         if g is not None:
             out.gradient.CopyFrom(encode(g))
             values["jac"] = g
-            self.by_loss[values["fun"]] = x
+            self.last_full = x
+            if self.iterate is None:  # the run's (or the resumed checkpoint's) first point
+                self.iterate = x
         if ask.hessian:
             self.counts["nhev"] += 1
-            h = np.asarray(self.hess(x, *self.args), dtype=np.float64)
+            h = _shaped(self.hess(x, *self.args), (x.size, x.size), "hess")
             out.hessian.CopyFrom(encode(h))
             values["hess"] = h
         if ask.HasField("hvp_vectors"):
             vectors = decode(ask.hvp_vectors)
             self.counts["nhev"] += len(vectors)
-            hv = np.stack([np.asarray(self.hessp(x, v, *self.args)) for v in vectors])
-            out.hvps.CopyFrom(encode(hv.astype(np.float64)))
+            hv = np.stack([self._hessp(x, v) for v in vectors])
+            out.hvps.CopyFrom(encode(hv))
             values["hess"] = 0.5 * (hv + hv.T) if len(vectors) == x.size else None
         self.seen.setdefault(x.tobytes(), {}).update(values)
         return service_pb2.OptimizeRequest(evaluation=out)
@@ -174,8 +200,10 @@ class _Session:
         if self.callback is None or self.stop_asked:
             return False
         for record in records:
-            x = self.by_loss.get(record.loss)
-            intermediate = OptimizeResult(x=x, fun=record.loss, nit=record.iteration)
+            x = self.iterate
+            if record.step_accepted:  # the step's point was evaluated before this record
+                self.iterate = self.last_full
+            intermediate = OptimizeResult(x=x.copy(), fun=record.loss, nit=record.iteration)
             try:
                 self.callback(intermediate)
             except StopIteration:
@@ -192,7 +220,7 @@ class _Session:
             status, message = CALLBACK_STOP_STATUS, "`callback` raised `StopIteration`."
         elif info.converged:
             status, message = 0, info.message
-        elif info.last_record.iteration and "max_iterations" in info.message:
+        elif info.stop_reason == optimize_pb2.STOP_REASON_MAX_ITERATIONS:
             status, message = 1, info.message
         else:
             status, message = 2, info.message or status_name

@@ -4,19 +4,78 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import zipfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from .errors import invalid
 from .proto import problem_pb2
 from .tensors import encode
 
 Problem = problem_pb2.Problem
+M = TypeVar("M", bound=Message)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+_INTEGER = ("an integer", _is_integer)
+# an objective option's wire type -> (what it takes, whether a value is one)
+_TAKES: dict[int, tuple[str, Callable[[Any], bool]]] = {
+    FieldDescriptor.TYPE_DOUBLE: ("a real number", _is_real),
+    FieldDescriptor.TYPE_FLOAT: ("a real number", _is_real),
+    FieldDescriptor.TYPE_INT32: _INTEGER,
+    FieldDescriptor.TYPE_INT64: _INTEGER,
+    FieldDescriptor.TYPE_UINT32: _INTEGER,
+    FieldDescriptor.TYPE_UINT64: _INTEGER,
+    FieldDescriptor.TYPE_BOOL: ("True or False", _is_bool),
+    FieldDescriptor.TYPE_STRING: ("a string", lambda v: isinstance(v, str)),
+    FieldDescriptor.TYPE_BYTES: ("bytes", lambda v: isinstance(v, bytes)),
+}
+
+
+def _objective(message: type[M], **options: Any) -> M:
+    """`message` from keyword options (None: unset), each checked against its field's type
+    first: a wrong one is InvalidArgument naming the keyword and what it takes."""
+    fields = message.DESCRIPTOR.fields_by_name
+    for name, value in options.items():
+        fd = fields[name]
+        what, fits = _TAKES[fd.type]
+        if value is None:  # unset: the server's default, as protobuf takes it
+            continue
+        if not fd.is_repeated:
+            if not fits(value):
+                raise invalid(name, what, value)
+        elif (
+            isinstance(value, str | bytes)
+            or not isinstance(value, Sequence | np.ndarray)
+            or not all(fits(v) for v in value)
+        ):
+            raise invalid(name, f"a sequence, each {what}", value)
+    return message(**options)
 
 
 def _data(**tensors: Any) -> dict[str, Any]:
-    return {name: encode(value) for name, value in tensors.items() if value is not None}
+    """The named data tensors, each encoded (an error names its field, data.NAME)."""
+    return {
+        name: encode(value, field=f"data.{name}")
+        for name, value in tensors.items()
+        if value is not None
+    }
 
 
 def mse(target: Any) -> Problem:
@@ -26,13 +85,15 @@ def mse(target: Any) -> Problem:
 
 def least_squares(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool = False) -> Problem:
     """0.5 mean((X w + b - y)^2) + 0.5 l2 ||w||^2."""
-    objective = problem_pb2.LeastSquaresObjective(l2=l2, fit_intercept=fit_intercept)
+    objective = _objective(problem_pb2.LeastSquaresObjective, l2=l2, fit_intercept=fit_intercept)
     return Problem(least_squares=objective, data=_data(X=X, y=y))
 
 
 def logistic_regression(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool = True) -> Problem:
     """Mean logistic loss of X w + b against y in {0, 1}, plus 0.5 l2 ||w||^2."""
-    objective = problem_pb2.LogisticRegressionObjective(l2=l2, fit_intercept=fit_intercept)
+    objective = _objective(
+        problem_pb2.LogisticRegressionObjective, l2=l2, fit_intercept=fit_intercept
+    )
     return Problem(logistic_regression=objective, data=_data(X=X, y=y))
 
 
@@ -45,8 +106,11 @@ def softmax_regression(
     fit_intercept: bool = True,
 ) -> Problem:
     """Multinomial cross-entropy; labels are integers in [0, num_classes)."""
-    objective = problem_pb2.SoftmaxRegressionObjective(
-        num_classes=num_classes, l2=l2, fit_intercept=fit_intercept
+    objective = _objective(
+        problem_pb2.SoftmaxRegressionObjective,
+        num_classes=num_classes,
+        l2=l2,
+        fit_intercept=fit_intercept,
     )
     return Problem(softmax_regression=objective, data=_data(X=X, labels=labels))
 
@@ -61,15 +125,15 @@ def mlp(
     l2: float = 0.0,
 ) -> Problem:
     """A fully connected network with an mse or cross_entropy loss."""
-    objective = problem_pb2.MlpObjective(
-        layer_sizes=list(layer_sizes), activation=activation, loss=loss, l2=l2
+    objective = _objective(
+        problem_pb2.MlpObjective, layer_sizes=layer_sizes, activation=activation, loss=loss, l2=l2
     )
     return Problem(mlp=objective, data=_data(X=X, y=y))
 
 
 def rosenbrock(dim: int = 2) -> Problem:
     """The Rosenbrock function in `dim` dimensions."""
-    return Problem(rosenbrock=problem_pb2.RosenbrockObjective(dim=dim))
+    return Problem(rosenbrock=_objective(problem_pb2.RosenbrockObjective, dim=dim))
 
 
 def quadratic(A: Any, b: Any) -> Problem:
@@ -129,7 +193,8 @@ def exported(
     program = torch.export.export(module, (params,), inputs, dynamic_shapes=dynamic)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    spec = problem_pb2.ExportedObjective(
+    spec = _objective(
+        problem_pb2.ExportedObjective,
         program=buffer.getvalue(),
         param_shape=list(params.shape),
         output_loss=loss,
@@ -150,11 +215,14 @@ def exported_archive(
 
     `param_shape` defaults to the shape the archive declares for its first input (params).
     """
+    if loss not in ("", "mse", "cross_entropy"):
+        raise invalid("loss", "'' (the program returns the loss), mse or cross_entropy", loss)
     if param_shape is None:
         param_shape = _declared_params_shape(program)
-    spec = problem_pb2.ExportedObjective(
+    spec = _objective(
+        problem_pb2.ExportedObjective,
         program=program,
-        param_shape=list(param_shape),
+        param_shape=param_shape,
         output_loss=loss,
         target=target if loss else "",
     )

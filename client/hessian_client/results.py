@@ -334,7 +334,7 @@ class HessianResult(_Result):
 
 @dataclasses.dataclass(frozen=True)
 class RunResult(_Result):
-    """A finished run: its final info and final parameters (the type they were sent as)."""
+    """A finished run: its final info and final parameters (the shape and type sent)."""
 
     info: RunInfo
     params: Any

@@ -26,16 +26,22 @@ def as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def encode(value: Any, *, dtype: np.dtype | str | None = None) -> tensor_pb2.Tensor:
-    """Encode `value` as a Tensor: float32, float64 or int64 (Python floats become float64)."""
-    array = as_numpy(value)
+def encode(
+    value: Any, *, dtype: np.dtype | str | None = None, field: str = "tensor"
+) -> tensor_pb2.Tensor:
+    """Encode `value` as a Tensor: float32, float64 or int64 (Python floats become float64);
+    InvalidArgument naming `field` when it is not a numeric array of one of those."""
+    try:
+        array = as_numpy(value)
+    except (TypeError, ValueError) as exc:  # ragged nested lists, objects numpy cannot take
+        raise invalid(field, "a numeric array (float32, float64 or int64)", str(exc)) from None
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     elif array.dtype.kind in "iu" and array.dtype != np.int64:
         array = array.astype(np.int64)
     native = array.dtype.newbyteorder("=")
     if native not in WIRE_DTYPE:
-        raise invalid("tensor", "dtype float32, float64 or int64", str(array.dtype))
+        raise invalid(field, "dtype float32, float64 or int64", str(array.dtype))
     wire = WIRE_DTYPE[native]
     data = np.ascontiguousarray(array, dtype=DTYPES[wire]).tobytes()
     return tensor_pb2.Tensor(dtype=wire, shape=list(array.shape), data=data)

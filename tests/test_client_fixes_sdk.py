@@ -1,0 +1,395 @@
+"""Client SDK fixes: the CLI's unreadable --data / --params files and options, minimize's
+hessp shape check and empty x0, the callback's iterate when losses tie, maxiter 0's SciPy
+status, problems.* option and data errors, and run results in the shape params were sent.
+
+References are float64 numpy / SciPy on fresh draws from the test's `rng`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from hessian_client import Client, InvalidArgument, aio, least_squares, minimize, problems
+from hessian_client.cli import build_problem, main
+from hessian_client.tensors import decode
+from scipy.optimize import minimize as scipy_minimize
+from scipy.optimize import rosen, rosen_der, rosen_hess
+
+NOWHERE = "127.0.0.1:1"  # usage mistakes are caught before any call: no server is asked
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run `hessian run ...` expecting a usage mistake: exit 2 and one line, its text."""
+    code = main(["--address", NOWHERE, "run", "--objective", "logistic_regression", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def logreg(tmp_path, rng):
+    """A logistic-regression .npz, its arrays and the directory holding it."""
+    X = rng.normal(size=(40, 3))
+    y = (X @ rng.normal(size=3) > 0).astype(np.float64)
+    np.savez(tmp_path / "logreg.npz", X=X, y=y)
+    return tmp_path, X, y
+
+
+# D3: the CLI's --data / --params files and --option values
+
+
+def test_cli_data_npz_loads_every_array_exactly(logreg):
+    tmp, X, y = logreg
+    args = argparse.Namespace(
+        problem_id=None,
+        objective="logistic_regression",
+        exported=None,
+        data=str(tmp / "logreg.npz"),
+        option=[("l2", 0.25)],
+    )
+    problem = build_problem(args)
+    np.testing.assert_array_equal(decode(problem.data["X"]), X)
+    np.testing.assert_array_equal(decode(problem.data["y"]), y)
+    assert problem.logistic_regression.l2 == 0.25
+
+
+def test_cli_npy_given_to_data_is_a_usage_error(logreg, capsys):
+    tmp, X, _ = logreg
+    np.save(tmp / "x.npy", X)
+    err = _cli_error(capsys, "--data", str(tmp / "x.npy"))
+    assert "--data: expected an .npz of named arrays" in err and "shape [40, 3]" in err
+
+
+def test_cli_truncated_npz_is_a_usage_error(logreg, capsys):
+    tmp, _, _ = logreg
+    (tmp / "cut.npz").write_bytes((tmp / "logreg.npz").read_bytes()[:200])
+    err = _cli_error(capsys, "--data", str(tmp / "cut.npz"))
+    assert "--data: cannot read" in err and "cut.npz" in err
+
+
+def test_cli_corrupted_npz_member_is_a_usage_error(tmp_path, rng, capsys):
+    np.savez_compressed(tmp_path / "c.npz", X=rng.normal(size=(200, 3)), y=np.ones(200))
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    for i in (80, 90, 100):  # inside X's compressed bytes: a CRC or zlib failure on read
+        raw[i] ^= 0xFF
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    err = _cli_error(capsys, "--data", str(tmp_path / "c.npz"))
+    assert "--data: cannot read" in err and "c.npz" in err
+
+
+def test_cli_object_arrays_are_a_usage_error(tmp_path, capsys):
+    np.savez(tmp_path / "obj.npz", X=np.array([{"a": 1}], dtype=object), y=np.ones(1))
+    err = _cli_error(capsys, "--data", str(tmp_path / "obj.npz"))
+    assert "--data: cannot read" in err and "allow_pickle" in err
+
+
+def test_cli_npz_given_to_params_is_a_usage_error(logreg, capsys):
+    tmp, _, _ = logreg
+    path = str(tmp / "logreg.npz")
+    err = _cli_error(capsys, "--data", path, "--params", path)
+    assert "--params: expected an .npy of one array" in err and "['X', 'y']" in err
+    assert "<U1" not in err
+
+
+def test_cli_option_of_the_wrong_type_names_its_key(logreg, capsys):
+    tmp, _, _ = logreg
+    err = _cli_error(capsys, "--data", str(tmp / "logreg.npz"), "--option", "l2=abc")
+    assert "--option" in err and "l2: expected a real number, got 'abc'" in err
+
+
+def test_cli_data_array_of_the_wrong_dtype_names_it(tmp_path, rng, capsys):
+    X = rng.normal(size=(10, 2))
+    np.savez(tmp_path / "b.npz", X=X > 0, y=np.ones(10))
+    err = _cli_error(capsys, "--data", str(tmp_path / "b.npz"))
+    assert "bad --data" in err and "data.X: expected dtype float32, float64 or int64" in err
+
+
+# D6: problems.* options and data
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "expected"),
+    [
+        (lambda X, y: problems.logistic_regression(X, y, l2="abc"), "l2", "a real number"),
+        (lambda X, y: problems.logistic_regression(X, y, l2=True), "l2", "a real number"),
+        (
+            lambda X, y: problems.logistic_regression(X, y, fit_intercept="no"),
+            "fit_intercept",
+            "True or False",
+        ),
+        (lambda X, y: problems.least_squares(X, y, fit_intercept=1), "fit_intercept", "True"),
+        (lambda X, y: problems.rosenbrock(dim=2.5), "dim", "an integer"),
+        (
+            lambda X, y: problems.softmax_regression(X, y.astype(int), num_classes="2"),
+            "num_classes",
+            "an integer",
+        ),
+        (lambda X, y: problems.mlp(X, y, layer_sizes=3), "layer_sizes", "a sequence"),
+        (lambda X, y: problems.mlp(X, y, layer_sizes=[3, 2.5]), "layer_sizes", "an integer"),
+        (lambda X, y: problems.mlp(X, y, layer_sizes=[3, 1], activation=1), "activation", "str"),
+        (lambda X, y: problems.logistic_regression(X > 0, y), "data.X", "dtype float32"),
+        (lambda X, y: problems.mse("abc"), "data.target", "dtype float32"),
+        (
+            lambda X, y: problems.softmax_regression(X, [[0], [1, 0]]),
+            "data.labels",
+            "a numeric array",
+        ),
+        (
+            lambda X, y: problems.exported_archive(b"", {"X": X}, param_shape=[2.5]),
+            "param_shape",
+            "an integer",
+        ),
+        (
+            lambda X, y: problems.exported_archive(b"", {"X": X}, param_shape=[3], loss="l1"),
+            "loss",
+            "mse or cross_entropy",
+        ),
+    ],
+    ids=[
+        "l2-str",
+        "l2-bool",
+        "fit_intercept-str",
+        "fit_intercept-int",
+        "dim-float",
+        "num_classes-str",
+        "layer_sizes-int",
+        "layer_sizes-float",
+        "activation-int",
+        "X-bool",
+        "target-str",
+        "labels-ragged",
+        "param_shape-float",
+        "loss-unknown",
+    ],
+)
+def test_problem_builders_name_the_field_at_fault(rng, build, field, expected):
+    X, y = rng.normal(size=(6, 3)), rng.integers(0, 2, 6).astype(np.float64)
+    with pytest.raises(InvalidArgument) as info:
+        build(X, y)
+    assert info.value.field == field
+    assert expected in info.value.expected
+    assert str(info.value).startswith(f"INVALID_ARGUMENT: {field}: expected ")
+
+
+def test_problem_builders_take_numpy_scalars_and_arrays_exactly(rng):
+    X, y = rng.normal(size=(8, 3)), rng.normal(size=8)
+    l2 = float(rng.uniform(0.01, 1.0))
+    sizes = np.array([3, int(rng.integers(2, 9)), 1])
+    mlp = problems.mlp(X, y, layer_sizes=sizes, l2=np.float64(l2), activation="tanh")
+    assert list(mlp.mlp.layer_sizes) == sizes.tolist() and mlp.mlp.l2 == l2
+    np.testing.assert_array_equal(decode(mlp.data["X"]), X)
+    ls = problems.least_squares(X, y, l2=l2, fit_intercept=np.bool_(True))
+    assert ls.least_squares.l2 == l2 and ls.least_squares.fit_intercept is True
+    assert problems.rosenbrock(dim=np.int64(7)).rosenbrock.dim == 7
+    unset = problems.logistic_regression(X, (y > 0) * 1.0, l2=None)  # None: server default
+    assert unset.logistic_regression.l2 == 0.0
+
+
+# D4: minimize's hessp shape and an empty x0
+
+
+def _quadratic(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    M = rng.normal(size=(n, n))
+    return M @ M.T + n * np.eye(n), rng.normal(size=n)
+
+
+@pytest.mark.parametrize("method", ["auto", "newton_cg"])
+@pytest.mark.parametrize(
+    ("wrong", "shape"),
+    [(lambda hv: hv[:2], "(2,)"), (lambda hv: hv[:, None], "(3, 1)")],
+    ids=["sliced", "column"],
+)
+def test_hessp_of_the_wrong_shape_is_named(address, rng, method, wrong, shape):
+    A, b = _quadratic(rng, 3)
+    with pytest.raises(InvalidArgument) as info:
+        minimize(lambda x: 0.5 * x @ A @ x - b @ x, rng.normal(size=3),
+                 jac=lambda x: A @ x - b, hessp=lambda x, v: wrong(A @ v), method=method,
+                 address=address)  # fmt: skip
+    assert info.value.field == "hessp"
+    assert info.value.message == f"hessp: expected H v of shape (3,), like x, got {shape}"
+
+
+def test_hessp_dense_hessian_is_the_float64_matrix(address, rng):
+    n = int(rng.integers(3, 9))
+    A, b = _quadratic(rng, n)
+    res = minimize(lambda x: 0.5 * x @ A @ x - b @ x, rng.normal(size=n),
+                   jac=lambda x: A @ x - b, hessp=lambda x, v: A @ v, method="auto",
+                   address=address)  # fmt: skip
+    np.testing.assert_allclose(res.x, np.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(res.hess, A, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("method", ["newton", "auto"])
+def test_scalar_jac_and_hess_of_one_parameter_are_taken_as_scipy_takes_them(address, rng, method):
+    a, b = rng.uniform(0.5, 2.0), rng.normal()
+    fun, jac, hess = (
+        (lambda x: 0.5 * a * x[0] ** 2 - b * x[0]),
+        (lambda x: a * x[0] - b),
+        (lambda x: a),
+    )  # scalars, as SciPy accepts for n = 1
+    res = minimize(fun, np.array([rng.normal()]), jac=jac, hess=hess, method=method,
+                   address=address)  # fmt: skip
+    np.testing.assert_allclose(res.x, [b / a], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, jac, hess, shape",
+    [
+        ("jac", lambda A, b: lambda x: (A @ x - b)[:, None], None, "(3, 1)"),
+        ("jac", lambda A, b: lambda x: (A @ x - b)[:2], None, "(2,)"),
+        ("hess", None, lambda A: lambda x: A.ravel(), "(9,)"),
+    ],
+)
+def test_jac_or_hess_of_the_wrong_shape_is_named(address, rng, name, jac, hess, shape):
+    A, b = _quadratic(rng, 3)
+    with pytest.raises(InvalidArgument) as info:
+        minimize(lambda x: 0.5 * x @ A @ x - b @ x, rng.normal(size=3),
+                 jac=(jac or (lambda A, b: lambda x: A @ x - b))(A, b),
+                 hess=(hess or (lambda A: lambda x: A))(A), method="newton",
+                 address=address)  # fmt: skip
+    assert info.value.field == name
+    assert info.value.message.endswith(f"got {shape}")
+
+
+def test_an_empty_x0_is_named(address):
+    with pytest.raises(InvalidArgument) as info:
+        least_squares(lambda x: np.zeros(3), np.zeros(0), lambda x: np.zeros((3, 0)),
+                      address=address)  # fmt: skip
+    assert info.value.field == "x0" and "got (0,)" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        minimize(lambda x: 0.0, [], jac=lambda x: x, address=address)
+    assert info.value.field == "x0"
+
+
+# D5: the callback's x is the record's own iterate
+
+
+def test_callback_x_is_the_iterate_when_losses_tie(address, rng):
+    x0 = rng.normal(size=int(rng.integers(2, 6)))
+    seen: list[tuple[int, float, np.ndarray]] = []
+    res = minimize(lambda x: float(x @ x), x0, jac=lambda x: 2 * x, method="gradient_descent",
+                   options={"maxiter": 4, "learning_rate": 1.0},
+                   callback=lambda r: seen.append((r.nit, r.fun, r.x.copy())),
+                   address=address)  # fmt: skip
+    # x - 1.0 * 2x = -x exactly: every iterate has the loss of x0
+    assert [nit for nit, _, _ in seen] == [0, 1, 2, 3, 4]
+    for nit, fun, x in seen:
+        np.testing.assert_array_equal(x, x0 if nit % 2 == 0 else -x0)
+        assert fun == float(x @ x)
+    np.testing.assert_array_equal(res.x, x0)
+
+
+def _rejections_seen_in_place(address: str, x0: np.ndarray) -> int:
+    """Levenberg-Marquardt on Rosenbrock from x0: every callback x is its record's point (x
+    moves by the record's step norm after an accepted step, not at all after a rejected
+    one); the number of rejected steps."""
+    seen: list[tuple[int, float, np.ndarray]] = []
+    res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="levenberg_marquardt",
+                   options={"maxiter": 60}, address=address,
+                   callback=lambda r: seen.append((r.nit, r.fun, r.x.copy())))  # fmt: skip
+    with Client(address) as client:
+        records = client.run(res.run_id).records()
+    assert [nit for nit, _, _ in seen] == [r.iteration for r in records]
+    np.testing.assert_array_equal(seen[0][2], x0)
+    for (_, fun, x), record in zip(seen, records, strict=True):
+        assert fun == rosen(x) == record.loss  # the point the record was taken at
+    rejected = 0
+    for i, record in enumerate(records[:-1]):
+        x, x_next = seen[i][2], seen[i + 1][2]
+        if record.step_accepted:
+            assert np.linalg.norm(x_next - x) == pytest.approx(record.step_norm, rel=1e-12)
+        else:
+            rejected += 1
+            np.testing.assert_array_equal(x_next, x)
+    return rejected
+
+
+def test_callback_x_stays_put_across_rejected_steps(address, rng):
+    # far starts, until one has Levenberg-Marquardt reject a step (most do)
+    for _ in range(8):
+        if _rejections_seen_in_place(address, rng.uniform(-5.0, 5.0, 4)):
+            return
+    pytest.fail("no start had a rejected step: the test did not test it")
+
+
+# D7: maxiter 0 is SciPy's max-iterations status
+
+
+@pytest.mark.parametrize("method", ["newton", "gradient_descent"])
+def test_maxiter_zero_is_status_1(address, rng, method):
+    x0 = rng.uniform(-2.0, 2.0, 3)
+    res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method=method,
+                   options={"maxiter": 0}, address=address)  # fmt: skip
+    ref = scipy_minimize(rosen, x0, jac=rosen_der, method="BFGS", options={"maxiter": 0})
+    assert (res.status, res.nit, res.success) == (ref.status, ref.nit, ref.success) == (1, 0, False)
+    np.testing.assert_array_equal(res.x, x0)
+    assert res.fun == rosen(x0)
+    assert "max_iterations" in res.message
+
+
+# D8: run results in the shape the parameters were sent
+
+
+def _softmax_gd(X, labels, W, lr, l2):
+    """One gradient-descent step of mean softmax cross-entropy + 0.5 l2 ||W[:d]||^2."""
+    Z = np.hstack([X, np.ones((len(X), 1))])
+    logits = Z @ W
+    P = np.exp(logits - logits.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    Y = np.eye(W.shape[1])[labels]
+    grad = Z.T @ (P - Y) / len(X)
+    grad[:-1] += l2 * W[:-1]
+    return W - lr * grad
+
+
+def test_run_result_params_have_the_shape_sent(address, rng):
+    target = rng.normal(size=(3, 4))
+    x0 = rng.normal(size=(3, 4))
+    newton = {"method": "newton", "stopping": {"max_iterations": 1}}
+    with Client(address) as client:
+        pid = client.create_problem(problems.mse(target))
+        step = client.newton_step(pid, x0)
+        for watch in (False, True):
+            result = client.start_run(pid, x0, watch=watch, **newton).result(timeout=60)
+            assert result.params.shape == step.params.shape == (3, 4)
+            np.testing.assert_allclose(result.params, target, rtol=1e-12, atol=1e-14)
+            np.testing.assert_array_equal(result.info.final_params, result.params)
+        fetched = client.run(result.info.run_id).result(timeout=60)  # shape unknown here
+        wire = client.get_run(result.info.run_id, include_params=True).raw.final_params
+        assert fetched.params.shape == tuple(wire.shape)
+        np.testing.assert_array_equal(fetched.params.reshape(3, 4), result.params)
+
+        sent = torch.from_numpy(x0)
+        result = client.start_run(pid, sent, **newton).result(timeout=60)
+        assert isinstance(result.params, torch.Tensor) and tuple(result.params.shape) == (3, 4)
+        np.testing.assert_allclose(result.params.numpy(), target, rtol=1e-12, atol=1e-14)
+
+        X, k, lr, l2 = rng.normal(size=(30, 4)), 3, 0.5, 0.1
+        labels = rng.integers(0, k, 30)
+        W = rng.normal(size=(5, k))
+        problem = problems.softmax_regression(X, labels, num_classes=k, l2=l2)
+        run = client.start_run(problem, W, method="gradient_descent", learning_rate=lr,
+                               stopping={"max_iterations": 1})  # fmt: skip
+        result = run.result(timeout=60)
+        step = client.gradient_step(problem, W, learning_rate=lr)
+        assert result.params.shape == step.params.shape == (5, k)
+        np.testing.assert_allclose(result.params, _softmax_gd(X, labels, W, lr, l2), rtol=1e-12)
+
+
+def test_aio_run_result_params_have_the_shape_sent(address, rng):
+    target, x0 = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+
+    async def go() -> np.ndarray:
+        async with aio.Client(address) as client:
+            run = await client.start_run(problems.mse(target), x0, method="newton",
+                                         stopping={"max_iterations": 1})  # fmt: skip
+            return (await run.result(timeout=60)).params
+
+    params = asyncio.run(go())
+    assert params.shape == (2, 5)
+    np.testing.assert_allclose(params, target, rtol=1e-12, atol=1e-14)
