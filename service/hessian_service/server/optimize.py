@@ -87,6 +87,10 @@ class Optimizer:
         params = service._decode_params(start.initial_params, "start.initial_params").reshape(-1)
         wire = start.capabilities
         caps = Capabilities(wire.gradient, wire.hessian, wire.hvp, wire.gauss_newton)
+        speculative = start.speculative if start.HasField("speculative") else True
+        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, speculative)
+        # the run's own checks (dtype float32/64, finite values), before any run exists
+        params = objective.check_params(params, "start.initial_params")
         values = codec.options_to_dict(start.options, "start.options")
         values.setdefault("method", "auto")
         options = service._method_options(values, "start.options")
@@ -104,14 +108,12 @@ class Optimizer:
                 f"{service.config.max_iterations}",
             )
         dtype = str(params.dtype).removeprefix("torch.")
-        speculative = start.speculative if start.HasField("speculative") else True
         remote = {
             "num_params": params.numel(),
             "dtype": dtype,
             "capabilities": vars(caps),
             "speculative": speculative,
         }
-        objective = RemoteObjective(params.numel(), params.dtype, caps, exchange, speculative)
         return service.runs.launch(
             problem_id="",
             objective=objective,
@@ -246,11 +248,13 @@ class Optimizer:
         return sent + len(records)
 
     def _on_request(self, request: Any, exchange: Exchange, run_id: str) -> None:
-        """A caller message mid-run: values for the pending ask, or stop. Any flaw fails the
-        run, its message naming the field."""
+        """A caller message mid-run: values for the pending ask, or stop (true ends the run,
+        CANCELLED; false asks for nothing and is ignored). Any flaw fails the run, its message
+        naming the field."""
         kind = request.WhichOneof("kind")
         if kind == "stop":
-            self.service.runs.cancel(run_id)
+            if request.stop:
+                self.service.runs.cancel(run_id)
             return
         try:
             if kind != "evaluation":
@@ -279,21 +283,19 @@ def _ask_to_wire(ask: Ask, out: Any) -> None:
 
 
 def _quantity(wire: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A required tensor of the reply: present, finite, of `shape` (any float dtype)."""
+    """A required tensor of the reply: present, finite, floating point and of exactly `shape`
+    (no reshaping: a transposed or flattened reply is refused), in the run's `dtype`."""
     field = f"evaluation.{name}"
     if not wire.HasField(name):
         raise ValidationError(field, f"a tensor of shape {list(shape)} (it was asked)", "none")
     t = codec.decode_tensor(getattr(wire, name), field)
-    if t.numel() != _numel(shape):
-        raise ValidationError(field, f"shape {list(shape)}", f"shape {list(t.shape)}")
-    return t.reshape(shape).to(dtype)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    if tuple(t.shape) != shape:
+        raise ValidationError(
+            field, f"a tensor of shape {list(shape)} (as asked)", f"shape {list(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise ValidationError(f"{field}.dtype", "FLOAT32 or FLOAT64", "INT64")
+    return t.to(dtype)
 
 
 def _answer_from_wire(wire: Any, ask: Ask) -> Answer:

@@ -343,20 +343,36 @@ def _json(archive: zipfile.ZipFile, name: str) -> Any:
 
 
 def _meta(raw: Any, what: str, symbolic: bool = False) -> TensorMeta:
-    """A declared tensor: sizes are ints, or (`symbolic`) a bare symbol, a row count."""
-    dtype = DTYPES.get(_get(raw, "dtype"))
+    """A declared tensor: sizes are ints in [0, MAX_VALUE_ELEMENTS], or (`symbolic`) a bare
+    symbol, a row count; the dtype one of DTYPES' codes (a bool is no code). These are what
+    reaches torch constructors (meta tensors, constants' buffers); strides, storage offset
+    and layout are not read."""
+    code = _get(raw, "dtype")
+    dtype = DTYPES.get(code) if type(code) is int else None
     if dtype is None:
-        raise refuse(f"a known dtype for {what}", raw.get("dtype"))
+        raise refuse(f"a known dtype code ({sorted(DTYPES)}) for {what}", code)
+    sizes = _get(raw, "sizes")
+    if not isinstance(sizes, list):
+        raise refuse(f"a list of sizes for {what}", type(sizes).__name__)
     shape: list[int | str] = []
-    for size in _get(raw, "sizes"):
+    for size in sizes:
         expr = size.get("as_expr") if symbolic and isinstance(size, dict) else None
         match = ROW_SYMBOL.fullmatch(str(expr.get("expr_str"))) if isinstance(expr, dict) else None
         if match:
             shape.append(match.group(1))
             continue
-        if not isinstance(size, dict) or not isinstance(size.get("as_int"), int):
+        value = size.get("as_int") if isinstance(size, dict) else None
+        if type(value) is not int:
             raise refuse(f"static shapes (a row count at most) for {what}", size)
-        shape.append(size["as_int"])
+        if value < 0:
+            raise refuse(f"sizes >= 0 for {what}", value)
+        if value > MAX_VALUE_ELEMENTS:
+            raise ResourceLimitError(
+                FIELD,
+                f"{what} declares a size of {value}, over the limit of {MAX_VALUE_ELEMENTS} "
+                "elements per tensor",
+            )
+        shape.append(value)
     device = raw.get("device", {}).get("type", "cpu")
     if device != "cpu":
         raise refuse(f"a cpu tensor for {what}", device)
@@ -609,8 +625,12 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
     module = _get(doc, "graph_module")
     graph = _get(module, "graph")
     raw_nodes = _get(graph, "nodes")
-    if not isinstance(raw_nodes, list) or len(raw_nodes) > MAX_NODES:
-        raise ResourceLimitError(FIELD, f"a graph of at most {MAX_NODES} nodes")
+    if not isinstance(raw_nodes, list):
+        raise refuse("a list of nodes at graph_module.graph.nodes", type(raw_nodes).__name__)
+    if len(raw_nodes) > MAX_NODES:
+        raise ResourceLimitError(
+            FIELD, f"a graph of at most {MAX_NODES} nodes (it has {len(raw_nodes)})"
+        )
     metas_raw = _get(graph, "tensor_values")
     signature = _get(module, "signature")
     user_inputs: list[str] = []

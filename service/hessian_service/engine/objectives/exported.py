@@ -185,6 +185,41 @@ class Exported(Objective):
             raise NotImplementedError("exported program without output_loss has no outputs")
         return self._evaluate(params)
 
+    def predict(self, params: Any, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The base Predict, with the row count of `inputs` checked first against what the
+        program takes (naming `inputs`, not the graph node it would break)."""
+        own = self.data.get("X")
+        rows_like_own = (
+            inputs is not None
+            and own is not None
+            and inputs.dim() == own.dim() >= 1
+            and inputs.shape[1:] == own.shape[1:]
+        )
+        if rows_like_own:  # other shapes: the base refusal names what rows must look like
+            self._check_input_rows(int(inputs.shape[0]))
+        return super().predict(params, inputs)
+
+    def _check_input_rows(self, rows: int) -> None:
+        """Refuse `rows` new input rows where the program cannot take them: outside its
+        exported row range, or other than the problem's rows for a static program."""
+        count = self._template.row_count
+        if "X" in self.row_fields and count is not None:
+            if not count.low <= rows <= count.high:
+                raise ValidationError(
+                    "inputs",
+                    f"between {count.low} and {count.high} rows (the program's exported row range)",
+                    f"{rows} rows",
+                )
+            return
+        declared = int(self.data["X"].shape[0])
+        if rows != declared:
+            raise ValidationError(
+                "inputs",
+                f"{declared} rows: the program was exported with a static row count (export "
+                "it with rows=('X',) to predict on other row counts)",
+                f"{rows} rows",
+            )
+
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
         y = self.data[self.options["target"]]
         if self.options["output_loss"] == "mse":

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ..backends.native.fused import fused_newton_step, validated_options
-from ..cancel import CancelToken, scope
+from ..cancel import Cancelled, CancelToken, scope
 from ..errors import ValidationError
 from ..linalg import classify, count_negative, symmetrise
 from ..objectives.base import Objective
@@ -323,10 +323,16 @@ class Run:
                     damping = exc.damping
                 except (FloatingPointError, torch.linalg.LinAlgError) as exc:
                     stop = StopReason.SOLVER_FAILED, str(exc)
+                except Cancelled as exc:  # an evaluation elsewhere was cancelled (asktell)
+                    stop = StopReason.CANCELLED, f"cancelled during iteration {k}: {exc}"
             new_point: Point | None = None
             if step is not None and step.accepted:
-                new_point = self.stepper.evaluate(step.x_new)
-                if not new_point.is_finite():
+                try:
+                    new_point = self.stepper.evaluate(step.x_new)
+                except Cancelled as exc:
+                    stop = StopReason.CANCELLED, f"cancelled during iteration {k}: {exc}"
+                    step = None
+                if new_point is not None and not new_point.is_finite():
                     stop = (
                         StopReason.NON_FINITE,
                         (
