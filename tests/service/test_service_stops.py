@@ -121,7 +121,12 @@ def test_levenberg_marquardt_below_rounding_finishes_with_no_progress(client):
             method="newton",
             step_policy="levenberg_marquardt",
             backend=backend,
-            stopping={"max_iterations": 300, "gradient_tolerance": 1e-30},
+            stopping={
+                "max_iterations": 300,
+                "gradient_tolerance": 1e-30,
+                "function_tolerance": 0.0,
+                "parameter_tolerance": 0.0,
+            },
         )
         records = list(run.stream())
         assert status_name(run.final) == "FINISHED", run.final.message

@@ -32,7 +32,7 @@ def _orthonormal_block(
     At most `room` columns; (n, 0) when w has no direction above the cutoff (deflation).
     """
     q, r = torch.linalg.qr(w)  # then an SVD of the small R: w's singular values, cheaply
-    u, s, _ = torch.linalg.svd(r)
+    u, s, _ = torch.linalg.svd(r, full_matrices=False)  # never a (b, b) V of a wide w
     keep = min(int((s > cutoff).sum()), room)
     q = q @ u[:, :keep]
     if keep and basis.shape[0]:

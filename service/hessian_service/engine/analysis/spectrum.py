@@ -11,8 +11,11 @@ Probes are Rademacher vectors from a seeded generator, so a report is reproducib
 batches of probes go through one torch.func.vmap'd product. The verdict answers the
 seed's question: is this point a minimum, a saddle, a maximum, or flat?
 
-Memory: (Krylov dimension + 2 x block size) n-vectors for the extremes, batch_size x (density_steps
-+ 1) n-vectors for the density, trace_samples / 3 n-vectors for Hutch++.
+Memory (SpectrumOptions.check_cost): for the extremes the Krylov basis (its dimension in
+n-vectors, the projected matrix and its eigenvectors) and BLOCK_VECTORS n-vectors a block
+column, the block being at most the Krylov dimension; TRACE_VECTORS n-vectors a trace sample;
+batch_size x (density_steps + 1) n-vectors for the density. The density's smoothing works
+through the grid in pieces of at most KERNEL_VALUES values.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ from .block_lanczos import block_lanczos_extremes
 
 CURVATURES = ("hessian", "gauss_newton")
 VERDICTS = ("minimum", "saddle", "maximum", "flat")
+# (n, b) arrays block Lanczos holds at once a block of b: the start block, the block, its
+# product and the temporaries of reorthogonalising and orthonormalising it (6.5 measured)
+BLOCK_VECTORS = 8
+# n-vectors a trace sample holds at once: Hutchinson's probes, their products in batches, the
+# batches' concatenation and a product of two of them (3 to 4 measured; Hutch++ holds fewer)
+TRACE_VECTORS = 4
+KERNEL_VALUES = 2**20  # grid x Ritz value entries of the density's smoothing at a time
 
 
 def _real(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
@@ -56,7 +66,8 @@ class SpectrumOptions:
 
     top_k / bottom_k: how many of the largest / smallest eigenvalues to report (>= 1), each
     repeated as often as its multiplicity when that is at most block_size (the Lanczos block:
-    block_size vectors per step; 1 is plain Lanczos, which reports a repeated eigenvalue once).
+    block_size vectors per step, at most the Krylov dimension min(max_lanczos_iterations, n);
+    1 is plain Lanczos, which reports a repeated eigenvalue once).
     max_lanczos_iterations: the Krylov dimension cap for them (= their curvature-vector
     products); eigen_tolerance: the Ritz residual norm, relative to the largest |eigenvalue|,
     at which they count as converged.
@@ -130,6 +141,11 @@ class SpectrumOptions:
             raise UnknownNameError(f"{p}.backend", self.backend, list(BACKENDS))
         return self
 
+    def lanczos_block(self, n: int) -> int:
+        """The block block Lanczos uses on `n` parameters: block_size, at most the Krylov
+        dimension min(max_lanczos_iterations, n) (a wider start block adds nothing)."""
+        return min(self.block_size, self.max_lanczos_iterations, n)
+
     def check_cost(
         self,
         n: int,
@@ -139,8 +155,9 @@ class SpectrumOptions:
         field_prefix: str = "options",
     ) -> None:
         """Refuse, before any work, an analysis of `n` parameters that would take more than
-        `max_products` curvature-vector products or whose working vectors (`itemsize` bytes
-        a value) need more than `budget_bytes`; the error names the option to lower."""
+        `max_products` curvature-vector products or whose working memory (`itemsize` bytes a
+        value; float64 for the small projected matrices) needs more than `budget_bytes`; the
+        error names the option that drives the most."""
         p = field_prefix
         products = {
             f"{p}.max_lanczos_iterations": min(self.max_lanczos_iterations, n),
@@ -154,20 +171,42 @@ class SpectrumOptions:
                 f"about {sum(products.values())} curvature-vector products requested, over the "
                 f"server's cap of {max_products} per call",
             )
-        density = self.batch_size * (self.density_steps + 1) if self.density_probes else 0
-        vectors = {
-            f"{p}.max_lanczos_iterations": min(self.max_lanczos_iterations, n)
-            + 2 * self.block_size,
-            f"{p}.trace_samples": self.trace_samples // 3 + 1,
-            f"{p}.density_steps": density,
-        }
-        field, count = max(vectors.items(), key=lambda kv: kv[1])
-        need = count * n * itemsize
+        # the parts of each phase live together, the phases one after another
+        m, b = min(self.max_lanczos_iterations, n), self.lanczos_block(n)
+        trace = TRACE_VECTORS * self.trace_samples
+        steps = self.density_steps + 1
+        density = self.batch_size * steps if self.density_probes else 0
+        wider = "batch_size" if self.batch_size > steps else "density_steps"
+        phases = [
+            (
+                f"block Lanczos's basis of {m} vectors ({p}.max_lanczos_iterations) with its "
+                f"projected matrix, and the working set of its block of {b} ({p}.block_size, "
+                "at most that dimension)",
+                {
+                    f"{p}.max_lanczos_iterations": m * n * itemsize + 2 * m * m * 8,
+                    f"{p}.block_size": BLOCK_VECTORS * b * n * itemsize + 4 * b * b * 8,
+                },
+            ),
+            (
+                f"{trace} working vectors for the trace ({TRACE_VECTORS} a sample of "
+                f"{p}.trace_samples)",
+                {f"{p}.trace_samples": trace * n * itemsize},
+            ),
+            (
+                f"{density} working vectors for the density ({p}.batch_size = "
+                f"{self.batch_size} probes a batch, each with {p}.density_steps + 1 = {steps} "
+                "Lanczos vectors)",
+                {f"{p}.{wider}": density * n * itemsize},
+            ),
+        ]
+        what, parts = max(phases, key=lambda phase: sum(phase[1].values()))
+        need = sum(parts.values())
         if need > budget_bytes:
+            field = max(parts.items(), key=lambda kv: kv[1])[0]
             raise ResourceLimitError(
                 field,
-                f"{count} working vectors of {n} parameters need {need} bytes, over the "
-                f"server's memory budget of {budget_bytes} (dense_budget_bytes); ask for fewer",
+                f"{what} of {n} parameters need {need} bytes, over the server's memory budget "
+                f"of {budget_bytes} (dense_budget_bytes); ask for less",
             )
 
 
@@ -383,8 +422,10 @@ def spectral_density(
     density = torch.zeros_like(grid)
     norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
     for theta, tau in nodes:
-        kernel = torch.exp(-0.5 * ((grid[:, None] - theta[None, :]) / sigma) ** 2)
-        density += norm * (kernel * tau[None, :]).sum(dim=1)
+        rows = max(1, KERNEL_VALUES // theta.numel())
+        for part, out in zip(grid.split(rows), density.split(rows), strict=True):
+            kernel = torch.exp(-0.5 * ((part[:, None] - theta[None, :]) / sigma) ** 2)
+            out += norm * (kernel * tau[None, :]).sum(dim=1)
     density /= len(nodes)
     trace = n * statistics.fmean(float((theta * tau).sum()) for theta, tau in nodes)
     return SpectralDensity(grid, density, sigma, len(nodes), opts.density_steps, trace)
@@ -425,7 +466,7 @@ def _analyze(
     gen = torch.Generator().manual_seed(opts.seed)
     by_part: dict[str, int] = {}
 
-    start_block = torch.randn(n, opts.block_size, generator=gen, dtype=torch.float64).to(x)
+    start_block = torch.randn(n, opts.lanczos_block(n), generator=gen, dtype=torch.float64).to(x)
     top, bottom, bounds, iters, _, converged = block_lanczos_extremes(
         counter.block,
         start_block,

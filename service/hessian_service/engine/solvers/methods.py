@@ -250,7 +250,8 @@ class Stepper:
     def gradient_judges(
         self, point: Point, x: torch.Tensor, trial: float, alpha: float, slope: float
     ) -> bool:
-        """Whether the first trial `x`, which the Armijo test rejected, is taken on its
+        """Whether the trial `x`, which the loss rejected (a line search's first trial by
+        the Armijo test, a Levenberg-Marquardt step by its gain ratio), is taken on its
         gradient's evidence: when the loss cannot judge it (linalg.below_rounding), it is
         taken if its gradient max-norm at most halves the point's (a Newton step's last,
         quadratic progress, which the loss no longer shows; a step driven by rounding noise
@@ -444,7 +445,13 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
 
 def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:
     """Nielsen's (1999) damping update: the full step of the damped solve, accepted when the
-    gain ratio is positive; lambda shrinks after a good step and grows (x nu) after a bad one."""
+    gain ratio is positive; lambda shrinks after a good step and grows (x nu) after a bad one.
+
+    At machine precision, where the loss cannot judge the step (its actual and predicted
+    changes are rounding), its gradient does, as in the line search (Stepper.gradient_judges):
+    the step is taken when its gradient max-norm at most halves, with the gain ratio taken
+    as 1 (the model is trusted, as the trust region does); otherwise it is rejected and the
+    damping grows towards its cap (NoProgress)."""
     state, h, g = stepper.state, point.curvature, point.grad
     if state["damping"] <= 0:
         scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
@@ -459,6 +466,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     trial = stepper.loss_at(x_new)
     rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
     accepted = math.isfinite(trial) and rho > 0
+    if not accepted and stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d)):
+        accepted, rho = True, 1.0
     lam = found.damping
     if accepted:
         state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
