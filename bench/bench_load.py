@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,40 +221,62 @@ def _clients(n: int, seconds: float, call: Callable[[], object]) -> tuple[float,
     return len(flat) / wall, flat
 
 
+PROCESSES = "--run-processes"  # the server flag that iterates runs in worker processes
+
+
+def _concurrency_rounds(
+    flags: tuple[str, ...], calls: dict[str, Callable[[Any], None]], counts, seconds, rounds
+) -> dict[tuple[str, int], list[tuple[float, list[float]]]]:
+    """Every call at every client count, `rounds` times, against one server with `flags`."""
+    from hessian_client import Client
+
+    results: dict[tuple[str, int], list[tuple[float, list[float]]]] = {}
+    with (
+        server("--max-concurrent-runs", "256", *flags) as address,
+        Client(address, timeout=120) as client,
+    ):
+        bound = {name: (lambda call=call: call(client)) for name, call in calls.items()}
+        for r in range(rounds):
+            for n in counts:
+                _progress(f"concurrency {' '.join(flags) or 'default'}, round {r + 1}, {n}")
+                for name, call in bound.items():
+                    results.setdefault((name, n), []).append(_clients(n, seconds, call))
+    return results
+
+
 def concurrency() -> str:
-    """N clients of NewtonStep (logistic, breast cancer, n = 31) and of StartRun + WatchRun."""
-    from hessian_client import Client, problems
+    """N clients of NewtonStep (logistic, breast cancer, n = 31) and of StartRun + WatchRun,
+    against the default server and, for the runs, one with --run-processes."""
+    from hessian_client import problems
 
     x, y = _breast_cancer()
     counts = (1, 4, 16) if QUICK else (1, 4, 16, 64)
     seconds = 1.0 if QUICK else 4.0
     rounds = 1 if QUICK else 3
-    results: dict[tuple[str, int], list[tuple[float, list[float]]]] = {}
-    with server("--max-concurrent-runs", "256") as address, Client(address, timeout=120) as client:
-        pid = client.create_problem(problems.logistic_regression(x, y, l2=1e-3))
-        w0 = np.zeros(x.shape[1] + 1)
+    problem = problems.logistic_regression(x, y, l2=1e-3)
+    w0 = np.zeros(x.shape[1] + 1)
+    pids: dict[int, str] = {}
 
-        def step() -> None:
-            client.newton_step(pid, w0, method="newton", step_policy="fixed")
+    def pid(client) -> str:
+        return pids.setdefault(id(client), client.create_problem(problem))
 
-        def job(watch: bool = False) -> None:
-            stopping = {"max_iterations": 10}
-            run = client.start_run(pid, w0, method="newton", stopping=stopping, watch=watch)
-            for _ in run.stream():
-                pass
+    def step(client) -> None:
+        client.newton_step(pid(client), w0, method="newton", step_policy="fixed")
 
-        calls = {
-            "NewtonStep": step,
-            "StartRun + WatchRun": job,
-            "StartAndWatchRun": lambda: job(watch=True),
-        }
-        for r in range(rounds):
-            for n in counts:
-                _progress(f"concurrency round {r + 1}/{rounds}, {n} clients")
-                for name, call in calls.items():
-                    results.setdefault((name, n), []).append(_clients(n, seconds, call))
+    def job(client, watch: bool = False) -> None:
+        run = client.start_run(pid(client), w0, method="newton", stopping={"max_iterations": 10},
+                               watch=watch)  # fmt: skip
+        for _ in run.stream():
+            pass
+
+    runs = {"StartRun + WatchRun": job, "StartAndWatchRun": lambda c: job(c, watch=True)}
+    results = _concurrency_rounds((), {"NewtonStep": step, **runs}, counts, seconds, rounds)
+    for (name, n), samples in _concurrency_rounds(
+        (PROCESSES,), runs, counts, seconds, rounds
+    ).items():
+        results[(f"{name}, {PROCESSES}", n)] = samples
     table, verdicts = [], []
-    for name in calls:
+    for name in dict.fromkeys(name for name, _ in results):
         base = None
         for n in counts:
             throughput = statistics.median(t for t, _ in results[(name, n)])
@@ -290,9 +313,11 @@ def concurrency() -> str:
     header = ["call", "clients", "throughput", "vs 1 client", "p50", "p99", "p99/p50"]
     return (
         f"Client threads in this process, the server (default flags, `--max-concurrent-runs "
-        f"256`) in another; each client calls back to back for {seconds:g} s; throughput is "
-        f"the median of {rounds} rounds, percentiles over all rounds' calls. A job is a "
-        "10-iteration Newton run streamed to its end (StartAndWatchRun: on one call).\n\n"
+        f"256`; the rows marked `{PROCESSES}` add that flag: runs iterate in `--workers` child "
+        f"processes) in another; each client calls back to back for {seconds:g} s; throughput "
+        f"is the median of {rounds} rounds, percentiles over all rounds' calls. A job is a "
+        "10-iteration Newton run streamed to its end (StartAndWatchRun: on one call). Each "
+        "row's ratio is against one client of the same server.\n\n"
         f"{markdown_table(header, table)}\n\n" + "\n".join(f"- {v}" for v in verdicts)
     )
 
@@ -331,8 +356,24 @@ def run_loop() -> str:
     }
     options = MethodOptions(method="gradient_descent", learning_rate=GD_LR)
     samples: dict[str, list[float]] = {}
-    with server() as address, Client(address, timeout=120) as client:
-        pid = client.create_problem(problems.rosenbrock(dim=25))
+    served = "StartRun + WatchRun"
+    with (
+        server() as address,
+        server(PROCESSES) as other,
+        Client(address, timeout=120) as client,
+        Client(other, timeout=120) as processes,
+    ):
+
+        def service(client: Client) -> Callable[[], None]:
+            pid = client.create_problem(problems.rosenbrock(dim=25))
+
+            def call() -> None:
+                run = client.start_run(pid, x0.numpy(), method="gradient_descent",
+                                       learning_rate=GD_LR, stopping=stopping)  # fmt: skip
+                records = sum(1 for _ in run.stream())
+                assert records == iterations + 1, records
+
+            return call
 
         def plain() -> None:
             _plain_gd(objective, x0, iterations)
@@ -341,14 +382,12 @@ def run_loop() -> str:
             records = sum(1 for _ in Run(objective, x0, options, StopCriteria(**stopping)))
             assert records == iterations + 1, records
 
-        def service() -> None:
-            run = client.start_run(
-                pid, x0.numpy(), method="gradient_descent", learning_rate=GD_LR, stopping=stopping
-            )
-            records = sum(1 for _ in run.stream())
-            assert records == iterations + 1, records
-
-        calls = {"plain torch loop": plain, "engine Run": engine, "StartRun + WatchRun": service}
+        calls = {
+            "plain torch loop": plain,
+            "engine Run": engine,
+            served: service(client),
+            f"{served}, {PROCESSES}": service(processes),
+        }
         for fn in calls.values():
             fn()
         for r in range(rounds):
@@ -369,16 +408,20 @@ def run_loop() -> str:
             f"in process <= {LOOP_TARGETS['in process']}x",
             f"{med['engine Run'] / base:.3f}x",
         ),
-        _verdict(
-            med["StartRun + WatchRun"] / base <= LOOP_TARGETS["through the service"],
+    ] + [
+        f"{name}: "
+        + _verdict(
+            med[name] / base <= LOOP_TARGETS["through the service"],
             f"through the service <= {LOOP_TARGETS['through the service']}x",
-            f"{med['StartRun + WatchRun'] / base:.3f}x",
-        ),
+            f"{med[name] / base:.3f}x",
+        )
+        for name in (served, f"{served}, {PROCESSES}")
     ]
     header = [f"{iterations:,} GD iterations, Rosenbrock n = 25", "median", "iterations/s", "ratio"]
     return (
-        f"Medians of {rounds} interleaved rounds; the service column is StartRun + streaming "
-        f"every record (server subprocess, default flags).\n\n{markdown_table(header, table)}"
+        f"Medians of {rounds} interleaved rounds; the service rows are StartRun + streaming "
+        f"every record (server subprocess, default flags; `{PROCESSES}`: runs iterate in a "
+        f"child process of the server).\n\n{markdown_table(header, table)}"
         "\n\n" + "\n".join(f"- {v}" for v in verdicts)
     )
 

@@ -15,8 +15,21 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _rebuilt(cls: type[EngineError], args: tuple, state: dict) -> EngineError:
+    """An engine error unpickled: its message and attributes, without calling its __init__
+    (whose arguments are not its `args`)."""
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
+
+    def __reduce__(self) -> tuple:
+        """Pickle by message and attributes: a run's worker process sends its errors back."""
+        return _rebuilt, (type(self), self.args, self.__dict__)
 
 
 class ValidationError(EngineError, ValueError):

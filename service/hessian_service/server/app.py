@@ -50,6 +50,7 @@ from .runs import RunManager
 from .service import HessianService
 from .sync_bridge import asyncify
 from .threads import install_thread_policy
+from .workers import WorkerPool
 
 log = logging.getLogger("hessian_service.server")
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
@@ -201,7 +202,7 @@ def build_server(
     admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
     credentials = _tls_credentials(config)
     store = store or open_store(config)
-    interrupted = store.mark_interrupted("the server stopped while the run was executing")
+    interrupted = store.mark_interrupted("the server stopped while the run was queued or executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
     if config.max_stored_runs:
@@ -218,6 +219,12 @@ def build_server(
         # each of the exported objective's server options is the flag --exported-<name>
         {name: getattr(config, f"exported_{name}") for name in Exported.server_option_names},
     )
+    threads = install_thread_policy(config)
+    processes = (
+        WorkerPool(config.workers, config.checkpoint_every, threads.threads_for)
+        if config.run_processes
+        else None
+    )
     runs = RunManager(
         store,
         workers=config.workers,
@@ -226,9 +233,10 @@ def build_server(
         checkpoint_every=config.checkpoint_every,
         max_runs_per_owner=config.max_runs_per_token,
         on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
-        threads=install_thread_policy(config),
+        threads=threads,
         max_iterations=config.max_iterations,
         max_stored_runs=config.max_stored_runs,
+        processes=processes,
     )
     leases = _keep_leases(config, store, runs, registry)
     drain = Drain()
@@ -256,6 +264,8 @@ def build_server(
         events.close()
         if leases is not None:
             leases.close()
+        if processes is not None:
+            processes.close()
         raise
     metrics_port = 0
     if metrics is not None:

@@ -36,6 +36,7 @@ class ServerConfig:
     replica_id: str = ""
     lease_seconds: float = 10.0
     workers: int = 2
+    run_processes: bool = False  # runs iterate in --workers child processes, not threads
     rpc_threads: int = 64
     max_message_bytes: int = 64 * MiB
     max_params: int = 1_000_000

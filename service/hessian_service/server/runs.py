@@ -54,6 +54,7 @@ from ..store import (
 )
 from .errors import ConflictError, DataLossError, LimitError, NotFoundError
 from .threads import ThreadPolicy
+from .workers import WorkerLost, WorkerPool
 
 
 class Leases(Protocol):
@@ -108,6 +109,7 @@ class LiveRun:
         self.shutdown = False
         self.lost = False  # its lease is gone: another replica may execute it now
         self.started = False
+        self.skipped = False  # cancelled while queued: no worker executes it
         self._records: list[StepRecord] = []  # records from list index `dropped` on
         self.dropped = 0  # committed records let go from the front (all in the store)
         self.durable = 0
@@ -219,11 +221,14 @@ class RunManager:
         threads: ThreadPolicy | None = None,
         max_iterations: int = 0,
         max_stored_runs: int = 0,
+        processes: WorkerPool | None = None,
     ) -> None:
         """`max_iterations`: the cap on a started run's stopping.max_iterations (0: none);
         `max_stored_runs`: the oldest ended runs are deleted past it after each start (0: all
-        are kept)."""
+        are kept); `processes`: the worker processes runs iterate in (None: on the pool's
+        threads). The manager closes them at shutdown."""
         self.store = store
+        self.processes = processes
         self.max_iterations = max_iterations
         self.max_stored_runs = max_stored_runs
         self.threads = threads
@@ -690,15 +695,46 @@ class RunManager:
             time.sleep(min(left, 0.05) if self.leases is not None else left)
 
     def cancel(self, run_id: str) -> bool:
-        """Ask a live run to stop before its next iteration; False if it is not live."""
+        """Ask a live run to stop before its next iteration; one still queued ends CANCELLED
+        now, without an iteration (its worker skips it). False if it is not live."""
         live = self.live(run_id)
         if live is None:
             return False
         live.cancel.cancel()
+        with live.cond:
+            if live.started or live.skipped:
+                return True
+            live.skipped = True
+        final = {
+            "status": RunStatus.CANCELLED,
+            "stop_reason": StopReason.CANCELLED,
+            "converged": False,
+            "message": "cancelled while queued: no iteration ran",
+        }
+        try:
+            self._store_final(live, None, final)
+        finally:
+            self._release(live)
         return True
 
+    @staticmethod
+    def _claim(live: LiveRun) -> bool:
+        """Mark a queued run started; False if it was cancelled while queued (skip it)."""
+        with live.cond:
+            if live.skipped:
+                return False
+            live.started = True
+            return True
+
     def _execute_limited(self, live: LiveRun, objective: Objective, *args: Any) -> None:
-        """`_execute` with this worker's torch threads set by the thread policy (if any)."""
+        """`_execute` in a worker process (with --run-processes, when the objective can go
+        there), else with this thread's torch threads set by the thread policy (if any)."""
+        if not self._claim(live):
+            return None
+        if self.processes is not None and self.processes.takes(objective):
+            with self.processes.worker() as runner:
+                if runner is not None:
+                    return self._execute(live, objective, *args, runner=runner)
         if self.threads is None:
             return self._execute(live, objective, *args)
         with self.threads.limited(objective):
@@ -712,7 +748,10 @@ class RunManager:
         options: MethodOptions,
         stopping: StopCriteria,
         resume: Checkpoint | None,
+        runner: Callable[..., Run] | None = None,
     ) -> None:
+        """Iterate the run (`runner`: a worker process's ProcessRun; None: the engine's Run,
+        here), storing its records and checkpoints, then its end."""
         run_id = live.run_id
         final: dict[str, Any] = {
             "status": RunStatus.FAILED,
@@ -721,14 +760,15 @@ class RunManager:
             "message": "",
         }
         run: Run | None = None
-        live.started = True
         try:
             if live.shutdown:
                 final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
                 final["message"] = "the server shut down before the run started"
                 return
             started = time.time()
-            run = Run(objective, params, options, stopping, cancel=live.cancel, resume=resume)
+            run = (runner or Run)(
+                objective, params, options, stopping, cancel=live.cancel, resume=resume
+            )
             # one commit for both: a run's store writes are a good part of a short job's time
             self.store.update_run(
                 run_id, status=RunStatus.RUNNING, started_at=started, backend=run.backend
@@ -771,6 +811,10 @@ class RunManager:
                 final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
         except EngineError as exc:
             final["message"] = str(exc)
+        except WorkerLost as exc:  # killed (out of memory?): resumable from its checkpoint
+            final.update(status=RunStatus.INTERRUPTED)
+            final["message"] = f"{exc}; ResumeRun continues the run from its last checkpoint"
+            log.error("run %s INTERRUPTED: %s", run_id, exc)
         except LeaseLostError as exc:
             live.lost = True
             log.warning("run %s stops here: %s", run_id, exc)
@@ -870,6 +914,8 @@ class RunManager:
                 self._store_stop(live)
         self._executor.shutdown(wait=False, cancel_futures=False)
         self._optimize_executor.shutdown(wait=False, cancel_futures=False)
+        if self.processes is not None:
+            self.processes.close()
 
     def _store_stop(self, live: LiveRun) -> None:
         """Mark a run that outlasts shutdown's wait INTERRUPTED (CANCELLED if the user asked)

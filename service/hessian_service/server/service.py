@@ -29,7 +29,7 @@ from ..engine.objectives import OBJECTIVES
 from ..engine.objectives.exported import Exported
 from ..engine.options import METHODS, requested_backend
 from ..engine.solvers.sampling import sample
-from ..store import FINAL_STATUSES, RunRow, RunStore, SQLiteRunStore
+from ..store import FINAL_STATUSES, RunRow, RunStatus, RunStore, SQLiteRunStore
 from . import codec
 from .auth import Tenancy, Tenant
 from .config import ServerConfig
@@ -445,8 +445,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def CancelRun(self, request, context):
-        row = self._row(request.run_id, self.tenancy.of(context))
-        self.runs.cancel(row.run_id)
+        tenant = self.tenancy.of(context)
+        row = self._row(request.run_id, tenant)
+        if self.runs.cancel(row.run_id) and row.status == RunStatus.QUEUED:
+            row = self._row(request.run_id, tenant)  # perhaps CANCELLED now, never started
         return self._info(row, message=service_pb2.CancelRunResponse)
 
     @unary

@@ -1,0 +1,488 @@
+"""Runs iterated in worker processes, so a run's Python work holds no lock the server needs.
+
+With `--run-processes` every run whose objective the server evaluates (not an Optimize run)
+iterates the engine's `Run` in a child process, one per `--workers`, spawned at start,
+rather than on a thread of the server: the server's GIL stays free for the calls, the store
+and the streams, and the runs' own Python work proceeds on other cores.
+
+`ProcessRun` is the server's side of one run. It iterates like an engine `Run` (records; then
+`stop_reason`, `converged`, `message`, `last_record` and `checkpoint()`), so
+`RunManager._execute` drives either the same way. The child sends records in batches (at most
+BATCH_RECORDS, or the first of a batch BATCH_SECONDS old), each with the checkpoint the server
+stores at its iteration (every `checkpoint_every`), then the run's end. A child keeps the last
+CACHED_OBJECTIVES objectives it was sent, so the runs of one problem send its data once. A
+child that dies (killed, out of memory) ends its run with `WorkerLost`, and a new child takes
+its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import os
+import pickle
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, StopCriteria
+from ..engine.objectives.base import Objective
+from ..engine.records import StopReason
+from ..engine.solvers.asktell import RemoteObjective
+
+log = logging.getLogger(__name__)
+NUMPY_DTYPES = (torch.float64, torch.float32, torch.int64, torch.int32, torch.bool, torch.uint8)
+BATCH_RECORDS = 256  # records per message from a child, at most
+BATCH_SECONDS = 0.005  # a record waits at most this long in a child for its batch to fill
+CACHED_OBJECTIVES = 4  # objectives a child keeps for the next runs of the same problem
+POLL_SECONDS = 0.05  # how often a waiting server thread looks at its run's cancel token
+CHILD_POLL_SECONDS = 0.001  # how often a child's run looks for a cancel message, at most
+START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
+CHILD = (  # a worker process's program; its argument is its socket's file descriptor
+    "import sys\n"
+    "from multiprocessing.connection import Connection\n"
+    f"from {__name__} import child_main\n"
+    "child_main(Connection(int(sys.argv[1])))\n"
+)
+
+
+class WorkerLost(Exception):
+    """The child process iterating a run died (killed, out of memory): the run stops there."""
+
+
+class _Pickler(pickle.Pickler):
+    """Plain pickle (torch's multiprocessing reductions would send tensors as shared-memory
+    handles that only a multiprocessing child may open), with CPU tensors of numpy's dtypes
+    sent as numpy arrays: a tenth of the time of a tensor's own reduction, both ways."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) is torch.Tensor
+            and obj.device.type == "cpu"
+            and obj.dtype in NUMPY_DTYPES
+            and not obj.requires_grad
+        ):
+            return torch.from_numpy, (obj.numpy(),)
+        return NotImplemented
+
+
+def _send(conn: Connection, *message: Any) -> None:
+    """Send a message (pickled by _Pickler)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(message)
+    conn.send_bytes(buffer.getbuffer())
+
+
+def _receive(conn: Connection) -> tuple[Any, ...]:
+    """The next message `_send` sent."""
+    return pickle.loads(conn.recv_bytes())
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling (with the child's traceback as a note), else a
+    RuntimeError naming its type and message."""
+    exc.add_note("in the run's worker process:\n" + "".join(traceback.format_exception(exc)))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+class _PolledToken(CancelToken):
+    """A child's cancel token for one run: set by a cancel message, which it reads from the
+    socket when asked (runs ask between iterations), at most every CHILD_POLL_SECONDS."""
+
+    def __init__(self, conn: Connection, seq: int) -> None:
+        super().__init__()
+        self._conn, self._seq = conn, seq
+        self._next_poll = 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the server cancelled the run (or its deadline passed)."""
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + CHILD_POLL_SECONDS
+            while self._conn.poll(0):
+                _obey(_read(self._conn), self, self._seq)
+        return super().cancelled
+
+
+def _read(conn: Connection) -> tuple[Any, ...]:
+    """The server's next message; the child exits when the server is gone."""
+    try:
+        return _receive(conn)
+    except (EOFError, OSError):
+        os._exit(0)  # nothing to report to
+
+
+def _obey(message: tuple[Any, ...], token: CancelToken | None, seq: int) -> None:
+    """Act on a message that is not a run: exit, or cancel run `seq` (a late cancel of a run
+    that ended already names another run, and is ignored)."""
+    if message[0] == "exit":
+        os._exit(0)
+    if message[0] == "cancel" and token is not None and message[1] == seq:
+        token.cancel()
+
+
+def _child_run(conn: Connection, job: tuple[Any, ...], cache: OrderedDict[int, Objective]) -> None:
+    """Iterate one run and send its records, checkpoints and end (or its error)."""
+    _, seq, key, objective, params, options, stopping, resume, threads, every = job
+    cancel = _PolledToken(conn, seq)
+    batch: list[StepRecord] = []
+    marks: list[tuple[int, Checkpoint]] = []  # (index in batch, the checkpoint stored there)
+    try:
+        if objective is None:
+            objective = cache[key]
+            cache.move_to_end(key)
+        else:
+            cache[key] = objective
+            while len(cache) > CACHED_OBJECTIVES:
+                cache.popitem(last=False)
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        run = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
+        _send(conn, "started", seq, run.backend)
+        stop_index = None
+        first = 0.0
+        for record in run:
+            if not batch:
+                first = time.monotonic()
+            batch.append(record)
+            if record.iteration > run.start_iteration and record.iteration % every == 0:
+                marks.append((len(batch) - 1, run.checkpoint()))
+            if run.stop_reason is not None:
+                stop_index = len(batch) - 1
+            elif len(batch) >= BATCH_RECORDS or time.monotonic() - first >= BATCH_SECONDS:
+                _send(conn, "records", seq, batch, marks)
+                batch, marks = [], []
+        end = (run.stop_reason, run.message, run.converged, run.last_record, run.checkpoint())
+        _send(conn, "end", seq, batch, marks, stop_index, end)
+    except BaseException as exc:  # reported to the server, which decides what it means
+        _send(conn, "error", seq, batch, marks, _portable(exc))
+
+
+def child_main(conn: Connection) -> None:
+    """A worker process: iterate the runs the server sends, one at a time, until it exits."""
+    cache: OrderedDict[int, Objective] = OrderedDict()
+    _send(conn, "ready", 0)
+    while True:
+        message = _read(conn)
+        if message[0] == "run":
+            _child_run(conn, message, cache)
+        else:
+            _obey(message, None, 0)
+
+
+class Worker:
+    """One child process and the server's end of its socket; one run at a time.
+
+    The child is a fresh interpreter running `child_main`, not a multiprocessing child:
+    nothing of the server's main module runs again in it.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.held: OrderedDict[int, None] = OrderedDict()  # objective keys the child keeps
+        self.lost = False
+
+    def wait_ready(self) -> None:
+        """Wait for the child's first message (its imports done)."""
+        if not self.conn.poll(START_SECONDS):
+            raise RuntimeError(f"a run worker process did not start in {START_SECONDS:g} s")
+        self.receive()
+
+    def receive(self) -> tuple[Any, ...]:
+        """The child's next message; WorkerLost when it has died."""
+        try:
+            return _receive(self.conn)
+        except (EOFError, OSError):
+            self.lost = True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(1.0)
+            code = self.process.returncode
+            how = f"was killed by signal {-code}" if code and code < 0 else f"exited ({code})"
+            raise WorkerLost(f"the worker process iterating the run {how}") from None
+
+    def send(self, *message: Any) -> None:
+        """Send a message; WorkerLost when the child is gone."""
+        try:
+            _send(self.conn, *message)
+        except (OSError, ValueError):
+            self.lost = True
+            raise WorkerLost("the worker process iterating the run is gone") from None
+
+    def objective_for(self, key: int, objective: Objective) -> Objective | None:
+        """What a run message carries: None when the child keeps this objective already (the
+        server mirrors the child's cache: the same keys, in the same order)."""
+        if key in self.held:
+            self.held.move_to_end(key)
+            return None
+        self.held[key] = None
+        while len(self.held) > CACHED_OBJECTIVES:
+            self.held.popitem(last=False)
+        return objective
+
+    def stop(self) -> None:
+        """Ask the child to exit; kill it if it does not (it may be inside an iteration)."""
+        with contextlib.suppress(OSError, ValueError):
+            _send(self.conn, "exit", 0)
+        try:
+            self.process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5.0)
+        self.conn.close()
+
+
+class ProcessRun:
+    """The server's side of one run iterated by a worker: an engine Run's interface."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        job: tuple[Any, ...],
+        cancel: CancelToken,
+        start: Checkpoint,
+    ) -> None:
+        """Send `job` (a "run" message) to `worker` and wait until the child has built the
+        Run (raising what building it raised); `start` is where the run starts."""
+        self._worker, self._seq, self._cancel = worker, job[1], cancel
+        self._cancel_sent = False
+        self.stop_reason: StopReason | None = None
+        self.message = ""
+        self.converged = False
+        self.last_record: StepRecord | None = None
+        self._checkpoint = start
+        self.start_iteration = start.iteration
+        self.ended = False
+        worker.send(*job)
+        if cancel.cancelled:
+            self._send_cancel()
+        started = self._receive()
+        if started[0] == "error":
+            self._raise(started)
+        self.backend: str = started[2]
+        self._iterator = self._records()
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        return self._iterator
+
+    def __next__(self) -> StepRecord:
+        return next(self._iterator)
+
+    def checkpoint(self) -> Checkpoint:
+        """The latest checkpoint the worker sent (at a stored iteration, or the run's end)."""
+        return self._checkpoint
+
+    def _send_cancel(self) -> None:
+        if not self._cancel_sent:
+            self._cancel_sent = True
+            self._worker.send("cancel", self._seq)
+
+    def _receive(self) -> tuple[Any, ...]:
+        """The worker's next message; the run's cancel token is passed on (checked before
+        each message, and every POLL_SECONDS while waiting)."""
+        while not self._cancel_sent:
+            if self._cancel.cancelled:
+                self._send_cancel()
+            elif self._worker.conn.poll(POLL_SECONDS):
+                break
+        message = self._worker.receive()
+        if message[0] in ("end", "error"):
+            self.ended = True
+        return message
+
+    def _raise(self, message: tuple[Any, ...]) -> None:
+        self.ended = True
+        raise message[-1]
+
+    def _records(self) -> Iterator[StepRecord]:
+        while True:
+            message = self._receive()
+            kind, _, batch, marks = message[:4]
+            stop_index, end = (message[4], message[5]) if kind == "end" else (None, None)
+            checkpoints = dict(marks)
+            for index, record in enumerate(batch):
+                if index in checkpoints:
+                    self._checkpoint = checkpoints[index]
+                if index == stop_index:
+                    self._finish(end)
+                self.last_record = record
+                yield record
+            if kind == "error":
+                self._raise(message)
+            if kind == "end":
+                self._finish(end)
+                return
+
+    def _finish(self, end: tuple[Any, ...]) -> None:
+        self.stop_reason, self.message, self.converged, self.last_record, self._checkpoint = end
+
+    def drain(self) -> None:
+        """Wait for the worker to end this run (cancelled if the server stopped reading)."""
+        if self.ended:
+            return
+        self._send_cancel()
+        with contextlib.suppress(BaseException):
+            while not self.ended:
+                self._receive()
+
+
+class WorkerPool:
+    """`count` worker processes; each server run thread holds one while its run iterates."""
+
+    def __init__(
+        self,
+        count: int,
+        checkpoint_every: int,
+        threads: Callable[[Objective], int] | None = None,
+    ) -> None:
+        """Spawn `count` children and wait until each is ready; a run's child sends the
+        checkpoint of every `checkpoint_every`-th iteration; `threads(objective)` is the torch
+        thread count its runs get (None: the child's default)."""
+        self._every = checkpoint_every
+        self._threads = threads
+        self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._keys: weakref.WeakKeyDictionary[Objective, int] = weakref.WeakKeyDictionary()
+        self._key_seq = itertools.count(1)
+        self._refused: weakref.WeakSet[Objective] = weakref.WeakSet()
+        workers = [Worker() for _ in range(count)]
+        try:
+            for worker in workers:
+                worker.wait_ready()
+        except BaseException:
+            for worker in workers:
+                worker.stop()
+            raise
+        self._all = workers
+        for worker in workers:
+            self._idle.put(worker)
+
+    def takes(self, objective: Objective) -> bool:
+        """Whether runs of `objective` go to a worker: not an Optimize run's (its caller's
+        stream lives here), and only an objective that survives pickling."""
+        if isinstance(objective, RemoteObjective):
+            return False
+        with self._lock:
+            if objective in self._keys:
+                return True
+            if objective in self._refused:
+                return False
+        try:
+            _Pickler(io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(objective)
+        except Exception as exc:
+            log.info("runs of a %s iterate on server threads: %s", type(objective).__name__, exc)
+            with self._lock:
+                self._refused.add(objective)
+            return False
+        with self._lock:
+            self._keys.setdefault(objective, next(self._key_seq))
+        return True
+
+    @contextlib.contextmanager
+    def worker(self) -> Iterator[Callable[..., ProcessRun]]:
+        """Hold a worker; yields `start(objective, params, options, stopping, cancel=,
+        resume=)` -> ProcessRun (the engine Run's arguments), or None when no child can be
+        had (one died and a new one would not start: the caller iterates on its thread).
+        On exit the run is drained and the worker put back (a lost one replaced)."""
+        worker = self._idle.get()
+        if worker.process.poll() is not None:  # died while idle: a new child runs this one
+            worker = self._replace(worker)
+            if worker.lost:
+                self._idle.put(worker)
+                yield None
+                return
+        runs: list[ProcessRun] = []
+
+        def start(
+            objective: Objective,
+            params: torch.Tensor,
+            options: MethodOptions,
+            stopping: StopCriteria,
+            *,
+            cancel: CancelToken,
+            resume: Checkpoint | None,
+        ) -> ProcessRun:
+            with self._lock:
+                key = self._keys[objective]
+            threads = self._threads(objective) if self._threads is not None else 0
+            job = (
+                "run",
+                next(self._seq),
+                key,
+                worker.objective_for(key, objective),
+                params,
+                options,
+                stopping,
+                resume,
+                threads,
+                self._every,
+            )
+            start = resume if resume is not None else Checkpoint(0, params, {})
+            runs.append(ProcessRun(worker, job, cancel, start))
+            return runs[-1]
+
+        try:
+            yield start
+        finally:
+            for run in runs:
+                run.drain()
+            if worker.lost:
+                worker = self._replace(worker)
+            self._idle.put(worker)
+
+    def _replace(self, worker: Worker) -> Worker:
+        """A new child in place of a lost one, spawned and ready (`worker` itself, marked
+        lost, when a new one does not start)."""
+        worker.stop()
+        worker.lost = True
+        try:
+            fresh = Worker()
+        except Exception:
+            log.exception("a run worker process could not be spawned")
+            return worker
+        try:
+            fresh.wait_ready()
+        except Exception:
+            log.exception("a run worker process did not start")
+            fresh.stop()
+            return worker
+        with self._lock:
+            self._all[self._all.index(worker)] = fresh
+        return fresh
+
+    def close(self) -> None:
+        """Stop every child (one inside an iteration is killed)."""
+        with self._lock:
+            workers, self._all = self._all, []
+        for worker in workers:
+            worker.stop()

@@ -1,0 +1,179 @@
+"""--run-processes: runs iterate in worker processes. Their records (all but the timings),
+stop reasons and final parameters are bit-identical to runs iterated on server threads;
+cancelling works; a worker killed mid-run ends its run INTERRUPTED and resumable to exactly
+the uninterrupted records, on a fresh worker; a killed server takes its workers with it; and
+engine errors cross the process boundary with their type, message and field."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import free_port, spawn_server, start_server, wait_until
+from hessian_client import Client, problems, status_name
+from hessian_service.engine import errors
+from hessian_service.engine.cancel import Cancelled
+
+TIMINGS = ("iteration_seconds", "cumulative_seconds")
+
+
+def _records(run) -> list[bytes]:
+    """A run's records as wire bytes without the timings (the rest is deterministic)."""
+    out = []
+    for record in run.stream():
+        for name in TIMINGS:
+            record.raw.ClearField(name)
+        out.append(record.raw.SerializeToString())
+    return out
+
+
+def _cases(rng):
+    """(problem, starting point, options) across methods, step policies and backends."""
+    x = rng.standard_normal((80, 4))
+    y = (rng.random(80) < 0.5).astype(float)
+    logistic = problems.logistic_regression(x, y, l2=1e-2)
+    labels = rng.integers(0, 3, 80)
+    softmax = problems.softmax_regression(x, labels, num_classes=3, l2=1e-2)
+    rosen = problems.rosenbrock(dim=5)
+    start = rng.standard_normal(5)
+    stop = {"stopping": {"max_iterations": 60}}
+    return [
+        (logistic, np.zeros(5), {"method": "newton", **stop}),
+        (logistic, np.zeros(5), {"method": "newton", "backend": "autograd", **stop}),
+        (softmax, np.zeros((5, 3)), {"method": "newton_cg", **stop}),
+        (rosen, start, {"method": "newton", "step_policy": "levenberg_marquardt", **stop}),
+        (rosen, start, {"method": "newton_cg", "step_policy": "trust_region", **stop}),
+        (rosen, start, {"method": "gradient_descent", "learning_rate": 1e-3, **stop}),
+    ]
+
+
+def test_runs_in_worker_processes_equal_runs_on_threads(tmp_path, rng):
+    cases = _cases(rng)
+    results = {}
+    for processes in (False, True):
+        handle = start_server(tmp_path / str(processes), run_processes=processes)
+        try:
+            with Client(handle.address) as c:
+                out = []
+                for problem, x0, options in cases:
+                    run = c.start_run(problem, x0, **options)
+                    records = _records(run)
+                    info, final = run.info(), run.result().params
+                    out.append((records, info.status, info.stop_reason, info.message, final))
+                results[processes] = out
+        finally:
+            handle.stop()
+    for threads, processes in zip(results[False], results[True], strict=True):
+        assert len(threads[0]) > 1
+        assert threads[:4] == processes[:4]
+        assert np.asarray(threads[4]).tobytes() == np.asarray(processes[4]).tobytes()
+
+
+SLOW = {
+    "method": "gradient_descent",
+    "learning_rate": 1e-5,
+    "stopping": {
+        "max_iterations": 4000,
+        "gradient_tolerance": 0.0,
+        "function_tolerance": 0.0,
+        "parameter_tolerance": 0.0,
+    },
+}
+
+
+def test_a_cancelled_run_in_a_worker_ends_on_its_last_record(tmp_path, rng):
+    handle = start_server(tmp_path, run_processes=True)
+    try:
+        with Client(handle.address) as c:
+            endless = {**SLOW, "stopping": {**SLOW["stopping"], "max_iterations": 10**6}}
+            run = c.start_run(problems.rosenbrock(dim=20), rng.standard_normal(20), **endless)
+            for seen, _ in enumerate(run.stream(), 1):
+                if seen == 300:
+                    c.cancel_run(run.id)
+            info = run.info()
+            assert status_name(info) == "CANCELLED" and info.stop_reason == "cancelled"
+            assert 300 <= info.num_records < 10**6
+            # the final parameters are the point of the last record
+            x = run.result().params
+            rosen = np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+            np.testing.assert_allclose(rosen, info.last_record.loss, rtol=1e-14)
+    finally:
+        handle.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_killed_worker_interrupts_its_run_which_resumes_exactly(tmp_path, rng):
+    x0 = rng.standard_normal(30)
+    handle = start_server(tmp_path, run_processes=True, checkpoint_every=100)
+    try:
+        with Client(handle.address) as c:
+            pid = c.create_problem(problems.rosenbrock(dim=30))
+            whole = _records(c.start_run(pid, x0, **SLOW))
+            run = c.start_run(pid, x0, **SLOW)
+            stream = run.stream()
+            for _ in range(250):
+                next(stream)
+            for child in _children(os.getpid()):
+                os.kill(child, signal.SIGKILL)  # both workers: the busy one and the idle one
+            assert wait_until(lambda: status_name(c.get_run(run.id)) == "INTERRUPTED")
+            info = c.get_run(run.id)
+            assert "worker process" in info.message and "killed by signal 9" in info.message
+            assert 250 <= info.num_records < len(whole)
+            c.resume_run(run.id)  # on a fresh worker
+            assert _records(c.run(run.id)) == whole
+            # the idle worker died too: the next run gets a new one
+            assert _records(c.start_run(pid, x0, **SLOW)) == whole
+    finally:
+        handle.stop()
+
+
+@pytest.mark.slow
+def test_a_killed_server_takes_its_workers_with_it(tmp_path):
+    proc = spawn_server(tmp_path, free_port(), "--run-processes", "--workers", "2")
+    try:
+        children = _children(proc.pid)
+        assert len(children) == 2
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{c}") for c in children), 30)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.ValidationError("options.damping", "a number >= 0", -1.0),
+        errors.EvaluationError("problem.exported", "a finite loss", "nan"),
+        errors.UnknownNameError("options.method", "newtn", ["newton", "gradient_descent"]),
+        errors.ResourceLimitError("options.dense_budget_bytes", "too big"),
+        errors.UnavailableError("options.backend", "no native extension"),
+        Cancelled("deadline", "in CG"),
+    ],
+)
+def test_engine_errors_cross_processes_whole(exc):
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc) and str(back) == str(exc) and vars(back) == vars(exc)
+
+
+def test_optimize_runs_stay_on_threads_under_run_processes(tmp_path, rng):
+    from hessian_client import minimize
+
+    m = rng.standard_normal((6, 6))
+    a, b = m @ m.T + 6 * np.eye(6), rng.standard_normal(6)
+    handle = start_server(tmp_path, run_processes=True)
+    try:
+        res = minimize(lambda x: 0.5 * x @ a @ x - b @ x, rng.standard_normal(6),
+                       jac=lambda x: a @ x - b, hess=lambda x: a, method="newton",
+                       address=handle.address)  # fmt: skip
+        assert res.success
+        np.testing.assert_allclose(res.x, np.linalg.solve(a, b), rtol=1e-12)
+    finally:
+        handle.stop()
