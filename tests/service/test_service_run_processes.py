@@ -10,9 +10,11 @@ import os
 import pickle
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import free_port, spawn_server, start_server, wait_until
 from hessian_client import Client, problems, status_name
 from hessian_service.engine import errors
@@ -177,3 +179,97 @@ def test_optimize_runs_stay_on_threads_under_run_processes(tmp_path, rng):
         np.testing.assert_allclose(res.x, np.linalg.solve(a, b), rtol=1e-12)
     finally:
         handle.stop()
+
+
+def _logistic_objective(rng, rows: int, cols: int):
+    from hessian_service.engine import make_objective
+
+    x = torch.from_numpy(rng.standard_normal((rows, cols)))
+    y = torch.from_numpy((rng.random(rows) < 0.5).astype(float))
+    return make_objective("logistic_regression", {"X": x, "y": y}, {"l2": 1e-2})
+
+
+def test_a_record_of_a_slow_iteration_arrives_before_the_next_is_computed(rng):
+    from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
+    from hessian_service.server.workers import WorkerPool
+
+    objective = _logistic_objective(rng, 3000, 300)  # a dense Newton step of milliseconds
+    stopping = StopCriteria(max_iterations=12, gradient_tolerance=0.0, function_tolerance=0.0,
+                            parameter_tolerance=0.0)  # fmt: skip
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective)
+        with pool.worker() as start:
+            run = start(objective, torch.zeros(301, dtype=torch.float64),
+                        MethodOptions(method="newton", step_policy="fixed"), stopping,
+                        cancel=CancelToken(), resume=None)  # fmt: skip
+            arrivals, records = [], []
+            for record in run:
+                arrivals.append(time.perf_counter())
+                records.append(record)
+    finally:
+        pool.close()
+    # record k comes as soon as it exists, not with record k + 1 (a batch waits at most
+    # BATCH_SECONDS, counted from the last send): each arrives about one iteration after
+    # the one before (the last record, the stop, has no step)
+    gaps = np.diff(arrivals)[:-1]
+    spans = np.array([r.iteration_seconds for r in records[1:-1]])
+    assert len(spans) == 11 and spans.min() > 0.006, spans
+    assert np.mean(gaps < 0.25 * spans) < 0.2, (gaps, spans)
+
+
+def test_a_late_cancel_of_an_ended_run_does_not_touch_the_next(rng):
+    from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
+    from hessian_service.server.workers import WorkerPool
+
+    objective = _logistic_objective(rng, 200, 5)
+    options = MethodOptions(method="gradient_descent", learning_rate=1e-2)
+    stopping = StopCriteria(max_iterations=300, gradient_tolerance=0.0, function_tolerance=0.0,
+                            parameter_tolerance=0.0)  # fmt: skip
+    x0 = torch.zeros(6, dtype=torch.float64)
+    pool = WorkerPool(1, 100)
+    try:
+        pool.takes(objective)
+        with pool.worker() as start:
+            first = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            whole = [r.loss for r in first]
+            first._send_cancel()  # after its end: names a run that is over
+            second = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            again = [r.loss for r in second]
+    finally:
+        pool.close()
+    assert len(whole) == 301 and again == whole
+    assert second.stop_reason == "max_iterations"
+
+
+@pytest.mark.slow
+def test_an_interrupt_stops_the_server_and_its_runs_resumably(tmp_path, rng):
+    port = free_port()
+    x0 = rng.standard_normal(30)
+    proc = spawn_server(tmp_path, port, "--run-processes", "--grace-seconds", "5")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            pid = c.create_problem(problems.rosenbrock(dim=30))
+            run = c.start_run(pid, x0, **SLOW)
+            stream = run.stream()
+            for _ in range(100):
+                next(stream)
+            children = _children(proc.pid)
+            for pid_ in [proc.pid, *children]:  # as a terminal's Ctrl-C to its process group
+                os.kill(pid_, signal.SIGINT)
+            assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc = spawn_server(tmp_path, port, "--run-processes")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            info = c.get_run(run.id)
+            assert status_name(info) == "INTERRUPTED" and info.stop_reason == "shutdown"
+            c.resume_run(run.id)
+            resumed = _records(c.run(run.id))
+            whole = _records(c.start_run(pid, x0, **SLOW))
+            assert resumed == whole
+    finally:
+        proc.terminate()
+        proc.wait(60)

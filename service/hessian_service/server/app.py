@@ -220,11 +220,6 @@ def build_server(
         {name: getattr(config, f"exported_{name}") for name in Exported.server_option_names},
     )
     threads = install_thread_policy(config)
-    processes = (
-        WorkerPool(config.workers, config.checkpoint_every, threads.threads_for)
-        if config.run_processes
-        else None
-    )
     runs = RunManager(
         store,
         workers=config.workers,
@@ -236,7 +231,6 @@ def build_server(
         threads=threads,
         max_iterations=config.max_iterations,
         max_stored_runs=config.max_stored_runs,
-        processes=processes,
     )
     leases = _keep_leases(config, store, runs, registry)
     drain = Drain()
@@ -257,6 +251,9 @@ def build_server(
         for i in interceptors
     ]
     try:
+        if config.run_processes:  # spawned last: a failed start leaves no child behind
+            every = config.checkpoint_every
+            runs.processes = WorkerPool(config.workers, every, threads.threads_for)
         server, port, health_servicer = events.run(
             _serve(config, asyncify(servicer, SERVICE), pool, chain, credentials)
         )
@@ -264,8 +261,8 @@ def build_server(
         events.close()
         if leases is not None:
             leases.close()
-        if processes is not None:
-            processes.close()
+        if runs.processes is not None:
+            runs.processes.close()
         raise
     metrics_port = 0
     if metrics is not None:

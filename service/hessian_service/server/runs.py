@@ -109,6 +109,7 @@ class LiveRun:
         self.shutdown = False
         self.lost = False  # its lease is gone: another replica may execute it now
         self.started = False
+        self.submitted = False  # queued on a worker pool (a CancelRun may then end it)
         self.skipped = False  # cancelled while queued: no worker executes it
         self._records: list[StepRecord] = []  # records from list index `dropped` on
         self.dropped = 0  # committed records let go from the front (all in the store)
@@ -641,6 +642,8 @@ class RunManager:
         """Queue an admitted run on a worker; if shutdown closed the pool, store it INTERRUPTED."""
         try:
             executor = self._optimize_executor if live.remote else self._executor
+            with live.cond:
+                live.submitted = True
             executor.submit(self._execute_limited, live, *args)
         except RuntimeError:  # shutdown() ran after _admit let this run in
             message = "the server shut down before the run started; ResumeRun continues it"
@@ -702,7 +705,8 @@ class RunManager:
             return False
         live.cancel.cancel()
         with live.cond:
-            if live.started or live.skipped:
+            # (one not yet submitted, or whose lease is gone, stops at its first iteration)
+            if live.started or live.skipped or not live.submitted or live.lost:
                 return True
             live.skipped = True
         final = {
@@ -811,10 +815,19 @@ class RunManager:
                 final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
         except EngineError as exc:
             final["message"] = str(exc)
-        except WorkerLost as exc:  # killed (out of memory?): resumable from its checkpoint
-            final.update(status=RunStatus.INTERRUPTED)
-            final["message"] = f"{exc}; ResumeRun continues the run from its last checkpoint"
-            log.error("run %s INTERRUPTED: %s", run_id, exc)
+        except WorkerLost as exc:
+            if live.cancel.cancelled:  # stopped by shutdown (which kills busy children) or
+                final.update(  # by the user: as _store_stop says
+                    status=RunStatus.INTERRUPTED if live.shutdown else RunStatus.CANCELLED,
+                    stop_reason=StopReason.SHUTDOWN if live.shutdown else StopReason.CANCELLED,
+                    message="the server shut down during an iteration; ResumeRun continues the run"
+                    if live.shutdown
+                    else "cancelled during an iteration",
+                )
+            else:  # killed (out of memory?): resumable from its last stored checkpoint
+                final.update(status=RunStatus.INTERRUPTED)
+                final["message"] = f"{exc}; ResumeRun continues the run from its checkpoint"
+                log.error("run %s INTERRUPTED: %s", run_id, exc)
         except LeaseLostError as exc:
             live.lost = True
             log.warning("run %s stops here: %s", run_id, exc)

@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -79,11 +80,16 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+def _dumps(value: Any) -> memoryview:
+    """`value` pickled by _Pickler."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getbuffer()
+
+
 def _send(conn: Connection, *message: Any) -> None:
     """Send a message (pickled by _Pickler)."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(message)
-    conn.send_bytes(buffer.getbuffer())
+    conn.send_bytes(_dumps(message))
 
 
 def _receive(conn: Connection) -> tuple[Any, ...]:
@@ -91,7 +97,7 @@ def _receive(conn: Connection) -> tuple[Any, ...]:
     return pickle.loads(conn.recv_bytes())
 
 
-def _portable(exc: BaseException) -> BaseException:
+def _portable(exc: Exception) -> Exception:
     """`exc` if it survives pickling (with the child's traceback as a note), else a
     RuntimeError naming its type and message."""
     exc.add_note("in the run's worker process:\n" + "".join(traceback.format_exception(exc)))
@@ -145,6 +151,7 @@ def _child_run(conn: Connection, job: tuple[Any, ...], cache: OrderedDict[int, O
     cancel = _PolledToken(conn, seq)
     batch: list[StepRecord] = []
     marks: list[tuple[int, Checkpoint]] = []  # (index in batch, the checkpoint stored there)
+    run: Run | None = None
     try:
         if objective is None:
             objective = cache[key]
@@ -158,26 +165,30 @@ def _child_run(conn: Connection, job: tuple[Any, ...], cache: OrderedDict[int, O
         run = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
         _send(conn, "started", seq, run.backend)
         stop_index = None
-        first = 0.0
+        sent = time.monotonic()
         for record in run:
-            if not batch:
-                first = time.monotonic()
             batch.append(record)
             if record.iteration > run.start_iteration and record.iteration % every == 0:
                 marks.append((len(batch) - 1, run.checkpoint()))
             if run.stop_reason is not None:
                 stop_index = len(batch) - 1
-            elif len(batch) >= BATCH_RECORDS or time.monotonic() - first >= BATCH_SECONDS:
+            elif len(batch) >= BATCH_RECORDS or time.monotonic() - sent >= BATCH_SECONDS:
                 _send(conn, "records", seq, batch, marks)
-                batch, marks = [], []
+                batch, marks, sent = [], [], time.monotonic()
         end = (run.stop_reason, run.message, run.converged, run.last_record, run.checkpoint())
         _send(conn, "end", seq, batch, marks, stop_index, end)
-    except BaseException as exc:  # reported to the server, which decides what it means
-        _send(conn, "error", seq, batch, marks, _portable(exc))
+    except Exception as exc:  # reported to the server, which decides what it means
+        checkpoint = run.checkpoint() if run is not None else None
+        _send(conn, "error", seq, batch, marks, checkpoint, _portable(exc))
 
 
 def child_main(conn: Connection) -> None:
-    """A worker process: iterate the runs the server sends, one at a time, until it exits."""
+    """A worker process: iterate the runs the server sends, one at a time, until it exits.
+
+    Interrupts and terminations are the server's to handle (it stops its runs, then its
+    children): a child ignores them, and exits when told or when the server's socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cache: OrderedDict[int, Objective] = OrderedDict()
     _send(conn, "ready", 0)
     while True:
@@ -202,6 +213,7 @@ class Worker:
                 [sys.executable, "-c", CHILD, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C is the server's, not the child's
             )
         except BaseException:
             ours.close()
@@ -219,9 +231,10 @@ class Worker:
         self.receive()
 
     def receive(self) -> tuple[Any, ...]:
-        """The child's next message; WorkerLost when it has died."""
+        """The child's next message; WorkerLost when it has died (or sent what the server
+        cannot read: the stream is then out of step, and the child is replaced)."""
         try:
-            return _receive(self.conn)
+            data = self.conn.recv_bytes()
         except (EOFError, OSError):
             self.lost = True
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -229,35 +242,55 @@ class Worker:
             code = self.process.returncode
             how = f"was killed by signal {-code}" if code and code < 0 else f"exited ({code})"
             raise WorkerLost(f"the worker process iterating the run {how}") from None
+        try:
+            return pickle.loads(data)
+        except Exception as exc:
+            raise self.out_of_step(f"sent a message the server cannot read ({exc})") from None
+
+    def out_of_step(self, what: str) -> WorkerLost:
+        """Mark the child lost (it is replaced) and return the error that ends its run."""
+        self.lost = True
+        return WorkerLost(f"the worker process iterating the run {what}")
 
     def send(self, *message: Any) -> None:
-        """Send a message; WorkerLost when the child is gone."""
+        """Send a message (an error pickling it is raised as is); WorkerLost when the child
+        is gone."""
+        data = _dumps(message)
         try:
-            _send(self.conn, *message)
+            self.conn.send_bytes(data)
         except (OSError, ValueError):
             self.lost = True
             raise WorkerLost("the worker process iterating the run is gone") from None
 
-    def objective_for(self, key: int, objective: Objective) -> Objective | None:
-        """What a run message carries: None when the child keeps this objective already (the
-        server mirrors the child's cache: the same keys, in the same order)."""
+    def holds(self, key: int) -> bool:
+        """Whether the child keeps objective `key` (then a run message need not carry it)."""
         if key in self.held:
-            self.held.move_to_end(key)
-            return None
+            self.held.move_to_end(key)  # as the child's cache does when the run arrives
+            return True
+        return False
+
+    def keep(self, key: int) -> None:
+        """The child was sent objective `key` and keeps it, letting go of its oldest beyond
+        CACHED_OBJECTIVES (the server mirrors the child's cache: same keys, same order)."""
         self.held[key] = None
         while len(self.held) > CACHED_OBJECTIVES:
             self.held.popitem(last=False)
-        return objective
 
-    def stop(self) -> None:
-        """Ask the child to exit; kill it if it does not (it may be inside an iteration)."""
+    def ask_exit(self) -> None:
+        """Tell the child to exit (it does between runs, or when the socket closes)."""
         with contextlib.suppress(OSError, ValueError):
             _send(self.conn, "exit", 0)
+
+    def stop(self, wait: float = 1.0) -> None:
+        """Ask the child to exit; kill it if it has not within `wait` seconds (it may be
+        inside an iteration). Never raises."""
+        self.ask_exit()
         try:
-            self.process.wait(1.0)
+            self.process.wait(wait)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait(5.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5.0)
         self.conn.close()
 
 
@@ -271,9 +304,8 @@ class ProcessRun:
         cancel: CancelToken,
         start: Checkpoint,
     ) -> None:
-        """Send `job` (a "run" message) to `worker` and wait until the child has built the
-        Run (raising what building it raised); `start` is where the run starts."""
-        self._worker, self._seq, self._cancel = worker, job[1], cancel
+        """The run `job` (a "run" message) on `worker`, from `start`; `begin` sends it."""
+        self._worker, self._job, self._seq, self._cancel = worker, job, job[1], cancel
         self._cancel_sent = False
         self.stop_reason: StopReason | None = None
         self.message = ""
@@ -282,14 +314,21 @@ class ProcessRun:
         self._checkpoint = start
         self.start_iteration = start.iteration
         self.ended = False
-        worker.send(*job)
-        if cancel.cancelled:
-            self._send_cancel()
+        self.sent = False
+        self.backend = ""
+        self._iterator = self._records()
+
+    def begin(self) -> None:
+        """Send the run and wait until the child has built it (raising what building it
+        raised)."""
+        self._worker.send(*self._job)
+        self.sent = True
+        if self._job[3] is not None:
+            self._worker.keep(self._job[2])
         started = self._receive()
         if started[0] == "error":
             self._raise(started)
-        self.backend: str = started[2]
-        self._iterator = self._records()
+        self.backend = started[2]
 
     def __iter__(self) -> Iterator[StepRecord]:
         return self._iterator
@@ -315,13 +354,20 @@ class ProcessRun:
             elif self._worker.conn.poll(POLL_SECONDS):
                 break
         message = self._worker.receive()
+        if message[1] != self._seq:
+            raise self._worker.out_of_step(f"sent {message[0]!r} of another run")
         if message[0] in ("end", "error"):
             self.ended = True
         return message
 
     def _raise(self, message: tuple[Any, ...]) -> None:
+        """End with the child's error, at the checkpoint it had reached (if it had built
+        its Run), as the engine's Run would."""
         self.ended = True
-        raise message[-1]
+        *_, checkpoint, exc = message
+        if checkpoint is not None:
+            self._checkpoint = checkpoint
+        raise exc
 
     def _records(self) -> Iterator[StepRecord]:
         while True:
@@ -347,12 +393,14 @@ class ProcessRun:
 
     def drain(self) -> None:
         """Wait for the worker to end this run (cancelled if the server stopped reading)."""
-        if self.ended:
+        if self.ended or not self.sent:
             return
-        self._send_cancel()
-        with contextlib.suppress(BaseException):
+        try:
+            self._send_cancel()
             while not self.ended:
                 self._receive()
+        except Exception:  # whatever is left unread would be the next run's: replace it
+            self._worker.lost = True
 
 
 class WorkerPool:
@@ -371,20 +419,21 @@ class WorkerPool:
         self._threads = threads
         self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._closed = False
         self._seq = itertools.count(1)
         self._keys: weakref.WeakKeyDictionary[Objective, int] = weakref.WeakKeyDictionary()
         self._key_seq = itertools.count(1)
         self._refused: weakref.WeakSet[Objective] = weakref.WeakSet()
-        workers = [Worker() for _ in range(count)]
+        self._all: list[Worker] = []
         try:
-            for worker in workers:
+            for _ in range(count):
+                self._all.append(Worker())
+            for worker in self._all:
                 worker.wait_ready()
         except BaseException:
-            for worker in workers:
-                worker.stop()
+            self.close()
             raise
-        self._all = workers
-        for worker in workers:
+        for worker in self._all:
             self._idle.put(worker)
 
     def takes(self, objective: Objective) -> bool:
@@ -398,7 +447,7 @@ class WorkerPool:
             if objective in self._refused:
                 return False
         try:
-            _Pickler(io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(objective)
+            pickle.loads(_dumps(objective))
         except Exception as exc:
             log.info("runs of a %s iterate on server threads: %s", type(objective).__name__, exc)
             with self._lock:
@@ -409,18 +458,22 @@ class WorkerPool:
         return True
 
     @contextlib.contextmanager
-    def worker(self) -> Iterator[Callable[..., ProcessRun]]:
+    def worker(self) -> Iterator[Callable[..., ProcessRun] | None]:
         """Hold a worker; yields `start(objective, params, options, stopping, cancel=,
         resume=)` -> ProcessRun (the engine Run's arguments), or None when no child can be
-        had (one died and a new one would not start: the caller iterates on its thread).
-        On exit the run is drained and the worker put back (a lost one replaced)."""
+        had (the pool is closed, or a child died and a new one would not start: the caller
+        iterates on its thread). On exit the run is drained and the worker put back (a lost
+        one replaced)."""
+        if self._closed:
+            yield None
+            return
         worker = self._idle.get()
         if worker.process.poll() is not None:  # died while idle: a new child runs this one
             worker = self._replace(worker)
-            if worker.lost:
-                self._idle.put(worker)
-                yield None
-                return
+        if worker.lost:
+            self._idle.put(worker)
+            yield None
+            return
         runs: list[ProcessRun] = []
 
         def start(
@@ -435,21 +488,14 @@ class WorkerPool:
             with self._lock:
                 key = self._keys[objective]
             threads = self._threads(objective) if self._threads is not None else 0
-            job = (
-                "run",
-                next(self._seq),
-                key,
-                worker.objective_for(key, objective),
-                params,
-                options,
-                stopping,
-                resume,
-                threads,
-                self._every,
-            )
+            carried = None if worker.holds(key) else objective
+            seq, every = next(self._seq), self._every
+            job = ("run", seq, key, carried, params, options, stopping, resume, threads, every)
             start = resume if resume is not None else Checkpoint(0, params, {})
-            runs.append(ProcessRun(worker, job, cancel, start))
-            return runs[-1]
+            run = ProcessRun(worker, job, cancel, start)
+            runs.append(run)  # drained on exit, even if it fails to begin
+            run.begin()
+            return run
 
         try:
             yield start
@@ -462,9 +508,11 @@ class WorkerPool:
 
     def _replace(self, worker: Worker) -> Worker:
         """A new child in place of a lost one, spawned and ready (`worker` itself, marked
-        lost, when a new one does not start)."""
+        lost, when the pool is closed or a new one does not start)."""
         worker.stop()
         worker.lost = True
+        if self._closed:
+            return worker
         try:
             fresh = Worker()
         except Exception:
@@ -477,12 +525,20 @@ class WorkerPool:
             fresh.stop()
             return worker
         with self._lock:
+            if self._closed or worker not in self._all:
+                fresh.stop()
+                return worker
             self._all[self._all.index(worker)] = fresh
         return fresh
 
     def close(self) -> None:
-        """Stop every child (one inside an iteration is killed)."""
+        """Stop every child: each is told to exit, and killed after a second if it is still
+        inside an iteration. No child is spawned after this."""
         with self._lock:
+            self._closed = True
             workers, self._all = self._all, []
         for worker in workers:
-            worker.stop()
+            worker.ask_exit()
+        deadline = time.monotonic() + 1.0
+        for worker in workers:
+            worker.stop(max(deadline - time.monotonic(), 0.0))
