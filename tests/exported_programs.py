@@ -6,7 +6,11 @@ engine), so parity with the catalogue is an independent check of the exported pa
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
+import zipfile
+from collections.abc import Callable
 
 import torch
 from hessian_client import problems
@@ -101,3 +105,19 @@ def from_problem(problem, compile: bool = False) -> Objective:
         "compile": compile,
     }
     return make_objective("exported", data, options)
+
+
+def edited_archive(blob: bytes, suffix: str, edit: Callable[[dict], None]) -> bytes:
+    """The exported archive `blob` with its JSON member ending in `suffix` changed by `edit`
+    (how a hostile or damaged archive is made)."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    (name,) = [n for n in files if n.endswith(suffix)]
+    doc = json.loads(files[name])
+    edit(doc)
+    files[name] = json.dumps(doc).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for member, raw in files.items():
+            z.writestr(member, raw)
+    return out.getvalue()

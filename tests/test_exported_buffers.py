@@ -4,13 +4,9 @@ parameter, is refused."""
 
 from __future__ import annotations
 
-import io
-import json
-import zipfile
-
 import pytest
 import torch
-from exported_programs import from_problem
+from exported_programs import edited_archive, from_problem
 from hessian_client import problems
 from hessian_service.engine.curvature.autograd import hessian, loss_and_grad
 from hessian_service.engine.errors import ValidationError
@@ -81,17 +77,7 @@ def edited(member_suffix: str, edit) -> bytes:
     net = batchnorm_net()
     X, y = torch.randn(10, 4, dtype=F64), torch.randn(10, 2, dtype=F64)
     blob = problems.exported(net, None, {"X": X, "y": y}, loss="mse").exported.program
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        files = {name: z.read(name) for name in z.namelist()}
-    (name,) = [n for n in files if n.endswith(member_suffix)]
-    doc = json.loads(files[name])
-    edit(doc)
-    files[name] = json.dumps(doc).encode()
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        for member, raw in files.items():
-            z.writestr(member, raw)
-    return out.getvalue()
+    return edited_archive(blob, member_suffix, edit)
 
 
 def test_a_weight_marked_as_parameter_is_refused() -> None:

@@ -3,15 +3,12 @@ and Predict on new rows, against float64 references and the catalogue mlp."""
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from exported_programs import from_problem
+from exported_programs import edited_archive, from_problem
 from hessian_client import problems
 from hessian_service.engine import MethodOptions, Run, StopCriteria
 from hessian_service.engine.curvature.autograd import loss_and_grad
@@ -116,20 +113,6 @@ def _rows_archive() -> bytes:
     return problem.exported.program
 
 
-def _edit_graph(blob: bytes, edit) -> bytes:
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        files = {name: z.read(name) for name in z.namelist()}
-    (name,) = [n for n in files if n.endswith("models/model.json")]
-    doc = json.loads(files[name])
-    edit(doc)
-    files[name] = json.dumps(doc).encode()
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        for member, raw in files.items():
-            z.writestr(member, raw)
-    return out.getvalue()
-
-
 def _sizes(doc: dict) -> list[dict]:
     return [s for v in doc["graph_module"]["graph"]["tensor_values"].values() for s in v["sizes"]]
 
@@ -143,7 +126,7 @@ def test_a_size_expression_is_refused() -> None:
                 size["as_expr"]["expr_str"] += " + 1"
 
     with pytest.raises(ValidationError, match="a row count at most"):
-        load_program(_edit_graph(_rows_archive(), expression))
+        load_program(edited_archive(_rows_archive(), "models/model.json", expression))
 
 
 def test_two_symbols_are_refused() -> None:
@@ -155,7 +138,7 @@ def test_two_symbols_are_refused() -> None:
         expr["expr_str"] = expr["expr_str"].replace("Symbol('", "Symbol('t")
 
     with pytest.raises(ValidationError, match="at most one symbolic size"):
-        load_program(_edit_graph(_rows_archive(), second))
+        load_program(edited_archive(_rows_archive(), "models/model.json", second))
 
 
 def test_rows_naming_no_input_is_refused_by_the_sdk() -> None:

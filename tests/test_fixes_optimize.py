@@ -6,15 +6,12 @@ tensors)."""
 
 from __future__ import annotations
 
-import io
-import json
-import zipfile
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from exported_programs import from_problem
+from exported_programs import edited_archive, from_problem
 from hessian_client import problems, tensors
 from hessian_client.proto import service_pb2
 from hessian_service.engine.errors import ResourceLimitError, ValidationError
@@ -41,21 +38,6 @@ def batchnorm_problem() -> problems.Problem:
     return problems.exported(net, None, {"X": X, "y": y}, loss="mse")
 
 
-def edited(blob: bytes, suffix: str, edit: Callable[[dict], None]) -> bytes:
-    """The archive with the JSON member ending in `suffix` changed by `edit`."""
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        files = {name: z.read(name) for name in z.namelist()}
-    (name,) = [n for n in files if n.endswith(suffix)]
-    doc = json.loads(files[name])
-    edit(doc)
-    files[name] = json.dumps(doc).encode()
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        for member, raw in files.items():
-            z.writestr(member, raw)
-    return out.getvalue()
-
-
 def values(doc: dict) -> dict:
     return doc["graph_module"]["graph"]["tensor_values"]
 
@@ -74,7 +56,7 @@ def first_weight_sizes(sizes: list[int]) -> Callable[[dict], None]:
 
 def test_a_negative_declared_size_is_refused_naming_the_program() -> None:
     cols = int(torch.randint(2, 6, ()))
-    blob = edited(
+    blob = edited_archive(
         mse_problem(40, cols).exported.program, "models/model.json", set_sizes("params", [-cols])
     )
     with pytest.raises(ValidationError) as err:
@@ -86,7 +68,7 @@ def test_a_negative_declared_size_is_refused_naming_the_program() -> None:
 def test_negative_sizes_whose_product_is_positive_are_refused() -> None:
     """[-rows, -cols] on a data input: its element count looks fine, torch would still raise."""
     rows, cols = int(torch.randint(20, 60, ())), int(torch.randint(2, 6, ()))
-    blob = edited(
+    blob = edited_archive(
         mse_problem(rows, cols).exported.program,
         "models/model.json",
         set_sizes("x", [-rows, -cols]),
@@ -98,7 +80,7 @@ def test_negative_sizes_whose_product_is_positive_are_refused() -> None:
 def test_negative_sizes_of_a_tensor_constant_are_refused() -> None:
     """A BatchNorm buffer's declared [-2, -3] (6 elements, its byte count) is refused, not
     reshaped into a RuntimeError."""
-    blob = edited(
+    blob = edited_archive(
         batchnorm_problem().exported.program,
         "model_weights_config.json",
         first_weight_sizes([-2, -3]),
@@ -108,7 +90,7 @@ def test_negative_sizes_of_a_tensor_constant_are_refused() -> None:
 
 
 def test_a_size_past_the_element_limit_is_a_resource_limit_even_beside_a_zero() -> None:
-    blob = edited(
+    blob = edited_archive(
         mse_problem(30, 3).exported.program, "models/model.json", set_sizes("x", [0, 2**70])
     )
     with pytest.raises(ResourceLimitError, match=rf"value 'x' declares a size of {2**70}, over"):
@@ -122,7 +104,7 @@ def test_a_dtype_that_is_not_a_known_code_is_refused(code: object) -> None:
     def edit(doc: dict) -> None:
         values(doc)["params"]["dtype"] = code
 
-    blob = edited(mse_problem(30, 3).exported.program, "models/model.json", edit)
+    blob = edited_archive(mse_problem(30, 3).exported.program, "models/model.json", edit)
     with pytest.raises(ValidationError, match=r"expected a known dtype code .* for value 'params'"):
         load_program(blob)
 
@@ -132,7 +114,7 @@ def test_graph_nodes_that_are_not_a_list_are_invalid_not_a_resource_limit(nodes:
     def edit(doc: dict) -> None:
         doc["graph_module"]["graph"]["nodes"] = nodes
 
-    blob = edited(mse_problem(30, 3).exported.program, "models/model.json", edit)
+    blob = edited_archive(mse_problem(30, 3).exported.program, "models/model.json", edit)
     with pytest.raises(ValidationError) as err:
         load_program(blob)
     assert str(err.value) == (
@@ -146,7 +128,7 @@ def test_too_many_nodes_is_still_a_resource_limit() -> None:
         graph = doc["graph_module"]["graph"]
         graph["nodes"] = graph["nodes"] * (MAX_NODES // len(graph["nodes"]) + 1)
 
-    blob = edited(mse_problem(30, 3).exported.program, "models/model.json", edit)
+    blob = edited_archive(mse_problem(30, 3).exported.program, "models/model.json", edit)
     with pytest.raises(ResourceLimitError, match=rf"at most {MAX_NODES} nodes \(it has \d+\)"):
         load_program(blob)
 

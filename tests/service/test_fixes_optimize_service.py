@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import queue
 import zipfile
 
 import grpc
@@ -16,33 +15,11 @@ import numpy as np
 import pytest
 import torch
 from hessian_client import Client, InvalidArgument, minimize, problems, tensors
-from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
+from hessian_client.proto import optimize_pb2, service_pb2
+from optimize_stream import HANG_GUARD, Stream
 from scipy.optimize import rosen, rosen_der, rosen_hess, rosen_hess_prod
 
-HANG_GUARD = 120  # seconds any one stream may take here
 RECORD_FIELDS = ("iteration", "loss", "gradient_norm", "step_norm", "step_size", "damping")
-
-
-class Stream:
-    """A raw Optimize stream: send requests, read responses (the test drives each message)."""
-
-    def __init__(self, address: str, first: service_pb2.OptimizeRequest) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.outgoing: queue.Queue = queue.Queue()
-        self.outgoing.put(first)
-        stub = service_pb2_grpc.HessianServiceStub(self.channel)
-        self.call = stub.Optimize(iter(self.outgoing.get, None), timeout=HANG_GUARD)
-
-    def read(self) -> service_pb2.OptimizeResponse:
-        return next(self.call)
-
-    def send(self, **kind) -> None:
-        self.outgoing.put(service_pb2.OptimizeRequest(**kind))
-
-    def close(self) -> None:
-        self.outgoing.put(None)
-        self.call.cancel()
-        self.channel.close()
 
 
 def start_request(x0: np.ndarray, method: int = 0, **caps: bool) -> service_pb2.OptimizeRequest:

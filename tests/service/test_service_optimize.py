@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import free_port, spawn_server
 from hessian_client import Client, HessianError, least_squares, minimize, problems, tensors
-from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
+from hessian_client.proto import optimize_pb2, service_pb2
+from optimize_stream import HANG_GUARD, Stream
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from tcp_proxy import TcpProxy
 
@@ -24,7 +25,6 @@ from tcp_proxy import TcpProxy
 # test, on a server of its own, has a short one (SLOW_CALLER_SECONDS) that it waits out.
 EVALUATION_SECONDS = 120
 SLOW_CALLER_SECONDS = 3
-HANG_GUARD = 120  # seconds any one stream may take here
 X0 = np.array([-1.2, 1.0, 0.8, 1.4, -0.5, 0.9])
 RECORD_FIELDS = ("iteration", "loss", "gradient_norm", "step_norm", "step_size", "damping")
 
@@ -45,35 +45,6 @@ def address(tmp_path_factory):
     yield f"127.0.0.1:{port}"
     proc.kill()
     proc.wait(timeout=60)
-
-
-class Stream:
-    """A raw Optimize stream: send requests, read responses (a test drives each message)."""
-
-    def __init__(self, address: str, first: service_pb2.OptimizeRequest) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self.outgoing: queue.Queue = queue.Queue()
-        self.outgoing.put(first)
-        stub = service_pb2_grpc.HessianServiceStub(self.channel)
-        self.call = stub.Optimize(iter(self.outgoing.get, None), timeout=HANG_GUARD)
-
-    def read(self) -> service_pb2.OptimizeResponse:
-        return next(self.call)
-
-    def send(self, **kind) -> None:
-        self.outgoing.put(service_pb2.OptimizeRequest(**kind))
-
-    def finish(self) -> service_pb2.RunInfo:
-        """Read to the last response; the run's final state."""
-        for response in self.call:
-            if response.WhichOneof("kind") == "finished":
-                return response.finished
-        raise AssertionError("the stream ended without a finished response")
-
-    def close(self) -> None:
-        self.outgoing.put(None)
-        self.call.cancel()
-        self.channel.close()
 
 
 def start_request(**capabilities) -> service_pb2.OptimizeRequest:
