@@ -138,15 +138,75 @@ def test_a_killed_worker_interrupts_its_run_which_resumes_exactly(tmp_path, rng)
 
 
 @pytest.mark.slow
-def test_a_killed_server_takes_its_workers_with_it(tmp_path):
-    proc = spawn_server(tmp_path, free_port(), "--run-processes", "--workers", "2")
+def test_a_killed_server_takes_its_workers_with_it_even_mid_iteration(tmp_path, rng):
+    port = free_port()
+    proc = spawn_server(tmp_path, port, "--run-processes", "--workers", "2")
     try:
         children = _children(proc.pid)
         assert len(children) == 2
+        x = rng.standard_normal((3000, 1500))
+        y = (rng.random(3000) < 0.5).astype(float)
+        with Client(f"127.0.0.1:{port}") as c:  # a dense autograd Newton step of seconds
+            run = c.start_run(problems.logistic_regression(x, y, l2=1e-2), np.zeros(1501),
+                              method="newton", step_policy="fixed", backend="autograd")  # fmt: skip
+            assert wait_until(lambda: status_name(c.get_run(run.id)) == "RUNNING")
+            assert c.get_run(run.id).num_records == 0
     finally:
         proc.kill()
         proc.wait(30)
+    killed = time.monotonic()
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{c}") for c in children), 30)
+    assert time.monotonic() - killed < 2.0  # not at the end of the iteration
+
+
+def test_children_keep_the_objectives_the_server_chooses(rng):
+    import gc
+
+    from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
+    from hessian_service.server.problems import objective_bytes
+    from hessian_service.server.workers import WorkerPool
+
+    small = [_logistic_objective(rng, 50, 3) for _ in range(5)]
+    big = _logistic_objective(rng, 2000, 20)
+    budget = objective_bytes(big) + 2 * objective_bytes(small[0])
+    options = MethodOptions(method="newton")
+    stopping = StopCriteria(max_iterations=3)
+
+    def solo(objective) -> list[float]:
+        from hessian_service.engine import Run
+
+        x0 = torch.zeros(objective.num_params, dtype=torch.float64)
+        return [r.loss for r in Run(objective, x0, options, stopping)]
+
+    pool = WorkerPool(1, 100, cache_bytes=budget)
+    try:
+        (worker,) = pool._all
+
+        def losses(objective) -> list[float]:
+            assert pool.takes(objective)
+            x0 = torch.zeros(objective.num_params, dtype=torch.float64)
+            with pool.worker() as start:
+                run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+                return [r.loss for r in run]
+
+        keys = {}
+        for objective in [*small, big]:
+            assert losses(objective) == solo(objective)
+            keys[id(objective)] = pool._keys[objective][0]
+        # at most 4 objectives, within the budget (the big one and two small): the newest
+        assert list(worker.held) == [keys[id(o)] for o in (small[3], small[4], big)]
+        assert sum(worker.held.values()) <= budget
+        # a problem the server lets go of leaves the child at its next run
+        gone = keys[id(big)]
+        del big, objective
+        gc.collect()
+        assert losses(small[4]) == solo(small[4])  # (one the child keeps)
+        assert gone not in worker.held
+        # a run of an objective it let go of sends it again, and computes the same
+        assert losses(small[0]) == solo(small[0])
+        assert list(worker.held) == [keys[id(o)] for o in (small[3], small[4], small[0])]
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize(

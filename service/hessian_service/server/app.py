@@ -253,7 +253,9 @@ def build_server(
     try:
         if config.run_processes:  # spawned last: a failed start leaves no child behind
             every = config.checkpoint_every
-            runs.processes = WorkerPool(config.workers, every, threads.threads_for)
+            runs.processes = WorkerPool(
+                config.workers, every, threads.threads_for, config.problem_cache_bytes
+            )
         server, port, health_servicer = events.run(
             _serve(config, asyncify(servicer, SERVICE), pool, chain, credentials)
         )

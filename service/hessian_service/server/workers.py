@@ -7,17 +7,20 @@ and the streams, and the runs' own Python work proceeds on other cores.
 
 `ProcessRun` is the server's side of one run. It iterates like an engine `Run` (records; then
 `stop_reason`, `converged`, `message`, `last_record` and `checkpoint()`), so
-`RunManager._execute` drives either the same way. The child sends records in batches (at most
-BATCH_RECORDS, or the first of a batch BATCH_SECONDS old), each with the checkpoint the server
-stores at its iteration (every `checkpoint_every`), then the run's end. A child keeps the last
-CACHED_OBJECTIVES objectives it was sent, so the runs of one problem send its data once. A
-child that dies (killed, out of memory) ends its run with `WorkerLost`, and a new child takes
-its place.
+`RunManager._execute` drives either the same way. The child sends records in batches: a
+record goes as soon as BATCH_SECONDS have passed since the last send, else with the next one
+(or at BATCH_RECORDS, or at the end), each with the checkpoint the server stores at its
+iteration (every `checkpoint_every`), then the run's end. A child keeps up to
+CACHED_OBJECTIVES objectives within --problem-cache-bytes, so the runs of one problem send
+its data once; the server chooses which, and an objective it lets go of (a deleted problem)
+leaves the children at their next run. A child that dies (killed, out of memory) ends its run
+with `WorkerLost`, and a new child takes its place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import itertools
 import logging
@@ -43,21 +46,23 @@ from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, St
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
 from ..engine.solvers.asktell import RemoteObjective
+from .problems import objective_bytes
 
 log = logging.getLogger(__name__)
 NUMPY_DTYPES = (torch.float64, torch.float32, torch.int64, torch.int32, torch.bool, torch.uint8)
 BATCH_RECORDS = 256  # records per message from a child, at most
-BATCH_SECONDS = 0.005  # a record waits at most this long in a child for its batch to fill
+BATCH_SECONDS = 0.005  # a record is sent at once when the last send is this old
 CACHED_OBJECTIVES = 4  # objectives a child keeps for the next runs of the same problem
 POLL_SECONDS = 0.05  # how often a waiting server thread looks at its run's cancel token
 CHILD_POLL_SECONDS = 0.001  # how often a child's run looks for a cancel message, at most
 START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
-CHILD = (  # a worker process's program; its argument is its socket's file descriptor
+CHILD = (  # a worker process's program; its arguments: its socket's descriptor, the server
     "import sys\n"
     "from multiprocessing.connection import Connection\n"
     f"from {__name__} import child_main\n"
-    "child_main(Connection(int(sys.argv[1])))\n"
+    "child_main(Connection(int(sys.argv[1])), int(sys.argv[2]))\n"
 )
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
 
 class WorkerLost(Exception):
@@ -145,9 +150,19 @@ def _obey(message: tuple[Any, ...], token: CancelToken | None, seq: int) -> None
         token.cancel()
 
 
-def _child_run(conn: Connection, job: tuple[Any, ...], cache: OrderedDict[int, Objective]) -> None:
+def _tell(conn: Connection, *message: Any) -> None:
+    """A child's send: when the server is gone there is no one to tell, so exit quietly."""
+    try:
+        _send(conn, *message)
+    except OSError:
+        os._exit(0)
+
+
+def _child_run(conn: Connection, job: tuple[Any, ...], cache: dict[int, Objective]) -> None:
     """Iterate one run and send its records, checkpoints and end (or its error)."""
-    _, seq, key, objective, params, options, stopping, resume, threads, every = job
+    _, seq, key, objective, params, options, stopping, resume, threads, every, drop, keep = job
+    for gone in drop:  # the server chose what this child keeps (Worker.make_room)
+        cache.pop(gone, None)
     cancel = _PolledToken(conn, seq)
     batch: list[StepRecord] = []
     marks: list[tuple[int, Checkpoint]] = []  # (index in batch, the checkpoint stored there)
@@ -155,15 +170,12 @@ def _child_run(conn: Connection, job: tuple[Any, ...], cache: OrderedDict[int, O
     try:
         if objective is None:
             objective = cache[key]
-            cache.move_to_end(key)
-        else:
+        elif keep:
             cache[key] = objective
-            while len(cache) > CACHED_OBJECTIVES:
-                cache.popitem(last=False)
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         run = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
-        _send(conn, "started", seq, run.backend)
+        _tell(conn, "started", seq, run.backend)
         stop_index = None
         sent = time.monotonic()
         for record in run:
@@ -173,24 +185,37 @@ def _child_run(conn: Connection, job: tuple[Any, ...], cache: OrderedDict[int, O
             if run.stop_reason is not None:
                 stop_index = len(batch) - 1
             elif len(batch) >= BATCH_RECORDS or time.monotonic() - sent >= BATCH_SECONDS:
-                _send(conn, "records", seq, batch, marks)
+                _tell(conn, "records", seq, batch, marks)
                 batch, marks, sent = [], [], time.monotonic()
         end = (run.stop_reason, run.message, run.converged, run.last_record, run.checkpoint())
-        _send(conn, "end", seq, batch, marks, stop_index, end)
+        _tell(conn, "end", seq, batch, marks, stop_index, end)
     except Exception as exc:  # reported to the server, which decides what it means
         checkpoint = run.checkpoint() if run is not None else None
-        _send(conn, "error", seq, batch, marks, checkpoint, _portable(exc))
+        _tell(conn, "error", seq, batch, marks, checkpoint, _portable(exc))
 
 
-def child_main(conn: Connection) -> None:
-    """A worker process: iterate the runs the server sends, one at a time, until it exits.
+def _die_with(server: int) -> None:
+    """Be killed when the server dies, even inside an iteration (Linux: PR_SET_PDEATHSIG; it
+    follows the server thread that spawned the child, which lives as long as the server's
+    run workers). Elsewhere the closed socket ends the child at its next look."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:  # it died before the signal was asked for
+        os._exit(0)
+
+
+def child_main(conn: Connection, server: int) -> None:
+    """A worker process of server `server` (its pid): iterate the runs it sends, one at a
+    time, until it exits.
 
     Interrupts and terminations are the server's to handle (it stops its runs, then its
-    children): a child ignores them, and exits when told or when the server's socket closes."""
+    children): a child ignores them, and exits when told, when the server's socket closes,
+    or when the server dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    cache: OrderedDict[int, Objective] = OrderedDict()
-    _send(conn, "ready", 0)
+    _die_with(server)
+    cache: dict[int, Objective] = {}
+    _tell(conn, "ready", 0)
     while True:
         message = _read(conn)
         if message[0] == "run":
@@ -210,7 +235,7 @@ class Worker:
         ours, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(theirs.fileno())],
+                [sys.executable, "-c", CHILD, str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's, not the child's
@@ -221,7 +246,7 @@ class Worker:
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
-        self.held: OrderedDict[int, None] = OrderedDict()  # objective keys the child keeps
+        self.held: OrderedDict[int, int] = OrderedDict()  # objectives the child keeps: bytes
         self.lost = False
 
     def wait_ready(self) -> None:
@@ -265,16 +290,32 @@ class Worker:
     def holds(self, key: int) -> bool:
         """Whether the child keeps objective `key` (then a run message need not carry it)."""
         if key in self.held:
-            self.held.move_to_end(key)  # as the child's cache does when the run arrives
+            self.held.move_to_end(key)
             return True
         return False
 
-    def keep(self, key: int) -> None:
-        """The child was sent objective `key` and keeps it, letting go of its oldest beyond
-        CACHED_OBJECTIVES (the server mirrors the child's cache: same keys, same order)."""
-        self.held[key] = None
-        while len(self.held) > CACHED_OBJECTIVES:
-            self.held.popitem(last=False)
+    def forget(self, dead: set[int]) -> list[int]:
+        """The keys of objectives the server no longer holds: the child lets go of them."""
+        drop = [held for held in self.held if held in dead]
+        for held in drop:
+            del self.held[held]
+        return drop
+
+    def cache(self, key: int, nbytes: int, budget: int) -> tuple[list[int], bool]:
+        """Account for a run of objective `key` (`nbytes`) that the child does not keep: the
+        least recently used keys the child must let go of first, so that it fits in
+        CACHED_OBJECTIVES and `budget` bytes, and whether the child keeps it (not one larger
+        than the budget). The server decides and the child obeys: both hold the same keys."""
+        drop, keep = [], nbytes <= budget
+        while (
+            keep
+            and self.held
+            and (len(self.held) >= CACHED_OBJECTIVES or sum(self.held.values()) + nbytes > budget)
+        ):
+            drop.append(self.held.popitem(last=False)[0])
+        if keep:
+            self.held[key] = nbytes
+        return drop, keep
 
     def ask_exit(self) -> None:
         """Tell the child to exit (it does between runs, or when the socket closes)."""
@@ -321,10 +362,12 @@ class ProcessRun:
     def begin(self) -> None:
         """Send the run and wait until the child has built it (raising what building it
         raised)."""
-        self._worker.send(*self._job)
+        try:
+            self._worker.send(*self._job)
+        except Exception:  # unsent: the server's view of the child's cache is now wrong
+            self._worker.lost = True
+            raise
         self.sent = True
-        if self._job[3] is not None:
-            self._worker.keep(self._job[2])
         started = self._receive()
         if started[0] == "error":
             self._raise(started)
@@ -411,17 +454,24 @@ class WorkerPool:
         count: int,
         checkpoint_every: int,
         threads: Callable[[Objective], int] | None = None,
+        cache_bytes: int = 256 * 1024**2,
     ) -> None:
         """Spawn `count` children and wait until each is ready; a run's child sends the
         checkpoint of every `checkpoint_every`-th iteration; `threads(objective)` is the torch
-        thread count its runs get (None: the child's default)."""
+        thread count its runs get (None: the child's default); each child keeps objectives
+        of at most `cache_bytes` together (--problem-cache-bytes)."""
         self._every = checkpoint_every
         self._threads = threads
+        self._cache_bytes = cache_bytes
+        self._dead: set[int] = set()  # keys of objectives the server no longer holds
         self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
         self._seq = itertools.count(1)
-        self._keys: weakref.WeakKeyDictionary[Objective, int] = weakref.WeakKeyDictionary()
+        # (key, bytes) of each objective runs were sent for, while the server holds it
+        self._keys: weakref.WeakKeyDictionary[Objective, tuple[int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._key_seq = itertools.count(1)
         self._refused: weakref.WeakSet[Objective] = weakref.WeakSet()
         self._all: list[Worker] = []
@@ -454,7 +504,11 @@ class WorkerPool:
                 self._refused.add(objective)
             return False
         with self._lock:
-            self._keys.setdefault(objective, next(self._key_seq))
+            if objective not in self._keys:
+                key = next(self._key_seq)
+                self._keys[objective] = key, objective_bytes(objective)
+                # once the server lets go of it (deleted, evicted), so do the children
+                weakref.finalize(objective, self._dead.add, key)
         return True
 
     @contextlib.contextmanager
@@ -486,11 +540,17 @@ class WorkerPool:
             resume: Checkpoint | None,
         ) -> ProcessRun:
             with self._lock:
-                key = self._keys[objective]
+                key, nbytes = self._keys[objective]
+                dead = set(self._dead)
             threads = self._threads(objective) if self._threads is not None else 0
-            carried = None if worker.holds(key) else objective
+            carried, drop, keep = None, worker.forget(dead), False
+            if not worker.holds(key):
+                carried = objective
+                evicted, keep = worker.cache(key, nbytes, self._cache_bytes)
+                drop += evicted
             seq, every = next(self._seq), self._every
-            job = ("run", seq, key, carried, params, options, stopping, resume, threads, every)
+            job = ("run", seq, key, carried, params, options, stopping, resume, threads, every,
+                   drop, keep)  # fmt: skip
             start = resume if resume is not None else Checkpoint(0, params, {})
             run = ProcessRun(worker, job, cancel, start)
             runs.append(run)  # drained on exit, even if it fails to begin
