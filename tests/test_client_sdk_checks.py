@@ -1,4 +1,4 @@
-"""Client SDK fixes: the CLI's unreadable --data / --params files and options, minimize's
+"""Client SDK checks: the CLI's unreadable --data / --params files and options, minimize's
 hessp shape check and empty x0, the callback's iterate when losses tie, maxiter 0's SciPy
 status, problems.* option and data errors, and run results in the shape params were sent.
 

@@ -1,4 +1,4 @@
-"""Fixes without a server: the exported-program verifier refuses archive sizes and dtypes no
+"""Without a server: the exported-program verifier refuses archive sizes and dtypes no
 torch constructor may see (INVALID_ARGUMENT naming the program, never an internal error),
 Predict on an exported program names `inputs` when the row count cannot be taken, and an
 Optimize reply must have exactly the shape asked (no reshaping of flat or transposed

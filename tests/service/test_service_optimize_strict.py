@@ -1,4 +1,4 @@
-"""Fixes through a real server: an Optimize reply of the right size but another shape fails
+"""Through a real server: an Optimize reply of the right size but another shape fails
 the run naming the field and both shapes; stop=false is ignored; int64 initial params are
 refused before any run exists; a malformed exported archive and Predict on rows an exported
 program cannot take are INVALID_ARGUMENT naming the field. A cancelled Optimize run ends on
