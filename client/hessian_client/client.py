@@ -571,9 +571,6 @@ class _RunBase:
         self.final: RunInfo | None = None
         self._info = info
         self._like = like
-        # the shape the parameters were sent in (None: not started here, or from a seed):
-        # the server keeps a run's parameters flat, results are given back in this shape
-        self._shape = None if like is None else tuple(np.shape(like))
         self._opened: Any = None  # StartAndWatchRun's call, until a stream() reads it
 
     def _take_opened(self, timeout: float | None) -> Any:
@@ -590,12 +587,14 @@ class _RunBase:
 
     def _result(self, info: RunInfo) -> RunResult:
         """The result of GetRun's final `info`: the final parameters (in `info` too) in the
-        shape and type the parameters were sent as, when this handle started the run."""
+        shape and type the parameters were sent as, when this handle started the run (the
+        server keeps a run's parameters flat)."""
         params = info.final_params
         if params is None:
             return RunResult(info, None)
-        if self._shape is not None and params.size == math.prod(self._shape):
-            params = params.reshape(self._shape)
+        shape = None if self._like is None else tuple(np.shape(self._like))
+        if shape is not None and params.size == math.prod(shape):
+            params = params.reshape(shape)
         params = tensors.like_input(params, self._like)
         return RunResult(dataclasses.replace(info, final_params=params), params)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 
 import grpc
+import pytest
 from hessian_client.proto import service_pb2, service_pb2_grpc
 
 HANG_GUARD = 120  # seconds any one stream may take here
@@ -32,6 +33,15 @@ class Stream:
             if response.WhichOneof("kind") == "finished":
                 return response.finished
         raise AssertionError("the stream ended without a finished response")
+
+    def refusal(self) -> grpc.RpcError:
+        """The error the first read raises (the server refused the stream); closes it."""
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                self.read()
+        finally:
+            self.close()
+        return err.value
 
     def close(self) -> None:
         self.outgoing.put(None)

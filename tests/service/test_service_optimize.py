@@ -452,14 +452,9 @@ def test_a_waiting_optimize_run_holds_no_pool_worker_and_has_its_own_limit(tmp_p
             )
             assert plain.wait(60).status == "FINISHED"
             assert client.get_run(run_id).status == "RUNNING"
-        second = Stream(address, start_request())
-        try:
-            with pytest.raises(grpc.RpcError) as err:
-                second.read()
-        finally:
-            second.close()
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_optimize_runs" in err.value.details()
+        refused = Stream(address, start_request()).refusal()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_optimize_runs" in refused.details()
         stream.send(evaluation=good_values(ask))
         while (response := stream.read()).WhichOneof("kind") == "evaluate":
             stream.send(evaluation=good_values(response.evaluate))

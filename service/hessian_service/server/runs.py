@@ -816,14 +816,11 @@ class RunManager:
         except EngineError as exc:
             final["message"] = str(exc)
         except WorkerLost as exc:
-            if live.cancel.cancelled:  # stopped by shutdown (which kills busy children) or
-                final.update(  # by the user: as _store_stop says
-                    status=RunStatus.INTERRUPTED if live.shutdown else RunStatus.CANCELLED,
-                    stop_reason=StopReason.SHUTDOWN if live.shutdown else StopReason.CANCELLED,
-                    message="the server shut down during an iteration; ResumeRun continues the run"
-                    if live.shutdown
-                    else "cancelled during an iteration",
-                )
+            if self.stopping:  # shutdown killed its child inside an iteration
+                final.update(_stopped_midway(live))
+            elif live.cancel.cancelled:
+                final.update(status=RunStatus.CANCELLED, stop_reason=StopReason.CANCELLED)
+                final["message"] = f"cancelled; {exc}"
             else:  # killed (out of memory?): resumable from its last stored checkpoint
                 final.update(status=RunStatus.INTERRUPTED)
                 final["message"] = f"{exc}; ResumeRun continues the run from its checkpoint"
@@ -933,18 +930,28 @@ class RunManager:
     def _store_stop(self, live: LiveRun) -> None:
         """Mark a run that outlasts shutdown's wait INTERRUPTED (CANCELLED if the user asked)
         while the store is still open: its worker may only finish after the store closes."""
-        if live.shutdown:
-            final = {"status": RunStatus.INTERRUPTED, "stop_reason": StopReason.SHUTDOWN}
-            message = "the server shut down during an iteration; ResumeRun continues the run"
-        else:
-            final = {"status": RunStatus.CANCELLED, "stop_reason": StopReason.CANCELLED}
-            message = "cancelled; the server shut down before the iteration ended"
         try:
             self.store.update_run(
-                live.run_id, expect_status=ACTIVE_STATUSES, message=message, **final
+                live.run_id, expect_status=ACTIVE_STATUSES, **_stopped_midway(live)
             )
         except (StoreError, RunStateError) as exc:
             log.warning("could not mark run %s stopped at shutdown: %s", live.run_id, exc)
+
+
+def _stopped_midway(live: LiveRun) -> dict[str, Any]:
+    """The end of a run that shutdown stopped inside an iteration: INTERRUPTED (resumable),
+    or CANCELLED when the user had asked for that first."""
+    if live.shutdown:
+        return {
+            "status": RunStatus.INTERRUPTED,
+            "stop_reason": StopReason.SHUTDOWN,
+            "message": "the server shut down during an iteration; ResumeRun continues the run",
+        }
+    return {
+        "status": RunStatus.CANCELLED,
+        "stop_reason": StopReason.CANCELLED,
+        "message": "cancelled; the server shut down before the iteration ended",
+    }
 
 
 def _unseen(row: RunRow, nxt: int) -> bool:

@@ -161,7 +161,7 @@ def _tell(conn: Connection, *message: Any) -> None:
 def _child_run(conn: Connection, job: tuple[Any, ...], cache: dict[int, Objective]) -> None:
     """Iterate one run and send its records, checkpoints and end (or its error)."""
     _, seq, key, objective, params, options, stopping, resume, threads, every, drop, keep = job
-    for gone in drop:  # the server chose what this child keeps (Worker.make_room)
+    for gone in drop:  # the server chose what this child keeps (Worker.forget, Worker.cache)
         cache.pop(gone, None)
     cancel = _PolledToken(conn, seq)
     batch: list[StepRecord] = []
@@ -261,18 +261,17 @@ class Worker:
         try:
             data = self.conn.recv_bytes()
         except (EOFError, OSError):
-            self.lost = True
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(1.0)
             code = self.process.returncode
             how = f"was killed by signal {-code}" if code and code < 0 else f"exited ({code})"
-            raise WorkerLost(f"the worker process iterating the run {how}") from None
+            raise self.lose(how) from None
         try:
             return pickle.loads(data)
         except Exception as exc:
-            raise self.out_of_step(f"sent a message the server cannot read ({exc})") from None
+            raise self.lose(f"sent a message the server cannot read ({exc})") from None
 
-    def out_of_step(self, what: str) -> WorkerLost:
+    def lose(self, what: str) -> WorkerLost:
         """Mark the child lost (it is replaced) and return the error that ends its run."""
         self.lost = True
         return WorkerLost(f"the worker process iterating the run {what}")
@@ -284,8 +283,7 @@ class Worker:
         try:
             self.conn.send_bytes(data)
         except (OSError, ValueError):
-            self.lost = True
-            raise WorkerLost("the worker process iterating the run is gone") from None
+            raise self.lose("is gone") from None
 
     def holds(self, key: int) -> bool:
         """Whether the child keeps objective `key` (then a run message need not carry it)."""
@@ -398,7 +396,7 @@ class ProcessRun:
                 break
         message = self._worker.receive()
         if message[1] != self._seq:
-            raise self._worker.out_of_step(f"sent {message[0]!r} of another run")
+            raise self._worker.lose(f"sent {message[0]!r} of another run")
         if message[0] in ("end", "error"):
             self.ended = True
         return message
@@ -406,7 +404,6 @@ class ProcessRun:
     def _raise(self, message: tuple[Any, ...]) -> None:
         """End with the child's error, at the checkpoint it had reached (if it had built
         its Run), as the engine's Run would."""
-        self.ended = True
         *_, checkpoint, exc = message
         if checkpoint is not None:
             self._checkpoint = checkpoint
@@ -551,8 +548,8 @@ class WorkerPool:
             seq, every = next(self._seq), self._every
             job = ("run", seq, key, carried, params, options, stopping, resume, threads, every,
                    drop, keep)  # fmt: skip
-            start = resume if resume is not None else Checkpoint(0, params, {})
-            run = ProcessRun(worker, job, cancel, start)
+            origin = resume if resume is not None else Checkpoint(0, params, {})
+            run = ProcessRun(worker, job, cancel, origin)
             runs.append(run)  # drained on exit, even if it fails to begin
             run.begin()
             return run
