@@ -249,6 +249,44 @@ def test_logistic_system_is_exact_for_large_logits(fit_intercept):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fit_intercept", [False, True])
+def test_logistic_system_row_pass_over_chunks_and_strided_data(dtype, fit_intercept):
+    """The CPU row pass sums rows in fixed chunks of 512: 1,300 rows span three, stored
+    transposed (not contiguous); against torch.func in float64, and the
+    same bits whatever the thread count (the chunks' sums are added in order)."""
+    from hessian_service.engine import make_objective
+
+    rows, d = 1300, 37
+    x = (torch.randn(d, rows, dtype=F64) / d**0.5).T.to(dtype)  # a transposed view
+    y = torch.randint(0, 2, (rows,)).to(dtype)
+    assert not x.is_contiguous()
+    options = {"l2": 0.05, "fit_intercept": fit_intercept}
+    objective = make_objective("logistic_regression", {"X": x, "y": y}, options)
+    p = torch.randn(objective.num_params, dtype=dtype)
+    got = ops.logistic_regression_system(p, x, y, 0.05, fit_intercept)
+    for value, ref in zip(got, _reference_system(objective, p), strict=True):
+        assert rel_err(value, ref) <= TOL[dtype]
+    assert torch.equal(got[2], got[2].T)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.logistic_regression_system(p, x, y, 0.05, fit_intercept)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+
+
+@pytest.mark.parametrize("rows", [4096, 4097])  # N n^2 = 2^22 (the tiled loop), then GEMM
+def test_gauss_newton_at_the_tiled_product_threshold(rows):
+    jac = torch.randn(rows, 32, dtype=F64) / rows**0.5
+    w = torch.rand(rows, dtype=F64) + 0.1
+    for weights, ref in ((None, jac.T @ jac), (w, jac.T @ (jac * w[:, None]))):
+        out = ops.gauss_newton(jac, weights)
+        assert rel_err(out, ref) <= 1e-13
+        assert torch.equal(out, out.T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gauss_newton_matches_float64(n, dtype, weighted):

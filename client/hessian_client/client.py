@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+import grpc.experimental
 import numpy as np
 
 from . import tensors
@@ -190,6 +191,11 @@ class _Api:
         self._setup(address, token, timeout)
         creds = self._credentials(root_certificates, ca_file)
         options = channel_options(max_message_bytes, self._balanced)
+        if channels is grpc:
+            # a sync stream is read on the caller's thread: no channel thread is started per
+            # call (one per job that opens a stream on an idle channel) and no hand-off
+            # from it to the reader; the grpc.aio client has no such thread anyway
+            options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
         if creds is not None:
             self._channel = channels.secure_channel(self.address, creds, options=options)
         else:
