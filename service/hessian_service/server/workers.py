@@ -8,9 +8,10 @@ and the streams, and the runs' own Python work proceeds on other cores.
 `ProcessRun` is the server's side of one run. It iterates like an engine `Run` (records; then
 `stop_reason`, `converged`, `message`, `last_record` and `checkpoint()`), so
 `RunManager._execute` drives either the same way. The child sends records in batches: a
-record goes as soon as BATCH_SECONDS have passed since the last send, else with the next one
-(or at BATCH_RECORDS, or at the end), each with the checkpoint the server stores at its
-iteration (every `checkpoint_every`), then the run's end. A child keeps up to
+record goes as soon as BATCH_SECONDS have passed since the last send (or BATCH_RECORDS wait),
+else within BATCH_SECONDS from the child's flusher thread, never held while the next
+iteration runs; each with the checkpoint the server stores at its iteration (every
+`checkpoint_every`), then the run's end. A child keeps up to
 CACHED_OBJECTIVES objectives within --problem-cache-bytes, so the runs of one problem send
 its data once; the server chooses which, and an objective it lets go of (a deleted problem)
 leaves the children at their next run. A child that dies (killed, out of memory) ends its run
@@ -158,14 +159,89 @@ def _tell(conn: Connection, *message: Any) -> None:
         os._exit(0)
 
 
-def _child_run(conn: Connection, job: tuple[Any, ...], cache: dict[int, Objective]) -> None:
+class _Outbox:
+    """A child's messages to the server. A run's records go in batches: at once when the
+    last send is BATCH_SECONDS old or BATCH_RECORDS wait, else by the flusher thread when
+    it is, so a record never waits on the next iteration, however long that takes. The
+    record a run stops at stays for the end, which says which it is (ProcessRun finishes
+    the run there)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._batch: list[StepRecord] = []
+        self._marks: list[tuple[int, Checkpoint]] = []  # (index in batch, checkpoint there)
+        self._stop_index: int | None = None  # the record the run stopped at: held for the end
+        self._sent = 0.0
+        threading.Thread(target=self._flush_loop, name="records-flush", daemon=True).start()
+
+    def tell(self, *message: Any) -> None:
+        """Send a message now (nothing is queued before a run's first record)."""
+        with self._cond:
+            _tell(self._conn, *message)
+
+    def begin(self, seq: int) -> None:
+        """What follows is run `seq`'s."""
+        with self._cond:
+            self._seq, self._batch, self._marks, self._stop_index = seq, [], [], None
+            self._sent = time.monotonic()
+
+    def started(self, backend: str) -> None:
+        """The run is built: its records follow."""
+        self.tell("started", self._seq, backend)
+
+    def add(self, record: StepRecord, checkpoint: Checkpoint | None, stops: bool) -> None:
+        """Queue a record (with the checkpoint stored at it; `stops`: the run stopped there)."""
+        with self._cond:
+            self._batch.append(record)
+            if checkpoint is not None:
+                self._marks.append((len(self._batch) - 1, checkpoint))
+            if stops:
+                self._stop_index = len(self._batch) - 1
+            elif (
+                len(self._batch) >= BATCH_RECORDS or time.monotonic() - self._sent >= BATCH_SECONDS
+            ):
+                self._send_batch()
+            elif len(self._batch) == 1:
+                self._cond.notify()  # the flusher sends it when the last send is old enough
+
+    def end(self, kind: str, *rest: Any) -> None:
+        """The run's end with the records still queued: ("end", end) with the stop record's
+        index, or ("error", checkpoint, exception)."""
+        with self._cond:
+            head = (kind, self._seq, self._batch, self._marks)
+            if kind == "end":
+                head += (self._stop_index,)
+            _tell(self._conn, *head, *rest)
+            self._batch, self._marks, self._stop_index = [], [], None
+
+    def _send_batch(self) -> None:
+        _tell(self._conn, "records", self._seq, self._batch, self._marks)
+        self._batch, self._marks, self._sent = [], [], time.monotonic()
+
+    def _flush_loop(self) -> None:
+        with self._cond:
+            while True:
+                if not self._batch or self._stop_index is not None:
+                    self._cond.wait()
+                    continue
+                wait = self._sent + BATCH_SECONDS - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                else:
+                    self._send_batch()
+
+
+def _child_run(
+    outbox: _Outbox, conn: Connection, job: tuple[Any, ...], cache: dict[int, Objective]
+) -> None:
     """Iterate one run and send its records, checkpoints and end (or its error)."""
     _, seq, key, objective, params, options, stopping, resume, threads, every, drop, keep = job
     for gone in drop:  # the server chose what this child keeps (Worker.forget, Worker.cache)
         cache.pop(gone, None)
     cancel = _PolledToken(conn, seq)
-    batch: list[StepRecord] = []
-    marks: list[tuple[int, Checkpoint]] = []  # (index in batch, the checkpoint stored there)
+    outbox.begin(seq)
     run: Run | None = None
     try:
         if objective is None:
@@ -175,23 +251,15 @@ def _child_run(conn: Connection, job: tuple[Any, ...], cache: dict[int, Objectiv
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         run = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
-        _tell(conn, "started", seq, run.backend)
-        stop_index = None
-        sent = time.monotonic()
+        outbox.started(run.backend)
         for record in run:
-            batch.append(record)
-            if record.iteration > run.start_iteration and record.iteration % every == 0:
-                marks.append((len(batch) - 1, run.checkpoint()))
-            if run.stop_reason is not None:
-                stop_index = len(batch) - 1
-            elif len(batch) >= BATCH_RECORDS or time.monotonic() - sent >= BATCH_SECONDS:
-                _tell(conn, "records", seq, batch, marks)
-                batch, marks, sent = [], [], time.monotonic()
+            stored = record.iteration > run.start_iteration and record.iteration % every == 0
+            outbox.add(record, run.checkpoint() if stored else None, run.stop_reason is not None)
         end = (run.stop_reason, run.message, run.converged, run.last_record, run.checkpoint())
-        _tell(conn, "end", seq, batch, marks, stop_index, end)
+        outbox.end("end", end)
     except Exception as exc:  # reported to the server, which decides what it means
         checkpoint = run.checkpoint() if run is not None else None
-        _tell(conn, "error", seq, batch, marks, checkpoint, _portable(exc))
+        outbox.end("error", checkpoint, _portable(exc))
 
 
 def _die_with(server: int) -> None:
@@ -215,11 +283,12 @@ def child_main(conn: Connection, server: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with(server)
     cache: dict[int, Objective] = {}
-    _tell(conn, "ready", 0)
+    outbox = _Outbox(conn)
+    outbox.tell("ready", 0)
     while True:
         message = _read(conn)
         if message[0] == "run":
-            _child_run(conn, message, cache)
+            _child_run(outbox, conn, message, cache)
         else:
             _obey(message, None, 0)
 
