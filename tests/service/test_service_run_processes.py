@@ -129,7 +129,7 @@ def test_a_killed_worker_interrupts_its_run_which_resumes_exactly(tmp_path, rng)
             info = c.get_run(run.id)
             assert "worker process" in info.message and "killed by signal 9" in info.message
             assert 250 <= info.num_records < len(whole)
-            c.resume_run(run.id)  # on a fresh worker
+            c.resume_run(run.id)  # on a fresh worker (the idle one may not look dead yet)
             assert _records(c.run(run.id)) == whole
             # the idle worker died too: the next run gets a new one
             assert _records(c.start_run(pid, x0, **SLOW)) == whole
@@ -278,6 +278,35 @@ def test_a_record_of_a_slow_iteration_arrives_before_the_next_is_computed(rng):
     assert np.mean(gaps < 0.25 * spans) < 0.2, (gaps, spans)
 
 
+def test_a_child_that_died_idle_unseen_hands_its_run_to_a_fresh_one(rng):
+    """A killed child's exit takes milliseconds to show (poll() still says running): a run
+    sent to it then is lost before it begins, and goes to a fresh child instead of ending
+    INTERRUPTED (the resumed run of the killed-worker test did, now and then)."""
+    from hessian_service.engine import CancelToken, MethodOptions, Run, StopCriteria
+    from hessian_service.server.workers import WorkerPool
+
+    objective = _logistic_objective(rng, 200, 5)
+    options = MethodOptions(method="gradient_descent", learning_rate=1e-2)
+    stopping = StopCriteria(max_iterations=50, gradient_tolerance=0.0, function_tolerance=0.0,
+                            parameter_tolerance=0.0)  # fmt: skip
+    x0 = torch.zeros(6, dtype=torch.float64)
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective)
+        (dead,) = pool._all
+        os.kill(dead.process.pid, signal.SIGKILL)
+        dead.process.wait(10)
+        dead.process.poll = lambda: None  # its exit not visible yet
+        with pool.worker() as start:
+            run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            got = [r.loss for r in run]
+        (fresh,) = pool._all
+        assert fresh is not dead and fresh.process.poll() is None
+    finally:
+        pool.close()
+    assert got == [r.loss for r in Run(objective, x0, options, stopping)]
+
+
 def test_a_late_cancel_of_an_ended_run_does_not_touch_the_next(rng):
     from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
     from hessian_service.server.workers import WorkerPool
@@ -333,3 +362,28 @@ def test_an_interrupt_stops_the_server_and_its_runs_resumably(tmp_path, rng):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_worker_process_logs_as_the_server_does(capfd, log_format):
+    """A child's log lines (an engine warning inside a run, its own start) have the server's
+    format and level: JSON lines stay parseable with --log-format json."""
+    import json
+    import re
+
+    from hessian_service.server.workers import WorkerPool
+
+    WorkerPool(1, 100, logs=(log_format, "INFO")).close()
+    WorkerPool(1, 100, logs=(log_format, "WARNING")).close()  # its INFO line is not shown
+    lines = [line for line in capfd.readouterr().err.splitlines() if "run worker" in line]
+    assert len(lines) == 1, lines
+    if log_format == "json":
+        record = json.loads(lines[0])
+        assert (record["level"], record["logger"]) == ("INFO", "hessian_service.server.workers")
+        assert re.fullmatch(r"run worker process \d+ of server \d+ ready", record["msg"])
+    else:
+        assert re.fullmatch(
+            r"\d{4}-\d\d-\d\d [\d:,]+ INFO hessian_service.server.workers: "
+            r"run worker process \d+ of server \d+ ready",
+            lines[0],
+        ), lines

@@ -44,7 +44,8 @@ from .auth import Tenancy, TokenCheck, load_tokens
 from .config import ServerConfig
 from .drain import Drain
 from .failover import LeaseKeeper
-from .observability import CallInterceptor, JsonFormatter, Metrics
+from .logs import configure_logging
+from .observability import CallInterceptor, Metrics
 from .problems import ProblemRegistry
 from .runs import RunManager
 from .service import HessianService
@@ -254,7 +255,11 @@ def build_server(
         if config.run_processes:  # spawned last: a failed start leaves no child behind
             every = config.checkpoint_every
             runs.processes = WorkerPool(
-                config.workers, every, threads.threads_for, config.problem_cache_bytes
+                config.workers,
+                every,
+                threads.threads_for,
+                config.problem_cache_bytes,
+                (config.log_format, config.log_level),
             )
         server, port, health_servicer = events.run(
             _serve(config, asyncify(servicer, SERVICE), pool, chain, credentials)
@@ -351,18 +356,6 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(pems[0], pems[1])])
 
 
-def configure_logging(config: ServerConfig) -> None:
-    """JSON lines (--log-format json) or plain text on stderr at --log-level."""
-    handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`hessian-server`: serve until SIGTERM or SIGINT, then drain."""
     try:
@@ -370,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hessian-server: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config)
+    configure_logging(config.log_format, config.log_level)
     if config.recover_store:
         try:
             if config.store:

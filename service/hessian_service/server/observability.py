@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import json
 import logging
 import time
 import uuid
@@ -130,22 +129,6 @@ class _RunsByStatus:
         for status in RunStatus:
             family.add_metric([status], counts.get(status, 0))
         yield family
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any `fields` extra."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
 
 
 def _request_id(metadata: Any) -> str:

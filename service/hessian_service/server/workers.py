@@ -47,6 +47,7 @@ from ..engine import CancelToken, Checkpoint, MethodOptions, Run, StepRecord, St
 from ..engine.objectives.base import Objective
 from ..engine.records import StopReason
 from ..engine.solvers.asktell import RemoteObjective
+from .logs import configure_logging
 from .problems import objective_bytes
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ POLL_SECONDS = 0.05  # how often a waiting server thread looks at its run's canc
 CHILD_POLL_SECONDS = 0.001  # how often a child's run looks for a cancel message, at most
 START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
 CHILD = (  # a worker process's program; its arguments: its socket's descriptor, the server
+    # (its pid) and the server's log format and level
     "import sys\n"
     "from multiprocessing.connection import Connection\n"
     f"from {__name__} import child_main\n"
-    "child_main(Connection(int(sys.argv[1])), int(sys.argv[2]))\n"
+    "child_main(Connection(int(sys.argv[1])), int(sys.argv[2]), *sys.argv[3:5])\n"
 )
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
@@ -272,9 +274,9 @@ def _die_with(server: int) -> None:
         os._exit(0)
 
 
-def child_main(conn: Connection, server: int) -> None:
+def child_main(conn: Connection, server: int, log_format: str, log_level: str) -> None:
     """A worker process of server `server` (its pid): iterate the runs it sends, one at a
-    time, until it exits.
+    time, until it exits; it logs as the server does (`log_format`, `log_level`).
 
     Interrupts and terminations are the server's to handle (it stops its runs, then its
     children): a child ignores them, and exits when told, when the server's socket closes,
@@ -282,6 +284,8 @@ def child_main(conn: Connection, server: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with(server)
+    configure_logging(log_format, log_level)
+    log.info("run worker process %d of server %d ready", os.getpid(), server)
     cache: dict[int, Objective] = {}
     outbox = _Outbox(conn)
     outbox.tell("ready", 0)
@@ -300,11 +304,12 @@ class Worker:
     nothing of the server's main module runs again in it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, logs: tuple[str, str]) -> None:
+        """Spawn the child; it logs in the server's (format, level) `logs`."""
         ours, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(theirs.fileno()), str(os.getpid())],
+                [sys.executable, "-c", CHILD, str(theirs.fileno()), str(os.getpid()), *logs],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's, not the child's
@@ -521,12 +526,15 @@ class WorkerPool:
         checkpoint_every: int,
         threads: Callable[[Objective], int] | None = None,
         cache_bytes: int = 256 * 1024**2,
+        logs: tuple[str, str] = ("text", "INFO"),
     ) -> None:
         """Spawn `count` children and wait until each is ready; a run's child sends the
         checkpoint of every `checkpoint_every`-th iteration; `threads(objective)` is the torch
         thread count its runs get (None: the child's default); each child keeps objectives
-        of at most `cache_bytes` together (--problem-cache-bytes)."""
+        of at most `cache_bytes` together (--problem-cache-bytes) and logs in the server's
+        (--log-format, --log-level) `logs`."""
         self._every = checkpoint_every
+        self._logs = logs
         self._threads = threads
         self._cache_bytes = cache_bytes
         self._dead: set[int] = set()  # keys of objectives the server no longer holds
@@ -543,7 +551,7 @@ class WorkerPool:
         self._all: list[Worker] = []
         try:
             for _ in range(count):
-                self._all.append(Worker())
+                self._all.append(Worker(logs))
             for worker in self._all:
                 worker.wait_ready()
         except BaseException:
@@ -596,12 +604,11 @@ class WorkerPool:
             return
         runs: list[ProcessRun] = []
 
-        def start(
+        def begin(
             objective: Objective,
             params: torch.Tensor,
             options: MethodOptions,
             stopping: StopCriteria,
-            *,
             cancel: CancelToken,
             resume: Checkpoint | None,
         ) -> ProcessRun:
@@ -623,6 +630,27 @@ class WorkerPool:
             run.begin()
             return run
 
+        def start(
+            objective: Objective,
+            params: torch.Tensor,
+            options: MethodOptions,
+            stopping: StopCriteria,
+            *,
+            cancel: CancelToken,
+            resume: Checkpoint | None,
+        ) -> ProcessRun:
+            nonlocal worker
+            try:
+                return begin(objective, params, options, stopping, cancel, resume)
+            except WorkerLost:
+                # Lost before the run began: most likely the child died while idle (a killed
+                # child's exit takes milliseconds to show, so the check above can miss it).
+                # The run has done nothing: a fresh child takes it, once.
+                worker = self._replace(worker)
+                if worker.lost:
+                    raise
+                return begin(objective, params, options, stopping, cancel, resume)
+
         try:
             yield start
         finally:
@@ -640,7 +668,7 @@ class WorkerPool:
         if self._closed:
             return worker
         try:
-            fresh = Worker()
+            fresh = Worker(self._logs)
         except Exception:
             log.exception("a run worker process could not be spawned")
             return worker
