@@ -19,7 +19,7 @@ constexpr int64_t kBlockedMin = 384;
 constexpr int64_t kBlockWidth = 320;
 // Up to this much work (N n^2) a float64 CPU product is tiled_lower_product's (measured:
 // see symmetric_product_into).
-constexpr int64_t kTiledWork = int64_t{1} << 22;
+constexpr int64_t kTiledWork = int64_t{1} << 23;
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
@@ -234,45 +234,48 @@ namespace {
 // Rows per chunk of the CPU row pass: fixed, so the partial sums (added in chunk order) and
 // hence the results do not depend on how many threads ran the chunks.
 constexpr int64_t kRowChunk = 512;
+constexpr int64_t kRowsGrain = int64_t{1} << 18;
 
-// The logistic loss's row pass on the CPU, one sweep instead of a dozen ATen passes (a small
-// problem's step was mostly their dispatch): z = X w + b; softplus(z) - y z summed; e = p - y
-// and s = p (1 - p) (p = sigmoid z), summed into X^T e and X^T s; and the scaled rows s X
-// for the Hessian's product. Sums in double. sums = [loss, X^T e (d), sum e, X^T s (d), sum s].
-template <typename scalar_t>
-void logistic_rows(const scalar_t* X, const scalar_t* y, const scalar_t* w, double b, int64_t N,
-                   int64_t d, scalar_t* xs, std::vector<double>& sums) {
+// One row's share of the sums: X^T e and X^T s (into ge, gs) and the scaled row s x (into
+// out); restrict-qualified so the loop vectorises.
+inline void scaled_row(const double* __restrict__ row, double e, double s, int64_t d,
+                       double* __restrict__ ge, double* __restrict__ gs,
+                       double* __restrict__ out) {
+  for (int64_t j = 0; j < d; ++j) {
+    ge[j] += e * row[j];
+    gs[j] += s * row[j];
+    out[j] = s * row[j];
+  }
+}
+
+// The logistic loss's row pass (float64, CPU), one sweep instead of a dozen ATen passes (a
+// small problem's step was mostly their dispatch), given z = X w + b, t = e^-|z| and
+// log1p(t) (vectorised ATen calls: a scalar exp, log1p and dot per row cost more than the
+// sweep): softplus(z) - y z summed; e = p - y and s = p (1 - p) (p = sigmoid z), summed into
+// X^T e and X^T s; and the scaled rows s X for the Hessian's product.
+// sums = [loss, X^T e (d), sum e, X^T s (d), sum s].
+void logistic_rows(const double* X, const double* y, const double* z, const double* t,
+                   const double* log1p_t, int64_t N, int64_t d, double* xs,
+                   std::vector<double>& sums) {
   const int64_t width = 2 * d + 3, chunks = (N + kRowChunk - 1) / kRowChunk;
   std::vector<double> partial(static_cast<size_t>(chunks * width), 0.0);
-  // threads only for ATen's grain of work (a small problem's OpenMP region costs more than
+  // threads only past kRowsGrain values (a smaller problem's OpenMP region costs more than
   // its rows: the breast-cancer job took 0.7 ms longer on two threads than on one)
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kRowChunk * d + 1));
+  const int64_t grain = std::max<int64_t>(1, kRowsGrain / (kRowChunk * (d + 1)));
   at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double* acc = partial.data() + c * width;
-      double* ge = acc + 1;
-      double* gs = acc + d + 2;
       for (int64_t i = c * kRowChunk, end = std::min(N, i + kRowChunk); i < end; ++i) {
-        const scalar_t* row = X + i * d;
-        double z = b;
-        for (int64_t j = 0; j < d; ++j) z += static_cast<double>(row[j]) * w[j];
-        const double yi = y[i];
+        const double zi = z[i], ti = t[i], yi = y[i];
         // softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), as logaddexp(z, 0)
-        const double t = std::exp(-std::abs(z));
-        acc[0] += std::max(z, 0.0) + std::log1p(t) - yi * z;
+        acc[0] += std::max(zi, 0.0) + log1p_t[i] - yi * zi;
         // p = sigmoid(z) and 1 - p from the same e^-|z|: p (1 - p) without cancellation
-        const double p = z >= 0 ? 1.0 / (1.0 + t) : t / (1.0 + t);
-        const double q = z >= 0 ? t / (1.0 + t) : 1.0 / (1.0 + t);
+        const double p = zi >= 0 ? 1.0 / (1.0 + ti) : ti / (1.0 + ti);
+        const double q = zi >= 0 ? ti / (1.0 + ti) : 1.0 / (1.0 + ti);
         const double e = p - yi, si = p * q;
-        scalar_t* out = xs + i * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const double v = row[j];
-          ge[j] += e * v;
-          gs[j] += si * v;
-          out[j] = static_cast<scalar_t>(si * v);
-        }
-        ge[d] += e;
-        gs[d] += si;
+        scaled_row(X + i * d, e, si, d, acc + 1, acc + d + 2, xs + i * d);
+        acc[1 + d] += e;
+        acc[2 + 2 * d] += si;
       }
     }
   });
@@ -292,37 +295,35 @@ System logistic_system(const at::Tensor& x, const at::Tensor& X, const at::Tenso
   const double inv_n = 1.0 / static_cast<double>(N);
   at::Tensor g = at::empty({n}, x.options());
   at::Tensor h = at::empty({n, n}, x.options());
-  if (X.is_cpu()) {  // one row pass, the tiled product, the rest written in place
+  // a small float64 problem on the CPU: one row pass, the tiled product, the rest written in
+  // place (larger ones, and float32, are GEMM-bound: the ATen calls below)
+  if (X.is_cpu() && x.scalar_type() == at::kDouble && N * n * n <= kTiledWork) {
     const at::Tensor Xc = X.contiguous(), yc = y.contiguous(), xc = x.contiguous();
+    at::Tensor z = at::mv(Xc, xc.narrow(0, 0, d));
+    if (fit_intercept) z.add_(xc[d]);
+    const at::Tensor t = z.abs().neg_().exp_(), log1p_t = at::log1p(t);
     const at::Tensor xs = at::empty({N, d}, X.options());
     std::vector<double> sums;
-    double ww = 0;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "logistic_rows", [&] {
-      const scalar_t* xp = xc.data_ptr<scalar_t>();
-      const double b = fit_intercept ? static_cast<double>(xp[d]) : 0.0;
-      logistic_rows<scalar_t>(Xc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), xp, b, N, d,
-                              xs.data_ptr<scalar_t>(), sums);
-    });
+    logistic_rows(Xc.data_ptr<double>(), yc.data_ptr<double>(), z.data_ptr<double>(),
+                  t.data_ptr<double>(), log1p_t.data_ptr<double>(), N, d,
+                  xs.data_ptr<double>(), sums);
     symmetric_product_into(h.narrow(0, 0, d).narrow(1, 0, d), Xc, xs, inv_n);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "logistic_system", [&] {
-      const scalar_t* xp = xc.data_ptr<scalar_t>();
-      scalar_t* gp = g.data_ptr<scalar_t>();
-      scalar_t* hp = h.data_ptr<scalar_t>();
-      const double* ge = sums.data() + 1;       // X^T e, then sum e
-      const double* gs = sums.data() + d + 2;   // X^T s, then sum s
-      for (int64_t j = 0; j < d; ++j) {
-        const double wj = xp[j];
-        ww += wj * wj;
-        gp[j] = static_cast<scalar_t>(ge[j] * inv_n + l2 * wj);
-        hp[j * n + j] += static_cast<scalar_t>(l2);
-      }
-      if (fit_intercept) {
-        gp[d] = static_cast<scalar_t>(ge[d] * inv_n);
-        for (int64_t j = 0; j < d; ++j)
-          hp[d * n + j] = hp[j * n + d] = static_cast<scalar_t>(gs[j] * inv_n);
-        hp[d * n + d] = static_cast<scalar_t>(gs[d] * inv_n);
-      }
-    });
+    const double* xp = xc.data_ptr<double>();
+    double* gp = g.data_ptr<double>();
+    double* hp = h.data_ptr<double>();
+    const double* ge = sums.data() + 1;      // X^T e, then sum e
+    const double* gs = sums.data() + d + 2;  // X^T s, then sum s
+    double ww = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      ww += xp[j] * xp[j];
+      gp[j] = ge[j] * inv_n + l2 * xp[j];
+      hp[j * n + j] += l2;
+    }
+    if (fit_intercept) {
+      gp[d] = ge[d] * inv_n;
+      for (int64_t j = 0; j < d; ++j) hp[d * n + j] = hp[j * n + d] = gs[j] * inv_n;
+      hp[d * n + d] = gs[d] * inv_n;
+    }
     return {at::scalar_tensor(sums[0] * inv_n + 0.5 * l2 * ww, x.options()), g, h};
   }
   const at::Tensor w = x.narrow(0, 0, d);

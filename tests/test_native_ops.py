@@ -250,13 +250,15 @@ def test_logistic_system_is_exact_for_large_logits(fit_intercept):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fit_intercept", [False, True])
-def test_logistic_system_row_pass_over_chunks_and_strided_data(dtype, fit_intercept):
-    """The CPU row pass sums rows in fixed chunks of 512: 1,300 rows span three, stored
-    transposed (not contiguous); against torch.func in float64, and the
-    same bits whatever the thread count (the chunks' sums are added in order)."""
+@pytest.mark.parametrize(("rows", "d"), [(1300, 37), (40000, 7)])
+def test_logistic_system_row_pass_over_chunks_and_strided_data(dtype, fit_intercept, rows, d):
+    """The CPU row pass of a small float64 problem sums rows in fixed chunks of 512: 1,300
+    rows span three; 40,000 rows of 8 values are enough for both threads to take chunks.
+    X is stored transposed (not contiguous). Against torch.func in float64 (float32 takes
+    the ATen path), and in float64 the same bits whatever the thread count (the chunks'
+    sums are added in order)."""
     from hessian_service.engine import make_objective
 
-    rows, d = 1300, 37
     x = (torch.randn(d, rows, dtype=F64) / d**0.5).T.to(dtype)  # a transposed view
     y = torch.randint(0, 2, (rows,)).to(dtype)
     assert not x.is_contiguous()
@@ -267,16 +269,20 @@ def test_logistic_system_row_pass_over_chunks_and_strided_data(dtype, fit_interc
     for value, ref in zip(got, _reference_system(objective, p), strict=True):
         assert rel_err(value, ref) <= TOL[dtype]
     assert torch.equal(got[2], got[2].T)
+    if dtype != F64:
+        return  # ATen's float32 reductions split by thread count
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         alone = ops.logistic_regression_system(p, x, y, 0.05, fit_intercept)
+        torch.set_num_threads(2)
+        pair = ops.logistic_regression_system(p, x, y, 0.05, fit_intercept)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(alone, pair, strict=True))
 
 
-@pytest.mark.parametrize("rows", [4096, 4097])  # N n^2 = 2^22 (the tiled loop), then GEMM
+@pytest.mark.parametrize("rows", [8192, 8193])  # N n^2 = 2^23 (the tiled loop), then GEMM
 def test_gauss_newton_at_the_tiled_product_threshold(rows):
     jac = torch.randn(rows, 32, dtype=F64) / rows**0.5
     w = torch.rand(rows, dtype=F64) + 0.1

@@ -278,18 +278,24 @@ def test_a_record_of_a_slow_iteration_arrives_before_the_next_is_computed(rng):
     assert np.mean(gaps < 0.25 * spans) < 0.2, (gaps, spans)
 
 
+def _gradient_descent_case(rng, iterations: int) -> tuple:
+    """(objective, options, stopping, x0): gradient descent on a small logistic regression."""
+    from hessian_service.engine import MethodOptions, StopCriteria
+
+    stopping = StopCriteria(max_iterations=iterations, gradient_tolerance=0.0,
+                            function_tolerance=0.0, parameter_tolerance=0.0)  # fmt: skip
+    options = MethodOptions(method="gradient_descent", learning_rate=1e-2)
+    return _logistic_objective(rng, 200, 5), options, stopping, torch.zeros(6, dtype=torch.float64)
+
+
 def test_a_child_that_died_idle_unseen_hands_its_run_to_a_fresh_one(rng):
     """A killed child's exit takes milliseconds to show (poll() still says running): a run
     sent to it then is lost before it begins, and goes to a fresh child instead of ending
     INTERRUPTED (the resumed run of the killed-worker test did, now and then)."""
-    from hessian_service.engine import CancelToken, MethodOptions, Run, StopCriteria
+    from hessian_service.engine import CancelToken, Run
     from hessian_service.server.workers import WorkerPool
 
-    objective = _logistic_objective(rng, 200, 5)
-    options = MethodOptions(method="gradient_descent", learning_rate=1e-2)
-    stopping = StopCriteria(max_iterations=50, gradient_tolerance=0.0, function_tolerance=0.0,
-                            parameter_tolerance=0.0)  # fmt: skip
-    x0 = torch.zeros(6, dtype=torch.float64)
+    objective, options, stopping, x0 = _gradient_descent_case(rng, 50)
     pool = WorkerPool(1, 100)
     try:
         assert pool.takes(objective)
@@ -308,14 +314,10 @@ def test_a_child_that_died_idle_unseen_hands_its_run_to_a_fresh_one(rng):
 
 
 def test_a_late_cancel_of_an_ended_run_does_not_touch_the_next(rng):
-    from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
+    from hessian_service.engine import CancelToken
     from hessian_service.server.workers import WorkerPool
 
-    objective = _logistic_objective(rng, 200, 5)
-    options = MethodOptions(method="gradient_descent", learning_rate=1e-2)
-    stopping = StopCriteria(max_iterations=300, gradient_tolerance=0.0, function_tolerance=0.0,
-                            parameter_tolerance=0.0)  # fmt: skip
-    x0 = torch.zeros(6, dtype=torch.float64)
+    objective, options, stopping, x0 = _gradient_descent_case(rng, 300)
     pool = WorkerPool(1, 100)
     try:
         pool.takes(objective)

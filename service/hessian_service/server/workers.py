@@ -604,32 +604,6 @@ class WorkerPool:
             return
         runs: list[ProcessRun] = []
 
-        def begin(
-            objective: Objective,
-            params: torch.Tensor,
-            options: MethodOptions,
-            stopping: StopCriteria,
-            cancel: CancelToken,
-            resume: Checkpoint | None,
-        ) -> ProcessRun:
-            with self._lock:
-                key, nbytes = self._keys[objective]
-                dead = set(self._dead)
-            threads = self._threads(objective) if self._threads is not None else 0
-            carried, drop, keep = None, worker.forget(dead), False
-            if not worker.holds(key):
-                carried = objective
-                evicted, keep = worker.cache(key, nbytes, self._cache_bytes)
-                drop += evicted
-            seq, every = next(self._seq), self._every
-            job = ("run", seq, key, carried, params, options, stopping, resume, threads, every,
-                   drop, keep)  # fmt: skip
-            origin = resume if resume is not None else Checkpoint(0, params, {})
-            run = ProcessRun(worker, job, cancel, origin)
-            runs.append(run)  # drained on exit, even if it fails to begin
-            run.begin()
-            return run
-
         def start(
             objective: Objective,
             params: torch.Tensor,
@@ -640,16 +614,35 @@ class WorkerPool:
             resume: Checkpoint | None,
         ) -> ProcessRun:
             nonlocal worker
-            try:
-                return begin(objective, params, options, stopping, cancel, resume)
-            except WorkerLost:
-                # Lost before the run began: most likely the child died while idle (a killed
-                # child's exit takes milliseconds to show, so the check above can miss it).
-                # The run has done nothing: a fresh child takes it, once.
-                worker = self._replace(worker)
-                if worker.lost:
-                    raise
-                return begin(objective, params, options, stopping, cancel, resume)
+            with self._lock:
+                key, nbytes = self._keys[objective]
+                dead = set(self._dead)
+            threads = self._threads(objective) if self._threads is not None else 0
+            origin = resume if resume is not None else Checkpoint(0, params, {})
+            retried = False
+            while True:
+                carried, drop, keep = None, worker.forget(dead), False
+                if not worker.holds(key):
+                    carried = objective
+                    evicted, keep = worker.cache(key, nbytes, self._cache_bytes)
+                    drop += evicted
+                seq, every = next(self._seq), self._every
+                job = ("run", seq, key, carried, params, options, stopping, resume, threads,
+                       every, drop, keep)  # fmt: skip
+                run = ProcessRun(worker, job, cancel, origin)
+                runs.append(run)  # drained on exit, even if it fails to begin
+                try:
+                    run.begin()
+                    return run
+                except WorkerLost:
+                    # Lost before the run began: most likely the child died while idle (a
+                    # killed child's exit takes milliseconds to show, so the check above can
+                    # miss it). The run has done nothing: a fresh child takes it, once.
+                    if retried:
+                        raise
+                    retried, worker = True, self._replace(worker)
+                    if worker.lost:
+                        raise
 
         try:
             yield start
