@@ -1,7 +1,9 @@
-// Analytic loss, gradient and Hessian of the catalogue objectives, with ATen calls only
-// (any device), the dense products through BLAS: X^T D X as a symmetric rank-k update,
-// the softmax Hessian from its Kronecker structure with two matrix products. The ops
-// *_system and gauss_newton are registered here, for CPU and CUDA alike.
+// Analytic loss, gradient and Hessian of the catalogue objectives, with ATen calls (any
+// device), the dense products through BLAS: X^T D X as a symmetric rank-k update, the
+// softmax Hessian from its Kronecker structure with two matrix products. On the CPU a small
+// float64 problem takes loops of our own instead (logistic regression's row pass, a
+// register-tiled X^T D X), where dispatch and a thin GEMM's packing cost more than the
+// arithmetic. The ops *_system and gauss_newton are registered here, for CPU and CUDA alike.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,9 +19,21 @@ namespace {
 // Below this width one GEMM is cheaper than several blocked ones.
 constexpr int64_t kBlockedMin = 384;
 constexpr int64_t kBlockWidth = 320;
-// Up to this much work (N n^2) a float64 CPU product is tiled_lower_product's (measured:
-// see symmetric_product_into).
+// Up to this much work (N n^2) a float64 CPU product is tiled_lower_product's on two threads
+// (measured: see symmetric_product_into); tiled_work_limit scales it to the thread count.
 constexpr int64_t kTiledWork = int64_t{1} << 23;
+
+#if defined(__GNUC__)
+#define HESSIAN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define HESSIAN_ALWAYS_INLINE inline
+#endif
+
+// The largest N n^2 the tiled product takes: it runs on one thread, and a GEMM's time falls
+// with threads (2^23 on two; less on more, so many cores are not left idle).
+int64_t tiled_work_limit() {
+  return kTiledWork * 2 / std::max<int64_t>(2, at::get_num_threads());
+}
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
@@ -66,7 +80,7 @@ void mirror_lower(scalar_t* a, int64_t n, int64_t ld) {
 // The lower triangle of scale A^T B (A, B: N x n, row-major float64) in MR x NR tiles, each
 // accumulated over all N rows in registers, then scaled once; out has leading dimension ld.
 template <int MR, int NR>
-inline __attribute__((always_inline)) void lower_tiles(const double* a, const double* b,
+HESSIAN_ALWAYS_INLINE void lower_tiles(const double* a, const double* b,
                                                        int64_t N, int64_t n, double* out,
                                                        int64_t ld, double scale) {
   for (int64_t i0 = 0; i0 < n; i0 += MR) {
@@ -128,11 +142,11 @@ void tiled_lower_product(at::Tensor& out, const at::Tensor& a, const at::Tensor&
 }
 
 // out = scale A^T B, exactly symmetric. On the CPU only the lower triangle is computed, then
-// mirrored: a small float64 product (N n^2 <= kTiledWork) by tiled_lower_product, which
-// beats MKL's GEMM there even when that has two threads (31 against 37-61 us for breast
-// cancer's 569 x 31 on this project's AMD machine; slower beyond, and for float32, whose
-// GEMM accumulates in float); else below kBlockedMin columns in one GEMM, above in GEMMs of
-// the lower block rows.
+// mirrored: a small float64 product (N n^2 <= tiled_work_limit()) by tiled_lower_product,
+// which beats MKL's GEMM there even when that has two threads (31 against 37-61 us for
+// breast cancer's 569 x 31 on this project's AMD machine; slower beyond, and for float32,
+// whose GEMM accumulates in float); else below kBlockedMin columns in one GEMM, above in
+// GEMMs of the lower block rows.
 void symmetric_product_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
                             double scale) {
   const int64_t n = a.size(1);
@@ -144,7 +158,7 @@ void symmetric_product_into(at::Tensor out, const at::Tensor& a, const at::Tenso
   TORCH_CHECK(out.stride(1) == 1, "symmetric_product: output needs unit column stride");
   const bool tiled = out.scalar_type() == at::kDouble && a.scalar_type() == at::kDouble &&
                      b.scalar_type() == at::kDouble && a.is_contiguous() && b.is_contiguous();
-  if (tiled && a.size(0) * n * n <= kTiledWork) {
+  if (tiled && a.size(0) * n * n <= tiled_work_limit()) {
     tiled_lower_product(out, a, b, scale);
   } else if (n < kBlockedMin) {
     out.addmm_(a.t(), b, 0.0, scale);
@@ -232,15 +246,14 @@ System least_squares_system(const at::Tensor& x, const at::Tensor& X, const at::
 namespace {
 
 // Rows per chunk of the CPU row pass: fixed, so the partial sums (added in chunk order) and
-// hence the results do not depend on how many threads ran the chunks.
+// hence the row pass's sums do not depend on how many threads ran the chunks.
 constexpr int64_t kRowChunk = 512;
 constexpr int64_t kRowsGrain = int64_t{1} << 18;
 
 // One row's share of the sums: X^T e and X^T s (into ge, gs) and the scaled row s x (into
 // out); restrict-qualified so the loop vectorises.
-inline void scaled_row(const double* __restrict__ row, double e, double s, int64_t d,
-                       double* __restrict__ ge, double* __restrict__ gs,
-                       double* __restrict__ out) {
+inline void scaled_row(const double* __restrict row, double e, double s, int64_t d,
+                       double* __restrict ge, double* __restrict gs, double* __restrict out) {
   for (int64_t j = 0; j < d; ++j) {
     ge[j] += e * row[j];
     gs[j] += s * row[j];
@@ -297,7 +310,7 @@ System logistic_system(const at::Tensor& x, const at::Tensor& X, const at::Tenso
   at::Tensor h = at::empty({n, n}, x.options());
   // a small float64 problem on the CPU: one row pass, the tiled product, the rest written in
   // place (larger ones, and float32, are GEMM-bound: the ATen calls below)
-  if (X.is_cpu() && x.scalar_type() == at::kDouble && N * n * n <= kTiledWork) {
+  if (X.is_cpu() && x.scalar_type() == at::kDouble && N * n * n <= tiled_work_limit()) {
     const at::Tensor Xc = X.contiguous(), yc = y.contiguous(), xc = x.contiguous();
     at::Tensor z = at::mv(Xc, xc.narrow(0, 0, d));
     if (fit_intercept) z.add_(xc[d]);

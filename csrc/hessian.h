@@ -38,8 +38,9 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(
 SolveStatus solve_owned_symmetric(at::Tensor& h, const at::Tensor& g, double damping,
                                   int64_t max_attempts, at::Tensor& d);
 
-// A^T B for a product known to be symmetric, times `scale`; only the lower blocks are
-// multiplied when the result is large (a syrk-style rank-k update), the rest mirrored.
+// A^T B for a product known to be symmetric, times `scale`; only the lower triangle is
+// computed (a small float64 one by a tiled loop of our own, a large one in lower blocks, a
+// syrk-style rank-k update), the rest mirrored.
 at::Tensor symmetric_product(const at::Tensor& a, const at::Tensor& b, double scale);
 
 // (loss, grad, H) of the catalogue objectives, flat parameters as the engine lays them out.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pickle
 import socket
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
+import pytest
 import torch
 from hessian_service.engine import Checkpoint, MethodOptions, Run, StopCriteria, make_objective
 from hessian_service.server import workers
@@ -17,9 +19,15 @@ from hessian_service.server import workers
 WAIT = 2.0  # far above BATCH_SECONDS: only a record never sent misses it
 
 
-def _pair() -> tuple[Connection, Connection]:
+@pytest.fixture
+def pair() -> Iterator[tuple[Connection, Connection]]:
+    """(the child's end, the server's end) of a socket pair, closed afterwards (each test
+    ends its run, so its outbox's flusher has nothing left to send)."""
     ours, theirs = socket.socketpair()
-    return Connection(ours.detach()), Connection(theirs.detach())
+    child, server = Connection(ours.detach()), Connection(theirs.detach())
+    yield child, server
+    child.close()
+    server.close()
 
 
 def _records(count: int) -> list:
@@ -42,21 +50,23 @@ def _keys(records: list) -> list[tuple[int, float]]:
     return [(r.iteration, r.loss) for r in records]
 
 
-def test_a_lone_record_is_sent_without_waiting_for_the_next():
-    child, server = _pair()
+def test_a_lone_record_is_sent_without_waiting_for_the_next(pair, monkeypatch):
+    child, server = pair
+    monkeypatch.setattr(workers, "BATCH_SECONDS", 0.2)  # a window the test can see
     box = workers._Outbox(child)
     first, second = _records(2)
     box.begin(7)
-    box.add(first, None, False)  # within BATCH_SECONDS of the start: queued, then flushed
-    assert _next(server) == ("records", 7, _keys([first]), [])
+    box.add(first, None, False)  # within BATCH_SECONDS of the start: queued...
+    assert _next(server, 0.05) is None
+    assert _next(server) == ("records", 7, _keys([first]), [])  # ...then flushed
     box.add(second, None, False)
     assert _next(server) == ("records", 7, _keys([second]), [])
     box.end("end", ("done",))
     assert _next(server) == ("end", 7, [], [], None, ("done",))
 
 
-def test_the_stop_record_goes_with_the_end_and_order_is_kept():
-    child, server = _pair()
+def test_the_stop_record_goes_with_the_end_and_order_is_kept(pair):
+    child, server = pair
     box = workers._Outbox(child)
     records = _records(4)
     mark = Checkpoint(2, torch.zeros(3, dtype=torch.float64), {"lr": 1.0})
@@ -84,8 +94,8 @@ def test_the_stop_record_goes_with_the_end_and_order_is_kept():
     )
 
 
-def test_an_error_before_the_first_record_names_its_own_run():
-    child, server = _pair()
+def test_an_error_before_the_first_record_names_its_own_run(pair):
+    child, server = pair
     box = workers._Outbox(child)
     box.begin(1)
     box.end("end", ("x",))

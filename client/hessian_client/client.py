@@ -481,6 +481,9 @@ class Client(_Api):
     certificate. Idempotent calls (GetRun, ListRuns, GetServerInfo, CreateProblem) are
     retried on UNAVAILABLE by gRPC's retry policy. `address` may name several replicas
     (dns:///name:port, or a list of IP:port): calls then go round robin to the healthy ones.
+    Streams are read on the thread that iterates them (gRPC's SingleThreadedUnaryStream:
+    no channel thread per call), so a stream opened on `stub` directly knows its `code()`
+    and `details()` once it has been read to its end.
     """
 
     def __init__(

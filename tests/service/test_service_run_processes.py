@@ -368,8 +368,9 @@ def test_an_interrupt_stops_the_server_and_its_runs_resumably(tmp_path, rng):
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_a_worker_process_logs_as_the_server_does(capfd, log_format):
-    """A child's log lines (an engine warning inside a run, its own start) have the server's
-    format and level: JSON lines stay parseable with --log-format json."""
+    """A child's log lines have the server's format and level (its start line here; an
+    engine warning inside a run goes the same way): JSON lines stay parseable with
+    --log-format json."""
     import json
     import re
 

@@ -164,9 +164,10 @@ def _tell(conn: Connection, *message: Any) -> None:
 class _Outbox:
     """A child's messages to the server. A run's records go in batches: at once when the
     last send is BATCH_SECONDS old or BATCH_RECORDS wait, else by the flusher thread when
-    it is, so a record never waits on the next iteration, however long that takes. The
-    record a run stops at stays for the end, which says which it is (ProcessRun finishes
-    the run there)."""
+    it is, so a record does not wait on the next iteration (only on a call that holds the
+    interpreter lock). The record a run stops at stays for the end, which says which it is
+    (ProcessRun finishes the run there). Records and checkpoints may be pickled while the
+    next iteration runs: they are snapshots the run never changes."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -231,8 +232,12 @@ class _Outbox:
                 wait = self._sent + BATCH_SECONDS - time.monotonic()
                 if wait > 0:
                     self._cond.wait(wait)
-                else:
+                    continue
+                try:
                     self._send_batch()
+                except Exception:  # records held for good would stall the run's watchers
+                    log.exception("a run worker process could not send its records")
+                    os._exit(1)  # the server ends the run INTERRUPTED and replaces the child
 
 
 def _child_run(
@@ -526,7 +531,7 @@ class WorkerPool:
         checkpoint_every: int,
         threads: Callable[[Objective], int] | None = None,
         cache_bytes: int = 256 * 1024**2,
-        logs: tuple[str, str] = ("text", "INFO"),
+        logs: tuple[str, str] = ("json", "INFO"),
     ) -> None:
         """Spawn `count` children and wait until each is ready; a run's child sends the
         checkpoint of every `checkpoint_every`-th iteration; `threads(objective)` is the torch
@@ -590,8 +595,9 @@ class WorkerPool:
         """Hold a worker; yields `start(objective, params, options, stopping, cancel=,
         resume=)` -> ProcessRun (the engine Run's arguments), or None when no child can be
         had (the pool is closed, or a child died and a new one would not start: the caller
-        iterates on its thread). On exit the run is drained and the worker put back (a lost
-        one replaced)."""
+        iterates on its thread). A run whose child is lost before it began goes to a fresh
+        child, once. On exit the run is drained and the worker put back (a lost one
+        replaced)."""
         if self._closed:
             yield None
             return
@@ -634,12 +640,14 @@ class WorkerPool:
                 try:
                     run.begin()
                     return run
-                except WorkerLost:
+                except WorkerLost as exc:
                     # Lost before the run began: most likely the child died while idle (a
                     # killed child's exit takes milliseconds to show, so the check above can
-                    # miss it). The run has done nothing: a fresh child takes it, once.
+                    # miss it). The run has done nothing: a fresh child takes it, once (a
+                    # run whose objective kills its child on arrival costs two children).
                     if retried:
                         raise
+                    log.warning("%s before its run began; a fresh one takes the run", exc)
                     retried, worker = True, self._replace(worker)
                     if worker.lost:
                         raise
