@@ -17,6 +17,8 @@ from hessian_service.engine.backends.selector import native_status
 F32, F64 = torch.float32, torch.float64
 SIZES = (1, 2, 25, 64, 65, 300)
 TOL = {F64: 1e-12, F32: 1e-5}
+# the backends this build runs: a test over both compares them where the extension loaded
+BACKENDS = ["autograd"] + (["native"] if native_status()[0] else [])
 
 
 def require_native() -> None:

@@ -23,15 +23,12 @@ from hessian_service.engine import (
 )
 from hessian_service.engine.analysis.curvature_summary import dense_curvature, spectrum_summary
 from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
-from hessian_service.engine.backends.selector import native_status
 from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.options import METHODS, STEP_POLICIES
 from hessian_service.engine.records import StopReason
+from native_support import BACKENDS, F64
 from problems import NO_TOL, Saddle, breast_cancer
 from sklearn.linear_model import LogisticRegression
-
-F64 = torch.float64
-BACKENDS = ["autograd"] + (["native"] if native_status()[0] else [])
 
 
 def saddle_hessian(x: float, y: float) -> np.ndarray:

@@ -24,13 +24,11 @@ from hessian_service.engine import (
     make_objective,
     take_step,
 )
-from hessian_service.engine.backends.selector import native_status
 from hessian_service.engine.records import StopReason
+from native_support import BACKENDS, F64
 from sklearn.linear_model import LogisticRegression
 
-F64 = torch.float64
 EPS = float(np.finfo(np.float64).eps)
-BACKENDS = ["autograd"] + (["native"] if native_status()[0] else [])
 L2, ROWS, FEATURES = 1e-2, 300, 5
 # (objective, seed, fit_intercept): each ended no_progress or parameters_stalled before the fix
 CASES = [
