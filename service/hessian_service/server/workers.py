@@ -202,14 +202,12 @@ class _Outbox:
         """Queue a record (with the checkpoint stored at it; `stops`: the run stopped there)."""
         with self._cond:
             self._batch.append(record)
-            self._added = time.monotonic()
+            self._added = now = time.monotonic()
             if checkpoint is not None:
                 self._marks.append((len(self._batch) - 1, checkpoint))
             if stops:
                 self._stop_index = len(self._batch) - 1
-            elif (
-                len(self._batch) >= BATCH_RECORDS or time.monotonic() - self._sent >= BATCH_SECONDS
-            ):
+            elif len(self._batch) >= BATCH_RECORDS or now - self._sent >= BATCH_SECONDS:
                 self._send_batch()
             elif not self._armed:
                 self._cond.notify()  # the flusher sends it when the last send is old enough
