@@ -15,6 +15,7 @@ from conftest import ROOT, start_server
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_service.engine.records import StepRecord
 from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint, StoreError
+from hessian_service.store.sqlite import SCHEMA_VERSION
 
 RECORDS = 3000
 
@@ -114,7 +115,7 @@ def test_a_new_store_is_created_whole_and_a_leftover_half_made_one_is_ignored(tm
     assert not (tmp_path / "runs.sqlite3.new").exists()
     with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
         assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
 
 
@@ -175,7 +176,7 @@ def test_a_version_0_store_is_migrated_and_its_runs_and_problems_are_the_anonymo
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
 
 
@@ -184,5 +185,6 @@ def test_a_store_from_a_newer_server_is_refused(tmp_path):
     with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
         db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(StoreError, match="schema version 99, newer than this server's 1"):
+    newest = f"schema version 99, newer than this server's {SCHEMA_VERSION}"
+    with pytest.raises(StoreError, match=newest):
         SQLiteRunStore(tmp_path)

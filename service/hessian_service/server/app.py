@@ -228,7 +228,7 @@ def build_server(
         max_optimize_runs=config.max_optimize_runs,
         checkpoint_every=config.checkpoint_every,
         max_runs_per_owner=config.max_runs_per_token,
-        on_record=(lambda backend: metrics.records.labels(backend).inc()) if metrics else None,
+        on_record=metrics.count_record if metrics else None,
         threads=threads,
         max_iterations=config.max_iterations,
         max_stored_runs=config.max_stored_runs,

@@ -10,8 +10,9 @@ import base64
 import enum
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import numpy as np
@@ -57,6 +58,7 @@ RECORD_FIELDS = [
     for f in fields(StepRecord)
     if f.name in optimize_pb2.StepRecord.DESCRIPTOR.fields_by_name and f.name not in RECORD_ENUMS
 ]
+_record_getter = attrgetter(*RECORD_FIELDS)
 M = TypeVar("M", bound=Message)
 
 
@@ -178,9 +180,11 @@ def enum_name(enum_type: Any, value: int, field: str) -> str | None:
 
 def enum_value(enum_type: Any, name: str) -> int:
     """The wire value of an engine name (0, UNSPECIFIED, when unknown or empty)."""
+    if not name:
+        return 0
     desc = _enum_descriptor(enum_type)
     prefix = desc.values[0].name.removesuffix("UNSPECIFIED")
-    known = desc.values_by_name.get(prefix + name.upper()) if name else None
+    known = desc.values_by_name.get(prefix + name.upper())
     return known.number if known is not None else 0
 
 
@@ -269,15 +273,28 @@ def decode_page_token(token: str, field: str = "page_token") -> tuple[float, str
     return value[0], value[1]
 
 
-def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:
-    """The wire StepRecord (the engine's dataclass fields that the wire has, one for one)."""
-    msg = optimize_pb2.StepRecord(**{name: getattr(record, name) for name in RECORD_FIELDS})
+def _record_values(record: StepRecord) -> dict[str, Any]:
+    """The wire StepRecord's field values (the engine's dataclass fields that the wire has,
+    one for one; enums by value)."""
+    values = dict(zip(RECORD_FIELDS, _record_getter(record), strict=True))
     for name, enum_type in RECORD_ENUMS.items():
-        setattr(msg, name, enum_value(enum_type, getattr(record, name)))
+        values[name] = enum_value(enum_type, getattr(record, name))
+    return values
+
+
+def record_to_wire(record: StepRecord, out: Message | None = None) -> optimize_pb2.StepRecord:
+    """The wire StepRecord (into `out` when given)."""
+    msg = optimize_pb2.StepRecord(**_record_values(record))
     if out is None:
         return msg
     out.CopyFrom(msg)
     return out
+
+
+def add_records(repeated: Any, records: Iterable[StepRecord]) -> None:
+    """Append `records` to a repeated StepRecord field, each built in place (no copy)."""
+    for record in records:
+        repeated.add(**_record_values(record))
 
 
 def _by_name(enum: type[enum.Enum], wire: Any, prefix: str) -> dict[Any, int]:

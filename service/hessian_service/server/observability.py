@@ -93,6 +93,9 @@ class Metrics:
             registry=r,
         )
         self._http: Any = None
+        # a record is counted per iteration: its backend's child once, not labels() each time
+        self.count_record: Callable[[str], None] = lambda backend: self._record_child(backend).inc()
+        self._record_child = functools.cache(self.records.labels)
 
     def watch_runs(self, queue_depth: Callable[[], int], active: Callable[[], int]) -> None:
         """Read the queue depth and active runs at scrape time."""

@@ -243,8 +243,7 @@ class Optimizer:
         """The records since `sent`, durable or not yet: the caller driving the run sees
         each step before its next evaluation (its callback may stop the run there)."""
         records = live.records_since(sent)
-        for record in records:
-            codec.record_to_wire(record, response.records.add())
+        codec.add_records(response.records, records)
         return sent + len(records)
 
     def _on_request(self, request: Any, exchange: Exchange, run_id: str) -> None:

@@ -64,8 +64,7 @@ INLINE_MAX_REQUEST_BYTES = 64 * 1024  # a step request decoded on the event loop
 def _event(records: list) -> service_pb2.WatchRunEvent:
     """One stream event carrying `records` (already in iteration order)."""
     event = service_pb2.WatchRunEvent()
-    for record in records:
-        codec.record_to_wire(record, event.records.add())
+    codec.add_records(event.records, records)
     return event
 
 

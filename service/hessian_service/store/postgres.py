@@ -100,6 +100,9 @@ UPDATE runs SET stored_bytes =
     + COALESCE((SELECT SUM(octet_length(params)) FROM checkpoints c
                 WHERE c.run_id = runs.run_id), 0);
 """,
+    # records written as layout arrays (layout.RECORD_LAYOUTS), which an older server cannot
+    # read: no statement, the version alone makes an older server refuse the store
+    3: "",
 }
 USED_BYTES = (
     "SELECT (SELECT COALESCE(SUM(stored_bytes), 0) FROM runs) + (SELECT COALESCE(SUM(b), 0) "
@@ -664,7 +667,8 @@ def _migrate(conn: psycopg.Connection, where: str) -> None:
             if version == SCHEMA_VERSION:
                 return
             target = version + 1
-            conn.execute(MIGRATIONS[target])
+            if MIGRATIONS[target]:
+                conn.execute(MIGRATIONS[target])
             conn.execute(
                 "INSERT INTO hessian_meta VALUES ('schema_version', %s) ON CONFLICT (key) "
                 "DO UPDATE SET value = EXCLUDED.value",

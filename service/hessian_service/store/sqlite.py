@@ -90,6 +90,9 @@ CREATE TABLE problem_owners (
 INSERT INTO problem_owners
     SELECT problem_id, '{ANONYMOUS_OWNER}', created_at, length(blob) FROM problems;
 """,
+    # records written as layout arrays (layout.RECORD_LAYOUTS), which an older server cannot
+    # read: no statement, the version alone makes an older server refuse the store
+    2: "",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 FULL_CODES = ("SQLITE_FULL",)
