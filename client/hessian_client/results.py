@@ -219,8 +219,14 @@ class StepRecord(_StepRecordFields):  # type: ignore[misc,valid-type]
 
     @classmethod
     def from_wire(cls, msg: optimize_pb2.StepRecord) -> StepRecord:
-        """The typed record of a wire StepRecord (every field, iteration 0 included)."""
-        return cls(**wire_values(msg, _STEP_CONVERTED), raw=msg)
+        """The typed record of a wire StepRecord (every field, iteration 0 included).
+
+        Built without the frozen dataclass's __init__ (which sets each of two dozen fields
+        through object.__setattr__: two thirds of a streamed record's decoding): every
+        field is in the values, as pickle restores a frozen instance."""
+        record = object.__new__(cls)
+        record.__dict__.update(wire_values(msg, _STEP_CONVERTED), raw=msg)
+        return record
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,39 @@ def test_step_record_has_every_wire_field_with_its_type(client):
     assert got.record.raw.loss == got.record.loss
 
 
+def test_a_decoded_record_is_the_dataclass_its_constructor_builds():
+    # from_wire skips the frozen __init__ for speed: on fresh random wire records every field,
+    # equality, hashing, immutability, copies and replace() match a constructor-built one
+    import copy
+
+    from hessian_client.results import _STEP_CONVERTED, wire_values
+
+    rng = np.random.default_rng()
+    verdicts = list(optimize_pb2.Verdict.values())
+    for _ in range(50):
+        msg = optimize_pb2.StepRecord()
+        for fd in msg.DESCRIPTOR.fields:
+            if fd.name == "end_point":
+                msg.end_point = int(rng.choice(verdicts))
+            elif fd.type == fd.TYPE_DOUBLE:
+                setattr(msg, fd.name, float(rng.standard_normal() * 10.0 ** rng.integers(-9, 9)))
+            elif fd.type == fd.TYPE_BOOL:
+                setattr(msg, fd.name, bool(rng.integers(2)))
+            elif fd.type == fd.TYPE_STRING:
+                setattr(msg, fd.name, str(rng.integers(1000)))
+            else:
+                setattr(msg, fd.name, int(rng.integers(-(2**31), 2**31)))
+        built = StepRecord(**wire_values(msg, _STEP_CONVERTED), raw=msg)
+        decoded = StepRecord.from_wire(msg)
+        assert type(decoded) is StepRecord
+        assert decoded == built and hash(decoded) == hash(built)
+        assert dataclasses.asdict(decoded) == dataclasses.asdict(built)
+        assert copy.copy(decoded) == built and copy.deepcopy(decoded) == built
+        assert dataclasses.replace(decoded, loss=1.0) == dataclasses.replace(built, loss=1.0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decoded.loss = 0.0  # type: ignore[misc]
+
+
 def test_curvature_result_has_every_wire_field_converted():
     from hessian_client import CurvatureResult, DensityResult, TraceResult, Verdict, tensors
     from hessian_client.curvature import from_wire
