@@ -221,11 +221,15 @@ class StepRecord(_StepRecordFields):  # type: ignore[misc,valid-type]
     def from_wire(cls, msg: optimize_pb2.StepRecord) -> StepRecord:
         """The typed record of a wire StepRecord (every field, iteration 0 included).
 
-        Built without the frozen dataclass's __init__ (which sets each of two dozen fields
-        through object.__setattr__: two thirds of a streamed record's decoding): every
-        field is in the values, as pickle restores a frozen instance."""
+        A StepRecord is built without the frozen dataclass's __init__ (which sets each of two
+        dozen fields through object.__setattr__: two thirds of a streamed record's
+        decoding), every field from the values, as pickle restores a frozen instance; a
+        subclass gets its own __init__ (and __post_init__)."""
+        values = wire_values(msg, _STEP_CONVERTED)
+        if cls is not StepRecord:
+            return cls(**values, raw=msg)
         record = object.__new__(cls)
-        record.__dict__.update(wire_values(msg, _STEP_CONVERTED), raw=msg)
+        record.__dict__.update(values, raw=msg)
         return record
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import pathlib
 import threading
 from concurrent import futures
@@ -85,6 +86,16 @@ def test_a_decoded_record_is_the_dataclass_its_constructor_builds():
         assert dataclasses.replace(decoded, loss=1.0) == dataclasses.replace(built, loss=1.0)
         with pytest.raises(dataclasses.FrozenInstanceError):
             decoded.loss = 0.0  # type: ignore[misc]
+        assert repr(decoded) == repr(built)
+
+    @dataclasses.dataclass(frozen=True)
+    class Tagged(StepRecord):
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "tag", f"loss {self.loss}")
+
+    msg.loss = float("nan")
+    tagged = Tagged.from_wire(msg)  # a subclass's own __init__ and __post_init__ run
+    assert type(tagged) is Tagged and tagged.tag == "loss nan" and math.isnan(tagged.loss)
 
 
 def test_curvature_result_has_every_wire_field_converted():

@@ -8,7 +8,6 @@ The cap is checked against what PostgreSQL itself reports the stored payload to 
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -25,7 +24,9 @@ from hessian_service.store import (
     StoreCorruptError,
     StoredCheckpoint,
     StoreFullError,
+    layout,
 )
+from hessian_service.store.postgres import COMPACT_RECORDS
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
 from store_full_runs import (
     CAPPED_ITERATIONS,
@@ -103,7 +104,7 @@ def test_the_size_cap_refuses_the_write_that_would_pass_it_and_a_delete_frees_ro
                 break
             committed += 1
             assert _payload(postgres_dsn) <= cap
-        size = len(json.dumps(vars(record)))  # the record's JSON text, as PostgreSQL stores it
+        size = len(layout.record_json(record, COMPACT_RECORDS))  # as PostgreSQL stores it
         assert before <= cap < before + size, (before, size, cap)
         assert f"--max-store-bytes {cap}" in str(refused)
         assert _payload(postgres_dsn) == before  # the refused commit left nothing

@@ -1,7 +1,8 @@
-"""Records are stored as layout arrays ([layout, values...]): every value round-trips exactly,
-records stored as JSON objects before layouts still read (from SQLite and PostgreSQL, in a
-store migrated from the version before), and a layout this server does not know is a
-StoreError naming it, not a wrong record."""
+"""SQLite stores records as layout arrays ([layout, values...]): every value round-trips
+exactly, records stored as JSON objects before layouts still read (in a store migrated from
+the version before), and a layout this server does not know is a StoreError naming it, not
+a wrong record. PostgreSQL, shared with older replicas during a rolling update, still
+writes objects that a release before layouts reads, and reads array rows too."""
 
 from __future__ import annotations
 
@@ -88,6 +89,10 @@ def test_a_record_stored_as_a_json_object_still_reads_and_ignores_unknown_keys()
     record = _random_record(rng, 7)
     values = dataclasses.asdict(record) | {"a_field_this_version_lacks": 1.5}
     assert _same(layout.record_from_json(json.dumps(values)), record)
+    for i in range(50):  # the object form a shared store still writes round-trips too
+        record = _random_record(rng, i)
+        text = layout.record_json(record, compact=False)
+        assert text.startswith("{") and _same(layout.record_from_json(text), record)
 
 
 def test_an_older_layout_reads_its_names_and_defaults_the_rest(monkeypatch):
@@ -103,10 +108,15 @@ def test_an_older_layout_reads_its_names_and_defaults_the_rest(monkeypatch):
         (f"[{layout.RECORD_LAYOUT},1,2.0]", "with 2 values"),
         ('["1",1,2.0]', "layout '1'"),
         ("[]", "layout None"),
+        ("[true,1,2.0]", "layout True"),
+        ("[1.0,1,2.0]", "layout 1.0"),
+        ("null", "NoneType JSON"),
+        ("5", "int JSON"),
+        ('"x"', "str JSON"),
     ],
 )
 def test_a_layout_this_server_does_not_read_is_a_store_error_naming_it(text, named):
-    with pytest.raises(StoreError, match="this server does not read") as err:
+    with pytest.raises(StoreError) as err:
         layout.record_from_json(text)
     assert named in str(err.value)
 
@@ -156,43 +166,46 @@ def test_sqlite_a_store_of_the_version_before_is_migrated_and_its_object_records
     assert [t[0] for t in texts] == ["{"] * 5 + ["["] * 4
 
 
-def test_postgres_object_records_read_beside_layout_ones_after_the_migration(postgres_dsn):
+def _old_reader(text: str) -> StepRecord:
+    """How a release before layouts reads a stored record (a JSON object, nothing else)."""
+    values = json.loads(text)
+    return StepRecord(**{k: v for k, v in values.items() if k in {f.name for f in FIELDS}})
+
+
+def test_postgres_writes_objects_a_replica_of_the_release_before_reads_and_reads_arrays(
+    postgres_dsn,
+):
+    # A rolling update has replicas of the release before (object records only) and this
+    # one on the same database: everything this one writes, the old one must read.
     rng = np.random.default_rng()
-    old = [_random_record(rng, i) for i in range(4)]
-    store = PostgresRunStore(postgres_dsn)
-    store.create_run(_row("r-old"), _cp(0))
-    store.close()
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        for r in old:
-            conn.execute(
-                "INSERT INTO records VALUES ('r-old', %s, %s)", (r.iteration, _object_json(r))
-            )
-        conn.execute(
-            "UPDATE runs SET num_records = 4, last_record = %s WHERE run_id = 'r-old'",
-            (_object_json(old[-1]),),
-        )
-        version = conn.execute(
-            "SELECT value FROM hessian_meta WHERE key = 'schema_version'"
-        ).fetchone()[0]
-        conn.execute(  # back to the version before layouts
-            "UPDATE hessian_meta SET value = %s WHERE key = 'schema_version'",
-            (str(int(version) - 1),),
-        )
+    written = [_random_record(rng, i) for i in range(6)]
     store = PostgresRunStore(postgres_dsn)
     try:
-        new = [_random_record(rng, i) for i in range(4, 7)]
-        for record in new:
-            store.append_record("r-old", record)
+        store.create_run(_row("r-mixed"), _cp(0))
+        for record in written[:3]:
+            store.append_record("r-mixed", record)
         store.flush()
-        read = store.records("r-old", 0, 100)
-        assert len(read) == 7 and all(map(_same, read, old + new))
-        assert _same(store.get_run("r-old").last_record, new[-1])
+        store.update_run("r-mixed", last_record=written[2])
     finally:
         store.close()
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        assert (
-            conn.execute("SELECT value FROM hessian_meta WHERE key = 'schema_version'").fetchone()[
-                0
-            ]
-            == version
+        texts = [t for (t,) in conn.execute("SELECT record FROM records ORDER BY iteration")]
+        (last,) = conn.execute("SELECT last_record FROM runs WHERE run_id = 'r-mixed'").fetchone()
+        assert len(texts) == 3 and all(map(_same, map(_old_reader, texts), written[:3]))
+        assert _same(_old_reader(last), written[2])
+        for r in written[3:]:  # rows as a later release will write them
+            conn.execute(
+                "INSERT INTO records VALUES ('r-mixed', %s, %s)",
+                (r.iteration, layout.record_json(r)),
+            )
+        conn.execute(
+            "UPDATE runs SET num_records = 6, last_record = %s WHERE run_id = 'r-mixed'",
+            (layout.record_json(written[-1]),),
         )
+    store = PostgresRunStore(postgres_dsn)
+    try:
+        read = store.records("r-mixed", 0, 100)
+        assert len(read) == 6 and all(map(_same, read, written))
+        assert _same(store.get_run("r-mixed").last_record, written[-1])
+    finally:
+        store.close()

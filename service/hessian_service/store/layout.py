@@ -46,8 +46,11 @@ _record_values = attrgetter(*RECORD_LAYOUTS[RECORD_LAYOUT])
 _compact = json.JSONEncoder(separators=(",", ":"))  # built once: dumps() builds one per call
 
 
-def record_json(record: StepRecord) -> str:
-    """A record as its stored JSON text: [layout, values...]."""
+def record_json(record: StepRecord, compact: bool = True) -> str:
+    """A record as its stored JSON text: [layout, values...], or with `compact` False the
+    JSON object every release reads (a store shared with older servers writes that)."""
+    if not compact:
+        return json.dumps(vars(record))
     return _compact.encode([RECORD_LAYOUT, *_record_values(record)])
 
 
@@ -59,6 +62,8 @@ def record_from_json(text: str | None) -> StepRecord | None:
     values = json.loads(text)
     if isinstance(values, dict):  # written before layouts
         return StepRecord(**{k: v for k, v in values.items() if k in RECORD_FIELDS})
+    if not isinstance(values, list):
+        raise StoreError(f"a stored record is {type(values).__name__} JSON, not a record")
     names = RECORD_LAYOUTS.get(values[0]) if values and type(values[0]) is int else None
     if names is None or len(names) != len(values) - 1:
         raise StoreError(
@@ -72,9 +77,10 @@ def record_from_json(text: str | None) -> StepRecord | None:
     return StepRecord(**{k: v for k, v in named if k in RECORD_FIELDS})
 
 
-def encode_fields(values: dict[str, Any]) -> dict[str, Any]:
-    """RunRow field values as column values (spec and last_record as JSON, converged 0/1);
-    KeyError for a name that is no RunRow field."""
+def encode_fields(values: dict[str, Any], compact: bool = True) -> dict[str, Any]:
+    """RunRow field values as column values (spec and last_record as JSON, the record
+    `compact` as in record_json; converged 0/1); KeyError for a name that is no RunRow
+    field."""
     unknown = set(values) - set(ROW_FIELDS)
     if unknown:
         raise KeyError(f"unknown run fields {sorted(unknown)}")
@@ -83,16 +89,16 @@ def encode_fields(values: dict[str, Any]) -> dict[str, Any]:
         if key == "spec":
             value = json.dumps(value)
         elif key == "last_record":
-            value = None if value is None else record_json(value)
+            value = None if value is None else record_json(value, compact)
         elif key == "converged":
             value = int(bool(value))
         out[key] = value
     return out
 
 
-def row_values(row: RunRow) -> list[Any]:
+def row_values(row: RunRow, compact: bool = True) -> list[Any]:
     """The column values of a whole run, in ROW_FIELDS order."""
-    encoded = encode_fields({k: getattr(row, k) for k in ROW_FIELDS})
+    encoded = encode_fields({k: getattr(row, k) for k in ROW_FIELDS}, compact)
     return [encoded[k] for k in ROW_FIELDS]
 
 

@@ -100,15 +100,16 @@ UPDATE runs SET stored_bytes =
     + COALESCE((SELECT SUM(octet_length(params)) FROM checkpoints c
                 WHERE c.run_id = runs.run_id), 0);
 """,
-    # records written as layout arrays (layout.RECORD_LAYOUTS), which an older server cannot
-    # read: no statement, the version alone makes an older server refuse the store
-    3: "",
 }
 USED_BYTES = (
     "SELECT (SELECT COALESCE(SUM(stored_bytes), 0) FROM runs) + (SELECT COALESCE(SUM(b), 0) "
     "FROM (SELECT MAX(bytes) AS b FROM problem_owners GROUP BY problem_id) AS p)"
 )
 SCHEMA_VERSION = max(MIGRATIONS)
+# Records are written as JSON objects here, not layout arrays (layout.record_json): replicas
+# of a release before layouts share the database during a rolling update and read only
+# objects. Every release since reads both, so a later one can turn this on.
+COMPACT_RECORDS = False
 log = logging.getLogger(__name__)
 
 
@@ -266,7 +267,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
-        values = layout.row_values(row)
+        values = layout.row_values(row, COMPACT_RECORDS)
         with self._write() as cur:
             self._flush_locked(cur)  # a store that cannot commit what it has takes no new run
             if require_problem:
@@ -285,7 +286,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
             self._check_cap(cur)
 
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
-        encoded = layout.encode_fields(values)
+        encoded = layout.encode_fields(values, COMPACT_RECORDS)
         where, args = "run_id = %s", [run_id]
         if expect_status:
             where += " AND status = ANY(%s)"
@@ -601,8 +602,8 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 (
                     run_id,
                     [r.iteration for r in records],
-                    [layout.record_json(r) for r in records],
-                    layout.record_json(records[-1]),
+                    [layout.record_json(r, COMPACT_RECORDS) for r in records],
+                    layout.record_json(records[-1], COMPACT_RECORDS),
                     run_id,
                 ),
             )
@@ -667,8 +668,7 @@ def _migrate(conn: psycopg.Connection, where: str) -> None:
             if version == SCHEMA_VERSION:
                 return
             target = version + 1
-            if MIGRATIONS[target]:
-                conn.execute(MIGRATIONS[target])
+            conn.execute(MIGRATIONS[target])
             conn.execute(
                 "INSERT INTO hessian_meta VALUES ('schema_version', %s) ON CONFLICT (key) "
                 "DO UPDATE SET value = EXCLUDED.value",

@@ -95,6 +95,7 @@ INSERT INTO problem_owners
     2: "",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+COMPACT_RECORDS = True  # layout arrays (layout.record_json); version 2 keeps older servers out
 FULL_CODES = ("SQLITE_FULL",)
 CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 RESERVE_PAGES = 16
@@ -231,7 +232,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
-        values = layout.row_values(row)
+        values = layout.row_values(row, COMPACT_RECORDS)
         with self._write():
             self._flush_locked()  # a store that cannot commit what it has takes no new run
             if self._full is not None and self._pages:
@@ -251,7 +252,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             self._write_checkpoint(row.run_id, checkpoint)
 
     def update_run(self, run_id: str, *, expect_status: Sequence[str] = (), **values: Any) -> None:
-        encoded = layout.encode_fields(values)
+        encoded = layout.encode_fields(values, COMPACT_RECORDS)
         where, args = "run_id = ?", [run_id]
         if expect_status:
             where += f" AND status IN ({', '.join('?' * len(expect_status))})"
@@ -481,11 +482,11 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         for run_id, records in self._take_pending().items():
             cur = self._db.executemany(
                 "INSERT OR IGNORE INTO records VALUES (?, ?, ?)",
-                [(run_id, r.iteration, layout.record_json(r)) for r in records],
+                [(run_id, r.iteration, layout.record_json(r, COMPACT_RECORDS)) for r in records],
             )
             self._db.execute(
                 "UPDATE runs SET num_records = num_records + ?, last_record = ? WHERE run_id = ?",
-                (max(cur.rowcount, 0), layout.record_json(records[-1]), run_id),
+                (max(cur.rowcount, 0), layout.record_json(records[-1], COMPACT_RECORDS), run_id),
             )
 
     def _commit_queue(self) -> None:
