@@ -202,9 +202,19 @@ def test_children_keep_the_objectives_the_server_chooses(rng):
         gc.collect()
         assert losses(small[4]) == solo(small[4])  # (one the child keeps)
         assert gone not in worker.held
+        assert pool._dead == set()  # the server forgets the keys no child keeps
         # a run of an objective it let go of sends it again, and computes the same
         assert losses(small[0]) == solo(small[0])
         assert list(worker.held) == [keys[id(o)] for o in (small[3], small[4], small[0])]
+        # many problems come and go: the dead keys stay as few as the child keeps
+        for _ in range(12):
+            passing = _logistic_objective(rng, 50, 3)
+            assert losses(passing) == solo(passing)
+            del passing
+            gc.collect()
+            assert len(pool._dead) <= 1 and pool._dead <= set(worker.held)
+        assert losses(small[1]) == solo(small[1])
+        assert pool._dead == set()
     finally:
         pool.close()
 

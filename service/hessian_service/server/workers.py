@@ -550,7 +550,8 @@ class WorkerPool:
         self._logs = logs
         self._threads = threads
         self._cache_bytes = cache_bytes
-        self._dead: set[int] = set()  # keys of objectives the server no longer holds
+        # keys of objectives the server no longer holds that some child may still keep
+        self._dead: set[int] = set()
         self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -595,7 +596,7 @@ class WorkerPool:
                 key = next(self._key_seq)
                 self._keys[objective] = key, objective_bytes(objective)
                 # once the server lets go of it (deleted, evicted), so do the children
-                weakref.finalize(objective, self._dead.add, key)
+                weakref.finalize(objective, self._let_go, key)
         return True
 
     @contextlib.contextmanager
@@ -636,6 +637,8 @@ class WorkerPool:
             retried = False
             while True:
                 carried, drop, keep = None, worker.forget(dead), False
+                if drop:
+                    self._prune_dead()
                 if not worker.holds(key):
                     carried = objective
                     evicted, keep = worker.cache(key, nbytes, self._cache_bytes)
@@ -669,6 +672,23 @@ class WorkerPool:
                 worker = self._replace(worker)
             self._idle.put(worker)
 
+    def _let_go(self, key: int) -> None:
+        """The server let go of objective `key`: children keeping it drop it at their next
+        run (a key no child keeps is done with: keys are never reused). A finalizer: it
+        may run inside any locked section of this thread, so it takes no lock (set.add
+        and the lookups are atomic)."""
+        if any(key in worker.held for worker in list(self._all)):
+            self._dead.add(key)
+
+    def _prune_dead(self) -> None:
+        """Forget the dead keys no child keeps any more, in place (a key a finalizer adds
+        meanwhile stays), so the set stays as small as the children's caches however many
+        problems the server has let go of."""
+        workers = list(self._all)
+        self._dead.difference_update(
+            [k for k in list(self._dead) if not any(k in w.held for w in workers)]
+        )
+
     def _replace(self, worker: Worker) -> Worker:
         """A new child in place of a lost one, spawned and ready (`worker` itself, marked
         lost, when the pool is closed or a new one does not start)."""
@@ -692,6 +712,7 @@ class WorkerPool:
                 fresh.stop()
                 return worker
             self._all[self._all.index(worker)] = fresh
+        self._prune_dead()  # what only the lost child kept
         return fresh
 
     def close(self) -> None:
