@@ -111,19 +111,49 @@ def test_a_huge_block_size_is_named_not_max_lanczos_iterations(itemsize):
 
 
 def test_a_huge_batch_size_is_named_not_density_steps():
-    n = 100
-    options = SpectrumOptions(batch_size=10**6)
-    need = 10**6 * (options.density_steps + 1) * n * 8
+    n = 10**6
+    options = SpectrumOptions(batch_size=3000, density_probes=3000, density_steps=30)
+    need = 3000 * (options.density_steps + 1) * n * 8
     with pytest.raises(ResourceLimitError) as info:
         options.check_cost(n, 8, BUDGET, 10**5)
     assert info.value.field == "options.batch_size"
     message = str(info.value)
     assert f"need {need} bytes" in message and "options.density_steps + 1 = 31" in message
-    # long Lanczos runs with small batches: density_steps drives it
-    steps = SpectrumOptions(density_steps=10**4, density_probes=1)
+    # more probes a batch than there are probes: the probes are what a batch holds
+    fewer = SpectrumOptions(batch_size=10**6, density_probes=3000, density_steps=30)
     with pytest.raises(ResourceLimitError) as info:
-        steps.check_cost(10**4, 8, BUDGET, 10**5)
+        fewer.check_cost(n, 8, BUDGET, 10**5)
+    assert info.value.field == "options.density_probes" and f"need {need} bytes" in str(info.value)
+    # long Lanczos runs with small batches: density_steps drives it
+    steps = SpectrumOptions(density_steps=10**4, density_probes=4)
+    with pytest.raises(ResourceLimitError) as info:
+        steps.check_cost(10**5, 8, BUDGET, 10**5)
     assert info.value.field == "options.density_steps"
+
+
+def test_a_batch_is_sized_by_the_probes_it_can_hold(monkeypatch, rng):
+    """The density's batch holds min(batch_size, density_probes) probes: the defaults (16 a
+    batch, 4 probes) on a million float64 parameters need 1 GB, which the budget refused as
+    4 GB (16 probes) before. The batches the density actually forms are checked too."""
+    n = 10**6
+    options = SpectrumOptions(trace_samples=0, max_lanczos_iterations=10)
+    assert options.batch_size > options.density_probes
+    options.check_cost(n, 8, BUDGET, 10**5)  # refused before
+    steps = options.density_steps + 1
+    assert options.batch_size * steps * n * 8 > BUDGET >= options.density_probes * steps * n * 8
+    seen: list[int] = []
+    real = spectrum._batched_lanczos
+
+    def spy(counter: Any, probes: torch.Tensor, steps: int) -> Any:
+        seen.append(probes.shape[0])
+        return real(counter, probes, steps)
+
+    monkeypatch.setattr(spectrum, "_batched_lanczos", spy)
+    a = rng.standard_normal((6, 6))
+    data = {"A": torch.tensor(a @ a.T), "b": torch.zeros(6, dtype=F64)}
+    small = make_objective("quadratic", data)
+    analyze_curvature(small, torch.zeros(6, dtype=F64), SpectrumOptions(density_steps=3))
+    assert seen and max(seen) <= min(options.batch_size, options.density_probes)
 
 
 def test_the_trace_counts_every_probe_it_holds():

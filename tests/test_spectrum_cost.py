@@ -28,8 +28,8 @@ def test_lanczos_products_count_at_most_one_per_parameter():
 @pytest.mark.parametrize("itemsize", [4, 8])
 def test_the_memory_budget_counts_the_largest_set_of_working_vectors(itemsize):
     n = 10_000
-    options = SpectrumOptions(density_probes=2, density_steps=30, batch_size=16)
-    vectors = 16 * (30 + 1)  # SLQ: a batch of probes, each with its Lanczos basis
+    options = SpectrumOptions(density_probes=20, density_steps=30, batch_size=16)
+    vectors = 16 * (30 + 1)  # SLQ: a batch of 16 of the 20 probes, each with its Lanczos basis
     assert vectors > options.max_lanczos_iterations + 2 * options.block_size
     need = vectors * n * itemsize
     options.check_cost(n, itemsize, need, 10**9)

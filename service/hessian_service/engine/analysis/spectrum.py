@@ -175,8 +175,11 @@ class SpectrumOptions:
         m, b = min(self.max_lanczos_iterations, n), self.lanczos_block(n)
         trace = TRACE_VECTORS * self.trace_samples
         steps = self.density_steps + 1
-        density = self.batch_size * steps if self.density_probes else 0
-        wider = "batch_size" if self.batch_size > steps else "density_steps"
+        # a batch holds batch_size probes, or all of them when there are fewer
+        batch = min(self.batch_size, self.density_probes)
+        batch_field = "batch_size" if batch == self.batch_size else "density_probes"
+        density = batch * steps
+        wider = batch_field if batch > steps else "density_steps"
         phases = [
             (
                 f"block Lanczos's basis of {m} vectors ({p}.max_lanczos_iterations) with its "
@@ -193,9 +196,10 @@ class SpectrumOptions:
                 {f"{p}.trace_samples": trace * n * itemsize},
             ),
             (
-                f"{density} working vectors for the density ({p}.batch_size = "
-                f"{self.batch_size} probes a batch, each with {p}.density_steps + 1 = {steps} "
-                "Lanczos vectors)",
+                f"{density} working vectors for the density ({batch} probes a batch: "
+                f"{p}.batch_size = {self.batch_size}, {p}.density_probes = "
+                f"{self.density_probes}; each with {p}.density_steps + 1 = {steps} Lanczos "
+                "vectors)",
                 {f"{p}.{wider}": density * n * itemsize},
             ),
         ]
