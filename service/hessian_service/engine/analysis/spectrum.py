@@ -14,8 +14,8 @@ seed's question: is this point a minimum, a saddle, a maximum, or flat?
 Memory (SpectrumOptions.check_cost): for the extremes the Krylov basis (its dimension in
 n-vectors, the projected matrix and its eigenvectors) and BLOCK_VECTORS n-vectors a block
 column, the block being at most the Krylov dimension; TRACE_VECTORS n-vectors a trace sample;
-batch_size x (density_steps + 1) n-vectors for the density. The density's smoothing works
-through the grid in pieces of at most KERNEL_VALUES values.
+min(batch_size, density_probes) x (density_steps + 1) n-vectors for the density. The
+density's smoothing works through the grid in pieces of at most KERNEL_VALUES values.
 """
 
 from __future__ import annotations
