@@ -180,6 +180,68 @@ def test_watch_of_an_ended_run_pages_its_stored_records_then_the_final_row(store
     assert len(final) == 1 and final[0].status is RunStatus.FINISHED
 
 
+def test_watch_of_an_ended_run_that_fits_a_page_is_one_store_hop(store, monkeypatch):
+    """The records and the final row of a run that ended come in one event, read on one
+    thread hop (it was four: row, page, empty page, row)."""
+    manager = _manager(store)
+    hops = []
+    to_thread = asyncio.to_thread
+
+    async def counted(fn, *args):
+        hops.append(fn.__name__)
+        return await to_thread(fn, *args)
+
+    try:
+        row = _start(manager, GD, iterations=20)
+        _wait(manager, row.run_id)
+        monkeypatch.setattr(asyncio, "to_thread", counted)
+        got = []
+
+        async def watch() -> None:
+            async for records, final in manager.watch(row.run_id, None, 3, 100):
+                got.append((records, final))
+
+        asyncio.run(watch())
+    finally:
+        manager.shutdown(timeout=5)
+    assert hops == ["_live_then_row"]
+    ((records, final),) = got
+    assert _losses(records) == _losses(store.records(row.run_id, 3, 100))
+    assert [r.iteration for r in records] == list(range(3, 21))
+    assert final.status is RunStatus.FINISHED and final.num_records == 21
+
+
+def test_watch_of_a_run_resumed_while_its_page_is_read_does_not_end_there(store, monkeypatch):
+    """The row is read again after the records: if it says the run is active again (resumed
+    between the two reads) the watch goes on instead of ending on the old final row."""
+    manager = _manager(store)
+    try:
+        row = _start(manager, GD, iterations=20)
+        _wait(manager, row.run_id)
+        reads = itertools.count()
+        real = manager.get
+
+        def get(run_id, scope):
+            got = real(run_id, scope)
+            if next(reads) == 1:  # the read after the page: the run was resumed meanwhile
+                return RunRow(**{**vars(got), "status": RunStatus.RUNNING})
+            return got
+
+        monkeypatch.setattr(manager, "get", get)
+        got = []
+
+        async def watch() -> None:
+            async for records, final in manager.watch(row.run_id, None, 0, 100):
+                got.append((records, final))
+
+        asyncio.run(watch())
+    finally:
+        manager.shutdown(timeout=5)
+    assert got[0][1] is None, "not ended on the row read before the resumption"
+    assert [r.iteration for records, _ in got for r in records] == list(range(21))
+    assert got[-1][1].status is RunStatus.FINISHED and sum(f is not None for _, f in got) == 1
+
+
 def test_watch_of_a_live_run_sees_every_record_once_in_order(store):
     manager = _manager(store)
     try:

@@ -540,7 +540,8 @@ class RunManager:
     ) -> AsyncIterator[tuple[list[StepRecord], RunRow | None]]:
         """A run's records from `from_iteration` on, in batches of at most `page` without a
         gap, each as (batch, None), then its final row: ([], row), or (last batch, row) when
-        a live run's end arrives with its last records. Live records come from its LiveRun as
+        the end comes with the last records (a live run's end; a stored run's last page,
+        read with its row on one thread hop). Live records come from its LiveRun as
         they are committed, earlier ones (and those of a run executing elsewhere) from the
         store; waiting holds no thread (store reads run on the default executor), and a run
         live here whose owner is the caller's starts with no store read at all.
@@ -553,7 +554,15 @@ class RunManager:
         while True:
             live = self.live(run_id)  # live here and the caller's: no store read, no thread
             if live is None or scope not in (None, live.owner):
-                live, row = await asyncio.to_thread(self._live_then_row, run_id, scope)
+                live, row, first, final = await asyncio.to_thread(
+                    self._live_then_row, run_id, scope, nxt, page
+                )
+                if final:  # over, and `first` is the rest: one thread hop for all of it
+                    yield first, row
+                    return
+                if first:
+                    yield first, None
+                    nxt = first[-1].iteration + 1
             if live is not None:
                 # records before the live buffer (a resumed run's history, and committed ones
                 # it let go) are in the store
@@ -593,13 +602,23 @@ class RunManager:
                     # (woken by its commits through the shared store's push)
                     await woken(WATCH_POLL_SECONDS)
 
-    def _live_then_row(self, run_id: str, scope: str | None) -> tuple[LiveRun | None, RunRow]:
-        """The live run (first: one admitted later shows as active in the row) and the row."""
+    def _live_then_row(
+        self, run_id: str, scope: str | None, nxt: int, page: int
+    ) -> tuple[LiveRun | None, RunRow, list[StepRecord], bool]:
+        """(live, row, first, final): the live run (looked up first: one admitted later
+        shows as active in the row) and the row; for a run not live here whose row says it
+        has ended, also its stored records from `nxt` (one page) and whether they are all
+        there is (the row, read again after them, is final and names none past them: a
+        run resumed meanwhile is not)."""
         live = self.live(run_id)
         row = self.get(run_id, scope)
         if live is None and row.status in ACTIVE_STATUSES:
             live = self.live(run_id)  # admitted between the lookup and the read
-        return live, row
+        if live is not None or row.status in ACTIVE_STATUSES:
+            return live, row, [], False
+        first = self._stored_page(run_id, nxt, page)
+        row = self.get(run_id, scope)
+        return None, row, first, _ended(row, first[-1].iteration + 1 if first else nxt)
 
     def _stored_page(
         self, run_id: str, nxt: int, page: int, last: int | None = None
