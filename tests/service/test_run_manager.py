@@ -160,6 +160,11 @@ async def _collect(manager: RunManager, run_id: str, start: int, page: int, scop
     return batches, final
 
 
+async def _events(manager: RunManager, run_id: str, start: int, page: int) -> list:
+    """Every (records, final row or None) the watch yields, as it yields them."""
+    return [event async for event in manager.watch(run_id, None, start, page)]
+
+
 def _losses(records) -> list[tuple[int, float]]:
     return [(r.iteration, r.loss) for r in records]
 
@@ -195,13 +200,7 @@ def test_watch_of_an_ended_run_that_fits_a_page_is_one_store_hop(store, monkeypa
         row = _start(manager, GD, iterations=20)
         _wait(manager, row.run_id)
         monkeypatch.setattr(asyncio, "to_thread", counted)
-        got = []
-
-        async def watch() -> None:
-            async for records, final in manager.watch(row.run_id, None, 3, 100):
-                got.append((records, final))
-
-        asyncio.run(watch())
+        got = asyncio.run(_events(manager, row.run_id, 3, 100))
     finally:
         manager.shutdown(timeout=5)
     assert hops == ["_live_then_row"]
@@ -228,13 +227,7 @@ def test_watch_of_a_run_resumed_while_its_page_is_read_does_not_end_there(store,
             return got
 
         monkeypatch.setattr(manager, "get", get)
-        got = []
-
-        async def watch() -> None:
-            async for records, final in manager.watch(row.run_id, None, 0, 100):
-                got.append((records, final))
-
-        asyncio.run(watch())
+        got = asyncio.run(_events(manager, row.run_id, 0, 100))
     finally:
         manager.shutdown(timeout=5)
     assert got[0][1] is None, "not ended on the row read before the resumption"
