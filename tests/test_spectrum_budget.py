@@ -113,7 +113,7 @@ def test_a_huge_block_size_is_named_not_max_lanczos_iterations(itemsize):
 def test_a_huge_batch_size_is_named_not_density_steps():
     n = 10**6
     options = SpectrumOptions(batch_size=3000, density_probes=3000, density_steps=30)
-    need = 3000 * (options.density_steps + 1) * n * 8
+    need = 3000 * (options.density_steps + 1 + spectrum.DENSITY_VECTORS) * n * 8
     with pytest.raises(ResourceLimitError) as info:
         options.check_cost(n, 8, BUDGET, 10**5)
     assert info.value.field == "options.batch_size"
@@ -133,14 +133,15 @@ def test_a_huge_batch_size_is_named_not_density_steps():
 
 def test_a_batch_is_sized_by_the_probes_it_can_hold(monkeypatch, rng):
     """The density's batch holds min(batch_size, density_probes) probes: the defaults (16 a
-    batch, 4 probes) on a million float64 parameters need 1 GB, which the budget refused as
-    4 GB (16 probes) before. The batches the density actually forms are checked too."""
+    batch, 4 probes) on a million float64 parameters need 1.4 GB, which the budget refused
+    as 4 GB (16 probes) before. The batches the density actually forms are checked too."""
     n = 10**6
     options = SpectrumOptions(trace_samples=0, max_lanczos_iterations=10)
     assert options.batch_size > options.density_probes
     options.check_cost(n, 8, BUDGET, 10**5)  # refused before
-    steps = options.density_steps + 1
-    assert options.batch_size * steps * n * 8 > BUDGET >= options.density_probes * steps * n * 8
+    per_probe = options.density_steps + 1 + spectrum.DENSITY_VECTORS
+    assert options.batch_size * (options.density_steps + 1) * n * 8 > BUDGET
+    assert options.density_probes * per_probe * n * 8 <= BUDGET
     seen: list[int] = []
     real = spectrum._batched_lanczos
 
@@ -154,6 +155,47 @@ def test_a_batch_is_sized_by_the_probes_it_can_hold(monkeypatch, rng):
     small = make_objective("quadratic", data)
     analyze_curvature(small, torch.zeros(6, dtype=F64), SpectrumOptions(density_steps=3))
     assert seen and max(seen) <= min(options.batch_size, options.density_probes)
+
+
+DENSITY_PEAK = """
+import os, resource, sys, torch
+from hessian_service.engine import make_objective
+from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
+n, probes, steps, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def options(steps):
+    return SpectrumOptions(trace_samples=0, max_lanczos_iterations=2, block_size=1,
+                           density_probes=probes, density_steps=steps, hvp_mode=mode)
+small = make_objective("rosenbrock", {}, {"dim": 10})
+analyze_curvature(small, torch.zeros(10, dtype=torch.float64), options(3))  # warm
+big = make_objective("rosenbrock", {}, {"dim": n})
+x = torch.full((n,), 0.5, dtype=torch.float64)
+before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+analyze_curvature(big, x, options(steps))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print((peak - before) / (8 * n))
+"""
+
+
+@pytest.mark.parametrize("mode", ["forward_over_reverse", "reverse_over_reverse"])
+def test_the_density_budget_covers_what_the_density_holds_at_its_peak(mode):
+    """Peak resident memory of a density on 100,000 parameters (a child process; glibc
+    returns every freed block over 64 KB to the system, so the peak is what was held at
+    once), in n-vectors, against what check_cost counts for the density. The count was
+    16 x (density_steps + 1) whatever the probes, then probes x (density_steps + 1),
+    which missed the product's own temporaries (79 held against 44 counted here)."""
+    import os
+    import subprocess
+    import sys
+
+    n, probes, steps = 100_000, 4, 10
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, "-c", DENSITY_PEAK, str(n), str(probes), str(steps), mode],
+        env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    held = float(out.stdout.split()[-1])
+    counted = min(16, probes) * (steps + 1 + spectrum.DENSITY_VECTORS)
+    assert probes * (steps + 1) < held <= counted, (held, counted)
 
 
 def test_the_trace_counts_every_probe_it_holds():

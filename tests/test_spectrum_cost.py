@@ -4,6 +4,7 @@ refused before any work, naming the option that costs the most."""
 from __future__ import annotations
 
 import pytest
+from hessian_service.engine.analysis import spectrum
 from hessian_service.engine.analysis.spectrum import SpectrumOptions
 from hessian_service.engine.errors import ResourceLimitError
 
@@ -29,7 +30,8 @@ def test_lanczos_products_count_at_most_one_per_parameter():
 def test_the_memory_budget_counts_the_largest_set_of_working_vectors(itemsize):
     n = 10_000
     options = SpectrumOptions(density_probes=20, density_steps=30, batch_size=16)
-    vectors = 16 * (30 + 1)  # SLQ: a batch of 16 of the 20 probes, each with its Lanczos basis
+    # SLQ: a batch of 16 of the 20 probes, each with its Lanczos basis and working vectors
+    vectors = 16 * (30 + 1 + spectrum.DENSITY_VECTORS)
     assert vectors > options.max_lanczos_iterations + 2 * options.block_size
     need = vectors * n * itemsize
     options.check_cost(n, itemsize, need, 10**9)

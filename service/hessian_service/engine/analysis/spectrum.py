@@ -14,8 +14,9 @@ seed's question: is this point a minimum, a saddle, a maximum, or flat?
 Memory (SpectrumOptions.check_cost): for the extremes the Krylov basis (its dimension in
 n-vectors, the projected matrix and its eigenvectors) and BLOCK_VECTORS n-vectors a block
 column, the block being at most the Krylov dimension; TRACE_VECTORS n-vectors a trace sample;
-min(batch_size, density_probes) x (density_steps + 1) n-vectors for the density. The
-density's smoothing works through the grid in pieces of at most KERNEL_VALUES values.
+min(batch_size, density_probes) x (density_steps + 1 + DENSITY_VECTORS) n-vectors for the
+density. The density's smoothing works through the grid in pieces of at most KERNEL_VALUES
+values.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ BLOCK_VECTORS = 8
 # n-vectors a trace sample holds at once: Hutchinson's probes, their products in batches, the
 # batches' concatenation and a product of two of them (3 to 4 measured; Hutch++ holds fewer)
 TRACE_VECTORS = 4
+# n-vectors a density probe holds besides its Lanczos basis: the probe, its product and the
+# product's own temporaries under vmap, the recurrence's working vectors, and its share of
+# the dozen a small batch holds in common (measured on Rosenbrock, n = 2e5 and 4e5, peak
+# resident memory: 6 a probe with forward-over-reverse products and 7.75 with
+# reverse-over-reverse, plus 11 a batch)
+DENSITY_VECTORS = 12
 KERNEL_VALUES = 2**20  # grid x Ritz value entries of the density's smoothing at a time
 
 
@@ -178,8 +185,8 @@ class SpectrumOptions:
         # a batch holds batch_size probes, or all of them when there are fewer
         batch = min(self.batch_size, self.density_probes)
         batch_field = "batch_size" if batch == self.batch_size else "density_probes"
-        density = batch * steps
-        wider = batch_field if batch > steps else "density_steps"
+        density = batch * (steps + DENSITY_VECTORS)
+        wider = batch_field if batch > steps + DENSITY_VECTORS else "density_steps"
         phases = [
             (
                 f"block Lanczos's basis of {m} vectors ({p}.max_lanczos_iterations) with its "
@@ -199,7 +206,7 @@ class SpectrumOptions:
                 f"{density} working vectors for the density ({batch} probes a batch: "
                 f"{p}.batch_size = {self.batch_size}, {p}.density_probes = "
                 f"{self.density_probes}; each with {p}.density_steps + 1 = {steps} Lanczos "
-                "vectors)",
+                f"vectors and {DENSITY_VECTORS} working ones)",
                 {f"{p}.{wider}": density * n * itemsize},
             ),
         ]
