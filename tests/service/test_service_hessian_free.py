@@ -288,10 +288,10 @@ def _step(**options):
     )
 
 
-def _analyze(**options):
+def _analyze(n: int = 6, **options):
     return service_pb2.AnalyzeCurvatureRequest(
-        problem=problems.mse(np.arange(6.0).reshape(2, 3)),
-        params=encode(np.zeros(6)),
+        problem=problems.mse(np.arange(float(n))),
+        params=encode(np.zeros(n)),
         options=optimize_pb2.SpectrumOptions(**options),
     )
 
@@ -320,9 +320,9 @@ CASES = {
     "confidence 1.5": ("AnalyzeCurvature", _analyze(confidence=1.5), INVALID),
     "hvp_mode 9": ("AnalyzeCurvature", _analyze(hvp_mode=9), INVALID),
     "curvature 9": ("AnalyzeCurvature", _analyze(curvature=9), INVALID),
-    "density_steps": (
+    "density_steps": (  # 8 probes x 10**4 Lanczos vectors of 50,000 values: 32 GB
         "AnalyzeCurvature",
-        _analyze(batch_size=10**6, density_steps=10**4),
+        _analyze(50_000, density_probes=8, batch_size=8, density_steps=10**4),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ),
     "trace_samples 10**9": (
