@@ -80,9 +80,8 @@ void mirror_lower(scalar_t* a, int64_t n, int64_t ld) {
 // The lower triangle of scale A^T B (A, B: N x n, row-major float64) in MR x NR tiles, each
 // accumulated over all N rows in registers, then scaled once; out has leading dimension ld.
 template <int MR, int NR>
-HESSIAN_ALWAYS_INLINE void lower_tiles(const double* a, const double* b,
-                                                       int64_t N, int64_t n, double* out,
-                                                       int64_t ld, double scale) {
+HESSIAN_ALWAYS_INLINE void lower_tiles(const double* a, const double* b, int64_t N, int64_t n,
+                                       double* out, int64_t ld, double scale) {
   for (int64_t i0 = 0; i0 < n; i0 += MR) {
     const int64_t mi = std::min<int64_t>(MR, n - i0);
     for (int64_t j0 = 0; j0 < i0 + mi; j0 += NR) {

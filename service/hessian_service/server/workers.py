@@ -530,6 +530,11 @@ class ProcessRun:
             self._worker.lost = True
 
 
+def _kept(key: int, workers: list[Worker]) -> bool:
+    """Whether one of `workers`' children keeps objective `key`."""
+    return any(key in worker.held for worker in workers)
+
+
 class WorkerPool:
     """`count` worker processes; each server run thread holds one while its run iterates."""
 
@@ -677,7 +682,7 @@ class WorkerPool:
         run (a key no child keeps is done with: keys are never reused). A finalizer: it
         may run inside any locked section of this thread, so it takes no lock (set.add
         and the lookups are atomic)."""
-        if any(key in worker.held for worker in list(self._all)):
+        if _kept(key, list(self._all)):
             self._dead.add(key)
 
     def _prune_dead(self) -> None:
@@ -685,9 +690,7 @@ class WorkerPool:
         meanwhile stays), so the set stays as small as the children's caches however many
         problems the server has let go of."""
         workers = list(self._all)
-        self._dead.difference_update(
-            [k for k in list(self._dead) if not any(k in w.held for w in workers)]
-        )
+        self._dead.difference_update([k for k in list(self._dead) if not _kept(k, workers)])
 
     def _replace(self, worker: Worker) -> Worker:
         """A new child in place of a lost one, spawned and ready (`worker` itself, marked

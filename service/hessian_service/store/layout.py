@@ -61,19 +61,20 @@ def record_from_json(text: str | None) -> StepRecord | None:
         return None
     values = json.loads(text)
     if isinstance(values, dict):  # written before layouts
-        return StepRecord(**{k: v for k, v in values.items() if k in RECORD_FIELDS})
-    if not isinstance(values, list):
+        named = values.items()
+    elif not isinstance(values, list):
         raise StoreError(f"a stored record is {type(values).__name__} JSON, not a record")
-    names = RECORD_LAYOUTS.get(values[0]) if values and type(values[0]) is int else None
-    if names is None or len(names) != len(values) - 1:
-        raise StoreError(
-            f"a stored record has layout {values[0] if values else None!r} with "
-            f"{len(values) - 1} values, which this server does not read (layouts "
-            f"{sorted(RECORD_LAYOUTS)}): a newer hessian-server wrote it"
-        )
-    if values[0] == RECORD_LAYOUT:  # StepRecord's own field order (the test holds them equal)
-        return StepRecord(*values[1:])
-    named = zip(names, values[1:], strict=True)
+    else:
+        names = RECORD_LAYOUTS.get(values[0]) if values and type(values[0]) is int else None
+        if names is None or len(names) != len(values) - 1:
+            raise StoreError(
+                f"a stored record has layout {values[0] if values else None!r} with "
+                f"{len(values) - 1} values, which this server does not read (layouts "
+                f"{sorted(RECORD_LAYOUTS)}): a newer hessian-server wrote it"
+            )
+        if values[0] == RECORD_LAYOUT:  # StepRecord's field order (the test holds them equal)
+            return StepRecord(*values[1:])
+        named = zip(names, values[1:], strict=True)
     return StepRecord(**{k: v for k, v in named if k in RECORD_FIELDS})
 
 

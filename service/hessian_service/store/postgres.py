@@ -592,6 +592,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
             return
         for run_id, records in self._take_pending().items():
             self._check_fence(cur, run_id)
+            texts = [layout.record_json(r, COMPACT_RECORDS) for r in records]
             cur.execute(
                 "WITH added AS (INSERT INTO records SELECT %s, i, r FROM "
                 "unnest(%s::bigint[], %s::text[]) AS t(i, r) ON CONFLICT DO NOTHING "
@@ -602,8 +603,8 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 (
                     run_id,
                     [r.iteration for r in records],
-                    [layout.record_json(r, COMPACT_RECORDS) for r in records],
-                    layout.record_json(records[-1], COMPACT_RECORDS),
+                    texts,
+                    texts[-1],
                     run_id,
                 ),
             )

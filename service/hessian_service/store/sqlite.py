@@ -480,13 +480,14 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         if not self._pending:
             return
         for run_id, records in self._take_pending().items():
+            texts = [layout.record_json(r, COMPACT_RECORDS) for r in records]
             cur = self._db.executemany(
                 "INSERT OR IGNORE INTO records VALUES (?, ?, ?)",
-                [(run_id, r.iteration, layout.record_json(r, COMPACT_RECORDS)) for r in records],
+                [(run_id, r.iteration, t) for r, t in zip(records, texts, strict=True)],
             )
             self._db.execute(
                 "UPDATE runs SET num_records = num_records + ?, last_record = ? WHERE run_id = ?",
-                (max(cur.rowcount, 0), layout.record_json(records[-1], COMPACT_RECORDS), run_id),
+                (max(cur.rowcount, 0), texts[-1], run_id),
             )
 
     def _commit_queue(self) -> None:
