@@ -249,16 +249,16 @@ class Stepper:
 
     def gradient_judges(
         self, point: Point, x: torch.Tensor, trial: float, alpha: float, slope: float
-    ) -> bool:
-        """Whether the trial `x`, which the loss rejected (a line search's first trial by
-        the Armijo test, a Levenberg-Marquardt step by its gain ratio), is taken on its
-        gradient's evidence: when the loss cannot judge it (linalg.below_rounding), it is
-        taken if its gradient max-norm at most halves the point's (a Newton step's last,
-        quadratic progress, which the loss no longer shows; a step driven by rounding noise
-        in the gradient rarely halves it, so such steps cannot wander on). Not with a
-        mini-batch gradient, whose norms are a batch's."""
+    ) -> bool | None:
+        """Whether the trial `x` is taken on its gradient's evidence; None when the loss can
+        judge it. When the loss cannot (linalg.below_rounding: the change is rounding, and
+        the point's loss and the trial's may come from different kernels a few ulps apart),
+        it is taken if its gradient max-norm at most halves the point's (a Newton step's
+        last, quadratic progress, which the loss no longer shows; a step driven by rounding
+        noise in the gradient rarely halves it, so such steps cannot wander on). Never with
+        a mini-batch gradient, whose norms are a batch's: the loss judges."""
         if self.minibatch or not below_rounding(trial, point.loss, alpha, slope, point.x.dtype):
-            return False
+            return None
         taken = self.whole_trial(x)
         return taken is not None and taken.grad_norms[1] <= 0.5 * point.grad_norms[1]
 
@@ -448,10 +448,12 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     gain ratio is positive; lambda shrinks after a good step and grows (x nu) after a bad one.
 
     At machine precision, where the loss cannot judge the step (its actual and predicted
-    changes are rounding), its gradient does, as in the line search (Stepper.gradient_judges):
-    the step is taken when its gradient max-norm at most halves, with the gain ratio taken
-    as 1 (the model is trusted, as the trust region does); otherwise it is rejected and the
-    damping grows towards its cap (NoProgress)."""
+    changes are rounding), its gradient does, as in the line search (Stepper.gradient_judges),
+    whatever the sign of the gain ratio (there it is noise: the native backend's loss and the
+    trial's may differ by ulps, and a ratio kept positive by that noise would shrink the
+    damping for ever): the step is taken when its gradient max-norm at most halves, with the
+    gain ratio taken as 1 (the model is trusted, as the trust region does); otherwise it is
+    rejected and the damping grows towards its cap (NoProgress)."""
     state, h, g = stepper.state, point.curvature, point.grad
     if state["damping"] <= 0:
         scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
@@ -465,9 +467,12 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     x_new = point.x + d
     trial = stepper.loss_at(x_new)
     rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
-    accepted = math.isfinite(trial) and rho > 0
-    if not accepted and stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d)):
-        accepted, rho = True, 1.0
+    judged = stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d))
+    if judged is None:
+        accepted = math.isfinite(trial) and rho > 0
+    else:
+        accepted = judged
+        rho = 1.0 if judged else rho
     lam = found.damping
     if accepted:
         state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
