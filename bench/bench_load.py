@@ -221,7 +221,8 @@ def _clients(n: int, seconds: float, call: Callable[[], object]) -> tuple[float,
     return len(flat) / wall, flat
 
 
-PROCESSES = "--run-processes"  # the server flag that iterates runs in worker processes
+PROCESSES = "--run-processes"  # runs iterate in worker processes (a lone one moves there)
+IN_WORKERS = (PROCESSES, "--process-after-ms", "0")  # every run starts in a worker process
 
 
 def _concurrency_rounds(
@@ -271,10 +272,9 @@ def concurrency() -> str:
 
     runs = {"StartRun + WatchRun": job, "StartAndWatchRun": lambda c: job(c, watch=True)}
     results = _concurrency_rounds((), {"NewtonStep": step, **runs}, counts, seconds, rounds)
-    for (name, n), samples in _concurrency_rounds(
-        (PROCESSES,), runs, counts, seconds, rounds
-    ).items():
-        results[(f"{name}, {PROCESSES}", n)] = samples
+    for flags in ((PROCESSES,), IN_WORKERS):
+        for (name, n), samples in _concurrency_rounds(flags, runs, counts, seconds, rounds).items():
+            results[(f"{name}, {' '.join(flags)}", n)] = samples
     table, verdicts = [], []
     for name in dict.fromkeys(name for name, _ in results):
         base = None
@@ -314,7 +314,10 @@ def concurrency() -> str:
     return (
         f"Client threads in this process, the server (default flags, `--max-concurrent-runs "
         f"256`; the rows marked `{PROCESSES}` add that flag: runs iterate in `--workers` child "
-        f"processes) in another; each client calls back to back for {seconds:g} s; throughput "
+        f"processes, except that a run starting while no other iterates begins on a server "
+        f"thread and moves to a child after `--process-after-ms` 20; with "
+        f"`{' '.join(IN_WORKERS[1:])}` every run starts in a child) in another; each client "
+        f"calls back to back for {seconds:g} s; throughput "
         f"is the median of {rounds} rounds, percentiles over all rounds' calls. A job is a "
         "10-iteration Newton run streamed to its end (StartAndWatchRun: on one call). Each "
         "row's ratio is against one client of the same server.\n\n"
@@ -360,8 +363,10 @@ def run_loop() -> str:
     with (
         server() as address,
         server(PROCESSES) as other,
+        server(*IN_WORKERS) as third,
         Client(address, timeout=120) as client,
         Client(other, timeout=120) as processes,
+        Client(third, timeout=120) as in_workers,
     ):
 
         def service(client: Client) -> Callable[[], None]:
@@ -387,6 +392,7 @@ def run_loop() -> str:
             "engine Run": engine,
             served: service(client),
             f"{served}, {PROCESSES}": service(processes),
+            f"{served}, {' '.join(IN_WORKERS)}": service(in_workers),
         }
         for fn in calls.values():
             fn()
@@ -415,13 +421,15 @@ def run_loop() -> str:
             f"through the service <= {LOOP_TARGETS['through the service']}x",
             f"{med[name] / base:.3f}x",
         )
-        for name in (served, f"{served}, {PROCESSES}")
+        for name in (served, f"{served}, {PROCESSES}", f"{served}, {' '.join(IN_WORKERS)}")
     ]
     header = [f"{iterations:,} GD iterations, Rosenbrock n = 25", "median", "iterations/s", "ratio"]
     return (
         f"Medians of {rounds} interleaved rounds; the service rows are StartRun + streaming "
-        f"every record (server subprocess, default flags; `{PROCESSES}`: runs iterate in a "
-        f"child process of the server).\n\n{markdown_table(header, table)}"
+        f"every record (server subprocess, default flags; `{PROCESSES}`: the run starts on a "
+        f"server thread and moves to a child process of the server after 20 ms; "
+        f"`{' '.join(IN_WORKERS)}`: it iterates in a child from its start)."
+        f"\n\n{markdown_table(header, table)}"
         "\n\n" + "\n".join(f"- {v}" for v in verdicts)
     )
 
@@ -434,7 +442,7 @@ def whole_jobs() -> str:
     from hessian_client import Client, problems
     from sklearn.linear_model import LogisticRegression
 
-    rounds = 4 if QUICK else 8  # a multiple of the 4 peers: every order equally often
+    rounds = 5 if QUICK else 10  # a multiple of the 5 peers: every order equally often
     tol = 1e-8
     stopping = {
         "max_iterations": 100,
@@ -465,7 +473,12 @@ def whole_jobs() -> str:
     )
     samples: dict[tuple[str, str], list[float]] = {}
     final: dict[tuple[str, str], float] = {}
-    with server() as address, Client(address, timeout=120) as client:
+    with (
+        server() as address,
+        server(PROCESSES) as other,
+        Client(address, timeout=120) as client,
+        Client(other, timeout=120) as processes,
+    ):
         ways = {
             # the issue's job: three calls
             "CreateProblem + StartRun + WatchRun": lambda p, w: client.start_run(
@@ -475,6 +488,9 @@ def whole_jobs() -> str:
                 client.create_problem(p), w, method="newton", stopping=stopping, watch=True
             ),
             "StartAndWatchRun, problem inline": lambda p, w: client.start_run(
+                p, w, method="newton", stopping=stopping, watch=True
+            ),
+            f"StartAndWatchRun, problem inline, {PROCESSES}": lambda p, w: processes.start_run(
                 p, w, method="newton", stopping=stopping, watch=True
             ),
         }
@@ -539,7 +555,9 @@ def whole_jobs() -> str:
         f"16; both stop at max |gradient| <= {tol:g} (the same objective: l2 = 1/(C N), C = 1). "
         f"Newton from zeros, the server's default step policy. The issue's job is the three "
         f"calls; StartAndWatchRun starts the run and streams it on one call (`start_run(..., "
-        f"watch=True)`), and a problem sent inline needs no CreateProblem."
+        f"watch=True)`), and a problem sent inline needs no CreateProblem. The `{PROCESSES}` "
+        f"row is a server with that flag (the compose deployment's setting): a lone short run "
+        f"stays on a server thread."
         f"\n\n{markdown_table(header, table)}\n\n" + "\n".join(f"- {v}" for v in verdicts)
     )
 

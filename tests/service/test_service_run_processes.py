@@ -6,6 +6,8 @@ engine errors cross the process boundary with their type, message and field."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import pickle
 import signal
@@ -57,7 +59,8 @@ def test_runs_in_worker_processes_equal_runs_on_threads(tmp_path, rng):
     cases = _cases(rng)
     results = {}
     for processes in (False, True):
-        handle = start_server(tmp_path / str(processes), run_processes=processes)
+        handle = start_server(tmp_path / str(processes), run_processes=processes,
+                              process_after_ms=0)  # fmt: skip
         try:
             with Client(handle.address) as c:
                 out = []
@@ -87,8 +90,9 @@ SLOW = {
 }
 
 
-def test_a_cancelled_run_in_a_worker_ends_on_its_last_record(tmp_path, rng):
-    handle = start_server(tmp_path, run_processes=True)
+@pytest.mark.parametrize("after_ms", [0, 5], ids=["in-a-worker", "moved"])
+def test_a_cancelled_run_in_a_worker_ends_on_its_last_record(tmp_path, rng, after_ms):
+    handle = start_server(tmp_path, run_processes=True, process_after_ms=after_ms)
     try:
         with Client(handle.address) as c:
             endless = {**SLOW, "stopping": {**SLOW["stopping"], "max_iterations": 10**6}}
@@ -112,9 +116,11 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_a_killed_worker_interrupts_its_run_which_resumes_exactly(tmp_path, rng):
+@pytest.mark.parametrize("after_ms", [0, 5], ids=["in-a-worker", "moved"])
+def test_a_killed_worker_interrupts_its_run_which_resumes_exactly(tmp_path, rng, after_ms):
     x0 = rng.standard_normal(30)
-    handle = start_server(tmp_path, run_processes=True, checkpoint_every=100)
+    handle = start_server(tmp_path, run_processes=True, checkpoint_every=100,
+                          process_after_ms=after_ms)  # fmt: skip
     try:
         with Client(handle.address) as c:
             pid = c.create_problem(problems.rosenbrock(dim=30))
@@ -140,7 +146,8 @@ def test_a_killed_worker_interrupts_its_run_which_resumes_exactly(tmp_path, rng)
 @pytest.mark.slow
 def test_a_killed_server_takes_its_workers_with_it_even_mid_iteration(tmp_path, rng):
     port = free_port()
-    proc = spawn_server(tmp_path, port, "--run-processes", "--workers", "2")
+    proc = spawn_server(tmp_path, port, "--run-processes", "--workers", "2",
+                        "--process-after-ms", "0")  # fmt: skip
     try:
         children = _children(proc.pid)
         assert len(children) == 2
@@ -400,3 +407,161 @@ def test_a_worker_process_logs_as_the_server_does(capfd, log_format):
             r"run worker process \d+ of server \d+ ready",
             lines[0],
         ), lines
+
+
+def _moved(caplog) -> dict[str, int]:
+    """Run id -> the iteration it moved to a worker at, from the server's log lines."""
+    import re
+
+    out = {}
+    for record in caplog.records:
+        found = re.match(r"run (\S+) moved to worker process \d+ at iteration (\d+)", record.msg
+                         % record.args)  # fmt: skip
+        if found:
+            out[found[1]] = int(found[2])
+    return out
+
+
+def _long_cases(rng):
+    """(problem, starting point, options) whose runs last long enough to move: methods, step
+    policies (their state: damping, trust radius, step size) and both backends."""
+    x = rng.standard_normal((400, 8))
+    y = (rng.random(400) < 0.5).astype(float)
+    logistic = problems.logistic_regression(x, y, l2=1e-4)
+    labels = rng.integers(0, 4, 400)
+    softmax = problems.softmax_regression(x, labels, num_classes=4, l2=1e-4)
+    rosen = problems.rosenbrock(dim=12)
+    start = rng.standard_normal(12)
+    off = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
+    return [
+        (rosen, start, {"method": "gradient_descent", "learning_rate": 1e-4,
+                        "stopping": {"max_iterations": 600, **off}}),
+        (rosen, start, {"method": "gradient_descent", "step_policy": "line_search",
+                        "stopping": {"max_iterations": 300, **off}}),
+        (rosen, start, {"method": "newton", "step_policy": "levenberg_marquardt",
+                        "stopping": {"max_iterations": 200, "gradient_tolerance": 1e-10}}),
+        (rosen, start, {"method": "newton_cg", "step_policy": "trust_region",
+                        "stopping": {"max_iterations": 200, "gradient_tolerance": 1e-10}}),
+        (logistic, np.zeros(9), {"method": "gradient_descent", "learning_rate": 0.5,
+                                 "backend": "autograd",
+                                 "stopping": {"max_iterations": 400, **off}}),
+        (softmax, np.zeros((9, 4)), {"method": "newton_cg", "stopping": {"max_iterations": 100,
+                                                                         **off}}),
+    ]  # fmt: skip
+
+
+def test_a_run_moved_to_a_worker_midway_equals_a_run_on_a_thread(tmp_path, rng, caplog):
+    """With --process-after-ms a lone run starts on a server thread and moves to a worker
+    from its checkpoint: its records (all but the timings), stop, message and final
+    parameters are those of a run that stayed on its thread, bit for bit."""
+    caplog.set_level(logging.INFO, logger="hessian_service.server.workers")
+    cases = _long_cases(rng)
+    results, spans = {}, []
+    for placement, kw in (("thread", {}), ("moved", {"run_processes": True,
+                                                     "process_after_ms": 5})):  # fmt: skip
+        handle = start_server(tmp_path / placement, **kw)
+        try:
+            with Client(handle.address) as c:
+                out = []
+                for problem, x0, options in cases:
+                    run = c.start_run(problem, x0, **options)
+                    records = _records(run)
+                    info, final = run.info(), run.result().params
+                    out.append((run.id, records, info.status, info.stop_reason, info.message,
+                                np.asarray(final).tobytes()))  # fmt: skip
+                    if placement == "thread":
+                        spans.append(info.last_record.cumulative_seconds)
+                results[placement] = out
+        finally:
+            handle.stop()
+    moved = _moved(caplog)
+    for (_, *thread), (run_id, *elsewhere), span in zip(*results.values(), spans, strict=True):
+        assert len(thread[0]) > 10
+        assert thread == elsewhere
+        if span > 0.05:  # ran 10 times the 5 ms it may iterate on its thread: it moved
+            assert moved[run_id] < len(thread[0]) - 1, (run_id, moved)
+    assert sum(s > 0.05 for s in spans) >= 4, spans  # the comparison covers moved runs
+    assert sum(k > 0 for k in moved.values()) >= 2, moved  # some after a step on the thread
+
+
+def test_a_moved_run_keeps_its_clock_and_time_limit(tmp_path, rng, caplog):
+    """The worker goes on from the seconds the run spent on its thread: cumulative_seconds
+    never go back, and the time limit counts the whole run."""
+    caplog.set_level(logging.INFO, logger="hessian_service.server.workers")
+    handle = start_server(tmp_path, run_processes=True, process_after_ms=150)
+    try:
+        with Client(handle.address) as c:
+            endless = {**SLOW, "stopping": {**SLOW["stopping"], "max_iterations": 10**6,
+                                            "time_limit_seconds": 0.4}}  # fmt: skip
+            run = c.start_run(problems.rosenbrock(dim=20), rng.standard_normal(20), **endless)
+            started = time.monotonic()
+            seconds = [r.cumulative_seconds for r in run.stream()]
+            took = time.monotonic() - started
+            info = run.info()
+    finally:
+        handle.stop()
+    assert info.stop_reason == "time_limit"
+    assert run.id in _moved(caplog)
+    assert all(b >= a for a, b in itertools.pairwise(seconds))
+    assert 0.4 <= seconds[-1] < took
+
+
+def test_a_run_starting_while_another_iterates_goes_to_a_worker_at_once(tmp_path, rng, caplog):
+    """Only a lone run starts on a server thread; one that starts while another iterates
+    there would share its interpreter lock, and goes to a worker (records unchanged)."""
+    caplog.set_level(logging.DEBUG, logger="hessian_service.server.runs")
+    handle = start_server(tmp_path, run_processes=True, process_after_ms=60_000)
+    try:
+        with Client(handle.address) as c:
+            pid = c.create_problem(problems.rosenbrock(dim=20))
+            endless = {**SLOW, "stopping": {**SLOW["stopping"], "max_iterations": 10**6}}
+            first = c.start_run(pid, rng.standard_normal(20), **endless)
+            assert wait_until(lambda: c.get_run(first.id).num_records > 0)
+            x0 = rng.standard_normal(20)
+            second = c.start_run(pid, x0, **SLOW)
+            records = _records(second)
+            c.cancel_run(first.id)
+            alone = _records(c.start_run(pid, x0, **SLOW))  # the first has ended: a thread
+    finally:
+        handle.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "hessian_service.server.runs"]
+    assert f"run {first.id} starts on a server thread" in lines
+    assert f"run {second.id} starts in a worker process" in lines
+    assert sum("starts on a server thread" in line for line in lines) == 2
+    assert records == alone
+
+
+def test_a_moving_run_waits_for_an_idle_worker_and_stays_if_none_takes_it(rng, monkeypatch):
+    """No idle worker: the run goes on on its thread and looks again later, and moves once
+    one is idle; a worker that cannot take it (lost as the run begins, twice) leaves it on
+    its thread for good. Its records are the engine Run's either way."""
+    from hessian_service.engine import CancelToken, Run
+    from hessian_service.server import workers
+    from hessian_service.server.workers import WorkerPool
+
+    objective, options, stopping, x0 = _gradient_descent_case(rng, 3000)
+    whole = [r.loss for r in Run(objective, x0, options, stopping)]
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective)
+        with pool.moving(0.001, "r-waits") as start:
+            run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            with pool.worker() as held:  # its only worker is busy
+                assert held is not None
+                first = [next(run).loss for _ in range(1500)]
+                assert not run.moved
+            rest = [r.loss for r in run]  # idle again: the run moves
+            assert run.moved
+
+        def lost(self):
+            raise workers.WorkerLost("a child died as its run began")
+
+        monkeypatch.setattr(workers.ProcessRun, "begin", lost)
+        with pool.moving(0.001, "r-stays") as start:
+            run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            stayed = [r.loss for r in run]
+            assert not run.moved
+    finally:
+        pool.close()
+    assert first + rest == whole
+    assert stayed == whole

@@ -232,6 +232,7 @@ def build_server(
         threads=threads,
         max_iterations=config.max_iterations,
         max_stored_runs=config.max_stored_runs,
+        process_after=config.process_after_ms / 1000,
     )
     leases = _keep_leases(config, store, runs, registry)
     drain = Drain()

@@ -37,6 +37,7 @@ class ServerConfig:
     lease_seconds: float = 10.0
     workers: int = 2
     run_processes: bool = False  # runs iterate in --workers child processes, not threads
+    process_after_ms: int = 20  # with run_processes, a lone run's time on its thread (0: none)
     rpc_threads: int = 64
     max_message_bytes: int = 64 * MiB
     max_params: int = 1_000_000
@@ -98,6 +99,7 @@ class ServerConfig:
             "max_problem_bytes",
             "problem_cache_bytes",
             "metrics_port",
+            "process_after_ms",
             "single_thread_below",
             "inline_step_below",
             "max_optimize_streams_per_token",

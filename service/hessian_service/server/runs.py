@@ -223,13 +223,18 @@ class RunManager:
         max_iterations: int = 0,
         max_stored_runs: int = 0,
         processes: WorkerPool | None = None,
+        process_after: float = 0.0,
     ) -> None:
         """`max_iterations`: the cap on a started run's stopping.max_iterations (0: none);
         `max_stored_runs`: the oldest ended runs are deleted past it after each start (0: all
         are kept); `processes`: the worker processes runs iterate in (None: on the pool's
-        threads). The manager closes them at shutdown."""
+        threads; the manager closes them at shutdown); `process_after` (seconds; 0: every
+        run starts in a worker): a run that starts while no other iterates begins on its
+        thread and moves to a worker once it has iterated that long."""
         self.store = store
         self.processes = processes
+        self.process_after = process_after
+        self._iterating = 0  # runs in _execute_limited now
         self.max_iterations = max_iterations
         self.max_stored_runs = max_stored_runs
         self.threads = threads
@@ -750,18 +755,37 @@ class RunManager:
             return True
 
     def _execute_limited(self, live: LiveRun, objective: Objective, *args: Any) -> None:
-        """`_execute` in a worker process (with --run-processes, when the objective can go
-        there), else with this thread's torch threads set by the thread policy (if any)."""
+        """`_execute` where the run should iterate: with --run-processes (when the objective
+        can go there) in a worker process, or, while no other run iterates and with
+        `process_after`, on this thread until it has run that long, then in a worker;
+        otherwise on this thread. A run iterating here has its torch threads set by the
+        thread policy (if any)."""
         if not self._claim(live):
             return None
-        if self.processes is not None and self.processes.takes(objective):
-            with self.processes.worker() as runner:
-                if runner is not None:
-                    return self._execute(live, objective, *args, runner=runner)
+        with self._lock:
+            self._iterating += 1
+            alone = self._iterating == 1
+        try:
+            if self.processes is not None and self.processes.takes(objective):
+                if self.process_after > 0 and alone:
+                    log.debug("run %s starts on a server thread", live.run_id)
+                    with self.processes.moving(self.process_after, live.run_id) as runner:
+                        return self._execute_here(live, objective, *args, runner=runner)
+                log.debug("run %s starts in a worker process", live.run_id)
+                with self.processes.worker() as runner:
+                    if runner is not None:
+                        return self._execute(live, objective, *args, runner=runner)
+            return self._execute_here(live, objective, *args)
+        finally:
+            with self._lock:
+                self._iterating -= 1
+
+    def _execute_here(self, live: LiveRun, objective: Objective, *args: Any, **kw: Any) -> None:
+        """`_execute` with this thread's torch threads set by the thread policy (if any)."""
         if self.threads is None:
-            return self._execute(live, objective, *args)
+            return self._execute(live, objective, *args, **kw)
         with self.threads.limited(objective):
-            return self._execute(live, objective, *args)
+            return self._execute(live, objective, *args, **kw)
 
     def _execute(
         self,
@@ -773,8 +797,8 @@ class RunManager:
         resume: Checkpoint | None,
         runner: Callable[..., Run] | None = None,
     ) -> None:
-        """Iterate the run (`runner`: a worker process's ProcessRun; None: the engine's Run,
-        here), storing its records and checkpoints, then its end."""
+        """Iterate the run (`runner`: a worker process's ProcessRun, or a MovingRun; None: the
+        engine's Run, here), storing its records and checkpoints, then its end."""
         run_id = live.run_id
         final: dict[str, Any] = {
             "status": RunStatus.FAILED,

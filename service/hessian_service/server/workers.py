@@ -25,6 +25,7 @@ import ctypes
 import io
 import itertools
 import logging
+import math
 import os
 import pickle
 import queue
@@ -252,7 +253,8 @@ def _child_run(
     outbox: _Outbox, conn: Connection, job: tuple[Any, ...], cache: dict[int, Objective]
 ) -> None:
     """Iterate one run and send its records, checkpoints and end (or its error)."""
-    _, seq, key, objective, params, options, stopping, resume, threads, every, drop, keep = job
+    (_, seq, key, objective, params, options, stopping, resume, threads, every, drop, keep,
+     elapsed) = job  # fmt: skip
     for gone in drop:  # the server chose what this child keeps (Worker.forget, Worker.cache)
         cache.pop(gone, None)
     cancel = _PolledToken(conn, seq)
@@ -265,7 +267,9 @@ def _child_run(
             cache[key] = objective
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        run = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
+        run = Run(
+            objective, params, options, stopping, cancel=cancel, resume=resume, elapsed=elapsed
+        )
         outbox.started(run.backend)
         for record in run:
             stored = record.iteration > run.start_iteration and record.iteration % every == 0
@@ -464,6 +468,11 @@ class ProcessRun:
     def __next__(self) -> StepRecord:
         return next(self._iterator)
 
+    @property
+    def pid(self) -> int:
+        """The worker process's id."""
+        return self._worker.process.pid
+
     def checkpoint(self) -> Checkpoint:
         """The latest checkpoint the worker sent (at a stored iteration, or the run's end)."""
         return self._checkpoint
@@ -528,6 +537,119 @@ class ProcessRun:
                 self._receive()
         except Exception:  # whatever is left unread would be the next run's: replace it
             self._worker.lost = True
+
+
+class MovingRun:
+    """A run that starts on the calling thread (an engine Run) and moves to a worker process,
+    from its latest checkpoint, once it has iterated `after` seconds and a worker is idle: a
+    short run pays no hop between processes, a long one leaves the server's interpreter lock
+    to the calls and the streams. Its records are the engine Run's either way (the moved run
+    repeats its checkpoint's record, which is skipped, and keeps the run's clock). A run no
+    worker can take stays where it is: it looks again `after` seconds later, or never again
+    once a worker failed to take it."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        after: float,
+        run_id: str,
+        objective: Objective,
+        params: torch.Tensor,
+        options: MethodOptions,
+        stopping: StopCriteria,
+        *,
+        cancel: CancelToken,
+        resume: Checkpoint | None,
+    ) -> None:
+        self._pool, self._after, self._run_id, self._objective = pool, after, run_id, objective
+        self._options, self._stopping, self._cancel = options, stopping, cancel
+        self._here = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
+        self._run: Run | ProcessRun = self._here
+        self._due = time.perf_counter() + after
+        self._held = contextlib.ExitStack()
+        self.start_iteration = self._here.start_iteration
+        self.backend = self._here.backend
+        self._iterator = self._records()
+
+    @property
+    def moved(self) -> bool:
+        """Whether the run iterates in a worker process now."""
+        return self._run is not self._here
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._run.stop_reason
+
+    @property
+    def message(self) -> str:
+        return self._run.message
+
+    @property
+    def converged(self) -> bool:
+        return self._run.converged
+
+    @property
+    def last_record(self) -> StepRecord | None:
+        return self._run.last_record or self._here.last_record
+
+    def checkpoint(self) -> Checkpoint:
+        """The latest checkpoint (the worker's once moved: at least the one it moved from)."""
+        return self._run.checkpoint()
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        return self._iterator
+
+    def __next__(self) -> StepRecord:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Give the worker back, if the run took one (its run drained first)."""
+        self._held.close()
+
+    def _records(self) -> Iterator[StepRecord]:
+        for record in self._here:
+            yield record
+            due = self._here.stop_reason is None and time.perf_counter() >= self._due
+            if due and self._move(record):
+                break
+        else:
+            return
+        for moved in self._run:
+            if moved.iteration > record.iteration:
+                yield moved
+
+    def _move(self, last: StepRecord) -> bool:
+        """Go on in an idle worker from the checkpoint at `last`, if one is idle and takes it."""
+        start = self._held.enter_context(self._pool.worker(wait=False))
+        if start is None:
+            self._held.close()
+            self._due = time.perf_counter() + self._after
+            return False
+        checkpoint = self._here.checkpoint()
+        try:
+            moved = start(
+                self._objective,
+                checkpoint.params,
+                self._options,
+                self._stopping,
+                cancel=self._cancel,
+                resume=checkpoint,
+                elapsed=last.cumulative_seconds,
+            )
+        except Exception as exc:  # the worker could not take it: it goes on here
+            log.warning("run %s stays on its server thread: %s", self._run_id, exc)
+            self._held.close()
+            self._due = math.inf
+            return False
+        log.info(
+            "run %s moved to worker process %d at iteration %d, after %.0f ms on a server thread",
+            self._run_id,
+            moved.pid,
+            last.iteration,
+            last.cumulative_seconds * 1e3,
+        )
+        self._run = moved
+        return True
 
 
 def _kept(key: int, workers: list[Worker]) -> bool:
@@ -605,17 +727,51 @@ class WorkerPool:
         return True
 
     @contextlib.contextmanager
-    def worker(self) -> Iterator[Callable[..., ProcessRun] | None]:
+    def moving(self, after: float, run_id: str) -> Iterator[Callable[..., MovingRun]]:
+        """Yields `start(objective, params, options, stopping, cancel=, resume=)` -> a
+        MovingRun (of `run_id`, as its log lines say) that begins on this thread and moves to
+        an idle worker once it has iterated `after` seconds; on exit its worker, if it took
+        one, is drained and put back."""
+        runs: list[MovingRun] = []
+
+        def start(
+            objective: Objective,
+            params: torch.Tensor,
+            options: MethodOptions,
+            stopping: StopCriteria,
+            *,
+            cancel: CancelToken,
+            resume: Checkpoint | None,
+        ) -> MovingRun:
+            run = MovingRun(
+                self, after, run_id, objective, params, options, stopping, cancel=cancel,
+                resume=resume,
+            )  # fmt: skip
+            runs.append(run)
+            return run
+
+        try:
+            yield start
+        finally:
+            for run in runs:
+                run.close()
+
+    @contextlib.contextmanager
+    def worker(self, wait: bool = True) -> Iterator[Callable[..., ProcessRun] | None]:
         """Hold a worker; yields `start(objective, params, options, stopping, cancel=,
-        resume=)` -> ProcessRun (the engine Run's arguments), or None when no child can be
-        had (the pool is closed, or a child died and a new one would not start: the caller
-        iterates on its thread). A run whose child is lost before it began goes to a fresh
-        child, once. On exit the run is drained and the worker put back (a lost one
-        replaced)."""
+        resume=, elapsed=)` -> ProcessRun (the engine Run's arguments), or None when no child
+        can be had (the pool is closed, a child died and a new one would not start, or none
+        is idle and not `wait`: the caller iterates on its thread). A run whose child is lost
+        before it began goes to a fresh child, once. On exit the run is drained and the
+        worker put back (a lost one replaced)."""
         if self._closed:
             yield None
             return
-        worker = self._idle.get()
+        try:
+            worker = self._idle.get(block=wait)
+        except queue.Empty:
+            yield None
+            return
         if worker.process.poll() is not None:  # died while idle: a new child runs this one
             worker = self._replace(worker)
         if worker.lost:
@@ -632,6 +788,7 @@ class WorkerPool:
             *,
             cancel: CancelToken,
             resume: Checkpoint | None,
+            elapsed: float = 0.0,
         ) -> ProcessRun:
             nonlocal worker
             with self._lock:
@@ -650,7 +807,7 @@ class WorkerPool:
                     drop += evicted
                 seq, every = next(self._seq), self._every
                 job = ("run", seq, key, carried, params, options, stopping, resume, threads,
-                       every, drop, keep)  # fmt: skip
+                       every, drop, keep, elapsed)  # fmt: skip
                 run = ProcessRun(worker, job, cancel, origin)
                 runs.append(run)  # drained on exit, even if it fails to begin
                 try:

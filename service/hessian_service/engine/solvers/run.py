@@ -171,8 +171,15 @@ class Run:
         stopping: StopCriteria | None = None,
         cancel: CancelToken | None = None,
         resume: Checkpoint | None = None,
+        elapsed: float = 0.0,
     ) -> None:
+        """`elapsed`: seconds the run has already iterated elsewhere (a run moved to another
+        process goes on from its checkpoint): its time limit and cumulative_seconds count on
+        from there."""
+        if not (math.isfinite(elapsed) and elapsed >= 0):
+            raise ValidationError("elapsed", "a finite number of seconds >= 0", elapsed)
         self.objective = objective
+        self._elapsed = elapsed
         self.options = (options or MethodOptions()).validated()
         self.cancel_token = cancel or CancelToken()
         self.params = objective.check_params(params)
@@ -295,7 +302,7 @@ class Run:
         return None
 
     def _iterate(self) -> Iterator[StepRecord]:
-        started = time.perf_counter()
+        started = time.perf_counter() - self._elapsed
         k = self.start_iteration
         label = self.stepper.backend_label
         point = self.stepper.evaluate(self.params)
