@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -179,6 +180,62 @@ def test_resume_from_checkpoint_continues_identically(policy):
             b.step_norm,
             b.loss_change,
         )
+
+
+def _untimed(record) -> str:
+    """A record without its timings, as its repr: every float exact, NaN equal to NaN."""
+    return repr(replace(record, iteration_seconds=0.0, cumulative_seconds=0.0))
+
+
+@pytest.mark.parametrize("policy", ["line_search", "levenberg_marquardt"])
+def test_a_moved_run_does_not_test_its_repeated_iteration_again(policy):
+    """A run moved to another process (moved_after) was cancelled just after its record k
+    there: it redoes iteration k without testing it (it passed there) and stops at k + 1,
+    as the unmoved run does, not at k with step k lost (a review finding)."""
+    obj = make_objective("rosenbrock", {}, {"dim": 6})
+    options = MethodOptions(method="newton", step_policy=policy)
+    stopping = StopCriteria(max_iterations=40, **NO_TOL)
+    token = CancelToken()
+    unmoved = []
+    for record in Run(obj, obj.init_params(), options, stopping, cancel=token):
+        unmoved.append(record)
+        if record.iteration == 7:
+            token.cancel()
+    assert [r.iteration for r in unmoved] == list(range(9))
+    first = Run(obj, obj.init_params(), options, stopping)
+    head = []
+    for record in first:
+        head.append(record)
+        if record.iteration == 7:
+            break
+    cancelled = CancelToken()
+    cancelled.cancel()
+    moved = Run(obj, obj.init_params(), options, stopping, cancel=cancelled,
+                resume=first.checkpoint(), moved_after=head[-1].cumulative_seconds)  # fmt: skip
+    tail = moved.run_to_end()
+    assert [r.iteration for r in tail] == [7, 8]
+    assert [_untimed(r) for r in head + tail[1:]] == [_untimed(r) for r in unmoved]
+    assert moved.stop_reason is StopReason.CANCELLED
+    # its clock goes on from where it moved: past the limit, it stops at k + 1 too
+    limited = Run(obj, obj.init_params(), options, replace(stopping, time_limit_seconds=1.0),
+                  resume=first.checkpoint(), moved_after=5.0)  # fmt: skip
+    tail = limited.run_to_end()
+    assert [r.iteration for r in tail] == [7, 8] and tail[-1].cumulative_seconds >= 5.0
+    assert limited.stop_reason is StopReason.TIME_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("moved_after", "resume", "field"),
+    [(-1.0, True, "moved_after"), (math.nan, True, "moved_after"), (0.5, False, "resume")],
+)
+def test_bad_moved_after_names_the_field(moved_after, resume, field):
+    obj = make_objective("rosenbrock", {}, {"dim": 3})
+    first = Run(obj, obj.init_params())
+    next(first)
+    with pytest.raises(ValidationError) as info:
+        Run(obj, obj.init_params(), resume=first.checkpoint() if resume else None,
+            moved_after=moved_after)  # fmt: skip
+    assert info.value.field == field
 
 
 def test_rejected_levenberg_marquardt_step_repeats_the_point():

@@ -409,6 +409,13 @@ def test_a_worker_process_logs_as_the_server_does(capfd, log_format):
         ), lines
 
 
+def _untimed(record) -> str:
+    """A record without its timings, as its repr: every float exact, NaN equal to NaN."""
+    import dataclasses
+
+    return repr(dataclasses.replace(record, iteration_seconds=0.0, cumulative_seconds=0.0))
+
+
 def _moved(caplog) -> dict[str, int]:
     """Run id -> the iteration it moved to a worker at, from the server's log lines."""
     import re
@@ -447,19 +454,25 @@ def _long_cases(rng):
                                  "stopping": {"max_iterations": 400, **off}}),
         (softmax, np.zeros((9, 4)), {"method": "newton_cg", "stopping": {"max_iterations": 100,
                                                                          **off}}),
+        (softmax, np.zeros((9, 4)), {"method": "newton_cg", "curvature_fraction": 0.3,
+                                     "gradient_fraction": 0.5, "curvature_seed": 7,
+                                     "stopping": {"max_iterations": 150, **off}}),
     ]  # fmt: skip
 
 
-def test_a_run_moved_to_a_worker_midway_equals_a_run_on_a_thread(tmp_path, rng, caplog):
+@pytest.mark.parametrize("threads", [{}, {"intra_op_threads": 2, "single_thread_below": 0}],
+                         ids=["policy", "two-threads"])  # fmt: skip
+def test_a_run_moved_to_a_worker_midway_equals_a_run_on_a_thread(tmp_path, rng, caplog, threads):
     """With --process-after-ms a lone run starts on a server thread and moves to a worker
     from its checkpoint: its records (all but the timings), stop, message and final
-    parameters are those of a run that stayed on its thread, bit for bit."""
+    parameters are those of a run that stayed on its thread, bit for bit (torch's threads
+    as the policy sets them on both sides, one or two)."""
     caplog.set_level(logging.INFO, logger="hessian_service.server.workers")
     cases = _long_cases(rng)
     results, spans = {}, []
     for placement, kw in (("thread", {}), ("moved", {"run_processes": True,
                                                      "process_after_ms": 5})):  # fmt: skip
-        handle = start_server(tmp_path / placement, **kw)
+        handle = start_server(tmp_path / placement, **kw, **threads)
         try:
             with Client(handle.address) as c:
                 out = []
@@ -521,6 +534,8 @@ def test_a_run_starting_while_another_iterates_goes_to_a_worker_at_once(tmp_path
             second = c.start_run(pid, x0, **SLOW)
             records = _records(second)
             c.cancel_run(first.id)
+            assert wait_until(lambda: status_name(c.get_run(first.id)) == "CANCELLED")
+            assert wait_until(lambda: handle.runs._iterating == 0)
             alone = _records(c.start_run(pid, x0, **SLOW))  # the first has ended: a thread
     finally:
         handle.stop()
@@ -540,7 +555,7 @@ def test_a_moving_run_waits_for_an_idle_worker_and_stays_if_none_takes_it(rng, m
     from hessian_service.server.workers import WorkerPool
 
     objective, options, stopping, x0 = _gradient_descent_case(rng, 3000)
-    whole = [r.loss for r in Run(objective, x0, options, stopping)]
+    whole = [_untimed(r) for r in Run(objective, x0, options, stopping)]
     pool = WorkerPool(1, 100)
     try:
         assert pool.takes(objective)
@@ -548,20 +563,64 @@ def test_a_moving_run_waits_for_an_idle_worker_and_stays_if_none_takes_it(rng, m
             run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
             with pool.worker() as held:  # its only worker is busy
                 assert held is not None
-                first = [next(run).loss for _ in range(1500)]
+                first = [_untimed(next(run)) for _ in range(1500)]
                 assert not run.moved
-            rest = [r.loss for r in run]  # idle again: the run moves
-            assert run.moved
+            rest = [_untimed(r) for r in run]  # idle again: the run moves
+            assert run.moved and run.stop_reason == "max_iterations"
 
         def lost(self):
-            raise workers.WorkerLost("a child died as its run began")
+            raise self._worker.lose("died as its run began")
 
         monkeypatch.setattr(workers.ProcessRun, "begin", lost)
         with pool.moving(0.001, "r-stays") as start:
             run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
-            stayed = [r.loss for r in run]
+            stayed = [_untimed(r) for r in run]
             assert not run.moved
+        monkeypatch.undo()
+        (child,) = pool._all
+        assert child.process.poll() is not None  # the lost child was killed, not respawned
+        with pool.worker() as start:  # one that waits replaces it
+            run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            again = [_untimed(r) for r in run]
+        (fresh,) = pool._all
+        assert fresh is not child
     finally:
         pool.close()
     assert first + rest == whole
-    assert stayed == whole
+    assert stayed == whole and again == whole
+
+
+def test_a_run_with_long_iterations_or_cancelled_stays_on_its_thread(rng):
+    """A move repeats an iteration: a run whose iterations each take over a tenth of the
+    time it has iterated stays on its thread, as does a cancelled one."""
+    from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
+    from hessian_service.server.workers import WorkerPool
+
+    objective = _logistic_objective(rng, 3000, 300)  # a dense Newton step of milliseconds
+    stopping = StopCriteria(max_iterations=6, gradient_tolerance=0.0, function_tolerance=0.0,
+                            parameter_tolerance=0.0)  # fmt: skip
+    newton = MethodOptions(method="newton", step_policy="fixed")
+    quick, gd, gd_stop, x0 = _gradient_descent_case(rng, 3000)
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective) and pool.takes(quick)
+        with pool.moving(0.002, "r-long") as start:
+            run = start(objective, torch.zeros(301, dtype=torch.float64), newton, stopping,
+                        cancel=CancelToken(), resume=None)  # fmt: skip
+            records = list(run)
+            assert not run.moved
+            # each step (the last record has none) took over a tenth of the run so far
+            assert all(10 * r.iteration_seconds > r.cumulative_seconds for r in records[:-1])
+        token = CancelToken()
+        with pool.moving(0.001, "r-cancelled") as start:
+            run = start(quick, x0, gd, gd_stop, cancel=token, resume=None)
+            next(run)
+            token.cancel()
+            time.sleep(0.002)
+            assert [r.iteration for r in run] == [1] and not run.moved
+            assert run.stop_reason == "cancelled"
+        with pool.moving(0.001, "r-short") as start:  # the same pool moves a quick run
+            run = start(quick, x0, gd, gd_stop, cancel=CancelToken(), resume=None)
+            assert sum(1 for _ in run) == 3001 and run.moved
+    finally:
+        pool.close()

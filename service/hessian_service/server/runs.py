@@ -111,6 +111,7 @@ class LiveRun:
         self.started = False
         self.submitted = False  # queued on a worker pool (a CancelRun may then end it)
         self.skipped = False  # cancelled while queued: no worker executes it
+        self.iterating = False  # counted in RunManager._iterating (placement of the next)
         self._records: list[StepRecord] = []  # records from list index `dropped` on
         self.dropped = 0  # committed records let go from the front (all in the store)
         self.durable = 0
@@ -764,6 +765,7 @@ class RunManager:
             return None
         with self._lock:
             self._iterating += 1
+            live.iterating = True
             alone = self._iterating == 1
         try:
             if self.processes is not None and self.processes.takes(objective):
@@ -771,13 +773,20 @@ class RunManager:
                     log.debug("run %s starts on a server thread", live.run_id)
                     with self.processes.moving(self.process_after, live.run_id) as runner:
                         return self._execute_here(live, objective, *args, runner=runner)
-                log.debug("run %s starts in a worker process", live.run_id)
                 with self.processes.worker() as runner:
                     if runner is not None:
+                        log.debug("run %s starts in a worker process", live.run_id)
                         return self._execute(live, objective, *args, runner=runner)
             return self._execute_here(live, objective, *args)
         finally:
-            with self._lock:
+            self._done_iterating(live)
+
+    def _done_iterating(self, live: LiveRun) -> None:
+        """`live` no longer counts as iterating (once; before its watchers are woken, so a
+        caller's next run finds the server as idle as it is)."""
+        with self._lock:
+            if live.iterating:
+                live.iterating = False
                 self._iterating -= 1
 
     def _execute_here(self, live: LiveRun, objective: Objective, *args: Any, **kw: Any) -> None:
@@ -895,6 +904,7 @@ class RunManager:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
         finally:
+            self._done_iterating(live)
             try:
                 if live.lost:  # another replica owns it now: write nothing more
                     self.store.discard_queued(run_id)

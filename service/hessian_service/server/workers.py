@@ -1,9 +1,11 @@
 """Runs iterated in worker processes, so a run's Python work holds no lock the server needs.
 
-With `--run-processes` every run whose objective the server evaluates (not an Optimize run)
+With `--run-processes` a run whose objective the server evaluates (not an Optimize run)
 iterates the engine's `Run` in a child process, one per `--workers`, spawned at start,
 rather than on a thread of the server: the server's GIL stays free for the calls, the store
-and the streams, and the runs' own Python work proceeds on other cores.
+and the streams, and the runs' own Python work proceeds on other cores. A run that starts
+while no other iterates begins on a server thread instead and moves to a child once it has
+iterated `--process-after-ms` (`MovingRun`), so a short job pays no hop between processes.
 
 `ProcessRun` is the server's side of one run. It iterates like an engine `Run` (records; then
 `stop_reason`, `converged`, `message`, `last_record` and `checkpoint()`), so
@@ -254,7 +256,7 @@ def _child_run(
 ) -> None:
     """Iterate one run and send its records, checkpoints and end (or its error)."""
     (_, seq, key, objective, params, options, stopping, resume, threads, every, drop, keep,
-     elapsed) = job  # fmt: skip
+     moved_after) = job  # fmt: skip
     for gone in drop:  # the server chose what this child keeps (Worker.forget, Worker.cache)
         cache.pop(gone, None)
     cancel = _PolledToken(conn, seq)
@@ -268,7 +270,13 @@ def _child_run(
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         run = Run(
-            objective, params, options, stopping, cancel=cancel, resume=resume, elapsed=elapsed
+            objective,
+            params,
+            options,
+            stopping,
+            cancel=cancel,
+            resume=resume,
+            moved_after=moved_after,
         )
         outbox.started(run.backend)
         for record in run:
@@ -541,12 +549,19 @@ class ProcessRun:
 
 class MovingRun:
     """A run that starts on the calling thread (an engine Run) and moves to a worker process,
-    from its latest checkpoint, once it has iterated `after` seconds and a worker is idle: a
-    short run pays no hop between processes, a long one leaves the server's interpreter lock
-    to the calls and the streams. Its records are the engine Run's either way (the moved run
-    repeats its checkpoint's record, which is skipped, and keeps the run's clock). A run no
-    worker can take stays where it is: it looks again `after` seconds later, or never again
+    from the checkpoint at its last record, once it has iterated `after` seconds and a
+    worker is idle: a short run pays no hop between processes, a long one leaves the
+    server's interpreter lock to the calls and the streams. Its records are the engine
+    Run's either way: the moved run (Run's `moved_after`) repeats that record, which is
+    dropped, without testing it again, and keeps the run's clock.
+
+    The move repeats one iteration: it waits until that costs at most 1 / REPEAT_SHARE of
+    the time the run has iterated (a run of long iterations spends little of its time in
+    the per-record work a move takes off the server). A run stays where it is when it is
+    cancelled, when no worker is idle (it looks again `after` seconds later) and, for good,
     once a worker failed to take it."""
+
+    REPEAT_SHARE = 10
 
     def __init__(
         self,
@@ -563,18 +578,19 @@ class MovingRun:
     ) -> None:
         self._pool, self._after, self._run_id, self._objective = pool, after, run_id, objective
         self._options, self._stopping, self._cancel = options, stopping, cancel
-        self._here = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
-        self._run: Run | ProcessRun = self._here
+        here = Run(objective, params, options, stopping, cancel=cancel, resume=resume)
+        self._run: Run | ProcessRun = here
+        self._last_here: StepRecord | None = None
         self._due = time.perf_counter() + after
         self._held = contextlib.ExitStack()
-        self.start_iteration = self._here.start_iteration
-        self.backend = self._here.backend
-        self._iterator = self._records()
+        self.start_iteration = here.start_iteration
+        self.backend = here.backend
+        self._iterator = self._records(here)
 
     @property
     def moved(self) -> bool:
         """Whether the run iterates in a worker process now."""
-        return self._run is not self._here
+        return isinstance(self._run, ProcessRun)
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -590,7 +606,7 @@ class MovingRun:
 
     @property
     def last_record(self) -> StepRecord | None:
-        return self._run.last_record or self._here.last_record
+        return self._run.last_record or self._last_here
 
     def checkpoint(self) -> Checkpoint:
         """The latest checkpoint (the worker's once moved: at least the one it moved from)."""
@@ -606,11 +622,10 @@ class MovingRun:
         """Give the worker back, if the run took one (its run drained first)."""
         self._held.close()
 
-    def _records(self) -> Iterator[StepRecord]:
-        for record in self._here:
+    def _records(self, here: Run) -> Iterator[StepRecord]:
+        for record in here:
             yield record
-            due = self._here.stop_reason is None and time.perf_counter() >= self._due
-            if due and self._move(record):
+            if self._movable(here, record) and self._move(here, record):
                 break
         else:
             return
@@ -618,14 +633,24 @@ class MovingRun:
             if moved.iteration > record.iteration:
                 yield moved
 
-    def _move(self, last: StepRecord) -> bool:
-        """Go on in an idle worker from the checkpoint at `last`, if one is idle and takes it."""
+    def _movable(self, here: Run, last: StepRecord) -> bool:
+        """Whether to try a move now (after `last`, the run going on)."""
+        return (
+            time.perf_counter() >= self._due
+            and here.stop_reason is None
+            and not self._cancel.cancelled
+            and last.iteration_seconds * self.REPEAT_SHARE <= last.cumulative_seconds
+        )
+
+    def _move(self, here: Run, last: StepRecord) -> bool:
+        """Go on in an idle worker from the checkpoint at `last`, if one is idle and takes it;
+        then let the run here go (its points and curvature)."""
         start = self._held.enter_context(self._pool.worker(wait=False))
         if start is None:
             self._held.close()
             self._due = time.perf_counter() + self._after
             return False
-        checkpoint = self._here.checkpoint()
+        checkpoint = here.checkpoint()
         try:
             moved = start(
                 self._objective,
@@ -634,7 +659,7 @@ class MovingRun:
                 self._stopping,
                 cancel=self._cancel,
                 resume=checkpoint,
-                elapsed=last.cumulative_seconds,
+                moved_after=last.cumulative_seconds,
             )
         except Exception as exc:  # the worker could not take it: it goes on here
             log.warning("run %s stays on its server thread: %s", self._run_id, exc)
@@ -648,7 +673,8 @@ class MovingRun:
             last.iteration,
             last.cumulative_seconds * 1e3,
         )
-        self._run = moved
+        self._run, self._last_here = moved, last
+        here.close()
         return True
 
 
@@ -759,11 +785,14 @@ class WorkerPool:
     @contextlib.contextmanager
     def worker(self, wait: bool = True) -> Iterator[Callable[..., ProcessRun] | None]:
         """Hold a worker; yields `start(objective, params, options, stopping, cancel=,
-        resume=, elapsed=)` -> ProcessRun (the engine Run's arguments), or None when no child
-        can be had (the pool is closed, a child died and a new one would not start, or none
-        is idle and not `wait`: the caller iterates on its thread). A run whose child is lost
-        before it began goes to a fresh child, once. On exit the run is drained and the
-        worker put back (a lost one replaced)."""
+        resume=, moved_after=)` -> ProcessRun (the engine Run's arguments), or None when no
+        child can be had (the pool is closed, a child died and a new one would not start,
+        or, not `wait`ing, none is idle and alive: the caller iterates on its thread). A run
+        whose child is lost before it began goes to a fresh child, once. On exit the run is
+        drained and the worker put back (a lost one replaced). Not `wait`ing, nothing is
+        spawned here (it takes seconds): a lost child is killed and put back for the next
+        caller that waits to replace, and a run whose child is lost as it begins is not
+        retried."""
         if self._closed:
             yield None
             return
@@ -772,10 +801,10 @@ class WorkerPool:
         except queue.Empty:
             yield None
             return
-        if worker.process.poll() is not None:  # died while idle: a new child runs this one
+        if worker.process.poll() is not None and wait:  # died idle: a new child runs this one
             worker = self._replace(worker)
-        if worker.lost:
-            self._idle.put(worker)
+        if worker.lost or worker.process.poll() is not None:
+            self._idle.put(worker)  # one that waits replaces it: spawning takes seconds
             yield None
             return
         runs: list[ProcessRun] = []
@@ -788,7 +817,7 @@ class WorkerPool:
             *,
             cancel: CancelToken,
             resume: Checkpoint | None,
-            elapsed: float = 0.0,
+            moved_after: float | None = None,
         ) -> ProcessRun:
             nonlocal worker
             with self._lock:
@@ -807,7 +836,7 @@ class WorkerPool:
                     drop += evicted
                 seq, every = next(self._seq), self._every
                 job = ("run", seq, key, carried, params, options, stopping, resume, threads,
-                       every, drop, keep, elapsed)  # fmt: skip
+                       every, drop, keep, moved_after)  # fmt: skip
                 run = ProcessRun(worker, job, cancel, origin)
                 runs.append(run)  # drained on exit, even if it fails to begin
                 try:
@@ -818,7 +847,7 @@ class WorkerPool:
                     # killed child's exit takes milliseconds to show, so the check above can
                     # miss it). The run has done nothing: a fresh child takes it, once (a
                     # run whose objective kills its child on arrival costs two children).
-                    if retried:
+                    if retried or not wait:
                         raise
                     log.warning("%s before its run began; a fresh one takes the run", exc)
                     retried, worker = True, self._replace(worker)
@@ -830,8 +859,11 @@ class WorkerPool:
         finally:
             for run in runs:
                 run.drain()
-            if worker.lost:
+            if worker.lost and wait:
                 worker = self._replace(worker)
+            elif worker.lost:  # killed, for the next one that waits to replace
+                with contextlib.suppress(OSError):
+                    worker.process.kill()
             self._idle.put(worker)
 
     def _let_go(self, key: int) -> None:

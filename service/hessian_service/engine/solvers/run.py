@@ -171,15 +171,20 @@ class Run:
         stopping: StopCriteria | None = None,
         cancel: CancelToken | None = None,
         resume: Checkpoint | None = None,
-        elapsed: float = 0.0,
+        moved_after: float | None = None,
     ) -> None:
-        """`elapsed`: seconds the run has already iterated elsewhere (a run moved to another
-        process goes on from its checkpoint): its time limit and cumulative_seconds count on
-        from there."""
-        if not (math.isfinite(elapsed) and elapsed >= 0):
-            raise ValidationError("elapsed", "a finite number of seconds >= 0", elapsed)
+        """`moved_after`: the run moved here from another process after iterating that many
+        seconds there, and `resume` is the checkpoint at the last record it yielded there:
+        that iteration, already tested and yielded, is not tested again (its record repeats
+        it), and the clock (time_limit_seconds, cumulative_seconds) goes on from there once
+        it is redone. None: a fresh run, or a resume, whose clock starts at 0."""
+        if moved_after is not None:
+            if resume is None:
+                raise ValidationError("resume", "the checkpoint a moved run goes on from", None)
+            if not (math.isfinite(moved_after) and moved_after >= 0):
+                raise ValidationError("moved_after", "a finite number of seconds >= 0", moved_after)
         self.objective = objective
-        self._elapsed = elapsed
+        self._moved_after = moved_after
         self.options = (options or MethodOptions()).validated()
         self.cancel_token = cancel or CancelToken()
         self.params = objective.check_params(params)
@@ -239,6 +244,12 @@ class Run:
     def checkpoint(self) -> Checkpoint:
         """The state at the latest record, before its step."""
         return self._checkpoint
+
+    def close(self) -> None:
+        """Stop iterating here and let the points (and their curvature) go: the run goes on
+        elsewhere (a worker process resumed it from `checkpoint()`)."""
+        self._iterator.close()
+        self.stepper.drop_trial()
 
     def run_to_end(self) -> list[StepRecord]:
         """Iterate to the end and return every record."""
@@ -302,7 +313,8 @@ class Run:
         return None
 
     def _iterate(self) -> Iterator[StepRecord]:
-        started = time.perf_counter() - self._elapsed
+        repeat = self._moved_after is not None  # the checkpoint's iteration: tested already
+        started = time.perf_counter()
         k = self.start_iteration
         label = self.stepper.backend_label
         point = self.stepper.evaluate(self.params)
@@ -317,7 +329,7 @@ class Run:
         while True:
             t0 = time.perf_counter()
             self._checkpoint = Checkpoint(k, point.x, self._state(previous_loss))
-            stop = self._stop_test(k, point, previous, t0 - started)
+            stop = None if repeat else self._stop_test(k, point, previous, t0 - started)
             step: Step | None = None
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
@@ -354,6 +366,8 @@ class Run:
             now = time.perf_counter()
             record.iteration_seconds = now - t0
             record.cumulative_seconds = now - started
+            if repeat:  # redone here: its time was counted where the run moved from
+                repeat, started = False, now - self._moved_after
             self.last_record = record
             if stop is not None:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
