@@ -314,7 +314,7 @@ def concurrency() -> str:
     return (
         f"Client threads in this process, the server (default flags, `--max-concurrent-runs "
         f"256`; the rows marked `{PROCESSES}` add that flag: runs iterate in `--workers` child "
-        f"processes, except that a run starting while no other iterates begins on a server "
+        f"processes, except that a run starting while no other is live begins on a server "
         f"thread and moves to a child after `--process-after-ms` 20; with "
         f"`{' '.join(IN_WORKERS[1:])}` every run starts in a child) in another; each client "
         f"calls back to back for {seconds:g} s; throughput "

@@ -111,7 +111,6 @@ class LiveRun:
         self.started = False
         self.submitted = False  # queued on a worker pool (a CancelRun may then end it)
         self.skipped = False  # cancelled while queued: no worker executes it
-        self.iterating = False  # counted in RunManager._iterating (placement of the next)
         self._records: list[StepRecord] = []  # records from list index `dropped` on
         self.dropped = 0  # committed records let go from the front (all in the store)
         self.durable = 0
@@ -230,12 +229,11 @@ class RunManager:
         `max_stored_runs`: the oldest ended runs are deleted past it after each start (0: all
         are kept); `processes`: the worker processes runs iterate in (None: on the pool's
         threads; the manager closes them at shutdown); `process_after` (seconds; 0: every
-        run starts in a worker): a run that starts while no other iterates begins on its
+        run starts in a worker): a run that starts while no other is live begins on its
         thread and moves to a worker once it has iterated that long."""
         self.store = store
         self.processes = processes
         self.process_after = process_after
-        self._iterating = 0  # runs in _execute_limited now
         self.max_iterations = max_iterations
         self.max_stored_runs = max_stored_runs
         self.threads = threads
@@ -757,37 +755,29 @@ class RunManager:
 
     def _execute_limited(self, live: LiveRun, objective: Objective, *args: Any) -> None:
         """`_execute` where the run should iterate: with --run-processes (when the objective
-        can go there) in a worker process, or, while no other run iterates and with
-        `process_after`, on this thread until it has run that long, then in a worker;
-        otherwise on this thread. A run iterating here has its torch threads set by the
-        thread policy (if any)."""
+        can go there) in a worker process, or, with `process_after` while no other run is
+        live here, on this thread until it has run that long, then in a worker; otherwise
+        on this thread. A run iterating here has its torch threads set by the thread policy
+        (if any)."""
         if not self._claim(live):
             return None
-        with self._lock:
-            self._iterating += 1
-            live.iterating = True
-            alone = self._iterating == 1
-        try:
-            if self.processes is not None and self.processes.takes(objective):
-                if self.process_after > 0 and alone:
-                    log.debug("run %s starts on a server thread", live.run_id)
-                    with self.processes.moving(self.process_after, live.run_id) as runner:
-                        return self._execute_here(live, objective, *args, runner=runner)
-                with self.processes.worker() as runner:
-                    if runner is not None:
-                        log.debug("run %s starts in a worker process", live.run_id)
-                        return self._execute(live, objective, *args, runner=runner)
-            return self._execute_here(live, objective, *args)
-        finally:
-            self._done_iterating(live)
+        if self.processes is not None and self.processes.takes(objective):
+            if self.process_after > 0 and self._alone(live):
+                log.debug("run %s starts on a server thread", live.run_id)
+                with self.processes.moving(self.process_after, live.run_id) as runner:
+                    return self._execute_here(live, objective, *args, runner=runner)
+            with self.processes.worker() as runner:
+                if runner is not None:
+                    log.debug("run %s starts in a worker process", live.run_id)
+                    return self._execute(live, objective, *args, runner=runner)
+        return self._execute_here(live, objective, *args)
 
-    def _done_iterating(self, live: LiveRun) -> None:
-        """`live` no longer counts as iterating (once; before its watchers are woken, so a
-        caller's next run finds the server as idle as it is)."""
+    def _alone(self, live: LiveRun) -> bool:
+        """Whether `live` is the only run this server executes or has queued (Optimize runs,
+        waiting on their callers, aside): a run is forgotten before its watchers learn it
+        ended, so a client's next run after the last finds it so."""
         with self._lock:
-            if live.iterating:
-                live.iterating = False
-                self._iterating -= 1
+            return not any(r is not live and not r.remote for r in self._live.values())
 
     def _execute_here(self, live: LiveRun, objective: Objective, *args: Any, **kw: Any) -> None:
         """`_execute` with this thread's torch threads set by the thread policy (if any)."""
@@ -904,7 +894,6 @@ class RunManager:
             log.exception("run %s failed with an internal error", run_id)
             final["message"] = f"internal error (a bug): {type(exc).__name__}: {exc}"
         finally:
-            self._done_iterating(live)
             try:
                 if live.lost:  # another replica owns it now: write nothing more
                     self.store.discard_queued(run_id)

@@ -4,8 +4,9 @@ With `--run-processes` a run whose objective the server evaluates (not an Optimi
 iterates the engine's `Run` in a child process, one per `--workers`, spawned at start,
 rather than on a thread of the server: the server's GIL stays free for the calls, the store
 and the streams, and the runs' own Python work proceeds on other cores. A run that starts
-while no other iterates begins on a server thread instead and moves to a child once it has
-iterated `--process-after-ms` (`MovingRun`), so a short job pays no hop between processes.
+while no other is queued or executing begins on a server thread instead and moves to a
+child once it has iterated `--process-after-ms` (`MovingRun`), so a short job pays no hop
+between processes.
 
 `ProcessRun` is the server's side of one run. It iterates like an engine `Run` (records; then
 `stop_reason`, `converged`, `message`, `last_record` and `checkpoint()`), so
