@@ -107,6 +107,11 @@ def test_dense_budget_refused_before_allocating():
     with pytest.raises(ResourceLimitError, match="dense Hessian of 40 parameters"):
         hessian(obj, random_params(obj), budget_bytes=40 * 40 * 8 - 1)
     check_dense_budget(40, budget_bytes=40 * 40 * 8)
+    # a small refusal says bytes, not "0.0 MiB" (a review finding)
+    with pytest.raises(ResourceLimitError) as info:
+        check_dense_budget(3, budget_bytes=8)
+    assert "needs 72 bytes (3x3 float64)" in str(info.value)
+    assert "budget of 8 bytes" in str(info.value) and "0.0 MiB" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["mlp", "softmax_regression", "least_squares"])

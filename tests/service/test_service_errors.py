@@ -81,6 +81,15 @@ CASES = {
         INVALID,
         "params.dtype",
     ),
+    "integer params": (
+        "NewtonStep",
+        service_pb2.StepRequest(
+            problem=_mse(),
+            params=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[6], data=bytes(48)),
+        ),
+        INVALID,
+        "params.dtype",
+    ),
     "negative shape": (
         "NewtonStep",
         service_pb2.StepRequest(
@@ -253,6 +262,19 @@ def test_bad_input_gets_its_code_and_names_the_field(server, stub, case):
     assert err.value.code() == code, err.value.details()
     assert field in err.value.details()
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_params_dtype_refusal_lists_only_what_params_may_be(stub):
+    """Parameters are FLOAT32 or FLOAT64: the refusal does not offer INT64 (data may be
+    INT64, parameters never; a review finding)."""
+    for dtype, name in ((0, "DTYPE_UNSPECIFIED"), (tensor_pb2.DTYPE_INT64, "DTYPE_INT64")):
+        request = CASES["integer params"][1]
+        request.params.dtype = dtype
+        with pytest.raises(grpc.RpcError) as err:
+            stub.NewtonStep(request, timeout=30)
+        assert err.value.code() == INVALID
+        assert "params.dtype: expected FLOAT32 or FLOAT64" in err.value.details()
+        assert name in err.value.details() and "INT64 or" not in err.value.details()
 
 
 def test_resume_of_a_finished_run_is_failed_precondition(client, stub):

@@ -15,7 +15,12 @@ DEFAULT_DENSE_BUDGET_BYTES = 2 * 1024**3
 
 def dense_hessian_bytes(n: int, dtype: torch.dtype = torch.float64) -> int:
     """Bytes of one dense n x n matrix of `dtype`."""
-    return n * n * torch.empty((), dtype=dtype).element_size()
+    return n * n * dtype.itemsize
+
+
+def format_bytes(nbytes: int) -> str:
+    """A size for a message: MiB to a tenth, bytes below a tenth of a MiB (never "0.0 MiB")."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 / 10 else f"{nbytes} bytes"
 
 
 def check_dense_budget(
@@ -26,8 +31,8 @@ def check_dense_budget(
     if budget_bytes is not None and need > budget_bytes:
         raise ResourceLimitError(
             field,
-            f"a dense Hessian of {n} parameters needs {need / 2**20:.1f} MiB "
+            f"a dense Hessian of {n} parameters needs {format_bytes(need)} "
             f"({n}x{n} {str(dtype).removeprefix('torch.')}), over the dense-Hessian memory "
-            f"budget of {budget_bytes / 2**20:.1f} MiB; use a Hessian-free method or raise the "
+            f"budget of {format_bytes(budget_bytes)}; use a Hessian-free method or raise the "
             "budget",
         )

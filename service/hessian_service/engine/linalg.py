@@ -12,6 +12,7 @@ line search (the general path's and the fused native step's) the same Armijo tes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,24 @@ def negative_tolerance(evals: torch.Tensor, dtype: torch.dtype) -> float:
 def count_negative(evals: torch.Tensor, dtype: torch.dtype) -> int:
     """Eigenvalues below -negative_tolerance(evals, dtype)."""
     return int((evals < -negative_tolerance(evals, dtype)).sum())
+
+
+def eigenvalues_off(
+    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The eigenvalues of symmetric `h` on the range of the orthogonal projector `project` (a
+    map of vectors, such as Objective.project_step): those of P h P + c (I - P), with c twice
+    h's Frobenius norm (above its spectrum, so the g = n - trace P gauge directions sit at
+    c), less the g largest. Ascending; all n of `h`'s when P is the identity."""
+    n = h.shape[0]
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    p = symmetrise(torch.vmap(project)(eye))
+    gauge = round(n - float(p.diagonal().sum()))
+    if gauge <= 0:
+        return torch.linalg.eigvalsh(h)
+    php = torch.vmap(project)(torch.vmap(project)(h).mT)  # h symmetric: P h, then (P h)^T P
+    c = 2.0 * float(torch.linalg.matrix_norm(h)) or 1.0
+    return torch.linalg.eigvalsh(symmetrise(php) + c * (eye - p))[: n - gauge]
 
 
 def negative_eigenvalues(h: torch.Tensor) -> int:

@@ -36,6 +36,7 @@ TORCH_DTYPES = {
     tensor_pb2.DTYPE_INT64: torch.int64,
 }
 WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_WIRE_DTYPES = (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT64)
 NUMPY_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
@@ -63,12 +64,23 @@ M = TypeVar("M", bound=Message)
 
 
 def decode_tensor(
-    tensor: tensor_pb2.Tensor, field: str, *, max_elements: int | None = None
+    tensor: tensor_pb2.Tensor,
+    field: str,
+    *,
+    max_elements: int | None = None,
+    floating: bool = False,
 ) -> torch.Tensor:
-    """A torch tensor from the wire, checking dtype, shape, byte length and finiteness."""
-    if tensor.dtype not in TORCH_DTYPES:
-        name = tensor_pb2.DType.Name(tensor.dtype) if tensor.dtype == 0 else str(tensor.dtype)
-        raise ValidationError(f"{field}.dtype", "FLOAT32, FLOAT64 or INT64", name)
+    """A torch tensor from the wire, checking dtype (`floating`: FLOAT32 or FLOAT64 only,
+    as parameters), shape, byte length and finiteness."""
+    allowed = FLOAT_WIRE_DTYPES if floating else TORCH_DTYPES
+    if tensor.dtype not in allowed:
+        name = (
+            tensor_pb2.DType.Name(tensor.dtype)
+            if tensor.dtype in tensor_pb2.DType.values()
+            else str(tensor.dtype)
+        )
+        names = [tensor_pb2.DType.Name(d).removeprefix("DTYPE_") for d in allowed]
+        raise ValidationError(f"{field}.dtype", ", ".join(names[:-1]) + " or " + names[-1], name)
     shape = check_shape(tensor.shape, f"{field}.shape")
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:

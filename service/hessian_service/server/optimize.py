@@ -287,13 +287,11 @@ def _quantity(wire: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) 
     field = f"evaluation.{name}"
     if not wire.HasField(name):
         raise ValidationError(field, f"a tensor of shape {list(shape)} (it was asked)", "none")
-    t = codec.decode_tensor(getattr(wire, name), field)
+    t = codec.decode_tensor(getattr(wire, name), field, floating=True)
     if tuple(t.shape) != shape:
         raise ValidationError(
             field, f"a tensor of shape {list(shape)} (as asked)", f"shape {list(t.shape)}"
         )
-    if not t.is_floating_point():
-        raise ValidationError(f"{field}.dtype", "FLOAT32 or FLOAT64", "INT64")
     return t.to(dtype)
 
 

@@ -168,7 +168,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         return max(1, min(WATCH_PAGE, room // codec.MAX_RECORD_BYTES))
 
     def _decode_params(self, tensor: tensor_pb2.Tensor, field: str) -> torch.Tensor:
-        return codec.decode_tensor(tensor, field, max_elements=self.config.max_params)
+        return codec.decode_tensor(
+            tensor, field, max_elements=self.config.max_params, floating=True
+        )
 
     def _row(self, run_id: str, tenant: Tenant) -> RunRow:
         """The run, if the tenant may see it (another tenant's is NOT_FOUND, like a missing one)."""

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..backends.native.fused import fused_newton_step, validated_options
 from ..cancel import Cancelled, CancelToken, scope
 from ..errors import ValidationError
-from ..linalg import classify, count_negative, symmetrise
+from ..linalg import classify, count_negative, eigenvalues_off, symmetrise
 from ..objectives.base import Objective
 from ..options import MethodOptions, StopCriteria
 from ..records import Checkpoint, StepRecord, StepResult, StopReason
@@ -86,13 +86,19 @@ def _resolved(tol: float, eps: float, dtype: torch.dtype, name: str) -> tuple[fl
     return tol, ""
 
 
-def end_point(h: torch.Tensor) -> tuple[str, int]:
+def end_point(
+    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
     linalg.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
     eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0.
+    `project`: the objective's projection off its gauge directions (project_step), along
+    which the loss is invariant: the test is taken on the rest (linalg.eigenvalues_off),
+    where the gauge's zero eigenvalues say nothing about the point.
     """
-    evals = torch.linalg.eigvalsh(symmetrise(h))
+    h = symmetrise(h)
+    evals = torch.linalg.eigvalsh(h) if project is None else eigenvalues_off(h, project)
     if evals.numel() == 0:
         return "flat", 0
     relative = evals.numel() * torch.finfo(h.dtype).eps
@@ -371,7 +377,10 @@ class Run:
             self.last_record = record
             if stop is not None:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
-                    record.end_point, record.negative_eigenvalues = end_point(point.curvature)
+                    gauge = self.objective.project_step if self.objective.has_gauge else None
+                    record.end_point, record.negative_eigenvalues = end_point(
+                        point.curvature, gauge
+                    )
                     self._finish(*_second_order_verdict(stop, record))
                 else:
                     self._finish(*stop)

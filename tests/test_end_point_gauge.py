@@ -1,0 +1,67 @@
+"""The second-order test at a run's end is taken off the objective's gauge directions: a
+softmax regression with intercepts (its loss is invariant to a common shift of the
+intercepts over the classes) ends at a minimum, not "flat" (a review finding). The
+restricted spectrum is checked against an explicit orthonormal basis of the complement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
+from hessian_service.engine.linalg import eigenvalues_off
+from native_support import BACKENDS
+
+F64 = torch.float64
+
+
+def _softmax(rng, l2: float, intercept: bool, rows: int = 120, features: int = 4, k: int = 3):
+    x = rng.normal(size=(rows, features))
+    labels = rng.integers(0, k, size=rows)
+    data = {"X": torch.tensor(x), "labels": torch.tensor(labels)}
+    options = {"num_classes": k, "l2": l2, "fit_intercept": intercept}
+    return make_objective("softmax_regression", data, options)
+
+
+def _gauge(objective) -> np.ndarray:
+    """The gauge directions written out: a common shift over the classes of every row the
+    penalty leaves free (the intercepts; every row without a penalty), unit vectors."""
+    rows, k = objective.param_shape
+    free = range(rows) if objective.options["l2"] == 0 else range(rows - 1, rows)
+    if not objective.options["fit_intercept"] and objective.options["l2"] > 0:
+        free = range(0)
+    out = []
+    for r in free:
+        v = np.zeros((rows, k))
+        v[r] = 1.0 / np.sqrt(k)
+        out.append(v.reshape(-1))
+    return np.array(out).T.reshape(rows * k, len(out))
+
+
+@pytest.mark.parametrize(("l2", "intercept"), [(1e-2, True), (0.0, True), (1e-2, False)])
+def test_eigenvalues_off_the_gauge_match_an_explicit_complement(rng, l2, intercept):
+    objective = _softmax(rng, l2, intercept)
+    x = torch.tensor(rng.normal(size=objective.num_params))
+    h = torch.func.hessian(objective.loss)(x)
+    g = _gauge(objective)
+    u = np.linalg.svd(g, full_matrices=True)[0] if g.shape[1] else np.eye(len(h))
+    q = u[:, g.shape[1] :]  # an orthonormal basis of the complement
+    want = np.linalg.eigvalsh(q.T @ h.numpy() @ q)
+    got = eigenvalues_off(h, objective.project_step).numpy()
+    assert got.shape == want.shape == (objective.num_params - g.shape[1],)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    if g.shape[1]:  # the full spectrum has the gauge's zeros; the restricted one does not
+        assert np.abs(np.linalg.eigvalsh(h.numpy())).min() < 1e-12
+        assert want.min() > 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("l2", "intercept"), [(1e-3, True), (0.0, True), (1e-3, False)])
+def test_a_converged_softmax_run_ends_at_a_minimum(rng, backend, l2, intercept):
+    objective = _softmax(rng, l2, intercept)
+    run = Run(objective, torch.zeros(objective.num_params, dtype=F64),
+              MethodOptions(method="newton", backend=backend),
+              StopCriteria(gradient_tolerance=1e-9))  # fmt: skip
+    records = run.run_to_end()
+    assert run.converged, run.message
+    assert records[-1].end_point == "minimum" and records[-1].negative_eigenvalues == 0
