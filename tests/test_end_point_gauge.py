@@ -27,9 +27,10 @@ def _gauge(objective) -> np.ndarray:
     """The gauge directions written out: a common shift over the classes of every row the
     penalty leaves free (the intercepts; every row without a penalty), unit vectors."""
     rows, k = objective.param_shape
-    free = range(rows) if objective.options["l2"] == 0 else range(rows - 1, rows)
-    if not objective.options["fit_intercept"] and objective.options["l2"] > 0:
-        free = range(0)
+    if objective.options["l2"] == 0:
+        free = range(rows)
+    else:
+        free = range(rows - 1, rows) if objective.options["fit_intercept"] else range(0)
     out = []
     for r in free:
         v = np.zeros((rows, k))
@@ -38,8 +39,11 @@ def _gauge(objective) -> np.ndarray:
     return np.array(out).T.reshape(rows * k, len(out))
 
 
-@pytest.mark.parametrize(("l2", "intercept"), [(1e-2, True), (0.0, True), (1e-2, False)])
-def test_eigenvalues_off_the_gauge_match_an_explicit_complement(rng, l2, intercept):
+@pytest.mark.parametrize("chunk", [256, 5])
+@pytest.mark.parametrize(
+    ("l2", "intercept"), [(1e-2, True), (0.0, True), (1e-2, False), (0.0, False)]
+)
+def test_eigenvalues_off_the_gauge_match_an_explicit_complement(rng, l2, intercept, chunk):
     objective = _softmax(rng, l2, intercept)
     x = torch.tensor(rng.normal(size=objective.num_params))
     h = torch.func.hessian(objective.loss)(x)
@@ -47,7 +51,7 @@ def test_eigenvalues_off_the_gauge_match_an_explicit_complement(rng, l2, interce
     u = np.linalg.svd(g, full_matrices=True)[0] if g.shape[1] else np.eye(len(h))
     q = u[:, g.shape[1] :]  # an orthonormal basis of the complement
     want = np.linalg.eigvalsh(q.T @ h.numpy() @ q)
-    got = eigenvalues_off(h, objective.project_step).numpy()
+    got = eigenvalues_off(h, objective.project_step, chunk=chunk).numpy()
     assert got.shape == want.shape == (objective.num_params - g.shape[1],)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
     if g.shape[1]:  # the full spectrum has the gauge's zeros; the restricted one does not
@@ -65,3 +69,14 @@ def test_a_converged_softmax_run_ends_at_a_minimum(rng, backend, l2, intercept):
     records = run.run_to_end()
     assert run.converged, run.message
     assert records[-1].end_point == "minimum" and records[-1].negative_eigenvalues == 0
+
+
+def test_eigenvalues_off_the_gauge_in_float32(rng):
+    """float32: the same restricted spectrum as in float64, to float32's resolution."""
+    objective = _softmax(rng, 1e-2, True)
+    x = torch.tensor(rng.normal(size=objective.num_params))
+    h = torch.func.hessian(objective.loss)(x)
+    want = eigenvalues_off(h, objective.project_step).numpy()
+    got = eigenvalues_off(h.float(), objective.project_step).numpy()
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

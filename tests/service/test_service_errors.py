@@ -267,7 +267,7 @@ def test_bad_input_gets_its_code_and_names_the_field(server, stub, case):
 def test_a_params_dtype_refusal_lists_only_what_params_may_be(stub):
     """Parameters are FLOAT32 or FLOAT64: the refusal does not offer INT64 (data may be
     INT64, parameters never; a review finding)."""
-    for dtype, name in ((0, "DTYPE_UNSPECIFIED"), (tensor_pb2.DTYPE_INT64, "DTYPE_INT64")):
+    for dtype, name in ((0, "got UNSPECIFIED"), (tensor_pb2.DTYPE_INT64, "got INT64")):
         request = CASES["integer params"][1]
         request.params.dtype = dtype
         with pytest.raises(grpc.RpcError) as err:

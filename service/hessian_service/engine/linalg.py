@@ -85,21 +85,27 @@ def count_negative(evals: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def eigenvalues_off(
-    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]
+    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
 ) -> torch.Tensor:
-    """The eigenvalues of symmetric `h` on the range of the orthogonal projector `project` (a
-    map of vectors, such as Objective.project_step): those of P h P + c (I - P), with c twice
-    h's Frobenius norm (above its spectrum, so the g = n - trace P gauge directions sit at
-    c), less the g largest. Ascending; all n of `h`'s when P is the identity."""
+    """The eigenvalues of symmetric `h` off the gauge of an objective whose loss is invariant
+    along the directions the orthogonal projector `project` removes (Objective.project_step):
+    those of h + c (I - P), with c twice h's Frobenius norm (above its spectrum; h is 0 along
+    the gauge), less the g = n - trace P largest (the gauge's, at c). Ascending; all n of
+    `h`'s when P is the identity. One n x n matrix besides `h`: P is applied `chunk` unit
+    vectors at a time, never formed."""
     n = h.shape[0]
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    p = symmetrise(torch.vmap(project)(eye))
-    gauge = round(n - float(p.diagonal().sum()))
-    if gauge <= 0:
-        return torch.linalg.eigvalsh(h)
-    php = torch.vmap(project)(torch.vmap(project)(h).mT)  # h symmetric: P h, then (P h)^T P
-    c = 2.0 * float(torch.linalg.matrix_norm(h)) or 1.0
-    return torch.linalg.eigvalsh(symmetrise(php) + c * (eye - p))[: n - gauge]
+    m = symmetrise(h)
+    c = 2.0 * float(torch.linalg.matrix_norm(m)) or 1.0
+    gauge = 0.0
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=h.device)
+        units = torch.zeros(len(rows), n, dtype=h.dtype, device=h.device)
+        units[torch.arange(len(rows)), rows] = 1.0
+        off = units - torch.vmap(project)(units)  # rows of I - P (symmetric)
+        gauge += float(off[torch.arange(len(rows)), rows].double().sum())
+        m[start : start + len(rows)] += c * off
+    g = round(gauge)
+    return torch.linalg.eigvalsh(m)[: n - g] if g > 0 else torch.linalg.eigvalsh(m)
 
 
 def negative_eigenvalues(h: torch.Tensor) -> int:

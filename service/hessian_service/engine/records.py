@@ -60,7 +60,9 @@ class StepRecord:
     unknown. step_damped: the Newton solve had to raise the damping above the requested
     one to factorise (the matrix was not positive definite). end_point, on the final
     record of a dense-Hessian run (newton, saddle_free): minimum | saddle | maximum | flat,
-    the second-order test at the point the run ended on ("" elsewhere). cg_iterations,
+    the second-order test at the point the run ended on ("" elsewhere), off the objective's
+    gauge directions (where the loss is invariant: Objective.project_step), as is that
+    record's negative_eigenvalues. cg_iterations,
     cg_residual (||r|| / ||g||), negative_curvature and
     trust_radius (the radius the step was computed in; NaN without a trust region) describe
     the Hessian-free methods' inner solve; gradient_batch_size is the rows of the mini-batch

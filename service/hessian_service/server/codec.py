@@ -63,6 +63,13 @@ _record_getter = attrgetter(*RECORD_FIELDS)
 M = TypeVar("M", bound=Message)
 
 
+def dtype_name(value: int) -> str:
+    """A wire DType as messages name it (FLOAT64, UNSPECIFIED; a number it does not know)."""
+    if value in tensor_pb2.DType.values():
+        return tensor_pb2.DType.Name(value).removeprefix("DTYPE_")
+    return str(value)
+
+
 def decode_tensor(
     tensor: tensor_pb2.Tensor,
     field: str,
@@ -74,13 +81,9 @@ def decode_tensor(
     as parameters), shape, byte length and finiteness."""
     allowed = FLOAT_WIRE_DTYPES if floating else TORCH_DTYPES
     if tensor.dtype not in allowed:
-        name = (
-            tensor_pb2.DType.Name(tensor.dtype)
-            if tensor.dtype in tensor_pb2.DType.values()
-            else str(tensor.dtype)
-        )
-        names = [tensor_pb2.DType.Name(d).removeprefix("DTYPE_") for d in allowed]
-        raise ValidationError(f"{field}.dtype", ", ".join(names[:-1]) + " or " + names[-1], name)
+        names = [dtype_name(d) for d in allowed]
+        expected = ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValidationError(f"{field}.dtype", expected, dtype_name(tensor.dtype))
     shape = check_shape(tensor.shape, f"{field}.shape")
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:

@@ -272,7 +272,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         for i, spec in enumerate(request.tensors):
             dtype = codec.DTYPE_NAMES.get(spec.dtype)
             if dtype is None:
-                raise ValidationError(f"tensors[{i}].dtype", "FLOAT32 or FLOAT64", spec.dtype)
+                raise ValidationError(
+                    f"tensors[{i}].dtype", "FLOAT32 or FLOAT64", codec.dtype_name(spec.dtype)
+                )
             dist = codec.enum_name(
                 optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
             )

@@ -480,6 +480,7 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     else:
         state["damping"] = lam * state["nu"]
         state["nu"] *= 2.0
+        stepper.drop_trial()  # a whole trial the gradient judged: its curvature goes
     return Step(
         x_new=x_new,
         step_norm=float(d.norm()),

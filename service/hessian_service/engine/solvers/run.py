@@ -97,8 +97,7 @@ def end_point(
     which the loss is invariant: the test is taken on the rest (linalg.eigenvalues_off),
     where the gauge's zero eigenvalues say nothing about the point.
     """
-    h = symmetrise(h)
-    evals = torch.linalg.eigvalsh(h) if project is None else eigenvalues_off(h, project)
+    evals = torch.linalg.eigvalsh(symmetrise(h)) if project is None else eigenvalues_off(h, project)
     if evals.numel() == 0:
         return "flat", 0
     relative = evals.numel() * torch.finfo(h.dtype).eps
