@@ -133,7 +133,7 @@ def test_int64_initial_params_are_refused_before_any_run_exists(server, rng):
     refused = Stream(server.address, start_request(rng.integers(-3, 3, n), gradient=True)).refusal()
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.details() == (
-        "start.initial_params: expected dtype float32 or float64, got torch.int64"
+        "start.initial_params.dtype: expected FLOAT32 or FLOAT64, got INT64"
     )
     with Client(server.address) as client:
         assert [r.run_id for r in client.list_runs()] == before
