@@ -35,15 +35,19 @@ def _records(run) -> list[bytes]:
     return out
 
 
+def _problems(rng, rows: int, cols: int, classes: int, l2: float, dim: int) -> tuple:
+    """Logistic and softmax regressions on fresh data, Rosenbrock and a start for it."""
+    x = rng.standard_normal((rows, cols))
+    y = (rng.random(rows) < 0.5).astype(float)
+    logistic = problems.logistic_regression(x, y, l2=l2)
+    labels = rng.integers(0, classes, rows)
+    softmax = problems.softmax_regression(x, labels, num_classes=classes, l2=l2)
+    return logistic, softmax, problems.rosenbrock(dim=dim), rng.standard_normal(dim)
+
+
 def _cases(rng):
     """(problem, starting point, options) across methods, step policies and backends."""
-    x = rng.standard_normal((80, 4))
-    y = (rng.random(80) < 0.5).astype(float)
-    logistic = problems.logistic_regression(x, y, l2=1e-2)
-    labels = rng.integers(0, 3, 80)
-    softmax = problems.softmax_regression(x, labels, num_classes=3, l2=1e-2)
-    rosen = problems.rosenbrock(dim=5)
-    start = rng.standard_normal(5)
+    logistic, softmax, rosen, start = _problems(rng, 80, 4, 3, 1e-2, 5)
     stop = {"stopping": {"max_iterations": 60}}
     return [
         (logistic, np.zeros(5), {"method": "newton", **stop}),
@@ -61,21 +65,28 @@ def test_runs_in_worker_processes_equal_runs_on_threads(tmp_path, rng):
     for processes in (False, True):
         handle = start_server(tmp_path / str(processes), run_processes=processes,
                               process_after_ms=0)  # fmt: skip
-        try:
-            with Client(handle.address) as c:
-                out = []
-                for problem, x0, options in cases:
-                    run = c.start_run(problem, x0, **options)
-                    records = _records(run)
-                    info, final = run.info(), run.result().params
-                    out.append((records, info.status, info.stop_reason, info.message, final))
-                results[processes] = out
-        finally:
-            handle.stop()
-    for threads, processes in zip(results[False], results[True], strict=True):
+        results[processes] = _outcomes(handle, cases)
+    for (_, _, *threads), (_, _, *processes) in zip(results[False], results[True], strict=True):
         assert len(threads[0]) > 1
-        assert threads[:4] == processes[:4]
-        assert np.asarray(threads[4]).tobytes() == np.asarray(processes[4]).tobytes()
+        assert threads == processes
+
+
+def _outcomes(handle, cases) -> list[tuple]:
+    """Each case run on the server `handle` (stopped after): (run id, seconds it iterated,
+    its records without timings, status, stop reason, message, final parameters' bytes)."""
+    try:
+        with Client(handle.address) as c:
+            out = []
+            for problem, x0, options in cases:
+                run = c.start_run(problem, x0, **options)
+                records = _records(run)
+                info, final = run.info(), run.result().params
+                span = info.last_record.cumulative_seconds
+                out.append((run.id, span, records, info.status, info.stop_reason, info.message,
+                            np.asarray(final).tobytes()))  # fmt: skip
+            return out
+    finally:
+        handle.stop()
 
 
 SLOW = {
@@ -432,13 +443,7 @@ def _moved(caplog) -> dict[str, int]:
 def _long_cases(rng):
     """(problem, starting point, options) whose runs last long enough to move: methods, step
     policies (their state: damping, trust radius, step size) and both backends."""
-    x = rng.standard_normal((400, 8))
-    y = (rng.random(400) < 0.5).astype(float)
-    logistic = problems.logistic_regression(x, y, l2=1e-4)
-    labels = rng.integers(0, 4, 400)
-    softmax = problems.softmax_regression(x, labels, num_classes=4, l2=1e-4)
-    rosen = problems.rosenbrock(dim=12)
-    start = rng.standard_normal(12)
+    logistic, softmax, rosen, start = _problems(rng, 400, 8, 4, 1e-4, 12)
     off = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
     return [
         (rosen, start, {"method": "gradient_descent", "learning_rate": 1e-4,
@@ -469,26 +474,13 @@ def test_a_run_moved_to_a_worker_midway_equals_a_run_on_a_thread(tmp_path, rng, 
     as the policy sets them on both sides, one or two)."""
     caplog.set_level(logging.INFO, logger="hessian_service.server.workers")
     cases = _long_cases(rng)
-    results, spans = {}, []
+    results = {}
     for placement, kw in (("thread", {}), ("moved", {"run_processes": True,
                                                      "process_after_ms": 5})):  # fmt: skip
-        handle = start_server(tmp_path / placement, **kw, **threads)
-        try:
-            with Client(handle.address) as c:
-                out = []
-                for problem, x0, options in cases:
-                    run = c.start_run(problem, x0, **options)
-                    records = _records(run)
-                    info, final = run.info(), run.result().params
-                    out.append((run.id, records, info.status, info.stop_reason, info.message,
-                                np.asarray(final).tobytes()))  # fmt: skip
-                    if placement == "thread":
-                        spans.append(info.last_record.cumulative_seconds)
-                results[placement] = out
-        finally:
-            handle.stop()
+        results[placement] = _outcomes(start_server(tmp_path / placement, **kw, **threads), cases)
     moved = _moved(caplog)
-    for (_, *thread), (run_id, *elsewhere), span in zip(*results.values(), spans, strict=True):
+    spans = [span for _, span, *_ in results["thread"]]
+    for (_, span, *thread), (run_id, _, *elsewhere) in zip(*results.values(), strict=True):
         assert len(thread[0]) > 10
         assert thread == elsewhere
         if span > 0.05:  # ran 10 times the 5 ms it may iterate on its thread: it moved

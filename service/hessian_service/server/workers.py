@@ -761,19 +761,8 @@ class WorkerPool:
         one, is drained and put back."""
         runs: list[MovingRun] = []
 
-        def start(
-            objective: Objective,
-            params: torch.Tensor,
-            options: MethodOptions,
-            stopping: StopCriteria,
-            *,
-            cancel: CancelToken,
-            resume: Checkpoint | None,
-        ) -> MovingRun:
-            run = MovingRun(
-                self, after, run_id, objective, params, options, stopping, cancel=cancel,
-                resume=resume,
-            )  # fmt: skip
+        def start(*args: Any, **kwargs: Any) -> MovingRun:  # the engine Run's arguments
+            run = MovingRun(self, after, run_id, *args, **kwargs)
             runs.append(run)
             return run
 
