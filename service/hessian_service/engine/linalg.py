@@ -99,10 +99,11 @@ def eigenvalues_off(
     gauge = 0.0
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(start + chunk, n), device=h.device)
+        diagonal = (torch.arange(len(rows), device=h.device), rows)
         units = torch.zeros(len(rows), n, dtype=h.dtype, device=h.device)
-        units[torch.arange(len(rows)), rows] = 1.0
+        units[diagonal] = 1.0
         off = units - torch.vmap(project)(units)  # rows of I - P (symmetric)
-        gauge += float(off[torch.arange(len(rows)), rows].double().sum())
+        gauge += float(off[diagonal].double().sum())
         m[start : start + len(rows)] += c * off
     g = round(gauge)
     return torch.linalg.eigvalsh(m)[: n - g] if g > 0 else torch.linalg.eigvalsh(m)

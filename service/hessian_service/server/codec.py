@@ -10,7 +10,7 @@ import base64
 import enum
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
@@ -36,7 +36,6 @@ TORCH_DTYPES = {
     tensor_pb2.DTYPE_INT64: torch.int64,
 }
 WIRE_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-FLOAT_WIRE_DTYPES = (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT64)
 NUMPY_DTYPES = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
@@ -70,6 +69,14 @@ def dtype_name(value: int) -> str:
     return str(value)
 
 
+def check_dtype(value: int, allowed: Collection[int], field: str) -> None:
+    """Refuse a wire dtype not in `allowed`, naming each allowed one (ValidationError)."""
+    if value not in allowed:
+        names = [dtype_name(d) for d in allowed]
+        expected = ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValidationError(field, expected, dtype_name(value))
+
+
 def decode_tensor(
     tensor: tensor_pb2.Tensor,
     field: str,
@@ -79,11 +86,7 @@ def decode_tensor(
 ) -> torch.Tensor:
     """A torch tensor from the wire, checking dtype (`floating`: FLOAT32 or FLOAT64 only,
     as parameters), shape, byte length and finiteness."""
-    allowed = FLOAT_WIRE_DTYPES if floating else TORCH_DTYPES
-    if tensor.dtype not in allowed:
-        names = [dtype_name(d) for d in allowed]
-        expected = ", ".join(names[:-1]) + " or " + names[-1]
-        raise ValidationError(f"{field}.dtype", expected, dtype_name(tensor.dtype))
+    check_dtype(tensor.dtype, DTYPE_NAMES if floating else TORCH_DTYPES, f"{field}.dtype")
     shape = check_shape(tensor.shape, f"{field}.shape")
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:

@@ -270,11 +270,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         limit = self._max_sample_elements
         values = response_bytes = 0
         for i, spec in enumerate(request.tensors):
-            dtype = codec.DTYPE_NAMES.get(spec.dtype)
-            if dtype is None:
-                raise ValidationError(
-                    f"tensors[{i}].dtype", "FLOAT32 or FLOAT64", codec.dtype_name(spec.dtype)
-                )
+            codec.check_dtype(spec.dtype, codec.DTYPE_NAMES, f"tensors[{i}].dtype")
+            dtype = codec.DTYPE_NAMES[spec.dtype]
             dist = codec.enum_name(
                 optimize_pb2.Distribution, spec.distribution, f"tensors[{i}].distribution"
             )

@@ -791,10 +791,13 @@ class WorkerPool:
         except queue.Empty:
             yield None
             return
-        if worker.process.poll() is not None and wait:  # died idle: a new child runs this one
-            worker = self._replace(worker)
-        if worker.lost or worker.process.poll() is not None:
-            self._idle.put(worker)  # one that waits replaces it: spawning takes seconds
+        if worker.process.poll() is not None:  # died idle
+            if wait:  # a new child runs this one
+                worker = self._replace(worker)
+            else:  # one that waits replaces it: spawning takes seconds
+                worker.lost = True
+        if worker.lost:
+            self._idle.put(worker)
             yield None
             return
         runs: list[ProcessRun] = []
