@@ -1,8 +1,10 @@
 // The Newton solve: damped Cholesky with lambda escalation, and the saddle-free direction.
 //
 // Three paths, one policy (linalg.damped_cholesky_solve): start at the given damping; on a
-// failed factorisation or a non-finite solution, lambda = max(10 lambda, sqrt(eps) *
-// max(1, max|diag H|)).
+// failed factorisation, a pivot L_ii^2 <= n eps (|H_ii| + lambda) (rounding noise: a lambda
+// one ulp above -lambda_min(H) factors, and its solve is a step of 1e13), or a non-finite
+// solution, lambda = max(10 lambda, sqrt(eps) * max(1, max|diag H|)); eps is the storage
+// type's.
 //  * CPU, n <= kSmallN: plain loops in double on thread-local buffers, no ATen dispatch.
 //  * CPU, larger n: LAPACK potrf (ATen's lapackCholesky) in place on one working triangle,
 //    written by a symmetrising pass before each attempt (a retry re-reads H).
@@ -34,6 +36,12 @@ double sqrt_eps() {
   return std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
 }
 
+// n eps of the storage type: a pivot must exceed this times |H_ii| + lambda.
+template <typename scalar_t>
+double pivot_tolerance(int64_t n) {
+  return static_cast<double>(n) * static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
+}
+
 inline double dot(const double* a, const double* b, int64_t n) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t k = 0;
@@ -60,8 +68,9 @@ struct SmallBuffers {
   }
 };
 
-// One attempt on the lower triangle of `sym` + lam I: factor into fac, solve for x = -A^-1 g.
-bool small_attempt(const double* sym, int64_t n, double lam, const double* minus_g,
+// One attempt on the lower triangle of `sym` + lam I: factor into fac (every pivot above
+// tol (|sym_ii| + lam)), solve for x = -A^-1 g.
+bool small_attempt(const double* sym, int64_t n, double lam, double tol, const double* minus_g,
                    SmallBuffers& w) {
   double* fac = w.fac.data();
   double* inv = w.inv.data();
@@ -70,7 +79,7 @@ bool small_attempt(const double* sym, int64_t n, double lam, const double* minus
     const double* si = sym + i * n;
     for (int64_t j = 0; j < i; ++j) li[j] = (si[j] - dot(li, fac + j * n, j)) * inv[j];
     const double s = si[i] + lam - dot(li, li, i);
-    if (!(s > 0.0) || !std::isfinite(s)) return false;
+    if (!(s > tol * (std::abs(si[i]) + lam)) || !std::isfinite(s)) return false;
     li[i] = std::sqrt(s);
     inv[i] = 1.0 / li[i];
   }
@@ -104,9 +113,10 @@ SolveStatus small_solve(const scalar_t* h, int64_t n, const scalar_t* g, double 
   double* minus_g = w.minus_g.data();
   for (int64_t i = 0; i < n; ++i) minus_g[i] = -static_cast<double>(g[i]);
   const double floor = sqrt_eps<scalar_t>() * scale;
+  const double tol = pivot_tolerance<scalar_t>(n);
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
-    if (small_attempt(sym, n, lam, minus_g, w)) {
+    if (small_attempt(sym, n, lam, tol, minus_g, w)) {
       for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(w.x[i]);
       return {lam, attempt};
     }
@@ -142,12 +152,17 @@ SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const sca
   double scale = 1.0;
   for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(static_cast<double>(diag[i])));
   const double floor = sqrt_eps<scalar_t>() * scale;
+  const double tol = pivot_tolerance<scalar_t>(n);
   const int ni = static_cast<int>(n);
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
     fill(attempt, static_cast<scalar_t>(lam));
     int info = 0;
     at::native::lapackCholesky<scalar_t>('L', ni, a, ni, &info);
+    for (int64_t i = 0; info == 0 && i < n; ++i) {
+      const double l = static_cast<double>(a[i * n + i]);
+      if (!(l * l > tol * (std::abs(static_cast<double>(diag[i])) + lam))) info = 1;
+    }
     if (info == 0) {
       for (int64_t i = 0; i < n; ++i) d[i] = -g[i];
       at::native::blasTriangularSolve<scalar_t>('L', 'L', 'N', 'N', ni, 1, a, ni, d, ni);
@@ -188,6 +203,9 @@ SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damp
       hs.numel() ? std::max(1.0, hs.diagonal().abs().max().item<double>()) : 1.0;
   const double eps = hs.scalar_type() == at::kFloat ? sqrt_eps<float>() : sqrt_eps<double>();
   const double floor = eps * scale;
+  const double tol = hs.scalar_type() == at::kFloat ? pivot_tolerance<float>(hs.size(0))
+                                                   : pivot_tolerance<double>(hs.size(0));
+  const at::Tensor diag_abs = hs.diagonal().abs();
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
     at::Tensor a = hs;
@@ -196,7 +214,8 @@ SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damp
       a.diagonal().add_(lam);
     }
     auto [factor, info] = at::linalg_cholesky_ex(a);
-    if (info.item<int64_t>() == 0) {
+    if (info.item<int64_t>() == 0 &&
+        factor.diagonal().square().gt((diag_abs + lam) * tol).all().item<bool>()) {
       at::Tensor sol = at::cholesky_solve(g.neg().reshape({-1, 1}), factor).reshape(-1);
       if (sol.isfinite().all().item<bool>()) {
         d.copy_(sol);

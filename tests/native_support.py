@@ -45,6 +45,23 @@ def spd(n: int, dtype: torch.dtype = F64, lo: float = 1.0, hi: float = 10.0) -> 
     return ((q * evals) @ q.T).to(dtype)
 
 
+def damped_at_rounding(
+    n: int, dtype: torch.dtype, ulps: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(H, g, lambda): H has -mu (random) at a random diagonal position and a random SPD
+    block elsewhere, lambda is `ulps` float64 ulps above mu: H + lambda I's pivot there is
+    exactly -mu + lambda, rounding noise a damped Cholesky must not accept."""
+    mu = float(torch.empty(()).uniform_(1.0, 500.0).to(dtype))
+    lam = torch.tensor(mu, dtype=F64)
+    for _ in range(ulps):
+        lam = torch.nextafter(lam, torch.tensor(float("inf"), dtype=F64))
+    h = torch.zeros(n, n, dtype=F64)
+    h[1:, 1:] = spd(n - 1)
+    h[0, 0] = -mu
+    perm = torch.randperm(n)
+    return h[perm][:, perm].to(dtype), torch.randn(n, dtype=F64).to(dtype), float(lam)
+
+
 def symmetric_with(evals: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
     """Q diag(evals) Q^T for a random orthogonal Q."""
     n = evals.numel()

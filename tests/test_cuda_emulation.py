@@ -19,7 +19,16 @@ import subprocess
 
 import pytest
 import torch
-from native_support import F32, F64, TOL, rel_err, require_native, spd, symmetric_with
+from native_support import (
+    F32,
+    F64,
+    TOL,
+    damped_at_rounding,
+    rel_err,
+    require_native,
+    spd,
+    symmetric_with,
+)
 
 require_native()
 ops = torch.ops.hessian
@@ -103,6 +112,20 @@ def test_emulated_damped_cholesky_matches_cpu_op(kernels, dtype):
     attempts, lam, d = int(outs[-1][0]), float(outs[-1][1]), outs[-1][2:]
     ref = -torch.linalg.solve(h5.double() + 2.5 * torch.eye(5, dtype=F64), g5.double())
     assert (attempts, lam) == (1, 2.5) and rel_err(d, ref) <= 10 * tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_damping_within_rounding_escalates_like_cpu_op(kernels, dtype):
+    """A lambda ulps above -lambda_min(H) gives a pivot of rounding noise: the kernel goes
+    on to 10 lambda, as the CPU op does."""
+    systems = [damped_at_rounding(n, dtype, ulps) for n in (2, 9, 40) for ulps in (1, 2, 3)]
+    outs = _run(kernels, [_case("solve", dtype, (len(g), lam, 60), h, g) for h, g, lam in systems])
+    for (h, g, lam), out in zip(systems, outs, strict=True):
+        attempts, used, d = int(out[0]), float(out[1]), out[2:]
+        d_cpu, lam_cpu, attempts_cpu = ops.damped_cholesky(h, g, lam, 60)
+        assert (attempts, used) == (int(attempts_cpu), pytest.approx(float(lam_cpu), rel=1e-12))
+        assert attempts >= 2 and used == pytest.approx(10 * lam, rel=1e-12)
+        assert rel_err(d, d_cpu) <= 100 * TOL[dtype]
 
 
 def test_emulated_damped_cholesky_reports_failure_with_zero_direction(kernels):

@@ -11,6 +11,7 @@ from hessian_service.engine import (
     MethodOptions,
     Run,
     StopCriteria,
+    ValidationError,
     make_objective,
     take_step,
 )
@@ -292,3 +293,15 @@ def test_record_fields_land_in_their_own_fields():
     stopped = _record(5, point, None, "native", None)
     assert dataclasses.asdict(stopped) == {**defaults, "iteration": 5, "loss": 7.0,
         "gradient_norm": 5.0, "gradient_max_norm": 4.0, "backend": "native"}  # fmt: skip
+
+
+def test_a_backend_environment_naming_no_backend_is_refused_under_its_name(monkeypatch):
+    """$HESSIAN_BACKEND serves calls that name no backend; a bad value is its own error."""
+    objective = random_problem("quadratic")
+    x = random_params(objective)
+    monkeypatch.setenv("HESSIAN_BACKEND", "bogus")
+    with pytest.raises(ValidationError, match=r"\$HESSIAN_BACKEND: expected one of") as info:
+        take_step(objective, x, MethodOptions(method="newton"))
+    assert info.value.field == "$HESSIAN_BACKEND"
+    step = take_step(objective, x, MethodOptions(method="newton", backend="autograd"))
+    assert step.record.backend == "autograd"

@@ -622,3 +622,30 @@ def test_a_unary_softmax_newton_step_has_no_gauge_component(backend, rng):
     step = (result.params - x0).reshape(d + 1, k).numpy()
     assert abs(step[d].sum()) <= 1e-10
     assert result.record.step_norm == pytest.approx(np.linalg.norm(step), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_line_search_at_machine_precision_ends_no_progress(backend):
+    """float32 Rosenbrock with newton_cg's line search reaches (1, 1) to rounding, where no
+    trial passes Armijo's test and the first one's changes are rounding (loss ~1e-13, its
+    terms cancel): the run ends no_progress, not converged (the gradient is rounding noise
+    above a tolerance of 0), and a NewtonStep from there answers the step not taken. The
+    classic start (-1.2, 1) and fresh random ones near it; every search that gives up there
+    is a stall at rounding, never line_search_failed."""
+    objective = make_objective("rosenbrock", {}, {"dim": 2})
+    classic = torch.tensor([-1.2, 1.0])
+    starts = [classic] + [classic + 0.1 * torch.randn(2) for _ in range(5)]
+    options = MethodOptions(method="newton_cg", step_policy="line_search", backend=backend)
+    stalls = 0
+    for x0 in starts:
+        run = Run(objective, x0, options, StopCriteria(**NO_TOL, max_iterations=300))
+        list(run)
+        assert run.stop_reason != StopReason.LINE_SEARCH_FAILED, run.message
+        if run.stop_reason == StopReason.NO_PROGRESS:
+            stalls += 1
+            assert not run.converged and "machine precision" in run.message
+            assert float((run.params.double() - 1.0).abs().max()) <= 1e-3  # the minimum (1, 1)
+            step = take_step(objective, run.params, options)
+            assert not step.record.step_accepted and step.record.step_norm == 0.0
+            assert torch.equal(step.params, run.params)
+    assert stalls >= 1

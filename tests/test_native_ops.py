@@ -17,6 +17,7 @@ from native_support import (
     F64,
     SIZES,
     TOL,
+    damped_at_rounding,
     objective_of_size,
     rel_err,
     require_native,
@@ -121,6 +122,26 @@ def test_large_damped_cholesky_matches_reference(n, dtype):
     assert rel_err(d, ref.direction) <= TOL[dtype] * 100
     singular = torch.diag(torch.rand(n, dtype=F64) * (torch.rand(n) < 0.5)).to(dtype)
     _check_damped(singular, g, dtype, *ops.damped_cholesky(singular, g, 0.0, 60))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 7, 40, 100])  # the hand-written loops, then LAPACK
+@pytest.mark.parametrize("ulps", [1, 2, 3])
+def test_damping_within_rounding_of_the_lowest_eigenvalue_escalates(n, dtype, ulps):
+    """A lambda a few ulps above -lambda_min(H) factors (its pivot is rounding noise) and
+    its solve is a step of 1e13: every solve must go on to 10 lambda, whose direction is the
+    float64 solve's. H: -mu on a random diagonal position, a random SPD block elsewhere, so
+    that pivot is exactly H_ii + lambda (native_support.damped_at_rounding)."""
+    h, g, lam = damped_at_rounding(n, dtype, ulps)
+    auto = linalg.damped_cholesky_solve(h, g, lam)
+    for name, (d, used, attempts) in (
+        ("native", ops.damped_cholesky(h, g, lam, 60)),
+        ("autograd", (auto.direction, auto.damping, auto.attempts)),
+    ):
+        assert int(attempts) >= 2 and float(used) == pytest.approx(10 * lam, rel=1e-12), name
+        a = h.double() + float(used) * torch.eye(n, dtype=F64)
+        ref = -torch.linalg.solve(a, g.double())
+        assert rel_err(d, ref) <= TOL[dtype] * 100, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,8 +6,9 @@
 // on a GPU until bench/gpu_check.sh has been run on one and tests/test_cuda_kernels.py
 // passed there; until then treat it as unverified on hardware.
 //
-// Policy (as csrc/solve.cpp): start at `damping`; on a non-positive or non-finite pivot, or a
-// non-finite solution, lambda = max(10 lambda, sqrt(eps) * max(1, max|diag H|)).
+// Policy (as csrc/solve.cpp): start at `damping`; on a pivot p_k <= n eps (|H_kk| + lambda)
+// (rounding noise) or non-finite, or a non-finite solution, lambda = max(10 lambda, sqrt(eps)
+// * max(1, max|diag H|)); eps is the storage type's.
 // Arithmetic in double whatever the storage type, like the CPU small-n loops.
 //
 // Layout: the lower triangle (diagonal included) of the damped matrix in shared memory,
@@ -112,6 +113,7 @@ __device__ BlockStatus block_damped_solve(const scalar_t* __restrict__ h, int n,
     diag_max = fmax(diag_max, fabs(static_cast<double>(h[i * n + i])));
   const double floor = sqrt_eps * fmax(1.0, block_max(diag_max, scratch));
 
+  const double tol = n * static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
     for (int i = warp; i < n; i += warps) {
@@ -127,7 +129,8 @@ __device__ BlockStatus block_damped_solve(const scalar_t* __restrict__ h, int n,
     bool ok = true;
     for (int k = 0; k < n; ++k) {
       const double p = a[k * ld + k];  // final: step k - 1 wrote it before the barrier
-      if (!(p > 0.0) || !isfinite(p)) {  // the same shared value on every thread
+      const double hkk = static_cast<double>(h[k * n + k]);  // sym(H)'s diagonal is H's
+      if (!(p > tol * (fabs(hkk) + lam)) || !isfinite(p)) {  // the same on every thread
         ok = false;
         break;
       }

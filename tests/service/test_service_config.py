@@ -221,3 +221,13 @@ def test_message_size_limit_is_enforced_before_any_work(tmp_path):
             assert c.newton_step(problems.mse(np.ones(10)), np.zeros(10)).record.loss == 1.0
     finally:
         handle.stop(grace=1.0)
+
+
+def test_an_engine_backend_naming_no_backend_is_refused_at_start(monkeypatch):
+    """HESSIAN_BACKEND is read by the engine for every request that names no backend: a
+    value naming none would fail each such request, blaming a field the caller never set."""
+    monkeypatch.setenv("HESSIAN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"HESSIAN_BACKEND='bogus'.*auto, native, autograd"):
+        ServerConfig.from_args([], {})
+    monkeypatch.setenv("HESSIAN_BACKEND", "autograd")
+    assert ServerConfig.from_args([], {}).default_backend == ""

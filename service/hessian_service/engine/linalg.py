@@ -124,16 +124,26 @@ def damping_floor(h: torch.Tensor) -> float:
     return torch.finfo(h.dtype).eps ** 0.5 * max(scale, 1.0)
 
 
+def pivots_above_rounding(factor: torch.Tensor, hs: torch.Tensor, lam: float) -> bool:
+    """Whether every pivot L_ii^2 of the Cholesky factor of hs + lam I exceeds
+    n eps (|H_ii| + lam): a smaller one is rounding noise (lam one ulp above -lambda_min(H)
+    factors, and its solve is a step of 1e13), so the escalation goes on."""
+    tol = hs.shape[0] * torch.finfo(hs.dtype).eps
+    floor = tol * (hs.diagonal().abs() + lam)
+    return bool((factor.diagonal().square() > floor).all())
+
+
 def damped_cholesky_solve(
     h: torch.Tensor, g: torch.Tensor, damping: float = 0.0, max_attempts: int = MAX_DAMPING_ATTEMPTS
 ) -> SolveResult:
-    """Solve (H + lambda I) d = -g with the least lambda >= `damping` (x10 a try) that is PD."""
+    """Solve (H + lambda I) d = -g with the least lambda >= `damping` (x10 a try) that is PD
+    above rounding: every pivot of the factorisation must pass `pivots_above_rounding`."""
     hs = symmetrise(h)
     lam = float(damping)
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(1, max_attempts + 1):
         factor, info = torch.linalg.cholesky_ex(hs + lam * eye if lam > 0 else hs)
-        if int(info) == 0:
+        if int(info) == 0 and pivots_above_rounding(factor, hs, lam):
             d = torch.cholesky_solve(-g.reshape(-1, 1), factor).reshape(-1)
             if bool(torch.isfinite(d).all()):
                 return SolveResult(d, lam, attempt)

@@ -33,6 +33,7 @@ CG_FORCINGS = ("eisenstat_walker", "fixed")
 HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 CURVATURES = ("hessian", "gauss_newton")
 BACKENDS = ("auto", "native", "autograd")
+BACKEND_ENV = "HESSIAN_BACKEND"  # the engine's backend where a call names none
 DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
 DEFAULT_PARAMETER_TOLERANCE = 1e-8
 
@@ -51,8 +52,14 @@ def _real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = 
 
 
 def requested_backend(backend: str | None) -> str:
-    """The backend a call asks for: its own, else $HESSIAN_BACKEND, else auto."""
-    return backend or os.environ.get("HESSIAN_BACKEND") or "auto"
+    """The backend a call asks for: its own, else $HESSIAN_BACKEND, else auto (a value of
+    that variable that names no backend is refused under its own name, not the call's)."""
+    if backend:
+        return backend
+    configured = os.environ.get(BACKEND_ENV) or "auto"
+    if configured not in BACKENDS:
+        raise UnknownNameError(f"${BACKEND_ENV}", configured, list(BACKENDS))
+    return configured
 
 
 @dataclass(frozen=True)

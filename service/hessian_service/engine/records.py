@@ -16,9 +16,9 @@ class StopReason(enum.StrEnum):
     Only GRADIENT_TOLERANCE (the first-order condition max|g| <= tol) is convergence (and
     not at a point whose Hessian has a negative eigenvalue: Run.converged).
     FUNCTION_STALLED / PARAMETERS_STALLED: the loss or parameter change fell below its
-    tolerance while the gradient test was not met. NO_PROGRESS: Levenberg-Marquardt's
-    damping reached its cap, every trial rejected: no step can lower the loss at this
-    precision.
+    tolerance while the gradient test was not met. NO_PROGRESS: no step can lower the loss
+    at this precision (Levenberg-Marquardt's damping reached its cap, every trial rejected;
+    or a line search failed with its first trial's changes within the loss's rounding).
     """
 
     GRADIENT_TOLERANCE = "gradient_tolerance"

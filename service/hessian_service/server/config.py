@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..engine.options import BACKEND_ENV, BACKENDS
+
 MiB = 1024**2
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -116,8 +118,14 @@ class ServerConfig:
             raise ValueError("--exported-evaluation-seconds must be > 0")
         if self.intra_op_threads < 0:
             raise ValueError("--intra-op-threads must be >= 0 (0: usable CPUs / --workers)")
-        if self.default_backend not in ("", "auto", "native", "autograd"):
-            raise ValueError("--default-backend must be auto, native or autograd")
+        if self.default_backend not in ("", *BACKENDS):
+            raise ValueError(f"--default-backend must be one of {', '.join(BACKENDS)}")
+        engine_backend = os.environ.get(BACKEND_ENV, "")
+        if engine_backend not in ("", *BACKENDS):
+            raise ValueError(
+                f"{BACKEND_ENV}={engine_backend!r} (the engine's backend where nothing else "
+                f"names one) must be empty or one of {', '.join(BACKENDS)}"
+            )
         if self.log_format not in ("json", "text"):
             raise ValueError("--log-format must be json or text")
         if self.store and not self.store.startswith(("postgresql://", "postgres://")):

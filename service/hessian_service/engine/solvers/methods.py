@@ -39,6 +39,21 @@ class LineSearchFailed(Exception):
     """Armijo backtracking found no acceptable step."""
 
 
+class RoundingStall(Exception):
+    """A line search at machine precision: no trial passed Armijo's test, and the first
+    one's loss change and predicted decrease were both within the loss's rounding (absolute
+    near 0, as the trust region takes it): no step can be judged at this precision. `step`
+    is the step not taken (x unchanged)."""
+
+    def __init__(self, evaluations: int, step: Step) -> None:
+        self.step = step
+        super().__init__(
+            "no further progress possible at machine precision: no step satisfied the Armijo "
+            f"condition in {evaluations} backtracks, and the first trial's loss change and "
+            "predicted decrease were within the rounding of the loss"
+        )
+
+
 class NoProgress(Exception):
     """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap):
     `damping` is past `cap`."""
@@ -425,17 +440,25 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     found = descent(stepper, point, opts.damping)
     alpha, evaluations = opts.learning_rate, 0
     slope = found.scale * float(point.grad @ found.vector)
+    first = math.nan
     for _ in range(opts.max_backtracks):
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
         if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo):
             break
-        if evaluations == 1 and stepper.gradient_judges(point, x, trial, alpha, slope):
-            break
+        if evaluations == 1:
+            first = trial
+            if stepper.gradient_judges(point, x, trial, alpha, slope):
+                break
         alpha *= opts.backtrack
     else:
         stepper.drop_trial()
+        lr, dtype = opts.learning_rate, point.x.dtype
+        if slope < 0 and below_rounding(first, point.loss, lr, slope, dtype, floor=1.0):
+            not_taken = _taken(point, found, 0.0, evaluations, point.x)
+            not_taken.accepted = False
+            raise RoundingStall(evaluations, not_taken)
         raise LineSearchFailed(
             f"no step satisfied the Armijo condition in {evaluations} backtracks"
         )

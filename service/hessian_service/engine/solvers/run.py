@@ -20,7 +20,7 @@ from ..linalg import classify, count_negative, eigenvalues_off, symmetrise
 from ..objectives.base import Objective
 from ..options import MethodOptions, StopCriteria
 from ..records import Checkpoint, StepRecord, StepResult, StopReason
-from .methods import LineSearchFailed, NoProgress, Point, Step, Stepper
+from .methods import LineSearchFailed, NoProgress, Point, RoundingStall, Step, Stepper
 
 
 def _record(
@@ -138,6 +138,8 @@ def _take_step(
     start = time.perf_counter()
     try:
         step = stepper.step(point)
+    except RoundingStall as exc:  # a valid request: the answer is that no step was taken
+        step = exc.step
     except LineSearchFailed as exc:
         raise ValidationError(
             "options.step_policy", "a descent step from params", str(exc)
@@ -340,6 +342,8 @@ class Run:
             if stop is None:
                 try:
                     step = self.stepper.step(point)
+                except RoundingStall as exc:
+                    stop = StopReason.NO_PROGRESS, str(exc)
                 except LineSearchFailed as exc:
                     stop = StopReason.LINE_SEARCH_FAILED, str(exc)
                 except NoProgress as exc:

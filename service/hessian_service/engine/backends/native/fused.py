@@ -23,12 +23,11 @@ import torch
 from ...curvature.autograd import loss_value
 from ...linalg import MAX_DAMPING_ATTEMPTS, sufficient_decrease
 from ...objectives.base import Objective
-from ...options import MethodOptions
+from ...options import BACKEND_ENV, MethodOptions
 from ...records import StepRecord, StepResult
 from .. import selector
 
 _MAX_CACHED = 256
-_ENV_KEY = "HESSIAN_BACKEND"
 
 
 # id(options) -> (options, env value, validated options, fused policy or None)
@@ -62,7 +61,7 @@ def _fused_policy(options: MethodOptions) -> str | None:
 
 
 def _options_entry(options: MethodOptions | None) -> tuple[MethodOptions, str | None]:
-    env = os.environ.get(_ENV_KEY)
+    env = os.environ.get(BACKEND_ENV)
     hit = _OPTIONS.get(id(options))
     if hit is not None and hit[0] is options and hit[1] == env:
         return hit[2], hit[3]
