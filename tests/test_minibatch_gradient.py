@@ -172,6 +172,10 @@ def test_minibatch_runs_are_deterministic_per_seed_and_resume_alike():
         ({"method": "newton_cg", "gradient_fraction": float("nan")}, "options.gradient_fraction"),
         ({"method": "newton", "gradient_fraction": 0.5}, "options.gradient_fraction"),
         ({"method": "gradient_descent", "gradient_fraction": 0.5}, "options.gradient_fraction"),
+        # sub-sampled curvature is Hessian-free's too: a dense method refuses it, not ignores it
+        ({"method": "newton", "curvature_fraction": 0.5}, "options.curvature_fraction"),
+        ({"method": "saddle_free", "curvature_fraction": 0.5}, "options.curvature_fraction"),
+        ({"method": "gradient_descent", "curvature_fraction": 0.5}, "options.curvature_fraction"),
     ],
 )
 def test_bad_gradient_fraction_names_the_field(options, field):

@@ -568,13 +568,10 @@ def test_a_moving_run_waits_for_an_idle_worker_and_stays_if_none_takes_it(rng, m
             stayed = [_untimed(r) for r in run]
             assert not run.moved
         monkeypatch.undo()
-        (child,) = pool._all
-        assert child.process.poll() is not None  # the lost child was killed, not respawned
-        with pool.worker() as start:  # one that waits replaces it
+        assert wait_until(lambda: pool._all[0].process.poll() is None and not pool._all[0].lost)
+        with pool.worker() as start:  # the lost child's replacement
             run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
             again = [_untimed(r) for r in run]
-        (fresh,) = pool._all
-        assert fresh is not child
     finally:
         pool.close()
     assert first + rest == whole
@@ -613,5 +610,94 @@ def test_a_run_with_long_iterations_or_cancelled_stays_on_its_thread(rng):
         with pool.moving(0.001, "r-short") as start:  # the same pool moves a quick run
             run = start(quick, x0, gd, gd_stop, cancel=CancelToken(), resume=None)
             assert sum(1 for _ in run) == 3001 and run.moved
+    finally:
+        pool.close()
+
+
+def test_a_lost_child_is_replaced_without_a_run_that_waits_for_one(rng, caplog):
+    """One worker, runs one at a time: a child killed while idle is found by the next moving
+    run, which stays on its thread; a new child is spawned meanwhile (not only for a run
+    that waits for one, which never comes), and the run after moves to it."""
+    from hessian_service.engine import CancelToken, Run
+    from hessian_service.server.workers import WorkerPool
+
+    objective, options, stopping, x0 = _gradient_descent_case(rng, 3000)
+    whole = [_untimed(r) for r in Run(objective, x0, options, stopping)]
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective)
+        (dead,) = pool._all
+        os.kill(dead.process.pid, signal.SIGKILL)
+        dead.process.wait(10)
+        outcomes = []
+        for name in ("r-finds-it-dead", "r-after"):
+            with pool.moving(0.001, name) as start:
+                run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+                outcomes.append(([_untimed(r) for r in run], run.moved))
+            if name == "r-finds-it-dead":
+                assert wait_until(lambda: pool._all[0] is not dead and pool._idle.qsize() == 1)
+        (fresh,) = pool._all
+        assert fresh.process.poll() is None and not fresh.lost
+    finally:
+        pool.close()
+    assert outcomes == [(whole, False), (whole, True)]
+    assert "was lost; a new one is starting" in caplog.text
+
+
+def _in_thread(work, seconds: float):
+    """Run `work()` on a thread; (finished within `seconds`, what it returned or raised)."""
+    import threading
+
+    out = []
+    thread = threading.Thread(target=lambda: out.append(_outcome(work)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (not thread.is_alive()), (out[0] if out else None)
+
+
+def _outcome(work):
+    try:
+        return work()
+    except Exception as exc:  # the test inspects it
+        return exc
+
+
+def test_a_stopped_child_holds_neither_a_run_nor_its_cancel(rng, monkeypatch):
+    """A child that stops answering (SIGSTOP: wedged) is killed: one that does not build a
+    moving run within BEGIN_SECONDS leaves the run on its thread, which ends as the engine
+    Run does; one whose run was cancelled and that has not ended it CANCEL_SECONDS later
+    ends the run with WorkerLost (the server's RunManager then stores it CANCELLED)."""
+    import dataclasses
+
+    from hessian_service.engine import CancelToken, Run
+    from hessian_service.server import workers
+    from hessian_service.server.workers import WorkerLost, WorkerPool
+
+    monkeypatch.setattr(workers, "BEGIN_SECONDS", 0.5)
+    monkeypatch.setattr(workers, "CANCEL_SECONDS", 0.5)
+    objective, options, stopping, x0 = _gradient_descent_case(rng, 3000)
+    whole = [_untimed(r) for r in Run(objective, x0, options, stopping)]
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective)
+        (stopped,) = pool._all
+        os.kill(stopped.process.pid, signal.SIGSTOP)
+        with pool.moving(0.001, "r-stopped-child") as start:
+            run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
+            done, records = _in_thread(lambda: [_untimed(r) for r in run], 20)
+            assert done and records == whole and not run.moved
+        assert wait_until(lambda: pool._all[0] is not stopped and pool._idle.qsize() == 1)
+        assert stopped.process.poll() is not None  # killed
+        token, endless = CancelToken(), dataclasses.replace(stopping, max_iterations=10**7)
+        with pool.worker() as start:
+            run = start(objective, x0, options, endless, cancel=token, resume=None)
+            next(run)
+            (child,) = pool._all
+            os.kill(child.process.pid, signal.SIGSTOP)
+            token.cancel()
+            done, ended = _in_thread(lambda: list(run), 20)
+            assert done and isinstance(ended, WorkerLost), ended
+            assert "did not answer in time and was killed" in str(ended)
+        assert wait_until(lambda: child.process.poll() is not None, 10)
     finally:
         pool.close()

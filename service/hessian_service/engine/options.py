@@ -176,6 +176,12 @@ class MethodOptions:
             raise ValidationError(
                 f"{p}.gradient_fraction", "a number in (0, 1]", repr(self.gradient_fraction)
             )
+        if self.curvature_fraction < 1 and not (hessian_free or self.method == "auto"):
+            raise ValidationError(
+                f"{p}.curvature_fraction",
+                f"1 for {self.method} (sub-sampled curvature is for newton_cg/gauss_newton_cg)",
+                repr(self.curvature_fraction),
+            )
         if self.gradient_fraction < 1 and not (hessian_free or self.method == "auto"):
             raise ValidationError(
                 f"{p}.gradient_fraction",

@@ -234,6 +234,8 @@ def build_server(
         max_stored_runs=config.max_stored_runs,
         process_after=config.process_after_ms / 1000,
     )
+    if not config.run_processes and config.process_after_ms != ServerConfig.process_after_ms:
+        log.warning("--process-after-ms has no effect without --run-processes")
     leases = _keep_leases(config, store, runs, registry)
     drain = Drain()
     auth = TokenCheck(tokens + admins) if tokens else None

@@ -101,7 +101,6 @@ class ServerConfig:
             "max_problem_bytes",
             "problem_cache_bytes",
             "metrics_port",
-            "process_after_ms",
             "single_thread_below",
             "inline_step_below",
             "max_optimize_streams_per_token",
@@ -112,6 +111,10 @@ class ServerConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number")
+        if self.process_after_ms < 0:
+            raise ValueError(
+                "--process-after-ms must be >= 0 (0: every run starts in a worker process)"
+            )
         if not self.optimize_evaluation_seconds > 0:
             raise ValueError("--optimize-evaluation-seconds must be > 0")
         if not self.exported_evaluation_seconds > 0:

@@ -62,6 +62,8 @@ CACHED_OBJECTIVES = 4  # objectives a child keeps for the next runs of the same 
 POLL_SECONDS = 0.05  # how often a waiting server thread looks at its run's cancel token
 CHILD_POLL_SECONDS = 0.001  # how often a child's run looks for a cancel message, at most
 START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
+BEGIN_SECONDS = 30.0  # a child must have built a run sent to it this soon (else it is killed)
+CANCEL_SECONDS = 10.0  # a child must end a cancelled run this soon (else it is killed)
 CHILD = (  # a worker process's program; its arguments: its socket's descriptor, the server
     # (its pid) and the server's log format and level
     "import sys\n"
@@ -445,7 +447,7 @@ class ProcessRun:
     ) -> None:
         """The run `job` (a "run" message) on `worker`, from `start`; `begin` sends it."""
         self._worker, self._job, self._seq, self._cancel = worker, job, job[1], cancel
-        self._cancel_sent = False
+        self._cancel_sent: float | None = None  # time.monotonic() when it was sent
         self.stop_reason: StopReason | None = None
         self.message = ""
         self.converged = False
@@ -466,7 +468,7 @@ class ProcessRun:
             self._worker.lost = True
             raise
         self.sent = True
-        started = self._receive()
+        started = self._receive(time.monotonic() + BEGIN_SECONDS)
         if started[0] == "error":
             self._raise(started)
         self.backend = started[2]
@@ -487,18 +489,27 @@ class ProcessRun:
         return self._checkpoint
 
     def _send_cancel(self) -> None:
-        if not self._cancel_sent:
-            self._cancel_sent = True
+        if self._cancel_sent is None:
+            self._cancel_sent = time.monotonic()
             self._worker.send("cancel", self._seq)
 
-    def _receive(self) -> tuple[Any, ...]:
+    def _receive(self, deadline: float = math.inf) -> tuple[Any, ...]:
         """The worker's next message; the run's cancel token is passed on (checked before
-        each message, and every POLL_SECONDS while waiting)."""
-        while not self._cancel_sent:
-            if self._cancel.cancelled:
+        each message, and every POLL_SECONDS while waiting). A child that has not answered
+        by `deadline` (time.monotonic()), or CANCEL_SECONDS after a cancel, is killed
+        (WorkerLost): a stopped or wedged child must not hold the run, or its cancel, for
+        ever."""
+        while True:
+            if self._cancel_sent is None and self._cancel.cancelled:
                 self._send_cancel()
-            elif self._worker.conn.poll(POLL_SECONDS):
+            if self._worker.conn.poll(POLL_SECONDS):
                 break
+            if self._cancel_sent is not None:
+                deadline = min(deadline, self._cancel_sent + CANCEL_SECONDS)
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(OSError):
+                    self._worker.process.kill()
+                raise self._worker.lose("did not answer in time and was killed")
         message = self._worker.receive()
         if message[1] != self._seq:
             raise self._worker.lose(f"sent {message[0]!r} of another run")
@@ -716,6 +727,8 @@ class WorkerPool:
         )
         self._key_seq = itertools.count(1)
         self._refused: weakref.WeakSet[Objective] = weakref.WeakSet()
+        self._respawns: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
+        self._respawner: threading.Thread | None = None
         self._all: list[Worker] = []
         try:
             for _ in range(count):
@@ -780,8 +793,8 @@ class WorkerPool:
         or, not `wait`ing, none is idle and alive: the caller iterates on its thread). A run
         whose child is lost before it began goes to a fresh child, once. On exit the run is
         drained and the worker put back (a lost one replaced). Not `wait`ing, nothing is
-        spawned here (it takes seconds): a lost child is killed and put back for the next
-        caller that waits to replace, and a run whose child is lost as it begins is not
+        spawned on this thread (it takes seconds): a child found lost is replaced on a thread
+        of its own (`_replace_soon`), and a run whose child is lost as it begins is not
         retried."""
         if self._closed:
             yield None
@@ -791,12 +804,14 @@ class WorkerPool:
         except queue.Empty:
             yield None
             return
-        if worker.process.poll() is not None:  # died idle
-            if wait:  # a new child runs this one
-                worker = self._replace(worker)
-            else:  # one that waits replaces it: spawning takes seconds
-                worker.lost = True
-        if worker.lost:
+        dead = worker.lost or worker.process.poll() is not None  # lost, or died idle
+        if dead and wait:  # a new child runs this one
+            worker = self._replace(worker)
+        elif dead and not worker.lost:
+            self._replace_soon(worker)
+            yield None
+            return
+        if worker.lost:  # no new child started: one that waits tries again
             self._idle.put(worker)
             yield None
             return
@@ -852,12 +867,10 @@ class WorkerPool:
         finally:
             for run in runs:
                 run.drain()
-            if worker.lost and wait:
-                worker = self._replace(worker)
-            elif worker.lost:  # killed, for the next one that waits to replace
-                with contextlib.suppress(OSError):
-                    worker.process.kill()
-            self._idle.put(worker)
+            if worker.lost and not wait:
+                self._replace_soon(worker)
+            else:
+                self._idle.put(self._replace(worker) if worker.lost else worker)
 
     def _let_go(self, key: int) -> None:
         """The server let go of objective `key`: children keeping it drop it at their next
@@ -873,6 +886,31 @@ class WorkerPool:
         problems the server has let go of."""
         workers = list(self._all)
         self._dead.difference_update([k for k in list(self._dead) if not _kept(k, workers)])
+
+    def _replace_soon(self, worker: Worker) -> None:
+        """Kill a lost child and have the respawning thread replace it (spawning takes
+        seconds, and the caller's run goes on meanwhile): the new child, or the lost one if
+        none starts (for a caller that waits to try again), is put back once ready. A pool of
+        one child, whose runs come one at a time, would otherwise never get it back."""
+        with contextlib.suppress(OSError):
+            worker.process.kill()
+        worker.lost = True
+        log.warning("a run worker process (pid %d) was lost; a new one is starting",
+                    worker.process.pid)  # fmt: skip
+        with self._lock:
+            if self._respawner is None:
+                # one thread for the pool's life: a child's PR_SET_PDEATHSIG fires when the
+                # thread that spawned it exits, not only its process
+                self._respawner = threading.Thread(
+                    target=self._respawn_loop, name="hessian-worker-respawn", daemon=True
+                )
+                self._respawner.start()
+        self._respawns.put(worker)
+
+    def _respawn_loop(self) -> None:
+        """Replace the lost children `_replace_soon` queues, until close() queues None."""
+        while (worker := self._respawns.get()) is not None:
+            self._idle.put(self._replace(worker))
 
     def _replace(self, worker: Worker) -> Worker:
         """A new child in place of a lost one, spawned and ready (`worker` itself, marked
@@ -906,6 +944,7 @@ class WorkerPool:
         with self._lock:
             self._closed = True
             workers, self._all = self._all, []
+        self._respawns.put(None)
         for worker in workers:
             worker.ask_exit()
         deadline = time.monotonic() + 1.0
