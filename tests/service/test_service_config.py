@@ -4,6 +4,7 @@ lets in-flight unary calls finish and stops runs as INTERRUPTED."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import threading
@@ -231,3 +232,17 @@ def test_an_engine_backend_naming_no_backend_is_refused_at_start(monkeypatch):
         ServerConfig.from_args([], {})
     monkeypatch.setenv("HESSIAN_BACKEND", "autograd")
     assert ServerConfig.from_args([], {}).default_backend == ""
+
+
+def test_process_after_ms_is_checked_and_named_for_what_it_does(tmp_path, caplog):
+    """0 sends every run to a worker (it is not "off"); set without --run-processes it does
+    nothing, and the server says so."""
+    with pytest.raises(ValueError, match=r"0: every run starts in a worker process"):
+        ServerConfig.from_args(["--process-after-ms", "-1"], {})
+    for after, warned in ((5, True), (ServerConfig.process_after_ms, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "hessian_service.server"):
+            handle = start_server(tmp_path / str(after), process_after_ms=after)
+            handle.stop(0)
+        said = "--process-after-ms has no effect without --run-processes" in caplog.text
+        assert said == warned
