@@ -649,3 +649,31 @@ def test_a_line_search_at_machine_precision_ends_no_progress(backend):
             assert not step.record.step_accepted and step.record.step_norm == 0.0
             assert torch.equal(step.params, run.params)
     assert stalls >= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_line_search_that_gives_up_on_long_steps_failed(backend, dtype):
+    """A search that gave up after a few long trials says nothing of rounding, however small
+    the loss: a random SPD quadratic scaled to a loss far below 1 (computed to its own
+    precision), first trials 3x too long, one or three backtracks: line_search_failed, and
+    NewtonStep refuses the step policy as before."""
+    m = torch.randn(3, 3, dtype=F64)
+    a = (m @ m.T + torch.eye(3, dtype=F64)) * (1e-7 if dtype == torch.float32 else 1e-16)
+    objective = make_objective("quadratic", {"A": a.to(dtype), "b": torch.zeros(3, dtype=dtype)})
+    x0 = torch.randn(3, dtype=dtype)
+    for backtracks in (1, 3):
+        options = MethodOptions(
+            method="newton",
+            step_policy="line_search",
+            learning_rate=3.0,
+            backtrack=0.9,
+            max_backtracks=backtracks,
+            backend=backend,
+        )
+        run = Run(objective, x0, options, StopCriteria(**NO_TOL, max_iterations=5))
+        list(run)
+        assert run.stop_reason == StopReason.LINE_SEARCH_FAILED, run.message
+        with pytest.raises(ValidationError) as err:
+            take_step(objective, x0, options)
+        assert err.value.field == "options.step_policy"

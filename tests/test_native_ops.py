@@ -144,6 +144,26 @@ def test_damping_within_rounding_of_the_lowest_eigenvalue_escalates(n, dtype, ul
         assert rel_err(d, ref) <= TOL[dtype] * 100, name
 
 
+def test_a_well_posed_float32_matrix_is_not_damped_for_its_size():
+    """The pivot bar is 16 eps, not the worst case n eps: float32 at n = 2000 with condition
+    1e6 and spread eigenvectors (its smallest pivot ratio about 1.6e-4, under n eps =
+    2.4e-4) factors accurately and is solved undamped on both paths, to within the float64
+    solve's cond x eps (a damped solve missed it by 99%)."""
+    n = 2000
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64))
+    h = ((q * torch.logspace(0, -6, n, dtype=F64)) @ q.T).to(F32)
+    g = torch.randn(n, dtype=F32)
+    ref = -torch.linalg.solve(h.double(), g.double())
+    auto = linalg.damped_cholesky_solve(h, g, 0.0)
+    d, lam, attempts = ops.damped_cholesky(h, g, 0.0, 60)
+    for direction, used, tries in (
+        (auto.direction, auto.damping, auto.attempts),
+        (d, lam, attempts),
+    ):
+        assert float(used) == 0.0 and int(tries) == 1
+        assert rel_err(direction, ref) <= 0.1  # cond 1e6 x eps 1.2e-7, with room
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [s for s in SIZES if s > 1])
 def test_damped_cholesky_indefinite_escalates_like_reference(n, dtype):

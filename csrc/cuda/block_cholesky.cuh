@@ -6,7 +6,7 @@
 // on a GPU until bench/gpu_check.sh has been run on one and tests/test_cuda_kernels.py
 // passed there; until then treat it as unverified on hardware.
 //
-// Policy (as csrc/solve.cpp): start at `damping`; on a pivot p_k <= n eps (|H_kk| + lambda)
+// Policy (as csrc/solve.cpp): start at `damping`; on a pivot p_k <= 16 eps (|H_kk| + lambda)
 // (rounding noise) or non-finite, or a non-finite solution, lambda = max(10 lambda, sqrt(eps)
 // * max(1, max|diag H|)); eps is the storage type's.
 // Arithmetic in double whatever the storage type, like the CPU small-n loops.
@@ -113,7 +113,7 @@ __device__ BlockStatus block_damped_solve(const scalar_t* __restrict__ h, int n,
     diag_max = fmax(diag_max, fabs(static_cast<double>(h[i * n + i])));
   const double floor = sqrt_eps * fmax(1.0, block_max(diag_max, scratch));
 
-  const double tol = n * static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
+  const double tol = 16.0 * static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
     for (int i = warp; i < n; i += warps) {

@@ -663,34 +663,42 @@ def _outcome(work):
 
 
 def test_a_stopped_child_holds_neither_a_run_nor_its_cancel(rng, monkeypatch):
-    """A child that stops answering (SIGSTOP: wedged) is killed: one that does not build a
-    moving run within BEGIN_SECONDS leaves the run on its thread, which ends as the engine
-    Run does; one whose run was cancelled and that has not ended it CANCEL_SECONDS later
-    ends the run with WorkerLost (the server's RunManager then stores it CANCELLED)."""
+    """A child that stops answering (SIGSTOP: wedged) is killed: one that has not built a
+    moving run BEGIN_SECONDS after it was sent leaves the run on its thread, which ends as
+    the engine Run does (an 8 MB objective, so the send itself blocks on the full socket);
+    one whose run was cancelled and that has not ended it CANCEL_SECONDS later ends the run
+    with WorkerLost (the server's RunManager then stores it CANCELLED)."""
     import dataclasses
 
-    from hessian_service.engine import CancelToken, Run
+    from hessian_service.engine import CancelToken, MethodOptions, Run, StopCriteria
     from hessian_service.server import workers
     from hessian_service.server.workers import WorkerLost, WorkerPool
 
     monkeypatch.setattr(workers, "BEGIN_SECONDS", 0.5)
     monkeypatch.setattr(workers, "CANCEL_SECONDS", 0.5)
-    objective, options, stopping, x0 = _gradient_descent_case(rng, 3000)
-    whole = [_untimed(r) for r in Run(objective, x0, options, stopping)]
+    large = _logistic_objective(rng, 20_000, 50)  # 8 MB of data
+    gd = MethodOptions(method="gradient_descent", learning_rate=1e-2)
+    stopping = StopCriteria(max_iterations=200, gradient_tolerance=0.0, function_tolerance=0.0,
+                            parameter_tolerance=0.0)  # fmt: skip
+    x0 = torch.zeros(51, dtype=torch.float64)
+    whole = [_untimed(r) for r in Run(large, x0, gd, stopping)]
     pool = WorkerPool(1, 100)
     try:
-        assert pool.takes(objective)
+        assert pool.takes(large)
         (stopped,) = pool._all
         os.kill(stopped.process.pid, signal.SIGSTOP)
         with pool.moving(0.001, "r-stopped-child") as start:
-            run = start(objective, x0, options, stopping, cancel=CancelToken(), resume=None)
-            done, records = _in_thread(lambda: [_untimed(r) for r in run], 20)
+            run = start(large, x0, gd, stopping, cancel=CancelToken(), resume=None)
+            done, records = _in_thread(lambda: [_untimed(r) for r in run], 60)
             assert done and records == whole and not run.moved
         assert wait_until(lambda: pool._all[0] is not stopped and pool._idle.qsize() == 1)
         assert stopped.process.poll() is not None  # killed
-        token, endless = CancelToken(), dataclasses.replace(stopping, max_iterations=10**7)
+        objective, options, _, small_x0 = _gradient_descent_case(rng, 10)
+        endless = dataclasses.replace(stopping, max_iterations=10**7)
+        token = CancelToken()
+        assert pool.takes(objective)
         with pool.worker() as start:
-            run = start(objective, x0, options, endless, cancel=token, resume=None)
+            run = start(objective, small_x0, options, endless, cancel=token, resume=None)
             next(run)
             (child,) = pool._all
             os.kill(child.process.pid, signal.SIGSTOP)

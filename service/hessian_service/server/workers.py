@@ -63,7 +63,8 @@ POLL_SECONDS = 0.05  # how often a waiting server thread looks at its run's canc
 CHILD_POLL_SECONDS = 0.001  # how often a child's run looks for a cancel message, at most
 START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
 BEGIN_SECONDS = 30.0  # a child must have built a run sent to it this soon (else it is killed)
-CANCEL_SECONDS = 10.0  # a child must end a cancelled run this soon (else it is killed)
+CANCEL_SECONDS = 60.0  # a child must end a cancelled run this soon (else it is killed)
+RESPAWN_RETRY_SECONDS = 30.0  # after a child failed to spawn, the next try waits this long
 CHILD = (  # a worker process's program; its arguments: its socket's descriptor, the server
     # (its pid) and the server's log format and level
     "import sys\n"
@@ -350,6 +351,14 @@ class Worker:
         self.conn = Connection(ours.detach())
         self.held: OrderedDict[int, int] = OrderedDict()  # objectives the child keeps: bytes
         self.lost = False
+        self.unanswered = False  # killed for not answering in time
+
+    def kill_unanswered(self) -> None:
+        """Kill a child that has not answered in time (stopped or wedged): the server's
+        blocked send or receive then fails, and the child is replaced."""
+        self.unanswered = True
+        with contextlib.suppress(OSError):
+            self.process.kill()
 
     def wait_ready(self) -> None:
         """Wait for the child's first message (its imports done)."""
@@ -365,13 +374,18 @@ class Worker:
         except (EOFError, OSError):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(1.0)
-            code = self.process.returncode
-            how = f"was killed by signal {-code}" if code and code < 0 else f"exited ({code})"
-            raise self.lose(how) from None
+            raise self.lose(self._ended_how()) from None
         try:
             return pickle.loads(data)
         except Exception as exc:
             raise self.lose(f"sent a message the server cannot read ({exc})") from None
+
+    def _ended_how(self) -> str:
+        """How the child ended, for the error that ends its run."""
+        code = self.process.returncode
+        if self.unanswered:
+            return "did not answer in time and was killed"
+        return f"was killed by signal {-code}" if code and code < 0 else f"exited ({code})"
 
     def lose(self, what: str) -> WorkerLost:
         """Mark the child lost (it is replaced) and return the error that ends its run."""
@@ -385,7 +399,8 @@ class Worker:
         try:
             self.conn.send_bytes(data)
         except (OSError, ValueError):
-            raise self.lose("is gone") from None
+            raise self.lose("did not answer in time and was killed" if self.unanswered
+                            else "is gone") from None  # fmt: skip
 
     def holds(self, key: int) -> bool:
         """Whether the child keeps objective `key` (then a run message need not carry it)."""
@@ -461,14 +476,21 @@ class ProcessRun:
 
     def begin(self) -> None:
         """Send the run and wait until the child has built it (raising what building it
-        raised)."""
+        raised); a child that has not within BEGIN_SECONDS is killed (a stopped one would
+        hold the send itself once the run fills the socket's buffer)."""
+        watchdog = threading.Timer(BEGIN_SECONDS, self._worker.kill_unanswered)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            self._worker.send(*self._job)
-        except Exception:  # unsent: the server's view of the child's cache is now wrong
-            self._worker.lost = True
-            raise
-        self.sent = True
-        started = self._receive(time.monotonic() + BEGIN_SECONDS)
+            try:
+                self._worker.send(*self._job)
+            except Exception:  # unsent: the server's view of the child's cache is now wrong
+                self._worker.lost = True
+                raise
+            self.sent = True
+            started = self._receive()
+        finally:
+            watchdog.cancel()
         if started[0] == "error":
             self._raise(started)
         self.backend = started[2]
@@ -493,22 +515,19 @@ class ProcessRun:
             self._cancel_sent = time.monotonic()
             self._worker.send("cancel", self._seq)
 
-    def _receive(self, deadline: float = math.inf) -> tuple[Any, ...]:
+    def _receive(self) -> tuple[Any, ...]:
         """The worker's next message; the run's cancel token is passed on (checked before
-        each message, and every POLL_SECONDS while waiting). A child that has not answered
-        by `deadline` (time.monotonic()), or CANCEL_SECONDS after a cancel, is killed
-        (WorkerLost): a stopped or wedged child must not hold the run, or its cancel, for
-        ever."""
+        each message, and every POLL_SECONDS while waiting). A child that has not ended a
+        cancelled run CANCEL_SECONDS after the cancel is killed (WorkerLost): a stopped or
+        wedged child must not hold the run's cancel for ever."""
         while True:
             if self._cancel_sent is None and self._cancel.cancelled:
                 self._send_cancel()
             if self._worker.conn.poll(POLL_SECONDS):
                 break
-            if self._cancel_sent is not None:
-                deadline = min(deadline, self._cancel_sent + CANCEL_SECONDS)
-            if time.monotonic() >= deadline:
-                with contextlib.suppress(OSError):
-                    self._worker.process.kill()
+            cancelled_at = self._cancel_sent
+            if cancelled_at is not None and time.monotonic() >= cancelled_at + CANCEL_SECONDS:
+                self._worker.kill_unanswered()
                 raise self._worker.lose("did not answer in time and was killed")
         message = self._worker.receive()
         if message[1] != self._seq:
@@ -729,6 +748,7 @@ class WorkerPool:
         self._refused: weakref.WeakSet[Objective] = weakref.WeakSet()
         self._respawns: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
         self._respawner: threading.Thread | None = None
+        self._respawn_retry = 0.0  # time.monotonic() before which a failed respawn waits
         self._all: list[Worker] = []
         try:
             for _ in range(count):
@@ -807,11 +827,11 @@ class WorkerPool:
         dead = worker.lost or worker.process.poll() is not None  # lost, or died idle
         if dead and wait:  # a new child runs this one
             worker = self._replace(worker)
-        elif dead and not worker.lost:
+        elif dead and (not worker.lost or time.monotonic() >= self._respawn_retry):
             self._replace_soon(worker)
             yield None
             return
-        if worker.lost:  # no new child started: one that waits tries again
+        if worker.lost:  # no new child started: tried again later
             self._idle.put(worker)
             yield None
             return
@@ -908,9 +928,17 @@ class WorkerPool:
         self._respawns.put(worker)
 
     def _respawn_loop(self) -> None:
-        """Replace the lost children `_replace_soon` queues, until close() queues None."""
+        """Replace the lost children `_replace_soon` queues, until close() queues None (one
+        that does not start is tried again RESPAWN_RETRY_SECONDS later)."""
         while (worker := self._respawns.get()) is not None:
-            self._idle.put(self._replace(worker))
+            fresh = worker
+            try:
+                fresh = self._replace(worker)
+            except Exception:  # never let this thread die: its children would go with it
+                log.exception("replacing a run worker process failed")
+            if fresh.lost:
+                self._respawn_retry = time.monotonic() + RESPAWN_RETRY_SECONDS
+            self._idle.put(fresh)
 
     def _replace(self, worker: Worker) -> Worker:
         """A new child in place of a lost one, spawned and ready (`worker` itself, marked

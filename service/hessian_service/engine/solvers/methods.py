@@ -40,17 +40,15 @@ class LineSearchFailed(Exception):
 
 
 class RoundingStall(Exception):
-    """A line search at machine precision: no trial passed Armijo's test, and the first
-    one's loss change and predicted decrease were both within the loss's rounding (absolute
-    near 0, as the trust region takes it): no step can be judged at this precision. `step`
-    is the step not taken (x unchanged)."""
+    """A line search that failed at machine precision (`_at_rounding`): no step can be
+    judged at this precision. `step` is the step not taken (x unchanged)."""
 
     def __init__(self, evaluations: int, step: Step) -> None:
         self.step = step
         super().__init__(
             "no further progress possible at machine precision: no step satisfied the Armijo "
-            f"condition in {evaluations} backtracks, and the first trial's loss change and "
-            "predicted decrease were within the rounding of the loss"
+            f"condition in {evaluations} backtracks, the last of a tiny step whose loss change "
+            "and predicted decrease were within the rounding of the loss"
         )
 
 
@@ -440,22 +438,19 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     found = descent(stepper, point, opts.damping)
     alpha, evaluations = opts.learning_rate, 0
     slope = found.scale * float(point.grad @ found.vector)
-    first = math.nan
+    trial = math.nan
     for _ in range(opts.max_backtracks):
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
         if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo):
             break
-        if evaluations == 1:
-            first = trial
-            if stepper.gradient_judges(point, x, trial, alpha, slope):
-                break
+        if evaluations == 1 and stepper.gradient_judges(point, x, trial, alpha, slope):
+            break
         alpha *= opts.backtrack
     else:
         stepper.drop_trial()
-        lr, dtype = opts.learning_rate, point.x.dtype
-        if slope < 0 and below_rounding(first, point.loss, lr, slope, dtype, floor=1.0):
+        if _at_rounding(point, trial, alpha / opts.backtrack, slope, opts.learning_rate):
             not_taken = _taken(point, found, 0.0, evaluations, point.x)
             not_taken.accepted = False
             raise RoundingStall(evaluations, not_taken)
@@ -464,6 +459,18 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         )
     stepper.state["whole_trial"] = float(evaluations == 1)
     return _taken(point, found, alpha, evaluations, x)
+
+
+def _at_rounding(point: Point, last: float, alpha: float, slope: float, lr: float) -> bool:
+    """Whether an exhausted line search failed at machine precision: along a descent
+    direction even its last, tiny step (alpha <= sqrt(eps) lr, where a smooth loss must
+    pass Armijo's test) changed the loss, and predicted a change, within its rounding
+    (absolute near 0, as the trust region judges: a loss whose terms cancel, Rosenbrock's
+    near its minimum, is not computed to its own precision). A search that gave up after
+    a few long trials says nothing of rounding: it failed."""
+    dtype = point.x.dtype
+    tiny = alpha <= math.sqrt(torch.finfo(dtype).eps) * lr
+    return slope < 0 and tiny and below_rounding(last, point.loss, alpha, slope, dtype, floor=1.0)
 
 
 def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:
