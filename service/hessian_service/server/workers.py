@@ -478,7 +478,14 @@ class ProcessRun:
         """Send the run and wait until the child has built it (raising what building it
         raised); a child that has not within BEGIN_SECONDS is killed (a stopped one would
         hold the send itself once the run fills the socket's buffer)."""
-        watchdog = threading.Timer(BEGIN_SECONDS, self._worker.kill_unanswered)
+        lock, answered = threading.Lock(), [False]
+
+        def unanswered() -> None:  # the timer's: never a child that has answered
+            with lock:
+                if not answered[0]:
+                    self._worker.kill_unanswered()
+
+        watchdog = threading.Timer(BEGIN_SECONDS, unanswered)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -490,6 +497,8 @@ class ProcessRun:
             self.sent = True
             started = self._receive()
         finally:
+            with lock:
+                answered[0] = True
             watchdog.cancel()
         if started[0] == "error":
             self._raise(started)

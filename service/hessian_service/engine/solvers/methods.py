@@ -47,8 +47,8 @@ class RoundingStall(Exception):
         self.step = step
         super().__init__(
             "no further progress possible at machine precision: no step satisfied the Armijo "
-            f"condition in {evaluations} backtracks, the last of a tiny step whose loss change "
-            "and predicted decrease were within the rounding of the loss"
+            f"condition in {evaluations} backtracks, and both the first trial and the last, "
+            "tiny one changed the loss, as predicted, within its rounding"
         )
 
 
@@ -438,19 +438,21 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     found = descent(stepper, point, opts.damping)
     alpha, evaluations = opts.learning_rate, 0
     slope = found.scale * float(point.grad @ found.vector)
-    trial = math.nan
+    first = trial = math.nan
     for _ in range(opts.max_backtracks):
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
         if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo):
             break
-        if evaluations == 1 and stepper.gradient_judges(point, x, trial, alpha, slope):
-            break
+        if evaluations == 1:
+            first = trial
+            if stepper.gradient_judges(point, x, trial, alpha, slope):
+                break
         alpha *= opts.backtrack
     else:
         stepper.drop_trial()
-        if _at_rounding(point, trial, alpha / opts.backtrack, slope, opts.learning_rate):
+        if _at_rounding(point, (first, trial), alpha / opts.backtrack, slope, opts.learning_rate):
             not_taken = _taken(point, found, 0.0, evaluations, point.x)
             not_taken.accepted = False
             raise RoundingStall(evaluations, not_taken)
@@ -461,16 +463,23 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     return _taken(point, found, alpha, evaluations, x)
 
 
-def _at_rounding(point: Point, last: float, alpha: float, slope: float, lr: float) -> bool:
+def _at_rounding(
+    point: Point, trials: tuple[float, float], alpha: float, slope: float, lr: float
+) -> bool:
     """Whether an exhausted line search failed at machine precision: along a descent
-    direction even its last, tiny step (alpha <= sqrt(eps) lr, where a smooth loss must
-    pass Armijo's test) changed the loss, and predicted a change, within its rounding
-    (absolute near 0, as the trust region judges: a loss whose terms cancel, Rosenbrock's
-    near its minimum, is not computed to its own precision). A search that gave up after
-    a few long trials says nothing of rounding: it failed."""
-    dtype = point.x.dtype
-    tiny = alpha <= math.sqrt(torch.finfo(dtype).eps) * lr
-    return slope < 0 and tiny and below_rounding(last, point.loss, alpha, slope, dtype, floor=1.0)
+    direction, its first trial (at lr) and its last (at `alpha`, tiny: <= sqrt(eps) lr,
+    where a smooth loss must pass Armijo's test) each changed the loss, and predicted a
+    change, within its rounding (absolute near 0, as the trust region judges: a loss whose
+    terms cancel, Rosenbrock's near its minimum, is not computed to its own precision).
+    A first trial that predicted or made a real change (a wrong or mini-batch slope, an
+    uphill step), or a search that gave up after a few long trials, failed."""
+    dtype, (first, last) = point.x.dtype, trials
+    if not (slope < 0 and alpha <= math.sqrt(torch.finfo(dtype).eps) * lr):
+        return False
+    return all(
+        below_rounding(trial, point.loss, step, slope, dtype, floor=1.0)
+        for trial, step in ((first, lr), (last, alpha))
+    )
 
 
 def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:
