@@ -677,3 +677,20 @@ def test_a_line_search_that_gives_up_on_long_steps_failed(backend, dtype):
         with pytest.raises(ValidationError) as err:
             take_step(objective, x0, options)
         assert err.value.field == "options.step_policy"
+
+
+def test_a_line_search_stall_is_judged_on_its_first_and_last_trials():
+    """The rule behind no_progress for an exhausted search: a descent slope, a last step of
+    at most sqrt(eps) lr, and both the first trial and the last changing the loss, as they
+    predicted, within 16 ulps of max(|loss|, 1). A first trial that predicted a real
+    decrease and went uphill (a wrong or mini-batch slope) is a failure however tiny the
+    last step; so is a search that gave up on long steps, and an ascent slope."""
+    from hessian_service.engine.solvers.methods import Point, _at_rounding
+
+    loss = float(torch.empty(()).uniform_(0.5, 2.0))
+    point = Point(torch.ones(2, dtype=torch.float32), loss, torch.ones(2, dtype=torch.float32))
+    eps, tiny = torch.finfo(torch.float32).eps, 2.0**-39
+    assert _at_rounding(point, (loss + 2 * eps, loss), tiny, -1e-7, 1.0)
+    assert not _at_rounding(point, (loss + 40.0, loss), tiny, -40.0, 1.0)
+    assert not _at_rounding(point, (loss + 2 * eps, loss + 2 * eps), 0.5, -1e-7, 1.0)
+    assert not _at_rounding(point, (loss, loss), tiny, 1e-7, 1.0)
