@@ -6,6 +6,7 @@ engine errors cross the process boundary with their type, message and field."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -614,21 +615,33 @@ def test_a_run_with_long_iterations_or_cancelled_stays_on_its_thread(rng):
         pool.close()
 
 
+@contextlib.contextmanager
+def _one_child_pool(objective, sig: int):
+    """A pool of one child, which takes `objective`, signalled `sig` (a killed one reaped):
+    (pool, child); the pool is closed on exit."""
+    from hessian_service.server.workers import WorkerPool
+
+    pool = WorkerPool(1, 100)
+    try:
+        assert pool.takes(objective)
+        (child,) = pool._all
+        os.kill(child.process.pid, sig)
+        if sig == signal.SIGKILL:
+            child.process.wait(10)
+        yield pool, child
+    finally:
+        pool.close()
+
+
 def test_a_lost_child_is_replaced_without_a_run_that_waits_for_one(rng, caplog):
     """One worker, runs one at a time: a child killed while idle is found by the next moving
     run, which stays on its thread; a new child is spawned meanwhile (not only for a run
     that waits for one, which never comes), and the run after moves to it."""
     from hessian_service.engine import CancelToken, Run
-    from hessian_service.server.workers import WorkerPool
 
     objective, options, stopping, x0 = _gradient_descent_case(rng, 3000)
     whole = [_untimed(r) for r in Run(objective, x0, options, stopping)]
-    pool = WorkerPool(1, 100)
-    try:
-        assert pool.takes(objective)
-        (dead,) = pool._all
-        os.kill(dead.process.pid, signal.SIGKILL)
-        dead.process.wait(10)
+    with _one_child_pool(objective, signal.SIGKILL) as (pool, dead):
         outcomes = []
         for name in ("r-finds-it-dead", "r-after"):
             with pool.moving(0.001, name) as start:
@@ -638,8 +651,6 @@ def test_a_lost_child_is_replaced_without_a_run_that_waits_for_one(rng, caplog):
                 assert wait_until(lambda: pool._all[0] is not dead and pool._idle.qsize() == 1)
         (fresh,) = pool._all
         assert fresh.process.poll() is None and not fresh.lost
-    finally:
-        pool.close()
     assert outcomes == [(whole, False), (whole, True)]
     assert "was lost; a new one is starting" in caplog.text
 
@@ -672,7 +683,7 @@ def test_a_stopped_child_holds_neither_a_run_nor_its_cancel(rng, monkeypatch):
 
     from hessian_service.engine import CancelToken, MethodOptions, Run, StopCriteria
     from hessian_service.server import workers
-    from hessian_service.server.workers import WorkerLost, WorkerPool
+    from hessian_service.server.workers import WorkerLost
 
     monkeypatch.setattr(workers, "BEGIN_SECONDS", 0.5)
     monkeypatch.setattr(workers, "CANCEL_SECONDS", 0.5)
@@ -682,11 +693,7 @@ def test_a_stopped_child_holds_neither_a_run_nor_its_cancel(rng, monkeypatch):
                             parameter_tolerance=0.0)  # fmt: skip
     x0 = torch.zeros(51, dtype=torch.float64)
     whole = [_untimed(r) for r in Run(large, x0, gd, stopping)]
-    pool = WorkerPool(1, 100)
-    try:
-        assert pool.takes(large)
-        (stopped,) = pool._all
-        os.kill(stopped.process.pid, signal.SIGSTOP)
+    with _one_child_pool(large, signal.SIGSTOP) as (pool, stopped):
         with pool.moving(0.001, "r-stopped-child") as start:
             run = start(large, x0, gd, stopping, cancel=CancelToken(), resume=None)
             done, records = _in_thread(lambda: [_untimed(r) for r in run], 60)
@@ -707,5 +714,3 @@ def test_a_stopped_child_holds_neither_a_run_nor_its_cancel(rng, monkeypatch):
             assert done and isinstance(ended, WorkerLost), ended
             assert "did not answer in time and was killed" in str(ended)
         assert wait_until(lambda: child.process.poll() is not None, 10)
-    finally:
-        pool.close()
