@@ -64,10 +64,13 @@ def test_dense_hessian_memory_is_refused_at_start_not_at_the_first_iteration(lim
     big = problems.rosenbrock(dim=400)  # 400^2 x 8 bytes = 1.22 MiB > 1 MiB
     with _client(limited, "beta-token") as c:
         before = {r.run_id for r in c.list_runs()}
-        with pytest.raises(ResourceExhausted, match=r"options\.dense_budget_bytes.*1\.2 MiB"):
+        refused = r"options\.dense_budget_bytes.*1\.2 MiB"
+        with pytest.raises(ResourceExhausted, match=refused) as run:
             c.start_run(big, np.zeros(400), method="newton")
-        with pytest.raises(ResourceExhausted, match="dense-Hessian memory budget"):
-            c.newton_step(big, np.zeros(400))
+        for method in ("newton", "saddle_free"):  # one field and message, as StartRun's
+            with pytest.raises(ResourceExhausted) as step:
+                c.newton_step(big, np.zeros(400), method=method)
+            assert (step.value.field, step.value.message) == (run.value.field, run.value.message)
         with pytest.raises(ResourceExhausted, match="dense-Hessian memory budget"):
             c.compute_hessian(big, np.zeros(400), omit_matrix=True)
         assert {r.run_id for r in c.list_runs()} == before, "no run was created"

@@ -12,6 +12,7 @@ from .validation import require_int, require_no_extra
 
 METHODS = ("gradient_descent", "newton", "saddle_free", "newton_cg", "gauss_newton_cg", "auto")
 HESSIAN_FREE_METHODS = ("newton_cg", "gauss_newton_cg")
+DENSE_METHODS = ("newton", "saddle_free")  # the methods that hold an n x n matrix
 # The step policies each method takes, its default first: globalised (Armijo line search,
 # a trust region) for every second-order method, as SciPy, Ceres and scikit-learn default;
 # fixed (x <- x + lr d) only when asked for (and for gradient descent, by learning rate).

@@ -27,6 +27,7 @@ from ..engine import StopCriteria
 from ..engine.budget import check_dense_budget
 from ..engine.cancel import CancelToken
 from ..engine.errors import ResourceLimitError, ValidationError
+from ..engine.options import DENSE_METHODS
 from ..engine.solvers.asktell import (
     Answer,
     Ask,
@@ -40,7 +41,7 @@ from ..store import RunRow
 from . import codec
 from .auth import Tenant
 from .errors import LimitError, NotFoundError
-from .runs import DENSE_METHODS, LiveRun
+from .runs import LiveRun
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -35,6 +35,7 @@ from ..engine import (
 from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError, ResourceLimitError
 from ..engine.objectives.base import Objective
+from ..engine.options import DENSE_METHODS
 from ..engine.records import StopReason
 from ..engine.solvers.asktell import CallerLost, RemoteObjective
 from ..engine.solvers.methods import check_supported
@@ -69,7 +70,6 @@ class Leases(Protocol):
 
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
-DENSE_METHODS = ("newton", "saddle_free")  # the methods that hold an n x n matrix
 WATCH_POLL_SECONDS = 0.5  # a watcher of a run executing elsewhere re-reads the store this often
 
 

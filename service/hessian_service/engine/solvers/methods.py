@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..backends import selector as backends
+from ..budget import check_dense_budget
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError
 from ..linalg import SolveResult, below_rounding, negative_eigenvalues, sufficient_decrease
 from ..objectives.base import Objective
-from ..options import HESSIAN_FREE_METHODS, MethodOptions, resolve_method
+from ..options import DENSE_METHODS, HESSIAN_FREE_METHODS, MethodOptions, resolve_method
 from . import hessian_free
 
 LM_INITIAL_TAU = 1e-3
@@ -191,7 +192,7 @@ class Stepper:
         options, self.method_note = resolve_method(options, params.numel(), params.dtype)
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
-        self.second_order = options.method != "gradient_descent" and not self.hessian_free
+        self.second_order = options.method in DENSE_METHODS
         self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
         # a run's next point may be its last line-search trial (first-order evaluations,
         # or dense ones small enough that a wasted matrix costs little; a mini-batch run
@@ -201,6 +202,9 @@ class Stepper:
         self._last_trial: tuple[torch.Tensor, float] | None = None
         self._trial_point: Point | None = None
         check_supported(objective, options)
+        if self.second_order:  # refused before any evaluation, under StartRun's field
+            budget, n = options.dense_budget_bytes, params.numel()
+            check_dense_budget(n, budget, params.dtype, "options.dense_budget_bytes")
         self._search, self._descent = SEARCHES[options.step_policy], DESCENTS[options.method]
         if self.hessian_free:
             chosen = backends.resolve(options.backend, objective, params, options.curvature)
