@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .budget import DEFAULT_DENSE_BUDGET_BYTES, dense_hessian_bytes
+from .budget import DEFAULT_DENSE_BUDGET_BYTES, check_dense_budget, dense_hessian_bytes
 from .errors import UnknownNameError, ValidationError
 from .validation import require_int, require_no_extra
 
@@ -219,6 +219,16 @@ def resolve_method(
     if method == "newton_cg":
         message += "; Newton-CG uses Hessian-vector products in O(n) memory"
     return replace(options, method=method).validated(), message
+
+
+def check_method_budget(
+    options: MethodOptions, n: int, dtype: Any, field: str = "options.dense_budget_bytes"
+) -> None:
+    """Refuse, before anything is computed or stored, a dense method (DENSE_METHODS) whose
+    n x n matrix is over options.dense_budget_bytes (ResourceLimitError naming `field`); the
+    other methods hold no such matrix."""
+    if options.method in DENSE_METHODS:
+        check_dense_budget(n, options.dense_budget_bytes, dtype, field)
 
 
 @dataclass(frozen=True)

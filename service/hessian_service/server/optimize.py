@@ -24,10 +24,9 @@ from google.protobuf.message import DecodeError
 from hessian_client.proto import service_pb2
 
 from ..engine import StopCriteria
-from ..engine.budget import check_dense_budget
 from ..engine.cancel import CancelToken
 from ..engine.errors import ResourceLimitError, ValidationError
-from ..engine.options import DENSE_METHODS
+from ..engine.options import DENSE_METHODS, check_method_budget
 from ..engine.solvers.asktell import (
     Answer,
     Ask,
@@ -97,10 +96,10 @@ class Optimizer:
         options = service._method_options(values, "start.options")
         n = params.numel()
         options, note = resolve_remote_method(options, caps, n)
-        if options.method in DENSE_METHODS:
-            check_dense_budget(n, options.dense_budget_bytes, params.dtype, "start.options")
-            if dense_source(caps, n) == "hessian":  # the caller sends it: it must fit a message
-                service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")
+        check_method_budget(options, n, params.dtype, "start.options")
+        # a dense Hessian the caller sends must fit a message
+        if options.method in DENSE_METHODS and dense_source(caps, n) == "hessian":
+            service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")
         stopping = StopCriteria.from_dict(codec.stopping_to_dict(start.stopping), "start.stopping")
         if stopping.max_iterations > service.config.max_iterations:
             raise ResourceLimitError(

@@ -29,13 +29,12 @@ from ..engine import (
     Run,
     StepRecord,
     StopCriteria,
-    check_dense_budget,
     resolve_method,
 )
 from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError, ResourceLimitError
 from ..engine.objectives.base import Objective
-from ..engine.options import DENSE_METHODS
+from ..engine.options import check_method_budget
 from ..engine.records import StopReason
 from ..engine.solvers.asktell import CallerLost, RemoteObjective
 from ..engine.solvers.methods import check_supported
@@ -382,13 +381,7 @@ class RunManager:
             params = initial
         params = objective.check_params(params, "initial_params")
         options, method_note = resolve_method(options, objective.num_params, params.dtype)
-        if options.method in DENSE_METHODS:
-            check_dense_budget(
-                objective.num_params,
-                options.dense_budget_bytes,
-                params.dtype,
-                "options.dense_budget_bytes",
-            )
+        check_method_budget(options, objective.num_params, params.dtype)
         return self.launch(
             problem_id=problem_id,
             objective=objective,

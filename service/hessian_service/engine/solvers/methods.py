@@ -18,12 +18,17 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..backends import selector as backends
-from ..budget import check_dense_budget
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError
 from ..linalg import SolveResult, below_rounding, negative_eigenvalues, sufficient_decrease
 from ..objectives.base import Objective
-from ..options import DENSE_METHODS, HESSIAN_FREE_METHODS, MethodOptions, resolve_method
+from ..options import (
+    DENSE_METHODS,
+    HESSIAN_FREE_METHODS,
+    MethodOptions,
+    check_method_budget,
+    resolve_method,
+)
 from . import hessian_free
 
 LM_INITIAL_TAU = 1e-3
@@ -202,9 +207,7 @@ class Stepper:
         self._last_trial: tuple[torch.Tensor, float] | None = None
         self._trial_point: Point | None = None
         check_supported(objective, options)
-        if self.second_order:  # refused before any evaluation, under StartRun's field
-            budget, n = options.dense_budget_bytes, params.numel()
-            check_dense_budget(n, budget, params.dtype, "options.dense_budget_bytes")
+        check_method_budget(options, params.numel(), params.dtype)  # as StartRun refuses
         self._search, self._descent = SEARCHES[options.step_policy], DESCENTS[options.method]
         if self.hessian_free:
             chosen = backends.resolve(options.backend, objective, params, options.curvature)
