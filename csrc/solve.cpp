@@ -201,13 +201,12 @@ void symmetrise_upper(const scalar_t* h, int64_t n, scalar_t* out, scalar_t lam)
 // The policy with ATen calls only: works on any device linalg_cholesky_ex supports.
 SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damping,
                           int64_t max_attempts, at::Tensor& d) {
-  const double scale =
-      hs.numel() ? std::max(1.0, hs.diagonal().abs().max().item<double>()) : 1.0;
+  const at::Tensor diag_abs = hs.diagonal().abs();
+  const double scale = hs.numel() ? std::max(1.0, diag_abs.max().item<double>()) : 1.0;
   const double eps = hs.scalar_type() == at::kFloat ? sqrt_eps<float>() : sqrt_eps<double>();
   const double floor = eps * scale;
   const double tol =
       hs.scalar_type() == at::kFloat ? pivot_tolerance<float>() : pivot_tolerance<double>();
-  const at::Tensor diag_abs = hs.diagonal().abs();
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
     at::Tensor a = hs;
