@@ -65,6 +65,7 @@ START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
 BEGIN_SECONDS = 30.0  # a child must have built a run sent to it this soon (else it is killed)
 CANCEL_SECONDS = 60.0  # a child must end a cancelled run this soon (else it is killed)
 RESPAWN_RETRY_SECONDS = 30.0  # after a child failed to spawn, the next try waits this long
+UNANSWERED = "did not answer in time and was killed"  # how a child killed by the deadlines ended
 CHILD = (  # a worker process's program; its arguments: its socket's descriptor, the server
     # (its pid) and the server's log format and level
     "import sys\n"
@@ -384,7 +385,7 @@ class Worker:
         """How the child ended, for the error that ends its run."""
         code = self.process.returncode
         if self.unanswered:
-            return "did not answer in time and was killed"
+            return UNANSWERED
         return f"was killed by signal {-code}" if code and code < 0 else f"exited ({code})"
 
     def lose(self, what: str) -> WorkerLost:
@@ -399,8 +400,7 @@ class Worker:
         try:
             self.conn.send_bytes(data)
         except (OSError, ValueError):
-            raise self.lose("did not answer in time and was killed" if self.unanswered
-                            else "is gone") from None  # fmt: skip
+            raise self.lose(UNANSWERED if self.unanswered else "is gone") from None
 
     def holds(self, key: int) -> bool:
         """Whether the child keeps objective `key` (then a run message need not carry it)."""
@@ -537,7 +537,7 @@ class ProcessRun:
             cancelled_at = self._cancel_sent
             if cancelled_at is not None and time.monotonic() >= cancelled_at + CANCEL_SECONDS:
                 self._worker.kill_unanswered()
-                raise self._worker.lose("did not answer in time and was killed")
+                raise self._worker.lose(UNANSWERED)
         message = self._worker.receive()
         if message[1] != self._seq:
             raise self._worker.lose(f"sent {message[0]!r} of another run")
