@@ -56,6 +56,29 @@ def test_compute_hessian_names_its_own_dense_budget_field(stub, budget):
 
 
 @pytest.mark.parametrize("backend", ["autograd", "native"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compute_hessian_over_its_dense_budget_names_that_field(stub, backend, dtype):
+    # 9 parameters: 324 bytes in float32, 648 in float64 (the data's dtype); one byte short
+    need = 81 * np.dtype(dtype).itemsize
+    problem = problems.softmax_regression(X.astype(dtype), LABELS, num_classes=3, l2=0.1)
+    request = service_pb2.ComputeHessianRequest(
+        problem=problem,
+        params=encode(PARAMS.astype(dtype)),
+        backend=f"BACKEND_{backend.upper()}",
+        dense_budget_bytes=need - 1,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ComputeHessian(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith(
+        f"dense_budget_bytes: a dense Hessian of 9 parameters needs {need} bytes (9x9 {dtype})"
+    )
+    request.dense_budget_bytes = need
+    answer = stub.ComputeHessian(request, timeout=30)
+    assert list(answer.matrix.shape) == [9, 9]
+
+
+@pytest.mark.parametrize("backend", ["autograd", "native"])
 def test_analyze_curvature_of_an_overflowing_curvature_names_params(client, backend):
     # found by the mutation fuzz: Lanczos' products overflow, and the SVD/eigh of the
     # tridiagonal escaped as INTERNAL (LinAlgError on non-finite values)

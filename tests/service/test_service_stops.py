@@ -150,6 +150,30 @@ def test_gradient_descent_with_default_criteria_runs_its_iterations(client):
     assert not run.final.converged
 
 
+@pytest.mark.parametrize(
+    ("method", "sent", "shown"),
+    [
+        ("newton", {}, 1e-8),
+        ("newton_cg", {}, 1e-8),
+        ("gradient_descent", {}, 0.0),
+        ("newton", {"parameter_tolerance": 1e-3}, 1e-3),
+        ("gradient_descent", {"parameter_tolerance": 0.0}, 0.0),
+    ],
+)
+def test_a_run_info_shows_the_criteria_the_run_obeys(client, method, sent, shown):
+    # the parameter test's default depends on the method: RunInfo says which one applied
+    run = client.start_run(
+        problems.rosenbrock(dim=2),
+        np.zeros(2),
+        method=method,
+        stopping={"max_iterations": 2, **sent},
+    )
+    stopping = run.wait().stopping
+    assert stopping.HasField("parameter_tolerance") and stopping.parameter_tolerance == shown
+    assert stopping.max_iterations == 2 and stopping.gradient_tolerance == 1e-10
+    assert stopping.function_tolerance == 0.0
+
+
 def test_every_engine_stop_reason_has_its_own_wire_value():
     values = [codec.stop_reason_value(reason) for reason in StopReason]
     assert 0 not in values and len(set(values)) == len(values)

@@ -409,13 +409,15 @@ class RunManager:
         """Record a new run (QUEUED, with its starting checkpoint), queue it, then apply the
         stored-runs cap.
 
-        `method_note` (why method auto chose the options' method) is kept in the spec.
+        `method_note` (why method auto chose the options' method) is kept in the spec, and
+        the criteria with the method's defaults filled in (RunInfo shows what the run obeys).
         Options the objective cannot serve are refused here, before anything is stored.
         `remote`: a caller-evaluated run's declaration (asktell), kept in the spec; such a
         run has no stored problem.
         """
         check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
+        stopping = stopping.for_method(options.method)  # stored as run, not as sent
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         if method_note:
             spec["method_note"] = method_note

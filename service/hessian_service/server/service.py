@@ -337,7 +337,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 "omit_matrix", matrix_bytes, f"a {n}x{n} matrix (set omit_matrix for the summary)"
             )
         with self.threads.limited(objective):
-            result = dense_curvature(objective, params, options, cancel, "curvature")
+            result = dense_curvature(objective, params, options, cancel, prefix="")
         return codec.curvature_to_wire(result, with_matrix=not request.omit_matrix)
 
     @unary

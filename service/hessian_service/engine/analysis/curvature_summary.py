@@ -80,25 +80,28 @@ def dense_curvature(
     params: torch.Tensor,
     options: MethodOptions,
     cancel: CancelToken | None = None,
-    curvature_field: str = "options.curvature",
+    prefix: str = "options.",
 ) -> DenseCurvature:
     """Dense curvature (options.curvature) at `params`, within options.dense_budget_bytes.
 
-    A curvature the objective cannot form is refused naming `curvature_field`. `cancel`:
+    A curvature the objective cannot form, or a matrix over the budget, is refused naming the
+    option behind `prefix` (the server's request holds them at its top level). `cancel`:
     checked between row chunks of the autograd assembly and before the eigendecomposition
     (raises cancel.Cancelled).
     """
     with scope(cancel):
-        return _dense_curvature(objective, params, options, curvature_field)
+        return _dense_curvature(objective, params, options, prefix)
 
 
 def _dense_curvature(
-    objective: Objective, params: torch.Tensor, options: MethodOptions, curvature_field: str
+    objective: Objective, params: torch.Tensor, options: MethodOptions, prefix: str
 ) -> DenseCurvature:
     options = options.validated()
-    objective.require_curvature(options.curvature, curvature_field)
+    objective.require_curvature(options.curvature, f"{prefix}curvature")
     x = objective.check_params(params)
-    check_dense_budget(x.numel(), options.dense_budget_bytes, x.dtype)
+    check_dense_budget(
+        x.numel(), options.dense_budget_bytes, x.dtype, f"{prefix}dense_budget_bytes"
+    )
     backend = resolve(options.backend, objective, x, options.curvature)
     loss, grad, matrix = backend.system.newton_system(
         objective, x, options.curvature, options.dense_budget_bytes
