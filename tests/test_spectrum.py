@@ -219,6 +219,34 @@ def test_verdict_at_a_critical_point(eigenvalues, verdict):
     assert report.stationary and report.eigenvalues_converged
 
 
+def test_tolerances_of_zero_make_the_verdict_exact():
+    # diag(1, 1e-8) in a random basis: the default relative tolerance 1e-6 counts 1e-8 as 0
+    obj = _quadratic([1.0, 1e-8])
+    origin = torch.zeros(2, dtype=F64)
+    assert analyze_curvature(obj, origin, SpectrumOptions(**EIGEN_ONLY)).verdict == "flat"
+    exact = SpectrumOptions(
+        relative_tolerance=0.0, absolute_tolerance=0.0, gradient_tolerance=0.0, **EIGEN_ONLY
+    )
+    report = analyze_curvature(obj, origin, exact)
+    assert report.verdict == "minimum" and report.stationary, report.verdict_reason
+    assert report.bottom_eigenvalues[0] == pytest.approx(1e-8, rel=1e-6)
+    # max|g| of 1e-300 is no longer 0
+    assert not analyze_curvature(obj, torch.full((2,), 1e-300, dtype=F64), exact).stationary
+
+
+def test_an_eigen_tolerance_of_zero_runs_lanczos_to_its_cap():
+    obj = _quadratic(torch.linspace(-1, 3, 40).tolist())
+    params = torch.randn(40, dtype=F64)
+    opts = SpectrumOptions(eigen_tolerance=0.0, max_lanczos_iterations=12, **EIGEN_ONLY)
+    report = analyze_curvature(obj, params, opts)
+    assert report.products == 12 and not report.eigenvalues_converged
+    full = SpectrumOptions(eigen_tolerance=0.0, max_lanczos_iterations=40, **EIGEN_ONLY)
+    report = analyze_curvature(obj, params, full)  # the whole space: exact, so converged
+    assert report.eigenvalues_converged
+    assert report.top_eigenvalues[0] == pytest.approx(3.0, rel=1e-12)
+    assert report.bottom_eigenvalues[0] == pytest.approx(-1.0, rel=1e-12)
+
+
 def test_rosenbrock_minimum_is_a_minimum_and_its_start_is_not_stationary():
     obj = make_objective("rosenbrock", {}, {"dim": 2})
     at_min = analyze_curvature(obj, torch.ones(2, dtype=F64), SpectrumOptions(**EIGEN_ONLY))
@@ -258,7 +286,10 @@ def test_reports_are_deterministic_per_seed_and_count_products():
         ({"block_size": 2.0}, "options.block_size"),
         ({"curvature": "fisher"}, "options.curvature"),
         ({"max_lanczos_iterations": 1}, "options.max_lanczos_iterations"),
-        ({"eigen_tolerance": 0.0}, "options.eigen_tolerance"),
+        ({"eigen_tolerance": -1e-300}, "options.eigen_tolerance"),
+        ({"eigen_tolerance": 1.0}, "options.eigen_tolerance"),
+        ({"gradient_tolerance": -1e-9}, "options.gradient_tolerance"),
+        ({"absolute_tolerance": math.inf}, "options.absolute_tolerance"),
         ({"trace_samples": 2}, "options.trace_samples"),
         ({"confidence": 1.0}, "options.confidence"),
         ({"density_probes": -1}, "options.density_probes"),

@@ -58,12 +58,18 @@ DENSITY_VECTORS = 12
 KERNEL_VALUES = 2**20  # grid x Ritz value entries of the density's smoothing at a time
 
 
-def _real(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
+def _real(
+    name: str, value: Any, low: float, high: float, *, open_high: bool = True, zero: bool = False
+) -> float:
+    """A finite real in (low, high), or [low, high) with `zero` (a tolerance of 0: exact)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValidationError(name, "a finite real number", repr(value))
-    if not (low < value < high if open_high else low < value <= high):
-        bracket = ")" if open_high else "]"
-        raise ValidationError(name, f"a number in ({low}, {high}{bracket}", repr(value))
+    above = low <= value if zero else low < value
+    if not (above and (value < high if open_high else value <= high)):
+        bracket = ("[" if zero else "(", ")" if open_high else "]")
+        raise ValidationError(
+            name, f"a number in {bracket[0]}{low}, {high}{bracket[1]}", repr(value)
+        )
     return float(value)
 
 
@@ -83,7 +89,8 @@ class SpectrumOptions:
     density), smoothed by a Gaussian of width density_sigma (None: 1% of the spectral
     range) on grid_points points. batch_size: probes per vmap'd product. verdict tolerances:
     an eigenvalue counts as zero when |lambda| <= max(absolute_tolerance, relative_tolerance
-    x max|lambda|); a point is stationary when max|g| <= gradient_tolerance. hvp_mode: the
+    x max|lambda|); a point is stationary when max|g| <= gradient_tolerance (a tolerance of 0
+    is exact; eigen_tolerance 0 runs Lanczos to its cap). hvp_mode: the
     Hessian product for the Lanczos blocks (reverse_over_reverse, cheaper per product on small
     models, runs column by column; forward_over_reverse, a torch.func vjp of the gradient, is
     vmap'd over the block); batched probes always use the vmap'd forward_over_reverse
@@ -127,7 +134,7 @@ class SpectrumOptions:
         if self.curvature not in CURVATURES:
             raise UnknownNameError(f"{p}.curvature", self.curvature, list(CURVATURES))
         require_int(f"{p}.max_lanczos_iterations", self.max_lanczos_iterations, 2)
-        _real(f"{p}.eigen_tolerance", self.eigen_tolerance, 0.0, 1.0)
+        _real(f"{p}.eigen_tolerance", self.eigen_tolerance, 0.0, 1.0, zero=True)
         samples = require_int(f"{p}.trace_samples", self.trace_samples, 0)
         if 0 < samples < 3:
             raise ValidationError(f"{p}.trace_samples", "0 or an integer >= 3", repr(samples))
@@ -138,9 +145,9 @@ class SpectrumOptions:
             _real(f"{p}.density_sigma", self.density_sigma, 0.0, math.inf)
         require_int(f"{p}.grid_points", self.grid_points, 2)
         require_int(f"{p}.batch_size", self.batch_size, 1)
-        _real(f"{p}.relative_tolerance", self.relative_tolerance, 0.0, 1.0)
-        _real(f"{p}.absolute_tolerance", self.absolute_tolerance, 0.0, math.inf)
-        _real(f"{p}.gradient_tolerance", self.gradient_tolerance, 0.0, math.inf)
+        _real(f"{p}.relative_tolerance", self.relative_tolerance, 0.0, 1.0, zero=True)
+        _real(f"{p}.absolute_tolerance", self.absolute_tolerance, 0.0, math.inf, zero=True)
+        _real(f"{p}.gradient_tolerance", self.gradient_tolerance, 0.0, math.inf, zero=True)
         require_int(f"{p}.seed", self.seed, 0)
         if self.hvp_mode not in HVP_MODES:
             raise UnknownNameError(f"{p}.hvp_mode", self.hvp_mode, list(HVP_MODES))
