@@ -10,6 +10,7 @@ import pytest
 import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
 from hessian_service.engine.linalg import eigenvalues_off
+from hessian_service.engine.solvers.run import end_point
 from native_support import BACKENDS
 
 F64 = torch.float64
@@ -80,3 +81,37 @@ def test_eigenvalues_off_the_gauge_in_float32(rng):
     got = eigenvalues_off(h.float(), objective.project_step).numpy()
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _verdict_from_eigenvalues(h: torch.Tensor) -> tuple[str, int]:
+    """The end-point test written out from every eigenvalue (no Cholesky shortcut)."""
+    evals = torch.linalg.eigvalsh((h + h.T) / 2)
+    scale = float(evals.abs().max())
+    tol = h.shape[0] * torch.finfo(h.dtype).eps * scale
+    lowest, highest = float(evals[0]), float(evals[-1])
+    if scale == 0:
+        verdict = "flat"
+    elif lowest > tol:
+        verdict = "minimum"
+    elif highest < -tol:
+        verdict = "maximum"
+    elif lowest < -tol and highest > tol:
+        verdict = "saddle"
+    else:
+        verdict = "flat"
+    return verdict, int((evals < -tol).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 31, 100])
+def test_the_end_point_verdict_is_the_eigenvalues_verdict_at_the_rounding_boundary(rng, n, dtype):
+    # lambda_min placed at multiples of the n eps max|lambda| bar, where a shortcut that
+    # trusted a factorisation too easily would call a semi-definite point a minimum
+    eps = torch.finfo(dtype).eps
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    for multiple in (-8, -1, -0.5, 0, 0.5, 0.9, 1.1, 2, 4, 6, 16, 1e3, 1e6):
+        spectrum = rng.uniform(0.5, 2.0, size=n) * rng.choice([1.0, 1e-3], size=n)
+        spectrum[0] = multiple * n * eps * spectrum.max()
+        h = torch.tensor((q * spectrum) @ q.T, dtype=dtype)
+        want = _verdict_from_eigenvalues(h)
+        assert end_point(h) == want, (multiple, spectrum[0], want)

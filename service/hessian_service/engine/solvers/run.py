@@ -16,7 +16,7 @@ import torch
 from ..backends.native.fused import fused_newton_step, validated_options
 from ..cancel import Cancelled, CancelToken, scope
 from ..errors import ValidationError
-from ..linalg import classify, count_negative, eigenvalues_off, symmetrise
+from ..linalg import classify, count_negative, definite_by_a_margin, off_gauge, symmetrise
 from ..objectives.base import Objective
 from ..options import MethodOptions, StopCriteria
 from ..records import Checkpoint, StepRecord, StepResult, StopReason
@@ -94,10 +94,16 @@ def end_point(
     linalg.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
     eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0.
     `project`: the objective's projection off its gauge directions (project_step), along
-    which the loss is invariant: the test is taken on the rest (linalg.eigenvalues_off),
-    where the gauge's zero eigenvalues say nothing about the point.
+    which the loss is invariant: the test is taken on the rest (linalg.off_gauge), where the
+    gauge's zero eigenvalues say nothing about the point. A Cholesky factorisation answers a
+    clear minimum (linalg.definite_by_a_margin); the eigenvalues are computed otherwise.
     """
-    evals = torch.linalg.eigvalsh(symmetrise(h)) if project is None else eigenvalues_off(h, project)
+    m, gauge = (symmetrise(h), 0) if project is None else off_gauge(h, project)
+    if m.numel() and definite_by_a_margin(m, h):
+        return "minimum", 0
+    evals = torch.linalg.eigvalsh(m)
+    if gauge:
+        evals = evals[: h.shape[0] - gauge]
     if evals.numel() == 0:
         return "flat", 0
     relative = evals.numel() * torch.finfo(h.dtype).eps
