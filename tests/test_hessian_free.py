@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -274,6 +275,30 @@ def test_auto_resolves_by_dense_budget_and_says_why():
     assert step.method == "newton_cg" and "over the" in step.method_note
     assert "dense-Hessian budget" in step.method_note and step.record.cg_iterations > 0
     assert take_step(obj, x, MethodOptions(method="newton")).method_note == ""
+
+
+@pytest.mark.parametrize(
+    "fractions",
+    [
+        {"curvature_fraction": 0.5},
+        {"gradient_fraction": 0.5},
+        {"curvature_fraction": 0.25, "gradient_fraction": 0.5},
+    ],
+)
+def test_auto_with_a_sampling_fraction_chooses_newton_cg_whatever_the_size(fractions):
+    # a dense Newton step cannot sub-sample: auto honours the fraction (it refused, naming
+    # a method newton the caller never asked for)
+    obj = _problem("least_squares", rows=30, d=10)
+    x = torch.zeros(obj.num_params, dtype=F64)
+    opts = MethodOptions(method="auto", seed=3, **fractions).validated()
+    resolved, note = resolve_method(opts, obj.num_params, F64)
+    assert resolved.method == "newton_cg"
+    for name, value in fractions.items():
+        assert getattr(resolved, name) == value and f"{name} {value:g}" in note
+    step = take_step(obj, x, opts)
+    assert step.method == "newton_cg" and step.method_note == note
+    same = take_step(obj, x, replace(opts, method="newton_cg"))
+    assert torch.equal(step.params, same.params)
 
 
 @pytest.mark.parametrize(

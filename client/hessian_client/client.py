@@ -400,8 +400,9 @@ class _Api:
     ) -> Any:
         """Queue a run from `params` (or from a server-side draw with `seed`) -> Run.
 
-        Keywords are method options (method="auto" picks newton or newton_cg by size; the
-        returned run's `info().method_note` says which and why); curvature_seed is the
+        Keywords are method options (method="auto" picks newton or newton_cg by size, and
+        newton_cg when a fraction below 1 asks for sub-sampling; the returned run's
+        `info().method_note` says which and why); curvature_seed is the
         Hessian-free sub-samples' seed (curvature rows and gradient mini-batches; method
         option `seed`). The run's final parameters come back in the shape and type of `params`.
         With `watch`, one StartAndWatchRun call starts the run and opens its stream: the

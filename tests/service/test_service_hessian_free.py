@@ -157,6 +157,23 @@ def test_auto_run_over_a_small_dense_budget_runs_newton_cg(client):
     assert all(math.isfinite(r.trust_radius) and r.trust_radius > 0 for r in stepped)
 
 
+def test_auto_run_with_a_curvature_fraction_runs_newton_cg_as_the_engine(client):
+    # small enough for dense Newton, but a fraction below 1 asks for sub-sampling
+    wire, obj = _mlp(sizes=(4, 8, 1))
+    params = obj.init_params(torch.Generator().manual_seed(5))
+    options = {"method": "auto", "curvature_fraction": 0.5}
+    run = client.start_run(
+        wire, params.numpy(), curvature_seed=11, stopping={"max_iterations": 4}, **options
+    )
+    records = list(run.stream())
+    assert run.final.method == "newton_cg" and "curvature_fraction 0.5" in run.final.method_note
+    engine = Run(obj, params, MethodOptions(seed=11, **options), StopCriteria(max_iterations=4))
+    expected = list(engine)
+    assert engine.method_note == run.final.method_note
+    for got, want in zip(records, expected, strict=True):
+        _assert_record_equal(got, want)
+
+
 def test_cli_run_with_method_auto_prints_the_choice(server, capsys):
     code = main(
         [

@@ -69,7 +69,8 @@ class MethodOptions:
 
     method: gradient_descent | newton | saddle_free | newton_cg | gauss_newton_cg (Hessian-free,
     see hessian_free.py) | auto (newton when the dense Hessian fits dense_budget_bytes, else
-    newton_cg; `resolve_method` says which and why).
+    newton_cg, and newton_cg when a fraction below 1 asks for sub-sampling; `resolve_method`
+    says which and why).
     step_policy: fixed (x <- x + lr d), line_search (Armijo backtracking from lr),
     levenberg_marquardt (Newton only; adaptive damping, Nielsen's update), trust_region
     (Hessian-free only: Steihaug-Toint); METHOD_STEP_POLICIES lists each method's. None:
@@ -199,11 +200,24 @@ def resolve_method(
 ) -> tuple[MethodOptions, str]:
     """Resolve method auto by size: newton if the dense Hessian fits the budget, else newton_cg.
 
-    Returns the (validated) options with a concrete method and a message saying what was
-    chosen and why ("" when the method was not auto).
+    A curvature_fraction or gradient_fraction below 1 asks for sub-sampling, which only the
+    Hessian-free methods do: auto then chooses newton_cg whatever the size. Returns the
+    (validated) options with a concrete method and a message saying what was chosen and why
+    ("" when the method was not auto).
     """
     if options.method != "auto":
         return options, ""
+    sampled = [
+        f"{name} {getattr(options, name):g}"
+        for name in ("curvature_fraction", "gradient_fraction")
+        if getattr(options, name) < 1
+    ]
+    if sampled:
+        message = (
+            f"method auto chose newton_cg: {' and '.join(sampled)} below 1 asks for "
+            "sub-sampling, which only the Hessian-free methods do"
+        )
+        return replace(options, method="newton_cg").validated(), message
     need = dense_hessian_bytes(num_params, dtype) if dtype is not None else 8 * num_params**2
     budget = options.dense_budget_bytes
     method = "newton" if budget is None or need <= budget else "newton_cg"

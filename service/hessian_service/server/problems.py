@@ -36,7 +36,12 @@ OBJECTIVE_FIELDS = [
 
 def problem_id(problem: problem_pb2.Problem) -> str:
     """The content address: sha256 of the deterministic serialisation (same problem, same id)."""
-    return "p-" + hashlib.sha256(problem.SerializeToString(deterministic=True)).hexdigest()[:40]
+    return blob_id(problem.SerializeToString(deterministic=True))
+
+
+def blob_id(blob: bytes) -> str:
+    """The content address of a problem's deterministic serialisation `blob`."""
+    return "p-" + hashlib.sha256(blob).hexdigest()[:40]
 
 
 def _renamed(exc: ValidationError, field: str) -> ValidationError:
@@ -218,8 +223,8 @@ class ProblemRegistry:
 
     def create(self, problem: problem_pb2.Problem, owner: str) -> tuple[str, Objective]:
         """Validate and store a problem for `owner`; return its id and objective."""
-        pid = problem_id(problem)
         blob = problem.SerializeToString(deterministic=True)
+        pid = blob_id(blob)
         if self.max_stored_bytes and len(blob) > self.max_stored_bytes:
             raise ResourceLimitError(
                 "problem",
