@@ -259,6 +259,27 @@ def test_default_parameter_tolerance_depends_on_the_method():
     )
 
 
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 2e19), (F64, 1e160)])
+def test_the_parameter_test_holds_where_the_norm_of_x_overflows(rng, dtype, scale):
+    # ||x||^2 overflows the dtype while x is finite: the test compared the step with inf and
+    # stopped a run moving by 5% of |x| a step as parameters_stalled
+    b = torch.tensor(rng.uniform(0.5, 1.0, size=3), dtype=dtype)
+    obj = make_objective("quadratic", {"A": torch.zeros(3, 3, dtype=dtype), "b": b})
+    x0 = torch.full((3,), scale, dtype=dtype)
+    lr = 0.05 * scale
+    run = Run(
+        obj,
+        x0,
+        MethodOptions(method="gradient_descent", learning_rate=lr),
+        StopCriteria(max_iterations=5, parameter_tolerance=1e-3, gradient_tolerance=0.0),
+    )
+    records = run.run_to_end()
+    assert run.stop_reason == StopReason.MAX_ITERATIONS, run.message
+    assert len(records) == 6
+    moved = ((run.params.double() - x0.double()) / scale).norm() / math.sqrt(3)
+    assert 0.1 < float(moved) < 1.0  # five steps of lr |b| against |x0| = scale sqrt(3)
+
+
 def _mlp_at_a_saddle() -> tuple[Objective, torch.Tensor]:
     """A tanh mlp at zero weights with the output bias at mean(y): the gradient is exactly 0."""
     gen = torch.Generator().manual_seed(7)

@@ -194,6 +194,27 @@ class _Operator:
             lambda a: least_squares(rosen_residuals, np.ones(65), rosen_jacobian, address=a),
             "start.capabilities",
         ),
+        (  # an option the method already sets (it raised a bare TypeError)
+            lambda a: least_squares(
+                rosen_residuals,
+                np.ones(2),
+                rosen_jacobian,
+                options={"curvature": "hessian"},
+                address=a,
+            ),
+            "options.curvature",
+        ),
+        (
+            lambda a: least_squares(
+                rosen_residuals,
+                np.ones(2),
+                rosen_jacobian,
+                method="lm",
+                options={"step_policy": "fixed"},
+                address=a,
+            ),
+            "options.step_policy",
+        ),
         (  # minimize() offers no Gauss-Newton products
             lambda a: minimize(
                 rosen,

@@ -119,6 +119,28 @@ def test_unknown_method_is_refused_before_connecting():
         minimize(rosen, [0.0, 0.0], jac=rosen_der, method="bfgs", address="127.0.0.1:1")
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("levenberg_marquardt", {"step_policy": "line_search"}),
+        ("newton", {"method": "saddle_free"}),
+        ("newton_cg", {"method": "newton"}),
+    ],
+)
+def test_an_option_the_method_sets_is_refused_naming_it_before_connecting(method, options):
+    # two values for one option: it raised a bare TypeError from the SDK's internals
+    ((key, value),) = options.items()
+    with pytest.raises(InvalidArgument) as err:
+        minimize(
+            rosen, [0.0, 0.0], jac=rosen_der, hess=rosen_hess, method=method,
+            options=options, address="127.0.0.1:1",
+        )  # fmt: skip
+    assert err.value.field == f"options.{key}"
+    assert (
+        f"method {method!r} sets {key}=" in err.value.message and repr(value) in err.value.message
+    )
+
+
 def test_minimize_imports_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"

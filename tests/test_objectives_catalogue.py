@@ -134,6 +134,30 @@ def test_logistic_loss_is_stable_for_large_logits():
     _rel_close(g[0], np.mean((sig - y.numpy()) * z))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("margin", [30.0, 200.0, 800.0, 1e4])
+def test_logistic_hessian_is_finite_and_exact_at_large_margins(rng, margin, dtype):
+    # logaddexp's second derivative overflowed to NaN past |z| ~ 710 (88 in float32) while
+    # the loss and gradient were finite: the autograd Hessian and Newton steps failed there
+    x = rng.normal(size=(12, 3))
+    x[:, 0] = np.sign(x[:, 0]) * (1.0 + np.abs(x[:, 0]))  # |margin| >= the scale below
+    y = (x[:, 0] > 0).astype(float)
+    y[:2] = 1.0 - y[:2]  # two rows on the wrong side: large positive and negative z
+    data = {"X": torch.tensor(x, dtype=dtype), "y": torch.tensor(y, dtype=dtype)}
+    obj = make_objective("logistic_regression", data, {"l2": 0.1})
+    p = torch.tensor([margin, 0.3, -0.2, 0.5], dtype=dtype)
+    h = torch.autograd.functional.hessian(obj.loss, p)
+    # float64 reference: X1^T diag(s) X1 / N + l2 on w, s = sigma(z) sigma(-z) overflow-free
+    x1 = np.hstack([x, np.ones((12, 1))])
+    z = x1 @ p.double().numpy()
+    s = np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))) ** 2
+    ref = x1.T @ (s[:, None] * x1) / 12 + np.diag([0.1, 0.1, 0.1, 0.0])
+    assert bool(torch.isfinite(h).all())
+    scale = np.abs(ref).max()
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert np.abs(h.double().numpy() - ref).max() <= tol * scale + 1e3 * np.finfo(float).tiny
+
+
 def test_logistic_float32_labels_and_default_options():
     obj = _build("logistic_regression", dtype=torch.float32)
     assert obj.dtype == torch.float32

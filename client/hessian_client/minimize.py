@@ -87,6 +87,13 @@ class _Session:
         self.method = method or "auto"
         self.callback = callback
         self.tol, self.options, self.name = tol, dict(options or {}), name
+        for key, value in self.methods[self.method].items():
+            if key in self.options:  # the method name sets it: two values for one option
+                raise invalid(
+                    f"options.{key}",
+                    f"no {key} (method {self.method!r} sets {key}={value!r})",
+                    self.options[key],
+                )
         self.counts = {"nfev": 0, "njev": 0, "nhev": 0, "round_trips": 0}
         self.seen: dict[bytes, dict[str, Any]] = {}  # values at each point asked (by bytes)
         # the iterate of the next record, and the latest point asked for its gradient: the

@@ -86,6 +86,17 @@ def _resolved(tol: float, eps: float, dtype: torch.dtype, name: str) -> tuple[fl
     return tol, ""
 
 
+def _norm(v: torch.Tensor) -> float:
+    """||v||, rescaled by max|v| where the sum of squares overflows (past 1e154 in float64,
+    1e19 in float32) while every entry is finite: an inf norm passed any test against it."""
+    norm = torch.linalg.vector_norm(v).item()
+    if norm == math.inf:
+        top = torch.linalg.vector_norm(v, math.inf).item()
+        if math.isfinite(top):
+            return top * torch.linalg.vector_norm(v / top).item()
+    return norm
+
+
 def end_point(
     h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> tuple[str, int]:
@@ -313,8 +324,8 @@ class Run:
                     + still.format(gmax)
                 )
             if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
-                dx = torch.linalg.vector_norm(point.x - previous.x).item()
-                if dx <= xtol * (torch.linalg.vector_norm(previous.x).item() + xtol):
+                dx = _norm(point.x - previous.x)
+                if dx <= xtol * (_norm(previous.x) + xtol):
                     return StopReason.PARAMETERS_STALLED, (
                         f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
                         "parameter_tolerance) " + xnote + still.format(gmax)
