@@ -8,10 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
+from hessian_service.engine import MethodOptions, Run, StopCriteria, hessian, make_objective
 from hessian_service.engine.linalg import eigenvalues_off
+from hessian_service.engine.records import StopReason
 from hessian_service.engine.solvers.run import end_point
 from native_support import BACKENDS
+from problems import CATALOGUE, random_problem
 
 F64 = torch.float64
 
@@ -115,3 +117,48 @@ def test_the_end_point_verdict_is_the_eigenvalues_verdict_at_the_rounding_bounda
         h = torch.tensor((q * spectrum) @ q.T, dtype=dtype)
         want = _verdict_from_eigenvalues(h)
         assert end_point(h) == want, (multiple, spectrum[0], want)
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+def test_objectives_declared_convex_have_positive_semi_definite_hessians(name):
+    # the declaration lets end_point read negative eigenvalues as rounding: it must hold
+    # at random points far from any minimum, and the non-convex ones must not declare it
+    objective = random_problem(name)
+    lowest = []
+    for _ in range(5):
+        params = 3.0 * torch.randn(objective.num_params, dtype=F64)
+        evals = torch.linalg.eigvalsh(hessian(objective, params))
+        lowest.append(float(evals[0]) / max(float(evals.abs().max()), 1e-300))
+    if objective.convex:
+        assert min(lowest) > -1e-12, lowest
+    elif name != "quadratic":  # random_problem's A is positive definite; others may not be
+        assert min(lowest) < -1e-6, lowest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["newton", "saddle_free"])
+def test_a_convex_run_near_its_separable_limit_is_not_called_a_saddle(backend, method):
+    # one row, no penalty: the minimum is at infinity and the softmax Hessian's entries
+    # cancel to 1e-10 with rounding of 1e-16, which counted as negative eigenvalues
+    data = {"X": torch.tensor([[0.3, -1.2, 0.8]], dtype=F64), "labels": torch.tensor([1])}
+    objective = make_objective("softmax_regression", data, {"num_classes": 3})
+    run = Run(
+        objective,
+        torch.full((12,), 0.1, dtype=F64),
+        MethodOptions(method=method, backend=backend),
+        StopCriteria(max_iterations=500),
+    )
+    last = run.run_to_end()[-1]
+    assert run.stop_reason == StopReason.GRADIENT_TOLERANCE and run.converged, run.message
+    assert last.end_point in ("minimum", "flat") and last.negative_eigenvalues == 0
+
+
+def test_end_point_reads_negative_eigenvalues_of_a_convex_objective_as_rounding(rng):
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    spectrum = np.array([-1.5e-16, 1e-19, 3e-12, 7e-11, 2e-10, 5e-10])
+    h = torch.tensor((q * spectrum) @ q.T)
+    assert end_point(h) == ("saddle", 1)
+    assert end_point(h, convex=True) == ("flat", 0)
+    spectrum[0] = 1e-11  # clearly positive definite: the same verdict either way
+    h = torch.tensor((q * spectrum) @ q.T)
+    assert end_point(h) == end_point(h, convex=True) == ("minimum", 0)

@@ -43,6 +43,9 @@ class Objective(ABC):
     # the options the server fills from its own flags (not sent by a caller, not in the proto)
     server_option_names: ClassVar[tuple[str, ...]] = ()
     supports_ggn: ClassVar[bool] = False
+    # convex in the parameters for every data and options: its Hessian is positive
+    # semi-definite everywhere, so a negative eigenvalue of the computed matrix is rounding
+    convex: ClassVar[bool] = False
     row_fields: ClassVar[tuple[str, ...]] = ()
     native_kernels: ClassVar[frozenset[str]] = frozenset()
     closed_form_system: ClassVar[bool] = False  # torch closed-form dense system (curvature/mlp)

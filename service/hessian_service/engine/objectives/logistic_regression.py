@@ -52,6 +52,7 @@ class LogisticRegression(Objective):
     data_fields = ("X", "y")
     option_names = ("l2", "fit_intercept")
     supports_ggn = True
+    convex = True
     row_fields = ("X", "y")
     native_kernels = NATIVE_KERNELS
     native_product_op = "linear_block_product"

@@ -17,6 +17,7 @@ class MSE(Objective):
     name = "mse"
     data_fields = ("target",)
     supports_ggn = True
+    convex = True
     native_kernels = NATIVE_KERNELS
     native_step_any_shape = True
 

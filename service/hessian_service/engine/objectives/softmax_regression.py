@@ -27,6 +27,7 @@ class SoftmaxRegression(Objective):
     data_fields = ("X", "labels")
     option_names = ("num_classes", "l2", "fit_intercept")
     supports_ggn = True
+    convex = True
     row_fields = ("X", "labels")
     native_kernels = NATIVE_KERNELS
     native_product_op = "softmax_block_product"

@@ -98,12 +98,17 @@ def _norm(v: torch.Tensor) -> float:
 
 
 def end_point(
-    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    h: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    convex: bool = False,
 ) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
     linalg.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
-    eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0.
+    eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0. For a
+    `convex` objective (Objective.convex) H is positive semi-definite, so every negative
+    eigenvalue is rounding (near a separable limit the entries of a softmax Hessian cancel to
+    1e-10 with absolute errors of 1e-16): minimum or flat, no negatives.
     `project`: the objective's projection off its gauge directions (project_step), along
     which the loss is invariant: the test is taken on the rest (linalg.off_gauge), where the
     gauge's zero eigenvalues say nothing about the point. A Cholesky factorisation answers a
@@ -118,6 +123,8 @@ def end_point(
     if evals.numel() == 0:
         return "flat", 0
     relative = evals.numel() * torch.finfo(h.dtype).eps
+    if convex:
+        evals = evals.clamp(min=0.0)
     verdict, _ = classify(float(evals[0]), float(evals[-1]), relative, 0.0)
     return verdict, count_negative(evals, h.dtype)
 
@@ -399,7 +406,7 @@ class Run:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     gauge = self.objective.project_step if self.objective.has_gauge else None
                     record.end_point, record.negative_eigenvalues = end_point(
-                        point.curvature, gauge
+                        point.curvature, gauge, self.objective.convex
                     )
                     self._finish(*_second_order_verdict(stop, record))
                 else:
