@@ -127,6 +127,35 @@ def test_block_lanczos_deflates_an_invariant_krylov_space_and_counts_products():
     assert tiny.top_eigenvalues == pytest.approx([2.0]) and tiny.verdict == "saddle"
 
 
+@pytest.mark.parametrize("spectrum", ["minimum", "saddle", "maximum"])
+def test_an_unconverged_lanczos_claims_only_the_saddle_its_ritz_values_prove(spectrum):
+    # a saddle whose one negative eigenvalue Lanczos has not found in 2 steps was reported
+    # a minimum; Ritz values of both signs do prove a saddle
+    n = 30
+    eigenvalues = torch.linspace(0.5, 3.0, n)
+    if spectrum == "saddle":
+        eigenvalues[0] = -0.01
+    elif spectrum == "maximum":
+        eigenvalues = -eigenvalues
+    obj = _quadratic(eigenvalues.tolist())
+    params = torch.randn(n, dtype=F64)
+    for iterations in (2, 3):
+        opts = SpectrumOptions(max_lanczos_iterations=iterations, **EIGEN_ONLY)
+        report = analyze_curvature(obj, params, opts)
+        assert not report.eigenvalues_converged
+        assert report.verdict == "" and report.verdict_reason.startswith("undetermined")
+    mixed = _quadratic([-2.0, *torch.linspace(0.5, 3.0, n - 2).tolist(), 5.0])
+    for seed in range(5):  # a Ritz value of each sign proves both signs, converged or not
+        opts = SpectrumOptions(max_lanczos_iterations=4, seed=seed, **EIGEN_ONLY)
+        report = analyze_curvature(mixed, params, opts)
+        if report.bottom_eigenvalues[0] < -1e-3 and report.top_eigenvalues[0] > 1e-3:
+            assert report.verdict == "saddle"
+        elif not report.eigenvalues_converged:
+            assert report.verdict == ""
+    full = analyze_curvature(obj, params, SpectrumOptions(max_lanczos_iterations=n, **EIGEN_ONLY))
+    assert full.eigenvalues_converged and full.verdict == spectrum
+
+
 def test_block_lanczos_never_exceeds_the_krylov_dimension_cap():
     obj = _quadratic(torch.linspace(-1, 3, 40).tolist())
     opts = SpectrumOptions(

@@ -341,7 +341,7 @@ def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         emit(result.to_dict())
         return 0
-    print(f"verdict: {result.verdict} ({result.verdict_reason})")
+    print(f"verdict: {result.verdict or 'none'} ({result.verdict_reason})")
     print(f"top eigenvalues: {', '.join(f'{v:.9g}' for v in result.top_eigenvalues)}")
     print(f"bottom eigenvalues: {', '.join(f'{v:.9g}' for v in result.bottom_eigenvalues)}")
     for label, t in (("Hutchinson", result.trace_hutchinson), ("Hutch++", result.trace_hutchpp)):

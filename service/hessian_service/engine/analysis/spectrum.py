@@ -257,8 +257,9 @@ class CurvatureReport:
     top_eigenvalues descend, bottom_eigenvalues ascend (a repeated eigenvalue appears once per
     multiplicity, up to the block size); eigen_residuals bound each one's error (Ritz residual
     norms, top then bottom); lanczos_iterations counts block steps. verdict is one of
-    VERDICTS, verdict_reason says why in words. backend: which products ran (native |
-    autograd).
+    VERDICTS, or "" (undetermined) when Lanczos did not converge and its Ritz values, which
+    lie inside the spectrum, do not prove a saddle; verdict_reason says why in words.
+    backend: which products ran (native | autograd).
     """
 
     num_params: int
@@ -507,11 +508,15 @@ def _analyze(
     verdict, reason = classify(bottom[0], top[0], opts.relative_tolerance, opts.absolute_tolerance)
     stationary = gmax <= opts.gradient_tolerance
     if not converged:
-        reason += (
-            f"; block Lanczos did not converge in {iters} block steps ({by_part['lanczos']} "
-            "products; Ritz values lie inside the "
-            "spectrum, so the true extremes may be further out)"
+        lanczos = (
+            f"block Lanczos did not converge in {iters} block steps ({by_part['lanczos']} "
+            "products; Ritz values lie inside the spectrum, so the true extremes may be "
+            "further out)"
         )
+        if verdict == "saddle":  # Ritz values of both signs prove eigenvalues of both
+            reason += "; " + lanczos
+        else:
+            verdict, reason = "", f"undetermined: {lanczos}; the Ritz values say {reason}"
     if not stationary:
         reason += (
             f"; not a stationary point (max|g| = {gmax:.3g} > {opts.gradient_tolerance:g}): "
