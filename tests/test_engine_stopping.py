@@ -26,6 +26,7 @@ from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_cu
 from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.options import METHODS, STEP_POLICIES
 from hessian_service.engine.records import StopReason
+from hessian_service.engine.solvers.run import UNCHANGED_STEPS
 from native_support import BACKENDS, F64
 from problems import NO_TOL, Saddle, breast_cancer
 from sklearn.linear_model import LogisticRegression
@@ -79,6 +80,99 @@ def test_levenberg_marquardt_below_rounding_stops_with_no_progress_on_every_back
     assert len({reason for reason, _ in outcomes}) == 1, outcomes
     losses = [loss for _, loss in outcomes]
     assert max(losses) - min(losses) <= 8 * np.finfo(np.float64).eps * min(losses), outcomes
+
+
+def _least_squares(rng) -> Objective:
+    x = torch.tensor(rng.normal(size=(20, 3)))
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=F64) + 0.1 * torch.tensor(rng.normal(size=20))
+    return make_objective("least_squares", {"X": x, "y": y})
+
+
+BELOW_ROUNDING = {**NO_TOL, "gradient_tolerance": 1e-30}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("newton", {}),
+        ("newton", {"step_policy": "fixed"}),
+        ("saddle_free", {}),
+        ("newton_cg", {}),
+        ("gauss_newton_cg", {}),
+        ("gradient_descent", {"learning_rate": 0.5}),
+    ],
+)
+def test_steps_below_the_rounding_of_x_end_no_progress_as_levenberg_marquardt(
+    rng, backend, method, extra
+):
+    # they were accepted for ever (x + d == x, or a cycle between two points one ulp apart
+    # whose losses differ in their last bit) up to max_iterations
+    for _ in range(3):
+        obj = _least_squares(rng)
+        options = MethodOptions(method=method, backend=backend, **extra)
+        run = Run(obj, torch.zeros(3, dtype=F64), options, StopCriteria(2000, **BELOW_ROUNDING))
+        records = run.run_to_end()
+        assert run.stop_reason is StopReason.NO_PROGRESS and not run.converged, run.message
+        assert "returned the parameters to one of their last" in run.message
+        assert len(records) < 2001
+        rounding = 16 * np.finfo(np.float64).eps
+        tail = records[-1 - UNCHANGED_STEPS : -1]
+        assert all(r.step_accepted and abs(r.loss_change) <= rounding * r.loss for r in tail[1:])
+        design = obj.data["X"]
+        if obj.options["fit_intercept"]:
+            design = torch.hstack([design, torch.ones(20, 1, dtype=F64)])
+        want = torch.linalg.lstsq(design, obj.data["y"].unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(run.params, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_trust_radius_whose_step_underflows_ends_no_progress(rng, method):
+    # the step was exactly 0, rejected, and the radius floored: max_iterations of nothing
+    obj = _least_squares(rng)
+    options = MethodOptions(method=method, trust_radius=1e-308)
+    run = Run(obj, torch.zeros(3, dtype=F64), options, StopCriteria(5000))
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.NO_PROGRESS and "trust radius" in run.message
+    assert len(records) == 1 and not run.converged
+    with pytest.raises(ValidationError) as err:
+        take_step(obj, torch.zeros(3, dtype=F64), options)
+    assert err.value.field == "options.trust_radius"
+
+
+@pytest.mark.parametrize("radius", [1e-100, 1e-30])
+def test_a_tiny_trust_radius_below_the_rounding_of_x_grows_and_converges(rng, radius):
+    # x + d == x while the radius doubles: the parameters repeat but the step's state does
+    # not, so this is no cycle and the run goes on to converge (the parameter test, off
+    # here, would call the first such step a stall)
+    obj = _least_squares(rng)
+    options = MethodOptions(method="newton_cg", trust_radius=radius)
+    stopping = StopCriteria(5000, gradient_tolerance=1e-8, parameter_tolerance=0.0)
+    run = Run(obj, torch.ones(3, dtype=F64), options, stopping)
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
+    assert records[0].trust_radius == radius and len(records) > 20
+
+
+def test_a_run_resumed_inside_a_run_of_unchanged_steps_stops_where_the_whole_run_does(rng):
+    obj = _least_squares(rng)
+    options = MethodOptions(method="gradient_descent", learning_rate=0.5)
+    whole = Run(obj, torch.zeros(3, dtype=F64), options, StopCriteria(2000, **BELOW_ROUNDING))
+    records = whole.run_to_end()
+    for cut in (len(records) - 3, len(records) - 2):  # after one and two unchanged steps
+        first = Run(obj, torch.zeros(3, dtype=F64), options, StopCriteria(2000, **BELOW_ROUNDING))
+        head = [record for _, record in zip(range(cut), first, strict=False)]
+        resumed = Run(
+            obj,
+            torch.zeros(3, dtype=F64),
+            options,
+            StopCriteria(2000, **BELOW_ROUNDING),
+            resume=first.checkpoint(),
+        )
+        tail = resumed.run_to_end()
+        assert head[-1].iteration == tail[0].iteration
+        assert [r.iteration for r in head[:-1] + tail] == [r.iteration for r in records]
+        assert resumed.stop_reason is StopReason.NO_PROGRESS
 
 
 # 2. a tolerance of 0 disables its test

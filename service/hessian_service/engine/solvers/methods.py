@@ -19,7 +19,7 @@ import torch
 
 from ..backends import selector as backends
 from ..curvature import autograd as curvature
-from ..errors import EvaluationError
+from ..errors import EvaluationError, ValidationError
 from ..linalg import SolveResult, below_rounding, negative_eigenvalues, sufficient_decrease
 from ..objectives.base import Objective
 from ..options import (
@@ -60,14 +60,45 @@ class RoundingStall(Exception):
 
 class NoProgress(Exception):
     """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap):
-    `damping` is past `cap`."""
+    `damping` is past `cap`. `refusal()`: the same as a unary step's answer, naming the
+    option that got there."""
 
     def __init__(self, damping: float, cap: float) -> None:
-        self.damping, self.cap = damping, cap
+        self.damping: float | None = damping
+        self.cap = cap
         super().__init__(
             "no further progress possible at machine precision: the Levenberg-Marquardt "
             f"damping {damping:.3g} is past max(max|diag H|, 1) / eps = {cap:.3g}, where a "
             "damped step is below the rounding of the parameters (any trial would be rejected)"
+        )
+
+    def refusal(self) -> ValidationError:
+        return ValidationError(
+            "options.damping",
+            f"a Levenberg-Marquardt damping <= max(max|diag H|, 1) / eps = {self.cap:.3g} at "
+            "params (past it the damped step is below the rounding of params)",
+            f"{self.damping:.3g}",
+        )
+
+
+class RadiusUnderflow(NoProgress):
+    """A trust-region step of exactly 0 from a nonzero gradient: the radius is so small that
+    the step underflows, and a rejection only shrinks it further."""
+
+    def __init__(self, radius: float) -> None:
+        Exception.__init__(
+            self,
+            f"no further progress possible at machine precision: the trust radius "
+            f"{radius:.3g} gives a step of exactly 0 from a nonzero gradient (any trial would "
+            "be rejected, and the radius only shrinks)",
+        )
+        self.damping, self.radius = None, radius
+
+    def refusal(self) -> ValidationError:
+        return ValidationError(
+            "options.trust_radius",
+            "a radius whose step from params is not 0 (it underflowed)",
+            f"{self.radius:.3g}",
         )
 
 
@@ -554,9 +585,12 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         point.sample,
     )
     cg = tr.cg
+    step_norm = float(cg.direction.norm())
+    if not tr.accepted and step_norm == 0 and point.grad_norms[1] > 0:
+        raise RadiusUnderflow(tr.trust_radius)
     return Step(
         x_new=tr.x_new,
-        step_norm=float(cg.direction.norm()),
+        step_norm=step_norm,
         step_size=1.0,
         damping=tr.damping,
         gain_ratio=tr.gain_ratio,

@@ -7,6 +7,7 @@ limit takes effect between iterations and the final record is the point the run 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +17,34 @@ import torch
 from ..backends.native.fused import fused_newton_step, validated_options
 from ..cancel import Cancelled, CancelToken, scope
 from ..errors import ValidationError
-from ..linalg import classify, count_negative, definite_by_a_margin, off_gauge, symmetrise
+from ..linalg import (
+    ROUNDING_ULPS,
+    classify,
+    count_negative,
+    definite_by_a_margin,
+    off_gauge,
+    symmetrise,
+)
 from ..objectives.base import Objective
 from ..options import MethodOptions, StopCriteria
 from ..records import Checkpoint, StepRecord, StepResult, StopReason
 from .methods import LineSearchFailed, NoProgress, Point, RoundingStall, Step, Stepper
+
+# accepted steps in a row that return x, and the step's state (damping, trust radius), to
+# one of their last RECENT values (bit for bit, the loss within its rounding: a step below
+# the rounding of x, or a cycle among neighbours in the last bits) before a run whose
+# gradient test is on ends no_progress: a deterministic step from the same x and state
+# repeats itself; a state that still moves (a radius growing from a tiny start) is no cycle
+UNCHANGED_STEPS = 3
+RECENT = 8
+RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
+
+
+def _digest(x: torch.Tensor, state: dict[str, float]) -> float:
+    """A 48-bit digest of x's bytes and the step's state, exact as a float (checkpoint state
+    holds floats)."""
+    raw = x.detach().cpu().contiguous().numpy().tobytes() + repr(sorted(state.items())).encode()
+    return float(int.from_bytes(hashlib.blake2b(raw, digest_size=6).digest(), "big"))
 
 
 def _record(
@@ -169,12 +193,7 @@ def _take_step(
             "options.step_policy", "a descent step from params", str(exc)
         ) from exc
     except NoProgress as exc:
-        raise ValidationError(
-            "options.damping",
-            f"a Levenberg-Marquardt damping <= max(max|diag H|, 1) / eps = {exc.cap:.3g} at "
-            "params (past it the damped step is below the rounding of params)",
-            f"{exc.damping:.3g}",
-        ) from exc
+        raise exc.refusal() from exc
     except (FloatingPointError, torch.linalg.LinAlgError) as exc:  # the curvature overflowed
         raise ValidationError("params", "a point where the step's solve works", str(exc)) from exc
     record = _record(0, point, None, stepper.backend_label, step)
@@ -221,6 +240,8 @@ class Run:
         self.params = objective.check_params(params)
         self.start_iteration = 0
         self._previous_loss: float | None = None
+        self._unchanged = 0  # accepted steps in a row back to a recent x (UNCHANGED_STEPS)
+        self._recent: list[float] = []  # digests of the last RECENT x, the loss staying put
         # an objective evaluated elsewhere (asktell.RemoteObjective) brings its own Stepper
         stepper_class = getattr(objective, "stepper_class", Stepper)
         self.stepper = stepper_class(objective, self.options, self.params, reuse_trials=True)
@@ -231,12 +252,15 @@ class Run:
         dtype, stopping = self.params.dtype, self.stopping
         self._ftol = _resolved(stopping.function_tolerance, eps, dtype, "function_tolerance")
         self._xtol = _resolved(stopping.parameter_tolerance, eps, dtype, "parameter_tolerance")
+        self._loss_rounding = ROUNDING_ULPS * eps
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
             state = dict(resume.state)
             previous = state.pop("previous_loss", math.nan)
             self._previous_loss = None if math.isnan(previous) else previous
+            self._unchanged = int(state.pop("unchanged_steps", 0))
+            self._recent = [state.pop(key) for key in RECENT_KEYS if key in state]
             self.stepper.state.update(state)
         self.stop_reason: StopReason | None = None
         self.message = ""
@@ -289,6 +313,9 @@ class Run:
     def _state(self, previous_loss: float | None) -> dict[str, float]:
         state = dict(self.stepper.state)
         state["previous_loss"] = math.nan if previous_loss is None else previous_loss
+        if self._unchanged:
+            state["unchanged_steps"] = float(self._unchanged)
+        state.update(zip(RECENT_KEYS, self._recent, strict=False))
         return state
 
     @property
@@ -337,11 +364,34 @@ class Run:
                         f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
                         "parameter_tolerance) " + xnote + still.format(gmax)
                     )
+        if self._unchanged >= UNCHANGED_STEPS and s.gradient_tolerance > 0:
+            # the gradient test can no longer be met (with every test off, the caller asked
+            # for max_iterations steps, and gets them)
+            return StopReason.NO_PROGRESS, (
+                f"no further progress possible at machine precision: the last "
+                f"{self._unchanged} accepted steps returned the parameters to one of their last "
+                f"{RECENT} values (steps below their rounding; the loss changed within its "
+                f"own), while the gradient max-norm {gmax:.3g} > gradient_tolerance"
+            )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
         if s.time_limit_seconds is not None and elapsed >= s.time_limit_seconds:
             return StopReason.TIME_LIMIT, f"ran {elapsed:.3g} s >= time_limit_seconds"
         return None
+
+    def _note_unchanged(self, point: Point, before: dict[str, float], new_point: Point) -> None:
+        """Count an accepted step that brings x back to one of its last RECENT values (the
+        loss changed within its rounding, a float compare first: the digests are taken only
+        then; steps may cycle among points whose losses differ in the last bits)."""
+        if abs(new_point.loss - point.loss) > self._loss_rounding * abs(point.loss):
+            self._unchanged, self._recent = 0, []
+            return
+        state = self.stepper.state  # as the next step will find it
+        if not self._recent:
+            self._recent = [_digest(point.x, before)]
+        new = _digest(new_point.x, state)
+        self._unchanged = self._unchanged + 1 if new in self._recent else 0
+        self._recent = [*self._recent[1 - RECENT :], new]
 
     def _iterate(self) -> Iterator[StepRecord]:
         repeat = self._moved_after is not None  # the checkpoint's iteration: tested already
@@ -365,6 +415,7 @@ class Run:
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
                 try:
+                    before = self.stepper.state.copy()
                     step = self.stepper.step(point)
                 except RoundingStall as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
@@ -416,6 +467,7 @@ class Run:
             yield record
             previous_loss = point.loss
             if new_point is not None:
+                self._note_unchanged(point, before, new_point)
                 previous, point = point, new_point
                 self.params = point.x
             else:
