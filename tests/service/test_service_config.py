@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +34,66 @@ def test_bad_settings_name_the_flag():
         ServerConfig.from_args(["--max-concurrent-runs", "0"], {})
     with pytest.raises(ValueError, match="--default-backend"):
         ServerConfig.from_args([], {"HESSIAN_DEFAULT_BACKEND": "gpu"})
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-message-bytes", "2147483648", "--max-message-bytes must be at most 2147483647"),
+        ("--metrics-port", "70000", "--metrics-port must be at most 65535"),
+        ("--log-level", "FOO", "--log-level must be one of DEBUG, INFO, WARNING, ERROR"),
+        ("--intra-op-threads", "1000000", "--intra-op-threads must be at most 1024"),
+        ("--workers", "100000", "--workers must be at most 1024"),
+        ("--max-params", str(10**20), "--max-params must be at most 9223372036854775807"),
+        ("--max-stored-runs", str(2**63), "--max-stored-runs must be at most"),
+        ("--address", "127.0.0.1:99999", "--address must be host:port with a port in 0-65535"),
+        ("--address", "127.0.0.1:-5", "--address must be host:port"),
+        ("--address", "127.0.0.1", "--address must be host:port"),
+        ("--address", ":50051", "--address must be host:port"),
+    ],
+)
+def test_values_the_server_could_not_run_with_are_refused_at_start(flag, value, message):
+    # they crashed the start with a traceback (gRPC's C int, the metrics bind, logging's
+    # level), segfaulted (a million torch threads), listened on another port (99999 wraps,
+    # no port is 443), or started a server whose GetServerInfo failed (past int64)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerConfig.from_args([flag, value], {})
+    var = "HESSIAN_" + flag.removeprefix("--").upper().replace("-", "_")
+    with pytest.raises(ValueError, match=re.escape(f"(from {var}=")):
+        ServerConfig.from_args([], {var: value})
+
+
+def test_the_largest_values_the_server_runs_with_are_accepted():
+    config = ServerConfig.from_args(
+        ["--max-message-bytes", "2147483647", "--metrics-port", "65535", "--log-level",
+         "debug", "--address", "[::1]:0", "--max-params", str(2**63 - 1)], {}
+    )  # fmt: skip
+    assert config.max_message_bytes == 2**31 - 1 and config.address == "[::1]:0"
+
+
+def test_a_refused_start_exits_2_with_the_message_and_no_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--metrics-port", "70000",
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == "hessian-server: --metrics-port must be at most 65535"
+
+
+def test_a_metrics_port_in_use_is_refused_naming_the_flag_not_the_store(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "hessian_service.server", "--metrics-port", str(port),
+             "--address", "127.0.0.1:0", "--data-dir", str(tmp_path), "--log-format", "text"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert f"--metrics-port {port}: cannot serve metrics on 127.0.0.1" in done.stderr
+    assert "cannot open the run store" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(

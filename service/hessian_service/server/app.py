@@ -254,7 +254,10 @@ def build_server(
         i if isinstance(i, grpc.aio.ServerInterceptor) else _SyncInterceptor(i)
         for i in interceptors
     ]
+    metrics_port = 0
     try:
+        if metrics is not None:
+            metrics_port = _serve_metrics(config, metrics, store, runs)
         if config.run_processes:  # spawned last: a failed start leaves no child behind
             every = config.checkpoint_every
             runs.processes = WorkerPool(
@@ -269,19 +272,13 @@ def build_server(
         )
     except BaseException:
         events.close()
+        if metrics is not None:
+            metrics.close()
         if leases is not None:
             leases.close()
         if runs.processes is not None:
             runs.processes.close()
         raise
-    metrics_port = 0
-    if metrics is not None:
-        metrics.watch_runs(runs.queue_depth, runs.active_count)
-        metrics.watch_store(store.count_runs_by_status)
-        available, _ = native_status()
-        default = requested_backend(config.default_backend)
-        metrics.backend.labels(default, str(available).lower()).set(1)
-        metrics_port = metrics.serve(config.host, config.metrics_port)
     return ServerHandle(
         config,
         server,
@@ -295,6 +292,25 @@ def build_server(
         leases,
         drain,
     )
+
+
+def _serve_metrics(
+    config: ServerConfig, metrics: Metrics, store: RunStore, runs: RunManager
+) -> int:
+    """Start /metrics on --metrics-port; returns the port bound. One that cannot be bound is
+    refused naming the flag (it was reported as the run store failing to open)."""
+    metrics.watch_runs(runs.queue_depth, runs.active_count)
+    metrics.watch_store(store.count_runs_by_status)
+    available, _ = native_status()
+    default = requested_backend(config.default_backend)
+    metrics.backend.labels(default, str(available).lower()).set(1)
+    try:
+        return metrics.serve(config.host, config.metrics_port)
+    except OSError as exc:
+        raise ValueError(
+            f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host} "
+            f"({exc})"
+        ) from None
 
 
 def _keep_leases(

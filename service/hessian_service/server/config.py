@@ -20,6 +20,10 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 KIND_NAMES = {int: "an integer", float: "a number"}
 LOOPBACK_HOSTS = ("localhost", "::1")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+INT64_MAX = 2**63 - 1  # the wire's int64 (ServerInfo reports the limits)
+GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
+MAX_THREADS = 1024  # workers, RPC threads and torch threads: more is a typo, not a machine
 
 
 def is_loopback(host: str) -> bool:
@@ -79,6 +83,21 @@ class ServerConfig:
 
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is int and value > INT64_MAX:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be at most {INT64_MAX}")
+        for name, most in (
+            ("max_message_bytes", GRPC_INT_MAX),
+            ("metrics_port", 65535),
+            ("workers", MAX_THREADS),
+            ("rpc_threads", MAX_THREADS),
+            ("max_optimize_runs", MAX_THREADS),
+            ("intra_op_threads", MAX_THREADS),
+        ):
+            if getattr(self, name) > most:
+                raise ValueError(f"--{name.replace('_', '-')} must be at most {most}")
+        self._check_address()
         for name in (
             "workers",
             "rpc_threads",
@@ -131,6 +150,8 @@ class ServerConfig:
             )
         if self.log_format not in ("json", "text"):
             raise ValueError("--log-format must be json or text")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.store and not self.store.startswith(("postgresql://", "postgres://")):
             raise ValueError(
                 "--store must be empty (SQLite under --data-dir) or a postgresql:// DSN"
@@ -156,6 +177,15 @@ class ServerConfig:
                 "--auth-token-file, bind to 127.0.0.1, or pass --allow-unauthenticated-remote"
             )
         return self
+
+    def _check_address(self) -> None:
+        """--address is host:port with a port in 0-65535 (0: one the system picks); gRPC
+        would otherwise wrap a port past 65535, or default a missing one to 443."""
+        host, colon, port = self.address.rpartition(":")
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"--address must be host:port with a port in 0-65535, got {self.address!r}"
+            )
 
     @property
     def host(self) -> str:
