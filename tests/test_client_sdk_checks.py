@@ -393,3 +393,28 @@ def test_aio_run_result_params_have_the_shape_sent(address, rng):
     params = asyncio.run(go())
     assert params.shape == (2, 5)
     np.testing.assert_allclose(params, target, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "expected"),
+    [
+        (lambda c: c.start_run(_ROSEN, [0.0, 0.0], stopping={"max_iterations": "ten"}),
+         "stopping.max_iterations", "an integer"),
+        (lambda c: c.start_run(_ROSEN, [0.0, 0.0], stopping={"max_iterations": 2**70}),
+         "stopping.max_iterations", "an integer"),
+        (lambda c: c.newton_step(_ROSEN, [0.0, 0.0], learning_rate="abc"),
+         "options.learning_rate", "a number"),
+        (lambda c: c.start_run(_ROSEN, [0.0, 0.0], curvature_seed=1.5), "options.seed",
+         "an integer"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_is_invalid_argument_naming_it_before_sending(
+    call, field, expected
+):
+    # protobuf's TypeError escaped ("'str' object cannot be interpreted as an integer")
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        call(client)
+    assert err.value.field == field and f"expected {expected}" in err.value.message
+
+
+_ROSEN = problems.rosenbrock(dim=2)

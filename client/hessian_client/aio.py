@@ -86,9 +86,10 @@ class Client(_Api):
         return _watched(self._run, call, None if first is aio.EOF else first, like)
 
     async def list_runs(
-        self, status: Sequence[str] = (), page_size: int = 50
+        self, status: str | Sequence[str] = (), page_size: int = 50
     ) -> AsyncIterator[RunInfo]:
-        """Every run, newest first, filtered by status names; pages are fetched as needed."""
+        """Every run, newest first, filtered by a status name or several; pages are fetched
+        as needed."""
         token = ""
         while True:
             response = await self.call("ListRuns", self._list_request(status, page_size, token))

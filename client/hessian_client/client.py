@@ -442,10 +442,10 @@ class _Api:
         return self._unary("GetRun", request, _DEFAULT, RunInfo.from_wire)
 
     @staticmethod
-    def _list_request(status: Sequence[str], page_size: int, token: str) -> Any:
+    def _list_request(status: str | Sequence[str], page_size: int, token: str) -> Any:
         values = []
-        for s in status:
-            if s.upper() not in STATUSES:
+        for s in (status,) if isinstance(status, str) else status:  # one name, or several
+            if not isinstance(s, str) or s.upper() not in STATUSES:
                 raise invalid("status", f"one of {STATUSES}", s)
             values.append(service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()))
         return service_pb2.ListRunsRequest(page_size=page_size, page_token=token, status=values)
@@ -536,8 +536,9 @@ class Client(_Api):
             raise from_rpc_error(exc) from None
         return _watched(self._run, call, first, like)
 
-    def list_runs(self, status: Sequence[str] = (), page_size: int = 50) -> Iterator[RunInfo]:
-        """Every run, newest first, filtered by status names; pages are fetched as needed."""
+    def list_runs(self, status: str | Sequence[str] = (), page_size: int = 50) -> Iterator[RunInfo]:
+        """Every run, newest first, filtered by a status name or several; pages are fetched
+        as needed."""
         token = ""
         while True:
             response = self.call("ListRuns", self._list_request(status, page_size, token))

@@ -7,6 +7,7 @@ record of a normal run that other clients can watch. No torch needed.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from collections.abc import Callable
 from typing import Any
@@ -253,6 +254,19 @@ def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:
     return error
 
 
+def _left_interrupted(exc: Exception, session: _Session) -> None:
+    """Give an error raised on this side of the stream the run id, as a broken stream's has:
+    the run is INTERRUPTED at its last checkpoint, and resume=run_id continues it."""
+    if not session.run_id:
+        return
+    with contextlib.suppress(AttributeError):  # an exception type that takes no attributes
+        exc.run_id = session.run_id  # type: ignore[attr-defined]
+    exc.add_note(
+        f"run {session.run_id} is INTERRUPTED at its last checkpoint; "
+        f"resume={session.run_id!r} continues it"
+    )
+
+
 def minimize(
     fun: Callable[..., Any],
     x0: Any,
@@ -303,6 +317,9 @@ def drive(session: _Session, resume: str | None, address: str | None, token: str
                     outgoing.put(reply)
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
+        except Exception as exc:  # the caller's functions, or a reply the SDK refused
+            _left_interrupted(exc, session)
+            raise
         finally:
             outgoing.put(None)
     return session.result()
@@ -346,4 +363,7 @@ async def drive_async(
             await call.done_writing()
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
+        except Exception as exc:  # the caller's functions, or a reply the SDK refused
+            _left_interrupted(exc, session)
+            raise
     return session.result()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from .errors import invalid
@@ -72,8 +72,26 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
         fd = known.get(key)
         if fd is None:
             raise invalid(field, f"{what}, one of {list(known)}", key)
-        setattr(msg, key, enum_value(key, value, message) if fd.enum_type else value)
+        if fd.enum_type:
+            setattr(msg, key, enum_value(key, value, message))
+            continue
+        try:
+            setattr(msg, key, value)
+        except (TypeError, ValueError):  # protobuf's own words name no field
+            raise invalid(
+                f"{field}.{key}", _KINDS.get(fd.cpp_type, "a value of its type"), value
+            ) from None
     return msg
+
+
+_KINDS = {
+    FieldDescriptor.CPPTYPE_INT64: "an integer",
+    FieldDescriptor.CPPTYPE_INT32: "an integer",
+    FieldDescriptor.CPPTYPE_DOUBLE: "a number",
+    FieldDescriptor.CPPTYPE_FLOAT: "a number",
+    FieldDescriptor.CPPTYPE_BOOL: "a bool",
+    FieldDescriptor.CPPTYPE_STRING: "a string",
+}
 
 
 def method_options(**values: Any) -> optimize_pb2.MethodOptions:

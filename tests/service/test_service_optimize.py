@@ -130,6 +130,33 @@ def test_relay_cut_twice_resumes_to_the_uninterrupted_records(address):
     assert res.run_status == "FINISHED" and res.success
 
 
+@pytest.mark.parametrize("fault", ["raises", "bad_jac_shape"])
+def test_an_error_on_the_callers_side_names_the_run_it_leaves_resumable(address, fault):
+    # the caller's function raising, or a gradient the SDK refuses before sending, broke the
+    # stream with an error that had no run_id: the INTERRUPTED run could not be found
+    plain = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, method="newton", address=address)
+    calls = {"n": 0}
+
+    def jac(x):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            if fault == "raises":
+                raise ZeroDivisionError("the caller's own bug")
+            return rosen_der(x)[:-1]
+        return rosen_der(x)
+
+    expected = ZeroDivisionError if fault == "raises" else HessianError
+    with pytest.raises(expected) as err:
+        minimize(rosen, X0, jac=jac, hess=rosen_hess, method="newton", address=address)
+    run_id = err.value.run_id
+    assert run_id and any(run_id in note for note in err.value.__notes__)
+    assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
+    res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, method="newton",
+                   address=address, resume=run_id)  # fmt: skip
+    assert res.run_id == run_id and res.run_status == "FINISHED"
+    np.testing.assert_array_equal(res.x, plain.x)
+
+
 def test_a_cut_least_squares_run_resumes_with_its_gauss_newton_products(address):
     """A gauss_newton_cg run cut mid-run through the relay resumes under the same id (its
     Gauss-Newton capability restored from the stored declaration) to the records of an

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import hold_record, start_server
-from hessian_client import Client, NotFound, ResourceExhausted, problems, status_name
+from hessian_client import (
+    Client,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    problems,
+    status_name,
+)
 from hessian_client.proto import service_pb2
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
 from hessian_service.engine.solvers.methods import Stepper
@@ -162,6 +169,13 @@ def test_run_result_get_list_and_delete(client):
     assert all(status_name(i) == "FINISHED" for i in finished)
     created = [i.created_at for i in finished]
     assert created == sorted(created, reverse=True)
+    # one name as a string, any case (it was iterated letter by letter: "got 'F'")
+    again = list(client.list_runs(status="finished", page_size=2))
+    assert run.id in [i.run_id for i in again]
+    assert all(status_name(i) == "FINISHED" for i in again)
+    with pytest.raises(InvalidArgument) as err:
+        list(client.list_runs(status=["FINISHED", 3]))
+    assert err.value.field == "status"
     assert client.delete_run(run.id)
     with pytest.raises(NotFound, match="run_id"):
         client.get_run(run.id)
