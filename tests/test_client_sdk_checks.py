@@ -102,6 +102,14 @@ def test_cli_option_of_the_wrong_type_names_its_key(logreg, capsys):
     assert "--option" in err and "l2: expected a real number, got 'abc'" in err
 
 
+def test_cli_option_the_objective_does_not_have_is_named_with_the_ones_it_has(logreg, capsys):
+    # it said "logistic_regression() got an unexpected keyword argument 'nonsense'"
+    tmp, _, _ = logreg
+    err = _cli_error(capsys, "--data", str(tmp / "logreg.npz"), "--option", "nonsense=1")
+    assert "bad --option for logistic_regression: 'nonsense' is none of its names" in err
+    assert "['X', 'y', 'l2', 'fit_intercept']" in err and "keyword argument" not in err
+
+
 def test_cli_data_array_of_the_wrong_dtype_names_it(tmp_path, rng, capsys):
     X = rng.normal(size=(10, 2))
     np.savez(tmp_path / "b.npz", X=X > 0, y=np.ones(10))

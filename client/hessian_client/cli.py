@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import inspect
 import json
 import os
 import queue
@@ -137,8 +138,15 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
             return problems.exported_archive(program, data, **options)
         except (TypeError, ValueError) as exc:
             raise _builder_error(exc, "the --exported program", options) from None
+    builder = getattr(problems, args.objective)
+    takes = inspect.signature(builder).parameters
+    unknown = sorted(set(options) - set(takes) - set(data))
+    if unknown:  # named here: Python's TypeError names the builder function, not the flag
+        raise UsageError(
+            f"bad --option for {args.objective}: {unknown[0]!r} is none of its names {list(takes)}"
+        )
     try:
-        return getattr(problems, args.objective)(**data, **options)
+        return builder(**data, **options)
     except (TypeError, ValueError) as exc:
         raise _builder_error(exc, args.objective, options) from None
 

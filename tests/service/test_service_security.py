@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hessian_client import Client, Unauthenticated, Unavailable, problems
 from hessian_client.cli import main as cli_main
 from hessian_client.proto import service_pb2
-from hessian_service.server import ServerConfig
+from hessian_service.server import ServerConfig, build_server
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
 TOKENS = ("s3cret-token-one", "another-token-2")
@@ -135,6 +135,28 @@ def certs(tmp_path_factory) -> pathlib.Path:
     _openssl("req", "-x509", *ec, "-keyout", "other.key", "-out", "other-ca.pem", "-days", "1",
              "-subj", "/CN=some other CA", cwd=d)  # fmt: skip
     return d
+
+
+@pytest.mark.parametrize(
+    ("cert", "key"),
+    [("server.pem", "other.key"), ("server.csr", "server.key"), ("san.ext", "san.ext")],
+)
+def test_a_certificate_and_key_that_do_not_make_a_tls_identity_are_refused_naming_both(
+    tmp_path, certs, cert, key
+):
+    # gRPC took any bytes and failed later as "Failed to bind to address"
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        auth_token_file=str(_token_file(tmp_path)),
+        tls_cert=str(certs / cert),
+        tls_key=str(certs / key),
+    )
+    with pytest.raises(ValueError) as err:
+        build_server(config)
+    message = str(err.value)
+    assert message.startswith(f"--tls-cert {certs / cert} and --tls-key {certs / key}: ")
+    assert "expected a PEM certificate chain and its unencrypted private key" in message
 
 
 def test_tls_with_a_ca_file_and_a_token(tmp_path, certs):

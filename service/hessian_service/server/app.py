@@ -20,6 +20,7 @@ import pathlib
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -372,6 +373,15 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
             pems.append(pathlib.Path(path).read_bytes())
         except OSError as exc:
             raise ValueError(f"{flag} {path}: cannot read it ({exc})") from None
+    try:  # gRPC takes any bytes here and fails later, as "Failed to bind to address"
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            config.tls_cert, config.tls_key, password=b""
+        )
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"--tls-cert {config.tls_cert} and --tls-key {config.tls_key}: expected a PEM "
+            f"certificate chain and its unencrypted private key ({exc.reason or exc})"
+        ) from None
     return grpc.ssl_server_credentials([(pems[0], pems[1])])
 
 
