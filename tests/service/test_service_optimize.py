@@ -390,7 +390,13 @@ def test_resume_run_refuses_an_optimize_run_naming_the_way(address):
             time.sleep(0.1)
         with pytest.raises(HessianError, match="resume_run_id") as err:
             client.resume_run(run_id)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        # a finished one is refused as any finished run is, not pointed at Optimize
+        done = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address)
+        with pytest.raises(HessianError) as err:
+            client.resume_run(done.run_id)
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.message.endswith(f"run {done.run_id} is FINISHED, not INTERRUPTED")
 
 
 def test_a_reply_to_nothing_pending_fails_the_run(address):

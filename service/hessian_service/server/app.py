@@ -309,8 +309,7 @@ def _serve_metrics(
         return metrics.serve(config.host, config.metrics_port)
     except OSError as exc:
         raise ValueError(
-            f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host} "
-            f"({exc})"
+            f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host} ({exc})"
         ) from None
 
 

@@ -456,6 +456,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
         if "remote" in row.spec:  # its objective lives in a caller's process
+            if row.status != RunStatus.INTERRUPTED:  # the same refusal as any other run's
+                raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
             raise ConflictError(
                 "run_id",
                 f"run {row.run_id} is an Optimize run: resume it by opening Optimize with "
