@@ -126,6 +126,17 @@ def test_steps_below_the_rounding_of_x_end_no_progress_as_levenberg_marquardt(
         assert torch.allclose(run.params, want, rtol=1e-12, atol=1e-12)
 
 
+def test_a_cycle_of_full_sized_steps_is_not_called_a_rounding_stall(rng):
+    # lr = n on mean(x^2) maps x to -x: a cycle, but of steps twice |x|, not rounding
+    x0 = torch.tensor(rng.normal(size=4))
+    obj = make_objective("mse", {"target": torch.zeros(4, dtype=F64)})
+    options = MethodOptions(method="gradient_descent", learning_rate=4.0, step_policy="fixed")
+    run = Run(obj, x0, options, StopCriteria(max_iterations=30))
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.MAX_ITERATIONS and len(records) == 31
+    assert torch.equal(run.params, x0)  # an even number of flips
+
+
 @pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
 def test_a_trust_radius_whose_step_underflows_ends_no_progress(rng, method):
     # the step was exactly 0, rejected, and the radius floored: max_iterations of nothing

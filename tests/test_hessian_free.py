@@ -301,6 +301,18 @@ def test_auto_with_a_sampling_fraction_chooses_newton_cg_whatever_the_size(fract
     assert torch.equal(step.params, same.params)
 
 
+def test_a_refusal_of_the_method_auto_chose_says_auto_chose_it():
+    options = MethodOptions(
+        method="auto", step_policy="levenberg_marquardt", curvature_fraction=0.5
+    )
+    with pytest.raises(ValidationError) as err:
+        resolve_method(options, 10, F64)
+    assert err.value.field == "options.step_policy"
+    assert str(err.value).endswith("(method auto chose newton_cg: curvature_fraction 0.5 below "
+                                   "1 asks for sub-sampling, which only the Hessian-free methods "
+                                   "do)")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "options,field",
     [

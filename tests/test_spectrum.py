@@ -20,6 +20,7 @@ from hessian_service.engine.analysis.spectrum import (
     hutchpp_trace,
 )
 from hessian_service.engine.curvature.products import hessian_product
+from hessian_service.engine.linalg import classify
 
 F64 = torch.float64
 EIGEN_ONLY = {"trace_samples": 0, "density_probes": 0}
@@ -154,6 +155,21 @@ def test_an_unconverged_lanczos_claims_only_the_saddle_its_ritz_values_prove(spe
             assert report.verdict == ""
     full = analyze_curvature(obj, params, SpectrumOptions(max_lanczos_iterations=n, **EIGEN_ONLY))
     assert full.eigenvalues_converged and full.verdict == spectrum
+
+
+def test_an_unconverged_saddle_must_clear_the_zero_band_of_its_widened_ritz_values(rng):
+    # the true extremes (-4.97, 10) are "flat" under relative_tolerance 0.5, but Ritz values
+    # (-4.93, 9.66) cleared the band of the underestimated top and were called a saddle
+    n = 300
+    spectrum = [-4.97, *rng.uniform(0.0, 10.0, n - 2).tolist(), 10.0]
+    obj = _quadratic(spectrum)
+    assert classify(-4.97, 10.0, 0.5, 1e-10)[0] == "flat"
+    for iterations in range(12, 40, 3):
+        opts = SpectrumOptions(
+            max_lanczos_iterations=iterations, relative_tolerance=0.5, seed=0, **EIGEN_ONLY
+        )
+        report = analyze_curvature(obj, torch.zeros(n, dtype=F64), opts)
+        assert report.verdict in ("", "flat"), (iterations, report.verdict_reason)
 
 
 def test_block_lanczos_never_exceeds_the_krylov_dimension_cap():

@@ -78,9 +78,10 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
         try:
             setattr(msg, key, value)
         except (TypeError, ValueError):  # protobuf's own words name no field
-            raise invalid(
-                f"{field}.{key}", _KINDS.get(fd.cpp_type, "a value of its type"), value
-            ) from None
+            kind = _KINDS.get(fd.cpp_type, "a value of its type")
+            if isinstance(value, int) and kind == "an integer":  # an int past the wire's
+                kind = f"an integer in [{-(2**63)}, {2**63 - 1}]"
+            raise invalid(f"{field}.{key}", kind, value) from None
     return msg
 
 

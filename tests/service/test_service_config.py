@@ -41,7 +41,7 @@ def test_bad_settings_name_the_flag():
     [
         ("--max-message-bytes", "2147483648", "--max-message-bytes must be at most 2147483647"),
         ("--metrics-port", "70000", "--metrics-port must be at most 65535"),
-        ("--log-level", "FOO", "--log-level must be one of DEBUG, INFO, WARNING, ERROR"),
+        ("--log-level", "FOO", "--log-level must be one of CRITICAL, FATAL, ERROR, WARN"),
         ("--intra-op-threads", "1000000", "--intra-op-threads must be at most 1024"),
         ("--workers", "100000", "--workers must be at most 1024"),
         ("--max-params", str(10**20), "--max-params must be at most 9223372036854775807"),
@@ -69,6 +69,11 @@ def test_the_largest_values_the_server_runs_with_are_accepted():
          "debug", "--address", "[::1]:0", "--max-params", str(2**63 - 1)], {}
     )  # fmt: skip
     assert config.max_message_bytes == 2**31 - 1 and config.address == "[::1]:0"
+    for level in ("warn", "fatal", "notset", "Warning"):  # every name logging knows
+        assert ServerConfig.from_args(["--log-level", level], {}).log_level == level
+    for address in ("unix:/tmp/hessian.sock", "unix-abstract:hessian", "localhost:0"):
+        flags = ["--address", address, "--allow-unauthenticated-remote"]
+        assert ServerConfig.from_args(flags, {}).address == address
 
 
 def test_a_refused_start_exits_2_with_the_message_and_no_traceback(tmp_path):

@@ -217,7 +217,7 @@ def resolve_method(
             f"method auto chose newton_cg: {' and '.join(sampled)} below 1 asks for "
             "sub-sampling, which only the Hessian-free methods do"
         )
-        return replace(options, method="newton_cg").validated(), message
+        return _chosen(options, "newton_cg", message), message
     need = dense_hessian_bytes(num_params, dtype) if dtype is not None else 8 * num_params**2
     budget = options.dense_budget_bytes
     method = "newton" if budget is None or need <= budget else "newton_cg"
@@ -232,7 +232,16 @@ def resolve_method(
         message += f", {why} the dense-Hessian budget of {budget:,} bytes (dense_budget_bytes)"
     if method == "newton_cg":
         message += "; Newton-CG uses Hessian-vector products in O(n) memory"
-    return replace(options, method=method).validated(), message
+    return _chosen(options, method, message), message
+
+
+def _chosen(options: MethodOptions, method: str, why: str) -> MethodOptions:
+    """`options` with the method auto chose, validated; a refusal then says auto chose it."""
+    try:
+        return replace(options, method=method).validated()
+    except ValidationError as exc:
+        exc.args = (f"{exc} ({why})",)
+        raise
 
 
 def check_method_budget(

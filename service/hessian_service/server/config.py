@@ -6,6 +6,7 @@ Precedence: flag, then HESSIAN_<NAME> (e.g. HESSIAN_MAX_PARAMS), then the defaul
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -20,7 +21,8 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 KIND_NAMES = {int: "an integer", float: "a number"}
 LOOPBACK_HOSTS = ("localhost", "::1")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = tuple(logging.getLevelNamesMapping())  # WARN, FATAL and NOTSET too
+UNIX_SCHEMES = ("unix:", "unix-abstract:")  # gRPC's Unix domain socket addresses
 INT64_MAX = 2**63 - 1  # the wire's int64 (ServerInfo reports the limits)
 GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
 MAX_THREADS = 1024  # workers, RPC threads and torch threads: more is a typo, not a machine
@@ -179,12 +181,16 @@ class ServerConfig:
         return self
 
     def _check_address(self) -> None:
-        """--address is host:port with a port in 0-65535 (0: one the system picks); gRPC
-        would otherwise wrap a port past 65535, or default a missing one to 443."""
+        """--address is host:port with a port in 0-65535 (0: one the system picks), or a
+        unix: socket path; gRPC would otherwise wrap a port past 65535, or default a missing
+        one to 443."""
+        if self.address.startswith(UNIX_SCHEMES):
+            return
         host, colon, port = self.address.rpartition(":")
         if not colon or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(
-                f"--address must be host:port with a port in 0-65535, got {self.address!r}"
+                f"--address must be host:port with a port in 0-65535 (or unix:PATH), got "
+                f"{self.address!r}"
             )
 
     @property

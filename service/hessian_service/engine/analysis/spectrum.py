@@ -513,7 +513,12 @@ def _analyze(
             "products; Ritz values lie inside the spectrum, so the true extremes may be "
             "further out)"
         )
-        if verdict == "saddle":  # Ritz values of both signs prove eigenvalues of both
+        # Ritz values of both signs prove eigenvalues of both; the band that counts as 0 is
+        # relative to max|lambda|, which they may underestimate: a saddle must clear it at
+        # each Ritz value widened by its residual bound
+        widened = max(abs(bottom[0]) + bounds[len(top)], abs(top[0]) + bounds[0])
+        band = max(opts.absolute_tolerance, opts.relative_tolerance * widened)
+        if verdict == "saddle" and bottom[0] < -band and top[0] > band:
             reason += "; " + lanczos
         else:
             verdict, reason = "", f"undetermined: {lanczos}; the Ritz values say {reason}"

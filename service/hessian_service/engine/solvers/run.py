@@ -31,7 +31,7 @@ from ..records import Checkpoint, StepRecord, StepResult, StopReason
 from .methods import LineSearchFailed, NoProgress, Point, RoundingStall, Step, Stepper
 
 # accepted steps in a row that return x, and the step's state (damping, trust radius), to
-# one of their last RECENT values (bit for bit, the loss within its rounding: a step below
+# one of their last RECENT values (bit for bit, each step at the scale of rounding: below
 # the rounding of x, or a cycle among neighbours in the last bits) before a run whose
 # gradient test is on ends no_progress: a deterministic step from the same x and state
 # repeats itself; a state that still moves (a radius growing from a tiny start) is no cycle
@@ -252,7 +252,7 @@ class Run:
         dtype, stopping = self.params.dtype, self.stopping
         self._ftol = _resolved(stopping.function_tolerance, eps, dtype, "function_tolerance")
         self._xtol = _resolved(stopping.parameter_tolerance, eps, dtype, "parameter_tolerance")
-        self._loss_rounding = ROUNDING_ULPS * eps
+        self._eps, self._loss_rounding = eps, ROUNDING_ULPS * eps
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
@@ -370,8 +370,8 @@ class Run:
             return StopReason.NO_PROGRESS, (
                 f"no further progress possible at machine precision: the last "
                 f"{self._unchanged} accepted steps returned the parameters to one of their last "
-                f"{RECENT} values (steps below their rounding; the loss changed within its "
-                f"own), while the gradient max-norm {gmax:.3g} > gradient_tolerance"
+                f"{RECENT} values (steps at or below their rounding; the loss changed within "
+                f"its own), while the gradient max-norm {gmax:.3g} > gradient_tolerance"
             )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
@@ -380,10 +380,14 @@ class Run:
         return None
 
     def _note_unchanged(self, point: Point, before: dict[str, float], new_point: Point) -> None:
-        """Count an accepted step that brings x back to one of its last RECENT values (the
-        loss changed within its rounding, a float compare first: the digests are taken only
-        then; steps may cycle among points whose losses differ in the last bits)."""
-        if abs(new_point.loss - point.loss) > self._loss_rounding * abs(point.loss):
+        """Count an accepted step that brings x back to one of its last RECENT values. Only a
+        step at the scale of rounding is looked at (the loss changed within its rounding, a
+        float compare first; then x moved by at most about an ulp, 2 eps |x|), so the
+        digests are taken only there: steps may cycle among points whose losses differ in the
+        last bits."""
+        if abs(new_point.loss - point.loss) > self._loss_rounding * abs(point.loss) or (
+            _norm(new_point.x - point.x) > 2 * self._eps * _norm(point.x)
+        ):
             self._unchanged, self._recent = 0, []
             return
         state = self.stepper.state  # as the next step will find it
