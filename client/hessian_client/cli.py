@@ -410,6 +410,8 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     info = client.cancel_run(args.run_id)
     if args.json:
         emit(info)
+    elif info.status in ("FINISHED", "FAILED"):  # CancelRun leaves an ended run as it is
+        print(f"run {info.run_id} had already ended ({info.status}): nothing to cancel")
     else:
         print(f"cancel requested: {info.run_id} ({info.status})")
     return 0
@@ -699,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HessianError as exc:
         print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_SERVER if exc.from_server else EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`hessian runs | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
     except OSError as exc:
         print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

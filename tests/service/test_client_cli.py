@@ -280,3 +280,27 @@ def test_an_older_server_gets_a_one_line_warning_naming_both_versions(server, ca
     (line,) = err.splitlines()
     assert line.startswith("hessian: warning: hessian-client") and "API 1.99" in line
     assert f"speaks API {API_VERSION}" in line
+
+
+def test_cancel_of_an_ended_run_says_it_had_ended(server, capsys):
+    code, out, _ = _cli(server, capsys, *GD_RUN, "--json")
+    run_id = _json_lines(out)[-1]["run_id"]
+    code, out, err = _cli(server, capsys, "cancel", run_id)
+    assert code == 0, err
+    assert out.strip() == f"run {run_id} had already ended (FINISHED): nothing to cancel"
+
+
+def test_a_reader_that_goes_away_is_not_an_error(server, capsys):
+    # `hessian records RUN | head -1` printed "error: [Errno 32] Broken pipe"
+    long_run = [*GD_RUN[:-3], "3000", "--json"]  # --max-iterations 3000
+    _, out, _ = _cli(server, capsys, *long_run)
+    run_id = _json_lines(out)[-1]["run_id"]
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "hessian_client", "--address", server.address, "records",
+         run_id, "--format", "jsonl"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert json.loads(reader.stdout.readline())["iteration"] == 0
+    reader.stdout.close()  # 3,000 records overflow the pipe: the next write finds no reader
+    assert reader.wait(timeout=60) == 0
+    assert reader.stderr.read() == b""

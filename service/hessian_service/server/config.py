@@ -171,6 +171,7 @@ class ServerConfig:
         if (
             not self.auth_token_file
             and not self.allow_unauthenticated_remote
+            and not self.address.startswith(UNIX_SCHEMES)  # a socket file: this machine only
             and not is_loopback(self.host)
         ):
             raise ValueError(
