@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import inspect
+import itertools
 import json
 import os
 import queue
@@ -388,13 +389,13 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_runs(client: Client, args: argparse.Namespace) -> int:
+    runs = itertools.islice(client.list_runs(args.status or ()), max(args.limit, 0))
+    first = next(runs, None)  # asked before the header: a refused call prints no table
     if not args.json:
         print(
             f"{'run_id':<34} {'status':<11} {'method':<16} {'records':>8} {'last loss':>13}  name"
         )
-    for i, info in enumerate(client.list_runs(args.status or ())):
-        if i >= args.limit:
-            break
+    for info in itertools.chain([first] if first is not None else [], runs):
         if args.json:
             emit(info)
             continue

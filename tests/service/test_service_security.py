@@ -214,3 +214,12 @@ def test_a_missing_or_empty_token_file_is_a_start_up_error(tmp_path):
         start_server(tmp_path / "d1", auth_token_file=str(empty))
     with pytest.raises(ValueError, match="cannot read"):
         start_server(tmp_path / "d2", auth_token_file=str(tmp_path / "absent"))
+
+
+def test_a_refused_listing_prints_no_table_header(secured, capsys):
+    # `hessian runs` without a token printed the table's header, then the error
+    assert cli_main(["--address", secured.address, "runs"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "UNAUTHENTICATED" in out.err
+    assert cli_main(["--address", secured.address, "--token", TOKENS[0], "runs"]) == 0
+    assert capsys.readouterr().out.startswith("run_id")

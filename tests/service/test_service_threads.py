@@ -3,6 +3,7 @@ per-thread torch count a call runs with, and the values GetServerInfo and `hessi
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -101,6 +102,25 @@ def test_threads_are_usable_cpus_divided_among_workers_unless_set(monkeypatch):
         assert policy_module.thread_policy(ServerConfig(workers=2)).cpus == 8
     finally:
         policy_module.thread_policy.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("intra", "workers", "warned"), [(3, 1, True), (2, 2, True), (1, 2, False), (0, 1, False)]
+)
+def test_more_torch_threads_than_usable_cpus_are_warned_about(
+    monkeypatch, restore_torch_threads, caplog, intra, workers, warned
+):
+    monkeypatch.setattr(policy_module, "usable_cpus", lambda: 2)
+    policy_module.thread_policy.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hessian_service.server"):
+            policy_module.install_thread_policy(
+                ServerConfig(intra_op_threads=intra, workers=workers)
+            )
+    finally:
+        policy_module.thread_policy.cache_clear()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("more than the 2 usable CPUs" in m for m in messages) == warned, messages
 
 
 def test_flags_and_environment_set_the_policy_and_bad_values_name_the_flag():

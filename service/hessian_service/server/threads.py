@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import pathlib
@@ -27,6 +28,7 @@ import torch
 from ..engine.objectives.base import Objective
 from .config import ServerConfig
 
+log = logging.getLogger("hessian_service.server")
 CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
 PROC_CGROUP = pathlib.Path("/proc/self/cgroup")
 V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
@@ -153,7 +155,17 @@ def thread_policy(config: ServerConfig) -> ThreadPolicy:
 
 
 def install_thread_policy(config: ServerConfig) -> ThreadPolicy:
-    """Apply `config`'s policy as the process default at start-up, and return it."""
+    """Apply `config`'s policy as the process default at start-up, and return it; a
+    --intra-op-threads past the usable CPUs is warned about (torch's threads then stall
+    whenever a core is taken)."""
     policy = thread_policy(config)
+    if config.intra_op_threads * config.workers > policy.cpus:
+        log.warning(
+            "--intra-op-threads %d x --workers %d is more than the %d usable CPUs: torch's "
+            "threads will wait for each other (0 divides the CPUs among the workers)",
+            config.intra_op_threads,
+            config.workers,
+            policy.cpus,
+        )
     policy.install()
     return policy
