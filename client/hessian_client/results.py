@@ -81,7 +81,8 @@ def _jsonable(value: Any) -> Any:
 
 def proto_dict(msg: Any) -> dict[str, Any]:
     """A message as plain values without MessageToDict's losses: every field present (0 and
-    "" included), int64 as int, enums by name, sub-messages and lists recursed."""
+    "" included), int64 as int, enums by engine name ("newton", not "METHOD_NEWTON"),
+    sub-messages and lists recursed."""
     out: dict[str, Any] = {}
     for fd in msg.DESCRIPTOR.fields:
         value = getattr(msg, fd.name)
@@ -93,8 +94,10 @@ def proto_dict(msg: Any) -> dict[str, Any]:
             out[fd.name] = [proto_dict(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
         elif fd.message_type is not None:
             out[fd.name] = proto_dict(value) if msg.HasField(fd.name) else None
-        elif fd.enum_type is not None:
-            out[fd.name] = fd.enum_type.values_by_number[value].name if value else None
+        elif fd.enum_type is not None:  # the engine's name, as the SDK's own enums give it
+            prefix = fd.enum_type.values[0].name.removesuffix("UNSPECIFIED")
+            name = fd.enum_type.values_by_number[value].name
+            out[fd.name] = name.removeprefix(prefix).lower() if value else None
         else:
             out[fd.name] = _jsonable(value)
     return out

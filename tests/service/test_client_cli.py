@@ -304,3 +304,13 @@ def test_a_reader_that_goes_away_is_not_an_error(server, capsys):
     reader.stdout.close()  # 3,000 records overflow the pipe: the next write finds no reader
     assert reader.wait(timeout=60) == 0
     assert reader.stderr.read() == b""
+
+
+def test_json_gives_enums_inside_messages_by_the_same_names_as_outside(server, capsys):
+    # `hessian runs --json` wrote "METHOD_GRADIENT_DESCENT" beside "method": "gradient_descent"
+    _, out, _ = _cli(server, capsys, *GD_RUN, "--json")
+    run_id = _json_lines(out)[-1]["run_id"]
+    _, out, _ = _cli(server, capsys, "runs", "--json", "--limit", "50")
+    (info,) = [v for v in _json_lines(out) if v["run_id"] == run_id]
+    assert info["method"] == info["options"]["method"] == "gradient_descent"
+    assert info["status"] == "FINISHED"
