@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria, hessian, make_objective
-from hessian_service.engine.linalg import eigenvalues_off
+from hessian_service.engine.linalg import off_gauge
 from hessian_service.engine.records import StopReason
 from hessian_service.engine.solvers.run import end_point
 from native_support import BACKENDS
@@ -40,6 +40,13 @@ def _gauge(objective) -> np.ndarray:
         v[r] = 1.0 / np.sqrt(k)
         out.append(v.reshape(-1))
     return np.array(out).T.reshape(rows * k, len(out))
+
+
+def eigenvalues_off(h: torch.Tensor, project, chunk: int = 256) -> torch.Tensor:
+    """The eigenvalues of h off the gauge, as end_point takes them: off_gauge's matrix less
+    its g largest (the gauge's)."""
+    m, g = off_gauge(h, project, chunk)
+    return torch.linalg.eigvalsh(m)[: h.shape[0] - g]
 
 
 @pytest.mark.parametrize("chunk", [256, 5])

@@ -53,9 +53,13 @@ def enum_value(
 
 def enum_label(field: str, value: int, message: type[Message] = optimize_pb2.MethodOptions) -> str:
     """The engine name of a wire enum value ("" when unspecified)."""
+    return label(_enum(field, message), value)
+
+
+def label(enum_type: EnumDescriptor, value: int) -> str:
+    """The engine name of `enum_type`'s wire value ("newton" for METHOD_NEWTON; "" for 0)."""
     if value == 0:
         return ""
-    enum_type = _enum(field, message)
     return enum_type.values_by_number[value].name.removeprefix(_prefix(enum_type)).lower()
 
 

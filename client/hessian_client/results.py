@@ -18,6 +18,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 
 from . import tensors
+from .options import label
 from .proto import optimize_pb2, service_pb2
 
 
@@ -95,9 +96,7 @@ def proto_dict(msg: Any) -> dict[str, Any]:
         elif fd.message_type is not None:
             out[fd.name] = proto_dict(value) if msg.HasField(fd.name) else None
         elif fd.enum_type is not None:  # the engine's name, as the SDK's own enums give it
-            prefix = fd.enum_type.values[0].name.removesuffix("UNSPECIFIED")
-            name = fd.enum_type.values_by_number[value].name
-            out[fd.name] = name.removeprefix(prefix).lower() if value else None
+            out[fd.name] = label(fd.enum_type, value) or None
         else:
             out[fd.name] = _jsonable(value)
     return out

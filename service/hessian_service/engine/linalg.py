@@ -107,16 +107,6 @@ def off_gauge(
     return m, round(gauge)
 
 
-def eigenvalues_off(
-    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
-) -> torch.Tensor:
-    """The eigenvalues of symmetric `h` off its gauge (off_gauge), ascending; all n of `h`'s
-    when P is the identity."""
-    m, g = off_gauge(h, project, chunk)
-    evals = torch.linalg.eigvalsh(m)
-    return evals[: h.shape[0] - g] if g > 0 else evals
-
-
 def definite_by_a_margin(m: torch.Tensor, h: torch.Tensor) -> bool:
     """Whether symmetric `m` is positive definite by more than rounding can explain: its
     Cholesky factors m - s I, s = 4 n eps ||h||_F, four times the n eps max|lambda(h)| below

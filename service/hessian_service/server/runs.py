@@ -200,6 +200,12 @@ class LiveRun:
             return self._records[self.durable - self.dropped - 1] if self.durable else None
 
 
+def require_interrupted(row: RunRow) -> None:
+    """Refuse to resume a run that is not INTERRUPTED (as `settle` reports it)."""
+    if row.status != RunStatus.INTERRUPTED:
+        raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
+
+
 class RunManager:
     """Starts, resumes, cancels and stops runs on a bounded worker pool.
 
@@ -444,8 +450,7 @@ class RunManager:
 
         `row` is as `settle` reports it: an orphan (its row still active) counts as INTERRUPTED.
         """
-        if row.status != RunStatus.INTERRUPTED:
-            raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
+        require_interrupted(row)
         stored = self.store.latest_checkpoint(row.run_id)
         if stored is None and self.store.get_run(row.run_id) is None:
             raise RunNotFoundError(row.run_id)  # deleted since the caller read it

@@ -42,7 +42,7 @@ from .errors import (
 from .observability import Metrics
 from .optimize import Optimizer
 from .problems import ProblemRegistry, problem_id
-from .runs import InitSpec, RunManager
+from .runs import InitSpec, RunManager, require_interrupted
 from .sync_bridge import SyncContext, inline_when
 from .threads import problem_size, thread_policy
 
@@ -456,8 +456,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
         if "remote" in row.spec:  # its objective lives in a caller's process
-            if row.status != RunStatus.INTERRUPTED:  # the same refusal as any other run's
-                raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
+            require_interrupted(row)  # the same refusal as any other run's
             raise ConflictError(
                 "run_id",
                 f"run {row.run_id} is an Optimize run: resume it by opening Optimize with "

@@ -66,10 +66,8 @@ def _real(
         raise ValidationError(name, "a finite real number", repr(value))
     above = low <= value if zero else low < value
     if not (above and (value < high if open_high else value <= high)):
-        bracket = ("[" if zero else "(", ")" if open_high else "]")
-        raise ValidationError(
-            name, f"a number in {bracket[0]}{low}, {high}{bracket[1]}", repr(value)
-        )
+        opening, closing = "[" if zero else "(", ")" if open_high else "]"
+        raise ValidationError(name, f"a number in {opening}{low}, {high}{closing}", repr(value))
     return float(value)
 
 

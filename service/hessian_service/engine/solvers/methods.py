@@ -59,13 +59,21 @@ class RoundingStall(Exception):
 
 
 class NoProgress(Exception):
-    """No step can lower the loss at this precision (Levenberg-Marquardt's damping cap):
-    `damping` is past `cap`. `refusal()`: the same as a unary step's answer, naming the
+    """No step can lower the loss at this precision. `damping`: the damping a run's last
+    record reports (None: the step's own); `refusal()`: a unary step's answer, naming the
     option that got there."""
 
+    damping: float | None = None
+
+    def refusal(self) -> ValidationError:
+        raise NotImplementedError
+
+
+class DampingCap(NoProgress):
+    """Levenberg-Marquardt's damping is past its cap (lm_damping_cap)."""
+
     def __init__(self, damping: float, cap: float) -> None:
-        self.damping: float | None = damping
-        self.cap = cap
+        self.damping, self.cap = damping, cap
         super().__init__(
             "no further progress possible at machine precision: the Levenberg-Marquardt "
             f"damping {damping:.3g} is past max(max|diag H|, 1) / eps = {cap:.3g}, where a "
@@ -86,13 +94,12 @@ class RadiusUnderflow(NoProgress):
     the step underflows, and a rejection only shrinks it further."""
 
     def __init__(self, radius: float) -> None:
-        Exception.__init__(
-            self,
+        self.radius = radius
+        super().__init__(
             f"no further progress possible at machine precision: the trust radius "
             f"{radius:.3g} gives a step of exactly 0 from a nonzero gradient (any trial would "
             "be rejected, and the radius only shrinks)",
         )
-        self.damping, self.radius = None, radius
 
     def refusal(self) -> ValidationError:
         return ValidationError(
@@ -530,14 +537,14 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     trial's may differ by ulps, and a ratio kept positive by that noise would shrink the
     damping for ever): the step is taken when its gradient max-norm at most halves, with the
     gain ratio taken as 1 (the model is trusted, as the trust region does); otherwise it is
-    rejected and the damping grows towards its cap (NoProgress)."""
+    rejected and the damping grows towards its cap (DampingCap)."""
     state, h, g = stepper.state, point.curvature, point.grad
     if state["damping"] <= 0:
         scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
         state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
     lam, cap = state["damping"], lm_damping_cap(h)
     if not math.isfinite(lam) or lam > cap:
-        raise NoProgress(lam, cap)
+        raise DampingCap(lam, cap)
     found = descent(stepper, point, lam)
     d = found.direction
     predicted = -float(g @ d + 0.5 * (d @ (h @ d)))

@@ -18,10 +18,10 @@ from ..backends.native.fused import fused_newton_step, validated_options
 from ..cancel import Cancelled, CancelToken, scope
 from ..errors import ValidationError
 from ..linalg import (
-    ROUNDING_ULPS,
     classify,
     count_negative,
     definite_by_a_margin,
+    loss_rounding,
     off_gauge,
     symmetrise,
 )
@@ -38,6 +38,8 @@ from .methods import LineSearchFailed, NoProgress, Point, RoundingStall, Step, S
 UNCHANGED_STEPS = 3
 RECENT = 8
 RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
+# the keys a Run adds to its stepper's state in a checkpoint (Run._state)
+RUN_KEYS = ("previous_loss", "unchanged_steps", *RECENT_KEYS)
 
 
 def _digest(x: torch.Tensor, state: dict[str, float]) -> float:
@@ -141,9 +143,7 @@ def end_point(
     m, gauge = (symmetrise(h), 0) if project is None else off_gauge(h, project)
     if m.numel() and definite_by_a_margin(m, h):
         return "minimum", 0
-    evals = torch.linalg.eigvalsh(m)
-    if gauge:
-        evals = evals[: h.shape[0] - gauge]
+    evals = torch.linalg.eigvalsh(m)[: h.shape[0] - gauge]
     if evals.numel() == 0:
         return "flat", 0
     relative = evals.numel() * torch.finfo(h.dtype).eps
@@ -252,7 +252,6 @@ class Run:
         dtype, stopping = self.params.dtype, self.stopping
         self._ftol = _resolved(stopping.function_tolerance, eps, dtype, "function_tolerance")
         self._xtol = _resolved(stopping.parameter_tolerance, eps, dtype, "parameter_tolerance")
-        self._eps, self._loss_rounding = eps, ROUNDING_ULPS * eps
         if resume is not None:
             self.params = objective.check_params(resume.params, "checkpoint.params")
             self.start_iteration = resume.iteration
@@ -379,19 +378,21 @@ class Run:
             return StopReason.TIME_LIMIT, f"ran {elapsed:.3g} s >= time_limit_seconds"
         return None
 
-    def _note_unchanged(self, point: Point, before: dict[str, float], new_point: Point) -> None:
+    def _note_unchanged(self, point: Point, new_point: Point) -> None:
         """Count an accepted step that brings x back to one of its last RECENT values. Only a
-        step at the scale of rounding is looked at (the loss changed within its rounding, a
+        step at the scale of rounding is looked at (the loss changed within loss_rounding, a
         float compare first; then x moved by at most about an ulp, 2 eps |x|), so the
         digests are taken only there: steps may cycle among points whose losses differ in the
         last bits."""
-        if abs(new_point.loss - point.loss) > self._loss_rounding * abs(point.loss) or (
-            _norm(new_point.x - point.x) > 2 * self._eps * _norm(point.x)
+        dtype = point.x.dtype
+        if abs(new_point.loss - point.loss) > loss_rounding(point.loss, dtype) or (
+            _norm(new_point.x - point.x) > 2 * torch.finfo(dtype).eps * _norm(point.x)
         ):
             self._unchanged, self._recent = 0, []
             return
         state = self.stepper.state  # as the next step will find it
-        if not self._recent:
+        if not self._recent:  # point.x's, with the state its step found (its checkpoint's)
+            before = {k: v for k, v in self._checkpoint.state.items() if k not in RUN_KEYS}
             self._recent = [_digest(point.x, before)]
         new = _digest(new_point.x, state)
         self._unchanged = self._unchanged + 1 if new in self._recent else 0
@@ -419,7 +420,6 @@ class Run:
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
                 try:
-                    before = self.stepper.state.copy()
                     step = self.stepper.step(point)
                 except RoundingStall as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
@@ -471,7 +471,7 @@ class Run:
             yield record
             previous_loss = point.loss
             if new_point is not None:
-                self._note_unchanged(point, before, new_point)
+                self._note_unchanged(point, new_point)
                 previous, point = point, new_point
                 self.params = point.x
             else:
