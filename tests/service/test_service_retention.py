@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import pwd
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -20,7 +21,13 @@ from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_service.engine.records import StepRecord
 from hessian_service.engine.solvers.methods import Stepper
 from hessian_service.server.runs import LiveRun
-from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint, StoreFullError
+from hessian_service.store import (
+    RunRow,
+    SQLiteRunStore,
+    StoredCheckpoint,
+    StoreError,
+    StoreFullError,
+)
 
 GD = {"method": "gradient_descent", "learning_rate": 1e-4}
 
@@ -67,6 +74,32 @@ def test_commit_listeners_hear_of_records_only_once_another_reader_can_see_them(
     store.flush()
     assert heard[1] == ({"r-a": 4}, 5)
     store.close()
+
+
+def test_a_cap_too_small_for_any_run_is_refused_at_start_and_the_floor_holds_a_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--max-store-bytes", "40000",
+         "--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "small"), "--log-format",
+         "text"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    found = re.search(
+        r"--max-store-bytes 40000 cannot hold a run: .* at least (\d+) bytes", done.stderr
+    )
+    assert found, done.stderr
+    floor = int(found.group(1))
+    assert floor > 48 * 1024  # an empty store's tables alone take 48 KiB
+    with pytest.raises(StoreError, match=f"give at least {floor} bytes"):
+        SQLiteRunStore(tmp_path / "one-less", max_bytes=floor - 1)
+    handle = start_server(tmp_path / "floor", max_store_bytes=floor)
+    try:  # at the floor a short run is stored whole and read back
+        with Client(handle.address) as c:
+            stopping = {"max_iterations": 5, "gradient_tolerance": 0.0}
+            run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping=stopping)
+            assert len(list(run.stream())) == 6 and run.wait().status == "FINISHED"
+    finally:
+        handle.stop()
 
 
 def test_a_full_store_raises_and_keeps_the_records_queued(tmp_path):

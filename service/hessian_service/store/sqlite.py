@@ -99,7 +99,13 @@ COMPACT_RECORDS = True  # layout arrays (layout.record_json); version 2 keeps ol
 FULL_CODES = ("SQLITE_FULL",)
 CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 RESERVE_PAGES = 16
+RUN_PAGES = 2  # a short run's rows and records, past the tables' first pages
 log = logging.getLogger(__name__)
+
+
+def _reserve_for(pages: int) -> int:
+    """Pages held back under a cap of `pages` for deletes and a run's end (0: no cap)."""
+    return min(RESERVE_PAGES, max(2, pages // 16), pages // 4)
 
 
 class SQLiteRunStore(RecordQueue, SqlReads):
@@ -149,7 +155,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             _migrate(self._db, self.path)
             page = self._db.execute("PRAGMA page_size").fetchone()[0]
             self._pages = max(max_bytes // page, 1) if max_bytes else 0
-            self._reserve = min(RESERVE_PAGES, max(2, self._pages // 16), self._pages // 4)
+            self._reserve = _reserve_for(self._pages)
+            self._check_cap(page)
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         with self._write():  # a real write now, so an unwritable store fails at start-up
@@ -402,6 +409,26 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         """Raise StoreClosedError once close() has run (a late worker's write, a late read)."""
         if not self._open:
             raise StoreClosedError(f"the run store {self.path} is closed (the server stopped)")
+
+    def _check_cap(self, page: int) -> None:
+        """Refuse a max_bytes that cannot hold one short run even in an empty store: its
+        tables' first pages, the reserve, and a run's own rows (a cap met later, by runs,
+        is a full store, not this)."""
+        if not self._pages:
+            return
+        trees = self._db.execute("SELECT count(*) FROM sqlite_master WHERE rootpage > 0")
+        need = trees.fetchone()[0] + 1 + RUN_PAGES
+        pages = need
+        while pages < need + _reserve_for(pages):
+            pages += 1
+        floor = pages * page
+        if self.max_bytes < floor:
+            self._db.close()
+            raise StoreError(
+                f"--max-store-bytes {self.max_bytes} cannot hold a run: an empty store "
+                f"{self.path} takes its tables' first pages and a reserve, so give at least "
+                f"{floor} bytes ({page}-byte pages), or 0 for no cap"
+            )
 
     def _use_reserve(self, use: bool = True) -> None:
         """Under max_bytes: let the rest of this transaction use the reserved pages, or not."""
