@@ -33,7 +33,7 @@ from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run
 from .errors import HessianError, InvalidArgument
 from .options import choices
 from .proto import problem_pb2
-from .results import RunInfo, RunStatus, StepRecord, _jsonable, proto_dict
+from .results import RunInfo, RunStatus, StepRecord, _jsonable
 
 OBJECTIVES = [f.name for f in problem_pb2.Problem.DESCRIPTOR.oneofs_by_name["objective"].fields]
 RECORD_FIELDS = [f for f in StepRecord.__dataclass_fields__ if f != "raw"]
@@ -257,7 +257,7 @@ def _follow(client: Client, run: Run, args: argparse.Namespace, from_iteration: 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
     info = client.info()
     if args.json:
-        emit(proto_dict(info))
+        emit(info)
         return 0
     lim = info.limits
     print(

@@ -39,10 +39,12 @@ from .results import (
     RunInfo,
     RunResult,
     RunStatus,
+    ServerInfo,
     StepRecord,
     StepResult,
     WireRunInfo,
     _label,
+    server_info,
 )
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -224,12 +226,12 @@ class _Api:
         raise NotImplementedError
 
     # unary calls
-    def info(self) -> Any:
+    def info(self) -> ServerInfo:
         """Version, API version, backend and why, devices, limits (checks the API versions)."""
 
-        def decode(info: service_pb2.ServerInfo) -> service_pb2.ServerInfo:
+        def decode(info: service_pb2.ServerInfo) -> ServerInfo:
             check_versions(info)
-            return info
+            return server_info(info)
 
         return self._unary("GetServerInfo", service_pb2.GetServerInfoRequest(), _DEFAULT, decode)
 

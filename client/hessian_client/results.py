@@ -315,6 +315,27 @@ class StepResult(_Result):
     raw: service_pb2.StepResponse = dataclasses.field(repr=False, compare=False)
 
 
+ServerLimits = wire_dataclass(
+    "ServerLimits", service_pb2.Limits,
+    "What the server accepts and how it runs (the fields of the proto's Limits).",
+)  # fmt: skip
+
+_INFO_CONVERTED: dict[str, Conversion] = {
+    "limits": (ServerLimits, lambda m: ServerLimits(**wire_values(m.limits))),
+}
+
+ServerInfo = wire_dataclass(
+    "ServerInfo", service_pb2.ServerInfo,
+    "GetServerInfo's answer: versions, backend and why, devices, catalogue, methods, limits.",
+    _INFO_CONVERTED, raw=True,
+)  # fmt: skip
+
+
+def server_info(msg: service_pb2.ServerInfo) -> Any:
+    """The typed ServerInfo of the wire message (kept as `.raw`)."""
+    return ServerInfo(**wire_values(msg, _INFO_CONVERTED), raw=msg)
+
+
 # negative_tolerance: eigenvalues above -this count as zero (rounding, not curvature)
 CurvatureSummary = wire_dataclass(
     "CurvatureSummary", optimize_pb2.CurvatureSummary,

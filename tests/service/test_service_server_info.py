@@ -3,10 +3,21 @@ a request over each limit is refused with the limit's field named (the CLI shows
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from conftest import occupy_workers, start_server
-from hessian_client import Client, InvalidArgument, ResourceExhausted, problems
+from google.protobuf import json_format
+from hessian_client import (
+    Client,
+    InvalidArgument,
+    ResourceExhausted,
+    ServerInfo,
+    ServerLimits,
+    problems,
+)
 from hessian_client.cli import main
 from hessian_service.server.service import SAMPLE_HEADER_BYTES
 
@@ -48,6 +59,35 @@ def test_every_limit_is_reported_as_configured(limited):
     assert limits.max_spectrum_products == 100_000
     assert limits.max_list_page_size == 1000
     assert limits.max_sample_elements == SAMPLE_ELEMENTS
+
+
+def test_info_is_typed_data_with_every_wire_field_and_the_cli_json_gives_them(limited, capsys):
+    with _client(limited) as c:
+        info = c.info()
+    assert isinstance(info, ServerInfo) and isinstance(info.limits, ServerLimits)
+    wire = info.raw
+    assert [f.name for f in dataclasses.fields(ServerLimits)] == [
+        f.name for f in wire.limits.DESCRIPTOR.fields
+    ]
+    for f in wire.DESCRIPTOR.fields:
+        value = getattr(info, f.name)
+        if f.name == "limits":
+            for g in wire.limits.DESCRIPTOR.fields:
+                assert getattr(value, g.name) == getattr(wire.limits, g.name), g.name
+        else:
+            assert value == (
+                list(getattr(wire, f.name)) if f.is_repeated else getattr(wire, f.name)
+            )
+    assert info.limits.max_params == CONFIG["max_params"] and "newton" in info.methods
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.version = "x"
+    assert main(["--address", limited.address, "--token", "alpha-token", "info", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == json_format.MessageToDict(
+        wire, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    ) | {"limits": {k: int(v) for k, v in json_format.MessageToDict(
+        wire.limits, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    ).items()}}  # fmt: skip
 
 
 def test_the_cli_shows_every_limit(limited, capsys):
