@@ -16,7 +16,12 @@ from hessian_service.engine.objectives.rosenbrock import Rosenbrock
 from hessian_service.server import ServerConfig
 from hessian_service.server import threads as policy_module
 from hessian_service.server.runs import RunManager
-from hessian_service.server.threads import ThreadPolicy, cgroup_cpu_limit, usable_cpus
+from hessian_service.server.threads import (
+    ThreadPolicy,
+    cgroup_cpu_limit,
+    cpus_origin,
+    usable_cpus,
+)
 from hessian_service.store import SQLiteRunStore
 
 EIGHT = set(range(8))
@@ -40,6 +45,7 @@ def test_no_quota_leaves_the_affinity_mask(tmp_path):
     assert cgroup_cpu_limit(root, proc) is None
     assert usable_cpus(EIGHT, root, proc) == 8
     assert usable_cpus({3, 5}, root, proc) == 2
+    assert cpus_origin({3, 5}, root, proc) == "the affinity mask's 2 CPUs (no cgroup CPU quota)"
 
 
 def test_unreadable_quota_text_counts_as_no_quota(tmp_path):
@@ -53,6 +59,9 @@ def test_a_v2_quota_caps_the_affinity_rounded_up(tmp_path):
     assert cgroup_cpu_limit(root, proc) == pytest.approx(1.5)
     assert usable_cpus(EIGHT, root, proc) == 2
     assert usable_cpus({0}, root, proc) == 1  # the mask is tighter than the quota
+    quota = "the cgroup CPU quota of 1.5 CPUs, rounded up (affinity mask: 8 CPUs)"
+    assert cpus_origin(EIGHT, root, proc) == quota
+    assert cpus_origin({0}, root, proc) == "the affinity mask's 1 CPUs (cgroup CPU quota: 1.5 CPUs)"
 
 
 def test_the_tightest_v2_quota_on_the_own_path_and_its_parents_binds(tmp_path):

@@ -110,6 +110,21 @@ def usable_cpus(
     return max(cpus, 1)
 
 
+def cpus_origin(
+    affinity: set[int] | None = None,
+    root: pathlib.Path = CGROUP_ROOT,
+    proc_cgroup: pathlib.Path = PROC_CGROUP,
+) -> str:
+    """Where usable_cpus' count comes from, in words, for the start-up log."""
+    mask = len(os.sched_getaffinity(0) if affinity is None else affinity)
+    limit = cgroup_cpu_limit(root, proc_cgroup)
+    if limit is None:
+        return f"the affinity mask's {mask} CPUs (no cgroup CPU quota)"
+    if math.ceil(limit) < mask:
+        return f"the cgroup CPU quota of {limit:g} CPUs, rounded up (affinity mask: {mask} CPUs)"
+    return f"the affinity mask's {mask} CPUs (cgroup CPU quota: {limit:g} CPUs)"
+
+
 def problem_size(objective: Objective) -> int:
     """A dense Newton step's work, roughly: max(rows, params) x params^2 (assembly, solve)."""
     n = objective.num_params
@@ -159,6 +174,13 @@ def install_thread_policy(config: ServerConfig) -> ThreadPolicy:
     --intra-op-threads past the usable CPUs is warned about (torch's threads then stall
     whenever a core is taken)."""
     policy = thread_policy(config)
+    log.info(
+        "%d usable CPUs, from %s: %d torch threads per call, one below size %d",
+        policy.cpus,
+        cpus_origin(),
+        policy.threads,
+        policy.single_thread_below,
+    )
     if config.intra_op_threads * config.workers > policy.cpus:
         log.warning(
             "--intra-op-threads %d x --workers %d is more than the %d usable CPUs: torch's "
