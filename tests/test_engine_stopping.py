@@ -238,6 +238,34 @@ def test_default_criteria_do_not_stop_slow_gradient_descent():
     assert np.abs(g).max() > 0.3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gradient_descent_with_a_line_search_goes_as_far_as_the_fixed_step(rng, dtype):
+    """Least squares, default stopping: once the loss cannot show a step's decrease, its
+    gradients do (trapezoid estimate); before, Armijo passed a backtracked step of 1e-11
+    (the decrease term rounded away), x stopped moving and the run ended no_progress at
+    |g| 1.6e-9 (float64) while the fixed step converged."""
+    x = rng.standard_normal((200, 4))
+    y = x @ rng.standard_normal(4) + 0.1 * rng.standard_normal(200)
+    want = np.linalg.lstsq(x, y, rcond=None)[0]
+    obj = make_objective(
+        "least_squares", {"X": torch.tensor(x, dtype=dtype), "y": torch.tensor(y, dtype=dtype)}, {}
+    )
+    ends = {}
+    for policy in ("line_search", "fixed"):
+        options = MethodOptions(method="gradient_descent", step_policy=policy)
+        run = Run(obj, torch.zeros(4, dtype=dtype), options, StopCriteria(max_iterations=20_000))
+        records = run.run_to_end()
+        ends[policy] = run, records[-1].gradient_max_norm
+    run, g_max = ends["line_search"]
+    if dtype is F64:  # the default gradient tolerance 1e-10 is reached, as with the fixed step
+        assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
+        assert np.abs(run.params.numpy() - want).max() <= 1e-8
+    else:  # float32's gradient floor: within 4x of where the fixed step ends
+        assert run.stop_reason in (StopReason.GRADIENT_TOLERANCE, StopReason.NO_PROGRESS)
+        assert g_max <= 4 * max(ends["fixed"][1], 1e-10), (g_max, ends["fixed"][1])
+        assert np.abs(run.params.double().numpy() - want).max() <= 1e-4
+
+
 def test_a_small_loss_change_is_a_stall_not_convergence():
     obj, _, _ = breast_cancer()
     run = Run(

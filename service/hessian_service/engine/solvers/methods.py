@@ -236,6 +236,7 @@ class Stepper:
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
         self.second_order = options.method in DENSE_METHODS
+        self.first_order = options.method == "gradient_descent"
         self.minibatch = self.hessian_free and options.gradient_fraction < 1.0
         # a run's next point may be its last line-search trial (first-order evaluations,
         # or dense ones small enough that a wasted matrix costs little; a mini-batch run
@@ -318,7 +319,11 @@ class Stepper:
         if self.minibatch or not below_rounding(trial, point.loss, alpha, slope, point.x.dtype):
             return None
         taken = self.whole_trial(x)
-        return taken is not None and taken.grad_norms[1] <= 0.5 * point.grad_norms[1]
+        if taken is None:
+            return False
+        if taken.grad_norms[1] <= 0.5 * point.grad_norms[1]:
+            return True
+        return self.first_order and _gradients_show_decrease(point, taken, self.options.armijo)
 
     def whole_trial(self, x: torch.Tensor) -> Point | None:
         """The trial `x` evaluated whole (its first evaluation when it was one, else now: at
@@ -488,11 +493,18 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
-        if sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo):
+        # gradient descent's every trial the loss cannot judge goes to the gradient: Armijo's
+        # test there passes a trial equal to the loss once its decrease term rounds away
+        judged = (
+            stepper.gradient_judges(point, x, trial, alpha, slope) if stepper.first_order else None
+        )
+        if judged or (
+            judged is None and sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo)
+        ):
             break
         if evaluations == 1:
             first = trial
-            if stepper.gradient_judges(point, x, trial, alpha, slope):
+            if judged is None and stepper.gradient_judges(point, x, trial, alpha, slope):
                 break
         alpha *= opts.backtrack
     else:
@@ -506,6 +518,17 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         )
     stepper.state["whole_trial"] = float(evaluations == 1)
     return _taken(point, found, alpha, evaluations, x)
+
+
+def _gradients_show_decrease(point: Point, trial: Point, armijo: float) -> bool:
+    """A first-order step's evidence where the loss cannot judge it (its change is far below
+    the loss's rounding long before the gradient's): Armijo's test on the trapezoid estimate
+    of the change, (g + g_trial) . dx / 2 (exact on a quadratic), with the gradient's 2-norm
+    falling (so steps driven by its rounding noise cannot wander on)."""
+    dx = trial.x - point.x
+    linear = float(point.grad @ dx)
+    change = 0.5 * (linear + float(trial.grad @ dx))
+    return linear < 0 and change <= armijo * linear and trial.grad_norms[0] < point.grad_norms[0]
 
 
 def _at_rounding(
