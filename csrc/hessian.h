@@ -30,9 +30,10 @@ struct SolveStatus {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
     const at::Tensor& h, const at::Tensor& g, double damping, int64_t max_attempts);
 
-// Saddle-free direction -|H|^-1 g through eigh; also the count of negative eigenvalues.
+// Saddle-free direction -|H|^-1 g through eigh; also the count of eigenvalues below
+// -tolerance_factor eps max|lambda| (linalg.negative_tolerance).
 std::tuple<at::Tensor, at::Tensor> saddle_free(
-    const at::Tensor& h, const at::Tensor& g, double eigenvalue_floor);
+    const at::Tensor& h, const at::Tensor& g, double eigenvalue_floor, double tolerance_factor);
 
 // Solve into `d` with `h` freshly owned, contiguous and symmetric (destroyed on return).
 SolveStatus solve_owned_symmetric(at::Tensor& h, const at::Tensor& g, double damping,

@@ -318,16 +318,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
 }
 
 std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Tensor& g,
-                                               double eigenvalue_floor) {
+                                               double eigenvalue_floor, double tolerance_factor) {
   check_system(h, g);
   TORCH_CHECK(eigenvalue_floor > 0, "eigenvalue_floor must be > 0, got ", eigenvalue_floor);
   auto [evals, evecs] = at::linalg_eigh((h + h.t()) * 0.5);
-  // negative: below -n eps max|lambda| (linalg.negative_tolerance, same operations in the same
-  // order, so both count alike); smaller magnitudes are rounding noise of the matrix
+  // negative: below -tolerance_factor eps max|lambda| (linalg.negative_tolerance, whose
+  // rounding_factor is max(n, sqrt(rows)); same operations in the same order, so both count
+  // alike); smaller magnitudes are rounding noise of the matrix
+  TORCH_CHECK(tolerance_factor >= 0, "tolerance_factor must be >= 0, got ", tolerance_factor);
   const int64_t n = evals.numel();
   const double eps = h.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
                                                    : std::numeric_limits<double>::epsilon();
-  const double tol = n ? static_cast<double>(n) * eps * evals.abs().max().item<double>() : 0.0;
+  const double tol = n ? tolerance_factor * eps * evals.abs().max().item<double>() : 0.0;
   at::Tensor negative = evals.lt(-tol).sum();
   at::Tensor coeff = at::mv(evecs.t(), g).div_(evals.abs().clamp_min_(eigenvalue_floor));
   at::Tensor d = at::mv(evecs, coeff).neg_();
@@ -337,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Te
 TORCH_LIBRARY_FRAGMENT(hessian, m) {
   m.def("damped_cholesky(Tensor H, Tensor g, float damping, int max_attempts)"
         " -> (Tensor, Tensor, Tensor)");
-  m.def("saddle_free(Tensor H, Tensor g, float eigenvalue_floor) -> (Tensor, Tensor)");
+  m.def("saddle_free(Tensor H, Tensor g, float eigenvalue_floor, float tolerance_factor)"
+        " -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hessian, CPU, m) {

@@ -635,6 +635,63 @@ def test_a_gauss_newton_matrix_has_no_negative_eigenvalues(dtype):
     assert s.condition_number == math.inf  # singular to rounding: rank <= 5
 
 
+def _dependent_columns(rng, dtype, rows=20_000):
+    """X with two columns that are sums of others: every Hessian below is singular."""
+    x = rng.standard_normal((rows, 8))
+    x[:, 7], x[:, 6] = x[:, 0] - x[:, 1], 2.0 * x[:, 2]
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_hessians_summed_over_many_rows_count_no_rounding_negatives(rng, backend):
+    """Softmax (convex) and a linear mlp (least squares: positive semi-definite), float32,
+    20,000 rows and dependent columns: the exact Hessians' smallest eigenvalues are 0, the
+    float32 sums' come out near -1e-5 x their scale (more than n eps: before, 1 negative was
+    counted, the native softmax step said so, and the mlp run ended 'saddle', not converged)."""
+    x = _dependent_columns(rng, np.float64)
+    labels = rng.integers(0, 3, len(x))
+    y = x[:, :3].sum(1, keepdims=True) + 0.5 * rng.standard_normal((len(x), 1))
+    cases = {
+        "softmax_regression": ({"labels": torch.tensor(labels)}, {"num_classes": 3}),
+        "mlp": ({"y": torch.tensor(y)}, {"layer_sizes": [8, 1]}),
+    }
+    options = MethodOptions(backend=backend)
+    for name, (data, extra) in cases.items():
+        o64 = make_objective(name, {"X": torch.tensor(x), **data}, extra)
+        o32 = make_objective(
+            name,
+            {
+                "X": torch.tensor(x, dtype=torch.float32),
+                **{k: v.float() if v.is_floating_point() else v for k, v in data.items()},
+            },
+            extra,
+        )
+        at = 0.3 * torch.randn(
+            o64.num_params,
+            dtype=F64,
+            generator=torch.Generator().manual_seed(int(rng.integers(1 << 30))),
+        )
+        ref = np.linalg.eigvalsh(
+            dense_curvature(o64, at, MethodOptions(backend="autograd")).matrix.numpy()
+        )
+        assert ref[0] >= -1e-12 * ref[-1] and ref[1] <= 1e-12 * ref[-1], ref[:3]  # PSD, singular
+        got = dense_curvature(o32, at.float(), options)
+        want_tol = max(o32.num_params, math.sqrt(len(x))) * np.finfo(np.float32).eps
+        want_tol *= float(np.abs(np.linalg.eigvalsh(got.matrix.double().numpy())).max())
+        assert got.summary.negative_tolerance == pytest.approx(want_tol, rel=1e-5)
+        assert got.summary.negative_eigenvalues == 0, (name, got.summary)
+        step = take_step(o32, at.float(), MethodOptions(method="newton", backend=backend))
+        assert step.record.negative_eigenvalues in (0, -1), (name, step.record)
+        run = Run(
+            o32, torch.zeros(o32.num_params), MethodOptions(method="newton", backend=backend),
+            StopCriteria(max_iterations=50, gradient_tolerance=1e-4),
+        )  # fmt: skip
+        last = run.run_to_end()[-1]
+        assert run.stop_reason is StopReason.GRADIENT_TOLERANCE, (name, run.message)
+        assert run.converged and last.end_point in ("minimum", "flat"), (name, run.message)
+        assert last.negative_eigenvalues == 0
+
+
 def test_condition_number_of_a_regular_and_a_singular_matrix():
     gen = np.random.default_rng(12)
     q, _ = np.linalg.qr(gen.normal(size=(20, 20)))

@@ -114,6 +114,21 @@ def test_no_gradient_is_refused_naming_the_capability(address, rng):
         minimize(rosen, start(rng, 3), address=address)
 
 
+@pytest.mark.parametrize("option", ["gradient_fraction", "curvature_fraction"])
+def test_row_sub_sampling_is_refused_under_the_start_fields_naming_the_callers_objective(
+    address, rng, option
+):
+    # the caller's objective has no data rows: refused at the start, as start.options.*
+    with pytest.raises(InvalidArgument) as err:
+        minimize(
+            rosen, start(rng, 3), jac=rosen_der, hessp=rosen_hess_prod, method="newton_cg",
+            options={option: 0.5}, address=address,
+        )  # fmt: skip
+    assert err.value.field == f"start.options.{option}" and err.value.from_server
+    assert "1 for the caller's objective (Optimize), which has no data rows" in err.value.message
+    assert "remote" not in err.value.message
+
+
 def test_unknown_method_is_refused_before_connecting():
     with pytest.raises(InvalidArgument, match="method"):
         minimize(rosen, [0.0, 0.0], jac=rosen_der, method="bfgs", address="127.0.0.1:1")

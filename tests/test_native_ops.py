@@ -222,7 +222,7 @@ def test_saddle_free_matches_float64_reference(n, dtype):
     evals[:negative] *= -1
     h = symmetric_with(evals, dtype)
     g = torch.randn(n, dtype=dtype)
-    d, count = ops.saddle_free(h, g, 1e-8)
+    d, count = ops.saddle_free(h, g, 1e-8, float(h.shape[0]))
     assert int(count) == negative and count.dtype == torch.int64
     ref = linalg.saddle_free_direction(h.double(), g.double(), 1e-8)
     assert ref.negative_eigenvalues == negative
@@ -241,10 +241,17 @@ def test_saddle_free_counts_against_the_rounding_tolerance_like_python(dtype, ro
         evals = base.clone()
         evals[int(torch.randint(0, n, ()))] = tiny
         h = symmetric_with(evals, dtype) if rotated else torch.diag(evals).to(dtype)
-        _, count = ops.saddle_free(h, g, 1e-8)
+        _, count = ops.saddle_free(h, g, 1e-8, float(h.shape[0]))
         assert int(count) == expected
         assert linalg.negative_eigenvalues(h) == expected
         assert linalg.saddle_free_direction(h, g, 1e-8).negative_eigenvalues == expected
+    # over rows data rows the tolerance is sqrt(rows) eps max|lambda| once above n eps
+    rows, evals = 10_000, base.clone()
+    evals[0] = -50 * torch.finfo(dtype).eps * float(base.max())  # within 100 eps: rounding
+    h = torch.diag(evals).to(dtype)
+    assert int(ops.saddle_free(h, g, 1e-8, linalg.rounding_factor(n, rows))[1]) == 0
+    assert linalg.negative_eigenvalues(h, rows) == 0 and linalg.negative_eigenvalues(h) == 1
+    assert linalg.saddle_free_direction(h, g, 1e-8, rows).negative_eigenvalues == 0
 
 
 # ---------------------------------------------------------------- analytic assembly
@@ -433,7 +440,7 @@ def _opcheck_cases():
     g = torch.randn(6, dtype=F64)
     yield "damped_cholesky", (h, g, 0.0, 60)
     yield "damped_cholesky", (spd(130), torch.randn(130, dtype=F64), 0.1, 60)
-    yield "saddle_free", (symmetric_with(torch.tensor([-1.0, 2.0, 3.0])), g[:3], 1e-8)
+    yield "saddle_free", (symmetric_with(torch.tensor([-1.0, 2.0, 3.0])), g[:3], 1e-8, 3.0)
     jac = torch.randn(9, 4, dtype=F64)
     yield "gauss_newton", (jac, torch.rand(9, dtype=F64))
     yield "gauss_newton", (jac, None)
@@ -471,5 +478,5 @@ def test_cuda_ops_match_cpu(name):
     h, g = spd(300).cuda(), torch.randn(300, dtype=F64).cuda()
     d, _, attempts = ops.damped_cholesky(h, g, 0.0, 60)
     assert int(attempts) == 1 and rel_err(d.cpu(), -torch.linalg.solve(h, g).cpu()) <= 1e-11
-    d, count = ops.saddle_free(h, g, 1e-8)
+    d, count = ops.saddle_free(h, g, 1e-8, float(h.shape[0]))
     assert int(count) == 0 and d.is_cuda

@@ -67,21 +67,31 @@ def symmetrise(h: torch.Tensor) -> torch.Tensor:
     return (h + h.transpose(-1, -2)) * 0.5
 
 
-def negative_tolerance(evals: torch.Tensor, dtype: torch.dtype) -> float:
-    """n * eps(dtype) * max|lambda|: eigenvalues below minus this count as negative.
+def rounding_factor(n: int, rows: int = 0) -> float:
+    """max(n, sqrt(rows)): how many eps max|lambda| an eigenvalue of an n x n matrix whose
+    entries are sums over `rows` data rows may be off by rounding (the eigensolver's n; the
+    sums' error, growing as sqrt(rows): a float32 Hessian over 20,000 rows has eigenvalues
+    of 1e-5 x its scale where the exact ones are 0)."""
+    return max(float(n), math.sqrt(rows))
 
-    A matrix assembled in `dtype` is known only to about eps * max|lambda| per entry, so
-    an eigenvalue smaller than this in magnitude is indistinguishable from 0 (a positive
-    semi-definite Gauss-Newton matrix has many at -1e-16 x its scale).
+
+def negative_tolerance(evals: torch.Tensor, dtype: torch.dtype, rows: int = 0) -> float:
+    """rounding_factor(n, rows) * eps(dtype) * max|lambda|: eigenvalues below minus this
+    count as negative.
+
+    A matrix assembled in `dtype` is known only to about eps * max|lambda| per entry (times
+    the rows' growth), so an eigenvalue smaller than this in magnitude is indistinguishable
+    from 0 (a positive semi-definite Gauss-Newton matrix has many at -1e-16 x its scale).
     """
     if evals.numel() == 0:
         return 0.0
-    return evals.numel() * torch.finfo(dtype).eps * float(evals.abs().max())
+    factor = rounding_factor(evals.numel(), rows)
+    return factor * torch.finfo(dtype).eps * float(evals.abs().max())
 
 
-def count_negative(evals: torch.Tensor, dtype: torch.dtype) -> int:
-    """Eigenvalues below -negative_tolerance(evals, dtype)."""
-    return int((evals < -negative_tolerance(evals, dtype)).sum())
+def count_negative(evals: torch.Tensor, dtype: torch.dtype, rows: int = 0) -> int:
+    """Eigenvalues below -negative_tolerance(evals, dtype, rows)."""
+    return int((evals < -negative_tolerance(evals, dtype, rows)).sum())
 
 
 def off_gauge(
@@ -121,9 +131,9 @@ def definite_by_a_margin(m: torch.Tensor, h: torch.Tensor) -> bool:
     return int(torch.linalg.cholesky_ex(shifted).info) == 0
 
 
-def negative_eigenvalues(h: torch.Tensor) -> int:
+def negative_eigenvalues(h: torch.Tensor, rows: int = 0) -> int:
     """count_negative of the symmetrised matrix's eigenvalues (for records)."""
-    return count_negative(torch.linalg.eigvalsh(symmetrise(h)), h.dtype)
+    return count_negative(torch.linalg.eigvalsh(symmetrise(h)), h.dtype, rows)
 
 
 def damping_floor(h: torch.Tensor) -> float:
@@ -169,16 +179,16 @@ def damped_cholesky_solve(
 
 
 def saddle_free_direction(
-    h: torch.Tensor, g: torch.Tensor, eigenvalue_floor: float = 1e-8
+    h: torch.Tensor, g: torch.Tensor, eigenvalue_floor: float = 1e-8, rows: int = 0
 ) -> SolveResult:
     """d = -|H|^-1 g with |H| = V max(|Lambda|, floor) V^T; counts H's negative eigenvalues.
 
-    The count is `count_negative`'s (relative to n eps max|lambda|). Where plain Newton
-    is attracted to a saddle (it follows negative curvature uphill), the absolute-value
+    The count is `count_negative`'s (relative to rounding_factor eps max|lambda|). Where
+    plain Newton is attracted to a saddle (it follows negative curvature uphill), the absolute-value
     Hessian turns those directions into descent directions.
     """
     evals, evecs = torch.linalg.eigh(symmetrise(h))
-    n_negative = count_negative(evals, h.dtype)
+    n_negative = count_negative(evals, h.dtype, rows)
     scale = evals.abs().clamp_min(eigenvalue_floor)
     d = -(evecs @ ((evecs.T @ g) / scale))
     return SolveResult(d, 0.0, 1, n_negative)

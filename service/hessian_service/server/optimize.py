@@ -36,6 +36,7 @@ from ..engine.solvers.asktell import (
     dense_source,
     resolve_remote_method,
 )
+from ..engine.solvers.methods import check_supported
 from ..store import RunRow
 from . import codec
 from .auth import Tenant
@@ -97,6 +98,10 @@ class Optimizer:
         n = params.numel()
         options, note = resolve_remote_method(options, caps, n)
         check_method_budget(options, n, params.dtype, "start.options")
+        try:  # what the run would refuse, under the request's own field names
+            check_supported(objective, options)
+        except ValidationError as exc:
+            raise exc.renamed(f"start.{exc.field}") from None
         # a dense Hessian the caller sends must fit a message
         if options.method in DENSE_METHODS and dense_source(caps, n) == "hessian":
             service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")

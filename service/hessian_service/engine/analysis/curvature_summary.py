@@ -25,8 +25,9 @@ from ..validation import decomposable
 class SpectrumSummary:
     """Extreme eigenvalues, how many are negative, |lambda|max / |lambda|min, trace.
 
-    negative_eigenvalues counts those below -negative_tolerance (n eps max|lambda|, eps of
-    the matrix's dtype: smaller magnitudes are rounding); positive_definite means the
+    negative_eigenvalues counts those below -negative_tolerance (max(n, sqrt(rows)) eps
+    max|lambda|, eps of the matrix's dtype, rows the data rows its entries sum over: smaller
+    magnitudes are rounding); positive_definite means the
     smallest is above +negative_tolerance; condition_number is +inf when some |lambda| is
     within negative_tolerance of 0 (singular to rounding).
     """
@@ -51,23 +52,24 @@ class DenseCurvature:
     backend: str
 
 
-def spectrum_summary(matrix: torch.Tensor) -> SpectrumSummary:
+def spectrum_summary(matrix: torch.Tensor, rows: int = 0) -> SpectrumSummary:
     """Summarise the spectrum of a symmetric matrix (symmetrised first; eigvalsh in float64).
 
-    Signs are judged against the rounding of the matrix's own dtype (`negative_tolerance`).
+    Signs are judged against the rounding of the matrix's own dtype and of its entries' sums
+    over `rows` data rows (`negative_tolerance`).
     """
     evals = torch.linalg.eigvalsh(symmetrise(matrix.to(torch.float64)))
     if evals.numel() == 0:
         return SpectrumSummary(0.0, 0.0, 0, math.nan, False, 0.0)
     magnitudes = evals.abs()
     smallest = float(magnitudes.min())
-    tol = negative_tolerance(evals, matrix.dtype)
+    tol = negative_tolerance(evals, matrix.dtype, rows)
     # singular to rounding (an eigenvalue within tol of 0, numpy.linalg.matrix_rank's test)
     condition = math.inf if smallest <= tol else float(magnitudes.max()) / smallest
     return SpectrumSummary(
         min_eigenvalue=float(evals[0]),
         max_eigenvalue=float(evals[-1]),
-        negative_eigenvalues=count_negative(evals, matrix.dtype),
+        negative_eigenvalues=count_negative(evals, matrix.dtype, rows),
         condition_number=condition,
         positive_definite=bool(evals[0] > tol),
         trace=float(evals.sum()),
@@ -108,7 +110,7 @@ def _dense_curvature(
     )
     check("before the eigendecomposition")
     with decomposable("params"):
-        summary = spectrum_summary(matrix)
+        summary = spectrum_summary(matrix, objective.num_rows)
     return DenseCurvature(
         loss=float(loss),
         gradient=grad,

@@ -58,8 +58,11 @@ class Backend(Protocol):
     def solve(self, h: torch.Tensor, g: torch.Tensor, damping: float) -> linalg.SolveResult:
         """Damped Cholesky Newton direction."""
 
-    def saddle_free(self, h: torch.Tensor, g: torch.Tensor, floor: float) -> linalg.SolveResult:
-        """Saddle-free Newton direction with the negative-eigenvalue count."""
+    def saddle_free(
+        self, h: torch.Tensor, g: torch.Tensor, floor: float, rows: int = 0
+    ) -> linalg.SolveResult:
+        """Saddle-free Newton direction with the negative-eigenvalue count (linalg's
+        tolerance for a matrix summed over `rows` data rows)."""
 
 
 class AutogradBackend:
@@ -83,8 +86,10 @@ class AutogradBackend:
     def solve(self, h: torch.Tensor, g: torch.Tensor, damping: float) -> linalg.SolveResult:
         return linalg.damped_cholesky_solve(h, g, damping)
 
-    def saddle_free(self, h: torch.Tensor, g: torch.Tensor, floor: float) -> linalg.SolveResult:
-        return linalg.saddle_free_direction(h, g, floor)
+    def saddle_free(
+        self, h: torch.Tensor, g: torch.Tensor, floor: float, rows: int = 0
+    ) -> linalg.SolveResult:
+        return linalg.saddle_free_direction(h, g, floor, rows)
 
 
 AUTOGRAD = AutogradBackend()

@@ -38,6 +38,8 @@ class Objective(ABC):
     """
 
     name: ClassVar[str]
+    # how refusals name it ("" : by `name`)
+    described_as: ClassVar[str] = ""
     data_fields: ClassVar[tuple[str, ...]] = ()
     option_names: ClassVar[tuple[str, ...]] = ()
     # the options the server fills from its own flags (not sent by a caller, not in the proto)

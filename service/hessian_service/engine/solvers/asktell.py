@@ -163,6 +163,7 @@ class RemoteObjective(Objective):
     """
 
     name = "remote"
+    described_as = "the caller's objective (Optimize)"
 
     def __init__(
         self,

@@ -413,18 +413,23 @@ def _newton(stepper: Stepper, point: Point, damping: float) -> Direction:
     h = point.curvature
     res = stepper.backend.solver.solve(h, point.grad, damping)
     if res.damping > damping:
-        res = replace(res, negative_eigenvalues=negative_eigenvalues(h), damped=True)
+        objective = stepper.objective
+        negative = 0 if objective.convex else negative_eigenvalues(h, objective.num_rows)
+        res = replace(res, negative_eigenvalues=negative, damped=True)
     elif damping == 0:
         res = replace(res, negative_eigenvalues=0)
     return _dense(stepper, point, res)
 
 
 def _saddle_free(stepper: Stepper, point: Point, damping: float) -> Direction:
-    """d = -|H|^-1 g, counting H's negative eigenvalues."""
-    floor = stepper.options.eigenvalue_floor
-    return _dense(
-        stepper, point, stepper.backend.solver.saddle_free(point.curvature, point.grad, floor)
-    )
+    """d = -|H|^-1 g, counting H's negative eigenvalues (none for a convex objective: there
+    any is rounding)."""
+    floor, objective = stepper.options.eigenvalue_floor, stepper.objective
+    solver = stepper.backend.solver
+    res = solver.saddle_free(point.curvature, point.grad, floor, objective.num_rows)
+    if objective.convex:
+        res = replace(res, negative_eigenvalues=0)
+    return _dense(stepper, point, res)
 
 
 def _conjugate_gradient(stepper: Stepper, point: Point, damping: float) -> Direction:

@@ -23,6 +23,7 @@ from ..linalg import (
     definite_by_a_margin,
     loss_rounding,
     off_gauge,
+    rounding_factor,
     symmetrise,
 )
 from ..objectives.base import Objective
@@ -127,11 +128,13 @@ def end_point(
     h: torch.Tensor,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     convex: bool = False,
+    rows: int = 0,
 ) -> tuple[str, int]:
     """The second-order test at a point from its dense Hessian, and its negative count.
 
     linalg.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
-    eigenvalues within n eps max|lambda| of 0 (`negative_tolerance`) counted as 0. For a
+    eigenvalues within max(n, sqrt(rows)) eps max|lambda| of 0 (`negative_tolerance`; `rows`:
+    the data rows the Hessian's entries sum over) counted as 0. For a
     `convex` objective (Objective.convex) H is positive semi-definite, so every negative
     eigenvalue is rounding (near a separable limit the entries of a softmax Hessian cancel to
     1e-10 with absolute errors of 1e-16): minimum or flat, no negatives.
@@ -146,11 +149,11 @@ def end_point(
     evals = torch.linalg.eigvalsh(m)[: h.shape[0] - gauge]
     if evals.numel() == 0:
         return "flat", 0
-    relative = evals.numel() * torch.finfo(h.dtype).eps
+    relative = rounding_factor(evals.numel(), rows) * torch.finfo(h.dtype).eps
     if convex:
         evals = evals.clamp(min=0.0)
     verdict, _ = classify(float(evals[0]), float(evals[-1]), relative, 0.0)
-    return verdict, count_negative(evals, h.dtype)
+    return verdict, count_negative(evals, h.dtype, rows)
 
 
 def take_step(
@@ -461,7 +464,7 @@ class Run:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     gauge = self.objective.project_step if self.objective.has_gauge else None
                     record.end_point, record.negative_eigenvalues = end_point(
-                        point.curvature, gauge, self.objective.convex
+                        point.curvature, gauge, self.objective.convex, self.objective.num_rows
                     )
                     self._finish(*_second_order_verdict(stop, record))
                 else:

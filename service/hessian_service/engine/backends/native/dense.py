@@ -59,10 +59,13 @@ class NativeBackend:
             )
         return linalg.SolveResult(d, float(lam), attempts)
 
-    def saddle_free(self, h: torch.Tensor, g: torch.Tensor, floor: float) -> linalg.SolveResult:
+    def saddle_free(
+        self, h: torch.Tensor, g: torch.Tensor, floor: float, rows: int = 0
+    ) -> linalg.SolveResult:
         """The native direction and negative count (the op counts against
         `linalg.negative_tolerance`, as the autograd path does)."""
-        d, negative = ops.saddle_free(h, g, float(floor))
+        factor = linalg.rounding_factor(h.shape[0], rows)
+        d, negative = ops.saddle_free(h, g, float(floor), factor)
         return linalg.SolveResult(d, 0.0, 1, int(negative))
 
     def fused_entry(self, objective: Objective) -> tuple[Callable[..., Any], tuple] | None:

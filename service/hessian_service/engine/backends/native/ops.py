@@ -102,7 +102,7 @@ def _(h, g, damping, max_attempts):
 
 
 @torch.library.register_fake("hessian::saddle_free")
-def _(h, g, eigenvalue_floor):
+def _(h, g, eigenvalue_floor, tolerance_factor):
     return g.new_empty(g.shape), h.new_empty((), dtype=torch.int64)
 
 
