@@ -6,7 +6,10 @@ float64 on fresh inputs, never the engine's own output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+import threading
 from itertools import pairwise
 
 import numpy as np
@@ -23,6 +26,7 @@ from hessian_service.engine import (
 )
 from hessian_service.engine.analysis.curvature_summary import dense_curvature, spectrum_summary
 from hessian_service.engine.analysis.spectrum import SpectrumOptions, analyze_curvature
+from hessian_service.engine.cancel import Cancelled, CancelToken
 from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.options import METHODS, STEP_POLICIES
 from hessian_service.engine.records import StopReason
@@ -191,6 +195,35 @@ def identity_quadratic(n: int) -> Objective:
     """0.5 |x|^2 (minimum at 0)."""
     data = {"A": torch.eye(n, dtype=F64), "b": torch.zeros(n, dtype=F64)}
     return make_objective("quadratic", data)
+
+
+def _endless_line_search(rng) -> tuple[Objective, torch.Tensor, MethodOptions]:
+    """Rosenbrock far out with a search that would take 10,000 barely shorter trials."""
+    obj = make_objective("rosenbrock", {}, {"dim": 50})
+    x = torch.tensor(rng.uniform(2.0, 3.0, 50))
+    options = MethodOptions(
+        method="gradient_descent", step_policy="line_search", learning_rate=1.0,
+        armijo=0.9999, backtrack=1 - 1e-7, max_backtracks=10_000,
+    )  # fmt: skip
+    return obj, x, options
+
+
+def test_a_deadline_or_a_cancel_stops_a_line_search_between_its_trials(rng):
+    obj, x, options = _endless_line_search(rng)
+    with pytest.raises(Cancelled) as err:  # NewtonStep's deadline
+        take_step(obj, x, options, cancel=CancelToken.after(0.05))
+    trials = int(re.search(r"after (\d+) line-search trials", str(err.value)).group(1))
+    assert 0 < trials < 10_000
+    token = CancelToken()  # CancelRun: the run stops inside its first step, not after it
+    run = Run(obj, x, options, StopCriteria(max_iterations=5), cancel=token)
+    threading.Timer(0.05, token.cancel).start()
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.CANCELLED and len(records) == 1
+    assert re.search(r"cancelled during iteration 0: .*after \d+ line-search trials", run.message)
+    with pytest.raises(
+        ValidationError, match=r"max_backtracks: expected an integer in \[1, 10000\]"
+    ):
+        take_step(obj, x, dataclasses.replace(options, max_backtracks=10_001))
 
 
 def test_zero_tolerances_disable_their_tests_even_when_nothing_changes():

@@ -21,7 +21,9 @@ ops = torch.ops.hessian
 SCHEMAS = {
     "damped_cholesky": "(Tensor H, Tensor g, float damping, int max_attempts)"
     " -> (Tensor, Tensor, Tensor)",
-    "saddle_free": "(Tensor H, Tensor g, float eigenvalue_floor) -> (Tensor, Tensor)",
+    "saddle_free": (
+        "(Tensor H, Tensor g, float eigenvalue_floor, float tolerance_factor) -> (Tensor, Tensor)"
+    ),
     "gauss_newton": "(Tensor J, Tensor? weights=None) -> Tensor",
     "mse_system": "(Tensor x, Tensor target) -> (Tensor, Tensor, Tensor)",
     "quadratic_system": "(Tensor x, Tensor A, Tensor b) -> (Tensor, Tensor, Tensor)",

@@ -126,6 +126,23 @@ def test_a_step_over_the_threshold_runs_on_the_pool(servers, threads_seen, rng):
     assert threads_seen == [threads_seen[0]] and threads_seen[0].startswith("hessian-rpc")
 
 
+def test_a_step_allowed_more_line_search_trials_than_the_default_runs_on_the_pool(
+    servers, threads_seen, rng
+):
+    """Its loss evaluations are not bounded by a default step's: on the loop, a step with
+    armijo 0.9999 and 10^9 trials held every other call (and its deadline) for minutes."""
+    inline = _stub(servers[0])
+    request = _small_step([inline], rng, max_backtracks=41)
+    threads_seen.clear()
+    inline.NewtonStep(request, timeout=HANG_GUARD)
+    assert threads_seen == [threads_seen[0]] and threads_seen[0].startswith("hessian-rpc")
+    request = _small_step([inline], rng, max_backtracks=10**9)
+    with pytest.raises(grpc.RpcError) as err:
+        inline.NewtonStep(request, timeout=HANG_GUARD)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "options.max_backtracks: expected an integer in [1, 10000]" in err.value.details()
+
+
 def test_a_long_pooled_step_leaves_the_loop_serving_small_steps(servers, monkeypatch, rng):
     handle = servers[0]
     stub = _stub(handle)

@@ -36,6 +36,9 @@ CURVATURES = ("hessian", "gauss_newton")
 BACKENDS = ("auto", "native", "autograd")
 BACKEND_ENV = "HESSIAN_BACKEND"  # the engine's backend where a call names none
 DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
+# a line search's trials per step: 0.5^1074 is below the smallest float64, and a factor near
+# 1 needs more; past it a step's time has no use (each trial is a loss evaluation)
+MAX_BACKTRACKS = 10_000
 DEFAULT_PARAMETER_TOLERANCE = 1e-8
 
 
@@ -153,7 +156,7 @@ class MethodOptions:
             raise ValidationError(f"{p}.armijo", "a number in (0, 1)", repr(self.armijo))
         if not 0 < _real(f"{p}.backtrack", self.backtrack) < 1:
             raise ValidationError(f"{p}.backtrack", "a number in (0, 1)", repr(self.backtrack))
-        require_int(f"{p}.max_backtracks", self.max_backtracks, 1)
+        require_int(f"{p}.max_backtracks", self.max_backtracks, 1, MAX_BACKTRACKS)
         budget = self.dense_budget_bytes
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0

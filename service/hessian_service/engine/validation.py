@@ -60,10 +60,17 @@ def require_no_extra(data: Mapping[str, Any], allowed: set[str], field_prefix: s
         )
 
 
-def require_int(field: str, value: Any, minimum: int) -> int:
-    """An integer (not a bool) of at least `minimum`."""
+def require_int(field: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """An integer (not a bool) of at least `minimum` (and at most `maximum`, if given)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValidationError(field, f"an integer >= {minimum}", repr(value))
+        wanted = (
+            f"an integer >= {minimum}"
+            if maximum is None
+            else f"an integer in [{minimum}, {maximum}]"
+        )
+        raise ValidationError(field, wanted, repr(value))
+    if maximum is not None and value > maximum:
+        raise ValidationError(field, f"an integer in [{minimum}, {maximum}]", repr(value))
     return value
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .. import cancel
 from ..backends import selector as backends
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError, ValidationError
@@ -495,6 +496,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     slope = found.scale * float(point.grad @ found.vector)
     first = trial = math.nan
     for _ in range(opts.max_backtracks):
+        cancel.check(f"after {evaluations} line-search trials")
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1

@@ -423,7 +423,8 @@ class Run:
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
                 try:
-                    step = self.stepper.step(point)
+                    with scope(self.cancel_token):  # a CancelRun stops a long step's loops too
+                        step = self.stepper.step(point)
                 except RoundingStall as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
                 except LineSearchFailed as exc:
