@@ -22,7 +22,6 @@ from .client import (
     _Watch,
     _watched,
     records_frame,
-    timed_out,
 )
 from .errors import HessianError, from_rpc_error
 from .results import RunInfo, RunResult, StepRecord, WireRunInfo
@@ -119,7 +118,9 @@ class Run(_RunBase):
         while True:
             remaining = watch.remaining()
             if watch.expired(remaining):
-                raise timed_out(self.id, timeout, await self._status())
+                if late := watch.overdue(await self._status()):
+                    raise late
+                remaining = None
             call, opened = opened, None
             reading_opened = call is not None
             try:
@@ -134,8 +135,10 @@ class Run(_RunBase):
                 if watch.ended():
                     return
             except grpc.RpcError as exc:
-                if watch.timed_out_by(exc, reading_opened):
-                    raise timed_out(self.id, timeout, await self._status()) from None
+                if watch.timed_out_by(exc, reading_opened) and (
+                    late := watch.overdue(await self._status())
+                ):
+                    raise late from None
             await asyncio.sleep(watch.backoff())
 
     async def _status(self) -> str:

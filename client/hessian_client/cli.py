@@ -13,6 +13,7 @@ import csv
 import inspect
 import itertools
 import json
+import math
 import os
 import queue
 import shutil
@@ -65,6 +66,28 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -389,7 +412,7 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_runs(client: Client, args: argparse.Namespace) -> int:
-    runs = itertools.islice(client.list_runs(args.status or ()), max(args.limit, 0))
+    runs = itertools.islice(client.list_runs(args.status or ()), args.limit)
     first = next(runs, None)  # asked before the header: a refused call prints no table
     if not args.json:
         print(
@@ -566,7 +589,9 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("HESSIAN_CA_FILE"),
         help="PEM CA of the server's TLS certificate; turns TLS on (env HESSIAN_CA_FILE)",
     )
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline of unary calls, s")
+    p.add_argument(
+        "--timeout", type=_positive_seconds, default=60.0, help="deadline of unary calls, s"
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="JSON output (objects or lines)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -631,7 +656,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--detach", action="store_true", help="Ctrl-C leaves the run running")
     ls = command("runs", "list runs, newest first")
     ls.add_argument("--status", action="append", choices=STATUSES, help="filter (repeatable)")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=_positive_int, default=50)
     c = command("cancel", "stop a run before its next iteration")
     c.add_argument("run_id")
     rs = command("resume", "continue an INTERRUPTED run (Ctrl-C cancels it)")

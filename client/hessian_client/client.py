@@ -34,6 +34,7 @@ from .errors import (
 from .options import method_options, stop_criteria
 from .proto import optimize_pb2, problem_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 from .results import (
+    FINAL_STATUSES,
     HessianResult,
     Method,
     RunInfo,
@@ -83,6 +84,48 @@ class VersionWarning(UserWarning):
 def _api_tuple(version: str) -> tuple[int, ...]:
     """The API version as integers ("1.10" -> (1, 10)), so that 1.10 sorts after 1.9."""
     return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+UINT64_MAX = 2**64 - 1
+
+
+def _integer(field: str, value: Any, low: int, high: int) -> int:
+    """`value` as an int in [low, high]; InvalidArgument naming `field` otherwise."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or not low <= value <= high
+    ):
+        raise invalid(field, f"an integer in [{low}, {high}]", repr(value))
+    return int(value)
+
+
+def _text(field: str, value: Any) -> str:
+    """`value` if it is a str; InvalidArgument naming `field` otherwise."""
+    if not isinstance(value, str):
+        raise invalid(field, "a string", type(value).__name__)
+    return value
+
+
+def _seconds(field: str, value: Any) -> float | None:
+    """A timeout: None (no deadline) or a finite number of seconds > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise invalid(field, "a number of seconds > 0, or None for no deadline", repr(value))
+    return float(value)
+
+
+def _bearer(token: Any) -> tuple[tuple[str, str], ...]:
+    """The authorization metadata of `token`, its surrounding whitespace dropped (as the
+    server reads its token file); refused unless it is printable ASCII (gRPC's metadata),
+    without echoing it."""
+    if token is None or token == "":
+        return ()
+    token = _text("token", token).strip()
+    if not token or not all(" " <= c <= "~" for c in token):
+        raise invalid("token", "printable ASCII (a bearer token)", f"{len(token)} characters")
+    return (("authorization", f"Bearer {token}"),)
 
 
 def check_versions(info: service_pb2.ServerInfo) -> None:
@@ -175,9 +218,8 @@ class _Api:
     ) -> None:
         address = address or os.environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS
         self.address, self._balanced = channel_target(address)
-        self.timeout = timeout
-        auth = (("authorization", f"Bearer {token}"),) if token else ()
-        self.metadata = ((CLIENT_VERSION_KEY, __version__), *auth)
+        self.timeout = _seconds("timeout", timeout)
+        self.metadata = ((CLIENT_VERSION_KEY, __version__), *_bearer(token))
 
     def _connect(
         self,
@@ -207,14 +249,19 @@ class _Api:
     @staticmethod
     def _credentials(root_certificates: bytes | None, ca_file: Any) -> Any:
         if ca_file is not None:
-            with open(ca_file, "rb") as fh:
-                root_certificates = fh.read()
+            try:
+                with open(ca_file, "rb") as fh:
+                    root_certificates = fh.read()
+            except OSError as exc:
+                raise invalid(
+                    "ca_file", "a readable PEM file", f"{ca_file} ({exc.strerror})"
+                ) from None
         if root_certificates is None:
             return None
         return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
     def _deadline(self, timeout: Any) -> float | None:
-        return self.timeout if timeout is _DEFAULT else timeout
+        return self.timeout if timeout is _DEFAULT else _seconds("timeout", timeout)
 
     def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
         raise NotImplementedError
@@ -254,10 +301,17 @@ class _Api:
         if dtype not in _DTYPES:
             raise invalid("dtype", f"one of {list(_DTYPES)}", dtype)
         dist = _distribution(distribution, "distribution")
+        if not isinstance(shapes, Sequence) or not all(isinstance(s, Sequence) for s in shapes):
+            raise invalid("shapes", "a list of shapes (lists of sizes)", repr(shapes))
         specs = [
-            optimize_pb2.TensorSpec(shape=list(s), dtype=_DTYPES[dtype], distribution=dist)
+            optimize_pb2.TensorSpec(
+                shape=[_integer("shapes", d, 0, 2**63 - 1) for d in s],
+                dtype=_DTYPES[dtype],
+                distribution=dist,
+            )
             for s in shapes
         ]
+        seed = _integer("seed", seed, 0, UINT64_MAX)
         request = service_pb2.SampleTensorsRequest(seed=seed, tensors=specs)
         return self._unary(
             "SampleTensors", request, _DEFAULT, lambda r: [tensors.decode(t) for t in r.tensors]
@@ -418,13 +472,14 @@ class _Api:
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
             stopping=stop_criteria(**(stopping or {})),
-            name=name,
+            name=_text("name", name),
             **_source(problem),
         )
         if params is not None:
             request.initial_params.CopyFrom(_encode(params, "params"))
         elif seed is not None:
             dist = _distribution(init, "init")
+            seed = _integer("seed", seed, 0, UINT64_MAX)
             request.init.CopyFrom(optimize_pb2.Initializer(seed=seed, distribution=dist))
         if watch:
             return self._start_watching(request, params)
@@ -436,11 +491,13 @@ class _Api:
 
     def run(self, run_id: str) -> Any:
         """A handle on an existing run (final parameters as numpy)."""
-        return self._run(run_id, None, None)
+        return self._run(_text("run_id", run_id), None, None)
 
     def get_run(self, run_id: str, include_params: bool = False) -> Any:
         """A run's status, stop reason, last record and (optionally) final parameters."""
-        request = service_pb2.GetRunRequest(run_id=run_id, include_params=include_params)
+        request = service_pb2.GetRunRequest(
+            run_id=_text("run_id", run_id), include_params=bool(include_params)
+        )
         return self._unary("GetRun", request, _DEFAULT, RunInfo.from_wire)
 
     @staticmethod
@@ -450,29 +507,30 @@ class _Api:
             if not isinstance(s, str) or s.upper() not in STATUSES:
                 raise invalid("status", f"one of {STATUSES}", s)
             values.append(service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()))
+        page_size = _integer("page_size", page_size, 0, 2**31 - 1)
         return service_pb2.ListRunsRequest(page_size=page_size, page_token=token, status=values)
 
     def cancel_run(self, run_id: str) -> Any:
         """Stop a run before its next iteration (its records are kept) -> RunInfo."""
-        request = service_pb2.CancelRunRequest(run_id=run_id)
+        request = service_pb2.CancelRunRequest(run_id=_text("run_id", run_id))
         return self._unary("CancelRun", request, _DEFAULT, RunInfo.from_wire)
 
     def resume_run(self, run_id: str) -> Any:
         """Continue an INTERRUPTED run from its last checkpoint -> Run."""
-        request = service_pb2.ResumeRunRequest(run_id=run_id)
+        request = service_pb2.ResumeRunRequest(run_id=_text("run_id", run_id))
         return self._unary(
             "ResumeRun", request, _DEFAULT, lambda info: self._run(run_id, info, None)
         )
 
     def delete_run(self, run_id: str) -> Any:
         """Delete a run that is not executing."""
-        request = service_pb2.DeleteRunRequest(run_id=run_id)
+        request = service_pb2.DeleteRunRequest(run_id=_text("run_id", run_id))
         return self._unary("DeleteRun", request, _DEFAULT, lambda r: r.deleted)
 
     def delete_problem(self, problem_id: str) -> Any:
         """Delete a stored problem -> whether it was deleted (FailedPrecondition while a
         queued, running or interrupted run of yours uses it; NotFound if you hold none)."""
-        request = service_pb2.DeleteProblemRequest(problem_id=problem_id)
+        request = service_pb2.DeleteProblemRequest(problem_id=_text("problem_id", problem_id))
         return self._unary("DeleteProblem", request, _DEFAULT, lambda r: r.deleted)
 
 
@@ -630,6 +688,10 @@ class _Watch:
     def __init__(
         self, run: _RunBase, from_iteration: int, reconnect_timeout: float, timeout: float | None
     ) -> None:
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout != timeout
+        ):
+            raise invalid("timeout", "a number of seconds, or None for no deadline", repr(timeout))
         self.run, self.nxt, self.timeout = run, from_iteration, timeout
         self.reconnect_timeout = reconnect_timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -643,6 +705,14 @@ class _Watch:
     def expired(self, remaining: float | None) -> bool:
         """Whether the whole stream's `timeout` has passed."""
         return remaining is not None and remaining <= 0
+
+    def overdue(self, status: Any) -> DeadlineExceeded | None:
+        """At the deadline: the error to raise while the run is still going, or None (and
+        no deadline from now on) when it has ended, whose records are all there to read."""
+        if status in FINAL_STATUSES:
+            self.deadline = None
+            return None
+        return timed_out(self.run.id, self.timeout, status)
 
     def request(self) -> service_pb2.WatchRunRequest:
         """The WatchRun request resuming after the last record seen."""
@@ -719,7 +789,9 @@ class Run(_RunBase):
         while True:
             remaining = watch.remaining()
             if watch.expired(remaining):
-                raise timed_out(self.id, timeout, self._status())
+                if late := watch.overdue(self._status()):
+                    raise late
+                remaining = None
             call, opened = opened, None
             reading_opened = call is not None
             try:
@@ -732,8 +804,10 @@ class Run(_RunBase):
                 if watch.ended():
                     return
             except grpc.RpcError as exc:
-                if watch.timed_out_by(exc, reading_opened):
-                    raise timed_out(self.id, timeout, self._status()) from None
+                if watch.timed_out_by(exc, reading_opened) and (
+                    late := watch.overdue(self._status())
+                ):
+                    raise late from None
             time.sleep(watch.backoff())
 
     def _status(self) -> str:

@@ -50,6 +50,9 @@ def test_bad_settings_name_the_flag():
         ("--address", "127.0.0.1:-5", "--address must be host:port"),
         ("--address", "127.0.0.1", "--address must be host:port"),
         ("--address", ":50051", "--address must be host:port"),
+        ("--max-message-bytes", "10", "--max-message-bytes must be >= 1024"),
+        ("--max-data-bytes", "-1", "--max-data-bytes must be >= 1"),
+        ("--max-data-bytes", "0", "--max-data-bytes must be >= 1"),
     ],
 )
 def test_values_the_server_could_not_run_with_are_refused_at_start(flag, value, message):

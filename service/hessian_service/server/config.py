@@ -25,6 +25,7 @@ LOG_LEVELS = tuple(logging.getLevelNamesMapping())  # WARN, FATAL and NOTSET too
 UNIX_SCHEMES = ("unix:", "unix-abstract:")  # gRPC's Unix domain socket addresses
 INT64_MAX = 2**63 - 1  # the wire's int64 (ServerInfo reports the limits)
 GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
+MIN_MESSAGE_BYTES = 1024
 MAX_THREADS = 1024  # workers, RPC threads and torch threads: more is a typo, not a machine
 
 
@@ -112,9 +113,15 @@ class ServerConfig:
             "commit_every_records",
             "commit_interval_ms",
             "max_optimize_runs",
+            "max_data_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError(
+                f"--max-message-bytes must be >= {MIN_MESSAGE_BYTES} (a run's info, a record "
+                "and GetServerInfo's answer must fit one message)"
+            )
         for name in (
             "max_runs_per_token",
             "max_stored_runs",
