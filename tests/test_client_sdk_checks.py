@@ -414,6 +414,20 @@ def test_aio_run_result_params_have_the_shape_sent(address, rng):
          "options.learning_rate", "a number"),
         (lambda c: c.start_run(_ROSEN, [0.0, 0.0], curvature_seed=1.5), "options.seed",
          "an integer"),
+        (lambda c: c.start_run(_ROSEN, seed=-1), "seed", "an integer in [0, 18446744073709551615]"),
+        (lambda c: c.start_run(_ROSEN, seed=2**64), "seed", "an integer in [0, "),
+        (lambda c: c.sample(-1, [[2]]), "seed", "an integer in [0, "),
+        (lambda c: c.sample(0, 3), "shapes", "a list of shapes"),
+        (lambda c: c.sample(0, [[2.5]]), "shapes", "an integer in [0, "),
+        (lambda c: c.get_run(5), "run_id", "a string"),
+        (lambda c: c.cancel_run(None), "run_id", "a string"),
+        (lambda c: c.delete_problem(7), "problem_id", "a string"),
+        (lambda c: c.start_run(_ROSEN, [0.0, 0.0], name=5), "name", "a string"),
+        (lambda c: list(c.list_runs(page_size="5")), "page_size", "an integer in [0, "),
+        (lambda c: c.newton_step(_ROSEN, [0.0, 0.0], timeout="a"), "timeout",
+         "a number of seconds > 0"),
+        (lambda c: c.newton_step(_ROSEN, [0.0, 0.0], timeout=0), "timeout",
+         "a number of seconds > 0"),
     ],
 )  # fmt: skip
 def test_a_value_of_the_wrong_type_is_invalid_argument_naming_it_before_sending(
@@ -426,3 +440,45 @@ def test_a_value_of_the_wrong_type_is_invalid_argument_naming_it_before_sending(
 
 
 _ROSEN = problems.rosenbrock(dim=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"timeout": -1}, "timeout", "a number of seconds > 0, or None"),
+        ({"token": "tok\x00en"}, "token", "printable ASCII"),
+        ({"token": 5}, "token", "a string"),
+        ({"ca_file": "/nonexistent/ca.pem"}, "ca_file", "a readable PEM file"),
+    ],
+)
+def test_client_arguments_of_the_wrong_kind_are_invalid_argument_naming_them(
+    kwargs, field, expected
+):
+    with pytest.raises(InvalidArgument) as err:
+        Client(NOWHERE, **kwargs)
+    assert err.value.field == field and f"expected {expected}" in err.value.message
+    assert "tok\x00en" not in err.value.message  # a token is never echoed
+
+
+def test_a_token_read_with_its_newline_is_sent_stripped():
+    with Client(NOWHERE, token="  tok-A\n") as client:
+        assert ("authorization", "Bearer tok-A") in client.metadata
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--objective", "rosenbrock", "--seed", "-1"),
+        ("--timeout", "0", "info"),
+        ("--timeout", "-1", "info"),
+        ("runs", "--limit", "0"),
+        ("runs", "--limit", "-1"),
+    ],
+)
+def test_cli_values_out_of_range_are_usage_errors(capsys, args):
+    try:
+        code = main(["--address", NOWHERE, *args])
+    except SystemExit as exc:  # argparse's refusal of a flag's value
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err

@@ -231,6 +231,22 @@ def test_client_side_mistakes_raise_invalid_argument_naming_the_field(client, ca
     assert err.value.expected and "expected" in err.value.message
 
 
+@pytest.mark.parametrize("timeout", [0, -1, 1e-9])
+def test_a_timeout_already_past_on_an_ended_run_returns_its_end(client, timeout):
+    """A run that has ended has nothing to wait for: wait, result and stream return at once
+    with its records (they raised DeadlineExceeded 'still FINISHED after 0 s')."""
+    run = client.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 3})
+    records = list(run.stream())
+    ended = client.run(run.id)  # a fresh handle, which has seen nothing
+    assert ended.wait(timeout=timeout).status == "FINISHED"
+    assert [r.iteration for r in client.run(run.id).stream(timeout=timeout)] == [
+        r.iteration for r in records
+    ]
+    np.testing.assert_array_equal(
+        client.run(run.id).result(timeout=timeout).params, run.result().params
+    )
+
+
 def test_wait_and_result_honour_their_timeout_on_a_queued_run(tmp_path):
     server = start_server(tmp_path, workers=1)
     try:
