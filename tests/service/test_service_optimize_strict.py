@@ -139,6 +139,19 @@ def test_int64_initial_params_are_refused_before_any_run_exists(server, rng):
         assert [r.run_id for r in client.list_runs()] == before
 
 
+def test_no_initial_params_at_all_are_refused_before_any_run_exists(server):
+    # an empty start ran to FINISHED 'converged: gradient max-norm 0' (minimize refuses it)
+    with Client(server.address) as client:
+        before = [r.run_id for r in client.list_runs()]
+    refused = Stream(server.address, start_request(np.zeros(0), gradient=True)).refusal()
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details() == (
+        "start.initial_params: expected at least one parameter, got 0 values"
+    )
+    with Client(server.address) as client:
+        assert [r.run_id for r in client.list_runs()] == before
+
+
 def exported_mse(rows: int, cols: int, rows_dynamic: tuple[str, ...] = ()):
     X, y = torch.randn(rows, cols, dtype=torch.float64), torch.randn(rows, dtype=torch.float64)
     problem = problems.exported(

@@ -86,6 +86,8 @@ class Optimizer:
         if not start.HasField("initial_params"):
             raise ValidationError("start.initial_params", "the starting point (n values)", "none")
         params = service._decode_params(start.initial_params, "start.initial_params").reshape(-1)
+        if not params.numel():
+            raise ValidationError("start.initial_params", "at least one parameter", "0 values")
         wire = start.capabilities
         caps = Capabilities(wire.gradient, wire.hessian, wire.hvp, wire.gauss_newton)
         speculative = start.speculative if start.HasField("speculative") else True
