@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +141,30 @@ def test_server_keeps_at_most_max_stored_runs_and_spares_a_running_one(tmp_path)
             c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD).wait(30)
             assert long.id not in {r.run_id for r in c.list_runs()}
             assert len(list(c.list_runs())) == 2
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_the_stored_runs_cap_holds_once_runs_end_without_another_start(tmp_path):
+    """Three runs started together end after the last start: the cap is applied as each
+    ends (before, the store kept all three until some later StartRun)."""
+    handle = start_server(tmp_path, max_stored_runs=2)
+    try:
+        with Client(handle.address) as c:
+            problem, stopping = problems.rosenbrock(dim=2), {"max_iterations": 3000}
+            started = {
+                c.start_run(problem, np.zeros(2), stopping=stopping, **GD).id for _ in range(3)
+            }
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                runs = list(c.list_runs())
+                if all(r.done for r in runs) and len(runs) <= 2:
+                    break
+                time.sleep(0.05)
+            assert len(runs) == 2 and all(r.done for r in runs), [
+                (r.run_id, r.status) for r in runs
+            ]
+            assert {r.run_id for r in runs} < started
     finally:
         handle.stop(grace=1.0)
 

@@ -231,9 +231,9 @@ class RunManager:
         process_after: float = 0.0,
     ) -> None:
         """`max_iterations`: the cap on a started run's stopping.max_iterations (0: none);
-        `max_stored_runs`: the oldest ended runs are deleted past it after each start (0: all
-        are kept); `processes`: the worker processes runs iterate in (None: on the pool's
-        threads; the manager closes them at shutdown); `process_after` (seconds; 0: every
+        `max_stored_runs`: the oldest ended runs are deleted past it after each start and
+        end (0: all are kept); `processes`: the worker processes runs iterate in (None: on
+        the pool's threads; the manager closes them at shutdown); `process_after` (seconds; 0: every
         run starts in a worker): a run that starts while no other is live begins on its
         thread and moves to a worker once it has iterated that long."""
         self.store = store
@@ -352,6 +352,15 @@ class RunManager:
         with self._lock:
             self._live.pop(run_id, None)
 
+    def _retain(self) -> None:
+        """--max-stored-runs: delete the oldest ended runs past the cap (after each start and
+        each end, so the cap holds once runs finish, not only at the next start)."""
+        if self.max_stored_runs:
+            try:
+                self.store.enforce_retention(self.max_stored_runs)
+            except StoreError as exc:  # the next start or end tries again
+                log.warning("could not apply --max-stored-runs: %s", exc)
+
     def _release(self, live: LiveRun) -> None:
         """The run is no longer live here (it ended, or its admission failed): forget it,
         then wake its watchers, who end with its final row or read the store (NOT_FOUND, or
@@ -440,8 +449,7 @@ class RunManager:
         except BaseException:
             self._release(live)
             raise
-        if self.max_stored_runs:
-            self.store.enforce_retention(self.max_stored_runs)
+        self._retain()
         return row
 
     def resume(self, row: RunRow, objective: Objective) -> RunRow:
@@ -901,6 +909,7 @@ class RunManager:
                     self._store_final(live, run, final)
             finally:  # whatever storing the end raised, its watchers must not wait forever
                 self._release(live)
+                self._retain()
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""
