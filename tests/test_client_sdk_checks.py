@@ -482,3 +482,12 @@ def test_cli_values_out_of_range_are_usage_errors(capsys, args):
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+
+
+def test_the_sdks_own_refusals_cut_echoed_input_as_the_server_does():
+    # README: echoed input is cut to 200 characters with its full length noted
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        client.newton_step(_ROSEN, [0.0, 0.0], method="n" * 5000)
+    shown = repr("n" * 5000)
+    assert err.value.message.endswith(f"got {shown[:200]}... ({len(shown)} characters)")
+    assert len(err.value.message) < 400

@@ -96,7 +96,7 @@ def _integer(field: str, value: Any, low: int, high: int) -> int:
         or not isinstance(value, int | np.integer)
         or not low <= value <= high
     ):
-        raise invalid(field, f"an integer in [{low}, {high}]", repr(value))
+        raise invalid(field, f"an integer in [{low}, {high}]", value)
     return int(value)
 
 
@@ -112,7 +112,7 @@ def _seconds(field: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise invalid(field, "a number of seconds > 0, or None for no deadline", repr(value))
+        raise invalid(field, "a number of seconds > 0, or None for no deadline", value)
     return float(value)
 
 
@@ -302,7 +302,7 @@ class _Api:
             raise invalid("dtype", f"one of {list(_DTYPES)}", dtype)
         dist = _distribution(distribution, "distribution")
         if not isinstance(shapes, Sequence) or not all(isinstance(s, Sequence) for s in shapes):
-            raise invalid("shapes", "a list of shapes (lists of sizes)", repr(shapes))
+            raise invalid("shapes", "a list of shapes (lists of sizes)", shapes)
         specs = [
             optimize_pb2.TensorSpec(
                 shape=[_integer("shapes", d, 0, 2**63 - 1) for d in s],
@@ -691,7 +691,7 @@ class _Watch:
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout != timeout
         ):
-            raise invalid("timeout", "a number of seconds, or None for no deadline", repr(timeout))
+            raise invalid("timeout", "a number of seconds, or None for no deadline", timeout)
         self.run, self.nxt, self.timeout = run, from_iteration, timeout
         self.reconnect_timeout = reconnect_timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout

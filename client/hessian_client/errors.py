@@ -147,10 +147,17 @@ _BY_CODE = {
 }
 
 
+ECHO_LIMIT = 200  # characters of the caller's input a message repeats, as the server's
+
+
 def invalid(field: str, expected: str, got: object) -> InvalidArgument:
-    """A client-side InvalidArgument worded like the server's: `field: expected X, got Y`."""
+    """A client-side InvalidArgument worded like the server's: `field: expected X, got Y`,
+    the echoed input cut to ECHO_LIMIT characters with its full length noted."""
+    shown = repr(got)
+    if len(shown) > ECHO_LIMIT:
+        shown = f"{shown[:ECHO_LIMIT]}... ({len(shown)} characters)"
     return InvalidArgument(
-        f"{field}: expected {expected}, got {got!r}", field=field, expected=expected
+        f"{field}: expected {expected}, got {shown}", field=field, expected=expected
     )
 
 
