@@ -404,6 +404,12 @@ L01 = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
 L3 = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
 
 
+def test_data_sent_to_an_objective_that_takes_none_is_named_as_such():
+    # it said "expected only no fields"
+    err = _raises("data.X", "rosenbrock", {"X": X}, {"dim": 2})
+    assert str(err) == "data.X: expected no fields (it takes none), got an unknown field"
+
+
 @pytest.mark.parametrize(
     "name", ["least_squares", "logistic_regression", "softmax_regression", "mlp"]
 )

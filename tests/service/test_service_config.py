@@ -53,6 +53,7 @@ def test_bad_settings_name_the_flag():
         ("--max-message-bytes", "10", "--max-message-bytes must be >= 1024"),
         ("--max-data-bytes", "-1", "--max-data-bytes must be >= 1"),
         ("--max-data-bytes", "0", "--max-data-bytes must be >= 1"),
+        ("--metrics-port", "50051", "--metrics-port 50051 is --address's port"),
     ],
 )
 def test_values_the_server_could_not_run_with_are_refused_at_start(flag, value, message):

@@ -55,7 +55,7 @@ def require_no_extra(data: Mapping[str, Any], allowed: set[str], field_prefix: s
     if extra:
         raise ValidationError(
             f"{field_prefix}.{extra[0]}",
-            f"only {sorted(allowed) or 'no fields'}",
+            f"only {sorted(allowed)}" if allowed else "no fields (it takes none)",
             "an unknown field",
         )
 

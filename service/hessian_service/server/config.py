@@ -200,6 +200,10 @@ class ServerConfig:
                 f"--address must be host:port with a port in 0-65535 (or unix:PATH), got "
                 f"{self.address!r}"
             )
+        if self.metrics_port and int(port) == self.metrics_port:
+            raise ValueError(
+                f"--metrics-port {self.metrics_port} is --address's port: give them two ports"
+            )
 
     @property
     def host(self) -> str:
