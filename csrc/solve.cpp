@@ -323,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Te
   TORCH_CHECK(eigenvalue_floor > 0, "eigenvalue_floor must be > 0, got ", eigenvalue_floor);
   auto [evals, evecs] = at::linalg_eigh((h + h.t()) * 0.5);
   // negative: below -tolerance_factor eps max|lambda| (linalg.negative_tolerance, whose
-  // rounding_factor is max(n, sqrt(rows)); same operations in the same order, so both count
+  // rounding_factor is max(n, log2(rows)); same operations in the same order, so both count
   // alike); smaller magnitudes are rounding noise of the matrix
   TORCH_CHECK(tolerance_factor >= 0, "tolerance_factor must be >= 0, got ", tolerance_factor);
   const int64_t n = evals.numel();

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -89,19 +90,24 @@ def _api_tuple(version: str) -> tuple[int, ...]:
 UINT64_MAX = 2**64 - 1
 
 
+def _number(value: Any, kind: type) -> bool:
+    """Whether `value` is a number of `kind` (numbers.Integral or Real; numpy's scalars
+    included, a bool not)."""
+    return isinstance(value, kind) and not isinstance(value, bool | np.bool_)
+
+
 def _integer(field: str, value: Any, low: int, high: int) -> int:
     """`value` as an int in [low, high]; InvalidArgument naming `field` otherwise."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | np.integer)
-        or not low <= value <= high
-    ):
+    if not _number(value, numbers.Integral) or not low <= value <= high:
         raise invalid(field, f"an integer in [{low}, {high}]", value)
     return int(value)
 
 
-def _text(field: str, value: Any) -> str:
-    """`value` if it is a str; InvalidArgument naming `field` otherwise."""
+def _text(field: str, value: Any, unset: str | None = None) -> str:
+    """`value` if it is a str (None: `unset`, where the field may be left unset);
+    InvalidArgument naming `field` otherwise."""
+    if value is None and unset is not None:
+        return unset
     if not isinstance(value, str):
         raise invalid(field, "a string", type(value).__name__)
     return value
@@ -111,7 +117,7 @@ def _seconds(field: str, value: Any) -> float | None:
     """A timeout: None (no deadline) or a finite number of seconds > 0."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+    if not _number(value, numbers.Real) or not 0 < value < math.inf:
         raise invalid(field, "a number of seconds > 0, or None for no deadline", value)
     return float(value)
 
@@ -249,6 +255,8 @@ class _Api:
     @staticmethod
     def _credentials(root_certificates: bytes | None, ca_file: Any) -> Any:
         if ca_file is not None:
+            if not isinstance(ca_file, str | bytes | os.PathLike):  # an int is a descriptor
+                raise invalid("ca_file", "a path to a PEM file", type(ca_file).__name__)
             try:
                 with open(ca_file, "rb") as fh:
                     root_certificates = fh.read()
@@ -301,15 +309,17 @@ class _Api:
         if dtype not in _DTYPES:
             raise invalid("dtype", f"one of {list(_DTYPES)}", dtype)
         dist = _distribution(distribution, "distribution")
-        if not isinstance(shapes, Sequence) or not all(isinstance(s, Sequence) for s in shapes):
-            raise invalid("shapes", "a list of shapes (lists of sizes)", shapes)
+        try:
+            sizes = [list(s) for s in shapes]
+        except TypeError:
+            raise invalid("shapes", "a list of shapes (lists of sizes)", shapes) from None
         specs = [
             optimize_pb2.TensorSpec(
                 shape=[_integer("shapes", d, 0, 2**63 - 1) for d in s],
                 dtype=_DTYPES[dtype],
                 distribution=dist,
             )
-            for s in shapes
+            for s in sizes
         ]
         seed = _integer("seed", seed, 0, UINT64_MAX)
         request = service_pb2.SampleTensorsRequest(seed=seed, tensors=specs)
@@ -472,7 +482,7 @@ class _Api:
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
             stopping=stop_criteria(**(stopping or {})),
-            name=_text("name", name),
+            name=_text("name", name, unset=""),
             **_source(problem),
         )
         if params is not None:
@@ -507,7 +517,7 @@ class _Api:
             if not isinstance(s, str) or s.upper() not in STATUSES:
                 raise invalid("status", f"one of {STATUSES}", s)
             values.append(service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()))
-        page_size = _integer("page_size", page_size, 0, 2**31 - 1)
+        page_size = 0 if page_size is None else _integer("page_size", page_size, 0, 2**31 - 1)
         return service_pb2.ListRunsRequest(page_size=page_size, page_token=token, status=values)
 
     def cancel_run(self, run_id: str) -> Any:
@@ -688,10 +698,10 @@ class _Watch:
     def __init__(
         self, run: _RunBase, from_iteration: int, reconnect_timeout: float, timeout: float | None
     ) -> None:
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout != timeout
-        ):
+        if timeout is not None and (not _number(timeout, numbers.Real) or math.isnan(timeout)):
             raise invalid("timeout", "a number of seconds, or None for no deadline", timeout)
+        if timeout == math.inf:
+            timeout = None
         self.run, self.nxt, self.timeout = run, from_iteration, timeout
         self.reconnect_timeout = reconnect_timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout

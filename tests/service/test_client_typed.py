@@ -416,3 +416,21 @@ def test_readme_example_error_is_the_engines_message():
             "softmax_regression", {"X": x, "labels": torch.tensor([0, 1, 7])}, {"num_classes": 4}
         )
     assert f"`{err.value}`" in readme
+
+
+def test_numpy_numbers_generators_and_unset_values_are_taken_where_they_were(client):
+    """The SDK's argument checks take what protobuf took: numpy scalars as timeouts and
+    sizes, shapes as arrays or generators, None for an unset name or page size."""
+    want = client.sample(3, [[2, 3]])[0]
+    for shapes in (np.array([[2, 3]]), [np.array([2, 3])], (s for s in [(2, 3)])):
+        np.testing.assert_array_equal(client.sample(np.uint64(3), shapes)[0], want)
+    run = client.start_run(
+        problems.rosenbrock(dim=2), np.zeros(2), name=None, stopping={"max_iterations": 3}
+    )
+    assert run.wait(np.int64(30)).status == "FINISHED" and run.wait(np.float32(30)).name == ""
+    assert run.wait(float("inf")).status == "FINISHED"
+    assert run.id in {r.run_id for r in client.list_runs(page_size=None)}
+    with Client(client.address, timeout=np.int64(30)) as other:
+        assert other.info().version
+    with pytest.raises(InvalidArgument, match="ca_file: expected a path to a PEM file"):
+        Client(client.address, ca_file=5)  # an int is a descriptor open() would close

@@ -77,6 +77,34 @@ def test_commit_listeners_hear_of_records_only_once_another_reader_can_see_them(
     store.close()
 
 
+def test_retention_keeps_the_run_that_has_just_ended(tmp_path):
+    store = SQLiteRunStore(tmp_path)
+    for i, status in enumerate(["FINISHED", "FINISHED", "RUNNING"]):
+        store.create_run(_row(f"r-{i}", float(i), status), _cp())
+    assert store.enforce_retention(1, keep="r-0") == ["r-1"]  # not the oldest: it just ended
+    assert {r.run_id for r in store.list_runs([], 100, None)} == {"r-0", "r-2"}
+    store.close()
+
+
+def test_a_run_that_ends_while_an_older_one_runs_stays_readable_under_the_cap(tmp_path):
+    """Cap 1, an older run still going: the run that ends is kept for its client's result()
+    (deleted at its own end, its client found NOT_FOUND), and goes once the older one ends."""
+    handle = start_server(tmp_path, max_stored_runs=1)
+    try:
+        with Client(handle.address) as c:
+            problem = problems.rosenbrock(dim=2)
+            long = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 10**6}, **GD)
+            next(iter(long.stream()))
+            short = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
+            assert short.wait(30).status == "FINISHED"
+            assert short.result(30).info.run_id == short.id
+            long.cancel()
+            assert long.wait(30).status == "CANCELLED"
+            assert [r.run_id for r in c.list_runs()] == [long.id]
+    finally:
+        handle.stop(grace=1.0)
+
+
 def test_a_cap_too_small_for_any_run_is_refused_at_start_and_the_floor_holds_a_run(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "hessian_service.server", "--max-store-bytes", "40000",

@@ -19,7 +19,7 @@ from hessian_service.server.runs import RunManager
 from hessian_service.server.threads import (
     ThreadPolicy,
     cgroup_cpu_limit,
-    cpus_origin,
+    cpu_budget,
     usable_cpus,
 )
 from hessian_service.store import SQLiteRunStore
@@ -45,7 +45,7 @@ def test_no_quota_leaves_the_affinity_mask(tmp_path):
     assert cgroup_cpu_limit(root, proc) is None
     assert usable_cpus(EIGHT, root, proc) == 8
     assert usable_cpus({3, 5}, root, proc) == 2
-    assert cpus_origin({3, 5}, root, proc) == "the affinity mask's 2 CPUs (no cgroup CPU quota)"
+    assert cpu_budget({3, 5}, root, proc) == (2, "the affinity mask's 2 CPUs (no cgroup CPU quota)")
 
 
 def test_unreadable_quota_text_counts_as_no_quota(tmp_path):
@@ -60,8 +60,11 @@ def test_a_v2_quota_caps_the_affinity_rounded_up(tmp_path):
     assert usable_cpus(EIGHT, root, proc) == 2
     assert usable_cpus({0}, root, proc) == 1  # the mask is tighter than the quota
     quota = "the cgroup CPU quota of 1.5 CPUs, rounded up (affinity mask: 8 CPUs)"
-    assert cpus_origin(EIGHT, root, proc) == quota
-    assert cpus_origin({0}, root, proc) == "the affinity mask's 1 CPUs (cgroup CPU quota: 1.5 CPUs)"
+    assert cpu_budget(EIGHT, root, proc) == (2, quota)
+    assert cpu_budget({0}, root, proc) == (
+        1,
+        "the affinity mask's 1 CPUs (cgroup CPU quota: 1.5 CPUs)",
+    )
 
 
 def test_the_tightest_v2_quota_on_the_own_path_and_its_parents_binds(tmp_path):
@@ -102,7 +105,7 @@ def test_a_v1_cfs_quota_caps_and_minus_one_means_none(tmp_path):
 
 
 def test_threads_are_usable_cpus_divided_among_workers_unless_set(monkeypatch):
-    monkeypatch.setattr(policy_module, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(policy_module, "cpu_budget", lambda: (8, "a test's 8 CPUs"))
     policy_module.thread_policy.cache_clear()
     try:
         assert policy_module.thread_policy(ServerConfig(workers=3)).threads == 2
@@ -119,7 +122,7 @@ def test_threads_are_usable_cpus_divided_among_workers_unless_set(monkeypatch):
 def test_more_torch_threads_than_usable_cpus_are_warned_about(
     monkeypatch, restore_torch_threads, caplog, intra, workers, warned
 ):
-    monkeypatch.setattr(policy_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(policy_module, "cpu_budget", lambda: (2, "a test's 2 CPUs"))
     policy_module.thread_policy.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="hessian_service.server"):

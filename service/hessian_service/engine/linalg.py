@@ -68,11 +68,12 @@ def symmetrise(h: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_factor(n: int, rows: int = 0) -> float:
-    """max(n, sqrt(rows)): how many eps max|lambda| an eigenvalue of an n x n matrix whose
+    """max(n, log2(rows)): how many eps max|lambda| an eigenvalue of an n x n matrix whose
     entries are sums over `rows` data rows may be off by rounding (the eigensolver's n; the
-    sums' error, growing as sqrt(rows): a float32 Hessian over 20,000 rows has eigenvalues
-    of 1e-5 x its scale where the exact ones are 0)."""
-    return max(float(n), math.sqrt(rows))
+    sums' bound under pairwise or blocked summation, log2(rows): a float32 linear-mlp
+    Hessian over 20,000 rows has eigenvalues of -1.3e-6 x its scale, 11 eps, where the
+    exact ones are 0). Not sqrt(rows), which at 250,000 rows hid a real saddle's -2e-5."""
+    return max(float(n), math.log2(rows) if rows > 1 else 0.0)
 
 
 def negative_tolerance(evals: torch.Tensor, dtype: torch.dtype, rows: int = 0) -> float:

@@ -56,7 +56,7 @@ class StepRecord:
     stopped instead of stepping). gain_ratio is the actual over the
     predicted decrease (NaN when the method did not compute it). negative_eigenvalues
     counts the curvature matrix's eigenvalues below -linalg.negative_tolerance at x_k
-    (max(n, sqrt(rows)) eps max|lambda|; none for a convex objective): saddle-free
+    (max(n, log2(rows)) eps max|lambda|; none for a convex objective): saddle-free
     steps and damped Newton steps count them, an undamped Cholesky proves 0; -1 when
     unknown. step_damped: the Newton solve had to raise the damping above the requested
     one to factorise (the matrix was not positive definite). end_point, on the final

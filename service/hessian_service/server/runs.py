@@ -352,12 +352,13 @@ class RunManager:
         with self._lock:
             self._live.pop(run_id, None)
 
-    def _retain(self) -> None:
+    def _retain(self, ended: str = "") -> None:
         """--max-stored-runs: delete the oldest ended runs past the cap (after each start and
-        each end, so the cap holds once runs finish, not only at the next start)."""
+        each end, so the cap holds once runs finish, not only at the next start), never the
+        run that has just `ended`: its client has yet to read its result."""
         if self.max_stored_runs:
             try:
-                self.store.enforce_retention(self.max_stored_runs)
+                self.store.enforce_retention(self.max_stored_runs, keep=ended)
             except StoreError as exc:  # the next start or end tries again
                 log.warning("could not apply --max-stored-runs: %s", exc)
 
@@ -909,7 +910,7 @@ class RunManager:
                     self._store_final(live, run, final)
             finally:  # whatever storing the end raised, its watchers must not wait forever
                 self._release(live)
-                self._retain()
+                self._retain(ended=run_id)
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""

@@ -96,33 +96,31 @@ def cgroup_cpu_limit(
     return min(known) if known else None
 
 
+def cpu_budget(
+    affinity: set[int] | None = None,
+    root: pathlib.Path = CGROUP_ROOT,
+    proc_cgroup: pathlib.Path = PROC_CGROUP,
+) -> tuple[int, str]:
+    """(CPUs this process may run on, where that count came from in words): its affinity
+    mask, capped by the cgroup quota (rounded up: a 1.5-CPU quota lets two threads run part
+    of the time), at least 1."""
+    mask = len(os.sched_getaffinity(0) if affinity is None else affinity)
+    limit = cgroup_cpu_limit(root, proc_cgroup)
+    if limit is None:
+        return max(mask, 1), f"the affinity mask's {mask} CPUs (no cgroup CPU quota)"
+    if math.ceil(limit) < mask:
+        origin = f"the cgroup CPU quota of {limit:g} CPUs, rounded up (affinity mask: {mask} CPUs)"
+        return max(math.ceil(limit), 1), origin
+    return max(mask, 1), f"the affinity mask's {mask} CPUs (cgroup CPU quota: {limit:g} CPUs)"
+
+
 def usable_cpus(
     affinity: set[int] | None = None,
     root: pathlib.Path = CGROUP_ROOT,
     proc_cgroup: pathlib.Path = PROC_CGROUP,
 ) -> int:
-    """CPUs this process may run on: its affinity mask, capped by the cgroup quota (rounded
-    up: a 1.5-CPU quota lets two threads run part of the time), at least 1."""
-    cpus = len(os.sched_getaffinity(0) if affinity is None else affinity)
-    limit = cgroup_cpu_limit(root, proc_cgroup)
-    if limit is not None:
-        cpus = min(cpus, math.ceil(limit))
-    return max(cpus, 1)
-
-
-def cpus_origin(
-    affinity: set[int] | None = None,
-    root: pathlib.Path = CGROUP_ROOT,
-    proc_cgroup: pathlib.Path = PROC_CGROUP,
-) -> str:
-    """Where usable_cpus' count comes from, in words, for the start-up log."""
-    mask = len(os.sched_getaffinity(0) if affinity is None else affinity)
-    limit = cgroup_cpu_limit(root, proc_cgroup)
-    if limit is None:
-        return f"the affinity mask's {mask} CPUs (no cgroup CPU quota)"
-    if math.ceil(limit) < mask:
-        return f"the cgroup CPU quota of {limit:g} CPUs, rounded up (affinity mask: {mask} CPUs)"
-    return f"the affinity mask's {mask} CPUs (cgroup CPU quota: {limit:g} CPUs)"
+    """CPUs this process may run on (cpu_budget's count)."""
+    return cpu_budget(affinity, root, proc_cgroup)[0]
 
 
 def problem_size(objective: Objective) -> int:
@@ -138,6 +136,7 @@ class ThreadPolicy:
     cpus: int
     threads: int
     single_thread_below: int
+    cpus_origin: str = ""  # where `cpus` came from (cpu_budget), for the start-up log
 
     def threads_for(self, objective: Objective) -> int:
         """The intra-op thread count a call on `objective` runs with."""
@@ -164,9 +163,9 @@ class ThreadPolicy:
 @functools.lru_cache(maxsize=8)
 def thread_policy(config: ServerConfig) -> ThreadPolicy:
     """The policy `config` asks for: --intra-op-threads, else usable CPUs / --workers."""
-    cpus = usable_cpus()
+    cpus, origin = cpu_budget()
     threads = config.intra_op_threads or max(1, cpus // config.workers)
-    return ThreadPolicy(cpus, threads, config.single_thread_below)
+    return ThreadPolicy(cpus, threads, config.single_thread_below, origin)
 
 
 def install_thread_policy(config: ServerConfig) -> ThreadPolicy:
@@ -175,10 +174,11 @@ def install_thread_policy(config: ServerConfig) -> ThreadPolicy:
     whenever a core is taken)."""
     policy = thread_policy(config)
     log.info(
-        "%d usable CPUs, from %s: %d torch threads per call, one below size %d",
+        "%d usable CPUs, from %s: %d torch thread%s per call, one below size %d",
         policy.cpus,
-        cpus_origin(),
+        policy.cpus_origin,
         policy.threads,
+        "" if policy.threads == 1 else "s",
         policy.single_thread_below,
     )
     if config.intra_op_threads * config.workers > policy.cpus:

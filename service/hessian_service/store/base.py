@@ -301,8 +301,9 @@ class RunStore(ABC):
         """
 
     @abstractmethod
-    def enforce_retention(self, max_runs: int) -> list[str]:
-        """Delete the oldest runs in FINAL_STATUSES until at most `max_runs` remain.
+    def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
+        """Delete the oldest runs in FINAL_STATUSES, never `keep` (a run that has just
+        ended, whose client has yet to read it), until at most `max_runs` remain.
 
         Runs QUEUED or RUNNING are never deleted (they still count). Returns deleted ids.
         """

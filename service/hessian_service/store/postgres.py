@@ -318,7 +318,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
             cur.execute(f"DELETE FROM {table} WHERE run_id = %s", (run_id,))
         return deleted
 
-    def enforce_retention(self, max_runs: int) -> list[str]:
+    def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
         with self._write() as cur:
             total = cur.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             if total <= max_runs:
@@ -326,9 +326,9 @@ class PostgresRunStore(RecordQueue, SqlReads):
             ids = [
                 r[0]
                 for r in cur.execute(
-                    "SELECT run_id FROM runs WHERE status = ANY(%s) "
+                    "SELECT run_id FROM runs WHERE status = ANY(%s) AND run_id <> %s "
                     "ORDER BY created_at, run_id LIMIT %s",
-                    (list(FINAL_STATUSES), total - max_runs),
+                    (list(FINAL_STATUSES), keep, total - max_runs),
                 )
             ]
             for run_id in ids:

@@ -289,7 +289,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 self._full = None  # its pages are free for new records
         return cur.rowcount > 0
 
-    def enforce_retention(self, max_runs: int) -> list[str]:
+    def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
         marks = ", ".join("?" * len(FINAL_STATUSES))
         with self._write():
             total = self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
@@ -298,9 +298,9 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             ids = [
                 r[0]
                 for r in self._db.execute(
-                    f"SELECT run_id FROM runs WHERE status IN ({marks}) "
+                    f"SELECT run_id FROM runs WHERE status IN ({marks}) AND run_id <> ? "
                     "ORDER BY created_at, run_id LIMIT ?",
-                    (*FINAL_STATUSES, total - max_runs),
+                    (*FINAL_STATUSES, keep, total - max_runs),
                 )
             ]
             for run_id in ids:

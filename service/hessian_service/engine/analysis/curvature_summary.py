@@ -25,7 +25,7 @@ from ..validation import decomposable
 class SpectrumSummary:
     """Extreme eigenvalues, how many are negative, |lambda|max / |lambda|min, trace.
 
-    negative_eigenvalues counts those below -negative_tolerance (max(n, sqrt(rows)) eps
+    negative_eigenvalues counts those below -negative_tolerance (max(n, log2(rows)) eps
     max|lambda|, eps of the matrix's dtype, rows the data rows its entries sum over: smaller
     magnitudes are rounding); positive_definite means the
     smallest is above +negative_tolerance; condition_number is +inf when some |lambda| is
@@ -52,11 +52,14 @@ class DenseCurvature:
     backend: str
 
 
-def spectrum_summary(matrix: torch.Tensor, rows: int = 0) -> SpectrumSummary:
+def spectrum_summary(matrix: torch.Tensor, rows: int = 0, psd: bool = False) -> SpectrumSummary:
     """Summarise the spectrum of a symmetric matrix (symmetrised first; eigvalsh in float64).
 
     Signs are judged against the rounding of the matrix's own dtype and of its entries' sums
-    over `rows` data rows (`negative_tolerance`).
+    over `rows` data rows (`negative_tolerance`). `psd`: the matrix is positive
+    semi-definite by construction (a convex objective's Hessian, a Gauss-Newton matrix), so
+    its negative eigenvalues are rounding and none is counted (the smallest is reported as
+    computed).
     """
     evals = torch.linalg.eigvalsh(symmetrise(matrix.to(torch.float64)))
     if evals.numel() == 0:
@@ -69,7 +72,7 @@ def spectrum_summary(matrix: torch.Tensor, rows: int = 0) -> SpectrumSummary:
     return SpectrumSummary(
         min_eigenvalue=float(evals[0]),
         max_eigenvalue=float(evals[-1]),
-        negative_eigenvalues=count_negative(evals, matrix.dtype, rows),
+        negative_eigenvalues=0 if psd else count_negative(evals, matrix.dtype, rows),
         condition_number=condition,
         positive_definite=bool(evals[0] > tol),
         trace=float(evals.sum()),
@@ -110,7 +113,8 @@ def _dense_curvature(
     )
     check("before the eigendecomposition")
     with decomposable("params"):
-        summary = spectrum_summary(matrix, objective.num_rows)
+        psd = objective.convex or options.curvature == "gauss_newton"
+        summary = spectrum_summary(matrix, objective.num_rows, psd)
     return DenseCurvature(
         loss=float(loss),
         gradient=grad,

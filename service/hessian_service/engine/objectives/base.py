@@ -38,8 +38,6 @@ class Objective(ABC):
     """
 
     name: ClassVar[str]
-    # how refusals name it ("" : by `name`)
-    described_as: ClassVar[str] = ""
     data_fields: ClassVar[tuple[str, ...]] = ()
     option_names: ClassVar[tuple[str, ...]] = ()
     # the options the server fills from its own flags (not sent by a caller, not in the proto)
@@ -106,6 +104,11 @@ class Objective(ABC):
         for t in self.data.values():
             return t.device
         return torch.device("cpu")
+
+    @property
+    def described_as(self) -> str:
+        """How refusals name this objective: its catalogue name."""
+        return self.name
 
     def check_params(self, params: Any, field: str = "params") -> torch.Tensor:
         """Validate caller parameters and return them flat, in the compute dtype, detached."""

@@ -56,8 +56,7 @@ def curvature_objective(
     if not objective.row_fields:
         raise ValidationError(
             "options.curvature_fraction",
-            f"1 for {objective.described_as or objective.name}, which has no data rows to "
-            "sub-sample",
+            f"1 for {objective.described_as}, which has no data rows to sub-sample",
             fraction,
         )
     rows = objective.num_rows
@@ -398,7 +397,6 @@ def check_supported(objective: Objective, options: MethodOptions) -> None:
         if getattr(options, name) < 1.0 and not objective.row_fields:
             raise ValidationError(
                 f"options.{name}",
-                f"1 for {objective.described_as or objective.name}, which has no data rows to "
-                "sub-sample",
+                f"1 for {objective.described_as}, which has no data rows to sub-sample",
                 getattr(options, name),
             )

@@ -19,6 +19,7 @@ import torch
 
 from .. import cancel
 from ..backends import selector as backends
+from ..cancel import CancelToken
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError, ValidationError
 from ..linalg import SolveResult, below_rounding, negative_eigenvalues, sufficient_decrease
@@ -31,6 +32,10 @@ from ..options import (
     resolve_method,
 )
 from . import hessian_free
+
+# a line search longer than a default one (MethodOptions.max_backtracks) may be stopped
+# between trials by its call's deadline or its run's cancel
+LONG_SEARCH = MethodOptions.max_backtracks
 
 LM_INITIAL_TAU = 1e-3
 # A dense method's first line-search trial is evaluated whole only up to this many
@@ -231,8 +236,12 @@ class Stepper:
         options: MethodOptions,
         params: torch.Tensor,
         reuse_trials: bool = False,
+        cancel_token: CancelToken | None = None,
     ) -> None:
         self.objective = objective
+        # a run's cancel, which a long line search checks between trials (a step in flight
+        # otherwise completes: the run stops before its next iteration)
+        self.cancel_token = cancel_token
         options, self.method_note = resolve_method(options, params.numel(), params.dtype)
         self.options = options
         self.hessian_free = options.method in HESSIAN_FREE_METHODS
@@ -319,6 +328,8 @@ class Stepper:
         a mini-batch gradient, whose norms are a batch's: the loss judges."""
         if self.minibatch or not below_rounding(trial, point.loss, alpha, slope, point.x.dtype):
             return None
+        if self.first_order and torch.equal(x, point.x):
+            return None  # the step is below x's rounding: no gradient can judge it
         taken = self.whole_trial(x)
         if taken is None:
             return False
@@ -488,15 +499,21 @@ def _fixed(stepper: Stepper, point: Point, descent: Descent) -> Step:
 def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     """Armijo backtracking from lr (with a mini-batch gradient the slope is g.d for the
     point's batch gradient, the one CG used; the losses compared are the full ones). At
-    machine precision, where the loss cannot judge the first trial, its gradient does
-    (Stepper.gradient_judges)."""
+    machine precision, where the loss cannot judge the first trial (gradient descent: any
+    trial), its gradient does (Stepper.gradient_judges). A search past the default number
+    of trials checks the call's deadline and the run's cancel between trials (a step in
+    flight otherwise completes)."""
     opts = stepper.options
     found = descent(stepper, point, opts.damping)
     alpha, evaluations = opts.learning_rate, 0
     slope = found.scale * float(point.grad @ found.vector)
     first = trial = math.nan
     for _ in range(opts.max_backtracks):
-        cancel.check(f"after {evaluations} line-search trials")
+        if evaluations >= LONG_SEARCH:  # past a default search: a deadline or cancel stops it
+            where = f"after {evaluations} line-search trials"
+            cancel.check(where)  # a unary step's deadline (the call's token in scope)
+            if stepper.cancel_token is not None:
+                stepper.cancel_token.check(where)
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1

@@ -133,7 +133,7 @@ def end_point(
     """The second-order test at a point from its dense Hessian, and its negative count.
 
     linalg.classify's verdict (minimum, saddle, maximum or flat: inconclusive) with
-    eigenvalues within max(n, sqrt(rows)) eps max|lambda| of 0 (`negative_tolerance`; `rows`:
+    eigenvalues within max(n, log2(rows)) eps max|lambda| of 0 (`negative_tolerance`; `rows`:
     the data rows the Hessian's entries sum over) counted as 0. For a
     `convex` objective (Objective.convex) H is positive semi-definite, so every negative
     eigenvalue is rounding (near a separable limit the entries of a softmax Hessian cancel to
@@ -247,7 +247,9 @@ class Run:
         self._recent: list[float] = []  # digests of the last RECENT x, the loss staying put
         # an objective evaluated elsewhere (asktell.RemoteObjective) brings its own Stepper
         stepper_class = getattr(objective, "stepper_class", Stepper)
-        self.stepper = stepper_class(objective, self.options, self.params, reuse_trials=True)
+        self.stepper = stepper_class(
+            objective, self.options, self.params, reuse_trials=True, cancel_token=self.cancel_token
+        )
         self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
         # a stall tolerance finer than the dtype's resolution could never fire on a change
         # that is rounding: it is raised to eps (and the stop message says so)
@@ -423,8 +425,7 @@ class Run:
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
                 try:
-                    with scope(self.cancel_token):  # a CancelRun stops a long step's loops too
-                        step = self.stepper.step(point)
+                    step = self.stepper.step(point)
                 except RoundingStall as exc:
                     stop = StopReason.NO_PROGRESS, str(exc)
                 except LineSearchFailed as exc:
