@@ -97,6 +97,9 @@ def test_callback_sees_each_record_live_and_stopiteration_ends_the_run(address, 
     assert res.status == 99 and not res.success
     assert info.status == "CANCELLED"
     assert [nit for nit, _, _ in seen] == [0, 1, 2]
+    # as SciPy: the result is the iterate the callback stopped at, not the server's next
+    assert (res.nit, res.fun) == seen[-1][:2] and np.array_equal(res.x, seen[-1][2])
+    assert res.fun == rosen(res.x) and np.array_equal(res.jac, rosen_der(res.x))
     for _, fun, x in seen:
         assert fun == rosen(x)  # the point the record was taken at
 
@@ -127,6 +130,19 @@ def test_row_sub_sampling_is_refused_under_the_start_fields_naming_the_callers_o
     assert err.value.field == f"start.options.{option}" and err.value.from_server
     assert "1 for the caller's objective (Optimize), which has no data rows" in err.value.message
     assert "remote" not in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("derivatives", "field"),
+    [({"jac": "2-point"}, "jac"), ({"jac": rosen_der, "hess": "2-point"}, "hess"),
+     ({"jac": rosen_der, "hessp": "cs"}, "hessp"), ({"jac": rosen_der, "hess": object()}, "hess")],
+)  # fmt: skip
+def test_a_derivative_that_is_not_a_function_is_refused_not_ignored(derivatives, field):
+    # SciPy's finite differences and quasi-Newton updates: they were silently dropped and
+    # the run fell back to gradient descent
+    with pytest.raises(InvalidArgument) as err:
+        minimize(rosen, [0.0, 0.0], address="127.0.0.1:1", **derivatives)
+    assert err.value.field == field and "a function of x" in err.value.message
 
 
 def test_unknown_method_is_refused_before_connecting():

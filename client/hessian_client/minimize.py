@@ -17,7 +17,7 @@ import numpy as np
 
 from .aio import Client as AsyncClient
 from .client import Client
-from .errors import from_rpc_error, invalid
+from .errors import DeadlineExceeded, Unavailable, from_rpc_error, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
@@ -80,6 +80,7 @@ class _Session:
         name: str,
     ) -> None:
         self.fun, self.args, self.jac, self.hess, self.hessp = fun, args, jac, hess, hessp
+        _check_derivatives(jac, hess, hessp)
         self.x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
         if self.x0.size == 0:
             raise invalid("x0", "an array of at least one parameter", np.shape(x0))
@@ -103,6 +104,7 @@ class _Session:
         self.iterate: np.ndarray | None = None
         self.last_full: np.ndarray | None = None
         self.stop_asked = False
+        self.stopped_at: OptimizeResult | None = None  # what the stopping callback saw
         self.run_id = ""
         self.finished: Any = None
 
@@ -197,6 +199,8 @@ class _Session:
         stop = self._callbacks(response.records)
         if kind == "finished":
             self.finished = response.finished
+            if self.finished.status == service_pb2.RUN_STATUS_INTERRUPTED:
+                raise _interrupted(self.finished)
             return None
         if stop:
             return service_pb2.OptimizeRequest(stop=True)
@@ -215,16 +219,19 @@ class _Session:
             try:
                 self.callback(intermediate)
             except StopIteration:
-                self.stop_asked = True
+                self.stop_asked, self.stopped_at = True, intermediate
                 return True
         return False
 
     def result(self) -> OptimizeResult:
         info = self.finished
         x = decode(info.final_params).astype(np.float64).reshape(-1)
-        at_x = self.seen.get(x.tobytes(), {})
+        fun = info.last_record.loss if info.HasField("last_record") else None
+        nit = info.last_record.iteration
         status_name = service_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
-        if self.stop_asked and info.status == service_pb2.RUN_STATUS_CANCELLED:
+        stopped = self.stopped_at if info.status == service_pb2.RUN_STATUS_CANCELLED else None
+        if stopped is not None:  # SciPy's: the iterate the callback stopped at, not a later one
+            x, fun, nit = stopped.x, stopped.fun, stopped.nit
             status, message = CALLBACK_STOP_STATUS, "`callback` raised `StopIteration`."
         elif info.converged:
             status, message = 0, info.message
@@ -232,12 +239,13 @@ class _Session:
             status, message = 1, info.message
         else:
             status, message = 2, info.message or status_name
+        at_x = self.seen.get(x.tobytes(), {})
         return OptimizeResult(
             x=x,
-            fun=info.last_record.loss if info.HasField("last_record") else at_x.get("fun"),
+            fun=at_x.get("fun") if fun is None else fun,
             jac=at_x.get("jac"),
             hess=at_x.get("hess"),
-            nit=info.last_record.iteration,
+            nit=nit,
             status=status,
             success=bool(info.converged),
             message=message,
@@ -245,6 +253,25 @@ class _Session:
             run_status=status_name,
             **self.counts,
         )
+
+
+def _check_derivatives(jac: Any, hess: Any, hessp: Any) -> None:
+    """Refuse, naming it, a derivative given as anything but a function (jac also True: fun
+    returns (f, g)): SciPy's finite differences ('2-point', ...) and quasi-Newton updates
+    (BFGS()) are not offered, and must not be ignored."""
+    if not (jac is None or isinstance(jac, bool) or callable(jac)):
+        raise invalid("jac", "a function of x, True (fun returns (f, g)), or None", jac)
+    for name, value in (("hess", hess), ("hessp", hessp)):
+        if value is not None and not callable(value):
+            raise invalid(name, "a function of x (finite differences are not offered)", value)
+
+
+def _interrupted(info: Any) -> Exception:
+    """The error of a run the server left INTERRUPTED (this caller missed
+    --optimize-evaluation-seconds, or the server shut down): no result, as when the stream
+    breaks; the run id and how to resume are added by the driver."""
+    shutdown = info.stop_reason == optimize_pb2.STOP_REASON_SHUTDOWN
+    return (Unavailable if shutdown else DeadlineExceeded)(info.message or "run interrupted")
 
 
 def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:

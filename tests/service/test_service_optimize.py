@@ -315,6 +315,28 @@ def test_a_slow_caller_leaves_the_run_interrupted_and_resumable(tmp_path):
         assert res.run_id == run_id and res.run_status == "FINISHED"
         np.testing.assert_array_equal(res.x, plain.x)  # as if never interrupted
         assert record_tuples(address, run_id) == record_tuples(address, plain.run_id)
+        # minimize() and least_squares() past the deadline raise, with the run to resume
+        # (they returned a result, status 2, whose x was a later point than its fun's)
+        calls = [0]
+
+        def late(x):
+            calls[0] += 1
+            if calls[0] == 4:
+                time.sleep(SLOW_CALLER_SECONDS + 2)
+            return rosen(x)
+
+        with pytest.raises(HessianError) as err:
+            minimize(late, X0, jac=rosen_der, hess=rosen_hess, address=address)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert err.value.run_id and f"resume={err.value.run_id!r}" in "".join(err.value.__notes__)
+        resumed = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, resume=err.value.run_id,
+                           address=address)  # fmt: skip
+        np.testing.assert_array_equal(resumed.x, plain.x)
+        calls[0] = 0
+        with pytest.raises(HessianError) as err:
+            least_squares(lambda x: late(x) * 0 + (x - 1.0), X0, lambda x: np.eye(len(x)),
+                          address=address)  # fmt: skip
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.value.run_id
     finally:
         proc.kill()
         proc.wait(timeout=60)

@@ -86,15 +86,21 @@ def test_retention_keeps_the_run_that_has_just_ended(tmp_path):
     store.close()
 
 
+def _long_run(c: Client):
+    """A Rosenbrock problem and a long gradient-descent run on it that has begun."""
+    problem = problems.rosenbrock(dim=2)
+    long = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 10**6}, **GD)
+    next(iter(long.stream()))
+    return problem, long
+
+
 def test_a_run_that_ends_while_an_older_one_runs_stays_readable_under_the_cap(tmp_path):
     """Cap 1, an older run still going: the run that ends is kept for its client's result()
     (deleted at its own end, its client found NOT_FOUND), and goes once the older one ends."""
     handle = start_server(tmp_path, max_stored_runs=1)
     try:
         with Client(handle.address) as c:
-            problem = problems.rosenbrock(dim=2)
-            long = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 10**6}, **GD)
-            next(iter(long.stream()))
+            problem, long = _long_run(c)
             short = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
             assert short.wait(30).status == "FINISHED"
             assert short.result(30).info.run_id == short.id
@@ -154,9 +160,7 @@ def test_server_keeps_at_most_max_stored_runs_and_spares_a_running_one(tmp_path)
     handle = start_server(tmp_path, max_stored_runs=2)
     try:
         with Client(handle.address) as c:
-            problem = problems.rosenbrock(dim=2)
-            long = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 10**6}, **GD)
-            next(iter(long.stream()))
+            problem, long = _long_run(c)
             short = []
             for _ in range(3):
                 run = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
