@@ -136,6 +136,34 @@ def test_with_the_check_skipped_a_damaged_page_is_data_loss_not_internal(tmp_pat
         handle.stop(grace=1.0)
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [("CAST(X'7B22FF22' AS TEXT)", "is damaged"), ("'not json'", "is not readable JSON")],
+)
+def test_a_record_whose_text_is_damaged_is_data_loss_not_unavailable_or_internal(
+    tmp_path, damage, said
+):
+    """A row the page check passes but that is no record (bytes that are not UTF-8, text
+    that is not JSON): it was UNAVAILABLE (retried for 30 s by Run.stream) or INTERNAL."""
+    run_id = _filled_store(tmp_path)
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
+        db.execute(
+            f"UPDATE records SET record = {damage} WHERE run_id = ? AND iteration = 7", (run_id,)
+        )
+    db.close()
+    handle = start_server(tmp_path)
+    try:
+        with grpc.insecure_channel(handle.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
+                    pass
+            assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
+            assert said in err.value.details() and "--recover-store" in err.value.details()
+    finally:
+        handle.stop(grace=1.0)
+
+
 VERSION_0 = """
 CREATE TABLE problems (problem_id TEXT PRIMARY KEY, blob BLOB NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE runs (

@@ -15,7 +15,14 @@ from operator import attrgetter
 from typing import Any, NoReturn
 
 from ..engine.records import StepRecord
-from .base import RunConflictError, RunNotFoundError, RunRow, StoredCheckpoint, StoreError
+from .base import (
+    RunConflictError,
+    RunNotFoundError,
+    RunRow,
+    StoreCorruptError,
+    StoredCheckpoint,
+    StoreError,
+)
 
 ROW_FIELDS = [f.name for f in fields(RunRow)]
 RECORD_FIELDS = {f.name for f in fields(StepRecord)}
@@ -54,12 +61,24 @@ def record_json(record: StepRecord, compact: bool = True) -> str:
     return _compact.encode([RECORD_LAYOUT, *_record_values(record)])
 
 
+def _json(text: str | bytes, what: str) -> Any:
+    """The JSON value of a stored column; StoreCorruptError (DATA_LOSS) when it is not JSON:
+    the store was damaged, or written by something else."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are
+        raise StoreCorruptError(
+            f"{what} is not readable JSON ({exc}): the run store is damaged; stop the server "
+            "and run `hessian-server --recover-store` (with its --data-dir or --store)"
+        ) from None
+
+
 def record_from_json(text: str | None) -> StepRecord | None:
     """The record stored as `text` (None for none); fields this version lacks are ignored.
     A layout this server does not know (a newer server wrote it) raises StoreError."""
     if not text:
         return None
-    values = json.loads(text)
+    values = _json(text, "a stored record")
     if isinstance(values, dict):  # written before layouts
         named = values.items()
     elif not isinstance(values, list):
@@ -106,7 +125,7 @@ def row_values(row: RunRow, compact: bool = True) -> list[Any]:
 def decode_row(values: Sequence[Any]) -> RunRow:
     """The run whose ROW_FIELDS columns are `values`."""
     row = dict(zip(ROW_FIELDS, values, strict=True))
-    row["spec"] = json.loads(row["spec"])
+    row["spec"] = _json(row["spec"], f"the spec of run {row['run_id']}")
     row["last_record"] = record_from_json(row["last_record"])
     row["converged"] = bool(row["converged"])
     for key in ("name", "stop_reason", "message", "backend"):
@@ -124,7 +143,8 @@ def decode_checkpoint(values: Sequence[Any] | None) -> StoredCheckpoint | None:
     if values is None:
         return None
     iteration, dtype, shape, params, state = values
-    return StoredCheckpoint(iteration, dtype, json.loads(shape), bytes(params), json.loads(state))
+    shape, state = _json(shape, "a checkpoint's shape"), _json(state, "a checkpoint's state")
+    return StoredCheckpoint(iteration, dtype, shape, bytes(params), state)
 
 
 def list_runs_query(

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..engine.errors import clip
 from ..engine.records import StepRecord, StopReason
 from . import layout
 from .base import (
@@ -385,7 +386,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         """Why the store is refused and how to recover what it still holds."""
         p = self.path
         return (
-            f"the run store {p} is damaged ({what}). Stop the "
+            f"the run store {p} is damaged ({clip(str(what))}). Stop the "
             f"server and run `hessian-server --recover-store --data-dir {p.parent}`: it copies "
             f"every readable row into a new {p.name} and keeps the damaged file as "
             f"{p.name}.damaged; or start on an empty --data-dir"
@@ -444,7 +445,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     def _error(self, exc: sqlite3.Error, action: str = "written") -> StoreError:
         """A StoreError that says what failed, where, and what to do."""
         name = getattr(exc, "sqlite_errorname", "")
-        if name.startswith(CORRUPT_CODES) or "malformed" in str(exc):
+        if name.startswith(CORRUPT_CODES) or "malformed" in str(exc) or "decode" in str(exc):
             return StoreCorruptError(self._damaged(exc))
         if name in FULL_CODES or "full" in str(exc):
             cap = f" (--max-store-bytes {self.max_bytes})" if self.max_bytes else ""
