@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..store import PostgresRunStore, StoreError
+from ..engine.records import StopReason
+from ..store import PostgresRunStore, RunStatus, StoreError
 
 if TYPE_CHECKING:
     from .runs import LiveRun, RunManager
@@ -174,6 +175,17 @@ class LeaseKeeper:
         row = self.store.get_run(run_id)
         if row is None:
             self.store.release_lease(run_id)
+            return
+        if "remote" in row.spec:  # an Optimize run: its caller's stream died with its replica
+            self.store.update_run(
+                run_id,
+                status=RunStatus.INTERRUPTED,
+                stop_reason=StopReason.ERROR,
+                message="its replica stopped while the caller's Optimize stream was open "
+                "there; resume it with minimize(..., resume=run_id) (or Optimize's resume_run_id)",
+            )
+            self.store.release_lease(run_id)
+            log.info("run %s: an Optimize run whose replica died, stored INTERRUPTED", run_id)
             return
         try:
             objective = self.resolve(row.problem_id)

@@ -918,7 +918,10 @@ class RunManager:
         # not after a store error: a checkpoint past the last stored record would
         # leave a gap in the records when the run is resumed from it
         last = run is not None and run.last_record is not None and live.error is None
-        handing_over = final.get("stop_reason") == StopReason.SHUTDOWN and live.error is None
+        # an Optimize run's caller streams to this replica: no other can continue it, so it
+        # is stored INTERRUPTED (the caller resumes it) instead of handed over
+        shutdown = final.get("stop_reason") == StopReason.SHUTDOWN
+        handing_over = shutdown and live.error is None and not live.remote
         live.ending = True
         if last and not (handing_over and self.leases is not None):
             try:  # one commit for records, checkpoint and end; on failure, step by step below
