@@ -281,3 +281,31 @@ def test_starting_a_replica_interrupts_only_runs_without_a_lease(postgres_dsn):
         b.close()
     finally:
         a.close()
+
+
+def test_a_session_frozen_inside_a_transaction_neither_blocks_writes_nor_keeps_its_locks(
+    postgres_dsn,
+):
+    """A replica frozen mid-transaction (SIGSTOP, a paused VM) held its row locks for ever:
+    the lease scan waited on them and, holding the store's lock, wedged the healthy replica.
+    With lock_wait_s, a write waits at most that long (StoreError), and PostgreSQL ends a
+    session (opened with the same options, as another replica's) left idle inside its
+    transaction for twice that, so its locks go and the write then succeeds."""
+    store = PostgresRunStore(postgres_dsn, lock_wait_s=0.3)
+    try:
+        store.put_problem("p-1", b"x")
+        store.create_run(_row("r-a", 1.0, "RUNNING"), _cp(0))
+        frozen = psycopg.connect(postgres_dsn, **postgres_store._lock_options(0.3))
+        frozen.execute("SELECT 1 FROM runs WHERE run_id = 'r-a' FOR UPDATE")  # then idles
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="lock timeout"):
+            store.update_run("r-a", message="while the frozen session holds the row")
+        assert time.monotonic() - started < 5  # bounded: it waited ~0.3 s, not for ever
+        time.sleep(1.0)  # idle in its transaction past 0.6 s: PostgreSQL ends the session
+        store.update_run("r-a", message="once the lock has gone")
+        assert store.get_run("r-a").message == "once the lock has gone"
+        with pytest.raises(psycopg.Error, match="idle-in-transaction timeout"):
+            frozen.execute("SELECT 1")
+        frozen.close()
+    finally:
+        store.close()

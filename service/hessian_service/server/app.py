@@ -164,6 +164,7 @@ def open_store(config: ServerConfig) -> RunStore:
             check_integrity=not config.skip_store_check,
             pool_size=config.workers * 2 + 4,
             pool_timeout_s=min(10.0, config.lease_seconds / 8),
+            lock_wait_s=config.lease_seconds / 4,
             commit_every=config.commit_every_records,
             commit_interval_s=config.commit_interval_ms / 1000,
             replica_id=config.replica_id or f"{socket.gethostname()}-{os.getpid()}",

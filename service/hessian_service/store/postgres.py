@@ -142,6 +142,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
         password: str = "",
         max_bytes: int = 0,
         check_integrity: bool = True,
+        lock_wait_s: float = 0.0,
     ) -> None:
         """Connect, migrate the schema (refusing a newer one), check the data's consistency
         (unless `check_integrity` is False) and start the flusher.
@@ -149,8 +150,13 @@ class PostgresRunStore(RecordQueue, SqlReads):
         `password` (read from a secret file, say) is added to the DSN's connection options.
         `pool_timeout_s` bounds one call's wait for a connection (a lost database fails
         fast: a replica must notice within its lease). `max_bytes` caps the counted bytes
-        (0: no cap). Raises StoreError when the database cannot be reached or has a newer
-        schema, StoreCorruptError when it is inconsistent.
+        (0: no cap). `lock_wait_s` (0: unbounded): a statement waits at most this long for
+        another session's lock, and a session idle inside a transaction for twice this long is
+        ended by PostgreSQL, releasing its locks: a replica frozen mid-transaction (SIGSTOP,
+        a paused VM, a partition that keeps its connection) then neither blocks the lease scan
+        that would take its runs over nor the healthy replicas' writes. Raises StoreError
+        when the database cannot be reached or has a newer schema, StoreCorruptError when it
+        is inconsistent.
         """
         self.dsn = psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
         self.commit_every = commit_every
@@ -175,7 +181,10 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 max_size=pool_size,
                 timeout=pool_timeout_s,
                 check=ConnectionPool.check_connection,  # a restarted database: reconnect
-                kwargs={"connect_timeout": max(int(connect_timeout_s), 1)},
+                kwargs={
+                    "connect_timeout": max(int(connect_timeout_s), 1),
+                    **_lock_options(lock_wait_s),
+                },
                 open=False,
             )
             self._pool.open(wait=True, timeout=max(connect_timeout_s, pool_timeout_s))
@@ -649,13 +658,24 @@ def _describe(dsn: str) -> str:
     return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
+def _lock_options(lock_wait_s: float) -> dict[str, str]:
+    """The connection options bounding lock waits and idle transactions (none for 0)."""
+    if lock_wait_s <= 0:
+        return {}
+    ms = max(int(lock_wait_s * 1000), 1)
+    return {"options": f"-c lock_timeout={ms} -c idle_in_transaction_session_timeout={2 * ms}"}
+
+
 def _migrate(conn: psycopg.Connection, where: str) -> None:
-    """Bring the database to SCHEMA_VERSION, one transaction per version; refuse a newer one."""
+    """Bring the database to SCHEMA_VERSION, one transaction per version; refuse a newer one
+    (waiting, however long, for another replica's migration)."""
     with conn.transaction():
+        conn.execute("SET LOCAL lock_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS hessian_meta (key TEXT PRIMARY KEY, value TEXT)")
     while True:
         with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = 0")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             row = conn.execute(
                 "SELECT value FROM hessian_meta WHERE key = 'schema_version'"
