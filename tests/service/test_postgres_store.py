@@ -246,9 +246,9 @@ def test_a_stale_lease_generation_cannot_write(postgres_dsn):
         assert old.acquire_lease("r-a", ttl_s=60) is None  # new's lease is live
         # a replica that has not noticed yet (paused, partitioned) and still writes
         old.append_record("r-a", StepRecord(iteration=0, loss=1.0))
+        old.flush()  # its record is dropped: the run is another replica's to write now
         with pytest.raises(LeaseLostError, match="generation 1"):
-            old.flush()
-        old.discard_queued("r-a")
+            old.append_record("r-a", StepRecord(iteration=1, loss=1.0))
         with pytest.raises(LeaseLostError):
             old.put_checkpoint("r-a", _cp(3, fill=9))
         with pytest.raises(LeaseLostError):
@@ -261,6 +261,33 @@ def test_a_stale_lease_generation_cannot_write(postgres_dsn):
         assert new.renew_lease("r-a", ttl_s=60) and not old.renew_lease("r-a", ttl_s=60)
         with pytest.raises(LeaseLostError):  # still refused after the failed renewal
             old.put_checkpoint("r-a", _cp(3, fill=9))
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_lost_lease_stops_that_run_alone_and_the_others_records_commit(postgres_dsn):
+    """One run's lease taken by another replica failed the whole batch: every run on the
+    replica stopped ('run R2 stops here: run R1 is no longer leased') and stayed RUNNING
+    with its lease renewed, executed by nobody."""
+    old = PostgresRunStore(postgres_dsn, replica_id="old", commit_every=1000)
+    new = PostgresRunStore(postgres_dsn, replica_id="new")
+    try:
+        for run_id in ("r-a", "r-b"):
+            old.create_run(_row(run_id, 1.0, "RUNNING"), _cp(0))
+        assert old.acquire_lease("r-a", ttl_s=0.0) == 1 and old.acquire_lease("r-b", 60) == 1
+        assert new.acquire_lease("r-a", ttl_s=60) == 2
+        for i in range(3):
+            old.append_record("r-a", StepRecord(iteration=i, loss=1.0))
+            old.append_record("r-b", StepRecord(iteration=i, loss=float(i)))
+        old.flush()
+        assert [r.loss for r in new.records("r-b", 0, 10)] == [0.0, 1.0, 2.0]
+        assert new.records("r-a", 0, 10) == []
+        with pytest.raises(LeaseLostError, match="run r-a"):
+            old.append_record("r-a", StepRecord(iteration=3, loss=1.0))
+        old.append_record("r-b", StepRecord(iteration=3, loss=3.0))  # r-b goes on
+        old.put_checkpoint("r-b", _cp(3))
+        assert new.get_run("r-b").num_records == 4
     finally:
         old.close()
         new.close()

@@ -169,6 +169,9 @@ class PostgresRunStore(RecordQueue, SqlReads):
         self._oldest_pending = 0.0
         self._failure: StoreError | None = None
         self._fences: dict[str, int] = {}
+        # runs whose lease a flush found lost: their queued records were dropped (another
+        # replica writes the run now), and their next append raises this (no other run's)
+        self._lost: dict[str, LeaseLostError] = {}
         self._cursor: psycopg.Cursor | None = None
         self._taken: list[tuple[str, StepRecord]] = []
         self._open = True
@@ -379,6 +382,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
             if row is None:
                 return None
             self._fences[run_id] = row[0]
+            self._lost.pop(run_id, None)
             return row[0]
 
     def renew_lease(self, run_id: str, ttl_s: float) -> bool:
@@ -404,6 +408,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
     def release_lease(self, run_id: str) -> None:
         """Give the lease up (after the run's final status is stored)."""
         generation = self._fences.pop(run_id, None)
+        self._lost.pop(run_id, None)
         if generation is not None:
             with self._write() as cur:
                 cur.execute(
@@ -547,6 +552,14 @@ class PostgresRunStore(RecordQueue, SqlReads):
             committed[run_id] = max(committed.get(run_id, -1), record.iteration)
         self._notify_committed(committed)
 
+    def append_record(self, run_id: str, record: StepRecord) -> None:
+        """Queue a record, unless a flush found the run's lease lost (LeaseLostError)."""
+        with self._lock:
+            lost = self._lost.get(run_id)
+        if lost is not None:
+            raise lost
+        super().append_record(run_id, record)
+
     def _check_fence(self, cur: psycopg.Cursor, run_id: str) -> None:
         """Refuse a write for a run this store leased unless the lease is still its own."""
         generation = self._fences.get(run_id)
@@ -600,7 +613,12 @@ class PostgresRunStore(RecordQueue, SqlReads):
         if not self._pending:
             return
         for run_id, records in self._take_pending().items():
-            self._check_fence(cur, run_id)
+            try:
+                self._check_fence(cur, run_id)
+            except LeaseLostError as exc:  # that run alone: the others' records commit
+                self._lost[run_id] = exc
+                self._taken = [(r, record) for r, record in self._taken if r != run_id]
+                continue
             texts = [layout.record_json(r, COMPACT_RECORDS) for r in records]
             cur.execute(
                 "WITH added AS (INSERT INTO records SELECT %s, i, r FROM "
