@@ -132,6 +132,12 @@ class LeaseKeeper:
                     lost.append(live)
         for live in lost:
             self._lose(live, "its lease was taken by another replica")
+        try:  # CancelRun sent to another replica: the runs still held here stop now
+            for run_id in self.store.take_cancel_requests(sorted(kept)):
+                self.runs.cancel(run_id)
+                log.info("run %s: cancelled by a request made on another replica", run_id)
+        except StoreError as exc:
+            log.warning("cancel requests not read: %s", exc)
 
     def _stop_unsafe(self) -> None:
         """Cancel runs whose lease may expire before the next renewal could succeed."""

@@ -29,7 +29,7 @@ from ..engine.objectives import OBJECTIVES
 from ..engine.objectives.exported import Exported
 from ..engine.options import METHODS, requested_backend
 from ..engine.solvers.sampling import sample
-from ..store import FINAL_STATUSES, RunRow, RunStatus, RunStore, SQLiteRunStore
+from ..store import ACTIVE_STATUSES, FINAL_STATUSES, RunRow, RunStatus, RunStore, SQLiteRunStore
 from . import codec
 from .auth import Tenancy, Tenant
 from .config import ServerConfig
@@ -450,8 +450,11 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def CancelRun(self, request, context):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
-        if self.runs.cancel(row.run_id) and row.status == RunStatus.QUEUED:
-            row = self._row(request.run_id, tenant)  # perhaps CANCELLED now, never started
+        if self.runs.cancel(row.run_id):
+            if row.status == RunStatus.QUEUED:
+                row = self._row(request.run_id, tenant)  # perhaps CANCELLED now, never started
+        elif row.status in ACTIVE_STATUSES:  # another replica executes it: its keeper will
+            self.store.request_cancel(row.run_id)
         return self._info(row, message=service_pb2.CancelRunResponse)
 
     @unary

@@ -308,6 +308,15 @@ class RunStore(ABC):
         Runs QUEUED or RUNNING are never deleted (they still count). Returns deleted ids.
         """
 
+    def request_cancel(self, run_id: str) -> None:
+        """CancelRun of a run another replica executes: leave the request for its holder
+        (take_cancel_requests). A store one process owns has no other replica: nothing."""
+        return None
+
+    def take_cancel_requests(self, run_ids: Sequence[str]) -> set[str]:
+        """The runs among `run_ids` whose cancel was requested, the requests removed."""
+        return set()
+
     @abstractmethod
     def count_runs_by_status(self) -> dict[str, int]:
         """How many stored runs have each status."""

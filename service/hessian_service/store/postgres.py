@@ -100,6 +100,11 @@ UPDATE runs SET stored_bytes =
     + COALESCE((SELECT SUM(octet_length(params)) FROM checkpoints c
                 WHERE c.run_id = runs.run_id), 0);
 """,
+    # CancelRun of a run another replica executes: taken by the lease holder's next renewal
+    3: """
+CREATE TABLE cancel_requests (
+    run_id TEXT PRIMARY KEY, requested_at TIMESTAMPTZ NOT NULL DEFAULT now());
+""",
 }
 USED_BYTES = (
     "SELECT (SELECT COALESCE(SUM(stored_bytes), 0) FROM runs) + (SELECT COALESCE(SUM(b), 0) "
@@ -326,9 +331,26 @@ class PostgresRunStore(RecordQueue, SqlReads):
             layout.refuse(run_id, status, statuses)
         cur.execute("DELETE FROM runs WHERE run_id = %s", (run_id,))
         deleted = cur.rowcount > 0
-        for table in ("records", "checkpoints", "leases"):
+        for table in ("records", "checkpoints", "leases", "cancel_requests"):
             cur.execute(f"DELETE FROM {table} WHERE run_id = %s", (run_id,))
         return deleted
+
+    def request_cancel(self, run_id: str) -> None:
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO cancel_requests (run_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (run_id,),
+            )
+
+    def take_cancel_requests(self, run_ids: Sequence[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        with self._write() as cur:
+            rows = cur.execute(
+                "DELETE FROM cancel_requests WHERE run_id = ANY(%s) RETURNING run_id",
+                (list(run_ids),),
+            ).fetchall()
+        return {r[0] for r in rows}
 
     def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
         with self._write() as cur:
