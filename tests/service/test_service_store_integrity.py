@@ -155,11 +155,13 @@ def test_a_record_whose_text_is_damaged_is_data_loss_not_unavailable_or_internal
     try:
         with grpc.insecure_channel(handle.address) as channel:
             stub = service_pb2_grpc.HessianServiceStub(channel)
+            seen = []
             with pytest.raises(grpc.RpcError) as err:
-                for _ in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
-                    pass
+                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
+                    seen += [r.iteration for r in event.records]
             assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
             assert said in err.value.details() and "--recover-store" in err.value.details()
+            assert seen == list(range(7))  # every intact record before the damaged one
     finally:
         handle.stop(grace=1.0)
 

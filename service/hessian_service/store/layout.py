@@ -73,7 +73,25 @@ def _json(text: str | bytes, what: str) -> Any:
         ) from None
 
 
-def record_from_json(text: str | None) -> StepRecord | None:
+def records_from_json(texts: Sequence[str | bytes]) -> list[StepRecord]:
+    """A page of stored records, in order, cut before the first unreadable one (the next
+    read, starting there, raises StoreCorruptError): a reader gets every intact record
+    before the damage. An unreadable first one raises at once."""
+    out: list[StepRecord] = []
+    for text in texts:
+        try:
+            record = record_from_json(text)
+            if record is None:
+                raise StoreCorruptError("a stored record is empty: the run store is damaged")
+            out.append(record)
+        except StoreCorruptError:
+            if out:
+                break
+            raise
+    return out
+
+
+def record_from_json(text: str | bytes | None) -> StepRecord | None:
     """The record stored as `text` (None for none); fields this version lacks are ignored.
     A layout this server does not know (a newer server wrote it) raises StoreError."""
     if not text:

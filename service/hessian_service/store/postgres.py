@@ -469,7 +469,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 "ORDER BY iteration LIMIT %s",
                 (run_id, from_iteration, limit),
             ).fetchall()
-        return [layout.record_from_json(r[0]) for r in rows]
+        return layout.records_from_json([r[0] for r in rows])
 
     # checkpoints
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:

@@ -333,12 +333,12 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     # records
     def records(self, run_id: str, from_iteration: int, limit: int) -> list[StepRecord]:
         with self._read():
-            rows = self._db.execute(
-                "SELECT record FROM records WHERE run_id = ? AND iteration >= ? "
+            rows = self._db.execute(  # as bytes: text that is not UTF-8 fails its row alone
+                "SELECT CAST(record AS BLOB) FROM records WHERE run_id = ? AND iteration >= ? "
                 "ORDER BY iteration LIMIT ?",
                 (run_id, from_iteration, limit),
             ).fetchall()
-        return [layout.record_from_json(r[0]) for r in rows]
+        return layout.records_from_json([r[0] for r in rows])
 
     # checkpoints
     def put_checkpoint(self, run_id: str, checkpoint: StoredCheckpoint) -> None:
