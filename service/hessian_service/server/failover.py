@@ -182,7 +182,7 @@ class LeaseKeeper:
         if row is None:
             self.store.release_lease(run_id)
             return
-        if "remote" in row.spec:  # an Optimize run: its caller's stream died with its replica
+        if row.remote is not None:  # an Optimize run: its caller's stream died with its replica
             self.store.update_run(
                 run_id,
                 status=RunStatus.INTERRUPTED,

@@ -151,7 +151,7 @@ class Optimizer:
                 live.cond.wait_for(lambda: live.done, timeout=0.05)
             time.sleep(0.001)  # done: the manager forgets it right after
         row = self.service._row(run_id, tenant)
-        remote = row.spec.get("remote")
+        remote = row.remote
         if remote is None:
             raise ValidationError(
                 "resume_run_id", "the id of an Optimize run (use ResumeRun for others)", run_id

@@ -461,7 +461,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def ResumeRun(self, request, context):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
-        if "remote" in row.spec:  # its objective lives in a caller's process
+        if row.remote is not None:  # its objective lives in a caller's process
             require_interrupted(row)  # the same refusal as any other run's
             raise ConflictError(
                 "run_id",

@@ -147,6 +147,12 @@ class RunRow:
         with contextlib.suppress(ValueError):
             self.stop_reason = StopReason(self.stop_reason)
 
+    @property
+    def remote(self) -> dict[str, Any] | None:
+        """An Optimize run's caller-side facts (size, dtype, capabilities): its objective
+        lives in the caller's process. None for a run on a stored problem."""
+        return self.spec.get("remote")
+
 
 @dataclass
 class StoredCheckpoint:

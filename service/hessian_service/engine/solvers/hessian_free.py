@@ -54,11 +54,7 @@ def curvature_objective(
     if fraction >= 1.0:
         return objective
     if not objective.row_fields:
-        raise ValidationError(
-            "options.curvature_fraction",
-            f"1 for {objective.described_as}, which has no data rows to sub-sample",
-            fraction,
-        )
+        raise _no_rows(objective, "curvature_fraction", fraction)
     rows = objective.num_rows
     keep = max(1, round(fraction * rows))
     picked = torch.randperm(rows, generator=generator)[:keep].sort().values
@@ -395,8 +391,14 @@ def check_supported(objective: Objective, options: MethodOptions) -> None:
     curvature kind is refused once, by methods.check_supported)."""
     for name in ("curvature_fraction", "gradient_fraction"):
         if getattr(options, name) < 1.0 and not objective.row_fields:
-            raise ValidationError(
-                f"options.{name}",
-                f"1 for {objective.described_as}, which has no data rows to sub-sample",
-                getattr(options, name),
-            )
+            raise _no_rows(objective, name, getattr(options, name))
+
+
+def _no_rows(objective: Objective, name: str, fraction: float) -> ValidationError:
+    """The refusal of row sub-sampling (option `name` below 1) on an objective without
+    data rows."""
+    return ValidationError(
+        f"options.{name}",
+        f"1 for {objective.described_as}, which has no data rows to sub-sample",
+        fraction,
+    )

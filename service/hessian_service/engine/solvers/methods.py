@@ -517,19 +517,20 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
-        # gradient descent's every trial the loss cannot judge goes to the gradient: Armijo's
-        # test there passes a trial equal to the loss once its decrease term rounds away
-        judged = (
-            stepper.gradient_judges(point, x, trial, alpha, slope) if stepper.first_order else None
-        )
-        if judged or (
-            judged is None and sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo)
+        decreased = sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo)
+        if stepper.first_order:
+            # gradient descent's every trial the loss cannot judge goes to the gradient:
+            # Armijo's test there passes a trial equal to the loss once its decrease term
+            # rounds away
+            judged = stepper.gradient_judges(point, x, trial, alpha, slope)
+            if decreased if judged is None else judged:
+                break
+        elif decreased or (
+            evaluations == 1 and stepper.gradient_judges(point, x, trial, alpha, slope)
         ):
             break
         if evaluations == 1:
             first = trial
-            if judged is None and stepper.gradient_judges(point, x, trial, alpha, slope):
-                break
         alpha *= opts.backtrack
     else:
         stepper.drop_trial()
