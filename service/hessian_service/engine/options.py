@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+import torch
 
 from .budget import DEFAULT_DENSE_BUDGET_BYTES, check_dense_budget, dense_hessian_bytes
 from .errors import UnknownNameError, ValidationError
@@ -255,6 +258,23 @@ def check_method_budget(
     other methods hold no such matrix."""
     if options.method in DENSE_METHODS:
         check_dense_budget(n, options.dense_budget_bytes, dtype, field)
+
+
+def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = "options") -> None:
+    """Refuse a float option the compute dtype cannot hold (float32 past 3.4e38): it scales
+    tensors of that dtype (a learning rate, a damping, a floor, a radius) and would overflow
+    there, not at the door."""
+    biggest = torch.finfo(dtype).max
+    if biggest >= sys.float_info.max:
+        return  # every finite option fits (validation refused the others)
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and abs(value) > biggest:
+            raise ValidationError(
+                f"{prefix}.{f.name}",
+                f"a value {str(dtype).removeprefix('torch.')} can hold (|x| <= {biggest:.4g})",
+                f"{value:.4g}",
+            )
 
 
 @dataclass(frozen=True)

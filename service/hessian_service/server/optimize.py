@@ -26,7 +26,7 @@ from hessian_client.proto import service_pb2
 from ..engine import StopCriteria
 from ..engine.cancel import CancelToken
 from ..engine.errors import ResourceLimitError, ValidationError
-from ..engine.options import DENSE_METHODS, check_method_budget
+from ..engine.options import DENSE_METHODS, check_dtype_range, check_method_budget
 from ..engine.solvers.asktell import (
     Answer,
     Ask,
@@ -100,6 +100,7 @@ class Optimizer:
         n = params.numel()
         options, note = resolve_remote_method(options, caps, n)
         check_method_budget(options, n, params.dtype, "start.options")
+        check_dtype_range(options, params.dtype, "start.options")
         try:  # what the run would refuse, under the request's own field names
             check_supported(objective, options)
         except ValidationError as exc:

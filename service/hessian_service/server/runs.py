@@ -34,7 +34,7 @@ from ..engine import (
 from ..engine.cancel import Cancelled
 from ..engine.errors import EngineError, ResourceLimitError
 from ..engine.objectives.base import Objective
-from ..engine.options import check_method_budget
+from ..engine.options import check_dtype_range, check_method_budget
 from ..engine.records import StopReason
 from ..engine.solvers.asktell import CallerLost, RemoteObjective
 from ..engine.solvers.methods import check_supported
@@ -398,6 +398,7 @@ class RunManager:
         params = objective.check_params(params, "initial_params")
         options, method_note = resolve_method(options, objective.num_params, params.dtype)
         check_method_budget(options, objective.num_params, params.dtype)
+        check_dtype_range(options, params.dtype)
         return self.launch(
             problem_id=problem_id,
             objective=objective,

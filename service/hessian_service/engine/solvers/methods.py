@@ -28,6 +28,7 @@ from ..options import (
     DENSE_METHODS,
     HESSIAN_FREE_METHODS,
     MethodOptions,
+    check_dtype_range,
     check_method_budget,
     resolve_method,
 )
@@ -257,6 +258,7 @@ class Stepper:
         self._trial_point: Point | None = None
         check_supported(objective, options)
         check_method_budget(options, params.numel(), params.dtype)  # as StartRun refuses
+        check_dtype_range(options, params.dtype)
         self._search, self._descent = SEARCHES[options.step_policy], DESCENTS[options.method]
         if self.hessian_free:
             chosen = backends.resolve(options.backend, objective, params, options.curvature)

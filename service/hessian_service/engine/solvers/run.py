@@ -169,7 +169,14 @@ def take_step(
     step's loops check (raising cancel.Cancelled once it is cancelled or past its deadline).
     """
     with scope(cancel):
-        return _take_step(objective, params, options)
+        result = _take_step(objective, params, options)
+    if not bool(torch.isfinite(result.params).all()):  # a fixed step past the dtype's range
+        raise ValidationError(
+            "options.learning_rate",
+            "a step size whose new parameters are finite",
+            f"x + {result.record.step_size:.3g} d overflowed",
+        )
+    return result
 
 
 def _take_step(

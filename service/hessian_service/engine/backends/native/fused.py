@@ -23,7 +23,7 @@ import torch
 from ...curvature.autograd import loss_value
 from ...linalg import MAX_DAMPING_ATTEMPTS, sufficient_decrease
 from ...objectives.base import Objective
-from ...options import BACKEND_ENV, MethodOptions
+from ...options import BACKEND_ENV, MethodOptions, check_dtype_range
 from ...records import StepRecord, StepResult
 from .. import selector
 
@@ -118,6 +118,7 @@ def fused_newton_step(
         or (budget is not None and n * n * itemsize > budget)
     ):
         return None
+    check_dtype_range(options, dtype)
     if params.requires_grad:
         params = params.detach()
     if params.dim() != 1 and (flat or not params.is_contiguous()):

@@ -1,0 +1,83 @@
+"""A float32 problem refuses, naming the field, an option float32 cannot hold and a fixed step
+that overflows; before, both reached torch as a bug (INTERNAL: "value cannot be converted to
+type float without overflow") or came back as infinite parameters marked accepted."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hessian_client import InvalidArgument, problems
+from hessian_client.proto import optimize_pb2, service_pb2
+from hessian_client.tensors import encode
+from optimize_stream import Stream
+
+HUGE = 1e39  # past float32's largest, 3.4e38; an ordinary float64
+
+
+def _logistic32(rng):
+    x = rng.standard_normal((40, 3)).astype(np.float32)
+    y = (rng.random(40) < 0.5).astype(np.float32)
+    return problems.logistic_regression(x, y)
+
+
+STEPS = [
+    ("gradient_step", {"learning_rate": HUGE}, "options.learning_rate"),
+    ("newton_step", {"learning_rate": HUGE, "step_policy": "fixed"}, "options.learning_rate"),
+    ("newton_step", {"learning_rate": HUGE}, "options.learning_rate"),
+    ("newton_step", {"damping": HUGE}, "options.damping"),
+    (
+        "newton_step",
+        {"method": "saddle_free", "eigenvalue_floor": HUGE},
+        "options.eigenvalue_floor",
+    ),  # noqa: E501
+    ("newton_step", {"method": "newton_cg", "trust_radius": HUGE}, "options.trust_radius"),
+]
+
+
+@pytest.mark.parametrize("rpc, options, field", STEPS)
+def test_a_step_refuses_an_option_float32_cannot_hold(client, rng, rpc, options, field):
+    with pytest.raises(InvalidArgument) as caught:
+        getattr(client, rpc)(_logistic32(rng), np.zeros(4, np.float32), **options)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.field == field
+    assert caught.value.message.startswith(f"{field}: expected a value float32 can hold")
+
+
+def test_a_float64_problem_takes_the_same_option(client, rng):
+    x = rng.standard_normal((40, 3))
+    y = (rng.random(40) < 0.5).astype(float)
+    step = client.newton_step(problems.logistic_regression(x, y), np.zeros(4), damping=HUGE)
+    assert np.isfinite(step.params).all()
+
+
+def test_a_run_and_an_optimize_refuse_it_before_anything_starts(client, rng):
+    before = len(list(client.list_runs()))
+    with pytest.raises(InvalidArgument, match=r"options\.learning_rate: expected a value float32"):
+        client.start_run(_logistic32(rng), np.zeros(4, np.float32), method="gradient_descent",
+                         learning_rate=HUGE)  # fmt: skip
+    start = service_pb2.OptimizeStart(
+        initial_params=encode(np.ones(3, np.float32)),
+        capabilities=service_pb2.Capabilities(gradient=True, hessian=True),
+        options=optimize_pb2.MethodOptions(method=optimize_pb2.METHOD_SADDLE_FREE,
+                                           eigenvalue_floor=HUGE),
+    )  # fmt: skip
+    refused = Stream(client.address, service_pb2.OptimizeRequest(start=start)).refusal()
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().startswith("start.options.eigenvalue_floor: expected a value float32")
+    assert len(list(client.list_runs())) == before
+
+
+@pytest.mark.parametrize("rpc, options", [
+    ("gradient_step", {"learning_rate": 3e38}),
+    ("newton_step", {"learning_rate": 3e38, "step_policy": "fixed"}),
+])  # fmt: skip
+def test_a_fixed_step_that_overflows_is_refused_not_answered_as_infinite(client, rpc, options):
+    rosenbrock = problems.rosenbrock(dim=4)
+    start = np.array([-1.2, 1, -1.2, 1], np.float32)  # |g| ~ 1e3, the Newton step's |d| 1.6
+    overflowed = r"options\.learning_rate: expected a step size whose new parameters are finite"
+    with pytest.raises(InvalidArgument, match=overflowed):
+        getattr(client, rpc)(rosenbrock, start, **options)
+    # the same step from a point it does not overflow from (the minimum: d = 0) is answered
+    step = getattr(client, rpc)(rosenbrock, np.ones(4, np.float32), **options)
+    np.testing.assert_array_equal(step.params, np.ones(4, np.float32))
