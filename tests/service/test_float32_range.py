@@ -30,7 +30,7 @@ STEPS = [
         "newton_step",
         {"method": "saddle_free", "eigenvalue_floor": HUGE},
         "options.eigenvalue_floor",
-    ),  # noqa: E501
+    ),
     ("newton_step", {"method": "newton_cg", "trust_radius": HUGE}, "options.trust_radius"),
 ]
 

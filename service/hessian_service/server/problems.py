@@ -14,7 +14,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -223,6 +223,12 @@ class ProblemRegistry:
 
     def create(self, problem: problem_pb2.Problem, owner: str) -> tuple[str, Objective]:
         """Validate and store a problem for `owner`; return its id and objective."""
+        pid, blob, objective = self._checked(problem)
+        self._put(pid, blob, owner)
+        return pid, objective
+
+    def _checked(self, problem: problem_pb2.Problem) -> tuple[str, bytes, Objective]:
+        """A problem to store, validated: (id, serialised bytes, objective)."""
         blob = problem.SerializeToString(deterministic=True)
         pid = blob_id(blob)
         if self.max_stored_bytes and len(blob) > self.max_stored_bytes:
@@ -237,10 +243,13 @@ class ProblemRegistry:
                 problem, self.max_params, self.max_data_bytes, self.exported_settings
             )
             self._remember(pid, objective)
+        return pid, blob, objective
+
+    def _put(self, pid: str, blob: bytes, owner: str) -> None:
+        """Store a checked problem for `owner`, then apply the stored-problems cap."""
         self.store.put_problem(pid, blob, owner)
         if self.max_stored_bytes:
             self.forget(self.store.enforce_problem_retention(self.max_stored_bytes, keep=[pid]))
-        return pid, objective
 
     def by_id(self, pid: str, scope: str | None, field: str = "problem_id") -> Objective:
         """The objective of a problem stored by `scope` (None: anyone); NOT_FOUND otherwise,
@@ -271,27 +280,31 @@ class ProblemRegistry:
             raise NotFoundError("problem_id", f"problem with id {pid!r}")
         self.forget([pid])
 
-    def resolve(
-        self, request: Any, tenant: Tenant, *, persist: bool = False
-    ) -> tuple[str, Objective]:
-        """(id, objective) for a request with `oneof problem_source { problem; problem_id }`.
+    def claim(self, request: Any, tenant: Tenant) -> tuple[str, Objective, Callable[[], None]]:
+        """StartRun's problem: (id, objective, hold), checked as `resolve` checks it; hold()
+        stores it for the tenant (an admin starting a run on another tenant's problem id
+        takes its own hold, so the run keeps it). The run calls hold() once it is accepted:
+        a refused StartRun stores nothing."""
+        if request.WhichOneof("problem_source") != "problem":
+            pid, objective = self.resolve(request, tenant)
 
-        With `persist` (StartRun) the problem is stored for the tenant; an admin starting a
-        run on another tenant's problem id gets its own hold on it, so the run keeps it.
-        """
+            def hold() -> None:
+                blob = self.store.get_problem(pid) if tenant.admin else None
+                if blob is not None:
+                    self.store.put_problem(pid, blob, tenant.name)
+
+            return pid, objective, hold
+        pid, blob, objective = self._checked(request.problem)
+        return pid, objective, lambda: self._put(pid, blob, tenant.name)
+
+    def resolve(self, request: Any, tenant: Tenant) -> tuple[str, Objective]:
+        """(id, objective) for a request with `oneof problem_source { problem; problem_id }`."""
         source = request.WhichOneof("problem_source")
         if source == "problem_id":
             pid = request.problem_id
-            objective = self.by_id(pid, tenant.scope)
-            if persist and tenant.admin:
-                blob = self.store.get_problem(pid)
-                if blob is not None:
-                    self.store.put_problem(pid, blob, tenant.name)
-            return pid, objective
+            return pid, self.by_id(pid, tenant.scope)
         if source is None:
             raise ValidationError("problem", "a problem or a problem_id", "neither")
-        if persist:
-            return self.create(request.problem, tenant.name)
         pid = problem_id(request.problem)
         objective = self._cached(pid)
         if objective is None:

@@ -380,6 +380,7 @@ class RunManager:
         initial: torch.Tensor | InitSpec | None = None,
         name: str = "",
         owner: str = ANONYMOUS_OWNER,
+        hold_problem: Callable[[], None] | None = None,
     ) -> RunRow:
         """StartRun: refuse criteria over the iteration cap, choose the starting point (the
         given tensor, one drawn by `initial`, else the objective's default from seed 0),
@@ -408,6 +409,7 @@ class RunManager:
             name=name,
             owner=owner,
             method_note=method_note,
+            hold_problem=hold_problem,
         )
 
     def launch(
@@ -422,6 +424,7 @@ class RunManager:
         owner: str = ANONYMOUS_OWNER,
         method_note: str = "",
         remote: dict[str, Any] | None = None,
+        hold_problem: Callable[[], None] | None = None,
     ) -> RunRow:
         """Record a new run (QUEUED, with its starting checkpoint), queue it, then apply the
         stored-runs cap.
@@ -430,7 +433,8 @@ class RunManager:
         the criteria with the method's defaults filled in (RunInfo shows what the run obeys).
         Options the objective cannot serve are refused here, before anything is stored.
         `remote`: a caller-evaluated run's declaration (asktell), kept in the spec; such a
-        run has no stored problem.
+        run has no stored problem. `hold_problem`: stores the run's problem for its owner,
+        called once the run is admitted, so a refused run stores nothing.
         """
         check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
@@ -444,6 +448,8 @@ class RunManager:
         live = self._admit(run_id, 0, owner, objective)
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
+            if hold_problem is not None:
+                hold_problem()
             self.store.create_run(row, checkpoint, require_problem=remote is None)
             if self.leases is not None:
                 self.leases.hold(live)

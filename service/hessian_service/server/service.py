@@ -395,7 +395,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 "name", f"at most {codec.MAX_NAME_CHARS} characters", len(request.name)
             )
         tenant = self.tenancy.of(context)
-        pid, objective = self.registry.resolve(request, tenant, persist=True)
+        pid, objective, hold_problem = self.registry.claim(request, tenant)
         values = codec.options_to_dict(request.options)
         values.setdefault("method", "newton")
         row = self.runs.start(
@@ -406,6 +406,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             initial=self._initial(request),
             name=request.name,
             owner=tenant.name,
+            hold_problem=hold_problem,
         )
         return self._info(row, message=service_pb2.StartRunResponse)
 
