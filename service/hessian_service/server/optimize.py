@@ -37,13 +37,14 @@ from ..engine.solvers.asktell import (
     resolve_remote_method,
 )
 from ..engine.solvers.methods import check_supported
-from ..store import RunRow
+from ..store import ACTIVE_STATUSES, RunRow
 from . import codec
 from .auth import Tenant
 from .errors import LimitError, NotFoundError
-from .runs import LiveRun
+from .runs import LiveRun, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+RESUME_POLL_SECONDS = 0.01  # how often a resume looks whether the run's old stream let go
 
 
 class Optimizer:
@@ -134,29 +135,38 @@ class Optimizer:
             remote=remote,
         )
 
-    def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
+    async def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
         """Resume an INTERRUPTED Optimize run under this stream.
 
         A caller whose stream just broke may reconnect before the server has seen the
-        break: wait (up to the evaluation deadline) for that run's worker to stop.
+        break: wait (up to the evaluation deadline, on the event loop: no thread is held) for
+        that run's worker to stop. What can never be resumed here is refused first.
         """
-        try:  # NOT_FOUND before waiting on another's run
-            self.service._row(run_id, tenant)
+        await asyncio.to_thread(self._resumable, run_id, tenant)
+        deadline = time.monotonic() + self.service.config.optimize_evaluation_seconds
+        while self.service.runs.live(run_id) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(RESUME_POLL_SECONDS)  # past the deadline resume refuses it
+        return await asyncio.to_thread(self._resume_now, run_id, tenant, exchange)
+
+    def _resumable(self, run_id: str, tenant: Tenant) -> RunRow:
+        """The caller's run, refused unless it is an Optimize run that is INTERRUPTED or may
+        become so (still active: its stream may have just broken)."""
+        try:
+            row = self.service._row(run_id, tenant)
         except NotFoundError:
             raise NotFoundError("resume_run_id", f"run with id {run_id!r}") from None
-        deadline = time.monotonic() + self.service.config.optimize_evaluation_seconds
-        while (live := self.service.runs.live(run_id)) is not None:
-            if time.monotonic() >= deadline:
-                break  # resume refuses it as still executing
-            with live.cond:
-                live.cond.wait_for(lambda: live.done, timeout=0.05)
-            time.sleep(0.001)  # done: the manager forgets it right after
-        row = self.service._row(run_id, tenant)
-        remote = row.remote
-        if remote is None:
+        if row.remote is None:
             raise ValidationError(
                 "resume_run_id", "the id of an Optimize run (use ResumeRun for others)", run_id
             )
+        if row.status not in ACTIVE_STATUSES:
+            require_interrupted(row, "resume_run_id")
+        return row
+
+    def _resume_now(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
+        row = self._resumable(run_id, tenant)
+        require_interrupted(row, "resume_run_id")
+        remote = row.remote
         caps = Capabilities(**remote["capabilities"])
         objective = RemoteObjective(
             remote["num_params"], DTYPES[remote["dtype"]], caps, exchange, remote["speculative"]
@@ -198,7 +208,7 @@ class Optimizer:
         if kind == "start":
             row = await asyncio.to_thread(self._start, first.start, tenant, exchange)
         elif kind == "resume_run_id":
-            row = await asyncio.to_thread(self._resume, first.resume_run_id, tenant, exchange)
+            row = await self._resume(first.resume_run_id, tenant, exchange)
         else:
             raise ValidationError("start", "start or resume_run_id in the first request", kind)
         run_id = row.run_id

@@ -200,10 +200,10 @@ class LiveRun:
             return self._records[self.durable - self.dropped - 1] if self.durable else None
 
 
-def require_interrupted(row: RunRow) -> None:
+def require_interrupted(row: RunRow, field: str = "run_id") -> None:
     """Refuse to resume a run that is not INTERRUPTED (as `settle` reports it)."""
     if row.status != RunStatus.INTERRUPTED:
-        raise ConflictError("run_id", f"run {row.run_id} is {row.status}, not INTERRUPTED")
+        raise ConflictError(field, f"run {row.run_id} is {row.status}, not INTERRUPTED")
 
 
 class RunManager:

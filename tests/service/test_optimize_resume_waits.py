@@ -1,0 +1,80 @@
+"""Optimize's resume_run_id: what can never be resumed is refused at once, and a resume that
+waits for a live run's old stream to let go holds no server thread. Before, every resume
+waited up to --optimize-evaluation-seconds on an RPC thread before looking at the run, so
+a run that was not an Optimize run took a minute to refuse and a few dozen such streams
+starved every other call."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from conftest import start_server
+from hessian_client import Client, minimize, problems, tensors
+from hessian_client.proto import service_pb2
+from optimize_stream import Stream
+from scipy.optimize import rosen, rosen_der, rosen_hess
+
+X0 = np.array([-1.2, 1.0, 0.8, 1.4])
+WAIT = 600.0  # --optimize-evaluation-seconds: a resume that waited it out would time out
+GUARD = 20  # seconds each stream here may take: far below WAIT
+
+
+@pytest.fixture(scope="module")
+def handle(tmp_path_factory):
+    server = start_server(
+        tmp_path_factory.mktemp("resume"), rpc_threads=4, optimize_evaluation_seconds=WAIT
+    )
+    yield server
+    server.stop()
+
+
+def _attached_optimize(address: str) -> tuple[Stream, str]:
+    """An Optimize run whose caller is attached and holds its first evaluation unanswered."""
+    start = service_pb2.OptimizeStart(
+        initial_params=tensors.encode(X0),
+        capabilities=service_pb2.Capabilities(gradient=True, hessian=True),
+    )
+    stream = Stream(address, service_pb2.OptimizeRequest(start=start))
+    run_id = stream.read().started.run_id
+    assert stream.read().WhichOneof("kind") == "evaluate"
+    return stream, run_id
+
+
+def test_what_can_never_be_resumed_is_refused_at_once(handle):
+    address = handle.address
+    with Client(address, timeout=GUARD) as client:
+        ordinary = client.start_run(problems.rosenbrock(dim=4), X0, stopping={"max_iterations": 0})
+        ordinary.result()
+        finished = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address)
+    cases = [
+        (ordinary.id, grpc.StatusCode.INVALID_ARGUMENT, "the id of an Optimize run"),
+        (finished.run_id, grpc.StatusCode.FAILED_PRECONDITION, "is FINISHED, not INTERRUPTED"),
+        ("r-none", grpc.StatusCode.NOT_FOUND, "run with id 'r-none'"),
+    ]
+    for run_id, code, says in cases:
+        refused = Stream(address, service_pb2.OptimizeRequest(resume_run_id=run_id)).refusal()
+        assert refused.code() == code, refused.details()
+        assert refused.details().startswith("resume_run_id: ")
+        assert says in refused.details()
+
+
+def test_waiting_resumes_hold_no_thread(handle):
+    """More waiting resumes than the server has RPC threads: other calls are still served,
+    and a waiting resume ends as soon as its caller cancels it."""
+    address = handle.address
+    owner, run_id = _attached_optimize(address)
+    waiting = [
+        Stream(address, service_pb2.OptimizeRequest(resume_run_id=run_id)) for _ in range(12)
+    ]
+    try:
+        with Client(address, timeout=GUARD) as client:
+            for _ in range(3):  # every RPC thread would be held by a waiting resume
+                assert client.get_run(run_id).status == "RUNNING"
+                assert len(list(client.list_runs())) >= 1
+    finally:
+        for stream in waiting:
+            stream.close()
+        owner.close()
+    with Client(address, timeout=GUARD) as client:
+        assert client.get_run(run_id).status in ("RUNNING", "INTERRUPTED")
