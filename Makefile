@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Where torch comes from: empty takes pip's own sources (a local CPU wheel, as on our CI
+# machines); PyPI's Linux wheel is a CUDA build, so elsewhere pass torch's CPU index (the
+# Dockerfile's): make install TORCH_PIP_FLAGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_FLAGS ?=
 
 .PHONY: install test run seed lint format bench clean proto secrets
 
@@ -12,7 +16,7 @@ install: $(STAMP)
 $(STAMP): setup.py client/pyproject.toml requirements/torch.txt requirements/service.txt requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
-	$(PIP) install -q -r requirements/torch.txt
+	$(PIP) install -q -r requirements/torch.txt $(TORCH_PIP_FLAGS)
 	$(PIP) install -q -r requirements/service.txt -r requirements/dev.txt
 	$(PIP) install -q --no-build-isolation -e ./client
 	$(PIP) install -q --no-build-isolation -e .

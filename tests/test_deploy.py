@@ -156,6 +156,17 @@ def test_compose_services_use_the_image_probe_volume_and_secret() -> None:
     assert gpu["volumes"] != COMPOSE["services"]["hessian"]["volumes"], "one SQLite per server"
 
 
+def test_every_server_service_gets_the_shared_environment() -> None:
+    """A setting added where the README says (x-hessian-environment) reaches every server,
+    the scale replicas too (their own `environment` once replaced it: a merge is shallow)."""
+    shared = COMPOSE["x-hessian-environment"]
+    servers = [n for n, s in COMPOSE["services"].items() if n.startswith("hessian")]
+    assert sorted(servers) == ["hessian", "hessian-gpu", "hessian-replica"]
+    for name in servers:
+        environment = COMPOSE["services"][name]["environment"]
+        assert {k: environment.get(k) for k in shared} == shared, name
+
+
 def test_compose_secret_is_a_git_ignored_file() -> None:
     path = COMPOSE["secrets"]["auth_token"]["file"]
     assert normalise_path(path).startswith("secrets/")
