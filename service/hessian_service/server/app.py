@@ -176,6 +176,7 @@ def open_store(config: ServerConfig) -> RunStore:
         max_bytes=config.max_store_bytes,
         synchronous=config.sqlite_synchronous,
         check_integrity=not config.skip_store_check,
+        exclusive=True,
     )
 
 
@@ -204,6 +205,7 @@ def build_server(
     admin_file = config.admin_token_file
     admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
     credentials = _tls_credentials(config)
+    own_store = store is None
     store = store or open_store(config)
     interrupted = store.mark_interrupted("the server stopped while the run was queued or executing")
     if interrupted:
@@ -280,6 +282,8 @@ def build_server(
             leases.close()
         if runs.processes is not None:
             runs.processes.close()
+        if own_store:  # lets its data directory go (a failed start holds nothing)
+            store.close()
         raise
     return ServerHandle(
         config,

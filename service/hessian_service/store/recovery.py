@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .dirlock import DataDirLock
 from .sqlite import MIGRATIONS, SCHEMA, _migrate
 
 MAX_SKIP = 1 << 40
@@ -74,10 +75,16 @@ def _scan(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[
 
 
 def recover_store(data_dir: str | pathlib.Path) -> RecoveryReport:
-    """Replace `<data_dir>/runs.sqlite3` by a copy of its readable rows (see the module)."""
+    """Replace `<data_dir>/runs.sqlite3` by a copy of its readable rows (see the module),
+    holding the directory (dirlock): never under a live server."""
     path = pathlib.Path(data_dir) / "runs.sqlite3"
     if not path.is_file():
         raise FileNotFoundError(f"no run store at {path}")
+    with DataDirLock(data_dir):
+        return _recover(path)
+
+
+def _recover(path: pathlib.Path) -> RecoveryReport:
     fresh = path.with_name(path.name + ".recovered")
     for leftover in (fresh, *(fresh.with_name(fresh.name + s) for s in SIDE_FILES)):
         leftover.unlink(missing_ok=True)

@@ -56,6 +56,7 @@ from .base import (
     StoreError,
     StoreFullError,
 )
+from .dirlock import DataDirLock
 from .queue import RecordQueue
 from .sql_reads import SqlReads
 
@@ -123,16 +124,29 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         max_bytes: int = 0,
         synchronous: str = "NORMAL",
         check_integrity: bool = True,
+        exclusive: bool = False,
     ) -> None:
         """Open (creating) the store, check and migrate it, and prove it writable.
 
-        Raises OSError, StoreError, or StoreCorruptError for a damaged or empty file.
+        `exclusive` (a server's store): hold `data_dir` (dirlock) until close, refusing a
+        directory another process holds. Raises OSError, StoreError (DataDirInUseError), or
+        StoreCorruptError for a damaged or empty file.
         """
         self.path = pathlib.Path(data_dir) / "runs.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.max_bytes = max_bytes
+        self._dir_lock = DataDirLock(data_dir) if exclusive else None
+        try:
+            self._open_file(synchronous, check_integrity)
+        except BaseException:
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+            raise
+
+    def _open_file(self, synchronous: str, check_integrity: bool) -> None:
+        """The constructor's work once the directory is held."""
         self._lock = threading.RLock()
         self._pending: list[tuple[str, StepRecord]] = []
         self._taken: list[tuple[str, StepRecord]] = []
@@ -155,7 +169,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 self._check_integrity()
             _migrate(self._db, self.path)
             page = self._db.execute("PRAGMA page_size").fetchone()[0]
-            self._pages = max(max_bytes // page, 1) if max_bytes else 0
+            self._pages = max(self.max_bytes // page, 1) if self.max_bytes else 0
             self._reserve = _reserve_for(self._pages)
             self._check_cap(page)
         except sqlite3.Error as exc:
@@ -361,6 +375,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             finally:
                 self._db.close()
                 self._open = False
+                if self._dir_lock is not None:
+                    self._dir_lock.release()
 
     # internals
     def _create(self) -> None:
