@@ -761,6 +761,28 @@ class RunManager:
             self._release(live)
         return True
 
+    def cancel_interrupted(self, row: RunRow) -> bool:
+        """CancelRun of an INTERRUPTED run (`row` as `settle` reports it): it ends CANCELLED,
+        never to be resumed, so its problem may go. False when it changed meanwhile (resumed
+        or deleted: the store's conditional update decides which of the two came first)."""
+        with self._lock:
+            orphan = row.run_id in self._orphans
+        try:
+            self.store.update_run(
+                row.run_id,
+                expect_status=(RunStatus.INTERRUPTED, *ACTIVE_STATUSES)
+                if orphan
+                else (RunStatus.INTERRUPTED,),
+                status=RunStatus.CANCELLED,
+                stop_reason=StopReason.CANCELLED,
+                message="cancelled while interrupted: it will not be resumed",
+            )
+        except RunStateError:
+            return False
+        with self._lock:
+            self._orphans.pop(row.run_id, None)
+        return True
+
     @staticmethod
     def _claim(live: LiveRun) -> bool:
         """Mark a queued run started; False if it was cancelled while queued (skip it)."""

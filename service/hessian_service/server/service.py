@@ -454,6 +454,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if self.runs.cancel(row.run_id):
             if row.status == RunStatus.QUEUED:
                 row = self._row(request.run_id, tenant)  # perhaps CANCELLED now, never started
+        elif row.status == RunStatus.INTERRUPTED:  # CANCELLED, unless resumed meanwhile
+            if not self.runs.cancel_interrupted(row):
+                self.runs.cancel(row.run_id)
+            row = self._row(request.run_id, tenant)
         elif row.status in ACTIVE_STATUSES:  # another replica executes it: its keeper will
             self.store.request_cancel(row.run_id)
         return self._info(row, message=service_pb2.CancelRunResponse)
