@@ -375,8 +375,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         inputs = None
         if request.HasField("inputs"):
             inputs = codec.decode_tensor(request.inputs, "inputs")
+        most = (self.config.max_message_bytes - RESPONSE_SLACK) // 8  # values a response holds
         with self.threads.limited(objective):
-            outputs = objective.predict(params, inputs)
+            outputs = objective.predict(params, inputs, most)
         size = codec.tensor_wire_bytes(list(outputs.shape), 8) + RESPONSE_SLACK
         self._check_fits("inputs", size, "the outputs")
         return service_pb2.PredictResponse(outputs=codec.encode_tensor(outputs))

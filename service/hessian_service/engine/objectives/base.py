@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ValidationError
+from ..errors import ResourceLimitError, ValidationError
 from ..validation import FLOAT_DTYPES, require_no_extra
 
 # The closed-form kernels an objective may have in hessian_service._C (csrc/): "system" (loss,
@@ -199,9 +199,12 @@ class Objective(ABC):
         """Model outputs at `params` (objectives with `supports_ggn`)."""
         raise NotImplementedError(f"{self.name} has no output structure for Gauss-Newton")
 
-    def predict(self, params: Any, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self, params: Any, inputs: torch.Tensor | None = None, max_values: int | None = None
+    ) -> torch.Tensor:
         """`outputs` at `params` on new input rows `inputs` (shaped like data X; None: the
-        problem's own X), so callers never re-implement the forward pass or the layout."""
+        problem's own X), so callers never re-implement the forward pass or the layout.
+        `max_values`: refuse, before computing them, more output values than that."""
         x = self.check_params(params)
         if not self.supports_ggn:
             raise ValidationError("problem", f"an objective with model outputs, not {self.name}")
@@ -215,9 +218,26 @@ class Objective(ABC):
             raise ValidationError("inputs", expected, f"shape {tuple(inputs.shape)}")
         if inputs.dtype not in FLOAT_DTYPES:
             raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
+        rows = int(inputs.shape[0])
+        if max_values is not None and rows * self.output_width(x) > max_values:
+            raise ResourceLimitError(
+                "inputs",
+                f"{rows} rows of {self.output_width(x)} outputs each are over the "
+                f"{max_values} output values a response can carry",
+            )
         fresh = copy.copy(self)
         fresh.data = {**self.data, "X": inputs.to(own.dtype)}
         return fresh.outputs(x).detach()
+
+    def output_width(self, params: torch.Tensor) -> int:
+        """Model outputs per input row (the same at any params): from the outputs on the
+        problem's own X, computed once."""
+        width = self.__dict__.get("_output_width")
+        if width is None:
+            rows = int(self.data["X"].shape[0])
+            width = self.outputs(params).numel() // max(rows, 1)
+            self.__dict__["_output_width"] = width
+        return width
 
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
         """The data term of the loss as a function of the model outputs (`supports_ggn`)."""

@@ -185,7 +185,9 @@ class Exported(Objective):
             raise NotImplementedError("exported program without output_loss has no outputs")
         return self._evaluate(params)
 
-    def predict(self, params: Any, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self, params: Any, inputs: torch.Tensor | None = None, max_values: int | None = None
+    ) -> torch.Tensor:
         """The base Predict, with the row count of `inputs` checked first against what the
         program takes (naming `inputs`, not the graph node it would break)."""
         own = self.data.get("X")
@@ -197,7 +199,7 @@ class Exported(Objective):
         )
         if rows_like_own:  # other shapes: the base refusal names what rows must look like
             self._check_input_rows(int(inputs.shape[0]))
-        return super().predict(params, inputs)
+        return super().predict(params, inputs, max_values)
 
     def _check_input_rows(self, rows: int) -> None:
         """Refuse `rows` new input rows where the program cannot take them: outside its
