@@ -219,6 +219,7 @@ class Objective(ABC):
         if inputs.dtype not in FLOAT_DTYPES:
             raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
         rows = int(inputs.shape[0])
+        self.check_rows(rows, "inputs")
         if max_values is not None and rows * self.output_width(x) > max_values:
             raise ResourceLimitError(
                 "inputs",
@@ -228,6 +229,10 @@ class Objective(ABC):
         fresh = copy.copy(self)
         fresh.data = {**self.data, "X": inputs.to(own.dtype)}
         return fresh.outputs(x).detach()
+
+    def check_rows(self, rows: int, field: str) -> None:  # noqa: B027 (an optional hook)
+        """Refuse (naming `field`) `rows` input rows whose evaluation would be too large;
+        objectives whose cost grows with a width option (the MLP) say where."""
 
     def output_width(self, params: torch.Tensor) -> int:
         """Model outputs per input row (the same at any params): from the outputs on the

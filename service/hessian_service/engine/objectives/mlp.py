@@ -8,14 +8,14 @@ by its bias b (out,), exactly as `torch.nn.utils.parameters_to_vector` lays out 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ValidationError
+from ..errors import ResourceLimitError, ValidationError
 from ..validation import (
     option_choice,
     option_float,
@@ -26,6 +26,8 @@ from .base import Objective
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 LOSSES = ("mse", "cross_entropy")
+# values one forward pass may hold, rows x (hidden + output units): 512 MiB in float64
+MAX_ACTIVATIONS = 1 << 26
 
 
 def _layer_sizes(options: Mapping[str, Any], in_features: int) -> list[int]:
@@ -45,6 +47,19 @@ def _layer_sizes(options: Mapping[str, Any], in_features: int) -> list[int]:
     return [int(s) for s in sizes]
 
 
+def _check_activations(rows: int, sizes: Sequence[int], field: str) -> None:
+    """Refuse rows whose forward pass would hold over MAX_ACTIVATIONS values (every layer's
+    outputs are kept for the derivatives): a small request must not allocate gigabytes."""
+    units = sum(sizes[1:])
+    if rows * units > MAX_ACTIVATIONS:
+        raise ResourceLimitError(
+            field,
+            f"{rows} rows x {units} units of options.layer_sizes = {rows * units} activation "
+            f"values in a forward pass, over the limit of {MAX_ACTIVATIONS} (fewer rows or "
+            "narrower layers)",
+        )
+
+
 class MLP(Objective):
     """An MLP on X (N, in); y (N, out) float for mse, (N,) int64 class labels for cross_entropy.
 
@@ -62,6 +77,7 @@ class MLP(Objective):
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)
         sizes = _layer_sizes(options, x.shape[1])
+        _check_activations(x.shape[0], sizes, "data.X")
         activation = option_choice(options, "activation", "tanh", tuple(ACTIVATIONS))
         loss = option_choice(options, "loss", "mse", LOSSES)
         l2 = option_float(options, "l2", 0.0, minimum=0.0)
@@ -95,6 +111,9 @@ class MLP(Objective):
             self._layers.append((offset, fan_out, fan_in, offset + fan_out * fan_in))
             offset += fan_out * fan_in + fan_out
         self.param_shape = (offset,)
+
+    def check_rows(self, rows: int, field: str) -> None:
+        _check_activations(rows, self.options["layer_sizes"], field)
 
     def outputs(self, params: torch.Tensor) -> torch.Tensor:
         h = self.data["X"]
