@@ -212,7 +212,16 @@ def test_the_advertised_sample_limit_is_served_and_one_more_refused_before_drawi
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert err.details().startswith("tensors: 201 tensors of")
         assert "over the message limit of 1048576" in err.details()
-    assert len(calls) == 2, "the refused requests drew nothing"
+        # many empty tensors: a small request, each a draw's setup (1e6 of them took 25 s)
+        many = service_pb2.SampleTensorsRequest(
+            tensors=[optimize_pb2.TensorSpec(shape=[0], dtype=FLOAT64)] * 1025
+        )
+        err = _refusal(lambda: stub.SampleTensors(many, timeout=30))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.details().startswith("tensors: 1025 tensors requested, over the limit of 1024")
+        at_limit = service_pb2.SampleTensorsRequest(tensors=many.tensors[:1024])
+        assert len(stub.SampleTensors(at_limit, timeout=30).tensors) == 1024
+    assert len(calls) == 3, "the refused requests drew nothing"
 
 
 # D10 audit: every response that grows with the request

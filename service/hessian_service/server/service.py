@@ -56,6 +56,7 @@ RESPONSE_SLACK = 512
 # SampleTensors' advertised limit leaves this much of a message for the tensors' headers: any
 # request of at most max_sample_elements values in up to 16 tensors of any rank fits.
 SAMPLE_HEADER_BYTES = 4096
+MAX_SAMPLE_TENSORS = 1024  # tensors in one SampleTensors request (each costs a draw's setup)
 DEADLINE_SLACK_SECONDS = 1.0  # a call ending this close to its deadline ended by the deadline
 CLIENT_VERSION_KEY = "x-hessian-client-version"
 INLINE_MAX_REQUEST_BYTES = 64 * 1024  # a step request decoded on the event loop is this small
@@ -269,6 +270,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def SampleTensors(self, request, context):
+        if len(request.tensors) > MAX_SAMPLE_TENSORS:
+            raise ResourceLimitError(
+                "tensors",
+                f"{len(request.tensors)} tensors requested, over the limit of "
+                f"{MAX_SAMPLE_TENSORS} a request",
+            )
         specs = []
         limit = self._max_sample_elements
         values = response_bytes = 0
