@@ -82,7 +82,8 @@ def build_objective(
         )
     assert which in OBJECTIVES, which
     spec = getattr(problem, which)
-    if which == "exported" and math.prod(spec.param_shape) > max_params:  # before loading it
+    sizes_positive = all(s >= 1 for s in getattr(spec, "param_shape", ()))
+    if which == "exported" and sizes_positive and math.prod(spec.param_shape) > max_params:
         raise ResourceLimitError(
             "problem.exported.param_shape",
             f"{math.prod(spec.param_shape)} parameters, over the server limit of {max_params}",

@@ -37,6 +37,8 @@ MAX_MEMBER_BYTES = 64 * 1024**2  # one member, uncompressed (a zip bomb stops he
 MAX_NODES = 20_000
 MAX_CONSTANT_ELEMENTS = 1_000_000
 MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in float64)
+# all of them together: an evaluation keeps every value (the derivatives need them)
+MAX_TOTAL_ELEMENTS = 4 * MAX_VALUE_ELEMENTS
 BINDINGS_KEPT = 4  # programs bound to recent row counts, kept per program
 
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
@@ -182,6 +184,7 @@ class Program:
                 name: TensorMeta(m.dtype, tuple(rows if s == symbol else s for s in m.shape))
                 for name, m in metas.items()
             }
+        total = 0
         for name, meta in metas.items():
             numel = math.prod(meta.shape)
             if numel > MAX_VALUE_ELEMENTS:
@@ -190,6 +193,13 @@ class Program:
                     f"value {name!r} declares {numel} elements, over the limit of "
                     f"{MAX_VALUE_ELEMENTS} per tensor",
                 )
+            total += numel
+        if total > MAX_TOTAL_ELEMENTS:
+            raise ResourceLimitError(
+                FIELD,
+                f"its values declare {total} elements together, over the limit of "
+                f"{MAX_TOTAL_ELEMENTS} (an evaluation keeps every value for the derivatives)",
+            )
         bound = Program(
             self.nodes,
             self.params_name,
