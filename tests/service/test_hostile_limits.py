@@ -356,3 +356,16 @@ def test_analyze_curvature_sizes_only_what_it_will_send(mib_server):
         assert info.value.message.endswith(
             "over the message limit of 1048576 (--max-message-bytes)"
         )
+
+
+@pytest.mark.parametrize("shape", [[-1, -5], [-(2**40), -(2**40)], [0, 7]])
+def test_an_exported_param_shape_with_sizes_below_1_is_invalid_not_huge(mib_server, shape):
+    """Checked for sign before its product is compared with --max-params: two negative
+    sizes made a product of 1.2e24 "parameters" (RESOURCE_EXHAUSTED)."""
+    channel, stub = _stub(mib_server)
+    exported = problem_pb2.ExportedObjective(program=b"x", param_shape=shape)
+    request = service_pb2.CreateProblemRequest(problem=problem_pb2.Problem(exported=exported))
+    with channel:
+        err = _refusal(lambda: stub.CreateProblem(request, timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("problem.exported.param_shape: expected the shape of params")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import start_server
 from hessian_client import Client, minimize, problems, tensors
-from hessian_client.proto import service_pb2
+from hessian_client.proto import service_pb2, service_pb2_grpc
 from optimize_stream import Stream
 from scipy.optimize import rosen, rosen_der, rosen_hess
 
@@ -78,3 +78,21 @@ def test_waiting_resumes_hold_no_thread(handle):
         owner.close()
     with Client(address, timeout=GUARD) as client:
         assert client.get_run(run_id).status in ("RUNNING", "INTERRUPTED")
+
+
+@pytest.mark.parametrize("first, got", [
+    ([], "an empty stream"),
+    ([service_pb2.OptimizeRequest()], "a first request with neither"),
+    ([service_pb2.OptimizeRequest(stop=True)], "a first request with stop"),
+])  # fmt: skip
+def test_a_stream_that_starts_nothing_is_refused_saying_what_came(handle, first, got):
+    """Before, an empty stream ended OK with no response at all, and a first request with
+    neither start nor resume_run_id was refused without saying what it had."""
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = service_pb2_grpc.HessianServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Optimize(iter(first), timeout=GUARD))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == (
+        f"start: expected start or resume_run_id in the first request, got {got}"
+    )

@@ -184,7 +184,9 @@ class Optimizer:
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_a_request(exc))
         if first is None:
-            return
+            raise ValidationError(
+                "start", "start or resume_run_id in the first request", "an empty stream"
+            )
         with self._slot(tenant):
             async for response in self._drive(first, incoming, tenant):
                 yield response
@@ -210,7 +212,11 @@ class Optimizer:
         elif kind == "resume_run_id":
             row = await self._resume(first.resume_run_id, tenant, exchange)
         else:
-            raise ValidationError("start", "start or resume_run_id in the first request", kind)
+            raise ValidationError(
+                "start",
+                "start or resume_run_id in the first request",
+                f"a first request with {kind or 'neither'}",
+            )
         run_id = row.run_id
         live = self.service.runs.live(run_id)
         unlisten = None
