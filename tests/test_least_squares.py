@@ -244,3 +244,33 @@ def test_bad_input_is_named(address, call, field):
     with pytest.raises(InvalidArgument) as info:
         call(address)
     assert field in str(info.value)
+
+
+@pytest.mark.parametrize("bounds", [(0.0, np.inf), ([-1, -1], [1, 1]), "wide"])
+def test_bounds_are_refused_naming_them_not_a_type_error(bounds):
+    """bounds were not a parameter at all: Python's TypeError, though the README lists them
+    with the refused robust losses."""
+    with pytest.raises(InvalidArgument) as err:
+        least_squares(_line_residuals, np.zeros(2), _line_jacobian, bounds=bounds,
+                      address="127.0.0.1:1")  # fmt: skip
+    assert err.value.field == "bounds" and not err.value.from_server
+
+
+@pytest.mark.parametrize("bounds", [None, (-np.inf, np.inf), ([-np.inf] * 2, [np.inf, np.inf])])
+def test_scipys_default_bounds_are_no_bounds(address, bounds):
+    res = least_squares(_line_residuals, np.zeros(2), _line_jacobian, bounds=bounds,
+                        address=address)  # fmt: skip
+    np.testing.assert_allclose(res.x, np.linalg.lstsq(_T_X, _T_Y, rcond=None)[0], rtol=1e-9)
+
+
+_T = np.linspace(0.0, 1.0, 9)
+_T_X = np.column_stack([_T, np.ones_like(_T)])
+_T_Y = 2.0 * _T - 1.0 + 0.1 * np.sin(7 * _T)
+
+
+def _line_residuals(x):
+    return _T_X @ x - _T_Y
+
+
+def _line_jacobian(x):
+    return _T_X

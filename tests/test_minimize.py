@@ -112,9 +112,13 @@ def test_asyncio_variant_matches_the_sync_one(address, rng):
     assert (sync.nit, sync.nfev, sync.fun) == (aio.nit, aio.nfev, aio.fun)
 
 
-def test_no_gradient_is_refused_naming_the_capability(address, rng):
-    with pytest.raises(InvalidArgument, match=r"capabilities\.gradient"):
-        minimize(rosen, start(rng, 3), address=address)
+@pytest.mark.parametrize("jac", [None, False])
+def test_no_gradient_is_refused_naming_jac_before_connecting(rng, jac):
+    # the caller wrote jac, not the wire's start.capabilities.gradient (which it was named)
+    with pytest.raises(InvalidArgument) as err:
+        minimize(rosen, start(rng, 3), jac=jac, address="127.0.0.1:1")
+    assert err.value.field == "jac" and not err.value.from_server
+    assert "every method needs the gradient (finite differences are not offered)" in str(err.value)
 
 
 @pytest.mark.parametrize("option", ["gradient_fraction", "curvature_fraction"])

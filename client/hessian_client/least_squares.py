@@ -141,19 +141,33 @@ def _rmatvec(jac: Any, u: np.ndarray) -> np.ndarray:
 
 
 def _session(
-    fun: Any, x0: Any, jac: Any, method: str | None, loss: str, stopping: dict[str, Any],
-    args: tuple, options: dict[str, Any] | None, name: str,
+    fun: Any, x0: Any, jac: Any, method: str | None, loss: str, bounds: Any,
+    stopping: dict[str, Any], args: tuple, options: dict[str, Any] | None, name: str,
 ) -> _LeastSquaresSession:  # fmt: skip
     """The session of one least_squares call; bad arguments named before any call."""
     if not callable(jac):
         raise invalid("jac", "a callable returning the m x n Jacobian (or an operator)", jac)
     if loss != "linear":
         raise invalid("loss", "'linear' (robust losses are not served)", loss)
+    if not _unbounded(bounds):
+        raise invalid("bounds", "none, or SciPy's default (-inf, inf): bounds are not served",
+                      bounds)  # fmt: skip
     opts = {**{k: v for k, v in stopping.items() if v is not None}, **(options or {})}
     return _LeastSquaresSession(
         fun, jac, x0=x0, args=args, method=method or "levenberg_marquardt", tol=None,
         options=opts, name=name,
     )  # fmt: skip
+
+
+def _unbounded(bounds: Any) -> bool:
+    """None, or SciPy's default (-inf, inf): no bound at all."""
+    if bounds is None:
+        return True
+    try:
+        low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.all(low == -np.inf) and np.all(high == np.inf))
 
 
 def _stopping(ftol: float | None, xtol: float | None, gtol: float | None,
@@ -173,6 +187,7 @@ def least_squares(
     xtol: float | None = None,
     gtol: float | None = None,
     loss: str = "linear",
+    bounds: Any = None,
     max_iterations: int | None = None,
     args: tuple = (),
     options: dict[str, Any] | None = None,
@@ -192,7 +207,7 @@ def least_squares(
     status, message, success) and nit, run_id, run_status, round_trips.
     """
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
-    session = _session(fun, x0, jac, method, loss, stopping, args, options, name)
+    session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)
     return drive(session, resume, address, token)
 
 
@@ -206,6 +221,7 @@ async def least_squares_async(
     xtol: float | None = None,
     gtol: float | None = None,
     loss: str = "linear",
+    bounds: Any = None,
     max_iterations: int | None = None,
     args: tuple = (),
     options: dict[str, Any] | None = None,
@@ -216,5 +232,5 @@ async def least_squares_async(
 ) -> OptimizeResult:
     """`least_squares` on grpc.aio (the caller's functions still run on the event loop)."""
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
-    session = _session(fun, x0, jac, method, loss, stopping, args, options, name)
+    session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)
     return await drive_async(session, resume, address, token)

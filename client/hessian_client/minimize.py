@@ -258,9 +258,14 @@ class _Session:
 def _check_derivatives(jac: Any, hess: Any, hessp: Any) -> None:
     """Refuse, naming it, a derivative given as anything but a function (jac also True: fun
     returns (f, g)): SciPy's finite differences ('2-point', ...) and quasi-Newton updates
-    (BFGS()) are not offered, and must not be ignored."""
-    if not (jac is None or isinstance(jac, bool) or callable(jac)):
-        raise invalid("jac", "a function of x, True (fun returns (f, g)), or None", jac)
+    (BFGS()) are not offered, and must not be ignored; every method needs the gradient."""
+    if not (jac is True or callable(jac)):
+        raise invalid(
+            "jac",
+            "a function of x or True (fun returns (f, g)): every method needs the gradient "
+            "(finite differences are not offered)",
+            jac,
+        )
     for name, value in (("hess", hess), ("hessp", hessp)):
         if value is not None and not callable(value):
             raise invalid(name, "a function of x (finite differences are not offered)", value)
