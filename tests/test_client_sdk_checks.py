@@ -491,3 +491,15 @@ def test_the_sdks_own_refusals_cut_echoed_input_as_the_server_does():
     shown = repr("n" * 5000)
     assert err.value.message.endswith(f"got {shown[:200]}... ({len(shown)} characters)")
     assert len(err.value.message) < 400
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: problems.rosenbrock(dim=0),
+     lambda: problems.softmax_regression(np.zeros((3, 2)), np.array([0, 1, 1]), num_classes=0)],
+)  # fmt: skip
+def test_an_integer_option_of_0_is_refused_not_sent_as_unset(build):
+    # proto3 sends 0 as unset: rosenbrock(dim=0) became dim 2 on the server, silently
+    with pytest.raises(InvalidArgument) as err:
+        build()
+    assert "0 reads as unset: leave it out for the default" in err.value.message

@@ -60,6 +60,10 @@ def _objective(message: type[M], **options: Any) -> M:
         if not fd.is_repeated:
             if not fits(value):
                 raise invalid(name, what, value)
+            if (what, fits) == _INTEGER and value == 0:  # proto3 sends 0 as "unset"
+                raise invalid(
+                    name, "an integer >= 1 (0 reads as unset: leave it out for the default)", 0
+                )
         elif (
             isinstance(value, str | bytes)
             or not isinstance(value, Sequence | np.ndarray)
@@ -101,11 +105,12 @@ def softmax_regression(
     X: Any,
     labels: Any,
     *,
-    num_classes: int = 0,
+    num_classes: int | None = None,
     l2: float = 0.0,
     fit_intercept: bool = True,
 ) -> Problem:
-    """Multinomial cross-entropy; labels are integers in [0, num_classes)."""
+    """Multinomial cross-entropy; labels are integers in [0, num_classes) (None: the
+    server's max(labels) + 1)."""
     objective = _objective(
         problem_pb2.SoftmaxRegressionObjective,
         num_classes=num_classes,
