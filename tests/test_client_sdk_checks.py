@@ -503,3 +503,15 @@ def test_an_integer_option_of_0_is_refused_not_sent_as_unset(build):
     with pytest.raises(InvalidArgument) as err:
         build()
     assert "0 reads as unset: leave it out for the default" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"params": [0.0, 0.0], "seed": 1}, "seed"), ({"init": "normal"}, "init"),
+     ({"params": [0.0, 0.0], "init": "uniform"}, "init")],
+)  # fmt: skip
+def test_a_start_argument_that_would_be_ignored_is_refused_naming_it(kwargs, field):
+    # a seed beside params, or an init with no seed to draw with, was silently dropped
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        client.start_run(_ROSEN, **kwargs)
+    assert err.value.field == field

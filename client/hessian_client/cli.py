@@ -609,7 +609,13 @@ def parser() -> argparse.ArgumentParser:
     r = command("run", "start a run and follow it (Ctrl-C cancels it)")
     _problem_args(r)
     r.add_argument("--params", help=".npy of initial parameters (else --seed draws them)")
-    r.add_argument("--seed", type=int, default=None, help="server-side draw of the start")
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="server-side draw of the start (not with --params; with --init objective_default "
+        "the objective's own initialiser, a fixed start for Rosenbrock)",
+    )
     r.add_argument(
         "--init",
         default="objective_default",

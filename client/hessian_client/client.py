@@ -485,6 +485,10 @@ class _Api:
             name=_text("name", name, unset=""),
             **_source(problem),
         )
+        if params is not None and seed is not None:
+            raise invalid("seed", "None when params are given (they are the start)", seed)
+        if seed is None and init != "objective_default":
+            raise invalid("init", "a seed to draw with (init is that draw's distribution)", init)
         if params is not None:
             request.initial_params.CopyFrom(_encode(params, "params"))
         elif seed is not None:
