@@ -117,6 +117,30 @@ def test_cli_data_array_of_the_wrong_dtype_names_it(tmp_path, rng, capsys):
     assert "bad --data" in err and "data.X: expected dtype float32, float64 or int64" in err
 
 
+@pytest.mark.parametrize(
+    ("arrays", "got"), [({"X": 1, "labels": 1}, "['X', 'labels']"), ({"X": 1}, "['X']")]
+)
+def test_cli_data_arrays_the_objective_does_not_take_are_named_with_the_ones_it_does(
+    tmp_path, rng, capsys, arrays, got
+):
+    # it said "logistic_regression() got an unexpected keyword argument 'labels'" / "missing
+    # 1 required positional argument"
+    np.savez(tmp_path / "d.npz", **{k: rng.normal(size=(5, 2)) for k in arrays})
+    err = _cli_error(capsys, "--data", str(tmp_path / "d.npz"))
+    assert (
+        f"bad --data for logistic_regression: expected an .npz of the arrays ['X', 'y'], "
+        f"got {got}" in err
+    )
+
+
+def test_cli_exported_file_that_is_no_archive_says_what_it_lacks(tmp_path, capsys):
+    np.savez(tmp_path / "model.npz", w=np.zeros(2))  # a zip, but no exported program
+    code = main(["--address", NOWHERE, "run", "--exported", str(tmp_path / "model.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "0 models/model.json members, not 1" in err, err
+    assert "unpack" not in err
+
+
 # D6: problems.* options and data
 
 

@@ -169,6 +169,17 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
         raise UsageError(
             f"bad --option for {args.objective}: {unknown[0]!r} is none of its names {list(takes)}"
         )
+    arrays = [  # the data a builder takes: its positional parameters without a default
+        n
+        for n, p in takes.items()
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty
+    ]
+    wrong = sorted(set(data) - set(takes))
+    if wrong or set(arrays) - set(data) - set(options):
+        raise UsageError(
+            f"bad --data for {args.objective}: expected an .npz of the arrays {arrays}, "
+            f"got {sorted(data)}"
+        )
     try:
         return builder(**data, **options)
     except (TypeError, ValueError) as exc:

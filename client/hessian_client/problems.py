@@ -238,7 +238,10 @@ def _declared_params_shape(program: bytes) -> list[int]:
     """The static shape the archive's graph declares for its first user input."""
     try:
         with zipfile.ZipFile(io.BytesIO(program)) as archive:
-            (model,) = [n for n in archive.namelist() if n.endswith("models/model.json")]
+            models = [n for n in archive.namelist() if n.endswith("models/model.json")]
+            if len(models) != 1:
+                raise ValueError(f"{len(models)} models/model.json members, not 1")
+            (model,) = models
             graph = json.loads(archive.read(model))["graph_module"]
         first = graph["signature"]["input_specs"]
         name = next(s["user_input"]["arg"]["as_tensor"]["name"] for s in first if "user_input" in s)
