@@ -470,7 +470,13 @@ class Run:
                 repeat, started = False, now - self._moved_after
             self.last_record = record
             if stop is not None:
-                if point.curvature is not None and self.stepper.options.curvature == "hessian":
+                # the second-order test says what a stationary point is: only where the
+                # first-order condition holds (elsewhere "minimum" would only describe H)
+                if (
+                    stop[0].converged
+                    and point.curvature is not None
+                    and self.stepper.options.curvature == "hessian"
+                ):
                     gauge = self.objective.project_step if self.objective.has_gauge else None
                     record.end_point, record.negative_eigenvalues = end_point(
                         point.curvature, gauge, self.objective.convex, self.objective.num_rows
