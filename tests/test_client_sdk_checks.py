@@ -539,3 +539,12 @@ def test_a_start_argument_that_would_be_ignored_is_refused_naming_it(kwargs, fie
     with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
         client.start_run(_ROSEN, **kwargs)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:", "localhost:http",
+                                     ["127.0.0.1:5", "127.0.0.1:0"]])  # fmt: skip
+def test_an_address_whose_port_is_no_tcp_port_is_refused_naming_address(address):
+    # gRPC wrapped 99999 round to 34463 and reported a failure to connect there
+    with pytest.raises(InvalidArgument) as err:
+        Client(address)
+    assert err.value.field == "address" and "a port in 1..65535" in err.value.message

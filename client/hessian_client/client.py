@@ -180,6 +180,9 @@ BALANCED_SERVICE_CONFIG = json.dumps(
 )
 
 
+RESOLVER_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+
+
 def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
     """The gRPC target for `address` and whether it may name several replicas.
 
@@ -190,6 +193,8 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
         entries = list(address)
         if not entries:
             raise invalid("address", "at least one IP:port", "an empty list")
+        for entry in entries:
+            _check_port(entry)
         if len(entries) == 1:
             return entries[0], False
         hosts = [e.rsplit(":", 1)[0] for e in entries]
@@ -199,7 +204,18 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
             return "ipv4:" + ",".join(entries), True
         shown = ", ".join(entries)
         raise invalid("address", "IP:port entries (for a name: dns:///name:port)", shown)
+    _check_port(address)
     return address, address.startswith("dns:") or address.startswith(("ipv4:", "ipv6:"))
+
+
+def _check_port(address: str) -> None:
+    """Refuse a host:port whose port is no TCP port (gRPC would wrap 99999 round to 34463
+    and report that). Resolver targets (scheme:...) are gRPC's to parse."""
+    if not isinstance(address, str) or address.split(":", 1)[0] in RESOLVER_SCHEMES:
+        return
+    port = address.rsplit(":", 1)[1] if ":" in address else None
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise invalid("address", "host:port with a port in 1..65535", address)
 
 
 def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tuple[str, Any]]:

@@ -90,6 +90,21 @@ def test_a_refused_start_exits_2_with_the_message_and_no_traceback(tmp_path):
     assert done.stderr.strip() == "hessian-server: --metrics-port must be at most 65535"
 
 
+@pytest.mark.parametrize("recover", [False, True], ids=["serve", "recover"])
+def test_an_unreadable_store_password_file_is_named_not_the_store(tmp_path, recover):
+    # it said "cannot open the run store --store: [Errno 2] ..." (and a traceback on recovery)
+    missing = tmp_path / "nope"
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--store",
+         "postgresql://hessian@127.0.0.1:1/hessian", "--store-password-file", str(missing),
+         "--log-format", "text", *(["--recover-store"] if recover else [])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"--store-password-file {missing}: cannot read it" in done.stderr
+    assert "cannot open the run store" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_metrics_port_in_use_is_refused_naming_the_flag_not_the_store(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

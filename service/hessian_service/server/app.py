@@ -184,7 +184,12 @@ def store_password(config: ServerConfig) -> str:
     """The PostgreSQL password from --store-password-file ('' without one)."""
     if not config.store_password_file:
         return ""
-    return pathlib.Path(config.store_password_file).read_text().strip()
+    try:
+        return pathlib.Path(config.store_password_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"--store-password-file {config.store_password_file}: cannot read it ({exc})"
+        ) from None
 
 
 def build_server(
@@ -406,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, sqlite3.Error, StoreError) as exc:
             where = "--store" if config.store else f"under --data-dir {config.data_dir}"
             log.error("cannot recover the run store %s: %s", where, exc)
+            return 2
+        except ValueError as exc:  # a flag's file (--store-password-file)
+            log.error("%s", exc)
             return 2
         return 0
     # the handlers go in before the server reports SERVING: a SIGTERM right after readiness
