@@ -539,6 +539,8 @@ def test_a_start_argument_that_would_be_ignored_is_refused_naming_it(kwargs, fie
     with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
         client.start_run(_ROSEN, **kwargs)
     assert err.value.field == field
+    if "params" in kwargs and field == "init":
+        assert "objective_default when params are given" in err.value.message
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:", "localhost:http",
@@ -548,3 +550,10 @@ def test_an_address_whose_port_is_no_tcp_port_is_refused_naming_address(address)
     with pytest.raises(InvalidArgument) as err:
         Client(address)
     assert err.value.field == "address" and "a port in 1..65535" in err.value.message
+
+
+@pytest.mark.parametrize("address", ["[::1]", "[::1]:50051", "localhost", "dns:///h:50051",
+                                     "google-c2p:///h", "unix:/tmp/x.sock"])  # fmt: skip
+def test_addresses_whose_port_is_grpcs_to_choose_or_parse_are_accepted(address):
+    with Client(address) as client:
+        assert client.address == address

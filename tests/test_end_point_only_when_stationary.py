@@ -16,6 +16,9 @@ def test_a_run_stopped_away_from_a_stationary_point_claims_no_end_point(rng):
     assert run.stop_reason is StopReason.MAX_ITERATIONS
     assert records[-1].gradient_max_norm > 1e-3  # not a stationary point
     assert records[-1].end_point == ""
+    # the curvature count is still reported: the Hessian there is what it is
+    h = torch.autograd.functional.hessian(lambda v: objective.loss(v), run.params)
+    assert records[-1].negative_eigenvalues == int((torch.linalg.eigvalsh(h) < 0).sum())
     # the same run carried to its gradient tolerance judges that stationary point
     done = Run(objective, x0, MethodOptions(method="newton"), StopCriteria(max_iterations=200))
     last = list(done)[-1]

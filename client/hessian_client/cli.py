@@ -174,8 +174,7 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
         for n, p in takes.items()
         if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty
     ]
-    wrong = sorted(set(data) - set(takes))
-    if wrong or set(arrays) - set(data) - set(options):
+    if set(data) - set(takes) or set(arrays) - set(data) - set(options):
         raise UsageError(
             f"bad --data for {args.objective}: expected an .npz of the arrays {arrays}, "
             f"got {sorted(data)}"

@@ -180,6 +180,7 @@ BALANCED_SERVICE_CONFIG = json.dumps(
 )
 
 
+# gRPC target schemes whose syntax is gRPC's to check (anything with "://" is one too)
 RESOLVER_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
 
 
@@ -211,7 +212,12 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
 def _check_port(address: str) -> None:
     """Refuse a host:port whose port is no TCP port (gRPC would wrap 99999 round to 34463
     and report that). Resolver targets (scheme:...) are gRPC's to parse."""
-    if not isinstance(address, str) or address.split(":", 1)[0] in RESOLVER_SCHEMES:
+    if (
+        not isinstance(address, str)
+        or "://" in address
+        or address.split(":", 1)[0] in RESOLVER_SCHEMES
+        or address.endswith("]")  # [v6 address] without a port: gRPC's default port
+    ):
         return
     port = address.rsplit(":", 1)[1] if ":" in address else None
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
@@ -503,7 +509,10 @@ class _Api:
         )
         if params is not None and seed is not None:
             raise invalid("seed", "None when params are given (they are the start)", seed)
-        if seed is None and init != "objective_default":
+        if init != "objective_default" and params is not None:
+            raise invalid("init", "objective_default when params are given (they are the "
+                          "start; init is a seed draw's distribution)", init)  # fmt: skip
+        if init != "objective_default" and seed is None:
             raise invalid("init", "a seed to draw with (init is that draw's distribution)", init)
         if params is not None:
             request.initial_params.CopyFrom(_encode(params, "params"))

@@ -203,6 +203,8 @@ def least_squares(
     n <= 64), gauss_newton (line search), gauss_newton_cg (trust-region CG on J^T J v, any
     n), auto. ftol / xtol / gtol: the server's function / parameter / gradient (max|J^T r|)
     tolerances, unset: its defaults. `options`: more stopping criteria and method options.
+    `loss` other than "linear" and `bounds` other than None or SciPy's (-inf, inf) are
+    refused (not served).
     Returns SciPy's fields (x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
     status, message, success) and nit, run_id, run_status, round_trips.
     """

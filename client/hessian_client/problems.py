@@ -60,7 +60,7 @@ def _objective(message: type[M], **options: Any) -> M:
         if not fd.is_repeated:
             if not fits(value):
                 raise invalid(name, what, value)
-            if (what, fits) == _INTEGER and value == 0:  # proto3 sends 0 as "unset"
+            if _TAKES[fd.type] is _INTEGER and value == 0 and not fd.has_presence:  # as unset
                 raise invalid(
                     name, "an integer >= 1 (0 reads as unset: leave it out for the default)", 0
                 )

@@ -4,9 +4,11 @@ while DeleteProblem refused the problem telling the caller to cancel that very r
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
-from conftest import start_server, wait_until
+from conftest import free_port, spawn_server, start_server, wait_until
 from hessian_client import Client, FailedPrecondition, problems
 from hessian_client.proto import service_pb2
 from hessian_client.tensors import encode
@@ -20,13 +22,15 @@ LONG = {"method": "gradient_descent", "learning_rate": 1e-4,
 def test_an_interrupted_run_is_cancelled_for_good(tmp_path, rng):
     m = rng.standard_normal((6, 6))
     problem = problems.quadratic(m @ m.T + np.eye(6), rng.standard_normal(6))
-    handle = start_server(tmp_path)
+    port = free_port()
+    crashed = spawn_server(tmp_path, port)
     try:
-        with Client(handle.address) as client:
+        with Client(f"127.0.0.1:{port}") as client:
             run = client.start_run(problem, np.zeros(6), **LONG)
             assert wait_until(lambda: client.get_run(run.id).num_records > 10)
     finally:
-        handle.stop()  # the run is kept INTERRUPTED
+        crashed.send_signal(signal.SIGKILL)  # the next server finds the run INTERRUPTED
+        crashed.wait(30)
     handle = start_server(tmp_path)
     try:
         with Client(handle.address) as client:
@@ -35,6 +39,8 @@ def test_an_interrupted_run_is_cancelled_for_good(tmp_path, rng):
             cancelled = client.cancel_run(run.id)
             assert (cancelled.status, cancelled.stop_reason) == ("CANCELLED", "cancelled")
             assert cancelled.num_records == interrupted.num_records
+            # a crash left no end time; the cancel is the run's end
+            assert interrupted.finished_at is None and cancelled.finished_at is not None
             assert client.get_run(run.id).status == "CANCELLED"
             with pytest.raises(FailedPrecondition, match="is CANCELLED, not INTERRUPTED"):
                 client.resume_run(run.id)

@@ -81,3 +81,14 @@ def test_a_fixed_step_that_overflows_is_refused_not_answered_as_infinite(client,
     # the same step from a point it does not overflow from (the minimum: d = 0) is answered
     step = getattr(client, rpc)(rosenbrock, np.ones(4, np.float32), **options)
     np.testing.assert_array_equal(step.params, np.ones(4, np.float32))
+
+
+def test_an_integer_option_past_float32_is_refused_in_process_too():
+    """In process an option may be a Python int (the wire's are doubles)."""
+    import torch
+    from hessian_service.engine import MethodOptions, ValidationError, make_objective, take_step
+
+    objective = make_objective("rosenbrock", {}, {"dim": 3})
+    x = torch.zeros(3, dtype=torch.float32)
+    with pytest.raises(ValidationError, match=r"^options\.damping: expected a value float32"):
+        take_step(objective, x, MethodOptions(damping=10**39))

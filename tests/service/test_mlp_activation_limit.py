@@ -1,17 +1,18 @@
-"""A catalogue MLP whose forward pass would hold more than MAX_ACTIVATIONS values (rows x
-hidden and output units) is refused naming the field, at CreateProblem (data.X) and at
-Predict (inputs), before anything is allocated. Before, 16 KB of data with one wide layer
-made a single step take 50 s and 7 GB."""
+"""A catalogue MLP whose forward pass would hold more than MAX_FORWARD_VALUES values (rows x
+hidden and output units), or a softmax regression whose logits would (rows x classes), is
+refused naming the field, at CreateProblem (data.X) and at Predict (inputs), before anything
+is allocated. Before, 16 KB of data with one wide layer made a single step take 50 s and
+7 GB."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from hessian_client import ResourceExhausted, problems
-from hessian_service.engine.objectives.mlp import MAX_ACTIVATIONS
+from hessian_service.engine.objectives.base import MAX_FORWARD_VALUES
 
 UNITS = 4001  # [1, 4000, 1]: 12,001 parameters
-TOO_MANY_ROWS = MAX_ACTIVATIONS // UNITS + 1
+TOO_MANY_ROWS = MAX_FORWARD_VALUES // UNITS + 1
 
 
 def test_too_many_activations_are_refused_at_create_problem(client, rng):
@@ -35,3 +36,20 @@ def test_too_many_activations_are_refused_at_predict(client, rng):
     w2, b2 = params[8000:12000].reshape(1, 4000), params[12000:]
     expected = np.tanh(few @ w1.T + b1) @ w2.T + b2
     np.testing.assert_allclose(client.predict(problem, params, inputs=few), expected, rtol=1e-12)
+
+
+def test_too_many_logits_are_refused_for_softmax_regression(client, rng):
+    classes = 1000  # with 1 feature and intercepts: 2,000 parameters
+    rows = MAX_FORWARD_VALUES // classes + 1
+    x = rng.standard_normal((rows, 1))
+    labels = np.zeros(rows, dtype=np.int64)
+    problem = problems.softmax_regression(x, labels, num_classes=classes)
+    with pytest.raises(ResourceExhausted, match=rf"data\.X: {rows} rows x {classes} units"):
+        client.create_problem(problem)
+    small = problems.softmax_regression(x[:10], labels[:10], num_classes=classes)
+    params = rng.standard_normal(2 * classes)
+    with pytest.raises(ResourceExhausted, match=rf"inputs: {rows} rows x {classes} units"):
+        client.predict(small, params, inputs=x)
+    logits = client.predict(small, params, inputs=x[:3])
+    w = params.reshape(2, classes)  # (features + intercept, classes)
+    np.testing.assert_allclose(logits, x[:3] @ w[:1] + w[1], rtol=1e-12)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import start_server, wait_until
 from hessian_client import Client, minimize, problems, tensors
 from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_service.server.optimize import Optimizer
 from optimize_stream import Stream
 from scipy.optimize import rosen, rosen_der, rosen_hess
 
@@ -59,25 +60,31 @@ def test_what_can_never_be_resumed_is_refused_at_once(handle):
         assert says in refused.details()
 
 
-def test_waiting_resumes_hold_no_thread(handle):
-    """More waiting resumes than the server has RPC threads: other calls are still served,
-    and a waiting resume ends as soon as its caller cancels it."""
+def test_waiting_resumes_hold_no_thread(handle, monkeypatch):
+    """More waiting resumes than the server has RPC threads: other calls are still served
+    while every one of them waits, and the run is resumed once its old stream lets go."""
     address = handle.address
     owner, run_id = _attached_optimize(address)
+    checked = []
+    real = Optimizer._resumable
+    monkeypatch.setattr(Optimizer, "_resumable", lambda *a: checked.append(1) or real(*a))
     waiting = [
         Stream(address, service_pb2.OptimizeRequest(resume_run_id=run_id)) for _ in range(12)
     ]
     try:
+        assert wait_until(lambda: len(checked) >= 12, GUARD)  # all 12 are waiting now
         with Client(address, timeout=GUARD) as client:
             for _ in range(3):  # every RPC thread would be held by a waiting resume
                 assert client.get_run(run_id).status == "RUNNING"
                 assert len(list(client.list_runs())) >= 1
+        for stream in waiting[1:]:
+            stream.close()
+        owner.close()  # the old stream lets go: the one resume left takes the run over
+        assert waiting[0].read().started.run_id == run_id
     finally:
         for stream in waiting:
             stream.close()
         owner.close()
-    with Client(address, timeout=GUARD) as client:
-        assert client.get_run(run_id).status in ("RUNNING", "INTERRUPTED")
 
 
 @pytest.mark.parametrize("first, got", [

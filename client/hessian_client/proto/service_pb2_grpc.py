@@ -213,7 +213,8 @@ class HessianServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Stop a run before its next iteration; its records are kept.
+        """Stop a run before its next iteration; its records are kept. An INTERRUPTED run ends
+        CANCELLED (never to be resumed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -269,7 +269,8 @@ def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = 
         return  # every finite option fits (validation refused the others)
     for f in fields(options):
         value = getattr(options, f.name)
-        if isinstance(value, float) and abs(value) > biggest:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and abs(value) > biggest:
             raise ValidationError(
                 f"{prefix}.{f.name}",
                 f"a value {str(dtype).removeprefix('torch.')} can hold (|x| <= {biggest:.4g})",

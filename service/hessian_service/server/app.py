@@ -210,8 +210,25 @@ def build_server(
     admin_file = config.admin_token_file
     admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
     credentials = _tls_credentials(config)
-    own_store = store is None
-    store = store or open_store(config)
+    if store is not None:
+        return _assemble(config, store, tokens, admins, credentials, interceptors)
+    store = open_store(config)
+    try:
+        return _assemble(config, store, tokens, admins, credentials, interceptors)
+    except BaseException:
+        store.close()  # lets its data directory go: a failed start holds nothing
+        raise
+
+
+def _assemble(
+    config: ServerConfig,
+    store: RunStore,
+    tokens: list[bytes],
+    admins: list[bytes],
+    credentials: grpc.ServerCredentials | None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor | grpc.ServerInterceptor],
+) -> ServerHandle:
+    """build_server's work once the store is open: runs, servicer, pools, the bound server."""
     interrupted = store.mark_interrupted("the server stopped while the run was queued or executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
@@ -287,8 +304,6 @@ def build_server(
             leases.close()
         if runs.processes is not None:
             runs.processes.close()
-        if own_store:  # lets its data directory go (a failed start holds nothing)
-            store.close()
         raise
     return ServerHandle(
         config,
@@ -413,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot recover the run store %s: %s", where, exc)
             return 2
         except ValueError as exc:  # a flag's file (--store-password-file)
-            log.error("%s", exc)
+            log.error("cannot recover the run store: %s", exc)
             return 2
         return 0
     # the handlers go in before the server reports SERVING: a SIGTERM right after readiness

@@ -164,6 +164,7 @@ class Optimizer:
         return row
 
     def _resume_now(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
+        """Resume the run, INTERRUPTED by now, with this stream's caller evaluating."""
         row = self._resumable(run_id, tenant)
         require_interrupted(row, "resume_run_id")
         remote = row.remote

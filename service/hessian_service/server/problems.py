@@ -82,8 +82,12 @@ def build_objective(
         )
     assert which in OBJECTIVES, which
     spec = getattr(problem, which)
-    sizes_positive = all(s >= 1 for s in getattr(spec, "param_shape", ()))
-    if which == "exported" and sizes_positive and math.prod(spec.param_shape) > max_params:
+    # (sizes below 1 are the loader's refusal: a product of negatives is no parameter count)
+    if (
+        which == "exported"
+        and all(s >= 1 for s in spec.param_shape)
+        and math.prod(spec.param_shape) > max_params
+    ):
         raise ResourceLimitError(
             "problem.exported.param_shape",
             f"{math.prod(spec.param_shape)} parameters, over the server limit of {max_params}",

@@ -776,6 +776,7 @@ class RunManager:
                 status=RunStatus.CANCELLED,
                 stop_reason=StopReason.CANCELLED,
                 message="cancelled while interrupted: it will not be resumed",
+                finished_at=time.time(),
             )
         except RunStateError:
             return False

@@ -459,15 +459,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def CancelRun(self, request, context):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
-        if self.runs.cancel(row.run_id):
-            if row.status == RunStatus.QUEUED:
-                row = self._row(request.run_id, tenant)  # perhaps CANCELLED now, never started
-        elif row.status == RunStatus.INTERRUPTED:  # CANCELLED, unless resumed meanwhile
-            if not self.runs.cancel_interrupted(row):
-                self.runs.cancel(row.run_id)
-            row = self._row(request.run_id, tenant)
-        elif row.status in ACTIVE_STATUSES:  # another replica executes it: its keeper will
-            self.store.request_cancel(row.run_id)
+        if row.status == RunStatus.INTERRUPTED and not self.runs.cancel_interrupted(row):
+            row = self._row(request.run_id, tenant)  # resumed meanwhile: cancel it as it is
+        # live here: it stops before its next iteration (one still queued: CANCELLED now)
+        if not self.runs.cancel(row.run_id) and row.status in ACTIVE_STATUSES:
+            self.store.request_cancel(row.run_id)  # another replica executes it: its keeper will
+        row = self._row(request.run_id, tenant)
         return self._info(row, message=service_pb2.CancelRunResponse)
 
     @unary

@@ -22,6 +22,20 @@ from ..validation import FLOAT_DTYPES, require_no_extra
 # _C.<name>_newton_step), both called with `native_args()`, and "block_product" (V -> B V,
 # `native_product_op` and `native_product_inputs`, bound in backends/native/products.py).
 NATIVE_KERNELS = frozenset({"system", "newton_step", "block_product"})
+# values one evaluation may hold, rows x units of a width option (the MLP's hidden and output
+# units, softmax's classes): 512 MiB in float64
+MAX_FORWARD_VALUES = 1 << 26
+
+
+def check_forward_values(rows: int, units: int, field: str, units_from: str) -> None:
+    """Refuse rows whose evaluation would hold over MAX_FORWARD_VALUES values, rows x units
+    (kept for the derivatives): a small request must not allocate gigabytes."""
+    if rows * units > MAX_FORWARD_VALUES:
+        raise ResourceLimitError(
+            field,
+            f"{rows} rows x {units} units of {units_from} = {rows * units} values in an "
+            f"evaluation, over the limit of {MAX_FORWARD_VALUES} (fewer rows or fewer units)",
+        )
 
 
 class Objective(ABC):
@@ -232,17 +246,14 @@ class Objective(ABC):
 
     def check_rows(self, rows: int, field: str) -> None:  # noqa: B027 (an optional hook)
         """Refuse (naming `field`) `rows` input rows whose evaluation would be too large;
-        objectives whose cost grows with a width option (the MLP) say where."""
+        objectives whose cost grows with a width option (MLP, softmax) fill it in."""
 
     def output_width(self, params: torch.Tensor) -> int:
-        """Model outputs per input row (the same at any params): from the outputs on the
-        problem's own X, computed once."""
-        width = self.__dict__.get("_output_width")
-        if width is None:
-            rows = int(self.data["X"].shape[0])
-            width = self.outputs(params).numel() // max(rows, 1)
-            self.__dict__["_output_width"] = width
-        return width
+        """Model outputs per input row (the same at any params): the outputs on the
+        problem's first row alone."""
+        one = copy.copy(self)
+        one.data = {**self.data, "X": self.data["X"][:1]}
+        return one.outputs(params).numel()
 
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
         """The data term of the loss as a function of the model outputs (`supports_ggn`)."""

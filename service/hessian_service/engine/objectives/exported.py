@@ -201,6 +201,11 @@ class Exported(Objective):
             self._check_input_rows(int(inputs.shape[0]))
         return super().predict(params, inputs, max_values)
 
+    def output_width(self, params: torch.Tensor) -> int:
+        """Outputs per row from the program's declared output shape (no evaluation)."""
+        meta = self.program.metas[self.program.output]
+        return math.prod(int(s) for s in meta.shape) // max(int(self.data["X"].shape[0]), 1)
+
     def _check_input_rows(self, rows: int) -> None:
         """Refuse `rows` new input rows where the program cannot take them: outside its
         exported row range, or other than the problem's rows for a static program."""

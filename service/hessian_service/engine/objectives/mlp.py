@@ -15,19 +15,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ResourceLimitError, ValidationError
+from ..errors import ValidationError
 from ..validation import (
     option_choice,
     option_float,
     require_same_dtype,
     require_tensor,
 )
-from .base import Objective
+from .base import Objective, check_forward_values
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 LOSSES = ("mse", "cross_entropy")
-# values one forward pass may hold, rows x (hidden + output units): 512 MiB in float64
-MAX_ACTIVATIONS = 1 << 26
 
 
 def _layer_sizes(options: Mapping[str, Any], in_features: int) -> list[int]:
@@ -48,16 +46,8 @@ def _layer_sizes(options: Mapping[str, Any], in_features: int) -> list[int]:
 
 
 def _check_activations(rows: int, sizes: Sequence[int], field: str) -> None:
-    """Refuse rows whose forward pass would hold over MAX_ACTIVATIONS values (every layer's
-    outputs are kept for the derivatives): a small request must not allocate gigabytes."""
-    units = sum(sizes[1:])
-    if rows * units > MAX_ACTIVATIONS:
-        raise ResourceLimitError(
-            field,
-            f"{rows} rows x {units} units of options.layer_sizes = {rows * units} activation "
-            f"values in a forward pass, over the limit of {MAX_ACTIVATIONS} (fewer rows or "
-            "narrower layers)",
-        )
+    """Every layer's outputs (hidden and output units) are kept for the derivatives."""
+    check_forward_values(rows, sum(sizes[1:]), field, "options.layer_sizes")
 
 
 class MLP(Objective):
@@ -113,6 +103,7 @@ class MLP(Objective):
         self.param_shape = (offset,)
 
     def check_rows(self, rows: int, field: str) -> None:
+        """Rows x hidden and output units, bounded."""
         _check_activations(rows, self.options["layer_sizes"], field)
 
     def outputs(self, params: torch.Tensor) -> torch.Tensor:

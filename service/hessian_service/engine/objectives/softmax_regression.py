@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, option_int, require_tensor
-from .base import NATIVE_KERNELS, Objective
+from .base import NATIVE_KERNELS, Objective, check_forward_values
 
 
 class SoftmaxRegression(Objective):
@@ -46,6 +46,7 @@ class SoftmaxRegression(Objective):
             k = max(hi + 1, 2)
         if lo < 0 or hi >= k:
             raise ValidationError("data.labels", f"integers in [0, {k})", f"range [{lo}, {hi}]")
+        check_forward_values(x.shape[0], k, "data.X", "options.num_classes")
         l2 = option_float(options, "l2", 0.0, minimum=0.0)
         fit_intercept = option_bool(options, "fit_intercept", True)
         self.data = {"X": x, "labels": labels}
@@ -54,6 +55,10 @@ class SoftmaxRegression(Objective):
         self._d = x.shape[1]
         self._k = k
         self.param_shape = (self._d + int(fit_intercept), k)
+
+    def check_rows(self, rows: int, field: str) -> None:
+        """Rows x classes of logits, bounded."""
+        check_forward_values(rows, self._k, field, "options.num_classes")
 
     def native_args(self) -> tuple[Any, ...]:
         o = self.options

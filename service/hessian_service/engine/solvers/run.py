@@ -470,17 +470,14 @@ class Run:
                 repeat, started = False, now - self._moved_after
             self.last_record = record
             if stop is not None:
-                # the second-order test says what a stationary point is: only where the
-                # first-order condition holds (elsewhere "minimum" would only describe H)
-                if (
-                    stop[0].converged
-                    and point.curvature is not None
-                    and self.stepper.options.curvature == "hessian"
-                ):
+                if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     gauge = self.objective.project_step if self.objective.has_gauge else None
-                    record.end_point, record.negative_eigenvalues = end_point(
+                    verdict, record.negative_eigenvalues = end_point(
                         point.curvature, gauge, self.objective.convex, self.objective.num_rows
                     )
+                    # the verdict says what a stationary point is: only where the first-order
+                    # condition holds (elsewhere "minimum" would describe H alone)
+                    record.end_point = verdict if stop[0].converged else ""
                     self._finish(*_second_order_verdict(stop, record))
                 else:
                     self._finish(*stop)
