@@ -52,7 +52,8 @@ def test_mini_batch_run_matches_the_catalogue_least_squares(client):
     twin = problems.exported(least_squares, torch.zeros(D, dtype=F64), tensors, rows=("X", "y"))
     catalogue = problems.least_squares(tensors["X"], tensors["y"], l2=0.05)
     x = np.random.default_rng(4).normal(size=D)
-    options = {"method": "newton_cg", "gradient_fraction": 0.5, "seed": 5, "backend": "autograd"}
+    options = {"method": "newton_cg", "gradient_fraction": 0.5, "curvature_seed": 5,
+               "backend": "autograd"}  # fmt: skip
     runs = [
         client.start_run(p, x, stopping={"max_iterations": 3}, **options) for p in (twin, catalogue)
     ]

@@ -27,9 +27,14 @@ class DataDirLock:
 
     def __init__(self, data_dir: str | pathlib.Path) -> None:
         directory = pathlib.Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"the data directory {directory} cannot be written: {exc.strerror} ({path})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
