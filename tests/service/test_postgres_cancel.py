@@ -36,7 +36,9 @@ def test_cancel_sent_to_another_replica_stops_the_run(tmp_path, postgres_dsn):
             next(iter(running.stream()))
             queued = on_a.start_run(problems.rosenbrock(dim=2), np.zeros(2), **GD)
             assert on_b.get_run(queued.id).status == "QUEUED"  # A's only worker is busy
-            for run in (running, queued):
+            # the queued one first: A's keeper takes requests at each renewal (T/8), and one
+            # falling between the two cancels would free A's worker for the queued run
+            for run in (queued, running):
                 assert on_b.cancel_run(run.id).status in ("QUEUED", "RUNNING")
             assert _settled(b, running.id) == "CANCELLED"
             assert _settled(b, queued.id) == "CANCELLED"

@@ -21,7 +21,7 @@ from conftest import ROOT, start_server
 from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_service.engine.records import StepRecord
 from hessian_service.engine.solvers.methods import Stepper
-from hessian_service.server.runs import LiveRun
+from hessian_service.server.runs import LiveRun, RunManager
 from hessian_service.store import (
     RunRow,
     SQLiteRunStore,
@@ -107,6 +107,30 @@ def test_a_run_that_ends_while_an_older_one_runs_stays_readable_under_the_cap(tm
             long.cancel()
             assert long.wait(30).status == "CANCELLED"
             assert [r.run_id for r in c.list_runs()] == [long.id]
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_a_run_that_ends_before_its_start_applies_the_cap_stays_readable(tmp_path, monkeypatch):
+    """A short run may end before StartRun's own pass of the cap: that pass kept nothing, so
+    it deleted the run its client was about to read (CI saw NOT_FOUND from wait())."""
+    real = RunManager._submit
+
+    def submit_then_end(self, live, objective, params, options, stopping, checkpoint):
+        real(self, live, objective, params, options, stopping, checkpoint)
+        if stopping.max_iterations <= 3:  # the short run: ended before launch goes on
+            with live.cond:
+                assert live.cond.wait_for(lambda: live.done, 30)
+
+    monkeypatch.setattr(RunManager, "_submit", submit_then_end)
+    handle = start_server(tmp_path, max_stored_runs=1)
+    try:
+        with Client(handle.address) as c:
+            problem, long = _long_run(c)
+            short = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
+            assert short.wait(30).status == "FINISHED"
+            assert short.result(30).info.num_records == 4
+            long.cancel()
     finally:
         handle.stop(grace=1.0)
 

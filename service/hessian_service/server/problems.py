@@ -104,13 +104,15 @@ def build_objective(
     }
     try:
         objective = make_objective(which, data, options)
-    except ValidationError as exc:
+    except (ValidationError, ResourceLimitError) as exc:
         field = exc.field
         if field.startswith("options."):
             field = f"problem.{which}." + field.removeprefix("options.")
         elif field.startswith("data."):
             field = "problem." + field
-        raise _renamed(exc, field) from exc
+        if isinstance(exc, ValidationError):
+            raise _renamed(exc, field) from exc
+        raise ResourceLimitError(field, str(exc)[len(exc.field) + 2 :]) from exc
     if objective.num_params > max_params:
         raise ResourceLimitError(
             "problem",

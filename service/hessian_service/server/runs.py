@@ -352,13 +352,14 @@ class RunManager:
         with self._lock:
             self._live.pop(run_id, None)
 
-    def _retain(self, ended: str = "") -> None:
+    def _retain(self, keep: str) -> None:
         """--max-stored-runs: delete the oldest ended runs past the cap (after each start and
-        each end, so the cap holds once runs finish, not only at the next start), never the
-        run that has just `ended`: its client has yet to read its result."""
+        each end, so the cap holds once runs finish, not only at the next start), never
+        `keep`, the run just started or just ended: its client has yet to read its result
+        (a short run may already have ended when its start applies the cap)."""
         if self.max_stored_runs:
             try:
-                self.store.enforce_retention(self.max_stored_runs, keep=ended)
+                self.store.enforce_retention(self.max_stored_runs, keep=keep)
             except StoreError as exc:  # the next start or end tries again
                 log.warning("could not apply --max-stored-runs: %s", exc)
 
@@ -457,7 +458,7 @@ class RunManager:
         except BaseException:
             self._release(live)
             raise
-        self._retain()
+        self._retain(run_id)
         return row
 
     def resume(self, row: RunRow, objective: Objective) -> RunRow:
@@ -479,21 +480,9 @@ class RunManager:
         self.store.take_cancel_requests([row.run_id])  # a request the run outlived is void
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, row.owner, objective)
-        with self._lock:
-            orphan = row.run_id in self._orphans
         try:
             # conditional: DeleteRun or the retention cap may have removed the run meanwhile
-            self.store.update_run(
-                row.run_id,
-                expect_status=(RunStatus.INTERRUPTED, *ACTIVE_STATUSES)
-                if orphan
-                else (RunStatus.INTERRUPTED,),
-                status=RunStatus.QUEUED,
-                stop_reason="",
-                message="",
-            )
-            with self._lock:
-                self._orphans.pop(row.run_id, None)
+            self._leave_interrupted(row.run_id, status=RunStatus.QUEUED, stop_reason="", message="")
             if self.leases is not None:
                 self.leases.hold(live)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
@@ -765,14 +754,9 @@ class RunManager:
         """CancelRun of an INTERRUPTED run (`row` as `settle` reports it): it ends CANCELLED,
         never to be resumed, so its problem may go. False when it changed meanwhile (resumed
         or deleted: the store's conditional update decides which of the two came first)."""
-        with self._lock:
-            orphan = row.run_id in self._orphans
         try:
-            self.store.update_run(
+            self._leave_interrupted(
                 row.run_id,
-                expect_status=(RunStatus.INTERRUPTED, *ACTIVE_STATUSES)
-                if orphan
-                else (RunStatus.INTERRUPTED,),
                 status=RunStatus.CANCELLED,
                 stop_reason=StopReason.CANCELLED,
                 message="cancelled while interrupted: it will not be resumed",
@@ -780,9 +764,17 @@ class RunManager:
             )
         except RunStateError:
             return False
-        with self._lock:
-            self._orphans.pop(row.run_id, None)
         return True
+
+    def _leave_interrupted(self, run_id: str, **fields: Any) -> None:
+        """Set `fields` on an INTERRUPTED run (as `settle` reports it: an orphan's stored row
+        is still active), conditionally on that status (RunStateError when it changed)."""
+        with self._lock:
+            orphan = run_id in self._orphans
+        statuses = (RunStatus.INTERRUPTED, *ACTIVE_STATUSES) if orphan else (RunStatus.INTERRUPTED,)
+        self.store.update_run(run_id, expect_status=statuses, **fields)
+        with self._lock:
+            self._orphans.pop(run_id, None)
 
     @staticmethod
     def _claim(live: LiveRun) -> bool:
@@ -941,7 +933,7 @@ class RunManager:
                     self._store_final(live, run, final)
             finally:  # whatever storing the end raised, its watchers must not wait forever
                 self._release(live)
-                self._retain(ended=run_id)
+                self._retain(run_id)
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""

@@ -27,14 +27,14 @@ NATIVE_KERNELS = frozenset({"system", "newton_step", "block_product"})
 MAX_FORWARD_VALUES = 1 << 26
 
 
-def check_forward_values(rows: int, units: int, field: str, units_from: str) -> None:
+def check_forward_values(rows: int, units: int, field: str, unit_name: str) -> None:
     """Refuse rows whose evaluation would hold over MAX_FORWARD_VALUES values, rows x units
     (kept for the derivatives): a small request must not allocate gigabytes."""
     if rows * units > MAX_FORWARD_VALUES:
         raise ResourceLimitError(
             field,
-            f"{rows} rows x {units} units of {units_from} = {rows * units} values in an "
-            f"evaluation, over the limit of {MAX_FORWARD_VALUES} (fewer rows or fewer units)",
+            f"{rows} rows x {units} {unit_name} = {rows * units} values in an evaluation, "
+            f"over the limit of {MAX_FORWARD_VALUES} (fewer rows, or fewer {unit_name})",
         )
 
 

@@ -47,7 +47,7 @@ def _layer_sizes(options: Mapping[str, Any], in_features: int) -> list[int]:
 
 def _check_activations(rows: int, sizes: Sequence[int], field: str) -> None:
     """Every layer's outputs (hidden and output units) are kept for the derivatives."""
-    check_forward_values(rows, sum(sizes[1:]), field, "options.layer_sizes")
+    check_forward_values(rows, sum(sizes[1:]), field, "hidden and output units")
 
 
 class MLP(Objective):
@@ -67,7 +67,7 @@ class MLP(Objective):
     def _setup(self, data: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> None:
         x = require_tensor(data, "X", ndim=2)
         sizes = _layer_sizes(options, x.shape[1])
-        _check_activations(x.shape[0], sizes, "data.X")
+        _check_activations(x.shape[0], sizes, "options.layer_sizes")
         activation = option_choice(options, "activation", "tanh", tuple(ACTIVATIONS))
         loss = option_choice(options, "loss", "mse", LOSSES)
         l2 = option_float(options, "l2", 0.0, minimum=0.0)

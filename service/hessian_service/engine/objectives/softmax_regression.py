@@ -46,7 +46,7 @@ class SoftmaxRegression(Objective):
             k = max(hi + 1, 2)
         if lo < 0 or hi >= k:
             raise ValidationError("data.labels", f"integers in [0, {k})", f"range [{lo}, {hi}]")
-        check_forward_values(x.shape[0], k, "data.X", "options.num_classes")
+        check_forward_values(x.shape[0], k, "options.num_classes", "classes")
         l2 = option_float(options, "l2", 0.0, minimum=0.0)
         fit_intercept = option_bool(options, "fit_intercept", True)
         self.data = {"X": x, "labels": labels}
@@ -58,7 +58,7 @@ class SoftmaxRegression(Objective):
 
     def check_rows(self, rows: int, field: str) -> None:
         """Rows x classes of logits, bounded."""
-        check_forward_values(rows, self._k, field, "options.num_classes")
+        check_forward_values(rows, self._k, field, "classes")
 
     def native_args(self) -> tuple[Any, ...]:
         o = self.options
