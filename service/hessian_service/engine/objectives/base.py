@@ -234,11 +234,12 @@ class Objective(ABC):
             raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
         rows = int(inputs.shape[0])
         self.check_rows(rows, "inputs")
-        if max_values is not None and rows * self.output_width(x) > max_values:
+        width = self.output_width(x) if max_values is not None else 0
+        if max_values is not None and rows * width > max_values:
             raise ResourceLimitError(
                 "inputs",
-                f"{rows} rows of {self.output_width(x)} outputs each are over the "
-                f"{max_values} output values a response can carry",
+                f"{rows} rows of {width} outputs each are over the {max_values} output values "
+                "a response can carry",
             )
         fresh = copy.copy(self)
         fresh.data = {**self.data, "X": inputs.to(own.dtype)}
