@@ -10,11 +10,13 @@ evicted here; on a shared store another replica may delete it, so every call rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -165,6 +167,9 @@ class ProblemRegistry:
         self._lock = threading.Lock()
         self._remember_holds = isinstance(store, SQLiteRunStore)
         self._forgotten = 0  # counts forget() calls: a hold read before one is not remembered
+        # problems stored for a StartRun whose run row (which pins them) is not yet written:
+        # the stored-problems cap must not evict them meanwhile
+        self._claimed: Counter[str] = Counter()
 
     @property
     def cached_bytes(self) -> int:
@@ -253,10 +258,28 @@ class ProblemRegistry:
         return pid, blob, objective
 
     def _put(self, pid: str, blob: bytes, owner: str) -> None:
-        """Store a checked problem for `owner`, then apply the stored-problems cap."""
+        """Store a checked problem for `owner`, then apply the stored-problems cap (never to
+        it, nor to problems claimed by runs being created)."""
         self.store.put_problem(pid, blob, owner)
         if self.max_stored_bytes:
-            self.forget(self.store.enforce_problem_retention(self.max_stored_bytes, keep=[pid]))
+            with self._lock:
+                keep = [pid, *self._claimed]
+            self.forget(self.store.enforce_problem_retention(self.max_stored_bytes, keep=keep))
+
+    @contextlib.contextmanager
+    def _claiming(self, pid: str, store: Callable[[], None]) -> Iterator[None]:
+        """Run `store` (the problem's hold) and keep `pid` from the stored-problems cap until
+        the block ends (the run row that pins it is written inside it)."""
+        with self._lock:
+            self._claimed[pid] += 1
+        try:
+            store()
+            yield
+        finally:
+            with self._lock:
+                self._claimed[pid] -= 1
+                if not self._claimed[pid]:
+                    del self._claimed[pid]
 
     def by_id(self, pid: str, scope: str | None, field: str = "problem_id") -> Objective:
         """The objective of a problem stored by `scope` (None: anyone); NOT_FOUND otherwise,
@@ -287,22 +310,26 @@ class ProblemRegistry:
             raise NotFoundError("problem_id", f"problem with id {pid!r}")
         self.forget([pid])
 
-    def claim(self, request: Any, tenant: Tenant) -> tuple[str, Objective, Callable[[], None]]:
-        """StartRun's problem: (id, objective, hold), checked as `resolve` checks it; hold()
-        stores it for the tenant (an admin starting a run on another tenant's problem id
-        takes its own hold, so the run keeps it). The run calls hold() once it is accepted:
-        a refused StartRun stores nothing."""
+    def claim(
+        self, request: Any, tenant: Tenant
+    ) -> tuple[str, Objective, Callable[[], AbstractContextManager[None]]]:
+        """StartRun's problem: (id, objective, hold), checked as `resolve` checks it; `with
+        hold():` stores it for the tenant (an admin starting a run on another tenant's problem
+        id takes its own hold, so the run keeps it) and keeps it from the stored-problems cap
+        while the run row is written inside the block. The run enters it once it is
+        admitted: a refused StartRun stores nothing."""
         if request.WhichOneof("problem_source") != "problem":
             pid, objective = self.resolve(request, tenant)
 
-            def hold() -> None:
+            def admin_hold() -> None:
                 blob = self.store.get_problem(pid) if tenant.admin else None
                 if blob is not None:
                     self.store.put_problem(pid, blob, tenant.name)
 
-            return pid, objective, hold
+            return pid, objective, lambda: self._claiming(pid, admin_hold)
         pid, blob, objective = self._checked(request.problem)
-        return pid, objective, lambda: self._put(pid, blob, tenant.name)
+        owner = tenant.name
+        return pid, objective, lambda: self._claiming(pid, lambda: self._put(pid, blob, owner))
 
     def resolve(self, request: Any, tenant: Tenant) -> tuple[str, Objective]:
         """(id, objective) for a request with `oneof problem_source { problem; problem_id }`."""

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -381,7 +382,7 @@ class RunManager:
         initial: torch.Tensor | InitSpec | None = None,
         name: str = "",
         owner: str = ANONYMOUS_OWNER,
-        hold_problem: Callable[[], None] | None = None,
+        hold_problem: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> RunRow:
         """StartRun: refuse criteria over the iteration cap, choose the starting point (the
         given tensor, one drawn by `initial`, else the objective's default from seed 0),
@@ -425,7 +426,7 @@ class RunManager:
         owner: str = ANONYMOUS_OWNER,
         method_note: str = "",
         remote: dict[str, Any] | None = None,
-        hold_problem: Callable[[], None] | None = None,
+        hold_problem: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> RunRow:
         """Record a new run (QUEUED, with its starting checkpoint), queue it, then apply the
         stored-runs cap.
@@ -434,8 +435,9 @@ class RunManager:
         the criteria with the method's defaults filled in (RunInfo shows what the run obeys).
         Options the objective cannot serve are refused here, before anything is stored.
         `remote`: a caller-evaluated run's declaration (asktell), kept in the spec; such a
-        run has no stored problem. `hold_problem`: stores the run's problem for its owner,
-        called once the run is admitted, so a refused run stores nothing.
+        run has no stored problem. `hold_problem`: stores the run's problem for its owner and
+        keeps it while the run row is written (entered once the run is admitted, so a
+        refused run stores nothing).
         """
         check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
@@ -449,9 +451,8 @@ class RunManager:
         live = self._admit(run_id, 0, owner, objective)
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
-            if hold_problem is not None:
-                hold_problem()
-            self.store.create_run(row, checkpoint, require_problem=remote is None)
+            with hold_problem() if hold_problem is not None else contextlib.nullcontext():
+                self.store.create_run(row, checkpoint, require_problem=remote is None)
             if self.leases is not None:
                 self.leases.hold(live)
             self._submit(live, objective, params, options, stopping, None)
