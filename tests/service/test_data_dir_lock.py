@@ -74,3 +74,24 @@ def test_a_stopped_or_failed_server_lets_its_directory_go(tmp_path):
         handle.stop()
     finally:
         holder.stop()
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    # the server followed it and truncated the target to its pid
+    data = tmp_path / "data"
+    data.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("important content")
+    (data / "server.lock").symlink_to(precious)
+    refused = _server(data, free_port())
+    assert refused.returncode == 2
+    assert "server.lock is a symbolic link" in refused.stderr, refused.stderr
+    assert precious.read_text() == "important content"
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    refused = _server(plain, free_port())
+    assert refused.returncode == 2
+    assert f"the data directory {plain} is not a directory" in refused.stderr, refused.stderr

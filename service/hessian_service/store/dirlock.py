@@ -8,6 +8,7 @@ dies, so a crash never leaves a stale lock behind. Servers that share runs use P
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import pathlib
@@ -28,10 +29,18 @@ class DataDirLock:
     def __init__(self, data_dir: str | pathlib.Path) -> None:
         directory = pathlib.Path(data_dir)
         path = directory / LOCK_NAME
+        if directory.exists() and not directory.is_dir():
+            raise StoreError(f"the data directory {directory} is not a directory")
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            # never through a link: a server.lock pointing elsewhere would be truncated
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(
+                    f"{path} is a symbolic link: expected the server's own lock file (remove "
+                    "the link)"
+                ) from None
             raise StoreError(
                 f"the data directory {directory} cannot be written: {exc.strerror} ({path})"
             ) from None

@@ -133,11 +133,11 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         StoreCorruptError for a damaged or empty file.
         """
         self.path = pathlib.Path(data_dir) / "runs.sqlite3"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.max_bytes = max_bytes
-        self._dir_lock = DataDirLock(data_dir) if exclusive else None
+        self._dir_lock = DataDirLock(data_dir) if exclusive else None  # it checks the folder
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._open_file(synchronous, check_integrity)
         except BaseException:
