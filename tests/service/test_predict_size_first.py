@@ -41,3 +41,22 @@ def test_outputs_too_big_for_a_response_are_refused_before_they_are_computed(
     w2, b2 = params[8:4008].reshape(1000, 4), params[4008:]
     expected = np.tanh(new @ w1.T + b1) @ w2.T + b2
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_own_rows_too_big_for_a_response_are_refused_before_computing_naming_the_problem(
+    handle, rng, monkeypatch
+):
+    # Predict without inputs ran the whole forward pass, then named inputs it never sent
+    rows = 200  # x 1000 outputs: over the 131,000 values a 1 MiB response holds
+    labels = rng.integers(0, 1000, rows)  # class labels: a small request, 1000 outputs a row
+    problem = problems.mlp(rng.standard_normal((rows, 1)), labels, layer_sizes=[1, 4, 1000],
+                           loss="cross_entropy")  # fmt: skip
+    params = rng.standard_normal(1 * 4 + 4 + 4 * 1000 + 1000)
+    rows_seen = []
+    real = MLP.outputs
+    monkeypatch.setattr(MLP, "outputs", lambda self, p: rows_seen.append(
+        int(self.data["X"].shape[0])) or real(self, p))  # fmt: skip
+    with Client(handle.address) as client:
+        with pytest.raises(ResourceExhausted, match="problem: its 200 rows of 1000 outputs each"):
+            client.predict(problem, params)
+    assert rows not in rows_seen

@@ -386,7 +386,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         with self.threads.limited(objective):
             outputs = objective.predict(params, inputs, most)
         size = codec.tensor_wire_bytes(list(outputs.shape), 8) + RESPONSE_SLACK
-        self._check_fits("inputs", size, "the outputs")
+        self._check_fits("inputs" if inputs is not None else "problem", size, "the outputs")
         return service_pb2.PredictResponse(outputs=codec.encode_tensor(outputs))
 
     @unary

@@ -223,6 +223,14 @@ class Objective(ABC):
         if not self.supports_ggn:
             raise ValidationError("problem", f"an objective with model outputs, not {self.name}")
         if inputs is None:
+            if max_values is not None and "X" in self.data:
+                rows, width = int(self.data["X"].shape[0]), self.output_width(x)
+                if rows * width > max_values:
+                    raise ResourceLimitError(
+                        "problem",
+                        f"its {rows} rows of {width} outputs each (Predict without inputs) "
+                        f"are over the {max_values} output values a response can carry",
+                    )
             return self.outputs(x).detach()
         if "X" not in self.data:
             raise ValidationError("inputs", f"nothing: {self.name} takes no input rows", "a tensor")
