@@ -13,6 +13,7 @@ from conftest import start_server, wait_until
 from hessian_client import Client, minimize, problems, tensors
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_service.server.optimize import Optimizer
+from hessian_service.server.runs import RunManager
 from optimize_stream import Stream
 from scipy.optimize import rosen, rosen_der, rosen_hess
 
@@ -103,3 +104,26 @@ def test_a_stream_that_starts_nothing_is_refused_saying_what_came(handle, first,
     assert err.value.details() == (
         f"start: expected start or resume_run_id in the first request, got {got}"
     )
+
+
+def test_a_resume_that_loses_to_a_cancel_names_resume_run_id(handle, monkeypatch):
+    """The run checked INTERRUPTED, then cancelled before the resume's conditional update:
+    the refusal named `run_id`, which OptimizeRequest does not have."""
+    start = service_pb2.OptimizeStart(
+        initial_params=tensors.encode(X0), capabilities=service_pb2.Capabilities(gradient=True)
+    )
+    stream = Stream(handle.address, service_pb2.OptimizeRequest(start=start))
+    run_id = stream.read().started.run_id
+    stream.close()  # the caller goes away: INTERRUPTED
+    with Client(handle.address, timeout=GUARD) as client:
+        assert wait_until(lambda: client.get_run(run_id).status == "INTERRUPTED", GUARD)
+    real = RunManager.resume
+
+    def cancelled_first(self, row, objective):
+        assert self.cancel_interrupted(row)  # a CancelRun lands just before the resume
+        return real(self, row, objective)
+
+    monkeypatch.setattr(RunManager, "resume", cancelled_first)
+    refused = Stream(handle.address, service_pb2.OptimizeRequest(resume_run_id=run_id)).refusal()
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.details() == f"resume_run_id: run {run_id} is CANCELLED, not INTERRUPTED"

@@ -56,7 +56,7 @@ def test_own_rows_too_big_for_a_response_are_refused_before_computing_naming_the
     real = MLP.outputs
     monkeypatch.setattr(MLP, "outputs", lambda self, p: rows_seen.append(
         int(self.data["X"].shape[0])) or real(self, p))  # fmt: skip
-    with Client(handle.address) as client:
-        with pytest.raises(ResourceExhausted, match="problem: its 200 rows of 1000 outputs each"):
-            client.predict(problem, params)
+    refused = "problem: its 200 rows of 1000 outputs each"
+    with Client(handle.address) as client, pytest.raises(ResourceExhausted, match=refused):
+        client.predict(problem, params)
     assert rows not in rows_seen

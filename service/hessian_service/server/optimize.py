@@ -37,10 +37,10 @@ from ..engine.solvers.asktell import (
     resolve_remote_method,
 )
 from ..engine.solvers.methods import check_supported
-from ..store import ACTIVE_STATUSES, RunRow
+from ..store import ACTIVE_STATUSES, RunConflictError, RunNotFoundError, RunRow
 from . import codec
 from .auth import Tenant
-from .errors import LimitError, NotFoundError
+from .errors import ConflictError, LimitError, NotFoundError
 from .runs import LiveRun, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -172,7 +172,13 @@ class Optimizer:
         objective = RemoteObjective(
             remote["num_params"], DTYPES[remote["dtype"]], caps, exchange, remote["speculative"]
         )
-        return self.service.runs.resume(row, objective)
+        try:
+            return self.service.runs.resume(row, objective)
+        except (ConflictError, RunConflictError) as exc:  # it changed meanwhile (a CancelRun)
+            message = str(exc).removeprefix("run_id: ")
+            raise ConflictError("resume_run_id", message) from None
+        except RunNotFoundError:  # deleted meanwhile
+            raise NotFoundError("resume_run_id", f"run with id {run_id!r}") from None
 
     async def serve(
         self, requests: AsyncIterator[Any], context: Any
