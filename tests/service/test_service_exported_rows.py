@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hessian_client import problems
+from hessian_client import ResourceExhausted, problems
 
 F64 = torch.float64
 N, D = 30, 3
@@ -64,3 +64,18 @@ def test_mini_batch_run_matches_the_catalogue_least_squares(client):
         assert a.loss == pytest.approx(b.loss, rel=1e-10)
         assert a.gradient_batch_size == b.gradient_batch_size
     assert ours[0].gradient_batch_size == N // 2
+
+
+def test_predict_rows_a_row_symbol_would_inflate_past_the_total_are_named_inputs(client):
+    """A program bound to 3,000,000 new rows declares 24 M-element values: refused before
+    it runs, naming inputs (it named the program, which the caller did not change)."""
+
+    def fn(params, X):
+        return torch.tanh(X @ params.reshape(1, 8)).sum(dim=1)
+
+    x = torch.randn(100, 1, dtype=torch.float64)
+    problem = problems.exported(fn, torch.zeros(8, dtype=torch.float64),
+                                {"X": x, "y": torch.randn(100, dtype=torch.float64)},
+                                loss="mse", rows=["X"])  # fmt: skip
+    with pytest.raises(ResourceExhausted, match=r"^RESOURCE_EXHAUSTED: inputs: 3000000 rows: "):
+        client.predict(problem, np.zeros(8), inputs=np.zeros((3_000_000, 1)))

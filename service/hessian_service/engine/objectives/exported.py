@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ValidationError
+from ..errors import ResourceLimitError, ValidationError
 from ..validation import FLOAT_DTYPES
 from .base import Objective
 from .export_compile import (
@@ -200,6 +200,16 @@ class Exported(Objective):
         if rows_like_own:  # other shapes: the base refusal names what rows must look like
             self._check_input_rows(int(inputs.shape[0]))
         return super().predict(params, inputs, max_values)
+
+    def check_rows(self, rows: int, field: str) -> None:
+        """The program bound to `rows` (sizes declared, bounded, checked on meta tensors):
+        its size refusal names `field` (new input rows), not the program."""
+        if self._template.row_count is None or rows == self.program.rows:
+            return
+        try:
+            self._template.for_rows(rows)
+        except ResourceLimitError as exc:
+            raise ResourceLimitError(field, f"{rows} rows: {exc}") from None
 
     def output_width(self, params: torch.Tensor) -> int:
         """Outputs per row from the program's declared output shape (no evaluation)."""
