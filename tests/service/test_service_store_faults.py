@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import Client, problems, status_name
+from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_client.proto import optimize_pb2, service_pb2, service_pb2_grpc
 from hessian_service.engine.records import StepRecord
 from hessian_service.server import ServerConfig, build_server
@@ -197,3 +197,18 @@ def test_a_closed_store_refuses_every_call_with_a_store_error(tmp_path):
     for call in calls:
         with pytest.raises(StoreClosedError, match=r"runs\.sqlite3 is closed"):
             call()
+
+
+def test_one_start_too_big_for_the_room_left_does_not_refuse_the_next(tmp_path):
+    """A StartRun whose starting checkpoint (2.4 MB) alone does not fit is refused; a small
+    one after it is accepted (the failed write marked the whole store full until a delete)."""
+    handle = start_server(tmp_path, max_store_bytes=1 << 20, max_params=400_000)
+    try:
+        with Client(handle.address) as c:
+            with pytest.raises(ResourceExhausted, match="is full"):
+                c.start_run(problems.rosenbrock(dim=300_000), np.zeros(300_000), method="newton_cg")
+            small = c.start_run(problems.rosenbrock(dim=3), np.zeros(3),
+                                stopping={"max_iterations": 2})  # fmt: skip
+            assert small.wait(30).status == "FINISHED"
+    finally:
+        handle.stop()

@@ -501,8 +501,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             except sqlite3.Error as exc:
                 error = self._error(exc)
                 self._failure = error if taken else self._failure
-                if isinstance(error, StoreFullError):
-                    self._full = error
+                if isinstance(error, StoreFullError) and taken:  # queued records found no room
+                    self._full = error  # (one write too big for the room left marks nothing)
                 raise error from exc
             if taken:
                 self._failure = self._full = None
