@@ -29,8 +29,8 @@ BIG = 32_768  # float64 values: a 256 KiB problem
 QUICK = {"method": "gradient_descent", "stopping": {"max_iterations": 3}}
 
 
-def _big(seed: int):
-    return problems.mse(np.random.default_rng(seed).normal(size=BIG))
+def _big(seed: int, size: int = BIG):
+    return problems.mse(np.random.default_rng(seed).normal(size=size))
 
 
 def test_deleting_problems_frees_a_full_store_and_start_run_works_again(tmp_path):
@@ -43,6 +43,10 @@ def test_deleting_problems_frees_a_full_store_and_start_run_works_again(tmp_path
                 for seed in range(40):
                     stored.append(c.create_problem(_big(seed)))
             assert len(stored) >= 4
+            # the room a big one lacked still takes small things: fill it to the brim
+            with pytest.raises(ResourceExhausted, match="full"):
+                for seed in range(100, 10_000):
+                    stored.append(c.create_problem(_big(seed, 256)))
             with pytest.raises(ResourceExhausted, match="full"):
                 c.start_run(small, np.zeros(2), **QUICK)
             for pid in stored:

@@ -447,6 +447,13 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 f"{floor} bytes ({page}-byte pages), or 0 for no cap"
             )
 
+    def _at_cap(self) -> bool:
+        """Under max_bytes: the pages in use leave no room for a short run's rows beside the
+        reserve (a write that failed here failed for want of room, not for its own size)."""
+        used = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return used - free + RUN_PAGES >= self._pages - self._reserve
+
     def _use_reserve(self, use: bool = True) -> None:
         """Under max_bytes: let the rest of this transaction use the reserved pages, or not."""
         if self._pages:
@@ -501,8 +508,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             except sqlite3.Error as exc:
                 error = self._error(exc)
                 self._failure = error if taken else self._failure
-                if isinstance(error, StoreFullError) and taken:  # queued records found no room
-                    self._full = error  # (one write too big for the room left marks nothing)
+                if isinstance(error, StoreFullError) and (taken or self._at_cap()):
+                    self._full = error  # (one write too big for a roomy store marks nothing)
                 raise error from exc
             if taken:
                 self._failure = self._full = None
