@@ -94,43 +94,41 @@ def _long_run(c: Client):
     return problem, long
 
 
-def test_a_run_that_ends_while_an_older_one_runs_stays_readable_under_the_cap(tmp_path):
-    """Cap 1, an older run still going: the run that ends is kept for its client's result()
-    (deleted at its own end, its client found NOT_FOUND), and goes once the older one ends."""
-    handle = start_server(tmp_path, max_stored_runs=1)
-    try:
-        with Client(handle.address) as c:
-            problem, long = _long_run(c)
-            short = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
-            assert short.wait(30).status == "FINISHED"
-            assert short.result(30).info.run_id == short.id
-            long.cancel()
-            assert long.wait(30).status == "CANCELLED"
-            assert [r.run_id for r in c.list_runs()] == [long.id]
-    finally:
-        handle.stop(grace=1.0)
-
-
-def test_a_run_that_ends_before_its_start_applies_the_cap_stays_readable(tmp_path, monkeypatch):
-    """A short run may end before StartRun's own pass of the cap: that pass kept nothing, so
-    it deleted the run its client was about to read (CI saw NOT_FOUND from wait())."""
+def _end_before_start_returns(monkeypatch) -> None:
+    """Make a short run (<= 3 iterations) end before its StartRun goes on past submitting it,
+    so StartRun's own pass of the cap sees it ended."""
     real = RunManager._submit
 
     def submit_then_end(self, live, objective, params, options, stopping, checkpoint):
         real(self, live, objective, params, options, stopping, checkpoint)
-        if stopping.max_iterations <= 3:  # the short run: ended before launch goes on
+        if stopping.max_iterations <= 3:
             with live.cond:
                 assert live.cond.wait_for(lambda: live.done, 30)
 
     monkeypatch.setattr(RunManager, "_submit", submit_then_end)
+
+
+@pytest.mark.parametrize("ends_first", [False, True], ids=["ends-later", "ends-before-start"])
+def test_a_run_that_ends_while_an_older_one_runs_stays_readable_under_the_cap(
+    tmp_path, monkeypatch, ends_first
+):
+    """Cap 1, an older run still going: the run that ends is kept for its client's result()
+    (deleted at its own end, its client found NOT_FOUND), and goes once the older one ends.
+    It may end before StartRun's own pass of the cap, which kept nothing and deleted it too
+    (CI saw NOT_FOUND from wait())."""
+    if ends_first:
+        _end_before_start_returns(monkeypatch)
     handle = start_server(tmp_path, max_stored_runs=1)
     try:
         with Client(handle.address) as c:
             problem, long = _long_run(c)
             short = c.start_run(problem, np.zeros(2), stopping={"max_iterations": 3}, **GD)
             assert short.wait(30).status == "FINISHED"
-            assert short.result(30).info.num_records == 4
+            result = short.result(30)
+            assert result.info.run_id == short.id and result.info.num_records == 4
             long.cancel()
+            assert long.wait(30).status == "CANCELLED"
+            assert [r.run_id for r in c.list_runs()] == [long.id]
     finally:
         handle.stop(grace=1.0)
 
