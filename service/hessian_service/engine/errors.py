@@ -67,7 +67,12 @@ class ResourceLimitError(EngineError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+    def renamed(self, field: str) -> ResourceLimitError:
+        """The same refusal reported under another field path (e.g. the wire's)."""
+        return ResourceLimitError(field, self.message)
 
 
 class UnavailableError(EngineError):

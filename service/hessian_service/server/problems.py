@@ -46,11 +46,6 @@ def blob_id(blob: bytes) -> str:
     return "p-" + hashlib.sha256(blob).hexdigest()[:40]
 
 
-def _renamed(exc: ValidationError, field: str) -> ValidationError:
-    """The same error reported under the wire's field path."""
-    return exc.renamed(field)
-
-
 def check_data_size(problem: problem_pb2.Problem, max_data_bytes: int) -> None:
     """Refuse, before decoding anything, a problem whose data tensors exceed the limit."""
     total = sum(len(t.data) for t in problem.data.values())
@@ -112,9 +107,7 @@ def build_objective(
             field = f"problem.{which}." + field.removeprefix("options.")
         elif field.startswith("data."):
             field = "problem." + field
-        if isinstance(exc, ValidationError):
-            raise _renamed(exc, field) from exc
-        raise ResourceLimitError(field, str(exc)[len(exc.field) + 2 :]) from exc
+        raise exc.renamed(field) from exc
     if objective.num_params > max_params:
         raise ResourceLimitError(
             "problem",
