@@ -224,13 +224,8 @@ class Objective(ABC):
             raise ValidationError("problem", f"an objective with model outputs, not {self.name}")
         if inputs is None:
             if max_values is not None and "X" in self.data:
-                rows, width = int(self.data["X"].shape[0]), self.output_width(x)
-                if rows * width > max_values:
-                    raise ResourceLimitError(
-                        "problem",
-                        f"its {rows} rows of {width} outputs each (Predict without inputs) "
-                        f"are over the {max_values} output values a response can carry",
-                    )
+                rows = int(self.data["X"].shape[0])
+                self._check_outputs_fit(x, rows, max_values, "problem", own_rows=True)
             return self.outputs(x).detach()
         if "X" not in self.data:
             raise ValidationError("inputs", f"nothing: {self.name} takes no input rows", "a tensor")
@@ -242,16 +237,25 @@ class Objective(ABC):
             raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
         rows = int(inputs.shape[0])
         self.check_rows(rows, "inputs")
-        width = self.output_width(x) if max_values is not None else 0
-        if max_values is not None and rows * width > max_values:
-            raise ResourceLimitError(
-                "inputs",
-                f"{rows} rows of {width} outputs each are over the {max_values} output values "
-                "a response can carry",
-            )
+        if max_values is not None:
+            self._check_outputs_fit(x, rows, max_values, "inputs", own_rows=False)
         fresh = copy.copy(self)
         fresh.data = {**self.data, "X": inputs.to(own.dtype)}
         return fresh.outputs(x).detach()
+
+    def _check_outputs_fit(
+        self, x: torch.Tensor, rows: int, max_values: int, field: str, own_rows: bool
+    ) -> None:
+        """Refuse, naming `field`, `rows` rows whose outputs are over `max_values` values
+        (before they are computed); `own_rows`: the problem's own (Predict without inputs)."""
+        width = self.output_width(x)
+        if rows * width > max_values:
+            whose, when = ("its ", " (Predict without inputs)") if own_rows else ("", "")
+            raise ResourceLimitError(
+                field,
+                f"{whose}{rows} rows of {width} outputs each{when} are over the {max_values} "
+                "output values a response can carry",
+            )
 
     def check_rows(self, rows: int, field: str) -> None:  # noqa: B027 (an optional hook)
         """Refuse (naming `field`) `rows` input rows whose evaluation would be too large;
