@@ -1,4 +1,5 @@
-"""A float32 problem refuses, naming the field, an option float32 cannot hold and a fixed step
+"""A float32 problem refuses, naming the field, an option float32 cannot hold (past its largest,
+or a positive scale it rounds to 0) and a fixed step
 that overflows; before, both reached torch as a bug (INTERNAL: "value cannot be converted to
 type float without overflow") or came back as infinite parameters marked accepted."""
 
@@ -92,3 +93,39 @@ def test_an_integer_option_past_float32_is_refused_in_process_too():
     x = torch.zeros(3, dtype=torch.float32)
     with pytest.raises(ValidationError, match=r"^options\.damping: expected a value float32"):
         take_step(objective, x, MethodOptions(damping=10**39))
+
+
+TINY = 1e-46  # a positive float64 that float32 rounds to 0 (its smallest is 1.4e-45)
+
+
+@pytest.mark.parametrize("rpc, options, field", [
+    ("gradient_step", {"learning_rate": TINY}, "options.learning_rate"),
+    ("newton_step", {"learning_rate": TINY, "step_policy": "fixed"}, "options.learning_rate"),
+    ("newton_step", {"method": "saddle_free", "eigenvalue_floor": TINY},
+     "options.eigenvalue_floor"),
+    ("newton_step", {"method": "newton_cg", "trust_radius": 1e-300}, "options.trust_radius"),
+])  # fmt: skip
+def test_a_positive_scale_float32_rounds_to_zero_is_refused(client, rng, rpc, options, field):
+    """Before, a learning rate of 1e-46 on a float32 problem became a step of exactly zero,
+    answered as a step taken (and a run of them stalled), where float64 steps by it."""
+    with pytest.raises(InvalidArgument) as caught:
+        getattr(client, rpc)(_logistic32(rng), np.zeros(4, np.float32), **options)
+    assert caught.value.field == field
+    assert caught.value.message.startswith(
+        f"{field}: expected a value float32 can hold (>= 1.401e-45"
+    )
+
+
+def test_a_run_refuses_a_learning_rate_float32_rounds_to_zero_and_float64_takes_it(client, rng):
+    before = len(list(client.list_runs()))
+    with pytest.raises(InvalidArgument, match=r"options\.learning_rate: .*rounds it to 0"):
+        client.start_run(_logistic32(rng), np.zeros(4, np.float32), method="gradient_descent",
+                         learning_rate=TINY)  # fmt: skip
+    assert len(list(client.list_runs())) == before
+    x = rng.standard_normal((40, 3))
+    y = (rng.random(40) < 0.5).astype(float)
+    problem = problems.logistic_regression(x, y)
+    step = client.gradient_step(problem, np.zeros(4), learning_rate=TINY)
+    gradient = client.gradient_step(problem, np.zeros(4), learning_rate=1.0).params  # -g
+    np.testing.assert_allclose(step.params, TINY * gradient, rtol=1e-12)
+    assert np.all(step.params[gradient != 0] != 0)

@@ -42,6 +42,8 @@ DEFAULT_LEARNING_RATE = {"gradient_descent": 0.1}
 # a line search's trials per step: 0.5^1074 is below the smallest float64, and a factor near
 # 1 needs more; past it a step's time has no use (each trial is a loss evaluation)
 MAX_BACKTRACKS = 10_000
+# the options validated > 0 that scale tensors of the compute dtype (check_dtype_range)
+POSITIVE_SCALES = ("learning_rate", "eigenvalue_floor", "trust_radius")
 DEFAULT_PARAMETER_TOLERANCE = 1e-8
 
 
@@ -261,19 +263,28 @@ def check_method_budget(
 
 
 def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = "options") -> None:
-    """Refuse a float option the compute dtype cannot hold (float32 past 3.4e38): it scales
-    tensors of that dtype (a learning rate, a damping, a floor, a radius) and would overflow
-    there, not at the door."""
-    biggest = torch.finfo(dtype).max
-    if biggest >= sys.float_info.max:
+    """Refuse a float option the compute dtype cannot hold: past its largest (float32 past
+    3.4e38) it would overflow the tensors it scales (a learning rate, a damping, a floor, a
+    radius), and one of the positive scales under its smallest (float32 under 1.4e-45)
+    rounds to 0 there, a step of zero or a zero floor, not at the door."""
+    info = torch.finfo(dtype)
+    if info.max >= sys.float_info.max:
         return  # every finite option fits (validation refused the others)
+    name = str(dtype).removeprefix("torch.")
     for f in fields(options):
         value = getattr(options, f.name)
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and abs(value) > biggest:
+        if number and abs(value) > info.max:
             raise ValidationError(
                 f"{prefix}.{f.name}",
-                f"a value {str(dtype).removeprefix('torch.')} can hold (|x| <= {biggest:.4g})",
+                f"a value {name} can hold (|x| <= {info.max:.4g})",
+                f"{value:.4g}",
+            )
+        if number and f.name in POSITIVE_SCALES and torch.tensor(value, dtype=dtype).item() == 0:
+            raise ValidationError(
+                f"{prefix}.{f.name}",
+                f"a value {name} can hold (>= {info.smallest_normal * info.eps:.4g}; {name} "
+                "rounds it to 0)",
                 f"{value:.4g}",
             )
 
