@@ -1,7 +1,7 @@
 """A float32 problem refuses, naming the field, an option float32 cannot hold (past its largest,
-or a positive scale it rounds to 0) and a fixed step
-that overflows; before, both reached torch as a bug (INTERNAL: "value cannot be converted to
-type float without overflow") or came back as infinite parameters marked accepted."""
+or a positive scale it rounds to 0) and a fixed step that overflows; before, they reached torch
+as a bug (INTERNAL: "value cannot be converted to type float without overflow"), came back as
+infinite parameters marked accepted, or as a step of exactly zero."""
 
 from __future__ import annotations
 
