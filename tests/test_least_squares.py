@@ -67,6 +67,24 @@ def test_curve_fit_reaches_scipys_cost(address, method, rng):
     assert res.cost == 0.5 * float(fit.residuals(res.x) @ fit.residuals(res.x))
 
 
+def test_a_fit_in_large_units_reaches_scipys_cost_with_levenberg_marquardt(address, rng):
+    """Data in micro-units (a ~ 1e6, b ~ 1): J's columns differ by 1e6, so lambda I damping
+    (set by the stiff column) held a to steps of 1e-3 until the parameter test stopped the
+    run "stalled" at 3000x SciPy's cost, reported as success. Marquardt's scaling (lambda
+    diag J^T J, MINPACK's and Ceres') damps each parameter by its own curvature."""
+    fit = CurveFit(rng)
+    a, b, c = rng.uniform(2.0, 3.0), rng.uniform(1.0, 2.0), rng.uniform(0.25, 1.0)
+    fit.y = 1e6 * (a * np.exp(-b * fit.t) + c + 0.01 * rng.standard_normal(fit.t.size))
+    x0 = np.array([1e6, 1.0, 0.0])
+    ref = scipy_least_squares(fit.residuals, x0, jac=fit.jacobian, method="lm")
+    assert ref.success
+    res = least_squares(fit.residuals, x0, fit.jacobian, method="levenberg_marquardt",
+                        max_iterations=500, address=address)  # fmt: skip
+    assert res.run_status == "FINISHED", res.message
+    assert abs(res.cost - ref.cost) <= 1e-10 * ref.cost, (res.cost, ref.cost)
+    np.testing.assert_allclose(res.x, ref.x, rtol=1e-6)
+
+
 @pytest.mark.parametrize("n", [2, 10])
 @pytest.mark.parametrize("method", METHODS)
 def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method, rng):

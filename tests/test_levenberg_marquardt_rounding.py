@@ -116,7 +116,9 @@ def test_a_unary_lm_step_below_rounding_is_taken_when_the_gradient_halves(backen
     # the damped Newton step (numpy, float64), whose predicted decrease -g.d is below the
     # loss's rounding: the loss alone cannot judge it
     h = torch.func.hessian(objective.loss)(x).numpy()
-    want = -np.linalg.solve(h + records[-2].damping * np.eye(len(h)), grad(x).numpy())
+    diag = np.abs(np.diag(h))  # Marquardt's scaling: lambda x diag H, floored
+    scaling = np.diag(np.maximum(diag, np.sqrt(EPS) * diag.max()))
+    want = -np.linalg.solve(h + records[-2].damping * scaling, grad(x).numpy())
     d = (result.params - x).numpy()
     # to the gradient's rounding (about 1e-16 absolute, 1e-6 of this |g|) over lambda_min
     np.testing.assert_allclose(d, want, rtol=1e-3, atol=1e-14)

@@ -1,9 +1,10 @@
 """`damping` is optional on the wire: unset and an explicit 0 behave as documented (issue 12).
 
-Documented (optimize.proto): default 0, no damping; levenberg_marquardt then starts from
-1e-3 x max|diag H|. So a step with damping unset and one with damping=0 must be bit for bit
-the same, and both must equal an independent float64 reference (numpy on the least-squares
-normal equations: H = X^T X / N, g = X^T (X w - y) / N), to 1e-10 relative.
+Documented (optimize.proto): default 0, no damping; levenberg_marquardt, which damps with
+damping x diag H (Marquardt's scaling, the diagonal floored at sqrt(eps) x its largest),
+then starts from 1e-3. So a step with damping unset and one with damping=0 must be bit for
+bit the same, and both must equal an independent float64 reference (numpy on the
+least-squares normal equations: H = X^T X / N, g = X^T (X w - y) / N), to 1e-10 relative.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hessian_client import problems
+from hessian_client import InvalidArgument, problems
 from hessian_client.options import method_options
 from hessian_service.server import codec
 
@@ -36,11 +37,13 @@ def test_unset_and_zero_damping_take_the_documented_step(client, policy):
     zero = client.newton_step(problem, w, step_policy=policy, damping=0.0)
     assert np.array_equal(unset.params, zero.params)
     assert unset.record.damping == zero.record.damping
-    lam = 1e-3 * np.abs(np.diag(h)).max() if policy == "levenberg_marquardt" else 0.0
-    np.testing.assert_allclose(unset.record.damping, lam, rtol=1e-12, atol=0)
+    lam = 1e-3 if policy == "levenberg_marquardt" else 0.0
+    assert unset.record.damping == lam
     if policy == "levenberg_marquardt":
         assert unset.record.step_accepted  # a quadratic: the damped Newton step lowers the loss
-    expected = w - np.linalg.solve(h + lam * np.eye(len(w)), g)
+    diag = np.abs(np.diag(h))
+    scaling = np.diag(np.maximum(diag, np.sqrt(np.finfo(float).eps) * diag.max()))
+    expected = w - np.linalg.solve(h + lam * scaling, g)
     np.testing.assert_allclose(unset.params, expected, rtol=TOL, atol=TOL)
 
 
@@ -68,3 +71,26 @@ def test_a_run_reports_its_effective_damping(client):
     given = given.wait(timeout=60)
     assert unset.options.HasField("damping") and unset.options.damping == 0.0
     assert given.options.damping == 0.25
+
+
+@pytest.mark.parametrize("dtype, cap", [(np.float64, 2.0**52), (np.float32, 2.0**23)])
+def test_a_damping_past_the_cap_is_refused_alike_by_a_step_and_a_run(client, dtype, cap):
+    """The damping scales diag H, so its cap (1 / eps of the dtype) needs no H: StartRun
+    refuses it at the door as NewtonStep does, where it ran to `no_progress` at iteration 0;
+    a damping just below the cap is a step."""
+    rng = np.random.default_rng(torch.initial_seed())
+    x, y = rng.standard_normal((31, 5)).astype(dtype), rng.standard_normal(31).astype(dtype)
+    problem, w = problems.least_squares(x, y), rng.standard_normal(5).astype(dtype)
+    lm = {"step_policy": "levenberg_marquardt", "damping": 2 * cap}
+    expected = f"options.damping: expected a Levenberg-Marquardt damping <= 1 / eps = {cap:.3g}"
+    before = len(list(client.list_runs()))
+    with pytest.raises(InvalidArgument) as step:
+        client.newton_step(problem, w, **lm)
+    with pytest.raises(InvalidArgument) as run:
+        client.start_run(problem, w, **lm)
+    for caught in (step, run):
+        assert caught.value.field == "options.damping"
+        assert caught.value.message.startswith(expected), caught.value.message
+    assert len(list(client.list_runs())) == before
+    below = client.newton_step(problem, w, step_policy="levenberg_marquardt", damping=cap / 2)
+    assert below.record.damping in (cap / 2, cap)  # the next lambda when it was rejected

@@ -262,12 +262,37 @@ def check_method_budget(
         check_dense_budget(n, options.dense_budget_bytes, dtype, field)
 
 
+def lm_damping_cap(dtype: torch.dtype) -> float:
+    """The largest Levenberg-Marquardt lambda: 1 / eps(dtype).
+
+    It damps S^-1 H S^-1, whose diagonal is at most 1 in magnitude (Marquardt's scaling,
+    solvers.methods.marquardt_scale), so beyond it that matrix + lambda I is lambda I in
+    floating point and each coordinate's step, g_i / (lambda D_i), is below eps times its
+    own Newton step: more damping cannot produce a different trial.
+    """
+    return 1.0 / torch.finfo(dtype).eps
+
+
+def lm_damping_expected(cap: float) -> str:
+    """What a Levenberg-Marquardt damping must be (the refusal's "expected")."""
+    return (
+        f"a Levenberg-Marquardt damping <= 1 / eps = {cap:.3g} (it scales diag H; past it "
+        "the damped step is below the rounding of params)"
+    )
+
+
 def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = "options") -> None:
     """Refuse a float option the compute dtype cannot hold: past its largest (float32 past
     3.4e38) it would overflow the tensors it scales (a learning rate, a damping, a floor, a
     radius), and one of the positive scales under its smallest (float32 under 1.4e-45)
-    rounds to 0 there, a step of zero or a zero floor, not at the door."""
+    rounds to 0 there, a step of zero or a zero floor, not at the door; and a
+    Levenberg-Marquardt damping past lm_damping_cap, where no trial can differ."""
     info = torch.finfo(dtype)
+    cap = lm_damping_cap(dtype)
+    if options.step_policy == "levenberg_marquardt" and options.damping > cap:
+        raise ValidationError(
+            f"{prefix}.damping", lm_damping_expected(cap), f"{options.damping:.4g}"
+        )
     if info.max >= sys.float_info.max:
         return  # every finite option fits (validation refused the others)
     name = str(dtype).removeprefix("torch.")

@@ -30,6 +30,8 @@ from ..options import (
     MethodOptions,
     check_dtype_range,
     check_method_budget,
+    lm_damping_cap,
+    lm_damping_expected,
     resolve_method,
 )
 from . import hessian_free
@@ -83,16 +85,13 @@ class DampingCap(NoProgress):
         self.damping, self.cap = damping, cap
         super().__init__(
             "no further progress possible at machine precision: the Levenberg-Marquardt "
-            f"damping {damping:.3g} is past max(max|diag H|, 1) / eps = {cap:.3g}, where a "
-            "damped step is below the rounding of the parameters (any trial would be rejected)"
+            f"damping {damping:.3g} (of diag H) is past 1 / eps = {cap:.3g}, where a damped "
+            "step is below the rounding of the parameters (any trial would be rejected)"
         )
 
     def refusal(self) -> ValidationError:
         return ValidationError(
-            "options.damping",
-            f"a Levenberg-Marquardt damping <= max(max|diag H|, 1) / eps = {self.cap:.3g} at "
-            "params (past it the damped step is below the rounding of params)",
-            f"{self.damping:.3g}",
+            "options.damping", lm_damping_expected(self.cap), f"{self.damping:.3g}"
         )
 
 
@@ -116,14 +115,16 @@ class RadiusUnderflow(NoProgress):
         )
 
 
-def lm_damping_cap(h: torch.Tensor) -> float:
-    """The largest Levenberg-Marquardt lambda: max(max|diag H|, 1) / eps(dtype).
-
-    Beyond it H + lambda I is lambda I in floating point and the step, g / lambda, is
-    below the rounding of x: more damping cannot produce a different trial.
-    """
-    scale = float(h.diagonal().abs().max()) if h.numel() else 1.0
-    return max(scale, 1.0) / torch.finfo(h.dtype).eps
+def marquardt_scale(h: torch.Tensor) -> torch.Tensor:
+    """s with s^2 = |diag H| floored at sqrt(eps) x its largest (all 1 when H's diagonal is
+    0): Levenberg-Marquardt damps with lambda diag(s^2), each coordinate by its own
+    curvature (Marquardt's scaling; the floor keeps D positive where H's diagonal is 0 or
+    tiny, as Ceres' min_lm_diagonal does)."""
+    d = h.diagonal().abs()
+    top = float(d.max()) if d.numel() else 0.0
+    if not (top > 0 and math.isfinite(top)):
+        return torch.ones_like(d)
+    return d.clamp_min(math.sqrt(torch.finfo(h.dtype).eps) * top).sqrt()
 
 
 def check_supported(objective: Objective, options: MethodOptions) -> None:
@@ -418,21 +419,36 @@ def _dense(stepper: Stepper, point: Point, res: SolveResult) -> Direction:
 
 
 def _newton(stepper: Stepper, point: Point, damping: float) -> Direction:
-    """The damped Cholesky solve of (H + lambda I) d = -g, lambda >= `damping`.
+    """The damped Cholesky solve of (H + lambda I) d = -g, lambda >= `damping`."""
+    return _dense(stepper, point, _newton_solve(stepper, point.curvature, point.grad, damping))
 
-    A solve that had to raise the damping to factorise counts the matrix's negative
-    eigenvalues (here, so every backend reports the same); an undamped one proved there
-    are none.
+
+def _newton_solve(
+    stepper: Stepper,
+    h: torch.Tensor,
+    g: torch.Tensor,
+    damping: float,
+    scale: torch.Tensor | None = None,
+) -> SolveResult:
+    """Solve (H + lambda D) d = -g, lambda >= `damping`, D = I or, with `scale` s, diag(s^2)
+    (as (S^-1 H S^-1 + lambda I) S d = -S^-1 g, S = diag(s): the same Cholesky solve).
+
+    A solve that had to raise the damping to factorise counts H's negative eigenvalues
+    (here, so every backend reports the same); an undamped one proved there are none.
     """
-    h = point.curvature
-    res = stepper.backend.solver.solve(h, point.grad, damping)
+    solver = stepper.backend.solver
+    if scale is None:
+        res = solver.solve(h, g, damping)
+    else:
+        res = solver.solve(h / torch.outer(scale, scale), g / scale, damping)
+        res = replace(res, direction=res.direction / scale)
     if res.damping > damping:
         objective = stepper.objective
         negative = 0 if objective.convex else negative_eigenvalues(h, objective.num_rows)
         res = replace(res, negative_eigenvalues=negative, damped=True)
     elif damping == 0:
         res = replace(res, negative_eigenvalues=0)
-    return _dense(stepper, point, res)
+    return res
 
 
 def _saddle_free(stepper: Stepper, point: Point, damping: float) -> Direction:
@@ -578,8 +594,13 @@ def _at_rounding(
 
 
 def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> Step:
-    """Nielsen's (1999) damping update: the full step of the damped solve, accepted when the
-    gain ratio is positive; lambda shrinks after a good step and grows (x nu) after a bad one.
+    """Nielsen's (1999) damping update on Marquardt's scaling: the full step of
+    (H + lambda D) d = -g, D = diag(H) (marquardt_scale), accepted when the gain ratio is
+    positive; lambda shrinks after a good step and grows (x nu) after a bad one. Damping
+    each coordinate by its own curvature, as MINPACK and Ceres do, moves parameters of
+    very different units alike: lambda I held a parameter of size 1e6 to steps of 1e-3
+    while a stiff one set the damping, until the parameter test called it a stall. The
+    search owns its descent (Newton's system; only method newton takes it).
 
     At machine precision, where the loss cannot judge the step (its actual and predicted
     changes are rounding), its gradient does, as in the line search (Stepper.gradient_judges),
@@ -589,13 +610,13 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     gain ratio taken as 1 (the model is trusted, as the trust region does); otherwise it is
     rejected and the damping grows towards its cap (DampingCap)."""
     state, h, g = stepper.state, point.curvature, point.grad
+    scale = marquardt_scale(h)
     if state["damping"] <= 0:
-        scale = float(h.diagonal().abs().max()) if g.numel() else 1.0
-        state["damping"] = LM_INITIAL_TAU * max(scale, 1e-12)
-    lam, cap = state["damping"], lm_damping_cap(h)
+        state["damping"] = LM_INITIAL_TAU
+    lam, cap = state["damping"], lm_damping_cap(h.dtype)
     if not math.isfinite(lam) or lam > cap:
         raise DampingCap(lam, cap)
-    found = descent(stepper, point, lam)
+    found = _dense(stepper, point, _newton_solve(stepper, h, g, lam, scale))
     d = found.direction
     predicted = -float(g @ d + 0.5 * (d @ (h @ d)))
     x_new = point.x + d
