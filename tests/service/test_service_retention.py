@@ -8,6 +8,7 @@ import pathlib
 import pwd
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, start_server
+from conftest import ROOT, free_port, spawn_server, start_server, wait_until
 from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_service.engine.records import StepRecord
 from hessian_service.engine.solvers.methods import Stepper
@@ -58,7 +59,8 @@ def test_retention_deletes_the_oldest_finished_runs_and_never_an_active_one(tmp_
     left = {r.run_id for r in store.list_runs([], 100, None)}
     assert left == {"r-0", "r-2", "r-5", "r-6"}
     assert store.records("r-1", 0, 10) == [] and store.latest_checkpoint("r-1") is None
-    assert store.enforce_retention(1) == ["r-5", "r-6"]  # the two active runs stay
+    # the two active runs stay; the ended r-6 goes before the older, resumable r-5
+    assert store.enforce_retention(1) == ["r-6", "r-5"]
     assert store.count_runs_by_status() == {"RUNNING": 1, "QUEUED": 1}
     assert store.enforce_retention(5) == []
     store.close()
@@ -84,6 +86,45 @@ def test_retention_keeps_the_run_that_has_just_ended(tmp_path):
     assert store.enforce_retention(1, keep="r-0") == ["r-1"]  # not the oldest: it just ended
     assert {r.run_id for r in store.list_runs([], 100, None)} == {"r-0", "r-2"}
     store.close()
+
+
+def test_retention_at_start_up_keeps_interrupted_runs(tmp_path):
+    store = SQLiteRunStore(tmp_path)
+    for i, status in enumerate(["INTERRUPTED", "INTERRUPTED", "FINISHED", "INTERRUPTED"]):
+        store.create_run(_row(f"r-{i}", float(i), status), _cp())
+    assert store.enforce_retention(1, interrupted=False) == ["r-2"]
+    assert store.count_runs_by_status() == {"INTERRUPTED": 3}
+    assert store.enforce_retention(2) == ["r-0"]
+    store.close()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_runs_a_restart_finds_interrupted_survive_the_cap_and_resume(tmp_path, stop):
+    """--max-stored-runs 2, three runs executing when the server process stops (shut down:
+    it stores them INTERRUPTED; killed: the next start does): the next start's pass of the
+    cap deleted the oldest, whose client had seen its records (NOT_FOUND for GetRun and
+    ResumeRun). The runs a restart finds INTERRUPTED now wait for their clients."""
+    port = free_port()
+    proc = spawn_server(tmp_path, port, "--max-stored-runs", "2", "--workers", "3")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            runs = [_long_run(c)[1] for _ in range(3)]
+            seen = [r.info().num_records for r in runs]
+    finally:
+        proc.send_signal(stop)
+        proc.wait(30)
+    handle = start_server(tmp_path, max_stored_runs=2, workers=3)
+    try:
+        with Client(handle.address) as c:
+            for run, count in zip(runs, seen, strict=True):
+                info = c.get_run(run.id)
+                assert info.status == "INTERRUPTED" and info.num_records >= count
+            resumed = c.resume_run(runs[0].id)
+            assert wait_until(lambda: c.get_run(resumed.id).num_records > seen[0] + 10)
+            resumed.cancel()
+            assert resumed.wait(30).status == "CANCELLED"
+    finally:
+        handle.stop(grace=1.0)
 
 
 def _long_run(c: Client):
