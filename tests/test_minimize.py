@@ -12,7 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from hessian_client import Client, InvalidArgument, ResourceExhausted, minimize, minimize_async
+from hessian_client import (
+    Client,
+    InvalidArgument,
+    ResourceExhausted,
+    least_squares,
+    minimize,
+    minimize_async,
+)
 from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import minimize as scipy_minimize
 from scipy.optimize import rosen, rosen_der, rosen_hess, rosen_hess_prod
@@ -147,6 +154,38 @@ def test_a_derivative_that_is_not_a_function_is_refused_not_ignored(derivatives,
     with pytest.raises(InvalidArgument) as err:
         minimize(rosen, [0.0, 0.0], address="127.0.0.1:1", **derivatives)
     assert err.value.field == field and "a function of x" in err.value.message
+
+
+@pytest.mark.parametrize("solve", ["minimize", "least_squares"])
+def test_a_2d_x0_is_refused_naming_it_as_scipy_does(solve):
+    """It was flattened silently: fun saw x of shape (4,) and res.x came back flat."""
+    call = {"minimize": lambda x0: minimize(rosen, x0, jac=rosen_der, address="127.0.0.1:1"),
+            "least_squares": lambda x0: least_squares(np.sin, x0, np.diag,
+                                                      address="127.0.0.1:1")}[solve]  # fmt: skip
+    with pytest.raises(InvalidArgument) as err:
+        call(np.zeros((2, 2)))
+    assert err.value.field == "x0" and err.value.message.endswith("array of parameters, got (2, 2)")
+
+
+def test_one_extra_argument_need_not_be_a_tuple(address, rng):
+    """SciPy wraps args=5.0 in a tuple; it raised a TypeError after starting a run."""
+    x0 = start(rng, 3)
+    scale = float(rng.uniform(1.0, 2.0))
+
+    def fun(x, c):
+        return c * rosen(x)
+
+    def jac(x, c):
+        return c * rosen_der(x)
+
+    def hess(x, c):
+        return c * rosen_hess(x)
+
+    one = minimize(fun, x0, args=scale, jac=jac, hess=hess, address=address)
+    tupled = minimize(fun, x0, args=(scale,), jac=jac, hess=hess, address=address)
+    assert one.success and one.nit == tupled.nit
+    np.testing.assert_array_equal(one.x, tupled.x)
+    np.testing.assert_allclose(one.x, np.ones(3), atol=1e-6)
 
 
 def test_unknown_method_is_refused_before_connecting():

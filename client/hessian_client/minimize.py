@@ -79,9 +79,14 @@ class _Session:
         options: dict[str, Any] | None,
         name: str,
     ) -> None:
+        if not isinstance(args, tuple):  # SciPy wraps one extra argument in a tuple
+            args = (args,)
         self.fun, self.args, self.jac, self.hess, self.hessp = fun, args, jac, hess, hessp
         _check_derivatives(jac, hess, hessp)
-        self.x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
+        x = np.asarray(x0, dtype=np.float64)
+        if x.ndim > 1:  # SciPy refuses it too: fun would see x flattened, res.x flat
+            raise invalid("x0", "a scalar or a 1-D array of parameters", x.shape)
+        self.x0 = x.reshape(-1)
         if self.x0.size == 0:
             raise invalid("x0", "an array of at least one parameter", np.shape(x0))
         if (method or "auto") not in self.methods:
