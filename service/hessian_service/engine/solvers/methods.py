@@ -222,6 +222,11 @@ class Step:
     trust_radius: float = math.nan
     gradient_batch_size: int = 0
     step_damped: bool = False
+    # an accepted step whose length the policy's state held back (a trust-region boundary,
+    # a Levenberg-Marquardt damping above the curvature) and then let go (the radius grew,
+    # the damping fell): small because the policy started cautious, not because the run
+    # stalled, so the stall tests do not judge it (Run._stop_test)
+    held_back: bool = False
 
 
 class Stepper:
@@ -636,6 +641,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
         state["damping"] = lam * state["nu"]
         state["nu"] *= 2.0
         stepper.drop_trial()  # a whole trial the gradient judged: its curvature goes
+    # damping >= 1 outweighs the scaled curvature (diag 1): the step is held back by it
+    held_back = accepted and lam >= 1.0 and state["damping"] < lam
     return Step(
         x_new=x_new,
         step_norm=float(d.norm()),
@@ -647,6 +654,7 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
         solver_attempts=found.solver_attempts,
         function_evaluations=1,
         step_damped=found.damped,
+        held_back=held_back,
     )
 
 
@@ -662,7 +670,7 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         stepper.loss_at,
         point.sample,
     )
-    cg = tr.cg
+    cg, radius = tr.cg, tr.trust_radius  # the radius the step was held to
     step_norm = float(cg.direction.norm())
     if not tr.accepted and step_norm == 0 and point.grad_norms[1] > 0:
         raise RadiusUnderflow(tr.trust_radius)
@@ -681,6 +689,7 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         negative_curvature=cg.negative_curvature,
         trust_radius=tr.trust_radius,
         gradient_batch_size=cg.gradient_batch_size,
+        held_back=tr.accepted and cg.on_boundary and stepper.state["trust_radius"] > radius,
     )
 
 

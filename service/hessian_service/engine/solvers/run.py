@@ -343,8 +343,12 @@ class Run:
         self._converged = reason.converged if converged is None else converged
 
     def _stop_test(
-        self, k: int, point: Point, previous: Point | None, elapsed: float
+        self, k: int, point: Point, previous: Point | None, elapsed: float, held_back: bool
     ) -> tuple[StopReason, str] | None:
+        """Why the run stops at `point` (None: it goes on). `held_back`: the step from
+        `previous` was short because its policy started cautious and has let go since
+        (Step.held_back): the stall tests do not judge it (a trust radius of 1e-9 or a
+        damping of 1e9 stopped a run "stalled" after its first good step)."""
         s = self.stopping
         if self.cancel_token.cancelled:
             return StopReason.CANCELLED, f"cancelled before iteration {k}"
@@ -354,7 +358,7 @@ class Run:
                 f"converged: gradient max-norm {gmax:.3g} <= gradient_tolerance "
                 f"{s.gradient_tolerance:g}"
             )
-        if previous is not None:
+        if previous is not None and not held_back:
             still = (  # formatted on a stop
                 "while the gradient max-norm {:.3g} > gradient_tolerance"
                 if s.gradient_tolerance > 0
@@ -424,10 +428,11 @@ class Run:
             return
         previous_loss = self._previous_loss
         previous: Point | None = None
+        held_back = False  # the step from `previous` (Step.held_back)
         while True:
             t0 = time.perf_counter()
             self._checkpoint = Checkpoint(k, point.x, self._state(previous_loss))
-            stop = None if repeat else self._stop_test(k, point, previous, t0 - started)
+            stop = None if repeat else self._stop_test(k, point, previous, t0 - started, held_back)
             step: Step | None = None
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
@@ -487,7 +492,7 @@ class Run:
             previous_loss = point.loss
             if new_point is not None:
                 self._note_unchanged(point, new_point)
-                previous, point = point, new_point
+                previous, point, held_back = point, new_point, step.held_back
                 self.params = point.x
             else:
                 previous = None
