@@ -204,7 +204,7 @@ def least_squares(
     n), auto. ftol / xtol / gtol: the server's function / parameter / gradient (max|J^T r|)
     tolerances, unset: its defaults. `options`: more stopping criteria and method options.
     `loss` other than "linear" and `bounds` other than None or SciPy's (-inf, inf) are
-    refused (not served).
+    refused (not served). `resume`: an INTERRUPTED least_squares run's id, as minimize's.
     Returns SciPy's fields (x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
     status, message, success) and nit, run_id, run_status, round_trips.
     """

@@ -133,10 +133,14 @@ class _Session:
         return service_pb2.OptimizeRequest(start=start)
 
     def first_request(self, resume: str | None) -> service_pb2.OptimizeRequest:
-        """The stream's opening request: resume run `resume`, or start a new run."""
-        if resume:
-            return service_pb2.OptimizeRequest(resume_run_id=resume)
-        return self.start_request()
+        """The stream's opening request: resume run `resume` (it keeps the method, options
+        and stopping criteria it was started with; the server refuses a caller that lacks
+        the derivatives it was started with), or start a new run."""
+        if not resume:
+            return self.start_request()
+        return service_pb2.OptimizeRequest(
+            resume_run_id=resume, resume_capabilities=self.capabilities()
+        )
 
     def capabilities(self) -> service_pb2.Capabilities:
         """What this caller can evaluate besides the loss."""
@@ -327,8 +331,9 @@ def minimize(
     and speculative (default True: each step's first trial asks for everything a new point
     needs: one round trip per accepted full step, a wasted gradient/Hessian per rejected
     first trial; False: trials ask the loss alone, two round trips per accepted step).
-    `resume`: the id of an INTERRUPTED Optimize run to continue (same functions); a broken
-    stream raises a HessianError whose `run_id` names it.
+    `resume`: the id of an INTERRUPTED Optimize run to continue (same functions; the run
+    keeps the method, options and stopping criteria it was started with, so those given
+    here are not used); a broken stream raises a HessianError whose `run_id` names it.
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
     message) and run_id, run_status, round_trips (evaluation requests answered).
     """
@@ -354,7 +359,7 @@ def drive(session: _Session, resume: str | None, address: str | None, token: str
                     outgoing.put(reply)
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
-        except Exception as exc:  # the caller's functions, or a reply the SDK refused
+        except BaseException as exc:  # the caller's functions (Ctrl-C too), or a refused reply
             _left_interrupted(exc, session)
             raise
         finally:
@@ -400,7 +405,7 @@ async def drive_async(
             await call.done_writing()
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
-        except Exception as exc:  # the caller's functions, or a reply the SDK refused
+        except BaseException as exc:  # the caller's functions (Ctrl-C too), or a refused reply
             _left_interrupted(exc, session)
             raise
     return session.result()

@@ -157,6 +157,62 @@ def test_an_error_on_the_callers_side_names_the_run_it_leaves_resumable(address,
     np.testing.assert_array_equal(res.x, plain.x)
 
 
+def _broken_run(address: str, error: type[BaseException]) -> str:
+    """A newton minimize() run with hess whose jac raises `error` at its 4th call: the
+    stream breaks, the run is INTERRUPTED; returns its id (which the error carries)."""
+    calls = {"n": 0}
+
+    def jac(x):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise error("stopped by the caller")
+        return rosen_der(x)
+
+    with pytest.raises(error) as err:
+        minimize(rosen, X0, jac=jac, hess=rosen_hess, method="newton", address=address)
+    run_id = err.value.run_id
+    assert run_id and any(f"resume={run_id!r}" in note for note in err.value.__notes__)
+    assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
+    return run_id
+
+
+def test_ctrl_c_in_the_callers_function_names_the_run_it_leaves_resumable(address):
+    """A KeyboardInterrupt (not an Exception) left the run INTERRUPTED with no run_id."""
+    plain = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, method="newton", address=address)
+    run_id = _broken_run(address, KeyboardInterrupt)
+    res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address, resume=run_id)
+    assert res.run_id == run_id and res.run_status == "FINISHED"
+    np.testing.assert_array_equal(res.x, plain.x)
+
+
+def rosen_hess_prod(x, v):
+    return rosen_hess(x) @ v
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        lambda a, r: least_squares(lambda x: x, X0, lambda x: np.eye(6), address=a, resume=r),
+        lambda a, r: minimize(rosen, X0, jac=rosen_der, hessp=rosen_hess_prod, address=a, resume=r),
+    ],
+    ids=["least_squares", "hessp-for-hess"],
+)
+def test_a_resume_without_the_runs_derivatives_is_refused_and_the_run_kept(address, resume):
+    """Resuming a minimize(hess=...) run from least_squares (Gauss-Newton products) or with
+    hessp: the server asked for a Hessian the caller could not give, and failed the run for
+    good (FAILED; or a bare TypeError on the caller's side). Now refused before any work,
+    naming what is missing; the run stays INTERRUPTED and the right caller finishes it."""
+    run_id = _broken_run(address, ZeroDivisionError)
+    with pytest.raises(HessianError) as refused:
+        resume(address, run_id)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.field == "resume_capabilities"
+    assert "lacks hessian" in refused.value.message
+    assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
+    res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address, resume=run_id)
+    assert res.run_id == run_id and res.run_status == "FINISHED" and res.success
+
+
 def test_a_cut_least_squares_run_resumes_with_its_gauss_newton_products(address):
     """A gauss_newton_cg run cut mid-run through the relay resumes under the same id (its
     Gauss-Newton capability restored from the stored declaration) to the records of an

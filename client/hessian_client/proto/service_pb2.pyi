@@ -607,16 +607,18 @@ class Evaluation(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., loss: _Optional[float] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hessian: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hvps: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gn_products: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("start", "resume_run_id", "evaluation", "stop")
+    __slots__ = ("start", "resume_run_id", "evaluation", "stop", "resume_capabilities")
     START_FIELD_NUMBER: _ClassVar[int]
     RESUME_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    RESUME_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     start: OptimizeStart
     resume_run_id: str
     evaluation: Evaluation
     stop: bool
-    def __init__(self, start: _Optional[_Union[OptimizeStart, _Mapping]] = ..., resume_run_id: _Optional[str] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., stop: _Optional[bool] = ...) -> None: ...
+    resume_capabilities: Capabilities
+    def __init__(self, start: _Optional[_Union[OptimizeStart, _Mapping]] = ..., resume_run_id: _Optional[str] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., stop: _Optional[bool] = ..., resume_capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
 
 class EvaluationRequest(_message.Message):
     __slots__ = ("request_id", "point", "loss", "gradient", "hessian", "hvp_vectors", "gn_vectors")

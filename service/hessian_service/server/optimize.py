@@ -47,6 +47,21 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RESUME_POLL_SECONDS = 0.01  # how often a resume looks whether the run's old stream let go
 
 
+def _check_capabilities(row: RunRow, caller: Any) -> None:
+    """Refuse a resuming caller that cannot evaluate what the run was started with: its
+    first reply would fail the run for good (FAILED); refused, the run stays INTERRUPTED
+    for a caller with the run's functions."""
+    needed = [name for name, on in row.remote["capabilities"].items() if on]
+    missing = [name for name in needed if not getattr(caller, name)]
+    if missing:
+        raise ConflictError(
+            "resume_capabilities",
+            f"run {row.run_id} was started by a caller that evaluates {', '.join(needed)}; "
+            f"this one lacks {', '.join(missing)}: resume it with the functions it was "
+            "started with (it stays INTERRUPTED)",
+        )
+
+
 class Optimizer:
     """Serves Optimize streams for one servicer (its config, store, runs and run info)."""
 
@@ -135,14 +150,19 @@ class Optimizer:
             remote=remote,
         )
 
-    async def _resume(self, run_id: str, tenant: Tenant, exchange: Exchange) -> RunRow:
-        """Resume an INTERRUPTED Optimize run under this stream.
+    async def _resume(
+        self, run_id: str, tenant: Tenant, exchange: Exchange, caller: Any = None
+    ) -> RunRow:
+        """Resume an INTERRUPTED Optimize run under this stream (`caller`: the request's
+        resume_capabilities, when it sent them).
 
         A caller whose stream just broke may reconnect before the server has seen the
         break: wait (up to the evaluation deadline, on the event loop: no thread is held) for
         that run's worker to stop. What can never be resumed here is refused first.
         """
-        await asyncio.to_thread(self._resumable, run_id, tenant)
+        row = await asyncio.to_thread(self._resumable, run_id, tenant)
+        if caller is not None:
+            _check_capabilities(row, caller)
         deadline = time.monotonic() + self.service.config.optimize_evaluation_seconds
         while self.service.runs.live(run_id) is not None and time.monotonic() < deadline:
             await asyncio.sleep(RESUME_POLL_SECONDS)  # past the deadline resume refuses it
@@ -217,7 +237,8 @@ class Optimizer:
         if kind == "start":
             row = await asyncio.to_thread(self._start, first.start, tenant, exchange)
         elif kind == "resume_run_id":
-            row = await self._resume(first.resume_run_id, tenant, exchange)
+            caller = first.resume_capabilities if first.HasField("resume_capabilities") else None
+            row = await self._resume(first.resume_run_id, tenant, exchange, caller)
         else:
             raise ValidationError(
                 "start",
