@@ -557,3 +557,20 @@ def test_an_address_whose_port_is_no_tcp_port_is_refused_naming_address(address)
 def test_addresses_whose_port_is_grpcs_to_choose_or_parse_are_accepted(address):
     with Client(address) as client:
         assert client.address == address
+
+
+@pytest.mark.parametrize("start", [3.0, "3", 10**30, -1, True])
+def test_a_from_iteration_that_is_no_iteration_is_refused_naming_it(start):
+    """3.0 and "3" raised protobuf's TypeError, 10**30 its "Value out of range"."""
+    with Client(NOWHERE) as client:
+        run = client.run("r-any")
+        with pytest.raises(InvalidArgument) as err:
+            next(iter(run.stream(from_iteration=start)))
+        assert err.value.field == "from_iteration" and not err.value.from_server
+
+    async def watch() -> None:
+        async with aio.Client(NOWHERE) as client:
+            await anext(aiter(client.run("r-any").stream(from_iteration=start)))
+
+    with pytest.raises(InvalidArgument, match=r"INVALID_ARGUMENT: from_iteration: expected an integer in"):
+        asyncio.run(watch())

@@ -731,7 +731,8 @@ class _Watch:
             raise invalid("timeout", "a number of seconds, or None for no deadline", timeout)
         if timeout == math.inf:
             timeout = None
-        self.run, self.nxt, self.timeout = run, from_iteration, timeout
+        self.nxt = _integer("from_iteration", from_iteration, 0, 2**63 - 1)
+        self.run, self.timeout = run, timeout
         self.reconnect_timeout = reconnect_timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.last_progress = time.monotonic()
