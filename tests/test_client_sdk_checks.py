@@ -572,5 +572,7 @@ def test_a_from_iteration_that_is_no_iteration_is_refused_naming_it(start):
         async with aio.Client(NOWHERE) as client:
             await anext(aiter(client.run("r-any").stream(from_iteration=start)))
 
-    with pytest.raises(InvalidArgument, match=r"INVALID_ARGUMENT: from_iteration: expected an integer in"):
+    with pytest.raises(
+        InvalidArgument, match=r"INVALID_ARGUMENT: from_iteration: expected an integer in"
+    ):
         asyncio.run(watch())

@@ -85,6 +85,20 @@ def test_a_fit_in_large_units_reaches_scipys_cost_with_levenberg_marquardt(addre
     np.testing.assert_allclose(res.x, ref.x, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["levenberg_marquardt", "gauss_newton_cg"])
+def test_a_sparse_jacobian_gives_the_dense_jacobians_run(address, rng, method):
+    """scipy.sparse J, which SciPy takes (numpy's 'setting an array element with a
+    sequence' before): used as an operator, J @ v and J.T @ u."""
+    from scipy import sparse
+
+    fit = CurveFit(rng)
+    dense = least_squares(fit.residuals, fit.x0, fit.jacobian, method=method, address=address)
+    jac = lambda p: sparse.csr_matrix(fit.jacobian(p))  # noqa: E731
+    res = least_squares(fit.residuals, fit.x0, jac, method=method, address=address)
+    assert res.success and res.nit == dense.nit
+    np.testing.assert_allclose(res.x, dense.x, rtol=1e-12)
+
+
 @pytest.mark.parametrize("n", [2, 10])
 @pytest.mark.parametrize("method", METHODS)
 def test_rosenbrock_as_residuals_reaches_scipys_cost(address, n, method, rng):

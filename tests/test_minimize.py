@@ -188,6 +188,41 @@ def test_one_extra_argument_need_not_be_a_tuple(address, rng):
     np.testing.assert_allclose(one.x, np.ones(3), atol=1e-6)
 
 
+def test_scipy_forms_of_values_are_taken_as_scipy_takes_them(address, rng, capsys):
+    """A loss as a size-1 array, a Hessian as a scipy.sparse matrix (numpy's 'only 0-d
+    arrays' and 'setting an array element with a sequence' before), disp=True's report
+    (dropped before): the same run as plain values, against SciPy's own answer."""
+    from scipy import sparse
+
+    x0 = start(rng, 4)
+    plain = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address)
+    forms = minimize(lambda x: np.array([rosen(x)]), x0, jac=rosen_der,
+                     hess=lambda x: sparse.csr_matrix(rosen_hess(x)),
+                     options={"disp": True}, address=address)  # fmt: skip
+    assert forms.success and forms.nit == plain.nit
+    np.testing.assert_array_equal(forms.x, plain.x)
+    reference = scipy_minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="trust-exact")
+    np.testing.assert_allclose(forms.x, reference.x, atol=1e-6)
+    report = capsys.readouterr().out
+    assert f"Iterations: {forms.nit}" in report and f"Function evaluations: {forms.nfev}" in report
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda a, x0: minimize(rosen, x0, jac=True, address=a), "fun"),  # f alone, not (f, g)
+        (lambda a, x0: minimize(rosen, x0, jac=lambda x: "g", address=a), "jac"),
+        (lambda a, x0: minimize(lambda x: np.ones(2), x0, jac=rosen_der, address=a), "fun"),
+    ],
+    ids=["jac-true-without-g", "jac-not-numbers", "fun-not-a-scalar"],
+)
+def test_a_value_that_is_not_what_scipy_takes_is_refused_naming_it(address, rng, call, field):
+    with pytest.raises(InvalidArgument) as err:
+        call(address, start(rng, 3))
+    assert err.value.field == field and not err.value.from_server
+    assert err.value.run_id  # the run it leaves INTERRUPTED, to resume
+
+
 def test_unknown_method_is_refused_before_connecting():
     with pytest.raises(InvalidArgument, match="method"):
         minimize(rosen, [0.0, 0.0], jac=rosen_der, method="bfgs", address="127.0.0.1:1")

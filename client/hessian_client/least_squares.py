@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import invalid
-from .minimize import OptimizeResult, _Session, drive, drive_async
+from .minimize import OptimizeResult, _numbers, _Session, drive, drive_async, is_sparse
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
 
@@ -58,7 +58,7 @@ class _LeastSquaresSession(_Session):
         key = x.tobytes()
         if key not in self.residuals:
             self.counts["nfev"] += 1
-            r = np.atleast_1d(np.asarray(self.fun(x, *self.args), dtype=np.float64))
+            r = np.atleast_1d(_numbers(self.fun(x, *self.args), "fun", "residuals of shape (m,)"))
             if r.ndim != 1:
                 raise invalid("fun", "residuals of shape (m,)", f"shape {r.shape}")
             if self.m is None:
@@ -75,8 +75,8 @@ class _LeastSquaresSession(_Session):
             self.counts["njev"] += 1
             jac = self.jac(x, *self.args)
             m = self._residuals(x).size
-            if not hasattr(jac, "rmatvec"):
-                jac = np.atleast_2d(np.asarray(jac, dtype=np.float64))
+            if not (hasattr(jac, "rmatvec") or is_sparse(jac)):  # sparse: J @ v, J.T @ u
+                jac = np.atleast_2d(_numbers(jac, "jac", f"an array of shape ({m}, {x.size})"))
                 if jac.shape != (m, x.size):
                     raise invalid("jac", f"an array of shape ({m}, {x.size})", jac.shape)
             elif tuple(getattr(jac, "shape", (m, x.size))) != (m, x.size):

@@ -49,10 +49,36 @@ class OptimizeResult(dict):
     __setattr__ = dict.__setitem__  # type: ignore[assignment]
 
 
+def is_sparse(value: Any) -> bool:
+    """Whether `value` is a scipy.sparse matrix or array (told by its interface: the SDK
+    does not need SciPy)."""
+    return hasattr(value, "toarray") and hasattr(value, "nnz")
+
+
+def _numbers(value: Any, name: str, expected: str) -> np.ndarray:
+    """`value` (a scipy.sparse one made dense) as a float64 array; anything that is not
+    numbers is refused naming `name`."""
+    if is_sparse(value):
+        value = value.toarray()
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise invalid(name, expected, type(value).__name__) from None
+
+
+def _scalar(value: Any, name: str, expected: str = "a number (or an array of one)") -> float:
+    """The loss `value` as a float: a number or a size-1 array, as SciPy takes it."""
+    out = _numbers(value, name, expected)
+    if out.size != 1:
+        raise invalid(name, expected, out.shape)
+    return float(out.reshape(()))
+
+
 def _shaped(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     """`value` as float64 of `shape`, a scalar taken as one value (as SciPy takes a scalar
-    jac or hess of a one-parameter problem); any other shape is refused naming `name`."""
-    out = np.asarray(value, dtype=np.float64)
+    jac or hess of a one-parameter problem; a scipy.sparse one made dense); any other shape,
+    or anything that is not numbers, is refused naming `name`."""
+    out = _numbers(value, name, f"an array of numbers of shape {shape}")
     if out.ndim == 0 or (out.ndim == 1 and len(shape) == 2):
         out = out.reshape((1,) * len(shape)) if out.size == 1 else out
     if out.shape != shape:
@@ -94,6 +120,7 @@ class _Session:
         self.method = method or "auto"
         self.callback = callback
         self.tol, self.options, self.name = tol, dict(options or {}), name
+        self.disp = bool(self.options.pop("disp", False))  # SciPy's: print a short report
         for key, value in self.methods[self.method].items():
             if key in self.options:  # the method name sets it: two values for one option
                 raise invalid(
@@ -115,7 +142,6 @@ class _Session:
 
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
-        opts.pop("disp", None)
         speculative = opts.pop("speculative", None)  # None: the server's default (True)
         stopping = {SCIPY_OPTIONS.get(k, k): opts.pop(k) for k in list(opts)
                     if SCIPY_OPTIONS.get(k, k) in STOP_FIELDS}  # fmt: skip
@@ -153,11 +179,14 @@ class _Session:
     def _loss_and_grad(self, x: np.ndarray, need_grad: bool) -> tuple[float, np.ndarray | None]:
         self.counts["nfev"] += 1
         if self.jac is True:
-            f, g = self.fun(x, *self.args)
+            both = self.fun(x, *self.args)
+            if not (isinstance(both, tuple | list) and len(both) == 2):
+                raise invalid("fun", "(f, g) with jac=True", type(both).__name__)
+            f, g = both
             if need_grad:
                 self.counts["njev"] += 1
-            return float(f), _shaped(g, (x.size,), "jac") if need_grad else None
-        f = float(self.fun(x, *self.args))
+            return _scalar(f, "fun"), _shaped(g, (x.size,), "jac") if need_grad else None
+        f = _scalar(self.fun(x, *self.args), "fun")
         if not need_grad:
             return f, None
         self.counts["njev"] += 1
@@ -249,7 +278,7 @@ class _Session:
         else:
             status, message = 2, info.message or status_name
         at_x = self.seen.get(x.tobytes(), {})
-        return OptimizeResult(
+        result = OptimizeResult(
             x=x,
             fun=at_x.get("fun") if fun is None else fun,
             jac=at_x.get("jac"),
@@ -262,6 +291,14 @@ class _Session:
             run_status=status_name,
             **self.counts,
         )
+        if self.disp:
+            print(
+                f"{message}\n         Current function value: {result.fun:.6f}\n"
+                f"         Iterations: {nit}\n         Function evaluations: {result.nfev}\n"
+                f"         Gradient evaluations: {result.njev}\n"
+                f"         Hessian evaluations: {result.nhev}"
+            )
+        return result
 
 
 def _check_derivatives(jac: Any, hess: Any, hessp: Any) -> None:
