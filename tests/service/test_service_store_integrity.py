@@ -15,6 +15,7 @@ from conftest import ROOT, start_server
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_service.engine.records import StepRecord
 from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint, StoreError
+from hessian_service.store.recovery import recover_store
 from hessian_service.store.sqlite import SCHEMA_VERSION
 
 RECORDS = 3000
@@ -67,7 +68,7 @@ def test_a_store_with_damaged_middle_pages_is_refused_at_start_up(tmp_path):
     assert f"hessian-server --recover-store --data-dir {tmp_path}" in out.stderr
 
 
-def test_recover_store_keeps_the_readable_rows_and_the_server_then_serves_them(tmp_path):
+def test_recover_store_keeps_the_readable_rows_up_to_a_gap_and_the_server_serves_them(tmp_path):
     run_id = _filled_store(tmp_path)
     damaged = _damage_records(tmp_path / "runs.sqlite3")
     out = _serve(tmp_path, "--recover-store")
@@ -77,27 +78,89 @@ def test_recover_store_keeps_the_readable_rows_and_the_server_then_serves_them(t
     with sqlite3.connect(tmp_path / "runs.sqlite3") as db:
         stored = sorted(r[0] for r in db.execute("SELECT iteration FROM records"))
     db.close()
-    # what the damaged pages held is lost (a page holds dozens of records), the rest is kept
-    assert RECORDS - 100 * len(damaged) < len(stored) < RECORDS
-    first_gap = next(i for i, it in enumerate(stored) if it != i)
     handle = start_server(tmp_path)  # passes the integrity check now
     try:
         with grpc.insecure_channel(handle.address) as channel:
             stub = service_pb2_grpc.HessianServiceStub(channel)
             info = stub.GetRun(service_pb2.GetRunRequest(run_id=run_id), timeout=30)
             kept = []
-            with pytest.raises(grpc.RpcError) as lost:
-                for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
-                    kept.extend(event.records)
+            for event in stub.WatchRun(service_pb2.WatchRunRequest(run_id=run_id), timeout=60):
+                kept.extend(event.records)
     finally:
         handle.stop(grace=1.0)
+    assert f"runs cut at their first record gap: {run_id}" in out.stdout
     assert info.status == service_pb2.RUN_STATUS_FINISHED
-    assert info.num_records == len(stored)
-    # a watcher gets the records before the first lost one, then DATA_LOSS naming the gap
-    assert [r.iteration for r in kept] == list(range(first_gap))
-    assert all(r.loss == float(r.iteration) for r in kept)
+    # the records after the first lost one went too: the run is whole up to the gap, and a
+    # watcher gets every record it holds and its end (DATA_LOSS at the gap, before)
+    assert stored == list(range(len(stored))) and info.num_records == len(stored)
+    assert info.last_record.iteration == len(stored) - 1
+    assert [r.iteration for r in kept] == stored and all(r.loss == r.iteration for r in kept)
+    assert damaged and 0 < len(stored) < RECORDS
+
+
+def _run_with(store, run_id: str, status: str, records: int, checkpoints: list[int]) -> None:
+    spec = {"options": {"method": "gradient_descent"}, "stopping": {}}
+    store.create_run(RunRow(run_id, "p-1", spec, status="RUNNING"), _checkpoint(0))
+    for i in range(records):
+        store.append_record(run_id, StepRecord(iteration=i, loss=float(i), backend="autograd"))
+    for k in checkpoints:
+        store.put_checkpoint(run_id, _checkpoint(k))
+    store.update_run(run_id, status=status)
+
+
+def _checkpoint(iteration: int) -> StoredCheckpoint:
+    return StoredCheckpoint(iteration, "float64", [1], b"\0" * 8)
+
+
+def test_recovery_stops_the_runs_it_cuts_and_those_it_leaves_without_a_checkpoint(tmp_path):
+    """What pages held is lost at random: records in the middle of a run, its checkpoints.
+    SQLite's recovery kept records past a gap (a resumed run then finished with a hole no
+    watcher gets past) and left runs INTERRUPTED whose ResumeRun could only refuse; a
+    finished run's lost parameters came back as an empty final_params. Now as PostgreSQL's
+    repair: cut at the gap, FAILED where resuming is impossible, DATA_LOSS for the params."""
+    store = SQLiteRunStore(tmp_path, commit_every=50)
+    _run_with(store, "r-late", "INTERRUPTED", 300, [299])  # checkpoint past the gap
+    _run_with(store, "r-early", "INTERRUPTED", 300, [50])  # checkpoint before it
+    _run_with(store, "r-bare", "INTERRUPTED", 10, [9])
+    _run_with(store, "r-done", "FINISHED", 10, [9])
+    store.close()
+    with sqlite3.connect(tmp_path / "runs.sqlite3") as db:  # what the lost pages held
+        db.execute("DELETE FROM records WHERE iteration BETWEEN 100 AND 149")
+        db.execute("DELETE FROM checkpoints WHERE run_id IN ('r-bare', 'r-done')")
+    db.close()
+    report = recover_store(tmp_path)
+    assert (report.cut, report.failed) == (["r-early", "r-late"], ["r-bare", "r-late"])
+    store = SQLiteRunStore(tmp_path)
+    try:
+        rows = {run_id: store.get_run(run_id) for run_id in ("r-late", "r-early", "r-bare")}
+        for run_id in ("r-late", "r-early"):
+            kept = [r.iteration for r in store.records(run_id, 0, 1000)]
+            assert kept == list(range(100)) and rows[run_id].num_records == 100
+            assert rows[run_id].last_record.iteration == 99
+    finally:
+        store.close()
+    assert (rows["r-late"].status, rows["r-late"].message) == (
+        "FAILED",
+        "recovered: records after iteration 99 were lost and its checkpoint is later",
+    )
+    assert rows["r-early"].status == "INTERRUPTED"  # resumable: from iteration 50
+    assert (rows["r-bare"].status, rows["r-bare"].message) == (
+        "FAILED",
+        "recovered: no checkpoint to resume from",
+    )
+    handle = start_server(tmp_path)
+    try:
+        with grpc.insecure_channel(handle.address) as channel:
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            request = service_pb2.GetRunRequest(run_id="r-done", include_params=True)
+            with pytest.raises(grpc.RpcError) as lost:
+                stub.GetRun(request, timeout=30)
+            done = stub.GetRun(service_pb2.GetRunRequest(run_id="r-done"), timeout=30)
+    finally:
+        handle.stop(grace=1.0)
     assert lost.value.code() == grpc.StatusCode.DATA_LOSS
-    assert f"iterations {first_gap} to {stored[first_gap] - 1} are missing" in lost.value.details()
+    assert lost.value.details().startswith("include_params: run r-done: its parameters are")
+    assert done.status == service_pb2.RUN_STATUS_FINISHED and done.num_records == 10
 
 
 def test_a_zero_length_store_file_is_refused(tmp_path):

@@ -35,7 +35,9 @@ from .auth import Tenancy, Tenant
 from .config import ServerConfig
 from .errors import (
     ConflictError,
+    DataLossError,
     DeadlineError,
+    NotFoundError,
     streaming,
     unary,
 )
@@ -177,6 +179,18 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         """The run, if the tenant may see it (another tenant's is NOT_FOUND, like a missing one)."""
         return self.runs.get(run_id, tenant.scope)
 
+    def _params_missing(self, run_id: str) -> None:
+        """A run without a checkpoint: NOT_FOUND if it was deleted meanwhile, else
+        DATA_LOSS (the store lost it: a run is created with its starting checkpoint), not
+        an empty final_params."""
+        if self.store.get_run(run_id) is None:
+            raise NotFoundError("run_id", f"run with id {run_id!r}")
+        raise DataLossError(
+            "include_params",
+            f"run {run_id}: its parameters are missing from the store, which was damaged "
+            "(its records, if any, remain)",
+        )
+
     def _info(
         self,
         row: RunRow,
@@ -190,7 +204,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         info = codec.run_to_wire(row, live.last_record if live is not None else None, message)
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
-            if stored is not None:
+            if stored is None:  # every run is created with its starting checkpoint
+                self._params_missing(row.run_id)
+            else:
                 params = stored.checkpoint().params
                 size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
                 self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")

@@ -5,7 +5,9 @@ table by table in key order; where a damaged page stops a scan it seeks past it 
 jumps in the key), so the rows on intact pages are kept and only those on damaged pages are
 lost. The copy is built at the source's schema version, then migrated like any older store;
 `num_records` is recounted from the records recovered. The damaged file is kept beside the
-new one as `runs.sqlite3.damaged`.
+new one as `runs.sqlite3.damaged`. The copy is then made consistent as the PostgreSQL
+store's repair makes its own (`_repair`): no run keeps records past a gap, and no run stays
+resumable without what ResumeRun needs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..engine.records import StopReason
+from .base import ACTIVE_STATUSES, PROBLEM_PINNING_STATUSES, RunStatus
 from .dirlock import DataDirLock
 from .sqlite import MIGRATIONS, SCHEMA, _migrate
 
@@ -31,14 +35,19 @@ class RecoveryReport:
     damaged_copy: pathlib.Path
     rows: dict[str, int] = field(default_factory=dict)
     damaged_tables: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)  # runs whose records after a gap were dropped
+    failed: list[str] = field(default_factory=list)  # resumable runs that no longer can be
 
     def summary(self) -> str:
         """One line for the operator."""
         counts = ", ".join(f"{n} {table}" for table, n in self.rows.items())
         lost = ", ".join(self.damaged_tables) or "none"
+        cut = ", ".join(self.cut) or "none"
+        failed = ", ".join(self.failed) or "none"
         return (
-            f"recovered {self.path} ({counts}); tables with unreadable pages: {lost}; "
-            f"the damaged file is kept as {self.damaged_copy}"
+            f"recovered {self.path} ({counts}); tables with unreadable pages: {lost}; runs cut "
+            f"at their first record gap: {cut}; runs no longer resumable, now FAILED: "
+            f"{failed}; the damaged file is kept as {self.damaged_copy}"
         )
 
 
@@ -123,10 +132,7 @@ def _recover(path: pathlib.Path) -> RecoveryReport:
             report.rows[table] = count
             if count != expected:
                 report.damaged_tables.append(table)
-        dest.execute(
-            "UPDATE runs SET num_records = "
-            "(SELECT COUNT(*) FROM records WHERE records.run_id = runs.run_id)"
-        )
+        report.cut, report.failed = _repair(dest)
         dest.execute("COMMIT")
         _migrate(dest, path)
     finally:
@@ -138,6 +144,58 @@ def _recover(path: pathlib.Path) -> RecoveryReport:
             os.replace(damaged, report.damaged_copy.with_name(report.damaged_copy.name + suffix))
     os.replace(fresh, path)
     return report
+
+
+def _repair(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
+    """Make the copy consistent, as the PostgreSQL store's repair does: records and
+    checkpoints of no run go; a run's records after its first gap go (a resumed run would
+    otherwise finish with a hole no watcher gets past), its count and last record follow
+    the records kept; a run so cut is stopped, INTERRUPTED if it was active, FAILED if its
+    checkpoint is past the records kept (resuming would leave a gap), and a resumable run
+    without a checkpoint is FAILED (ResumeRun could never continue it).
+    Returns (cut, failed) run ids."""
+    for table in ("records", "checkpoints"):
+        db.execute(f"DELETE FROM {table} WHERE run_id NOT IN (SELECT run_id FROM runs)")
+    past_gap = (
+        "SELECT run_id, iteration FROM (SELECT run_id, iteration, iteration + 1 - ROW_NUMBER() "
+        "OVER (PARTITION BY run_id ORDER BY iteration) AS shift FROM records) WHERE shift <> 0"
+    )
+    cut = sorted({r[0] for r in db.execute(f"SELECT DISTINCT run_id FROM ({past_gap})")})
+    db.execute(f"DELETE FROM records WHERE (run_id, iteration) IN ({past_gap})")
+    db.execute(
+        "UPDATE runs SET num_records = (SELECT COUNT(*) FROM records r WHERE r.run_id = "
+        "runs.run_id), last_record = (SELECT record FROM records r WHERE r.run_id = runs.run_id "
+        "ORDER BY iteration DESC LIMIT 1)"
+    )
+    marks = ", ".join("?" * len(cut))
+    failed = [
+        r[0]
+        for r in db.execute(
+            "UPDATE runs SET status = ?, stop_reason = ?, message = 'recovered: records after "
+            "iteration ' || (num_records - 1) || ' were lost and its checkpoint is later' "
+            f"WHERE run_id IN ({marks}) AND (SELECT MAX(iteration) FROM checkpoints c WHERE "
+            "c.run_id = runs.run_id) > MAX(num_records - 1, 0) RETURNING run_id",
+            (RunStatus.FAILED, StopReason.ERROR, *cut),
+        )
+    ]
+    active = ", ".join("?" * len(ACTIVE_STATUSES))
+    db.execute(
+        "UPDATE runs SET status = ?, stop_reason = ?, message = 'recovered: records after "
+        f"iteration ' || (num_records - 1) || ' were lost' WHERE run_id IN ({marks}) AND "
+        f"status IN ({active})",
+        (RunStatus.INTERRUPTED, StopReason.ERROR, *cut, *ACTIVE_STATUSES),
+    )
+    resumable = ", ".join("?" * len(PROBLEM_PINNING_STATUSES))
+    failed += [
+        r[0]
+        for r in db.execute(
+            "UPDATE runs SET status = ?, stop_reason = ?, message = 'recovered: no checkpoint "
+            f"to resume from' WHERE status IN ({resumable}) AND NOT EXISTS (SELECT 1 FROM "
+            "checkpoints c WHERE c.run_id = runs.run_id) RETURNING run_id",
+            (RunStatus.FAILED, StopReason.ERROR, *PROBLEM_PINNING_STATUSES),
+        )
+    ]
+    return cut, sorted(failed)
 
 
 def _scan_text_keys(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[tuple]:
