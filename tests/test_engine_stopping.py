@@ -1019,3 +1019,33 @@ def test_a_cautious_start_is_not_a_stall(rng, backend, options):
     np.testing.assert_allclose(run.params.numpy(), np.ones(2), atol=1e-6)
     assert records[-1].gradient_max_norm <= 1e-6, run.message
     assert records[0].step_norm < 1e-6  # the first steps were that small
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "newton", "step_policy": "levenberg_marquardt"},
+        {"method": "saddle_free", "step_policy": "line_search"},
+        {"method": "newton", "step_policy": "line_search", "damping": 2.5},
+    ],
+    ids=["levenberg-marquardt", "saddle-free-line-search", "damped-newton-line-search"],
+)
+def test_a_loss_unbounded_below_ends_non_finite_on_every_backend(rng, backend, options):
+    """A float32 quadratic with an indefinite A: the loss runs to -inf. A trial that
+    overflowed to -inf was rejected like a bad one, so the same run ended NON_FINITE on one
+    backend and NO_PROGRESS (damping at its cap) or LINE_SEARCH_FAILED on the other, both
+    claiming the loss could not be lowered; now the trial is taken and the run stops
+    NON_FINITE, its last record the last finite point."""
+    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    a = q @ np.diag([2.0, -rng.uniform(0.5, 2.0), 3.0]) @ q.T
+    obj = make_objective(
+        "quadratic",
+        {"A": torch.tensor(a, dtype=torch.float32),
+         "b": torch.tensor(rng.standard_normal(3), dtype=torch.float32)},
+    )  # fmt: skip
+    run = Run(obj, torch.zeros(3), MethodOptions(backend=backend, **options),
+              StopCriteria(max_iterations=1000))  # fmt: skip
+    records = run.run_to_end()
+    assert run.stop_reason == StopReason.NON_FINITE, run.message
+    assert math.isfinite(records[-1].loss) and records[-1].loss < -1e30

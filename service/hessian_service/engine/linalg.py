@@ -25,7 +25,11 @@ def sufficient_decrease(
     trial: float, loss: float, alpha: float, slope: float, armijo: float
 ) -> bool:
     """Armijo's test of a trial loss at step length alpha along a direction of slope g.d:
-    trial <= loss + armijo alpha slope (finite)."""
+    trial <= loss + armijo alpha slope (finite), or a trial that overflowed to -inf (the
+    loss is unbounded below along d: taken, the run then stops NON_FINITE there, on every
+    backend alike, rather than backtracking until the search fails)."""
+    if trial == -math.inf:
+        return True
     return math.isfinite(trial) and trial <= loss + armijo * alpha * slope
 
 

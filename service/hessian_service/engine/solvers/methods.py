@@ -628,8 +628,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     trial = stepper.loss_at(x_new)
     rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
     judged = stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d))
-    if judged is None:
-        accepted = math.isfinite(trial) and rho > 0
+    if judged is None:  # a trial at -inf: unbounded below (taken: the run stops NON_FINITE)
+        accepted = (math.isfinite(trial) and rho > 0) or trial == -math.inf
     else:
         accepted = judged
         rho = 1.0 if judged else rho
