@@ -1049,3 +1049,20 @@ def test_a_loss_unbounded_below_ends_non_finite_on_every_backend(rng, backend, o
     records = run.run_to_end()
     assert run.stop_reason == StopReason.NON_FINITE, run.message
     assert math.isfinite(records[-1].loss) and records[-1].loss < -1e30
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_on_an_indefinite_hessian_with_a_tiny_diagonal_keeps_stepping(rng, backend):
+    """Scaled by its diagonal (1e-20), H = [[1e-20, 1], [1, 1e-20]] has off-diagonal 1e20:
+    the Cholesky raised lambda to ~1e20, past a cap of 1 / eps computed from the diagonal
+    alone, and the next iteration ended NO_PROGRESS "at machine precision" though the loss
+    (unbounded below) fell at every step. The cap counts the scaled matrix's norm."""
+    a = np.array([[1e-20, 1.0], [1.0, 1e-20]])
+    b = rng.standard_normal(2)
+    obj = make_objective("quadratic", {"A": torch.tensor(a), "b": torch.tensor(b)})
+    options = MethodOptions(method="newton", step_policy="levenberg_marquardt", backend=backend)
+    run = Run(obj, torch.tensor(rng.standard_normal(2)), options, StopCriteria(max_iterations=30))
+    records = run.run_to_end()
+    assert run.stop_reason != StopReason.NO_PROGRESS, run.message
+    accepted = [r for r in records if r.step_accepted]
+    assert len(accepted) >= 10 and records[-1].loss < records[0].loss

@@ -112,7 +112,7 @@ def test_a_positive_scale_float32_rounds_to_zero_is_refused(client, rng, rpc, op
         getattr(client, rpc)(_logistic32(rng), np.zeros(4, np.float32), **options)
     assert caught.value.field == field
     assert caught.value.message.startswith(
-        f"{field}: expected a value float32 can hold (>= 1.401e-45"
+        f"{field}: expected a value float32 can hold (> 7.006e-46; float32 rounds it to 0)"
     )
 
 
@@ -129,3 +129,21 @@ def test_a_run_refuses_a_learning_rate_float32_rounds_to_zero_and_float64_takes_
     gradient = client.gradient_step(problem, np.zeros(4), learning_rate=1.0).params  # -g
     np.testing.assert_allclose(step.params, TINY * gradient, rtol=1e-12)
     assert np.all(step.params[gradient != 0] != 0)
+
+
+def test_the_boundary_is_where_float32_rounds_to_zero():
+    """2^-150, half float32's smallest subnormal, rounds (to even) to 0; the next double up
+    rounds to 2^-149 and is a step."""
+    import math
+
+    import torch
+    from hessian_service.engine import MethodOptions, ValidationError, make_objective, take_step
+
+    objective = make_objective("rosenbrock", {}, {"dim": 2})
+    x = torch.zeros(2, dtype=torch.float32)  # g = (-2, 0): a step of 2 lr shows there
+    gd = {"method": "gradient_descent"}
+    with pytest.raises(ValidationError, match=r"^options\.learning_rate: .*rounds it to 0"):
+        take_step(objective, x, MethodOptions(learning_rate=2.0**-150, **gd))
+    above = math.nextafter(2.0**-150, 1.0)
+    step = take_step(objective, x, MethodOptions(learning_rate=above, **gd))
+    assert step.params[0] != x[0]  # moved by one subnormal's worth of lr x g

@@ -86,7 +86,8 @@ class MethodOptions:
     saddle_free, trust_region for Hessian-free), fixed for gradient descent.
     learning_rate: the fixed step size or the line search's first trial (default 1, and
     0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
-    levenberg_marquardt 0 means 1e-3 x max diag(H). curvature: hessian or gauss_newton.
+    levenberg_marquardt, in (H + lambda diag H) (Marquardt's scaling), and 0 means 1e-3.
+    curvature: hessian or gauss_newton.
     backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto). For the
     Hessian-free methods, auto and native take the closed-form native curvature products
     (backends/native/products.py) where they cover the objective; hvp_mode is then unused.
@@ -262,15 +263,16 @@ def check_method_budget(
         check_dense_budget(n, options.dense_budget_bytes, dtype, field)
 
 
-def lm_damping_cap(dtype: torch.dtype) -> float:
-    """The largest Levenberg-Marquardt lambda: 1 / eps(dtype).
-
-    It damps S^-1 H S^-1, whose diagonal is at most 1 in magnitude (Marquardt's scaling,
-    solvers.methods.marquardt_scale), so beyond it that matrix + lambda I is lambda I in
-    floating point and each coordinate's step, g_i / (lambda D_i), is below eps times its
-    own Newton step: more damping cannot produce a different trial.
+def lm_damping_cap(dtype: torch.dtype, norm: float = 1.0) -> float:
+    """The largest Levenberg-Marquardt lambda: max(norm, 1) / eps(dtype), `norm` the
+    infinity norm of the scaled matrix S^-1 H S^-1 it damps (Marquardt's scaling,
+    solvers.methods.marquardt_scale; its diagonal is at most 1 in magnitude, an indefinite
+    H's off-diagonal may be larger). Beyond it that matrix + lambda I is lambda I in floating
+    point and each coordinate's step, g_i / (lambda D_i), is below eps times its own Newton
+    step: more damping cannot produce a different trial. A requested damping is held to
+    the cap with norm 1 (at the door there is no H; below it every H is damped alike).
     """
-    return 1.0 / torch.finfo(dtype).eps
+    return max(norm, 1.0) / torch.finfo(dtype).eps
 
 
 def lm_damping_expected(cap: float) -> str:
@@ -296,6 +298,7 @@ def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = 
     if info.max >= sys.float_info.max:
         return  # every finite option fits (validation refused the others)
     name = str(dtype).removeprefix("torch.")
+    rounds_to_zero = info.smallest_normal * info.eps / 2  # half the smallest subnormal
     for f in fields(options):
         value = getattr(options, f.name)
         number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -305,11 +308,10 @@ def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = 
                 f"a value {name} can hold (|x| <= {info.max:.4g})",
                 f"{value:.4g}",
             )
-        if number and f.name in POSITIVE_SCALES and torch.tensor(value, dtype=dtype).item() == 0:
+        if number and f.name in POSITIVE_SCALES and abs(value) <= rounds_to_zero:
             raise ValidationError(
                 f"{prefix}.{f.name}",
-                f"a value {name} can hold (>= {info.smallest_normal * info.eps:.4g}; {name} "
-                "rounds it to 0)",
+                f"a value {name} can hold (> {rounds_to_zero:.4g}; {name} rounds it to 0)",
                 f"{value:.4g}",
             )
 

@@ -85,8 +85,9 @@ class DampingCap(NoProgress):
         self.damping, self.cap = damping, cap
         super().__init__(
             "no further progress possible at machine precision: the Levenberg-Marquardt "
-            f"damping {damping:.3g} (of diag H) is past 1 / eps = {cap:.3g}, where a damped "
-            "step is below the rounding of the parameters (any trial would be rejected)"
+            f"damping {damping:.3g} (of diag H) is past its cap {cap:.3g} (max(|S^-1 H S^-1|, "
+            "1) / eps, S^2 = diag H), where a damped step is below the rounding of the "
+            "parameters (any trial would be rejected)"
         )
 
     def refusal(self) -> ValidationError:
@@ -618,7 +619,9 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     scale = marquardt_scale(h)
     if state["damping"] <= 0:
         state["damping"] = LM_INITIAL_TAU
-    lam, cap = state["damping"], lm_damping_cap(h.dtype)
+    # the scaled matrix's norm: an indefinite H's off-diagonal may pass its unit diagonal
+    norm = float((h.abs() / torch.outer(scale, scale)).sum(dim=1).max()) if g.numel() else 1.0
+    lam, cap = state["damping"], lm_damping_cap(h.dtype, norm)
     if not math.isfinite(lam) or lam > cap:
         raise DampingCap(lam, cap)
     found = _dense(stepper, point, _newton_solve(stepper, h, g, lam, scale))
@@ -635,7 +638,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
         rho = 1.0 if judged else rho
     lam = found.damping
     if accepted:
-        state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+        # (rho past 1 gives 1/3 too: min keeps a huge finite rho from overflowing the cube)
+        state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3)
         state["nu"] = 2.0
     else:
         state["damping"] = lam * state["nu"]
