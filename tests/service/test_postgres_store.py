@@ -185,13 +185,13 @@ def test_retention_keeps_active_runs(open_store):
     assert {r.run_id for r in store.list_runs([], 10, None)} == {"r-2", "r-3", "r-4"}
 
 
-def test_retention_deletes_interrupted_runs_last_and_not_at_start_up(open_store):
+def test_retention_never_deletes_interrupted_runs(open_store):
     store = open_store()
     for i, status in enumerate(["INTERRUPTED", "FINISHED", "INTERRUPTED", "FAILED"]):
         store.create_run(_row(f"r-{i}", float(i), status), _cp(0))
-    assert store.enforce_retention(1, interrupted=False) == ["r-1", "r-3"]
-    assert store.enforce_retention(1) == ["r-0"]
-    assert [r.run_id for r in store.list_runs([], 10, None)] == ["r-2"]
+    assert store.enforce_retention(1) == ["r-1", "r-3"]
+    assert store.enforce_retention(1) == []  # resumable: over the cap, and kept
+    assert sorted(r.run_id for r in store.list_runs([], 10, None)) == ["r-0", "r-2"]
 
 
 # PostgreSQL only

@@ -59,9 +59,9 @@ def test_retention_deletes_the_oldest_finished_runs_and_never_an_active_one(tmp_
     left = {r.run_id for r in store.list_runs([], 100, None)}
     assert left == {"r-0", "r-2", "r-5", "r-6"}
     assert store.records("r-1", 0, 10) == [] and store.latest_checkpoint("r-1") is None
-    # the two active runs stay; the ended r-6 goes before the older, resumable r-5
-    assert store.enforce_retention(1) == ["r-6", "r-5"]
-    assert store.count_runs_by_status() == {"RUNNING": 1, "QUEUED": 1}
+    # the two active runs and the resumable r-5 stay
+    assert store.enforce_retention(1) == ["r-6"]
+    assert store.count_runs_by_status() == {"RUNNING": 1, "QUEUED": 1, "INTERRUPTED": 1}
     assert store.enforce_retention(5) == []
     store.close()
 
@@ -88,22 +88,13 @@ def test_retention_keeps_the_run_that_has_just_ended(tmp_path):
     store.close()
 
 
-def test_retention_at_start_up_keeps_interrupted_runs(tmp_path):
-    store = SQLiteRunStore(tmp_path)
-    for i, status in enumerate(["INTERRUPTED", "INTERRUPTED", "FINISHED", "INTERRUPTED"]):
-        store.create_run(_row(f"r-{i}", float(i), status), _cp())
-    assert store.enforce_retention(1, interrupted=False) == ["r-2"]
-    assert store.count_runs_by_status() == {"INTERRUPTED": 3}
-    assert store.enforce_retention(2) == ["r-0"]
-    store.close()
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_runs_a_restart_finds_interrupted_survive_the_cap_and_resume(tmp_path, stop):
     """--max-stored-runs 2, three runs executing when the server process stops (shut down:
     it stores them INTERRUPTED; killed: the next start does): the next start's pass of the
     cap deleted the oldest, whose client had seen its records (NOT_FOUND for GetRun and
-    ResumeRun). The runs a restart finds INTERRUPTED now wait for their clients."""
+    ResumeRun), and each later start or end of a run deleted another. INTERRUPTED runs are
+    now never the cap's: they wait for their clients (the ended ones go)."""
     port = free_port()
     proc = spawn_server(tmp_path, port, "--max-stored-runs", "2", "--workers", "3")
     try:
@@ -123,6 +114,10 @@ def test_runs_a_restart_finds_interrupted_survive_the_cap_and_resume(tmp_path, s
             assert wait_until(lambda: c.get_run(resumed.id).num_records > seen[0] + 10)
             resumed.cancel()
             assert resumed.wait(30).status == "CANCELLED"
+            # its end applied the cap (3 runs, cap 2): it is kept for its client's result,
+            # and the cap takes no INTERRUPTED run (it took the oldest one left, before)
+            assert {r.run_id for r in c.list_runs()} == {r.id for r in runs}
+            assert [c.get_run(r.id).status for r in runs[1:]] == ["INTERRUPTED"] * 2
     finally:
         handle.stop(grace=1.0)
 
@@ -169,7 +164,8 @@ def test_a_run_that_ends_while_an_older_one_runs_stays_readable_under_the_cap(
             assert result.info.run_id == short.id and result.info.num_records == 4
             long.cancel()
             assert long.wait(30).status == "CANCELLED"
-            assert [r.run_id for r in c.list_runs()] == [long.id]
+            # the cap is applied just after the end is visible (its watchers wake first)
+            assert wait_until(lambda: [r.run_id for r in c.list_runs()] == [long.id])
     finally:
         handle.stop(grace=1.0)
 

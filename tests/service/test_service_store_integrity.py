@@ -121,19 +121,23 @@ def test_recovery_stops_the_runs_it_cuts_and_those_it_leaves_without_a_checkpoin
     store = SQLiteRunStore(tmp_path, commit_every=50)
     _run_with(store, "r-late", "INTERRUPTED", 300, [299])  # checkpoint past the gap
     _run_with(store, "r-early", "INTERRUPTED", 300, [50])  # checkpoint before it
+    _run_with(store, "r-tail", "INTERRUPTED", 300, [299])  # loses its last records only
     _run_with(store, "r-bare", "INTERRUPTED", 10, [9])
     _run_with(store, "r-done", "FINISHED", 10, [9])
     store.close()
     with sqlite3.connect(tmp_path / "runs.sqlite3") as db:  # what the lost pages held
         db.execute("DELETE FROM records WHERE iteration BETWEEN 100 AND 149")
+        db.execute("DELETE FROM records WHERE run_id = 'r-tail' AND iteration >= 100")
         db.execute("DELETE FROM checkpoints WHERE run_id IN ('r-bare', 'r-done')")
     db.close()
     report = recover_store(tmp_path)
-    assert (report.cut, report.failed) == (["r-early", "r-late"], ["r-bare", "r-late"])
+    assert report.cut == ["r-early", "r-late", "r-tail"]
+    assert report.failed == ["r-bare", "r-late", "r-tail"]
     store = SQLiteRunStore(tmp_path)
     try:
-        rows = {run_id: store.get_run(run_id) for run_id in ("r-late", "r-early", "r-bare")}
-        for run_id in ("r-late", "r-early"):
+        names = ("r-late", "r-early", "r-tail", "r-bare")
+        rows = {run_id: store.get_run(run_id) for run_id in names}
+        for run_id in ("r-late", "r-early", "r-tail"):
             kept = [r.iteration for r in store.records(run_id, 0, 1000)]
             assert kept == list(range(100)) and rows[run_id].num_records == 100
             assert rows[run_id].last_record.iteration == 99
@@ -143,6 +147,7 @@ def test_recovery_stops_the_runs_it_cuts_and_those_it_leaves_without_a_checkpoin
         "FAILED",
         "recovered: records after iteration 99 were lost and its checkpoint is later",
     )
+    assert rows["r-tail"].status == "FAILED"  # its checkpoint (299) is past the kept 99
     assert rows["r-early"].status == "INTERRUPTED"  # resumable: from iteration 50
     assert (rows["r-bare"].status, rows["r-bare"].message) == (
         "FAILED",

@@ -232,8 +232,8 @@ def _assemble(
     interrupted = store.mark_interrupted("the server stopped while the run was queued or executing")
     if interrupted:
         log.warning("marked %d runs INTERRUPTED from a previous process", len(interrupted))
-    if config.max_stored_runs:  # not the INTERRUPTED runs: their clients may resume them
-        store.enforce_retention(config.max_stored_runs, interrupted=False)
+    if config.max_stored_runs:
+        store.enforce_retention(config.max_stored_runs)
     if config.max_problem_bytes:
         store.enforce_problem_retention(config.max_problem_bytes)
     metrics = Metrics() if config.metrics_port else None

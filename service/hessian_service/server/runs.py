@@ -357,10 +357,8 @@ class RunManager:
         """--max-stored-runs: delete the oldest ended runs past the cap (after each start and
         each end, so the cap holds once runs finish, not only at the next start), never
         `keep`, the run just started or just ended: its client has yet to read its result
-        (a short run may already have ended when its start applies the cap). Not while
-        shutting down: the runs it stops are INTERRUPTED for their clients to resume, and
-        the next start applies the cap to the ended ones."""
-        if self.max_stored_runs and not self.stopping:
+        (a short run may already have ended when its start applies the cap)."""
+        if self.max_stored_runs:
             try:
                 self.store.enforce_retention(self.max_stored_runs, keep=keep)
             except StoreError as exc:  # the next start or end tries again

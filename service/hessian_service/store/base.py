@@ -51,7 +51,7 @@ ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
 FINAL_STATUSES = tuple(s for s in RunStatus if s not in ACTIVE_STATUSES)
 # a problem a run in one of these may still need (to execute, or for ResumeRun) is kept
 PROBLEM_PINNING_STATUSES = (*ACTIVE_STATUSES, RunStatus.INTERRUPTED)
-# the ended runs --max-stored-runs deletes before any INTERRUPTED (resumable) one
+# the runs --max-stored-runs may delete (not INTERRUPTED ones: resumable)
 ENDED_STATUSES = tuple(s for s in FINAL_STATUSES if s != RunStatus.INTERRUPTED)
 # the tenant of unauthenticated callers, and of runs and problems stored before tenants
 ANONYMOUS_OWNER = "anonymous"
@@ -309,16 +309,12 @@ class RunStore(ABC):
         """
 
     @abstractmethod
-    def enforce_retention(
-        self, max_runs: int, keep: str = "", interrupted: bool = True
-    ) -> list[str]:
-        """Delete the oldest runs in FINAL_STATUSES, never `keep` (a run that has just
-        ended, whose client has yet to read it), until at most `max_runs` remain: the ended
-        ones (FINISHED, CANCELLED, FAILED) first, then the INTERRUPTED (resumable) ones,
-        and those only with `interrupted` (not at start-up, where they are the runs the
-        last process was executing, left for their clients to resume).
-
-        Runs QUEUED or RUNNING are never deleted (they still count). Returns deleted ids.
+    def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
+        """Delete the oldest ended runs (FINISHED, CANCELLED, FAILED), never `keep` (a run
+        that has just ended, whose client has yet to read it), until at most `max_runs`
+        remain. Runs QUEUED or RUNNING are never deleted, nor INTERRUPTED ones: those are
+        resumable work a crash or a shutdown left for their clients (CancelRun or DeleteRun
+        lets one go); they all still count. Returns deleted ids.
         """
 
     def request_cancel(self, run_id: str) -> None:

@@ -51,7 +51,6 @@ from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
     ENDED_STATUSES,
-    FINAL_STATUSES,
     PROBLEM_PINNING_STATUSES,
     ProblemInUseError,
     ProblemNotFoundError,
@@ -353,10 +352,7 @@ class PostgresRunStore(RecordQueue, SqlReads):
             ).fetchall()
         return {r[0] for r in rows}
 
-    def enforce_retention(
-        self, max_runs: int, keep: str = "", interrupted: bool = True
-    ) -> list[str]:
-        statuses = FINAL_STATUSES if interrupted else ENDED_STATUSES
+    def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
         with self._write() as cur:
             total = cur.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             if total <= max_runs:
@@ -365,8 +361,8 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 r[0]
                 for r in cur.execute(
                     "SELECT run_id FROM runs WHERE status = ANY(%s) AND run_id <> %s "
-                    "ORDER BY status = %s, created_at, run_id LIMIT %s",
-                    (list(statuses), keep, RunStatus.INTERRUPTED, total - max_runs),
+                    "ORDER BY created_at, run_id LIMIT %s",
+                    (list(ENDED_STATUSES), keep, total - max_runs),
                 )
             ]
             for run_id in ids:

@@ -150,7 +150,8 @@ def _repair(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
     """Make the copy consistent, as the PostgreSQL store's repair does: records and
     checkpoints of no run go; a run's records after its first gap go (a resumed run would
     otherwise finish with a hole no watcher gets past), its count and last record follow
-    the records kept; a run so cut is stopped, INTERRUPTED if it was active, FAILED if its
+    the records kept; a run so cut, or one that lost its last records (fewer than its row
+    counts), is stopped, INTERRUPTED if it was active, FAILED if its
     checkpoint is past the records kept (resuming would leave a gap), and a resumable run
     without a checkpoint is FAILED (ResumeRun could never continue it).
     Returns (cut, failed) run ids."""
@@ -160,12 +161,15 @@ def _repair(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
         "SELECT run_id, iteration FROM (SELECT run_id, iteration, iteration + 1 - ROW_NUMBER() "
         "OVER (PARTITION BY run_id ORDER BY iteration) AS shift FROM records) WHERE shift <> 0"
     )
-    cut = sorted({r[0] for r in db.execute(f"SELECT DISTINCT run_id FROM ({past_gap})")})
+    cut = {r[0] for r in db.execute(f"SELECT DISTINCT run_id FROM ({past_gap})")}
     db.execute(f"DELETE FROM records WHERE (run_id, iteration) IN ({past_gap})")
+    count = "(SELECT COUNT(*) FROM records r WHERE r.run_id = runs.run_id)"
+    # a run whose last records were lost has no gap, only fewer records than its row says
+    cut |= {r[0] for r in db.execute(f"SELECT run_id FROM runs WHERE num_records <> {count}")}
+    cut = sorted(cut)
     db.execute(
-        "UPDATE runs SET num_records = (SELECT COUNT(*) FROM records r WHERE r.run_id = "
-        "runs.run_id), last_record = (SELECT record FROM records r WHERE r.run_id = runs.run_id "
-        "ORDER BY iteration DESC LIMIT 1)"
+        f"UPDATE runs SET num_records = {count}, last_record = (SELECT record FROM records r "
+        "WHERE r.run_id = runs.run_id ORDER BY iteration DESC LIMIT 1)"
     )
     marks = ", ".join("?" * len(cut))
     failed = [

@@ -45,7 +45,6 @@ from .base import (
     ACTIVE_STATUSES,
     ANONYMOUS_OWNER,
     ENDED_STATUSES,
-    FINAL_STATUSES,
     PROBLEM_PINNING_STATUSES,
     ProblemInUseError,
     ProblemNotFoundError,
@@ -305,11 +304,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 self._full = None  # its pages are free for new records
         return cur.rowcount > 0
 
-    def enforce_retention(
-        self, max_runs: int, keep: str = "", interrupted: bool = True
-    ) -> list[str]:
-        statuses = FINAL_STATUSES if interrupted else ENDED_STATUSES
-        marks = ", ".join("?" * len(statuses))
+    def enforce_retention(self, max_runs: int, keep: str = "") -> list[str]:
+        marks = ", ".join("?" * len(ENDED_STATUSES))
         with self._write():
             total = self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
             if total <= max_runs:
@@ -318,8 +314,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 r[0]
                 for r in self._db.execute(
                     f"SELECT run_id FROM runs WHERE status IN ({marks}) AND run_id <> ? "
-                    "ORDER BY status = ?, created_at, run_id LIMIT ?",
-                    (*statuses, keep, RunStatus.INTERRUPTED, total - max_runs),
+                    "ORDER BY created_at, run_id LIMIT ?",
+                    (*ENDED_STATUSES, keep, total - max_runs),
                 )
             ]
             for run_id in ids:
