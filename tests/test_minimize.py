@@ -207,6 +207,24 @@ def test_scipy_forms_of_values_are_taken_as_scipy_takes_them(address, rng, capsy
     assert f"Iterations: {forms.nit}" in report and f"Function evaluations: {forms.nfev}" in report
 
 
+def test_a_torch_loss_that_requires_grad_is_a_value(address, rng):
+    """fun returning autograd's own loss tensor (requires_grad) and its .grad: np.asarray
+    refused the first ("Can't call numpy() on Tensor that requires grad")."""
+    import torch
+
+    def fun(x):
+        t = torch.tensor(x, requires_grad=True)
+        loss = torch.sum(100.0 * (t[1:] - t[:-1] ** 2) ** 2 + (1 - t[:-1]) ** 2)
+        loss.backward()
+        return loss, t.grad
+
+    x0 = start(rng, 3)
+    res = minimize(fun, x0, jac=True, hess=rosen_hess, method="newton", address=address)
+    plain = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton", address=address)
+    assert res.success and res.nit == plain.nit
+    np.testing.assert_allclose(res.x, plain.x, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [

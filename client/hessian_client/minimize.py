@@ -60,6 +60,8 @@ def _numbers(value: Any, name: str, expected: str) -> np.ndarray:
     numbers is refused naming `name`."""
     if is_sparse(value):
         value = value.toarray()
+    elif hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, even one
+        value = value.detach().cpu()  # that requires grad (the SDK does not import torch)
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -180,9 +182,10 @@ class _Session:
         self.counts["nfev"] += 1
         if self.jac is True:
             both = self.fun(x, *self.args)
-            if not (isinstance(both, tuple | list) and len(both) == 2):
-                raise invalid("fun", "(f, g) with jac=True", type(both).__name__)
-            f, g = both
+            try:
+                f, g = both
+            except (TypeError, ValueError):  # not a pair (SciPy reads fg[0], fg[1])
+                raise invalid("fun", "(f, g) with jac=True", type(both).__name__) from None
             if need_grad:
                 self.counts["njev"] += 1
             return _scalar(f, "fun"), _shaped(g, (x.size,), "jac") if need_grad else None
@@ -291,7 +294,7 @@ class _Session:
             run_status=status_name,
             **self.counts,
         )
-        if self.disp:
+        if self.disp and result.fun is not None:
             print(
                 f"{message}\n         Current function value: {result.fun:.6f}\n"
                 f"         Iterations: {nit}\n         Function evaluations: {result.nfev}\n"
