@@ -263,8 +263,10 @@ inline void scaled_row(const double* __restrict row, double e, double s, int64_t
 // The logistic loss's row pass (float64, CPU), one sweep instead of a dozen ATen passes (a
 // small problem's step was mostly their dispatch), given z = X w + b, t = e^-|z| and
 // log1p(t) (vectorised ATen calls: a scalar exp, log1p and dot per row cost more than the
-// sweep): softplus(z) - y z summed; e = p - y and s = p (1 - p) (p = sigmoid z), summed into
-// X^T e and X^T s; and the scaled rows s X for the Hessian's product.
+// sweep): softplus(z) - y z summed, as softplus((1 - 2y) z) (y in {0, 1}: softplus(z) - z
+// cancels to 0 where the label is certain); e = p - y (-(1 - p) for y = 1, from the same
+// e^-|z|, without that cancellation) and s = p (1 - p) (p = sigmoid z), summed into X^T e
+// and X^T s; and the scaled rows s X for the Hessian's product.
 // sums = [loss, X^T e (d), sum e, X^T s (d), sum s].
 void logistic_rows(const double* X, const double* y, const double* z, const double* t,
                    const double* log1p_t, int64_t N, int64_t d, double* xs,
@@ -279,12 +281,13 @@ void logistic_rows(const double* X, const double* y, const double* z, const doub
       double* acc = partial.data() + c * width;
       for (int64_t i = c * kRowChunk, end = std::min(N, i + kRowChunk); i < end; ++i) {
         const double zi = z[i], ti = t[i], yi = y[i];
-        // softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), as logaddexp(z, 0)
-        acc[0] += std::max(zi, 0.0) + log1p_t[i] - yi * zi;
+        // softplus(u) = log(1 + e^u) = max(u, 0) + log1p(e^-|u|), u = (1 - 2y) z (|u| = |z|)
+        const bool one = yi > 0.5;
+        acc[0] += std::max(one ? -zi : zi, 0.0) + log1p_t[i];
         // p = sigmoid(z) and 1 - p from the same e^-|z|: p (1 - p) without cancellation
         const double p = zi >= 0 ? 1.0 / (1.0 + ti) : ti / (1.0 + ti);
         const double q = zi >= 0 ? ti / (1.0 + ti) : 1.0 / (1.0 + ti);
-        const double e = p - yi, si = p * q;
+        const double e = one ? -q : p, si = p * q;
         scaled_row(X + i * d, e, si, d, acc + 1, acc + d + 2, xs + i * d);
         acc[1 + d] += e;
         acc[2 + 2 * d] += si;
@@ -342,12 +345,15 @@ System logistic_system(const at::Tensor& x, const at::Tensor& X, const at::Tenso
   at::Tensor gw = g.narrow(0, 0, d);
   at::Tensor z = at::mv(X, w);
   if (fit_intercept) z.add_(x[d]);
-  // softplus(z) = log(1 + e^z) exactly (as the objective's logaddexp), never linearised
-  const at::Tensor softplus = at::logaddexp(z, at::zeros({}, z.options()));
-  at::Tensor loss = (softplus - y * z).mean().add_(at::dot(w, w), 0.5 * l2);
+  // softplus(u) = log(1 + e^u) exactly (as the objective's), never linearised, with
+  // u = (1 - 2y) z: softplus(z) - y z without its cancellation where the label is certain
+  const at::Tensor u = (1 - 2 * y) * z;
+  const at::Tensor softplus = at::logaddexp(u, at::zeros({}, z.options()));
+  at::Tensor loss = softplus.mean().add_(at::dot(w, w), 0.5 * l2);
   const at::Tensor p = at::sigmoid(z);
-  const at::Tensor e = p - y;
-  const at::Tensor s = p * at::sigmoid(z.neg_());  // p (1 - p) without cancellation
+  const at::Tensor q = at::sigmoid(z.neg_());  // 1 - p without cancellation
+  const at::Tensor e = at::where(y > 0.5, -q, p);  // p - y
+  const at::Tensor s = p * q;
   at::mv_out(gw, X.t(), e).mul_(inv_n).add_(w, l2);
   symmetric_product_into(h.narrow(0, 0, d).narrow(1, 0, d), X, X * s.unsqueeze(1), inv_n);
   h.diagonal().narrow(0, 0, d).add_(l2);
