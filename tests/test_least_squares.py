@@ -85,6 +85,25 @@ def test_a_fit_in_large_units_reaches_scipys_cost_with_levenberg_marquardt(addre
     np.testing.assert_allclose(res.x, ref.x, rtol=1e-6)
 
 
+def test_args_as_a_list_are_unpacked_as_scipys_least_squares_does(address, rng):
+    """SciPy's least_squares calls fun(x, *args) for a list too (minimize wraps a non-tuple
+    in a tuple: one argument); a list was passed whole here."""
+    fit = CurveFit(rng)
+
+    def residuals(p, t, y):
+        return p[0] * np.exp(-p[1] * t) + p[2] - y
+
+    def jacobian(p, t, y):
+        e = np.exp(-p[1] * t)
+        return np.stack([e, -p[0] * t * e, np.ones_like(t)], axis=1)
+
+    listed = least_squares(residuals, fit.x0, jacobian, args=[fit.t, fit.y], address=address)
+    plain = least_squares(fit.residuals, fit.x0, fit.jacobian, address=address)
+    ref = scipy_least_squares(residuals, fit.x0, jacobian, args=[fit.t, fit.y], method="lm")
+    np.testing.assert_array_equal(listed.x, plain.x)
+    assert abs(listed.cost - ref.cost) <= 1e-10 * ref.cost
+
+
 @pytest.mark.parametrize("method", ["levenberg_marquardt", "gauss_newton_cg"])
 def test_a_sparse_jacobian_gives_the_dense_jacobians_run(address, rng, method):
     """scipy.sparse J, which SciPy takes (numpy's 'setting an array element with a

@@ -153,6 +153,8 @@ def _session(
         raise invalid("bounds", "none, or SciPy's default (-inf, inf): bounds are not served",
                       bounds)  # fmt: skip
     opts = {**{k: v for k, v in stopping.items() if v is not None}, **(options or {})}
+    if isinstance(args, list):  # SciPy's least_squares unpacks any sequence (minimize wraps)
+        args = tuple(args)
     return _LeastSquaresSession(
         fun, jac, x0=x0, args=args, method=method or "levenberg_marquardt", tol=None,
         options=opts, name=name,
