@@ -156,7 +156,10 @@ def test_a_gain_ratio_of_rounding_noise_decides_nothing_on_either_backend(rng, n
             if before.step_accepted and abs(after.loss - before.loss) <= 16 * EPS * before.loss:
                 assert after.gradient_max_norm <= 0.5 * before.gradient_max_norm
     (_, native), (_, autograd) = runs["native"], runs["autograd"]
-    # the damping doubles its way to the cap on both: a decision at the edge of rounding
-    # (a gradient that just halves on one) may shift that by a record
-    assert abs(len(native) - len(autograd)) <= 2, (len(native), len(autograd))
+    # at the edge of rounding a gradient may just halve on one backend and not the other:
+    # a step or two taken there on one, each resetting the damping's doubling, so the
+    # rejected tail to the cap differs in length (by up to 9 records over seeds 0-11, as it
+    # did, by up to 5, before Marquardt's scaling); the accepted steps differ by at most 2
+    taken = [sum(r.step_accepted for r in records) for records in (native, autograd)]
+    assert abs(taken[0] - taken[1]) <= 2, taken
     assert native[-1].loss == pytest.approx(autograd[-1].loss, rel=64 * EPS, abs=0)
