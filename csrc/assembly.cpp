@@ -388,11 +388,20 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   at::Tensor Z = at::mm(X, Wd);
   if (fit_intercept) Z.add_(W[d]);
   const at::Tensor lab = labels.unsqueeze(1);
-  const at::Tensor lse = at::logsumexp(Z, {1});
-  at::Tensor loss =
-      (lse - Z.gather(1, lab).squeeze(1)).mean().add_(at::sum(Wd * Wd), 0.5 * l2);
+  const at::Tensor picked = Z.gather(1, lab);
+  // a row whose label's class is the largest takes log1p(sum_{j != y} e^(z_j - z_y)), as
+  // the objective does: logsumexp(z) - z_y cancels to 0 where that class is near certain
+  const at::Tensor Dz = Z - picked;
+  const at::Tensor largest = std::get<0>(Dz.max(1)).le(0);
+  const at::Tensor others =
+      at::exp(Dz.clamp_max(0)).scatter_(1, lab, 0.0).sum(1);  // (its rows only: clamped)
+  const at::Tensor rows =
+      at::where(largest, at::log1p(others), at::logsumexp(Z, {1}) - picked.squeeze(1));
+  at::Tensor loss = rows.mean().add_(at::sum(Wd * Wd), 0.5 * l2);
   const at::Tensor P = at::softmax(Z, 1);
-  const at::Tensor E = P.clone().scatter_add_(1, lab, at::full({N, 1}, -1.0, P.options()));
+  // E = P - onehot(y), its label's entry as -(sum of the other p_j): p_y - 1 cancels
+  const at::Tensor rest = P.clone().scatter_(1, lab, 0.0).sum(1, true);
+  const at::Tensor E = P.clone().scatter_(1, lab, rest.neg());
   at::Tensor g = at::empty({D, k}, x.options());
   at::Tensor gw = g.narrow(0, 0, d);
   at::mm_out(gw, X.t(), E).mul_(inv_n).add_(Wd, l2);
