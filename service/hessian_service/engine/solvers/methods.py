@@ -434,23 +434,19 @@ def _newton_solve(
     h: torch.Tensor,
     g: torch.Tensor,
     damping: float,
-    scale: torch.Tensor | None = None,
+    inertia_of: torch.Tensor | None = None,
 ) -> SolveResult:
-    """Solve (H + lambda D) d = -g, lambda >= `damping`, D = I or, with `scale` s, diag(s^2)
-    (as (S^-1 H S^-1 + lambda I) S d = -S^-1 g, S = diag(s): the same Cholesky solve).
+    """Solve (H + lambda I) d = -g, lambda >= `damping`.
 
-    A solve that had to raise the damping to factorise counts H's negative eigenvalues
-    (here, so every backend reports the same); an undamped one proved there are none.
+    A solve that had to raise the damping to factorise counts the negative eigenvalues of
+    `inertia_of` (default H; Levenberg-Marquardt passes the unscaled H of its scaled
+    system), here, so every backend reports the same; an undamped one proved there are none.
     """
-    solver = stepper.backend.solver
-    if scale is None:
-        res = solver.solve(h, g, damping)
-    else:
-        res = solver.solve(h / torch.outer(scale, scale), g / scale, damping)
-        res = replace(res, direction=res.direction / scale)
+    res = stepper.backend.solver.solve(h, g, damping)
     if res.damping > damping:
         objective = stepper.objective
-        negative = 0 if objective.convex else negative_eigenvalues(h, objective.num_rows)
+        counted = h if inertia_of is None else inertia_of
+        negative = 0 if objective.convex else negative_eigenvalues(counted, objective.num_rows)
         res = replace(res, negative_eigenvalues=negative, damped=True)
     elif damping == 0:
         res = replace(res, negative_eigenvalues=0)
@@ -616,15 +612,18 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     gain ratio taken as 1 (the model is trusted, as the trust region does); otherwise it is
     rejected and the damping grows towards its cap (DampingCap)."""
     state, h, g = stepper.state, point.curvature, point.grad
+    # (S^-1 H S^-1 + lambda I) S d = -S^-1 g, S = diag(scale): H + lambda diag H, one solve
     scale = marquardt_scale(h)
+    scaled = h / torch.outer(scale, scale)
     if state["damping"] <= 0:
         state["damping"] = LM_INITIAL_TAU
     # the scaled matrix's norm: an indefinite H's off-diagonal may pass its unit diagonal
-    norm = float((h.abs() / torch.outer(scale, scale)).sum(dim=1).max()) if g.numel() else 1.0
+    norm = float(scaled.abs().sum(dim=1).max()) if g.numel() else 1.0
     lam, cap = state["damping"], lm_damping_cap(h.dtype, norm)
     if not math.isfinite(lam) or lam > cap:
         raise DampingCap(lam, cap)
-    found = _dense(stepper, point, _newton_solve(stepper, h, g, lam, scale))
+    res = _newton_solve(stepper, scaled, g / scale, lam, inertia_of=h)
+    found = _dense(stepper, point, replace(res, direction=res.direction / scale))
     d = found.direction
     predicted = -float(g @ d + 0.5 * (d @ (h @ d)))
     x_new = point.x + d
