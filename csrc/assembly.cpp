@@ -408,12 +408,33 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   if (fit_intercept) g.narrow(0, d, 1).copy_(E.mean(0, true));
   const at::Tensor Xa =
       fit_intercept ? at::cat({X, at::ones({N, 1}, X.options())}, 1) : X;
-  // M[i, a k + c] = Xa[i, a] P[i, c]: the per-sample outer products, flattened
-  const at::Tensor M = (Xa.unsqueeze(2) * P.unsqueeze(1)).reshape({N, n});
-  // H = (1/N) sum_i x_i x_i^T kron (diag p_i - p_i p_i^T) = (1/N) (block diag - M^T M)
+  // H = (1/N) sum_i x_i x_i^T kron S_i, S_i = diag(p_i) - p_i p_i^T. As block diag(p) -
+  // (x kron p)^T (x kron p) it cancels where a class is near certain (both terms ~ x x^T,
+  // their difference ~ (1 - p_m) x x^T). With m the row's largest class and r = p - e_m (its
+  // m entry -(sum of the other p_j)), S = diag(r) - r r^T - r e_m^T - e_m r^T: every term
+  // is small there, and for other rows it is S's own size.
+  const at::Tensor top = std::get<1>(P.max(1, true));
+  const at::Tensor R = P.clone().scatter_(1, top, P.scatter(1, top, 0.0).sum(1, true).neg());
+  // M[i, a k + c] = Xa[i, a] R[i, c]: the per-sample outer products, flattened
+  const at::Tensor M = (Xa.unsqueeze(2) * R.unsqueeze(1)).reshape({N, n});
   at::Tensor h = symmetric_product(M, M, -inv_n);
   const at::Tensor diag_blocks = at::mm(Xa.t(), M).mul_(inv_n).view({D, D, k});
   h.view({D, k, D, k}).diagonal(0, 1, 3).add_(diag_blocks);
+  // e_m r^T: the rows grouped by their largest class m, each group's Xa^T M into class m's
+  // rows of H (N D n multiply-adds in all, 1 / k of M^T M's)
+  const at::Tensor classes = top.squeeze(1);
+  const at::Tensor order = at::argsort(classes);
+  const at::Tensor Xs = Xa.index_select(0, order), Ms = M.index_select(0, order);
+  const at::Tensor counts = at::bincount(classes, {}, k).cpu();
+  const int64_t* count = counts.data_ptr<int64_t>();
+  at::Tensor cross = at::zeros({D, k, n}, x.options());
+  for (int64_t c = 0, start = 0; c < k; start += count[c], ++c) {
+    if (count[c] == 0) continue;
+    cross.select(1, c).copy_(
+        at::mm(Xs.narrow(0, start, count[c]).t(), Ms.narrow(0, start, count[c])));
+  }
+  const at::Tensor cross_n = cross.view({n, n}).mul_(inv_n);
+  h.sub_(cross_n).sub_(cross_n.t());
   h.diagonal().narrow(0, 0, d * k).add_(l2);
   return {loss, g.view({n}), h};
 }

@@ -151,6 +151,11 @@ at::Tensor softmax_block_product(const at::Tensor& X, const at::Tensor& P, const
   const at::Tensor vt = v.contiguous().view({D, C * k}).t().contiguous();
   at::Tensor ut = design_times_t(X, vt, fit_intercept);  // (C k, N)
   at::Tensor u3 = ut.view({C, k, N});
+  // U less its entry in the row's largest class (S 1 = 0): P o U - P o rowsum(P o U) then
+  // holds only the small terms where that class is near certain, instead of their
+  // difference from two numbers ~ u_m
+  const at::Tensor top = std::get<1>(P.max(1)).view({1, 1, N}).expand({1, k, N});
+  u3.sub_(u3.gather(0, top));
   const at::Tensor p3 = P.t().unsqueeze(1);  // (C, 1, N)
   u3.mul_(p3);                                // P o U
   u3.sub_(p3 * u3.sum(0, /*keepdim=*/true));  // - P o (class sum of P o U)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..objectives import losses
 from ..objectives.base import Objective
 
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
@@ -58,13 +59,8 @@ def _output_terms(
         r = f - y
         eye = torch.eye(out, dtype=f.dtype, device=f.device)
         return (r * r).sum(1) / out, r * (2.0 / out), (2.0 / out) * eye.expand(f.shape[0], -1, -1)
-    logp = torch.log_softmax(f, dim=1)
-    p = logp.exp()
-    loss = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
-    grad = p.clone()
-    grad[torch.arange(f.shape[0], device=f.device), y] -= 1
-    hess = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-    return loss, grad, hess
+    p, hess = losses.softmax_curvature(f)
+    return losses.cross_entropy_rows(f, y), losses.cross_entropy_residual(p, y), hess
 
 
 def _per_sample_bytes(sizes: list[int], itemsize: int) -> int:

@@ -26,6 +26,7 @@ from .export_compile import (
     use_compiled,
 )
 from .export_verify import Program, load_program
+from .losses import cross_entropy, mean_squared
 
 OUTPUT_LOSSES = ("", "mse", "cross_entropy")
 EVAL_SECONDS = 60.0  # wall-clock limit of one evaluation of the program
@@ -240,9 +241,8 @@ class Exported(Objective):
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
         y = self.data[self.options["target"]]
         if self.options["output_loss"] == "mse":
-            return torch.mean((outputs - y) ** 2)
-        picked = outputs.gather(1, y.unsqueeze(1)).squeeze(1)
-        return torch.mean(torch.logsumexp(outputs, dim=1) - picked)
+            return mean_squared(outputs, y)
+        return cross_entropy(outputs, y)
 
     def init_params(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Small U(-1/sqrt(n), 1/sqrt(n)) values: zeros would be a saddle of most networks."""

@@ -23,6 +23,7 @@ from ..validation import (
     require_tensor,
 )
 from .base import Objective, check_forward_values
+from .losses import cross_entropy, mean_squared
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 LOSSES = ("mse", "cross_entropy")
@@ -120,9 +121,8 @@ class MLP(Objective):
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
         y = self.data["y"]
         if self.options["loss"] == "mse":
-            return torch.mean((outputs - y) ** 2)
-        picked = outputs.gather(1, y.unsqueeze(1)).squeeze(1)
-        return torch.mean(torch.logsumexp(outputs, dim=1) - picked)
+            return mean_squared(outputs, y)
+        return cross_entropy(outputs, y)
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
         return 0.5 * self.options["l2"] * torch.sum(params * params)

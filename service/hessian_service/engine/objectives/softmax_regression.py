@@ -1,9 +1,5 @@
-"""`softmax_regression`: multinomial cross-entropy of Z = [X, 1] W plus 0.5 l2 ||W[:d]||^2.
-
-A row whose label's class is the largest (its class is near certain there) takes
-log1p(sum over the other classes of e^(z_j - z_y)) instead of logsumexp(z) - z_y, which
-cancels to 0 (float32 past a margin of about 17; float64 lost 7 digits at 20), and so does
-its gradient p_y - 1: autograd then gives -(sum of the other p_j)."""
+"""`softmax_regression`: multinomial cross-entropy of Z = [X, 1] W plus 0.5 l2 ||W[:d]||^2
+(losses.cross_entropy: without cancellation where a label's class is near certain)."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ import torch
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, option_int, require_tensor
 from .base import NATIVE_KERNELS, Objective, check_forward_values
+from .losses import cross_entropy
 
 
 class SoftmaxRegression(Objective):
@@ -87,14 +84,7 @@ class SoftmaxRegression(Objective):
         return z
 
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:
-        labels = self.data["labels"].unsqueeze(1)
-        picked = outputs.gather(1, labels)
-        d = outputs - picked
-        largest = (d <= 0).all(dim=1)  # the label's class is (one of) the largest
-        # each branch is fed only the rows it takes: e^d of another row could overflow
-        others = torch.exp(torch.where(largest.unsqueeze(1), d, 0.0)).scatter(1, labels, 0.0)
-        general = torch.logsumexp(outputs, dim=1) - picked.squeeze(1)
-        return torch.mean(torch.where(largest, torch.log1p(others.sum(dim=1)), general))
+        return cross_entropy(outputs, self.data["labels"])
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
         w = params.reshape(-1)[: self._d * self._k]  # the penalised feature rows

@@ -1,0 +1,55 @@
+"""Output losses shared by the objectives with a model-output structure (softmax regression,
+the mlp, exported programs), in forms that keep their digits where a class is near certain.
+
+logsumexp(z) - z_y, the textbook cross-entropy, cancels to 0 once the label's class leads
+the others by ~17 (float32) or ~37 (float64), and its derivatives p_y - 1 and p_y (1 - p_y)
+cancel with it; a row whose label's class is the largest takes log1p(sum of the other
+classes' e^(z_j - z_y)) instead, whose autograd derivatives are made of those small terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mean_squared(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean((outputs - targets)^2) over every entry."""
+    return torch.mean((outputs - targets) ** 2)
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row -log softmax(logits)[label] for logits (N, k) and int64 labels (N,)."""
+    lab = labels.unsqueeze(1)
+    picked = logits.gather(1, lab)
+    d = logits - picked
+    largest = (d <= 0).all(dim=1)  # the label's class is (one of) the largest
+    # each branch is fed only the rows it takes: e^d of another row could overflow
+    others = torch.exp(torch.where(largest.unsqueeze(1), d, 0.0)).scatter(1, lab, 0.0)
+    general = torch.logsumexp(logits, dim=1) - picked.squeeze(1)
+    return torch.where(largest, torch.log1p(others.sum(dim=1)), general)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of cross_entropy_rows."""
+    return torch.mean(cross_entropy_rows(logits, labels))
+
+
+def softmax_curvature(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, H): the rows' class probabilities and per-row Hessians diag(p) - p p^T of the
+    cross-entropy in the logits, each diagonal entry p_c (1 - p_c) with 1 - p_c summed from
+    the other classes' p_j for the row's largest class (where it would cancel)."""
+    p = torch.softmax(logits, dim=1)
+    top = p.argmax(dim=1, keepdim=True)
+    rest = 1 - p
+    rest = rest.scatter(1, top, p.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
+    hess = -p.unsqueeze(2) * p.unsqueeze(1)
+    hess.diagonal(dim1=1, dim2=2).copy_(p * rest)
+    return p, hess
+
+
+def cross_entropy_residual(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """p - onehot(labels), the cross-entropy's gradient in the logits, with p_y - 1 taken as
+    -(sum of the other classes' p_j)."""
+    lab = labels.unsqueeze(1)
+    others = p.scatter(1, lab, 0.0)
+    return others.scatter(1, lab, -others.sum(dim=1, keepdim=True))
