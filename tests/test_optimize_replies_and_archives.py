@@ -6,6 +6,10 @@ tensors)."""
 
 from __future__ import annotations
 
+import io
+import struct
+import tracemalloc
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +19,11 @@ from exported_programs import edited_archive, from_problem
 from hessian_client import problems, tensors
 from hessian_client.proto import service_pb2
 from hessian_service.engine.errors import ResourceLimitError, ValidationError
-from hessian_service.engine.objectives.export_verify import MAX_NODES, load_program
+from hessian_service.engine.objectives.export_verify import (
+    MAX_MEMBER_BYTES,
+    MAX_NODES,
+    load_program,
+)
 from hessian_service.engine.solvers.asktell import Ask
 from hessian_service.server.optimize import _answer_from_wire
 
@@ -52,6 +60,44 @@ def first_weight_sizes(sizes: list[int]) -> Callable[[dict], None]:
         entry["tensor_meta"]["sizes"] = [{"as_int": s} for s in sizes]
 
     return edit
+
+
+def understated(blob: bytes, suffix: str, real: int, declared: int) -> bytes:
+    """The archive `blob` with its member ending in `suffix` replaced by `real` bytes of
+    spaces whose zip headers declare `declared` bytes (how a zip bomb hides its size)."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for member, raw in files.items():
+            z.writestr(member, b" " * real if member.endswith(suffix) else raw)
+    data = bytearray(out.getvalue())
+    name = next(n for n in files if n.endswith(suffix)).encode()
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = data.find(signature + b"\x14")
+        while at >= 0:
+            head = 30 if signature == b"PK\x03\x04" else 46
+            if data[at + head : at + head + len(name)] == name:
+                struct.pack_into("<I", data, at + offset, declared)
+            at = data.find(signature, at + 4)
+    return bytes(data)
+
+
+def test_a_member_that_understates_its_size_is_not_inflated_past_the_limit() -> None:
+    """A member whose headers declare 100 bytes and which inflates to 4x the per-member
+    limit: zipfile's whole-member read inflated all of it (up to 2 GiB a call) before
+    cutting to the declared size; the read is now bounded, and the archive refused."""
+    real = 4 * MAX_MEMBER_BYTES
+    blob = understated(mse_problem(20, 3).exported.program, "models/model.json", real, 100)
+    assert len(blob) < real // 100  # a small request
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValidationError, match="program"):
+            load_program(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_MEMBER_BYTES // 8, peak
 
 
 def test_a_negative_declared_size_is_refused_naming_the_program() -> None:

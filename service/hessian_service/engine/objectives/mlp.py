@@ -102,6 +102,9 @@ class MLP(Objective):
             self._layers.append((offset, fan_out, fan_in, offset + fan_out * fan_in))
             offset += fan_out * fan_in + fan_out
         self.param_shape = (offset,)
+        self._piece_sizes = [
+            n for _, fan_out, fan_in, _ in self._layers for n in (fan_out * fan_in, fan_out)
+        ]
 
     def check_rows(self, rows: int, field: str) -> None:
         """Rows x hidden and output units, bounded."""
@@ -110,9 +113,11 @@ class MLP(Objective):
     def outputs(self, params: torch.Tensor) -> torch.Tensor:
         h = self.data["X"]
         last = len(self._layers) - 1
-        for i, (w0, fan_out, fan_in, b0) in enumerate(self._layers):
-            w = params[w0:b0].reshape(fan_out, fan_in)
-            b = params[b0 : b0 + fan_out]
+        # one split, not a slice per layer: each slice's derivative (backward, and forward
+        # mode's in a Hessian product) is a full-length vector, depth x params in all
+        pieces = params.split(self._piece_sizes)
+        for i, (_, fan_out, fan_in, _) in enumerate(self._layers):
+            w, b = pieces[2 * i].reshape(fan_out, fan_in), pieces[2 * i + 1]
             h = F.linear(h, w, b)
             if i < last:
                 h = self._act(h)
