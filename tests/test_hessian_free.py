@@ -16,12 +16,14 @@ import sys
 import textwrap
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hessian_service.engine import (
     MethodOptions,
     Run,
     StopCriteria,
+    StopReason,
     ValidationError,
     make_objective,
     take_step,
@@ -30,6 +32,7 @@ from hessian_service.engine.backends.selector import native_status
 from hessian_service.engine.curvature.products import ggn_product, hessian_product
 from hessian_service.engine.options import resolve_method
 from hessian_service.engine.solvers.hessian_free import curvature_objective, steihaug_cg
+from native_support import BACKENDS
 
 F64 = torch.float64
 
@@ -402,3 +405,35 @@ def test_a_resumed_subsampled_trust_region_run_repeats_the_same_records():
     again = [r.loss for r in resumed]
     assert again[0] == records[-1].loss and again[1:] == rest
     assert checkpoint.state["curvature_draws"] == 2.0  # two sub-samples drawn before record 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_badly_scaled_least_squares_is_not_called_stalled_after_a_partial_solve(
+    rng, method, backend, dtype
+):
+    """Columns scaled by 1e3 and 1e-3: CG's first iteration moves along the stiff column
+    only, a step of ~1e-6 at |x| ~ 250 passed the parameter test, and the run stopped
+    PARAMETERS_STALLED at 6,000x the minimum's loss (SDK least_squares: success=True). A
+    stall after a partial solve is now judged after a solve to cg_tolerance. Against the
+    float64 least-squares solution (numpy)."""
+    x = rng.standard_normal((200, 4))
+    x[:, 0] *= 1e3
+    x[:, 1] *= 1e-3
+    w = np.array([1e-3, 1e3, 1.0, -2.0]) * rng.uniform(0.5, 2.0, 4)
+    y = x @ w + 0.01 * rng.standard_normal(200)
+    xt, yt = torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype)
+    objective = make_objective("least_squares", {"X": xt, "y": yt}, {"fit_intercept": False})
+    options = MethodOptions(method=method, backend=backend)
+    run = Run(objective, torch.zeros(4, dtype=dtype), options, StopCriteria(max_iterations=300))
+    records = list(run)
+    x64 = xt.double().numpy()
+    best = np.linalg.lstsq(x64, yt.double().numpy(), rcond=None)[0]
+    least = 0.5 * np.mean((x64 @ best - yt.double().numpy()) ** 2)
+    if dtype == torch.float64:
+        assert run.stop_reason == StopReason.GRADIENT_TOLERANCE, run.message
+        got = run.params.double().numpy()
+        assert np.linalg.norm(got - best) <= 1e-8 * np.linalg.norm(best)
+    else:  # float32 cannot meet 1e-10: it may stall, at the minimum
+        assert records[-1].loss <= least * (1 + 1e-3), (records[-1].loss, least, run.message)

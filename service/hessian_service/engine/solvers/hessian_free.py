@@ -68,6 +68,10 @@ class CGResult:
     residual is ||b - A d|| / ||g|| for A = B + lambda I (exact for the returned d, tracked
     by the recurrence). predicted_decrease is -(g.d + d.B d / 2) under the undamped model.
     gradient_batch_size: the rows of the mini-batch g came from (0: g is the full gradient).
+    partial: CG stopped inside the radius along positive curvature with a residual above
+    cg_tolerance (a loose forcing term, or cg_max_iterations): a partial solve of the model,
+    whose length says nothing about the model's minimiser (a badly scaled problem's first
+    CG iteration moves along its stiff direction only).
     """
 
     direction: torch.Tensor
@@ -77,6 +81,7 @@ class CGResult:
     on_boundary: bool
     predicted_decrease: float
     gradient_batch_size: int = 0
+    partial: bool = False
 
 
 def _to_boundary(d: torch.Tensor, p: torch.Tensor, radius: float) -> float:
@@ -161,6 +166,8 @@ def initial_state(options: MethodOptions) -> dict[str, float]:
         "forcing_grad_norm": math.nan,
         "curvature_draws": 0.0,
         "gradient_draws": 0.0,
+        # 1: the next solve takes cg_tolerance (a partial solve's step looked stalled)
+        "cg_tight": 0.0,
     }
 
 
@@ -168,9 +175,14 @@ def forcing_term(options: MethodOptions, state: dict[str, float], grad_norm: flo
     """The inner CG tolerance eta_k (Eisenstat-Walker choice 2, or the fixed cg_tolerance).
 
     eta_k = 0.9 (||g_k|| / ||g_{k-1}||)^2, safeguarded by 0.9 eta_{k-1}^2 when that exceeds
-    0.1, clipped to [cg_tolerance, 0.5]; a repeated point (rejected step) keeps eta.
+    0.1, clipped to [cg_tolerance, 0.5]; a repeated point (rejected step) keeps eta. The
+    state's cg_tight asks for cg_tolerance once (Run's stall test on a partial solve).
     """
     if options.cg_forcing == "fixed":
+        return options.cg_tolerance
+    if state.get("cg_tight", 0.0):
+        state["cg_tight"] = 0.0
+        state["forcing"], state["forcing_grad_norm"] = options.cg_tolerance, grad_norm
         return options.cg_tolerance
     previous_norm, previous_eta = state["forcing_grad_norm"], state["forcing"]
     if math.isnan(previous_eta):
@@ -306,9 +318,12 @@ def cg_direction(
         tolerance=forcing_term(options, state, float(sample.grad.norm())),
         max_iterations=options.cg_max_iterations,
     )
-    if sample.rows is None:
-        return cg
-    return replace(cg, gradient_batch_size=sample.rows.numel())
+    partial = not (cg.on_boundary or cg.negative_curvature) and cg.residual > options.cg_tolerance
+    return replace(
+        cg,
+        partial=partial,
+        gradient_batch_size=0 if sample.rows is None else sample.rows.numel(),
+    )
 
 
 def _projected(product: Product, project: Callable[[torch.Tensor], torch.Tensor]) -> Product:

@@ -228,6 +228,9 @@ class Step:
     # the damping fell): small because the policy started cautious, not because the run
     # stalled, so the stall tests do not judge it (Run._stop_test)
     held_back: bool = False
+    # a Hessian-free step from a partial solve of its model (CGResult.partial): short
+    # perhaps only because CG stopped early, so a stall is confirmed by a full solve first
+    partial_solve: bool = False
 
 
 class Stepper:
@@ -507,6 +510,7 @@ def _taken(
         negative_curvature=cg.negative_curvature if cg else False,
         gradient_batch_size=cg.gradient_batch_size if cg else 0,
         step_damped=found.damped,
+        partial_solve=cg.partial if cg else False,
     )
 
 
@@ -693,6 +697,7 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         trust_radius=tr.trust_radius,
         gradient_batch_size=cg.gradient_batch_size,
         held_back=tr.accepted and cg.on_boundary and stepper.state["trust_radius"] > radius,
+        partial_solve=cg.partial,
     )
 
 

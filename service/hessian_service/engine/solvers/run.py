@@ -343,12 +343,16 @@ class Run:
         self._converged = reason.converged if converged is None else converged
 
     def _stop_test(
-        self, k: int, point: Point, previous: Point | None, elapsed: float, held_back: bool
+        self, k: int, point: Point, previous: Point | None, elapsed: float, last: Step | None
     ) -> tuple[StopReason, str] | None:
-        """Why the run stops at `point` (None: it goes on). `held_back`: the step from
-        `previous` was short because its policy started cautious and has let go since
-        (Step.held_back): the stall tests do not judge it (a trust radius of 1e-9 or a
-        damping of 1e9 stopped a run "stalled" after its first good step)."""
+        """Why the run stops at `point` (None: it goes on). `last`: the step from `previous`.
+        One held back by a policy that started cautious and has let go since
+        (Step.held_back) is not judged by the stall tests (a trust radius of 1e-9 or a
+        damping of 1e9 stopped a run "stalled" after its first good step); one from a partial
+        CG solve (Step.partial_solve) that looks stalled has the next solve made to
+        cg_tolerance instead, which judges it (a badly scaled least squares stopped
+        "stalled" at 6,000x its minimum after a one-iteration CG step along its stiff
+        column)."""
         s = self.stopping
         if self.cancel_token.cancelled:
             return StopReason.CANCELLED, f"cancelled before iteration {k}"
@@ -358,27 +362,12 @@ class Run:
                 f"converged: gradient max-norm {gmax:.3g} <= gradient_tolerance "
                 f"{s.gradient_tolerance:g}"
             )
-        if previous is not None and not held_back:
-            still = (  # formatted on a stop
-                "while the gradient max-norm {:.3g} > gradient_tolerance"
-                if s.gradient_tolerance > 0
-                else "(gradient max-norm {:.3g}; the gradient test is off: gradient_tolerance 0)"
-            )
-            change = abs(previous.loss - point.loss)
-            (ftol, fnote), (xtol, xnote) = self._ftol, self._xtol
-            if ftol > 0 and change <= ftol * abs(previous.loss):
-                return StopReason.FUNCTION_STALLED, (
-                    f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| "
-                    + fnote
-                    + still.format(gmax)
-                )
-            if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
-                dx = _norm(point.x - previous.x)
-                if dx <= xtol * (_norm(previous.x) + xtol):
-                    return StopReason.PARAMETERS_STALLED, (
-                        f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
-                        "parameter_tolerance) " + xnote + still.format(gmax)
-                    )
+        if previous is not None and last is not None and not last.held_back:
+            stall = self._stall_test(point, previous, gmax)
+            if stall is not None and last.partial_solve:
+                self.stepper.state["cg_tight"] = 1.0
+            elif stall is not None:
+                return stall
         if self._unchanged >= UNCHANGED_STEPS and s.gradient_tolerance > 0:
             # the gradient test can no longer be met (with every test off, the caller asked
             # for max_iterations steps, and gets them)
@@ -392,6 +381,32 @@ class Run:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
         if s.time_limit_seconds is not None and elapsed >= s.time_limit_seconds:
             return StopReason.TIME_LIMIT, f"ran {elapsed:.3g} s >= time_limit_seconds"
+        return None
+
+    def _stall_test(
+        self, point: Point, previous: Point, gmax: float
+    ) -> tuple[StopReason, str] | None:
+        """The function and parameter tests on the step from `previous` to `point`."""
+        still = (  # formatted on a stop
+            "while the gradient max-norm {:.3g} > gradient_tolerance"
+            if self.stopping.gradient_tolerance > 0
+            else "(gradient max-norm {:.3g}; the gradient test is off: gradient_tolerance 0)"
+        )
+        change = abs(previous.loss - point.loss)
+        (ftol, fnote), (xtol, xnote) = self._ftol, self._xtol
+        if ftol > 0 and change <= ftol * abs(previous.loss):
+            return StopReason.FUNCTION_STALLED, (
+                f"stalled: |loss change| {change:.3g} <= function_tolerance x |loss| "
+                + fnote
+                + still.format(gmax)
+            )
+        if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
+            dx = _norm(point.x - previous.x)
+            if dx <= xtol * (_norm(previous.x) + xtol):
+                return StopReason.PARAMETERS_STALLED, (
+                    f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
+                    "parameter_tolerance) " + xnote + still.format(gmax)
+                )
         return None
 
     def _note_unchanged(self, point: Point, new_point: Point) -> None:
@@ -428,11 +443,12 @@ class Run:
             return
         previous_loss = self._previous_loss
         previous: Point | None = None
-        held_back = False  # the step from `previous` (Step.held_back)
+        last: Step | None = None  # the step from `previous`
         while True:
             t0 = time.perf_counter()
+            stop = None if repeat else self._stop_test(k, point, previous, t0 - started, last)
+            # after the stop test, which may ask the next solve for more (cg_tight)
             self._checkpoint = Checkpoint(k, point.x, self._state(previous_loss))
-            stop = None if repeat else self._stop_test(k, point, previous, t0 - started, held_back)
             step: Step | None = None
             damping = None  # the damping past the cap, when the step gave up on it
             if stop is None:
@@ -492,7 +508,7 @@ class Run:
             previous_loss = point.loss
             if new_point is not None:
                 self._note_unchanged(point, new_point)
-                previous, point, held_back = point, new_point, step.held_back
+                previous, point, last = point, new_point, step
                 self.params = point.x
             else:
                 previous = None
