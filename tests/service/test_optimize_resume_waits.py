@@ -6,6 +6,8 @@ starved every other call."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -127,3 +129,41 @@ def test_a_resume_that_loses_to_a_cancel_names_resume_run_id(handle, monkeypatch
     refused = Stream(handle.address, service_pb2.OptimizeRequest(resume_run_id=run_id)).refusal()
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert refused.details() == f"resume_run_id: run {run_id} is CANCELLED, not INTERRUPTED"
+
+
+def _cancel_early(address: str, first: service_pb2.OptimizeRequest, delay: float) -> None:
+    """Open Optimize with `first` and cancel the call `delay` seconds later (maybe before
+    the server has read it, maybe while it admits the run)."""
+    stream = Stream(address, first)
+    time.sleep(delay)
+    stream.close()
+
+
+def test_a_stream_cancelled_while_its_run_is_admitted_leaves_no_run_waiting(handle):
+    """A caller that cancels Optimize just after its first message: the run was admitted
+    on a thread after the handler was cancelled, with no stream left to answer its asks, so
+    it stayed RUNNING (holding a --max-optimize-runs slot, ignoring CancelRun, delaying
+    shutdown) until the evaluation deadline. Every run so made, started or resumed, is now
+    INTERRUPTED at once."""
+    address = handle.address
+    delays = [0.0, 0.001, 0.002, 0.005, 0.01, 0.02] * 2
+    with Client(address, timeout=GUARD) as client:
+        before = {run.run_id for run in client.list_runs()}
+        start = service_pb2.OptimizeStart(
+            initial_params=tensors.encode(X0),
+            capabilities=service_pb2.Capabilities(gradient=True, hessian=True),
+        )
+        for delay in delays:
+            _cancel_early(address, service_pb2.OptimizeRequest(start=start), delay)
+        made = [run.run_id for run in client.list_runs() if run.run_id not in before]
+        assert made, "no run was admitted: the cancels came before every start"
+
+        def settled() -> bool:
+            return all(client.get_run(run_id).status != "RUNNING" for run_id in made)
+
+        assert wait_until(settled, timeout=10)
+        for run_id in made:
+            assert client.get_run(run_id).status == "INTERRUPTED"
+        for delay, run_id in zip(delays, made, strict=False):
+            _cancel_early(address, service_pb2.OptimizeRequest(resume_run_id=run_id), delay)
+        assert wait_until(settled, timeout=10)

@@ -233,18 +233,14 @@ class Optimizer:
 
         exchange = self._exchange()
         exchange.attach(on_ask)
-        kind = first.WhichOneof("kind")
-        if kind == "start":
-            row = await asyncio.to_thread(self._start, first.start, tenant, exchange)
-        elif kind == "resume_run_id":
-            caller = first.resume_capabilities if first.HasField("resume_capabilities") else None
-            row = await self._resume(first.resume_run_id, tenant, exchange, caller)
-        else:
-            raise ValidationError(
-                "start",
-                "start or resume_run_id in the first request",
-                f"a first request with {kind or 'neither'}",
-            )
+        try:
+            row = await self._begin(first, tenant, exchange)
+        except BaseException:
+            # the caller left (or the request was refused) while its run was being admitted,
+            # which goes on in its thread: the run's first ask then ends it INTERRUPTED at
+            # once, instead of holding its slot for the evaluation deadline
+            exchange.detach(on_ask, "the caller's Optimize stream broke")
+            raise
         run_id = row.run_id
         live = self.service.runs.live(run_id)
         unlisten = None
@@ -289,6 +285,20 @@ class Optimizer:
             reader.cancel()
             if unlisten is not None:
                 unlisten()
+
+    async def _begin(self, first: Any, tenant: Tenant, exchange: Exchange) -> Any:
+        """The stored row of the run the first request starts or resumes on `exchange`."""
+        kind = first.WhichOneof("kind")
+        if kind == "start":
+            return await asyncio.to_thread(self._start, first.start, tenant, exchange)
+        if kind == "resume_run_id":
+            caller = first.resume_capabilities if first.HasField("resume_capabilities") else None
+            return await self._resume(first.resume_run_id, tenant, exchange, caller)
+        raise ValidationError(
+            "start",
+            "start or resume_run_id in the first request",
+            f"a first request with {kind or 'neither'}",
+        )
 
     @staticmethod
     def _add_records(response: Any, live: LiveRun, sent: int) -> int:
