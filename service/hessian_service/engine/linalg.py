@@ -99,27 +99,47 @@ def count_negative(evals: torch.Tensor, dtype: torch.dtype, rows: int = 0) -> in
     return int((evals < -negative_tolerance(evals, dtype, rows)).sum())
 
 
+def _add_gauge(
+    m: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], c: float, chunk: int
+) -> int:
+    """m += c (I - P) in place for the orthogonal projector `project`; the gauge's dimension,
+    trace(I - P). P is applied `chunk` unit vectors at a time, never formed."""
+    n = m.shape[0]
+    gauge = 0.0
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=m.device)
+        diagonal = (torch.arange(len(rows), device=m.device), rows)
+        units = torch.zeros(len(rows), n, dtype=m.dtype, device=m.device)
+        units[diagonal] = 1.0
+        off = units - torch.vmap(project)(units)  # rows of I - P (symmetric)
+        gauge += float(off[diagonal].double().sum())
+        m[start : start + len(rows)] += c * off
+    return round(gauge)
+
+
 def off_gauge(
     h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
 ) -> tuple[torch.Tensor, int]:
     """(h + c (I - P), g) for symmetric `h` of an objective whose loss is invariant along the
     g = n - trace P directions the orthogonal projector `project` removes
     (Objective.project_step): c is twice h's Frobenius norm, above its spectrum, so the g
-    largest eigenvalues are the gauge's (h is 0 along it) and the rest are h's off it. One
-    n x n matrix besides `h`: P is applied `chunk` unit vectors at a time, never formed."""
-    n = h.shape[0]
+    largest eigenvalues are the gauge's (h is 0 along it) and the rest are h's off it."""
     m = symmetrise(h)
     c = 2.0 * float(torch.linalg.matrix_norm(m)) or 1.0
-    gauge = 0.0
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=h.device)
-        diagonal = (torch.arange(len(rows), device=h.device), rows)
-        units = torch.zeros(len(rows), n, dtype=h.dtype, device=h.device)
-        units[diagonal] = 1.0
-        off = units - torch.vmap(project)(units)  # rows of I - P (symmetric)
-        gauge += float(off[diagonal].double().sum())
-        m[start : start + len(rows)] += c * off
-    return m, round(gauge)
+    return m, _add_gauge(m, project, c, chunk)
+
+
+def gauge_fixed(
+    h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
+) -> torch.Tensor:
+    """h + c (I - P), c = max|diag h| (1 where that is 0), for a Newton solve: h is singular
+    along the gauge (the loss does not change there), which made every step's Cholesky fail
+    and take the damping floor, damping the directions that matter too (float32 softmax
+    regression crawled: 200 damped steps); the solve's component off the gauge is h's own."""
+    m = h.clone()
+    c = float(m.diagonal().abs().max()) if m.numel() else 0.0
+    _add_gauge(m, project, c if c > 0 and math.isfinite(c) else 1.0, chunk)
+    return m
 
 
 def definite_by_a_margin(m: torch.Tensor, h: torch.Tensor) -> bool:

@@ -22,7 +22,13 @@ from ..backends import selector as backends
 from ..cancel import CancelToken
 from ..curvature import autograd as curvature
 from ..errors import EvaluationError, ValidationError
-from ..linalg import SolveResult, below_rounding, negative_eigenvalues, sufficient_decrease
+from ..linalg import (
+    SolveResult,
+    below_rounding,
+    gauge_fixed,
+    negative_eigenvalues,
+    sufficient_decrease,
+)
 from ..objectives.base import Objective
 from ..options import (
     DENSE_METHODS,
@@ -428,8 +434,11 @@ def _dense(stepper: Stepper, point: Point, res: SolveResult) -> Direction:
 
 
 def _newton(stepper: Stepper, point: Point, damping: float) -> Direction:
-    """The damped Cholesky solve of (H + lambda I) d = -g, lambda >= `damping`."""
-    return _dense(stepper, point, _newton_solve(stepper, point.curvature, point.grad, damping))
+    """The damped Cholesky solve of (H + lambda I) d = -g, lambda >= `damping`, H's gauge
+    directions filled in first (linalg.gauge_fixed) so they need no damping."""
+    h, objective = point.curvature, stepper.objective
+    fixed = gauge_fixed(h, objective.project_step) if objective.has_gauge else h
+    return _dense(stepper, point, _newton_solve(stepper, fixed, point.grad, damping, h))
 
 
 def _newton_solve(

@@ -5,9 +5,8 @@ run in one fused C++ call and this module only checks the inputs and builds the 
 a seed-sized step costs microseconds. Under the line search the op's slope g.d and one loss
 at x + d give the Armijo test of the first trial (alpha = 1); if it passes, the record is the
 general path's. Anything unusual (a dtype or device to convert, a non-finite point, a failed
-or damped solve, a dense budget exceeded, a rejected first trial, a gauge to project under
-the line search) returns None and the general path runs, which raises exactly what it
-always raised. Validated options and per-objective call plans are memoised by object
+or damped solve, a dense budget exceeded, a rejected first trial, an objective with a gauge)
+returns None and the general path runs, which raises exactly what it always raised. Validated options and per-objective call plans are memoised by object
 identity (objectives and options are immutable).
 """
 
@@ -36,7 +35,7 @@ _OPTIONS: dict[int, tuple[MethodOptions | None, object, MethodOptions, str | Non
 # it goes with the objective (a global table would keep deleted problems' tensors alive), with
 # the data dict it was made from: a copy on other rows (`rows`, Predict) has its own data dict
 # and makes its own plan.
-# plan = (fn, args, dtype, n, itemsize, flat, gauge: the objective projects its steps)
+# plan = (fn, args, dtype, n, itemsize, flat)
 _PLAN_ATTR = "_fused_step_plan"
 
 
@@ -83,13 +82,14 @@ def _plan(objective: Objective) -> tuple[Any, ...] | None:
     if hit is not None and hit[0] is objective.data:
         return hit[1]
     plan = None
-    entry = selector.fused_entry(objective)
+    # an objective with a gauge takes the general path, which fills the gauge in before
+    # its solve (methods._newton) and projects the step
+    entry = None if objective.has_gauge else selector.fused_entry(objective)
     if entry is not None:
         fn, args = entry
         itemsize = torch.empty((), dtype=objective.dtype).element_size()
-        gauge = objective.has_gauge
         n, flat = objective.num_params, not objective.native_step_any_shape
-        plan = (fn, args, objective.dtype, n, itemsize, flat, gauge)
+        plan = (fn, args, objective.dtype, n, itemsize, flat)
     # the same plan whichever thread computes it first
     objective.__dict__[_PLAN_ATTR] = (objective.data, plan)
     return plan
@@ -106,10 +106,8 @@ def fused_newton_step(
     plan = _plan(objective)
     if plan is None:
         return None
-    fn, args, dtype, n, itemsize, flat, gauge = plan
+    fn, args, dtype, n, itemsize, flat = plan
     search = policy == "line_search"
-    if search and gauge:
-        return None  # the slope is of the projected direction: only the general path has it
     budget = options.dense_budget_bytes
     if (
         params.dtype is not dtype
@@ -135,10 +133,6 @@ def fused_newton_step(
         trial = float(loss_value(objective, x_new))
         if not sufficient_decrease(trial, loss, lr, slope, options.armijo):
             return None  # a backtrack is needed: the general path recomputes and searches
-    if gauge:
-        step = objective.project_step((x_new - params).reshape(-1))
-        x_new = (params.reshape(-1) + step).reshape(x_new.shape)
-        step_norm = float(step.norm())
     seconds = time.perf_counter() - start
     record = StepRecord(
         iteration=0,
