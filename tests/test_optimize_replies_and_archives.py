@@ -286,3 +286,26 @@ def test_an_integer_reply_is_refused_naming_its_dtype(rng) -> None:
     reply = evaluation(ask, rng.random(), gradient=rng.integers(-5, 5, size=n))
     with pytest.raises(ValidationError, match=r"^evaluation\.gradient\.dtype: expected FLOAT32"):
         _answer_from_wire(reply, ask)
+
+
+@pytest.mark.parametrize("name", ["gradient", "hessian", "hvps"])
+def test_a_float64_reply_that_overflows_a_float32_run_is_refused_naming_it(name, rng) -> None:
+    """A finite float64 reply past float32's range: the cast made it inf, and the run ended
+    NON_FINITE "at the initial parameters" with no field named (a NaN reply is refused)."""
+    n, k = int(rng.integers(2, 6)), 2
+    asked = {"gradient": {"gradient": True}, "hessian": {"hessian": True}}.get(
+        name, {"hvp_vectors": torch.from_numpy(rng.normal(size=(k, n))).float()}
+    )
+    ask = Ask(1, torch.from_numpy(rng.normal(size=n)).float(), **asked)
+    shape = {"gradient": (n,), "hessian": (n, n), "hvps": (k, n)}[name]
+    reply = rng.normal(size=shape)
+    reply.flat[int(rng.integers(reply.size))] = 1e300
+    with pytest.raises(ValidationError) as err:
+        _answer_from_wire(evaluation(ask, rng.random(), **{name: reply}), ask)
+    assert err.value.field == f"evaluation.{name}"
+    assert "overflow float32" in str(err.value)
+    fits = rng.normal(size=shape)  # the same reply within range is taken, cast
+    answer = _answer_from_wire(evaluation(ask, rng.random(), **{name: fits}), ask)
+    got = getattr(answer, name)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), fits.astype(np.float32))

@@ -354,7 +354,15 @@ def _quantity(wire: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) 
         raise ValidationError(
             field, f"a tensor of shape {list(shape)} (as asked)", f"shape {list(t.shape)}"
         )
-    return t.to(dtype)
+    out = t.to(dtype)
+    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):
+        name = str(dtype).removeprefix("torch.")
+        raise ValidationError(
+            field,
+            f"finite values in {name}, the run's dtype",
+            f"values up to {float(t.abs().max()):.3g}, which overflow {name}",
+        )
+    return out
 
 
 def _answer_from_wire(wire: Any, ask: Ask) -> Answer:
