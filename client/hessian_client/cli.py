@@ -505,12 +505,15 @@ def cmd_records(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_series(losses: np.ndarray, gradient_norms: np.ndarray, y: str) -> np.ndarray:
-    """The plotted values: the loss, the gradient norm, or loss - best loss (the gap that
-    shows Newton's quadratic convergence near a non-zero minimum); <= 0 becomes NaN."""
+def plot_series(
+    losses: np.ndarray, gradient_norms: np.ndarray, y: str, best: float | None = None
+) -> np.ndarray:
+    """The plotted values: the loss, the gradient norm, or loss - `best` (the lowest loss of
+    every run plotted, so runs are measured from one level; default: these losses' lowest),
+    the gap that shows Newton's quadratic convergence near a non-zero minimum; <= 0 is NaN."""
     values = {"loss": losses, "gradient_norm": gradient_norms}.get(y)
     if values is None:
-        values = losses - losses.min()
+        values = losses - (losses.min() if best is None else best)
     values = np.asarray(values, dtype=np.float64).copy()
     values[values <= 0] = np.nan
     return values
@@ -525,21 +528,25 @@ def cmd_plot(client: Client, args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = []
     for run_id in args.run_ids:
         run = client.run(run_id)
         records = list(run.stream())
-        losses = np.array([r.loss for r in records])
-        norms = np.array([r.gradient_norm for r in records])
         label = (run.final.name if run.final is not None else "") or run_id
+        series.append((label, records, np.array([r.loss for r in records])))
+    best = min((float(np.nanmin(losses)) for _, _, losses in series if losses.size), default=0.0)
+    for label, records, losses in series:
+        norms = np.array([r.gradient_norm for r in records])
         ax.semilogy(
             [r.iteration for r in records],
-            plot_series(losses, norms, args.y),
+            plot_series(losses, norms, args.y, best),
             "o-",
             markersize=3,
             label=label,
         )
     ax.set_xlabel("iteration")
-    ax.set_ylabel({"loss_gap": "loss - best loss"}.get(args.y, args.y) + " (log scale)")
+    gap = "loss - best loss of the runs plotted"
+    ax.set_ylabel({"loss_gap": gap}.get(args.y, args.y) + " (log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -689,7 +696,12 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--from", dest="from_iteration", type=int, default=0)
     pl = command("plot", "convergence curves of runs on a log scale (needs matplotlib)")
     pl.add_argument("run_ids", nargs="+")
-    pl.add_argument("--y", default="loss", choices=PLOT_Y, help="loss_gap: loss - best loss")
+    pl.add_argument(
+        "--y",
+        default="loss",
+        choices=PLOT_Y,
+        help="loss_gap: loss - the lowest loss of the runs plotted",
+    )
     pl.add_argument("-o", "--output", default="losses.png")
     comp = command("completion", "print the shell completion script (needs argcomplete)")
     comp.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish"))

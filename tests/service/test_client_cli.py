@@ -245,6 +245,16 @@ def test_loss_gap_shows_quadratic_convergence():
     assert np.isnan(plot_series(np.array([0.0, 1.0]), np.zeros(2), "loss")[0])
 
 
+def test_loss_gaps_of_several_runs_are_measured_from_their_common_best(rng):
+    """Each run's gap was taken from its own lowest loss: a gradient-descent run still 0.07
+    above Newton's minimum showed gaps falling to 2e-3 and then none, as if converging."""
+    newton = 1.0 + 10.0 ** -np.array([0.0, 1.0, 3.0, 7.0, 15.0])
+    gd = 1.07 + 0.1 * rng.random() + np.linspace(0.5, 0.0, 5)
+    best = min(newton.min(), gd.min())
+    np.testing.assert_allclose(plot_series(gd, gd, "loss_gap", best), gd - best, rtol=1e-12)
+    assert (plot_series(gd, gd, "loss_gap", best) >= 0.07).all()
+
+
 def test_missing_matplotlib_names_an_installable_package(server, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     code, _, err = _cli(server, capsys, "plot", "r-any")
@@ -314,3 +324,39 @@ def test_json_gives_enums_inside_messages_by_the_same_names_as_outside(server, c
     (info,) = [v for v in _json_lines(out) if v["run_id"] == run_id]
     assert info["method"] == info["options"]["method"] == "gradient_descent"
     assert info["status"] == "FINISHED"
+
+
+def test_plot_measures_every_run_from_the_lowest_loss_plotted(
+    server, capsys, tmp_path, monkeypatch
+):
+    """`hessian plot A B --y loss_gap` through the CLI: the curves drawn are each run's
+    losses less the lowest loss of both runs (captured from matplotlib's semilogy)."""
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.semilogy
+
+    def capture(self, x, y, *args, **kwargs):
+        drawn.append(np.asarray(y))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "semilogy", capture)
+    ids = []
+    for method in ("newton", "gradient_descent"):
+        args = [a if a != "gradient_descent" else method for a in GD_RUN]
+        code, out, err = _cli(server, capsys, *args, "--json")
+        assert code == 0, err
+        ids.append(_json_lines(out)[-1]["run_id"])
+    code, _, err = _cli(
+        server, capsys, "plot", *ids, "--y", "loss_gap", "-o", str(tmp_path / "g.png")
+    )
+    assert code == 0, err
+    losses = [
+        np.array([r["loss"] for r in _json_lines(_cli(server, capsys, "records", i, "--json")[1])])
+        for i in ids
+    ]
+    best = min(float(v.min()) for v in losses)
+    for y, loss in zip(drawn, losses, strict=True):
+        want = loss - best
+        want[want <= 0] = np.nan
+        np.testing.assert_array_equal(y, want)
