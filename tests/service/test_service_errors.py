@@ -243,6 +243,27 @@ CASES = {
         INVALID,
         "page_token",
     ),
+    # an empty id is a request that forgot it (NOT_FOUND "no run with id ''" before)
+    **{
+        f"empty id in {method}": (method, request, INVALID, field)
+        for method, request, field in [
+            ("GetRun", service_pb2.GetRunRequest(run_id=""), "run_id"),
+            ("CancelRun", service_pb2.CancelRunRequest(run_id=""), "run_id"),
+            ("ResumeRun", service_pb2.ResumeRunRequest(run_id=""), "run_id"),
+            ("DeleteRun", service_pb2.DeleteRunRequest(run_id=""), "run_id"),
+            ("DeleteProblem", service_pb2.DeleteProblemRequest(problem_id=""), "problem_id"),
+            (
+                "NewtonStep",
+                service_pb2.StepRequest(problem_id="", params=_params()),
+                "problem_id",
+            ),
+            (
+                "StartRun",
+                service_pb2.StartRunRequest(problem_id="", initial_params=_params()),
+                "problem_id",
+            ),
+        ]
+    },
     "sample with a bad dtype": (
         "SampleTensors",
         service_pb2.SampleTensorsRequest(
@@ -331,3 +352,16 @@ def test_reflection_lists_the_services(server):
         response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
     names = {s.name for s in response.list_services_response.service}
     assert {"hessian.v1.HessianService", "grpc.health.v1.Health"} <= names
+
+
+def test_an_empty_id_to_watch_or_resume_is_invalid_naming_its_field(stub):
+    """The streaming calls: WatchRun's run_id and Optimize's resume_run_id."""
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.WatchRun(service_pb2.WatchRunRequest(run_id=""), timeout=30))
+    assert err.value.code() == INVALID
+    assert err.value.details().startswith("run_id: expected an id")
+    first = service_pb2.OptimizeRequest(resume_run_id="")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Optimize(iter([first]), timeout=30))
+    assert err.value.code() == INVALID
+    assert err.value.details().startswith("resume_run_id: expected an id")

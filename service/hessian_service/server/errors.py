@@ -38,6 +38,14 @@ class NotFoundError(Exception):
         super().__init__(f"{field}: no {clip(what)}")
 
 
+def require_id(field: str, value: str, source: str) -> str:
+    """`value`, an id a request names; an empty one is INVALID_ARGUMENT (a request that
+    forgot it), not NOT_FOUND. `source`: what gives out such ids, for the message."""
+    if not value:
+        raise ValidationError(field, f"an id (as {source} returned it)", "an empty string")
+    return value
+
+
 class ConflictError(Exception):
     """The request is valid but the resource is in the wrong state for it."""
 

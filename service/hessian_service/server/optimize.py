@@ -40,7 +40,7 @@ from ..engine.solvers.methods import check_supported
 from ..store import ACTIVE_STATUSES, RunConflictError, RunNotFoundError, RunRow
 from . import codec
 from .auth import Tenant
-from .errors import ConflictError, LimitError, NotFoundError
+from .errors import ConflictError, LimitError, NotFoundError, require_id
 from .runs import LiveRun, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -171,6 +171,7 @@ class Optimizer:
     def _resumable(self, run_id: str, tenant: Tenant) -> RunRow:
         """The caller's run, refused unless it is an Optimize run that is INTERRUPTED or may
         become so (still active: its stream may have just broken)."""
+        require_id("resume_run_id", run_id, "Optimize's started response")
         try:
             row = self.service._row(run_id, tenant)
         except NotFoundError:

@@ -27,7 +27,7 @@ from ..engine.objectives import OBJECTIVES, Objective, make_objective
 from ..store import RunStore, SQLiteRunStore
 from .auth import Tenant
 from .codec import decode_tensor
-from .errors import NotFoundError
+from .errors import NotFoundError, require_id
 
 OBJECT_OVERHEAD_BYTES = 4096  # an objective's Python objects, counted on top of its tensors
 
@@ -299,7 +299,7 @@ class ProblemRegistry:
 
     def delete(self, pid: str, scope: str | None) -> None:
         """Delete `scope`'s hold on a problem (None: everyone's); NOT_FOUND when it has none."""
-        if not pid or not self.store.delete_problem(pid, scope):
+        if not self.store.delete_problem(require_id("problem_id", pid, "CreateProblem"), scope):
             raise NotFoundError("problem_id", f"problem with id {pid!r}")
         self.forget([pid])
 
@@ -329,7 +329,7 @@ class ProblemRegistry:
         source = request.WhichOneof("problem_source")
         if source == "problem_id":
             pid = request.problem_id
-            return pid, self.by_id(pid, tenant.scope)
+            return pid, self.by_id(require_id("problem_id", pid, "CreateProblem"), tenant.scope)
         if source is None:
             raise ValidationError("problem", "a problem or a problem_id", "neither")
         pid = problem_id(request.problem)

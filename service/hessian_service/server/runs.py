@@ -53,7 +53,7 @@ from ..store import (
     StoredCheckpoint,
     StoreError,
 )
-from .errors import ConflictError, DataLossError, LimitError, NotFoundError
+from .errors import ConflictError, DataLossError, LimitError, NotFoundError, require_id
 from .threads import ThreadPolicy
 from .workers import WorkerLost, WorkerPool
 
@@ -541,7 +541,7 @@ class RunManager:
     def get(self, run_id: str, scope: str | None) -> RunRow:
         """The run as `settle` reports it, if a caller of tenant `scope` may see it (None:
         every run); another tenant's run is NOT_FOUND, like a missing one."""
-        row = self.store.get_run(run_id) if run_id else None
+        row = self.store.get_run(require_id("run_id", run_id, "StartRun"))
         if row is None or scope not in (None, row.owner):
             raise NotFoundError("run_id", f"run with id {run_id!r}")
         return self.settle(row)

@@ -6,8 +6,9 @@ a seed-sized step costs microseconds. Under the line search the op's slope g.d a
 at x + d give the Armijo test of the first trial (alpha = 1); if it passes, the record is the
 general path's. Anything unusual (a dtype or device to convert, a non-finite point, a failed
 or damped solve, a dense budget exceeded, a rejected first trial, an objective with a gauge)
-returns None and the general path runs, which raises exactly what it always raised. Validated options and per-objective call plans are memoised by object
-identity (objectives and options are immutable).
+returns None and the general path runs, which raises exactly what it always raised.
+Validated options and per-objective call plans are memoised by object identity (objectives
+and options are immutable).
 """
 
 from __future__ import annotations
