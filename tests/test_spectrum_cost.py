@@ -9,13 +9,21 @@ from hessian_service.engine.analysis.spectrum import SpectrumOptions
 from hessian_service.engine.errors import ResourceLimitError
 
 
-def test_the_product_cap_names_the_option_asking_for_most_products():
-    options = SpectrumOptions(max_lanczos_iterations=50, trace_samples=30, density_probes=10)
-    products = 50 + 2 * 30 + 10 * options.density_steps  # 50 + 60 + 300 = 410
-    options.check_cost(1000, 8, 2**40, products)  # exactly at the cap: allowed
+@pytest.mark.parametrize(
+    ("probes", "steps", "named"),
+    [(40, 10, "density_probes"), (4, 2**40, "density_steps"), (3, 30, "density_steps")],
+)
+def test_the_product_cap_names_the_option_asking_for_most_products(probes, steps, named):
+    """The density's probes x steps products name the larger factor (an absurd
+    density_steps was blamed on density_probes)."""
+    options = SpectrumOptions(
+        max_lanczos_iterations=50, trace_samples=30, density_probes=probes, density_steps=steps
+    )
+    products = 50 + 2 * 30 + probes * steps
+    options.check_cost(1000, 8, 2**60, products)  # exactly at the cap: allowed
     with pytest.raises(ResourceLimitError) as info:
-        options.check_cost(1000, 8, 2**40, products - 1)
-    assert info.value.field == "options.density_probes" and f"about {products}" in str(info.value)
+        options.check_cost(1000, 8, 2**60, products - 1)
+    assert info.value.field == f"options.{named}" and f"about {products}" in str(info.value)
 
 
 def test_lanczos_products_count_at_most_one_per_parameter():

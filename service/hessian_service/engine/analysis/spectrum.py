@@ -171,10 +171,12 @@ class SpectrumOptions:
         value; float64 for the small projected matrices) needs more than `budget_bytes`; the
         error names the option that drives the most."""
         p = field_prefix
+        # the density's products are probes x steps: the larger factor is named
+        density = "density_steps" if self.density_steps > self.density_probes else "density_probes"
         products = {
             f"{p}.max_lanczos_iterations": min(self.max_lanczos_iterations, n),
             f"{p}.trace_samples": 2 * self.trace_samples,
-            f"{p}.density_probes": self.density_probes * self.density_steps,
+            f"{p}.{density}": self.density_probes * self.density_steps,
         }
         if sum(products.values()) > max_products:
             field = max(products.items(), key=lambda kv: kv[1])[0]
