@@ -8,6 +8,8 @@ import asyncio
 import itertools
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -352,3 +354,40 @@ def test_a_dense_hessian_over_the_message_limit_is_refused_up_front(tmp_path):
                      options={"dense_budget_bytes": 1000}, address=server.address)  # fmt: skip
     finally:
         server.stop(grace=1.0)
+
+
+def _cancelled_at_third_evaluation(address: str, name: str) -> Callable[[np.ndarray], float]:
+    """A loss that has another client cancel its own run (named `name`) while it computes its
+    third value, and returns only once the server has ended the run."""
+    calls = itertools.count(1)
+
+    def loss(x: np.ndarray) -> float:
+        if next(calls) == 3:
+            with Client(address) as other:
+                (run,) = [r for r in other.list_runs() if r.name == name]
+                other.cancel_run(run.run_id)
+                while other.get_run(run.run_id).status == "RUNNING":
+                    time.sleep(0.01)
+        return float(x @ x)
+
+    return loss
+
+
+def test_a_run_the_server_ends_while_the_callers_function_runs_ends_alike_in_asyncio(address):
+    """CancelRun while the caller's function computes: the sync stream returned the
+    CANCELLED result, while minimize_async raised INTERNAL "Internal error from Core" (its
+    write of the late reply failed on the ended call before the finished response was read)."""
+    kw = {"jac": lambda x: 2 * x, "method": "gradient_descent", "address": address}
+    kw["options"] = {"learning_rate": 0.01, "maxiter": 100}
+    results = []
+    for variant in ("sync", "async"):
+        name = f"cancelled-{variant}-{time.monotonic_ns()}"
+        loss = _cancelled_at_third_evaluation(address, name)
+        if variant == "sync":
+            results.append(minimize(loss, np.ones(3), name=name, **kw))
+        else:
+            results.append(asyncio.run(minimize_async(loss, np.ones(3), name=name, **kw)))
+    sync, aio = results
+    assert sync.run_status == aio.run_status == "CANCELLED"
+    assert (sync.status, sync.nit, sync.message) == (aio.status, aio.nit, aio.message)
+    np.testing.assert_array_equal(sync.x, aio.x)

@@ -7,6 +7,7 @@ record of a normal run that other clients can watch. No torch needed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 from collections.abc import Callable
@@ -430,6 +431,17 @@ async def minimize_async(
     return await drive_async(session, resume, address, token)
 
 
+async def _write_unless_ended(call: Any, reply: Any) -> None:
+    """Send `reply`, unless the server has ended the stream meanwhile (the run was cancelled,
+    or the reply came after the evaluation deadline): its last responses and status are then
+    read as the sync stream reads them, not grpc's "Internal error from Core" of the write."""
+    try:
+        await call.write(reply)
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        if not call.done():
+            raise
+
+
 async def drive_async(
     session: _Session, resume: str | None, address: str | None, token: str | None
 ) -> Any:
@@ -441,7 +453,7 @@ async def drive_async(
             async for response in call:
                 reply = session.on_response(response)
                 if reply is not None:
-                    await call.write(reply)
+                    await _write_unless_ended(call, reply)
             await call.done_writing()
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
