@@ -139,6 +139,9 @@ class Run(_RunBase):
                     late := watch.overdue(await self._status())
                 ):
                     raise late from None
+            finally:  # a consumer that stopped early (break, cancel) leaves no WatchRun open
+                if call is not None:
+                    call.cancel()
             await asyncio.sleep(watch.backoff())
 
     async def _status(self) -> str:

@@ -848,6 +848,9 @@ class Run(_RunBase):
                     late := watch.overdue(self._status())
                 ):
                     raise late from None
+            finally:  # a consumer that stopped early leaves no WatchRun open on the server
+                if call is not None:
+                    call.cancel()
             time.sleep(watch.backoff())
 
     def _status(self) -> str:

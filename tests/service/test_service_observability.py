@@ -3,6 +3,7 @@ RPC gets one JSON access-log line with its request id, echoed in the trailing me
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server, start_server
 from hessian_client import Client, NotFound, minimize, problems
+from hessian_client.aio import Client as AsyncClient
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.optimize import rosen, rosen_der, rosen_hess
@@ -230,3 +232,42 @@ def test_the_access_log_line_is_written_after_the_answer_has_gone_out(observed):
         held.unblock.set()
         logger.removeHandler(held)
         logger.setLevel(level)
+
+
+def test_a_stream_left_early_closes_its_watchrun_while_the_client_stays_open(observed):
+    """Breaking out of `run.stream()` (sync and asyncio): the WatchRun call stayed open on
+    the server until the client was closed, one stream leaked per break. Each is now
+    cancelled at once: the server counts it CANCELLED while the client is still open."""
+    port = observed.metrics_port
+
+    def cancelled_watches(before: dict, count: int) -> bool:
+        deadline = time.monotonic() + 30  # a hang guard, not a timing claim
+        while time.monotonic() < deadline:
+            after = scrape(port)
+            if delta(before, after, "hessian_rpcs_total", method="WatchRun", code="CANCELLED"):
+                return (
+                    delta(before, after, "hessian_rpcs_total", method="WatchRun", code="CANCELLED")
+                    == count
+                )
+            time.sleep(0.05)
+        return False
+
+    with Client(observed.address) as c:
+        run = c.start_run(
+            problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 10**6}, **LONG
+        )
+        before = scrape(port)
+        for _ in run.stream():
+            break
+        assert cancelled_watches(before, 1)
+
+        async def leave_early() -> bool:
+            async with AsyncClient(observed.address) as client:
+                before = scrape(port)
+                async for _ in client.run(run.id).stream():
+                    break
+                return await asyncio.to_thread(cancelled_watches, before, 1)
+
+        assert asyncio.run(leave_early())
+        c.cancel_run(run.id)
+        run.wait(30)
