@@ -13,7 +13,15 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from hessian_client import Client, InvalidArgument, aio, least_squares, minimize, problems
+from hessian_client import (
+    Client,
+    FailedPrecondition,
+    InvalidArgument,
+    aio,
+    least_squares,
+    minimize,
+    problems,
+)
 from hessian_client.cli import build_problem, main
 from hessian_client.tensors import decode
 from scipy.optimize import minimize as scipy_minimize
@@ -576,3 +584,81 @@ def test_a_from_iteration_that_is_no_iteration_is_refused_naming_it(start):
         InvalidArgument, match=r"INVALID_ARGUMENT: from_iteration: expected an integer in"
     ):
         asyncio.run(watch())
+
+
+BEFORE_START = [
+    ({"x0": "abc"}, "x0"),
+    ({"options": {"speculative": "no"}}, "options.speculative"),
+    ({"name": 5}, "name"),
+    ({"resume": 5}, "resume"),
+    ({"callback": 5}, "callback"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BEFORE_START, ids=[f for _, f in BEFORE_START])
+def test_minimize_arguments_of_the_wrong_kind_are_named_before_any_call(change, field):
+    """Each escaped as numpy's ValueError, protobuf's TypeError or (callback) a TypeError
+    after the run had started; now InvalidArgument naming the argument, with no call."""
+    kw = {"x0": np.ones(3), **change}
+    with pytest.raises(InvalidArgument) as info:
+        minimize(lambda x: float(x @ x), jac=lambda x: 2 * x, address=NOWHERE, **kw)
+    assert info.value.field == field and not info.value.from_server
+    assert not getattr(info.value, "run_id", "")  # refused before any run started
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda a, x0: minimize(lambda x: None, x0, jac=lambda x: 2 * x, address=a), "fun"),
+        (
+            lambda a, x0: minimize(
+                lambda x: float(x @ x), x0, jac=lambda x: 2 * x, hessp=lambda x, v: "Hv",
+                method="newton_cg", address=a,
+            ),
+            "hessp",
+        ),
+        (lambda a, x0: least_squares(lambda x: None, x0, lambda x: np.eye(3), address=a), "fun"),
+    ],
+    ids=["fun-None", "hessp-not-numbers", "residuals-None"],
+)  # fmt: skip
+def test_a_function_returning_what_is_not_numbers_is_named(address, call, field):
+    """A loss of None was taken as NaN (the run FAILED "not finite"), least_squares blamed
+    jac for it, and hessp's text escaped as numpy's ValueError."""
+    with pytest.raises(InvalidArgument) as info:
+        call(address, np.ones(3))
+    assert info.value.field == field and not info.value.from_server
+
+
+def test_torch_values_that_require_grad_are_taken_as_x0_and_from_hessp(address, rng):
+    """As jac's and hess's already were (torch's RuntimeError before), against the same
+    run from numpy values."""
+    A, b = _quadratic(rng, 3)
+    x0 = rng.normal(size=3)
+    kw = {"jac": lambda x: A @ x - b, "method": "newton_cg", "address": address}
+
+    def loss(x):
+        return 0.5 * x @ A @ x - b @ x
+
+    plain = minimize(loss, x0, hessp=lambda x, v: A @ v, **kw)
+    grad_x0 = torch.tensor(x0, requires_grad=True)
+    held = minimize(loss, grad_x0, hessp=lambda x, v: torch.tensor(A @ v, requires_grad=True), **kw)
+    np.testing.assert_array_equal(held.x, plain.x)
+    np.testing.assert_allclose(plain.x, np.linalg.solve(A, b), rtol=1e-10)
+
+
+def test_a_closed_client_is_a_typed_error_naming_it():
+    """grpc's bare ValueError (sync) or UsageError (asyncio) before."""
+    client = Client(NOWHERE)
+    client.close()
+    with pytest.raises(FailedPrecondition) as info:
+        client.info()
+    assert info.value.field == "client"
+
+    async def closed() -> None:
+        async_client = aio.Client(NOWHERE)
+        await async_client.close()
+        with pytest.raises(FailedPrecondition) as info:
+            await async_client.info()
+        assert info.value.field == "client"
+
+    asyncio.run(closed())

@@ -46,6 +46,7 @@ class Client(_Api):
 
     async def close(self) -> None:
         """Close the channel."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> Client:

@@ -26,6 +26,7 @@ from ._version import API_VERSION, __version__
 from .curvature import from_wire, spectrum_options
 from .errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     HessianError,
     IncompatibleServer,
     RunFailed,
@@ -249,6 +250,16 @@ class _Api:
         self.timeout = _seconds("timeout", timeout)
         self.metadata = ((CLIENT_VERSION_KEY, __version__), *_bearer(token))
 
+    @property
+    def stub(self) -> Any:
+        """The service's stub; FailedPrecondition once the client is closed (gRPC's own
+        error there is a bare ValueError, or grpc.aio's UsageError)."""
+        if self._closed:
+            raise FailedPrecondition(
+                "client: this Client is closed (open a new one)", field="client"
+            )
+        return self._stub
+
     def _connect(
         self,
         channels: Any,
@@ -272,7 +283,8 @@ class _Api:
             self._channel = channels.secure_channel(self.address, creds, options=options)
         else:
             self._channel = channels.insecure_channel(self.address, options=options)
-        self.stub = service_pb2_grpc.HessianServiceStub(self._channel)
+        self._stub = service_pb2_grpc.HessianServiceStub(self._channel)
+        self._closed = False
 
     @staticmethod
     def _credentials(root_certificates: bytes | None, ca_file: Any) -> Any:
@@ -600,6 +612,7 @@ class Client(_Api):
 
     def close(self) -> None:
         """Close the channel."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:

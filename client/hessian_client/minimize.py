@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from .aio import Client as AsyncClient
-from .client import Client
+from .client import Client, _text
 from .errors import DeadlineExceeded, Unavailable, from_rpc_error, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import optimize_pb2, service_pb2
@@ -59,6 +59,8 @@ def is_sparse(value: Any) -> bool:
 def _numbers(value: Any, name: str, expected: str) -> np.ndarray:
     """`value` (a scipy.sparse one made dense) as a float64 array; anything that is not
     numbers is refused naming `name`."""
+    if value is None:  # numpy would take it as NaN
+        raise invalid(name, expected, None)
     if is_sparse(value):
         value = value.toarray()
     elif hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, even one
@@ -112,7 +114,7 @@ class _Session:
             args = (args,)
         self.fun, self.args, self.jac, self.hess, self.hessp = fun, args, jac, hess, hessp
         _check_derivatives(jac, hess, hessp)
-        x = np.asarray(x0, dtype=np.float64)
+        x = _numbers(x0, "x0", "a scalar or a 1-D array of numbers")
         if x.ndim > 1:  # SciPy refuses it too: fun would see x flattened, res.x flat
             raise invalid("x0", "a scalar or a 1-D array of parameters", x.shape)
         self.x0 = x.reshape(-1)
@@ -121,8 +123,13 @@ class _Session:
         if (method or "auto") not in self.methods:
             raise invalid("method", f"one of {list(self.methods)}", method)
         self.method = method or "auto"
+        if callback is not None and not callable(callback):
+            raise invalid("callback", "a function of the intermediate result, or None", callback)
         self.callback = callback
-        self.tol, self.options, self.name = tol, dict(options or {}), name
+        self.tol, self.options, self.name = tol, dict(options or {}), _text("name", name)
+        speculative = self.options.get("speculative")
+        if speculative is not None and not isinstance(speculative, bool):
+            raise invalid("options.speculative", "True or False", speculative)
         self.disp = bool(self.options.pop("disp", False))  # SciPy's: print a short report
         for key, value in self.methods[self.method].items():
             if key in self.options:  # the method name sets it: two values for one option
@@ -165,7 +172,7 @@ class _Session:
         """The stream's opening request: resume run `resume` (it keeps the method, options
         and stopping criteria it was started with; the server refuses a caller that lacks
         the derivatives it was started with), or start a new run."""
-        if not resume:
+        if not _text("resume", resume, ""):
             return self.start_request()
         return service_pb2.OptimizeRequest(
             resume_run_id=resume, resume_capabilities=self.capabilities()
@@ -198,9 +205,10 @@ class _Session:
 
     def _hessp(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
         """hessp(x, v): H v, refused naming hessp unless it has x's shape (n,)."""
-        hv = np.asarray(self.hessp(x, v, *self.args), dtype=np.float64)
+        expected = f"H v of shape ({x.size},), like x"
+        hv = _numbers(self.hessp(x, v, *self.args), "hessp", expected)
         if hv.shape != x.shape:
-            raise invalid("hessp", f"H v of shape ({x.size},), like x", hv.shape)
+            raise invalid("hessp", expected, hv.shape)
         return hv
 
     def evaluate(self, ask: Any) -> service_pb2.OptimizeRequest:
