@@ -1,8 +1,10 @@
 """Generate the Python wire stubs from protos/hessian/v1/*.proto (used by `make proto`).
 
 grpcio-tools writes `from hessian.v1 import x_pb2`; the stubs live flat in the client's
-package `hessian_client.proto`, so those imports are rewritten to relative ones. The
-output is deterministic: a test regenerates into a temporary folder and compares.
+package `hessian_client.proto`, so those imports are rewritten to relative ones, and the
+module name the classes are built under (their __module__, which pickle imports them by)
+to `hessian_client.proto.x_pb2`. The output is deterministic: a test regenerates into a
+temporary folder and compares.
 
     python protos/generate.py [OUT_DIR]   (default client/hessian_client/proto)
 """
@@ -20,6 +22,7 @@ DEFAULT_OUT = ROOT / "client" / "hessian_client" / "proto"
 PACKAGE_DIR = pathlib.Path("hessian") / "v1"
 INIT = '"""Generated gRPC/protobuf stubs for hessian.v1 (`make proto`; never edit by hand)."""\n'
 IMPORT = re.compile(r"^from hessian\.v1 import (\w+_pb2)", re.MULTILINE)
+MODULE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'hessian\.v1\.(\w+_pb2)'")
 
 
 def proto_files() -> list[pathlib.Path]:
@@ -46,6 +49,7 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
             raise SystemExit("protoc failed")
         for src in sorted((pathlib.Path(tmp) / PACKAGE_DIR).iterdir()):
             text = IMPORT.sub(r"from . import \1", src.read_text())
+            text = MODULE.sub(r"\1'hessian_client.proto.\2'", text)
             dest = out_dir / src.name
             dest.write_text(text)
             written.append(dest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 import operator
 from collections.abc import Callable
@@ -102,8 +103,40 @@ def proto_dict(msg: Any) -> dict[str, Any]:
     return out
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two field values are equal as results compare them: NaN (a value not
+    computed) equals NaN, and arrays (and tensors) by shape, dtype and values."""
+    if hasattr(a, "detach") and hasattr(b, "detach"):  # torch tensors (not imported here)
+        a, b = a.detach().cpu().numpy(), b.detach().cpu().numpy()
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+        )
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
 class _Result:
-    """to_dict() for the dataclasses below (the raw protobuf left out)."""
+    """Equality, hashing and to_dict() for the result dataclasses below (the raw protobuf
+    left out of all three): two reads of one run compare equal though a record's
+    not-computed values are NaN, and final parameters compare as arrays."""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(
+            _same(getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.compare
+        )
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values: enums by name, datetimes ISO 8601, arrays as lists, NaN as None."""
@@ -162,7 +195,7 @@ def wire_dataclass(
         fields.append(
             ("raw", message | None, dataclasses.field(default=None, repr=False, compare=False))
         )
-    cls = dataclasses.make_dataclass(name, fields, bases=(_Result,), frozen=True)
+    cls = dataclasses.make_dataclass(name, fields, bases=(_Result,), frozen=True, eq=False)
     cls.__doc__, cls.__module__ = doc, module
     return cls
 
@@ -235,7 +268,7 @@ class StepRecord(_StepRecordFields):  # type: ignore[misc,valid-type]
         return record
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # _Result's equality
 class RunInfo(_Result):
     """A run's state: status, stop reason, method, counts, times and the last record."""
 
@@ -301,7 +334,7 @@ class RunInfo(_Result):
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # _Result's equality
 class StepResult(_Result):
     """A unary step's new parameters (the type sent: numpy or torch) and its record.
 
@@ -343,7 +376,7 @@ CurvatureSummary = wire_dataclass(
 )  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # _Result's equality
 class HessianResult(_Result):
     """ComputeHessian's answer; matrix and gradient as the type the parameters were sent as."""
 
@@ -365,7 +398,7 @@ class HessianResult(_Result):
         return cls(matrix, summary, msg.loss, gradient, msg.backend, msg)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # _Result's equality
 class RunResult(_Result):
     """A finished run: its final info and final parameters (the shape and type sent)."""
 

@@ -434,3 +434,29 @@ def test_numpy_numbers_generators_and_unset_values_are_taken_where_they_were(cli
         assert other.info().version
     with pytest.raises(InvalidArgument, match="ca_file: expected a path to a PEM file"):
         Client(client.address, ca_file=5)  # an int is a descriptor open() would close
+
+
+def test_results_pickle_and_two_reads_of_a_run_compare_equal(client, rng):
+    """No result could be pickled (the stubs' classes were registered under the module
+    hessian.v1.*_pb2, which does not exist), two reads of one stored run were never equal
+    (a record's NaN fields), comparing results holding final parameters raised numpy's
+    ValueError, and hashing one raised TypeError."""
+    import pickle
+
+    x0 = rng.normal(size=3)
+    run = client.start_run(problems.rosenbrock(dim=3), x0, stopping={"max_iterations": 5})
+    final = run.result()
+    first = client.get_run(run.id, include_params=True)
+    second = client.get_run(run.id, include_params=True)
+    assert math.isnan(first.last_record.trust_radius)  # a field a newton run leaves NaN
+    assert first == second and hash(first) == hash(second)
+    step = client.newton_step(problems.rosenbrock(dim=3), x0)
+    values = [first, first.last_record, final, step, client.info()]
+    for value in values:
+        back = pickle.loads(pickle.dumps(value))
+        assert back == value and type(back) is type(value)
+        assert getattr(back, "raw", None) == getattr(value, "raw", None)
+    moved = client.newton_step(problems.rosenbrock(dim=3), x0 + 1.0)
+    assert moved != step and first.last_record != first.last_record.__class__.from_wire(
+        optimize_pb2.StepRecord(iteration=99)
+    )
