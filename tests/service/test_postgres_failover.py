@@ -153,3 +153,41 @@ def test_a_lone_replica_killed_and_restarted_continues_its_runs(tmp_path, postgr
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+def test_a_run_whose_problem_is_gone_ends_failed_instead_of_failing_takeovers_for_good(
+    tmp_path, postgres_dsn
+):
+    """A RUNNING run with an expired lease whose problem was deleted (a DeleteProblem that
+    raced its start before the store locked against it): every replica's takeover failed
+    with NOT_FOUND every T/8 and the run stayed RUNNING for good (CancelRun needs a lease,
+    DeleteRun refuses a RUNNING run). A replica now stores it FAILED, naming the problem."""
+    from hessian_service.store import RunRow, StoredCheckpoint
+    from hessian_service.store.postgres import PostgresRunStore
+
+    store = PostgresRunStore(postgres_dsn)
+    try:
+        spec = {"options": {"method": "newton"}, "stopping": {"max_iterations": 5}}
+        row = RunRow("r-orphan", "p-gone", spec, status="RUNNING", created_at=time.time())
+        store.create_run(row, StoredCheckpoint(0, "float64", [2], bytes(16), {}))
+        assert store.acquire_lease("r-orphan", 0.1) is not None
+        store.expire_lease("r-orphan")
+    finally:
+        store.close()
+    port = free_port()
+    proc = spawn_server(
+        tmp_path / "r", port, "--store", postgres_dsn, "--lease-seconds", str(LEASE_S)
+    )
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            deadline = time.monotonic() + 60  # guards a hang only
+            while c.get_run("r-orphan").status == "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            final = c.get_run("r-orphan")
+        assert final.status == "FAILED", final
+        assert "p-gone was deleted" in final.message
+        with psycopg.connect(postgres_dsn) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

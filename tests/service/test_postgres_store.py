@@ -345,3 +345,68 @@ def test_a_session_frozen_inside_a_transaction_neither_blocks_writes_nor_keeps_i
         frozen.close()
     finally:
         store.close()
+
+
+def _waiting_on_a_lock(dsn: str) -> bool:
+    """Whether some other session of the test database waits on a row lock."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        count = conn.execute(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        ).fetchone()[0]
+    return count > 0
+
+
+@pytest.mark.parametrize("remove", ["delete_problem", "retention"])
+def test_a_problem_is_not_deleted_under_a_run_being_created(postgres_dsn, monkeypatch, remove):
+    """Replica A's create_run has pinned the problem (its owner row updated, the run
+    inserted) but not committed when replica B deletes the problem. B read the runs before
+    A committed, then deleted the problem anyway: the run's takeovers failed for good and it
+    stayed RUNNING. B now waits for A, sees the run and keeps the problem."""
+    creator, remover = PostgresRunStore(postgres_dsn), PostgresRunStore(postgres_dsn)
+    try:
+        creator.put_problem("p-1", b"x" * 100)
+        pinned, release = threading.Event(), threading.Event()
+        write_checkpoint = creator._write_checkpoint
+
+        def held(cur, run_id, checkpoint):  # inside create_run's transaction, before commit
+            write_checkpoint(cur, run_id, checkpoint)
+            pinned.set()
+            assert release.wait(30)
+
+        monkeypatch.setattr(creator, "_write_checkpoint", held)
+        create = threading.Thread(
+            target=creator.create_run,
+            args=(_row("r-1", time.time(), status="RUNNING"), _cp(0)),
+            kwargs={"require_problem": True},
+        )
+        create.start()
+        assert pinned.wait(30)
+        outcome: list = []
+
+        def remove_problem() -> None:
+            try:
+                if remove == "delete_problem":
+                    outcome.append(remover.delete_problem("p-1"))
+                else:
+                    outcome.append(remover.enforce_problem_retention(0))
+            except ProblemInUseError as exc:
+                outcome.append(exc)
+
+        removing = threading.Thread(target=remove_problem)
+        removing.start()
+        deadline = time.monotonic() + 30
+        while not _waiting_on_a_lock(postgres_dsn) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        create.join(30)
+        removing.join(30)
+        assert creator.get_run("r-1").status == "RUNNING"
+        assert creator.get_problem("p-1") == b"x" * 100, outcome
+        if remove == "delete_problem":
+            assert isinstance(outcome[0], ProblemInUseError)
+        else:
+            assert outcome == [[]]
+    finally:
+        creator.close()
+        remover.close()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.records import StopReason
 from ..store import PostgresRunStore, RunStatus, StoreError
+from .errors import NotFoundError
 
 if TYPE_CHECKING:
     from .runs import LiveRun, RunManager
@@ -195,6 +196,24 @@ class LeaseKeeper:
             return
         try:
             objective = self.resolve(row.problem_id)
+        except NotFoundError:
+            # its problem is gone (a DeleteProblem that raced its start before the store
+            # locked against that, or a damaged store): it can never continue, so it ends
+            # here instead of every replica failing to take it over every T/8 for good
+            self.store.update_run(
+                run_id,
+                status=RunStatus.FAILED,
+                stop_reason=StopReason.ERROR,
+                message=f"its problem {row.problem_id} was deleted while it ran: it cannot "
+                "continue (its records remain)",
+            )
+            self.store.release_lease(run_id)
+            log.warning("run %s: its problem is gone, stored FAILED", run_id)
+            return
+        except BaseException:
+            self.store.expire_lease(run_id)
+            raise
+        try:
             self.takeovers.append(run_id)
             self.runs.take_over(row, objective)
         except BaseException:

@@ -242,7 +242,16 @@ class PostgresRunStore(RecordQueue, SqlReads):
             users_args.append(owner)
             held_sql = "SELECT COUNT(*) FROM problem_owners WHERE problem_id = %s AND owner = %s"
             held_args.append(owner)
+        lock_sql = "SELECT 1 FROM problem_owners WHERE problem_id = %s"
+        lock_args = [problem_id] if owner is None else [problem_id, owner]
+        if owner is not None:
+            lock_sql += " AND owner = %s"
         with self._write() as cur:
+            # the owners' rows locked first: a create_run pinning the problem updates its
+            # owner's row, so it either commits before the runs are read below (in use) or
+            # finds the row deleted (ProblemNotFoundError); read unlocked, a run committed
+            # meanwhile was left on a deleted problem, RUNNING for good after a takeover
+            cur.execute(lock_sql + " FOR UPDATE", lock_args)
             if not cur.execute(held_sql, held_args).fetchone()[0]:
                 return False  # checked first: nobody learns of runs on a problem not theirs
             users = [r[0] for r in cur.execute(users_sql + " ORDER BY run_id", users_args)]
@@ -275,6 +284,19 @@ class PostgresRunStore(RecordQueue, SqlReads):
                 )
             }
             deleted = layout.problems_to_evict(held, pinned | set(keep), max_bytes)
+            if deleted:  # locked, then pinned again: as delete_problem, for runs started meanwhile
+                cur.execute(
+                    "SELECT 1 FROM problem_owners WHERE problem_id = ANY(%s) FOR UPDATE", (deleted,)
+                )
+                pinned = {
+                    r[0]
+                    for r in cur.execute(
+                        "SELECT DISTINCT problem_id FROM runs WHERE problem_id = ANY(%s) AND "
+                        "status = ANY(%s)",
+                        (deleted, list(PROBLEM_PINNING_STATUSES)),
+                    )
+                }
+                deleted = [pid for pid in deleted if pid not in pinned]
             for pid in deleted:
                 cur.execute("DELETE FROM problem_owners WHERE problem_id = %s", (pid,))
                 cur.execute("DELETE FROM problems WHERE problem_id = %s", (pid,))
