@@ -191,3 +191,35 @@ def test_a_run_whose_problem_is_gone_ends_failed_instead_of_failing_takeovers_fo
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_replica_paused_past_its_lease_stores_no_record_of_the_cancel(tmp_path, postgres_dsn):
+    """A lone replica stopped (SIGSTOP) for longer than its lease, then continued: its lease
+    keeper cancels the run, whose engine yields the record of the point it stopped at
+    (step_norm 0, not accepted); that record was stored (the lease was still its own) and
+    the takeover continued after it, so the run kept a record an uninterrupted run never
+    has. Against the same run without the pause, every stored step's numbers."""
+    lease = 2.0
+    spec = specs(10, 6000)["gd"]
+    flags = ("--store", postgres_dsn, "--lease-seconds", str(lease), "--checkpoint-every",
+             "100", "--commit-interval-ms", "100", "--commit-every-records", "1")  # fmt: skip
+    port = free_port()
+    proc = spawn_server(tmp_path / "r", port, *flags)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            reference = c.start_run(problem(0), seed=0, **spec)
+            want = [(r.iteration, r.loss, r.step_norm, r.step_accepted) for r in reference.stream()]
+            paused = c.start_run(problem(0), seed=0, **spec)
+            for record in paused.stream():
+                if record.iteration >= 50:
+                    break
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(1.25 * lease)  # past T: the keeper stops the run once continued
+            proc.send_signal(signal.SIGCONT)
+            got = [(r.iteration, r.loss, r.step_norm, r.step_accepted) for r in paused.stream()]
+            final = paused.wait(120)
+        assert final.status == "FINISHED", final
+        assert got == want
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

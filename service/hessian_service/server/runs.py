@@ -854,8 +854,9 @@ class RunManager:
             )
             start = run.start_iteration
             for record in run:
-                if live.shutdown and run.stop_reason == StopReason.CANCELLED:
-                    # The point a shutdown stopped at is not a record: ResumeRun steps from it.
+                if (live.shutdown or live.lost) and run.stop_reason == StopReason.CANCELLED:
+                    # The point a shutdown (or a lost lease) stopped at is not a record: the
+                    # run resumes (or another replica continues it) from there
                     break
                 if record.iteration >= live.base:
                     live.append(record)
