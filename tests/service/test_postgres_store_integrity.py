@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 from conftest import start_server
-from hessian_client import Client, status_name
+from hessian_client import Client, ResourceExhausted, problems, status_name
 from hessian_service.engine.records import StepRecord
 from hessian_service.store import (
     PostgresRunStore,
@@ -27,6 +27,7 @@ from hessian_service.store import (
     layout,
 )
 from hessian_service.store.postgres import COMPACT_RECORDS
+from long_runs import EXACT
 from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # noqa: F401
 from store_full_runs import (
     CAPPED_ITERATIONS,
@@ -240,3 +241,39 @@ def test_recover_store_repairs_an_inconsistent_store_and_keeps_what_is_whole(pos
         store.close()
     counted, measured = _bytes_per_run(postgres_dsn)
     assert counted == measured
+
+
+def test_a_short_run_the_cap_refuses_is_interrupted_at_once_and_its_replica_keeps_writing(
+    tmp_path, postgres_dsn
+):
+    """A run whose records were all still queued when it ended (a short run) on a store
+    with no room for them: its end's one commit failed on the cap, and so did every later
+    write of its end (each flushes the run's queued records first), so the run stayed
+    RUNNING until its lease lapsed and ran again elsewhere, and meanwhile every write of
+    that replica failed, DeleteRun (the remedy the error names) included. The run is now
+    stored INTERRUPTED at once, its unacknowledged records dropped."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8))
+    problem = problems.logistic_regression(x, (x[:, 0] > 0).astype(np.float64), l2=1e-3)
+    measure = start_server(tmp_path / "a", store=postgres_dsn)
+    try:
+        with Client(measure.address) as c:
+            pid = c.create_problem(problem)
+            small = c.start_run(pid, np.zeros(9), stopping={"max_iterations": 0})
+            small.wait(60)
+    finally:
+        measure.stop(grace=1.0)
+    cap = _payload(postgres_dsn) + 2000  # the next run's start fits, its 31 records do not
+    capped = start_server(tmp_path / "b", store=postgres_dsn, max_store_bytes=cap)
+    try:
+        with Client(capped.address) as c:
+            run = c.start_run(pid, np.zeros(9), method="gradient_descent", learning_rate=0.1,
+                              stopping={"max_iterations": 30, **EXACT})  # fmt: skip
+            with pytest.raises(ResourceExhausted, match=r"run store .* is full"):
+                run.wait(8)  # before: RUNNING until the lease (10 s) lapsed
+            info = c.get_run(run.id)
+            assert (status_name(info), info.stop_reason) == ("INTERRUPTED", "error"), info
+            assert f"--max-store-bytes {cap}" in info.message
+            c.delete_run(small.id)  # the replica writes again
+    finally:
+        capped.stop(grace=1.0)

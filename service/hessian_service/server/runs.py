@@ -52,6 +52,7 @@ from ..store import (
     StoreClosedError,
     StoredCheckpoint,
     StoreError,
+    StoreFullError,
 )
 from .errors import ConflictError, DataLossError, LimitError, NotFoundError, require_id
 from .threads import ThreadPolicy
@@ -905,22 +906,7 @@ class RunManager:
             live.lost = True
             log.warning("run %s stops here: %s", run_id, exc)
         except StoreError as exc:
-            # Its records cannot be committed: stop, drop the uncommitted (never acknowledged)
-            # tail and keep the run resumable from its last checkpoint once space returns.
-            live.error = exc
-            dropped = self.store.discard_queued(run_id)
-            final.update(status=RunStatus.INTERRUPTED)
-            final["message"] = (
-                f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
-            )
-            level = logging.WARNING if isinstance(exc, StoreClosedError) else logging.ERROR
-            log.log(
-                level,
-                "run %s INTERRUPTED (%d uncommitted records dropped): %s",
-                run_id,
-                dropped,
-                exc,
-            )
+            self._uncommittable(live, exc, final)
         except RunStateError as exc:
             final["message"] = f"stopped: {exc}"
             log.warning("run %s stopped: %s", run_id, exc)
@@ -936,6 +922,26 @@ class RunManager:
             finally:  # whatever storing the end raised, its watchers must not wait forever
                 self._release(live)
                 self._retain(run_id)
+
+    def _uncommittable(self, live: LiveRun, exc: StoreError, final: dict[str, Any]) -> None:
+        """The run's records cannot be committed: it stops, its uncommitted (never
+        acknowledged) tail is dropped (a failing batch left queued blocks every write of
+        this store), and `final` says INTERRUPTED, resumable from its last stored checkpoint
+        once space returns."""
+        live.error = exc
+        dropped = self.store.discard_queued(live.run_id)
+        final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.ERROR, converged=False)
+        final["message"] = (
+            f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
+        )
+        level = logging.WARNING if isinstance(exc, StoreClosedError) else logging.ERROR
+        log.log(
+            level,
+            "run %s INTERRUPTED (%d uncommitted records dropped): %s",
+            live.run_id,
+            dropped,
+            exc,
+        )
 
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""
@@ -953,6 +959,11 @@ class RunManager:
                 self.store.finish_run(
                     run_id, StoredCheckpoint.of(run.checkpoint()), finished_at=time.time(), **final
                 )
+            except StoreFullError as exc:
+                # its queued records do not fit: every later write of its end would flush
+                # them first and fail the same way (the run abandoned, run again elsewhere)
+                self._uncommittable(live, exc, final)
+                last = False
             except (StoreError, RunStateError):
                 pass
             else:
