@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from hessian_service.engine import (
+    MethodOptions,
     ResourceLimitError,
     check_dense_budget,
     gauss_newton,
     hessian,
     hvp,
     loss_and_grad,
+    make_objective,
 )
 from hessian_service.engine.curvature import autograd as curvature
 from hessian_service.engine.errors import ValidationError
@@ -135,3 +137,18 @@ def test_gradient_product_vmapped_matches_the_dense_hessian():
     product = curvature.gradient_product(torch.func.grad(obj.loss), x)
     got = torch.func.vmap(product, in_dims=1, out_dims=1)(v)
     assert rel_err(got, torch.func.hessian(obj.loss)(x) @ v) <= REL
+
+
+def test_a_float32_curvature_that_overflows_is_refused_naming_params():
+    """ComputeHessian on float32 data whose Hessian overflows float32: LAPACK's refusal of
+    the inf matrix was quoted ("the algorithm failed to converge ... float64 can
+    decompose"); it is now named for what it is."""
+    from hessian_service.engine.analysis.curvature_summary import dense_curvature
+
+    x = torch.full((40, 3), 3e38, dtype=torch.float32) * torch.randn(40, 3).sign()
+    y = (x[:, 0] > 0).to(torch.float32)
+    objective = make_objective("logistic_regression", {"X": x, "y": y})
+    with pytest.raises(ValidationError) as err:
+        dense_curvature(objective, torch.zeros(4), MethodOptions(method="newton"))
+    assert err.value.field == "params"
+    assert "curvature matrix is finite" in str(err.value) and "float32" in str(err.value)

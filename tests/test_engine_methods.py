@@ -11,6 +11,7 @@ from hessian_service.engine import (
     MethodOptions,
     Run,
     StopCriteria,
+    StopReason,
     ValidationError,
     make_objective,
     take_step,
@@ -306,3 +307,21 @@ def test_a_backend_environment_naming_no_backend_is_refused_under_its_name(monke
     assert info.value.field == "$HESSIAN_BACKEND"
     step = take_step(objective, x, MethodOptions(method="newton", backend="autograd"))
     assert step.record.backend == "autograd"
+
+
+@pytest.mark.parametrize("method", ["newton", "gradient_descent"])
+def test_a_learning_rate_whose_every_trial_overflows_is_named(rng, method):
+    """NewtonStep with learning_rate 1e308: every backtrack's loss overflowed and the
+    refusal blamed options.step_policy ("no step satisfied the Armijo condition")."""
+    objective = random_problem("logistic_regression")
+    x = random_params(objective)
+    policy = {"step_policy": "line_search"}  # gradient descent's default is the fixed step
+    options = MethodOptions(method=method, learning_rate=1e308, **policy).validated()
+    with pytest.raises(ValidationError) as err:
+        take_step(objective, x, options)
+    assert err.value.field == "options.learning_rate"
+    assert "a smaller learning_rate" in str(err.value)
+    run = Run(objective, x, options, StopCriteria(max_iterations=3))
+    records = list(run)
+    assert run.stop_reason == StopReason.LINE_SEARCH_FAILED and len(records) == 1
+    assert "a smaller learning_rate" in run.message

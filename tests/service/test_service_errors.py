@@ -264,6 +264,17 @@ CASES = {
             ),
         ]
     },
+    # the curvature it has no form of, before the size of the matrix it would answer
+    "gauss-newton of a large rosenbrock": (
+        "ComputeHessian",
+        service_pb2.ComputeHessianRequest(
+            problem=problem_pb2.Problem(rosenbrock=problem_pb2.RosenbrockObjective(dim=40_000)),
+            params=encode(np.zeros(40_000)),
+            curvature=optimize_pb2.CURVATURE_GAUSS_NEWTON,
+        ),
+        INVALID,
+        "curvature",
+    ),
     "sample with a bad dtype": (
         "SampleTensors",
         service_pb2.SampleTensorsRequest(

@@ -354,6 +354,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 )
             values["dense_budget_bytes"] = request.dense_budget_bytes
         options = self._method_options(values, "request")
+        # a curvature the objective has no form of is refused before any size limit
+        objective.require_curvature(options.curvature, "curvature")
         n = objective.num_params
         summary_bytes = codec.tensor_wire_bytes([n], 8) + RESPONSE_SLACK  # with the gradient
         self._check_fits("params", summary_bytes, f"the gradient of {n} parameters")

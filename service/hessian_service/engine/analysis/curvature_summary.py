@@ -15,6 +15,7 @@ import torch
 from ..backends.selector import resolve
 from ..budget import check_dense_budget
 from ..cancel import CancelToken, check, scope
+from ..errors import ValidationError
 from ..linalg import count_negative, negative_tolerance, symmetrise
 from ..objectives.base import Objective
 from ..options import MethodOptions
@@ -112,6 +113,14 @@ def _dense_curvature(
         objective, x, options.curvature, options.dense_budget_bytes
     )
     check("before the eigendecomposition")
+    if not bool(torch.isfinite(matrix).all()):  # LAPACK's refusal would say only that
+        bad = int((~torch.isfinite(matrix)).sum())
+        dtype = str(matrix.dtype).removeprefix("torch.")
+        raise ValidationError(
+            "params",
+            "a point where the curvature matrix is finite",
+            f"{bad} non-finite entries (values beyond {dtype}'s range?)",
+        )
     with decomposable("params"):
         psd = objective.convex or options.curvature == "gauss_newton"
         summary = spectrum_summary(matrix, objective.num_rows, psd)

@@ -57,7 +57,12 @@ PYTHON_NORMS_MAX_PARAMS = 64
 
 
 class LineSearchFailed(Exception):
-    """Armijo backtracking found no acceptable step."""
+    """Armijo backtracking found no acceptable step; `overflowed`: every trial's loss was
+    not finite (the learning rate, not the direction, is what failed)."""
+
+    def __init__(self, message: str, overflowed: bool = False) -> None:
+        self.overflowed = overflowed
+        super().__init__(message)
 
 
 class RoundingStall(Exception):
@@ -541,6 +546,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     alpha, evaluations = opts.learning_rate, 0
     slope = found.scale * float(point.grad @ found.vector)
     first = trial = math.nan
+    finite_trials = 0
     for _ in range(opts.max_backtracks):
         if evaluations >= LONG_SEARCH:  # past a default search: a deadline or cancel stops it
             where = f"after {evaluations} line-search trials"
@@ -550,6 +556,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         x = found.advance(point.x, alpha)
         trial = stepper.first_trial(x) if not evaluations else stepper.loss_at(x)
         evaluations += 1
+        finite_trials += math.isfinite(trial)
         decreased = sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo)
         if stepper.first_order:
             # gradient descent's every trial the loss cannot judge goes to the gradient:
@@ -571,6 +578,13 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
             not_taken = _taken(point, found, 0.0, evaluations, point.x)
             not_taken.accepted = False
             raise RoundingStall(evaluations, not_taken)
+        if not finite_trials:
+            raise LineSearchFailed(
+                f"every one of {evaluations} line-search trials, from learning_rate "
+                f"{opts.learning_rate:.4g} down to {alpha / opts.backtrack:.4g}, reached a "
+                "non-finite loss: a smaller learning_rate",
+                overflowed=True,
+            )
         raise LineSearchFailed(
             f"no step satisfied the Armijo condition in {evaluations} backtracks"
         )

@@ -199,9 +199,8 @@ def _take_step(
     except RoundingStall as exc:  # a valid request: the answer is that no step was taken
         step = exc.step
     except LineSearchFailed as exc:
-        raise ValidationError(
-            "options.step_policy", "a descent step from params", str(exc)
-        ) from exc
+        field = "options.learning_rate" if exc.overflowed else "options.step_policy"
+        raise ValidationError(field, "a descent step from params", str(exc)) from exc
     except NoProgress as exc:
         raise exc.refusal() from exc
     except (FloatingPointError, torch.linalg.LinAlgError) as exc:  # the curvature overflowed
