@@ -6,6 +6,7 @@ ends it; the per-token stream limit holds; WatchRun and GetRun see the run like 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
 
@@ -572,5 +573,30 @@ def test_a_waiting_optimize_run_holds_no_pool_worker_and_has_its_own_limit(tmp_p
         assert response.finished.status == service_pb2.RUN_STATUS_FINISHED
     finally:
         stream.close()
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_a_run_a_shutdown_stops_says_how_the_caller_resumes_it(tmp_path):
+    """SIGTERM while an Optimize run waits for its caller: the run is INTERRUPTED, and its
+    message says Optimize's resume_run_id continues it (it said only that the call was
+    cancelled; elsewhere such messages named ResumeRun, which refuses Optimize runs)."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = spawn_server(tmp_path, port)
+    stream = Stream(address, start_request())
+    try:
+        run_id = stream.read().started.run_id
+        assert stream.read().WhichOneof("kind") == "evaluate"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        stream.close()
+    proc = spawn_server(tmp_path, port)
+    try:
+        info = settled_info(address, run_id, "INTERRUPTED")
+        assert info.stop_reason == "shutdown"
+        assert "Optimize's resume_run_id" in info.message and "ResumeRun" not in info.message
+    finally:
         proc.kill()
         proc.wait(timeout=60)

@@ -677,7 +677,7 @@ class RunManager:
                 live.submitted = True
             executor.submit(self._execute_limited, live, *args)
         except RuntimeError:  # shutdown() ran after _admit let this run in
-            message = "the server shut down before the run started; ResumeRun continues it"
+            message = f"the server shut down before the run started; {_resumer(live)}"
             self._store_end(
                 live.run_id,
                 {
@@ -879,7 +879,7 @@ class RunManager:
                 final["status"] = RunStatus.CANCELLED
                 if live.shutdown:
                     final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
-                    final["message"] = "the server shut down; ResumeRun continues the run"
+                    final["message"] = f"the server shut down; {_resumer(live)}"
         except CallerLost as exc:  # an Optimize stream broke or missed its deadline
             final.update(
                 status=RunStatus.INTERRUPTED, stop_reason=StopReason.ERROR, message=str(exc)
@@ -890,6 +890,9 @@ class RunManager:
             )
             if live.shutdown:
                 final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.SHUTDOWN)
+                final["message"] = (
+                    f"the server shut down while the run waited for its caller; {_resumer(live)}"
+                )
         except EngineError as exc:
             final["message"] = str(exc)
         except WorkerLost as exc:
@@ -900,7 +903,7 @@ class RunManager:
                 final["message"] = f"cancelled; {exc}"
             else:  # killed (out of memory?): resumable from its last stored checkpoint
                 final.update(status=RunStatus.INTERRUPTED)
-                final["message"] = f"{exc}; ResumeRun continues the run from its checkpoint"
+                final["message"] = f"{exc}; {_resumer(live)} from its checkpoint"
                 log.error("run %s INTERRUPTED: %s", run_id, exc)
         except LeaseLostError as exc:
             live.lost = True
@@ -931,9 +934,7 @@ class RunManager:
         live.error = exc
         dropped = self.store.discard_queued(live.run_id)
         final.update(status=RunStatus.INTERRUPTED, stop_reason=StopReason.ERROR, converged=False)
-        final["message"] = (
-            f"stopped: {exc}; ResumeRun continues the run from its last stored checkpoint"
-        )
+        final["message"] = f"stopped: {exc}; {_resumer(live)} from its last stored checkpoint"
         level = logging.WARNING if isinstance(exc, StoreClosedError) else logging.ERROR
         log.log(
             level,
@@ -1029,6 +1030,14 @@ class RunManager:
             log.warning("could not mark run %s stopped at shutdown: %s", live.run_id, exc)
 
 
+def _resumer(live: LiveRun) -> str:
+    """What continues a stopped run: ResumeRun, or for an Optimize run (which ResumeRun
+    refuses: its caller evaluates it) Optimize's resume_run_id."""
+    if live.remote:
+        return "Optimize's resume_run_id (minimize(..., resume=run_id)) continues it"
+    return "ResumeRun continues it"
+
+
 def _stopped_midway(live: LiveRun) -> dict[str, Any]:
     """The end of a run that shutdown stopped inside an iteration: INTERRUPTED (resumable),
     or CANCELLED when the user had asked for that first."""
@@ -1036,7 +1045,7 @@ def _stopped_midway(live: LiveRun) -> dict[str, Any]:
         return {
             "status": RunStatus.INTERRUPTED,
             "stop_reason": StopReason.SHUTDOWN,
-            "message": "the server shut down during an iteration; ResumeRun continues the run",
+            "message": f"the server shut down during an iteration; {_resumer(live)}",
         }
     return {
         "status": RunStatus.CANCELLED,
