@@ -130,3 +130,17 @@ def test_tour_runs_as_written_and_newton_reaches_the_reference_minimum(live_serv
     np.testing.assert_allclose(result.params, params, atol=1e-5)
     assert abs(losses[-1] - minimum) <= 1e-8
     assert f"{namespace['run'].id} FINISHED" in out.getvalue()
+
+
+def test_the_client_readme_cli_synopsis_names_every_subcommand() -> None:
+    """The synopsis left delete-problem out; it is read against the parser's subcommands."""
+    import argparse
+
+    from hessian_client.cli import parser
+
+    (sub,) = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    text = (ROOT / "client" / "README.md").read_text()
+    synopsis = text[text.index("- CLI: `hessian") :].split("`;", 1)[0]
+    listed = {word.strip("`[] ") for part in synopsis.split("|") for word in part.split()[:1]}
+    listed |= {synopsis.split("]", 1)[1].split("|", 1)[0].strip()}  # the first, after the flags
+    assert set(sub.choices) <= listed, sorted(set(sub.choices) - listed)
