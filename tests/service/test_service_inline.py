@@ -136,6 +136,10 @@ def test_a_step_allowed_more_line_search_trials_than_the_default_runs_on_the_poo
     threads_seen.clear()
     inline.NewtonStep(request, timeout=HANG_GUARD)
     assert threads_seen == [threads_seen[0]] and threads_seen[0].startswith("hessian-rpc")
+    request = _small_step([inline], rng, method="newton_cg", cg_max_iterations=10**6)
+    threads_seen.clear()  # CG's curvature products are not bounded by a default step's either
+    inline.NewtonStep(request, timeout=HANG_GUARD)
+    assert threads_seen == [threads_seen[0]] and threads_seen[0].startswith("hessian-rpc")
     request = _small_step([inline], rng, max_backtracks=10**9)
     with pytest.raises(grpc.RpcError) as err:
         inline.NewtonStep(request, timeout=HANG_GUARD)

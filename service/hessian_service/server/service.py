@@ -248,9 +248,10 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     def _inline_step(self, request: service_pb2.StepRequest, context: Any) -> bool:
         """Whether a step may run on the event loop, saving the pool's two thread hand-offs:
-        a small request (no more line-search trials than the default) on a built catalogue
-        problem below --inline-step-below whose access check needs no store read (an inline
-        problem, or a by-id hold already remembered; only with the embedded SQLite store).
+        a small request (no more line-search trials or CG iterations than the default) on a
+        built catalogue problem below --inline-step-below whose access check needs no store
+        read (an inline problem, or a by-id hold already remembered; only with the embedded
+        SQLite store).
         Anything that may wait (a store read behind a commit, an exported program's
         evaluation) keeps the pool so the loop stays free."""
         below = self.config.inline_step_below
@@ -258,8 +259,11 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             return False
         if request.ByteSize() > INLINE_MAX_REQUEST_BYTES:
             return False
-        if request.options.max_backtracks > MethodOptions.max_backtracks:
+        options = request.options
+        if options.max_backtracks > MethodOptions.max_backtracks:
             return False  # more loss evaluations than a default step's: not short
+        if options.cg_max_iterations > MethodOptions.cg_max_iterations:
+            return False  # more curvature products than a default step's: not short
         if request.WhichOneof("problem_source") == "problem_id":
             scope = self.tenancy.of(context).scope
             objective = self.registry.peek(request.problem_id, scope)
