@@ -72,17 +72,23 @@ def _certain_softmax(
     return x, labels, np.vstack([w, np.zeros((1, 3))])
 
 
+def _softmax_problem(rng: np.random.Generator, dtype: torch.dtype, mixed: bool) -> tuple:
+    """(X, params, labels, objective) of _certain_softmax in `dtype`."""
+    x, labels, params = _certain_softmax(rng, mixed)
+    xt, pt = torch.tensor(x, dtype=dtype), torch.tensor(params.reshape(-1), dtype=dtype)
+    objective = make_objective(
+        "softmax_regression", {"X": xt, "labels": torch.tensor(labels)}, {"num_classes": 3}
+    )
+    return xt, pt, labels, objective
+
+
 @pytest.mark.parametrize("mixed", [False, True], ids=["certain", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softmax_loss_and_gradient_match_float64_where_labels_are_certain(
     rng, backend, dtype, mixed
 ):
-    x, labels, params = _certain_softmax(rng, mixed)
-    xt, pt = torch.tensor(x, dtype=dtype), torch.tensor(params.reshape(-1), dtype=dtype)
-    objective = make_objective(
-        "softmax_regression", {"X": xt, "labels": torch.tensor(labels)}, {"num_classes": 3}
-    )
+    xt, pt, labels, objective = _softmax_problem(rng, dtype, mixed)
     stepper = Stepper(objective, MethodOptions(backend=backend).validated(), pt)
     assert stepper.backend_label == backend
     point = stepper.evaluate(pt)
@@ -133,15 +139,11 @@ def _output_curvature(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
 def test_softmax_hessian_and_its_products_match_float64_where_labels_are_certain(
     rng, backend, dtype, mixed
 ):
-    x, labels, params = _certain_softmax(rng, mixed)
-    xt, pt = torch.tensor(x, dtype=dtype), torch.tensor(params.reshape(-1), dtype=dtype)
-    objective = make_objective(
-        "softmax_regression", {"X": xt, "labels": torch.tensor(labels)}, {"num_classes": 3}
-    )
+    xt, pt, labels, objective = _softmax_problem(rng, dtype, mixed)
     options = MethodOptions(backend=backend, method="newton").validated()
     stepper = Stepper(objective, options, pt)
     assert stepper.backend_label == backend
-    x64 = np.hstack([xt.double().numpy(), np.ones((len(x), 1))])
+    x64 = np.hstack([xt.double().numpy(), np.ones((len(labels), 1))])
     z = x64 @ pt.double().numpy().reshape(4, 3)
     _, out = _output_curvature(z, labels)
     # H = (1/N) sum_i x_i x_i^T kron S_i, flat index feature * 3 + class
