@@ -437,3 +437,60 @@ def test_a_badly_scaled_least_squares_is_not_called_stalled_after_a_partial_solv
         assert np.linalg.norm(got - best) <= 1e-8 * np.linalg.norm(best)
     else:  # float32 cannot meet 1e-10: it may stall, at the minimum
         assert records[-1].loss <= least * (1 + 1e-3), (records[-1].loss, least, run.message)
+
+
+@pytest.mark.parametrize("forcing", ["eisenstat_walker", "fixed"])
+def test_a_solve_capped_at_one_cg_iteration_still_stalls(rng, forcing):
+    """cg_max_iterations=1: a tighter solve cannot go further, so a stall after it is not
+    put off (it was, every iteration: such runs ran to max_iterations), and with a fixed
+    forcing the request for a tight solve does not stick in the state."""
+    x = rng.standard_normal((200, 4))
+    x[:, 0] *= 3.0
+    y = x @ np.array([1.0, 2.0, 3.0, -2.0]) + 0.01 * rng.standard_normal(200)
+    objective = make_objective(
+        "least_squares", {"X": torch.tensor(x), "y": torch.tensor(y)}, {"fit_intercept": False}
+    )
+    options = MethodOptions(method="newton_cg", cg_max_iterations=1, cg_forcing=forcing)
+    stopping = StopCriteria(max_iterations=2000, gradient_tolerance=0.0, function_tolerance=1e-12)
+    run = Run(objective, torch.zeros(4, dtype=F64), options, stopping)
+    records = list(run)
+    assert run.stop_reason in (StopReason.FUNCTION_STALLED, StopReason.PARAMETERS_STALLED)
+    assert len(records) < 200, run.message
+    assert run.checkpoint().state.get("cg_tight", 0.0) == 0.0
+
+
+def test_a_run_cancelled_where_it_asked_for_a_tight_solve_resumes_to_the_same_records(rng):
+    """The request for a solve to cg_tolerance is made before a cancel stops the run, so
+    the checkpoint a resume starts from carries it (the stop test returned CANCELLED
+    first: the resumed run took the loose solve and its records differed)."""
+    x = rng.standard_normal((200, 4))
+    x[:, 0] *= 1e3
+    x[:, 1] *= 1e-3
+    y = x @ (np.array([1e-3, 1e3, 1.0, -2.0]) * rng.uniform(0.5, 2.0, 4))
+    objective = make_objective(
+        "least_squares", {"X": torch.tensor(x), "y": torch.tensor(y)}, {"fit_intercept": False}
+    )
+    options, stopping = MethodOptions(method="newton_cg"), StopCriteria(max_iterations=300)
+    x0 = torch.zeros(4, dtype=F64)
+    run = Run(objective, x0, options, stopping)
+    full, asked = [], []
+    for record in run:
+        full.append(record)
+        if run.checkpoint().state.get("cg_tight"):
+            asked.append(record.iteration)
+    assert asked, "no partial solve looked stalled: the case is not exercised"
+    k = asked[0]
+    cancelled = Run(objective, x0, options, stopping)
+    steps = iter(cancelled)
+    for record in steps:
+        if record.iteration == k - 1:
+            break
+    cancelled.cancel()
+    assert next(steps).iteration == k and cancelled.stop_reason == StopReason.CANCELLED
+    assert cancelled.checkpoint().state["cg_tight"] == 1.0
+    resumed = list(Run(objective, x0, options, stopping, resume=cancelled.checkpoint()))
+
+    def key(r):
+        return (r.iteration, r.loss, r.cg_iterations, r.step_norm)
+
+    assert [key(r) for r in resumed] == [key(r) for r in full if r.iteration >= k]

@@ -83,7 +83,8 @@ def test_every_configured_token_is_let_through_on_every_rpc(secured, token):
         codes = {m.name: _call(channel, m, metadata) for m in SERVICE.methods}
     assert UNAUTH not in codes.values(), codes
     assert codes["GetServerInfo"] == grpc.StatusCode.OK
-    assert codes["WatchRun"] == grpc.StatusCode.NOT_FOUND  # streaming, reached the handler
+    # streaming, reached the handler (which refuses the empty run id)
+    assert codes["WatchRun"] == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_health_is_open_and_reflection_is_protected(secured):

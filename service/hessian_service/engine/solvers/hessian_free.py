@@ -68,10 +68,10 @@ class CGResult:
     residual is ||b - A d|| / ||g|| for A = B + lambda I (exact for the returned d, tracked
     by the recurrence). predicted_decrease is -(g.d + d.B d / 2) under the undamped model.
     gradient_batch_size: the rows of the mini-batch g came from (0: g is the full gradient).
-    partial: CG stopped inside the radius along positive curvature with a residual above
-    cg_tolerance (a loose forcing term, or cg_max_iterations): a partial solve of the model,
-    whose length says nothing about the model's minimiser (a badly scaled problem's first
-    CG iteration moves along its stiff direction only).
+    partial: CG met a forcing tolerance looser than cg_tolerance, inside the radius along
+    positive curvature: a partial solve of the model, whose length says nothing about the
+    model's minimiser (a badly scaled problem's first CG iteration moves along its stiff
+    direction only).
     """
 
     direction: torch.Tensor
@@ -178,11 +178,12 @@ def forcing_term(options: MethodOptions, state: dict[str, float], grad_norm: flo
     0.1, clipped to [cg_tolerance, 0.5]; a repeated point (rejected step) keeps eta. The
     state's cg_tight asks for cg_tolerance once (Run's stall test on a partial solve).
     """
-    if options.cg_forcing == "fixed":
-        return options.cg_tolerance
     if state.get("cg_tight", 0.0):
         state["cg_tight"] = 0.0
-        state["forcing"], state["forcing_grad_norm"] = options.cg_tolerance, grad_norm
+        if options.cg_forcing != "fixed":
+            state["forcing"], state["forcing_grad_norm"] = options.cg_tolerance, grad_norm
+        return options.cg_tolerance
+    if options.cg_forcing == "fixed":
         return options.cg_tolerance
     previous_norm, previous_eta = state["forcing_grad_norm"], state["forcing"]
     if math.isnan(previous_eta):
@@ -310,15 +311,22 @@ def cg_direction(
         # CG on P B P with P g: every iterate stays off the gauge directions, along which
         # B is singular and rounding alone would give a "negative curvature" (float32)
         product, rhs = _projected(product, objective.project_step), objective.project_step(rhs)
+    tolerance = forcing_term(options, state, float(sample.grad.norm()))
     cg = steihaug_cg(
         product,
         rhs,
         damping=state["damping"],
         radius=radius,
-        tolerance=forcing_term(options, state, float(sample.grad.norm())),
+        tolerance=tolerance,
         max_iterations=options.cg_max_iterations,
     )
-    partial = not (cg.on_boundary or cg.negative_curvature) and cg.residual > options.cg_tolerance
+    # stopped by a forcing tolerance looser than cg_tolerance: a solve to cg_tolerance may
+    # go further (not after cg_max_iterations, the boundary or negative curvature: it would
+    # stop there again)
+    met = cg.iterations < options.cg_max_iterations or cg.residual <= tolerance
+    partial = (
+        not (cg.on_boundary or cg.negative_curvature) and options.cg_tolerance < tolerance and met
+    )
     return replace(
         cg,
         partial=partial,

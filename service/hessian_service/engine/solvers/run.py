@@ -353,20 +353,24 @@ class Run:
         "stalled" at 6,000x its minimum after a one-iteration CG step along its stiff
         column)."""
         s = self.stopping
+        gmax = point.grad_norms[1]
+        stall = None
+        if previous is not None and last is not None and not last.held_back:
+            stall = self._stall_test(point, previous, gmax)
+            if stall is not None and last.partial_solve:
+                # first, whatever stops the run below: the checkpoint taken after this test
+                # (the one a resume starts from) then asks for the same solve
+                self.stepper.state["cg_tight"] = 1.0
+                stall = None
         if self.cancel_token.cancelled:
             return StopReason.CANCELLED, f"cancelled before iteration {k}"
-        gmax = point.grad_norms[1]
         if gmax <= s.gradient_tolerance and s.gradient_tolerance > 0:
             return StopReason.GRADIENT_TOLERANCE, (
                 f"converged: gradient max-norm {gmax:.3g} <= gradient_tolerance "
                 f"{s.gradient_tolerance:g}"
             )
-        if previous is not None and last is not None and not last.held_back:
-            stall = self._stall_test(point, previous, gmax)
-            if stall is not None and last.partial_solve:
-                self.stepper.state["cg_tight"] = 1.0
-            elif stall is not None:
-                return stall
+        if stall is not None:
+            return stall
         if self._unchanged >= UNCHANGED_STEPS and s.gradient_tolerance > 0:
             # the gradient test can no longer be met (with every test off, the caller asked
             # for max_iterations steps, and gets them)
