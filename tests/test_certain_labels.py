@@ -54,27 +54,31 @@ def test_loss_and_gradient_match_float64_where_labels_are_certain(rng, backend, 
     assert np.linalg.norm(got - grad) <= tol * np.linalg.norm(grad), (got, grad)
 
 
+SOFTMAX_KINDS = ["certain", "mixed", "mislabelled"]
+
+
 def _certain_softmax(
-    rng: np.random.Generator, mixed: bool
+    rng: np.random.Generator, kind: str = "certain"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X, labels, params) for 3 classes: rows whose label's class leads the next by 20 to
-    40; `mixed` adds rows with random labels (the label's class not always the largest)."""
+    """(X, labels, params) for 3 classes: rows whose largest class leads the next by 20 to
+    40, labelled with it; "mixed" adds rows with random labels, "mislabelled" labels every
+    row with its second class (a near-certain class that is not the label's)."""
     w = 15.0 * rng.standard_normal((3, 3))
     x = rng.standard_normal((20000, 3))
     z = np.sort(x @ w, axis=1)
     margin = z[:, -1] - z[:, -2]
     x = x[(margin >= 20) & (margin <= 40)][:150]
     assert len(x) >= 50
-    labels = (x @ w).argmax(axis=1)
-    if mixed:
+    labels = (x @ w).argsort(axis=1)[:, -2 if kind == "mislabelled" else -1]
+    if kind == "mixed":
         x = np.vstack([x, rng.standard_normal((50, 3))])
         labels = np.concatenate([labels, rng.integers(0, 3, size=50)])
     return x, labels, np.vstack([w, np.zeros((1, 3))])
 
 
-def _softmax_problem(rng: np.random.Generator, dtype: torch.dtype, mixed: bool) -> tuple:
+def _softmax_problem(rng: np.random.Generator, dtype: torch.dtype, kind: str) -> tuple:
     """(X, params, labels, objective) of _certain_softmax in `dtype`."""
-    x, labels, params = _certain_softmax(rng, mixed)
+    x, labels, params = _certain_softmax(rng, kind)
     xt, pt = torch.tensor(x, dtype=dtype), torch.tensor(params.reshape(-1), dtype=dtype)
     objective = make_objective(
         "softmax_regression", {"X": xt, "labels": torch.tensor(labels)}, {"num_classes": 3}
@@ -82,13 +86,13 @@ def _softmax_problem(rng: np.random.Generator, dtype: torch.dtype, mixed: bool) 
     return xt, pt, labels, objective
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["certain", "mixed"])
+@pytest.mark.parametrize("kind", SOFTMAX_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softmax_loss_and_gradient_match_float64_where_labels_are_certain(
-    rng, backend, dtype, mixed
+    rng, backend, dtype, kind
 ):
-    xt, pt, labels, objective = _softmax_problem(rng, dtype, mixed)
+    xt, pt, labels, objective = _softmax_problem(rng, dtype, kind)
     stepper = Stepper(objective, MethodOptions(backend=backend).validated(), pt)
     assert stepper.backend_label == backend
     point = stepper.evaluate(pt)
@@ -133,13 +137,13 @@ def _output_curvature(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return residual, hess
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["certain", "mixed"])
+@pytest.mark.parametrize("kind", SOFTMAX_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softmax_hessian_and_its_products_match_float64_where_labels_are_certain(
-    rng, backend, dtype, mixed
+    rng, backend, dtype, kind
 ):
-    xt, pt, labels, objective = _softmax_problem(rng, dtype, mixed)
+    xt, pt, labels, objective = _softmax_problem(rng, dtype, kind)
     options = MethodOptions(backend=backend, method="newton").validated()
     stepper = Stepper(objective, options, pt)
     assert stepper.backend_label == backend
@@ -220,7 +224,7 @@ def test_mlp_cross_entropy_matches_float64_where_labels_are_certain(rng, backend
 def test_exported_cross_entropy_matches_float64_where_labels_are_certain(rng):
     """An exported linear model with the cross_entropy output loss: its loss and gradient
     (autograd through the program) against the written-out float64 ones."""
-    x, labels, params = _certain_softmax(rng, mixed=False)
+    x, labels, params = _certain_softmax(rng)
     xt = torch.tensor(x, dtype=torch.float32)
     pt = torch.tensor(params.reshape(-1), dtype=torch.float32)
 

@@ -2,9 +2,9 @@
 the mlp, exported programs), in forms that keep their digits where a class is near certain.
 
 logsumexp(z) - z_y, the textbook cross-entropy, cancels to 0 once the label's class leads
-the others by ~17 (float32) or ~37 (float64), and its derivatives p_y - 1 and p_y (1 - p_y)
-cancel with it; a row whose label's class is the largest takes log1p(sum of the other
-classes' e^(z_j - z_y)) instead, whose autograd derivatives are made of those small terms.
+the others by ~17 (float32) or ~37 (float64), and its derivatives p_y - 1 and p_m (1 - p_m)
+cancel where a class m is near certain; these forms are written around each row's largest
+class instead.
 """
 
 from __future__ import annotations
@@ -18,15 +18,24 @@ def mean_squared(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row -log softmax(logits)[label] for logits (N, k) and int64 labels (N,)."""
+    """Per-row -log softmax(logits)[label] for logits (N, k) and int64 labels (N,).
+
+    A row whose label's class is (one of) the largest takes log1p(sum over j != y of
+    e^(z_j - z_y)); any other (z_m - z_y) + log1p(sum over j != m of e^(z_j - z_m)), m its
+    largest class. Every exponent is <= 0, and autograd's derivatives are made of the small
+    e^(...) terms: no 1 - p to cancel where a class is near certain, label or not (a single
+    form pivoted on m would add z_y's +1 and -1 to the small rest first)."""
     lab = labels.unsqueeze(1)
     picked = logits.gather(1, lab)
-    d = logits - picked
-    largest = (d <= 0).all(dim=1)  # the label's class is (one of) the largest
-    # each branch is fed only the rows it takes: e^d of another row could overflow
-    others = torch.exp(torch.where(largest.unsqueeze(1), d, 0.0)).scatter(1, lab, 0.0)
-    general = torch.logsumexp(logits, dim=1) - picked.squeeze(1)
-    return torch.where(largest, torch.log1p(others.sum(dim=1)), general)
+    top = logits.argmax(dim=1, keepdim=True)
+    largest = logits.gather(1, top)
+    leads = (largest <= picked).squeeze(1)
+    # each branch is fed only the rows it takes: e^(z_j - z_y) of another row may overflow
+    d = torch.where(leads.unsqueeze(1), logits - picked, 0.0)
+    own = torch.log1p(torch.exp(d).scatter(1, lab, 0.0).sum(dim=1))
+    rest = torch.exp(logits - largest).scatter(1, top, 0.0).sum(dim=1)
+    other = (largest - picked).squeeze(1) + torch.log1p(rest)
+    return torch.where(leads, own, other)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
