@@ -339,6 +339,12 @@ def _member(archive: zipfile.ZipFile, name: str) -> bytes:
         raise ResourceLimitError(
             FIELD, f"member {name!r} declares {info.file_size} bytes, over {MAX_MEMBER_BYTES}"
         )
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # zipfile inflates bzip2 and lzma members whole, whatever size they declare
+        raise refuse(
+            "members stored or deflated (as torch.export.save writes them)",
+            f"{name!r} compressed with method {info.compress_type}",
+        )
     try:
         with archive.open(info) as member:
             return member.read(info.file_size)
