@@ -18,7 +18,7 @@ def spectrum_options(**values: Any) -> optimize_pb2.SpectrumOptions:
     return build(optimize_pb2.SpectrumOptions, "a spectrum option", "options", values)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # _Result's equality
 class TraceResult(_Result):
     """A stochastic trace estimate: estimate +- half_width at `confidence`."""
 
@@ -28,7 +28,7 @@ class TraceResult(_Result):
     products: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # _Result's equality
 class DensityResult(_Result):
     """The SLQ spectral density: `values` on `grid` (integrates to 1), and SLQ's trace."""
 

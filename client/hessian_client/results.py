@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import operator
 from collections.abc import Callable
@@ -121,6 +120,15 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _hash_part(value: Any) -> Any:
+    """`value`'s share of a result's hash (None for what it leaves out)."""
+    if isinstance(value, float):
+        return 0.0 if math.isnan(value) else value  # hash(-0.0) == hash(0.0)
+    if isinstance(value, str | int | enum.Enum | _Result) or value is None:
+        return value
+    return None
+
+
 class _Result:
     """Equality, hashing and to_dict() for the result dataclasses below (the raw protobuf
     left out of all three): two reads of one run compare equal though a record's
@@ -136,7 +144,19 @@ class _Result:
         )
 
     def __hash__(self) -> int:
-        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+        """From the fields equality compares exactly (floats with every NaN as one value and
+        -0.0 as 0.0, strings, integers, enums, nested results); arrays and messages left out,
+        so equal results hash alike."""
+        return hash(
+            (
+                type(self).__name__,
+                *(
+                    _hash_part(getattr(self, f.name))
+                    for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                    if f.compare
+                ),
+            )
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values: enums by name, datetimes ISO 8601, arrays as lists, NaN as None."""

@@ -460,3 +460,27 @@ def test_results_pickle_and_two_reads_of_a_run_compare_equal(client, rng):
     assert moved != step and first.last_record != first.last_record.__class__.from_wire(
         optimize_pb2.StepRecord(iteration=99)
     )
+
+
+def test_every_result_compares_by_value_and_hashes_alike_when_equal(rng):
+    """The curvature results kept the generated dataclass equality (a DensityResult's
+    arrays raised on ==, and on hash; a TraceResult with a NaN field was unequal to
+    itself), and results equal through -0.0 == 0.0 hashed differently."""
+    from hessian_client.curvature import DensityResult, TraceResult
+    from hessian_client.results import RunResult
+
+    grid, values = rng.normal(size=5), rng.random(5)
+    a = DensityResult(grid, values, 0.1, 3, 4, math.nan)
+    b = DensityResult(grid.copy(), values.copy(), 0.1, 3, 4, math.nan)
+    assert a == b and hash(a) == hash(b)
+    assert a != DensityResult(grid, values + 1.0, 0.1, 3, 4, math.nan)
+    t = TraceResult(math.nan, 0.0, 0.95, 3)
+    assert t == TraceResult(math.nan, 0.0, 0.95, 3) and hash(t) == hash(
+        TraceResult(math.nan, 0.0, 0.95, 3)
+    )
+    zero, negative = RunResult(None, np.array([0.0, 1.0])), RunResult(None, np.array([-0.0, 1.0]))
+    assert zero == negative and hash(zero) == hash(negative)
+    same = TraceResult(-0.0, 0.0, 0.95, 3)
+    assert same == TraceResult(0.0, 0.0, 0.95, 3) and hash(same) == hash(
+        TraceResult(0.0, 0.0, 0.95, 3)
+    )
