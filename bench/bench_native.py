@@ -34,7 +34,8 @@ THREADS = 2
 LR = 1.0
 L2 = 1e-3
 # The softmax Hessian is singular along the unpenalised intercept row (adding c to every
-# class changes nothing), so every column solves H + DAMPING I there; 0 elsewhere.
+# class changes nothing): the peers solve H + DAMPING I there (the engine fills that gauge in
+# before its solve, with the same damping, and projects the step off it); 0 elsewhere.
 SOFTMAX_DAMPING = 1e-6
 COMPILE_BUDGET_S = 90.0
 PEERS = ("engine autograd", "torch.func.hessian", "seed row loop", "torch.compile", "jax.jit")

@@ -177,6 +177,18 @@ void symmetric_product_into(at::Tensor out, const at::Tensor& a, const at::Tenso
   });
 }
 
+// h's strict lower triangle copied onto its upper one: exactly symmetric, whichever triangle
+// a solve reads (the fused step's LAPACK call reads the other one than damped_cholesky).
+void make_symmetric(at::Tensor& h) {
+  if (!h.is_cpu() || !h.is_contiguous()) {
+    h.copy_(h.tril() + h.tril(-1).t());
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "mirror_lower", [&] {
+    mirror_lower<scalar_t>(h.data_ptr<scalar_t>(), h.size(0), h.stride(0));
+  });
+}
+
 }  // namespace
 
 at::Tensor symmetric_product(const at::Tensor& a, const at::Tensor& b, double scale) {
@@ -420,21 +432,23 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   at::Tensor h = symmetric_product(M, M, -inv_n);
   const at::Tensor diag_blocks = at::mm(Xa.t(), M).mul_(inv_n).view({D, D, k});
   h.view({D, k, D, k}).diagonal(0, 1, 3).add_(diag_blocks);
-  // e_m r^T: the rows grouped by their largest class m, each group's Xa^T M into class m's
-  // rows of H (N D n multiply-adds in all, 1 / k of M^T M's)
+  // e_m r^T + r e_m^T: the rows grouped by their largest class m, each group's Xa^T M taken
+  // from class m's rows and columns of H in place (N D n multiply-adds in all, 1 / k of
+  // M^T M's; no second n x n matrix)
   const at::Tensor classes = top.squeeze(1);
   const at::Tensor order = at::argsort(classes);
   const at::Tensor Xs = Xa.index_select(0, order), Ms = M.index_select(0, order);
   const at::Tensor counts = at::bincount(classes, {}, k).cpu();
   const int64_t* count = counts.data_ptr<int64_t>();
-  at::Tensor cross = at::zeros({D, k, n}, x.options());
+  at::Tensor by_row = h.view({D, k, n}), by_column = h.view({n, D, k});
   for (int64_t c = 0, start = 0; c < k; start += count[c], ++c) {
     if (count[c] == 0) continue;
-    cross.select(1, c).copy_(
-        at::mm(Xs.narrow(0, start, count[c]).t(), Ms.narrow(0, start, count[c])));
+    const at::Tensor block =
+        at::mm(Xs.narrow(0, start, count[c]).t(), Ms.narrow(0, start, count[c])).mul_(inv_n);
+    by_row.select(1, c).sub_(block);
+    by_column.select(2, c).sub_(block.t());
   }
-  const at::Tensor cross_n = cross.view({n, n}).mul_(inv_n);
-  h.sub_(cross_n).sub_(cross_n.t());
+  make_symmetric(h);  // the terms above round differently on either side of the diagonal
   h.diagonal().narrow(0, 0, d * k).add_(l2);
   return {loss, g.view({n}), h};
 }

@@ -23,6 +23,7 @@ from hessian_client import (
     problems,
 )
 from hessian_client.cli import build_problem, main
+from hessian_client.minimize import minimize_async as aio_minimize
 from hessian_client.tensors import decode
 from scipy.optimize import minimize as scipy_minimize
 from scipy.optimize import rosen, rosen_der, rosen_hess
@@ -599,11 +600,14 @@ BEFORE_START = [
 def test_minimize_arguments_of_the_wrong_kind_are_named_before_any_call(change, field):
     """Each escaped as numpy's ValueError, protobuf's TypeError or (callback) a TypeError
     after the run had started; now InvalidArgument naming the argument, with no call."""
-    kw = {"x0": np.ones(3), **change}
+    kw = {"x0": np.ones(3), "jac": lambda x: 2 * x, "address": NOWHERE, **change}
     with pytest.raises(InvalidArgument) as info:
-        minimize(lambda x: float(x @ x), jac=lambda x: 2 * x, address=NOWHERE, **kw)
+        minimize(lambda x: float(x @ x), **kw)
     assert info.value.field == field and not info.value.from_server
     assert not getattr(info.value, "run_id", "")  # refused before any run started
+    with pytest.raises(InvalidArgument) as info:  # the asyncio variant, before its call too
+        asyncio.run(aio_minimize(lambda x: float(x @ x), **kw))
+    assert info.value.field == field and not info.value.from_server
 
 
 @pytest.mark.parametrize(

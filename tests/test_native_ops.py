@@ -480,3 +480,16 @@ def test_cuda_ops_match_cpu(name):
     assert int(attempts) == 1 and rel_err(d.cpu(), -torch.linalg.solve(h, g).cpu()) <= 1e-11
     d, count = ops.saddle_free(h, g, 1e-8, float(h.shape[0]))
     assert int(count) == 0 and d.is_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_the_softmax_hessian_is_exactly_symmetric(dtype, fit_intercept):
+    """Its terms round differently on either side of the diagonal, and the solves read one
+    triangle or the other (the fused step's LAPACK call and damped_cholesky differ): an
+    asymmetry of an ulp made the fused and general steps differ by an ulp."""
+    x = torch.randn(300, 6, dtype=dtype)
+    labels = torch.randint(0, 5, (300,))
+    params = 0.5 * torch.randn((6 + fit_intercept) * 5, dtype=dtype)
+    _, _, h = torch.ops.hessian.softmax_regression_system(params, x, labels, 5, 1e-3, fit_intercept)
+    assert torch.equal(h, h.T)

@@ -454,10 +454,11 @@ async def drive_async(
     session: _Session, resume: str | None, address: str | None, token: str | None
 ) -> Any:
     """`drive` on grpc.aio."""
+    first = session.first_request(resume)  # its arguments refused before any call
     async with AsyncClient(address, token, timeout=None) as client:
         call = client.stub.Optimize(metadata=client.metadata)
         try:
-            await call.write(session.first_request(resume))
+            await call.write(first)
             async for response in call:
                 reply = session.on_response(response)
                 if reply is not None:

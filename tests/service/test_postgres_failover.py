@@ -185,7 +185,7 @@ def test_a_run_whose_problem_is_gone_ends_failed_instead_of_failing_takeovers_fo
                 time.sleep(0.05)
             final = c.get_run("r-orphan")
         assert final.status == "FAILED", final
-        assert "p-gone was deleted" in final.message
+        assert "p-gone was deleted" in final.message and final.finished_at is not None
         with psycopg.connect(postgres_dsn) as conn:
             assert conn.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0
     finally:

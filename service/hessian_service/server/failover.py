@@ -204,6 +204,7 @@ class LeaseKeeper:
                 run_id,
                 status=RunStatus.FAILED,
                 stop_reason=StopReason.ERROR,
+                finished_at=time.time(),
                 message=f"its problem {row.problem_id} was deleted while it ran: it cannot "
                 "continue (its records remain)",
             )

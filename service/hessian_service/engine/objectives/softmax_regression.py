@@ -66,6 +66,12 @@ class SoftmaxRegression(Objective):
         o = self.options
         return self.data["X"], self.data["labels"], o["num_classes"], o["l2"], o["fit_intercept"]
 
+    @property
+    def has_gauge(self) -> bool:
+        """Unpenalised rows exist: every row when l2 = 0, else the intercept row (with
+        l2 > 0 and no intercept project_step is the identity)."""
+        return self.options["l2"] == 0 or self.options["fit_intercept"]
+
     def project_step(self, step: torch.Tensor) -> torch.Tensor:
         """The step with each unpenalised row's class mean removed (the gauge directions)."""
         first = 0 if self.options["l2"] == 0 else self._d

@@ -45,8 +45,10 @@ RUN_KEYS = ("previous_loss", "unchanged_steps", *RECENT_KEYS)
 
 def _digest(x: torch.Tensor, state: dict[str, float]) -> float:
     """A 48-bit digest of x's bytes and the step's state, exact as a float (checkpoint state
-    holds floats)."""
-    raw = x.detach().cpu().contiguous().numpy().tobytes() + repr(sorted(state.items())).encode()
+    holds floats); the one-shot request cg_tight (made by the stop test after a point's
+    digest) is not the point's state and is left out."""
+    kept = sorted((k, v) for k, v in state.items() if k != "cg_tight")
+    raw = x.detach().cpu().contiguous().numpy().tobytes() + repr(kept).encode()
     return float(int.from_bytes(hashlib.blake2b(raw, digest_size=6).digest(), "big"))
 
 
