@@ -401,14 +401,20 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   if (fit_intercept) Z.add_(W[d]);
   const at::Tensor lab = labels.unsqueeze(1);
   const at::Tensor picked = Z.gather(1, lab);
-  // a row whose label's class is the largest takes log1p(sum_{j != y} e^(z_j - z_y)), as
-  // the objective does: logsumexp(z) - z_y cancels to 0 where that class is near certain
+  // the objective's form (objectives/losses.py), op for op: a row whose label's class is
+  // the largest takes log1p(sum_{j != y} e^(z_j - z_y)), any other (z_m - z_y) +
+  // log1p(sum_{j != m} e^(z_j - z_m)), m its largest class; logsumexp(z) - z_y cancels to
+  // 0 where a class is near certain (and two forms a few ulps apart let a line search take
+  // a rise the loss of the other path shows)
   const at::Tensor Dz = Z - picked;
-  const at::Tensor largest = std::get<0>(Dz.max(1)).le(0);
-  const at::Tensor others =
-      at::exp(Dz.clamp_max(0)).scatter_(1, lab, 0.0).sum(1);  // (its rows only: clamped)
-  const at::Tensor rows =
-      at::where(largest, at::log1p(others), at::logsumexp(Z, {1}) - picked.squeeze(1));
+  const at::Tensor leads = std::get<0>(Dz.max(1)).le(0);
+  const at::Tensor own =
+      at::log1p(at::exp(Dz.clamp_max(0)).scatter_(1, lab, 0.0).sum(1));  // (its rows only)
+  const at::Tensor first = Z.argmax(1, true);
+  const at::Tensor largest = Z.gather(1, first);
+  const at::Tensor other = (largest - picked).squeeze(1) +
+                           at::log1p(at::exp(Z - largest).scatter_(1, first, 0.0).sum(1));
+  const at::Tensor rows = at::where(leads, own, other);
   at::Tensor loss = rows.mean().add_(at::sum(Wd * Wd), 0.5 * l2);
   const at::Tensor P = at::softmax(Z, 1);
   // E = P - onehot(y), its label's entry as -(sum of the other p_j): p_y - 1 cancels
