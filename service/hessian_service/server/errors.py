@@ -193,7 +193,10 @@ def refusal(
     """A handler of the same kind as `handler` that answers `code` with `message`.
 
     It has no request deserializer: the body of a refused call is never decoded (so garbage
-    without a token gets UNAUTHENTICATED, not a description of our message types).
+    without a token gets UNAUTHENTICATED, not a description of our message types). And it
+    takes its request as a stream it never reads, whatever the method's kind (the wire is
+    the same): a unary handler is only called once the whole body has arrived, so a caller
+    with no token could make the server receive and hold --max-message-bytes a call.
     """
 
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -204,14 +207,10 @@ def refusal(
         yield  # pragma: no cover (abort raised)
 
     kind: dict[str, Callable[..., Any]]
-    if handler.request_streaming and handler.response_streaming:
-        kind = {"stream_stream": deny_stream}
-    elif handler.request_streaming:
-        kind = {"stream_unary": deny}
-    elif handler.response_streaming:
-        kind = {"unary_stream": deny_stream}
+    if handler.response_streaming:
+        kind = {"stream_stream": deny_stream, "request_streaming": True}
     else:
-        kind = {"unary_unary": deny}
+        kind = {"stream_unary": deny, "request_streaming": True}
     base = {
         "unary_unary": None,
         "unary_stream": None,
