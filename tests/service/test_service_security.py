@@ -260,3 +260,26 @@ def test_a_caller_without_a_token_cannot_make_the_server_hold_its_body(tmp_path)
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_a_token_file_takes_exactly_its_tokens(tmp_path):
+    """An indented `# ...` line became a token (a revoked one, kept as a comment), a UTF-8
+    BOM became part of the first token (which then never matched), `token  # note` was one
+    token with the note in it, and a file not in UTF-8 failed with the codec's bare error."""
+    from hessian_service.server.auth import TokenCheck, load_tokens
+
+    path = tmp_path / "tokens"
+    path.write_bytes(
+        "\ufefffirst-token\n  # revoked-token (2025)\n\t# another\n  second \n".encode()
+    )
+    tokens = load_tokens(str(path))
+    assert tokens == [b"first-token", b"second"]
+    check = TokenCheck(tokens)
+    assert check.allowed(b"first-token") and check.allowed(b"second")
+    assert not check.allowed(b"# revoked-token (2025)") and not check.allowed(None)
+    path.write_text("token-one  # the CI's\n")
+    with pytest.raises(ValueError, match=r"--auth-token-file .*: line 1 holds more than a token"):
+        load_tokens(str(path))
+    path.write_bytes(b"\xff\xfetoken\n")
+    with pytest.raises(ValueError, match=r"--auth-token-file .*: not UTF-8 text"):
+        load_tokens(str(path))

@@ -1,10 +1,12 @@
 """Bearer-token authentication: a server interceptor and the caller identity of a call.
 
 Every RPC except grpc.health.v1 needs `authorization: Bearer <token>` with a token from
-the --auth-token-file (one per line; blank lines and `#` comments ignored). Server
+the --auth-token-file (one per line, surrounding whitespace ignored; blank lines and lines
+starting with `#` ignored; a line with whitespace inside is refused at start). Server
 reflection is protected too: it describes the API, which is for authenticated callers.
-Tokens are compared with hmac.compare_digest against every configured token (no early
-exit), so the time taken does not depend on how much of a guess was right.
+A token is looked up by its SHA-256 digest in a set of the configured ones' digests: one
+hash and one lookup whatever the number of tokens, and the time taken does not depend on
+how much of a guess was right (a guess's digest shares nothing with the token's).
 
 Tenants: what a call creates (runs, problems) belongs to its tenant, the identity of its
 token; tokens from --admin-token-file are admins, who see every tenant's. A server without
@@ -14,7 +16,6 @@ tokens has one tenant, the anonymous one, whatever token a call sends.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,25 +31,41 @@ ANONYMOUS = ANONYMOUS_OWNER
 
 
 def load_tokens(path: str, flag: str = "--auth-token-file") -> list[bytes]:
-    """The tokens in `path`, one per line; ValueError naming the flag when there are none."""
+    """The tokens in `path`, one per line; ValueError naming the flag and the line when a
+    line is not one token, or when there are none."""
     try:
-        lines = pathlib.Path(path).read_text().splitlines()
+        text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # a leading BOM dropped
     except OSError as exc:
         raise ValueError(f"{flag} {path}: cannot read it ({exc})") from None
-    tokens = [ln.strip().encode() for ln in lines if ln.strip() and not ln.startswith("#")]
+    except UnicodeDecodeError as exc:
+        reason = f"{exc.reason} at byte {exc.start}"
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({reason})") from None
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token.split()) > 1:  # a comment after a token, or two tokens on a line
+            raise ValueError(
+                f"{flag} {path}: line {number} holds more than a token (whitespace inside; "
+                "put comments on lines of their own, starting with #)"
+            )
+        tokens.append(token.encode())
     if not tokens:
         raise ValueError(f"{flag} {path}: no tokens in it (one per line)")
     return tokens
 
 
-def _member(token: bytes | None, known: Sequence[bytes]) -> bool:
-    """Constant-time membership of `token` in `known` (no early exit)."""
-    if token is None:
-        return False
-    ok = False
-    for candidate in known:
-        ok |= hmac.compare_digest(token, candidate)
-    return ok
+class TokenSet:
+    """Configured tokens, held as their SHA-256 digests: membership is one hash and one set
+    lookup, not a comparison with each of them (300,000 tokens took 19 ms a call, on the
+    event loop, refused calls included)."""
+
+    def __init__(self, tokens: Sequence[bytes]) -> None:
+        self._digests = frozenset(hashlib.sha256(t).digest() for t in tokens)
+
+    def __contains__(self, token: bytes | None) -> bool:
+        return token is not None and hashlib.sha256(token).digest() in self._digests
 
 
 def bearer_token(metadata: Any) -> bytes | None:
@@ -91,14 +108,14 @@ class Tenancy:
         if admin_tokens and not authenticated:
             raise ValueError("--admin-token-file needs --auth-token-file")
         self.authenticated = authenticated
-        self._admin_tokens = list(admin_tokens)
+        self._admin_tokens = TokenSet(admin_tokens)
 
     def of(self, context: grpc.ServicerContext) -> Tenant:
         """The calling tenant (the interceptor has already refused unknown tokens)."""
         if not self.authenticated:
             return Tenant(ANONYMOUS)
         token = bearer_token(context.invocation_metadata())
-        return Tenant(caller(context), _member(token, self._admin_tokens))
+        return Tenant(caller(context), token in self._admin_tokens)
 
 
 class TokenCheck:
@@ -111,11 +128,11 @@ class TokenCheck:
     def __init__(self, tokens: list[bytes]) -> None:
         if not tokens:
             raise ValueError("TokenCheck needs at least one token")
-        self._tokens = list(tokens)
+        self._tokens = TokenSet(tokens)
 
     def allowed(self, token: bytes | None) -> bool:
-        """Constant-time membership of `token` in the configured tokens."""
-        return _member(token, self._tokens)
+        """Whether `token` is one of the configured tokens."""
+        return token in self._tokens
 
     def admit(
         self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
