@@ -19,6 +19,7 @@ import queue
 import shutil
 import sys
 import threading
+import unicodedata
 import warnings
 import zipfile
 import zlib
@@ -435,9 +436,20 @@ def cmd_runs(client: Client, args: argparse.Namespace) -> int:
         last = f"{info.last_record.loss:>13.6e}" if info.last_record else f"{'-':>13}"
         print(
             f"{info.run_id:<34} {info.status:<11} {info.method or '-':<16} "
-            f"{info.num_records:>8} {last}  {info.name}"
+            f"{info.num_records:>8} {last}  {printable(info.name)}"
         )
     return 0
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped (a name stored by an older server
+    may hold terminal escapes; the table is printed to a terminal)."""
+    return "".join(
+        c.encode("unicode_escape").decode()
+        if unicodedata.category(c)[0] in "CZ" and c != " "
+        else c
+        for c in text
+    )
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:

@@ -360,3 +360,12 @@ def test_plot_measures_every_run_from_the_lowest_loss_plotted(
         want = loss - best
         want[want <= 0] = np.nan
         np.testing.assert_array_equal(y, want)
+
+
+def test_a_listing_escapes_control_characters_in_names():
+    """A name stored by an older server may hold terminal escapes, CR and NUL: `hessian
+    runs` printed them as they were (forging rows, running escape sequences)."""
+    from hessian_client.cli import printable
+
+    assert printable("plain name, é 日本") == "plain name, é 日本"
+    assert printable("x\x1b[2J\r\nr-0 FINISHED\x00") == "x\\x1b[2J\\r\\nr-0 FINISHED\\x00"

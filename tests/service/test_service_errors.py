@@ -264,6 +264,18 @@ CASES = {
             ),
         ]
     },
+    # control characters in a name (a listing printed them to an admin's terminal)
+    **{
+        f"run name with {label}": (
+            "StartRun",
+            service_pb2.StartRunRequest(
+                problem=_mse(), initial_params=_params(), name=f"run{char}forged"
+            ),
+            INVALID,
+            "name",
+        )
+        for label, char in [("an escape", "\x1b[2J"), ("a newline", "\r\n"), ("NUL", "\x00")]
+    },
     # the curvature it has no form of, before the size of the matrix it would answer
     "gauss-newton of a large rosenbrock": (
         "ComputeHessian",

@@ -10,6 +10,7 @@ import base64
 import enum
 import json
 import math
+import unicodedata
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import fields
 from operator import attrgetter
@@ -50,6 +51,21 @@ MAX_RANK = 32
 # enough that a full ListRuns page fits a message.
 MAX_NAME_CHARS = 256
 MAX_PAGE_TOKEN_CHARS = 512
+
+
+def check_run_name(name: str, field: str) -> None:
+    """A run's name: at most MAX_NAME_CHARS characters, none of them a control or format
+    character (a name with terminal escapes, CR or NUL printed as is by a listing forged
+    rows and ran escape sequences on an admin's terminal)."""
+    if len(name) > MAX_NAME_CHARS:
+        raise ValidationError(field, f"at most {MAX_NAME_CHARS} characters", len(name))
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ValidationError(
+            field, "printable characters (no control or format characters)", f"{bad!r} in it"
+        )
+
+
 DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_FLOAT64: "float64"}
 # StepRecord fields written by name as they are; the enum ones map engine names to values
 RECORD_ENUMS = {"end_point": optimize_pb2.Verdict}

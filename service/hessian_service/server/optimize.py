@@ -95,10 +95,7 @@ class Optimizer:
     def _start(self, start: Any, tenant: Tenant, exchange: Exchange) -> RunRow:
         """Validate the declaration and start the run (a pool thread: store writes)."""
         service = self.service
-        if len(start.name) > codec.MAX_NAME_CHARS:
-            raise ValidationError(
-                "start.name", f"at most {codec.MAX_NAME_CHARS} characters", len(start.name)
-            )
+        codec.check_run_name(start.name, "start.name")
         if not start.HasField("initial_params"):
             raise ValidationError("start.initial_params", "the starting point (n values)", "none")
         params = service._decode_params(start.initial_params, "start.initial_params").reshape(-1)

@@ -420,10 +420,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     ) -> service_pb2.StartRunResponse:
         """StartRun's work (StartAndWatchRun's first step too), on a pool thread."""
         _check_deadline(context)
-        if len(request.name) > codec.MAX_NAME_CHARS:
-            raise ValidationError(
-                "name", f"at most {codec.MAX_NAME_CHARS} characters", len(request.name)
-            )
+        codec.check_run_name(request.name, "name")
         tenant = self.tenancy.of(context)
         pid, objective, hold_problem = self.registry.claim(request, tenant)
         values = codec.options_to_dict(request.options)
