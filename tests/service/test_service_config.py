@@ -332,3 +332,18 @@ def test_process_after_ms_is_checked_and_named_for_what_it_does(tmp_path, caplog
             handle.stop(0)
         said = "--process-after-ms has no effect without --run-processes" in caplog.text
         assert said == warned
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgres+psycopg://hessian:S3cretPW@db:5432/runs", "postgresql://hessian:S3cret%ZZPW@db/r"],
+    ids=["wrong-scheme", "bad-percent-encoding"],
+)
+def test_a_refused_store_dsn_never_shows_its_password(dsn):
+    """A DSN refused at start was echoed whole (HESSIAN_STORE='...:S3cretPW@...'), and one
+    PostgreSQL's parser refuses was quoted by the connection pool's log every retry."""
+    for argv, env in ((["--store", dsn], {}), ([], {"HESSIAN_STORE": dsn})):
+        with pytest.raises(ValueError) as err:
+            ServerConfig.from_args(argv, env)
+        message = str(err.value)
+        assert "--store" in message and "S3cret" not in message and "***" in message

@@ -9,6 +9,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -163,8 +164,11 @@ class ServerConfig:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.store and not self.store.startswith(("postgresql://", "postgres://")):
             raise ValueError(
-                "--store must be empty (SQLite under --data-dir) or a postgresql:// DSN"
+                "--store must be empty (SQLite under --data-dir) or a postgresql:// DSN, got "
+                f"{redacted(self.store)!r}"
             )
+        if self.store:
+            _check_dsn(self.store)
         if self.grace_seconds < 0:
             raise ValueError("--grace-seconds must be >= 0")
         if self.lease_seconds <= 0:
@@ -255,6 +259,27 @@ def _from_env(parser: argparse.ArgumentParser, var: str, text: str, kind: type) 
         parser.error(f"{var}={text!r}: expected {KIND_NAMES.get(kind, kind.__name__)}")
 
 
+def redacted(dsn: str) -> str:
+    """`dsn` with any password in it shown as ***, for messages and logs."""
+    dsn = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", dsn)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
+
+
+def _check_dsn(dsn: str) -> None:
+    """Refuse a DSN PostgreSQL's parser refuses, without echoing it (its error quotes the
+    bad part, a password included; the connection pool logged it again every retry)."""
+    import psycopg
+
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        raise ValueError(
+            f"--store {redacted(dsn)!r} is not a valid PostgreSQL DSN (a password with '%', "
+            "'@' or '/' must be percent-encoded; the parser's message is not shown: it may "
+            "quote the password)"
+        ) from None
+
+
 def _with_source(message: str, argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
     """A validation message naming a flag, with the environment variable that set it when
     the flag itself was not given."""
@@ -263,5 +288,6 @@ def _with_source(message: str, argv: Sequence[str] | None, env: Mapping[str, str
         flag, var = "--" + f.name.replace("_", "-"), "HESSIAN_" + f.name.upper()
         named = message.startswith(flag + " ") or f" {flag} " in message
         if named and var in env and not any(a == flag or a.startswith(flag + "=") for a in given):
-            message = message.replace(flag, f"{flag} (from {var}={env[var]!r})", 1)
+            shown = redacted(env[var]) if f.name == "store" else env[var]
+            message = message.replace(flag, f"{flag} (from {var}={shown!r})", 1)
     return message
