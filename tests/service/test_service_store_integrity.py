@@ -286,3 +286,20 @@ def test_a_store_from_a_newer_server_is_refused(tmp_path):
     newest = f"schema version 99, newer than this server's {SCHEMA_VERSION}"
     with pytest.raises(StoreError, match=newest):
         SQLiteRunStore(tmp_path)
+
+
+def test_the_store_files_are_readable_by_their_owner_only(tmp_path):
+    """runs.sqlite3 and its -wal and -shm files hold every tenant's problems and results;
+    they were created 0644 (the umask's), readable by every local user. Also the file a
+    --recover-store writes."""
+    from hessian_service.store.recovery import recover_store
+    from hessian_service.store.sqlite import SQLiteRunStore
+
+    store = SQLiteRunStore(tmp_path)
+    store.put_problem("p-1", b"problem-bytes")
+    files = sorted(tmp_path.glob("runs.sqlite3*"))
+    assert {f.name for f in files} >= {"runs.sqlite3", "runs.sqlite3-wal", "runs.sqlite3-shm"}
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+    store.close()
+    recover_store(tmp_path)
+    assert (tmp_path / "runs.sqlite3").stat().st_mode & 0o777 == 0o600

@@ -99,6 +99,7 @@ def _recover(path: pathlib.Path) -> RecoveryReport:
         leftover.unlink(missing_ok=True)
     report = RecoveryReport(path, path.with_name(path.name + ".damaged"))
     src = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    os.close(os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # as the store's
     dest = sqlite3.connect(fresh, isolation_level=None)
     try:
         try:

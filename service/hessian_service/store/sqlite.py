@@ -384,6 +384,9 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         tmp = self.path.with_name(self.path.name + ".new")
         for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm"))):
             leftover.unlink(missing_ok=True)  # a creation a crash interrupted
+        # owner-only: it holds every tenant's data (SQLite gives its -wal and -shm files the
+        # database file's mode; the umask alone left all three readable by every local user)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
