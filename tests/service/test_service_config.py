@@ -347,3 +347,13 @@ def test_a_refused_store_dsn_never_shows_its_password(dsn):
             ServerConfig.from_args(argv, env)
         message = str(err.value)
         assert "--store" in message and "S3cret" not in message and "***" in message
+
+
+def test_a_boolean_set_in_the_environment_is_switched_off_by_its_no_flag():
+    """Flag, else environment: HESSIAN_SKIP_STORE_CHECK=1 could not be undone by a flag
+    (there was no --no-skip-store-check; argparse exited 2)."""
+    env = {"HESSIAN_SKIP_STORE_CHECK": "1", "HESSIAN_RUN_PROCESSES": "true"}
+    assert ServerConfig.from_args([], env).skip_store_check
+    config = ServerConfig.from_args(["--no-skip-store-check", "--no-run-processes"], env)
+    assert not config.skip_store_check and not config.run_processes
+    assert ServerConfig.from_args(["--skip-store-check"], {}).skip_store_check

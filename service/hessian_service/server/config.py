@@ -233,7 +233,10 @@ class ServerConfig:
             given = var in env and (kind is bool or env[var].strip() != "")  # "": unset
             default = _from_env(parser, var, env[var], kind) if given else f.default
             if kind is bool:
-                parser.add_argument(flag, action="store_true", default=default, help=help_text)
+                # --no-X too: a flag overrides its environment variable both ways
+                parser.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                )
             else:
                 parser.add_argument(flag, type=kind, default=default, help=help_text)
         args = parser.parse_args(argv)
