@@ -357,3 +357,14 @@ def test_a_boolean_set_in_the_environment_is_switched_off_by_its_no_flag():
     config = ServerConfig.from_args(["--no-skip-store-check", "--no-run-processes"], env)
     assert not config.skip_store_check and not config.run_processes
     assert ServerConfig.from_args(["--skip-store-check"], {}).skip_store_check
+
+
+@pytest.mark.parametrize("value", ["false", "off", "no", " 0"])
+def test_a_cuda_kernels_switch_the_extension_would_misread_is_refused(monkeypatch, value):
+    """The extension turns its CUDA kernels off for exactly "0": "false", "off" or "no"
+    left them on, silently."""
+    monkeypatch.setenv("HESSIAN_CUDA_KERNELS", value)
+    with pytest.raises(ValueError, match=r"HESSIAN_CUDA_KERNELS=.* must be 0 or 1"):
+        ServerConfig().validated()
+    monkeypatch.setenv("HESSIAN_CUDA_KERNELS", "0")
+    ServerConfig().validated()

@@ -17,6 +17,9 @@ from typing import Any
 
 from ..engine.options import BACKEND_ENV, BACKENDS
 
+# read by the extension's CUDA ops (csrc/cuda/small_solve.cu): "0" sends them to ATen
+CUDA_KERNELS_ENV = "HESSIAN_CUDA_KERNELS"
+
 MiB = 1024**2
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -158,6 +161,9 @@ class ServerConfig:
                 f"{BACKEND_ENV}={engine_backend!r} (the engine's backend where nothing else "
                 f"names one) must be empty or one of {', '.join(BACKENDS)}"
             )
+        kernels = os.environ.get(CUDA_KERNELS_ENV, "1")
+        if kernels not in ("0", "1"):  # the extension reads exactly "0" as off
+            raise ValueError(f"{CUDA_KERNELS_ENV}={kernels!r} must be 0 or 1")
         if self.log_format not in ("json", "text"):
             raise ValueError("--log-format must be json or text")
         if self.log_level.upper() not in LOG_LEVELS:
