@@ -247,8 +247,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return drain.refusal(handler)  # neither counted nor logged
         if self.auth is not None:
             handler = self.auth.admit(handler, handler_call_details)
-        if handler.request_streaming and not handler.response_streaming:
-            return handler  # no client-streaming RPCs here
         counted = drain if drain is not None and drain.counts(method) else None
         rid = _request_id(handler_call_details.invocation_metadata)
 
@@ -278,6 +276,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 if counted is not None:
                     counted.leave()
 
+        if handler.request_streaming and not handler.response_streaming:
+            # no client-streaming RPC here: a refusal (auth.TokenCheck), which never reads
+            inner_refusal = handler.stream_unary
+
+            async def refused(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with observed(None, context):
+                    return await inner_refusal(requests, context)
+
+            return handler._replace(stream_unary=refused)
         if handler.request_streaming:  # bidi (Optimize): its handler decodes its own requests
             inner_bidi = handler.stream_stream
 
