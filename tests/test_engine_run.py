@@ -314,18 +314,18 @@ def test_the_unary_steps_finiteness_check_is_exact(n):
     """take_step's overflow check sums the new parameters (a finite sum proves them finite:
     isfinite's mask cost ~5 us a call, more than the seed's fused step) and falls back to
     the exact test where a sum of finite entries overflows."""
-    from hessian_service.engine.solvers.run import _all_finite
+    from hessian_service.engine.linalg import all_finite
 
     for dtype in (torch.float32, torch.float64):
         big = torch.finfo(dtype).max
-        assert _all_finite(torch.full((n,), big, dtype=dtype))  # the sum overflows
-        assert _all_finite(torch.linspace(-1.0, 1.0, n, dtype=dtype))
+        assert all_finite(torch.full((n,), big, dtype=dtype))  # the sum overflows
+        assert all_finite(torch.linspace(-1.0, 1.0, n, dtype=dtype))
         for bad in (math.inf, -math.inf, math.nan):
             t = torch.zeros(n, dtype=dtype)
             t[n // 2] = bad
-            assert not _all_finite(t), (dtype, bad)
+            assert not all_finite(t), (dtype, bad)
         t = torch.full((n,), big, dtype=dtype)
         t[0] = -math.inf
-        assert not _all_finite(t)
+        assert not all_finite(t)
         t[1] = math.inf  # -inf + inf: fsum raises ValueError
-        assert not _all_finite(t)
+        assert not all_finite(t)

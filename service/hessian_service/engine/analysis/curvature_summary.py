@@ -113,8 +113,8 @@ def _dense_curvature(
         objective, x, options.curvature, options.dense_budget_bytes
     )
     check("before the eigendecomposition")
-    if not bool(torch.isfinite(matrix).all()):  # LAPACK's refusal would say only that
-        bad = int((~torch.isfinite(matrix)).sum())
+    bad = int((~torch.isfinite(matrix)).sum())
+    if bad:  # LAPACK's refusal would say only that it failed to converge
         dtype = str(matrix.dtype).removeprefix("torch.")
         raise ValidationError(
             "params",

@@ -24,6 +24,7 @@ from ..curvature import autograd as curvature
 from ..errors import EvaluationError, ValidationError
 from ..linalg import (
     SolveResult,
+    all_finite,
     below_rounding,
     gauge_fixed,
     negative_eigenvalues,
@@ -186,11 +187,7 @@ class Point:
     def is_finite(self) -> bool:
         finite = math.isfinite(self.loss) and math.isfinite(self.grad_norms[1])
         if finite and self.curvature is not None:
-            # a finite sum proves every entry finite (inf and NaN never cancel back), in one
-            # reduction instead of isfinite's mask and all(); an overflowing sum of finite
-            # entries falls through to the exact test
-            h = self.curvature
-            finite = math.isfinite(float(h.sum())) or bool(torch.isfinite(h).all())
+            finite = all_finite(self.curvature)
         return finite
 
 

@@ -18,6 +18,7 @@ from ..backends.native.fused import fused_newton_step, validated_options
 from ..cancel import Cancelled, CancelToken, scope
 from ..errors import ValidationError
 from ..linalg import (
+    all_finite,
     classify,
     count_negative,
     definite_by_a_margin,
@@ -41,8 +42,6 @@ RECENT = 8
 RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
 # the keys a Run adds to its stepper's state in a checkpoint (Run._state)
 RUN_KEYS = ("previous_loss", "unchanged_steps", *RECENT_KEYS)
-# up to this many parameters a unary step's finiteness check sums Python floats
-PYTHON_FINITE_MAX = 64
 
 
 def _digest(x: torch.Tensor, state: dict[str, float]) -> float:
@@ -174,26 +173,13 @@ def take_step(
     """
     with scope(cancel):
         result = _take_step(objective, params, options)
-    if not _all_finite(result.params):  # a fixed step past the dtype's range
+    if not all_finite(result.params):  # a fixed step past the dtype's range
         raise ValidationError(
             "options.learning_rate",
             "a step size whose new parameters are finite",
             f"x + {result.record.step_size:.3g} d overflowed",
         )
     return result
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of `t` is finite. A finite sum proves it (inf and NaN never cancel
-    back), in Python floats for a small CPU tensor (under a microsecond, where isfinite's
-    mask and all() cost ~5 us of dispatch: more than the seed's whole fused step); a sum
-    that overflows from finite entries falls through to the exact test."""
-    try:
-        small = t.numel() <= PYTHON_FINITE_MAX and t.is_cpu
-        total = math.fsum(t.reshape(-1).tolist()) if small else float(t.sum())
-    except (OverflowError, ValueError):  # fsum's intermediate overflow, or -inf + inf
-        total = math.inf
-    return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
 def _take_step(
