@@ -106,7 +106,7 @@ def _same(a: Any, b: Any) -> bool:
     """Whether two field values are equal as results compare them: NaN (a value not
     computed) equals NaN, and arrays (and tensors) by shape, dtype and values."""
     if hasattr(a, "detach") and hasattr(b, "detach"):  # torch tensors (not imported here)
-        a, b = a.detach().cpu().numpy(), b.detach().cpu().numpy()
+        a, b = tensors.as_numpy(a), tensors.as_numpy(b)
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return (
             isinstance(a, np.ndarray)

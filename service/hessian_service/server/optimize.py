@@ -26,6 +26,7 @@ from hessian_client.proto import service_pb2
 from ..engine import StopCriteria
 from ..engine.cancel import CancelToken
 from ..engine.errors import ResourceLimitError, ValidationError
+from ..engine.linalg import all_finite
 from ..engine.options import DENSE_METHODS, check_dtype_range, check_method_budget
 from ..engine.solvers.asktell import (
     Answer,
@@ -353,7 +354,7 @@ def _quantity(wire: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) 
             field, f"a tensor of shape {list(shape)} (as asked)", f"shape {list(t.shape)}"
         )
     out = t.to(dtype)
-    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):
+    if out.dtype != t.dtype and not all_finite(out):
         name = str(dtype).removeprefix("torch.")
         raise ValidationError(
             field,

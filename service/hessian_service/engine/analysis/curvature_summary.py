@@ -16,7 +16,7 @@ from ..backends.selector import resolve
 from ..budget import check_dense_budget
 from ..cancel import CancelToken, check, scope
 from ..errors import ValidationError
-from ..linalg import count_negative, negative_tolerance, symmetrise
+from ..linalg import all_finite, count_negative, negative_tolerance, symmetrise
 from ..objectives.base import Objective
 from ..options import MethodOptions
 from ..validation import decomposable
@@ -113,8 +113,8 @@ def _dense_curvature(
         objective, x, options.curvature, options.dense_budget_bytes
     )
     check("before the eigendecomposition")
-    bad = int((~torch.isfinite(matrix)).sum())
-    if bad:  # LAPACK's refusal would say only that it failed to converge
+    if not all_finite(matrix):  # LAPACK's refusal would say only that it failed to converge
+        bad = int((~torch.isfinite(matrix)).sum())
         dtype = str(matrix.dtype).removeprefix("torch.")
         raise ValidationError(
             "params",
