@@ -424,8 +424,6 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   at::Tensor gw = g.narrow(0, 0, d);
   at::mm_out(gw, X.t(), E).mul_(inv_n).add_(Wd, l2);
   if (fit_intercept) g.narrow(0, d, 1).copy_(E.mean(0, true));
-  const at::Tensor Xa =
-      fit_intercept ? at::cat({X, at::ones({N, 1}, X.options())}, 1) : X;
   // H = (1/N) sum_i x_i x_i^T kron S_i, S_i = diag(p_i) - p_i p_i^T. As block diag(p) -
   // (x kron p)^T (x kron p) it cancels where a class is near certain (both terms ~ x x^T,
   // their difference ~ (1 - p_m) x x^T). With m the row's largest class and r = p - e_m (its
@@ -433,27 +431,32 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   // is small there, and for other rows it is S's own size.
   const at::Tensor top = std::get<1>(P.max(1, true));
   const at::Tensor R = P.clone().scatter_(1, top, P.scatter(1, top, 0.0).sum(1, true).neg());
-  // M[i, a k + c] = Xa[i, a] R[i, c]: the per-sample outer products, flattened
-  const at::Tensor M = (Xa.unsqueeze(2) * R.unsqueeze(1)).reshape({N, n});
-  at::Tensor h = symmetric_product(M, M, -inv_n);
-  const at::Tensor diag_blocks = at::mm(Xa.t(), M).mul_(inv_n).view({D, D, k});
-  h.view({D, k, D, k}).diagonal(0, 1, 3).add_(diag_blocks);
-  // e_m r^T + r e_m^T: the rows grouped by their largest class m, each group's Xa^T M taken
-  // from class m's rows and columns of H in place (N D n multiply-adds in all, 1 / k of
-  // M^T M's; no second n x n matrix)
+  // the rows grouped by their largest class m (H is a sum over rows, in any order): each
+  // group's block of e_m r^T + r e_m^T is then one product of consecutive rows
   const at::Tensor classes = top.squeeze(1);
-  const at::Tensor order = at::argsort(classes);
-  const at::Tensor Xs = Xa.index_select(0, order), Ms = M.index_select(0, order);
+  const at::Tensor order = at::argsort(classes, /*stable=*/true);
+  const at::Tensor Xo = X.index_select(0, order);
+  const at::Tensor Xa = fit_intercept ? at::cat({Xo, at::ones({N, 1}, X.options())}, 1) : Xo;
+  const at::Tensor Ro = R.index_select(0, order);
+  // M[i, a k + c] = Xa[i, a] R[i, c]: the per-sample outer products, flattened
+  const at::Tensor M = (Xa.unsqueeze(2) * Ro.unsqueeze(1)).reshape({N, n});
+  at::Tensor h = symmetric_product(M, M, -inv_n);
+  // per class m, B_m = Xa_m^T M_m over its rows (N D n multiply-adds in all, 1 / k of
+  // M^T M's): the diag(r) blocks are their sum, and -B_m (with its transpose) is
+  // e_m r^T + r e_m^T in class m's rows and columns of H, taken in place (no second n x n)
   const at::Tensor counts = at::bincount(classes, {}, k).cpu();
   const int64_t* count = counts.data_ptr<int64_t>();
   at::Tensor by_row = h.view({D, k, n}), by_column = h.view({n, D, k});
+  at::Tensor diag_blocks = at::zeros({D, n}, x.options());
   for (int64_t c = 0, start = 0; c < k; start += count[c], ++c) {
     if (count[c] == 0) continue;
     const at::Tensor block =
-        at::mm(Xs.narrow(0, start, count[c]).t(), Ms.narrow(0, start, count[c])).mul_(inv_n);
+        at::mm(Xa.narrow(0, start, count[c]).t(), M.narrow(0, start, count[c])).mul_(inv_n);
+    diag_blocks.add_(block);
     by_row.select(1, c).sub_(block);
     by_column.select(2, c).sub_(block.t());
   }
+  h.view({D, k, D, k}).diagonal(0, 1, 3).add_(diag_blocks.view({D, D, k}));
   make_symmetric(h);  // the terms above round differently on either side of the diagonal
   h.diagonal().narrow(0, 0, d * k).add_(l2);
   return {loss, g.view({n}), h};
