@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -368,3 +369,45 @@ def test_a_cuda_kernels_switch_the_extension_would_misread_is_refused(monkeypatc
         ServerConfig().validated()
     monkeypatch.setenv("HESSIAN_CUDA_KERNELS", "0")
     ServerConfig().validated()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("HESSIAN_STORE_PASSWORD_FILE", "/run/secrets/pw"), ("HESSIAN_REPLICA_ID", "replica-a")],
+)
+def test_a_postgresql_setting_without_a_postgresql_store_is_refused(var, value):
+    # both were accepted and ignored: an operator who forgot HESSIAN_STORE ran on SQLite
+    flag = "--" + var.removeprefix("HESSIAN_").lower().replace("_", "-")
+    with pytest.raises(ValueError, match=re.escape(f"{flag} (from {var}='{value}') applies to")):
+        ServerConfig.from_args([], {var: value})
+    with pytest.raises(ValueError, match=f"{flag} applies to a PostgreSQL --store only"):
+        ServerConfig.from_args([flag, value], {})
+    dsn = "postgresql://hessian@127.0.0.1:5432/hessian"
+    config = ServerConfig.from_args([flag, value, "--store", dsn], {})
+    assert getattr(config, flag[2:].replace("-", "_")) == value
+
+
+def test_a_misspelt_setting_is_warned_about_at_start(tmp_path):
+    # HESSIAN_MAX_PARAM (no S) was ignored in silence: the server ran with the default limit
+    from hessian_service.server.config import misspelt_variables
+
+    env = {
+        "HESSIAN_MAX_PARAM": "10",
+        "HESSIAN_WORKER": "1",
+        "HESSIAN_TOKEN": "t",
+        "HESSIAN_CA_FILE": "ca.pem",
+        "HESSIAN_MAX_PARAMS": "1",
+        "HESSIAN_TEST_SEED": "3",
+    }
+    assert misspelt_variables(env) == [
+        "HESSIAN_MAX_PARAM is not a setting (ignored); did you mean HESSIAN_MAX_PARAMS?",
+        "HESSIAN_WORKER is not a setting (ignored); did you mean HESSIAN_WORKERS?",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", "--recover-store", "--data-dir",
+         str(tmp_path), "--log-format", "text"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HESSIAN_MAX_ITERATION": "5"},
+    )  # fmt: skip
+    assert done.returncode == 2 and "no run store at" in done.stderr  # an empty folder
+    assert "did you mean HESSIAN_MAX_ITERATIONS?" in done.stderr

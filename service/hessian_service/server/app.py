@@ -42,7 +42,7 @@ from ..engine.options import requested_backend
 from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
 from .auth import Tenancy, TokenCheck, load_tokens
-from .config import ServerConfig
+from .config import ServerConfig, misspelt_variables
 from .drain import Drain
 from .failover import LeaseKeeper
 from .logs import configure_logging
@@ -417,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hessian-server: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
+    for warning in misspelt_variables():
+        log.warning("%s", warning)
     if config.recover_store:
         try:
             if config.store:

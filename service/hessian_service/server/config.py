@@ -6,6 +6,7 @@ Precedence: flag, then HESSIAN_<NAME> (e.g. HESSIAN_MAX_PARAMS), then the defaul
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
 import os
@@ -31,6 +32,15 @@ INT64_MAX = 2**63 - 1  # the wire's int64 (ServerInfo reports the limits)
 GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
 MIN_MESSAGE_BYTES = 1024
 MAX_THREADS = 1024  # workers, RPC threads and torch threads: more is a typo, not a machine
+# read by the other programs that share a server's environment (the client and CLI, the
+# health probe, the compose file): never reported as misspelt server settings
+OTHER_PROGRAMS_VARIABLES = (
+    "HESSIAN_TOKEN",
+    "HESSIAN_CA_FILE",
+    "HESSIAN_PROBE_SERVER_NAME",
+    "HESSIAN_PORT",
+    "HESSIAN_METRICS_HOST_PORT",
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -181,6 +191,13 @@ class ServerConfig:
             raise ValueError("--lease-seconds must be > 0")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("--sqlite-synchronous must be NORMAL or FULL")
+        if not self.store:
+            for name in ("store_password_file", "replica_id"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} applies to a PostgreSQL --store only "
+                        "(none is given: runs are stored in SQLite under --data-dir)"
+                    )
         if self.admin_token_file and not self.auth_token_file:
             raise ValueError("--admin-token-file needs --auth-token-file (tenants need tokens)")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -250,6 +267,22 @@ class ServerConfig:
             return cls(**vars(args)).validated()
         except ValueError as exc:
             raise ValueError(_with_source(str(exc), argv, env)) from None
+
+
+def misspelt_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for HESSIAN_* variables that are no setting but close to one: a typo
+    (HESSIAN_MAX_PARAM) the server would otherwise ignore in silence."""
+    env = os.environ if environ is None else environ
+    settings = {f.name.upper(): "HESSIAN_" + f.name.upper() for f in fields(ServerConfig)}
+    known = {*settings.values(), BACKEND_ENV, CUDA_KERNELS_ENV, *OTHER_PROGRAMS_VARIABLES}
+    warnings = []
+    for var in sorted(env):
+        if not var.startswith("HESSIAN_") or var in known:
+            continue
+        close = difflib.get_close_matches(var.removeprefix("HESSIAN_"), settings, 1, 0.8)
+        if close:
+            warnings.append(f"{var} is not a setting (ignored); did you mean {settings[close[0]]}?")
+    return warnings
 
 
 def _from_env(parser: argparse.ArgumentParser, var: str, text: str, kind: type) -> Any:
