@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from hessian_client.proto import problem_pb2
 
 from ..engine.errors import ResourceLimitError, ValidationError
@@ -118,13 +117,10 @@ def build_objective(
 
 def objective_bytes(objective: Objective) -> int:
     """Memory an objective holds: its tensors' storages (each counted once) and an overhead."""
-    values = list(vars(objective).values())
-    values += list(getattr(objective, "data", {}).values())
     storages = {}
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+    for value in objective.held_tensors():
+        storage = value.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) + OBJECT_OVERHEAD_BYTES
 
 

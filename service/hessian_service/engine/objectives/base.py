@@ -276,6 +276,12 @@ class Objective(ABC):
         """The parameter-only term of the loss (zero unless overridden)."""
         return params.new_zeros(())
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors this objective keeps alive (its data and attributes): what a cache of
+        built objectives counts."""
+        values = [*vars(self).values(), *self.data.values()]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary (name, options, parameter shape, data shapes)."""
         return {

@@ -18,15 +18,21 @@ import json
 import math
 import pickletools
 import re
+import sys
 import threading
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._export.serde.schema import SCHEMA_VERSION
+from torch.export.pt2_archive.constants import ARCHIVE_FORMAT_VALUE, ARCHIVE_VERSION_VALUE
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import cancel
 from ..errors import EvaluationError, ResourceLimitError, ValidationError
@@ -35,7 +41,15 @@ FIELD = "problem.exported.program"
 MAX_PROGRAM_BYTES = 64 * 1024**2  # the archive as sent
 MAX_MEMBER_BYTES = 64 * 1024**2  # one member, uncompressed (a zip bomb stops here)
 MAX_NODES = 20_000
+MAX_JSON_CONTAINERS = 1_000_000  # objects and lists in one JSON member (~50 per node)
+# opcodes in a sample-inputs pickle (torch.save of tensors: tens per tensor; each is scanned)
+MAX_PICKLE_OPCODES = 100_000
 MAX_CONSTANT_ELEMENTS = 1_000_000
+# all constants and buffers together (they are held as long as the problem is)
+MAX_TOTAL_CONSTANT_ELEMENTS = 4 * MAX_CONSTANT_ELEMENTS
+# one node's work, as torch's flop counter counts it (a conv2d within every element limit
+# can take hours): a second or so of one core's GEMM, ten of a direct convolution's
+MAX_NODE_FLOPS = 2 * 10**10
 MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in float64)
 # all of them together: an evaluation keeps every value (the derivatives need them)
 MAX_TOTAL_ELEMENTS = 4 * MAX_VALUE_ELEMENTS
@@ -225,7 +239,8 @@ class Program:
             args = [_bind(a, env) for a in node.args]
             kwargs = {k: _bind(v, env) for k, v in node.kwargs.items()}
             try:
-                result = node.op(*args, **kwargs)
+                with FlopCounterMode(display=False) as flops, _LargestTensor() as largest:
+                    result = node.op(*args, **kwargs)
             except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise refuse(
@@ -233,6 +248,7 @@ class Program:
                     "shapes and dtypes (static shapes, no data-dependent sizes)",
                     first,
                 ) from None
+            _check_cost(node, flops.get_total_flops(), largest.numel)
             for name in _store(node, result, env):
                 _check_shape(node, name, env[name], self.metas[name], FIELD)
 
@@ -269,6 +285,41 @@ class Program:
         if not isinstance(out, torch.Tensor):
             raise refuse("a tensor output", type(out).__name__, "problem.exported")
         return out
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor the ATen calls under it make: a node's temporaries
+    (an einsum's pairwise contractions) are not declared in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+def _check_cost(node: Node, flops: int, largest: int) -> None:
+    """Refuse a node whose work (counted on meta tensors, as torch's flop counter does) or
+    whose largest temporary is past the limits: the wall-clock limit and the call's
+    deadline are checked between nodes, so one node must be bounded by itself."""
+    where = f"node {node.name!r} ({node.target})"
+    if flops > MAX_NODE_FLOPS:
+        raise ResourceLimitError(
+            FIELD,
+            f"{where} takes {flops:.3g} floating-point operations, over the limit of "
+            f"{MAX_NODE_FLOPS:.0e} per node",
+        )
+    if largest > MAX_VALUE_ELEMENTS:
+        raise ResourceLimitError(
+            FIELD,
+            f"{where} makes a temporary of {largest} elements, over the limit of "
+            f"{MAX_VALUE_ELEMENTS} per tensor",
+        )
 
 
 def _bind(value: Any, env: dict[str, Any]) -> Any:
@@ -353,8 +404,15 @@ def _member(archive: zipfile.ZipFile, name: str) -> bytes:
 
 
 def _json(archive: zipfile.ZipFile, name: str) -> Any:
+    raw = _member(archive, name)
+    # counted before parsing: a parsed empty object takes ~50 times its two bytes
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ResourceLimitError(
+            FIELD, f"{name!r} holds over {MAX_JSON_CONTAINERS} JSON objects and lists"
+        )
     try:
-        return json.loads(_member(archive, name))
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise refuse("JSON", f"{name!r}: {exc}") from None
 
@@ -453,9 +511,16 @@ def _node(raw: Any, index: int) -> Node:
     if packet not in ALLOWED_OPS:
         raise refuse(f"allowlisted ATen operators only: {where} is not allowed")
     try:
-        op = getattr(getattr(torch.ops.aten, FUNCTIONAL_FORM.get(packet, packet)), parts[4])
+        overloads = getattr(torch.ops.aten, FUNCTIONAL_FORM.get(packet, packet))
+        # a name among the packet's overloads only: any other attribute (__setattr__) would
+        # be called with the node's arguments
+        op = getattr(overloads, parts[4]) if parts[4] in overloads.overloads() else None
     except (AttributeError, RuntimeError):
-        raise refuse(f"an existing operator overload: {where} is unknown to this torch") from None
+        op = None
+    if op is None:
+        raise refuse(f"an existing operator overload: {where} is unknown to this torch")
+    if op._schema.is_mutable:  # an out= or in-place form writes into the data or params
+        raise refuse(f"functional operator forms only: {where} writes into an argument")
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for item in _get(raw, "inputs"):
@@ -501,38 +566,72 @@ def _constant_path(
     return str(_get(config, "config", cname, "path_name"))
 
 
-def _constants(
-    archive: zipfile.ZipFile, prefix: str, wanted: dict[str, str], folder: str = "constants"
-) -> dict:
-    """Lifted tensor constants (folder weights: module buffers) from raw bytes; a pickled
-    one, or a weight that is a parameter, is refused unread."""
-    if not wanted:
-        return {}
-    config = _get(_json(archive, f"{prefix}data/{folder}/model_{folder}_config.json"), "config")
+def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, dict[str, str]]) -> dict:
+    """Lifted tensor constants (folder "constants") and module buffers (folder "weights"),
+    by folder {placeholder: name}, from raw bytes, all of them under one element budget; a
+    pickled one, or a weight that is a parameter, is refused unread."""
     out: dict[str, torch.Tensor] = {}
-    for placeholder, cname in wanted.items():
-        entry = _get(config, cname)
-        if entry.get("is_param", False) is not False:
-            raise refuse("no parameters among the weights (they travel in params)", cname)
-        if entry.get("use_pickle", True) is not False:
-            raise refuse(
-                "tensor constants stored as raw bytes (no pickles)",
-                f"constant {cname!r} is pickled",
-            )
-        meta = _meta(_get(entry, "tensor_meta"), f"constant {cname!r}")
-        numel = math.prod(meta.shape)
-        if numel > MAX_CONSTANT_ELEMENTS:
-            raise ResourceLimitError(FIELD, f"constant {cname!r} has {numel} values, over limit")
-        path = _get(entry, "path_name")
-        if not isinstance(path, str) or "/" in path or path.startswith("."):
-            raise refuse("a plain constant file name", path)
-        raw = _member(archive, f"{prefix}data/{folder}/{path}")
-        itemsize = torch.empty((), dtype=meta.dtype).element_size()
-        if len(raw) != numel * itemsize:
-            raise refuse(f"{numel * itemsize} bytes for constant {cname!r}", f"{len(raw)} bytes")
-        flat = torch.frombuffer(bytearray(raw), dtype=meta.dtype) if numel else torch.empty(0)
-        out[placeholder] = flat.to(meta.dtype).reshape(meta.shape)
+    total = 0
+    for folder, names in wanted.items():
+        if not names:
+            continue
+        config = _get(_json(archive, f"{prefix}data/{folder}/model_{folder}_config.json"), "config")
+        for placeholder, cname in names.items():
+            entry = _get(config, cname)
+            if entry.get("is_param", False) is not False:
+                raise refuse("no parameters among the weights (they travel in params)", cname)
+            if entry.get("use_pickle", True) is not False:
+                raise refuse(
+                    "tensor constants stored as raw bytes (no pickles)",
+                    f"constant {cname!r} is pickled",
+                )
+            raw_meta = _get(entry, "tensor_meta")
+            meta = _meta(raw_meta, f"constant {cname!r}")
+            numel = math.prod(meta.shape)
+            if numel > MAX_CONSTANT_ELEMENTS:
+                raise ResourceLimitError(
+                    FIELD, f"constant {cname!r} has {numel} values, over {MAX_CONSTANT_ELEMENTS}"
+                )
+            total += numel
+            if total > MAX_TOTAL_CONSTANT_ELEMENTS:
+                raise ResourceLimitError(
+                    FIELD,
+                    f"its constants and buffers hold over {MAX_TOTAL_CONSTANT_ELEMENTS} values "
+                    f"together (at constant {cname!r})",
+                )
+            path = _get(entry, "path_name")
+            if not isinstance(path, str) or "/" in path or path.startswith("."):
+                raise refuse("a plain constant file name", path)
+            raw = _member(archive, f"{prefix}data/{folder}/{path}")
+            out[placeholder] = _strided(raw, meta, raw_meta, f"constant {cname!r}")
     return out
+
+
+def _strided(raw: bytes, meta: TensorMeta, raw_meta: Any, what: str) -> torch.Tensor:
+    """A constant from its storage's bytes (torch.export.save writes a view's whole storage)
+    at its declared strides and storage offset, as a tensor of its own."""
+    numel = math.prod(meta.shape)
+    if numel == 0:
+        return torch.empty(meta.shape, dtype=meta.dtype)
+    strides = [_get(s, "as_int") for s in raw_meta.get("strides", [])] or None
+    offset = _get(raw_meta.get("storage_offset", {"as_int": 0}), "as_int")
+    if strides is None:  # an archive written without strides: contiguous
+        strides = [math.prod(meta.shape[i + 1 :]) for i in range(len(meta.shape))]
+    ints = all(type(v) is int and v >= 0 for v in [*strides, offset])
+    if not ints or len(strides) != len(meta.shape):
+        raise refuse(f"{len(meta.shape)} strides and a storage offset >= 0 for {what}",
+                     {"strides": strides, "storage_offset": offset})  # fmt: skip
+    itemsize = torch.empty((), dtype=meta.dtype).element_size()
+    needed = offset + 1 + sum((n - 1) * st for n, st in zip(meta.shape, strides, strict=True))
+    if len(raw) % itemsize or len(raw) // itemsize < needed:
+        raise refuse(
+            f"at least {needed * itemsize} bytes (a multiple of {itemsize}) for {what}",
+            f"{len(raw)} bytes",
+        )
+    storage = torch.frombuffer(bytearray(raw), dtype=meta.dtype)
+    return storage.as_strided(meta.shape, strides, offset).clone(
+        memory_format=torch.contiguous_format
+    )
 
 
 # Members of a torch.export.save archive besides the constants' raw files (under its prefix).
@@ -572,16 +671,27 @@ def scan_pickle(raw: bytes, what: str) -> None:
         for name in names:
             scan_pickle(_member(inner, name), f"{what}/{name}")
         return
-    try:
-        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
-    except ValueError as exc:
-        raise refuse(f"a well-formed pickle in {what}", str(exc)) from None
-    for name, arg in ops:
+    for count, (name, arg) in enumerate(_opcodes(raw, what)):
+        if count == MAX_PICKLE_OPCODES:
+            raise ResourceLimitError(FIELD, f"{what}: over {MAX_PICKLE_OPCODES} pickle opcodes")
         if name in PICKLE_OPCODES_REFUSED or (name == "GLOBAL" and str(arg) not in PICKLE_GLOBALS):
             raise refuse(
                 f"a pickle of plain tensors in {what} (it is never unpickled)",
                 f"opcode {name} {arg if arg is not None else ''}".strip(),
             )
+
+
+def _opcodes(raw: bytes, what: str) -> Iterator[tuple[str, Any]]:
+    """The pickle's (opcode name, argument) pairs, one at a time; a malformed one refused."""
+    ops = pickletools.genops(raw)
+    while True:
+        try:
+            op, arg, _ = next(ops)
+        except StopIteration:
+            return
+        except ValueError as exc:
+            raise refuse(f"a well-formed pickle in {what}", str(exc)) from None
+        yield op.name, arg
 
 
 def _check_members(
@@ -639,6 +749,7 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
         raise refuse("one models/model.json in the archive", f"{len(models)}")
     prefix = models[0].removesuffix("models/model.json")
     doc = _json(archive, models[0])
+    _check_versions(archive, prefix, doc)
     module = _get(doc, "graph_module")
     graph = _get(module, "graph")
     raw_nodes = _get(graph, "nodes")
@@ -698,12 +809,40 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
         nodes,
         user_inputs[0],
         dict(zip(user_inputs[1:], arg_names[1:], strict=True)),
-        _constants(archive, prefix, constants) | _constants(archive, prefix, buffers, "weights"),
+        _constants(archive, prefix, {"constants": constants, "weights": buffers}),
         output,
         metas,
         row_count,
     )
     return (program if row_count else program.for_rows(None)), [str(a) for a in arg_names[1:]]
+
+
+def _check_versions(archive: zipfile.ZipFile, prefix: str, doc: Any) -> None:
+    """Refuse an archive this reader would misread: another serialisation schema (major
+    version, as torch.export.load checks), ATen operators newer than this torch's, another
+    archive format, version or byte order (constants are read as this machine's bytes)."""
+    schema = _get(doc, "schema_version")
+    major, minor = _get(schema, "major"), _get(schema, "minor")
+    if major != SCHEMA_VERSION[0]:
+        raise refuse(
+            f"an archive of torch.export's schema version {SCHEMA_VERSION[0]}.x (torch "
+            f"{torch.__version__.split('+')[0]})",
+            f"{major}.{minor}",
+        )
+    aten = doc.get("opset_version", {}).get("aten") if isinstance(doc, dict) else None
+    newest = torch._C._get_max_operator_version()
+    if type(aten) is not int or aten > newest:
+        raise refuse(f"the ATen operator set version {newest} or older", aten)
+    expected = {
+        "archive_format": ARCHIVE_FORMAT_VALUE,
+        "archive_version": str(ARCHIVE_VERSION_VALUE),
+        "byteorder": sys.byteorder,
+    }
+    for member, value in expected.items():
+        if f"{prefix}{member}" in archive.namelist():
+            found = _member(archive, f"{prefix}{member}").decode(errors="replace").strip()
+            if found != value:
+                raise refuse(f"{member} {value!r}", found)
 
 
 def _row_count(doc: Any, metas: dict[str, TensorMeta], user_inputs: list[str]) -> RowCount | None:
@@ -717,6 +856,12 @@ def _row_count(doc: Any, metas: dict[str, TensorMeta], user_inputs: list[str]) -
     (symbol,) = symbols
     if any(isinstance(s, str) for s in metas[user_inputs[0]].shape):
         raise refuse("a params input of static shape", list(metas[user_inputs[0]].shape))
+    for name in user_inputs[1:]:
+        if symbol in metas[name].shape[1:]:  # mini-batches and Predict slice the first only
+            raise refuse(
+                f"the symbolic size {symbol!r} as the first dimension of data inputs only",
+                f"input {name!r} of shape {list(metas[name].shape)}",
+            )
     if not any(metas[name].shape[:1] == (symbol,) for name in user_inputs[1:]):
         raise refuse(f"the symbolic size {symbol!r} as the first dimension of a data input")
     bounds = doc.get("range_constraints", {}).get(symbol, {}) if isinstance(doc, dict) else {}

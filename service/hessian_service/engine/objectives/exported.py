@@ -102,9 +102,18 @@ class Exported(Objective):
         self.supports_ggn = bool(output_loss)
         if output_loss:
             self._check_target(out.shape, target, output_loss)
-        value = self._evaluate(torch.zeros(shape, dtype=self.dtype))  # refuse what fails now
+        with torch.enable_grad():  # refuse what fails now, and an output with no gradient
+            value = self._evaluate(torch.zeros(shape, dtype=self.dtype, requires_grad=True))
         if not value.dtype.is_floating_point:
             raise ValidationError("problem.exported", "a floating-point output", value.dtype)
+        if not value.requires_grad:
+            raise ValidationError(
+                "problem.exported",
+                "an output that depends on params through differentiable operations (methods "
+                "need its gradient)",
+                "none: params reach it only through detach, comparisons or integer casts, or "
+                "not at all",
+            )
         if options.get("compile", False):
             self.compiled = compile_or_none(
                 program,
@@ -249,6 +258,10 @@ class Exported(Objective):
         bound = 1.0 / math.sqrt(self.num_params)
         u = torch.rand(self.num_params, generator=generator, dtype=self.dtype)
         return u * (2 * bound) - bound
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The base's tensors and the program's constants and buffers."""
+        return [*super().held_tensors(), *self.program.constants.values()]
 
     def describe(self) -> dict[str, Any]:
         """The base summary plus the program's size in nodes."""
