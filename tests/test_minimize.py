@@ -391,3 +391,26 @@ def test_a_run_the_server_ends_while_the_callers_function_runs_ends_alike_in_asy
     assert sync.run_status == aio.run_status == "CANCELLED"
     assert (sync.status, sync.nit, sync.message) == (aio.status, aio.nit, aio.message)
     np.testing.assert_array_equal(sync.x, aio.x)
+
+
+def test_auto_with_a_gradient_only_takes_a_checked_step_and_reaches_the_minimum(address, rng):
+    # auto chose gradient descent with the learning rate of "auto" (1) and a fixed step: on
+    # sum (x - c)^2 (curvature 2 = 2 / lr) x jumped between x0 and 2c - x0 for 1000
+    # iterations, and from elsewhere Rosenbrock's loss overflowed
+    c = rng.normal(size=4)
+
+    def bowl(x):
+        return float(np.sum((x - c) ** 2)), 2 * (x - c)
+
+    res = minimize(bowl, np.zeros(4), jac=True, address=address)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, c, rtol=0, atol=1e-9)  # the exact minimiser
+    with Client(address) as client:
+        info = client.run(res.run_id).info()
+    assert info.method == "gradient_descent" and "line search" in info.method_note
+    x0 = start(rng, 3) - 1.5  # outside the valley
+    ros = minimize(rosen, x0, jac=rosen_der, address=address, options={"maxiter": 50})
+    with Client(address) as client:
+        losses = [r.loss for r in client.run(ros.run_id).records()]
+    assert all(np.isfinite(losses)) and all(b <= a for a, b in itertools.pairwise(losses))
+    assert losses[-1] < losses[0]

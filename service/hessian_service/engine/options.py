@@ -153,9 +153,10 @@ class MethodOptions:
         if backend not in BACKENDS:
             raise UnknownNameError(f"{p}.backend", backend, list(BACKENDS))
         lr = self.learning_rate
-        if lr is None:
+        if lr is None and self.method != "auto":  # auto's default: its resolved method's
             lr = DEFAULT_LEARNING_RATE.get(self.method, 1.0)
-        lr = _real(f"{p}.learning_rate", lr, positive=True)
+        if lr is not None:
+            lr = _real(f"{p}.learning_rate", lr, positive=True)
         _real(f"{p}.damping", self.damping, nonnegative=True)
         _real(f"{p}.eigenvalue_floor", self.eigenvalue_floor, positive=True)
         if not 0 < _real(f"{p}.armijo", self.armijo) < 1:

@@ -282,6 +282,11 @@ def _auto(options: MethodOptions, capabilities: Capabilities, n: int) -> tuple[M
             else "the caller offers neither the Hessian nor HVPs"
         )
         chosen = replace(options, method=method)
+        if method == "gradient_descent" and options.step_policy is None:
+            # chosen for the caller, so globalised: a fixed step of the default size diverges
+            # on Rosenbrock and oscillates on a quadratic of curvature 2 / learning_rate
+            chosen = replace(chosen, step_policy="line_search")
+            why += " (with a line search: auto never takes an unchecked fixed step)"
     return chosen.validated("start.options"), f"method auto chose {method}: {why}"
 
 
