@@ -45,6 +45,7 @@ MAX_BACKTRACKS = 10_000
 # the options validated > 0 that scale tensors of the compute dtype (check_dtype_range)
 POSITIVE_SCALES = ("learning_rate", "eigenvalue_floor", "trust_radius")
 DEFAULT_PARAMETER_TOLERANCE = 1e-8
+DEFAULT_GRADIENT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-6}
 
 
 def _real(name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
@@ -325,7 +326,9 @@ class StopCriteria:
     (max|g| of the step's mini-batch gradient under gradient_fraction < 1). The other two
     say the run *stalled* (progress too small while the gradient test is not met):
     function_tolerance: |f_k - f_{k-1}| <= tol * |f_{k-1}|; parameter_tolerance:
-    ||x_k - x_{k-1}|| <= tol * (||x_{k-1}|| + tol). Defaults: gradient 1e-10; function 0
+    ||x_k - x_{k-1}|| <= tol * (||x_{k-1}|| + tol). Defaults: gradient None: 1e-10 in
+    float64, 1e-6 in float32 (DEFAULT_GRADIENT_TOLERANCE: a float32 gradient of an O(1)
+    loss carries rounding of a few eps32 ~ 1e-7, so 1e-10 could never be met); function 0
     (off: a small loss change is what a small learning rate or a flat stretch gives, not a
     stall); parameter None: 1e-8 (Ceres') for second-order methods, whose step minimises a
     model, and 0 (off) for gradient descent, whose step is only lr x gradient.
@@ -333,7 +336,7 @@ class StopCriteria:
     """
 
     max_iterations: int = 100
-    gradient_tolerance: float = 1e-10
+    gradient_tolerance: float | None = None
     function_tolerance: float = 0.0
     parameter_tolerance: float | None = None
     time_limit_seconds: float | None = None
@@ -355,9 +358,12 @@ class StopCriteria:
             _real(f"{p}.time_limit_seconds", self.time_limit_seconds, positive=True)
         return self
 
-    def for_method(self, method: str) -> StopCriteria:
-        """These criteria with the method's defaults filled in (parameter_tolerance)."""
-        if self.parameter_tolerance is not None:
-            return self
-        tol = 0.0 if method == "gradient_descent" else DEFAULT_PARAMETER_TOLERANCE
-        return replace(self, parameter_tolerance=tol)
+    def for_method(self, method: str, dtype: torch.dtype | None = None) -> StopCriteria:
+        """These criteria with the defaults of the method (parameter_tolerance) and of the
+        parameters' dtype (gradient_tolerance; None: float64's) filled in."""
+        xtol, gtol = self.parameter_tolerance, self.gradient_tolerance
+        if xtol is None:
+            xtol = 0.0 if method == "gradient_descent" else DEFAULT_PARAMETER_TOLERANCE
+        if gtol is None:
+            gtol = DEFAULT_GRADIENT_TOLERANCE.get(dtype, DEFAULT_GRADIENT_TOLERANCE[torch.float64])
+        return replace(self, parameter_tolerance=xtol, gradient_tolerance=gtol)

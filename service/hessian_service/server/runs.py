@@ -442,7 +442,7 @@ class RunManager:
         """
         check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
-        stopping = stopping.for_method(options.method)  # stored as run, not as sent
+        stopping = stopping.for_method(options.method, objective.dtype)  # as run, not as sent
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         if method_note:
             spec["method_note"] = method_note

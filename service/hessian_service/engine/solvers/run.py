@@ -40,8 +40,17 @@ from .methods import LineSearchFailed, NoProgress, Point, RoundingStall, Step, S
 UNCHANGED_STEPS = 3
 RECENT = 8
 RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
+# accepted steps in a row, each small (under sqrt(eps) |x|) and not held back by its
+# policy, over which the loss stays within its rounding of where they started and the
+# gradient max-norm sets no new low, before a run whose gradient test is on ends
+# no_progress: steps driven by the gradient's rounding noise (float32 Newton-CG near its
+# minimum took 95 of 100 steps at a bit-identical loss, each too large for the cycle test
+# above). Slow convergence lowers the gradient at every step, which the loss near a minimum
+# (quadratic in the distance) no longer shows.
+FLAT_STEPS = 10
+FLAT_KEYS = ("flat_steps", "flat_loss", "flat_gradient")
 # the keys a Run adds to its stepper's state in a checkpoint (Run._state)
-RUN_KEYS = ("previous_loss", "unchanged_steps", *RECENT_KEYS)
+RUN_KEYS = ("previous_loss", "unchanged_steps", *FLAT_KEYS, *RECENT_KEYS)
 
 
 def _digest(x: torch.Tensor, state: dict[str, float]) -> float:
@@ -254,12 +263,15 @@ class Run:
         self._previous_loss: float | None = None
         self._unchanged = 0  # accepted steps in a row back to a recent x (UNCHANGED_STEPS)
         self._recent: list[float] = []  # digests of the last RECENT x, the loss staying put
+        self._flat = (0.0, math.nan, math.nan)  # FLAT_KEYS: steps, their loss, lowest max|g|
         # an objective evaluated elsewhere (asktell.RemoteObjective) brings its own Stepper
         stepper_class = getattr(objective, "stepper_class", Stepper)
         self.stepper = stepper_class(
             objective, self.options, self.params, reuse_trials=True, cancel_token=self.cancel_token
         )
-        self.stopping = (stopping or StopCriteria()).validated().for_method(self.method)
+        self.stopping = (
+            (stopping or StopCriteria()).validated().for_method(self.method, self.params.dtype)
+        )
         # a stall tolerance finer than the dtype's resolution could never fire on a change
         # that is rounding: it is raised to eps (and the stop message says so)
         eps = torch.finfo(self.params.dtype).eps if self.params.is_floating_point() else 0.0
@@ -273,6 +285,9 @@ class Run:
             previous = state.pop("previous_loss", math.nan)
             self._previous_loss = None if math.isnan(previous) else previous
             self._unchanged = int(state.pop("unchanged_steps", 0))
+            self._flat = tuple(
+                state.pop(key, d) for key, d in zip(FLAT_KEYS, self._flat, strict=True)
+            )
             self._recent = [state.pop(key) for key in RECENT_KEYS if key in state]
             self.stepper.state.update(state)
         self.stop_reason: StopReason | None = None
@@ -328,6 +343,8 @@ class Run:
         state["previous_loss"] = math.nan if previous_loss is None else previous_loss
         if self._unchanged:
             state["unchanged_steps"] = float(self._unchanged)
+        if self._flat[0]:
+            state.update(zip(FLAT_KEYS, self._flat, strict=True))
         state.update(zip(RECENT_KEYS, self._recent, strict=False))
         return state
 
@@ -383,6 +400,15 @@ class Run:
                 f"{RECENT} values (steps at or below their rounding; the loss changed within "
                 f"its own), while the gradient max-norm {gmax:.3g} > gradient_tolerance"
             )
+        steps, flat_loss, lowest = self._flat
+        if steps >= FLAT_STEPS and s.gradient_tolerance > 0:
+            return StopReason.NO_PROGRESS, (
+                f"no measurable progress at {str(point.x.dtype).removeprefix('torch.')} "
+                f"precision: the last {steps:.0f} accepted steps, each under sqrt(eps) |x|, "
+                f"left the loss within its rounding of {flat_loss:.10g} and the gradient "
+                f"max-norm above its low of {lowest:.3g} (steps driven by rounding noise), "
+                f"while the gradient max-norm {gmax:.3g} > gradient_tolerance"
+            )
         if k >= s.max_iterations:
             return StopReason.MAX_ITERATIONS, f"reached max_iterations = {s.max_iterations}"
         if s.time_limit_seconds is not None and elapsed >= s.time_limit_seconds:
@@ -414,6 +440,25 @@ class Run:
                     "parameter_tolerance) " + xnote + still.format(gmax)
                 )
         return None
+
+    def _note_flat(self, point: Point, new_point: Point, step: Step) -> None:
+        """Count an accepted step towards FLAT_STEPS, or start the count again."""
+        dtype = point.x.dtype
+        steps, flat_loss, lowest = self._flat
+        small = _norm(new_point.x - point.x) <= torch.finfo(dtype).eps ** 0.5 * _norm(point.x)
+        gmax = new_point.grad_norms[1]
+        if step.held_back or not small:
+            self._flat = (0.0, math.nan, math.nan)
+        elif (
+            steps
+            and gmax >= lowest
+            and abs(new_point.loss - flat_loss) <= loss_rounding(flat_loss, dtype)
+        ):
+            self._flat = (steps + 1, flat_loss, lowest)
+        elif abs(new_point.loss - point.loss) <= loss_rounding(point.loss, dtype):
+            self._flat = (1.0, point.loss, min(point.grad_norms[1], gmax))
+        else:
+            self._flat = (0.0, math.nan, math.nan)
 
     def _note_unchanged(self, point: Point, new_point: Point) -> None:
         """Count an accepted step that brings x back to one of its last RECENT values. Only a
@@ -514,6 +559,7 @@ class Run:
             previous_loss = point.loss
             if new_point is not None:
                 self._note_unchanged(point, new_point)
+                self._note_flat(point, new_point, step)
                 previous, point, last = point, new_point, step
                 self.params = point.x
             else:
