@@ -72,6 +72,7 @@ ALLOWED_OPS = frozenset(
     batch_norm _native_batch_norm_legit_no_training
     nll_loss nll_loss_forward cross_entropy_loss mse_loss einsum embedding one_hot
     _to_copy to type_as zeros_like ones_like full_like scalar_tensor _assert_tensor_metadata
+    numpy_T nll_loss_nd broadcast_tensors linalg_norm huber_loss smooth_l1_loss dropout
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
 )
 # In-place forms that the exporter emits on fresh copies only: run as their functional form.
@@ -529,6 +530,8 @@ def _node(raw: Any, index: int) -> Node:
             kwargs[str(_get(item, "name"))] = value
         else:
             args.append(value)
+    if packet == "dropout" and (len(args) < 3 or args[2] is not False):
+        raise refuse(f"dropout in eval mode (train=False): {where} draws random numbers")
     if packet == "batch_norm" and (
         len(args) < 6 or (args[5] is not False and args[3:5] != [None, None])
     ):
