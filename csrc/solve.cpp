@@ -3,8 +3,8 @@
 // Three paths, one policy (linalg.damped_cholesky_solve): start at the given damping; on a
 // failed factorisation, a pivot L_ii^2 <= 16 eps (|H_ii| + lambda) (rounding noise: a lambda
 // one ulp above -lambda_min(H) factors, and its solve is a step of 1e13), or a non-finite
-// solution, lambda = max(10 lambda, sqrt(eps) * max(1, max|diag H|)); eps is the storage
-// type's.
+// solution, lambda = max(10 lambda, sqrt(eps) * max|diag H|) (1 in its place where that is
+// 0 or not finite); eps is the storage type's.
 //  * CPU, n <= kSmallN: plain loops in double on thread-local buffers, no ATen dispatch.
 //  * CPU, larger n: LAPACK potrf (ATen's lapackCholesky) in place on one working triangle,
 //    written by a symmetrising pass before each attempt (a retry re-reads H).
@@ -28,6 +28,12 @@ constexpr int64_t kTile = 64;
 // Largest n served by the hand-written loops; above it one LAPACK factorisation (measured
 // crossover on the 2-core CI machine: the loops win up to about 64).
 constexpr int64_t kSmallN = 64;
+
+// The damping floor's scale: max|diag H| as it is (a floor of sqrt(eps) x max(1, max|diag H|)
+// damped a singular H of scale 1e-12 to a gradient step), 1 where it is 0 or not finite.
+inline double floor_scale(double largest_diagonal) {
+  return largest_diagonal > 0 && std::isfinite(largest_diagonal) ? largest_diagonal : 1.0;
+}
 // Below this n the O(n^2) copies run on one thread (waking the pool costs more).
 constexpr int64_t kParallelN = 512;
 
@@ -104,7 +110,7 @@ SolveStatus small_solve(const scalar_t* h, int64_t n, const scalar_t* g, double 
   thread_local SmallBuffers w;
   w.reserve(std::max<int64_t>(n, 1));
   double* sym = w.sym.data();
-  double scale = 1.0;
+  double scale = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
       const double hij = static_cast<double>(h[i * n + j]);
@@ -114,7 +120,7 @@ SolveStatus small_solve(const scalar_t* h, int64_t n, const scalar_t* g, double 
   }
   double* minus_g = w.minus_g.data();
   for (int64_t i = 0; i < n; ++i) minus_g[i] = -static_cast<double>(g[i]);
-  const double floor = sqrt_eps<scalar_t>() * scale;
+  const double floor = sqrt_eps<scalar_t>() * floor_scale(scale);
   const double tol = pivot_tolerance<scalar_t>();
   double lam = damping;
   for (int64_t attempt = 1; attempt <= max_attempts; ++attempt) {
@@ -151,9 +157,9 @@ void restore_upper(scalar_t* a, int64_t n, const scalar_t* diag, scalar_t lam) {
 template <typename scalar_t, typename Fill>
 SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const scalar_t* g,
                          double damping, int64_t max_attempts, Fill fill, scalar_t* d) {
-  double scale = 1.0;
+  double scale = 0.0;
   for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(static_cast<double>(diag[i])));
-  const double floor = sqrt_eps<scalar_t>() * scale;
+  const double floor = sqrt_eps<scalar_t>() * floor_scale(scale);
   const double tol = pivot_tolerance<scalar_t>();
   const int ni = static_cast<int>(n);
   double lam = damping;
@@ -202,9 +208,9 @@ void symmetrise_upper(const scalar_t* h, int64_t n, scalar_t* out, scalar_t lam)
 SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damping,
                           int64_t max_attempts, at::Tensor& d) {
   const at::Tensor diag_abs = hs.diagonal().abs();
-  const double scale = hs.numel() ? std::max(1.0, diag_abs.max().item<double>()) : 1.0;
+  const double scale = hs.numel() ? diag_abs.max().item<double>() : 0.0;
   const double eps = hs.scalar_type() == at::kFloat ? sqrt_eps<float>() : sqrt_eps<double>();
-  const double floor = eps * scale;
+  const double floor = eps * floor_scale(scale);
   const double tol =
       hs.scalar_type() == at::kFloat ? pivot_tolerance<float>() : pivot_tolerance<double>();
   double lam = damping;
@@ -329,9 +335,13 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Te
   const int64_t n = evals.numel();
   const double eps = h.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
                                                    : std::numeric_limits<double>::epsilon();
-  const double tol = n ? tolerance_factor * eps * evals.abs().max().item<double>() : 0.0;
+  const double largest = n ? evals.abs().max().item<double>() : 0.0;
+  const double tol = tolerance_factor * eps * largest;
   at::Tensor negative = evals.lt(-tol).sum();
-  at::Tensor coeff = at::mv(evecs.t(), g).div_(evals.abs().clamp_min_(eigenvalue_floor));
+  // |lambda| floored relative to the largest (as linalg.saddle_free_direction): an absolute
+  // floor turned a positive-definite H of scale 1e-10 into a step 100 times too short
+  const double floor = largest > 0 ? std::max(eigenvalue_floor * largest, tol) : eigenvalue_floor;
+  at::Tensor coeff = at::mv(evecs.t(), g).div_(evals.abs().clamp_min_(floor));
   at::Tensor d = at::mv(evecs, coeff).neg_();
   return {d, negative};
 }

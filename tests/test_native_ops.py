@@ -189,7 +189,7 @@ def test_damped_cholesky_singular_escalates(n, dtype):
     g = torch.randn(n, dtype=dtype)
     d, lam, attempts = ops.damped_cholesky(h, g, 0.0, 60)
     _check_damped(h, g, dtype, d, lam, attempts)
-    floor = torch.finfo(dtype).eps ** 0.5 * max(1.0, float(diag.max()))
+    floor = torch.finfo(dtype).eps ** 0.5 * (float(diag.max()) or 1.0)  # relative (1 for 0)
     assert float(lam) == pytest.approx(floor, rel=1e-6)  # the first escalation suffices
     zero = torch.zeros(n, n, dtype=dtype)
     d0, lam0, attempts0 = ops.damped_cholesky(zero, g, 0.0, 60)

@@ -183,8 +183,8 @@ def damping_floor(h: torch.Tensor) -> float:
     Scaled to the matrix (sqrt(eps) of its largest diagonal magnitude) so the escalation
     takes few attempts whatever the units of the problem.
     """
-    scale = float(h.diagonal().abs().max()) if h.numel() else 1.0
-    return torch.finfo(h.dtype).eps ** 0.5 * max(scale, 1.0)
+    scale = float(h.diagonal().abs().max()) if h.numel() else 0.0
+    return torch.finfo(h.dtype).eps ** 0.5 * (scale if 0 < scale < math.inf else 1.0)
 
 
 def pivots_above_rounding(factor: torch.Tensor, hs: torch.Tensor, lam: float) -> bool:
@@ -224,13 +224,18 @@ def saddle_free_direction(
 ) -> SolveResult:
     """d = -|H|^-1 g with |H| = V max(|Lambda|, floor) V^T; counts H's negative eigenvalues.
 
+    floor = max(eigenvalue_floor, the count's rounding tolerance) x max|lambda| (relative, so
+    the step does not depend on the problem's units; eigenvalue_floor itself for H = 0).
     The count is `count_negative`'s (relative to rounding_factor eps max|lambda|). Where
     plain Newton is attracted to a saddle (it follows negative curvature uphill), the absolute-value
     Hessian turns those directions into descent directions.
     """
     evals, evecs = torch.linalg.eigh(symmetrise(h))
     n_negative = count_negative(evals, h.dtype, rows)
-    scale = evals.abs().clamp_min(eigenvalue_floor)
+    largest = float(evals.abs().max()) if evals.numel() else 0.0
+    tol = negative_tolerance(evals, h.dtype, rows)
+    floor = max(eigenvalue_floor * largest, tol) if largest > 0 else eigenvalue_floor
+    scale = evals.abs().clamp_min(floor)
     d = -(evecs @ ((evecs.T @ g) / scale))
     return SolveResult(d, 0.0, 1, n_negative)
 

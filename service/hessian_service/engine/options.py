@@ -88,7 +88,8 @@ class MethodOptions:
     learning_rate: the fixed step size or the line search's first trial (default 1, and
     0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
     levenberg_marquardt, in (H + lambda diag H) (Marquardt's scaling), and 0 means 1e-3.
-    curvature: hessian or gauss_newton.
+    curvature: hessian or gauss_newton. eigenvalue_floor (saddle_free): |lambda| is floored
+    at eigenvalue_floor x max|lambda| (relative: the step does not depend on the units).
     backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto). For the
     Hessian-free methods, auto and native take the closed-form native curvature products
     (backends/native/products.py) where they cover the objective; hvp_mode is then unused.
