@@ -72,3 +72,18 @@ def test_dropout_in_eval_mode_is_the_identity_and_in_training_is_refused():
     assert abs(float(loss) - float(((net.linear(X) - y) ** 2).mean())) <= REL
     with pytest.raises(ValidationError, match="dropout in eval mode"):
         from_problem(problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse"))
+
+
+@pytest.mark.parametrize(
+    ("data", "rows", "field"),
+    [
+        ({"class": torch.ones(4, 2)}, (), "data.class"),  # a keyword: torch's SyntaxError
+        ({"X": torch.ones(1, 2)}, ("X",), "data.X"),  # one example row: torch's UserError
+    ],
+)
+def test_inputs_torch_export_cannot_take_are_named_by_the_sdk(data, rows, field):
+    from hessian_client import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as err:
+        problems.exported(lambda p, **d: (p**2).sum(), torch.zeros(2), data, rows=rows)
+    assert err.value.field == field

@@ -526,3 +526,18 @@ def test_check_params_rejects_bad_params(name):
         with pytest.raises(ValidationError) as err:
             obj.check_params(bad)
         assert err.value.field == "params" and in_msg in str(err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_of_another_shape_with_as_many_values_are_refused(name):
+    # (3, 2) params for a (2, 3) objective were reshaped in silence: a transposition
+    obj = _build(name)
+    shape = list(obj.param_shape)
+    wrong = [obj.num_params, 1] if len(shape) == 1 else shape[::-1]
+    if wrong == shape:
+        wrong = [1, obj.num_params]
+    with pytest.raises(ValidationError, match=r"a flat vector or shape") as err:
+        obj.check_params(torch.zeros(wrong, dtype=F64))
+    assert err.value.field == "params"
+    flat = torch.arange(obj.num_params, dtype=F64)
+    assert torch.equal(obj.check_params(flat.reshape(shape)), obj.check_params(flat))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import keyword
 import numbers
 import zipfile
 from collections.abc import Callable, Sequence
@@ -180,6 +181,9 @@ def exported(
     if loss and target not in tensors:
         raise invalid(f"data.{target}", f"the target of the {loss} loss", sorted(tensors))
     inputs = {k: v for k, v in tensors.items() if not (loss and k == target)}
+    for name in inputs:  # the program takes them as keyword arguments
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise invalid(f"data.{name}", "a Python identifier that is not a keyword", name)
     function, inner = fn_or_module, None
     if isinstance(fn_or_module, torch.nn.Module):
         module = fn_or_module
@@ -190,6 +194,10 @@ def exported(
     for name in rows:
         if name not in inputs:
             raise invalid("rows", f"names of program inputs {sorted(inputs)}", name)
+        if inputs[name].dim() == 0 or inputs[name].shape[0] < 2:
+            # torch.export specialises a size of 0 or 1 and refuses to make it symbolic
+            shape = list(inputs[name].shape)
+            raise invalid(f"data.{name}", "at least 2 example rows to export a row count", shape)
     dynamic = None
     if rows:
         count = torch.export.Dim("rows")

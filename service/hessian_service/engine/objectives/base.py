@@ -136,6 +136,13 @@ class Objective(ABC):
                 f"{self.num_params} values (shape {list(self.param_shape)}) for {self.name}",
                 f"{params.numel()} values (shape {list(params.shape)})",
             )
+        if params.dim() > 1 and tuple(params.shape) != tuple(self.param_shape):
+            # flat, or exactly the parameters' shape: (3, 2) for (2, 3) is a transposition
+            raise ValidationError(
+                field,
+                f"a flat vector or shape {list(self.param_shape)} for {self.name}",
+                f"shape {list(params.shape)}",
+            )
         if not bool(torch.isfinite(params).all()):
             raise ValidationError(field, "finite values", "NaN or inf")
         dtype = self.dtype or params.dtype
