@@ -3,15 +3,28 @@
 `hessian-server --recover-store` runs `recover_store`. It reads the damaged file read-only,
 table by table in key order; where a damaged page stops a scan it seeks past it (ever larger
 jumps in the key), so the rows on intact pages are kept and only those on damaged pages are
-lost. The copy is built at the source's schema version, then migrated like any older store;
-`num_records` is recounted from the records recovered. The damaged file is kept beside the
-new one as `runs.sqlite3.damaged`. The copy is then made consistent as the PostgreSQL
-store's repair makes its own (`_repair`): no run keeps records past a gap, and no run stays
-resumable without what ResumeRun needs.
+lost. The source is read with `PRAGMA writable_schema=ON`: SQLite then takes a file shorter
+than its header's page count (truncated) at its real size instead of refusing every read,
+even of the header, which lost the rows on every intact page (the connection is read-only,
+so nothing is written). The copy is built at the source's schema version, then migrated like
+any older store; `num_records` is recounted from the records recovered. The copy is then
+made consistent as the PostgreSQL store's repair makes its own (`_repair`): no run keeps
+records past a gap, and no run stays resumable without what ResumeRun needs. A file of which
+no row of a table with rows is readable is left as it is (StoreError), not replaced by an
+empty store.
+
+The damaged file and its -wal and -shm are kept as `runs.sqlite3.damaged` (then `.damaged.1`,
+`.damaged.2`, ...: an earlier recovery's copy is never replaced). They are hard-linked to
+those names first, and read there; then the live -wal and -shm go and the new store is
+renamed over `runs.sqlite3`. A recovery killed midway leaves either the store as it was (plus
+the copy's names) or the damaged file without its -wal under `runs.sqlite3`, still the copy's
+own file: the server refuses that (`interrupted_recovery`) and a second recovery reads the
+copy, whole with its -wal; never a -wal with no store file, which a new store would absorb.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import sqlite3
@@ -19,12 +32,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..engine.records import StopReason
-from .base import ACTIVE_STATUSES, PROBLEM_PINNING_STATUSES, RunStatus
-from .dirlock import DataDirLock
-from .sqlite import MIGRATIONS, SCHEMA, _migrate
+from .base import ACTIVE_STATUSES, PROBLEM_PINNING_STATUSES, RunStatus, StoreError
+from .dirlock import DataDirLock, StoreFileLock
+from .sqlite import MIGRATIONS, SCHEMA, _migrate, interrupted_recovery
 
 MAX_SKIP = 1 << 40
 SIDE_FILES = ("-wal", "-shm")
+META_TABLES = ("meta",)  # rewritten at every open: rows there alone recover nothing
 
 
 @dataclass
@@ -56,6 +70,7 @@ def _scan(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[
 
     A scan that fails resumes after the last key read at ever larger jumps in the key's last
     column; for a two-column key (a run's records) past MAX_SKIP it goes on at the next run.
+    A row whose key is NULL or not an integer where one is due is damage, and left out.
     """
     columns, order = ", ".join(key) + ", *", ", ".join(key)
     last: tuple | None = (0,) if key == ("rowid",) else None
@@ -74,7 +89,10 @@ def _scan(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[
             args = (*last[:-1], last[-1] + skip)
         try:
             for row in db.execute(sql, args):
-                last, skip = tuple(row[: len(key)]), 0
+                read = tuple(row[: len(key)])
+                if None in read or not isinstance(read[-1], int):
+                    continue  # a damaged cell (a page cut short reads as zeros): no row
+                last, skip = read, 0
                 yield tuple(row[len(key) :])
             return
         except sqlite3.DatabaseError:
@@ -85,20 +103,59 @@ def _scan(db: sqlite3.Connection, table: str, key: tuple[str, ...]) -> Iterator[
 
 def recover_store(data_dir: str | pathlib.Path) -> RecoveryReport:
     """Replace `<data_dir>/runs.sqlite3` by a copy of its readable rows (see the module),
-    holding the directory (dirlock): never under a live server."""
+    holding the directory and the file (dirlock): never under a live server. Works on the
+    file a link there leads to, where SQLite keeps its -wal."""
     path = pathlib.Path(data_dir) / "runs.sqlite3"
     if not path.is_file():
         raise FileNotFoundError(f"no run store at {path}")
-    with DataDirLock(data_dir):
-        return _recover(path)
+    with DataDirLock(data_dir), StoreFileLock(path):
+        return _recover(path.resolve())
 
 
 def _recover(path: pathlib.Path) -> RecoveryReport:
+    """Keep the damaged files under the copy's names, build the new store from them, and
+    swap it in (the order the module describes); on failure leave the store as it was."""
     fresh = path.with_name(path.name + ".recovered")
     for leftover in (fresh, *(fresh.with_name(fresh.name + s) for s in SIDE_FILES)):
         leftover.unlink(missing_ok=True)
-    report = RecoveryReport(path, path.with_name(path.name + ".damaged"))
-    src = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    copy = interrupted_recovery(path) or _free_copy_name(path)
+    linked = []
+    try:
+        for suffix in ("", *SIDE_FILES):
+            live, kept = (p.with_name(p.name + suffix) for p in (path, copy))
+            if live.exists() and not kept.exists():
+                os.link(live, kept)
+                linked.append(kept)
+        report = RecoveryReport(path, copy)
+        _copy_rows(copy, fresh, report)
+    except BaseException:
+        for name in (fresh, *linked):
+            name.unlink(missing_ok=True)
+        raise
+    for suffix in SIDE_FILES:
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    os.replace(fresh, path)
+    return report
+
+
+def _free_copy_name(path: pathlib.Path) -> pathlib.Path:
+    """`runs.sqlite3.damaged`, or the first `.damaged.N` no earlier copy (nor its -wal or
+    -shm) uses."""
+    names = (f"{path.name}.damaged" + (f".{n}" if n else "") for n in itertools.count())
+    return next(
+        path.with_name(name)
+        for name in names
+        if not any(path.with_name(name + s).exists() for s in ("", *SIDE_FILES))
+    )
+
+
+def _copy_rows(source: pathlib.Path, fresh: pathlib.Path, report: RecoveryReport) -> None:
+    """Build `fresh` from the readable rows of `source` and repair it (see the module);
+    StoreError when no table that had rows gave one."""
+    src = sqlite3.connect(source.as_uri() + "?mode=ro", uri=True)
+    # a truncated file's header claims more pages than it has: without this SQLite refuses
+    # every read; with it, the pages there are read (harmless here: the connection is ro)
+    src.execute("PRAGMA writable_schema=ON")
     os.close(os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # as the store's
     dest = sqlite3.connect(fresh, isolation_level=None)
     try:
@@ -133,18 +190,19 @@ def _recover(path: pathlib.Path) -> RecoveryReport:
             report.rows[table] = count
             if count != expected:
                 report.damaged_tables.append(table)
+        lost = [t for t in report.damaged_tables if t not in META_TABLES]
+        if lost and not any(n for t, n in report.rows.items() if t not in META_TABLES):
+            raise StoreError(
+                f"no row could be read from {report.path} (tables with unreadable pages: "
+                f"{', '.join(lost)}): the store was left as it is; restore a backup, or move "
+                "the file aside and start on an empty --data-dir"
+            )
         report.cut, report.failed = _repair(dest)
         dest.execute("COMMIT")
-        _migrate(dest, path)
+        _migrate(dest, report.path)
     finally:
         src.close()
         dest.close()
-    for suffix in ("", *SIDE_FILES):
-        damaged = path.with_name(path.name + suffix)
-        if damaged.exists():
-            os.replace(damaged, report.damaged_copy.with_name(report.damaged_copy.name + suffix))
-    os.replace(fresh, path)
-    return report
 
 
 def _repair(db: sqlite3.Connection) -> tuple[list[str], list[str]]:

@@ -21,9 +21,12 @@ run that the full store stopped can still be marked INTERRUPTED.
 Integrity: an existing file is checked with `PRAGMA quick_check` when opened (unless
 `check_integrity=False`) and refused, naming the file and the recovery command, when it is
 damaged or empty; a new store is built under a temporary name and renamed into place, so a
-zero-length `runs.sqlite3` is never one this store made. A read or write that meets a damaged
-page raises StoreCorruptError. The schema is versioned (`PRAGMA user_version`); an older file
-is migrated in place, in one transaction per version, when opened.
+zero-length `runs.sqlite3` is never one this store made. A new store is refused beside a
+leftover `runs.sqlite3-wal` (the log of a store that is gone, which SQLite would replay into
+it), and so is a file a killed `--recover-store` left half swapped (see recovery). A read
+or write that meets a damaged page raises StoreCorruptError. The schema is versioned
+(`PRAGMA user_version`); an older file is migrated in place, in one transaction per version,
+when opened.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from .base import (
     StoreError,
     StoreFullError,
 )
-from .dirlock import DataDirLock
+from .dirlock import DataDirLock, StoreFileLock
 from .queue import RecordQueue
 from .sql_reads import SqlReads
 
@@ -128,24 +131,28 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     ) -> None:
         """Open (creating) the store, check and migrate it, and prove it writable.
 
-        `exclusive` (a server's store): hold `data_dir` (dirlock) until close, refusing a
-        directory another process holds. Raises OSError, StoreError (DataDirInUseError), or
-        StoreCorruptError for a damaged or empty file.
+        `exclusive` (a server's store): hold `data_dir` and the database file (dirlock)
+        until close, refusing a directory or a file another process holds. Raises OSError,
+        StoreError (DataDirInUseError), or StoreCorruptError for a damaged or empty file.
         """
         self.path = pathlib.Path(data_dir) / "runs.sqlite3"
         self.commit_every = commit_every
         self.commit_interval_s = commit_interval_s
         self.max_bytes = max_bytes
         self._dir_lock = DataDirLock(data_dir) if exclusive else None  # it checks the folder
+        self._file_lock: StoreFileLock | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._open_file(synchronous, check_integrity)
+            self._open_file(synchronous, check_integrity, exclusive)
         except BaseException:
-            if self._dir_lock is not None:
-                self._dir_lock.release()
+            if getattr(self, "_db", None) is not None:
+                self._db.close()  # before the file lock goes: its close drops SQLite's locks
+            for lock in (self._file_lock, self._dir_lock):
+                if lock is not None:
+                    lock.release()
             raise
 
-    def _open_file(self, synchronous: str, check_integrity: bool) -> None:
+    def _open_file(self, synchronous: str, check_integrity: bool, exclusive: bool) -> None:
         """The constructor's work once the directory is held."""
         self._lock = threading.RLock()
         self._pending: list[tuple[str, StepRecord]] = []
@@ -159,9 +166,13 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         try:
             fresh = not self.path.exists()
             if fresh:
+                self._refuse_orphan_log()
                 self._create()
             elif self.path.is_file() and self.path.stat().st_size == 0:
                 raise StoreCorruptError(self._damaged("the file is empty (0 bytes)"))
+            else:
+                self._refuse_half_recovered()
+            self._file_lock = StoreFileLock(self.path) if exclusive else None
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
@@ -375,8 +386,9 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             finally:
                 self._db.close()
                 self._open = False
-                if self._dir_lock is not None:
-                    self._dir_lock.release()
+                for lock in (self._file_lock, self._dir_lock):
+                    if lock is not None:
+                        lock.release()
 
     # internals
     def _create(self) -> None:
@@ -395,6 +407,33 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             db.close()
         os.replace(tmp, self.path)
 
+    def _refuse_orphan_log(self) -> None:
+        """Refuse to create a store beside a non-empty -wal with no store file: SQLite would
+        replay that foreign log into the new file (corrupting it, or bringing back runs)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not wal.is_file() or wal.stat().st_size == 0:
+            return
+        shm = self.path.with_name(self.path.name + "-shm")
+        found = f"{wal} and {shm} are" if shm.exists() else f"{wal} is"
+        raise StoreError(
+            f"the run store {self.path} does not exist but {found} there: the write-ahead log "
+            "of a store file that was moved or deleted without it, or that an interrupted "
+            "--recover-store left; it may hold the only copy of runs, so it is neither used "
+            f"nor deleted: put its store file back as {self.path} (and run --recover-store if "
+            f"it is damaged), or move them out of {self.path.parent}, then start again"
+        )
+
+    def _refuse_half_recovered(self) -> None:
+        """Refuse a store file a killed --recover-store left in place (still its damaged
+        copy's file, maybe without its -wal): that recovery has to be run again first."""
+        copy = interrupted_recovery(self.path.resolve())  # where a link leads recovery too
+        if copy is not None:
+            raise StoreCorruptError(
+                f"the run store {self.path} is the same file as {copy}: a `--recover-store` "
+                "was stopped before it put the new store in place; run `hessian-server "
+                f"--recover-store --data-dir {self.path.parent}` again to finish it"
+            )
+
     def _check_integrity(self) -> None:
         """PRAGMA quick_check; StoreCorruptError naming the damage when it is not clean."""
         found = [r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall()]
@@ -408,7 +447,8 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             f"the run store {p} is damaged ({clip(str(what))}). Stop the "
             f"server and run `hessian-server --recover-store --data-dir {p.parent}`: it copies "
             f"every readable row into a new {p.name} and keeps the damaged file as "
-            f"{p.name}.damaged; or start on an empty --data-dir"
+            f"{p.name}.damaged (.damaged.1, .2, ... after the first); or start on an empty "
+            "--data-dir"
         )
 
     @contextlib.contextmanager
@@ -547,6 +587,26 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     def _commit_queue(self) -> None:
         with self._write():
             self._flush_locked()
+
+
+def damaged_copies(path: pathlib.Path) -> list[pathlib.Path]:
+    """The damaged files --recover-store kept beside `path`: `.damaged`, `.damaged.N`."""
+    stem = path.name + ".damaged"
+    return sorted(
+        p
+        for p in path.parent.glob(stem + "*")
+        if p.name == stem or (p.name.startswith(stem + ".") and p.name[len(stem) + 1 :].isdigit())
+    )
+
+
+def interrupted_recovery(path: pathlib.Path) -> pathlib.Path | None:
+    """The damaged copy that is still `path`'s own file (a hard link to it): a recovery was
+    killed after keeping the copy, before the new store replaced `path`. None if none is."""
+    for copy in damaged_copies(path):
+        with contextlib.suppress(OSError):
+            if os.path.samefile(copy, path):
+                return copy
+    return None
 
 
 def _migrate(db: sqlite3.Connection, path: pathlib.Path) -> None:
