@@ -7,7 +7,9 @@
   HEALTHCHECK command reports it healthy, and SIGTERM ends it cleanly (exit 0);
 - the Dockerfile installs from the same requirement files and local packages as
   `make install`, in the same order, and copies everything it installs into the build;
-- the health probe: 0 only for SERVING (a real gRPC health server, no mocks).
+- the health probe: 0 only for SERVING (a real gRPC health server, no mocks);
+- the Kubernetes Deployment's CPU limit equals its request (the quota the server sizes its
+  torch threads from).
 """
 
 from __future__ import annotations
@@ -208,6 +210,30 @@ def test_prometheus_profile_scrapes_the_metrics_port() -> None:
     assert metrics_port in exposed and "50051" in exposed
     published = [p.rsplit(":", 1)[1] for p in COMPOSE["services"]["hessian"]["ports"]]
     assert sorted(published) == sorted(exposed)
+
+
+def cpu_quantity(text: str | int | float) -> float:
+    """A Kubernetes CPU quantity in CPUs ("2", 2, "1500m")."""
+    text = str(text)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_kubernetes_cpu_limit_equals_the_request_so_the_server_sees_a_quota() -> None:
+    # without limits.cpu the pod has no CFS quota (cgroup cpu.max "max"), and the server's
+    # thread policy sizes torch from the node's every core instead of the CPUs requested
+    deployments = [
+        doc
+        for path in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc["kind"] == "Deployment"
+    ]
+    assert deployments
+    for deployment in deployments:
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert "cpu" in resources.get("limits", {}), f"{container['name']}: no CPU limit"
+            limit, request = resources["limits"]["cpu"], resources["requests"]["cpu"]
+            assert cpu_quantity(limit) == cpu_quantity(request), (limit, request)
 
 
 def test_every_hessian_variable_is_a_server_flag(server_env_vars: set[str]) -> None:

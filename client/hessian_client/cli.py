@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from . import problems, seed
 from ._version import API_VERSION, __version__
-from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run
-from .errors import HessianError, InvalidArgument
+from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, RESOLVER_SCHEMES, STATUSES, Client, Run
+from .errors import HessianError, InvalidArgument, RunFailed
 from .options import choices
 from .proto import problem_pb2
 from .results import RunInfo, RunStatus, StepRecord, _jsonable
@@ -42,6 +42,7 @@ RECORD_FIELDS = [f for f in StepRecord.__dataclass_fields__ if f != "raw"]
 PLOT_Y = ("loss", "gradient_norm", "loss_gap")
 FORMATS = ("csv", "jsonl", "parquet")
 EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 1, 130
+MAX_TIMEOUT = 86400.0  # seconds (a day): gRPC turns a deadline near 1e30 into an instant one
 
 
 class UsageError(Exception):
@@ -81,14 +82,31 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
+    """An argparse type: a number of seconds > 0 and at most MAX_TIMEOUT."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds > 0 and at most {MAX_TIMEOUT:g}, got {text!r}"
+        )
     return value
+
+
+def _count(n: int, noun: str) -> str:
+    """`n noun`, plural unless n is 1 ("1 torch thread", "2 usable CPUs")."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_address(address: str) -> str | None:
+    """Why `address` cannot be dialled as meant, or None: a host without a port (gRPC
+    would dial port 443). Resolver targets (dns:///name:port, unix:PATH) are gRPC's."""
+    if "://" in address or address.split(":", 1)[0] in RESOLVER_SCHEMES:
+        return None
+    if ":" not in address or address.endswith("]"):
+        return f"expected host:port, got {address!r} (no port: gRPC would dial 443)"
+    return None
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -318,7 +336,8 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
         f"{lim.max_list_page_size}, sampled values {lim.max_sample_elements} per call"
     )
     print(
-        f"threads: {lim.usable_cpus} usable CPUs, {lim.intra_op_threads} torch threads per call, "
+        f"threads: {_count(lim.usable_cpus, 'usable CPU')}, "
+        f"{_count(lim.intra_op_threads, 'torch thread')} per call, "
         f"one thread below size {lim.single_thread_below} (max(rows, params) x params^2)"
     )
     return 0
@@ -619,7 +638,10 @@ def parser() -> argparse.ArgumentParser:
         help="PEM CA of the server's TLS certificate; turns TLS on (env HESSIAN_CA_FILE)",
     )
     p.add_argument(
-        "--timeout", type=_positive_seconds, default=60.0, help="deadline of unary calls, s"
+        "--timeout",
+        type=_positive_seconds,
+        default=60.0,
+        help=f"deadline of unary calls, s (at most {MAX_TIMEOUT:g})",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="JSON output (objects or lines)")
@@ -752,6 +774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argcomplete.autocomplete(p)
     args = p.parse_args(argv)
+    address_problem = _check_address(args.address)
+    if address_problem is not None:
+        p.error(f"--address (or HESSIAN_ADDRESS): {address_problem}")
     try:
         with (
             warnings.catch_warnings(),
@@ -764,6 +789,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunFailed as exc:  # the run's outcome, not a status code (it has none)
+        reason = f" ({exc.info.stop_reason})" if exc.info.stop_reason else ""
+        print(f"hessian {args.command}: error: FAILED{reason}: {exc.message}", file=sys.stderr)
+        return EXIT_SERVER
     except HessianError as exc:
         print(f"hessian {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_SERVER if exc.from_server else EXIT_USAGE

@@ -1,12 +1,13 @@
 """Container health probe: exit 0 only when the gRPC health service answers SERVING.
 
-    python -m hessian_service.healthprobe [--address HOST:PORT] [--service NAME] [--timeout S]
-                                          [--ca-file PEM] [--server-name NAME]
+    python -m hessian_service.healthprobe [--address HOST:PORT|unix:PATH] [--service NAME]
+                                          [--timeout S] [--ca-file PEM] [--server-name NAME]
 
 The image's HEALTHCHECK and docker-compose.yml run this, so a container is healthy exactly
 when `grpc.health.v1.Health/Check` says SERVING (a draining server says NOT_SERVING).
 The address defaults to $HESSIAN_ADDRESS (the server's own setting) with a wildcard host
-(0.0.0.0, [::]) replaced by loopback, so the probe follows the server without a flag.
+(0.0.0.0, [::]) replaced by loopback, so the probe follows the server without a flag (a
+unix: socket address is dialled as it is).
 Health needs no token. Against a TLS server (HESSIAN_TLS_CERT set) the probe needs the CA
 that signed the certificate ($HESSIAN_CA_FILE, as the client uses) and, since it dials
 loopback, a name the certificate holds ($HESSIAN_PROBE_SERVER_NAME).
@@ -26,13 +27,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
+UNIX_SCHEMES = ("unix:", "unix-abstract:")  # the server's socket-file addresses, dialled as is
+MAX_TIMEOUT = 3600.0  # seconds: a probe waiting longer is a typo (gRPC fails 1e30 at once)
 
 
 def probe_address(address: str) -> str:
-    """The address to dial for a server bound to `address` (wildcard hosts -> loopback)."""
+    """The address to dial for a server bound to `address` (wildcard hosts -> loopback,
+    a unix: socket as it is)."""
+    if address.startswith(UNIX_SCHEMES):
+        return address
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"--address: expected HOST:PORT, got {address!r}")
+        raise ValueError(f"--address: expected HOST:PORT or unix:PATH, got {address!r}")
     return f"{WILDCARD_HOSTS.get(host, host)}:{port}"
 
 
@@ -77,10 +83,15 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
     parser.add_argument(
         "--address",
         default=environ.get("HESSIAN_ADDRESS", DEFAULT_ADDRESS),
-        help=f"server HOST:PORT (env HESSIAN_ADDRESS, default {DEFAULT_ADDRESS})",
+        help=f"server HOST:PORT or unix:PATH (env HESSIAN_ADDRESS, default {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        help=f"seconds to wait (default 3, at most {MAX_TIMEOUT:g})",
+    )
     parser.add_argument(
         "--ca-file",
         default=environ.get("HESSIAN_CA_FILE", ""),
@@ -92,8 +103,10 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
         help="name to verify the certificate against (env HESSIAN_PROBE_SERVER_NAME)",
     )
     args = parser.parse_args(argv)
-    if args.timeout <= 0:
-        parser.error("--timeout must be > 0")
+    if not 0 < args.timeout <= MAX_TIMEOUT:  # nan too
+        parser.error(
+            f"--timeout: expected seconds > 0 and at most {MAX_TIMEOUT:g}, got {args.timeout}"
+        )
     if environ.get("HESSIAN_TLS_CERT") and not args.ca_file:
         parser.error("the server serves TLS (HESSIAN_TLS_CERT): give --ca-file/HESSIAN_CA_FILE")
     return args

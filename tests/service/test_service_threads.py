@@ -63,7 +63,18 @@ def test_a_v2_quota_caps_the_affinity_rounded_up(tmp_path):
     assert cpu_budget(EIGHT, root, proc) == (2, quota)
     assert cpu_budget({0}, root, proc) == (
         1,
-        "the affinity mask's 1 CPUs (cgroup CPU quota: 1.5 CPUs)",
+        "the affinity mask's 1 CPU (cgroup CPU quota: 1.5 CPUs)",
+    )
+
+
+def test_a_whole_quota_is_not_said_to_be_rounded_up(tmp_path):
+    root, proc = _cgroup(tmp_path, "0::/", {"cpu.max": "200000 100000"})
+    quota = "the cgroup CPU quota of 2 CPUs (affinity mask: 8 CPUs)"
+    assert cpu_budget(EIGHT, root, proc) == (2, quota)
+    one_root, one_proc = _cgroup(tmp_path / "one", "0::/", {"cpu.max": "100000 100000"})
+    assert cpu_budget(EIGHT, one_root, one_proc) == (
+        1,
+        "the cgroup CPU quota of 1 CPU (affinity mask: 8 CPUs)",
     )
 
 
@@ -191,8 +202,21 @@ def test_the_server_reports_the_policy_it_applies(tmp_path, restore_torch_thread
         assert limits.usable_cpus == usable_cpus() >= 1
         assert main(["--address", handle.address, "info"]) == 0
         out = capsys.readouterr().out
-        assert f"threads: {limits.usable_cpus} usable CPUs, 3 torch threads per call" in out
+        cpus = f"{limits.usable_cpus} usable CPU{'' if limits.usable_cpus == 1 else 's'}"
+        assert f"threads: {cpus}, 3 torch threads per call" in out
         assert "one thread below size 4321" in out
+    finally:
+        handle.stop(grace=1.0)
+
+
+def test_hessian_info_says_one_torch_thread_in_the_singular(
+    tmp_path, restore_torch_threads, capsys
+):
+    handle = start_server(tmp_path, workers=1, intra_op_threads=1)
+    try:
+        assert main(["--address", handle.address, "info"]) == 0
+        out = capsys.readouterr().out
+        assert ", 1 torch thread per call, one thread below size" in out, out
     finally:
         handle.stop(grace=1.0)
 

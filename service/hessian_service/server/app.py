@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent import futures
+from concurrent.futures import thread as executor_threads
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ from ..engine.options import requested_backend
 from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
 from .auth import Tenancy, TokenCheck, load_tokens
-from .config import ServerConfig, misspelt_variables
+from .config import UNIX_SCHEMES, ServerConfig, misspelt_variables
 from .drain import Drain
 from .failover import LeaseKeeper
 from .logs import configure_logging
@@ -55,6 +56,9 @@ from .threads import install_thread_policy
 from .workers import WorkerPool
 
 log = logging.getLogger("hessian_service.server")
+# after the drain, how long threads about to end (a run finishing its last step) may take
+# before the process exits without them
+LINGER_SECONDS = 1.0
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
 SERVICE_NAME = SERVICE.full_name
 
@@ -113,7 +117,10 @@ class ServerHandle:
 
     @property
     def address(self) -> str:
-        """host:port actually bound (the real port when the config asked for 0)."""
+        """host:port actually bound (the real port when the config asked for 0), or the
+        unix: socket address as configured (it has no port)."""
+        if self.config.address.startswith(UNIX_SCHEMES):
+            return self.config.address
         host = self.config.address.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
@@ -331,10 +338,11 @@ def _serve_metrics(
     default = requested_backend(config.default_backend)
     metrics.backend.labels(default, str(available).lower()).set(1)
     try:
-        return metrics.serve(config.host, config.metrics_port)
+        return metrics.serve(config.metrics_host, config.metrics_port)
     except OSError as exc:
         raise ValueError(
-            f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host} ({exc})"
+            f"--metrics-port {config.metrics_port}: cannot serve metrics on "
+            f"{config.metrics_host} ({exc})"
         ) from None
 
 
@@ -471,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.data_dir,
         config.workers,
         reason if available else f"unavailable ({reason})",
-        f"; metrics on http://{config.host}:{handle.metrics_port}/metrics"
+        f"; metrics on http://{config.metrics_host}:{handle.metrics_port}/metrics"
         if handle.metrics_port
         else "",
     )
@@ -481,4 +489,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain()
     handle.wait()
     log.info("stopped")
+    _exit_without_busy_threads(handle)
     return 0
+
+
+def _exit_without_busy_threads(handle: ServerHandle) -> None:
+    """End the process now if threads are still inside a call once the drain is done.
+
+    A run's iteration in a long torch call (or a slow RPC handler) cannot be interrupted,
+    and the interpreter's exit would join its thread, outliving the orchestrator's kill
+    timeout (exit 137). Its run is already stored INTERRUPTED (resumable) and the store
+    closed, so after LINGER_SECONDS the process exits 0 without it (os._exit, logs flushed).
+    """
+    stop = time.monotonic() + LINGER_SECONDS
+    for thread in _joined_at_exit():
+        thread.join(max(stop - time.monotonic(), 0.0))
+    busy = [t.name for t in _joined_at_exit() if t.is_alive()]
+    if not busy:
+        return
+    log.warning(
+        "exiting without waiting for the threads still computing (%d: %s); runs cut "
+        "mid-iteration (stored INTERRUPTED, resumable): %d",
+        len(busy),
+        ", ".join(busy),
+        handle.runs.active_count() - handle.runs.queue_depth(),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _joined_at_exit() -> list[threading.Thread]:
+    """The threads the interpreter's exit waits for, but this one: the non-daemon ones and
+    every ThreadPoolExecutor worker (daemon or not: concurrent.futures joins its own)."""
+    me = threading.current_thread()
+    workers = list(executor_threads._threads_queues)  # what concurrent.futures joins at exit
+    others = [t for t in threading.enumerate() if not t.daemon and t not in workers]
+    return [t for t in workers + others if t is not me]

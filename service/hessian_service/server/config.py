@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .. import __version__
 from ..engine.options import BACKEND_ENV, BACKENDS
 
 # read by the extension's CUDA ops (csrc/cuda/small_solve.cu): "0" sends them to ATen
@@ -32,6 +33,9 @@ INT64_MAX = 2**63 - 1  # the wire's int64 (ServerInfo reports the limits)
 GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
 MIN_MESSAGE_BYTES = 1024
 MAX_THREADS = 1024  # workers, RPC threads and torch threads: more is a typo, not a machine
+# a record waiting longer than an hour for its commit is a typo (the store-flush thread's
+# deadline arithmetic overflowed past ~9.2e12 ms and killed it)
+MAX_COMMIT_INTERVAL_MS = 3_600_000
 # read by the other programs that share a server's environment (the client and CLI, the
 # health probe, the compose file): never reported as misspelt server settings
 OTHER_PROGRAMS_VARIABLES = (
@@ -98,22 +102,31 @@ class ServerConfig:
     exported_evaluation_seconds: float = 60.0  # one evaluation of an exported program
     exported_compile: bool = False  # torch.compile exported programs when they are built
 
+    def __post_init__(self) -> None:
+        """--log-format and --default-backend in any case (JSON, Native), as --log-level and
+        --sqlite-synchronous are: stored lower-case, as the server compares them."""
+        for name in ("log_format", "default_backend"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, value.lower())
+
     def validated(self) -> ServerConfig:
         """Check ranges; raise ValueError naming the flag."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if type(value) is int and value > INT64_MAX:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be at most {INT64_MAX}")
-        for name, most in (
+        for name, most in (  # each flag's own limit first, then the wire's int64 for the rest
             ("max_message_bytes", GRPC_INT_MAX),
             ("metrics_port", 65535),
             ("workers", MAX_THREADS),
             ("rpc_threads", MAX_THREADS),
             ("max_optimize_runs", MAX_THREADS),
             ("intra_op_threads", MAX_THREADS),
+            ("commit_interval_ms", MAX_COMMIT_INTERVAL_MS),
         ):
             if getattr(self, name) > most:
                 raise ValueError(f"--{name.replace('_', '-')} must be at most {most}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is int and value > INT64_MAX:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be at most {INT64_MAX}")
         self._check_address()
         for name in (
             "workers",
@@ -237,24 +250,47 @@ class ServerConfig:
         """The host part of --address (brackets of an IPv6 literal removed)."""
         return self.address.rsplit(":", 1)[0].strip("[]")
 
+    @property
+    def metrics_host(self) -> str:
+        """Where /metrics listens: --address's host, or loopback for a unix: socket (which
+        has no host; Prometheus scrapes over TCP)."""
+        return "127.0.0.1" if self.address.startswith(UNIX_SCHEMES) else self.host
+
     @classmethod
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> ServerConfig:
-        """Parse flags (falling back to HESSIAN_* environment variables, then defaults)."""
+        """Parse flags (falling back to HESSIAN_* environment variables, then defaults).
+
+        A variable that does not parse is reported only when its flag is not given (the
+        flag wins), and never stops --help or --version."""
         env = os.environ if environ is None else environ
         parser = argparse.ArgumentParser(
             prog="hessian-server",
             description="Second-order optimisation gRPC server",
             allow_abbrev=False,  # a flag is named in full (errors say where a value came from)
         )
+        # not in --help's list, which README's Configuration table mirrors flag by flag (a
+        # setting each, with its variable): README's text documents it
+        parser.add_argument(
+            "--version",
+            action="version",
+            version=f"hessian-server {__version__}",
+            help=argparse.SUPPRESS,
+        )
+        bad_env: dict[str, str] = {}  # setting -> why its variable does not parse
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             var = "HESSIAN_" + f.name.upper()
             kind: Any = type(f.default)
             help_text = f"(env {var}, default {f.default!r})"
             given = var in env and (kind is bool or env[var].strip() != "")  # "": unset
-            default = _from_env(parser, var, env[var], kind) if given else f.default
+            default = f.default
+            if given:
+                try:
+                    default = _from_env(var, env[var], kind)
+                except ValueError as exc:
+                    bad_env[f.name], default = str(exc), _UNPARSED
             if kind is bool:
                 # --no-X too: a flag overrides its environment variable both ways
                 parser.add_argument(
@@ -263,6 +299,9 @@ class ServerConfig:
             else:
                 parser.add_argument(flag, type=kind, default=default, help=help_text)
         args = parser.parse_args(argv)
+        for name, problem in bad_env.items():
+            if getattr(args, name) is _UNPARSED:  # no flag replaced the variable's value
+                parser.error(problem)
         try:
             return cls(**vars(args)).validated()
         except ValueError as exc:
@@ -285,20 +324,25 @@ def misspelt_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
-def _from_env(parser: argparse.ArgumentParser, var: str, text: str, kind: type) -> Any:
-    """An environment variable's value as the flag's type; a bad one exits as a bad flag
-    does (status 2), naming the variable and what it should hold."""
+_UNPARSED = object()  # a setting's default while its variable does not parse
+
+
+def _from_env(var: str, text: str, kind: type) -> Any:
+    """An environment variable's value as the flag's type; ValueError naming the variable
+    and what it should hold (from_args exits with it as a bad flag does, status 2)."""
     if kind is bool:
         word = text.strip().lower()
         if word not in TRUE_WORDS + FALSE_WORDS:
-            parser.error(
+            raise ValueError(
                 f"{var}={text!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS[:-1])}"
             )
         return word in TRUE_WORDS
     try:
         return kind(text)
     except ValueError:
-        parser.error(f"{var}={text!r}: expected {KIND_NAMES.get(kind, kind.__name__)}")
+        raise ValueError(
+            f"{var}={text!r}: expected {KIND_NAMES.get(kind, kind.__name__)}"
+        ) from None
 
 
 def redacted(dsn: str) -> str:

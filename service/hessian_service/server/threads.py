@@ -96,6 +96,11 @@ def cgroup_cpu_limit(
     return min(known) if known else None
 
 
+def _cpus(count: float) -> str:
+    """A CPU count in words: "1 CPU", "2 CPUs", "1.5 CPUs"."""
+    return f"{count:g} CPU{'' if count == 1 else 's'}"
+
+
 def cpu_budget(
     affinity: set[int] | None = None,
     root: pathlib.Path = CGROUP_ROOT,
@@ -107,11 +112,12 @@ def cpu_budget(
     mask = len(os.sched_getaffinity(0) if affinity is None else affinity)
     limit = cgroup_cpu_limit(root, proc_cgroup)
     if limit is None:
-        return max(mask, 1), f"the affinity mask's {mask} CPUs (no cgroup CPU quota)"
+        return max(mask, 1), f"the affinity mask's {_cpus(mask)} (no cgroup CPU quota)"
     if math.ceil(limit) < mask:
-        origin = f"the cgroup CPU quota of {limit:g} CPUs, rounded up (affinity mask: {mask} CPUs)"
+        rounded = "" if limit == math.ceil(limit) else ", rounded up"
+        origin = f"the cgroup CPU quota of {_cpus(limit)}{rounded} (affinity mask: {_cpus(mask)})"
         return max(math.ceil(limit), 1), origin
-    return max(mask, 1), f"the affinity mask's {mask} CPUs (cgroup CPU quota: {limit:g} CPUs)"
+    return max(mask, 1), f"the affinity mask's {_cpus(mask)} (cgroup CPU quota: {_cpus(limit)})"
 
 
 def usable_cpus(

@@ -1,0 +1,116 @@
+"""What an operator meets at start-up: flags win over bad environment values (and --help,
+--version always answer), each flag's own limit in its message, --commit-interval-ms
+bounded, word settings in any case, and a unix: socket server with metrics and a probe."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+import pytest
+from conftest import free_port, start_server
+from hessian_client import Client
+from hessian_service import __version__, healthprobe
+from hessian_service.server import ServerConfig
+
+HUGE = "9" * 23  # past int64
+HOUR_MS = 3_600_000  # --commit-interval-ms at most (README)
+
+
+def _server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m hessian_service.server ARGS` with only `env` as HESSIAN_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_service.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("HESSIAN_")} | (env or {}),
+    )
+
+
+def test_a_flag_wins_over_a_bad_environment_value(capsys):
+    env = {"HESSIAN_WORKERS": "abc", "HESSIAN_SKIP_STORE_CHECK": "maybe"}
+    config = ServerConfig.from_args(["--workers", "2", "--skip-store-check"], env)
+    assert (config.workers, config.skip_store_check) == (2, True)
+    assert ServerConfig.from_args(["--workers=3", "--no-skip-store-check"], env).workers == 3
+    with pytest.raises(SystemExit) as exit_:  # without its flag the variable is still named
+        ServerConfig.from_args(["--skip-store-check"], env)
+    assert exit_.value.code == 2
+    assert "HESSIAN_WORKERS='abc': expected an integer" in capsys.readouterr().err
+
+
+def test_help_and_version_answer_whatever_the_environment():
+    bad = {"HESSIAN_WORKERS": "abc", "HESSIAN_LEASE_SECONDS": "ten"}
+    helped = _server("--help", env=bad)
+    assert helped.returncode == 0, helped.stderr
+    assert "--workers WORKERS" in helped.stdout
+    version = _server("--version", env=bad)
+    assert (version.returncode, version.stdout) == (0, f"hessian-server {__version__}\n")
+
+
+@pytest.mark.parametrize(
+    ("flag", "most"),
+    [
+        ("--workers", 1024),
+        ("--rpc-threads", 1024),
+        ("--intra-op-threads", 1024),
+        ("--max-optimize-runs", 1024),
+        ("--metrics-port", 65535),
+        ("--max-message-bytes", 2**31 - 1),
+        ("--commit-interval-ms", HOUR_MS),
+    ],
+)
+def test_a_value_past_int64_is_refused_with_the_flags_own_limit(flag, most):
+    with pytest.raises(ValueError, match=re.escape(f"{flag} must be at most {most}")):
+        ServerConfig.from_args([flag, HUGE], {})
+
+
+def test_commit_interval_is_at_most_an_hour():
+    hour = ServerConfig.from_args(["--commit-interval-ms", str(HOUR_MS)], {})
+    assert hour.commit_interval_ms == HOUR_MS
+    # 1e13 ms passed validation and killed the store's flush thread (timestamp out of range)
+    for value in (str(HOUR_MS + 1), "10000000000000"):
+        with pytest.raises(ValueError, match="--commit-interval-ms must be at most 3600000"):
+            ServerConfig.from_args(["--commit-interval-ms", value], {})
+
+
+def test_word_settings_take_any_case():
+    config = ServerConfig.from_args(
+        ["--log-format", "JSON", "--default-backend", "AutoGrad", "--log-level", "Debug",
+         "--sqlite-synchronous", "full"], {}
+    )  # fmt: skip
+    assert (config.log_format, config.default_backend) == ("json", "autograd")
+    assert ServerConfig.from_args([], {"HESSIAN_LOG_FORMAT": "Text"}).log_format == "text"
+    with pytest.raises(ValueError, match="--log-format must be json or text"):
+        ServerConfig.from_args(["--log-format", "yaml"], {})
+
+
+def test_a_server_logs_in_the_format_named_in_upper_case(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    done = _server("--log-format", "TEXT", "--data-dir", str(not_a_dir), "--address", "127.0.0.1:0")
+    assert done.returncode == 2
+    assert re.search(r"^\S+ \S+ ERROR hessian_service.server: cannot open", done.stderr, re.M), (
+        done.stderr
+    )
+
+
+def test_a_unix_socket_server_serves_metrics_on_loopback_and_the_probe_accepts_it(tmp_path):
+    with tempfile.TemporaryDirectory(prefix="hs-") as short:  # a socket path has 107 bytes
+        address = f"unix:{short}/s.sock"
+        port = free_port()
+        handle = start_server(tmp_path, address=address, metrics_port=port)
+        try:
+            assert handle.address == address
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                assert b"hessian_rpcs_total" in r.read()
+            assert healthprobe.probe_address(address) == address
+            assert healthprobe.main(["--address", address]) == 0
+            with Client(handle.address, timeout=30) as client:
+                assert client.info().version == __version__
+        finally:
+            handle.stop(grace=1.0)

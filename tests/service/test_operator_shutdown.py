@@ -1,0 +1,69 @@
+"""SIGTERM while a run's iteration is inside a long torch call: the server exits 0 soon after
+the drain and grace, without waiting for the iteration (an orchestrator would SIGKILL it),
+and the run is INTERRUPTED and resumable after a restart."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import free_port, server_output, spawn_server
+from hessian_client import Client, problems, status_name
+
+GRACE = 1.0
+# one saddle-free iteration (an autograd Hessian and its eigendecomposition) of a 3000-dim
+# Rosenbrock on one torch thread takes ~9 s here (72 MB matrix): far past GRACE + EXIT_MARGIN
+N = 3000
+SPEC = {
+    "method": "saddle_free",
+    "backend": "autograd",
+    "stopping": {
+        "max_iterations": 3,
+        "gradient_tolerance": 0.0,
+        "function_tolerance": 0.0,
+        "parameter_tolerance": 0.0,
+    },
+}
+EXIT_MARGIN = 4.0  # seconds past the grace: the drain, LINGER_SECONDS, the interpreter's exit
+
+
+@pytest.mark.slow
+def test_sigterm_exits_promptly_while_an_iteration_is_in_a_long_torch_call(tmp_path):
+    port = free_port()
+    flags = ("--grace-seconds", str(GRACE), "--workers", "1", "--intra-op-threads", "1")
+    proc = spawn_server(tmp_path, port, *flags, "--log-format", "text")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            run = c.start_run(problems.rosenbrock(dim=N), np.zeros(N), **SPEC)
+            deadline = time.monotonic() + 60
+            while status_name(c.get_run(run.id)) != "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)  # inside its first iteration's Hessian or eigendecomposition
+            assert c.get_run(run.id).num_records == 0, "still inside its first iteration"
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log = server_output(proc)
+    assert code == 0, log
+    assert took < GRACE + EXIT_MARGIN, f"exited {took:.1f} s after SIGTERM: {log}"
+    assert "Traceback" not in log, log
+    assert "runs cut mid-iteration (stored INTERRUPTED, resumable): 1" in log, log
+
+    again = spawn_server(tmp_path, port, *flags)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            info = c.get_run(run.id)
+            assert (status_name(info), info.stop_reason) == ("INTERRUPTED", "shutdown")
+            resumed = c.resume_run(run.id)
+            assert status_name(c.get_run(resumed.id)) in ("QUEUED", "RUNNING")
+            c.cancel_run(run.id)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0, server_output(again)
