@@ -11,6 +11,7 @@ import torch
 from conftest import hold_record, start_server
 from hessian_client import (
     Client,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -199,3 +200,12 @@ def test_watch_unknown_run_is_not_found(stub):
         list(stub.WatchRun(service_pb2.WatchRunRequest(run_id="r-nope")))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "run_id" in err.value.details()
+
+
+def test_a_run_in_the_wrong_status_is_refused_naming_run_id_as_a_field(client):
+    # RunConflictError said "run_id: ..." but carried no field: no BadRequest violation
+    run = client.start_run(problems.rosenbrock(dim=2), np.zeros(2), stopping={"max_iterations": 2})
+    run.wait()
+    with pytest.raises(FailedPrecondition) as err:
+        client.resume_run(run.id)
+    assert err.value.field == "run_id" and "is FINISHED" in str(err.value)

@@ -101,9 +101,11 @@ class ProblemInUseError(Exception):
 class RunStateError(Exception):
     """A run update or delete matched no row: the run is gone or in another status."""
 
+    field = "run_id"  # the request field, for the status's BadRequest field violation
+
     def __init__(self, run_id: str, message: str) -> None:
         self.run_id = run_id
-        super().__init__(f"run_id: run {run_id} {message}")
+        super().__init__(f"{self.field}: run {run_id} {message}")
 
 
 class RunNotFoundError(RunStateError):
