@@ -494,3 +494,23 @@ def test_a_run_cancelled_where_it_asked_for_a_tight_solve_resumes_to_the_same_re
         return (r.iteration, r.loss, r.cg_iterations, r.step_norm)
 
     assert [key(r) for r in resumed] == [key(r) for r in full if r.iteration >= k]
+
+
+@pytest.mark.parametrize("max_iterations", [20, 100])
+def test_cg_to_a_tolerance_below_float32_stops_at_rounding_not_a_blown_up_step(rng, max_iterations):
+    # float32 softmax with intercepts (projected CG) and cg_tolerance 1e-10: the residual was
+    # rounding noise along near-null directions and its steps rr / p.A p gave a direction of
+    # norm 2.7e6 (the Newton step's is 2.06), or overflowed x + d at 100 iterations
+    X, labels = rng.normal(size=(20, 3)), rng.integers(0, 3, 20)
+    start = rng.normal(size=12) * 0.5
+    options = MethodOptions(method="newton_cg", step_policy="fixed", cg_tolerance=1e-10,
+                            cg_forcing="fixed", cg_max_iterations=max_iterations)  # fmt: skip
+    steps = {}
+    for dtype in (torch.float64, torch.float32):
+        data = {"X": torch.tensor(X, dtype=dtype), "labels": torch.tensor(labels)}
+        obj = make_objective("softmax_regression", data, {"l2": 0.1, "num_classes": 3})
+        steps[dtype] = take_step(obj, torch.tensor(start, dtype=dtype), options).params
+    moved64 = steps[torch.float64] - torch.tensor(start)
+    moved32 = steps[torch.float32].double() - torch.tensor(start)
+    # float32's step is the float64 one to its precision (1e-5 of the step's norm)
+    assert float((moved32 - moved64).norm()) <= 1e-5 * float(moved64.norm())

@@ -104,7 +104,10 @@ def steihaug_cg(
 
     Stops when ||r|| <= tolerance ||grad||, at the boundary, after max_iterations, or on
     direction p with p.A p <= 0: then it moves along p (a descent direction for the model,
-    since r.p > 0) to the boundary, or with no boundary by rr / |p.A p|.
+    since r.p > 0) to the boundary, or with no boundary by rr / |p.A p|. A tolerance below
+    the dtype's eps is taken as eps: past it the residual is rounding noise, and steps
+    rr / p.A p along it blew a float32 solve (cg_tolerance 1e-10) up to 1e6 times the
+    Newton step.
     """
     d = torch.zeros_like(grad)
     r = -grad
@@ -114,7 +117,7 @@ def steihaug_cg(
     negative = boundary = False
     iterations = 0
     if gnorm > 0.0:
-        target = tolerance * gnorm
+        target = max(tolerance, torch.finfo(grad.dtype).eps) * gnorm
         for iterations in range(1, max_iterations + 1):
             cancel.check(f"in CG iteration {iterations}")
             ap = product(p)
