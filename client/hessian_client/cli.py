@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import problems, seed
 from ._version import API_VERSION, __version__
-from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, RESOLVER_SCHEMES, STATUSES, Client, Run
+from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run, address_problem
 from .errors import HessianError, InvalidArgument, RunFailed
 from .options import choices
 from .proto import problem_pb2
@@ -100,13 +100,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def _check_address(address: str) -> str | None:
-    """Why `address` cannot be dialled as meant, or None: a host without a port (gRPC
-    would dial port 443). Resolver targets (dns:///name:port, unix:PATH) are gRPC's."""
-    if "://" in address or address.split(":", 1)[0] in RESOLVER_SCHEMES:
-        return None
-    if ":" not in address or address.endswith("]"):
-        return f"expected host:port, got {address!r} (no port: gRPC would dial 443)"
-    return None
+    """Why `address` cannot be dialled as meant (client.address_problem), or None."""
+    problem = address_problem(address)
+    return None if problem is None else f"expected {problem}, got {address!r}"
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

@@ -115,11 +115,17 @@ def _text(field: str, value: Any, unset: str | None = None) -> str:
 
 
 def _seconds(field: str, value: Any) -> float | None:
-    """A timeout: None (no deadline) or a finite number of seconds > 0."""
+    """A timeout: None (no deadline) or seconds in (0, MAX_TIMEOUT_SECONDS] (past about
+    1e9 gRPC's deadline overflows and every call fails at once with DEADLINE_EXCEEDED)."""
     if value is None:
         return None
-    if not _number(value, numbers.Real) or not 0 < value < math.inf:
-        raise invalid(field, "a number of seconds > 0, or None for no deadline", value)
+    if not _number(value, numbers.Real) or not 0 < value <= MAX_TIMEOUT_SECONDS:
+        raise invalid(
+            field,
+            f"a number of seconds in (0, {MAX_TIMEOUT_SECONDS:,}] (a year), or None for no "
+            "deadline",
+            value,
+        )
     return float(value)
 
 
@@ -182,6 +188,7 @@ BALANCED_SERVICE_CONFIG = json.dumps(
 
 
 # gRPC target schemes whose syntax is gRPC's to check (anything with "://" is one too)
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
 RESOLVER_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
 
 
@@ -211,18 +218,24 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
 
 
 def _check_port(address: str) -> None:
-    """Refuse a host:port whose port is no TCP port (gRPC would wrap 99999 round to 34463
-    and report that). Resolver targets (scheme:...) are gRPC's to parse."""
-    if (
-        not isinstance(address, str)
-        or "://" in address
-        or address.split(":", 1)[0] in RESOLVER_SCHEMES
-        or address.endswith("]")  # [v6 address] without a port: gRPC's default port
-    ):
-        return
-    port = address.rsplit(":", 1)[1] if ":" in address else None
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise invalid("address", "host:port with a port in 1..65535", address)
+    """Refuse a host:port `address` that gRPC would dial other than as meant."""
+    problem = address_problem(address) if isinstance(address, str) else None
+    if problem is not None:
+        raise invalid("address", problem, address)
+
+
+def address_problem(address: str) -> str | None:
+    """What a host:port `address` should be, or None where it is one (resolver targets,
+    scheme:..., are gRPC's to parse): a host without a port would be dialled at 443, and a
+    port past 65535 wrapped round (99999 to 34463)."""
+    if "://" in address or address.split(":", 1)[0] in RESOLVER_SCHEMES:
+        return None
+    if ":" not in address or address.endswith("]"):
+        return "host:port (no port given: gRPC would dial 443)"
+    port = address.rsplit(":", 1)[1]
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        return "host:port with a port in 1..65535"
+    return None
 
 
 def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tuple[str, Any]]:

@@ -30,7 +30,10 @@ def test_the_cli_refuses_an_address_without_a_port(capsys, address):
         main(["--address", address, "info"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert f"--address (or HESSIAN_ADDRESS): expected host:port, got {address!r}" in err, err
+    assert (
+        "--address (or HESSIAN_ADDRESS): expected host:port (no port given: gRPC would "
+        f"dial 443), got {address!r}" in err
+    ), err
 
 
 def test_the_cli_accepts_the_longest_timeout_and_a_resolver_address(server, capsys):
