@@ -55,6 +55,10 @@ def test_bad_settings_name_the_flag():
         ("--max-data-bytes", "-1", "--max-data-bytes must be >= 1"),
         ("--max-data-bytes", "0", "--max-data-bytes must be >= 1"),
         ("--metrics-port", "50051", "--metrics-port 50051 is --address's port"),
+        # past threading.TIMEOUT_MAX the lease keeper's wait raised OverflowError
+        ("--lease-seconds", "1e300", "--lease-seconds must be at most 86400"),
+        ("--grace-seconds", "1e10", "--grace-seconds must be at most 86400"),
+        ("--exported-evaluation-seconds", "1e12", "--exported-evaluation-seconds must be at most"),
     ],
 )
 def test_values_the_server_could_not_run_with_are_refused_at_start(flag, value, message):

@@ -36,6 +36,9 @@ MAX_THREADS = 1024  # workers, RPC threads and torch threads: more is a typo, no
 # a record waiting longer than an hour for its commit is a typo (the store-flush thread's
 # deadline arithmetic overflowed past ~9.2e12 ms and killed it)
 MAX_COMMIT_INTERVAL_MS = 3_600_000
+# any *_seconds setting (a day): past threading.TIMEOUT_MAX (~9e9 s) a wait on it raises
+# OverflowError in the thread that waits (the lease keeper's, the drain's)
+MAX_SECONDS = 86_400
 # read by the other programs that share a server's environment (the client and CLI, the
 # health probe, the compose file): never reported as misspelt server settings
 OTHER_PROGRAMS_VARIABLES = (
@@ -120,6 +123,7 @@ class ServerConfig:
             ("max_optimize_runs", MAX_THREADS),
             ("intra_op_threads", MAX_THREADS),
             ("commit_interval_ms", MAX_COMMIT_INTERVAL_MS),
+            *((f.name, MAX_SECONDS) for f in fields(self) if f.name.endswith("_seconds")),
         ):
             if getattr(self, name) > most:
                 raise ValueError(f"--{name.replace('_', '-')} must be at most {most}")
