@@ -149,7 +149,7 @@ def test_a_bad_environment_value_exits_naming_the_variable(capsys, var, value, e
         ("HESSIAN_LEASE_SECONDS", "nan", "--lease-seconds (from HESSIAN_LEASE_SECONDS='nan') "
          "must be a finite number"),
         ("HESSIAN_GRACE_SECONDS", "inf", "--grace-seconds (from HESSIAN_GRACE_SECONDS='inf') "
-         "must be a finite number"),
+         "must be at most 86400"),
         ("HESSIAN_GRACE_SECONDS", "-2", "--grace-seconds (from HESSIAN_GRACE_SECONDS='-2') "
          "must be >= 0"),
         ("HESSIAN_WORKERS", "0", "--workers (from HESSIAN_WORKERS='0') must be >= 1"),
