@@ -3,7 +3,7 @@
 // Three paths, one policy (linalg.damped_cholesky_solve): start at the given damping; on a
 // failed factorisation, a pivot L_ii^2 <= 16 eps (|H_ii| + lambda) (rounding noise: a lambda
 // one ulp above -lambda_min(H) factors, and its solve is a step of 1e13), or a non-finite
-// solution, lambda = max(10 lambda, sqrt(eps) * max|diag H|) (1 in its place where that is
+// solution, lambda = max(10 lambda, sqrt(eps) * max|H_ij|) (1 in its place where that is
 // 0 or not finite); eps is the storage type's.
 //  * CPU, n <= kSmallN: plain loops in double on thread-local buffers, no ATen dispatch.
 //  * CPU, larger n: LAPACK potrf (ATen's lapackCholesky) in place on one working triangle,
@@ -29,10 +29,20 @@ constexpr int64_t kTile = 64;
 // crossover on the 2-core CI machine: the loops win up to about 64).
 constexpr int64_t kSmallN = 64;
 
-// The damping floor's scale: max|diag H| as it is (a floor of sqrt(eps) x max(1, max|diag H|)
-// damped a singular H of scale 1e-12 to a gradient step), 1 where it is 0 or not finite.
-inline double floor_scale(double largest_diagonal) {
-  return largest_diagonal > 0 && std::isfinite(largest_diagonal) ? largest_diagonal : 1.0;
+// The damping floor's scale: H's largest entry magnitude as it is (a floor of sqrt(eps) x
+// max(1, max|diag H|) damped a singular H of scale 1e-12 to a gradient step; the diagonal
+// alone took 40 attempts or more for [[1e-30, 1], [1, 1e-30]]), 1 where it is 0 or not
+// finite.
+inline double floor_scale(double largest_entry) {
+  return largest_entry > 0 && std::isfinite(largest_entry) ? largest_entry : 1.0;
+}
+
+// max |a_ij| over a row-major n x n matrix (NaN entries ignored, as fmax does).
+template <typename scalar_t>
+double largest_entry(const scalar_t* a, int64_t n) {
+  double m = 0.0;
+  for (int64_t k = 0; k < n * n; ++k) m = std::fmax(m, std::abs(static_cast<double>(a[k])));
+  return m;
 }
 // Below this n the O(n^2) copies run on one thread (waking the pool costs more).
 constexpr int64_t kParallelN = 512;
@@ -115,8 +125,8 @@ SolveStatus small_solve(const scalar_t* h, int64_t n, const scalar_t* g, double 
     for (int64_t j = 0; j <= i; ++j) {
       const double hij = static_cast<double>(h[i * n + j]);
       sym[i * n + j] = symmetrise ? 0.5 * (hij + static_cast<double>(h[j * n + i])) : hij;
+      scale = std::fmax(scale, std::abs(sym[i * n + j]));
     }
-    scale = std::max(scale, std::abs(sym[i * n + i]));
   }
   double* minus_g = w.minus_g.data();
   for (int64_t i = 0; i < n; ++i) minus_g[i] = -static_cast<double>(g[i]);
@@ -153,12 +163,12 @@ void restore_upper(scalar_t* a, int64_t n, const scalar_t* diag, scalar_t lam) {
 
 // Damped Cholesky on a row-major buffer; potrf('L') on the column-major view reads and
 // overwrites only the upper triangle, which `fill(attempt, lam)` writes before each attempt
-// (with lam on the diagonal). `diag` is diag(H), for the damping floor.
+// (with lam on the diagonal). `diag` is diag(H), for the pivot test; `scale` H's largest
+// entry magnitude, for the damping floor.
 template <typename scalar_t, typename Fill>
 SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const scalar_t* g,
-                         double damping, int64_t max_attempts, Fill fill, scalar_t* d) {
-  double scale = 0.0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, std::abs(static_cast<double>(diag[i])));
+                         double damping, int64_t max_attempts, double scale, Fill fill,
+                         scalar_t* d) {
   const double floor = sqrt_eps<scalar_t>() * floor_scale(scale);
   const double tol = pivot_tolerance<scalar_t>();
   const int ni = static_cast<int>(n);
@@ -208,7 +218,7 @@ void symmetrise_upper(const scalar_t* h, int64_t n, scalar_t* out, scalar_t lam)
 SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damping,
                           int64_t max_attempts, at::Tensor& d) {
   const at::Tensor diag_abs = hs.diagonal().abs();
-  const double scale = hs.numel() ? diag_abs.max().item<double>() : 0.0;
+  const double scale = hs.numel() ? hs.abs().max().item<double>() : 0.0;
   const double eps = hs.scalar_type() == at::kFloat ? sqrt_eps<float>() : sqrt_eps<double>();
   const double floor = eps * floor_scale(scale);
   const double tol =
@@ -272,8 +282,9 @@ SolveStatus solve_owned_symmetric(at::Tensor& h, const at::Tensor& g, double dam
           restore_upper(a, n, diag.data(), lam);
         }
       };
+      const double scale = largest_entry(a, n);
       status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
-                                      max_attempts, fill, d.data_ptr<scalar_t>());
+                                      max_attempts, scale, fill, d.data_ptr<scalar_t>());
 #else
       status = generic_solve(h, gc, damping, max_attempts, d);
 #endif
@@ -309,8 +320,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
       for (int64_t i = 0; i < n; ++i) diag[i] = src[i * n + i];
       // every attempt symmetrises afresh from H, which potrf never touches
       auto fill = [&](int64_t, scalar_t lam) { symmetrise_upper<scalar_t>(src, n, a, lam); };
+      const double scale = largest_entry(src, n);
       status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
-                                      max_attempts, fill, d.data_ptr<scalar_t>());
+                                      max_attempts, scale, fill, d.data_ptr<scalar_t>());
 #else
       status = generic_solve((hc + hc.t()) * 0.5, gc, damping, max_attempts, d);
 #endif
@@ -340,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> saddle_free(const at::Tensor& h, const at::Te
   at::Tensor negative = evals.lt(-tol).sum();
   // |lambda| floored relative to the largest (as linalg.saddle_free_direction): an absolute
   // floor turned a positive-definite H of scale 1e-10 into a step 100 times too short
-  const double floor = largest > 0 ? std::max(eigenvalue_floor * largest, tol) : eigenvalue_floor;
+  const double floor = largest > 0 ? eigenvalue_floor * largest : eigenvalue_floor;
   at::Tensor coeff = at::mv(evecs.t(), g).div_(evals.abs().clamp_min_(floor));
   at::Tensor d = at::mv(evecs, coeff).neg_();
   return {d, negative};

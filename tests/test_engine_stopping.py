@@ -1133,3 +1133,17 @@ def test_lm_on_an_indefinite_hessian_with_a_tiny_diagonal_keeps_stepping(rng, ba
     assert run.stop_reason != StopReason.NO_PROGRESS, run.message
     accepted = [r for r in records if r.step_accepted]
     assert len(accepted) >= 10 and records[-1].loss < records[0].loss
+
+
+def test_slow_float32_gradient_descent_is_not_called_no_progress(rng):
+    # each step lowered the gradient by less than its float32 rounding: ten steps set no new
+    # low and the run ended no_progress at 16,225 iterations, still tracking its float64 twin
+    f32, _ = _f32_logistic(rng)
+    options = MethodOptions(method="gradient_descent")
+    run = Run(f32, torch.zeros(6, dtype=torch.float32), options,
+              StopCriteria(max_iterations=20000, gradient_tolerance=1e-12))  # fmt: skip
+    records = run.run_to_end()
+    # it goes on until its steps truly cycle at rounding (or to max_iterations), well past
+    # the gradient of 2e-5 where the flat test stopped it
+    assert "no measurable progress" not in run.message, run.message
+    assert records[-1].gradient_max_norm <= 1e-5, run.message

@@ -272,3 +272,22 @@ def test_the_row_count_in_a_later_dimension_of_a_data_input_is_refused():
     torch.export.save(exported, archive)
     with pytest.raises(ValidationError, match=r"first dimension of data inputs only.*'z'"):
         load_program(archive.getvalue())
+
+
+def test_a_factorisation_the_flop_counter_has_no_formula_for_is_costed():
+    # linalg.norm(ord=2) is an SVD, which torch's flop counter counts as 0: a 76 KB archive
+    # norming a 4096 x 4096 matrix ran 24 s past a 5 s evaluation limit
+    u, v = torch.randn(4096), torch.randn(4096)
+    problem = problems.exported(
+        lambda p, u, v: torch.linalg.norm(torch.sin(u[:, None] * v[None, :]) * p, ord=2),
+        torch.ones(1),
+        {"u": u, "v": v},
+    )
+    with pytest.raises(ResourceLimitError, match=r"floating-point operations, over the limit"):
+        load_program(problem.exported.program)
+    small = problems.exported(  # the same at 64 x 64 is a cheap node: accepted
+        lambda p, u, v: torch.linalg.norm(torch.sin(u[:, None] * v[None, :]) * p, ord=2),
+        torch.ones(1),
+        {"u": u[:64], "v": v[:64]},
+    )
+    load_program(small.exported.program)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
-from hessian_service.engine.linalg import damping_floor
+from hessian_service.engine.linalg import damped_cholesky_solve, damping_floor
 from native_support import BACKENDS
 
 
@@ -74,3 +74,55 @@ def test_the_damping_floor_scales_with_the_matrix(rng):
         damping_floor(torch.zeros(3, 3, dtype=torch.float64))
         == torch.finfo(torch.float64).eps ** 0.5
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("condition", [1e9, 1e12])
+def test_saddle_free_newton_on_an_ill_conditioned_definite_problem_is_newton(backend, condition):
+    # a floor of 1e-8 max|lambda| clamped the small eigenvalue: 154 steps to an error of
+    # 9e-8 at condition 1e9, and an error of 0.98 after 200 at 1e12 (Newton: one step)
+    A = torch.diag(torch.tensor([condition, 1.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    objective = make_objective("quadratic", {"A": A, "b": b})
+    run = Run(objective, torch.zeros(2, dtype=torch.float64),
+              MethodOptions(method="saddle_free", backend=backend),
+              StopCriteria(max_iterations=20))  # fmt: skip
+    run.run_to_end()
+    want = torch.tensor([1.0 / condition, 1.0], dtype=torch.float64)
+    assert float(((run.params - want) / want).abs().max()) <= 1e-12, run.message
+    assert run.converged and run.last_record.iteration <= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saddle_free_in_float32_resolves_what_float32_resolves(rng, backend):
+    # n = 50, eigenvalues log-spaced over 1e5: floored at n eps32 max|lambda| it stalled at
+    # an error of 0.28 where Newton reached 6e-8
+    n = 50
+    q, _ = torch.linalg.qr(torch.tensor(rng.normal(size=(n, n))))
+    evals = torch.logspace(0, 5, n, dtype=torch.float64)
+    A, b = (q * evals) @ q.T, torch.tensor(rng.normal(size=n))
+    want = torch.linalg.solve(A, b)
+    data = {"A": A.float(), "b": b.float()}
+    objective = make_objective("quadratic", data)
+    for method in ("newton", "saddle_free"):
+        run = Run(objective, torch.zeros(n), MethodOptions(method=method, backend=backend),
+                  StopCriteria(max_iterations=30))  # fmt: skip
+        run.run_to_end()
+        error = float((run.params.double() - want).norm() / want.norm())
+        assert error <= 1e-2, (method, error, run.message)  # cond 1e5 x eps32 ~ 1e-2 at most
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [0.0, 1e-30, 1e-300])
+def test_the_damping_escalation_is_short_for_a_tiny_diagonal_and_large_off_diagonal(backend, d):
+    # the floor from the diagonal alone: 40 attempts at d = 1e-30, none within 60 at 1e-300
+    h = torch.tensor([[d, 1.0], [1.0, d]], dtype=torch.float64)
+    g = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    if backend == "native":
+        _, lam, attempts = torch.ops.hessian.damped_cholesky(h, g, 0.0, 60)
+        lam, attempts = float(lam), int(attempts)
+    else:
+        res = damped_cholesky_solve(h, g)
+        lam, attempts = res.damping, res.attempts
+    assert 1 <= attempts <= 12
+    assert 1.0 < lam <= 10.0  # past -lambda_min = 1 - d, within one x10 of it

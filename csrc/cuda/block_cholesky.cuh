@@ -108,10 +108,12 @@ __device__ BlockStatus block_damped_solve(const scalar_t* __restrict__ h, int n,
   const int tid = warp * kWarp + lane, threads = warps * kWarp;
   const int ld = tile_ld(n);
 
-  double diag_max = 0.0;
-  for (int i = tid; i < n; i += threads)
-    diag_max = fmax(diag_max, fabs(static_cast<double>(h[i * n + i])));
-  const double floor = sqrt_eps * fmax(1.0, block_max(diag_max, scratch));
+  // the damping floor's scale: H's largest entry magnitude (csrc/solve.cpp's floor_scale)
+  double entry_max = 0.0;
+  for (int k = tid; k < n * n; k += threads)
+    entry_max = fmax(entry_max, fabs(static_cast<double>(h[k])));
+  const double scale = block_max(entry_max, scratch);
+  const double floor = sqrt_eps * (scale > 0.0 && isfinite(scale) ? scale : 1.0);
 
   const double tol = 16.0 * static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
   double lam = damping;

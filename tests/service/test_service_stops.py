@@ -201,3 +201,12 @@ def test_compute_hessian_counts_no_rounding_negatives_in_a_gauss_newton_matrix(c
     assert result.summary.negative_tolerance == pytest.approx(tol, rel=1e-6)
     assert result.summary.negative_eigenvalues == int((evals < -tol).sum()) == 0
     assert not result.summary.positive_definite
+
+
+@pytest.mark.parametrize(("dtype", "shown"), [(np.float32, 1e-6), (np.float64, 1e-10)])
+def test_a_run_info_shows_the_gradient_tolerance_of_the_parameters_dtype(client, dtype, shown):
+    # Rosenbrock holds no data (its dtype is the parameters'): a float32 run was stored and
+    # run with float64's 1e-10, which float32 cannot meet
+    run = client.start_run(problems.rosenbrock(dim=2), np.zeros(2, dtype=dtype),
+                           stopping={"max_iterations": 2})  # fmt: skip
+    assert run.wait().stopping.gradient_tolerance == shown

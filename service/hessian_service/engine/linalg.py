@@ -180,10 +180,12 @@ def negative_eigenvalues(h: torch.Tensor, rows: int = 0) -> int:
 def damping_floor(h: torch.Tensor) -> float:
     """The smallest lambda tried after an undamped factorisation fails.
 
-    Scaled to the matrix (sqrt(eps) of its largest diagonal magnitude) so the escalation
-    takes few attempts whatever the units of the problem.
+    Scaled to the matrix (sqrt(eps) of its largest entry magnitude; 1 for a zero or
+    non-finite one) so the escalation takes few attempts whatever the units of the problem:
+    not max(1, .) (a singular H of scale 1e-12 was damped to a gradient step), nor the
+    diagonal alone ([[1e-30, 1], [1, 1e-30]] took 40 attempts).
     """
-    scale = float(h.diagonal().abs().max()) if h.numel() else 0.0
+    scale = float(h.abs().max()) if h.numel() else 0.0
     return torch.finfo(h.dtype).eps ** 0.5 * (scale if 0 < scale < math.inf else 1.0)
 
 
@@ -220,12 +222,12 @@ def damped_cholesky_solve(
 
 
 def saddle_free_direction(
-    h: torch.Tensor, g: torch.Tensor, eigenvalue_floor: float = 1e-8, rows: int = 0
+    h: torch.Tensor, g: torch.Tensor, eigenvalue_floor: float, rows: int = 0
 ) -> SolveResult:
     """d = -|H|^-1 g with |H| = V max(|Lambda|, floor) V^T; counts H's negative eigenvalues.
 
-    floor = max(eigenvalue_floor, the count's rounding tolerance) x max|lambda| (relative, so
-    the step does not depend on the problem's units; eigenvalue_floor itself for H = 0).
+    floor = eigenvalue_floor x max|lambda| (relative, so the step does not depend on the
+    problem's units; eigenvalue_floor itself for H = 0).
     The count is `count_negative`'s (relative to rounding_factor eps max|lambda|). Where
     plain Newton is attracted to a saddle (it follows negative curvature uphill), the absolute-value
     Hessian turns those directions into descent directions.
@@ -233,8 +235,7 @@ def saddle_free_direction(
     evals, evecs = torch.linalg.eigh(symmetrise(h))
     n_negative = count_negative(evals, h.dtype, rows)
     largest = float(evals.abs().max()) if evals.numel() else 0.0
-    tol = negative_tolerance(evals, h.dtype, rows)
-    floor = max(eigenvalue_floor * largest, tol) if largest > 0 else eigenvalue_floor
+    floor = eigenvalue_floor * largest if largest > 0 else eigenvalue_floor
     scale = evals.abs().clamp_min(floor)
     d = -(evecs @ ((evecs.T @ g) / scale))
     return SolveResult(d, 0.0, 1, n_negative)

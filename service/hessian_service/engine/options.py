@@ -89,7 +89,9 @@ class MethodOptions:
     0.1 for gradient descent). damping: the initial lambda in (H + lambda I); for
     levenberg_marquardt, in (H + lambda diag H) (Marquardt's scaling), and 0 means 1e-3.
     curvature: hessian or gauss_newton. eigenvalue_floor (saddle_free): |lambda| is floored
-    at eigenvalue_floor x max|lambda| (relative: the step does not depend on the units).
+    at eigenvalue_floor x max|lambda| (relative: the step does not depend on the units;
+    None: the dtype's eps, so a definite H of any conditioning the dtype resolves gets
+    Newton's step).
     backend: auto | native | autograd (None: $HESSIAN_BACKEND, else auto). For the
     Hessian-free methods, auto and native take the closed-form native curvature products
     (backends/native/products.py) where they cover the objective; hvp_mode is then unused.
@@ -111,7 +113,7 @@ class MethodOptions:
     learning_rate: float | None = None
     damping: float = 0.0
     curvature: str = "hessian"
-    eigenvalue_floor: float = 1e-8
+    eigenvalue_floor: float | None = None
     armijo: float = 1e-4
     backtrack: float = 0.5
     max_backtracks: int = 40
@@ -160,7 +162,8 @@ class MethodOptions:
         if lr is not None:
             lr = _real(f"{p}.learning_rate", lr, positive=True)
         _real(f"{p}.damping", self.damping, nonnegative=True)
-        _real(f"{p}.eigenvalue_floor", self.eigenvalue_floor, positive=True)
+        if self.eigenvalue_floor is not None:
+            _real(f"{p}.eigenvalue_floor", self.eigenvalue_floor, positive=True)
         if not 0 < _real(f"{p}.armijo", self.armijo) < 1:
             raise ValidationError(f"{p}.armijo", "a number in (0, 1)", repr(self.armijo))
         if not 0 < _real(f"{p}.backtrack", self.backtrack) < 1:

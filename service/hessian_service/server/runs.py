@@ -442,7 +442,8 @@ class RunManager:
         """
         check_supported(objective, options)
         run_id = "r-" + uuid.uuid4().hex
-        stopping = stopping.for_method(options.method, objective.dtype)  # as run, not as sent
+        # as run, not as sent: the defaults of the method and of the parameters' dtype
+        stopping = stopping.for_method(options.method, objective.compute_dtype(params))
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
         if method_note:
             spec["method_note"] = method_note

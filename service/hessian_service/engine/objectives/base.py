@@ -136,8 +136,7 @@ class Objective(ABC):
                 f"{self.num_params} values (shape {list(self.param_shape)}) for {self.name}",
                 f"{params.numel()} values (shape {list(params.shape)})",
             )
-        if params.dim() > 1 and tuple(params.shape) != tuple(self.param_shape):
-            # flat, or exactly the parameters' shape: (3, 2) for (2, 3) is a transposition
+        if params.dim() > 1 and not self.accepts_shape(tuple(params.shape)):
             raise ValidationError(
                 field,
                 f"a flat vector or shape {list(self.param_shape)} for {self.name}",
@@ -147,6 +146,11 @@ class Objective(ABC):
             raise ValidationError(field, "finite values", "NaN or inf")
         dtype = self.dtype or params.dtype
         return params.detach().reshape(-1).to(dtype=dtype, device=self.device).clone()
+
+    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        """Whether params of `shape` (as many values) are this objective's: its shape up to
+        sizes of 1 ((n, 1) for (n,)); (3, 2) for (2, 3) is a transposition, refused."""
+        return [s for s in shape if s != 1] == [s for s in self.param_shape if s != 1]
 
     def compute_dtype(self, params: torch.Tensor | None = None) -> torch.dtype:
         """The compute dtype: the data's, or the parameters' for data-free objectives."""

@@ -470,7 +470,9 @@ def _newton_solve(
 def _saddle_free(stepper: Stepper, point: Point, damping: float) -> Direction:
     """d = -|H|^-1 g, counting H's negative eigenvalues (none for a convex objective: there
     any is rounding)."""
-    floor, objective = stepper.options.eigenvalue_floor, stepper.objective
+    objective, floor = stepper.objective, stepper.options.eigenvalue_floor
+    if floor is None:
+        floor = torch.finfo(point.curvature.dtype).eps
     solver = stepper.backend.solver
     res = solver.saddle_free(point.curvature, point.grad, floor, objective.num_rows)
     if objective.convex:

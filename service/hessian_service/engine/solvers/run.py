@@ -46,7 +46,8 @@ RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
 # no_progress: steps driven by the gradient's rounding noise (float32 Newton-CG near its
 # minimum took 95 of 100 steps at a bit-identical loss, each too large for the cycle test
 # above). Slow convergence lowers the gradient at every step, which the loss near a minimum
-# (quadratic in the distance) no longer shows.
+# (quadratic in the distance) no longer shows; gradient descent's steps are lr x gradient,
+# whose slow progress can lower the gradient by less than its rounding a step: not judged.
 FLAT_STEPS = 10
 FLAT_KEYS = ("flat_steps", "flat_loss", "flat_gradient")
 # the keys a Run adds to its stepper's state in a checkpoint (Run._state)
@@ -401,7 +402,7 @@ class Run:
                 f"its own), while the gradient max-norm {gmax:.3g} > gradient_tolerance"
             )
         steps, flat_loss, lowest = self._flat
-        if steps >= FLAT_STEPS and s.gradient_tolerance > 0:
+        if steps >= FLAT_STEPS and s.gradient_tolerance > 0 and self.method != "gradient_descent":
             return StopReason.NO_PROGRESS, (
                 f"no measurable progress at {str(point.x.dtype).removeprefix('torch.')} "
                 f"precision: the last {steps:.0f} accepted steps, each under sqrt(eps) |x|, "

@@ -120,8 +120,11 @@ def fused_newton_step(
     check_dtype_range(options, dtype)
     if params.requires_grad:
         params = params.detach()
-    if params.dim() != 1 and (flat or not params.is_contiguous()):
-        params = params.reshape(-1)
+    if params.dim() != 1:
+        if not objective.accepts_shape(tuple(params.shape)):
+            return None  # the general path refuses it, naming params
+        if flat or not params.is_contiguous():
+            params = params.reshape(-1)
     lr = options.learning_rate
     start = time.perf_counter()
     x_new, (loss, gnorm, gmax, step_norm, damping, attempts, finite, slope) = fn(
