@@ -163,13 +163,13 @@ void restore_upper(scalar_t* a, int64_t n, const scalar_t* diag, scalar_t lam) {
 
 // Damped Cholesky on a row-major buffer; potrf('L') on the column-major view reads and
 // overwrites only the upper triangle, which `fill(attempt, lam)` writes before each attempt
-// (with lam on the diagonal). `diag` is diag(H), for the pivot test; `scale` H's largest
-// entry magnitude, for the damping floor.
-template <typename scalar_t, typename Fill>
+// (with lam on the diagonal). `diag` is diag(H), for the pivot test; `scale()` H's largest
+// entry magnitude, for the damping floor (asked once, after a first failed attempt).
+template <typename scalar_t, typename Fill, typename Scale>
 SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const scalar_t* g,
-                         double damping, int64_t max_attempts, double scale, Fill fill,
+                         double damping, int64_t max_attempts, Scale scale, Fill fill,
                          scalar_t* d) {
-  const double floor = sqrt_eps<scalar_t>() * floor_scale(scale);
+  double floor = -1.0;  // taken at the first escalation: an n^2 pass an undamped solve skips
   const double tol = pivot_tolerance<scalar_t>();
   const int ni = static_cast<int>(n);
   double lam = damping;
@@ -189,6 +189,7 @@ SolveStatus lapack_solve(scalar_t* a, const scalar_t* diag, int64_t n, const sca
       for (int64_t i = 0; i < n; ++i) finite = finite && std::isfinite(d[i]);
       if (finite) return {lam, attempt};
     }
+    if (floor < 0) floor = sqrt_eps<scalar_t>() * floor_scale(scale());
     lam = std::max(lam * 10.0, floor);
   }
   return {lam, 0};
@@ -218,9 +219,8 @@ void symmetrise_upper(const scalar_t* h, int64_t n, scalar_t* out, scalar_t lam)
 SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damping,
                           int64_t max_attempts, at::Tensor& d) {
   const at::Tensor diag_abs = hs.diagonal().abs();
-  const double scale = hs.numel() ? hs.abs().max().item<double>() : 0.0;
   const double eps = hs.scalar_type() == at::kFloat ? sqrt_eps<float>() : sqrt_eps<double>();
-  const double floor = eps * floor_scale(scale);
+  double floor = -1.0;  // taken at the first escalation (a device sync an undamped solve skips)
   const double tol =
       hs.scalar_type() == at::kFloat ? pivot_tolerance<float>() : pivot_tolerance<double>();
   double lam = damping;
@@ -239,6 +239,7 @@ SolveStatus generic_solve(const at::Tensor& hs, const at::Tensor& g, double damp
         return {lam, attempt};
       }
     }
+    if (floor < 0) floor = eps * floor_scale(hs.numel() ? hs.abs().max().item<double>() : 0.0);
     lam = std::max(lam * 10.0, floor);
   }
   return {lam, 0};
@@ -282,7 +283,16 @@ SolveStatus solve_owned_symmetric(at::Tensor& h, const at::Tensor& g, double dam
           restore_upper(a, n, diag.data(), lam);
         }
       };
-      const double scale = largest_entry(a, n);
+      // potrf overwrites the upper triangle only: the lower one and diag are still H's
+      auto scale = [&] {
+        double m = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          m = std::fmax(m, std::abs(static_cast<double>(diag[i])));
+          for (int64_t j = 0; j < i; ++j)
+            m = std::fmax(m, std::abs(static_cast<double>(a[i * n + j])));
+        }
+        return m;
+      };
       status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
                                       max_attempts, scale, fill, d.data_ptr<scalar_t>());
 #else
@@ -320,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_cholesky(
       for (int64_t i = 0; i < n; ++i) diag[i] = src[i * n + i];
       // every attempt symmetrises afresh from H, which potrf never touches
       auto fill = [&](int64_t, scalar_t lam) { symmetrise_upper<scalar_t>(src, n, a, lam); };
-      const double scale = largest_entry(src, n);
+      auto scale = [&] { return largest_entry(src, n); };
       status = lapack_solve<scalar_t>(a, diag.data(), n, gc.data_ptr<scalar_t>(), damping,
                                       max_attempts, scale, fill, d.data_ptr<scalar_t>());
 #else
