@@ -15,6 +15,13 @@ from hessian_client.proto import problem_pb2
 EXACT = {"gradient_tolerance": 0.0, "function_tolerance": 0.0, "parameter_tolerance": 0.0}
 # stopping criteria a run does not meet on its own: it holds its worker until cancelled
 ENDLESS = {"max_iterations": 10**6, **EXACT}
+# start_run keywords of three slow dense iterations (an autograd Hessian and its
+# eigendecomposition each): a run a shutdown catches inside an iteration
+SADDLE_FREE_THREE = {
+    "method": "saddle_free",
+    "backend": "autograd",
+    "stopping": {"max_iterations": 3, **EXACT},
+}
 
 
 def long_run_problem(seed: int) -> problem_pb2.Problem:

@@ -17,21 +17,13 @@ import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server
 from hessian_client import Client, problems, status_name
+from long_runs import SADDLE_FREE_THREE
 
 # A saddle-free iteration (autograd Hessian + eigendecomposition) whose step the server holds
 # until its store has closed (held_server.py), so it outlasts the 0.1 s grace however fast the
 # machine; n = 100 keeps the step itself cheap once released.
 N = 100
-SPEC = {
-    "method": "saddle_free",
-    "backend": "autograd",
-    "stopping": {
-        "max_iterations": 3,
-        "gradient_tolerance": 0.0,
-        "function_tolerance": 0.0,
-        "parameter_tolerance": 0.0,
-    },
-}
+SPEC = SADDLE_FREE_THREE
 
 
 @pytest.mark.slow

@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server
 from hessian_client import Client, problems, status_name
+from long_runs import SADDLE_FREE_THREE
 
 GRACE = 1.0
 # one saddle-free iteration (an autograd Hessian and its eigendecomposition) of a 3000-dim
 # Rosenbrock on one torch thread takes ~9 s here (72 MB matrix): far past GRACE + EXIT_MARGIN
 N = 3000
-SPEC = {
-    "method": "saddle_free",
-    "backend": "autograd",
-    "stopping": {
-        "max_iterations": 3,
-        "gradient_tolerance": 0.0,
-        "function_tolerance": 0.0,
-        "parameter_tolerance": 0.0,
-    },
-}
+SPEC = SADDLE_FREE_THREE
 EXIT_MARGIN = 4.0  # seconds past the grace: the drain, LINGER_SECONDS, the interpreter's exit
 
 
