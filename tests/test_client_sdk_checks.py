@@ -683,3 +683,11 @@ def test_a_timeout_grpc_cannot_hold_is_refused_not_an_instant_deadline(timeout):
         Client("127.0.0.1:1", timeout=timeout)
     assert err.value.field == "timeout" and "(a year)" in str(err.value)
     Client("127.0.0.1:1", timeout=365 * 24 * 3600.0).close()
+
+
+@pytest.mark.parametrize("option", ["step_policy", "method", "backend", "curvature"])
+def test_an_unknown_option_name_is_refused_under_the_field_the_server_names(option):
+    # the SDK said "step_policy", the server "options.step_policy" for the same mistake
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        client.newton_step(problems.rosenbrock(dim=2), np.zeros(2), **{option: "bogus"})
+    assert err.value.field == f"options.{option}"

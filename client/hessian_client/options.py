@@ -39,14 +39,18 @@ def choices(field: str, message: type[Message] = optimize_pb2.MethodOptions) -> 
 
 
 def enum_value(
-    field: str, name: str | None, message: type[Message] = optimize_pb2.MethodOptions
+    field: str,
+    name: str | None,
+    message: type[Message] = optimize_pb2.MethodOptions,
+    where: str | None = None,
 ) -> int:
-    """The wire value for an engine name such as "newton" (None: unspecified)."""
+    """The wire value for an engine name such as "newton" (None: unspecified); a refusal
+    names `where` (default `field`), the request's path to it as the server names it."""
     if name is None:
         return 0
     known = choices(field, message)
     if not isinstance(name, str) or name.lower() not in known:
-        raise invalid(field, f"one of {known}", name)
+        raise invalid(where or field, f"one of {known}", name)
     enum_type = _enum(field, message)
     return enum_type.values_by_name[_prefix(enum_type) + name.upper()].number
 
@@ -77,7 +81,7 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
         if fd is None:
             raise invalid(field, f"{what}, one of {list(known)}", key)
         if fd.enum_type:
-            setattr(msg, key, enum_value(key, value, message))
+            setattr(msg, key, enum_value(key, value, message, f"{field}.{key}"))
             continue
         try:
             setattr(msg, key, value)
