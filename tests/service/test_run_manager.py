@@ -351,3 +351,25 @@ def test_a_failed_admission_wakes_a_watcher_already_following_it(store):
         assert manager.live(row.run_id) is None
     finally:
         manager.shutdown(timeout=5)
+
+
+def test_runs_are_dated_in_order_when_the_wall_clock_steps_back(store, monkeypatch):
+    # created_at was time.time(): after a restart with the clock an hour back, ListRuns put
+    # the newest run last and retention deleted it first, as the oldest
+    import hessian_service.server.runs as runs_module
+
+    first = _manager(store)
+    a = _start(first, GD)
+    _wait(first, a.run_id)
+    first.shutdown(10)
+    real = runs_module.time.time
+    monkeypatch.setattr(runs_module.time, "time", lambda: real() - 3600.0)
+    second = _manager(store)  # a restart: the stored runs are the floor
+    b = _start(second, GD)
+    c = _start(second, GD)
+    for row in (b, c):
+        _wait(second, row.run_id)
+    listed = [r.run_id for r in store.list_runs((), 10, None)]
+    assert listed == [c.run_id, b.run_id, a.run_id]  # newest first
+    assert store.enforce_retention(2) == [a.run_id]  # the oldest goes
+    second.shutdown(10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -254,6 +255,9 @@ class RunManager:
             max_optimize_runs, thread_name_prefix="hessian-optimize"
         )
         self._live: dict[str, LiveRun] = {}
+        # the last created_at given: runs are dated in order even where the wall clock
+        # steps back (ListRuns' newest first and retention's oldest first follow it)
+        self._last_created = store.newest_created_at()
         # runs that stopped but whose end the store refused: their rows still say QUEUED or
         # RUNNING, so they are reported (and resumable) as INTERRUPTED with this message
         self._orphans: dict[str, str] = {}
@@ -415,6 +419,12 @@ class RunManager:
             hold_problem=hold_problem,
         )
 
+    def _dated(self) -> float:
+        """A created_at after every earlier one: the wall clock, or just past the last."""
+        with self._lock:
+            self._last_created = max(time.time(), math.nextafter(self._last_created, math.inf))
+            return self._last_created
+
     def launch(
         self,
         *,
@@ -449,7 +459,7 @@ class RunManager:
             spec["method_note"] = method_note
         if remote is not None:
             spec["remote"] = remote
-        row = RunRow(run_id, problem_id, spec, name=name, created_at=time.time(), owner=owner)
+        row = RunRow(run_id, problem_id, spec, name=name, created_at=self._dated(), owner=owner)
         live = self._admit(run_id, 0, owner, objective)
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))

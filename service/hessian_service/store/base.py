@@ -320,6 +320,11 @@ class RunStore(ABC):
         lets one go); they all still count. Returns deleted ids.
         """
 
+    def newest_created_at(self) -> float:
+        """The largest created_at stored (0 for none): new runs are dated after it whatever
+        the wall clock says (a clock stepped back reordered ListRuns and retention)."""
+        return 0.0
+
     def request_cancel(self, run_id: str) -> None:
         """CancelRun of a run another replica executes: leave the request for its holder
         (take_cancel_requests). A store one process owns has no other replica: nothing."""

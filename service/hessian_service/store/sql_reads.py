@@ -60,6 +60,10 @@ class SqlReads(RunStore):
         sql, args = layout.list_runs_query(self.MARK, statuses, limit, after, owner)
         return [layout.decode_row(r) for r in self._fetch_all(sql, args)]
 
+    def newest_created_at(self) -> float:
+        row = self._fetch_one("SELECT MAX(created_at) FROM runs", ())
+        return float(row[0]) if row is not None and row[0] is not None else 0.0
+
     def latest_checkpoint(self, run_id: str) -> StoredCheckpoint | None:
         row = self._fetch_one(
             f"SELECT {layout.CHECKPOINT_COLUMNS} FROM checkpoints "
