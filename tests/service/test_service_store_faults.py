@@ -212,3 +212,20 @@ def test_one_start_too_big_for_the_room_left_does_not_refuse_the_next(tmp_path):
             assert small.wait(30).status == "FINISHED"
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("cap", [0, 10 * 2**20])
+def test_a_full_store_says_what_frees_it(tmp_path, cap):
+    # a full disk (no cap) advised DeleteRun, which needs room in the log too and failed
+    # alike; only under --max-store-bytes do deletes have reserve pages
+    store = SQLiteRunStore(tmp_path, max_bytes=cap)
+    try:
+        err = store._error(sqlite3.OperationalError("database or disk is full"))
+    finally:
+        store.close()
+    assert isinstance(err, StoreFullError) and "is full" in str(err)
+    if cap:
+        assert f"--max-store-bytes {cap}" in str(err) and "delete runs (DeleteRun" in str(err)
+    else:
+        assert "the disk holding it has no room left" in str(err)
+        assert "set --max-store-bytes below the disk's size" in str(err)

@@ -514,10 +514,17 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         if name.startswith(CORRUPT_CODES) or "malformed" in str(exc) or "decode" in str(exc):
             return StoreCorruptError(self._damaged(exc))
         if name in FULL_CODES or "full" in str(exc):
-            cap = f" (--max-store-bytes {self.max_bytes})" if self.max_bytes else ""
+            if self.max_bytes:  # the cap keeps reserve pages: deleting runs can proceed
+                return StoreFullError(
+                    f"the run store {self.path} is full (--max-store-bytes {self.max_bytes}): "
+                    f"{exc}; raise the cap or delete runs (DeleteRun, --max-stored-runs)"
+                )
+            # the disk itself: a delete needs room in the write-ahead log too, so it fails
+            # alike (no reserve without a cap)
             return StoreFullError(
-                f"the run store {self.path} is full{cap}: {exc}; free disk space, raise the "
-                "cap, or delete runs (DeleteRun, --max-stored-runs)"
+                f"the run store {self.path} is full: {exc}; the disk holding it has no room "
+                "left (a DeleteRun needs some too): free space on it, then delete runs or set "
+                "--max-store-bytes below the disk's size, which keeps room for deletes"
             )
         return StoreError(f"the run store {self.path} cannot be {action}: {exc} ({name})")
 
