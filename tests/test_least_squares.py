@@ -329,3 +329,44 @@ def _line_residuals(x):
 
 def _line_jacobian(x):
     return _T_X
+
+
+def test_scipys_no_bounds_object_is_taken_and_unserved_arguments_are_named(address, rng):
+    from scipy.optimize import Bounds
+
+    fit = CurveFit(rng)
+    free = least_squares(fit.residuals, fit.x0, fit.jacobian, bounds=Bounds(-np.inf, np.inf),
+                         address=address)  # fmt: skip
+    plain = least_squares(fit.residuals, fit.x0, fit.jacobian, address=address)
+    np.testing.assert_array_equal(free.x, plain.x)
+    for name, value in (("max_nfev", 50), ("x_scale", "jac"), ("verbose", 2)):
+        with pytest.raises(InvalidArgument) as err:  # was Python's TypeError
+            least_squares(fit.residuals, fit.x0, fit.jacobian, address=address, **{name: value})
+        assert err.value.field == name
+    # one setting given twice (an argument and an option, in either name) was resolved in
+    # silence, the argument losing
+    for options in ({"gtol": 1e-12}, {"gradient_tolerance": 1e-12}):
+        with pytest.raises(InvalidArgument, match="an argument sets it"):
+            least_squares(fit.residuals, fit.x0, fit.jacobian, gtol=1e-3, options=options,
+                          address=address)  # fmt: skip
+
+
+def test_residuals_and_jacobian_get_their_own_copy_of_x(address, rng):
+    # SciPy passes a copy: a residual function that works in x's memory moved the point
+    fit = CurveFit(rng)
+
+    def residuals(p):
+        p *= 1.0  # in place, harmless on a copy
+        p[2] += 0.0
+        out = fit.residuals(p)
+        p[:] = 0.0  # scribbles over its argument
+        return out
+
+    def jacobian(p):
+        out = fit.jacobian(p)
+        p[:] = 0.0
+        return out
+
+    scribbled = least_squares(residuals, fit.x0, jacobian, address=address)
+    clean = least_squares(fit.residuals, fit.x0, fit.jacobian, address=address)
+    np.testing.assert_array_equal(scribbled.x, clean.x)

@@ -414,3 +414,73 @@ def test_auto_with_a_gradient_only_takes_a_checked_step_and_reaches_the_minimum(
         losses = [r.loss for r in client.run(ros.run_id).records()]
     assert all(np.isfinite(losses)) and all(b <= a for a, b in itertools.pairwise(losses))
     assert losses[-1] < losses[0]
+
+
+def test_functions_get_their_own_copy_of_x_as_scipy_gives_it(address, rng):
+    # fun(x) doing x -= c (legal under SciPy) changed the point the SDK then took the
+    # gradient at and recorded: Newton failed its line search where SciPy converges
+    c = rng.normal(size=3)
+
+    def fun(x):
+        x -= c
+        return float(x @ x)
+
+    res = minimize(fun, np.zeros(3), jac=lambda x: 2 * (x - c), hess=lambda x: 2 * np.eye(3),
+                   address=address)  # fmt: skip
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, c, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (
+            lambda a: minimize(
+                lambda x: np.complex128(x @ x) + 1e6j, np.ones(2), jac=lambda x: 2 * x, address=a
+            ),
+            "fun",
+        ),
+        (
+            lambda a: minimize(
+                lambda x: float(x @ x),
+                np.ones(2),
+                jac=lambda x: (2 * x).astype(complex) + 1e6j,
+                address=a,
+            ),
+            "jac",
+        ),
+        (
+            lambda a: minimize(
+                lambda x: str(float(x @ x)), np.ones(2), jac=lambda x: 2 * x, address=a
+            ),
+            "fun",
+        ),
+        (
+            lambda a: minimize(lambda x: float(x @ x), ["0", "0"], jac=lambda x: 2 * x, address=a),
+            "x0",
+        ),
+        (
+            lambda a: minimize(
+                lambda x: float(x @ x), [np.nan, 1.0], jac=lambda x: 2 * x, address=a
+            ),
+            "x0",
+        ),
+        (
+            lambda a: minimize(
+                lambda x: float(x @ x),
+                np.ones(2),
+                jac=lambda x: 2 * x,
+                options={"maxiter": 7, "max_iterations": 5},
+                address=a,
+            ),
+            "options.maxiter",
+        ),
+    ],
+    ids=["complex fun", "complex jac", "string fun", "string x0", "nan x0", "two maxiters"],
+)
+def test_values_scipy_would_not_take_are_refused_naming_them(address, call, field):
+    # a complex value lost its imaginary part with a warning, strings were parsed as
+    # numbers, a NaN x0 was named start.initial_params, and of two maxiters one won in silence
+    with pytest.raises(InvalidArgument) as err:
+        call(address)
+    assert err.value.field == field

@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from .errors import invalid
-from .minimize import OptimizeResult, _numbers, _Session, drive, drive_async, is_sparse
+from .minimize import (
+    SCIPY_OPTIONS,
+    OptimizeResult,
+    _numbers,
+    _Session,
+    drive,
+    drive_async,
+    is_sparse,
+)
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
 
@@ -58,7 +66,8 @@ class _LeastSquaresSession(_Session):
         key = x.tobytes()
         if key not in self.residuals:
             self.counts["nfev"] += 1
-            r = np.atleast_1d(_numbers(self.fun(x, *self.args), "fun", "residuals of shape (m,)"))
+            got = self.fun(x.copy(), *self.args)  # its own copy, as SciPy gives it
+            r = np.atleast_1d(_numbers(got, "fun", "residuals of shape (m,)"))
             if r.ndim != 1:
                 raise invalid("fun", "residuals of shape (m,)", f"shape {r.shape}")
             if self.m is None:
@@ -73,7 +82,7 @@ class _LeastSquaresSession(_Session):
         key = x.tobytes()
         if key not in self.jacobians:
             self.counts["njev"] += 1
-            jac = self.jac(x, *self.args)
+            jac = self.jac(x.copy(), *self.args)
             m = self._residuals(x).size
             if not (hasattr(jac, "rmatvec") or is_sparse(jac)):  # sparse: J @ v, J.T @ u
                 jac = np.atleast_2d(_numbers(jac, "jac", f"an array of shape ({m}, {x.size})"))
@@ -152,7 +161,11 @@ def _session(
     if not _unbounded(bounds):
         raise invalid("bounds", "none, or SciPy's default (-inf, inf): bounds are not served",
                       bounds)  # fmt: skip
-    opts = {**{k: v for k, v in stopping.items() if v is not None}, **(options or {})}
+    given = {k: v for k, v in stopping.items() if v is not None}
+    for key, value in (options or {}).items():  # one setting, two values: which one?
+        if SCIPY_OPTIONS.get(key, key) in given:
+            raise invalid(f"options.{key}", "no second value: an argument sets it", value)
+    opts = {**given, **(options or {})}
     if isinstance(args, list):  # SciPy's least_squares unpacks any sequence (minimize wraps)
         args = tuple(args)
     return _LeastSquaresSession(
@@ -165,11 +178,26 @@ def _unbounded(bounds: Any) -> bool:
     """None, or SciPy's default (-inf, inf): no bound at all."""
     if bounds is None:
         return True
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
+        bounds = (bounds.lb, bounds.ub)
     try:
         low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
     except (TypeError, ValueError):
         return False
     return bool(np.all(low == -np.inf) and np.all(high == np.inf))
+
+
+def _refuse_unserved(unserved: dict[str, Any]) -> None:
+    """Refuse SciPy least_squares arguments this one does not serve (x_scale, max_nfev,
+    diff_step, f_scale, tr_solver, verbose, ...) by name, as an InvalidArgument, not
+    Python's TypeError."""
+    for key, value in unserved.items():
+        raise invalid(
+            key,
+            "an argument this least_squares serves (fun, x0, jac, method, ftol, xtol, gtol, "
+            "loss, bounds, max_iterations, args, options, address, token, name, resume)",
+            value,
+        )
 
 
 def _stopping(ftol: float | None, xtol: float | None, gtol: float | None,
@@ -197,6 +225,7 @@ def least_squares(
     token: str | None = None,
     name: str = "",
     resume: str | None = None,
+    **unserved: Any,
 ) -> OptimizeResult:
     """Minimise 0.5 ||fun(x)||^2 from `x0` on the server, SciPy least_squares-style.
 
@@ -210,6 +239,7 @@ def least_squares(
     Returns SciPy's fields (x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
     status, message, success) and nit, run_id, run_status, round_trips.
     """
+    _refuse_unserved(unserved)
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
     session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)
     return drive(session, resume, address, token)
@@ -233,8 +263,10 @@ async def least_squares_async(
     token: str | None = None,
     name: str = "",
     resume: str | None = None,
+    **unserved: Any,
 ) -> OptimizeResult:
     """`least_squares` on grpc.aio (the caller's functions still run on the event loop)."""
+    _refuse_unserved(unserved)
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
     session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)
     return await drive_async(session, resume, address, token)

@@ -66,7 +66,10 @@ def _numbers(value: Any, name: str, expected: str) -> np.ndarray:
     elif hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, even one
         value = value.detach().cpu()  # that requires grad (the SDK does not import torch)
     try:
-        return np.asarray(value, dtype=np.float64)
+        raw = np.asarray(value)
+        if raw.dtype.kind not in "biuf":  # complex (its imaginary part), strings, objects
+            raise TypeError
+        return raw.astype(np.float64)
     except (TypeError, ValueError):
         raise invalid(name, expected, type(value).__name__) from None
 
@@ -138,6 +141,15 @@ class _Session:
                     f"no {key} (method {self.method!r} sets {key}={value!r})",
                     self.options[key],
                 )
+        for scipy_name, ours in SCIPY_OPTIONS.items():
+            if scipy_name in self.options and ours in self.options:  # which one would win?
+                raise invalid(
+                    f"options.{scipy_name}",
+                    f"no {scipy_name} beside {ours} (two names, two values, one setting)",
+                    self.options[scipy_name],
+                )
+        if not np.all(np.isfinite(self.x0)):
+            raise invalid("x0", "finite numbers", "NaN or inf")
         self.counts = {"nfev": 0, "njev": 0, "nhev": 0, "round_trips": 0}
         self.seen: dict[bytes, dict[str, Any]] = {}  # values at each point asked (by bytes)
         # the iterate of the next record, and the latest point asked for its gradient: the
@@ -187,9 +199,12 @@ class _Session:
         )
 
     def _loss_and_grad(self, x: np.ndarray, need_grad: bool) -> tuple[float, np.ndarray | None]:
+        """fun (and jac) at x. Each of the caller's functions gets its own copy of x, as SciPy
+        gives it: one that changes its argument in place left the point evaluated next (and
+        the callback's) somewhere else."""
         self.counts["nfev"] += 1
         if self.jac is True:
-            both = self.fun(x, *self.args)
+            both = self.fun(x.copy(), *self.args)
             try:
                 f, g = both
             except (TypeError, ValueError):  # not a pair (SciPy reads fg[0], fg[1])
@@ -197,16 +212,16 @@ class _Session:
             if need_grad:
                 self.counts["njev"] += 1
             return _scalar(f, "fun"), _shaped(g, (x.size,), "jac") if need_grad else None
-        f = _scalar(self.fun(x, *self.args), "fun")
+        f = _scalar(self.fun(x.copy(), *self.args), "fun")
         if not need_grad:
             return f, None
         self.counts["njev"] += 1
-        return f, _shaped(self.jac(x, *self.args), (x.size,), "jac")
+        return f, _shaped(self.jac(x.copy(), *self.args), (x.size,), "jac")
 
     def _hessp(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
         """hessp(x, v): H v, refused naming hessp unless it has x's shape (n,)."""
         expected = f"H v of shape ({x.size},), like x"
-        hv = _numbers(self.hessp(x, v, *self.args), "hessp", expected)
+        hv = _numbers(self.hessp(x.copy(), v.copy(), *self.args), "hessp", expected)
         if hv.shape != x.shape:
             raise invalid("hessp", expected, hv.shape)
         return hv
@@ -229,7 +244,7 @@ class _Session:
                 self.iterate = x
         if ask.hessian:
             self.counts["nhev"] += 1
-            h = _shaped(self.hess(x, *self.args), (x.size, x.size), "hess")
+            h = _shaped(self.hess(x.copy(), *self.args), (x.size, x.size), "hess")
             out.hessian.CopyFrom(encode(h))
             values["hess"] = h
         if ask.HasField("hvp_vectors"):
