@@ -17,8 +17,10 @@ from hessian_service.engine import (
     MethodOptions,
     Run,
     SpectrumOptions,
+    StopCriteria,
     StopReason,
     analyze_curvature,
+    make_objective,
     take_step,
 )
 from hessian_service.engine import cancel as engine_cancel
@@ -155,3 +157,36 @@ def test_a_run_with_a_past_deadline_token_stops_as_cancelled():
     records = run.run_to_end()
     assert run.stop_reason == StopReason.CANCELLED
     assert len(records) == 1
+
+
+@pytest.mark.parametrize(
+    "stopping",
+    [
+        {"gradient_tolerance": 0.0, "parameter_tolerance": 1e-8},  # ends parameters_stalled
+        {"gradient_tolerance": 0.0, "function_tolerance": 1e-12},  # ends function_stalled
+        {"gradient_tolerance": 1e-9},  # ends converged
+    ],
+    ids=["parameters_stalled", "function_stalled", "converged"],
+)
+def test_a_cancel_landing_where_the_run_ends_anyway_resumes_to_the_same_records(stopping):
+    # the cancel was tested before the stall tests: the run's last point was stored
+    # INTERRUPTED (a shutdown) and a resume from it (no previous point there, so no stall
+    # test) took one more step than the uninterrupted run
+    obj = make_objective("rosenbrock", {}, {"dim": 2})
+    x0 = torch.tensor([-1.2, 1.0], dtype=torch.float64)
+    opts = MethodOptions(method="newton", step_policy="line_search")
+    stop = StopCriteria(max_iterations=100, **stopping)
+    solo = Run(obj, x0.clone(), opts, stop)
+    records = [(r.iteration, r.loss, r.step_norm) for r in solo]
+    last = records[-1][0]
+    token = CancelToken()
+    run = Run(obj, x0.clone(), opts, stop, cancel=token)
+    got = []
+    for r in run:
+        got.append((r.iteration, r.loss, r.step_norm))
+        if r.iteration == last - 1:
+            token.cancel()  # the next stop test is the one that ends the run
+    # the run ends as it would have: a cancel there (a shutdown's) no longer leaves a run to
+    # resume from a point whose stall test a resume cannot repeat
+    assert run.stop_reason == solo.stop_reason and got == records
+    assert run.stop_reason is not StopReason.CANCELLED

@@ -383,8 +383,6 @@ class Run:
                 # (the one a resume starts from) then asks for the same solve
                 self.stepper.state["cg_tight"] = 1.0
                 stall = None
-        if self.cancel_token.cancelled:
-            return StopReason.CANCELLED, f"cancelled before iteration {k}"
         if gmax <= s.gradient_tolerance and s.gradient_tolerance > 0:
             return StopReason.GRADIENT_TOLERANCE, (
                 f"converged: gradient max-norm {gmax:.3g} <= gradient_tolerance "
@@ -392,6 +390,11 @@ class Run:
             )
         if stall is not None:
             return stall
+        # after the tests the point itself ends the run by: a cancel (or a shutdown) that
+        # lands where the run ends anyway lets it end so, as it would uninterrupted; a
+        # checkpoint taken here would resume without the step the stall tests judge
+        if self.cancel_token.cancelled:
+            return StopReason.CANCELLED, f"cancelled before iteration {k}"
         if self._unchanged >= UNCHANGED_STEPS and s.gradient_tolerance > 0:
             # the gradient test can no longer be met (with every test off, the caller asked
             # for max_iterations steps, and gets them)
