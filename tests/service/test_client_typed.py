@@ -216,7 +216,10 @@ def test_server_errors_carry_field_and_expected_as_status_details(client, stub):
     ("call", "field"),
     [
         (lambda c: c.start_run(problems.rosenbrock(), seed=1, init="normal_random"), "init"),
-        (lambda c: c.newton_step(problems.rosenbrock(), np.zeros(2), method="lbfgs"), "method"),
+        (
+            lambda c: c.newton_step(problems.rosenbrock(), np.zeros(2), method="lbfgs"),
+            "options.method",
+        ),
         (lambda c: c.newton_step("p-x", np.zeros(2), bogus=1), "options"),
         (lambda c: c.newton_step(42, np.zeros(2)), "problem"),
         (lambda c: c.newton_step("p-x", np.array(["a", "b"])), "params"),
