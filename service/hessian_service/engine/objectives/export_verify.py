@@ -587,25 +587,31 @@ def _uses(value: Any) -> list[str]:
     return []
 
 
-def _constant_path(
-    archive: zipfile.ZipFile, prefix: str, cname: str, folder: str = "constants"
-) -> str:
-    """The file name the constants (or weights) config gives constant `cname`."""
-    config = _json(archive, f"{prefix}data/{folder}/model_{folder}_config.json")
-    return str(_get(config, "config", cname, "path_name"))
+def _payload_configs(
+    archive: zipfile.ZipFile, prefix: str, wanted: dict[str, dict[str, str]]
+) -> dict[str, Any]:
+    """Each folder's config ({name: entry}) of the constants (folder "constants") and module
+    buffers (folder "weights") `wanted` names, parsed once (not once per constant)."""
+    return {
+        folder: _get(_json(archive, f"{prefix}data/{folder}/model_{folder}_config.json"), "config")
+        for folder, names in wanted.items()
+        if names
+    }
 
 
-def _constants(archive: zipfile.ZipFile, prefix: str, wanted: dict[str, dict[str, str]]) -> dict:
-    """Lifted tensor constants (folder "constants") and module buffers (folder "weights"),
-    by folder {placeholder: name}, from raw bytes, all of them under one element budget; a
+def _constants(
+    archive: zipfile.ZipFile,
+    prefix: str,
+    wanted: dict[str, dict[str, str]],
+    configs: dict[str, Any],
+) -> dict:
+    """Lifted tensor constants and module buffers, by folder {placeholder: name} (their
+    `configs`: _payload_configs), from raw bytes, all of them under one element budget; a
     pickled one, or a weight that is a parameter, is refused unread."""
     out: dict[str, torch.Tensor] = {}
     total = 0
-    for folder, names in wanted.items():
-        if not names:
-            continue
-        config = _get(_json(archive, f"{prefix}data/{folder}/model_{folder}_config.json"), "config")
-        for placeholder, cname in names.items():
+    for folder, config in configs.items():
+        for placeholder, cname in wanted[folder].items():
             entry = _get(config, cname)
             if entry.get("is_param", False) is not False:
                 raise refuse("no parameters among the weights (they travel in params)", cname)
@@ -650,7 +656,7 @@ def _strided(raw: bytes, meta: TensorMeta, raw_meta: Any, what: str) -> torch.Te
     if not ints or len(strides) != len(meta.shape):
         raise refuse(f"{len(meta.shape)} strides and a storage offset >= 0 for {what}",
                      {"strides": strides, "storage_offset": offset})  # fmt: skip
-    itemsize = torch.empty((), dtype=meta.dtype).element_size()
+    itemsize = meta.dtype.itemsize
     needed = offset + 1 + sum((n - 1) * st for n, st in zip(meta.shape, strides, strict=True))
     if len(raw) % itemsize or len(raw) // itemsize < needed:
         raise refuse(
@@ -831,14 +837,18 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
         if name not in metas:
             raise refuse(f"a declared shape for every value, also {name!r}")
     row_count = _row_count(doc, metas, user_inputs)
-    files = {_constant_path(archive, prefix, c) for c in constants.values()}
-    buffer_files = {_constant_path(archive, prefix, b, "weights") for b in buffers.values()}
-    _check_members(archive, prefix, files, buffer_files)
+    wanted = {"constants": constants, "weights": buffers}
+    configs = _payload_configs(archive, prefix, wanted)
+    files = {
+        folder: {str(_get(configs[folder], name, "path_name")) for name in wanted[folder].values()}
+        for folder in configs
+    }
+    _check_members(archive, prefix, files.get("constants", set()), files.get("weights", set()))
     program = Program(
         nodes,
         user_inputs[0],
         dict(zip(user_inputs[1:], arg_names[1:], strict=True)),
-        _constants(archive, prefix, {"constants": constants, "weights": buffers}),
+        _constants(archive, prefix, wanted, configs),
         output,
         metas,
         row_count,
