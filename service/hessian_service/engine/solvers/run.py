@@ -405,7 +405,7 @@ class Run:
                 f"its own), while the gradient max-norm {gmax:.3g} > gradient_tolerance"
             )
         steps, flat_loss, lowest = self._flat
-        if steps >= FLAT_STEPS and s.gradient_tolerance > 0 and self.method != "gradient_descent":
+        if steps >= FLAT_STEPS and s.gradient_tolerance > 0:
             return StopReason.NO_PROGRESS, (
                 f"no measurable progress at {str(point.x.dtype).removeprefix('torch.')} "
                 f"precision: the last {steps:.0f} accepted steps, each under sqrt(eps) |x|, "
@@ -563,7 +563,8 @@ class Run:
             previous_loss = point.loss
             if new_point is not None:
                 self._note_unchanged(point, new_point)
-                self._note_flat(point, new_point, step)
+                if self.method != "gradient_descent":  # not judged by FLAT_STEPS
+                    self._note_flat(point, new_point, step)
                 previous, point, last = point, new_point, step
                 self.params = point.x
             else:
