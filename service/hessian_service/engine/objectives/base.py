@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ResourceLimitError, ValidationError
+from ..linalg import all_finite
 from ..validation import FLOAT_DTYPES, require_no_extra
 
 # The closed-form kernels an objective may have in hessian_service._C (csrc/): "system" (loss,
@@ -142,7 +143,7 @@ class Objective(ABC):
                 f"a flat vector or shape {list(self.param_shape)} for {self.name}",
                 f"shape {list(params.shape)}",
             )
-        if not bool(torch.isfinite(params).all()):
+        if not all_finite(params):
             raise ValidationError(field, "finite values", "NaN or inf")
         dtype = self.dtype or params.dtype
         return params.detach().reshape(-1).to(dtype=dtype, device=self.device).clone()
