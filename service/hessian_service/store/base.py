@@ -87,13 +87,14 @@ class ProblemNotFoundError(Exception):
 class ProblemInUseError(Exception):
     """The problem cannot be deleted: a queued, running or interrupted run still needs it."""
 
-    def __init__(self, problem_id: str, run_ids: Sequence[str], field: str = "problem_id") -> None:
+    field = "problem_id"  # the request field, for the status's BadRequest field violation
+
+    def __init__(self, problem_id: str, run_ids: Sequence[str]) -> None:
         self.problem_id = problem_id
         self.run_ids = list(run_ids)
-        self.field = field  # the request field, for the status's BadRequest field violation
         shown = ", ".join(self.run_ids[:3]) + (", ..." if len(self.run_ids) > 3 else "")
         super().__init__(
-            f"{field}: problem {problem_id} is used by {len(self.run_ids)} queued, running "
+            f"{self.field}: problem {problem_id} is used by {len(self.run_ids)} queued, running "
             f"or interrupted (resumable) run(s) ({shown}); cancel or delete them first"
         )
 
