@@ -73,26 +73,27 @@ class Client(_Api):
     def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Run:
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
-    async def _start_watching(self, request: Any, like: Any) -> Run:
+    async def _start_watching(self, request: Any, like: Any, timeout: Any = _DEFAULT) -> Run:
         call = self.stub.StartAndWatchRun(
-            request, timeout=self._deadline(_DEFAULT), metadata=self.metadata
+            request, timeout=self._deadline(timeout), metadata=self.metadata
         )
         try:
             first = await call.read()
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before API 1.2
-                return await self._unary("StartRun", request, _DEFAULT, self._start_decoder(like))
+                return await self._unary("StartRun", request, timeout, self._start_decoder(like))
             raise from_rpc_error(exc) from None
         return _watched(self._run, call, None if first is aio.EOF else first, like)
 
     async def list_runs(
-        self, status: str | Sequence[str] = (), page_size: int = 50
+        self, status: str | Sequence[str] = (), page_size: int = 50, *, timeout: Any = _DEFAULT
     ) -> AsyncIterator[RunInfo]:
         """Every run, newest first, filtered by a status name or several; pages are fetched
-        as needed."""
+        as needed (`timeout` bounds each page's call)."""
         token = ""
         while True:
-            response = await self.call("ListRuns", self._list_request(status, page_size, token))
+            request = self._list_request(status, page_size, token)
+            response = await self.call("ListRuns", request, timeout)
             for r in response.runs:
                 yield RunInfo.from_wire(r)
             token = response.next_page_token

@@ -324,25 +324,27 @@ class _Api:
     def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Any:
         raise NotImplementedError
 
-    def _start_watching(self, request: service_pb2.StartRunRequest, like: Any) -> Any:
+    def _start_watching(
+        self, request: service_pb2.StartRunRequest, like: Any, timeout: Any = _DEFAULT
+    ) -> Any:
         raise NotImplementedError
 
     # unary calls
-    def info(self) -> ServerInfo:
+    def info(self, *, timeout: Any = _DEFAULT) -> ServerInfo:
         """Version, API version, backend and why, devices, limits (checks the API versions)."""
 
         def decode(info: service_pb2.ServerInfo) -> ServerInfo:
             check_versions(info)
             return server_info(info)
 
-        return self._unary("GetServerInfo", service_pb2.GetServerInfoRequest(), _DEFAULT, decode)
+        return self._unary("GetServerInfo", service_pb2.GetServerInfoRequest(), timeout, decode)
 
-    def create_problem(self, problem: problem_pb2.Problem) -> Any:
+    def create_problem(self, problem: problem_pb2.Problem, *, timeout: Any = _DEFAULT) -> Any:
         """Upload a problem once; returns its content-addressed id."""
         if not isinstance(problem, problem_pb2.Problem):
             raise invalid("problem", "a Problem message", type(problem).__name__)
         request = service_pb2.CreateProblemRequest(problem=problem)
-        return self._unary("CreateProblem", request, _DEFAULT, lambda r: r.problem_id)
+        return self._unary("CreateProblem", request, timeout, lambda r: r.problem_id)
 
     def sample(
         self,
@@ -351,6 +353,7 @@ class _Api:
         *,
         dtype: str = "float32",
         distribution: str = "uniform",
+        timeout: Any = _DEFAULT,
     ) -> Any:
         """Draw tensors in order from the server's torch.Generator seeded with `seed`."""
         if dtype not in _DTYPES:
@@ -371,7 +374,7 @@ class _Api:
         seed = _integer("seed", seed, 0, UINT64_MAX)
         request = service_pb2.SampleTensorsRequest(seed=seed, tensors=specs)
         return self._unary(
-            "SampleTensors", request, _DEFAULT, lambda r: [tensors.decode(t) for t in r.tensors]
+            "SampleTensors", request, timeout, lambda r: [tensors.decode(t) for t in r.tensors]
         )
 
     def _step(self, rpc: str, problem: Any, params: Any, timeout: Any, options: dict) -> Any:
@@ -509,6 +512,7 @@ class _Api:
         stopping: dict[str, Any] | None = None,
         curvature_seed: int | None = None,
         watch: bool = False,
+        timeout: Any = _DEFAULT,
         **options: Any,
     ) -> Any:
         """Queue a run from `params` (or from a server-side draw with `seed`) -> Run.
@@ -525,6 +529,7 @@ class _Api:
         `stream` given its own `timeout` cancels it and uses WatchRun. A handle never
         streamed holds its call until the run ends or the handle is dropped. A server
         before API 1.2 (no StartAndWatchRun) gets StartRun, and the stream WatchRun.
+        `timeout` (seconds; None: no deadline) replaces the client's timeout for this call.
         """
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
@@ -546,8 +551,8 @@ class _Api:
             seed = _integer("seed", seed, 0, UINT64_MAX)
             request.init.CopyFrom(optimize_pb2.Initializer(seed=seed, distribution=dist))
         if watch:
-            return self._start_watching(request, params)
-        return self._unary("StartRun", request, _DEFAULT, self._start_decoder(params))
+            return self._start_watching(request, params, timeout)
+        return self._unary("StartRun", request, timeout, self._start_decoder(params))
 
     def _start_decoder(self, like: Any) -> Callable[[Any], Any]:
         """StartRunResponse -> the Run handle (final parameters as the type of `like`)."""
@@ -557,12 +562,12 @@ class _Api:
         """A handle on an existing run (final parameters as numpy)."""
         return self._run(_text("run_id", run_id), None, None)
 
-    def get_run(self, run_id: str, include_params: bool = False) -> Any:
+    def get_run(self, run_id: str, include_params: bool = False, *, timeout: Any = _DEFAULT) -> Any:
         """A run's status, stop reason, last record and (optionally) final parameters."""
         request = service_pb2.GetRunRequest(
             run_id=_text("run_id", run_id), include_params=bool(include_params)
         )
-        return self._unary("GetRun", request, _DEFAULT, RunInfo.from_wire)
+        return self._unary("GetRun", request, timeout, RunInfo.from_wire)
 
     @staticmethod
     def _list_request(status: str | Sequence[str], page_size: int, token: str) -> Any:
@@ -574,28 +579,28 @@ class _Api:
         page_size = 0 if page_size is None else _integer("page_size", page_size, 0, 2**31 - 1)
         return service_pb2.ListRunsRequest(page_size=page_size, page_token=token, status=values)
 
-    def cancel_run(self, run_id: str) -> Any:
+    def cancel_run(self, run_id: str, *, timeout: Any = _DEFAULT) -> Any:
         """Stop a run before its next iteration (its records are kept) -> RunInfo."""
         request = service_pb2.CancelRunRequest(run_id=_text("run_id", run_id))
-        return self._unary("CancelRun", request, _DEFAULT, RunInfo.from_wire)
+        return self._unary("CancelRun", request, timeout, RunInfo.from_wire)
 
-    def resume_run(self, run_id: str) -> Any:
+    def resume_run(self, run_id: str, *, timeout: Any = _DEFAULT) -> Any:
         """Continue an INTERRUPTED run from its last checkpoint -> Run."""
         request = service_pb2.ResumeRunRequest(run_id=_text("run_id", run_id))
         return self._unary(
-            "ResumeRun", request, _DEFAULT, lambda info: self._run(run_id, info, None)
+            "ResumeRun", request, timeout, lambda info: self._run(run_id, info, None)
         )
 
-    def delete_run(self, run_id: str) -> Any:
+    def delete_run(self, run_id: str, *, timeout: Any = _DEFAULT) -> Any:
         """Delete a run that is not executing."""
         request = service_pb2.DeleteRunRequest(run_id=_text("run_id", run_id))
-        return self._unary("DeleteRun", request, _DEFAULT, lambda r: r.deleted)
+        return self._unary("DeleteRun", request, timeout, lambda r: r.deleted)
 
-    def delete_problem(self, problem_id: str) -> Any:
+    def delete_problem(self, problem_id: str, *, timeout: Any = _DEFAULT) -> Any:
         """Delete a stored problem -> whether it was deleted (FailedPrecondition while a
         queued, running or interrupted run of yours uses it; NotFound if you hold none)."""
         request = service_pb2.DeleteProblemRequest(problem_id=_text("problem_id", problem_id))
-        return self._unary("DeleteProblem", request, _DEFAULT, lambda r: r.deleted)
+        return self._unary("DeleteProblem", request, timeout, lambda r: r.deleted)
 
 
 class Client(_Api):
@@ -649,24 +654,29 @@ class Client(_Api):
     def _run(self, run_id: str, info: WireRunInfo | None, like: Any) -> Run:
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
-    def _start_watching(self, request: service_pb2.StartRunRequest, like: Any) -> Run:
+    def _start_watching(
+        self, request: service_pb2.StartRunRequest, like: Any, timeout: Any = _DEFAULT
+    ) -> Run:
         call = self.stub.StartAndWatchRun(
-            request, timeout=self._deadline(_DEFAULT), metadata=self.metadata
+            request, timeout=self._deadline(timeout), metadata=self.metadata
         )
         try:
             first = next(call, None)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before API 1.2
-                return self._unary("StartRun", request, _DEFAULT, self._start_decoder(like))
+                return self._unary("StartRun", request, timeout, self._start_decoder(like))
             raise from_rpc_error(exc) from None
         return _watched(self._run, call, first, like)
 
-    def list_runs(self, status: str | Sequence[str] = (), page_size: int = 50) -> Iterator[RunInfo]:
+    def list_runs(
+        self, status: str | Sequence[str] = (), page_size: int = 50, *, timeout: Any = _DEFAULT
+    ) -> Iterator[RunInfo]:
         """Every run, newest first, filtered by a status name or several; pages are fetched
-        as needed."""
+        as needed (`timeout` bounds each page's call)."""
         token = ""
         while True:
-            response = self.call("ListRuns", self._list_request(status, page_size, token))
+            request = self._list_request(status, page_size, token)
+            response = self.call("ListRuns", request, timeout)
             yield from (RunInfo.from_wire(r) for r in response.runs)
             token = response.next_page_token
             if not token:
