@@ -18,6 +18,7 @@ from hessian_client import (
     Client,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     aio,
     least_squares,
     minimize,
@@ -691,3 +692,57 @@ def test_an_unknown_option_name_is_refused_under_the_field_the_server_names(opti
     with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
         client.newton_step(problems.rosenbrock(dim=2), np.zeros(2), **{option: "bogus"})
     assert err.value.field == f"options.{option}"
+
+
+LIMIT = 1 << 20  # a client's message limit; 200,000 float64 values (1.6 MB) exceed it
+TOO_MANY = 200_000
+
+
+@pytest.mark.parametrize(
+    ("field", "call"),
+    [
+        ("problem", lambda c: c.create_problem(problems.mse(np.zeros(TOO_MANY)))),
+        ("params", lambda c: c.gradient_step(problems.rosenbrock(dim=3), np.zeros(TOO_MANY))),
+        ("problem", lambda c: c.newton_step(problems.mse(np.zeros(TOO_MANY)), np.zeros(3))),
+        ("initial_params", lambda c: c.start_run("p-x", np.zeros(TOO_MANY))),
+        ("initial_params", lambda c: c.start_run("p-x", np.zeros(TOO_MANY), watch=True)),
+        ("inputs", lambda c: c.predict("p-x", np.zeros(3), inputs=np.zeros((TOO_MANY, 3)))),
+    ],
+)
+def test_a_request_over_the_message_limit_is_refused_naming_its_field(field, call):
+    # gRPC's own refusal was "Sent message larger than max (1600034 vs. 1048576)", no field
+    with (
+        Client(NOWHERE, max_message_bytes=LIMIT) as client,
+        pytest.raises(ResourceExhausted) as err,
+    ):
+        call(client)
+    assert err.value.field == field and f"{LIMIT:,}" in str(err.value)
+
+
+def test_the_asyncio_client_refuses_an_oversized_request_the_same_way():
+    async def main() -> None:
+        async with aio.Client(NOWHERE, max_message_bytes=LIMIT) as ac:
+            await ac.create_problem(problems.mse(np.zeros(TOO_MANY)))
+
+    with pytest.raises(ResourceExhausted) as err:
+        asyncio.run(main())
+    assert err.value.field == "problem"
+
+
+def test_minimize_names_an_x0_too_large_to_send():
+    # 9 M float64 values: 72 MB past the default 64 MiB message
+    x0 = np.zeros(9_000_000)
+    with pytest.raises(ResourceExhausted) as err:
+        minimize(lambda x: float(x @ x), x0, jac=lambda x: 2 * x, address=NOWHERE)
+    assert err.value.field == "x0"
+    with pytest.raises(ResourceExhausted) as err:
+        asyncio.run(aio_minimize(lambda x: float(x @ x), x0, jac=lambda x: 2 * x, address=NOWHERE))
+    assert err.value.field == "x0"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1023, 2**31, 1.5, "64MiB", None])
+def test_a_message_limit_grpc_cannot_use_is_refused(bad):
+    # -1 is gRPC's "no limit"; a float or a string failed inside gRPC's channel options
+    with pytest.raises(InvalidArgument) as err:
+        Client(NOWHERE, max_message_bytes=bad)
+    assert err.value.field == "max_message_bytes"

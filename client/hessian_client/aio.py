@@ -21,6 +21,7 @@ from .client import (
     _RunBase,
     _Watch,
     _watched,
+    check_fits,
     records_frame,
 )
 from .errors import HessianError, from_rpc_error
@@ -57,6 +58,7 @@ class Client(_Api):
 
     async def call(self, method: str, request: Any, timeout: Any = _DEFAULT) -> Any:
         """Await unary `method`, turning gRPC errors into typed HessianError subclasses."""
+        check_fits(request, self.max_message_bytes)
         try:
             return await getattr(self.stub, method)(
                 request, timeout=self._deadline(timeout), metadata=self.metadata
@@ -74,6 +76,7 @@ class Client(_Api):
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
     async def _start_watching(self, request: Any, like: Any, timeout: Any = _DEFAULT) -> Run:
+        check_fits(request, self.max_message_bytes)
         call = self.stub.StartAndWatchRun(
             request, timeout=self._deadline(timeout), metadata=self.metadata
         )

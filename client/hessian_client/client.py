@@ -29,6 +29,7 @@ from .errors import (
     FailedPrecondition,
     HessianError,
     IncompatibleServer,
+    ResourceExhausted,
     RunFailed,
     from_rpc_error,
     invalid,
@@ -52,6 +53,7 @@ from .results import (
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limits are C ints (the server's flag has the same range)
 CLIENT_VERSION_KEY = "x-hessian-client-version"
 SERVICE = "hessian.v1.HessianService"
 IDEMPOTENT = ("GetRun", "ListRuns", "GetServerInfo", "CreateProblem")
@@ -238,6 +240,37 @@ def address_problem(address: str) -> str | None:
     return None
 
 
+def _largest_part(message: Any) -> str:
+    """The dotted path of the singular message field holding most of `message`'s bytes."""
+    path = []
+    while True:
+        parts = [(v.ByteSize(), f.name, v) for f, v in message.ListFields()
+                 if f.message_type is not None and not f.is_repeated]  # fmt: skip
+        if not parts:
+            return ".".join(path) or "request"
+        size, name, inner = max(parts, key=lambda part: part[0])
+        if 2 * size < message.ByteSize():  # no one field holds most of it
+            return ".".join(path) or name
+        path.append(name)
+        message = inner
+
+
+def check_fits(request: Any, limit: int, field: str | None = None) -> None:
+    """Refuse a request over the channel's message limit before sending it, naming the field
+    that makes it so (`field`, else the request's largest part: gRPC's own refusal, "Sent
+    message larger than max", names none)."""
+    size = request.ByteSize()
+    if size > limit:
+        field = field or _largest_part(request)
+        raise ResourceExhausted(
+            f"{field}: the request would be {size:,} bytes, over the {limit:,} a message may "
+            "hold (the client's max_message_bytes; the server's is "
+            "info().limits.max_message_bytes)",
+            field=field,
+            expected=f"a request of at most {limit:,} bytes",
+        )
+
+
 def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tuple[str, Any]]:
     """Message limits, the retry policy of idempotent calls and, for several replicas,
     round robin with health checking (gRPC service config)."""
@@ -285,6 +318,9 @@ class _Api:
     ) -> None:
         """Open the channel with `channels` (grpc, or grpc.aio): TLS when a CA is named."""
         self._setup(address, token, timeout)
+        self.max_message_bytes = _integer(
+            "max_message_bytes", max_message_bytes, 1024, MAX_MESSAGE_BYTES
+        )
         creds = self._credentials(root_certificates, ca_file)
         options = channel_options(max_message_bytes, self._balanced)
         if channels is grpc:
@@ -641,6 +677,7 @@ class Client(_Api):
 
     def call(self, method: str, request: Any, timeout: Any = _DEFAULT) -> Any:
         """Invoke unary `method`, turning gRPC errors into typed HessianError subclasses."""
+        check_fits(request, self.max_message_bytes)
         try:
             return getattr(self.stub, method)(
                 request, timeout=self._deadline(timeout), metadata=self.metadata
@@ -657,6 +694,7 @@ class Client(_Api):
     def _start_watching(
         self, request: service_pb2.StartRunRequest, like: Any, timeout: Any = _DEFAULT
     ) -> Run:
+        check_fits(request, self.max_message_bytes)
         call = self.stub.StartAndWatchRun(
             request, timeout=self._deadline(timeout), metadata=self.metadata
         )

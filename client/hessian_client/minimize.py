@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from .aio import Client as AsyncClient
-from .client import Client, _text
+from .client import Client, _text, check_fits
 from .errors import DeadlineExceeded, Unavailable, from_rpc_error, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import optimize_pb2, service_pb2
@@ -408,18 +408,21 @@ def minimize(
 def drive(session: _Session, resume: str | None, address: str | None, token: str | None) -> Any:
     """Run `session` over one Optimize stream (or resume run `resume`); its result."""
     outgoing: queue.Queue[service_pb2.OptimizeRequest | None] = queue.Queue()
-    outgoing.put(session.first_request(resume))
+    first = session.first_request(resume)
 
     def requests() -> Any:
         while (request := outgoing.get()) is not None:
             yield request
 
     with Client(address, token, timeout=None) as client:
+        check_fits(first, client.max_message_bytes, None if resume else "x0")
+        outgoing.put(first)
         call = client.stub.Optimize(requests(), metadata=client.metadata)
         try:
             for response in call:
                 reply = session.on_response(response)
                 if reply is not None:
+                    check_fits(reply, client.max_message_bytes)
                     outgoing.put(reply)
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
@@ -471,12 +474,14 @@ async def drive_async(
     """`drive` on grpc.aio."""
     first = session.first_request(resume)  # its arguments refused before any call
     async with AsyncClient(address, token, timeout=None) as client:
+        check_fits(first, client.max_message_bytes, None if resume else "x0")
         call = client.stub.Optimize(metadata=client.metadata)
         try:
             await call.write(first)
             async for response in call:
                 reply = session.on_response(response)
                 if reply is not None:
+                    check_fits(reply, client.max_message_bytes)
                     await _write_unless_ended(call, reply)
             await call.done_writing()
         except grpc.RpcError as exc:
