@@ -275,6 +275,27 @@ def test_a_stale_lease_generation_cannot_write(postgres_dsn):
         new.close()
 
 
+def test_an_expired_lease_nobody_took_yet_cannot_write(postgres_dsn):
+    """A lone replica frozen past its lease, once continued, stored its run INTERRUPTED (a
+    write broken by the freeze) and released the lease: the generation was still its own, so
+    the fence let the end through, and no scan ever took the run over."""
+    store = PostgresRunStore(postgres_dsn, replica_id="lone")
+    try:
+        store.create_run(_row("r-a", 1.0, "RUNNING"), _cp(0))
+        assert store.acquire_lease("r-a", ttl_s=0.2) == 1
+        time.sleep(0.4)  # expired, and nobody has taken it yet
+        with pytest.raises(LeaseLostError, match="expired"):
+            store.update_run("r-a", status="INTERRUPTED")
+        with pytest.raises(LeaseLostError):
+            store.put_checkpoint("r-a", _cp(3, fill=9))
+        assert store.get_run("r-a").status == "RUNNING"
+        assert store.expired_leases() == ["r-a"]
+        assert store.acquire_lease("r-a", ttl_s=60) == 2  # the takeover writes again
+        store.update_run("r-a", status="FINISHED")
+    finally:
+        store.close()
+
+
 def test_a_lost_lease_stops_that_run_alone_and_the_others_records_commit(postgres_dsn):
     """One run's lease taken by another replica failed the whole batch: every run on the
     replica stopped ('run R2 stops here: run R1 is no longer leased') and stayed RUNNING

@@ -28,9 +28,11 @@ Leases (one row per executing run: owner replica, generation, expiry on the data
 clock): `acquire_lease` takes a free or expired lease and bumps its generation in one
 conditional statement, so of two replicas racing for it exactly one wins. While this store
 holds a run's lease, every record, checkpoint and run update for that run is fenced: it is
-written only if the lease row still carries this store's generation (LeaseLostError
-otherwise, and nothing is written).
-"""
+written only if the lease row still carries this store's generation and has not expired
+(LeaseLostError otherwise, and nothing is written). An expired lease is refused even before
+another replica takes it: a replica frozen past its lease (SIGSTOP, a paused VM) may be the
+only one, and the run is then its own scan's to take over from its last checkpoint, not its
+stale executor's to end (say INTERRUPTED, after a write the freeze broke)."""
 
 from __future__ import annotations
 
@@ -121,11 +123,16 @@ log = logging.getLogger(__name__)
 class LeaseLostError(StoreError):
     """A fenced write for a run whose lease another replica has taken (or that expired)."""
 
-    def __init__(self, run_id: str, generation: int) -> None:
+    def __init__(self, run_id: str, generation: int, expired: bool = False) -> None:
         self.run_id = run_id
+        why = (
+            "its lease expired; a replica's scan takes it over"
+            if expired
+            else "another replica took it over"
+        )
         super().__init__(
             f"run_id: run {run_id} is no longer leased to this replica (generation "
-            f"{generation}); another replica took it over, nothing was written"
+            f"{generation}); {why}, nothing was written"
         )
 
 
@@ -605,15 +612,22 @@ class PostgresRunStore(RecordQueue, SqlReads):
         super().append_record(run_id, record)
 
     def _check_fence(self, cur: psycopg.Cursor, run_id: str) -> None:
-        """Refuse a write for a run this store leased unless the lease is still its own."""
+        """Refuse a write for a run this store leased unless the lease is still its own and
+        live: an expired one may be taken over at any moment (by this replica's own scan,
+        the lone replica's case), so its stale executor writes nothing more, its end least
+        of all. The row stays locked to the commit: no takeover can come in between."""
         generation = self._fences.get(run_id)
         if generation is None:
             return
         row = cur.execute(
-            "SELECT generation FROM leases WHERE run_id = %s FOR SHARE", (run_id,)
+            "SELECT generation, expires_at > clock_timestamp() FROM leases WHERE run_id = %s "
+            "FOR SHARE",
+            (run_id,),
         ).fetchone()
         if row is None or row[0] != generation:
             raise LeaseLostError(run_id, generation)
+        if not row[1]:
+            raise LeaseLostError(run_id, generation, expired=True)
 
     @staticmethod
     def _status(cur: psycopg.Cursor, run_id: str, lock: bool = False) -> str | None:
