@@ -247,6 +247,24 @@ def test_spectral_density_puts_its_mass_on_the_spectrum():
     assert report.products_by_part["density"] == 8 * 25
 
 
+@pytest.mark.parametrize("sigma", [1e-8, 1e-3, 0.2])
+def test_a_kernel_narrower_than_the_grid_is_widened_to_it_and_the_density_still_integrates(
+    sigma,
+):
+    # density_sigma=1e-8 fell between the grid's points: every value 0, its integral 0
+    eigs = [1.0 + 0.1 * i for i in range(40)]
+    opts = SpectrumOptions(
+        density_probes=4, density_steps=20, trace_samples=0, grid_points=200, density_sigma=sigma
+    )
+    report = analyze_curvature(_quadratic(eigs), torch.randn(40, dtype=F64), opts)
+    grid, dens = report.density.grid, report.density.density
+    step = float(grid[1] - grid[0])
+    assert report.density.sigma == max(sigma, step)  # the width used, as reported
+    assert math.isclose(float(dens.sum()) * step, 1.0, abs_tol=1e-3)
+    used = report.density.sigma  # the mass sits on [1, 4.9], widened by the kernel
+    assert float(dens[(grid > 1.0 - 4 * used) & (grid < 4.9 + 4 * used)].sum()) * step > 0.99
+
+
 @pytest.mark.parametrize(
     "eigenvalues,verdict",
     [

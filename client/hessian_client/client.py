@@ -14,7 +14,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -79,6 +79,8 @@ DISTRIBUTIONS = [
     k.removeprefix("DISTRIBUTION_").lower() for k in optimize_pb2.Distribution.keys()[1:]
 ]
 STATUSES = [s.value for s in RunStatus]
+# a draw with no objective: "objective_default" names the objective's own init
+SAMPLE_DISTRIBUTIONS = [d for d in DISTRIBUTIONS if d != "objective_default"]
 
 
 class VersionWarning(UserWarning):
@@ -172,9 +174,9 @@ def _encode(value: Any, field: str) -> tensor_pb2.Tensor:
     return tensors.encode(value, field=field)
 
 
-def _distribution(name: str, field: str) -> int:
-    if name.lower() not in DISTRIBUTIONS:
-        raise invalid(field, f"one of {DISTRIBUTIONS}", name)
+def _distribution(name: str, field: str, choices: Sequence[str] = DISTRIBUTIONS) -> int:
+    if not isinstance(name, str) or name.lower() not in choices:
+        raise invalid(field, f"one of {list(choices)}", name)
     return optimize_pb2.Distribution.Value("DISTRIBUTION_" + name.upper())
 
 
@@ -394,7 +396,7 @@ class _Api:
         """Draw tensors in order from the server's torch.Generator seeded with `seed`."""
         if dtype not in _DTYPES:
             raise invalid("dtype", f"one of {list(_DTYPES)}", dtype)
-        dist = _distribution(distribution, "distribution")
+        dist = _distribution(distribution, "distribution", SAMPLE_DISTRIBUTIONS)
         try:
             sizes = [list(s) for s in shapes]
         except TypeError:
@@ -600,6 +602,8 @@ class _Api:
 
     def get_run(self, run_id: str, include_params: bool = False, *, timeout: Any = _DEFAULT) -> Any:
         """A run's status, stop reason, last record and (optionally) final parameters."""
+        if not isinstance(include_params, (bool, np.bool_)):
+            raise invalid("include_params", "True or False", include_params)
         request = service_pb2.GetRunRequest(
             run_id=_text("run_id", run_id), include_params=bool(include_params)
         )
@@ -608,7 +612,11 @@ class _Api:
     @staticmethod
     def _list_request(status: str | Sequence[str], page_size: int, token: str) -> Any:
         values = []
-        for s in (status,) if isinstance(status, str) else status:  # one name, or several
+        if status is None or isinstance(status, str):
+            status = () if status is None else (status,)  # none, one name, or several
+        elif not isinstance(status, Iterable):
+            raise invalid("status", f"a status name or a list of them, from {STATUSES}", status)
+        for s in status:
             if not isinstance(s, str) or s.upper() not in STATUSES:
                 raise invalid("status", f"one of {STATUSES}", s)
             values.append(service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()))
@@ -771,8 +779,8 @@ class _RunBase:
 
     def _result(self, info: RunInfo) -> RunResult:
         """The result of GetRun's final `info`: the final parameters (in `info` too) in the
-        shape and type the parameters were sent as, when this handle started the run (the
-        server keeps a run's parameters flat)."""
+        shape and type the parameters were sent as, when this handle started the run (else
+        as the server sends them: shaped as the objective reads them)."""
         params = info.final_params
         if params is None:
             return RunResult(info, None)

@@ -111,6 +111,7 @@ class RunFailed(HessianError):
     give: `run_id`, and `info`, its final RunInfo (stop_reason, message)."""
 
     from_server = True  # the server's verdict on the run, not a mistake in this call
+    code = grpc.StatusCode.ABORTED  # no call failed (the run did): gRPC's word for that
 
     def __init__(self, run_id: str, info: Any) -> None:  # a results.RunInfo (errors is a leaf)
         super().__init__(f"run {run_id} failed before its first record: {info.message}")

@@ -225,6 +225,12 @@ def test_server_errors_carry_field_and_expected_as_status_details(client, stub):
         (lambda c: c.newton_step("p-x", np.array(["a", "b"])), "params"),
         (lambda c: list(c.list_runs(["bogus"])), "status"),
         (lambda c: c.sample(0, [(2,)], dtype="float16"), "dtype"),
+        # the server refused this one under "tensors[0].distribution" (a draw with no
+        # objective has no default of its own)
+        (lambda c: c.sample(0, [(2,)], distribution="objective_default"), "distribution"),
+        (lambda c: list(c.list_runs(status=5)), "status"),
+        # bool("no") is True: the parameters came back
+        (lambda c: c.get_run("r-x", include_params="no"), "include_params"),
     ],
 )
 def test_client_side_mistakes_raise_invalid_argument_naming_the_field(client, call, field):
@@ -339,7 +345,7 @@ def test_predict_returns_the_models_outputs_on_new_rows(client):
     np.testing.assert_allclose(own, x @ w[:3] + w[3], rtol=1e-12, atol=1e-12)
     with pytest.raises(InvalidArgument) as err:
         client.predict(problem, w, rng.standard_normal((7, 2)))
-    assert err.value.field == "inputs" and "(3,)" in err.value.expected
+    assert err.value.field == "inputs" and "(rows, 3)" in err.value.expected
     with pytest.raises(InvalidArgument) as err:  # no model outputs: a clear error, not INTERNAL
         client.predict(problems.rosenbrock(), np.zeros(2))
     assert err.value.field == "problem" and "model outputs" in err.value.expected

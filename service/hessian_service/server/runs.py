@@ -455,6 +455,8 @@ class RunManager:
         # as run, not as sent: the defaults of the method and of the parameters' dtype
         stopping = stopping.for_method(options.method, objective.compute_dtype(params))
         spec = {"options": asdict(options), "stopping": asdict(stopping)}
+        if len(objective.param_shape) > 1:  # GetRun's parameters come back shaped so
+            spec["param_shape"] = list(objective.param_shape)
         if method_note:
             spec["method_note"] = method_note
         if remote is not None:

@@ -207,7 +207,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             if stored is None:  # every run is created with its starting checkpoint
                 self._params_missing(row.run_id)
             else:
-                params = stored.checkpoint().params
+                params = stored.checkpoint().params.reshape(row.spec.get("param_shape", -1))
                 size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
                 self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
                 info.final_params.CopyFrom(codec.encode_tensor(params))
@@ -370,7 +370,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             )
         with self.threads.limited(objective):
             result = dense_curvature(objective, params, options, cancel, prefix="")
-        return codec.curvature_to_wire(result, with_matrix=not request.omit_matrix)
+        response = codec.curvature_to_wire(result, with_matrix=not request.omit_matrix)
+        response.gradient.shape[:] = params.shape  # as the parameters came (NewtonStep's too)
+        return response
 
     @unary
     def AnalyzeCurvature(self, request, context):
@@ -490,8 +492,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     def ResumeRun(self, request, context):
         tenant = self.tenancy.of(context)
         row = self._row(request.run_id, tenant)
+        require_interrupted(row)  # before its problem is looked up: a finished run's may be gone
         if row.remote is not None:  # its objective lives in a caller's process
-            require_interrupted(row)  # the same refusal as any other run's
             raise ConflictError(
                 "run_id",
                 f"run {row.run_id} is an Optimize run: resume it by opening Optimize with "
@@ -504,8 +506,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
     @unary
     def DeleteRun(self, request, context):
         row = self._row(request.run_id, self.tenancy.of(context))
-        if self.runs.live(row.run_id) is not None:
-            raise ConflictError("run_id", f"run {row.run_id} is executing; cancel it first")
+        if (live := self.runs.live(row.run_id)) is not None:
+            state = RunStatus.RUNNING if live.started else RunStatus.QUEUED
+            raise ConflictError("run_id", f"run {row.run_id} is {state}; cancel it first")
         # only a run in a final status: ResumeRun may have queued it since the check above
         deleted = self.store.delete_run(row.run_id, statuses=FINAL_STATUSES)
         return service_pb2.DeleteRunResponse(deleted=deleted)

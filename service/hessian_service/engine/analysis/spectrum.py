@@ -438,6 +438,9 @@ def spectral_density(
     sigma = opts.density_sigma or (0.01 * width if width > 0 else 1e-3 * max(abs(hi), 1.0))
     pad = 0.05 * width + 3 * sigma
     grid = torch.linspace(lo - pad, hi + pad, opts.grid_points, dtype=torch.float64)
+    # a kernel narrower than the grid's spacing falls between its points (a density of all
+    # zeros): it is widened to the spacing, which `sigma` reports
+    sigma = max(sigma, float(grid[1] - grid[0]))
     density = torch.zeros_like(grid)
     norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
     for theta, tau in nodes:

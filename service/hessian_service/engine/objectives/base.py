@@ -243,7 +243,8 @@ class Objective(ABC):
             raise ValidationError("inputs", f"nothing: {self.name} takes no input rows", "a tensor")
         own = self.data["X"]
         if inputs.dim() != own.dim() or tuple(inputs.shape[1:]) != tuple(own.shape[1:]):
-            expected = f"rows of shape {tuple(own.shape[1:])} (like the problem's X)"
+            row = ", ".join(str(d) for d in ("rows", *own.shape[1:]))
+            expected = f"a {own.dim()}-D array shaped ({row}) (rows like the problem's X)"
             raise ValidationError("inputs", expected, f"shape {tuple(inputs.shape)}")
         if inputs.dtype not in FLOAT_DTYPES:
             raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
