@@ -21,10 +21,11 @@ from .client import (
     _RunBase,
     _Watch,
     _watched,
+    call_error,
     check_fits,
     records_frame,
 )
-from .errors import HessianError, from_rpc_error
+from .errors import HessianError
 from .results import RunInfo, RunResult, StepRecord, WireRunInfo
 
 __all__ = ["Client", "Run"]
@@ -64,7 +65,7 @@ class Client(_Api):
                 request, timeout=self._deadline(timeout), metadata=self.metadata
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise call_error(exc, request) from None
 
     def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
         async def invoke() -> Any:
@@ -85,7 +86,7 @@ class Client(_Api):
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before API 1.2
                 return await self._unary("StartRun", request, timeout, self._start_decoder(like))
-            raise from_rpc_error(exc) from None
+            raise call_error(exc, request) from None
         return _watched(self._run, call, None if first is aio.EOF else first, like)
 
     async def list_runs(

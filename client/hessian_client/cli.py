@@ -50,10 +50,10 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except the uninformative None/False (server default)."""
+    """Shows each option's default, except the uninformative None/False/"" (server default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default in (None, False, "", argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
 
@@ -649,7 +649,7 @@ def parser() -> argparse.ArgumentParser:
             help=help,
             description=help,
             parents=[common],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
 
     command("info", "server and API versions, backend, devices, limits")
@@ -716,7 +716,10 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("run_id")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.add_argument("--detach", action="store_true", help="Ctrl-C leaves the run running")
-    dp = command("delete-problem", "delete a stored problem no live run of yours uses")
+    dp = command(
+        "delete-problem",
+        "delete a stored problem no queued, running or interrupted run of yours uses",
+    )
     dp.add_argument("problem_id")
     command("seed", "the seed notebook's GD-vs-Newton table, on the server")
     rec = command("records", "export a run's records (waits for its end)")

@@ -6,6 +6,8 @@ bare TypeError, and a run failing before its first record was an UNKNOWN status.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -98,3 +100,36 @@ def test_a_run_failing_before_its_first_record_is_an_aborted_run_not_an_unknown_
     with pytest.raises(RunFailed) as err:
         run.result(60)
     assert err.value.code == grpc.StatusCode.ABORTED and str(err.value).startswith("ABORTED: ")
+
+
+def test_a_request_over_the_server_s_lower_message_limit_names_its_field(tmp_path):
+    # the client's limit is 64 MiB, the server's 8 KiB: gRPC's "SERVER: Received message
+    # larger than max (16,xxx vs. 8192)" named no field
+    from hessian_client import ResourceExhausted, aio
+
+    handle = start_server(tmp_path, max_message_bytes=8192)
+    try:
+        with Client(handle.address, timeout=60) as client:
+            pid = client.create_problem(problems.rosenbrock(dim=2))
+            for field, call in (
+                (
+                    "problem",
+                    lambda: client.newton_step(problems.mse(np.zeros(2000)), np.zeros(2000)),
+                ),
+                ("initial_params", lambda: client.start_run(pid, np.zeros(2000))),
+                ("initial_params", lambda: client.start_run(pid, np.zeros(2000), watch=True)),
+            ):
+                with pytest.raises(ResourceExhausted) as err:
+                    call()
+                assert err.value.field == field and err.value.from_server
+                assert "over the server's 8,192-byte message limit" in str(err.value)
+
+        async def main() -> None:
+            async with aio.Client(handle.address, timeout=60) as ac:
+                await ac.create_problem(problems.mse(np.zeros(2000)))
+
+        with pytest.raises(ResourceExhausted) as err:
+            asyncio.run(main())
+        assert err.value.field == "problem"
+    finally:
+        handle.stop(grace=1.0)

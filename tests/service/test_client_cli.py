@@ -213,6 +213,13 @@ def test_version_and_help_show_choices_and_defaults(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "saddle_free" in text and "(default: newton)" in text and "--json" in text
+    for command in ("run", "records", "curvature", "runs", "delete-problem"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        # the subcommands' formatter printed argparse's own "(default: None)" after ours
+        for shown in ("(default: None)", "(default: False)", "(default: )"):
+            assert shown not in text, (command, shown)
 
 
 def test_a_queued_run_shows_no_last_loss(tmp_path, capsys):
