@@ -484,3 +484,78 @@ def test_values_scipy_would_not_take_are_refused_naming_them(address, call, fiel
     with pytest.raises(InvalidArgument) as err:
         call(address)
     assert err.value.field == field
+
+
+def test_hess_is_only_reported_when_the_products_were_the_hessian_s_columns(address):
+    # n = 1 and newton_cg: one product with a CG direction d was stored as the Hessian
+    # (H d, here -29.04 where H = 10.58): hess is the caller's own Hessian or None
+    h = lambda x: np.array([[np.cosh(x[0] - 1) + 12 * x[0] ** 2]])  # noqa: E731
+
+    def stop_at_third(r):
+        if r.nit >= 3:
+            raise StopIteration
+
+    res = minimize(lambda x: float(np.cosh(x[0] - 1) + x[0] ** 4), np.array([3.0]),
+                   jac=lambda x: np.array([np.sinh(x[0] - 1) + 4 * x[0] ** 3]),
+                   hessp=lambda x, p: h(x) @ p, method="newton_cg", callback=stop_at_third,
+                   address=address)  # fmt: skip
+    assert res.hess is None or np.allclose(res.hess, h(res.x), rtol=1e-12)
+    # products with every unit vector are the Hessian: reported (n = 3, Rosenbrock)
+    full = minimize(rosen, np.zeros(3), jac=rosen_der, hessp=rosen_hess_prod,
+                    method="newton", address=address)  # fmt: skip
+    np.testing.assert_allclose(full.hess, rosen_hess(full.x), rtol=1e-12)
+
+
+def test_no_derivative_is_asked_where_the_loss_is_not_finite(address):
+    # x - log x on x > 0, inf elsewhere: the gradient is undefined there and raises; the
+    # first (speculative) trial of Newton from 3 lands at x < 0, which the server rejects
+    # without reading anything but the loss
+    asked_outside = []
+
+    def grad(x):
+        if x[0] <= 0:
+            asked_outside.append(x[0])
+            raise ValueError("undefined")
+        return np.array([1 - 1 / x[0]])
+
+    res = minimize(lambda x: np.inf if x[0] <= 0 else float(x[0] - np.log(x[0])),
+                   np.array([3.0]), jac=grad, hess=lambda x: np.array([[1 / x[0] ** 2]]),
+                   method="newton", address=address)  # fmt: skip
+    assert res.success and not asked_outside
+    np.testing.assert_allclose(res.x, [1.0], atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"options": {"maxiter": 5.0}}, "options.maxiter"),
+        ({"options": {"max_iterations": 5.0}}, "options.max_iterations"),
+        ({"tol": "1e-3"}, "tol"),
+        ({"tol": -1.0}, "tol"),  # refused by the server: it said start.stopping...
+        ({"options": {"gtol": -1.0}}, "options.gtol"),
+    ],
+)
+def test_a_bad_criterion_is_refused_under_the_name_the_caller_gave_it(address, kwargs, field):
+    with pytest.raises(InvalidArgument) as err:
+        minimize(rosen, np.zeros(2), jac=rosen_der, hess=rosen_hess, address=address, **kwargs)
+    assert err.value.field == field and str(err.value).count(field) >= 1
+
+
+def test_the_sdk_s_default_iteration_cap_over_the_server_s_says_what_to_pass(tmp_path):
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path), max_iterations=500)
+    )
+    try:
+        with pytest.raises(ResourceExhausted) as err:
+            minimize(rosen, np.zeros(2), jac=rosen_der, hess=rosen_hess,
+                     address=server.address)  # fmt: skip
+        assert err.value.field == "options.maxiter" and "default of 1000" in str(err.value)
+        with pytest.raises(ResourceExhausted) as err:
+            least_squares(lambda x: x - 1, np.zeros(2), jac=lambda x: np.eye(2),
+                          address=server.address)  # fmt: skip
+        assert err.value.field == "max_iterations"
+        res = minimize(rosen, np.zeros(2), jac=rosen_der, hess=rosen_hess,
+                       options={"maxiter": 500}, address=server.address)  # fmt: skip
+        np.testing.assert_allclose(res.x, np.ones(2), atol=1e-8)
+    finally:
+        server.stop(grace=1.0)

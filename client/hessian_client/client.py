@@ -296,12 +296,26 @@ def call_error(exc: grpc.RpcError, request: Any) -> HessianError:
     return error
 
 
+# While a call is open the channel pings the server this often, and drops the connection
+# (the call fails UNAVAILABLE) when a ping is not answered in KEEPALIVE_TIMEOUT_MS: a
+# network that holds packets without closing the connection left a stream (minimize's, a
+# run's watch) waiting for ever. The server accepts pings this often (app.py).
+KEEPALIVE_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
 def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tuple[str, Any]]:
-    """Message limits, the retry policy of idempotent calls and, for several replicas,
-    round robin with health checking (gRPC service config)."""
+    """Message limits, keepalive pings while a call is open, the retry policy of idempotent
+    calls and, for several replicas, round robin with health checking (gRPC service
+    config)."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # an unanswered ping of any kind (gRPC's own flow-control pings too) waited 60 s
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),  # a quiet stream (a slow fun) is pinged too
         ("grpc.enable_retries", 1),
         ("grpc.service_config", BALANCED_SERVICE_CONFIG if balanced else SERVICE_CONFIG),
     ]

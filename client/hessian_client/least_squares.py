@@ -62,6 +62,11 @@ class _LeastSquaresSession(_Session):
     def capabilities(self) -> service_pb2.Capabilities:
         return service_pb2.Capabilities(gradient=True, gauss_newton=True)
 
+    def argument(self, field: str) -> str:
+        """As minimize's, with least_squares' own arguments for its criteria."""
+        key = field.removeprefix("start.").removeprefix("stopping.")
+        return ARGUMENTS.get(key) or super().argument(field)
+
     def _residuals(self, x: np.ndarray) -> np.ndarray:
         key = x.tobytes()
         if key not in self.residuals:
@@ -200,11 +205,16 @@ def _refuse_unserved(unserved: dict[str, Any]) -> None:
         )
 
 
+# a stopping criterion -> the argument of least_squares that sets it
+ARGUMENTS = {"function_tolerance": "ftol", "parameter_tolerance": "xtol",
+             "gradient_tolerance": "gtol", "max_iterations": "max_iterations"}  # fmt: skip
+
+
 def _stopping(ftol: float | None, xtol: float | None, gtol: float | None,
               max_iterations: int | None) -> dict[str, Any]:  # fmt: skip
     """SciPy's tolerance names -> the server's stopping criteria (None: its default)."""
-    return {"function_tolerance": ftol, "parameter_tolerance": xtol,
-            "gradient_tolerance": gtol, "max_iterations": max_iterations}  # fmt: skip
+    given = {"ftol": ftol, "xtol": xtol, "gtol": gtol, "max_iterations": max_iterations}
+    return {ours: given[argument] for ours, argument in ARGUMENTS.items()}
 
 
 def least_squares(

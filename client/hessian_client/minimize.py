@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import queue
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from .aio import Client as AsyncClient
 from .client import Client, _text, check_fits
-from .errors import DeadlineExceeded, Unavailable, from_rpc_error, invalid
+from .errors import DeadlineExceeded, HessianError, Unavailable, from_rpc_error, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
@@ -34,7 +35,15 @@ METHODS: dict[str, dict[str, str]] = {
 }
 # SciPy's option names -> the server's stopping criteria
 SCIPY_OPTIONS = {"maxiter": "max_iterations", "gtol": "gradient_tolerance"}
+SCIPY_NAMES = {ours: scipy for scipy, ours in SCIPY_OPTIONS.items()}
 DEFAULT_MAXITER = 1000
+# how a stream breaks under a run (server gone, connection cut, a deadline): it resumes
+RESUMABLE_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN,
+)
 CALLBACK_STOP_STATUS = 99  # SciPy's status when a callback raised StopIteration
 
 
@@ -170,15 +179,53 @@ class _Session:
         stopping.setdefault("max_iterations", DEFAULT_MAXITER)
         if self.tol is not None:
             stopping.setdefault("gradient_tolerance", self.tol)
+        try:
+            criteria = stop_criteria(**stopping)
+        except HessianError as exc:
+            raise self.renamed(exc) from None
         start = service_pb2.OptimizeStart(
             initial_params=encode(self.x0),
             options=method_options(**self.methods[self.method], **opts),
-            stopping=stop_criteria(**stopping),
+            stopping=criteria,
             capabilities=self.capabilities(),
             name=self.name,
             speculative=speculative,
         )
         return service_pb2.OptimizeRequest(start=start)
+
+    def argument(self, field: str) -> str:
+        """The argument of this call a refusal's `field` (the wire's, or stop_criteria's)
+        stands for: x0, tol, options.maxiter... as the caller wrote them."""
+        name = field.removeprefix("start.")
+        if name == "initial_params":
+            return "x0"
+        key = name.removeprefix("stopping.")
+        if key == name or key not in STOP_FIELDS:
+            return field
+        if key in self.options:  # written with the server's name
+            return f"options.{key}"
+        scipy = SCIPY_NAMES.get(key)
+        if key == "gradient_tolerance" and self.tol is not None and scipy not in self.options:
+            return "tol"
+        return f"options.{scipy or key}"
+
+    def renamed(self, error: HessianError) -> HessianError:
+        """`error` naming the caller's argument instead of the wire's field; a default of
+        this SDK's the server refuses (maxiter over its --max-iterations) says so."""
+        field = self.argument(error.field) if error.field else ""
+        if not field or field == error.field:
+            return error
+        message = error.message.replace(error.field, field, 1)
+        if error.field.endswith("max_iterations") and not any(
+            k in self.options for k in ("max_iterations", "maxiter")
+        ):
+            message += (
+                f" (the default of {DEFAULT_MAXITER} iterations: pass {field} within the "
+                "server's limit)"
+            )
+        renamed = type(error)(message, field=field, expected=error.expected)
+        renamed.from_server = error.from_server
+        return renamed
 
     def first_request(self, resume: str | None) -> service_pb2.OptimizeRequest:
         """The stream's opening request: resume run `resume` (it keeps the method, options
@@ -213,7 +260,7 @@ class _Session:
                 self.counts["njev"] += 1
             return _scalar(f, "fun"), _shaped(g, (x.size,), "jac") if need_grad else None
         f = _scalar(self.fun(x.copy(), *self.args), "fun")
-        if not need_grad:
+        if not need_grad or not math.isfinite(f):  # a diverged point: nothing else is read
             return f, None
         self.counts["njev"] += 1
         return f, _shaped(self.jac(x.copy(), *self.args), (x.size,), "jac")
@@ -236,6 +283,11 @@ class _Session:
         if ask.loss or ask.gradient:
             f, g = self._loss_and_grad(x, ask.gradient)
             out.loss = values["fun"] = f
+            if ask.loss and not math.isfinite(f):
+                # the server rejects the trial and reads nothing else at a point where the loss
+                # is not finite: jac/hess are not asked there (they may be undefined there)
+                self.seen.setdefault(x.tobytes(), {}).update(values)
+                return service_pb2.OptimizeRequest(evaluation=out)
         if g is not None:
             out.gradient.CopyFrom(encode(g))
             values["jac"] = g
@@ -252,7 +304,9 @@ class _Session:
             self.counts["nhev"] += len(vectors)
             hv = np.stack([self._hessp(x, v) for v in vectors])
             out.hvps.CopyFrom(encode(hv))
-            values["hess"] = 0.5 * (hv + hv.T) if len(vectors) == x.size else None
+            # products with every unit vector are the Hessian's columns (CG directions are not)
+            unit = len(vectors) == x.size and np.array_equal(vectors, np.eye(x.size))
+            values["hess"] = 0.5 * (hv + hv.T) if unit else None
         self.seen.setdefault(x.tobytes(), {}).update(values)
         return service_pb2.OptimizeRequest(evaluation=out)
 
@@ -353,9 +407,15 @@ def _interrupted(info: Any) -> Exception:
 
 
 def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:
-    """The typed error of a broken stream, carrying the run id to resume ("" if none)."""
-    error = from_rpc_error(exc)
+    """The typed error of a broken stream, carrying the run id to resume ("" if none), and
+    saying so as an error raised on this side does."""
+    error = session.renamed(from_rpc_error(exc))
     error.run_id = session.run_id  # type: ignore[attr-defined]
+    if session.run_id and error.code in RESUMABLE_CODES:
+        error.add_note(
+            f"run {session.run_id} is INTERRUPTED at its last checkpoint (or will be, once "
+            f"the server sees the stream gone); resume={session.run_id!r} continues it"
+        )
     return error
 
 

@@ -1,4 +1,5 @@
-"""A loopback TCP relay whose connections a test can sever, to drop a gRPC stream for real."""
+"""A loopback TCP relay whose connections a test can sever, to drop a gRPC stream for real,
+or freeze (bytes swallowed, connections left open: a network that holds packets)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._refusing = False
+        self.frozen = threading.Event()
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -38,11 +40,11 @@ class TcpProxy:
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self.frozen.is_set():
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -59,6 +59,7 @@ log = logging.getLogger("hessian_service.server")
 # after the drain, how long threads about to end (a run finishing its last step) may take
 # before the process exits without them
 LINGER_SECONDS = 1.0
+MIN_CLIENT_PING_MS = 10_000  # the most often a client may ping an open call (keepalive)
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
 SERVICE_NAME = SERVICE.full_name
 
@@ -377,6 +378,10 @@ async def _serve(
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),
+            # clients ping an open call's connection (hessian_client every 30 s) to find a
+            # dead network; gRPC's default of one ping in 5 min ends a quiet stream
+            # (GOAWAY too_many_pings) after two pings
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
         ],
     )
     service_pb2_grpc.add_HessianServiceServicer_to_server(servicer, server)
