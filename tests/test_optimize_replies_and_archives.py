@@ -229,7 +229,7 @@ def test_predict_with_rows_names_inputs_for_zero_rows_and_matches_float64_elsewh
 
 def test_predict_keeps_its_refusal_of_rows_of_the_wrong_shape() -> None:
     objective, _ = linear_problem(40, 3, ())
-    with pytest.raises(ValidationError, match=r"inputs: expected rows of shape \(3,\)"):
+    with pytest.raises(ValidationError, match=r"inputs: expected a 2-D array shaped \(rows, 3\)"):
         objective.predict(torch.zeros(3, dtype=F64), torch.zeros(7, 4, dtype=F64))
 
 
