@@ -152,6 +152,16 @@ def test_cli_exported_file_that_is_no_archive_says_what_it_lacks(tmp_path, capsy
     assert "unpack" not in err
 
 
+def test_cli_exported_unknown_option_is_named_with_the_options_it_takes(tmp_path, capsys):
+    (tmp_path / "g.pt2").write_bytes(b"not read: the option is refused first")
+    code = main(["--address", NOWHERE, "run", "--exported", str(tmp_path / "g.pt2"),
+                 "--option", "lossy=mse"])  # fmt: skip
+    err = capsys.readouterr().err
+    # it said "exported_archive() got an unexpected keyword argument 'lossy'"
+    assert code == 2 and "'lossy' is none of its names [" in err and "'loss'" in err, err
+    assert "program" not in err.split("none of its names")[1], err
+
+
 # D6: problems.* options and data
 
 

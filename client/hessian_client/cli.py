@@ -23,7 +23,7 @@ import unicodedata
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,17 +173,16 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
                 program = f.read()
         except OSError as exc:
             raise UsageError(f"--exported: cannot read {args.exported!r}: {exc.strerror}") from None
+        _refuse_unknown_options(
+            problems.exported_archive, options, {}, "the --exported program", keyword_only=True
+        )
         try:
             return problems.exported_archive(program, data, **options)
         except (TypeError, ValueError) as exc:
             raise _builder_error(exc, "the --exported program", options) from None
     builder = getattr(problems, args.objective)
     takes = inspect.signature(builder).parameters
-    unknown = sorted(set(options) - set(takes) - set(data))
-    if unknown:  # named here: Python's TypeError names the builder function, not the flag
-        raise UsageError(
-            f"bad --option for {args.objective}: {unknown[0]!r} is none of its names {list(takes)}"
-        )
+    _refuse_unknown_options(builder, options, data, args.objective)
     arrays = [  # the data a builder takes: its positional parameters without a default
         n
         for n, p in takes.items()
@@ -198,6 +197,25 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
         return builder(**data, **options)
     except (TypeError, ValueError) as exc:
         raise _builder_error(exc, args.objective, options) from None
+
+
+def _refuse_unknown_options(
+    builder: Callable[..., Any],
+    options: dict[str, Any],
+    data: dict[str, Any],
+    what: str,
+    keyword_only: bool = False,
+) -> None:
+    """Name an --option the builder has no parameter for (Python's TypeError names the
+    builder function, not the flag), listing its names (`keyword_only`: only those, the
+    options of a builder whose other arguments are no --option's)."""
+    takes = inspect.signature(builder).parameters
+    names = [
+        n for n, p in takes.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or not keyword_only
+    ]
+    unknown = sorted(set(options) - set(takes) - set(data))
+    if unknown:
+        raise UsageError(f"bad --option for {what}: {unknown[0]!r} is none of its names {names}")
 
 
 def emit(value: Any) -> None:

@@ -178,19 +178,38 @@ def exported(
     if loss not in ("", "mse", "cross_entropy"):
         raise invalid("loss", "'' (fn returns the loss), mse or cross_entropy", loss)
     tensors = {k: torch.as_tensor(v) for k, v in data.items()}
+    for k, v in tensors.items():  # the wire carries integers as int64: exported as they go
+        if not v.is_floating_point() and v.dtype not in (torch.bool, torch.int64):
+            tensors[k] = v.to(torch.int64)
     if loss and target not in tensors:
         raise invalid(f"data.{target}", f"the target of the {loss} loss", sorted(tensors))
     inputs = {k: v for k, v in tensors.items() if not (loss and k == target)}
     for name in inputs:  # the program takes them as keyword arguments
         if not name.isidentifier() or keyword.iskeyword(name):
             raise invalid(f"data.{name}", "a Python identifier that is not a keyword", name)
+        if name in ("params", "self"):  # the program's own arguments
+            raise invalid(f"data.{name}", "a name other than params and self", name)
     function, inner = fn_or_module, None
     if isinstance(fn_or_module, torch.nn.Module):
         module = fn_or_module
         if example_params is None:
             example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
         function, inner = _functional(module)
-    params = torch.as_tensor(example_params)
+    try:
+        params = torch.as_tensor(example_params)
+    except (TypeError, ValueError, RuntimeError):
+        raise invalid(
+            "example_params",
+            "one tensor of every parameter (parameters_to_vector joins several)",
+            type(example_params).__name__,
+        ) from None
+    if not params.is_floating_point():
+        raise invalid("example_params", "float32 or float64 parameters", str(params.dtype))
+    if inner is not None:
+        count = sum(p.numel() for p in fn_or_module.parameters())
+        if params.numel() != count:
+            raise invalid("example_params", f"{count} values (the module's parameters)",
+                          f"{params.numel()} values")  # fmt: skip
     for name in rows:
         if name not in inputs:
             raise invalid("rows", f"names of program inputs {sorted(inputs)}", name)

@@ -234,27 +234,35 @@ class Objective(ABC):
         x = self.check_params(params)
         if not self.supports_ggn:
             raise ValidationError("problem", f"an objective with model outputs, not {self.name}")
+        field = self.input_field
         if inputs is None:
-            if max_values is not None and "X" in self.data:
-                rows = int(self.data["X"].shape[0])
+            if max_values is not None and field is not None:
+                rows = int(self.data[field].shape[0])
                 self._check_outputs_fit(x, rows, max_values, "problem", own_rows=True)
             return self.outputs(x).detach()
-        if "X" not in self.data:
+        if field is None:
             raise ValidationError("inputs", f"nothing: {self.name} takes no input rows", "a tensor")
-        own = self.data["X"]
+        own = self.data[field]
         if inputs.dim() != own.dim() or tuple(inputs.shape[1:]) != tuple(own.shape[1:]):
             row = ", ".join(str(d) for d in ("rows", *own.shape[1:]))
-            expected = f"a {own.dim()}-D array shaped ({row}) (rows like the problem's X)"
+            expected = f"a {own.dim()}-D array shaped ({row}) (rows like the problem's {field})"
             raise ValidationError("inputs", expected, f"shape {tuple(inputs.shape)}")
-        if inputs.dtype not in FLOAT_DTYPES:
-            raise ValidationError("inputs.dtype", "float32 or float64", str(inputs.dtype))
+        if own.is_floating_point() != inputs.is_floating_point() or inputs.dtype == torch.bool:
+            kind = "float32 or float64" if own.is_floating_point() else f"integers ({own.dtype})"
+            expected = f"{kind}, like the problem's {field}"  # 2.7 as an index was 2, unsaid
+            raise ValidationError("inputs.dtype", expected, str(inputs.dtype))
         rows = int(inputs.shape[0])
         self.check_rows(rows, "inputs")
         if max_values is not None:
             self._check_outputs_fit(x, rows, max_values, "inputs", own_rows=False)
         fresh = copy.copy(self)
-        fresh.data = {**self.data, "X": inputs.to(own.dtype)}
+        fresh.data = {**self.data, field: inputs.to(own.dtype)}
         return fresh.outputs(x).detach()
+
+    @property
+    def input_field(self) -> str | None:
+        """The data tensor whose rows Predict replaces with new inputs (None: it has none)."""
+        return "X" if "X" in self.data else None
 
     def _check_outputs_fit(
         self, x: torch.Tensor, rows: int, max_values: int, field: str, own_rows: bool
@@ -278,7 +286,8 @@ class Objective(ABC):
         """Model outputs per input row (the same at any params): the outputs on the
         problem's first row alone."""
         one = copy.copy(self)
-        one.data = {**self.data, "X": self.data["X"][:1]}
+        field = self.input_field or "X"
+        one.data = {**self.data, field: self.data[field][:1]}
         return one.outputs(params).numel()
 
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:

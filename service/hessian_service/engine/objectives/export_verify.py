@@ -807,12 +807,13 @@ def _load_program(blob: bytes) -> tuple[Program, list[str]]:
             user_inputs.append(_get(body, "arg", "as_tensor", "name"))
         elif kind == "tensor_constant":
             constants[_get(body, "arg", "name")] = _get(body, "tensor_constant_name")
-        elif kind == "buffer" and _get(body, "persistent") is True:
-            buffers[_get(body, "arg", "name")] = _get(body, "buffer_name")
+        elif kind == "buffer":  # torch.export.save keeps a non-persistent one with constants
+            kept = buffers if _get(body, "persistent") is True else constants
+            kept[_get(body, "arg", "name")] = _get(body, "buffer_name")
         else:
             raise refuse(
                 "a functional program: tensor inputs (params, data), tensor constants and "
-                "persistent buffers only (no parameters: pass them in params)",
+                "module buffers only (no parameters: pass them in params)",
                 f"input of kind {kind}",
             )
     outputs = _get(signature, "output_specs")

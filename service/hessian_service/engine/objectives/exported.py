@@ -200,7 +200,15 @@ class Exported(Objective):
     ) -> torch.Tensor:
         """The base Predict, with the row count of `inputs` checked first against what the
         program takes (naming `inputs`, not the graph node it would break)."""
-        own = self.data.get("X")
+        row_inputs = self._template.row_inputs()
+        if inputs is not None and len(row_inputs) > 1:
+            raise ValidationError(
+                "inputs",
+                f"a program with one row input besides its target (this one has {row_inputs}: "
+                "Predict without inputs gives the outputs on the problem's own rows)",
+                "new rows",
+            )
+        own = self.data.get(self.input_field) if self.input_field else None
         rows_like_own = (
             inputs is not None
             and own is not None
@@ -209,7 +217,14 @@ class Exported(Objective):
         )
         if rows_like_own:  # other shapes: the base refusal names what rows must look like
             self._check_input_rows(int(inputs.shape[0]))
-        return super().predict(params, inputs, max_values)
+        try:
+            return super().predict(params, inputs, max_values)
+        except ValidationError as exc:
+            if inputs is None or exc.field != "problem.exported":
+                raise
+            # the program evaluated on its own rows when it was created: these rows broke it
+            # (an index past an embedding's table, say)
+            raise ValidationError("inputs", "rows the program evaluates", str(exc)) from None
 
     def check_rows(self, rows: int, field: str) -> None:
         """The program bound to `rows` (sizes declared, bounded, checked on meta tensors):
@@ -221,16 +236,26 @@ class Exported(Objective):
         except ResourceLimitError as exc:
             raise ResourceLimitError(field, f"{rows} rows: {exc}") from None
 
+    @property
+    def input_field(self) -> str | None:
+        """The program's row input (besides its target) whatever its name: Predict's new rows
+        replace it; a program without declared rows, its input named X."""
+        row_inputs = self._template.row_inputs()
+        if row_inputs:
+            return row_inputs[0]
+        return "X" if "X" in self.data else None
+
     def output_width(self, params: torch.Tensor) -> int:
         """Outputs per row from the program's declared output shape (no evaluation)."""
         meta = self.program.metas[self.program.output]
-        return math.prod(int(s) for s in meta.shape) // max(int(self.data["X"].shape[0]), 1)
+        rows = int(self.data[self.input_field or "X"].shape[0])
+        return math.prod(int(s) for s in meta.shape) // max(rows, 1)
 
     def _check_input_rows(self, rows: int) -> None:
         """Refuse `rows` new input rows where the program cannot take them: outside its
         exported row range, or other than the problem's rows for a static program."""
         count = self._template.row_count
-        if "X" in self.row_fields and count is not None:
+        if self.input_field in self.row_fields and count is not None:
             if not count.low <= rows <= count.high:
                 raise ValidationError(
                     "inputs",
@@ -238,12 +263,12 @@ class Exported(Objective):
                     f"{rows} rows",
                 )
             return
-        declared = int(self.data["X"].shape[0])
+        declared = int(self.data[self.input_field or "X"].shape[0])
         if rows != declared:
             raise ValidationError(
                 "inputs",
                 f"{declared} rows: the program was exported with a static row count (export "
-                "it with rows=('X',) to predict on other row counts)",
+                f"it with rows=('{self.input_field or 'X'}',) to predict on other row counts)",
                 f"{rows} rows",
             )
 
