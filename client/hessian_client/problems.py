@@ -147,7 +147,7 @@ def quadratic(A: Any, b: Any) -> Problem:
     return Problem(quadratic=problem_pb2.QuadraticObjective(), data=_data(A=A, b=b))
 
 
-TORCH_EXTRA = "pip install 'hessian-client[torch]'"
+TORCH_EXTRA = "pip install './client[torch]' (the torch extra of hessian-client)"
 
 
 def exported(
