@@ -200,7 +200,7 @@ def test_client_without_torch_imports_and_explains_the_extra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "hessian-client[torch]" in out.stdout
+    assert "pip install './client[torch]'" in out.stdout
 
 
 def _paths(value: object) -> list[tuple]:
