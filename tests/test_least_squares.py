@@ -370,3 +370,17 @@ def test_residuals_and_jacobian_get_their_own_copy_of_x(address, rng):
     scribbled = least_squares(residuals, fit.x0, jacobian, address=address)
     clean = least_squares(fit.residuals, fit.x0, fit.jacobian, address=address)
     np.testing.assert_array_equal(scribbled.x, clean.x)
+
+
+def test_a_fit_no_step_can_lower_at_machine_precision_is_a_success_as_scipy_says(address):
+    # every test disabled (0): LM ends when no damped step can lower the cost at this
+    # precision, at the least-squares optimum; it was status -1, success False
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    a = np.hstack([x, np.ones((x.shape[0], 1))])
+    res = least_squares(lambda w: a @ w - y, np.zeros(a.shape[1]), lambda w: a,
+                        gtol=0, ftol=0, xtol=0, max_iterations=200, address=address)  # fmt: skip
+    want = np.linalg.lstsq(a, y, rcond=None)[0]  # float64 reference
+    assert res.status == 2 and res.success, res.message
+    np.testing.assert_allclose(res.x, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())

@@ -40,6 +40,9 @@ LSQ_METHODS: dict[str, dict[str, str]] = {
 STATUS = {
     "GRADIENT_TOLERANCE": 1,
     "FUNCTION_STALLED": 2,
+    # no step lowers the cost at machine precision: SciPy's ftol condition (a relative
+    # reduction below ftol), met at any ftol; its lm refuses tolerances that could not be
+    "NO_PROGRESS": 2,
     "PARAMETERS_STALLED": 3,
     "MAX_ITERATIONS": 0,
 }
