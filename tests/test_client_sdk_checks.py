@@ -160,6 +160,11 @@ def test_cli_exported_unknown_option_is_named_with_the_options_it_takes(tmp_path
     # it said "exported_archive() got an unexpected keyword argument 'lossy'"
     assert code == 2 and "'lossy' is none of its names [" in err and "'loss'" in err, err
     assert "program" not in err.split("none of its names")[1], err
+    for option in ("data=1", "program=1"):  # Python's "got multiple values for argument"
+        code = main(["--address", NOWHERE, "run", "--exported", str(tmp_path / "g.pt2"),
+                     "--option", option])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and f"{option.split('=')[0]!r} is none of its names" in err, err
 
 
 # D6: problems.* options and data

@@ -384,3 +384,23 @@ def test_a_fit_no_step_can_lower_at_machine_precision_is_a_success_as_scipy_says
     want = np.linalg.lstsq(a, y, rcond=None)[0]  # float64 reference
     assert res.status == 2 and res.success, res.message
     np.testing.assert_allclose(res.x, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+def test_no_jacobian_is_asked_where_the_residuals_are_not_finite(address):
+    # r = atan(x - 1): Gauss-Newton's full step from 2.4 overshoots to -0.41, where the
+    # residuals are inf; the server rejects that trial reading the loss alone, and the
+    # Jacobian was computed there all the same
+    asked_outside = []
+
+    def residuals(x):
+        return np.array([np.inf]) if x[0] < -0.2 else np.array([np.arctan(x[0] - 1.0)])
+
+    def jacobian(x):
+        if x[0] < -0.2:
+            asked_outside.append(x[0])
+        return np.array([[1.0 / (1.0 + (x[0] - 1.0) ** 2)]])
+
+    res = least_squares(residuals, np.array([2.4]), jacobian, method="gauss_newton",
+                        address=address)  # fmt: skip
+    np.testing.assert_allclose(res.x, [1.0], atol=1e-8)
+    assert not asked_outside

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 from hessian_client import (
@@ -559,3 +560,39 @@ def test_the_sdk_s_default_iteration_cap_over_the_server_s_says_what_to_pass(tmp
         np.testing.assert_allclose(res.x, np.ones(2), atol=1e-8)
     finally:
         server.stop(grace=1.0)
+
+
+def test_an_x0_over_the_server_s_lower_message_limit_is_named_x0(tmp_path):
+    # the SDK's 64 MiB let it go; the server's 100 kB refused it: "SERVER: Received message
+    # larger than max (160032 vs. 100000)" with no field
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path), max_message_bytes=100_000)
+    )
+    try:
+        for solve in (
+            lambda: minimize(lambda x: float(x @ x), np.zeros(20_000), jac=lambda x: 2 * x,
+                             address=server.address),
+            lambda: least_squares(lambda x: x, np.zeros(20_000), lambda x: np.eye(1),
+                                  address=server.address),
+            lambda: asyncio.run(minimize_async(lambda x: float(x @ x), np.zeros(20_000),
+                                               jac=lambda x: 2 * x, address=server.address)),
+        ):  # fmt: skip
+            with pytest.raises(ResourceExhausted) as err:
+                solve()
+            assert err.value.field == "x0" and "100,000-byte message limit" in str(err.value)
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_a_renamed_refusal_keeps_its_status_code_and_notes():
+    from hessian_client import HessianError
+    from hessian_client.minimize import _Session
+
+    session = _Session(rosen, np.zeros(2), (), rosen_der, rosen_hess, None, None, 1e-3, None,
+                       None, "")  # fmt: skip
+    field = "start.stopping.gradient_tolerance"
+    error = HessianError(f"{field}: out of range", grpc.StatusCode.OUT_OF_RANGE, field=field)
+    error.add_note("a note")
+    renamed = session.renamed(error)
+    assert renamed.field == "tol" and renamed.code == grpc.StatusCode.OUT_OF_RANGE
+    assert renamed.message.startswith("tol: ") and renamed.__notes__ == ["a note"]

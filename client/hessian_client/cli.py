@@ -53,7 +53,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except the uninformative None/False/"" (server default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, "", argparse.SUPPRESS):
+        default = action.default  # by identity: a default of 0 (== False) is shown
+        if any(default is v for v in (None, False, argparse.SUPPRESS)) or default == "":
             return action.help
         return super()._get_help_string(action)
 
@@ -199,6 +200,11 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
         raise _builder_error(exc, args.objective, options) from None
 
 
+def _status_word(text: str) -> str:
+    """A run status in any case, as the SDK takes it (an unknown word is echoed as typed)."""
+    return text.upper() if text.upper() in STATUSES else text
+
+
 def _refuse_unknown_options(
     builder: Callable[..., Any],
     options: dict[str, Any],
@@ -213,7 +219,7 @@ def _refuse_unknown_options(
     names = [
         n for n, p in takes.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or not keyword_only
     ]
-    unknown = sorted(set(options) - set(takes) - set(data))
+    unknown = sorted(set(options) - set(names) - set(data))
     if unknown:
         raise UsageError(f"bad --option for {what}: {unknown[0]!r} is none of its names {names}")
 
@@ -726,7 +732,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--progress", action="store_true", help="a progress bar instead of lines")
     w.add_argument("--detach", action="store_true", help="Ctrl-C leaves the run running")
     ls = command("runs", "list runs, newest first")
-    ls.add_argument("--status", action="append", choices=STATUSES, help="filter (repeatable)")
+    ls.add_argument("--status", action="append", choices=STATUSES, type=_status_word,
+                    help="filter (repeatable; any case)")  # fmt: skip
     ls.add_argument("--limit", type=_positive_int, default=50)
     c = command("cancel", "stop a run before its next iteration")
     c.add_argument("run_id")

@@ -299,9 +299,23 @@ def call_error(exc: grpc.RpcError, request: Any) -> HessianError:
 # While a call is open the channel pings the server this often, and drops the connection
 # (the call fails UNAVAILABLE) when a ping is not answered in KEEPALIVE_TIMEOUT_MS: a
 # network that holds packets without closing the connection left a stream (minimize's, a
-# run's watch) waiting for ever. The server accepts pings this often (app.py).
+# run's watch) waiting for ever. The server accepts pings this often (app.py); one before
+# them allows a ping in 5 minutes, so HESSIAN_KEEPALIVE=0 turns the pings off for it.
 KEEPALIVE_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def _keepalive() -> list[tuple[str, Any]]:
+    """The keepalive channel options (none with HESSIAN_KEEPALIVE=0)."""
+    if os.environ.get("HESSIAN_KEEPALIVE", "1").strip() == "0":
+        return []
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # an unanswered ping of any kind (gRPC's own flow-control pings too) waited 60 s
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),  # a quiet stream (a slow fun) is pinged too
+    ]
 
 
 def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tuple[str, Any]]:
@@ -311,11 +325,7 @@ def channel_options(max_message_bytes: int, balanced: bool = False) -> list[tupl
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        # an unanswered ping of any kind (gRPC's own flow-control pings too) waited 60 s
-        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.http2.max_pings_without_data", 0),  # a quiet stream (a slow fun) is pinged too
+        *_keepalive(),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", BALANCED_SERVICE_CONFIG if balanced else SERVICE_CONFIG),
     ]

@@ -8,6 +8,7 @@ Gauss-Newton products J^T J v, which are formed here. No torch needed.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,8 @@ class _LeastSquaresSession(_Session):
         if ask.loss or ask.gradient:
             r = self._residuals(x)
             out.loss = 0.5 * float(r @ r)
+            if ask.loss and not math.isfinite(out.loss):  # nothing else is read there
+                return service_pb2.OptimizeRequest(evaluation=out)
         if ask.gradient:
             out.gradient.CopyFrom(encode(_rmatvec(self._jacobian(x), self._residuals(x))))
         if ask.HasField("gn_vectors"):

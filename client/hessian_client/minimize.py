@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 
 from .aio import Client as AsyncClient
-from .client import Client, _text, check_fits
-from .errors import DeadlineExceeded, HessianError, Unavailable, from_rpc_error, invalid
+from .client import Client, _text, call_error, check_fits
+from .errors import DeadlineExceeded, HessianError, Unavailable, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
@@ -42,7 +42,6 @@ RESUMABLE_CODES = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.UNKNOWN,
 )
 CALLBACK_STOP_STATUS = 99  # SciPy's status when a callback raised StopIteration
 
@@ -170,6 +169,7 @@ class _Session:
         self.stopped_at: OptimizeResult | None = None  # what the stopping callback saw
         self.run_id = ""
         self.finished: Any = None
+        self.sent: service_pb2.OptimizeRequest | None = None  # the stream's opening request
 
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
@@ -223,8 +223,10 @@ class _Session:
                 f" (the default of {DEFAULT_MAXITER} iterations: pass {field} within the "
                 "server's limit)"
             )
-        renamed = type(error)(message, field=field, expected=error.expected)
+        renamed = type(error)(message, error.code, field=field, expected=error.expected)
         renamed.from_server = error.from_server
+        for note in getattr(error, "__notes__", ()):
+            renamed.add_note(note)
         return renamed
 
     def first_request(self, resume: str | None) -> service_pb2.OptimizeRequest:
@@ -409,7 +411,8 @@ def _interrupted(info: Any) -> Exception:
 def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:
     """The typed error of a broken stream, carrying the run id to resume ("" if none), and
     saying so as an error raised on this side does."""
-    error = session.renamed(from_rpc_error(exc))
+    # a request over the server's message limit names its field (x0 for the start)
+    error = session.renamed(call_error(exc, session.sent or service_pb2.OptimizeRequest()))
     error.run_id = session.run_id  # type: ignore[attr-defined]
     if session.run_id and error.code in RESUMABLE_CODES:
         error.add_note(
@@ -476,6 +479,7 @@ def drive(session: _Session, resume: str | None, address: str | None, token: str
 
     with Client(address, token, timeout=None) as client:
         check_fits(first, client.max_message_bytes, None if resume else "x0")
+        session.sent = first
         outgoing.put(first)
         call = client.stub.Optimize(requests(), metadata=client.metadata)
         try:
@@ -535,6 +539,7 @@ async def drive_async(
     first = session.first_request(resume)  # its arguments refused before any call
     async with AsyncClient(address, token, timeout=None) as client:
         check_fits(first, client.max_message_bytes, None if resume else "x0")
+        session.sent = first
         call = client.stub.Optimize(metadata=client.metadata)
         try:
             await call.write(first)

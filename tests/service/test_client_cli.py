@@ -220,6 +220,14 @@ def test_version_and_help_show_choices_and_defaults(capsys):
         # the subcommands' formatter printed argparse's own "(default: None)" after ours
         for shown in ("(default: None)", "(default: False)", "(default: )"):
             assert shown not in text, (command, shown)
+    with pytest.raises(SystemExit):
+        main(["watch", "--help"])
+    assert "(default: 0)" in capsys.readouterr().out  # 0 == False, yet a default to show
+
+
+def test_runs_status_takes_any_case_as_the_sdk_does(server, capsys):
+    code, _, err = _cli(server, capsys, "runs", "--status", "finished", "--status", "Failed")
+    assert code == 0, err
 
 
 def test_a_queued_run_shows_no_last_loss(tmp_path, capsys):

@@ -381,7 +381,7 @@ async def _serve(
             # clients ping an open call's connection (hessian_client every 30 s) to find a
             # dead network; gRPC's default of one ping in 5 min ends a quiet stream
             # (GOAWAY too_many_pings) after two pings
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_MS),
         ],
     )
     service_pb2_grpc.add_HessianServiceServicer_to_server(servicer, server)
