@@ -6,12 +6,11 @@ test takes seconds; the server's acceptance of the real one is checked on its ow
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import ended_within, start_server
 from hessian_client import Client, Unavailable, minimize
 from hessian_client import client as client_module
 from hessian_service.server import app
@@ -62,18 +61,11 @@ def test_minimize_over_a_frozen_network_raises_naming_the_run_to_resume(relayed,
             proxy.frozen.set()  # the network stops while the caller evaluates
         return rosen(x)
 
-    outcome: dict = {}
-
-    def call() -> None:
-        try:
-            minimize(fun, np.zeros(4), jac=rosen_der, hess=rosen_hess, address=proxy.address)
-        except Exception as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), "minimize still waiting after 60 s"
+    outcome = ended_within(
+        lambda: minimize(fun, np.zeros(4), jac=rosen_der, hess=rosen_hess, address=proxy.address),
+        60,
+        "minimize",
+    )
     error = outcome["error"]
     assert isinstance(error, Unavailable) and error.run_id.startswith("r-")
     assert f"resume={error.run_id!r} continues it" in "\n".join(error.__notes__)

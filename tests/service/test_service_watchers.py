@@ -10,7 +10,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from conftest import occupy_workers, start_server, wait_until
+from conftest import ended_within, occupy_workers, start_server, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hessian_client import Client, DataLoss, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
@@ -120,18 +120,7 @@ def test_records_missing_behind_the_last_record_end_the_watch_with_data_loss(
             details = caught.value.details()
             assert run_id in details and f"iterations {first} to {deleted[1]}" in details
             # the SDK's Run.stream raises (it used to re-read forever)
-            outcome: dict[str, object] = {}
-
-            def consume() -> None:
-                try:
-                    outcome["records"] = list(c.run(run_id).stream(watch_from))
-                except Exception as exc:
-                    outcome["error"] = exc
-
-            reader = threading.Thread(target=consume, daemon=True)
-            reader.start()
-            reader.join(30)
-            assert not reader.is_alive(), "Run.stream never ended"
+            outcome = ended_within(lambda: list(c.run(run_id).stream(watch_from)), 30, "Run.stream")
             assert isinstance(outcome.get("error"), DataLoss), outcome
             assert outcome["error"].code == grpc.StatusCode.DATA_LOSS
     finally:
