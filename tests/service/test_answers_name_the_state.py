@@ -133,3 +133,25 @@ def test_a_request_over_the_server_s_lower_message_limit_names_its_field(tmp_pat
         assert err.value.field == "problem"
     finally:
         handle.stop(grace=1.0)
+
+
+def test_racing_deletes_of_one_run_delete_it_once_and_the_others_are_not_found(client):
+    # a delete that lost the race answered OK with deleted=False (the SDK's False, no error)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hessian_client import NotFound
+
+    for _ in range(5):
+        run = client.start_run(problems.rosenbrock(dim=2), np.zeros(2),
+                               stopping={"max_iterations": 2})  # fmt: skip
+        run.wait(60)
+
+        def delete(run_id=run.id):
+            try:
+                return client.delete_run(run_id)
+            except NotFound:
+                return "not found"
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: delete(), range(6)))
+        assert answers.count(True) == 1 and answers.count("not found") == 5, answers

@@ -510,8 +510,12 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             state = RunStatus.RUNNING if live.started else RunStatus.QUEUED
             raise ConflictError("run_id", f"run {row.run_id} is {state}; cancel it first")
         # only a run in a final status: ResumeRun may have queued it since the check above
-        deleted = self.store.delete_run(row.run_id, statuses=FINAL_STATUSES)
-        return service_pb2.DeleteRunResponse(deleted=deleted)
+        if not self.store.delete_run(row.run_id, statuses=FINAL_STATUSES):
+            # deleted by a call that raced this one (NOT_FOUND, as any later delete's), or
+            # resumed meanwhile: the refusal its state calls for
+            row = self._row(request.run_id, self.tenancy.of(context))
+            raise ConflictError("run_id", f"run {row.run_id} is {row.status}; cancel it first")
+        return service_pb2.DeleteRunResponse(deleted=True)
 
     @unary
     def DeleteProblem(self, request, context):
