@@ -166,13 +166,13 @@ class Run(_RunBase):
         assert self.final is not None
         return self.final
 
-    async def cancel(self) -> RunInfo:
+    async def cancel(self, *, timeout: Any = _DEFAULT) -> RunInfo:
         """Ask the server to stop the run before its next iteration."""
-        return await self.client.cancel_run(self.id)
+        return await self.client.cancel_run(self.id, timeout=timeout)
 
-    async def info(self) -> RunInfo:
+    async def info(self, *, timeout: Any = _DEFAULT) -> RunInfo:
         """The run's current state."""
-        return await self.client.get_run(self.id)
+        return await self.client.get_run(self.id, timeout=timeout)
 
     async def result(self, timeout: float | None = None) -> RunResult:
         """Wait for the end (at most `timeout` s), then the final info and parameters (in

@@ -1001,13 +1001,13 @@ class Run(_RunBase):
             return 0
         return max(self.client.get_run(self.id).num_records - 1, 0)
 
-    def cancel(self) -> RunInfo:
+    def cancel(self, *, timeout: Any = _DEFAULT) -> RunInfo:
         """Ask the server to stop the run before its next iteration."""
-        return self.client.cancel_run(self.id)
+        return self.client.cancel_run(self.id, timeout=timeout)
 
-    def info(self) -> RunInfo:
+    def info(self, *, timeout: Any = _DEFAULT) -> RunInfo:
         """The run's current state."""
-        return self.client.get_run(self.id)
+        return self.client.get_run(self.id, timeout=timeout)
 
     def result(self, timeout: float | None = None) -> RunResult:
         """Wait for the end (at most `timeout` s), then the final info and parameters (in

@@ -32,6 +32,8 @@ def _calls(c: Client) -> dict:
         "resume_run": lambda t: c.resume_run(RID, timeout=t),
         "delete_run": lambda t: c.delete_run(RID, timeout=t),
         "delete_problem": lambda t: c.delete_problem(PID, timeout=t),
+        "Run.cancel": lambda t: c.run(RID).cancel(timeout=t),
+        "Run.info": lambda t: c.run(RID).info(timeout=t),
     }
 
 
@@ -82,6 +84,8 @@ def test_the_asyncio_client_s_calls_take_a_timeout_too(silent, server):
                 quiet.get_run(RID, timeout=0.3),
                 quiet.start_run(PID, np.zeros(3), watch=True, timeout=0.3),
                 anext(quiet.list_runs(timeout=0.3)),
+                quiet.run(RID).info(timeout=0.3),
+                quiet.run(RID).cancel(timeout=0.3),
             ):
                 start = time.monotonic()
                 with pytest.raises(DeadlineExceeded):
