@@ -292,7 +292,7 @@ def test_a_record_of_a_slow_iteration_arrives_before_the_next_is_computed(rng):
     from hessian_service.engine import CancelToken, MethodOptions, StopCriteria
     from hessian_service.server.workers import WorkerPool
 
-    objective = _logistic_objective(rng, 3000, 300)  # a dense Newton step of milliseconds
+    objective = _logistic_objective(rng, 6000, 300)  # a dense Newton step of ~12 ms
     stopping = StopCriteria(max_iterations=12, gradient_tolerance=0.0, function_tolerance=0.0,
                             parameter_tolerance=0.0)  # fmt: skip
     pool = WorkerPool(1, 100)
