@@ -238,7 +238,7 @@ class Objective(ABC):
         if inputs is None:
             if max_values is not None and field is not None:
                 rows = int(self.data[field].shape[0])
-                self._check_outputs_fit(x, rows, max_values, "problem", own_rows=True)
+                self._check_outputs_fit(x, field, rows, max_values, "problem", own_rows=True)
             return self.outputs(x).detach()
         if field is None:
             raise ValidationError("inputs", f"nothing: {self.name} takes no input rows", "a tensor")
@@ -254,7 +254,7 @@ class Objective(ABC):
         rows = int(inputs.shape[0])
         self.check_rows(rows, "inputs")
         if max_values is not None:
-            self._check_outputs_fit(x, rows, max_values, "inputs", own_rows=False)
+            self._check_outputs_fit(x, field, rows, max_values, "inputs", own_rows=False)
         fresh = copy.copy(self)
         fresh.data = {**self.data, field: inputs.to(own.dtype)}
         return fresh.outputs(x).detach()
@@ -265,11 +265,18 @@ class Objective(ABC):
         return "X" if "X" in self.data else None
 
     def _check_outputs_fit(
-        self, x: torch.Tensor, rows: int, max_values: int, field: str, own_rows: bool
+        self,
+        x: torch.Tensor,
+        inputs_of: str,
+        rows: int,
+        max_values: int,
+        field: str,
+        own_rows: bool,
     ) -> None:
-        """Refuse, naming `field`, `rows` rows whose outputs are over `max_values` values
-        (before they are computed); `own_rows`: the problem's own (Predict without inputs)."""
-        width = self.output_width(x)
+        """Refuse, naming `field`, `rows` rows (of data `inputs_of`) whose outputs are over
+        `max_values` values (before they are computed); `own_rows`: the problem's own
+        (Predict without inputs)."""
+        width = self.output_width(x, inputs_of)
         if rows * width > max_values:
             whose, when = ("its ", " (Predict without inputs)") if own_rows else ("", "")
             raise ResourceLimitError(
@@ -282,12 +289,11 @@ class Objective(ABC):
         """Refuse (naming `field`) `rows` input rows whose evaluation would be too large;
         objectives whose cost grows with a width option (MLP, softmax) fill it in."""
 
-    def output_width(self, params: torch.Tensor) -> int:
-        """Model outputs per input row (the same at any params): the outputs on the
-        problem's first row alone."""
+    def output_width(self, params: torch.Tensor, inputs_of: str) -> int:
+        """Model outputs per input row of data `inputs_of` (the same at any params): the
+        outputs on the problem's first row alone."""
         one = copy.copy(self)
-        field = self.input_field or "X"
-        one.data = {**self.data, field: self.data[field][:1]}
+        one.data = {**self.data, inputs_of: self.data[inputs_of][:1]}
         return one.outputs(params).numel()
 
     def output_loss(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,8 @@ class Exported(Objective):
                 "Predict without inputs gives the outputs on the problem's own rows)",
                 "new rows",
             )
-        own = self.data.get(self.input_field) if self.input_field else None
+        field = self.input_field
+        own = self.data[field] if field is not None else None
         rows_like_own = (
             inputs is not None
             and own is not None
@@ -216,7 +217,7 @@ class Exported(Objective):
             and inputs.shape[1:] == own.shape[1:]
         )
         if rows_like_own:  # other shapes: the base refusal names what rows must look like
-            self._check_input_rows(int(inputs.shape[0]))
+            self._check_input_rows(int(inputs.shape[0]), field)
         try:
             return super().predict(params, inputs, max_values)
         except ValidationError as exc:
@@ -245,17 +246,18 @@ class Exported(Objective):
             return row_inputs[0]
         return "X" if "X" in self.data else None
 
-    def output_width(self, params: torch.Tensor) -> int:
+    def output_width(self, params: torch.Tensor, inputs_of: str) -> int:
         """Outputs per row from the program's declared output shape (no evaluation)."""
         meta = self.program.metas[self.program.output]
-        rows = int(self.data[self.input_field or "X"].shape[0])
+        rows = int(self.data[inputs_of].shape[0])
         return math.prod(int(s) for s in meta.shape) // max(rows, 1)
 
-    def _check_input_rows(self, rows: int) -> None:
-        """Refuse `rows` new input rows where the program cannot take them: outside its
-        exported row range, or other than the problem's rows for a static program."""
+    def _check_input_rows(self, rows: int, field: str) -> None:
+        """Refuse `rows` new input rows of data `field` where the program cannot take them:
+        outside its exported row range, or other than the problem's rows for a static
+        program."""
         count = self._template.row_count
-        if self.input_field in self.row_fields and count is not None:
+        if field in self.row_fields and count is not None:
             if not count.low <= rows <= count.high:
                 raise ValidationError(
                     "inputs",
@@ -263,12 +265,12 @@ class Exported(Objective):
                     f"{rows} rows",
                 )
             return
-        declared = int(self.data[self.input_field or "X"].shape[0])
+        declared = int(self.data[field].shape[0])
         if rows != declared:
             raise ValidationError(
                 "inputs",
                 f"{declared} rows: the program was exported with a static row count (export "
-                f"it with rows=('{self.input_field or 'X'}',) to predict on other row counts)",
+                f"it with rows=('{field}',) to predict on other row counts)",
                 f"{rows} rows",
             )
 
