@@ -258,19 +258,26 @@ def _largest_part(message: Any) -> str:
         message = inner
 
 
-def check_fits(request: Any, limit: int, field: str | None = None) -> None:
-    """Refuse a request over the channel's message limit before sending it, naming the field
-    that makes it so (`field`, else the request's largest part: gRPC's own refusal, "Sent
-    message larger than max", names none)."""
+def _too_large(request: Any, limit: int, said: str) -> ResourceExhausted:
+    """A request over `limit` bytes, named by its largest part (gRPC's own refusals, "Sent /
+    Received message larger than max", name none): "<field>: the request <said>"."""
+    field = _largest_part(request)
+    return ResourceExhausted(
+        f"{field}: the request {said}",
+        field=field,
+        expected=f"a request of at most {limit:,} bytes",
+    )
+
+
+def check_fits(request: Any, limit: int) -> None:
+    """Refuse a request over the channel's message limit before sending it."""
     size = request.ByteSize()
     if size > limit:
-        field = field or _largest_part(request)
-        raise ResourceExhausted(
-            f"{field}: the request would be {size:,} bytes, over the {limit:,} a message may "
-            "hold (the client's max_message_bytes; the server's is "
-            "info().limits.max_message_bytes)",
-            field=field,
-            expected=f"a request of at most {limit:,} bytes",
+        raise _too_large(
+            request,
+            limit,
+            f"would be {size:,} bytes, over the {limit:,} a message may hold (the client's "
+            "max_message_bytes; the server's is info().limits.max_message_bytes)",
         )
 
 
@@ -285,12 +292,11 @@ def call_error(exc: grpc.RpcError, request: Any) -> HessianError:
     if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or found is None:
         return from_rpc_error(exc)
     size, limit = int(found[1]), int(found[2])
-    field = _largest_part(request)
-    error = ResourceExhausted(
-        f"{field}: the request is {size:,} bytes, over the server's {limit:,}-byte message "
-        "limit (its --max-message-bytes)",
-        field=field,
-        expected=f"a request of at most {limit:,} bytes",
+    error = _too_large(
+        request,
+        limit,
+        f"is {size:,} bytes, over the server's {limit:,}-byte message limit (its "
+        "--max-message-bytes)",
     )
     error.from_server = True
     return error
@@ -371,7 +377,7 @@ class _Api:
             "max_message_bytes", max_message_bytes, 1024, MAX_MESSAGE_BYTES
         )
         creds = self._credentials(root_certificates, ca_file)
-        options = channel_options(max_message_bytes, self._balanced)
+        options = channel_options(self.max_message_bytes, self._balanced)
         if channels is grpc:
             # a sync stream is read on the caller's thread: no channel thread is started per
             # call (one per job that opens a stream on an idle channel) and no hand-off

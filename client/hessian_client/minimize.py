@@ -169,7 +169,7 @@ class _Session:
         self.stopped_at: OptimizeResult | None = None  # what the stopping callback saw
         self.run_id = ""
         self.finished: Any = None
-        self.sent: service_pb2.OptimizeRequest | None = None  # the stream's opening request
+        self.sent = service_pb2.OptimizeRequest()  # the stream's opening request, once made
 
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
@@ -234,10 +234,21 @@ class _Session:
         and stopping criteria it was started with; the server refuses a caller that lacks
         the derivatives it was started with), or start a new run."""
         if not _text("resume", resume, ""):
-            return self.start_request()
-        return service_pb2.OptimizeRequest(
-            resume_run_id=resume, resume_capabilities=self.capabilities()
-        )
+            self.sent = self.start_request()
+        else:
+            self.sent = service_pb2.OptimizeRequest(
+                resume_run_id=resume, resume_capabilities=self.capabilities()
+            )
+        return self.sent
+
+    def checked(self, request: service_pb2.OptimizeRequest, limit: int) -> Any:
+        """`request`, refused when over the message limit, naming the caller's argument
+        (x0 for the start's initial_params)."""
+        try:
+            check_fits(request, limit)
+        except HessianError as exc:
+            raise self.renamed(exc) from None
+        return request
 
     def capabilities(self) -> service_pb2.Capabilities:
         """What this caller can evaluate besides the loss."""
@@ -412,7 +423,7 @@ def _stream_error(exc: grpc.RpcError, session: _Session) -> Exception:
     """The typed error of a broken stream, carrying the run id to resume ("" if none), and
     saying so as an error raised on this side does."""
     # a request over the server's message limit names its field (x0 for the start)
-    error = session.renamed(call_error(exc, session.sent or service_pb2.OptimizeRequest()))
+    error = session.renamed(call_error(exc, session.sent))
     error.run_id = session.run_id  # type: ignore[attr-defined]
     if session.run_id and error.code in RESUMABLE_CODES:
         error.add_note(
@@ -478,16 +489,13 @@ def drive(session: _Session, resume: str | None, address: str | None, token: str
             yield request
 
     with Client(address, token, timeout=None) as client:
-        check_fits(first, client.max_message_bytes, None if resume else "x0")
-        session.sent = first
-        outgoing.put(first)
+        outgoing.put(session.checked(first, client.max_message_bytes))
         call = client.stub.Optimize(requests(), metadata=client.metadata)
         try:
             for response in call:
                 reply = session.on_response(response)
                 if reply is not None:
-                    check_fits(reply, client.max_message_bytes)
-                    outgoing.put(reply)
+                    outgoing.put(session.checked(reply, client.max_message_bytes))
         except grpc.RpcError as exc:
             raise _stream_error(exc, session) from None
         except BaseException as exc:  # the caller's functions (Ctrl-C too), or a refused reply
@@ -538,15 +546,14 @@ async def drive_async(
     """`drive` on grpc.aio."""
     first = session.first_request(resume)  # its arguments refused before any call
     async with AsyncClient(address, token, timeout=None) as client:
-        check_fits(first, client.max_message_bytes, None if resume else "x0")
-        session.sent = first
+        session.checked(first, client.max_message_bytes)
         call = client.stub.Optimize(metadata=client.metadata)
         try:
             await call.write(first)
             async for response in call:
                 reply = session.on_response(response)
                 if reply is not None:
-                    check_fits(reply, client.max_message_bytes)
+                    reply = session.checked(reply, client.max_message_bytes)
                     await _write_unless_ended(call, reply)
             await call.done_writing()
         except grpc.RpcError as exc:
