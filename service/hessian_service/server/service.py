@@ -505,17 +505,16 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
 
     @unary
     def DeleteRun(self, request, context):
-        row = self._row(request.run_id, self.tenancy.of(context))
+        tenant = self.tenancy.of(context)
+        row = self._row(request.run_id, tenant)
         if (live := self.runs.live(row.run_id)) is not None:
             state = RunStatus.RUNNING if live.started else RunStatus.QUEUED
-            raise ConflictError("run_id", f"run {row.run_id} is {state}; cancel it first")
         # only a run in a final status: ResumeRun may have queued it since the check above
-        if not self.store.delete_run(row.run_id, statuses=FINAL_STATUSES):
-            # deleted by a call that raced this one (NOT_FOUND, as any later delete's), or
-            # resumed meanwhile: the refusal its state calls for
-            row = self._row(request.run_id, self.tenancy.of(context))
-            raise ConflictError("run_id", f"run {row.run_id} is {row.status}; cancel it first")
-        return service_pb2.DeleteRunResponse(deleted=True)
+        elif self.store.delete_run(row.run_id, statuses=FINAL_STATUSES):
+            return service_pb2.DeleteRunResponse(deleted=True)
+        else:  # deleted by a call that raced this one (NOT_FOUND, as any later delete's), or
+            state = self._row(request.run_id, tenant).status  # resumed meanwhile
+        raise ConflictError("run_id", f"run {row.run_id} is {state}; cancel it first")
 
     @unary
     def DeleteProblem(self, request, context):
