@@ -180,6 +180,35 @@ def test_async_variant_reaches_the_same_cost(address, rng):
     assert abs(res.cost - ref.cost) <= 1e-10
 
 
+def test_async_def_residuals_and_jacobian_are_awaited(address, rng):
+    fit = CurveFit(rng)
+    plain = least_squares(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10, address=address)
+
+    async def residuals(x):
+        await asyncio.sleep(0)
+        return fit.residuals(x)
+
+    async def jacobian(x):
+        return fit.jacobian(x)
+
+    res = asyncio.run(least_squares_async(residuals, fit.x0, jacobian, gtol=1e-10,
+                                          address=address))  # fmt: skip
+    np.testing.assert_array_equal(res.x, plain.x)
+    assert (res.cost, res.nfev, res.njev) == (plain.cost, plain.nfev, plain.njev)
+
+
+def test_disp_prints_the_termination_report(address, rng, capsys):
+    """options={"disp": True} was taken and ignored by least_squares (minimize's printed)."""
+    fit = CurveFit(rng)
+    res = least_squares(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10, address=address,
+                        options={"disp": True})  # fmt: skip
+    out = capsys.readouterr().out
+    assert res.message in out and f"Function evaluations {res.nfev}," in out
+    assert f"final cost {res.cost:.4e}" in out
+    least_squares(fit.residuals, fit.x0, fit.jacobian, gtol=1e-10, address=address)
+    assert capsys.readouterr().out == ""
+
+
 def _growing_residuals():
     """(fun, jac) whose residual count grows by one at each new point (scipy refuses it)."""
     points: list[bytes] = []

@@ -122,6 +122,65 @@ def test_asyncio_variant_matches_the_sync_one(address, rng):
     assert (sync.nit, sync.nfev, sync.fun) == (aio.nit, aio.nfev, aio.fun)
 
 
+def test_async_def_functions_are_awaited_and_answer_as_the_plain_ones(address, rng):
+    """minimize_async awaits `async def` fun/jac/hess/callback on the caller's event loop
+    (while another task of that loop keeps running); the run is the plain one's, bit for
+    bit. Before, fun's coroutine was read as a value: INVALID_ARGUMENT "got 'coroutine'"."""
+    x0 = start(rng, 6)
+    plain_seen: list[tuple[int, float]] = []
+    plain = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address,
+                     callback=lambda r: plain_seen.append((r.nit, r.fun)))  # fmt: skip
+    awaited_seen: list[tuple[int, float]] = []
+    ticks: list[int] = []
+
+    async def fun(x):
+        await asyncio.sleep(0)  # a remote evaluation would await here
+        return rosen(x)
+
+    async def jac(x):
+        await asyncio.sleep(0)
+        return rosen_der(x)
+
+    async def callback(r):
+        awaited_seen.append((r.nit, r.fun))
+
+    async def ticker():
+        while True:
+            ticks.append(1)
+            await asyncio.sleep(0.001)
+
+    async def main():
+        other = asyncio.ensure_future(ticker())
+        try:
+            return await minimize_async(fun, x0, jac=jac, hess=rosen_hess, callback=callback,
+                                        address=address)  # fmt: skip
+        finally:
+            other.cancel()
+
+    res = asyncio.run(main())
+    np.testing.assert_array_equal(res.x, plain.x)
+    assert (res.nit, res.nfev, res.njev, res.fun) == (plain.nit, plain.nfev, plain.njev, plain.fun)
+    assert awaited_seen == plain_seen and ticks  # the loop ran its other task meanwhile
+
+
+def test_an_async_def_function_where_nothing_awaits_it_is_refused_naming_it(address, rng):
+    async def jac(x):
+        return rosen_der(x)
+
+    with pytest.raises(InvalidArgument) as err:  # the sync call: before connecting
+        minimize(rosen, start(rng, 3), jac=jac, address="127.0.0.1:1")
+    assert err.value.field == "jac" and "minimize_async" in str(err.value)
+    assert not err.value.from_server
+
+    async def value(x):
+        return rosen(x)
+
+    with pytest.raises(InvalidArgument) as err:  # a plain function returning a coroutine
+        asyncio.run(minimize_async(lambda x: value(x), start(rng, 3), jac=rosen_der,
+                                   address=address))  # fmt: skip
+    assert err.value.field == "fun" and "not an awaitable" in str(err.value)
+
+
 @pytest.mark.parametrize("jac", [None, False])
 def test_no_gradient_is_refused_naming_jac_before_connecting(rng, jac):
     # the caller wrote jac, not the wire's start.capabilities.gradient (which it was named)

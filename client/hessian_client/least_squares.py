@@ -128,7 +128,7 @@ class _LeastSquaresSession(_Session):
         grad = _rmatvec(jac, r)
         reason = optimize_pb2.StopReason.Name(info.stop_reason).removeprefix("STOP_REASON_")
         status = STATUS.get(reason, -1)
-        return OptimizeResult(
+        result = OptimizeResult(
             x=x,
             cost=0.5 * float(r @ r),
             fun=r,
@@ -144,6 +144,12 @@ class _LeastSquaresSession(_Session):
             run_status=service_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_"),
             **self.counts,
         )
+        if self.disp:  # options={"disp": True}: SciPy's verbose=1 report
+            print(
+                f"{result.message}\nFunction evaluations {result.nfev}, final cost "
+                f"{result.cost:.4e}, first-order optimality {result.optimality:.2e}."
+            )
+        return result
 
 
 def _trim(cache: OrderedDict[bytes, Any]) -> None:
@@ -281,7 +287,8 @@ async def least_squares_async(
     resume: str | None = None,
     **unserved: Any,
 ) -> OptimizeResult:
-    """`least_squares` on grpc.aio (the caller's functions still run on the event loop)."""
+    """`least_squares` on grpc.aio, as minimize_async: plain functions run on the event
+    loop, `async def` ones are awaited on it."""
     _refuse_unserved(unserved)
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
     session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import math
 import queue
 from collections.abc import Callable
@@ -44,6 +46,8 @@ RESUMABLE_CODES = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
 )
 CALLBACK_STOP_STATUS = 99  # SciPy's status when a callback raised StopIteration
+CALLER_FUNCTIONS = ("fun", "jac", "hess", "hessp", "callback")  # a session's, as attributes
+ASYNC_NOTE = "(async def functions are awaited by minimize_async and least_squares_async)"
 
 
 class OptimizeResult(dict):
@@ -69,6 +73,10 @@ def _numbers(value: Any, name: str, expected: str) -> np.ndarray:
     numbers is refused naming `name`."""
     if value is None:  # numpy would take it as NaN
         raise invalid(name, expected, None)
+    if inspect.isawaitable(value):  # an async function called where nothing awaits it
+        with contextlib.suppress(AttributeError):
+            value.close()  # never awaited: closed, so Python does not warn about it
+        raise invalid(name, f"{expected}, not an awaitable {ASYNC_NOTE}", type(value).__name__)
     if is_sparse(value):
         value = value.toarray()
     elif hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, even one
@@ -100,6 +108,19 @@ def _shaped(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     if out.shape != shape:
         raise invalid(name, f"an array of shape {shape}", out.shape)
     return out
+
+
+def _is_async(function: Any) -> bool:
+    """Whether calling `function` makes a coroutine: an async def function, a partial of
+    one, or an object whose __call__ is one."""
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        type(function).__call__
+    )
+
+
+def _on_loop(function: Callable[..., Any], loop: asyncio.AbstractEventLoop, *args: Any) -> Any:
+    """`function(*args)` (a coroutine) run on `loop` from a worker thread, waited for."""
+    return asyncio.run_coroutine_threadsafe(function(*args), loop).result()
 
 
 class _Session:
@@ -170,6 +191,23 @@ class _Session:
         self.run_id = ""
         self.finished: Any = None
         self.sent = service_pb2.OptimizeRequest()  # the stream's opening request, once made
+
+    def coroutine_functions(self) -> list[str]:
+        """The names of the caller's functions written `async def`."""
+        return [name for name in CALLER_FUNCTIONS if _is_async(getattr(self, name, None))]
+
+    def refuse_coroutines(self) -> None:
+        """Refuse, naming it, an async def function where nothing would await it."""
+        for name in self.coroutine_functions():
+            raise invalid(name, f"a plain function {ASYNC_NOTE}", getattr(self, name))
+
+    def await_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Make each async def function of the caller's a plain one that runs it on `loop`
+        and waits (the session then answers on a worker thread); whether there was one."""
+        names = self.coroutine_functions()
+        for name in names:
+            setattr(self, name, functools.partial(_on_loop, getattr(self, name), loop))
+        return bool(names)
 
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
@@ -488,6 +526,7 @@ def drive(session: _Session, resume: str | None, address: str | None, token: str
         while (request := outgoing.get()) is not None:
             yield request
 
+    session.refuse_coroutines()
     with Client(address, token, timeout=None) as client:
         outgoing.put(session.checked(first, client.max_message_bytes))
         call = client.stub.Optimize(requests(), metadata=client.metadata)
@@ -523,8 +562,10 @@ async def minimize_async(
     name: str = "",
     resume: str | None = None,
 ) -> OptimizeResult:
-    """`minimize` on grpc.aio: the stream waits without blocking the event loop (the
-    caller's functions still run on it)."""
+    """`minimize` on grpc.aio: the stream waits without blocking the event loop. Plain
+    functions run on the loop; `async def` ones (fun, jac, hess, hessp, callback) are
+    awaited on it, and the evaluation around them (with any plain function beside them)
+    then runs on a worker thread."""
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
     return await drive_async(session, resume, address, token)
 
@@ -545,13 +586,17 @@ async def drive_async(
 ) -> Any:
     """`drive` on grpc.aio."""
     first = session.first_request(resume)  # its arguments refused before any call
+    threaded = session.await_on(asyncio.get_running_loop())
     async with AsyncClient(address, token, timeout=None) as client:
         session.checked(first, client.max_message_bytes)
         call = client.stub.Optimize(metadata=client.metadata)
         try:
             await call.write(first)
             async for response in call:
-                reply = session.on_response(response)
+                if threaded:  # it waits on coroutines of this loop: not on the loop itself
+                    reply = await asyncio.to_thread(session.on_response, response)
+                else:
+                    reply = session.on_response(response)
                 if reply is not None:
                     reply = session.checked(reply, client.max_message_bytes)
                     await _write_unless_ended(call, reply)
