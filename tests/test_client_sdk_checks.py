@@ -493,6 +493,25 @@ _ROSEN = problems.rosenbrock(dim=2)
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "field"), [({"page_size": -1}, "page_size"), ({"status": "bogus"}, "status")]
+)
+def test_list_runs_refuses_its_arguments_when_called_not_at_the_first_page(kwargs, field):
+    """list_runs was a generator: a bad page_size or status passed unnoticed until the
+    caller iterated (and a caller storing the iterator heard of it elsewhere)."""
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        client.list_runs(**kwargs)
+    assert err.value.field == field
+
+    async def aio_call() -> None:
+        async with aio.Client(NOWHERE) as client:
+            client.list_runs(**kwargs)
+
+    with pytest.raises(InvalidArgument) as err:
+        asyncio.run(aio_call())
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
     ("kwargs", "field", "expected"),
     [
         ({"timeout": -1}, "timeout", "a number of seconds in (0, "),

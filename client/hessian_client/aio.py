@@ -89,20 +89,22 @@ class Client(_Api):
             raise call_error(exc, request) from None
         return _watched(self._run, call, None if first is aio.EOF else first, like)
 
-    async def list_runs(
+    def list_runs(
         self, status: str | Sequence[str] = (), page_size: int = 50, *, timeout: Any = _DEFAULT
     ) -> AsyncIterator[RunInfo]:
-        """Every run, newest first, filtered by a status name or several; pages are fetched
-        as needed (`timeout` bounds each page's call)."""
-        token = ""
+        """Every run, newest first, filtered by a status name or several (`async for`);
+        pages are fetched as needed (`timeout` bounds each page's call). The arguments are
+        checked here, not at the first page."""
+        return self._pages(self._list_request(status, page_size), timeout)
+
+    async def _pages(self, request: Any, timeout: Any) -> AsyncIterator[RunInfo]:
         while True:
-            request = self._list_request(status, page_size, token)
             response = await self.call("ListRuns", request, timeout)
             for r in response.runs:
                 yield RunInfo.from_wire(r)
-            token = response.next_page_token
-            if not token:
+            if not response.next_page_token:
                 return
+            request.page_token = response.next_page_token
 
 
 class Run(_RunBase):

@@ -663,7 +663,7 @@ class _Api:
         return self._unary("GetRun", request, timeout, RunInfo.from_wire)
 
     @staticmethod
-    def _list_request(status: str | Sequence[str], page_size: int, token: str) -> Any:
+    def _list_request(status: str | Sequence[str], page_size: int) -> Any:
         values = []
         if status is None or isinstance(status, str):
             status = () if status is None else (status,)  # none, one name, or several
@@ -674,7 +674,7 @@ class _Api:
                 raise invalid("status", f"one of {STATUSES}", s)
             values.append(service_pb2.RunStatus.Value("RUN_STATUS_" + s.upper()))
         page_size = 0 if page_size is None else _integer("page_size", page_size, 0, 2**31 - 1)
-        return service_pb2.ListRunsRequest(page_size=page_size, page_token=token, status=values)
+        return service_pb2.ListRunsRequest(page_size=page_size, status=values)
 
     def cancel_run(self, run_id: str, *, timeout: Any = _DEFAULT) -> Any:
         """Stop a run before its next iteration (its records are kept) -> RunInfo."""
@@ -771,15 +771,17 @@ class Client(_Api):
         self, status: str | Sequence[str] = (), page_size: int = 50, *, timeout: Any = _DEFAULT
     ) -> Iterator[RunInfo]:
         """Every run, newest first, filtered by a status name or several; pages are fetched
-        as needed (`timeout` bounds each page's call)."""
-        token = ""
+        as needed (`timeout` bounds each page's call). The arguments are checked here, not
+        at the first page."""
+        return self._pages(self._list_request(status, page_size), timeout)
+
+    def _pages(self, request: Any, timeout: Any) -> Iterator[RunInfo]:
         while True:
-            request = self._list_request(status, page_size, token)
             response = self.call("ListRuns", request, timeout)
             yield from (RunInfo.from_wire(r) for r in response.runs)
-            token = response.next_page_token
-            if not token:
+            if not response.next_page_token:
                 return
+            request.page_token = response.next_page_token
 
 
 def _watched(make_run: Callable[..., Any], call: Any, first: Any, like: Any) -> Any:

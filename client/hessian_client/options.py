@@ -87,15 +87,24 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
             setattr(msg, key, value)
         except (TypeError, ValueError):  # protobuf's own words name no field
             kind = _KINDS.get(fd.cpp_type, "a value of its type")
-            if isinstance(value, int) and kind == "an integer":  # an int past the wire's
-                kind = f"an integer in [{-(2**63)}, {2**63 - 1}]"
+            if isinstance(value, int) and fd.cpp_type in _RANGES:  # an int past the wire's
+                low, high = _RANGES[fd.cpp_type]
+                kind = f"an integer in [{low}, {high}]"
             raise invalid(f"{field}.{key}", kind, value) from None
     return msg
 
 
+_RANGES = {  # the wire's integer types
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+}
 _KINDS = {
     FieldDescriptor.CPPTYPE_INT64: "an integer",
     FieldDescriptor.CPPTYPE_INT32: "an integer",
+    FieldDescriptor.CPPTYPE_UINT64: "an integer",
+    FieldDescriptor.CPPTYPE_UINT32: "an integer",
     FieldDescriptor.CPPTYPE_DOUBLE: "a number",
     FieldDescriptor.CPPTYPE_FLOAT: "a number",
     FieldDescriptor.CPPTYPE_BOOL: "a bool",
