@@ -56,8 +56,9 @@ MAX_TOTAL_ELEMENTS = 4 * MAX_VALUE_ELEMENTS
 BINDINGS_KEPT = 4  # programs bound to recent row counts, kept per program
 
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
-# inputs. No factories of caller-chosen size, no random, no I/O, no in-place, no custom ops,
-# no higher-order ops.
+# inputs whose Hessian torch computes (batched double backward). No factories of
+# caller-chosen size, no random, no I/O, no in-place, no custom ops, no higher-order ops;
+# not group_norm (its batched double backward fails) nor hardsigmoid (no double backward).
 ALLOWED_OPS = frozenset(
     """
     add sub rsub mul div neg pow abs sqrt rsqrt square reciprocal exp exp2 log log2 log10
@@ -73,8 +74,15 @@ ALLOWED_OPS = frozenset(
     nll_loss nll_loss_forward cross_entropy_loss mse_loss einsum embedding one_hot
     _to_copy to type_as zeros_like ones_like full_like scalar_tensor _assert_tensor_metadata
     numpy_T nll_loss_nd broadcast_tensors linalg_norm huber_loss smooth_l1_loss dropout
+    layer_norm native_layer_norm instance_norm binary_cross_entropy
+    binary_cross_entropy_with_logits kl_div l1_loss poisson_nll_loss soft_margin_loss
+    cosine_similarity log_sigmoid log_sigmoid_forward selu celu mish hardswish logit atan2
+    cumsum avg_pool1d avg_pool2d max_pool1d max_pool2d max_pool2d_with_indices
+    adaptive_avg_pool1d adaptive_avg_pool2d _adaptive_avg_pool2d
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
 )
+# Normalisations that update running statistics in place unless this flag is False.
+RUNNING_STATS = {"batch_norm": "training", "instance_norm": "use_input_stats"}
 # In-place forms that the exporter emits on fresh copies only: run as their functional form.
 FUNCTIONAL_FORM = {"detach_": "detach"}
 
@@ -558,11 +566,14 @@ def _node(raw: Any, index: int) -> Node:
             args.append(value)
     if packet == "dropout" and (len(args) < 3 or args[2] is not False):
         raise refuse(f"dropout in eval mode (train=False): {where} draws random numbers")
-    if packet == "batch_norm" and (
+    # args[5]: batch_norm's training, instance_norm's use_input_stats; with running stats
+    # (args[3:5]) given, either updates them in place
+    if packet in RUNNING_STATS and (
         len(args) < 6 or (args[5] is not False and args[3:5] != [None, None])
     ):
         raise refuse(
-            f"batch_norm in eval mode (training=False): {where} would update its running stats"
+            f"{packet} in eval mode ({RUNNING_STATS[packet]}=False, or no running stats): "
+            f"{where} would update its running stats"
         )
     outputs: list[Any] = []
     raw_outputs = _get(raw, "outputs")
