@@ -780,3 +780,25 @@ def test_a_message_limit_grpc_cannot_use_is_refused(bad):
     with pytest.raises(InvalidArgument) as err:
         Client(NOWHERE, max_message_bytes=bad)
     assert err.value.field == "max_message_bytes"
+
+
+def test_integer_parameters_are_sent_as_the_real_numbers_they_are(address, rng):
+    """A list like [1, 2] was sent as int64 and refused by the server ("params.dtype:
+    expected FLOAT32 or FLOAT64, got INT64"); minimize took it. Integer and bool parameters
+    are now sent as float64: the answers equal the float ones bit for bit."""
+    X = rng.standard_normal((30, 3))
+    problem = problems.least_squares(X, X @ rng.standard_normal(3))
+    ints = [1, -2, 3]
+    floats = np.array(ints, dtype=np.float64)
+    with Client(address) as client:
+        step = client.newton_step(problem, ints)
+        ref = client.newton_step(problem, floats)
+        np.testing.assert_array_equal(step.params, ref.params)
+        h = client.compute_hessian(problem, np.array(ints, dtype=np.int32))
+        np.testing.assert_array_equal(h.gradient, client.compute_hessian(problem, floats).gradient)
+        run = client.start_run(
+            problem, np.array([True, False, True]), stopping={"max_iterations": 2}
+        )
+        first = run.records()[0]
+        ref_run = client.start_run(problem, [1.0, 0.0, 1.0], stopping={"max_iterations": 2})
+        assert first.loss == ref_run.records()[0].loss

@@ -433,3 +433,18 @@ def test_no_jacobian_is_asked_where_the_residuals_are_not_finite(address):
                         address=address)  # fmt: skip
     np.testing.assert_allclose(res.x, [1.0], atol=1e-8)
     assert not asked_outside
+
+
+def test_residuals_not_finite_at_the_start_end_the_run_without_asking_jac(address):
+    """The result asked jac at the final point whatever it was: a run that failed at a
+    start with NaN residuals called jac there after the stream (README: where fun is not
+    finite, jac is not called) and raised the caller's error without the run id."""
+
+    def jac(x):
+        raise AssertionError("jac asked where the residuals are NaN")
+
+    res = least_squares(lambda x: np.array([np.nan, x[0] - 1]), [0.0, 0.0], jac,
+                        address=address)  # fmt: skip
+    assert res.run_status == "FAILED" and not res.success and res.njev == 0
+    assert res.jac is None and res.grad is None and np.isnan(res.optimality)
+    assert np.isnan(res.cost) and np.array_equal(res.x, [0.0, 0.0])

@@ -175,6 +175,16 @@ def _encode(value: Any, field: str) -> tensor_pb2.Tensor:
     return tensors.encode(value, field=field)
 
 
+def _params(value: Any, field: str = "params") -> tensor_pb2.Tensor:
+    """Parameters as sent: real numbers, so integers and bools (a list like [0, 0]) are sent
+    as float64 (the server refuses an integer dtype)."""
+    try:
+        integral = tensors.as_numpy(value).dtype.kind in "biu"
+    except (TypeError, ValueError):  # not an array: refused by encode, naming the field
+        integral = False
+    return tensors.encode(value, dtype=np.float64 if integral else None, field=field)
+
+
 def _distribution(name: str, field: str, choices: Sequence[str] = DISTRIBUTIONS) -> int:
     if not isinstance(name, str) or name.lower() not in choices:
         raise invalid(field, f"one of {list(choices)}", name)
@@ -470,7 +480,7 @@ class _Api:
 
     def _step(self, rpc: str, problem: Any, params: Any, timeout: Any, options: dict) -> Any:
         request = service_pb2.StepRequest(
-            params=_encode(params, "params"), options=method_options(**options), **_source(problem)
+            params=_params(params), options=method_options(**options), **_source(problem)
         )
 
         def decode(r: service_pb2.StepResponse) -> StepResult:
@@ -542,7 +552,7 @@ class _Api:
         """The dense curvature matrix at `params` and its spectrum summary -> HessianResult."""
         opts = method_options(curvature=curvature, backend=backend)
         request = service_pb2.ComputeHessianRequest(
-            params=_encode(params, "params"),
+            params=_params(params),
             curvature=opts.curvature,
             backend=opts.backend,
             omit_matrix=omit_matrix,
@@ -565,7 +575,7 @@ class _Api:
         Keywords are spectrum options (top_k, bottom_k, curvature, trace_samples, seed, ...).
         """
         request = service_pb2.AnalyzeCurvatureRequest(
-            params=_encode(params, "params"),
+            params=_params(params),
             options=spectrum_options(**options),
             **_source(problem),
         )
@@ -581,7 +591,7 @@ class _Api:
     ) -> Any:
         """The catalogue model's outputs (linear outputs / logits) at `params`, on `inputs`
         rows shaped like the problem's X (None: its own X); the type `params` was sent as."""
-        request = service_pb2.PredictRequest(params=_encode(params, "params"), **_source(problem))
+        request = service_pb2.PredictRequest(params=_params(params), **_source(problem))
         if inputs is not None:
             request.inputs.CopyFrom(_encode(inputs, "inputs"))
         return self._unary(
@@ -636,7 +646,7 @@ class _Api:
         if init != "objective_default" and seed is None:
             raise invalid("init", "a seed to draw with (init is that draw's distribution)", init)
         if params is not None:
-            request.initial_params.CopyFrom(_encode(params, "params"))
+            request.initial_params.CopyFrom(_params(params))
         elif seed is not None:
             dist = _distribution(init, "init")
             seed = _integer("seed", seed, 0, UINT64_MAX)

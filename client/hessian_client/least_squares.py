@@ -124,8 +124,11 @@ class _LeastSquaresSession(_Session):
     def result(self) -> OptimizeResult:
         info = self.finished
         x = decode(info.final_params).astype(np.float64).reshape(-1)
-        r, jac = self._residuals(x), self._jacobian(x)  # cached: x asked its gradient
-        grad = _rmatvec(jac, r)
+        r = self._residuals(x)
+        jac = grad = None  # not asked where the residuals are not finite (a failed start)
+        if np.all(np.isfinite(r)):
+            jac = self._jacobian(x)  # cached: x asked its gradient
+            grad = _rmatvec(jac, r)
         reason = optimize_pb2.StopReason.Name(info.stop_reason).removeprefix("STOP_REASON_")
         status = STATUS.get(reason, -1)
         result = OptimizeResult(
@@ -134,7 +137,7 @@ class _LeastSquaresSession(_Session):
             fun=r,
             jac=jac,
             grad=grad,
-            optimality=float(np.max(np.abs(grad))) if grad.size else 0.0,
+            optimality=math.nan if grad is None else float(np.max(np.abs(grad), initial=0.0)),
             active_mask=np.zeros(x.size, dtype=int),
             nit=info.last_record.iteration,
             status=status,
