@@ -194,13 +194,13 @@ def test_no_gradient_is_refused_naming_jac_before_connecting(rng, jac):
 def test_row_sub_sampling_is_refused_under_the_start_fields_naming_the_callers_objective(
     address, rng, option
 ):
-    # the caller's objective has no data rows: refused at the start, as start.options.*
+    # the caller's objective has no data rows: refused at the start, named as the option
     with pytest.raises(InvalidArgument) as err:
         minimize(
             rosen, start(rng, 3), jac=rosen_der, hessp=rosen_hess_prod, method="newton_cg",
             options={option: 0.5}, address=address,
         )  # fmt: skip
-    assert err.value.field == f"start.options.{option}" and err.value.from_server
+    assert err.value.field == f"options.{option}" and err.value.from_server
     assert "1 for the caller's objective (Optimize), which has no data rows" in err.value.message
     assert "remote" not in err.value.message
 
@@ -655,3 +655,77 @@ def test_a_renamed_refusal_keeps_its_status_code_and_notes():
     renamed = session.renamed(error)
     assert renamed.field == "tol" and renamed.code == grpc.StatusCode.OUT_OF_RANGE
     assert renamed.message.startswith("tol: ") and renamed.__notes__ == ["a note"]
+
+
+def test_scipys_positional_order_and_method_names_in_any_case(address, rng):
+    """minimize(fun, x0, args, method, jac, hess) as SciPy's: method, jac and hess were
+    keyword-only (a TypeError); "NEWTON" was refused though the Client takes it."""
+    x0 = start(rng, 4)
+    keywords = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton",
+                        address=address)  # fmt: skip
+    positional = minimize(rosen, x0, (), "NEWTON", rosen_der, rosen_hess, address=address)
+    np.testing.assert_array_equal(positional.x, keywords.x)
+    assert (positional.nit, positional.fun) == (keywords.nit, keywords.fun)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "expected"),
+    [
+        ({"method": "Newton-CG"}, "method", "SciPy's 'Newton-CG' is nearest to 'newton_cg'"),
+        ({"bounds": [(0, 1), (None, None)]}, "bounds", "bounds are not served"),
+        ({"bounds": [(-np.inf, -np.inf), (np.inf, np.inf)]}, "bounds", "bounds are not served"),
+        ({"constraints": [{"type": "eq", "fun": sum}]}, "constraints", "not served"),
+        ({"constraints": {"type": "eq", "fun": sum}}, "constraints", "not served"),
+        ({"timeout": 3}, "timeout", "an argument this function serves"),
+    ],
+)
+def test_what_minimize_does_not_serve_is_refused_naming_it_before_connecting(
+    rng, kwargs, field, expected
+):
+    """bounds=, constraints= and unknown keywords were Python TypeErrors (least_squares
+    refused its own by name), SciPy's method names a bare "one of [...]"."""
+    for call in (minimize, lambda *a, **k: asyncio.run(minimize_async(*a, **k))):
+        with pytest.raises(InvalidArgument) as err:
+            call(rosen, start(rng, 2), jac=rosen_der, address="127.0.0.1:1", **kwargs)
+        assert err.value.field == field and expected in str(err.value)
+        assert not err.value.from_server
+
+
+@pytest.mark.parametrize(
+    "bounds", [None, [(None, None)] * 2, [(-np.inf, np.inf)] * 2, "scipy default"]
+)
+def test_no_bound_in_scipys_forms_is_taken(address, rng, bounds):
+    if bounds == "scipy default":
+        from scipy.optimize import Bounds
+
+        bounds = Bounds()
+    res = minimize(rosen, start(rng, 2), jac=rosen_der, hess=rosen_hess, bounds=bounds,
+                   constraints=(), address=address)  # fmt: skip
+    assert res.success
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda a: minimize(rosen, np.zeros(2), jac=rosen_der, address=a,
+                            options={"learning_rate": -1.0}), "options.learning_rate"),
+        (lambda a: minimize(rosen, np.zeros(2), jac=rosen_der, address=a, name="x" * 300),
+         "name"),
+        (lambda a: minimize(rosen, np.zeros(2), jac=rosen_der, address=a, resume="r-none"),
+         "resume"),
+        (lambda a: minimize(rosen, np.zeros(2), jac=rosen_der, address=a,
+                            method="levenberg_marquardt"), "hess"),
+        (lambda a: least_squares(lambda x: x - 1, np.zeros(80), lambda x: np.eye(80),
+                                 address=a), "method"),
+    ],
+)  # fmt: skip
+def test_the_servers_refusals_name_the_callers_argument(address, call, field):
+    """They named the wire's fields: start.options.learning_rate, start.name,
+    resume_run_id, start.capabilities (for a missing hess, or least_squares' default
+    method past n = 64)."""
+    from hessian_client import HessianError
+
+    with pytest.raises(HessianError) as err:
+        call(address)
+    assert err.value.field == field and err.value.from_server
+    assert f"{field}: " in str(err.value)

@@ -24,6 +24,8 @@ from .minimize import (
     drive,
     drive_async,
     is_sparse,
+    refuse_unserved,
+    unbounded,
 )
 from .proto import optimize_pb2, service_pb2
 from .tensors import decode, encode
@@ -55,6 +57,7 @@ class _LeastSquaresSession(_Session):
     and Gauss-Newton products; caches r and J per point so each is computed once there."""
 
     methods = LSQ_METHODS
+    missing_derivative = "method"  # J^T J for levenberg_marquardt: n <= 64
 
     def __init__(self, fun: Callable[..., Any], jac: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(fun, jac=jac, hess=None, hessp=None, callback=None, **kwargs)
@@ -178,7 +181,7 @@ def _session(
         raise invalid("jac", "a callable returning the m x n Jacobian (or an operator)", jac)
     if loss != "linear":
         raise invalid("loss", "'linear' (robust losses are not served)", loss)
-    if not _unbounded(bounds):
+    if not unbounded(bounds):
         raise invalid("bounds", "none, or SciPy's default (-inf, inf): bounds are not served",
                       bounds)  # fmt: skip
     given = {k: v for k, v in stopping.items() if v is not None}
@@ -194,32 +197,8 @@ def _session(
     )  # fmt: skip
 
 
-def _unbounded(bounds: Any) -> bool:
-    """None, or SciPy's default (-inf, inf): no bound at all."""
-    if bounds is None:
-        return True
-    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
-        bounds = (bounds.lb, bounds.ub)
-    try:
-        low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
-    except (TypeError, ValueError):
-        return False
-    return bool(np.all(low == -np.inf) and np.all(high == np.inf))
-
-
-def _refuse_unserved(unserved: dict[str, Any]) -> None:
-    """Refuse SciPy least_squares arguments this one does not serve (x_scale, max_nfev,
-    diff_step, f_scale, tr_solver, verbose, ...) by name, as an InvalidArgument, not
-    Python's TypeError."""
-    for key, value in unserved.items():
-        raise invalid(
-            key,
-            "an argument this least_squares serves (fun, x0, jac, method, ftol, xtol, gtol, "
-            "loss, bounds, max_iterations, args, options, address, token, name, resume)",
-            value,
-        )
-
-
+LSQ_ARGUMENTS = ("fun, x0, jac, method, ftol, xtol, gtol, loss, bounds, max_iterations, args, "
+                 "options, address, token, name, resume")  # fmt: skip
 # a stopping criterion -> the argument of least_squares that sets it
 ARGUMENTS = {"function_tolerance": "ftol", "parameter_tolerance": "xtol",
              "gradient_tolerance": "gtol", "max_iterations": "max_iterations"}  # fmt: skip
@@ -264,7 +243,7 @@ def least_squares(
     Returns SciPy's fields (x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
     status, message, success) and nit, run_id, run_status, round_trips.
     """
-    _refuse_unserved(unserved)
+    refuse_unserved(unserved, LSQ_ARGUMENTS)
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
     session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)
     return drive(session, resume, address, token)
@@ -292,7 +271,7 @@ async def least_squares_async(
 ) -> OptimizeResult:
     """`least_squares` on grpc.aio, as minimize_async: plain functions run on the event
     loop, `async def` ones are awaited on it."""
-    _refuse_unserved(unserved)
+    refuse_unserved(unserved, LSQ_ARGUMENTS)
     stopping = _stopping(ftol, xtol, gtol, max_iterations)
     session = _session(fun, x0, jac, method, loss, bounds, stopping, args, options, name)
     return await drive_async(session, resume, address, token)

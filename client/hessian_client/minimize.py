@@ -46,6 +46,10 @@ RESUMABLE_CODES = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
 )
 CALLBACK_STOP_STATUS = 99  # SciPy's status when a callback raised StopIteration
+# SciPy's second-order method names -> the nearest method here (named in a refusal only: the
+# globalisation differs, so they are not taken as aliases)
+SCIPY_METHODS = {"newton-cg": "newton_cg", "trust-ncg": "newton_cg", "trust-krylov": "newton_cg",
+                 "trust-exact": "newton", "dogleg": "newton", "trf": "gauss_newton_cg"}  # fmt: skip
 CALLER_FUNCTIONS = ("fun", "jac", "hess", "hessp", "callback")  # a session's, as attributes
 ASYNC_NOTE = "(async def functions are awaited by minimize_async and least_squares_async)"
 
@@ -110,6 +114,63 @@ def _shaped(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     return out
 
 
+def _method_name(method: Any, methods: dict[str, Any]) -> str:
+    """`method` as a key of `methods` (any case); refused naming the nearest for SciPy's."""
+    name = method.lower() if isinstance(method, str) else method
+    if name in methods:
+        return name
+    expected = f"one of {list(methods)}"
+    nearest = SCIPY_METHODS.get(name) if isinstance(name, str) else None
+    if nearest in methods:
+        expected += f" (SciPy's {method!r} is nearest to {nearest!r} here)"
+    raise invalid("method", expected, method)
+
+
+def unbounded(bounds: Any) -> bool:
+    """None, or SciPy's default (-inf, inf) (a scipy.optimize.Bounds too): no bound at all."""
+    if bounds is None:
+        return True
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
+        bounds = (bounds.lb, bounds.ub)
+    try:
+        low, high = (np.asarray(b, dtype=np.float64) for b in bounds)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.all(low == -np.inf) and np.all(high == np.inf))
+
+
+def _unbounded_pairs(bounds: Any) -> bool:
+    """minimize's form of no bound: a (min, max) pair per variable, each None or infinite."""
+    try:
+        pairs = [(-np.inf if low is None else low, np.inf if high is None else high)
+                 for low, high in bounds]  # fmt: skip
+        low, high = np.asarray(pairs, dtype=np.float64).reshape(-1, 2).T
+    except (TypeError, ValueError):
+        return False
+    return bool(np.all(low == -np.inf) and np.all(high == np.inf))
+
+
+def refuse_unserved(unserved: dict[str, Any], served: str) -> None:
+    """Refuse SciPy arguments this SDK does not serve by name, as an InvalidArgument (not
+    Python's TypeError); `served` lists the ones it does."""
+    for key, value in unserved.items():
+        raise invalid(key, f"an argument this function serves ({served})", value)
+
+
+def _unconstrained(bounds: Any, constraints: Any) -> None:
+    """Refuse, naming it, a bound or constraint minimize would otherwise ignore."""
+    scipy_bounds = bounds is None or hasattr(bounds, "lb")  # None, or scipy's Bounds
+    if not (unbounded(bounds) if scipy_bounds else _unbounded_pairs(bounds)):
+        raise invalid("bounds", "none, or (None, None) / (-inf, inf) per variable: bounds are "
+                      "not served", bounds)  # fmt: skip
+    if constraints is not None and (isinstance(constraints, dict) or len(constraints) > 0):
+        raise invalid("constraints", "none: constraints are not served", constraints)
+
+
+MINIMIZE_ARGUMENTS = ("fun, x0, args, method, jac, hess, hessp, bounds (none), constraints "
+                      "(none), tol, callback, options, address, token, name, resume")  # fmt: skip
+
+
 def _is_async(function: Any) -> bool:
     """Whether calling `function` makes a coroutine: an async def function, a partial of
     one, or an object whose __call__ is one."""
@@ -123,10 +184,20 @@ def _on_loop(function: Callable[..., Any], loop: asyncio.AbstractEventLoop, *arg
     return asyncio.run_coroutine_threadsafe(function(*args), loop).result()
 
 
+# a capability the server asks of the caller -> the argument that gives it (Gauss-Newton
+# products, which minimize cannot give: the option that asked for them)
+CAPABILITY_ARGUMENTS = {"gradient": "jac", "hessian": "hess", "hvp": "hessp",
+                        "gauss_newton": "options.curvature"}  # fmt: skip
+# the wire's fields of the opening request -> the argument of minimize that sets them
+WIRE_ARGUMENTS = {"initial_params": "x0", "name": "name", "resume_run_id": "resume",
+                  "resume_capabilities": "resume"}  # fmt: skip
+
+
 class _Session:
     """The caller's side of one Optimize stream: evaluate what is asked, build the result."""
 
     methods = METHODS  # the method names this entry takes -> the server's method options
+    missing_derivative = "hess"  # what a refusal of the caller's capabilities asks for
 
     def __init__(
         self,
@@ -152,9 +223,7 @@ class _Session:
         self.x0 = x.reshape(-1)
         if self.x0.size == 0:
             raise invalid("x0", "an array of at least one parameter", np.shape(x0))
-        if (method or "auto") not in self.methods:
-            raise invalid("method", f"one of {list(self.methods)}", method)
-        self.method = method or "auto"
+        self.method = _method_name(method or "auto", self.methods)
         if callback is not None and not callable(callback):
             raise invalid("callback", "a function of the intermediate result, or None", callback)
         self.callback = callback
@@ -233,10 +302,17 @@ class _Session:
 
     def argument(self, field: str) -> str:
         """The argument of this call a refusal's `field` (the wire's, or stop_criteria's)
-        stands for: x0, tol, options.maxiter... as the caller wrote them."""
+        stands for: x0, tol, options.maxiter, name, resume, hess... as the caller wrote them."""
         name = field.removeprefix("start.")
-        if name == "initial_params":
-            return "x0"
+        if name in WIRE_ARGUMENTS:
+            return WIRE_ARGUMENTS[name]
+        if name == "capabilities":  # the derivatives the method needs, and the caller lacks
+            return self.missing_derivative
+        if name.startswith("capabilities."):  # one derivative, missing or too large to send
+            return CAPABILITY_ARGUMENTS.get(name.removeprefix("capabilities."), field)
+        if name.startswith("options."):  # method options, or the method name's own ones
+            option = name.removeprefix("options.")
+            return "method" if option in self.methods[self.method] else name
         key = name.removeprefix("stopping.")
         if key == name or key not in STOP_FIELDS:
             return field
@@ -488,18 +564,21 @@ def minimize(
     fun: Callable[..., Any],
     x0: Any,
     args: tuple = (),
-    *,
+    method: str | None = None,
     jac: Any = None,
     hess: Callable[..., Any] | None = None,
     hessp: Callable[..., Any] | None = None,
-    method: str | None = None,
+    bounds: Any = None,
+    constraints: Any = (),
     tol: float | None = None,
     callback: Callable[[OptimizeResult], Any] | None = None,
     options: dict[str, Any] | None = None,
+    *,
     address: str | None = None,
     token: str | None = None,
     name: str = "",
     resume: str | None = None,
+    **unserved: Any,
 ) -> OptimizeResult:
     """Minimise `fun` from `x0` on the server, SciPy-style (jac=True: fun returns (f, g)).
 
@@ -513,6 +592,8 @@ def minimize(
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
     message) and run_id, run_status, round_trips (evaluation requests answered).
     """
+    refuse_unserved(unserved, MINIMIZE_ARGUMENTS)
+    _unconstrained(bounds, constraints)
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
     return drive(session, resume, address, token)
 
@@ -549,23 +630,28 @@ async def minimize_async(
     fun: Callable[..., Any],
     x0: Any,
     args: tuple = (),
-    *,
+    method: str | None = None,
     jac: Any = None,
     hess: Callable[..., Any] | None = None,
     hessp: Callable[..., Any] | None = None,
-    method: str | None = None,
+    bounds: Any = None,
+    constraints: Any = (),
     tol: float | None = None,
     callback: Callable[[OptimizeResult], Any] | None = None,
     options: dict[str, Any] | None = None,
+    *,
     address: str | None = None,
     token: str | None = None,
     name: str = "",
     resume: str | None = None,
+    **unserved: Any,
 ) -> OptimizeResult:
     """`minimize` on grpc.aio: the stream waits without blocking the event loop. Plain
     functions run on the loop; `async def` ones (fun, jac, hess, hessp, callback) are
     awaited on it, and the evaluation around them (with any plain function beside them)
     then runs on a worker thread."""
+    refuse_unserved(unserved, MINIMIZE_ARGUMENTS)
+    _unconstrained(bounds, constraints)
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
     return await drive_async(session, resume, address, token)
 
