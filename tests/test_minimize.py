@@ -406,9 +406,10 @@ def test_a_dense_hessian_over_the_message_limit_is_refused_up_front(tmp_path):
     )
     try:
         n = 1000  # 8 MB of float64 Hessian: over a 4 MiB message
-        with pytest.raises(ResourceExhausted, match=r"start\.capabilities\.hessian"):
+        with pytest.raises(ResourceExhausted, match=r"hess: a Hessian would take") as err:
             minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
                      address=server.address)  # fmt: skip
+        assert err.value.field == "hess"  # the caller's argument (the wire's is capabilities)
         with pytest.raises(ResourceExhausted, match=r"start\.options"):
             minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
                      options={"dense_budget_bytes": 1000}, address=server.address)  # fmt: skip
@@ -639,6 +640,33 @@ def test_an_x0_over_the_server_s_lower_message_limit_is_named_x0(tmp_path):
             with pytest.raises(ResourceExhausted) as err:
                 solve()
             assert err.value.field == "x0" and "100,000-byte message limit" in str(err.value)
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_a_run_whose_own_messages_could_not_be_sent_is_refused_at_its_start(tmp_path):
+    """Under a lowered --max-message-bytes, a start that fitted was accepted though the run
+    could never send its asks (the point with a CG vector: INTERRUPTED at once, and every
+    resume the same) or its end (the final parameters: FINISHED, its x never delivered).
+    Refused at the start, named x0; a smaller x0 runs to its end."""
+    server = build_server(
+        ServerConfig(address="127.0.0.1:0", data_dir=str(tmp_path), max_message_bytes=100_000)
+    )
+    try:
+        for n, kwargs in (
+            (6_000, {"method": "newton_cg", "hessp": lambda x, p: 2 * p}),
+            (12_000, {"method": "gradient_descent"}),
+        ):
+            with pytest.raises(ResourceExhausted) as err:
+                minimize(lambda x: float(x @ x), np.ones(n), jac=lambda x: 2 * x,
+                         address=server.address, **kwargs)  # fmt: skip
+            assert err.value.field == "x0" and f"requests for {n} parameters" in str(err.value)
+        with Client(server.address) as client:
+            assert not list(client.list_runs())  # no run was made
+        res = minimize(lambda x: float(x @ x), np.ones(5_000), jac=lambda x: 2 * x,
+                       hessp=lambda x, p: 2 * p, method="newton_cg",
+                       address=server.address)  # fmt: skip
+        assert res.success and np.array_equal(res.x, np.zeros(5_000))
     finally:
         server.stop(grace=1.0)
 

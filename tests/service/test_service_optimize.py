@@ -207,7 +207,7 @@ def test_a_resume_without_the_runs_derivatives_is_refused_and_the_run_kept(addre
     with pytest.raises(HessianError) as refused:
         resume(address, run_id)
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert refused.value.field == "resume_capabilities"
+    assert refused.value.field == "resume"  # the argument (the wire: resume_capabilities)
     assert "lacks hessian" in refused.value.message
     assert settled_info(address, run_id, "INTERRUPTED").status == "INTERRUPTED"
     res = minimize(rosen, X0, jac=rosen_der, hess=rosen_hess, address=address, resume=run_id)

@@ -27,7 +27,12 @@ from ..engine import StopCriteria
 from ..engine.cancel import CancelToken
 from ..engine.errors import ResourceLimitError, ValidationError
 from ..engine.linalg import all_finite
-from ..engine.options import DENSE_METHODS, check_dtype_range, check_method_budget
+from ..engine.options import (
+    DENSE_METHODS,
+    HESSIAN_FREE_METHODS,
+    check_dtype_range,
+    check_method_budget,
+)
 from ..engine.solvers.asktell import (
     Answer,
     Ask,
@@ -45,6 +50,7 @@ from .errors import ConflictError, LimitError, NotFoundError, require_id
 from .runs import LiveRun, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MESSAGE_SLACK = 4096  # a message's bytes beside its tensors (headers, a RunInfo's fields)
 RESUME_POLL_SECONDS = 0.01  # how often a resume looks whether the run's old stream let go
 
 
@@ -121,7 +127,17 @@ class Optimizer:
             raise exc.renamed(f"start.{exc.field}") from None
         # a dense Hessian the caller sends must fit a message
         if options.method in DENSE_METHODS and dense_source(caps, n) == "hessian":
-            service._check_fits("start.capabilities.hessian", 8 * n * n + 4096, "a Hessian")
+            service._check_fits(
+                "start.capabilities.hessian", 8 * n * n + MESSAGE_SLACK, "a Hessian"
+            )
+        # and so must the run's own: an ask (the point, its product vectors, records) and
+        # its end (the final parameters with the run's state, smaller)
+        ask = codec.tensor_wire_bytes([_vectors_per_ask(options, caps, n) + 1, n], 8)
+        service._check_fits(
+            "start.initial_params",
+            ask + 2 * codec.MAX_RECORD_BYTES + MESSAGE_SLACK,
+            f"the run's requests for {n} parameters",
+        )
         stopping = StopCriteria.from_dict(codec.stopping_to_dict(start.stopping), "start.stopping")
         if stopping.max_iterations > service.config.max_iterations:
             raise ResourceLimitError(
@@ -330,6 +346,16 @@ class Optimizer:
 def _not_a_request(error: Exception) -> str:
     name = service_pb2.OptimizeRequest.DESCRIPTOR.full_name
     return f"request: not a valid {name} message ({error})"
+
+
+def _vectors_per_ask(options: Any, caps: Capabilities, n: int) -> int:
+    """The most product vectors one ask carries: n for a dense matrix built from products,
+    one for a CG product, none for the caller's Hessian or a gradient method."""
+    if options.method in HESSIAN_FREE_METHODS:
+        return 1
+    if options.method in DENSE_METHODS:
+        return n if dense_source(caps, n, options.curvature) in ("hvp", "gauss_newton") else 0
+    return 0
 
 
 def _ask_to_wire(ask: Ask, out: Any) -> None:
