@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -41,6 +42,15 @@ void norms(const scalar_t* v, int64_t n, double& norm, double& vmax, bool& finit
   vmax = mx;
 }
 
+// ||v||, rescaled by max|v| where the sum of squares overflows while every entry is finite
+// (as the engine's linalg.vector_norm): a finite step's record must not say inf.
+double vector_norm(const at::Tensor& v) {
+  const double norm = v.norm().item<double>();
+  if (norm != std::numeric_limits<double>::infinity()) return norm;
+  const double top = v.abs().max().item<double>();
+  return std::isfinite(top) ? top * v.div(top).norm().item<double>() : norm;
+}
+
 // Solve the owned system, step, and summarise (any device; stats always on the CPU).
 FusedStep finish(const at::Tensor& x, const System& system, double lr, double damping,
             int64_t max_attempts) {
@@ -67,7 +77,7 @@ FusedStep finish(const at::Tensor& x, const System& system, double lr, double da
     return {x.clone(), make_stats(loss_v, gnorm, gmax, 0.0, {damping, 0}, false, 0.0)};
   at::Tensor d = at::empty_like(gc);
   const SolveStatus status = solve_owned_symmetric(h, gc, damping, max_attempts, d);
-  const double dnorm = d.norm().item<double>();
+  const double dnorm = vector_norm(d);
   // at::dot, as the engine's `grad @ d`: the Armijo test sees the same slope on both paths
   const double slope = at::dot(gc, d).item<double>();
   return {x.add(d, lr), make_stats(loss_v, gnorm, gmax, lr * dnorm, status, true, slope)};
@@ -124,7 +134,7 @@ FusedStep mse_fused(const at::Tensor& x, const at::Tensor& target, double lr, do
   const double loss_v = loss.item<double>();
   const bool finite = std::isfinite(loss_v) && g.isfinite().all().item<bool>();
   return {x.add(d, lr), make_stats(loss_v, g.norm().item<double>(), g.abs().max().item<double>(),
-                                   lr * d.norm().item<double>(), {damping, 1}, finite,
+                                   lr * vector_norm(d), {damping, 1}, finite,
                                    at::dot(g.reshape(-1), d.reshape(-1)).item<double>())};
 }
 

@@ -325,3 +325,24 @@ def test_a_learning_rate_whose_every_trial_overflows_is_named(rng, method):
     records = list(run)
     assert run.stop_reason == StopReason.LINE_SEARCH_FAILED and len(records) == 1
     assert "a smaller learning_rate" in run.message
+
+
+@pytest.mark.parametrize("backend", ["native", "autograd"])
+@pytest.mark.parametrize("method", ["newton", "gradient_descent"])
+def test_a_huge_finite_step_records_its_finite_norm(backend, method):
+    """A step of ~1e160 per entry, whose squares overflow float64: the record said
+    step_norm = inf for a finite step (both backends); the norm is rescaled by max|d| where
+    the sum of squares overflows, as a reference computed exactly by scaling."""
+    n = 6
+    scale = 1e-160 if method == "newton" else 1.0  # newton: d = A^-1 b ~ 1e160
+    A = scale * torch.eye(n, dtype=F64)
+    b = (torch.rand(n, dtype=F64) + 0.5) * (1.0 if method == "newton" else 1e160)
+    obj = make_objective("quadratic", {"A": A, "b": b}, {})
+    x0 = torch.zeros(n, dtype=F64)
+    options = MethodOptions(method=method, step_policy="fixed", learning_rate=1.0, backend=backend)
+    result = take_step(obj, x0, options)
+    step = (result.params - x0).tolist()
+    top = max(map(abs, step))
+    assert all(math.isfinite(v) for v in step) and top > 1e154  # its squares overflow
+    reference = top * math.hypot(*(v / top for v in step))
+    assert result.record.step_norm == pytest.approx(reference, rel=1e-12)

@@ -37,6 +37,18 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
+def vector_norm(v: torch.Tensor) -> float:
+    """||v||, rescaled by max|v| where the sum of squares overflows (past 1e154 in float64,
+    1e19 in float32) while every entry is finite: an inf norm passes any test against it,
+    and a record's step_norm said inf for a finite step."""
+    norm = torch.linalg.vector_norm(v).item()
+    if norm == math.inf:
+        top = torch.linalg.vector_norm(v, math.inf).item()
+        if math.isfinite(top):
+            return top * torch.linalg.vector_norm(v / top).item()
+    return norm
+
+
 def sufficient_decrease(
     trial: float, loss: float, alpha: float, slope: float, armijo: float
 ) -> bool:

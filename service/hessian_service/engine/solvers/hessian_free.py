@@ -32,7 +32,7 @@ from .. import cancel
 from ..backends.selector import curvature_products
 from ..curvature.autograd import Product, loss_and_grad
 from ..errors import ValidationError
-from ..linalg import below_rounding
+from ..linalg import below_rounding, vector_norm
 from ..objectives.base import Objective
 from ..options import MethodOptions
 
@@ -384,7 +384,7 @@ def newton_cg(
     if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
         rho = 1.0
     accepted = rho > ACCEPT_RATIO
-    step_norm = float(cg.direction.norm())
+    step_norm = vector_norm(cg.direction)
     if rho < SHRINK_RATIO:
         state["trust_radius"] = max(SHRINK_RATIO * min(step_norm, radius), 1e-300)
         state["damping"] = lam * MARTENS_INCREASE

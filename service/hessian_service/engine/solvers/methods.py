@@ -29,6 +29,7 @@ from ..linalg import (
     gauge_fixed,
     negative_eigenvalues,
     sufficient_decrease,
+    vector_norm,
 )
 from ..objectives.base import Objective
 from ..options import (
@@ -431,7 +432,7 @@ def _gradient(stepper: Stepper, point: Point, damping: float) -> Direction:
 
 def _dense(stepper: Stepper, point: Point, res: SolveResult) -> Direction:
     d = stepper.objective.project_step(res.direction)
-    norm = torch.linalg.vector_norm(d).item()
+    norm = vector_norm(d)
     return Direction(d, norm, res.damping, res.negative_eigenvalues, res.attempts, res.damped)
 
 
@@ -486,7 +487,7 @@ def _conjugate_gradient(stepper: Stepper, point: Point, damping: float) -> Direc
     cg = hessian_free.cg_direction(
         stepper.objective, point.x, point.grad, stepper.options, stepper.state, drawn=point.sample
     )
-    return Direction(cg.direction, float(cg.direction.norm()), lam, -1, 1, cg=cg)
+    return Direction(cg.direction, vector_norm(cg.direction), lam, -1, 1, cg=cg)
 
 
 DESCENTS: dict[str, Descent] = {
@@ -674,7 +675,7 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     held_back = accepted and lam >= 1.0 and state["damping"] < lam
     return Step(
         x_new=x_new,
-        step_norm=float(d.norm()),
+        step_norm=vector_norm(d),
         step_size=1.0,
         damping=lam,
         gain_ratio=rho if math.isfinite(rho) else math.nan,
@@ -700,7 +701,7 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         point.sample,
     )
     cg, radius = tr.cg, tr.trust_radius  # the radius the step was held to
-    step_norm = float(cg.direction.norm())
+    step_norm = vector_norm(cg.direction)
     if not tr.accepted and step_norm == 0 and point.grad_norms[1] > 0:
         raise RadiusUnderflow(tr.trust_radius)
     return Step(

@@ -26,6 +26,7 @@ from ..linalg import (
     off_gauge,
     rounding_factor,
     symmetrise,
+    vector_norm,
 )
 from ..objectives.base import Objective
 from ..options import MethodOptions, StopCriteria
@@ -124,17 +125,6 @@ def _resolved(tol: float, eps: float, dtype: torch.dtype, name: str) -> tuple[fl
         dtype_name = str(dtype).removeprefix("torch.")
         return eps, f"({name} {tol:g} raised to the {dtype_name} eps {eps:.3g}) "
     return tol, ""
-
-
-def _norm(v: torch.Tensor) -> float:
-    """||v||, rescaled by max|v| where the sum of squares overflows (past 1e154 in float64,
-    1e19 in float32) while every entry is finite: an inf norm passed any test against it."""
-    norm = torch.linalg.vector_norm(v).item()
-    if norm == math.inf:
-        top = torch.linalg.vector_norm(v, math.inf).item()
-        if math.isfinite(top):
-            return top * torch.linalg.vector_norm(v / top).item()
-    return norm
 
 
 def end_point(
@@ -437,8 +427,8 @@ class Run:
                 + still.format(gmax)
             )
         if xtol > 0:  # a tolerance of 0 disables the test: no norms computed for it
-            dx = _norm(point.x - previous.x)
-            if dx <= xtol * (_norm(previous.x) + xtol):
+            dx = vector_norm(point.x - previous.x)
+            if dx <= xtol * (vector_norm(previous.x) + xtol):
                 return StopReason.PARAMETERS_STALLED, (
                     f"stalled: step norm {dx:.3g} <= parameter_tolerance x (|x| + "
                     "parameter_tolerance) " + xnote + still.format(gmax)
@@ -449,20 +439,25 @@ class Run:
         """Count an accepted step towards FLAT_STEPS, or start the count again."""
         dtype = point.x.dtype
         steps, flat_loss, lowest = self._flat
-        small = _norm(new_point.x - point.x) <= torch.finfo(dtype).eps ** 0.5 * _norm(point.x)
         gmax = new_point.grad_norms[1]
-        if step.held_back or not small:
-            self._flat = (0.0, math.nan, math.nan)
-        elif (
+        counted = (  # the count goes on: the loss still within rounding of the count's
             steps
             and gmax >= lowest
             and abs(new_point.loss - flat_loss) <= loss_rounding(flat_loss, dtype)
-        ):
-            self._flat = (steps + 1, flat_loss, lowest)
-        elif abs(new_point.loss - point.loss) <= loss_rounding(point.loss, dtype):
-            self._flat = (1.0, point.loss, min(point.grad_norms[1], gmax))
-        else:
+        )
+        flat = abs(new_point.loss - point.loss) <= loss_rounding(point.loss, dtype)
+        # the step's size only where it can matter (the loss tests first: they are floats)
+        if step.held_back or not (counted or flat) or not self._small(point.x, new_point.x):
             self._flat = (0.0, math.nan, math.nan)
+        elif counted:
+            self._flat = (steps + 1, flat_loss, lowest)
+        else:
+            self._flat = (1.0, point.loss, min(point.grad_norms[1], gmax))
+
+    @staticmethod
+    def _small(x: torch.Tensor, new_x: torch.Tensor) -> bool:
+        """Whether the step from x to new_x is below sqrt(eps) |x|."""
+        return vector_norm(new_x - x) <= torch.finfo(x.dtype).eps ** 0.5 * vector_norm(x)
 
     def _note_unchanged(self, point: Point, new_point: Point) -> None:
         """Count an accepted step that brings x back to one of its last RECENT values. Only a
@@ -472,7 +467,7 @@ class Run:
         last bits."""
         dtype = point.x.dtype
         if abs(new_point.loss - point.loss) > loss_rounding(point.loss, dtype) or (
-            _norm(new_point.x - point.x) > 2 * torch.finfo(dtype).eps * _norm(point.x)
+            vector_norm(new_point.x - point.x) > 2 * torch.finfo(dtype).eps * vector_norm(point.x)
         ):
             self._unchanged, self._recent = 0, []
             return
