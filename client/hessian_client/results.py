@@ -288,6 +288,58 @@ class StepRecord(_StepRecordFields):  # type: ignore[misc,valid-type]
         return record
 
 
+def _setting(fd: FieldDescriptor) -> Conversion:
+    """A field's value: None where unset, an enum by its engine name ("newton_cg", not
+    METHOD_NEWTON_CG)."""
+
+    def read(msg: Any) -> Any:
+        if fd.has_presence and not msg.HasField(fd.name):
+            return None
+        value = getattr(msg, fd.name)
+        return (label(fd.enum_type, value) or None) if fd.enum_type is not None else value
+
+    return (str if fd.enum_type is not None else _wire_type(fd)) | None, read
+
+
+_OPTIONS_CONVERTED = {fd.name: _setting(fd) for fd in optimize_pb2.MethodOptions.DESCRIPTOR.fields}
+_STOPPING_CONVERTED = {fd.name: _setting(fd) for fd in optimize_pb2.StopCriteria.DESCRIPTOR.fields}
+
+
+class _Settings(_Result):
+    """A run's settings: the repr shows the ones set."""
+
+    def __repr__(self) -> str:
+        given = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if getattr(self, f.name) is not None
+        )
+        return f"{type(self).__name__}({given})"
+
+
+RunOptions = dataclasses.make_dataclass(
+    "RunOptions",
+    [(name, kind) for name, (kind, _) in _OPTIONS_CONVERTED.items()],
+    bases=(_Settings,),
+    frozen=True,
+    eq=False,
+    repr=False,
+    namespace={"__doc__": "A run's method options as it applies them (the server fills in "
+               "its defaults): one field per field of MethodOptions, enums by name."},
+)  # fmt: skip
+RunStopping = dataclasses.make_dataclass(
+    "RunStopping",
+    [(name, kind) for name, (kind, _) in _STOPPING_CONVERTED.items()],
+    bases=(_Settings,),
+    frozen=True,
+    eq=False,
+    repr=False,
+    namespace={"__doc__": "A run's stopping criteria as it obeys them (the server fills in "
+               "its defaults): one field per field of StopCriteria."},
+)  # fmt: skip
+RunOptions.__module__ = RunStopping.__module__ = __name__  # make_dataclass's is the caller's
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # _Result's equality
 class RunInfo(_Result):
     """A run's state: status, stop reason, method, counts, times and the last record."""
@@ -305,8 +357,8 @@ class RunInfo(_Result):
     num_records: int
     last_record: StepRecord | None  # None until the first record exists
     max_iterations: int | None
-    options: optimize_pb2.MethodOptions  # as sent (unset fields: the server's defaults)
-    stopping: optimize_pb2.StopCriteria
+    options: RunOptions  # type: ignore[valid-type]  # as applied (defaults filled in)
+    stopping: RunStopping  # type: ignore[valid-type]
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -344,8 +396,8 @@ class RunInfo(_Result):
             max_iterations=(
                 int(stopping.max_iterations) if stopping.HasField("max_iterations") else None
             ),
-            options=msg.options,
-            stopping=msg.stopping,
+            options=RunOptions(**wire_values(msg.options, _OPTIONS_CONVERTED)),
+            stopping=RunStopping(**wire_values(msg.stopping, _STOPPING_CONVERTED)),
             created_at=_time(msg.created_at),
             started_at=_time(msg.started_at),
             finished_at=_time(msg.finished_at),

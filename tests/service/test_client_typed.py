@@ -25,7 +25,9 @@ from hessian_client import (
     IncompatibleServer,
     InvalidArgument,
     Method,
+    RunOptions,
     RunStatus,
+    RunStopping,
     StepRecord,
     StopReason,
     Unavailable,
@@ -176,6 +178,28 @@ def test_run_info_is_typed_with_str_enums_datetimes_and_raw(client):
     assert info.created_at.tzinfo is not None
     assert info.last_record.iteration == 3 and info.raw.run_id == run.id
     assert info.to_dict()["created_at"] == info.created_at.isoformat()
+
+
+def test_run_options_and_stopping_are_typed_settings_not_protobuf(client):
+    """RunInfo.options / .stopping were the protobuf messages: a repr of ~40 lines of wire
+    enum names (METHOD_NEWTON_CG, CG_FORCING_EISENSTAT_WALKER)."""
+    run = client.start_run(
+        problems.rosenbrock(dim=2), seed=0, method="newton_cg", cg_forcing="eisenstat_walker",
+        learning_rate=0.5, stopping={"max_iterations": 3},
+    )  # fmt: skip
+    info = run.wait(timeout=60)
+    options, stopping = info.options, info.stopping
+    assert isinstance(options, RunOptions) and isinstance(stopping, RunStopping)
+    assert options.method == "newton_cg" and options.cg_forcing == "eisenstat_walker"
+    assert options.learning_rate == 0.5 and options.damping == 0.0  # the default, applied
+    assert stopping.max_iterations == 3 == info.max_iterations
+    wire = info.raw.options
+    for fd in wire.DESCRIPTOR.fields:  # one field per wire field, None exactly where unset
+        unset = fd.has_presence and not wire.HasField(fd.name)
+        assert (getattr(options, fd.name) is None) == unset, fd.name
+    shown = repr(options)
+    assert shown.startswith("RunOptions(method='newton_cg'") and "None" not in shown
+    assert "METHOD_" not in repr(info) and info.to_dict()["options"]["method"] == "newton_cg"
 
 
 def test_parameters_come_back_as_the_type_sent(client):

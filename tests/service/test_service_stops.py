@@ -169,7 +169,7 @@ def test_a_run_info_shows_the_criteria_the_run_obeys(client, method, sent, shown
         stopping={"max_iterations": 2, **sent},
     )
     stopping = run.wait().stopping
-    assert stopping.HasField("parameter_tolerance") and stopping.parameter_tolerance == shown
+    assert stopping.parameter_tolerance is not None and stopping.parameter_tolerance == shown
     assert stopping.max_iterations == 2 and stopping.gradient_tolerance == 1e-10
     assert stopping.function_tolerance == 0.0
 
