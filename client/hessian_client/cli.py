@@ -458,7 +458,7 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
         return _interrupted(client, run.id, args.detach)
     assert run.final is not None
     print(_summary(run.final))
-    return 0
+    return 0 if run.final.status == RunStatus.FINISHED else 1  # as --json and --progress
 
 
 def cmd_runs(client: Client, args: argparse.Namespace) -> int:

@@ -384,3 +384,22 @@ def test_a_listing_escapes_control_characters_in_names():
 
     assert printable("plain name, é 日本") == "plain name, é 日本"
     assert printable("x\x1b[2J\r\nr-0 FINISHED\x00") == "x\\x1b[2J\\r\\nr-0 FINISHED\\x00"
+
+
+def test_watch_exits_alike_in_every_output_format_for_a_run_not_finished(server, capsys):
+    """For one CANCELLED run, `watch` exited 0 while `watch --json` and `--progress` exited
+    1 (the rule `run` and `resume` follow: 0 only for FINISHED)."""
+    from hessian_client import Client, problems
+
+    with Client(server.address) as client:
+        slow = {"method": "gradient_descent", "learning_rate": 1e-6}
+        run = client.start_run(problems.rosenbrock(2), np.zeros(2), **slow,
+                               stopping={"max_iterations": 1_000_000})  # fmt: skip
+        client.cancel_run(run.id)
+        assert run.wait(timeout=60).status == "CANCELLED"
+        finished = client.start_run(problems.rosenbrock(2), np.zeros(2),
+                                    stopping={"max_iterations": 2})  # fmt: skip
+        finished.wait(timeout=60)
+    for flags in ((), ("--json",), ("--progress",)):
+        assert _cli(server, capsys, "watch", run.id, *flags)[0] == 1, flags
+        assert _cli(server, capsys, "watch", finished.id, *flags)[0] == 0, flags

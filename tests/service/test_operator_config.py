@@ -114,3 +114,49 @@ def test_a_unix_socket_server_serves_metrics_on_loopback_and_the_probe_accepts_i
                 assert client.info().version == __version__
         finally:
             handle.stop(grace=1.0)
+
+
+@pytest.mark.parametrize("address", ["unix:", "unix: ", "unix-abstract:"])
+def test_a_unix_address_without_a_path_is_refused(address):
+    """It was taken: the log said "listening on unix:" and no socket existed."""
+    with pytest.raises(ValueError, match="needs a socket path"):
+        ServerConfig(address=address).validated()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("localhost", True),
+     ("127.attacker.example", False), ("127.0.0.1.nip.io", False), ("0.0.0.0", False),
+     ("10.0.0.1", False), ("::", False)],
+)  # fmt: skip
+def test_only_loopback_literals_and_localhost_count_as_loopback(host, loopback):
+    """A DNS name starting with "127." counted as loopback (a text test), so a server on it
+    needed no token though the name may resolve to a public interface."""
+    address = f"[{host}]:1" if ":" in host else f"{host}:1"
+    config = ServerConfig(address=address)
+    if loopback:
+        config.validated()
+    else:
+        with pytest.raises(ValueError, match="not a loopback address"):
+            config.validated()
+
+
+def test_an_empty_data_dir_flag_is_refused_and_an_empty_variable_is_the_default():
+    """--data-dir "" put the store in the working directory (the log said "data ,");
+    HESSIAN_DATA_DIR="" meant ./data."""
+    with pytest.raises(ValueError, match="--data-dir must be a directory path"):
+        ServerConfig.from_args(["--data-dir", ""], {})
+    assert ServerConfig.from_args([], {"HESSIAN_DATA_DIR": ""}).data_dir == "./data"
+
+
+def test_an_empty_variable_is_not_named_as_the_source_of_a_refusal():
+    """ "no --auth-token-file (from HESSIAN_AUTH_TOKEN_FILE='')": the empty variable was taken
+    as unset, yet named as where the value came from."""
+    env = {"HESSIAN_AUTH_TOKEN_FILE": "", "HESSIAN_ADDRESS": "0.0.0.0:1"}
+    with pytest.raises(ValueError) as err:
+        ServerConfig.from_args([], env)
+    assert "no --auth-token-file is given" in str(err.value)
+    assert "HESSIAN_AUTH_TOKEN_FILE" not in str(err.value)
+    with pytest.raises(ValueError) as err:  # a variable that is set is still named
+        ServerConfig.from_args(["--address", "127.0.0.1:1"], {"HESSIAN_WORKERS": "0"})
+    assert "(from HESSIAN_WORKERS='0')" in str(err.value)

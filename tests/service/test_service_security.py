@@ -215,6 +215,10 @@ def test_a_missing_or_empty_token_file_is_a_start_up_error(tmp_path):
         start_server(tmp_path / "d1", auth_token_file=str(empty))
     with pytest.raises(ValueError, match="cannot read"):
         start_server(tmp_path / "d2", auth_token_file=str(tmp_path / "absent"))
+    foreign = tmp_path / "foreign"  # was taken: a token no client could ever send
+    foreign.write_text("valid-token\ntök\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 is not printable ASCII"):
+        start_server(tmp_path / "d3", auth_token_file=str(foreign))
 
 
 def test_a_refused_listing_prints_no_table_header(secured, capsys):

@@ -50,6 +50,11 @@ def load_tokens(path: str, flag: str = "--auth-token-file") -> list[bytes]:
                 f"{flag} {path}: line {number} holds more than a token (whitespace inside; "
                 "put comments on lines of their own, starting with #)"
             )
+        if not (token.isascii() and token.isprintable()):  # gRPC metadata values are ASCII
+            raise ValueError(
+                f"{flag} {path}: line {number} is not printable ASCII (no client could send "
+                "it as a bearer token)"
+            )
         tokens.append(token.encode())
     if not tokens:
         raise ValueError(f"{flag} {path}: no tokens in it (one per line)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -51,8 +52,14 @@ OTHER_PROGRAMS_VARIABLES = (
 
 
 def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """Whether `host` names this machine only: localhost, or an IP literal in 127.0.0.0/8 or
+    ::1 (a DNS name that merely starts with "127." may resolve anywhere)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,8 @@ class ServerConfig:
             )
         if self.store:
             _check_dsn(self.store)
+        if not self.data_dir.strip():
+            raise ValueError("--data-dir must be a directory path (default ./data), got ''")
         if self.grace_seconds < 0:
             raise ValueError("--grace-seconds must be >= 0")
         if self.lease_seconds <= 0:
@@ -237,6 +246,11 @@ class ServerConfig:
         unix: socket path; gRPC would otherwise wrap a port past 65535, or default a missing
         one to 443."""
         if self.address.startswith(UNIX_SCHEMES):
+            scheme = next(s for s in UNIX_SCHEMES if self.address.startswith(s))
+            if not self.address.removeprefix(scheme).strip():
+                raise ValueError(
+                    f"--address {scheme}PATH needs a socket path, got {self.address!r}"
+                )
             return
         host, colon, port = self.address.rpartition(":")
         if not colon or not host or not port.isdigit() or int(port) > 65535:
@@ -377,7 +391,8 @@ def _with_source(message: str, argv: Sequence[str] | None, env: Mapping[str, str
     for f in fields(ServerConfig):
         flag, var = "--" + f.name.replace("_", "-"), "HESSIAN_" + f.name.upper()
         named = message.startswith(flag + " ") or f" {flag} " in message
-        if named and var in env and not any(a == flag or a.startswith(flag + "=") for a in given):
+        from_env = env.get(var, "").strip()  # an empty variable is taken as unset
+        if named and from_env and not any(a == flag or a.startswith(flag + "=") for a in given):
             shown = redacted(env[var]) if f.name == "store" else env[var]
             message = message.replace(flag, f"{flag} (from {var}={shown!r})", 1)
     return message
