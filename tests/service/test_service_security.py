@@ -135,7 +135,41 @@ def certs(tmp_path_factory) -> pathlib.Path:
              cwd=d)  # fmt: skip
     _openssl("req", "-x509", *ec, "-keyout", "other.key", "-out", "other-ca.pem", "-days", "1",
              "-subj", "/CN=some other CA", cwd=d)  # fmt: skip
+    # the same key certified for a period past and one to come (openssl ca sets the dates)
+    (d / "ca").mkdir()
+    (d / "ca" / "index.txt").write_text("")
+    (d / "ca" / "serial").write_text("01\n")
+    (d / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndir = ./ca\ndatabase = ./ca/index.txt\n"
+        "new_certs_dir = ./ca\nserial = ./ca/serial\ndefault_md = sha256\npolicy = p\n"
+        "unique_subject = no\n[p]\ncommonName = supplied\n"
+    )
+    for name, start, end in (("expired", "20200101000000Z", "20200102000000Z"),
+                             ("future", "20990101000000Z", "20991231000000Z")):  # fmt: skip
+        _openssl("ca", "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key",
+                 "-in", "server.csr", "-out", f"{name}.pem", "-startdate", start, "-enddate",
+                 end, "-notext", cwd=d)  # fmt: skip
     return d
+
+
+@pytest.mark.parametrize(
+    ("cert", "says"),
+    [("expired.pem", "the certificate expired at 2020-01-02 00:00:00 UTC"),
+     ("future.pem", "the certificate is not valid before 2099-01-01 00:00:00 UTC")],
+)  # fmt: skip
+def test_a_certificate_outside_its_validity_period_is_refused_at_start(tmp_path, certs, cert, says):
+    """An expired certificate was served without a word: every client's handshake failed
+    (CERTIFICATE_VERIFY_FAILED) and the health probe with it, nothing in the server's log."""
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        auth_token_file=str(_token_file(tmp_path)),
+        tls_cert=str(certs / cert),
+        tls_key=str(certs / "server.key"),
+    )
+    with pytest.raises(ValueError) as err:
+        build_server(config)
+    assert str(err.value).startswith(f"--tls-cert {certs / cert}: {says} (now ")
 
 
 @pytest.mark.parametrize(

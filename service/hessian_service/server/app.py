@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import thread as executor_threads
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -42,6 +43,7 @@ from ..engine.objectives.exported import Exported
 from ..engine.options import requested_backend
 from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
+from . import certificates
 from .auth import Tenancy, TokenCheck, load_tokens
 from .config import UNIX_SCHEMES, ServerConfig, misspelt_variables
 from .drain import Drain
@@ -60,6 +62,7 @@ log = logging.getLogger("hessian_service.server")
 # before the process exits without them
 LINGER_SECONDS = 1.0
 MIN_CLIENT_PING_MS = 10_000  # the most often a client may ping an open call (keepalive)
+CERT_WARNING_DAYS = 14  # a --tls-cert ending sooner is logged at start
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
 SERVICE_NAME = SERVICE.full_name
 
@@ -419,7 +422,32 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
             f"--tls-cert {config.tls_cert} and --tls-key {config.tls_key}: expected a PEM "
             f"certificate chain and its unencrypted private key ({exc.reason or exc})"
         ) from None
+    _check_validity(config.tls_cert, pems[1].decode("ascii", "replace"))
     return grpc.ssl_server_credentials([(pems[0], pems[1])])
+
+
+def _check_validity(path: str, pem: str) -> None:
+    """Refuse a certificate outside its validity period (every client's handshake would
+    fail, and the server would look healthy to itself); warn when it ends within
+    CERT_WARNING_DAYS."""
+    try:
+        not_before, not_after = certificates.validity(pem)
+    except ValueError as exc:
+        raise ValueError(f"--tls-cert {path}: {exc}") from None
+    now = datetime.now(UTC)
+    stamp = "%Y-%m-%d %H:%M:%S UTC"
+    if now > not_after:
+        raise ValueError(
+            f"--tls-cert {path}: the certificate expired at {not_after:{stamp}} (now "
+            f"{now:{stamp}}): no client would accept it"
+        )
+    if now < not_before:
+        raise ValueError(
+            f"--tls-cert {path}: the certificate is not valid before {not_before:{stamp}} "
+            f"(now {now:{stamp}}; is this machine's clock right?)"
+        )
+    if not_after - now < timedelta(days=CERT_WARNING_DAYS):
+        log.warning("--tls-cert %s expires at %s: renew it", path, f"{not_after:{stamp}}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
