@@ -229,3 +229,29 @@ def test_a_full_store_says_what_frees_it(tmp_path, cap):
     else:
         assert "the disk holding it has no room left" in str(err)
         assert "set --max-store-bytes below the disk's size" in str(err)
+
+
+def test_a_data_dir_deleted_under_the_server_stops_every_write_instead_of_losing_it(tmp_path):
+    """After `rm -rf --data-dir`, SQLite wrote on into the unlinked file: StartRun, records
+    and ends were acknowledged (a run FINISHED with 501 records), and all of it was gone at
+    the next start. Every commit now checks the file is still the store's: writes fail
+    UNAVAILABLE naming it, a live run stops (not FINISHED), nothing is acknowledged."""
+    import shutil
+
+    from hessian_client import Unavailable
+
+    data = tmp_path / "data"
+    handle = start_server(data)
+    try:
+        with Client(handle.address, timeout=60) as client:
+            slow = {"method": "gradient_descent", "learning_rate": 1e-7}
+            live = client.start_run(problems.rosenbrock(2), np.zeros(2), **slow,
+                                    stopping={"max_iterations": 1_000_000})  # fmt: skip
+            next(iter(live.stream()))  # running, its first record stored
+            shutil.rmtree(data)
+            with pytest.raises(Unavailable, match="was deleted or replaced"):
+                client.start_run(problems.rosenbrock(2), np.zeros(2))
+            final = live.wait(timeout=60)
+            assert final.status == "INTERRUPTED" and "deleted or replaced" in final.message
+    finally:
+        handle.stop(grace=1.0)

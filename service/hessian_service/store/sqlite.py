@@ -174,6 +174,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 self._refuse_half_recovered()
             self._file_lock = StoreFileLock(self.path) if exclusive else None
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._identity = _file_identity(self.path)  # the file every commit must still be
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             if check_integrity and not fresh:
@@ -547,6 +548,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
+                    self._check_identity()
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -566,6 +568,19 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             for run_id, record in taken:
                 committed[run_id] = max(committed.get(run_id, -1), record.iteration)
         self._notify_committed(committed)
+
+    def _check_identity(self) -> None:
+        """Refuse to commit into a store file that is no longer at its path (deleted with its
+        data directory, or replaced): SQLite would write on into the unlinked file, every
+        write acknowledged and all of it gone at the next start."""
+        if _file_identity(self.path) != self._identity:
+            error = StoreError(
+                f"the run store {self.path} was deleted or replaced while this server ran "
+                "(its data directory removed?): nothing more is stored; stop the server and "
+                "put --data-dir back (what this server stored since is lost)"
+            )
+            self._failure = error
+            raise error
 
     def _write_checkpoint(self, run_id: str, cp: StoredCheckpoint) -> None:
         self._db.execute(
@@ -594,6 +609,15 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     def _commit_queue(self) -> None:
         with self._write():
             self._flush_locked()
+
+
+def _file_identity(path: pathlib.Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def damaged_copies(path: pathlib.Path) -> list[pathlib.Path]:
