@@ -49,6 +49,22 @@ os._exit(0)
 """
 
 
+# a server SIGKILLed with 60 runs RUNNING, 100 records each (its last commits in the -wal)
+KILLED_RUNNING = """
+import os, sys
+from hessian_service.engine.records import StepRecord
+from hessian_service.store import RunRow, SQLiteRunStore, StoredCheckpoint
+store = SQLiteRunStore(sys.argv[1])
+for r in range(60):
+    store.create_run(RunRow(f"r-{r}", "p-1", {"options": {}, "stopping": {}}, status="RUNNING"),
+                     StoredCheckpoint(0, "float64", [1], bytes(8)))
+    for i in range(100):
+        store.append_record(f"r-{r}", StepRecord(iteration=i, loss=float(i), backend="x"))
+store.flush()
+os._exit(0)
+"""
+
+
 def _filled_store(data_dir) -> None:
     """A closed store with one finished run ("r-a") of RECORDS records."""
     store = SQLiteRunStore(data_dir, commit_every=500)
@@ -218,3 +234,24 @@ def test_deleting_a_problem_in_use_names_the_field(tmp_path):
         handle.stop(grace=1.0)
     assert refused.value.field == "problem_id"
     assert refused.value.expected.startswith(f"problem {problem_id} is used by 1 queued")
+
+
+def test_a_store_past_a_lowered_cap_starts_and_its_runs_can_end_and_go(tmp_path):
+    """A server killed with runs RUNNING, restarted with --max-store-bytes below the store's
+    size: marking those runs INTERRUPTED needed pages past max_page_count, so the start
+    failed ("full ... raise the cap or delete runs (DeleteRun ...)": no server to delete
+    with). Deletes and status writes now get the reserve beyond the store's size."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-c", KILLED_RUNNING, str(data)], check=True, timeout=60)
+    size = sum(f.stat().st_size for f in data.glob("runs.sqlite3*"))
+    cap = 64 * 1024
+    assert size > 4 * cap and (data / "runs.sqlite3-wal").stat().st_size > 0
+    capped = SQLiteRunStore(data, max_bytes=cap)
+    try:
+        interrupted = capped.mark_interrupted("the server stopped while the run was executing")
+        assert len(interrupted) == 60
+        assert {capped.get_run(f"r-{r}").status for r in range(60)} == {"INTERRUPTED"}
+        assert capped.delete_run("r-0") and capped.get_run("r-0") is None
+        assert len(capped.records("r-1", 0, 1000)) == 100  # nothing else touched
+    finally:
+        capped.close()

@@ -187,6 +187,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         with self._write():  # a real write now, so an unwritable store fails at start-up
+            self._use_reserve()  # one row: a store filled to its cap still starts
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (str(time.time()),)
             )
@@ -499,9 +500,14 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         return used - free + RUN_PAGES >= self._pages - self._reserve
 
     def _use_reserve(self, use: bool = True) -> None:
-        """Under max_bytes: let the rest of this transaction use the reserved pages, or not."""
+        """Under max_bytes: let the rest of this transaction use the reserved pages, or not.
+        A store already past the cap (lowered since, or a crash's log replayed) gets the
+        reserve's pages beyond its size: its deletes and status changes must still go in."""
         if self._pages:
             pages = self._pages if use else self._pages - self._reserve
+            if use:  # (within the cap the reserve is the cap's last pages, as ever)
+                size = self._db.execute("PRAGMA page_count").fetchone()[0]
+                pages = size + self._reserve if size > self._pages else pages
             self._db.execute(f"PRAGMA max_page_count={max(pages, 1)}")
 
     def _status(self, run_id: str) -> str | None:
