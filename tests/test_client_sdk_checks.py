@@ -16,9 +16,11 @@ import pytest
 import torch
 from hessian_client import (
     Client,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
     aio,
     least_squares,
     minimize,
@@ -802,3 +804,25 @@ def test_integer_parameters_are_sent_as_the_real_numbers_they_are(address, rng):
         first = run.records()[0]
         ref_run = client.start_run(problem, [1.0, 0.0, 1.0], stopping={"max_iterations": 2})
         assert first.loss == ref_run.records()[0].loss
+
+
+@pytest.mark.parametrize("error", [InvalidArgument, DeadlineExceeded, Unavailable])
+def test_errors_pickle_as_they_were_and_deadline_is_a_timeout_error(error):
+    """A pickled error came back prefixed twice ("INVALID_ARGUMENT: INVALID_ARGUMENT: ...",
+    rebuilt from its formatted text); DeadlineExceeded was no TimeoutError (InvalidArgument
+    is a ValueError), so `except TimeoutError` missed it."""
+    import pickle
+
+    err = error("the message", field="x0", expected="something")
+    err.run_id = "r-1"
+    err.add_note("resume it")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is error and str(back) == str(err) == f"{err.code.name}: the message"
+    assert (back.message, back.field, back.expected, back.code) == (
+        "the message",
+        "x0",
+        "something",
+        err.code,
+    )
+    assert back.run_id == "r-1" and back.__notes__ == ["resume it"]
+    assert isinstance(err, TimeoutError) == (error is DeadlineExceeded)

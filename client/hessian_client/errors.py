@@ -33,6 +33,11 @@ class HessianError(Exception):
         self.expected = expected
         super().__init__(f"{self.code.name}: {message}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as built (message and code, then its attributes): the default rebuilt it
+        from its formatted text, prefixing the code twice."""
+        return type(self), (self.message, self.code), self.__dict__
+
 
 class InvalidArgument(HessianError, ValueError):
     """Bad input (the server's verdict, or the SDK's own check before sending)."""
@@ -76,8 +81,9 @@ class Unavailable(HessianError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DeadlineExceeded(HessianError):
-    """The call's deadline (or a wait()/result() timeout) passed."""
+class DeadlineExceeded(HessianError, TimeoutError):
+    """The call's deadline (or a wait()/result() timeout) passed; a TimeoutError too, as
+    InvalidArgument is a ValueError (`except TimeoutError` catches it)."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
