@@ -826,3 +826,15 @@ def test_errors_pickle_as_they_were_and_deadline_is_a_timeout_error(error):
     )
     assert back.run_id == "r-1" and back.__notes__ == ["resume it"]
     assert isinstance(err, TimeoutError) == (error is DeadlineExceeded)
+
+
+@pytest.mark.parametrize("content", [b"not a certificate\n", b"", "tök".encode()])
+def test_a_ca_file_holding_no_certificate_is_refused_naming_it(tmp_path, content):
+    """gRPC took any bytes: each call then failed UNAVAILABLE ("Failed to create security
+    handshaker") after C-core's own error lines, never saying the CA file was bad."""
+    bad = tmp_path / "ca.pem"
+    bad.write_bytes(content)
+    with pytest.raises(InvalidArgument) as err:
+        Client(NOWHERE, ca_file=bad)
+    assert err.value.field == "ca_file" and "expected PEM CA certificates" in str(err.value)
+    assert str(bad) in str(err.value)

@@ -39,6 +39,10 @@ from .results import RunInfo, RunStatus, StepRecord, _jsonable
 
 OBJECTIVES = [f.name for f in problem_pb2.Problem.DESCRIPTOR.oneofs_by_name["objective"].fields]
 RECORD_FIELDS = [f for f in StepRecord.__dataclass_fields__ if f != "raw"]
+# CSV's empty value per field: nan for a float not computed, "" for a verdict not given
+CSV_MISSING = {
+    n: "nan" if f.type is float else "" for n, f in StepRecord.__dataclass_fields__.items()
+}
 PLOT_Y = ("loss", "gradient_norm", "loss_gap")
 FORMATS = ("csv", "jsonl", "parquet")
 EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 1, 130
@@ -536,13 +540,23 @@ def _write_records(records: Iterable[StepRecord], fmt: str, output: str | None) 
             raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
         if not output:
             raise UsageError("--format parquet needs --output FILE")
-        pq.write_table(pa.Table.from_pylist(rows), output)
+        try:
+            pq.write_table(pa.Table.from_pylist(rows), output)
+        except OSError as exc:
+            raise UsageError(f"--output {output}: cannot write it ({exc})") from None
         return
-    with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as fh:
+    try:
+        # entered below: opened here so a path that cannot be written is named as --output
+        out = open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout)  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"--output {output}: cannot write it ({exc.strerror})") from None
+    with out as fh:
         if fmt == "csv":
             writer = csv.DictWriter(fh, fieldnames=RECORD_FIELDS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows({k: ("nan" if v is None else v) for k, v in r.items()} for r in rows)
+            writer.writerows(
+                {k: (CSV_MISSING[k] if v is None else v) for k, v in r.items()} for r in rows
+            )
         else:
             for row in rows:
                 fh.write(json.dumps(row, allow_nan=False) + "\n")

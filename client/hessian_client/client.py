@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import re
+import ssl
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -414,6 +415,15 @@ class _Api:
                 ) from None
         if root_certificates is None:
             return None
+        try:  # gRPC takes any bytes and fails each call later as UNAVAILABLE (a handshake)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+                cadata=root_certificates.decode("ascii")
+            )
+        except (ssl.SSLError, ValueError) as exc:  # not PEM certificates, or not ASCII
+            field, source = (
+                ("ca_file", ca_file) if ca_file is not None else ("root_certificates", "")
+            )
+            raise invalid(field, "PEM CA certificates", f"{source} ({exc})".strip()) from None
         return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
     def _deadline(self, timeout: Any) -> float | None:

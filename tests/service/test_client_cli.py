@@ -146,6 +146,9 @@ def test_records_export_csv_and_jsonl_are_lossless(server, capsys, tmp_path):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [int(r["iteration"]) for r in rows] == list(range(31))
     assert [float(r["loss"]) for r in rows] == [r.loss for r in reference]
+    assert {r["end_point"] for r in rows} == {""}  # a verdict not given (it was "nan")
+    code, _, err = _cli(server, capsys, "records", run_id, "-o", str(tmp_path / "no" / "r.csv"))
+    assert code == 2 and err.count("\n") == 1 and f"--output {tmp_path / 'no' / 'r.csv'}" in err
     path = tmp_path / "r.jsonl"
     code, _, _ = _cli(server, capsys, "records", run_id, "--format", "jsonl", "-o", str(path))
     lines = _json_lines(path.read_text())

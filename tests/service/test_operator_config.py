@@ -160,3 +160,10 @@ def test_an_empty_variable_is_not_named_as_the_source_of_a_refusal():
     with pytest.raises(ValueError) as err:  # a variable that is set is still named
         ServerConfig.from_args(["--address", "127.0.0.1:1"], {"HESSIAN_WORKERS": "0"})
     assert "(from HESSIAN_WORKERS='0')" in str(err.value)
+
+
+def test_an_ipv6_address_without_brackets_is_refused_saying_how_to_write_it():
+    """ "::1:52201" passed the check and failed at bind ("Failed to bind")."""
+    with pytest.raises(ValueError, match=r"an IPv6 address goes in brackets, \[::1\]:52201"):
+        ServerConfig(address="::1:52201").validated()
+    ServerConfig(address="[::1]:52201").validated()

@@ -253,6 +253,10 @@ class ServerConfig:
                 )
             return
         host, colon, port = self.address.rpartition(":")
+        if ":" in host and not host.startswith("["):  # "::1:50051": which colon ends it?
+            raise ValueError(
+                f"--address {self.address!r}: an IPv6 address goes in brackets, [{host}]:{port}"
+            )
         if not colon or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(
                 f"--address must be host:port with a port in 0-65535 (or unix:PATH), got "
