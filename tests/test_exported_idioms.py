@@ -121,13 +121,6 @@ def _layer_case(name: str):
         "logit": (fit(lambda z: torch.logit(torch.sigmoid(z))), 4, lin),
         "atan2": (lambda p, X, y: ((torch.atan2(X @ p, y.abs() + 1) - y) ** 2).mean(), 4, lin),
         "cumsum": (lambda p, X, y: ((torch.cumsum(X * p, 1)[:, -1] - y) ** 2).mean(), 4, lin),
-        "avg_pool1d": (lambda p, X, y: ((F.avg_pool1d((X * p).unsqueeze(1), 2).sum((1, 2))
-                                          - y) ** 2).mean(), 4, lin),
-        "max_pool1d": (lambda p, X, y: ((F.max_pool1d((X * p).unsqueeze(1), 2).sum((1, 2))
-                                          - y) ** 2).mean(), 4, lin),
-        "pool2d": (lambda p, X, y: ((F.max_pool2d((X * p).reshape(12, 1, 2, 2), 2).flatten()
-                                     + F.adaptive_avg_pool2d((X * p).reshape(12, 1, 2, 2), 1)
-                                     .flatten() - y) ** 2).mean(), 4, lin),
     }  # fmt: skip
     return cases[name]
 
@@ -135,7 +128,7 @@ def _layer_case(name: str):
 LAYER_CASES = [
     "layer_norm", "instance_norm", "bce_with_logits", "bce", "logsigmoid", "soft_margin",
     "kl_div", "poisson_nll", "l1", "cosine", "selu", "celu", "mish", "hardswish", "logit",
-    "atan2", "cumsum", "avg_pool1d", "max_pool1d", "pool2d",
+    "atan2", "cumsum",
 ]  # fmt: skip
 
 
@@ -180,9 +173,12 @@ def test_instance_norm_updating_its_running_stats_is_refused_and_in_eval_mode_ac
     [
         (lambda p, X: F.group_norm(X * p, 2).pow(2).mean(), "group_norm"),
         (lambda p, X: F.hardsigmoid(X @ p).mean(), "hardsigmoid"),
+        # uncosted: a window as large as the input is n^2 work the flop limit never sees
+        (lambda p, X: F.max_pool1d((X * p).unsqueeze(1), 3, 1, 1).mean(), "max_pool1d"),
+        (lambda p, X: F.avg_pool1d((X * p).unsqueeze(1), 3, 1, 1).mean(), "avg_pool1d"),
     ],
 )
-def test_operators_whose_hessian_torch_cannot_compute_stay_refused(fn, op):
+def test_operators_whose_hessian_or_cost_torch_cannot_give_stay_refused(fn, op):
     X = torch.randn(6, 4, dtype=F64)
     p = torch.randn(4, dtype=F64)
     with pytest.raises(ValidationError, match=f"{op}.* is not allowed"):

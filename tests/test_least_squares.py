@@ -6,6 +6,7 @@ which sees only 0.5 ||r||^2, J^T r and J^T J v; SciPy's result fields; bad input
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -448,3 +449,35 @@ def test_residuals_not_finite_at_the_start_end_the_run_without_asking_jac(addres
     assert res.run_status == "FAILED" and not res.success and res.njev == 0
     assert res.jac is None and res.grad is None and np.isnan(res.optimality)
     assert np.isnan(res.cost) and np.array_equal(res.x, [0.0, 0.0])
+
+
+def test_async_residuals_the_result_evaluates_again_do_not_block_the_loop(address):
+    """The result asks r and J at the final point, from its cache of the last few points
+    or anew: with async def functions that happened on the event loop, which then waited on
+    itself for ever (a run of 8 iterations of a rough residual, each step rejected)."""
+    t = np.linspace(0, 1, 20)
+
+    def residuals(x):  # a rough surface: steps are rejected, the cache moves past x
+        return x[0] * t + x[1] - (2 * t + 1) + 1e-7 * np.sin(1e8 * x[0]) * np.cos(1e8 * x[1])
+
+    async def aresiduals(x):
+        await asyncio.sleep(0)
+        return residuals(x)
+
+    def jacobian(x):
+        return np.stack([t, np.ones_like(t)], axis=1)
+
+    tight = {"gtol": 0, "ftol": 0, "xtol": 0, "max_iterations": 8, "address": address}
+    plain = least_squares(residuals, np.zeros(2), jacobian, **tight)
+    outcome: list = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(
+            asyncio.run(least_squares_async(aresiduals, np.zeros(2), jacobian, **tight))
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(60)
+    assert outcome, "least_squares_async never returned (its event loop blocked)"
+    np.testing.assert_array_equal(outcome[0].x, plain.x)
+    assert outcome[0].cost == plain.cost

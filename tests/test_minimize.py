@@ -24,8 +24,8 @@ from hessian_client import (
     minimize_async,
 )
 from hessian_service.server import ServerConfig, build_server
+from scipy.optimize import LinearConstraint, rosen, rosen_der, rosen_hess, rosen_hess_prod
 from scipy.optimize import minimize as scipy_minimize
-from scipy.optimize import rosen, rosen_der, rosen_hess, rosen_hess_prod
 
 CURVATURE = {
     "newton": {"hess": rosen_hess},
@@ -161,6 +161,26 @@ def test_async_def_functions_are_awaited_and_answer_as_the_plain_ones(address, r
     np.testing.assert_array_equal(res.x, plain.x)
     assert (res.nit, res.nfev, res.njev, res.fun) == (plain.nit, plain.nfev, plain.njev, plain.fun)
     assert awaited_seen == plain_seen and ticks  # the loop ran its other task meanwhile
+
+
+def test_an_async_callback_stops_the_run_with_stopiteration_as_a_plain_one_does(address, rng):
+    """StopIteration raised in a coroutine leaves it as RuntimeError ("coroutine raised
+    StopIteration"): the run failed instead of stopping with SciPy's status 99."""
+    x0 = start(rng, 4)
+
+    def plain(r):
+        if r.nit == 2:
+            raise StopIteration
+
+    async def awaited(r):
+        if r.nit == 2:
+            raise StopIteration
+
+    kw = {"jac": rosen_der, "hess": rosen_hess, "address": address}
+    ref = minimize(rosen, x0, callback=plain, **kw)
+    res = asyncio.run(minimize_async(rosen, x0, callback=awaited, **kw))
+    assert (res.status, res.nit, res.fun) == (99, 2, ref.fun) and ref.status == 99
+    np.testing.assert_array_equal(res.x, ref.x)
 
 
 def test_an_async_def_function_where_nothing_awaits_it_is_refused_naming_it(address, rng):
@@ -704,6 +724,7 @@ def test_scipys_positional_order_and_method_names_in_any_case(address, rng):
         ({"bounds": [(-np.inf, -np.inf), (np.inf, np.inf)]}, "bounds", "bounds are not served"),
         ({"constraints": [{"type": "eq", "fun": sum}]}, "constraints", "not served"),
         ({"constraints": {"type": "eq", "fun": sum}}, "constraints", "not served"),
+        ({"constraints": LinearConstraint(np.eye(2), -1, 1)}, "constraints", "not served"),
         ({"timeout": 3}, "timeout", "an argument this function serves"),
     ],
 )

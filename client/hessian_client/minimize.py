@@ -163,7 +163,10 @@ def _unconstrained(bounds: Any, constraints: Any) -> None:
     if not (unbounded(bounds) if scipy_bounds else _unbounded_pairs(bounds)):
         raise invalid("bounds", "none, or (None, None) / (-inf, inf) per variable: bounds are "
                       "not served", bounds)  # fmt: skip
-    if constraints is not None and (isinstance(constraints, dict) or len(constraints) > 0):
+    given = constraints is not None and (
+        isinstance(constraints, dict) or not hasattr(constraints, "__len__") or len(constraints)
+    )  # a dict, one LinearConstraint / NonlinearConstraint, or a non-empty sequence of them
+    if given:
         raise invalid("constraints", "none: constraints are not served", constraints)
 
 
@@ -180,8 +183,15 @@ def _is_async(function: Any) -> bool:
 
 
 def _on_loop(function: Callable[..., Any], loop: asyncio.AbstractEventLoop, *args: Any) -> Any:
-    """`function(*args)` (a coroutine) run on `loop` from a worker thread, waited for."""
-    return asyncio.run_coroutine_threadsafe(function(*args), loop).result()
+    """`function(*args)` (a coroutine) run on `loop` from a worker thread, waited for. A
+    StopIteration it raised (a callback's way to stop) comes out as one: Python turns it
+    into a RuntimeError on leaving a coroutine."""
+    try:
+        return asyncio.run_coroutine_threadsafe(function(*args), loop).result()
+    except RuntimeError as exc:
+        if isinstance(exc.__cause__, StopIteration):
+            raise exc.__cause__ from None
+        raise
 
 
 # a capability the server asks of the caller -> the argument that gives it (Gauss-Newton
@@ -692,4 +702,5 @@ async def drive_async(
         except BaseException as exc:  # the caller's functions (Ctrl-C too), or a refused reply
             _left_interrupted(exc, session)
             raise
-    return session.result()
+    # the result may evaluate the caller's functions again (least_squares' r and J at x)
+    return await asyncio.to_thread(session.result) if threaded else session.result()

@@ -58,7 +58,8 @@ BINDINGS_KEPT = 4  # programs bound to recent row counts, kept per program
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
 # inputs whose Hessian torch computes (batched double backward). No factories of
 # caller-chosen size, no random, no I/O, no in-place, no custom ops, no higher-order ops;
-# not group_norm (its batched double backward fails) nor hardsigmoid (no double backward).
+# not group_norm (its batched double backward fails) nor hardsigmoid (no double backward);
+# no pooling (no flop formula: a window of the input's size would cost n^2 uncounted).
 ALLOWED_OPS = frozenset(
     """
     add sub rsub mul div neg pow abs sqrt rsqrt square reciprocal exp exp2 log log2 log10
@@ -77,8 +78,7 @@ ALLOWED_OPS = frozenset(
     layer_norm native_layer_norm instance_norm binary_cross_entropy
     binary_cross_entropy_with_logits kl_div l1_loss poisson_nll_loss soft_margin_loss
     cosine_similarity log_sigmoid log_sigmoid_forward selu celu mish hardswish logit atan2
-    cumsum avg_pool1d avg_pool2d max_pool1d max_pool2d max_pool2d_with_indices
-    adaptive_avg_pool1d adaptive_avg_pool2d _adaptive_avg_pool2d
+    cumsum
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
 )
 # Normalisations that update running statistics in place unless this flag is False.
