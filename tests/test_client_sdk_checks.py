@@ -838,3 +838,23 @@ def test_a_ca_file_holding_no_certificate_is_refused_naming_it(tmp_path, content
         Client(NOWHERE, ca_file=bad)
     assert err.value.field == "ca_file" and "expected PEM CA certificates" in str(err.value)
     assert str(bad) in str(err.value)
+
+
+def test_a_ca_bundle_with_text_beside_its_certificates_is_taken(tmp_path):
+    """PEM bundles carry text between blocks (openssl's "Bag Attributes", subject lines in
+    UTF-8): OpenSSL and gRPC skip it, so the SDK's check must too."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-keyout", "k.pem",
+                    "-out", "ca.pem", "-subj", "/CN=test CA"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)  # fmt: skip
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("subject=CN = Zürich CA\n".encode() + (tmp_path / "ca.pem").read_bytes())
+    Client(NOWHERE, ca_file=bundle).close()
+    with pytest.raises(InvalidArgument) as err:
+        Client(NOWHERE, root_certificates=bundle.read_text())  # a str, not bytes
+    assert err.value.field == "root_certificates"

@@ -415,15 +415,16 @@ class _Api:
                 ) from None
         if root_certificates is None:
             return None
+        field = "ca_file" if ca_file is not None else "root_certificates"
+        if not isinstance(root_certificates, bytes):
+            raise invalid(field, "PEM CA certificates as bytes", type(root_certificates).__name__)
         try:  # gRPC takes any bytes and fails each call later as UNAVAILABLE (a handshake)
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-                cadata=root_certificates.decode("ascii")
+                cadata=root_certificates.decode("ascii", "ignore")  # PEM blocks are ASCII
             )
-        except (ssl.SSLError, ValueError) as exc:  # not PEM certificates, or not ASCII
-            field, source = (
-                ("ca_file", ca_file) if ca_file is not None else ("root_certificates", "")
-            )
-            raise invalid(field, "PEM CA certificates", f"{source} ({exc})".strip()) from None
+        except (ssl.SSLError, ValueError) as exc:  # ValueError: no certificate data at all
+            source = f"{ca_file} " if ca_file is not None else ""
+            raise invalid(field, "PEM CA certificates", f"{source}({exc})") from None
         return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
     def _deadline(self, timeout: Any) -> float | None:

@@ -116,7 +116,7 @@ def test_a_unix_socket_server_serves_metrics_on_loopback_and_the_probe_accepts_i
             handle.stop(grace=1.0)
 
 
-@pytest.mark.parametrize("address", ["unix:", "unix: ", "unix-abstract:"])
+@pytest.mark.parametrize("address", ["unix:", "unix: ", "unix://", "unix-abstract:"])
 def test_a_unix_address_without_a_path_is_refused(address):
     """It was taken: the log said "listening on unix:" and no socket existed."""
     with pytest.raises(ValueError, match="needs a socket path"):
@@ -167,3 +167,4 @@ def test_an_ipv6_address_without_brackets_is_refused_saying_how_to_write_it():
     with pytest.raises(ValueError, match=r"an IPv6 address goes in brackets, \[::1\]:52201"):
         ServerConfig(address="::1:52201").validated()
     ServerConfig(address="[::1]:52201").validated()
+    ServerConfig(address="vsock:3:52201", allow_unauthenticated_remote=True).validated()

@@ -63,6 +63,7 @@ log = logging.getLogger("hessian_service.server")
 LINGER_SECONDS = 1.0
 MIN_CLIENT_PING_MS = 10_000  # the most often a client may ping an open call (keepalive)
 CERT_WARNING_DAYS = 14  # a --tls-cert ending sooner is logged at start
+CERT_CLOCK_SKEW_MINUTES = 5  # a certificate issued by a machine this far ahead still starts
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
 SERVICE_NAME = SERVICE.full_name
 
@@ -441,7 +442,7 @@ def _check_validity(path: str, pem: str) -> None:
             f"--tls-cert {path}: the certificate expired at {not_after:{stamp}} (now "
             f"{now:{stamp}}): no client would accept it"
         )
-    if now < not_before:
+    if now < not_before - timedelta(minutes=CERT_CLOCK_SKEW_MINUTES):
         raise ValueError(
             f"--tls-cert {path}: the certificate is not valid before {not_before:{stamp}} "
             f"(now {now:{stamp}}; is this machine's clock right?)"

@@ -62,6 +62,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _ipv6(host: str) -> bool:
+    """Whether `host` is a bare IPv6 literal (no brackets)."""
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `hessian-server` can be told; limits are enforced before work is done."""
@@ -247,13 +255,13 @@ class ServerConfig:
         one to 443."""
         if self.address.startswith(UNIX_SCHEMES):
             scheme = next(s for s in UNIX_SCHEMES if self.address.startswith(s))
-            if not self.address.removeprefix(scheme).strip():
+            if not self.address.removeprefix(scheme).removeprefix("//").strip():
                 raise ValueError(
                     f"--address {scheme}PATH needs a socket path, got {self.address!r}"
                 )
             return
         host, colon, port = self.address.rpartition(":")
-        if ":" in host and not host.startswith("["):  # "::1:50051": which colon ends it?
+        if _ipv6(host):  # "::1:50051": which colon ends it?
             raise ValueError(
                 f"--address {self.address!r}: an IPv6 address goes in brackets, [{host}]:{port}"
             )

@@ -132,7 +132,8 @@ class Optimizer:
             )
         # and so must the run's own: an ask (the point, its product vectors, records) and
         # its end (the final parameters with the run's state, smaller)
-        ask = codec.tensor_wire_bytes([_vectors_per_ask(options, caps, n) + 1, n], 8)
+        itemsize = params.element_size()  # asks go in the run's dtype
+        ask = codec.tensor_wire_bytes([_vectors_per_ask(options, caps, n) + 1, n], itemsize)
         service._check_fits(
             "start.initial_params",
             ask + 2 * codec.MAX_RECORD_BYTES + MESSAGE_SLACK,

@@ -181,6 +181,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 self._check_integrity()
             _migrate(self._db, self.path)
             page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            self._opened_pages = self._db.execute("PRAGMA page_count").fetchone()[0]
             self._pages = max(self.max_bytes // page, 1) if self.max_bytes else 0
             self._reserve = _reserve_for(self._pages)
             self._check_cap(page)
@@ -502,12 +503,12 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     def _use_reserve(self, use: bool = True) -> None:
         """Under max_bytes: let the rest of this transaction use the reserved pages, or not.
         A store already past the cap (lowered since, or a crash's log replayed) gets the
-        reserve's pages beyond its size: its deletes and status changes must still go in."""
+        reserve's pages beyond its size at open, once: its deletes and status changes must
+        still go in, and it grows no further."""
         if self._pages:
             pages = self._pages if use else self._pages - self._reserve
-            if use:  # (within the cap the reserve is the cap's last pages, as ever)
-                size = self._db.execute("PRAGMA page_count").fetchone()[0]
-                pages = size + self._reserve if size > self._pages else pages
+            if use and self._opened_pages > self._pages:  # (else the cap's last pages)
+                pages = self._opened_pages + self._reserve
             self._db.execute(f"PRAGMA max_page_count={max(pages, 1)}")
 
     def _status(self, run_id: str) -> str | None:
