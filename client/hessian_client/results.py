@@ -201,11 +201,12 @@ def _wire_type(fd: FieldDescriptor) -> Any:
 
 def wire_dataclass(
     name: str, message: Any, doc: str, converted: dict[str, Conversion] | None = None,
-    *, raw: bool = False, module: str = __name__,
+    *, raw: bool = False, module: str = __name__, base: type = _Result,
 ) -> Any:  # fmt: skip
     """A frozen result dataclass with one field per field of proto `message`, in its order,
     read from the descriptor (a field added to the proto appears with no edit here); the
-    `converted` fields hold their conversion's type; `raw` adds the message as `.raw`."""
+    `converted` fields hold their conversion's type; `raw` adds the message as `.raw`;
+    `base` (a _Result) may bring its own __repr__."""
     converted = converted or {}
     fields = [
         (fd.name, converted[fd.name][0] if fd.name in converted else _wire_type(fd))
@@ -215,7 +216,10 @@ def wire_dataclass(
         fields.append(
             ("raw", message | None, dataclasses.field(default=None, repr=False, compare=False))
         )
-    cls = dataclasses.make_dataclass(name, fields, bases=(_Result,), frozen=True, eq=False)
+    own_repr = "__repr__" in vars(base)
+    cls = dataclasses.make_dataclass(
+        name, fields, bases=(base,), frozen=True, eq=False, repr=not own_repr
+    )
     cls.__doc__, cls.__module__ = doc, module
     return cls
 
@@ -317,27 +321,22 @@ class _Settings(_Result):
         return f"{type(self).__name__}({given})"
 
 
-RunOptions = dataclasses.make_dataclass(
+RunOptions = wire_dataclass(
     "RunOptions",
-    [(name, kind) for name, (kind, _) in _OPTIONS_CONVERTED.items()],
-    bases=(_Settings,),
-    frozen=True,
-    eq=False,
-    repr=False,
-    namespace={"__doc__": "A run's method options as it applies them (the server fills in "
-               "its defaults): one field per field of MethodOptions, enums by name."},
-)  # fmt: skip
-RunStopping = dataclasses.make_dataclass(
+    optimize_pb2.MethodOptions,
+    "A run's method options as it applies them (the server fills in its defaults): one "
+    "field per field of MethodOptions, enums by name.",
+    _OPTIONS_CONVERTED,
+    base=_Settings,
+)
+RunStopping = wire_dataclass(
     "RunStopping",
-    [(name, kind) for name, (kind, _) in _STOPPING_CONVERTED.items()],
-    bases=(_Settings,),
-    frozen=True,
-    eq=False,
-    repr=False,
-    namespace={"__doc__": "A run's stopping criteria as it obeys them (the server fills in "
-               "its defaults): one field per field of StopCriteria."},
-)  # fmt: skip
-RunOptions.__module__ = RunStopping.__module__ = __name__  # make_dataclass's is the caller's
+    optimize_pb2.StopCriteria,
+    "A run's stopping criteria as it obeys them (the server fills in its defaults): one "
+    "field per field of StopCriteria.",
+    _STOPPING_CONVERTED,
+    base=_Settings,
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # _Result's equality
