@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -181,6 +182,119 @@ def test_an_async_callback_stops_the_run_with_stopiteration_as_a_plain_one_does(
     res = asyncio.run(minimize_async(rosen, x0, callback=awaited, **kw))
     assert (res.status, res.nit, res.fun) == (99, 2, ref.fun) and ref.status == 99
     np.testing.assert_array_equal(res.x, ref.x)
+
+
+def test_async_functions_that_offload_to_threads_are_not_starved(address, rng):
+    """The session answered on the loop's default executor, which the caller's coroutines
+    need too (`asyncio.to_thread`, `run_in_executor(None, ...)`): one worker, or 12
+    gathered calls on a 2-core machine's 6, and every call waited for ever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x0 = start(rng, 3)
+
+    async def fun(x):
+        return await asyncio.get_running_loop().run_in_executor(None, rosen, x)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
+        calls = [minimize_async(fun, x0, jac=rosen_der, hess=rosen_hess, address=address)
+                 for _ in range(3)]  # fmt: skip
+        return await asyncio.wait_for(asyncio.gather(*calls), 60)
+
+    results = _in_thread(lambda: asyncio.run(main()), 90)
+    ref = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, address=address)
+    assert all(np.array_equal(r.x, ref.x) and r.nit == ref.nit for r in results)
+
+
+def test_a_stopiteration_from_an_async_function_is_an_error_carrying_the_run(address, rng):
+    """It was raised into an asyncio future, which refuses it: the call hung for ever."""
+
+    async def fun(x):
+        if fun.calls == 3:
+            next(iter(()))  # an exhausted iterator, by mistake
+        fun.calls += 1
+        return rosen(x)
+
+    fun.calls = 0
+
+    def call():
+        return asyncio.run(minimize_async(fun, start(rng, 3), jac=rosen_der, hess=rosen_hess,
+                                          address=address))  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="StopIteration") as err:
+        _in_thread(call, 60)
+    assert err.value.run_id and "resume=" in err.value.__notes__[0]
+
+
+def test_a_cancelled_minimize_async_calls_no_function_of_the_callers_after(address, rng):
+    """The caller saw CancelledError, and its jac and hess were still called afterwards on a
+    worker thread (the coroutine in flight was never cancelled)."""
+    seen: list[tuple[str, bool]] = []
+    cancelled = {"now": False}
+
+    def slow(name, f):
+        async def function(x, *rest):
+            seen.append((name, cancelled["now"]))
+            await asyncio.sleep(0.3)
+            return f(x, *rest)
+
+        return function
+
+    async def main():
+        task = asyncio.ensure_future(minimize_async(
+            slow("fun", rosen), np.full(3, -1.2), jac=slow("jac", rosen_der),
+            hess=slow("hess", rosen_hess), method="newton", address=address))  # fmt: skip
+        await asyncio.sleep(0.45)  # inside the second function
+        task.cancel()
+        cancelled["now"] = True
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # time for any straggler to run
+
+    _in_thread(lambda: asyncio.run(main()), 60)
+    assert seen and not any(after for _, after in seen), seen
+
+
+def test_a_loop_closed_under_minimize_async_lets_the_process_exit(address):
+    """The session's thread waited for ever on a coroutine of the closed loop, and the
+    interpreter joined it at exit (a hung process)."""
+    script = (
+        "import asyncio, numpy as np\n"
+        "from scipy.optimize import rosen, rosen_der, rosen_hess\n"
+        "from hessian_client import minimize_async\n"
+        "async def fun(x):\n"
+        "    await asyncio.sleep(0.3)\n"
+        "    return rosen(x)\n"
+        "loop = asyncio.new_event_loop()\n"
+        "task = loop.create_task(minimize_async(fun, np.full(3, -1.2), jac=rosen_der,\n"
+        f"    hess=rosen_hess, method='newton', address={address!r}))\n"
+        "loop.run_until_complete(asyncio.sleep(1.0))\n"
+        "loop.close()\n"
+        "print('closed', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr
+
+
+def _in_thread(call: Callable[[], object], seconds: float) -> object:
+    """`call()` on a daemon thread, its result or exception; fails the test past `seconds`
+    (a hung call stays behind instead of hanging the suite)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"the call did not return within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def test_an_async_def_function_where_nothing_awaits_it_is_refused_naming_it(address, rng):

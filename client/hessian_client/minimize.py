@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from .aio import Client as AsyncClient
+from .awaiting import LoopBridge, is_async
 from .client import Client, _text, call_error, check_fits
 from .errors import DeadlineExceeded, HessianError, Unavailable, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
@@ -174,26 +175,6 @@ MINIMIZE_ARGUMENTS = ("fun, x0, args, method, jac, hess, hessp, bounds (none), c
                       "(none), tol, callback, options, address, token, name, resume")  # fmt: skip
 
 
-def _is_async(function: Any) -> bool:
-    """Whether calling `function` makes a coroutine: an async def function, a partial of
-    one, or an object whose __call__ is one."""
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        type(function).__call__
-    )
-
-
-def _on_loop(function: Callable[..., Any], loop: asyncio.AbstractEventLoop, *args: Any) -> Any:
-    """`function(*args)` (a coroutine) run on `loop` from a worker thread, waited for. A
-    StopIteration it raised (a callback's way to stop) comes out as one: Python turns it
-    into a RuntimeError on leaving a coroutine."""
-    try:
-        return asyncio.run_coroutine_threadsafe(function(*args), loop).result()
-    except RuntimeError as exc:
-        if isinstance(exc.__cause__, StopIteration):
-            raise exc.__cause__ from None
-        raise
-
-
 # a capability the server asks of the caller -> the argument that gives it (Gauss-Newton
 # products, which minimize cannot give: the option that asked for them)
 CAPABILITY_ARGUMENTS = {"gradient": "jac", "hessian": "hess", "hvp": "hessp",
@@ -273,20 +254,33 @@ class _Session:
 
     def coroutine_functions(self) -> list[str]:
         """The names of the caller's functions written `async def`."""
-        return [name for name in CALLER_FUNCTIONS if _is_async(getattr(self, name, None))]
+        return [name for name in CALLER_FUNCTIONS if is_async(getattr(self, name, None))]
 
     def refuse_coroutines(self) -> None:
         """Refuse, naming it, an async def function where nothing would await it."""
         for name in self.coroutine_functions():
             raise invalid(name, f"a plain function {ASYNC_NOTE}", getattr(self, name))
 
-    def await_on(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Make each async def function of the caller's a plain one that runs it on `loop`
-        and waits (the session then answers on a worker thread); whether there was one."""
+    def bridge(self, loop: asyncio.AbstractEventLoop) -> LoopBridge | None:
+        """With async def functions: make each a plain one that runs it on `loop` and waits,
+        for a session answering on a thread of its own (the bridge's); None without any."""
         names = self.coroutine_functions()
+        if not names:
+            return None
+        bridge = LoopBridge(loop)
         for name in names:
-            setattr(self, name, functools.partial(_on_loop, getattr(self, name), loop))
-        return bool(names)
+            wait = bridge.callback if name == "callback" else bridge.call
+            setattr(self, name, functools.partial(wait, getattr(self, name)))
+        return bridge
+
+    def answer(self, response: Any) -> service_pb2.OptimizeRequest | None:
+        """`on_response`, with a StopIteration from the caller's functions made an error (a
+        callback's is caught before: it stops the run): raised into the generator or
+        coroutine driving the stream it would end it silently."""
+        try:
+            return self.on_response(response)
+        except StopIteration as exc:
+            raise RuntimeError("the caller's function raised StopIteration") from exc
 
     def start_request(self) -> service_pb2.OptimizeRequest:
         opts = dict(self.options)
@@ -623,7 +617,7 @@ def drive(session: _Session, resume: str | None, address: str | None, token: str
         call = client.stub.Optimize(requests(), metadata=client.metadata)
         try:
             for response in call:
-                reply = session.on_response(response)
+                reply = session.answer(response)
                 if reply is not None:
                     outgoing.put(session.checked(reply, client.max_message_bytes))
         except grpc.RpcError as exc:
@@ -682,25 +676,29 @@ async def drive_async(
 ) -> Any:
     """`drive` on grpc.aio."""
     first = session.first_request(resume)  # its arguments refused before any call
-    threaded = session.await_on(asyncio.get_running_loop())
-    async with AsyncClient(address, token, timeout=None) as client:
-        session.checked(first, client.max_message_bytes)
-        call = client.stub.Optimize(metadata=client.metadata)
-        try:
-            await call.write(first)
-            async for response in call:
-                if threaded:  # it waits on coroutines of this loop: not on the loop itself
-                    reply = await asyncio.to_thread(session.on_response, response)
-                else:
-                    reply = session.on_response(response)
-                if reply is not None:
-                    reply = session.checked(reply, client.max_message_bytes)
-                    await _write_unless_ended(call, reply)
-            await call.done_writing()
-        except grpc.RpcError as exc:
-            raise _stream_error(exc, session) from None
-        except BaseException as exc:  # the caller's functions (Ctrl-C too), or a refused reply
-            _left_interrupted(exc, session)
-            raise
-    # the result may evaluate the caller's functions again (least_squares' r and J at x)
-    return await asyncio.to_thread(session.result) if threaded else session.result()
+    bridge = session.bridge(asyncio.get_running_loop())
+    try:
+        async with AsyncClient(address, token, timeout=None) as client:
+            session.checked(first, client.max_message_bytes)
+            call = client.stub.Optimize(metadata=client.metadata)
+            try:
+                await call.write(first)
+                async for response in call:
+                    if bridge is not None:  # it waits on coroutines of this loop: not on it
+                        reply = await bridge.run(session.answer, response)
+                    else:
+                        reply = session.answer(response)
+                    if reply is not None:
+                        reply = session.checked(reply, client.max_message_bytes)
+                        await _write_unless_ended(call, reply)
+                await call.done_writing()
+            except grpc.RpcError as exc:
+                raise _stream_error(exc, session) from None
+            except BaseException as exc:  # the caller's functions (Ctrl-C, a cancelled task)
+                _left_interrupted(exc, session)
+                raise
+        # the result may evaluate the caller's functions again (least_squares' r and J)
+        return await bridge.run(session.result) if bridge is not None else session.result()
+    finally:
+        if bridge is not None:  # nothing of the caller's runs after this call has ended
+            bridge.close()
