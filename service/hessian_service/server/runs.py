@@ -54,6 +54,7 @@ from ..store import (
     StoredCheckpoint,
     StoreError,
     StoreFullError,
+    StoreGoneError,
 )
 from .errors import ConflictError, DataLossError, LimitError, NotFoundError, require_id
 from .threads import ThreadPolicy
@@ -718,6 +719,8 @@ class RunManager:
                 return None
             except StoreError as exc:
                 error = exc
+                if isinstance(exc, StoreGoneError):
+                    break  # its file is gone: no retry can store it (GetRun says so at once)
                 if delay is not None:
                     self._retry_pause(run_id, delay)
                 if self.leases is not None and not self.leases.holds(run_id):

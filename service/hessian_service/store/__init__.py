@@ -19,6 +19,7 @@ from .base import (
     StoredCheckpoint,
     StoreError,
     StoreFullError,
+    StoreGoneError,
 )
 from .postgres import LeaseLostError, PostgresRunStore
 from .sqlite import SQLiteRunStore
@@ -43,5 +44,6 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "StoreFullError",
+    "StoreGoneError",
     "StoredCheckpoint",
 ]

@@ -71,6 +71,11 @@ class StoreClosedError(StoreError):
     """The store was closed (the server is stopping): nothing more is read or written."""
 
 
+class StoreGoneError(StoreError):
+    """The store's file (or its write-ahead log) is no longer the one at its path: nothing
+    more can be stored, and retrying will not change that."""
+
+
 class StoreCorruptError(StoreError):
     """The store's file is damaged (failed its integrity check, or a read hit a bad page)."""
 

@@ -58,6 +58,7 @@ from .base import (
     StoredCheckpoint,
     StoreError,
     StoreFullError,
+    StoreGoneError,
 )
 from .dirlock import DataDirLock, StoreFileLock
 from .queue import RecordQueue
@@ -187,11 +188,13 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             self._check_cap(page)
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
+        self._wal_identity: tuple[int, int] | None = None  # known once the log exists
         with self._write():  # a real write now, so an unwritable store fails at start-up
             self._use_reserve()  # one row: a store filled to its cap still starts
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (str(time.time()),)
             )
+        self._wal_identity = _file_identity(self._wal_path)  # kept until the last close
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
         self._flusher.start()
@@ -564,6 +567,9 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                     raise
                 finally:
                     taken, self._taken = self._taken, []
+            except StoreGoneError as exc:  # its queued records' failure, as below
+                self._failure = exc if taken else self._failure
+                raise
             except sqlite3.Error as exc:
                 error = self._error(exc)
                 self._failure = error if taken else self._failure
@@ -576,18 +582,24 @@ class SQLiteRunStore(RecordQueue, SqlReads):
                 committed[run_id] = max(committed.get(run_id, -1), record.iteration)
         self._notify_committed(committed)
 
+    @property
+    def _wal_path(self) -> pathlib.Path:
+        return self.path.with_name(self.path.name + "-wal")
+
     def _check_identity(self) -> None:
-        """Refuse to commit into a store file that is no longer at its path (deleted with its
-        data directory, or replaced): SQLite would write on into the unlinked file, every
-        write acknowledged and all of it gone at the next start."""
-        if _file_identity(self.path) != self._identity:
-            error = StoreError(
-                f"the run store {self.path} was deleted or replaced while this server ran "
-                "(its data directory removed?): nothing more is stored; stop the server and "
-                "put --data-dir back (what this server stored since is lost)"
-            )
-            self._failure = error
-            raise error
+        """Refuse to commit into a store file, or a write-ahead log, that is no longer at its
+        path (deleted with the data directory, or replaced): SQLite would write on into the
+        unlinked file, every write acknowledged and gone at the next start (the log's
+        commits reach the store file only at a checkpoint)."""
+        if _file_identity(self.path) == self._identity and (
+            self._wal_identity is None or _file_identity(self._wal_path) == self._wal_identity
+        ):
+            return
+        raise StoreGoneError(
+            f"the run store {self.path} (or its -wal log) was deleted or replaced while this "
+            "server ran (its data directory removed?): nothing more is stored; stop the "
+            "server and put --data-dir back (what this server stored since is lost)"
+        )
 
     def _write_checkpoint(self, run_id: str, cp: StoredCheckpoint) -> None:
         self._db.execute(
