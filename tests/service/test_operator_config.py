@@ -168,3 +168,14 @@ def test_an_ipv6_address_without_brackets_is_refused_saying_how_to_write_it():
         ServerConfig(address="::1:52201").validated()
     ServerConfig(address="[::1]:52201").validated()
     ServerConfig(address="vsock:3:52201", allow_unauthenticated_remote=True).validated()
+
+
+def test_an_ipv4_mapped_loopback_is_loopback_and_a_port_needs_ascii_digits():
+    """[::ffff:127.0.0.1] binds to loopback only but was refused as remote; a port of "²"
+    crashed with int()'s message, full-width digits passed and failed at bind."""
+    ServerConfig(address="[::ffff:127.0.0.1]:1").validated()
+    with pytest.raises(ValueError, match="not a loopback address"):
+        ServerConfig(address="[::ffff:10.0.0.1]:1").validated()
+    for port in ("²", "５２８２１"):
+        with pytest.raises(ValueError, match="--address must be host:port"):
+            ServerConfig(address=f"127.0.0.1:{port}").validated()

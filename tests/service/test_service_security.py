@@ -321,3 +321,28 @@ def test_a_token_file_takes_exactly_its_tokens(tmp_path):
     path.write_bytes(b"\xff\xfetoken\n")
     with pytest.raises(ValueError, match=r"--auth-token-file .*: not UTF-8 text"):
         load_tokens(str(path))
+
+
+def test_a_chain_with_an_expired_certificate_after_the_servers_own_is_refused(tmp_path, certs):
+    """Only the first certificate was read: an expired intermediate started silently and
+    every handshake failed ("certificate has expired")."""
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes((certs / "server.pem").read_bytes() + (certs / "expired.pem").read_bytes())
+    config = ServerConfig(
+        address="127.0.0.1:0",
+        data_dir=str(tmp_path / "data"),
+        auth_token_file=str(_token_file(tmp_path)),
+        tls_cert=str(chain),
+        tls_key=str(certs / "server.key"),
+    )
+    with pytest.raises(ValueError, match="certificate 2 of the chain expired at 2020-01-02"):
+        build_server(config)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\x0b", "\x0c", "\u0085"])
+def test_a_token_line_holding_a_line_separator_is_refused_not_split(tmp_path, separator):
+    """str.splitlines split "abcdefgh<U+2028>ijklmnop" into two tokens, both accepted."""
+    path = tmp_path / "tokens"
+    path.write_text(f"first-token\nabcdefgh{separator}ijklmnop\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 "):
+        start_server(tmp_path / "d", auth_token_file=str(path))

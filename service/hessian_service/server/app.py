@@ -428,27 +428,33 @@ def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def _check_validity(path: str, pem: str) -> None:
-    """Refuse a certificate outside its validity period (every client's handshake would
-    fail, and the server would look healthy to itself); warn when it ends within
-    CERT_WARNING_DAYS."""
+    """Refuse a chain with a certificate outside its validity period (every client's
+    handshake would fail, and the server would look healthy to itself); warn when one ends
+    within CERT_WARNING_DAYS, or starts within the clock skew allowed."""
     try:
-        not_before, not_after = certificates.validity(pem)
+        periods = certificates.validities(pem)
     except ValueError as exc:
         raise ValueError(f"--tls-cert {path}: {exc}") from None
     now = datetime.now(UTC)
     stamp = "%Y-%m-%d %H:%M:%S UTC"
-    if now > not_after:
-        raise ValueError(
-            f"--tls-cert {path}: the certificate expired at {not_after:{stamp}} (now "
-            f"{now:{stamp}}): no client would accept it"
-        )
-    if now < not_before - timedelta(minutes=CERT_CLOCK_SKEW_MINUTES):
-        raise ValueError(
-            f"--tls-cert {path}: the certificate is not valid before {not_before:{stamp}} "
-            f"(now {now:{stamp}}; is this machine's clock right?)"
-        )
-    if not_after - now < timedelta(days=CERT_WARNING_DAYS):
-        log.warning("--tls-cert %s expires at %s: renew it", path, f"{not_after:{stamp}}")
+    for index, (not_before, not_after) in enumerate(periods):
+        which = "the certificate" if index == 0 else f"certificate {index + 1} of the chain"
+        if now > not_after:
+            raise ValueError(
+                f"--tls-cert {path}: {which} expired at {not_after:{stamp}} (now "
+                f"{now:{stamp}}): no client would accept it"
+            )
+        if now < not_before - timedelta(minutes=CERT_CLOCK_SKEW_MINUTES):
+            raise ValueError(
+                f"--tls-cert {path}: {which} is not valid before {not_before:{stamp}} "
+                f"(now {now:{stamp}}; is this machine's clock right?)"
+            )
+        if now < not_before:
+            log.warning("--tls-cert %s: %s is valid only from %s", path, which,
+                        f"{not_before:{stamp}}")  # fmt: skip
+        if not_after - now < timedelta(days=CERT_WARNING_DAYS):
+            log.warning("--tls-cert %s: %s expires at %s: renew it", path, which,
+                        f"{not_after:{stamp}}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

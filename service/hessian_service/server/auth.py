@@ -41,8 +41,10 @@ def load_tokens(path: str, flag: str = "--auth-token-file") -> list[bytes]:
         reason = f"{exc.reason} at byte {exc.start}"
         raise ValueError(f"{flag} {path}: not UTF-8 text ({reason})") from None
     tokens = []
-    for number, line in enumerate(text.splitlines(), 1):
-        token = line.strip()
+    # lines end at \n only (str.splitlines also splits at \v, \f, U+2028...: a token with
+    # one inside became two), and only ASCII blanks are trimmed
+    for number, line in enumerate(text.split("\n"), 1):
+        token = line.strip(" \t\r")
         if not token or token.startswith("#"):
             continue
         if len(token.split()) > 1:  # a comment after a token, or two tokens on a line

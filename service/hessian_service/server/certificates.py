@@ -36,14 +36,18 @@ def _time(tag: int, text: str) -> datetime:
     return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
 
 
-def validity(pem: str) -> tuple[datetime, datetime]:
-    """(notBefore, notAfter) of the first certificate in `pem` (the server's own, before
-    its chain); ValueError when there is none or it is not DER X.509."""
-    found = PEM_CERTIFICATE.search(pem)
-    if found is None:
+def validities(pem: str) -> list[tuple[datetime, datetime]]:
+    """(notBefore, notAfter) of each certificate in `pem`, in order (the server's own
+    first, then its chain); ValueError when there is none or one is not DER X.509."""
+    blocks = PEM_CERTIFICATE.findall(pem)
+    if not blocks:
         raise ValueError("no PEM certificate in it")
+    return [_validity(block) for block in blocks]
+
+
+def _validity(block: str) -> tuple[datetime, datetime]:
     try:
-        der = ssl.PEM_cert_to_DER_cert(found.group(0))
+        der = ssl.PEM_cert_to_DER_cert(block)
         _, start, _ = _element(der, 0)  # Certificate
         tag, at, _ = _element(der, start)  # TBSCertificate
         if tag != SEQUENCE:

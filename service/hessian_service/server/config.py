@@ -57,9 +57,11 @@ def is_loopback(host: str) -> bool:
     if host in LOOPBACK_HOSTS:
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 binds to loopback too
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _ipv6(host: str) -> bool:
@@ -265,7 +267,7 @@ class ServerConfig:
             raise ValueError(
                 f"--address {self.address!r}: an IPv6 address goes in brackets, [{host}]:{port}"
             )
-        if not colon or not host or not port.isdigit() or int(port) > 65535:
+        if not colon or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise ValueError(
                 f"--address must be host:port with a port in 0-65535 (or unix:PATH), got "
                 f"{self.address!r}"
