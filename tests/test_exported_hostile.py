@@ -291,3 +291,43 @@ def test_a_factorisation_the_flop_counter_has_no_formula_for_is_costed():
         {"u": u[:64], "v": v[:64]},
     )
     load_program(small.exported.program)
+
+
+def test_a_pos_weight_that_would_grow_the_input_is_refused_before_running():
+    """A (k, 1) pos_weight against a (k,) input: the meta kernel took it (0 flops, k
+    elements counted) and the CPU kernel built the k x k product first (1 GiB at k = 16,384
+    from a 200 kB request, quadratic). An operand must broadcast to the input's own shape;
+    one that does (a scalar, or the input's shape) is taken."""
+    k = 64
+    X, target = torch.randn(k, dtype=torch.float64), (torch.rand(k) > 0.5).double()
+    p = torch.ones(1, dtype=torch.float64)
+
+    def loss(p, X, t, w):
+        return F.binary_cross_entropy_with_logits(X * p[0], t, pos_weight=w)
+
+    column = torch.ones(k, 1, dtype=torch.float64)
+    grown = problems.exported(loss, p, {"X": X, "t": target, "w": column})
+    with pytest.raises(ValidationError, match=r"pos_weight of a shape that broadcasts to its"):
+        from_problem(grown)
+    for weight in (torch.full((k,), 2.0), torch.tensor(2.0)):
+        fine = problems.exported(loss, p, {"X": X, "t": target, "w": weight.double()})
+        objective = from_problem(fine)
+        ref = F.binary_cross_entropy_with_logits(X * p[0], target, pos_weight=weight.double())
+        assert abs(float(loss_and_grad(objective, p)[0]) - float(ref)) <= 1e-15
+
+
+@pytest.mark.parametrize("value", [2**70, -(2**70)])
+def test_an_integer_argument_past_int64_is_refused_not_internal(value):
+    """celu's alpha as a JSON integer past int64: OverflowError from inside the op, INTERNAL."""
+    program = problems.exported(lambda p, X: F.celu(X @ p, alpha=0.5).sum(),
+                                torch.zeros(3, dtype=torch.float64),
+                                {"X": torch.randn(4, 3, dtype=torch.float64)})  # fmt: skip
+
+    def edit(doc: dict) -> None:
+        for node in doc["graph_module"]["graph"]["nodes"]:
+            if node["target"].endswith("celu.default"):
+                node["inputs"][1]["arg"] = {"as_int": value}
+
+    program.exported.program = edited_archive(program.exported.program, "models/model.json", edit)
+    with pytest.raises(ValidationError, match="static tensor/number arguments"):
+        from_problem(program)

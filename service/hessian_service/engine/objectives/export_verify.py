@@ -81,6 +81,13 @@ ALLOWED_OPS = frozenset(
     cumsum
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
 )
+# Losses whose CPU kernels broadcast these operands against their input out of place: each
+# must broadcast to the input's own shape (_check_operands).
+TO_INPUT_SHAPE = {
+    "binary_cross_entropy_with_logits": ("target", "weight", "pos_weight"),
+    "binary_cross_entropy": ("target", "weight"),
+    "soft_margin_loss": ("target",),
+}
 # Normalisations that update running statistics in place unless this flag is False.
 RUNNING_STATS = {"batch_norm": "training", "instance_norm": "use_input_stats"}
 # In-place forms that the exporter emits on fresh copies only: run as their functional form.
@@ -258,6 +265,7 @@ class Program:
                     first,
                 ) from None
             _check_cost(node, cost.flops, cost.largest)
+            _check_operands(node, args, kwargs)
             for name in _store(node, result, env):
                 _check_shape(node, name, env[name], self.metas[name], FIELD)
 
@@ -336,6 +344,32 @@ class _NodeCost(TorchDispatchMode):
             if isinstance(value, torch.Tensor):
                 self.largest = max(self.largest, value.numel())
         return out
+
+
+def _check_operands(node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse an operand of TO_INPUT_SHAPE that does not broadcast to its node's input as it
+    is: the meta kernel takes a (k, 1) pos_weight against a (k,) input, the CPU kernel
+    builds the k x k product of the two before it fails (16 GiB from a 1 MB request)."""
+    names = TO_INPUT_SHAPE.get(node.target.split(".")[3])
+    if not names:
+        return
+    schema = [a.name for a in node.op._schema.arguments]
+    bound = dict(zip(schema, args, strict=False)) | kwargs
+    shape = tuple(bound[schema[0]].shape)
+    for name in names:
+        value = bound.get(name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        try:
+            fits = torch.broadcast_shapes(value.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise refuse(
+                f"node {node.name!r} ({node.target}): {name} of a shape that broadcasts to "
+                f"its input's {list(shape)}",
+                list(value.shape),
+            )
 
 
 def _check_cost(node: Node, flops: int, largest: int) -> None:
@@ -510,10 +544,9 @@ def _argument(arg: Any, where: str) -> Any:
         return [Ref(_get(v, "name")) for v in value]
     if kind == "as_optional_tensors":
         return [_argument(v, where) for v in value]
-    if kind in ("as_int", "as_bool") and isinstance(value, (int, bool)):
+    if kind in ("as_int", "as_bool") and _int64(value):
         return value
-    ints = isinstance(value, list) and all(isinstance(v, (int, bool)) for v in value)
-    if kind in ("as_ints", "as_bools") and ints:
+    if kind in ("as_ints", "as_bools") and isinstance(value, list) and all(map(_int64, value)):
         return list(value)
     if kind == "as_float":
         return _float(value)
@@ -533,6 +566,12 @@ def _argument(arg: Any, where: str) -> Any:
     if kind == "as_memory_format" and value == 1:  # contiguous_format
         return torch.contiguous_format
     raise refuse(f"static tensor/number arguments in {where}", kind)
+
+
+def _int64(value: Any) -> bool:
+    """An integer (or bool) an ATen op takes: in int64's range (past it, torch raised
+    OverflowError deep inside the op)."""
+    return isinstance(value, (int, bool)) and -(2**63) <= value < 2**63
 
 
 def _node(raw: Any, index: int) -> Node:
