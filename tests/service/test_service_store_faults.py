@@ -143,6 +143,11 @@ def test_a_run_the_full_store_stops_is_stored_interrupted_and_resumes_once_space
             assert info.stop_reason == "error"
             assert "is full" in info.message and "ResumeRun" in info.message
             assert len(seen) <= info.num_records < CAPPED_ITERATIONS
+            # resumed while the store is still full, it was answered OK and stopped again
+            # at once: refused as StartRun is
+            with pytest.raises(ResourceExhausted, match="is full"):
+                c.resume_run(run.id)
+            assert status_name(c.get_run(run.id)) == "INTERRUPTED"
         with sqlite3.connect(tmp_path / "runs.sqlite3") as db:  # stored so, not only reported
             row = db.execute("SELECT status, message FROM runs WHERE run_id = ?", (run.id,))
             status, message = row.fetchone()

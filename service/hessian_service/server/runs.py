@@ -493,6 +493,7 @@ class RunManager:
         options = MethodOptions(**row.spec["options"])
         stopping = StopCriteria(**row.spec["stopping"])
         check_supported(objective, options.validated())
+        self.store.require_room()  # a full store would stop it again at its first record
         self.store.take_cancel_requests([row.run_id])  # a request the run outlived is void
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, row.owner, objective)

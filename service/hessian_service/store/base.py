@@ -284,6 +284,12 @@ class RunStore(ABC):
     def flush(self) -> None:
         """Commit every queued record now."""
 
+    def require_room(self) -> None:
+        """Refuse new work (a run, a resumed one) with StoreFullError while the store is
+        full and only a delete frees room (PostgreSQL: each write is sized against the cap
+        as it is made, so nothing is refused ahead)."""
+        return
+
     @abstractmethod
     def discard_queued(self, run_id: str) -> int:
         """Drop a stopped run's queued records, which the store could not commit; return how

@@ -268,14 +268,18 @@ class SQLiteRunStore(RecordQueue, SqlReads):
         return deleted
 
     # runs
+    def require_room(self) -> None:
+        with self._lock:
+            if self._full is not None and self._pages:
+                raise self._full  # only a delete frees room under the cap (a disk may grow)
+
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
         values = layout.row_values(row, COMPACT_RECORDS)
         with self._write():
             self._flush_locked()  # a store that cannot commit what it has takes no new run
-            if self._full is not None and self._pages:
-                raise self._full  # only a delete frees room under the cap (a disk may grow)
+            self.require_room()
             if require_problem:
                 cur = self._db.execute(
                     "UPDATE problem_owners SET used_at = ? WHERE owner = ? AND problem_id = ?",
