@@ -382,7 +382,12 @@ class _Api:
         root_certificates: bytes | None,
         ca_file: str | os.PathLike[str] | None,
     ) -> None:
-        """Open the channel with `channels` (grpc, or grpc.aio): TLS when a CA is named."""
+        """Open the channel with `channels` (grpc, or grpc.aio): TLS when a CA is named.
+        Unset, the token and the CA come from HESSIAN_TOKEN and HESSIAN_CA_FILE, as the
+        address from HESSIAN_ADDRESS (so minimize and least_squares reach a secured server)."""
+        token = token if token is not None else os.environ.get("HESSIAN_TOKEN") or None
+        if ca_file is None and root_certificates is None:
+            ca_file = os.environ.get("HESSIAN_CA_FILE") or None
         self._setup(address, token, timeout)
         self.max_message_bytes = _integer(
             "max_message_bytes", max_message_bytes, 1024, MAX_MESSAGE_BYTES

@@ -4,6 +4,7 @@ loopback-only rule for an unauthenticated server."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import pathlib
 import shutil
@@ -346,3 +347,38 @@ def test_a_token_line_holding_a_line_separator_is_refused_not_split(tmp_path, se
     path.write_text(f"first-token\nabcdefgh{separator}ijklmnop\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 2 "):
         start_server(tmp_path / "d", auth_token_file=str(path))
+
+
+def test_minimize_and_clients_reach_a_secured_server_from_the_environment(
+    tmp_path, certs, monkeypatch
+):
+    """minimize / least_squares take no token or CA argument and the SDK read neither
+    HESSIAN_TOKEN nor HESSIAN_CA_FILE (README: clients read them): a TLS server with tokens
+    was out of their reach ("Socket closed")."""
+    import numpy as np
+    from hessian_client import aio, minimize
+    from scipy.optimize import rosen, rosen_der, rosen_hess
+
+    handle = start_server(
+        tmp_path / "data",
+        auth_token_file=str(_token_file(tmp_path)),
+        tls_cert=str(certs / "server.pem"),
+        tls_key=str(certs / "server.key"),
+    )
+    try:
+        monkeypatch.setenv("HESSIAN_TOKEN", TOKENS[0])
+        monkeypatch.setenv("HESSIAN_CA_FILE", str(certs / "ca.pem"))
+        res = minimize(rosen, np.zeros(3), jac=rosen_der, hess=rosen_hess, address=handle.address)
+        assert res.success
+        with Client(handle.address) as c:
+            assert c.get_run(res.run_id).status == "FINISHED"
+
+        async def listed() -> list:
+            async with aio.Client(handle.address) as c:
+                return [r.run_id async for r in c.list_runs()]
+
+        assert res.run_id in asyncio.run(listed())
+        with Client(handle.address, token="wrong") as c, pytest.raises(Unauthenticated):
+            c.info()  # an argument given wins over the variable
+    finally:
+        handle.stop(grace=1.0)
