@@ -544,7 +544,7 @@ def test_a_dense_hessian_over_the_message_limit_is_refused_up_front(tmp_path):
             minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
                      address=server.address)  # fmt: skip
         assert err.value.field == "hess"  # the caller's argument (the wire's is capabilities)
-        with pytest.raises(ResourceExhausted, match=r"start\.options"):
+        with pytest.raises(ResourceExhausted, match=r"method: a dense Hessian of 1000"):
             minimize(rosen, np.zeros(n), jac=rosen_der, hess=rosen_hess, method="newton",
                      options={"dense_budget_bytes": 1000}, address=server.address)  # fmt: skip
     finally:
@@ -892,3 +892,32 @@ def test_the_servers_refusals_name_the_callers_argument(address, call, field):
         call(address)
     assert err.value.field == field and err.value.from_server
     assert f"{field}: " in str(err.value)
+
+
+def test_limit_refusals_name_the_callers_argument(tmp_path):
+    """x0 past --max-params was named start.initial_params.shape, a dense method past its
+    budget start.options, least_squares' options={"maxiter": ...} past the server's limit
+    max_iterations (an argument the caller did not write)."""
+    from hessian_client import HessianError
+
+    server = build_server(ServerConfig(
+        address="127.0.0.1:0", data_dir=str(tmp_path), max_params=10, max_iterations=50,
+        dense_budget_bytes=400))  # fmt: skip
+    a = server.address
+    eye = lambda x: np.eye(2)  # noqa: E731
+    calls = [
+        (lambda: minimize(rosen, np.zeros(11), jac=rosen_der, address=a), "x0"),
+        (lambda: minimize(rosen, np.zeros(8), jac=rosen_der, hess=rosen_hess, method="newton",
+                          address=a), "method"),
+        (lambda: least_squares(lambda x: x, np.zeros(2), eye, address=a,
+                               options={"maxiter": 100}), "options.maxiter"),
+        (lambda: least_squares(lambda x: x, np.zeros(2), eye, address=a, max_iterations=100),
+         "max_iterations"),
+    ]  # fmt: skip
+    try:
+        for call, field in calls:
+            with pytest.raises(HessianError) as err:
+                call()
+            assert err.value.field == field and err.value.from_server, err.value
+    finally:
+        server.stop(grace=1.0)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import invalid
 from .minimize import (
+    SCIPY_NAMES,
     SCIPY_OPTIONS,
     OptimizeResult,
     _numbers,
@@ -58,6 +59,7 @@ class _LeastSquaresSession(_Session):
 
     methods = LSQ_METHODS
     missing_derivative = "method"  # J^T J for levenberg_marquardt: n <= 64
+    caller_options: frozenset[str] = frozenset()
 
     def __init__(self, fun: Callable[..., Any], jac: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(fun, jac=jac, hess=None, hessp=None, callback=None, **kwargs)
@@ -70,8 +72,11 @@ class _LeastSquaresSession(_Session):
         return service_pb2.Capabilities(gradient=True, gauss_newton=True)
 
     def argument(self, field: str) -> str:
-        """As minimize's, with least_squares' own arguments for its criteria."""
+        """As minimize's, with least_squares' own arguments for its criteria (unless the
+        caller set the criterion in `options`, where minimize's naming finds it)."""
         key = field.removeprefix("start.").removeprefix("stopping.")
+        if key in self.caller_options or SCIPY_NAMES.get(key) in self.caller_options:
+            return super().argument(field)
         return ARGUMENTS.get(key) or super().argument(field)
 
     def _residuals(self, x: np.ndarray) -> np.ndarray:
@@ -191,10 +196,12 @@ def _session(
     opts = {**given, **(options or {})}
     if isinstance(args, list):  # SciPy's least_squares unpacks any sequence (minimize wraps)
         args = tuple(args)
-    return _LeastSquaresSession(
+    session = _LeastSquaresSession(
         fun, jac, x0=x0, args=args, method=method or "levenberg_marquardt", tol=None,
         options=opts, name=name,
     )  # fmt: skip
+    session.caller_options = frozenset(options or ())  # what `options` itself set
+    return session
 
 
 LSQ_ARGUMENTS = ("fun, x0, jac, method, ftol, xtol, gtol, loss, bounds, max_iterations, args, "

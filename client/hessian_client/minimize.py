@@ -310,6 +310,10 @@ class _Session:
         name = field.removeprefix("start.")
         if name in WIRE_ARGUMENTS:
             return WIRE_ARGUMENTS[name]
+        if name.startswith("initial_params."):  # its shape, dtype...: the starting point's
+            return "x0"
+        if name == "options":  # the method as a whole (a dense matrix over its budget)
+            return "method"
         if name == "capabilities":  # the derivatives the method needs, and the caller lacks
             return self.missing_derivative
         if name.startswith("capabilities."):  # one derivative, missing or too large to send
