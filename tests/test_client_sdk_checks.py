@@ -858,3 +858,16 @@ def test_a_ca_bundle_with_text_beside_its_certificates_is_taken(tmp_path):
     with pytest.raises(InvalidArgument) as err:
         Client(NOWHERE, root_certificates=bundle.read_text())  # a str, not bytes
     assert err.value.field == "root_certificates"
+
+
+def test_run_failed_pickles_with_its_notes():
+    """RunFailed was rebuilt from (run_id, info) alone: notes and other attributes lost."""
+    import pickle
+    import types
+
+    from hessian_client import RunFailed
+
+    err = RunFailed("r-1", types.SimpleNamespace(message="not finite at its start"))
+    err.add_note("see GetRun")
+    back = pickle.loads(pickle.dumps(err))
+    assert (str(back), back.run_id, back.__notes__) == (str(err), "r-1", ["see GetRun"])

@@ -921,3 +921,17 @@ def test_limit_refusals_name_the_callers_argument(tmp_path):
             assert err.value.field == field and err.value.from_server, err.value
     finally:
         server.stop(grace=1.0)
+
+
+def test_a_plain_callback_returning_a_coroutine_is_refused_not_skipped(address, rng):
+    """callback=lambda r: acb(r): the coroutine was dropped unrun (a never-awaited warning)
+    and the run went on as if the callback had looked."""
+
+    async def acb(r):
+        return None
+
+    for call in (minimize, lambda *a, **k: asyncio.run(minimize_async(*a, **k))):
+        with pytest.raises(InvalidArgument) as err:
+            call(rosen, start(rng, 3), jac=rosen_der, hess=rosen_hess, address=address,
+                 callback=lambda r: acb(r))  # fmt: skip
+        assert err.value.field == "callback" and err.value.run_id

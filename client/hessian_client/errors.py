@@ -124,8 +124,9 @@ class RunFailed(HessianError):
         self.run_id = run_id
         self.info = info
 
-    def __reduce__(self) -> tuple[type[RunFailed], tuple[str, Any]]:
-        return RunFailed, (self.run_id, self.info)  # copied by its own arguments, not `args`
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copied by its own arguments (not `args`), then its attributes (notes too)."""
+        return RunFailed, (self.run_id, self.info), self.__dict__
 
 
 class IncompatibleServer(HessianError):

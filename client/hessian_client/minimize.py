@@ -471,10 +471,15 @@ class _Session:
                 self.iterate = self.last_full
             intermediate = OptimizeResult(x=x.copy(), fun=record.loss, nit=record.iteration)
             try:
-                self.callback(intermediate)
+                returned = self.callback(intermediate)
             except StopIteration:
                 self.stop_asked, self.stopped_at = True, intermediate
                 return True
+            if inspect.isawaitable(returned):  # an async callback called where none awaits it
+                with contextlib.suppress(AttributeError):
+                    returned.close()
+                raise invalid("callback", f"a function, not one returning an awaitable "
+                              f"{ASYNC_NOTE}", type(returned).__name__)  # fmt: skip
         return False
 
     def result(self) -> OptimizeResult:
