@@ -8,7 +8,6 @@ import asyncio
 import itertools
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from hessian_client import (
 from hessian_service.server import ServerConfig, build_server
 from scipy.optimize import LinearConstraint, rosen, rosen_der, rosen_hess, rosen_hess_prod
 from scipy.optimize import minimize as scipy_minimize
+from waiting import ended_within
 
 CURVATURE = {
     "newton": {"hess": rosen_hess},
@@ -278,23 +278,12 @@ def test_a_loop_closed_under_minimize_async_lets_the_process_exit(address):
 
 
 def _in_thread(call: Callable[[], object], seconds: float) -> object:
-    """`call()` on a daemon thread, its result or exception; fails the test past `seconds`
-    (a hung call stays behind instead of hanging the suite)."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert outcome, f"the call did not return within {seconds} s"
+    """`call()` within `seconds` (a hung call fails the test, not the suite): its value, or
+    what it raised."""
+    outcome = ended_within(call, seconds, "the call")
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["value"]
+    return outcome["result"]
 
 
 def test_an_async_def_function_where_nothing_awaits_it_is_refused_naming_it(address, rng):

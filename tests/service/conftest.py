@@ -120,24 +120,6 @@ def occupy_workers(handle) -> threading.Event:
     return gate
 
 
-def ended_within(fn: Callable[[], object], seconds: float, what: str) -> dict[str, object]:
-    """Call `fn` on a thread of its own and fail unless it ends within `seconds` (a guard
-    against a hang, not a timing claim): {"result": its value} or {"error": what it raised}."""
-    outcome: dict[str, object] = {}
-
-    def call() -> None:
-        try:
-            outcome["result"] = fn()
-        except Exception as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{what} still going after {seconds} s"
-    return outcome
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
     """Poll `predicate` until it holds (True) or `timeout` passes (False): the timeout
     guards against a hang, it is not a timing claim."""

@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ended_within, start_server
+from conftest import start_server
 from hessian_client import Client, Unavailable, minimize
 from hessian_client import client as client_module
 from hessian_service.server import app
 from long_runs import start_endless_run
 from scipy.optimize import rosen, rosen_der, rosen_hess
 from tcp_proxy import TcpProxy
+from waiting import ended_within
 
 
 @pytest.fixture()

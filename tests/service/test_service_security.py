@@ -195,13 +195,18 @@ def test_a_certificate_and_key_that_do_not_make_a_tls_identity_are_refused_namin
     assert "expected a PEM certificate chain and its unencrypted private key" in message
 
 
-def test_tls_with_a_ca_file_and_a_token(tmp_path, certs):
-    handle = start_server(
+def _tls_server(tmp_path: pathlib.Path, certs: pathlib.Path):
+    """A server with TLS (the `certs` server certificate) and the TOKENS."""
+    return start_server(
         tmp_path / "data",
         auth_token_file=str(_token_file(tmp_path)),
         tls_cert=str(certs / "server.pem"),
         tls_key=str(certs / "server.key"),
     )
+
+
+def test_tls_with_a_ca_file_and_a_token(tmp_path, certs):
+    handle = _tls_server(tmp_path, certs)
     try:
         with Client(handle.address, token=TOKENS[0], ca_file=certs / "ca.pem") as c:
             step = c.newton_step(problems.mse(np.ones(3)), np.zeros(3))
@@ -359,12 +364,7 @@ def test_minimize_and_clients_reach_a_secured_server_from_the_environment(
     from hessian_client import aio, minimize
     from scipy.optimize import rosen, rosen_der, rosen_hess
 
-    handle = start_server(
-        tmp_path / "data",
-        auth_token_file=str(_token_file(tmp_path)),
-        tls_cert=str(certs / "server.pem"),
-        tls_key=str(certs / "server.key"),
-    )
+    handle = _tls_server(tmp_path, certs)
     try:
         monkeypatch.setenv("HESSIAN_TOKEN", TOKENS[0])
         monkeypatch.setenv("HESSIAN_CA_FILE", str(certs / "ca.pem"))

@@ -10,10 +10,11 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from conftest import ended_within, occupy_workers, start_server, wait_until
+from conftest import occupy_workers, start_server, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hessian_client import Client, DataLoss, problems, status_name
 from hessian_client.proto import service_pb2, service_pb2_grpc
+from waiting import ended_within
 
 WATCHERS = 1000
 RPC_THREADS = 8
