@@ -152,3 +152,17 @@ def test_a_float32_curvature_that_overflows_is_refused_naming_params():
         dense_curvature(objective, torch.zeros(4), MethodOptions(method="newton"))
     assert err.value.field == "params"
     assert "curvature matrix is finite" in str(err.value) and "float32" in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["native", "autograd"])
+def test_the_curvature_at_a_point_where_the_loss_is_not_finite_is_refused(backend):
+    """It answered: loss NaN, gradient NaN and an all-zero matrix summarised as
+    min = max = 0; NewtonStep and AnalyzeCurvature refuse that point."""
+    from hessian_service.engine.analysis.curvature_summary import dense_curvature
+
+    obj = make_objective("mse", {"target": torch.zeros(3, dtype=torch.float64)}, {})
+    params = torch.tensor([1e160, 1.0, 0.5], dtype=torch.float64)  # finite; its square is not
+    with pytest.raises(ValidationError, match="the loss and its gradient are finite, got loss inf"):
+        dense_curvature(obj, params, MethodOptions(method="newton", backend=backend))
+    fine = dense_curvature(obj, params / 1e150, MethodOptions(method="newton", backend=backend))
+    assert torch.allclose(fine.matrix, torch.eye(3, dtype=torch.float64) * 2 / 3, rtol=1e-15)

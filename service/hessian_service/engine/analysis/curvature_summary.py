@@ -121,6 +121,12 @@ def _dense_curvature(
             "a point where the curvature matrix is finite",
             f"{bad} non-finite entries (values beyond {dtype}'s range?)",
         )
+    if not (math.isfinite(float(loss)) and all_finite(grad)):  # NewtonStep refuses it too
+        raise ValidationError(
+            "params",
+            "a point where the loss and its gradient are finite",
+            f"loss {float(loss):g}" + ("" if all_finite(grad) else ", a non-finite gradient"),
+        )
     with decomposable("params"):
         psd = objective.convex or options.curvature == "gauss_newton"
         summary = spectrum_summary(matrix, objective.num_rows, psd)
