@@ -180,10 +180,11 @@ def _params(value: Any, field: str = "params") -> tensor_pb2.Tensor:
     """Parameters as sent: real numbers, so integers and bools (a list like [0, 0]) are sent
     as float64 (the server refuses an integer dtype)."""
     try:
-        integral = tensors.as_numpy(value).dtype.kind in "biu"
+        array = tensors.as_numpy(value)  # once: encode takes the array as it is
     except (TypeError, ValueError):  # not an array: refused by encode, naming the field
-        integral = False
-    return tensors.encode(value, dtype=np.float64 if integral else None, field=field)
+        return tensors.encode(value, field=field)
+    integral = array.dtype.kind in "biu"
+    return tensors.encode(array, dtype=np.float64 if integral else None, field=field)
 
 
 def _distribution(name: str, field: str, choices: Sequence[str] = DISTRIBUTIONS) -> int:

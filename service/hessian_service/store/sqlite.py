@@ -420,7 +420,7 @@ class SQLiteRunStore(RecordQueue, SqlReads):
     def _refuse_orphan_log(self) -> None:
         """Refuse to create a store beside a non-empty -wal with no store file: SQLite would
         replay that foreign log into the new file (corrupting it, or bringing back runs)."""
-        wal = self.path.with_name(self.path.name + "-wal")
+        wal = self._wal_path
         if not wal.is_file() or wal.stat().st_size == 0:
             return
         shm = self.path.with_name(self.path.name + "-shm")
