@@ -329,6 +329,25 @@ def test_a_small_loss_change_is_a_stall_not_convergence():
     assert "stalled" in run.message
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ftol", [0.0, 1e-6])
+def test_a_diverging_fixed_step_is_not_called_a_stall(backend, ftol):
+    """Newton's full step x 3 on Rosenbrock grows x geometrically, each step ~1e-8 |x| while
+    the loss climbs by ~1e-7 of itself: the stall tests judge only steps that did not raise
+    the loss, so the run ends where the loss overflows, not "parameters_stalled" at 1e205."""
+    run = Run(
+        make_objective("rosenbrock", options={"dim": 2}),
+        torch.tensor([-1.2, 1.0], dtype=F64),
+        MethodOptions(method="newton", step_policy="fixed", learning_rate=3.0, backend=backend),
+        StopCriteria(max_iterations=200, function_tolerance=ftol),
+    )
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.NON_FINITE, run.message
+    assert records[-1].loss > 1e200 and not run.converged
+    rises = [b.loss > a.loss for a, b in pairwise(records[5:])]
+    assert all(rises)
+
+
 def test_stall_messages_name_the_change_and_the_gradient_still_above_tolerance():
     """Each stalled stop says what fell below its tolerance and the gradient max-norm that
     kept it from being convergence (the final record's, to 3 significant digits)."""

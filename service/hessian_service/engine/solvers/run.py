@@ -412,7 +412,12 @@ class Run:
     def _stall_test(
         self, point: Point, previous: Point, gmax: float
     ) -> tuple[StopReason, str] | None:
-        """The function and parameter tests on the step from `previous` to `point`."""
+        """The function and parameter tests on the step from `previous` to `point`. A step
+        that raised the loss past its rounding is no stall: a diverging fixed step (x growing
+        geometrically, each step a tiny fraction of |x|) stopped "parameters_stalled" with the
+        loss at 1e205 and climbing, as SciPy and Ceres test only steps that lowered it."""
+        if point.loss - previous.loss > loss_rounding(previous.loss, point.x.dtype):
+            return None
         still = (  # formatted on a stop
             "while the gradient max-norm {:.3g} > gradient_tolerance"
             if self.stopping.gradient_tolerance > 0
