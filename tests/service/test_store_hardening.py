@@ -8,6 +8,7 @@ refused, not absorbed; DeleteProblem of a problem in use names the field."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -27,6 +28,7 @@ from hessian_service.store import (
     StoreCorruptError,
     StoredCheckpoint,
     StoreError,
+    StoreFullError,
 )
 from hessian_service.store.dirlock import DataDirInUseError
 from hessian_service.store.recovery import recover_store
@@ -255,3 +257,31 @@ def test_a_store_past_a_lowered_cap_starts_and_its_runs_can_end_and_go(tmp_path)
         assert len(capped.records("r-1", 0, 1000)) == 100  # nothing else touched
     finally:
         capped.close()
+
+
+@pytest.mark.parametrize("cap", [256 * 1024, 1024 * 1024])
+def test_a_capped_store_holds_its_write_ahead_log_to_an_eighth_of_the_cap(tmp_path, cap):
+    """SQLite checkpoints its log at 1,000 pages and never cuts it back: a store filled to a
+    1 MiB cap kept a 48 kB file beside 3 MB of runs.sqlite3-wal, so the cap bounded the file,
+    not the disk. Under a cap the log is checkpointed and cut at an eighth of it."""
+    store = SQLiteRunStore(tmp_path, max_bytes=cap)
+    wal, peak, full = tmp_path / "runs.sqlite3-wal", 0, None
+    try:
+        for r in range(200):
+            store.create_run(
+                RunRow(f"r-{r}", "p-1", {"options": {}, "stopping": {}}, status="RUNNING"),
+                StoredCheckpoint(0, "float64", [1], bytes(8)),
+            )
+            for i in range(300):
+                store.append_record(f"r-{r}", StepRecord(iteration=i, loss=i / 7, backend="x"))
+            store.flush()
+            peak = max(peak, wal.stat().st_size)
+    except StoreFullError as exc:
+        full = exc
+    finally:
+        with contextlib.suppress(StoreFullError):  # the records the full store refused
+            store.close()
+    assert full is not None, "the store never filled: the test wrote too little"
+    one_commit = 300 * 4096 // 16  # a flush's pages with their frame headers, generously
+    assert peak <= cap // 8 + one_commit
+    assert (tmp_path / "runs.sqlite3").stat().st_size <= cap
