@@ -183,3 +183,47 @@ def test_operators_whose_hessian_or_cost_torch_cannot_give_stay_refused(fn, op):
     p = torch.randn(4, dtype=F64)
     with pytest.raises(ValidationError, match=f"{op}.* is not allowed"):
         from_problem(problems.exported(fn, p, {"X": X}))
+
+
+NORMS = {
+    "layer_norm": lambda h, g, b: F.layer_norm(h, (3,), g, b),
+    "batch_norm": lambda h, g, b: F.batch_norm(h, 0 * g.detach(), 1 + 0 * g.detach(), g, b),
+    "instance_norm": lambda h, g, b: F.instance_norm(h.T.unsqueeze(0), weight=g,
+                                                     bias=b).squeeze(0).T,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_a_normalisation_over_mixed_dtypes_is_refused_naming_its_node(norm, low):
+    """A float16 input normalised with float32 weights evaluates on the CPU, but torch has no
+    batched double backward of it: AnalyzeCurvature and Gauss-Newton curvature answered
+    INTERNAL ("expected scalar type Half but found Float"). It is refused where the program
+    is read; the same program with the weights cast to the input's dtype is accepted."""
+
+    def fn(mixed: bool):
+        def loss(p, X, y):
+            g, b = p[12:15], p[15:]
+            h = (X @ p[:12].reshape(3, 4).T).to(low)
+            h = NORMS[norm](h, g if mixed else g.to(low), b if mixed else b.to(low))
+            return ((h.float().sum(1) - y) ** 2).mean()
+
+        return loss
+
+    X, y = torch.randn(10, 4), torch.randn(10)
+    p = torch.randn(18)
+    mixed = rf"{norm}.*one dtype.*\['{str(low)[6:]}', 'float32'\]"
+    with pytest.raises(ValidationError, match=mixed):
+        from_problem(problems.exported(fn(True), p, {"X": X, "y": y}))
+    objective = from_problem(problems.exported(fn(False), p, {"X": X, "y": y}))
+    loss, _ = loss_and_grad(objective, p)
+    assert float(loss) == float(fn(False)(p, X, y))
+    from hessian_service.engine.curvature.products import autograd_block_product
+
+    block = torch.randn(18, 3)  # the batched products that failed, against one at a time
+    ref = torch.stack([torch.autograd.functional.hvp(lambda q: fn(False)(q, X, y), p, v)[1]
+                       for v in block.T], 1)  # fmt: skip
+    for mode in ("forward_over_reverse", "reverse_over_reverse"):
+        got = autograd_block_product(objective, p, "hessian", None, mode)(block)
+        # the low dtype's rounding, taken in another order
+        assert float((got - ref).abs().max()) <= 4 * torch.finfo(low).eps * float(ref.abs().max())

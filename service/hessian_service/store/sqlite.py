@@ -504,9 +504,9 @@ class SQLiteRunStore(RecordQueue, SqlReads):
 
     def _bound_log(self, page: int) -> None:
         """Under max_bytes: the write-ahead log is checkpointed into the store, and cut back,
-        once it holds an eighth of the cap's pages (at most 1,000). SQLite's default (1,000 pages, never cut)
-        kept 3 MB of records in runs.sqlite3-wal beside a 48 kB file under a 1 MiB cap: the
-        cap bounded the file, not the disk."""
+        once it holds an eighth of the cap's pages (at most 1,000). SQLite's default (1,000
+        pages, never cut) kept 3 MB of records in runs.sqlite3-wal beside a 48 kB file under a
+        1 MiB cap: the cap bounded the file, not the disk."""
         pages = min(max(self._pages // 8, 16), 1000)  # never later than SQLite's default
         self._db.execute(f"PRAGMA wal_autocheckpoint={pages}")
         self._db.execute(f"PRAGMA journal_size_limit={pages * page}")

@@ -88,6 +88,13 @@ TO_INPUT_SHAPE = {
     "binary_cross_entropy": ("target", "weight"),
     "soft_margin_loss": ("target",),
 }
+# Normalisations whose batched double backward (the block products AnalyzeCurvature and the
+# dense Gauss-Newton matrix take) fails when their tensors differ in dtype (a float16 input
+# with float32 weights, which their CPU kernels take): one dtype, refused otherwise.
+ONE_DTYPE = frozenset(
+    ("layer_norm", "native_layer_norm", "instance_norm", "batch_norm",
+     "_native_batch_norm_legit_no_training")
+)  # fmt: skip
 # Normalisations that update running statistics in place unless this flag is False.
 RUNNING_STATS = {"batch_norm": "training", "instance_norm": "use_input_stats"}
 # In-place forms that the exporter emits on fresh copies only: run as their functional form.
@@ -349,8 +356,21 @@ class _NodeCost(TorchDispatchMode):
 def _check_operands(node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
     """Refuse an operand of TO_INPUT_SHAPE that does not broadcast to its node's input as it
     is: the meta kernel takes a (k, 1) pos_weight against a (k,) input, the CPU kernel
-    builds the k x k product of the two before it fails (16 GiB from a 1 MB request)."""
-    names = TO_INPUT_SHAPE.get(node.target.split(".")[3])
+    builds the k x k product of the two before it fails (16 GiB from a 1 MB request). And
+    refuse a ONE_DTYPE normalisation over tensors of several dtypes: it evaluated, then
+    AnalyzeCurvature and Gauss-Newton curvature failed inside torch (INTERNAL)."""
+    op = node.target.split(".")[3]
+    if op in ONE_DTYPE:
+        dtypes = {str(a.dtype).removeprefix("torch.") for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}  # fmt: skip
+        if len(dtypes) > 1:
+            raise refuse(
+                f"node {node.name!r} ({node.target}): its input, weight and bias of one dtype "
+                "(torch has no batched second derivative of a mixed-dtype normalisation: "
+                "cast the weights to the input's dtype, or the input to theirs)",
+                sorted(dtypes),
+            )
+    names = TO_INPUT_SHAPE.get(op)
     if not names:
         return
     schema = [a.name for a in node.op._schema.arguments]
