@@ -140,6 +140,35 @@ def test_steihaug_cg_follows_negative_curvature_as_a_descent_direction(radius):
         assert res.on_boundary and math.isclose(float(d.norm()), radius, rel_tol=1e-10)
 
 
+def _norm(v: torch.Tensor) -> float:
+    """||v|| where the sum of its squares overflows."""
+    top = float(v.abs().max())
+    return top * float((v / top).norm())
+
+
+@pytest.mark.parametrize("radius", [1e160, 1e250, 1e300])
+def test_steihaug_cg_reaches_a_boundary_whose_square_overflows(radius):
+    """radius^2 overflowed past 1e154: the boundary step came out infinite (a trust_radius of
+    1e200 recorded step_norm inf). Both ways to the boundary: along negative curvature, and
+    a positive definite system whose Newton step lies beyond the radius."""
+    evals = torch.tensor([3.0, 1.0, -2.0, 0.5], dtype=F64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64))
+    a = q @ torch.diag(evals) @ q.T
+    g = q @ torch.tensor([0.01, 0.02, 1.0, 0.01], dtype=F64)
+    res = steihaug_cg(lambda v: a @ v, g, radius=radius, tolerance=1e-10)
+    assert res.negative_curvature and res.on_boundary and bool(res.direction.isfinite().all())
+    assert (
+        math.isclose(_norm(res.direction), radius, rel_tol=1e-10) and float(g @ res.direction) < 0
+    )
+    tiny = _spd(20) * (1e-10 / radius)  # the Newton step ~1e10 x radius
+    g = torch.randn(20, dtype=F64)
+    res = steihaug_cg(lambda v: tiny @ v, g, radius=radius, tolerance=1e-12)
+    assert res.on_boundary and not res.negative_curvature
+    assert (
+        math.isclose(_norm(res.direction), radius, rel_tol=1e-10) and float(g @ res.direction) < 0
+    )
+
+
 STOP = StopCriteria(
     max_iterations=6, gradient_tolerance=0.0, function_tolerance=0.0, parameter_tolerance=0.0
 )

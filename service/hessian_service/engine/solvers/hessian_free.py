@@ -85,10 +85,14 @@ class CGResult:
 
 
 def _to_boundary(d: torch.Tensor, p: torch.Tensor, radius: float) -> float:
-    """The tau >= 0 with ||d + tau p|| = radius (d inside the ball)."""
-    pp, dp, dd = float(p @ p), float(d @ p), float(d @ d)
-    disc = max(dp * dp + pp * (radius * radius - dd), 0.0)
-    return (-dp + math.sqrt(disc)) / pp
+    """The tau >= 0 with ||d + tau p|| = radius (d inside the ball), solved for the unit
+    vector along p with d in units of the radius: radius^2 overflowed past 1e154, and a
+    trust_radius of 1e200 gave an infinite step."""
+    length = vector_norm(p)
+    unit, inside = p / length, d / radius
+    along = float(inside @ unit)
+    disc = max(along * along + 1.0 - float(inside @ inside), 0.0)
+    return radius * (math.sqrt(disc) - along) / length
 
 
 def steihaug_cg(
@@ -140,7 +144,7 @@ def steihaug_cg(
                 break
             alpha = rr / pap
             d_next = d + alpha * p
-            if float(d_next.norm()) >= radius:
+            if vector_norm(d_next) >= radius:
                 tau = _to_boundary(d, p, radius)
                 d = d + tau * p
                 r = r - tau * ap
