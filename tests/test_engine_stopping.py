@@ -144,9 +144,11 @@ def test_a_cycle_of_full_sized_steps_is_not_called_a_rounding_stall(rng):
 
 @pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
 def test_a_trust_radius_whose_step_underflows_ends_no_progress(rng, method):
-    # the step was exactly 0, rejected, and the radius floored: max_iterations of nothing
-    obj = _least_squares(rng)
-    options = MethodOptions(method=method, trust_radius=1e-308)
+    # the step was exactly 0, rejected, and the radius floored: max_iterations of nothing.
+    # The smallest radius, with a gradient of ~1e3: radius / |g| rounds to 0
+    x = torch.tensor(rng.normal(size=(20, 3)))
+    obj = make_objective("least_squares", {"X": x, "y": 1e3 * x.sum(1)})
+    options = MethodOptions(method=method, trust_radius=5e-324)
     run = Run(obj, torch.zeros(3, dtype=F64), options, StopCriteria(5000))
     records = run.run_to_end()
     assert run.stop_reason is StopReason.NO_PROGRESS and "trust radius" in run.message
@@ -154,6 +156,16 @@ def test_a_trust_radius_whose_step_underflows_ends_no_progress(rng, method):
     with pytest.raises(ValidationError) as err:
         take_step(obj, torch.zeros(3, dtype=F64), options)
     assert err.value.field == "options.trust_radius"
+
+
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_subnormal_trust_radius_whose_step_is_representable_grows_and_converges(rng, method):
+    # radius^2 underflowed to 0 below 1e-162, so the step was 0 although radius x the
+    # unit direction is a representable step: it now doubles its way up and converges
+    options = MethodOptions(method=method, trust_radius=1e-308)
+    run = Run(_least_squares(rng), torch.zeros(3, dtype=F64), options, StopCriteria(5000))
+    run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged
 
 
 @pytest.mark.parametrize("radius", [1e-100, 1e-30])
