@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -271,3 +274,67 @@ def test_a_stream_left_early_closes_its_watchrun_while_the_client_stays_open(obs
         assert asyncio.run(leave_early())
         c.cancel_run(run.id)
         run.wait(30)
+
+
+def _raw_call(address: str, method: str, request, request_id: bytes) -> dict[str, str]:
+    """One unary call over HTTP/2 by curl, with an x-request-id gRPC's own clients refuse to
+    send (a proxy may pass such bytes on); the response's headers and trailers."""
+    body = request.SerializeToString()
+    frame = b"\0" + len(body).to_bytes(4, "big") + body
+    done = subprocess.run(
+        ["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-", "-m", "30",
+         "-X", "POST", f"http://{address}/hessian.v1.HessianService/{method}",
+         "-H", "content-type: application/grpc", "-H", "te: trailers",
+         "-H", b"x-request-id: " + request_id, "--data-binary", "@-"],
+        input=frame, capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    lines = done.stdout.decode("latin-1").splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl, to send raw HTTP/2")
+@pytest.mark.parametrize("bad", ["caf\u00e9".encode(), b"a\tb", b"x\x7fy"])
+def test_a_request_id_that_cannot_be_echoed_is_replaced_not_answered_internal(observed, bad):
+    """A request id with a byte outside printable ASCII failed the trailing metadata after
+    the call had run: a StartRun that started its run was answered INTERNAL."""
+    answer = _raw_call(observed.address, "GetServerInfo", service_pb2.GetServerInfoRequest(), bad)
+    assert answer.get("grpc-status") == "0", answer
+    assert len(answer["x-request-id"]) == 32 and answer["x-request-id"].isalnum()
+    good = _raw_call(observed.address, "GetServerInfo", service_pb2.GetServerInfoRequest(), b"r 1")
+    assert good.get("grpc-status") == "0" and good["x-request-id"] == "r 1"
+
+
+def test_idle_connections_to_the_metrics_port_are_capped_and_timed_out(tmp_path, monkeypatch):
+    """Each connection to /metrics got a thread that waited for ever for its request: 500
+    idle ones took every file descriptor. Past MAX_CONNECTIONS a connection is closed at
+    once, and an idle one after IDLE_SECONDS; scrapes go on meanwhile."""
+    from hessian_service.server import metrics_http
+
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 3.0)
+    monkeypatch.setattr(metrics_http, "MAX_CONNECTIONS", 4)
+    handle = start_server(tmp_path, metrics_port=free_port())
+    idle = []
+    try:
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", handle.metrics_port)))
+            idle[-1].sendall(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
+        refused = False  # the accepting thread may take a moment to reach them all
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", handle.metrics_port), timeout=10) as e:
+                e.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                refused = e.recv(1) == b""  # closed at once: every slot is taken
+            if refused:
+                break
+            time.sleep(0.01)
+        assert refused
+        started = time.monotonic()
+        for conn in idle:  # each closed by the server once its 3 s have passed
+            conn.settimeout(10)
+            assert conn.recv(65536) == b""
+        assert time.monotonic() - started < 10
+        time.sleep(0.2)
+        assert scrape(handle.metrics_port)[("hessian_runs_active", ())] == 0  # scrapes go on
+    finally:
+        for conn in idle:
+            conn.close()
+        handle.stop(grace=1.0)

@@ -208,3 +208,25 @@ def test_an_admin_run_on_a_tenants_problem_keeps_it_when_the_tenant_deletes_it(t
         np.testing.assert_allclose(root.newton_step(pid, np.zeros(2)).params, [1.0, 0.5])
         with pytest.raises(NotFound):
             a.get_run(run.id)  # the admin's run is the admin's
+
+
+def test_an_admin_resuming_a_tenants_run_at_its_quota_is_told_whose_quota_it_is(tenants):
+    """The run counts against the tenant it belongs to; the refusal said "this token already
+    has 2 runs", to an admin whose token had none."""
+    from hessian_client import InvalidArgument, minimize
+    from scipy.optimize import rosen, rosen_der
+
+    with pytest.raises(InvalidArgument) as err:  # a bad jac leaves the run INTERRUPTED
+        minimize(rosen, np.zeros(3), jac=lambda x: "g", address=tenants.address,
+                 token="alpha-token")  # fmt: skip
+    with _client(tenants, "alpha-token") as a:
+        runs = [a.start_run(problems.rosenbrock(dim=2), np.zeros(2), **LONG) for _ in range(2)]
+        try:
+            with pytest.raises(ResourceExhausted) as full:
+                minimize(rosen, np.zeros(3), jac=rosen_der, resume=err.value.run_id,
+                         address=tenants.address, token="root-token")  # fmt: skip
+            assert "the token this run belongs to already has 2 runs" in str(full.value)
+        finally:
+            for run in runs:
+                a.cancel_run(run.id)
+                run.wait(60)

@@ -23,12 +23,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from ..store import RunStatus
 from .auth import TokenCheck, caller
 from .drain import Drain
+from .metrics_http import serve_metrics
 
 access_log = logging.getLogger("hessian_service.access")
 REQUEST_ID = "x-request-id"
@@ -108,7 +109,7 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP on host:port; returns the port bound."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server = serve_metrics(host, port, self.registry)
         self._http = server
         return server.server_address[1]
 
@@ -135,10 +136,15 @@ class _RunsByStatus:
 
 
 def _request_id(metadata: Any) -> str:
+    """The caller's x-request-id, or a new one where it gave none that can be echoed: a
+    value with a byte outside printable ASCII (a tab, UTF-8, sent over raw HTTP/2) failed
+    the trailing metadata after the call had run, which the caller saw as INTERNAL."""
     for key, value in metadata or ():
         if key == REQUEST_ID and value:
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            return text[:128]
+            text = value if isinstance(value, str) else value.decode("latin-1")
+            if text.isascii() and text.isprintable():
+                return text[:128]
+            break
     return uuid.uuid4().hex
 
 

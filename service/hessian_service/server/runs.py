@@ -347,8 +347,8 @@ class RunManager:
             if self.max_runs_per_owner and mine >= self.max_runs_per_owner:
                 raise LimitError(
                     "max_runs_per_token",
-                    f"this token already has {mine} runs queued or running, the server's "
-                    "per-token limit; wait for one to end or cancel one",
+                    f"the token this run belongs to already has {mine} runs queued or "
+                    "running, the server's per-token limit; wait for one to end or cancel one",
                 )
             live = LiveRun(run_id, base, owner)
             live.remote = remote
