@@ -699,6 +699,22 @@ def test_newton_line_search_converges_where_the_last_step_is_below_rounding(back
     assert records[-1].loss == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr", [2.0, 5.0, 50.0])
+def test_a_newton_line_search_from_past_the_full_step_tries_it_and_converges(backend, lr):
+    """A first trial past 1 backtracked over the Newton step (5, 2.5, 1.25, 0.625...): near
+    the minimum the loss could not judge those trials and the run ended no_progress at a
+    gradient of 1e-9. The search now tries 1 where its trials pass it, judged as a first
+    trial is, and converges to the minimum (L-BFGS-B's, to 1e-12)."""
+    obj, x, y = breast_cancer()
+    run = Run(obj, torch.zeros(31, dtype=F64), MethodOptions(method="newton", learning_rate=lr,
+              backend=backend), StopCriteria(max_iterations=200))  # fmt: skip
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
+    assert records[-1].loss == pytest.approx(logistic_minimum(x, y, 1e-3), rel=1e-12)
+    assert 1.0 in [r.step_size for r in records]
+
+
 # 4. globalised default step policies; fixed only on request
 def test_newton_defaults_to_a_line_search_and_rosenbrock_never_climbs():
     obj = make_objective("rosenbrock", {}, {"dim": 2})

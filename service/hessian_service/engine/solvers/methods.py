@@ -547,6 +547,7 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     slope = found.scale * float(point.grad @ found.vector)
     first = trial = math.nan
     finite_trials = 0
+    tried = alpha  # the last trial's step
     for _ in range(opts.max_backtracks):
         if evaluations >= LONG_SEARCH:  # past a default search: a deadline or cancel stops it
             where = f"after {evaluations} line-search trials"
@@ -566,22 +567,25 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
             if decreased if judged is None else judged:
                 break
         elif decreased or (
-            evaluations == 1 and stepper.gradient_judges(point, x, trial, alpha, slope)
+            (evaluations == 1 or alpha == 1.0)
+            and stepper.gradient_judges(point, x, trial, alpha, slope)
         ):
             break
         if evaluations == 1:
             first = trial
-        alpha *= opts.backtrack
+        tried, alpha = alpha, alpha * opts.backtrack
+        if alpha < 1.0 < tried and not stepper.first_order:
+            alpha = 1.0  # the second-order step's own length, from a first trial past it
     else:
         stepper.drop_trial()
-        if _at_rounding(point, (first, trial), alpha / opts.backtrack, slope, opts.learning_rate):
+        if _at_rounding(point, (first, trial), tried, slope, opts.learning_rate):
             not_taken = _taken(point, found, 0.0, evaluations, point.x)
             not_taken.accepted = False
             raise RoundingStall(evaluations, not_taken)
         if not finite_trials:
             raise LineSearchFailed(
                 f"every one of {evaluations} line-search trials, from learning_rate "
-                f"{opts.learning_rate:.4g} down to {alpha / opts.backtrack:.4g}, reached a "
+                f"{opts.learning_rate:.4g} down to {tried:.4g}, reached a "
                 "non-finite loss: a smaller learning_rate",
                 overflowed=True,
             )
