@@ -14,6 +14,7 @@ runs stopped before their next iteration and marked INTERRUPTED, in-flight calls
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import pathlib
@@ -529,31 +530,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain()
     handle.wait()
     log.info("stopped")
-    _exit_without_busy_threads(handle)
+    _exit_now(handle)
     return 0
 
 
-def _exit_without_busy_threads(handle: ServerHandle) -> None:
-    """End the process now if threads are still inside a call once the drain is done.
+def _exit_now(handle: ServerHandle) -> None:
+    """End the process once the drain is done, without the interpreter's teardown.
 
     A run's iteration in a long torch call (or a slow RPC handler) cannot be interrupted,
     and the interpreter's exit would join its thread, outliving the orchestrator's kill
     timeout (exit 137). Its run is already stored INTERRUPTED (resumable) and the store
     closed, so after LINGER_SECONDS the process exits 0 without it (os._exit, logs flushed).
+    With no thread busy the exit handlers run first; either way the interpreter's own
+    teardown of torch and gRPC (about 2 s after "stopped") is skipped: nothing is left for it.
     """
     stop = time.monotonic() + LINGER_SECONDS
     for thread in _joined_at_exit():
         thread.join(max(stop - time.monotonic(), 0.0))
     busy = [t.name for t in _joined_at_exit() if t.is_alive()]
-    if not busy:
-        return
-    log.warning(
-        "exiting without waiting for the threads still computing (%d: %s); runs cut "
-        "mid-iteration (stored INTERRUPTED, resumable): %d",
-        len(busy),
-        ", ".join(busy),
-        handle.runs.active_count() - handle.runs.queue_depth(),
-    )
+    if busy:
+        log.warning(
+            "exiting without waiting for the threads still computing (%d: %s); runs cut "
+            "mid-iteration (stored INTERRUPTED, resumable): %d",
+            len(busy),
+            ", ".join(busy),
+            handle.runs.active_count() - handle.runs.queue_depth(),
+        )
+    else:
+        atexit._run_exitfuncs()  # what a normal exit runs first (they would join the busy)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
