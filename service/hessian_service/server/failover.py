@@ -60,16 +60,20 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def hold(self, live: LiveRun, acquired: bool = False) -> None:
-        """Take the run's lease (unless `acquired` already) and keep it renewed.
+    def acquire(self, run_id: str) -> None:
+        """Take the run's lease (inside the caller's store transaction, if any); StoreError
+        when another replica holds a live lease on it."""
+        if self.store.acquire_lease(run_id, self.ttl_s) is None:
+            raise StoreError(f"run_id: run {run_id} is leased to another replica")
 
-        Raises StoreError when another replica holds a live lease on it.
-        """
-        sent = time.monotonic()
-        if not acquired and self.store.acquire_lease(live.run_id, self.ttl_s) is None:
-            raise StoreError(f"run_id: run {live.run_id} is leased to another replica")
+    def hold(self, live: LiveRun, acquired_at: float | None = None) -> None:
+        """Keep the run's lease renewed: one acquired at monotonic time `acquired_at` (when
+        the transaction that took it began: the lease runs from then), else taken now."""
+        if acquired_at is None:
+            acquired_at = time.monotonic()
+            self.acquire(live.run_id)
         with self._lock:
-            self._held[live.run_id] = (live, sent)
+            self._held[live.run_id] = (live, acquired_at)
 
     def release(self, run_id: str) -> None:
         """The run ended (its end is stored): give its lease up."""
@@ -177,6 +181,7 @@ class LeaseKeeper:
     def _take_over(self, run_id: str) -> None:
         if self.runs.live(run_id) is not None:
             return
+        acquired_at = time.monotonic()
         if self.store.acquire_lease(run_id, self.ttl_s) is None:
             return  # another replica won it
         row = self.store.get_run(run_id)
@@ -216,7 +221,7 @@ class LeaseKeeper:
             raise
         try:
             self.takeovers.append(run_id)
-            self.runs.take_over(row, objective)
+            self.runs.take_over(row, objective, acquired_at)
         except BaseException:
             self.store.expire_lease(run_id)  # not taken (shutting down?): free it again
             raise

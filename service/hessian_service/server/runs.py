@@ -467,9 +467,11 @@ class RunManager:
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
             with hold_problem() if hold_problem is not None else contextlib.nullcontext():
-                self.store.create_run(row, checkpoint, require_problem=remote is None)
-            if self.leases is not None:
-                self.leases.hold(live)
+                acquired_at = time.monotonic()
+                with self.store.transaction():
+                    self.store.create_run(row, checkpoint, require_problem=remote is None)
+                    self._lease(run_id)
+            self._keep_lease(live, acquired_at)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
             self._release(live)
@@ -499,9 +501,10 @@ class RunManager:
         live = self._admit(row.run_id, base, row.owner, objective)
         try:
             # conditional: DeleteRun or the retention cap may have removed the run meanwhile
-            self._leave_interrupted(row.run_id, status=RunStatus.QUEUED, stop_reason="", message="")
-            if self.leases is not None:
-                self.leases.hold(live)
+            acquired_at = self._leave_interrupted(
+                row.run_id, leased=True, status=RunStatus.QUEUED, stop_reason="", message=""
+            )
+            self._keep_lease(live, acquired_at)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
             self._release(live)
@@ -509,9 +512,10 @@ class RunManager:
         row.status, row.stop_reason, row.message = RunStatus.QUEUED, "", ""
         return row
 
-    def take_over(self, row: RunRow, objective: Objective) -> None:
-        """Continue a run whose replica died (this one now holds its lease) from its latest
-        checkpoint, under the same id; records it already has are not appended again."""
+    def take_over(self, row: RunRow, objective: Objective, acquired_at: float) -> None:
+        """Continue a run whose replica died (this one now holds its lease, taken at monotonic
+        time `acquired_at`) from its latest checkpoint, under the same id; records it already
+        has are not appended again."""
         stored = self.store.latest_checkpoint(row.run_id)
         if stored is None:
             raise ConflictError("run_id", f"run {row.run_id} has no checkpoint to resume from")
@@ -521,8 +525,7 @@ class RunManager:
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, row.owner, objective)
         try:
-            if self.leases is not None:
-                self.leases.hold(live, acquired=True)
+            self._keep_lease(live, acquired_at)
             self._submit(live, objective, checkpoint.params, options, stopping, checkpoint)
         except BaseException:
             self._release(live)
@@ -785,15 +788,35 @@ class RunManager:
             return False
         return True
 
-    def _leave_interrupted(self, run_id: str, **fields: Any) -> None:
+    def _leave_interrupted(self, run_id: str, leased: bool = False, **fields: Any) -> float:
         """Set `fields` on an INTERRUPTED run (as `settle` reports it: an orphan's stored row
-        is still active), conditionally on that status (RunStateError when it changed)."""
+        is still active), conditionally on that status (RunStateError when it changed);
+        `leased`: and take its lease in the same transaction. Returns the monotonic time the
+        transaction began (a lease taken in it runs from then)."""
         with self._lock:
             orphan = run_id in self._orphans
         statuses = (RunStatus.INTERRUPTED, *ACTIVE_STATUSES) if orphan else (RunStatus.INTERRUPTED,)
-        self.store.update_run(run_id, expect_status=statuses, **fields)
+        began = time.monotonic()
+        with self.store.transaction():
+            self.store.update_run(run_id, expect_status=statuses, **fields)
+            if leased:
+                self._lease(run_id)
         with self._lock:
             self._orphans.pop(run_id, None)
+        return began
+
+    def _lease(self, run_id: str) -> None:
+        """With replicas: take the run's lease, inside the transaction that makes it active,
+        so no replica ever sees it active without one (a lease write that failed after the
+        row's commit left a QUEUED run nobody would take over or cancel, and a replica
+        starting in between marked another's fresh run INTERRUPTED)."""
+        if self.leases is not None:
+            self.leases.acquire(run_id)
+
+    def _keep_lease(self, live: LiveRun, acquired_at: float) -> None:
+        """With replicas: renew the lease the run's transaction took at `acquired_at`."""
+        if self.leases is not None:
+            self.leases.hold(live, acquired_at)
 
     @staticmethod
     def _claim(live: LiveRun) -> bool:

@@ -243,6 +243,12 @@ class RunStore(ABC):
         (nor in `keep`) until the stored problems take at most `max_bytes`; return their ids."""
 
     @abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One write transaction: the store's writes inside the block join it and commit, or
+        roll back, together (a run's row and its lease: a replica that stored the one and not
+        the other left a run QUEUED that no replica would take over)."""
+
+    @abstractmethod
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:

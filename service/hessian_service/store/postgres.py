@@ -310,6 +310,11 @@ class PostgresRunStore(RecordQueue, SqlReads):
         return deleted
 
     # runs
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._write():
+            yield
+
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:

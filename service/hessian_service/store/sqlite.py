@@ -275,6 +275,9 @@ class SQLiteRunStore(RecordQueue, SqlReads):
             if self._full is not None and self._pages:
                 raise self._full  # only a delete frees room under the cap (a disk may grow)
 
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self._write()
+
     def create_run(
         self, row: RunRow, checkpoint: StoredCheckpoint, *, require_problem: bool = False
     ) -> None:
