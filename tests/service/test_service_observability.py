@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server, start_server
-from hessian_client import Client, NotFound, minimize, problems
+from hessian_client import Client, DeadlineExceeded, NotFound, minimize, problems
 from hessian_client.aio import Client as AsyncClient
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -338,3 +338,36 @@ def test_idle_connections_to_the_metrics_port_are_capped_and_timed_out(tmp_path,
         for conn in idle:
             conn.close()
         handle.stop(grace=1.0)
+
+
+def test_an_answer_ready_after_its_deadline_is_logged_and_counted_as_deadline_exceeded(
+    observed, caplog
+):
+    """A unary handler that finished after the call's deadline had its answer dropped (the
+    caller got DEADLINE_EXCEEDED) while the access log and hessian_rpcs_total said OK."""
+    caplog.set_level("INFO", logger="hessian_service.access")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200_000, 40))
+    problem = problems.mlp(x, rng.standard_normal((200_000, 1)), layer_sizes=[40, 64, 1])
+    before = scrape(observed.metrics_port)
+    with Client(observed.address, timeout=120) as client:
+        pid = client.create_problem(problem)
+        params = rng.standard_normal(40 * 64 + 64 + 64 + 1)
+        started = time.perf_counter()
+        client.predict(pid, params)  # the time it takes, untimed
+        took = time.perf_counter() - started
+        with pytest.raises(DeadlineExceeded):
+            client.predict(pid, params, timeout=took / 10)
+    deadline = time.monotonic() + 60  # a hang guard
+    while time.monotonic() < deadline:
+        lines = [r.fields for r in caplog.records if r.name == "hessian_service.access"]
+        codes = [x["code"] for x in lines if x["method"].endswith("/Predict")]
+        if len(codes) == 2:
+            break
+        time.sleep(0.01)
+    assert codes == ["OK", "DEADLINE_EXCEEDED"]
+    after = scrape(observed.metrics_port)
+    assert delta(before, after, "hessian_rpcs_total", method="Predict", code="OK") == 1
+    assert (
+        delta(before, after, "hessian_rpcs_total", method="Predict", code="DEADLINE_EXCEEDED") == 1
+    )

@@ -33,6 +33,7 @@ from .metrics_http import serve_metrics
 
 access_log = logging.getLogger("hessian_service.access")
 REQUEST_ID = "x-request-id"
+DEADLINE_SLACK_S = 0.02  # a call cancelled this close to its deadline was cancelled by it
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -149,10 +150,18 @@ def _request_id(metadata: Any) -> str:
 
 
 def _code_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool) -> str:
-    """The final status code of a call, by name, for the metrics and the access log."""
+    """The final status code of a call, by name, for the metrics and the access log. A call
+    cancelled, or answered, at its deadline is what its caller got: DEADLINE_EXCEEDED
+    (these said CANCELLED, or OK for an answer ready too late to go out). The caller's
+    deadline passes DEADLINE_SLACK_S or so before the server's (which starts when the call
+    arrives), and its cancel then comes first."""
+    code = context.code()
+    if code is None or cancelled:
+        remaining = context.time_remaining()
+        if (cancelled or not failed) and remaining is not None and remaining <= DEADLINE_SLACK_S:
+            return grpc.StatusCode.DEADLINE_EXCEEDED.name
     if cancelled:
         return grpc.StatusCode.CANCELLED.name
-    code = context.code()
     if code is None:
         code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
