@@ -169,6 +169,18 @@ def test_steihaug_cg_reaches_a_boundary_whose_square_overflows(radius):
     )
 
 
+@pytest.mark.parametrize("radius", [1e-46, 1e-40, 1e-30])
+def test_a_float32_boundary_below_float32s_range_is_a_zero_step_not_nan(radius):
+    """A float32 radius below 7e-46 rounds to 0 in float32: d / radius was 0 / 0 = NaN, a
+    NaN step; the boundary is solved in float64, the step the dtype can hold (0 or tiny)."""
+    g = torch.randn(5, dtype=torch.float32)
+    a = _spd(5).float()
+    res = steihaug_cg(lambda v: a @ v, g, radius=radius, tolerance=1e-6)
+    d = res.direction
+    assert res.on_boundary and bool(d.isfinite().all()) and d.dtype == torch.float32
+    assert float(d.double().norm()) <= radius * (1 + 1e-6) + 1.5e-45
+
+
 STOP = StopCriteria(
     max_iterations=6, gradient_tolerance=0.0, function_tolerance=0.0, parameter_tolerance=0.0
 )

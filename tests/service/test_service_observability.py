@@ -307,7 +307,8 @@ def test_a_request_id_that_cannot_be_echoed_is_replaced_not_answered_internal(ob
 def test_idle_connections_to_the_metrics_port_are_capped_and_timed_out(tmp_path, monkeypatch):
     """Each connection to /metrics got a thread that waited for ever for its request: 500
     idle ones took every file descriptor. Past MAX_CONNECTIONS a connection is closed at
-    once, and an idle one after IDLE_SECONDS; scrapes go on meanwhile."""
+    once, and each after CONNECTION_SECONDS, a slow drip of header bytes too; scrapes go on
+    meanwhile."""
     from hessian_service.server import metrics_http
 
     monkeypatch.setattr(metrics_http._Handler, "timeout", 3.0)
@@ -332,6 +333,18 @@ def test_idle_connections_to_the_metrics_port_are_capped_and_timed_out(tmp_path,
             conn.settimeout(10)
             assert conn.recv(65536) == b""
         assert time.monotonic() - started < 10
+        with socket.create_connection(("127.0.0.1", handle.metrics_port), timeout=0.5) as drip:
+            drip.sendall(b"GET /metrics HTTP/1.1\r\n")
+            opened, cut = time.monotonic(), False
+            while not cut and time.monotonic() - opened < 20:  # a header byte every 0.5 s
+                try:
+                    drip.sendall(b"X")
+                    cut = drip.recv(1) == b""
+                except TimeoutError:
+                    continue
+                except OSError:  # reset by the server
+                    cut = True
+            assert cut and time.monotonic() - opened < 10
         time.sleep(0.2)
         assert scrape(handle.metrics_port)[("hessian_runs_active", ())] == 0  # scrapes go on
     finally:

@@ -66,6 +66,11 @@ class LeaseKeeper:
         if self.store.acquire_lease(run_id, self.ttl_s) is None:
             raise StoreError(f"run_id: run {run_id} is leased to another replica")
 
+    def forget(self, run_id: str) -> None:
+        """A lease taken in a transaction that then rolled back: drop what the store kept of
+        it (its fence would refuse this replica's later writes for the run)."""
+        self.store.forget_lease(run_id)
+
     def hold(self, live: LiveRun, acquired_at: float | None = None) -> None:
         """Keep the run's lease renewed: one acquired at monotonic time `acquired_at` (when
         the transaction that took it began: the lease runs from then), else taken now."""

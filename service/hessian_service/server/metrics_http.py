@@ -1,11 +1,14 @@
 """The /metrics HTTP endpoint, bounded: prometheus_client's own server starts a thread per
 connection and waits for ever on a request that never completes, so 500 idle connections
 (unauthenticated) took every file descriptor and new gRPC connections failed. Here each
-connection has IDLE_SECONDS to send its request and at most MAX_CONNECTIONS are served at
-once; one more is closed at once (a scraper retries at its next interval)."""
+connection is closed CONNECTION_SECONDS after it was accepted, whatever it is doing (a read
+timeout alone lets a client that sends a byte every few seconds keep its slot), and at most
+MAX_CONNECTIONS are served at once; one more is closed at once (a scraper retries at its
+next interval)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import threading
@@ -14,15 +17,30 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-IDLE_SECONDS = 10.0
+CONNECTION_SECONDS = 10.0
 MAX_CONNECTIONS = 16
 
 
 class _Handler(WSGIRequestHandler):
-    """A request handler whose socket reads time out (StreamRequestHandler.timeout), and
-    that logs nothing (a scrape every few seconds is no news)."""
+    """A request handler whose connection is cut CONNECTION_SECONDS after it began (its
+    reads time out then too), and that logs nothing (a scrape every few seconds is no news)."""
 
-    timeout = IDLE_SECONDS
+    timeout = CONNECTION_SECONDS
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.timeout, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        with contextlib.suppress(OSError):  # the client went away or was cut
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

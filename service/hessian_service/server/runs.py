@@ -467,10 +467,10 @@ class RunManager:
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
             with hold_problem() if hold_problem is not None else contextlib.nullcontext():
-                acquired_at = time.monotonic()
-                with self.store.transaction():
-                    self.store.create_run(row, checkpoint, require_problem=remote is None)
-                    self._lease(run_id)
+                acquired_at = self._leased(
+                    run_id,
+                    lambda: self.store.create_run(row, checkpoint, require_problem=remote is None),
+                )
             self._keep_lease(live, acquired_at)
             self._submit(live, objective, params, options, stopping, None)
         except BaseException:
@@ -796,22 +796,38 @@ class RunManager:
         with self._lock:
             orphan = run_id in self._orphans
         statuses = (RunStatus.INTERRUPTED, *ACTIVE_STATUSES) if orphan else (RunStatus.INTERRUPTED,)
-        began = time.monotonic()
-        with self.store.transaction():
+
+        def write() -> None:
             self.store.update_run(run_id, expect_status=statuses, **fields)
-            if leased:
-                self._lease(run_id)
+
+        began = self._leased(run_id, write) if leased else time.monotonic()
+        if not leased:
+            write()
         with self._lock:
             self._orphans.pop(run_id, None)
         return began
 
-    def _lease(self, run_id: str) -> None:
-        """With replicas: take the run's lease, inside the transaction that makes it active,
-        so no replica ever sees it active without one (a lease write that failed after the
-        row's commit left a QUEUED run nobody would take over or cancel, and a replica
-        starting in between marked another's fresh run INTERRUPTED)."""
-        if self.leases is not None:
-            self.leases.acquire(run_id)
+    def _leased(self, run_id: str, write: Callable[[], None]) -> float:
+        """`write` (what makes the run active) and, with replicas, the run's lease in one
+        transaction, so no replica ever sees the run active without one (a lease write that
+        failed after the row's commit left a QUEUED run nobody would take over or cancel, and
+        a replica starting in between marked another's fresh run INTERRUPTED). The queued
+        records go first, in a commit of their own: the lease's failure is then the new
+        run's alone. Returns the monotonic time the transaction began (the lease's start)."""
+        if self.leases is None:
+            began = time.monotonic()
+            write()
+            return began
+        self.store.flush()
+        began = time.monotonic()
+        try:
+            with self.store.transaction():
+                write()
+                self.leases.acquire(run_id)
+        except BaseException:
+            self.leases.forget(run_id)  # a fence the rollback left without its lease
+            raise
+        return began
 
     def _keep_lease(self, live: LiveRun, acquired_at: float) -> None:
         """With replicas: renew the lease the run's transaction took at `acquired_at`."""

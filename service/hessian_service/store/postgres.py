@@ -441,6 +441,12 @@ class PostgresRunStore(RecordQueue, SqlReads):
             self._lost.pop(run_id, None)
             return row[0]
 
+    def forget_lease(self, run_id: str) -> None:
+        """Drop this store's fence of a lease whose transaction rolled back (nothing written)."""
+        with self._lock:
+            self._fences.pop(run_id, None)
+            self._lost.pop(run_id, None)
+
     def renew_lease(self, run_id: str, ttl_s: float) -> bool:
         """Extend this store's lease on the run; False when it was lost (taken or expired)."""
         return run_id in self.renew_leases([run_id], ttl_s)

@@ -87,9 +87,10 @@ class CGResult:
 def _to_boundary(d: torch.Tensor, p: torch.Tensor, radius: float) -> float:
     """The tau >= 0 with ||d + tau p|| = radius (d inside the ball), solved for the unit
     vector along p with d in units of the radius: radius^2 overflowed past 1e154, and a
-    trust_radius of 1e200 gave an infinite step."""
+    trust_radius of 1e200 gave an infinite step. In float64 whatever the dtype (a float32
+    radius below 7e-46 rounds to 0, and d / 0 to NaN)."""
     length = vector_norm(p)
-    unit, inside = p / length, d / radius
+    unit, inside = p.double() / length, d.double() / radius
     along = float(inside @ unit)
     disc = max(along * along + 1.0 - float(inside @ inside), 0.0)
     return radius * (math.sqrt(disc) - along) / length
