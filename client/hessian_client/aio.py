@@ -25,7 +25,7 @@ from .client import (
     check_fits,
     records_frame,
 )
-from .errors import HessianError
+from .errors import Cancelled, FailedPrecondition, HessianError
 from .results import RunInfo, RunResult, StepRecord, WireRunInfo
 
 __all__ = ["Client", "Run"]
@@ -45,6 +45,23 @@ class Client(_Api):
         ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self._connect(aio, address, token, timeout, max_message_bytes, root_certificates, ca_file)
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # made outside a loop: grpc.aio binds it to the first one used
+            self._loop = None
+
+    def _check_loop(self) -> None:
+        """Refuse a call from another event loop than the client's (grpc.aio's channel is
+        bound to its loop: asyncio raised "Future attached to a different loop")."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise FailedPrecondition(
+                "client: this aio.Client belongs to the event loop it was created in; "
+                "create one client per event loop (or use the sync Client across threads)",
+                field="client",
+            )
 
     async def close(self) -> None:
         """Close the channel."""
@@ -59,6 +76,7 @@ class Client(_Api):
 
     async def call(self, method: str, request: Any, timeout: Any = _DEFAULT) -> Any:
         """Await unary `method`, turning gRPC errors into typed HessianError subclasses."""
+        self._check_loop()
         check_fits(request, self.max_message_bytes)
         try:
             return await getattr(self.stub, method)(
@@ -66,6 +84,21 @@ class Client(_Api):
             )
         except grpc.RpcError as exc:
             raise call_error(exc, request) from None
+        except asyncio.CancelledError:
+            self._raise_if_closed_under()
+            raise
+
+    def _raise_if_closed_under(self) -> None:
+        """A call in flight when close() closed the channel: grpc.aio cancels it, and the
+        caller saw asyncio.CancelledError as if its own task had been cancelled (which
+        gather and TaskGroup treat otherwise); it gets Cancelled, as the sync client's
+        caller does. A task its caller did cancel keeps its CancelledError."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or not task.cancelling()):
+            raise Cancelled(
+                "CANCELLED: the client was closed while this call was in flight",
+                field="client",
+            ) from None
 
     def _unary(self, method: str, request: Any, timeout: Any, decode: Callable[[Any], Any]) -> Any:
         async def invoke() -> Any:
@@ -77,6 +110,7 @@ class Client(_Api):
         return Run(self, run_id, RunInfo.from_wire(info) if info is not None else None, like)
 
     async def _start_watching(self, request: Any, like: Any, timeout: Any = _DEFAULT) -> Run:
+        self._check_loop()
         check_fits(request, self.max_message_bytes)
         call = self.stub.StartAndWatchRun(
             request, timeout=self._deadline(timeout), metadata=self.metadata
@@ -87,6 +121,9 @@ class Client(_Api):
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server before API 1.2
                 return await self._unary("StartRun", request, timeout, self._start_decoder(like))
             raise call_error(exc, request) from None
+        except asyncio.CancelledError:
+            self._raise_if_closed_under()
+            raise
         return _watched(self._run, call, None if first is aio.EOF else first, like)
 
     def list_runs(
@@ -121,6 +158,7 @@ class Run(_RunBase):
     ) -> AsyncIterator[StepRecord]:
         """Every record from `from_iteration` on, exactly once, until the run ends (see the
         sync `Run.stream`: reconnects after drops, `timeout` bounds the whole stream)."""
+        self.client._check_loop()
         watch = _Watch(self, from_iteration, reconnect_timeout, timeout)
         opened = self._take_opened(timeout)
         while True:
@@ -147,6 +185,9 @@ class Run(_RunBase):
                     late := watch.overdue(await self._status())
                 ):
                     raise late from None
+            except asyncio.CancelledError:
+                self.client._raise_if_closed_under()
+                raise
             finally:  # a consumer that stopped early (break, cancel) leaves no WatchRun open
                 if call is not None:
                     call.cancel()

@@ -16,7 +16,7 @@ import re
 import ssl
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -117,7 +117,30 @@ def _text(field: str, value: Any, unset: str | None = None) -> str:
         return unset
     if not isinstance(value, str):
         raise invalid(field, "a string", type(value).__name__)
+    if not _utf8(value):
+        raise invalid(field, "text that encodes as UTF-8", value)
     return value
+
+
+def _mapping(field: str, value: Any) -> Mapping[str, Any]:
+    """`value` as keyword arguments (None: none); InvalidArgument naming `field` otherwise
+    (a list of pairs raised a bare TypeError from `**`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise invalid(field, "a dict of name: value", type(value).__name__)
+    return value
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: a lone surrogate (what Python makes of a command-line
+    argument that is not UTF-8) cannot go on the wire, and protobuf raised a bare
+    UnicodeEncodeError where the field should have been named."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seconds(field: str, value: Any) -> float | None:
@@ -166,7 +189,7 @@ def check_versions(info: service_pb2.ServerInfo) -> None:
 
 def _source(problem: Any) -> dict[str, Any]:
     if isinstance(problem, str):
-        return {"problem_id": problem}
+        return {"problem_id": _text("problem_id", problem)}
     if isinstance(problem, problem_pb2.Problem):
         return {"problem": problem}
     raise invalid("problem", "a Problem message or a problem id string", type(problem).__name__)
@@ -245,6 +268,8 @@ def address_problem(address: str) -> str | None:
     """What a host:port `address` should be, or None where it is one (resolver targets,
     scheme:..., are gRPC's to parse): a host without a port would be dialled at 443, and a
     port past 65535 wrapped round (99999 to 34463)."""
+    if not _utf8(address):
+        return "text that encodes as UTF-8"
     if "://" in address or address.split(":", 1)[0] in RESOLVER_SCHEMES:
         return None
     if ":" not in address or address.endswith("]"):
@@ -651,7 +676,7 @@ class _Api:
         """
         request = service_pb2.StartRunRequest(
             options=method_options(seed=curvature_seed, **options),
-            stopping=stop_criteria(**(stopping or {})),
+            stopping=stop_criteria(**_mapping("stopping", stopping)),
             name=_text("name", name, unset=""),
             **_source(problem),
         )

@@ -21,7 +21,7 @@ import numpy as np
 
 from .aio import Client as AsyncClient
 from .awaiting import LoopBridge, is_async
-from .client import Client, _text, call_error, check_fits
+from .client import Client, _mapping, _text, call_error, check_fits
 from .errors import DeadlineExceeded, HessianError, Unavailable, invalid
 from .options import STOP_FIELDS, method_options, stop_criteria
 from .proto import optimize_pb2, service_pb2
@@ -218,7 +218,8 @@ class _Session:
         if callback is not None and not callable(callback):
             raise invalid("callback", "a function of the intermediate result, or None", callback)
         self.callback = callback
-        self.tol, self.options, self.name = tol, dict(options or {}), _text("name", name)
+        self.tol, self.name = tol, _text("name", name)
+        self.options = dict(_mapping("options", options))
         speculative = self.options.get("speculative")
         if speculative is not None and not isinstance(speculative, bool):
             raise invalid("options.speculative", "True or False", speculative)

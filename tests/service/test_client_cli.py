@@ -186,6 +186,13 @@ def test_records_export_csv_and_jsonl_are_lossless(server, capsys, tmp_path):
         (("run", "--objective", "rosenbrock", "--option", "dim="), ["rosenbrock"]),
         (("run", "--objective", "rosenbrock", "--option", "dim"), ["KEY=VALUE"]),
         (("nonsense",), ["invalid choice"]),
+        # arguments that were not UTF-8 (Python hands them over as lone surrogates): a
+        # traceback ending in UnicodeEncodeError, exit 1
+        (("watch", "r-\udcff"), ["run_id", "UTF-8"]),
+        (("cancel", "r-\udcff"), ["run_id", "UTF-8"]),
+        (("delete-problem", "p-\udcff"), ["problem_id", "UTF-8"]),
+        (("run", "--objective", "rosenbrock", "--name", "\udcff"), ["name", "UTF-8"]),
+        (("run", "--problem-id", "p-\udcff"), ["problem_id", "UTF-8"]),
     ],
 )
 def test_usage_mistakes_are_one_line_and_exit_2(server, capsys, args, words):

@@ -255,6 +255,13 @@ def test_server_errors_carry_field_and_expected_as_status_details(client, stub):
         (lambda c: list(c.list_runs(status=5)), "status"),
         # bool("no") is True: the parameters came back
         (lambda c: c.get_run("r-x", include_params="no"), "include_params"),
+        # text that cannot be UTF-8 (a command-line argument that was not): protobuf raised
+        # a bare UnicodeEncodeError
+        (lambda c: c.get_run("r-\udcff"), "run_id"),
+        (lambda c: c.newton_step("p-\udcff", [0.0, 0.0]), "problem_id"),
+        (lambda c: c.start_run(problems.rosenbrock(dim=2), [0.0, 0.0], name="a\ud800"), "name"),
+        # a TypeError from ** before
+        (lambda c: c.start_run(problems.rosenbrock(dim=2), [0.0], stopping=[("a", 3)]), "stopping"),
     ],
 )
 def test_client_side_mistakes_raise_invalid_argument_naming_the_field(client, call, field):
@@ -517,3 +524,50 @@ def test_every_result_compares_by_value_and_hashes_alike_when_equal(rng):
     assert same == TraceResult(0.0, 0.0, 0.95, 3) and hash(same) == hash(
         TraceResult(0.0, 0.0, 0.95, 3)
     )
+
+
+def test_an_aio_call_in_flight_when_its_client_closes_raises_cancelled(server):
+    """grpc.aio cancels the calls open on a channel it closes: the caller's task ended in a
+    bare asyncio.CancelledError nobody asked for (gather and TaskGroup take that for the
+    caller's own cancel). It gets Cancelled, a HessianError, as the sync client's caller
+    does; a task its caller cancels keeps its CancelledError."""
+    import asyncio
+
+    from hessian_client import Cancelled, FailedPrecondition, aio
+
+    async def main() -> None:
+        client = aio.Client(server.address, timeout=30)
+        run = await client.start_run(**start_endless_run_kwargs())
+        stream = asyncio.create_task(_drain(run.stream()))
+        waiting = asyncio.create_task(run.wait())
+        cancelled_by_caller = asyncio.create_task(run.wait())
+        await asyncio.sleep(0.3)
+        cancelled_by_caller.cancel()
+        await client.close()
+        for task in (stream, waiting):
+            with pytest.raises(Cancelled, match="closed while this call was in flight"):
+                await task
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled_by_caller
+        with Client(server.address) as sync:
+            sync.cancel_run(run.id)
+
+    async def _drain(records) -> None:
+        async for _ in records:
+            pass
+
+    asyncio.run(main())
+
+    async def make() -> aio.Client:
+        return aio.Client(server.address, timeout=30)
+
+    client = asyncio.run(make())  # its loop is gone; another loop uses it
+    with pytest.raises(FailedPrecondition, match="event loop it was created in"):
+        asyncio.run(client.info())
+
+
+def start_endless_run_kwargs() -> dict:
+    """A gradient-descent run that goes on until cancelled."""
+    return {"problem": problems.rosenbrock(dim=2), "params": np.array([-1.2, 1.0]),
+            "method": "gradient_descent", "learning_rate": 1e-9,
+            "stopping": {"max_iterations": 10**6, "gradient_tolerance": 0.0}}  # fmt: skip
