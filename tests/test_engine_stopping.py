@@ -700,19 +700,84 @@ def test_newton_line_search_converges_where_the_last_step_is_below_rounding(back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lr", [2.0, 5.0, 50.0])
+@pytest.mark.parametrize("lr", [1.5, 2.0, 5.0, 50.0])
 def test_a_newton_line_search_from_past_the_full_step_tries_it_and_converges(backend, lr):
     """A first trial past 1 backtracked over the Newton step (5, 2.5, 1.25, 0.625...): near
     the minimum the loss could not judge those trials and the run ended no_progress at a
-    gradient of 1e-9. The search now tries 1 where its trials pass it, judged as a first
-    trial is, and converges to the minimum (L-BFGS-B's, to 1e-12)."""
+    gradient of 1e-9; and any step below about 2 passes Armijo on a quadratic, so lr 1.5 was
+    linear and stalled. The search tries 1 where its trials pass it, and takes it where it
+    does at least as well as the longer step Armijo took: runs converge to the minimum
+    (L-BFGS-B's for the logistic regression, to 1e-12; lstsq's exact fit; Rosenbrock's)."""
     obj, x, y = breast_cancer()
-    run = Run(obj, torch.zeros(31, dtype=F64), MethodOptions(method="newton", learning_rate=lr,
-              backend=backend), StopCriteria(max_iterations=200))  # fmt: skip
+    gen = np.random.default_rng(4)
+    design = gen.normal(size=(60, 5)) * 1000
+    truth = gen.normal(size=5)
+    fit = make_objective("least_squares", {"X": torch.tensor(design),
+                                           "y": torch.tensor(design @ truth)})  # fmt: skip
+    cases = [
+        (obj, torch.zeros(31, dtype=F64), logistic_minimum(x, y, 1e-3)),
+        (fit, torch.zeros(5, dtype=F64), 0.0),
+        (make_objective("rosenbrock", options={"dim": 2}), torch.tensor([-1.2, 1.0], dtype=F64),
+         0.0),
+    ]  # fmt: skip
+    for objective, start, minimum in cases:
+        options = MethodOptions(method="newton", learning_rate=lr, backend=backend)
+        run = Run(objective, start, options, StopCriteria(max_iterations=200))
+        records = run.run_to_end()
+        assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
+        assert records[-1].loss == pytest.approx(minimum, rel=1e-12, abs=1e-20)
+        assert 1.0 in [r.step_size for r in records]
+
+
+@pytest.mark.parametrize("lr", [1.5, 5.0])
+def test_a_unary_newton_step_past_the_full_step_is_the_same_on_every_backend(lr):
+    """The native fused step takes its first trial when Armijo passes; past 1 the search
+    compares it with the full step, so that path steps aside and both backends agree."""
+    obj, _, _ = breast_cancer()
+    x0 = torch.full((31,), 0.1, dtype=F64)
+    steps = [take_step(obj, x0, MethodOptions(method="newton", learning_rate=lr, backend=b))
+             for b in BACKENDS]  # fmt: skip
+    for step in steps:
+        assert step.record.step_size in (1.0, lr) and step.record.step_accepted
+    assert len({s.record.step_size for s in steps}) == 1
+    for step in steps[1:]:
+        torch.testing.assert_close(step.params, steps[0].params, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_float32_exact_fit_whose_loss_is_its_own_noise_stops(backend, method):
+    """At a float32 exact fit the loss (~1e-10) is rounding noise of its own size: a full
+    CG solve after a partial one rose by 6% of it, which the stall test took for divergence,
+    and the run alternated between two points until max_iterations. Rises within the
+    trust region's rounding (absolute near 0) are judged; the run stops within a few steps,
+    its loss at the float32 noise floor of the exact fit."""
+    gen = np.random.default_rng(1)
+    design = gen.normal(size=(500, 20)) * 30.0
+    y = design @ gen.normal(size=20)
+    obj = make_objective("least_squares", {"X": torch.tensor(design, dtype=torch.float32),
+                                           "y": torch.tensor(y, dtype=torch.float32)})  # fmt: skip
+    run = Run(obj, torch.zeros(20, dtype=torch.float32), MethodOptions(method=method,
+              backend=backend), StopCriteria(max_iterations=300))  # fmt: skip
     records = run.run_to_end()
-    assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and run.converged, run.message
-    assert records[-1].loss == pytest.approx(logistic_minimum(x, y, 1e-3), rel=1e-12)
-    assert 1.0 in [r.step_size for r in records]
+    assert run.stop_reason is not StopReason.MAX_ITERATIONS and len(records) < 50, run.message
+    assert records[-1].loss < 1e-8  # float32's floor here is ~1e-10; the start's loss ~1e4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["newton_cg", "gauss_newton_cg"])
+def test_a_trust_region_step_from_an_exactly_zero_gradient_is_taken_and_judged(backend, method):
+    """At the exact minimum of an mse (gradient exactly 0) every trust-region step (0) was
+    rejected, the radius fell to 1e-300 and, with the gradient test off, the stall test never
+    ran: max_iterations of nothing. The zero step is taken, and the stall test stops it."""
+    target = torch.tensor(np.random.default_rng(0).normal(size=7))
+    obj = make_objective("mse", {"target": target})
+    run = Run(obj, torch.zeros(7, dtype=F64), MethodOptions(method=method, backend=backend),
+              StopCriteria(max_iterations=200, gradient_tolerance=0.0))  # fmt: skip
+    records = run.run_to_end()
+    assert run.stop_reason is StopReason.PARAMETERS_STALLED and len(records) < 10
+    torch.testing.assert_close(run.params, target, rtol=0, atol=1e-15)
+    assert records[-2].step_accepted and records[-2].step_norm == 0.0
 
 
 # 4. globalised default step policies; fixed only on request

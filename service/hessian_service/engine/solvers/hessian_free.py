@@ -388,8 +388,13 @@ def newton_cg(
     # both decreases below the loss's rounding (absolute near 0): rho is noise, trust the model
     if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
         rho = 1.0
-    accepted = rho > ACCEPT_RATIO
+    # at an exactly zero gradient the step 0 is the model's minimiser: taken (the stall test
+    # then judges it), where its rejection (rho -inf) collapsed the radius run after run
+    zero = not bool(grad.any())
+    accepted = rho > ACCEPT_RATIO or zero
     step_norm = vector_norm(cg.direction)
+    if zero:  # nothing was learned of the model: the radius and lambda stay
+        return TrustRegionStep(x_new, cg, lam, radius, math.nan, accepted)
     if rho < SHRINK_RATIO:
         state["trust_radius"] = max(SHRINK_RATIO * min(step_norm, radius), 1e-300)
         state["damping"] = lam * MARTENS_INCREASE

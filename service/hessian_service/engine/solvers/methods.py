@@ -27,6 +27,7 @@ from ..linalg import (
     all_finite,
     below_rounding,
     gauge_fixed,
+    loss_rounding,
     negative_eigenvalues,
     sufficient_decrease,
     vector_norm,
@@ -592,6 +593,15 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         raise LineSearchFailed(
             f"no step satisfied the Armijo condition in {evaluations} backtracks"
         )
+    if alpha > 1.0 and not stepper.first_order:
+        # a second-order step past its own length that Armijo took (any alpha below about
+        # 2 passes on a quadratic): the full step 1 where it does at least as well, else the
+        # run is linear near the minimum (lr 1.5: a least squares stalled at max|g| 6e-3)
+        full = found.advance(point.x, 1.0)
+        at_full = stepper.loss_at(full)
+        evaluations += 1
+        if at_full <= trial + loss_rounding(trial, point.x.dtype):
+            alpha, x = 1.0, full
     stepper.state["whole_trial"] = float(evaluations == 1)
     return _taken(point, found, alpha, evaluations, x)
 

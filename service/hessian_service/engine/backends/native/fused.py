@@ -109,6 +109,8 @@ def fused_newton_step(
         return None
     fn, args, dtype, n, itemsize, flat = plan
     search = policy == "line_search"
+    if search and options.learning_rate > 1.0:
+        return None  # a first trial past 1 is compared with the full step (_line_search)
     budget = options.dense_budget_bytes
     if (
         params.dtype is not dtype
