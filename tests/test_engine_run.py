@@ -271,6 +271,10 @@ def test_rejected_levenberg_marquardt_step_repeats_the_point():
         ({"curvature": "fisher"}, "options.curvature"),
         ({"armijo": 1.5}, "options.armijo"),
         ({"lr": 0.1}, "options.lr"),
+        # relative to max|lambda|: past 1 saddle-free made one tiny step, then "stalled"
+        ({"method": "saddle_free", "eigenvalue_floor": 1e300}, "options.eigenvalue_floor"),
+        ({"method": "saddle_free", "eigenvalue_floor": 1.5}, "options.eigenvalue_floor"),
+        ({"method": "saddle_free", "eigenvalue_floor": 0.0}, "options.eigenvalue_floor"),
     ],
 )
 def test_bad_method_options_name_the_field(options, field):

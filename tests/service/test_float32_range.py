@@ -27,11 +27,6 @@ STEPS = [
     ("newton_step", {"learning_rate": HUGE, "step_policy": "fixed"}, "options.learning_rate"),
     ("newton_step", {"learning_rate": HUGE}, "options.learning_rate"),
     ("newton_step", {"damping": HUGE}, "options.damping"),
-    (
-        "newton_step",
-        {"method": "saddle_free", "eigenvalue_floor": HUGE},
-        "options.eigenvalue_floor",
-    ),
     ("newton_step", {"method": "newton_cg", "trust_radius": HUGE}, "options.trust_radius"),
 ]
 
@@ -61,11 +56,11 @@ def test_a_run_and_an_optimize_refuse_it_before_anything_starts(client, rng):
         initial_params=encode(np.ones(3, np.float32)),
         capabilities=service_pb2.Capabilities(gradient=True, hessian=True),
         options=optimize_pb2.MethodOptions(method=optimize_pb2.METHOD_SADDLE_FREE,
-                                           eigenvalue_floor=HUGE),
+                                           learning_rate=HUGE),
     )  # fmt: skip
     refused = Stream(client.address, service_pb2.OptimizeRequest(start=start)).refusal()
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.details().startswith("start.options.eigenvalue_floor: expected a value float32")
+    assert refused.details().startswith("start.options.learning_rate: expected a value float32")
     assert len(list(client.list_runs())) == before
 
 

@@ -162,8 +162,14 @@ class MethodOptions:
         if lr is not None:
             lr = _real(f"{p}.learning_rate", lr, positive=True)
         _real(f"{p}.damping", self.damping, nonnegative=True)
-        if self.eigenvalue_floor is not None:
-            _real(f"{p}.eigenvalue_floor", self.eigenvalue_floor, positive=True)
+        floor = self.eigenvalue_floor
+        if floor is not None and not 0 < _real(f"{p}.eigenvalue_floor", floor) <= 1:
+            # relative to max|lambda|: past 1 every |lambda| is floored, the "Newton" step a
+            # gradient step of lr / (floor max|lambda|) (1e300: one tiny step, then a stall)
+            raise ValidationError(
+                f"{p}.eigenvalue_floor", "a fraction in (0, 1] of the largest |eigenvalue|",
+                repr(floor),
+            )  # fmt: skip
         if not 0 < _real(f"{p}.armijo", self.armijo) < 1:
             raise ValidationError(f"{p}.armijo", "a number in (0, 1)", repr(self.armijo))
         if not 0 < _real(f"{p}.backtrack", self.backtrack) < 1:
