@@ -90,3 +90,41 @@ def test_a_replica_starting_meanwhile_does_not_interrupt_a_run_being_started(
         assert _runs(postgres_dsn) == [(run.id, "FINISHED")]
     finally:
         a.stop()
+
+
+def test_a_run_another_replica_took_and_stopped_can_be_resumed_and_cancelled_here(
+    tmp_path, postgres_dsn
+):
+    """Replica a loses a run's lease (another replica took it: a new generation), stops
+    executing it; that replica then stops it INTERRUPTED. a kept its old fence, and every
+    write a made for the run after (ResumeRun, CancelRun) was refused "no longer leased to
+    this replica" (UNAVAILABLE), until a restarted."""
+    from long_runs import ENDLESS
+
+    a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", lease_seconds=1.0)
+    try:
+        with Client(a.address, timeout=60) as client:
+            spec = {"method": "gradient_descent", "learning_rate": 1e-9, "stopping": ENDLESS}
+            runs = [client.start_run(problems.rosenbrock(dim=2), np.zeros(2), **spec)
+                    for _ in range(2)]  # fmt: skip
+            for run in runs:
+                deadline = time.monotonic() + 60  # a hang guard
+                while client.get_run(run.id).num_records < 5 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            with psycopg.connect(postgres_dsn) as conn:  # "replica x" takes both leases
+                conn.execute("UPDATE leases SET holder = 'x', generation = generation + 1, "
+                             "expires_at = now() + interval '1 hour'")  # fmt: skip
+            deadline = time.monotonic() + 60
+            while any(a.runs.live(r.id) for r in runs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not any(a.runs.live(r.id) for r in runs)  # a stopped executing them
+            with psycopg.connect(postgres_dsn) as conn:  # x stops them, resumable
+                conn.execute("UPDATE runs SET status = 'INTERRUPTED'")
+                conn.execute("DELETE FROM leases")
+            resumed, cancelled = runs
+            client.resume_run(resumed.id)
+            assert status_name(client.cancel_run(resumed.id)) in ("CANCELLED", "RUNNING", "QUEUED")
+            assert status_name(client.run(resumed.id).wait(60)) == "CANCELLED"
+            assert status_name(client.cancel_run(cancelled.id)) == "CANCELLED"
+    finally:
+        a.stop()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.records import StopReason
 from ..store import PostgresRunStore, RunStatus, StoreError
-from .errors import NotFoundError
+from .errors import LimitError, NotFoundError
 
 if TYPE_CHECKING:
     from .runs import LiveRun, RunManager
@@ -67,9 +67,20 @@ class LeaseKeeper:
             raise StoreError(f"run_id: run {run_id} is leased to another replica")
 
     def forget(self, run_id: str) -> None:
-        """A lease taken in a transaction that then rolled back: drop what the store kept of
-        it (its fence would refuse this replica's later writes for the run)."""
+        """Drop what the store keeps of this replica's lease on the run (its fence): after a
+        transaction that took it rolled back, or once the run no longer executes here. A
+        stale fence refused this replica's later writes for the run: a ResumeRun here of a
+        run another replica had taken over and then stopped failed "no longer leased"."""
         self.store.forget_lease(run_id)
+
+    def _give_up(self, run_id: str) -> None:
+        """A lease taken for a takeover that did not happen: expire it for another scan, and
+        drop its fence (it would refuse this replica's writes for the run, a ResumeRun or
+        CancelRun here, after another replica had taken the run and stopped it)."""
+        try:
+            self.store.expire_lease(run_id)
+        finally:
+            self.store.forget_lease(run_id)
 
     def hold(self, live: LiveRun, acquired_at: float | None = None) -> None:
         """Keep the run's lease renewed: one acquired at monotonic time `acquired_at` (when
@@ -180,6 +191,8 @@ class LeaseKeeper:
                 return
             try:
                 self._take_over(run_id)
+            except LimitError as exc:  # this replica is full: capacity, not a fault
+                log.warning("run %s: not taken over here (%s); a later scan retries", run_id, exc)
             except Exception:
                 log.exception("run %s: takeover failed (another replica may retry)", run_id)
 
@@ -222,12 +235,12 @@ class LeaseKeeper:
             log.warning("run %s: its problem is gone, stored FAILED", run_id)
             return
         except BaseException:
-            self.store.expire_lease(run_id)
+            self._give_up(run_id)
             raise
         try:
             self.takeovers.append(run_id)
             self.runs.take_over(row, objective, acquired_at)
         except BaseException:
-            self.store.expire_lease(run_id)  # not taken (shutting down?): free it again
+            self._give_up(run_id)  # not taken (full, shutting down?): free it again
             raise
         log.info("run %s: taken over from an expired lease", run_id)

@@ -822,8 +822,8 @@ class RunManager:
         began = time.monotonic()
         try:
             with self.store.transaction():
+                self.leases.acquire(run_id)  # first: its new fence is the one write() meets
                 write()
-                self.leases.acquire(run_id)
         except BaseException:
             self.leases.forget(run_id)  # a fence the rollback left without its lease
             raise
@@ -979,6 +979,8 @@ class RunManager:
                 else:
                     self._store_final(live, run, final)
             finally:  # whatever storing the end raised, its watchers must not wait forever
+                if self.leases is not None:  # nothing more is written for it from here
+                    self.leases.forget(run_id)
                 self._release(live)
                 self._retain(run_id)
 
