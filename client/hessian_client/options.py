@@ -83,6 +83,10 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
         if fd.enum_type:
             setattr(msg, key, enum_value(key, value, message, f"{field}.{key}"))
             continue
+        if isinstance(value, bool) and fd.cpp_type != FieldDescriptor.CPPTYPE_BOOL:
+            # protobuf takes True as 1.0 for a double (eigenvalue_floor=True ran as 1.0,
+            # learning_rate=False failed as "0.0"); the engine refuses a bool there
+            raise invalid(f"{field}.{key}", _KINDS.get(fd.cpp_type, "a value of its type"), value)
         try:
             setattr(msg, key, value)
         except (TypeError, ValueError):  # protobuf's own words name no field

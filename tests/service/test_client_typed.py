@@ -260,6 +260,17 @@ def test_server_errors_carry_field_and_expected_as_status_details(client, stub):
         (lambda c: c.get_run("r-\udcff"), "run_id"),
         (lambda c: c.newton_step("p-\udcff", [0.0, 0.0]), "problem_id"),
         (lambda c: c.start_run(problems.rosenbrock(dim=2), [0.0, 0.0], name="a\ud800"), "name"),
+        # protobuf took True as 1.0 for a double (the engine refuses a bool there)
+        (
+            lambda c: c.newton_step(problems.rosenbrock(dim=2), [0.0, 0.0], learning_rate=True),
+            "options.learning_rate",
+        ),
+        (
+            lambda c: c.start_run(
+                problems.rosenbrock(dim=2), [0.0, 0.0], stopping={"gradient_tolerance": False}
+            ),
+            "stopping.gradient_tolerance",
+        ),
         # a TypeError from ** before
         (lambda c: c.start_run(problems.rosenbrock(dim=2), [0.0], stopping=[("a", 3)]), "stopping"),
     ],
