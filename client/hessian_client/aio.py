@@ -44,22 +44,28 @@ class Client(_Api):
         root_certificates: bytes | None = None,
         ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._connect(aio, address, token, timeout, max_message_bytes, root_certificates, ca_file)
         try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # made outside a loop: grpc.aio binds it to the first one used
-            self._loop = None
+            self._connect(
+                aio, address, token, timeout, max_message_bytes, root_certificates, ca_file
+            )
+        except RuntimeError as exc:  # grpc.aio found no event loop to bind the channel to
+            raise FailedPrecondition(
+                f"client: make an aio.Client inside the event loop that uses it (in an async "
+                f"function); there is none here ({exc})",
+                field="client",
+            ) from None
+        # the loop grpc.aio bound the channel to when it was made: the running one, else the
+        # thread's default loop (a module-level client, then asyncio.run(main()): another)
+        self._loop: asyncio.AbstractEventLoop | None = getattr(self._channel, "_loop", None)
 
     def _check_loop(self) -> None:
-        """Refuse a call from another event loop than the client's (grpc.aio's channel is
+        """Refuse a call from another event loop than the channel's (grpc.aio's channel is
         bound to its loop: asyncio raised "Future attached to a different loop")."""
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif loop is not self._loop:
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             raise FailedPrecondition(
-                "client: this aio.Client belongs to the event loop it was created in; "
-                "create one client per event loop (or use the sync Client across threads)",
+                "client: this aio.Client belongs to the event loop it was created in (a "
+                "client made outside any, to the thread's default loop, not asyncio.run's); "
+                "create it inside the loop that uses it, one per loop (or use the sync Client)",
                 field="client",
             )
 

@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import math
 import pathlib
+import subprocess
+import sys
 import threading
 from concurrent import futures
 
@@ -575,6 +577,23 @@ def test_an_aio_call_in_flight_when_its_client_closes_raises_cancelled(server):
     client = asyncio.run(make())  # its loop is gone; another loop uses it
     with pytest.raises(FailedPrecondition, match="event loop it was created in"):
         asyncio.run(client.info())
+    # made outside any loop: here (no loop left in this thread) grpc.aio raised a bare
+    # RuntimeError; in a fresh process (a module-level client) it binds the thread's default
+    # loop, and asyncio.run's first call failed untyped ("attached to a different loop")
+    with pytest.raises(FailedPrecondition, match="inside the event loop that uses it"):
+        aio.Client(server.address, timeout=30)
+    module_level = (
+        "import asyncio, sys\n"
+        "from hessian_client import FailedPrecondition, aio\n"
+        f"client = aio.Client({server.address!r}, timeout=30)\n"
+        "try:\n"
+        "    asyncio.run(client.info())\n"
+        "except FailedPrecondition as exc:\n"
+        "    sys.exit(f'refused: {exc.field}')\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", module_level],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.stderr.strip().endswith("refused: client"), done.stderr
 
 
 def start_endless_run_kwargs() -> dict:

@@ -128,3 +128,61 @@ def test_a_run_another_replica_took_and_stopped_can_be_resumed_and_cancelled_her
             assert status_name(client.cancel_run(cancelled.id)) == "CANCELLED"
     finally:
         a.stop()
+
+
+def test_a_run_whose_end_could_not_be_stored_leaves_nothing_to_write_unfenced(
+    tmp_path, postgres_dsn
+):
+    """The database goes away as a run stores its end: the run is abandoned (its lease
+    lapses, another replica takes it over). Its records still queued here were never
+    acknowledged; once its fence was dropped a later flush wrote them, unfenced, into the
+    run another replica now held. They go with the fence."""
+    a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", lease_seconds=2.0,
+                     commit_interval_ms=60_000)  # fmt: skip
+    store = a.runs.store
+    outage = {"on": False}
+    connect, put_checkpoint = store._pool.connection, store.put_checkpoint
+
+    def unreachable(*args, **kwargs):
+        if outage["on"]:
+            raise psycopg.OperationalError("the database is unreachable (the test's outage)")
+        return connect(*args, **kwargs)
+
+    def ending(run_id, checkpoint):  # the outage begins as the run stores its end
+        outage["on"] = outage["on"] or checkpoint.iteration >= 30
+        return put_checkpoint(run_id, checkpoint)
+
+    store._pool.connection, store.put_checkpoint = unreachable, ending
+    store.commit_every = 10_000
+    try:
+        with Client(a.address, timeout=60) as client:
+            stopping = {"max_iterations": 30, "gradient_tolerance": 0.0}
+            run = client.start_run(problems.rosenbrock(dim=2), np.zeros(2),
+                                   method="gradient_descent", learning_rate=1e-9,
+                                   stopping=stopping)  # fmt: skip
+            deadline = time.monotonic() + 60  # a hang guard
+            while a.runs.live(run.id) is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert outage["on"] and a.runs.live(run.id) is None
+        outage["on"] = False  # back; meanwhile replica b took the run over
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE leases SET holder = 'b', generation = generation + 1, "
+                "expires_at = now() + interval '1 hour' WHERE run_id = %s",
+                (run.id,),
+            )
+            (before,) = conn.execute(
+                "SELECT num_records FROM runs WHERE run_id = %s", (run.id,)
+            ).fetchone()
+        store.flush()
+        with psycopg.connect(postgres_dsn) as conn:
+            (after,) = conn.execute(
+                "SELECT num_records FROM runs WHERE run_id = %s", (run.id,)
+            ).fetchone()
+            (count,) = conn.execute(
+                "SELECT count(*) FROM records WHERE run_id = %s", (run.id,)
+            ).fetchone()
+        assert after == before == count  # nothing written for b's run from here
+    finally:
+        outage["on"] = False
+        a.stop()

@@ -979,7 +979,11 @@ class RunManager:
                 else:
                     self._store_final(live, run, final)
             finally:  # whatever storing the end raised, its watchers must not wait forever
-                if self.leases is not None:  # nothing more is written for it from here
+                if self.leases is not None:  # nothing more is written for it from here:
+                    # its unstored tail (an end that could not be stored) goes with the
+                    # fence, else a later flush would write it unfenced for whoever holds
+                    # the run now (never acknowledged: a takeover computes it again)
+                    self.store.discard_queued(run_id)
                     self.leases.forget(run_id)
                 self._release(live)
                 self._retain(run_id)

@@ -390,7 +390,7 @@ def newton_cg(
         rho = 1.0
     # at an exactly zero gradient the step 0 is the model's minimiser: taken (the stall test
     # then judges it), where its rejection (rho -inf) collapsed the radius run after run
-    zero = not bool(grad.any())
+    zero = drawn is None and not bool(grad.any())  # (a mini-batch's 0 is not the point's)
     accepted = rho > ACCEPT_RATIO or zero
     step_norm = vector_norm(cg.direction)
     if zero:  # nothing was learned of the model: the radius and lambda stay
