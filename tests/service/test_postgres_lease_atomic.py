@@ -186,3 +186,76 @@ def test_a_run_whose_end_could_not_be_stored_leaves_nothing_to_write_unfenced(
     finally:
         outage["on"] = False
         a.stop()
+
+
+def test_a_run_cancelled_while_its_replica_is_dead_does_no_further_iteration(
+    tmp_path, postgres_dsn
+):
+    """Replica a is SIGKILLed with a run executing and one queued; both are cancelled on b
+    before a's leases lapse. b's takeover read the cancel requests only at its next lease
+    renewal, T/8 after it had started iterating: the runs went on for ~1,000 iterations
+    after their cancel was answered, and the queued one (0 records) ran too. Now the
+    takeover reads them first and stores the runs CANCELLED, also where b is full."""
+    import signal
+
+    from conftest import free_port, spawn_server
+    from long_runs import ENDLESS
+
+    port = free_port()
+    flags = ("--store", postgres_dsn, "--lease-seconds", "3", "--workers", "1")
+    a = spawn_server(tmp_path / "a", port, *flags, "--replica-id", "a")
+    b = start_server(tmp_path / "b", store=postgres_dsn, replica_id="b", lease_seconds=3.0,
+                     workers=1, max_concurrent_runs=1)  # fmt: skip
+    try:
+        spec = {"method": "gradient_descent", "learning_rate": 1e-9, "stopping": ENDLESS}
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            runs = [client.start_run(problems.rosenbrock(dim=2), np.zeros(2), **spec)
+                    for _ in range(2)]  # fmt: skip
+            deadline = time.monotonic() + 60  # a hang guard
+            while client.get_run(runs[0].id).num_records < 50 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        busy = None
+        with Client(b.address, timeout=60) as client:
+            busy = client.start_run(problems.rosenbrock(dim=2), np.zeros(2), **spec)  # b full
+            a.send_signal(signal.SIGKILL)
+            a.wait(30)
+            at_cancel = {r.id: client.cancel_run(r.id).num_records for r in runs}
+            deadline = time.monotonic() + 60  # the leases lapse after 3 s
+            while time.monotonic() < deadline and not all(
+                status_name(client.get_run(r.id)) == "CANCELLED" for r in runs
+            ):
+                time.sleep(0.05)
+            for run in runs:
+                info = client.get_run(run.id)
+                assert status_name(info) == "CANCELLED", info
+                assert info.num_records == at_cancel[run.id]  # not one more iteration
+                assert "replica was down" in info.message
+            assert status_name(client.get_run(busy.id)) == "RUNNING"  # b's own went on
+            client.cancel_run(busy.id)
+    finally:
+        if a.poll() is None:
+            a.kill()
+        b.stop()
+
+
+def test_a_resume_that_loses_to_another_replicas_lease_is_failed_precondition(
+    tmp_path, postgres_dsn
+):
+    """Two ResumeRuns racing on two replicas: the one that finds the other's lease was told
+    UNAVAILABLE ("leased to another replica"), which invites a retry that cannot succeed."""
+    from hessian_client import FailedPrecondition
+
+    a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", lease_seconds=2.0)
+    try:
+        with Client(a.address, timeout=60) as client:
+            done = client.start_run(problems.rosenbrock(dim=2), np.array([-1.2, 1.0]), **SHORT)
+            assert status_name(done.wait(60)) == "FINISHED"
+            with psycopg.connect(postgres_dsn) as conn:  # replica x resumed it first
+                conn.execute("UPDATE runs SET status = 'INTERRUPTED' WHERE run_id = %s", (done.id,))
+                conn.execute(
+                    "INSERT INTO leases VALUES (%s, 'x', 1, now() + interval '1 hour')", (done.id,)
+                )
+            with pytest.raises(FailedPrecondition, match="executing on another replica"):
+                client.resume_run(done.id)
+    finally:
+        a.stop()

@@ -53,3 +53,32 @@ def test_cancelling_a_queued_run_ends_it_at_once_and_for_good(tmp_path, rng, pro
             c.delete_run(queued.id)
     finally:
         handle.stop()
+
+
+def test_a_resumed_run_cancelled_in_the_queue_does_not_say_no_iteration_ran(tmp_path):
+    """Its records were there: "cancelled while queued: no iteration ran" was false."""
+    from long_runs import ENDLESS
+
+    spec = {"method": "gradient_descent", "learning_rate": 1e-9, "stopping": ENDLESS}
+    handle = start_server(tmp_path)
+    try:
+        with Client(handle.address) as c:
+            run = c.start_run(problems.rosenbrock(dim=2), np.zeros(2), **spec)
+            assert wait_until(lambda: c.get_run(run.id).num_records >= 20)
+    finally:
+        handle.stop()  # the run is stored INTERRUPTED
+    handle = start_server(tmp_path)
+    try:
+        gate = occupy_workers(handle)
+        try:
+            with Client(handle.address) as c:
+                kept = c.get_run(run.id).num_records
+                c.resume_run(run.id)
+                assert status_name(c.get_run(run.id)) == "QUEUED"
+                info = c.cancel_run(run.id)
+                assert status_name(info) == "CANCELLED" and info.num_records == kept
+                assert info.message.startswith("cancelled while queued to continue from")
+        finally:
+            gate.set()
+    finally:
+        handle.stop()

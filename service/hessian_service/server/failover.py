@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.records import StopReason
 from ..store import PostgresRunStore, RunStatus, StoreError
-from .errors import LimitError, NotFoundError
+from .errors import ConflictError, LimitError, NotFoundError
 
 if TYPE_CHECKING:
     from .runs import LiveRun, RunManager
@@ -61,10 +61,13 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
     def acquire(self, run_id: str) -> None:
-        """Take the run's lease (inside the caller's store transaction, if any); StoreError
-        when another replica holds a live lease on it."""
+        """Take the run's lease (inside the caller's store transaction, if any); ConflictError
+        (FAILED_PRECONDITION: retrying cannot help) when another replica holds a live lease
+        on it, as a ResumeRun that lost a race to one on another replica finds."""
         if self.store.acquire_lease(run_id, self.ttl_s) is None:
-            raise StoreError(f"run_id: run {run_id} is leased to another replica")
+            raise ConflictError(
+                "run_id", f"run {run_id} is executing on another replica (it holds its lease)"
+            )
 
     def forget(self, run_id: str) -> None:
         """Drop what the store keeps of this replica's lease on the run (its fence): after a
@@ -205,6 +208,20 @@ class LeaseKeeper:
         row = self.store.get_run(run_id)
         if row is None:
             self.store.release_lease(run_id)
+            return
+        if self.store.take_cancel_requests([run_id]):
+            # cancelled on a replica while its own was dead: it ends here, without another
+            # iteration (it ran on for seconds before the renewal read the request), and
+            # even where this replica is full (the request waited for a free worker)
+            self.store.update_run(
+                run_id,
+                status=RunStatus.CANCELLED,
+                stop_reason=StopReason.CANCELLED,
+                finished_at=time.time(),
+                message="cancelled while its replica was down: no iteration ran after it",
+            )
+            self.store.release_lease(run_id)
+            log.info("run %s: cancelled while its replica was down, stored CANCELLED", run_id)
             return
         if row.remote is not None:  # an Optimize run: its caller's stream died with its replica
             self.store.update_run(

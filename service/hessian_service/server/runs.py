@@ -764,7 +764,10 @@ class RunManager:
             "status": RunStatus.CANCELLED,
             "stop_reason": StopReason.CANCELLED,
             "converged": False,
-            "message": "cancelled while queued: no iteration ran",
+            # a resumed or taken-over run waiting in the queue has its records already
+            "message": "cancelled while queued: no iteration ran"
+            if not live.base
+            else f"cancelled while queued to continue from iteration {live.base}",
         }
         try:
             self._store_final(live, None, final)
