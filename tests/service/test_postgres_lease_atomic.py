@@ -242,20 +242,36 @@ def test_a_resume_that_loses_to_another_replicas_lease_is_failed_precondition(
     tmp_path, postgres_dsn
 ):
     """Two ResumeRuns racing on two replicas: the one that finds the other's lease was told
-    UNAVAILABLE ("leased to another replica"), which invites a retry that cannot succeed."""
+    UNAVAILABLE ("leased to another replica"), which invites a retry that cannot succeed.
+    A lease left behind by a run that ended (its replica could not release it) is another
+    matter: that one lapses, and the refusal says to retry."""
     from hessian_client import FailedPrecondition
+    from hessian_service.engine import make_objective
+    from hessian_service.server.errors import ConflictError
 
     a = start_server(tmp_path / "a", store=postgres_dsn, replica_id="a", lease_seconds=2.0)
     try:
         with Client(a.address, timeout=60) as client:
             done = client.start_run(problems.rosenbrock(dim=2), np.array([-1.2, 1.0]), **SHORT)
             assert status_name(done.wait(60)) == "FINISHED"
-            with psycopg.connect(postgres_dsn) as conn:  # replica x resumed it first
+            with psycopg.connect(postgres_dsn) as conn:  # stopped, its lease not released
                 conn.execute("UPDATE runs SET status = 'INTERRUPTED' WHERE run_id = %s", (done.id,))
                 conn.execute(
                     "INSERT INTO leases VALUES (%s, 'x', 1, now() + interval '1 hour')", (done.id,)
                 )
-            with pytest.raises(FailedPrecondition, match="executing on another replica"):
+            with pytest.raises(Unavailable, match=r"has not lapsed yet.*retry within 2 s"):
+                client.resume_run(done.id)
+            seen = a.store.get_run(done.id)  # read INTERRUPTED, as the loser of a race reads it
+            with psycopg.connect(postgres_dsn) as conn:  # ... then x resumed it first
+                conn.execute("UPDATE runs SET status = 'RUNNING' WHERE run_id = %s", (done.id,))
+            objective = make_objective("rosenbrock", options={"dim": 2})
+            with pytest.raises(ConflictError, match="executing on another replica"):
+                a.runs.resume(seen, objective)
+            with psycopg.connect(postgres_dsn) as conn:  # x stopped it and its lease lapsed
+                conn.execute("UPDATE runs SET status = 'INTERRUPTED' WHERE run_id = %s", (done.id,))
+                conn.execute("UPDATE leases SET expires_at = now() WHERE run_id = %s", (done.id,))
+            assert status_name(client.resume_run(done.id).wait(60)) == "FINISHED"
+            with pytest.raises(FailedPrecondition, match="not INTERRUPTED"):
                 client.resume_run(done.id)
     finally:
         a.stop()

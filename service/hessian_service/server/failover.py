@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine.records import StopReason
-from ..store import PostgresRunStore, RunStatus, StoreError
+from ..store import ACTIVE_STATUSES, PostgresRunStore, RunStatus, StoreError
 from .errors import ConflictError, LimitError, NotFoundError
 
 if TYPE_CHECKING:
@@ -64,10 +64,18 @@ class LeaseKeeper:
         """Take the run's lease (inside the caller's store transaction, if any); ConflictError
         (FAILED_PRECONDITION: retrying cannot help) when another replica holds a live lease
         on it, as a ResumeRun that lost a race to one on another replica finds."""
-        if self.store.acquire_lease(run_id, self.ttl_s) is None:
+        if self.store.acquire_lease(run_id, self.ttl_s) is not None:
+            return
+        row = self.store.get_run(run_id)
+        if row is not None and row.status in ACTIVE_STATUSES:
             raise ConflictError(
                 "run_id", f"run {run_id} is executing on another replica (it holds its lease)"
             )
+        # its last executor ended it but could not give the lease up: it lapses within T
+        raise StoreError(
+            f"run_id: run {run_id}'s last lease has not lapsed yet (its replica could not "
+            f"release it); retry within {self.ttl_s:g} s"
+        )
 
     def forget(self, run_id: str) -> None:
         """Drop what the store keeps of this replica's lease on the run (its fence): after a
@@ -209,17 +217,24 @@ class LeaseKeeper:
         if row is None:
             self.store.release_lease(run_id)
             return
-        if self.store.take_cancel_requests([run_id]):
-            # cancelled on a replica while its own was dead: it ends here, without another
-            # iteration (it ran on for seconds before the renewal read the request), and
-            # even where this replica is full (the request waited for a free worker)
-            self.store.update_run(
-                run_id,
-                status=RunStatus.CANCELLED,
-                stop_reason=StopReason.CANCELLED,
-                finished_at=time.time(),
-                message="cancelled while its replica was down: no iteration ran after it",
-            )
+        try:  # the request and the end in one transaction: neither is lost without the other
+            with self.store.transaction():
+                cancelled = self.store.take_cancel_requests([run_id])
+                if cancelled:
+                    # cancelled on a replica while its own was dead: it ends here, without
+                    # another iteration (it ran on for seconds before the renewal read the
+                    # request), even where this replica is full (it waited for a worker)
+                    self.store.update_run(
+                        run_id,
+                        status=RunStatus.CANCELLED,
+                        stop_reason=StopReason.CANCELLED,
+                        finished_at=time.time(),
+                        message="cancelled while its replica was down: no iteration ran after it",
+                    )
+        except BaseException:
+            self._give_up(run_id)
+            raise
+        if cancelled:
             self.store.release_lease(run_id)
             log.info("run %s: cancelled while its replica was down, stored CANCELLED", run_id)
             return

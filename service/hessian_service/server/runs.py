@@ -496,7 +496,6 @@ class RunManager:
         stopping = StopCriteria(**row.spec["stopping"])
         check_supported(objective, options.validated())
         self.store.require_room()  # a full store would stop it again at its first record
-        self.store.take_cancel_requests([row.run_id])  # a request the run outlived is void
         base = row.last_record.iteration + 1 if row.last_record is not None else 0
         live = self._admit(row.run_id, base, row.owner, objective)
         try:
@@ -826,6 +825,9 @@ class RunManager:
         try:
             with self.store.transaction():
                 self.leases.acquire(run_id)  # first: its new fence is the one write() meets
+                # a cancel request the run outlived is void; taken under the lease only (a
+                # ResumeRun that lost the race consumed the winner's fresh request)
+                self.store.take_cancel_requests([run_id])
                 write()
         except BaseException:
             self.leases.forget(run_id)  # a fence the rollback left without its lease
