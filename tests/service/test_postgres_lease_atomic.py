@@ -275,3 +275,54 @@ def test_a_resume_that_loses_to_another_replicas_lease_is_failed_precondition(
                 client.resume_run(done.id)
     finally:
         a.stop()
+
+
+def test_a_takeover_that_cannot_store_the_cancel_keeps_the_request(postgres_dsn, caplog):
+    """The takeover consumed the cancel request in a transaction of its own and then failed
+    to store the end: the next takeover, T later, ran the cancelled run on. The request and
+    the end are one transaction now, and the failed takeover gives its lease up."""
+    import torch
+    from hessian_service.engine.records import Checkpoint
+    from hessian_service.server.failover import LeaseKeeper
+    from hessian_service.store import PostgresRunStore, RunRow, StoreError
+    from hessian_service.store.base import StoredCheckpoint
+
+    store = PostgresRunStore(postgres_dsn, replica_id="b")
+    row = RunRow("r-1", "p-1", {"options": {}, "stopping": {}}, created_at=time.time())
+    store.create_run(row, StoredCheckpoint.of(Checkpoint(0, torch.zeros(2), {})))
+    store.update_run("r-1", status="RUNNING")
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:  # replica a died
+        conn.execute("INSERT INTO leases VALUES ('r-1', 'a', 1, now() - interval '1 second')")
+    store.request_cancel("r-1")
+    continued = []
+
+    class Runs:  # the run manager's part in a takeover: nothing here executes the run
+        stopping = False
+
+        def live(self, run_id):
+            return None
+
+        def take_over(self, row, objective, acquired_at):
+            continued.append(row.run_id)
+
+    keeper = LeaseKeeper(store, Runs(), lambda problem_id: object(), ttl_s=1.0)
+    update_run, failures = store.update_run, [StoreError("a transient database error")]
+
+    def failing_once(run_id, **fields):
+        if failures:
+            raise failures.pop()
+        return update_run(run_id, **fields)
+
+    store.update_run = failing_once
+    try:
+        keeper._scan()  # takes the lease, reads the request, cannot store the end
+        with psycopg.connect(postgres_dsn) as conn:
+            (requests,) = conn.execute("SELECT count(*) FROM cancel_requests").fetchone()
+        assert requests == 1 and "r-1" not in store._fences
+        deadline = time.monotonic() + 30  # its lease lapses (given up), then the next scan
+        while store.get_run("r-1").status != "CANCELLED" and time.monotonic() < deadline:
+            keeper._scan()
+            time.sleep(0.1)
+        assert store.get_run("r-1").status == "CANCELLED" and continued == []
+    finally:
+        store.close()
