@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .client import _mapping
 from .errors import invalid
 from .minimize import (
     SCIPY_NAMES,
@@ -59,10 +60,18 @@ class _LeastSquaresSession(_Session):
 
     methods = LSQ_METHODS
     missing_derivative = "method"  # J^T J for levenberg_marquardt: n <= 64
-    caller_options: frozenset[str] = frozenset()
 
-    def __init__(self, fun: Callable[..., Any], jac: Callable[..., Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        jac: Callable[..., Any],
+        caller_options: frozenset[str],
+        **kwargs: Any,
+    ) -> None:
+        """`caller_options`: the keys the caller's `options` itself set (its criteria are
+        named there, not as least_squares' own arguments)."""
         super().__init__(fun, jac=jac, hess=None, hessp=None, callback=None, **kwargs)
+        self.caller_options = caller_options
         self.counts = {"nfev": 0, "njev": 0, "round_trips": 0}
         self.residuals: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.jacobians: OrderedDict[bytes, Any] = OrderedDict()
@@ -190,18 +199,17 @@ def _session(
         raise invalid("bounds", "none, or SciPy's default (-inf, inf): bounds are not served",
                       bounds)  # fmt: skip
     given = {k: v for k, v in stopping.items() if v is not None}
-    for key, value in (options or {}).items():  # one setting, two values: which one?
+    options = _mapping("options", options)
+    for key, value in options.items():  # one setting, two values: which one?
         if SCIPY_OPTIONS.get(key, key) in given:
             raise invalid(f"options.{key}", "no second value: an argument sets it", value)
-    opts = {**given, **(options or {})}
     if isinstance(args, list):  # SciPy's least_squares unpacks any sequence (minimize wraps)
         args = tuple(args)
-    session = _LeastSquaresSession(
-        fun, jac, x0=x0, args=args, method=method or "levenberg_marquardt", tol=None,
-        options=opts, name=name,
+    return _LeastSquaresSession(
+        fun, jac, frozenset(options), x0=x0, args=args,
+        method=method or "levenberg_marquardt", tol=None, options={**given, **options},
+        name=name,
     )  # fmt: skip
-    session.caller_options = frozenset(options or ())  # what `options` itself set
-    return session
 
 
 LSQ_ARGUMENTS = ("fun, x0, jac, method, ftol, xtol, gtol, loss, bounds, max_iterations, args, "

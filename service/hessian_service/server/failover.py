@@ -84,6 +84,23 @@ class LeaseKeeper:
         run another replica had taken over and then stopped failed "no longer leased"."""
         self.store.forget_lease(run_id)
 
+    def _end(self, run_id: str, cancel_request: bool = False, **fields: object) -> bool:
+        """Store the end of a run this takeover will not continue (`fields`), then give its
+        lease up; with `cancel_request`, only where a cancel request was left for it, taken
+        in the same transaction (a request consumed with its end refused let the next
+        takeover run the run on). A write that fails gives the lease up for another scan.
+        Whether the end was stored."""
+        try:
+            with self.store.transaction():
+                if cancel_request and not self.store.take_cancel_requests([run_id]):
+                    return False
+                self.store.update_run(run_id, **fields)
+        except BaseException:
+            self._give_up(run_id)
+            raise
+        self.store.release_lease(run_id)
+        return True
+
     def _give_up(self, run_id: str) -> None:
         """A lease taken for a takeover that did not happen: expire it for another scan, and
         drop its fence (it would refuse this replica's writes for the run, a ResumeRun or
@@ -93,12 +110,9 @@ class LeaseKeeper:
         finally:
             self.store.forget_lease(run_id)
 
-    def hold(self, live: LiveRun, acquired_at: float | None = None) -> None:
-        """Keep the run's lease renewed: one acquired at monotonic time `acquired_at` (when
-        the transaction that took it began: the lease runs from then), else taken now."""
-        if acquired_at is None:
-            acquired_at = time.monotonic()
-            self.acquire(live.run_id)
+    def hold(self, live: LiveRun, acquired_at: float) -> None:
+        """Keep the run's lease renewed, one acquired at monotonic time `acquired_at` (when
+        the transaction that took it began: the lease runs from then)."""
         with self._lock:
             self._held[live.run_id] = (live, acquired_at)
 
@@ -217,36 +231,27 @@ class LeaseKeeper:
         if row is None:
             self.store.release_lease(run_id)
             return
-        try:  # the request and the end in one transaction: neither is lost without the other
-            with self.store.transaction():
-                cancelled = self.store.take_cancel_requests([run_id])
-                if cancelled:
-                    # cancelled on a replica while its own was dead: it ends here, without
-                    # another iteration (it ran on for seconds before the renewal read the
-                    # request), even where this replica is full (it waited for a worker)
-                    self.store.update_run(
-                        run_id,
-                        status=RunStatus.CANCELLED,
-                        stop_reason=StopReason.CANCELLED,
-                        finished_at=time.time(),
-                        message="cancelled while its replica was down: no iteration ran after it",
-                    )
-        except BaseException:
-            self._give_up(run_id)
-            raise
-        if cancelled:
-            self.store.release_lease(run_id)
+        if self._end(
+            run_id,
+            # cancelled on a replica while its own was dead: it ends here, without another
+            # iteration (it ran on for seconds before the renewal read the request), even
+            # where this replica is full (it waited for a worker)
+            cancel_request=True,
+            status=RunStatus.CANCELLED,
+            stop_reason=StopReason.CANCELLED,
+            finished_at=time.time(),
+            message="cancelled while its replica was down: no iteration ran after it",
+        ):
             log.info("run %s: cancelled while its replica was down, stored CANCELLED", run_id)
             return
         if row.remote is not None:  # an Optimize run: its caller's stream died with its replica
-            self.store.update_run(
+            self._end(
                 run_id,
                 status=RunStatus.INTERRUPTED,
                 stop_reason=StopReason.ERROR,
                 message="its replica stopped while the caller's Optimize stream was open "
                 "there; resume it with minimize(..., resume=run_id) (or Optimize's resume_run_id)",
             )
-            self.store.release_lease(run_id)
             log.info("run %s: an Optimize run whose replica died, stored INTERRUPTED", run_id)
             return
         try:
@@ -255,7 +260,7 @@ class LeaseKeeper:
             # its problem is gone (a DeleteProblem that raced its start before the store
             # locked against that, or a damaged store): it can never continue, so it ends
             # here instead of every replica failing to take it over every T/8 for good
-            self.store.update_run(
+            self._end(
                 run_id,
                 status=RunStatus.FAILED,
                 stop_reason=StopReason.ERROR,
@@ -263,7 +268,6 @@ class LeaseKeeper:
                 message=f"its problem {row.problem_id} was deleted while it ran: it cannot "
                 "continue (its records remain)",
             )
-            self.store.release_lease(run_id)
             log.warning("run %s: its problem is gone, stored FAILED", run_id)
             return
         except BaseException:

@@ -802,8 +802,10 @@ class RunManager:
         def write() -> None:
             self.store.update_run(run_id, expect_status=statuses, **fields)
 
-        began = self._leased(run_id, write) if leased else time.monotonic()
-        if not leased:
+        if leased:
+            began = self._leased(run_id, write)
+        else:
+            began = time.monotonic()
             write()
         with self._lock:
             self._orphans.pop(run_id, None)

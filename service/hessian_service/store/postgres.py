@@ -442,7 +442,8 @@ class PostgresRunStore(RecordQueue, SqlReads):
             return row[0]
 
     def forget_lease(self, run_id: str) -> None:
-        """Drop this store's fence of a lease whose transaction rolled back (nothing written)."""
+        """Drop this store's fence of the run's lease (a transaction that took it rolled back,
+        or the run no longer executes here): nothing of the store is written."""
         with self._lock:
             self._fences.pop(run_id, None)
             self._lost.pop(run_id, None)
