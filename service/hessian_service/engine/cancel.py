@@ -35,8 +35,8 @@ class CancelToken:
     """Set from any thread (or by passing its monotonic `deadline`); work checks it."""
 
     def __init__(self, deadline: float | None = None) -> None:
-        self._event = threading.Event()
         self._lock = threading.Lock()
+        self._set = False  # written once, under the lock; read without it (a plain bool)
         self._reason = CANCELLED
         self.deadline = deadline
 
@@ -48,14 +48,14 @@ class CancelToken:
     def cancel(self, reason: str = CANCELLED) -> None:
         """Cancel the work (the first reason given is kept)."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._set:
                 self._reason = reason
-                self._event.set()
+                self._set = True
 
     @property
     def cancelled(self) -> bool:
         """Whether the work should stop: cancelled, or past the deadline."""
-        if self._event.is_set():
+        if self._set:
             return True
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.cancel(DEADLINE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, fields, replace
@@ -301,31 +302,33 @@ def check_dtype_range(options: MethodOptions, dtype: torch.dtype, prefix: str = 
     radius), and one of the positive scales under its smallest (float32 under 1.4e-45)
     rounds to 0 there, a step of zero or a zero floor, not at the door; and a
     Levenberg-Marquardt damping past lm_damping_cap, where no trial can differ."""
+    refusal = _dtype_range_refusal(options, dtype)
+    if refusal is not None:
+        field, expected, got = refusal
+        raise ValidationError(f"{prefix}.{field}", expected, got)
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_range_refusal(options: MethodOptions, dtype: torch.dtype) -> tuple[str, str, str] | None:
+    """check_dtype_range's verdict as (field, expected, got), or None: cached, since every
+    step of a run or a repeated call checks the same options (a float32 check walks all)."""
     info = torch.finfo(dtype)
     cap = lm_damping_cap(dtype)
     if options.step_policy == "levenberg_marquardt" and options.damping > cap:
-        raise ValidationError(
-            f"{prefix}.damping", lm_damping_expected(cap), f"{options.damping:.4g}"
-        )
+        return "damping", lm_damping_expected(cap), f"{options.damping:.4g}"
     if info.max >= sys.float_info.max:
-        return  # every finite option fits (validation refused the others)
+        return None  # every finite option fits (validation refused the others)
     name = str(dtype).removeprefix("torch.")
     rounds_to_zero = info.smallest_normal * info.eps / 2  # half the smallest subnormal
     for f in fields(options):
         value = getattr(options, f.name)
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if number and abs(value) > info.max:
-            raise ValidationError(
-                f"{prefix}.{f.name}",
-                f"a value {name} can hold (|x| <= {info.max:.4g})",
-                f"{value:.4g}",
-            )
+            return f.name, f"a value {name} can hold (|x| <= {info.max:.4g})", f"{value:.4g}"
         if number and f.name in POSITIVE_SCALES and abs(value) <= rounds_to_zero:
-            raise ValidationError(
-                f"{prefix}.{f.name}",
-                f"a value {name} can hold (> {rounds_to_zero:.4g}; {name} rounds it to 0)",
-                f"{value:.4g}",
-            )
+            expected = f"a value {name} can hold (> {rounds_to_zero:.4g}; {name} rounds it to 0)"
+            return f.name, expected, f"{value:.4g}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -273,9 +273,8 @@ class ProblemRegistry:
     def by_id(self, pid: str, scope: str | None, field: str = "problem_id") -> Objective:
         """The objective of a problem stored by `scope` (None: anyone); NOT_FOUND otherwise,
         also when another tenant has it (the message is the same)."""
-        missing = NotFoundError(field, f"problem with id {pid!r}")
         if not pid:
-            raise missing
+            raise NotFoundError(field, f"problem with id {pid!r}")
         objective, known, forgotten = self._cached_for(pid, scope)
         if objective is not None:
             if known:
@@ -286,7 +285,7 @@ class ProblemRegistry:
                 return objective
         blob = self.store.get_problem(pid, scope)
         if blob is None:
-            raise missing
+            raise NotFoundError(field, f"problem with id {pid!r}")
         objective = build_objective(
             problem_pb2.Problem.FromString(blob), self.max_params, None, self.exported_settings
         )
