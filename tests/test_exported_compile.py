@@ -7,6 +7,7 @@ and the same network in Gauss-Newton form, each compiled and interpreted.
 from __future__ import annotations
 
 import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -172,6 +173,42 @@ def test_concurrent_compiled_evaluations_equal_solo_bit_for_bit(pair, ggn_pair):
         together = list(pool.map(work, jobs))
     for a, b in zip(solo, together, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def test_compiled_calls_while_another_program_compiles_stay_compiled(pair, monkeypatch, caplog):
+    """Threads evaluating a compiled objective while this thread compiles another program:
+    make_fx's process-wide tracing flag made their compiled calls raise, and the interpreter
+    answered them (other bits than the same call alone). Every call stays compiled (the
+    interpreter refuses the worker threads) and equals its solo result bit for bit."""
+    compiled = pair[0]
+    points = [fresh_point() for _ in range(4)]
+    solo = [loss_and_grad(compiled, x) for x in points]
+    interpret = Program.run
+    main = threading.main_thread()
+
+    def main_thread_only(*args, **kwargs):
+        assert threading.current_thread() is main, "a worker's call ran the interpreter"
+        return interpret(*args, **kwargs)
+
+    monkeypatch.setattr(Program, "run", main_thread_only)
+    compiling = threading.Event()
+    calls = [0]
+
+    def evaluate(i: int) -> None:
+        while not compiling.is_set() or calls[0] < 40:
+            loss, grad = loss_and_grad(compiled, points[i % len(points)])
+            assert torch.equal(loss, solo[i % len(points)][0])
+            assert torch.equal(grad, solo[i % len(points)][1])
+            calls[0] += 1
+
+    with ThreadPoolExecutor(3) as pool:
+        workers = [pool.submit(evaluate, i) for i in range(3)]
+        other = build(lambda p, X, y: mse(p, X, y) + p.square().sum(), True)
+        compiling.set()
+        for w in workers:
+            w.result()
+    assert other.compiled is not None
+    assert "compiled evaluation failed" not in caplog.text
 
 
 def test_compiled_call_keeps_the_limit_and_the_cancel_token(pair):

@@ -113,6 +113,17 @@ def test_integer_data_of_any_width_is_exported_as_the_wire_carries_it(rng, dtype
     torch.testing.assert_close(objective.outputs(w), embedded(w, idx.long()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_data_is_refused_naming_the_field(rng, dtype):
+    """Complex data went through the integer cast: imaginary parts dropped, real parts
+    truncated, and a loss of 0 answered for |Z p|^2 at p = 1 (7.58 with the real data)."""
+    z = torch.from_numpy(rng.normal(size=4) + 1j * rng.normal(size=4)).to(dtype)
+    with pytest.raises(InvalidArgument) as caught:
+        problems.exported(lambda p, Z: (Z * p).abs().square().sum(), torch.ones(4), {"Z": z})
+    assert caught.value.field == "data.Z"
+    assert "expected real values (float32, float64 or integers)" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [

@@ -179,6 +179,8 @@ def exported(
         raise invalid("loss", "'' (fn returns the loss), mse or cross_entropy", loss)
     tensors = {k: torch.as_tensor(v) for k, v in data.items()}
     for k, v in tensors.items():  # the wire carries integers as int64: exported as they go
+        if v.is_complex():  # a cast to int64 would drop the imaginary parts, and round
+            raise invalid(f"data.{k}", "real values (float32, float64 or integers)", v.dtype)
         if not v.is_floating_point() and v.dtype not in (torch.bool, torch.int64):
             tensors[k] = v.to(torch.int64)
     if loss and target not in tensors:

@@ -225,3 +225,50 @@ def test_a_shared_stores_holds_are_read_on_every_call(tmp_path):
             registry.by_id(pid, "alice")
     finally:
         inner.close()
+
+
+@pytest.mark.parametrize("way", ["inline", "by_id", "create"])
+def test_concurrent_requests_for_one_new_problem_build_it_once(tmp_path, monkeypatch, way):
+    """Eight threads asking for one problem not yet built (inline, by id after a restart
+    emptied the cache, or CreateProblem) build it once and share that objective: each
+    built its own before, an exported program compiling for seconds per request."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hessian_client.proto import service_pb2
+    from hessian_service.server import problems as problems_module
+    from hessian_service.server.auth import Tenant
+
+    store = SQLiteRunStore(tmp_path)
+    try:
+        problem = _mse(50, 7)
+        pid = ProblemRegistry(store, max_params=10**6).create(problem, "alice")[0]
+        registry = ProblemRegistry(store, max_params=10**6)  # a fresh cache, as after a restart
+        builds, entered, release = [], threading.Event(), threading.Event()
+        real = problems_module.build_objective
+
+        def slow_build(*args, **kwargs):
+            builds.append(1)
+            entered.set()
+            release.wait(5)  # the others arrive while this build is under way
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(problems_module, "build_objective", slow_build)
+        tenant = Tenant("alice")
+        ask = {
+            "inline": lambda: registry.resolve(service_pb2.StepRequest(problem=problem), tenant),
+            "by_id": lambda: registry.resolve(service_pb2.StepRequest(problem_id=pid), tenant),
+            "create": lambda: registry.create(problem, "alice"),
+        }[way]
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(ask)
+            assert entered.wait(10)
+            rest = [pool.submit(ask) for _ in range(7)]
+            release.set()
+            answers = [first.result(), *(f.result() for f in rest)]
+        assert len(builds) == 1
+        assert {answer[0] for answer in answers} == {pid}
+        assert all(answer[1] is answers[0][1] for answer in answers)
+        assert registry._building == {}
+    finally:
+        store.close()

@@ -159,6 +159,8 @@ class ProblemRegistry:
         # problems stored for a StartRun whose run row (which pins them) is not yet written:
         # the stored-problems cap must not evict them meanwhile
         self._claimed: Counter[str] = Counter()
+        # pid -> [lock, waiters] of a build under way (_built)
+        self._building: dict[str, list[Any]] = {}
 
     @property
     def cached_bytes(self) -> int:
@@ -173,6 +175,29 @@ class ProblemRegistry:
                 return None
             self._cache.move_to_end(pid)
             return entry[0]
+
+    def _built(self, pid: str, build: Callable[[], Objective]) -> Objective:
+        """The cached objective of `pid`, else `build()`'s, built once: concurrent requests
+        for one new problem wait for the first build (an exported program compiles for
+        seconds, and each would compile its own) and take it from the cache."""
+        objective = self._cached(pid)
+        if objective is not None:
+            return objective
+        with self._lock:
+            gate = self._building.setdefault(pid, [threading.Lock(), 0])
+            gate[1] += 1
+        try:
+            with gate[0]:
+                objective = self._cached(pid)
+                if objective is None:
+                    objective = build()
+                    self._remember(pid, objective)
+                return objective
+        finally:
+            with self._lock:
+                gate[1] -= 1
+                if not gate[1]:
+                    del self._building[pid]
 
     def _remember(self, pid: str, objective: Objective) -> None:
         size = objective_bytes(objective)
@@ -238,12 +263,12 @@ class ProblemRegistry:
                 f"{len(blob)} bytes serialised, over the server's limit of "
                 f"{self.max_stored_bytes} for stored problems (--max-problem-bytes)",
             )
-        objective = self._cached(pid)
-        if objective is None:
-            objective = build_objective(
+        objective = self._built(
+            pid,
+            lambda: build_objective(
                 problem, self.max_params, self.max_data_bytes, self.exported_settings
-            )
-            self._remember(pid, objective)
+            ),
+        )
         return pid, blob, objective
 
     def _put(self, pid: str, blob: bytes, owner: str) -> None:
@@ -286,11 +311,12 @@ class ProblemRegistry:
         blob = self.store.get_problem(pid, scope)
         if blob is None:
             raise NotFoundError(field, f"problem with id {pid!r}")
-        objective = build_objective(
-            problem_pb2.Problem.FromString(blob), self.max_params, None, self.exported_settings
+        return self._built(
+            pid,
+            lambda: build_objective(
+                problem_pb2.Problem.FromString(blob), self.max_params, None, self.exported_settings
+            ),
         )
-        self._remember(pid, objective)
-        return objective
 
     def delete(self, pid: str, scope: str | None) -> None:
         """Delete `scope`'s hold on a problem (None: everyone's); NOT_FOUND when it has none."""
@@ -328,10 +354,10 @@ class ProblemRegistry:
         if source is None:
             raise ValidationError("problem", "a problem or a problem_id", "neither")
         pid = problem_id(request.problem)
-        objective = self._cached(pid)
-        if objective is None:
-            objective = build_objective(
+        objective = self._built(
+            pid,
+            lambda: build_objective(
                 request.problem, self.max_params, self.max_data_bytes, self.exported_settings
-            )
-            self._remember(pid, objective)
+            ),
+        )
         return pid, objective

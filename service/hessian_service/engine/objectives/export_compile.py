@@ -6,7 +6,11 @@ loss and its gradient (`torch.func.grad_and_value`) into plain ATen graphs, and
 `torch.compile` (Inductor, static shapes) turns each into one native call. Each graph is a
 new GraphModule with its own code object, so the process-global compile caches never mix
 two problems; compiling is serialised by one lock and done once, when the objective is built
-(the server's LRU of built problems then keeps it per problem).
+(the server's LRU of built problems then keeps it per problem). Compiled calls share that
+lock, a compile takes it alone: `make_fx`'s tracing flag is process-wide, and a compiled
+function called on another thread while it is set raises ("using FX to symbolically trace a
+dynamo-optimized function"), which sent concurrent calls to the interpreter (not the same
+bits as the same call alone).
 
 What changes against the interpreter: a compiled call cannot be stopped between nodes, so
 the cancel token and the wall-clock limit are checked before and after it (a call over the
@@ -18,11 +22,12 @@ ATen calls they make, such as matmul, use the calling thread's count).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +39,55 @@ from ..errors import ResourceLimitError
 from .export_verify import Program, Ref
 
 log = logging.getLogger(__name__)
-_COMPILE_LOCK = threading.Lock()  # dynamo/inductor compile state is process-global
+
+
+class SharedLock:
+    """Many holders of the shared side or one of the exclusive side; a waiting exclusive
+    holder keeps new shared ones out, so a compile is not starved by a stream of calls."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive holders waiting
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the shared side for the block."""
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the lock alone for the block."""
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# dynamo/inductor compile state and make_fx's tracing flag are process-global: a compile
+# holds this alone, compiled calls share it
+_COMPILE_LOCK = SharedLock()
 
 
 def graph_module(program: Program) -> fx.GraphModule:
@@ -98,7 +151,7 @@ class CompiledProgram:
             return scalar(module(params, *rest))
 
         example = (params_like, *self.inputs)
-        with _COMPILE_LOCK:
+        with _COMPILE_LOCK.exclusive():
             forward = make_fx(module)(*example)
             both = make_fx(torch.func.grad_and_value(loss))(*example)
             self._forward = torch.compile(forward, fullgraph=True, dynamic=False)
@@ -120,7 +173,7 @@ class CompiledProgram:
         cancel.check("evaluating an exported program")
         start = time.monotonic()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _COMPILE_LOCK.shared():
                 result = fn(params.detach().reshape(self.param_shape).contiguous(), *self.inputs)
         except Exception as exc:  # the program's own error (the interpreter names its node)
             raise CompiledFailed(f"{type(exc).__name__}: {exc}") from exc

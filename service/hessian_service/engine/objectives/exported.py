@@ -8,7 +8,7 @@ interpreted graph, exactly as for the catalogue's pure-torch objectives.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +30,14 @@ from .losses import cross_entropy, mean_squared
 
 OUTPUT_LOSSES = ("", "mse", "cross_entropy")
 EVAL_SECONDS = 60.0  # wall-clock limit of one evaluation of the program
+log = logging.getLogger(__name__)
+
+
+def _interpreter_passed(failed: CompiledFailed | None) -> None:
+    """Log a compiled call that failed where the interpreter did not: no error of the
+    program's (the interpreter would have named its node), so a defect to look at."""
+    if failed is not None:
+        log.warning("compiled evaluation failed where the interpreter did not: %s", failed)
 
 
 class Exported(Objective):
@@ -163,12 +171,16 @@ class Exported(Objective):
         """The program's output: compiled when on and no autograd graph is wanted."""
         value = None
         compiled = self._compiled()
+        failed = None
         if compiled is not None and use_compiled(params) is False:
-            with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
+            try:
                 value = compiled.forward(params, self.eval_seconds)
+            except CompiledFailed as exc:  # the interpreter below names the node
+                failed = exc
         program = self._bound()
         if value is None:
             value = program.run(params.reshape(self.param_shape), self.data, self.eval_seconds)
+            _interpreter_passed(failed)
         expected = program.metas[program.output].shape
         if tuple(value.shape) != expected:
             raise ValidationError(
@@ -181,8 +193,12 @@ class Exported(Objective):
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         compiled = self._compiled()
         if compiled is not None and use_compiled(params):
-            with contextlib.suppress(CompiledFailed):  # the interpreter below names the node
+            try:
                 return CompiledLoss.apply(params, compiled, self._loss, self.eval_seconds)
+            except CompiledFailed as exc:  # the interpreter below names the node
+                value = self._loss(params)
+                _interpreter_passed(exc)
+                return value
         return self._loss(params)
 
     def _loss(self, params: torch.Tensor) -> torch.Tensor:
