@@ -209,6 +209,19 @@ def test_cli_exported_unknown_option_is_named_with_the_options_it_takes(tmp_path
             "loss",
             "mse or cross_entropy",
         ),
+        # past the wire's int64 protobuf raised a bare ValueError naming no field
+        (lambda X, y: problems.rosenbrock(2**70), "dim", "an integer in [1, 9223372036854775807]"),
+        (lambda X, y: problems.rosenbrock(-3), "dim", "an integer in [1, 9223372036854775807]"),
+        (
+            lambda X, y: problems.softmax_regression(X, [0, 1] * 3, num_classes=2**64),
+            "num_classes",
+            "an integer in [1, ",
+        ),
+        (
+            lambda X, y: problems.mlp(X, y, layer_sizes=[3, 2**70, 1]),
+            "layer_sizes",
+            "a sequence, each an integer in [1, ",
+        ),
     ],
     ids=[
         "l2-str",
@@ -225,6 +238,10 @@ def test_cli_exported_unknown_option_is_named_with_the_options_it_takes(tmp_path
         "labels-ragged",
         "param_shape-float",
         "loss-unknown",
+        "dim-past-int64",
+        "dim-negative",
+        "num_classes-past-int64",
+        "layer_sizes-past-int64",
     ],
 )
 def test_problem_builders_name_the_field_at_fault(rng, build, field, expected):
@@ -441,6 +458,17 @@ def test_run_result_params_have_the_shape_sent(address, rng):
         np.testing.assert_allclose(result.params, _softmax_gd(X, labels, W, lr, l2), rtol=1e-12)
 
 
+def test_run_result_says_why_it_stopped_as_the_tour_reads_it(address, rng):
+    """README's tour reads `result.stop_reason` (RunResult had only `.info.stop_reason`):
+    a Newton run on a strictly convex quadratic stops at the gradient tolerance."""
+    target = rng.normal(size=6)
+    with Client(address) as client:
+        result = client.start_run(problems.mse(target), np.zeros(6), method="newton").result(60)
+    assert result.stop_reason == "gradient_tolerance" == result.info.stop_reason
+    assert result.converged is True and result.message == result.info.message != ""
+    np.testing.assert_allclose(result.params, target, rtol=1e-12)
+
+
 def test_aio_run_result_params_have_the_shape_sent(address, rng):
     target, x0 = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
 
@@ -531,6 +559,24 @@ def test_client_arguments_of_the_wrong_kind_are_invalid_argument_naming_them(
     assert "tok\x00en" not in err.value.message  # a token is never echoed
 
 
+@pytest.mark.parametrize("address", [50051, b"127.0.0.1:50051", [50051], ["127.0.0.1:1", 2]])
+def test_an_address_that_is_no_text_is_invalid_argument_naming_it(address):
+    # Client(50051) was "TypeError: 'int' object is not iterable"
+    with pytest.raises(InvalidArgument) as err:
+        Client(address)
+    assert err.value.field == "address" and "expected host:port (a string)" in err.value.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_tensor_is_refused_naming_its_dtype(dtype):
+    # bfloat16 said "got 'Got unsupported ScalarType BFloat16'" (numpy has no bfloat16)
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        client.newton_step(problems.rosenbrock(dim=2), torch.zeros(2, dtype=dtype))
+    assert err.value.field == "params"
+    assert err.value.message.endswith(f"expected dtype float32, float64 or int64, got "
+                                      f"'{str(dtype).removeprefix('torch.')}'")  # fmt: skip
+
+
 def test_a_token_read_with_its_newline_is_sent_stripped():
     with Client(NOWHERE, token="  tok-A\n") as client:
         assert ("authorization", "Bearer tok-A") in client.metadata
@@ -544,6 +590,8 @@ def test_a_token_read_with_its_newline_is_sent_stripped():
         ("--timeout", "-1", "info"),
         ("runs", "--limit", "0"),
         ("runs", "--limit", "-1"),
+        ("runs", "--limit", "99999999999999999999"),  # past islice's limit: a traceback
+        ("run", "--objective", "rosenbrock", "--option", "dim=100000000000000000000000"),
     ],
 )
 def test_cli_values_out_of_range_are_usage_errors(capsys, args):
@@ -753,6 +801,20 @@ def test_a_request_over_the_message_limit_is_refused_naming_its_field(field, cal
     ):
         call(client)
     assert err.value.field == field and f"{LIMIT:,}" in str(err.value)
+
+
+def test_a_request_most_of_whose_bytes_are_a_string_is_named_by_it():
+    """A 1 KiB client limit and a StartRun whose bytes are almost all its name (256 emoji,
+    1,024 bytes) was "stopping: the request is ...", `stopping` being 2 bytes; a request
+    that no one field dominates is "request"."""
+    with Client(NOWHERE, max_message_bytes=1024) as client:
+        with pytest.raises(ResourceExhausted) as err:
+            client.start_run("p-x", np.zeros(3), name="\U0001f600" * 256)
+        assert err.value.field == "name"
+        with pytest.raises(ResourceExhausted) as err:
+            # 440 bytes of name, ~490 of params, 102 of problem id: none holds most
+            client.start_run("p-" + "x" * 100, np.zeros(60), name="\U0001f600" * 110)
+        assert err.value.field == "request"
 
 
 def test_the_asyncio_client_refuses_an_oversized_request_the_same_way():

@@ -829,6 +829,9 @@ def test_scipys_positional_order_and_method_names_in_any_case(address, rng):
         ({"constraints": {"type": "eq", "fun": sum}}, "constraints", "not served"),
         ({"constraints": LinearConstraint(np.eye(2), -1, 1)}, "constraints", "not served"),
         ({"timeout": 3}, "timeout", "an argument this function serves"),
+        # a key of options given as an argument (README's speculative=False) says where it goes
+        ({"speculative": False}, "speculative", "inside options (options={'speculative'"),
+        ({"maxiter": 5}, "maxiter", "inside options (options={'maxiter'"),
     ],
 )
 def test_what_minimize_does_not_serve_is_refused_naming_it_before_connecting(

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import queue
 import shutil
 import sys
@@ -47,6 +48,7 @@ PLOT_Y = ("loss", "gradient_norm", "loss_gap")
 FORMATS = ("csv", "jsonl", "parquet")
 EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 2, 1, 130
 MAX_TIMEOUT = 86400.0  # seconds (a day): gRPC turns a deadline near 1e30 into an instant one
+MAX_COUNT = 2**63 - 1  # the largest --limit: islice refuses counts past sys.maxsize
 
 
 class UsageError(Exception):
@@ -76,13 +78,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
+    """An argparse type: a whole number in [1, 2**63 - 1] (a count; past it nothing fits)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_COUNT}], got {text!r}")
     return value
 
 
@@ -370,8 +372,13 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
     params = _load(args.params, "--params", archive=False) if args.params else None
     problem = build_problem(args)
-    stopping = {"max_iterations": args.max_iterations}
-    for key in ("gradient_tolerance", "function_tolerance", "parameter_tolerance"):
+    stopping = {}  # what is not given keeps the server's default (max_iterations: 100)
+    for key in (
+        "max_iterations",
+        "gradient_tolerance",
+        "function_tolerance",
+        "parameter_tolerance",
+    ):
         value = getattr(args, key)
         if value is not None:
             stopping[key] = value
@@ -593,6 +600,18 @@ def cmd_plot(client: Client, args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # the file's format is its suffix (matplotlib's rule), checked before any run is read;
+    # without one it is PNG, written to NAME.png as matplotlib does, and said so
+    suffix = pathlib.Path(args.output).suffix.lower().lstrip(".")
+    formats = fig.canvas.get_supported_filetypes()
+    if not suffix:
+        args.output += ".png"
+    elif suffix not in formats:
+        plt.close(fig)
+        raise UsageError(
+            f"--output {args.output}: expected a file name ending in one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
     series = []
     for run_id in args.run_ids:
         run = client.run(run_id)
@@ -722,7 +741,7 @@ def parser() -> argparse.ArgumentParser:
         "--gradient-fraction", type=float, default=None, help="Hessian-free mini-batch gradient"
     )
     r.add_argument("--hvp-mode", default=None, choices=choices("hvp_mode"))
-    r.add_argument("--max-iterations", type=int, default=100)
+    r.add_argument("--max-iterations", type=int, default=None, help="default: 100")
     r.add_argument("--gradient-tolerance", type=float, default=None)
     r.add_argument("--function-tolerance", type=float, default=None)
     r.add_argument("--parameter-tolerance", type=float, default=None)

@@ -239,6 +239,8 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
     name resolves to), or a list of IP:port (round robin over them).
     """
     if not isinstance(address, str):
+        if isinstance(address, bytes) or not isinstance(address, Iterable):  # Client(50051)
+            raise invalid("address", "host:port (a string) or a list of IP:port", address)
         entries = list(address)
         if not entries:
             raise invalid("address", "at least one IP:port", "an empty list")
@@ -259,7 +261,7 @@ def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
 
 def _check_port(address: str) -> None:
     """Refuse a host:port `address` that gRPC would dial other than as meant."""
-    problem = address_problem(address) if isinstance(address, str) else None
+    problem = address_problem(address) if isinstance(address, str) else "host:port (a string)"
     if problem is not None:
         raise invalid("address", problem, address)
 
@@ -281,18 +283,35 @@ def address_problem(address: str) -> str | None:
 
 
 def _largest_part(message: Any) -> str:
-    """The dotted path of the singular message field holding most of `message`'s bytes."""
+    """The dotted path of the singular message field holding most of `message`'s bytes, or
+    the name of a top-level field of another kind that does (a long run name); "request"
+    where no field holds most of them."""
     path = []
     while True:
-        parts = [(v.ByteSize(), f.name, v) for f, v in message.ListFields()
-                 if f.message_type is not None and not f.is_repeated]  # fmt: skip
-        if not parts:
+        parts = [(_value_bytes(f, v), f, v) for f, v in message.ListFields()]
+        size, fd, inner = max(parts, key=lambda part: part[0], default=(0, None, None))
+        if fd is None or 2 * size < message.ByteSize():  # no one field holds most of it
             return ".".join(path) or "request"
-        size, name, inner = max(parts, key=lambda part: part[0])
-        if 2 * size < message.ByteSize():  # no one field holds most of it
-            return ".".join(path) or name
-        path.append(name)
+        if fd.message_type is None or fd.is_repeated:  # a string, bytes, list or map
+            return ".".join(path) or fd.name
+        path.append(fd.name)
         message = inner
+
+
+def _value_bytes(fd: Any, value: Any) -> int:
+    """About the bytes a field's value takes on the wire (its payload)."""
+    if not fd.is_repeated:
+        value = [value]
+    elif fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value = list(value.values())
+    return sum(
+        v.ByteSize()
+        if hasattr(v, "ByteSize")
+        else len(v.encode() if isinstance(v, str) else v)
+        if isinstance(v, str | bytes)
+        else 8
+        for v in value
+    )
 
 
 def _too_large(request: Any, limit: int, said: str) -> ResourceExhausted:

@@ -151,10 +151,22 @@ def _unbounded_pairs(bounds: Any) -> bool:
     return bool(np.all(low == -np.inf) and np.all(high == np.inf))
 
 
-def refuse_unserved(unserved: dict[str, Any], served: str) -> None:
+# keys that go in `options` (SciPy's names, the criteria, the method options, speculative)
+OPTION_KEYS = frozenset(
+    {*SCIPY_OPTIONS, *STOP_FIELDS, *optimize_pb2.MethodOptions.DESCRIPTOR.fields_by_name,
+     "speculative", "disp"}
+)  # fmt: skip
+
+
+def refuse_unserved(
+    unserved: dict[str, Any], served: str, options: frozenset[str] = frozenset()
+) -> None:
     """Refuse SciPy arguments this SDK does not serve by name, as an InvalidArgument (not
-    Python's TypeError); `served` lists the ones it does."""
+    Python's TypeError); `served` lists the ones it does. A key of `options` given as an
+    argument (`speculative=False`) is told where it goes."""
     for key, value in unserved.items():
+        if key in options:
+            raise invalid(key, f"it inside options (options={{{key!r}: ...}})", value)
         raise invalid(key, f"an argument this function serves ({served})", value)
 
 
@@ -606,7 +618,7 @@ def minimize(
     Returns SciPy's fields (x, fun, jac, hess, nit, nfev, njev, nhev, status, success,
     message) and run_id, run_status, round_trips (evaluation requests answered).
     """
-    refuse_unserved(unserved, MINIMIZE_ARGUMENTS)
+    refuse_unserved(unserved, MINIMIZE_ARGUMENTS, OPTION_KEYS)
     _unconstrained(bounds, constraints)
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
     return drive(session, resume, address, token)
@@ -664,7 +676,7 @@ async def minimize_async(
     functions run on the loop; `async def` ones (fun, jac, hess, hessp, callback) are
     awaited on it, and the evaluation around them (with any plain function beside them)
     then runs on a worker thread."""
-    refuse_unserved(unserved, MINIMIZE_ARGUMENTS)
+    refuse_unserved(unserved, MINIMIZE_ARGUMENTS, OPTION_KEYS)
     _unconstrained(bounds, constraints)
     session = _Session(fun, x0, args, jac, hess, hessp, method, tol, callback, options, name)
     return await drive_async(session, resume, address, token)

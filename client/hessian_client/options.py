@@ -91,14 +91,14 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
             setattr(msg, key, value)
         except (TypeError, ValueError):  # protobuf's own words name no field
             kind = _KINDS.get(fd.cpp_type, "a value of its type")
-            if isinstance(value, int) and fd.cpp_type in _RANGES:  # an int past the wire's
-                low, high = _RANGES[fd.cpp_type]
+            if isinstance(value, int) and fd.cpp_type in WIRE_RANGES:  # an int past the wire's
+                low, high = WIRE_RANGES[fd.cpp_type]
                 kind = f"an integer in [{low}, {high}]"
             raise invalid(f"{field}.{key}", kind, value) from None
     return msg
 
 
-_RANGES = {  # the wire's integer types
+WIRE_RANGES = {  # the wire's integer types
     FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
     FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),

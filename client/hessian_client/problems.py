@@ -15,6 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from .errors import invalid
+from .options import WIRE_RANGES
 from .proto import problem_pb2
 from .tensors import encode
 
@@ -71,7 +72,20 @@ def _objective(message: type[M], **options: Any) -> M:
             or not all(fits(v) for v in value)
         ):
             raise invalid(name, f"a sequence, each {what}", value)
+        _check_size(fd, name, value)
     return message(**options)
+
+
+def _check_size(fd: FieldDescriptor, name: str, value: Any) -> None:
+    """Refuse an integer field's value outside [1, the wire type's largest]: every integer
+    of a catalogue problem is a size, and protobuf's own ValueError for `dim=2**70` named no
+    field."""
+    if fd.cpp_type not in WIRE_RANGES:
+        return
+    high = WIRE_RANGES[fd.cpp_type][1]
+    if any(not 1 <= int(v) <= high for v in (value if fd.is_repeated else [value])):
+        what = f"an integer in [1, {high}]"
+        raise invalid(name, f"a sequence, each {what}" if fd.is_repeated else what, value)
 
 
 def _data(**tensors: Any) -> dict[str, Any]:

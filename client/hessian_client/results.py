@@ -481,6 +481,21 @@ class RunResult(_Result):
         """The run's status name (FINISHED, CANCELLED, ...)."""
         return self.info.status
 
+    @property
+    def stop_reason(self) -> StopReason | None:  # type: ignore[valid-type]
+        """Why it stopped (gradient_tolerance, max_iterations, ...: info.stop_reason)."""
+        return self.info.stop_reason
+
+    @property
+    def converged(self) -> bool:
+        """Whether it met the gradient tolerance (info.converged)."""
+        return self.info.converged
+
+    @property
+    def message(self) -> str:
+        """The run's closing message in words (info.message)."""
+        return self.info.message
+
 
 def status_name(info: RunInfo | WireRunInfo) -> str:
     """The run's status as a plain name (QUEUED, RUNNING, FINISHED, ...)."""

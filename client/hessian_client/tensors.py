@@ -31,6 +31,10 @@ def encode(
 ) -> tensor_pb2.Tensor:
     """Encode `value` as a Tensor: float32, float64 or int64 (Python floats become float64);
     InvalidArgument naming `field` when it is not a numeric array of one of those."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+        # numpy has no bfloat16: its refusal read "Got unsupported ScalarType BFloat16"
+        raise invalid(field, "dtype float32, float64 or int64", "bfloat16")
     try:
         array = as_numpy(value)
     except (TypeError, ValueError) as exc:  # ragged nested lists, objects numpy cannot take

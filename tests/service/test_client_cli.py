@@ -287,6 +287,23 @@ def test_missing_matplotlib_names_an_installable_package(server, capsys, monkeyp
     assert len(err.splitlines()) == 1
 
 
+def test_plot_to_a_file_of_no_image_format_is_a_usage_error_before_any_read(
+    server, capsys, tmp_path
+):
+    """-o out.txt was matplotlib's ValueError traceback after every run was read; -o NAME
+    (no suffix) said "plot written to NAME" where matplotlib wrote NAME.png."""
+    code, _, err = _cli(server, capsys, "plot", "r-unknown", "-o", str(tmp_path / "out.txt"))
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "--output" in err and "out.txt" in err and ".png" in err and ".svg" in err
+    assert not (tmp_path / "out.txt").exists()
+    code, out, err = _cli(server, capsys, *GD_RUN)
+    run_id = re.search(r"(r-[0-9a-f]+) FINISHED", out).group(1)
+    code, out, err = _cli(server, capsys, "plot", run_id, "-o", str(tmp_path / "noext"))
+    png = tmp_path / "noext.png"
+    assert code == 0 and out.strip() == f"plot written to {png}", (out, err)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_shell_completion_offers_the_choices(tmp_path):
     pytest.importorskip("argcomplete")
     out = tmp_path / "completions"

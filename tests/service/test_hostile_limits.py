@@ -369,3 +369,30 @@ def test_an_exported_param_shape_with_sizes_below_1_is_invalid_not_huge(mib_serv
         err = _refusal(lambda: stub.CreateProblem(request, timeout=30))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("problem.exported.param_shape: expected the shape of params")
+
+
+def test_a_name_whose_run_info_cannot_fit_a_message_is_refused_before_the_run_exists(tmp_path):
+    """Under --max-message-bytes 1024 a StartRun of 851 bytes (200 emoji: 800 bytes, within
+    the 256-character rule) started the run, answered "Sent message larger than max", and
+    every ListRuns failed after it. Now it is refused naming the name, nothing is created,
+    and a run whose closing message is long is listed with the message cut to fit."""
+    handle = start_server(tmp_path, max_message_bytes=1024)
+    try:
+        with Client(handle.address, timeout=60) as client:
+            for watch in (False, True):
+                with pytest.raises(ResourceExhausted) as err:
+                    client.start_run(ROSENBROCK, np.zeros(2), name="\U0001f600" * 200, watch=watch)
+                assert err.value.field == "name" and "800-byte name" in err.value.message
+            assert list(client.list_runs()) == []
+            short = client.start_run(ROSENBROCK, np.zeros(2), name="\U0001f600" * 5)
+            assert short.wait(60).status == "FINISHED"
+            long_message = "x" * 5000
+            row = handle.store.get_run(short.id)
+            handle.store.update_run(short.id, message=long_message)
+            listed = list(client.list_runs())
+            assert [r.run_id for r in listed] == [short.id] and row.name == "\U0001f600" * 5
+            shown = listed[0].message
+            assert shown.endswith(codec.CUT_MARK) and long_message.startswith(shown[:-6])
+            assert client.get_run(short.id).message == shown
+    finally:
+        handle.stop(grace=1.0)

@@ -276,6 +276,15 @@ CASES = {
         )
         for label, char in [("an escape", "\x1b[2J"), ("a newline", "\r\n"), ("NUL", "\x00")]
     },
+    # two starting points: init was ignored, silently (the SDK refuses the same pair)
+    "start with both initial_params and init": (
+        "StartRun",
+        service_pb2.StartRunRequest(
+            problem=_mse(), initial_params=_params(), init=optimize_pb2.Initializer(seed=3)
+        ),
+        INVALID,
+        "init",
+    ),
     # the curvature it has no form of, before the size of the matrix it would answer
     "gauss-newton of a large rosenbrock": (
         "ComputeHessian",

@@ -86,6 +86,32 @@ def test_iterations_over_the_limit_are_refused(limited):
         c.start_run(problems.rosenbrock(), np.zeros(2), stopping={"max_iterations": 501})
 
 
+def test_a_default_over_a_low_iteration_limit_says_it_is_the_default(tmp_path, capsys):
+    """A server with --max-iterations 30: a run given no max_iterations (SDK start_run, or
+    the CLI without --max-iterations, which sent its own 100) was refused as "100 is over the
+    server limit of 30", a number the caller never gave."""
+    from hessian_client.cli import main
+
+    handle = start_server(tmp_path, max_iterations=30)
+    try:
+        default = (
+            "stopping.max_iterations: the default of 100 iterations is over the server limit "
+            "of 30: pass stopping.max_iterations <= 30"
+        )
+        with Client(handle.address, timeout=30) as c:
+            with pytest.raises(ResourceExhausted) as err:
+                c.start_run(problems.rosenbrock(), np.zeros(2))
+            assert err.value.message == default and err.value.field == "stopping.max_iterations"
+            with pytest.raises(ResourceExhausted, match=r"max_iterations: 100 is over .* 30$"):
+                c.start_run(problems.rosenbrock(), np.zeros(2), stopping={"max_iterations": 100})
+            run = c.start_run(problems.rosenbrock(), np.zeros(2), stopping={"max_iterations": 30})
+            assert run.wait(30).status == "FINISHED"
+        code = main(["--address", handle.address, "run", "--objective", "rosenbrock"])
+        assert code == 1 and default in capsys.readouterr().err
+    finally:
+        handle.stop(grace=1.0)
+
+
 def test_concurrent_runs_are_limited_per_token(limited):
     problem = problems.rosenbrock(dim=2)
     long = dict(LONG, stopping={"max_iterations": 500})

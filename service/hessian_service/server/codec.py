@@ -172,6 +172,15 @@ def tensor_wire_bytes(shape: Sequence[int], itemsize: int) -> int:
 
 
 MAX_RECORD_BYTES = _widest_record()
+CUT_MARK = " [cut]"
+
+
+def cut_utf8(text: str, nbytes: int) -> str:
+    """`text` in at most `nbytes` UTF-8 bytes, marked as cut when it was (never mid-char)."""
+    if len(text.encode()) <= nbytes:
+        return text
+    room = max(0, nbytes - len(CUT_MARK))
+    return text.encode()[:room].decode(errors="ignore") + CUT_MARK
 
 
 def encode_tensor(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -163,6 +164,7 @@ class Optimizer:
             owner=tenant.name,
             method_note=note,
             remote=remote,
+            check_row=functools.partial(service._check_info_fits, field="start.name"),
         )
 
     async def _resume(

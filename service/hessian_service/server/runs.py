@@ -34,7 +34,7 @@ from ..engine import (
     resolve_method,
 )
 from ..engine.cancel import Cancelled
-from ..engine.errors import EngineError, ResourceLimitError
+from ..engine.errors import EngineError, ResourceLimitError, clip
 from ..engine.objectives.base import Objective
 from ..engine.options import check_dtype_range, check_method_budget
 from ..engine.records import StopReason
@@ -71,6 +71,7 @@ class Leases(Protocol):
     def abandon(self, run_id: str) -> None: ...
 
 
+MAX_RUN_MESSAGE_CHARS = 1024  # a run's closing message as stored (a longer one is cut)
 log = logging.getLogger(__name__)
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
 WATCH_POLL_SECONDS = 0.5  # a watcher of a run executing elsewhere re-reads the store this often
@@ -389,15 +390,23 @@ class RunManager:
         name: str = "",
         owner: str = ANONYMOUS_OWNER,
         hold_problem: Callable[[], AbstractContextManager[None]] | None = None,
+        iterations_given: bool = True,
+        check_row: Callable[[RunRow], None] | None = None,
     ) -> RunRow:
         """StartRun: refuse criteria over the iteration cap, choose the starting point (the
         given tensor, one drawn by `initial`, else the objective's default from seed 0),
-        resolve method auto, refuse a dense method over its memory budget, then launch."""
+        resolve method auto, refuse a dense method over its memory budget, then launch.
+        `iterations_given`: False where the caller left max_iterations to its default (the
+        refusal then says so, and what to pass)."""
         if self.max_iterations and stopping.max_iterations > self.max_iterations:
-            raise ResourceLimitError(
-                "stopping.max_iterations",
-                f"{stopping.max_iterations} is over the server limit of {self.max_iterations}",
-            )
+            count = f"{stopping.max_iterations} is over the server limit of {self.max_iterations}"
+            if not iterations_given:
+                count = (
+                    f"the default of {stopping.max_iterations} iterations is over the server "
+                    f"limit of {self.max_iterations}: pass stopping.max_iterations <= "
+                    f"{self.max_iterations}"
+                )
+            raise ResourceLimitError("stopping.max_iterations", count)
         if isinstance(initial, InitSpec):
             params = initial_params(objective, initial.seed, initial.distribution)
         elif initial is None:
@@ -418,6 +427,7 @@ class RunManager:
             owner=owner,
             method_note=method_note,
             hold_problem=hold_problem,
+            check_row=check_row,
         )
 
     def _dated(self) -> float:
@@ -439,9 +449,11 @@ class RunManager:
         method_note: str = "",
         remote: dict[str, Any] | None = None,
         hold_problem: Callable[[], AbstractContextManager[None]] | None = None,
+        check_row: Callable[[RunRow], None] | None = None,
     ) -> RunRow:
         """Record a new run (QUEUED, with its starting checkpoint), queue it, then apply the
-        stored-runs cap.
+        stored-runs cap. `check_row` may refuse the run's row before anything is stored (the
+        caller's answer, sized with it, would not fit a message).
 
         `method_note` (why method auto chose the options' method) is kept in the spec, and
         the criteria with the method's defaults filled in (RunInfo shows what the run obeys).
@@ -463,6 +475,8 @@ class RunManager:
         if remote is not None:
             spec["remote"] = remote
         row = RunRow(run_id, problem_id, spec, name=name, created_at=self._dated(), owner=owner)
+        if check_row is not None:
+            check_row(row)
         live = self._admit(run_id, 0, owner, objective)
         try:
             checkpoint = StoredCheckpoint.of(Checkpoint(0, params, {}))
@@ -1016,6 +1030,7 @@ class RunManager:
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""
         run_id = live.run_id
+        final["message"] = clip(final["message"], MAX_RUN_MESSAGE_CHARS)
         # not after a store error: a checkpoint past the last stored record would
         # leave a gap in the records when the run is resumed from it
         last = run is not None and run.last_record is not None and live.error is None

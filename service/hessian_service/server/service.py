@@ -55,6 +55,7 @@ MAX_LIST_PAGE = 1000
 # Room a response needs beside its tensors and records: scalars and strings the server
 # writes (a summary, a method note; an analysis' verdict reason takes two of these).
 RESPONSE_SLACK = 512
+INFO_SLACK = 128  # beside a run's info: a page token (~80 bytes) or a WatchRunEvent's tag
 # SampleTensors' advertised limit leaves this much of a message for the tensors' headers: any
 # request of at most max_sample_elements values in up to 16 tensors of any rank fits.
 SAMPLE_HEADER_BYTES = 4096
@@ -191,6 +192,20 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             "(its records, if any, remain)",
         )
 
+    def _check_info_fits(self, row: RunRow, field: str = "name") -> None:
+        """Refuse a new run whose info (with its widest record) would not fit a message: its
+        StartRun answer, and every listing of it, failed after it was created (a long UTF-8
+        name under a low limit). Its closing message, later, is cut to fit (_info)."""
+        info = codec.field_bytes(codec.run_to_wire(row).ByteSize() + codec.MAX_RECORD_BYTES)
+        room = self.config.max_message_bytes - INFO_SLACK
+        if info > room:
+            raise ResourceLimitError(
+                field,
+                f"a run's info with this {len(row.name.encode())}-byte name takes up to {info} "
+                f"bytes, over the {room} a message holds beside its other fields "
+                f"(--max-message-bytes {self.config.max_message_bytes})",
+            )
+
     def _info(
         self,
         row: RunRow,
@@ -202,6 +217,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         checkpoint's parameters if they fit a message."""
         live = self.runs.live(row.run_id)
         info = codec.run_to_wire(row, live.last_record if live is not None else None, message)
+        over = codec.field_bytes(info.ByteSize()) + INFO_SLACK - self.config.max_message_bytes
+        if over > 0 and info.message:  # a long closing message under a low limit: cut
+            info.message = codec.cut_utf8(info.message, len(info.message.encode()) - over - 16)
         if include_params:
             stored = self.store.latest_checkpoint(row.run_id)
             if stored is None:  # every run is created with its starting checkpoint
@@ -427,20 +445,27 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         pid, objective, hold_problem = self.registry.claim(request, tenant)
         values = codec.options_to_dict(request.options)
         values.setdefault("method", "newton")
+        stopping = codec.stopping_to_dict(request.stopping)
         row = self.runs.start(
             problem_id=pid,
             objective=objective,
             options=self._method_options(values),
-            stopping=StopCriteria.from_dict(codec.stopping_to_dict(request.stopping)),
+            stopping=StopCriteria.from_dict(stopping),
             initial=self._initial(request),
             name=request.name,
             owner=tenant.name,
             hold_problem=hold_problem,
+            iterations_given="max_iterations" in stopping,
+            check_row=self._check_info_fits,
         )
         return self._info(row, message=service_pb2.StartRunResponse)
 
     def _initial(self, request: service_pb2.StartRunRequest) -> torch.Tensor | InitSpec | None:
         """StartRun's starting point as sent: a tensor, a distribution to draw, or none."""
+        if request.HasField("initial_params") and request.HasField("init"):
+            raise ValidationError(
+                "init", "no init when initial_params are given (they are the start)", "both"
+            )
         if request.HasField("initial_params"):
             return self._decode_params(request.initial_params, "initial_params")
         if request.HasField("init"):
