@@ -362,6 +362,9 @@ class RunInfo(_Result):
     started_at: datetime | None
     finished_at: datetime | None
     final_params: Any = None
+    # the record final_params belong to: its latest checkpoint's (a running or interrupted
+    # run's later records may have passed it); None without final_params
+    params_iteration: int | None = None
     raw: WireRunInfo = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -401,6 +404,7 @@ class RunInfo(_Result):
             started_at=_time(msg.started_at),
             finished_at=_time(msg.finished_at),
             final_params=params,
+            params_iteration=int(msg.params_iteration) if params is not None else None,
             raw=msg,
         )
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 from conftest import ROOT, start_server
 from hessian_client.proto import service_pb2, service_pb2_grpc
@@ -303,3 +304,36 @@ def test_the_store_files_are_readable_by_their_owner_only(tmp_path):
     store.close()
     recover_store(tmp_path)
     assert (tmp_path / "runs.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_final_params_say_which_record_they_belong_to(tmp_path):
+    """GetRun(include_params) of a running run returns its latest checkpoint, which later
+    records have passed (the proto called it the last accepted iterate, with nothing to say
+    which); params_iteration names that record: the loss at final_params is that record's
+    (float64 reference), and a finished run's is its last record."""
+    from conftest import start_server, wait_until
+    from hessian_client import Client
+    from long_runs import ENDLESS, long_run_problem
+
+    problem = long_run_problem(4)
+    handle = start_server(tmp_path, checkpoint_every=40, commit_every_records=1)
+    try:
+        with Client(handle.address, timeout=60) as client:
+            run = client.start_run(problem, np.zeros(31), method="gradient_descent",
+                                   learning_rate=0.05, stopping=ENDLESS)  # fmt: skip
+            wait_until(lambda: client.get_run(run.id).num_records > 130, timeout=60)
+            info = client.get_run(run.id, include_params=True)
+            client.cancel_run(run.id)
+            done = client.run(run.id).wait(60)
+            assert info.params_iteration % 40 == 0 and info.params_iteration >= 80
+            assert info.params_iteration < info.last_record.iteration or info.status != "RUNNING"
+            records = {r.iteration: r.loss for r in client.run(run.id).stream()}
+            at = client.compute_hessian(problem, info.final_params, omit_matrix=True).loss
+            assert at == pytest.approx(records[info.params_iteration], rel=1e-12, abs=0)
+            ended = client.get_run(run.id, include_params=True)
+            assert ended.params_iteration == done.last_record.iteration == max(records)
+            at = client.compute_hessian(problem, ended.final_params, omit_matrix=True).loss
+            assert at == pytest.approx(records[max(records)], rel=1e-12, abs=0)
+            assert client.get_run(run.id).params_iteration is None  # no params, no iteration
+    finally:
+        handle.stop(grace=1.0)

@@ -213,7 +213,7 @@ class StartRunRequest(_message.Message):
     def __init__(self, problem: _Optional[_Union[_problem_pb2.Problem, _Mapping]] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., initial_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init: _Optional[_Union[_optimize_pb2.Initializer, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note", "params_iteration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class StartRunResponse(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_ITERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     status: RunStatus
@@ -250,10 +251,11 @@ class StartRunResponse(_message.Message):
     finished_at: float
     method: _optimize_pb2.Method
     method_note: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+    params_iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ..., params_iteration: _Optional[int] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note", "params_iteration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +274,7 @@ class RunInfo(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_ITERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     status: RunStatus
@@ -290,7 +293,8 @@ class RunInfo(_message.Message):
     finished_at: float
     method: _optimize_pb2.Method
     method_note: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+    params_iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ..., params_iteration: _Optional[int] = ...) -> None: ...
 
 class WatchRunRequest(_message.Message):
     __slots__ = ("run_id", "from_iteration")
@@ -319,7 +323,7 @@ class GetRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., include_params: _Optional[bool] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note", "params_iteration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +342,7 @@ class GetRunResponse(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_ITERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     status: RunStatus
@@ -356,7 +361,8 @@ class GetRunResponse(_message.Message):
     finished_at: float
     method: _optimize_pb2.Method
     method_note: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+    params_iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ..., params_iteration: _Optional[int] = ...) -> None: ...
 
 class CancelRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -365,7 +371,7 @@ class CancelRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class CancelRunResponse(_message.Message):
-    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note", "params_iteration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +390,7 @@ class CancelRunResponse(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_ITERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     status: RunStatus
@@ -402,7 +409,8 @@ class CancelRunResponse(_message.Message):
     finished_at: float
     method: _optimize_pb2.Method
     method_note: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+    params_iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ..., params_iteration: _Optional[int] = ...) -> None: ...
 
 class ResumeRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -411,7 +419,7 @@ class ResumeRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class ResumeRunResponse(_message.Message):
-    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note")
+    __slots__ = ("run_id", "name", "status", "stop_reason", "converged", "message", "problem_id", "options", "stopping", "backend", "num_records", "last_record", "final_params", "created_at", "started_at", "finished_at", "method", "method_note", "params_iteration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +438,7 @@ class ResumeRunResponse(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_ITERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     status: RunStatus
@@ -448,7 +457,8 @@ class ResumeRunResponse(_message.Message):
     finished_at: float
     method: _optimize_pb2.Method
     method_note: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ...) -> None: ...
+    params_iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., stop_reason: _Optional[_Union[_optimize_pb2.StopReason, str]] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., problem_id: _Optional[str] = ..., options: _Optional[_Union[_optimize_pb2.MethodOptions, _Mapping]] = ..., stopping: _Optional[_Union[_optimize_pb2.StopCriteria, _Mapping]] = ..., backend: _Optional[str] = ..., num_records: _Optional[int] = ..., last_record: _Optional[_Union[_optimize_pb2.StepRecord, _Mapping]] = ..., final_params: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[_Union[_optimize_pb2.Method, str]] = ..., method_note: _Optional[str] = ..., params_iteration: _Optional[int] = ...) -> None: ...
 
 class DeleteRunRequest(_message.Message):
     __slots__ = ("run_id",)

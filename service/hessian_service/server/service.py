@@ -229,6 +229,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
                 size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
                 self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
                 info.final_params.CopyFrom(codec.encode_tensor(params))
+                info.params_iteration = stored.iteration
         return info
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one servicer per server; bounded)
