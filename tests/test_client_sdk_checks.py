@@ -591,6 +591,11 @@ def test_a_token_read_with_its_newline_is_sent_stripped():
         ("runs", "--limit", "0"),
         ("runs", "--limit", "-1"),
         ("runs", "--limit", "99999999999999999999"),  # past islice's limit: a traceback
+        # a problem named twice or not at all: one of them was ignored, or the message wrong
+        ("run", "--problem-id", ""),
+        ("run", "--problem-id", "p-x", "--objective", "rosenbrock"),
+        ("run", "--problem-id", "p-x", "--option", "dim=3"),
+        ("run", "--objective", "rosenbrock", "--option", "dim=3", "--option", "dim=4"),
         ("run", "--objective", "rosenbrock", "--option", "dim=100000000000000000000000"),
     ],
 )

@@ -166,13 +166,25 @@ def _builder_error(exc: Exception, objective: str, options: dict[str, Any]) -> U
 def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
     """The problem a command names: an id, or a catalogue objective or an exported program
     (--exported FILE.pt2) with an .npz of data and options."""
-    if args.problem_id:
-        return args.problem_id
+    given = [flag for flag, value in (("--problem-id", args.problem_id), ("--objective",
+             args.objective), ("--exported", args.exported)) if value is not None]  # fmt: skip
     if args.objective == "exported" or (args.exported and args.objective):
         raise UsageError("an exported program comes with --exported FILE.pt2, not --objective")
-    if not args.objective and not args.exported:
+    if len(given) > 1:  # --problem-id with another was taken alone, the other ignored
+        raise UsageError(f"give one of --problem-id, --objective or --exported, not {given}")
+    if args.problem_id is not None:
+        if not args.problem_id:
+            raise UsageError("--problem-id: expected a problem id (CreateProblem's), got ''")
+        if args.data or args.option:
+            raise UsageError("--data and --option describe a problem sent, not --problem-id")
+        return args.problem_id
+    if not given:
         raise UsageError("give --problem-id, --objective or --exported")
     data = _load(args.data, "--data", archive=True) if args.data else {}
+    keys = [key for key, _ in args.option or []]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:  # the last one was taken, silently
+        raise UsageError(f"--option {repeated[0]} given more than once")
     options = dict(args.option or [])
     if args.exported:
         try:
