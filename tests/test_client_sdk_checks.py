@@ -101,6 +101,16 @@ def test_cli_object_arrays_are_a_usage_error(tmp_path, capsys):
     assert "--data: cannot read" in err and "allow_pickle" in err
 
 
+@pytest.mark.parametrize("flag", ["--data", "--params"])
+def test_cli_a_text_file_is_named_as_no_numpy_file(tmp_path, capsys, flag):
+    # numpy read it as a pickle: "cannot read ... pickled (object) data", a text file
+    path = tmp_path / "x.npz"
+    path.write_text("1,2,3\n4,5,6\n")
+    err = _cli_error(capsys, flag, str(path))
+    assert f"{flag}: expected an .np" in err and "a file of neither kind" in err
+    assert "pickle" not in err
+
+
 def test_cli_npz_given_to_params_is_a_usage_error(logreg, capsys):
     tmp, _, _ = logreg
     path = str(tmp / "logreg.npz")

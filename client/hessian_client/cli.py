@@ -132,6 +132,11 @@ def _load(path: str, flag: str, *, archive: bool) -> Any:
     (`archive`) or an .npy's one array; a usage error naming `flag` otherwise."""
     want = "an .npz of named arrays (np.savez)" if archive else "an .npy of one array (np.save)"
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY" and not magic.startswith(b"PK\x03\x04"):
+            # numpy takes anything else for a pickle: "pickled (object) data" of a text file
+            raise UsageError(f"{flag}: expected {want}, got a file of neither kind in {path!r}")
         loaded = np.load(path)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
