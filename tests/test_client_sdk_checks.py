@@ -111,6 +111,13 @@ def test_cli_a_text_file_is_named_as_no_numpy_file(tmp_path, capsys, flag):
     assert "pickle" not in err
 
 
+def test_cli_an_empty_npz_is_read_as_no_arrays(tmp_path, capsys):
+    # np.savez() of nothing starts "PK\x05\x06" (an empty zip): an .npz all the same
+    np.savez(tmp_path / "none.npz")
+    err = _cli_error(capsys, "--data", str(tmp_path / "none.npz"))
+    assert "bad --data for logistic_regression" in err and "got []" in err
+
+
 def test_cli_npz_given_to_params_is_a_usage_error(logreg, capsys):
     tmp, _, _ = logreg
     path = str(tmp / "logreg.npz")
@@ -577,7 +584,7 @@ def test_an_address_that_is_no_text_is_invalid_argument_naming_it(address):
     assert err.value.field == "address" and "expected host:port (a string)" in err.value.message
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
 def test_a_half_precision_tensor_is_refused_naming_its_dtype(dtype):
     # bfloat16 said "got 'Got unsupported ScalarType BFloat16'" (numpy has no bfloat16)
     with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
@@ -606,6 +613,7 @@ def test_a_token_read_with_its_newline_is_sent_stripped():
         ("run", "--problem-id", "p-x", "--objective", "rosenbrock"),
         ("run", "--problem-id", "p-x", "--option", "dim=3"),
         ("run", "--objective", "rosenbrock", "--option", "dim=3", "--option", "dim=4"),
+        ("run", "--exported", ""),
         ("run", "--objective", "rosenbrock", "--option", "dim=100000000000000000000000"),
     ],
 )

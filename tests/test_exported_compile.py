@@ -211,6 +211,44 @@ def test_compiled_calls_while_another_program_compiles_stay_compiled(pair, monke
     assert "compiled evaluation failed" not in caplog.text
 
 
+def test_a_wait_for_another_compile_is_not_the_calls_time_and_may_be_cancelled(pair):
+    """A compiled call queued behind another problem's compile (the lock held alone here for
+    1.2 s) was charged that wait against its own limit (1 s): a ResourceLimitError blaming
+    the program. It now answers, equal to the call alone; a call whose token is cancelled
+    while it waits stops within the wait's 50 ms slices."""
+    compiled = pair[0]
+    x = fresh_point()
+    alone = loss_and_grad(compiled, x)
+    held, release = threading.Event(), threading.Event()
+
+    def compile_elsewhere() -> None:
+        with export_compile._COMPILE_LOCK.exclusive():
+            held.set()
+            release.wait(10)
+
+    compiled.eval_seconds = 1.0
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(compile_elsewhere)
+            assert held.wait(10)
+            threading.Timer(1.2, release.set).start()
+            waited = loss_and_grad(compiled, x)
+        assert all(torch.equal(a, b) for a, b in zip(waited, alone, strict=True))
+        with ThreadPoolExecutor(1) as pool:
+            release.clear()
+            held.clear()
+            pool.submit(compile_elsewhere)
+            assert held.wait(10)
+            token = CancelToken()
+            threading.Timer(0.2, token.cancel).start()
+            with scope(token), pytest.raises(Cancelled):
+                loss_and_grad(compiled, x)
+            release.set()
+    finally:
+        compiled.eval_seconds = 60.0
+        release.set()
+
+
 def test_compiled_call_keeps_the_limit_and_the_cancel_token(pair):
     """A compiled call is checked against the limit when it returns (a limit in the past: no
     timing dependence) and against the cancel token before it starts."""

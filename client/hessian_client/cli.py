@@ -134,7 +134,7 @@ def _load(path: str, flag: str, *, archive: bool) -> Any:
     try:
         with open(path, "rb") as f:
             magic = f.read(6)
-        if magic != b"\x93NUMPY" and not magic.startswith(b"PK\x03\x04"):
+        if magic != b"\x93NUMPY" and not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             # numpy takes anything else for a pickle: "pickled (object) data" of a text file
             raise UsageError(f"{flag}: expected {want}, got a file of neither kind in {path!r}")
         loaded = np.load(path)
@@ -173,6 +173,8 @@ def build_problem(args: argparse.Namespace) -> problem_pb2.Problem | str:
     (--exported FILE.pt2) with an .npz of data and options."""
     given = [flag for flag, value in (("--problem-id", args.problem_id), ("--objective",
              args.objective), ("--exported", args.exported)) if value is not None]  # fmt: skip
+    if args.exported == "":
+        raise UsageError("--exported: expected a FILE.pt2 (torch.export.save's), got ''")
     if args.objective == "exported" or (args.exported and args.objective):
         raise UsageError("an exported program comes with --exported FILE.pt2, not --objective")
     if len(given) > 1:  # --problem-id with another was taken alone, the other ignored

@@ -31,13 +31,15 @@ def encode(
 ) -> tensor_pb2.Tensor:
     """Encode `value` as a Tensor: float32, float64 or int64 (Python floats become float64);
     InvalidArgument naming `field` when it is not a numeric array of one of those."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
-        # numpy has no bfloat16: its refusal read "Got unsupported ScalarType BFloat16"
-        raise invalid(field, "dtype float32, float64 or int64", "bfloat16")
     try:
         array = as_numpy(value)
     except (TypeError, ValueError) as exc:  # ragged nested lists, objects numpy cannot take
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(value, torch.Tensor):
+            # a dtype numpy lacks (bfloat16, float8, complex32): numpy's refusal read "Got
+            # unsupported ScalarType BFloat16"
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise invalid(field, "dtype float32, float64 or int64", dtype) from None
         raise invalid(field, "a numeric array (float32, float64 or int64)", str(exc)) from None
     if dtype is not None:
         array = array.astype(dtype, copy=False)

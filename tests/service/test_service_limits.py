@@ -108,6 +108,20 @@ def test_a_default_over_a_low_iteration_limit_says_it_is_the_default(tmp_path, c
             assert run.wait(30).status == "FINISHED"
         code = main(["--address", handle.address, "run", "--objective", "rosenbrock"])
         assert code == 1 and default in capsys.readouterr().err
+        # a raw Optimize start leaving max_iterations out is told the same
+        from hessian_client.proto import optimize_pb2
+        from optimize_stream import Stream
+
+        start = service_pb2.OptimizeStart(
+            initial_params=encode(np.ones(3)),
+            capabilities=service_pb2.Capabilities(gradient=True),
+            options=optimize_pb2.MethodOptions(method=optimize_pb2.METHOD_GRADIENT_DESCENT),
+        )
+        refused = Stream(handle.address, service_pb2.OptimizeRequest(start=start)).refusal()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.details() == "start." + default.replace(
+            "pass stopping.", "pass start.stopping."
+        )
     finally:
         handle.stop(grace=1.0)
 

@@ -227,11 +227,15 @@ def test_a_shared_stores_holds_are_read_on_every_call(tmp_path):
         inner.close()
 
 
+@pytest.mark.parametrize("cache_bytes", [256 * 1024**2, 0])
 @pytest.mark.parametrize("way", ["inline", "by_id", "create"])
-def test_concurrent_requests_for_one_new_problem_build_it_once(tmp_path, monkeypatch, way):
+def test_concurrent_requests_for_one_new_problem_build_it_once(
+    tmp_path, monkeypatch, way, cache_bytes
+):
     """Eight threads asking for one problem not yet built (inline, by id after a restart
     emptied the cache, or CreateProblem) build it once and share that objective: each
-    built its own before, an exported program compiling for seconds per request."""
+    built its own before, an exported program compiling for seconds per request; with the
+    cache off (0) the waiters took turns building it again."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -243,7 +247,8 @@ def test_concurrent_requests_for_one_new_problem_build_it_once(tmp_path, monkeyp
     try:
         problem = _mse(50, 7)
         pid = ProblemRegistry(store, max_params=10**6).create(problem, "alice")[0]
-        registry = ProblemRegistry(store, max_params=10**6)  # a fresh cache, as after a restart
+        # a fresh cache, as after a restart
+        registry = ProblemRegistry(store, max_params=10**6, cache_bytes=cache_bytes)
         builds, entered, release = [], threading.Event(), threading.Event()
         real = problems_module.build_objective
 

@@ -179,8 +179,9 @@ def cut_utf8(text: str, nbytes: int) -> str:
     """`text` in at most `nbytes` UTF-8 bytes, marked as cut when it was (never mid-char)."""
     if len(text.encode()) <= nbytes:
         return text
-    room = max(0, nbytes - len(CUT_MARK))
-    return text.encode()[:room].decode(errors="ignore") + CUT_MARK
+    if nbytes < len(CUT_MARK):
+        return ""
+    return text.encode()[: nbytes - len(CUT_MARK)].decode(errors="ignore") + CUT_MARK
 
 
 def encode_tensor(

@@ -26,7 +26,7 @@ from hessian_client.proto import service_pb2
 
 from ..engine import StopCriteria
 from ..engine.cancel import CancelToken
-from ..engine.errors import ResourceLimitError, ValidationError
+from ..engine.errors import ValidationError
 from ..engine.linalg import all_finite
 from ..engine.options import (
     DENSE_METHODS,
@@ -48,7 +48,7 @@ from ..store import ACTIVE_STATUSES, RunConflictError, RunNotFoundError, RunRow
 from . import codec
 from .auth import Tenant
 from .errors import ConflictError, LimitError, NotFoundError, require_id
-from .runs import LiveRun, require_interrupted
+from .runs import LiveRun, check_iteration_limit, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MESSAGE_SLACK = 4096  # a message's bytes beside its tensors (headers, a RunInfo's fields)
@@ -140,13 +140,14 @@ class Optimizer:
             ask + 2 * codec.MAX_RECORD_BYTES + MESSAGE_SLACK,
             f"the run's requests for {n} parameters",
         )
-        stopping = StopCriteria.from_dict(codec.stopping_to_dict(start.stopping), "start.stopping")
-        if stopping.max_iterations > service.config.max_iterations:
-            raise ResourceLimitError(
-                "start.stopping.max_iterations",
-                f"{stopping.max_iterations} is over the server limit of "
-                f"{service.config.max_iterations}",
-            )
+        values = codec.stopping_to_dict(start.stopping)
+        stopping = StopCriteria.from_dict(values, "start.stopping")
+        check_iteration_limit(
+            service.config.max_iterations,
+            stopping,
+            "max_iterations" in values,
+            "start.stopping.max_iterations",
+        )
         dtype = str(params.dtype).removeprefix("torch.")
         remote = {
             "num_params": params.numel(),

@@ -159,7 +159,7 @@ class ProblemRegistry:
         # problems stored for a StartRun whose run row (which pins them) is not yet written:
         # the stored-problems cap must not evict them meanwhile
         self._claimed: Counter[str] = Counter()
-        # pid -> [lock, waiters] of a build under way (_built)
+        # pid -> [lock, waiters, objective] of a build under way (_built)
         self._building: dict[str, list[Any]] = {}
 
     @property
@@ -183,14 +183,15 @@ class ProblemRegistry:
         objective = self._cached(pid)
         if objective is not None:
             return objective
-        with self._lock:
-            gate = self._building.setdefault(pid, [threading.Lock(), 0])
+        with self._lock:  # [lock, waiters, the objective built under it]
+            gate = self._building.setdefault(pid, [threading.Lock(), 0, None])
             gate[1] += 1
         try:
             with gate[0]:
-                objective = self._cached(pid)
+                # the build's own result first: the cache may not keep it (off, or too big)
+                objective = gate[2] if gate[2] is not None else self._cached(pid)
                 if objective is None:
-                    objective = build()
+                    objective = gate[2] = build()
                     self._remember(pid, objective)
                 return objective
         finally:

@@ -398,15 +398,7 @@ class RunManager:
         resolve method auto, refuse a dense method over its memory budget, then launch.
         `iterations_given`: False where the caller left max_iterations to its default (the
         refusal then says so, and what to pass)."""
-        if self.max_iterations and stopping.max_iterations > self.max_iterations:
-            count = f"{stopping.max_iterations} is over the server limit of {self.max_iterations}"
-            if not iterations_given:
-                count = (
-                    f"the default of {stopping.max_iterations} iterations is over the server "
-                    f"limit of {self.max_iterations}: pass stopping.max_iterations <= "
-                    f"{self.max_iterations}"
-                )
-            raise ResourceLimitError("stopping.max_iterations", count)
+        check_iteration_limit(self.max_iterations, stopping, iterations_given)
         if isinstance(initial, InitSpec):
             params = initial_params(objective, initial.seed, initial.distribution)
         elif initial is None:
@@ -1120,6 +1112,24 @@ def _resumer(live: LiveRun) -> str:
     if live.remote:
         return "Optimize's resume_run_id (minimize(..., resume=run_id)) continues it"
     return "ResumeRun continues it"
+
+
+def check_iteration_limit(
+    limit: int, stopping: StopCriteria, given: bool, field: str = "stopping.max_iterations"
+) -> None:
+    """Refuse criteria past the server's --max-iterations (0: none); `given`: whether the
+    caller set max_iterations (else the refusal says it is the default, and what to pass)."""
+    if not limit or stopping.max_iterations <= limit:
+        return
+    if given:
+        raise ResourceLimitError(
+            field, f"{stopping.max_iterations} is over the server limit of {limit}"
+        )
+    raise ResourceLimitError(
+        field,
+        f"the default of {stopping.max_iterations} iterations is over the server limit of "
+        f"{limit}: pass {field} <= {limit}",
+    )
 
 
 def _stopped_midway(live: LiveRun) -> dict[str, Any]:

@@ -52,11 +52,13 @@ class SharedLock:
         self._waiting = 0  # exclusive holders waiting
 
     @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        """Hold the shared side for the block."""
+    def shared(self, check: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold the shared side for the block; `check` runs every 50 ms of a wait for it (a
+        cancel token's: a call need not wait out a compile it no longer wants)."""
         with self._cond:
             while self._exclusive or self._waiting:
-                self._cond.wait()
+                check()
+                self._cond.wait(0.05)
             self._shared += 1
         try:
             yield
@@ -170,19 +172,24 @@ class CompiledProgram:
         return grad.reshape(params.shape), value
 
     def _call(self, fn: Callable[..., Any], params: torch.Tensor, seconds: float) -> Any:
-        cancel.check("evaluating an exported program")
-        start = time.monotonic()
-        try:
-            with torch.no_grad(), _COMPILE_LOCK.shared():
-                result = fn(params.detach().reshape(self.param_shape).contiguous(), *self.inputs)
-        except Exception as exc:  # the program's own error (the interpreter names its node)
-            raise CompiledFailed(f"{type(exc).__name__}: {exc}") from exc
-        if time.monotonic() - start > seconds:
+        where = "evaluating an exported program"
+        # a wait for another problem's compile is not this call's time, but may be cancelled
+        with _COMPILE_LOCK.shared(lambda: cancel.check(where)):
+            cancel.check(where)
+            start = time.monotonic()
+            try:
+                with torch.no_grad():
+                    args = (params.detach().reshape(self.param_shape).contiguous(), *self.inputs)
+                    result = fn(*args)
+            except Exception as exc:  # the program's own error (the interpreter names its node)
+                raise CompiledFailed(f"{type(exc).__name__}: {exc}") from exc
+            elapsed = time.monotonic() - start
+        if elapsed > seconds:
             raise ResourceLimitError(
                 "problem.exported",
                 f"an evaluation took over the server's limit of {seconds:g} s (compiled)",
             )
-        cancel.check("evaluating an exported program")
+        cancel.check(where)
         return result
 
 
