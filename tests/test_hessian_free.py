@@ -555,3 +555,43 @@ def test_cg_to_a_tolerance_below_float32_stops_at_rounding_not_a_blown_up_step(r
     moved32 = steps[torch.float32].double() - torch.tensor(start)
     # float32's step is the float64 one to its precision (1e-5 of the step's norm)
     assert float((moved32 - moved64).norm()) <= 1e-5 * float(moved64.norm())
+
+
+@pytest.mark.parametrize("method", ["gauss_newton_cg", "newton_cg"])
+def test_a_trust_region_step_that_raises_a_small_loss_is_not_taken_as_rounding(method):
+    """A float32 mlp whose loss is small (targets 0.03 sin X): the gain-ratio test took any
+    change under 16 eps32 absolute (1.9e-6) as rounding with a gain ratio of 1, and accepted
+    steps that raised a loss of 6e-7 fourfold. No accepted step now raises it by 0.1%, and
+    the run reaches its gradient tolerance (a relative 16 eps |loss| alone kept it from it)."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(60, 3))
+    y = 0.03 * np.sin(X[:, :2])
+    data = {"X": torch.from_numpy(X).float(), "y": torch.from_numpy(y).float()}
+    options = {"layer_sizes": [3, 5, 2], "activation": "tanh", "l2": 9e-7}
+    obj = make_objective("mlp", data, options)
+    x0 = torch.from_numpy(0.3 * np.random.default_rng(7).normal(size=32)).float()
+    opts = MethodOptions(method=method, step_policy="trust_region")
+    run = Run(obj, x0, opts, StopCriteria(max_iterations=600))
+    records = run.run_to_end()
+    for a, b in itertools.pairwise(records):
+        if a.step_accepted:
+            assert b.loss - a.loss <= 1e-3 * a.loss, (a.iteration, a.loss, b.loss)
+    assert run.stop_reason == StopReason.GRADIENT_TOLERANCE and run.converged
+    assert records[-1].loss < 1e-2 * records[0].loss
+
+
+def test_a_float64_gauss_newton_trust_region_is_not_held_by_rises_taken_as_rounding():
+    """A float64 mlp (sin targets, loss ~7e-5 at its end): rises of up to 1.4e5 eps of the
+    loss (under 16 eps absolute) were accepted as rounding, again and again, and the run
+    ended at max_iterations 600; none is now, and it reaches its gradient tolerance."""
+    rng = np.random.default_rng(5)
+    X = torch.from_numpy(rng.normal(size=(60, 3)))
+    data = {"X": X, "y": torch.sin(X[:, :2])}
+    obj = make_objective("mlp", data, {"layer_sizes": [3, 5, 2], "activation": "tanh", "l2": 9e-7})
+    x0 = torch.from_numpy(0.3 * np.random.default_rng(7).normal(size=32))
+    opts = MethodOptions(method="gauss_newton_cg", step_policy="trust_region")
+    run = Run(obj, x0, opts, StopCriteria(max_iterations=600))
+    records = run.run_to_end()
+    rises = [b.loss - a.loss for a, b in itertools.pairwise(records) if a.step_accepted]
+    assert max(rises) <= 16 * torch.finfo(F64).eps * records[-1].loss * 100
+    assert run.stop_reason == StopReason.GRADIENT_TOLERANCE

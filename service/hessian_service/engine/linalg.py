@@ -79,7 +79,8 @@ def below_rounding(
 
 def loss_rounding(loss: float, dtype: torch.dtype, floor: float = 0.0) -> float:
     """ROUNDING_ULPS eps(dtype) max(|loss|, floor): changes of the loss below it are rounding
-    (`floor` 1 makes it absolute near 0, as the trust region's gain-ratio test takes it)."""
+    (`floor` 1 makes it absolute near 0; the trust region's gain-ratio test passes
+    hessian_free.rounding_scale)."""
     return ROUNDING_ULPS * torch.finfo(dtype).eps * max(abs(loss), floor)
 
 

@@ -165,6 +165,21 @@ def steihaug_cg(
     return CGResult(d, iterations, residual, negative, boundary, predicted)
 
 
+def rounding_scale(loss: float, start: float) -> float:
+    """The magnitude whose 16 eps the trust region takes as the rounding of `loss`, the run
+    having started at loss `start`: |loss| + sqrt(|loss| start), at most max(|loss|, 1).
+
+    A loss near 0 that is a sum of squares r^2 carries its residuals' rounding, eps times
+    their terms' size (sqrt(start), as they started): 2 |r| eps sqrt(start), above its own
+    eps |loss| (a float32 exact fit's loss is noise of its own size). An absolute 16 eps
+    (the bound alone) took a float32 mlp's loss of 6e-7 up fourfold as "rounding" (gain
+    ratio 1), a float64 one's up 1e5 eps again and again, to max_iterations; the relative
+    16 eps |loss| alone kept a float32 mlp from its gradient tolerance.
+    """
+    size = abs(loss)
+    return min(size + math.sqrt(size * abs(start)), max(size, 1.0))
+
+
 def initial_state(options: MethodOptions) -> dict[str, float]:
     """The adaptive state a Hessian-free run carries (floats, so checkpoints hold it)."""
     return {
@@ -176,6 +191,8 @@ def initial_state(options: MethodOptions) -> dict[str, float]:
         "gradient_draws": 0.0,
         # 1: the next solve takes cg_tolerance (a partial solve's step looked stalled)
         "cg_tight": 0.0,
+        # |loss| at the run's first step: the scale of its terms (rounding_scale)
+        "loss_scale": math.nan,
     }
 
 
@@ -385,8 +402,11 @@ def newton_cg(
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
     rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
-    # both decreases below the loss's rounding (absolute near 0): rho is noise, trust the model
-    if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
+    # both decreases below the loss's rounding: rho is noise, trust the model
+    if math.isnan(state.get("loss_scale", math.nan)):
+        state["loss_scale"] = abs(loss)
+    floor = rounding_scale(loss, state["loss_scale"])
+    if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=floor):
         rho = 1.0
     # at an exactly zero gradient the step 0 is the model's minimiser: taken (the stall test
     # then judges it), where its rejection (rho -inf) collapsed the radius run after run

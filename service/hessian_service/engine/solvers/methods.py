@@ -623,7 +623,7 @@ def _at_rounding(
     """Whether an exhausted line search failed at machine precision: along a descent
     direction, its first trial (at lr) and its last (at `alpha`, tiny: <= sqrt(eps) lr,
     where a smooth loss must pass Armijo's test) each changed the loss, and predicted a
-    change, within its rounding (absolute near 0, as the trust region judges: a loss whose
+    change, within its rounding (absolute near 0, 16 eps max(|loss|, 1): a loss whose
     terms cancel, Rosenbrock's near its minimum, is not computed to its own precision).
     A first trial that predicted or made a real change (a wrong or mini-batch slope, an
     uphill step), or a search that gave up after a few long trials, failed."""

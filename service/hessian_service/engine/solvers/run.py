@@ -416,7 +416,7 @@ class Run:
         that raised the loss past its rounding is no stall: a diverging fixed step (x growing
         geometrically, each step a tiny fraction of |x|) stopped "parameters_stalled" with the
         loss at 1e205 and climbing, as SciPy and Ceres test only steps that lowered it."""
-        # rounding as the trust region judges it, absolute near 0: a float32 exact fit's
+        # rounding absolute near 0 (16 eps max(|loss|, 1)): a float32 exact fit's
         # loss is noise of its own size (a rise of 6% of 8e-11 there is no divergence, and
         # exempting it let two points alternate until max_iterations)
         if point.loss - previous.loss > loss_rounding(previous.loss, point.x.dtype, floor=1.0):
