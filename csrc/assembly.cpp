@@ -191,6 +191,16 @@ void make_symmetric(at::Tensor& h) {
 
 }  // namespace
 
+namespace {
+
+// loss += 0.5 l2 ||w||^2, nothing with l2 = 0: 0 x inf (w of 1e200, its square inf) made an
+// unregularised loss NaN and a finite point was refused
+void add_l2(at::Tensor& loss, const at::Tensor& w, double l2) {
+  if (l2 != 0.0) loss.add_(at::dot(w, w), 0.5 * l2);
+}
+
+}  // namespace
+
 at::Tensor symmetric_product(const at::Tensor& a, const at::Tensor& b, double scale) {
   at::Tensor out = at::empty({a.size(1), a.size(1)}, a.options());
   symmetric_product_into(out, a, b, scale);
@@ -237,7 +247,8 @@ System least_squares_system(const at::Tensor& x, const at::Tensor& X, const at::
   at::Tensor r = at::mv(X, w);
   if (fit_intercept) r.add_(x[d]);
   r.sub_(y);
-  at::Tensor loss = r.square().mean().mul_(0.5).add_(at::dot(w, w), 0.5 * l2);
+  at::Tensor loss = r.square().mean().mul_(0.5);
+  add_l2(loss, w, l2);
   at::Tensor g = at::empty({n}, x.options());
   at::Tensor gw = g.narrow(0, 0, d);
   at::mv_out(gw, X.t(), r).mul_(inv_n).add_(w, l2);
@@ -351,7 +362,8 @@ System logistic_system(const at::Tensor& x, const at::Tensor& X, const at::Tenso
       for (int64_t j = 0; j < d; ++j) hp[d * n + j] = hp[j * n + d] = gs[j] * inv_n;
       hp[d * n + d] = gs[d] * inv_n;
     }
-    return {at::scalar_tensor(sums[0] * inv_n + 0.5 * l2 * ww, x.options()), g, h};
+    const double penalty = l2 != 0.0 ? 0.5 * l2 * ww : 0.0;  // never 0 x inf (w of 1e200)
+    return {at::scalar_tensor(sums[0] * inv_n + penalty, x.options()), g, h};
   }
   const at::Tensor w = x.narrow(0, 0, d);
   at::Tensor gw = g.narrow(0, 0, d);
@@ -361,7 +373,8 @@ System logistic_system(const at::Tensor& x, const at::Tensor& X, const at::Tenso
   // u = (1 - 2y) z: softplus(z) - y z without its cancellation where the label is certain
   const at::Tensor u = (1 - 2 * y) * z;
   const at::Tensor softplus = at::logaddexp(u, at::zeros({}, z.options()));
-  at::Tensor loss = softplus.mean().add_(at::dot(w, w), 0.5 * l2);
+  at::Tensor loss = softplus.mean();
+  add_l2(loss, w, l2);
   const at::Tensor p = at::sigmoid(z);
   const at::Tensor q = at::sigmoid(z.neg_());  // 1 - p without cancellation
   const at::Tensor e = at::where(y > 0.5, -q, p);  // p - y
@@ -415,7 +428,8 @@ System softmax_system(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   const at::Tensor other = (largest - picked).squeeze(1) +
                            at::log1p(at::exp(Z - largest).scatter_(1, first, 0.0).sum(1));
   const at::Tensor rows = at::where(leads, own, other);
-  at::Tensor loss = rows.mean().add_(at::sum(Wd * Wd), 0.5 * l2);
+  at::Tensor loss = rows.mean();
+  if (l2 != 0.0) loss.add_(at::sum(Wd * Wd), 0.5 * l2);  // as add_l2, summed as before
   const at::Tensor P = at::softmax(Z, 1);
   // E = P - onehot(y), its label's entry as -(sum of the other p_j): p_y - 1 cancels
   const at::Tensor rest = P.clone().scatter_(1, lab, 0.0).sum(1, true);

@@ -561,3 +561,28 @@ def test_every_step_path_refuses_a_transposed_params_array_alike(backend):
         ones = take_step(obj, torch.zeros(1, 2, 3, 1, dtype=F64), options).params  # sizes 1
         flat = take_step(obj, torch.zeros(6, dtype=F64), options).params
         assert torch.equal(ones.reshape(-1), flat.reshape(-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["logistic_regression", "softmax_regression"])
+def test_an_unregularised_loss_at_huge_parameters_is_finite_not_0_times_inf(name, backend, rng):
+    """l2 = 0 at params of 1e200 (their squares inf): 0.5 l2 ||w||^2 was 0 x inf = NaN, so
+    a finite point was refused as "loss nan" on both backends. The loss equals the float64
+    numpy reference (logaddexp / log-sum-exp / squares), the gradient is finite."""
+    X = rng.normal(size=(50, 3))
+    if name == "softmax_regression":
+        data = {"X": torch.from_numpy(X), "labels": torch.from_numpy(rng.integers(0, 2, 50))}
+        options = {"num_classes": 2, "l2": 0.0}
+        reference = math.log(2.0)  # every logit equal: a uniform softmax
+        x = torch.full((4, 2), 1e200, dtype=torch.float64)
+    else:
+        y = (rng.random(50) > 0.5).astype(np.float64)
+        data = {"X": torch.from_numpy(X), "y": torch.from_numpy(y)}
+        options = {"l2": 0.0}
+        x = torch.full((4,), 1e200, dtype=torch.float64)
+        z = X @ x[:3].numpy() + x[3].item()
+        reference = float(np.mean(np.logaddexp(0.0, z) - y * z))
+    objective = make_objective(name, data, options)
+    result = take_step(objective, x, MethodOptions(method="gradient_descent", backend=backend))
+    assert result.record.loss == pytest.approx(reference, rel=1e-12)
+    assert math.isfinite(result.record.gradient_norm)

@@ -140,7 +140,8 @@ def mlp_newton_system(
                     _add_cross_term(hess, layers[li], layers[mi], deltas[li], inner, abar[mi])
     _mirror_lower_blocks(hess, layers)
     hess.diagonal().add_(l2)
-    loss = loss_sum / rows + 0.5 * l2 * torch.dot(theta, theta)
+    penalty = 0.5 * l2 * torch.dot(theta, theta) if l2 != 0 else 0.0  # never 0 x inf
+    loss = loss_sum / rows + penalty
     return loss, grad, hess
 
 

@@ -10,6 +10,7 @@ import torch
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, require_same_dtype, require_tensor
 from .base import NATIVE_KERNELS, Objective
+from .losses import l2_penalty
 
 
 class LeastSquares(Objective):
@@ -52,8 +53,7 @@ class LeastSquares(Objective):
         return 0.5 * torch.mean((outputs - self.data["y"]) ** 2)
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
-        w = params[: self._d]
-        return 0.5 * self.options["l2"] * torch.sum(w * w)
+        return l2_penalty(params[: self._d], self.options["l2"])
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         return self.output_loss(self.outputs(params)) + self.regulariser(params)

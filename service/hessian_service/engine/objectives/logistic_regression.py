@@ -13,6 +13,7 @@ import torch
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, require_same_dtype, require_tensor
 from .base import NATIVE_KERNELS, Objective
+from .losses import l2_penalty
 
 
 def _binary_labels(data: Mapping[str, Any], x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +87,7 @@ class LogisticRegression(Objective):
         return torch.mean(softplus((1 - 2 * self.data["y"]) * outputs))
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
-        w = params[: self._d]
-        return 0.5 * self.options["l2"] * torch.sum(w * w)
+        return l2_penalty(params[: self._d], self.options["l2"])
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         return self.output_loss(self.outputs(params)) + self.regulariser(params)

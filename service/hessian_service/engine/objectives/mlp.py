@@ -23,7 +23,7 @@ from ..validation import (
     require_tensor,
 )
 from .base import Objective, check_forward_values
-from .losses import cross_entropy, mean_squared
+from .losses import cross_entropy, l2_penalty, mean_squared
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 LOSSES = ("mse", "cross_entropy")
@@ -130,7 +130,7 @@ class MLP(Objective):
         return cross_entropy(outputs, y)
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
-        return 0.5 * self.options["l2"] * torch.sum(params * params)
+        return l2_penalty(params, self.options["l2"])
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         return self.output_loss(self.outputs(params)) + self.regulariser(params)

@@ -11,7 +11,7 @@ import torch
 from ..errors import ValidationError
 from ..validation import option_bool, option_float, option_int, require_tensor
 from .base import NATIVE_KERNELS, Objective, check_forward_values
-from .losses import cross_entropy
+from .losses import cross_entropy, l2_penalty
 
 
 class SoftmaxRegression(Objective):
@@ -94,7 +94,7 @@ class SoftmaxRegression(Objective):
 
     def regulariser(self, params: torch.Tensor) -> torch.Tensor:
         w = params.reshape(-1)[: self._d * self._k]  # the penalised feature rows
-        return 0.5 * self.options["l2"] * torch.sum(w * w)
+        return l2_penalty(w, self.options["l2"])
 
     def loss(self, params: torch.Tensor) -> torch.Tensor:
         return self.output_loss(self.outputs(params)) + self.regulariser(params)
