@@ -337,3 +337,47 @@ def test_final_params_say_which_record_they_belong_to(tmp_path):
             assert client.get_run(run.id).params_iteration is None  # no params, no iteration
     finally:
         handle.stop(grace=1.0)
+
+
+def test_getrun_params_and_last_record_are_one_moment(tmp_path, monkeypatch):
+    """GetRun read the run's row, then its latest checkpoint in another query: a checkpoint
+    committed between the two came with the older row (PostgreSQL replicas: params_iteration
+    550 beside last_record 500). The row is read again then; and the row's record is taken
+    over a live run's older one (the row can be read after a commit the run has not yet
+    been told of)."""
+    import dataclasses
+
+    from conftest import start_server
+    from hessian_client import Client, problems
+    from hessian_service.server import codec
+    from long_runs import EXACT
+
+    handle = start_server(tmp_path, checkpoint_every=10)
+    try:
+        with Client(handle.address, timeout=60) as client:
+            run = client.start_run(
+                problems.rosenbrock(dim=2),
+                np.zeros(2),
+                method="gradient_descent",
+                learning_rate=1e-3,
+                stopping={"max_iterations": 49, **EXACT},
+            )
+            done = run.wait(60)
+            real = handle.store.get_run
+            row = real(run.id)
+            stale = dataclasses.replace(row, num_records=30, last_record=None)
+            reads = []
+
+            def first_stale(run_id):
+                reads.append(run_id)
+                return stale if len(reads) == 1 else real(run_id)
+
+            monkeypatch.setattr(handle.store, "get_run", first_stale)
+            info = client.get_run(run.id, include_params=True)
+            assert info.params_iteration == info.last_record.iteration == 49
+            assert info.num_records == done.num_records == 50
+        live = dataclasses.replace(row.last_record, iteration=20)
+        wire = codec.run_to_wire(row, live)
+        assert (wire.last_record.iteration, wire.num_records) == (49, 50)
+    finally:
+        handle.stop(grace=1.0)

@@ -444,7 +444,9 @@ def run_to_wire(
         finished_at=row.finished_at,
     )
     last = row.last_record
-    if live_record is not None:
+    # the newer of the two: a row read after a commit the live record has not yet been told
+    # of (PostgreSQL: the commit's acknowledgement comes after it) is ahead of it
+    if live_record is not None and (last is None or live_record.iteration > last.iteration):
         last = live_record
         info.num_records = max(row.num_records, last.iteration + 1)
     if last is not None:

@@ -43,6 +43,8 @@ def require_id(field: str, value: str, source: str) -> str:
     forgot it), not NOT_FOUND. `source`: what gives out such ids, for the message."""
     if not value:
         raise ValidationError(field, f"an id (as {source} returned it)", "an empty string")
+    if "\x00" in value:  # no id has one, and PostgreSQL's text refuses it (was UNAVAILABLE)
+        raise ValidationError(field, f"an id (as {source} returned it)", "a NUL character in it")
     return value
 
 

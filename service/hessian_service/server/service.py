@@ -215,21 +215,25 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         """The run as `message` (RunInfo or an RPC's copy of it), with its live record if it
         executes here (newer than the row's) and, with `include_params`, its latest
         checkpoint's parameters if they fit a message."""
+        stored = self.store.latest_checkpoint(row.run_id) if include_params else None
+        if include_params and stored is None:  # every run is created with its starting one
+            self._params_missing(row.run_id)
+        if stored is not None and stored.iteration >= row.num_records:
+            # committed after the row was read: the row again, so the answer holds the record
+            # its parameters belong to (params_iteration past last_record said otherwise)
+            fresh = self.store.get_run(row.run_id)
+            row = self.runs.settle(fresh) if fresh is not None else row
         live = self.runs.live(row.run_id)
         info = codec.run_to_wire(row, live.last_record if live is not None else None, message)
         over = codec.field_bytes(info.ByteSize()) + INFO_SLACK - self.config.max_message_bytes
         if over > 0 and info.message:  # a long closing message under a low limit: cut
             info.message = codec.cut_utf8(info.message, len(info.message.encode()) - over - 16)
-        if include_params:
-            stored = self.store.latest_checkpoint(row.run_id)
-            if stored is None:  # every run is created with its starting checkpoint
-                self._params_missing(row.run_id)
-            else:
-                params = stored.checkpoint().params.reshape(row.spec.get("param_shape", -1))
-                size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
-                self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
-                info.final_params.CopyFrom(codec.encode_tensor(params))
-                info.params_iteration = stored.iteration
+        if stored is not None:
+            params = stored.checkpoint().params.reshape(row.spec.get("param_shape", -1))
+            size = info.ByteSize() + codec.tensor_wire_bytes(params.shape, 8)
+            self._check_fits("include_params", size + RESPONSE_SLACK, "the run's parameters")
+            info.final_params.CopyFrom(codec.encode_tensor(params))
+            info.params_iteration = stored.iteration
         return info
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one servicer per server; bounded)
