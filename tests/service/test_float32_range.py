@@ -142,3 +142,16 @@ def test_the_boundary_is_where_float32_rounds_to_zero():
     above = math.nextafter(2.0**-150, 1.0)
     step = take_step(objective, x, MethodOptions(learning_rate=above, **gd))
     assert step.params[0] != x[0]  # moved by one subnormal's worth of lr x g
+
+
+@pytest.mark.parametrize("rpc", ["gradient_step", "newton_step", "compute_hessian", "start_run"])
+def test_float64_params_past_float32_are_refused_as_such(client, rng, rpc):
+    """1e150 sent to a float32 problem was cast to inf and refused as "a point where the loss
+    and its derivatives are finite" (StartRun: a FAILED run); it is named as out of range."""
+    field = "initial_params" if rpc == "start_run" else "params"
+    with pytest.raises(InvalidArgument) as caught:
+        getattr(client, rpc)(_logistic32(rng), np.full(4, 1e150))
+    assert caught.value.message == (
+        f"{field}: expected values this float32 problem holds (|x| <= 3.403e+38), "
+        "got |x| up to 1e+150"
+    )

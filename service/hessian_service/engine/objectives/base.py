@@ -146,7 +146,12 @@ class Objective(ABC):
         if not all_finite(params):
             raise ValidationError(field, "finite values", "NaN or inf")
         dtype = self.dtype or params.dtype
-        return params.detach().reshape(-1).to(dtype=dtype, device=self.device).clone()
+        cast = params.detach().reshape(-1).to(dtype=dtype, device=self.device).clone()
+        if cast.dtype != params.dtype and not all_finite(cast):  # 1e150 to float32: inf
+            name, top = str(dtype).removeprefix("torch."), torch.finfo(dtype).max
+            expected = f"values this {name} problem holds (|x| <= {top:.4g})"
+            raise ValidationError(field, expected, f"|x| up to {float(params.abs().max()):.4g}")
+        return cast
 
     def accepts_shape(self, shape: tuple[int, ...]) -> bool:
         """Whether params of `shape` (as many values) are this objective's: its shape up to
