@@ -594,6 +594,13 @@ def test_a_half_precision_tensor_is_refused_naming_its_dtype(dtype):
                                       f"'{str(dtype).removeprefix('torch.')}'")  # fmt: skip
 
 
+def test_a_sparse_tensor_keeps_numpys_own_words():
+    # the dtype branch made it "expected dtype float32, ..., got 'float32'"
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        client.newton_step(problems.rosenbrock(dim=2), torch.zeros(2).to_sparse())
+    assert err.value.field == "params" and "to_dense" in err.value.message
+
+
 def test_a_token_read_with_its_newline_is_sent_stripped():
     with Client(NOWHERE, token="  tok-A\n") as client:
         assert ("authorization", "Bearer tok-A") in client.metadata

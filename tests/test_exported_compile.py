@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -241,8 +242,10 @@ def test_a_wait_for_another_compile_is_not_the_calls_time_and_may_be_cancelled(p
             assert held.wait(10)
             token = CancelToken()
             threading.Timer(0.2, token.cancel).start()
+            started = time.monotonic()
             with scope(token), pytest.raises(Cancelled):
                 loss_and_grad(compiled, x)
+            assert time.monotonic() - started < 2.0  # not the 10 s the compile holds on
             release.set()
     finally:
         compiled.eval_seconds = 60.0

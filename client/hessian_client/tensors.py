@@ -35,7 +35,12 @@ def encode(
         array = as_numpy(value)
     except (TypeError, ValueError) as exc:  # ragged nested lists, objects numpy cannot take
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(value, torch.Tensor):
+        if (
+            torch is not None
+            and isinstance(value, torch.Tensor)
+            and value.layout == torch.strided
+            and "ScalarType" in str(exc)
+        ):
             # a dtype numpy lacks (bfloat16, float8, complex32): numpy's refusal read "Got
             # unsupported ScalarType BFloat16"
             dtype = str(value.dtype).removeprefix("torch.")

@@ -196,6 +196,7 @@ def _full_run_info(rng: random.Random) -> service_pb2.RunInfo:
         finished_at=3.5,
         method=optimize_pb2.METHOD_NEWTON,
         method_note="why",
+        params_iteration=6,
     )
     info.options.CopyFrom(_every_field_set(optimize_pb2.MethodOptions, rng))
     info.stopping.CopyFrom(_every_field_set(optimize_pb2.StopCriteria, rng))

@@ -293,6 +293,15 @@ CASES = {
         )
         for label, char in [("an escape", "\x1b[2J"), ("a newline", "\r\n"), ("NUL", "\x00")]
     },
+    # a page token naming a run id with a NUL: UNAVAILABLE on PostgreSQL (its text)
+    "page token with a NUL in its run id": (
+        "ListRuns",
+        service_pb2.ListRunsRequest(
+            page_token=base64.urlsafe_b64encode(b'[1.0, "r-a\\u0000b"]').decode()
+        ),
+        INVALID,
+        "page_token",
+    ),
     # two starting points: init was ignored, silently (the SDK refuses the same pair)
     "start with both initial_params and init": (
         "StartRun",

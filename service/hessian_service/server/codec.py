@@ -312,6 +312,7 @@ def decode_page_token(token: str, field: str = "page_token") -> tuple[float, str
         and math.isfinite(value[0])
         and type(value[1]) is str
         and len(value[1]) <= MAX_NAME_CHARS
+        and "\x00" not in value[1]  # no run id has one (PostgreSQL's text refuses it)
     ):
         raise ValidationError(field, expected, "a token this server did not issue")
     return value[0], value[1]
