@@ -385,10 +385,14 @@ def newton_cg(
     state: dict[str, float],
     loss_at: Callable[[torch.Tensor], float],
     drawn: GradientSample | None = None,
+    judge: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> TrustRegionStep:
     """One Steihaug-Toint trust-region step with Martens damping; updates `state` in place.
 
     `drawn`: the point's mini-batch gradient when gradient_fraction < 1 (see gradient_sample).
+    `judge(x_new)`: whether the trial's gradient shows progress (None: nothing can tell),
+    asked where the loss's changes are within 16 eps max(|f|, 1) but not within its tighter
+    rounding (rounding_scale).
 
     rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
     f; the step is accepted when rho > 0. The radius shrinks to ||d|| / 4 when rho < 1/4 and
@@ -402,12 +406,17 @@ def newton_cg(
     trial = loss_at(x_new)
     predicted = cg.predicted_decrease
     rho = (loss - trial) / predicted if predicted > 0 and math.isfinite(trial) else -math.inf
-    # both decreases below the loss's rounding: rho is noise, trust the model
+    # both changes below the loss's rounding: rho is noise, trust the model. Within 16 eps
+    # max(|f|, 1) but past the tighter rounding_scale the terms' size is unknown (a float32
+    # mlp's loss rose fourfold there, a least-squares fit on data of 1e6 approached its
+    # minimum there): the trial's gradient decides, as the line search's does
     if math.isnan(state.get("loss_scale", math.nan)):
         state["loss_scale"] = abs(loss)
-    floor = rounding_scale(loss, state["loss_scale"])
-    if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=floor):
-        rho = 1.0
+    if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
+        floor = rounding_scale(loss, state["loss_scale"])
+        tight = below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=floor)
+        if tight or judge is None or judge(x_new) is not False:
+            rho = 1.0
     # at an exactly zero gradient the step 0 is the model's minimiser: taken (the stall test
     # then judges it), where its rejection (rho -inf) collapsed the radius run after run
     zero = drawn is None and not bool(grad.any())  # (a mini-batch's 0 is not the point's)

@@ -704,6 +704,21 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
 
 def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
     """Steihaug-Toint: CG stops at the radius; the gain ratio moves radius and lambda."""
+
+    def judge(x_new: torch.Tensor) -> bool | None:
+        """The trial's gradient evidence where its loss cannot tell (the line search's at
+        machine precision): its max-norm at most halves the point's, or the trapezoid
+        estimate of the change passes Armijo's test with the gradient falling; None with a
+        mini-batch gradient."""
+        if stepper.minibatch:
+            return None
+        taken = stepper.whole_trial(x_new)
+        if taken is None:
+            return False
+        if taken.grad_norms[1] <= 0.5 * point.grad_norms[1]:
+            return True
+        return _gradients_show_decrease(point, taken, stepper.options.armijo)
+
     tr = hessian_free.newton_cg(
         stepper.objective,
         point.x,
@@ -713,6 +728,7 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         stepper.state,
         stepper.loss_at,
         point.sample,
+        judge,
     )
     cg, radius = tr.cg, tr.trust_radius  # the radius the step was held to
     step_norm = vector_norm(cg.direction)
