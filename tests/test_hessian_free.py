@@ -595,3 +595,21 @@ def test_a_float64_gauss_newton_trust_region_is_not_held_by_rises_taken_as_round
     rises = [b.loss - a.loss for a, b in itertools.pairwise(records) if a.step_accepted]
     assert max(rises) <= 16 * torch.finfo(F64).eps * records[-1].loss * 100
     assert run.stop_reason == StopReason.GRADIENT_TOLERANCE
+
+
+def test_a_fit_on_huge_data_started_near_its_minimum_reaches_it():
+    """Least squares on X + 1e6 (an exact fit), started 1e-3 from its minimiser: its loss's
+    rounding follows the terms X w ~ 3e6, not sqrt of the first loss, so a rounding scale
+    from the first loss alone stopped it no_progress at 4.7e-12; where the scales disagree
+    the trial's gradient decides, and it reaches the float64 floor (~3e-19) as before."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 10)) + 1e6
+    w = rng.standard_normal(10)
+    obj = make_objective("least_squares", {"X": torch.tensor(X), "y": torch.tensor(X @ w)}, {})
+    pert = np.random.default_rng(5).standard_normal(10)
+    x0 = torch.tensor(w + 1e-3 * (np.abs(w) + 1) * pert)
+    opts = MethodOptions(method="newton_cg", step_policy="trust_region")
+    run = Run(obj, x0, opts, StopCriteria(max_iterations=200))
+    records = run.run_to_end()
+    assert records[-1].loss < 1e-17
+    assert float(torch.linalg.norm(run.params - torch.tensor(w))) < 1e-8
