@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
+from conftest import start_server, wait_until
 from hessian_client import (
     Client,
     FailedPrecondition,
@@ -269,6 +269,9 @@ def test_concurrent_requests_for_one_new_problem_build_it_once(
             first = pool.submit(ask)
             assert entered.wait(10)
             rest = [pool.submit(ask) for _ in range(7)]
+            # all eight at the build's gate before it ends (one arriving after it would,
+            # with the cache off, rightly build again)
+            assert wait_until(lambda: registry._building[pid][1] == 8, timeout=30)
             release.set()
             answers = [first.result(), *(f.result() for f in rest)]
         assert len(builds) == 1
