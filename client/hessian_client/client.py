@@ -304,14 +304,16 @@ def _value_bytes(fd: Any, value: Any) -> int:
         value = [value]
     elif fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         value = list(value.values())
-    return sum(
-        v.ByteSize()
-        if hasattr(v, "ByteSize")
-        else len(v.encode() if isinstance(v, str) else v)
-        if isinstance(v, str | bytes)
-        else 8
-        for v in value
-    )
+    return sum(_payload_bytes(v) for v in value)
+
+
+def _payload_bytes(value: Any) -> int:
+    """One value's payload: a message's size, a string's UTF-8 or bytes' length, else 8."""
+    if hasattr(value, "ByteSize"):
+        return value.ByteSize()
+    if isinstance(value, str):
+        return len(value.encode())
+    return len(value) if isinstance(value, bytes) else 8
 
 
 def _too_large(request: Any, limit: int, said: str) -> ResourceExhausted:

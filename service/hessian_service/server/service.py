@@ -221,8 +221,8 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if stored is not None and stored.iteration >= row.num_records:
             # committed after the row was read: the row again, so the answer holds the record
             # its parameters belong to (params_iteration past last_record said otherwise)
-            fresh = self.store.get_run(row.run_id)
-            row = self.runs.settle(fresh) if fresh is not None else row
+            with contextlib.suppress(NotFoundError):  # deleted meanwhile: the row read
+                row = self.runs.get(row.run_id, None)
         live = self.runs.live(row.run_id)
         info = codec.run_to_wire(row, live.last_record if live is not None else None, message)
         over = codec.field_bytes(info.ByteSize()) + INFO_SLACK - self.config.max_message_bytes

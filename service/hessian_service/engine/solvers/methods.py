@@ -352,12 +352,17 @@ class Stepper:
             return None
         if self.first_order and torch.equal(x, point.x):
             return None  # the step is below x's rounding: no gradient can judge it
+        return self.gradient_shows_progress(point, x, trapezoid=self.first_order)
+
+    def gradient_shows_progress(self, point: Point, x: torch.Tensor, trapezoid: bool) -> bool:
+        """The trial `x` evaluated whole: its gradient max-norm at most halves the point's,
+        or (`trapezoid`) _gradients_show_decrease; False where it cannot be evaluated."""
         taken = self.whole_trial(x)
         if taken is None:
             return False
         if taken.grad_norms[1] <= 0.5 * point.grad_norms[1]:
             return True
-        return self.first_order and _gradients_show_decrease(point, taken, self.options.armijo)
+        return trapezoid and _gradients_show_decrease(point, taken, self.options.armijo)
 
     def whole_trial(self, x: torch.Tensor) -> Point | None:
         """The trial `x` evaluated whole (its first evaluation when it was one, else now: at
@@ -706,18 +711,11 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
     """Steihaug-Toint: CG stops at the radius; the gain ratio moves radius and lambda."""
 
     def judge(x_new: torch.Tensor) -> bool | None:
-        """The trial's gradient evidence where its loss cannot tell (the line search's at
-        machine precision): its max-norm at most halves the point's, or the trapezoid
-        estimate of the change passes Armijo's test with the gradient falling; None with a
-        mini-batch gradient."""
+        """The trial's gradient evidence where its loss cannot tell, as the line search's at
+        machine precision (with the trapezoid test); None with a mini-batch gradient."""
         if stepper.minibatch:
             return None
-        taken = stepper.whole_trial(x_new)
-        if taken is None:
-            return False
-        if taken.grad_norms[1] <= 0.5 * point.grad_norms[1]:
-            return True
-        return _gradients_show_decrease(point, taken, stepper.options.armijo)
+        return stepper.gradient_shows_progress(point, x_new, trapezoid=True)
 
     tr = hessian_free.newton_cg(
         stepper.objective,
