@@ -17,7 +17,9 @@ from postgres_fixture import postgres_dsn_fixture, postgres_server_fixture  # no
 from sigkill_runs import RUNS, Watcher, kind, problem, served_records, specs
 
 LEASE_S = 2.0
-SPECS = specs(200, 400)
+# long enough that runs still hold leases once 600 records are stored: at 200 / 400 the
+# store's 100 ms commits on a quick machine let every run end before the victim was chosen
+SPECS = specs(600, 1200)
 
 
 def _leases_by_holder(dsn: str) -> dict[str, list[str]]:
