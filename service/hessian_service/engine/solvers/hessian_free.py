@@ -30,8 +30,8 @@ import torch
 
 from .. import cancel
 from ..backends.selector import curvature_products
-from ..curvature.autograd import Product, loss_and_grad
-from ..errors import ValidationError
+from ..curvature.autograd import Product, loss_and_grad, loss_value
+from ..errors import EvaluationError, ValidationError
 from ..linalg import below_rounding, vector_norm
 from ..objectives.base import Objective
 from ..options import MethodOptions
@@ -67,7 +67,8 @@ class CGResult:
 
     residual is ||b - A d|| / ||g|| for A = B + lambda I (exact for the returned d, tracked
     by the recurrence). predicted_decrease is -(g.d + d.B d / 2) under the undamped model.
-    gradient_batch_size: the rows of the mini-batch g came from (0: g is the full gradient).
+    gradient_batch_size: the rows of the mini-batch g came from (0: g is the full gradient);
+    batch that mini-batch (None: the full gradient).
     partial: CG met a forcing tolerance looser than cg_tolerance, inside the radius along
     positive curvature: a partial solve of the model, whose length says nothing about the
     model's minimiser (a badly scaled problem's first CG iteration moves along its stiff
@@ -82,6 +83,7 @@ class CGResult:
     predicted_decrease: float
     gradient_batch_size: int = 0
     partial: bool = False
+    batch: GradientSample | None = None
 
 
 def _to_boundary(d: torch.Tensor, p: torch.Tensor, radius: float) -> float:
@@ -109,11 +111,54 @@ def steihaug_cg(
 
     Stops when ||r|| <= tolerance ||grad||, at the boundary, after max_iterations, or on
     direction p with p.A p <= 0: then it moves along p (a descent direction for the model,
-    since r.p > 0) to the boundary, or with no boundary by rr / |p.A p|. A tolerance below
-    the dtype's eps is taken as eps: past it the residual is rounding noise, and steps
-    rr / p.A p along it blew a float32 solve (cg_tolerance 1e-10) up to 1e6 times the
-    Newton step.
+    since r.p > 0) to the boundary, or with no boundary by rr / |p.A p| (where p.A p is 0,
+    no curvature to size the move, the first iteration's d is -grad, a later one's stays).
+    A tolerance below the dtype's eps is taken as eps: past it the residual is rounding
+    noise, and steps rr / p.A p along it blew a float32 solve (cg_tolerance 1e-10) up to
+    1e6 times the Newton step.
+
+    The solve runs on grad scaled by a power of two to unit size (exact: the same bits
+    wherever nothing under- or overflows), since the products of a small gradient
+    underflowed: a float32 problem of scale 1e-20 had p.A p round to 0, taken for negative
+    curvature, and a step of 1e266 x p.
     """
+    scale = _unit_scale(grad)
+    if 0.0 < radius < math.inf and not 0.0 < radius * scale < math.inf:
+        scale = 1.0  # a radius that scaling would round to 0 or inf: as it is
+    result = _steihaug_scaled(
+        product,
+        grad * scale,
+        damping=damping,
+        radius=radius * scale,
+        tolerance=tolerance,
+        max_iterations=max_iterations,
+    )
+    return replace(
+        result,
+        direction=result.direction / scale,
+        predicted_decrease=result.predicted_decrease / (scale * scale),
+    )
+
+
+def _unit_scale(grad: torch.Tensor) -> float:
+    """The power of two that brings grad's norm near 1 (1 for a zero or non-finite norm)."""
+    norm = float(vector_norm(grad))
+    if norm == 0.0 or not math.isfinite(norm):
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(norm)[1])
+
+
+def _steihaug_scaled(
+    product: Product,
+    grad: torch.Tensor,
+    *,
+    damping: float,
+    radius: float,
+    tolerance: float,
+    max_iterations: int,
+) -> CGResult:
+    """steihaug_cg's iteration on a gradient of about unit size (its result not yet scaled
+    back)."""
     d = torch.zeros_like(grad)
     r = -grad
     p = r.clone()
@@ -138,8 +183,10 @@ def steihaug_cg(
                 if math.isfinite(radius):
                     tau = _to_boundary(d, p, radius)
                     boundary = True
+                elif pap < 0.0:
+                    tau = rr / -pap
                 else:
-                    tau = rr / max(-pap, 1e-300)
+                    tau = 1.0 if iterations == 1 else 0.0
                 d = d + tau * p
                 r = r - tau * ap
                 break
@@ -178,6 +225,17 @@ def rounding_scale(loss: float, start: float) -> float:
     """
     size = abs(loss)
     return min(size + math.sqrt(size * abs(start)), max(size, 1.0))
+
+
+def _hidden(trial: float, loss: float, predicted: float, dtype: torch.dtype) -> bool:
+    """Whether a step's predicted decrease and its loss's change are both within
+    sqrt(eps) |loss|: a loss summed from terms far larger than itself (least squares on
+    data of 1e6) carries their rounding, far past 16 eps of itself, and may hide a step's
+    progress there that its gradient shows (Hager & Zhang's approximate Wolfe test trusts
+    the gradients within 1e-6 |f|): a Newton step along such a fit's stiff column rose its
+    loss by noise, the radius collapsed, and the run ended "no progress" at 13x its minimum."""
+    zone = math.sqrt(torch.finfo(dtype).eps) * abs(loss)
+    return 0.0 < predicted <= zone and abs(trial - loss) <= zone
 
 
 def initial_state(options: MethodOptions) -> dict[str, float]:
@@ -246,7 +304,8 @@ class GradientSample:
 
     objective is the one the gradient is of (the mini-batch's); generator continues the
     step's draw, for the curvature sample taken from within the batch; draw is the batch's
-    index in the run's sequence of draws (-1 for the full gradient).
+    index in the run's sequence of draws (-1 for the full gradient); loss the batch's loss
+    at the point (NaN for the full gradient).
     """
 
     grad: torch.Tensor
@@ -254,6 +313,7 @@ class GradientSample:
     objective: Objective
     generator: torch.Generator | None
     draw: int = -1
+    loss: float = math.nan
 
 
 def batch_gradient(
@@ -272,7 +332,8 @@ def batch_gradient(
     keep = max(1, round(options.gradient_fraction * total))
     rows = torch.randperm(total, generator=gen)[:keep].sort().values
     batch = objective.subsample(rows.to(objective.device))
-    return GradientSample(loss_and_grad(batch, x)[1], rows, batch, gen, draw)
+    loss, grad = loss_and_grad(batch, x)
+    return GradientSample(grad, rows, batch, gen, draw, float(loss))
 
 
 def _copy_generator(gen: torch.Generator) -> torch.Generator:
@@ -356,6 +417,7 @@ def cg_direction(
         cg,
         partial=partial,
         gradient_batch_size=0 if sample.rows is None else sample.rows.numel(),
+        batch=None if sample.rows is None else sample,
     )
 
 
@@ -395,7 +457,9 @@ def newton_cg(
     rounding (rounding_scale).
 
     rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
-    f; the step is accepted when rho > 0. The radius shrinks to ||d|| / 4 when rho < 1/4 and
+    f, or within sqrt(eps) |f| where `judge` finds progress (_hidden); the step is accepted
+    when rho > 0. A mini-batch step's radius and lambda follow its gain ratio on its own
+    batch (_batch_gain), a partial solve's shrink the radius from itself. The radius shrinks to ||d|| / 4 when rho < 1/4 and
     doubles when rho > 3/4 on the boundary; lambda grows by 3/2 when rho < 1/4 and shrinks by
     2/3 when rho > 3/4 (lambda = 0 switches the damping off and leaves the trust region alone
     to safeguard).
@@ -417,6 +481,13 @@ def newton_cg(
         tight = below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=floor)
         if tight or judge is None or judge(x_new) is not False:
             rho = 1.0
+    elif (
+        rho < SHRINK_RATIO
+        and judge is not None
+        and _hidden(trial, loss, predicted, x.dtype)
+        and judge(x_new)
+    ):
+        rho = 1.0
     # at an exactly zero gradient the step 0 is the model's minimiser: taken (the stall test
     # then judges it), where its rejection (rho -inf) collapsed the radius run after run
     zero = drawn is None and not bool(grad.any())  # (a mini-batch's 0 is not the point's)
@@ -424,16 +495,43 @@ def newton_cg(
     step_norm = vector_norm(cg.direction)
     if zero:  # nothing was learned of the model: the radius and lambda stay
         return TrustRegionStep(x_new, cg, lam, radius, math.nan, accepted)
-    if rho < SHRINK_RATIO:
-        state["trust_radius"] = max(SHRINK_RATIO * min(step_norm, radius), 1e-300)
+    # a mini-batch step is taken on the full loss's decrease, and the radius follows how well
+    # the model predicted its own batch's loss: the full loss's smaller decrease (the batch's
+    # noise) shrank the radius on accepted steps to 1e-8, and the run stalled 18% above its
+    # minimum
+    fit = _batch_gain(cg.batch, x_new, predicted, x.dtype) if accepted and cg.batch else rho
+    if math.isnan(fit):
+        fit = rho
+    if fit < SHRINK_RATIO:
+        # a partial solve's length says nothing of the model's minimiser: the radius shrinks
+        # from itself, and a rejected one is solved to cg_tolerance next (a one-iteration
+        # step of 5e-15 along a stiff column took the radius from 8 to 1e-15 for good)
+        basis = radius if cg.partial else min(step_norm, radius)
+        state["trust_radius"] = max(SHRINK_RATIO * basis, 1e-300)
         state["damping"] = lam * MARTENS_INCREASE
-    elif rho > GROW_RATIO:
+        if cg.partial and not accepted:
+            state["cg_tight"] = 1.0
+    elif fit > GROW_RATIO:
         if cg.on_boundary:
             state["trust_radius"] = min(2.0 * radius, MAX_TRUST_RADIUS)
         state["damping"] = lam * MARTENS_DECREASE
     return TrustRegionStep(
         x_new, cg, lam, radius, rho if math.isfinite(rho) else math.nan, accepted
     )
+
+
+def _batch_gain(
+    batch: GradientSample, x_new: torch.Tensor, predicted: float, dtype: torch.dtype
+) -> float:
+    """A mini-batch step's gain ratio on its batch's loss (1 within its rounding; NaN where
+    the batch cannot be evaluated at x_new)."""
+    try:
+        trial = float(loss_value(batch.objective, x_new))
+    except EvaluationError:
+        return math.nan
+    if below_rounding(trial, batch.loss, 1.0, -predicted, dtype, floor=1.0):
+        return 1.0
+    return (batch.loss - trial) / predicted
 
 
 def gauss_newton_cg(

@@ -50,6 +50,9 @@ from . import hessian_free
 LONG_SEARCH = MethodOptions.max_backtracks
 
 LM_INITIAL_TAU = 1e-3
+# a mini-batch line search that fails is a rejected step (the next draws another batch)
+# until this many fail in a row
+MINIBATCH_SEARCHES = 8
 # A dense method's first line-search trial is evaluated whole only up to this many
 # parameters: there the curvature matrix costs about what the loss does, so a rejected
 # whole trial wastes little; past it the matrix costs ~n losses and the saving is ~1/n.
@@ -339,20 +342,28 @@ class Stepper:
         return math.nan if point is None else point.loss
 
     def gradient_judges(
-        self, point: Point, x: torch.Tensor, trial: float, alpha: float, slope: float
+        self,
+        point: Point,
+        x: torch.Tensor,
+        trial: float,
+        alpha: float,
+        slope: float,
+        trapezoid: bool | None = None,
     ) -> bool | None:
         """Whether the trial `x` is taken on its gradient's evidence; None when the loss can
         judge it. When the loss cannot (linalg.below_rounding: the change is rounding, and
         the point's loss and the trial's may come from different kernels a few ulps apart),
         it is taken if its gradient max-norm at most halves the point's (a Newton step's
         last, quadratic progress, which the loss no longer shows; a step driven by rounding
-        noise in the gradient rarely halves it, so such steps cannot wander on). Never with
-        a mini-batch gradient, whose norms are a batch's: the loss judges."""
+        noise in the gradient rarely halves it, so such steps cannot wander on); with
+        `trapezoid` (by default for first-order methods) the trapezoid test may take it too.
+        Never with a mini-batch gradient, whose norms are a batch's: the loss judges."""
         if self.minibatch or not below_rounding(trial, point.loss, alpha, slope, point.x.dtype):
             return None
         if self.first_order and torch.equal(x, point.x):
             return None  # the step is below x's rounding: no gradient can judge it
-        return self.gradient_shows_progress(point, x, trapezoid=self.first_order)
+        trapezoid = self.first_order if trapezoid is None else trapezoid
+        return self.gradient_shows_progress(point, x, trapezoid=trapezoid)
 
     def gradient_shows_progress(self, point: Point, x: torch.Tensor, trapezoid: bool) -> bool:
         """The trial `x` evaluated whole: its gradient max-norm at most halves the point's,
@@ -565,6 +576,10 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         evaluations += 1
         finite_trials += math.isfinite(trial)
         decreased = sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo)
+        if decreased and stepper.minibatch and torch.equal(x, point.x):
+            # no step, which Armijo's test passed once its decrease term rounded away (a
+            # mini-batch run stopped "stalled" on a step of norm 0): the next batch may move
+            decreased = False
         if stepper.first_order:
             # gradient descent's every trial the loss cannot judge goes to the gradient:
             # Armijo's test there passes a trial equal to the loss once its decrease term
@@ -584,6 +599,14 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
             alpha = 1.0  # the second-order step's own length, from a first trial past it
     else:
         stepper.drop_trial()
+        failed = stepper.state.get("failed_searches", 0.0) + 1
+        if stepper.minibatch and failed < MINIBATCH_SEARCHES:
+            # one batch's direction need not lower the full loss: the next step draws
+            # another (a run ended "line_search_failed" 0.1-10% above its minimum)
+            stepper.state["failed_searches"] = failed
+            not_taken = _taken(point, found, 0.0, evaluations, point.x)
+            not_taken.accepted = False
+            return not_taken
         if _at_rounding(point, (first, trial), tried, slope, opts.learning_rate):
             not_taken = _taken(point, found, 0.0, evaluations, point.x)
             not_taken.accepted = False
@@ -595,8 +618,10 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
                 "non-finite loss: a smaller learning_rate",
                 overflowed=True,
             )
+        batches = f" (along each of the last {MINIBATCH_SEARCHES} mini-batches' directions)"
         raise LineSearchFailed(
             f"no step satisfied the Armijo condition in {evaluations} backtracks"
+            + (batches if stepper.minibatch else "")
         )
     if alpha > 1.0 and not stepper.first_order:
         # a second-order step past its own length that Armijo took (any alpha below about
@@ -608,6 +633,8 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         if at_full <= trial + loss_rounding(trial, point.x.dtype):
             alpha, x = 1.0, full
     stepper.state["whole_trial"] = float(evaluations == 1)
+    if stepper.minibatch:
+        stepper.state["failed_searches"] = 0.0
     return _taken(point, found, alpha, evaluations, x)
 
 
@@ -656,7 +683,14 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     trial's may differ by ulps, and a ratio kept positive by that noise would shrink the
     damping for ever): the step is taken when its gradient max-norm at most halves, with the
     gain ratio taken as 1 (the model is trusted, as the trust region does); otherwise it is
-    rejected and the damping grows towards its cap (DampingCap)."""
+    rejected and the damping grows towards its cap (DampingCap). A damping of at least 1
+    that has not yet fallen below 1 (one the caller started with) holds steps back far
+    from any minimum: there the trapezoid test may take the step too, as for a gradient
+    step (a start at damping 1e15, 0.2 of the cap, was rejected at once, grew to the cap
+    and stopped "no progress" at 1,300x the minimum). A rejection grows the damping from
+    at least eps (below it the damping changes no float) and at most to the cap, which is
+    tried before the run gives up (nu doubling from 1e-300 in float32 jumped from no effect
+    to 7,000x the cap in one rejection)."""
     state, h, g = stepper.state, point.curvature, point.grad
     # (S^-1 H S^-1 + lambda I) S d = -S^-1 g, S = diag(scale): H + lambda diag H, one solve
     scale = marquardt_scale(h)
@@ -668,6 +702,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     lam, cap = state["damping"], lm_damping_cap(h.dtype, norm)
     if not math.isfinite(lam) or lam > cap:
         raise DampingCap(lam, cap)
+    if lam < 1.0:
+        state["lm_let_go"] = 1.0
     res = _newton_solve(stepper, scaled, g / scale, lam, inertia_of=h)
     found = _dense(stepper, point, replace(res, direction=res.direction / scale))
     d = found.direction
@@ -675,7 +711,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     x_new = point.x + d
     trial = stepper.loss_at(x_new)
     rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
-    judged = stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d))
+    holding = lam >= 1.0 and not state.get("lm_let_go", 0.0)
+    judged = stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d), trapezoid=holding)
     if judged is None:  # a trial at -inf: unbounded below (taken: the run stops NON_FINITE)
         accepted = (math.isfinite(trial) and rho > 0) or trial == -math.inf
     else:
@@ -687,7 +724,8 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
         state["damping"] = lam * max(1.0 / 3.0, 1.0 - (2.0 * min(rho, 1.0) - 1.0) ** 3)
         state["nu"] = 2.0
     else:
-        state["damping"] = lam * state["nu"]
+        grown = max(lam, torch.finfo(h.dtype).eps) * state["nu"]
+        state["damping"] = grown if lam >= cap else min(grown, cap)  # the cap tried once
         state["nu"] *= 2.0
         stepper.drop_trial()  # a whole trial the gradient judged: its curvature goes
     # damping >= 1 outweighs the scaled curvature (diag 1): the step is held back by it
