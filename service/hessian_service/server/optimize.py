@@ -47,7 +47,7 @@ from ..engine.solvers.methods import check_supported
 from ..store import ACTIVE_STATUSES, RunConflictError, RunNotFoundError, RunRow
 from . import codec
 from .auth import Tenant
-from .errors import ConflictError, LimitError, NotFoundError, require_id
+from .errors import ConflictError, DeadlineError, LimitError, NotFoundError, require_id
 from .runs import LiveRun, check_iteration_limit, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -222,18 +222,27 @@ class Optimizer:
     async def serve(
         self, requests: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[service_pb2.OptimizeResponse]:
-        """The handler: first request starts or resumes, then ask / reply until the run ends."""
+        """The handler: first request starts or resumes, then ask / reply until the run ends.
+
+        The stream counts against its token's limit from its opening, and its first request
+        must come within --optimize-evaluation-seconds: streams that never sent one were
+        neither counted nor ended, so a caller could hold any number of handlers."""
         tenant = self.service.tenancy.of(context)
-        incoming = requests.__aiter__()
-        try:
-            first = await anext(incoming, None)
-        except DecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_a_request(exc))
-        if first is None:
-            raise ValidationError(
-                "start", "start or resume_run_id in the first request", "an empty stream"
-            )
         with self._slot(tenant):
+            incoming = requests.__aiter__()  # (only once admitted: grpc warns of one unread)
+            wait = self.service.config.optimize_evaluation_seconds
+            try:
+                first = await asyncio.wait_for(anext(incoming, None), wait)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_a_request(exc))
+            except TimeoutError:
+                raise DeadlineError(
+                    f"start: no first request within --optimize-evaluation-seconds ({wait:g} s)"
+                ) from None
+            if first is None:
+                raise ValidationError(
+                    "start", "start or resume_run_id in the first request", "an empty stream"
+                )
             async for response in self._drive(first, incoming, tenant):
                 yield response
 
@@ -297,7 +306,10 @@ class Optimizer:
             response = service_pb2.OptimizeResponse()
             if live is not None:
                 self._add_records(response, live, sent)
-            response.finished.CopyFrom(await asyncio.to_thread(self.service._info, row, True))
+            info = await asyncio.to_thread(
+                functools.partial(self.service._info, row, True, own=live)
+            )
+            response.finished.CopyFrom(info)
             yield response
         finally:
             exchange.detach(on_ask, "the caller's Optimize stream broke")

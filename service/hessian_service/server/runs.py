@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -73,6 +73,7 @@ class Leases(Protocol):
 
 MAX_RUN_MESSAGE_CHARS = 1024  # a run's closing message as stored (a longer one is cut)
 log = logging.getLogger(__name__)
+END_FIELDS = ("status", "stop_reason", "converged", "message")  # a run's end, as stored
 FINAL_WRITE_RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a run's end
 WATCH_POLL_SECONDS = 0.5  # a watcher of a run executing elsewhere re-reads the store this often
 
@@ -121,9 +122,20 @@ class LiveRun:
         self.error: StoreError | None = None
         self.done = False
         self.final_row: RunRow | None = None  # the stored end, read back before `finish`
+        self.final: dict[str, Any] | None = None  # the end it stored (or meant to)
         self.ending = False  # storing its end: commits wake no watcher, `finish` wakes them
         self.cond = threading.Condition()
         self._listeners: set[Callable[[], None]] = set()
+
+    def ended_as(self, row: RunRow) -> RunRow:
+        """`row` (read once this run ended) as this execution ended it: a row still active
+        was admitted again meanwhile (another Optimize stream resumed it) or its end could
+        not be stored, and the caller who drove it was told "QUEUED" with a success-shaped
+        result, where its run had ended INTERRUPTED."""
+        if self.final is None or row.status not in ACTIVE_STATUSES:
+            return row
+        ended = {k: self.final[k] for k in END_FIELDS if k in self.final}
+        return replace(row, **ended)
 
     def _notify(self) -> None:
         """Call every listener (outside the lock: a listener may be slow or re-enter)."""
@@ -1023,6 +1035,7 @@ class RunManager:
         """Store a run's last checkpoint and its end, then give its lease up."""
         run_id = live.run_id
         final["message"] = clip(final["message"], MAX_RUN_MESSAGE_CHARS)
+        live.final = final
         # not after a store error: a checkpoint past the last stored record would
         # leave a gap in the records when the run is resumed from it
         last = run is not None and run.last_record is not None and live.error is None

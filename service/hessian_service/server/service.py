@@ -44,7 +44,7 @@ from .errors import (
 from .observability import Metrics
 from .optimize import Optimizer
 from .problems import ProblemRegistry, problem_id
-from .runs import InitSpec, RunManager, require_interrupted
+from .runs import InitSpec, LiveRun, RunManager, require_interrupted
 from .sync_bridge import SyncContext, inline_when
 from .threads import problem_size, thread_policy
 
@@ -211,10 +211,13 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         row: RunRow,
         include_params: bool = False,
         message: type[codec.RunState] = service_pb2.RunInfo,
+        own: LiveRun | None = None,
     ) -> codec.RunState:
         """The run as `message` (RunInfo or an RPC's copy of it), with its live record if it
         executes here (newer than the row's) and, with `include_params`, its latest
-        checkpoint's parameters if they fit a message."""
+        checkpoint's parameters if they fit a message. `own`: the ended execution the answer
+        describes (an Optimize stream's), whose end and record it keeps where the run was
+        admitted again since (LiveRun.ended_as)."""
         stored = self.store.latest_checkpoint(row.run_id) if include_params else None
         if include_params and stored is None:  # every run is created with its starting one
             self._params_missing(row.run_id)
@@ -223,7 +226,9 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
             # its parameters belong to (params_iteration past last_record said otherwise)
             with contextlib.suppress(NotFoundError):  # deleted meanwhile: the row read
                 row = self.runs.get(row.run_id, None)
-        live = self.runs.live(row.run_id)
+        live = self.runs.live(row.run_id) if own is None else own
+        if own is not None:
+            row = own.ended_as(row)
         info = codec.run_to_wire(row, live.last_record if live is not None else None, message)
         over = codec.field_bytes(info.ByteSize()) + INFO_SLACK - self.config.max_message_bytes
         if over > 0 and info.message:  # a long closing message under a low limit: cut

@@ -459,10 +459,10 @@ def newton_cg(
     rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
     f, or within sqrt(eps) |f| where `judge` finds progress (_hidden); the step is accepted
     when rho > 0. A mini-batch step's radius and lambda follow its gain ratio on its own
-    batch (_batch_gain), a partial solve's shrink the radius from itself. The radius shrinks to ||d|| / 4 when rho < 1/4 and
-    doubles when rho > 3/4 on the boundary; lambda grows by 3/2 when rho < 1/4 and shrinks by
-    2/3 when rho > 3/4 (lambda = 0 switches the damping off and leaves the trust region alone
-    to safeguard).
+    batch (_batch_gain). The radius shrinks to ||d|| / 4 (a partial solve's: radius / 4)
+    when rho < 1/4 and doubles when rho > 3/4 on the boundary; lambda grows by 3/2 when
+    rho < 1/4 and shrinks by 2/3 when rho > 3/4 (lambda = 0 switches the damping off and
+    leaves the trust region alone to safeguard).
     """
     radius, lam = state["trust_radius"], state["damping"]
     cg = cg_direction(objective, x, grad, options, state, radius, drawn)

@@ -1,0 +1,107 @@
+"""Optimize streams against races and idle callers.
+
+A caller whose run missed --optimize-evaluation-seconds while another caller resumed it
+was told how the run stood after the resume (QUEUED or RUNNING, a success-shaped result in
+the SDK), not how its own execution ended (INTERRUPTED by its deadline). And streams that
+never sent their first request were neither counted against --max-optimize-streams-per-token
+nor ever ended, so one token could hold any number of server handlers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import start_server
+from hessian_client import tensors
+from hessian_client.proto import service_pb2, service_pb2_grpc
+from hessian_service.server.runs import RunManager
+from hessian_service.store import RunStatus
+from optimize_stream import Stream
+
+X0 = np.array([-1.2, 1.0, 0.8])
+EVALUATION_SECONDS = 1.0
+GUARD = 20.0
+
+
+@pytest.fixture
+def handle(tmp_path):
+    server = start_server(
+        tmp_path,
+        optimize_evaluation_seconds=EVALUATION_SECONDS,
+        max_optimize_streams_per_token=2,
+    )
+    yield server
+    server.stop()
+
+
+def _start() -> service_pb2.OptimizeRequest:
+    start = service_pb2.OptimizeStart(
+        initial_params=tensors.encode(X0), capabilities=service_pb2.Capabilities(gradient=True)
+    )
+    return service_pb2.OptimizeRequest(start=start)
+
+
+def test_a_caller_whose_run_was_resumed_by_another_is_told_its_own_end(handle, monkeypatch):
+    # A's run misses its deadline (INTERRUPTED); B resumes it before A's stream has read
+    # the run's end back, so that read finds the run active again under B
+    real_get = RunManager.get
+    seen_interrupted, release = threading.Event(), threading.Event()
+
+    def get(self, run_id, scope=None):
+        row = real_get(self, run_id, scope)
+        if row.status == RunStatus.INTERRUPTED and not seen_interrupted.is_set():
+            seen_interrupted.set()  # the first read of the end: A's stream
+            assert release.wait(GUARD)
+            return real_get(self, run_id, scope)
+        return row
+
+    monkeypatch.setattr(RunManager, "get", get)
+    a = Stream(handle.address, _start())
+    run_id = a.read().started.run_id
+    assert a.read().WhichOneof("kind") == "evaluate"  # never answered: the deadline passes
+    try:
+        assert seen_interrupted.wait(GUARD)
+        b = Stream(handle.address, service_pb2.OptimizeRequest(resume_run_id=run_id))
+        assert b.read().started.run_id == run_id
+        assert b.read().WhichOneof("kind") == "evaluate"  # B drives the run now
+        release.set()
+        finished = a.finish()
+        assert finished.status == service_pb2.RUN_STATUS_INTERRUPTED, finished
+        assert "the per-evaluation deadline" in finished.message
+        b.close()
+    finally:
+        release.set()
+        a.close()
+
+
+def test_streams_that_never_send_a_request_count_and_end(handle):
+    channel = grpc.insecure_channel(handle.address)
+    stub = service_pb2_grpc.HessianServiceStub(channel)
+    hold = threading.Event()
+
+    def never():
+        hold.wait(GUARD)
+        return
+        yield  # an iterator that sends nothing until the test ends
+
+    idle = [stub.Optimize(never(), timeout=GUARD) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both reach the server and hold the token's two slots
+        refused = Stream(handle.address, _start()).refusal()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+        assert "max_optimize_streams_per_token" in refused.details()
+        for call in idle:  # ended by the server once the evaluation deadline passed
+            with pytest.raises(grpc.RpcError) as err:
+                next(call)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert err.value.details().startswith("start: no first request within")
+        stream = Stream(handle.address, _start())  # the slots are free again
+        assert stream.read().WhichOneof("kind") == "started"
+        stream.close()
+    finally:
+        hold.set()
+        channel.close()
