@@ -382,8 +382,12 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     )
     print(
         f"threads: {_count(lim.usable_cpus, 'usable CPU')}, "
-        f"{_count(lim.intra_op_threads, 'torch thread')} per call, "
-        f"one thread below size {lim.single_thread_below} (max(rows, params) x params^2)"
+        f"{_count(lim.intra_op_threads, 'torch thread')} per call"
+        + (
+            f", one thread below size {lim.single_thread_below} (max(rows, params) x params^2)"
+            if lim.single_thread_below
+            else " at every size (no single-thread threshold)"
+        )
     )
     return 0
 

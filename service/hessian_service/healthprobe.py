@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -51,6 +52,12 @@ def open_channel(address: str, ca_file: str = "", server_name: str = "") -> grpc
             roots = f.read()
     except OSError as exc:
         raise ValueError(f"--ca-file {ca_file}: cannot read it ({exc})") from None
+    try:  # as the client checks it: gRPC's own failure is a handshake error on every call
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+            cadata=roots.decode("ascii", "ignore")
+        )
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"--ca-file {ca_file}: expected PEM CA certificates ({exc})") from None
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
 
@@ -82,7 +89,8 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
     )
     parser.add_argument(
         "--address",
-        default=environ.get("HESSIAN_ADDRESS", DEFAULT_ADDRESS),
+        # (an empty variable is unset, as the server reads it)
+        default=environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS,
         help=f"server HOST:PORT or unix:PATH (env HESSIAN_ADDRESS, default {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")

@@ -70,3 +70,19 @@ def test_the_probe_dials_a_unix_socket_as_it_is():
         assert healthprobe.probe_address(address) == address
     with pytest.raises(ValueError, match="HOST:PORT or unix:PATH"):
         healthprobe.probe_address("no-port")
+
+
+def test_the_probe_takes_an_empty_address_variable_as_unset():
+    # the server serves its default address when HESSIAN_ADDRESS= is empty; the probe
+    # refused the empty address, so such a container stayed unhealthy
+    args = healthprobe.parse_args([], {"HESSIAN_ADDRESS": ""})
+    assert healthprobe.probe_address(args.address) == healthprobe.DEFAULT_ADDRESS
+
+
+def test_the_probe_names_a_ca_file_that_is_not_pem(tmp_path, capsys):
+    # gRPC-core's log lines and a handshake UNAVAILABLE were all it said
+    garbage = tmp_path / "ca.pem"
+    garbage.write_bytes(b"not a certificate\n")
+    assert healthprobe.main(["--address", "127.0.0.1:1", "--ca-file", str(garbage)]) == 1
+    err = capsys.readouterr().err
+    assert f"--ca-file {garbage}: expected PEM CA certificates" in err, err

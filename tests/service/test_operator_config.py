@@ -4,6 +4,7 @@ bounded, word settings in any case, and a unix: socket server with metrics and a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -179,3 +180,22 @@ def test_an_ipv4_mapped_loopback_is_loopback_and_a_port_needs_ascii_digits():
     for port in ("²", "５２８２１"):
         with pytest.raises(ValueError, match="--address must be host:port"):
             ServerConfig(address=f"127.0.0.1:{port}").validated()
+
+
+def test_json_logs_carry_warnings_and_thread_exceptions_as_json_lines():
+    # a Python warning and an exception ending a thread were raw stderr text between the
+    # JSON lines (a log shipper parsing each line as JSON dropped or choked on them)
+    script = (
+        "import threading, warnings\n"
+        "from hessian_service.server.logs import configure_logging\n"
+        "configure_logging('json', 'info')\n"
+        "warnings.warn('a library warning')\n"
+        "t = threading.Thread(target=lambda: 1 / 0, name='worker-x'); t.start(); t.join()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    assert [line["level"] for line in lines] == ["WARNING", "ERROR"], done.stderr
+    assert "a library warning" in lines[0]["msg"]
+    assert "worker-x" in lines[1]["msg"] and "ZeroDivisionError" in lines[1]["exc"]

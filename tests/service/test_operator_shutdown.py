@@ -1,6 +1,6 @@
 """SIGTERM while a run's iteration is inside a long torch call: the server exits 0 soon after
 the drain and grace, without waiting for the iteration (an orchestrator would SIGKILL it),
-and the run is INTERRUPTED and resumable after a restart."""
+and the run is INTERRUPTED and resumable after a restart. SIGHUP drains the same way."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import free_port, server_output, spawn_server
+from conftest import free_port, server_output, spawn_server, wait_until
 from hessian_client import Client, problems, status_name
-from long_runs import SADDLE_FREE_THREE
+from hessian_service.engine import StopReason
+from hessian_service.store import RunStatus, SQLiteRunStore
+from long_runs import SADDLE_FREE_THREE, start_endless_run
 
 GRACE = 1.0
 # one saddle-free iteration (an autograd Hessian and its eigendecomposition) of a 3000-dim
@@ -59,3 +61,29 @@ def test_sigterm_exits_promptly_while_an_iteration_is_in_a_long_torch_call(tmp_p
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(60) == 0, server_output(again)
+
+
+def test_sighup_drains_as_sigterm_does(tmp_path):
+    # SIGHUP (a closed terminal, some supervisors' stop) killed the server outright: no
+    # drain, its run left RUNNING until the next start found it
+    port = free_port()
+    proc = spawn_server(tmp_path, port, "--grace-seconds", str(GRACE), "--log-format", "text")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            run = start_endless_run(c)
+            assert wait_until(lambda: c.get_run(run.id).num_records > 0, 30)
+        proc.send_signal(signal.SIGHUP)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log = server_output(proc)
+    assert code == 0, log
+    assert "draining" in log and "stopped" in log, log
+    store = SQLiteRunStore(tmp_path)
+    try:
+        row = store.get_run(run.id)
+    finally:
+        store.close()
+    assert (row.status, row.stop_reason) == (RunStatus.INTERRUPTED, StopReason.SHUTDOWN), row

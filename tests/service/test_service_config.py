@@ -59,6 +59,9 @@ def test_bad_settings_name_the_flag():
         ("--lease-seconds", "1e300", "--lease-seconds must be at most 86400"),
         ("--grace-seconds", "1e10", "--grace-seconds must be at most 86400"),
         ("--exported-evaluation-seconds", "1e12", "--exported-evaluation-seconds must be at most"),
+        # a replica at 0.02 s started, answered SERVING, then failed every store write
+        ("--lease-seconds", "0.02", "--lease-seconds must be >= 1"),
+        ("--lease-seconds", "0", "--lease-seconds must be >= 1"),
     ],
 )
 def test_values_the_server_could_not_run_with_are_refused_at_start(flag, value, message):
@@ -415,3 +418,12 @@ def test_a_misspelt_setting_is_warned_about_at_start(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "no run store at" in done.stderr  # an empty folder
     assert "did you mean HESSIAN_MAX_ITERATIONS?" in done.stderr
+
+
+@pytest.mark.parametrize("flags", [["--lease-seconds", "5"], ["--replica-id", "a"]])
+def test_postgresql_only_flags_are_refused_without_a_store(flags):
+    # --lease-seconds was accepted silently beside SQLite, where nothing leases a run
+    with pytest.raises(ValueError, match=re.escape(f"{flags[0]} applies to a PostgreSQL")):
+        ServerConfig.from_args(flags, {})
+    dsn = "postgresql://hessian@127.0.0.1:5432/hessian"
+    assert ServerConfig.from_args([*flags, "--store", dsn], {}).store == dsn

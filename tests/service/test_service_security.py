@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import pathlib
 import shutil
 import subprocess
@@ -345,11 +346,12 @@ def test_a_chain_with_an_expired_certificate_after_the_servers_own_is_refused(tm
         build_server(config)
 
 
-@pytest.mark.parametrize("separator", ["\u2028", "\x0b", "\x0c", "\u0085"])
+@pytest.mark.parametrize("separator", ["\u2028", "\x0b", "\x0c", "\u0085", "\r"])
 def test_a_token_line_holding_a_line_separator_is_refused_not_split(tmp_path, separator):
     """str.splitlines split "abcdefgh<U+2028>ijklmnop" into two tokens, both accepted."""
     path = tmp_path / "tokens"
-    path.write_text(f"first-token\nabcdefgh{separator}ijklmnop\n", encoding="utf-8")
+    # (bytes: no newline translation; the server's read_text split at a bare CR too)
+    path.write_bytes(f"first-token\nabcdefgh{separator}ijklmnop\n".encode())
     with pytest.raises(ValueError, match="line 2 "):
         start_server(tmp_path / "d", auth_token_file=str(path))
 
@@ -382,3 +384,17 @@ def test_minimize_and_clients_reach_a_secured_server_from_the_environment(
             c.info()  # an argument given wins over the variable
     finally:
         handle.stop(grace=1.0)
+
+
+def test_tenant_tokens_that_are_also_admins_are_warned_about(tmp_path, caplog):
+    # the same file as --auth-token-file and --admin-token-file started silently, every
+    # tenant an admin who sees every other's runs
+    path = _token_file(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hessian_service.server"):
+        handle = start_server(tmp_path / "d", auth_token_file=str(path), admin_token_file=str(path))
+        handle.stop(grace=1.0)
+    warned = [r.getMessage() for r in caplog.records if "--admin-token-file" in r.getMessage()]
+    assert warned == [
+        "2 of the 2 --auth-token-file tokens are also in --admin-token-file: they are admins, "
+        "who see and manage every tenant's runs and problems"
+    ], warned

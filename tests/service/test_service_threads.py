@@ -262,3 +262,15 @@ def test_a_run_executes_with_the_thread_count_the_policy_gives_its_problem(tmp_p
     finally:
         manager.shutdown(timeout=5)
         store.close()
+
+
+def test_hessian_info_says_a_zero_threshold_is_none(tmp_path, restore_torch_threads, capsys):
+    # "one thread below size 0" read as a threshold; 0 means every size gets the threads
+    handle = start_server(tmp_path, workers=1, intra_op_threads=2, single_thread_below=0)
+    try:
+        assert main(["--address", handle.address, "info"]) == 0
+        out = capsys.readouterr().out
+        assert "2 torch threads per call at every size (no single-thread threshold)" in out, out
+        assert "below size 0" not in out
+    finally:
+        handle.stop(grace=1.0)

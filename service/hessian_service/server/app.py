@@ -6,7 +6,7 @@ grpc.aio, its event loop in a thread of its own behind the handle's synchronous 
 WatchRun is async (a waiting watcher holds no thread), every other handler runs on the
 --rpc-threads pool (the loop's default executor) through sync_bridge, but a step on a small
 built problem (--inline-step-below), which runs on the loop itself. `main` is the
-`hessian-server` console script: SIGTERM/SIGINT drain gracefully (health NOT_SERVING,
+`hessian-server` console script: SIGTERM/SIGINT/SIGHUP drain gracefully (health NOT_SERVING,
 runs stopped before their next iteration and marked INTERRUPTED, in-flight calls given
 `grace_seconds`).
 """
@@ -46,7 +46,7 @@ from ..store import PostgresRunStore, RunStore, SQLiteRunStore, StoreError
 from ..store.recovery import recover_store
 from . import certificates
 from .auth import Tenancy, TokenCheck, load_tokens
-from .config import UNIX_SCHEMES, ServerConfig, misspelt_variables
+from .config import UNIX_SCHEMES, ServerConfig, misspelt_variables, redacted
 from .drain import Drain
 from .failover import LeaseKeeper
 from .logs import configure_logging
@@ -63,6 +63,7 @@ log = logging.getLogger("hessian_service.server")
 # before the process exits without them
 LINGER_SECONDS = 1.0
 MIN_CLIENT_PING_MS = 10_000  # the most often a client may ping an open call (keepalive)
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CERT_WARNING_DAYS = 14  # a --tls-cert ending sooner is logged at start
 CERT_CLOCK_SKEW_MINUTES = 5  # a certificate issued by a machine this far ahead still starts
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]
@@ -222,6 +223,13 @@ def build_server(
     tokens = load_tokens(config.auth_token_file) if config.auth_token_file else []
     admin_file = config.admin_token_file
     admins = load_tokens(admin_file, "--admin-token-file") if admin_file else []
+    if both := len(set(tokens) & set(admins)):  # (the same file twice made every tenant one)
+        log.warning(
+            "%d of the %d --auth-token-file tokens are also in --admin-token-file: they are "
+            "admins, who see and manage every tenant's runs and problems",
+            both,
+            len(set(tokens)),
+        )
     credentials = _tls_credentials(config)
     if store is not None:
         return _assemble(config, store, tokens, admins, credentials, interceptors)
@@ -459,7 +467,7 @@ def _check_validity(path: str, pem: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`hessian-server`: serve until SIGTERM or SIGINT, then drain."""
+    """`hessian-server`: serve until SIGTERM, SIGINT or SIGHUP, then drain."""
     try:
         config = ServerConfig.from_args(argv)
     except ValueError as exc:
@@ -496,8 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         signalled.set()
         drain()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too (a closed terminal, a supervisor's stop): it killed the server outright,
+    # its runs left RUNNING until the next start
+    for signum in DRAIN_SIGNALS:
+        signal.signal(signum, on_signal)
     try:
         handle = build_server(config)
     except (OSError, sqlite3.Error, StoreError) as exc:
@@ -512,12 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     available, reason = native_status()
     log.info(
-        "hessian-server %s listening on %s (%s, %s; data %s, %d workers, native backend: %s%s)",
+        "hessian-server %s listening on %s (%s, %s; runs in %s, %d workers, native backend: %s%s)",
         __version__,
         handle.address,
         "TLS" if config.tls_cert else "plaintext",
         "bearer tokens" if config.auth_token_file else "UNAUTHENTICATED",
-        config.data_dir,
+        redacted(config.store) if config.store else f"SQLite under {config.data_dir}",
         config.workers,
         reason if available else f"unavailable ({reason})",
         f"; metrics on http://{config.metrics_host}:{handle.metrics_port}/metrics"

@@ -34,7 +34,8 @@ def load_tokens(path: str, flag: str = "--auth-token-file") -> list[bytes]:
     """The tokens in `path`, one per line; ValueError naming the flag and the line when a
     line is not one token, or when there are none."""
     try:
-        text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # a leading BOM dropped
+        # bytes decoded, not read_text: its universal newlines made a bare CR a line end
+        text = pathlib.Path(path).read_bytes().decode("utf-8-sig")  # a leading BOM dropped
     except OSError as exc:
         raise ValueError(f"{flag} {path}: cannot read it ({exc})") from None
     except UnicodeDecodeError as exc:

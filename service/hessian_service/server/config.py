@@ -40,6 +40,7 @@ MAX_COMMIT_INTERVAL_MS = 3_600_000
 # any *_seconds setting (a day): past threading.TIMEOUT_MAX (~9e9 s) a wait on it raises
 # OverflowError in the thread that waits (the lease keeper's, the drain's)
 MAX_SECONDS = 86_400
+MIN_LEASE_SECONDS = 1.0
 # read by the other programs that share a server's environment (the client and CLI, the
 # health probe, the compose file): never reported as misspelt server settings
 OTHER_PROGRAMS_VARIABLES = (
@@ -223,13 +224,23 @@ class ServerConfig:
             raise ValueError("--data-dir must be a directory path (default ./data), got ''")
         if self.grace_seconds < 0:
             raise ValueError("--grace-seconds must be >= 0")
-        if self.lease_seconds <= 0:
-            raise ValueError("--lease-seconds must be > 0")
+        if not self.lease_seconds >= MIN_LEASE_SECONDS:
+            # renewals every T/8 and the store's waits of T/8 (a connection) and T/4 (a row
+            # lock): at 0.02 s a replica started, answered SERVING, and failed every write
+            raise ValueError(
+                f"--lease-seconds must be >= {MIN_LEASE_SECONDS:g} (a replica renews its "
+                "leases every 1/8 of it and waits up to 1/8 for a store connection)"
+            )
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("--sqlite-synchronous must be NORMAL or FULL")
         if not self.store:
-            for name in ("store_password_file", "replica_id"):
-                if getattr(self, name):
+            given = {
+                "store_password_file": bool(self.store_password_file),
+                "replica_id": bool(self.replica_id),
+                "lease_seconds": self.lease_seconds != ServerConfig.lease_seconds,
+            }
+            for name, set_here in given.items():
+                if set_here:
                     raise ValueError(
                         f"--{name.replace('_', '-')} applies to a PostgreSQL --store only "
                         "(none is given: runs are stored in SQLite under --data-dir)"

@@ -311,8 +311,8 @@ def child_main(conn: Connection, server: int, log_format: str, log_level: str) -
     Interrupts and terminations are the server's to handle (it stops its runs, then its
     children): a child ignores them, and exits when told, when the server's socket closes,
     or when the server dies."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     _die_with(server)
     configure_logging(log_format, log_level)
     log.info("run worker process %d of server %d ready", os.getpid(), server)
