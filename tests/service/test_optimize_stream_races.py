@@ -4,7 +4,8 @@ A caller whose run missed --optimize-evaluation-seconds while another caller res
 was told how the run stood after the resume (QUEUED or RUNNING, a success-shaped result in
 the SDK), not how its own execution ended (INTERRUPTED by its deadline). And streams that
 never sent their first request were neither counted against --max-optimize-streams-per-token
-nor ever ended, so one token could hold any number of server handlers.
+nor ever ended, so one token could hold any number of server handlers. And a cancelled
+Optimize run's message said "the call was cancelled", whoever had cancelled it.
 """
 
 from __future__ import annotations
@@ -105,3 +106,28 @@ def test_streams_that_never_send_a_request_count_and_end(handle):
     finally:
         hold.set()
         channel.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "CancelRun"])
+def test_a_cancelled_optimize_run_says_who_cancelled_it(handle, how):
+    # "the call was cancelled; the computation stopped waiting for the caller": written for
+    # a unary call, it was every Optimize run's end, whether its caller asked it to stop or
+    # a CancelRun did
+    stream = Stream(handle.address, _start())
+    run_id = stream.read().started.run_id
+    assert stream.read().WhichOneof("kind") == "evaluate"
+    try:
+        if how == "stop":
+            stream.send(stop=True)
+        else:
+            channel = grpc.insecure_channel(handle.address)
+            stub = service_pb2_grpc.HessianServiceStub(channel)
+            stub.CancelRun(service_pb2.CancelRunRequest(run_id=run_id), timeout=GUARD)
+            channel.close()
+        finished = stream.finish()
+    finally:
+        stream.close()
+    assert finished.status == service_pb2.RUN_STATUS_CANCELLED, finished
+    cause = "its caller's stop request" if how == "stop" else "CancelRun"
+    assert finished.message.endswith(f"(by {cause})"), finished.message
+    assert "the call was cancelled" not in finished.message

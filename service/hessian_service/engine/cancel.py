@@ -27,7 +27,7 @@ class Cancelled(EngineError):
 
     def __init__(self, reason: str, where: str = "") -> None:
         self.reason = reason
-        what = "the deadline passed" if reason == DEADLINE else "the call was cancelled"
+        what = "the deadline passed" if reason == DEADLINE else "cancelled"
         super().__init__(f"{what}; the computation stopped{' ' + where if where else ''}")
 
 

@@ -180,7 +180,7 @@ class LeaseKeeper:
             self._lose(live, "its lease was taken by another replica")
         try:  # CancelRun sent to another replica: the runs still held here stop now
             for run_id in self.store.take_cancel_requests(sorted(kept)):
-                self.runs.cancel(run_id)
+                self.runs.cancel(run_id, "a CancelRun made on another replica")
                 log.info("run %s: cancelled by a request made on another replica", run_id)
         except StoreError as exc:
             log.warning("cancel requests not read: %s", exc)

@@ -346,7 +346,7 @@ class Optimizer:
         kind = request.WhichOneof("kind")
         if kind == "stop":
             if request.stop:
-                self.service.runs.cancel(run_id)
+                self.service.runs.cancel(run_id, "its caller's stop request")
             return
         try:
             if kind != "evaluation":

@@ -110,6 +110,7 @@ class LiveRun:
         self.base = base
         self.owner = owner
         self.cancel = CancelToken()
+        self.cancel_cause = ""  # who asked (CancelRun, the Optimize caller's stop), for its end
         self.remote = False  # an Optimize run: executes on the optimize threads, not the pool
         self.shutdown = False
         self.lost = False  # its lease is gone: another replica may execute it now
@@ -765,12 +766,14 @@ class RunManager:
                 return
             time.sleep(min(left, 0.05) if self.leases is not None else left)
 
-    def cancel(self, run_id: str) -> bool:
+    def cancel(self, run_id: str, cause: str = "") -> bool:
         """Ask a live run to stop before its next iteration; one still queued ends CANCELLED
-        now, without an iteration (its worker skips it). False if it is not live."""
+        now, without an iteration (its worker skips it). False if it is not live. `cause`
+        (who asked) ends its stored message."""
         live = self.live(run_id)
         if live is None:
             return False
+        live.cancel_cause = live.cancel_cause or cause
         live.cancel.cancel()
         with live.cond:
             # (one not yet submitted, or whose lease is gone, stops at its first iteration)
@@ -1034,6 +1037,8 @@ class RunManager:
     def _store_final(self, live: LiveRun, run: Run | None, final: dict[str, Any]) -> None:
         """Store a run's last checkpoint and its end, then give its lease up."""
         run_id = live.run_id
+        if final.get("status") == RunStatus.CANCELLED and live.cancel_cause:
+            final["message"] = f"{final['message']} (by {live.cancel_cause})"
         final["message"] = clip(final["message"], MAX_RUN_MESSAGE_CHARS)
         live.final = final
         # not after a store error: a checkpoint past the last stored record would

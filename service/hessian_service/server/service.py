@@ -518,7 +518,7 @@ class HessianService(service_pb2_grpc.HessianServiceServicer):
         if row.status == RunStatus.INTERRUPTED and not self.runs.cancel_interrupted(row):
             row = self._row(request.run_id, tenant)  # resumed meanwhile: cancel it as it is
         # live here: it stops before its next iteration (one still queued: CANCELLED now)
-        if not self.runs.cancel(row.run_id) and row.status in ACTIVE_STATUSES:
+        if not self.runs.cancel(row.run_id, "CancelRun") and row.status in ACTIVE_STATUSES:
             self.store.request_cancel(row.run_id)  # another replica executes it: its keeper will
         row = self._row(request.run_id, tenant)
         return self._info(row, message=service_pb2.CancelRunResponse)
