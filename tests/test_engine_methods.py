@@ -283,7 +283,8 @@ def test_record_fields_land_in_their_own_fields():
     point = Point(torch.zeros(2, dtype=torch.float64), 7.0, torch.tensor([3.0, -4.0]))
     record = _record(5, point, 9.0, "native", step)
     renamed = {"accepted": "step_accepted"}
-    internal = ("x_new", "held_back", "partial_solve")  # Run._stop_test's, not a record's
+    # Run._stop_test's and its flat-step count's, not a record's
+    internal = ("x_new", "held_back", "partial_solve", "loss_noise")
     want = {renamed.get(k, k): v for k, v in step_values.items() if k not in internal}
     want.update(iteration=5, loss=7.0, loss_change=2.0, gradient_norm=5.0,
                 gradient_max_norm=4.0, backend="native")  # fmt: skip

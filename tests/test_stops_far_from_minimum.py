@@ -18,7 +18,6 @@ from hessian_service.engine import MethodOptions, Run, StopCriteria, StopReason,
 from scipy.optimize import minimize
 
 F64 = torch.float64
-STALLS = {StopReason.PARAMETERS_STALLED, StopReason.FUNCTION_STALLED, StopReason.NO_PROGRESS}
 
 
 def _scipy_minimum(obj) -> float:
@@ -61,9 +60,10 @@ def test_a_minibatch_trust_region_run_is_not_stalled_by_its_batches_noise(rng, m
     options = MethodOptions(method=method, gradient_fraction=0.2, seed=int(rng.integers(1000)))
     run = Run(obj, x0, options, StopCriteria(max_iterations=200))
     records = run.run_to_end()
-    assert run.stop_reason not in STALLS, run.message
-    # measured over seeds: 0.2-0.6% of the gap left after 200 steps (before: 1.5-2% at a stall)
-    assert records[-1].loss - f_star <= 1e-2 * (f0 - f_star), (records[-1].loss, f_star)
+    # measured over 8 data seeds: 0.04-0.35% of the gap left after 200 steps (a few at a
+    # stall in the batches' noise); before, 0.4-3% at a stall (15 of 16 above 0.5%)
+    gap = records[-1].loss - f_star
+    assert gap <= 5e-3 * (f0 - f_star), (records[-1].loss, f_star, run.message)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -85,7 +85,6 @@ def test_a_minibatch_line_search_that_fails_on_one_batch_tries_the_next(rng, dty
     )
     run = Run(obj, x0, options, StopCriteria(max_iterations=300))
     records = run.run_to_end()
-    assert run.stop_reason not in STALLS, run.message
     rejected = [r for r in records[:-1] if not r.step_accepted]
     assert all(r.step_size == 0 and r.gradient_batch_size == 400 for r in rejected)
     gap = records[-1].loss - f_star
@@ -168,3 +167,30 @@ def test_a_tiny_starting_damping_grows_through_the_useful_range(damping):
     assert run.converged, run.message
     assert records[-1].loss <= 1e-10  # the minimum is 0 at (1, 1)
     assert torch.allclose(run.params, torch.ones(2), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["native", "autograd"])
+def test_a_float32_trust_region_at_its_rounding_floor_stops_promptly(rng, backend):
+    # quadratics of condition 1e4 in float32: near the minimum the loss wanders in a band of
+    # ~4e-6 and the gradient's max-norm in 2e-5..8e-5; steps taken on noise, their radius
+    # growing and shrinking again, were called "held back" (not judged as flat) and noise
+    # lows of the gradient restarted the count: many runs went on to max_iterations
+    for _ in range(4):
+        q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+        a = q @ np.diag(np.logspace(0, 4, 12)) @ q.T
+        a = (a + a.T) / 2
+        b = rng.normal(size=12)
+        f_star = -0.5 * b @ np.linalg.solve(a, b)
+        data = {
+            "A": torch.tensor(a, dtype=torch.float32),
+            "b": torch.tensor(b, dtype=torch.float32),
+        }
+        obj = make_objective("quadratic", data)
+        x0 = torch.tensor(0.5 * rng.normal(size=12), dtype=torch.float32)
+        run = Run(obj, x0, MethodOptions(method="newton_cg", backend=backend), StopCriteria(300))
+        records = run.run_to_end()
+        # measured over 120 runs: median 18, 99% under 41, at most 64 (before: median 89,
+        # 46% at 100 or more)
+        assert len(records) <= 100, (len(records), run.message)
+        w = run.params.double().numpy()  # its loss in float64: float32's own is off by ~1e-4
+        assert 0.5 * w @ a @ w - b @ w - f_star <= 1e-6 * max(abs(f_star), 1.0)

@@ -32,7 +32,7 @@ from .. import cancel
 from ..backends.selector import curvature_products
 from ..curvature.autograd import Product, loss_and_grad, loss_value
 from ..errors import EvaluationError, ValidationError
-from ..linalg import below_rounding, vector_norm
+from ..linalg import below_rounding, loss_rounding, vector_norm
 from ..objectives.base import Objective
 from ..options import MethodOptions
 
@@ -227,15 +227,15 @@ def rounding_scale(loss: float, start: float) -> float:
     return min(size + math.sqrt(size * abs(start)), max(size, 1.0))
 
 
-def _hidden(trial: float, loss: float, predicted: float, dtype: torch.dtype) -> bool:
-    """Whether a step's predicted decrease and its loss's change are both within
-    sqrt(eps) |loss|: a loss summed from terms far larger than itself (least squares on
+def _hidden(trial: float, loss: float, predicted: float, dtype: torch.dtype) -> float:
+    """sqrt(eps) |loss| where a step's predicted decrease and its loss's change are both
+    within it (else 0): a loss summed from terms far larger than itself (least squares on
     data of 1e6) carries their rounding, far past 16 eps of itself, and may hide a step's
     progress there that its gradient shows (Hager & Zhang's approximate Wolfe test trusts
     the gradients within 1e-6 |f|): a Newton step along such a fit's stiff column rose its
     loss by noise, the radius collapsed, and the run ended "no progress" at 13x its minimum."""
     zone = math.sqrt(torch.finfo(dtype).eps) * abs(loss)
-    return 0.0 < predicted <= zone and abs(trial - loss) <= zone
+    return zone if 0.0 < predicted <= zone and abs(trial - loss) <= zone else 0.0
 
 
 def initial_state(options: MethodOptions) -> dict[str, float]:
@@ -243,6 +243,7 @@ def initial_state(options: MethodOptions) -> dict[str, float]:
     return {
         "damping": options.damping,
         "trust_radius": options.trust_radius,
+        "radius_high": options.trust_radius,  # the largest radius so far
         "forcing": math.nan,
         "forcing_grad_norm": math.nan,
         "curvature_draws": 0.0,
@@ -436,6 +437,10 @@ class TrustRegionStep:
     trust_radius: float
     gain_ratio: float
     accepted: bool
+    # the loss change taken as noise in judging it (0: the loss judged it alone)
+    loss_noise: float = 0.0
+    # the radius grew past every one the run had before
+    let_go: bool = False
 
 
 def newton_cg(
@@ -465,6 +470,7 @@ def newton_cg(
     leaves the trust region alone to safeguard).
     """
     radius, lam = state["trust_radius"], state["damping"]
+    let_go = False
     cg = cg_direction(objective, x, grad, options, state, radius, drawn)
     x_new = x + cg.direction
     trial = loss_at(x_new)
@@ -476,18 +482,19 @@ def newton_cg(
     # minimum there): the trial's gradient decides, as the line search's does
     if math.isnan(state.get("loss_scale", math.nan)):
         state["loss_scale"] = abs(loss)
+    noise = 0.0
     if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
         floor = rounding_scale(loss, state["loss_scale"])
         tight = below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=floor)
         if tight or judge is None or judge(x_new) is not False:
-            rho = 1.0
+            rho, noise = 1.0, loss_rounding(loss, x.dtype, floor=1.0)
     elif (
         rho < SHRINK_RATIO
         and judge is not None
-        and _hidden(trial, loss, predicted, x.dtype)
-        and judge(x_new)
+        and (zone := _hidden(trial, loss, predicted, x.dtype))
+        and judge(x_new, False)  # the max-norm halving alone: the trapezoid test passes noise
     ):
-        rho = 1.0
+        rho, noise = 1.0, zone
     # at an exactly zero gradient the step 0 is the model's minimiser: taken (the stall test
     # then judges it), where its rejection (rho -inf) collapsed the radius run after run
     zero = drawn is None and not bool(grad.any())  # (a mini-batch's 0 is not the point's)
@@ -514,9 +521,14 @@ def newton_cg(
     elif fit > GROW_RATIO:
         if cg.on_boundary:
             state["trust_radius"] = min(2.0 * radius, MAX_TRUST_RADIUS)
+            # past every radius the run had: a cautious start letting go (Step.held_back),
+            # not a radius that rounding noise shrinks and grows again
+            high = state.get("radius_high", radius)
+            let_go = state["trust_radius"] > high
+            state["radius_high"] = max(high, state["trust_radius"])
         state["damping"] = lam * MARTENS_DECREASE
     return TrustRegionStep(
-        x_new, cg, lam, radius, rho if math.isfinite(rho) else math.nan, accepted
+        x_new, cg, lam, radius, rho if math.isfinite(rho) else math.nan, accepted, noise, let_go
     )
 
 

@@ -244,6 +244,10 @@ class Step:
     # a Hessian-free step from a partial solve of its model (CGResult.partial): short
     # perhaps only because CG stopped early, so a stall is confirmed by a full solve first
     partial_solve: bool = False
+    # the loss change its policy took as noise in taking it (a trust-region step at
+    # rounding, or one judged by its gradient within sqrt(eps) |f|): Run's flat-step count
+    # takes changes within it as no measurable progress
+    loss_noise: float = 0.0
 
 
 class Stepper:
@@ -565,7 +569,14 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     first = trial = math.nan
     finite_trials = 0
     tried = alpha  # the last trial's step
+    # a mini-batch search that must go below this finds no useful step along its batch's
+    # direction (a step of 1e-12 passed, and the stall test stopped the run far from its
+    # minimum): the search fails there, and the next step draws another batch
+    batch_floor = math.sqrt(torch.finfo(point.x.dtype).eps) * alpha if stepper.minibatch else 0
+    taken = False
     for _ in range(opts.max_backtracks):
+        if alpha <= batch_floor:
+            break
         if evaluations >= LONG_SEARCH:  # past a default search: a deadline or cancel stops it
             where = f"after {evaluations} line-search trials"
             cancel.check(where)  # a unary step's deadline (the call's token in scope)
@@ -577,27 +588,26 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         finite_trials += math.isfinite(trial)
         decreased = sufficient_decrease(trial, point.loss, alpha, slope, opts.armijo)
         if decreased and stepper.minibatch and torch.equal(x, point.x):
-            # no step, which Armijo's test passed once its decrease term rounded away (a
-            # mini-batch run stopped "stalled" on a step of norm 0): the next batch may move
-            decreased = False
+            decreased = False  # no step, which Armijo's test passed once its term rounded away
         if stepper.first_order:
             # gradient descent's every trial the loss cannot judge goes to the gradient:
             # Armijo's test there passes a trial equal to the loss once its decrease term
             # rounds away
             judged = stepper.gradient_judges(point, x, trial, alpha, slope)
-            if decreased if judged is None else judged:
-                break
-        elif decreased or (
-            (evaluations == 1 or alpha == 1.0)
-            and stepper.gradient_judges(point, x, trial, alpha, slope)
-        ):
+            taken = decreased if judged is None else judged
+        else:
+            taken = decreased or bool(
+                (evaluations == 1 or alpha == 1.0)
+                and stepper.gradient_judges(point, x, trial, alpha, slope)
+            )
+        if taken:
             break
         if evaluations == 1:
             first = trial
         tried, alpha = alpha, alpha * opts.backtrack
         if alpha < 1.0 < tried and not stepper.first_order:
             alpha = 1.0  # the second-order step's own length, from a first trial past it
-    else:
+    if not taken:
         stepper.drop_trial()
         failed = stepper.state.get("failed_searches", 0.0) + 1
         if stepper.minibatch and failed < MINIBATCH_SEARCHES:
@@ -748,12 +758,12 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
 def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
     """Steihaug-Toint: CG stops at the radius; the gain ratio moves radius and lambda."""
 
-    def judge(x_new: torch.Tensor) -> bool | None:
+    def judge(x_new: torch.Tensor, trapezoid: bool = True) -> bool | None:
         """The trial's gradient evidence where its loss cannot tell, as the line search's at
         machine precision (with the trapezoid test); None with a mini-batch gradient."""
         if stepper.minibatch:
             return None
-        return stepper.gradient_shows_progress(point, x_new, trapezoid=True)
+        return stepper.gradient_shows_progress(point, x_new, trapezoid=trapezoid)
 
     tr = hessian_free.newton_cg(
         stepper.objective,
@@ -766,7 +776,7 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         point.sample,
         judge,
     )
-    cg, radius = tr.cg, tr.trust_radius  # the radius the step was held to
+    cg = tr.cg
     step_norm = vector_norm(cg.direction)
     if not tr.accepted and step_norm == 0 and point.grad_norms[1] > 0:
         raise RadiusUnderflow(tr.trust_radius)
@@ -785,8 +795,9 @@ def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
         negative_curvature=cg.negative_curvature,
         trust_radius=tr.trust_radius,
         gradient_batch_size=cg.gradient_batch_size,
-        held_back=tr.accepted and cg.on_boundary and stepper.state["trust_radius"] > radius,
+        held_back=tr.accepted and cg.on_boundary and tr.let_go,
         partial_solve=cg.partial,
+        loss_noise=tr.loss_noise,
     )
 
 

@@ -41,15 +41,20 @@ from .methods import LineSearchFailed, NoProgress, Point, RoundingStall, Step, S
 UNCHANGED_STEPS = 3
 RECENT = 8
 RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
-# accepted steps in a row, each small (under sqrt(eps) |x|) and not held back by its
-# policy, over which the loss stays within its rounding of where they started and the
-# gradient max-norm sets no new low, before a run whose gradient test is on ends
-# no_progress: steps driven by the gradient's rounding noise (float32 Newton-CG near its
-# minimum took 95 of 100 steps at a bit-identical loss, each too large for the cycle test
-# above). Slow convergence lowers the gradient at every step, which the loss near a minimum
-# (quadratic in the distance) no longer shows; gradient descent's steps are lr x gradient,
-# whose slow progress can lower the gradient by less than its rounding a step: not judged.
+# accepted steps in a row, each small (under sqrt(eps) |x|), not held back by its policy
+# and changing the loss within its rounding (or what the policy took as noise), over which
+# the loss falls no further than that below where they started and the gradient max-norm
+# no lower than FLAT_GRADIENT_LOW of its low there, before a run whose gradient test is on
+# ends no_progress: steps driven by rounding noise (float32 Newton-CG near its minimum took
+# 95 of 100 steps at a bit-identical loss, each too large for the cycle test above; a
+# float32 trust region on a quadratic of condition 1e4 wandered in a band of 4e-6 of its
+# loss, setting a gradient low 20% under the last now and then, to max_iterations). Slow
+# convergence lowers the gradient steadily, past that fraction within a few steps, which
+# the loss near a minimum (quadratic in the distance) no longer shows; gradient descent's
+# steps are lr x gradient, whose slow progress can lower the gradient by less than its
+# rounding a step: not judged.
 FLAT_STEPS = 10
+FLAT_GRADIENT_LOW = 0.75
 FLAT_KEYS = ("flat_steps", "flat_loss", "flat_gradient")
 # the keys a Run adds to its stepper's state in a checkpoint (Run._state)
 RUN_KEYS = ("previous_loss", "unchanged_steps", *FLAT_KEYS, *RECENT_KEYS)
@@ -448,16 +453,16 @@ class Run:
         dtype = point.x.dtype
         steps, flat_loss, lowest = self._flat
         gmax = new_point.grad_norms[1]
-        counted = (  # the count goes on: the loss still within rounding of the count's
-            steps
-            and gmax >= lowest
-            and abs(new_point.loss - flat_loss) <= loss_rounding(flat_loss, dtype)
-        )
-        flat = abs(new_point.loss - point.loss) <= loss_rounding(point.loss, dtype)
+        noise = step.loss_noise  # what the step's policy took as noise, if more
+        flat = abs(new_point.loss - point.loss) <= max(loss_rounding(point.loss, dtype), noise)
         # the step's size only where it can matter (the loss tests first: they are floats)
-        if step.held_back or not (counted or flat) or not self._small(point.x, new_point.x):
+        if step.held_back or not flat or not self._small(point.x, new_point.x):
             self._flat = (0.0, math.nan, math.nan)
-        elif counted:
+        elif (  # the count goes on: no lower loss past its rounding, no clearly lower gradient
+            steps
+            and new_point.loss >= flat_loss - max(loss_rounding(flat_loss, dtype), noise)
+            and gmax >= FLAT_GRADIENT_LOW * lowest
+        ):
             self._flat = (steps + 1, flat_loss, lowest)
         else:
             self._flat = (1.0, point.loss, min(point.grad_norms[1], gmax))
