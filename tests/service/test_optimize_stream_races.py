@@ -46,9 +46,12 @@ def _start() -> service_pb2.OptimizeRequest:
     return service_pb2.OptimizeRequest(start=start)
 
 
-def test_a_caller_whose_run_was_resumed_by_another_is_told_its_own_end(handle, monkeypatch):
-    # A's run misses its deadline (INTERRUPTED); B resumes it before A's stream has read
-    # the run's end back, so that read finds the run active again under B
+@pytest.mark.parametrize("b_ended", [False, True])
+def test_a_caller_whose_run_was_resumed_by_another_is_told_its_own_end(
+    handle, monkeypatch, b_ended
+):
+    # A's run misses its deadline (INTERRUPTED); B resumes it (and maybe ends it: stop)
+    # before A's stream has read the run's end back, so that read finds B's run
     real_get = RunManager.get
     seen_interrupted, release = threading.Event(), threading.Event()
 
@@ -69,6 +72,9 @@ def test_a_caller_whose_run_was_resumed_by_another_is_told_its_own_end(handle, m
         b = Stream(handle.address, service_pb2.OptimizeRequest(resume_run_id=run_id))
         assert b.read().started.run_id == run_id
         assert b.read().WhichOneof("kind") == "evaluate"  # B drives the run now
+        if b_ended:
+            b.send(stop=True)
+            assert b.finish().status == service_pb2.RUN_STATUS_CANCELLED
         release.set()
         finished = a.finish()
         assert finished.status == service_pb2.RUN_STATUS_INTERRUPTED, finished

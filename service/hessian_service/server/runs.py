@@ -129,11 +129,11 @@ class LiveRun:
         self._listeners: set[Callable[[], None]] = set()
 
     def ended_as(self, row: RunRow) -> RunRow:
-        """`row` (read once this run ended) as this execution ended it: a row still active
-        was admitted again meanwhile (another Optimize stream resumed it) or its end could
-        not be stored, and the caller who drove it was told "QUEUED" with a success-shaped
-        result, where its run had ended INTERRUPTED."""
-        if self.final is None or row.status not in ACTIVE_STATUSES:
+        """`row` (read once this run ended) as this execution ended it: the run may have
+        been admitted again meanwhile (another Optimize stream resumed it, and that may have
+        ended too) or its end not stored, and the caller who drove it was told "QUEUED" with
+        a success-shaped result, where its run had ended INTERRUPTED."""
+        if self.final is None:
             return row
         ended = {k: self.final[k] for k in END_FIELDS if k in self.final}
         return replace(row, **ended)
