@@ -23,6 +23,19 @@ SPEC = SADDLE_FREE_THREE
 EXIT_MARGIN = 4.0  # seconds past the grace: the drain, LINGER_SECONDS, the interpreter's exit
 
 
+def _stop(proc, signum: int) -> tuple[int, float]:
+    """Send `signum` and wait for the exit: (exit code, seconds it took); a server still
+    running after a minute is killed."""
+    signalled = time.monotonic()
+    proc.send_signal(signum)
+    try:
+        return proc.wait(60), time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 @pytest.mark.slow
 def test_sigterm_exits_promptly_while_an_iteration_is_in_a_long_torch_call(tmp_path):
     port = free_port()
@@ -36,14 +49,8 @@ def test_sigterm_exits_promptly_while_an_iteration_is_in_a_long_torch_call(tmp_p
                 time.sleep(0.02)
             time.sleep(0.5)  # inside its first iteration's Hessian or eigendecomposition
             assert c.get_run(run.id).num_records == 0, "still inside its first iteration"
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-        took = time.monotonic() - signalled
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        code, took = _stop(proc, signal.SIGTERM)
     log = server_output(proc)
     assert code == 0, log
     assert took < GRACE + EXIT_MARGIN, f"exited {took:.1f} s after SIGTERM: {log}"
@@ -72,12 +79,8 @@ def test_sighup_drains_as_sigterm_does(tmp_path):
         with Client(f"127.0.0.1:{port}") as c:
             run = start_endless_run(c)
             assert wait_until(lambda: c.get_run(run.id).num_records > 0, 30)
-        proc.send_signal(signal.SIGHUP)
-        code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        code, _ = _stop(proc, signal.SIGHUP)
     log = server_output(proc)
     assert code == 0, log
     assert "draining" in log and "stopped" in log, log
