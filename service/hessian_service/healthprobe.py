@@ -89,8 +89,8 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
     )
     parser.add_argument(
         "--address",
-        # (an empty variable is unset, as the server reads it)
-        default=environ.get("HESSIAN_ADDRESS") or DEFAULT_ADDRESS,
+        # (an empty or blank variable is unset, as the server reads it)
+        default=environ.get("HESSIAN_ADDRESS", "").strip() or DEFAULT_ADDRESS,
         help=f"server HOST:PORT or unix:PATH (env HESSIAN_ADDRESS, default {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")

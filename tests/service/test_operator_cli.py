@@ -86,3 +86,8 @@ def test_the_probe_names_a_ca_file_that_is_not_pem(tmp_path, capsys):
     assert healthprobe.main(["--address", "127.0.0.1:1", "--ca-file", str(garbage)]) == 1
     err = capsys.readouterr().err
     assert f"--ca-file {garbage}: expected PEM CA certificates" in err, err
+
+
+def test_the_probe_takes_a_blank_address_variable_as_unset():
+    args = healthprobe.parse_args([], {"HESSIAN_ADDRESS": "  "})
+    assert healthprobe.probe_address(args.address) == healthprobe.DEFAULT_ADDRESS

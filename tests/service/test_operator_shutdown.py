@@ -5,12 +5,15 @@ and the run is INTERRUPTED and resumable after a restart. SIGHUP drains the same
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server, wait_until
 from hessian_client import Client, problems, status_name
+from hessian_service import healthprobe
 from hessian_service.engine import StopReason
 from hessian_service.store import RunStatus, SQLiteRunStore
 from long_runs import SADDLE_FREE_THREE, start_endless_run
@@ -90,3 +93,25 @@ def test_sighup_drains_as_sigterm_does(tmp_path):
     finally:
         store.close()
     assert (row.status, row.stop_reason) == (RunStatus.INTERRUPTED, StopReason.SHUTDOWN), row
+
+
+def test_a_sighup_ignored_by_the_parent_stays_ignored(tmp_path):
+    # nohup, `trap '' HUP`, supervisors: an inherited ignore was replaced by the drain, so
+    # a closed terminal or a log rotator's HUP stopped the server
+    port = free_port()
+    script = (
+        "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from hessian_service.server.app import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    args = ["--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), "--grace-seconds", "1"]
+    proc = subprocess.Popen([sys.executable, "-c", script, *args])
+    try:
+        address = f"127.0.0.1:{port}"
+        assert wait_until(lambda: healthprobe.check(address, timeout=1.0)[0], 60)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # a drain would have begun (health NOT_SERVING) and ended by now
+        assert proc.poll() is None and healthprobe.check(address, timeout=1.0)[0]
+    finally:
+        code, _ = _stop(proc, signal.SIGTERM)
+    assert code == 0

@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start_server
-from hessian_client import tensors
+from hessian_client import Client, HessianError, minimize, tensors
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from hessian_service.server.runs import RunManager
-from hessian_service.store import RunStatus
+from hessian_service.store import RunStatus, SQLiteRunStore, StoreError
 from optimize_stream import Stream
 
 X0 = np.array([-1.2, 1.0, 0.8])
@@ -137,3 +137,34 @@ def test_a_cancelled_optimize_run_says_who_cancelled_it(handle, how):
     cause = "its caller's stop request" if how == "stop" else "CancelRun"
     assert finished.message.endswith(f"(by {cause})"), finished.message
     assert "the call was cancelled" not in finished.message
+
+
+def test_a_run_whose_end_was_not_stored_is_not_reported_as_that_end(handle, monkeypatch):
+    # the store refuses the run's end (its checkpoint too): the stream said FINISHED and
+    # converged with the starting point as the answer, while GetRun said INTERRUPTED
+    def refuse(*_args, **_kwargs):
+        raise StoreError("disk I/O error (injected)")
+
+    real_update = SQLiteRunStore.update_run
+
+    def update_run(self, run_id, **fields):
+        if fields.get("status") == RunStatus.FINISHED:
+            refuse()
+        return real_update(self, run_id, **fields)
+
+    monkeypatch.setattr(SQLiteRunStore, "finish_run", refuse)
+    monkeypatch.setattr(SQLiteRunStore, "put_checkpoint", refuse)
+    monkeypatch.setattr(SQLiteRunStore, "update_run", update_run)
+    with pytest.raises(HessianError) as err:  # what a broken store's run is: resumable
+        minimize(
+            lambda x: float(((x - 1) ** 2).sum()),
+            np.zeros(3),
+            jac=lambda x: 2 * (x - 1),
+            hess=lambda x: 2 * np.eye(x.size),
+            method="newton",
+            address=handle.address,
+        )
+    run_id = err.value.run_id
+    assert "the run stopped but its end could not be stored" in str(err.value), err.value
+    with Client(handle.address, timeout=GUARD) as client:
+        assert client.get_run(run_id).status == "INTERRUPTED"

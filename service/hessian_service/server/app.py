@@ -507,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGHUP too (a closed terminal, a supervisor's stop): it killed the server outright,
     # its runs left RUNNING until the next start
     for signum in DRAIN_SIGNALS:
-        signal.signal(signum, on_signal)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # (nohup's ignored SIGHUP kept)
+            signal.signal(signum, on_signal)
     try:
         handle = build_server(config)
     except (OSError, sqlite3.Error, StoreError) as exc:

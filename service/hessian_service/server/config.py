@@ -391,7 +391,8 @@ def _from_env(var: str, text: str, kind: type) -> Any:
 def redacted(dsn: str) -> str:
     """`dsn` with any password in it shown as ***, for messages and logs."""
     dsn = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", dsn)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
+    # a query parameter, or a key=value DSN's (spaces around '=', a quoted value)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)", r"\1***", dsn)
 
 
 def _check_dsn(dsn: str) -> None:

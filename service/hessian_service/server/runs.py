@@ -123,16 +123,17 @@ class LiveRun:
         self.error: StoreError | None = None
         self.done = False
         self.final_row: RunRow | None = None  # the stored end, read back before `finish`
-        self.final: dict[str, Any] | None = None  # the end it stored (or meant to)
+        self.final: dict[str, Any] | None = None  # the end it stored (None: none stored)
         self.ending = False  # storing its end: commits wake no watcher, `finish` wakes them
         self.cond = threading.Condition()
         self._listeners: set[Callable[[], None]] = set()
 
     def ended_as(self, row: RunRow) -> RunRow:
-        """`row` (read once this run ended) as this execution ended it: the run may have
-        been admitted again meanwhile (another Optimize stream resumed it, and that may have
-        ended too) or its end not stored, and the caller who drove it was told "QUEUED" with
-        a success-shaped result, where its run had ended INTERRUPTED."""
+        """`row` (read once this run ended) as this execution stored its end: the run may
+        have been admitted again meanwhile (another Optimize stream resumed it, and that may
+        have ended too), and the caller who drove it was told "QUEUED" with a success-shaped
+        result, where its run had ended INTERRUPTED. An end not stored leaves `row` (the
+        store's, settled INTERRUPTED), as its parameters are."""
         if self.final is None:
             return row
         ended = {k: self.final[k] for k in END_FIELDS if k in self.final}
@@ -726,13 +727,18 @@ class RunManager:
                 "server", f"shutting down; run {live.run_id} is stored INTERRUPTED ({message})"
             ) from None
 
-    def _store_end(self, run_id: str, final: dict[str, Any]) -> StoreError | None:
-        """Write a run's end, retrying a failing store briefly; if it never takes it, the run
-        becomes an orphan (reported INTERRUPTED, resumable). Returns the last store error."""
+    def _store_end(
+        self, run_id: str, final: dict[str, Any], live: LiveRun | None = None
+    ) -> StoreError | None:
+        """Write a run's end (`live.final` once stored), retrying a failing store briefly; if
+        it never takes it, the run becomes an orphan (reported INTERRUPTED, resumable).
+        Returns the last store error."""
         error: StoreError | None = None
         for delay in (*FINAL_WRITE_RETRY_DELAYS, None):
             try:
                 self.store.update_run(run_id, finished_at=time.time(), **final)
+                if live is not None:
+                    live.final = final
                 return None
             except StoreClosedError:
                 log.warning(
@@ -1040,7 +1046,6 @@ class RunManager:
         if final.get("status") == RunStatus.CANCELLED and live.cancel_cause:
             final["message"] = f"{final['message']} (by {live.cancel_cause})"
         final["message"] = clip(final["message"], MAX_RUN_MESSAGE_CHARS)
-        live.final = final
         # not after a store error: a checkpoint past the last stored record would
         # leave a gap in the records when the run is resumed from it
         last = run is not None and run.last_record is not None and live.error is None
@@ -1062,6 +1067,7 @@ class RunManager:
             except (StoreError, RunStateError):
                 pass
             else:
+                live.final = final
                 # read back here (when someone listens), so the run's watchers end without
                 # a store read of their own; a watcher arriving later reads the store
                 if live.watchers:
@@ -1082,7 +1088,7 @@ class RunManager:
             return
         error = None
         try:
-            error = self._store_end(run_id, final)
+            error = self._store_end(run_id, final, live)
             live.error = live.error or error
         except RunStateError as exc:
             log.warning("could not store the end of run %s: %s", run_id, exc)
