@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hessian_service.engine import MethodOptions, Run, StopCriteria, StopReason, make_objective
+from hessian_service.engine.linalg import vector_norm
 from scipy.optimize import minimize
 
 F64 = torch.float64
@@ -129,8 +130,10 @@ def test_float32_cg_on_a_tiny_scaled_problem_does_not_underflow(rng, step_policy
     run.run_to_end()
     want = np.linalg.solve(a, b)
     assert run.stop_reason not in {StopReason.LINE_SEARCH_FAILED, StopReason.SOLVER_FAILED}
-    # float32 on a condition number of 1e3: relative error a few 1e-5 at most
-    assert np.linalg.norm(run.params.double().numpy() - want) <= 1e-3 * np.linalg.norm(want)
+    # float32 on a condition number of 1e3: measured at most 3e-5 relative over 40 seeds,
+    # as at scale 1 (before the float64 dots, the trust region's step squared overflowed
+    # float32 and it stopped at 4e-4..1.3e-3)
+    assert np.linalg.norm(run.params.double().numpy() - want) <= 1e-4 * np.linalg.norm(want)
 
 
 @pytest.mark.parametrize(
@@ -194,3 +197,37 @@ def test_a_float32_trust_region_at_its_rounding_floor_stops_promptly(rng, backen
         assert len(records) <= 100, (len(records), run.message)
         w = run.params.double().numpy()  # its loss in float64: float32's own is off by ~1e-4
         assert 0.5 * w @ a @ w - b @ w - f_star <= 1e-6 * max(abs(f_star), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_norm_of_a_tiny_nonzero_vector_is_not_zero(rng, dtype):
+    # torch's sum of squares underflows (float32 entries of 1e-23): a norm of 0 divided a
+    # trust region's boundary step by zero (ZeroDivisionError: an INTERNAL error)
+    tiny = torch.finfo(dtype).tiny  # the smallest normal: its square underflows
+    v = torch.tensor(rng.normal(size=7), dtype=dtype) * tiny
+    want = float(np.linalg.norm(v.double().numpy() / tiny)) * tiny
+    assert vector_norm(v) == pytest.approx(want, rel=1e-6, abs=0.0)
+    assert vector_norm(torch.zeros(3, dtype=dtype)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_minibatch_line_search_on_badly_scaled_columns_solves_fully_after_a_failure(rng, dtype):
+    # columns scaled 1..1000: a batch's one-iteration CG direction (a loose forcing term)
+    # often admits no step, and the next batch's loose solve fared no better: the runs
+    # ended 1-18% above the least-squares minimum (float64: "line_search_failed" at once)
+    x = rng.normal(size=(300, 10)) * np.logspace(0, 3, 10)
+    y = x @ rng.normal(size=10) / 100 + 0.1 * rng.normal(size=300)
+    design = np.c_[x, np.ones(300)]
+    w = np.linalg.lstsq(design, y, rcond=None)[0]
+    f_star = 0.5 * np.mean((design @ w - y) ** 2)
+    data = {"X": torch.tensor(x, dtype=dtype), "y": torch.tensor(y, dtype=dtype)}
+    obj = make_objective("least_squares", data, {"fit_intercept": True})
+    for seed in range(3):
+        options = MethodOptions(
+            method="newton_cg", step_policy="line_search", gradient_fraction=0.3, seed=seed
+        )
+        run = Run(obj, torch.zeros(11, dtype=dtype), options, StopCriteria(200))
+        run.run_to_end()
+        p = run.params.double().numpy()
+        gap = (0.5 * np.mean((design @ p - y) ** 2) - f_star) / f_star
+        assert gap <= 2e-3, (seed, gap, run.message)  # measured: at most 7e-4

@@ -40,11 +40,12 @@ def all_finite(t: torch.Tensor) -> bool:
 def vector_norm(v: torch.Tensor) -> float:
     """||v||, rescaled by max|v| where the sum of squares overflows (past 1e154 in float64,
     1e19 in float32) while every entry is finite: an inf norm passes any test against it,
-    and a record's step_norm said inf for a finite step."""
+    and a record's step_norm said inf for a finite step; or underflows (below 1e-19 in
+    float32): a nonzero vector's norm of 0 divided a trust-region boundary step by zero."""
     norm = torch.linalg.vector_norm(v).item()
-    if norm == math.inf:
+    if norm == math.inf or norm == 0.0:
         top = torch.linalg.vector_norm(v, math.inf).item()
-        if math.isfinite(top):
+        if 0.0 < top < math.inf:
             return top * torch.linalg.vector_norm(v / top).item()
     return norm
 

@@ -140,6 +140,13 @@ def steihaug_cg(
     )
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """a . b in float64: on a float32 problem of curvature 1e-20 the unit-scaled gradient's
+    step is 1e20, whose square overflowed float32 (a NaN predicted decrease, every trial
+    rejected)."""
+    return float(a.double() @ b.double())
+
+
 def _unit_scale(grad: torch.Tensor) -> float:
     """The power of two that brings grad's norm near 1 (1 for a zero or non-finite norm)."""
     norm = float(vector_norm(grad))
@@ -162,7 +169,7 @@ def _steihaug_scaled(
     d = torch.zeros_like(grad)
     r = -grad
     p = r.clone()
-    rr = float(r @ r)
+    rr = _dot(r, r)
     gnorm = math.sqrt(rr)
     negative = boundary = False
     iterations = 0
@@ -173,7 +180,7 @@ def _steihaug_scaled(
             ap = product(p)
             if damping:
                 ap = ap + damping * p
-            pap = float(p @ ap)
+            pap = _dot(p, ap)
             if not math.isfinite(pap):
                 raise FloatingPointError(
                     f"a non-finite curvature product in CG iteration {iterations}"
@@ -200,12 +207,12 @@ def _steihaug_scaled(
                 break
             d = d_next
             r = r - alpha * ap
-            rr_next = float(r @ r)
+            rr_next = _dot(r, r)
             if math.sqrt(rr_next) <= target:
                 break
             p = r + (rr_next / rr) * p
             rr = rr_next
-    gd, rd, dd = float(grad @ d), float(r @ d), float(d @ d)
+    gd, rd, dd = _dot(grad, d), _dot(r, d), _dot(d, d)
     # With A d = -g - r: g.d + d.A d / 2 = (g.d - r.d) / 2, and d.B d = d.A d - lambda d.d.
     predicted = -0.5 * (gd - rd) + 0.5 * damping * dd
     residual = float(r.norm()) / gnorm if gnorm > 0.0 else 0.0

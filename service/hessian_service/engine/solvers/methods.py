@@ -238,8 +238,9 @@ class Step:
     step_damped: bool = False
     # an accepted step whose length the policy's state held back (a trust-region boundary,
     # a Levenberg-Marquardt damping above the curvature) and then let go (the radius grew,
-    # the damping fell): small because the policy started cautious, not because the run
-    # stalled, so the stall tests do not judge it (Run._stop_test)
+    # the damping fell), or a mini-batch line search's backtracked step (one batch's
+    # direction set its length): small because of that, not because the run stalled, so
+    # the stall tests do not judge it (Run._stop_test)
     held_back: bool = False
     # a Hessian-free step from a partial solve of its model (CGResult.partial): short
     # perhaps only because CG stopped early, so a stall is confirmed by a full solve first
@@ -346,28 +347,20 @@ class Stepper:
         return math.nan if point is None else point.loss
 
     def gradient_judges(
-        self,
-        point: Point,
-        x: torch.Tensor,
-        trial: float,
-        alpha: float,
-        slope: float,
-        trapezoid: bool | None = None,
+        self, point: Point, x: torch.Tensor, trial: float, alpha: float, slope: float
     ) -> bool | None:
         """Whether the trial `x` is taken on its gradient's evidence; None when the loss can
         judge it. When the loss cannot (linalg.below_rounding: the change is rounding, and
         the point's loss and the trial's may come from different kernels a few ulps apart),
         it is taken if its gradient max-norm at most halves the point's (a Newton step's
         last, quadratic progress, which the loss no longer shows; a step driven by rounding
-        noise in the gradient rarely halves it, so such steps cannot wander on); with
-        `trapezoid` (by default for first-order methods) the trapezoid test may take it too.
-        Never with a mini-batch gradient, whose norms are a batch's: the loss judges."""
+        noise in the gradient rarely halves it, so such steps cannot wander on). Never with
+        a mini-batch gradient, whose norms are a batch's: the loss judges."""
         if self.minibatch or not below_rounding(trial, point.loss, alpha, slope, point.x.dtype):
             return None
         if self.first_order and torch.equal(x, point.x):
             return None  # the step is below x's rounding: no gradient can judge it
-        trapezoid = self.first_order if trapezoid is None else trapezoid
-        return self.gradient_shows_progress(point, x, trapezoid=trapezoid)
+        return self.gradient_shows_progress(point, x, trapezoid=self.first_order)
 
     def gradient_shows_progress(self, point: Point, x: torch.Tensor, trapezoid: bool) -> bool:
         """The trial `x` evaluated whole: its gradient max-norm at most halves the point's,
@@ -569,14 +562,8 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
     first = trial = math.nan
     finite_trials = 0
     tried = alpha  # the last trial's step
-    # a mini-batch search that must go below this finds no useful step along its batch's
-    # direction (a step of 1e-12 passed, and the stall test stopped the run far from its
-    # minimum): the search fails there, and the next step draws another batch
-    batch_floor = math.sqrt(torch.finfo(point.x.dtype).eps) * alpha if stepper.minibatch else 0
     taken = False
     for _ in range(opts.max_backtracks):
-        if alpha <= batch_floor:
-            break
         if evaluations >= LONG_SEARCH:  # past a default search: a deadline or cancel stops it
             where = f"after {evaluations} line-search trials"
             cancel.check(where)  # a unary step's deadline (the call's token in scope)
@@ -612,8 +599,11 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         failed = stepper.state.get("failed_searches", 0.0) + 1
         if stepper.minibatch and failed < MINIBATCH_SEARCHES:
             # one batch's direction need not lower the full loss: the next step draws
-            # another (a run ended "line_search_failed" 0.1-10% above its minimum)
+            # another (a run ended "line_search_failed" 0.1-10% above its minimum), solved to
+            # cg_tolerance where this one was a partial solve
             stepper.state["failed_searches"] = failed
+            if found.cg is not None and found.cg.partial:
+                stepper.state["cg_tight"] = 1.0
             not_taken = _taken(point, found, 0.0, evaluations, point.x)
             not_taken.accepted = False
             return not_taken
@@ -643,9 +633,13 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         if at_full <= trial + loss_rounding(trial, point.x.dtype):
             alpha, x = 1.0, full
     stepper.state["whole_trial"] = float(evaluations == 1)
+    step = _taken(point, found, alpha, evaluations, x)
     if stepper.minibatch:
         stepper.state["failed_searches"] = 0.0
-    return _taken(point, found, alpha, evaluations, x)
+        # a backtracked step's length is its batch direction's, no stall of the run (a
+        # step of 1e-12 on one batch was called "parameters_stalled" far from the minimum)
+        step.held_back = alpha < opts.learning_rate
+    return step
 
 
 def _gradients_show_decrease(point: Point, trial: Point, armijo: float) -> bool:
@@ -695,9 +689,10 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     gain ratio taken as 1 (the model is trusted, as the trust region does); otherwise it is
     rejected and the damping grows towards its cap (DampingCap). A damping of at least 1
     that has not yet fallen below 1 (one the caller started with) holds steps back far
-    from any minimum: there the trapezoid test may take the step too, as for a gradient
-    step (a start at damping 1e15, 0.2 of the cap, was rejected at once, grew to the cap
-    and stopped "no progress" at 1,300x the minimum). A rejection grows the damping from
+    from any minimum: there a trial the loss cannot judge is taken (gain ratio 1, so the
+    damping falls) whatever its gradient shows (a start at damping 1e15, 0.2 of the cap,
+    was rejected at once, grew to the cap and stopped "no progress" at 1,300x the minimum;
+    in float32 at 4e6 the gradient did not change at all). A rejection grows the damping from
     at least eps (below it the damping changes no float) and at most to the cap, which is
     tried before the run gives up (nu doubling from 1e-300 in float32 jumped from no effect
     to 7,000x the cap in one rejection)."""
@@ -721,8 +716,9 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
     x_new = point.x + d
     trial = stepper.loss_at(x_new)
     rho = (point.loss - trial) / predicted if predicted > 0 else -math.inf
-    holding = lam >= 1.0 and not state.get("lm_let_go", 0.0)
-    judged = stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d), trapezoid=holding)
+    judged = stepper.gradient_judges(point, x_new, trial, 1.0, float(g @ d))
+    if judged is False and lam >= 1.0 and not state.get("lm_let_go", 0.0):
+        judged = True  # too small to show a change under a cautious start, not a bad step
     if judged is None:  # a trial at -inf: unbounded below (taken: the run stops NON_FINITE)
         accepted = (math.isfinite(trial) and rho > 0) or trial == -math.inf
     else:
