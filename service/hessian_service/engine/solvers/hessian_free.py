@@ -136,7 +136,7 @@ def steihaug_cg(
     return replace(
         result,
         direction=result.direction / scale,
-        predicted_decrease=result.predicted_decrease / (scale * scale),
+        predicted_decrease=result.predicted_decrease / scale / scale,  # (scale^2 may be 0)
     )
 
 
