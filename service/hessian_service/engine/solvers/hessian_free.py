@@ -117,10 +117,11 @@ def steihaug_cg(
     noise, and steps rr / p.A p along it blew a float32 solve (cg_tolerance 1e-10) up to
     1e6 times the Newton step.
 
-    The solve runs on grad scaled by a power of two to unit size (exact: the same bits
-    wherever nothing under- or overflows), since the products of a small gradient
-    underflowed: a float32 problem of scale 1e-20 had p.A p round to 0, taken for negative
-    curvature, and a step of 1e266 x p.
+    The solve runs on grad scaled by a power of two to unit size, since the products of a
+    small gradient underflowed (a float32 problem of scale 1e-20 had p.A p round to 0, taken
+    for negative curvature, and a step of 1e266 x p) and those of a huge one overflowed (an
+    l2 of 1e200), with its dot products in float64 (_dot). The scaling is exact: a float64
+    solve keeps its bits wherever nothing under- or overflows.
     """
     scale = _unit_scale(grad)
     if 0.0 < radius < math.inf and not 0.0 < radius * scale < math.inf:
