@@ -77,7 +77,13 @@ def test_sighup_drains_as_sigterm_does(tmp_path):
     # SIGHUP (a closed terminal, some supervisors' stop) killed the server outright: no
     # drain, its run left RUNNING until the next start found it
     port = free_port()
-    proc = spawn_server(tmp_path, port, "--grace-seconds", str(GRACE), "--log-format", "text")
+    # the server as a terminal would start it: a test run under nohup (CI's may be) hands
+    # its children SIGHUP ignored, which the server rightly keeps (the test below)
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        proc = spawn_server(tmp_path, port, "--grace-seconds", str(GRACE), "--log-format", "text")
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
     try:
         with Client(f"127.0.0.1:{port}") as c:
             run = start_endless_run(c)
