@@ -56,14 +56,13 @@ from .runs import RunManager
 from .service import HessianService
 from .sync_bridge import asyncify
 from .threads import install_thread_policy
-from .workers import WorkerPool
+from .workers import DRAIN_SIGNALS, WorkerPool
 
 log = logging.getLogger("hessian_service.server")
 # after the drain, how long threads about to end (a run finishing its last step) may take
 # before the process exits without them
 LINGER_SECONDS = 1.0
 MIN_CLIENT_PING_MS = 10_000  # the most often a client may ping an open call (keepalive)
-DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CERT_WARNING_DAYS = 14  # a --tls-cert ending sooner is logged at start
 CERT_CLOCK_SKEW_MINUTES = 5  # a certificate issued by a machine this far ahead still starts
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["HessianService"]

@@ -59,6 +59,8 @@ NUMPY_DTYPES = (torch.float64, torch.float32, torch.int64, torch.int32, torch.bo
 BATCH_RECORDS = 256  # records per message from a child, at most
 BATCH_SECONDS = 0.005  # a record is sent at once when the last send is this old
 CACHED_OBJECTIVES = 4  # objectives a child keeps for the next runs of the same problem
+# the signals on which the server drains (its children ignore them: the server stops them)
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 POLL_SECONDS = 0.05  # how often a waiting server thread looks at its run's cancel token
 CHILD_POLL_SECONDS = 0.001  # how often a child's run looks for a cancel message, at most
 START_SECONDS = 120.0  # a child must be ready this soon after it is spawned
@@ -311,7 +313,7 @@ def child_main(conn: Connection, server: int, log_format: str, log_level: str) -
     Interrupts and terminations are the server's to handle (it stops its runs, then its
     children): a child ignores them, and exits when told, when the server's socket closes,
     or when the server dies."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in DRAIN_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     _die_with(server)
     configure_logging(log_format, log_level)

@@ -460,14 +460,15 @@ def newton_cg(
     state: dict[str, float],
     loss_at: Callable[[torch.Tensor], float],
     drawn: GradientSample | None = None,
-    judge: Callable[[torch.Tensor], bool | None] | None = None,
+    judge: Callable[[torch.Tensor, bool], bool | None] | None = None,
 ) -> TrustRegionStep:
     """One Steihaug-Toint trust-region step with Martens damping; updates `state` in place.
 
     `drawn`: the point's mini-batch gradient when gradient_fraction < 1 (see gradient_sample).
-    `judge(x_new)`: whether the trial's gradient shows progress (None: nothing can tell),
-    asked where the loss's changes are within 16 eps max(|f|, 1) but not within its tighter
-    rounding (rounding_scale).
+    `judge(x_new, trapezoid)`: whether the trial's gradient shows progress (its max-norm
+    halves, or with `trapezoid` the trapezoid test passes; None: nothing can tell), asked
+    where the loss's changes are within 16 eps max(|f|, 1) but not within its tighter
+    rounding (rounding_scale), and (halving alone) within sqrt(eps) |f| (_hidden).
 
     rho = (f(x) - f(x + d)) / (model decrease), taken as 1 when both are within rounding of
     f, or within sqrt(eps) |f| where `judge` finds progress (_hidden); the step is accepted
@@ -494,7 +495,7 @@ def newton_cg(
     if predicted > 0 and below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=1.0):
         floor = rounding_scale(loss, state["loss_scale"])
         tight = below_rounding(trial, loss, 1.0, -predicted, x.dtype, floor=floor)
-        if tight or judge is None or judge(x_new) is not False:
+        if tight or judge is None or judge(x_new, True) is not False:
             rho, noise = 1.0, loss_rounding(loss, x.dtype, floor=1.0)
     elif (
         rho < SHRINK_RATIO

@@ -604,13 +604,9 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
             stepper.state["failed_searches"] = failed
             if found.cg is not None and found.cg.partial:
                 stepper.state["cg_tight"] = 1.0
-            not_taken = _taken(point, found, 0.0, evaluations, point.x)
-            not_taken.accepted = False
-            return not_taken
+            return _not_taken(point, found, evaluations)
         if _at_rounding(point, (first, trial), tried, slope, opts.learning_rate):
-            not_taken = _taken(point, found, 0.0, evaluations, point.x)
-            not_taken.accepted = False
-            raise RoundingStall(evaluations, not_taken)
+            raise RoundingStall(evaluations, _not_taken(point, found, evaluations))
         if not finite_trials:
             raise LineSearchFailed(
                 f"every one of {evaluations} line-search trials, from learning_rate "
@@ -639,6 +635,13 @@ def _line_search(stepper: Stepper, point: Point, descent: Descent) -> Step:
         # a backtracked step's length is its batch direction's, no stall of the run (a
         # step of 1e-12 on one batch was called "parameters_stalled" far from the minimum)
         step.held_back = alpha < opts.learning_rate
+    return step
+
+
+def _not_taken(point: Point, found: Direction, evaluations: int) -> Step:
+    """A line search's step that was not taken: x stays, after `evaluations` trials."""
+    step = _taken(point, found, 0.0, evaluations, point.x)
+    step.accepted = False
     return step
 
 
@@ -754,9 +757,10 @@ def _levenberg_marquardt(stepper: Stepper, point: Point, descent: Descent) -> St
 def _trust_region(stepper: Stepper, point: Point, descent: Descent) -> Step:
     """Steihaug-Toint: CG stops at the radius; the gain ratio moves radius and lambda."""
 
-    def judge(x_new: torch.Tensor, trapezoid: bool = True) -> bool | None:
+    def judge(x_new: torch.Tensor, trapezoid: bool) -> bool | None:
         """The trial's gradient evidence where its loss cannot tell, as the line search's at
-        machine precision (with the trapezoid test); None with a mini-batch gradient."""
+        machine precision (`trapezoid`: the trapezoid test too); None with a mini-batch
+        gradient."""
         if stepper.minibatch:
             return None
         return stepper.gradient_shows_progress(point, x_new, trapezoid=trapezoid)
