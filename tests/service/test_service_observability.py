@@ -186,6 +186,45 @@ def test_optimize_streams_are_counted_timed_and_logged_like_other_rpcs(observed,
     assert optimize[1]["request_id"] == "opt-7"
 
 
+def test_an_optimize_stream_cancelled_before_its_first_request_is_logged_cancelled(
+    observed, caplog
+):
+    """A client that opened Optimize and cancelled before sending anything was logged and
+    counted INVALID_ARGUMENT ("an empty stream"): the end of its requests reached the handler
+    before its cancel. A stream closed empty by its client is still refused so."""
+    caplog.set_level("INFO", logger="hessian_service.access")
+    port = observed.metrics_port
+    before = scrape(port)
+    with grpc.insecure_channel(observed.address) as channel:
+        stub = service_pb2_grpc.HessianServiceStub(channel)
+        never = threading.Event()
+        call = stub.Optimize(
+            iter(lambda: never.wait(60) or None, 0), metadata=(("x-request-id", "gone-1"),)
+        )
+        time.sleep(0.3)  # the server has opened the stream and waits for its first request
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as empty:
+            list(stub.Optimize(iter([]), metadata=(("x-request-id", "empty-1"),)))
+        never.set()
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "an empty stream" in empty.value.details()
+
+    def codes() -> dict[str, str]:
+        lines = [r.fields for r in access_lines(caplog)]
+        return {x["request_id"]: x["code"] for x in lines if x["method"].endswith("/Optimize")}
+
+    deadline = time.monotonic() + 60  # a hang guard: the server logs as each stream ends
+    while len(codes().keys() & {"gone-1", "empty-1"}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert codes()["gone-1"] == "CANCELLED"
+    assert codes()["empty-1"] == "INVALID_ARGUMENT"
+    after = scrape(port)
+    assert delta(before, after, "hessian_rpcs_total", method="Optimize", code="CANCELLED") == 1
+    assert (
+        delta(before, after, "hessian_rpcs_total", method="Optimize", code="INVALID_ARGUMENT") == 1
+    )
+
+
 def test_the_process_logs_json_lines_and_warns_loudly_when_unauthenticated(tmp_path):
     port = free_port()
     proc = spawn_server(tmp_path, port)

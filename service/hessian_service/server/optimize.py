@@ -52,6 +52,7 @@ from .runs import LiveRun, check_iteration_limit, require_interrupted
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MESSAGE_SLACK = 4096  # a message's bytes beside its tensors (headers, a RunInfo's fields)
+CANCEL_SETTLE_SECONDS = 0.05  # how long an empty request stream waits for its cancel
 RESUME_POLL_SECONDS = 0.01  # how often a resume looks whether the run's old stream let go
 
 
@@ -232,7 +233,10 @@ class Optimizer:
             incoming = requests.__aiter__()  # (only once admitted: grpc warns of one unread)
             wait = self.service.config.optimize_evaluation_seconds
             try:
-                first = await asyncio.wait_for(anext(incoming, None), wait)
+                # asyncio.timeout, not wait_for: a first read in a task of its own (wait_for's)
+                # left this handler uncancelled when its client cancelled (grpc.aio 1.85)
+                async with asyncio.timeout(wait):
+                    first = await anext(incoming, None)
             except DecodeError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _not_a_request(exc))
             except TimeoutError:
@@ -240,6 +244,10 @@ class Optimizer:
                     f"start: no first request within --optimize-evaluation-seconds ({wait:g} s)"
                 ) from None
             if first is None:
+                # a client that cancels before its first request ends the requests too, and
+                # its cancel reaches this handler a few loop turns later (~0.1 ms): waiting
+                # for it (the sleep raises) ends such a call CANCELLED, as its caller made it
+                await asyncio.sleep(CANCEL_SETTLE_SECONDS)
                 raise ValidationError(
                     "start", "start or resume_run_id in the first request", "an empty stream"
                 )
