@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective
+from hessian_service.engine import MethodOptions, Run, StopCriteria, make_objective, take_step
 from hessian_service.engine.linalg import damped_cholesky_solve, damping_floor
 from native_support import BACKENDS
 
@@ -126,3 +126,31 @@ def test_the_damping_escalation_is_short_for_a_tiny_diagonal_and_large_off_diago
         lam, attempts = res.damping, res.attempts
     assert 1 <= attempts <= 12
     assert 1.0 < lam <= 10.0  # past -lambda_min = 1 - d, within one x10 of it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("method", "policy"),
+    [("newton", "line_search"), ("newton", "levenberg_marquardt"), ("saddle_free", "fixed"),
+     ("newton_cg", "trust_region")],
+)  # fmt: skip
+@pytest.mark.parametrize("scale", [1e15, 1e-30])
+def test_float32_gradient_norms_are_recorded_past_the_square_of_its_range(
+    rng, backend, method, policy, scale
+):
+    """A float32 record's gradient_norm was inf for a gradient of 3.6e28 and 0 (below its own
+    max-norm) for one of 3e-32 with a dense Hessian: torch's float32 2-norm squares the
+    entries. Reference: the float64 gradient's norms at the same parameters (rel 1e-4: the
+    float32 residual cancels ~3 digits of y's)."""
+    x = rng.normal(size=(30, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=30)
+    X, Y = (x * scale).astype(np.float32), (y * scale).astype(np.float32)
+    data = {"X": torch.tensor(X), "y": torch.tensor(Y)}
+    objective = make_objective("least_squares", data, {"fit_intercept": True})
+    w = torch.tensor([1.1, -1.9, 0.6, 0.0], dtype=torch.float32)  # a moderate gradient
+    options = MethodOptions(method=method, step_policy=policy, backend=backend)
+    record = take_step(objective, w, options).record
+    A = np.c_[X.astype(np.float64), np.ones(len(Y))]
+    g = A.T @ (A @ w.double().numpy() - Y) / len(Y)  # of 0.5 mean(residual^2)
+    assert record.gradient_max_norm == pytest.approx(np.abs(g).max(), rel=1e-4, abs=0.0)
+    assert record.gradient_norm == pytest.approx(np.linalg.norm(g), rel=1e-4, abs=0.0)

@@ -132,8 +132,10 @@ def fused_newton_step(
     x_new, (loss, gnorm, gmax, step_norm, damping, attempts, finite, slope) = fn(
         params, *args, lr, options.damping, MAX_DAMPING_ATTEMPTS
     )
-    if not finite or attempts != 1:
-        return None  # a failed or damped solve: the general path says what it found
+    if not finite or attempts != 1 or (gmax > 0.0 and not 0.0 < gnorm < math.inf):
+        # a failed or damped solve, or a 2-norm that over- or underflowed (float32 past
+        # 1e19 or below 1e-19): the general path says what it found, its norms rescaled
+        return None
     if search:
         # methods._line_search's first Armijo test, the same function on the same numbers
         trial = float(loss_value(objective, x_new))
