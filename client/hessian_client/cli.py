@@ -537,9 +537,11 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    """Resume and follow the run's new records: those it had were printed when it ran (a
+    resumed run of 34,701 records printed them all again first)."""
     run = client.resume_run(args.run_id)
     args.detach_on_interrupt = args.detach
-    return _follow(client, run, args)
+    return _follow(client, run, args, run._info.num_records)
 
 
 def cmd_delete_problem(client: Client, args: argparse.Namespace) -> int:

@@ -241,7 +241,7 @@ def test_runs_status_takes_any_case_as_the_sdk_does(server, capsys):
 
 
 def test_a_queued_run_shows_no_last_loss(tmp_path, capsys):
-    from conftest import start_server
+    from conftest import start_server, wait_until
     from hessian_client import Client, problems
     from long_runs import start_endless_run
 
@@ -430,3 +430,33 @@ def test_watch_exits_alike_in_every_output_format_for_a_run_not_finished(server,
     for flags in ((), ("--json",), ("--progress",)):
         assert _cli(server, capsys, "watch", run.id, *flags)[0] == 1, flags
         assert _cli(server, capsys, "watch", finished.id, *flags)[0] == 0, flags
+
+
+def test_resume_follows_the_new_records_not_the_run_from_its_first(tmp_path, capsys):
+    """`hessian resume` printed every record the run had before its interruption again
+    (from iteration 0) before the new ones; it follows the records the resume adds."""
+    from conftest import start_server, wait_until
+    from hessian_client import Client, problems
+
+    handle = start_server(tmp_path)
+    try:
+        with Client(handle.address) as client:
+            run = client.start_run(problems.rosenbrock(2), np.zeros(2),
+                                   method="gradient_descent", learning_rate=1e-4,
+                                   stopping={"max_iterations": 3000})  # fmt: skip
+            assert wait_until(lambda: client.get_run(run.id).num_records > 50)
+    finally:
+        handle.stop(grace=5.0)  # the run is kept INTERRUPTED at its checkpoint
+    handle = start_server(tmp_path)
+    try:
+        with Client(handle.address) as client:
+            before = client.get_run(run.id)
+        assert before.status == "INTERRUPTED" and 0 < before.num_records < 3000
+        code, out, _ = _cli(handle, capsys, "resume", run.id, "--json")
+        *records, final = _json_lines(out)
+    finally:
+        handle.stop()
+    assert code == 0 and final["status"] == "FINISHED"
+    iterations = [r["iteration"] for r in records]
+    assert iterations == list(range(before.num_records, 3001))
+
