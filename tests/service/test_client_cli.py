@@ -241,7 +241,7 @@ def test_runs_status_takes_any_case_as_the_sdk_does(server, capsys):
 
 
 def test_a_queued_run_shows_no_last_loss(tmp_path, capsys):
-    from conftest import start_server, wait_until
+    from conftest import start_server
     from hessian_client import Client, problems
     from long_runs import start_endless_run
 
@@ -459,4 +459,3 @@ def test_resume_follows_the_new_records_not_the_run_from_its_first(tmp_path, cap
     assert code == 0 and final["status"] == "FINISHED"
     iterations = [r["iteration"] for r in records]
     assert iterations == list(range(before.num_records, 3001))
-
