@@ -277,7 +277,8 @@ class _Operator:
         ),
         (  # dense J^T J is assembled from n products only up to n = 64
             lambda a: least_squares(rosen_residuals, np.ones(65), rosen_jacobian, address=a),
-            "method: expected gauss_newton with n <= 64 (or method gauss_newton_cg)",
+            "method: expected gauss_newton with n <= 64 (or method gauss_newton_cg) for method "
+            "levenberg_marquardt, got gauss_newton with n = 65",
         ),
         (  # an option the method already sets (it raised a bare TypeError)
             lambda a: least_squares(
@@ -299,6 +300,11 @@ class _Operator:
                 address=a,
             ),
             "options.step_policy",
+        ),
+        (  # Newton without hess: what the caller gave, not an n that meets the condition
+            lambda a: minimize(rosen, np.ones(3), jac=rosen_der, method="newton", address=a),
+            "hess: expected hessian, or hvp with n <= 64, for method newton, got the gradient "
+            "alone with n = 3",
         ),
         (  # minimize() offers no Gauss-Newton products
             lambda a: minimize(

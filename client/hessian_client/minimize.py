@@ -351,6 +351,11 @@ class _Session:
         if not field or field == error.field:
             return error
         message = error.message.replace(error.field, field, 1)
+        wire_method = self.methods[self.method].get("method", self.method)
+        if error.field.endswith("capabilities") and wire_method != self.method:
+            # the method the caller named (least_squares' default levenberg_marquardt is the
+            # server's newton): "for method newton" named one it never asked for
+            message = message.replace(f"for method {wire_method}", f"for method {self.method}")
         if error.field.endswith("max_iterations") and not any(
             k in self.options for k in ("max_iterations", "maxiter")
         ):

@@ -252,8 +252,11 @@ def resolve_remote_method(
             if gauss_newton
             else f"hessian, or hvp with n <= {HVP_DENSE_MAX},"
         )
+        offered = [k for k in ("hessian", "hvp", "gauss_newton") if getattr(capabilities, k)]
         raise ValidationError(
-            "start.capabilities", f"{offers} for method {options.method}", f"n = {n}"
+            "start.capabilities",
+            f"{offers} for method {options.method}",
+            f"{' and '.join(offered) or 'the gradient alone'} with n = {n}",
         )
     return options, ""
 
