@@ -800,6 +800,34 @@ def test_a_timeout_grpc_cannot_hold_is_refused_not_an_instant_deadline(timeout):
     Client("127.0.0.1:1", timeout=365 * 24 * 3600.0).close()
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda run: run.result(timeout="soon"), "timeout"),
+        (lambda run: run.wait(timeout=float("nan")), "timeout"),
+        (lambda run: list(run.stream(timeout=float("nan"))), "timeout"),
+        (lambda run: list(run.stream(reconnect_timeout="x")), "reconnect_timeout"),
+        (lambda run: list(run.stream(reconnect_timeout=-1)), "reconnect_timeout"),
+    ],
+)
+def test_a_run_handle_refuses_a_timeout_that_is_no_number_before_calling(call, field):
+    """wait and result asked the server where to start before looking at their timeout
+    (a bad one was refused only after that call: UNAVAILABLE here); stream's
+    reconnect_timeout was not checked at all ("x" failed with a bare TypeError at the
+    first reconnect, -1 gave up at once)."""
+    with Client(NOWHERE) as client, pytest.raises(InvalidArgument) as err:
+        call(client.run("r-anything"))
+    assert err.value.field == field
+
+    async def in_asyncio() -> None:
+        async with aio.Client(NOWHERE) as client:
+            with pytest.raises(InvalidArgument) as err:
+                await client.run("r-anything").wait(timeout=float("nan"))
+            assert err.value.field == "timeout"
+
+    asyncio.run(in_asyncio())
+
+
 @pytest.mark.parametrize("option", ["step_policy", "method", "backend", "curvature"])
 def test_an_unknown_option_name_is_refused_under_the_field_the_server_names(option):
     # the SDK said "step_policy", the server "options.step_policy" for the same mistake

@@ -483,6 +483,18 @@ def test_speculative_trials_halve_the_round_trips_with_the_same_records(address,
     assert fast.round_trips <= 1 + steps + 2 * backtracks < plain.round_trips
 
 
+def test_a_numpy_bool_is_taken_for_speculative_as_numpy_numbers_are_for_the_others(address, rng):
+    """options={"speculative": np.False_} was refused ("expected True or False"), while
+    numpy integers and floats are taken for maxiter and tol: the same run as with False."""
+    x0 = start(rng, 4)
+    ref = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton",
+                   options={"speculative": False}, address=address)  # fmt: skip
+    res = minimize(rosen, x0, jac=rosen_der, hess=rosen_hess, method="newton",
+                   options={"speculative": np.False_}, address=address)  # fmt: skip
+    np.testing.assert_array_equal(res.x, ref.x)
+    assert res.round_trips == ref.round_trips
+
+
 @pytest.mark.parametrize("method", ["newton", "levenberg_marquardt", "saddle_free"])
 def test_the_default_costs_at_most_two_round_trips_per_accepted_step(address, method):
     """Issue 16's target on Rosenbrock n = 10 (the benchmark's seeded start): speculative

@@ -19,6 +19,7 @@ from .client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     _Api,
     _RunBase,
+    _wait_seconds,
     _Watch,
     _watched,
     call_error,
@@ -207,6 +208,7 @@ class Run(_RunBase):
 
     async def wait(self, timeout: float | None = None) -> RunInfo:
         """Until the run ends -> its final info; DeadlineExceeded after `timeout` s."""
+        timeout = _wait_seconds(timeout)  # before the call that finds where to start
         start = 0  # StartAndWatchRun's call streams from the first record
         if self._opened is None:
             start = max((await self.client.get_run(self.id)).num_records - 1, 0)

@@ -929,6 +929,14 @@ class _RunBase:
         return out, nxt
 
 
+def _wait_seconds(timeout: Any) -> float | None:
+    """A wait's `timeout`: a number of seconds (0 or less is already past: a run that has
+    ended still streams its records), or None / inf for no deadline."""
+    if timeout is not None and not (_number(timeout, numbers.Real) and not math.isnan(timeout)):
+        raise invalid("timeout", "a number of seconds, or None for no deadline", timeout)
+    return None if timeout is None or timeout == math.inf else float(timeout)
+
+
 class _Watch:
     """One `Run.stream`'s progress through WatchRun calls: the next iteration, the deadline,
     the reconnect window and the backoff. The sync and asyncio loops share it and differ
@@ -937,13 +945,14 @@ class _Watch:
     def __init__(
         self, run: _RunBase, from_iteration: int, reconnect_timeout: float, timeout: float | None
     ) -> None:
-        if timeout is not None and (not _number(timeout, numbers.Real) or math.isnan(timeout)):
-            raise invalid("timeout", "a number of seconds, or None for no deadline", timeout)
-        if timeout == math.inf:
-            timeout = None
+        timeout = _wait_seconds(timeout)
+        if not (_number(reconnect_timeout, numbers.Real) and reconnect_timeout >= 0):
+            # it was taken as given, and a string failed with a bare TypeError at the first
+            # reconnect
+            raise invalid("reconnect_timeout", "a number of seconds >= 0", reconnect_timeout)
         self.nxt = _integer("from_iteration", from_iteration, 0, 2**63 - 1)
         self.run, self.timeout = run, timeout
-        self.reconnect_timeout = reconnect_timeout
+        self.reconnect_timeout = float(reconnect_timeout)
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.last_progress = time.monotonic()
         self.delay = 0.05
@@ -1072,6 +1081,7 @@ class Run(_RunBase):
     def wait(self, timeout: float | None = None) -> RunInfo:
         """Block until the run ends and return its final info; DeadlineExceeded after
         `timeout` seconds in any state (the run keeps going)."""
+        timeout = _wait_seconds(timeout)  # before the call that finds where to start
         for _ in self.stream(self._next_unseen(), timeout=timeout):
             pass
         assert self.final is not None

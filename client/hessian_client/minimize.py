@@ -233,7 +233,7 @@ class _Session:
         self.tol, self.name = tol, _text("name", name)
         self.options = dict(_mapping("options", options))
         speculative = self.options.get("speculative")
-        if speculative is not None and not isinstance(speculative, bool):
+        if speculative is not None and not isinstance(speculative, (bool, np.bool_)):
             raise invalid("options.speculative", "True or False", speculative)
         self.disp = bool(self.options.pop("disp", False))  # SciPy's: print a short report
         for key, value in self.methods[self.method].items():
@@ -313,7 +313,7 @@ class _Session:
             stopping=criteria,
             capabilities=self.capabilities(),
             name=self.name,
-            speculative=speculative,
+            speculative=None if speculative is None else bool(speculative),
         )
         return service_pb2.OptimizeRequest(start=start)
 
