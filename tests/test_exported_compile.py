@@ -308,6 +308,28 @@ def test_a_compiler_failure_falls_back_to_the_interpreter(monkeypatch, caplog):
     assert close(loss, func_loss) and close(grad, func_grad)
 
 
+def test_a_program_too_long_to_compile_promptly_is_interpreted(monkeypatch):
+    """A chain of 6,000 allowed multiplications compiled for 99 s holding the compile lock,
+    every compiled call of every other problem waiting (after its sender gave up): programs
+    over COMPILE_MAX_NODES are interpreted, with the same answers, and nothing compiles."""
+    calls = []
+    monkeypatch.setattr(export_compile.torch, "compile", lambda *a, **k: calls.append(a))
+    length = export_compile.COMPILE_MAX_NODES + 1
+
+    def chain(params: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        value = mse(params, X, y)
+        for _ in range(length):
+            value = value * 1.0000001
+        return value
+
+    objective = build(chain, True)
+    assert objective.compiled is None and not calls
+    x = fresh_point()
+    loss, grad = loss_and_grad(objective, x)
+    func_grad, func_loss = torch.func.grad_and_value(chain)(x, DATA["X"], DATA["y"])
+    assert close(loss, func_loss) and close(grad, func_grad)
+
+
 @pytest.mark.parametrize(
     ("method", "policy", "which"),
     [
