@@ -130,7 +130,8 @@ class HessianServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateProblem(self, request, context):
-        """Upload a problem once; the id is content-addressed (same problem, same id).
+        """Upload a problem once; the id is content-addressed (the same Problem message, the same id;
+        an option written out at its default is another message than one left unset).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,7 +152,7 @@ class HessianServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def NewtonStep(self, request, context):
-        """One Newton (or saddle-free Newton) step.
+        """One second-order step: newton, saddle_free, newton_cg, gauss_newton_cg or auto.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -228,7 +229,7 @@ class HessianServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteRun(self, request, context):
-        """Delete a finished run and its records (FAILED_PRECONDITION while it executes).
+        """Delete a finished run and its records (FAILED_PRECONDITION while it is queued or executes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
