@@ -142,7 +142,7 @@ def test_cli_option_the_objective_does_not_have_is_named_with_the_ones_it_has(lo
 
 def test_cli_data_array_of_the_wrong_dtype_names_it(tmp_path, rng, capsys):
     X = rng.normal(size=(10, 2))
-    np.savez(tmp_path / "b.npz", X=X > 0, y=np.ones(10))
+    np.savez(tmp_path / "b.npz", X=X + 1j, y=np.ones(10))
     err = _cli_error(capsys, "--data", str(tmp_path / "b.npz"))
     assert "bad --data" in err and "data.X: expected dtype float32, float64 or int64" in err
 
@@ -209,7 +209,7 @@ def test_cli_exported_unknown_option_is_named_with_the_options_it_takes(tmp_path
         (lambda X, y: problems.mlp(X, y, layer_sizes=3), "layer_sizes", "a sequence"),
         (lambda X, y: problems.mlp(X, y, layer_sizes=[3, 2.5]), "layer_sizes", "an integer"),
         (lambda X, y: problems.mlp(X, y, layer_sizes=[3, 1], activation=1), "activation", "str"),
-        (lambda X, y: problems.logistic_regression(X > 0, y), "data.X", "dtype float32"),
+        (lambda X, y: problems.logistic_regression(X + 1j, y), "data.X", "dtype float32"),
         (lambda X, y: problems.mse("abc"), "data.target", "dtype float32"),
         (
             lambda X, y: problems.softmax_regression(X, [[0], [1, 0]]),
@@ -250,7 +250,7 @@ def test_cli_exported_unknown_option_is_named_with_the_options_it_takes(tmp_path
         "layer_sizes-int",
         "layer_sizes-float",
         "activation-int",
-        "X-bool",
+        "X-complex",
         "target-str",
         "labels-ragged",
         "param_shape-float",
@@ -924,6 +924,52 @@ def test_integer_parameters_are_sent_as_the_real_numbers_they_are(address, rng):
         first = run.records()[0]
         ref_run = client.start_run(problem, [1.0, 0.0, 1.0], stopping={"max_iterations": 2})
         assert first.loss == ref_run.records()[0].loss
+
+
+def test_integer_data_of_real_valued_fields_is_sent_as_the_real_numbers_it_is(address, rng):
+    """problems.mse([[1, 2], [3, 4]]) and integer feature matrices were sent as int64 and
+    refused by the server ("expected dtype float32 or float64, got torch.int64"), while
+    integer parameters were taken. Labels stay integers. The answers equal float data's
+    bit for bit."""
+    X = rng.integers(-5, 6, size=(30, 3))
+    labels = rng.integers(0, 3, size=30)
+    w = rng.standard_normal(3)
+    cases = [
+        (problems.mse([[1, 2], [3, 4]]), problems.mse(np.array([[1.0, 2.0], [3.0, 4.0]])),
+         np.zeros((2, 2))),
+        (problems.least_squares(X, X @ [1, -1, 2]),
+         problems.least_squares(X.astype(float), (X @ [1, -1, 2]).astype(float)), w),
+        (problems.logistic_regression(X, labels > 0),
+         problems.logistic_regression(X.astype(float), (labels > 0).astype(float)),
+         np.r_[w, 0.0]),
+        (problems.softmax_regression(X, labels),
+         problems.softmax_regression(X.astype(float), labels), np.zeros((4, 3))),
+        (problems.mlp(X, labels[:, None] > 1, layer_sizes=[3, 2, 1]),
+         problems.mlp(X.astype(float), (labels[:, None] > 1).astype(float), layer_sizes=[3, 2, 1]),
+         np.full(11, 0.1)),
+        (problems.quadratic(np.eye(3, dtype=int) * 2, [1, 0, -1]),
+         problems.quadratic(np.eye(3) * 2, np.array([1.0, 0.0, -1.0])), w),
+    ]  # fmt: skip
+    with Client(address) as client:
+        for ints, floats, at in cases:
+            step = client.newton_step(ints, at)
+            ref = client.newton_step(floats, at)
+            assert step.record.loss == ref.record.loss
+            np.testing.assert_array_equal(step.params, ref.params)
+
+
+def test_a_bool_mask_in_exported_data_is_refused_before_export_with_a_hint():
+    """problems.exported traced the program with a bool mask, then refused the mask it had
+    itself kept (the wire carries no bool): it is refused up front, saying what to send."""
+    torch = pytest.importorskip("torch")
+    X, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    with pytest.raises(InvalidArgument) as err:
+        problems.exported(
+            lambda p, X, y, m: torch.where(m, (X @ p - y) ** 2, 0.0).mean(),
+            torch.zeros(2, dtype=torch.float64),
+            {"X": X, "y": y, "m": y > 0},
+        )
+    assert err.value.field == "data.m" and "torch.where(m > 0" in str(err.value)
 
 
 @pytest.mark.parametrize("error", [InvalidArgument, DeadlineExceeded, Unavailable])

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from .errors import invalid
 from .options import WIRE_RANGES
 from .proto import problem_pb2
-from .tensors import encode
+from .tensors import as_numpy, encode
 
 Problem = problem_pb2.Problem
 M = TypeVar("M", bound=Message)
@@ -88,24 +88,37 @@ def _check_size(fd: FieldDescriptor, name: str, value: Any) -> None:
         raise invalid(name, f"a sequence, each {what}" if fd.is_repeated else what, value)
 
 
-def _data(**tensors: Any) -> dict[str, Any]:
-    """The named data tensors, each encoded (an error names its field, data.NAME)."""
+def _data(real: Sequence[str] = (), **tensors: Any) -> dict[str, Any]:
+    """The named data tensors, each encoded (an error names its field, data.NAME); those
+    named in `real`, real-valued for their objective, go as float64 when given as integers
+    or bools (the server takes float32/64 there: [[1, 2], [3, 4]] was refused as int64)."""
     return {
-        name: encode(value, field=f"data.{name}")
+        name: encode(value, dtype=np.float64 if _integral(value) else None, field=f"data.{name}")
+        if name in real
+        else encode(value, field=f"data.{name}")
         for name, value in tensors.items()
         if value is not None
     }
 
 
+def _integral(value: Any) -> bool:
+    """Whether `value` is an array of integers or bools (False where it is none: encode then
+    says what it is)."""
+    try:
+        return as_numpy(value).dtype.kind in "iub"
+    except (TypeError, ValueError):
+        return False
+
+
 def mse(target: Any) -> Problem:
     """mean((params - target)^2); parameters are shaped like `target`."""
-    return Problem(mse=problem_pb2.MseObjective(), data=_data(target=target))
+    return Problem(mse=problem_pb2.MseObjective(), data=_data(("target",), target=target))
 
 
 def least_squares(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool = False) -> Problem:
     """0.5 mean((X w + b - y)^2) + 0.5 l2 ||w||^2."""
     objective = _objective(problem_pb2.LeastSquaresObjective, l2=l2, fit_intercept=fit_intercept)
-    return Problem(least_squares=objective, data=_data(X=X, y=y))
+    return Problem(least_squares=objective, data=_data(("X", "y"), X=X, y=y))
 
 
 def logistic_regression(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool = True) -> Problem:
@@ -113,7 +126,7 @@ def logistic_regression(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool 
     objective = _objective(
         problem_pb2.LogisticRegressionObjective, l2=l2, fit_intercept=fit_intercept
     )
-    return Problem(logistic_regression=objective, data=_data(X=X, y=y))
+    return Problem(logistic_regression=objective, data=_data(("X", "y"), X=X, y=y))
 
 
 def softmax_regression(
@@ -132,7 +145,7 @@ def softmax_regression(
         l2=l2,
         fit_intercept=fit_intercept,
     )
-    return Problem(softmax_regression=objective, data=_data(X=X, labels=labels))
+    return Problem(softmax_regression=objective, data=_data(("X",), X=X, labels=labels))
 
 
 def mlp(
@@ -148,7 +161,8 @@ def mlp(
     objective = _objective(
         problem_pb2.MlpObjective, layer_sizes=layer_sizes, activation=activation, loss=loss, l2=l2
     )
-    return Problem(mlp=objective, data=_data(X=X, y=y))
+    real = ("X",) if loss == "cross_entropy" else ("X", "y")  # its labels, or its targets
+    return Problem(mlp=objective, data=_data(real, X=X, y=y))
 
 
 def rosenbrock(dim: int = 2) -> Problem:
@@ -158,7 +172,7 @@ def rosenbrock(dim: int = 2) -> Problem:
 
 def quadratic(A: Any, b: Any) -> Problem:
     """0.5 x^T A x - b^T x with A symmetric."""
-    return Problem(quadratic=problem_pb2.QuadraticObjective(), data=_data(A=A, b=b))
+    return Problem(quadratic=problem_pb2.QuadraticObjective(), data=_data(("A", "b"), A=A, b=b))
 
 
 TORCH_EXTRA = "pip install './client[torch]' (the torch extra of hessian-client)"
@@ -195,7 +209,14 @@ def exported(
     for k, v in tensors.items():  # the wire carries integers as int64: exported as they go
         if v.is_complex():  # a cast to int64 would drop the imaginary parts, and round
             raise invalid(f"data.{k}", "real values (float32, float64 or integers)", v.dtype)
-        if not v.is_floating_point() and v.dtype not in (torch.bool, torch.int64):
+        if v.dtype == torch.bool:  # traced as bool, it could not travel (refused after export)
+            raise invalid(
+                f"data.{k}",
+                "float32, float64 or integers (the wire carries no bool: send the mask as "
+                "0/1 integers and test it in the program, e.g. torch.where(m > 0, a, b))",
+                "bool",
+            )
+        if not v.is_floating_point() and v.dtype != torch.int64:
             tensors[k] = v.to(torch.int64)
     if loss and target not in tensors:
         raise invalid(f"data.{target}", f"the target of the {loss} loss", sorted(tensors))
