@@ -599,12 +599,9 @@ def test_a_stationary_point_with_negative_curvature_and_a_zero_eigenvalue_is_not
     (record,) = run.run_to_end()
     assert run.stop_reason is StopReason.GRADIENT_TOLERANCE and not run.converged
     assert record.end_point == "flat" and record.negative_eigenvalues == 1
-    # the loss 0.5 x^T A x falls by t^2 / 2 along e_1, measured at t twice the shortest
-    # length at which it could show (16 eps, the rounding of a loss of 0 taken as of 1)
-    t = 2 * math.sqrt(2 * 16 * np.finfo(np.float64).eps)
     assert run.message.endswith(
-        "not a minimum: the Hessian there has 1 negative eigenvalue (semi-definite; the loss "
-        f"falls by {t * t / 2:.3g} along the direction of -1), so the run has not converged"
+        "not a minimum: the Hessian there has 1 negative eigenvalue (semi-definite), so the "
+        "run has not converged"
     )
 
 
@@ -949,19 +946,14 @@ def test_a_real_float32_saddle_over_many_rows_is_still_counted(rng, backend):
     assert ref[0] < -1e-5 * ref[-1]  # a saddle: clearly negative curvature
     summary = dense_curvature(o32, at, MethodOptions(backend=backend)).summary
     assert summary.negative_eigenvalues == int((ref < -summary.negative_tolerance).sum()) > 0
-    stopping = StopCriteria(max_iterations=3, gradient_tolerance=1e-4)
-    run = Run(o64, at.double(), MethodOptions(method="newton", backend=backend), stopping)
+    run = Run(
+        o32,
+        at,
+        MethodOptions(method="newton", backend=backend),
+        StopCriteria(max_iterations=3, gradient_tolerance=1e-4),
+    )
     last = run.run_to_end()[-1]
     assert last.end_point == "saddle" and not run.converged, run.message
-    assert last.negative_eigenvalues == int((ref < -1e-6 * ref[-1]).sum()) > 0
-    # in float32 the loss falls along that curvature by 4e-10 at most (its quartic terms
-    # take over past t = 0.007), below float32's rounding of the loss (2e-6): a minimum to
-    # that precision, its negative eigenvalues still counted, and the message says both
-    run = Run(o32, at, MethodOptions(method="newton", backend=backend), stopping)
-    last = run.run_to_end()[-1]
-    assert last.end_point == "flat" and run.converged, run.message
-    assert last.negative_eigenvalues == summary.negative_eigenvalues
-    assert "along which the loss falls no further than its rounding" in run.message
 
 
 def test_condition_number_of_a_regular_and_a_singular_matrix():
@@ -1267,28 +1259,3 @@ def test_slow_float32_gradient_descent_is_not_called_no_progress(rng):
     # the gradient of 2e-5 where the flat test stopped it
     assert "no measurable progress" not in run.message, run.message
     assert records[-1].gradient_max_norm <= 1e-5, run.message
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("policy", ["line_search", "levenberg_marquardt"])
-def test_newton_at_a_valley_of_minima_is_converged_not_a_saddle(rng, backend, policy):
-    """An mlp whose rows are all alike outputs one number: its minimum loss is var(y), on a
-    valley of minima. Newton reached var(y) to the last bit with max|g| 2e-11 and was told
-    "not a minimum: 3 negative eigenvalues (a saddle point)": within rounding of the valley
-    the Hessian has eigenvalues of minus the gradient's size, along which the loss rises.
-    Reference: var(y) in float64 (rel 1e-14)."""
-    x = np.ones((12, 2))
-    y = np.sin(2 * rng.normal(size=(12, 1)))
-    data = {"X": torch.tensor(x), "y": torch.tensor(y)}
-    objective = make_objective("mlp", data, {"layer_sizes": [2, 3, 1]})
-    counted = []
-    for seed in range(10):
-        start = torch.tensor(np.random.default_rng(100 + seed).normal(size=13) * 0.5)
-        options = MethodOptions(method="newton", step_policy=policy, backend=backend)
-        run = Run(objective, start, options, StopCriteria(max_iterations=300))
-        last = run.run_to_end()[-1]
-        assert last.loss == pytest.approx(float(np.var(y)), rel=1e-14)
-        if run.stop_reason is StopReason.GRADIENT_TOLERANCE:
-            assert run.converged and last.end_point in ("minimum", "flat"), run.message
-            counted.append(last.negative_eigenvalues)
-    assert max(counted) > 0  # the case that was called a saddle is among them

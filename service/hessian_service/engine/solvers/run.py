@@ -23,7 +23,6 @@ from ..linalg import (
     count_negative,
     definite_by_a_margin,
     loss_rounding,
-    negative_tolerance,
     off_gauge,
     rounding_factor,
     symmetrise,
@@ -57,10 +56,6 @@ RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
 FLAT_STEPS = 10
 FLAT_GRADIENT_LOW = 0.75
 FLAT_KEYS = ("flat_steps", "flat_loss", "flat_gradient")
-# a converged run's end point with negative curvature: its most negative eigen-directions
-# probed, at these multiples of the shortest step whose curvature could show past rounding
-PROBED_DIRECTIONS = 3
-PROBE_LENGTHS = (2.0, 4.0, 8.0, 16.0)
 # the keys a Run adds to its stepper's state in a checkpoint (Run._state)
 RUN_KEYS = ("previous_loss", "unchanged_steps", *FLAT_KEYS, *RECENT_KEYS)
 
@@ -111,73 +106,21 @@ def _record(
 
 
 def _second_order_verdict(
-    stop: tuple[StopReason, str], record: StepRecord, probe: tuple[float, float] | None
+    stop: tuple[StopReason, str], record: StepRecord
 ) -> tuple[StopReason, str, bool]:
     """`stop` and whether it is convergence, at a point whose dense Hessian `record` judged:
-    the first-order condition met where the Hessian has a negative eigenvalue along which
-    the loss falls (`probe`: the lowest eigenvalue and that fall, NaN where it does not) is
-    not, and the message then says so."""
+    the first-order condition met where the Hessian has a negative eigenvalue is not, and
+    the message then says so."""
     reason, message = stop
     count = record.negative_eigenvalues
-    if not (reason.converged and count > 0) or probe is None:
+    if not (reason.converged and count > 0):
         return reason, message, reason.converged
-    lowest, fall = probe
-    plural = "s" if count > 1 else ""
-    if math.isnan(fall):
-        return (
-            reason,
-            message
-            + (
-                f"; the Hessian there has {count} negative eigenvalue{plural} (down to "
-                f"{lowest:.3g}), along which the loss falls no further than its rounding: a "
-                "minimum to rounding (semi-definite), as within rounding of a valley of minima"
-            ),
-            True,
-        )
     kind = f"a {record.end_point} point" if record.end_point != "flat" else "semi-definite"
     message = message.replace("converged: ", "stationary point: ", 1) + (
-        f"; not a minimum: the Hessian there has {count} negative eigenvalue{plural} "
-        f"({kind}; the loss falls by {fall:.3g} along the direction of {lowest:.3g}), so "
-        "the run has not converged"
+        f"; not a minimum: the Hessian there has {count} negative eigenvalue"
+        f"{'s' if count > 1 else ''} ({kind}), so the run has not converged"
     )
     return reason, message, False
-
-
-def negative_curvature_descent(
-    h: torch.Tensor,
-    project: Callable[[torch.Tensor], torch.Tensor] | None,
-    x: torch.Tensor,
-    loss_at: Callable[[torch.Tensor], float],
-    rows: int = 0,
-) -> tuple[float, float]:
-    """(lowest eigenvalue, the loss's fall past its rounding along one of the Hessian's
-    PROBED_DIRECTIONS most negative eigen-directions at x, NaN where it falls no further).
-
-    An eigenvalue past negative_tolerance is not yet a way down: within rounding of a valley
-    of minima (an mlp whose every row is alike, at its minimum loss to the last bit) the
-    Hessian has eigenvalues of minus the gradient's size, and the loss rises along them. A
-    saddle's negative curvature lowers the loss by its rounding at the shortest probe,
-    sqrt(2 rounding / |lambda|); PROBE_LENGTHS of that, both ways, stay within a few times the
-    distance at which it could first show (farther, a lower loss says nothing of x)."""
-    m, gauge = (symmetrise(h), 0) if project is None else off_gauge(h, project)
-    n = h.shape[0] - gauge
-    evals, evecs = torch.linalg.eigh(m)
-    evals, evecs = evals[:n], evecs[:, :n]
-    tolerance = negative_tolerance(evals, h.dtype, rows)
-    base = loss_at(x)
-    rounding = loss_rounding(base, x.dtype, floor=1.0)
-    for i in range(min(PROBED_DIRECTIONS, n)):
-        lam = float(evals[i])
-        if not lam < -tolerance or not math.isfinite(base):
-            break
-        v = evecs[:, i].reshape(x.shape)
-        shortest = math.sqrt(2.0 * rounding / -lam)
-        for length in PROBE_LENGTHS:
-            for t in (length * shortest, -length * shortest):
-                trial = loss_at(x + t * v)
-                if trial < base - rounding:
-                    return float(evals[0]), base - trial
-    return float(evals[0]), math.nan
 
 
 def _resolved(tol: float, eps: float, dtype: torch.dtype, name: str) -> tuple[float, str]:
@@ -613,21 +556,13 @@ class Run:
             if stop is not None:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     gauge = self.objective.project_step if self.objective.has_gauge else None
-                    rows = self.objective.num_rows
                     verdict, record.negative_eigenvalues = end_point(
-                        point.curvature, gauge, self.objective.convex, rows
+                        point.curvature, gauge, self.objective.convex, self.objective.num_rows
                     )
-                    probe = None
-                    if stop[0].converged and record.negative_eigenvalues > 0:
-                        probe = negative_curvature_descent(
-                            point.curvature, gauge, point.x, self.stepper.loss_at, rows
-                        )
-                        if math.isnan(probe[1]):  # no way down: semi-definite to rounding
-                            verdict = "flat"
                     # the verdict says what a stationary point is: only where the first-order
                     # condition holds (elsewhere "minimum" would describe H alone)
                     record.end_point = verdict if stop[0].converged else ""
-                    self._finish(*_second_order_verdict(stop, record, probe))
+                    self._finish(*_second_order_verdict(stop, record))
                 else:
                     self._finish(*stop)
                 yield record
