@@ -196,17 +196,6 @@ def test_an_output_with_no_gradient_is_refused_when_built(fn):
         from_problem(problem)
 
 
-def test_a_fixed_shape_program_over_no_rows_is_refused_naming_its_data():
-    """A program exported over 0 rows was accepted; its mean over them is NaN, and every
-    call then said `params: expected a point where the loss ... is finite`."""
-    X, y = torch.randn(0, 3, dtype=F64), torch.randn(0, dtype=F64)
-    fn = lambda p, X, y: ((X @ p - y) ** 2).mean()  # noqa: E731
-    problem = problems.exported(fn, torch.zeros(3, dtype=F64), {"X": X, "y": y})
-    with pytest.raises(ValidationError) as err:
-        from_problem(problem)
-    assert err.value.field.endswith("data.X") and "at least one element" in str(err.value)
-
-
 def _replace_member(blob: bytes, suffix: str, raw: bytes) -> bytes:
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         files = {n: z.read(n) for n in z.namelist()}
