@@ -303,6 +303,8 @@ class RemoteStepper(Stepper):
     trip.
     """
 
+    evaluates_here = False
+
     objective: RemoteObjective
 
     _first_trial = False
