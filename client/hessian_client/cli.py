@@ -392,6 +392,25 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_of(field: str, args: argparse.Namespace) -> str | None:
+    """The command-line flag a refused field stands for (options.learning_rate: --lr,
+    stopping.max_iterations: --max-iterations, initial_params: --params), or None."""
+    if field == "initial_params" or field.startswith("initial_params."):
+        return "--params"
+    key = field.rsplit(".", 1)[-1] if field.startswith(("options.", "stopping.")) else field
+    key = "lr" if key == "learning_rate" else key
+    return f"--{key.replace('_', '-')}" if key in vars(args) else None
+
+
+def _as_usage(exc: InvalidArgument, args: argparse.Namespace) -> HessianError:
+    """A refusal of a flag's value as the usage mistake it is (exit 2), naming the flag
+    (`--lr -1` said `options.learning_rate: expected ...` and exited 1); others as they are."""
+    flag = _flag_of(exc.field, args) if exc.field else None
+    if flag is None:
+        return exc
+    return UsageError(f"{flag}: {exc.message.removeprefix(f'{exc.field}: ')}")
+
+
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
     params = _load(args.params, "--params", archive=False) if args.params else None
     problem = build_problem(args)
@@ -405,7 +424,29 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             stopping[key] = value
-    run = client.start_run(
+    try:
+        run = _start(client, args, problem, params, stopping)
+    except InvalidArgument as exc:
+        raise _as_usage(exc, args) from None
+    if not args.json:
+        print(f"run {run.id}", file=sys.stderr)
+        if run._info is not None and run._info.method_note:
+            print(run._info.method_note, file=sys.stderr)
+    if args.detach:
+        if args.json:
+            emit(run._info)
+        else:
+            print(run.id)
+        return 0
+    args.detach_on_interrupt = False
+    return _follow(client, run, args)
+
+
+def _start(
+    client: Client, args: argparse.Namespace, problem: Any, params: Any, stopping: dict
+) -> Run:
+    """StartRun with the run command's flags."""
+    return client.start_run(
         problem,
         params,
         seed=args.seed,
@@ -426,18 +467,6 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         gradient_fraction=args.gradient_fraction,
         hvp_mode=args.hvp_mode,
     )
-    if not args.json:
-        print(f"run {run.id}", file=sys.stderr)
-        if run._info is not None and run._info.method_note:
-            print(run._info.method_note, file=sys.stderr)
-    if args.detach:
-        if args.json:
-            emit(run._info)
-        else:
-            print(run.id)
-        return 0
-    args.detach_on_interrupt = False
-    return _follow(client, run, args)
 
 
 def cmd_curvature(client: Client, args: argparse.Namespace) -> int:
