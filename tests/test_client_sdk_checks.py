@@ -958,6 +958,24 @@ def test_integer_data_of_real_valued_fields_is_sent_as_the_real_numbers_it_is(ad
             np.testing.assert_array_equal(step.params, ref.params)
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: problems.logistic_regression(np.ones((3, 2)), np.ones(3), L2=1.0), "L2"),
+        (lambda: problems.mse(), "target"),
+        (lambda: problems.softmax_regression(np.ones((3, 2))), "labels"),
+        (lambda: problems.rosenbrock(2, 3), "rosenbrock"),
+        (lambda: problems.quadratic(np.eye(2), A=np.eye(2)), "quadratic"),
+    ],
+)
+def test_a_builder_refuses_an_argument_it_does_not_take_by_name(call, field):
+    """problems.logistic_regression(X, y, L2=1) raised Python's TypeError ("unexpected
+    keyword argument 'L2'"), where the SDK's refusals are InvalidArgument naming the field."""
+    with pytest.raises(InvalidArgument) as err:
+        call()
+    assert err.value.field == field
+
+
 def test_a_bool_mask_in_exported_data_is_refused_before_export_with_a_hint():
     """problems.exported traced the program with a bool mask, then refused the mask it had
     itself kept (the wire carries no bool): it is refused up front, saying what to send."""

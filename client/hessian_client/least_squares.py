@@ -192,7 +192,12 @@ def _session(
 ) -> _LeastSquaresSession:  # fmt: skip
     """The session of one least_squares call; bad arguments named before any call."""
     if not callable(jac):
-        raise invalid("jac", "a callable returning the m x n Jacobian (or an operator)", jac)
+        raise invalid(
+            "jac",
+            "a callable returning the m x n Jacobian, or an operator (finite differences are "
+            "not served)",
+            jac,
+        )
     if loss != "linear":
         raise invalid("loss", "'linear' (robust losses are not served)", loss)
     if not unbounded(bounds):
@@ -229,7 +234,7 @@ def _stopping(ftol: float | None, xtol: float | None, gtol: float | None,
 def least_squares(
     fun: Callable[..., Any],
     x0: Any,
-    jac: Callable[..., Any],
+    jac: Callable[..., Any] | None = None,
     *,
     method: str | None = None,
     ftol: float | None = None,
@@ -267,7 +272,7 @@ def least_squares(
 async def least_squares_async(
     fun: Callable[..., Any],
     x0: Any,
-    jac: Callable[..., Any],
+    jac: Callable[..., Any] | None = None,
     *,
     method: str | None = None,
     ftol: float | None = None,

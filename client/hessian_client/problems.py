@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import keyword
@@ -88,6 +90,30 @@ def _check_size(fd: FieldDescriptor, name: str, value: Any) -> None:
         raise invalid(name, f"a sequence, each {what}" if fd.is_repeated else what, value)
 
 
+def _arguments_named(builder: Callable[..., Problem]) -> Callable[..., Problem]:
+    """`builder` refusing a keyword it does not take, or a missing argument, as
+    InvalidArgument naming it (Python's TypeError said "unexpected keyword argument 'L2'",
+    where the SDK's other refusals are HessianErrors)."""
+    signature = inspect.signature(builder)
+
+    @functools.wraps(builder)
+    def checked(*args: Any, **kwargs: Any) -> Problem:
+        names = list(signature.parameters)
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        if unknown:
+            raise invalid(unknown[0], f"one of the arguments {names}", unknown[0])
+        try:
+            bound = signature.bind_partial(*args, **kwargs)
+        except TypeError as exc:  # too many positional arguments, or one given twice
+            raise invalid(builder.__name__, f"the arguments {names}", str(exc)) from None
+        for name, parameter in signature.parameters.items():
+            if parameter.default is parameter.empty and name not in bound.arguments:
+                raise invalid(name, "a value (a required argument)", None)
+        return builder(*args, **kwargs)
+
+    return checked
+
+
 def _data(real: Sequence[str] = (), **tensors: Any) -> dict[str, Any]:
     """The named data tensors, each encoded (an error names its field, data.NAME); those
     named in `real`, real-valued for their objective, go as float64 when given as integers
@@ -110,17 +136,20 @@ def _integral(value: Any) -> bool:
         return False
 
 
+@_arguments_named
 def mse(target: Any) -> Problem:
     """mean((params - target)^2); parameters are shaped like `target`."""
     return Problem(mse=problem_pb2.MseObjective(), data=_data(("target",), target=target))
 
 
+@_arguments_named
 def least_squares(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool = False) -> Problem:
     """0.5 mean((X w + b - y)^2) + 0.5 l2 ||w||^2."""
     objective = _objective(problem_pb2.LeastSquaresObjective, l2=l2, fit_intercept=fit_intercept)
     return Problem(least_squares=objective, data=_data(("X", "y"), X=X, y=y))
 
 
+@_arguments_named
 def logistic_regression(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool = True) -> Problem:
     """Mean logistic loss of X w + b against y in {0, 1}, plus 0.5 l2 ||w||^2."""
     objective = _objective(
@@ -129,6 +158,7 @@ def logistic_regression(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool 
     return Problem(logistic_regression=objective, data=_data(("X", "y"), X=X, y=y))
 
 
+@_arguments_named
 def softmax_regression(
     X: Any,
     labels: Any,
@@ -148,6 +178,7 @@ def softmax_regression(
     return Problem(softmax_regression=objective, data=_data(("X",), X=X, labels=labels))
 
 
+@_arguments_named
 def mlp(
     X: Any,
     y: Any,
@@ -165,11 +196,13 @@ def mlp(
     return Problem(mlp=objective, data=_data(real, X=X, y=y))
 
 
+@_arguments_named
 def rosenbrock(dim: int = 2) -> Problem:
     """The Rosenbrock function in `dim` dimensions."""
     return Problem(rosenbrock=_objective(problem_pb2.RosenbrockObjective, dim=dim))
 
 
+@_arguments_named
 def quadratic(A: Any, b: Any) -> Problem:
     """0.5 x^T A x - b^T x with A symmetric."""
     return Problem(quadratic=problem_pb2.QuadraticObjective(), data=_data(("A", "b"), A=A, b=b))
@@ -178,6 +211,7 @@ def quadratic(A: Any, b: Any) -> Problem:
 TORCH_EXTRA = "pip install './client[torch]' (the torch extra of hessian-client)"
 
 
+@_arguments_named
 def exported(
     fn_or_module: Any,
     example_params: Any,
@@ -272,6 +306,7 @@ def exported(
     return Problem(exported=spec, data=_data(**tensors))
 
 
+@_arguments_named
 def exported_archive(
     program: bytes,
     data: dict[str, Any],
