@@ -506,7 +506,7 @@ def test_aio_run_result_params_have_the_shape_sent(address, rng):
         (lambda c: c.start_run(_ROSEN, [0.0, 0.0], stopping={"max_iterations": "ten"}),
          "stopping.max_iterations", "an integer"),
         (lambda c: c.start_run(_ROSEN, [0.0, 0.0], stopping={"max_iterations": 2**70}),
-         "stopping.max_iterations", "an integer in [-9223372036854775808, 9223372036854775807]"),
+         "stopping.max_iterations", "an integer at most 9223372036854775807"),
         (lambda c: c.newton_step(_ROSEN, [0.0, 0.0], learning_rate="abc"),
          "options.learning_rate", "a number"),
         (lambda c: c.start_run(_ROSEN, [0.0, 0.0], curvature_seed=1.5), "options.seed",

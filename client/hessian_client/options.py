@@ -92,8 +92,9 @@ def build(message: type[M], what: str, field: str, values: dict[str, Any]) -> M:
         except (TypeError, ValueError):  # protobuf's own words name no field
             kind = _KINDS.get(fd.cpp_type, "a value of its type")
             if isinstance(value, int) and fd.cpp_type in WIRE_RANGES:  # an int past the wire's
-                low, high = WIRE_RANGES[fd.cpp_type]
-                kind = f"an integer in [{low}, {high}]"
+                low, high = WIRE_RANGES[fd.cpp_type]  # the side it is past (maxiter=2**70
+                # quoted a signed range whose lower half the server refuses too)
+                kind = f"an integer at most {high}" if value > high else f"an integer >= {low}"
             raise invalid(f"{field}.{key}", kind, value) from None
     return msg
 
