@@ -63,8 +63,10 @@ def test_batchnorm_buffers_in_eval_mode_match_the_module(compile_: bool) -> None
     assert close(hessian(objective, x), torch.func.hessian(reference)(x))
 
 
-def test_batchnorm_in_training_mode_is_refused() -> None:
-    """Training mode updates the running stats: refused at the first in-place update."""
+def test_batchnorm_in_training_mode_is_refused(monkeypatch) -> None:
+    """Training mode updates the running stats: refused at the first in-place update (the
+    program made past the SDK's own refusal, as a caller without it would send it)."""
+    monkeypatch.setattr(torch.nn.modules.batchnorm, "_NormBase", type("Unseen", (), {}))
     net = batchnorm_net().train()
     X, y = torch.randn(10, 4, dtype=F64), torch.randn(10, 2, dtype=F64)
     problem = problems.exported(net, None, {"X": X, "y": y}, loss="mse")
@@ -100,3 +102,20 @@ def test_batch_norm_node_with_training_true_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="batch_norm in eval mode"):
         load_program(edited("models/model.json", train))
+
+
+def test_a_module_in_training_mode_that_updates_its_statistics_is_refused_by_the_sdk():
+    """BatchNorm in training mode updates its running statistics at every call: the program
+    was refused by the server naming only the ATen node ('add_' is not allowed); the SDK
+    refuses it first, saying to call .eval()."""
+    from hessian_client import InvalidArgument
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)
+    ).double()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    with pytest.raises(InvalidArgument) as err:
+        problems.exported(net, None, {"X": X, "y": y}, loss="mse")
+    assert err.value.field == "fn_or_module" and ".eval()" in str(err.value)
+    assert "'1' updates its running statistics" in str(err.value)
+    problems.exported(net.eval(), None, {"X": X, "y": y}, loss="mse")  # taken in eval mode

@@ -263,6 +263,21 @@ def exported(
     function, inner = fn_or_module, None
     if isinstance(fn_or_module, torch.nn.Module):
         module = fn_or_module
+        updating = [
+            name
+            for name, m in module.named_modules()
+            if m.training
+            and isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            and m.track_running_stats
+        ]
+        if updating:  # the server refused its program naming only an ATen node ('add_')
+            raise invalid(
+                "fn_or_module",
+                "a module whose calls update no state: call .eval() first (in training mode "
+                f"{repr(updating[0]) if updating[0] else 'the module'} updates its running "
+                "statistics)",
+                f"{type(module.get_submodule(updating[0])).__name__} in training mode",
+            )
         if example_params is None:
             example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
         function, inner = _functional(module)
