@@ -31,7 +31,6 @@ from hessian_service.engine.errors import ValidationError
 from hessian_service.engine.linalg import loss_rounding
 from hessian_service.engine.options import METHODS, STEP_POLICIES
 from hessian_service.engine.records import StopReason
-from hessian_service.engine.solvers.methods import Stepper
 from hessian_service.engine.solvers.run import FLAT_STEPS, UNCHANGED_STEPS
 from native_support import BACKENDS, F64
 from problems import NO_TOL, Saddle, breast_cancer
@@ -1260,88 +1259,3 @@ def test_slow_float32_gradient_descent_is_not_called_no_progress(rng):
     # the gradient of 2e-5 where the flat test stopped it
     assert "no measurable progress" not in run.message, run.message
     assert records[-1].gradient_max_norm <= 1e-5, run.message
-
-
-def _alike_rows_mlp(rng):
-    """An mlp whose rows are all alike: it outputs one number, so its minimum loss is var(y),
-    on a valley of minima."""
-    y = np.sin(2 * rng.normal(size=(12, 1)))
-    data = {"X": torch.ones(12, 2, dtype=F64), "y": torch.tensor(y)}
-    return make_objective("mlp", data, {"layer_sizes": [2, 3, 1]}), float(np.var(y))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("policy", ["line_search", "levenberg_marquardt"])
-def test_newton_next_to_a_valley_of_minima_is_converged_not_a_saddle(rng, backend, policy):
-    """Newton reached var(y) to the last bit with max|g| 2e-11 and was told "not a minimum:
-    3 negative eigenvalues (a saddle point)": next to a valley of minima the Hessian has
-    eigenvalues of minus the gradient's size, along which the loss rises. Reference: var(y)
-    in float64 (rel 1e-14)."""
-    objective, minimum = _alike_rows_mlp(rng)
-    counted = []
-    for seed in range(10):
-        start = torch.tensor(np.random.default_rng(100 + seed).normal(size=13) * 0.5)
-        options = MethodOptions(method="newton", step_policy=policy, backend=backend)
-        run = Run(objective, start, options, StopCriteria(max_iterations=300))
-        last = run.run_to_end()[-1]
-        assert last.loss == pytest.approx(minimum, rel=1e-14)
-        if run.stop_reason is StopReason.GRADIENT_TOLERANCE:
-            assert run.converged and last.end_point in ("minimum", "flat"), run.message
-            if last.negative_eigenvalues:
-                assert "along which the loss falls no further than its rounding" in run.message
-            counted.append(last.negative_eigenvalues)
-    assert max(counted) > 0  # the case that was called a saddle is among them
-
-
-def test_the_valley_verdict_survives_a_resume_and_a_probe_that_sees_nothing(rng, monkeypatch):
-    """The probe's rounding is of the run's first loss, which its checkpoints carry: a run
-    resumed near its end says what the uninterrupted one says. Where the probe's losses are
-    not finite it is no evidence, and the negative count decides as before."""
-    objective, _ = _alike_rows_mlp(rng)
-    options, stopping = MethodOptions(method="newton"), StopCriteria(max_iterations=300)
-    for seed in range(10):
-        start = torch.tensor(np.random.default_rng(100 + seed).normal(size=13) * 0.5)
-        whole = Run(objective, start, options, stopping)
-        records = whole.run_to_end()
-        if records[-1].negative_eigenvalues and whole.converged:
-            break
-    else:
-        pytest.skip("no start ended next to the valley with negative curvature")
-    first = Run(objective, start, options, stopping)
-    for record in first:
-        if record.iteration == len(records) - 2:
-            break
-    resumed = Run(objective, start, options, stopping, resume=first.checkpoint())
-    last = resumed.run_to_end()[-1]
-    assert (last.end_point, resumed.converged, resumed.message) == (
-        records[-1].end_point, whole.converged, whole.message)  # fmt: skip
-    monkeypatch.setattr(Stepper, "loss_at", lambda self, x: math.nan)
-    blind = Run(objective, start, options, stopping)
-    last = blind.run_to_end()[-1]
-    assert last.end_point == "saddle" and not blind.converged, blind.message
-
-
-def test_a_saddle_at_a_tiny_loss_is_still_a_saddle(rng):
-    """The probe's rounding is relative: a tanh mlp at W = 0 (a saddle) whose targets are
-    scaled by 1e-6 (loss 1e-12) was called converged when the rounding was taken absolute
-    near 0 (16 eps): every probe then overshot into the quartic terms."""
-    rows = 400
-    x = rng.standard_normal((rows, 4))
-    x -= x.mean(0)
-    r = rng.standard_normal(rows)
-    design = np.c_[x, np.ones(rows)]
-    r -= design @ np.linalg.lstsq(design, r, rcond=None)[0]
-    y = (r / r.std() + 0.05 * x[:, 0])[:, None] * 1e-6
-    data = {"X": torch.tensor(x), "y": torch.tensor(y)}
-    objective = make_objective("mlp", data, {"layer_sizes": [4, 3, 1], "activation": "tanh"})
-    at = torch.zeros(objective.num_params, dtype=F64)
-    ref = np.linalg.eigvalsh(
-        dense_curvature(objective, at, MethodOptions(backend="autograd")).matrix.numpy()
-    )
-    # negative curvature far past rounding (1e6 eps of the scale), at a stationary point
-    assert ref[0] < -1e6 * np.finfo(np.float64).eps * ref[-1]
-    stopping = StopCriteria(max_iterations=3, gradient_tolerance=1e-16)
-    run = Run(objective, at, MethodOptions(method="newton"), stopping)
-    last = run.run_to_end()[-1]
-    assert last.end_point == "saddle" and not run.converged, run.message
-    assert "the loss falls by" in run.message

@@ -939,25 +939,3 @@ def test_a_plain_callback_returning_a_coroutine_is_refused_not_skipped(address, 
             call(rosen, start(rng, 3), jac=rosen_der, hess=rosen_hess, address=address,
                  callback=lambda r: acb(r))  # fmt: skip
         assert err.value.field == "callback" and err.value.run_id
-
-
-def test_a_callers_saddle_is_judged_by_its_hessian_alone_without_more_round_trips(address):
-    """A run's end point with negative curvature is probed along it where the loss is
-    computed on the server; a caller's loss would cost a round trip a probe (up to 25), and
-    its errors there would escape: minimize ends at the saddle of x^2/2 - y^2/2 + y^4/4 (0)
-    after the one evaluation it needs, not converged."""
-    calls = []
-
-    def fun(v):
-        calls.append(v.copy())
-        return 0.5 * v[0] ** 2 - 0.5 * v[1] ** 2 + 0.25 * v[1] ** 4
-
-    def jac(v):
-        return np.array([v[0], -v[1] + v[1] ** 3])
-
-    def hess(v):
-        return np.array([[1.0, 0.0], [0.0, -1.0 + 3 * v[1] ** 2]])
-
-    res = minimize(fun, np.zeros(2), jac=jac, hess=hess, method="newton", address=address)
-    assert not res.success and "not a minimum" in res.message
-    assert (res.nfev, res.round_trips, len(calls)) == (1, 1, 1)

@@ -303,8 +303,6 @@ class RemoteStepper(Stepper):
     trip.
     """
 
-    evaluates_here = False
-
     objective: RemoteObjective
 
     _first_trial = False

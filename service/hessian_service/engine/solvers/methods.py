@@ -261,10 +261,6 @@ class Stepper:
     (by parameter count); `method_note` says what it chose and why.
     """
 
-    # the loss is computed in this process: a run's end point may probe it (run.py), where a
-    # caller's (asktell.RemoteStepper) would pay a round trip for each loss
-    evaluates_here = True
-
     def __init__(
         self,
         objective: Objective,

@@ -23,7 +23,6 @@ from ..linalg import (
     count_negative,
     definite_by_a_margin,
     loss_rounding,
-    negative_tolerance,
     off_gauge,
     rounding_factor,
     symmetrise,
@@ -57,13 +56,8 @@ RECENT_KEYS = tuple(f"recent_x_{i}" for i in range(RECENT))
 FLAT_STEPS = 10
 FLAT_GRADIENT_LOW = 0.75
 FLAT_KEYS = ("flat_steps", "flat_loss", "flat_gradient")
-# a converged float64 run's end point with negative curvature (evaluated in this process):
-# its most negative eigen-directions probed, both ways, at these multiples of the shortest
-# step whose curvature could lower the loss past its rounding
-PROBED_DIRECTIONS = 3
-PROBE_LENGTHS = (2.0, 4.0, 8.0, 16.0)
 # the keys a Run adds to its stepper's state in a checkpoint (Run._state)
-RUN_KEYS = ("previous_loss", "first_loss", "unchanged_steps", *FLAT_KEYS, *RECENT_KEYS)
+RUN_KEYS = ("previous_loss", "unchanged_steps", *FLAT_KEYS, *RECENT_KEYS)
 
 
 def _digest(x: torch.Tensor, state: dict[str, float]) -> float:
@@ -112,76 +106,21 @@ def _record(
 
 
 def _second_order_verdict(
-    stop: tuple[StopReason, str], record: StepRecord, probe: tuple[float, float] | None
+    stop: tuple[StopReason, str], record: StepRecord
 ) -> tuple[StopReason, str, bool]:
     """`stop` and whether it is convergence, at a point whose dense Hessian `record` judged:
     the first-order condition met where the Hessian has a negative eigenvalue is not, and
-    the message then says so; unless `probe` (negative_curvature_descent's) found the loss
-    falling along none of their directions (NaN), and the message says that instead."""
+    the message then says so."""
     reason, message = stop
     count = record.negative_eigenvalues
     if not (reason.converged and count > 0):
         return reason, message, reason.converged
-    plural = "s" if count > 1 else ""
-    if probe is not None and math.isnan(probe[1]):
-        return (
-            reason,
-            message
-            + (
-                f"; the Hessian there has {count} negative eigenvalue{plural} (down to "
-                f"{probe[0]:.3g}), along which the loss falls no further than its rounding: "
-                "a minimum to rounding (semi-definite), as next to a valley of minima"
-            ),
-            True,
-        )
     kind = f"a {record.end_point} point" if record.end_point != "flat" else "semi-definite"
-    fall = "" if probe is None else f"; the loss falls by {probe[1]:.3g} along it"
     message = message.replace("converged: ", "stationary point: ", 1) + (
-        f"; not a minimum: the Hessian there has {count} negative eigenvalue{plural} "
-        f"({kind}{fall}), so the run has not converged"
+        f"; not a minimum: the Hessian there has {count} negative eigenvalue"
+        f"{'s' if count > 1 else ''} ({kind}), so the run has not converged"
     )
     return reason, message, False
-
-
-def negative_curvature_descent(
-    pairs: tuple[torch.Tensor, torch.Tensor],
-    x: torch.Tensor,
-    loss: float,
-    first_loss: float,
-    loss_at: Callable[[torch.Tensor], float],
-    tolerance: float,
-) -> tuple[float, float] | None:
-    """Whether the loss falls past its rounding along the Hessian's most negative
-    eigen-directions at x (`pairs`: its eigenvalues, ascending, and eigenvectors): (the
-    lowest eigenvalue, the fall found, NaN where no probe falls), or None where a probe's loss
-    is not finite (no evidence either way).
-
-    Next to a valley of minima (an mlp whose rows are all alike, at its minimum loss to the
-    last bit) the Hessian has eigenvalues of minus the gradient's size, and the loss rises
-    along them; a saddle's negative curvature lowers it by its rounding at the shortest
-    probe, sqrt(2 rounding / |lambda|). PROBE_LENGTHS of that, both ways, stay within a few
-    times the distance at which it could first show (farther, a lower loss says nothing of
-    x). The rounding is 16 eps of the larger of the loss and the run's first loss, relative
-    (a saddle at a loss of 1e-12 is probed at its own scale): a fall below it is nothing
-    against what the run has already gained."""
-    evals, evecs = pairs
-    rounding = loss_rounding(max(abs(loss), abs(first_loss)), x.dtype)
-    if not 0.0 < rounding < math.inf:
-        return None
-    for i in range(min(PROBED_DIRECTIONS, evals.numel())):
-        lam = float(evals[i])
-        if not lam < -tolerance:
-            break
-        v = evecs[:, i].reshape(x.shape)
-        shortest = math.sqrt(2.0 * rounding / -lam)
-        for length in PROBE_LENGTHS:
-            for t in (length * shortest, -length * shortest):
-                trial = loss_at(x + t * v)
-                if not math.isfinite(trial):
-                    return None
-                if trial < loss - rounding:
-                    return float(evals[0]), loss - trial
-    return float(evals[0]), math.nan
 
 
 def _resolved(tol: float, eps: float, dtype: torch.dtype, name: str) -> tuple[float, str]:
@@ -212,37 +151,17 @@ def end_point(
     gauge's zero eigenvalues say nothing about the point. A Cholesky factorisation answers a
     clear minimum (linalg.definite_by_a_margin); the eigenvalues are computed otherwise.
     """
-    verdict, count, _ = _end_point(h, project, convex, rows, directions=False)
-    return verdict, count
-
-
-def _end_point(
-    h: torch.Tensor,
-    project: Callable[[torch.Tensor], torch.Tensor] | None,
-    convex: bool,
-    rows: int,
-    directions: bool,
-) -> tuple[str, int, tuple[torch.Tensor, torch.Tensor] | None]:
-    """end_point's verdict and count, with (eigenvalues, eigenvectors) off the gauge when
-    `directions` asks for them and a negative eigenvalue is counted (one eigh for both)."""
     m, gauge = (symmetrise(h), 0) if project is None else off_gauge(h, project)
     if m.numel() and definite_by_a_margin(m, h):
-        return "minimum", 0, None
-    keep = h.shape[0] - gauge
-    evecs = None
-    if directions:
-        evals, evecs = torch.linalg.eigh(m)
-        evals, evecs = evals[:keep], evecs[:, :keep]
-    else:
-        evals = torch.linalg.eigvalsh(m)[:keep]
+        return "minimum", 0
+    evals = torch.linalg.eigvalsh(m)[: h.shape[0] - gauge]
     if evals.numel() == 0:
-        return "flat", 0, None
+        return "flat", 0
     relative = rounding_factor(evals.numel(), rows) * torch.finfo(h.dtype).eps
     if convex:
         evals = evals.clamp(min=0.0)
     verdict, _ = classify(float(evals[0]), float(evals[-1]), relative, 0.0)
-    count = count_negative(evals, h.dtype, rows)
-    return verdict, count, (evals, evecs) if evecs is not None and count else None
+    return verdict, count_negative(evals, h.dtype, rows)
 
 
 def take_step(
@@ -338,7 +257,6 @@ class Run:
         self.params = objective.check_params(params)
         self.start_iteration = 0
         self._previous_loss: float | None = None
-        self._first_loss = math.nan  # the run's first loss (its resumes keep it)
         self._unchanged = 0  # accepted steps in a row back to a recent x (UNCHANGED_STEPS)
         self._recent: list[float] = []  # digests of the last RECENT x, the loss staying put
         self._flat = (0.0, math.nan, math.nan)  # FLAT_KEYS: steps, their loss, lowest max|g|
@@ -362,7 +280,6 @@ class Run:
             state = dict(resume.state)
             previous = state.pop("previous_loss", math.nan)
             self._previous_loss = None if math.isnan(previous) else previous
-            self._first_loss = state.pop("first_loss", math.nan)
             self._unchanged = int(state.pop("unchanged_steps", 0))
             self._flat = tuple(
                 state.pop(key, d) for key, d in zip(FLAT_KEYS, self._flat, strict=True)
@@ -420,7 +337,6 @@ class Run:
     def _state(self, previous_loss: float | None) -> dict[str, float]:
         state = dict(self.stepper.state)
         state["previous_loss"] = math.nan if previous_loss is None else previous_loss
-        state["first_loss"] = self._first_loss
         if self._unchanged:
             state["unchanged_steps"] = float(self._unchanged)
         if self._flat[0]:
@@ -435,19 +351,6 @@ class Run:
         saddle, a maximum, or a semi-definite "flat" verdict with a negative direction) is a
         stationary point, not convergence."""
         return self._converged
-
-    def _probe(
-        self, pairs: tuple[torch.Tensor, torch.Tensor], point: Point, rows: int
-    ) -> tuple[float, float] | None:
-        """negative_curvature_descent at the run's end point (None, no evidence, where a
-        cancel lands meanwhile: the count then decides)."""
-        tolerance = negative_tolerance(pairs[0], point.x.dtype, rows)
-        try:
-            return negative_curvature_descent(
-                pairs, point.x, point.loss, self._first_loss, self.stepper.loss_at, tolerance
-            )
-        except Cancelled:
-            return None
 
     def _finish(self, reason: StopReason, message: str, converged: bool | None = None) -> None:
         self.stop_reason = reason
@@ -601,8 +504,6 @@ class Run:
                 "the loss or its derivatives are not finite at the initial parameters",
             )
             return
-        if math.isnan(self._first_loss):  # a resume from an older checkpoint: its own start
-            self._first_loss = point.loss
         previous_loss = self._previous_loss
         previous: Point | None = None
         last: Step | None = None  # the step from `previous`
@@ -655,24 +556,13 @@ class Run:
             if stop is not None:
                 if point.curvature is not None and self.stepper.options.curvature == "hessian":
                     gauge = self.objective.project_step if self.objective.has_gauge else None
-                    rows = self.objective.num_rows
-                    probes = (  # float32 resolves a loss to 2e-6 of it: the count decides
-                        stop[0].converged
-                        and self.stepper.evaluates_here
-                        and point.x.dtype == torch.float64
+                    verdict, record.negative_eigenvalues = end_point(
+                        point.curvature, gauge, self.objective.convex, self.objective.num_rows
                     )
-                    verdict, record.negative_eigenvalues, pairs = _end_point(
-                        point.curvature, gauge, self.objective.convex, rows, probes
-                    )
-                    probe = None
-                    if pairs is not None:
-                        probe = self._probe(pairs, point, rows)
-                        if probe is not None and math.isnan(probe[1]):
-                            verdict = "flat"  # semi-definite to rounding
                     # the verdict says what a stationary point is: only where the first-order
                     # condition holds (elsewhere "minimum" would describe H alone)
                     record.end_point = verdict if stop[0].converged else ""
-                    self._finish(*_second_order_verdict(stop, record, probe))
+                    self._finish(*_second_order_verdict(stop, record))
                 else:
                     self._finish(*stop)
                 yield record
