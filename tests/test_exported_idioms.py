@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from exported_programs import from_problem
-from hessian_client import problems
+from hessian_client import InvalidArgument, problems
 from hessian_service.engine.curvature.autograd import hessian, loss_and_grad
 from hessian_service.engine.errors import ValidationError
 
@@ -33,12 +33,30 @@ def _case(name: str):
     if name == "smooth_l1_loss":
         return (lambda p, X, y: F.smooth_l1_loss(X @ p, y),
                 torch.randn(3, dtype=F64), {"X": X, "y": y})  # fmt: skip
+    if name in MORE:
+        return MORE[name], torch.randn(3, dtype=F64), {"X": X, "y": y}
     return (lambda p, X, y: torch.linalg.norm(X @ p - y) ** 2,
             torch.randn(3, dtype=F64), {"X": X, "y": y})  # fmt: skip
 
 
+# pure functions a PyTorch user writes that were refused as not allowlisted (masked_fill
+# where `where` was taken, mT where `.T` was, ...)
+MORE = {
+    "masked_fill": lambda p, X, y: ((X @ p - y).masked_fill(y > 0, 0.0) ** 2).mean(),
+    "mT": lambda p, X, y: ((X.mT.sum(1) * p).sum() - y.sum()) ** 2,
+    "flip": lambda p, X, y: ((X.flip(0) @ p - y) ** 2).mean(),
+    "repeat": lambda p, X, y: ((X @ p.repeat(2)[1:4] - y) ** 2).mean(),
+    "tile": lambda p, X, y: ((X @ p.tile(2)[2:5] - y) ** 2).mean(),
+    "outer": lambda p, X, y: (torch.outer(p, p) ** 2).sum() + ((X @ p - y) ** 2).mean(),
+    "diag": lambda p, X, y: ((X @ torch.diag(p) - y[:, None]) ** 2).mean(),
+    "pad": lambda p, X, y: (F.pad(X @ p - y, (1, 2), value=0.5) ** 2).sum(),
+    "reflect_pad": lambda p, X, y: (F.pad((X @ p - y)[None], (2, 1), mode="reflect") ** 2).sum(),
+    "glu": lambda p, X, y: ((F.glu(torch.cat([X @ p, X @ p.flip(0)])) - y) ** 2).mean(),
+}
+
+
 @pytest.mark.parametrize(
-    "name", ["transpose", "nll_loss", "huber_loss", "smooth_l1_loss", "linalg_norm"]
+    "name", ["transpose", "nll_loss", "huber_loss", "smooth_l1_loss", "linalg_norm", *MORE]
 )
 def test_an_everyday_idiom_is_accepted_and_exact(name):
     fn, p, data = _case(name)
@@ -154,13 +172,20 @@ def test_common_layers_and_losses_are_accepted_with_exact_curvature(name):
     assert float((products(block) - ref_h @ block).abs().max()) <= REL * scale * n
 
 
-def test_instance_norm_updating_its_running_stats_is_refused_and_in_eval_mode_accepted():
+def test_instance_norm_updating_its_running_stats_is_refused_and_in_eval_mode_accepted(
+    monkeypatch,
+):
     X, y = torch.randn(8, 2, 5, dtype=F64), torch.randn(8, 2, 5, dtype=F64)
     net = torch.nn.Sequential(
         torch.nn.Conv1d(2, 2, 1), torch.nn.InstanceNorm1d(2, track_running_stats=True)
     ).double()
+    with pytest.raises(InvalidArgument, match=r"call \.eval\(\) first"):  # the SDK's refusal
+        problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse")
+    with monkeypatch.context() as past_the_sdk:  # the program as a caller without it sends it
+        past_the_sdk.setattr(torch.nn.modules.batchnorm, "_NormBase", type("Unseen", (), {}))
+        problem = problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse")
     with pytest.raises(ValidationError, match="instance_norm in eval mode"):
-        from_problem(problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse"))
+        from_problem(problem)
     net.eval()
     objective = from_problem(problems.exported(net, None, {"X": X, "y": y}, loss="mse"))
     params = torch.nn.utils.parameters_to_vector(net.parameters()).detach()

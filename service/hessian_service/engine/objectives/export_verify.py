@@ -78,7 +78,7 @@ ALLOWED_OPS = frozenset(
     layer_norm native_layer_norm instance_norm binary_cross_entropy
     binary_cross_entropy_with_logits kl_div l1_loss poisson_nll_loss soft_margin_loss
     cosine_similarity log_sigmoid log_sigmoid_forward selu celu mish hardswish logit atan2
-    cumsum
+    cumsum masked_fill mT flip repeat tile outer diag pad glu
     """.split()  # noqa: SIM905 (a word list reads better than 120 quoted strings)
 )
 # Losses whose CPU kernels broadcast these operands against their input out of place: each
