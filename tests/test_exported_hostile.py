@@ -155,6 +155,25 @@ def test_a_node_whose_temporaries_pass_the_limit_is_refused():
         load_program(problem.exported.program)
 
 
+@pytest.mark.parametrize(
+    "grow",
+    [
+        lambda p: p.repeat(20_000).sum(),
+        lambda p: p.tile(20_000).sum(),
+        lambda p: torch.outer(p.repeat(5), p.repeat(5)).sum(),
+        lambda p: torch.diag(p.repeat(5)).sum(),
+        lambda p: F.pad(p, (0, 20_000_000)).sum(),
+    ],
+    ids=["repeat", "tile", "outer", "diag", "pad"],
+)
+def test_an_allowed_operator_that_grows_its_input_past_the_limit_is_refused_unrun(grow):
+    # repeat, tile, outer, diag and pad make values larger than their inputs: the output a
+    # node declares is bounded before anything runs, as every node's is
+    problem = problems.exported(grow, torch.ones(1000, dtype=F64), {})
+    with pytest.raises(ResourceLimitError, match="over the limit of 16777216"):
+        load_program(problem.exported.program)
+
+
 def test_constants_are_bounded_together_and_counted_in_the_problem_cache():
     # 20 deflated zero constants of 1M values each: 160 MB held per 0.16 MB request, none of
     # it counted by --problem-cache-bytes
