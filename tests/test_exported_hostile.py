@@ -174,6 +174,30 @@ def test_an_allowed_operator_that_grows_its_input_past_the_limit_is_refused_unru
         load_program(problem.exported.program)
 
 
+@pytest.mark.parametrize("dims", [33, 100, 40_000])
+def test_a_value_of_too_many_dimensions_is_refused_unrun(dims):
+    """A value of 100 size-1 dimensions passed every element limit, evaluated, then made
+    ComputeHessian answer INTERNAL (vmap takes 64 dimensions); repeat over 40,000 of them
+    took 12 s inside one node (torch's loop per dimension), time no limit saw."""
+    fn = lambda p: (p[:1].reshape(1, 1, 1).repeat(1, 1, 1).reshape(1).sum() * p.sum()) ** 2  # noqa: E731
+    problem = problems.exported(fn, torch.zeros(2, dtype=F64), {})
+
+    def widen(doc: dict) -> None:
+        graph = doc["graph_module"]["graph"]
+        for node in graph["nodes"]:
+            if node["target"].endswith(("reshape.default", "repeat.default")):
+                arg = node["inputs"][1]["arg"]
+                if arg.get("as_ints") == [1, 1, 1]:
+                    arg["as_ints"] = [1] * dims
+        for name in ("reshape", "repeat"):
+            graph["tensor_values"][name]["sizes"] = [{"as_int": 1}] * dims
+            graph["tensor_values"][name]["strides"] = [{"as_int": 1}] * dims
+
+    blob = edited_archive(problem.exported.program, "models/model.json", widen)
+    with pytest.raises(ValidationError, match=f"at most 32 dimensions .*got {dims}"):
+        load_program(blob)  # on reading the declared values: before any node runs
+
+
 def test_constants_are_bounded_together_and_counted_in_the_problem_cache():
     # 20 deflated zero constants of 1M values each: 160 MB held per 0.16 MB request, none of
     # it counted by --problem-cache-bytes

@@ -54,6 +54,10 @@ MAX_VALUE_ELEMENTS = 16 * 1024**2  # any tensor the graph computes (128 MiB in f
 # all of them together: an evaluation keeps every value (the derivatives need them)
 MAX_TOTAL_ELEMENTS = 4 * MAX_VALUE_ELEMENTS
 BINDINGS_KEPT = 4  # programs bound to recent row counts, kept per program
+# dimensions of any declared value: torch's vmap (the Hessian's batched products) takes 64
+# (past it ComputeHessian answered INTERNAL), and repeat over 40,000 size-1 dimensions took
+# 12 s of one node, time no element or flop limit sees
+MAX_DIMENSIONS = 32
 
 # Core ATen operators a loss needs, by packet name (any overload): pure functions of their
 # inputs whose Hessian torch computes (batched double backward). No factories of
@@ -518,6 +522,8 @@ def _meta(raw: Any, what: str, symbolic: bool = False) -> TensorMeta:
     sizes = _get(raw, "sizes")
     if not isinstance(sizes, list):
         raise refuse(f"a list of sizes for {what}", type(sizes).__name__)
+    if len(sizes) > MAX_DIMENSIONS:
+        raise refuse(f"at most {MAX_DIMENSIONS} dimensions for {what}", len(sizes))
     shape: list[int | str] = []
     for size in sizes:
         expr = size.get("as_expr") if symbolic and isinstance(size, dict) else None
