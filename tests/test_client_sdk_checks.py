@@ -958,6 +958,32 @@ def test_integer_data_of_real_valued_fields_is_sent_as_the_real_numbers_it_is(ad
             np.testing.assert_array_equal(step.params, ref.params)
 
 
+def test_integer_data_beside_float32_data_goes_as_float32(address, rng):
+    """Integer data of a real-valued field went as float64 beside float32 data, and the
+    server (one float dtype per problem) refused the problem; logistic regression's integer
+    or bool labels go as int64, as the server has always taken them. Reference: the same
+    problem with every array cast to float32 (labels: int64) by hand, bit for bit."""
+    X = rng.integers(-5, 6, size=(30, 3))
+    y = rng.integers(0, 2, size=30)
+    X32, y32 = X.astype(np.float32), y.astype(np.float32)
+    w = rng.standard_normal(3).astype(np.float32)
+    cases = [
+        (problems.logistic_regression(X32, y),
+         problems.logistic_regression(X32, y.astype(np.int64)), np.r_[w, 0.0].astype(np.float32)),
+        (problems.logistic_regression(X32, y > 0),
+         problems.logistic_regression(X32, y.astype(np.int64)), np.r_[w, 0.0].astype(np.float32)),
+        (problems.least_squares(X, y32), problems.least_squares(X32, y32), w),
+        (problems.quadratic(np.eye(3, dtype=np.float32) * 2, [1, 0, -1]),
+         problems.quadratic(np.eye(3, dtype=np.float32) * 2, np.array([1, 0, -1], np.float32)), w),
+    ]  # fmt: skip
+    with Client(address) as client:
+        for ints, floats, at in cases:
+            step = client.newton_step(ints, at)
+            ref = client.newton_step(floats, at)
+            assert step.params.dtype == np.float32 and step.record.loss == ref.record.loss
+            np.testing.assert_array_equal(step.params, ref.params)
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [

@@ -397,6 +397,8 @@ def _flag_of(field: str, args: argparse.Namespace) -> str | None:
     stopping.max_iterations: --max-iterations, initial_params: --params), or None."""
     if field == "initial_params" or field.startswith("initial_params."):
         return "--params"
+    if field == "options.seed":  # the sub-samples' seed: no flag (--seed draws the start)
+        return None
     key = field.rsplit(".", 1)[-1] if field.startswith(("options.", "stopping.")) else field
     key = "lr" if key == "learning_rate" else key
     return f"--{key.replace('_', '-')}" if key in vars(args) else None

@@ -115,25 +115,36 @@ def _arguments_named(builder: Callable[..., Problem]) -> Callable[..., Problem]:
 
 
 def _data(real: Sequence[str] = (), **tensors: Any) -> dict[str, Any]:
-    """The named data tensors, each encoded (an error names its field, data.NAME); those
-    named in `real`, real-valued for their objective, go as float64 when given as integers
-    or bools (the server takes float32/64 there: [[1, 2], [3, 4]] was refused as int64)."""
-    return {
-        name: encode(value, dtype=np.float64 if _integral(value) else None, field=f"data.{name}")
-        if name in real
-        else encode(value, field=f"data.{name}")
-        for name, value in tensors.items()
-        if value is not None
-    }
+    """The named data tensors, each encoded (an error names its field, data.NAME). Those
+    named in `real`, real-valued for their objective, go as floats when given as integers or
+    bools (the server takes float32/64 there: [[1, 2], [3, 4]] was refused as int64), of
+    the dtype of the real fields given as floats (one float dtype per problem), else
+    float64; the others (labels) go as int64 when given as bools."""
+    given = {name: value for name, value in tensors.items() if value is not None}
+    kinds = {name: _dtype(value) for name, value in given.items()}
+    wire_floats = (np.dtype(np.float32), np.dtype(np.float64))
+    floats = [kinds[n] for n in real if kinds.get(n) in wire_floats]
+    real_dtype = floats[0] if floats else wire_floats[1]
+    out = {}
+    for name, value in given.items():
+        kind = None if kinds[name] is None else kinds[name].kind
+        if name in real and kind in ("i", "u", "b"):
+            dtype = real_dtype
+        elif kind == "b":
+            dtype = np.dtype(np.int64)
+        else:
+            dtype = None
+        out[name] = encode(value, dtype=dtype, field=f"data.{name}")
+    return out
 
 
-def _integral(value: Any) -> bool:
-    """Whether `value` is an array of integers or bools (False where it is none: encode then
-    says what it is)."""
+def _dtype(value: Any) -> np.dtype | None:
+    """The numpy dtype `value` arrives as (None where it is no array: encode then says what
+    it is)."""
     try:
-        return as_numpy(value).dtype.kind in "iub"
+        return as_numpy(value).dtype
     except (TypeError, ValueError):
-        return False
+        return None
 
 
 @_arguments_named
@@ -155,7 +166,7 @@ def logistic_regression(X: Any, y: Any, *, l2: float = 0.0, fit_intercept: bool 
     objective = _objective(
         problem_pb2.LogisticRegressionObjective, l2=l2, fit_intercept=fit_intercept
     )
-    return Problem(logistic_regression=objective, data=_data(("X", "y"), X=X, y=y))
+    return Problem(logistic_regression=objective, data=_data(("X",), X=X, y=y))
 
 
 @_arguments_named
@@ -263,21 +274,7 @@ def exported(
     function, inner = fn_or_module, None
     if isinstance(fn_or_module, torch.nn.Module):
         module = fn_or_module
-        updating = [
-            name
-            for name, m in module.named_modules()
-            if m.training
-            and isinstance(m, torch.nn.modules.batchnorm._NormBase)
-            and m.track_running_stats
-        ]
-        if updating:  # the server refused its program naming only an ATen node ('add_')
-            raise invalid(
-                "fn_or_module",
-                "a module whose calls update no state: call .eval() first (in training mode "
-                f"{repr(updating[0]) if updating[0] else 'the module'} updates its running "
-                "statistics)",
-                f"{type(module.get_submodule(updating[0])).__name__} in training mode",
-            )
+        _refuse_training_mode(module, torch)
         if example_params is None:
             example_params = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
         function, inner = _functional(module)
@@ -389,6 +386,27 @@ def _as_module(function: Any, inner: Any = None, names: list[str] | None = None)
             [inspect.Parameter(n, arg) for n in ["self", "params", *names]]
         )
     return Program()
+
+
+def _refuse_training_mode(module: Any, torch: Any) -> None:
+    """Refuse a module whose training mode changes its calls: a BatchNorm or InstanceNorm that
+    updates its running statistics, a dropout that draws random numbers. The server refused
+    their programs naming only an ATen node ('add_', 'bernoulli'); `.eval()` is the cure."""
+    for name, m in module.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            does = "updates its running statistics"
+        elif isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            does = "draws random numbers"
+        else:
+            continue
+        raise invalid(
+            "fn_or_module",
+            "a module whose calls are functions of their inputs: call .eval() first (in "
+            f"training mode {repr(name) if name else 'the module'} {does})",
+            f"{type(m).__name__} in training mode",
+        )
 
 
 def _functional(module: Any) -> tuple[Any, Any]:

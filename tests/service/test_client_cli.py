@@ -467,3 +467,19 @@ def test_resume_follows_the_new_records_not_the_run_from_its_first(tmp_path, cap
     assert code == 0 and final["status"] == "FINISHED"
     iterations = [r["iteration"] for r in records]
     assert iterations == list(range(before.num_records, 3001))
+
+
+def test_a_refused_field_is_named_by_its_own_flag_only():
+    """options.seed (the sub-samples' seed) is not --seed (the start's draw): a refusal of it
+    keeps its field name rather than blaming a flag the caller may have set right."""
+    import argparse
+
+    from hessian_client.cli import _flag_of
+
+    args = argparse.Namespace(seed=None, lr=None, max_iterations=None, params=None)
+    assert _flag_of("options.seed", args) is None
+    assert _flag_of("seed", args) == "--seed"
+    assert _flag_of("options.learning_rate", args) == "--lr"
+    assert _flag_of("stopping.max_iterations", args) == "--max-iterations"
+    assert _flag_of("initial_params.shape", args) == "--params"
+    assert _flag_of("problem.data.X", args) is None
