@@ -601,3 +601,22 @@ def start_endless_run_kwargs() -> dict:
     return {"problem": problems.rosenbrock(dim=2), "params": np.array([-1.2, 1.0]),
             "method": "gradient_descent", "learning_rate": 1e-9,
             "stopping": {"max_iterations": 10**6, "gradient_tolerance": 0.0}}  # fmt: skip
+
+
+def test_predict_takes_integer_and_bool_rows_of_a_real_valued_x(client):
+    """Integer rows of a logistic regression's X were refused ("inputs.dtype: expected
+    float32 or float64, like the problem's X, got torch.int64") and bool rows by the SDK,
+    while CreateProblem took integer X: they are the reals they are. Reference: the float64
+    linear outputs, computed here."""
+    rng = np.random.default_rng()
+    X = rng.integers(-3, 4, size=(20, 3))
+    y = rng.integers(0, 2, size=20)
+    w = rng.standard_normal(4)
+    problem = client.create_problem(problems.logistic_regression(X, y))
+    rows = rng.integers(-3, 4, size=(5, 3))
+    for given in (rows, rows.tolist(), rows.astype(np.int32)):
+        np.testing.assert_allclose(client.predict(problem, w, given), rows @ w[:3] + w[3],
+                                   rtol=1e-14, atol=1e-14)  # fmt: skip
+    flags = rows > 0
+    np.testing.assert_allclose(client.predict(problem, w, flags), flags @ w[:3] + w[3],
+                               rtol=1e-14, atol=1e-14)  # fmt: skip

@@ -252,9 +252,12 @@ class Objective(ABC):
             row = ", ".join(str(d) for d in ("rows", *own.shape[1:]))
             expected = f"a {own.dim()}-D array shaped ({row}) (rows like the problem's {field})"
             raise ValidationError("inputs", expected, f"shape {tuple(inputs.shape)}")
-        if own.is_floating_point() != inputs.is_floating_point() or inputs.dtype == torch.bool:
-            kind = "float32 or float64" if own.is_floating_point() else f"integers ({own.dtype})"
-            expected = f"{kind}, like the problem's {field}"  # 2.7 as an index was 2, unsaid
+        # integer (or bool) rows of real-valued X are the reals they are, cast below (they
+        # were refused, while CreateProblem took the same X); real rows for integer X are not
+        # (2.7 as an index was 2, unsaid)
+        real_rows = inputs.is_floating_point() or inputs.dtype == torch.bool
+        if not own.is_floating_point() and real_rows:
+            expected = f"integers ({own.dtype}), like the problem's {field}"
             raise ValidationError("inputs.dtype", expected, str(inputs.dtype))
         rows = int(inputs.shape[0])
         self.check_rows(rows, "inputs")
