@@ -139,6 +139,24 @@ def test_a_cancelled_optimize_run_says_who_cancelled_it(handle, how):
     assert "the call was cancelled" not in finished.message
 
 
+def test_a_stop_then_a_close_at_once_ends_the_run_cancelled(handle):
+    """A stop followed at once by the end of the requests ended the run INTERRUPTED, "the
+    caller closed its Optimize stream", resumable: the close woke the waiting worker with
+    "caller lost" before it looked at the cancel. The stop came first. (A cancel right after
+    the stop may overtake it on the wire: that outcome is the race it is.)"""
+    for _ in range(5):
+        stream = Stream(handle.address, _start())
+        run_id = stream.read().started.run_id
+        assert stream.read().WhichOneof("kind") == "evaluate"
+        stream.send(stop=True)
+        stream.outgoing.put(None)  # no more requests: the stream's half-close
+        finished = stream.finish()
+        stream.close()
+        assert finished.status == service_pb2.RUN_STATUS_CANCELLED, finished
+        with Client(handle.address) as client:
+            assert client.get_run(run_id).status == "CANCELLED"
+
+
 def test_a_run_whose_end_was_not_stored_is_not_reported_as_that_end(handle, monkeypatch):
     # the store refuses the run's end (its checkpoint too): the stream said FINISHED and
     # converged with the starting point as the answer, while GetRun said INTERRUPTED

@@ -130,6 +130,7 @@ class Exchange:
             self.pending, self._answer = ask, None
             on_ask = self.on_ask
         if on_ask is None:
+            self._cancelled_first()
             raise CallerLost("no caller is attached to evaluate the objective")
         on_ask(ask)
         waited_until = time.monotonic() + self.deadline_seconds
@@ -147,9 +148,18 @@ class Exchange:
                     )
                 self._cond.wait(min(left, WAIT_SLICE_SECONDS))
             answer, self._answer = self._answer, None
+        if isinstance(answer, CallerLost):
+            self._cancelled_first()
         if isinstance(answer, BaseException):
             raise answer
         return answer
+
+    def _cancelled_first(self) -> None:
+        """Raise Cancelled where the run was cancelled before its caller went away: a stop
+        sent then the stream closed at once ended the run INTERRUPTED (resumable), the
+        close having woken this thread before it saw the cancel."""
+        if self.cancel.cancelled:
+            raise Cancelled(self.cancel.reason or "cancelled", "waiting for the caller")
 
 
 class RemoteObjective(Objective):
