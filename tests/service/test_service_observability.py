@@ -4,6 +4,7 @@ RPC gets one JSON access-log line with its request id, echoed in the trailing me
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import free_port, server_output, spawn_server, start_server
-from hessian_client import Client, DeadlineExceeded, NotFound, minimize, problems
+from hessian_client import Client, DeadlineExceeded, NotFound, minimize, problems, tensors
 from hessian_client.aio import Client as AsyncClient
 from hessian_client.proto import service_pb2, service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -223,6 +224,44 @@ def test_an_optimize_stream_cancelled_before_its_first_request_is_logged_cancell
     assert (
         delta(before, after, "hessian_rpcs_total", method="Optimize", code="INVALID_ARGUMENT") == 1
     )
+
+
+def test_every_optimize_stream_cancelled_after_started_gets_its_access_line(observed, caplog):
+    """Streams cancelled just after `started` were counted CANCELLED but logged 9-15 times in
+    20: their handler's generator was closed after the call had ended, and a done callback
+    added then never runs. One line per call, as the metric counts."""
+    caplog.set_level("INFO", logger="hessian_service.access")
+    port = observed.metrics_port
+    before = scrape(port)
+    start = service_pb2.OptimizeRequest(
+        start=service_pb2.OptimizeStart(
+            initial_params=tensors.encode(np.zeros(2)),
+            capabilities=service_pb2.Capabilities(gradient=True),
+        )
+    )
+    ids = [f"gone-after-start-{i}" for i in range(20)]
+    with grpc.insecure_channel(observed.address) as channel:
+        stub = service_pb2_grpc.HessianServiceStub(channel)
+        never = threading.Event()
+        for rid in ids:
+            requests = itertools.chain([start], iter(lambda: never.wait(60) or None, 0))
+            call = stub.Optimize(requests, metadata=(("x-request-id", rid),))
+            assert next(call).WhichOneof("kind") == "started"
+            call.cancel()
+        never.set()
+
+    def logged() -> set[str]:
+        return {r.fields["request_id"] for r in access_lines(caplog)} & set(ids)
+
+    deadline = time.monotonic() + 60  # a hang guard: the server logs as each stream ends
+    while time.monotonic() < deadline:
+        after = scrape(port)
+        counted = delta(before, after, "hessian_rpc_latency_seconds_count", method="Optimize")
+        if counted >= len(ids) and len(logged()) == len(ids):
+            break
+        time.sleep(0.05)
+    assert counted == len(ids)
+    assert logged() == set(ids)
 
 
 def test_the_process_logs_json_lines_and_warns_loudly_when_unauthenticated(tmp_path):

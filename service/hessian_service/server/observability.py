@@ -233,12 +233,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         started: float,
         rid: str,
         code: str,
+        closed_late: bool = False,
     ) -> None:
         """Count the call now and write its access-log line once the answer has gone out:
         formatting and writing the line is the costliest part of a small call's overhead,
         and the client need not wait for it. `who` is (peer, caller), read when the call
         began: at shutdown grpc may free a cancelled call's core object before its
-        handler's cleanup runs, and context.peer() on it then crashes the process."""
+        handler's cleanup runs, and context.peer() on it then crashes the process.
+        `closed_late`: the call ended before this cleanup ran; the line is written now."""
         seconds = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         if self.metrics is not None:
@@ -246,7 +248,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.latency.labels(short).observe(seconds)
         if access_log.isEnabledFor(logging.INFO):
             line = functools.partial(_log_rpc, method, who, rid, code, seconds)
-            context.add_done_callback(line)
+            if closed_late:  # grpc runs no done callback added now: the line was lost
+                line(context)
+            else:
+                context.add_done_callback(line)
 
     async def intercept_service(
         self,
@@ -270,7 +275,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             """Request id, refusal of an undecodable request, and one count/log at the end."""
             started = time.perf_counter()
             who = (context.peer(), caller(context))
-            failed, cancelled = True, False
+            failed, cancelled, closed_late = True, False, False
             if counted is not None:
                 counted.enter()
             try:
@@ -279,15 +284,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 yield
                 failed = False
-            except (asyncio.CancelledError, GeneratorExit):
+            except (asyncio.CancelledError, GeneratorExit) as exc:
                 cancelled = True  # the client went away, its deadline passed, or shutdown
+                # a stream's generator closed (by asyncio's finaliser) once its call had
+                # ended: cancelled while grpc was sending, outside the handler
+                closed_late = isinstance(exc, GeneratorExit)
                 raise
             except grpc.aio.AbortError:
                 failed = False  # context.code() holds the status it ended with
                 raise
             finally:
                 code = _code_name(context, failed, cancelled)
-                self._finish(context, method, who, started, rid, code)
+                self._finish(context, method, who, started, rid, code, closed_late)
                 if counted is not None:
                     counted.leave()
 
