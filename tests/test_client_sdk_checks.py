@@ -991,6 +991,9 @@ def test_integer_data_beside_float32_data_goes_as_float32(address, rng):
         (lambda: problems.mse(), "target"),
         (lambda: problems.softmax_regression(np.ones((3, 2))), "labels"),
         (lambda: problems.rosenbrock(2, 3), "rosenbrock"),
+        # None for data: a KeyError ('X'), or a problem the server refused for its data
+        (lambda: problems.logistic_regression(None, np.ones(3)), "X"),
+        (lambda: problems.logistic_regression(np.ones((3, 2)), None), "y"),
         (lambda: problems.quadratic(np.eye(2), A=np.eye(2)), "quadratic"),
     ],
 )
@@ -1000,6 +1003,15 @@ def test_a_builder_refuses_an_argument_it_does_not_take_by_name(call, field):
     with pytest.raises(InvalidArgument) as err:
         call()
     assert err.value.field == field
+
+
+def test_exported_data_given_as_a_list_is_refused_naming_data():
+    # problems.exported(fn, p, [X]) raised AttributeError: 'list' object has no attribute 'items'
+    torch = pytest.importorskip("torch")
+    X = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(InvalidArgument) as err:
+        problems.exported(lambda p, X: (X @ p).sum(), torch.zeros(2, dtype=torch.float64), [X])
+    assert err.value.field == "data" and "mapping" in str(err.value)
 
 
 def test_a_bool_mask_in_exported_data_is_refused_before_export_with_a_hint():

@@ -117,5 +117,5 @@ def test_a_module_in_training_mode_that_updates_its_statistics_is_refused_by_the
     with pytest.raises(InvalidArgument) as err:
         problems.exported(net, None, {"X": X, "y": y}, loss="mse")
     assert err.value.field == "fn_or_module" and ".eval()" in str(err.value)
-    assert "'1' updates its running statistics" in str(err.value)
+    assert "submodule '1' updates its running statistics" in str(err.value)
     problems.exported(net.eval(), None, {"X": X, "y": y}, loss="mse")  # taken in eval mode

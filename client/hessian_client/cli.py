@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import problems, seed
 from ._version import API_VERSION, __version__
 from .client import DEFAULT_ADDRESS, DISTRIBUTIONS, STATUSES, Client, Run, address_problem
-from .errors import HessianError, InvalidArgument, RunFailed
+from .errors import HessianError, InvalidArgument, ResourceExhausted, RunFailed
 from .options import choices
 from .proto import problem_pb2
 from .results import RunInfo, RunStatus, StepRecord, _jsonable
@@ -399,12 +399,17 @@ def _flag_of(field: str, args: argparse.Namespace) -> str | None:
         return "--params"
     if field == "options.seed":  # the sub-samples' seed: no flag (--seed draws the start)
         return None
+    if field.startswith(("problem.data.", "data.")):
+        return "--data"
+    objective = getattr(args, "objective", None)
+    if objective and field.startswith(f"problem.{objective}."):  # an objective's option
+        return f"--option {field.removeprefix(f'problem.{objective}.')}"
     key = field.rsplit(".", 1)[-1] if field.startswith(("options.", "stopping.")) else field
     key = "lr" if key == "learning_rate" else key
     return f"--{key.replace('_', '-')}" if key in vars(args) else None
 
 
-def _as_usage(exc: InvalidArgument, args: argparse.Namespace) -> HessianError:
+def _as_usage(exc: HessianError, args: argparse.Namespace) -> HessianError:
     """A refusal of a flag's value as the usage mistake it is (exit 2), naming the flag
     (`--lr -1` said `options.learning_rate: expected ...` and exited 1); others as they are."""
     flag = _flag_of(exc.field, args) if exc.field else None
@@ -428,7 +433,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
             stopping[key] = value
     try:
         run = _start(client, args, problem, params, stopping)
-    except InvalidArgument as exc:
+    except (InvalidArgument, ResourceExhausted) as exc:  # a flag's value, refused
         raise _as_usage(exc, args) from None
     if not args.json:
         print(f"run {run.id}", file=sys.stderr)

@@ -9,7 +9,7 @@ import json
 import keyword
 import numbers
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -120,13 +120,15 @@ def _data(real: Sequence[str] = (), **tensors: Any) -> dict[str, Any]:
     bools (the server takes float32/64 there: [[1, 2], [3, 4]] was refused as int64), of
     the dtype of the real fields given as floats (one float dtype per problem), else
     float64; the others (labels) go as int64 when given as bools."""
-    given = {name: value for name, value in tensors.items() if value is not None}
-    kinds = {name: _dtype(value) for name, value in given.items()}
+    for name, value in tensors.items():
+        if value is None:  # a KeyError, or a problem the server then refused for its data
+            raise invalid(name, "an array", None)
+    kinds = {name: _dtype(value) for name, value in tensors.items()}
     wire_floats = (np.dtype(np.float32), np.dtype(np.float64))
     floats = [kinds[n] for n in real if kinds.get(n) in wire_floats]
     real_dtype = floats[0] if floats else wire_floats[1]
     out = {}
-    for name, value in given.items():
+    for name, value in tensors.items():
         kind = None if kinds[name] is None else kinds[name].kind
         if name in real and kind in ("i", "u", "b"):
             dtype = real_dtype
@@ -250,6 +252,8 @@ def exported(
         raise ImportError(f"problems.exported needs torch: {TORCH_EXTRA}") from None
     if loss not in ("", "mse", "cross_entropy"):
         raise invalid("loss", "'' (fn returns the loss), mse or cross_entropy", loss)
+    if not isinstance(data, Mapping):  # a list of tensors raised AttributeError ('items')
+        raise invalid("data", "a mapping of input names to tensors", type(data).__name__)
     tensors = {k: torch.as_tensor(v) for k, v in data.items()}
     for k, v in tensors.items():  # the wire carries integers as int64: exported as they go
         if v.is_complex():  # a cast to int64 would drop the imaginary parts, and round
@@ -404,7 +408,7 @@ def _refuse_training_mode(module: Any, torch: Any) -> None:
         raise invalid(
             "fn_or_module",
             "a module whose calls are functions of their inputs: call .eval() first (in "
-            f"training mode {repr(name) if name else 'the module'} {does})",
+            f"training mode {f'submodule {name!r}' if name else 'the module'} {does})",
             f"{type(m).__name__} in training mode",
         )
 

@@ -188,6 +188,11 @@ def test_records_export_csv_and_jsonl_are_lossless(server, capsys, tmp_path):
         (("run", "--objective", "rosenbrock", "--lr", "-1"), ["--lr: expected", "> 0"]),
         (("run", "--objective", "rosenbrock", "--max-iterations", "-1"), ["--max-iterations:"]),
         (
+            ("run", "--objective", "rosenbrock", "--max-iterations", "99999999999"),
+            ["--max-iterations:", "server limit"],
+        ),
+        (("run", "--objective", "rosenbrock", "--option", "dim=1"), ["--option dim: expected"]),
+        (
             ("run", "--objective", "rosenbrock", "--step-policy", "trust_region"),
             ["--step-policy: expected", "line_search"],
         ),
@@ -482,4 +487,7 @@ def test_a_refused_field_is_named_by_its_own_flag_only():
     assert _flag_of("options.learning_rate", args) == "--lr"
     assert _flag_of("stopping.max_iterations", args) == "--max-iterations"
     assert _flag_of("initial_params.shape", args) == "--params"
-    assert _flag_of("problem.data.X", args) is None
+    assert _flag_of("problem.data.X", args) == "--data"
+    args.objective = "logistic_regression"
+    assert _flag_of("problem.logistic_regression.l2", args) == "--option l2"
+    assert _flag_of("problem.exported.program", args) is None
