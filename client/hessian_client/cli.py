@@ -415,7 +415,8 @@ def _as_usage(exc: HessianError, args: argparse.Namespace) -> HessianError:
     flag = _flag_of(exc.field, args) if exc.field else None
     if flag is None:
         return exc
-    return UsageError(f"{flag}: {exc.message.removeprefix(f'{exc.field}: ')}")
+    said = exc.message.removeprefix(f"{exc.field}: ").replace(exc.field, flag)  # "pass ..."
+    return UsageError(f"{flag}: {said}")
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
