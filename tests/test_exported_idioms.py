@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from exported_programs import from_problem
+from exported_programs import from_problem, past_the_sdks_mode_check
 from hessian_client import InvalidArgument, problems
 from hessian_service.engine.curvature.autograd import hessian, loss_and_grad
 from hessian_service.engine.errors import ValidationError
@@ -91,8 +91,7 @@ def test_dropout_in_eval_mode_is_the_identity_and_in_training_is_refused(monkeyp
     # the SDK says what to do (the server named the random ATen node only)
     with pytest.raises(InvalidArgument, match=r"call \.eval\(\) first .*draws random numbers"):
         problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse")
-    with monkeypatch.context() as past_the_sdk:  # the program as a caller without it sends it
-        past_the_sdk.setattr(torch.nn.modules.dropout, "_DropoutNd", type("Unseen", (), {}))
+    with past_the_sdks_mode_check(monkeypatch):
         problem = problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse")
     with pytest.raises(ValidationError, match="dropout in eval mode"):
         from_problem(problem)
@@ -187,8 +186,7 @@ def test_instance_norm_updating_its_running_stats_is_refused_and_in_eval_mode_ac
     ).double()
     with pytest.raises(InvalidArgument, match=r"call \.eval\(\) first"):  # the SDK's refusal
         problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse")
-    with monkeypatch.context() as past_the_sdk:  # the program as a caller without it sends it
-        past_the_sdk.setattr(torch.nn.modules.batchnorm, "_NormBase", type("Unseen", (), {}))
+    with past_the_sdks_mode_check(monkeypatch):
         problem = problems.exported(net.train(), None, {"X": X, "y": y}, loss="mse")
     with pytest.raises(ValidationError, match="instance_norm in eval mode"):
         from_problem(problem)

@@ -199,15 +199,6 @@ def _encode(value: Any, field: str) -> tensor_pb2.Tensor:
     return tensors.encode(value, field=field)
 
 
-def _bools_as_integers(value: Any) -> Any:
-    """`value` with a bool array as int64 (anything else as it is: encode names it)."""
-    try:
-        array = tensors.as_numpy(value)
-    except (TypeError, ValueError):
-        return value
-    return array.astype(np.int64) if array.dtype.kind == "b" else value
-
-
 def _params(value: Any, field: str = "params") -> tensor_pb2.Tensor:
     """Parameters as sent: real numbers, so integers and bools (a list like [0, 0]) are sent
     as float64 (the server refuses an integer dtype)."""
@@ -665,7 +656,11 @@ class _Api:
         rows shaped like the problem's X (None: its own X); the type `params` was sent as."""
         request = service_pb2.PredictRequest(params=_params(params), **_source(problem))
         if inputs is not None:  # bools as 0/1, as problem data (the wire carries no bool)
-            request.inputs.CopyFrom(_encode(_bools_as_integers(inputs), "inputs"))
+            kind = tensors.dtype_of(inputs)
+            bools = kind is not None and kind.kind == "b"
+            request.inputs.CopyFrom(
+                tensors.encode(inputs, dtype=np.int64 if bools else None, field="inputs")
+            )
         return self._unary(
             "Predict",
             request,

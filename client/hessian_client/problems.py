@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from .errors import invalid
 from .options import WIRE_RANGES
 from .proto import problem_pb2
-from .tensors import as_numpy, encode
+from .tensors import dtype_of, encode
 
 Problem = problem_pb2.Problem
 M = TypeVar("M", bound=Message)
@@ -95,10 +95,10 @@ def _arguments_named(builder: Callable[..., Problem]) -> Callable[..., Problem]:
     InvalidArgument naming it (Python's TypeError said "unexpected keyword argument 'L2'",
     where the SDK's other refusals are HessianErrors)."""
     signature = inspect.signature(builder)
+    names = list(signature.parameters)
 
     @functools.wraps(builder)
     def checked(*args: Any, **kwargs: Any) -> Problem:
-        names = list(signature.parameters)
         unknown = [k for k in kwargs if k not in signature.parameters]
         if unknown:
             raise invalid(unknown[0], f"one of the arguments {names}", unknown[0])
@@ -123,7 +123,7 @@ def _data(real: Sequence[str] = (), **tensors: Any) -> dict[str, Any]:
     for name, value in tensors.items():
         if value is None:  # a KeyError, or a problem the server then refused for its data
             raise invalid(name, "an array", None)
-    kinds = {name: _dtype(value) for name, value in tensors.items()}
+    kinds = {name: dtype_of(value) for name, value in tensors.items()}
     wire_floats = (np.dtype(np.float32), np.dtype(np.float64))
     floats = [kinds[n] for n in real if kinds.get(n) in wire_floats]
     real_dtype = floats[0] if floats else wire_floats[1]
@@ -138,15 +138,6 @@ def _data(real: Sequence[str] = (), **tensors: Any) -> dict[str, Any]:
             dtype = None
         out[name] = encode(value, dtype=dtype, field=f"data.{name}")
     return out
-
-
-def _dtype(value: Any) -> np.dtype | None:
-    """The numpy dtype `value` arrives as (None where it is no array: encode then says what
-    it is)."""
-    try:
-        return as_numpy(value).dtype
-    except (TypeError, ValueError):
-        return None
 
 
 @_arguments_named

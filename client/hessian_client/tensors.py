@@ -26,6 +26,15 @@ def as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def dtype_of(value: Any) -> np.dtype | None:
+    """The numpy dtype `value` arrives as (None where it is no array: encode then says what
+    it is)."""
+    try:
+        return as_numpy(value).dtype
+    except (TypeError, ValueError):
+        return None
+
+
 def encode(
     value: Any, *, dtype: np.dtype | str | None = None, field: str = "tensor"
 ) -> tensor_pb2.Tensor:
